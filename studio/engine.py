@@ -1,0 +1,186 @@
+"""The merge engine: validation, the per-layer loop, calibration, preferences, caching and devices.
+
+Methods (``studio/methods``) are pure per-layer functions; this module decides which function each tensor gets,
+where it runs and what is reused between calls.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .layers import LayerRule, resolve_rule
+from .pool import StateDict, TaskPool, fingerprint, key_seed, normalize_preferences
+from .registry import get_calibration, get_method
+from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
+
+ProgressFn = Callable[[float, str], None]
+
+_POOLS: "OrderedDict[Hashable, TaskPool]" = OrderedDict()
+_POOL_KEEP = 2
+
+
+def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
+    """Return the cached :class:`TaskPool` for this exact expert set (and device), creating it if needed."""
+    from .pool import resolve_device
+
+    dev = resolve_device(device)
+    key = (fingerprint(base, experts), str(dev), svd_mode)
+    if key in _POOLS:
+        _POOLS.move_to_end(key)
+        return _POOLS[key]
+    pool = TaskPool(base, experts, device=dev, svd_mode=svd_mode)
+    _POOLS[key] = pool
+    while len(_POOLS) > _POOL_KEEP:
+        _POOLS.popitem(last=False)
+    return pool
+
+
+def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    structural = dict(hp)
+    scale = 1.0
+    for p in spec.params:
+        if p.post_scale:
+            scale = float(structural.pop(p.name))
+    return structural, scale
+
+
+def resolve_hparams(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate hyperparameters of ``method`` against its schema and fill defaults (``None`` = automatic)."""
+    spec = get_method(method)
+    return validate_hparams(method, spec.params, hparams)
+
+
+def merge_pool(
+    pool: TaskPool,
+    method: str,
+    *,
+    calibrate: str | None = None,
+    calibrate_hparams: Mapping[str, Any] | None = None,
+    preferences: "Mapping[str, float] | Sequence[float] | Tensor | None" = None,
+    seed: int = 0,
+    layer_rule: "LayerRule | str | None" = None,
+    progress: ProgressFn | None = None,
+    **hparams: Any,
+) -> dict[str, Tensor]:
+    """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments."""
+    spec = get_method(method)
+    names = pool.names
+    if len(names) < spec.min_experts:
+        raise StudioError(f"{method} needs at least {spec.min_experts} experts, got {len(names)} ({list(names)})")
+    hp = validate_hparams(method, spec.params, hparams)
+    structural, scale = _split_post_scale(spec, hp)
+    rule = resolve_rule(layer_rule)
+    prefs = normalize_preferences(preferences, names)
+
+    cal_spec = cal_hp = None
+    if calibrate is not None:
+        cal_spec = get_calibration(calibrate)
+        cal_hp = validate_hparams(calibrate, cal_spec.params, dict(calibrate_hparams or {}))
+    elif calibrate_hparams:
+        raise HyperparameterError("calibrate_hparams were given but no calibration was chosen (calibrate=None)")
+
+    # Preferences weight the calibration when there is one (SVC / AlignMerge sec. 5.3); otherwise they weight each
+    # task matrix in the base merge: w_i = T * p_i, so uniform preferences leave every method unchanged.
+    weights = None
+    if prefs is not None and cal_spec is None and not torch.allclose(prefs, torch.full_like(prefs, 1 / len(names))):
+        weights = (prefs * len(names)).to(pool.device)
+    cal_prefs = (prefs if prefs is not None else torch.full((len(names),), 1 / len(names))).to(pool.device)
+
+    tag = (method, tuple(sorted(structural.items())), None if weights is None else tuple(weights.tolist()),
+           rule, seed if spec.uses_seed else None)
+
+    def compute_unscaled() -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        keys = pool.keys
+        for idx, key in enumerate(keys):
+            if progress is not None:
+                progress(idx / max(1, len(keys)), f"{method}: {key}")
+            base_t = pool.base[key]
+            if not base_t.is_floating_point():
+                continue
+            layer = pool.layer(key, weights)
+            if spec.scope == "all" or rule.is_matrix(key, base_t.shape):
+                kwargs = dict(structural)
+                if spec.uses_seed:
+                    kwargs["seed"] = key_seed(seed, key)
+                out[key] = spec.fn(layer, **kwargs)
+            else:
+                d = layer.deltas
+                out[key] = d.mean(0) if spec.vector_rule == "mean" else d.sum(0)
+        return out
+
+    unscaled = pool.merged_cache(tag, compute_unscaled)
+    # A calibration may declare its own default rule (the official SVC code also skips embeddings); an explicit
+    # layer_rule from the caller wins.
+    cal_rule = rule if (layer_rule is not None or cal_spec is None) else resolve_rule(cal_spec.extra.get("layer_rule"))
+    merged: dict[str, Tensor] = {}
+    for key, base_t in pool.base.items():
+        if key not in unscaled:
+            merged[key] = base_t.clone()
+            continue
+        delta = unscaled[key]
+        if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
+            layer = pool.layer(key, None)
+            delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
+                                merged_tag=(tag, key), **cal_hp)
+        else:
+            delta = delta * scale
+        merged[key] = (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
+    if progress is not None:
+        progress(1.0, f"{method}: done")
+    return merged
+
+
+def merge(
+    base: StateDict,
+    experts: Mapping[str, StateDict],
+    method: str,
+    *,
+    device: Any = None,
+    calibrate: str | None = None,
+    calibrate_hparams: Mapping[str, Any] | None = None,
+    preferences: "Mapping[str, float] | Sequence[float] | Tensor | None" = None,
+    seed: int = 0,
+    layer_rule: "LayerRule | str | None" = None,
+    svd_mode: str = "auto",
+    progress: ProgressFn | None = None,
+    **hparams: Any,
+) -> dict[str, Tensor]:
+    """Merge fine-tuned experts into one state dict.
+
+    Args:
+        base: the pretrained state dict.
+        experts: mapping task name -> fine-tuned state dict (the base's keys and shapes).
+        method: a registered method name (see :func:`studio.list_methods`).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when present). Compute is float32 for any input dtype.
+        calibrate: a calibration applied after the base method on every matrix layer (``"svc"``,
+            ``"align_merge_b"``), or ``None``.
+        calibrate_hparams: the calibration's hyperparameters (validated against its schema).
+        preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order).
+            With a calibration they weight its per-task aggregation (one-hot = the papers' target-task calibration);
+            without one they scale each task matrix by ``T * p_i``. Uniform (the default) changes nothing.
+        seed: random seed for stochastic methods (DARE).
+        layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`).
+        svd_mode: ``"auto"`` (randomized truncated SVD where only top components are kept) or ``"exact"``.
+        progress: optional callback ``(fraction, message)``.
+        **hparams: the method's hyperparameters (validated against its schema).
+
+    Returns:
+        The merged state dict, with the base's keys, shapes and dtypes (on the CPU).
+
+    Example:
+        >>> import torch, studio
+        >>> base = {"w": torch.zeros(2, 2)}
+        >>> experts = {"a": {"w": torch.eye(2)}, "b": {"w": -torch.eye(2)}}
+        >>> studio.merge(base, experts, "task_arithmetic", alpha=1.0)["w"].tolist()
+        [[0.0, 0.0], [0.0, 0.0]]
+    """
+    get_method(method)  # fail fast on an unknown name, before any validation work
+    pool = get_pool(base, experts, device=device, svd_mode=svd_mode)
+    return merge_pool(pool, method, calibrate=calibrate, calibrate_hparams=calibrate_hparams, preferences=preferences,
+                      seed=seed, layer_rule=layer_rule, progress=progress, **hparams)

@@ -1,0 +1,62 @@
+"""Architecture rules: which tensors are "matrices" that get the spectral treatment, declared once.
+
+The default follows the TSV and Iso-C/CTS official code: every 2-D tensor except ``text_projection`` is a matrix
+(so ``attn.in_proj_weight``, ``mlp.c_fc.weight``, ``visual.proj`` and ``positional_embedding`` are), every other
+tensor (biases, LayerNorm, ``class_embedding``, the 4-D ``conv1.weight``) gets the method's vector rule.
+The official SVC code additionally skips embeddings: :data:`SKIP_EMBEDDINGS`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Decides which 2-D tensors are treated as matrices.
+
+    Args:
+        exclude: regular expressions; a 2-D tensor whose key matches any of them (``re.search``) is not a matrix.
+        name: a label shown in recipes and the UI.
+
+    Example:
+        >>> DEFAULT.is_matrix("visual.transformer.resblocks.0.attn.in_proj_weight", (384, 128))
+        True
+        >>> DEFAULT.is_matrix("text_projection", (512, 512)), DEFAULT.is_matrix("visual.ln_post.weight", (128,))
+        (False, False)
+    """
+
+    exclude: tuple[str, ...] = (r"text_projection",)
+    name: str = "default"
+
+    def is_matrix(self, key: str, shape: Sequence[int]) -> bool:
+        """True if ``key`` (of ``shape``) gets the spectral treatment."""
+        if len(shape) != 2 or min(shape) < 2:
+            return False
+        return not any(re.search(pattern, key) for pattern in self.exclude)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "exclude": list(self.exclude)}
+
+
+DEFAULT = LayerRule()
+SKIP_EMBEDDINGS = LayerRule(
+    exclude=(r"text_projection", r"positional_embedding", r"token_embedding", r"class_embedding", r"embed"),
+    name="skip_embeddings",
+)
+RULES = {rule.name: rule for rule in (DEFAULT, SKIP_EMBEDDINGS)}
+
+
+def resolve_rule(rule: "LayerRule | str | None") -> LayerRule:
+    """Accept a :class:`LayerRule`, a preset name (``"default"``, ``"skip_embeddings"``) or ``None``."""
+    if rule is None:
+        return DEFAULT
+    if isinstance(rule, LayerRule):
+        return rule
+    if rule in RULES:
+        return RULES[rule]
+    from .schema import StudioError
+
+    raise StudioError(f"unknown layer rule {rule!r}; expected one of {sorted(RULES)} or a LayerRule")

@@ -1,0 +1,28 @@
+"""Weight averaging (model soups, Wortsman et al., ICML 2022): ``W = mean_i W_i``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..pool import LayerTasks
+from ..registry import register
+
+
+@register(
+    "weight_average",
+    params=(),
+    paper="Model soups (Wortsman et al., ICML 2022); SVC sec. 3.1: W_merge = (1/K) sum_i W_i",
+    summary="Plain average of the experts' weights (Task Arithmetic with alpha = 1/T).",
+    scope="all",
+)
+def weight_average(layer: LayerTasks) -> Tensor:
+    """``mean_i Delta_i``, i.e. ``W_pre + mean_i Delta_i = mean_i W_i``.
+
+    Example:
+        >>> import torch
+        >>> from studio.pool import TaskPool
+        >>> pool = TaskPool({"b": torch.zeros(2)}, {"x": {"b": torch.ones(2)}, "y": {"b": 3 * torch.ones(2)}})
+        >>> weight_average(pool.layer("b")).tolist()
+        [2.0, 2.0]
+    """
+    return layer.deltas.mean(0)

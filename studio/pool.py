@@ -1,0 +1,262 @@
+"""Task pools: a base state dict plus experts, their task matrices per layer, and the spectral cache.
+
+A :class:`TaskPool` is the engine's unit of reuse. Every decomposition a method asks for through
+:class:`LayerTasks` (an expert's truncated SVD, the SVD of the task-matrix sum, or any named intermediate) is
+computed at most once per pool and reused by every method and every hyperparameter change.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections import OrderedDict
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from . import linalg
+from .schema import StudioError
+
+StateDict = Mapping[str, Tensor]
+
+
+class ExpertError(StudioError):
+    """An expert or the base is unusable: missing/extra keys, wrong shapes, non-finite values."""
+
+
+def resolve_device(device: "str | torch.device | None") -> torch.device:
+    """``None`` or ``"auto"``: CUDA when present, else CPU. Resolved at call time, never at import."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise StudioError(f"device {device!r} is not a valid torch device; expected 'cpu', 'cuda' or 'auto'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StudioError(f"device {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
+    return dev
+
+
+def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check_finite: bool = True) -> None:
+    """Raise :class:`ExpertError` naming the expert and key at fault if the pool is not mergeable."""
+    if not isinstance(experts, Mapping) or len(experts) == 0:
+        raise ExpertError("no experts given: pass a mapping name -> state dict with at least one expert")
+    if len(base) == 0:
+        raise ExpertError("the base state dict is empty")
+    base_keys = set(base)
+    for key, tensor in base.items():
+        if not isinstance(tensor, Tensor):
+            raise ExpertError(f"base, key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
+    for name, sd in experts.items():
+        keys = set(sd)
+        missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
+        if missing:
+            raise ExpertError(f"expert '{name}' is missing {len(missing)} key(s) of the base, e.g. {missing[:3]}")
+        if extra:
+            raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}")
+        for key, tensor in sd.items():
+            if not isinstance(tensor, Tensor):
+                raise ExpertError(f"expert '{name}', key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
+            if tuple(tensor.shape) != tuple(base[key].shape):
+                raise ExpertError(
+                    f"expert '{name}', key '{key}': shape {tuple(tensor.shape)} does not match the base's "
+                    f"{tuple(base[key].shape)}"
+                )
+            if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ExpertError(f"expert '{name}', key '{key}' contains NaN or infinite values")
+
+
+def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
+    """Cheap identity of an expert set: storage pointers, versions, shapes and a few sampled values."""
+
+    def one(sd: StateDict) -> tuple:
+        items = []
+        for key, t in sd.items():
+            flat = t.reshape(-1)
+            sample = tuple(flat[:: max(1, flat.numel() // 4)][:4].float().tolist()) if flat.numel() else ()
+            items.append((key, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), sample))
+        return tuple(items)
+
+    return (one(base), tuple((name, one(sd)) for name, sd in experts.items()))
+
+
+class LayerTasks:
+    """The task matrices of one layer as a method sees them, with cached decompositions.
+
+    ``deltas`` is ``[T, *shape]`` float32 on the compute device, already multiplied by the per-task ``weights``
+    (all ones unless preferences weight the base merge). Cached results are keyed by the layer, the weights and the
+    request, and live as long as the pool.
+
+    Example:
+        >>> base = {"w": torch.zeros(4, 3)}
+        >>> experts = {"a": {"w": torch.eye(4, 3)}, "b": {"w": 2 * torch.eye(4, 3)}}
+        >>> layer = TaskPool(base, experts).layer("w")
+        >>> layer.num_tasks, layer.sum().diagonal().tolist()
+        (2, [3.0, 3.0, 3.0])
+    """
+
+    def __init__(self, pool: "TaskPool", key: str, weights: Tensor | None):
+        self.pool = pool
+        self.key = key
+        self.names = pool.names
+        self.num_tasks = len(pool.names)
+        self.shape = tuple(pool.base[key].shape)
+        self.weights = weights
+        self._wkey = None if weights is None else tuple(round(float(w), 8) for w in weights)
+        self._deltas: Tensor | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.pool.device
+
+    @property
+    def deltas(self) -> Tensor:
+        """Weighted task matrices ``[T, *shape]`` (float32, compute device)."""
+        if self._deltas is None:
+            raw = self.pool.raw_deltas(self.key)
+            self._deltas = raw if self.weights is None else raw * self.weights.view(-1, *([1] * (raw.dim() - 1)))
+        return self._deltas
+
+    def memo(self, tag: Hashable, compute: Callable[[], Any]) -> Any:
+        """Return the cached value for ``tag`` on this layer (and these weights), computing it once."""
+        return self.pool.memo((self.key, self._wkey, tag), compute)
+
+    def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-``rank`` SVD of task ``i`` (exact when ``rank`` is None). Cached once per expert and layer.
+
+        Weights only rescale singular values, so every weighting shares one decomposition.
+        """
+        r = min(self.shape)
+        rank = r if rank is None else min(rank, r)
+        exact = self.pool.svd_mode == "exact"
+
+        def compute() -> tuple[Tensor, Tensor, Tensor]:
+            raw = self.pool.raw_deltas(self.key)[i]
+            return linalg.truncated_svd(raw, rank, exact=exact or rank == r)
+
+        # Reuse any cached decomposition of at least this rank.
+        cache = self.pool._svd_cache
+        best = None
+        for (key, idx, have), val in cache.items():
+            if key == self.key and idx == i and have >= rank and (best is None or have < best[0]):
+                best = (have, val)
+        if best is None:
+            val = compute()
+            cache[(self.key, i, rank)] = val
+        else:
+            val = best[1]
+        U, S, Vh = val
+        U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
+        if self.weights is not None:
+            S = S * self.weights[i].abs()
+            if float(self.weights[i]) < 0:
+                U = -U
+        return U, S, Vh
+
+    def sum(self) -> Tensor:
+        """Sum of the (weighted) task matrices, the Task Arithmetic direction."""
+        return self.memo("sum", lambda: self.deltas.sum(0))
+
+    def sum_svd(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Exact thin SVD of :meth:`sum` (Iso-C eq. 7, SVC eq. 17, Iso-CTS's common subspace)."""
+        return self.memo("sum_svd", lambda: linalg.svd(self.sum()))
+
+
+class TaskPool:
+    """A base model, its experts and the per-layer spectral cache.
+
+    Args:
+        base: pretrained state dict.
+        experts: mapping name -> fine-tuned state dict with the base's keys and shapes.
+        device: ``"cpu"``, ``"cuda"`` or ``None``/``"auto"``.
+        svd_mode: ``"auto"`` (randomized truncated SVD where a method keeps only top components, exact otherwise)
+            or ``"exact"`` (always the full SVD).
+        check_finite: scan every tensor for NaN/inf once at construction.
+    """
+
+    def __init__(self, base: StateDict, experts: Mapping[str, StateDict], *, device: "str | torch.device | None" = None,
+                 svd_mode: str = "auto", check_finite: bool = True):
+        validate_experts(base, experts, check_finite=check_finite)
+        if svd_mode not in ("auto", "exact"):
+            raise StudioError(f"svd_mode must be 'auto' or 'exact', got {svd_mode!r}")
+        self.base = dict(base)
+        self.experts = {name: dict(sd) for name, sd in experts.items()}
+        self.names = tuple(experts)
+        self.device = resolve_device(device)
+        self.svd_mode = svd_mode
+        self._svd_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._memo: dict[Hashable, Any] = {}
+        self._merged: "OrderedDict[Hashable, dict[str, Tensor]]" = OrderedDict()
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.base)
+
+    def raw_deltas(self, key: str) -> Tensor:
+        """Unweighted task matrices ``[T, *shape]`` of ``key`` in float32 on the compute device."""
+        base = self.base[key].to(self.device, torch.float32)
+        return torch.stack([self.experts[n][key].to(self.device, torch.float32) - base for n in self.names])
+
+    def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
+        """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``) rescale each task matrix."""
+        if key not in self.base:
+            raise StudioError(f"unknown key {key!r}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
+        return LayerTasks(self, key, weights)
+
+    def memo(self, tag: Hashable, compute: Callable[[], Any]) -> Any:
+        if tag not in self._memo:
+            self._memo[tag] = compute()
+        return self._memo[tag]
+
+    def merged_cache(self, tag: Hashable, compute: Callable[[], dict[str, Tensor]], keep: int = 2) -> dict[str, Tensor]:
+        """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale."""
+        if tag in self._merged:
+            self._merged.move_to_end(tag)
+            return self._merged[tag]
+        value = compute()
+        self._merged[tag] = value
+        while len(self._merged) > keep:
+            self._merged.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        """Drop every cached decomposition and merged delta (frees memory)."""
+        self._svd_cache.clear()
+        self._memo.clear()
+        self._merged.clear()
+
+
+def key_seed(seed: int, key: str) -> int:
+    """A per-layer seed derived from a global one, stable across runs and platforms."""
+    return (int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1)
+
+
+def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | Tensor | None",
+                          names: Sequence[str]) -> Tensor | None:
+    """Validate per-task preference weights and return them normalised to sum to 1 (``None``: uniform).
+
+    Example:
+        >>> normalize_preferences({"a": 1, "b": 3}, ["a", "b"]).tolist()
+        [0.25, 0.75]
+    """
+    if preferences is None:
+        return None
+    if isinstance(preferences, Mapping):
+        unknown = sorted(set(preferences) - set(names))
+        if unknown:
+            raise StudioError(f"preferences name unknown task(s) {unknown}; the experts are {list(names)}")
+        values = [preferences.get(n, 0.0) for n in names]
+    else:
+        values = [float(v) for v in (preferences.tolist() if isinstance(preferences, Tensor) else preferences)]
+        if len(values) != len(names):
+            raise StudioError(f"preferences has {len(values)} weights but there are {len(names)} experts {list(names)}")
+    for name, v in zip(names, values):
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise StudioError(f"preference for task '{name}' is {v!r}; expected a finite number >= 0")
+    total = float(sum(values))
+    if total <= 0:
+        raise StudioError("preferences are all zero; give at least one task a positive weight")
+    return torch.tensor([v / total for v in values], dtype=torch.float32)

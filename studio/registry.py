@@ -1,0 +1,95 @@
+"""The method registry: a method registers itself where it is defined, once, with its schema.
+
+Example:
+    >>> from studio.registry import METHODS
+    >>> sorted(METHODS)[:2]
+    ['align_merge_o', 'breadcrumbs']
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .schema import MethodSpec, Param, StudioError
+
+METHODS: dict[str, MethodSpec] = {}
+CALIBRATIONS: dict[str, MethodSpec] = {}
+
+
+class UnknownMethodError(StudioError):
+    """The requested merging method or calibration is not registered."""
+
+
+def register(
+    name: str,
+    *,
+    params: tuple[Param, ...] = (),
+    paper: str,
+    summary: str,
+    kind: str = "merge",
+    scope: str = "matrix",
+    vector_rule: str = "mean",
+    min_experts: int = 1,
+    uses_seed: bool = False,
+    **extra: Any,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering a per-layer method function under ``name``.
+
+    ``kind="merge"``: ``fn(layer: LayerTasks, **hparams) -> Tensor`` (the unscaled merged delta; a ``post_scale``
+    param such as ``alpha`` is applied by the engine, not by ``fn``).
+    ``kind="calibration"``: ``fn(layer, merged, *, scale, preferences, base_method, **hparams) -> Tensor`` returns the
+    final delta of one layer given the base method's unscaled ``merged`` delta and its global ``scale``.
+    ``scope``: ``"all"`` (element-wise, every tensor) or ``"matrix"`` (only layers the layer rule selects; other
+    tensors get ``vector_rule``: ``"mean"`` of the task vectors, as the TSV/Iso official code does).
+    """
+    if kind not in ("merge", "calibration"):
+        raise ValueError(f"kind must be 'merge' or 'calibration', got {kind!r}")
+    if scope not in ("all", "matrix"):
+        raise ValueError(f"scope must be 'all' or 'matrix', got {scope!r}")
+    if vector_rule not in ("mean", "sum"):
+        raise ValueError(f"vector_rule must be 'mean' or 'sum', got {vector_rule!r}")
+    if sum(p.post_scale for p in params) > 1:
+        raise ValueError(f"{name}: at most one post_scale param")
+    table = METHODS if kind == "merge" else CALIBRATIONS
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in table:
+            raise ValueError(f"{kind} '{name}' registered twice")
+        table[name] = MethodSpec(
+            name=name, fn=fn, params=tuple(params), paper=paper, summary=summary, kind=kind, scope=scope,
+            vector_rule=vector_rule, min_experts=min_experts, uses_seed=uses_seed, extra=extra,
+        )
+        return fn
+
+    return deco
+
+
+def get_method(name: str) -> MethodSpec:
+    """Look up a merging method; raise :class:`UnknownMethodError` listing the known names."""
+    from . import methods  # noqa: F401  (importing the package registers every method)
+
+    if name not in METHODS:
+        raise UnknownMethodError(f"unknown merging method {name!r}; known methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def get_calibration(name: str) -> MethodSpec:
+    """Look up a calibration step (applied after any base method)."""
+    from . import methods  # noqa: F401
+
+    if name not in CALIBRATIONS:
+        raise UnknownMethodError(f"unknown calibration {name!r}; known calibrations: {sorted(CALIBRATIONS)}")
+    return CALIBRATIONS[name]
+
+
+def list_methods() -> list[dict[str, Any]]:
+    """Every registered merging method and calibration with its paper reference and hyperparameter schema.
+
+    Example:
+        >>> names = [m["name"] for m in list_methods()]
+        >>> "tsv_m" in names and "svc" in names
+        True
+    """
+    from . import methods  # noqa: F401
+
+    return [spec.to_dict() for spec in list(METHODS.values()) + list(CALIBRATIONS.values())]

@@ -1,0 +1,173 @@
+"""Hyperparameter schemas: the single source of truth for validation, UI controls, recipes and docs.
+
+Every merging method and calibration declares a tuple of :class:`Param`. The engine validates user values
+against it (:func:`validate_hparams`), the app renders one control per param from it, recipe files store the
+validated dict, and ``python -m studio.cli methods --markdown`` prints the docs table from it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class StudioError(ValueError):
+    """Base class for user-facing errors: the message names what was wrong and what was expected."""
+
+
+class HyperparameterError(StudioError):
+    """A hyperparameter is unknown, of the wrong type or outside its declared range."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared hyperparameter.
+
+    Args:
+        name: keyword name passed to the method function.
+        type: ``float``, ``int``, ``str`` or ``bool``.
+        default: default value; ``None`` means "automatic", resolved by the method from the number of tasks
+            (the rule is written in ``auto``).
+        low, high: inclusive numeric range (``None``: unbounded on that side).
+        choices: allowed values for ``str`` params.
+        help: one sentence for tooltips and docs.
+        paper: where the value or its default comes from (paper, equation, table, official code).
+        auto: human description of the automatic default when ``default is None`` (e.g. ``"1/T"``).
+        post_scale: the method's output is linear in this param (a global scale ``alpha``); the engine then
+            caches the unscaled delta so that changing it is a rescale, not a re-merge.
+        ui_step: slider step for the app.
+
+    Example:
+        >>> p = Param("alpha", float, 0.3, low=0.0, high=3.0, help="scaling", post_scale=True)
+        >>> p.validate(0.5, "task_arithmetic")
+        0.5
+    """
+
+    name: str
+    type: type
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+    paper: str = ""
+    auto: str | None = None
+    post_scale: bool = False
+    ui_step: float | None = None
+
+    def validate(self, value: Any, owner: str) -> Any:
+        """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
+        if value is None:
+            if self.default is None:
+                return None
+            raise HyperparameterError(f"{owner}: hyperparameter '{self.name}' must not be None ({self.describe()})")
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise HyperparameterError(f"{owner}: '{self.name}' must be true or false, got {value!r}")
+            return value
+        if self.type is str:
+            if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
+                raise HyperparameterError(
+                    f"{owner}: '{self.name}' = {value!r} is not allowed; expected one of {list(self.choices or [])}"
+                )
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:  # numpy scalars and 0-d tensors
+                value = value.item()
+            except AttributeError:
+                raise HyperparameterError(
+                    f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}"
+                ) from None
+        if self.type is int:
+            if float(value) != int(value):
+                raise HyperparameterError(f"{owner}: '{self.name}' must be an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if not math.isfinite(value):
+            raise HyperparameterError(f"{owner}: '{self.name}' must be finite, got {value!r}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise HyperparameterError(
+                f"{owner}: '{self.name}' = {value!r} is outside the allowed range {self.range_text()}"
+            )
+        return value
+
+    def range_text(self) -> str:
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        return f"[{lo}, {hi}]"
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return f"one of {list(self.choices)}"
+        if self.type in (int, float):
+            text = f"{self.type.__name__} in {self.range_text()}"
+            return text + (f", default {self.auto}" if self.default is None and self.auto else "")
+        return self.type.__name__
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly description, used by ``list_methods()``, the app and the docs table."""
+        return {
+            "name": self.name,
+            "type": self.type.__name__,
+            "default": self.default,
+            "auto": self.auto,
+            "low": self.low,
+            "high": self.high,
+            "choices": list(self.choices) if self.choices is not None else None,
+            "help": self.help,
+            "paper": self.paper,
+            "post_scale": self.post_scale,
+        }
+
+
+def validate_hparams(owner: str, params: tuple[Param, ...], given: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``given`` against ``params``: unknown names and out-of-range values raise, defaults fill in.
+
+    Example:
+        >>> validate_hparams("ties", (Param("k", float, 0.2, low=0, high=1),), {})
+        {'k': 0.2}
+    """
+    known = {p.name: p for p in params}
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise HyperparameterError(
+            f"{owner}: unknown hyperparameter(s) {unknown}; {owner} accepts {sorted(known) or 'none'}"
+        )
+    return {p.name: p.validate(given.get(p.name, p.default), owner) for p in params}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registered merging method or calibration: its function plus everything derived from the schema.
+
+    ``kind`` is ``"merge"`` (task matrices in, merged delta out) or ``"calibration"`` (a merged delta and the task
+    matrices in, a calibrated delta out). ``scope`` says which tensors the function handles: ``"all"`` for
+    element-wise methods that apply to every tensor, ``"matrix"`` for spectral methods that see only the layers the
+    :class:`~studio.layers.LayerRule` selects (every other tensor gets ``vector_rule``).
+    """
+
+    name: str
+    fn: Any
+    params: tuple[Param, ...]
+    paper: str
+    summary: str
+    kind: str = "merge"
+    scope: str = "matrix"
+    vector_rule: str = "mean"
+    min_experts: int = 1
+    uses_seed: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "paper": self.paper,
+            "summary": self.summary,
+            "scope": self.scope,
+            "vector_rule": self.vector_rule,
+            "min_experts": self.min_experts,
+            "params": [p.to_dict() for p in self.params],
+        }
