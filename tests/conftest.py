@@ -1,0 +1,62 @@
+"""Shared fixtures: small CLIP-shaped state dicts with the real open_clip key layout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def clip_like_state_dict(width: int = 12, layers: int = 2, tokens: int = 5, out_dim: int = 6, seed: int = 0,
+                         dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A tiny visual tower with open_clip's keys: 2-D matrices, 1-D norms/biases, a 4-D conv and embeddings."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "visual.class_embedding": torch.randn(width, generator=g),
+        "visual.positional_embedding": torch.randn(tokens, width, generator=g),
+        "visual.conv1.weight": torch.randn(width, 3, 2, 2, generator=g),
+        "visual.ln_pre.weight": torch.ones(width),
+        "visual.ln_pre.bias": torch.zeros(width),
+        "visual.proj": torch.randn(width, out_dim, generator=g),
+        "text_projection": torch.randn(out_dim, out_dim, generator=g),
+    }
+    for i in range(layers):
+        p = f"visual.transformer.resblocks.{i}."
+        sd[p + "attn.in_proj_weight"] = torch.randn(3 * width, width, generator=g)
+        sd[p + "attn.in_proj_bias"] = torch.randn(3 * width, generator=g)
+        sd[p + "attn.out_proj.weight"] = torch.randn(width, width, generator=g)
+        sd[p + "ln_1.weight"] = torch.ones(width)
+        sd[p + "mlp.c_fc.weight"] = torch.randn(4 * width, width, generator=g)
+        sd[p + "mlp.c_proj.weight"] = torch.randn(width, 4 * width, generator=g)
+    return {k: v.to(dtype) for k, v in sd.items()}
+
+
+def make_experts(base: dict[str, torch.Tensor], n: int, scale: float = 0.05, seed: int = 1,
+                 shared: float = 0.5) -> dict[str, dict[str, torch.Tensor]]:
+    """Experts = base + (shared low-rank component + task-specific low-rank component + small noise)."""
+    g = torch.Generator().manual_seed(seed)
+    common = {k: torch.randn(v.shape, generator=g) for k, v in base.items()}
+    experts = {}
+    for t in range(n):
+        sd = {}
+        for k, v in base.items():
+            if v.dim() == 2:
+                m, nn_ = v.shape
+                r = max(1, min(m, nn_) // 3)
+                low = torch.randn(m, r, generator=g) @ torch.randn(r, nn_, generator=g) / r
+                delta = shared * common[k] * 0.3 + low + 0.1 * torch.randn(v.shape, generator=g)
+            else:
+                delta = shared * common[k] + torch.randn(v.shape, generator=g)
+            sd[k] = (v.float() + scale * delta).to(v.dtype)
+        experts[f"task{t}"] = sd
+    return experts
+
+
+@pytest.fixture
+def clip_pool():
+    base = clip_like_state_dict()
+    return base, make_experts(base, 4)

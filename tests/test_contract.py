@@ -1,0 +1,107 @@
+"""Contract tests run over EVERY registered method and calibration (new methods are covered automatically)."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import studio
+from studio.registry import CALIBRATIONS, METHODS, get_method
+from studio.schema import HyperparameterError
+
+from .conftest import clip_like_state_dict, make_experts
+
+studio.list_methods()  # import every method module
+MERGE_NAMES = sorted(METHODS)
+CAL_NAMES = sorted(CALIBRATIONS)
+
+
+def _assert_like_base(merged, base):
+    assert list(merged) == list(base)
+    for k, v in base.items():
+        assert merged[k].shape == v.shape, k
+        assert merged[k].dtype == v.dtype, k
+        assert torch.isfinite(merged[k].float()).all(), k
+
+
+def test_all_reference_methods_are_registered():
+    expected = {"weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "tsv_m", "iso_c", "iso_cts",
+                "ortho_merge", "align_merge_b", "align_merge_o"}
+    assert expected <= set(METHODS), sorted(expected - set(METHODS))
+    assert {"svc", "align_merge_b"} <= set(CALIBRATIONS)
+
+
+@pytest.mark.parametrize("name", MERGE_NAMES + [f"cal:{c}" for c in CAL_NAMES])
+def test_schema_matches_function_signature(name):
+    spec = CALIBRATIONS[name[4:]] if name.startswith("cal:") else METHODS[name]
+    sig = inspect.signature(spec.fn)
+    injected = {"layer", "seed", "merged", "scale", "preferences", "base_method", "merged_tag"}
+    fn_params = {p for p in sig.parameters if p not in injected}
+    schema = {p.name for p in spec.params if not p.post_scale}
+    assert fn_params == schema, f"{spec.name}: function takes {sorted(fn_params)}, schema declares {sorted(schema)}"
+    for p in spec.params:
+        assert p.help and p.paper, f"{spec.name}.{p.name} needs help text and a paper reference"
+        p.validate(p.default, spec.name)  # every default is valid
+    assert spec.paper and spec.summary
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", MERGE_NAMES)
+def test_shapes_dtypes_determinism(name, dtype):
+    base = clip_like_state_dict(dtype=dtype)
+    experts = make_experts(base, 4)
+    a = studio.merge(base, experts, name, svd_mode="exact")
+    _assert_like_base(a, base)
+    studio.engine._POOLS.clear()
+    b = studio.merge(base, experts, name, svd_mode="exact")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", MERGE_NAMES)
+def test_permuting_experts(name):
+    """Merges are symmetric in the experts; stochastic methods (DARE) are symmetric in distribution only."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    spec = get_method(name)
+    if spec.uses_seed or spec.extra.get("order_dependent"):
+        pytest.skip(f"{name} declares order dependence (seeded per task position)")
+    a = studio.merge(base, experts, name, svd_mode="exact")
+    rev = dict(reversed(list(experts.items())))
+    b = studio.merge(base, rev, name, svd_mode="exact")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("name", MERGE_NAMES)
+def test_zero_task_vectors_give_the_base(name):
+    base = clip_like_state_dict()
+    experts = {f"t{i}": {k: v.clone() for k, v in base.items()} for i in range(3)}
+    merged = studio.merge(base, experts, name)
+    for k in base:
+        torch.testing.assert_close(merged[k], base[k], msg=f"{name}: {k}")
+
+
+@pytest.mark.parametrize("cal", CAL_NAMES)
+@pytest.mark.parametrize("name", ["task_arithmetic", "ties"])
+def test_calibrations_compose_after_base_methods(name, cal):
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    merged = studio.merge(base, experts, name, calibrate=cal)
+    _assert_like_base(merged, base)
+    one_hot = studio.merge(base, experts, name, calibrate=cal, preferences={"task0": 1.0})
+    _assert_like_base(one_hot, base)
+
+
+@pytest.mark.parametrize("name", MERGE_NAMES)
+def test_out_of_range_hparams_name_the_value(name):
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    for p in get_method(name).params:
+        if p.high is not None:
+            with pytest.raises(HyperparameterError, match=p.name):
+                studio.merge(base, experts, name, **{p.name: p.high + 1})
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter"):
+        studio.merge(base, experts, name, not_a_param=1)

@@ -1,0 +1,153 @@
+"""Engine behaviour: validation errors, caching, preferences, layer rules, dtype and device handling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import studio
+from studio.pool import TaskPool
+
+from .conftest import clip_like_state_dict, make_experts
+
+
+def test_ta_with_alpha_one_over_t_equals_weight_average(clip_pool):
+    base, experts = clip_pool
+    ta = studio.merge(base, experts, "task_arithmetic", alpha=1 / len(experts))
+    wa = studio.merge(base, experts, "weight_average")
+    for k in base:
+        torch.testing.assert_close(ta[k], wa[k])
+
+
+def test_mismatched_keys_and_shapes_name_the_expert_and_key(clip_pool):
+    base, experts = clip_pool
+    bad = dict(experts)
+    bad["task1"] = {k: v for k, v in experts["task1"].items() if k != "visual.proj"}
+    with pytest.raises(studio.ExpertError, match=r"task1.*missing.*visual\.proj"):
+        studio.merge(base, bad, "task_arithmetic")
+    bad["task1"] = dict(experts["task1"], **{"visual.proj": torch.zeros(3, 3)})
+    with pytest.raises(studio.ExpertError, match=r"task1.*visual\.proj.*shape"):
+        studio.merge(base, bad, "task_arithmetic")
+    bad["task1"] = dict(experts["task1"], extra_key=torch.zeros(1))
+    with pytest.raises(studio.ExpertError, match=r"task1.*extra_key"):
+        studio.merge(base, bad, "task_arithmetic")
+
+
+def test_non_finite_values_are_rejected(clip_pool):
+    base, experts = clip_pool
+    bad = dict(experts)
+    t = experts["task2"]["visual.ln_pre.bias"].clone()
+    t[0] = float("nan")
+    bad["task2"] = dict(experts["task2"], **{"visual.ln_pre.bias": t})
+    with pytest.raises(studio.ExpertError, match=r"task2.*ln_pre\.bias.*NaN"):
+        studio.merge(base, bad, "weight_average")
+
+
+def test_unknown_method_and_no_experts(clip_pool):
+    base, experts = clip_pool
+    with pytest.raises(studio.UnknownMethodError, match="known methods"):
+        studio.merge(base, experts, "magic")
+    with pytest.raises(studio.ExpertError, match="no experts"):
+        studio.merge(base, {}, "task_arithmetic")
+
+
+def test_bad_preferences(clip_pool):
+    base, experts = clip_pool
+    with pytest.raises(studio.StudioError, match="unknown task"):
+        studio.merge(base, experts, "task_arithmetic", preferences={"nope": 1.0})
+    with pytest.raises(studio.StudioError, match="task0.*>= 0"):
+        studio.merge(base, experts, "task_arithmetic", preferences={"task0": -1.0})
+    with pytest.raises(studio.StudioError, match="all zero"):
+        studio.merge(base, experts, "task_arithmetic", preferences=[0, 0, 0, 0])
+
+
+def test_preferences_weight_task_matrices_without_calibration(clip_pool):
+    base, experts = clip_pool
+    one_hot = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences={"task0": 1.0})
+    # w = T * p: task0 counts T times, the others not at all
+    k = "visual.proj"
+    expected = base[k] + len(experts) * (experts["task0"][k] - base[k])
+    torch.testing.assert_close(one_hot[k], expected)
+    uniform = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences=[1, 1, 1, 1])
+    plain = studio.merge(base, experts, "task_arithmetic", alpha=1.0)
+    torch.testing.assert_close(uniform[k], plain[k])
+
+
+def test_post_scale_change_reuses_the_cached_merge(clip_pool):
+    base, experts = clip_pool
+    pool = studio.get_pool(base, experts)
+    studio.merge_pool(pool, "task_arithmetic", alpha=0.1)
+    cached = list(pool._merged)
+    studio.merge_pool(pool, "task_arithmetic", alpha=0.7)
+    assert list(pool._merged) == cached  # alpha is a rescale of the same unscaled merge
+
+
+def test_half_precision_inputs_keep_dtype_and_match_float32():
+    base32 = clip_like_state_dict()
+    experts32 = make_experts(base32, 3)
+    base16 = {k: v.half() for k, v in base32.items()}
+    experts16 = {n: {k: v.half() for k, v in sd.items()} for n, sd in experts32.items()}
+    m16 = studio.merge(base16, experts16, "task_arithmetic")
+    assert all(v.dtype == torch.float16 for v in m16.values())
+    m32 = studio.merge({k: v.float() for k, v in base16.items()},
+                       {n: {k: v.float() for k, v in sd.items()} for n, sd in experts16.items()}, "task_arithmetic")
+    for k in m16:
+        torch.testing.assert_close(m16[k].float(), m32[k].half().float())
+
+
+def test_layer_rule_selects_matrices():
+    rule = studio.DEFAULT_LAYER_RULE
+    assert rule.is_matrix("visual.transformer.resblocks.0.mlp.c_fc.weight", (48, 12))
+    assert not rule.is_matrix("text_projection", (6, 6))
+    assert not rule.is_matrix("visual.conv1.weight", (12, 3, 2, 2))
+    assert not studio.SKIP_EMBEDDINGS.is_matrix("visual.positional_embedding", (5, 12))
+    with pytest.raises(studio.StudioError, match="unknown layer rule"):
+        studio.merge(*_pool(), "task_arithmetic", layer_rule="bogus")
+
+
+def _pool():
+    base = clip_like_state_dict()
+    return base, make_experts(base, 2)
+
+
+def test_cuda_request_without_cuda_is_a_clear_error(clip_pool):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    base, experts = clip_pool
+    with pytest.raises(studio.StudioError, match="CUDA is not available"):
+        studio.merge(base, experts, "task_arithmetic", device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["task_arithmetic", "tsv_m", "iso_c", "iso_cts"])
+def test_cpu_and_cuda_agree(clip_pool, name):
+    base, experts = clip_pool
+    a = studio.merge(base, experts, name, device="cpu", svd_mode="exact")
+    b = studio.merge(base, experts, name, device="cuda", svd_mode="exact")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_truncated_svd_matches_exact_on_decaying_spectrum():
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(300, 100, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(200, 100, generator=g)).Q
+    s = torch.logspace(0, -3, 100)
+    A = (U * s) @ V.T
+    from studio.linalg import truncated_svd
+
+    Ue, Se, Vhe = truncated_svd(A, 20, exact=True)
+    Ur, Sr, Vhr = truncated_svd(A, 20)
+    torch.testing.assert_close(Sr, Se, rtol=1e-4, atol=1e-6)
+    err = torch.linalg.matrix_norm((Ur * Sr) @ Vhr - (Ue * Se) @ Vhe) / torch.linalg.matrix_norm((Ue * Se) @ Vhe)
+    assert err < 1e-3
+
+
+def test_pool_layer_svd_is_cached_and_weight_rescaled(clip_pool):
+    base, experts = clip_pool
+    pool = TaskPool(base, experts)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    U1, S1, _ = pool.layer(key).svd(0, rank=3)
+    U2, S2, _ = pool.layer(key, torch.tensor([2.0, 1, 1, 1])).svd(0, rank=3)
+    assert len(pool._svd_cache) == 1
+    torch.testing.assert_close(S2, 2 * S1)
