@@ -119,6 +119,7 @@ class Param:
             "help": self.help,
             "paper": self.paper,
             "post_scale": self.post_scale,
+            "ui_step": self.ui_step,
         }
 
 

@@ -1,0 +1,215 @@
+"""Benchmark: seconds cold / warm and peak memory per method on synthetic experts with real CLIP shapes.
+
+    python -m studio.bench                         # ViT-B/32, 8 tasks, every method, CPU (and CUDA if present)
+    python -m studio.bench --model ViT-L-14 --tasks 20 --device cuda --methods tsv_m iso_cts
+
+Experts are synthetic but shaped exactly like open_clip's visual towers (built on the meta device from open_clip's
+own model configs), with task matrices = shared low-rank part + task-specific low-rank part with a decaying spectrum
++ small dense noise, the structure fine-tuning deltas show in the TSV/Iso papers.
+
+Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes every decomposition);
+``warm_alpha`` = the same method after changing its global scale; ``warm_struct`` = after changing a structural
+hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra resident memory
+(CPU, sampled) or peak CUDA allocation during the cold merge. Where a slow reference (the official code's loop,
+``studio.reference``) exists, ``ref`` times it on the same experts and ``speedup`` = ref / cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from . import engine, methods  # noqa: F401  (registers every method)
+from .registry import CALIBRATIONS, METHODS, get_method
+
+# (method, calibration, structural change used for warm_struct)
+DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
+    ("weight_average", None, {}),
+    ("task_arithmetic", None, {}),
+    ("ties", None, {"k": 0.1}),
+    ("dare", None, {"p": 0.5}),
+    ("breadcrumbs", None, {"beta": 0.05}),
+    ("tsv_m", None, {"rank_fraction": 0.1}),
+    ("iso_c", None, {}),
+    ("iso_cts", None, {"common_space_fraction": 0.7}),
+    ("ortho_merge", None, {}),
+    ("align_merge_o", None, {}),
+    ("align_merge_b", None, {}),
+    ("task_arithmetic", "svc", {}),
+    ("ties", "align_merge_b", {}),
+]
+
+
+def clip_visual_shapes(model: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of open_clip's ``model`` visual tower, with the ``visual.`` prefix (no weights built)."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    cfg = open_clip.get_model_config(model)
+    if cfg is None:
+        raise SystemExit(f"unknown open_clip model {model!r}")
+    with torch.device("meta"):
+        tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
+    return {f"visual.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
+
+
+def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """A base and ``tasks`` experts whose task matrices have fine-tuning-like low-rank-plus-noise structure."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
+    experts: dict[str, dict[str, torch.Tensor]] = {f"task{t:02d}": {} for t in range(tasks)}
+    for key, shape in shapes.items():
+        if len(shape) == 2 and min(shape) > 1:
+            m, n = shape
+            r = min(m, n)
+            k = max(1, r // 8)
+            shared = (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)) / k
+        for t, name in enumerate(experts):
+            if len(shape) == 2 and min(shape) > 1:
+                decay = torch.logspace(0, -2, k)
+                delta = 0.4 * shared + ((torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g)) / k
+                delta += 0.02 * torch.randn(m, n, generator=g)
+                delta *= 1e-3
+            else:
+                delta = 1e-3 * torch.randn(shape, generator=g)
+            experts[name][key] = (base[key].float() + delta).to(dtype)
+    return base, experts
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA allocator peak, or sampled resident set size on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._start = torch.cuda.memory_allocated()
+        else:
+            self._start = self._rss_mb()
+            self._peak = self._start
+            self._stop = threading.Event()
+
+            def sample() -> None:
+                while not self._stop.wait(0.01):
+                    self._peak = max(self._peak, self._rss_mb())
+
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self._peak, self._rss_mb()) - self._start
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[str, Any], device: torch.device,
+              svd_mode: str = "auto") -> dict[str, Any]:
+    """Cold, warm-alpha and warm-structural timings (and peak memory) for one method."""
+    spec = get_method(method)
+    engine._POOLS.clear()
+    gc.collect()
+    pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
+    kwargs: dict[str, Any] = {"calibrate": calibrate}
+    with PeakMemory(device) as mem:
+        cold, _ = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)
+    row = {"method": method + (f"+{calibrate}" if calibrate else ""), "cold": cold, "peak_MB": mem.peak_mb}
+    scale = next((p for p in spec.params if p.post_scale), None)
+    if scale is not None:
+        new_alpha = float(scale.default) * 0.9 if scale.default else 0.5
+        row["warm_alpha"], _ = _timed(lambda: engine.merge_pool(pool, method, **kwargs, **{scale.name: new_alpha}), device)
+    if struct:
+        row["warm_struct"], _ = _timed(lambda: engine.merge_pool(pool, method, **kwargs, **struct), device)
+        row["struct"] = ",".join(f"{k}={v}" for k, v in struct.items())
+    return row
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")
+    ap.add_argument("--methods", nargs="*", help="subset of method names (default: every registered one)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
+    ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(0)
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    shapes = clip_visual_shapes(args.model)
+    t0 = time.perf_counter()
+    base, experts = synthetic_pool(shapes, args.tasks, dtype=getattr(torch, args.dtype))
+    nparams = sum(torch.Size(s).numel() for s in shapes.values())
+    print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
+          f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
+    if args.methods:
+        runs = [r for r in runs if r[0] in args.methods or (r[1] and f"{r[0]}+{r[1]}" in args.methods)]
+    refs = {}
+    if args.reference:
+        try:
+            from . import reference
+
+            refs = dict(reference.REFERENCES)
+        except ImportError:
+            print("# no studio.reference module: reference timings skipped")
+    for dev_name in devices:
+        device = torch.device(dev_name)
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        print(f"\n## device: {dev_name} ({name})\n")
+        print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup |")
+        print("|---|---|---|---|---|---|---|---|")
+        for method, cal, struct in runs:
+            struct = {k: v for k, v in struct.items() if k in {p.name for p in get_method(method).params}}
+            row = bench_one(base, experts, method, cal, struct, device, args.svd_mode)
+            if cal is None and method in refs:
+                row["ref"], _ = _timed(lambda: refs[method](base, experts, device=device), device)
+                row["speedup"] = row["ref"] / row["cold"]
+            print(f"| {row['method']} | {_fmt(row['cold'])} | {_fmt(row.get('warm_alpha'))} | "
+                  f"{_fmt(row.get('warm_struct'))} | {row.get('struct', '-')} | {row['peak_MB']:.0f} | "
+                  f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Command-line interface: ``merge-studio`` (or ``python -m studio``).
+
+    merge-studio methods [--markdown]                  # every method with its hyperparameter schema
+    merge-studio merge --suite assets/minisuite --method tsv_m --set alpha=1.0 --out merged.safetensors
+    merge-studio merge --base base.safetensors --expert cars=cars.safetensors --expert dtd=dtd.safetensors \\
+                       --method ties --set k=0.2 --calibrate svc --out merged.safetensors --recipe merged.yaml
+    merge-studio recipe merged.yaml --suite assets/minisuite --out again.safetensors
+    merge-studio evaluate --suite assets/minisuite --weights merged.safetensors [--split test]
+    merge-studio bench [...]   merge-studio leaderboard [...]   merge-studio build-suite [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .io import Recipe, load_state_dict, merge_from_recipe, save_merged
+from .registry import list_methods
+from .schema import StudioError
+
+
+def methods_table(markdown: bool = True) -> str:
+    """The docs table of every method and calibration, derived from the schemas (single source of truth)."""
+    lines = ["| method | kind | hyperparameters (default, range) | paper |", "|---|---|---|---|"]
+    for m in list_methods():
+        params = "; ".join(
+            f"`{p['name']}` = {p['auto'] if p['default'] is None and p['auto'] else p['default']}"
+            + (f" in [{p['low']}, {p['high']}]" if p["low"] is not None or p["high"] is not None else "")
+            + (f" of {p['choices']}" if p["choices"] else "")
+            for p in m["params"]
+        ) or "none"
+        lines.append(f"| `{m['name']}` | {m['kind']} | {params} | {m['paper']} |")
+    return "\n".join(lines) if markdown else json.dumps(list_methods(), indent=2)
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise StudioError(f"--set expects NAME=VALUE, got {item!r}")
+        name, value = item.split("=", 1)
+        out[name.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
+    if args.suite:
+        from .suite import load_suite
+
+        suite = load_suite(args.suite)
+        experts = suite.experts
+        if args.experts:
+            wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
+            unknown = [e for e in wanted if e not in experts]
+            if unknown:
+                raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
+            experts = {e: experts[e] for e in wanted}
+        return suite.base, experts, str(args.suite)
+    if not args.base or not args.expert:
+        raise StudioError("give either --suite, or --base and at least one --expert NAME=PATH")
+    experts = {}
+    for item in args.expert:
+        if "=" not in item:
+            raise StudioError(f"--expert expects NAME=PATH, got {item!r}")
+        name, path = item.split("=", 1)
+        experts[name] = load_state_dict(path)
+    return load_state_dict(args.base), experts, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="merge-studio", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"merge-studio {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("methods", help="list methods and their hyperparameters")
+    p.add_argument("--json", action="store_true")
+
+    def pool_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--suite", help="suite folder or Hugging Face repo id (base + experts)")
+        p.add_argument("--experts", help="comma-separated subset of the suite's experts")
+        p.add_argument("--base", help="base safetensors file")
+        p.add_argument("--expert", action="append", help="NAME=PATH of an expert safetensors file (repeat)")
+        p.add_argument("--device", default=None)
+
+    p = sub.add_parser("merge", help="merge experts and write safetensors (+ recipe)")
+    pool_args(p)
+    p.add_argument("--method", required=True)
+    p.add_argument("--set", action="append", default=[], help="hyperparameter NAME=VALUE (repeat)")
+    p.add_argument("--calibrate", default=None)
+    p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
+    p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layer-rule", default="default")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipe", help="also write the recipe (YAML) here")
+
+    p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors)")
+    p.add_argument("recipe")
+    pool_args(p)
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
+    p.add_argument("--suite", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--device", default=None)
+
+    for name, help_ in (("bench", "benchmark the engine"), ("leaderboard", "merge the suite with every method"),
+                        ("build-suite", "rebuild the embedded MiniSuite")):
+        p = sub.add_parser(name, help=help_, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except StudioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "methods":
+        print(methods_table(markdown=not args.json))
+    elif args.cmd == "merge":
+        base, experts, suite = _load_pool(args)
+        prefs = json.loads(args.preferences) if args.preferences else None
+        recipe = Recipe(method=args.method, hparams=_parse_sets(args.set), experts=list(experts),
+                        calibrate=args.calibrate, calibrate_hparams=_parse_sets(args.cal_set), preferences=prefs,
+                        seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__)
+        merged = merge_from_recipe(recipe, base, experts, device=args.device)
+        save_merged(args.out, merged, recipe)
+        if args.recipe:
+            Path(args.recipe).write_text(recipe.to_yaml())
+        print(f"wrote {args.out} ({len(merged)} tensors)")
+    elif args.cmd == "recipe":
+        recipe = Recipe.from_file(args.recipe)
+        if not args.suite and not args.base and recipe.suite:
+            args.suite = recipe.suite
+        base, experts, _ = _load_pool(args)
+        merged = merge_from_recipe(recipe, base, experts, device=args.device)
+        save_merged(args.out, merged, recipe)
+        print(f"wrote {args.out} ({len(merged)} tensors)")
+    elif args.cmd == "evaluate":
+        from .evaluate import evaluate
+        from .suite import load_suite
+
+        suite = load_suite(args.suite)
+        result = evaluate(suite, load_state_dict(args.weights), split=args.split, device=args.device)
+        print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
+    elif args.cmd == "bench":
+        from .bench import main as bench_main
+
+        bench_main(args.rest)
+    elif args.cmd == "leaderboard":
+        from .leaderboard import main as lb_main
+
+        lb_main(args.rest)
+    elif args.cmd == "build-suite":
+        from .suite.build import main as build_main
+
+        build_main(args.rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
