@@ -1,0 +1,365 @@
+"""Shared spectral-alignment building blocks of SVC and AlignMerge (and the diagnostics that plot them).
+
+Both papers (SVC, Li et al. 2026, arXiv:2602.05536; AlignMerge, anonymous ICLR 2026 submission -- closely related:
+same tables and checkpoints, and the SVC code's calibration function is still named ``Align``) look at
+the task matrices ``Delta_i`` through the SVD of a merged delta ``M = U diag(sigma) V^T`` (SVC eq. 17, AlignMerge
+eq. 4). Everything they need per subspace ``r`` reduces to two numbers per task:
+
+* ``c_i^r = u_r^T Delta_i v_r``  -- the task's singular value in the merged basis (AlignMerge eq. 4 denominator,
+  Prop. 2 / App. B.3 optimum),
+* ``|a_i^r|^2 = ||u_r^T Delta_i||^2`` -- the energy of the task's column-space response ``a_i^r`` (SVC eq. 4/18).
+
+Because ``a_merge^r = u_r^T M = sigma_r v_r^T`` (SVC eq. 10), ``<a_merge^r, a_i^r> = sigma_r c_i^r``, so the SVC
+projection coefficient is ``s_i^r = sigma_r c_i^r / |a_i^r|^2`` (eq. 19) and the AlignMerge full coefficient is
+``xi~_i^r = sigma_r / c_i^r`` (eq. 7, shown in :func:`full_coefficient`). :func:`merged_spectrum` computes and
+memoises ``(sigma, c, |a|^2)`` once per merged delta, so a change of any calibration hyperparameter, of the global
+scale or of the preferences costs O(T R) plus one reconstruction.
+
+Public helpers (used by ``svc.py``, ``align_merge.py`` and the diagnostics):
+:func:`subspace_responses`, :func:`merged_spectrum_of`, :func:`merged_spectrum`, :func:`svc_projection_coefficients`, :func:`svc_gamma`,
+:func:`subspace_scaling_eta`, :func:`subspace_cross_influence`, :func:`cross_influence_terms`,
+:func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`, :func:`factored_svd`,
+:func:`partial_polar`.
+
+Diagnostics example (one layer)::
+
+    spec = merged_spectrum_of(deltas, merged)                       # deltas [T, m, n], merged [m, n]
+    xi = subspace_cross_influence(spec.c)                           # [T, T, R], AlignMerge Fig. 2
+    sai = subspace_alignment_index(spec.S, spec.c, signed=True)     # [T, R],    AlignMerge Fig. 3
+    s = svc_projection_coefficients(spec.S, spec.c, spec.a2)        # [T, R],    SVC eq. 19 / Fig. 3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from .. import linalg
+from ..pool import LayerTasks
+
+#: SVC official code: ``denom = (ai * ai).sum(-1).clamp_min(1e-12)`` (merge_func.py, ``coef_cal_multi_ranks``).
+SVC_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class MergedSpectrum:
+    """The SVD of a merged delta ``M = U diag(S) V^T`` together with each task's responses in that basis.
+
+    Attributes:
+        S: singular values ``sigma_r`` of ``M`` ``[R]`` (``R = min(m, n)``).
+        c: ``c_i^r = u_r^T Delta_i v_r`` ``[T, R]``.
+        a2: ``||u_r^T Delta_i||^2`` ``[T, R]``.
+        basis: the *square* orthogonal SVD factor: ``U [m, m]`` when ``m <= n`` (``side="left"``), else
+            ``V [n, n]`` (``side="right"``). Only this factor is kept (4x less memory than ``U`` and ``V``);
+            :meth:`rescale` rebuilds ``U diag(f sigma) V^T`` from ``M`` and it exactly.
+        side: ``"left"`` or ``"right"``.
+    """
+
+    S: Tensor
+    c: Tensor
+    a2: Tensor
+    basis: Tensor
+    side: str
+
+    def rescale(self, merged: Tensor, factors: Tensor) -> Tensor:
+        """``U diag(factors * sigma) V^T`` for ``merged = U diag(sigma) V^T`` (SVC eq. 21-22, AlignMerge eq. 9).
+
+        Uses ``M = U U^T M`` (``U`` square) or ``M = M V V^T`` (``V`` square), so no second factor is needed.
+
+        Example:
+            >>> M = torch.diag(torch.tensor([3.0, 1.0]))
+            >>> spec = merged_spectrum_of(M.unsqueeze(0), M)
+            >>> spec.rescale(M, torch.tensor([0.5, 2.0])).diagonal().tolist()
+            [1.5, 2.0]
+        """
+        f = factors.to(merged.dtype)
+        Q = self.basis
+        if self.side == "left":
+            return Q @ (f.unsqueeze(-1) * (Q.mT @ merged))
+        return ((merged @ Q) * f.unsqueeze(0)) @ Q.mT
+
+
+def subspace_responses(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-task responses in the merged basis: ``c_i^r = u_r^T Delta_i v_r`` and ``|a_i^r|^2 = ||u_r^T Delta_i||^2``.
+
+    ``a_i^r = (u^r)^T Delta_i`` is SVC eq. 4 / eq. 18 (the subspace response); ``c_i^r`` is the diagonal of
+    ``U^T Delta_i V`` (AlignMerge App. B.3, eq. 32; the denominator of eta in eq. 4). Loops over tasks so the peak
+    memory is one ``[R, n]`` block.
+
+    Args:
+        deltas: task matrices ``[T, m, n]``.
+        U: left singular vectors of the merged delta ``[m, R]``.
+        Vh: right singular vectors (rows) ``[R, n]``.
+
+    Returns:
+        ``(c, a2)``, both ``[T, R]``.
+
+    Example:
+        >>> d = torch.stack([torch.eye(2), 2 * torch.eye(2)])
+        >>> c, a2 = subspace_responses(d, torch.eye(2), torch.eye(2))
+        >>> c.tolist(), a2.tolist()
+        ([[1.0, 1.0], [2.0, 2.0]], [[1.0, 1.0], [4.0, 4.0]])
+    """
+    cs, a2s = [], []
+    for d in deltas:
+        A = U.mT @ d  # rows are a_i^r
+        a2s.append((A * A).sum(-1))
+        cs.append((A * Vh).sum(-1))
+    return torch.stack(cs), torch.stack(a2s)
+
+
+def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None
+                       ) -> MergedSpectrum:
+    """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed SVD of it).
+
+    Example:
+        >>> M = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+        >>> merged_spectrum_of(torch.stack([M / 2, M / 2]), M).c.tolist()
+        [[1.0, 0.5], [1.0, 0.5]]
+    """
+    U, S, Vh = linalg.svd(merged) if svd is None else svd
+    c, a2 = subspace_responses(deltas, U, Vh)
+    m, n = merged.shape
+    side = "left" if m <= n else "right"
+    basis = U if side == "left" else Vh.mT
+    return MergedSpectrum(S=S, c=c, a2=a2, basis=basis, side=side)
+
+
+def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | None = None) -> MergedSpectrum:
+    """:class:`MergedSpectrum` of ``merged`` against ``layer.deltas``, computed once per merged delta.
+
+    When ``merged`` is exactly the task-matrix sum (Task Arithmetic, AlignMerge-B's base merge) the pool's cached
+    :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics); otherwise the SVD is
+    memoised under ``merged_tag`` (``None``: not memoised). The spectrum is of the *unscaled* ``merged``: a global
+    scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.eye(2)}, "b": {"w": torch.eye(2)}})
+        >>> layer = pool.layer("w")
+        >>> merged_spectrum(layer, layer.sum()).S.tolist()
+        [2.0, 2.0]
+    """
+    if merged.shape == layer.sum().shape and torch.equal(merged, layer.sum()):
+        return layer.memo(("align.spectrum", "sum"),
+                          lambda: merged_spectrum_of(layer.deltas, merged, layer.sum_svd()))
+    if merged_tag is None:
+        return merged_spectrum_of(layer.deltas, merged)
+    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.deltas, merged))
+
+
+# ---------------------------------------------------------------------------------------------------------- SVC
+
+
+def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float = 1.0) -> Tensor:
+    """SVC projection coefficients ``s_i^r = <a_merge^r, a_i^r> / ||a_i^r||^2`` (SVC eq. 8 / eq. 19), ``[T, R]``.
+
+    With ``a_merge^r = scale * sigma_r v_r^T`` (eq. 10 for the scaled merge) the numerator is
+    ``scale * sigma_r * c_i^r``. The denominator is clamped at ``1e-12`` as in the official code, so a task with no
+    response in subspace ``r`` gets ``s = 0`` (then clipped to ``alpha`` by eq. 20).
+
+    Example:
+        >>> S, c, a2 = torch.tensor([4.0]), torch.tensor([[2.0], [2.0]]), torch.tensor([[4.0], [4.0]])
+        >>> svc_projection_coefficients(S, c, a2).tolist()   # two identical tasks: s = 2 (double counting)
+        [[2.0], [2.0]]
+    """
+    return (scale * S).unsqueeze(0) * c / a2.clamp_min(SVC_EPS)
+
+
+def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target_guard: bool = True) -> Tensor:
+    """SVC calibration factor per subspace, ``gamma [R]`` (SVC eq. 20, sec. 5.3 preference optimisation).
+
+    Weighted harmonic aggregation of the clipped task-wise scalings ``1 / max(alpha, s_i^r)`` with normalised
+    preferences ``p`` (``sum_i p_i = 1``)::
+
+        gamma^r = sum_i p_i / sum_i p_i max(alpha, s_i^r)
+
+    * uniform ``p_i = 1/K`` gives eq. 20 exactly: ``gamma^r = K / sum_i max(alpha, s_i^r)`` (official code:
+      ``eta = torch.maximum(s, alpha).mean(1)``, ``S / eta``);
+    * one-hot ``p = e_t`` gives the target-task calibration of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)``.
+      The official code's target mode (``args.target``) additionally leaves a subspace unchanged
+      (``gamma^r = 1``) when ``s_t^r <= 0``; ``target_guard=True`` (default) follows the code, ``False`` the
+      paper's formula (which would amplify such a subspace by ``1/alpha``).
+
+    Args:
+        s: projection coefficients ``[T, R]`` (:func:`svc_projection_coefficients`).
+        alpha: the clip ``alpha in (0, 1]``; ``alpha = 1`` is suppression-only (``gamma <= 1``).
+        preferences: ``[T]`` non-negative weights summing to 1, or ``None`` (uniform).
+        target_guard: see above; only used when ``preferences`` is one-hot.
+
+    Example:
+        >>> s = torch.tensor([[2.0, 0.5], [4.0, -1.0]])
+        >>> svc_gamma(s, 1.0).tolist()            # K / sum max(1, s): [2/6, 2/2]
+        [0.3333333432674408, 1.0]
+        >>> svc_gamma(s, 0.5, torch.tensor([0.0, 1.0])).tolist()   # target task 2; s = -1 <= 0 keeps gamma = 1
+        [0.25, 1.0]
+    """
+    T = s.shape[0]
+    p = torch.full((T,), 1.0 / T, dtype=s.dtype, device=s.device) if preferences is None else \
+        preferences.to(s.device, s.dtype)
+    clipped = s.clamp_min(alpha)
+    active = p > 0
+    if target_guard and int(active.sum()) == 1:
+        t = int(torch.nonzero(active)[0])
+        st = s[t]
+        return torch.where(st > 0, 1.0 / clipped[t], torch.ones_like(st))
+    weighted = torch.where(active.unsqueeze(-1), p.unsqueeze(-1) * clipped, torch.zeros_like(clipped))
+    return p.sum() / weighted.sum(0)
+
+
+# ---------------------------------------------------------------------------------------------------- AlignMerge
+
+
+def subspace_scaling_eta(S: Tensor, c: Tensor) -> Tensor:
+    """AlignMerge eta^r = sigma^r / (u_r^T (sum_i Delta_i) v_r) (eq. 4), ``[R]``; 1 for Task Arithmetic.
+
+    Example:
+        >>> subspace_scaling_eta(torch.tensor([3.0]), torch.tensor([[1.0], [2.0]])).tolist()
+        [1.0]
+    """
+    return S / c.sum(0)
+
+
+def subspace_cross_influence(c: Tensor) -> Tensor:
+    """Subspace Cross-Influence ``xi[i, j, r] = xi_{i,j}^r`` (AlignMerge Prop. 1, eq. 5 / App. B.2), ``[T, T, R]``.
+
+    App. B.2 defines ``xi_{i,j}^r = alpha_1 + alpha_2``: ``alpha_1`` projects ``P_col Delta_j`` onto
+    ``P_col Delta_i`` (Frobenius, eq. 3) and ``alpha_2`` projects the row-space part of the residual onto
+    ``P_col Delta_i P_row``. Both ``P_col^r Delta P_row^r`` are multiples of the rank-one ``u_r v_r^T``
+    (``c_j^r u_r v_r^T`` and ``c_i^r u_r v_r^T``), so the sum collapses exactly to ``c_j^r / c_i^r``
+    (:func:`cross_influence_terms` computes the two steps literally; the tests check they agree). This is why the
+    paper finds eq. 6 tight and the column/row order immaterial (App. E.2, Fig. 7). ``xi[i, i] = 1``.
+
+    Example:
+        >>> subspace_cross_influence(torch.tensor([[1.0], [3.0]]))[:, :, 0].tolist()
+        [[1.0, 3.0], [0.3333333432674408, 1.0]]
+    """
+    return c.unsqueeze(0) / c.unsqueeze(1)
+
+
+def cross_influence_terms(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """The two projection steps of AlignMerge App. B.2 (eq. 22-24), literally: ``(alpha_1, alpha_2)``, ``[T, T, R]``.
+
+    ``alpha_1[i, j, r] = Proj_{u_r a_i^T}(u_r a_j^T) = <a_j, a_i> / ||a_i||^2`` with ``a_k = Delta_k^T u_r``
+    (column step; this is SVC's cross term, Lemma 3.2); ``alpha_2`` projects the residual
+    ``W_res P_row = ((a_j - alpha_1 a_i) . v_r) u_r v_r^T`` onto ``P_col Delta_i P_row = c_i u_r v_r^T`` (row step).
+    ``xi = alpha_1 + alpha_2`` (eq. 24). For plotting the two contributions separately (Fig. 7) and for testing
+    :func:`subspace_cross_influence`. Cost ``O(T^2 R n)``: diagnostics only.
+
+    Example:
+        >>> d = torch.stack([torch.eye(2), 2 * torch.eye(2)])
+        >>> a1, a2 = cross_influence_terms(d, torch.eye(2), torch.eye(2))
+        >>> (a1 + a2)[0, 1].tolist()
+        [2.0, 2.0]
+    """
+    A = torch.einsum("mr,tmn->trn", U, deltas)  # a_t^r as rows: [T, R, n]
+    norms = (A * A).sum(-1)  # [T, R]
+    dots = torch.einsum("irn,jrn->ijr", A, A)  # <a_i, a_j>
+    alpha1 = dots / norms.unsqueeze(1)  # [i, j, r] = <a_j, a_i> / ||a_i||^2
+    proj_v = (A * Vh.unsqueeze(0)).sum(-1)  # c_t^r = a_t . v_r   [T, R]
+    resid_v = proj_v.unsqueeze(0) - alpha1 * proj_v.unsqueeze(1)  # (a_j - alpha1 a_i) . v
+    alpha2 = resid_v / proj_v.unsqueeze(1)
+    return alpha1, alpha2
+
+
+def full_coefficient(S: Tensor, c: Tensor) -> Tensor:
+    """AlignMerge full coefficient ``xi~_i^r = eta^r (sum_{j != i} xi_{i,j}^r + 1)`` (eq. 7, sec. 4.1), ``[T, R]``.
+
+    Substituting eq. 4 and Prop. 1: ``eta^r (sum_j c_j^r) / c_i^r = sigma^r / c_i^r`` -- the factor by which the
+    merged singular value exceeds task ``i``'s own singular value in that subspace (so dividing by it makes
+    ``SAI_i^r = 0``, and the calibrated value is ``c_i^r``, the Prop. 2 optimum). ``+-inf`` where ``c_i^r = 0``.
+
+    Example:
+        >>> full_coefficient(torch.tensor([4.0]), torch.tensor([[1.0], [3.0]])).tolist()
+        [[4.0], [1.3333333730697632]]
+    """
+    return S.unsqueeze(0) / c
+
+
+def subspace_alignment_index(S: Tensor, c: Tensor, signed: bool = False) -> Tensor:
+    """Subspace-Alignment Index ``SAI_i^r = |xi~_i^r - 1|`` (AlignMerge eq. 8), ``[T, R]``.
+
+    ``signed=True`` gives ``xi~_i^r - 1`` as plotted in AlignMerge Fig. 3 (``> 0``: task ``i`` is over-amplified
+    in subspace ``r``; ``< 0``: over-suppressed). Lower is less interference.
+
+    Example:
+        >>> subspace_alignment_index(torch.tensor([4.0]), torch.tensor([[1.0], [8.0]]), signed=True).tolist()
+        [[3.0], [-0.5]]
+    """
+    dev = full_coefficient(S, c) - 1.0
+    return dev if signed else dev.abs()
+
+
+def align_b_factors(xi_tilde: Tensor, alpha: float, preferences: Tensor | None = None) -> Tensor:
+    """AlignMerge-B per-subspace factors ``1 / d(xi~^r)`` (eq. 9), ``[R]``, for ``xi_tilde [T, R]``.
+
+    ``xi~^r`` is the preference-weighted average of the task-wise full coefficients,
+    ``xi~^r = sum_i p_i xi~_i^r`` (sec. 4.1: "the average of xi~_i^r across tasks" for uniform ``p``; one-hot ``p``
+    is the single-target form of eq. 9, sec. 5.3 preference optimisation). Then ``d = xi~`` if ``xi~ >= alpha``
+    (rescale), ``d = 1`` if ``0 < xi~ < alpha`` (the gate ``alpha`` leaves mildly amplified subspaces alone) and
+    ``d = inf`` (drop the subspace) if ``xi~ <= 0`` (task ``i`` non-contributory). At ``xi~ = 0`` the paper's cases
+    overlap; we drop (the ``<= 0`` case). Tasks with ``p_i = 0`` do not enter the average (so an infinite
+    ``xi~_i`` of an excluded task cannot leak in).
+
+    Example:
+        >>> xt = torch.tensor([[4.0, 1.5, -2.0], [2.0, 1.5, 1.0]])
+        >>> align_b_factors(xt, alpha=2.0).tolist()   # means 3, 1.5, -0.5 -> 1/3, kept, dropped
+        [0.3333333432674408, 1.0, 0.0]
+    """
+    T = xi_tilde.shape[0]
+    p = torch.full((T,), 1.0 / T, dtype=xi_tilde.dtype, device=xi_tilde.device) if preferences is None else \
+        preferences.to(xi_tilde.device, xi_tilde.dtype)
+    active = (p > 0).unsqueeze(-1)
+    xi = torch.where(active, p.unsqueeze(-1) * xi_tilde, torch.zeros_like(xi_tilde)).sum(0) / p.sum()
+    ones = torch.ones_like(xi)
+    f = torch.where(xi >= alpha, 1.0 / xi, ones)
+    f = torch.where(xi <= 0, torch.zeros_like(xi), f)
+    # NaN arises only for 0/0 (sigma = 0 and c = 0): that component is zero anyway.
+    return torch.where(torch.isnan(xi), ones, f)
+
+
+# -------------------------------------------------------------------------------------------- low-rank helpers
+
+
+def factored_svd(left: Tensor, core: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of ``left @ core @ right^T`` for thin ``left [m, k]``, ``right [n, k]`` (``k`` small) in O((m+n)k^2).
+
+    QR of both factors, then the SVD of the ``k x k`` core. Used for the rank-two residuals of AlignMerge-O
+    (eq. 12) and the rank-``K`` reference direction of its sign alignment, which never need an ``m x n`` matrix.
+
+    Example:
+        >>> u = torch.tensor([[1.0], [0.0], [0.0]]); v = torch.tensor([[0.0], [2.0]])
+        >>> U, S, Vh = factored_svd(u, torch.tensor([[3.0]]), v)
+        >>> S.tolist()
+        [6.0]
+    """
+    Ql, Rl = torch.linalg.qr(left)
+    Qr, Rr = torch.linalg.qr(right)
+    Uc, S, Vhc = torch.linalg.svd(Rl @ core @ Rr.mT)
+    return Ql @ Uc, S, Vhc @ Qr.mT
+
+
+def partial_polar(matrix: Tensor, rtol: float | None = None) -> Tensor:
+    """Polar factor restricted to the numerical range: ``P_+ Q_+^T`` over singular values ``> rtol * sigma_max``.
+
+    Equals :func:`studio.linalg.polar` (TSV-M's whitening ``P Q^T``) when ``matrix`` has full column rank. When it
+    does not, ``P Q^T`` is not unique -- the columns of ``P`` for zero singular values are whatever LAPACK returns --
+    and this returns the unique closest partial isometry instead (the null direction is dropped, not filled with an
+    arbitrary vector). AlignMerge-O needs this: its ``U^`` always holds ``K + 1`` vectors (``u_top`` and the ``K``
+    residual directions) inside the ``K``-dimensional span of the tasks' top vectors. Default ``rtol``: ``1e-6``
+    for float32 (structural zeros measured at ~1e-8, genuine small values of 768-wide bases at ~3e-5), ``1e-12``
+    for float64.
+
+    Example:
+        >>> A = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])   # rank one: two copies of e1
+        >>> partial_polar(A).tolist()
+        [[0.7071067690849304, 0.7071067690849304], [0.0, 0.0], [0.0, 0.0]]
+    """
+    U, S, Vh = linalg.svd(matrix)
+    if rtol is None:
+        rtol = 1e-12 if U.dtype == torch.float64 else 1e-6
+    keep = S > rtol * S[0] if S.numel() and float(S[0]) > 0 else torch.zeros_like(S, dtype=torch.bool)
+    return U[:, keep] @ Vh[keep]

@@ -1,0 +1,282 @@
+"""AlignMerge ("Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging", anonymous ICLR 2026
+submission): AlignMerge-B (post-merging balancing, sec. 4.1, eq. 9) and AlignMerge-O (pre-merging
+orthogonalisation, sec. 4.2, eq. 11-14, App. C Alg. 1).
+
+No official code is public (none found in the code index); this follows the paper. AlignMerge-B is registered
+twice: as a calibration (``calibrate="align_merge_b"``, applied after any base merge, App. E.2 Table 15: TIES/DARE
+w/ AlignMerge-B) and as a merge method (its paper default: calibrate the task-matrix sum, sec. 4.1 / App. E.2).
+The cross-influence / SAI building blocks live in :mod:`studio.methods._align`.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from .. import linalg
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import Param, StudioError
+from ._align import align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar
+
+
+def resolve_gate(alpha: float | None, num_tasks: int) -> float:
+    """AlignMerge-B's automatic gate ``alpha = |T| / 4`` (sec. 5.3, "a reasonable default for unseen tasks").
+
+    The tuned values in the paper are close: 0.6 for 2 tasks, 1.8 for 8, 2.8 for 14, 6.5 for 20 (sec. 5.1, App. D).
+
+    Example:
+        >>> resolve_gate(None, 8), resolve_gate(1.8, 8)
+        (2.0, 1.8)
+    """
+    return num_tasks / 4.0 if alpha is None else float(alpha)
+
+
+_GATE = Param(
+    "alpha", float, None, low=0.0, high=100.0, ui_step=0.1, auto="|T|/4",
+    help="Gate: only subspaces whose merged singular value exceeds the tasks' own by more than this factor "
+         "(xi~ >= alpha) are divided by xi~; 0 <= xi~ < alpha stay, xi~ <= 0 are dropped. 0 = no gating.",
+    paper="AlignMerge eq. 9; sec. 5.3 default alpha ~ |T|/4; tuned 1.8 for 8 tasks (sec. 5.1), 0.6 / 2.8 / 6.5 "
+          "for 2 / 14 / 20 tasks (App. D)")
+
+
+def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scale: float = 1.0,
+                        preferences: Tensor | None = None, merged_tag: Hashable | None = None) -> Tensor:
+    """AlignMerge-B (eq. 9) of the merged delta ``M = scale * merged``.
+
+    ``M = U diag(sigma) V^T``; per subspace the task-wise full coefficient ``xi~_i^r = eta^r (sum_{j != i}
+    xi_{i,j}^r + 1) = sigma^r / c_i^r`` (eq. 7, :func:`~studio.methods._align.full_coefficient`), aggregated as
+    ``xi~^r = sum_i p_i xi~_i^r`` (uniform ``p``: the paper's average over tasks; one-hot ``p = e_t``: the
+    single-target eq. 9 used for preference optimisation, sec. 5.3), and ``sigma^r <- sigma^r / d(xi~^r)``.
+    When a subspace is rescaled its new singular value is the ``p``-weighted *harmonic* mean of the tasks'
+    ``c_i^r = u_r^T Delta_i v_r`` (the Prop. 2 optimum for a single task), independent of ``scale``.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> d = torch.diag(torch.tensor([1.0, 0.1]))
+        >>> layer = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": d}, "b": {"w": d}}).layer("w")
+        >>> align_merge_b_delta(layer, layer.sum(), alpha=1.5).diagonal().tolist()  # xi~ = 2 >= 1.5: divide
+        [1.0, 0.10000000149011612]
+    """
+    spec = merged_spectrum(layer, merged, merged_tag)
+    xi_tilde = full_coefficient(scale * spec.S, spec.c)
+    return spec.rescale(scale * merged, align_b_factors(xi_tilde, alpha, preferences))
+
+
+@register(
+    "align_merge_b",
+    kind="calibration",
+    params=(_GATE,),
+    paper="AlignMerge (Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging), sec. 4.1 eq. 9; "
+          "App. E.2 Table 15 (TIES / DARE w/ AlignMerge-B)",
+    summary="Divide each singular value of the merged delta by the tasks' average full coefficient xi~ "
+            "(gated by alpha); directions unchanged.",
+)
+def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None,
+                              base_method: str, merged_tag: Hashable | None = None,
+                              alpha: float | None) -> Tensor:
+    """AlignMerge-B applied after any base method (App. E.2, Table 15); returns the final delta.
+
+    Like SVC (same group; its official code descends from this step) the calibration sees the base method's final
+    delta ``scale * merged`` and the result is added with lambda = 1 (eq. 9: ``W = W_pre + Delta W~``). Preferences
+    weight the per-task coefficients, ``xi~^r = sum_i p_i xi~_i^r`` (one-hot = target task, sec. 5.3). The layer rule
+    is the default one: the paper calibrates "each singular subspace of the merged model" and names no exclusions.
+    Equals the ``align_merge_b`` merge method on matrix layers when the base is Task Arithmetic with ``alpha=1``.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> d = torch.diag(torch.tensor([1.0, 0.1]))
+        >>> layer = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": d}, "b": {"w": 3 * d}}).layer("w")
+        >>> out = align_merge_b_calibration(layer, layer.sum(), scale=1.0, preferences=None,
+        ...                                 base_method="task_arithmetic", alpha=0.0)
+        >>> [round(x, 4) for x in out.diagonal().tolist()]   # harmonic mean of 1 and 3 per subspace: 1.5
+        [1.5, 0.15]
+    """
+    return align_merge_b_delta(layer, merged, resolve_gate(alpha, layer.num_tasks), scale=scale,
+                               preferences=preferences, merged_tag=merged_tag)
+
+
+@register(
+    "align_merge_b",
+    params=(
+        _GATE,
+        Param("lam", float, 1.0, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
+              help="Global scale lambda on the calibrated delta (the paper adds it with lambda = 1).",
+              paper="AlignMerge eq. 1 / sec. 4.1: W_merge = W_pre + Delta W~_merge"),
+    ),
+    paper="AlignMerge (Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging), sec. 4.1 eq. 9 "
+          "on the task-matrix sum (App. E.2: 'applies singular vector subspace correction after summing all "
+          "weights')",
+    summary="Sum the task matrices, then divide each singular value by the tasks' average full coefficient xi~ "
+            "(gated by alpha).",
+    vector_rule="mean",
+)
+def align_merge_b(layer: LayerTasks, alpha: float | None) -> Tensor:
+    """AlignMerge-B as a merge: eq. 9 on ``sum_i Delta_i`` with uniform task weights; unscaled (lambda: ``lam``).
+
+    Non-matrix tensors get the mean of the task vectors (``vector_rule="mean"``, the TSV/Iso convention; the paper
+    does not say). For the target-task preference optimisation of sec. 5.3 use the calibration form
+    (``task_arithmetic`` with ``alpha=1`` + ``calibrate="align_merge_b"`` + ``preferences``); the merge form
+    receives preferences the engine's usual way, as task weights ``T p_i`` on the summed matrices.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> d = torch.diag(torch.tensor([2.0, 0.5]))
+        >>> layer = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": d}, "b": {"w": d}}).layer("w")
+        >>> align_merge_b(layer, alpha=None).diagonal().tolist()   # gate 2/4 = 0.5, xi~ = 2: back to one task
+        [2.0, 0.5]
+    """
+    return align_merge_b_delta(layer, layer.sum(), resolve_gate(alpha, layer.num_tasks))
+
+
+# ------------------------------------------------------------------------------------------------- AlignMerge-O
+
+
+def _align_top_signs(U1: Tensor, S1: Tensor, V1: Tensor) -> tuple[Tensor, Tensor]:
+    """Fix the SVD sign gauge of each task's top pair ``(u_i^1, v_i^1)`` before eq. 11 sums them.
+
+    ``sigma u v^T`` is invariant under ``(u, v) -> (-u, -v)`` but ``sum_i u_i^1`` is not, and the paper does not
+    say which sign to take. We flip each pair jointly (leaving ``M_i^1`` unchanged) so that
+    ``<u_i, u_ref> + <v_i, v_ref> >= 0``, where ``(u_ref, v_ref)`` is the top singular pair of
+    ``sum_i sigma_i^1 u_i^1 (v_i^1)^T``: an order-free reference (a global flip of all pairs leaves the result
+    unchanged), so the merge is symmetric in the experts.
+    """
+    Ur, _, Vhr = factored_svd(U1, torch.diag(S1), V1)
+    score = U1.mT @ Ur[:, 0] + V1.mT @ Vhr[0]
+    sign = torch.where(score < 0, -1.0, 1.0).to(U1.dtype)
+    return U1 * sign, V1 * sign
+
+
+def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool = True) -> Tensor:
+    """AlignMerge-O (App. C, Alg. 1) of one layer, unscaled.
+
+    1. Per task, the top ``L = floor((R - 1) / K)`` singular triplets (Alg. 1 line 3; cached truncated SVD).
+    2. Aligned subspace (eq. 11): ``u_top = sum_i u_i^1 / ||.||``, ``v_top`` likewise,
+       ``sigma_top = mean_i sigma_i^1``; ``M_top = sigma_top u_top v_top^T``.
+    3. Residuals (eq. 12): ``M_res,i = M_i^1 - Proj_{M_top}(M_i^1) M_top`` with the Frobenius projection of eq. 3;
+       keep its top triplet (Alg. 1 line 11-12; a rank-two SVD, :func:`~studio.methods._align.factored_svd`).
+    4. ``U^ = [u_top, {u_res,i}, {u_i^{2:L}}]``, same for ``V^``, ``Sigma^`` (eq. 13; column order is immaterial);
+       whitening ``U^_perp = P Q^T`` of ``U^ = P D Q^T`` (TSV-M's orthogonalisation), restricted to the nonzero
+       ``D``: ``u_top`` and the ``K`` residual directions all lie in the span of the ``K`` top vectors, so ``U^``
+       always has a zero singular value and ``P Q^T`` is not unique; we take the partial polar factor
+       (:func:`~studio.methods._align.partial_polar`), which drops that null direction deterministically.
+    5. ``eta^r = sigma^^r / (u^_perp^r^T (sum_i Delta_i) v^_perp^r)`` (Alg. 1 line 24; ``eta="sum"``) or, with
+       ``eta="dominant"``, the denominator of the single task ``i* = argmax_i |u^T Delta_i v|`` (eq. 10, App. E.2
+       "Effectiveness of eta"). The paper states both; Alg. 1 is the default.
+    6. ``Delta W~ = sqrt(sum sigma^^2 / sum (sigma^/eta)^2) sum_r (sigma^^r / eta^r) u^_perp^r v^_perp^r^T``
+       (eq. 14): the singular values become the projections ``sigma^/eta = u^T (sum Delta) v`` renormalised to the
+       Frobenius norm of ``Sigma^`` (App. B.4).
+
+    Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before summing (``align_signs``, see
+    :func:`_align_top_signs`); when ``1 + K L`` exceeds ``R`` (tiny layers, ``R <= K``) only the ``R`` columns
+    with the largest ``sigma^`` are kept; an all-zero layer returns zeros.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> g = torch.Generator().manual_seed(0)
+        >>> experts = {f"t{i}": {"w": torch.randn(6, 5, generator=g)} for i in range(2)}
+        >>> layer = TaskPool({"w": torch.zeros(6, 5)}, experts, svd_mode="exact").layer("w")
+        >>> out = align_merge_o_delta(layer)
+        >>> out.shape, bool(torch.isfinite(out).all())
+        (torch.Size([6, 5]), True)
+    """
+    if eta not in ("sum", "dominant"):
+        raise StudioError(f"align_merge_o: eta must be 'sum' or 'dominant', got {eta!r}")
+    K = layer.num_tasks
+    m, n = layer.shape
+    R = min(m, n)
+    L = max(1, (R - 1) // K)
+    svds = [layer.svd(i, rank=L) for i in range(K)]
+    U1 = torch.stack([U[:, 0] for U, _, _ in svds], 1)  # [m, K]
+    V1 = torch.stack([Vh[0] for _, _, Vh in svds], 1)  # [n, K]
+    S1 = torch.stack([S[0] for _, S, _ in svds])  # [K]
+    if align_signs:
+        U1, V1 = _align_top_signs(U1, S1, V1)
+
+    # eq. 11: the aligned (top-1) subspace
+    u_top = U1.sum(1)
+    u_top = u_top / u_top.norm().clamp_min(1e-30)
+    v_top = V1.sum(1)
+    v_top = v_top / v_top.norm().clamp_min(1e-30)
+    s_top = S1.mean()
+
+    # eq. 12: residual of each M_i^1 after its Frobenius projection onto M_top; top triplet of the rank-2 result.
+    # Proj_{M_top}(M_i) = sigma_i (u_i.u_top)(v_i.v_top) / sigma_top  (App. B.1, ||u_top|| = ||v_top|| = 1)
+    coef = S1 * (U1.mT @ u_top) * (V1.mT @ v_top) / s_top if float(s_top) > 0 else torch.zeros_like(S1)
+    u_res, s_res, v_res = [], [], []
+    for i in range(K):
+        left = torch.stack([U1[:, i], u_top], 1)
+        right = torch.stack([V1[:, i], v_top], 1)
+        core = torch.diag(torch.stack([S1[i], -coef[i] * s_top]))
+        Ur, Sr, Vhr = factored_svd(left, core, right)
+        u_res.append(Ur[:, 0])
+        s_res.append(Sr[0])
+        v_res.append(Vhr[0])
+
+    # eq. 13: concatenate [top, residuals, each task's components 2..L]
+    cols_u = [u_top.unsqueeze(1), torch.stack(u_res, 1)] + [U[:, 1:L] for U, _, _ in svds]
+    cols_v = [v_top.unsqueeze(1), torch.stack(v_res, 1)] + [Vh[1:L].mT for _, _, Vh in svds]
+    sig = [s_top.reshape(1), torch.stack(s_res)] + [S[1:L] for _, S, _ in svds]
+    U_hat, V_hat, S_hat = torch.cat(cols_u, 1), torch.cat(cols_v, 1), torch.cat(sig)
+    if U_hat.shape[1] > R:  # only when R <= K (tiny layers): keep the R strongest columns
+        keep = torch.argsort(S_hat, descending=True)[:R]
+        U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
+
+    # whitening (Alg. 1 lines 17-22); U^ and V^ are rank-deficient by construction (u_top and the K residuals
+    # span at most K dimensions), so the unique partial polar factor replaces LAPACK's arbitrary completion.
+    U_perp, V_perp = partial_polar(U_hat), partial_polar(V_hat)
+
+    # Alg. 1 line 24 / eq. 14: sigma^ / eta^r is the projection of sum_i Delta_i (or of Delta_{i*}) on u^ v^T
+    if eta == "sum":
+        proj = ((U_perp.mT @ layer.sum()) * V_perp.mT).sum(-1)
+    else:
+        per_task = torch.stack([((U_perp.mT @ d) * V_perp.mT).sum(-1) for d in layer.deltas])  # [K, R']
+        star = per_task.abs().argmax(0)
+        proj = per_task.gather(0, star.unsqueeze(0)).squeeze(0)
+    denom = (proj * proj).sum()
+    if float(denom) <= 0:
+        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+    norm = torch.sqrt((S_hat * S_hat).sum() / denom)
+    return linalg.reconstruct(U_perp, norm * proj, V_perp.mT)
+
+
+@register(
+    "align_merge_o",
+    params=(
+        Param("eta", str, "sum", choices=("sum", "dominant"),
+              help="Reference of eta^r: the task-matrix sum (Alg. 1 line 24) or the single most-contributing task "
+                   "(eq. 10 / App. E.2).",
+              paper="AlignMerge App. C Alg. 1 line 24 (sum); sec. 4.2 eq. 10 and App. E.2 'Effectiveness of eta' "
+                    "(i* = argmax_i ||P_col Delta_i P_row||_F)"),
+        Param("align_signs", bool, True,
+              help="Fix the sign ambiguity of each task's top singular pair before summing them into u_top, v_top "
+                   "(the paper sums raw SVD vectors).",
+              paper="interpretation of AlignMerge eq. 11 (SVD signs are arbitrary); joint flips keep M_i^1"),
+        Param("lam", float, 1.0, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
+              help="Global scale lambda on the merged delta (the paper adds it with lambda = 1).",
+              paper="AlignMerge Alg. 1 line 28: W_merge = W_pre + Delta W~_merge"),
+    ),
+    paper="AlignMerge (Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging), sec. 4.2 "
+          "eq. 10-14, App. C Alg. 1",
+    summary="TSV-style orthogonalised task subspaces plus one extracted aligned subspace, with singular values "
+            "set by eta and renormalised to the original energy.",
+    vector_rule="mean",
+)
+def align_merge_o(layer: LayerTasks, eta: str, align_signs: bool) -> Tensor:
+    """AlignMerge-O merge of one matrix layer (unscaled; see :func:`align_merge_o_delta`).
+
+    Non-matrix tensors get the mean of the task vectors (``vector_rule="mean"``), as TSV-M's official code which
+    AlignMerge-O follows for its orthogonalisation.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> g = torch.Generator().manual_seed(0)
+        >>> experts = {f"t{i}": {"w": torch.randn(9, 7, generator=g)} for i in range(3)}
+        >>> layer = TaskPool({"w": torch.zeros(9, 7)}, experts, svd_mode="exact").layer("w")
+        >>> out = align_merge_o(layer, "sum", True)   # L = (7 - 1) // 3 = 2: 1 + K L = 7 columns, one null
+        >>> int(torch.linalg.matrix_rank(out))
+        6
+    """
+    return align_merge_o_delta(layer, eta=eta, align_signs=align_signs)

@@ -1,0 +1,111 @@
+"""Singular Value Calibration (SVC; Li et al., "When Shared Knowledge Hurts: Spectral Over-Accumulation in Model
+Merging", arXiv:2602.05536, Alg. 1): a post-hoc calibration applied after any base merge.
+
+Official code: github.com/lyymuwu/SVC (``merge_func.py``: ``Align`` / ``coef_cal_multi_ranks``; ``main.py``;
+``run.sh``). Where it and the paper differ we follow the code and say so below.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable
+
+from torch import Tensor
+
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import Param
+from ._align import merged_spectrum, svc_gamma, svc_projection_coefficients
+
+#: The global scale lambda each base method had in the official SVC runs (main.py / merge_func.py), i.e. the scale
+#: the merged delta carried when SVC saw it; after SVC the code adds the result with lambda = 1 (App. A).
+PAPER_BASE_SCALES = {
+    "task_arithmetic": 0.3,  # TA(): Wm = mean * K * 0.3
+    "ties": 1.0,  # layer_wise_TIES: top-20% trim, dis-mean, scaling_coef = 1
+    "dare": 1.0,  # DARE(): drop p = 0.8 with rescale, mean, scaling_coef = 1
+    "tsv_m": 1.0,
+    "iso_c": 1.0,
+    "iso_cts": 1.0,
+    "weight_average": 1.0,
+}
+
+
+def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> float:
+    """SVC's automatic clip: ``1/K``, or ``1`` on top of TSV-M (SVC sec. 5.1; official ``run.sh``).
+
+    Example:
+        >>> resolve_alpha(None, 8, "task_arithmetic"), resolve_alpha(None, 8, "tsv_m"), resolve_alpha(0.5, 8, "tsv_m")
+        (0.125, 1.0, 0.5)
+    """
+    if alpha is not None:
+        return float(alpha)
+    return 1.0 if base_method == "tsv_m" else 1.0 / num_tasks
+
+
+@register(
+    "svc",
+    kind="calibration",
+    params=(
+        Param("alpha", float, None, low=1e-4, high=1.0, ui_step=0.005, auto="1/T (1.0 after tsv_m)",
+              help="Clip in gamma = K / sum_i max(alpha, s_i): 1 only suppresses inflated singular values, "
+                   "smaller values also amplify under-counted subspaces (up to 1/alpha).",
+              paper="SVC eq. 20; sec. 5.1 default alpha = 1/K, alpha = 1 for TSV-M w/ SVC (official run.sh); "
+                    "sec. 5.3 / Fig. 5 ablation, alpha in (0, 1]"),
+        Param("target_guard", bool, True,
+              help="With a one-hot preference (target-task calibration), leave subspaces where the target's "
+                   "s_t <= 0 unchanged (official code) instead of scaling them by 1/alpha (paper formula).",
+              paper="official SVC code coef_cal_multi_ranks(target=t): eta = max(s_t, alpha) if s_t > 0 else 1; "
+                    "SVC sec. 5.3 writes gamma = 1/max(alpha, s_t)"),
+    ),
+    paper="When Shared Knowledge Hurts: Spectral Over-Accumulation in Model Merging (Li et al. 2026), Alg. 1, "
+          "eq. 17-23; official code github.com/lyymuwu/SVC",
+    summary="Rescale each singular value of the merged delta by how much the tasks over-count that subspace "
+            "(directions unchanged).",
+    layer_rule="skip_embeddings",
+    paper_base_scales=PAPER_BASE_SCALES,
+)
+def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None, base_method: str,
+        merged_tag: Hashable | None = None, alpha: float | None, target_guard: bool) -> Tensor:
+    """SVC (Alg. 1) on one matrix layer; returns the final delta ``Delta W~_merge`` (added with lambda = 1).
+
+    Steps, for the merged delta ``M = scale * merged`` the base method produced:
+
+    1. ``M = U diag(sigma) V^T`` (eq. 17);
+    2. ``a_i^r = u_r^T Delta_i``, ``a_merge^r = u_r^T M``, ``s_i^r = <a_merge^r, a_i^r> / ||a_i^r||^2`` (eq. 18-19);
+    3. ``gamma^r = sum_i p_i / sum_i p_i max(alpha, s_i^r)`` with normalised preferences ``p`` -- uniform ``p``
+       is eq. 20, ``gamma^r = K / sum_i max(alpha, s_i^r)``; one-hot ``p = e_t`` is the target-task calibration
+       of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)`` (see :func:`~studio.methods._align.svc_gamma` for the
+       official code's ``s_t <= 0`` guard);
+    4. ``sigma~^r = gamma^r sigma^r`` and ``Delta W~ = U diag(sigma~) V^T`` (eq. 21-22); ``W = W_pre + Delta W~``
+       (eq. 23).
+
+    Where lambda enters (eq. 1 vs eq. 23): SVC calibrates the base method's *final* delta, i.e. after its own
+    global scale, and then adds the result with lambda = 1 (App. A: "we keep lambda = 1 throughout"; official
+    code: ``TA()`` bakes 0.3 into ``Wm`` before ``layer_wise_Align``, which then sets ``scaling_coef = 1``). So
+    ``M = scale * merged`` here, and ``scale`` is not applied again. Because ``s`` scales with ``scale``, the result
+    is not linear in it; for subspaces with every ``s_i >= alpha`` the scale cancels (``sigma~ = sigma / mean s``).
+    The official runs used TA with lambda = 0.3 and TIES (dis-mean), DARE, TSV-M, Iso-C, Iso-CTS with lambda = 1
+    (:data:`PAPER_BASE_SCALES`).
+
+    Layers: the official code calibrates 2-D tensors except ``text_projection`` and any key containing
+    ``embedding``; hence ``layer_rule="skip_embeddings"`` (the paper only says "each linear layer", App. A).
+
+    Memoisation: the SVD of ``merged`` and the per-task ``(c, |a|^2)`` are computed once per ``merged_tag``
+    (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``), so
+    changing ``alpha``, ``scale`` or the preferences costs O(T R) plus one reconstruction.
+
+    Example:
+        >>> import torch
+        >>> from studio.pool import TaskPool
+        >>> d = torch.diag(torch.tensor([1.0, 0.2]))
+        >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": d}, "b": {"w": d}})
+        >>> layer = pool.layer("w")
+        >>> out = svc(layer, layer.sum(), scale=1.0, preferences=None, base_method="task_arithmetic",
+        ...           alpha=1.0, target_guard=True)
+        >>> out.diagonal().tolist()   # two identical tasks: s = 2 everywhere, gamma = 1/2 -> back to one task
+        [1.0, 0.20000000298023224]
+    """
+    spec = merged_spectrum(layer, merged, merged_tag)
+    a = resolve_alpha(alpha, layer.num_tasks, base_method)
+    s = svc_projection_coefficients(spec.S, spec.c, spec.a2, scale)
+    gamma = svc_gamma(s, a, preferences, target_guard)
+    return spec.rescale(scale * merged, gamma)
