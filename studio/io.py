@@ -78,6 +78,9 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, tmp, metadata=dict(metadata or {}))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; exported files get the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
