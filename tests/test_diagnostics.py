@@ -1,0 +1,426 @@
+"""Spectral diagnostics: closed forms from the papers, slow references written from the definitions, app contract."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import studio
+from studio import diagnostics as D
+from studio.pool import TaskPool
+from studio.schema import StudioError
+
+from .conftest import clip_like_state_dict, make_experts
+
+
+def _pool(mats: list[torch.Tensor], svd_mode: str = "exact") -> TaskPool:
+    base = {"w": torch.zeros_like(mats[0])}
+    return TaskPool(base, {f"t{i}": {"w": m} for i, m in enumerate(mats)}, svd_mode=svd_mode)
+
+
+def _lowrank(T: int, m: int, n: int, rank: int, seed: int, noise: float = 0.01, shared: float = 0.5):
+    """Tasks = a shared low-rank part + a task-specific low-rank part + small noise (overlapping subspaces)."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+    out = []
+    for _ in range(T):
+        own = torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g)
+        out.append(shared * common + own + noise * torch.randn(m, n, generator=g))
+    return out
+
+
+def _block_tasks(T: int, block: int, seed: int) -> list[torch.Tensor]:
+    """Task i lives in rows and columns of block i only: disjoint row and column supports."""
+    g = torch.Generator().manual_seed(seed)
+    mats = []
+    for i in range(T):
+        M = torch.zeros(T * block, T * block)
+        M[i * block:(i + 1) * block, i * block:(i + 1) * block] = torch.randn(block, block, generator=g)
+        mats.append(M)
+    return mats
+
+
+def _top_u(M: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.linalg.svd(M.double(), full_matrices=False)[0][:, :k]
+
+
+# ------------------------------------------------------------------------------------------------ closed forms
+
+
+def test_identical_tasks_have_similarity_and_cosine_one():
+    A = torch.randn(12, 9, generator=torch.Generator().manual_seed(0))
+    layer = _pool([A, A.clone(), A.clone()]).layer("w")
+    for reduce in ("mean", "frobenius"):
+        torch.testing.assert_close(D.subspace_similarity(layer, k=3, reduce=reduce), torch.ones(3, 3), atol=1e-5,
+                                   rtol=0)
+    torch.testing.assert_close(D.task_cosine(layer), torch.ones(3, 3), atol=1e-6, rtol=0)
+    torch.testing.assert_close(D.pairwise_sar(layer, k=9), torch.ones(3, 3), atol=1e-5, rtol=0)
+
+
+def test_orthogonal_tasks_have_zero_similarity_cosine_and_sti():
+    mats = _block_tasks(T=3, block=4, seed=1)
+    layer = _pool(mats).layer("w")
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert D.subspace_similarity(layer, k=2)[off].abs().max() < 1e-5
+    assert D.task_cosine(layer)[off].abs().max() < 1e-6
+    assert D.pairwise_sar(layer, k=4)[off].abs().max() < 1e-5
+    # TSV sec. 3.3 / App. A: orthogonal singular vectors across tasks give U^T U = V^T V = I, hence STI = 0
+    for rank in (None, 1, 4):
+        assert D.sti(layer, rank=rank) < 1e-4
+    assert D.sti_pairwise(layer, rank=4).abs().max() < 1e-4
+    # eq. (2) of Ortho-Merge: no cross term, the TA sum keeps exactly the tasks' energy
+    assert D.energy_preservation(layer) == pytest.approx(1.0, abs=1e-6)
+    # SVC: each merged subspace belongs to one task (s = 1), the others have no response (s = 0); nothing to fix
+    s, gamma = D.svc_coefficients(layer)
+    assert torch.allclose(s.sum(0), torch.ones(s.shape[1]), atol=1e-4)
+    assert torch.allclose(gamma, torch.ones_like(gamma), atol=1e-4)
+
+
+def test_collinear_rank_one_tasks_sti_closed_form():
+    """TSV App. A case 2: u_1 = u_2, v_1 = v_2 -> off-diagonal Gram entries 1 -> STI = sigma_1 + sigma_2."""
+    g = torch.Generator().manual_seed(3)
+    u, v = torch.randn(7, 1, generator=g), torch.randn(1, 5, generator=g)
+    u, v = u / u.norm(), v / v.norm()
+    layer = _pool([2.0 * u @ v, -3.0 * u @ v]).layer("w")
+    assert D.sti(layer, rank=1) == pytest.approx(5.0, rel=1e-5)
+    assert D.sti_pairwise(layer, rank=1)[0, 1] == pytest.approx(5.0, rel=1e-5)
+
+
+def test_cumulative_energy_is_monotone_and_ends_at_one():
+    s = torch.rand(3, 7, generator=torch.Generator().manual_seed(4)).sort(-1, descending=True).values
+    ce = D.cumulative_energy(s)
+    assert ce.shape == (3, 7)
+    torch.testing.assert_close(ce[:, -1], torch.ones(3))
+    assert bool((ce.diff(dim=-1) >= 0).all()) and bool((ce > 0).all())
+    assert D.cumulative_energy(torch.zeros(4)).tolist() == [0.0] * 4
+
+
+def test_spectral_entropy_flat_is_maximal_and_rank_one_is_zero():
+    r = 6
+    assert float(D.spectral_entropy(torch.full((r,), 2.5))) == pytest.approx(math.log(r), rel=1e-6)
+    assert float(D.spectral_entropy(torch.full((r,), 2.5), normalized=True)) == pytest.approx(1.0, rel=1e-6)
+    assert float(D.spectral_entropy(torch.tensor([4.0, 0, 0, 0, 0, 0]))) == 0.0
+    assert float(D.spectral_entropy(torch.zeros(r))) == 0.0
+    # p = (1/2, 1/2, 0): log 2; a random spectrum is strictly below the flat one
+    assert float(D.spectral_entropy(torch.tensor([1.0, 1.0, 0.0]))) == pytest.approx(math.log(2), rel=1e-6)
+    s = torch.rand(r, generator=torch.Generator().manual_seed(5)) + 0.1
+    p = s.double() ** 2 / (s.double() ** 2).sum()
+    assert float(D.spectral_entropy(s)) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-5)
+    assert float(D.spectral_entropy(s)) < math.log(r)
+
+
+def test_effective_rank_matches_the_projection_definition():
+    """Iso eq. (6): k_M = min{k : ||Delta - Pi_k Delta||_F <= eps ||Delta||_F}, by brute force over k."""
+    g = torch.Generator().manual_seed(6)
+    M = (torch.randn(20, 15, generator=g) * torch.logspace(0, -2, 15)).double()
+    U = torch.linalg.svd(M, full_matrices=False)[0]
+    for eps in (0.05, 0.2, 0.5):
+        brute = next(k for k in range(1, 16)
+                     if (M - U[:, :k] @ U[:, :k].T @ M).norm() <= eps * M.norm())
+        assert D.effective_rank(D.spectrum(M), eps) == brute
+    assert D.effective_rank(torch.zeros(5)) == 0
+
+
+def test_subspace_similarity_is_the_mean_cosine_of_principal_angles():
+    """Ortho-Merge Fig. 1: avg of the singular values of U_A^T U_B; hand-made 2-D subspaces with angles t1, t2."""
+    t1, t2 = 0.3, 1.1
+    e = torch.eye(6)
+    UA = e[:, :2]
+    UB = torch.stack([math.cos(t1) * e[:, 0] + math.sin(t1) * e[:, 2],
+                      math.cos(t2) * e[:, 1] + math.sin(t2) * e[:, 3]], 1)
+    V = e[:2, :4]
+    layer = _pool([UA @ torch.diag(torch.tensor([3.0, 2.0])) @ V, UB @ torch.diag(torch.tensor([5.0, 1.0])) @ V]
+                  ).layer("w")
+    sim = D.subspace_similarity(layer, k=2)
+    assert float(sim[0, 1]) == pytest.approx((math.cos(t1) + math.cos(t2)) / 2, rel=1e-5)
+    fro = D.subspace_similarity(layer, k=2, reduce="frobenius")
+    assert float(fro[0, 1]) == pytest.approx((math.cos(t1) ** 2 + math.cos(t2) ** 2) / 2, rel=1e-5)
+    assert torch.allclose(sim, sim.T)
+
+
+def test_energy_preservation_is_eq2_of_ortho_merge():
+    mats = _lowrank(3, 10, 8, 2, seed=7)
+    layer = _pool(mats).layer("w")
+    norms = sum(float((m.double() ** 2).sum()) for m in mats)
+    cross = sum(float((mats[i].double() * mats[j].double()).sum()) for i in range(3) for j in range(i + 1, 3))
+    assert D.energy_preservation(layer) == pytest.approx(1 + 2 * cross / norms, rel=1e-5)
+    assert D.energy_preservation(layer, layer.sum() / 3) == pytest.approx((1 + 2 * cross / norms) / 9, rel=1e-5)
+    assert D.energy_preservation(layer.deltas, layer.sum()) == pytest.approx(D.energy_preservation(layer))
+
+
+# ---------------------------------------------------------------------------------------- slow references: SAR
+
+
+def test_sar_matches_iso_eq5_with_explicit_projections():
+    mats = _lowrank(3, 14, 10, 2, seed=8)
+    layer = _pool(mats).layer("w")
+    TA = sum(m.double() for m in mats)
+    k_ta = D.effective_rank(D.spectrum(TA), 0.05)
+    # pairwise, Fig. 3b: k_TA directions of task j
+    expected = torch.tensor([[float((_top_u(mats[j], k_ta) @ _top_u(mats[j], k_ta).T @ mats[i].double()).norm()
+                                    / mats[i].double().norm()) for j in range(3)] for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(D.pairwise_sar(layer).double(), expected, atol=1e-5, rtol=0)
+    # to the merged delta, eq. (5) with k_M of eq. (6)
+    merged = (0.4 * TA + 0.05 * torch.randn(14, 10, generator=torch.Generator().manual_seed(9))).float()
+    kM = D.effective_rank(D.spectrum(merged), 0.05)
+    P = _top_u(merged, kM) @ _top_u(merged, kM).T
+    want = torch.tensor([float((P @ m.double()).norm() / m.double().norm()) for m in mats], dtype=torch.float64)
+    torch.testing.assert_close(D.sar_to_merged(layer, merged).double(), want, atol=1e-5, rtol=0)
+    # SAR is invariant to the merged scale (alpha)
+    torch.testing.assert_close(D.sar_to_merged(layer, 3 * merged), D.sar_to_merged(layer, merged), atol=1e-5, rtol=0)
+
+
+def test_sar_of_a_task_onto_itself():
+    A = torch.randn(9, 7, generator=torch.Generator().manual_seed(10))
+    layer = _pool([A, torch.randn(9, 7, generator=torch.Generator().manual_seed(11))]).layer("w")
+    assert float(D.sar_to_merged(layer, A, k=7)[0]) == pytest.approx(1.0, abs=1e-6)  # its full subspace
+    assert float(D.pairwise_sar(layer, k=7)[0, 0]) == pytest.approx(1.0, abs=1e-6)
+    # with k directions it keeps exactly the top-k energy: SAR^2 = cumulative energy at k
+    ce = D.cumulative_energy(D.spectrum(A))
+    for k in (1, 3):
+        assert float(D.sar_to_merged(layer, A, k=k)[0]) ** 2 == pytest.approx(float(ce[k - 1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- slow references: STI
+
+
+def _sti_slow(mats: list[torch.Tensor], k: int) -> float:
+    """TSV eq. (7) literally: concatenated U, V, block-diagonal Sigma, full product, entry-wise L1 norm."""
+    Us, Ss, Vs = [], [], []
+    for M in mats:
+        U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
+        Us.append(U[:, :k]), Ss.append(S[:k]), Vs.append(Vh[:k].T)
+    U, V, Sig = torch.cat(Us, 1), torch.cat(Vs, 1), torch.diag(torch.cat(Ss))
+    eye = torch.eye(U.shape[1], dtype=torch.float64)
+    return float(((U.T @ U - eye) @ Sig @ (V.T @ V - eye)).abs().sum())
+
+
+def test_sti_matches_eq7_and_pairs_match_two_task_sti():
+    mats = _lowrank(4, 16, 12, 2, seed=12, noise=0.1)
+    layer = _pool(mats).layer("w")
+    assert D.sti(layer) == pytest.approx(_sti_slow(mats, 12 // 4), rel=1e-4)  # default rank r / T
+    assert D.sti(layer, rank=12) == pytest.approx(_sti_slow(mats, 12), rel=1e-4)
+    pair = D.sti_pairwise(layer, rank=3)
+    assert torch.allclose(pair, pair.T) and float(pair.diagonal().abs().max()) == 0.0
+    for i, j in [(0, 1), (1, 3), (2, 3)]:
+        assert float(pair[i, j]) == pytest.approx(_sti_slow([mats[i], mats[j]], 3), rel=1e-4)
+    # chunked product = one-shot product
+    U, S, Vh = (torch.stack(x) for x in zip(*(layer.svd(i, 3) for i in range(4))))
+    assert D.sti_from_factors(U, S, Vh, chunk=5) == pytest.approx(D.sti_from_factors(U, S, Vh), rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------- slow references: SVC
+
+
+def _svc_slow(mats, merged, alpha):
+    """SVC Algorithm 1, literally, one subspace at a time."""
+    U, S, Vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    K, R = len(mats), S.numel()
+    s = torch.zeros(K, R, dtype=torch.float64)
+    gamma = torch.zeros(R, dtype=torch.float64)
+    for r in range(R):
+        u = U[:, r]
+        a = [u @ m.double() for m in mats]
+        a_merge = u @ merged.double()
+        for i in range(K):
+            s[i, r] = (a_merge @ a[i]) / (a[i] @ a[i])
+        gamma[r] = K / sum(max(alpha, float(s[i, r])) for i in range(K))
+    return s, gamma
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_svc_coefficients_match_algorithm_1(alpha):
+    mats = _lowrank(3, 10, 13, 2, seed=13, noise=0.05)
+    g = torch.Generator().manual_seed(14)
+    merged = (sum(mats) * (torch.rand(10, 13, generator=g) > 0.3)).float()  # a non-TA (masked) merge
+    layer = _pool(mats).layer("w")
+    s, gamma = D.svc_coefficients(layer, merged, alpha=alpha)
+    s_ref, g_ref = _svc_slow(mats, merged, alpha)
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(gamma.double(), g_ref, rtol=1e-3, atol=1e-4)
+    # uniform preferences are eq. (20); a one-hot preference is the target-task calibration 1 / max(alpha, s_t)
+    torch.testing.assert_close(D.svc_coefficients(layer, merged, alpha=alpha, preferences=[1, 1, 1])[1], gamma)
+    g1 = D.svc_coefficients(layer, merged, alpha=alpha, preferences=[0, 1, 0])[1]
+    pos = s[1] > 0
+    torch.testing.assert_close(g1[pos], 1 / s[1][pos].clamp_min(alpha))
+
+
+def test_svc_lemma_3_2_cross_term_form_for_the_ta_sum():
+    mats = _lowrank(4, 9, 11, 2, seed=15, noise=0.05)
+    layer = _pool(mats).layer("w")
+    s, _ = D.svc_coefficients(layer)  # merged = TA sum
+    C = D.svc_cross_terms(layer)  # [i, j, r] = <a_j, a_i> / |a_i|^2
+    torch.testing.assert_close(C.sum(1), s, rtol=1e-3, atol=1e-4)
+    U = torch.linalg.svd(sum(m.double() for m in mats), full_matrices=False)[0]
+    for r in (0, 4):
+        a = [U[:, r] @ m.double() for m in mats]
+        for i in range(4):
+            lemma = 1 + sum(float(a[j] @ a[i] / (a[i] @ a[i])) for j in range(4) if j != i)
+            assert float(s[i, r]) == pytest.approx(lemma, rel=1e-3)
+    raw = D.svc_cross_terms(layer, normalize=False)
+    torch.testing.assert_close(raw, raw.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    # pooled heatmap: rows sum to the k-subspace projection coefficient
+    k = 3
+    Uk = U[:, :k]
+    pooled = torch.tensor([float((Uk.T @ sum(m.double() for m in mats) * (Uk.T @ m.double())).sum()
+                                 / (Uk.T @ m.double()).pow(2).sum()) for m in mats], dtype=torch.float64)
+    torch.testing.assert_close(D.svc_cross_matrix(layer, k=k).sum(1).double(), pooled, rtol=1e-3, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- slow references: AlignMerge
+
+
+def test_cross_influence_and_sai_match_the_two_step_projections_of_app_b2():
+    mats = _lowrank(3, 8, 6, 2, seed=16, noise=0.1)
+    merged = (0.7 * sum(mats) + 0.1 * torch.randn(8, 6, generator=torch.Generator().manual_seed(17))).float()
+    layer = _pool(mats).layer("w")
+    U, S, Vh = torch.linalg.svd(merged.double(), full_matrices=False)
+
+    def proj(A, B):  # eq. (3): <A, B>_F / ||B||_F^2
+        return float((A * B).sum() / (B * B).sum())
+
+    xi = D.cross_influence(layer, merged)
+    sai = D.sai(layer, merged)
+    eta = D.eta(layer, merged)
+    total = sum(m.double() for m in mats)
+    for r in range(3):
+        Pc, Pr = torch.outer(U[:, r], U[:, r]), torch.outer(Vh[r], Vh[r])
+        eta_r = float(S[r] / (U[:, r] @ total @ Vh[r]))
+        assert float(eta[r]) == pytest.approx(eta_r, rel=1e-3)
+        for i in range(3):
+            Ai = Pc @ mats[i].double()
+            full = 1.0
+            for j in range(3):
+                Aj = Pc @ mats[j].double()
+                a1 = proj(Aj, Ai)  # eq. (22)
+                res = Aj - a1 * Ai
+                a2 = proj(res @ Pr, Ai @ Pr)  # eq. (23), W_i^r = P_col Delta_i
+                assert float(xi[i, j, r]) == pytest.approx(a1 + a2, rel=1e-3, abs=1e-5)  # eq. (24)
+                if j != i:
+                    full += a1 + a2
+            assert float(sai[i, r]) == pytest.approx(abs(eta_r * full - 1), rel=1e-3, abs=1e-5)  # eq. (8)
+    # least-squares pooled heatmap reduces to xi for one subspace
+    torch.testing.assert_close(D.cross_influence_matrix(layer, merged, k=1), xi[:, :, 0], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- svd_mode exact vs auto
+
+
+def test_diagnostics_agree_between_exact_and_auto_svd():
+    mats = _lowrank(4, 120, 80, 4, seed=18, noise=0.003)
+    ex, au = _pool(mats, "exact").layer("w"), _pool(mats, "auto").layer("w")
+    # rank r/T = 20 (and k_TA below) take the randomized path in "auto": 20 + 10 < 80 // 2
+    assert D._default_sti_rank(au) + 10 < 80 // 2
+    assert D.sti(au) == pytest.approx(D.sti(ex), rel=2e-2)
+    torch.testing.assert_close(D.sti_pairwise(au, rank=4), D.sti_pairwise(ex, rank=4), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(D.subspace_similarity(au, 4), D.subspace_similarity(ex, 4), rtol=0, atol=1e-4)
+    torch.testing.assert_close(D.pairwise_sar(au, k=8), D.pairwise_sar(ex, k=8), rtol=0, atol=1e-5)
+    # k_TA = 20 reaches 16 noise-floor directions per task, which the randomized range finder resolves only
+    # approximately (Halko et al.): a loose tolerance there, and on STI at the default rank r/T = 20
+    torch.testing.assert_close(D.pairwise_sar(au), D.pairwise_sar(ex), rtol=0, atol=1e-2)
+    torch.testing.assert_close(D.sti_pairwise(au), D.sti_pairwise(ex), rtol=3e-2, atol=0)
+    torch.testing.assert_close(D.task_spectra(au, rank=4), D.task_spectra(ex, rank=4), rtol=1e-4, atol=0)
+    torch.testing.assert_close(D.task_spectra(au), D.task_spectra(ex))
+
+
+def test_weights_rescale_spectra_and_leave_angles_alone():
+    mats = _lowrank(3, 10, 8, 2, seed=19)
+    pool = _pool(mats)
+    w = torch.tensor([2.0, 0.5, 1.0])
+    lw, l1 = pool.layer("w", w), pool.layer("w")
+    torch.testing.assert_close(D.task_spectra(lw), D.task_spectra(l1) * w[:, None], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(D.task_cosine(lw), D.task_cosine(l1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(D.subspace_similarity(lw, 2), D.subspace_similarity(l1, 2), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- model level / app
+
+
+@pytest.fixture(scope="module")
+def clip():
+    base = clip_like_state_dict(width=8, layers=2)
+    experts = make_experts(base, 3)
+    return base, experts, TaskPool(base, experts, svd_mode="exact")
+
+
+def test_layer_curves_cover_the_matrix_layers_and_accept_states_or_deltas(clip):
+    base, experts, pool = clip
+    out = D.layer_curves(pool)
+    expected_keys = [k for k, v in base.items() if v.dim() == 2 and k != "text_projection"]
+    assert out["key"] == expected_keys
+    assert set(out) == {"key", "block"} | set(D.CURVES)
+    for name in D.CURVES:
+        assert len(out[name]) == len(expected_keys)
+        assert all(math.isfinite(v) for v in out[name]), name
+    assert out["block"][out["key"].index("visual.transformer.resblocks.1.mlp.c_fc.weight")] == 1
+    assert all(0 <= v <= 1 for v in out["sar_mean"] + out["sar_min"] + out["k_merged_frac"])
+    # a Task Arithmetic state with alpha = 1 is the default (merged = TA sum); as a state or as deltas
+    state = studio.merge(base, experts, "task_arithmetic", alpha=1.0)
+    deltas = {k: state[k] - base[k] for k in state}
+    for merged in (state, deltas):
+        got = D.layer_curves(pool, merged, curves=["sar_mean", "merged_entropy", "energy", "svc_gamma_mean"])
+        for name in ("sar_mean", "merged_entropy", "energy", "svc_gamma_mean"):
+            assert got[name] == pytest.approx(out[name], rel=1e-4, abs=1e-5), name
+    # alpha = 0.3: SAR and entropy are scale-invariant, energy scales by alpha^2
+    scaled = studio.merge(base, experts, "task_arithmetic", alpha=0.3)
+    got = D.layer_curves(pool, scaled, curves=["sar_mean", "merged_entropy", "energy"])
+    assert got["sar_mean"] == pytest.approx(out["sar_mean"], rel=1e-4)
+    assert got["merged_entropy"] == pytest.approx(out["merged_entropy"], rel=1e-4)
+    assert got["energy"] == pytest.approx([0.09 * e for e in out["energy"]], rel=1e-3)
+
+
+def test_interference_matrix_follows_the_metric_table(clip):
+    base, experts, pool = clip
+    T = len(experts)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    merged_state = studio.merge(base, experts, "weight_average")
+    for name, metric in D.METRICS.items():
+        for merged in (None, merged_state):
+            mat = D.interference_matrix(pool, key, name, merged)
+            assert mat.device.type == "cpu" and mat.dtype == torch.float32
+            if metric.shape == "TxT":
+                assert mat.shape == (T, T), name
+            else:
+                assert metric.shape == "TxK" and mat.shape == (T, min(32, *base[key].shape)), name
+            lo, hi = metric.range
+            vals = mat[torch.isfinite(mat)]
+            assert lo is None or float(vals.min()) >= lo - 1e-5, name
+            assert hi is None or float(vals.max()) <= hi + 1e-5, name
+            if metric.symmetric:
+                torch.testing.assert_close(mat, mat.T, rtol=1e-4, atol=1e-5)
+            assert metric.description and metric.paper and metric.k_help
+    # k is honoured for the subspace-indexed maps; s_i^r is not scale-invariant: the weight average (TA / T)
+    # has the TA sum's directions and 1/T of its s
+    assert D.interference_matrix(pool, key, "svc", k=3).shape == (T, 3)
+    wa = D.interference_matrix(pool, key, "svc", merged_state, k=3)
+    ta = D.interference_matrix(pool, key, "svc", None, k=3)
+    torch.testing.assert_close(wa, ta / T, rtol=1e-3, atol=1e-4)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    assert doctest.testmod(D, raise_on_error=False).failed == 0
+
+
+def test_bad_requests_raise_clear_studio_errors(clip):
+    base, experts, pool = clip
+    key = "visual.transformer.resblocks.0.attn.out_proj.weight"
+    with pytest.raises(StudioError, match=r"unknown metric 'nope'.*subspace_similarity"):
+        D.interference_matrix(pool, key, "nope")
+    with pytest.raises(StudioError, match=r"visual\.ln_pre\.bias.*2-D"):
+        D.interference_matrix(pool, "visual.ln_pre.bias", "cosine")
+    with pytest.raises(StudioError, match=r"unknown key 'missing'"):
+        D.interference_matrix(pool, "missing", "cosine")
+    with pytest.raises(StudioError, match=r"k must be a positive integer"):
+        D.interference_matrix(pool, key, "sar", k=0)
+    with pytest.raises(StudioError, match=rf"{key}.*shape \(3, 3\)"):
+        D.interference_matrix(pool, key, "svc", torch.zeros(3, 3))
+    with pytest.raises(StudioError, match=r"lack.*out_proj"):
+        D.interference_matrix(pool, key, "svc", {"visual.proj": base["visual.proj"]})
+    with pytest.raises(StudioError, match=r"unknown curve"):
+        D.layer_curves(pool, curves=["sti", "bogus"])
+    with pytest.raises(StudioError, match=r"preferences must be 3"):
+        D.svc_coefficients(pool.layer(key), preferences=[1.0, 2.0])
