@@ -1,0 +1,54 @@
+"""DARE (Yu et al., ICML 2024, "Language Models are Super Mario"): Drop And REscale, then Task Arithmetic."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import Param
+from ._sparsify import generalized_task_arithmetic, random_drop
+
+
+@register(
+    "dare",
+    params=(
+        Param("p", float, 0.8, low=0.0, high=0.99, ui_step=0.01,
+              help="Drop rate: each task-vector entry is zeroed with probability p, survivors are scaled by 1/(1-p).",
+              paper="DARE Sec. 3 (Yu et al. 2024); p=0.8 keeps 20% as TIES does (project issue)"),
+        Param("ties_consensus", bool, False,
+              help="DARE-TIES: after drop-and-rescale, keep only entries agreeing with the elected sign (dis-sum).",
+              paper="DARE Sec. 4 combines DARE with TIES; mergekit 'dare_ties' (sign consensus, no normalisation)"),
+        Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
+              help="Scaling coefficient lambda applied to the merged task vector.",
+              paper="Task Arithmetic scaling, 0.3 as in FusionBench DARE for ViT-B/32"),
+    ),
+    paper="Language Models are Super Mario: Absorbing Abilities from Homologous Models as a Free Lunch "
+          "(Yu et al., ICML 2024), Sec. 3",
+    summary="Randomly drop task-vector entries (rate p), rescale the rest by 1/(1-p), then sum (Task Arithmetic).",
+    scope="all",
+    vector_rule="sum",
+    uses_seed=True,
+)
+def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor:
+    """``sum_i m_i * Delta_i / (1 - p)``, ``m_i ~ Bernoulli(1 - p)`` i.i.d. per entry (the engine applies ``alpha``).
+
+    The masks are drawn from a ``torch.Generator`` on the layer's device seeded with ``seed`` (the engine derives
+    it from the merge seed and the key), so a seed fixes the merge; CPU and CUDA generators give different (equally
+    valid) draws. With ``ties_consensus`` the drop-and-rescaled task vectors go through the TIES sign election
+    and a disjoint sum (DARE-TIES), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.ones(4)}, "b": {"w": 2 * torch.ones(4)}}
+        >>> layer = TaskPool({"w": torch.zeros(4)}, experts).layer("w")
+        >>> dare(layer, p=0.0, ties_consensus=False, seed=0).tolist()
+        [3.0, 3.0, 3.0, 3.0]
+        >>> out = dare(layer, p=0.5, ties_consensus=False, seed=0)
+        >>> set(out.tolist()) <= {0.0, 2.0, 4.0, 6.0}
+        True
+    """
+    generator = torch.Generator(device=layer.device).manual_seed(seed)
+    return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
+                                       consensus=ties_consensus, aggregate="sum")

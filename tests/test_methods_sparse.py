@@ -1,0 +1,358 @@
+"""TIES, DARE and Model Breadcrumbs: hand-derived cases from the papers, parity with slow references, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import studio
+from studio.methods._sparsify import (band_mask, disjoint_merge, elect_sign, kth_smallest, magnitude_mask,
+                                      random_drop)
+from studio.methods.breadcrumbs import breadcrumbs
+from studio.methods.dare import dare
+from studio.methods.ties import model_thresholds, ties
+from studio.pool import TaskPool
+from studio.schema import HyperparameterError
+
+from .conftest import clip_like_state_dict, make_experts
+
+
+def _layer(tasks: list[list[float]] | torch.Tensor):
+    """A one-key pool whose task vectors are exactly ``tasks`` (base = 0)."""
+    tasks = torch.as_tensor(tasks, dtype=torch.float32)
+    base = {"w": torch.zeros(tasks.shape[1:])}
+    experts = {f"t{i}": {"w": t.clone()} for i, t in enumerate(tasks)}
+    return TaskPool(base, experts, device="cpu").layer("w")
+
+
+def _delta(merged, base):
+    return {k: merged[k].float() - base[k].float() for k in base}
+
+
+# ----------------------------------------------------------------------------------------------------------- TIES
+# Three task vectors of six parameters. With k = 0.5 the official rule keeps int(6*0.5)+1 = 4 entries per task
+# (every entry >= the 3rd smallest magnitude), so task 1 loses (0.5, -0.1), task 2 loses (-0.3, 0.2) and task 3
+# loses (0.4, 0.6). Trimmed (Alg. 1 step 1):
+#            p0    p1    p2    p3    p4    p5
+#   t1   [   1,    2,    2,   -4,    0,    0 ]
+#   t2   [   1,    3,   -2,   -2,    0,    0 ]
+#   t3   [  -5,   -1,    0,    0,    3,   -2 ]
+# Elect (step 2), sign of the column sums (-3, 4, 0, -6, 3, -2): -, +, ?, -, +, -. Column p2 sums to exactly 0:
+# the official resolve_zero_signs gives it the majority of the elected signs, sign(-1+1-1+1-1) = -1.
+# (Mass, not count: p0 has two positive votes but the -5 wins.)
+# Disjoint merge (step 3) over the agreeing entries:
+#   mean: p0 -5 | p1 (2+3)/2 = 2.5 | p2 -2 | p3 (-4-2)/2 = -3 | p4 3 | p5 -2
+#   sum:  p0 -5 | p1 5           | p2 -2 | p3 -6            | p4 3 | p5 -2
+HAND_TASKS = [[1.0, 2.0, 2.0, -4.0, 0.5, -0.1],
+              [1.0, 3.0, -2.0, -2.0, -0.3, 0.2],
+              [-5.0, -1.0, 0.4, 0.6, 3.0, -2.0]]
+HAND_TRIMMED = [[1.0, 2.0, 2.0, -4.0, 0.0, 0.0],
+                [1.0, 3.0, -2.0, -2.0, 0.0, 0.0],
+                [-5.0, -1.0, 0.0, 0.0, 3.0, -2.0]]
+HAND_SIGNS = [-1.0, 1.0, -1.0, -1.0, 1.0, -1.0]
+HAND_MEAN = [-5.0, 2.5, -2.0, -3.0, 3.0, -2.0]
+HAND_SUM = [-5.0, 5.0, -2.0, -6.0, 3.0, -2.0]
+
+
+def test_ties_building_blocks_on_the_hand_example():
+    x = torch.tensor(HAND_TASKS)
+    trimmed = x * magnitude_mask(x, 0.5)
+    assert trimmed.tolist() == HAND_TRIMMED
+    sign = elect_sign(trimmed)
+    assert sign.tolist() == HAND_SIGNS
+    assert disjoint_merge(trimmed, sign, "mean").tolist() == HAND_MEAN
+    assert disjoint_merge(trimmed, sign, "sum").tolist() == HAND_SUM
+
+
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_ties_method_on_the_hand_example(scope):
+    layer = _layer(HAND_TASKS)  # one tensor: model and layer scope coincide
+    assert ties(layer, k=0.5, topk_scope=scope, merge_func="mean").tolist() == HAND_MEAN
+    assert ties(layer, k=0.5, topk_scope=scope, merge_func="sum").tolist() == HAND_SUM
+
+
+def test_ties_with_k1_and_agreeing_signs_is_the_mean():
+    g = torch.Generator().manual_seed(0)
+    sign = torch.where(torch.rand(7, 5, generator=g) > 0.5, 1.0, -1.0)
+    tasks = sign * (0.1 + torch.rand(4, 7, 5, generator=g))  # every task shares the column's sign, no zeros
+    layer = _layer(tasks)
+    torch.testing.assert_close(ties(layer, k=1.0, topk_scope="layer", merge_func="mean"), tasks.mean(0))
+    torch.testing.assert_close(ties(layer, k=1.0, topk_scope="model", merge_func="sum"), tasks.sum(0))
+
+
+def _reference_ties_flat(base, experts, k, merge_func):
+    """Slow reference written from the official code: flatten each task vector over all keys, top-k per task with
+    k_idx = d - int(d*K) and |x| >= kthvalue, sign = sign(sum) with zeros -> global majority, disjoint merge."""
+    keys = [key for key in base if base[key].is_floating_point()]
+    flat = torch.stack([torch.cat([(sd[key].float() - base[key].float()).reshape(-1) for key in keys])
+                        for sd in experts.values()])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * k), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).sum(0)
+    if merge_func == "mean":
+        merged = merged / agree.sum(0).clamp(min=1)
+    out, start = {}, 0
+    for key in keys:
+        n = base[key].numel()
+        out[key] = merged[start:start + n].reshape(base[key].shape)
+        start += n
+    return out
+
+
+def _heavy_tailed_pool(seed=0):
+    """CLIP-shaped pool whose layers have very different delta scales (so a model-wide top-k is not per-layer)."""
+    base = clip_like_state_dict(seed=seed)
+    base["visual.num_batches_tracked"] = torch.tensor(3)  # a non-floating tensor must be left alone
+    g = torch.Generator().manual_seed(seed + 1)
+    scales = {key: 10.0 ** (i % 4 - 2) for i, key in enumerate(base)}
+    experts = {}
+    for t in range(3):
+        sd = {}
+        for key, v in base.items():
+            if not v.is_floating_point():
+                sd[key] = v.clone()
+                continue
+            sd[key] = v + scales[key] * torch.randn(v.shape, generator=g) * torch.rand(v.shape, generator=g) ** 3
+        experts[f"task{t}"] = sd
+    return base, experts
+
+
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+def test_ties_model_scope_matches_the_flattened_official_reference(merge_func):
+    base, experts = _heavy_tailed_pool()
+    merged = studio.merge(base, experts, "ties", device="cpu", k=0.2, topk_scope="model", merge_func=merge_func,
+                          alpha=1.0)
+    ref = _reference_ties_flat(base, experts, 0.2, merge_func)
+    delta = _delta(merged, base)
+    for key in ref:
+        torch.testing.assert_close(delta[key], ref[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert torch.equal(merged["visual.num_batches_tracked"], base["visual.num_batches_tracked"])
+
+
+def test_ties_model_and_layer_scope_differ_where_layer_scales_differ():
+    base = {"big": torch.zeros(50), "small": torch.zeros(50)}
+    g = torch.Generator().manual_seed(3)
+    experts = {f"t{i}": {"big": 10 + torch.rand(50, generator=g), "small": 0.1 * torch.rand(50, generator=g)}
+               for i in range(2)}
+    pool = TaskPool(base, experts, device="cpu")
+    small_model = ties(pool.layer("small"), k=0.4, topk_scope="model", merge_func="sum")
+    small_layer = ties(pool.layer("small"), k=0.4, topk_scope="layer", merge_func="sum")
+    # Model-wide, the top 40% of each task (41 of 100 entries) are all in "big" (|x| >= 10 > 0.1): "small" is trimmed.
+    assert torch.count_nonzero(small_model) == 0
+    # Per layer, each task keeps int(50*0.4)+1 = 21 entries of "small".
+    assert torch.count_nonzero(small_layer) >= 21
+    # ... and "big" keeps the 41 largest of each task (all positive, so the disjoint sum is their plain sum).
+    big = torch.stack([experts[n]["big"] for n in experts])
+    top41 = big * (big >= big.sort(dim=1, descending=True).values[:, 40:41])
+    torch.testing.assert_close(ties(pool.layer("big"), k=0.4, topk_scope="model", merge_func="sum"), top41.sum(0))
+
+
+@pytest.mark.parametrize("k", [0.01, 0.2, 0.5, 1.0])
+def test_model_thresholds_equal_kthvalue_of_the_whole_flattened_model(k):
+    """Thresholds over awkward data: exact zeros (frozen tensors), many exact ties, subnormals, a 0-d tensor,
+    a non-floating tensor (excluded), and a float16 base."""
+    g = torch.Generator().manual_seed(7)
+    base = {"a": torch.randn(40, 7, generator=g), "zeros": torch.zeros(100), "ties": torch.zeros(257),
+            "tiny": torch.zeros(5), "scalar": torch.tensor(0.5), "steps": torch.tensor(3),
+            "half": torch.randn(2, 3, 4, generator=g).half()}
+    experts = {}
+    for t in range(3):
+        experts[f"t{t}"] = {
+            "a": base["a"] + 1e-3 * torch.randn(40, 7, generator=g), "zeros": base["zeros"].clone(),
+            "ties": torch.randint(-3, 4, (257,), generator=g).float(), "tiny": torch.full((5,), 1e-40),
+            "scalar": torch.tensor(0.5 + t), "steps": torch.tensor(3),
+            "half": (base["half"].float() + 50 * torch.randn(2, 3, 4, generator=g)).half(),
+        }
+    keys = [key for key in base if base[key].is_floating_point()]
+    flat = torch.stack([torch.cat([(sd[key].float() - base[key].float()).reshape(-1) for key in keys])
+                        for sd in experts.values()]).abs()
+    d = flat.shape[1]
+    rank = d - int(d * k)
+    expected = flat.kthvalue(rank, dim=1).values if rank > 0 else torch.zeros(3)
+    got = model_thresholds(TaskPool(base, experts, device="cpu"), k)
+    assert torch.equal(got, expected), (got, expected)
+
+
+@pytest.mark.parametrize("chunk", [7, 1 << 24])
+def test_kth_smallest_equals_kthvalue_for_every_rank(chunk):
+    g = torch.Generator().manual_seed(5)
+    values = torch.cat([torch.zeros(30), torch.full((9,), 1e-40), torch.randint(0, 4, (40,), generator=g).float(),
+                        torch.rand(50, generator=g) * 1e-3, torch.tensor([float("inf"), 3e38])])
+    values = values[torch.randperm(values.numel(), generator=g)]
+    for rank in range(1, values.numel() + 1):
+        assert torch.equal(kth_smallest(values, rank, chunk=chunk), values.kthvalue(rank).values), rank
+    with pytest.raises(ValueError, match="rank must be in"):
+        kth_smallest(values, 0)
+
+
+def test_ties_masks_ignore_preference_weights():
+    """Preferences scale task i by T*p_i; TIES must equal TIES on experts pre-scaled the same way."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    prefs = [0.5, 0.3, 0.2]
+    scaled = {n: {k: base[k] + 3 * p * (sd[k] - base[k]) for k in base} for (n, sd), p in zip(experts.items(), prefs)}
+    for scope in ("model", "layer"):
+        a = studio.merge(base, experts, "ties", device="cpu", preferences=prefs, topk_scope=scope)
+        b = studio.merge(base, scaled, "ties", device="cpu", topk_scope=scope)
+        for key in base:
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{scope}: {key}")
+
+
+def test_ties_model_thresholds_are_computed_once_per_pool_and_k():
+    base = clip_like_state_dict()
+    pool = TaskPool(base, make_experts(base, 3), device="cpu")
+    for merge_func in ("sum", "mean"):
+        studio.merge_pool(pool, "ties", k=0.2, merge_func=merge_func)
+    studio.merge_pool(pool, "ties", k=0.3)
+    tags = [tag for tag in pool._memo if isinstance(tag, tuple) and tag[0] == "ties.model_thresholds"]
+    assert sorted(tags) == [("ties.model_thresholds", 0.2), ("ties.model_thresholds", 0.3)]
+
+
+# ----------------------------------------------------------------------------------------------------------- DARE
+def test_dare_with_p0_is_task_arithmetic():
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    a = studio.merge(base, experts, "dare", device="cpu", p=0.0, alpha=0.4, seed=5)
+    b = studio.merge(base, experts, "task_arithmetic", device="cpu", alpha=0.4)
+    for key in base:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_dare_ties_with_p0_is_ties_with_k1_dis_sum():
+    layer = _layer(HAND_TASKS)
+    torch.testing.assert_close(dare(layer, p=0.0, ties_consensus=True, seed=1),
+                               ties(layer, k=1.0, topk_scope="layer", merge_func="sum"))
+
+
+def test_dare_is_unbiased_over_200_fixed_seeds():
+    """E[DARE] = Task Arithmetic (eq. 3). Entry-wise z-scores against the exact Bernoulli variance
+    Var = sum_i x_i^2 * p/(1-p); the same check rejects the un-rescaled variant (mean (1-p)*TA) by a wide margin."""
+    p, n_seeds = 0.8, 200
+    g = torch.Generator().manual_seed(11)
+    tasks = 1 + torch.rand(2, 64, generator=g)
+    layer = _layer(tasks)
+    draws = torch.stack([dare(layer, p=p, ties_consensus=False, seed=s) for s in range(n_seeds)])
+    ta = tasks.sum(0)
+    var = (tasks ** 2).sum(0) * p / (1 - p)
+    se = (var / n_seeds).sqrt()
+    z = (draws.mean(0) - ta) / se
+    assert z.abs().max() < 5.0, z.abs().max()
+    assert abs(float(z.mean())) < 5.0 / math.sqrt(z.numel())  # the average of 64 z-scores is ~N(0, 1/64)
+    assert ((draws.mean(0) - (1 - p) * ta) / se).abs().min() > 5.0  # power: a missing 1/(1-p) would fail
+    ratio = draws.var(0) / var
+    assert 0.8 < float(ratio.mean()) < 1.25, float(ratio.mean())
+
+
+def test_random_drop_rate_and_values():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((4, 10_000), 2.0)
+    y = random_drop(x, 0.8, g)
+    assert set(torch.unique(y).tolist()) == {0.0, 10.0}
+    dropped = float((y == 0).float().mean())
+    assert abs(dropped - 0.8) < 5 * math.sqrt(0.8 * 0.2 / x.numel())
+
+
+def test_dare_is_deterministic_per_seed_and_differs_across_seeds():
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    a = studio.merge(base, experts, "dare", device="cpu", seed=1)
+    studio.engine._POOLS.clear()
+    b = studio.merge(base, experts, "dare", device="cpu", seed=1)
+    c = studio.merge(base, experts, "dare", device="cpu", seed=2)
+    for k in base:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a[key], c[key])
+    # different layers draw different masks from the same merge seed
+    la, lb = _layer(torch.ones(2, 100)), _layer(torch.ones(2, 100))
+    assert torch.equal(dare(la, 0.5, False, seed=3), dare(lb, 0.5, False, seed=3))
+    assert not torch.equal(dare(la, 0.5, False, seed=3), dare(la, 0.5, False, seed=4))
+
+
+# ---------------------------------------------------------------------------------------------------- Breadcrumbs
+def test_breadcrumbs_keeps_exactly_the_band():
+    # magnitudes ascending: 0.2, 0.5, 1, 2, 3, 4, 5, 6, 7, 10 -> gamma=0.3 masks 0.2, 0.5, 1; beta=0.1 masks 10
+    t1 = [1.0, -10.0, 3.0, 0.2, -5.0, 7.0, 0.5, 2.0, -4.0, 6.0]
+    # magnitudes ascending: 0, 0.1, 0.3, 1, 1.5, 2, 8, 9, 20, 40 -> masks 0, 0.1, 0.3 and 40
+    t2 = [9.0, 0.0, -0.3, 1.5, 40.0, -2.0, 0.1, -8.0, 20.0, 1.0]
+    keep1 = [0, 0, 1, 0, 1, 1, 0, 1, 1, 1]
+    keep2 = [1, 0, 0, 1, 0, 1, 0, 1, 1, 1]
+    mask = band_mask(torch.tensor([t1, t2]), beta=0.1, gamma=0.3)
+    assert mask.int().tolist() == [keep1, keep2]
+    expected = [a * m + b * n for a, m, b, n in zip(t1, keep1, t2, keep2)]
+    assert breadcrumbs(_layer([t1, t2]), beta=0.1, gamma=0.3).tolist() == expected
+
+
+def test_breadcrumbs_band_size_is_exact_with_ties():
+    x = torch.randint(-2, 3, (3, 7, 11), generator=torch.Generator().manual_seed(0)).float()
+    d = 77
+    mask = band_mask(x, beta=0.05, gamma=0.6)
+    assert mask.reshape(3, -1).sum(1).tolist() == [d - int(0.05 * d) - int(0.6 * d)] * 3
+
+
+@pytest.mark.parametrize("beta,gamma", [(0.0, 0.5), (0.05, 0.6), (0.2, 0.0), (0.01, 0.85)])
+def test_band_mask_matches_a_stable_argsort_reference(beta, gamma):
+    """The O(d) kthvalue path against the obvious O(d log d) one: rank by (magnitude, position), keep the band."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randint(-3, 4, (3, 150), generator=g).float(), torch.randn(3, 90, generator=g)], dim=1)
+    flat = x.abs()
+    d = flat.shape[1]
+    ranks = torch.empty_like(flat, dtype=torch.long)
+    ranks.scatter_(1, flat.argsort(dim=1, stable=True), torch.arange(d).expand(3, d))
+    expected = (ranks >= int(gamma * d)) & (ranks < d - int(beta * d))
+    assert torch.equal(band_mask(x, beta, gamma), expected)
+
+
+def test_breadcrumbs_rejects_a_band_that_masks_everything():
+    base = clip_like_state_dict()
+    with pytest.raises(HyperparameterError, match=r"beta=0\.3.*gamma=0\.7"):
+        studio.merge(base, make_experts(base, 2), "breadcrumbs", beta=0.3, gamma=0.7)
+
+
+# ------------------------------------------------------------------------------------------------------ end to end
+CONFIGS = [
+    ("ties", {}), ("ties", {"topk_scope": "layer", "merge_func": "mean"}),
+    ("dare", {}), ("dare", {"ties_consensus": True}),
+    ("breadcrumbs", {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("method,hp", CONFIGS)
+def test_merge_end_to_end_keeps_keys_shapes_dtypes(method, hp, dtype):
+    base = clip_like_state_dict(dtype=dtype)
+    base["visual.num_batches_tracked"] = torch.tensor(7)
+    experts = make_experts({k: v for k, v in base.items() if v.is_floating_point()}, 3)
+    for sd in experts.values():
+        sd["visual.num_batches_tracked"] = torch.tensor(7)
+    merged = studio.merge(base, experts, method, device="cpu", **hp)
+    assert list(merged) == list(base)
+    for key, v in base.items():
+        assert merged[key].shape == v.shape and merged[key].dtype == v.dtype, key
+        assert torch.isfinite(merged[key].float()).all(), key
+    moved = [key for key in base if not torch.equal(merged[key], base[key])]
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in moved
+    assert "visual.num_batches_tracked" not in moved
+
+
+@pytest.mark.parametrize("method,hp,pattern", [
+    ("ties", {"k": 1.5}, r"'k' = 1\.5 is outside the allowed range \[0\.01, 1\]"),
+    ("ties", {"k": 0.0}, r"'k' = 0\.0 is outside the allowed range \[0\.01, 1\]"),
+    ("ties", {"topk_scope": "global"}, r"'topk_scope' = 'global'.*\['model', 'layer'\]"),
+    ("ties", {"merge_func": "max"}, r"'merge_func' = 'max'.*\['sum', 'mean'\]"),
+    ("dare", {"p": 1.0}, r"'p' = 1\.0 is outside the allowed range \[0, 0\.99\]"),
+    ("dare", {"ties_consensus": 1}, r"'ties_consensus' must be true or false"),
+    ("breadcrumbs", {"beta": -0.1}, r"'beta' = -0\.1 is outside the allowed range \[0, 0\.5\]"),
+    ("breadcrumbs", {"gamma": 1.0}, r"'gamma' = 1\.0 is outside the allowed range \[0, 0\.99\]"),
+    ("dare", {"alpha": 9.0}, r"'alpha' = 9\.0 is outside the allowed range \[0, 5\]"),
+])
+def test_out_of_range_hyperparameters_name_value_and_range(method, hp, pattern):
+    base = clip_like_state_dict()
+    with pytest.raises(HyperparameterError, match=pattern):
+        studio.merge(base, make_experts(base, 2), method, **hp)
