@@ -1,0 +1,607 @@
+"""Merge Studio: merge fine-tuned CLIP experts, watch the spectra while you tune, evaluate per task, export.
+
+Run ``python app.py [--suite FOLDER_OR_HUB_REPO]`` (or set ``MERGE_STUDIO_SUITE``); it serves on 127.0.0.1:7860
+(``GRADIO_SERVER_PORT`` / ``GRADIO_SERVER_NAME`` override). This file only wires the UI: the logic lives in
+:mod:`studio.ui` (controls from schemas, plots, sessions, the :class:`~studio.ui.backend.Studio` service).
+
+Public API endpoints (``gradio_client``): ``/merge``, ``/evaluate``, ``/spectrum``, ``/methods``, ``/layers``.
+"""
+
+# ZeroGPU needs ``spaces`` imported before torch initialises CUDA; elsewhere the decorator is the identity.
+try:
+    import spaces  # type: ignore
+
+    gpu = spaces.GPU(duration=120)
+except ImportError:  # not on a Hugging Face Space
+    def gpu(fn):
+        return fn
+
+import argparse
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from gradio import FileData
+
+from studio.schema import StudioError
+from studio.ui import plots
+from studio.ui.backend import MergeRequest, Studio
+from studio.ui.controls import ControlSpec, collect, control_specs, post_scale_param, sweep_defaults
+from studio.ui.session import SessionStore, accuracy_rows, session_dir
+
+log = logging.getLogger("merge_studio")
+
+SUITE_ENV = "MERGE_STUDIO_SUITE"
+MAX_QUEUE = 32
+SESSIONS = SessionStore(max_sessions=256)
+_API_DIRS: list[Path] = []
+_API_KEEP = 16
+
+# System fonts only: the Space (and offline installs) never wait on a web-font download.
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+CSS = """
+.ms-status {min-height: 1.6em}
+footer {display: none !important}
+"""
+
+
+def load_studio(source: "str | None" = None) -> Studio:
+    """Load the suite once: ``source`` (a folder or hub repo id), else ``$MERGE_STUDIO_SUITE``, else MiniSuite."""
+    from studio.suite import default_suite, load_suite
+
+    source = source or os.environ.get(SUITE_ENV) or None
+    suite = load_suite(source) if source else default_suite()
+    return Studio(suite)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Merge Studio: merge fine-tuned CLIP experts, inspect, evaluate.")
+    parser.add_argument("--suite", default=None, help=f"suite folder or hub repo id (default: ${SUITE_ENV} or MiniSuite)")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op CPU threads (default 1: concurrent sessions and the live diagnostics "
+                             "already run in parallel, and more threads per op oversubscribe a small CPU; measured "
+                             "5x faster diagnostics on a busy 2-core machine). 0 keeps torch's default.")
+    return parser
+
+
+# The command line is read only when run as a script (importing the module, e.g. in tests, never parses argv).
+_ARGS = build_parser().parse_args() if __name__ == "__main__" else None
+STUDIO: Studio = load_studio(_ARGS.suite if _ARGS is not None else None)
+
+
+def _upload_root() -> Path:
+    return Path(gr.utils.get_upload_folder())
+
+
+class _Cancelled(StudioError):
+    """The user pressed Stop."""
+
+
+def _user_error(exc: BaseException, what: str) -> gr.Error:
+    """A readable ``gr.Error`` for anything that went wrong in a handler (the app keeps running)."""
+    if isinstance(exc, gr.Error):
+        return exc
+    if isinstance(exc, StudioError):
+        return gr.Error(str(exc), title=f"{what}: invalid request")
+    log.exception("%s failed", what)
+    return gr.Error(f"{type(exc).__name__}: {exc}", title=f"{what} failed")
+
+
+# --------------------------------------------------------------------------------------------- GPU work (queued)
+@gpu
+def merge_and_evaluate(req: MergeRequest, folder: str, session_hash: "str | None" = None,
+                       progress: Any = None, gallery_per_task: int = 3) -> dict[str, Any]:
+    """Merge, evaluate on the merged tasks' test splits, export, predict the gallery: one queued GPU job.
+
+    Returns only plain data (paths, numbers, small images), so it also works where ZeroGPU runs it in a worker.
+    """
+    def report(frac: float, msg: str) -> None:
+        if session_hash is not None and session_hash in SESSIONS and SESSIONS.get(session_hash).stop_requested:
+            raise _Cancelled("stopped by the user")
+        if progress is not None:
+            progress(frac, desc=msg)
+
+    t0 = time.perf_counter()
+    merged = STUDIO.merge(req, progress=lambda f, m: report(0.5 * f, m))
+    t_merge = time.perf_counter() - t0
+    report(0.5, "evaluating on the test splits")
+    result = STUDIO.evaluate(merged, req.experts, "test")
+    table = STUDIO.accuracy_table(result)
+    t_eval = time.perf_counter() - t0 - t_merge
+    report(0.85, "exporting safetensors + recipe")
+    files = STUDIO.export(merged, req, folder)
+    report(0.93, "predicting sample images")
+    gallery = STUDIO.gallery(merged, req.experts, per_task=gallery_per_task) if gallery_per_task else []
+    report(1.0, "done")
+    return {"table": table, "files": files, "gallery": gallery, "merge_s": t_merge, "eval_s": t_eval,
+            "avg_accuracy": result.avg_accuracy, "avg_normalized": result.avg_normalized,
+            "total_s": time.perf_counter() - t0}
+
+
+@gpu
+def merge_and_score(req: MergeRequest, split: str = "test") -> dict[str, Any]:
+    """Merge and evaluate only (the /evaluate endpoint): per-task table and averages, plain data."""
+    merged = STUDIO.merge(req)
+    result = STUDIO.evaluate(merged, req.experts, split)
+    return {"split": split, "tasks": STUDIO.accuracy_table(result), "avg_accuracy": result.avg_accuracy,
+            "avg_normalized": result.avg_normalized, "avg_nai": result.avg_nai, "avg_kl": result.avg_kl}
+
+
+@gpu
+def sweep_alpha(req: MergeRequest, alphas: list[float], progress: Any = None) -> dict[str, Any]:
+    """Validation sweep of the method's global scale (see :meth:`Studio.optimise_alpha`)."""
+    return STUDIO.optimise_alpha(req, alphas, split="validation",
+                                 progress=None if progress is None else (lambda f, m: progress(f, desc=m)))
+
+
+# --------------------------------------------------------------------------------------------- public API
+def _api_folder() -> Path:
+    folder = _upload_root() / "merge_studio" / "api" / uuid.uuid4().hex[:12]
+    folder.mkdir(parents=True, exist_ok=True)
+    _API_DIRS.append(folder)
+    while len(_API_DIRS) > _API_KEEP:
+        shutil.rmtree(_API_DIRS.pop(0), ignore_errors=True)
+    return folder
+
+
+def api_merge(method: str, experts: list[str], hparams: "dict | str" = "{}", calibration: str = "none",
+              calibration_hparams: "dict | str" = "{}", preferences: "dict | str" = "{}",
+              seed: int = 0) -> tuple[dict, FileData]:
+    """Merge the chosen experts; returns a summary (recipe, per-task test accuracy) and the safetensors file.
+
+    Args:
+        method: a merging method name (see /methods), e.g. "task_arithmetic".
+        experts: task names of the experts to merge (at least one).
+        hparams: the method's hyperparameters as a JSON object, e.g. {"alpha": 0.3}; omitted ones use defaults.
+        calibration: "none" or a calibration name ("svc", "align_merge_b").
+        calibration_hparams: the calibration's hyperparameters as a JSON object.
+        preferences: per-task non-negative weights as a JSON object, e.g. {"mnist": 2}; {} = uniform.
+        seed: random seed for stochastic methods.
+    """
+    try:
+        req = STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
+        out = merge_and_evaluate(req, str(_api_folder()), gallery_per_task=0)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a readable client error
+        raise _user_error(exc, "merge") from None
+    summary = {"recipe": req.recipe(STUDIO.suite_name).to_dict(), "accuracy": out["table"],
+               "avg_accuracy": out["avg_accuracy"], "avg_normalized": out["avg_normalized"],
+               "seconds": round(out["total_s"], 3), "recipe_yaml": Path(out["files"]["recipe"]).read_text()}
+    return summary, FileData(path=out["files"]["weights"], orig_name=Path(out["files"]["weights"]).name)
+
+
+def api_evaluate(method: str, experts: list[str], hparams: "dict | str" = "{}", calibration: str = "none",
+                 calibration_hparams: "dict | str" = "{}", preferences: "dict | str" = "{}", seed: int = 0,
+                 split: str = "test") -> dict:
+    """Merge and evaluate; returns per-task accuracy (merged, zero-shot, individual, normalized) and averages.
+
+    Args:
+        method: a merging method name (see /methods).
+        experts: task names of the experts to merge.
+        hparams: the method's hyperparameters as a JSON object.
+        calibration: "none" or a calibration name.
+        calibration_hparams: the calibration's hyperparameters as a JSON object.
+        preferences: per-task weights as a JSON object ({} = uniform).
+        seed: random seed for stochastic methods.
+        split: "test" or "validation".
+    """
+    try:
+        if split not in ("test", "validation"):
+            raise StudioError(f"split must be 'test' or 'validation', got {split!r}")
+        req = STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
+        out = merge_and_score(req, split)
+    except Exception as exc:  # noqa: BLE001
+        raise _user_error(exc, "evaluate") from None
+    return {**out, "recipe": req.recipe(STUDIO.suite_name).to_dict()}
+
+
+def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "", hparams: "dict | str" = "{}",
+                 calibration: str = "none", calibration_hparams: "dict | str" = "{}") -> dict:
+    """Singular values of every task matrix at ``layer`` and, when ``method`` is given, of the merged delta.
+
+    Args:
+        layer: a matrix layer key (see /layers), e.g. "visual.transformer.resblocks.0.attn.in_proj_weight".
+        experts: task names (default: every expert of the suite).
+        method: optional merging method; its merged delta's spectrum is returned as "merged".
+        hparams: the method's hyperparameters as a JSON object.
+        calibration: "none" or a calibration name.
+        calibration_hparams: the calibration's hyperparameters as a JSON object.
+    """
+    try:
+        experts = list(experts or STUDIO.task_names)
+        req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams) if method else None)
+        return STUDIO.spectrum(layer, experts=experts, req=req)
+    except Exception as exc:  # noqa: BLE001
+        raise _user_error(exc, "spectrum") from None
+
+
+def api_methods() -> list[dict]:
+    """Every merging method and calibration with its hyperparameter schema (name, type, default, range, help)."""
+    return STUDIO.methods() + STUDIO.calibrations()
+
+
+def api_layers() -> list[str]:
+    """The matrix layer keys that /spectrum accepts, in model order."""
+    return STUDIO.layer_keys()
+
+
+# --------------------------------------------------------------------------------------------- UI helpers
+def _make_control(spec: ControlSpec, current: Any, prefix: str) -> list[gr.components.Component]:
+    """One schema-driven control (+ its "auto" checkbox). ``current``: stored value, None = auto, ... = unset."""
+    key = f"{prefix}-{spec.name}"
+    if spec.kind == "checkbox":
+        return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=spec.label, info=spec.info,
+                            key=key, preserved_by_key=None, interactive=True)]
+    if spec.kind == "dropdown":
+        return [gr.Dropdown(choices=list(spec.choices or ()), value=spec.value if current is ... else current,
+                            label=spec.label, info=spec.info, key=key, preserved_by_key=None, interactive=True)]
+    auto = spec.auto_label is not None and (current is ... or current is None)
+    value = spec.value if current is ... or current is None else current
+    slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=spec.label, info=spec.info,
+                       key=key, preserved_by_key=None, interactive=not auto)
+    if spec.auto_label is None:
+        return [slider]
+    box = gr.Checkbox(value=auto, label=spec.auto_label, key=f"{key}-auto", preserved_by_key=None, container=False,
+                      interactive=True)
+    box.input(lambda a: gr.Slider(interactive=not a), box, slider, show_progress="hidden", api_visibility="private",
+              queue=False)
+    return [slider, box]
+
+
+def _triggers(comps: list[gr.components.Component]) -> list:
+    # Sliders: on release (the live-preview contract); checkboxes / dropdowns: on user input.
+    return [c.release if isinstance(c, gr.Slider) else c.input for c in comps]
+
+
+def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: Any) -> dict:
+    new = dict(state or {})
+    new[owner] = collect(specs, values)
+    return new
+
+
+def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int) -> None:
+    specs = control_specs(schema, num_tasks=num_tasks or None)
+    if not specs:
+        gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
+        return
+    comps: list = []
+    for spec in specs:
+        comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix))
+    gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
+          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+
+
+def _method_markdown(studio: Studio, method: str) -> str:
+    if not method:
+        return ""
+    s = studio.schema(method)
+    more = f" · needs ≥ {s['min_experts']} experts" if s.get("min_experts", 1) > 1 else ""
+    return f"**{s['name']}**: {s['summary']}  \n<small>{s['paper']}{more}</small>"
+
+
+def _accuracy_outputs(table: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, Any, Any]:
+    header, rows = accuracy_rows(table)
+    return (pd.DataFrame(rows, columns=header), *plots.accuracy_figures(table))
+
+
+def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | None", "float | None"]:
+    """Label/state of the Optimise button and the default sweep interval for ``method``."""
+    schema = studio.schema(method) if method else {"params": []}
+    scale, span = post_scale_param(schema), sweep_defaults(schema)
+    if scale is None or span is None:
+        return "Optimise α (this method has no global scale)", False, None, None
+    return f"Optimise {scale['name']}", True, span[0], span[1]
+
+
+def _leaderboard_frame(sess) -> pd.DataFrame:
+    header, rows = sess.leaderboard()
+    return pd.DataFrame(rows, columns=header)
+
+
+# --------------------------------------------------------------------------------------------- the app
+def build_demo(studio: Studio) -> gr.Blocks:
+    """Build the Blocks app around one loaded :class:`Studio` (the suite is never reloaded per event)."""
+    colors = plots.TaskColors(studio.task_names)
+    methods = [m["name"] for m in studio.methods()]
+    default_method = studio.default_method()
+    calibrations = ["none", *(c["name"] for c in studio.calibrations())]
+    layer_keys = studio.layer_keys()
+    metrics = studio.metric_names()
+    expert_choices = studio.expert_choices()  # manifest values only: building the page never evaluates
+
+    with gr.Blocks(title="Merge Studio", delete_cache=(1800, 3600)) as demo:
+        gr.Markdown(f"## Merge Studio\nSuite **{studio.suite_name}**: {len(studio.task_names)} task experts. "
+                    "Pick experts and a method, watch the spectra while you tune, then merge, evaluate and export.")
+        hp_state = gr.State({})    # {method: {param: value | None (auto)}}: plain JSON, never tensors
+        cal_state = gr.State({})   # {calibration: {param: value}}
+        pref_state = gr.State({})  # {task: weight}
+        hp_reload = gr.State(0)    # bumped to re-render the method controls from hp_state
+        best_alpha = gr.State(None)
+
+        with gr.Row(equal_height=False):
+            # ----------------------------------------------------------------- setup panel
+            with gr.Column(scale=1, min_width=330):
+                experts_cb = gr.CheckboxGroup(expert_choices, value=list(studio.task_names), label="Expert pool",
+                                              info="each expert's own test accuracy on its task", show_select_all=True)
+                method_dd = gr.Dropdown(methods, value=default_method, label="Merging method")
+                method_md = gr.Markdown(_method_markdown(studio, default_method))
+                with gr.Group():
+                    @gr.render(inputs=[method_dd, experts_cb, hp_state], triggers=[method_dd.change, hp_reload.change, demo.load])
+                    def method_controls(method: str, experts: list, hp: dict):
+                        if method:
+                            _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
+                                           hp_state, method, len(experts or []))
+
+                calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
+                                             info="applied after the base method on every matrix layer")
+
+                @gr.render(inputs=[calibration_dd, experts_cb, cal_state], triggers=[calibration_dd.change, demo.load])
+                def calibration_controls(calibration: str, experts: list, cal: dict):
+                    if calibration and calibration != "none":
+                        _render_params(studio.schema(calibration), (cal or {}).get(calibration, {}), f"cal-{calibration}",
+                                       cal_state, calibration, len(experts or []))
+
+                with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
+                    gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "
+                                "(without calibration each task matrix is scaled by T·p). Equal = uniform.</small>")
+
+                    @gr.render(inputs=[experts_cb, pref_state], triggers=[experts_cb.change, demo.load])
+                    def preference_sliders(experts: list, prefs: dict):
+                        names = [t for t in studio.task_names if t in (experts or [])]
+                        if not names:
+                            gr.Markdown("*Select experts first.*", key="pref-none")
+                            return
+                        # interactive=True: components created in a render are not inferred to be inputs.
+                        sliders = [gr.Slider(0.0, 1.0, value=(prefs or {}).get(t, 1.0), step=0.05, label=t,
+                                             key=f"pref-{t}", preserved_by_key=None, interactive=True) for t in names]
+
+                        def store(*values: float) -> dict:
+                            return dict(zip(names, values))
+
+                        gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
+                              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+
+                seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
+                with gr.Row():
+                    merge_btn = gr.Button("Merge & evaluate", variant="primary", scale=3)
+                    stop_btn = gr.Button("Stop", variant="stop", scale=1)
+
+            # ----------------------------------------------------------------- main area
+            with gr.Column(scale=3):
+                with gr.Tabs() as tabs:
+                    with gr.Tab("Diagnostics", id="diag"):
+                        with gr.Row():
+                            layer_dd = gr.Dropdown(layer_keys, value=studio.default_layer(), label="Layer", scale=3)
+                            metric_dd = gr.Dropdown(metrics, value=studio.default_metric(), label="Interference metric",
+                                                    scale=1)
+                        diag_md = gr.Markdown("", elem_classes="ms-status", elem_id="diag-status")
+                        with gr.Row():
+                            spectrum_plot = gr.Plot(label="Spectrum", elem_id="spectrum-plot")
+                            energy_plot = gr.Plot(label="Cumulative energy", elem_id="energy-plot")
+                        with gr.Row():
+                            with gr.Column():
+                                heatmap_plot = gr.Plot(label="Interference", elem_id="heatmap-plot")
+                                metric_md = gr.Markdown("")
+                            curves_plot = gr.Plot(label="Per-layer curves", elem_id="curves-plot")
+                    with gr.Tab("Results", id="results"):
+                        run_md = gr.Markdown("Press **Merge & evaluate** to merge the selected experts.",
+                                             elem_id="run-status")
+                        acc_df = gr.Dataframe(label="Per-task test accuracy", interactive=False, elem_id="acc-table")
+                        with gr.Row():
+                            acc_plot = gr.Plot(label="Accuracy")
+                            norm_plot = gr.Plot(label="Normalized accuracy")
+                        gallery = gr.Gallery(label="Sample test images · merged model's predictions (✓ correct, ✗ wrong)",
+                                             columns=6, height=420, object_fit="contain", elem_id="pred-gallery")
+                        with gr.Row():
+                            weights_dl = gr.DownloadButton("Merged weights (.safetensors)", interactive=False, size="md",
+                                                           elem_id="dl-weights")
+                            recipe_dl = gr.DownloadButton("Recipe (.yaml)", interactive=False, size="md", elem_id="dl-recipe")
+                            csv_dl = gr.DownloadButton("Leaderboard (.csv)", interactive=False, size="md", elem_id="dl-csv")
+                        recipe_code = gr.Code(label="Recipe (reproduces these weights with studio.io.merge_from_recipe)",
+                                              language="yaml", interactive=False, show_line_numbers=False)
+                        leaderboard = gr.Dataframe(label="Session leaderboard (best average normalized accuracy first)",
+                                                   interactive=False, wrap=True, elem_id="leaderboard")
+                    with gr.Tab("Optimise", id="optimise"):
+                        gr.Markdown("Sweep the method's global scale α on the **validation** split and pick the value "
+                                    "that maximises the preference-weighted normalized accuracy Σ p_i·acc_i/ind_i "
+                                    "(task preferences from the setup panel; uniform = the average normalized "
+                                    "accuracy of the TSV/Iso validation protocol).")
+                        opt_label, opt_active, opt_lo, opt_hi = _optimise_setup(studio, default_method)
+                        with gr.Row():
+                            alpha_lo = gr.Number(opt_lo if opt_lo is not None else 0.1, label="α from")
+                            alpha_hi = gr.Number(opt_hi if opt_hi is not None else 1.5, label="α to")
+                            alpha_n = gr.Slider(3, 25, value=9, step=1, label="points")
+                        with gr.Row():
+                            optimise_btn = gr.Button(opt_label, variant="primary", interactive=opt_active)
+                            apply_btn = gr.Button("Use best α", interactive=False)
+                        opt_md = gr.Markdown("")
+                        alpha_plot = gr.Plot(label="Accuracy vs α")
+
+        # ------------------------------------------------------------------------------- handlers
+        def _ui_request(method, hp, experts, calibration, cal, prefs, seed=0) -> MergeRequest:
+            return studio.request_from_state(method, hp, experts, calibration, cal, prefs, int(seed or 0))
+
+        def on_method(method: str):
+            label, active, lo, hi = _optimise_setup(studio, method)
+            return (_method_markdown(studio, method), gr.Button(interactive=active, value=label),
+                    gr.skip() if lo is None else lo, gr.skip() if hi is None else hi)
+
+        method_dd.change(on_method, method_dd, [method_md, optimise_btn, alpha_lo, alpha_hi], api_visibility="private",
+                         show_progress="hidden", queue=False)
+
+        def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric):
+            t0 = time.perf_counter()
+            experts = list(experts or [])
+            if not experts:
+                msg = "Select at least one expert to see diagnostics."
+                empty = plots.empty_figure(msg)
+                return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+            note = ""
+            try:
+                req = _ui_request(method, hp, experts, calibration, cal, prefs)
+            except StudioError as exc:  # e.g. too few experts for the method: still show the task side
+                req, note = None, f" · ⚠️ merged delta unavailable: {exc}"
+            try:
+                d = studio.diagnostics(req, layer, metric, pool_experts=experts)
+            except Exception as exc:  # noqa: BLE001 - a live preview reports, it never pops errors
+                log.exception("diagnostics failed")
+                msg = f"diagnostics failed: {exc}"
+                empty = plots.empty_figure(msg)
+                return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+            spec = plots.spectrum_figure(d.spectra, d.merged_spectrum, colors, layer=layer)
+            energy = plots.energy_figure(d.energy, d.merged_energy, colors, layer=layer)
+            info = d.metric_info
+            cols = [f"σ{j + 1}" for j in range(d.interference.shape[1])] if info["shape"] == "TxK" else d.tasks
+            heat = plots.heatmap_figure(d.interference, d.tasks, cols, metric=metric, value_range=info["range"],
+                                        signed=info["signed"], center=info["center"])
+            metric_text = f"<small>**{metric}**: {info['description']} [{info['paper']}]</small>"
+            c = d.curves
+            curves = (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
+                                                merged_entropy=c["merged_entropy"], selected=layer,
+                                                sar_reference=c["sar_reference"])
+                      if c else plots.empty_figure("no per-layer curves", height=600))
+            top = f"{float(d.merged_spectrum[0]):.4g}" if d.merged_spectrum is not None and len(d.merged_spectrum) else "n/a"
+            status = (f"`{layer}` {tuple(studio.suite.base[layer].shape)} · {len(experts)} tasks · merged σ₁ = {top}"
+                      f" · updated in {time.perf_counter() - t0:.2f} s{note}")
+            return spec, energy, heat, curves, status, metric_text
+
+        diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]
+        gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, experts_cb.change, method_dd.change,
+               calibration_dd.change, layer_dd.change, metric_dd.change],
+              update_diagnostics, inputs=diag_inputs,
+              outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
+              trigger_mode="always_last", show_progress="hidden", concurrency_id="diagnostics", concurrency_limit=2,
+              api_visibility="private")
+
+        def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
+                      progress=gr.Progress()):
+            sess = SESSIONS.get(request.session_hash)
+            sess.stop_requested = False
+            try:
+                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
+                folder = session_dir(_upload_root(), request.session_hash)
+                progress(0.0, desc="merging")
+                out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
+            except _Cancelled:
+                gr.Warning("Merge stopped.")
+                return (gr.skip(),) * 12
+            except Exception as exc:  # noqa: BLE001
+                raise _user_error(exc, "merge") from None
+            table = out["table"]
+            record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
+                                  accuracy={t: r["merged"] for t, r in table.items()},
+                                  normalized={t: r["normalized"] for t, r in table.items() if r["normalized"] is not None},
+                                  seconds=out["total_s"], recipe=req.recipe(studio.suite_name).to_dict())
+            csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
+            csv_path.write_text(sess.leaderboard_csv())
+            sess.files.update(out["files"], csv=str(csv_path))
+            frame, acc_fig, norm_fig = _accuracy_outputs(table)
+            status = (f"Run **#{record.run}** · {req.method} on {len(req.experts)} experts · average accuracy "
+                      f"**{record.avg_accuracy:.1f}%** (normalized {record.avg_normalized:.1f}%) · "
+                      f"merge {out['merge_s']:.2f} s + evaluation {out['eval_s']:.2f} s")
+            return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess),
+                    gr.DownloadButton(value=out["files"]["weights"], interactive=True),
+                    gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
+                    gr.DownloadButton(value=str(csv_path), interactive=True),
+                    Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"), None)
+
+        merge_evt = merge_btn.click(
+            run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
+            outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
+                     recipe_code, tabs, best_alpha],
+            concurrency_id="gpu", concurrency_limit=1, trigger_mode="once", api_visibility="private",
+            show_progress_on=[run_md])
+
+        def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
+                         progress=gr.Progress()):
+            sess = SESSIONS.get(request.session_hash)
+            sess.stop_requested = False
+            try:
+                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
+                alphas = studio.alpha_grid(req.method, lo, hi, int(n))
+                res = sweep_alpha(req, alphas, progress)
+            except Exception as exc:  # noqa: BLE001
+                raise _user_error(exc, "optimise") from None
+            fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors, best=res["best_alpha"])
+            md = (f"Best **{res['param']} = {res['best_alpha']:g}**: preference-weighted validation accuracy "
+                  f"**{res['best_objective']:.1f}%** (weights " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ").")
+            return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
+
+        opt_evt = optimise_btn.click(
+            run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
+                                  alpha_lo, alpha_hi, alpha_n],
+            outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
+            trigger_mode="once", api_visibility="private", show_progress_on=[opt_md])
+
+        def apply_best(best: "dict | None", hp: "dict | None", method: str, nonce: int):
+            if not best or best.get("method") != method:
+                raise gr.Error("Run the optimisation for the current method first.")
+            new = dict(hp or {})
+            new[method] = {**new.get(method, {}), best["param"]: best["value"]}
+            gr.Info(f"{best['param']} set to {best['value']:g}")
+            return new, nonce + 1
+
+        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload],
+                        api_visibility="private", show_progress="hidden")
+
+        def request_stop(request: gr.Request):
+            SESSIONS.get(request.session_hash).stop_requested = True
+
+        stop_btn.click(request_stop, None, None, cancels=[merge_evt, opt_evt], api_visibility="private", queue=False)
+
+        def on_unload(request: gr.Request):
+            SESSIONS.drop(request.session_hash)
+            shutil.rmtree(session_dir(_upload_root(), request.session_hash), ignore_errors=True)
+
+        demo.unload(on_unload)
+
+        def expert_labels():
+            # Suites whose manifest lacks the experts' accuracy get it measured once (cached), after the page is up.
+            return gr.CheckboxGroup(choices=studio.expert_choices(compute=True))
+
+        if len(dict(studio.individual_accuracy())) < len(studio.task_names):
+            demo.load(expert_labels, None, experts_cb, api_visibility="private", show_progress="hidden",
+                      concurrency_id="expert_labels", concurrency_limit=1)
+
+        # Public, documented API (plain JSON in and out; the merge also returns the safetensors file).
+        gr.api(api_merge, api_name="merge", concurrency_id="gpu", concurrency_limit=1)
+        gr.api(api_evaluate, api_name="evaluate", concurrency_id="gpu", concurrency_limit=1)
+        gr.api(api_spectrum, api_name="spectrum", concurrency_id="diagnostics", concurrency_limit=2)
+        gr.api(api_methods, api_name="methods")
+        gr.api(api_layers, api_name="layers")
+
+    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=2)
+    return demo
+
+
+demo = build_demo(STUDIO)
+
+
+def main(args: argparse.Namespace) -> None:
+    """Serve the app: ``python app.py [--suite SOURCE] [--host H] [--port P] [--share] [--threads N]``."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
+                prevent_thread_lock=True)
+    # Warm the caches (default merge, spectra, evaluation references) once the server is up: the page is usable
+    # meanwhile, and the first diagnostics / merge then hit the caches.
+    threading.Thread(target=STUDIO.warm, daemon=True, name="merge-studio-warmup").start()
+    demo.block_thread()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    main(_ARGS)

@@ -1,0 +1,552 @@
+"""The service behind the app: one loaded suite, cached pools, merge / evaluate / diagnostics / optimise / export.
+
+Both the UI handlers and the public API endpoints of ``app.py`` call a single :class:`Studio`, so what a user
+sees and what ``gradio_client`` gets are computed by the same code. Heavy objects live here (module-level in the
+app, created once): the suite, one :class:`~studio.pool.TaskPool` per expert selection (the engine's spectral
+cache), the zero-shot baseline. Nothing here imports Gradio.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import diagnostics as diag
+from ..engine import get_pool, merge_pool
+from ..io import Recipe, save_merged
+from ..layers import DEFAULT as DEFAULT_RULE
+from ..pool import TaskPool, normalize_preferences
+from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
+from ..schema import HyperparameterError, StudioError, validate_hparams
+from .controls import parse_json_object, post_scale_param
+
+ProgressFn = Callable[[float, str], None]
+
+
+class RequestError(StudioError):
+    """A merge request is incomplete or inconsistent (no expert selected, unknown expert, too few experts...)."""
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A validated description of one merge; :meth:`recipe` turns it into a reproducible :class:`Recipe`.
+
+    ``hparams`` and ``calibrate_hparams`` are complete (schema defaults filled in, ``None`` = automatic);
+    ``preferences`` is ``None`` for uniform preferences, else a task -> non-negative weight mapping.
+    """
+
+    method: str
+    hparams: Mapping[str, Any]
+    experts: tuple[str, ...]
+    calibrate: str | None = None
+    calibrate_hparams: Mapping[str, Any] = field(default_factory=dict)
+    preferences: Mapping[str, float] | None = None
+    seed: int = 0
+
+    def with_hparams(self, **updates: Any) -> "MergeRequest":
+        return MergeRequest(self.method, {**self.hparams, **updates}, self.experts, self.calibrate,
+                            self.calibrate_hparams, self.preferences, self.seed)
+
+    def recipe(self, suite: str | None = None) -> Recipe:
+        from .. import __version__
+
+        return Recipe(method=self.method, hparams=dict(self.hparams), experts=list(self.experts),
+                      calibrate=self.calibrate, calibrate_hparams=dict(self.calibrate_hparams),
+                      preferences=None if self.preferences is None else dict(self.preferences), seed=int(self.seed),
+                      # None (not "default"): the engine then lets a calibration apply its own default layer rule
+                      # (SVC skips embeddings), exactly as the app's merge did.
+                      layer_rule=None, suite=suite, studio_version=__version__)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+@dataclass
+class Diagnostics:
+    """Everything the diagnostics tab shows for one layer and the current settings (numpy, float32)."""
+
+    layer: str
+    tasks: list[str]
+    spectra: dict[str, np.ndarray]
+    merged_spectrum: np.ndarray | None
+    energy: dict[str, np.ndarray]
+    merged_energy: np.ndarray | None
+    metric: str
+    interference: np.ndarray
+    metric_info: dict[str, Any]
+    curves: dict[str, Any]
+    seconds: float = 0.0
+
+
+class Studio:
+    """One suite plus its caches; thread-safe for concurrent sessions.
+
+    Args:
+        suite: a loaded suite (``studio.suite.load_suite``): ``.base``, ``.experts``, ``.tasks``, ``.split``...
+        device: compute device for merging/evaluation (``None``: CUDA when available, resolved at call time).
+        max_pools: how many expert selections keep their spectral cache.
+    """
+
+    def __init__(self, suite: Any, *, device: Any = None, max_pools: int = 3):
+        self.suite = suite
+        self.device = device
+        self.max_pools = max_pools
+        self._pools: "OrderedDict[tuple[str, ...], TaskPool]" = OrderedDict()
+        self._lock = threading.RLock()
+        self._layer_keys: list[str] | None = None
+
+    # ------------------------------------------------------------------ suite facts
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.suite.task_names)
+
+    @property
+    def suite_name(self) -> str:
+        return str(getattr(self.suite, "name", "suite"))
+
+    def task(self, name: str) -> Any:
+        for t in self.suite.tasks:
+            if t.name == name:
+                return t
+        raise RequestError(f"unknown task {name!r}; the suite has {self.task_names}")
+
+    def individual_accuracy(self, compute: bool = False) -> dict[str, float]:
+        """Each expert's own test accuracy (%) on its task (the normalisation reference).
+
+        Read from the suite's manifest; with ``compute=True`` the tasks it lacks are measured once with
+        :func:`studio.evaluate.reference_accuracy` (cached per suite by the evaluation module).
+        """
+        acc = {k: float(v) for k, v in dict(self.suite.expert_accuracy).items()}
+        missing = [t for t in self.task_names if t not in acc]
+        if compute and missing:
+            from ..evaluate import reference_accuracy
+
+            acc.update(reference_accuracy(self.suite, "expert", tasks=missing, split="test", device=self.device))
+        return acc
+
+    def expert_choices(self, compute: bool = False) -> list[tuple[str, str]]:
+        """``(label, task)`` pairs for the expert checkboxes: the task and its expert's own accuracy."""
+        acc = self.individual_accuracy(compute)
+        return [(f"{t}  ·  {acc[t]:.1f}%" if t in acc else t, t) for t in self.task_names]
+
+    def layer_keys(self) -> list[str]:
+        """Keys of the matrix layers (2-D tensors the default layer rule selects), in model order."""
+        if self._layer_keys is None:
+            self._layer_keys = [k for k, v in self.suite.base.items()
+                                if v.is_floating_point() and DEFAULT_RULE.is_matrix(k, tuple(v.shape))]
+        return list(self._layer_keys)
+
+    def default_layer(self) -> str:
+        """A representative layer to open the diagnostics on: the middle block's first attention/MLP matrix."""
+        keys = self.layer_keys()
+        if not keys:
+            raise StudioError("the suite's model has no matrix layers to diagnose")
+        blocks = [k for k in keys if ".resblocks." in k]
+        pool = blocks or keys
+        return pool[len(pool) // 2]
+
+    @staticmethod
+    def methods() -> list[dict[str, Any]]:
+        return [m for m in list_methods() if m["kind"] == "merge"]
+
+    @staticmethod
+    def calibrations() -> list[dict[str, Any]]:
+        return [m for m in list_methods() if m["kind"] == "calibration"]
+
+    @staticmethod
+    def schema(name: str) -> dict[str, Any]:
+        spec = get_calibration(name) if name in CALIBRATIONS else get_method(name)
+        return spec.to_dict()
+
+    # ------------------------------------------------------------------ requests
+    def request(self, method: str, hparams: "Mapping[str, Any] | str | None" = None,
+                experts: "Sequence[str] | None" = None, calibrate: str | None = None,
+                calibrate_hparams: "Mapping[str, Any] | str | None" = None,
+                preferences: "Mapping[str, float] | str | None" = None, seed: int = 0) -> MergeRequest:
+        """Validate a merge request from UI or API values and return it complete.
+
+        Raises :class:`StudioError` subclasses with readable messages: unknown method/calibration, no expert or an
+        unknown expert, fewer experts than the method needs, out-of-range hyperparameters, bad preferences.
+        """
+        if not isinstance(method, str) or not method:
+            raise RequestError("no merging method given; choose one of " + ", ".join(sorted(METHODS)))
+        spec = get_method(method)
+        hp = parse_json_object(hparams, "hyperparameters")
+        experts = list(experts or [])
+        if not experts:
+            raise RequestError("no expert selected: pick at least one task expert to merge")
+        unknown = [e for e in experts if e not in self.suite.experts]
+        if unknown:
+            raise RequestError(f"unknown expert(s) {unknown}; the suite has {self.task_names}")
+        if len(set(experts)) != len(experts):
+            raise RequestError(f"expert list has duplicates: {experts}")
+        if len(experts) < spec.min_experts:
+            raise RequestError(f"{method} needs at least {spec.min_experts} experts, {len(experts)} selected")
+        # Keep the suite's order so the same selection is the same pool (and the same recipe) whatever the click order.
+        order = {n: i for i, n in enumerate(self.task_names)}
+        experts = sorted(experts, key=lambda n: order.get(n, len(order)))
+        hp = validate_hparams(method, spec.params, hp)
+        cal = None if calibrate in (None, "", "none") else calibrate
+        cal_hp = parse_json_object(calibrate_hparams, "calibration hyperparameters")
+        if cal is None:
+            if cal_hp:
+                raise HyperparameterError("calibration hyperparameters were given but no calibration is selected")
+        else:
+            cspec = get_calibration(cal)
+            cal_hp = validate_hparams(cal, cspec.params, cal_hp)
+        prefs = parse_json_object(preferences, "preferences") if isinstance(preferences, str) else preferences
+        prefs = self._preferences(prefs, experts)
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            raise RequestError(f"seed must be an integer, got {seed!r}") from None
+        return MergeRequest(method, hp, tuple(experts), cal, cal_hp, prefs, seed)
+
+    def request_from_state(self, method: str, hp_state: Mapping[str, Any] | None, experts: Sequence[str] | None,
+                           calibration: str | None, cal_state: Mapping[str, Any] | None,
+                           pref_state: Mapping[str, float] | None, seed: int = 0) -> MergeRequest:
+        """Build a request from the app's plain-JSON states (settings remembered per method / calibration).
+
+        ``hp_state`` maps method -> {param: value} (``None`` = automatic), ``cal_state`` calibration -> {param:
+        value}, ``pref_state`` task -> weight; weights of deselected tasks are ignored.
+
+        Example:
+            >>> studio.request_from_state("task_arithmetic", {"task_arithmetic": {"alpha": 0.5}}, ["a"], "none",
+            ...                           {}, {}).hparams  # doctest: +SKIP
+            {'alpha': 0.5}
+        """
+        experts = list(experts or [])
+        cal = None if calibration in (None, "", "none") else calibration
+        hp = dict((hp_state or {}).get(method, {}) if method else {})
+        cal_hp = dict((cal_state or {}).get(cal, {})) if cal else {}
+        prefs = {t: float(w) for t, w in (pref_state or {}).items() if t in experts} or None
+        return self.request(method, hp, experts, cal, cal_hp, prefs, seed)
+
+    @staticmethod
+    def describe(req: MergeRequest) -> str:
+        """One-line settings summary for the leaderboard."""
+        from .session import describe_settings
+
+        return describe_settings(req.hparams, req.calibrate, req.calibrate_hparams, req.preferences)
+
+    def alpha_grid(self, method: str, lo: float | None, hi: float | None, n: int) -> list[float]:
+        """``n`` evenly spaced values of the method's global scale between ``lo`` and ``hi`` (checked vs its range)."""
+        scale = post_scale_param(self.schema(method))
+        if scale is None:
+            raise RequestError(f"{method} has no global scale (alpha) to optimise")
+        if lo is None or hi is None or not (float(lo) < float(hi)):
+            raise RequestError(f"the sweep needs 'from' < 'to', got from={lo}, to={hi}")
+        if not 2 <= int(n) <= 101:
+            raise RequestError(f"the sweep needs between 2 and 101 points, got {n}")
+        low = scale["low"] if scale["low"] is not None else -np.inf
+        high = scale["high"] if scale["high"] is not None else np.inf
+        if float(lo) < low or float(hi) > high:
+            raise HyperparameterError(f"{method}: '{scale['name']}' sweep [{lo}, {hi}] leaves the allowed range "
+                                      f"[{scale['low']}, {scale['high']}]")
+        return [round(float(v), 6) for v in np.linspace(float(lo), float(hi), int(n))]
+
+    def metric_names(self) -> list[str]:
+        """The interference metrics the diagnostics offer (:data:`studio.diagnostics.METRICS`)."""
+        return list(diag.METRICS)
+
+    def default_method(self) -> str:
+        """The method the app opens on: the first registered of TSV-M, Iso-C, TIES, Task Arithmetic."""
+        names = [m["name"] for m in self.methods()]
+        return next((m for m in ("tsv_m", "iso_c", "ties", "task_arithmetic") if m in names), names[0])
+
+    def default_metric(self) -> str:
+        """The heatmap metric the app opens on (top-k subspace similarity when available)."""
+        return "subspace_similarity" if "subspace_similarity" in diag.METRICS else next(iter(diag.METRICS))
+
+    def warm(self) -> None:
+        """Fill the caches the first page load and the first merge need, in the background; never raises.
+
+        The default method's merge and diagnostics of the default layer (task spectra, STI factors, SAR inputs of
+        every layer), then the expert and zero-shot reference predictions of the test split.
+        """
+        import logging
+
+        try:
+            req = self.request(self.default_method(), {}, self.task_names)
+            self.diagnostics(req, self.default_layer(), self.default_metric())
+            from ..evaluate import reference_accuracy
+
+            for kind in ("zeroshot", "expert"):
+                reference_accuracy(self.suite, kind, split="test", device=self.device)
+        except Exception:  # noqa: BLE001 - warming is an optimisation only
+            logging.getLogger(__name__).exception("cache warm-up failed")
+
+    @staticmethod
+    def _preferences(prefs: Mapping[str, float] | None, experts: Sequence[str]) -> dict[str, float] | None:
+        """Keep the selected experts' weights; ``None`` when absent or uniform (identical merge, simpler recipe)."""
+        if not prefs:
+            return None
+        unknown = sorted(set(prefs) - set(experts))
+        if unknown:
+            raise RequestError(f"preferences name task(s) {unknown} that are not selected; selected: {list(experts)}")
+        values = {}
+        for n in experts:
+            v = prefs.get(n, 1.0)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise RequestError(f"preference for task '{n}' must be a number >= 0, got {v!r}")
+            values[n] = float(v)
+        normalize_preferences(values, list(experts))  # raises on negative / non-finite / all-zero weights
+        if len(set(values.values())) == 1:
+            return None
+        return values
+
+    # ------------------------------------------------------------------ engine
+    def pool(self, experts: Sequence[str]) -> TaskPool:
+        """The cached pool of this expert selection (its spectral cache is reused by every later call)."""
+        key = tuple(experts)
+        with self._lock:
+            if key in self._pools:
+                self._pools.move_to_end(key)
+                return self._pools[key]
+            pool = get_pool(self.suite.base, {n: self.suite.experts[n] for n in key}, device=self.device)
+            self._pools[key] = pool
+            while len(self._pools) > self.max_pools:
+                self._pools.popitem(last=False)
+            return pool
+
+    def merge(self, req: MergeRequest, progress: ProgressFn | None = None) -> dict[str, Tensor]:
+        """Merged state dict of ``req`` through :func:`studio.merge_pool` (cached decompositions are reused)."""
+        pool = self.pool(req.experts)
+        with self._lock:
+            # Through the recipe's own kwargs, so an exported recipe reproduces exactly this call.
+            return merge_pool(pool, req.method, progress=progress, **req.recipe().merge_kwargs())
+
+    def evaluate(self, state_dict: Mapping[str, Tensor], tasks: Sequence[str] | None = None, split: str = "test") -> Any:
+        """Per-task evaluation of ``state_dict`` (:func:`studio.evaluate.evaluate`; accuracies in %)."""
+        from ..evaluate import evaluate
+
+        return evaluate(self.suite, state_dict, tasks=list(tasks) if tasks else None, split=split, device=self.device)
+
+    @staticmethod
+    def accuracy_table(result: Any) -> dict[str, dict[str, float | None]]:
+        """Per task (in %): merged, zero-shot and individual accuracy on the same split, normalized accuracy
+        (merged / individual, TSV eq. 10), NAI (Iso eq. 4) and the KL loss to the expert (nats)."""
+        out = {}
+        for t in result.tasks:
+            out[t] = {
+                "merged": _num(result.accuracy[t]),
+                "zero_shot": _num(result.zeroshot_accuracy.get(t)),
+                "individual": _num(result.expert_accuracy.get(t)),
+                "normalized": _num(result.normalized.get(t)),
+                "nai": _num(result.nai.get(t)),
+                "kl": _num(result.kl.get(t)),
+            }
+        return out
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self, req: MergeRequest | None, layer: str, metric: str, *, curves: bool = True,
+                    pool_experts: Sequence[str] | None = None) -> Diagnostics:
+        """Spectra, energy, interference and per-layer curves of ``layer`` for the current settings.
+
+        ``req`` may be ``None`` (e.g. a method that cannot run on this selection): then the merge-dependent parts
+        use the Task Arithmetic sum, as the diagnostics module does. Every task decomposition comes from the
+        pool's cache, so after the first call an update costs a merge lookup (a rescale when only alpha moved)
+        plus one small SVD of the merged delta per layer.
+        """
+        t0 = time.perf_counter()
+        experts = tuple(req.experts if req is not None else (pool_experts or self.task_names))
+        self._check_layer(layer)
+        if metric not in diag.METRICS:
+            raise StudioError(f"unknown interference metric {metric!r}; expected one of {list(diag.METRICS)}")
+        pool = self.pool(experts)
+        merged = self.merge(req) if req is not None else None
+        with self._lock:
+            deltas = self._merged_deltas(merged) if merged is not None else None
+            lt = pool.layer(layer)
+            S = diag.task_spectra(lt)
+            spectra = {n: _to_numpy(s) for n, s in zip(lt.names, S)}
+            energy = {n: _to_numpy(e) for n, e in zip(lt.names, diag.cumulative_energy(S))}
+            merged_s = merged_e = None
+            if deltas is not None:
+                ms = diag.spectrum(deltas[layer])
+                merged_s, merged_e = _to_numpy(ms), _to_numpy(diag.cumulative_energy(ms))
+            info = metric_info(metric)
+            mat = diag.interference_matrix(pool, layer, metric,
+                                           merged=deltas[layer] if (deltas is not None and info["uses_merged"]) else None)
+            profile = self.layer_profile(pool, deltas) if curves else {}
+        return Diagnostics(layer, list(experts), spectra, merged_s, energy, merged_e, metric, _to_numpy(mat), info,
+                           profile, time.perf_counter() - t0)
+
+    def _merged_deltas(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``merged - base`` (float32) of every matrix layer: what the diagnostics call the merged delta."""
+        base = self.suite.base
+        return {k: merged[k].to(torch.float32) - base[k].to(torch.float32) for k in self.layer_keys()}
+
+    def layer_profile(self, pool: TaskPool, deltas: Mapping[str, Tensor] | None) -> dict[str, Any]:
+        """Per-layer curves for the app: STI (TSV eq. 7), normalised spectral entropy of each task matrix and of the
+        merged delta (Ortho-Merge eq. 9), and each task's SAR to the merged delta (Iso eq. 5).
+
+        ``deltas=None`` measures SAR against the Task Arithmetic sum. Everything comes from
+        :mod:`studio.diagnostics` (memoised on the pool); this only gathers per-task values across layers.
+        """
+        keys = self.layer_keys()
+        base = diag.layer_curves(pool, deltas, keys, merged_is_delta=True if deltas is not None else None,
+                                 curves=["sti", "merged_entropy"], normalized_entropy=True)
+        entropy: dict[str, list[float]] = {n: [] for n in pool.names}
+        sar: dict[str, list[float]] = {n: [] for n in pool.names}
+        for key in keys:
+            lt = pool.layer(key)
+            for n, h in zip(pool.names, diag.spectral_entropy(diag.task_spectra(lt), normalized=True).tolist()):
+                entropy[n].append(float(h))
+            for n, v in zip(pool.names, diag.sar_to_merged(lt, None if deltas is None else deltas[key]).tolist()):
+                sar[n].append(float(v))
+        return {"keys": keys, "sti": base["sti"], "merged_entropy": base["merged_entropy"], "entropy": entropy,
+                "sar": sar, "sar_reference": "merge" if deltas is not None else "task arithmetic sum"}
+
+    def _check_layer(self, layer: str) -> None:
+        if layer not in self.suite.base:
+            raise StudioError(f"unknown layer {layer!r}; matrix layers are e.g. {self.layer_keys()[:3]} (see /layers)")
+        if layer not in self.layer_keys():
+            raise StudioError(f"layer {layer!r} is not a matrix layer (shape {tuple(self.suite.base[layer].shape)}); "
+                              f"choose one of e.g. {self.layer_keys()[:3]} (see /layers)")
+
+    def spectrum(self, layer: str, experts: Sequence[str] | None = None,
+                 req: MergeRequest | None = None) -> dict[str, Any]:
+        """Singular values of each task matrix (and of the merged delta if ``req``) at ``layer`` (API payload)."""
+        experts = tuple(req.experts if req is not None else (experts or self.task_names))
+        self._check_layer(layer)
+        unknown = [e for e in experts if e not in self.suite.experts]
+        if unknown:
+            raise RequestError(f"unknown expert(s) {unknown}; the suite has {self.task_names}")
+        pool = self.pool(experts)
+        merged = self.merge(req) if req is not None else None
+        with self._lock:
+            lt = pool.layer(layer)
+            out: dict[str, Any] = {"layer": layer, "shape": list(lt.shape),
+                                   "tasks": {n: _to_numpy(s).tolist() for n, s in zip(lt.names, diag.task_spectra(lt))}}
+            if merged is not None:
+                delta = merged[layer].to(torch.float32) - self.suite.base[layer].to(torch.float32)
+                out["merged"] = _to_numpy(diag.spectrum(delta)).tolist()
+        return out
+
+    # ------------------------------------------------------------------ predictions
+    def gallery(self, state_dict: Mapping[str, Tensor], tasks: Sequence[str], per_task: int = 4,
+                upscale: int = 64) -> list[tuple[np.ndarray, str]]:
+        """Sample test images per task with the merged model's prediction: ``(image, caption)`` pairs.
+
+        Samples are evenly spaced over the test split (deterministic). Captions read ``"task ✓ pred"`` when the
+        prediction is right and ``"task ✗ pred (true label)"`` when it is wrong. Small images are enlarged by
+        pixel repetition so they stay crisp in the gallery.
+        """
+        from ..evaluate import predict
+
+        items = []
+        for t in tasks:
+            images, labels = self.suite.split(t, "test")
+            images, labels = _to_numpy_int(images), _to_numpy_int(labels)
+            n = len(labels)
+            if n == 0:
+                continue
+            idx = np.unique(np.linspace(0, n - 1, num=min(per_task, n)).round().astype(int))
+            imgs = np.ascontiguousarray(images[idx])
+            preds, _ = predict(self.suite, state_dict, t, imgs, device=self.device)
+            preds = _to_numpy_int(preds)
+            classes = list(self.task(t).classes)
+            for img, pred, true in zip(imgs, preds, labels[idx]):
+                pred_name, true_name = classes[int(pred)], classes[int(true)]
+                caption = f"{t} ✓ {pred_name}" if int(pred) == int(true) else f"{t} ✗ {pred_name} (true {true_name})"
+                items.append((_enlarge(img, upscale), caption))
+        return items
+
+    # ------------------------------------------------------------------ optimisation
+    def optimise_alpha(self, req: MergeRequest, alphas: Sequence[float], *, split: str = "validation",
+                       progress: ProgressFn | None = None) -> dict[str, Any]:
+        """Sweep the method's global scale on ``split``; pick the alpha maximising the preference-weighted accuracy.
+
+        The objective is :meth:`studio.evaluate.EvalResult.weighted_normalized`: ``sum_i p_i acc_i / ind_i`` with
+        ``p`` the normalised preferences (uniform = the average normalized accuracy of TSV/Iso's validation
+        protocol), as in :func:`studio.evaluate.alpha_sweep`. This loop exists because the app merges a *subset*
+        of experts with a cached pool, whereas ``alpha_sweep`` merges the whole suite; ties go to the smaller alpha.
+        Only the scale changes between merges, so each alpha is an engine rescale plus one evaluation.
+        """
+        scale = post_scale_param(self.schema(req.method))
+        if scale is None:
+            raise RequestError(f"{req.method} has no global scale (alpha) to optimise; choose e.g. task_arithmetic")
+        name = scale["name"]
+        lo = scale["low"] if scale["low"] is not None else -np.inf
+        hi = scale["high"] if scale["high"] is not None else np.inf
+        alphas = [float(a) for a in alphas if lo <= a <= hi]
+        if not alphas:
+            raise RequestError(f"no alpha inside {name}'s range [{scale['low']}, {scale['high']}] to sweep")
+        prefs = dict(req.preferences) if req.preferences else {n: 1.0 for n in req.experts}
+        total = sum(prefs.values())
+        weights = {n: prefs.get(n, 0.0) / total for n in req.experts}
+        per_task: dict[str, list[float]] = {n: [] for n in req.experts}
+        accuracy: dict[str, list[float]] = {n: [] for n in req.experts}
+        objective = []
+        for i, a in enumerate(alphas):
+            if progress is not None:
+                progress(i / len(alphas), f"{name} = {a:g}")
+            merged = self.merge(req.with_hparams(**{name: a}))
+            res = self.evaluate(merged, req.experts, split)
+            for n in req.experts:
+                per_task[n].append(float(res.normalized[n]))
+                accuracy[n].append(float(res.accuracy[n]))
+            objective.append(float(res.weighted_normalized(weights)))
+        best = max(range(len(alphas)), key=lambda i: (objective[i], -i))
+        if progress is not None:
+            progress(1.0, "done")
+        return {"param": name, "alphas": alphas, "objective": objective, "per_task": per_task, "accuracy": accuracy,
+                "best_alpha": alphas[best], "best_objective": objective[best], "split": split, "weights": weights}
+
+    # ------------------------------------------------------------------ export
+    def export(self, state_dict: Mapping[str, Tensor], req: MergeRequest, folder: str | Path,
+               stem: str | None = None) -> dict[str, str]:
+        """Write the merged weights (safetensors, recipe in the metadata) and the recipe (YAML) under ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = stem or f"merged_{req.method}_{time.strftime('%Y%m%d-%H%M%S')}"
+        recipe = req.recipe(self.suite_name)
+        weights = save_merged(folder / f"{stem}.safetensors", state_dict, recipe)
+        recipe_path = folder / f"{stem}.recipe.yaml"
+        recipe_path.write_text(recipe.to_yaml())
+        return {"weights": str(weights), "recipe": str(recipe_path)}
+
+
+def _num(x: Any) -> float | None:
+    """A JSON-friendly float (``None`` for missing or NaN values)."""
+    if x is None:
+        return None
+    x = float(x)
+    return None if x != x else x
+
+
+def _to_numpy_int(x: Any) -> np.ndarray:
+    if isinstance(x, Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _enlarge(img: np.ndarray, target: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of a small uint8 ``[H, W, 3]`` image to about ``target`` pixels."""
+    img = np.asarray(img)
+    factor = max(1, int(target // max(img.shape[0], img.shape[1], 1)))
+    return np.ascontiguousarray(img.repeat(factor, axis=0).repeat(factor, axis=1)) if factor > 1 else img
+
+
+def metric_info(metric: str) -> dict[str, Any]:
+    """What the heatmap needs from a :data:`studio.diagnostics.METRICS` entry, as plain values.
+
+    Example:
+        >>> metric_info("cosine")["signed"], metric_info("cosine")["range"]
+        (True, (-1.0, 1.0))
+    """
+    m = diag.METRICS[metric]
+    return {"description": m.description, "range": tuple(m.range), "signed": bool(m.signed), "shape": m.shape,
+            "center": m.center, "uses_merged": bool(m.uses_merged), "paper": m.paper, "k_help": m.k_help}

@@ -1,0 +1,233 @@
+"""From a method's hyperparameter schema to UI controls, and from UI values back to validated hyperparameters.
+
+The schema (:class:`studio.schema.Param`, exposed as dicts by :func:`studio.list_methods`) is the single source of
+truth: this module only decides how each declared param is *shown* (slider range and step, dropdown, checkbox,
+an "auto" checkbox for automatic defaults) and converts what the user set back into the dict the engine validates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from ..schema import StudioError
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """How one hyperparameter is displayed.
+
+    ``kind`` is ``"slider"``, ``"dropdown"`` or ``"checkbox"``. ``auto_label`` is set for params whose default is
+    automatic (``default=None``): the UI shows an "auto (rule)" checkbox next to the slider, and ``value`` is then
+    only the slider's starting point.
+    """
+
+    name: str
+    kind: str
+    label: str
+    value: Any
+    info: str = ""
+    minimum: float | None = None
+    maximum: float | None = None
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+    auto_label: str | None = None
+    post_scale: bool = False
+
+
+def _slider_range(p: Mapping[str, Any]) -> tuple[float, float]:
+    """A finite slider range for a numeric param (the schema may leave a side unbounded)."""
+    low, high, default = p.get("low"), p.get("high"), p.get("default")
+    ref = abs(float(default)) if isinstance(default, (int, float)) and not isinstance(default, bool) else 1.0
+    lo = float(low) if low is not None and math.isfinite(low) else (-max(10 * ref, 1.0) if high is not None and high <= 0 else 0.0)
+    hi = float(high) if high is not None and math.isfinite(high) else max(lo + 1.0, 10.0 * max(ref, 1.0), lo + 10 * ref)
+    return lo, hi
+
+
+def _slider_step(p: Mapping[str, Any], lo: float, hi: float) -> float:
+    if p.get("ui_step"):
+        return float(p["ui_step"])
+    if p["type"] == "int":
+        return 1.0
+    span = hi - lo
+    # ~100-200 positions over the range, rounded to 1, 2 or 5 times a power of ten.
+    raw = span / 150.0
+    exp = math.floor(math.log10(raw)) if raw > 0 else -2
+    for mult in (1, 2, 5, 10):
+        if mult * 10**exp >= raw:
+            return float(mult * 10**exp)
+    return float(10 ** (exp + 1))
+
+
+def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) -> list[ControlSpec]:
+    """Control descriptions for every param of a method or calibration (a :func:`studio.list_methods` entry).
+
+    Example:
+        >>> spec = {"params": [{"name": "alpha", "type": "float", "default": 0.3, "auto": None, "low": 0.0,
+        ...         "high": 5.0, "choices": None, "help": "scale", "paper": "", "post_scale": True}]}
+        >>> c = control_specs(spec)[0]
+        >>> (c.kind, c.minimum, c.maximum, c.value, c.post_scale)
+        ('slider', 0.0, 5.0, 0.3, True)
+    """
+    out = []
+    for p in schema.get("params", []):
+        info = p.get("help") or ""
+        if p.get("paper"):
+            info = f"{info} [{p['paper']}]" if info else p["paper"]
+        if p["type"] == "bool":
+            out.append(ControlSpec(p["name"], "checkbox", p["name"], bool(p.get("default")), info))
+            continue
+        if p["type"] == "str" or p.get("choices"):
+            choices = tuple(p.get("choices") or ())
+            value = p.get("default") if p.get("default") is not None else (choices[0] if choices else None)
+            out.append(ControlSpec(p["name"], "dropdown", p["name"], value, info, choices=choices))
+            continue
+        lo, hi = _slider_range(p)
+        step = _slider_step(p, lo, hi)
+        default = p.get("default")
+        auto_label = None
+        if default is None:
+            auto_label = f"auto ({p.get('auto') or 'automatic'})"
+            default = _auto_preview(p, num_tasks, lo, hi)
+        value = min(max(float(default), lo), hi)
+        if p["type"] == "int":
+            value = int(round(value))
+        out.append(ControlSpec(p["name"], "slider", p["name"], value, info, lo, hi, step, auto_label=auto_label,
+                               post_scale=bool(p.get("post_scale"))))
+    return out
+
+
+def _auto_preview(p: Mapping[str, Any], num_tasks: int | None, lo: float, hi: float) -> float:
+    """Where the slider of an automatic param starts: the documented rule evaluated at ``T`` when it is a simple
+    formula (``"1/T"``, ``"|T|/4"``, ``"1/T (1.0 after tsv_m)"``), else the middle of the range."""
+    value = auto_rule_value(p.get("auto") or "", num_tasks) if num_tasks else None
+    if value is None:
+        value = lo if p["type"] == "int" else (lo + hi) / 2
+    return value
+
+
+def auto_rule_value(rule: str, num_tasks: int) -> float | None:
+    """Evaluate the leading arithmetic formula of an ``auto`` description at ``T = num_tasks`` (None if none).
+
+    Only numbers, ``T`` (or ``|T|``) and ``+ - * /`` are accepted: the text is parsed with :mod:`ast`, never
+    ``eval``-ed.
+
+    Example:
+        >>> auto_rule_value("1/T (1.0 after tsv_m)", 8), auto_rule_value("|T|/4", 8), auto_rule_value("see paper", 8)
+        (0.125, 2.0, None)
+    """
+    import ast
+    import operator
+    import re
+
+    head = re.match(r"\s*([0-9T|.+\-*/ ]+)", rule)
+    if not head:
+        return None
+    text = head.group(1).replace("|T|", "T").strip()
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def ev(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.Name) and node.id == "T":
+            return float(num_tasks)
+        raise ValueError("unsupported")
+
+    try:
+        value = ev(ast.parse(text, mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
+    """The schema's default values (``None`` for automatic params): what a fresh UI submits.
+
+    Example:
+        >>> defaults({"params": [{"name": "k", "type": "float", "default": None}]})
+        {'k': None}
+    """
+    return {p["name"]: p.get("default") for p in schema.get("params", [])}
+
+
+def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, Any]:
+    """Turn the flat list of UI values back into hyperparameters.
+
+    ``values`` holds one value per control, plus, right after each control with an ``auto_label``, the state of
+    its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic).
+
+    Example:
+        >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"), ControlSpec("a", "slider", "a", 1.0)]
+        >>> collect(specs, [0.5, True, 2.0])
+        {'k': None, 'a': 2.0}
+    """
+    out: dict[str, Any] = {}
+    it = iter(values)
+    for spec in specs:
+        value = next(it)
+        if spec.auto_label is not None and next(it):
+            value = None
+        out[spec.name] = value
+    return out
+
+
+def parse_json_object(text: "str | Mapping[str, Any] | None", what: str) -> dict[str, Any]:
+    """Parse a JSON object given as text (API calls) or already as a mapping; empty means ``{}``.
+
+    Example:
+        >>> parse_json_object('{"alpha": 0.5}', "hyperparameters")
+        {'alpha': 0.5}
+    """
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return dict(text)
+    if not isinstance(text, str):
+        raise StudioError(f"{what}: expected a JSON object, got {type(text).__name__}")
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StudioError(f"{what}: not valid JSON ({exc.msg} at position {exc.pos}); expected e.g. {{\"alpha\": 0.3}}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise StudioError(f"{what}: expected a JSON object such as {{\"alpha\": 0.3}}, got {type(value).__name__}")
+    return value
+
+
+def post_scale_param(schema: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The method's global scale param (``post_scale``, usually ``alpha``), or ``None`` if it has none."""
+    for p in schema.get("params", []):
+        if p.get("post_scale"):
+            return dict(p)
+    return None
+
+
+def sweep_defaults(schema: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A default sweep interval for the method's global scale: ``[0.1, max(1.5, 2 x default)]`` inside its range.
+
+    Example:
+        >>> sweep_defaults({"params": [{"name": "alpha", "type": "float", "default": 1.0, "low": 0.0, "high": 3.0,
+        ...                             "post_scale": True}]})
+        (0.1, 2.0)
+    """
+    p = post_scale_param(schema)
+    if p is None:
+        return None
+    default = p.get("default") if isinstance(p.get("default"), (int, float)) else 1.0
+    lo, hi = 0.1, max(1.5, 2.0 * float(default))
+    if p.get("low") is not None:
+        lo = max(lo, float(p["low"]))
+    if p.get("high") is not None:
+        hi = min(hi, float(p["high"]))
+    if hi <= lo:
+        lo, hi = float(p.get("low") or 0.0), float(p.get("high") or lo + 1.0)
+    return lo, hi

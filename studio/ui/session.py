@@ -1,0 +1,190 @@
+"""Per-session data of the app: the run history (leaderboard) and the latest exported files.
+
+Gradio's ``gr.State`` is copied per event and serialised with the page, so tensors never go there. Instead a
+module-level :class:`SessionStore` maps ``request.session_hash`` to a :class:`SessionData` (plain Python values
+and file paths only) and the app frees an entry in ``demo.unload``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+
+@dataclass
+class RunRecord:
+    """One merge + evaluation shown in the session leaderboard.
+
+    ``accuracy`` / ``normalized`` map task name -> value in % (normalized = merged / individual expert).
+    """
+
+    run: int
+    method: str
+    settings: str
+    experts: tuple[str, ...]
+    accuracy: dict[str, float]
+    normalized: dict[str, float]
+    seconds: float
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def avg_accuracy(self) -> float:
+        return sum(self.accuracy.values()) / max(1, len(self.accuracy))
+
+    @property
+    def avg_normalized(self) -> float:
+        return sum(self.normalized.values()) / max(1, len(self.normalized))
+
+
+def describe_settings(hparams: Mapping[str, Any], calibrate: str | None = None,
+                      calibrate_hparams: Mapping[str, Any] | None = None,
+                      preferences: Mapping[str, float] | None = None) -> str:
+    """A compact one-line description of a run's settings for the leaderboard.
+
+    Example:
+        >>> describe_settings({"alpha": 0.3, "k": None}, "svc", {"beta": 1.0})
+        'alpha=0.3, k=auto | svc(beta=1)'
+    """
+
+    def fmt(d: Mapping[str, Any]) -> str:
+        return ", ".join(f"{k}={'auto' if v is None else (f'{v:g}' if isinstance(v, float) else v)}" for k, v in d.items())
+
+    text = fmt(hparams) or "defaults"
+    if calibrate:
+        text += f" | {calibrate}({fmt(calibrate_hparams or {})})"
+    if preferences:
+        text += " | prefs " + ", ".join(f"{k}:{v:g}" for k, v in preferences.items())
+    return text
+
+
+@dataclass
+class SessionData:
+    """Everything the app remembers for one browser session (no tensors)."""
+
+    runs: list[RunRecord] = field(default_factory=list)
+    files: dict[str, str] = field(default_factory=dict)
+    last_recipe: dict[str, Any] | None = None
+    stop_requested: bool = False
+    touched: float = field(default_factory=time.time)
+
+    def add_run(self, **kwargs: Any) -> RunRecord:
+        record = RunRecord(run=len(self.runs) + 1, **kwargs)
+        self.runs.append(record)
+        return record
+
+    def leaderboard(self, tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows of the leaderboard, best average normalized accuracy first.
+
+        Per-task columns cover ``tasks`` (default: every task seen in any run); a run that did not include a task
+        shows an empty cell. Accuracies are percentages rounded to 0.1.
+
+        Example:
+            >>> s = SessionData()
+            >>> _ = s.add_run(method="ta", settings="alpha=0.3", experts=("a",), accuracy={"a": 50.0},
+            ...               normalized={"a": 62.5}, seconds=1.0)
+            >>> s.leaderboard()
+            (['run', 'method', 'settings', 'experts', 'avg acc %', 'avg norm %', 'a', 'time s'], [[1, 'ta', 'alpha=0.3', 1, 50.0, 62.5, 50.0, 1.0]])
+        """
+        if tasks is None:
+            seen: dict[str, None] = {}
+            for r in self.runs:
+                seen.update(dict.fromkeys(r.accuracy))
+            tasks = list(seen)
+        header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "time s"]
+        rows = []
+        for r in sorted(self.runs, key=lambda r: (-r.avg_normalized, r.run)):
+            per_task = [round(r.accuracy[t], 1) if t in r.accuracy else None for t in tasks]
+            rows.append([r.run, r.method, r.settings, len(r.experts), round(r.avg_accuracy, 1),
+                         round(r.avg_normalized, 1), *per_task, round(r.seconds, 2)])
+        return header, rows
+
+    def leaderboard_csv(self) -> str:
+        """The leaderboard as CSV text (one row per run, same columns as :meth:`leaderboard`)."""
+        header, rows = self.leaderboard()
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+        return buf.getvalue()
+
+
+class SessionStore:
+    """Thread-safe ``session_hash -> SessionData`` map with an upper bound on the number of sessions.
+
+    When more than ``max_sessions`` are alive (tabs closed without an unload event), the least recently used one
+    is dropped, so memory stays bounded on a public Space.
+
+    Example:
+        >>> store = SessionStore(max_sessions=1)
+        >>> store.get("a").files["x"] = "1"
+        >>> _ = store.get("b")
+        >>> "a" in store, len(store)
+        (False, 1)
+    """
+
+    def __init__(self, max_sessions: int = 256):
+        self.max_sessions = max_sessions
+        self._data: "OrderedDict[str, SessionData]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, session_hash: str | None) -> SessionData:
+        key = session_hash or "anonymous"
+        with self._lock:
+            data = self._data.get(key)
+            if data is None:
+                data = self._data[key] = SessionData()
+            self._data.move_to_end(key)
+            data.touched = time.time()
+            while len(self._data) > self.max_sessions:
+                self._data.popitem(last=False)
+            return data
+
+    def drop(self, session_hash: str | None) -> SessionData | None:
+        """Forget a session (called from ``demo.unload``); returns what was stored, if anything."""
+        with self._lock:
+            return self._data.pop(session_hash or "anonymous", None)
+
+    def __contains__(self, session_hash: str) -> bool:
+        return session_hash in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def accuracy_rows(table: Mapping[str, Mapping[str, float | None]]) -> tuple[list[str], list[list[Any]]]:
+    """Header and rows of the per-task results table (values in %, rounded to 0.1) plus an "average" row.
+
+    The average of a column skips missing values (e.g. NAI where an expert does not beat zero-shot).
+
+    Example:
+        >>> accuracy_rows({"a": {"merged": 80.0, "zero_shot": 40.0, "individual": 100.0, "normalized": 80.0,
+        ...                      "nai": 66.67, "kl": 0.1}})[1][-1]
+        ['average', 80.0, 40.0, 100.0, 80.0, 66.7, 0.1]
+    """
+    cols = [("merged", "merged %"), ("zero_shot", "zero-shot %"), ("individual", "individual %"),
+            ("normalized", "normalized %"), ("nai", "NAI %"), ("kl", "KL (nats)")]
+    header = ["task", *(label for _, label in cols)]
+    rows: list[list[Any]] = []
+    for task, r in table.items():
+        rows.append([task, *(None if r.get(k) is None else round(float(r[k]), 3 if k == "kl" else 1) for k, _ in cols)])
+    if rows:
+        avg: list[Any] = ["average"]
+        for j, (k, _) in enumerate(cols, start=1):
+            vals = [float(table[t][k]) for t in table if table[t].get(k) is not None]
+            avg.append(round(sum(vals) / len(vals), 3 if k == "kl" else 1) if vals else None)
+        rows.append(avg)
+    return header, rows
+
+
+def session_dir(root: str | Path, session_hash: str | None) -> Path:
+    """The per-session folder for exported files under ``root`` (the Gradio temp dir)."""
+    safe = "".join(c for c in (session_hash or "anonymous") if c.isalnum() or c in "-_")[:64] or "anonymous"
+    path = Path(root) / "merge_studio" / safe
+    path.mkdir(parents=True, exist_ok=True)
+    return path

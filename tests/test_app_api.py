@@ -1,0 +1,143 @@
+"""The app's public API, driven with ``gradio_client`` against the real app launched on localhost (MiniSuite)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from gradio_client import Client
+
+import studio
+from studio.io import RECIPE_METADATA_KEY, Recipe, load_state_dict, merge_from_recipe, read_metadata
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread while this module runs (restored after): on the shared 2-core CI box, OpenMP threads
+    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    import app
+
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    yield app
+    app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_module) -> Client:
+    return Client(app_module.demo.local_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def suite(app_module):
+    return app_module.STUDIO.suite
+
+
+def test_only_the_documented_endpoints_are_public(client: Client):
+    named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert named == {"/merge", "/evaluate", "/spectrum", "/methods", "/layers"}
+    assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
+
+
+def test_methods_and_layers(client: Client, suite):
+    methods = client.predict(api_name="/methods")
+    names = {m["name"] for m in methods}
+    assert {"task_arithmetic", "ties"} <= names
+    ta = next(m for m in methods if m["name"] == "task_arithmetic")
+    assert ta["params"][0]["name"] == "alpha" and ta["params"][0]["high"] == 5.0
+    layers = client.predict(api_name="/layers")
+    assert layers and all(suite.base[k].dim() == 2 for k in layers)
+
+
+def test_merge_returns_a_reproducible_safetensors_file(client: Client, suite):
+    experts = suite.task_names[:3]
+    summary, path = client.predict("task_arithmetic", experts, {"alpha": 0.4}, "none", "{}",
+                                   {experts[0]: 2.0}, 0, api_name="/merge")
+    assert set(summary["accuracy"]) == set(experts)
+    for row in summary["accuracy"].values():
+        assert 0.0 <= row["merged"] <= 100.0 and row["individual"] > 0
+    weights = load_state_dict(path)
+    assert weights.keys() == suite.base.keys()
+    recipe = Recipe.from_text(read_metadata(path)[RECIPE_METADATA_KEY])
+    assert recipe == Recipe.from_dict(summary["recipe"]) == Recipe.from_text(summary["recipe_yaml"])
+    assert recipe.hparams == {"alpha": 0.4} and recipe.preferences == {experts[0]: 2.0, experts[1]: 1.0, experts[2]: 1.0}
+    again = merge_from_recipe(recipe, suite.base, suite.experts)
+    assert all(torch.equal(again[k], weights[k]) for k in weights)
+
+
+def test_evaluate_returns_per_task_accuracies(client: Client, suite):
+    experts = suite.task_names[:2]
+    out = client.predict("task_arithmetic", experts, '{"alpha": 0.4}', api_name="/evaluate")
+    assert out["split"] == "test" and set(out["tasks"]) == set(experts)
+    accs = [out["tasks"][t]["merged"] for t in experts]
+    assert out["avg_accuracy"] == pytest.approx(sum(accs) / len(accs))
+    for t in experts:
+        row = out["tasks"][t]
+        assert row["normalized"] == pytest.approx(100 * row["merged"] / row["individual"])
+    # Same settings through the library: same accuracies.
+    from studio.evaluate import evaluate
+
+    merged = studio.merge(suite.base, {n: suite.experts[n] for n in experts}, "task_arithmetic", alpha=0.4)
+    ref = evaluate(suite, merged, tasks=experts, split="test", device="cpu")
+    assert {t: out["tasks"][t]["merged"] for t in experts} == pytest.approx(ref.accuracy)
+
+
+def test_spectrum_matches_a_local_svd(client: Client, suite):
+    layer = client.predict(api_name="/layers")[0]
+    experts = suite.task_names[:2]
+    out = client.predict(layer, experts, "task_arithmetic", {"alpha": 1.0}, api_name="/spectrum")
+    assert out["layer"] == layer and out["shape"] == list(suite.base[layer].shape)
+    base = suite.base[layer].double()
+    for t in experts:
+        ref = torch.linalg.svdvals(suite.experts[t][layer].double() - base)
+        assert torch.allclose(torch.tensor(out["tasks"][t], dtype=torch.float64), ref, rtol=1e-4, atol=1e-6)
+    merged_ref = torch.linalg.svdvals(sum(suite.experts[t][layer].double() - base for t in experts))
+    assert torch.allclose(torch.tensor(out["merged"], dtype=torch.float64), merged_ref, rtol=1e-4, atol=1e-6)
+    tasks_only = client.predict(layer, api_name="/spectrum")
+    assert set(tasks_only["tasks"]) == set(suite.task_names) and "merged" not in tasks_only
+
+
+@pytest.mark.parametrize("args, api, message", [
+    (("no_such_method", ["@0"]), "/merge", "unknown merging method 'no_such_method'"),
+    (("task_arithmetic", ["@0"], {"alpha": 42.0}), "/merge", "'alpha' = 42.0 is outside the allowed range [0, 5]"),
+    (("task_arithmetic", []), "/merge", "no expert selected"),
+    (("task_arithmetic", ["@0"], "{not json"), "/evaluate", "not valid JSON"),
+    (("task_arithmetic", ["@0"], "{}", "none", "{}", "{}", 0, "train"), "/evaluate", "split must be"),
+    (("visual.nope",), "/spectrum", "unknown layer 'visual.nope'"),
+])
+def test_invalid_requests_return_clear_errors(client: Client, suite, args, api, message):
+    args = tuple([suite.task_names[0]] if a == ["@0"] else a for a in args)
+    with pytest.raises(Exception) as info:
+        client.predict(*args, api_name=api)
+    assert message in str(info.value)
+
+
+def test_the_app_keeps_serving_after_errors(client: Client, suite):
+    with pytest.raises(Exception):
+        client.predict("task_arithmetic", [], api_name="/merge")
+    out = client.predict(client.predict(api_name="/layers")[0], [suite.task_names[0]], api_name="/spectrum")
+    assert list(out["tasks"]) == [suite.task_names[0]]
+
+
+def test_stop_interrupts_a_running_merge(app_module, suite, tmp_path):
+    """The Stop button sets the session's flag; the queued job checks it at every progress step and stops."""
+    req = app_module.STUDIO.request("task_arithmetic", {}, suite.task_names[:2])
+    app_module.SESSIONS.get("stop-test").stop_requested = True
+    with pytest.raises(app_module._Cancelled):
+        app_module.merge_and_evaluate(req, str(tmp_path), "stop-test")
+    assert not list(tmp_path.iterdir())  # nothing exported
+    app_module.SESSIONS.drop("stop-test")

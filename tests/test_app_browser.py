@@ -1,0 +1,188 @@
+"""The app in a real browser (Debian's Chromium through Playwright) on the embedded MiniSuite.
+
+Screenshots land in ``artifacts/screenshots/`` (gitignored) for a human look.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+# The first singular value of the merged delta as plotly drew it (decoded data, not the JSON payload).
+MERGED_TOP_JS = """() => {
+    const gd = document.querySelector('#spectrum-plot .js-plotly-plot');
+    const full = gd && gd._fullData ? gd._fullData.find(t => t.name === 'merged') : null;
+    return full && full.y && full.y.length ? Number(full.y[0]) : null;
+}"""
+
+# Playwright's sync API (not the pytest plugin) so the browser comes from the system, never from a download.
+sync_api = pytest.importorskip("playwright.sync_api")
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One intra-op thread while this module runs (restored after): on the shared 2-core CI box, OpenMP threads
+    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    import app
+
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    yield app.demo.local_url
+    app.demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(app_url):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1500, "height": 1100}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        t0 = time.perf_counter()
+        pg.goto(app_url)
+        pg.wait_for_function("() => (document.querySelector('#diag-status') || {}).innerText?.includes('σ')")
+        for plot in ("spectrum", "energy", "heatmap", "curves"):
+            pg.wait_for_selector(f"#{plot}-plot .js-plotly-plot")
+        pg.load_seconds = time.perf_counter() - t0
+        yield pg
+        browser.close()
+
+
+def _status(pg) -> str:
+    return pg.inner_text("#diag-status")
+
+
+def _merged_trace_top(pg) -> float | None:
+    """The first singular value of the merged trace as drawn by plotly in the page (None if not drawn)."""
+    return pg.evaluate(MERGED_TOP_JS)
+
+
+def _select_method(pg, name: str) -> None:
+    pg.get_by_label("Merging method").click()
+    pg.get_by_role("option", name=name, exact=True).click()
+
+
+def test_page_loads_with_the_suite(page, app_url):
+    import app
+
+    tasks = app.STUDIO.task_names
+    assert page.load_seconds < 30
+    for t in tasks:
+        assert page.get_by_text(t, exact=False).first.is_visible()
+    assert page.locator("#spectrum-plot .js-plotly-plot").count() == 1
+    assert page.locator("#heatmap-plot .js-plotly-plot").count() == 1
+    page.screenshot(path=str(SHOTS / "01_loaded.png"), full_page=True)
+
+
+def test_changing_the_method_changes_the_controls(page):
+    _select_method(page, "ties")
+    page.get_by_text("topk_scope").first.wait_for()
+    assert page.get_by_text("merge_func").first.is_visible()
+    _select_method(page, "task_arithmetic")
+    page.wait_for_function("() => !document.body.innerText.includes('topk_scope')")
+    assert page.locator("input[type=range]").count() >= 1
+    page.screenshot(path=str(SHOTS / "02_method_task_arithmetic.png"), full_page=True)
+
+
+def test_releasing_a_slider_updates_the_spectrum(page):
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('σ')")
+    page.wait_for_timeout(1000)  # let the method switch's own diagnostics update land first
+    before_top = _merged_trace_top(page)
+    assert before_top is not None
+    slider = page.locator("input[type=range]").first  # task_arithmetic's alpha (its only control)
+    slider.scroll_into_view_if_needed()
+    box = slider.bounding_box()
+    t0 = time.perf_counter()
+    page.mouse.click(box["x"] + 0.8 * box["width"], box["y"] + box["height"] / 2)  # press + release
+    page.wait_for_function(f"prev => ({MERGED_TOP_JS})() > prev * 1.5", arg=before_top)
+    latency = time.perf_counter() - t0
+    # alpha went from 0.3 to ~4: the merged delta's top singular value scales with alpha.
+    assert _merged_trace_top(page) > 5 * before_top
+    assert latency < 10
+    page.screenshot(path=str(SHOTS / "03_slider_released.png"), full_page=True)
+
+
+def test_a_task_preference_slider_reweights_the_merge(page):
+    before_top = _merged_trace_top(page)
+    page.get_by_text("Task preferences").click()
+    slider = page.locator("#pref-sliders input[type=range]").first  # the first task's weight (default 1)
+    slider.wait_for()
+    slider.scroll_into_view_if_needed()
+    box = slider.bounding_box()
+    page.mouse.click(box["x"] + 0.15 * box["width"], box["y"] + box["height"] / 2)
+    page.wait_for_function(f"prev => Math.abs(({MERGED_TOP_JS})() - prev) > 1e-3 * prev", arg=before_top)
+    assert float(page.locator("#pref-sliders input[type=number]").first.input_value()) < 0.5
+    page.screenshot(path=str(SHOTS / "04_preferences.png"), full_page=True)
+
+
+def test_merge_shows_results_and_downloads_the_weights(page, tmp_path):
+    import app
+    from studio.io import RECIPE_METADATA_KEY, Recipe, load_state_dict, read_metadata
+
+    page.get_by_role("button", name="Merge & evaluate").click()
+    page.wait_for_function("() => document.querySelector('#run-status')?.innerText.includes('Run #1')")
+    page.wait_for_function("() => document.querySelector('#acc-table')?.innerText.includes('average')")
+    table = page.inner_text("#acc-table")
+    assert all(t in table for t in app.STUDIO.task_names) and "normalized %" in table
+    assert page.locator("#pred-gallery img").count() > 0
+    assert "✓" in page.inner_text("#pred-gallery") or "✗" in page.inner_text("#pred-gallery")
+    page.screenshot(path=str(SHOTS / "05_results.png"), full_page=True)
+
+    with page.expect_download() as info:
+        page.locator("#dl-weights").click()
+    target = tmp_path / info.value.suggested_filename
+    info.value.save_as(target)
+    assert target.suffix == ".safetensors"
+    weights = load_state_dict(target)
+    assert weights.keys() == app.STUDIO.suite.base.keys()
+    recipe = Recipe.from_text(read_metadata(target)[RECIPE_METADATA_KEY])
+    assert recipe.method == "task_arithmetic" and recipe.experts == app.STUDIO.task_names
+    assert recipe.preferences and recipe.preferences[app.STUDIO.task_names[0]] < 0.5  # the UI's settings
+
+
+def test_a_double_click_starts_one_merge(page):
+    import app
+
+    page.get_by_role("button", name="Merge & evaluate").dblclick()
+    page.wait_for_function("() => document.querySelector('#run-status')?.innerText.includes('Run #2')")
+    page.wait_for_timeout(6000)  # a second job, if one had been queued, would have finished by now
+    assert "Run #3" not in page.inner_text("#run-status")
+    runs = [len(s.runs) for s in app.SESSIONS._data.values()]
+    assert max(runs) == 2
+
+
+def test_no_expert_selected_shows_a_readable_error(page):
+    first = page.locator("input[type=checkbox]").first  # the "select all" box of the expert pool
+    first.uncheck()
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('Select at least one expert')")
+    page.get_by_role("button", name="Merge & evaluate").click()
+    page.get_by_text("no expert selected").first.wait_for()
+    page.screenshot(path=str(SHOTS / "06_no_expert_error.png"), full_page=True)
+    first.check()
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('σ')")

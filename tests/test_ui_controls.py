@@ -1,0 +1,122 @@
+"""Schema -> UI controls -> hyperparameters: every registered method's default UI submits valid settings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import studio
+from studio.schema import HyperparameterError, StudioError, validate_hparams
+from studio.registry import get_calibration, get_method
+from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, parse_json_object,
+                                post_scale_param, sweep_defaults)
+
+ALL = studio.list_methods()
+
+
+def _spec(entry):
+    return get_method(entry["name"]) if entry["kind"] == "merge" else get_calibration(entry["name"])
+
+
+def _ui_defaults(specs: list[ControlSpec]) -> list:
+    """What a fresh UI submits: each control's value, and ``True`` for every "auto" checkbox."""
+    values = []
+    for c in specs:
+        values.append(c.value)
+        if c.auto_label is not None:
+            values.append(True)
+    return values
+
+
+@pytest.mark.parametrize("entry", ALL, ids=[m["name"] + ":" + m["kind"] for m in ALL])
+def test_every_schema_renders_valid_controls(entry):
+    specs = control_specs(entry, num_tasks=8)
+    assert [c.name for c in specs] == [p["name"] for p in entry["params"]]
+    for c, p in zip(specs, entry["params"]):
+        if p["type"] == "bool":
+            assert c.kind == "checkbox"
+        elif p["choices"]:
+            assert c.kind == "dropdown" and list(c.choices) == p["choices"] and c.value in p["choices"]
+        else:
+            assert c.kind == "slider"
+            assert math.isfinite(c.minimum) and math.isfinite(c.maximum) and c.minimum < c.maximum
+            assert c.step > 0 and c.minimum <= c.value <= c.maximum
+            # A slider never offers values the schema rejects.
+            if p["low"] is not None:
+                assert c.minimum >= p["low"]
+            if p["high"] is not None:
+                assert c.maximum <= p["high"]
+            if p.get("ui_step"):
+                assert c.step == p["ui_step"]
+            assert (c.auto_label is not None) == (p["default"] is None)
+            if p["default"] is None:
+                assert p["auto"] in c.auto_label
+        assert p["help"] in c.info
+    # The untouched UI submits exactly the schema defaults (auto -> None), and they validate.
+    submitted = collect(specs, _ui_defaults(specs))
+    assert submitted == defaults(entry)
+    validate_hparams(entry["name"], _spec(entry).params, submitted)
+
+
+@pytest.mark.parametrize("entry", [m for m in ALL if m["params"]], ids=lambda m: m["name"] + ":" + m["kind"])
+def test_slider_extremes_validate(entry):
+    """Both ends of every slider are accepted by the engine's validation (no UI value can be out of range)."""
+    specs = control_specs(entry, num_tasks=8)
+    for which in ("minimum", "maximum"):
+        values = []
+        for c in specs:
+            values.append(getattr(c, which) if c.kind == "slider" else c.value)
+            if c.auto_label is not None:
+                values.append(False)
+        hp = collect(specs, values)
+        hp = {k: (int(v) if _spec(entry).params[i].type is int else v) for i, (k, v) in enumerate(hp.items())}
+        validate_hparams(entry["name"], _spec(entry).params, hp)
+
+
+def test_auto_checkbox_unchecked_sends_the_slider_value():
+    specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"), ControlSpec("a", "slider", "a", 1.0)]
+    assert collect(specs, [0.25, False, 2.0]) == {"k": 0.25, "a": 2.0}
+    assert collect(specs, [0.25, True, 2.0]) == {"k": None, "a": 2.0}
+
+
+def test_auto_rule_preview_follows_the_documented_formula():
+    assert auto_rule_value("1/T", 4) == 0.25
+    assert auto_rule_value("|T|/4", 8) == 2.0
+    assert auto_rule_value("1/T (1.0 after tsv_m)", 5) == pytest.approx(0.2)
+    assert auto_rule_value("__import__('os')", 3) is None
+    assert auto_rule_value("", 3) is None
+    entry = {"params": [{"name": "alpha", "type": "float", "default": None, "auto": "1/T", "low": 0.0, "high": 1.0,
+                         "choices": None, "help": "h", "paper": "", "post_scale": False, "ui_step": None}]}
+    assert control_specs(entry, num_tasks=4)[0].value == 0.25
+
+
+def test_unbounded_params_get_a_finite_range_around_the_default():
+    entry = {"params": [{"name": "x", "type": "float", "default": 3.0, "auto": None, "low": 0.0, "high": None,
+                         "choices": None, "help": "", "paper": "", "post_scale": False, "ui_step": None}]}
+    c = control_specs(entry)[0]
+    assert c.minimum == 0.0 and c.maximum >= 30.0 and c.value == 3.0
+
+
+def test_parse_json_object_errors_are_readable():
+    assert parse_json_object('{"alpha": 0.5}', "hyperparameters") == {"alpha": 0.5}
+    assert parse_json_object({"alpha": 1}, "hyperparameters") == {"alpha": 1}
+    assert parse_json_object("", "x") == {} and parse_json_object(None, "x") == {}
+    with pytest.raises(StudioError, match="hyperparameters: not valid JSON"):
+        parse_json_object("{alpha: 1", "hyperparameters")
+    with pytest.raises(StudioError, match="expected a JSON object"):
+        parse_json_object("[1, 2]", "hyperparameters")
+
+
+def test_post_scale_and_sweep_defaults_stay_inside_the_range():
+    for entry in ALL:
+        p = post_scale_param(entry)
+        span = sweep_defaults(entry)
+        assert (p is None) == (span is None)
+        if span is not None:
+            lo, hi = span
+            assert lo < hi
+            validate_hparams(entry["name"], _spec(entry).params, {p["name"]: lo})
+            validate_hparams(entry["name"], _spec(entry).params, {p["name"]: hi})
+    with pytest.raises(HyperparameterError):
+        validate_hparams("task_arithmetic", get_method("task_arithmetic").params, {"alpha": 99})

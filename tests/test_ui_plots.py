@@ -1,0 +1,112 @@
+"""The app's plotly figures: stable task colours, log-safe spectra, fixed colour ranges, float32 payloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from studio.ui import plots
+
+
+def _as_array(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def test_task_colours_depend_on_the_name_only():
+    order = ["digits", "signs", "scenes", "textures"]
+    full = plots.TaskColors(order)
+    assert len({full[t] for t in order}) == len(order)
+    # Spectrum of a subset, in another order: each task keeps its colour.
+    spectra = {"scenes": [3.0, 1.0], "digits": [2.0, 1.0]}
+    fig = plots.spectrum_figure(spectra, None, full)
+    assert {t.name: t.line.color for t in fig.data} == {"scenes": full["scenes"], "digits": full["digits"]}
+    # Names outside the suite order still get a deterministic colour.
+    assert plots.TaskColors(order)["unknown"] == plots.TaskColors([])["unknown"]
+
+
+def test_spectrum_is_log_safe_float32_and_keeps_zoom():
+    s = np.array([5.0, 2.0, 1e-9, 0.0, -1e-12])  # numerical zeros and a negative rounding error
+    fig = plots.spectrum_figure({"a": s}, np.array([4.0, 0.0]), plots.TaskColors(["a"]), layer="w")
+    assert fig.layout.yaxis.type == "log"
+    assert fig.layout.uirevision == "spectrum" and fig.layout.height == plots.FIG_HEIGHT
+    task, merged = fig.data
+    assert task.y.dtype == np.float32 and merged.y.dtype == np.float32
+    assert _as_array(task.y).tolist() == [5.0, 2.0] and _as_array(merged.y).tolist() == [4.0]
+    assert merged.line.color == plots.MERGED_COLOR and merged.line.dash == "dash"
+    # A second update with other numbers keeps the same uirevision (plotly keeps the user's zoom).
+    again = plots.spectrum_figure({"a": s * 2}, None, plots.TaskColors(["a"]), layer="w")
+    assert again.layout.uirevision == fig.layout.uirevision
+
+
+def test_energy_curves_end_at_one():
+    s = np.array([3.0, 2.0, 1.0], dtype=np.float32)
+    e = np.cumsum(s**2) / np.sum(s**2)
+    fig = plots.energy_figure({"a": e}, e, plots.TaskColors(["a"]))
+    assert _as_array(fig.data[0].y)[-1] == pytest.approx(1.0)
+    assert tuple(fig.layout.yaxis.range) == (0, 1.02)
+
+
+@pytest.mark.parametrize("values", [[[1.0, -0.2], [-0.2, 1.0]], [[0.1, 0.05], [0.05, 0.1]]])
+def test_signed_heatmap_range_is_fixed_and_symmetric(values):
+    fig = plots.heatmap_figure(values, ["a", "b"], metric="cosine", value_range=(-1.0, 1.0), signed=True)
+    hm = fig.data[0]
+    assert (hm.zmin, hm.zmax) == (-1.0, 1.0)  # independent of the data: 0 is always the neutral colour
+    assert hm.z.dtype == np.float32
+
+
+def test_signed_heatmap_without_bounds_is_centred_and_rounded():
+    fig = plots.heatmap_figure([[1.3, 0.9], [1.1, 0.6]], ["a", "b"], ["s1", "s2"], value_range=(None, None),
+                               signed=True, center=1.0)
+    hm = fig.data[0]
+    assert hm.zmin + hm.zmax == pytest.approx(2.0)           # symmetric around the centre 1.0
+    assert hm.zmax - 1.0 == plots.nice_ceil(0.4)             # max deviation 0.4 rounded up to 0.5
+    assert list(hm.x) == ["s1", "s2"]
+
+
+def test_unsigned_heatmap_uses_the_declared_range():
+    fig = plots.heatmap_figure([[1.0, 0.2], [0.2, 1.0]], ["a", "b"], value_range=(0.0, 1.0), signed=False)
+    assert (fig.data[0].zmin, fig.data[0].zmax) == (0.0, 1.0)
+
+
+def test_nice_ceil_is_a_tight_upper_bound():
+    for x in [1e-6, 0.003, 0.37, 1.0, 2.01, 7.5, 123.0]:
+        y = plots.nice_ceil(x)
+        assert x <= y <= 2.5 * x * (1 + 1e-9)
+
+
+def test_layer_curves_mark_the_selected_layer_and_colour_by_task():
+    colors = plots.TaskColors(["a", "b"])
+    keys = ["visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    fig = plots.layer_curves_figure(keys, [0.1, 0.2], {"a": [0.5, 0.6], "b": [0.4, 0.5]},
+                                    {"a": [0.9, 0.8], "b": [0.7, 0.6]}, colors, merged_entropy=[0.3, 0.4],
+                                    selected=keys[1])
+    names = [t.name for t in fig.data]
+    assert names == ["STI", "a", "b", "merged", "a", "b"]
+    assert all(t.line.color == colors[t.name] for t in fig.data if t.name in ("a", "b"))
+    assert [s.x0 for s in fig.layout.shapes] == [1, 1, 1]
+    assert list(fig.data[1].customdata) == ["block 0 · attn.in_proj", "block 0 · mlp.c_fc"]
+
+
+def test_accuracy_figures_show_percentages_and_skip_missing_values():
+    table = {"a": {"merged": 80.0, "zero_shot": 40.0, "individual": 100.0, "normalized": 80.0},
+             "b": {"merged": 30.0, "zero_shot": None, "individual": 60.0, "normalized": 50.0}}
+    absolute, norm = plots.accuracy_figures(table)
+    assert [t.name for t in absolute.data] == ["merged", "zero-shot", "individual"]
+    assert _as_array(absolute.data[0].y).tolist() == [80.0, 30.0]
+    zs = _as_array(norm.data[1].y)
+    assert zs[0] == 40.0 and np.isnan(zs[1])
+    assert absolute.layout.barmode == "group"
+
+
+def test_alpha_curve_marks_the_best_alpha():
+    fig = plots.alpha_curve_figure([0.1, 0.2, 0.3], [50.0, 70.0, 60.0], {"a": [40.0, 80.0, 70.0]},
+                                   plots.TaskColors(["a"]), best=0.2)
+    assert isinstance(fig, go.Figure)
+    assert fig.data[-1].name == "preference-weighted"
+    assert [s.x0 for s in fig.layout.shapes] == [0.2]
+
+
+def test_empty_figure_carries_the_message():
+    fig = plots.empty_figure("Select at least one expert")
+    assert fig.layout.annotations[0].text == "Select at least one expert"
