@@ -106,7 +106,7 @@ class Recipe:
     calibrate_hparams: dict[str, Any] = field(default_factory=dict)
     preferences: dict[str, float] | None = None
     seed: int = 0
-    layer_rule: str = "default"
+    layer_rule: str | None = None  # None: each method/calibration uses its own default rule
     suite: str | None = None
     studio_version: str = ""
 
