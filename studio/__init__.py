@@ -11,15 +11,19 @@ Example:
     [[1.0, 0.0], [0.0, 1.0]]
 """
 
+from .compress import compress
 from .engine import merge, merge_pool, get_pool
 from .layers import DEFAULT as DEFAULT_LAYER_RULE, LayerRule, SKIP_EMBEDDINGS
 from .pool import ExpertError, LayerTasks, TaskPool
 from .registry import UnknownMethodError, list_methods
 from .schema import HyperparameterError, Param, StudioError
+from .suite import Suite, default_suite, load_suite
+from .evaluate import EvalResult, alpha_sweep, evaluate, predict
 
 __all__ = [
-    "merge", "merge_pool", "get_pool", "list_methods",
+    "merge", "merge_pool", "get_pool", "list_methods", "compress",
     "TaskPool", "LayerTasks", "LayerRule", "DEFAULT_LAYER_RULE", "SKIP_EMBEDDINGS", "Param",
     "StudioError", "ExpertError", "HyperparameterError", "UnknownMethodError",
+    "Suite", "load_suite", "default_suite", "evaluate", "alpha_sweep", "predict", "EvalResult",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""TSV-Compress (Gargiulo et al., CVPR 2025, sec. 4.1 eq. 8, appx. B.3): store each task vector as the top-``k``
+singular triplets of every matrix layer, ``k = r / T`` by default, and every other tensor in full.
+
+Example:
+    >>> import torch, studio
+    >>> base = {"w": torch.zeros(64, 32), "b": torch.zeros(32)}
+    >>> experts = {t: {"w": torch.randn(64, 32), "b": torch.randn(32)} for t in "abcd"}
+    >>> packed = studio.compress(base, experts)      # k = int(32 / 4) = 8: 8 * (64 + 32 + 1) numbers, b dense
+    >>> packed.tasks["a"]["w"].rank, packed.storage()["per_task"]["a"]["stored"], round(packed.storage_ratio(), 3)
+    (8, 808, 0.388)
+    >>> sorted(packed.reconstruct("a"))
+    ['b', 'w']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .layers import LayerRule, resolve_rule
+from .pool import StateDict, TaskPool, validate_experts
+from .schema import HyperparameterError, StudioError
+
+__all__ = ["LowRank", "Compressed", "compress"]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A rank-``k`` task matrix ``U diag(S) Vh`` (TSV eq. 5/8): ``U [m, k]``, ``S [k]``, ``Vh [k, n]``.
+
+    Example:
+        >>> f = LowRank(torch.eye(3, 1), torch.tensor([2.0]), torch.ones(1, 2))
+        >>> f.to_dense().tolist(), f.numel, f.shape
+        ([[2.0, 2.0], [0.0, 0.0], [0.0, 0.0]], 6, (3, 2))
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.S.numel())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.U.shape[0]), int(self.Vh.shape[1]))
+
+    @property
+    def numel(self) -> int:
+        """Stored numbers, ``k (m + n + 1)`` as counted in TSV appx. B.3."""
+        return self.U.numel() + self.S.numel() + self.Vh.numel()
+
+    def to_dense(self) -> Tensor:
+        """The rank-``k`` task matrix ``U diag(S) Vh``."""
+        return (self.U * self.S) @ self.Vh
+
+
+@dataclass
+class Compressed:
+    """TSV-C compressed experts: ``tasks[name][key]`` is a :class:`LowRank` for matrix layers, else the dense task
+    vector. ``base`` is the pretrained state dict the task vectors apply to (kept by reference)."""
+
+    base: dict[str, Tensor]
+    tasks: dict[str, dict[str, "LowRank | Tensor"]]
+    rank_fraction: float | None
+    layer_rule: LayerRule
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def task_vector(self, task: str) -> dict[str, Tensor]:
+        """Dense (approximate) task vector of ``task``: ``U diag(S) Vh`` per matrix layer, else the stored tensor."""
+        if task not in self.tasks:
+            raise StudioError(f"unknown task {task!r}; the compressed experts are {sorted(self.tasks)}")
+        return {k: (v.to_dense() if isinstance(v, LowRank) else v).clone() for k, v in self.tasks[task].items()}
+
+    def reconstruct(self, task: str, alpha: float = 1.0) -> dict[str, Tensor]:
+        """State dict ``base + alpha * task_vector(task)`` (TSV eq. 8 with a known task index), in the base's dtypes.
+
+        Non-floating tensors (e.g. integer buffers) are copied from the base.
+        """
+        tv = self.task_vector(task)
+        out: dict[str, Tensor] = {}
+        for key, b in self.base.items():
+            if key in tv:
+                out[key] = (b.float() + alpha * tv[key].to(b.device, torch.float32)).to(b.dtype)
+            else:
+                out[key] = b.clone()
+        return out
+
+    to_state_dict = reconstruct
+
+    def storage(self) -> dict[str, Any]:
+        """Stored numbers per task and in total, against the dense task vectors and the base model."""
+        per_task = {}
+        for name, sd in self.tasks.items():
+            stored = sum(v.numel if isinstance(v, LowRank) else v.numel() for v in sd.values())
+            dense = sum(self.base[k].numel() for k in sd)
+            per_task[name] = {"stored": stored, "dense": dense, "ratio": stored / dense if dense else 1.0}
+        stored = sum(p["stored"] for p in per_task.values())
+        dense = sum(p["dense"] for p in per_task.values())
+        base_numel = sum(t.numel() for t in self.base.values())
+        return {
+            "per_task": per_task,
+            "stored": stored,
+            "dense": dense,
+            "ratio": stored / dense if dense else 1.0,
+            # TSV sec. 5.2: base + every compressed task is about twice the model whatever T is
+            "model_multiple": (base_numel + stored) / base_numel if base_numel else 1.0,
+        }
+
+    def storage_ratio(self) -> float:
+        """Stored numbers of all compressed tasks / numbers of their dense task vectors."""
+        return self.storage()["ratio"]
+
+
+def compress(
+    base: StateDict,
+    experts: Mapping[str, StateDict],
+    *,
+    rank_fraction: float | None = None,
+    device: Any = None,
+    layer_rule: "LayerRule | str | None" = None,
+    svd_mode: str = "auto",
+) -> Compressed:
+    """TSV-C: per task and matrix layer keep the top ``k = int(r * rank_fraction)`` singular triplets (TSV sec. 4.1).
+
+    Args:
+        base: pretrained state dict.
+        experts: mapping task name -> fine-tuned state dict (validated with :func:`studio.pool.validate_experts`).
+        rank_fraction: fraction of each layer's ``r = min(m, n)`` components kept; ``None`` = ``1/T`` (the paper's
+            and the official ``compress_tv(..., 1 / len(DATASETS))`` default, about twice the base model's size in
+            total whatever ``T`` is). Must keep at least one component.
+        device: where the decompositions run (``None``: CUDA when present). Factors are returned on the CPU.
+        layer_rule: which 2-D tensors are compressed (default: all but ``text_projection``, as the official code);
+            every other floating tensor is kept as its dense task vector.
+        svd_mode: ``"auto"`` (randomized truncated SVD) or ``"exact"``.
+
+    The per-task decompositions come from the same cached pool as :func:`studio.merge` (``layer.svd(i, k)``), so
+    compressing after a TSV-M merge with the same rank reuses them.
+
+    Example:
+        >>> import torch
+        >>> base = {"w": torch.zeros(4, 4)}
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))}}
+        >>> c = compress(base, experts, rank_fraction=0.5)
+        >>> c.task_vector("a")["w"].diagonal().tolist(), c.storage_ratio()
+        ([3.0, 2.0, 0.0, 0.0], 1.125)
+    """
+    from .engine import get_pool
+    from .methods.tsv_m import tsv_rank   # lazy: importing studio.methods registers every method
+
+    validate_experts(base, experts)
+    rule = resolve_rule(layer_rule)
+    if rank_fraction is not None:
+        rank_fraction = float(rank_fraction)
+        if not 0.0 < rank_fraction <= 1.0:
+            raise HyperparameterError(f"compress: rank_fraction = {rank_fraction!r} is outside (0, 1]")
+    pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)
+    T = len(pool.names)
+    fraction = 1.0 / T if rank_fraction is None else rank_fraction
+    tasks: dict[str, dict[str, LowRank | Tensor]] = {name: {} for name in pool.names}
+    for key, b in pool.base.items():
+        if not b.is_floating_point():
+            continue
+        layer = pool.layer(key)
+        if rule.is_matrix(key, b.shape):
+            k = tsv_rank(min(b.shape), 1, fraction, owner="compress", key=key)
+            for i, name in enumerate(pool.names):
+                U, S, Vh = layer.svd(i, k)
+                tasks[name][key] = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
+        else:
+            deltas = layer.deltas
+            for i, name in enumerate(pool.names):
+                tasks[name][key] = deltas[i].cpu().clone()
+    return Compressed(base=dict(base), tasks=tasks, rank_fraction=rank_fraction, layer_rule=rule,
+                      meta={"num_tasks": T, "svd_mode": svd_mode})

@@ -1,0 +1,46 @@
+"""Iso-C (Marczak et al., ICML 2025, "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific
+Subspaces"), Alg. 1: flatten the spectrum of the summed task matrices to its mean singular value.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import Param
+
+__all__ = ["iso_c"]
+
+
+@register(
+    "iso_c",
+    params=(
+        Param("alpha", float, 1.3, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
+              help="Global scaling of the isotropic merged task matrices (chosen on validation data in the paper).",
+              paper="Iso paper eq. 9; Table 5 (appx. D.3): optimal alpha for Iso-C, ViT-B/32, 8 tasks = 1.30"),
+    ),
+    paper="No Task Left Behind (Marczak et al., ICML 2025), Alg. 1 Iso-C, eq. 7-9",
+    summary="SVD of the summed task matrices with every singular value replaced by their mean (isotropic).",
+    scope="matrix",
+    vector_rule="mean",
+)
+def iso_c(layer: LayerTasks) -> Tensor:
+    """``Delta_Iso-C = sigma_bar U V^T`` with ``U Sigma V^T = sum_t Delta_t`` and ``sigma_bar = mean(sigma)``.
+
+    Iso eq. 7-8 (Alg. 1). As in the official ``iso_c``, the SVD is of the SUM of the task matrices (the code
+    averages and then multiplies by ``T``), over all ``r = min(m, n)`` singular values; non-matrix tensors get the
+    mean of the task vectors (engine ``vector_rule="mean"``, Iso appx. C.2). The exact SVD of the sum comes from
+    ``layer.sum_svd()``, cached per pool and shared with Iso-CTS, SVC and the diagnostics.
+
+    Example:
+        >>> import torch
+        >>> from studio.pool import TaskPool
+        >>> base = {"w": torch.zeros(2, 2)}
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 0.0]))},
+        ...            "b": {"w": torch.diag(torch.tensor([0.0, 1.0]))}}
+        >>> iso_c(TaskPool(base, experts).layer("w")).tolist()   # spectrum (3, 1) -> (2, 2)
+        [[2.0, 0.0], [0.0, 2.0]]
+    """
+    U, S, Vh = layer.sum_svd()
+    return (U * S.mean()) @ Vh

@@ -1,0 +1,125 @@
+"""Iso-CTS (Marczak et al., ICML 2025, "No Task Left Behind"), Alg. 2: isotropic merging in the common subspace of
+the summed task matrices enlarged with task-specific subspaces.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linalg import polar_extend, truncated_svd_deflated
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import HyperparameterError, Param
+
+__all__ = ["iso_cts", "iso_cts_dims", "iso_cts_factors"]
+
+
+def iso_cts_dims(r: int, num_tasks: int, common_space_fraction: float) -> tuple[int, int]:
+    """Sizes ``(k, s)`` of the common subspace and of each task-specific subspace, ``k + T*s = r``.
+
+    Iso eq. 10-13 ask for ``k`` common directions and ``s = (r - k) / T`` per task; the official code makes the
+    task-specific total divisible by ``T`` with Python's ``round`` (half to even)::
+
+        common = int(r * f); ts_total = round((r - common) / T) * T; common = r - ts_total; s = ts_total // T
+
+    e.g. ``r = 768, T = 8, f = 0.8``: ``int(614.4) = 614``, ``round(19.25) = 19``, so ``k = 616, s = 19``. Where
+    rounding up would leave a negative common size (``f`` near 0 and ``r / T`` rounding up, e.g. ``r = 11, T = 4,
+    f = 0``), where the official code slices with a negative index, ``s`` is capped at ``r // T``.
+
+    Example:
+        >>> iso_cts_dims(768, 8, 0.8), iso_cts_dims(768, 8, 1.0), iso_cts_dims(11, 4, 0.0)
+        ((616, 19), (768, 0), (3, 2))
+    """
+    if not 0.0 <= common_space_fraction <= 1.0:
+        raise HyperparameterError(
+            f"iso_cts: common_space_fraction = {common_space_fraction!r} is outside [0, 1]")
+    common = int(r * common_space_fraction)
+    per_task = min(round((r - common) / num_tasks), r // num_tasks)
+    return r - per_task * num_tasks, per_task
+
+
+def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Common and task-specific directions of Iso Alg. 2 lines 1-9.
+
+    Returns ``Uc [m, k]``, ``Vc [n, k]``, ``U_ts [m, T*s]``, ``V_ts [n, T*s]`` and all ``r`` selected singular values
+    (``k`` of the sum, then ``s`` per task). The task-specific SVDs are of ``Delta_t - Uc Uc^T Delta_t`` (eq. 10):
+    LAPACK on the formed residual in ``svd_mode="exact"`` (the official code), else
+    :func:`studio.linalg.truncated_svd_deflated`'s Gram-based path.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([4.0, 0, 0, 1]))},
+        ...            "b": {"w": torch.diag(torch.tensor([0.0, 2, 1, 0]))}}
+        >>> layer = TaskPool({"w": torch.zeros(4, 4)}, experts).layer("w")
+        >>> Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, 2, 1)
+        >>> Uc.shape, U_ts.shape, sigmas.tolist()
+        (torch.Size([4, 2]), torch.Size([4, 2]), [4.0, 2.0, 1.0, 1.0])
+    """
+    U, S, Vh = layer.sum_svd()
+    Uc, Sc, Vc = U[:, :k], S[:k], Vh[:k].mT
+    exact = layer.pool.svd_mode == "exact"
+    # When m <= r the sum's U is square, so its remaining columns span exactly the complement of the common
+    # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k) x n matrix is decomposed.
+    complement = U[:, k:] if U.shape[0] == U.shape[1] else None
+    Us, Ss, Vs = [], [Sc], []
+    if s > 0:
+        deltas = layer.deltas
+        for t in range(layer.num_tasks):
+            u, sv, vh = truncated_svd_deflated(deltas[t], Uc, s, complement=complement, exact=exact)
+            # A zero residual (e.g. a task with preference weight 0) has no singular vectors; LAPACK would return
+            # arbitrary ones, which the whitening would then keep at weight sigma_bar.
+            nonzero = sv > 0
+            Us.append(u * nonzero)
+            Ss.append(sv)
+            Vs.append(vh.mT * nonzero)
+    m, n = layer.shape
+    empty_u, empty_v = Uc.new_zeros(m, 0), Uc.new_zeros(n, 0)
+    U_ts = torch.cat(Us, dim=1) if Us else empty_u
+    V_ts = torch.cat(Vs, dim=1) if Vs else empty_v
+    return Uc, Vc, U_ts, V_ts, torch.cat(Ss)
+
+
+@register(
+    "iso_cts",
+    params=(
+        Param("common_space_fraction", float, 0.8, low=0.0, high=1.0, ui_step=0.01,
+              help="Fraction k/r of the directions taken from the common subspace of the summed task matrices; "
+                   "the rest is split equally among the tasks (1.0 = Iso-C).",
+              paper="Iso sec. 5.4 / Fig. 6: k/r = 0.8 is the default for all settings; official common_space_fraction"),
+        Param("alpha", float, 1.5, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
+              help="Global scaling of the isotropic merged task matrices (chosen on validation data in the paper).",
+              paper="Iso paper eq. 14; Table 5 (appx. D.3): optimal alpha for Iso-CTS, ViT-B/32, 8 tasks = 1.50"),
+    ),
+    paper="No Task Left Behind (Marczak et al., ICML 2025), Alg. 2 Iso-CTS, eq. 10-14",
+    summary="Common subspace of the task-matrix sum plus each task's own top directions, orthogonalised, "
+            "with a flat (isotropic) spectrum.",
+    scope="matrix",
+    vector_rule="mean",
+)
+def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
+    """``Delta_Iso-CTS = sigma_bar U_* V_*^T`` (Iso Alg. 2, eq. 10-13; unscaled).
+
+    ``U_* = polar([U^{1:k} | Ubar_1^{1:s} | ... | Ubar_T^{1:s}])`` (and likewise ``V_*``) with ``Ubar_t`` the left
+    singular vectors of the task matrix with the common subspace projected out (eq. 10), and ``sigma_bar`` the mean
+    of the ``r`` selected singular values (eq. 13). Sizes follow the official rounding (:func:`iso_cts_dims`). The
+    official code stacks the task-specific block before the common one; the column order changes neither the polar
+    factors' product nor the flat spectrum. Because the common block is already orthonormal, the whitening is done
+    as a low-rank update of it (:func:`studio.linalg.polar_extend`), equal to the polar factor of the whole
+    ``[m, r]`` matrix at a fraction of the cost. With ``common_space_fraction = 1`` this is Iso-C.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> base = {"w": torch.zeros(4, 4)}
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([4.0, 0, 0, 1]))},
+        ...            "b": {"w": torch.diag(torch.tensor([0.0, 2, 1, 0]))}}
+        >>> layer = TaskPool(base, experts, svd_mode="exact").layer("w")
+        >>> # common: e1, e2 of the sum diag(4, 2, 1, 1); task-specific: e4 (a), e3 (b); mean of (4, 2, 1, 1) = 2
+        >>> [round(x, 4) for x in iso_cts(layer, 0.5).diagonal().tolist()]   # k = 2, s = 1
+        [2.0, 2.0, 2.0, 2.0]
+    """
+    r = min(layer.shape)
+    k, s = iso_cts_dims(r, layer.num_tasks, common_space_fraction)
+    Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, k, s)
+    sigma_bar = sigmas.sum() / r
+    return (polar_extend(Uc, U_ts) * sigma_bar) @ polar_extend(Vc, V_ts).mT

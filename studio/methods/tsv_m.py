@@ -1,0 +1,117 @@
+"""TSV-Merge (Gargiulo et al., CVPR 2025, "Task Singular Vectors: Reducing Task Interference in Model Merging").
+
+Per matrix layer: keep each task's top-``k`` singular triplets (TSV eq. 5-6, Alg. 1 lines 1-4), concatenate them
+(eq. 4), decorrelate the concatenated left and right singular vectors by whitening / orthogonal Procrustes
+(eq. 9, Prop. 4.1, Alg. 1 lines 9-14) and rebuild ``U_perp Sigma V_perp^T`` (Alg. 1 line 16). Non-matrix tensors
+get the mean of the task vectors (TSV appx. B.1, official ``compute_and_sum_svd_mem_reduction``), and ``alpha``
+scales everything (Alg. 1 line 18; sec. 6.3: alpha = 1.0 needs no tuning).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..linalg import polar_gram
+from ..pool import LayerTasks
+from ..registry import register
+from ..schema import HyperparameterError, Param
+
+__all__ = ["tsv_m", "tsv_rank", "tsv_factors"]
+
+
+def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str = "tsv_m", key: str = "") -> int:
+    """Number of singular triplets kept per task: ``k = int(r * rank_fraction)``, ``rank_fraction = 1/T`` by default.
+
+    The default is the official code's ``int(s.shape[0] * (1 / num_tasks))`` (TSV Alg. 1 line 3, "retain the first
+    1/T singular components"). As in the official code, ``k`` may round down to 0 on a small layer (e.g. ``r = 50``,
+    ``rank_fraction < 0.02``), which then keeps no component. Raises :class:`HyperparameterError` if
+    ``rank_fraction <= 0`` or if the ``T * k`` concatenated directions would not fit in the ``r``-dimensional space
+    (``T * k > r``).
+
+    Example:
+        >>> tsv_rank(768, 8, None), tsv_rank(768, 8, 0.05), tsv_rank(50, 8, None), tsv_rank(50, 8, 0.01)
+        (96, 38, 6, 0)
+    """
+    fraction = 1.0 / num_tasks if rank_fraction is None else float(rank_fraction)
+    if not fraction > 0:
+        raise HyperparameterError(
+            f"{owner}: rank_fraction = {fraction:g} keeps no singular components; expected a value in (0, 1]"
+        )
+    k = int(r * fraction)
+    if num_tasks * k > r:
+        where = f"layer '{key}' of rank {r}" if key else f"rank {r}"
+        raise HyperparameterError(
+            f"{owner}: rank_fraction = {fraction:g} keeps k = {k} components per task, and {num_tasks} tasks x {k} = "
+            f"{num_tasks * k} exceeds the {where}; expected rank_fraction <= 1/{num_tasks} (1/T, the TSV default)"
+        )
+    return k
+
+
+def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Concatenated top-``k`` task singular vectors ``U [m, T*k]``, ``S [T*k]``, ``V [n, T*k]`` (TSV eq. 4-6).
+
+    Task ``i`` occupies columns ``i*k:(i+1)*k`` as in the official code. Decompositions come from
+    ``layer.svd(i, k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else :func:`studio.linalg.gram_svd`).
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 1.0, 0.0]))}, "b": {"w": torch.eye(3)}}
+        >>> U, S, V = tsv_factors(TaskPool({"w": torch.zeros(3, 3)}, experts).layer("w"), 1)
+        >>> U.shape, S.tolist(), V.shape
+        (torch.Size([3, 2]), [3.0, 1.0], torch.Size([3, 2]))
+    """
+    parts = [layer.svd(i, k) for i in range(layer.num_tasks)]
+    U = torch.cat([p[0] for p in parts], dim=1)
+    S = torch.cat([p[1] for p in parts])
+    V = torch.cat([p[2].mT for p in parts], dim=1)
+    return U, S, V
+
+
+@register(
+    "tsv_m",
+    params=(
+        Param("rank_fraction", float, None, low=0.0, high=1.0, ui_step=0.005, auto="1/T",
+              help="Fraction of each task matrix's singular components kept (k = int(r * fraction)); "
+                   "T * k must not exceed r.",
+              paper="TSV Alg. 1 line 3 (first 1/T components); official code int(s.shape[0] * (1/num_tasks))"),
+        Param("alpha", float, 1.0, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
+              help="Global scaling of the merged task matrices.",
+              paper="TSV Alg. 1 line 18; sec. 6.3 / Fig. 7: alpha = 1.0 is best, no tuning needed"),
+    ),
+    paper="Task Singular Vectors (Gargiulo et al., CVPR 2025), Alg. 1 TSV-Merge, eq. 4-9",
+    summary="Keep each task's top 1/T singular directions, decorrelate them across tasks (Procrustes), rebuild.",
+    scope="matrix",
+    vector_rule="mean",
+)
+def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
+    """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).
+
+    ``U_perp = polar(U)`` and ``V_perp = polar(V)`` are the orthogonal Procrustes / whitening solutions for the
+    concatenated top-``k`` singular vectors of every task. The official code places the ``T*k`` vectors in an
+    ``r``-column zero-padded matrix and takes its SVD; the zero columns meet zero singular values, so the polar
+    factor of the ``T*k`` non-zero columns gives the same matrix (tested), which is what is computed here, via the
+    ``(T k) x (T k)`` Gram matrix (:func:`studio.linalg.polar_gram`). Columns whose singular value is exactly zero
+    (a zero task matrix, or a task with preference weight 0) carry no direction and are left out of the
+    orthogonalisation (an SVD would give them arbitrary vectors).
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> base = {"w": torch.zeros(4, 4)}
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 0, 0.5, 0.1]))},
+        ...            "b": {"w": torch.diag(torch.tensor([0.0, 2, 0, 0]))}}
+        >>> delta = tsv_m(TaskPool(base, experts, svd_mode="exact").layer("w"))  # k = 2: a loses its 0.1
+        >>> [round(x, 4) for x in delta.diagonal().tolist()]
+        [3.0, 2.0, 0.5, 0.0]
+    """
+    r = min(layer.shape)
+    k = tsv_rank(r, layer.num_tasks, rank_fraction, key=layer.key)
+    if k == 0:
+        return torch.zeros(layer.shape, device=layer.device)
+    U, S, V = tsv_factors(layer, k)
+    keep = S > 0
+    if not bool(keep.all()):
+        U, S, V = U[:, keep], S[keep], V[:, keep]
+    if S.numel() == 0:
+        return torch.zeros(layer.shape, device=layer.device)
+    return (polar_gram(U) * S) @ polar_gram(V).mT

@@ -1,0 +1,139 @@
+"""Slow, obviously-correct references for TSV-M, TSV-C, Iso-C and Iso-CTS, used only by the tests.
+
+Each function follows the official code's loops line by line (rewritten, not copied) on a list of task vectors
+(``tau_i = theta_i - theta_pre`` state dicts), in float64 and with the exact LAPACK SVD:
+
+* TSV-M: ``compute_and_sum_svd_mem_reduction`` (github.com/AntoAndGar/task_singular_vectors, src/utils/TSVM_utils.py):
+  zero-padded ``sum_u [m, r]``, ``sum_s [r]``, ``sum_v [r, n]`` with task ``i`` in slots ``i*k:(i+1)*k``,
+  ``k = int(r * 1/T)``; merged = ``u_u @ v_u @ diag(sum_s) @ u_v @ v_v`` of the SVDs of ``sum_u`` and ``sum_v``;
+  non-matrix tensors (and ``text_projection``) are averaged with the running mean.
+* TSV-C: ``compress_tv``: ``u[:, :k], s[:k], v[:k]`` per matrix, other tensors kept.
+* Iso-C / Iso-CTS: ``iso_c`` / ``iso_cts`` (github.com/danielm1405/iso-merging, src/utils/iso.py): SVD of the SUM;
+  Iso-CTS with the task-specific block first, the common block after it, SVD-based orthogonalisation and the mean
+  of all ``r`` singular values.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+TaskVectors = list[dict[str, Tensor]]
+
+
+def _is_matrix(key: str, t: Tensor) -> bool:
+    return t.dim() == 2 and "text_projection" not in key
+
+
+def _running_mean(vectors: list[Tensor]) -> Tensor:
+    out = vectors[0].clone()
+    for i, v in enumerate(vectors[1:], start=2):
+        out += (v - out) / i
+    return out
+
+
+def tsv_m_reference(task_vectors: TaskVectors, rank_fraction: float | None = None) -> dict[str, Tensor]:
+    """Official TSV-M loop (unscaled merged task vector)."""
+    T = len(task_vectors)
+    sv_reduction = 1 / T if rank_fraction is None else rank_fraction
+    out: dict[str, Tensor] = {}
+    for key in task_vectors[0]:
+        vecs = [tv[key].double() for tv in task_vectors]
+        if not _is_matrix(key, vecs[0]):
+            out[key] = _running_mean(vecs)
+            continue
+        sum_u = sum_s = sum_v = None
+        for i, vec in enumerate(vecs):
+            u, s, v = torch.linalg.svd(vec, full_matrices=False)
+            if i == 0:
+                sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
+            k = int(s.shape[0] * sv_reduction)
+            sum_u[:, i * k:(i + 1) * k] = u[:, :k]
+            sum_s[i * k:(i + 1) * k] = s[:k]
+            sum_v[i * k:(i + 1) * k, :] = v[:k, :]
+        u_u, _, v_u = torch.linalg.svd(sum_u, full_matrices=False)
+        u_v, _, v_v = torch.linalg.svd(sum_v, full_matrices=False)
+        out[key] = torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
+    return out
+
+
+def tsv_c_reference(task_vectors: TaskVectors, rank_fraction: float | None = None) -> list[dict[str, Tensor]]:
+    """Official ``compress_tv`` followed by reconstruction ``u diag(s) v`` (dense approximate task vectors)."""
+    sv_reduction = 1 / len(task_vectors) if rank_fraction is None else rank_fraction
+    out = []
+    for tv in task_vectors:
+        rec = {}
+        for key, layer in tv.items():
+            layer = layer.double()
+            if _is_matrix(key, layer):
+                u, s, v = torch.linalg.svd(layer, full_matrices=False)
+                k = int(s.shape[0] * sv_reduction)
+                rec[key] = u[:, :k] @ torch.diag(s[:k]) @ v[:k, :]
+            else:
+                rec[key] = layer
+        out.append(rec)
+    return out
+
+
+def iso_c_reference(task_vectors: TaskVectors) -> dict[str, Tensor]:
+    """Official Iso-C loop (unscaled)."""
+    out: dict[str, Tensor] = {}
+    for key in task_vectors[0]:
+        tvs = [tv[key].double() for tv in task_vectors]
+        out[key] = sum(tvs) / len(tvs)
+        if _is_matrix(key, tvs[0]):
+            out[key] = out[key] * len(tvs)
+            U, S, V = torch.linalg.svd(out[key], full_matrices=False)
+            S_mean = torch.ones_like(S) * S.mean()
+            out[key] = torch.linalg.multi_dot((U, torch.diag(S_mean), V))
+    return out
+
+
+def iso_cts_dims_reference(r: int, T: int, common_space_fraction: float) -> tuple[int, int]:
+    """The official size computation, verbatim in structure."""
+    common_space_index_s = int(r * common_space_fraction)
+    _task_specific_total_space_index_s = round((r - common_space_index_s) / T) * T
+    common_space_index_s = r - _task_specific_total_space_index_s
+    n_dims_per_task = int((r - common_space_index_s) / T)
+    return common_space_index_s, n_dims_per_task
+
+
+def iso_cts_reference(task_vectors: TaskVectors, common_space_fraction: float = 0.8) -> dict[str, Tensor]:
+    """Official Iso-CTS loop (unscaled)."""
+    T = len(task_vectors)
+    out: dict[str, Tensor] = {}
+    for key in task_vectors[0]:
+        vecs = [tv[key].double() for tv in task_vectors]
+        if not _is_matrix(key, vecs[0]):
+            out[key] = _running_mean(vecs)
+            continue
+        r = min(vecs[0].shape)
+        common, n_dims_per_task = iso_cts_dims_reference(r, T, common_space_fraction)
+        combined_w = sum(vecs)
+        u, s, v = torch.linalg.svd(combined_w, full_matrices=False)
+        common_u, common_s, common_v = u[:, :common], s[:common], v[:common, :]
+        comb_u = comb_s = comb_v = None
+        for i, w in enumerate(vecs):
+            w_ts = w - common_u @ common_u.T @ w
+            u_ts, s_ts, v_ts = torch.linalg.svd(w_ts, full_matrices=False)
+            if i == 0:
+                comb_u, comb_s, comb_v = torch.zeros_like(u_ts), torch.zeros_like(s_ts), torch.zeros_like(v_ts)
+            comb_u[:, i * n_dims_per_task:(i + 1) * n_dims_per_task] = u_ts[:, :n_dims_per_task]
+            comb_s[i * n_dims_per_task:(i + 1) * n_dims_per_task] = s_ts[:n_dims_per_task]
+            comb_v[i * n_dims_per_task:(i + 1) * n_dims_per_task, :] = v_ts[:n_dims_per_task, :]
+        lo = T * n_dims_per_task
+        comb_u[:, lo:lo + common] = common_u
+        comb_s[lo:lo + common] = common_s
+        comb_v[lo:lo + common, :] = common_v
+        uu, _, vu = torch.linalg.svd(comb_u, full_matrices=False)
+        uv, _, vv = torch.linalg.svd(comb_v, full_matrices=False)
+        comb_u, comb_v = uu @ vu, uv @ vv
+        comb_s = torch.ones_like(comb_s) * comb_s.mean()
+        out[key] = torch.linalg.multi_dot((comb_u, torch.diag(comb_s), comb_v))
+    return out
+
+
+def task_vectors_of(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]]) -> TaskVectors:
+    """``[theta_i - theta_pre]`` for the floating tensors, in expert order."""
+    return [{k: sd[k].double() - base[k].double() for k in base if base[k].is_floating_point()}
+            for sd in experts.values()]

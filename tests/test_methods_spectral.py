@@ -1,0 +1,424 @@
+"""TSV-M, TSV-C, Iso-C and Iso-CTS: parity with the official-code loops, closed-form properties from the papers,
+the fast linear-algebra blocks against their definitions, hyperparameter errors, and end-to-end merges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import studio
+from studio import linalg
+from studio.methods.iso_c import iso_c
+from studio.methods.iso_cts import iso_cts, iso_cts_dims
+from studio.methods.tsv_m import tsv_m, tsv_rank
+from studio.pool import TaskPool
+from studio.registry import get_method
+from studio.schema import HyperparameterError
+
+from .conftest import clip_like_state_dict, make_experts
+from .reference_spectral import (iso_c_reference, iso_cts_dims_reference, iso_cts_reference, task_vectors_of,
+                                 tsv_c_reference, tsv_m_reference)
+
+RTOL = 1e-5
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _layer(tasks: torch.Tensor, svd_mode: str = "exact"):
+    """A one-key pool whose task matrices are exactly ``tasks`` ([T, m, n], base = 0)."""
+    base = {"w": torch.zeros(tasks.shape[1:])}
+    experts = {f"t{i}": {"w": t.clone()} for i, t in enumerate(tasks)}
+    return TaskPool(base, experts, device="cpu", svd_mode=svd_mode).layer("w")
+
+
+def _random_tasks(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(T, m, n, generator=torch.Generator().manual_seed(seed))
+
+
+def _realistic_tasks(T: int, m: int, n: int, seed: int = 0) -> torch.Tensor:
+    """Fine-tuning-like task matrices (as studio.bench): a component shared by all tasks + a task-specific low-rank
+    part with a decaying spectrum + dense noise, i.e. a few strong directions over a flat tail."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(1, min(m, n) // 8)
+    shared = torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g) / k
+    decay = torch.logspace(0, -2, k)
+    return torch.stack([0.4 * shared + (torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g) / k
+                        + 0.02 * torch.randn(m, n, generator=g) for _ in range(T)])
+
+
+def _svd_polar(a: torch.Tensor) -> torch.Tensor:
+    """The official code's orthogonalisation: ``u @ v`` of the (float64) SVD."""
+    u, _, vh = torch.linalg.svd(a.double(), full_matrices=False)
+    return u @ vh
+
+
+# ------------------------------------------------------------------------------------------------ linear algebra
+def test_polar_gram_equals_svd_polar_for_tall_and_wide():
+    for shape in [(12, 8), (8, 12), (40, 40)]:
+        a = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+        p = linalg.polar_gram(a)
+        assert _rel(p, _svd_polar(a)) < RTOL
+        small = min(shape)
+        gram = p.mT @ p if shape[0] >= shape[1] else p @ p.mT
+        torch.testing.assert_close(gram, torch.eye(small), atol=1e-5, rtol=0)
+
+
+def test_polar_gram_keeps_weak_but_real_directions():
+    """TSV-M's square [r, r] concatenations have sigma_min ~1e-4 (measured on ViT-B/32 shapes); they must keep
+    their full weight, as in the official SVD."""
+    g = torch.Generator().manual_seed(2)
+    q1, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
+    sig = torch.logspace(0, -4, 30, dtype=torch.float64)
+    a = ((q1 * sig) @ q2.mT).float()
+    assert _rel(linalg.polar_gram(a), _svd_polar(a)) < 1e-3      # the 1e-4 direction is there: else error ~0.2
+    assert _rel(linalg.polar_gram(a) @ linalg.polar_gram(a).mT, torch.eye(30)) < 1e-5
+
+
+def test_polar_gram_is_zero_on_exactly_dependent_directions():
+    """Duplicated columns: the polar factor is not unique (LAPACK returns an arbitrary unit completion); we return
+    the partial isometry, [u | u] -> [u | u] / sqrt(2), which adds no direction that is not in the data."""
+    u = torch.nn.functional.normalize(torch.randn(6, 1, generator=torch.Generator().manual_seed(3)), dim=0)
+    p = linalg.polar_gram(torch.cat([u, u], dim=1))
+    torch.testing.assert_close(p, torch.cat([u, u], dim=1) / 2 ** 0.5, atol=1e-6, rtol=0)
+
+
+def test_polar_extend_equals_the_full_polar_factor():
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(20, 9, generator=g))
+    for c in [torch.randn(20, 3, generator=g),                             # generic
+              q[:, :3] @ torch.randn(3, 3, generator=g) + 0.1 * torch.randn(20, 3, generator=g),   # mostly in span(Q)
+              torch.randn(20, 12, generator=g)]:                            # t >= k: falls back to polar_gram
+        full = torch.cat([q, c], 1)
+        assert _rel(linalg.polar_extend(q, c), _svd_polar(full)) < RTOL
+
+
+def test_gram_svd_matches_lapack_on_a_flat_tail_where_the_randomized_finder_does_not():
+    """Task matrices have a few strong directions over a flat tail (TSV Fig. 2, Iso Fig. 1). At TSV's rank the
+    randomized linalg.truncated_svd (niter=3, oversample=10) is ~9% off there; gram_svd is as accurate as LAPACK."""
+    g = torch.Generator().manual_seed(5)
+    P, _ = torch.linalg.qr(torch.randn(128, 96, generator=g, dtype=torch.float64))
+    Q, _ = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))
+    sig = torch.cat([torch.logspace(1, 0, 6, dtype=torch.float64), torch.linspace(0.5, 0.3, 90, dtype=torch.float64)])
+    a = ((P * sig) @ Q.mT).float()
+    k = 12
+    exact = linalg.reconstruct(P[:, :k], sig[:k], Q[:, :k].mT)
+    errors = {name: _rel(linalg.reconstruct(*f(a, k)), exact)
+              for name, f in [("randomized", linalg.truncated_svd), ("gram", linalg.gram_svd)]}
+    assert errors["gram"] < 1e-5, errors
+    assert errors["randomized"] > 1e-2, errors       # documents why the pool does not use it for the top-k
+    _, s, _ = linalg.gram_svd(a, k)
+    torch.testing.assert_close(s.double(), sig[:k], rtol=1e-5, atol=0)
+
+
+def test_gram_svd_zero_and_rank_deficient_inputs():
+    u, s, vh = linalg.gram_svd(torch.zeros(5, 4), 2)
+    assert s.tolist() == [0.0, 0.0] and not u.any() and torch.isfinite(vh).all()
+    a = torch.randn(9, 1, generator=torch.Generator().manual_seed(5)) @ torch.randn(1, 6)
+    u, s, vh = linalg.gram_svd(a, 3)                 # rank 1: the 2 null components come back as exact zeros
+    assert s[0] > 0 and s[1:].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(linalg.reconstruct(u, s, vh), a, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(30, 20), (20, 30)])
+def test_truncated_svd_deflated_matches_the_formed_residual(shape):
+    tasks = _random_tasks(2, *shape, seed=6)
+    u_all, _, _ = torch.linalg.svd(tasks.sum(0), full_matrices=False)
+    k, s = 14, 3
+    basis = u_all[:, :k]
+    b64 = basis.double()
+    residual = tasks[0].double() - b64 @ (b64.mT @ tasks[0].double())
+    ue, se, vhe = torch.linalg.svd(residual, full_matrices=False)
+    expected = linalg.reconstruct(ue[:, :s], se[:s], vhe[:s])
+    complement = u_all[:, k:] if shape[0] <= shape[1] else None
+    for exact in (True, False):
+        u, sv, vh = linalg.truncated_svd_deflated(tasks[0], basis, s, complement=complement, exact=exact)
+        assert _rel(linalg.reconstruct(u, sv, vh), expected) < RTOL
+        assert (basis.mT @ u).abs().max() < 1e-5                      # eq. 10: orthogonal to the common subspace
+
+
+# ---------------------------------------------------------------------------------------------------------- TSV-M
+@pytest.mark.parametrize("T,m,n,fraction", [(4, 12, 8, None), (4, 8, 12, None), (3, 10, 10, None),
+                                            (4, 12, 8, 0.125), (2, 9, 12, 0.3)])
+def test_tsv_m_matches_the_official_loop(T, m, n, fraction):
+    tasks = _random_tasks(T, m, n, seed=T + m)
+    ref = tsv_m_reference([{"w": t} for t in tasks], rank_fraction=fraction)["w"]
+    assert _rel(tsv_m(_layer(tasks), rank_fraction=fraction), ref) < RTOL
+
+
+def test_tsv_m_zero_padded_columns_of_the_official_code_change_nothing():
+    """Official: polar of the [m, r] zero-padded sum_u (T*k < r); here: polar of the T*k non-zero columns only."""
+    T, m, n, k = 3, 12, 10, 2                               # T * k = 6 < r = 10: four zero columns
+    tasks = _random_tasks(T, m, n, seed=7).double()
+    us, ss, vs = [], [], []
+    for t in tasks:
+        u, s, vh = torch.linalg.svd(t, full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].mT)
+    U, S, V = torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)
+    pad = lambda x: torch.cat([x, x.new_zeros(x.shape[0], 10 - T * k)], 1)   # noqa: E731
+    S_pad = torch.cat([S, S.new_zeros(10 - T * k)])
+    official = (_svd_polar(pad(U)) * S_pad) @ _svd_polar(pad(V)).mT
+    thin = (linalg.polar_gram(U) * S) @ linalg.polar_gram(V).mT
+    assert _rel(thin, official) < 1e-12
+    assert _rel(thin, tsv_m_reference([{"w": t} for t in tasks], rank_fraction=k / 10)["w"]) < 1e-12
+
+
+def test_tsv_m_single_task_full_rank_reproduces_the_task():
+    task = _random_tasks(1, 9, 6, seed=8)
+    torch.testing.assert_close(tsv_m(_layer(task), rank_fraction=1.0), task[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tsv_m(_layer(task, "auto"), rank_fraction=1.0), task[0], atol=1e-5, rtol=1e-5)
+
+
+def test_tsv_m_of_orthogonal_tasks_is_the_sum_of_their_truncations():
+    """Orthogonal TSVs need no decorrelation (TSV appx. A, case 1): U, V are already orthonormal, so TSV-M is the
+    low-rank TA of eq. 6. Each task has 6 singular values in its own 6-dim block; k = int(12 * 0.25) = 3."""
+    g = torch.Generator().manual_seed(9)
+    P, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    Q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g))
+    sig = torch.tensor([5.0, 4.0, 3.0, 0.5, 0.4, 0.3])
+    tasks = torch.stack([(P[:, b] * sig) @ Q[:, b].mT for b in (slice(0, 6), slice(6, 12))])
+    truncations = sum((P[:, b][:, :3] * sig[:3]) @ Q[:, b][:, :3].mT for b in (slice(0, 6), slice(6, 12)))
+    for mode in ("exact", "auto"):
+        torch.testing.assert_close(tsv_m(_layer(tasks, mode), rank_fraction=0.25), truncations, atol=1e-5, rtol=1e-5)
+
+
+def test_tsv_m_duplicated_expert_gives_its_truncation():
+    """Two identical experts: U = [U_k | U_k] is rank deficient. With the partial-isometry convention the merge is
+    the expert's own rank-k truncation (LAPACK's arbitrary completion would add a random rank-k term)."""
+    task = _random_tasks(1, 10, 8, seed=10)[0]
+    u, s, vh = torch.linalg.svd(task, full_matrices=False)
+    merged = tsv_m(_layer(torch.stack([task, task])))                      # k = 4
+    torch.testing.assert_close(merged, linalg.reconstruct(u[:, :4], s[:4], vh[:4]), atol=1e-5, rtol=1e-5)
+
+
+def test_tsv_m_with_one_hot_preferences_is_t_times_that_task_truncation():
+    """Without a calibration, preferences weight the task matrices by T * p_i (engine); weight-0 tasks have only
+    zero singular values, carry no direction and drop out of the whitening."""
+    base, experts = _pool_args()
+    merged = studio.merge(base, experts, "tsv_m", svd_mode="exact", preferences={"task1": 1.0})
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    u, s, vh = torch.linalg.svd((experts["task1"][key] - base[key]).double(), full_matrices=False)
+    expected = 4 * linalg.reconstruct(u[:, :3], s[:3], vh[:3])         # r = 12, k = 12 / 4 = 3
+    assert _rel(merged[key].double() - base[key].double(), expected) < RTOL
+
+
+def test_tsv_m_auto_mode_is_close_to_exact_on_realistic_tasks():
+    tasks = _realistic_tasks(8, 96, 64, seed=11)
+    assert _rel(tsv_m(_layer(tasks, "auto")), tsv_m(_layer(tasks, "exact"))) < 1e-4
+
+
+def test_tsv_m_rank_fraction_errors_name_the_value():
+    tasks = _random_tasks(4, 12, 8, seed=12)
+    assert tsv_rank(768, 8, None) == 96
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.5.*4 tasks x 4 = 16 exceeds the layer 'w'"):
+        tsv_m(_layer(tasks), rank_fraction=0.5)
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0 keeps no singular components"):
+        tsv_m(_layer(tasks), rank_fraction=0.0)
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.9"):
+        studio.merge(base, experts, "tsv_m", rank_fraction=0.9)
+    with pytest.raises(HyperparameterError, match="rank_fraction"):
+        studio.merge(base, experts, "tsv_m", rank_fraction=1.5)
+
+
+def test_tsv_m_rank_change_reuses_the_cached_decompositions():
+    pool = TaskPool(*_pool_args(), device="cpu")
+    studio.merge_pool(pool, "tsv_m", rank_fraction=0.25)
+    cached = len(pool._svd_cache)
+    studio.merge_pool(pool, "tsv_m", rank_fraction=0.1)           # smaller k: slices of the cached factors
+    assert len(pool._svd_cache) == cached
+
+
+def _pool_args():
+    base = clip_like_state_dict()
+    return base, make_experts(base, 4)
+
+
+def _assert_end_to_end(merged, base, ref, alpha, rtol=RTOL):
+    for key, b in base.items():
+        delta = merged[key].double() - b.double()
+        assert _rel(delta, alpha * ref[key]) < rtol, key
+
+
+def test_tsv_m_end_to_end_equals_the_official_code():
+    """studio.merge on a CLIP-like state dict (1-D norms, a 4-D conv, embeddings, text_projection) against
+    theta_pre + alpha * official TSV-M; text_projection and non-matrices get the mean of the task vectors."""
+    base, experts = _pool_args()
+    merged = studio.merge(base, experts, "tsv_m", svd_mode="exact", alpha=0.7)
+    ref = tsv_m_reference(task_vectors_of(base, experts))
+    _assert_end_to_end(merged, base, ref, 0.7)
+    mean_tp = torch.stack([e["text_projection"] - base["text_projection"] for e in experts.values()]).mean(0)
+    torch.testing.assert_close(merged["text_projection"], base["text_projection"] + 0.7 * mean_tp)
+    assert get_method("tsv_m").params[-1].default == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------- Iso-C
+@pytest.mark.parametrize("T,m,n", [(4, 12, 8), (3, 8, 12), (5, 10, 10)])
+def test_iso_c_matches_the_official_loop(T, m, n):
+    tasks = _random_tasks(T, m, n, seed=20 + T)
+    assert _rel(iso_c(_layer(tasks)), iso_c_reference([{"w": t} for t in tasks])["w"]) < RTOL
+
+
+def test_iso_c_spectrum_is_flat_at_the_mean_singular_value_of_the_sum():
+    tasks = _realistic_tasks(4, 24, 16, seed=21)
+    mean_sigma = torch.linalg.svdvals(tasks.sum(0).double()).mean()
+    base = {"w": torch.zeros(24, 16)}
+    experts = {f"t{i}": {"w": t} for i, t in enumerate(tasks)}
+    merged = studio.merge(base, experts, "iso_c", alpha=1.3)["w"]
+    torch.testing.assert_close(torch.linalg.svdvals(merged.double()), torch.full((16,), 1.3 * float(mean_sigma),
+                               dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_iso_c_end_to_end_with_the_paper_default_alpha():
+    base, experts = _pool_args()
+    assert get_method("iso_c").params[0].default == 1.3               # Iso Table 5, ViT-B/32, 8 tasks
+    merged = studio.merge(base, experts, "iso_c", svd_mode="exact")
+    _assert_end_to_end(merged, base, iso_c_reference(task_vectors_of(base, experts)), 1.3)
+
+
+# -------------------------------------------------------------------------------------------------------- Iso-CTS
+def test_iso_cts_dims_follow_the_official_rounding():
+    assert iso_cts_dims(768, 8, 0.8) == (616, 19)
+    assert iso_cts_dims(1024, 20, 0.8) == (1024 - 20 * 10, 10)        # int(819.2)=819, round(10.25)=10
+    assert iso_cts_dims(12, 4, 0.8) == (8, 1)                          # round(0.75) = 1
+    assert iso_cts_dims(6, 4, 0.8) == (6, 0)                           # round(0.5) = 0 (half to even)
+    for r in range(1, 80):
+        for T in range(1, 11):
+            for f in [i / 20 for i in range(21)]:
+                k, s = iso_cts_dims_reference(r, T, f)
+                if k >= 0:                                             # the official sizes where they are valid
+                    assert iso_cts_dims(r, T, f) == (k, s), (r, T, f)
+                else:                                                  # official slices with a negative index
+                    assert iso_cts_dims(r, T, f) == (r - T * (r // T), r // T)
+
+
+@pytest.mark.parametrize("T,m,n,f", [(4, 12, 8, 0.8), (3, 8, 12, 0.5), (4, 12, 12, 0.0), (2, 10, 14, 0.3),
+                                     (4, 16, 10, 0.6)])
+def test_iso_cts_matches_the_official_loop(T, m, n, f):
+    tasks = _random_tasks(T, m, n, seed=30 + T + m)
+    ref = iso_cts_reference([{"w": t} for t in tasks], common_space_fraction=f)["w"]
+    for mode in ("exact", "auto"):
+        assert _rel(iso_cts(_layer(tasks, mode), f), ref) < RTOL, mode
+
+
+def test_iso_cts_spectrum_is_flat_at_the_mean_of_the_selected_singular_values():
+    """Eq. 12-13 computed independently: common values from the SVD of the sum, task-specific ones from the SVDs of
+    the projected task matrices; the merged matrix has all r singular values equal to their mean."""
+    T, m, n, f = 4, 20, 16, 0.5
+    tasks = _realistic_tasks(T, m, n, seed=31).double()
+    k, s = iso_cts_dims(16, T, f)
+    u, sig, _ = torch.linalg.svd(tasks.sum(0), full_matrices=False)
+    proj = torch.eye(m, dtype=torch.float64) - u[:, :k] @ u[:, :k].mT
+    ts = [torch.linalg.svdvals(proj @ t)[:s] for t in tasks]
+    sigma_bar = (sig[:k].sum() + sum(x.sum() for x in ts)) / 16
+    merged = iso_cts(_layer(tasks.float(), "auto"), f)
+    torch.testing.assert_close(torch.linalg.svdvals(merged.double()), sigma_bar.expand(16), rtol=1e-5, atol=0)
+
+
+def test_iso_cts_with_the_whole_common_space_is_iso_c():
+    """k/r = 1 leaves s = round(0 / T) = 0 task-specific directions: U_* = U, V_* = V (Iso sec. 5.4)."""
+    for shape in [(12, 8), (8, 12)]:
+        tasks = _random_tasks(4, *shape, seed=40)
+        assert iso_cts_dims(8, 4, 1.0) == (8, 0)
+        for mode in ("exact", "auto"):
+            assert _rel(iso_cts(_layer(tasks, mode), 1.0), iso_c(_layer(tasks, mode))) < RTOL
+    base, experts = _pool_args()
+    a = studio.merge(base, experts, "iso_cts", common_space_fraction=1.0, alpha=1.0)
+    b = studio.merge(base, experts, "iso_c", alpha=1.0)
+    for key in base:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+def test_iso_cts_auto_mode_is_close_to_exact_on_realistic_tasks():
+    for shape in [(96, 64), (64, 96)]:
+        tasks = _realistic_tasks(8, *shape, seed=41)
+        assert _rel(iso_cts(_layer(tasks, "auto"), 0.8), iso_cts(_layer(tasks, "exact"), 0.8)) < 1e-4
+
+
+def test_iso_cts_zero_weight_tasks_add_no_arbitrary_directions():
+    """One-hot preferences make three task matrices exactly zero: their (empty) task-specific directions are
+    dropped in both modes, rather than taking LAPACK's arbitrary singular vectors at weight sigma_bar."""
+    base, experts = _pool_args()
+    exact, auto = (studio.merge(base, experts, "iso_cts", alpha=1.0, svd_mode=mode, preferences={"task1": 1.0})
+                   for mode in ("exact", "auto"))
+    key = "visual.transformer.resblocks.1.attn.in_proj_weight"          # r = 12: k = 8, s = 1 per task
+    for merged in (exact, auto):
+        sv = torch.linalg.svdvals(merged[key].double() - base[key].double())
+        assert int((sv > 1e-6 * sv[0]).sum()) == 9                       # 8 common + 1 from task1
+    for k in base:
+        torch.testing.assert_close(exact[k], auto[k], atol=1e-5, rtol=1e-4)
+
+
+def test_iso_cts_end_to_end_with_the_paper_default_alpha():
+    base, experts = _pool_args()
+    assert {p.name: p.default for p in get_method("iso_cts").params} == {"common_space_fraction": 0.8, "alpha": 1.5}
+    merged = studio.merge(base, experts, "iso_cts", svd_mode="exact")
+    _assert_end_to_end(merged, base, iso_cts_reference(task_vectors_of(base, experts)), 1.5)
+
+
+def test_iso_cts_fraction_out_of_range_names_the_value():
+    base, experts = _pool_args()
+    with pytest.raises(HyperparameterError, match=r"common_space_fraction.*1\.2"):
+        studio.merge(base, experts, "iso_cts", common_space_fraction=1.2)
+
+
+# ---------------------------------------------------------------------------------------------------------- TSV-C
+def test_compress_round_trip_matches_the_official_compress_tv():
+    base, experts = _pool_args()
+    packed = studio.compress(base, experts, svd_mode="exact")
+    refs = tsv_c_reference(task_vectors_of(base, experts))
+    for (name, expert), ref in zip(experts.items(), refs):
+        rec = packed.reconstruct(name)
+        assert list(rec) == list(base)
+        for key, b in base.items():
+            assert rec[key].dtype == b.dtype and rec[key].shape == b.shape
+            assert _rel(rec[key].double() - b.double(), ref[key]) < RTOL, (name, key)
+        # non-matrices and text_projection are stored dense and come back exactly
+        for key in ("visual.ln_pre.bias", "visual.conv1.weight", "text_projection"):
+            torch.testing.assert_close(rec[key], expert[key])
+    assert packed.tasks["task0"]["visual.proj"].rank == int(6 * (1 / 4))
+
+
+def test_compress_with_every_component_is_lossless_and_storage_is_counted_as_in_the_paper():
+    base, experts = _pool_args()
+    full = studio.compress(base, experts, rank_fraction=1.0)
+    for name, expert in experts.items():
+        for key, value in full.reconstruct(name).items():
+            torch.testing.assert_close(value, expert[key], atol=1e-5, rtol=1e-5)
+    packed = studio.compress(base, experts)                         # k = r / T = r / 4
+    info = packed.storage()
+    stored = dense = 0
+    for key, b in base.items():
+        if b.dim() == 2 and key != "text_projection":
+            m, n = b.shape
+            k = min(m, n) // 4
+            stored += k * (m + n + 1)                                # TSV appx. B.3: d k' + k' + k' m
+        else:
+            stored += b.numel()
+        dense += b.numel()
+    assert info["per_task"]["task2"] == {"stored": stored, "dense": dense, "ratio": stored / dense}
+    assert packed.storage_ratio() == pytest.approx(stored / dense)
+    assert info["model_multiple"] == pytest.approx(1 + 4 * stored / dense)
+
+
+def test_compress_shares_decompositions_with_tsv_m_and_validates_inputs():
+    base, experts = _pool_args()
+    pool = studio.get_pool(base, experts)
+    studio.merge_pool(pool, "tsv_m")
+    cached = len(pool._svd_cache)
+    studio.compress(base, experts)                                   # same k = r / T: nothing new to decompose
+    assert len(pool._svd_cache) == cached
+    bad = dict(experts, task1={k: v for k, v in experts["task1"].items() if k != "visual.proj"})
+    with pytest.raises(studio.ExpertError, match=r"task1.*visual\.proj"):
+        studio.compress(base, bad)
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.0"):
+        studio.compress(base, experts, rank_fraction=0.0)
+    tiny = studio.compress(base, experts, rank_fraction=0.1)       # int(5 * 0.1) = 0 on the positional embedding
+    assert tiny.tasks["task0"]["visual.positional_embedding"].rank == 0
+    assert not tiny.task_vector("task0")["visual.positional_embedding"].any()
+    with pytest.raises(studio.StudioError, match="unknown task 'nope'"):
+        studio.compress(base, experts).reconstruct("nope")
