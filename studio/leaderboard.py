@@ -1,0 +1,144 @@
+"""Leaderboard: every registered merging method on a suite, alpha validated, accuracies on test.
+
+    python -m studio.leaderboard [--suite assets/minisuite] [--out leaderboard.md] [--methods ...] [--json out.json]
+
+Protocol (TSV / Iso-C papers): for a method with a global scale (a ``post_scale`` parameter, e.g. ``alpha``) the
+scale is chosen on the **validation** split by average normalized accuracy over a grid (:func:`studio.evaluate.alpha_sweep`);
+methods without one use their default hyperparameters. Every calibration (``svc``, ``align_merge_b``, ...) is
+listed applied on Task Arithmetic, as the SVC paper reports it. The chosen merge is evaluated on the **test**
+split. Zero-shot and individual (each expert on its own task) rows are references.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .evaluate import EvalResult, alpha_sweep, evaluate, post_scale_param
+from .schema import StudioError
+
+DEFAULT_ALPHAS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
+
+
+@dataclass
+class Row:
+    """One leaderboard line."""
+
+    label: str
+    alpha: float | None = None
+    accuracy: dict[str, float] = field(default_factory=dict)
+    avg_accuracy: float = float("nan")
+    avg_normalized: float = float("nan")
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _grid_for(method: str, alphas: Sequence[float]) -> list[float]:
+    """The sweep grid clipped to the method's declared range for its scale parameter."""
+    from .registry import get_method
+
+    spec = get_method(method)
+    p = next(p for p in spec.params if p.post_scale)
+    lo = -math.inf if p.low is None else p.low
+    hi = math.inf if p.high is None else p.high
+    grid = [a for a in alphas if lo <= a <= hi]
+    return grid or [p.default]
+
+
+def _row(label: str, res: EvalResult, alpha: float | None, seconds: float) -> Row:
+    return Row(label, alpha, dict(res.accuracy), res.avg_accuracy, res.avg_normalized, seconds)
+
+
+def run(suite: Any, *, methods: Sequence[str] | None = None, calibrations: Sequence[str] | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS, device: Any = None, log: Any = print) -> list[Row]:
+    """Evaluate zero-shot, the individual experts and every method (see the module docstring)."""
+    from .engine import merge
+    from .registry import CALIBRATIONS, METHODS, get_method
+
+    get_method("task_arithmetic")  # imports every method module
+    methods = list(METHODS) if methods is None else list(methods)
+    calibrations = list(CALIBRATIONS) if calibrations is None else list(calibrations)
+    rows: list[Row] = []
+    zs = evaluate(suite, suite.base, split="test", device=device)
+    rows.append(Row("Zero-shot", None, dict(zs.zeroshot_accuracy),
+                    EvalResult._mean(zs.zeroshot_accuracy), zs.avg_normalized))
+    indiv = dict(zs.expert_accuracy)
+    rows.append(Row("Individual (experts)", None, indiv, EvalResult._mean(indiv), 100.0))
+    runs: list[tuple[str, str, str | None]] = [(m, m, None) for m in methods]
+    runs += [(f"task_arithmetic + {c}", "task_arithmetic", c) for c in calibrations]
+    for label, method, calibrate in runs:
+        t0 = time.perf_counter()
+        try:
+            extra = {"calibrate": calibrate} if calibrate else {}
+            if post_scale_param(method) is not None:
+                sweep = alpha_sweep(suite, method, _grid_for(method, alphas), split="validation", device=device,
+                                    **extra)
+                alpha = sweep.best_alpha
+                merged = merge(suite.base, suite.experts, method, **{sweep.param: alpha}, **extra)
+            else:
+                alpha = None
+                merged = merge(suite.base, suite.experts, method, **extra)
+            res = evaluate(suite, merged, split="test", device=device)
+            rows.append(_row(label, res, alpha, time.perf_counter() - t0))
+            log(f"{label:32s} alpha={alpha!s:5s} avg acc {res.avg_accuracy:6.2f}  avg norm {res.avg_normalized:6.2f}"
+                f"  ({time.perf_counter() - t0:.1f} s)")
+        except StudioError as exc:
+            rows.append(Row(label, error=str(exc), seconds=time.perf_counter() - t0))
+            log(f"{label:32s} failed: {exc}")
+    return rows
+
+
+def to_markdown(suite: Any, rows: Sequence[Row]) -> str:
+    """The leaderboard as a markdown table (accuracies in %, test split)."""
+    tasks = list(suite.task_names)
+    head = "| Method | alpha | " + " | ".join(tasks) + " | Avg abs | Avg norm |"
+    sep = "|" + "---|" * (len(tasks) + 4)
+    lines = [f"## {suite.name} leaderboard (test split, accuracy %)", "",
+             "alpha chosen on the validation split by average normalized accuracy; methods without a global scale "
+             "use their defaults.", "", head, sep]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.label} | - | " + " | ".join("-" for _ in tasks) + f" | failed: {r.error} | - |")
+            continue
+        alpha = "-" if r.alpha is None else f"{r.alpha:g}"
+        cells = " | ".join(f"{r.accuracy.get(t, float('nan')):.1f}" for t in tasks)
+        lines.append(f"| {r.label} | {alpha} | {cells} | {r.avg_accuracy:.2f} | {r.avg_normalized:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    from .suite import DEFAULT_SUITE_PATH, load_suite
+
+    ap = argparse.ArgumentParser(prog="python -m studio.leaderboard", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", default=str(DEFAULT_SUITE_PATH), help="suite folder or Hub repo id")
+    ap.add_argument("--out", default="leaderboard.md", help="markdown file to write")
+    ap.add_argument("--json", default=None, help="also write the rows as JSON here")
+    ap.add_argument("--methods", nargs="+", default=None, help="merging methods (default: all registered)")
+    ap.add_argument("--calibrations", nargs="*", default=None, help="calibrations on Task Arithmetic (default: all)")
+    ap.add_argument("--alphas", nargs="+", type=float, default=DEFAULT_ALPHAS)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch (0 = torch's default; 1 is faster on a busy shared CPU)")
+    args = ap.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    suite = load_suite(args.suite)
+    rows = run(suite, methods=args.methods, calibrations=args.calibrations, alphas=args.alphas, device=args.device)
+    text = to_markdown(suite, rows)
+    with open(args.out, "w") as f:
+        f.write(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([r.__dict__ for r in rows], f, indent=2)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""Expert suites: one pretrained backbone, its fine-tuned experts, fixed per-task heads and evaluation data.
+
+A suite is a folder (local, or a Hugging Face Hub repository) with this layout::
+
+    manifest.json                  name, model (open_clip name), tasks, logit scale, measured accuracies, provenance
+    model_configs/<Model>.json     optional: open_clip configs of non built-in architectures (MiniCLIP-ViT)
+    base.safetensors               the pretrained image encoder (``visual.*`` keys only; the part that is merged)
+    experts/<task>.safetensors     one fine-tuned image encoder per task (same keys)
+    heads.safetensors              one fixed ``[C, D]`` head per task (L2-normalised rows, CLIP zero-shot style)
+    data/<task>.safetensors        uint8 evaluation images ``{val,test}_images`` [N,H,W,3], ``{val,test}_labels``
+    text.safetensors               optional: what produced the heads (MiniCLIP's tiny text tower), not merged
+
+Real CLIP pools plug in with the same layout: ``"model": "ViT-B-32"`` in the manifest, no ``model_configs/``.
+
+Example:
+    >>> suite = default_suite()                                   # doctest: +SKIP
+    >>> images, labels = suite.split("digits", "test")            # doctest: +SKIP
+    >>> model = suite.build_model(suite.experts["digits"])        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..schema import StudioError
+from .model import ArchitectureError, VisualTower, register_model_configs
+
+DEFAULT_SUITE_PATH = Path(__file__).resolve().parents[2] / "assets" / "minisuite"
+SPLIT_NAMES = ("validation", "test")
+_SPLIT_PREFIX = {"validation": "val", "test": "test"}
+
+
+class SuiteError(StudioError):
+    """A suite folder or repository is missing, incomplete or inconsistent."""
+
+
+class UnknownTaskError(SuiteError):
+    """A task name is not part of the suite."""
+
+
+class EmptySplitError(SuiteError):
+    """A requested evaluation split does not exist or holds no images."""
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of a suite: its class names (head rows, in label order), group and a one-line description."""
+
+    name: str
+    classes: tuple[str, ...]
+    group: str = ""
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _load_weights(path: Path, what: str) -> dict[str, Tensor]:
+    if not path.is_file():
+        raise SuiteError(f"{what}: file {path} is missing from the suite")
+    return {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+
+
+class Suite:
+    """A loaded expert suite (see the module docstring for the folder layout).
+
+    Weights and data are read lazily on first access and kept; ``base``/``experts``/``heads`` are float32 CPU
+    tensors. Attributes: ``name``, ``root``, ``manifest``, ``tasks``, ``task_names``, ``model_name``,
+    ``logit_scale``, ``image_size``.
+    """
+
+    def __init__(self, root: "str | Path", manifest: Mapping[str, Any] | None = None):
+        self.root = Path(root)
+        if manifest is None:
+            path = self.root / "manifest.json"
+            if not path.is_file():
+                raise SuiteError(f"{self.root} is not a suite folder: manifest.json is missing")
+            try:
+                manifest = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise SuiteError(f"{path} is not valid JSON: {exc}") from exc
+        self.manifest: dict[str, Any] = dict(manifest)
+        for key in ("name", "model", "tasks"):
+            if key not in self.manifest:
+                raise SuiteError(f"{self.root}/manifest.json lacks the required field {key!r}")
+        self.name: str = self.manifest["name"]
+        self.model_name: str = self.manifest["model"]["name"] if isinstance(self.manifest["model"], dict) \
+            else self.manifest["model"]
+        self.tasks: list[Task] = [
+            Task(t["name"], tuple(t["classes"]), t.get("group", ""), t.get("description", ""))
+            for t in self.manifest["tasks"]
+        ]
+        if not self.tasks:
+            raise SuiteError(f"suite {self.name!r} declares no tasks")
+        self.task_names: list[str] = [t.name for t in self.tasks]
+        self.logit_scale: float = float(self.manifest.get("logit_scale", 100.0))
+        self._lock = threading.RLock()
+        self._base: dict[str, Tensor] | None = None
+        self._experts: dict[str, dict[str, Tensor]] | None = None
+        self._heads: dict[str, Tensor] | None = None
+        self._data: dict[str, dict[str, Tensor]] = {}
+        self._tower: VisualTower | None = None
+
+    def __repr__(self) -> str:
+        return f"Suite({self.name!r}, model={self.model_name!r}, tasks={self.task_names}, root={str(self.root)!r})"
+
+    # ------------------------------------------------------------------------------------------------ metadata
+    def task(self, name: str) -> Task:
+        """The :class:`Task` called ``name``; raises :class:`UnknownTaskError` listing the suite's tasks."""
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise UnknownTaskError(f"unknown task {name!r}; suite {self.name!r} has tasks {self.task_names}")
+
+    def check_tasks(self, tasks: "list[str] | tuple[str, ...] | None") -> list[str]:
+        """Validate a task selection (``None``: all tasks, in suite order)."""
+        if tasks is None:
+            return list(self.task_names)
+        if isinstance(tasks, str):
+            tasks = [tasks]
+        out = [self.task(t).name for t in tasks]
+        if not out:
+            raise UnknownTaskError(f"empty task selection; choose among {self.task_names}")
+        return out
+
+    @property
+    def expert_accuracy(self) -> dict[str, float]:
+        """Each expert's test accuracy (%) on its own task, as measured by the build (from the manifest)."""
+        acc = self.manifest.get("accuracy", {}).get("expert_own_task", {})
+        return {t: float(acc[t]["test"]) for t in self.task_names if t in acc}
+
+    @property
+    def zeroshot_accuracy(self) -> dict[str, float]:
+        """The pretrained backbone's test accuracy (%) per task with the fixed heads (from the manifest)."""
+        acc = self.manifest.get("accuracy", {}).get("zeroshot", {})
+        return {t: float(acc[t]["test"]) for t in self.task_names if t in acc}
+
+    # ------------------------------------------------------------------------------------------------- weights
+    @property
+    def base(self) -> dict[str, Tensor]:
+        """Pretrained image-encoder state dict (``visual.*`` keys, float32)."""
+        with self._lock:
+            if self._base is None:
+                self._base = _load_weights(self.root / "base.safetensors", f"suite {self.name!r} base")
+            return self._base
+
+    @property
+    def experts(self) -> dict[str, dict[str, Tensor]]:
+        """Task name -> fine-tuned image-encoder state dict (float32), in suite task order."""
+        with self._lock:
+            if self._experts is None:
+                self._experts = {t: _load_weights(self.root / "experts" / f"{t}.safetensors", f"expert {t!r}")
+                                 for t in self.task_names}
+            return self._experts
+
+    @property
+    def heads(self) -> dict[str, Tensor]:
+        """Task name -> fixed classification head ``[C, D]`` (float32)."""
+        with self._lock:
+            if self._heads is None:
+                heads = _load_weights(self.root / "heads.safetensors", f"suite {self.name!r} heads")
+                for t in self.tasks:
+                    if t.name not in heads:
+                        raise SuiteError(f"heads.safetensors has no head for task {t.name!r}")
+                    if heads[t.name].shape[0] != t.num_classes:
+                        raise SuiteError(f"head of task {t.name!r} has {heads[t.name].shape[0]} rows but the task "
+                                         f"has {t.num_classes} classes")
+                self._heads = {t: heads[t] for t in self.task_names}
+            return self._heads
+
+    # -------------------------------------------------------------------------------------------------- models
+    @property
+    def tower(self) -> VisualTower:
+        """The architecture (an open_clip image encoder factory) of this suite."""
+        with self._lock:
+            if self._tower is None:
+                configs = self.root / "model_configs"
+                if configs.is_dir():
+                    register_model_configs(configs)
+                else:
+                    register_model_configs()
+                try:
+                    self._tower = VisualTower(self.model_name)
+                except ArchitectureError:
+                    raise
+                except Exception as exc:  # open_clip raises RuntimeError/KeyError for unknown names
+                    raise ArchitectureError(f"cannot build open_clip model {self.model_name!r}: {exc}") from exc
+            return self._tower
+
+    @property
+    def image_size(self) -> int:
+        return self.tower.image_size
+
+    def build_model(self, state_dict: Mapping[str, Tensor], *, device: "str | torch.device" = "cpu") -> nn.Module:
+        """The open_clip visual tower (eval mode) with ``state_dict`` (``visual.*`` keys) loaded.
+
+        Raises :class:`ArchitectureError` naming missing/unexpected keys or the first mismatched shape.
+
+        Example:
+            >>> model = default_suite().build_model(default_suite().base)   # doctest: +SKIP
+            >>> model(torch.zeros(1, 3, 32, 32)).shape                      # doctest: +SKIP
+            torch.Size([1, 64])
+        """
+        return self.tower.build(state_dict, device=device)
+
+    # ---------------------------------------------------------------------------------------------------- data
+    def _task_data(self, task: str) -> dict[str, Tensor]:
+        self.task(task)
+        with self._lock:
+            if task not in self._data:
+                path = self.root / "data" / f"{task}.safetensors"
+                if not path.is_file():
+                    raise EmptySplitError(f"suite {self.name!r} ships no evaluation data for task {task!r} ({path})")
+                self._data[task] = load_file(str(path))
+            return self._data[task]
+
+    def split(self, task: str, split: str = "test") -> tuple[Tensor, Tensor]:
+        """Evaluation images (uint8 ``[N, H, W, 3]``) and labels (int64 ``[N]``) of ``task``.
+
+        ``split`` is ``"validation"`` (alpha sweeps, preference optimisation) or ``"test"`` (reported numbers).
+        """
+        if split not in SPLIT_NAMES:
+            raise EmptySplitError(f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")
+        data = self._task_data(task)
+        prefix = _SPLIT_PREFIX[split]
+        if f"{prefix}_images" not in data or f"{prefix}_labels" not in data:
+            raise EmptySplitError(f"task {task!r} has no {split!r} split (keys {sorted(data)})")
+        images, labels = data[f"{prefix}_images"], data[f"{prefix}_labels"].to(torch.int64)
+        if images.shape[0] == 0:
+            raise EmptySplitError(f"the {split!r} split of task {task!r} is empty")
+        if images.shape[0] != labels.shape[0]:
+            raise SuiteError(f"task {task!r} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+        return images, labels
+
+    def samples(self, task: str, per_class: int = 1, split: str = "test") -> list[tuple[Tensor, int, str]]:
+        """Gallery samples: the first ``per_class`` images of each class as ``(uint8 [H, W, 3], label, class)``.
+
+        Example:
+            >>> [c for _, _, c in default_suite().samples("signs")][:2]   # doctest: +SKIP
+            ['stop', 'yield']
+        """
+        images, labels = self.split(task, split)
+        classes = self.task(task).classes
+        out = []
+        for c in range(len(classes)):
+            idx = (labels == c).nonzero().flatten()[:per_class].tolist()
+            out.extend((images[i], c, classes[c]) for i in idx)
+        return out
+
+
+def _looks_like_repo_id(source: str) -> bool:
+    parts = source.split("/")
+    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
+
+
+def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | None = None,
+               repo_type: str = "model", cache_dir: "str | Path | None" = None) -> Suite:
+    """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``).
+
+    Hub repositories are fetched with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` serves them
+    from the local cache and never touches the network).
+
+    Example:
+        >>> load_suite("assets/minisuite").task_names[:3]     # doctest: +SKIP
+        ['digits', 'house_numbers', 'signs']
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return Suite(path)
+    if isinstance(source, Path) or not _looks_like_repo_id(str(source)):
+        raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id=str(source), revision=revision, repo_type=repo_type,
+                                  cache_dir=str(cache_dir) if cache_dir is not None else None)
+    except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
+        raise SuiteError(f"cannot fetch suite {source!r} from the Hugging Face Hub{hint}: {exc}") from exc
+    return Suite(local)
+
+
+@functools.lru_cache(maxsize=1)
+def default_suite() -> Suite:
+    """The embedded MiniSuite (``assets/minisuite``), loaded once per process."""
+    return load_suite(DEFAULT_SUITE_PATH)

@@ -1,0 +1,154 @@
+"""Evaluation engine: metrics against a slow reference written from the papers' formulas, closed-form cases,
+predict, alpha sweeps, the leaderboard and error cases. Runs on the committed MiniSuite (a few tasks)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import studio
+from studio.evaluate import alpha_sweep, evaluate, predict
+from studio.schema import StudioError
+from studio.suite import DEFAULT_SUITE_PATH, ArchitectureError, EmptySplitError, UnknownTaskError, default_suite
+from studio.suite.model import CLIP_MEAN, CLIP_STD
+
+pytestmark = pytest.mark.skipif(not (DEFAULT_SUITE_PATH / "manifest.json").is_file(),
+                                reason="MiniSuite assets not built")
+TASKS = ["digits", "landcover"]
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return default_suite()
+
+
+@pytest.fixture(scope="module")
+def merged(suite):
+    return studio.merge(suite.base, suite.experts, "task_arithmetic", alpha=0.3)
+
+
+def _slow_log_probs(suite, sd, task, split):
+    """Reference written from scratch: uint8 -> [0, 1] -> CLIP mean/std, image encoder, L2 normalisation, cosine
+    with each class row of the fixed head times the logit scale, log-softmax (no evaluation-engine code)."""
+    model = suite.build_model(sd)
+    images, _ = suite.split(task, split)
+    mean, std = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
+    with torch.no_grad():
+        z = model(x)
+    z = z / z.norm(dim=1, keepdim=True)
+    return torch.log_softmax(suite.logit_scale * z @ suite.heads[task].T, dim=1)
+
+
+def test_metrics_match_slow_reference(suite, merged):
+    res = evaluate(suite, merged, tasks=TASKS, split="validation", device="cpu")
+    assert res.tasks == TASKS and res.split == "validation"
+    for t in TASKS:
+        _, labels = suite.split(t, "validation")
+        lq = _slow_log_probs(suite, merged, t, "validation")
+        lp = _slow_log_probs(suite, suite.experts[t], t, "validation")
+        l0 = _slow_log_probs(suite, suite.base, t, "validation")
+        acc = 100.0 * float((lq.argmax(1) == labels).float().mean())
+        e = 100.0 * float((lp.argmax(1) == labels).float().mean())
+        z = 100.0 * float((l0.argmax(1) == labels).float().mean())
+        assert torch.equal(res.predictions[t], lq.argmax(1))
+        assert res.num_images[t] == labels.numel()
+        assert res.accuracy[t] == pytest.approx(acc)
+        assert res.expert_accuracy[t] == pytest.approx(e) and res.zeroshot_accuracy[t] == pytest.approx(z)
+        assert res.normalized[t] == pytest.approx(100.0 * acc / e)            # TSV eq. 10
+        assert res.nai[t] == pytest.approx(100.0 * (acc - z) / (e - z))       # Iso-C eq. 4
+        kl = float((lp.exp() * (lp - lq)).sum(1).mean())                      # Ortho-Merge eq. 10-11
+        assert res.kl[t] == pytest.approx(kl, rel=1e-3, abs=1e-5)
+    assert res.avg_accuracy == pytest.approx(sum(res.accuracy.values()) / 2)
+    assert res.avg_normalized == pytest.approx(sum(res.normalized.values()) / 2)
+    assert res.avg_kl == pytest.approx(sum(res.kl.values()) / 2)
+
+
+def test_closed_form_cases(suite):
+    t = "landcover"
+    own = evaluate(suite, suite.experts[t], tasks=[t], split="test", device="cpu")
+    assert own.normalized[t] == pytest.approx(100.0)
+    assert own.nai[t] == pytest.approx(100.0)
+    assert own.kl[t] == pytest.approx(0.0, abs=1e-6)
+    base = evaluate(suite, suite.base, tasks=TASKS, split="test", device="cpu")
+    for task in TASKS:
+        assert base.accuracy[task] == pytest.approx(base.zeroshot_accuracy[task])
+        assert base.nai[task] == pytest.approx(0.0, abs=1e-9)
+        assert base.kl[task] > 0
+    d = base.to_dict()
+    json.dumps(d)  # JSON-friendly
+    assert d["avg_accuracy"] == pytest.approx(base.avg_accuracy)
+
+
+def test_predict(suite, merged):
+    images, labels = suite.split("signs", "test")
+    pred, prob = predict(suite, merged, "signs", images[:7], device="cpu")
+    assert pred.shape == (7,) and prob.shape == (7, 10)
+    torch.testing.assert_close(prob.sum(1), torch.ones(7))
+    assert torch.equal(pred, prob.argmax(1))
+    one, p1 = predict(suite, merged, "signs", images[3].numpy(), device="cpu")  # a single numpy image
+    assert one.tolist() == [int(pred[3])] and torch.allclose(p1[0], prob[3], atol=1e-5)
+    with pytest.raises(StudioError, match="uint8"):
+        predict(suite, merged, "signs", images[:2].float())
+    with pytest.raises(StudioError, match=r"\[N, 32, 32, 3\]"):
+        predict(suite, merged, "signs", torch.zeros(2, 16, 16, 3, dtype=torch.uint8))
+    with pytest.raises(UnknownTaskError):
+        predict(suite, merged, "mnist", images[:2])
+
+
+def test_alpha_sweep_picks_the_best_alpha(suite):
+    alphas = [0.1, 0.5, 1.0]
+    sweep = alpha_sweep(suite, "task_arithmetic", alphas, tasks=TASKS, device="cpu")
+    assert sweep.param == "alpha" and sweep.split == "validation" and sweep.alphas == alphas
+    assert [r["alpha"] for r in sweep.curve] == alphas
+    assert sweep.objective == [r.avg_normalized for r in sweep.results]
+    assert sweep.best_alpha == alphas[max(range(3), key=lambda i: sweep.objective[i])]
+    again = evaluate(suite, studio.merge(suite.base, suite.experts, "task_arithmetic", alpha=sweep.best_alpha),
+                     tasks=TASKS, split="validation", device="cpu")
+    assert again.accuracy == sweep.best.accuracy
+    # preference-weighted objective: one-hot weights select by that task's normalized accuracy alone
+    one_hot = alpha_sweep(suite, "task_arithmetic", alphas, tasks=TASKS, objective_weights={"digits": 1.0},
+                          device="cpu")
+    assert one_hot.objective == [r.normalized["digits"] for r in one_hot.results]
+    with pytest.raises(StudioError, match="no global scale"):
+        alpha_sweep(suite, "weight_average", alphas)
+    with pytest.raises(UnknownTaskError, match="mnist"):
+        alpha_sweep(suite, "task_arithmetic", alphas, objective_weights={"mnist": 1.0})
+    with pytest.raises(StudioError, match="at least one"):
+        alpha_sweep(suite, "task_arithmetic", [])
+
+
+def test_evaluate_errors(suite, merged):
+    with pytest.raises(UnknownTaskError, match="'mnist'"):
+        evaluate(suite, merged, tasks=["mnist"])
+    with pytest.raises(EmptySplitError, match="'train'"):
+        evaluate(suite, merged, split="train")
+    bad = dict(merged)
+    bad["visual.conv1.weight"] = torch.zeros(1, 2, 3, 4)
+    with pytest.raises(ArchitectureError, match="visual.conv1.weight"):
+        evaluate(suite, bad, tasks=TASKS)
+    with pytest.raises(ArchitectureError, match="missing"):
+        evaluate(suite, {"w": torch.zeros(2)}, tasks=TASKS)
+
+
+def test_leaderboard_rows(suite):
+    from studio.leaderboard import run, to_markdown
+    from studio.suite import Suite
+
+    # a two-task view of the committed suite keeps this fast (same files, fewer experts and tasks)
+    small = Suite(suite.root, dict(suite.manifest, tasks=suite.manifest["tasks"][:2]))
+    rows = run(small, methods=["task_arithmetic", "weight_average"], calibrations=[], alphas=[0.3], device="cpu",
+               log=lambda *a: None)
+    labels = [r.label for r in rows]
+    assert labels == ["Zero-shot", "Individual (experts)", "task_arithmetic", "weight_average"]
+    ta = rows[2]
+    assert ta.alpha == 0.3 and rows[3].alpha is None
+    direct = evaluate(small, studio.merge(small.base, small.experts, "task_arithmetic", alpha=0.3), device="cpu")
+    assert ta.accuracy == direct.accuracy and ta.avg_accuracy == pytest.approx(direct.avg_accuracy)
+    assert rows[0].accuracy == direct.zeroshot_accuracy and rows[1].accuracy == direct.expert_accuracy
+    assert rows[1].avg_normalized == 100.0 and not math.isnan(rows[0].avg_accuracy)
+    md = to_markdown(small, rows)
+    assert md.count("\n| ") == 1 + len(rows) and "| task_arithmetic | 0.3 |" in md

@@ -1,0 +1,210 @@
+"""The suite layer: committed MiniSuite assets, the build (miniature, same code path), data determinism,
+Hub-layout loading offline, and error cases."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from studio.evaluate import evaluate, reference_accuracy
+from studio.schema import StudioError
+from studio.suite import (DEFAULT_SUITE_PATH, ArchitectureError, EmptySplitError, Suite, SuiteError,
+                          UnknownTaskError, default_suite, load_suite)
+from studio.suite.build import BuildConfig, build
+from studio.suite.tasks import TASK_NAMES, TASKS, generate
+
+ASSETS = Path(DEFAULT_SUITE_PATH)
+needs_assets = pytest.mark.skipif(not (ASSETS / "manifest.json").is_file(), reason="MiniSuite assets not built")
+
+
+# ------------------------------------------------------------------------------------------ committed assets
+@needs_assets
+def test_committed_suite_layout_and_sizes():
+    suite = default_suite()
+    assert suite is default_suite()  # cached in-process
+    assert suite.task_names == list(TASK_NAMES)
+    assert {t.group for t in suite.tasks} == {"digits and signs", "aerial", "dissimilar"}
+    assert all(len(t.classes) == 10 for t in suite.tasks)
+    # real open_clip CLIP keys, visual tower only, float32 in memory
+    keys = set(suite.base)
+    for k in ("visual.transformer.resblocks.0.attn.in_proj_weight", "visual.transformer.resblocks.3.mlp.c_fc.weight",
+              "visual.proj", "visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding"):
+        assert k in keys
+    assert all(k.startswith("visual.") for k in keys)
+    assert all(v.dtype == torch.float32 for v in suite.base.values())
+    assert set(suite.experts) == set(suite.task_names)
+    for t in suite.task_names:
+        assert set(suite.experts[t]) == keys
+        h = suite.heads[t]
+        assert h.shape == (10, 64)
+        torch.testing.assert_close(h.norm(dim=1), torch.ones(10), atol=1e-4, rtol=0)
+        for split, n in (("validation", suite.manifest["splits"]["validation"]["per_task"]),
+                         ("test", suite.manifest["splits"]["test"]["per_task"])):
+            images, labels = suite.split(t, split)
+            assert images.dtype == torch.uint8 and images.shape == (n, 32, 32, 3)
+            assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+    weights = sum(f.stat().st_size for f in [ASSETS / "base.safetensors", ASSETS / "heads.safetensors",
+                                              *(ASSETS / "experts").glob("*.safetensors")])
+    assert weights <= 30 * 2**20, weights
+    m = suite.manifest
+    assert m["versions"]["torch"] and m["versions"]["open_clip"] and m["build"]["timings"]["total_s"] > 0
+    assert len(suite.samples("signs", per_class=2)) == 20
+
+
+@needs_assets
+def test_committed_accuracies_match_manifest():
+    """A sample of the manifest's numbers, re-measured on the stored weights and data (within 1 point)."""
+    suite = default_suite()
+    acc = suite.manifest["accuracy"]
+    experts = reference_accuracy(suite, "expert", tasks=["digits", "textures"], split="test", device="cpu")
+    zeroshot = reference_accuracy(suite, "zeroshot", tasks=["house_numbers", "landcover"], split="test", device="cpu")
+    for t, v in experts.items():
+        assert abs(v - acc["expert_own_task"][t]["test"]) <= 1.0
+        assert abs(v - suite.expert_accuracy[t]) <= 1.0
+    for t, v in zeroshot.items():
+        assert abs(v - acc["zeroshot"][t]["test"]) <= 1.0
+
+
+@needs_assets
+def test_committed_test_split_regenerates_from_its_seed():
+    """The stored data is what the seeded generator produces (tolerant to 1-ulp float differences across CPUs)."""
+    suite = default_suite()
+    seed = suite.manifest["build"]["config"]["seed"]
+    for task in ("digits", "vehicles"):
+        stored, labels = suite.split(task, "test")
+        again, labels2 = generate(task, stored.shape[0], seed, "test")
+        assert torch.equal(labels, labels2)
+        diff = (stored.int() - again.int()).abs()
+        assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
+# ------------------------------------------------------------------------------------------ data generation
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_generation_is_deterministic_and_balanced(task):
+    a, la = generate(task, 30, seed=5, split="validation")
+    b, lb = generate(task, 30, seed=5, split="validation")
+    assert a.dtype == torch.uint8 and a.shape == (30, 32, 32, 3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert sorted(la.tolist()) == sorted([i % 10 for i in range(30)])  # balanced labels
+    c, _ = generate(task, 30, seed=6, split="validation")
+    d, _ = generate(task, 30, seed=5, split="test")
+    assert not torch.equal(a, c) and not torch.equal(a, d)  # seeds and splits are independent streams
+    assert int(a.max()) > int(a.min())  # not blank
+
+
+def test_source_and_target_domains_differ():
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    labels = torch.arange(10)
+    src = TASKS["digits"].render(labels, g1, "source")
+    tgt = TASKS["digits"].render(labels, g2, "target")
+    # the pretraining digits are dark-on-light, the task's light-on-dark
+    assert float(src.mean()) > 0.5 > float(tgt.mean())
+
+
+# ------------------------------------------------------------------------------------------ miniature build
+@pytest.fixture(scope="module")
+def mini_suite(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("mini") / "suite"
+    cfg = BuildConfig(out=str(out), tasks=["digits", "signs"], seed=1, device="cpu", n_pretrain=48, n_train=48,
+                      n_val=20, n_test=20, batch_size=16, pretrain_steps=3, steps=2, alphas=[0.5, 1.0])
+    build(cfg, log=lambda msg: None)
+    return out
+
+
+def test_mini_build_writes_a_loadable_suite(mini_suite):
+    files = {p.relative_to(mini_suite).as_posix() for p in mini_suite.rglob("*") if p.is_file()}
+    assert {"manifest.json", "base.safetensors", "heads.safetensors", "text.safetensors",
+            "experts/digits.safetensors", "experts/signs.safetensors", "data/digits.safetensors",
+            "model_configs/MiniCLIP-ViT.json"} <= files
+    stored = load_file(str(mini_suite / "experts" / "digits.safetensors"))
+    assert all(v.dtype == torch.float16 and k.startswith("visual.") for k, v in stored.items())
+    suite = load_suite(mini_suite)
+    assert suite.task_names == ["digits", "signs"]
+    m = suite.manifest
+    assert m["model"]["name"] == "MiniCLIP-ViT" and m["build"]["config"]["steps"] == 2
+    assert suite.split("signs", "validation")[0].shape == (20, 32, 32, 3)
+    # the manifest's numbers are exactly what the public evaluation path measures on the stored suite
+    res = evaluate(suite, suite.experts["signs"], split="test", device="cpu")
+    assert res.accuracy["signs"] == pytest.approx(m["accuracy"]["expert_own_task"]["signs"]["test"], abs=0.01)
+    assert res.accuracy["digits"] == pytest.approx(m["accuracy"]["expert_cross_task_test"]["signs"]["digits"],
+                                                   abs=0.01)
+    zs = evaluate(suite, suite.base, split="validation", device="cpu")
+    assert zs.accuracy["digits"] == pytest.approx(m["accuracy"]["zeroshot"]["digits"]["val"], abs=0.01)
+    assert m["accuracy"]["reference_merges"]["task_arithmetic"]["best_alpha"] in (0.5, 1.0)
+    # the data files are exactly the seeded generator's output
+    images, labels = generate("signs", 20, 1, "test")
+    assert torch.equal(suite.split("signs", "test")[0], images) and torch.equal(suite.split("signs", "test")[1], labels)
+
+
+def test_build_rejects_unknown_task(tmp_path):
+    with pytest.raises(UnknownTaskError, match="mnist"):
+        build(BuildConfig(out=str(tmp_path / "x"), tasks=["mnist"]), log=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------------ hub layout, offline
+def _hub_cache(src: Path, cache: Path, repo_id: str) -> None:
+    """The layout huggingface_hub's cache uses: models--owner--name/{refs/main, snapshots/<commit>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+
+
+def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf"
+    _hub_cache(mini_suite, cache, "studio-test/mini-suite")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time by the library
+    suite = load_suite("studio-test/mini-suite", cache_dir=cache)
+    assert suite.root.parent.name == "snapshots"
+    assert suite.task_names == ["digits", "signs"]
+    res = evaluate(suite, suite.experts["digits"], tasks=["digits"], split="test", device="cpu")
+    assert res.normalized["digits"] == pytest.approx(100.0)
+    with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):
+        load_suite("studio-test/not-cached", cache_dir=cache)
+
+
+# ------------------------------------------------------------------------------------------ errors
+def test_error_cases(mini_suite, tmp_path):
+    suite = load_suite(mini_suite)
+    with pytest.raises(UnknownTaskError, match="'mnist'.*digits"):
+        suite.split("mnist", "test")
+    with pytest.raises(EmptySplitError, match="'train'"):
+        suite.split("digits", "train")
+    sd = dict(suite.base)
+    sd.pop("visual.proj")
+    with pytest.raises(ArchitectureError, match="missing.*visual.proj"):
+        suite.build_model(sd)
+    sd = dict(suite.base, **{"visual.proj": torch.zeros(3, 3)})
+    with pytest.raises(ArchitectureError, match=r"visual.proj.*\(3, 3\).*\(128, 64\)"):
+        suite.build_model(sd)
+    sd = dict(suite.base, **{"visual.extra": torch.zeros(1)})
+    with pytest.raises(ArchitectureError, match="unexpected.*visual.extra"):
+        suite.build_model(sd)
+    assert issubclass(ArchitectureError, StudioError) and issubclass(EmptySplitError, StudioError)
+    with pytest.raises(SuiteError, match="neither an existing folder"):
+        load_suite(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SuiteError, match="manifest.json is missing"):
+        load_suite(tmp_path / "empty")
+    # an empty stored split
+    copy = tmp_path / "copy"
+    shutil.copytree(mini_suite, copy)
+    save_file({"val_images": torch.zeros(0, 32, 32, 3, dtype=torch.uint8), "val_labels": torch.zeros(0, dtype=torch.int64),
+               "test_images": torch.zeros(0, 32, 32, 3, dtype=torch.uint8),
+               "test_labels": torch.zeros(0, dtype=torch.int64)}, str(copy / "data" / "signs.safetensors"))
+    with pytest.raises(EmptySplitError, match="empty"):
+        load_suite(copy).split("signs", "test")
+    manifest = json.loads((mini_suite / "manifest.json").read_text())
+    del manifest["tasks"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SuiteError, match="'tasks'"):
+        Suite(copy)
