@@ -16,7 +16,7 @@ from studio.registry import get_method
 from studio.schema import HyperparameterError
 
 from .conftest import clip_like_state_dict, make_experts
-from .reference_spectral import (iso_c_reference, iso_cts_dims_reference, iso_cts_reference, task_vectors_of,
+from studio.reference import (iso_c_reference, iso_cts_dims_reference, iso_cts_reference, task_vectors_of,
                                  tsv_c_reference, tsv_m_reference)
 
 RTOL = 1e-5

@@ -1,7 +1,8 @@
-"""Slow, obviously-correct references for TSV-M, TSV-C, Iso-C and Iso-CTS, used only by the tests.
+"""Slow, obviously-correct references for TSV-M, TSV-C, Iso-C and Iso-CTS, used by the tests (parity) and the benchmark (speed ratio).
 
 Each function follows the official code's loops line by line (rewritten, not copied) on a list of task vectors
-(``tau_i = theta_i - theta_pre`` state dicts), in float64 and with the exact LAPACK SVD:
+(``tau_i = theta_i - theta_pre`` state dicts), in the task vectors' dtype (float64 in the tests; float32, as the
+official code runs, in the benchmark) and with the exact LAPACK SVD:
 
 * TSV-M: ``compute_and_sum_svd_mem_reduction`` (github.com/AntoAndGar/task_singular_vectors, src/utils/TSVM_utils.py):
   zero-padded ``sum_u [m, r]``, ``sum_s [r]``, ``sum_v [r, n]`` with task ``i`` in slots ``i*k:(i+1)*k``,
@@ -38,7 +39,7 @@ def tsv_m_reference(task_vectors: TaskVectors, rank_fraction: float | None = Non
     sv_reduction = 1 / T if rank_fraction is None else rank_fraction
     out: dict[str, Tensor] = {}
     for key in task_vectors[0]:
-        vecs = [tv[key].double() for tv in task_vectors]
+        vecs = [tv[key] for tv in task_vectors]
         if not _is_matrix(key, vecs[0]):
             out[key] = _running_mean(vecs)
             continue
@@ -64,7 +65,6 @@ def tsv_c_reference(task_vectors: TaskVectors, rank_fraction: float | None = Non
     for tv in task_vectors:
         rec = {}
         for key, layer in tv.items():
-            layer = layer.double()
             if _is_matrix(key, layer):
                 u, s, v = torch.linalg.svd(layer, full_matrices=False)
                 k = int(s.shape[0] * sv_reduction)
@@ -79,7 +79,7 @@ def iso_c_reference(task_vectors: TaskVectors) -> dict[str, Tensor]:
     """Official Iso-C loop (unscaled)."""
     out: dict[str, Tensor] = {}
     for key in task_vectors[0]:
-        tvs = [tv[key].double() for tv in task_vectors]
+        tvs = [tv[key] for tv in task_vectors]
         out[key] = sum(tvs) / len(tvs)
         if _is_matrix(key, tvs[0]):
             out[key] = out[key] * len(tvs)
@@ -103,7 +103,7 @@ def iso_cts_reference(task_vectors: TaskVectors, common_space_fraction: float = 
     T = len(task_vectors)
     out: dict[str, Tensor] = {}
     for key in task_vectors[0]:
-        vecs = [tv[key].double() for tv in task_vectors]
+        vecs = [tv[key] for tv in task_vectors]
         if not _is_matrix(key, vecs[0]):
             out[key] = _running_mean(vecs)
             continue
@@ -133,7 +133,26 @@ def iso_cts_reference(task_vectors: TaskVectors, common_space_fraction: float = 
     return out
 
 
-def task_vectors_of(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]]) -> TaskVectors:
+def task_vectors_of(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]],
+                    dtype: torch.dtype = torch.float64) -> TaskVectors:
     """``[theta_i - theta_pre]`` for the floating tensors, in expert order."""
-    return [{k: sd[k].double() - base[k].double() for k in base if base[k].is_floating_point()}
+    return [{k: sd[k].to(dtype) - base[k].to(dtype) for k in base if base[k].is_floating_point()}
             for sd in experts.values()]
+
+
+def _on(device: "torch.device | str | None", experts: dict[str, dict[str, Tensor]]) -> dict[str, dict[str, Tensor]]:
+    if device is None:
+        return experts
+    return {n: {k: v.to(device) for k, v in sd.items()} for n, sd in experts.items()}
+
+
+# Slow, obviously-correct references timed by ``python -m studio.bench --reference`` (same experts, same run):
+# name -> fn(base, experts, device) returning the unscaled merged task vector, as the official loops compute it.
+REFERENCES = {
+    "tsv_m": lambda base, experts, device=None: tsv_m_reference(
+        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
+    "iso_c": lambda base, experts, device=None: iso_c_reference(
+        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
+    "iso_cts": lambda base, experts, device=None: iso_cts_reference(
+        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
+}
