@@ -507,7 +507,7 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
             _align.merged_spectrum_of(layer.deltas, delta, svd=_thin_svd(delta))
         return _MergedStats(spec.S, spec.c, spec.a2, layer.deltas.double().pow(2).sum((1, 2)).float())
 
-    return layer.memo(("diag", "merged_stats", tag), compute)
+    return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))
 
 
 def _top(R: int, k: int | None) -> int:
@@ -592,7 +592,7 @@ def _cross_terms(layer: LayerTasks, merged: Tensor | None) -> Tensor:
         alpha1, _ = _align.cross_influence_terms(layer.deltas, U, Vh)
         return torch.nan_to_num(alpha1, nan=0.0, posinf=0.0, neginf=0.0)
 
-    return layer.memo(("diag", "svc_cross", tag), compute)
+    return layer.memo(("diag", "svc_cross", tag), compute, transient=(tag != "ta_sum"))
 
 
 def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None,

@@ -120,9 +120,13 @@ class LayerTasks:
             self._deltas = raw if self.weights is None else raw * self.weights.view(-1, *([1] * (raw.dim() - 1)))
         return self._deltas
 
-    def memo(self, tag: Hashable, compute: Callable[[], Any]) -> Any:
-        """Return the cached value for ``tag`` on this layer (and these weights), computing it once."""
-        return self.pool.memo((self.key, self._wkey, tag), compute)
+    def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
+        """Return the cached value for ``tag`` on this layer (and these weights), computing it once.
+
+        ``transient=True`` for values tied to one merged delta (a slider position): they live in a bounded LRU
+        instead of for the life of the pool, so a long session does not grow without limit.
+        """
+        return self.pool.memo((self.key, self._wkey, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Top-``rank`` SVD of task ``i`` (exact when ``rank`` is None). Cached once per expert and layer.
@@ -199,6 +203,7 @@ class TaskPool:
         self.svd_mode = svd_mode
         self._svd_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
         self._memo: dict[Hashable, Any] = {}
+        self._transient: "OrderedDict[Hashable, Any]" = OrderedDict()
         self._merged: "OrderedDict[Hashable, dict[str, Tensor]]" = OrderedDict()
 
     @property
@@ -216,10 +221,20 @@ class TaskPool:
             raise StudioError(f"unknown key {key!r}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
         return LayerTasks(self, key, weights)
 
-    def memo(self, tag: Hashable, compute: Callable[[], Any]) -> Any:
-        if tag not in self._memo:
-            self._memo[tag] = compute()
-        return self._memo[tag]
+    def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
+        """Cached ``compute()`` for ``tag``: for the pool's life, or (``transient``) in an LRU of
+        ``4 * len(keys)`` entries, about four merges' worth of per-layer values."""
+        if not transient:
+            if tag not in self._memo:
+                self._memo[tag] = compute()
+            return self._memo[tag]
+        if tag in self._transient:
+            self._transient.move_to_end(tag)
+            return self._transient[tag]
+        value = self._transient[tag] = compute()
+        while len(self._transient) > 4 * len(self.base):
+            self._transient.popitem(last=False)
+        return value
 
     def merged_cache(self, tag: Hashable, compute: Callable[[], dict[str, Tensor]], keep: int = 2) -> dict[str, Tensor]:
         """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale."""
@@ -236,6 +251,7 @@ class TaskPool:
         """Drop every cached decomposition and merged delta (frees memory)."""
         self._svd_cache.clear()
         self._memo.clear()
+        self._transient.clear()
         self._merged.clear()
 
 

@@ -151,3 +151,17 @@ def test_pool_layer_svd_is_cached_and_weight_rescaled(clip_pool):
     U2, S2, _ = pool.layer(key, torch.tensor([2.0, 1, 1, 1])).svd(0, rank=3)
     assert len(pool._svd_cache) == 1
     torch.testing.assert_close(S2, 2 * S1)
+
+
+def test_transient_memo_is_bounded_while_structural_memo_persists(clip_pool):
+    base, experts = clip_pool
+    pool = TaskPool(base, experts)
+    layer = pool.layer("visual.proj")
+    calls = []
+    layer.memo("persistent", lambda: calls.append("p") or 1)
+    for i in range(10 * len(base)):  # many slider positions
+        layer.memo(("merged", i), lambda: i, transient=True)
+    assert len(pool._transient) == 4 * len(base)
+    assert layer.memo(("merged", 10 * len(base) - 1), lambda: -1, transient=True) == 10 * len(base) - 1
+    layer.memo("persistent", lambda: calls.append("again") or 2)
+    assert calls == ["p"]

@@ -148,7 +148,7 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
                           lambda: merged_spectrum_of(layer.deltas, merged, layer.sum_svd()))
     if merged_tag is None:
         return merged_spectrum_of(layer.deltas, merged)
-    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.deltas, merged))
+    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.deltas, merged), transient=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- SVC
