@@ -128,9 +128,9 @@ def merge_pool(
             layer = pool.layer(key, None)
             delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
                                 merged_tag=(tag, key), **cal_hp)
-        else:
-            delta = delta * scale
-        merged[key] = (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
+            merged[key] = (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
+        else:  # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
+            merged[key] = (delta * scale).add_(base_t.to(pool.device, torch.float32)).to("cpu", base_t.dtype)
     if progress is not None:
         progress(1.0, f"{method}: done")
     return merged

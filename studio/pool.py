@@ -212,8 +212,12 @@ class TaskPool:
 
     def raw_deltas(self, key: str) -> Tensor:
         """Unweighted task matrices ``[T, *shape]`` of ``key`` in float32 on the compute device."""
-        base = self.base[key].to(self.device, torch.float32)
-        return torch.stack([self.experts[n][key].to(self.device, torch.float32) - base for n in self.names])
+        # One stacked allocation and an in-place subtraction: fresh large allocations (page faults) dominate this
+        # element-wise step on small CPUs, so we avoid the T temporaries of ``[e - base for e in experts]``.
+        tensors = [self.experts[n][key].to(self.device) for n in self.names]
+        if any(t.dtype != torch.float32 for t in tensors):
+            tensors = [t.float() for t in tensors]
+        return torch.stack(tensors).sub_(self.base[key].to(self.device, torch.float32))
 
     def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
         """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``) rescale each task matrix."""
