@@ -168,7 +168,8 @@ def draw_glyphs(chars: list[str], font: str, size: int, *, height: Tensor, cx: T
     n = len(chars)
     bms = torch.stack([glyph_bitmap(c, font) for c in chars]).unsqueeze(1)  # [N,1,L,L]
     # Output -> input map: q = A^-1 (p - t), with the glyph's height in input units = 2 * glyph_height_fraction.
-    s = height * 2.0 / (2.0 * glyph_height_fraction(font))  # output units per input unit... (scale of the bitmap)
+    # the glyph spans 2 * glyph_height_fraction input units and must span 2 * height output units
+    s = height / glyph_height_fraction(font)
     c, si = torch.cos(theta), torch.sin(theta)
     sh = shear if shear is not None else torch.zeros(n)
     asp = aspect if aspect is not None else torch.ones(n)
@@ -206,16 +207,6 @@ def add_noise(g: torch.Generator, img: Tensor, sigma: Tensor) -> Tensor:
 def to_uint8(img: Tensor) -> Tensor:
     """``[N, 3, S, S]`` floats -> ``[N, S, S, 3]`` uint8 (round half up, clipped)."""
     return (img.clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
-
-
-def rotate_image(img: Tensor, theta: Tensor) -> Tensor:
-    """Rotate each image by ``theta`` (radians) about its centre, reflecting at the borders (for textures)."""
-    n = img.shape[0]
-    c, s = torch.cos(theta), torch.sin(theta)
-    mat = torch.zeros(n, 2, 3)
-    mat[:, 0, 0], mat[:, 0, 1], mat[:, 1, 0], mat[:, 1, 1] = c, -s, s, c
-    grid = F.affine_grid(mat, list(img.shape), align_corners=False)
-    return F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
 TAU = 2 * math.pi

@@ -4,11 +4,12 @@ Groups (as in the papers' suite): related digit/sign tasks (MNIST, SVHN, GTSRB),
 RESISC45) and dissimilar ones (DTD, Stanford Cars, SUN397). Each task draws 10 classes of 32x32 RGB images from a
 deterministic, seeded torch generator, in two *domains*:
 
-* ``"target"``: the task itself (train / validation / test splits), with the task's nuisances (pose, clutter,
-  distractors, palette, noise);
-* ``"source"``: a shifted rendering of the same classes (another typeface, canonical pose, other palettes, no
-  clutter). A mixture of source-domain images of all tasks pretrains the backbone, which makes the pretrained
-  model a partial, "zero-shot"-like starting point on the target tasks, as CLIP is for the papers' datasets.
+* ``"target"``: the task itself (train / validation / test splits);
+* ``"source"``: the same classes with the same nuisances (pose, clutter, distractors, noise) rendered in a shifted
+  *style*: another typeface and polarity for digits, other sign and land-cover palettes, grey-scale textures, black
+  silhouettes on white for vehicles, desaturated colour-rotated scenes. A mixture of source-domain images of all
+  tasks pretrains the backbone, which makes it a partial, "zero-shot"-like starting point on the target tasks, as
+  CLIP is for the papers' datasets; fine-tuning then mostly has to adapt the style, not learn the task.
 
 Example:
     >>> g = torch.Generator().manual_seed(0)
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .render import (TAU, add_noise, blur, box_dist, choice, circle_dist, col, coords, draw_glyphs, jitter_color,
-                     paint, palette, rgb, rotate, rotate_image, soft, stroke, uniform, value_noise)
+                     paint, palette, rgb, rotate, soft, stroke, uniform, value_noise)
 
 S = 32  # image side
 DOMAINS = ("target", "source")
@@ -609,18 +610,3 @@ def generate(task: str, n: int, seed: int, split: str, *, domain: str = "target"
     labels = (torch.arange(n) % c)[torch.randperm(n, generator=g)]
     chunks = [to_uint8(spec.render(labels[i:i + batch], g, domain)) for i in range(0, n, batch)]
     return (torch.cat(chunks) if chunks else torch.zeros(0, S, S, 3, dtype=torch.uint8)), labels
-
-
-class Stream:
-    """An endless, seeded stream of training batches of one task (``domain`` ``"target"`` or ``"source"``)."""
-
-    def __init__(self, task: str, seed: int, split: str = "train", domain: str = "target"):
-        self.spec = TASKS[task]
-        self.domain = domain
-        self.g = torch.Generator().manual_seed(split_seed(seed, task, split))
-
-    def next(self, n: int) -> tuple[Tensor, Tensor]:
-        """A batch of ``n`` float images ``[n, 3, 32, 32]`` in ``[0, 1]`` (already quantised like stored data)."""
-        labels = torch.randint(0, len(self.spec.classes), (n,), generator=self.g)
-        img = self.spec.render(labels, self.g, self.domain)
-        return (img.clamp(0, 1) * 255 + 0.5).floor() / 255.0, labels
