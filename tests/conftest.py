@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -60,3 +61,29 @@ def make_experts(base: dict[str, torch.Tensor], n: int, scale: float = 0.05, see
 def clip_pool():
     base = clip_like_state_dict()
     return base, make_experts(base, 4)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread while a module runs (restored after): on the shared 2-core CI box, OpenMP threads
+    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def launched_app(one_torch_thread):
+    """The real ``app`` module with its ``demo`` served on a free localhost port for the module's tests."""
+    import app
+
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    yield app
+    app.demo.close()

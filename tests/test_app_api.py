@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 from gradio_client import Client
@@ -12,29 +10,9 @@ import studio
 from studio.io import RECIPE_METADATA_KEY, Recipe, load_state_dict, merge_from_recipe, read_metadata
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (restored after): on the shared 2-core CI box, OpenMP threads
-    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def app_module():
-    import app
-
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
-    yield app
-    app.demo.close()
+def app_module(launched_app):
+    return launched_app
 
 
 @pytest.fixture(scope="module")

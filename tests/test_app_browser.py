@@ -5,12 +5,11 @@ Screenshots land in ``artifacts/screenshots/`` (gitignored) for a human look.
 
 from __future__ import annotations
 
-import socket
+import os
 import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.browser
 
@@ -28,32 +27,15 @@ MERGED_TOP_JS = """() => {
 # Playwright's sync API (not the pytest plugin) so the browser comes from the system, never from a download.
 sync_api = pytest.importorskip("playwright.sync_api")
 if not Path(CHROMIUM).exists():
-    pytest.skip(f"{CHROMIUM} is not installed", allow_module_level=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (restored after): on the shared 2-core CI box, OpenMP threads
-    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Locally the browser tests skip without Chromium; in CI (.ci/run installs it) a missing browser is a failure.
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError(f"CI=true but {CHROMIUM} is missing: apt-get install chromium (as .ci/run does)")
+    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    import app
-
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
-    yield app.demo.local_url
-    app.demo.close()
+def app_url(launched_app):
+    return launched_app.demo.local_url
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,8 @@ from studio.ui.backend import RequestError, Studio
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread while this module runs (restored after): on the shared 2-core CI box, OpenMP threads
-    of concurrent processes oversubscribe the CPU and small SVD/QR calls get ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see ``conftest.one_torch_thread``)."""
 
 
 @pytest.fixture(scope="module")
