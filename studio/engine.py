@@ -49,12 +49,6 @@ def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, A
     return structural, scale
 
 
-def resolve_hparams(method: str, num_tasks: int, hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate hyperparameters of ``method`` against its schema and fill defaults (``None`` = automatic)."""
-    spec = get_method(method)
-    return validate_hparams(method, spec.params, hparams)
-
-
 def merge_pool(
     pool: TaskPool,
     method: str,
