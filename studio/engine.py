@@ -80,13 +80,16 @@ def merge_pool(
 
     # Preferences weight the calibration when there is one (SVC / AlignMerge sec. 5.3); otherwise they weight each
     # task matrix in the base merge: w_i = T * p_i, so uniform preferences leave every method unchanged.
+    # A method that declares uses_preferences (AlignMerge-B's merge form) takes them itself, like a calibration.
+    method_prefs = bool(spec.extra.get("uses_preferences"))
     weights = None
-    if prefs is not None and cal_spec is None and not torch.allclose(prefs, torch.full_like(prefs, 1 / len(names))):
+    if (prefs is not None and cal_spec is None and not method_prefs
+            and not torch.allclose(prefs, torch.full_like(prefs, 1 / len(names)))):
         weights = (prefs * len(names)).to(pool.device)
     cal_prefs = (prefs if prefs is not None else torch.full((len(names),), 1 / len(names))).to(pool.device)
 
     tag = (method, tuple(sorted(structural.items())), None if weights is None else tuple(weights.tolist()),
-           rule, seed if spec.uses_seed else None)
+           rule, seed if spec.uses_seed else None, tuple(cal_prefs.tolist()) if method_prefs else None)
 
     def compute_unscaled() -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -102,6 +105,8 @@ def merge_pool(
                 kwargs = dict(structural)
                 if spec.uses_seed:
                     kwargs["seed"] = key_seed(seed, key)
+                if method_prefs:
+                    kwargs["preferences"] = cal_prefs
                 out[key] = spec.fn(layer, **kwargs)
             else:
                 d = layer.deltas

@@ -361,6 +361,23 @@ def test_align_merge_b_calibration_on_ta_equals_the_merge_method():
     torch.testing.assert_close(b["visual.proj"] - base["visual.proj"], align_merge_b(layer, alpha=None))
 
 
+def test_align_merge_b_merge_form_takes_preferences_like_the_calibration():
+    """Sec. 5.3 target-task optimisation through the merge form: the engine hands it the preferences (it does not
+    re-weight the task matrices), so it matches the calibration on TA(alpha=1) with the same preferences."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    prefs = {"task1": 1.0}
+    a = studio.merge(base, experts, "task_arithmetic", alpha=1.0, calibrate="align_merge_b", preferences=prefs,
+                     svd_mode="exact")
+    b = studio.merge(base, experts, "align_merge_b", preferences=prefs, svd_mode="exact")
+    uniform = studio.merge(base, experts, "align_merge_b", svd_mode="exact")
+    key = "visual.transformer.resblocks.1.mlp.c_proj.weight"
+    torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(b[key], uniform[key])
+    # non-matrix tensors keep the plain mean of the task vectors (no T*p re-weighting)
+    torch.testing.assert_close(b["visual.ln_pre.bias"], uniform["visual.ln_pre.bias"])
+
+
 @pytest.mark.parametrize("eta", ["sum", "dominant"])
 @pytest.mark.parametrize("T,shape", [(3, (10, 16)), (4, (17, 9))])
 def test_align_merge_o_matches_algorithm_1(eta, T, shape):

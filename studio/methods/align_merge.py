@@ -112,14 +112,15 @@ def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float
     summary="Sum the task matrices, then divide each singular value by the tasks' average full coefficient xi~ "
             "(gated by alpha).",
     vector_rule="mean",
+    uses_preferences=True,
 )
-def align_merge_b(layer: LayerTasks, alpha: float | None) -> Tensor:
-    """AlignMerge-B as a merge: eq. 9 on ``sum_i Delta_i`` with uniform task weights; unscaled (lambda: ``lam``).
+def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | None = None) -> Tensor:
+    """AlignMerge-B as a merge: eq. 9 on ``sum_i Delta_i``; unscaled (lambda: ``lam``).
 
     Non-matrix tensors get the mean of the task vectors (``vector_rule="mean"``, the TSV/Iso convention; the paper
-    does not say). For the target-task preference optimisation of sec. 5.3 use the calibration form
-    (``task_arithmetic`` with ``alpha=1`` + ``calibrate="align_merge_b"`` + ``preferences``); the merge form
-    receives preferences the engine's usual way, as task weights ``T p_i`` on the summed matrices.
+    does not say). ``preferences`` (normalised, from the engine) weight the tasks' average full coefficient exactly
+    as in the calibration form (sec. 5.3: uniform = the paper's average, one-hot = target-task optimisation), so
+    this equals ``task_arithmetic`` with ``alpha=1`` + ``calibrate="align_merge_b"`` with the same preferences.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -128,7 +129,7 @@ def align_merge_b(layer: LayerTasks, alpha: float | None) -> Tensor:
         >>> align_merge_b(layer, alpha=None).diagonal().tolist()   # gate 2/4 = 0.5, xi~ = 2: back to one task
         [2.0, 0.5]
     """
-    return align_merge_b_delta(layer, layer.sum(), resolve_gate(alpha, layer.num_tasks))
+    return align_merge_b_delta(layer, layer.sum(), resolve_gate(alpha, layer.num_tasks), preferences=preferences)
 
 
 # ------------------------------------------------------------------------------------------------- AlignMerge-O
