@@ -38,7 +38,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
     Example:
         >>> import tempfile, torch
         >>> p = Path(tempfile.mkdtemp()) / "m.safetensors"
-        >>> save_state_dict(p, {"visual.w": torch.ones(2), "text.w": torch.zeros(1)})
+        >>> _ = save_state_dict(p, {"visual.w": torch.ones(2), "text.w": torch.zeros(1)})
         >>> list(load_state_dict(p, prefix="visual."))
         ['visual.w']
     """

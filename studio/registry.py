@@ -1,9 +1,9 @@
 """The method registry: a method registers itself where it is defined, once, with its schema.
 
 Example:
-    >>> from studio.registry import METHODS
-    >>> sorted(METHODS)[:2]
-    ['align_merge_o', 'breadcrumbs']
+    >>> from studio.registry import get_method
+    >>> get_method("tsv_m").paper.startswith("Task Singular Vectors")
+    True
 """
 
 from __future__ import annotations
