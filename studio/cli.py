@@ -35,7 +35,8 @@ def methods_table(markdown: bool = True) -> str:
             + (f" of {p['choices']}" if p["choices"] else "")
             for p in m["params"]
         ) or "none"
-        lines.append(f"| `{m['name']}` | {m['kind']} | {params} | {m['paper']} |")
+        cells = [f"`{m['name']}`", m["kind"], params, m["paper"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # |T| must not split cells
     return "\n".join(lines) if markdown else json.dumps(list_methods(), indent=2)
 
 

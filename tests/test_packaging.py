@@ -69,3 +69,10 @@ def test_cli_lists_methods():
     out = subprocess.run([sys.executable, "-m", "studio", "methods"], capture_output=True, text=True, check=True)
     assert "tsv_m" in out.stdout and "svc" in out.stdout
     assert studio.__version__
+
+
+def test_docs_table_rows_have_four_cells():
+    """A literal '|' in a schema text (AlignMerge's |T|/4) must not split a markdown table cell."""
+    for row in methods_table().splitlines():
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]
+        assert len(cells) == 4, row
