@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,19 @@ def _round16(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.to(torch.float16).to(torch.float32) for k, v in sd.items()}
 
 
+def _minibatches(n: int, batch_size: int, steps: int, lr: float, warmup_fraction: float,
+                 g: torch.Generator) -> Iterator[tuple[int, Tensor, float]]:
+    """``(step, indices, learning rate)`` for ``steps`` steps: shuffled epochs drawn from ``g`` (a new permutation
+    when the current one runs out) and a warmup + cosine schedule peaking at ``lr``."""
+    order, pos = torch.randperm(n, generator=g), 0
+    warm = max(1, int(warmup_fraction * steps))
+    for step in range(steps):
+        if pos + batch_size > order.numel():
+            order, pos = torch.randperm(n, generator=g), 0
+        yield step, order[pos:pos + batch_size], lr * _cosine(step, steps, warm)
+        pos += batch_size
+
+
 def pretrain(cfg: BuildConfig, data: dict[str, tuple[Tensor, Tensor]], device: torch.device,
              log: Callable[[str], None] = _log) -> tuple[nn.Module, dict[str, Any]]:
     """Stage 1: CLIP-style pretraining of image and text towers on the shifted mixture."""
@@ -148,16 +161,11 @@ def pretrain(cfg: BuildConfig, data: dict[str, tuple[Tensor, Tensor]], device: t
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.pretrain_wd)
     g = torch.Generator().manual_seed(cfg.seed * 31 + 1)
     g_tpl = torch.Generator().manual_seed(cfg.seed * 31 + 2)
-    order = torch.randperm(images.shape[0], generator=g)
-    pos, warm = 0, max(1, int(cfg.warmup_fraction * cfg.pretrain_steps))
     losses = []
-    for step in range(cfg.pretrain_steps):
-        if pos + cfg.batch_size > order.numel():
-            order, pos = torch.randperm(images.shape[0], generator=g), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
+    for step, idx, lr in _minibatches(images.shape[0], cfg.batch_size, cfg.pretrain_steps, cfg.pretrain_lr,
+                                      cfg.warmup_fraction, g):
         for group in opt.param_groups:
-            group["lr"] = cfg.pretrain_lr * _cosine(step, cfg.pretrain_steps, warm)
+            group["lr"] = lr
         x = preprocess(images[idx], device)
         y, tid = labels[idx].to(device), task_of[idx].to(device)
         z = F.normalize(model.encode_image(x), dim=-1)
@@ -203,16 +211,10 @@ def finetune(cfg: BuildConfig, base: dict[str, Tensor], head: Tensor, logit_scal
     opt = torch.optim.AdamW(visual.parameters(), lr=cfg.lr, weight_decay=cfg.wd)
     images, labels = train
     g = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(images.shape[0], generator=g), 0
-    warm = max(1, int(cfg.warmup_fraction * cfg.steps))
     losses = []
-    for step in range(cfg.steps):
-        if pos + cfg.batch_size > order.numel():
-            order, pos = torch.randperm(images.shape[0], generator=g), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
+    for _, idx, lr in _minibatches(images.shape[0], cfg.batch_size, cfg.steps, cfg.lr, cfg.warmup_fraction, g):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * _cosine(step, cfg.steps, warm)
+            group["lr"] = lr
         logits = head_logits(visual(preprocess(images[idx], device)), head, logit_scale)
         loss = F.cross_entropy(logits, labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
