@@ -6,7 +6,6 @@ where it runs and what is reused between calls.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -14,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
-from .pool import StateDict, TaskPool, fingerprint, key_seed, normalize_preferences
+from .pool import StateDict, TaskPool, fingerprint, key_seed, normalize_preferences, resolve_device
 from .registry import get_calibration, get_method
 from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
 
@@ -26,8 +25,6 @@ _POOL_KEEP = 2
 
 def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
     """Return the cached :class:`TaskPool` for this exact expert set (and device), creating it if needed."""
-    from .pool import resolve_device
-
     dev = resolve_device(device)
     key = (fingerprint(base, experts), str(dev), svd_mode)
     if key in _POOLS:

@@ -411,7 +411,6 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
 def measure(out: Path, cfg: BuildConfig, device: torch.device, log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Accuracies of the stored suite through the public evaluation path (what tests and the app will see)."""
     from ..evaluate import evaluate, reference_accuracy
-    from ..engine import merge
     from .core import Suite
 
     suite = Suite(out)
