@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
+from .parallel import parallel_map
 from .pool import StateDict, TaskPool, fingerprint, key_seed, normalize_preferences, resolve_device
 from .registry import get_calibration, get_method
 from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
@@ -88,45 +89,52 @@ def merge_pool(
     tag = (method, tuple(sorted(structural.items())), None if weights is None else tuple(weights.tolist()),
            rule, seed if spec.uses_seed else None, tuple(cal_prefs.tolist()) if method_prefs else None)
 
+    kwargs: dict[str, Any] = dict(structural)
+    if method_prefs:
+        kwargs["preferences"] = cal_prefs
+
+    def merge_one(key: str) -> Tensor | None:
+        base_t = pool.base[key]
+        if not base_t.is_floating_point():
+            return None
+        layer = pool.layer(key, weights)
+        if spec.scope == "all" or rule.is_matrix(key, base_t.shape):
+            if spec.uses_seed:
+                return spec.fn(layer, **kwargs, seed=key_seed(seed, key))
+            return spec.fn(layer, **kwargs)
+        d = layer.deltas
+        return d.mean(0) if spec.vector_rule == "mean" else d.sum(0)
+
     def compute_unscaled() -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
         keys = pool.keys
-        for idx, key in enumerate(keys):
-            if progress is not None:
-                progress(idx / max(1, len(keys)), f"{method}: {key}")
-            base_t = pool.base[key]
-            if not base_t.is_floating_point():
-                continue
-            layer = pool.layer(key, weights)
-            if spec.scope == "all" or rule.is_matrix(key, base_t.shape):
-                kwargs = dict(structural)
-                if spec.uses_seed:
-                    kwargs["seed"] = key_seed(seed, key)
-                if method_prefs:
-                    kwargs["preferences"] = cal_prefs
-                out[key] = spec.fn(layer, **kwargs)
-            else:
-                d = layer.deltas
-                out[key] = d.mean(0) if spec.vector_rule == "mean" else d.sum(0)
-        return out
+        prepare = spec.extra.get("prepare")
+        if prepare is not None:  # pool-wide state the per-layer function reads (e.g. TIES's model thresholds)
+            prepare(pool, **structural)
+        report = None if progress is None else (lambda done, total: progress(0.9 * done / total, f"{method}: layers"))
+        deltas = parallel_map(merge_one, keys, device=pool.device, on_done=report)
+        return {key: d for key, d in zip(keys, deltas) if d is not None}
 
     unscaled = pool.merged_cache(tag, compute_unscaled)
     # A calibration may declare its own default rule (the official SVC code also skips embeddings); an explicit
     # layer_rule from the caller wins.
     cal_rule = rule if (layer_rule is not None or cal_spec is None) else resolve_rule(cal_spec.extra.get("layer_rule"))
-    merged: dict[str, Tensor] = {}
-    for key, base_t in pool.base.items():
+
+    def finish_one(key: str) -> Tensor:
+        base_t = pool.base[key]
         if key not in unscaled:
-            merged[key] = base_t.clone()
-            continue
+            return base_t.clone()
         delta = unscaled[key]
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
             delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
                                 merged_tag=(tag, key), **cal_hp)
-            merged[key] = (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
-        else:  # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
-            merged[key] = (delta * scale).add_(base_t.to(pool.device, torch.float32)).to("cpu", base_t.dtype)
+            return (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
+        # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
+        return (delta * scale).add_(base_t.to(pool.device, torch.float32)).to("cpu", base_t.dtype)
+
+    report = None if progress is None else (
+        lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))
+    merged = dict(zip(pool.base, parallel_map(finish_one, list(pool.base), device=pool.device, on_done=report)))
     if progress is not None:
         progress(1.0, f"{method}: done")
     return merged

@@ -8,9 +8,10 @@ computed at most once per pool and reused by every method and every hyperparamet
 from __future__ import annotations
 
 import math
+import threading
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -120,6 +121,37 @@ class LayerTasks:
             self._deltas = raw if self.weights is None else raw * self.weights.view(-1, *([1] * (raw.dim() - 1)))
         return self._deltas
 
+    def raw_chunks(self, chunk: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """Unweighted task values of the flattened layer, a block of columns at a time (element-wise methods).
+
+        Yields ``(start, stop, x)`` with ``x = expert_i - base`` over entries ``start:stop`` of the flattened
+        tensor, ``[T, stop - start]`` float32 on the device. ``x`` is a buffer reused for the next block (the
+        caller may modify it in place). On the CPU a block is ``~64K`` values (``chunk`` per task), small enough to
+        stay in the core's cache through a method's whole chain of element-wise steps: on the development machine
+        TIES's trim / elect / disjoint-sum runs ~6x faster this way than on the whole ``[T, *shape]`` stack, whose
+        every temporary is a fresh, page-faulting allocation. On CUDA the whole layer is one block.
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(2, 3)}, {"a": {"w": torch.ones(2, 3)}, "b": {"w": -torch.ones(2, 3)}})
+            >>> [(a, b, x.tolist()) for a, b, x in pool.layer("w").raw_chunks(chunk=4)]
+            [(0, 4, [[1.0, 1.0, 1.0, 1.0], [-1.0, -1.0, -1.0, -1.0]]), (4, 6, [[1.0, 1.0], [-1.0, -1.0]])]
+        """
+        dev, key, T = self.pool.device, self.key, self.num_tasks
+        base = self.pool.base[key].to(dev).reshape(-1)
+        experts = [self.pool.experts[n][key].to(dev).reshape(-1) for n in self.names]
+        numel = base.numel()
+        if chunk is None:
+            chunk = numel if dev.type != "cpu" else max(1024, (1 << 16) // max(1, T))
+        chunk = max(1, min(chunk, numel))
+        buf = torch.empty(T, chunk, dtype=torch.float32, device=dev)
+        for start in range(0, numel, chunk):
+            stop = min(numel, start + chunk)
+            x = buf[:, :stop - start]
+            for i, e in enumerate(experts):
+                x[i].copy_(e[start:stop])
+            x.sub_(base[start:stop])
+            yield start, stop, x
+
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
         """Return the cached value for ``tag`` on this layer (and these weights), computing it once.
 
@@ -151,17 +183,16 @@ class LayerTasks:
             # tails of real task-matrix spectra (see linalg.gram_svd).
             return linalg.gram_svd(raw, rank)
 
-        # Reuse any cached decomposition of at least this rank.
-        cache = self.pool._svd_cache
-        best = None
-        for (key, idx, have), val in cache.items():
-            if key == self.key and idx == i and have >= rank and (best is None or have < best[0]):
-                best = (have, val)
-        if best is None:
-            val = compute()
-            cache[(self.key, i, rank)] = val
+        # Reuse any cached decomposition of at least this rank (per expert and layer: rank -> factors).
+        ranks = self.pool._svd_slot((self.key, i))
+        with self.pool._lock:
+            have = [h for h in ranks if h >= rank]
+        if have:
+            val = ranks[min(have)]
         else:
-            val = best[1]
+            val = self.pool.memo(("svd", self.key, i, rank), compute)
+            with self.pool._lock:
+                ranks.setdefault(rank, val)
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
@@ -201,8 +232,12 @@ class TaskPool:
         self.names = tuple(experts)
         self.device = resolve_device(device)
         self.svd_mode = svd_mode
-        self._svd_cache: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+        self._svd_cache: dict[tuple, dict[int, tuple[Tensor, Tensor, Tensor]]] = {}
         self._memo: dict[Hashable, Any] = {}
+        # Layers are merged on worker threads (studio.parallel): cache structures are guarded by one lock, and a
+        # value requested by two threads at once is computed by the first while the second waits for it.
+        self._lock = threading.RLock()
+        self._inflight: dict[Hashable, threading.Event] = {}
         self._transient: "OrderedDict[Hashable, Any]" = OrderedDict()
         self._merged: "OrderedDict[Hashable, dict[str, Tensor]]" = OrderedDict()
 
@@ -227,36 +262,57 @@ class TaskPool:
 
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
         """Cached ``compute()`` for ``tag``: for the pool's life, or (``transient``) in an LRU of
-        ``4 * len(keys)`` entries, about four merges' worth of per-layer values."""
-        if not transient:
-            if tag not in self._memo:
-                self._memo[tag] = compute()
-            return self._memo[tag]
-        if tag in self._transient:
-            self._transient.move_to_end(tag)
-            return self._transient[tag]
-        value = self._transient[tag] = compute()
-        while len(self._transient) > 4 * len(self.base):
-            self._transient.popitem(last=False)
-        return value
+        ``4 * len(keys)`` entries, about four merges' worth of per-layer values. Thread-safe: concurrent requests
+        for one tag compute it once."""
+        store = self._transient if transient else self._memo
+        while True:
+            with self._lock:
+                if tag in store:
+                    if transient:
+                        self._transient.move_to_end(tag)
+                    return store[tag]
+                pending = self._inflight.get(tag)
+                if pending is None:
+                    pending = self._inflight[tag] = threading.Event()
+                    break
+            pending.wait()  # another thread is computing it; if that failed, the loop computes it here
+        try:
+            value = compute()
+            with self._lock:
+                store[tag] = value
+                if transient:
+                    while len(self._transient) > 4 * len(self.base):
+                        self._transient.popitem(last=False)
+            return value
+        finally:
+            with self._lock:
+                del self._inflight[tag]
+            pending.set()
+
+    def _svd_slot(self, layer_task: tuple[str, int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
+        with self._lock:
+            return self._svd_cache.setdefault(layer_task, {})
 
     def merged_cache(self, tag: Hashable, compute: Callable[[], dict[str, Tensor]], keep: int = 2) -> dict[str, Tensor]:
         """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale."""
-        if tag in self._merged:
-            self._merged.move_to_end(tag)
-            return self._merged[tag]
+        with self._lock:
+            if tag in self._merged:
+                self._merged.move_to_end(tag)
+                return self._merged[tag]
         value = compute()
-        self._merged[tag] = value
-        while len(self._merged) > keep:
-            self._merged.popitem(last=False)
+        with self._lock:
+            self._merged[tag] = value
+            while len(self._merged) > keep:
+                self._merged.popitem(last=False)
         return value
 
     def clear(self) -> None:
         """Drop every cached decomposition and merged delta (frees memory)."""
-        self._svd_cache.clear()
-        self._memo.clear()
-        self._transient.clear()
-        self._merged.clear()
+        with self._lock:
+            self._svd_cache.clear()
+            self._memo.clear()
+            self._transient.clear()
+            self._merged.clear()
 
 
 def key_seed(seed: int, key: str) -> int:

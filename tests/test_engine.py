@@ -165,3 +165,71 @@ def test_transient_memo_is_bounded_while_structural_memo_persists(clip_pool):
     assert layer.memo(("merged", 10 * len(base) - 1), lambda: -1, transient=True) == 10 * len(base) - 1
     layer.memo("persistent", lambda: calls.append("again") or 2)
     assert calls == ["p"]
+
+
+# --------------------------------------------------------------------------------------- layer-parallel execution
+def _merge_with_threads(threads, base, experts, method, **kw):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return studio.merge_pool(TaskPool(base, experts, device="cpu"), method, **kw)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("method,kw", [(m["name"], {}) for m in studio.list_methods() if m["kind"] == "merge"] +
+                         [("task_arithmetic", {"calibrate": "svc"}), ("ties", {"calibrate": "align_merge_b"})])
+def test_worker_threads_give_bit_identical_merges(clip_pool, method, kw):
+    """Layers run on torch.get_num_threads() worker threads (studio.parallel); each layer's arithmetic is the same
+    on any thread, so one and three workers agree exactly."""
+    base, experts = clip_pool
+    one = _merge_with_threads(1, base, experts, method, **kw)
+    three = _merge_with_threads(3, base, experts, method, **kw)
+    assert one.keys() == three.keys()
+    for k in one:
+        assert torch.equal(one[k], three[k]), k
+
+
+def test_memo_computes_once_under_concurrent_requests_and_recovers_from_errors(clip_pool):
+    import threading
+
+    from studio.parallel import parallel_map
+
+    pool = TaskPool(*clip_pool, device="cpu")
+    calls = []
+    gate = threading.Barrier(3)
+
+    def slow() -> int:
+        calls.append(1)
+        return 42
+
+    def request(_):
+        gate.wait()
+        return pool.memo("tag", slow)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert parallel_map(request, range(3)) == [42, 42, 42]
+        assert len(calls) == 1
+
+        def failing(i):
+            if i == 1:
+                raise ValueError("boom")
+            return pool.memo("other", lambda: i)
+
+        with pytest.raises(ValueError, match="boom"):
+            parallel_map(failing, range(4))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+    assert pool.memo("failed-before", lambda: 7) == 7 and not pool._inflight
+
+
+def test_a_failing_layer_leaves_the_pool_usable(clip_pool):
+    base, experts = clip_pool
+    pool = TaskPool(base, experts, device="cpu")
+    with pytest.raises(studio.HyperparameterError):
+        studio.merge_pool(pool, "tsv_m", rank_fraction=0.9)     # T * k > r on every layer
+    merged = studio.merge_pool(pool, "tsv_m")
+    assert merged.keys() == base.keys()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import studio
-from studio.methods._sparsify import (band_mask, disjoint_merge, elect_sign, kth_smallest, magnitude_mask,
-                                      random_drop)
+from studio.methods._sparsify import (band_mask, band_thresholds, disjoint_merge, elect_sign, kth_smallest,
+                                      magnitude_mask, order_statistics, random_drop, ties_blocks)
 from studio.methods.breadcrumbs import breadcrumbs
 from studio.methods.dare import dare
 from studio.methods.ties import model_thresholds, ties
@@ -356,3 +356,63 @@ def test_out_of_range_hyperparameters_name_value_and_range(method, hp, pattern):
     base = clip_like_state_dict()
     with pytest.raises(HyperparameterError, match=pattern):
         studio.merge(base, make_experts(base, 2), method, **hp)
+
+
+# ------------------------------------------------------------------------------- streamed kernels vs whole tensors
+def _quantized_pool(T=5, shape=(300, 70), seed=0):
+    """Deltas that are integer multiples of 1e-6 in [-5e-6, 5e-6]: exact magnitude ties straddle every cut, as
+    in real checkpoints (differences of floats are multiples of the base's rounding unit)."""
+    g = torch.Generator().manual_seed(seed)
+    base = {"w": torch.randn(*shape, generator=g) * 0.02}
+    experts = {f"t{i}": {"w": base["w"] + 1e-6 * torch.randint(-5, 6, shape, generator=g).float()} for i in range(T)}
+    return TaskPool(base, experts, device="cpu")
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0, 0.0, 1.5]])
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("scope", ["layer", "model"])
+def test_streamed_ties_equals_the_whole_tensor_pipeline(weights, merge_func, scope):
+    """ties() streams cache-sized blocks (ties_blocks); the reference is trim -> elect -> disjoint merge on the
+    whole [T, *shape] stack. The layer (21000 entries) spans two blocks."""
+    pool = _quantized_pool()
+    layer = pool.layer("w", None if weights is None else torch.tensor(weights))
+    raw = pool.raw_deltas("w")
+    mask = magnitude_mask(raw, 0.2) if scope == "layer" else raw.abs() >= model_thresholds(pool, 0.2).view(-1, 1, 1)
+    trimmed = layer.deltas * mask
+    expected = disjoint_merge(trimmed, elect_sign(trimmed), merge_func)
+    assert torch.equal(ties(layer, k=0.2, topk_scope=scope, merge_func=merge_func), expected)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_ties_blocks_does_not_depend_on_the_block_size(chunk):
+    layer = _quantized_pool(T=3, shape=(40, 9), seed=2).layer("w")
+    t = torch.tensor([2e-6, 3e-6, 0.0])
+    got = ties_blocks(layer.raw_chunks(chunk=chunk), 360, t, aggregate="mean")
+    raw = layer.pool.raw_deltas("w").reshape(3, -1)
+    trimmed = raw * (raw.abs() >= t.view(-1, 1))
+    assert torch.equal(got, disjoint_merge(trimmed, elect_sign(trimmed), "mean"))
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0, 0.0, 1.5]])
+@pytest.mark.parametrize("beta,gamma", [(0.01, 0.85), (0.1, 0.3), (0.0, 0.5), (0.2, 0.0), (0.0, 0.0)])
+def test_streamed_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, gamma):
+    """breadcrumbs() finds each task's band from a histogram and fixes the ties at the cuts by position; the
+    reference is band_mask (a stable-argsort-equivalent ranking) on the whole stack."""
+    pool = _quantized_pool()
+    layer = pool.layer("w", None if weights is None else torch.tensor(weights))
+    mags = pool.raw_deltas("w")[0].abs().flatten()
+    lo, hi, lo_ties, hi_ties = band_thresholds(mags, beta, gamma)
+    if gamma > 0:
+        assert lo_ties > 0 and lo_ties < int((mags == lo).sum())      # the case under test: a tie straddles the cut
+    expected = (layer.deltas * band_mask(pool.raw_deltas("w"), beta, gamma)).sum(0)
+    torch.testing.assert_close(breadcrumbs(layer, beta, gamma), expected, rtol=0, atol=1e-12)
+
+
+def test_order_statistics_equal_sorting():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randint(0, 50, (5000,), generator=g).float() * 1e-3
+    ranks = [1, 17, 2500, 4999, 5000]
+    got, below = order_statistics(values, ranks, chunk=999)
+    ordered = values.sort().values
+    assert got.tolist() == [ordered[r - 1].item() for r in ranks]
+    assert below == [int((values < ordered[r - 1]).sum()) for r in ranks]

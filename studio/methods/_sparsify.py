@@ -15,7 +15,8 @@ are chosen here (results live where the inputs live) and nothing is cached. Meth
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -23,8 +24,8 @@ from torch import Tensor
 from ..schema import HyperparameterError
 
 __all__ = [
-    "topk_rank", "topk_threshold", "kth_smallest", "magnitude_mask", "random_drop", "band_mask", "elect_sign",
-    "disjoint_merge", "generalized_task_arithmetic",
+    "topk_rank", "topk_threshold", "kth_smallest", "order_statistics", "band_blocks", "magnitude_mask", "random_drop", "band_mask", "elect_sign",
+    "disjoint_merge", "generalized_task_arithmetic", "ties_blocks",
 ]
 
 
@@ -59,7 +60,7 @@ def topk_threshold(magnitudes: Tensor, density: float) -> Tensor:
     return magnitudes.kthvalue(rank, dim=-1, keepdim=True).values
 
 
-def kth_smallest(values: Tensor, rank: int, *, chunk: int = 1 << 24) -> Tensor:
+def kth_smallest(values: Tensor, rank: int, *, chunk: int = 1 << 18) -> Tensor:
     """Exact ``rank``-th smallest (1-based) entry of a 1-D tensor of non-negative float32 values.
 
     Same value as ``values.kthvalue(rank)``, with far less memory on model-sized vectors: CPU ``kthvalue`` copies
@@ -72,17 +73,38 @@ def kth_smallest(values: Tensor, rank: int, *, chunk: int = 1 << 24) -> Tensor:
         >>> kth_smallest(torch.tensor([5.0, 0.0, 2.0, 2.0, 9.0]), 3), kth_smallest(torch.tensor([5.0, 0.0, 2.0]), 3)
         (tensor(2.), tensor(5.))
     """
+    values_, _ = order_statistics(values, [rank], chunk=chunk)
+    return values_[0]
+
+
+def order_statistics(values: Tensor, ranks: list[int], *, chunk: int = 1 << 18) -> tuple[Tensor, list[int]]:
+    """The ``ranks``-th smallest (1-based) entries of a 1-D tensor of non-negative float32 values, and for each the
+    number of entries strictly smaller (as :func:`kth_smallest`, one histogram pass for all ranks).
+
+    Example:
+        >>> v, below = order_statistics(torch.tensor([5.0, 0.0, 2.0, 2.0, 9.0]), [1, 4, 5])
+        >>> v.tolist(), below
+        ([0.0, 5.0, 9.0], [0, 3, 4])
+    """
     n = values.numel()
-    if not 1 <= rank <= n:
-        raise ValueError(f"rank must be in [1, {n}], got {rank}")
+    for rank in ranks:
+        if not 1 <= rank <= n:
+            raise ValueError(f"rank must be in [1, {n}], got {rank}")
     bits = values.reshape(-1).view(torch.int32)
     parts = [bits[i:i + chunk] for i in range(0, n, chunk)]
     counts = sum(torch.bincount(part >> 16, minlength=1 << 15) for part in parts)
     cum = counts.cumsum(0)
-    bucket = int(torch.searchsorted(cum, torch.tensor([rank], device=cum.device)))
-    below = int(cum[bucket - 1]) if bucket > 0 else 0
-    inside = torch.cat([part[(part >> 16) == bucket] for part in parts]).view(torch.float32)
-    return inside.kthvalue(rank - below).values
+    buckets = torch.searchsorted(cum, torch.tensor(ranks, device=cum.device)).tolist()
+    inside: dict[int, Tensor] = {}
+    out, below = [], []
+    for rank, bucket in zip(ranks, buckets):
+        if bucket not in inside:
+            inside[bucket] = torch.cat([part[(part >> 16) == bucket] for part in parts]).view(torch.float32)
+        before = int(cum[bucket - 1]) if bucket > 0 else 0
+        v = inside[bucket].kthvalue(rank - before).values
+        out.append(v)
+        below.append(before + int((inside[bucket] < v).sum()))
+    return torch.stack(out), below
 
 
 def magnitude_mask(x: Tensor, density: float) -> Tensor:
@@ -224,3 +246,121 @@ def generalized_task_arithmetic(deltas: Tensor, sparsify: Callable[[Tensor], Ten
     if aggregate == "mean":
         return x.mean(0)
     raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}")
+
+
+def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, thresholds: Tensor,
+                weights: Tensor | None = None, aggregate: str = "sum") -> Tensor:
+    """Trim -> elect -> disjoint merge (TIES Alg. 1) streamed over blocks of columns, equal to
+    ``disjoint_merge(y, elect_sign(y), aggregate)`` with ``y = w * x * (|x| >= thresholds)`` on the whole tensor.
+
+    ``blocks`` yields ``(start, stop, x)`` with ``x`` ``[T, stop - start]`` (the unweighted task values of entries
+    ``start:stop`` of the flattened tensor; modified in place), as :meth:`studio.pool.LayerTasks.raw_chunks` gives.
+    ``thresholds`` ``[T]`` are the trim thresholds (on ``|x|``), ``weights`` ``[T]`` optional per-task weights.
+
+    Per entry only two sums are kept: ``P = sum_i max(y_i, 0)`` and ``N = sum_i min(y_i, 0)``. The elected sign is
+    ``sgn(P + N)`` (zeros: the tensor's majority, :func:`elect_sign`), and the disjoint sum is ``P`` where it is
+    positive, ``N`` where it is negative (the mean divides by the matching count of non-zero entries). Working on
+    cache-sized blocks instead of ``[T, *shape]`` temporaries makes TIES ~6x faster on a CPU (see ``raw_chunks``).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 2.0, -3.0], [1.0, -3.0, -2.0, -1.0]])
+        >>> t = torch.tensor([0.0, 0.0])
+        >>> ties_blocks([(0, 4, x.clone())], 4, t).tolist() == disjoint_merge(x, elect_sign(x), "sum").tolist()
+        True
+    """
+    if aggregate not in ("sum", "mean"):
+        raise ValueError(f"aggregate must be 'sum' or 'mean', got {aggregate!r}")
+    thr = thresholds.reshape(-1, 1)
+    w = None if weights is None else weights.reshape(-1, 1).to(thr.device, torch.float32)
+    pos = neg = pos_n = neg_n = scratch = mask = None
+    for start, stop, x in blocks:
+        if pos is None:
+            dev = x.device
+            pos, neg = torch.empty(numel, device=dev), torch.empty(numel, device=dev)
+            if aggregate == "mean":
+                pos_n, neg_n = torch.empty(numel, device=dev), torch.empty(numel, device=dev)
+            scratch, mask = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+            thr = thr.to(dev)
+            w = None if w is None else w.to(dev)
+        part, keep = scratch[:, :x.shape[1]], mask[:, :x.shape[1]]
+        torch.ge(torch.abs(x, out=part), thr, out=keep)
+        x.mul_(keep)
+        if w is not None:
+            x.mul_(w)
+        torch.sum(torch.clamp(x, min=0, out=part), 0, out=pos[start:stop])
+        torch.sum(torch.clamp(x, max=0, out=part), 0, out=neg[start:stop])
+        if aggregate == "mean":
+            torch.sum(torch.gt(x, 0, out=keep), 0, out=pos_n[start:stop])
+            torch.sum(torch.lt(x, 0, out=keep), 0, out=neg_n[start:stop])
+    if pos is None:
+        return torch.zeros(numel, device=thresholds.device)
+    sign = torch.sign(pos + neg)
+    sign = torch.where(sign == 0, torch.sign(sign.sum()), sign)
+    if aggregate == "mean":
+        pos.div_(pos_n.clamp_(min=1))
+        neg.div_(neg_n.clamp_(min=1))
+    return torch.where(sign > 0, pos, neg)
+
+
+def band_thresholds(magnitudes: Tensor, beta: float, gamma: float) -> tuple[float, float, int, int]:
+    """The magnitude band of one task's flattened tensor that :func:`band_mask` keeps, from one histogram pass.
+
+    Returns ``(lo, hi, lo_ties, hi_ties)``: entries with ``lo <= |x| < hi`` are kept, except that of the entries
+    with ``|x| == lo`` the first ``lo_ties`` (in flat order) are dropped, and of those with ``|x| == hi`` the first
+    ``hi_ties`` are kept -- :func:`band_mask`'s position rule where an exact tie straddles a cut (common: deltas of
+    float checkpoints are multiples of the base's rounding unit). ``lo`` is the magnitude at ascending rank
+    ``int(gamma * d)`` (0-based; ``0`` when nothing is cut at the bottom), ``hi`` the one at rank
+    ``d - int(beta * d)`` (``inf`` when nothing is cut at the top).
+
+    Example:
+        >>> band_thresholds(torch.tensor([1.0, 10.0, 3.0, 0.2, 5.0, 7.0, 0.5, 2.0, 4.0, 6.0]), 0.1, 0.3)
+        (2.0, 10.0, 0, 0)
+        >>> band_thresholds(torch.tensor([1.0, 1.0, 1.0, 1.0, 5.0]), 0.0, 0.4)   # drop 2 of the four 1.0s
+        (1.0, inf, 2, 0)
+    """
+    d = magnitudes.numel()
+    n_top, n_bottom = int(beta * d), int(gamma * d)
+    lo, hi, lo_ties, hi_ties = 0.0, math.inf, 0, 0
+    ranks = ([n_bottom + 1] if n_bottom > 0 else []) + ([d - n_top + 1] if n_top > 0 else [])
+    if ranks:
+        vals, below = order_statistics(magnitudes, ranks)
+        if n_bottom > 0:
+            lo, lo_ties = float(vals[0]), n_bottom - below[0]
+        if n_top > 0:
+            hi, hi_ties = float(vals[-1]), (d - n_top) - below[-1]
+    return lo, hi, lo_ties, hi_ties
+
+
+def band_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, bands: Tensor,
+                weights: Tensor | None = None) -> Tensor:
+    """``sum_i w_i * x_i * (lo_i <= |x_i| < hi_i)`` streamed over blocks of columns (Breadcrumbs' masked sum).
+
+    ``blocks`` as in :func:`ties_blocks`; ``bands`` ``[T, 2]`` holds each task's ``(lo, hi)`` from
+    :func:`band_thresholds` (the caller adds the tie corrections, see ``breadcrumbs``).
+
+    Example:
+        >>> x = torch.tensor([[1.0, -10.0, 3.0, 0.2, -5.0, 7.0, 0.5, 2.0, -4.0, 6.0]])
+        >>> bands = torch.tensor([band_thresholds(x[0].abs(), 0.1, 0.3)[:2]])
+        >>> torch.equal(band_blocks([(0, 10, x.clone())], 10, bands), (x * band_mask(x, 0.1, 0.3)).sum(0))
+        True
+    """
+    lo, hi = bands[:, :1], bands[:, 1:]
+    out = scratch = keep = upper = None
+    for start, stop, x in blocks:
+        if out is None:
+            dev = x.device
+            out = torch.empty(numel, device=dev)
+            scratch, keep, upper = torch.empty_like(x), torch.empty_like(x, dtype=torch.bool), torch.empty_like(
+                x, dtype=torch.bool)
+            lo, hi = lo.to(dev), hi.to(dev)
+            weights = None if weights is None else weights.reshape(-1, 1).to(dev, torch.float32)
+        width = x.shape[1]
+        mag, k, u = scratch[:, :width], keep[:, :width], upper[:, :width]
+        torch.abs(x, out=mag)
+        torch.ge(mag, lo, out=k)
+        torch.lt(mag, hi, out=u)
+        x.mul_(k.logical_and_(u))
+        if weights is not None:
+            x.mul_(weights)
+        torch.sum(x, 0, out=out[start:stop])
+    return torch.zeros(numel) if out is None else out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
-from ._sparsify import band_mask, generalized_task_arithmetic
+from ._sparsify import band_blocks, band_mask, band_thresholds, generalized_task_arithmetic
 
 
 @register(
@@ -49,5 +50,26 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float) -> Tensor:
             f"breadcrumbs: beta={beta!r} + gamma={gamma!r} = {beta + gamma!r} masks every entry; "
             f"expected beta + gamma < 1"
         )
-    deltas = layer.deltas
-    return generalized_task_arithmetic(deltas, lambda d: d * band_mask(d, beta, gamma), aggregate="sum")
+    # Each task's band [lo, hi) from one histogram pass over its magnitudes, then one streamed masked sum
+    # (band_blocks), then the position rule for exact ties at a cut: of the entries equal to lo the first
+    # lo_ties are dropped, of those equal to hi the first hi_ties are kept (band_mask's stable ranking).
+    pool, key = layer.pool, layer.key
+    base = pool.base[key].to(layer.device, torch.float32).reshape(-1)
+    mag = torch.empty_like(base)
+    bands, fixes = [], []
+    for i, name in enumerate(layer.names):
+        torch.sub(pool.experts[name][key].to(layer.device, torch.float32).reshape(-1), base, out=mag).abs_()
+        lo, hi, lo_ties, hi_ties = band_thresholds(mag, beta, gamma)
+        if lo == hi and (lo_ties or hi_ties):  # one tied value straddles both cuts
+            return generalized_task_arithmetic(layer.deltas, lambda d: d * band_mask(d, beta, gamma), aggregate="sum")
+        bands.append((lo, hi))
+        for value, count, sign in ((lo, lo_ties, -1.0), (hi, hi_ties, 1.0)):
+            if count > 0:
+                fixes.append((i, sign, torch.nonzero(mag == value).flatten()[:count]))
+    merged = band_blocks(layer.raw_chunks(), base.numel(), torch.tensor(bands, dtype=torch.float32), layer.weights)
+    for i, sign, idx in fixes:
+        values = pool.experts[layer.names[i]][key].to(layer.device, torch.float32).reshape(-1)[idx] - base[idx]
+        if layer.weights is not None:
+            values = values * layer.weights[i]
+        merged.index_add_(0, idx, sign * values)
+    return merged.reshape(layer.shape)

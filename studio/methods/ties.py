@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from ..parallel import parallel_map
 from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import Param
-from ._sparsify import generalized_task_arithmetic, kth_smallest, magnitude_mask, topk_rank
+from ._sparsify import kth_smallest, ties_blocks, topk_rank
 
 
 def model_thresholds(pool: TaskPool, k: float) -> Tensor:
@@ -49,9 +52,17 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
         rank = topk_rank(total, k)
         if rank <= 0:
             return torch.zeros(len(pool.names), device=pool.device)
-        return torch.stack([kth_smallest(task_magnitudes(name), rank) for name in pool.names])
+        # One task per worker thread (studio.parallel): each holds one model-sized vector at a time.
+        return torch.stack(parallel_map(lambda name: kth_smallest(task_magnitudes(name), rank), pool.names,
+                                        device=pool.device))
 
     return pool.memo(("ties.model_thresholds", float(k)), compute)
+
+
+def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> None:
+    """Compute the model-scope thresholds before the layer loop, where they can use every worker thread."""
+    if topk_scope == "model":
+        model_thresholds(pool, k)
 
 
 @register(
@@ -76,6 +87,7 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
     summary="Keep each task's top-k magnitudes, elect a sign per parameter, merge only the agreeing entries.",
     scope="all",
     vector_rule="sum",
+    prepare=_prepare,
 )
 def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str) -> Tensor:
     """TIES merge of one tensor: ``tau_m = disjoint_{sum|mean}(trim_k(tau_i))`` (the engine applies ``alpha``).
@@ -98,10 +110,26 @@ def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str) -> Tenso
         >>> ties(layer, k=1.0, topk_scope="layer", merge_func="mean").tolist()
         [2.0, 2.0, -1.5]
     """
-    raw = layer.deltas if layer.weights is None else layer.pool.raw_deltas(layer.key)
     if topk_scope == "model":
-        thresholds = model_thresholds(layer.pool, k).to(raw.device)
-        mask = raw.abs() >= thresholds.view(-1, *([1] * (raw.dim() - 1)))
+        thresholds = model_thresholds(layer.pool, k)
     else:
-        mask = magnitude_mask(raw, k)
-    return generalized_task_arithmetic(layer.deltas, lambda d: d * mask, consensus=True, aggregate=merge_func)
+        thresholds = layer_thresholds(layer, k)
+    numel = math.prod(layer.shape)
+    merged = ties_blocks(layer.raw_chunks(), numel, thresholds, layer.weights, merge_func)
+    return merged.reshape(layer.shape)
+
+
+def layer_thresholds(layer: LayerTasks, k: float) -> Tensor:
+    """Per-task top-``k`` magnitude thresholds within one tensor (``topk_scope="layer"``), ``[T]``.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.tensor([1.0, -4.0, 2.0])}, "b": {"w": torch.tensor([0.5, 0.1, -3.0])}}
+        >>> layer_thresholds(TaskPool({"w": torch.zeros(3)}, experts).layer("w"), 0.4).tolist()
+        [2.0, 0.5]
+    """
+    raw = layer.pool.raw_deltas(layer.key).reshape(layer.num_tasks, -1)
+    rank = topk_rank(raw.shape[1], k)
+    if rank <= 0:
+        return raw.new_zeros(layer.num_tasks)
+    return torch.stack([kth_smallest(row.abs(), rank) for row in raw])

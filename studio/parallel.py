@@ -1,0 +1,82 @@
+"""Layer-level parallelism on the CPU: independent per-layer (or per-task) work on worker threads.
+
+A merge is a loop over ~150 independent tensors, most of them decomposed with LAPACK or swept element-wise. On a
+small CPU, giving each worker thread whole layers with a single BLAS/OpenMP thread each is faster than letting
+every small SVD split itself over all cores: on the 2-core development machine two workers run Gram + ``eigh``
+of ``768 x 3072`` layers 1.9x faster than one, while one op on two OpenMP threads gains ~1.1x and collapses
+(10-100x slower) as soon as another process competes for a core. PyTorch releases the GIL inside its kernels, so
+plain Python threads suffice.
+
+The number of workers is ``torch.get_num_threads()`` at the call (the caller's CPU budget; ``torch.set_num_threads``
+sets it); inside the parallel region every worker runs with one intra-op thread. On CUDA, and for nested calls
+from a worker, work runs sequentially on the calling thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+import torch
+
+__all__ = ["cpu_workers", "parallel_map"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_state = threading.local()
+
+
+def _mark_worker() -> None:
+    _state.worker = True
+
+
+def cpu_workers(device: "torch.device | str") -> int:
+    """Worker threads :func:`parallel_map` would use for work on ``device`` from the calling thread.
+
+    Example:
+        >>> cpu_workers("cuda")
+        1
+    """
+    if torch.device(device).type != "cpu" or getattr(_state, "worker", False):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
+                 on_done: Callable[[int, int], None] | None = None) -> list[R]:
+    """``[fn(x) for x in items]``, on :func:`cpu_workers` threads when there is more than one, in input order.
+
+    ``on_done(done, total)`` is called on the calling thread after each item, in order (progress reports). The
+    first exception raised by ``fn`` is re-raised here after the items not yet started are cancelled.
+
+    Example:
+        >>> parallel_map(lambda x: x * x, range(5))
+        [0, 1, 4, 9, 16]
+    """
+    items = list(items)
+    workers = min(cpu_workers(device), len(items))
+    results: list[R] = []
+    if workers <= 1:
+        for i, x in enumerate(items):
+            results.append(fn(x))
+            if on_done is not None:
+                on_done(i + 1, len(items))
+        return results
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
+    try:
+        futures = [ex.submit(fn, x) for x in items]
+        for i, fut in enumerate(futures):
+            results.append(fut.result())
+            if on_done is not None:
+                on_done(i + 1, len(items))
+    except BaseException:
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        ex.shutdown(wait=True)
+        torch.set_num_threads(before)
+    return results
