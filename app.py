@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch intra-op CPU threads (default 1: concurrent sessions and the live diagnostics "
                              "already run in parallel, and more threads per op oversubscribe a small CPU; measured "
                              "5x faster diagnostics on a busy 2-core machine). 0 keeps torch's default.")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="worker threads a CPU merge spreads its layers over, one BLAS thread each "
+                             "(default: the number of cores, at most 8; see studio.parallel)")
     return parser
 
 
@@ -589,11 +592,14 @@ demo = build_demo(STUDIO)
 
 
 def main(args: argparse.Namespace) -> None:
-    """Serve the app: ``python app.py [--suite SOURCE] [--host H] [--port P] [--share] [--threads N]``."""
+    """Serve the app: ``python app.py [--suite SOURCE] [--host H] [--port P] [--share] [--threads N] [--workers N]``."""
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    from studio.parallel import set_workers
+
+    set_workers(args.workers)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
                 prevent_thread_lock=True)
     # Warm the caches (default merge, spectra, evaluation references) once the server is up: the page is usable

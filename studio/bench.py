@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 
 from . import engine, methods  # noqa: F401  (registers every method)
+from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
 
 # (method, calibration, structural change used for warm_struct)
@@ -172,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
     ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
     ap.add_argument("--threads", type=int, default=0,
-                    help="torch intra-op threads (0: torch's default). On a shared small CPU, 1 avoids OpenMP "
-                         "threads spinning against other processes, which slows small SVDs by 10-100x")
+                    help="CPU budget: torch.set_num_threads(N), which is also the number of worker threads a CPU "
+                         "merge spreads its layers over, one BLAS thread each (studio.parallel). 0: torch's "
+                         "default (the number of cores); 1: everything sequential on one core")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{cpu_workers('cpu')} CPU merge workers")
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:
         runs = [r for r in runs if r[0] in args.methods or (r[1] and f"{r[0]}+{r[1]}" in args.methods)]

@@ -7,9 +7,9 @@ of ``768 x 3072`` layers 1.9x faster than one, while one op on two OpenMP thread
 (10-100x slower) as soon as another process competes for a core. PyTorch releases the GIL inside its kernels, so
 plain Python threads suffice.
 
-The number of workers is ``torch.get_num_threads()`` at the call (the caller's CPU budget; ``torch.set_num_threads``
-sets it); inside the parallel region every worker runs with one intra-op thread. On CUDA, and for nested calls
-from a worker, work runs sequentially on the calling thread.
+The number of workers is :func:`set_workers`'s value, else ``torch.get_num_threads()`` at the call (the caller's CPU
+budget; ``torch.set_num_threads`` sets it); inside the parallel region every worker runs with one intra-op thread.
+On CUDA, and for nested calls from a worker, work runs sequentially on the calling thread.
 """
 
 from __future__ import annotations
@@ -20,12 +20,24 @@ from typing import Callable, Iterable, TypeVar
 
 import torch
 
-__all__ = ["cpu_workers", "parallel_map"]
+__all__ = ["cpu_workers", "parallel_map", "set_workers"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 _state = threading.local()
+_workers: int | None = None
+
+
+def set_workers(workers: int | None) -> None:
+    """Use ``workers`` threads for CPU merges from now on (``None``: follow ``torch.get_num_threads()``).
+
+    The app sets this to the core count while keeping one intra-op thread for everything else.
+    """
+    global _workers
+    if workers is not None and int(workers) < 1:
+        raise ValueError(f"workers must be >= 1 or None, got {workers!r}")
+    _workers = None if workers is None else int(workers)
 
 
 def _mark_worker() -> None:
@@ -41,7 +53,7 @@ def cpu_workers(device: "torch.device | str") -> int:
     """
     if torch.device(device).type != "cpu" or getattr(_state, "worker", False):
         return 1
-    return max(1, torch.get_num_threads())
+    return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
