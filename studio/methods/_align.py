@@ -120,7 +120,7 @@ def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor
         >>> merged_spectrum_of(torch.stack([M / 2, M / 2]), M).c.tolist()
         [[1.0, 0.5], [1.0, 0.5]]
     """
-    U, S, Vh = linalg.svd(merged) if svd is None else svd
+    U, S, Vh = linalg.svd_tall(merged) if svd is None else svd
     c, a2 = subspace_responses(deltas, U, Vh)
     m, n = merged.shape
     side = "left" if m <= n else "right"

@@ -66,7 +66,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None) 
         >>> isotropic(torch.diag(torch.tensor([3.0, 0.0]))).tolist()   # rank 1: no mass on the null direction
         [[3.0, 0.0], [0.0, 0.0]]
     """
-    U, S, Vh = linalg.svd(matrix) if svd is None else svd
+    U, S, Vh = linalg.svd_tall(matrix) if svd is None else svd
     if S.numel() == 0 or float(S[0]) <= 0:
         return torch.zeros_like(matrix)
     tol = max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]
