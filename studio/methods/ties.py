@@ -20,7 +20,8 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
     This is the official TIES code's trim scope (``topk_values_mask`` on ``state_dict_to_vector`` of each task
     vector; the CLIP ViT code bases pass ``remove_keys=[]``, so every tensor takes part). Exact: the k-th smallest
     of each task's flattened magnitudes (:func:`~studio.methods._sparsify.kth_smallest`), built one task at a
-    time, so the transient memory is one model-sized float32 vector (~0.35 GB for ViT-B/32), never ``T`` of them.
+    time per worker thread, so the transient memory is one model-sized float32 vector (~0.35 GB for ViT-B/32) per
+    worker, never ``T`` of them.
 
     Computed on the unweighted task vectors: a preference weight ``w_i >= 0`` multiplies every entry of task ``i``
     by the same factor, which leaves that task's magnitude ranking and hence its mask unchanged, so one
