@@ -492,7 +492,7 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
 
     def compute() -> _MergedStats:
         spec = _align.merged_spectrum(layer, delta) if tag == "ta_sum" else \
-            _align.merged_spectrum_of(layer.deltas, delta, svd=linalg.svd_tall(delta))
+            _align.merged_spectrum_of(layer.deltas, delta)
         return _MergedStats(spec.S, spec.c, spec.a2, layer.deltas.double().pow(2).sum((1, 2)).float())
 
     return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))

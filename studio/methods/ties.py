@@ -11,7 +11,7 @@ from ..parallel import parallel_map
 from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import Param
-from ._sparsify import kth_smallest, ties_blocks, topk_rank
+from ._sparsify import kth_smallest, ties_blocks, topk_rank, topk_threshold
 
 
 def model_thresholds(pool: TaskPool, k: float) -> Tensor:
@@ -130,7 +130,4 @@ def layer_thresholds(layer: LayerTasks, k: float) -> Tensor:
         [2.0, 0.5]
     """
     raw = layer.pool.raw_deltas(layer.key).reshape(layer.num_tasks, -1)
-    rank = topk_rank(raw.shape[1], k)
-    if rank <= 0:
-        return raw.new_zeros(layer.num_tasks)
-    return torch.stack([kth_smallest(row.abs(), rank) for row in raw])
+    return topk_threshold(raw.abs(), k).flatten()
