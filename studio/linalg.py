@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _lapack
+
 
 def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``matrix = U diag(S) Vh`` computed in float32 or higher (half inputs are upcast).
@@ -135,7 +137,7 @@ def polar_gram(matrix: Tensor) -> Tensor:
     if rows < cols:
         return polar_gram(matrix.mT).mT
     a64 = matrix.double()
-    inv_sqrt = _inv_sqrt_psd(a64.mT @ a64)
+    inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64))
     return (a64 @ inv_sqrt).to(matrix.dtype)
 
 
@@ -199,9 +201,9 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     a = matrix.to(out_dtype)
     while True:
-        evals, evecs = torch.linalg.eigh(a.mT @ a)                # ascending
-        S = evals.flip(-1)[:rank].clamp_min(0).sqrt()
-        V = evecs.flip(-1)[:, :rank]
+        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank if 4 * rank <= n else n)  # descending
+        S = evals[:rank].clamp_min(0).sqrt()
+        V = evecs[:, :rank]
         if a.dtype == torch.float64 or rank == 0 or bool(S[-1] >= 0.1 * S[0]):
             break
         a = a.double()

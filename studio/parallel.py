@@ -9,7 +9,8 @@ plain Python threads suffice.
 
 The number of workers is :func:`set_workers`'s value, else ``torch.get_num_threads()`` at the call (the caller's CPU
 budget; ``torch.set_num_threads`` sets it); inside the parallel region every worker runs with one intra-op thread.
-On CUDA, and for nested calls from a worker, work runs sequentially on the calling thread.
+On CUDA, and for nested calls from a worker, work runs sequentially on the calling thread. The BLAS that NumPy and
+SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._lapack`) gets one thread per worker too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
+import threadpoolctl
 import torch
 
 __all__ = ["cpu_workers", "parallel_map", "set_workers"]
@@ -56,6 +58,16 @@ def cpu_workers(device: "torch.device | str") -> int:
     return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
+def _one_blas_thread() -> threadpoolctl.threadpool_limits:
+    """Limit the OpenBLAS libraries NumPy and SciPy bundle (used by :mod:`studio._lapack`) to one thread each
+    until ``.restore_original_limits()``, as ``torch.set_num_threads(1)`` does for PyTorch's own BLAS. SciPy's
+    LAPACK is loaded first: threadpoolctl only limits libraries already loaded."""
+    from . import _lapack
+
+    _lapack.have_syevr()
+    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+
+
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
                  on_done: Callable[[int, int], None] | None = None) -> list[R]:
     """``[fn(x) for x in items]``, on :func:`cpu_workers` threads when there is more than one, in input order.
@@ -77,6 +89,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
                 on_done(i + 1, len(items))
         return results
     before = torch.get_num_threads()
+    blas = _one_blas_thread()
     torch.set_num_threads(1)
     ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
     try:
@@ -90,5 +103,6 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
         raise
     finally:
         ex.shutdown(wait=True)
+        blas.restore_original_limits()
         torch.set_num_threads(before)
     return results

@@ -1,0 +1,119 @@
+"""CPU fast paths for the two kernels that dominate the spectral methods: Gram matrices and partial eigensolves.
+
+PyTorch's CPU backend forms ``A^T A`` with a general matrix product (twice the work of BLAS ``syrk``) and offers
+only the full symmetric eigensolver (LAPACK ``syevd``), although TSV-M keeps 1/T of the spectrum and Ortho-Merge 5
+components. Here:
+
+* :func:`gram` forms ``A^T A`` with NumPy's matmul, which calls BLAS ``syrk`` for a product of a matrix with its
+  own transpose (measured 13 ms vs 30 ms for ``[3072, 768]`` on one core);
+* :func:`eigh_top` computes only the top ``k`` eigenpairs with LAPACK's ``syevr`` (MRRR, as accurate as ``syevd``;
+  measured 26 ms vs 45 ms for ``k = 96`` of ``768``), calling SciPy's exported LAPACK (``scipy.linalg.cython_lapack``)
+  through :mod:`ctypes` so the GIL is released and the merge's worker threads run in parallel (SciPy's own
+  ``scipy.linalg.eigh`` holds the GIL, which would serialise them).
+
+Both fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing. Nothing here
+knows about merging.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["gram", "eigh_top", "have_syevr"]
+
+_CHAR, _INT = ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)
+
+
+@functools.lru_cache(maxsize=None)
+def _syevr(dtype: str) -> Callable | None:
+    """ctypes handle on SciPy's ``ssyevr`` / ``dsyevr`` (``dtype`` ``"float32"`` / ``"float64"``), or None."""
+    try:
+        from scipy.linalg import cython_lapack
+    except ImportError:  # pragma: no cover - scipy is a dependency; keep working without it
+        return None
+    name = {"float32": "ssyevr", "float64": "dsyevr"}[dtype]
+    capsule = cython_lapack.__pyx_capi__[name]
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    address = get_pointer(capsule, get_name(capsule))
+    real = ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+    # jobz, range, uplo, n, a, lda, vl, vu, il, iu, abstol, m, w, z, ldz, isuppz, work, lwork, iwork, liwork, info
+    proto = ctypes.CFUNCTYPE(None, _CHAR, _CHAR, _CHAR, _INT, real, _INT, real, real, _INT, _INT, real, _INT,
+                             real, real, _INT, _INT, real, _INT, _INT, _INT, _INT)
+    return proto(address)
+
+
+def have_syevr() -> bool:
+    """Whether the partial LAPACK eigensolver is available (SciPy importable)."""
+    return _syevr("float32") is not None
+
+
+def gram(a: Tensor) -> Tensor:
+    """``a^T a`` for a 2-D float32/float64 tensor; BLAS ``syrk`` via NumPy on the CPU, ``a.mT @ a`` elsewhere.
+
+    Example:
+        >>> gram(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).tolist()
+        [[10.0, 14.0], [14.0, 20.0]]
+    """
+    if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or a.requires_grad:
+        return a.mT @ a
+    x = a.detach().numpy()
+    return torch.from_numpy(x.T @ x)
+
+
+def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
+
+    CPU float32/float64 with ``k < n``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only those
+    ``k`` eigenvectors are computed). Otherwise (other devices, ``k >= n``, or SciPy missing) the full
+    ``torch.linalg.eigh``. Eigenvector signs are arbitrary, as for any eigensolver.
+
+    Example:
+        >>> w, v = eigh_top(torch.diag(torch.tensor([1.0, 5.0, 3.0])), 2)
+        >>> w.tolist(), v.abs().tolist()
+        ([5.0, 3.0], [[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    """
+    n = g.shape[-1]
+    k = max(0, min(int(k), n))
+    fn = _syevr(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
+    if g.device.type != "cpu" or k >= n or k == 0 or fn is None or g.ndim != 2:
+        evals, evecs = torch.linalg.eigh(g)
+        return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
+    np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
+    real = ctypes.POINTER(ctypes.c_float if g.dtype == torch.float32 else ctypes.c_double)
+    a = np.array(g.detach().numpy(), dtype=np_dtype, order="F", copy=True)  # overwritten by LAPACK
+    w = np.empty(n, dtype=np_dtype)
+    z = np.empty((k, n), dtype=np_dtype)  # Fortran n x k, column j = eigenvector j
+    isuppz = np.empty(2 * k, dtype=np.intc)
+    zero = np.zeros(1, dtype=np_dtype)
+    ints = {name: ctypes.c_int(v) for name, v in
+            (("n", n), ("lda", n), ("il", n - k + 1), ("iu", n), ("ldz", n), ("m", 0), ("lwork", -1),
+             ("liwork", -1), ("info", 0))}
+    query_work, query_iwork = np.empty(1, dtype=np_dtype), np.empty(1, dtype=np.intc)
+
+    def call(work: np.ndarray, iwork: np.ndarray) -> None:
+        p = lambda arr: arr.ctypes.data_as(real)  # noqa: E731
+        fn(b"V", b"I", b"L", ctypes.byref(ints["n"]), p(a), ctypes.byref(ints["lda"]), p(zero), p(zero),
+           ctypes.byref(ints["il"]), ctypes.byref(ints["iu"]), p(zero), ctypes.byref(ints["m"]), p(w), p(z),
+           ctypes.byref(ints["ldz"]), isuppz.ctypes.data_as(_INT), p(work), ctypes.byref(ints["lwork"]),
+           iwork.ctypes.data_as(_INT), ctypes.byref(ints["liwork"]), ctypes.byref(ints["info"]))
+        if ints["info"].value != 0:
+            raise RuntimeError(f"LAPACK {'s' if np_dtype is np.float32 else 'd'}syevr failed (info = "
+                               f"{ints['info'].value}) on a {n} x {n} matrix")
+
+    call(query_work, query_iwork)
+    ints["lwork"].value, ints["liwork"].value = int(query_work[0]), int(query_iwork[0])
+    call(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
+    if ints["m"].value != k:
+        raise RuntimeError(f"LAPACK syevr returned {ints['m'].value} eigenpairs, expected {k}")
+    evals = torch.from_numpy(w[:k][::-1].copy())
+    evecs = torch.from_numpy(z[::-1].T.copy())
+    return evals, evecs

@@ -1,0 +1,119 @@
+"""CPU fast paths (studio._lapack): partial LAPACK eigensolver and syrk Gram against PyTorch's full solvers, their
+use from the merge's worker threads, and the thread limits the parallel engine sets and restores."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import threadpoolctl
+import torch
+
+from studio import _lapack, linalg
+from studio.parallel import parallel_map, set_workers
+
+
+def _sym(n: int, spectrum: torch.Tensor, seed: int, dtype=torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    return ((Q * spectrum.double()) @ Q.mT).to(dtype)
+
+
+def _projector(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    return v @ v.mT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 5, 40, 199, 200])
+def test_eigh_top_matches_the_full_eigensolver(dtype, k):
+    spectrum = torch.cat([torch.logspace(1, 0.3, 20), torch.linspace(1, 0.5, 180)])  # strong head, flat tail
+    G = _sym(200, spectrum, seed=k, dtype=dtype)
+    w, v = _lapack.eigh_top(G, k)
+    ref_w, ref_v = torch.linalg.eigh(G.double())
+    ref_w, ref_v = ref_w.flip(0)[:k], ref_v.flip(1)[:, :k]
+    assert w.dtype == dtype and v.dtype == dtype and w.shape == (k,) and v.shape == (200, k)
+    eps = torch.finfo(dtype).eps
+    assert float((w.double() - ref_w).abs().max()) <= 10 * eps * float(ref_w[0])
+    assert torch.all(w[:-1] >= w[1:])                                  # descending
+    # The separated head's eigenvectors match one by one (up to sign); the kept subspace matches as a whole to
+    # the accuracy eps * |G| / gap that any solver has (tail gaps are 2.5e-4 of |G|).
+    head = min(k, 20)
+    align = (v[:, :head].double() * ref_v[:, :head]).sum(0).abs()
+    assert float((1 - align).max()) < 1e4 * eps
+    err = float((_projector(v) - _projector(ref_v)).abs().max()) if k < 200 else 0.0
+    assert err < 1e4 * eps
+    torch.testing.assert_close(v.double().mT @ v.double(), torch.eye(k, dtype=torch.float64), atol=100 * eps, rtol=0)
+
+
+def test_eigh_top_on_a_repeated_eigenvalue_spans_the_same_subspace():
+    spectrum = torch.tensor([5.0, 3.0, 3.0, 3.0] + [1.0] * 46)
+    G = _sym(50, spectrum, seed=1)
+    w, v = _lapack.eigh_top(G, 4)
+    torch.testing.assert_close(w, torch.tensor([5.0, 3.0, 3.0, 3.0]), atol=1e-5, rtol=0)
+    _, ref_v = torch.linalg.eigh(G.double())
+    torch.testing.assert_close(_projector(v), _projector(ref_v[:, -4:]), atol=1e-5, rtol=0)
+
+
+def test_eigh_top_edge_cases_and_non_cpu_style_fallback():
+    G = _sym(6, torch.arange(6.0, 0, -1), seed=2)
+    assert _lapack.eigh_top(G, 0)[0].shape == (0,)
+    w_all, _ = _lapack.eigh_top(G, 99)                                 # clipped to n, full solver
+    torch.testing.assert_close(w_all, torch.arange(6.0, 0, -1), atol=1e-5, rtol=0)
+    w_half, _ = _lapack.eigh_top(G.half().float(), 2)
+    assert w_half.shape == (2,)
+
+
+def test_gram_is_a_transpose_a_for_contiguous_and_strided_inputs():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(300, 40, generator=g)
+    for x in (a, a.mT.contiguous().mT, a[::2], a.double()):
+        out = _lapack.gram(x)
+        assert out.dtype == x.dtype and out.shape == (40, 40)
+        torch.testing.assert_close(out, x.mT @ x, rtol=1e-5, atol=1e-4)
+        assert torch.equal(out, out.mT)                                  # exactly symmetric
+
+
+def test_gram_svd_partial_and_full_eigensolver_paths_agree():
+    """gram_svd uses syevr for rank <= n/4 and the full eigh above: the kept triplets agree either way."""
+    g = torch.Generator().manual_seed(4)
+    U = torch.linalg.qr(torch.randn(400, 160, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(160, 160, generator=g)).Q
+    A = (U * torch.cat([torch.logspace(1, 0, 30), torch.linspace(1, 0.4, 130)])) @ V.mT
+    Uk, Sk, Vhk = linalg.gram_svd(A, 20)                # partial (20 <= 160 / 4)
+    Uf, Sf, Vhf = linalg.gram_svd(A, 160)               # full eigh
+    torch.testing.assert_close(Sk, Sf[:20], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((Uk * Sk) @ Vhk, (Uf[:, :20] * Sf[:20]) @ Vhf[:20], rtol=1e-4, atol=1e-4)
+
+
+def test_eigh_top_is_thread_safe_and_deterministic():
+    mats = [_sym(120, torch.linspace(10, 1, 120), seed=s) for s in range(6)]
+    sequential = [_lapack.eigh_top(m, 12) for m in mats]
+    results: list = [None] * len(mats)
+
+    def work(i):
+        for _ in range(3):
+            results[i] = _lapack.eigh_top(mats[i], 12)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(mats))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for (w1, v1), (w2, v2) in zip(sequential, results):
+        assert torch.equal(w1, w2) and torch.equal(v1, v2)
+
+
+def _blas_threads() -> list[int]:
+    return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+
+def test_parallel_map_limits_blas_to_one_thread_per_worker_and_restores_everything():
+    _lapack.have_syevr()                                              # load SciPy's BLAS so it is listed
+    torch_before, blas_before = torch.get_num_threads(), _blas_threads()
+    set_workers(2)
+    try:
+        inside = parallel_map(lambda _: (torch.get_num_threads(), _blas_threads()), range(4))
+    finally:
+        set_workers(None)
+    assert all(t == 1 and set(b) == {1} for t, b in inside)
+    assert torch.get_num_threads() == torch_before
+    assert _blas_threads() == blas_before
