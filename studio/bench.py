@@ -29,14 +29,14 @@ from . import engine, methods  # noqa: F401  (registers every method)
 from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
 
-# (method, calibration, structural change used for warm_struct)
+# (method, calibration, structural change used for warm_struct; a callable value is evaluated on the task count)
 DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     ("weight_average", None, {}),
     ("task_arithmetic", None, {}),
     ("ties", None, {"k": 0.1}),
     ("dare", None, {"p": 0.5}),
     ("breadcrumbs", None, {"beta": 0.05}),
-    ("tsv_m", None, {"rank_fraction": 0.1}),
+    ("tsv_m", None, {"rank_fraction": lambda tasks: 0.8 / tasks}),  # 0.1 for 8 tasks; must stay <= 1/T
     ("iso_c", None, {}),
     ("iso_cts", None, {"common_space_fraction": 0.7}),
     ("ortho_merge", None, {}),
@@ -48,9 +48,16 @@ DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
 
 
 def clip_visual_shapes(model: str) -> dict[str, tuple[int, ...]]:
-    """Parameter shapes of open_clip's ``model`` visual tower, with the ``visual.`` prefix (no weights built)."""
+    """Parameter shapes of open_clip's ``model`` visual tower, with the ``visual.`` prefix (no weights built).
+
+    ``model`` is any open_clip config name, including the packaged ``MiniCLIP-ViT`` of the embedded MiniSuite.
+    """
     import open_clip
     from open_clip.model import _build_vision_tower
+
+    from .suite import register_model_configs
+
+    register_model_configs()
 
     cfg = open_clip.get_model_config(model)
     if cfg is None:
@@ -168,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")
-    ap.add_argument("--methods", nargs="*", help="subset of method names (default: every registered one)")
+    ap.add_argument("--methods", nargs="*",
+                    help="subset of rows: method names, 'method+calibration' for a calibrated row (default: all)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
     ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{cpu_workers('cpu')} CPU merge workers")
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:
-        runs = [r for r in runs if r[0] in args.methods or (r[1] and f"{r[0]}+{r[1]}" in args.methods)]
+        runs = [r for r in runs if (f"{r[0]}+{r[1]}" if r[1] else r[0]) in args.methods]
     refs = {}
     if args.reference:
         try:
@@ -208,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup |")
         print("|---|---|---|---|---|---|---|---|")
         for method, cal, struct in runs:
-            struct = {k: v for k, v in struct.items() if k in {p.name for p in get_method(method).params}}
+            struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()
+                      if k in {p.name for p in get_method(method).params}}
             row = bench_one(base, experts, method, cal, struct, device, args.svd_mode)
             if cal is None and method in refs:
                 try:
