@@ -5,11 +5,11 @@ only the full symmetric eigensolver (LAPACK ``syevd``), although TSV-M keeps 1/T
 components. Here:
 
 * :func:`gram` forms ``A^T A`` with NumPy's matmul, which calls BLAS ``syrk`` for a product of a matrix with its
-  own transpose (measured 13 ms vs 30 ms for ``[3072, 768]`` on one core);
+  own transpose (measured 12-22 ms vs 30 ms for ``[3072, 768]`` float32 on one core);
 * :func:`eigh_top` computes only the top ``k`` eigenpairs with LAPACK's ``syevr`` (MRRR, as accurate as ``syevd``;
-  measured 26 ms vs 45 ms for ``k = 96`` of ``768``), calling SciPy's exported LAPACK (``scipy.linalg.cython_lapack``)
-  through :mod:`ctypes` so the GIL is released and the merge's worker threads run in parallel (SciPy's own
-  ``scipy.linalg.eigh`` holds the GIL, which would serialise them).
+  measured 23-30 ms vs 31-45 ms for ``k = 96`` of ``768``, 19 ms vs 31-54 ms for ``k = 5``), calling SciPy's
+  exported LAPACK (``scipy.linalg.cython_lapack``) through :mod:`ctypes` so the GIL is released and the merge's
+  worker threads run in parallel (SciPy's own ``scipy.linalg.eigh`` holds the GIL, which would serialise them).
 
 Both fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing. Nothing here
 knows about merging.

@@ -181,8 +181,10 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     for every kept component and ~3x faster on a CPU, and unlike a randomized range finder it does not depend on a
     gap in the spectrum: on fine-tuning-like task matrices (a few strong directions over a flat tail) the randomized
     :func:`truncated_svd` with its defaults is ~15% off at TSV's rank ``r / 8``, this is ~1e-6 off (tested). The Gram
-    is formed in float32; if the weakest kept singular value is below 10% of the largest (where float32 eigenvalues
-    would lose digits) it is redone in float64. Components below :func:`null_tolerance` are returned as exact zeros
+    is formed in float32 (BLAS ``syrk`` on the CPU, :func:`studio._lapack.gram`) and, when at most a quarter of the
+    spectrum is kept, only the top ``rank`` eigenpairs are computed (LAPACK ``syevr``, :func:`studio._lapack.eigh_top`;
+    the full ``eigh`` otherwise); if the weakest kept singular value is below 10% of the largest (where float32
+    eigenvalues would lose digits) it is redone in float64. Components below :func:`null_tolerance` are returned as exact zeros
     with zero singular vectors (they carry no direction).
 
     Returns ``U [m, rank]``, ``S [rank]`` (descending), ``Vh [rank, n]``.
