@@ -115,3 +115,13 @@ def test_parallel_map_limits_blas_to_one_thread_per_worker_and_restores_everythi
     assert all(t == 1 and set(b) == {1} for t, b in inside)
     assert torch.get_num_threads() == torch_before
     assert _blas_threads() == blas_before
+
+
+def test_without_scipy_the_torch_eigensolver_gives_the_same_decomposition(monkeypatch):
+    """If SciPy's LAPACK is unavailable, eigh_top falls back to torch.linalg.eigh with the same results."""
+    G = _sym(80, torch.linspace(9, 1, 80), seed=5)
+    w_fast, v_fast = _lapack.eigh_top(G, 10)
+    monkeypatch.setattr(_lapack, "_syevr", lambda dtype: None)
+    w_slow, v_slow = _lapack.eigh_top(G, 10)
+    torch.testing.assert_close(w_fast, w_slow, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_projector(v_fast), _projector(v_slow), atol=1e-5, rtol=0)
