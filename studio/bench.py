@@ -13,7 +13,8 @@ hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_M
 (CPU, sampled) or peak CUDA allocation during the cold merge. Where a slow reference (the official code's loop,
 ``studio.reference``) exists, ``ref`` times it on the same experts and ``speedup`` = ref / cold. With
 ``--repeat N`` every row runs on N fresh pools and each timing is the fastest of the N (background load on a shared
-machine only adds time); the reference runs once.
+machine only adds time); the reference runs once. ``steal %`` = share of the machine's CPU time the hypervisor gave
+to other guests during the reported cold run (``/proc/stat``): timings taken at high steal are slow for that reason.
 """
 
 from __future__ import annotations
@@ -133,6 +134,33 @@ class PeakMemory:
             self.peak_mb = max(self._peak, self._rss_mb()) - self._start
 
 
+class CpuSteal:
+    """Share of the machine's CPU time the hypervisor gave to other guests ("steal", ``/proc/stat``) during a
+    block, in percent, or None where it is not reported. On a shared VM this explains slow runs: at 50% steal a
+    2-core guest computes at about one core's speed."""
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        if len(fields) < 8:
+            return None
+        return fields[7], sum(fields[:8])  # steal, user + nice + system + idle + iowait + irq + softirq + steal
+
+    def __enter__(self) -> "CpuSteal":
+        self.percent: float | None = None
+        self._start = self._ticks()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = self._ticks()
+        if self._start is not None and end is not None and end[1] > self._start[1]:
+            self.percent = 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -164,8 +192,10 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         engine._POOLS.clear()
         gc.collect()
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
-        with PeakMemory(device) as mem:
+        with PeakMemory(device) as mem, CpuSteal() as steal:
             cold, _ = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)
+        if cold <= row.get("cold", cold):
+            row["steal"] = steal.percent  # of the run whose cold time is reported
         keep_min("cold", cold)
         row["peak_MB"] = max(row["peak_MB"], mem.peak_mb)
         if scale is not None:
@@ -231,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(dev_name)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
-        print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup | steal % |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for method, cal, struct in runs:
             struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()
                       if k in {p.name for p in get_method(method).params}}
@@ -246,7 +276,8 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"# reference {method} failed: {str(exc).splitlines()[0]}", flush=True)
             print(f"| {row['method']} | {_fmt(row['cold'])} | {_fmt(row.get('warm_alpha'))} | "
                   f"{_fmt(row.get('warm_struct'))} | {row.get('struct', '-')} | {row['peak_MB']:.0f} | "
-                  f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} |", flush=True)
+                  f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} | "
+                  f"{'-' if row.get('steal') is None else format(row['steal'], '.0f')} |", flush=True)
 
 
 if __name__ == "__main__":
