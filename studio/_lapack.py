@@ -33,12 +33,13 @@ _CHAR, _INT = ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)
 @functools.lru_cache(maxsize=None)
 def _syevr(dtype: str) -> Callable | None:
     """ctypes handle on SciPy's ``ssyevr`` / ``dsyevr`` (``dtype`` ``"float32"`` / ``"float64"``), or None."""
+    name = {"float32": "ssyevr", "float64": "dsyevr"}[dtype]
     try:
         from scipy.linalg import cython_lapack
-    except ImportError:  # pragma: no cover - scipy is a dependency; keep working without it
+
+        capsule = cython_lapack.__pyx_capi__[name]
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - SciPy is a dependency; degrade to torch
         return None
-    name = {"float32": "ssyevr", "float64": "dsyevr"}[dtype]
-    capsule = cython_lapack.__pyx_capi__[name]
     get_name = ctypes.pythonapi.PyCapsule_GetName
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
