@@ -73,9 +73,10 @@ def gram(a: Tensor) -> Tensor:
 def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
 
-    CPU float32/float64 with ``k < n``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only those
-    ``k`` eigenvectors are computed). Otherwise (other devices, ``k >= n``, or SciPy missing) the full
-    ``torch.linalg.eigh``. Eigenvector signs are arbitrary, as for any eigensolver.
+    CPU float32/float64 with ``k <= n / 4``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only
+    those ``k`` eigenvectors are computed). Otherwise (other devices, larger ``k`` -- where ``syevr`` is slower than
+    the full ``syevd``: measured 43 vs 44 ms at k = 192 of 768, 68 vs 43 ms at k = 384 -- or SciPy missing) the full
+    ``torch.linalg.eigh``, sliced. Eigenvector signs are arbitrary, as for any eigensolver.
 
     Example:
         >>> w, v = eigh_top(torch.diag(torch.tensor([1.0, 5.0, 3.0])), 2)
@@ -85,7 +86,7 @@ def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     n = g.shape[-1]
     k = max(0, min(int(k), n))
     fn = _syevr(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
-    if g.device.type != "cpu" or k >= n or k == 0 or fn is None or g.ndim != 2:
+    if g.device.type != "cpu" or 4 * k > n or k == 0 or fn is None or g.ndim != 2:
         evals, evecs = torch.linalg.eigh(g)
         return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64

@@ -203,7 +203,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     a = matrix.to(out_dtype)
     while True:
-        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank if 4 * rank <= n else n)  # descending
+        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank)  # descending
         S = evals[:rank].clamp_min(0).sqrt()
         V = evecs[:, :rank]
         if a.dtype == torch.float64 or rank == 0 or bool(S[-1] >= 0.1 * S[0]):
