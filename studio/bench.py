@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
                          "merge spreads its layers over, one BLAS thread each (studio.parallel). 0: torch's "
                          "default (the number of cores); 1: everything sequential on one core")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
 
