@@ -10,7 +10,8 @@ plain Python threads suffice.
 The number of workers is :func:`set_workers`'s value, else ``torch.get_num_threads()`` at the call (the caller's CPU
 budget; ``torch.set_num_threads`` sets it); inside the parallel region every worker runs with one intra-op thread.
 On CUDA, and for nested calls from a worker, work runs sequentially on the calling thread. The BLAS that NumPy and
-SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._lapack`) gets one thread per worker too.
+SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._lapack`) gets one thread per worker too
+(:func:`studio._lapack.one_blas_thread`, which those fast paths also take outside a merge).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
-import threadpoolctl
 import torch
+
+from . import _lapack
 
 __all__ = ["cpu_workers", "parallel_map", "set_workers"]
 
@@ -58,16 +60,6 @@ def cpu_workers(device: "torch.device | str") -> int:
     return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
-def _one_blas_thread() -> threadpoolctl.threadpool_limits:
-    """Limit the OpenBLAS libraries NumPy and SciPy bundle (used by :mod:`studio._lapack`) to one thread each
-    until ``.restore_original_limits()``, as ``torch.set_num_threads(1)`` does for PyTorch's own BLAS. SciPy's
-    LAPACK is loaded first: threadpoolctl only limits libraries already loaded."""
-    from . import _lapack
-
-    _lapack.have_syevr()
-    return threadpoolctl.threadpool_limits(limits=1, user_api="blas")
-
-
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
                  on_done: Callable[[int, int], None] | None = None) -> list[R]:
     """``[fn(x) for x in items]``, on :func:`cpu_workers` threads when there is more than one, in input order.
@@ -89,20 +81,20 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
                 on_done(i + 1, len(items))
         return results
     before = torch.get_num_threads()
-    blas = _one_blas_thread()
-    torch.set_num_threads(1)
-    ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
-    try:
-        futures = [ex.submit(fn, x) for x in items]
-        for i, fut in enumerate(futures):
-            results.append(fut.result())
-            if on_done is not None:
-                on_done(i + 1, len(items))
-    except BaseException:
-        ex.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        ex.shutdown(wait=True)
-        blas.restore_original_limits()
-        torch.set_num_threads(before)
+    # one intra-op thread per worker, for PyTorch and for the BLAS that NumPy / SciPy bundle (studio._lapack)
+    with _lapack.one_blas_thread():
+        torch.set_num_threads(1)
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
+        try:
+            futures = [ex.submit(fn, x) for x in items]
+            for i, fut in enumerate(futures):
+                results.append(fut.result())
+                if on_done is not None:
+                    on_done(i + 1, len(items))
+        except BaseException:
+            ex.shutdown(wait=True, cancel_futures=True)
+            raise
+        finally:
+            ex.shutdown(wait=True)
+            torch.set_num_threads(before)
     return results

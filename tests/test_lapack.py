@@ -3,6 +3,7 @@ use from the merge's worker threads, and the thread limits the parallel engine s
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -117,6 +118,24 @@ def test_parallel_map_limits_blas_to_one_thread_per_worker_and_restores_everythi
     assert _blas_threads() == blas_before
 
 
+def test_parallel_map_limits_blas_when_called_from_another_thread_than_the_first_limiter():
+    """The app merges on request threads: the limit must hold there even though another thread set a limit first
+    (threadpoolctl >= 3.8 otherwise ignores every thread but the first for OpenBLAS's process-wide pool)."""
+    _lapack.have_syevr()
+    inside = []
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):            # the main thread owns OpenBLAS's limits
+        set_workers(2)
+        try:
+            request = threading.Thread(target=lambda: inside.extend(
+                parallel_map(lambda _: _blas_threads(), range(4))))
+            request.start()
+            request.join()
+        finally:
+            set_workers(None)
+        assert set(_blas_threads()) == {2}
+    assert len(inside) == 4 and all(set(b) == {1} for b in inside)
+
+
 def test_without_scipy_the_torch_eigensolver_gives_the_same_decomposition(monkeypatch):
     """If SciPy's LAPACK is unavailable, eigh_top falls back to torch.linalg.eigh with the same results."""
     G = _sym(80, torch.linspace(9, 1, 80), seed=5)
@@ -125,3 +144,55 @@ def test_without_scipy_the_torch_eigensolver_gives_the_same_decomposition(monkey
     w_slow, v_slow = _lapack.eigh_top(G, 10)
     torch.testing.assert_close(w_fast, w_slow, atol=1e-5, rtol=0)
     torch.testing.assert_close(_projector(v_fast), _projector(v_slow), atol=1e-5, rtol=0)
+
+
+def test_one_blas_thread_is_shared_by_overlapping_blocks_and_restored_by_the_last():
+    """The limit is process-wide and reference-counted: a block that leaves while another thread's block is still
+    running must not lift it; the last one out restores the previous thread counts."""
+    _lapack.have_syevr()
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        assert set(before) == {2}
+        entered, release_first, first_left = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with _lapack.one_blas_thread():
+                entered.set()
+                release_first.wait(10)
+            first_left.set()
+
+        t = threading.Thread(target=first)
+        t.start()
+        assert entered.wait(10)
+        with _lapack.one_blas_thread():
+            seen["both"] = _blas_threads()
+            release_first.set()
+            assert first_left.wait(10)
+            seen["after_first_left"] = _blas_threads()
+        t.join()
+        assert set(seen["both"]) == {1} and set(seen["after_first_left"]) == {1}
+        assert _blas_threads() == before
+
+
+def test_fast_paths_run_blas_single_threaded_and_leave_the_callers_setting(monkeypatch):
+    """gram / eigh_top outside a merge (the app's diagnostics, on its request threads) run NumPy's / SciPy's BLAS on
+    one thread, then leave the caller's setting as it was."""
+    _lapack.have_syevr()
+    real, seen = _lapack.one_blas_thread, []
+
+    @contextlib.contextmanager
+    def recording():
+        with real():
+            seen.append(_blas_threads())
+            yield
+
+    monkeypatch.setattr(_lapack, "one_blas_thread", recording)
+    a = torch.randn(300, 64, generator=torch.Generator().manual_seed(3))
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        worker = threading.Thread(target=lambda: _lapack.eigh_top(_lapack.gram(a), 8))   # not the main thread
+        worker.start()
+        worker.join()
+        assert _blas_threads() == before
+    assert len(seen) == 2 and all(set(threads) == {1} for threads in seen)
