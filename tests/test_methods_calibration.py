@@ -515,3 +515,22 @@ def test_end_to_end_align_merge_b_calibration():
         torch.testing.assert_close(out[key], ref, rtol=1e-4, atol=1e-5, msg=key)
     for key in PLAIN[1:]:
         torch.testing.assert_close(out[key], base[key] + 0.3 * pool.layer(key).deltas.sum(0), msg=key)
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (12, 8), (9, 9)])
+def test_rescale_from_the_held_svd_equals_the_projector_form(shape):
+    """The Task Arithmetic sum's spectrum references the pool's cached SVD and rescales with one product; any other
+    merged delta keeps only the square factor and uses U U^T M / M V V^T: both are U diag(scale f sigma) V^T."""
+    m, n = shape
+    deltas = make_deltas(m=m, n=n, seed=11)
+    layer = pool_of(deltas).layer("w")
+    merged = layer.sum()
+    held = _align.merged_spectrum(layer, merged)          # the sum: built on layer.sum_svd()
+    assert held.other is not None
+    basis_only = _align.merged_spectrum_of(layer.deltas, merged)
+    assert basis_only.other is None
+    f = torch.linspace(0.0, 2.0, min(m, n))
+    U, S, Vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    expected = (U * (0.3 * f.double() * S)) @ Vh
+    close(held.rescale(merged, f, 0.3), expected)
+    close(basis_only.rescale(merged, f, 0.3), expected)

@@ -53,9 +53,11 @@ class MergedSpectrum:
         c: ``c_i^r = u_r^T Delta_i v_r`` ``[T, R]``.
         a2: ``||u_r^T Delta_i||^2`` ``[T, R]``.
         basis: the *square* orthogonal SVD factor: ``U [m, m]`` when ``m <= n`` (``side="left"``), else
-            ``V [n, n]`` (``side="right"``). Only this factor is kept (4x less memory than ``U`` and ``V``);
-            :meth:`rescale` rebuilds ``U diag(f sigma) V^T`` from ``M`` and it exactly.
+            ``V [n, n]`` (``side="right"``).
         side: ``"left"`` or ``"right"``.
+        other: the other factor (``Vh [R, n]`` for ``side="left"``, ``U [m, R]`` for ``"right"``) when it is held
+            anyway -- the pool's cached SVD of the task-matrix sum -- else ``None``: a memoised spectrum of any other
+            merged delta keeps only ``basis`` (4x less memory than ``U`` and ``V`` for a ``3072 x 768`` layer).
     """
 
     S: Tensor
@@ -63,20 +65,31 @@ class MergedSpectrum:
     a2: Tensor
     basis: Tensor
     side: str
+    other: Tensor | None = None
 
-    def rescale(self, merged: Tensor, factors: Tensor) -> Tensor:
-        """``U diag(factors * sigma) V^T`` for ``merged = U diag(sigma) V^T`` (SVC eq. 21-22, AlignMerge eq. 9).
+    def rescale(self, merged: Tensor, factors: Tensor, scale: float = 1.0) -> Tensor:
+        """``U diag(scale * factors * sigma) V^T``: ``scale * merged`` with each singular value multiplied by its
+        factor (SVC eq. 21-22, AlignMerge eq. 9), for ``merged = U diag(sigma) V^T`` (the matrix this spectrum is of).
 
-        Uses ``M = U U^T M`` (``U`` square) or ``M = M V V^T`` (``V`` square), so no second factor is needed.
+        With :attr:`other` this is one product ``U diag(.) V^T``; without it ``M = U U^T M`` (``U`` square) or
+        ``M = M V V^T`` (``V`` square) give the same matrix from ``merged`` and :attr:`basis` in two (a warm
+        change of the scale or the calibration's hyperparameters costs one or two ``m x n x R`` products per layer).
 
         Example:
             >>> M = torch.diag(torch.tensor([3.0, 1.0]))
             >>> spec = merged_spectrum_of(M.unsqueeze(0), M)
             >>> spec.rescale(M, torch.tensor([0.5, 2.0])).diagonal().tolist()
             [1.5, 2.0]
+            >>> with_other = merged_spectrum_of(M.unsqueeze(0), M, linalg.svd_tall(M))
+            >>> with_other.rescale(M, torch.tensor([0.5, 2.0]), scale=2.0).diagonal().tolist()
+            [3.0, 4.0]
         """
-        f = factors.to(merged.dtype)
+        f = factors.to(merged.dtype) * scale
         Q = self.basis
+        if self.other is not None:
+            if self.side == "left":
+                return linalg.reconstruct(Q, f * self.S, self.other)
+            return linalg.reconstruct(self.other, f * self.S, Q.mT)
         if self.side == "left":
             return Q @ (f.unsqueeze(-1) * (Q.mT @ merged))
         return ((merged @ Q) * f.unsqueeze(0)) @ Q.mT
@@ -113,7 +126,8 @@ def subspace_responses(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, T
 
 def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None
                        ) -> MergedSpectrum:
-    """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed SVD of it).
+    """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed thin SVD of it,
+    which the spectrum then references whole: :attr:`MergedSpectrum.other`).
 
     Example:
         >>> M = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
@@ -125,7 +139,8 @@ def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor
     m, n = merged.shape
     side = "left" if m <= n else "right"
     basis = U if side == "left" else Vh.mT
-    return MergedSpectrum(S=S, c=c, a2=a2, basis=basis, side=side)
+    other = None if svd is None else (Vh if side == "left" else U)  # a given SVD is held by the caller anyway
+    return MergedSpectrum(S=S, c=c, a2=a2, basis=basis, side=side, other=other)
 
 
 def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | None = None) -> MergedSpectrum:

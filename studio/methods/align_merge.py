@@ -62,7 +62,7 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     """
     spec = merged_spectrum(layer, merged, merged_tag)
     xi_tilde = full_coefficient(scale * spec.S, spec.c)
-    return spec.rescale(scale * merged, align_b_factors(xi_tilde, alpha, preferences))
+    return spec.rescale(merged, align_b_factors(xi_tilde, alpha, preferences), scale)
 
 
 @register(

@@ -108,4 +108,4 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     a = resolve_alpha(alpha, layer.num_tasks, base_method)
     s = svc_projection_coefficients(spec.S, spec.c, spec.a2, scale)
     gamma = svc_gamma(s, a, preferences, target_guard)
-    return spec.rescale(scale * merged, gamma)
+    return spec.rescale(merged, gamma, scale)
