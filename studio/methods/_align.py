@@ -32,7 +32,7 @@ Diagnostics example (one layer)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import Hashable, Iterable
 
 import torch
 from torch import Tensor
@@ -95,7 +95,7 @@ class MergedSpectrum:
         return ((merged @ Q) * f.unsqueeze(0)) @ Q.mT
 
 
-def subspace_responses(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """Per-task responses in the merged basis: ``c_i^r = u_r^T Delta_i v_r`` and ``|a_i^r|^2 = ||u_r^T Delta_i||^2``.
 
     ``a_i^r = (u^r)^T Delta_i`` is SVC eq. 4 / eq. 18 (the subspace response); ``c_i^r`` is the diagonal of
@@ -103,7 +103,7 @@ def subspace_responses(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, T
     memory is one ``[R, n]`` block.
 
     Args:
-        deltas: task matrices ``[T, m, n]``.
+        deltas: task matrices ``[T, m, n]``, or an iterable of ``[m, n]`` (e.g. :meth:`LayerTasks.task_deltas`).
         U: left singular vectors of the merged delta ``[m, R]``.
         Vh: right singular vectors (rows) ``[R, n]``.
 
@@ -124,8 +124,8 @@ def subspace_responses(deltas: Tensor, U: Tensor, Vh: Tensor) -> tuple[Tensor, T
     return torch.stack(cs), torch.stack(a2s)
 
 
-def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None
-                       ) -> MergedSpectrum:
+def merged_spectrum_of(deltas: "Tensor | Iterable[Tensor]", merged: Tensor,
+                       svd: tuple[Tensor, Tensor, Tensor] | None = None) -> MergedSpectrum:
     """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed thin SVD of it,
     which the spectrum then references whole: :attr:`MergedSpectrum.other`).
 
@@ -144,7 +144,7 @@ def merged_spectrum_of(deltas: Tensor, merged: Tensor, svd: tuple[Tensor, Tensor
 
 
 def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | None = None) -> MergedSpectrum:
-    """:class:`MergedSpectrum` of ``merged`` against ``layer.deltas``, computed once per merged delta.
+    """:class:`MergedSpectrum` of ``merged`` against the layer's task matrices, computed once per merged delta.
 
     When ``merged`` is exactly the task-matrix sum (Task Arithmetic, AlignMerge-B's base merge) the pool's cached
     :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics); otherwise the SVD is
@@ -160,10 +160,11 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     """
     if merged.shape == layer.sum().shape and torch.equal(merged, layer.sum()):
         return layer.memo(("align.spectrum", "sum"),
-                          lambda: merged_spectrum_of(layer.deltas, merged, layer.sum_svd()))
+                          lambda: merged_spectrum_of(layer.task_deltas(), merged, layer.sum_svd()))
     if merged_tag is None:
-        return merged_spectrum_of(layer.deltas, merged)
-    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.deltas, merged), transient=True)
+        return merged_spectrum_of(layer.task_deltas(), merged)
+    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.task_deltas(), merged),
+                      transient=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- SVC

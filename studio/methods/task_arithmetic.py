@@ -22,6 +22,8 @@ from ..schema import Param
 def task_arithmetic(layer: LayerTasks) -> Tensor:
     """Sum of task matrices ``sum_i Delta_i`` (the engine applies ``alpha``).
 
+    The layer's memoised sum (:meth:`~studio.pool.LayerTasks.sum`), which Iso-C, SVC and AlignMerge-B then reuse.
+
     Example:
         >>> import torch
         >>> from studio.pool import TaskPool
@@ -29,4 +31,4 @@ def task_arithmetic(layer: LayerTasks) -> Tensor:
         >>> task_arithmetic(pool.layer("b")).tolist()
         [2.0, 2.0]
     """
-    return layer.deltas.sum(0)
+    return layer.sum()
