@@ -17,8 +17,8 @@ knows about merging.
 Both run NumPy's and SciPy's bundled OpenBLAS on one thread (:func:`one_blas_thread`). The two wheels bundle
 separate OpenBLAS builds, each with a pool of one thread per core whose threads spin after every call; alternating
 ``gram`` (NumPy's) and ``eigh_top`` (SciPy's) then starves each call of its core: TSV-M's merge with one PyTorch
-thread took 63.9 s instead of 37.5 s on the 2-core machine, and eight ``gram_svd`` of ``[3072, 768]`` on the main
-thread 0.72-1.07 s instead of 0.47-0.50 s.
+thread took 63.9 s instead of 31.1 s on the 2-core machine (``bench --threads 1``), and eight ``gram_svd`` of
+``[3072, 768]`` on the main thread 0.72-1.07 s instead of 0.47-0.50 s.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ class LayerTasks:
             tasks = self.task_deltas()
             total = next(tasks)  # fresh (the stack is not built), so it can accumulate in place
             for d in tasks:
-                total.add_(d)  # the same order and rounding as deltas.sum(0)
+                total.add_(d)  # in task order; may round differently from deltas.sum(0) in the last bits
             return total
 
         return self.memo("sum", compute)
