@@ -158,7 +158,8 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
         >>> merged_spectrum(layer, layer.sum()).S.tolist()
         [2.0, 2.0]
     """
-    if merged.shape == layer.sum().shape and torch.equal(merged, layer.sum()):
+    total = layer.sum()
+    if merged is total or (merged.shape == total.shape and torch.equal(merged, total)):  # `is`: TA's own memo
         return layer.memo(("align.spectrum", "sum"),
                           lambda: merged_spectrum_of(layer.task_deltas(), merged, layer.sum_svd()))
     if merged_tag is None:
