@@ -102,18 +102,20 @@ def null_tolerance(largest: Tensor, size: int) -> Tensor:
     return largest * max(torch.finfo(torch.float32).eps, (size * torch.finfo(torch.float64).eps) ** 0.5)
 
 
-def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False) -> Tensor:
-    """``gram^{-1/2}`` (or ``gram^{-1/2} - I``) of a symmetric PSD matrix, in float64, zero on its null space."""
+def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = None) -> Tensor:
+    """``gram^{-1/2}`` (or ``gram^{-1/2} - I``) of a symmetric PSD matrix, in float64, zero on its null space:
+    singular values ``sqrt(eigenvalue)`` at or below :func:`null_tolerance`, or ``rtol`` times the largest."""
     evals, evecs = torch.linalg.eigh(gram.double())
     sig = evals.clamp_min(0).sqrt()
-    keep = sig > null_tolerance(sig.max(), gram.shape[-1])
+    tol = null_tolerance(sig.max(), gram.shape[-1]) if rtol is None else rtol * sig.max()
+    keep = sig > tol
     f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
     if minus_one:
         f = f - 1.0
     return (evecs * f) @ evecs.mT
 
 
-def polar_gram(matrix: Tensor) -> Tensor:
+def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
     """Orthogonal polar factor ``A (A^T A)^{-1/2}`` via the Gram matrix: the whitening of TSV sec. 4.2 / Prop. 4.1.
 
     Equal to :func:`polar` (``P Q^T`` of the SVD ``A = P D Q^T``, TSV eq. 9, the official code's ``u @ v``) whenever
@@ -125,8 +127,8 @@ def polar_gram(matrix: Tensor) -> Tensor:
 
     Where ``A`` is rank deficient (e.g. two identical experts, so two identical singular vectors) the polar factor is
     not unique and LAPACK returns an arbitrary completion; here the directions with singular value below
-    :func:`null_tolerance` are mapped to zero (the partial isometry ``A (A^T A)^{+1/2}``), which is deterministic
-    and keeps arbitrary directions out of the merged weights.
+    :func:`null_tolerance` (or ``rtol`` times the largest) are mapped to zero (the partial isometry
+    ``A (A^T A)^{+1/2}``), which is deterministic and keeps arbitrary directions out of the merged weights.
 
     Example:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 0.5], [0.0, 0.0]])
@@ -135,9 +137,9 @@ def polar_gram(matrix: Tensor) -> Tensor:
     """
     rows, cols = matrix.shape[-2:]
     if rows < cols:
-        return polar_gram(matrix.mT).mT
+        return polar_gram(matrix.mT, rtol).mT
     a64 = matrix.double()
-    inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64))
+    inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64), rtol=rtol)
     return (a64 @ inv_sqrt).to(matrix.dtype)
 
 

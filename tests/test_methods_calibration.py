@@ -534,3 +534,20 @@ def test_rescale_from_the_held_svd_equals_the_projector_form(shape):
     expected = (U * (0.3 * f.double() * S)) @ Vh
     close(held.rescale(merged, f, 0.3), expected)
     close(basis_only.rescale(merged, f, 0.3), expected)
+
+
+def test_partial_polar_float32_gram_route_matches_the_float64_svd():
+    """float32 bases go through the float64 Gram (faster than LAPACK's float32 SVD at AlignMerge-O's sizes): the
+    same partial isometry as the float64 SVD route, with the structural null direction dropped and a genuinely
+    weak (~3e-5) direction kept at full weight."""
+    g = torch.Generator().manual_seed(21)
+    Q = torch.linalg.qr(torch.randn(300, 120, generator=g, dtype=D)).Q
+    cols = Q.clone()
+    cols[:, 1] = Q[:, 0] + 3e-5 * Q[:, 1]                                  # nearly dependent: sigma ~ 2e-5
+    A = torch.cat([cols, (cols[:, 2] + cols[:, 3]).unsqueeze(1) / 2], 1)    # structurally dependent column
+    exact = _align.partial_polar(A, rtol=1e-6)                              # float64: LAPACK SVD
+    fast = _align.partial_polar(A.float())                                  # float32: float64 Gram
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=2e-4)
+    sv = torch.linalg.svdvals(fast.double())
+    assert int((sv > 0.5).sum()) == 120 and float(sv[120:].max()) < 1e-3  # 120 unit values, the null one dropped

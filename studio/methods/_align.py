@@ -370,13 +370,21 @@ def partial_polar(matrix: Tensor, rtol: float | None = None) -> Tensor:
     for float32 (structural zeros measured at ~1e-8, genuine small values of 768-wide bases at ~3e-5), ``1e-12``
     for float64.
 
+    Float32 (and half-precision) inputs go through the float64 Gram matrix (:func:`studio.linalg.polar_gram`, which
+    resolves singular values down to ~3e-7 of the largest, so ``rtol`` should not go below ~1e-6): 100 vs 117
+    ms for LAPACK's float32 SVD at ``768 x 761``, 167 vs 237 ms at ``2304 x 761``, 185 vs 274 ms at ``3072 x 761``
+    (one core, AlignMerge-O's bases; results within 1e-5), and closer to the exact partial isometry where columns are
+    nearly dependent (1.4e-4 vs 3.3e-3 max error in the tests). Float64 inputs take the SVD, which honours any ``rtol``.
+
     Example:
         >>> A = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]])   # rank one: two copies of e1
-        >>> partial_polar(A).tolist()
-        [[0.7071067690849304, 0.7071067690849304], [0.0, 0.0], [0.0, 0.0]]
+        >>> [[round(x, 6) for x in row] for row in partial_polar(A).tolist()]
+        [[0.707107, 0.707107], [0.0, 0.0], [0.0, 0.0]]
     """
+    if matrix.dtype != torch.float64:
+        return linalg.polar_gram(matrix.float(), rtol=1e-6 if rtol is None else rtol).to(matrix.dtype)
     U, S, Vh = linalg.svd(matrix)
     if rtol is None:
-        rtol = 1e-12 if U.dtype == torch.float64 else 1e-6
+        rtol = 1e-12
     keep = S > rtol * S[0] if S.numel() and float(S[0]) > 0 else torch.zeros_like(S, dtype=torch.bool)
     return U[:, keep] @ Vh[keep]
