@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{cpu_workers('cpu')} CPU merge workers" + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
+          f"{cpu_workers('cpu')} CPU merge workers"
+          + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:
         runs = [r for r in runs if (f"{r[0]}+{r[1]}" if r[1] else r[0]) in args.methods]
@@ -263,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
         device = torch.device(dev_name)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
-        print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup | steal % |")
+        print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup "
+              "| steal % |")
         print("|---|---|---|---|---|---|---|---|---|")
         for method, cal, struct in runs:
             struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()

@@ -186,8 +186,8 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     is formed in float32 (BLAS ``syrk`` on the CPU, :func:`studio._lapack.gram`) and, when at most a quarter of the
     spectrum is kept, only the top ``rank`` eigenpairs are computed (LAPACK ``syevr``, :func:`studio._lapack.eigh_top`;
     the full ``eigh`` otherwise); if the weakest kept singular value is below 10% of the largest (where float32
-    eigenvalues would lose digits) it is redone in float64. Components below :func:`null_tolerance` are returned as exact zeros
-    with zero singular vectors (they carry no direction).
+    eigenvalues would lose digits) it is redone in float64. Components below :func:`null_tolerance` are returned as
+    exact zeros with zero singular vectors (they carry no direction).
 
     Returns ``U [m, rank]``, ``S [rank]`` (descending), ``Vh [rank, n]``.
 

@@ -154,8 +154,7 @@ class LayerTasks:
         """
         if self._deltas is not None:
             return self._deltas[i]
-        dev, key = self.pool.device, self.key
-        d = self.pool.experts[self.names[i]][key].to(dev, torch.float32) - self.pool.base[key].to(dev, torch.float32)
+        d = self.pool.raw_delta(self.key, i)
         return d if self.weights is None else d.mul_(self.weights[i])
 
     def task_deltas(self) -> Iterator[Tensor]:
@@ -226,9 +225,7 @@ class LayerTasks:
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:
             # Only task i's delta (stacking all T per call made a layer's T decompositions cost T^2 subtractions).
-            dev, key = self.pool.device, self.key
-            raw = (self.pool.experts[self.names[i]][key].to(dev, torch.float32)
-                   - self.pool.base[key].to(dev, torch.float32))
+            raw = self.pool.raw_delta(self.key, i)
             if exact or rank == r:
                 return linalg.truncated_svd(raw, rank, exact=True)
             # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
@@ -305,6 +302,11 @@ class TaskPool:
     @property
     def keys(self) -> list[str]:
         return list(self.base)
+
+    def raw_delta(self, key: str, i: int) -> Tensor:
+        """Unweighted task matrix ``expert_i - base`` of ``key`` (float32, compute device), a fresh tensor."""
+        return (self.experts[self.names[i]][key].to(self.device, torch.float32)
+                - self.base[key].to(self.device, torch.float32))
 
     def raw_deltas(self, key: str) -> Tensor:
         """Unweighted task matrices ``[T, *shape]`` of ``key`` in float32 on the compute device."""
