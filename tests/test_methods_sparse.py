@@ -393,6 +393,22 @@ def test_ties_blocks_does_not_depend_on_the_block_size(chunk):
     assert torch.equal(got, disjoint_merge(trimmed, elect_sign(trimmed), "mean"))
 
 
+@pytest.mark.parametrize("flip", [1.0, -1.0])
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_ties_blocks_gives_exact_cancellations_the_majority_sign(flip, merge_func, chunk):
+    """Entries whose surviving values cancel exactly (P = -N != 0) take the tensor's majority sign, known only after
+    the last block: +1 here (two positive sums against none), -1 for the negated tensor."""
+    x = flip * torch.tensor([[2.0, -1.0, 1.0, 3.0, 4.0, -0.5, 0.0, 1.0],
+                             [-2.0, 1.0, 0.5, 1.0, -1.0, 0.25, 0.0, -1.0],
+                             [0.0, 0.0, 0.0, 0.0, -3.0, 0.25, 0.0, 0.0]])
+    blocks = [(i, min(8, i + chunk), x[:, i:i + chunk].clone()) for i in range(0, 8, chunk)]
+    got = ties_blocks(blocks, 8, torch.zeros(3), aggregate=merge_func)
+    expected = disjoint_merge(x, elect_sign(x), merge_func)
+    assert torch.equal(got, expected)
+    assert got[0] == flip * 2.0 and got[1] == flip * 1.0   # cancelled columns took the majority's side
+
+
 @pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0, 0.0, 1.5]])
 @pytest.mark.parametrize("beta,gamma", [(0.01, 0.85), (0.1, 0.3), (0.0, 0.5), (0.2, 0.0), (0.0, 0.0)])
 def test_streamed_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, gamma):

@@ -16,8 +16,8 @@ memoises ``(sigma, c, |a|^2)`` once per merged delta, so a change of any calibra
 scale or of the preferences costs O(T R) plus one reconstruction.
 
 Public helpers (used by ``svc.py``, ``align_merge.py`` and the diagnostics):
-:func:`subspace_responses`, :func:`merged_spectrum_of`, :func:`merged_spectrum`, :func:`svc_projection_coefficients`, :func:`svc_gamma`,
-:func:`subspace_scaling_eta`, :func:`subspace_cross_influence`, :func:`cross_influence_terms`,
+:func:`subspace_responses`, :func:`merged_spectrum_of`, :func:`merged_spectrum`, :func:`svc_projection_coefficients`,
+:func:`svc_gamma`, :func:`subspace_scaling_eta`, :func:`subspace_cross_influence`, :func:`cross_influence_terms`,
 :func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`, :func:`factored_svd`,
 :func:`partial_polar`.
 

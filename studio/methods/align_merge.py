@@ -170,9 +170,9 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
        (eq. 14): the singular values become the projections ``sigma^/eta = u^T (sum Delta) v`` renormalised to the
        Frobenius norm of ``Sigma^`` (App. B.4).
 
-    Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before summing (``align_signs``, see
-    :func:`_align_top_signs`); when ``1 + K L`` exceeds ``R`` (tiny layers, ``R <= K``) only the ``R`` columns
-    with the largest ``sigma^`` are kept; an all-zero layer returns zeros.
+    Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before
+    summing (``align_signs``, see :func:`_align_top_signs`); when ``1 + K L`` exceeds ``R`` (tiny layers,
+    ``R <= K``) only the ``R`` columns with the largest ``sigma^`` are kept; an all-zero layer returns zeros.
 
     Example:
         >>> from studio.pool import TaskPool

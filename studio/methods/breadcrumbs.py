@@ -65,7 +65,7 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float) -> Tensor:
         bands.append((lo, hi))
         for value, count, sign in ((lo, lo_ties, -1.0), (hi, hi_ties, 1.0)):
             if count > 0:
-                fixes.append((i, sign, torch.nonzero(mag == value).flatten()[:count]))
+                fixes.append((i, sign, _first_equal(mag, value, count)))
     merged = band_blocks(layer.raw_chunks(), base.numel(), torch.tensor(bands, dtype=torch.float32), layer.weights)
     for i, sign, idx in fixes:
         values = pool.experts[layer.names[i]][key].to(layer.device, torch.float32).reshape(-1)[idx] - base[idx]
@@ -73,3 +73,22 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float) -> Tensor:
             values = values * layer.weights[i]
         merged.index_add_(0, idx, sign * values)
     return merged.reshape(layer.shape)
+
+
+def _first_equal(values: Tensor, value: float, count: int, chunk: int = 1 << 18) -> Tensor:
+    """Positions of the first ``count`` entries of the 1-D ``values`` equal to ``value``, scanning ``chunk`` entries
+    at a time and stopping once ``count`` are found.
+
+    Example:
+        >>> _first_equal(torch.tensor([1.0, 2.0, 1.0, 1.0]), 1.0, 2, chunk=2).tolist()
+        [0, 2]
+    """
+    found, need = [], count
+    for start in range(0, values.numel(), chunk):
+        idx = torch.nonzero(values[start:start + chunk] == value).flatten()[:need]
+        if idx.numel():
+            found.append(idx + start)
+            need -= idx.numel()
+            if need == 0:
+                break
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long, device=values.device)

