@@ -100,7 +100,8 @@ def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tenso
 
     ``a_i^r = (u^r)^T Delta_i`` is SVC eq. 4 / eq. 18 (the subspace response); ``c_i^r`` is the diagonal of
     ``U^T Delta_i V`` (AlignMerge App. B.3, eq. 32; the denominator of eta in eq. 4). Loops over tasks so the peak
-    memory is one ``[R, n]`` block.
+    memory is one ``[R, n]`` block; each delta is used before the next is asked for (so ``deltas`` may reuse one
+    buffer, :meth:`LayerTasks.task_deltas`).
 
     Args:
         deltas: task matrices ``[T, m, n]``, or an iterable of ``[m, n]`` (e.g. :meth:`LayerTasks.task_deltas`).
@@ -119,8 +120,8 @@ def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tenso
     cs, a2s = [], []
     for d in deltas:
         A = U.mT @ d  # rows are a_i^r
-        a2s.append((A * A).sum(-1))
-        cs.append((A * Vh).sum(-1))
+        a2s.append(torch.linalg.vector_norm(A, dim=-1).square())   # no [R, n] temporaries (~4x faster on a CPU)
+        cs.append(torch.linalg.vecdot(A, Vh))
     return torch.stack(cs), torch.stack(a2s)
 
 
@@ -161,10 +162,10 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     total = layer.sum()
     if merged is total or (merged.shape == total.shape and torch.equal(merged, total)):  # `is`: TA's own memo
         return layer.memo(("align.spectrum", "sum"),
-                          lambda: merged_spectrum_of(layer.task_deltas(), merged, layer.sum_svd()))
+                          lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, layer.sum_svd()))
     if merged_tag is None:
-        return merged_spectrum_of(layer.task_deltas(), merged)
-    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.task_deltas(), merged),
+        return merged_spectrum_of(layer.task_deltas(reuse=True), merged)
+    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged),
                       transient=True)
 
 

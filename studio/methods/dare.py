@@ -56,7 +56,7 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     # Task by task, one task matrix and one mask in memory (no [T, *shape] stack and temporaries: ~2x faster on a
     # CPU). The CPU generator fills tensors serially, so task i's mask is exactly row i of random_drop's one draw.
     out = None
-    for delta in layer.task_deltas():
+    for delta in layer.task_deltas(reuse=True):
         term = random_drop(delta, p, generator)
         out = term if out is None else out.add_(term)
     return out
