@@ -9,7 +9,8 @@ import torch
 
 import studio
 from studio.methods._sparsify import (band_mask, band_thresholds, disjoint_merge, elect_sign, kth_smallest,
-                                      magnitude_mask, order_statistics, random_drop, ties_blocks)
+                                      magnitude_mask, order_statistics, random_drop, streamed_order_statistics,
+                                      ties_blocks)
 from studio.methods.breadcrumbs import breadcrumbs
 from studio.methods.dare import dare
 from studio.methods.ties import model_thresholds, ties
@@ -177,6 +178,25 @@ def test_model_thresholds_equal_kthvalue_of_the_whole_flattened_model(k):
     expected = flat.kthvalue(rank, dim=1).values if rank > 0 else torch.zeros(3)
     got = model_thresholds(TaskPool(base, experts, device="cpu"), k)
     assert torch.equal(got, expected), (got, expected)
+    # The counting path other devices take, in pieces smaller than some tensors and spanning several others.
+    for chunk in (7, 100, 1 << 24):
+        streamed = model_thresholds(TaskPool(base, experts, device="cpu"), k, streamed=True, chunk=chunk)
+        assert torch.equal(streamed, expected), (chunk, streamed, expected)
+
+
+@pytest.mark.parametrize("sizes", [[1], [5, 1, 300], [64] * 20])
+def test_streamed_order_statistics_equal_sorting(sizes):
+    g = torch.Generator().manual_seed(len(sizes))
+    pieces = [torch.randint(0, 40, (n,), generator=g).float() * 1e-3 for n in sizes]
+    pieces[0][0] = 0.0
+    values = torch.cat(pieces)
+    ranks = sorted({1, values.numel(), (values.numel() + 1) // 2, max(1, values.numel() - 3)})
+    got, below = streamed_order_statistics(lambda: iter(pieces), ranks)
+    ordered = values.sort().values
+    assert got.tolist() == [ordered[r - 1].item() for r in ranks]
+    assert below == [int((values < ordered[r - 1]).sum()) for r in ranks]
+    with pytest.raises(ValueError, match="rank must be in"):
+        streamed_order_statistics(lambda: iter(pieces), [values.numel() + 1])
 
 
 @pytest.mark.parametrize("chunk", [7, 1 << 24])

@@ -16,7 +16,7 @@ from ..schema import Param
 from ._sparsify import kth_smallest, streamed_order_statistics, ties_blocks, topk_rank, topk_threshold
 
 
-def model_thresholds(pool: TaskPool, k: float) -> Tensor:
+def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, chunk: int = 1 << 24) -> Tensor:
     """Per-task top-``k`` magnitude thresholds over the whole flattened model (all floating tensors), memoised.
 
     This is the official TIES code's trim scope (``topk_values_mask`` on ``state_dict_to_vector`` of each task
@@ -24,7 +24,8 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
     of each task's flattened magnitudes, one task per worker thread. On the CPU each worker writes ``|expert -
     base|`` into one model-sized float32 vector that it reuses for its next task (~0.35 GB for ViT-B/32) and
     selects in place (:func:`~studio.methods._sparsify.kth_smallest`, NumPy's introselect); on other devices the
-    magnitudes are counted piece by piece (:func:`~studio.methods._sparsify.streamed_order_statistics`).
+    magnitudes are counted ``chunk`` entries at a time (:func:`~studio.methods._sparsify.streamed_order_statistics`;
+    ``streamed=True`` forces this on the CPU too). Both give the same thresholds.
 
     Computed on the unweighted task vectors: a preference weight ``w_i >= 0`` multiplies every entry of task ``i``
     by the same factor, which leaves that task's magnitude ranking and hence its mask unchanged, so one
@@ -39,7 +40,8 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
     """
     keys = [key for key in pool.keys if pool.base[key].is_floating_point()]
     total = sum(pool.base[key].numel() for key in keys)
-    chunk = 1 << 24
+    if streamed is None:
+        streamed = pool.device.type != "cpu"
 
     def task_magnitudes(name: str, out: Tensor) -> Iterator[Tensor]:
         # |expert - base| of one task, up to len(out) entries at a time, written into out.
@@ -66,7 +68,7 @@ def model_thresholds(pool: TaskPool, k: float) -> Tensor:
         local = threading.local()
 
         def threshold(name: str) -> Tensor:
-            if pool.device.type == "cpu":
+            if not streamed:
                 if getattr(local, "flat", None) is None:
                     local.flat = torch.empty(total, dtype=torch.float32)
                 (flat,) = task_magnitudes(name, local.flat)
