@@ -257,7 +257,7 @@ def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, compleme
     if complement is not None and not exact:
         Uz, S, Vh = gram_svd(complement.mT @ matrix, rank)
         return complement @ Uz, S, Vh
-    residual = matrix - basis @ (basis.mT @ matrix)
+    residual = torch.addmm(matrix, basis, basis.mT @ matrix, alpha=-1)   # one [m, n] allocation
     if exact:
         return truncated_svd(residual, rank, exact=True)
     U, S, Vh = gram_svd(residual, rank)

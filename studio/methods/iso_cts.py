@@ -64,8 +64,8 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     complement = U[:, k:] if U.shape[0] == U.shape[1] else None
     Us, Ss, Vs = [], [Sc], []
     if s > 0:
-        for t in range(layer.num_tasks):
-            u, sv, vh = truncated_svd_deflated(layer.task_delta(t), Uc, s, complement=complement, exact=exact)
+        for delta in layer.task_deltas(reuse=True):
+            u, sv, vh = truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
             # A zero residual (e.g. a task with preference weight 0) has no singular vectors; LAPACK would return
             # arbitrary ones, which the whitening would then keep at weight sigma_bar.
             nonzero = sv > 0
