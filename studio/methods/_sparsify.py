@@ -320,9 +320,10 @@ def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, threshold
     cache-sized blocks instead of ``[T, *shape]`` temporaries makes TIES several times faster on a CPU (see
     ``raw_chunks``). An entry with ``P + N = 0`` takes the tensor's majority sign (:func:`elect_sign`), known only
     at the end: such an entry first gets ``N``, and where ``P = -N != 0`` (the surviving values cancel exactly; rare)
-    its position is recorded and flipped to ``P = -N`` if the majority is positive. Masks are float32 0/1 tensors,
-    not booleans: on a CPU, torch's comparisons into a boolean tensor and products with one take ~8x longer than the
-    same float32 operations (dtype promotion), and ``x * 1.0`` / ``x * 0.0`` give the same values.
+    its position and ``P`` (or its mean) are recorded and ``P`` is put back if the majority is positive. Masks are
+    float32 0/1 tensors, not booleans: on a CPU, torch's comparisons into a boolean tensor and products with one take
+    ~8x longer than the same float32 operations (dtype promotion), and ``x * 1.0`` / ``x * 0.0`` give the same
+    values.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 2.0, -3.0], [1.0, -3.0, -2.0, -1.0]])
