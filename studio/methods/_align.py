@@ -120,7 +120,8 @@ def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tenso
     cs, a2s = [], []
     for d in deltas:
         A = U.mT @ d  # rows are a_i^r
-        a2s.append(torch.linalg.vector_norm(A, dim=-1).square())   # no [R, n] temporaries (~4x faster on a CPU)
+        # no [R, n] temporaries: 2.8 vs 3.9 ms for the two at [768, 3072] on one core
+        a2s.append(torch.linalg.vector_norm(A, dim=-1).square())
         cs.append(torch.linalg.vecdot(A, Vh))
     return torch.stack(cs), torch.stack(a2s)
 
