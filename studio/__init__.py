@@ -13,7 +13,7 @@ Example:
 
 from .compress import compress
 from .engine import merge, merge_pool, get_pool
-from .layers import DEFAULT as DEFAULT_LAYER_RULE, LayerRule, SKIP_EMBEDDINGS
+from .layers import ALL_MATRICES, DEFAULT as DEFAULT_LAYER_RULE, LayerRule, SKIP_EMBEDDINGS
 from .pool import ExpertError, LayerTasks, TaskPool
 from .registry import UnknownMethodError, list_methods
 from .schema import HyperparameterError, Param, StudioError
@@ -22,7 +22,7 @@ from .evaluate import EvalResult, alpha_sweep, evaluate, predict
 
 __all__ = [
     "merge", "merge_pool", "get_pool", "list_methods", "compress",
-    "TaskPool", "LayerTasks", "LayerRule", "DEFAULT_LAYER_RULE", "SKIP_EMBEDDINGS", "Param",
+    "TaskPool", "LayerTasks", "LayerRule", "DEFAULT_LAYER_RULE", "SKIP_EMBEDDINGS", "ALL_MATRICES", "Param",
     "StudioError", "ExpertError", "HyperparameterError", "UnknownMethodError",
     "Suite", "load_suite", "default_suite", "evaluate", "alpha_sweep", "predict", "EvalResult",
 ]

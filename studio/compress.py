@@ -134,8 +134,9 @@ def compress(
             and the official ``compress_tv(..., 1 / len(DATASETS))`` default, about twice the base model's size in
             total whatever ``T`` is). Must keep at least one component.
         device: where the decompositions run (``None``: CUDA when present). Factors are returned on the CPU.
-        layer_rule: which 2-D tensors are compressed (default: all but ``text_projection``, as the official code);
-            every other floating tensor is kept as its dense task vector.
+        layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
+            included, as the official ``compress_tv``, whose ``text_projection`` exclusion is commented out; unlike
+            TSV-M's merge rule); every other floating tensor is kept as its dense task vector.
         svd_mode: ``"auto"`` (randomized truncated SVD) or ``"exact"``.
 
     The per-task decompositions come from the same cached pool as :func:`studio.merge` (``layer.svd(i, k)``), so
@@ -153,7 +154,7 @@ def compress(
     from .methods.tsv_m import tsv_rank   # lazy: importing studio.methods registers every method
 
     validate_experts(base, experts)
-    rule = resolve_rule(layer_rule)
+    rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
     if rank_fraction is not None:
         rank_fraction = float(rank_fraction)
         if not 0.0 < rank_fraction <= 1.0:

@@ -3,7 +3,12 @@
 The default follows the TSV and Iso-C/CTS official code: every 2-D tensor except ``text_projection`` is a matrix
 (so ``attn.in_proj_weight``, ``mlp.c_fc.weight``, ``visual.proj`` and ``positional_embedding`` are), every other
 tensor (biases, LayerNorm, ``class_embedding``, the 4-D ``conv1.weight``) gets the method's vector rule.
-The official SVC code additionally skips embeddings: :data:`SKIP_EMBEDDINGS`.
+The official SVC code additionally skips embeddings: :data:`SKIP_EMBEDDINGS`; the official TSV-C compression
+(``compress_tv``) truncates every 2-D tensor, ``text_projection`` included: :data:`ALL_MATRICES`.
+
+Tensors with a dimension of size 1 (``[n, 1]``, ``[1, n]``) are never matrices here: their single singular triplet
+is the tensor itself, and the official loops would give them nothing for TSV-M/TSV-C (``int(1 / T) = 0`` components)
+or the plain sum for Iso-C/Iso-CTS; they get the method's vector rule instead. CLIP towers have no such tensor.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ SKIP_EMBEDDINGS = LayerRule(
     exclude=(r"text_projection", r"positional_embedding", r"token_embedding", r"class_embedding", r"embed"),
     name="skip_embeddings",
 )
-RULES = {rule.name: rule for rule in (DEFAULT, SKIP_EMBEDDINGS)}
+ALL_MATRICES = LayerRule(exclude=(), name="all_matrices")
+RULES = {rule.name: rule for rule in (DEFAULT, SKIP_EMBEDDINGS, ALL_MATRICES)}
 
 
 def resolve_rule(rule: "LayerRule | str | None") -> LayerRule:
-    """Accept a :class:`LayerRule`, a preset name (``"default"``, ``"skip_embeddings"``) or ``None``."""
+    """Accept a :class:`LayerRule`, a preset name (``"default"``, ``"skip_embeddings"``, ``"all_matrices"``) or
+    ``None`` (the default rule)."""
     if rule is None:
         return DEFAULT
     if isinstance(rule, LayerRule):

@@ -8,7 +8,8 @@ official code runs, in the benchmark) and with the exact LAPACK SVD:
   zero-padded ``sum_u [m, r]``, ``sum_s [r]``, ``sum_v [r, n]`` with task ``i`` in slots ``i*k:(i+1)*k``,
   ``k = int(r * 1/T)``; merged = ``u_u @ v_u @ diag(sum_s) @ u_v @ v_v`` of the SVDs of ``sum_u`` and ``sum_v``;
   non-matrix tensors (and ``text_projection``) are averaged with the running mean.
-* TSV-C: ``compress_tv``: ``u[:, :k], s[:k], v[:k]`` per matrix, other tensors kept.
+* TSV-C: ``compress_tv``: ``u[:, :k], s[:k], v[:k]`` per 2-D tensor (``text_projection`` included: the official
+  exclusion is commented out), other tensors kept.
 * Iso-C / Iso-CTS: ``iso_c`` / ``iso_cts`` (github.com/danielm1405/iso-merging, src/utils/iso.py): SVD of the SUM;
   Iso-CTS with the task-specific block first, the common block after it, SVD-based orthogonalisation and the mean
   of all ``r`` singular values.
@@ -65,7 +66,7 @@ def tsv_c_reference(task_vectors: TaskVectors, rank_fraction: float | None = Non
     for tv in task_vectors:
         rec = {}
         for key, layer in tv.items():
-            if _is_matrix(key, layer):
+            if layer.dim() == 2:
                 u, s, v = torch.linalg.svd(layer, full_matrices=False)
                 k = int(s.shape[0] * sv_reduction)
                 rec[key] = u[:, :k] @ torch.diag(s[:k]) @ v[:k, :]
