@@ -165,8 +165,9 @@ def merge(
         calibrate: a calibration applied after the base method on every matrix layer (``"svc"``,
             ``"align_merge_b"``), or ``None``.
         calibrate_hparams: the calibration's hyperparameters (validated against its schema).
-        preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order).
-            With a calibration they weight its per-task aggregation (one-hot = the papers' target-task calibration);
+        preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order). A
+            task a mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting;
+            name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task aggregation (one-hot = the papers' target-task calibration);
             without one they scale each task matrix by ``T * p_i``. Uniform (the default) changes nothing.
         seed: random seed for stochastic methods (DARE).
         layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`).

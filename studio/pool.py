@@ -402,6 +402,9 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
                           names: Sequence[str]) -> Tensor | None:
     """Validate per-task preference weights and return them normalised to sum to 1 (``None``: uniform).
 
+    A mapping may name a subset of the tasks; the others get weight 0 (``{"a": 1}`` is the one-hot target-task
+    setting). A sequence must give one weight per task, in expert order.
+
     Example:
         >>> normalize_preferences({"a": 1, "b": 3}, ["a", "b"]).tolist()
         [0.25, 0.75]

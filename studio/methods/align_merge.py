@@ -120,7 +120,8 @@ def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | 
     Non-matrix tensors get the mean of the task vectors (``vector_rule="mean"``, the TSV/Iso convention; the paper
     does not say). ``preferences`` (normalised, from the engine) weight the tasks' average full coefficient exactly
     as in the calibration form (sec. 5.3: uniform = the paper's average, one-hot = target-task optimisation), so
-    this equals ``task_arithmetic`` with ``alpha=1`` + ``calibrate="align_merge_b"`` with the same preferences.
+    on matrix layers this equals ``task_arithmetic`` with ``alpha=1`` + ``calibrate="align_merge_b"`` with the same
+    preferences (the other tensors differ: the mean here, Task Arithmetic's sum there).
 
     Example:
         >>> from studio.pool import TaskPool
@@ -166,9 +167,12 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     5. ``eta^r = sigma^^r / (u^_perp^r^T (sum_i Delta_i) v^_perp^r)`` (Alg. 1 line 24; ``eta="sum"``) or, with
        ``eta="dominant"``, the denominator of the single task ``i* = argmax_i |u^T Delta_i v|`` (eq. 10, App. E.2
        "Effectiveness of eta"). The paper states both; Alg. 1 is the default.
-    6. ``Delta W~ = sqrt(sum sigma^^2 / sum (sigma^/eta)^2) sum_r (sigma^^r / eta^r) u^_perp^r v^_perp^r^T``
-       (eq. 14): the singular values become the projections ``sigma^/eta = u^T (sum Delta) v`` renormalised to the
-       Frobenius norm of ``Sigma^`` (App. B.4).
+    6. ``Delta W~ = c sum_r (sigma^^r / eta^r) u^_perp^r v^_perp^r^T`` (eq. 14): the singular values become the
+       projections ``sigma^/eta = u^T (sum Delta) v``, and ``c`` gives the result the Frobenius norm of ``Sigma^``
+       (App. B.4: "the overall Frobenius norm ... remains consistent"). Eq. 14 writes ``c = sqrt(sum sigma^^2 /
+       sum (sigma^/eta)^2)``, which is that norm only for orthonormal ``U^_perp``, ``V^_perp``; with the partial
+       polar factors (step 4) it can fall well short (0.3-0.6 of the target on layers whose tasks share their top
+       direction), so ``c`` is taken from the reconstruction's measured norm. Both agree for full-rank bases.
 
     Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before
     summing (``align_signs``, see :func:`_align_top_signs`); when ``1 + K L`` exceeds ``R`` (tiny layers,
@@ -237,11 +241,14 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
                                 for d in layer.task_deltas(reuse=True)])  # [K, R']
         star = per_task.abs().argmax(0)
         proj = per_task.gather(0, star.unsqueeze(0)).squeeze(0)
-    denom = (proj * proj).sum()
-    if float(denom) <= 0:
+    # eq. 14 rescales by sqrt(sum sigma^^2 / sum (sigma^/eta)^2) so that ||Delta W~||_F = sqrt(sum sigma^^2) (App.
+    # B.4). That ratio is the norm only for orthonormal U^_perp, V^_perp; the partial polar factors are not (their
+    # columns overlap once the null direction is dropped), so the norm is measured on the reconstruction instead.
+    out = linalg.reconstruct(U_perp, proj, V_perp.mT)
+    actual = torch.linalg.vector_norm(out)
+    if not float(actual) > 0:
         return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
-    norm = torch.sqrt((S_hat * S_hat).sum() / denom)
-    return linalg.reconstruct(U_perp, norm * proj, V_perp.mT)
+    return out.mul_(torch.linalg.vector_norm(S_hat) / actual)
 
 
 @register(
