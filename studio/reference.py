@@ -1,4 +1,5 @@
-"""Slow, obviously-correct references for TSV-M, TSV-C, Iso-C and Iso-CTS, used by the tests (parity) and the benchmark (speed ratio).
+"""Slow, obviously-correct references for TSV-M, TSV-C, Iso-C, Iso-CTS and Model Breadcrumbs, used by the tests (parity)
+and the benchmark (speed ratio).
 
 Each function follows the official code's loops line by line (rewritten, not copied) on a list of task vectors
 (``tau_i = theta_i - theta_pre`` state dicts), in the task vectors' dtype (float64 in the tests; float32, as the
@@ -13,6 +14,8 @@ official code runs, in the benchmark) and with the exact LAPACK SVD:
 * Iso-C / Iso-CTS: ``iso_c`` / ``iso_cts`` (github.com/danielm1405/iso-merging, src/utils/iso.py): SVD of the SUM;
   Iso-CTS with the task-specific block first, the common block after it, SVD-based orthogonalisation and the mean
   of all ``r`` singular values.
+* Model Breadcrumbs: ``TaskVectorMiddleKeep`` (github.com/rezazzr/breadcrumbs, src/task_vectors.py): per tensor,
+  ``topk`` along the last dimension removes the largest magnitudes, a second ``topk`` keeps the largest of the rest.
 """
 
 from __future__ import annotations
@@ -134,6 +137,30 @@ def iso_cts_reference(task_vectors: TaskVectors, common_space_fraction: float = 
     return out
 
 
+def breadcrumbs_reference(task_vectors: TaskVectors, top_k_keep: float = 0.14, top_k_remove: float = 0.01
+                          ) -> dict[str, Tensor]:
+    """Official Model Breadcrumbs loop (``TaskVectorMiddleKeep``, ``remove_first=True``, rezazzr/breadcrumbs
+    src/task_vectors.py) followed by the sum of the masked task vectors (unscaled; ``apply_to`` adds
+    ``alpha * sum``). Per tensor, along its last dimension: zero the ``int(d * top_k_remove)`` largest magnitudes
+    with ``topk``, then keep the ``int(d * top_k_keep)`` largest of what is left; 0-d tensors are left as they are.
+    Studio's ``beta = top_k_remove``, ``gamma = 1 - top_k_keep - top_k_remove``. ``topk`` orders exact ties
+    arbitrarily, so parity needs tie-free magnitudes."""
+    def mask_top(x: Tensor, fraction: float, keep: bool) -> Tensor:
+        if x.dim() == 0:
+            return x
+        _, idx = torch.topk(x.abs(), int(x.shape[-1] * fraction))
+        mask = (torch.zeros_like if keep else torch.ones_like)(x)
+        mask.scatter_(x.dim() - 1, idx, 1.0 if keep else 0.0)
+        return mask * x
+
+    out: dict[str, Tensor] = {}
+    for tv in task_vectors:
+        for key, x in tv.items():
+            masked = mask_top(mask_top(x, top_k_remove, keep=False), top_k_keep, keep=True)
+            out[key] = masked if key not in out else out[key] + masked
+    return out
+
+
 def task_vectors_of(base: dict[str, Tensor], experts: dict[str, dict[str, Tensor]],
                     dtype: torch.dtype = torch.float64) -> TaskVectors:
     """``[theta_i - theta_pre]`` for the floating tensors, in expert order."""
@@ -155,5 +182,7 @@ REFERENCES = {
     "iso_c": lambda base, experts, device=None: iso_c_reference(
         task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
     "iso_cts": lambda base, experts, device=None: iso_cts_reference(
+        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
+    "breadcrumbs": lambda base, experts, device=None: breadcrumbs_reference(
         task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
 }

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import studio
-from studio.methods._sparsify import (band_mask, band_thresholds, disjoint_merge, elect_sign, kth_smallest,
-                                      magnitude_mask, order_statistics, random_drop, streamed_order_statistics,
-                                      ties_blocks)
+from studio.methods._sparsify import (band_counts, band_mask, band_thresholds, disjoint_merge, elect_sign,
+                                      kth_smallest, magnitude_mask, order_statistics, random_drop, row_band_mask,
+                                      streamed_order_statistics, ties_blocks)
 from studio.methods.breadcrumbs import breadcrumbs
 from studio.methods.dare import dare
 from studio.methods.ties import model_thresholds, ties
 from studio.pool import TaskPool
+from studio.reference import breadcrumbs_reference, task_vectors_of
 from studio.schema import HyperparameterError
 
 from .conftest import clip_like_state_dict, make_experts
@@ -309,24 +310,77 @@ def test_breadcrumbs_keeps_exactly_the_band():
     assert breadcrumbs(_layer([t1, t2]), beta=0.1, gamma=0.3).tolist() == expected
 
 
-def test_breadcrumbs_band_size_is_exact_with_ties():
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_breadcrumbs_band_size_is_exact_with_ties(scope):
+    """Counts as the official code and mergekit: int(d * beta) removed at the top, int(d * (1 - beta - gamma))
+    kept, whatever the ties; per row of the last dimension (official) or per tensor."""
     x = torch.randint(-2, 3, (3, 7, 11), generator=torch.Generator().manual_seed(0)).float()
-    d = 77
-    mask = band_mask(x, beta=0.05, gamma=0.6)
-    assert mask.reshape(3, -1).sum(1).tolist() == [d - int(0.05 * d) - int(0.6 * d)] * 3
+    mask = band_mask(x, beta=0.05, gamma=0.6, scope=scope)
+    if scope == "row":
+        assert mask.sum(-1).flatten().tolist() == [int(11 * 0.35)] * 21           # 3 of each row of 11
+    else:
+        assert mask.reshape(3, -1).sum(1).tolist() == [int(77 * 0.35)] * 3       # 26 of 77
 
 
+def test_band_counts_follow_the_official_keep_fraction():
+    # official top_k_keep = 1 - beta - gamma, counted as int(d * keep) even where the float sum is just below
+    assert band_counts(100, 0.01, 0.85) == (1, 100 - 1 - 14)
+    assert band_counts(100, 0.006, 0.844) == (0, 100 - 15)   # keep 0.15: 1 - 0.006 - 0.844 = 0.15000000000000002
+    assert band_counts(10, 0.1, 0.7) == (1, 10 - 1 - 2)       # keep 0.2: 1 - 0.1 - 0.7 = 0.20000000000000004
+    assert band_counts(5, 0.01, 0.85) == (0, 5)               # int(0.7) = 0: the whole row is masked, as officially
+    with pytest.raises(HyperparameterError, match=r"beta=0\.5.*gamma=0\.5"):
+        band_counts(10, 0.5, 0.5)
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
 @pytest.mark.parametrize("beta,gamma", [(0.0, 0.5), (0.05, 0.6), (0.2, 0.0), (0.01, 0.85)])
-def test_band_mask_matches_a_stable_argsort_reference(beta, gamma):
+def test_band_mask_matches_a_stable_argsort_reference(beta, gamma, scope):
     """The O(d) kthvalue path against the obvious O(d log d) one: rank by (magnitude, position), keep the band."""
     g = torch.Generator().manual_seed(1)
-    x = torch.cat([torch.randint(-3, 4, (3, 150), generator=g).float(), torch.randn(3, 90, generator=g)], dim=1)
-    flat = x.abs()
-    d = flat.shape[1]
+    x = torch.cat([torch.randint(-3, 4, (3, 4, 150), generator=g).float(), torch.randn(3, 4, 90, generator=g)], 2)
+    flat = x.abs().reshape(-1, 240) if scope == "row" else x.abs().reshape(3, -1)
+    n, d = flat.shape
     ranks = torch.empty_like(flat, dtype=torch.long)
-    ranks.scatter_(1, flat.argsort(dim=1, stable=True), torch.arange(d).expand(3, d))
-    expected = (ranks >= int(gamma * d)) & (ranks < d - int(beta * d))
-    assert torch.equal(band_mask(x, beta, gamma), expected)
+    ranks.scatter_(1, flat.argsort(dim=1, stable=True), torch.arange(d).expand(n, d))
+    keep = int(d * round(1 - beta - gamma, 9))
+    expected = (ranks >= d - int(beta * d) - keep) & (ranks < d - int(beta * d))
+    assert torch.equal(band_mask(x, beta, gamma, scope=scope), expected.reshape(x.shape))
+    if scope == "row":   # the fast row path (NumPy introselect on the CPU, kthvalue elsewhere) gives the same mask
+        n_top, n_bottom = band_counts(d, beta, gamma)
+        for numpy in (True, False):
+            got = row_band_mask(x.abs().reshape(-1, d), n_top, n_bottom, numpy=numpy)
+            assert torch.equal(got, expected.float()), numpy
+
+
+def _breadcrumbs_pool(seed=0):
+    """Tie-free float64-exact deltas on CLIP-like tensors: 2-D weights with uneven row scales (as real deltas), a
+    4-D conv kernel, 1-D and 0-d tensors."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"w": (40, 64), "conv": (6, 3, 8, 16), "b": (64,), "scale": ()}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    experts = {}
+    for t in range(3):
+        experts[f"t{t}"] = {}
+        for k, s in shapes.items():
+            rows = torch.rand(s[:1] + (1,) * (len(s) - 1), generator=g) * 5 if len(s) > 1 else 1.0
+            experts[f"t{t}"][k] = base[k] + torch.randn(s, generator=g) * rows
+    return base, experts
+
+
+@pytest.mark.parametrize("keep,remove", [(0.14, 0.01), (0.2, 0.1), (0.15, 0.006), (0.5, 0.0)])
+def test_breadcrumbs_matches_the_official_middle_keep_loop(keep, remove):
+    """studio.merge against the official TaskVectorMiddleKeep loop (per row of the last dimension, topk remove then
+    topk keep), with the official hyperparameters mapped to beta = remove, gamma = 1 - keep - remove."""
+    base, experts = _breadcrumbs_pool()
+    merged = studio.merge(base, experts, "breadcrumbs", device="cpu", beta=remove, gamma=1 - keep - remove, alpha=0.4)
+    ref = breadcrumbs_reference(task_vectors_of(base, experts), top_k_keep=keep, top_k_remove=remove)
+    for key, b in base.items():
+        torch.testing.assert_close(merged[key].double() - b.double(), 0.4 * ref[key], rtol=1e-6, atol=1e-6)
+    # the whole-tensor ranking of the paper's text is a different mask on weights whose rows differ in scale
+    layer_scope = studio.merge(base, experts, "breadcrumbs", device="cpu", beta=remove, gamma=1 - keep - remove,
+                               alpha=0.4, scope="layer")
+    assert not torch.allclose(layer_scope["w"], merged["w"])
+    torch.testing.assert_close(layer_scope["b"], merged["b"])      # a 1-D tensor is one row
 
 
 def test_breadcrumbs_rejects_a_band_that_masks_everything():
@@ -339,7 +393,7 @@ def test_breadcrumbs_rejects_a_band_that_masks_everything():
 CONFIGS = [
     ("ties", {}), ("ties", {"topk_scope": "layer", "merge_func": "mean"}),
     ("dare", {}), ("dare", {"ties_consensus": True}),
-    ("breadcrumbs", {}),
+    ("breadcrumbs", {}), ("breadcrumbs", {"scope": "layer"}),
 ]
 
 
@@ -432,15 +486,32 @@ def test_ties_blocks_gives_exact_cancellations_the_majority_sign(flip, merge_fun
 @pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0, 0.0, 1.5]])
 @pytest.mark.parametrize("beta,gamma", [(0.01, 0.85), (0.1, 0.3), (0.0, 0.5), (0.2, 0.0), (0.0, 0.0)])
 def test_streamed_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, gamma):
-    """breadcrumbs() finds each task's band from a histogram and fixes the ties at the cuts by position; the
-    reference is band_mask (a stable-argsort-equivalent ranking) on the whole stack."""
+    """breadcrumbs(scope="layer") finds each task's band by selection and fixes the ties at the cuts by position;
+    the reference is band_mask (a stable-argsort-equivalent ranking) on the whole stack."""
     pool = _quantized_pool()
     layer = pool.layer("w", None if weights is None else torch.tensor(weights))
     mags = pool.raw_deltas("w")[0].abs().flatten()
     lo, hi, lo_ties, hi_ties = band_thresholds(mags, beta, gamma)
     if gamma > 0:
         assert lo_ties > 0 and lo_ties < int((mags == lo).sum())      # the case under test: a tie straddles the cut
-    expected = (layer.deltas * band_mask(pool.raw_deltas("w"), beta, gamma)).sum(0)
+    expected = (layer.deltas * band_mask(pool.raw_deltas("w"), beta, gamma, scope="layer")).sum(0)
+    torch.testing.assert_close(breadcrumbs(layer, beta, gamma, scope="layer"), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.5, 2.0, 0.0, 1.5]])
+@pytest.mark.parametrize("beta,gamma", [(0.01, 0.85), (0.1, 0.3), (0.0, 0.5), (0.2, 0.0), (0.0, 0.0)])
+def test_row_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, gamma):
+    """breadcrumbs(scope="row") ranks each row by selection in blocks of whole rows (here 748 of the 1200 rows of
+    70, so two blocks) and fixes ties straddling a cut row by row; the reference is band_mask on the whole stack."""
+    pool = _quantized_pool(shape=(1200, 70))
+    layer = pool.layer("w", None if weights is None else torch.tensor(weights))
+    raw = pool.raw_deltas("w")
+    n_top, n_bottom = band_counts(70, beta, gamma)
+    if n_bottom > 0:   # the case under test: in most rows a tie straddles the bottom cut
+        mags = raw[0].abs()
+        lo = mags.kthvalue(n_bottom + 1, dim=1, keepdim=True).values
+        assert float(((mags < lo).sum(1) < n_bottom).float().mean()) > 0.5
+    expected = (layer.deltas * band_mask(raw, beta, gamma, scope="row")).sum(0)
     torch.testing.assert_close(breadcrumbs(layer, beta, gamma), expected, rtol=0, atol=1e-12)
 
 
