@@ -137,7 +137,8 @@ def compress(
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
             included, as the official ``compress_tv``, whose ``text_projection`` exclusion is commented out; unlike
             TSV-M's merge rule); every other floating tensor is kept as its dense task vector.
-        svd_mode: ``"auto"`` (randomized truncated SVD) or ``"exact"``.
+        svd_mode: ``"auto"`` (Gram-eigendecomposition top-k SVD, :func:`studio.linalg.gram_svd`) or ``"exact"``
+            (LAPACK, as the official code); see :func:`studio.merge`.
 
     The per-task decompositions come from the same cached pool as :func:`studio.merge` (``layer.svd(i, k)``), so
     compressing after a TSV-M merge with the same rank reuses them.

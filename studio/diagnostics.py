@@ -209,7 +209,7 @@ def _check_k(name: str, k: int | None, key: str) -> None:
 def task_spectra(layer: LayerTasks, rank: int | None = None) -> Tensor:
     """Singular values of every (weighted) task matrix, ``[T, r]`` (``[T, rank]`` when ``rank`` is given).
 
-    With ``rank`` the values come from ``layer.svd(i, rank)`` (the cache TSV-M/Iso-CTS fill, randomized in
+    With ``rank`` the values come from ``layer.svd(i, rank)`` (the cache TSV-M/Iso-CTS fill, Gram-based in
     ``svd_mode="auto"``). Without it the full spectrum is computed once with ``torch.linalg.svdvals`` and memoised
     on the layer: a spectrum does not need singular vectors, and keeping full ``U``/``V`` factors of every task
     of every layer would cost gigabytes for a ViT-B/32.

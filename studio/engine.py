@@ -66,7 +66,8 @@ def merge_pool(
         raise StudioError(f"{method} needs at least {spec.min_experts} experts, got {len(names)} ({list(names)})")
     hp = validate_hparams(method, spec.params, hparams)
     structural, scale = _split_post_scale(spec, hp)
-    rule = resolve_rule(layer_rule)
+    # A method may declare its own default rule (Ortho-Merge averages embeddings); an explicit layer_rule wins.
+    rule = resolve_rule(layer_rule if layer_rule is not None else spec.extra.get("layer_rule"))
     prefs = normalize_preferences(preferences, names)
 
     cal_spec = cal_hp = None
@@ -167,11 +168,17 @@ def merge(
         calibrate_hparams: the calibration's hyperparameters (validated against its schema).
         preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order). A
             task a mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting;
-            name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task aggregation (one-hot = the papers' target-task calibration);
-            without one they scale each task matrix by ``T * p_i``. Uniform (the default) changes nothing.
+            name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task
+            aggregation (one-hot = the papers' target-task calibration); without one they scale each task matrix by
+            ``T * p_i``. Uniform (the default) changes nothing.
         seed: random seed for stochastic methods (DARE).
-        layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`).
-        svd_mode: ``"auto"`` (randomized truncated SVD where only top components are kept) or ``"exact"``.
+        layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`); ``None``: the method's and
+            the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``).
+        svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are
+            kept, :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to
+            float32 accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style
+            experts, a layer an expert left unchanged) ``"exact"`` reproduces the official code, which then keeps
+            the arbitrary null-space vectors LAPACK returns, and ``"auto"`` keeps only real directions.
         progress: optional callback ``(fraction, message)``.
         **hparams: the method's hyperparameters (validated against its schema).
 

@@ -169,6 +169,7 @@ class MethodSpec:
             "summary": self.summary,
             "scope": self.scope,
             "vector_rule": self.vector_rule,
+            "layer_rule": self.extra.get("layer_rule") or "default",
             "min_experts": self.min_experts,
             "params": [p.to_dict() for p in self.params],
         }

@@ -450,6 +450,22 @@ def test_interference_mask_hand_example():
     assert not bool(interference_mask(U, S, 1.01).any())
 
 
+def test_ortho_merge_averages_embeddings_by_default_as_the_paper():
+    """Sec. 4: "Non-2D tensors (e.g., biases, embeddings, text_projection) are averaged": the method's own default
+    layer rule is skip_embeddings; an explicit layer_rule wins."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    key = "visual.positional_embedding"
+    mean = sum(e[key] - base[key] for e in experts.values()) / 3
+    merged = studio.merge(base, experts, "ortho_merge", device="cpu", alpha=1.0)
+    torch.testing.assert_close(merged[key] - base[key], mean)
+    spectral = studio.merge(base, experts, "ortho_merge", device="cpu", alpha=1.0, layer_rule="default")
+    assert not torch.allclose(spectral[key] - base[key], mean, atol=1e-4)
+    key = "visual.proj"   # a weight matrix is spectral under both rules
+    torch.testing.assert_close(merged[key], spectral[key])
+    assert {m["name"]: m["layer_rule"] for m in studio.list_methods()}["ortho_merge"] == "skip_embeddings"
+
+
 def test_ortho_merge_with_tau_above_one_is_iso_c():
     deltas = make_deltas(T=4, m=10, n=14, seed=14, shared=3.0)
     layer = pool_of(deltas).layer("w")

@@ -26,8 +26,8 @@ from ..schema import HyperparameterError
 
 __all__ = [
     "topk_rank", "topk_threshold", "kth_smallest", "order_statistics", "streamed_order_statistics", "band_blocks",
-    "magnitude_mask", "random_drop", "band_counts", "band_mask", "row_band_mask", "elect_sign", "disjoint_merge", "generalized_task_arithmetic",
-    "ties_blocks",
+    "magnitude_mask", "random_drop", "band_counts", "band_mask", "row_band_mask", "elect_sign", "disjoint_merge",
+    "generalized_task_arithmetic", "ties_blocks",
 ]
 
 

@@ -95,6 +95,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None) 
     summary="Remove the weaker of each pair of strongly aligned or opposed leading singular components across "
             "tasks, sum, then flatten the spectrum to its mean (Iso-C).",
     vector_rule="mean",
+    layer_rule="skip_embeddings",
 )
 def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     """Ortho-Merge of one matrix layer (unscaled).
@@ -105,10 +106,11 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
        :func:`isotropic`).
 
     With nothing removed (e.g. ``tau > 1``) the pool's cached SVD of the plain sum is reused, and the result is
-    exactly Iso-C whenever the sum has full rank (see :func:`isotropic`). Non-2-D tensors (and
-    ``text_projection``) get the mean of the task vectors, as the paper states ("Non-2D tensors ... are
-    averaged"); pass ``layer_rule="skip_embeddings"`` to also average the 2-D positional embedding, which the
-    paper lists among the averaged tensors.
+    exactly Iso-C whenever the sum has full rank (see :func:`isotropic`). The paper averages "non-2D tensors (e.g.,
+    biases, embeddings, text_projection)" (sec. 4, after eq. 16); embeddings and ``text_projection`` are 2-D in
+    CLIP, so the default layer rule is ``"skip_embeddings"``: every tensor it names, and every non-2-D one, gets
+    the mean of the task vectors (no official code is public). ``layer_rule="default"`` treats the 2-D positional
+    embedding spectrally, as TSV/Iso do.
 
     Example:
         >>> from studio.pool import TaskPool

@@ -102,10 +102,11 @@ def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> N
         Param("merge_func", str, "sum", choices=("sum", "mean"),
               help="Aggregate the sign-agreeing entries by their sum (dis-sum) or their mean (dis-mean).",
               paper="TIES Alg. 1 uses the disjoint mean (lambda=1); the CLIP ViT benchmarks (AdaMerging, "
-                    "TALL masks, FusionBench, TSV/Iso) use dis-sum with lambda=0.3"),
+                    "TALL masks, TSV/Iso) use dis-sum with lambda=0.3"),
         Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
               help="Scaling coefficient lambda applied to the merged task vector.",
-              paper="0.3 with dis-sum as in AdaMerging/FusionBench/TSV for ViT-B/32 8 tasks"),
+              paper="0.3 with dis-sum as in AdaMerging (main_ties_merging.py) and TSV for ViT-B/32 8 tasks "
+                    "(FusionBench's generic config: 0.5)"),
     ),
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023), Alg. 1",
     summary="Keep each task's top-k magnitudes, elect a sign per parameter, merge only the agreeing entries.",
@@ -124,7 +125,10 @@ def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str) -> Tenso
     :func:`~studio.methods._sparsify.elect_sign`).
 
     Masks come from the unweighted task matrices (a per-task preference weight does not change a task's ranking);
-    the election and the merge use the weighted ones.
+    the election and the merge use the weighted ones (``T * p_i``, as every method without a calibration). With
+    ``merge_func="mean"`` the disjoint mean is then of the weighted values, so a one-hot preference gives ``T``
+    times that task's trimmed vector where it wins the election (mergekit's weighted TIES divides by the agreeing
+    weights instead).
 
     Example:
         >>> import torch

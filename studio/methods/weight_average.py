@@ -16,7 +16,10 @@ from ..registry import register
     scope="all",
 )
 def weight_average(layer: LayerTasks) -> Tensor:
-    """``mean_i Delta_i``, i.e. ``W_pre + mean_i Delta_i = mean_i W_i``.
+    """``mean_i Delta_i``, i.e. ``W_pre + mean_i Delta_i = mean_i W_i``, for every floating tensor.
+
+    Non-floating tensors (integer buffers) keep the base's value, as for every method (the Task Vectors and
+    Breadcrumbs code skip them too; a plain state-dict average would average them).
 
     Example:
         >>> import torch
