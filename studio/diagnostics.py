@@ -576,7 +576,7 @@ def _cross_terms(layer: LayerTasks, merged: Tensor | None) -> Tensor:
     delta, tag = _merged_delta(layer, merged)
 
     def compute() -> Tensor:
-        U, _, Vh = layer.sum_svd() if tag == "ta_sum" else linalg.svd_tall(delta)
+        U, _, Vh = layer.sum_svd() if tag == "ta_sum" else linalg.svd_tall(delta, layer.pool.svd_mode == "exact")
         alpha1, _ = _align.cross_influence_terms(layer.deltas, U, Vh)
         return torch.nan_to_num(alpha1, nan=0.0, posinf=0.0, neginf=0.0)
 

@@ -218,9 +218,13 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
 
 
-def svd_tall(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Exact thin SVD like :func:`svd`, taking the SVD of the transpose for wide inputs (LAPACK's ``gesdd`` is
-    ~2.5x slower on a 768 x 3072 matrix than on its transpose). Same factorisation, possibly different signs.
+def svd_tall(matrix: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD like :func:`svd`, taking the SVD of the transpose for wide inputs (LAPACK's ``gesdd`` is ~2.5x
+    slower on a 768 x 3072 matrix than on its transpose). Same factorisation, possibly different signs.
+
+    ``exact=False`` (the pools' ``svd_mode="auto"``) tries :func:`svd_gram` first for float32 / half inputs: faster
+    than ``gesdd`` on tall layers and more accurate for a well-conditioned matrix; it falls back to LAPACK where
+    the spectrum spans too many decades for the float64 Gram matrix.
 
     Example:
         >>> U, S, Vh = svd_tall(torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
@@ -228,10 +232,42 @@ def svd_tall(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ([3.0, 1.0], torch.Size([2, 2]), torch.Size([2, 3]))
     """
     rows, cols = matrix.shape[-2:]
-    if rows >= cols:
-        return svd(matrix)
-    V, S, Uh = svd(matrix.mT)
-    return Uh.mT, S, V.mT
+    if rows < cols:
+        V, S, Uh = svd_tall(matrix.mT, exact)
+        return Uh.mT, S, V.mT
+    if not exact and matrix.dtype != torch.float64:
+        found = svd_gram(matrix)
+        if found is not None:
+            return found
+    return svd(matrix)
+
+
+def svd_gram(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Thin SVD of a tall float32 ``matrix`` (``m >= n``) from the eigendecomposition of its float64 Gram matrix:
+    ``A^T A = V diag(S^2) V^T``, ``U = A V / S``, returned in float32; ``None`` if ``S_min < min_ratio * S_max``.
+
+    For a float32 input the float64 Gram keeps every singular value above ``~1e-8 S_max`` to better than float32
+    precision (absolute error ``~eps64 S_max^2 / S_i``, against ``~eps32 S_max`` for LAPACK's float32 SVD), and
+    ``U``'s columns lose orthogonality only as ``~eps64 (S_max / S_i)^2``: at most ~1e-6 (float32 SVD's own level)
+    above the ``min_ratio = 1e-5`` cut. Below it, or for a rank-deficient or zero matrix, the caller takes LAPACK.
+    Measured on one core, 8-task sums of ViT-B/32 shapes: 224 vs 280 ms (``3072 x 768``), 172 vs 197 ms
+    (``2304 x 768``), about equal for ``768 x 768``; orthogonality ``~5e-9`` vs ``~2e-6``.
+
+    Example:
+        >>> U, S, Vh = svd_gram(torch.tensor([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+        >>> S.tolist(), (U * S @ Vh).tolist()
+        ([3.0, 1.0], [[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+        >>> svd_gram(torch.tensor([[1.0, 0.0], [0.0, 0.0]])) is None   # rank deficient
+        True
+    """
+    a = matrix.double()
+    evals, V = torch.linalg.eigh(_lapack.gram(a))
+    evals, V = evals.flip(-1), V.flip(-1)
+    if evals.numel() == 0 or not float(evals[-1]) > (min_ratio ** 2) * float(evals[0]):
+        return None
+    S = evals.sqrt()
+    U = (a @ V).div_(S)
+    return U.float(), S.float(), V.mT.float()
 
 
 def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, complement: Tensor | None = None,

@@ -278,8 +278,9 @@ class LayerTasks:
         return self.memo("sum", compute)
 
     def sum_svd(self) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact thin SVD of :meth:`sum` (Iso-C eq. 7, SVC eq. 17, Iso-CTS's common subspace)."""
-        return self.memo("sum_svd", lambda: linalg.svd_tall(self.sum()))
+        """Thin SVD of :meth:`sum` (Iso-C eq. 7, SVC eq. 17, Iso-CTS's common subspace): LAPACK in
+        ``svd_mode="exact"``, else the float64 Gram route where it is accurate (:func:`studio.linalg.svd_tall`)."""
+        return self.memo("sum_svd", lambda: linalg.svd_tall(self.sum(), exact=self.pool.svd_mode == "exact"))
 
 
 class TaskPool:

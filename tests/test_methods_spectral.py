@@ -123,6 +123,31 @@ def test_gram_svd_zero_and_rank_deficient_inputs():
     torch.testing.assert_close(linalg.reconstruct(u, s, vh), a, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(300, 80), (80, 300), (64, 64)])
+def test_svd_tall_float64_gram_route_is_more_accurate_than_lapack_float32(shape):
+    """svd_tall(exact=False): thin SVD from the float64 Gram matrix where the spectrum spans < 5 decades."""
+    g = torch.Generator().manual_seed(5)
+    m, n = shape
+    r = min(shape)
+    U0 = torch.linalg.qr(torch.randn(m, r, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(n, r, generator=g, dtype=torch.float64)).Q
+    S0 = torch.logspace(0, -4, r, dtype=torch.float64)                  # 4 decades, as flat-tailed task sums
+    A = ((U0 * S0) @ V0.mT).float()
+    exact = torch.linalg.svd(A.double(), full_matrices=False)            # of the float32 input
+    for mode_exact, tol_s, tol_orth in ((False, 1e-6, 1e-6), (True, 1e-3, 1e-4)):
+        U, S, Vh = linalg.svd_tall(A, exact=mode_exact)
+        assert U.dtype == S.dtype == Vh.dtype == torch.float32
+        assert float(((S.double() - exact.S).abs() / exact.S).max()) < tol_s, mode_exact
+        eye = torch.eye(r, dtype=torch.float64)
+        assert float((U.double().mT @ U.double() - eye).abs().max()) < tol_orth, mode_exact
+        assert _rel((U * S) @ Vh, A.double()) < 1e-5
+    # rank-deficient, zero, or too wide a spectrum: LAPACK
+    assert linalg.svd_gram(torch.zeros(5, 3)) is None
+    assert linalg.svd_gram(torch.diag(torch.tensor([1.0, 1e-6, 0.5]))) is None
+    U, S, Vh = linalg.svd_tall(torch.diag(torch.tensor([1.0, 0.0, 0.5])), exact=False)
+    assert S.tolist() == [1.0, 0.5, 0.0] and torch.allclose(U.mT @ U, torch.eye(3))
+
+
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30)])
 def test_truncated_svd_deflated_matches_the_formed_residual(shape):
     tasks = _random_tasks(2, *shape, seed=6)
@@ -331,6 +356,28 @@ def test_iso_cts_with_the_whole_common_space_is_iso_c():
     b = studio.merge(base, experts, "iso_c", alpha=1.0)
     for key in base:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])
+def test_iso_cts_is_accurate_where_the_concatenated_basis_is_ill_conditioned(seed):
+    """Tall layer, four tasks sharing their row space (rank 3) plus noise, float32 experts: the square
+    [Vc | V_ts] of the official pieces has singular values down to ~3e-4, which amplifies any orthogonality defect
+    of the common block. Both modes stay within 3e-5 of the float64 official loop; a low-rank update of LAPACK's
+    float32 block (the previous code in both modes) was 2e-5 to 8e-5 off."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(40, 26, generator=g, dtype=torch.float64)
+    rows = torch.randn(3, 26, generator=g, dtype=torch.float64)
+    tasks = [torch.randn(40, 3, generator=g, dtype=torch.float64) @ rows * 0.5
+             + 0.05 * torch.randn(40, 26, generator=g, dtype=torch.float64) for _ in range(4)]
+    ref = iso_cts_reference([{"w": t} for t in tasks])["w"]
+    k, s = iso_cts_dims(26, 4, 0.8)
+    u, _, vh = torch.linalg.svd(sum(tasks), full_matrices=False)
+    V_star = torch.cat([vh[:k].mT] + [torch.linalg.svd(t - u[:, :k] @ (u[:, :k].mT @ t))[2][:s].mT for t in tasks], 1)
+    assert float(torch.linalg.svdvals(V_star)[-1]) < 1e-3            # the case under test
+    experts = {f"t{i}": {"w": (base + t).float()} for i, t in enumerate(tasks)}
+    for mode in ("exact", "auto"):
+        layer = TaskPool({"w": base.float()}, experts, device="cpu", svd_mode=mode).layer("w")
+        assert _rel(iso_cts(layer, 0.8), ref) < 3e-5, mode
 
 
 def test_iso_cts_auto_mode_is_close_to_exact_on_realistic_tasks():

@@ -127,16 +127,17 @@ def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tenso
 
 
 def merged_spectrum_of(deltas: "Tensor | Iterable[Tensor]", merged: Tensor,
-                       svd: tuple[Tensor, Tensor, Tensor] | None = None) -> MergedSpectrum:
+                       svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True) -> MergedSpectrum:
     """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed thin SVD of it,
-    which the spectrum then references whole: :attr:`MergedSpectrum.other`).
+    which the spectrum then references whole: :attr:`MergedSpectrum.other`; else :func:`studio.linalg.svd_tall`
+    with ``exact``).
 
     Example:
         >>> M = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> merged_spectrum_of(torch.stack([M / 2, M / 2]), M).c.tolist()
         [[1.0, 0.5], [1.0, 0.5]]
     """
-    U, S, Vh = linalg.svd_tall(merged) if svd is None else svd
+    U, S, Vh = linalg.svd_tall(merged, exact) if svd is None else svd
     c, a2 = subspace_responses(deltas, U, Vh)
     m, n = merged.shape
     side = "left" if m <= n else "right"
@@ -164,10 +165,11 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     if merged is total or (merged.shape == total.shape and torch.equal(merged, total)):  # `is`: TA's own memo
         return layer.memo(("align.spectrum", "sum"),
                           lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, layer.sum_svd()))
+    exact = layer.pool.svd_mode == "exact"
     if merged_tag is None:
-        return merged_spectrum_of(layer.task_deltas(reuse=True), merged)
-    return layer.memo(("align.spectrum", merged_tag), lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged),
-                      transient=True)
+        return merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact)
+    return layer.memo(("align.spectrum", merged_tag),
+                      lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact), transient=True)
 
 
 # ---------------------------------------------------------------------------------------------------------- SVC

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import polar_extend, truncated_svd_deflated
+from ..linalg import polar_extend, polar_gram, truncated_svd_deflated
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
@@ -105,7 +105,12 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     official code stacks the task-specific block before the common one; the column order changes neither the polar
     factors' product nor the flat spectrum. Because the common block is already orthonormal, the whitening is done
     as a low-rank update of it (:func:`studio.linalg.polar_extend`), equal to the polar factor of the whole
-    ``[m, r]`` matrix at a fraction of the cost. With ``common_space_fraction = 1`` this is Iso-C.
+    ``[m, r]`` matrix at a fraction of the cost. The update's error grows as the block's orthogonality defect over
+    the smallest singular value of the concatenation (which is square on the short side, and can be ~1e-4): with
+    the pool's float64-Gram SVD of the sum (defect ~5e-9, ``svd_mode="auto"``) it is ~1e-5 relative to the float64
+    official result on an ill-conditioned layer; with LAPACK's float32 SVD (``"exact"``, defect ~1e-6) it would be
+    ~3e-4, so that mode whitens the whole concatenation (:func:`studio.linalg.polar_gram`, ~2e-5). With
+    ``common_space_fraction = 1`` this is Iso-C.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -121,4 +126,6 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     k, s = iso_cts_dims(r, layer.num_tasks, common_space_fraction)
     Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, k, s)
     sigma_bar = sigmas.sum() / r
+    if layer.pool.svd_mode == "exact":   # LAPACK's float32 common block is orthonormal to ~1e-6 only (see above)
+        return (polar_gram(torch.cat([Uc, U_ts], 1)) * sigma_bar) @ polar_gram(torch.cat([Vc, V_ts], 1)).mT
     return (polar_extend(Uc, U_ts) * sigma_bar) @ polar_extend(Vc, V_ts).mT

@@ -50,7 +50,7 @@ def interference_mask(U: Tensor, S: Tensor, tau: float) -> Tensor:
     return remove_i | remove_j
 
 
-def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True) -> Tensor:
     """Iso-C-style spectral harmonisation (Ortho-Merge eq. 15-16): ``sigma_bar U_r V_r^T`` over the compact SVD.
 
     ``r = rank(Delta_sum)`` as eq. 16 states (numerical rank with ``torch.linalg.matrix_rank``'s default tolerance
@@ -58,7 +58,8 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None) 
     sum -- every real checkpoint layer -- this is exactly Iso-C (Iso eq. 7-8 and its official code,
     ``S.mean()`` over all ``min(m, n)`` values), so ``tau > 1`` reproduces Iso-C. For a rank-deficient sum Iso-C's
     code would also put ``sigma_bar`` on singular vectors of zero singular values, which LAPACK picks arbitrarily;
-    the compact form keeps the result well defined (and symmetric in the experts).
+    the compact form keeps the result well defined (and symmetric in the experts). ``svd``: a precomputed thin SVD
+    of ``matrix``; else :func:`studio.linalg.svd_tall` with ``exact``.
 
     Example:
         >>> isotropic(torch.diag(torch.tensor([3.0, 1.0]))).tolist()
@@ -66,7 +67,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None) 
         >>> isotropic(torch.diag(torch.tensor([3.0, 0.0]))).tolist()   # rank 1: no mass on the null direction
         [[3.0, 0.0], [0.0, 0.0]]
     """
-    U, S, Vh = linalg.svd_tall(matrix) if svd is None else svd
+    U, S, Vh = linalg.svd_tall(matrix, exact) if svd is None else svd
     if S.numel() == 0 or float(S[0]) <= 0:
         return torch.zeros_like(matrix)
     tol = max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]
@@ -133,4 +134,4 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     Vh = torch.stack([vh for _, _, vh in svds])  # [T, k, n]
     w = S * remove.to(S.dtype)  # sigma of removed components, 0 elsewhere
     removed = torch.einsum("tmk,tk,tkn->mn", U, w, Vh)
-    return isotropic(layer.sum() - removed)
+    return isotropic(layer.sum() - removed, exact=layer.pool.svd_mode == "exact")
