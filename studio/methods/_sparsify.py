@@ -210,8 +210,8 @@ def band_counts(d: int, beta: float, gamma: float) -> tuple[int, int]:
     """
     if beta < 0 or gamma < 0 or beta + gamma >= 1:
         raise HyperparameterError(
-            f"beta={beta!r} (top fraction masked) and gamma={gamma!r} (bottom fraction masked) must be >= 0 and "
-            f"sum to less than 1, so that some entries are kept"
+            f"breadcrumbs: beta={beta!r} (top fraction masked) and gamma={gamma!r} (bottom fraction masked) must be "
+            f">= 0 and sum to less than 1, so that some entries are kept"
         )
     n_top = int(d * beta)
     n_keep = min(d - n_top, int(round(d * round(1.0 - beta - gamma, 9), 6)))

@@ -57,12 +57,12 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
 
     Example:
         >>> from studio.pool import TaskPool
-        >>> experts = {"a": {"w": torch.tensor([[1.0, 9.0, 3.0, 4.0], [5.0, 6.0, 0.5, 8.0]])}}
+        >>> experts = {"a": {"w": torch.tensor([[1.0, 9.0, 3.0, 4.0], [50.0, 60.0, 5.0, 80.0]])}}
         >>> layer = TaskPool({"w": torch.zeros(2, 4)}, experts).layer("w")
         >>> breadcrumbs(layer, beta=0.25, gamma=0.25).tolist()              # per row: drop its top and bottom
-        [[0.0, 0.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]]
+        [[0.0, 0.0, 3.0, 4.0], [50.0, 60.0, 0.0, 0.0]]
         >>> breadcrumbs(layer, beta=0.25, gamma=0.25, scope="layer").tolist()  # whole tensor: top 2, bottom 2
-        [[0.0, 0.0, 3.0, 4.0], [5.0, 6.0, 0.0, 0.0]]
+        [[0.0, 9.0, 0.0, 4.0], [50.0, 0.0, 5.0, 0.0]]
     """
     band_counts(1, beta, gamma)   # validates beta + gamma < 1
     if scope == "row":
