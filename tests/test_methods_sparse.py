@@ -502,7 +502,8 @@ def test_streamed_breadcrumbs_equals_band_mask_with_straddling_ties(weights, bet
 @pytest.mark.parametrize("beta,gamma", [(0.01, 0.85), (0.1, 0.3), (0.0, 0.5), (0.2, 0.0), (0.0, 0.0)])
 def test_row_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, gamma):
     """breadcrumbs(scope="row") ranks each row by selection in blocks of whole rows (here 748 of the 1200 rows of
-    70, so two blocks) and fixes ties straddling a cut row by row; the reference is band_mask on the whole stack."""
+    70, so two blocks) and fixes ties straddling a cut row by row; the reference ranks every row of the whole
+    stack by a stable argsort (magnitude, then position)."""
     pool = _quantized_pool(shape=(1200, 70))
     layer = pool.layer("w", None if weights is None else torch.tensor(weights))
     raw = pool.raw_deltas("w")
@@ -511,7 +512,11 @@ def test_row_breadcrumbs_equals_band_mask_with_straddling_ties(weights, beta, ga
         mags = raw[0].abs()
         lo = mags.kthvalue(n_bottom + 1, dim=1, keepdim=True).values
         assert float(((mags < lo).sum(1) < n_bottom).float().mean()) > 0.5
-    expected = (layer.deltas * band_mask(raw, beta, gamma, scope="row")).sum(0)
+    flat = raw.abs().reshape(-1, 70)
+    ranks = torch.empty_like(flat, dtype=torch.long)
+    ranks.scatter_(1, flat.argsort(dim=1, stable=True), torch.arange(70).expand_as(flat))
+    keep = (ranks >= n_bottom) & (ranks < 70 - n_top)
+    expected = (layer.deltas * keep.reshape(raw.shape)).sum(0)
     torch.testing.assert_close(breadcrumbs(layer, beta, gamma), expected, rtol=0, atol=1e-12)
 
 

@@ -226,8 +226,8 @@ def band_mask(x: Tensor, beta: float, gamma: float, scope: str = "row") -> Tenso
     code does (``torch.topk`` along ``tensor.shape[-1]``: each output row of a weight matrix, each innermost row of
     a conv kernel, a 1-D tensor as a whole; 0-d tensors are not masked); ``scope="layer"`` ranks each task's whole
     tensor, as the paper's text ("for each layer") and mergekit. Counts: :func:`band_counts` of the ranked length.
-    Ties are broken by position (a stable ascending ranking), so the mask is deterministic; the returned mask is
-    boolean.
+    Ties are broken by position (a stable ascending ranking), so the mask is deterministic; the ranking is
+    :func:`row_band_mask`'s and the returned mask is boolean.
 
     Example:
         >>> x = torch.tensor([[1.0, -10.0, 3.0, 0.2, -5.0, 7.0, 0.5, 2.0, -4.0, 6.0]])
@@ -245,16 +245,8 @@ def band_mask(x: Tensor, beta: float, gamma: float, scope: str = "row") -> Tenso
         flat = x.abs().reshape(-1, x.shape[-1])
     else:
         flat = x.reshape(x.shape[0], -1).abs()
-    d = flat.shape[1]
-    n_top, n_bottom = band_counts(d, beta, gamma)
-    if n_top + n_bottom >= d:
-        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
-    keep = torch.ones_like(flat, dtype=torch.bool)
-    if n_bottom > 0:
-        keep &= _rank_at_least(flat, n_bottom)
-    if n_top > 0:
-        keep &= ~_rank_at_least(flat, d - n_top)
-    return keep.reshape(x.shape)
+    n_top, n_bottom = band_counts(flat.shape[1], beta, gamma)
+    return row_band_mask(flat, n_top, n_bottom).bool().reshape(x.shape)
 
 
 def row_band_mask(mag: Tensor, n_top: int, n_bottom: int, *, numpy: bool | None = None) -> Tensor:
@@ -314,21 +306,6 @@ def _fix_ties(mask: Tensor, mag: Tensor, value: Tensor, count: Tensor, sign: flo
     tied = mag[rows] == value[rows]
     first = tied & (tied.cumsum(1) <= count[rows].unsqueeze(1))
     mask[rows] += sign * first.float()
-
-
-def _rank_at_least(flat: Tensor, r: int) -> Tensor:
-    """Entries of each row whose ascending rank (magnitude, then position) is ``>= r``, for ``0 < r < d``.
-
-    Same result as ranking by a stable ``argsort`` but in O(d): one ``kthvalue`` finds the value ``v`` at rank
-    ``r``; entries above ``v`` qualify, entries equal to ``v`` qualify from the ``(r - #{< v})``-th one on.
-    """
-    v = flat.kthvalue(r + 1, dim=1, keepdim=True).values
-    at_least = flat >= v
-    surplus = r - (flat.shape[1] - at_least.sum(1, keepdim=True))  # entries equal to v that still rank below r
-    if not bool((surplus > 0).any()):  # the usual case for real-valued deltas: no tie straddles rank r
-        return at_least
-    tie = flat == v
-    return at_least & ~(tie & (tie.cumsum(1) <= surplus))
 
 
 def elect_sign(x: Tensor) -> Tensor:
