@@ -243,8 +243,9 @@ def svd_tall(matrix: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor
 
 
 def svd_gram(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Thin SVD of a tall float32 ``matrix`` (``m >= n``) from the eigendecomposition of its float64 Gram matrix:
-    ``A^T A = V diag(S^2) V^T``, ``U = A V / S``, returned in float32; ``None`` if ``S_min < min_ratio * S_max``.
+    """Thin SVD of a tall float32 ``matrix`` (``m >= n``) from the eigendecomposition of its float64 Gram matrix
+    (:func:`gram_svd` of the float64 copy: ``A^T A = V diag(S^2) V^T``, ``U = A V / S``), returned in float32;
+    ``None`` if ``S_min <= min_ratio * S_max``.
 
     For a float32 input the float64 Gram keeps every singular value above ``~1e-8 S_max`` to better than float32
     precision (absolute error ``~eps64 S_max^2 / S_i``, against ``~eps32 S_max`` for LAPACK's float32 SVD), and
@@ -260,14 +261,10 @@ def svd_gram(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, Tensor, T
         >>> svd_gram(torch.tensor([[1.0, 0.0], [0.0, 0.0]])) is None   # rank deficient
         True
     """
-    a = matrix.double()
-    evals, V = torch.linalg.eigh(_lapack.gram(a))
-    evals, V = evals.flip(-1), V.flip(-1)
-    if evals.numel() == 0 or not float(evals[-1]) > (min_ratio ** 2) * float(evals[0]):
+    U, S, Vh = gram_svd(matrix.double())   # float64 Gram, full eigh, U = A V / S
+    if S.numel() == 0 or not float(S[-1]) > min_ratio * float(S[0]):
         return None
-    S = evals.sqrt()
-    U = (a @ V).div_(S)
-    return U.float(), S.float(), V.mT.float()
+    return U.float(), S.float(), Vh.float()
 
 
 def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, complement: Tensor | None = None,
