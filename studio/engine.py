@@ -93,16 +93,21 @@ def merge_pool(
     kwargs: dict[str, Any] = dict(structural)
     if method_prefs:
         kwargs["preferences"] = cal_prefs
+    # A method with a model-wide last step (TIES's majority sign over the whole model) declares `finalize`: its
+    # per-layer function then gets a dict `model_state` shared by one merge's layers, and finalize(deltas,
+    # model_state, **structural) completes the merged deltas in place once every layer is done.
+    finalize = spec.extra.get("finalize")
 
-    def merge_one(key: str) -> Tensor | None:
+    def merge_one(key: str, model_state: dict | None) -> Tensor | None:
         base_t = pool.base[key]
         if not base_t.is_floating_point():
             return None
         layer = pool.layer(key, weights)
         if spec.scope == "all" or rule.is_matrix(key, base_t.shape):
+            extra: dict[str, Any] = {} if model_state is None else {"model_state": model_state}
             if spec.uses_seed:
-                return spec.fn(layer, **kwargs, seed=key_seed(seed, key))
-            return spec.fn(layer, **kwargs)
+                extra["seed"] = key_seed(seed, key)
+            return spec.fn(layer, **kwargs, **extra)
         d = layer.deltas
         return d.mean(0) if spec.vector_rule == "mean" else d.sum(0)
 
@@ -111,9 +116,13 @@ def merge_pool(
         prepare = spec.extra.get("prepare")
         if prepare is not None:  # pool-wide state the per-layer function reads (e.g. TIES's model thresholds)
             prepare(pool, **structural)
+        model_state: dict | None = None if finalize is None else {}
         report = None if progress is None else (lambda done, total: progress(0.9 * done / total, f"{method}: layers"))
-        deltas = parallel_map(merge_one, keys, device=pool.device, on_done=report)
-        return {key: d for key, d in zip(keys, deltas) if d is not None}
+        deltas = parallel_map(lambda key: merge_one(key, model_state), keys, device=pool.device, on_done=report)
+        out = {key: d for key, d in zip(keys, deltas) if d is not None}
+        if finalize is not None:
+            finalize(out, model_state, **structural)
+        return out
 
     unscaled = pool.merged_cache(tag, compute_unscaled)
     # A calibration may declare its own default rule (the official SVC code also skips embeddings); an explicit
@@ -177,8 +186,11 @@ def merge(
         svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are
             kept, :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to
             float32 accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style
-            experts, a layer an expert left unchanged) ``"exact"`` reproduces the official code, which then keeps
-            the arbitrary null-space vectors LAPACK returns, and ``"auto"`` keeps only real directions.
+            experts) ``"exact"`` reproduces the official code, which then keeps the arbitrary null-space vectors
+            LAPACK returns, and ``"auto"`` keeps only real directions. Singular values that are exactly zero (a
+            layer an expert left unchanged, a task with preference weight 0) are left out in both modes: the
+            official TSV-M and Iso-CTS keep LAPACK's arbitrary vectors for them (the identity's columns on a CPU)
+            and whiten the other tasks' directions against those.
         progress: optional callback ``(fraction, message)``.
         **hparams: the method's hyperparameters (validated against its schema).
 

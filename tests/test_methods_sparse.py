@@ -137,6 +137,28 @@ def test_ties_model_scope_matches_the_flattened_official_reference(merge_func):
     assert torch.equal(merged["visual.num_batches_tracked"], base["visual.num_batches_tracked"])
 
 
+@pytest.mark.parametrize("flip", [1.0, -1.0])
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+def test_ties_exact_cancellations_take_the_model_wide_majority_sign(flip, merge_func):
+    """The official code resolves a zero sign sum with the majority of the elected signs over the *whole* flattened
+    model. Tensor "a" (votes +40) and "b" (votes -150) both hold exactly cancelling entries; the model majority is
+    "b"'s, so "a"'s cancelled entries take the side opposite to its own majority (a per-tensor rule would not)."""
+    a1 = torch.tensor([1.0] * 40 + [1.0] * 10)
+    a2 = torch.tensor([1.0] * 40 + [-1.0] * 10)
+    b1 = torch.tensor([-1.0] * 150 + [2.0] * 50)
+    b2 = torch.tensor([-1.0] * 150 + [-2.0] * 50)
+    base = {"a": torch.zeros(50), "b": torch.zeros(200)}
+    experts = {"t1": {"a": flip * a1, "b": flip * b1}, "t2": {"a": flip * a2, "b": flip * b2}}
+    merged = studio.merge(base, experts, "ties", k=1.0, topk_scope="model", merge_func=merge_func, alpha=1.0)
+    ref = _reference_ties_flat(base, experts, 1.0 - 1e-9, merge_func)   # keeps every entry (rank 1)
+    for key in base:
+        assert torch.equal(merged[key], ref[key]), key
+    assert merged["a"][45] == -flip * 1.0 and merged["b"][175] == -flip * 2.0
+    # the tensor's own majority (topk_scope="layer", or the per-layer function on its own) gives "a" the other side
+    own = studio.merge(base, experts, "ties", k=1.0, topk_scope="layer", merge_func=merge_func, alpha=1.0)
+    assert own["a"][45] == flip * 1.0 and torch.equal(own["b"], merged["b"])
+
+
 def test_ties_model_and_layer_scope_differ_where_layer_scales_differ():
     base = {"big": torch.zeros(50), "small": torch.zeros(50)}
     g = torch.Generator().manual_seed(3)
@@ -328,6 +350,9 @@ def test_band_counts_follow_the_official_keep_fraction():
     assert band_counts(100, 0.006, 0.844) == (0, 100 - 15)   # keep 0.15: 1 - 0.006 - 0.844 = 0.15000000000000002
     assert band_counts(10, 0.1, 0.7) == (1, 10 - 1 - 2)       # keep 0.2: 1 - 0.1 - 0.7 = 0.20000000000000004
     assert band_counts(5, 0.01, 0.85) == (0, 5)               # int(0.7) = 0: the whole row is masked, as officially
+    # the product is truncated like the official int(d * top_k_keep): 100 * 0.29 = 28.999999999999996 -> 28
+    assert band_counts(100, 0.01, 0.7) == (1, 100 - 1 - 28)
+    assert band_counts(300, 0.01, 0.3) == (3, 300 - 3 - 206)   # int(300 * 0.69) = 206
     with pytest.raises(HyperparameterError, match=r"beta=0\.5.*gamma=0\.5"):
         band_counts(10, 0.5, 0.5)
 

@@ -202,7 +202,9 @@ def band_counts(d: int, beta: float, gamma: float) -> tuple[int, int]:
     The official code (``TaskVectorMiddleKeep`` in ``rezazzr/breadcrumbs``, remove-first) removes the ``int(d * beta)``
     largest, then keeps the ``int(d * (1 - beta - gamma))`` largest of the rest; everything below is masked, so
     ``n_bottom = d - n_top - n_keep`` (mergekit's ``magnitude_outliers`` counts the same way). ``1 - beta - gamma``
-    is rounded to 9 decimals first, so that ``beta = 0.01, gamma = 0.85`` keeps exactly ``int(0.14 * d)``.
+    is rounded to 9 decimals first, so that ``keep`` is the float the official user would have typed (``beta = 0.01,
+    gamma = 0.85`` gives ``keep = 0.14``, not ``0.13999999999999999``); the product is truncated as the official
+    code truncates it, so ``keep = 0.29`` keeps ``int(100 * 0.29) = 28`` of 100, as there.
 
     Example:
         >>> band_counts(768, 0.01, 0.85), band_counts(10, 0.1, 0.3), band_counts(5, 0.01, 0.85)
@@ -214,7 +216,7 @@ def band_counts(d: int, beta: float, gamma: float) -> tuple[int, int]:
             f">= 0 and sum to less than 1, so that some entries are kept"
         )
     n_top = int(d * beta)
-    n_keep = min(d - n_top, int(round(d * round(1.0 - beta - gamma, 9), 6)))
+    n_keep = min(d - n_top, int(d * round(1.0 - beta - gamma, 9)))
     return n_top, d - n_top - n_keep
 
 
@@ -313,8 +315,9 @@ def elect_sign(x: Tensor) -> Tensor:
 
     Parameters whose sum is exactly 0 get the majority of the elected signs, as the official code's
     ``resolve_zero_signs(sign, "majority")`` does (mergekit instead picks +1). The official code takes that
-    majority over the whole flattened model; here it is taken over the tensor at hand. The two differ only where
-    the surviving values cancel exactly; where every task was trimmed the merged value is 0 either way.
+    majority over the whole flattened model; here it is taken over the tensor at hand (the ``ties`` method takes
+    the model-wide one through the engine, see :func:`ties_blocks`). The two differ only where the surviving values
+    cancel exactly; where every task was trimmed the merged value is 0 either way.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 2.0, -3.0], [1.0, -3.0, -2.0, -1.0]])
@@ -374,7 +377,8 @@ def generalized_task_arithmetic(deltas: Tensor, sparsify: Callable[[Tensor], Ten
 
 
 def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, thresholds: Tensor,
-                weights: Tensor | None = None, aggregate: str = "sum") -> Tensor:
+                weights: Tensor | None = None, aggregate: str = "sum",
+                defer_majority: list | None = None) -> Tensor:
     """Trim -> elect -> disjoint merge (TIES Alg. 1) streamed over blocks of columns, equal to
     ``disjoint_merge(y, elect_sign(y), aggregate)`` with ``y = w * x * (|x| >= thresholds)`` on the whole tensor.
 
@@ -388,7 +392,9 @@ def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, threshold
     cache-sized blocks instead of ``[T, *shape]`` temporaries makes TIES several times faster on a CPU (see
     ``raw_chunks``). An entry with ``P + N = 0`` takes the tensor's majority sign (:func:`elect_sign`), known only
     at the end: such an entry first gets ``N``, and where ``P = -N != 0`` (the surviving values cancel exactly; rare)
-    its position and ``P`` (or its mean) are recorded and ``P`` is put back if the majority is positive. Masks are
+    its position and ``P`` (or its mean) are recorded and ``P`` is put back if the majority is positive. With
+    ``defer_majority`` (a list) the majority is left to the caller: ``(votes, cancelled)`` is appended to it, the sum
+    of the elected signs and the recorded ``(positions, P)`` pairs, and the cancelled entries keep ``N``. Masks are
     float32 0/1 tensors, not booleans: on a CPU, torch's comparisons into a boolean tensor and products with one take
     ~8x longer than the same float32 operations (dtype promotion), and ``x * 1.0`` / ``x * 0.0`` give the same
     values.
@@ -437,7 +443,10 @@ def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, threshold
         torch.gt(total, 0, out=pick)   # P where P + N > 0, else N: P * pick + N * (1 - pick), exact for 0/1
         torch.add(pos.mul_(pick), neg.mul_(pick.neg_().add_(1)), out=out[start:stop])
     if out is None:
-        return torch.zeros(numel, device=thresholds.device)
+        out = torch.zeros(numel, device=thresholds.device)
+    if defer_majority is not None:
+        defer_majority.append((votes, cancelled))
+        return out
     if votes > 0:   # the majority is positive: cancelled entries take P
         for idx, values in cancelled:
             out[idx] = values

@@ -89,6 +89,23 @@ def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> N
         model_thresholds(pool, k)
 
 
+def _finalize(deltas: dict[str, Tensor], model_state: dict, *, k: float, topk_scope: str, merge_func: str) -> None:
+    """The model-wide majority sign of the official code (``resolve_zero_signs(sign, "majority")`` on the flattened
+    model): entries whose trimmed values cancel exactly take the sign of the sum of every elected sign.
+
+    Each layer (``topk_scope="model"``) left such entries at their negative aggregate and recorded its votes and
+    the positive aggregate (:func:`~studio.methods._sparsify.ties_blocks`); a positive model majority puts the
+    positive one back. A zero majority keeps the negative one, as the official ``where(sign > 0, x > 0, x < 0)``.
+    """
+    if topk_scope != "model" or not model_state:
+        return
+    if sum(votes for votes, _ in model_state.values()) > 0:
+        for key, (_, cancelled) in model_state.items():
+            flat = deltas[key].view(-1)
+            for idx, values in cancelled:
+                flat[idx] = values
+
+
 @register(
     "ties",
     params=(
@@ -96,9 +113,10 @@ def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> N
               help="Fraction of each task vector kept by magnitude before the sign election (top-k).",
               paper="TIES Alg. 1 step 1; k = 20% as in the paper's experiments and official code (reset_thresh=20)"),
         Param("topk_scope", str, "model", choices=("model", "layer"),
-              help="Rank magnitudes over each task's whole model (official TIES code) or within each layer "
-                   "(mergekit).",
-              paper="official TIES code flattens the model (state_dict_to_vector); mergekit trims per tensor"),
+              help="Rank magnitudes over each task's whole model (official TIES code) or within each layer (the "
+                   "official steps run on each tensor alone, as the official SVC code's layer-wise TIES).",
+              paper="official TIES code flattens the model (state_dict_to_vector); per tensor: SVC's "
+                    "layer_wise_TIES (mergekit also trims per tensor, with its own rounding and zero-sign rule)"),
         Param("merge_func", str, "sum", choices=("sum", "mean"),
               help="Aggregate the sign-agreeing entries by their sum (dis-sum) or their mean (dis-mean).",
               paper="TIES Alg. 1 uses the disjoint mean (lambda=1); the CLIP ViT benchmarks (AdaMerging, "
@@ -113,16 +131,20 @@ def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> N
     scope="all",
     vector_rule="sum",
     prepare=_prepare,
+    finalize=_finalize,
 )
-def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str) -> Tensor:
+def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str, model_state: dict | None = None) -> Tensor:
     """TIES merge of one tensor: ``tau_m = disjoint_{sum|mean}(trim_k(tau_i))`` (the engine applies ``alpha``).
 
     Trim (Alg. 1 step 1): each task keeps its top-``k`` magnitudes; with ``topk_scope="model"`` the threshold is
     taken over that task's whole model (official code), with ``"layer"`` over this tensor only. Elect (step 2):
     ``sgn(sum_i trimmed_i)``, zeros resolved by majority. Disjoint merge (step 3): aggregate the entries agreeing
     with the elected sign. The official code runs these steps on the flattened model; since steps 2-3 are
-    element-wise, running them per tensor gives the same result (up to the zero-sign tie rule, see
-    :func:`~studio.methods._sparsify.elect_sign`).
+    element-wise, running them per tensor gives the same result, except for the entries whose trimmed values cancel
+    exactly: the official code gives them the majority of the elected signs over the whole model. The engine passes
+    ``model_state`` (a dict shared by one merge's layers) and finishes those entries once every layer is done
+    (:func:`_finalize`); called on its own (``model_state=None``) or with ``topk_scope="layer"`` the majority is the
+    tensor's own, as in the official code run on that tensor alone.
 
     Masks come from the unweighted task matrices (a per-task preference weight does not change a task's ranking);
     the election and the merge use the weighted ones (``T * p_i``, as every method without a calibration). With
@@ -143,7 +165,10 @@ def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str) -> Tenso
     else:
         thresholds = layer_thresholds(layer, k)
     numel = math.prod(layer.shape)
-    merged = ties_blocks(layer.raw_chunks(), numel, thresholds, layer.weights, merge_func)
+    deferred: list | None = [] if model_state is not None and topk_scope == "model" else None
+    merged = ties_blocks(layer.raw_chunks(), numel, thresholds, layer.weights, merge_func, deferred)
+    if deferred is not None:
+        model_state[layer.key] = deferred[0]   # (votes, cancelled entries), see _finalize
     return merged.reshape(layer.shape)
 
 
