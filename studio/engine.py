@@ -134,13 +134,16 @@ def merge_pool(
         if key not in unscaled:
             return base_t.clone()
         delta = unscaled[key]
+        # The delta is float32; it is added to the base in float32, or in float64 for a float64 base (so alpha = 0
+        # gives a float64 base back unrounded).
+        acc = torch.promote_types(torch.float32, base_t.dtype)
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
             delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
                                 merged_tag=(tag, key), **cal_hp)
-            return (base_t.to(pool.device, torch.float32) + delta).to("cpu", base_t.dtype)
+            return (base_t.to(pool.device, acc) + delta.to(acc)).to("cpu", base_t.dtype)
         # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
-        return (delta * scale).add_(base_t.to(pool.device, torch.float32)).to("cpu", base_t.dtype)
+        return (delta.to(acc) * scale).add_(base_t.to(pool.device, acc)).to("cpu", base_t.dtype)
 
     report = None if progress is None else (
         lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))

@@ -47,8 +47,8 @@ class LayerRule:
 
 
 DEFAULT = LayerRule()
-SKIP_EMBEDDINGS = LayerRule(
-    exclude=(r"text_projection", r"positional_embedding", r"token_embedding", r"class_embedding", r"embed"),
+SKIP_EMBEDDINGS = LayerRule(   # the official SVC code: `"text_projection" in key or "embedding" in key`
+    exclude=(r"text_projection", r"embedding"),
     name="skip_embeddings",
 )
 ALL_MATRICES = LayerRule(exclude=(), name="all_matrices")

@@ -95,12 +95,29 @@ def test_half_precision_inputs_keep_dtype_and_match_float32():
         torch.testing.assert_close(m16[k].float(), m32[k].half().float())
 
 
+def test_float64_inputs_keep_their_precision_where_the_merge_adds_nothing():
+    base = {k: v.double() for k, v in clip_like_state_dict().items()}
+    experts = {n: {k: v.double() for k, v in sd.items()} for n, sd in make_experts(base, 3).items()}
+    still = studio.merge(base, experts, "tsv_m", alpha=0.0)
+    assert all(still[k].dtype == torch.float64 and torch.equal(still[k], base[k]) for k in base)
+    # the delta is float32 (documented); the sum with the base is float64
+    merged = studio.merge(base, experts, "task_arithmetic", alpha=0.5)
+    for k in base:
+        exact = base[k] + 0.5 * sum(sd[k] - base[k] for sd in experts.values())
+        torch.testing.assert_close(merged[k], exact, rtol=0, atol=1e-6 * float(exact.abs().max()))
+
+
 def test_layer_rule_selects_matrices():
     rule = studio.DEFAULT_LAYER_RULE
     assert rule.is_matrix("visual.transformer.resblocks.0.mlp.c_fc.weight", (48, 12))
     assert not rule.is_matrix("text_projection", (6, 6))
     assert not rule.is_matrix("visual.conv1.weight", (12, 3, 2, 2))
     assert not studio.SKIP_EMBEDDINGS.is_matrix("visual.positional_embedding", (5, 12))
+    # the official SVC code skips `"embedding" in key` only: a Llama-style embed_tokens or timm's patch_embed is
+    # calibrated there, so it is a matrix here too
+    assert not studio.SKIP_EMBEDDINGS.is_matrix("model.embedding.weight", (10, 12))
+    assert studio.SKIP_EMBEDDINGS.is_matrix("model.embed_tokens.weight", (10, 12))
+    assert studio.SKIP_EMBEDDINGS.is_matrix("patch_embed.proj.weight", (10, 12))
     with pytest.raises(studio.StudioError, match="unknown layer rule"):
         studio.merge(*_pool(), "task_arithmetic", layer_rule="bogus")
 

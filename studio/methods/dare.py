@@ -18,8 +18,11 @@ from ._sparsify import generalized_task_arithmetic, random_drop
               help="Drop rate: each task-vector entry is zeroed with probability p, survivors are scaled by 1/(1-p).",
               paper="DARE Sec. 3 (Yu et al. 2024); p=0.8 keeps 20% as TIES does (project issue)"),
         Param("ties_consensus", bool, False,
-              help="DARE-TIES: after drop-and-rescale, keep only entries agreeing with the elected sign (dis-sum).",
-              paper="DARE Sec. 4 combines DARE with TIES; mergekit 'dare_ties' (sign consensus, no normalisation)"),
+              help="DARE-TIES as mergekit's dare_ties: after drop-and-rescale, keep only entries agreeing with the "
+                   "elected sign (dis-sum, no magnitude trim).",
+              paper="mergekit 'dare_ties' (sign consensus, no normalisation). DARE Sec. 4 combines DARE with TIES; "
+                    "its official code (MergeLM) and FusionBench also run TIES's magnitude trim after the drop, "
+                    "which this option does not"),
         Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
               help="Scaling coefficient lambda applied to the merged task vector.",
               paper="Task Arithmetic scaling, 0.3 as in FusionBench DARE for ViT-B/32"),
@@ -37,7 +40,9 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     The masks are drawn from a ``torch.Generator`` on the layer's device seeded with ``seed`` (the engine derives
     it from the merge seed and the key), so a seed fixes the merge; CPU and CUDA generators give different (equally
     valid) draws. With ``ties_consensus`` the drop-and-rescaled task vectors go through the TIES sign election
-    and a disjoint sum (DARE-TIES), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
+    and a disjoint sum (mergekit's ``dare_ties``; the official DARE code's TIES variant, MergeLM
+    ``mask_apply_method="ties_merging"``, also trims by magnitude and takes the disjoint mean), otherwise they are
+    summed. With ``p = 0`` this is Task Arithmetic.
 
     Example:
         >>> from studio.pool import TaskPool

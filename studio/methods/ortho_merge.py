@@ -81,8 +81,10 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
         Param("tau", float, 0.3, low=0.0, high=2.0, ui_step=0.01,
               help="Interference threshold on |<u_i,m, u_j,n>| between leading left singular vectors of different "
                    "tasks; above 1 nothing is removed and Ortho-Merge equals Iso-C (full-rank layers).",
-              paper="Ortho-Merge eq. 13-14 (no value given); 0.3 is our default, between the similarities the "
-                    "paper calls 'significant' (0.22) and 'high' (0.37) in sec. 3.1 / Fig. 1"),
+              paper="Ortho-Merge eq. 13-14 (no value given); 0.3 is our choice, between the top-5 subspace "
+                    "similarities the paper calls 'significant' (0.22) and 'high' (0.37) in sec. 3.1 / Fig. 1. "
+                    "Those are averaged principal cosines of two subspaces, a related but different quantity "
+                    "from the single-vector cosine thresholded here, so tune it on validation data"),
         Param("k", int, 5, low=1, high=512, ui_step=1,
               help="Number of leading singular components per task that are compared (top-k directions).",
               paper="Ortho-Merge eq. 13 (no value given); 5 = the 'leading five singular vectors' of its Fig. 1 "

@@ -2,7 +2,10 @@
 Merging", arXiv:2602.05536, Alg. 1): a post-hoc calibration applied after any base merge.
 
 Official code: github.com/lyymuwu/SVC (``merge_func.py``: ``Align`` / ``coef_cal_multi_ranks``; ``main.py``;
-``run.sh``). Where it and the paper differ we follow the code and say so below.
+``run.sh``). Where it and the paper differ we follow the code and say so below. Two versions of the code's uniform
+aggregation are public: the current ``eta = torch.maximum(s, alpha).mean(dim=1)`` (which is the paper's eq. 20,
+with the older rule left in a comment as "original behavior"), and the older ``eta = max(mean(s), alpha)`` if
+every ``s > 0``, else ``1``. We follow the current one, i.e. eq. 20.
 """
 
 from __future__ import annotations
