@@ -381,6 +381,23 @@ def test_align_merge_b_merge_form_takes_preferences_like_the_calibration():
     torch.testing.assert_close(b["visual.ln_pre.bias"], uniform["visual.ln_pre.bias"])
 
 
+def test_align_merge_b_leaves_out_an_expert_that_did_not_change_the_layer():
+    """A zero task matrix has c_i = 0 everywhere, so the paper's average of sigma / c_i is infinite and would drop
+    the whole layer. Left out instead: the layer is calibrated as if that expert were absent (same gate alpha)."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    experts["task3"][key] = base[key].clone()
+    four = studio.merge(base, experts, "align_merge_b", alpha=1.0, svd_mode="exact")
+    three = studio.merge(base, {n: experts[n] for n in ("task0", "task1", "task2")}, "align_merge_b", alpha=1.0,
+                         svd_mode="exact")
+    assert float((four[key] - base[key]).norm()) > 0
+    torch.testing.assert_close(four[key], three[key], rtol=1e-5, atol=1e-6)
+    # a one-hot target that left the layer unchanged keeps its optimum there (c_t = 0: the base)
+    target = studio.merge(base, experts, "align_merge_b", alpha=1.0, preferences={"task3": 1.0}, svd_mode="exact")
+    torch.testing.assert_close(target[key], base[key])
+
+
 @pytest.mark.parametrize("eta", ["sum", "dominant"])
 @pytest.mark.parametrize("T,shape", [(3, (10, 16)), (4, (17, 9))])
 def test_align_merge_o_matches_algorithm_1(eta, T, shape):

@@ -51,7 +51,8 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     ``xi~^r = sum_i p_i xi~_i^r`` (uniform ``p``: the paper's average over tasks; one-hot ``p = e_t``: the
     single-target eq. 9 used for preference optimisation, sec. 5.3), and ``sigma^r <- sigma^r / d(xi~^r)``.
     When a subspace is rescaled its new singular value is the ``p``-weighted *harmonic* mean of the tasks'
-    ``c_i^r = u_r^T Delta_i v_r`` (the Prop. 2 optimum for a single task), independent of ``scale``.
+    ``c_i^r = u_r^T Delta_i v_r`` (the Prop. 2 optimum for a single task), independent of ``scale``. A task that
+    left this layer unchanged takes no part in its average (:func:`_present`).
 
     Example:
         >>> from studio.pool import TaskPool
@@ -62,7 +63,30 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     """
     spec = merged_spectrum(layer, merged, merged_tag)
     xi_tilde = full_coefficient(scale * spec.S, spec.c)
-    return spec.rescale(merged, align_b_factors(xi_tilde, alpha, preferences), scale)
+    return spec.rescale(merged, align_b_factors(xi_tilde, alpha, _present(spec.c, preferences)), scale)
+
+
+def _present(c: Tensor, preferences: Tensor | None) -> Tensor | None:
+    """Preferences restricted to the tasks that changed this layer (paper silent; our rule).
+
+    A task whose task matrix is zero on this layer (the expert left it unchanged) has ``c_i^r = 0`` in every
+    subspace, so ``xi~_i^r = sigma^r / 0`` is infinite and the paper's average would drop every subspace: the layer
+    would lose the other tasks' updates too. Such a task is left out of the average, as a task with preference
+    weight 0 is. If no task with a positive weight changed the layer, the preferences stand (a one-hot target that
+    left the layer unchanged then gets the base back, the Prop. 2 optimum ``c_t = 0``).
+
+    Example:
+        >>> _present(torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]]), None).tolist()
+        [0.5, 0.0, 0.5]
+    """
+    changed = (c != 0).any(1)
+    if bool(changed.all()):
+        return preferences
+    T = c.shape[0]
+    p = torch.full((T,), 1.0 / T, dtype=c.dtype, device=c.device) if preferences is None else \
+        preferences.to(c.device, c.dtype)
+    kept = p * changed
+    return preferences if not float(kept.sum()) > 0 else kept / kept.sum()
 
 
 @register(

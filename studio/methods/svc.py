@@ -90,7 +90,9 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     (:data:`PAPER_BASE_SCALES`).
 
     Layers: the official code calibrates 2-D tensors except ``text_projection`` and any key containing
-    ``embedding``; hence ``layer_rule="skip_embeddings"`` (the paper only says "each linear layer", App. A).
+    ``embedding``; hence ``layer_rule="skip_embeddings"`` (the paper only says "each linear layer", App. A). The
+    base method keeps its own rule; the SVC repository's own TSV-M also skips ``embedding`` keys (the TSV
+    repository's does not), so ``layer_rule="skip_embeddings"`` on ``tsv_m`` + ``svc`` reproduces that pipeline.
 
     Memoisation: the SVD of ``merged`` and the per-task ``(c, |a|^2)`` are computed once per ``merged_tag``
     (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``), so
