@@ -11,7 +11,8 @@ What comes from where:
 * TSV (Gargiulo et al., CVPR 2025): Singular Task Interference, eq. (7), on the rank-``r/T`` task factors of
   eq. (6) (:func:`sti`, :func:`sti_pairwise`).
 * Iso-C/CTS (Marczak et al., ICML 2025): Subspace Alignment Ratio, eq. (5), with the effective rank ``k_M`` of
-  eq. (6) (:func:`effective_rank`, :func:`sar_to_merged`, :func:`pairwise_sar`).
+  eq. (6) as the official code computes it (``calc_rank``; eq. 6 itself with ``k_rule="paper"``)
+  (:func:`effective_rank`, :func:`sar_to_merged`, :func:`pairwise_sar`).
 * Ortho-Merge (sec. 3.1-3.2): spectral entropy eq. (9), energy of the merged update eq. (2), cumulative energy
   (Fig. 3) and the top-k subspace similarity heatmap (Fig. 1) (:func:`spectral_entropy`,
   :func:`energy_preservation`, :func:`cumulative_energy`, :func:`subspace_similarity`).
@@ -129,26 +130,44 @@ def spectral_entropy(s: Tensor, normalized: bool = False) -> Tensor:
     return h
 
 
-def effective_rank(s: Tensor, eps: float = 0.05) -> int:
-    """Iso eq. (6): ``k_M = min{k : sum_{i>k} sigma_i^2 / sum_i sigma_i^2 <= eps^2}`` (``eps = 0.05`` in the paper).
+K_RULES = ("official", "paper")
 
-    The number of dominant components of a matrix whose projection keeps all but ``eps`` of its Frobenius norm.
+
+def effective_rank(s: Tensor, eps: float = 0.05, rule: str = "official") -> int:
+    """Number ``k_M`` of dominant components of a spectrum, for the Subspace Alignment Ratio (Iso eq. 6).
+
+    * ``rule="paper"``, Iso eq. (6): ``k_M = min{k : sum_{i>k} sigma_i^2 / sum_i sigma_i^2 <= eps^2}``, the fewest
+      directions whose projection keeps all but ``eps`` of the Frobenius norm (``eps = 0.05``: 99.75% of the
+      energy).
+    * ``rule="official"`` (default), the official code's ``calc_rank`` (``sar`` scripts of the Iso authors' figures
+      and the TSV repository): ``np.argmax(np.sqrt(np.cumsum(S**2 / (S**2).sum())) > 0.95)`` then ``U[:, :rank]``,
+      i.e. the number of leading directions whose captured share of the norm,
+      ``sqrt(sum_{i<=k} sigma_i^2 / sum_i sigma_i^2)``, stays at or below ``1 - eps`` (``norm_thresh = 0.95``). It
+      keeps far fewer directions than eq. (6) and is the rule behind the published SAR values (0.75-0.87 on
+      ViT-B/32 for Task Arithmetic, against ~0.98 with eq. 6), so it is the default. Where the top direction alone
+      captures more than ``1 - eps`` of the norm the official code keeps 0 directions (SAR 0); the callers here
+      keep 1.
+
     A zero spectrum gives 0.
 
     Example:
-        >>> effective_rank(torch.tensor([10.0, 1.0, 0.1]), eps=0.05)
-        2
-        >>> effective_rank(torch.ones(8), eps=0.05)
-        8
+        >>> effective_rank(torch.tensor([10.0, 1.0, 0.1]), 0.05, "paper"), effective_rank(torch.ones(8), 0.05, "paper")
+        (2, 8)
+        >>> effective_rank(torch.tensor([10.0, 1.0, 0.1])), effective_rank(torch.ones(8))   # sqrt(7/8) <= 0.95
+        (0, 7)
     """
     if s.dim() != 1:
         raise DiagnosticsError(f"effective_rank expects a 1-D spectrum, got shape {tuple(s.shape)}")
+    if rule not in K_RULES:
+        raise DiagnosticsError(f"effective_rank: rule must be one of {K_RULES}, got {rule!r}")
     e = s.double().pow(2)
     total = float(e.sum())
     if total <= 0:
         return 0
-    tail = 1.0 - e.cumsum(0) / total  # relative error after keeping k = 1..r components
-    k = int((tail > eps**2).sum()) + 1
+    captured = e.cumsum(0) / total  # energy kept by the top k = 1..r components
+    if rule == "official":
+        return int((captured.sqrt() <= 1.0 - eps).sum())
+    k = int((1.0 - captured > eps**2).sum()) + 1
     return min(k, s.numel())
 
 
@@ -327,13 +346,14 @@ def task_cosine(layer: LayerTasks) -> Tensor:
     return layer.memo(("diag", "cosine"), compute)
 
 
-def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05) -> Tensor:
+def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_rule: str = "official") -> Tensor:
     """Subspace Alignment Ratio between task pairs, ``[T, T]`` in [0, 1] (Iso eq. 5, Fig. 3b).
 
     Entry ``[i, j] = SAR(Delta_i, Delta_j; k) = ||U_{j,k} U_{j,k}^T Delta_i||_F / ||Delta_i||_F``: how much of task
     ``i`` lies in the top-``k`` left singular subspace of task ``j`` (not symmetric). As in Iso Fig. 3b the number
-    of directions is ``k_TA``, the effective rank (eq. 6, ``eps``) of the Task Arithmetic matrix, unless ``k`` is
-    given; ``k = r`` on a full-rank task gives ``SAR(Delta_i, Delta_i) = 1``.
+    of directions is ``k_TA``, the effective rank (:func:`effective_rank` with ``eps`` and ``k_rule``: the official
+    code's rule by default, eq. 6 with ``"paper"``) of the Task Arithmetic matrix, unless ``k`` is given; ``k = r``
+    on a full-rank task gives ``SAR(Delta_i, Delta_i) = 1``.
 
     Cost ``T^2 k m n`` multiply-adds (the projections are computed from the task matrices directly, no full SVDs).
 
@@ -347,7 +367,7 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05) -> 
     _require_matrix(layer)
     _check_k("pairwise_sar", k, layer.key)
     if k is None:
-        k = max(1, effective_rank(layer.sum_svd()[1], eps))
+        k = max(1, effective_rank(layer.sum_svd()[1], eps, k_rule))
     k = min(k, min(layer.shape))
 
     def compute() -> Tensor:
@@ -416,6 +436,13 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
     ``rank=None`` uses ``r // T`` components per task, TSV-M's low-rank truncation (eq. 6; the official code keeps
     a fraction ``1/T`` of each spectrum); the factors are the ones TSV-M caches. STI vanishes when the singular
     vectors of different tasks are orthogonal and grows with their overlap weighted by singular values.
+
+    Two choices are ours (the paper leaves them open and the official repository has no STI code): the rank, where
+    sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r // T`` measures the factors TSV-M actually
+    merges; and the norm, the entry-wise L1 norm of :func:`sti_from_factors` (the induced matrix 1-norm would be
+    a column maximum, far smaller). In ``svd_mode="auto"`` null components (a rank-deficient or zero task matrix)
+    have zero vectors and add nothing; ``"exact"`` keeps LAPACK's arbitrary vectors there, as an SVD-based script
+    would.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -508,12 +535,13 @@ def _absent(c: Tensor) -> Tensor:
 
 
 def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None = None,
-                  eps: float = 0.05) -> Tensor:
+                  eps: float = 0.05, k_rule: str = "official") -> Tensor:
     """Subspace Alignment Ratio of each task to the merged delta, ``[T]`` in [0, 1] (Iso eq. 5).
 
     ``SAR(Delta_t, Delta_M; k_M) = ||U_{k_M} U_{k_M}^T Delta_t||_F / ||Delta_t||_F`` with ``U_{k_M}`` the top
-    left singular vectors of the merged delta and ``k_M`` its effective rank (eq. 6, ``eps = 0.05``) unless ``k``
-    is given. ``||U_k^T Delta_t||_F^2 = sum_{r<=k} ||a_t^r||^2`` reuses SVC's subspace responses (eq. 18).
+    left singular vectors of the merged delta and ``k_M`` its effective rank (:func:`effective_rank`, ``eps =
+    0.05``, the official code's rule unless ``k_rule="paper"``) unless ``k`` is given.
+    ``||U_k^T Delta_t||_F^2 = sum_{r<=k} ||a_t^r||^2`` reuses SVC's subspace responses (eq. 18).
     ``merged=None`` uses the Task Arithmetic sum (``SAR(Delta_t, Delta_TA; k_TA)`` of Fig. 3a). SAR is invariant
     to the scale of the merged delta.
 
@@ -526,7 +554,7 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
         [1.0, 0.0]
     """
     st = _merged_stats(layer, merged)
-    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps)))
+    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)))
     captured = st.a2[:, :k].double().sum(1)
     return (captured / st.task_norm2.double().clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0, 1).float()
 
@@ -672,9 +700,10 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
 # Heatmap reductions of the per-subspace metrics
 # --------------------------------------------------------------------------------------------------------------
 
-def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, eps: float = 0.05) -> int:
+def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, eps: float = 0.05,
+                      k_rule: str = "official") -> int:
     st = _merged_stats(layer, merged)
-    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps)))
+    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)))
 
 
 def _row_normalise(G: Tensor, empty: float) -> Tensor:
@@ -769,7 +798,8 @@ METRICS: dict[str, Metric] = {
         "Subspace Alignment Ratio: share of task i (row) inside the top-k left singular subspace of task j "
         "(column).",
         (0.0, 1.0), False, "TxT", False, None,
-        "k = directions of task j (default k_TA, the effective rank of the TA sum, eps = 0.05)", False,
+        "k = directions of task j (default k_TA, the effective rank of the TA sum by the official code's rule)",
+        False,
         "Iso eq. 5-6, Fig. 3b"),
     "sti_pairwise": Metric(
         lambda layer, merged, k: sti_pairwise(layer, k),
@@ -813,7 +843,7 @@ CURVES: dict[str, str] = {
     "merged_entropy": "Spectral entropy of the merged delta (Ortho-Merge eq. 9)",
     "sar_mean": "Mean SAR of the tasks to the merged delta at k_M (Iso eq. 5)",
     "sar_min": "Worst-task SAR to the merged delta at k_M (Iso eq. 5)",
-    "k_merged_frac": "Effective rank k_M of the merged delta over r (Iso eq. 6)",
+    "k_merged_frac": "Effective rank k_M of the merged delta over r (Iso eq. 6, the official code's rule)",
     "energy": "||Delta_M||^2 / sum_i ||Delta_i||^2 (Ortho-Merge eq. 2)",
     "cosine_mean": "Mean pairwise cosine of the task matrices",
     "subspace_sim_mean": "Mean pairwise top-5 subspace similarity (Ortho-Merge Fig. 1)",
@@ -861,7 +891,7 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
 def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None,
                  *, merged_is_delta: bool | None = None, layer_rule: "LayerRule | str | None" = None,
                  curves: Sequence[str] | None = None, normalized_entropy: bool = False, eps: float = 0.05,
-                 progress: Callable[[float, str], None] | None = None) -> dict[str, list]:
+                 k_rule: str = "official", progress: Callable[[float, str], None] | None = None) -> dict[str, list]:
     """Per-layer diagnostics across the model, for line plots (TSV Fig. 6/14, Iso Fig. 13, Ortho-Merge sec. 3.2).
 
     Args:
@@ -874,7 +904,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             tensors except ``text_projection``), in state-dict order.
         curves: which of :data:`CURVES` to compute (default: all).
         normalized_entropy: divide spectral entropies by ``log r`` (see :func:`spectral_entropy`).
-        eps: the Iso eq. (6) threshold for ``k_M``.
+        eps, k_rule: the threshold and rule of ``k_M`` (:func:`effective_rank`; the official code's by default).
         progress: optional ``(fraction, message)`` callback.
 
     Returns:
@@ -925,11 +955,12 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             elif name == "merged_entropy":
                 v = float(spectral_entropy(_merged_stats(layer, mdelta).S, normalized_entropy))
             elif name in ("sar_mean", "sar_min"):
-                sar = sar_to_merged(layer, mdelta, eps=eps)
+                sar = sar_to_merged(layer, mdelta, eps=eps, k_rule=k_rule)
                 v = float(sar.mean() if name == "sar_mean" else sar.min())
             elif name == "k_merged_frac":
                 S = _merged_stats(layer, mdelta).S
-                v = effective_rank(S, eps) / S.numel()
+                k = effective_rank(S, eps, k_rule)
+                v = (max(1, k) if k or float(S.abs().max()) > 0 else 0) / S.numel()   # as SAR uses it
             elif name == "energy":
                 total = float(_merged_stats(layer, mdelta).task_norm2.double().sum())
                 v = float(_merged_stats(layer, mdelta).S.double().pow(2).sum()) / total if total > 0 else 0.0
@@ -938,7 +969,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             elif name == "subspace_sim_mean":
                 v = float(subspace_similarity(layer, 5).cpu()[off].mean()) if T > 1 else float("nan")
             else:  # svc_gamma_mean
-                k = _default_k_merged(layer, mdelta, None, eps)
+                k = _default_k_merged(layer, mdelta, None, eps, k_rule)
                 v = float(svc_coefficients(layer, mdelta, rank=k)[1].mean())
             out[name].append(float(v))
     if progress is not None:

@@ -215,6 +215,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     safe = torch.where(keep, S, torch.ones_like(S))
     U = (a @ V) / safe * keep
     S = S * keep
+    V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
     return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
 
 

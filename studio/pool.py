@@ -225,10 +225,11 @@ class LayerTasks:
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-``rank`` SVD of task ``i`` (exact when ``rank`` is None). Cached once per expert and layer.
+        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached once per expert and layer.
 
-        ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` (same accuracy on the kept
-        components, several times faster).
+        ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
+        on the kept components, several times faster; null components are exact zeros with zero vectors, so a
+        lower rank served from a cached higher one is the same decomposition it would have computed).
 
         Weights only rescale singular values, so every weighting shares one decomposition.
         """
@@ -239,7 +240,7 @@ class LayerTasks:
         def compute() -> tuple[Tensor, Tensor, Tensor]:
             # Only task i's delta (stacking all T per call made a layer's T decompositions cost T^2 subtractions).
             raw = self.pool.raw_delta(self.key, i)
-            if exact or rank == r:
+            if exact:
                 return linalg.truncated_svd(raw, rank, exact=True)
             # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
             # tails of real task-matrix spectra (see linalg.gram_svd).

@@ -119,8 +119,27 @@ def test_effective_rank_matches_the_projection_definition():
     for eps in (0.05, 0.2, 0.5):
         brute = next(k for k in range(1, 16)
                      if (M - U[:, :k] @ U[:, :k].T @ M).norm() <= eps * M.norm())
-        assert D.effective_rank(D.spectrum(M), eps) == brute
-    assert D.effective_rank(torch.zeros(5)) == 0
+        assert D.effective_rank(D.spectrum(M), eps, rule="paper") == brute
+    assert D.effective_rank(torch.zeros(5)) == 0 and D.effective_rank(torch.zeros(5), rule="paper") == 0
+    with pytest.raises(D.DiagnosticsError, match="rule must be one of"):
+        D.effective_rank(torch.ones(3), rule="energy")
+
+
+def test_effective_rank_default_is_the_official_calc_rank():
+    """The official SAR scripts (Iso figures, TSV repo): rank = np.argmax(np.sqrt(np.cumsum(S**2 / sum S**2)) > 0.95),
+    then U[:, :rank]. Written here literally and compared on decaying, flat and dominated spectra."""
+    import numpy as np
+
+    def calc_rank(S, norm_thresh=0.95):
+        S = np.asarray(S, dtype=np.float64)
+        return int(np.argmax(np.sqrt(np.cumsum(S ** 2 / (S ** 2).sum())) > norm_thresh))
+
+    g = torch.Generator().manual_seed(7)
+    spectra = [torch.logspace(0, -3, 50), torch.ones(16), torch.tensor([10.0, 1.0, 0.1]),
+               torch.rand(40, generator=g).sort(descending=True).values, torch.linspace(5, 0.1, 100)]
+    for S in spectra:
+        assert D.effective_rank(S) == calc_rank(S.numpy())
+    assert D.effective_rank(torch.linspace(5, 0.1, 100)) < D.effective_rank(torch.linspace(5, 0.1, 100), rule="paper")
 
 
 def test_subspace_similarity_is_the_mean_cosine_of_principal_angles():

@@ -116,11 +116,28 @@ def test_gram_svd_matches_lapack_on_a_flat_tail_where_the_randomized_finder_does
 
 def test_gram_svd_zero_and_rank_deficient_inputs():
     u, s, vh = linalg.gram_svd(torch.zeros(5, 4), 2)
-    assert s.tolist() == [0.0, 0.0] and not u.any() and torch.isfinite(vh).all()
+    assert s.tolist() == [0.0, 0.0] and not u.any() and not vh.any()
     a = torch.randn(9, 1, generator=torch.Generator().manual_seed(5)) @ torch.randn(1, 6)
-    u, s, vh = linalg.gram_svd(a, 3)                 # rank 1: the 2 null components come back as exact zeros
-    assert s[0] > 0 and s[1:].tolist() == [0.0, 0.0]
-    torch.testing.assert_close(linalg.reconstruct(u, s, vh), a, atol=1e-5, rtol=1e-5)
+    for m in (a, a.mT.contiguous()):                 # tall and wide (the transpose is decomposed)
+        u, s, vh = linalg.gram_svd(m, 3)             # rank 1: the 2 null components come back as exact zeros
+        assert s[0] > 0 and s[1:].tolist() == [0.0, 0.0]
+        assert not u[:, 1:].any() and not vh[1:].any()   # with zero vectors on both sides (no arbitrary ones)
+        torch.testing.assert_close(linalg.reconstruct(u, s, vh), m, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_mode_rank_deficient_tasks_do_not_depend_on_which_rank_was_cached_first():
+    """A lower rank is served from any cached higher one; in "auto" every rank (the full one included) comes from
+    the Gram route with exact-zero null components, so the cache order cannot change a result."""
+    from studio import diagnostics as D
+
+    g = torch.Generator().manual_seed(3)
+    experts = {f"t{i}": {"w": torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g)} for i in range(3)}
+    base = {"w": torch.zeros(40, 30)}
+    fresh = D.sti(TaskPool(base, experts).layer("w"))
+    pool = TaskPool(base, experts)
+    D.sti(pool.layer("w"), rank=30)                   # caches the full decompositions first
+    assert D.sti(pool.layer("w")) == pytest.approx(fresh, rel=1e-6)
+    assert D.sti(TaskPool(base, experts).layer("w"), rank=2) == pytest.approx(fresh, rel=1e-5)   # the true rank
 
 
 @pytest.mark.parametrize("shape", [(300, 80), (80, 300), (64, 64)])
