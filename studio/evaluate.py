@@ -5,7 +5,8 @@ Metrics (all accuracies in percent):
 * absolute accuracy per task and its average;
 * normalized accuracy (TSV, Gargiulo et al. 2025, eq. 10): ``acc_merged(t) / acc_expert_t(t)``, in percent;
 * NAI, normalized accuracy improvement (Iso-C/CTS, Marczak et al. 2025, eq. 4):
-  ``(acc_merged - acc_zeroshot) / (acc_expert - acc_zeroshot)``, in percent;
+  ``(acc_merged - acc_zeroshot) / (acc_expert - acc_zeroshot)``, in percent; NaN where the expert does not beat
+  zero-shot (the official ``nai`` divides anyway, which flips the sign of a negative gain);
 * KL information loss (Ortho-Merge, eq. 10-11): ``E_{x ~ D_t} KL(P_t(y|x) || P_merged(y|x))`` in nats, where ``P_t``
   is expert ``t``'s softmax over task ``t``'s classes and ``D_t`` the evaluated split of task ``t`` (the probe set).
 
