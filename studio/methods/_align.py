@@ -18,8 +18,8 @@ scale or of the preferences costs O(T R) plus one reconstruction.
 Public helpers (used by ``svc.py``, ``align_merge.py`` and the diagnostics):
 :func:`subspace_responses`, :func:`merged_spectrum_of`, :func:`merged_spectrum`, :func:`svc_projection_coefficients`,
 :func:`svc_gamma`, :func:`subspace_scaling_eta`, :func:`subspace_cross_influence`, :func:`cross_influence_terms`,
-:func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`, :func:`factored_svd`,
-:func:`partial_polar`.
+:func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`, :func:`preference_weights`,
+:func:`factored_svd`, :func:`partial_polar`.
 
 Diagnostics example (one layer)::
 
@@ -172,6 +172,20 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
                       lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact), transient=True)
 
 
+def preference_weights(preferences: Tensor | None, per_task: Tensor) -> Tensor:
+    """The per-task weights ``p [T]`` for a ``[T, ...]`` tensor ``per_task``, in its dtype and on its device:
+    ``preferences`` (already normalised by the engine), or uniform ``1/T`` when ``None``.
+
+    Example:
+        >>> preference_weights(None, torch.zeros(4, 2)).tolist()
+        [0.25, 0.25, 0.25, 0.25]
+    """
+    T = per_task.shape[0]
+    if preferences is None:
+        return torch.full((T,), 1.0 / T, dtype=per_task.dtype, device=per_task.device)
+    return preferences.to(per_task.device, per_task.dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------- SVC
 
 
@@ -218,9 +232,7 @@ def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target
         >>> svc_gamma(s, 0.5, torch.tensor([0.0, 1.0])).tolist()   # target task 2; s = -1 <= 0 keeps gamma = 1
         [0.25, 1.0]
     """
-    T = s.shape[0]
-    p = torch.full((T,), 1.0 / T, dtype=s.dtype, device=s.device) if preferences is None else \
-        preferences.to(s.device, s.dtype)
+    p = preference_weights(preferences, s)
     clipped = s.clamp_min(alpha)
     active = p > 0
     if target_guard and int(active.sum()) == 1:
@@ -330,9 +342,7 @@ def align_b_factors(xi_tilde: Tensor, alpha: float, preferences: Tensor | None =
         >>> align_b_factors(xt, alpha=2.0).tolist()   # means 3, 1.5, -0.5 -> 1/3, kept, dropped
         [0.3333333432674408, 1.0, 0.0]
     """
-    T = xi_tilde.shape[0]
-    p = torch.full((T,), 1.0 / T, dtype=xi_tilde.dtype, device=xi_tilde.device) if preferences is None else \
-        preferences.to(xi_tilde.device, xi_tilde.dtype)
+    p = preference_weights(preferences, xi_tilde)
     active = (p > 0).unsqueeze(-1)
     xi = torch.where(active, p.unsqueeze(-1) * xi_tilde, torch.zeros_like(xi_tilde)).sum(0) / p.sum()
     ones = torch.ones_like(xi)

@@ -27,7 +27,7 @@ from ..schema import HyperparameterError
 __all__ = [
     "topk_rank", "topk_threshold", "kth_smallest", "order_statistics", "streamed_order_statistics", "band_blocks",
     "magnitude_mask", "random_drop", "band_counts", "band_mask", "row_band_mask", "elect_sign", "disjoint_merge",
-    "generalized_task_arithmetic", "ties_blocks",
+    "generalized_task_arithmetic", "ties_blocks", "restore_cancelled",
 ]
 
 
@@ -446,11 +446,17 @@ def ties_blocks(blocks: Iterable[tuple[int, int, Tensor]], numel: int, threshold
         out = torch.zeros(numel, device=thresholds.device)
     if defer_majority is not None:
         defer_majority.append((votes, cancelled))
-        return out
-    if votes > 0:   # the majority is positive: cancelled entries take P
-        for idx, values in cancelled:
-            out[idx] = values
+    elif votes > 0:   # the majority is positive: cancelled entries take P
+        restore_cancelled(out, cancelled)
     return out
+
+
+def restore_cancelled(out: Tensor, cancelled: list[tuple[Tensor, Tensor]]) -> None:
+    """Put the positive aggregate ``P`` back at the exactly cancelled entries :func:`ties_blocks` recorded
+    (``(positions, P)`` pairs into the flattened ``out``, in place): their elected sign is positive after all."""
+    flat = out.view(-1)
+    for idx, values in cancelled:
+        flat[idx] = values
 
 
 def band_thresholds(magnitudes: Tensor, beta: float, gamma: float) -> tuple[float, float, int, int]:

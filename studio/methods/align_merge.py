@@ -19,7 +19,8 @@ from .. import linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ._align import align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar
+from ._align import (align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
+                     preference_weights)
 
 
 def resolve_gate(alpha: float | None, num_tasks: int) -> float:
@@ -82,10 +83,7 @@ def _present(c: Tensor, preferences: Tensor | None) -> Tensor | None:
     changed = (c != 0).any(1)
     if bool(changed.all()):
         return preferences
-    T = c.shape[0]
-    p = torch.full((T,), 1.0 / T, dtype=c.dtype, device=c.device) if preferences is None else \
-        preferences.to(c.device, c.dtype)
-    kept = p * changed
+    kept = preference_weights(preferences, c) * changed
     return preferences if not float(kept.sum()) > 0 else kept / kept.sum()
 
 

@@ -13,7 +13,8 @@ from ..parallel import parallel_map
 from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import Param
-from ._sparsify import kth_smallest, streamed_order_statistics, ties_blocks, topk_rank, topk_threshold
+from ._sparsify import (kth_smallest, restore_cancelled, streamed_order_statistics, ties_blocks, topk_rank,
+                        topk_threshold)
 
 
 def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, chunk: int = 1 << 24) -> Tensor:
@@ -101,9 +102,7 @@ def _finalize(deltas: dict[str, Tensor], model_state: dict, *, k: float, topk_sc
         return
     if sum(votes for votes, _ in model_state.values()) > 0:
         for key, (_, cancelled) in model_state.items():
-            flat = deltas[key].view(-1)
-            for idx, values in cancelled:
-                flat[idx] = values
+            restore_cancelled(deltas[key], cancelled)
 
 
 @register(
