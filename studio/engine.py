@@ -14,7 +14,8 @@ from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
-from .pool import StateDict, TaskPool, fingerprint, key_seed, normalize_preferences, resolve_device
+from .pool import (StateDict, TaskPool, fingerprint, key_seed, normalize_preferences, resolve_device,
+                   validate_experts)
 from .registry import get_calibration, get_method
 from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
 
@@ -27,6 +28,9 @@ _POOL_KEEP = 2
 def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
     """Return the cached :class:`TaskPool` for this exact expert set (and device), creating it if needed."""
     dev = resolve_device(device)
+    # Keys, types and shapes first (no pass over the values), so that the fingerprint never meets a non-tensor;
+    # a new pool also scans the values for NaN / inf once.
+    validate_experts(base, experts, check_finite=False)
     key = (fingerprint(base, experts), str(dev), svd_mode)
     if key in _POOLS:
         _POOLS.move_to_end(key)

@@ -83,6 +83,12 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
                     f"expert '{name}', key '{key}': shape {tuple(tensor.shape)} does not match the base's "
                     f"{tuple(base[key].shape)}"
                 )
+            if tensor.is_floating_point() != base[key].is_floating_point():
+                raise ExpertError(
+                    f"expert '{name}', key '{key}': dtype {tensor.dtype} where the base has {base[key].dtype}; "
+                    f"expected a {'floating-point' if base[key].is_floating_point() else 'non-floating'} tensor "
+                    f"like the base's"
+                )
             if check_finite and not _all_finite(tensor):
                 raise ExpertError(f"expert '{name}', key '{key}' contains NaN or infinite values")
 

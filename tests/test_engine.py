@@ -33,6 +33,21 @@ def test_mismatched_keys_and_shapes_name_the_expert_and_key(clip_pool):
         studio.merge(base, bad, "task_arithmetic")
 
 
+def test_non_tensor_and_non_float_values_name_the_expert_and_key(clip_pool):
+    # A list where a tensor belongs used to reach the pool cache's fingerprint and fail there with an AttributeError;
+    # an integer tensor where the base is floating was merged as if it were a float task vector.
+    base, experts = clip_pool
+    bad = dict(experts, task1=dict(experts["task1"], **{"visual.proj": [[0.0]]}))
+    with pytest.raises(studio.ExpertError, match=r"task1.*visual\.proj.*torch\.Tensor.*list"):
+        studio.merge(base, bad, "task_arithmetic")
+    proj = experts["task1"]["visual.proj"]
+    bad["task1"] = dict(experts["task1"], **{"visual.proj": proj.round().to(torch.int64)})
+    with pytest.raises(studio.ExpertError, match=r"task1.*visual\.proj.*int64.*float32.*floating-point"):
+        studio.merge(base, bad, "ties")
+    bad["task1"] = dict(experts["task1"], **{"visual.proj": proj.to(torch.bfloat16)})   # another float dtype is fine
+    assert studio.merge(base, bad, "ties")["visual.proj"].dtype == base["visual.proj"].dtype
+
+
 def test_non_finite_values_are_rejected(clip_pool):
     base, experts = clip_pool
     bad = dict(experts)
