@@ -872,7 +872,7 @@ def _delta_for_key(pool: TaskPool, key: str, merged: Mapping[str, Tensor], is_de
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise DiagnosticsError(f"merged key '{key}' has shape {got}, expected {tuple(pool.base[key].shape)}")
     x = x.to(pool.device, torch.float32)
-    return x if is_delta else x - pool.base[key].to(pool.device, torch.float32)
+    return x if is_delta else x - pool.tensor(None, key).float()
 
 
 def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None", keys: Sequence[str],

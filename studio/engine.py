@@ -145,9 +145,9 @@ def merge_pool(
             layer = pool.layer(key, None)
             delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
                                 merged_tag=(tag, key), **cal_hp)
-            return (base_t.to(pool.device, acc) + delta.to(acc)).to("cpu", base_t.dtype)
+            return (pool.tensor(None, key).to(acc) + delta.to(acc)).to("cpu", base_t.dtype)
         # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
-        return (delta.to(acc) * scale).add_(base_t.to(pool.device, acc)).to("cpu", base_t.dtype)
+        return (delta.to(acc) * scale).add_(pool.tensor(None, key).to(acc)).to("cpu", base_t.dtype)
 
     report = None if progress is None else (
         lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))

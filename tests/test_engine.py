@@ -150,13 +150,47 @@ def test_cuda_request_without_cuda_is_a_clear_error(clip_pool):
         studio.merge(base, experts, "task_arithmetic", device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("name", ["task_arithmetic", "tsv_m", "iso_c", "iso_cts"])
-def test_cpu_and_cuda_agree(clip_pool, name):
+def _every_merge():
+    import studio.methods  # noqa: F401  (registers every method)
+    from studio.registry import CALIBRATIONS, METHODS
+
+    return [(m, None) for m in sorted(METHODS)] + [("ties", c) for c in sorted(CALIBRATIONS)]
+
+
+@pytest.mark.parametrize("method,calibrate", _every_merge())
+def test_resident_device_copies_change_nothing(clip_pool, method, calibrate):
+    # A resident pool (the CUDA default) reads every tensor through its cache of device copies; on the CPU those
+    # copies are the tensors themselves, so the merge must be bit-identical to the streaming pool's.
     base, experts = clip_pool
-    a = studio.merge(base, experts, name, device="cpu", svd_mode="exact")
-    b = studio.merge(base, experts, name, device="cuda", svd_mode="exact")
+    experts = {**experts, "task1": {k: v.to(torch.bfloat16) for k, v in experts["task1"].items()}}  # mixed dtypes
+    streamed = TaskPool(base, experts, device="cpu", resident=False)
+    resident = TaskPool(base, experts, device="cpu", resident=True)
+    studio.merge_pool(resident, method, calibrate=calibrate)   # fills the copies
+    assert all(resident._on_device[(n, k)] is (base if n is None else experts[n])[k] for n, k in resident._on_device)
+    # Every later read must come from the copies: poison the host tensors (kept only for keys, shapes, dtypes).
+    for sd in (resident.base, *resident.experts.values()):
+        for k, v in sd.items():
+            sd[k] = torch.full_like(v, float("nan")) if v.is_floating_point() else v
+    a = studio.merge_pool(streamed, method, calibrate=calibrate, preferences=[1, 2, 3, 4])
+    b = studio.merge_pool(resident, method, calibrate=calibrate, preferences=[1, 2, 3, 4])
     for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not streamed._on_device
+    assert not TaskPool(base, experts, device="cpu").resident   # the CPU default streams
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("svd_mode", ["exact", "auto"])
+@pytest.mark.parametrize("method,calibrate", _every_merge())
+def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode):
+    base, experts = clip_pool
+    kw = {"p": 0.0} if method == "dare" else {}   # CPU and CUDA generators draw different DARE masks
+    a = studio.merge(base, experts, method, calibrate=calibrate, device="cpu", svd_mode=svd_mode, **kw)
+    pool = studio.get_pool(base, experts, device="cuda", svd_mode=svd_mode)
+    assert pool.resident
+    b = studio.merge_pool(pool, method, calibrate=calibrate, **kw)
+    for k in a:
+        assert b[k].device.type == "cpu" and b[k].dtype == a[k].dtype
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 

@@ -77,11 +77,11 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
     n_top, n_bottom = band_counts(numel, beta, gamma)
     if n_top + n_bottom >= numel:   # nothing kept (a tiny tensor)
         return torch.zeros(layer.shape, device=layer.device)
-    base = pool.base[key].to(layer.device, torch.float32).reshape(-1)
+    base = pool.tensor(None, key).float().reshape(-1)
     mag = torch.empty_like(base)
     bands, fixes = [], []
     for i, name in enumerate(layer.names):
-        torch.sub(pool.experts[name][key].to(layer.device, torch.float32).reshape(-1), base, out=mag).abs_()
+        torch.sub(pool.tensor(name, key).float().reshape(-1), base, out=mag).abs_()
         lo, hi, lo_ties, hi_ties = band_thresholds(mag, beta, gamma)
         if lo == hi and (lo_ties or hi_ties):  # one tied value straddles both cuts
             return generalized_task_arithmetic(

@@ -48,8 +48,8 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
         # |expert - base| of one task, up to len(out) entries at a time, written into out.
         at = 0
         for key in keys:
-            base = pool.base[key].to(pool.device).reshape(-1)
-            expert = pool.experts[name][key].to(pool.device).reshape(-1)
+            base = pool.tensor(None, key).reshape(-1)
+            expert = pool.tensor(name, key).reshape(-1)
             for start in range(0, base.numel(), chunk):
                 stop = min(base.numel(), start + chunk)
                 b, e = base[start:stop], expert[start:stop]
