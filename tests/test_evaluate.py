@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import studio
-from studio.evaluate import alpha_sweep, evaluate, predict
+from studio.evaluate import alpha_sweep, evaluate, post_scale_param, predict
 from studio.schema import StudioError
 from studio.suite import DEFAULT_SUITE_PATH, ArchitectureError, EmptySplitError, UnknownTaskError, default_suite
 from studio.suite.model import CLIP_MEAN, CLIP_STD
@@ -152,3 +152,35 @@ def test_leaderboard_rows(suite):
     assert rows[1].avg_normalized == 100.0 and not math.isnan(rows[0].avg_accuracy)
     md = to_markdown(small, rows)
     assert md.count("\n| ") == 1 + len(rows) and "| task_arithmetic | 0.3 |" in md
+
+
+def _readme_leaderboard() -> list[list[str]]:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = text.split("### Leaderboard", 1)[1].split("\n\n")
+    rows = next(block for block in table if block.startswith("| Method | alpha |")).splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+
+
+_README_ROWS = _readme_leaderboard()
+
+
+@pytest.mark.parametrize("row", _README_ROWS[4:], ids=[r[0] for r in _README_ROWS[4:]])   # after the references
+def test_readme_leaderboard_row_reproduces(suite, row):
+    # Every merged row of the README's leaderboard, merged again by this code at the alpha it reports and evaluated
+    # on the test split: a method whose behaviour changed without the table being re-measured fails here (the
+    # table is python -m studio.leaderboard's output; choosing alpha again would take a 17-point sweep per row).
+    header = _README_ROWS[0]
+    label, alpha = row[0], row[1]
+    method, _, calibrate = (part.strip() for part in label.partition("+"))
+    kwargs = {} if alpha == "-" else {post_scale_param(method): float(alpha)}
+    merged = studio.merge(suite.base, suite.experts, method, calibrate=calibrate or None, **kwargs)
+    res = evaluate(suite, merged, split="test", device="cpu")
+    tasks = header[2:-2]
+    assert tasks == list(suite.task_names)
+    # 300 test images per task: one image is 0.33 points; allow one image per task for a different float reduction
+    # order (thread count), nothing more
+    for task, cell in zip(tasks, row[2:-2]):
+        assert abs(res.accuracy[task] - float(cell)) <= 0.4, (label, task, res.accuracy[task], cell)
+    assert abs(res.avg_accuracy - float(row[-2])) <= 0.06, (label, res.avg_accuracy, row[-2])
