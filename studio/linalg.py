@@ -213,7 +213,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
         a = a.double()
     keep = S > null_tolerance(S[0], n) if rank else S > 0
     safe = torch.where(keep, S, torch.ones_like(S))
-    U = (a @ V) / safe * keep
+    U = torch.matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
     S = S * keep
     V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
     return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
