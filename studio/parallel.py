@@ -46,6 +46,10 @@ def set_workers(workers: int | None) -> None:
 
 def _mark_worker() -> None:
     _state.worker = True
+    # A new thread starts with OpenMP's and MKL's process defaults (one thread per core), not the caller's
+    # torch.set_num_threads(1): without this each worker ran MKL on every core (4 threads on 2 cores), and MKL's
+    # results then varied between identical merges.
+    torch.set_num_threads(1)
 
 
 def cpu_workers(device: "torch.device | str") -> int:

@@ -277,6 +277,38 @@ def test_worker_threads_give_bit_identical_merges(clip_pool, method, kw):
         assert torch.equal(one[k], three[k]), k
 
 
+def _thread_count_probes():
+    """``omp_get_max_threads`` of torch's OpenMP and ``mkl_get_max_threads`` of its MKL, for the calling thread."""
+    import ctypes
+    import glob
+    import os
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    gomp = glob.glob(os.path.join(lib, "libgomp*.so*"))
+    if not gomp or not os.path.exists(os.path.join(lib, "libtorch_cpu.so")):
+        pytest.skip("this torch build bundles no libgomp / libtorch_cpu.so to ask")
+    omp, cpu = ctypes.CDLL(gomp[0]), ctypes.CDLL(os.path.join(lib, "libtorch_cpu.so"))
+    if not hasattr(cpu, "mkl_get_max_threads"):
+        pytest.skip("this torch build has no MKL")
+    return lambda: (omp.omp_get_max_threads(), cpu.mkl_get_max_threads())
+
+
+def test_worker_threads_compute_with_one_openmp_and_mkl_thread():
+    """Every merge worker runs torch's OpenMP and MKL on one thread. A new thread starts from the process defaults
+    (one thread per core), not from the caller's ``torch.set_num_threads(1)``: each of two workers ran MKL on two
+    threads, so a 2-core machine ran four, and MKL's results then changed between identical merges (exact-mode
+    Ortho-Merge on float16 experts, in 2 of 30 runs)."""
+    from studio.parallel import parallel_map
+
+    probe = _thread_count_probes()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert parallel_map(lambda _: probe(), range(4)) == [(1, 1)] * 4
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_memo_computes_once_under_concurrent_requests_and_recovers_from_errors(clip_pool):
     import threading
 
