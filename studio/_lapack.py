@@ -34,7 +34,7 @@ import threadpoolctl
 import torch
 from torch import Tensor
 
-__all__ = ["gram", "eigh_top", "have_syevr", "one_blas_thread"]
+__all__ = ["gram", "matmul", "eigh", "eigh_top", "have_syevr", "one_blas_thread"]
 
 _CHAR, _INT = ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)
 
@@ -58,6 +58,27 @@ def _syevr(dtype: str) -> Callable | None:
     # jobz, range, uplo, n, a, lda, vl, vu, il, iu, abstol, m, w, z, ldz, isuppz, work, lwork, iwork, liwork, info
     proto = ctypes.CFUNCTYPE(None, _CHAR, _CHAR, _CHAR, _INT, real, _INT, real, real, _INT, _INT, real, _INT,
                              real, real, _INT, _INT, real, _INT, _INT, _INT, _INT)
+    return proto(address)
+
+
+@functools.lru_cache(maxsize=None)
+def _syevd(dtype: str) -> Callable | None:
+    """ctypes handle on SciPy's ``ssyevd`` / ``dsyevd`` (the full divide-and-conquer eigensolver), or None."""
+    name = {"float32": "ssyevd", "float64": "dsyevd"}[dtype]
+    try:
+        from scipy.linalg import cython_lapack
+
+        capsule = cython_lapack.__pyx_capi__[name]
+    except (ImportError, AttributeError, KeyError):  # pragma: no cover - SciPy is a dependency; degrade to torch
+        return None
+    get_name = ctypes.pythonapi.PyCapsule_GetName
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    address = get_pointer(capsule, get_name(capsule))
+    real = ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+    # jobz, uplo, n, a, lda, w, work, lwork, iwork, liwork, info
+    proto = ctypes.CFUNCTYPE(None, _CHAR, _CHAR, _INT, real, _INT, real, real, _INT, _INT, _INT, _INT)
     return proto(address)
 
 
@@ -136,13 +157,28 @@ def gram(a: Tensor) -> Tensor:
         return torch.from_numpy(x.T @ x)
 
 
-def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def _lapack_buffer(g: Tensor, overwrite: bool) -> np.ndarray:
+    """A column-major array holding ``g`` for LAPACK to overwrite (it reads the lower triangle): ``g``'s own memory
+    when ``overwrite`` and it is contiguous, else a copy. Row-major memory read column-major is ``g^T``, so LAPACK
+    then reads ``g``'s upper triangle: the same numbers for an exactly symmetric ``g`` such as :func:`gram`'s
+    (BLAS ``syrk`` computes one triangle and NumPy mirrors it), so the result is the same to the bit."""
+    x = g.detach().numpy()
+    if overwrite and x.flags.writeable and x.flags.f_contiguous:
+        return x
+    if overwrite and x.flags.writeable and x.flags.c_contiguous:
+        return x.T
+    return np.array(x, order="F", copy=True)
+
+
+def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
 
     CPU float32/float64 with ``k <= n / 4``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only
     those ``k`` eigenvectors are computed). Otherwise (other devices, larger ``k`` -- where ``syevr`` is slower than
     the full ``syevd``: measured 43 vs 44 ms at k = 192 of 768, 68 vs 43 ms at k = 384 -- or SciPy missing) the full
-    ``torch.linalg.eigh``, sliced. Eigenvector signs are arbitrary, as for any eigensolver.
+    ``torch.linalg.eigh``, sliced. Eigenvector signs are arbitrary, as for any eigensolver. ``overwrite=True``
+    lets LAPACK work in ``g``'s own memory (a fresh Gram matrix the caller does not need again, exactly
+    symmetric) instead of a copy.
 
     Example:
         >>> w, v = eigh_top(torch.diag(torch.tensor([1.0, 5.0, 3.0])), 2)
@@ -153,11 +189,11 @@ def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     k = max(0, min(int(k), n))
     fn = _syevr(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
     if g.device.type != "cpu" or 4 * k > n or k == 0 or fn is None or g.ndim != 2:
-        evals, evecs = torch.linalg.eigh(g)
+        evals, evecs = eigh(g, overwrite=overwrite)
         return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
     real = ctypes.POINTER(ctypes.c_float if g.dtype == torch.float32 else ctypes.c_double)
-    a = np.array(g.detach().numpy(), dtype=np_dtype, order="F", copy=True)  # overwritten by LAPACK
+    a = _lapack_buffer(g, overwrite)
     w = np.empty(n, dtype=np_dtype)
     z = np.empty((k, n), dtype=np_dtype)  # Fortran n x k, column j = eigenvector j
     isuppz = np.empty(2 * k, dtype=np.intc)
@@ -186,3 +222,65 @@ def eigh_top(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     evals = torch.from_numpy(w[:k][::-1].copy())
     evecs = torch.from_numpy(z[::-1].T.copy())
     return evals, evecs
+
+
+def _blas_operand(t: Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) and t.ndim == 2 and not t.requires_grad
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; for 2-D float32/float64 CPU tensors through NumPy's BLAS (OpenBLAS) on one thread.
+
+    PyTorch's CPU wheels multiply with MKL, which takes its AVX2 code path on AMD processors; OpenBLAS picks its
+    kernel for the processor it runs on (AVX-512 on the development machine). Elsewhere (other devices, dtypes,
+    batched or autograd tensors) this is ``a @ b``.
+
+    Example:
+        >>> matmul(torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0], [4.0]])).tolist()
+        [[11.0]]
+    """
+    if not (_blas_operand(a) and _blas_operand(b) and a.dtype == b.dtype):
+        return a @ b
+    x, y = a.detach().numpy(), b.detach().numpy()
+    with one_blas_thread():
+        return torch.from_numpy(x @ y)
+
+
+def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """All eigenpairs of the symmetric matrix ``g`` (its lower triangle), ascending, like ``torch.linalg.eigh``.
+
+    On the CPU (2-D float32/float64) LAPACK's divide-and-conquer ``syevd`` from SciPy's OpenBLAS through
+    :mod:`ctypes` (the GIL is released, so worker threads run in parallel); elsewhere ``torch.linalg.eigh``.
+    ``overwrite=True`` lets LAPACK work in ``g``'s memory (the eigenvectors then share it) instead of a copy; ``g``
+    must then be exactly symmetric, as :func:`gram`'s results are.
+
+    Example:
+        >>> w, v = eigh(torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64))
+        >>> [round(x, 12) for x in w.tolist()], round(abs(float(v[0, 1] * v[1, 1])), 12)
+        ([1.0, 3.0], 0.5)
+    """
+    fn = _syevd(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
+    n = g.shape[-1]
+    if fn is None or not _blas_operand(g) or n == 0:
+        return torch.linalg.eigh(g)
+    np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
+    real = ctypes.POINTER(ctypes.c_float if g.dtype == torch.float32 else ctypes.c_double)
+    a = _lapack_buffer(g, overwrite)   # the eigenvectors overwrite it, column by column
+    w = np.empty(n, dtype=np_dtype)
+    ints = {name: ctypes.c_int(v) for name, v in (("n", n), ("lda", n), ("lwork", -1), ("liwork", -1),
+                                                   ("info", 0))}
+
+    def call(work: np.ndarray, iwork: np.ndarray) -> None:
+        fn(b"V", b"L", ctypes.byref(ints["n"]), a.ctypes.data_as(real), ctypes.byref(ints["lda"]),
+           w.ctypes.data_as(real), work.ctypes.data_as(real), ctypes.byref(ints["lwork"]),
+           iwork.ctypes.data_as(_INT), ctypes.byref(ints["liwork"]), ctypes.byref(ints["info"]))
+        if ints["info"].value != 0:
+            raise RuntimeError(f"LAPACK {'s' if np_dtype is np.float32 else 'd'}syevd failed (info = "
+                               f"{ints['info'].value}) on a {n} x {n} matrix")
+
+    query_work, query_iwork = np.empty(1, dtype=np_dtype), np.empty(1, dtype=np.intc)
+    call(query_work, query_iwork)
+    ints["lwork"].value, ints["liwork"].value = int(query_work[0]), int(query_iwork[0])
+    with one_blas_thread():
+        call(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
+    return torch.from_numpy(w), torch.from_numpy(a)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _lapack
+from ._lapack import matmul
 
 
 def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,7 +81,7 @@ def polar(matrix: Tensor) -> Tensor:
 
 def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """``U diag(S) Vh`` without materialising ``diag(S)``."""
-    return (U * S.unsqueeze(-2)) @ Vh
+    return _lapack.matmul(U * S.unsqueeze(-2), Vh)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,15 +105,17 @@ def null_tolerance(largest: Tensor, size: int) -> Tensor:
 
 def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = None) -> Tensor:
     """``gram^{-1/2}`` (or ``gram^{-1/2} - I``) of a symmetric PSD matrix, in float64, zero on its null space:
-    singular values ``sqrt(eigenvalue)`` at or below :func:`null_tolerance`, or ``rtol`` times the largest."""
-    evals, evecs = torch.linalg.eigh(gram.double())
+    singular values ``sqrt(eigenvalue)`` at or below :func:`null_tolerance`, or ``rtol`` times the largest.
+    A float64 ``gram`` is overwritten: callers pass a fresh, exactly symmetric one (:func:`studio._lapack.gram`)."""
+    evals, evecs = _lapack.eigh(gram.double(), overwrite=True)
     sig = evals.clamp_min(0).sqrt()
     tol = null_tolerance(sig.max(), gram.shape[-1]) if rtol is None else rtol * sig.max()
     keep = sig > tol
     f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
     if minus_one:
-        f = f - 1.0
-    return (evecs * f) @ evecs.mT
+        return _lapack.matmul(evecs * (f - 1.0), evecs.mT)
+    half = evecs * f.sqrt()
+    return _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
 
 
 def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
@@ -140,7 +143,7 @@ def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
         return polar_gram(matrix.mT, rtol).mT
     a64 = matrix.double()
     inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64), rtol=rtol)
-    return (a64 @ inv_sqrt).to(matrix.dtype)
+    return _lapack.matmul(a64, inv_sqrt).to(matrix.dtype)
 
 
 def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
@@ -171,7 +174,7 @@ def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
     q64, c64 = basis.double(), extra.double()
     qx = torch.linalg.qr(q64.mT @ c64).Q                      # [k, t], spans the coupling Q^T C
     ab = torch.cat([q64 @ qx, c64], dim=-1)                    # A B, [n, 2t]
-    m = ab @ _inv_sqrt_psd(ab.mT @ ab, minus_one=True)   # [n, 2t]
+    m = matmul(ab, _inv_sqrt_psd(_lapack.gram(ab), minus_one=True))   # [n, 2t]
     out = torch.cat([q64 + m[:, :t] @ qx.mT, c64 + m[:, t:]], dim=-1)
     return out.to(basis.dtype)
 
@@ -205,7 +208,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
     a = matrix.to(out_dtype)
     while True:
-        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank)  # descending
+        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank, overwrite=True)  # descending
         S = evals[:rank].clamp_min(0).sqrt()
         V = evecs[:, :rank]
         if a.dtype == torch.float64 or rank == 0 or bool(S[-1] >= 0.1 * S[0]):
@@ -213,7 +216,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
         a = a.double()
     keep = S > null_tolerance(S[0], n) if rank else S > 0
     safe = torch.where(keep, S, torch.ones_like(S))
-    U = torch.matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
+    U = _lapack.matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
     S = S * keep
     V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
     return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
@@ -289,12 +292,12 @@ def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, compleme
         [3.0, 2.0]
     """
     if complement is not None and not exact:
-        Uz, S, Vh = gram_svd(complement.mT @ matrix, rank)
-        return complement @ Uz, S, Vh
-    residual = torch.addmm(matrix, basis, basis.mT @ matrix, alpha=-1)   # one [m, n] allocation
+        Uz, S, Vh = gram_svd(matmul(complement.mT, matrix), rank)
+        return matmul(complement, Uz), S, Vh
+    residual = matmul(basis, matmul(basis.mT, matrix)).neg_().add_(matrix)   # matrix - basis basis^T matrix
     if exact:
         return truncated_svd(residual, rank, exact=True)
     U, S, Vh = gram_svd(residual, rank)
     # U = R v / sigma inherits the rounding of R relative to its (small) norm; one more projection restores
     # the orthogonality to the basis that eq. 10 guarantees, at m k rank flops.
-    return U - basis @ (basis.mT @ U), S, Vh
+    return U - matmul(basis, matmul(basis.mT, U)), S, Vh

@@ -196,3 +196,73 @@ def test_fast_paths_run_blas_single_threaded_and_leave_the_callers_setting(monke
         worker.join()
         assert _blas_threads() == before
     assert len(seen) == 2 and all(set(threads) == {1} for threads in seen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_full_eigh_matches_torch_and_may_work_in_the_callers_memory(dtype):
+    """_lapack.eigh (SciPy's syevd) against torch.linalg.eigh: ascending eigenvalues to eps * |G|, the same
+    eigenvectors up to sign where the spectrum separates them; overwrite=True uses the argument's own memory
+    (row- or column-major) and gives the same decomposition for an exactly symmetric G (as gram's are)."""
+    spectrum = torch.cat([torch.logspace(2, 0.5, 30), torch.linspace(3, 1e-6, 90)])
+    G = _sym(120, spectrum, seed=7, dtype=dtype)
+    G = (G + G.mT) / 2                                                # exactly symmetric
+    w, v = _lapack.eigh(G)
+    ref_w, ref_v = torch.linalg.eigh(G.double())
+    eps = torch.finfo(dtype).eps
+    assert w.dtype == v.dtype == dtype and v.shape == (120, 120)
+    assert float((w.double() - ref_w).abs().max()) <= 20 * eps * float(ref_w[-1])
+    assert torch.all(w[1:] >= w[:-1])
+    head = (v[:, -30:].double() * ref_v[:, -30:]).sum(0).abs()       # the separated top 30
+    assert float((1 - head).max()) < 1e3 * eps
+    torch.testing.assert_close((v.double() * w.double()) @ v.double().mT, G.double(), atol=100 * eps * 100, rtol=0)
+    for arg in (G.clone(), G.clone().mT.contiguous().mT):            # row-major, column-major
+        w2, v2 = _lapack.eigh(arg, overwrite=True)
+        assert torch.equal(w2, w) and torch.equal(v2, v)
+        assert v2.data_ptr() == arg.data_ptr()                         # no copy was made
+    w3, v3 = _lapack.eigh_top(G.clone(), 10, overwrite=True)
+    assert torch.equal(w3, _lapack.eigh_top(G, 10)[0]) and torch.equal(v3, _lapack.eigh_top(G, 10)[1])
+    S = _sym(120, spectrum, seed=7, dtype=dtype)
+    assert torch.equal(G, (S + S.mT) / 2)                             # without overwrite the input is kept
+
+
+def test_full_eigh_without_scipy_and_off_the_fast_path_is_torchs(monkeypatch):
+    G = _sym(40, torch.linspace(4, 1, 40), seed=8)
+    batched = G.unsqueeze(0)                                          # not a 2-D matrix: torch's solver
+    assert all(torch.equal(x, y) for x, y in zip(_lapack.eigh(batched), torch.linalg.eigh(batched)))
+    fast = _lapack.eigh(G)
+    monkeypatch.setattr(_lapack, "_syevd", lambda dtype: None)
+    slow = _lapack.eigh(G)
+    assert all(torch.equal(x, y) for x, y in zip(slow, torch.linalg.eigh(G)))
+    torch.testing.assert_close(fast[0], slow[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(_projector(fast[1][:, -5:]), _projector(slow[1][:, -5:]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_is_the_product_for_views_and_falls_back_elsewhere(dtype):
+    """_lapack.matmul (NumPy's BLAS on the CPU) equals ``a @ b`` to rounding for contiguous, transposed, sliced and
+    strided operands, returns a fresh writable tensor, and is ``a @ b`` itself where it does not apply."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(90, 70, generator=g, dtype=dtype)
+    b = torch.randn(70, 50, generator=g, dtype=dtype)
+    tol = dict(rtol=0, atol=50 * torch.finfo(dtype).eps * 70)
+    for x, y in ((a, b), (a.mT.contiguous().mT, b), (a[:, :60], b[:60]), (a[::2], b), (b.mT, a.mT), (a, b[:, :1])):
+        out = _lapack.matmul(x, y)
+        assert out.dtype == dtype and out.shape == (x.shape[0], y.shape[1])
+        torch.testing.assert_close(out, (x.double() @ y.double()).to(dtype), **tol)
+        out.add_(1.0)                                                   # writable, and not an operand
+    assert torch.equal(a[:, :1], torch.randn(90, 70, generator=torch.Generator().manual_seed(9), dtype=dtype)[:, :1])
+    for x, y in ((a.half(), b.half()), (a.unsqueeze(0), b.unsqueeze(0)), (a.float(), b.double()),
+                 (a.requires_grad_(True), b)):
+        out = _lapack.matmul(x, y) if x.dtype == y.dtype else None
+        if out is not None:
+            assert torch.equal(out, x @ y)
+    with pytest.raises(RuntimeError):
+        _lapack.matmul(a.detach().float(), b.double())                 # mixed dtypes: torch's own error
+
+
+def test_matmul_and_full_eigh_are_thread_safe_and_deterministic():
+    mats = [_sym(150, torch.linspace(10, 1e-3, 150), seed=s, dtype=torch.float64) for s in range(4)]
+    sequential = [(_lapack.eigh(m), _lapack.matmul(m, m)) for m in mats]
+    results = parallel_map(lambda m: (_lapack.eigh(m), _lapack.matmul(m, m)), mats + mats)
+    for ((w1, v1), p1), ((w2, v2), p2) in zip(sequential + sequential, results):
+        assert torch.equal(w1, w2) and torch.equal(v1, v2) and torch.equal(p1, p2)

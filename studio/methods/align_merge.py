@@ -257,9 +257,9 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
 
     # Alg. 1 line 24 / eq. 14: sigma^ / eta^r is the projection of sum_i Delta_i (or of Delta_{i*}) on u^ v^T
     if eta == "sum":
-        proj = torch.linalg.vecdot(U_perp.mT @ layer.sum(), V_perp.mT)
+        proj = torch.linalg.vecdot(linalg.matmul(U_perp.mT, layer.sum()), V_perp.mT)
     else:
-        per_task = torch.stack([torch.linalg.vecdot(U_perp.mT @ d, V_perp.mT)
+        per_task = torch.stack([torch.linalg.vecdot(linalg.matmul(U_perp.mT, d), V_perp.mT)
                                 for d in layer.task_deltas(reuse=True)])  # [K, R']
         star = per_task.abs().argmax(0)
         proj = per_task.gather(0, star.unsqueeze(0)).squeeze(0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .. import linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param
@@ -43,4 +44,4 @@ def iso_c(layer: LayerTasks) -> Tensor:
         [[2.0, 0.0], [0.0, 2.0]]
     """
     U, S, Vh = layer.sum_svd()
-    return (U * S.mean()) @ Vh
+    return linalg.reconstruct(U, S.mean().expand_as(S), Vh)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import polar_extend, polar_gram, truncated_svd_deflated
+from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
@@ -132,7 +132,7 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, k, s)
     sigma_bar = sigmas.sum() / r
     if layer.pool.svd_mode == "exact":   # LAPACK's float32 common block is orthonormal to ~1e-6 only (see above)
-        return (polar_gram(torch.cat([Uc, U_ts], 1)) * sigma_bar) @ polar_gram(torch.cat([Vc, V_ts], 1)).mT
+        return matmul(polar_gram(torch.cat([Uc, U_ts], 1)) * sigma_bar, polar_gram(torch.cat([Vc, V_ts], 1)).mT)
     # eq. 10: U_ts is orthogonal to Uc (to rounding), so the left polar factor is [Uc | polar(U_ts)]
     U_star = torch.cat([Uc, polar_gram(U_ts)], 1) if U_ts.shape[1] else Uc
-    return (U_star * sigma_bar) @ polar_extend(Vc, V_ts).mT
+    return matmul(U_star * sigma_bar, polar_extend(Vc, V_ts).mT)

@@ -72,7 +72,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
         return torch.zeros_like(matrix)
     tol = max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]
     r = int((S > tol).sum())
-    return (U[:, :r] * S[:r].mean()) @ Vh[:r]
+    return linalg.reconstruct(U[:, :r], S[:r].mean().expand(r), Vh[:r])
 
 
 @register(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import linalg
 from ..linalg import polar_gram
 from ..pool import LayerTasks
 from ..registry import register
@@ -114,4 +115,4 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
         U, S, V = U[:, keep], S[keep], V[:, keep]
     if S.numel() == 0:
         return torch.zeros(layer.shape, device=layer.device)
-    return (polar_gram(U) * S) @ polar_gram(V).mT
+    return linalg.reconstruct(polar_gram(U), S, polar_gram(V).mT)
