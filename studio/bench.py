@@ -161,6 +161,21 @@ class CpuSteal:
             self.percent = 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
 
 
+def blas_kernels() -> str:
+    """Which kernels the CPU fast paths run: OpenBLAS's (NumPy's and SciPy's, ``studio._lapack``) as picked for this
+    processor or forced by ``OPENBLAS_CORETYPE``, and PyTorch's own BLAS for everything else."""
+    import threadpoolctl
+
+    from . import _lapack
+
+    _lapack.have_syevr()   # load SciPy's LAPACK so it is listed
+    libs = threadpoolctl.threadpool_info()
+    arch = sorted({str(i.get("architecture")) for i in libs if i["internal_api"] == "openblas"})
+    forced = os.environ.get("OPENBLAS_CORETYPE")
+    return (f"OpenBLAS kernel {'/'.join(arch) or 'none'}" + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
+            + f", torch BLAS {torch.backends.mkl.is_available() and 'MKL' or 'other'}")
+
+
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -247,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{cpu_workers('cpu')} CPU merge workers"
+          f"{cpu_workers('cpu')} CPU merge workers; {blas_kernels()}"
           + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:
