@@ -1,7 +1,8 @@
 """Shared linear-algebra building blocks used by the spectral methods, calibrations and diagnostics.
 
 Methods compose these instead of re-implementing them: truncated SVD, whitening (orthogonal Procrustes / polar
-factor, TSV eq. 8-9), projections. Everything here is pure: tensors in, tensors out, no device policy.
+factor, TSV eq. 8-9), projections. Everything here is pure: tensors in, tensors out, no device policy. Large
+products go through :func:`matmul` (OpenBLAS on the CPU, :mod:`studio._lapack`; ``@`` elsewhere).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def polar(matrix: Tensor) -> Tensor:
 
 def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """``U diag(S) Vh`` without materialising ``diag(S)``."""
-    return _lapack.matmul(U * S.unsqueeze(-2), Vh)
+    return matmul(U * S.unsqueeze(-2), Vh)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -113,7 +114,7 @@ def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = No
     keep = sig > tol
     f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
     if minus_one:
-        return _lapack.matmul(evecs * (f - 1.0), evecs.mT)
+        return matmul(evecs * (f - 1.0), evecs.mT)
     half = evecs * f.sqrt()
     return _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
 
@@ -143,7 +144,7 @@ def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
         return polar_gram(matrix.mT, rtol).mT
     a64 = matrix.double()
     inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64), rtol=rtol)
-    return _lapack.matmul(a64, inv_sqrt).to(matrix.dtype)
+    return matmul(a64, inv_sqrt).to(matrix.dtype)
 
 
 def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
@@ -172,10 +173,10 @@ def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
     if k == 0 or t >= k:
         return polar_gram(torch.cat([basis, extra], dim=-1))
     q64, c64 = basis.double(), extra.double()
-    qx = torch.linalg.qr(q64.mT @ c64).Q                      # [k, t], spans the coupling Q^T C
-    ab = torch.cat([q64 @ qx, c64], dim=-1)                    # A B, [n, 2t]
+    qx = torch.linalg.qr(matmul(q64.mT, c64)).Q                # [k, t], spans the coupling Q^T C
+    ab = torch.cat([matmul(q64, qx), c64], dim=-1)             # A B, [n, 2t]
     m = matmul(ab, _inv_sqrt_psd(_lapack.gram(ab), minus_one=True))   # [n, 2t]
-    out = torch.cat([q64 + m[:, :t] @ qx.mT, c64 + m[:, t:]], dim=-1)
+    out = torch.cat([q64 + matmul(m[:, :t], qx.mT), c64 + m[:, t:]], dim=-1)
     return out.to(basis.dtype)
 
 
@@ -216,7 +217,7 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
         a = a.double()
     keep = S > null_tolerance(S[0], n) if rank else S > 0
     safe = torch.where(keep, S, torch.ones_like(S))
-    U = _lapack.matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
+    U = matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
     S = S * keep
     V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
     return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
