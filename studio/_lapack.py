@@ -39,10 +39,9 @@ __all__ = ["gram", "matmul", "eigh", "eigh_top", "have_syevr", "one_blas_thread"
 _CHAR, _INT = ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)
 
 
-@functools.lru_cache(maxsize=None)
-def _syevr(dtype: str) -> Callable | None:
-    """ctypes handle on SciPy's ``ssyevr`` / ``dsyevr`` (``dtype`` ``"float32"`` / ``"float64"``), or None."""
-    name = {"float32": "ssyevr", "float64": "dsyevr"}[dtype]
+def _scipy_lapack(name: str, *args: type) -> Callable | None:
+    """ctypes handle on SciPy's exported LAPACK routine ``name`` (``scipy.linalg.cython_lapack``) taking the
+    argument types ``args``, or None where SciPy is missing."""
     try:
         from scipy.linalg import cython_lapack
 
@@ -53,33 +52,29 @@ def _syevr(dtype: str) -> Callable | None:
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    address = get_pointer(capsule, get_name(capsule))
-    real = ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+    return ctypes.CFUNCTYPE(None, *args)(get_pointer(capsule, get_name(capsule)))
+
+
+def _real(dtype: str) -> type:
+    return ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+
+
+@functools.lru_cache(maxsize=None)
+def _syevr(dtype: str) -> Callable | None:
+    """ctypes handle on SciPy's ``ssyevr`` / ``dsyevr`` (``dtype`` ``"float32"`` / ``"float64"``), or None."""
+    real = _real(dtype)
     # jobz, range, uplo, n, a, lda, vl, vu, il, iu, abstol, m, w, z, ldz, isuppz, work, lwork, iwork, liwork, info
-    proto = ctypes.CFUNCTYPE(None, _CHAR, _CHAR, _CHAR, _INT, real, _INT, real, real, _INT, _INT, real, _INT,
-                             real, real, _INT, _INT, real, _INT, _INT, _INT, _INT)
-    return proto(address)
+    return _scipy_lapack({"float32": "ssyevr", "float64": "dsyevr"}[dtype], _CHAR, _CHAR, _CHAR, _INT, real, _INT,
+                         real, real, _INT, _INT, real, _INT, real, real, _INT, _INT, real, _INT, _INT, _INT, _INT)
 
 
 @functools.lru_cache(maxsize=None)
 def _syevd(dtype: str) -> Callable | None:
     """ctypes handle on SciPy's ``ssyevd`` / ``dsyevd`` (the full divide-and-conquer eigensolver), or None."""
-    name = {"float32": "ssyevd", "float64": "dsyevd"}[dtype]
-    try:
-        from scipy.linalg import cython_lapack
-
-        capsule = cython_lapack.__pyx_capi__[name]
-    except (ImportError, AttributeError, KeyError):  # pragma: no cover - SciPy is a dependency; degrade to torch
-        return None
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    address = get_pointer(capsule, get_name(capsule))
-    real = ctypes.POINTER(ctypes.c_float if dtype == "float32" else ctypes.c_double)
+    real = _real(dtype)
     # jobz, uplo, n, a, lda, w, work, lwork, iwork, liwork, info
-    proto = ctypes.CFUNCTYPE(None, _CHAR, _CHAR, _INT, real, _INT, real, real, _INT, _INT, _INT, _INT)
-    return proto(address)
+    return _scipy_lapack({"float32": "ssyevd", "float64": "dsyevd"}[dtype], _CHAR, _CHAR, _INT, real, _INT, real,
+                         real, _INT, _INT, _INT, _INT)
 
 
 def have_syevr() -> bool:
@@ -192,7 +187,7 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
         evals, evecs = eigh(g, overwrite=overwrite)
         return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
-    real = ctypes.POINTER(ctypes.c_float if g.dtype == torch.float32 else ctypes.c_double)
+    real = _real(str(g.dtype).removeprefix("torch."))
     a = _lapack_buffer(g, overwrite)
     w = np.empty(n, dtype=np_dtype)
     z = np.empty((k, n), dtype=np_dtype)  # Fortran n x k, column j = eigenvector j
@@ -264,7 +259,7 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     if fn is None or not _blas_operand(g) or n == 0:
         return torch.linalg.eigh(g)
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
-    real = ctypes.POINTER(ctypes.c_float if g.dtype == torch.float32 else ctypes.c_double)
+    real = _real(str(g.dtype).removeprefix("torch."))
     a = _lapack_buffer(g, overwrite)   # the eigenvectors overwrite it, column by column
     w = np.empty(n, dtype=np_dtype)
     ints = {name: ctypes.c_int(v) for name, v in (("n", n), ("lda", n), ("lwork", -1), ("liwork", -1),
