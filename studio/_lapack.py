@@ -1,4 +1,4 @@
-"""CPU fast paths for the two kernels that dominate the spectral methods: Gram matrices and partial eigensolves.
+"""CPU fast paths for the kernels that dominate the spectral methods: Gram matrices, eigensolves and products.
 
 PyTorch's CPU backend forms ``A^T A`` with a general matrix product (twice the work of BLAS ``syrk``) and offers
 only the full symmetric eigensolver (LAPACK ``syevd``), although TSV-M keeps 1/T of the spectrum and Ortho-Merge 5
@@ -9,12 +9,16 @@ components. Here:
 * :func:`eigh_top` computes only the top ``k`` eigenpairs with LAPACK's ``syevr`` (MRRR, as accurate as ``syevd``;
   measured 23-30 ms vs 31-45 ms for ``k = 96`` of ``768``, 19 ms vs 31-54 ms for ``k = 5``), calling SciPy's
   exported LAPACK (``scipy.linalg.cython_lapack``) through :mod:`ctypes` so the GIL is released and the merge's
-  worker threads run in parallel (SciPy's own ``scipy.linalg.eigh`` holds the GIL, which would serialise them).
+  worker threads run in parallel (SciPy's own ``scipy.linalg.eigh`` holds the GIL, which would serialise them);
+* :func:`eigh` (all eigenpairs, ``syevd``, the same way) and :func:`matmul` (NumPy's matmul) run on OpenBLAS
+  because PyTorch's CPU wheels use MKL, which takes its AVX2 code path on AMD processors, where OpenBLAS picks the
+  kernel for the processor (float64 ``768 x 768`` eigensolve 76 vs 53 ms, float32 ``3072 x 768 x 768`` product 40
+  vs 17 ms on the development machine's AVX-512 cores).
 
-Both fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing. Nothing here
+All fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing. Nothing here
 knows about merging.
 
-Both run NumPy's and SciPy's bundled OpenBLAS on one thread (:func:`one_blas_thread`). The two wheels bundle
+All run NumPy's and SciPy's bundled OpenBLAS on one thread (:func:`one_blas_thread`). The two wheels bundle
 separate OpenBLAS builds, each with a pool of one thread per core whose threads spin after every call; alternating
 ``gram`` (NumPy's) and ``eigh_top`` (SciPy's) then starves each call of its core: TSV-M's merge with one PyTorch
 thread took 63.9 s instead of 31.1 s on the 2-core machine (``bench --threads 1``), and eight ``gram_svd`` of
@@ -165,13 +169,30 @@ def _lapack_buffer(g: Tensor, overwrite: bool) -> np.ndarray:
     return np.array(x, order="F", copy=True)
 
 
+def _run_with_workspace(call: Callable[[np.ndarray, np.ndarray], None], ints: dict[str, ctypes.c_int],
+                        np_dtype: type, routine: str, n: int) -> None:
+    """A LAPACK call with its workspace query first (``lwork = liwork = -1``), then the real call on one BLAS
+    thread; raises naming ``routine`` if LAPACK reports an error (``info != 0``)."""
+    def checked(work: np.ndarray, iwork: np.ndarray) -> None:
+        call(work, iwork)
+        if ints["info"].value != 0:
+            raise RuntimeError(f"LAPACK {'s' if np_dtype is np.float32 else 'd'}{routine} failed (info = "
+                               f"{ints['info'].value}) on a {n} x {n} matrix")
+
+    work, iwork = np.empty(1, dtype=np_dtype), np.empty(1, dtype=np.intc)
+    checked(work, iwork)
+    ints["lwork"].value, ints["liwork"].value = int(work[0]), int(iwork[0])
+    with one_blas_thread():
+        checked(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
+
+
 def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
 
     CPU float32/float64 with ``k <= n / 4``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only
     those ``k`` eigenvectors are computed). Otherwise (other devices, larger ``k`` -- where ``syevr`` is slower than
     the full ``syevd``: measured 43 vs 44 ms at k = 192 of 768, 68 vs 43 ms at k = 384 -- or SciPy missing) the full
-    ``torch.linalg.eigh``, sliced. Eigenvector signs are arbitrary, as for any eigensolver. ``overwrite=True``
+    :func:`eigh`, sliced. Eigenvector signs are arbitrary, as for any eigensolver. ``overwrite=True``
     lets LAPACK work in ``g``'s own memory (a fresh Gram matrix the caller does not need again, exactly
     symmetric) instead of a copy.
 
@@ -182,12 +203,13 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
     """
     n = g.shape[-1]
     k = max(0, min(int(k), n))
-    fn = _syevr(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
+    dtype = str(g.dtype).removeprefix("torch.")
+    fn = _syevr(dtype) if g.dtype in (torch.float32, torch.float64) else None
     if g.device.type != "cpu" or 4 * k > n or k == 0 or fn is None or g.ndim != 2:
         evals, evecs = eigh(g, overwrite=overwrite)
         return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
-    real = _real(str(g.dtype).removeprefix("torch."))
+    real = _real(dtype)
     a = _lapack_buffer(g, overwrite)
     w = np.empty(n, dtype=np_dtype)
     z = np.empty((k, n), dtype=np_dtype)  # Fortran n x k, column j = eigenvector j
@@ -196,7 +218,6 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
     ints = {name: ctypes.c_int(v) for name, v in
             (("n", n), ("lda", n), ("il", n - k + 1), ("iu", n), ("ldz", n), ("m", 0), ("lwork", -1),
              ("liwork", -1), ("info", 0))}
-    query_work, query_iwork = np.empty(1, dtype=np_dtype), np.empty(1, dtype=np.intc)
 
     def call(work: np.ndarray, iwork: np.ndarray) -> None:
         p = lambda arr: arr.ctypes.data_as(real)  # noqa: E731
@@ -204,14 +225,8 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
            ctypes.byref(ints["il"]), ctypes.byref(ints["iu"]), p(zero), ctypes.byref(ints["m"]), p(w), p(z),
            ctypes.byref(ints["ldz"]), isuppz.ctypes.data_as(_INT), p(work), ctypes.byref(ints["lwork"]),
            iwork.ctypes.data_as(_INT), ctypes.byref(ints["liwork"]), ctypes.byref(ints["info"]))
-        if ints["info"].value != 0:
-            raise RuntimeError(f"LAPACK {'s' if np_dtype is np.float32 else 'd'}syevr failed (info = "
-                               f"{ints['info'].value}) on a {n} x {n} matrix")
 
-    call(query_work, query_iwork)
-    ints["lwork"].value, ints["liwork"].value = int(query_work[0]), int(query_iwork[0])
-    with one_blas_thread():
-        call(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
+    _run_with_workspace(call, ints, np_dtype, "syevr", n)
     if ints["m"].value != k:
         raise RuntimeError(f"LAPACK syevr returned {ints['m'].value} eigenpairs, expected {k}")
     evals = torch.from_numpy(w[:k][::-1].copy())
@@ -254,12 +269,13 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         >>> [round(x, 12) for x in w.tolist()], round(abs(float(v[0, 1] * v[1, 1])), 12)
         ([1.0, 3.0], 0.5)
     """
-    fn = _syevd(str(g.dtype).removeprefix("torch.")) if g.dtype in (torch.float32, torch.float64) else None
+    dtype = str(g.dtype).removeprefix("torch.")
+    fn = _syevd(dtype) if g.dtype in (torch.float32, torch.float64) else None
     n = g.shape[-1]
     if fn is None or not _blas_operand(g) or n == 0:
         return torch.linalg.eigh(g)
     np_dtype = np.float32 if g.dtype == torch.float32 else np.float64
-    real = _real(str(g.dtype).removeprefix("torch."))
+    real = _real(dtype)
     a = _lapack_buffer(g, overwrite)   # the eigenvectors overwrite it, column by column
     w = np.empty(n, dtype=np_dtype)
     ints = {name: ctypes.c_int(v) for name, v in (("n", n), ("lda", n), ("lwork", -1), ("liwork", -1),
@@ -269,13 +285,6 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         fn(b"V", b"L", ctypes.byref(ints["n"]), a.ctypes.data_as(real), ctypes.byref(ints["lda"]),
            w.ctypes.data_as(real), work.ctypes.data_as(real), ctypes.byref(ints["lwork"]),
            iwork.ctypes.data_as(_INT), ctypes.byref(ints["liwork"]), ctypes.byref(ints["info"]))
-        if ints["info"].value != 0:
-            raise RuntimeError(f"LAPACK {'s' if np_dtype is np.float32 else 'd'}syevd failed (info = "
-                               f"{ints['info'].value}) on a {n} x {n} matrix")
 
-    query_work, query_iwork = np.empty(1, dtype=np_dtype), np.empty(1, dtype=np.intc)
-    call(query_work, query_iwork)
-    ints["lwork"].value, ints["liwork"].value = int(query_work[0]), int(query_iwork[0])
-    with one_blas_thread():
-        call(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
+    _run_with_workspace(call, ints, np_dtype, "syevd", n)
     return torch.from_numpy(w), torch.from_numpy(a)

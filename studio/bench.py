@@ -173,7 +173,7 @@ def blas_kernels() -> str:
     arch = sorted({str(i.get("architecture")) for i in libs if i["internal_api"] == "openblas"})
     forced = os.environ.get("OPENBLAS_CORETYPE")
     return (f"OpenBLAS kernel {'/'.join(arch) or 'none'}" + (f" (OPENBLAS_CORETYPE={forced})" if forced else "")
-            + f", torch BLAS {torch.backends.mkl.is_available() and 'MKL' or 'other'}")
+            + f", torch BLAS {'MKL' if torch.backends.mkl.is_available() else 'other'}")
 
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
