@@ -31,6 +31,7 @@ import gradio as gr
 import pandas as pd
 from gradio import FileData
 
+from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The command line is read only when run as a script (importing the module, e.g. in tests, never parses argv).
 _ARGS = build_parser().parse_args() if __name__ == "__main__" else None
+if _ARGS is not None:
+    keep_freed_memory()   # the app merges again on every slider move: reuse freed memory (studio.memory)
 STUDIO: Studio = load_studio(_ARGS.suite if _ARGS is not None else None)
 
 

@@ -9,12 +9,16 @@ own model configs), with task matrices = shared low-rank part + task-specific lo
 
 Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes every decomposition);
 ``warm_alpha`` = the same method after changing its global scale; ``warm_struct`` = after changing a structural
-hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra resident memory
-(CPU, sampled) or peak CUDA allocation during the cold merge. Where a slow reference (the official code's loop,
+hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra memory allocated
+during the cold merge: on the CPU sampled through glibc's ``mallinfo2`` (the resident set size elsewhere), on CUDA
+the allocator's peak. Where a slow reference (the official code's loop,
 ``studio.reference``) exists, ``ref`` times it on the same experts and ``speedup`` = ref / cold. With
 ``--repeat N`` every row runs on N fresh pools and each timing is the fastest of the N (background load on a shared
 machine only adds time); the reference runs once. ``steal %`` = share of the machine's CPU time the hypervisor gave
 to other guests during the reported cold run (``/proc/stat``): timings taken at high steal are slow for that reason.
+
+The benchmark process keeps freed memory for reuse (:func:`studio.memory.keep_freed_memory`), as the app and the
+CLI do; ``--malloc default`` measures glibc's default policy instead (every merge page-faults its memory in again).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from . import engine, methods  # noqa: F401  (registers every method)
+from .memory import keep_freed_memory, malloc_in_use
 from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
 
@@ -95,14 +100,22 @@ def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int 
 
 
 class PeakMemory:
-    """Peak extra memory during a block: CUDA allocator peak, or sampled resident set size on the CPU."""
+    """Peak extra memory during a block: the CUDA allocator's peak, or on the CPU the bytes held through ``malloc``
+    (:func:`studio.memory.malloc_in_use`), else the resident set size, sampled every 10 ms.
+
+    The resident set size cannot measure a block in a process that keeps freed memory
+    (:func:`studio.memory.keep_freed_memory`): a second merge reuses the first one's pages and adds none.
+    """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak_mb = 0.0
 
     @staticmethod
-    def _rss_mb() -> float:
+    def _held_mb() -> float:
+        held = malloc_in_use()
+        if held is not None:
+            return held / 2**20
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -112,13 +125,13 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._start = torch.cuda.memory_allocated()
         else:
-            self._start = self._rss_mb()
+            self._start = self._held_mb()
             self._peak = self._start
             self._stop = threading.Event()
 
             def sample() -> None:
                 while not self._stop.wait(0.01):
-                    self._peak = max(self._peak, self._rss_mb())
+                    self._peak = max(self._peak, self._held_mb())
 
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
@@ -131,7 +144,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_mb = max(self._peak, self._rss_mb()) - self._start
+            self.peak_mb = max(self._peak, self._held_mb()) - self._start
 
 
 class CpuSteal:
@@ -247,11 +260,15 @@ def main(argv: list[str] | None = None) -> None:
                     help="CPU budget: torch.set_num_threads(N), which is also the number of worker threads a CPU "
                          "merge spreads its layers over, one BLAS thread each (studio.parallel). 0: torch's "
                          "default (the number of cores); 1: everything sequential on one core")
+    ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
+                    help="keep: glibc keeps freed memory for reuse, as the app and the CLI (studio.memory); "
+                         "default: glibc's own policy, which returns large freed blocks to the kernel")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = args.malloc == "keep" and keep_freed_memory()
 
     torch.manual_seed(0)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
@@ -262,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{cpu_workers('cpu')} CPU merge workers; {blas_kernels()}"
+          f"{cpu_workers('cpu')} CPU merge workers; {blas_kernels()}; "
+          f"malloc {'keeps freed memory' if kept else 'default'}"
           + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:

@@ -21,6 +21,7 @@ import yaml
 
 from . import __version__
 from .io import Recipe, load_state_dict, merge_from_recipe, save_merged
+from .memory import keep_freed_memory
 from .registry import list_methods
 from .schema import StudioError
 
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = ap.parse_args(argv)
+    keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
     try:
         return _run(args)
     except StudioError as exc:
