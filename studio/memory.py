@@ -2,9 +2,9 @@
 
 A merge allocates model-sized tensors (the merged deltas, the merged model, per-layer temporaries: ~0.7-1.4 GB for 8
 ViT-B/32 experts) and frees them when the next merge replaces them. glibc's ``malloc`` serves such blocks with fresh
-``mmap`` pages and hands them back to the kernel on ``free``, so every merge page-faults all of its memory in again
-(~200-340 thousand faults per merge of 8 ViT-B/32 experts). :func:`keep_freed_memory` asks it to keep freed memory for
-reuse instead. This is what PyTorch's CPU performance guide gets by swapping in jemalloc or tcmalloc; here it is
+``mmap`` pages and hands them back to the kernel on ``free``, so every merge page-faults its memory in again
+(170-340 thousand faults per DARE or TIES merge of 8 ViT-B/32 experts). :func:`keep_freed_memory` asks it to keep
+freed memory for reuse instead. This is what PyTorch's CPU performance guide gets by swapping in jemalloc or tcmalloc; here it is
 three ``mallopt`` settings of the allocator already in the process. The price: the process's resident memory does not
 shrink after a merge, it stays at its high-water mark (freed memory is reused, not returned).
 
@@ -62,11 +62,12 @@ def keep_freed_memory() -> bool:
 
     Call it once, early, in a process that merges repeatedly: threads that have already allocated keep their arena.
     Idempotent and thread-safe. On 8 ViT-B/32 experts and this project's 2-core machine it took TIES's k change from
-    2.54 to 1.55 s and DARE's p change from 2.25 to 1.41 s (``docs/PERFORMANCE.md``).
+    2.09 to 1.48 s and DARE's p change from 3.33 to 1.40 s (``docs/PERFORMANCE.md``).
 
-    Example:
+    Example (not run in the tests: the settings are process-wide, ``tests/test_memory.py`` probes them in a fresh
+    interpreter):
         >>> from studio.memory import keep_freed_memory
-        >>> keep_freed_memory()   # doctest: +SKIP  (process-wide: not in the test process)
+        >>> keep_freed_memory()   # doctest: +SKIP
         True
     """
     global _kept
