@@ -284,8 +284,10 @@ class LayerTasks:
                 U = -U
         return U, S, Vh
 
-    def sum(self) -> Tensor:
-        """Sum of the (weighted) task matrices, the Task Arithmetic direction."""
+    def sum(self, cache: bool = True) -> Tensor:
+        """Sum of the (weighted) task matrices, the Task Arithmetic direction: memoised (Iso-C, SVC and AlignMerge-B
+        reuse it; callers must not modify it), or with ``cache=False`` computed afresh into a tensor the caller owns
+        (no memory held after the merge, e.g. for weight averaging's ``sum / T``)."""
         def compute() -> Tensor:
             if self._deltas is not None:
                 return self._deltas.sum(0)
@@ -296,7 +298,7 @@ class LayerTasks:
                 total.add_(buf)  # in task order; may round differently from deltas.sum(0) in the last bits
             return total
 
-        return self.memo("sum", compute)
+        return self.memo("sum", compute) if cache else compute()
 
     def sum_svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD of :meth:`sum` (Iso-C eq. 7, SVC eq. 17, Iso-CTS's common subspace): LAPACK in

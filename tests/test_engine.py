@@ -19,6 +19,27 @@ def test_ta_with_alpha_one_over_t_equals_weight_average(clip_pool):
         torch.testing.assert_close(ta[k], wa[k])
 
 
+def test_weight_average_is_the_mean_of_the_expert_weights(clip_pool):
+    base, experts = clip_pool   # independent of the task-matrix sum both merges above are computed from
+    wa = studio.merge(base, experts, "weight_average")
+    for k, b in base.items():
+        if b.is_floating_point():
+            mean = torch.stack([e[k].double() for e in experts.values()]).mean(0)
+            torch.testing.assert_close(wa[k].double(), mean, rtol=1e-5, atol=1e-6)
+
+
+def test_layer_sum_uncached_is_fresh_and_leaves_the_memoised_sum_alone(clip_pool):
+    base, experts = clip_pool
+    key = next(k for k, v in base.items() if v.dim() == 2)
+    layer = TaskPool(base, experts).layer(key)
+    a, b = layer.sum(cache=False), layer.sum(cache=False)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+    cached = layer.sum()
+    assert layer.sum() is cached and torch.equal(a, cached)
+    a.zero_()   # the caller owns it
+    assert torch.equal(layer.sum(), b)
+
+
 def test_mismatched_keys_and_shapes_name_the_expert_and_key(clip_pool):
     base, experts = clip_pool
     bad = dict(experts)

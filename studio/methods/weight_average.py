@@ -21,6 +21,11 @@ def weight_average(layer: LayerTasks) -> Tensor:
     Non-floating tensors (integer buffers) keep the base's value, as for every method (the Task Vectors and
     Breadcrumbs code skip them too; a plain state-dict average would average them).
 
+    Computed as the layer's sum over ``T``, task by task into one fresh tensor (:meth:`~studio.pool.LayerTasks.sum`
+    with ``cache=False``), rather than as the mean of the ``[T, *shape]`` stack, whose fresh allocation per layer
+    made this row ~4x slower than Task Arithmetic's (8 ViT-B/32 experts: 1.56 against 0.38 s cold, ``python -m
+    studio.bench --device cpu --methods weight_average task_arithmetic --repeat 2``); they differ only by rounding.
+
     Example:
         >>> import torch
         >>> from studio.pool import TaskPool
@@ -28,4 +33,4 @@ def weight_average(layer: LayerTasks) -> Tensor:
         >>> weight_average(pool.layer("b")).tolist()
         [2.0, 2.0]
     """
-    return layer.deltas.mean(0)
+    return layer.sum(cache=False).div_(layer.num_tasks)
