@@ -11,11 +11,11 @@ Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes 
 ``warm_alpha`` = the same method after changing its global scale; ``warm_struct`` = after changing a structural
 hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra memory allocated
 during the cold merge: on the CPU sampled through glibc's ``mallinfo2`` (the resident set size elsewhere), on CUDA
-the allocator's peak. Where a slow reference (the official code's loop,
-``studio.reference``) exists, ``ref`` times it on the same experts and ``speedup`` = ref / cold. With
-``--repeat N`` every row runs on N fresh pools and each timing is the fastest of the N (background load on a shared
-machine only adds time); the reference runs once. ``steal %`` = share of the machine's CPU time the hypervisor gave
-to other guests during the reported cold run (``/proc/stat``): timings taken at high steal are slow for that reason.
+the allocator's peak. Where a slow reference (the official code's loop, ``studio.reference``) exists, ``ref`` times
+it on the same experts and ``speedup`` = ref / cold. With ``--repeat N`` every row runs on N fresh pools and each
+timing is the fastest of the N (background load on a shared machine only adds time); the reference runs once.
+``steal %`` = share of the machine's CPU time the hypervisor gave to other guests during the reported cold run
+(``/proc/stat``): timings taken at high steal are slow for that reason.
 
 The benchmark process keeps freed memory for reuse (:func:`studio.memory.keep_freed_memory`), as the app and the
 CLI do; ``--malloc default`` measures glibc's default policy instead (every merge page-faults its memory in again).

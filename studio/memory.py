@@ -4,9 +4,9 @@ A merge allocates model-sized tensors (the merged deltas, the merged model, per-
 ViT-B/32 experts) and frees them when the next merge replaces them. glibc's ``malloc`` serves such blocks with fresh
 ``mmap`` pages and hands them back to the kernel on ``free``, so every merge page-faults its memory in again
 (170-340 thousand faults per DARE or TIES merge of 8 ViT-B/32 experts). :func:`keep_freed_memory` asks it to keep
-freed memory for reuse instead. This is what PyTorch's CPU performance guide gets by swapping in jemalloc or tcmalloc; here it is
-three ``mallopt`` settings of the allocator already in the process. The price: the process's resident memory does not
-shrink after a merge, it stays at its high-water mark (freed memory is reused, not returned).
+freed memory for reuse instead. PyTorch's CPU performance guide gets this by swapping in jemalloc or tcmalloc; here
+it is three ``mallopt`` settings of the allocator already in the process. The price: the process's resident memory
+does not shrink after a merge, it stays at its high-water mark (freed memory is reused, not returned).
 
 Measured with ``python -m studio.bench --device cpu --malloc default`` against ``--malloc keep`` (the default; see
 ``docs/PERFORMANCE.md``).
@@ -18,7 +18,7 @@ import ctypes
 import functools
 import threading
 
-__all__ = ["keep_freed_memory", "kept", "malloc_in_use"]
+__all__ = ["keep_freed_memory", "malloc_in_use"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -81,11 +81,6 @@ def keep_freed_memory() -> bool:
             (_M_MMAP_THRESHOLD, 1 << 30), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1)))
         _kept = ok
         return ok
-
-
-def kept() -> bool:
-    """Whether :func:`keep_freed_memory` has taken effect in this process."""
-    return _kept
 
 
 def malloc_in_use() -> int | None:
