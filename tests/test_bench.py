@@ -9,10 +9,12 @@ from studio import bench
 
 def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
     # 20 tasks: the structural changes must stay valid (TSV-M's rank fraction has to stay <= 1/T).
+    # --malloc default: the kept-memory policy is process-wide, so it is probed in a fresh interpreter (test_memory)
     bench.main(["--model", "MiniCLIP-ViT", "--tasks", "20", "--device", "cpu", "--threads", "2", "--repeat", "2",
-                "--methods", "ties", "tsv_m", "iso_cts", "task_arithmetic+svc"])
+                "--methods", "ties", "tsv_m", "iso_cts", "task_arithmetic+svc", "--malloc", "default"])
     out = capsys.readouterr().out
     assert "MiniCLIP-ViT visual tower" in out and "20 experts" in out and "fastest of 2 runs" in out
+    assert "malloc default" in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if re.match(r"\| [a-z_+]+ \| [0-9.]+ ", line)}
     assert set(rows) == {"ties", "tsv_m", "iso_cts", "task_arithmetic+svc"}
     assert "rank_fraction=0.04" in rows["tsv_m"]
