@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU checks of the merge engine in one prepared call, for a session that is lent a device machine (one H100 or
+# H200; see the `device` tool). It runs the CUDA tests (CPU/CUDA parity of every method and calibration), then the
+# benchmark on CUDA: 8 ViT-B/32 experts (every row, fastest of 2) and 8 ViT-L/14 experts (the slow rows). Each
+# step has its own time limit (9 minutes in all, inside the tool's 10-minute call) and writes its log under $OUT.
+# Not yet run on a GPU: no device machine was lent to the sessions that wrote it.
+#
+# The device image has PyTorch, NumPy, SciPy, pytest, safetensors, timm, huggingface_hub and PyYAML, but not
+# open_clip (the benchmark takes the real tower shapes from its configs) or ftfy / wcwidth, which it imports.
+# Fetch those once here, as pure-Python wheels (`.whl/` is git-ignored and travels with `carry`):
+#
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4
+#
+# then call the device tool's run with command="bash tools/device_check.sh", carry=[".whl"], timeout_s=600.
+# Off a device (no CUDA) the steps run their CPU parts only; the CUDA tests skip and the CUDA rows are absent.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device_check}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+
+step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt, report its exit status
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
+}
+
+step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1;
+  python3 -c "import torch, numpy, scipy; print(torch.__version__, torch.cuda.is_available(), numpy.__version__, scipy.__version__)"'
+step tests 120 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_engine.py tests/test_lapack.py
+step bench_b32 270 python3 -m studio.bench --device cuda --repeat 2
+step bench_l14 120 python3 -m studio.bench --device cuda --model ViT-L-14 --methods task_arithmetic ties tsv_m iso_c iso_cts
