@@ -48,15 +48,19 @@ print(json.dumps({"kept": kept, "main": main, "worker": worker, "peaks": peaks})
 """
 
 
-def _probe(mode: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.fixture(scope="module")
+def probes() -> dict[str, dict]:
+    def probe(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    return {mode: probe(mode) for mode in ("default", "keep")}
 
 
 @pytest.mark.skipif(memory._libc() is None, reason="needs glibc's malloc")
-def test_keep_freed_memory_reuses_freed_blocks_in_the_main_thread_and_in_workers():
-    default, keep = _probe("default"), _probe("keep")
+def test_keep_freed_memory_reuses_freed_blocks_in_the_main_thread_and_in_workers(probes):
+    default, keep = probes["default"], probes["keep"]
     assert not default["kept"] and keep["kept"]
     # glibc's default maps blocks above 32 MiB afresh on every round and hands them back (65536 pages each time);
     # kept, the freed heap is reused
@@ -65,9 +69,9 @@ def test_keep_freed_memory_reuses_freed_blocks_in_the_main_thread_and_in_workers
 
 
 @pytest.mark.skipif(memory._libc() is None or not hasattr(memory._libc(), "mallinfo2"), reason="needs mallinfo2")
-def test_bench_peak_memory_counts_a_block_that_reuses_kept_memory():
+def test_bench_peak_memory_counts_a_block_that_reuses_kept_memory(probes):
     for mode in ("default", "keep"):
-        peaks = _probe(mode)["peaks"]
+        peaks = probes[mode]["peaks"]
         assert all(120 <= p < 200 for p in peaks), (mode, peaks)   # the 128 MiB tensor, both times
 
 
@@ -77,7 +81,7 @@ def test_malloc_in_use_tracks_an_allocation():
     before = memory.malloc_in_use()
     if before is None:
         pytest.skip("needs mallinfo2")
-    x = torch.ones(2**24)   # 64 MiB
+    x = torch.ones(2**26)   # 256 MiB; the slack allows for other threads' allocations (e.g. an app test's server)
     grown = memory.malloc_in_use() - before
     del x
-    assert 2**26 <= grown < 2**26 + 2**22
+    assert abs(grown - 2**28) < 2**25
