@@ -3,7 +3,7 @@
 A merge allocates model-sized tensors (the merged deltas, the merged model, per-layer temporaries: ~0.7-1.4 GB for 8
 ViT-B/32 experts) and frees them when the next merge replaces them. glibc's ``malloc`` serves such blocks with fresh
 ``mmap`` pages and hands them back to the kernel on ``free``, so every merge page-faults its memory in again
-(170-340 thousand faults per DARE or TIES merge of 8 ViT-B/32 experts). :func:`keep_freed_memory` asks it to keep
+(270-350 thousand faults per DARE or TIES merge of 8 ViT-B/32 experts). :func:`keep_freed_memory` asks it to keep
 freed memory for reuse instead. PyTorch's CPU performance guide gets this by swapping in jemalloc or tcmalloc; here
 it is three ``mallopt`` settings of the allocator already in the process. The price: the process's resident memory
 does not shrink after a merge, it stays at its high-water mark (freed memory is reused, not returned).
