@@ -60,6 +60,13 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in ci
 
 
+def test_ci_installs_the_crosscheck_extra():
+    """CI runs the FusionBench parity tests (they skip without it locally, and fail under CI=true)."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [str(Requirement(r)) for r in extras["crosscheck"]] == ["fusion-bench==0.2.33"]
+    assert 'pip install -q -e ".[test,crosscheck]"' in (ROOT / ".ci" / "run").read_text()
+
+
 def test_docs_table_is_generated_from_the_schemas():
     readme = (ROOT / "README.md").read_text()
     assert methods_table() in readme, "README methods table is stale: regenerate with `python -m studio methods`"
