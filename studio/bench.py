@@ -12,8 +12,11 @@ Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes 
 hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra memory allocated
 during the cold merge: on the CPU sampled through glibc's ``mallinfo2`` (the resident set size elsewhere), on CUDA
 the allocator's peak. Where a slow reference (the official code's loop, ``studio.reference``) exists, ``ref`` times
-it on the same experts and ``speedup`` = ref / cold. With ``--repeat N`` every row runs on N fresh pools and each
-timing is the fastest of the N (background load on a shared machine only adds time); the reference runs once.
+it on the same experts and ``speedup`` = ref / cold. With ``--peer`` (the ``crosscheck`` extra), ``FusionBench s``
+times FusionBench 0.2.33's own functions on the rows it implements (task vectors, merge, base added: its algorithms'
+``run`` after loading the models; stdout silenced) and ``vs FB`` = FusionBench / cold. With ``--repeat N`` every row
+runs on N fresh pools and each timing is the fastest of the N (background load on a shared machine only adds time);
+the reference and FusionBench run once.
 ``steal %`` = share of the machine's CPU time the hypervisor gave to other guests during the reported cold run
 (``/proc/stat``): timings taken at high steal are slow for that reason.
 
@@ -236,6 +239,76 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
     return row
 
 
+#: FusionBench's TIES flattens every task vector into one ``[T, P]`` matrix and holds about 6.7 copies of it at its
+#: peak (measured: 4.7 GiB beyond the experts for 2 ViT-B/32 experts, 9.2 GiB for 4); the bench skips it, with the
+#: estimate, where that exceeds the memory available (8 ViT-B/32 experts need ~19 GiB, which killed the bench by
+#: running out of memory on the 24 GiB development machine).
+PEER_MEMORY_COPIES = {"ties": 7.0}
+
+
+def _memory_available() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or None where it is not reported."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def fusion_bench_peers() -> dict[str, Callable[..., dict[str, torch.Tensor]]]:
+    """FusionBench 0.2.33's implementations of the benchmark's rows, at the rows' hyperparameters (paper defaults),
+    keyed like the rows (``method`` or ``method+calibration``); each takes ``(base, experts, device)``.
+
+    Each computes the task vectors, runs FusionBench's merge function and adds the scaled result to the base: its
+    algorithms' ``run`` without the model loading. ``tests/test_crosscheck_fusionbench.py`` checks the same functions
+    against :func:`studio.merge`. Raises ImportError without FusionBench (``pip install -e ".[crosscheck]"``).
+    """
+    import contextlib
+    import io
+
+    from fusion_bench.method.isotropic_merging.iso_utils import iso_c, iso_cts
+    from fusion_bench.method.singular_value_calibration.utils import (
+        subspace_consistency_spectral_calibration_accelerated as svc)
+    from fusion_bench.method.task_singular_vector.utils.TSVM_utils import compute_and_sum_svd_mem_reduction
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        state_dict_to_vector, ties_merging, vector_to_state_dict)
+
+    def task_sum(tvs, device):
+        return {k: sum(tv[k] for tv in tvs) for k in tvs[0]}
+
+    def ties(tvs, device):
+        flat = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
+        return vector_to_state_dict(ties_merging(flat, reset_thresh=20, merge_func="sum"), tvs[0])
+
+    def run(fn: Callable[..., dict[str, torch.Tensor]], scale: float) -> Callable[..., dict[str, torch.Tensor]]:
+        def peer(base, experts, device):
+            tvs = [{k: e[k].to(device) - base[k].to(device) for k in base} for e in experts.values()]
+            with contextlib.redirect_stdout(io.StringIO()):   # FusionBench prints a line per layer
+                merged = fn(tvs, device)
+            return {k: base[k].to(device) + scale * merged[k].to(device) for k in base}
+        return peer
+
+    def ta_svc(base, experts, device):
+        merged = run(task_sum, 0.3)(base, experts, device)
+        for k, b in base.items():   # SingularValueCalibration.run: every 2-D parameter
+            if b.dim() == 2:
+                merged[k] = svc(b.to(device), [e[k].to(device) for e in experts.values()], merged[k],
+                                alpha=1 / len(experts), accelerator=device)
+        return merged
+
+    return {
+        "task_arithmetic": run(task_sum, 0.3),
+        "ties": run(ties, 0.3),
+        "tsv_m": run(lambda tvs, device: compute_and_sum_svd_mem_reduction(tvs, accelerator=device), 1.0),
+        "iso_c": run(lambda tvs, device: iso_c(tvs, accelerator=device), 1.3),
+        "iso_cts": run(lambda tvs, device: iso_cts(tvs, 0.8, accelerator=device), 1.5),
+        "task_arithmetic+svc": ta_svc,
+    }
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -254,6 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
     ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
+    ap.add_argument("--peer", action="store_true",
+                    help="also time FusionBench 0.2.33's implementations (pip install -e '.[crosscheck]')")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run each row on N fresh pools and report the fastest of each timing (shared machines)")
     ap.add_argument("--threads", type=int, default=0,
@@ -293,13 +368,19 @@ def main(argv: list[str] | None = None) -> None:
             refs = dict(reference.REFERENCES)
         except ImportError:
             print("# no studio.reference module: reference timings skipped")
+    peers = {}
+    if args.peer:
+        try:
+            peers = fusion_bench_peers()
+        except ImportError as exc:
+            raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
     for dev_name in devices:
         device = torch.device(dev_name)
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
         print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup "
-              "| steal % |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "| FusionBench s | vs FB | steal % |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for method, cal, struct in runs:
             struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()
                       if k in {p.name for p in get_method(method).params}}
@@ -311,9 +392,23 @@ def main(argv: list[str] | None = None) -> None:
                 except RuntimeError as exc:  # e.g. LAPACK failing to converge on the official float32 loop
                     row["ref"] = "failed"
                     print(f"# reference {method} failed: {str(exc).splitlines()[0]}", flush=True)
+            if row["method"] in peers:
+                gc.collect()
+                copies = PEER_MEMORY_COPIES.get(row["method"])
+                need = copies and copies * len(experts) * sum(t.numel() * t.element_size() for t in base.values())
+                available = _memory_available() if device.type == "cpu" else None
+                if need and available is not None and need > available:
+                    row["peer"] = "skipped"
+                    print(f"# FusionBench {row['method']} skipped: needs about {need / 2**30:.1f} GiB "
+                          f"({copies:g} copies of the flattened task vectors), {available / 2**30:.1f} GiB available",
+                          flush=True)
+                else:
+                    row["peer"], _ = _timed(lambda: peers[row["method"]](base, experts, device), device)
+                    row["vs_peer"] = row["peer"] / row["cold"]
             print(f"| {row['method']} | {_fmt(row['cold'])} | {_fmt(row.get('warm_alpha'))} | "
                   f"{_fmt(row.get('warm_struct'))} | {row.get('struct', '-')} | {row['peak_MB']:.0f} | "
                   f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} | "
+                  f"{_fmt(row.get('peer'))} | {_fmt(row.get('vs_peer'))} | "
                   f"{'-' if row.get('steal') is None else format(row['steal'], '.0f')} |", flush=True)
 
 

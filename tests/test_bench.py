@@ -20,6 +20,7 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
     assert "rank_fraction=0.04" in rows["tsv_m"]
     for line in rows.values():
         cells = [c.strip() for c in line.split("|")[1:-1]]
-        assert len(cells) == 9
+        assert len(cells) == 11
         assert 0 < float(cells[1]) < 60
-        assert cells[8] == "-" or 0 <= float(cells[8]) <= 100       # CPU steal %, where /proc/stat reports it
+        assert cells[8] == cells[9] == "-"                           # no --peer
+        assert cells[10] == "-" or 0 <= float(cells[10]) <= 100       # CPU steal %, where /proc/stat reports it

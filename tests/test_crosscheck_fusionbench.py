@@ -220,3 +220,38 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def test_the_benchmark_peers_compute_the_rows_they_are_timed_against(suite):
+    """``python -m studio.bench --peer`` times FusionBench on each row it implements: each peer, at the paper defaults
+    the row's cold merge uses, gives that merge (so the ratio compares like with like)."""
+    from studio import bench
+
+    peers = bench.fusion_bench_peers()
+    assert set(peers) == {"task_arithmetic", "ties", "tsv_m", "iso_c", "iso_cts", "task_arithmetic+svc"}
+    for row, peer in peers.items():
+        method, _, cal = row.partition("+")
+        ours = studio.merge(suite.base, suite.experts, method, calibrate=cal or None,
+                            **({"layer_rule": "all_matrices"} if cal else {}))   # FusionBench's SVC: every 2-D tensor
+        theirs = {k: v.double() for k, v in peer(suite.base, suite.experts, torch.device("cpu")).items()}
+        tol = ELEMENTWISE_TOL if row in ("task_arithmetic", "ties") else SPECTRAL_TOL
+        err, key = worst_error(suite, ours, theirs)
+        assert err <= tol, f"{row}, {key}: relative error {err:.2e} against FusionBench exceeds {tol:.0e}"
+
+
+def test_bench_peer_columns(capsys):
+    from studio import bench
+
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "8", "--device", "cpu", "--peer", "--malloc", "default",
+                "--methods", "ties", "tsv_m", "iso_cts", "task_arithmetic+svc", "breadcrumbs"])
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[1:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+    assert set(rows) == {"ties", "tsv_m", "iso_cts", "task_arithmetic+svc", "breadcrumbs"}
+    for name, cells in rows.items():
+        if name == "breadcrumbs":   # FusionBench has none
+            assert cells[8] == cells[9] == "-"
+        else:
+            cold, peer, ratio = float(cells[1]), float(cells[8]), float(cells[9])
+            assert peer > 0   # the ratio is of the unrounded times: within the printed values' rounding (0.005)
+            assert (peer - 0.005) / (cold + 0.005) - 0.005 <= ratio <= (peer + 0.005) / max(cold - 0.005, 1e-3) + 0.005
