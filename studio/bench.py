@@ -403,8 +403,12 @@ def main(argv: list[str] | None = None) -> None:
                           f"({copies:g} copies of the flattened task vectors), {available / 2**30:.1f} GiB available",
                           flush=True)
                 else:
-                    row["peer"], _ = _timed(lambda: peers[row["method"]](base, experts, device), device)
-                    row["vs_peer"] = row["peer"] / row["cold"]
+                    try:
+                        row["peer"], _ = _timed(lambda: peers[row["method"]](base, experts, device), device)
+                        row["vs_peer"] = row["peer"] / row["cold"]
+                    except RuntimeError as exc:  # FusionBench's Iso-CTS: the same float32 SVD failure as `ref`
+                        row["peer"] = "failed"
+                        print(f"# FusionBench {row['method']} failed: {str(exc).splitlines()[0]}", flush=True)
             print(f"| {row['method']} | {_fmt(row['cold'])} | {_fmt(row.get('warm_alpha'))} | "
                   f"{_fmt(row.get('warm_struct'))} | {row.get('struct', '-')} | {row['peak_MB']:.0f} | "
                   f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} | "
