@@ -437,7 +437,9 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
     a fraction ``1/T`` of each spectrum); the factors are the ones TSV-M caches. STI vanishes when the singular
     vectors of different tasks are orthogonal and grows with their overlap weighted by singular values.
 
-    Two choices are ours (the paper leaves them open and the official repository has no STI code): the rank, where
+    Two choices are ours (the paper leaves them open and the official repository has no STI code; FusionBench
+    0.2.33's ``compute_task_singular_interference`` stacks the factors along rows and fails on any input with a
+    ``multi_dot`` shape error, so there is no independent STI to compare with): the rank, where
     sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r // T`` measures the factors TSV-M actually
     merges; and the norm, the entry-wise L1 norm of :func:`sti_from_factors` (the induced matrix 1-norm would be
     a column maximum, far smaller). In ``svd_mode="auto"`` null components (a rank-deficient or zero task matrix)
