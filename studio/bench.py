@@ -202,6 +202,16 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def _time_or_failed(what: str, fn: Callable[[], Any], device: torch.device) -> float | str:
+    """Seconds ``fn`` takes, or ``"failed"`` (reported on a comment line) where it raises a RuntimeError: LAPACK
+    failing to converge in the official float32 Iso-CTS loop, which both the reference and FusionBench run."""
+    try:
+        return _timed(fn, device)[0]
+    except RuntimeError as exc:
+        print(f"# {what} failed: {str(exc).splitlines()[0]}", flush=True)
+        return "failed"
+
+
 def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[str, Any], device: torch.device,
               svd_mode: str = "auto", repeat: int = 1) -> dict[str, Any]:
     """Cold, warm-alpha and warm-structural timings (and peak memory) for one method.
@@ -241,8 +251,8 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
 
 #: FusionBench's TIES flattens every task vector into one ``[T, P]`` matrix and holds about 6.7 copies of it at its
 #: peak (measured: 4.7 GiB beyond the experts for 2 ViT-B/32 experts, 9.2 GiB for 4); the bench skips it, with the
-#: estimate, where that exceeds the memory available (8 ViT-B/32 experts need ~19 GiB, which killed the bench by
-#: running out of memory on the 24 GiB development machine).
+#: estimate, where that exceeds the memory available (8 ViT-B/32 experts: ~18 GiB, which killed the bench by running
+#: out of memory on the 24 GiB development machine).
 PEER_MEMORY_COPIES = {"ties": 7.0}
 
 
@@ -256,6 +266,19 @@ def _memory_available() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _peer_memory_shortfall(row: str, base: dict[str, torch.Tensor], experts: dict, device: torch.device) -> str | None:
+    """Why FusionBench's ``row`` would not fit in the memory available (:data:`PEER_MEMORY_COPIES`), or None."""
+    copies = PEER_MEMORY_COPIES.get(row)
+    available = _memory_available() if device.type == "cpu" else None
+    if copies is None or available is None:
+        return None
+    need = copies * len(experts) * sum(t.numel() * t.element_size() for t in base.values())
+    if need <= available:
+        return None
+    return (f"needs about {need / 2**30:.1f} GiB ({copies:g} copies of the flattened task vectors), "
+            f"{available / 2**30:.1f} GiB available")
 
 
 def fusion_bench_peers() -> dict[str, Callable[..., dict[str, torch.Tensor]]]:
@@ -386,29 +409,20 @@ def main(argv: list[str] | None = None) -> None:
                       if k in {p.name for p in get_method(method).params}}
             row = bench_one(base, experts, method, cal, struct, device, args.svd_mode, args.repeat)
             if cal is None and method in refs:
-                try:
-                    row["ref"], _ = _timed(lambda: refs[method](base, experts, device=device), device)
-                    row["speedup"] = row["ref"] / row["cold"]
-                except RuntimeError as exc:  # e.g. LAPACK failing to converge on the official float32 loop
-                    row["ref"] = "failed"
-                    print(f"# reference {method} failed: {str(exc).splitlines()[0]}", flush=True)
+                row["ref"] = _time_or_failed(f"reference {method}",
+                                             lambda: refs[method](base, experts, device=device), device)
             if row["method"] in peers:
                 gc.collect()
-                copies = PEER_MEMORY_COPIES.get(row["method"])
-                need = copies and copies * len(experts) * sum(t.numel() * t.element_size() for t in base.values())
-                available = _memory_available() if device.type == "cpu" else None
-                if need and available is not None and need > available:
+                short = _peer_memory_shortfall(row["method"], base, experts, device)
+                if short:
                     row["peer"] = "skipped"
-                    print(f"# FusionBench {row['method']} skipped: needs about {need / 2**30:.1f} GiB "
-                          f"({copies:g} copies of the flattened task vectors), {available / 2**30:.1f} GiB available",
-                          flush=True)
+                    print(f"# FusionBench {row['method']} skipped: {short}", flush=True)
                 else:
-                    try:
-                        row["peer"], _ = _timed(lambda: peers[row["method"]](base, experts, device), device)
-                        row["vs_peer"] = row["peer"] / row["cold"]
-                    except RuntimeError as exc:  # FusionBench's Iso-CTS: the same float32 SVD failure as `ref`
-                        row["peer"] = "failed"
-                        print(f"# FusionBench {row['method']} failed: {str(exc).splitlines()[0]}", flush=True)
+                    row["peer"] = _time_or_failed(f"FusionBench {row['method']}",
+                                                  lambda: peers[row["method"]](base, experts, device), device)
+            for timed, ratio in (("ref", "speedup"), ("peer", "vs_peer")):
+                if isinstance(row.get(timed), float):
+                    row[ratio] = row[timed] / row["cold"]
             print(f"| {row['method']} | {_fmt(row['cold'])} | {_fmt(row.get('warm_alpha'))} | "
                   f"{_fmt(row.get('warm_struct'))} | {row.get('struct', '-')} | {row['peak_MB']:.0f} | "
                   f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} | "
