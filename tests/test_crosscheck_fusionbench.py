@@ -67,6 +67,11 @@ def with_base(suite, merged_tv: dict[str, torch.Tensor], scale: float = 1.0) -> 
     return {k: suite.base[k].double() + scale * merged_tv[k].double() for k in suite.base}
 
 
+def task_sum(suite, tvs: TaskVectors) -> dict[str, torch.Tensor]:
+    """Task Arithmetic's unscaled merge: the sum of the task vectors."""
+    return {k: sum(tv[k] for tv in tvs) for k in suite.base}
+
+
 def fb_ties(suite, tvs: TaskVectors, merge_func: str) -> dict[str, torch.Tensor]:
     """FusionBench's TIES: model-wide top-20 % trim per task (``reset_thresh=20``), majority sign, disjoint merge."""
     flat = torch.vstack([state_dict_to_vector(tv) for tv in tvs])
@@ -102,7 +107,7 @@ TSV_WEIGHTS = [2.0, 0.5, 1.5, 1.0, 0.25, 0.75, 1.25, 0.75]
 CASES: dict[str, tuple[dict[str, Any], Callable[..., dict[str, torch.Tensor]], float]] = {
     "task_arithmetic": (
         dict(method="task_arithmetic", alpha=0.3),
-        lambda s, tvs, dt: with_base(s, {k: sum(tv[k] for tv in tvs) for k in s.base}, 0.3), ELEMENTWISE_TOL),
+        lambda s, tvs, dt: with_base(s, task_sum(s, tvs), 0.3), ELEMENTWISE_TOL),
     "ties sum": (dict(method="ties", k=0.2, topk_scope="model", merge_func="sum", alpha=0.3),
                  lambda s, tvs, dt: fb_ties(s, tvs, "sum"), ELEMENTWISE_TOL),
     "ties mean": (dict(method="ties", k=0.2, topk_scope="model", merge_func="mean", alpha=0.3),
@@ -129,7 +134,7 @@ CASES: dict[str, tuple[dict[str, Any], Callable[..., dict[str, torch.Tensor]], f
         f"task_arithmetic+svc alpha={a:g}": (
             dict(method="task_arithmetic", alpha=0.3, calibrate="svc", calibrate_hparams={"alpha": a},
                  layer_rule="all_matrices"),
-            lambda s, tvs, dt, a=a: fb_svc(s, with_base(s, {k: sum(tv[k] for tv in tvs) for k in s.base}, 0.3), a, dt),
+            lambda s, tvs, dt, a=a: fb_svc(s, with_base(s, task_sum(s, tvs), 0.3), a, dt),
             SPECTRAL_TOL)
         for a in (1 / 8, 1.0)
     },
@@ -260,9 +265,6 @@ def main() -> None:
               f"({m})" for m in ("auto", "exact")))
 
 
-if __name__ == "__main__":
-    main()
-
 
 def test_the_benchmark_peers_compute_the_rows_they_are_timed_against(suite):
     """``python -m studio.bench --peer`` times FusionBench on each row it implements: each peer, at the paper defaults
@@ -297,3 +299,7 @@ def test_bench_peer_columns(capsys):
             cold, peer, ratio = float(cells[1]), float(cells[8]), float(cells[9])
             assert peer > 0   # the ratio is of the unrounded times: within the printed values' rounding (0.005)
             assert (peer - 0.005) / (cold + 0.005) - 0.005 <= ratio <= (peer + 0.005) / max(cold - 0.005, 1e-3) + 0.005
+
+
+if __name__ == "__main__":
+    main()
