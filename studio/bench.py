@@ -250,9 +250,9 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
 
 
 #: FusionBench's TIES flattens every task vector into one ``[T, P]`` matrix and holds about 6.7 copies of it at its
-#: peak (measured: 4.7 GiB beyond the experts for 2 ViT-B/32 experts, 9.2 GiB for 4); the bench skips it, with the
-#: estimate, where that exceeds the memory available (8 ViT-B/32 experts: ~18 GiB, which killed the bench by running
-#: out of memory on the 24 GiB development machine).
+#: peak (4.7 GiB beyond the experts for 2 ViT-B/32 experts, 9.2 GiB for 4: docs/PERFORMANCE.md, "FusionBench's TIES
+#: memory"); the bench skips it, with the estimate, where that exceeds the memory available (8 ViT-B/32 experts: ~18
+#: GiB, which killed the bench by running out of memory on the 24 GiB development machine).
 PEER_MEMORY_COPIES = {"ties": 7.0}
 
 
