@@ -191,6 +191,33 @@ class LayerTasks:
                 buf = d
             yield d
 
+    def task_chunks(self, chunk: int = 1 << 16) -> Iterator[tuple[int, int, int, Tensor]]:
+        """Each task's weighted values of the flattened layer, task by task and ``chunk`` entries at a time.
+
+        Yields ``(i, start, stop, x)`` with ``x`` = task ``i``'s :meth:`task_delta` over entries ``start:stop``
+        (float32, compute device): the same numbers in the same order as flattening :meth:`task_deltas`, for steps
+        that must see the tasks one after the other (DARE's draws from one generator) but can work on cache-sized
+        pieces. ``x`` is a buffer reused for the next piece (the caller may modify it in place).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(3)}, {"a": {"w": torch.ones(3)}, "b": {"w": -torch.ones(3)}})
+            >>> [(i, a, b, x.tolist()) for i, a, b, x in pool.layer("w").task_chunks(chunk=2)]
+            [(0, 0, 2, [1.0, 1.0]), (0, 2, 3, [1.0]), (1, 0, 2, [-1.0, -1.0]), (1, 2, 3, [-1.0])]
+        """
+        base = self.pool.tensor(None, self.key).reshape(-1)
+        numel = base.numel()
+        chunk = max(1, min(chunk, numel))
+        buf = torch.empty(chunk, dtype=torch.float32, device=self.pool.device)
+        for i, name in enumerate(self.names):
+            expert = self.pool.tensor(name, self.key).reshape(-1)
+            for start in range(0, numel, chunk):
+                stop = min(numel, start + chunk)
+                x = buf[:stop - start]
+                x.copy_(expert[start:stop]).sub_(base[start:stop])   # = raw_delta's float(e) - float(base)
+                if self.weights is not None:
+                    x.mul_(self.weights[i])
+                yield i, start, stop, x
+
     def raw_chunks(self, chunk: int | None = None) -> Iterator[tuple[int, int, Tensor]]:
         """Unweighted task values of the flattened layer, a block of columns at a time (element-wise methods).
 

@@ -292,6 +292,24 @@ def test_dare_is_unbiased_over_200_fixed_seeds():
     assert 0.8 < float(ratio.mean()) < 1.25, float(ratio.mean())
 
 
+@pytest.mark.parametrize("shape", [(), (5,), (3, 7), (300, 700), (4, 3, 50, 41)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_dare_cpu_pieces_draw_the_masks_of_one_draw_over_the_stack(shape, weighted):
+    """The CPU path works task by task on cache-sized pieces (300 x 700 and the conv kernel span several); its
+    masks must be, to the bit, rows of one ``random_drop`` over the ``[T, *shape]`` stack from the same seed."""
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.randn(shape, generator=g)}
+    experts = {f"t{i}": {"w": base["w"] + torch.randn(shape, generator=g)} for i in range(3)}
+    weights = torch.tensor([0.5, 2.0, 1.25]) if weighted else None
+    layer = TaskPool(base, experts, device="cpu").layer("w", weights)
+    stacked = random_drop(layer.deltas.clone(), 0.7, torch.Generator().manual_seed(11))
+    expected = stacked[0]
+    for row in stacked[1:]:
+        expected = expected + row   # in task order, as the path sums
+    layer = TaskPool(base, experts, device="cpu").layer("w", weights)   # no stack built: the piecewise path
+    assert torch.equal(dare(layer, 0.7, False, seed=11), expected)
+
+
 def test_random_drop_rate_and_values():
     g = torch.Generator().manual_seed(0)
     x = torch.full((4, 10_000), 2.0)
