@@ -12,7 +12,8 @@ moves the result by far more (``test_tolerance_tells_one_step_apart``), so the t
 ``python tests/test_crosscheck_fusionbench.py`` prints every comparison's error next to FusionBench's own float32 error,
 and the layers where that float32 run fails (the README quotes it).
 
-Not covered here because FusionBench 0.2.33 has no implementation: Breadcrumbs, AlignMerge-B/O, Ortho-Merge (their
+Not covered here because FusionBench 0.2.33 has no implementation: Breadcrumbs (checked against mergekit in
+``tests/test_crosscheck_mergekit.py``, with TIES ranked per tensor and DARE-TIES), AlignMerge-B/O, Ortho-Merge (their
 parity tests are against slow references written from the papers). DARE draws its masks from another random stream,
 so only its reference-loop parity applies (``tests/test_methods_sparse.py``).
 """
@@ -263,7 +264,6 @@ def main() -> None:
           "studio.merge against its float64 result: " + ", ".join(
               f"{worst_error(pool, studio.merge(base, experts, 'iso_cts', alpha=1.5, svd_mode=m), exact)[0]:.1e} "
               f"({m})" for m in ("auto", "exact")))
-
 
 
 def test_the_benchmark_peers_compute_the_rows_they_are_timed_against(suite):
