@@ -12,6 +12,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+def require_or_skip_module(missing: str | None, install: str) -> None:
+    """For a test module whose dependency is not part of the quickstart install (Chromium, the ``crosscheck`` extra):
+    ``missing`` says what is missing (None: nothing). Locally the module then skips; under ``CI=true``, where
+    ``.ci/run`` installs it with ``install``, that is a failure."""
+    if missing is None:
+        return
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        raise RuntimeError(f"CI=true but {missing}: {install} (as .ci/run does)")
+    pytest.skip(f"{missing} ({install})", allow_module_level=True)
+
+
 def clip_like_state_dict(width: int = 12, layers: int = 2, tokens: int = 5, out_dim: int = 6, seed: int = 0,
                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A tiny visual tower with open_clip's keys: 2-D matrices, 1-D norms/biases, a 4-D conv and embeddings."""

@@ -5,11 +5,12 @@ Screenshots land in ``artifacts/screenshots/`` (gitignored) for a human look.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import pytest
+
+from .conftest import require_or_skip_module
 
 pytestmark = pytest.mark.browser
 
@@ -26,11 +27,7 @@ MERGED_TOP_JS = """() => {
 
 # Playwright's sync API (not the pytest plugin) so the browser comes from the system, never from a download.
 sync_api = pytest.importorskip("playwright.sync_api")
-if not Path(CHROMIUM).exists():
-    # Locally the browser tests skip without Chromium; in CI (.ci/run installs it) a missing browser is a failure.
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        raise RuntimeError(f"CI=true but {CHROMIUM} is missing: apt-get install chromium (as .ci/run does)")
-    pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)", allow_module_level=True)
+require_or_skip_module(None if Path(CHROMIUM).exists() else f"{CHROMIUM} is missing", "apt-get install chromium")
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +159,8 @@ def test_a_double_click_starts_one_merge(page):
 def test_no_expert_selected_shows_a_readable_error(page):
     first = page.locator("input[type=checkbox]").first  # the "select all" box of the expert pool
     first.uncheck()
-    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('Select at least one expert')")
+    page.wait_for_function(
+        "() => document.querySelector('#diag-status').innerText.includes('Select at least one expert')")
     page.get_by_role("button", name="Merge & evaluate").click()
     page.get_by_text("no expert selected").first.wait_for()
     page.screenshot(path=str(SHOTS / "06_no_expert_error.png"), full_page=True)

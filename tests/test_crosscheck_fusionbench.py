@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
-import os
 import types
 from typing import Any, Callable
 
@@ -34,6 +33,8 @@ import studio
 from studio.methods.iso_cts import iso_cts_dims
 from studio.suite import default_suite
 
+from .conftest import require_or_skip_module
+
 try:
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c, iso_cts as fb_iso_cts
     from fusion_bench.method.singular_value_calibration.utils import subspace_consistency_spectral_calibration
@@ -42,11 +43,7 @@ try:
     from fusion_bench.method.ties_merging.ties_merging_utils import (
         state_dict_to_vector, ties_merging, vector_to_state_dict)
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    # Locally these tests skip without FusionBench; in CI (.ci/run installs the crosscheck extra) that is a failure.
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        raise RuntimeError(f"CI=true but FusionBench is not importable ({exc}): pip install -e '.[crosscheck]' "
-                           "(as .ci/run does)") from exc
-    pytest.skip(f"FusionBench is not installed ({exc}); pip install -e '.[crosscheck]'", allow_module_level=True)
+    require_or_skip_module(f"FusionBench is not importable ({exc})", "pip install -e '.[crosscheck]'")
 
 ELEMENTWISE_TOL = 3e-5
 SPECTRAL_TOL = 1e-4

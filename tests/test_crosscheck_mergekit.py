@@ -25,7 +25,6 @@ agree, and says so:
 from __future__ import annotations
 
 import importlib.metadata
-import os
 from typing import Any
 
 import pytest
@@ -34,14 +33,12 @@ import torch
 import studio
 from studio import bench
 
+from .conftest import require_or_skip_module
+
 try:
     from mergekit.merge_methods.api import merge_tensors
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    # Locally these tests skip without mergekit; in CI (.ci/run installs the crosscheck extra) that is a failure.
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        raise RuntimeError(f"CI=true but mergekit is not importable ({exc}): pip install -e '.[crosscheck]' "
-                           "(as .ci/run does)") from exc
-    pytest.skip(f"mergekit is not installed ({exc}); pip install -e '.[crosscheck]'", allow_module_level=True)
+    require_or_skip_module(f"mergekit is not importable ({exc})", "pip install -e '.[crosscheck]'")
 
 TOL = 1e-6
 T = 8
