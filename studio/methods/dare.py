@@ -59,9 +59,10 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
         return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
                                            consensus=ties_consensus, aggregate="sum")
     # Task by task and a cache-sized piece at a time (no [T, *shape] stack and temporaries: the draws, the
-    # mask and the sum stay in the core's cache; 58-66 ms against 84-86 ms for eight 3072 x 768 task matrices on
-    # one core, and ~2x against the stack). The CPU generator fills tensors serially, so task i's mask is exactly
-    # row i of random_drop's one draw over the stack (tested), the same numbers as on the whole stack.
+    # mask and the sum stay in the core's cache; 58-66 ms against 84-86 ms for eight 3072 x 768 task matrices
+    # on one core; with two workers the merge takes as long either way, bound by the generator, see
+    # docs/PERFORMANCE.md). The CPU generator fills tensors serially, so task i's mask is exactly row i of
+    # random_drop's one draw over the stack (tested): the same numbers as on the whole stack.
     out = torch.empty(layer.shape, device=layer.device).reshape(-1)
     keep = None
     for i, start, stop, x in layer.task_chunks():
