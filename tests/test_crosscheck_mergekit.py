@@ -15,9 +15,10 @@ agree, and says so:
   same count (``test_tolerance_tells_one_entry_apart`` shows one entry per tensor is far outside the tolerance).
 * Where the surviving values of an entry sum to exactly 0, mergekit elects ``+1``; we follow the official code's
   majority of the elected signs. Magnitudes tied at a cut are ranked by position here and arbitrarily by mergekit's
-  (unstable) sort. The experts below have no tied magnitudes within a task's tensor and no exact zero sums (the
-  fixture checks both), so these rules never come into play. MiniSuite's experts, stored in float16, have many of
-  both, which is why they are not used here.
+  (unstable) sort. The experts below have no tied magnitudes within a task's tensor (checked) and no exact zero sum
+  over all tasks (checked; sums over TIES's kept subsets cancel exactly with the same negligible chance, and the
+  experts are fixed by a seed), so these rules do not come into play. MiniSuite's experts, stored in float16, have
+  many of both, which is why they are not used here.
 * DARE's masks come from different random streams and mergekit rescales survivors to the task's L1 norm (not by
   ``1 / (1 - p)``, the paper's rule), so only its sign-consensus part is compared, at ``p = 0``.
 """
@@ -52,7 +53,7 @@ StateDict = dict[str, torch.Tensor]
 def distinct_magnitude_experts(seed: int = 0) -> tuple[StateDict, dict[str, StateDict]]:
     """A zero base and ``T`` experts with the parameter shapes of the packaged MiniCLIP-ViT visual tower (open_clip's
     own architecture) whose entries, within each task's tensor, have all-distinct magnitudes: a random permutation
-    of log-spaced values over two decades (adjacent ones 3.5e-5 apart relatively at most, far above float32's
+    of log-spaced values over two decades (adjacent ones at least 7e-5 apart relatively, far above float32's
     resolution), scaled per task, with random signs."""
     g = torch.Generator().manual_seed(seed)
     shapes = bench.clip_visual_shapes("MiniCLIP-ViT")
