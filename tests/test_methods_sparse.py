@@ -294,12 +294,14 @@ def test_dare_is_unbiased_over_200_fixed_seeds():
 
 @pytest.mark.parametrize("shape", [(), (5,), (3, 7), (300, 700), (40, 3, 32, 32)])
 @pytest.mark.parametrize("weighted", [False, True])
-def test_dare_cpu_pieces_draw_the_masks_of_one_draw_over_the_stack(shape, weighted):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dare_cpu_pieces_draw_the_masks_of_one_draw_over_the_stack(shape, weighted, dtype):
     """The CPU path works task by task on 64K-value pieces (300 x 700 and the conv kernel span several); its
-    masks must be, to the bit, rows of one ``random_drop`` over the ``[T, *shape]`` stack from the same seed."""
+    masks must be, to the bit, rows of one ``random_drop`` over the ``[T, *shape]`` stack from the same seed, and its
+    half-precision task values those of the stack (float32 of each, then the difference)."""
     g = torch.Generator().manual_seed(7)
-    base = {"w": torch.randn(shape, generator=g)}
-    experts = {f"t{i}": {"w": base["w"] + torch.randn(shape, generator=g)} for i in range(3)}
+    base = {"w": torch.randn(shape, generator=g).to(dtype)}
+    experts = {f"t{i}": {"w": (base["w"].float() + torch.randn(shape, generator=g)).to(dtype)} for i in range(3)}
     weights = torch.tensor([0.5, 2.0, 1.25]) if weighted else None
     layer = TaskPool(base, experts, device="cpu").layer("w", weights)
     stacked = random_drop(layer.deltas.clone(), 0.7, torch.Generator().manual_seed(11))
