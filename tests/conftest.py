@@ -23,6 +23,16 @@ def require_or_skip_module(missing: str | None, install: str) -> None:
     pytest.skip(f"{missing} ({install})", allow_module_level=True)
 
 
+def worst_error(base: dict[str, torch.Tensor], ours: dict[str, torch.Tensor],
+                theirs: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """Largest per-tensor ``||ours - theirs|| / ||theirs - base||`` over ``base``'s keys, in float64, and the tensor
+    where it occurs: the measure of the parity tests against independent implementations."""
+    errors = {k: float((ours[k].double() - theirs[k].double()).norm()
+                       / (theirs[k].double() - b.double()).norm().clamp_min(1e-30)) for k, b in base.items()}
+    key = max(errors, key=errors.get)
+    return errors[key], key
+
+
 def clip_like_state_dict(width: int = 12, layers: int = 2, tokens: int = 5, out_dim: int = 6, seed: int = 0,
                          dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A tiny visual tower with open_clip's keys: 2-D matrices, 1-D norms/biases, a 4-D conv and embeddings."""

@@ -34,7 +34,7 @@ import torch
 import studio
 from studio import bench
 
-from .conftest import require_or_skip_module
+from .conftest import require_or_skip_module, worst_error
 
 try:
     from mergekit.merge_methods.api import merge_tensors
@@ -100,13 +100,6 @@ def mergekit_merge(base: StateDict, experts: dict[str, StateDict], method: str, 
 def ties_density(k: float) -> Any:
     """mergekit's density that keeps the official code's ``int(d k) + 1`` entries of a ``d``-entry tensor."""
     return lambda tensor: {"density": (int(tensor.numel() * k) + 1.5) / tensor.numel()}
-
-
-def worst_error(base: StateDict, ours: StateDict, theirs: StateDict) -> tuple[float, str]:
-    errors = {k: float((ours[k].double() - theirs[k]).norm() / (theirs[k] - b.double()).norm().clamp_min(1e-30))
-              for k, b in base.items()}
-    key = max(errors, key=errors.get)
-    return errors[key], key
 
 
 #: name -> (studio.merge arguments, mergekit method, its parameters, per-tensor parameters)
