@@ -9,7 +9,7 @@ LayerNorm weight of size ~1, measured), and 1e-4 for spectral ones, where Fusion
 4e-5 off its float64 run. Moving a structural hyperparameter by one step (one component, 1 % of TIES's kept entries)
 moves the result by far more (``test_tolerance_tells_one_step_apart``), so the tolerances are tight.
 
-``python tests/test_crosscheck_fusionbench.py`` prints every comparison's error next to FusionBench's own float32 error,
+``python -m tests.test_crosscheck_fusionbench`` prints every comparison's error next to FusionBench's own float32 error,
 and the layers where that float32 run fails (the README quotes it).
 
 Not covered here because FusionBench 0.2.33 has no implementation: Breadcrumbs (checked against mergekit in

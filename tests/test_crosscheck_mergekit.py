@@ -178,7 +178,7 @@ def test_exact_zero_sum_is_where_the_sign_rules_part():
 
 
 def main() -> None:
-    """Print every case's error against mergekit."""
+    """Print every case's error against mergekit (``python -m tests.test_crosscheck_mergekit``, repository root)."""
     base, experts = distinct_magnitude_experts()
     print(f"mergekit {importlib.metadata.version('mergekit')}, {T} experts of MiniCLIP-ViT shapes with distinct "
           "magnitudes; worst per-tensor ||ours - mergekit|| / ||mergekit delta||")
