@@ -278,7 +278,9 @@ class LayerTasks:
         on the kept components, several times faster; null components are exact zeros with zero vectors, so a
         lower rank served from a cached higher one is the same decomposition it would have computed).
 
-        Weights only rescale singular values, so every weighting shares one decomposition.
+        Weights only rescale singular values, so every weighting shares one decomposition. Components whose singular
+        value is exactly zero (a layer the expert left unchanged, a task with weight 0) have zero singular vectors in
+        both modes, so they add no direction to any method's concatenation or average of vectors.
         """
         r = min(self.shape)
         rank = r if rank is None else min(rank, r)
@@ -288,7 +290,11 @@ class LayerTasks:
             # Only task i's delta (stacking all T per call made a layer's T decompositions cost T^2 subtractions).
             raw = self.pool.raw_delta(self.key, i)
             if exact:
-                return linalg.truncated_svd(raw, rank, exact=True)
+                U, S, Vh = linalg.truncated_svd(raw, rank, exact=True)
+                # LAPACK's vectors for exactly-zero singular values (a layer the expert left unchanged) are
+                # arbitrary (the identity's columns on a CPU); like gram_svd's null components they carry no direction.
+                nonzero = S != 0
+                return U * nonzero, S, Vh * nonzero.unsqueeze(-1)
             # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
             # tails of real task-matrix spectra (see linalg.gram_svd).
             return linalg.gram_svd(raw, rank)
@@ -306,8 +312,11 @@ class LayerTasks:
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
-            S = S * self.weights[i].abs()
-            if float(self.weights[i]) < 0:
+            w = float(self.weights[i])
+            if w == 0:   # a task weighted out is a zero matrix: no singular directions (as in gram_svd)
+                return torch.zeros_like(U), torch.zeros_like(S), torch.zeros_like(Vh)
+            S = S * abs(w)
+            if w < 0:
                 U = -U
         return U, S, Vh
 

@@ -84,6 +84,27 @@ def test_zero_task_vectors_give_the_base(name):
         torch.testing.assert_close(merged[k], base[k], msg=f"{name}: {k}")
 
 
+#: Methods whose preferences weight an aggregation over the tasks rather than the task matrices (AlignMerge-B's merge
+#: form is Task Arithmetic + its calibration), so a task weighted 0 still enters the sum they calibrate.
+_AGGREGATION_PREFERENCES = {"align_merge_b"}
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+@pytest.mark.parametrize("name", sorted(set(MERGE_NAMES) - _AGGREGATION_PREFERENCES))
+def test_a_task_weighted_zero_is_an_expert_that_changed_nothing(name, svd_mode):
+    """Preferences scale each task matrix by ``T p_i``, so ``p_i = 0`` must give the merge in which expert ``i``
+    equals the base: its singular vectors (which a zero matrix does not have) must not steer the others' merge.
+    AlignMerge-O summed a weighted-out task's top vector into ``u_top`` before the pool zeroed them."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    prefs = {"task0": 1.0, "task1": 2.0, "task2": 0.0, "task3": 1.0}
+    unchanged = {**experts, "task2": {k: v.clone() for k, v in base.items()}}
+    a = studio.merge(base, experts, name, preferences=prefs, svd_mode=svd_mode)
+    b = studio.merge(base, unchanged, name, preferences=prefs, svd_mode=svd_mode)
+    for k in base:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+
+
 @pytest.mark.parametrize("cal", CAL_NAMES)
 @pytest.mark.parametrize("name", ["task_arithmetic", "ties"])
 def test_calibrations_compose_after_base_methods(name, cal):
