@@ -483,7 +483,7 @@ def test_ortho_merge_averages_embeddings_by_default_as_the_paper():
     assert {m["name"]: m["layer_rule"] for m in studio.list_methods()}["ortho_merge"] == "skip_embeddings"
 
 
-def test_ortho_merge_with_tau_above_one_is_iso_c():
+def test_ortho_merge_with_tau_at_or_above_one_is_iso_c():
     deltas = make_deltas(T=4, m=10, n=14, seed=14, shared=3.0)
     layer = pool_of(deltas).layer("w")
     out = ortho_merge(layer, tau=1.01, k=5)
@@ -493,6 +493,12 @@ def test_ortho_merge_with_tau_above_one_is_iso_c():
         hp = {name: v for name, v in validate_hparams("iso_c", spec.params, {}).items()
               if not any(p.name == name and p.post_scale for p in spec.params)}
         torch.testing.assert_close(out, spec.fn(layer, **hp), rtol=1e-5, atol=1e-6)
+    # tau = 1 too: eq. 13's cosines are at most 1, although two identical experts give 1 + ~1e-7 in float32
+    same = torch.stack([deltas[0], deltas[0], deltas[1]])
+    twins = pool_of(same).layer("w")
+    assert bool(interference_mask(torch.stack([twins.svd(i, 5)[0] for i in range(3)]),
+                                  torch.stack([twins.svd(i, 5)[1] for i in range(3)]), 0.999999).any())
+    close(ortho_merge(twins, tau=1.0, k=5), iso_c_reference(same))
     # and end to end, with the same global scale on both sides
     base = clip_like_state_dict()
     experts = make_experts(base, 3)

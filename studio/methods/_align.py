@@ -1,7 +1,7 @@
 """Shared spectral-alignment building blocks of SVC and AlignMerge (and the diagnostics that plot them).
 
-Both papers (SVC, Li et al. 2026, arXiv:2602.05536; AlignMerge, anonymous ICLR 2026 submission -- closely related:
-same tables and checkpoints, and the SVC code's calibration function is still named ``Align``) look at
+Both papers (SVC, Li et al. 2026, arXiv:2602.05536; AlignMerge, anonymous submission under double-blind review --
+closely related: same tables and checkpoints, and the SVC code's calibration function is still named ``Align``) look at
 the task matrices ``Delta_i`` through the SVD of a merged delta ``M = U diag(sigma) V^T`` (SVC eq. 17, AlignMerge
 eq. 4). Everything they need per subspace ``r`` reduces to two numbers per task:
 

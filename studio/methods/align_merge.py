@@ -1,6 +1,6 @@
-"""AlignMerge ("Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging", anonymous ICLR 2026
-submission): AlignMerge-B (post-merging balancing, sec. 4.1, eq. 9) and AlignMerge-O (pre-merging
-orthogonalisation, sec. 4.2, eq. 11-14, App. C Alg. 1).
+"""AlignMerge ("Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging", anonymous
+submission under double-blind review): AlignMerge-B (post-merging balancing, sec. 4.1, eq. 9) and AlignMerge-O
+(pre-merging orthogonalisation, sec. 4.2, eq. 11-14, App. C Alg. 1).
 
 No official code is public (none found in the code index); this follows the paper. AlignMerge-B is registered
 twice: as a calibration (``calibrate="align_merge_b"``, applied after any base merge, App. E.2 Table 15: TIES/DARE

@@ -1,6 +1,6 @@
 """Ortho-Merge ("A Unified SVD Perspective: Deconstructing, Evaluating, and Improving Model Merging with
-Ortho-Merge", anonymous ICLR 2026 submission, sec. 4, eq. 12-16): deconflict the task matrices' leading singular
-components, then sum and harmonise the spectrum Iso-C style.
+Ortho-Merge", anonymous submission under double-blind review, sec. 4, eq. 12-16): deconflict the task matrices'
+leading singular components, then sum and harmonise the spectrum Iso-C style.
 
 No official code is public (none found in the code index) and the paper gives no numeric tau or k; the defaults
 below are documented choices.
@@ -32,7 +32,9 @@ def interference_mask(U: Tensor, S: Tensor, tau: float) -> Tensor:
     Args:
         U: ``[T, m, k]`` top-``k`` left singular vectors of each task.
         S: ``[T, k]`` the matching singular values.
-        tau: threshold in ``[0, inf)``; ``tau > 1`` never fires (unit vectors), so Ortho-Merge becomes Iso-C.
+        tau: threshold in ``[0, inf)``; ``tau >= 1`` never fires (``|s| <= 1`` for unit vectors: the computed
+            cosines are clipped to it, since identical experts give ``1 + 1e-7`` in float32), so Ortho-Merge becomes
+            Iso-C.
 
     Example:
         >>> U = torch.tensor([[[1.0], [0.0]], [[0.8], [0.6]]])   # two tasks, cosine 0.8
@@ -41,7 +43,7 @@ def interference_mask(U: Tensor, S: Tensor, tau: float) -> Tensor:
     """
     T, _, k = U.shape
     sim = torch.einsum("imk,jmn->ikjn", U, U)  # [T, k, T, k]: s_ij^{mn}
-    hit = sim.abs() > tau
+    hit = sim.abs().clamp_max(1.0) > tau   # eq. 13's s is a cosine; rounding can push it past 1
     upper = torch.triu(torch.ones(T, T, dtype=torch.bool, device=U.device), diagonal=1)  # i < j
     hit = hit & upper[:, None, :, None]
     weaker_i = S[:, :, None, None] < S[None, None, :, :]  # sigma_{i,m} < sigma_{j,n}
@@ -55,11 +57,13 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
 
     ``r = rank(Delta_sum)`` as eq. 16 states (numerical rank with ``torch.linalg.matrix_rank``'s default tolerance
     ``max(m, n) * eps * sigma_max``) and ``sigma_bar`` is the mean of those ``r`` singular values. For a full-rank
-    sum -- every real checkpoint layer -- this is exactly Iso-C (Iso eq. 7-8 and its official code,
-    ``S.mean()`` over all ``min(m, n)`` values), so ``tau > 1`` reproduces Iso-C. For a rank-deficient sum Iso-C's
+    sum this is exactly Iso-C (Iso eq. 7-8 and its official code,
+    ``S.mean()`` over all ``min(m, n)`` values), so ``tau >= 1`` reproduces Iso-C. For a rank-deficient sum Iso-C's
     code would also put ``sigma_bar`` on singular vectors of zero singular values, which LAPACK picks arbitrarily;
-    the compact form keeps the result well defined (and symmetric in the experts). ``svd``: a precomputed thin SVD
-    of ``matrix``; else :func:`studio.linalg.svd_tall` with ``exact``.
+    the compact form keeps the result well defined (and symmetric in the experts). Full rank is the common case but
+    not guaranteed: on MiniSuite at the defaults every deconflicted sum has full rank, the closest (block 0's
+    attention output, ``128 x 128``) with its smallest singular value 1.5 times the tolerance (2.3e-5 of the
+    largest). ``svd``: a precomputed thin SVD of ``matrix``; else :func:`studio.linalg.svd_tall` with ``exact``.
 
     Example:
         >>> isotropic(torch.diag(torch.tensor([3.0, 1.0]))).tolist()
@@ -80,7 +84,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
     params=(
         Param("tau", float, 0.3, low=0.0, high=2.0, ui_step=0.01,
               help="Interference threshold on |<u_i,m, u_j,n>| between leading left singular vectors of different "
-                   "tasks; above 1 nothing is removed and Ortho-Merge equals Iso-C (full-rank layers).",
+                   "tasks; at 1 or above nothing is removed and Ortho-Merge equals Iso-C (full-rank layers).",
               paper="Ortho-Merge eq. 13-14 (no value given); 0.3 is our choice, between the top-5 subspace "
                     "similarities the paper calls 'significant' (0.22) and 'high' (0.37) in sec. 3.1 / Fig. 1. "
                     "Those are averaged principal cosines of two subspaces, a related but different quantity "
@@ -108,12 +112,14 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     3. ``Delta_sum = sum_t Delta^_t = U Sigma V^T`` and ``Delta_new = sigma_bar U V^T`` (eq. 15-16,
        :func:`isotropic`).
 
-    With nothing removed (e.g. ``tau > 1``) the pool's cached SVD of the plain sum is reused, and the result is
+    With nothing removed (e.g. ``tau >= 1``) the pool's cached SVD of the plain sum is reused, and the result is
     exactly Iso-C whenever the sum has full rank (see :func:`isotropic`). The paper averages "non-2D tensors (e.g.,
     biases, embeddings, text_projection)" (sec. 4, after eq. 16); embeddings and ``text_projection`` are 2-D in
     CLIP, so the default layer rule is ``"skip_embeddings"``: every tensor it names, and every non-2-D one, gets
     the mean of the task vectors (no official code is public). ``layer_rule="default"`` treats the 2-D positional
-    embedding spectrally, as TSV/Iso do.
+    embedding spectrally, as TSV/Iso do. The paper's related-work summary (sec. 2) describes Ortho-Merge as small
+    corrections "instead of pruning or discarding singular directions"; its method (sec. 4, eq. 14), abstract and
+    conclusion remove the weaker component outright, which is what this implements.
 
     Example:
         >>> from studio.pool import TaskPool
