@@ -47,7 +47,6 @@ from typing import Callable, Hashable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from . import linalg
 from .methods import _align
 from .layers import LayerRule, resolve_rule
 from .pool import LayerTasks, TaskPool
@@ -143,8 +142,8 @@ def effective_rank(s: Tensor, eps: float = 0.05, rule: str = "official") -> int:
       and the TSV repository): ``np.argmax(np.sqrt(np.cumsum(S**2 / (S**2).sum())) > 0.95)`` then ``U[:, :rank]``,
       i.e. the number of leading directions whose captured share of the norm,
       ``sqrt(sum_{i<=k} sigma_i^2 / sum_i sigma_i^2)``, stays at or below ``1 - eps`` (``norm_thresh = 0.95``). It
-      keeps far fewer directions than eq. (6) and is the rule behind the published SAR values (0.75-0.87 on
-      ViT-B/32 for Task Arithmetic, against ~0.98 with eq. 6), so it is the default. Where the top direction alone
+      keeps far fewer directions than eq. (6) and is the rule behind the published SAR values (0.75-0.87 for
+      Task Arithmetic in Fig. 3a, ViT-B/16), so it is the default. Where the top direction alone
       captures more than ``1 - eps`` of the norm the official code keeps 0 directions (SAR 0); the callers here
       keep 1.
 
@@ -513,15 +512,16 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
     """``(sigma, c, |a|^2)`` of the merged delta, memoised per layer and merged tensor.
 
     The Task Arithmetic sum goes through :func:`~studio.methods._align.merged_spectrum` (memoised there and shared
-    with the SVC / AlignMerge-B calibrations of a TA merge). For any other merged delta only the small ``[T, R]``
-    statistics are memoised, not the singular-vector basis (``R^2`` floats per layer and merge).
+    with the SVC / AlignMerge-B calibrations of a TA merge). Any other merged delta is decomposed by
+    :func:`~studio.methods._align.sum_ordered_svd` (ties in its spectrum resolved by the sum), and only the small
+    ``[T, R]`` statistics are memoised, not the singular-vector basis (``R^2`` floats per layer and merge).
     """
     _require_matrix(layer)
     delta, tag = _merged_delta(layer, merged)
 
     def compute() -> _MergedStats:
         spec = _align.merged_spectrum(layer, delta) if tag == "ta_sum" else \
-            _align.merged_spectrum_of(layer.deltas, delta)
+            _align.merged_spectrum_of(layer.deltas, delta, exact=layer.pool.svd_mode == "exact", total=layer.sum())
         return _MergedStats(spec.S, spec.c, spec.a2, layer.deltas.double().pow(2).sum((1, 2)).float())
 
     return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))
@@ -545,7 +545,9 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
     0.05``, the official code's rule unless ``k_rule="paper"``) unless ``k`` is given.
     ``||U_k^T Delta_t||_F^2 = sum_{r<=k} ||a_t^r||^2`` reuses SVC's subspace responses (eq. 18).
     ``merged=None`` uses the Task Arithmetic sum (``SAR(Delta_t, Delta_TA; k_TA)`` of Fig. 3a). SAR is invariant
-    to the scale of the merged delta.
+    to the scale of the merged delta. Where the merged spectrum is flat (Iso-C, Iso-CTS, Ortho-Merge) its top
+    ``k_M`` directions are taken in the order of the sum (:func:`~studio.methods._align.sum_ordered_svd`), as the
+    Iso authors' SAR code does for Iso-C; LAPACK's own order there is set by rounding.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -606,7 +608,8 @@ def _cross_terms(layer: LayerTasks, merged: Tensor | None) -> Tensor:
     delta, tag = _merged_delta(layer, merged)
 
     def compute() -> Tensor:
-        U, _, Vh = layer.sum_svd() if tag == "ta_sum" else linalg.svd_tall(delta, layer.pool.svd_mode == "exact")
+        U, _, Vh = layer.sum_svd() if tag == "ta_sum" else \
+            _align.sum_ordered_svd(delta, layer.sum(), layer.pool.svd_mode == "exact")   # as _merged_stats
         alpha1, _ = _align.cross_influence_terms(layer.deltas, U, Vh)
         return torch.nan_to_num(alpha1, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -720,7 +723,7 @@ def svc_cross_matrix(layer: LayerTasks, merged: Tensor | None = None, k: int | N
     ``C[i, j] = sum_{r<=k} <a_j^r, a_i^r> / sum_{r<=k} ||a_i^r||^2``: the share of task ``j`` in the merged response
     along task ``i``'s directions. For the Task Arithmetic sum each row sums to the pooled projection coefficient
     ``<U_k^T Delta_TA, U_k^T Delta_i>_F / ||U_k^T Delta_i||_F^2`` (SVC eq. 19 over ``k`` subspaces at once).
-    ``k=None``: the merged effective rank ``k_M`` (Iso eq. 6).
+    ``k=None``: the merged effective rank ``k_M`` (:func:`effective_rank`, the official ``calc_rank`` rule).
 
     Example:
         >>> from studio.pool import TaskPool
@@ -739,7 +742,8 @@ def cross_influence_matrix(layer: LayerTasks, merged: Tensor | None = None, k: i
     ``sum_r P^r Delta_j P^r ~= xi sum_r P^r Delta_i P^r`` over the ``k`` subspaces, i.e. eq. (3)'s Frobenius
     projection applied to the per-subspace components of eq. (6) at once. It equals ``xi_{i,j}^r`` when ``k = 1``
     and, unlike a mean of per-subspace ratios, is not dominated by subspaces where ``c_i^r ~ 0``.
-    ``k=None``: the merged effective rank ``k_M`` (Iso eq. 6). NaN rows for a task absent from all ``k``.
+    ``k=None``: the merged effective rank ``k_M`` (:func:`effective_rank`, official rule). NaN rows for a task
+    absent from all ``k``.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -818,13 +822,13 @@ METRICS: dict[str, Metric] = {
         svc_cross_matrix,
         "SVC cross terms pooled over the top-k merged subspaces: share of task j (column) in the merged response "
         "along task i's directions (row); rows sum to s_i for the TA sum.",
-        (None, None), True, "TxT", False, 0.0, "k = top merged subspaces pooled (default k_M, Iso eq. 6)", True,
+        (None, None), True, "TxT", False, 0.0, "k = top merged subspaces pooled (default k_M, the official rule)", True,
         "SVC Lemma 3.2, Fig. 3"),
     "xi": Metric(
         cross_influence_matrix,
         "AlignMerge cross-influence of task j (column) on task i (row), least-squares over the top-k merged "
         "subspaces; > 0 aligned (double counting), < 0 conflicting.",
-        (None, None), True, "TxT", False, 0.0, "k = top merged subspaces pooled (default k_M, Iso eq. 6)", True,
+        (None, None), True, "TxT", False, 0.0, "k = top merged subspaces pooled (default k_M, the official rule)", True,
         "AlignMerge Prop. 1, eq. 5-6"),
     "sai": Metric(
         lambda layer, merged, k: sai(layer, merged, rank=_txk(k), signed=True),

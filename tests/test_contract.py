@@ -116,6 +116,24 @@ def test_calibrations_compose_after_base_methods(name, cal):
     _assert_like_base(one_hot, base)
 
 
+@pytest.mark.parametrize("cal", CAL_NAMES)
+@pytest.mark.parametrize("name", ["iso_c", "iso_cts", "ortho_merge", "task_arithmetic", "ties"])
+def test_calibrations_do_not_depend_on_the_svd_basis_of_a_flat_merge(name, cal):
+    """Iso-C, Iso-CTS and Ortho-Merge return ``sigma_bar`` times a partial isometry: a flat spectrum, whose SVD basis
+    is any rotation LAPACK settles on. The calibrations rescale per singular direction, so they must not take that
+    basis as it comes (before ``sum_ordered_svd`` a tensor moved by 0.38-3.2 of its delta between SVD modes or
+    expert orders here)."""
+    base = clip_like_state_dict(width=16)
+    experts = make_experts(base, 3)
+    reordered = {n: experts[n] for n in ("task2", "task0", "task1")}
+    ref = studio.merge(base, experts, name, calibrate=cal)
+    for other in (studio.merge(base, experts, name, calibrate=cal, svd_mode="exact"),
+                  studio.merge(base, reordered, name, calibrate=cal)):
+        for k in base:
+            err = float((other[k] - ref[k]).norm() / (ref[k] - base[k]).norm().clamp_min(1e-30))
+            assert err < 1e-4, f"{name} + {cal}, {k}: {err:.1e}"
+
+
 @pytest.mark.parametrize("name", MERGE_NAMES)
 def test_out_of_range_hparams_name_the_value(name):
     base = clip_like_state_dict()

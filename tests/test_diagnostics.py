@@ -191,6 +191,30 @@ def test_sar_matches_iso_eq5_with_explicit_projections():
     torch.testing.assert_close(D.sar_to_merged(layer, 3 * merged), D.sar_to_merged(layer, merged), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("svd_mode", ["exact", "auto"])
+def test_sar_to_a_flat_merge_takes_the_sums_leading_directions(svd_mode):
+    """Iso-C's merged delta has one (numerically) degenerate singular value, so its SVD's "top k_M" directions are
+    whatever LAPACK returns. The Iso authors' SAR code takes them in the order of the summed task matrices
+    (``U_iso_k = U[:, :k]`` of the sum's SVD, with the flat ``S_iso``); the diagnostics must give that, not a
+    near-random k_M-dimensional subspace (0.067 lower for one task here before this was fixed)."""
+    mats = _lowrank(4, 40, 30, 3, seed=21, noise=0.2)
+    layer = _pool(mats, svd_mode).layer("w")
+    TA = sum(m.double() for m in mats)
+    U, S, Vh = torch.linalg.svd(TA, full_matrices=False)
+    iso = (S.mean() * U @ Vh).float()        # Iso-C (eq. 8), rounded to float32 as a merge is
+    k = D.effective_rank(torch.ones(30), 0.05)                                   # 27 of 30 (flat spectrum)
+    P = U[:, :k] @ U[:, :k].T
+    want = torch.tensor([float((P @ m.double()).norm() / m.double().norm()) for m in mats], dtype=torch.float64)
+    torch.testing.assert_close(D.sar_to_merged(layer, iso).double(), want, atol=1e-5, rtol=0)
+    # and the same from any other SVD basis of the same flat matrix: the leading columns follow the sum
+    Q = torch.linalg.qr(torch.randn(30, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).Q
+    rotated = (S.mean() * (U @ Q) @ (Vh.mT @ Q).mT).float()
+    torch.testing.assert_close(D.sar_to_merged(layer, rotated).double(), want, atol=1e-5, rtol=0)
+    s_iso, _ = D.svc_coefficients(layer, iso, rank=5)
+    s_rot, _ = D.svc_coefficients(layer, rotated, rank=5)
+    torch.testing.assert_close(s_rot, s_iso, atol=1e-3, rtol=1e-3)
+
+
 def test_sar_of_a_task_onto_itself():
     A = torch.randn(9, 7, generator=torch.Generator().manual_seed(10))
     layer = _pool([A, torch.randn(9, 7, generator=torch.Generator().manual_seed(11))]).layer("w")

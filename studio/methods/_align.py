@@ -126,18 +126,76 @@ def subspace_responses(deltas: "Tensor | Iterable[Tensor]", U: Tensor, Vh: Tenso
     return torch.stack(cs), torch.stack(a2s)
 
 
+#: Adjacent singular values of a merged delta closer than this (relative to the largest) are tied for
+#: :func:`sum_ordered_svd`: at such gaps the SVD's basis is set by float32 rounding (a perturbation ``e`` turns it by
+#: ~``e / gap``). Wider gaps are real: TSV-M's spectrum (the tasks' own singular values) has pairs ~1e-5 apart
+#: whose basis FusionBench's float64 run fixes, and rotating those moved TSV-M + SVC by 1.4e-2 on MiniSuite.
+TIE_RTOL = 1e-6
+#: A merged spectrum whose nonzero singular values all lie within this of the largest is flat by construction (Iso-C,
+#: Iso-CTS, Ortho-Merge: ``sigma_bar`` times a partial isometry) and is one tied cluster. Their float32 results are
+#: flat to ~1e-5 (Iso-CTS's right whitening, :func:`studio.linalg.polar_extend`), a spread no other method has.
+FLAT_RTOL = 1e-3
+
+
+def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD of a merged delta (:func:`studio.linalg.svd_tall`) with the basis of each (numerically) degenerate
+    cluster of singular values fixed by the task-matrix sum ``total``.
+
+    Inside a cluster of equal singular values (adjacent gaps within :data:`TIE_RTOL`, or the whole nonzero spectrum
+    when it is flat within :data:`FLAT_RTOL`) any rotation ``R`` applied to the left and the right singular vectors
+    together is an SVD of the same matrix, so its per-direction quantities (SVC's ``s_i^r`` and ``gamma^r``,
+    AlignMerge's ``xi``, SAR's top ``k_M`` directions) are whatever LAPACK returns: for the flat spectra of Iso-C,
+    Iso-CTS and Ortho-Merge a rotation set by rounding, which differs between CPU and GPU, SVD modes and the order
+    of the experts. The official SVC code takes that rotation as it comes, so its SVC on Iso-C is not reproducible
+    at all; here each cluster is rotated to diagonalise the symmetric part of ``U_c^T total V_c``, directions
+    ordered by the share of the sum they carry. For Iso-C this recovers the sum's own basis (the one the Iso
+    authors' SAR code uses, ``U[:, :k]`` of the sum's SVD); where nothing is tied, or the merge is a multiple of the
+    sum, nothing moves. Singular values inside a cluster become the diagonal of ``R^T diag(S_c) R`` (equal to
+    ``S_c`` up to the cluster's spread).
+
+    Example:
+        >>> total = torch.diag(torch.tensor([1.0, 3.0]))
+        >>> U, S, Vh = sum_ordered_svd(2 * torch.eye(2), total)   # any rotation is an SVD; LAPACK returns e1 first
+        >>> S.tolist(), U[:, 0].abs().tolist()                    # led by the sum's strongest direction, e2
+        ([2.0, 2.0], [0.0, 1.0])
+    """
+    U, S, Vh = linalg.svd_tall(merged, exact)
+    if S.numel() < 2 or not float(S[0]) > 0:
+        return U, S, Vh
+    live = S > linalg.null_tolerance(S[0], S.numel())
+    flat = bool(S[0] - S[int(live.sum()) - 1] <= FLAT_RTOL * S[0])
+    tied = (flat | (S[:-1] - S[1:] <= TIE_RTOL * S[0])) & live[1:]
+    if not bool(tied.any()):
+        return U, S, Vh
+    U, S, Vh = U.clone(), S.clone(), Vh.clone()
+    pad = torch.zeros(1, dtype=torch.int8, device=S.device)
+    edges = torch.nonzero(torch.diff(tied.to(torch.int8), prepend=pad, append=pad)).flatten().tolist()
+    for start, stop in zip(edges[0::2], edges[1::2]):   # tied[start:stop]: singular values start..stop
+        sl = slice(start, stop + 1)
+        Uc, Vc = U[:, sl], Vh[sl].mT
+        C = linalg.matmul(Uc.mT, linalg.matmul(total.to(Uc.dtype), Vc)).double()
+        R = torch.linalg.eigh((C + C.mT) / 2).eigenvectors.flip(-1).to(U.dtype)   # descending share of the sum
+        U[:, sl], Vh[sl] = linalg.matmul(Uc, R), linalg.matmul(Vc, R).mT
+        S[sl] = (R * (S[sl].unsqueeze(-1) * R)).sum(0)
+    return U, S, Vh
+
+
 def merged_spectrum_of(deltas: "Tensor | Iterable[Tensor]", merged: Tensor,
-                       svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True) -> MergedSpectrum:
+                       svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True,
+                       total: Tensor | None = None) -> MergedSpectrum:
     """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed thin SVD of it,
     which the spectrum then references whole: :attr:`MergedSpectrum.other`; else :func:`studio.linalg.svd_tall`
-    with ``exact``).
+    with ``exact``, or with ``total`` given, :func:`sum_ordered_svd`).
 
     Example:
         >>> M = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
         >>> merged_spectrum_of(torch.stack([M / 2, M / 2]), M).c.tolist()
         [[1.0, 0.5], [1.0, 0.5]]
     """
-    U, S, Vh = linalg.svd_tall(merged, exact) if svd is None else svd
+    if svd is not None:
+        U, S, Vh = svd
+    else:
+        U, S, Vh = linalg.svd_tall(merged, exact) if total is None else sum_ordered_svd(merged, total, exact)
     c, a2 = subspace_responses(deltas, U, Vh)
     m, n = merged.shape
     side = "left" if m <= n else "right"
@@ -151,8 +209,10 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
 
     When ``merged`` is exactly the task-matrix sum (Task Arithmetic, AlignMerge-B's base merge) the pool's cached
     :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics); otherwise the SVD is
-    memoised under ``merged_tag`` (``None``: not memoised). The spectrum is of the *unscaled* ``merged``: a global
-    scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
+    memoised under ``merged_tag`` (``None``: not memoised). Ties in its spectrum (the flat spectra of Iso-C, Iso-CTS,
+    Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration after them does not depend on
+    the rotation LAPACK happens to return. The spectrum is of the *unscaled* ``merged``: a global scale ``lambda``
+    multiplies ``S`` only, which the calibrations apply themselves.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -166,10 +226,11 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
         return layer.memo(("align.spectrum", "sum"),
                           lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, layer.sum_svd()))
     exact = layer.pool.svd_mode == "exact"
-    if merged_tag is None:
-        return merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact)
-    return layer.memo(("align.spectrum", merged_tag),
-                      lambda: merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact), transient=True)
+
+    def compute() -> MergedSpectrum:
+        return merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact, total=total)
+
+    return compute() if merged_tag is None else layer.memo(("align.spectrum", merged_tag), compute, transient=True)
 
 
 def preference_weights(preferences: Tensor | None, per_task: Tensor) -> Tensor:
