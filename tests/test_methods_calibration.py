@@ -440,6 +440,19 @@ def test_align_merge_o_is_symmetric_in_the_experts_and_zero_safe():
     assert torch.equal(z, torch.zeros(6, 5))
 
 
+def test_align_merge_o_leaves_out_a_residual_at_rounding_level():
+    """A task whose top pair is the aligned pair itself (twins, a lone task) has an eq. 12 residual of zero; the
+    rounding-level vector LAPACK returns for it must not be whitened in as a direction. Before, twins and the same
+    twins with one scaled by 1 + 1e-6 merged 0.62 apart (relative), and the two SVD modes differed by 0.4."""
+    d = make_deltas(T=2, m=12, n=9, seed=31)
+    twins = torch.stack([d[0], d[0]])
+    nudged = torch.stack([d[0], d[0] * (1 + 1e-6)])
+    a = align_merge_o_delta(pool_of(twins).layer("w"))
+    close(align_merge_o_delta(pool_of(nudged).layer("w")), a)
+    auto = TaskPool({"w": torch.zeros(12, 9)}, {"a": {"w": d[0].clone()}, "b": {"w": d[0].clone()}}, svd_mode="auto")
+    close(align_merge_o_delta(auto.layer("w")), a)
+
+
 # --------------------------------------------------------------------------------------------------- Ortho-Merge
 
 

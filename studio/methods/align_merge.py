@@ -159,6 +159,11 @@ def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | 
 
 # ------------------------------------------------------------------------------------------------- AlignMerge-O
 
+#: Eq. 12 residuals at or below this fraction of the largest top singular value are rounding: the residual is a
+#: difference of float32 unit vectors (~1e-7 each), measured at 4.5e-8 absolute for a lone task where a real one is
+#: ``sigma_i sin(angle to u_top)``.
+_RESIDUAL_RTOL = 1e-5
+
 
 def _align_top_signs(U1: Tensor, S1: Tensor, V1: Tensor) -> tuple[Tensor, Tensor]:
     """Fix the SVD sign gauge of each task's top pair ``(u_i^1, v_i^1)`` before eq. 11 sums them.
@@ -199,8 +204,11 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
        direction), so ``c`` is taken from the reconstruction's measured norm. Both agree for full-rank bases.
 
     Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before
-    summing (``align_signs``, see :func:`_align_top_signs`); when ``1 + K L`` exceeds ``R`` (tiny layers,
-    ``R <= K``) only the ``R`` columns with the largest ``sigma^`` are kept; an all-zero layer returns zeros.
+    summing (``align_signs``, see :func:`_align_top_signs`); a residual of eq. 12 at rounding level (a task whose
+    top pair is ``u_top, v_top``: a lone task, twins, one-hot preferences) and any column with ``sigma^ = 0`` (a task
+    weighted 0) carry no direction and are left out of ``U^``, ``V^``, as TSV-M leaves out its zero columns; when
+    ``1 + K L`` exceeds ``R`` (tiny layers, ``R <= K``) only the ``R`` columns with the largest ``sigma^`` are kept;
+    an all-zero layer returns zeros.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -249,6 +257,15 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     cols_v = [v_top.unsqueeze(1), torch.stack(v_res, 1)] + [Vh[1:L].mT for _, _, Vh in svds]
     sig = [s_top.reshape(1), torch.stack(s_res)] + [S[1:L] for _, S, _ in svds]
     U_hat, V_hat, S_hat = torch.cat(cols_u, 1), torch.cat(cols_v, 1), torch.cat(sig)
+    # A residual of eq. 12 at rounding level (a task whose top pair is u_top, v_top: a single task, twins, one-hot
+    # preferences) has no direction -- its top vector is noise -- and neither has a column of a task weighted 0;
+    # like TSV-M's zero columns they are left out rather than whitened in as unit vectors.
+    keep = S_hat > 0
+    keep[1:K + 1] &= S_hat[1:K + 1] > _RESIDUAL_RTOL * S1.max()
+    if not bool(keep.all()):
+        U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
+    if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)
+        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
     if U_hat.shape[1] > R:  # only when R <= K (tiny layers): keep the R strongest columns
         keep = torch.argsort(S_hat, descending=True)[:R]
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
