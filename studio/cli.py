@@ -99,7 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
     p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layer-rule", default="default")
+    p.add_argument("--layer-rule", default=None,
+                   help="which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
+                        "(omitted: the method's and the calibration's own default rule, as studio.merge)")
+    p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
+                   help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD everywhere, as the official code")
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", help="also write the recipe (YAML) here")
 
@@ -136,7 +140,8 @@ def _run(args: argparse.Namespace) -> int:
         prefs = json.loads(args.preferences) if args.preferences else None
         recipe = Recipe(method=args.method, hparams=_parse_sets(args.set), experts=list(experts),
                         calibrate=args.calibrate, calibrate_hparams=_parse_sets(args.cal_set), preferences=prefs,
-                        seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__)
+                        seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__,
+                        svd_mode=args.svd_mode)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe)
         if args.recipe:

@@ -106,9 +106,19 @@ class Recipe:
     calibrate_hparams: dict[str, Any] = field(default_factory=dict)
     preferences: dict[str, float] | None = None
     seed: int = 0
-    layer_rule: str | None = None  # None: each method/calibration uses its own default rule
+    # None: each method/calibration uses its own default rule; a preset name, or a custom rule as
+    # LayerRule.to_dict() (a LayerRule given here is stored that way, so the recipe serialises)
+    layer_rule: str | dict[str, Any] | None = None
     suite: str | None = None
     studio_version: str = ""
+    svd_mode: str = "auto"
+
+    def __post_init__(self) -> None:
+        from .layers import LayerRule, RULES
+
+        if isinstance(self.layer_rule, LayerRule):
+            preset = RULES.get(self.layer_rule.name)
+            self.layer_rule = preset.name if preset == self.layer_rule else self.layer_rule.to_dict()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +164,7 @@ class Recipe:
         """Keyword arguments for :func:`studio.merge` (besides base, experts and method)."""
         return dict(self.hparams, calibrate=self.calibrate,
                     calibrate_hparams=dict(self.calibrate_hparams) if self.calibrate else None,
-                    preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
+                    preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule, svd_mode=self.svd_mode)
 
 
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe) -> Path:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,19 @@ class LayerRule:
     exclude: tuple[str, ...] = (r"text_projection",)
     name: str = "default"
 
+    def __post_init__(self) -> None:
+        from .schema import StudioError
+
+        patterns = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise StudioError(f"layer rule {self.name!r}: exclude patterns must be strings, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise StudioError(f"layer rule {self.name!r}: {pattern!r} is not a regular expression ({exc})") from exc
+        object.__setattr__(self, "exclude", patterns)   # a list (e.g. from a recipe) becomes the hashable tuple
+
     def is_matrix(self, key: str, shape: Sequence[int]) -> bool:
         """True if ``key`` (of ``shape``) gets the spectral treatment."""
         if len(shape) != 2 or min(shape) < 2:
@@ -44,6 +57,22 @@ class LayerRule:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "exclude": list(self.exclude)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "LayerRule":
+        """The inverse of :meth:`to_dict` (recipes store custom rules this way).
+
+        Example:
+            >>> rule = LayerRule(exclude=("mlp",), name="no_mlp")
+            >>> LayerRule.from_dict(rule.to_dict()) == rule
+            True
+        """
+        from .schema import StudioError
+
+        if not isinstance(data, Mapping) or set(data) - {"name", "exclude"} or "exclude" not in data:
+            raise StudioError(f"a layer rule mapping needs 'exclude' (a list of regular expressions) and optionally "
+                              f"'name', got {data!r}")
+        return cls(exclude=tuple(data["exclude"]), name=str(data.get("name", "custom")))
 
 
 DEFAULT = LayerRule()
@@ -55,15 +84,18 @@ ALL_MATRICES = LayerRule(exclude=(), name="all_matrices")
 RULES = {rule.name: rule for rule in (DEFAULT, SKIP_EMBEDDINGS, ALL_MATRICES)}
 
 
-def resolve_rule(rule: "LayerRule | str | None") -> LayerRule:
-    """Accept a :class:`LayerRule`, a preset name (``"default"``, ``"skip_embeddings"``, ``"all_matrices"``) or
-    ``None`` (the default rule)."""
+def resolve_rule(rule: "LayerRule | str | Mapping | None") -> LayerRule:
+    """Accept a :class:`LayerRule`, a preset name (``"default"``, ``"skip_embeddings"``, ``"all_matrices"``), a
+    mapping as :meth:`LayerRule.to_dict` writes it (a recipe's custom rule) or ``None`` (the default rule)."""
     if rule is None:
         return DEFAULT
     if isinstance(rule, LayerRule):
         return rule
-    if rule in RULES:
+    if isinstance(rule, Mapping):
+        return LayerRule.from_dict(rule)
+    if isinstance(rule, str) and rule in RULES:
         return RULES[rule]
     from .schema import StudioError
 
-    raise StudioError(f"unknown layer rule {rule!r}; expected one of {sorted(RULES)} or a LayerRule")
+    raise StudioError(f"unknown layer rule {rule!r}; expected one of {sorted(RULES)}, a LayerRule or a mapping "
+                      f"{{'name': ..., 'exclude': [regular expressions]}}")
