@@ -25,6 +25,12 @@ _POOLS: "OrderedDict[Hashable, TaskPool]" = OrderedDict()
 _POOL_KEEP = 2
 
 
+def clear_pools() -> None:
+    """Forget every cached :class:`TaskPool` (and so every cached decomposition and merge): the next merge
+    decomposes afresh. Needed only after changing experts in a way :func:`studio.pool.fingerprint` does not see."""
+    _POOLS.clear()
+
+
 def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
     """Return the cached :class:`TaskPool` for this exact expert set (and device), creating it if needed."""
     dev = resolve_device(device)

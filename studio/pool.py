@@ -107,15 +107,30 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
                 raise ExpertError(f"expert '{name}', key '{key}' contains NaN or infinite values")
 
 
+def _version(t: Tensor) -> int:
+    """``t._version`` (bumped by every in-place change); -1 for an inference-mode tensor, which has no counter (it
+    cannot be changed in place outside ``torch.inference_mode``)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
-    """Cheap identity of an expert set: storage pointers, versions, shapes and a few sampled values."""
+    """Cheap identity of an expert set: storage pointers, versions, shapes and a few sampled values.
+
+    A change the version counter does not see (writing through ``t.numpy()`` or ``t.data``) and that misses the
+    sampled values is not noticed: build new tensors, or change them with torch's in-place operations, to merge
+    edited experts (or call ``studio.engine.clear_pools()``).
+    """
 
     def one(sd: StateDict) -> tuple:
         items = []
-        for key, t in sd.items():
-            flat = t.reshape(-1)
-            sample = tuple(flat[:: max(1, flat.numel() // 4)][:4].float().tolist()) if flat.numel() else ()
-            items.append((key, t.data_ptr(), t._version, tuple(t.shape), str(t.dtype), sample))
+        with torch.no_grad():
+            for key, t in sd.items():
+                flat = t.reshape(-1)
+                sample = tuple(flat[:: max(1, flat.numel() // 4)][:4].float().tolist()) if flat.numel() else ()
+                items.append((key, t.data_ptr(), _version(t), tuple(t.shape), str(t.dtype), sample))
         return tuple(items)
 
     return (one(base), tuple((name, one(sd)) for name, sd in experts.items()))
@@ -361,8 +376,9 @@ class TaskPool:
         validate_experts(base, experts, check_finite=check_finite)
         if svd_mode not in ("auto", "exact"):
             raise StudioError(f"svd_mode must be 'auto' or 'exact', got {svd_mode!r}")
-        self.base = dict(base)
-        self.experts = {name: dict(sd) for name, sd in experts.items()}
+        # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
+        self.base = {k: v.detach() for k, v in base.items()}
+        self.experts = {name: {k: v.detach() for k, v in sd.items()} for name, sd in experts.items()}
         self.names = tuple(experts)
         self.device = resolve_device(device)
         self.svd_mode = svd_mode

@@ -373,3 +373,35 @@ def test_a_failing_layer_leaves_the_pool_usable(clip_pool):
         studio.merge_pool(pool, "tsv_m", rank_fraction=0.9)     # T * k > r on every layer
     merged = studio.merge_pool(pool, "tsv_m")
     assert merged.keys() == base.keys()
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "breadcrumbs", "tsv_m", "iso_c"])
+def test_parameters_and_inference_tensors_merge_like_plain_tensors(method):
+    """``dict(model.named_parameters())`` and state dicts made under ``torch.inference_mode()`` are common inputs.
+    Parameters failed in several methods (or came back with an autograd graph); inference tensors failed in the
+    pool's fingerprint (they have no version counter)."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    want = studio.merge(base, experts, method, device="cpu")
+    params = studio.merge({k: torch.nn.Parameter(v.clone()) for k, v in base.items()},
+                          {n: {k: torch.nn.Parameter(v.clone()) for k, v in sd.items()} for n, sd in experts.items()},
+                          method, device="cpu")
+    with torch.inference_mode():
+        inf_base = {k: v.clone() for k, v in base.items()}
+        inf_experts = {n: {k: v.clone() for k, v in sd.items()} for n, sd in experts.items()}
+    inference = studio.merge(inf_base, inf_experts, method, device="cpu")
+    for k in base:
+        assert not params[k].requires_grad and params[k].grad_fn is None, k
+        torch.testing.assert_close(params[k], want[k], rtol=0, atol=0)
+        torch.testing.assert_close(inference[k], want[k], rtol=0, atol=0)
+
+
+def test_clear_pools_forgets_an_untracked_change():
+    base = clip_like_state_dict()
+    experts = make_experts(base, 2)
+    before = studio.merge(base, experts, "task_arithmetic", device="cpu")
+    w = experts["task0"]["visual.proj"]
+    w.numpy()[1, 1] += 1.0   # no version bump, and not among the sampled values
+    studio.engine.clear_pools()
+    after = studio.merge(base, experts, "task_arithmetic", device="cpu")
+    assert float((after["visual.proj"] - before["visual.proj"]).abs().max()) == pytest.approx(0.3, rel=1e-5)
