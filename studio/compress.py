@@ -132,7 +132,9 @@ def compress(
         experts: mapping task name -> fine-tuned state dict (validated with :func:`studio.pool.validate_experts`).
         rank_fraction: fraction of each layer's ``r = min(m, n)`` components kept; ``None`` = ``1/T`` (the paper's
             and the official ``compress_tv(..., 1 / len(DATASETS))`` default, about twice the base model's size in
-            total whatever ``T`` is). Must keep at least one component.
+            total whatever ``T`` is). Must be in ``(0, 1]``. As in the official code ``k`` rounds down, so on a layer
+            with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices are dropped (e.g. ``r = 16`` at
+            ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``.
         device: where the decompositions run (``None``: CUDA when present). Factors are returned on the CPU.
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
             included, as the official ``compress_tv``, whose ``text_projection`` exclusion is commented out; unlike

@@ -519,13 +519,24 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
             raise StudioError(f"preferences name unknown task(s) {unknown}; the experts are {list(names)}")
         values = [preferences.get(n, 0.0) for n in names]
     else:
-        values = [float(v) for v in (preferences.tolist() if isinstance(preferences, Tensor) else preferences)]
+        values = list(preferences.tolist() if isinstance(preferences, Tensor) else preferences)
         if len(values) != len(names):
             raise StudioError(f"preferences has {len(values)} weights but there are {len(names)} experts {list(names)}")
+    weights = []
     for name, v in zip(names, values):
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, Tensor) and v.numel() == 1:
+            v = v.item()
+        try:   # any real scalar: int, float, NumPy's scalars, a one-element tensor
+            w = float(v) if not isinstance(v, (bool, str)) else None
+        except (TypeError, ValueError):
+            w = None
+        if w is None or not math.isfinite(w) or w < 0:
             raise StudioError(f"preference for task '{name}' is {v!r}; expected a finite number >= 0")
-    total = float(sum(values))
+        weights.append(w)
+    total = sum(weights)
     if total <= 0:
         raise StudioError("preferences are all zero; give at least one task a positive weight")
-    return torch.tensor([v / total for v in values], dtype=torch.float32)
+    if not math.isfinite(total):
+        raise StudioError(f"preferences {weights} sum to {total}; give weights whose sum is finite (only their "
+                          f"ratios matter)")
+    return torch.tensor([w / total for w in weights], dtype=torch.float32)

@@ -95,6 +95,22 @@ def test_bad_preferences(clip_pool):
         studio.merge(base, experts, "task_arithmetic", preferences={"task0": -1.0})
     with pytest.raises(studio.StudioError, match="all zero"):
         studio.merge(base, experts, "task_arithmetic", preferences=[0, 0, 0, 0])
+    with pytest.raises(studio.StudioError, match="sum to inf"):   # normalised to zeros before: the base came back
+        studio.merge(base, experts, "task_arithmetic", preferences=[1e308, 1e308, 1, 1])
+    with pytest.raises(studio.StudioError, match="task1.*'2'"):
+        studio.merge(base, experts, "task_arithmetic", preferences={"task1": "2"})
+
+
+def test_preferences_take_any_real_scalar(clip_pool):
+    import numpy as np
+
+    base, experts = clip_pool
+    want = studio.merge(base, experts, "task_arithmetic", preferences=[1.0, 2.0, 0.0, 1.0])
+    for prefs in ({"task0": np.float32(1), "task1": torch.tensor(2.0), "task3": np.int64(1)},
+                  np.array([1.0, 2.0, 0.0, 1.0]), torch.tensor([1, 2, 0, 1])):
+        got = studio.merge(base, experts, "task_arithmetic", preferences=prefs)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
 
 
 def test_preferences_weight_task_matrices_without_calibration(clip_pool):
