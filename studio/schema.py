@@ -75,7 +75,7 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:  # numpy scalars and 0-d tensors
                 value = value.item()
-            except AttributeError:
+            except (AttributeError, RuntimeError, ValueError):   # not a scalar (e.g. a tensor of several values)
                 raise HyperparameterError(
                     f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}"
                 ) from None

@@ -421,3 +421,11 @@ def test_clear_pools_forgets_an_untracked_change():
     studio.engine.clear_pools()
     after = studio.merge(base, experts, "task_arithmetic", device="cpu")
     assert float((after["visual.proj"] - before["visual.proj"]).abs().max()) == pytest.approx(0.3, rel=1e-5)
+
+
+def test_a_hyperparameter_that_is_not_a_scalar_is_a_clear_error(clip_pool):
+    base, experts = clip_pool
+    for value in (torch.tensor([0.3, 0.4]), [0.3], "0.3"):
+        with pytest.raises(studio.HyperparameterError, match="'alpha' must be a number"):
+            studio.merge(base, experts, "task_arithmetic", alpha=value)
+    studio.merge(base, experts, "task_arithmetic", alpha=torch.tensor(0.3))   # a 0-d tensor is a number
