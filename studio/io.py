@@ -161,10 +161,11 @@ class Recipe:
         return cls.from_text(path.read_text())
 
     def merge_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`studio.merge` (besides base, experts and method)."""
+        """Keyword arguments for :func:`studio.engine.merge_pool` (besides the pool and the method); add
+        ``svd_mode`` for :func:`studio.merge` (a pool has its own), as :func:`merge_from_recipe` does."""
         return dict(self.hparams, calibrate=self.calibrate,
                     calibrate_hparams=dict(self.calibrate_hparams) if self.calibrate else None,
-                    preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule, svd_mode=self.svd_mode)
+                    preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
 
 
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe) -> Path:
@@ -181,6 +182,6 @@ def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mappi
     if missing:
         raise CheckpointError(f"recipe needs expert(s) {missing} that are not available; have {sorted(experts)}")
     chosen = {name: experts[name] for name in (recipe.experts or list(experts))}
-    kwargs = recipe.merge_kwargs()
+    kwargs = dict(recipe.merge_kwargs(), svd_mode=recipe.svd_mode)
     kwargs.update(overrides)
     return merge(base, chosen, recipe.method, **kwargs)

@@ -116,6 +116,11 @@ def _version(t: Tensor) -> int:
         return -1
 
 
+def _data(t: Tensor) -> Tensor:
+    """``t`` itself, or its detached data when it requires grad (an ``nn.Parameter``): same storage, no graph."""
+    return t.detach() if t.requires_grad else t
+
+
 def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
     """Cheap identity of an expert set: storage pointers, versions, shapes and a few sampled values.
 
@@ -377,8 +382,8 @@ class TaskPool:
         if svd_mode not in ("auto", "exact"):
             raise StudioError(f"svd_mode must be 'auto' or 'exact', got {svd_mode!r}")
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
-        self.base = {k: v.detach() for k, v in base.items()}
-        self.experts = {name: {k: v.detach() for k, v in sd.items()} for name, sd in experts.items()}
+        self.base = {k: _data(v) for k, v in base.items()}
+        self.experts = {name: {k: _data(v) for k, v in sd.items()} for name, sd in experts.items()}
         self.names = tuple(experts)
         self.device = resolve_device(device)
         self.svd_mode = svd_mode
