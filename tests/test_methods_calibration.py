@@ -627,3 +627,26 @@ def test_partial_polar_float32_gram_route_matches_the_float64_svd():
     torch.testing.assert_close(fast.double(), exact, rtol=0, atol=2e-4)
     sv = torch.linalg.svdvals(fast.double())
     assert int((sv > 0.5).sum()) == 120 and float(sv[120:].max()) < 1e-3  # 120 unit values, the null one dropped
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+@pytest.mark.parametrize("shape", [(30, 18), (18, 30)])
+def test_the_flat_shortcut_equals_the_rotated_svd(monkeypatch, method, shape):
+    """``_align._flat_svd`` (no SVD of the merged delta) against the general path of ``sum_ordered_svd`` (the SVD,
+    then each tied cluster rotated into the sum's order) on real Iso-C / Iso-CTS merges, tall and wide."""
+    deltas = make_deltas(T=4, m=shape[0], n=shape[1], seed=41)
+    layer = pool_of(deltas).layer("w")
+    merged = METHODS[method].fn(layer, **({} if method == "iso_c" else {"common_space_fraction": 0.8})) * 1.3
+    total = layer.sum()
+    fast = _align._flat_svd(merged, total)
+    assert fast is not None
+    monkeypatch.setattr(_align, "_flat_svd", lambda merged, total: None)
+    slow = _align.sum_ordered_svd(merged, total)
+    for (U, S, Vh) in (fast, slow):
+        close(U * S @ Vh, merged, rel=1e-5)
+    r = min(shape)
+    for k in (1, r // 3, r // 2):   # the leading k directions: the same subspaces on both sides
+        for a, b in ((fast[0][:, :k], slow[0][:, :k]), (fast[2][:k].mT, slow[2][:k].mT)):
+            close(a @ a.mT, b @ b.mT, rel=1e-4)
+    close(fast[1], slow[1], rel=1e-5)
+    assert _align._flat_svd(deltas[0], total) is None   # a task matrix is not flat

@@ -137,6 +137,41 @@ TIE_RTOL = 1e-6
 FLAT_RTOL = 1e-3
 
 
+def _flat_svd(merged: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`sum_ordered_svd` of a merged delta of full rank whose singular values are all equal within
+    :data:`FLAT_RTOL` (Iso-C, Iso-CTS; ``None`` for any other), without an SVD of it.
+
+    With ``A`` the merged delta oriented tall (``[big, r]``) and ``A = sigma_bar P``, ``P`` orthonormal, every
+    orthogonal ``W [r, r]`` gives an SVD ``(A W / sigma_bar) sigma_bar W^T``, and the one ordered by the sum is ``W``
+    = the eigenvectors of the symmetric part of ``A^T total`` (descending). A few random probes ``||A x|| / ||x||``
+    first rule out the spectra that are not flat (almost all), then the Gram matrix ``A^T A ~ sigma_bar^2 I``
+    confirms it. One ``[big, r, r]`` product, a Gram and an ``r x r`` eigendecomposition instead of the SVD of ``A``
+    plus the cluster's rotation (SVC after Iso-C on 8 ViT-B/32 experts: see docs/PERFORMANCE.md).
+    """
+    tall = merged.shape[-2] >= merged.shape[-1]
+    A = merged if tall else merged.mT
+    T = total if tall else total.mT
+    r = A.shape[-1]
+    if r < 2 or A.dtype not in (torch.float32, torch.float64):
+        return None
+    probe = torch.randn(r, 4, generator=torch.Generator(device=A.device).manual_seed(0), device=A.device,
+                        dtype=A.dtype)
+    gains = torch.linalg.vector_norm(linalg.matmul(A, probe), dim=0) / torch.linalg.vector_norm(probe, dim=0)
+    if not float(gains.max()) > 0 or float(gains.max() - gains.min()) > FLAT_RTOL * float(gains.max()):
+        return None
+    G = linalg.matmul(A.mT, A).double()
+    s2 = float(G.diagonal().mean())
+    if not s2 > 0 or float(torch.linalg.matrix_norm(G - s2 * torch.eye(r, dtype=G.dtype, device=G.device))) \
+            > FLAT_RTOL * s2:   # Frobenius >= spectral: every squared singular value within FLAT_RTOL of s2
+        return None
+    C = linalg.matmul(A.mT, T.to(A.dtype)).double()
+    W = torch.linalg.eigh((C + C.mT) / 2).eigenvectors.flip(-1).to(A.dtype)   # descending share of the sum
+    AW = linalg.matmul(A, W)
+    S = torch.linalg.vector_norm(AW, dim=0)
+    Ub = AW / S
+    return (Ub, S, W.mT) if tall else (W, S, Ub.mT)
+
+
 def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of a merged delta (:func:`studio.linalg.svd_tall`) with the basis of each (numerically) degenerate
     cluster of singular values fixed by the task-matrix sum ``total``.
@@ -159,6 +194,9 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
         >>> S.tolist(), U[:, 0].abs().tolist()                    # led by the sum's strongest direction, e2
         ([2.0, 2.0], [0.0, 1.0])
     """
+    flat = _flat_svd(merged, total)
+    if flat is not None:
+        return flat
     U, S, Vh = linalg.svd_tall(merged, exact)
     if S.numel() < 2 or not float(S[0]) > 0:
         return U, S, Vh
