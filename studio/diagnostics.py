@@ -686,7 +686,11 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
     The full coefficient simplifies to ``sigma^r / c_i^r``: how much the merged model scales task ``i``'s own
     component in subspace ``r`` (0 = no interference); computed by
     :func:`studio.methods._align.subspace_alignment_index`. ``signed=True`` drops the absolute value, as the
-    paper's Fig. 3 plots it. NaN where task ``i`` is absent from the subspace (``c_i^r = 0``).
+    paper's Fig. 3 plots it. NaN where task ``i`` is absent from the subspace (``c_i^r = 0``). Unlike ``xi``, SAI
+    depends on the scale of the merged delta (``sigma^r`` does): pass the delta the model actually adds (the app
+    passes its scaled merge); ``merged=None`` is the unscaled sum, ``lambda = 1``, where the AlignMerge and SVC
+    reference setups scale Task Arithmetic by 0.3 (a subspace with ``sigma^r / c_i^r = 5.19`` in the sum has SAI 4.19
+    there and ``|0.3 * 5.19 - 1| = 0.56`` at 0.3).
 
     Example:
         >>> from studio.pool import TaskPool
