@@ -57,6 +57,7 @@ __all__ = [
     "energy_preservation", "subspace_similarity", "task_cosine", "pairwise_sar", "sar_to_merged", "sti",
     "sti_pairwise", "sti_from_factors", "svc_coefficients", "svc_cross_terms", "svc_cross_matrix",
     "cross_influence", "cross_influence_matrix", "eta", "sai", "layer_curves", "interference_matrix", "Metric",
+    "sar_avg",
     "METRICS", "CURVES",
 ]
 
@@ -898,6 +899,46 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
     return lambda key: _delta_for_key(pool, key, merged, is_delta)
 
 
+def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
+    """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects."""
+    if keys is None:
+        rule = resolve_rule(layer_rule)
+        return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)]
+    keys = list(keys)
+    for key in keys:
+        if key not in pool.base:
+            raise DiagnosticsError(f"unknown key '{key}'; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
+        if pool.base[key].dim() != 2:
+            raise DiagnosticsError(f"key '{key}' has shape {tuple(pool.base[key].shape)}; expected a 2-D matrix")
+    return keys
+
+
+def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pairwise: bool = False,
+            keys: Sequence[str] | None = None, merged_is_delta: bool | None = None,
+            layer_rule: "LayerRule | str | None" = None, eps: float = 0.05, k_rule: str = "official") -> Tensor:
+    """Iso's *Average Subspace Alignment Ratio* across all layers (sec. 4, "SAR_avg ... across all layers").
+
+    ``pairwise=False``: ``SAR_avg(Delta_t, Delta_M; k_M)`` per task, ``[T]`` (Fig. 3a; ``merged=None`` is the Task
+    Arithmetic sum, ``k_TA``), the mean over layers of :func:`sar_to_merged`. ``pairwise=True``:
+    ``SAR_avg(Delta_i, Delta_j; k_TA)``, ``[T, T]`` (Fig. 3b), the mean over layers of :func:`pairwise_sar`. Layers:
+    ``keys`` or every matrix the ``layer_rule`` selects, each weighted equally; ``merged`` as in :func:`layer_curves`.
+
+    Example:
+        >>> base = {"w": torch.zeros(2, 2), "v": torch.zeros(2, 2)}
+        >>> e1, e2 = torch.diag(torch.tensor([1.0, 0.0])), torch.diag(torch.tensor([0.0, 1.0]))
+        >>> pool = TaskPool(base, {"a": {"w": e1, "v": e1}, "b": {"w": 2 * e2, "v": e1}})
+        >>> sar_avg(pool).tolist()   # w: k_TA = 1 keeps b's direction only; v: both share it
+        [0.5, 1.0]
+    """
+    keys = _matrix_keys(pool, keys, layer_rule)
+    if not keys:
+        raise DiagnosticsError("sar_avg: no matrix layer to average over")
+    delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
+    per_layer = [pairwise_sar(pool.layer(key), eps=eps, k_rule=k_rule) if pairwise else
+                 sar_to_merged(pool.layer(key), delta_of(key), eps=eps, k_rule=k_rule) for key in keys]
+    return torch.stack([x.detach().to("cpu", torch.float64) for x in per_layer]).mean(0).float()
+
+
 def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None,
                  *, merged_is_delta: bool | None = None, layer_rule: "LayerRule | str | None" = None,
                  curves: Sequence[str] | None = None, normalized_entropy: bool = False, eps: float = 0.05,
@@ -928,16 +969,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
         >>> out["key"], out["cosine_mean"], out["energy"]
         (['w'], [-1.0], [0.0])
     """
-    rule = resolve_rule(layer_rule)
-    if keys is None:
-        keys = [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)]
-    else:
-        keys = list(keys)
-        for key in keys:
-            if key not in pool.base:
-                raise DiagnosticsError(f"unknown key '{key}'; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
-            if pool.base[key].dim() != 2:
-                raise DiagnosticsError(f"key '{key}' has shape {tuple(pool.base[key].shape)}; curves need 2-D matrices")
+    keys = _matrix_keys(pool, keys, layer_rule)
     names = list(CURVES) if curves is None else list(curves)
     unknown = sorted(set(names) - set(CURVES))
     if unknown:

@@ -215,6 +215,32 @@ def test_sar_to_a_flat_merge_takes_the_sums_leading_directions(svd_mode):
     torch.testing.assert_close(s_rot, s_iso, atol=1e-3, rtol=1e-3)
 
 
+def test_sar_avg_is_the_mean_over_layers_of_eq5():
+    """Iso's SAR_avg (sec. 4, Fig. 3a/3b): per task, SAR to the merged delta averaged across all layers; pairwise,
+    SAR between tasks with k_TA averaged the same way. Checked against explicit projections on a two-layer pool."""
+    layers = {"a": _lowrank(3, 14, 10, 2, seed=51), "b": _lowrank(3, 12, 16, 3, seed=52)}
+    base = {k: torch.zeros_like(m[0]) for k, m in layers.items()}
+    pool = TaskPool(base, {f"t{i}": {k: m[i] for k, m in layers.items()} for i in range(3)}, svd_mode="exact")
+    want_ta, want_pair = [], []
+    for mats in layers.values():
+        TA = sum(m.double() for m in mats)
+        k = max(1, D.effective_rank(D.spectrum(TA), 0.05))
+        P = _top_u(TA, k) @ _top_u(TA, k).T
+        want_ta.append([float((P @ m.double()).norm() / m.double().norm()) for m in mats])
+        want_pair.append([[float((_top_u(mats[j], k) @ _top_u(mats[j], k).T @ mats[i].double()).norm()
+                                 / mats[i].double().norm()) for j in range(3)] for i in range(3)])
+    torch.testing.assert_close(D.sar_avg(pool).double(), torch.tensor(want_ta, dtype=torch.float64).mean(0),
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(D.sar_avg(pool, pairwise=True).double(),
+                               torch.tensor(want_pair, dtype=torch.float64).mean(0),
+                               atol=1e-5, rtol=0)
+    # a merged state dict: each layer's SAR is to its own merged delta
+    merged = {k: 0.3 * sum(m) for k, m in layers.items()}
+    torch.testing.assert_close(D.sar_avg(pool, merged, merged_is_delta=True), D.sar_avg(pool), atol=1e-6, rtol=0)
+    with pytest.raises(StudioError, match="unknown key 'nope'"):
+        D.sar_avg(pool, keys=["a", "nope"])
+
+
 def test_sar_of_a_task_onto_itself():
     A = torch.randn(9, 7, generator=torch.Generator().manual_seed(10))
     layer = _pool([A, torch.randn(9, 7, generator=torch.Generator().manual_seed(11))]).layer("w")
