@@ -521,8 +521,7 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
     delta, tag = _merged_delta(layer, merged)
 
     def compute() -> _MergedStats:
-        spec = _align.merged_spectrum(layer, delta) if tag == "ta_sum" else \
-            _align.merged_spectrum_of(layer.deltas, delta, exact=layer.pool.svd_mode == "exact", total=layer.sum())
+        spec = _align.merged_spectrum(layer, delta)   # the sum's memo, or (not memoised) the sum-ordered SVD
         return _MergedStats(spec.S, spec.c, spec.a2, layer.deltas.double().pow(2).sum((1, 2)).float())
 
     return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))

@@ -8,7 +8,8 @@ import torch
 
 import studio
 from studio.cli import main
-from studio.io import RECIPE_METADATA_KEY, Recipe, load_state_dict, merge_from_recipe, read_metadata, save_state_dict
+from studio.io import (RECIPE_METADATA_KEY, Recipe, load_state_dict, merge_from_recipe, read_metadata, save_merged,
+                       save_state_dict)
 from studio.layers import LayerRule
 from studio.schema import StudioError
 
@@ -72,7 +73,6 @@ def test_a_custom_layer_rule_survives_the_recipe_round_trip(files):
     # recipes written before svd_mode was recorded reproduce with the default mode
     old = {k: v for k, v in Recipe(method="iso_c").to_dict().items() if k != "svd_mode"}
     assert Recipe.from_dict(old).svd_mode == "auto"
-    from studio.io import save_merged
     save_merged(tmp / "custom.safetensors", want, recipe)
     assert Recipe.from_text(read_metadata(tmp / "custom.safetensors")[RECIPE_METADATA_KEY]) == recipe
 

@@ -37,7 +37,7 @@ from typing import Hashable, Iterable
 import torch
 from torch import Tensor
 
-from .. import linalg
+from .. import _lapack, linalg
 from ..pool import LayerTasks
 
 #: SVC official code: ``denom = (ai * ai).sum(-1).clamp_min(1e-12)`` (merge_func.py, ``coef_cal_multi_ranks``).
@@ -137,6 +137,13 @@ TIE_RTOL = 1e-6
 FLAT_RTOL = 1e-3
 
 
+def _order_by_sum(C: Tensor) -> Tensor:
+    """Orthogonal ``R`` diagonalising the symmetric part of ``C = U_c^T total V_c`` (float64), columns ordered by
+    descending share of the sum: the rotation :func:`sum_ordered_svd` applies inside a tied cluster."""
+    C = C.double()
+    return torch.linalg.eigh((C + C.mT) / 2).eigenvectors.flip(-1)
+
+
 def _flat_svd(merged: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """:func:`sum_ordered_svd` of a merged delta of full rank whose singular values are all equal within
     :data:`FLAT_RTOL` (Iso-C, Iso-CTS; ``None`` for any other), without an SVD of it.
@@ -159,13 +166,12 @@ def _flat_svd(merged: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor] | 
     gains = torch.linalg.vector_norm(linalg.matmul(A, probe), dim=0) / torch.linalg.vector_norm(probe, dim=0)
     if not float(gains.max()) > 0 or float(gains.max() - gains.min()) > FLAT_RTOL * float(gains.max()):
         return None
-    G = linalg.matmul(A.mT, A).double()
+    G = _lapack.gram(A).double()
     s2 = float(G.diagonal().mean())
     if not s2 > 0 or float(torch.linalg.matrix_norm(G - s2 * torch.eye(r, dtype=G.dtype, device=G.device))) \
             > FLAT_RTOL * s2:   # Frobenius >= spectral: every squared singular value within FLAT_RTOL of s2
         return None
-    C = linalg.matmul(A.mT, T.to(A.dtype)).double()
-    W = torch.linalg.eigh((C + C.mT) / 2).eigenvectors.flip(-1).to(A.dtype)   # descending share of the sum
+    W = _order_by_sum(linalg.matmul(A.mT, T.to(A.dtype))).to(A.dtype)
     AW = linalg.matmul(A, W)
     S = torch.linalg.vector_norm(AW, dim=0)
     Ub = AW / S
@@ -211,8 +217,7 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
     for start, stop in zip(edges[0::2], edges[1::2]):   # tied[start:stop]: singular values start..stop
         sl = slice(start, stop + 1)
         Uc, Vc = U[:, sl], Vh[sl].mT
-        C = linalg.matmul(Uc.mT, linalg.matmul(total.to(Uc.dtype), Vc)).double()
-        R = torch.linalg.eigh((C + C.mT) / 2).eigenvectors.flip(-1).to(U.dtype)   # descending share of the sum
+        R = _order_by_sum(linalg.matmul(Uc.mT, linalg.matmul(total.to(Uc.dtype), Vc))).to(U.dtype)
         U[:, sl], Vh[sl] = linalg.matmul(Uc, R), linalg.matmul(Vc, R).mT
         S[sl] = (R * (S[sl].unsqueeze(-1) * R)).sum(0)
     return U, S, Vh
