@@ -474,7 +474,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             c = d.curves
             curves = (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
                                                 merged_entropy=c["merged_entropy"], selected=layer,
-                                                sar_reference=c["sar_reference"])
+                                                sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
                       if c else plots.empty_figure("no per-layer curves", height=600))
             top = f"{float(d.merged_spectrum[0]):.4g}" if d.merged_spectrum is not None and len(d.merged_spectrum) else "n/a"
             status = (f"`{layer}` {tuple(studio.suite.base[layer].shape)} · {len(experts)} tasks · merged σ₁ = {top}"

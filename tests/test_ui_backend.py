@@ -132,6 +132,9 @@ def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two)
     d = st.diagnostics(None, st.default_layer(), "subspace_similarity", pool_experts=two)
     assert d.merged_spectrum is None and set(d.spectra) == set(two)
     assert d.curves["sar_reference"] == "task arithmetic sum"
+    # The SAR_avg the app shows is Iso's, as studio.diagnostics.sar_avg computes it on the same layers.
+    expected = studio.diagnostics.sar_avg(st.pool(two), keys=st.layer_keys())
+    np.testing.assert_allclose([d.curves["sar_avg"][n] for n in two], expected.numpy(), atol=1e-6)
     with pytest.raises(StudioError, match="not a matrix layer"):
         st.spectrum("visual.ln_post.weight")
     with pytest.raises(StudioError, match="unknown layer"):

@@ -86,6 +86,11 @@ def test_layer_curves_mark_the_selected_layer_and_colour_by_task():
     assert all(t.line.color == colors[t.name] for t in fig.data if t.name in ("a", "b"))
     assert [s.x0 for s in fig.layout.shapes] == [1, 1, 1]
     assert list(fig.data[1].customdata) == ["block 0 · attn.in_proj", "block 0 · mlp.c_fc"]
+    assert "SAR_avg" not in fig.layout.annotations[2].text
+    with_avg = plots.layer_curves_figure(keys, None, {"a": [0.5, 0.6]}, {"a": [0.9, 0.8]}, colors,
+                                         sar_avg={"a": 0.85})
+    assert with_avg.layout.annotations[2].text.endswith(" · SAR_avg 0.85")
+    assert "SAR_avg 0.850" in with_avg.data[-1].hovertemplate
 
 
 def test_accuracy_figures_show_percentages_and_skip_missing_values():

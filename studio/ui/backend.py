@@ -390,7 +390,8 @@ class Studio:
 
     def layer_profile(self, pool: TaskPool, deltas: Mapping[str, Tensor] | None) -> dict[str, Any]:
         """Per-layer curves for the app: STI (TSV eq. 7), normalised spectral entropy of each task matrix and of the
-        merged delta (Ortho-Merge eq. 9), and each task's SAR to the merged delta (Iso eq. 5).
+        merged delta (Ortho-Merge eq. 9), each task's SAR to the merged delta (Iso eq. 5) and its mean over the
+        layers, SAR_avg (Iso sec. 4, Fig. 3a).
 
         ``deltas=None`` measures SAR against the Task Arithmetic sum. Everything comes from
         :mod:`studio.diagnostics` (memoised on the pool); this only gathers per-task values across layers.
@@ -406,8 +407,11 @@ class Studio:
                 entropy[n].append(float(h))
             for n, v in zip(pool.names, diag.sar_to_merged(lt, None if deltas is None else deltas[key]).tolist()):
                 sar[n].append(float(v))
+        # Iso's SAR_avg (sec. 4, Fig. 3a): each task's SAR averaged over the layers, = diag.sar_avg on these keys.
+        sar_avg = {n: float(np.mean(v, dtype=np.float64)) if v else float("nan") for n, v in sar.items()}
         return {"keys": keys, "sti": base["sti"], "merged_entropy": base["merged_entropy"], "entropy": entropy,
-                "sar": sar, "sar_reference": "merge" if deltas is not None else "task arithmetic sum"}
+                "sar": sar, "sar_avg": sar_avg,
+                "sar_reference": "merge" if deltas is not None else "task arithmetic sum"}
 
     def _check_layer(self, layer: str) -> None:
         if layer not in self.suite.base:

@@ -229,7 +229,8 @@ def _wrap(text: str, width: int) -> str:
 
 def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", entropy: Mapping[str, Sequence[float]],
                         sar: Mapping[str, Sequence[float]], colors: TaskColors, *, merged_entropy: "Sequence[float] | None" = None,
-                        selected: str | None = None, sar_reference: str = "merge", height: int = 600) -> go.Figure:
+                        selected: str | None = None, sar_reference: str = "merge",
+                        sar_avg: "Mapping[str, float] | None" = None, height: int = 600) -> go.Figure:
     """Per-layer curves in three stacked panels: STI, spectral entropy (per task and merged), SAR to the merge.
 
     Args:
@@ -240,6 +241,8 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
         merged_entropy: spectral entropy of the merged delta per layer.
         selected: the layer currently shown in the other plots (marked with a vertical line).
         sar_reference: what SAR is measured against (for the panel title).
+        sar_avg: task name -> SAR averaged over the layers (Iso's SAR_avg); its range goes in the panel title and
+            each task's value in its hover text.
 
     Example:
         >>> fig = layer_curves_figure(["l0", "l1"], [0.1, 0.2], {"a": [1.0, 2.0]}, {"a": [0.5, 0.6]}, TaskColors(["a"]))
@@ -249,7 +252,8 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
                         subplot_titles=("STI: singular task interference (TSV eq. 7)",
                                         "spectral entropy / log r (tasks; merged dashed)",
-                                        f"SAR of each task to the {sar_reference} (Iso eq. 5)"))
+                                        f"SAR of each task to the {sar_reference} (Iso eq. 5)"
+                                        + _sar_avg_title(sar_avg)))
     x = np.arange(len(layers), dtype=np.float32)
     short = [_short_key(k) for k in layers]
     hover = "%{customdata}<br>%{y:.4f}<extra>%{fullData.name}</extra>"
@@ -266,9 +270,11 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
                                  mode="lines", line=dict(color=MERGED_COLOR, width=2.4, dash="dash"), hovertemplate=hover),
                       row=2, col=1)
     for name, values in sar.items():
+        avg = (sar_avg or {}).get(name)
+        sar_hover = hover if avg is None else hover.replace("<extra>", f"<br>SAR_avg {avg:.3f}<extra>")
         fig.add_trace(go.Scatter(x=x, y=_f32(values), customdata=short, name=name, legendgroup=name,
                                  showlegend=name not in entropy, mode="lines",
-                                 line=dict(color=colors[name], width=1.3), hovertemplate=hover), row=3, col=1)
+                                 line=dict(color=colors[name], width=1.3), hovertemplate=sar_hover), row=3, col=1)
     if selected is not None and selected in layers:
         idx = list(layers).index(selected)
         for row in (1, 2, 3):
@@ -278,6 +284,20 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
     fig.update_xaxes(title_text="matrix layer (model order; hover for the key)", row=3, col=1)
     fig.update_annotations(font=dict(size=12))
     return _layout(fig, "", "layer-curves", height)
+
+
+def _sar_avg_title(sar_avg: "Mapping[str, float] | None") -> str:
+    """`` · SAR_avg 0.76-0.85`` (the tasks' range of Iso's SAR_avg), or nothing without finite values.
+
+    Example:
+        >>> _sar_avg_title({"a": 0.8512, "b": 0.7634}), _sar_avg_title({"a": 0.9}), _sar_avg_title(None)
+        (' · SAR_avg 0.76-0.85', ' · SAR_avg 0.90', '')
+    """
+    vals = sorted(v for v in (sar_avg or {}).values() if np.isfinite(v))
+    if not vals:
+        return ""
+    lo, hi = f"{vals[0]:.2f}", f"{vals[-1]:.2f}"
+    return f" · SAR_avg {lo}" + ("" if lo == hi else f"-{hi}")
 
 
 def _short_key(key: str) -> str:
