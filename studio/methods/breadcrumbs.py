@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..pool import LayerTasks
+from ..pool import LayerTasks, float32_delta
 from ..registry import register
 from ..schema import HyperparameterError, Param
 from ._sparsify import (band_blocks, band_counts, band_mask, band_thresholds, generalized_task_arithmetic,
@@ -77,11 +77,11 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
     n_top, n_bottom = band_counts(numel, beta, gamma)
     if n_top + n_bottom >= numel:   # nothing kept (a tiny tensor)
         return torch.zeros(layer.shape, device=layer.device)
-    base = pool.tensor(None, key).float().reshape(-1)
-    mag = torch.empty_like(base)
+    base = pool.tensor(None, key).reshape(-1)
+    mag = torch.empty(base.shape, device=base.device)
     bands, fixes = [], []
     for i, name in enumerate(layer.names):
-        torch.sub(pool.tensor(name, key).float().reshape(-1), base, out=mag).abs_()
+        float32_delta(pool.tensor(name, key).reshape(-1), base, out=mag).abs_()   # raw_chunks' numbers
         lo, hi, lo_ties, hi_ties = band_thresholds(mag, beta, gamma)
         if lo == hi and (lo_ties or hi_ties):  # one tied value straddles both cuts
             return generalized_task_arithmetic(
@@ -92,7 +92,7 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
                 fixes.append((i, sign, _first_equal(mag, value, count)))
     merged = band_blocks(layer.raw_chunks(), base.numel(), torch.tensor(bands, dtype=torch.float32), layer.weights)
     for i, sign, idx in fixes:
-        values = pool.experts[layer.names[i]][key].to(layer.device, torch.float32).reshape(-1)[idx] - base[idx]
+        values = float32_delta(pool.tensor(layer.names[i], key).reshape(-1)[idx], base[idx])
         if layer.weights is not None:
             values = values * layer.weights[i]
         merged.index_add_(0, idx, sign * values)

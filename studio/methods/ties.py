@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..parallel import parallel_map
-from ..pool import LayerTasks, TaskPool
+from ..pool import LayerTasks, TaskPool, float32_delta
 from ..registry import register
 from ..schema import Param
 from ._sparsify import (kth_smallest, restore_cancelled, streamed_order_statistics, ties_blocks, topk_rank,
@@ -52,13 +52,11 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
             expert = pool.tensor(name, key).reshape(-1)
             for start in range(0, base.numel(), chunk):
                 stop = min(base.numel(), start + chunk)
-                b, e = base[start:stop], expert[start:stop]
-                if b.dtype != torch.float32 or e.dtype != torch.float32:
-                    b, e = b.float(), e.float()
                 if at + stop - start > out.numel():
                     yield out[:at]
                     at = 0
-                torch.sub(e, b, out=out[at:at + stop - start]).abs_()
+                # the numbers raw_chunks gives (float64 weights subtracted before rounding)
+                float32_delta(expert[start:stop], base[start:stop], out=out[at:at + stop - start]).abs_()
                 at += stop - start
         yield out[:at]
 
