@@ -392,7 +392,10 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_r
 def _default_sti_rank(layer: LayerTasks) -> int:
     # TSV-M keeps the top r/T components of each task (official code: sv_reduction = 1/T); STI is measured on the
     # same low-rank factors (eq. 6), which also keeps U^T U at r x r instead of (T r) x (T r).
-    return max(1, min(layer.shape) // layer.num_tasks)
+    # int(r * (1/T)) as TSV-M rounds it, not r // T: they differ for some (r, T), e.g. 1 vs 2 at r = 98, T = 49.
+    from .methods.tsv_m import tsv_rank
+
+    return max(1, tsv_rank(min(layer.shape), layer.num_tasks, None, key=layer.key))
 
 
 def _sti_grams(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
@@ -433,14 +436,15 @@ def sti_from_factors(U: Tensor, S: Tensor, Vh: Tensor, chunk: int = 2048) -> flo
 def sti(layer: LayerTasks, rank: int | None = None) -> float:
     """Singular Task Interference of one layer (TSV eq. 7) on the top-``rank`` factors of each task.
 
-    ``rank=None`` uses ``r // T`` components per task, TSV-M's low-rank truncation (eq. 6; the official code keeps
-    a fraction ``1/T`` of each spectrum); the factors are the ones TSV-M caches. STI vanishes when the singular
+    ``rank=None`` uses TSV-M's ``k = int(r * (1/T))`` components per task (at least 1), its low-rank truncation
+    (eq. 6; the official code keeps a fraction ``1/T`` of each spectrum, :func:`studio.methods.tsv_m.tsv_rank`);
+    the factors are the ones TSV-M caches. STI vanishes when the singular
     vectors of different tasks are orthogonal and grows with their overlap weighted by singular values.
 
     Two choices are ours (the paper leaves them open and the official repository has no STI code; FusionBench
     0.2.33's ``compute_task_singular_interference`` stacks the factors along rows and fails on any input with a
     ``multi_dot`` shape error, so there is no independent STI to compare with): the rank, where
-    sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r // T`` measures the factors TSV-M actually
+    sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r / T`` measures the factors TSV-M actually
     merges; and the norm, the entry-wise L1 norm of :func:`sti_from_factors` (the induced matrix 1-norm would be
     a column maximum, far smaller). In ``svd_mode="auto"`` null components (a rank-deficient or zero task matrix)
     have zero vectors and add nothing; ``"exact"`` keeps LAPACK's arbitrary vectors there, as an SVD-based script

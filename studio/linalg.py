@@ -1,7 +1,7 @@
 """Shared linear-algebra building blocks used by the spectral methods, calibrations and diagnostics.
 
 Methods compose these instead of re-implementing them: truncated SVD, whitening (orthogonal Procrustes / polar
-factor, TSV eq. 8-9), projections. Everything here is pure: tensors in, tensors out, no device policy. Large
+factor, TSV eq. 9 and Prop. 4.1), projections. Everything here is pure: tensors in, tensors out, no device policy. Large
 products go through :func:`matmul` (OpenBLAS on the CPU, :mod:`studio._lapack`; ``@`` elsewhere).
 """
 
@@ -67,7 +67,7 @@ def truncated_svd(matrix: Tensor, rank: int, *, oversample: int = 10, niter: int
 def polar(matrix: Tensor) -> Tensor:
     """Orthogonal polar factor ``P Q^T`` of ``matrix = P Sigma Q^T``: the closest matrix with orthonormal columns.
 
-    This is the whitening / orthogonal-Procrustes step of TSV-M (TSV eq. 8-9) and Iso-CTS (Iso Alg. 1), written
+    This is the whitening / orthogonal-Procrustes step of TSV-M (TSV eq. 9, Prop. 4.1) and Iso-CTS (Iso Alg. 1), written
     as the official code writes it (``u @ v`` of the SVD). Zero columns stay (numerically) irrelevant when the
     result is multiplied by zero singular values, exactly as in the official code.
 

@@ -9,6 +9,7 @@ import torch
 
 import studio
 from studio import diagnostics as D
+from studio.methods.tsv_m import tsv_rank
 from studio.pool import TaskPool
 from studio.schema import StudioError
 
@@ -271,6 +272,9 @@ def test_sti_matches_eq7_and_pairs_match_two_task_sti():
     layer = _pool(mats).layer("w")
     assert D.sti(layer) == pytest.approx(_sti_slow(mats, 12 // 4), rel=1e-4)  # default rank r / T
     assert D.sti(layer, rank=12) == pytest.approx(_sti_slow(mats, 12), rel=1e-4)
+    # The default rank is TSV-M's int(r * (1/T)), which is not r // T everywhere: 1, not 2, at r = 98, T = 49.
+    thin = _pool([torch.zeros(98, 98)] * 49).layer("w")
+    assert D._default_sti_rank(thin) == tsv_rank(98, 49, None) == 1
     pair = D.sti_pairwise(layer, rank=3)
     assert torch.allclose(pair, pair.T) and float(pair.diagonal().abs().max()) == 0.0
     for i, j in [(0, 1), (1, 3), (2, 3)]:

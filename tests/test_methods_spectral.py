@@ -474,6 +474,14 @@ def test_compress_with_every_component_is_lossless_and_storage_is_counted_as_in_
     assert info["model_multiple"] == pytest.approx(1 + 4 * stored / dense)
 
 
+def test_compress_reconstructs_a_float64_base_without_rounding_it():
+    base, experts = _pool_args()
+    base64 = {k: 1000.0 + v.double() for k, v in base.items()}
+    experts64 = {n: {k: base64[k] + (v.double() - base[k].double()) for k, v in sd.items()} for n, sd in experts.items()}
+    rec = studio.compress(base64, experts64).reconstruct("task0", alpha=0.0)
+    assert all(rec[k].dtype == torch.float64 and torch.equal(rec[k], base64[k]) for k in base64)
+
+
 def test_compress_shares_decompositions_with_tsv_m_and_validates_inputs():
     base, experts = _pool_args()
     pool = studio.get_pool(base, experts)
@@ -486,6 +494,8 @@ def test_compress_shares_decompositions_with_tsv_m_and_validates_inputs():
         studio.compress(base, bad)
     with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.0"):
         studio.compress(base, experts, rank_fraction=0.0)
+    with pytest.raises(HyperparameterError, match=r"rank_fraction must be a number in \(0, 1\], got 'x'"):
+        studio.compress(base, experts, rank_fraction="x")
     tiny = studio.compress(base, experts, rank_fraction=0.1)       # int(5 * 0.1) = 0 on the positional embedding
     assert tiny.tasks["task0"]["visual.positional_embedding"].rank == 0
     assert not tiny.task_vector("task0")["visual.positional_embedding"].any()
