@@ -6,6 +6,7 @@ where it runs and what is reused between calls.
 
 from __future__ import annotations
 
+import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -57,6 +58,20 @@ def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, A
     return structural, scale
 
 
+def _check_seed(seed: Any) -> int:
+    """``seed`` as an int (Python, NumPy or 0-d tensor integers), or a :class:`HyperparameterError` naming it.
+
+    Example:
+        >>> _check_seed(3), _check_seed(torch.tensor(7))
+        (3, 7)
+    """
+    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point():
+        seed = seed.item()
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise HyperparameterError(f"seed must be an integer (it fixes DARE's random masks), got {seed!r}")
+    return int(seed)
+
+
 def merge_pool(
     pool: TaskPool,
     method: str,
@@ -75,6 +90,7 @@ def merge_pool(
     if len(names) < spec.min_experts:
         raise StudioError(f"{method} needs at least {spec.min_experts} experts, got {len(names)} ({list(names)})")
     hp = validate_hparams(method, spec.params, hparams)
+    seed = _check_seed(seed)
     structural, scale = _split_post_scale(spec, hp)
     # A method may declare its own default rule (Ortho-Merge averages embeddings); an explicit layer_rule wins.
     rule = resolve_rule(layer_rule if layer_rule is not None else spec.extra.get("layer_rule"))

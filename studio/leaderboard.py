@@ -45,7 +45,7 @@ def _grid_for(method: str, alphas: Sequence[float]) -> list[float]:
     p = next(p for p in spec.params if p.post_scale)
     lo = -math.inf if p.low is None else p.low
     hi = math.inf if p.high is None else p.high
-    grid = [a for a in alphas if lo <= a <= hi]
+    grid = [a for a in alphas if (lo < a if p.low_open else lo <= a) and a <= hi]
     return grid or [p.default]
 
 

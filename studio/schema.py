@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
+
 
 class StudioError(ValueError):
     """Base class for user-facing errors: the message names what was wrong and what was expected."""
@@ -30,6 +32,8 @@ class Param:
         default: default value; ``None`` means "automatic", resolved by the method from the number of tasks
             (the rule is written in ``auto``).
         low, high: inclusive numeric range (``None``: unbounded on that side).
+        low_open: ``low`` itself is not allowed (the range is ``(low, high]``), e.g. a fraction of components
+            that must keep at least some.
         choices: allowed values for ``str`` params.
         help: one sentence for tooltips and docs.
         paper: where the value or its default comes from (paper, equation, table, official code).
@@ -55,6 +59,7 @@ class Param:
     auto: str | None = None
     post_scale: bool = False
     ui_step: float | None = None
+    low_open: bool = False
 
     def validate(self, value: Any, owner: str) -> Any:
         """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
@@ -62,6 +67,8 @@ class Param:
             if self.default is None:
                 return None
             raise HyperparameterError(f"{owner}: hyperparameter '{self.name}' must not be None ({self.describe()})")
+        if isinstance(value, np.bool_):   # NumPy's booleans are booleans, not numbers
+            value = bool(value)
         if self.type is bool:
             if not isinstance(value, bool):
                 raise HyperparameterError(f"{owner}: '{self.name}' must be true or false, got {value!r}")
@@ -79,15 +86,16 @@ class Param:
                 raise HyperparameterError(
                     f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}"
                 ) from None
+        if not math.isfinite(value):
+            raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {value!r}")
         if self.type is int:
             if float(value) != int(value):
                 raise HyperparameterError(f"{owner}: '{self.name}' must be an integer, got {value!r}")
             value = int(value)
         else:
             value = float(value)
-        if not math.isfinite(value):
-            raise HyperparameterError(f"{owner}: '{self.name}' must be finite, got {value!r}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        if below or (self.high is not None and value > self.high):
             raise HyperparameterError(
                 f"{owner}: '{self.name}' = {value!r} is outside the allowed range {self.range_text()}"
             )
@@ -96,7 +104,7 @@ class Param:
     def range_text(self) -> str:
         lo = "-inf" if self.low is None else f"{self.low:g}"
         hi = "inf" if self.high is None else f"{self.high:g}"
-        return f"[{lo}, {hi}]"
+        return f"{'(' if self.low_open else '['}{lo}, {hi}]"
 
     def describe(self) -> str:
         if self.choices is not None:
@@ -114,6 +122,7 @@ class Param:
             "default": self.default,
             "auto": self.auto,
             "low": self.low,
+            "low_open": self.low_open,
             "high": self.high,
             "choices": list(self.choices) if self.choices is not None else None,
             "help": self.help,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -470,11 +471,25 @@ def test_merge_end_to_end_keeps_keys_shapes_dtypes(method, hp, dtype):
     ("breadcrumbs", {"beta": -0.1}, r"'beta' = -0\.1 is outside the allowed range \[0, 0\.5\]"),
     ("breadcrumbs", {"gamma": 1.0}, r"'gamma' = 1\.0 is outside the allowed range \[0, 0\.99\]"),
     ("dare", {"alpha": 9.0}, r"'alpha' = 9\.0 is outside the allowed range \[0, 5\]"),
+    ("ortho_merge", {"k": float("inf")}, r"'k' must be finite \(int in \[1, 512\]\), got inf"),
+    ("ortho_merge", {"k": float("nan")}, r"'k' must be finite \(int in \[1, 512\]\), got nan"),
+    ("task_arithmetic", {"alpha": np.True_}, r"'alpha' must be a number \(float in \[0, 5\]\), got True"),
+    ("dare", {"seed": 1.7}, r"seed must be an integer .*got 1\.7"),
+    ("dare", {"seed": None}, r"seed must be an integer .*got None"),
 ])
 def test_out_of_range_hyperparameters_name_value_and_range(method, hp, pattern):
     base = clip_like_state_dict()
     with pytest.raises(HyperparameterError, match=pattern):
         studio.merge(base, make_experts(base, 2), method, **hp)
+
+
+def test_numpy_and_tensor_scalars_are_accepted_where_they_mean_the_same_value():
+    base = clip_like_state_dict()
+    experts = make_experts(base, 2)
+    a = studio.merge(base, experts, "dare", ties_consensus=np.True_, seed=np.int64(3))
+    b = studio.merge(base, experts, "dare", ties_consensus=True, seed=3)
+    c = studio.merge(base, experts, "dare", ties_consensus=True, seed=torch.tensor(3))
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in base)
 
 
 # ------------------------------------------------------------------------------- streamed kernels vs whole tensors

@@ -72,7 +72,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
 @register(
     "tsv_m",
     params=(
-        Param("rank_fraction", float, None, low=0.0, high=1.0, ui_step=0.005, auto="1/T",
+        Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, ui_step=0.005, auto="1/T",
               help="Fraction of each task matrix's singular components kept (k = int(r * fraction)); "
                    "T * k must not exceed r.",
               paper="TSV Alg. 1 line 3 (first 1/T components); official code int(s.shape[0] * (1/num_tasks))"),

@@ -86,6 +86,8 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) ->
             continue
         lo, hi = _slider_range(p)
         step = _slider_step(p, lo, hi)
+        if p.get("low_open") and p.get("low") is not None:
+            lo = min(lo + step, hi)   # the slider's first position must be an allowed value
         default = p.get("default")
         auto_label = None
         if default is None:
