@@ -1,4 +1,4 @@
-"""Model Breadcrumbs (Davari & Belilovsky, 2023): mask each task's outliers and tiny updates, then Task Arithmetic."""
+"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): mask each task's outliers and tiny updates, then Task Arithmetic."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ from ._sparsify import (band_blocks, band_counts, band_mask, band_thresholds, ge
               help="Scaling coefficient lambda applied to the summed breadcrumbs.",
               paper="Task Arithmetic scaling, 0.3 as for TA/TIES/DARE on ViT-B/32 (project issue)"),
     ),
-    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, 2023), Sec. 3; "
+    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024), Sec. 3; "
           "official code rezazzr/breadcrumbs (TaskVectorMiddleKeep)",
     summary="Per task, keep the magnitude band between the top-beta outliers and the bottom-gamma (per row, as the "
             "official code), then sum.",

@@ -20,11 +20,13 @@ from ..schema import Param
 from ._align import merged_spectrum, svc_gamma, svc_projection_coefficients
 
 #: The global scale lambda each base method had in the official SVC runs (main.py / merge_func.py), i.e. the scale
-#: the merged delta carried when SVC saw it; after SVC the code adds the result with lambda = 1 (App. A).
+#: the merged delta carried when SVC saw it; after SVC the code adds the result with lambda = 1 (App. A). The values
+#: are for this library's form of each method with the settings noted: the official DARE() *averages* the dropped
+#: task vectors with lambda = 1, which is this library's (summing) ``dare`` at ``alpha = 1/T``.
 PAPER_BASE_SCALES = {
     "task_arithmetic": 0.3,  # TA(): Wm = mean * K * 0.3
-    "ties": 1.0,  # layer_wise_TIES: top-20% trim, dis-mean, scaling_coef = 1
-    "dare": 1.0,  # DARE(): drop p = 0.8 with rescale, mean, scaling_coef = 1
+    "ties": 1.0,  # layer_wise_TIES: top-20% trim, dis-mean, scaling_coef = 1 (topk_scope="layer", merge_func="mean")
+    "dare": "1/T",  # DARE(): drop p = 0.8 with rescale, mean, scaling_coef = 1 (our dare sums: alpha = 1/T)
     "tsv_m": 1.0,
     "iso_c": 1.0,
     "iso_cts": 1.0,
@@ -86,8 +88,9 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     code: ``TA()`` bakes 0.3 into ``Wm`` before ``layer_wise_Align``, which then sets ``scaling_coef = 1``). So
     ``M = scale * merged`` here, and ``scale`` is not applied again. Because ``s`` scales with ``scale``, the result
     is not linear in it; for subspaces with every ``s_i >= alpha`` the scale cancels (``sigma~ = sigma / mean s``).
-    The official runs used TA with lambda = 0.3 and TIES (dis-mean), DARE, TSV-M, Iso-C, Iso-CTS with lambda = 1
-    (:data:`PAPER_BASE_SCALES`).
+    The official runs used TA with lambda = 0.3 and TIES (dis-mean), DARE (the mean of the dropped task vectors),
+    TSV-M, Iso-C, Iso-CTS with lambda = 1 (:data:`PAPER_BASE_SCALES`; for this library's summing ``dare`` that is
+    ``alpha = 1/T``).
 
     Layers: the official code calibrates 2-D tensors except ``text_projection`` and any key containing
     ``embedding``; hence ``layer_rule="skip_embeddings"`` (the paper only says "each linear layer", App. A). The

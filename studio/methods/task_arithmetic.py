@@ -14,7 +14,7 @@ from ..schema import Param
     params=(Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
                   help="Scaling coefficient lambda applied to the summed task vectors.",
                   paper="Ilharco et al. 2023; 0.3 as in the TSV/Iso and AdaMerging ViT-B/32 8-task runs "
-                        "(FusionBench's generic config: 0.5)"),),
+                        "(also FusionBench 0.2.33's task_arithmetic config)"),),
     paper="Editing Models with Task Arithmetic (Ilharco et al., ICLR 2023), tau_MTL = sum_i tau_i",
     summary="Sum of task vectors, scaled by alpha.",
     scope="all",

@@ -21,7 +21,13 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
     """Per-task top-``k`` magnitude thresholds over the whole flattened model (all floating tensors), memoised.
 
     This is the official TIES code's trim scope (``topk_values_mask`` on ``state_dict_to_vector`` of each task
-    vector; the CLIP ViT code bases pass ``remove_keys=[]``, so every tensor takes part). Exact: the k-th smallest
+    vector; the CLIP ViT code bases pass ``remove_keys=[]``, so every tensor takes part) over the tensors merged
+    here. The CLIP ViT code bases flatten open_clip's whole ``ImageEncoder`` state, which also holds the text
+    tower's ``token_embedding``, ``positional_embedding``, ``ln_final``, ``text_projection`` and ``logit_scale``,
+    whose task vectors are zero (25.6M entries for ViT-B/32, against 87.8M in ``visual.*``): their ``k = 0.2`` of
+    that vector keeps ~25.8 % of each task's visual entries. FusionBench merges the vision tower alone, as this
+    library's suites do (``visual.*`` keys), and keeps 20 %; to reproduce the CLIP code bases' runs, pass
+    ``k = 0.258`` for ViT-B/32 (or include the zero-delta text keys in the state dicts). Exact: the k-th smallest
     of each task's flattened magnitudes, one task per worker thread. On the CPU each worker writes ``|expert -
     base|`` into one model-sized float32 vector that it reuses for its next task (~0.35 GB for ViT-B/32) and
     selects in place (:func:`~studio.methods._sparsify.kth_smallest`, NumPy's introselect); on other devices the
@@ -121,7 +127,7 @@ def _finalize(deltas: dict[str, Tensor], model_state: dict, *, k: float, topk_sc
         Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
               help="Scaling coefficient lambda applied to the merged task vector.",
               paper="0.3 with dis-sum as in AdaMerging (main_ties_merging.py) and TSV for ViT-B/32 8 tasks "
-                    "(FusionBench's generic config: 0.5)"),
+                    "(also FusionBench 0.2.33's ties_merging config)"),
     ),
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023), Alg. 1",
     summary="Keep each task's top-k magnitudes, elect a sign per parameter, merge only the agreeing entries.",
