@@ -67,9 +67,9 @@ def truncated_svd(matrix: Tensor, rank: int, *, oversample: int = 10, niter: int
 def polar(matrix: Tensor) -> Tensor:
     """Orthogonal polar factor ``P Q^T`` of ``matrix = P Sigma Q^T``: the closest matrix with orthonormal columns.
 
-    This is the whitening / orthogonal-Procrustes step of TSV-M (TSV eq. 9, Prop. 4.1) and Iso-CTS (Iso Alg. 1), written
-    as the official code writes it (``u @ v`` of the SVD). Zero columns stay (numerically) irrelevant when the
-    result is multiplied by zero singular values, exactly as in the official code.
+    This is the whitening / orthogonal-Procrustes step of TSV-M (TSV eq. 9, Prop. 4.1) and Iso-CTS (Iso Alg. 2
+    line 11, eq. 11), written as the official code writes it (``u @ v`` of the SVD). Zero columns stay
+    (numerically) irrelevant when the result is multiplied by zero singular values, exactly as in the official code.
 
     Example:
         >>> P = polar(torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
@@ -236,15 +236,27 @@ def svd_tall(matrix: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor
         >>> S.tolist(), U.shape, Vh.shape
         ([3.0, 1.0], torch.Size([2, 2]), torch.Size([2, 3]))
     """
+    return svd_tall_route(matrix, exact)[:3]
+
+
+def svd_tall_route(matrix: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """:func:`svd_tall` and whether the factors came from the float64 Gram route (:func:`svd_gram`: orthonormal to
+    ~5e-9) rather than LAPACK (float32: ~1e-6). Steps that rely on float64-level orthonormality (Iso-CTS's
+    low-rank whitening update) need to know.
+
+    Example:
+        >>> svd_tall_route(torch.eye(2), exact=False)[3], svd_tall_route(torch.eye(2))[3]
+        (True, False)
+    """
     rows, cols = matrix.shape[-2:]
     if rows < cols:
-        V, S, Uh = svd_tall(matrix.mT, exact)
-        return Uh.mT, S, V.mT
+        V, S, Uh, from_gram = svd_tall_route(matrix.mT, exact)
+        return Uh.mT, S, V.mT, from_gram
     if not exact and matrix.dtype != torch.float64:
         found = svd_gram(matrix)
         if found is not None:
-            return found
-    return svd(matrix)
+            return (*found, True)
+    return (*svd(matrix), False)
 
 
 def svd_gram(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, Tensor, Tensor] | None:

@@ -381,7 +381,16 @@ class LayerTasks:
     def sum_svd(self) -> tuple[Tensor, Tensor, Tensor]:
         """Thin SVD of :meth:`sum` (Iso-C eq. 7, SVC eq. 17, Iso-CTS's common subspace): LAPACK in
         ``svd_mode="exact"``, else the float64 Gram route where it is accurate (:func:`studio.linalg.svd_tall`)."""
-        return self.memo("sum_svd", lambda: linalg.svd_tall(self.sum(), exact=self.pool.svd_mode == "exact"))
+        return self._sum_svd()[:3]
+
+    def sum_svd_from_gram(self) -> bool:
+        """Whether :meth:`sum_svd` came from the float64 Gram route (factors orthonormal to ~5e-9); ``False`` for
+        LAPACK's float32 SVD (~1e-6): in ``"exact"`` mode, and in ``"auto"`` mode where the Gram route declines (a
+        sum whose spectrum spans more than five decades, or is rank deficient)."""
+        return self._sum_svd()[3]
+
+    def _sum_svd(self) -> tuple[Tensor, Tensor, Tensor, bool]:
+        return self.memo("sum_svd", lambda: linalg.svd_tall_route(self.sum(), exact=self.pool.svd_mode == "exact"))
 
 
 class TaskPool:

@@ -87,7 +87,9 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
                    "the rest is split equally among the tasks (1.0 = Iso-C).",
               paper="Iso sec. 5.4 / Fig. 6: k/r = 0.8 is the default for all settings; official common_space_fraction"),
         Param("alpha", float, 1.5, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
-              help="Global scaling of the isotropic merged task matrices (chosen on validation data in the paper).",
+              help="Global scaling of the isotropic merged task matrices. 1.5 is the paper's validated value for "
+                   "ViT-B/32 with 8 tasks; its Table 5 gives 1.2 / 1.1 for 14 / 20 tasks and 1.9 for ViT-L/14 "
+                   "(8 tasks): tune it on validation data.",
               paper="Iso paper eq. 14; Table 5 (appx. D.3): optimal alpha for Iso-CTS, ViT-B/32, 8 tasks = 1.50"),
     ),
     paper="No Task Left Behind (Marczak et al., ICML 2025), Alg. 2 Iso-CTS, eq. 10-14",
@@ -114,7 +116,13 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     the concatenation (which is square on the short side, and can be ~1e-4): with the pool's float64-Gram SVD of
     the sum (defect ~5e-9, ``svd_mode="auto"``) it is ~1e-5 relative to the float64 official result on an
     ill-conditioned layer; with LAPACK's float32 SVD (``"exact"``, defect ~1e-6) it would be ~3e-4, so that mode
-    whitens both whole concatenations (:func:`studio.linalg.polar_gram`, ~2e-5). With
+    whitens both whole concatenations (:func:`studio.linalg.polar_gram`, ~2e-5). So does ``"auto"`` where the sum's
+    SVD fell back to LAPACK (:meth:`~studio.pool.LayerTasks.sum_svd_from_gram`: a sum whose spectrum spans more
+    than five decades, or is rank deficient); the update there spread the flat spectrum by up to 15 %.
+
+    Where the concatenation has (numerically) dependent columns, e.g. two identical experts' task-specific
+    directions, the official SVD completes it with arbitrary orthonormal directions that then carry ``sigma_bar``;
+    the polar factors here leave them out (a partial isometry, see :func:`~studio.linalg.polar_gram`). With
     ``common_space_fraction = 1`` this is Iso-C.
 
     Example:
@@ -131,7 +139,7 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     k, s = iso_cts_dims(r, layer.num_tasks, common_space_fraction)
     Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, k, s)
     sigma_bar = sigmas.sum() / r
-    if layer.pool.svd_mode == "exact":   # LAPACK's float32 common block is orthonormal to ~1e-6 only (see above)
+    if not layer.sum_svd_from_gram():   # LAPACK's float32 common block is orthonormal to ~1e-6 only (see above)
         return matmul(polar_gram(torch.cat([Uc, U_ts], 1)) * sigma_bar, polar_gram(torch.cat([Vc, V_ts], 1)).mT)
     # eq. 10: U_ts is orthogonal to Uc (to rounding), so the left polar factor is [Uc | polar(U_ts)]
     U_star = torch.cat([Uc, polar_gram(U_ts)], 1) if U_ts.shape[1] else Uc
