@@ -919,7 +919,7 @@ def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerR
 def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pairwise: bool = False,
             keys: Sequence[str] | None = None, merged_is_delta: bool | None = None,
             layer_rule: "LayerRule | str | None" = None, eps: float = 0.05, k_rule: str = "official") -> Tensor:
-    """Iso's *Average Subspace Alignment Ratio* across all layers (sec. 4, "SAR_avg ... across all layers").
+    """Iso's *Average Subspace Alignment Ratio* across all layers (sec. 3.3, "SAR_avg ... across all layers").
 
     ``pairwise=False``: ``SAR_avg(Delta_t, Delta_M; k_M)`` per task, ``[T]`` (Fig. 3a; ``merged=None`` is the Task
     Arithmetic sum, ``k_TA``), the mean over layers of :func:`sar_to_merged`. ``pairwise=True``:

@@ -217,7 +217,7 @@ def test_sar_to_a_flat_merge_takes_the_sums_leading_directions(svd_mode):
 
 
 def test_sar_avg_is_the_mean_over_layers_of_eq5():
-    """Iso's SAR_avg (sec. 4, Fig. 3a/3b): per task, SAR to the merged delta averaged across all layers; pairwise,
+    """Iso's SAR_avg (sec. 3.3, Fig. 3a/3b): per task, SAR to the merged delta averaged across all layers; pairwise,
     SAR between tasks with k_TA averaged the same way. Checked against explicit projections on a two-layer pool."""
     layers = {"a": _lowrank(3, 14, 10, 2, seed=51), "b": _lowrank(3, 12, 16, 3, seed=52)}
     base = {k: torch.zeros_like(m[0]) for k, m in layers.items()}

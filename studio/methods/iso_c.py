@@ -18,7 +18,9 @@ __all__ = ["iso_c"]
     "iso_c",
     params=(
         Param("alpha", float, 1.3, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
-              help="Global scaling of the isotropic merged task matrices (chosen on validation data in the paper).",
+              help="Global scaling of the isotropic merged task matrices. 1.3 is the paper's validated value for "
+                   "ViT-B/32 with 8 tasks; its Table 5 gives 1.0 / 0.9 for 14 / 20 tasks and 1.5 for ViT-L/14 "
+                   "(8 tasks): tune it on validation data.",
               paper="Iso paper eq. 9; Table 5 (appx. D.3): optimal alpha for Iso-C, ViT-B/32, 8 tasks = 1.30"),
     ),
     paper="No Task Left Behind (Marczak et al., ICML 2025), Alg. 1 Iso-C, eq. 7-9",
@@ -33,6 +35,11 @@ def iso_c(layer: LayerTasks) -> Tensor:
     averages and then multiplies by ``T``), over all ``r = min(m, n)`` singular values; non-matrix tensors get the
     mean of the task vectors (engine ``vector_rule="mean"``, Iso appx. C.2). The exact SVD of the sum comes from
     ``layer.sum_svd()``, cached per pool and shared with Iso-CTS, SVC and the diagnostics.
+
+    Where the sum is rank deficient (rank below ``r``, e.g. a few low-rank experts) the method is ill-posed as
+    written: ``sigma_bar`` goes to every one of the ``r`` directions, including the sum's null space, which any SVD
+    chooses arbitrarily; both SVD modes then take LAPACK's, as the official code does (whose own result there
+    depends on rounding).
 
     Example:
         >>> import torch

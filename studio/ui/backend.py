@@ -391,7 +391,7 @@ class Studio:
     def layer_profile(self, pool: TaskPool, deltas: Mapping[str, Tensor] | None) -> dict[str, Any]:
         """Per-layer curves for the app: STI (TSV eq. 7), normalised spectral entropy of each task matrix and of the
         merged delta (Ortho-Merge eq. 9), each task's SAR to the merged delta (Iso eq. 5) and its mean over the
-        layers, SAR_avg (Iso sec. 4, Fig. 3a).
+        layers, SAR_avg (Iso sec. 3.3, Fig. 3a).
 
         ``deltas=None`` measures SAR against the Task Arithmetic sum. Everything comes from
         :mod:`studio.diagnostics` (memoised on the pool); this only gathers per-task values across layers.
@@ -407,7 +407,7 @@ class Studio:
                 entropy[n].append(float(h))
             for n, v in zip(pool.names, diag.sar_to_merged(lt, None if deltas is None else deltas[key]).tolist()):
                 sar[n].append(float(v))
-        # Iso's SAR_avg (sec. 4, Fig. 3a): each task's SAR averaged over the layers, = diag.sar_avg on these keys.
+        # Iso's SAR_avg (sec. 3.3, Fig. 3a): each task's SAR averaged over the layers, = diag.sar_avg on these keys.
         sar_avg = {n: float(np.mean(v, dtype=np.float64)) if v else float("nan") for n, v in sar.items()}
         return {"keys": keys, "sti": base["sti"], "merged_entropy": base["merged_entropy"], "entropy": entropy,
                 "sar": sar, "sar_avg": sar_avg,
