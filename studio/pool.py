@@ -470,7 +470,7 @@ class TaskPool:
             return torch.stack([float32_delta(t, base) for t in tensors])
         if any(t.dtype != torch.float32 for t in tensors):
             tensors = [t.float() for t in tensors]
-        return torch.stack(tensors).sub_(self.tensor(None, key).float())
+        return torch.stack(tensors).sub_(base.float())
 
     def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
         """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``) rescale each task matrix."""

@@ -86,6 +86,8 @@ class Param:
                 raise HyperparameterError(
                     f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}"
                 ) from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):   # e.g. a complex NumPy scalar
+            raise HyperparameterError(f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}")
         if not math.isfinite(value):
             raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {value!r}")
         if self.type is int:
