@@ -1,17 +1,20 @@
 """Command-line interface: ``merge-studio`` (or ``python -m studio``).
 
-    merge-studio methods [--markdown]                  # every method with its hyperparameter schema
+    merge-studio methods [--json]                      # every method with its hyperparameter schema
     merge-studio merge --suite assets/minisuite --method tsv_m --set alpha=1.0 --out merged.safetensors
     merge-studio merge --base base.safetensors --expert cars=cars.safetensors --expert dtd=dtd.safetensors \\
                        --method ties --set k=0.2 --calibrate svc --out merged.safetensors --recipe merged.yaml
     merge-studio recipe merged.yaml --suite assets/minisuite --out again.safetensors
     merge-studio evaluate --suite assets/minisuite --weights merged.safetensors [--split test]
     merge-studio bench [...]   merge-studio leaderboard [...]   merge-studio build-suite [...]
+                                                       # their own options, e.g. bench --model ViT-L-14 --tasks 20
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -42,14 +45,42 @@ def methods_table(markdown: bool = True) -> str:
     return "\n".join(lines) if markdown else json.dumps(list_methods(), indent=2)
 
 
-def _parse_sets(items: list[str]) -> dict[str, Any]:
+def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
+    """``NAME=VALUE`` pairs; a value is read as YAML (``true``, ``0.3``, ``[1, 2]``), and a YAML string that is a
+    number in Python's syntax (``1e-1``, which YAML 1.1 reads as text) as that number.
+
+    Example:
+        >>> _parse_sets(["alpha=1e-1", "k=0.2", "merge_func=mean", "ties_consensus=true"])
+        {'alpha': 0.1, 'k': 0.2, 'merge_func': 'mean', 'ties_consensus': True}
+    """
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise StudioError(f"--set expects NAME=VALUE, got {item!r}")
+            raise StudioError(f"{option} expects NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
-        out[name.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise StudioError(f"{option} {item!r}: the value is not valid YAML ({exc.problem or exc})") from None
+        if isinstance(parsed, str):
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out[name.strip()] = parsed
     return out
+
+
+def _parse_preferences(text: str | None) -> dict[str, float] | None:
+    """``--preferences``: a JSON mapping expert name -> weight."""
+    if not text:
+        return None
+    try:
+        prefs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise StudioError(f"--preferences {text!r} is not valid JSON ({exc.msg}); expected e.g. '{{\"cars\": 2}}'") \
+            from None
+    if not isinstance(prefs, dict):
+        raise StudioError(f"--preferences must be a JSON mapping of expert names to weights, got {text!r}")
+    return prefs
 
 
 def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
@@ -69,11 +100,19 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
         raise StudioError("give either --suite, or --base and at least one --expert NAME=PATH")
     experts = {}
     for item in args.expert:
-        if "=" not in item:
-            raise StudioError(f"--expert expects NAME=PATH, got {item!r}")
-        name, path = item.split("=", 1)
+        name, path = item.split("=", 1) if "=" in item else ("", "")
+        if not name.strip() or not path:
+            raise StudioError(f"--expert expects NAME=PATH with a non-empty name and path, got {item!r}")
+        if name in experts:
+            raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
         experts[name] = load_state_dict(path)
     return load_state_dict(args.base), experts, None
+
+
+#: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
+_PASSTHROUGH = {"bench": ("studio.bench", "benchmark the engine"),
+                "leaderboard": ("studio.leaderboard", "merge the suite with every method"),
+                "build-suite": ("studio.suite.build", "rebuild the embedded MiniSuite")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,16 +158,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", default="test")
     p.add_argument("--device", default=None)
 
-    for name, help_ in (("bench", "benchmark the engine"), ("leaderboard", "merge the suite with every method"),
-                        ("build-suite", "rebuild the embedded MiniSuite")):
+    for name, (_, help_) in _PASSTHROUGH.items():   # listed in --help; their options go to their own parsers
         p = sub.add_parser(name, help=help_, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in _PASSTHROUGH:
+        # argparse's REMAINDER refuses a first argument that looks like an option ("bench --device cpu")
+        keep_freed_memory()
+        importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        return 0
     args = ap.parse_args(argv)
     keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
     try:
         return _run(args)
-    except StudioError as exc:
+    except (StudioError, OSError) as exc:   # bad input, or a file that cannot be read or written: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -138,15 +182,14 @@ def _run(args: argparse.Namespace) -> int:
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
         base, experts, suite = _load_pool(args)
-        prefs = json.loads(args.preferences) if args.preferences else None
+        prefs = _parse_preferences(args.preferences)
         recipe = Recipe(method=args.method, hparams=_parse_sets(args.set), experts=list(experts),
-                        calibrate=args.calibrate, calibrate_hparams=_parse_sets(args.cal_set), preferences=prefs,
+                        calibrate=args.calibrate, calibrate_hparams=_parse_sets(args.cal_set, "--cal-set"),
+                        preferences=prefs,
                         seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__,
                         svd_mode=args.svd_mode)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
-        save_merged(args.out, merged, recipe)
-        if args.recipe:
-            Path(args.recipe).write_text(recipe.to_yaml())
+        save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
         recipe = Recipe.from_file(args.recipe)
@@ -163,18 +206,6 @@ def _run(args: argparse.Namespace) -> int:
         suite = load_suite(args.suite)
         result = evaluate(suite, load_state_dict(args.weights), split=args.split, device=args.device)
         print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
-    elif args.cmd == "bench":
-        from .bench import main as bench_main
-
-        bench_main(args.rest)
-    elif args.cmd == "leaderboard":
-        from .leaderboard import main as lb_main
-
-        lb_main(args.rest)
-    elif args.cmd == "build-suite":
-        from .suite.build import main as build_main
-
-        build_main(args.rest)
     return 0
 
 

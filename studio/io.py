@@ -7,17 +7,18 @@ seed, layer rule). It is stored inside every exported safetensors file's metadat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .schema import StudioError
@@ -42,12 +43,8 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
         >>> list(load_state_dict(p, prefix="visual."))
         ['visual.w']
     """
-    path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
+    path = _checked_path(path)
+    with _readable(path):
         out = {}
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -55,38 +52,112 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
                     t = f.get_tensor(key)
                     out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
-    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises SafetensorError (a subclass) or OSError
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _checked_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    return path
+
+
+@contextlib.contextmanager
+def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[None]:
+    """Turn a failed read of the safetensors file ``path`` (truncated, empty, not safetensors, unreadable) into a
+    :class:`CheckpointError` (or ``error``) that names the file. safetensors raises its own ``SafetensorError``,
+    which derives from ``Exception`` only."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def load_safetensors(path: str | os.PathLike, error: type[StudioError] | None = None) -> dict[str, Tensor]:
+    """Every tensor of a safetensors file, or a :class:`CheckpointError` (or ``error``) naming the file."""
+    path = Path(path)
+    with _readable(path, error):
+        return load_file(str(path))
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The string metadata stored in a safetensors header."""
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    """The string metadata stored in a safetensors header (a :class:`CheckpointError` naming the file if it is
+    missing or unreadable)."""
+    path = _checked_path(path)
+    with _readable(path):
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _process_umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` can only be read by setting it, which would
+    briefly give files that other threads create at that moment mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _IMPORT_UMASK
+
+
+_IMPORT_UMASK = os.umask(0)
+os.umask(_IMPORT_UMASK)
+
+
+@contextlib.contextmanager
+def _atomic_write(path: Path) -> Iterator[str]:
+    """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
+    folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
+    :class:`CheckpointError` naming ``path`` (not the temporary file)."""
+    made = [p for p in reversed(path.parents) if not p.exists()]
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_process_umask())  # mkstemp creates 0600; exported files get the usual permissions
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise
 
 
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``state_dict`` to ``path`` atomically (temp file + rename: never a half-written file)."""
+    """Write ``state_dict`` to ``path`` atomically (temp file + rename: never a half-written file).
+
+    Keys must be strings and values tensors (a :class:`CheckpointError` names the first that is not); tensors that
+    share memory (tied weights) are written as separate copies, which safetensors requires.
+    """
     path = Path(path)
-    fd, tmp = _atomic_target(path)
-    os.close(fd)
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            raise CheckpointError(f"cannot save key {k!r} to {path}: safetensors keys must be strings")
+        if not isinstance(v, Tensor):
+            raise CheckpointError(f"cannot save '{k}' to {path}: expected a tensor, got {type(v).__name__}")
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        tensors[k] = t
+    with _atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; exported files get the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
+
+
 
 
 @dataclass
@@ -119,6 +190,33 @@ class Recipe:
         if isinstance(self.layer_rule, LayerRule):
             preset = RULES.get(self.layer_rule.name)
             self.layer_rule = preset.name if preset == self.layer_rule else self.layer_rule.to_dict()
+        self._check_types()
+
+    def _check_types(self) -> None:
+        """Each field of the type a merge needs, or a :class:`CheckpointError` naming the field and the value."""
+        def bad(name: str, expected: str) -> CheckpointError:
+            return CheckpointError(f"recipe field '{name}' must be {expected}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.method, str):
+            raise bad("method", "a method name (see studio.list_methods())")
+        for name in ("hparams", "calibrate_hparams"):
+            if not isinstance(getattr(self, name), Mapping):
+                raise bad(name, "a mapping of hyperparameter names to values")
+        if isinstance(self.experts, (str, bytes)) or not isinstance(self.experts, (list, tuple)) \
+                or not all(isinstance(e, str) for e in self.experts):
+            raise bad("experts", "a list of expert names")
+        dup = sorted({e for e in self.experts if list(self.experts).count(e) > 1})
+        if dup:
+            raise CheckpointError(f"recipe lists expert(s) {dup} more than once; each expert can be merged once")
+        self.experts = list(self.experts)
+        if self.calibrate is not None and not isinstance(self.calibrate, str):
+            raise bad("calibrate", "a calibration name or null")
+        if self.preferences is not None and not isinstance(self.preferences, Mapping):
+            raise bad("preferences", "a mapping of expert names to weights, or null")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise bad("seed", "an integer")
+        if self.layer_rule is not None and not isinstance(self.layer_rule, (str, Mapping)):
+            raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -134,10 +232,13 @@ class Recipe:
         if not isinstance(data, Mapping) or "method" not in data:
             raise CheckpointError("a recipe must be a mapping with at least a 'method' field")
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known)
+        unknown = sorted(map(str, set(data) - known))
         if unknown:
             raise CheckpointError(f"recipe has unknown field(s) {unknown}; expected a subset of {sorted(known)}")
-        return cls(**dict(data))
+        # an explicit null takes the field's default (an empty mapping or list, seed 0, "auto")
+        defaults = {"hparams": {}, "experts": [], "calibrate_hparams": {}, "seed": 0, "studio_version": "",
+                    "svd_mode": "auto"}
+        return cls(**{k: (defaults[k] if v is None and k in defaults else v) for k, v in data.items()})
 
     @classmethod
     def from_text(cls, text: str) -> "Recipe":
@@ -153,24 +254,37 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such recipe file")
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             meta = read_metadata(path)
             if RECIPE_METADATA_KEY not in meta:
                 raise CheckpointError(f"{path}: safetensors file carries no '{RECIPE_METADATA_KEY}' metadata")
             return cls.from_text(meta[RECIPE_METADATA_KEY])
-        return cls.from_text(path.read_text())
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path}: not a readable UTF-8 recipe (YAML or JSON): {exc}") from exc
+        return cls.from_text(text)
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`studio.engine.merge_pool` (besides the pool and the method); add
         ``svd_mode`` for :func:`studio.merge` (a pool has its own), as :func:`merge_from_recipe` does."""
+        # calibrate_hparams without a calibration reach the engine, which rejects them (they would be lost)
         return dict(self.hparams, calibrate=self.calibrate,
-                    calibrate_hparams=dict(self.calibrate_hparams) if self.calibrate else None,
+                    calibrate_hparams=dict(self.calibrate_hparams) or None,
                     preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
 
 
-def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe) -> Path:
-    """Export merged weights as safetensors with the recipe (JSON) in the header metadata."""
-    return save_state_dict(path, state_dict, {RECIPE_METADATA_KEY: recipe.to_json(), "format": "pt"})
+def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,
+                recipe_path: str | os.PathLike | None = None) -> Path:
+    """Export merged weights as safetensors with the recipe (JSON) in the header metadata, and with ``recipe_path``
+    also as a YAML file: both files are staged and renamed at the end, so a failure leaves neither (a missing
+    folder or a full disk for the recipe no longer leaves the weights behind without it)."""
+    meta = {RECIPE_METADATA_KEY: recipe.to_json(), "format": "pt"}
+    if recipe_path is None:
+        return save_state_dict(path, state_dict, meta)
+    with _atomic_write(Path(recipe_path)) as tmp:
+        Path(tmp).write_text(recipe.to_yaml())
+        return save_state_dict(path, state_dict, meta)
 
 
 def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],

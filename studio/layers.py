@@ -39,7 +39,13 @@ class LayerRule:
     def __post_init__(self) -> None:
         from .schema import StudioError
 
-        patterns = (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude)
+        if isinstance(self.exclude, str):
+            patterns: tuple = (self.exclude,)
+        elif isinstance(self.exclude, (list, tuple)):
+            patterns = tuple(self.exclude)
+        else:
+            raise StudioError(f"layer rule {self.name!r}: exclude must be a regular expression or a list of them, "
+                              f"got {self.exclude!r}")
         for pattern in patterns:
             if not isinstance(pattern, str):
                 raise StudioError(f"layer rule {self.name!r}: exclude patterns must be strings, got {pattern!r}")
@@ -72,7 +78,7 @@ class LayerRule:
         if not isinstance(data, Mapping) or set(data) - {"name", "exclude"} or "exclude" not in data:
             raise StudioError(f"a layer rule mapping needs 'exclude' (a list of regular expressions) and optionally "
                               f"'name', got {data!r}")
-        return cls(exclude=tuple(data["exclude"]), name=str(data.get("name", "custom")))
+        return cls(exclude=data["exclude"], name=str(data.get("name", "custom")))   # a str is one pattern
 
 
 DEFAULT = LayerRule()

@@ -208,3 +208,24 @@ def test_error_cases(mini_suite, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(SuiteError, match="'tasks'"):
         Suite(copy)
+    # malformed manifests and files are SuiteErrors that say where, not bare KeyError / TypeError / SafetensorError
+    good = json.loads((mini_suite / "manifest.json").read_text())
+    for change, message in (
+            (lambda m: m["tasks"].append(dict(m["tasks"][0])), r"task name\(s\) \['digits'\] appear more than once"),
+            (lambda m: m["tasks"][0].update(name="../digits"), "not usable as file names"),
+            (lambda m: m["tasks"][0].pop("classes"), "lacks the field 'classes'"),
+            (lambda m: m.update(tasks={"digits": {}}), "'tasks' must be a list"),
+            (lambda m: m.update(logit_scale="abc"), "is malformed"),
+            (lambda m: m.update(model={"width": 3}), "lacks the field 'name'")):
+        manifest = json.loads(json.dumps(good))
+        change(manifest)
+        with pytest.raises(SuiteError, match=message):
+            Suite(copy, manifest)
+    (copy / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(SuiteError, match="must hold a JSON object"):
+        Suite(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(mini_suite, copy)
+    (copy / "experts" / "digits.safetensors").write_bytes(b"")
+    with pytest.raises(SuiteError, match=r"digits\.safetensors: not a readable safetensors file"):
+        load_suite(copy).experts

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from ..io import load_safetensors
 from ..schema import StudioError
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -69,7 +69,9 @@ class Task:
 def _load_weights(path: Path, what: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise SuiteError(f"{what}: file {path} is missing from the suite")
-    return {k: v.to(torch.float32) for k, v in load_file(str(path)).items()}
+    # float weights in float32; integer buffers (if any) stay integers, which the engine copies from the base
+    return {k: v.to(torch.float32) if v.is_floating_point() else v
+            for k, v in load_safetensors(path, SuiteError).items()}
 
 
 class Suite:
@@ -90,21 +92,39 @@ class Suite:
                 manifest = json.loads(path.read_text())
             except json.JSONDecodeError as exc:
                 raise SuiteError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(manifest, Mapping):
+            raise SuiteError(f"{self.root}/manifest.json must hold a JSON object, got {type(manifest).__name__}")
         self.manifest: dict[str, Any] = dict(manifest)
         for key in ("name", "model", "tasks"):
             if key not in self.manifest:
                 raise SuiteError(f"{self.root}/manifest.json lacks the required field {key!r}")
-        self.name: str = self.manifest["name"]
-        self.model_name: str = self.manifest["model"]["name"] if isinstance(self.manifest["model"], dict) \
-            else self.manifest["model"]
-        self.tasks: list[Task] = [
-            Task(t["name"], tuple(t["classes"]), t.get("group", ""), t.get("description", ""))
-            for t in self.manifest["tasks"]
-        ]
+        where = f"{self.root}/manifest.json"
+        try:
+            self.name: str = str(self.manifest["name"])
+            model = self.manifest["model"]
+            self.model_name: str = model["name"] if isinstance(model, dict) else model
+            tasks_field = self.manifest["tasks"]
+            if not isinstance(tasks_field, list):
+                raise TypeError(f"'tasks' must be a list of task objects, got {type(tasks_field).__name__}")
+            self.tasks: list[Task] = [
+                Task(t["name"], tuple(t["classes"]), t.get("group", ""), t.get("description", ""))
+                for t in tasks_field
+            ]
+            self.logit_scale: float = float(self.manifest.get("logit_scale", 100.0))
+        except (KeyError, TypeError, ValueError) as exc:
+            missing = f"lacks the field {exc}" if isinstance(exc, KeyError) else f"is malformed: {exc}"
+            raise SuiteError(f"{where} {missing} (see studio.suite's folder layout)") from None
+        if not isinstance(self.model_name, str):
+            raise SuiteError(f"{where}: 'model' must be a name or an object with a 'name', got {model!r}")
         if not self.tasks:
             raise SuiteError(f"suite {self.name!r} declares no tasks")
         self.task_names: list[str] = [t.name for t in self.tasks]
-        self.logit_scale: float = float(self.manifest.get("logit_scale", 100.0))
+        bad = [n for n in self.task_names if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..")]
+        if bad:
+            raise SuiteError(f"{where}: task names {bad} are not usable as file names (experts/<name>.safetensors)")
+        dup = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
+        if dup:
+            raise SuiteError(f"{where}: task name(s) {dup} appear more than once; each task needs its own name")
         self._lock = threading.RLock()
         self._base: dict[str, Tensor] | None = None
         self._experts: dict[str, dict[str, Tensor]] | None = None
@@ -222,7 +242,7 @@ class Suite:
                 path = self.root / "data" / f"{task}.safetensors"
                 if not path.is_file():
                     raise EmptySplitError(f"suite {self.name!r} ships no evaluation data for task {task!r} ({path})")
-                self._data[task] = load_file(str(path))
+                self._data[task] = load_safetensors(path, SuiteError)
             return self._data[task]
 
     def split(self, task: str, split: str = "test") -> tuple[Tensor, Tensor]:
@@ -288,7 +308,8 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
         offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
         hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
-        raise SuiteError(f"cannot fetch suite {source!r} from the Hugging Face Hub{hint}: {exc}") from exc
+        raise SuiteError(f"{source!r} is not a local folder (from {Path.cwd()}), and cannot be fetched as a suite "
+                         f"from the Hugging Face Hub{hint}: {exc}") from exc
     return Suite(local)
 
 

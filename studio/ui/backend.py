@@ -517,9 +517,8 @@ class Studio:
         folder.mkdir(parents=True, exist_ok=True)
         stem = stem or f"merged_{req.method}_{time.strftime('%Y%m%d-%H%M%S')}"
         recipe = req.recipe(self.suite_name)
-        weights = save_merged(folder / f"{stem}.safetensors", state_dict, recipe)
         recipe_path = folder / f"{stem}.recipe.yaml"
-        recipe_path.write_text(recipe.to_yaml())
+        weights = save_merged(folder / f"{stem}.safetensors", state_dict, recipe, recipe_path=recipe_path)
         return {"weights": str(weights), "recipe": str(recipe_path)}
 
 
