@@ -13,6 +13,7 @@ import zlib
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -70,19 +71,50 @@ def _fits_on_device(base: StateDict, experts: Mapping[str, StateDict], device: t
     return 2 * size <= free
 
 
+#: Floating dtypes the engine computes in (float32, converted exactly) and returns in; float8 formats have no
+#: arithmetic of their own in torch (no promotion, no isfinite), so they are refused up front.
+MERGEABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(owner: str, key: Any, tensor: Any) -> None:
+    """One state-dict entry: a string key and a dense tensor with data, of a mergeable dtype if floating."""
+    if not isinstance(key, str):
+        raise ExpertError(f"{owner}: key {key!r} is a {type(key).__name__}; state-dict keys must be strings")
+    if not isinstance(tensor, Tensor):
+        raise ExpertError(f"{owner}, key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.is_meta:
+        raise ExpertError(f"{owner}, key '{key}' is a meta tensor (no data); load the weights before merging")
+    if tensor.layout != torch.strided:
+        raise ExpertError(f"{owner}, key '{key}' has layout {tensor.layout}; expected a dense tensor "
+                          f"(call .to_dense() first)")
+    if tensor.is_complex() or (tensor.is_floating_point() and tensor.dtype not in MERGEABLE_FLOATS):
+        raise ExpertError(f"{owner}, key '{key}' has dtype {tensor.dtype}; expected one of "
+                          f"{[str(d).removeprefix('torch.') for d in MERGEABLE_FLOATS]} (or a non-floating buffer, "
+                          f"kept from the base)")
+
+
 def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check_finite: bool = True) -> None:
     """Raise :class:`ExpertError` naming the expert and key at fault if the pool is not mergeable."""
-    if not isinstance(experts, Mapping) or len(experts) == 0:
+    if not isinstance(base, Mapping):
+        raise ExpertError(f"the base must be a state dict (a mapping key -> tensor), got {type(base).__name__}")
+    if not isinstance(experts, Mapping):
+        raise ExpertError(f"experts must be a mapping name -> state dict, got {type(experts).__name__}"
+                          + (" (give each expert a name: {name: state_dict})" if isinstance(experts, (list, tuple))
+                             else ""))
+    if len(experts) == 0:
         raise ExpertError("no experts given: pass a mapping name -> state dict with at least one expert")
     if len(base) == 0:
         raise ExpertError("the base state dict is empty")
     base_keys = set(base)
     for key, tensor in base.items():
-        if not isinstance(tensor, Tensor):
-            raise ExpertError(f"base, key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
+        _check_tensor("base", key, tensor)
         if check_finite and not _all_finite(tensor):
             raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
     for name, sd in experts.items():
+        if not isinstance(name, str):
+            raise ExpertError(f"expert names must be strings, got {name!r}")
+        if not isinstance(sd, Mapping):
+            raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), got {type(sd).__name__}")
         keys = set(sd)
         missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
         if missing:
@@ -90,8 +122,7 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         if extra:
             raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}")
         for key, tensor in sd.items():
-            if not isinstance(tensor, Tensor):
-                raise ExpertError(f"expert '{name}', key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
+            _check_tensor(f"expert '{name}'", key, tensor)
             if tuple(tensor.shape) != tuple(base[key].shape):
                 raise ExpertError(
                     f"expert '{name}', key '{key}': shape {tuple(tensor.shape)} does not match the base's "
@@ -109,7 +140,7 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
 
 def _version(t: Tensor) -> int:
     """``t._version`` (bumped by every in-place change); -1 for an inference-mode tensor, which has no counter (it
-    cannot be changed in place outside ``torch.inference_mode``)."""
+    can still be changed in place inside ``torch.inference_mode``: :func:`fingerprint` then reads its content)."""
     try:
         return t._version
     except RuntimeError:
@@ -143,7 +174,9 @@ def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
 
     A change the version counter does not see (writing through ``t.numpy()`` or ``t.data``) and that misses the
     sampled values is not noticed: build new tensors, or change them with torch's in-place operations, to merge
-    edited experts (or call ``studio.engine.clear_pools()``).
+    edited experts (or call ``studio.engine.clear_pools()``). Inference-mode tensors have no version counter and can
+    be changed in place inside ``torch.inference_mode()``, so their content is summarised instead (the float64 sum
+    and sum of squares: one read of each tensor; only an edit that keeps both, e.g. swapping two entries, escapes).
     """
 
     def one(sd: StateDict) -> tuple:
@@ -152,7 +185,11 @@ def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
             for key, t in sd.items():
                 flat = t.reshape(-1)
                 sample = tuple(flat[:: max(1, flat.numel() // 4)][:4].float().tolist()) if flat.numel() else ()
-                items.append((key, t.data_ptr(), _version(t), tuple(t.shape), str(t.dtype), sample))
+                version = _version(t)
+                if version == -1 and t.is_floating_point() and flat.numel():
+                    x = flat.double()
+                    sample += (float(x.sum()), float(x.dot(x)))
+                items.append((key, t.data_ptr(), version, tuple(t.shape), str(t.dtype), sample))
         return tuple(items)
 
     return (one(base), tuple((name, one(sd)) for name, sd in experts.items()))
@@ -553,12 +590,18 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
     if preferences is None:
         return None
     if isinstance(preferences, Mapping):
-        unknown = sorted(set(preferences) - set(names))
+        unknown = sorted(map(repr, set(preferences) - set(names)))
         if unknown:
-            raise StudioError(f"preferences name unknown task(s) {unknown}; the experts are {list(names)}")
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise StudioError(f"preferences name unknown task(s) {', '.join(unknown[:10])}{more}; the experts are "
+                              f"{list(names)}")
         values = [preferences.get(n, 0.0) for n in names]
     else:
-        values = list(preferences.tolist() if isinstance(preferences, Tensor) else preferences)
+        ordered = isinstance(preferences, (Sequence, Tensor, np.ndarray)) and not isinstance(preferences, (str, bytes))
+        if not ordered or (isinstance(preferences, (Tensor, np.ndarray)) and preferences.ndim != 1):
+            raise StudioError(f"preferences must be a mapping task -> weight or a sequence of one weight per task "
+                              f"(in expert order), got {preferences!r}")
+        values = list(preferences.tolist() if isinstance(preferences, (Tensor, np.ndarray)) else preferences)
         if len(values) != len(names):
             raise StudioError(f"preferences has {len(values)} weights but there are {len(names)} experts {list(names)}")
     weights = []

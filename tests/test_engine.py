@@ -99,6 +99,39 @@ def test_bad_preferences(clip_pool):
         studio.merge(base, experts, "task_arithmetic", preferences=[1e308, 1e308, 1, 1])
     with pytest.raises(studio.StudioError, match="task1.*'2'"):
         studio.merge(base, experts, "task_arithmetic", preferences={"task1": "2"})
+    # unordered or scalar preferences, or a string, have no per-task order (a set was taken in arbitrary order)
+    for prefs in ({2.0, 1.0}, 3, torch.tensor(1.0), "abcd"):
+        with pytest.raises(studio.StudioError, match="a mapping task -> weight or a sequence of one weight per task"):
+            studio.merge(base, experts, "task_arithmetic", preferences=prefs)
+    with pytest.raises(studio.StudioError, match=r"unknown task\(s\) .* and 990 more"):
+        studio.merge(base, experts, "task_arithmetic", preferences={f"x{i}": 1.0 for i in range(1000)})
+    with pytest.raises(studio.StudioError, match=r"unknown task\(s\) 0"):
+        studio.merge(base, experts, "task_arithmetic", preferences={0: 1.0, "task0": 1.0})
+
+
+def test_inputs_that_are_not_mergeable_state_dicts_name_what_is_wrong(clip_pool):
+    base, experts = clip_pool
+    key = "visual.proj"
+    one = {"task0": experts["task0"], "task1": experts["task1"]}
+    cases = [
+        (None, one, "the base must be a state dict"),
+        (base, [experts["task0"]], r"experts must be a mapping name -> state dict, got list \(give each expert"),
+        (base, {"task0": None}, "expert 'task0' must be a state dict"),
+        (base, {1: experts["task0"]}, "expert names must be strings"),
+        ({**base, 3: base[key]}, one, r"base: key 3 is a int; state-dict keys must be strings"),
+        (base, dict(one, task1=dict(experts["task1"], **{key: torch.empty(base[key].shape, device="meta")})),
+         "expert 'task1', key 'visual.proj' is a meta tensor"),
+        (base, dict(one, task1=dict(experts["task1"], **{key: experts["task1"][key].to_sparse()})),
+         "expert 'task1', key 'visual.proj' has layout torch.sparse_coo"),
+        ({k: v.to(torch.float8_e4m3fn) for k, v in base.items()},
+         {n: {k: v.to(torch.float8_e4m3fn) for k, v in sd.items()} for n, sd in one.items()},
+         r"base, key '.*' has dtype torch.float8_e4m3fn; expected one of"),
+        (dict(base, c=torch.zeros(2, dtype=torch.complex64)),
+         {n: dict(sd, c=torch.ones(2, dtype=torch.complex64)) for n, sd in one.items()}, "has dtype torch.complex64"),
+    ]
+    for b, e, message in cases:
+        with pytest.raises(studio.ExpertError, match=message):
+            studio.merge(b, e, "task_arithmetic")
 
 
 def test_preferences_take_any_real_scalar(clip_pool):
@@ -410,6 +443,21 @@ def test_parameters_and_inference_tensors_merge_like_plain_tensors(method):
         assert not params[k].requires_grad and params[k].grad_fn is None, k
         torch.testing.assert_close(params[k], want[k], rtol=0, atol=0)
         torch.testing.assert_close(inference[k], want[k], rtol=0, atol=0)
+
+
+def test_an_inference_tensor_edited_in_place_is_not_served_from_the_cache():
+    """Inference tensors have no version counter, and inside ``torch.inference_mode()`` they can be changed in
+    place; an edit away from the fingerprint's sampled entries returned the previous merge."""
+    base = clip_like_state_dict()
+    with torch.inference_mode():
+        inf_base = {k: v.clone() for k, v in base.items()}
+        inf_experts = {n: {k: v.clone() for k, v in sd.items()} for n, sd in make_experts(base, 2).items()}
+    key = "visual.transformer.resblocks.0.attn.out_proj.weight"
+    first = studio.merge(inf_base, inf_experts, "task_arithmetic", alpha=1.0)
+    with torch.inference_mode():
+        inf_experts["task0"][key][2, 3] += 1.0          # not one of the sampled entries (every numel/4-th)
+    second = studio.merge(inf_base, inf_experts, "task_arithmetic", alpha=1.0)
+    assert float(second[key][2, 3] - first[key][2, 3]) == pytest.approx(1.0)
 
 
 def test_clear_pools_forgets_an_untracked_change():
