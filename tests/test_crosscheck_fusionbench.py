@@ -188,7 +188,7 @@ def test_svc_diagnostics_match_fusion_bench(suite, method):
     coefficients ``s_i^r`` against FusionBench's ``project_onto_singular_vectors`` / ``compute_projection_coefficient``
     (SVC eq. 4 and 8), and the calibration factors ``gamma^r`` against those FusionBench's calibration applied (its
     calibrated delta in the merged singular basis over the singular values), FusionBench in float64. Measured worst
-    errors: s 3.9e-7 / 3.8e-5 (relative to max(|s|, 1)), gamma 1.7e-7 / 5.2e-6 (TA / TIES).
+    errors: s 3.9e-7 / 3.4e-7 (relative to max(|s|, 1)), gamma 1.7e-7 / 1.4e-7 (TA / TIES).
 
     These merges' spectra have no near-degenerate singular values. Where they do (the flat spectrum of Iso-C, the
     near-flat one of TSV-M) a single direction's coefficient depends on the basis each SVD picks within the
