@@ -25,8 +25,8 @@ import yaml
 from . import __version__
 from .io import Recipe, load_state_dict, merge_from_recipe, save_merged
 from .memory import keep_freed_memory
-from .registry import list_methods
-from .schema import StudioError
+from .registry import get_calibration, get_method, list_methods
+from .schema import StudioError, validate_hparams
 
 
 def methods_table(markdown: bool = True) -> str:
@@ -183,8 +183,14 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "merge":
         base, experts, suite = _load_pool(args)
         prefs = _parse_preferences(args.preferences)
-        recipe = Recipe(method=args.method, hparams=_parse_sets(args.set), experts=list(experts),
-                        calibrate=args.calibrate, calibrate_hparams=_parse_sets(args.cal_set, "--cal-set"),
+        hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
+        # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of
+        # the version that replays it (the merge below validates them again, with the same result)
+        hparams = validate_hparams(args.method, get_method(args.method).params, hparams)
+        if args.calibrate is not None:
+            cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
+        recipe = Recipe(method=args.method, hparams=hparams, experts=list(experts),
+                        calibrate=args.calibrate, calibrate_hparams=cal_hparams,
                         preferences=prefs,
                         seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__,
                         svd_mode=args.svd_mode)

@@ -2,7 +2,7 @@
 
 Every merging method and calibration declares a tuple of :class:`Param`. The engine validates user values
 against it (:func:`validate_hparams`), the app renders one control per param from it, recipe files store the
-validated dict, and ``python -m studio.cli methods --markdown`` prints the docs table from it.
+validated dict, and ``python -m studio methods`` prints the docs table from it.
 """
 
 from __future__ import annotations

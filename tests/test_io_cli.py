@@ -148,6 +148,11 @@ def test_cli_bad_arguments_are_one_line_errors_and_write_nothing(files, capsys):
     # YAML 1.1 reads 1e-1 as text; --set takes it as the number
     assert main(["merge", *args, "--method", "task_arithmetic", "--set", "alpha=1e-1", "--out", str(out)]) == 0
     assert Recipe.from_file(out).hparams == {"alpha": 0.1}
+    # the recipe holds the validated hyperparameters, schema defaults filled in (not the raw --set values)
+    assert main(["merge", *args, "--method", "ties", "--set", "k=0.3", "--calibrate", "svc", "--out", str(out)]) == 0
+    recipe = Recipe.from_file(out)
+    assert recipe.hparams == {"k": 0.3, "topk_scope": "model", "merge_func": "sum", "alpha": 0.3}
+    assert recipe.calibrate_hparams == {"alpha": None, "target_guard": True}
 
 
 def test_recipes_check_their_fields():
