@@ -111,7 +111,10 @@ os.umask(_IMPORT_UMASK)
 def _atomic_write(path: Path) -> Iterator[str]:
     """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
     folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
-    :class:`CheckpointError` naming ``path`` (not the temporary file)."""
+    :class:`CheckpointError` naming ``path`` (not the temporary file). A symbolic link is written through (its
+    target is replaced, the link stays)."""
+    if path.is_symlink():
+        path = path.resolve()
     made = [p for p in reversed(path.parents) if not p.exists()]
     tmp = None
     try:

@@ -182,6 +182,12 @@ def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
     with pytest.raises(TypeError):
         save_state_dict(tmp_path / "new" / "sub" / "x.safetensors", {"a": w}, metadata={"k": 1})   # not a str
     assert not (tmp_path / "new").exists()
+    # a link is written through: the target gets the new weights, the link stays a link
+    save_state_dict(tmp_path / "target.safetensors", {"a": w})
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
+    save_state_dict(tmp_path / "link.safetensors", {"a": 2 * w})
+    assert (tmp_path / "link.safetensors").is_symlink()
+    assert torch.equal(load_state_dict(tmp_path / "target.safetensors")["a"], 2 * w)
 
 
 def test_bench_leaderboard_and_build_suite_take_their_own_options(capsys):
