@@ -539,7 +539,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "optimise") from None
             fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors, best=res["best_alpha"])
-            md = (f"Best **{res['param']} = {res['best_alpha']:g}**: preference-weighted validation accuracy "
+            md = (f"Best **{res['param']} = {res['best_alpha']:g}**: preference-weighted validation normalized accuracy "
                   f"**{res['best_objective']:.1f}%** (weights " +
                   ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ").")
             return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)

@@ -17,7 +17,6 @@ import contextlib
 import importlib
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import yaml

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pool import resolve_device
+from .pool import fingerprint, resolve_device
 from .schema import StudioError
 from .suite.core import EmptySplitError, Suite, UnknownTaskError
 from .suite.model import check_architecture, head_logits, preprocess
@@ -93,7 +93,12 @@ class EvalResult:
         if total <= 0:
             raise StudioError(f"objective weights {dict(weights)} give no positive weight to the evaluated tasks "
                               f"{self.tasks}")
-        return float(sum(float(weights.get(t, 0.0)) * self.normalized[t] for t in self.tasks) / total)
+        # a task without a normalized accuracy (an expert at 0 %) is left out, as in avg_normalized
+        kept = [t for t in self.tasks if not math.isnan(self.normalized[t])]
+        total = sum(float(weights.get(t, 0.0)) for t in kept)
+        if total <= 0:
+            return float("nan")
+        return float(sum(float(weights.get(t, 0.0)) * self.normalized[t] for t in kept) / total)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly summary (no predictions)."""
@@ -118,11 +123,19 @@ class _SuiteEvaluator:
     """Per-suite cache: preprocessed images, a reusable model per device, expert and zero-shot references."""
 
     def __init__(self, suite: Suite):
-        self.suite = suite
+        # a weak reference: _EVALUATORS is keyed weakly by the suite, and a strong one here kept every evaluated
+        # suite (its images, models and references) alive for the life of the process
+        self._suite = weakref.ref(suite)
         self.lock = threading.RLock()
         self.inputs: dict[tuple[str, str, str], tuple[Tensor, Tensor]] = {}
         self.models: dict[str, nn.Module] = {}
-        self.refs: dict[tuple[str, str, str, str], _Reference] = {}
+        self.refs: dict[tuple[str, str, str, str], tuple[Any, _Reference]] = {}
+
+    @property
+    def suite(self) -> Suite:
+        suite = self._suite()
+        assert suite is not None, "the evaluator outlived its suite"   # callers hold the suite
+        return suite
 
     def data(self, task: str, split: str, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (task, split, str(device))
@@ -153,14 +166,34 @@ class _SuiteEvaluator:
         return out
 
     def reference(self, kind: str, task: str, split: str, device: torch.device, batch_size: int) -> _Reference:
+        sd = self.suite.base if kind == "zeroshot" else self.suite.experts[task]
+        # keyed by the weights' identity (storage, version counter, samples: studio.pool.fingerprint), so a suite
+        # whose base or experts are replaced or edited in place gets fresh references, not stale ones
         key = (kind, task, split, str(device))
-        if key not in self.refs:
-            sd = self.suite.base if kind == "zeroshot" else self.suite.experts[task]
+        tag = fingerprint(sd, {})
+        found = self.refs.get(key)
+        if found is None or found[0] != tag:
             lp = self.log_probs(sd, [task], split, device, batch_size)[task]
             _, labels = self.data(task, split, device)
-            acc = 100.0 * float((lp.argmax(-1) == labels).float().mean())
-            self.refs[key] = _Reference(lp.exp(), lp, acc)
-        return self.refs[key]
+            _check_outputs(lp, kind if kind == "zeroshot" else f"expert '{task}'", task, sd)
+            self.refs[key] = (tag, _Reference(lp.exp(), lp, _accuracy(lp.argmax(-1), labels)))
+        return self.refs[key][1]
+
+
+def _accuracy(pred: Tensor, labels: Tensor) -> float:
+    """Percent of correct predictions, counted exactly (not a float32 mean)."""
+    return 100.0 * int((pred == labels).sum()) / max(1, labels.numel())
+
+
+def _check_outputs(log_probs: Tensor, what: str, task: str, state_dict: StateDict) -> None:
+    """A model whose outputs are not finite (NaN/inf weights, an overflowing merge) has no accuracy: argmax would
+    pick class 0 and score chance level as if it were a result."""
+    if bool(torch.isfinite(log_probs).all()):
+        return
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    where = f"; non-finite weights in {bad[:3]}{' ...' if len(bad) > 3 else ''}" if bad else ""
+    raise StudioError(f"the {what} model's outputs on task '{task}' are not finite (NaN or inf){where}; "
+                      f"nothing to evaluate")
 
 
 _EVALUATORS: "weakref.WeakKeyDictionary[Suite, _SuiteEvaluator]" = weakref.WeakKeyDictionary()
@@ -202,14 +235,14 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
     Example:
         >>> suite = default_suite()                                              # doctest: +SKIP
         >>> evaluate(suite, suite.base, tasks=["digits"]).accuracy["digits"]     # doctest: +SKIP
-        47.3
+        18.333333333333332
     """
     t0 = time.perf_counter()
     _check_split(split)
     names = suite.check_tasks(tasks)
     dev = resolve_device(device)
-    if batch_size < 1:
-        raise StudioError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise StudioError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_architecture(suite.tower.reference, state_dict)  # fail fast, before any reference is computed
     ev = _evaluator(suite)
     with ev.lock:
@@ -219,9 +252,10 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
         acc, norm, nai, kl, count, preds = {}, {}, {}, {}, {}, {}
         for t in names:
             lp = log_probs[t]
+            _check_outputs(lp, "evaluated", t, state_dict)
             _, labels = ev.data(t, split, dev)
             pred = lp.argmax(-1)
-            a = 100.0 * float((pred == labels).float().mean())
+            a = _accuracy(pred, labels)
             expert, zs = refs[t]
             acc[t] = a
             norm[t] = 100.0 * a / expert.accuracy if expert.accuracy > 0 else float("nan")
@@ -319,6 +353,16 @@ def post_scale_param(method: str) -> str | None:
     return None
 
 
+def best_index(objective: Sequence[float]) -> int:
+    """Index of the largest objective, the first among equals; NaN ranks below every number.
+
+    Example:
+        >>> best_index([float("nan"), 0.5, 0.7, 0.7])
+        2
+    """
+    return max(range(len(objective)), key=lambda i: (-math.inf if math.isnan(objective[i]) else objective[i], -i))
+
+
 def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: str = "validation",
                 tasks: Sequence[str] | None = None, preferences: Mapping[str, float] | None = None,
                 objective_weights: Mapping[str, float] | None = None, device: "str | torch.device | None" = None,
@@ -337,12 +381,13 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
         objective_weights: per-task objective weights overriding ``preferences`` for the selection only.
         **merge_kwargs: other hyperparameters of ``method`` / :func:`studio.merge` (``calibrate=...``).
 
-    Ties are broken towards the smaller alpha (the first best in ``alphas`` order).
+    Ties are broken towards the first best in ``alphas`` order (the smaller alpha for a sorted grid); an alpha
+    whose objective is NaN is never chosen over one that has a value.
 
     Example:
         >>> sweep = alpha_sweep(default_suite(), "task_arithmetic", [0.2, 0.3, 0.4])   # doctest: +SKIP
         >>> sweep.best_alpha                                                          # doctest: +SKIP
-        0.3
+        0.2
     """
     from .engine import merge
 
@@ -368,7 +413,7 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
         res = evaluate(suite, merged, tasks=names, split=split, device=device, batch_size=batch_size)
         results.append(res)
         objective.append(res.weighted_normalized(weights))
-    best_i = max(range(len(values)), key=lambda i: (objective[i], -i))
+    best_i = best_index(objective)
     return SweepResult(method=method, param=param, alphas=values, results=results, objective=objective,
                        best_alpha=values[best_i], best=results[best_i], split=split, weights=weights)
 

@@ -95,11 +95,11 @@ def run(suite: Any, *, methods: Sequence[str] | None = None, calibrations: Seque
 def to_markdown(suite: Any, rows: Sequence[Row]) -> str:
     """The leaderboard as a markdown table (accuracies in %, test split)."""
     tasks = list(suite.task_names)
-    head = "| Method | alpha | " + " | ".join(tasks) + " | Avg abs | Avg norm |"
+    head = "| Method | scale | " + " | ".join(tasks) + " | Avg abs | Avg norm |"
     sep = "|" + "---|" * (len(tasks) + 4)
     lines = [f"## {suite.name} leaderboard (test split, accuracy %)", "",
-             "alpha chosen on the validation split by average normalized accuracy; methods without a global scale "
-             "use their defaults.", "", head, sep]
+             "scale: the method's global scale (alpha; lam for AlignMerge) chosen on the validation split by average "
+             "normalized accuracy; methods without one use their defaults.", "", head, sep]
     for r in rows:
         if r.error:
             lines.append(f"| {r.label} | - | " + " | ".join("-" for _ in tasks) + f" | failed: {r.error} | - |")

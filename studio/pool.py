@@ -114,7 +114,8 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         if not isinstance(name, str):
             raise ExpertError(f"expert names must be strings, got {name!r}")
         if not isinstance(sd, Mapping):
-            raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), got {type(sd).__name__}")
+            raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), "
+                              f"got {type(sd).__name__}")
         keys = set(sd)
         missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
         if missing:

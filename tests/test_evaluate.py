@@ -159,7 +159,7 @@ def _readme_leaderboard() -> list[list[str]]:
 
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = text.split("### Leaderboard", 1)[1].split("\n\n")
-    rows = next(block for block in table if block.startswith("| Method | alpha |")).splitlines()
+    rows = next(block for block in table if block.startswith("| Method | scale |")).splitlines()
     return [[c.strip() for c in line.strip("|").split("|")] for line in rows]
 
 
@@ -184,3 +184,56 @@ def test_readme_leaderboard_row_reproduces(suite, row):
     for task, cell in zip(tasks, row[2:-2]):
         assert abs(res.accuracy[task] - float(cell)) <= 0.4, (label, task, res.accuracy[task], cell)
     assert abs(res.avg_accuracy - float(row[-2])) <= 0.06, (label, res.avg_accuracy, row[-2])
+
+
+def test_a_model_with_non_finite_outputs_is_an_error_not_a_chance_score(suite):
+    """NaN weights made every logit NaN; argmax then picked class 0 and the task scored chance level as a result."""
+    broken = dict(suite.base, **{"visual.proj": torch.full_like(suite.base["visual.proj"], float("nan"))})
+    with pytest.raises(StudioError, match=r"outputs on task 'digits' are not finite .*\['visual.proj'\]"):
+        evaluate(suite, broken, tasks=["digits"])
+
+
+def test_references_follow_suite_weights_changed_in_place(tmp_path):
+    """Expert and zero-shot references were cached per suite, split and device only: after a suite's expert was
+    replaced, normalized accuracy and KL were still measured against the old expert."""
+    from studio.suite import load_suite
+
+    s = load_suite(DEFAULT_SUITE_PATH)   # its own object: the module's suite stays untouched
+    before = evaluate(s, s.base, tasks=["signs"])
+    s.experts["signs"] = {k: v.clone() for k, v in s.base.items()}
+    after = evaluate(s, s.base, tasks=["signs"])
+    assert after.expert_accuracy["signs"] == after.accuracy["signs"] != before.expert_accuracy["signs"]
+    assert after.normalized["signs"] == pytest.approx(100.0) and after.kl["signs"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_evaluated_suite_can_be_freed():
+    """The per-suite evaluator cache held its suite strongly, so an evaluated suite (its images, models and
+    references) was never collected."""
+    import gc
+    import weakref
+
+    from studio.suite import load_suite
+
+    s = load_suite(DEFAULT_SUITE_PATH)
+    evaluate(s, s.base, tasks=["digits"])
+    ref = weakref.ref(s)
+    del s
+    gc.collect()
+    assert ref() is None
+
+
+def test_evaluation_selection_errors(suite):
+    with pytest.raises(UnknownTaskError, match=r"names \['digits'\] more than once"):
+        evaluate(suite, suite.base, tasks=["digits", "digits"])
+    with pytest.raises(StudioError, match="batch_size must be an integer >= 1, got 2.5"):
+        evaluate(suite, suite.base, tasks=["digits"], batch_size=2.5)
+
+
+def test_weighted_objective_skips_tasks_without_a_normalized_accuracy():
+    from studio.evaluate import EvalResult, best_index
+
+    res = EvalResult(tasks=["a", "b"], split="validation", accuracy={"a": 50.0, "b": 0.0},
+                     normalized={"a": 80.0, "b": float("nan")}, nai={}, kl={}, expert_accuracy={},
+                     zeroshot_accuracy={}, num_images={})
+    assert res.weighted_normalized({"a": 1.0, "b": 3.0}) == res.avg_normalized == 80.0   # was NaN with weights
+    assert best_index([float("nan"), 10.0]) == 1                                          # was 0: NaN came first

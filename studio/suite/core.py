@@ -119,7 +119,8 @@ class Suite:
         if not self.tasks:
             raise SuiteError(f"suite {self.name!r} declares no tasks")
         self.task_names: list[str] = [t.name for t in self.tasks]
-        bad = [n for n in self.task_names if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..")]
+        bad = [n for n in self.task_names
+               if not isinstance(n, str) or not n or "/" in n or "\\" in n or n in (".", "..")]
         if bad:
             raise SuiteError(f"{where}: task names {bad} are not usable as file names (experts/<name>.safetensors)")
         dup = sorted({n for n in self.task_names if self.task_names.count(n) > 1})
@@ -152,6 +153,9 @@ class Suite:
         out = [self.task(t).name for t in tasks]
         if not out:
             raise UnknownTaskError(f"empty task selection; choose among {self.task_names}")
+        dup = sorted({t for t in out if out.count(t) > 1})
+        if dup:
+            raise UnknownTaskError(f"task selection {out} names {dup} more than once")
         return out
 
     @property

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .. import diagnostics as diag
 from ..engine import get_pool, merge_pool
+from ..evaluate import best_index
 from ..io import Recipe, save_merged
 from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
@@ -503,7 +504,7 @@ class Studio:
                 per_task[n].append(float(res.normalized[n]))
                 accuracy[n].append(float(res.accuracy[n]))
             objective.append(float(res.weighted_normalized(weights)))
-        best = max(range(len(alphas)), key=lambda i: (objective[i], -i))
+        best = best_index(objective)
         if progress is not None:
             progress(1.0, "done")
         return {"param": name, "alphas": alphas, "objective": objective, "per_task": per_task, "accuracy": accuracy,
