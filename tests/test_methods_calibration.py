@@ -398,6 +398,42 @@ def test_align_merge_b_leaves_out_an_expert_that_did_not_change_the_layer():
     torch.testing.assert_close(target[key], base[key])
 
 
+def test_align_merge_b_leaves_a_task_out_of_the_subspaces_it_did_not_touch():
+    """Experts that update disjoint directions: a task with c_i^r = 0 in subspace r made xi~ infinite there, and
+    every subspace was dropped (or, with zeros of both signs, kept unscaled). Per subspace, the tasks present give
+    sigma / mean(sigma / c_i), the harmonic mean of their c_i: 3 on e1 (task a alone), 4/3 on e2 (b: 1, c: 2)."""
+    base = {"w": torch.zeros(4, 4)}
+    experts = {"a": {"w": torch.diag(torch.tensor([3.0, 0, 0, 0]))},
+               "b": {"w": torch.diag(torch.tensor([0.0, 1, 0, 0]))},
+               "c": {"w": torch.diag(torch.tensor([0.0, 2, 0, 0]))}}
+    for merged in (studio.merge(base, experts, "align_merge_b")["w"],
+                   studio.merge(base, experts, "task_arithmetic", alpha=1.0, calibrate="align_merge_b")["w"]):
+        torch.testing.assert_close(merged.diagonal(), torch.tensor([3.0, 4.0 / 3.0, 0.0, 0.0]))
+    # an expert that changed the layer by rounding only (1e-9 of the others) is absent too: it divided it away
+    g = torch.Generator().manual_seed(0)
+    a, b, noise = (torch.randn(16, 12, generator=g) for _ in range(3))
+    exact = studio.merge({"w": torch.zeros(16, 12)}, {"a": {"w": a}, "b": {"w": b}, "c": {"w": 0 * noise}},
+                         "align_merge_b")["w"]
+    rounding = studio.merge({"w": torch.zeros(16, 12)}, {"a": {"w": a}, "b": {"w": b}, "c": {"w": 1e-9 * noise}},
+                            "align_merge_b")["w"]
+    assert float(exact.norm()) > 1.0
+    torch.testing.assert_close(rounding, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_align_merge_b_calibration_creates_no_directions_in_a_rank_deficient_merge():
+    """TSV-M keeps 2 of 8 directions per task here (rank 6); the calibration at gate 0 gave the merge's two
+    numerically zero singular values (arbitrary vectors) the tasks' c there: 2.4e-2, and auto / exact 0.055 apart."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.zeros(10, 8)}
+    experts = {f"t{i}": {"w": 0.1 * torch.randn(10, 8, generator=g)} for i in range(3)}
+    out = {mode: studio.merge(base, experts, "tsv_m", svd_mode=mode, calibrate="align_merge_b",
+                              calibrate_hparams={"alpha": 0.0})["w"] for mode in ("auto", "exact")}
+    for mode, w in out.items():
+        sv = torch.linalg.svdvals(w.double())
+        assert int((sv > 1e-6 * sv[0]).sum()) <= 6, mode
+    assert float((out["auto"] - out["exact"]).abs().max()) < 0.01
+
+
 @pytest.mark.parametrize("eta", ["sum", "dominant"])
 @pytest.mark.parametrize("T,shape", [(3, (10, 16)), (4, (17, 9))])
 def test_align_merge_o_matches_algorithm_1(eta, T, shape):

@@ -439,7 +439,8 @@ def align_b_factors(xi_tilde: Tensor, alpha: float, preferences: Tensor | None =
     (rescale), ``d = 1`` if ``0 < xi~ < alpha`` (the gate ``alpha`` leaves mildly amplified subspaces alone) and
     ``d = inf`` (drop the subspace) if ``xi~ <= 0`` (task ``i`` non-contributory). At ``xi~ = 0`` the paper's cases
     overlap; we drop (the ``<= 0`` case). Tasks with ``p_i = 0`` do not enter the average (so an infinite
-    ``xi~_i`` of an excluded task cannot leak in).
+    ``xi~_i`` of an excluded task cannot leak in). ``preferences`` may also be ``[T, R]``: weights per subspace
+    (each column normalised), as AlignMerge-B's rule for tasks absent from a subspace gives.
 
     Example:
         >>> xt = torch.tensor([[4.0, 1.5, -2.0], [2.0, 1.5, 1.0]])
@@ -447,8 +448,8 @@ def align_b_factors(xi_tilde: Tensor, alpha: float, preferences: Tensor | None =
         [0.3333333432674408, 1.0, 0.0]
     """
     p = preference_weights(preferences, xi_tilde)
-    active = (p > 0).unsqueeze(-1)
-    xi = torch.where(active, p.unsqueeze(-1) * xi_tilde, torch.zeros_like(xi_tilde)).sum(0) / p.sum()
+    p = p.unsqueeze(-1) if p.dim() == 1 else p
+    xi = torch.where(p > 0, p * xi_tilde, torch.zeros_like(xi_tilde)).sum(0) / p.sum(0)
     ones = torch.ones_like(xi)
     f = torch.where(xi >= alpha, 1.0 / xi, ones)
     f = torch.where(xi <= 0, torch.zeros_like(xi), f)

@@ -19,6 +19,7 @@ from .. import linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
+from ..linalg import null_tolerance
 from ._align import (align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
                      preference_weights)
 
@@ -66,27 +67,42 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     """
     spec = merged_spectrum(layer, merged, merged_tag)
     xi_tilde = full_coefficient(scale * spec.S, spec.c)
-    return spec.rescale(merged, align_b_factors(xi_tilde, alpha, _present(spec.c, preferences)), scale)
+    factors = align_b_factors(xi_tilde, alpha, _present(spec.c, preferences))
+    # A calibration rescales the merge's directions; it must not create any. Numerically zero singular values (a
+    # rank-deficient merge, e.g. TSV-M's) have arbitrary vectors, and sigma / xi~ there is the tasks' c in that
+    # arbitrary direction: at a low gate it came back at the size of a real update, different per SVD mode.
+    null = spec.S <= null_tolerance(spec.S.abs().max(), spec.S.numel())
+    return spec.rescale(merged, torch.where(null, torch.zeros_like(factors), factors), scale)
+
+
+#: A task's response ``|c_i^r|`` at or below this fraction of the largest task's in subspace ``r`` is absent there.
+_ABSENT_RTOL = 1e-6
 
 
 def _present(c: Tensor, preferences: Tensor | None) -> Tensor | None:
-    """Preferences restricted to the tasks that changed this layer (paper silent; our rule).
+    """Preferences per subspace, ``[T, R]``, restricted to the tasks present in each (paper silent; our rule).
 
-    A task whose task matrix is zero on this layer (the expert left it unchanged) has ``c_i^r = 0`` in every
-    subspace, so ``xi~_i^r = sigma^r / 0`` is infinite and the paper's average would drop every subspace: the layer
-    would lose the other tasks' updates too. Such a task is left out of the average, as a task with preference
-    weight 0 is. If no task with a positive weight changed the layer, the preferences stand (a one-hot target that
-    left the layer unchanged then gets the base back, the Prop. 2 optimum ``c_t = 0``).
+    A task with no response in subspace ``r`` (``c_i^r = 0``: the expert left the layer unchanged, or updated
+    other directions only) has ``xi~_i^r = sigma^r / 0 = +-inf``, and the paper's average would then drop the
+    subspace (or, with ``+inf`` and ``-inf`` from zeros of both signs, keep it unchanged): one expert that did not
+    touch a direction would erase the others' update of it. Such a task is left out of that subspace's average, as
+    a task with preference weight 0 is. "No response" includes rounding: ``|c_i^r| <= 1e-6 max_j |c_j^r|`` (an
+    expert that froze the layer but was stored in another precision differs from the base by rounding, whose
+    ``xi~`` of ~1e9 divided the layer away). A subspace that no weighted task touches keeps the preferences (a
+    one-hot target absent from it then gets it dropped, the Prop. 2 optimum ``c_t = 0``). ``None`` when every
+    task is present everywhere (the paper's plain average).
 
     Example:
-        >>> _present(torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.0]]), None).tolist()
-        [0.5, 0.0, 0.5]
+        >>> _present(torch.tensor([[1.0, 2.0], [0.0, 1.0], [3.0, 0.0]]), None).tolist()
+        [[0.5, 0.5], [0.0, 0.5], [0.5, 0.0]]
     """
-    changed = (c != 0).any(1)
-    if bool(changed.all()):
+    present = c.abs() > _ABSENT_RTOL * c.abs().amax(0, keepdim=True)
+    if bool(present.all()):
         return preferences
-    kept = preference_weights(preferences, c) * changed
-    return preferences if not float(kept.sum()) > 0 else kept / kept.sum()
+    p = preference_weights(preferences, c).unsqueeze(-1)
+    kept = p * present
+    total = kept.sum(0, keepdim=True)
+    return torch.where(total > 0, kept / total.clamp_min(torch.finfo(kept.dtype).tiny), p.expand_as(kept))
 
 
 @register(
