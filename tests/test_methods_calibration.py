@@ -476,6 +476,17 @@ def test_align_merge_o_is_symmetric_in_the_experts_and_zero_safe():
     assert torch.equal(z, torch.zeros(6, 5))
 
 
+def test_align_merge_o_keeps_the_base_where_the_tasks_cancel_up_to_rounding():
+    """Two experts base + D and base - D: their task vectors sum to rounding (6e-8); eq. 14's rescale to the
+    tasks' energy turned that noise into a full-size update (1.96 in auto mode, 3.37 in exact)."""
+    g = torch.Generator().manual_seed(3)
+    D = torch.randn(6, 5, generator=g)
+    base = {"w": torch.full((6, 5), 0.37)}
+    experts = {"a": {"w": base["w"] + D}, "b": {"w": base["w"] - D}}
+    for mode in ("auto", "exact"):
+        torch.testing.assert_close(studio.merge(base, experts, "align_merge_o", svd_mode=mode)["w"], base["w"])
+
+
 def test_align_merge_o_leaves_out_a_residual_at_rounding_level():
     """A task whose top pair is the aligned pair itself (twins, a lone task) has an eq. 12 residual of zero; the
     rounding-level vector LAPACK returns for it must not be whitened in as a direction. Before, twins and the same
