@@ -6,16 +6,17 @@ where it runs and what is reused between calls.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
-from .pool import (StateDict, TaskPool, fingerprint, key_seed, normalize_preferences, resolve_device,
+from .pool import (StateDict, TaskPool, _all_finite, fingerprint, key_seed, normalize_preferences, resolve_device,
                    validate_experts)
 from .registry import get_calibration, get_method
 from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
@@ -56,6 +57,25 @@ def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, A
         if p.post_scale:
             scale = float(structural.pop(p.name))
     return structural, scale
+
+
+def _magnitude(pool: TaskPool, key: str) -> str:
+    """The largest |task vector| entry of ``key`` across the experts, for error messages."""
+    return f"max |expert - base| = {max(float(pool.raw_delta(key, i).abs().max()) for i in range(len(pool.names))):.3g}"
+
+
+@contextlib.contextmanager
+def _linalg_errors(what: str | None, pool: TaskPool, key: str) -> Iterator[None]:
+    """A failed eigen- or singular-value solver (LAPACK reports no convergence, e.g. on Gram matrices whose entries
+    overflowed float32) becomes a :class:`StudioError` naming the method, the layer and the inputs' magnitude."""
+    try:
+        yield
+    except (torch.linalg.LinAlgError, RuntimeError) as exc:
+        if not isinstance(exc, torch.linalg.LinAlgError) and "LAPACK" not in str(exc):
+            raise
+        raise StudioError(f"{what}: the decomposition of '{key}' failed ({exc}); {_magnitude(pool, key)}: "
+                          f"spectral methods square the task vectors in float32, whose range ends near 1e19")\
+            from exc
 
 
 def _check_seed(seed: Any) -> int:
@@ -133,7 +153,8 @@ def merge_pool(
             extra: dict[str, Any] = {} if model_state is None else {"model_state": model_state}
             if spec.uses_seed:
                 extra["seed"] = key_seed(seed, key)
-            return spec.fn(layer, **kwargs, **extra)
+            with _linalg_errors(method, pool, key):
+                return spec.fn(layer, **kwargs, **extra)
         d = layer.deltas
         return d.mean(0) if spec.vector_rule == "mean" else d.sum(0)
 
@@ -148,6 +169,11 @@ def merge_pool(
         out = {key: d for key, d in zip(keys, deltas) if d is not None}
         if finalize is not None:
             finalize(out, model_state, **structural)
+        for key, d in out.items():   # finite inputs whose squares or sums leave float32's range (|x| > ~1e19)
+            if not _all_finite(d):
+                raise StudioError(f"{method}: the merged delta of '{key}' is not finite; the task vectors' "
+                                  f"magnitudes ({_magnitude(pool, key)}) are beyond what float32 compute can "
+                                  f"represent in this method")
         return out
 
     unscaled = pool.merged_cache(tag, compute_unscaled)
@@ -165,11 +191,20 @@ def merge_pool(
         acc = torch.promote_types(torch.float32, base_t.dtype)
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
-            delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
-                                merged_tag=(tag, key), **cal_hp)
-            return (pool.tensor(None, key).to(acc) + delta.to(acc)).to("cpu", base_t.dtype)
-        # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
-        return (delta.to(acc) * scale).add_(pool.tensor(None, key).to(acc)).to("cpu", base_t.dtype)
+            with _linalg_errors(calibrate, pool, key):
+                delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
+                                    merged_tag=(tag, key), **cal_hp)
+            out = (pool.tensor(None, key).to(acc) + delta.to(acc)).to("cpu", base_t.dtype)
+        else:
+            # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
+            out = (delta.to(acc) * scale).add_(pool.tensor(None, key).to(acc)).to("cpu", base_t.dtype)
+        # a calibration's output, and a half-precision result (which can overflow on the cast), are checked here;
+        # a plain float32 / float64 result is finite when its delta is (checked once, above)
+        if (cal_spec is not None or base_t.dtype in (torch.float16, torch.bfloat16)) and not _all_finite(out):
+            why = ("the base plus the scaled delta leaves the dtype's range: lower the scale or merge in float32"
+                   if cal_spec is None else f"the calibration overflowed ({_magnitude(pool, key)})")
+            raise StudioError(f"{calibrate or method}: the merged '{key}' is not finite in {base_t.dtype}: {why}")
+        return out
 
     report = None if progress is None else (
         lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))

@@ -477,3 +477,23 @@ def test_a_hyperparameter_that_is_not_a_scalar_is_a_clear_error(clip_pool):
         with pytest.raises(studio.HyperparameterError, match="'alpha' must be a number"):
             studio.merge(base, experts, "task_arithmetic", alpha=value)
     studio.merge(base, experts, "task_arithmetic", alpha=torch.tensor(0.3))   # a 0-d tensor is a number
+
+
+def test_results_beyond_the_compute_or_output_range_are_errors_naming_the_layer():
+    """Finite inputs whose merge cannot be represented came back as inf / NaN, or failed inside LAPACK with
+    'ssyevd failed (info = 4)' naming nothing: float32 Gram matrices overflow for task vectors near 1e19-1e20,
+    and a float16 base plus the summed deltas can leave float16's range."""
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.zeros(6, 5)}
+    huge = {f"t{i}": {"w": torch.randn(6, 5, generator=g) * 1e20} for i in range(2)}
+    with pytest.raises(studio.StudioError, match=r"tsv_m: the decomposition of 'w' failed .*max \|expert - base\| = "):
+        studio.merge(base, huge, "tsv_m")
+    with pytest.raises(studio.StudioError, match=r"svc: the merged 'w' is not finite in torch.float32"):
+        studio.merge(base, huge, "task_arithmetic", calibrate="svc")
+    out = studio.merge(base, huge, "align_merge_o", svd_mode="exact")["w"]    # its norms: float64, not 0 / inf
+    assert bool(torch.isfinite(out).all()) and float(out.abs().max()) > 1e19
+    half = {"w": torch.full((2,), 30000.0, dtype=torch.float16)}
+    experts = {n: {"w": torch.full((2,), 60000.0, dtype=torch.float16)} for n in "ab"}
+    with pytest.raises(studio.StudioError, match=r"merged 'w' is not finite in torch.float16: .*lower the scale"):
+        studio.merge(half, experts, "task_arithmetic", alpha=1.0)
+    assert studio.merge(half, experts, "task_arithmetic", alpha=0.5)["w"].tolist() == [60000.0, 60000.0]

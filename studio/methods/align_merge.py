@@ -302,13 +302,15 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     # B.4). That ratio is the norm only for orthonormal U^_perp, V^_perp; the partial polar factors are not (their
     # columns overlap once the null direction is dropped), so the norm is measured on the reconstruction instead.
     out = linalg.reconstruct(U_perp, proj, V_perp.mT)
-    actual, target = torch.linalg.vector_norm(out), torch.linalg.vector_norm(S_hat)
+    # (norms in float64: squares of float32 entries beyond ~1e19 would overflow)
+    actual = torch.linalg.vector_norm(out, dtype=torch.float64)
+    target = torch.linalg.vector_norm(S_hat, dtype=torch.float64)
     # Tasks that cancel (sum ~ 0) leave a projection at rounding level; scaled up to the tasks' energy it would be
     # float32 noise at full size (auto and exact mode 1.96 / 3.37 apart for two experts +-D), so, as for an exact
     # zero, the layer keeps the base.
     if not float(actual) > _RESIDUAL_RTOL * float(target):
         return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
-    return out.mul_(target / actual)
+    return out.mul_(float(target / actual))
 
 
 @register(
