@@ -355,8 +355,10 @@ class LayerTasks:
         """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached once per expert and layer.
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
-        on the kept components, several times faster; null components are exact zeros with zero vectors, so a
-        lower rank served from a cached higher one is the same decomposition it would have computed).
+        on the kept components, several times faster; null components are exact zeros with zero vectors). A lower
+        rank served from a cached higher one is the same decomposition up to float32 rounding, not bit for bit
+        (``gram_svd`` takes a partial eigensolver, or float64, depending on the rank): a merge can then differ by
+        ~1e-5 relative from the same merge in a fresh pool, e.g. TSV-M after ``compress(rank_fraction=1.0)``.
 
         Weights only rescale singular values, so every weighting shares one decomposition. Components whose singular
         value is exactly zero (a layer the expert left unchanged, a task with weight 0) have zero singular vectors in
