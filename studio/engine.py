@@ -183,8 +183,8 @@ def merge_pool(
 
     def finish_one(key: str) -> Tensor:
         base_t = pool.base[key]
-        if key not in unscaled:
-            return base_t.clone()
+        if key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
+            return base_t.to("cpu", copy=True)
         delta = unscaled[key]
         # The delta is float32; it is added to the base in float32, or in float64 for a float64 base (so alpha = 0
         # gives a float64 base back unrounded).

@@ -8,6 +8,7 @@ computed at most once per pool and reused by every method and every hyperparamet
 from __future__ import annotations
 
 import math
+import os
 import threading
 import zlib
 from collections import OrderedDict
@@ -28,15 +29,19 @@ class ExpertError(StudioError):
 
 
 def resolve_device(device: "str | torch.device | None") -> torch.device:
-    """``None`` or ``"auto"``: CUDA when present, else CPU. Resolved at call time, never at import."""
+    """``None`` or ``"auto"``: CUDA when present, else CPU (``MERGE_STUDIO_DEVICE`` in the environment overrides
+    this default; the test suite sets it to ``cpu``). Resolved at call time, never at import."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = os.environ.get("MERGE_STUDIO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise StudioError(f"device {device!r} is not a valid torch device; expected 'cpu', 'cuda' or 'auto'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StudioError(f"device {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise StudioError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 
 
@@ -62,8 +67,11 @@ def _fits_on_device(base: StateDict, experts: Mapping[str, StateDict], device: t
     experts (in their own dtypes) take at most half the device's free memory, leaving the rest for the merge."""
     if device.type != "cuda":
         return False
-    size = sum(t.numel() * t.element_size() for sd in (base, *experts.values()) for t in sd.values()
-               if t.device != device)
+    def there(t: Tensor) -> bool:   # cuda:0 is "cuda" on the current device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return t.device.type == device.type and t.device.index == index
+
+    size = sum(t.numel() * t.element_size() for sd in (base, *experts.values()) for t in sd.values() if not there(t))
     try:
         free, _ = torch.cuda.mem_get_info(device)
     except RuntimeError:   # no usable CUDA context: stream from the host as before
@@ -218,7 +226,8 @@ class LayerTasks:
         self.names = pool.names
         self.num_tasks = len(pool.names)
         self.shape = tuple(pool.base[key].shape)
-        self.weights = weights
+        # on the compute device: a CPU weight vector met the CUDA stack in deltas (DARE, cosine, SAR on CUDA)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32).to(pool.device)
         self._deltas: Tensor | None = None
         self._local: dict[Hashable, Any] = {}  # memoised values of a weighted view (see memo)
 

@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# Pools default to CUDA where present; the tests compare against CPU tensors, so they merge on the CPU unless they
+# ask for CUDA explicitly (the CUDA parity tests do).
+os.environ.setdefault("MERGE_STUDIO_DEVICE", "cpu")
 
 
 def require_or_skip_module(missing: str | None, install: str) -> None:

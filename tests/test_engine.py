@@ -497,3 +497,19 @@ def test_results_beyond_the_compute_or_output_range_are_errors_naming_the_layer(
     with pytest.raises(studio.StudioError, match=r"merged 'w' is not finite in torch.float16: .*lower the scale"):
         studio.merge(half, experts, "task_arithmetic", alpha=1.0)
     assert studio.merge(half, experts, "task_arithmetic", alpha=0.5)["w"].tolist() == [60000.0, 60000.0]
+
+
+def test_default_device_follows_the_environment_and_weights_live_on_the_pools_device(monkeypatch, clip_pool):
+    from studio.pool import resolve_device
+
+    monkeypatch.setenv("MERGE_STUDIO_DEVICE", "cpu")
+    assert resolve_device(None) == torch.device("cpu") == resolve_device("auto")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("MERGE_STUDIO_DEVICE", "cuda")
+        with pytest.raises(studio.StudioError, match="CUDA is not available"):
+            resolve_device(None)
+    base, experts = clip_pool
+    pool = studio.get_pool(base, experts, device="cpu")
+    layer = pool.layer("visual.proj", [1.0, 2.0, 0.0, 1.0])   # a list, converted to a tensor on the pool's device
+    assert layer.weights.device == pool.device and layer.weights.dtype == torch.float32
+    torch.testing.assert_close(layer.deltas[1], 2 * pool.raw_delta("visual.proj", 1))

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the merge engine in one prepared call, for a session that is lent a device machine (one H100 or
-# H200; see the `device` tool). It runs the CUDA tests (CPU/CUDA parity of every method and calibration), then the
-# benchmark on CUDA: 8 ViT-B/32 experts (every row, fastest of 2) and 8 ViT-L/14 experts (the slow rows). Each
-# step has its own time limit (9 minutes in all, inside the tool's 10-minute call) and writes its log under $OUT.
-# Not yet run on a GPU: no device machine was lent to the sessions that wrote it.
+# H200; see the `device` tool). It runs the CUDA tests (CPU/CUDA parity of every method and calibration), a smoke
+# test of the diagnostics, compression and evaluation on CUDA (tools/device_smoke.py), then the benchmark on CUDA:
+# 8 ViT-B/32 experts (every row) and 8 ViT-L/14 experts (TSV-M and Iso-CTS, the slowest rows). Each step has its own
+# time limit, 6.5 minutes in all, so that with the machine's start a second run still fits a 15-minute device budget;
+# each writes its log under $OUT. Not yet run on a GPU: no device machine was lent to the sessions that wrote it.
 #
 # The device image has PyTorch, NumPy, SciPy, pytest, safetensors, timm, huggingface_hub and PyYAML, but not
 # open_clip (the benchmark takes the real tower shapes from its configs) or ftfy / wcwidth, which it imports.
@@ -34,8 +35,9 @@ step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.tx
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
 }
 
-step env 30 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1;
+step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1;
   python3 -c "import torch, numpy, scipy; print(torch.__version__, torch.cuda.is_available(), numpy.__version__, scipy.__version__)"'
-step tests 120 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_engine.py tests/test_lapack.py
-step bench_b32 270 python3 -m studio.bench --device cuda --repeat 2
-step bench_l14 120 python3 -m studio.bench --device cuda --model ViT-L-14 --methods task_arithmetic ties tsv_m iso_c iso_cts
+step tests 90 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_engine.py tests/test_lapack.py
+step smoke 45 python3 tools/device_smoke.py
+step bench_b32 150 python3 -m studio.bench --device cuda
+step bench_l14 90 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts

@@ -270,7 +270,7 @@ def row_band_mask(mag: Tensor, n_top: int, n_bottom: int, *, numpy: bool | None 
     cuts = [r for r in (n_bottom, d - n_top) if 0 < r < d]
     if not cuts:
         return torch.ones_like(mag)
-    if mag.device.type == "cpu" if numpy is None else numpy:
+    if mag.device.type == "cpu" and (numpy is None or numpy):   # NumPy's selection only for CPU tensors
         # one in-place selection per cut, the second within the entries above the first: ~2 ns per entry, where
         # np.partition with a list of kth takes ~13 (it leaves NumPy's SIMD single-kth path)
         work = mag.numpy().copy()

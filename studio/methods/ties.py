@@ -47,8 +47,10 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
     """
     keys = [key for key in pool.keys if pool.base[key].is_floating_point()]
     total = sum(pool.base[key].numel() for key in keys)
-    if streamed is None:
-        streamed = pool.device.type != "cpu"
+    if pool.device.type != "cpu":   # the in-place selection below works on CPU tensors only
+        streamed = True
+    elif streamed is None:
+        streamed = False
 
     def task_magnitudes(name: str, out: Tensor) -> Iterator[Tensor]:
         # |expert - base| of one task, up to len(out) entries at a time, written into out.
