@@ -61,7 +61,8 @@ def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, A
 
 def _magnitude(pool: TaskPool, key: str) -> str:
     """The largest |task vector| entry of ``key`` across the experts, for error messages."""
-    return f"max |expert - base| = {max(float(pool.raw_delta(key, i).abs().max()) for i in range(len(pool.names))):.3g}"
+    largest = max(float(pool.raw_delta(key, i).abs().max()) for i in range(len(pool.names)))
+    return f"max |expert - base| = {largest:.3g}"
 
 
 @contextlib.contextmanager

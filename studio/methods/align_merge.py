@@ -19,7 +19,6 @@ from .. import linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ..linalg import null_tolerance
 from ._align import (align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
                      preference_weights)
 
@@ -71,7 +70,7 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     # A calibration rescales the merge's directions; it must not create any. Numerically zero singular values (a
     # rank-deficient merge, e.g. TSV-M's) have arbitrary vectors, and sigma / xi~ there is the tasks' c in that
     # arbitrary direction: at a low gate it came back at the size of a real update, different per SVD mode.
-    null = spec.S <= null_tolerance(spec.S.abs().max(), spec.S.numel())
+    null = spec.S <= linalg.null_tolerance(spec.S.abs().max(), spec.S.numel())
     return spec.rescale(merged, torch.where(null, torch.zeros_like(factors), factors), scale)
 
 
