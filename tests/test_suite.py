@@ -203,6 +203,15 @@ def test_error_cases(mini_suite, tmp_path):
                "test_labels": torch.zeros(0, dtype=torch.int64)}, str(copy / "data" / "signs.safetensors"))
     with pytest.raises(EmptySplitError, match="empty"):
         load_suite(copy).split("signs", "test")
+    # images of another size, and labels outside the task's classes: clear errors, not a shape error in the model
+    cases = ((torch.zeros(2, 17, 17, 3, dtype=torch.uint8), torch.zeros(2), r"\(2, 17, 17, 3\)"),
+             (torch.zeros(2, 32, 32, 3, dtype=torch.uint8), torch.tensor([0, 57]), r"labels \[57\] are outside its"))
+    for images, labels, message in cases:
+        labels = labels.to(torch.int64)
+        save_file({"test_images": images, "test_labels": labels, "val_images": images.clone(),
+                   "val_labels": labels.clone()}, str(copy / "data" / "signs.safetensors"))
+        with pytest.raises(SuiteError, match=message):
+            load_suite(copy).split("signs", "test")
     manifest = json.loads((mini_suite / "manifest.json").read_text())
     del manifest["tasks"]
     (copy / "manifest.json").write_text(json.dumps(manifest))

@@ -265,6 +265,14 @@ class Suite:
             raise EmptySplitError(f"the {split!r} split of task {task!r} is empty")
         if images.shape[0] != labels.shape[0]:
             raise SuiteError(f"task {task!r} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
+        size = self.image_size
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (size, size, 3):
+            raise SuiteError(f"task {task!r} {split}: images are {images.dtype} {tuple(images.shape)}; the model "
+                             f"{self.model_name!r} expects uint8 [N, {size}, {size}, 3]")
+        n = self.task(task).num_classes
+        if bool(((labels < 0) | (labels >= n)).any()):
+            raise SuiteError(f"task {task!r} {split}: labels {sorted(set(labels.tolist()) - set(range(n)))[:5]} are "
+                             f"outside its {n} classes")
         return images, labels
 
     def samples(self, task: str, per_class: int = 1, split: str = "test") -> list[tuple[Tensor, int, str]]:
