@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -400,6 +401,9 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
     if not values:
         raise StudioError("alpha_sweep needs at least one alpha value")
     _check_split(split)
+    if split == "test":
+        warnings.warn("alpha_sweep on the test split chooses alpha on the numbers it then reports (an oracle "
+                      "upper bound); the papers and the leaderboard choose it on 'validation'", stacklevel=2)
     names = suite.check_tasks(tasks)
     weights = dict(objective_weights) if objective_weights is not None else (
         dict(preferences) if preferences is not None else None)

@@ -119,6 +119,8 @@ def test_alpha_sweep_picks_the_best_alpha(suite):
         alpha_sweep(suite, "task_arithmetic", alphas, objective_weights={"mnist": 1.0})
     with pytest.raises(StudioError, match="at least one"):
         alpha_sweep(suite, "task_arithmetic", [])
+    with pytest.warns(UserWarning, match="oracle upper bound"):   # choosing alpha on test is allowed, but said
+        alpha_sweep(suite, "task_arithmetic", [0.3], tasks=["digits"], split="test", device="cpu")
 
 
 def test_evaluate_errors(suite, merged):
