@@ -25,7 +25,7 @@ from . import __version__
 from .io import Recipe, load_state_dict, merge_from_recipe, save_merged
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
-from .schema import StudioError, validate_hparams
+from .schema import StudioError, json_safe, validate_hparams
 
 
 def methods_table(markdown: bool = True) -> str:
@@ -210,7 +210,8 @@ def _run(args: argparse.Namespace) -> int:
 
         suite = load_suite(args.suite)
         result = evaluate(suite, load_state_dict(args.weights), split=args.split, device=args.device)
-        print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result.__dict__, indent=2, default=str))
+        out = result.to_dict() if hasattr(result, "to_dict") else result.__dict__
+        print(json.dumps(json_safe(out), indent=2, default=str, allow_nan=False))   # NaN (e.g. NAI) -> null
     return 0
 
 

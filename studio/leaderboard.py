@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from .evaluate import EvalResult, alpha_sweep, evaluate, post_scale_param
-from .schema import StudioError
+from .schema import StudioError, json_safe
 
 DEFAULT_ALPHAS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]
 
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f.write(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in rows], f, indent=2)
+            json.dump(json_safe([r.__dict__ for r in rows]), f, indent=2, allow_nan=False)   # NaN -> null
     print(text)
 
 

@@ -134,6 +134,22 @@ class Param:
         }
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every float NaN / inf replaced by ``None`` (strict JSON has no NaN token), recursively.
+
+    Example:
+        >>> json_safe({"a": float("nan"), "b": [1.0, float("inf")]})
+        {'a': None, 'b': [1.0, None]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def validate_hparams(owner: str, params: tuple[Param, ...], given: Mapping[str, Any]) -> dict[str, Any]:
     """Validate ``given`` against ``params``: unknown names and out-of-range values raise, defaults fill in.
 

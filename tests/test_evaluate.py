@@ -239,3 +239,19 @@ def test_weighted_objective_skips_tasks_without_a_normalized_accuracy():
                      zeroshot_accuracy={}, num_images={})
     assert res.weighted_normalized({"a": 1.0, "b": 3.0}) == res.avg_normalized == 80.0   # was NaN with weights
     assert best_index([float("nan"), 10.0]) == 1                                          # was 0: NaN came first
+
+
+def test_cli_evaluate_prints_strict_json(suite, tmp_path, capsys):
+    """NaN metrics (NAI where an expert does not beat zero-shot) are null: strict JSON parsers reject NaN."""
+    from studio.cli import main
+    from studio.io import save_state_dict
+
+    save_state_dict(tmp_path / "zs.safetensors", suite.base)
+    assert main(["evaluate", "--suite", str(DEFAULT_SUITE_PATH), "--weights", str(tmp_path / "zs.safetensors"),
+                 "--device", "cpu"]) == 0
+
+    def reject(token):
+        raise ValueError(f"non-standard JSON token {token}")
+
+    out = json.loads(capsys.readouterr().out, parse_constant=reject)
+    assert set(out["accuracy"]) == set(suite.task_names) and out["avg_nai"] is not None
