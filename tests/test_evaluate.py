@@ -124,6 +124,8 @@ def test_alpha_sweep_picks_the_best_alpha(suite):
 
 
 def test_evaluate_errors(suite, merged):
+    with pytest.raises(ArchitectureError, match=r"'visual.proj' has dtype torch.int64; .* floating-point"):
+        evaluate(suite, dict(merged, **{"visual.proj": merged["visual.proj"].long()}), tasks=["digits"])
     with pytest.raises(UnknownTaskError, match="'mnist'"):
         evaluate(suite, merged, tasks=["mnist"])
     with pytest.raises(EmptySplitError, match="'train'"):

@@ -125,6 +125,10 @@ def check_architecture(reference: Mapping[str, Tensor], state_dict: Mapping[str,
         if tuple(t.shape) != tuple(ref.shape):
             raise ArchitectureError(
                 f"{what} key {k!r} has shape {tuple(t.shape)}; the architecture expects {tuple(ref.shape)}")
+        if t.is_floating_point() != ref.is_floating_point():
+            raise ArchitectureError(f"{what} key {k!r} has dtype {t.dtype}; the architecture expects a "
+                                    f"{'floating-point' if ref.is_floating_point() else 'non-floating'} tensor "
+                                    f"like its {ref.dtype}")
 
 
 class VisualTower:
