@@ -265,10 +265,14 @@ class Suite:
             raise EmptySplitError(f"the {split!r} split of task {task!r} is empty")
         if images.shape[0] != labels.shape[0]:
             raise SuiteError(f"task {task!r} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-        size = self.image_size
-        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (size, size, 3):
+        # the manifest's image size (building the model to ask it would import open_clip just to read data)
+        model = self.manifest.get("model")
+        size = model.get("image_size") if isinstance(model, Mapping) else None
+        expected = (size, size, 3) if size else None
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3 or (
+                expected is not None and tuple(images.shape[1:]) != expected):
             raise SuiteError(f"task {task!r} {split}: images are {images.dtype} {tuple(images.shape)}; the model "
-                             f"{self.model_name!r} expects uint8 [N, {size}, {size}, 3]")
+                             f"{self.model_name!r} expects uint8 [N, {size or 'H'}, {size or 'W'}, 3]")
         n = self.task(task).num_classes
         if bool(((labels < 0) | (labels >= n)).any()):
             raise SuiteError(f"task {task!r} {split}: labels {sorted(set(labels.tolist()) - set(range(n)))[:5]} are "
