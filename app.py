@@ -17,6 +17,7 @@ except ImportError:  # not on a Hugging Face Space
         return fn
 
 import argparse
+import contextlib
 import logging
 import os
 import shutil
@@ -172,12 +173,21 @@ def api_merge(method: str, experts: list[str], hparams: "dict | str" = "{}", cal
         hparams: the method's hyperparameters as a JSON object, e.g. {"alpha": 0.3}; omitted ones use defaults.
         calibration: "none" or a calibration name ("svc", "align_merge_b").
         calibration_hparams: the calibration's hyperparameters as a JSON object.
-        preferences: per-task non-negative weights as a JSON object, e.g. {"mnist": 2}; {} = uniform.
+        preferences: per-task non-negative weights as a JSON object, e.g. {"mnist": 2}; {} = uniform. As with the
+            app's sliders, a task not named keeps weight 1 (studio.merge gives it 0): name every task to target one,
+            e.g. {"mnist": 1, "svhn": 0}.
         seed: random seed for stochastic methods.
     """
     try:
         req = STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
-        out = merge_and_evaluate(req, str(_api_folder()), gallery_per_task=0)
+        folder = _api_folder()
+        try:
+            out = merge_and_evaluate(req, str(folder), gallery_per_task=0)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)   # a failed merge leaves no empty folder among the kept 16
+            with contextlib.suppress(ValueError):
+                _API_DIRS.remove(folder)
+            raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a readable client error
         raise _user_error(exc, "merge") from None
     summary = {"recipe": req.recipe(STUDIO.suite_name).to_dict(), "accuracy": out["table"],
@@ -197,7 +207,7 @@ def api_evaluate(method: str, experts: list[str], hparams: "dict | str" = "{}", 
         hparams: the method's hyperparameters as a JSON object.
         calibration: "none" or a calibration name.
         calibration_hparams: the calibration's hyperparameters as a JSON object.
-        preferences: per-task weights as a JSON object ({} = uniform).
+        preferences: per-task weights as a JSON object ({} = uniform; a task not named keeps weight 1).
         seed: random seed for stochastic methods.
         split: "test" or "validation".
     """

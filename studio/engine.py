@@ -88,8 +88,9 @@ def _check_seed(seed: Any) -> int:
     """
     if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point():
         seed = seed.item()
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise HyperparameterError(f"seed must be an integer (it fixes DARE's random masks), got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**63:
+        raise HyperparameterError(f"seed must be an integer in [-2^63, 2^63) (it fixes DARE's random masks), "
+                                  f"got {seed!r}")
     return int(seed)
 
 

@@ -104,6 +104,18 @@ def test_invalid_requests_return_clear_errors(client: Client, suite, args, api, 
     assert message in str(info.value)
 
 
+def test_a_merge_that_fails_after_validation_leaves_no_folder(client: Client, app_module, suite):
+    """tsv_m's rank check runs inside the merge (it depends on each layer's size): the API's export folder was
+    made before and stayed, empty, among the 16 kept."""
+    root = app_module._upload_root() / "merge_studio" / "api"
+    before = set(root.iterdir()) if root.exists() else set()
+    kept = list(app_module._API_DIRS)
+    with pytest.raises(Exception) as info:
+        client.predict("tsv_m", list(suite.task_names), {"rank_fraction": 1.0}, api_name="/merge")
+    assert "exceeds the layer" in str(info.value)
+    assert (set(root.iterdir()) if root.exists() else set()) == before and app_module._API_DIRS == kept
+
+
 def test_the_app_keeps_serving_after_errors(client: Client, suite):
     with pytest.raises(Exception):
         client.predict("task_arithmetic", [], api_name="/merge")

@@ -476,6 +476,7 @@ def test_merge_end_to_end_keeps_keys_shapes_dtypes(method, hp, dtype):
     ("task_arithmetic", {"alpha": np.True_}, r"'alpha' must be a number \(float in \[0, 5\]\), got True"),
     ("dare", {"seed": 1.7}, r"seed must be an integer .*got 1\.7"),
     ("dare", {"seed": None}, r"seed must be an integer .*got None"),
+    ("dare", {"seed": 2**64}, r"seed must be an integer in \[-2\^63, 2\^63\)"),   # recipes and the API carry it
 ])
 def test_out_of_range_hyperparameters_name_value_and_range(method, hp, pattern):
     base = clip_like_state_dict()

@@ -49,6 +49,8 @@ def test_layer_keys_are_the_default_rule_matrices(st: Studio):
     (dict(method="task_arithmetic", experts=None, calibrate="nope"), StudioError, "unknown calibration"),
     (dict(method="task_arithmetic", experts=None, preferences={"zzz": 1.0}), RequestError, "not selected"),
     (dict(method="task_arithmetic", experts=None, preferences={"@0": -1.0}), StudioError, "finite number >= 0"),
+    (dict(method="dare", experts=None, seed=2**64), RequestError, r"seed must be an integer in \[-2\^63"),
+    (dict(method="dare", experts=None, seed=1.7), RequestError, "seed must be an integer"),
 ])
 def test_invalid_requests_raise_readable_errors(st: Studio, two, kwargs, error, match):
     kwargs = dict(kwargs)

@@ -208,10 +208,13 @@ class Studio:
             cal_hp = validate_hparams(cal, cspec.params, cal_hp)
         prefs = parse_json_object(preferences, "preferences") if isinstance(preferences, str) else preferences
         prefs = self._preferences(prefs, experts)
-        try:
-            seed = int(seed)
-        except (TypeError, ValueError):
-            raise RequestError(f"seed must be an integer, got {seed!r}") from None
+        try:   # an integral value (the number box sends 3.0), within int64 (recipes and the API carry it)
+            ok = not isinstance(seed, bool) and float(seed) == int(seed) and -2**63 <= int(seed) < 2**63
+        except (TypeError, ValueError, OverflowError):
+            ok = False
+        if not ok:
+            raise RequestError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}")
+        seed = int(seed)
         return MergeRequest(method, hp, tuple(experts), cal, cal_hp, prefs, seed)
 
     def request_from_state(self, method: str, hp_state: Mapping[str, Any] | None, experts: Sequence[str] | None,
