@@ -189,10 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.calibrate is not None:
             cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
         recipe = Recipe(method=args.method, hparams=hparams, experts=list(experts),
-                        calibrate=args.calibrate, calibrate_hparams=cal_hparams,
-                        preferences=prefs,
-                        seed=args.seed, layer_rule=args.layer_rule, suite=suite, studio_version=__version__,
-                        svd_mode=args.svd_mode)
+                        calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
+                        layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")

@@ -161,8 +161,6 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
     return path
 
 
-
-
 @dataclass
 class Recipe:
     """Everything needed to reproduce one merge through :func:`studio.merge`.

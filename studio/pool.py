@@ -175,7 +175,9 @@ def float32_delta(expert: Tensor, base: Tensor, out: Tensor | None = None) -> Te
     if expert.dtype == torch.float64 or base.dtype == torch.float64:
         diff = torch.sub(expert.double(), base.double())
         return diff.float() if out is None else out.copy_(diff)
-    return torch.sub(expert.float(), base.float(), out=out)
+    if out is not None:   # in place: no float32 temporaries for half-precision weights
+        return out.copy_(expert).sub_(base)
+    return torch.sub(expert.float(), base.float())
 
 
 def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
@@ -328,17 +330,11 @@ class LayerTasks:
             chunk = numel if dev.type != "cpu" else max(1024, (1 << 18) // max(1, T))
         chunk = max(1, min(chunk, numel))
         buf = torch.empty(T, chunk, dtype=torch.float32, device=dev)
-        wide = any(t.dtype == torch.float64 for t in (base, *experts))
         for start in range(0, numel, chunk):
             stop = min(numel, start + chunk)
             x = buf[:, :stop - start]
-            if wide:
-                for i, e in enumerate(experts):
-                    float32_delta(e[start:stop], base[start:stop], out=x[i])
-            else:
-                for i, e in enumerate(experts):
-                    x[i].copy_(e[start:stop])
-                x.sub_(base[start:stop])
+            for i, e in enumerate(experts):
+                float32_delta(e[start:stop], base[start:stop], out=x[i])
             yield start, stop, x
 
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
