@@ -86,6 +86,9 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
     if args.suite:
         from .suite import load_suite
 
+        if args.prefix is not None:
+            raise StudioError("--prefix applies to --base and --expert checkpoints; a suite's experts are used whole")
+
         suite = load_suite(args.suite)
         experts = suite.experts
         if args.experts:
@@ -96,16 +99,17 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
             experts = {e: experts[e] for e in wanted}
         return suite.base, experts, str(args.suite)
     if not args.base or not args.expert:
-        raise StudioError("give either --suite, or --base and at least one --expert NAME=PATH")
-    experts = {}
+        raise StudioError("give either --suite, or --base and at least one --expert NAME=SOURCE")
+    sources = {}
     for item in args.expert:
-        name, path = item.split("=", 1) if "=" in item else ("", "")
-        if not name.strip() or not path:
-            raise StudioError(f"--expert expects NAME=PATH with a non-empty name and path, got {item!r}")
-        if name in experts:
+        name, source = item.split("=", 1) if "=" in item else ("", "")
+        if not name.strip() or not source:
+            raise StudioError(f"--expert expects NAME=SOURCE with a non-empty name and source, got {item!r}")
+        if name in sources:
             raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
-        experts[name] = load_state_dict(path)
-    return load_state_dict(args.base), experts, None
+        sources[name] = source
+    base = load_state_dict(args.base, prefix=args.prefix)
+    return base, {name: load_state_dict(source, prefix=args.prefix) for name, source in sources.items()}, None
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -126,8 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     def pool_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--suite", help="suite folder or Hugging Face repo id (base + experts)")
         p.add_argument("--experts", help="comma-separated subset of the suite's experts")
-        p.add_argument("--base", help="base safetensors file")
-        p.add_argument("--expert", action="append", help="NAME=PATH of an expert safetensors file (repeat)")
+        p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
+                                      "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]'")
+        p.add_argument("--expert", action="append",
+                       help="NAME=SOURCE of an expert checkpoint, any source --base takes (repeat)")
+        p.add_argument("--prefix", default=None,
+                       help="keep only the tensors whose names start with this, in the base and every expert "
+                            "(e.g. vision_model. for Hugging Face CLIP checkpoints)")
         p.add_argument("--device", default=None)
 
     p = sub.add_parser("merge", help="merge experts and write safetensors (+ recipe)")
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
     p.add_argument("--suite", required=True)
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
     p.add_argument("--split", default="test")
     p.add_argument("--device", default=None)
 

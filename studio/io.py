@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,10 +32,15 @@ class CheckpointError(StudioError):
     """A checkpoint or recipe file is missing, unreadable or of an unsupported format."""
 
 
-def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Read a safetensors file tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix``.
+def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
+                    revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
+    """Read a checkpoint tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix``.
 
-    Pickle-based checkpoints (``.pt``, ``.bin``, ...) are refused: unpickling runs arbitrary code.
+    ``source`` is a safetensors file, a folder in the Hugging Face layout (see :func:`checkpoint_files`), or a Hub
+    repository ``"owner/name"``, ``"owner/name/path/in/repo.safetensors"``, either with an optional ``"@revision"``
+    (or ``revision=``), fetched with ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` serves its local cache). Sharded
+    checkpoints are read shard by shard, as their index lists them. Pickle-based checkpoints (``.pt``, ``.bin``, ...)
+    are refused: unpickling runs arbitrary code.
 
     Example:
         >>> import tempfile, torch
@@ -42,16 +48,144 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
         >>> _ = save_state_dict(p, {"visual.w": torch.ones(2), "text.w": torch.zeros(1)})
         >>> list(load_state_dict(p, prefix="visual."))
         ['visual.w']
+        >>> list(load_state_dict(p.parent))                 # a folder holding one safetensors file
+        ['text.w', 'visual.w']
     """
-    path = _checked_path(path)
-    with _readable(path):
-        out = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                if prefix is None or key.startswith(prefix):
-                    t = f.get_tensor(key)
-                    out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        return out
+    out: dict[str, Tensor] = {}
+    for path, keys in checkpoint_files(source, revision=revision, cache_dir=cache_dir):
+        with _readable(path):
+            with safe_open(str(path), framework="pt") as f:
+                present = list(f.keys())
+                if keys is not None:
+                    missing = sorted(set(keys) - set(present))
+                    if missing:
+                        raise CheckpointError(f"{path}: the index lists {len(missing)} tensor(s) in this shard that "
+                                              f"it does not hold, e.g. {missing[0]!r}")
+                    present = [k for k in present if k in keys]
+                for key in present:
+                    if prefix is None or key.startswith(prefix):
+                        t = f.get_tensor(key)
+                        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if prefix is not None and not out:
+        raise CheckpointError(f"{source}: no tensor name starts with the prefix {prefix!r}")
+    return out
+
+
+#: Files fetched from a Hub repository for a checkpoint: safetensors weights and shard indexes (never pickles).
+HUB_CHECKPOINT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
+_SHARD_INDEX = "*.safetensors.index.json"
+
+
+def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, frozenset[str] | None]]:
+    """The safetensors files a checkpoint source names, each with the tensor names its shard index assigns to it
+    (``None``: every tensor of the file).
+
+    A folder resolves as ``transformers`` does for safetensors: ``model.safetensors`` if present, else the shards
+    its one ``*.safetensors.index.json`` lists (``weight_map``), else its only ``.safetensors`` file (as in open_clip
+    repositories, ``open_clip_model.safetensors``). A Hub repository is fetched first (only the files those rules
+    read: ``HUB_CHECKPOINT_PATTERNS``), then resolved as a folder; ``owner/name/file.safetensors`` fetches that file.
+    """
+    path = Path(source).expanduser()
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
+    if path.is_file():
+        return [(path, None)]
+    if path.is_dir():
+        return _folder_files(path)
+    spec = None if isinstance(source, Path) else hub_spec(str(source), revision)
+    if spec is None:
+        raise CheckpointError(f"{source}: no such file or folder (from {Path.cwd()}), and not a Hugging Face Hub "
+                              f"repository 'owner/name[/file.safetensors][@revision]'")
+    repo_id, filename, revision = spec
+    local = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir, what="checkpoint")
+    if filename:
+        return [(local, None)]
+    where = f" (the Hub repository {repo_id!r} at {revision or 'main'}: only its safetensors files are fetched)"
+    return _folder_files(local, where)
+
+
+def hub_spec(text: str, revision: str | None = None,
+             error: type[StudioError] | None = None) -> tuple[str, str | None, str | None] | None:
+    """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``
+    (``revision``, if given, must agree with ``@rev``), or ``None`` for text that is not such a reference (two parts
+    naming a file read as a mistyped local path)."""
+    spec, at, rev = text.partition("@")
+    parts = spec.split("/")
+    if (at and not rev) or len(parts) < 2 or not all(p for p in parts) \
+            or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts[:2]):
+        return None
+    if len(parts) == 2 and Path(parts[1]).suffix in (".safetensors", *PICKLE_SUFFIXES):
+        return None
+    filename = "/".join(parts[2:]) or None
+    if filename is not None and not filename.endswith(".safetensors"):
+        return None
+    if rev and revision is not None and rev != revision:
+        raise (error or CheckpointError)(f"{text}: names revision {rev!r} but revision={revision!r} was also given")
+    return "/".join(parts[:2]), filename, rev or revision
+
+
+def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None = None, repo_type: str = "model",
+              cache_dir: str | os.PathLike | None = None, allow_patterns: tuple[str, ...] = HUB_CHECKPOINT_PATTERNS,
+              what: str = "checkpoint", error: type[StudioError] | None = None) -> Path:
+    """Fetch a repository snapshot (only ``allow_patterns``), or one of its files, with ``huggingface_hub``, and
+    return its local path; any failure (offline and not cached, unknown repository, network) becomes one
+    :class:`CheckpointError` (or ``error``) naming the source."""
+    try:
+        from huggingface_hub import hf_hub_download, snapshot_download
+
+        cache = str(cache_dir) if cache_dir is not None else None
+        if filename is not None:
+            return Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type, cache_dir=cache))
+        return Path(snapshot_download(repo_id=repo_id, revision=revision, repo_type=repo_type, cache_dir=cache,
+                                      allow_patterns=list(allow_patterns) if allow_patterns else None))
+    except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        source = repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
+        raise (error or CheckpointError)(
+            f"{source!r} is not a local file or folder (from {Path.cwd()}), and cannot be fetched as a {what} from "
+            f"the Hugging Face Hub{hint}: {exc}") from exc
+
+
+def _folder_files(folder: Path, where: str = "") -> list[tuple[Path, frozenset[str] | None]]:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return [(single, None)]
+    indexes = sorted(folder.glob(_SHARD_INDEX))
+    if len(indexes) == 1:
+        return _shards(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
+    if not indexes and len(files) == 1:
+        return [(files[0], None)]
+    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".json", *PICKLE_SUFFIXES)) \
+        if folder.is_dir() else []   # a Hub snapshot with no matching file may not exist
+    pickles = " (pickle files are not loaded: convert them to .safetensors)" \
+        if any(Path(n).suffix in PICKLE_SUFFIXES for n in found) else ""
+    raise CheckpointError(f"{folder}{where}: expected model.safetensors, one *.safetensors.index.json or a single "
+                          f".safetensors file; found {found or 'none of these'}{pickles}. Give the file's path")
+
+
+def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
+    """The shard files of a ``*.safetensors.index.json`` (Hugging Face's sharded layout), each with its tensors."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({exc!r})") from exc
+    if not isinstance(weight_map, Mapping) or not weight_map \
+            or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to its shard file name")
+    by_shard: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(key)
+    out = []
+    for shard, keys in by_shard.items():
+        path = index.parent / shard
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not path.is_file():
+            raise CheckpointError(f"{index}: shard {shard!r} (holding {len(keys)} tensor(s), e.g. {keys[0]!r}) is "
+                                  f"missing from {index.parent}")
+        out.append((path, frozenset(keys)))
+    return out
 
 
 def _checked_path(path: str | os.PathLike) -> Path:

@@ -111,3 +111,25 @@ def launched_app(one_torch_thread):
     app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
     yield app
     app.demo.close()
+
+
+def hub_cache(src, cache, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Copy the folder ``src`` into huggingface_hub's cache layout, ``models--owner--name/{refs/main,
+    snapshots/<commit>/...}``, as a download would leave it; returns the snapshot folder."""
+    import shutil
+    from pathlib import Path
+
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture()
+def offline_hub(monkeypatch):
+    """huggingface_hub in offline mode (it reads HF_HUB_OFFLINE when imported, so both are set)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -3,6 +3,8 @@ argument parsing), including the per-method layer rules, the SVD mode and custom
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -126,7 +128,7 @@ def test_cli_bad_arguments_are_one_line_errors_and_write_nothing(files, capsys):
         (["--preferences", '"abc"'], "--preferences must be a JSON mapping"),
         (["--set", "alpha=[1"], "--set 'alpha=[1': the value is not valid YAML"),
         (["--expert", args[3]], "is given twice"),
-        (["--expert", "=x.safetensors"], "non-empty name and path"),
+        (["--expert", "=x.safetensors"], "non-empty name and source"),
         (["--cal-set", "alpha=0.5"], "calibrate_hparams were given but no calibration was chosen"),
         (["--recipe", str(tmp / "no" / "such" / "dir" / "r.yaml"), "--out", str(tmp / "nodir.safetensors")], None),
         (["--out", str(tmp)], "cannot write"),
@@ -196,3 +198,122 @@ def test_bench_leaderboard_and_build_suite_take_their_own_options(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([cmd, "--help"])
         assert exit_.value.code == 0 and option in capsys.readouterr().out, cmd
+
+
+# ------------------------------------------------------------------------------------------ checkpoint sources
+def test_checkpoints_load_from_files_folders_shards_and_the_hub_cache(tmp_path, offline_hub, capsys):
+    """Every source the CLI and ``load_state_dict`` take: a file; a folder with ``model.safetensors``; a folder
+    sharded by huggingface_hub's own ``save_torch_state_dict``; a folder with one open_clip-style file; a Hub repo
+    (whole, at a revision, or one of its files) served offline from a cache in huggingface_hub's layout."""
+    from huggingface_hub import save_torch_state_dict
+
+    from .conftest import hub_cache
+
+    base = clip_like_state_dict(width=16)
+    experts = make_experts(base, 4)
+    save_state_dict(tmp_path / "base.safetensors", base)
+    (tmp_path / "single").mkdir()
+    save_state_dict(tmp_path / "single" / "model.safetensors", experts["task0"])
+    for name in ("task1", "task3"):
+        (tmp_path / name).mkdir()
+        save_torch_state_dict(experts[name], tmp_path / name, max_shard_size=4000)
+    shards = sorted(p.name for p in (tmp_path / "task3").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "task3" / "model.safetensors.index.json").is_file()
+    (tmp_path / "open_clip").mkdir()
+    save_state_dict(tmp_path / "open_clip" / "open_clip_model.safetensors", experts["task2"])
+    cache = tmp_path / "hf"
+    hub_cache(tmp_path / "task3", cache, "studio-test/task3")
+
+    sources = {"task0": tmp_path / "single", "task1": tmp_path / "task1", "task2": tmp_path / "open_clip",
+               "task3": "studio-test/task3"}
+    for name, source in sources.items():
+        _equal(load_state_dict(source, cache_dir=cache), experts[name])
+    _equal(load_state_dict("studio-test/task3@main", cache_dir=cache), experts["task3"])
+    one = load_state_dict(f"studio-test/task3/{shards[0]}", cache_dir=cache)
+    assert one and all(torch.equal(v, experts["task3"][k]) for k, v in one.items()) and len(one) < len(base)
+    assert sorted(load_state_dict(tmp_path / "task1", prefix="visual.transformer.resblocks.1.")) == \
+        sorted(k for k in base if k.startswith("visual.transformer.resblocks.1."))
+
+    # the CLI takes the same sources (the Hub one through HF_HOME's cache, as a user's download leaves it)
+    import huggingface_hub.constants as hub_constants
+
+    args = ["--base", str(tmp_path / "base.safetensors")]
+    args += [f"--expert={name}={source}" for name, source in sources.items()]
+    out = tmp_path / "m.safetensors"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+        assert main(["merge", *args, "--method", "tsv_m", "--out", str(out)]) == 0, capsys.readouterr().err
+    _equal(load_state_dict(out), studio.merge(base, experts, "tsv_m"))
+
+    # --prefix: a base with a text tower, experts of the visual tower alone (as FusionBench's CLIP experts)
+    visual = {name: {k: v for k, v in sd.items() if k.startswith("visual.")} for name, sd in experts.items()}
+    for name in ("task0", "task1"):
+        save_state_dict(tmp_path / f"visual_{name}.safetensors", visual[name])
+    args = ["--base", str(tmp_path / "base.safetensors"), "--prefix", "visual."]
+    args += [f"--expert={name}={tmp_path / f'visual_{name}.safetensors'}" for name in ("task0", "task1")]
+    assert main(["merge", *args, "--method", "iso_c", "--out", str(out)]) == 0, capsys.readouterr().err
+    base_visual = {k: v for k, v in base.items() if k.startswith("visual.")}
+    _equal(load_state_dict(out), studio.merge(base_visual, {n: visual[n] for n in ("task0", "task1")}, "iso_c"))
+
+
+def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_hub, capsys):
+    from huggingface_hub import save_torch_state_dict
+
+    from .conftest import hub_cache
+
+    sd = clip_like_state_dict(width=16)
+    two = tmp_path / "two"
+    two.mkdir()
+    save_state_dict(two / "a.safetensors", sd)
+    save_state_dict(two / "b.safetensors", sd)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not unpickled")
+    (tmp_path / "sharded").mkdir()
+    save_torch_state_dict(sd, tmp_path / "sharded", max_shard_size=4000)
+    index = tmp_path / "sharded" / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    first = sorted(set(weight_map.values()))[0]
+    cases = [
+        (two, r"two: expected model.safetensors, one \*.safetensors.index.json or a single .safetensors file; "
+              r"found \['a.safetensors', 'b.safetensors'\]"),
+        (pickled, r"found \['pytorch_model.bin'\] \(pickle files are not loaded"),
+        (tmp_path / "typo" / "model.safetensors", "no such file or folder"),
+        ("typo/model.safetensors", "no such file or folder"),
+        ("studio-test/not-cached", "HF_HUB_OFFLINE is set"),
+        ("studio-test/not-cached/model.safetensors", "HF_HUB_OFFLINE is set"),
+    ]
+    hub_cache(pickled, tmp_path / "hf", "studio-test/pickled")
+    cases.append(("studio-test/pickled", r"\(the Hub repository 'studio-test/pickled' at main: only its safetensors "
+                                         r"files are fetched\): expected .* \['pytorch_model.bin'\] \(pickle files"))
+    for source, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            load_state_dict(source, cache_dir=tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="names revision 'v1' but revision='v2'"):
+        load_state_dict("studio-test/x@v1", revision="v2")
+    with pytest.raises(CheckpointError, match="no tensor name starts with the prefix 'vision_model.'"):
+        load_state_dict(two / "a.safetensors", prefix="vision_model.")
+
+    # a shard the index names but the folder lacks; a tensor the index puts in a shard that lacks it; a bad index
+    (tmp_path / "sharded" / first).rename(tmp_path / "moved.safetensors")
+    with pytest.raises(CheckpointError, match=rf"shard '{first}' \(holding \d+ tensor\(s\), e.g. '.+'\) is missing"):
+        load_state_dict(tmp_path / "sharded")
+    (tmp_path / "moved.safetensors").rename(tmp_path / "sharded" / first)
+    wrong = dict(weight_map, extra_key=first)
+    index.write_text(json.dumps({"weight_map": wrong}))
+    with pytest.raises(CheckpointError, match=rf"{first}: the index lists 1 tensor\(s\) .* e.g. 'extra_key'"):
+        load_state_dict(tmp_path / "sharded")
+    for text in ("{", json.dumps({"metadata": {}}), json.dumps({"weight_map": {"a": 1}})):
+        index.write_text(text)
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*weight_map"):
+            load_state_dict(tmp_path / "sharded")
+
+    # the CLI: one line, nothing written
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--base", str(two / "a.safetensors"), "--expert", f"x={two}", "--method",
+                 "task_arithmetic", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "two: expected model.safetensors" in err[0] and not out.exists()
+    assert main(["merge", "--suite", "assets/minisuite", "--prefix", "visual.", "--method", "task_arithmetic",
+                 "--out", str(out)]) == 2
+    assert "--prefix applies to --base and --expert" in capsys.readouterr().err and not out.exists()

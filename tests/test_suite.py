@@ -18,6 +18,8 @@ from studio.suite import (DEFAULT_SUITE_PATH, ArchitectureError, EmptySplitError
 from studio.suite.build import BuildConfig, build
 from studio.suite.tasks import TASK_NAMES, TASKS, generate
 
+from .conftest import hub_cache
+
 ASSETS = Path(DEFAULT_SUITE_PATH)
 needs_assets = pytest.mark.skipif(not (ASSETS / "manifest.json").is_file(), reason="MiniSuite assets not built")
 
@@ -147,27 +149,19 @@ def test_build_rejects_unknown_task(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ hub layout, offline
-def _hub_cache(src: Path, cache: Path, repo_id: str) -> None:
-    """The layout huggingface_hub's cache uses: models--owner--name/{refs/main, snapshots/<commit>/...}."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    shutil.copytree(src, repo / "snapshots" / commit)
-
-
-def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, monkeypatch):
-    import huggingface_hub.constants
-
+def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub):
     cache = tmp_path / "hf"
-    _hub_cache(mini_suite, cache, "studio-test/mini-suite")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time by the library
+    hub_cache(mini_suite, cache, "studio-test/mini-suite")
     suite = load_suite("studio-test/mini-suite", cache_dir=cache)
     assert suite.root.parent.name == "snapshots"
     assert suite.task_names == ["digits", "signs"]
     res = evaluate(suite, suite.experts["digits"], tasks=["digits"], split="test", device="cpu")
     assert res.normalized["digits"] == pytest.approx(100.0)
+    assert load_suite("studio-test/mini-suite@main", cache_dir=cache).root == suite.root
+    with pytest.raises(SuiteError, match="names revision 'main' but revision='v2'"):
+        load_suite("studio-test/mini-suite@main", revision="v2", cache_dir=cache)
+    with pytest.raises(SuiteError, match="neither an existing folder nor a Hub repo id"):
+        load_suite("studio-test/mini-suite/experts/digits.safetensors", cache_dir=cache)
     with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):
         load_suite("studio-test/not-cached", cache_dir=cache)
 

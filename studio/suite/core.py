@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..io import load_safetensors
+from ..io import hub_fetch, hub_spec, load_safetensors
 from ..schema import StudioError
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -295,14 +294,10 @@ class Suite:
         return out
 
 
-def _looks_like_repo_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~"))
-
-
 def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | None = None,
                repo_type: str = "model", cache_dir: "str | Path | None" = None) -> Suite:
-    """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``).
+    """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``, optionally
+    ``"owner/name@revision"``).
 
     Hub repositories are fetched with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` serves them
     from the local cache and never touches the network).
@@ -314,18 +309,12 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     path = Path(source).expanduser()
     if path.is_dir():
         return Suite(path)
-    if isinstance(source, Path) or not _looks_like_repo_id(str(source)):
-        raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id 'owner/name'")
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo_id=str(source), revision=revision, repo_type=repo_type,
-                                  cache_dir=str(cache_dir) if cache_dir is not None else None)
-    except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set and the repo is not in the local cache)" if offline else ""
-        raise SuiteError(f"{source!r} is not a local folder (from {Path.cwd()}), and cannot be fetched as a suite "
-                         f"from the Hugging Face Hub{hint}: {exc}") from exc
+    spec = None if isinstance(source, Path) else hub_spec(str(source), revision, SuiteError)
+    if spec is None or spec[1] is not None:
+        raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id "
+                         f"'owner/name[@revision]'")
+    local = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir, allow_patterns=(),
+                      what="suite", error=SuiteError)
     return Suite(local)
 
 
