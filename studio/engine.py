@@ -7,7 +7,6 @@ where it runs and what is reused between calls.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -16,10 +15,10 @@ from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
-from .pool import (StateDict, TaskPool, _all_finite, fingerprint, key_seed, normalize_preferences, resolve_device,
-                   validate_experts)
+from .pool import (StateDict, TaskPool, _all_finite, check_svd_mode, fingerprint, key_seed, normalize_preferences,
+                   resolve_device, validate_experts)
 from .registry import get_calibration, get_method
-from .schema import HyperparameterError, MethodSpec, StudioError, validate_hparams
+from .schema import HyperparameterError, MethodSpec, StudioError, check_seed, validate_hparams
 
 ProgressFn = Callable[[float, str], None]
 
@@ -39,6 +38,7 @@ def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any =
     # Keys, types and shapes first (no pass over the values), so that the fingerprint never meets a non-tensor;
     # a new pool also scans the values for NaN / inf once.
     validate_experts(base, experts, check_finite=False)
+    check_svd_mode(svd_mode)
     key = (fingerprint(base, experts), str(dev), svd_mode)
     if key in _POOLS:
         _POOLS.move_to_end(key)
@@ -79,21 +79,6 @@ def _linalg_errors(what: str | None, pool: TaskPool, key: str) -> Iterator[None]
             from exc
 
 
-def _check_seed(seed: Any) -> int:
-    """``seed`` as an int (Python, NumPy or 0-d tensor integers), or a :class:`HyperparameterError` naming it.
-
-    Example:
-        >>> _check_seed(3), _check_seed(torch.tensor(7))
-        (3, 7)
-    """
-    if isinstance(seed, Tensor) and seed.numel() == 1 and not seed.is_floating_point():
-        seed = seed.item()
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**63:
-        raise HyperparameterError(f"seed must be an integer in [-2^63, 2^63) (it fixes DARE's random masks), "
-                                  f"got {seed!r}")
-    return int(seed)
-
-
 def merge_pool(
     pool: TaskPool,
     method: str,
@@ -112,7 +97,7 @@ def merge_pool(
     if len(names) < spec.min_experts:
         raise StudioError(f"{method} needs at least {spec.min_experts} experts, got {len(names)} ({list(names)})")
     hp = validate_hparams(method, spec.params, hparams)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     structural, scale = _split_post_scale(spec, hp)
     # A method may declare its own default rule (Ortho-Merge averages embeddings); an explicit layer_rule wins.
     rule = resolve_rule(layer_rule if layer_rule is not None else spec.extra.get("layer_rule"))
@@ -121,7 +106,7 @@ def merge_pool(
     cal_spec = cal_hp = None
     if calibrate is not None:
         cal_spec = get_calibration(calibrate)
-        cal_hp = validate_hparams(calibrate, cal_spec.params, dict(calibrate_hparams or {}))
+        cal_hp = validate_hparams(calibrate, cal_spec.params, calibrate_hparams or {})
     elif calibrate_hparams:
         raise HyperparameterError("calibrate_hparams were given but no calibration was chosen (calibrate=None)")
 

@@ -37,7 +37,7 @@ class LayerRule:
     name: str = "default"
 
     def __post_init__(self) -> None:
-        from .schema import StudioError
+        from .schema import StudioError, brief
 
         if isinstance(self.exclude, str):
             patterns: tuple = (self.exclude,)
@@ -45,10 +45,10 @@ class LayerRule:
             patterns = tuple(self.exclude)
         else:
             raise StudioError(f"layer rule {self.name!r}: exclude must be a regular expression or a list of them, "
-                              f"got {self.exclude!r}")
+                              f"got {brief(self.exclude)}")
         for pattern in patterns:
             if not isinstance(pattern, str):
-                raise StudioError(f"layer rule {self.name!r}: exclude patterns must be strings, got {pattern!r}")
+                raise StudioError(f"layer rule {self.name!r}: exclude patterns must be strings, got {brief(pattern)}")
             try:
                 re.compile(pattern)
             except re.error as exc:
@@ -73,11 +73,11 @@ class LayerRule:
             >>> LayerRule.from_dict(rule.to_dict()) == rule
             True
         """
-        from .schema import StudioError
+        from .schema import StudioError, brief
 
         if not isinstance(data, Mapping) or set(data) - {"name", "exclude"} or "exclude" not in data:
             raise StudioError(f"a layer rule mapping needs 'exclude' (a list of regular expressions) and optionally "
-                              f"'name', got {data!r}")
+                              f"'name', got {brief(data)}")
         return cls(exclude=data["exclude"], name=str(data.get("name", "custom")))   # a str is one pattern
 
 
@@ -101,7 +101,7 @@ def resolve_rule(rule: "LayerRule | str | Mapping | None") -> LayerRule:
         return LayerRule.from_dict(rule)
     if isinstance(rule, str) and rule in RULES:
         return RULES[rule]
-    from .schema import StudioError
+    from .schema import StudioError, brief
 
-    raise StudioError(f"unknown layer rule {rule!r}; expected one of {sorted(RULES)}, a LayerRule or a mapping "
+    raise StudioError(f"unknown layer rule {brief(rule)}; expected one of {sorted(RULES)}, a LayerRule or a mapping "
                       f"{{'name': ..., 'exclude': [regular expressions]}}")

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import linalg
-from .schema import StudioError
+from .schema import StudioError, brief
 
 StateDict = Mapping[str, Tensor]
 
@@ -36,7 +36,8 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise StudioError(f"device {device!r} is not a valid torch device; expected 'cpu', 'cuda' or 'auto'") from exc
+        raise StudioError(f"device {brief(device)} is not a valid torch device; expected 'cpu', 'cuda' or "
+                          f"'auto'") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StudioError(f"device {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -438,6 +439,12 @@ class LayerTasks:
         return self.memo("sum_svd", lambda: linalg.svd_tall_route(self.sum(), exact=self.pool.svd_mode == "exact"))
 
 
+def check_svd_mode(svd_mode: Any) -> None:
+    """``svd_mode`` must be ``"auto"`` or ``"exact"`` (see :class:`TaskPool`)."""
+    if not isinstance(svd_mode, str) or svd_mode not in ("auto", "exact"):
+        raise StudioError(f"svd_mode must be 'auto' or 'exact', got {brief(svd_mode)}")
+
+
 class TaskPool:
     """A base model, its experts and the per-layer spectral cache.
 
@@ -455,8 +462,7 @@ class TaskPool:
     def __init__(self, base: StateDict, experts: Mapping[str, StateDict], *, device: "str | torch.device | None" = None,
                  svd_mode: str = "auto", check_finite: bool = True, resident: bool | None = None):
         validate_experts(base, experts, check_finite=check_finite)
-        if svd_mode not in ("auto", "exact"):
-            raise StudioError(f"svd_mode must be 'auto' or 'exact', got {svd_mode!r}")
+        check_svd_mode(svd_mode)
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
         self.base = {k: _data(v) for k, v in base.items()}
         self.experts = {name: {k: _data(v) for k, v in sd.items()} for name, sd in experts.items()}
@@ -608,7 +614,7 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         ordered = isinstance(preferences, (Sequence, Tensor, np.ndarray)) and not isinstance(preferences, (str, bytes))
         if not ordered or (isinstance(preferences, (Tensor, np.ndarray)) and preferences.ndim != 1):
             raise StudioError(f"preferences must be a mapping task -> weight or a sequence of one weight per task "
-                              f"(in expert order), got {preferences!r}")
+                              f"(in expert order), got {brief(preferences)}")
         values = list(preferences.tolist() if isinstance(preferences, (Tensor, np.ndarray)) else preferences)
         if len(values) != len(names):
             raise StudioError(f"preferences has {len(values)} weights but there are {len(names)} experts {list(names)}")
@@ -621,7 +627,7 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         except (TypeError, ValueError):
             w = None
         if w is None or not math.isfinite(w) or w < 0:
-            raise StudioError(f"preference for task '{name}' is {v!r}; expected a finite number >= 0")
+            raise StudioError(f"preference for task '{name}' is {brief(v)}; expected a finite number >= 0")
         weights.append(w)
     total = sum(weights)
     if total <= 0:

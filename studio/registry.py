@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .schema import MethodSpec, Param, StudioError
+from .schema import MethodSpec, Param, StudioError, brief
 
 METHODS: dict[str, MethodSpec] = {}
 CALIBRATIONS: dict[str, MethodSpec] = {}
@@ -68,8 +68,8 @@ def get_method(name: str) -> MethodSpec:
     """Look up a merging method; raise :class:`UnknownMethodError` listing the known names."""
     from . import methods  # noqa: F401  (importing the package registers every method)
 
-    if name not in METHODS:
-        raise UnknownMethodError(f"unknown merging method {name!r}; known methods: {sorted(METHODS)}")
+    if not isinstance(name, str) or name not in METHODS:
+        raise UnknownMethodError(f"unknown merging method {brief(name)}; known methods: {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -77,8 +77,8 @@ def get_calibration(name: str) -> MethodSpec:
     """Look up a calibration step (applied after any base method)."""
     from . import methods  # noqa: F401
 
-    if name not in CALIBRATIONS:
-        raise UnknownMethodError(f"unknown calibration {name!r}; known calibrations: {sorted(CALIBRATIONS)}")
+    if not isinstance(name, str) or name not in CALIBRATIONS:
+        raise UnknownMethodError(f"unknown calibration {brief(name)}; known calibrations: {sorted(CALIBRATIONS)}")
     return CALIBRATIONS[name]
 
 

@@ -8,6 +8,8 @@ validated dict, and ``python -m studio methods`` prints the docs table from it.
 from __future__ import annotations
 
 import math
+import numbers
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -20,6 +22,40 @@ class StudioError(ValueError):
 
 class HyperparameterError(StudioError):
     """A hyperparameter is unknown, of the wrong type or outside its declared range."""
+
+
+_BRIEF = reprlib.Repr()   # keyword arguments need Python 3.12
+_BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 60, 60
+_BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
+
+
+def brief(value: Any) -> str:
+    """``repr(value)``, shortened for an error message (a mistaken 10 MB string is echoed as its first characters).
+
+    Example:
+        >>> brief("x" * 500)
+        "'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'"
+        >>> brief([0.5, 2])
+        '[0.5, 2]'
+    """
+    return _BRIEF.repr(value)
+
+
+def check_seed(seed: Any, error: type[StudioError] = HyperparameterError) -> int:
+    """``seed`` as an int: Python or NumPy integers, a one-element integer tensor, or an integral float (``3.0``, as a
+    UI number box sends it), within int64 (recipes and the app's API carry it); else ``error`` naming it.
+
+    Example:
+        >>> check_seed(3), check_seed(np.int64(7)), check_seed(4.0)
+        (3, 7, 4)
+    """
+    if hasattr(seed, "numel") and seed.numel() == 1 and not seed.is_floating_point():   # a torch tensor
+        seed = seed.item()
+    if isinstance(seed, float) and seed.is_integer():
+        seed = int(seed)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**63:
+        raise error(f"seed must be an integer in [-2^63, 2^63) (it fixes DARE's random masks), got {brief(seed)}")
+    return int(seed)
 
 
 @dataclass(frozen=True)
@@ -71,12 +107,13 @@ class Param:
             value = bool(value)
         if self.type is bool:
             if not isinstance(value, bool):
-                raise HyperparameterError(f"{owner}: '{self.name}' must be true or false, got {value!r}")
+                raise HyperparameterError(f"{owner}: '{self.name}' must be true or false, got {brief(value)}")
             return value
         if self.type is str:
             if not isinstance(value, str) or (self.choices is not None and value not in self.choices):
                 raise HyperparameterError(
-                    f"{owner}: '{self.name}' = {value!r} is not allowed; expected one of {list(self.choices or [])}"
+                    f"{owner}: '{self.name}' = {brief(value)} is not allowed; expected one of "
+                    f"{list(self.choices or [])}"
                 )
             return value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -84,22 +121,23 @@ class Param:
                 value = value.item()
             except (AttributeError, RuntimeError, ValueError):   # not a scalar (e.g. a tensor of several values)
                 raise HyperparameterError(
-                    f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}"
+                    f"{owner}: '{self.name}' must be a number ({self.describe()}), got {brief(value)}"
                 ) from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):   # e.g. a complex NumPy scalar
-            raise HyperparameterError(f"{owner}: '{self.name}' must be a number ({self.describe()}), got {value!r}")
+            raise HyperparameterError(
+                f"{owner}: '{self.name}' must be a number ({self.describe()}), got {brief(value)}")
         if not math.isfinite(value):
-            raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {value!r}")
+            raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {brief(value)}")
         if self.type is int:
             if float(value) != int(value):
-                raise HyperparameterError(f"{owner}: '{self.name}' must be an integer, got {value!r}")
+                raise HyperparameterError(f"{owner}: '{self.name}' must be an integer, got {brief(value)}")
             value = int(value)
         else:
             value = float(value)
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         if below or (self.high is not None and value > self.high):
             raise HyperparameterError(
-                f"{owner}: '{self.name}' = {value!r} is outside the allowed range {self.range_text()}"
+                f"{owner}: '{self.name}' = {brief(value)} is outside the allowed range {self.range_text()}"
             )
         return value
 
@@ -157,11 +195,13 @@ def validate_hparams(owner: str, params: tuple[Param, ...], given: Mapping[str, 
         >>> validate_hparams("ties", (Param("k", float, 0.2, low=0, high=1),), {})
         {'k': 0.2}
     """
+    if not isinstance(given, Mapping):
+        raise HyperparameterError(f"{owner}: hyperparameters must be a mapping of names to values, got {brief(given)}")
     known = {p.name: p for p in params}
-    unknown = sorted(set(given) - set(known))
+    unknown = sorted(set(given) - set(known), key=str)
     if unknown:
         raise HyperparameterError(
-            f"{owner}: unknown hyperparameter(s) {unknown}; {owner} accepts {sorted(known) or 'none'}"
+            f"{owner}: unknown hyperparameter(s) {brief(unknown)}; {owner} accepts {sorted(known) or 'none'}"
         )
     return {p.name: p.validate(given.get(p.name, p.default), owner) for p in params}
 

@@ -17,7 +17,7 @@ from studio.methods.dare import dare
 from studio.methods.ties import model_thresholds, ties
 from studio.pool import TaskPool
 from studio.reference import breadcrumbs_reference, task_vectors_of
-from studio.schema import HyperparameterError
+from studio.schema import HyperparameterError, StudioError
 
 from .conftest import clip_like_state_dict, make_experts
 
@@ -490,7 +490,29 @@ def test_numpy_and_tensor_scalars_are_accepted_where_they_mean_the_same_value():
     a = studio.merge(base, experts, "dare", ties_consensus=np.True_, seed=np.int64(3))
     b = studio.merge(base, experts, "dare", ties_consensus=True, seed=3)
     c = studio.merge(base, experts, "dare", ties_consensus=True, seed=torch.tensor(3))
-    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in base)
+    d = studio.merge(base, experts, "dare", ties_consensus=True, seed=3.0)   # as the app's number box sends it
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) and torch.equal(a[k], d[k]) for k in base)
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"method": ["ties"]}, r"unknown merging method \['ties'\]; known methods"),
+    ({"calibrate": ["svc"]}, r"unknown calibration \['svc'\]; known calibrations"),
+    ({"calibrate": {"svc": 1}}, r"unknown calibration \{'svc': 1\}"),
+    ({"svd_mode": ["auto"]}, r"svd_mode must be 'auto' or 'exact', got \['auto'\]"),
+    ({"calibrate": "svc", "calibrate_hparams": [1]}, r"svc: hyperparameters must be a mapping .* got \[1\]"),
+    ({"x" * 300: 1}, r"unknown hyperparameter\(s\) \['x{27}\.\.\.x{28}'\]; ties accepts"),
+    ({"k": "x" * 10**6}, r"'k' must be a number \(float in \[0\.01, 1\]\), got 'x{27}\.\.\.x{28}'$"),
+    ({"method": "x" * 10**6}, r"unknown merging method 'x{27}\.\.\.x{28}'; known"),
+    ({"layer_rule": list(range(100))}, r"unknown layer rule \[0, 1, 2, 3, 4, 5, \.\.\.\];"),
+    ({"preferences": "y" * 10**6}, r"preferences must be a mapping .* got 'y{27}\.\.\.y{28}'$"),
+])
+def test_wrongly_typed_or_huge_arguments_are_short_studio_errors(kwargs, pattern):
+    """A list where a name belongs raised Python's "unhashable type"; a mistaken megabyte of text was echoed whole."""
+    base = clip_like_state_dict()
+    kwargs = dict(kwargs)
+    with pytest.raises(StudioError, match=pattern) as err:
+        studio.merge(base, make_experts(base, 2), kwargs.pop("method", "ties"), **kwargs)
+    assert len(str(err.value)) < 300
 
 
 # ------------------------------------------------------------------------------- streamed kernels vs whole tensors

@@ -26,7 +26,7 @@ from ..io import Recipe, save_merged
 from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
 from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
-from ..schema import HyperparameterError, StudioError, validate_hparams
+from ..schema import HyperparameterError, StudioError, brief, check_seed, validate_hparams
 from .controls import parse_json_object, post_scale_param
 
 ProgressFn = Callable[[float, str], None]
@@ -120,7 +120,7 @@ class Studio:
         for t in self.suite.tasks:
             if t.name == name:
                 return t
-        raise RequestError(f"unknown task {name!r}; the suite has {self.task_names}")
+        raise RequestError(f"unknown task {brief(name)}; the suite has {self.task_names}")
 
     def individual_accuracy(self, compute: bool = False) -> dict[str, float]:
         """Each expert's own test accuracy (%) on its task (the normalisation reference).
@@ -208,14 +208,7 @@ class Studio:
             cal_hp = validate_hparams(cal, cspec.params, cal_hp)
         prefs = parse_json_object(preferences, "preferences") if isinstance(preferences, str) else preferences
         prefs = self._preferences(prefs, experts)
-        try:   # an integral value (the number box sends 3.0), within int64 (recipes and the API carry it)
-            ok = not isinstance(seed, bool) and float(seed) == int(seed) and -2**63 <= int(seed) < 2**63
-        except (TypeError, ValueError, OverflowError):
-            ok = False
-        if not ok:
-            raise RequestError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}")
-        seed = int(seed)
-        return MergeRequest(method, hp, tuple(experts), cal, cal_hp, prefs, seed)
+        return MergeRequest(method, hp, tuple(experts), cal, cal_hp, prefs, check_seed(seed, RequestError))
 
     def request_from_state(self, method: str, hp_state: Mapping[str, Any] | None, experts: Sequence[str] | None,
                            calibration: str | None, cal_state: Mapping[str, Any] | None,
@@ -303,7 +296,7 @@ class Studio:
         for n in experts:
             v = prefs.get(n, 1.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise RequestError(f"preference for task '{n}' must be a number >= 0, got {v!r}")
+                raise RequestError(f"preference for task '{n}' must be a number >= 0, got {brief(v)}")
             values[n] = float(v)
         normalize_preferences(values, list(experts))  # raises on negative / non-finite / all-zero weights
         if len(set(values.values())) == 1:
@@ -367,7 +360,7 @@ class Studio:
         experts = tuple(req.experts if req is not None else (pool_experts or self.task_names))
         self._check_layer(layer)
         if metric not in diag.METRICS:
-            raise StudioError(f"unknown interference metric {metric!r}; expected one of {list(diag.METRICS)}")
+            raise StudioError(f"unknown interference metric {brief(metric)}; expected one of {list(diag.METRICS)}")
         pool = self.pool(experts)
         merged = self.merge(req) if req is not None else None
         with self._lock:
@@ -419,7 +412,8 @@ class Studio:
 
     def _check_layer(self, layer: str) -> None:
         if layer not in self.suite.base:
-            raise StudioError(f"unknown layer {layer!r}; matrix layers are e.g. {self.layer_keys()[:3]} (see /layers)")
+            raise StudioError(f"unknown layer {brief(layer)}; matrix layers are e.g. {self.layer_keys()[:3]} "
+                              f"(see /layers)")
         if layer not in self.layer_keys():
             raise StudioError(f"layer {layer!r} is not a matrix layer (shape {tuple(self.suite.base[layer].shape)}); "
                               f"choose one of e.g. {self.layer_keys()[:3]} (see /layers)")
