@@ -36,7 +36,8 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import ControlSpec, collect, control_specs, post_scale_param, sweep_defaults
+from studio.ui.controls import (ControlSpec, collect, control_specs, parse_json_object, post_scale_param,
+                                sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -235,6 +236,13 @@ def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "
     """
     try:
         experts = list(experts or STUDIO.task_names)
+        if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
+            given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams))
+                     if parse_json_object(value, name)]
+            given += ["calibration"] if calibration not in (None, "", "none") else []
+            if given:
+                raise StudioError(f"{' and '.join(given)} given without a method: name the method whose merged "
+                                  f"spectrum they describe, or leave them out for the task spectra alone")
         req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams) if method else None)
         return STUDIO.spectrum(layer, experts=experts, req=req)
     except Exception as exc:  # noqa: BLE001
@@ -594,10 +602,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
         gr.api(api_merge, api_name="merge", concurrency_id="gpu", concurrency_limit=1)
         gr.api(api_evaluate, api_name="evaluate", concurrency_id="gpu", concurrency_limit=1)
         gr.api(api_spectrum, api_name="spectrum", concurrency_id="diagnostics", concurrency_limit=2)
-        gr.api(api_methods, api_name="methods")
-        gr.api(api_layers, api_name="layers")
+        gr.api(api_methods, api_name="methods", queue=False)   # instant reads: answered even when the queue is full
+        gr.api(api_layers, api_name="layers", queue=False)
 
-    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=2)
+    # api_open=False: the queued endpoints (merges, evaluations, spectra) are reached through the queue only, so its
+    # size and concurrency limits hold for every caller (Gradio opens direct REST calls off Spaces by default)
+    demo.queue(max_size=MAX_QUEUE, default_concurrency_limit=2, api_open=False)
     return demo
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from gradio_client import Client
@@ -102,6 +104,51 @@ def test_invalid_requests_return_clear_errors(client: Client, suite, args, api, 
     with pytest.raises(Exception) as info:
         client.predict(*args, api_name=api)
     assert message in str(info.value)
+
+
+def test_methods_and_layers_answer_a_plain_post_while_the_queue_is_full(client: Client, app_module, suite,
+                                                                         monkeypatch):
+    """The two instant reads are not queued: a caller can still discover the API while merges fill the queue. The
+    queued endpoints refuse direct REST calls, which would skip the queue's size and concurrency limits."""
+    import threading
+
+    import httpx
+
+    gate = threading.Event()
+    merge = app_module.STUDIO.merge
+    monkeypatch.setattr(app_module.STUDIO, "merge", lambda *a, **k: gate.wait(60) and merge(*a, **k))
+    monkeypatch.setattr(app_module.demo._queue, "max_size", 3)   # fill a small queue, not the app's 32 places
+    jobs = [client.submit("task_arithmetic", [suite.task_names[0]], api_name="/merge") for _ in range(5)]
+    try:
+        with pytest.raises(Exception, match="[Qq]ueue is full"):   # queued endpoints are refused now
+            for _ in range(50):
+                client.predict("visual.proj", api_name="/spectrum")
+        posted = {}
+        for api in ("methods", "layers"):
+            r = httpx.post(f"{app_module.demo.local_url}gradio_api/run/{api}", json={"data": []}, timeout=30)
+            assert r.status_code == 200, (api, r.text)
+            posted[api] = r.json()["data"][0]
+        assert {"tsv_m", "iso_cts", "svc"} <= {m["name"] for m in posted["methods"]}
+        assert posted["layers"] == app_module.STUDIO.layer_keys()
+        r = httpx.post(f"{app_module.demo.local_url}gradio_api/run/merge", timeout=30,
+                       json={"data": ["task_arithmetic", [suite.task_names[0]]]})
+        assert r.status_code == 404 and "join the queue" in r.text
+    finally:
+        gate.set()
+        for job in jobs:
+            with contextlib.suppress(Exception):
+                job.result(timeout=120)
+
+
+def test_spectrum_refuses_merge_settings_without_a_method(client: Client):
+    """Without a method /spectrum returns the task spectra alone; settings for a merge were silently ignored."""
+    layer = client.predict(api_name="/layers")[0]
+    for args, message in (((None, "", {"alpha": 1.0}), "hparams given without a method"),
+                          ((None, "", "{}", "svc", '{"alpha": 0.5}'), "calibration_hparams and calibration given")):
+        with pytest.raises(Exception) as info:
+            client.predict(layer, *args, api_name="/spectrum")
+        assert message in str(info.value)
+    assert "merged" not in client.predict(layer, None, "", "{}", "none", "{}", api_name="/spectrum")
 
 
 def test_a_merge_that_fails_after_validation_leaves_no_folder(client: Client, app_module, suite):
