@@ -199,7 +199,8 @@ def _run(args: argparse.Namespace) -> int:
             cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
         recipe = Recipe(method=args.method, hparams=hparams, experts=list(experts),
                         calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
-                        layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode)
+                        layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode,
+                        prefix=args.prefix)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
@@ -207,6 +208,11 @@ def _run(args: argparse.Namespace) -> int:
         recipe = Recipe.from_file(args.recipe)
         if not args.suite and not args.base and recipe.suite:
             args.suite = recipe.suite
+        if args.prefix is not None and args.prefix != recipe.prefix:
+            raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
+                              f"recipe's is used, leave --prefix out")
+        if not args.suite:
+            args.prefix = recipe.prefix   # read only the tensors the merge used
         base, experts, _ = _load_pool(args)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe)

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .schema import StudioError
+from .schema import StudioError, brief
 
 RECIPE_METADATA_KEY = "merge_studio_recipe"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -34,13 +34,14 @@ class CheckpointError(StudioError):
 
 def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
                     revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
-    """Read a checkpoint tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix``.
+    """Read a checkpoint tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix`` and
+    converting floating-point tensors to ``dtype``.
 
-    ``source`` is a safetensors file, a folder in the Hugging Face layout (see :func:`checkpoint_files`), or a Hub
-    repository ``"owner/name"``, ``"owner/name/path/in/repo.safetensors"``, either with an optional ``"@revision"``
-    (or ``revision=``), fetched with ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` serves its local cache). Sharded
-    checkpoints are read shard by shard, as their index lists them. Pickle-based checkpoints (``.pt``, ``.bin``, ...)
-    are refused: unpickling runs arbitrary code.
+    ``source`` is a safetensors file, a folder in the Hugging Face layout or a shard index (see
+    :func:`checkpoint_files`), or, as text, a Hub repository ``"owner/name"`` or one of its files
+    ``"owner/name/path/in/repo.safetensors"``, either with an optional ``"@revision"`` (or ``revision=``), fetched
+    with ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` serves its local cache; a :class:`~pathlib.Path` is always local).
+    Pickle-based checkpoints (``.pt``, ``.bin``, ...) are refused: unpickling runs arbitrary code.
 
     Example:
         >>> import tempfile, torch
@@ -51,18 +52,24 @@ def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dty
         >>> list(load_state_dict(p.parent))                 # a folder holding one safetensors file
         ['text.w', 'visual.w']
     """
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"dtype must be a floating-point torch dtype (floating tensors are converted to it), "
+                              f"got {brief(dtype)}")
     out: dict[str, Tensor] = {}
-    for path, keys in checkpoint_files(source, revision=revision, cache_dir=cache_dir):
+    origin: dict[str, Path] = {}
+    for path, listed in checkpoint_files(source, revision=revision, cache_dir=cache_dir):
         with _readable(path):
             with safe_open(str(path), framework="pt") as f:
-                present = list(f.keys())
-                if keys is not None:
-                    missing = sorted(set(keys) - set(present))
-                    if missing:
-                        raise CheckpointError(f"{path}: the index lists {len(missing)} tensor(s) in this shard that "
-                                              f"it does not hold, e.g. {missing[0]!r}")
-                    present = [k for k in present if k in keys]
-                for key in present:
+                keys = list(f.keys())
+                missing = sorted(listed - set(keys)) if listed is not None else []
+                if missing:
+                    raise CheckpointError(f"{path}: its shard index puts {len(missing)} tensor(s) in this file that it "
+                                          f"does not hold, e.g. {missing[0]!r}")
+                for key in keys:
+                    if key in origin:
+                        raise CheckpointError(f"{path}: tensor {key!r} is also in {origin[key].name}; each tensor must "
+                                              f"be in one shard")
+                    origin[key] = path
                     if prefix is None or key.startswith(prefix):
                         t = f.get_tensor(key)
                         out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
@@ -71,51 +78,61 @@ def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dty
     return out
 
 
-#: Files fetched from a Hub repository for a checkpoint: safetensors weights and shard indexes (never pickles).
-HUB_CHECKPOINT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-_SHARD_INDEX = "*.safetensors.index.json"
+#: The shard index ``transformers`` writes (``save_pretrained``) and reads first for sharded safetensors weights.
+SHARD_INDEX = "model.safetensors.index.json"
 
 
 def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
                      cache_dir: str | os.PathLike | None = None) -> list[tuple[Path, frozenset[str] | None]]:
-    """The safetensors files a checkpoint source names, each with the tensor names its shard index assigns to it
-    (``None``: every tensor of the file).
+    """The safetensors files a checkpoint source names, each with the tensor names its shard index puts in it
+    (``None``: not sharded).
 
-    A folder resolves as ``transformers`` does for safetensors: ``model.safetensors`` if present, else the shards
-    its one ``*.safetensors.index.json`` lists (``weight_map``), else its only ``.safetensors`` file (as in open_clip
-    repositories, ``open_clip_model.safetensors``). A Hub repository is fetched first (only the files those rules
-    read: ``HUB_CHECKPOINT_PATTERNS``), then resolved as a folder; ``owner/name/file.safetensors`` fetches that file.
+    A folder resolves as ``transformers`` resolves safetensors weights: ``model.safetensors``, else the shards
+    ``model.safetensors.index.json`` lists, else the shards of the folder's one ``*.safetensors.index.json``, else its
+    only ``.safetensors`` file (such as ``open_clip_model.safetensors``). A shard index may also be given itself. A
+    Hub repository is resolved by the first two rules, fetching only ``model.safetensors``, or the index and the
+    shards it lists; ``owner/name/file.safetensors`` fetches that one file.
     """
+    if not isinstance(source, (str, os.PathLike)):
+        raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
     path = Path(source).expanduser()
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
-    if path.is_file():
-        return [(path, None)]
     if path.is_dir():
         return _folder_files(path)
-    spec = None if isinstance(source, Path) else hub_spec(str(source), revision)
+    _refuse_pickle(path)
+    if path.is_file():
+        return _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+    local = not isinstance(source, str) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    spec = None if local else hub_spec(source, revision)
     if spec is None:
-        raise CheckpointError(f"{source}: no such file or folder (from {Path.cwd()}), and not a Hugging Face Hub "
-                              f"repository 'owner/name[/file.safetensors][@revision]'")
+        raise CheckpointError(f"{source}: no such file or folder (from {Path.cwd()})" + (
+            "" if local else ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
-    local = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir, what="checkpoint")
-    if filename:
-        return [(local, None)]
-    where = f" (the Hub repository {repo_id!r} at {revision or 'main'}: only its safetensors files are fetched)"
-    return _folder_files(local, where)
+    if filename is not None:
+        return [(hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir), None)]
+    snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
+                                                                                           SHARD_INDEX))
+    if (snapshot / "model.safetensors").is_file():
+        return [(snapshot / "model.safetensors", None)]
+    if (snapshot / SHARD_INDEX).is_file():
+        shards = sorted({shard for _, shard in _weight_map(snapshot / SHARD_INDEX)})
+        hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=tuple(shards))
+        return _shards(snapshot / SHARD_INDEX)
+    raise CheckpointError(f"the Hub repository {repo_id!r} at {revision or 'main'} has neither model.safetensors nor "
+                          f"{SHARD_INDEX} at its root: name its weights file, {repo_id}/<file>.safetensors (pickle "
+                          f"weights are never fetched)")
 
 
 def hub_spec(text: str, revision: str | None = None,
              error: type[StudioError] | None = None) -> tuple[str, str | None, str | None] | None:
-    """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``
-    (``revision``, if given, must agree with ``@rev``), or ``None`` for text that is not such a reference (two parts
-    naming a file read as a mistyped local path)."""
+    """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``,
+    or ``None`` for text that is not such a reference. ``owner/name.safetensors`` is read as a mistyped local path,
+    not a repository. A ``revision`` given besides ``@rev`` must agree with it."""
     spec, at, rev = text.partition("@")
     parts = spec.split("/")
     if (at and not rev) or len(parts) < 2 or not all(p for p in parts) \
             or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts[:2]):
         return None
-    if len(parts) == 2 and Path(parts[1]).suffix in (".safetensors", *PICKLE_SUFFIXES):
+    if len(parts) == 2 and Path(parts[1]).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         return None
     filename = "/".join(parts[2:]) or None
     if filename is not None and not filename.endswith(".safetensors"):
@@ -126,72 +143,95 @@ def hub_spec(text: str, revision: str | None = None,
 
 
 def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None = None, repo_type: str = "model",
-              cache_dir: str | os.PathLike | None = None, allow_patterns: tuple[str, ...] = HUB_CHECKPOINT_PATTERNS,
+              cache_dir: str | os.PathLike | None = None, allow_patterns: tuple[str, ...] | None = None,
               what: str = "checkpoint", error: type[StudioError] | None = None) -> Path:
-    """Fetch a repository snapshot (only ``allow_patterns``), or one of its files, with ``huggingface_hub``, and
-    return its local path; any failure (offline and not cached, unknown repository, network) becomes one
-    :class:`CheckpointError` (or ``error``) naming the source."""
-    try:
-        from huggingface_hub import hf_hub_download, snapshot_download
+    """Fetch a repository snapshot (the files matching ``allow_patterns``; ``None``: every file), or one of its
+    files, with ``huggingface_hub``, and return its local path. Any failure (offline and not cached, unknown
+    repository or revision, network) becomes one :class:`CheckpointError` (or ``error``) naming the source, on one
+    line."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
 
-        cache = str(cache_dir) if cache_dir is not None else None
+    cache = str(cache_dir) if cache_dir is not None else None
+    try:
         if filename is not None:
             return Path(hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type, cache_dir=cache))
         return Path(snapshot_download(repo_id=repo_id, revision=revision, repo_type=repo_type, cache_dir=cache,
-                                      allow_patterns=list(allow_patterns) if allow_patterns else None))
+                                      allow_patterns=list(allow_patterns) if allow_patterns is not None else None))
     except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
-        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-        hint = " (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else ""
+        hint = " (offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache)" \
+            if constants.HF_HUB_OFFLINE else ""
         source = repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())   # huggingface_hub's messages span lines
         raise (error or CheckpointError)(
-            f"{source!r} is not a local file or folder (from {Path.cwd()}), and cannot be fetched as a {what} from "
-            f"the Hugging Face Hub{hint}: {exc}") from exc
+            f"{source!r} is not a local path (from {Path.cwd()}), and cannot be fetched as a {what} from the Hugging "
+            f"Face Hub{hint}: {reason[:400]}") from exc
 
 
-def _folder_files(folder: Path, where: str = "") -> list[tuple[Path, frozenset[str] | None]]:
-    single = folder / "model.safetensors"
-    if single.is_file():
-        return [(single, None)]
-    indexes = sorted(folder.glob(_SHARD_INDEX))
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
+
+
+def _folder_files(folder: Path) -> list[tuple[Path, frozenset[str] | None]]:
+    if (folder / "model.safetensors").is_file():
+        return [(folder / "model.safetensors", None)]
+    if (folder / SHARD_INDEX).is_file():
+        return _shards(folder / SHARD_INDEX)
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    files = sorted(folder.glob("*.safetensors"))
     if len(indexes) == 1:
         return _shards(indexes[0])
-    files = sorted(folder.glob("*.safetensors"))
     if not indexes and len(files) == 1:
         return [(files[0], None)]
-    found = sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".json", *PICKLE_SUFFIXES)) \
-        if folder.is_dir() else []   # a Hub snapshot with no matching file may not exist
+    found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".safetensors", ".json", *PICKLE_SUFFIXES))
     pickles = " (pickle files are not loaded: convert them to .safetensors)" \
-        if any(Path(n).suffix in PICKLE_SUFFIXES for n in found) else ""
-    raise CheckpointError(f"{folder}{where}: expected model.safetensors, one *.safetensors.index.json or a single "
+        if any(Path(n).suffix.lower() in PICKLE_SUFFIXES for n in found) else ""
+    raise CheckpointError(f"{folder}: expected model.safetensors, one *.safetensors.index.json or a single "
                           f".safetensors file; found {found or 'none of these'}{pickles}. Give the file's path")
 
 
-def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
-    """The shard files of a ``*.safetensors.index.json`` (Hugging Face's sharded layout), each with its tensors."""
+def _weight_map(index: Path) -> list[tuple[str, str]]:
+    """The ``(tensor name, shard file)`` pairs of a shard index, checked."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [k for k, _ in items]
+        dup = sorted({k for k in names if names.count(k) > 1})
+        if dup:
+            raise CheckpointError(f"{index}: lists {dup[0]!r} more than once")
+        return dict(items)
+
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=pairs)["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({exc!r})") from exc
     if not isinstance(weight_map, Mapping) or not weight_map \
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to its shard file name")
+    return list(weight_map.items())
+
+
+def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
+    """The shard files of a shard index (Hugging Face's sharded layout), each with the tensors it should hold."""
     by_shard: dict[str, list[str]] = {}
-    for key, shard in weight_map.items():
+    for key, shard in _weight_map(index):
         by_shard.setdefault(shard, []).append(key)
     out = []
     for shard, keys in by_shard.items():
+        what = f"{index}: shard {shard!r} (holding {len(keys)} tensor(s), e.g. {keys[0]!r})"
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CheckpointError(f"{what} is outside the index's folder")
         path = index.parent / shard
-        if Path(shard).is_absolute() or ".." in Path(shard).parts or not path.is_file():
-            raise CheckpointError(f"{index}: shard {shard!r} (holding {len(keys)} tensor(s), e.g. {keys[0]!r}) is "
-                                  f"missing from {index.parent}")
+        _refuse_pickle(path)
+        if not path.is_file():
+            raise CheckpointError(f"{what} is missing from {index.parent}")
         out.append((path, frozenset(keys)))
     return out
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
     path = Path(path)
-    if path.suffix in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
+    _refuse_pickle(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     return path
@@ -204,6 +244,8 @@ def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[No
     which derives from ``Exception`` only."""
     try:
         yield
+    except StudioError:   # already names what is wrong
+        raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
 
@@ -318,6 +360,8 @@ class Recipe:
     suite: str | None = None
     studio_version: str = ""
     svd_mode: str = "auto"
+    # the merge saw only the tensors whose names start with this (the CLI's --prefix); None: every tensor
+    prefix: str | None = None
 
     def __post_init__(self) -> None:
         from .layers import LayerRule, RULES
@@ -352,6 +396,8 @@ class Recipe:
             raise bad("seed", "an integer")
         if self.layer_rule is not None and not isinstance(self.layer_rule, (str, Mapping)):
             raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
+        if self.prefix is not None and not isinstance(self.prefix, str):
+            raise bad("prefix", "a tensor-name prefix or null")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -424,13 +470,21 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
 
 def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]],
                       **overrides: Any) -> dict[str, Tensor]:
-    """Reproduce a merge: select the recipe's experts (in its order) and call :func:`studio.merge`."""
+    """Reproduce a merge: select the recipe's experts (in its order), keep the tensors under its ``prefix``, and
+    call :func:`studio.merge`."""
     from .engine import merge
 
     missing = [name for name in recipe.experts if name not in experts]
     if missing:
         raise CheckpointError(f"recipe needs expert(s) {missing} that are not available; have {sorted(experts)}")
     chosen = {name: experts[name] for name in (recipe.experts or list(experts))}
+    if recipe.prefix is not None:
+        def under(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
+            return {k: v for k, v in sd.items() if isinstance(k, str) and k.startswith(recipe.prefix)}
+
+        base, chosen = under(base), {name: under(sd) for name, sd in chosen.items()}
+        if not base:
+            raise CheckpointError(f"recipe merges the tensors under {recipe.prefix!r}, and the base has none")
     kwargs = dict(recipe.merge_kwargs(), svd_mode=recipe.svd_mode)
     kwargs.update(overrides)
     return merge(base, chosen, recipe.method, **kwargs)

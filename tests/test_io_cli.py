@@ -14,6 +14,7 @@ from studio.io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, load_state_
                        read_metadata, save_merged, save_state_dict)
 from studio.layers import LayerRule
 from studio.schema import StudioError
+from studio.suite import DEFAULT_SUITE_PATH
 
 from .conftest import clip_like_state_dict, make_experts
 
@@ -256,7 +257,7 @@ def test_checkpoints_load_from_files_folders_shards_and_the_hub_cache(tmp_path, 
     _equal(load_state_dict(out), studio.merge(base_visual, {n: visual[n] for n in ("task0", "task1")}, "iso_c"))
 
 
-def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_hub, capsys):
+def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_hub, capsys, monkeypatch):
     from huggingface_hub import save_torch_state_dict
 
     from .conftest import hub_cache
@@ -272,41 +273,70 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
     (tmp_path / "sharded").mkdir()
     save_torch_state_dict(sd, tmp_path / "sharded", max_shard_size=4000)
     index = tmp_path / "sharded" / "model.safetensors.index.json"
-    weight_map = json.loads(index.read_text())["weight_map"]
-    first = sorted(set(weight_map.values()))[0]
+    text = index.read_text()
+    weight_map = json.loads(text)["weight_map"]
+    first, second = sorted(set(weight_map.values()))[:2]
+    hub_cache(pickled, tmp_path / "hf", "studio-test/pickled")
+    monkeypatch.chdir(tmp_path)
     cases = [
         (two, r"two: expected model.safetensors, one \*.safetensors.index.json or a single .safetensors file; "
               r"found \['a.safetensors', 'b.safetensors'\]"),
         (pickled, r"found \['pytorch_model.bin'\] \(pickle files are not loaded"),
-        (tmp_path / "typo" / "model.safetensors", "no such file or folder"),
-        ("typo/model.safetensors", "no such file or folder"),
-        ("studio-test/not-cached", "HF_HUB_OFFLINE is set"),
-        ("studio-test/not-cached/model.safetensors", "HF_HUB_OFFLINE is set"),
+        (pickled / "pytorch_model.bin", "pickle checkpoints are not loaded"),
+        (pickled / "MODEL.PT", "pickle checkpoints are not loaded"),
+        (tmp_path / "typo" / "model.safetensors", r"typo/model.safetensors: no such file or folder \(from [^)]*\)$"),
+        ("typo/model.safetensors", r"no such file or folder \(from .*\), and not a Hugging Face Hub repository"),
+        # the first part is a local folder: a mistyped local path, never sent to the Hub
+        ("sharded/nope", r"sharded/nope: no such file or folder \(from [^)]*\)$"),
+        ("studio-test/not-cached", r"offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache"),
+        ("studio-test/not-cached/model.safetensors", "offline mode, HF_HUB_OFFLINE, is on"),
+        ("studio-test/pickled", r"the Hub repository 'studio-test/pickled' at main has neither model.safetensors nor "
+                                r"model.safetensors.index.json at its root: name its weights file"),
+        (None, "a checkpoint source is a path or a Hub repository name, got None"),
     ]
-    hub_cache(pickled, tmp_path / "hf", "studio-test/pickled")
-    cases.append(("studio-test/pickled", r"\(the Hub repository 'studio-test/pickled' at main: only its safetensors "
-                                         r"files are fetched\): expected .* \['pytorch_model.bin'\] \(pickle files"))
     for source, message in cases:
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message) as err:
             load_state_dict(source, cache_dir=tmp_path / "hf")
+        assert "\n" not in str(err.value), source
     with pytest.raises(CheckpointError, match="names revision 'v1' but revision='v2'"):
         load_state_dict("studio-test/x@v1", revision="v2")
     with pytest.raises(CheckpointError, match="no tensor name starts with the prefix 'vision_model.'"):
         load_state_dict(two / "a.safetensors", prefix="vision_model.")
+    with pytest.raises(CheckpointError, match="dtype must be a floating-point torch dtype .* got 'float16'"):
+        load_state_dict(two / "a.safetensors", dtype="float16")
+    with pytest.raises(CheckpointError, match="dtype must be a floating-point torch dtype .* got torch.int8"):
+        load_state_dict(two / "a.safetensors", dtype=torch.int8)
+    _equal(load_state_dict(index), sd)   # the index itself names the checkpoint
 
-    # a shard the index names but the folder lacks; a tensor the index puts in a shard that lacks it; a bad index
+    # each way a shard index can be wrong, named by the index or the shard (not wrapped as "not readable")
+    wrong = [
+        ({**weight_map, "extra_key": first}, rf"{first}: its shard index puts 1 tensor\(s\) in this file that it does "
+                                             rf"not hold, e.g. 'extra_key'$"),
+        ({**weight_map, "extra_key": "../elsewhere.safetensors"}, r"shard '../elsewhere.safetensors' \(holding 1 "
+                                                                 r"tensor\(s\), e.g. 'extra_key'\) is outside"),
+        ({**weight_map, "extra_key": "pytorch_model.bin"}, "pytorch_model.bin: pickle checkpoints are not loaded"),
+    ]
+    for mapping, message in wrong:
+        index.write_text(json.dumps({"weight_map": mapping}))
+        with pytest.raises(CheckpointError, match=message) as err:
+            load_state_dict(tmp_path / "sharded")
+        assert "not a readable" not in str(err.value)
+    key = next(k for k, v in weight_map.items() if v == first)
+    index.write_text(text.replace(f'"{key}": "{first}"', f'"{key}": "{first}", "{key}": "{second}"'))
+    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: lists '{key}' more than once"):
+        load_state_dict(tmp_path / "sharded")
+    save_state_dict(tmp_path / "sharded" / second, {**load_state_dict(tmp_path / "sharded" / second), key: sd[key]})
+    index.write_text(text)   # a tensor in two shards, the index naming one
+    with pytest.raises(CheckpointError, match=rf"tensor '{key}' is also in {first}; each tensor must be in one shard"):
+        load_state_dict(tmp_path / "sharded")
+    for bad in ("{", json.dumps({"metadata": {}}), json.dumps({"weight_map": {"a": 1}})):
+        index.write_text(bad)
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*weight_map"):
+            load_state_dict(tmp_path / "sharded")
+    index.write_text(text)
     (tmp_path / "sharded" / first).rename(tmp_path / "moved.safetensors")
     with pytest.raises(CheckpointError, match=rf"shard '{first}' \(holding \d+ tensor\(s\), e.g. '.+'\) is missing"):
         load_state_dict(tmp_path / "sharded")
-    (tmp_path / "moved.safetensors").rename(tmp_path / "sharded" / first)
-    wrong = dict(weight_map, extra_key=first)
-    index.write_text(json.dumps({"weight_map": wrong}))
-    with pytest.raises(CheckpointError, match=rf"{first}: the index lists 1 tensor\(s\) .* e.g. 'extra_key'"):
-        load_state_dict(tmp_path / "sharded")
-    for text in ("{", json.dumps({"metadata": {}}), json.dumps({"weight_map": {"a": 1}})):
-        index.write_text(text)
-        with pytest.raises(CheckpointError, match="model.safetensors.index.json: .*weight_map"):
-            load_state_dict(tmp_path / "sharded")
 
     # the CLI: one line, nothing written
     out = tmp_path / "m.safetensors"
@@ -314,6 +344,27 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
                  "task_arithmetic", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "two: expected model.safetensors" in err[0] and not out.exists()
-    assert main(["merge", "--suite", "assets/minisuite", "--prefix", "visual.", "--method", "task_arithmetic",
+    assert main(["merge", "--base", "studio-test/not-cached", "--expert", f"x={two / 'a.safetensors'}", "--method",
+                 "task_arithmetic", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'studio-test/not-cached' is not a local path" in err[0] and not out.exists()
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--prefix", "visual.", "--method", "task_arithmetic",
                  "--out", str(out)]) == 2
     assert "--prefix applies to --base and --expert" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_recipe_keeps_the_prefix_and_its_replay_uses_it(files, capsys):
+    """A merge under --prefix replayed without it merged every tensor (a different model, silently)."""
+    tmp, base, experts, args = files
+    out, recipe = tmp / "m.safetensors", tmp / "m.yaml"
+    assert main(["merge", *args, "--prefix", "visual.transformer.", "--method", "tsv_m", "--out", str(out),
+                 "--recipe", str(recipe)]) == 0
+    merged = load_state_dict(out)
+    assert merged and all(k.startswith("visual.transformer.") for k in merged)
+    assert Recipe.from_file(recipe).prefix == Recipe.from_file(out).prefix == "visual.transformer."
+    again = tmp / "again.safetensors"
+    assert main(["recipe", str(recipe), *args, "--out", str(again)]) == 0
+    _equal(load_state_dict(again), merged)
+    _equal(merge_from_recipe(Recipe.from_file(out), base, experts), merged)   # the library applies it too
+    assert main(["recipe", str(recipe), *args, "--prefix", "visual.", "--out", str(again)]) == 2
+    assert "--prefix 'visual.' differs from the recipe's prefix 'visual.transformer.'" in capsys.readouterr().err

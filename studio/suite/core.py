@@ -313,7 +313,7 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     if spec is None or spec[1] is not None:
         raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id "
                          f"'owner/name[@revision]'")
-    local = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir, allow_patterns=(),
+    local = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
                       what="suite", error=SuiteError)
     return Suite(local)
 
