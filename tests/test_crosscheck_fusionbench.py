@@ -1,8 +1,9 @@
 """Parity with an independent implementation of the same papers: FusionBench 0.2.33, the reference the engine's issue
 measures against (``pip install -e ".[crosscheck]"``; ``.ci/run`` installs it).
 
-FusionBench's own functions (TSV-M, TSV-C, Iso-C, Iso-CTS, TIES, SVC) run on the real MiniSuite experts in float64,
-which makes them the exact result of the official algorithms; ``studio.merge`` runs in float32 as always. The error is
+FusionBench's own functions (TSV-M, TSV-C, Iso-C, Iso-CTS, TIES, SVC) run on the real MiniSuite experts (open_clip
+layout) and on eight experts in the layout of FusionBench's own CLIP experts (``transformers``, separate q/k/v), in
+float64, which makes them the exact result of the official algorithms; ``studio.merge`` runs in float32 as always. The error is
 ``||ours - theirs|| / ||theirs - base||`` per tensor, the worst tensor reported. Tolerances: 3e-5 for element-wise
 methods, whose only error is the float32 rounding of the returned ``base + delta`` (up to 8e-6 of a small delta on a
 LayerNorm weight of size ~1, measured), and 1e-4 for spectral ones, where FusionBench's own float32 run is 3e-6 to
@@ -30,10 +31,11 @@ import pytest
 import torch
 
 import studio
+from studio.io import load_state_dict, save_state_dict
 from studio.methods.iso_cts import iso_cts_dims
 from studio.suite import default_suite
 
-from .conftest import require_or_skip_module, worst_error
+from .conftest import make_experts, require_or_skip_module, worst_error
 
 try:
     from fusion_bench.method.isotropic_merging.iso_utils import iso_c as fb_iso_c, iso_cts as fb_iso_cts
@@ -157,8 +159,27 @@ def test_the_pinned_fusion_bench_is_the_one_imported():
     assert importlib.metadata.version("fusion-bench") == "0.2.33"
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_merge_matches_fusion_bench(suite, task_vectors, case):
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory) -> types.SimpleNamespace:
+    """Eight experts in the layout of FusionBench's own CLIP experts: a small ``transformers.CLIPVisionModel``
+    (separate q/k/v projections, a 2-D ``position_embedding``, a 4-D ``patch_embedding``) written by its
+    ``save_pretrained`` and read back from that folder by ``studio.io.load_state_dict``; the experts are structured
+    perturbations of it (``make_experts``), each saved as a Hugging Face folder and read back the same way."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    root = tmp_path_factory.mktemp("hf_clip")
+    CLIPVisionModel(config).save_pretrained(root / "base")
+    base = load_state_dict(root / "base")
+    experts = make_experts(base, 8)
+    for name, sd in experts.items():
+        save_state_dict(root / name / "model.safetensors", sd)
+    return types.SimpleNamespace(base=base, experts={name: load_state_dict(root / name) for name in experts})
+
+
+def _check_case(suite, task_vectors: TaskVectors, case: str) -> None:
     kwargs, reference, tol = CASES[case]
     kwargs = dict(kwargs)
     ours = studio.merge(suite.base, suite.experts, kwargs.pop("method"), **kwargs)
@@ -166,6 +187,19 @@ def test_merge_matches_fusion_bench(suite, task_vectors, case):
         assert ours[k].shape == base.shape and ours[k].dtype == base.dtype, k
     err, key = worst_error(suite.base, ours, reference(suite, task_vectors, torch.float64))
     assert err <= tol, f"{case}, {key}: relative error {err:.2e} against FusionBench exceeds {tol:.0e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_matches_fusion_bench(suite, task_vectors, case):
+    _check_case(suite, task_vectors, case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_matches_fusion_bench_on_the_transformers_layout(hf_clip, case):
+    """The same comparisons on FusionBench's expert layout (Hugging Face CLIP, read from ``save_pretrained``
+    folders): the same tensors are matrices on both sides, ``position_embedding`` included."""
+    assert any(v.dim() == 4 for v in hf_clip.base.values()) and any("q_proj" in k for k in hf_clip.base)
+    _check_case(hf_clip, task_vectors_of(hf_clip, torch.float64), case)
 
 
 def test_tsv_c_compress(suite, task_vectors):
