@@ -3,12 +3,12 @@ measures against (``pip install -e ".[crosscheck]"``; ``.ci/run`` installs it).
 
 FusionBench's own functions (TSV-M, TSV-C, Iso-C, Iso-CTS, TIES, SVC) run on the real MiniSuite experts (open_clip
 layout) and on eight experts in the layout of FusionBench's own CLIP experts (``transformers``, separate q/k/v), in
-float64, which makes them the exact result of the official algorithms; ``studio.merge`` runs in float32 as always. The error is
-``||ours - theirs|| / ||theirs - base||`` per tensor, the worst tensor reported. Tolerances: 3e-5 for element-wise
-methods, whose only error is the float32 rounding of the returned ``base + delta`` (up to 8e-6 of a small delta on a
-LayerNorm weight of size ~1, measured), and 1e-4 for spectral ones, where FusionBench's own float32 run is 3e-6 to
-4e-5 off its float64 run. Moving a structural hyperparameter by one step (one component, 1 % of TIES's kept entries)
-moves the result by far more (``test_tolerance_tells_one_step_apart``), so the tolerances are tight.
+float64, which makes them the exact result of the official algorithms; ``studio.merge`` runs in float32 as always.
+The error is ``||ours - theirs|| / ||theirs - base||`` per tensor, the worst tensor reported. Tolerances: 3e-5 for
+element-wise methods, whose only error is the float32 rounding of the returned ``base + delta`` (up to 8e-6 of a
+small delta on a LayerNorm weight of size ~1, measured), and 1e-4 for spectral ones, where FusionBench's own float32
+run is 3e-6 to 4e-5 off its float64 run. Moving a structural hyperparameter by one step (one component, 1 % of TIES's
+kept entries) moves the result by far more (``test_tolerance_tells_one_step_apart``), so the tolerances are tight.
 
 ``python -m tests.test_crosscheck_fusionbench`` prints every comparison's error next to FusionBench's own float32 error,
 and the layers where that float32 run fails (the README quotes it).
