@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .io import Recipe, load_state_dict, merge_from_recipe, save_merged
+from .io import Recipe, load_state_dict, merge_from_recipe, save_merged, save_state_dict
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -160,6 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     pool_args(p)
     p.add_argument("--out", required=True)
 
+    p = sub.add_parser("compress", help="TSV-C: store each expert as low-rank task matrices (one safetensors file)")
+    pool_args(p)
+    p.add_argument("--rank-fraction", type=float, default=None,
+                   help="fraction of each layer's components kept per task (default 1/T, as the TSV paper)")
+    p.add_argument("--layer-rule", default=None, help="which 2-D tensors are compressed (default all_matrices)")
+    p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"))
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("reconstruct", help="rebuild one expert from a compress file: base + alpha * its task vector")
+    p.add_argument("packed", help="a file merge-studio compress wrote")
+    p.add_argument("--task", required=True, help="the expert to rebuild")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--suite", help="the suite whose base the experts were compressed against")
+    p.add_argument("--base", help="or the base checkpoint (any source merge's --base takes)")
+    p.add_argument("--prefix", default=None, help="as given to compress")
+    p.add_argument("--out", required=True)
+
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
     p.add_argument("--suite", required=True)
     p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
@@ -217,6 +234,28 @@ def _run(args: argparse.Namespace) -> int:
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe)
         print(f"wrote {args.out} ({len(merged)} tensors)")
+    elif args.cmd == "compress":
+        from .compress import compress
+
+        base, experts, _ = _load_pool(args)
+        packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
+                          layer_rule=args.layer_rule, svd_mode=args.svd_mode)
+        packed.save(args.out)
+        size = packed.storage()
+        print(f"wrote {args.out}: {len(experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
+              f"all of them = {size['model_multiple']:.2f} x the model")
+    elif args.cmd == "reconstruct":
+        from .compress import Compressed
+        from .suite import load_suite
+
+        if bool(args.suite) == bool(args.base):
+            raise StudioError("give the base the experts were compressed against: --suite or --base")
+        if args.suite and args.prefix is not None:
+            raise StudioError("--prefix applies to --base; a suite's base is used whole")
+        base = load_suite(args.suite).base if args.suite else load_state_dict(args.base, prefix=args.prefix)
+        state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
+        save_state_dict(args.out, state_dict)
+        print(f"wrote {args.out} ({len(state_dict)} tensors)")
     elif args.cmd == "evaluate":
         from .evaluate import evaluate
         from .suite import load_suite

@@ -14,7 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -116,6 +119,82 @@ class Compressed:
     def storage_ratio(self) -> float:
         """Stored numbers of all compressed tasks / numbers of their dense task vectors."""
         return self.storage()["ratio"]
+
+    def save(self, path: "str | os.PathLike") -> Path:
+        """Write every task's factors and dense tensors to one safetensors file (atomically), the task names, rank
+        fraction and layer rule in its metadata. The base is not stored: :meth:`load` takes it again.
+
+        Example:
+            >>> import tempfile, torch, studio
+            >>> base = {"w": torch.zeros(6, 4), "b": torch.zeros(4)}
+            >>> experts = {t: {"w": torch.randn(6, 4), "b": torch.randn(4)} for t in "ab"}
+            >>> packed = studio.compress(base, experts)
+            >>> path = packed.save(Path(tempfile.mkdtemp()) / "packed.safetensors")
+            >>> again = Compressed.load(path, base)
+            >>> torch.equal(again.task_vector("a")["w"], packed.task_vector("a")["w"]), again.rank_fraction
+            (True, None)
+        """
+        from .io import save_state_dict
+
+        tensors: dict[str, Tensor] = {}
+        for i, name in enumerate(self.tasks):
+            for key, v in self.tasks[name].items():
+                parts = {"U": v.U, "S": v.S, "Vh": v.Vh} if isinstance(v, LowRank) else {"dense": v}
+                tensors.update({f"{i}/{key}/{part}": t for part, t in parts.items()})
+        meta = {"format": "merge-studio tsv-c 1", "tasks": list(self.tasks), "rank_fraction": self.rank_fraction,
+                "layer_rule": self.layer_rule.to_dict(), "meta": self.meta}
+        return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: "str | os.PathLike", base: StateDict) -> "Compressed":
+        """Read a file :meth:`save` wrote, against the ``base`` its task vectors apply to: a
+        :class:`~studio.io.CheckpointError` names a file that is not one, or an entry whose key or shape does not
+        fit the base."""
+        from .io import CheckpointError, load_safetensors, read_metadata
+
+        path = Path(path)
+        raw = read_metadata(path).get(_PACKED_METADATA_KEY)
+        try:
+            meta = json.loads(raw) if raw is not None else None
+            names = [str(n) for n in meta["tasks"]]
+            rule = LayerRule.from_dict(meta["layer_rule"])
+        except (ValueError, TypeError, KeyError, StudioError) as exc:
+            raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc!r})") from None
+        if meta is None or not str(meta.get("format", "")).startswith("merge-studio tsv-c"):
+            raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save (no '{_PACKED_METADATA_KEY}' "
+                                  f"metadata)")
+        parts: dict[tuple[int, str], dict[str, Tensor]] = {}
+        for name, t in load_safetensors(path).items():
+            index, _, rest = name.partition("/")
+            key, _, part = rest.rpartition("/")
+            if not index.isdigit() or int(index) >= len(names) or part not in ("U", "S", "Vh", "dense"):
+                raise CheckpointError(f"{path}: unexpected entry {name!r}")
+            parts.setdefault((int(index), key), {})[part] = t
+        unknown = sorted({key for _, key in parts} - set(base))
+        if unknown:
+            raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base (nor {len(unknown) - 1} more)")
+        tasks: dict[str, dict[str, LowRank | Tensor]] = {n: {} for n in names}
+        for index, key in ((i, k) for i in range(len(names)) for k in base if (i, k) in parts):   # the base's order
+            p, where = parts[index, key], f"{path}: task {names[index]!r}, {key!r}"
+            shape = tuple(base[key].shape)
+            if set(p) == {"dense"}:
+                if tuple(p["dense"].shape) != shape:
+                    raise CheckpointError(f"{where}: shape {tuple(p['dense'].shape)}, the base's is {shape}")
+                tasks[names[index]][key] = p["dense"]
+            elif set(p) == {"U", "S", "Vh"}:
+                f = LowRank(p["U"], p["S"], p["Vh"])
+                k = f.rank
+                if f.shape != shape or p["U"].shape[1] != k or p["Vh"].shape[0] != k:
+                    raise CheckpointError(f"{where}: factors U {tuple(p['U'].shape)}, S ({k},), Vh "
+                                          f"{tuple(p['Vh'].shape)} do not make the base's {shape}")
+                tasks[names[index]][key] = f
+            else:
+                raise CheckpointError(f"{where}: expected U, S and Vh or a dense tensor, got {sorted(p)}")
+        return cls(base=dict(base), tasks=tasks, rank_fraction=meta.get("rank_fraction"), layer_rule=rule,
+                   meta=dict(meta.get("meta") or {}))
+
+
+_PACKED_METADATA_KEY = "merge_studio_tsv_c"
 
 
 def compress(

@@ -368,3 +368,58 @@ def test_the_recipe_keeps_the_prefix_and_its_replay_uses_it(files, capsys):
     _equal(merge_from_recipe(Recipe.from_file(out), base, experts), merged)   # the library applies it too
     assert main(["recipe", str(recipe), *args, "--prefix", "visual.", "--out", str(again)]) == 2
     assert "--prefix 'visual.' differs from the recipe's prefix 'visual.transformer.'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ TSV-C files
+def test_compressed_experts_round_trip_through_a_file_and_the_cli(files, capsys):
+    """``Compressed.save`` / ``load`` keep every factor and dense tensor bit for bit; ``merge-studio compress`` and
+    ``reconstruct`` give what the library gives."""
+    from studio.compress import Compressed, LowRank
+
+    tmp, base, experts, args = files
+    packed = studio.compress(base, experts, rank_fraction=0.5, layer_rule="default")
+    again = Compressed.load(packed.save(tmp / "lib.safetensors"), base)
+    assert list(again.tasks) == list(packed.tasks) and again.rank_fraction == 0.5
+    assert again.layer_rule == packed.layer_rule and again.meta == packed.meta
+    for name, sd in packed.tasks.items():
+        assert list(again.tasks[name]) == list(sd)
+        for key, v in sd.items():
+            w = again.tasks[name][key]
+            assert type(w) is type(v), (name, key)
+            pairs = zip((v.U, v.S, v.Vh), (w.U, w.S, w.Vh)) if isinstance(v, LowRank) else [(v, w)]
+            assert all(torch.equal(a, b) for a, b in pairs), (name, key)
+    assert again.storage() == packed.storage()
+
+    out = tmp / "packed.safetensors"
+    assert main(["compress", *args, "--rank-fraction", "0.5", "--layer-rule", "default", "--out", str(out)]) == 0
+    assert "3 experts, " in capsys.readouterr().out
+    rebuilt = tmp / "task1.safetensors"
+    assert main(["reconstruct", str(out), "--base", args[1], "--task", "task1", "--alpha", "0.7",
+                 "--out", str(rebuilt)]) == 0
+    _equal(load_state_dict(rebuilt), packed.reconstruct("task1", alpha=0.7))
+
+
+def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys):
+    from studio.compress import Compressed
+
+    tmp, base, experts, args = files
+    path = studio.compress(base, experts).save(tmp / "packed.safetensors")
+    key = "visual.proj"
+    cases = [
+        ({k: v for k, v in base.items() if k != key}, rf"'{key}' is not a key of the base"),
+        ({**base, key: torch.zeros(3, 3)}, rf"task 'task0', '{key}': factors U \(16, 2\), S \(2,\), Vh \(2, 6\) do "
+                                           rf"not make the base's \(3, 3\)"),
+        ({**base, "visual.ln_pre.bias": torch.zeros(3)}, r"'visual.ln_pre.bias': shape \(16,\), the base's is \(3,\)"),
+    ]
+    for wrong_base, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            Compressed.load(path, wrong_base)
+    with pytest.raises(CheckpointError, match="not a TSV-C file written by Compressed.save"):
+        Compressed.load(tmp / "base.safetensors", base)
+    out = tmp / "rebuilt.safetensors"
+    for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
+                           (["--task", "task0"], "give the base the experts were compressed against"),
+                           (["--task", "task0", "--base", args[1], "--suite", "x"], "give the base")):
+        assert main(["reconstruct", str(path), *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and not out.exists(), extra
