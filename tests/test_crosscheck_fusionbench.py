@@ -159,24 +159,31 @@ def test_the_pinned_fusion_bench_is_the_one_imported():
     assert importlib.metadata.version("fusion-bench") == "0.2.33"
 
 
-@pytest.fixture(scope="module")
-def hf_clip(tmp_path_factory) -> types.SimpleNamespace:
+def transformers_layout_pool(root) -> types.SimpleNamespace:
     """Eight experts in the layout of FusionBench's own CLIP experts: a small ``transformers.CLIPVisionModel``
     (separate q/k/v projections, a 2-D ``position_embedding``, a 4-D ``patch_embedding``) written by its
-    ``save_pretrained`` and read back from that folder by ``studio.io.load_state_dict``; the experts are structured
-    perturbations of it (``make_experts``), each saved as a Hugging Face folder and read back the same way."""
+    ``save_pretrained`` into ``root / "base"`` and read back from that folder by ``studio.io.load_state_dict``; the
+    experts are structured perturbations of it (``make_experts``), each written as a Hugging Face folder
+    (``model.safetensors``) and read back the same way."""
+    from pathlib import Path
+
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
+    root = Path(root)
     torch.manual_seed(0)
     config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                               image_size=32, patch_size=8)
-    root = tmp_path_factory.mktemp("hf_clip")
     CLIPVisionModel(config).save_pretrained(root / "base")
     base = load_state_dict(root / "base")
     experts = make_experts(base, 8)
     for name, sd in experts.items():
         save_state_dict(root / name / "model.safetensors", sd)
     return types.SimpleNamespace(base=base, experts={name: load_state_dict(root / name) for name in experts})
+
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory) -> types.SimpleNamespace:
+    return transformers_layout_pool(tmp_path_factory.mktemp("hf_clip"))
 
 
 def _check_case(suite, task_vectors: TaskVectors, case: str) -> None:
@@ -301,18 +308,23 @@ def test_tolerance_tells_one_step_apart(suite, task_vectors):
 
 
 def main() -> None:
-    """Print every case's error against FusionBench in float64, beside FusionBench's own float32 error."""
-    suite = default_suite()
-    tvs64, tvs32 = task_vectors_of(suite, torch.float64), task_vectors_of(suite, torch.float32)
-    print(f"FusionBench {importlib.metadata.version('fusion-bench')}, MiniSuite ({len(tvs64)} experts); "
-          "worst per-tensor ||x - FB float64|| / ||FB float64 delta||")
-    print("| case | studio.merge (float32) | FusionBench float32 | tolerance |\n|---|---|---|---|")
-    for case, (kwargs, reference, tol) in CASES.items():
-        kwargs = dict(kwargs)
-        ours = studio.merge(suite.base, suite.experts, kwargs.pop("method"), **kwargs)
-        exact = reference(suite, tvs64, torch.float64)
-        print(f"| {case} | {worst_error(suite.base, ours, exact)[0]:.1e} | "
-              f"{worst_error(suite.base, reference(suite, tvs32, torch.float32), exact)[0]:.1e} | {tol:.0e} |")
+    """Print every case's error against FusionBench in float64, beside FusionBench's own float32 error, on MiniSuite
+    and on the transformers layout."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pools = [("MiniSuite", default_suite()), ("the transformers layout", transformers_layout_pool(tmp))]
+    for title, suite in pools:
+        tvs64, tvs32 = task_vectors_of(suite, torch.float64), task_vectors_of(suite, torch.float32)
+        print(f"\nFusionBench {importlib.metadata.version('fusion-bench')}, {title} ({len(tvs64)} experts); "
+              "worst per-tensor ||x - FB float64|| / ||FB float64 delta||")
+        print("| case | studio.merge (float32) | FusionBench float32 | tolerance |\n|---|---|---|---|")
+        for case, (kwargs, reference, tol) in CASES.items():
+            kwargs = dict(kwargs)
+            ours = studio.merge(suite.base, suite.experts, kwargs.pop("method"), **kwargs)
+            exact = reference(suite, tvs64, torch.float64)
+            print(f"| {case} | {worst_error(suite.base, ours, exact)[0]:.1e} | "
+                  f"{worst_error(suite.base, reference(suite, tvs32, torch.float32), exact)[0]:.1e} | {tol:.0e} |")
     base, experts, exact = ill_conditioned_layers()
     try:
         ill_conditioned_layers(torch.float32)
