@@ -83,11 +83,11 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
 
 
 def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
+    if args.prefix is not None and (args.suite or not args.prefix):
+        raise StudioError("--prefix applies to --base and --expert checkpoints (a suite's are used whole) and must "
+                          "not be empty")
     if args.suite:
         from .suite import load_suite
-
-        if args.prefix is not None:
-            raise StudioError("--prefix applies to --base and --expert checkpoints; a suite's experts are used whole")
 
         suite = load_suite(args.suite)
         experts = suite.experts
@@ -172,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("packed", help="a file merge-studio compress wrote")
     p.add_argument("--task", required=True, help="the expert to rebuild")
     p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--suite", help="the suite whose base the experts were compressed against")
-    p.add_argument("--base", help="or the base checkpoint (any source merge's --base takes)")
-    p.add_argument("--prefix", default=None, help="as given to compress")
+    p.add_argument("--suite", help="the suite whose base the experts were compressed against (default: the suite "
+                                   "compress was given, if any)")
+    p.add_argument("--base", help="or the base checkpoint (any source merge's --base takes; compress's --prefix is "
+                                  "applied)")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
@@ -240,6 +241,7 @@ def _run(args: argparse.Namespace) -> int:
         base, experts, _ = _load_pool(args)
         packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
+        packed.meta.update(prefix=args.prefix, suite=args.suite)   # what reconstruct needs to find the same base
         packed.save(args.out)
         size = packed.storage()
         print(f"wrote {args.out}: {len(experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
@@ -248,11 +250,12 @@ def _run(args: argparse.Namespace) -> int:
         from .compress import Compressed
         from .suite import load_suite
 
+        saved = Compressed.read_meta(args.packed)
+        if not args.base and not args.suite:
+            args.suite = saved.get("suite")
         if bool(args.suite) == bool(args.base):
             raise StudioError("give the base the experts were compressed against: --suite or --base")
-        if args.suite and args.prefix is not None:
-            raise StudioError("--prefix applies to --base; a suite's base is used whole")
-        base = load_suite(args.suite).base if args.suite else load_state_dict(args.base, prefix=args.prefix)
+        base = load_suite(args.suite).base if args.suite else load_state_dict(args.base, prefix=saved.get("prefix"))
         state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

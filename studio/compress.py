@@ -15,6 +15,8 @@ Example:
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
 from .pool import StateDict, TaskPool, validate_experts
-from .schema import HyperparameterError, StudioError
+from .schema import HyperparameterError, StudioError, brief
 
 __all__ = ["LowRank", "Compressed", "compress"]
 
@@ -84,6 +86,8 @@ class Compressed:
 
         Non-floating tensors (e.g. integer buffers) are copied from the base.
         """
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
         tv = self.task_vector(task)
         out: dict[str, Tensor] = {}
         for key, b in self.base.items():
@@ -143,26 +147,22 @@ class Compressed:
                 tensors.update({f"{i}/{key}/{part}": t for part, t in parts.items()})
         meta = {"format": "merge-studio tsv-c 1", "tasks": list(self.tasks), "rank_fraction": self.rank_fraction,
                 "layer_rule": self.layer_rule.to_dict(), "meta": self.meta}
-        return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta)})
+        return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta, default=str)})
 
     @classmethod
     def load(cls, path: "str | os.PathLike", base: StateDict) -> "Compressed":
         """Read a file :meth:`save` wrote, against the ``base`` its task vectors apply to: a
         :class:`~studio.io.CheckpointError` names a file that is not one, or an entry whose key or shape does not
         fit the base."""
-        from .io import CheckpointError, load_safetensors, read_metadata
+        from .io import CheckpointError, load_safetensors
 
         path = Path(path)
-        raw = read_metadata(path).get(_PACKED_METADATA_KEY)
+        meta = _header(path)
         try:
-            meta = json.loads(raw) if raw is not None else None
             names = [str(n) for n in meta["tasks"]]
             rule = LayerRule.from_dict(meta["layer_rule"])
-        except (ValueError, TypeError, KeyError, StudioError) as exc:
-            raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc!r})") from None
-        if meta is None or not str(meta.get("format", "")).startswith("merge-studio tsv-c"):
-            raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save (no '{_PACKED_METADATA_KEY}' "
-                                  f"metadata)")
+        except (TypeError, KeyError, StudioError) as exc:
+            raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
         parts: dict[tuple[int, str], dict[str, Tensor]] = {}
         for name, t in load_safetensors(path).items():
             index, _, rest = name.partition("/")
@@ -172,7 +172,8 @@ class Compressed:
             parts.setdefault((int(index), key), {})[part] = t
         unknown = sorted({key for _, key in parts} - set(base))
         if unknown:
-            raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base (nor {len(unknown) - 1} more)")
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base{more}")
         tasks: dict[str, dict[str, LowRank | Tensor]] = {n: {} for n in names}
         for index, key in ((i, k) for i in range(len(names)) for k in base if (i, k) in parts):   # the base's order
             p, where = parts[index, key], f"{path}: task {names[index]!r}, {key!r}"
@@ -184,7 +185,8 @@ class Compressed:
             elif set(p) == {"U", "S", "Vh"}:
                 f = LowRank(p["U"], p["S"], p["Vh"])
                 k = f.rank
-                if f.shape != shape or p["U"].shape[1] != k or p["Vh"].shape[0] != k:
+                if p["U"].dim() != 2 or p["S"].dim() != 1 or p["Vh"].dim() != 2 or f.shape != shape \
+                        or p["U"].shape[1] != k or p["Vh"].shape[0] != k:
                     raise CheckpointError(f"{where}: factors U {tuple(p['U'].shape)}, S ({k},), Vh "
                                           f"{tuple(p['Vh'].shape)} do not make the base's {shape}")
                 tasks[names[index]][key] = f
@@ -193,8 +195,32 @@ class Compressed:
         return cls(base=dict(base), tasks=tasks, rank_fraction=meta.get("rank_fraction"), layer_rule=rule,
                    meta=dict(meta.get("meta") or {}))
 
+    @staticmethod
+    def read_meta(path: "str | os.PathLike") -> dict[str, Any]:
+        """The ``meta`` a file :meth:`save` wrote carries (e.g. the CLI's ``prefix`` and ``suite``), without its
+        tensors."""
+        meta = _header(Path(path)).get("meta")
+        return dict(meta) if isinstance(meta, Mapping) else {}
+
 
 _PACKED_METADATA_KEY = "merge_studio_tsv_c"
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The JSON header :meth:`Compressed.save` writes into the safetensors metadata, or a ``CheckpointError``."""
+    from .io import CheckpointError, read_metadata
+
+    raw = read_metadata(path).get(_PACKED_METADATA_KEY)
+    if raw is None:
+        raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save (no '{_PACKED_METADATA_KEY}' "
+                              f"metadata)")
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict) or not str(header.get("format", "")).startswith("merge-studio tsv-c"):
+            raise ValueError("not its format")
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
+    return header
 
 
 def compress(
@@ -246,8 +272,8 @@ def compress(
         try:
             rank_fraction = float(rank_fraction)
         except (TypeError, ValueError):
-            raise HyperparameterError(f"compress: rank_fraction must be a number in (0, 1], got {rank_fraction!r}") \
-                from None
+            raise HyperparameterError(f"compress: rank_fraction must be a number in (0, 1], got "
+                                      f"{brief(rank_fraction)}") from None
         if not 0.0 < rank_fraction <= 1.0:
             raise HyperparameterError(f"compress: rank_fraction = {rank_fraction!r} is outside (0, 1]")
     pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)

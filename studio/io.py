@@ -32,12 +32,12 @@ class CheckpointError(StudioError):
     """A checkpoint or recipe file is missing, unreadable or of an unsupported format."""
 
 
-def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
+def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
                     revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> dict[str, Tensor]:
-    """Read a checkpoint tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix`` and
-    converting floating-point tensors to ``dtype``.
+    """Read a checkpoint tensor by tensor (``safe_open``), optionally keeping only keys under ``prefix`` (a
+    :class:`CheckpointError` if none is) and converting floating-point tensors to ``dtype``.
 
-    ``source`` is a safetensors file, a folder in the Hugging Face layout or a shard index (see
+    ``path`` is a safetensors file, a folder in the Hugging Face layout or a shard index (see
     :func:`checkpoint_files`), or, as text, a Hub repository ``"owner/name"`` or one of its files
     ``"owner/name/path/in/repo.safetensors"``, either with an optional ``"@revision"`` (or ``revision=``), fetched
     with ``huggingface_hub`` (``HF_HUB_OFFLINE=1`` serves its local cache; a :class:`~pathlib.Path` is always local).
@@ -57,24 +57,24 @@ def load_state_dict(source: str | os.PathLike, *, prefix: str | None = None, dty
                               f"got {brief(dtype)}")
     out: dict[str, Tensor] = {}
     origin: dict[str, Path] = {}
-    for path, listed in checkpoint_files(source, revision=revision, cache_dir=cache_dir):
-        with _readable(path):
-            with safe_open(str(path), framework="pt") as f:
+    for file, listed in checkpoint_files(path, revision=revision, cache_dir=cache_dir):
+        with _readable(file):
+            with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
                 missing = sorted(listed - set(keys)) if listed is not None else []
                 if missing:
-                    raise CheckpointError(f"{path}: its shard index puts {len(missing)} tensor(s) in this file that it "
+                    raise CheckpointError(f"{file}: its shard index puts {len(missing)} tensor(s) in this file that it "
                                           f"does not hold, e.g. {missing[0]!r}")
                 for key in keys:
                     if key in origin:
-                        raise CheckpointError(f"{path}: tensor {key!r} is also in {origin[key].name}; each tensor must "
+                        raise CheckpointError(f"{file}: tensor {key!r} is also in {origin[key].name}; each tensor must "
                                               f"be in one shard")
-                    origin[key] = path
+                    origin[key] = file
                     if prefix is None or key.startswith(prefix):
                         t = f.get_tensor(key)
                         out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if prefix is not None and not out:
-        raise CheckpointError(f"{source}: no tensor name starts with the prefix {prefix!r}")
+        raise CheckpointError(f"{path}: no tensor name starts with the prefix {prefix!r}")
     return out
 
 
@@ -101,7 +101,7 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
     _refuse_pickle(path)
     if path.is_file():
         return _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
-    local = not isinstance(source, str) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
+    local = is_local_path(source)
     spec = None if local else hub_spec(source, revision)
     if spec is None:
         raise CheckpointError(f"{source}: no such file or folder (from {Path.cwd()})" + (
@@ -109,17 +109,37 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
     repo_id, filename, revision = spec
     if filename is not None:
         return [(hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir), None)]
+    from huggingface_hub import constants
+
+    where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
     snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
                                                                                            SHARD_INDEX))
     if (snapshot / "model.safetensors").is_file():
         return [(snapshot / "model.safetensors", None)]
     if (snapshot / SHARD_INDEX).is_file():
         shards = sorted({shard for _, shard in _weight_map(snapshot / SHARD_INDEX)})
-        hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=tuple(shards))
+        # the shards of the same commit (the snapshot folder's name), even if the branch moves meanwhile
+        hub_fetch(repo_id, revision=snapshot.name, cache_dir=cache_dir, allow_patterns=tuple(shards))
+        missing = [shard for shard in shards if not (snapshot / shard).is_file()]
+        if missing and constants.HF_HUB_OFFLINE:
+            raise CheckpointError(f"{where}: {len(missing)} of the {len(shards)} shards its index lists (e.g. "
+                                  f"{missing[0]!r}) are not in the local cache, and offline mode (HF_HUB_OFFLINE) is "
+                                  f"on")
         return _shards(snapshot / SHARD_INDEX)
-    raise CheckpointError(f"the Hub repository {repo_id!r} at {revision or 'main'} has neither model.safetensors nor "
-                          f"{SHARD_INDEX} at its root: name its weights file, {repo_id}/<file>.safetensors (pickle "
-                          f"weights are never fetched)")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{where}: neither model.safetensors nor {SHARD_INDEX} is in the local cache, and "
+                              f"offline mode (HF_HUB_OFFLINE) is on; name its weights file, "
+                              f"{repo_id}/<file>.safetensors, if it has neither")
+    raise CheckpointError(f"{where} has neither model.safetensors nor {SHARD_INDEX} at its root: name its weights "
+                          f"file, {repo_id}/<file>.safetensors (pickle weights are never fetched)")
+
+
+def is_local_path(source: str | os.PathLike) -> bool:
+    """Whether a source that does not exist is still meant as a local path, not a Hub repository: a
+    :class:`~pathlib.Path`, or text whose first folder exists here (``models/cars`` with a ``models/`` folder: a
+    mistyped file, never sent to the Hub)."""
+    parts = Path(source).expanduser().parts
+    return not isinstance(source, str) or (len(parts) > 1 and Path(parts[0]).is_dir())
 
 
 def hub_spec(text: str, revision: str | None = None,
@@ -129,7 +149,7 @@ def hub_spec(text: str, revision: str | None = None,
     not a repository. A ``revision`` given besides ``@rev`` must agree with it."""
     spec, at, rev = text.partition("@")
     parts = spec.split("/")
-    if (at and not rev) or len(parts) < 2 or not all(p for p in parts) \
+    if (at and not rev) or "@" in rev or len(parts) < 2 or not all(p for p in parts) \
             or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts[:2]):
         return None
     if len(parts) == 2 and Path(parts[1]).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
@@ -187,27 +207,29 @@ def _folder_files(folder: Path) -> list[tuple[Path, frozenset[str] | None]]:
     pickles = " (pickle files are not loaded: convert them to .safetensors)" \
         if any(Path(n).suffix.lower() in PICKLE_SUFFIXES for n in found) else ""
     raise CheckpointError(f"{folder}: expected model.safetensors, one *.safetensors.index.json or a single "
-                          f".safetensors file; found {found or 'none of these'}{pickles}. Give the file's path")
+                          f".safetensors file; found {brief(found) if found else 'none of these'}{pickles}. Give "
+                          f"the file's path")
 
 
 def _weight_map(index: Path) -> list[tuple[str, str]]:
     """The ``(tensor name, shard file)`` pairs of a shard index, checked."""
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        names = [k for k, _ in items]
-        dup = sorted({k for k in names if names.count(k) > 1})
-        if dup:
-            raise CheckpointError(f"{index}: lists {dup[0]!r} more than once")
-        return dict(items)
+    class _Object(dict):   # a JSON object that remembers the names it repeats (json keeps the last silently)
+        repeated: list[str]
+
+    def pairs(items: list[tuple[str, Any]]) -> _Object:
+        obj = _Object(items)
+        obj.repeated = sorted({k for k, _ in items if sum(1 for j, _ in items if j == k) > 1})
+        return obj
 
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=pairs)["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
         raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({exc!r})") from exc
     if not isinstance(weight_map, Mapping) or not weight_map \
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to its shard file name")
+    if weight_map.repeated:
+        raise CheckpointError(f"{index}: 'weight_map' lists {weight_map.repeated[0]!r} more than once")
     return list(weight_map.items())
 
 
@@ -374,7 +396,7 @@ class Recipe:
     def _check_types(self) -> None:
         """Each field of the type a merge needs, or a :class:`CheckpointError` naming the field and the value."""
         def bad(name: str, expected: str) -> CheckpointError:
-            return CheckpointError(f"recipe field '{name}' must be {expected}, got {getattr(self, name)!r}")
+            return CheckpointError(f"recipe field '{name}' must be {expected}, got {brief(getattr(self, name))}")
 
         if not isinstance(self.method, str):
             raise bad("method", "a method name (see studio.list_methods())")
@@ -400,7 +422,10 @@ class Recipe:
             raise bad("prefix", "a tensor-name prefix or null")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if out["prefix"] is None:   # recipes without one stay readable by versions before the field
+            del out["prefix"]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -30,15 +30,16 @@ _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
 
 
 def brief(value: Any) -> str:
-    """``repr(value)``, shortened for an error message (a mistaken 10 MB string is echoed as its first characters).
+    """``repr(value)`` on one line, shortened for an error message (a mistaken 10 MB string is echoed as its first
+    and last characters, a tensor's multi-line repr as one line).
 
     Example:
         >>> brief("x" * 500)
         "'xxxxxxxxxxxxxxxxxxxxxxxxxxx...xxxxxxxxxxxxxxxxxxxxxxxxxxxx'"
-        >>> brief([0.5, 2])
-        '[0.5, 2]'
+        >>> brief([0.5, 2]), brief(np.ones((2, 2)))
+        ('[0.5, 2]', 'array([[1., 1.], [1., 1.]])')
     """
-    return _BRIEF.repr(value)
+    return " ".join(_BRIEF.repr(value).split())
 
 
 def check_seed(seed: Any, error: type[StudioError] = HyperparameterError) -> int:
@@ -46,16 +47,18 @@ def check_seed(seed: Any, error: type[StudioError] = HyperparameterError) -> int
     UI number box sends it), within int64 (recipes and the app's API carry it); else ``error`` naming it.
 
     Example:
-        >>> check_seed(3), check_seed(np.int64(7)), check_seed(4.0)
-        (3, 7, 4)
+        >>> check_seed(3), check_seed(np.int64(7)), check_seed(4.0), check_seed(np.float32(5.0))
+        (3, 7, 4, 5)
     """
-    if hasattr(seed, "numel") and seed.numel() == 1 and not seed.is_floating_point():   # a torch tensor
-        seed = seed.item()
-    if isinstance(seed, float) and seed.is_integer():
-        seed = int(seed)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not -2**63 <= int(seed) < 2**63:
+    value = seed
+    if type(value).__module__ == "torch" and value.numel() == 1 and not value.is_floating_point():   # a tensor
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) \
+            and math.isfinite(value) and float(value).is_integer():   # 3.0, np.float32(3.0)
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**63 <= int(value) < 2**63:
         raise error(f"seed must be an integer in [-2^63, 2^63) (it fixes DARE's random masks), got {brief(seed)}")
-    return int(seed)
+    return int(value)
 
 
 @dataclass(frozen=True)

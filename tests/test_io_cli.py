@@ -257,6 +257,34 @@ def test_checkpoints_load_from_files_folders_shards_and_the_hub_cache(tmp_path, 
     _equal(load_state_dict(out), studio.merge(base_visual, {n: visual[n] for n in ("task0", "task1")}, "iso_c"))
 
 
+def test_a_hub_checkpoint_fetches_only_the_files_it_reads(tmp_path, offline_hub, monkeypatch):
+    """The calls to huggingface_hub (recorded on the way through; offline, they serve the cache): the weights file or
+    the index first, then the shards the index lists, at the snapshot's commit; never a ``*`` pattern (which matches
+    subfolders and variants too) and never a pickle."""
+    import huggingface_hub
+    from huggingface_hub import save_torch_state_dict
+
+    from .conftest import hub_cache
+
+    sd = clip_like_state_dict(width=16)
+    (tmp_path / "sharded").mkdir()
+    save_torch_state_dict(sd, tmp_path / "sharded", max_shard_size=4000)
+    (tmp_path / "sharded" / "sub").mkdir()
+    save_state_dict(tmp_path / "sharded" / "sub" / "model.safetensors", {"other": torch.zeros(1)})
+    snapshot = hub_cache(tmp_path / "sharded", tmp_path / "hf", "studio-test/sharded")
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def recorded(*args, **kwargs):
+        calls.append((kwargs["revision"], kwargs["allow_patterns"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recorded)
+    _equal(load_state_dict("studio-test/sharded", cache_dir=tmp_path / "hf"), sd)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert calls == [(None, ["model.safetensors", "model.safetensors.index.json"]), (snapshot.name, shards)]
+
+
 def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_hub, capsys, monkeypatch):
     from huggingface_hub import save_torch_state_dict
 
@@ -290,8 +318,9 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         ("sharded/nope", r"sharded/nope: no such file or folder \(from [^)]*\)$"),
         ("studio-test/not-cached", r"offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache"),
         ("studio-test/not-cached/model.safetensors", "offline mode, HF_HUB_OFFLINE, is on"),
-        ("studio-test/pickled", r"the Hub repository 'studio-test/pickled' at main has neither model.safetensors nor "
-                                r"model.safetensors.index.json at its root: name its weights file"),
+        # offline, a snapshot that lacks them may only lack them in the cache
+        ("studio-test/pickled", r"the Hub repository 'studio-test/pickled' at main: neither model.safetensors nor "
+                                r"model.safetensors.index.json is in the local cache, and offline mode"),
         (None, "a checkpoint source is a path or a Hub repository name, got None"),
     ]
     for source, message in cases:
@@ -307,6 +336,19 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
     with pytest.raises(CheckpointError, match="dtype must be a floating-point torch dtype .* got torch.int8"):
         load_state_dict(two / "a.safetensors", dtype=torch.int8)
     _equal(load_state_dict(index), sd)   # the index itself names the checkpoint
+    _equal(load_state_dict(path=tmp_path / "sharded"), sd)   # the keyword of earlier versions
+    repeated_meta = text.replace('"metadata": {', '"metadata": {"note": 1, "note": 2, ', 1)
+    assert repeated_meta != text
+    index.write_text(repeated_meta)   # only the weight_map's names must be unique
+    _equal(load_state_dict(tmp_path / "sharded"), sd)
+    index.write_text(text)
+    partial = hub_cache(tmp_path / "sharded", tmp_path / "hf", "studio-test/partial")
+    (partial / first).unlink()   # a download that stopped half-way: offline, say the cache lacks it
+    with pytest.raises(CheckpointError, match=rf"'studio-test/partial' at main: 1 of the \d+ shards its index lists "
+                                              rf"\(e.g. '{first}'\) are not in the local cache, and offline mode"):
+        load_state_dict("studio-test/partial", cache_dir=tmp_path / "hf")
+    from studio.io import hub_spec
+    assert hub_spec("a/b@r1@r2") is None and hub_spec("a/b@refs/pr/1") == ("a/b", None, "refs/pr/1")
 
     # each way a shard index can be wrong, named by the index or the shard (not wrapped as "not readable")
     wrong = [
@@ -323,7 +365,7 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         assert "not a readable" not in str(err.value)
     key = next(k for k, v in weight_map.items() if v == first)
     index.write_text(text.replace(f'"{key}": "{first}"', f'"{key}": "{first}", "{key}": "{second}"'))
-    with pytest.raises(CheckpointError, match=rf"model.safetensors.index.json: lists '{key}' more than once"):
+    with pytest.raises(CheckpointError, match=rf"index.json: 'weight_map' lists '{key}' more than once"):
         load_state_dict(tmp_path / "sharded")
     save_state_dict(tmp_path / "sharded" / second, {**load_state_dict(tmp_path / "sharded" / second), key: sd[key]})
     index.write_text(text)   # a tensor in two shards, the index naming one
@@ -362,6 +404,7 @@ def test_the_recipe_keeps_the_prefix_and_its_replay_uses_it(files, capsys):
     merged = load_state_dict(out)
     assert merged and all(k.startswith("visual.transformer.") for k in merged)
     assert Recipe.from_file(recipe).prefix == Recipe.from_file(out).prefix == "visual.transformer."
+    assert "prefix" not in Recipe(method="ties").to_dict()   # recipes without one: readable by earlier versions
     again = tmp / "again.safetensors"
     assert main(["recipe", str(recipe), *args, "--out", str(again)]) == 0
     _equal(load_state_dict(again), merged)
@@ -393,10 +436,17 @@ def test_compressed_experts_round_trip_through_a_file_and_the_cli(files, capsys)
     out = tmp / "packed.safetensors"
     assert main(["compress", *args, "--rank-fraction", "0.5", "--layer-rule", "default", "--out", str(out)]) == 0
     assert "3 experts, " in capsys.readouterr().out
-    rebuilt = tmp / "task1.safetensors"
+    rebuilt = tmp / "rebuilt_task1.safetensors"   # not task1.safetensors: the expert itself
     assert main(["reconstruct", str(out), "--base", args[1], "--task", "task1", "--alpha", "0.7",
                  "--out", str(rebuilt)]) == 0
     _equal(load_state_dict(rebuilt), packed.reconstruct("task1", alpha=0.7))
+    # compress records --prefix; reconstruct applies it to the base (it would otherwise write the whole base)
+    assert main(["compress", *args, "--prefix", "visual.", "--out", str(out)]) == 0
+    assert Compressed.read_meta(out)["prefix"] == "visual."
+    assert main(["reconstruct", str(out), "--base", args[1], "--task", "task1", "--out", str(rebuilt)]) == 0
+    visual = {k: v for k, v in base.items() if k.startswith("visual.")}
+    _equal(load_state_dict(rebuilt), studio.compress(visual, {n: {k: sd[k] for k in visual}
+                                                              for n, sd in experts.items()}).reconstruct("task1"))
 
 
 def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys):
@@ -418,6 +468,7 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
         Compressed.load(tmp / "base.safetensors", base)
     out = tmp / "rebuilt.safetensors"
     for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
+                           (["--task", "task0", "--base", args[1], "--alpha", "nan"], "alpha must be a finite number"),
                            (["--task", "task0"], "give the base the experts were compressed against"),
                            (["--task", "task0", "--base", args[1], "--suite", "x"], "give the base")):
         assert main(["reconstruct", str(path), *extra, "--out", str(out)]) == 2

@@ -149,7 +149,7 @@ def test_build_rejects_unknown_task(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ hub layout, offline
-def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub):
+def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub, monkeypatch):
     cache = tmp_path / "hf"
     hub_cache(mini_suite, cache, "studio-test/mini-suite")
     suite = load_suite("studio-test/mini-suite", cache_dir=cache)
@@ -162,6 +162,9 @@ def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub):
         load_suite("studio-test/mini-suite@main", revision="v2", cache_dir=cache)
     with pytest.raises(SuiteError, match="neither an existing folder nor a Hub repo id"):
         load_suite("studio-test/mini-suite/experts/digits.safetensors", cache_dir=cache)
+    monkeypatch.chdir(Path(DEFAULT_SUITE_PATH).parents[1])
+    with pytest.raises(SuiteError, match="neither an existing folder nor a Hub repo id"):   # a typo, not a repo
+        load_suite("assets/minisuit", cache_dir=cache)
     with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):
         load_suite("studio-test/not-cached", cache_dir=cache)
 

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..io import hub_fetch, hub_spec, load_safetensors
+from ..io import hub_fetch, hub_spec, is_local_path, load_safetensors
 from ..schema import StudioError
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -309,7 +309,7 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     path = Path(source).expanduser()
     if path.is_dir():
         return Suite(path)
-    spec = None if isinstance(source, Path) else hub_spec(str(source), revision, SuiteError)
+    spec = None if is_local_path(source) else hub_spec(str(source), revision, SuiteError)
     if spec is None or spec[1] is not None:
         raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id "
                          f"'owner/name[@revision]'")
