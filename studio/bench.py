@@ -2,6 +2,7 @@
 
     python -m studio.bench                         # ViT-B/32, 8 tasks, every method, CPU (and CUDA if present)
     python -m studio.bench --model ViT-L-14 --tasks 20 --device cuda --methods tsv_m iso_cts
+    python -m studio.bench --evaluate              # per-task evaluation of one merged MiniSuite model instead
 
 Experts are synthetic but shaped exactly like open_clip's visual towers (built on the meta device from open_clip's
 own model configs), with task matrices = shared low-rank part + task-specific low-rank part with a decaying spectrum
@@ -340,6 +341,25 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def time_evaluation(suite_source: str | None, method: str, device: str | None, repeat: int) -> None:
+    """``--evaluate``: merge once, build the reference caches (the first evaluation), then time ``repeat``
+    evaluations of the merged model on every task's test set."""
+    from .evaluate import evaluate
+    from .suite import DEFAULT_SUITE_PATH, load_suite
+
+    suite = load_suite(suite_source or DEFAULT_SUITE_PATH)
+    t = time.perf_counter()
+    merged = engine.merge(suite.base, suite.experts, method)
+    print(f"merge {method}: {time.perf_counter() - t:.2f} s")
+    t = time.perf_counter()
+    evaluate(suite, suite.base, device=device)
+    print(f"first evaluation (builds the expert and zero-shot caches): {time.perf_counter() - t:.2f} s")
+    for _ in range(repeat):
+        res = evaluate(suite, merged, device=device)
+        print(f"evaluate one merged model on {len(res.tasks)} tasks ({sum(res.num_images.values())} test images): "
+              f"{res.seconds:.2f} s; avg acc {res.avg_accuracy:.2f}, avg normalized {res.avg_normalized:.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
@@ -361,9 +381,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory for reuse, as the app and the CLI (studio.memory); "
                          "default: glibc's own policy, which returns large freed blocks to the kernel")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="instead: time the evaluation of one merged model (the first of --methods, default "
+                         "task_arithmetic) on every task's test set of --suite, --repeat times")
+    ap.add_argument("--suite", default=None, help="with --evaluate: a suite folder or Hub repo (default MiniSuite)")
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.evaluate:
+        return time_evaluation(args.suite, (args.methods or ["task_arithmetic"])[0],
+                               None if args.device == "all" else args.device, args.repeat)
     if args.threads:
         torch.set_num_threads(args.threads)
     kept = args.malloc == "keep" and keep_freed_memory()

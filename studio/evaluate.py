@@ -420,33 +420,3 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
     best_i = best_index(objective)
     return SweepResult(method=method, param=param, alphas=values, results=results, objective=objective,
                        best_alpha=values[best_i], best=results[best_i], split=split, weights=weights)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m studio.evaluate``: time the evaluation of one merged model on every task's test set."""
-    import argparse
-
-    from .engine import merge
-    from .suite import load_suite, DEFAULT_SUITE_PATH
-
-    ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("--suite", default=str(DEFAULT_SUITE_PATH))
-    ap.add_argument("--method", default="task_arithmetic")
-    ap.add_argument("--device", default=None)
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args(argv)
-    suite = load_suite(args.suite)
-    t = time.perf_counter()
-    merged = merge(suite.base, suite.experts, args.method)
-    print(f"merge {args.method}: {time.perf_counter() - t:.2f} s")
-    t = time.perf_counter()
-    evaluate(suite, suite.base, device=args.device)
-    print(f"first evaluation (builds the expert and zero-shot caches): {time.perf_counter() - t:.2f} s")
-    for _ in range(args.repeat):
-        res = evaluate(suite, merged, device=args.device)
-        print(f"evaluate one merged model on {len(res.tasks)} tasks ({sum(res.num_images.values())} test images): "
-              f"{res.seconds:.2f} s; avg acc {res.avg_accuracy:.2f}, avg normalized {res.avg_normalized:.2f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -24,3 +24,10 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
         assert 0 < float(cells[1]) < 60
         assert cells[8] == cells[9] == "-"                           # no --peer
         assert cells[10] == "-" or 0 <= float(cells[10]) <= 100       # CPU steal %, where /proc/stat reports it
+
+
+def test_bench_times_the_evaluation_of_a_merged_minisuite_model(capsys):
+    bench.main(["--evaluate", "--device", "cpu", "--repeat", "1", "--methods", "tsv_m"])
+    out = capsys.readouterr().out
+    assert re.search(r"merge tsv_m: [0-9.]+ s", out) and "first evaluation" in out
+    assert re.search(r"evaluate one merged model on 8 tasks \(2400 test images\): [0-9.]+ s; avg acc [0-9.]+", out)
