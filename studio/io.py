@@ -7,6 +7,7 @@ seed, layer rule). It is stored inside every exported safetensors file's metadat
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -218,7 +219,7 @@ def _weight_map(index: Path) -> list[tuple[str, str]]:
 
     def pairs(items: list[tuple[str, Any]]) -> _Object:
         obj = _Object(items)
-        obj.repeated = sorted({k for k, _ in items if sum(1 for j, _ in items if j == k) > 1})
+        obj.repeated = sorted(k for k, n in collections.Counter(k for k, _ in items).items() if n > 1)
         return obj
 
     try:
