@@ -77,8 +77,8 @@ class Compressed:
 
     def task_vector(self, task: str) -> dict[str, Tensor]:
         """Dense (approximate) task vector of ``task``: ``U diag(S) Vh`` per matrix layer, else the stored tensor."""
-        if task not in self.tasks:
-            raise StudioError(f"unknown task {task!r}; the compressed experts are {sorted(self.tasks)}")
+        if not isinstance(task, str) or task not in self.tasks:
+            raise StudioError(f"unknown task {brief(task)}; the compressed experts are {sorted(self.tasks)}")
         return {k: (v.to_dense() if isinstance(v, LowRank) else v).clone() for k, v in self.tasks[task].items()}
 
     def reconstruct(self, task: str, alpha: float = 1.0) -> dict[str, Tensor]:
@@ -156,12 +156,19 @@ class Compressed:
         fit the base."""
         from .io import CheckpointError, load_safetensors
 
+        if not isinstance(base, Mapping):
+            raise CheckpointError(f"Compressed.load needs the base state dict the experts were compressed against, "
+                                  f"got {type(base).__name__}")
         path = Path(path)
         meta = _header(path)
         try:
             names = [str(n) for n in meta["tasks"]]
             rule = LayerRule.from_dict(meta["layer_rule"])
-        except (TypeError, KeyError, StudioError) as exc:
+            fraction = meta.get("rank_fraction")
+            if len(set(names)) != len(names) or not isinstance(meta.get("meta") or {}, Mapping) \
+                    or not (fraction is None or isinstance(fraction, (int, float)) and not isinstance(fraction, bool)):
+                raise ValueError("repeated task names, or a malformed 'meta' or 'rank_fraction'")
+        except (TypeError, KeyError, ValueError, StudioError) as exc:
             raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
         parts: dict[tuple[int, str], dict[str, Tensor]] = {}
         for name, t in load_safetensors(path).items():
@@ -169,6 +176,8 @@ class Compressed:
             key, _, part = rest.rpartition("/")
             if not index.isdigit() or int(index) >= len(names) or part not in ("U", "S", "Vh", "dense"):
                 raise CheckpointError(f"{path}: unexpected entry {name!r}")
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{path}: entry {name!r} is not a finite floating-point tensor")
             parts.setdefault((int(index), key), {})[part] = t
         unknown = sorted({key for _, key in parts} - set(base))
         if unknown:
@@ -192,7 +201,7 @@ class Compressed:
                 tasks[names[index]][key] = f
             else:
                 raise CheckpointError(f"{where}: expected U, S and Vh or a dense tensor, got {sorted(p)}")
-        return cls(base=dict(base), tasks=tasks, rank_fraction=meta.get("rank_fraction"), layer_rule=rule,
+        return cls(base=dict(base), tasks=tasks, rank_fraction=fraction, layer_rule=rule,
                    meta=dict(meta.get("meta") or {}))
 
     @staticmethod
@@ -270,8 +279,10 @@ def compress(
     rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
     if rank_fraction is not None:
         try:
+            if isinstance(rank_fraction, (bool, str, bytes)):
+                raise TypeError
             rank_fraction = float(rank_fraction)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError):
             raise HyperparameterError(f"compress: rank_fraction must be a number in (0, 1], got "
                                       f"{brief(rank_fraction)}") from None
         if not 0.0 < rank_fraction <= 1.0:

@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Callable, Hashable, Mapping, NamedTuple, Sequence
 
@@ -50,7 +51,7 @@ from torch import Tensor
 from .methods import _align
 from .layers import LayerRule, resolve_rule
 from .pool import LayerTasks, TaskPool
-from .schema import StudioError
+from .schema import StudioError, brief
 
 __all__ = [
     "DiagnosticsError", "task_spectra", "spectrum", "cumulative_energy", "spectral_entropy", "effective_rank",
@@ -159,7 +160,7 @@ def effective_rank(s: Tensor, eps: float = 0.05, rule: str = "official") -> int:
     if s.dim() != 1:
         raise DiagnosticsError(f"effective_rank expects a 1-D spectrum, got shape {tuple(s.shape)}")
     if rule not in K_RULES:
-        raise DiagnosticsError(f"effective_rank: rule must be one of {K_RULES}, got {rule!r}")
+        raise DiagnosticsError(f"effective_rank: rule must be one of {K_RULES}, got {brief(rule)}")
     e = s.double().pow(2)
     total = float(e.sum())
     if total <= 0:
@@ -218,7 +219,7 @@ def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]
 
 def _check_k(name: str, k: int | None, key: str) -> None:
     if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise DiagnosticsError(f"{name} on '{key}': k must be a positive integer or None, got {k!r}")
+        raise DiagnosticsError(f"{name} on '{key}': k must be a positive integer or None, got {brief(k)}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,9 +306,9 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
     _require_matrix(layer)
     _check_k("subspace_similarity", k, layer.key)
     if side not in ("left", "right"):
-        raise DiagnosticsError(f"subspace_similarity: side must be 'left' or 'right', got {side!r}")
+        raise DiagnosticsError(f"subspace_similarity: side must be 'left' or 'right', got {brief(side)}")
     if reduce not in ("mean", "frobenius"):
-        raise DiagnosticsError(f"subspace_similarity: reduce must be 'mean' or 'frobenius', got {reduce!r}")
+        raise DiagnosticsError(f"subspace_similarity: reduce must be 'mean' or 'frobenius', got {brief(reduce)}")
     k = min(k, min(layer.shape))
 
     def compute() -> Tensor:
@@ -532,7 +533,13 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
 
 
 def _top(R: int, k: int | None) -> int:
-    return R if k is None else max(1, min(k, R))
+    """The number of leading merged subspaces to use: ``k`` clipped to the ``R`` there are (``None``: all)."""
+    if k is None:
+        return R
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise DiagnosticsError(f"the number of subspaces (k / rank) must be a positive integer or None, got "
+                               f"{brief(k)}")
+    return max(1, min(int(k), R))
 
 
 def _absent(c: Tensor) -> Tensor:
@@ -601,6 +608,9 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
         >>> s.tolist(), gamma.tolist()
         ([[2.0, 2.0], [2.0, 2.0]], [0.5, 0.5])
     """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0 or not math.isfinite(alpha):
+        raise DiagnosticsError(f"svc_coefficients: alpha must be a finite number > 0 (SVC's guard, eq. 17), got "
+                               f"{brief(alpha)}")
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank)
     s = _align.svc_projection_coefficients(st.S[:R], st.c[:, :R], st.a2[:, :R])
@@ -1043,7 +1053,7 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
         [[1.0, 1.0], [1.0, 1.0]]
     """
     if metric not in METRICS:
-        raise DiagnosticsError(f"unknown metric {metric!r}; available metrics: {list(METRICS)}")
+        raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
     if key not in pool.base:
         raise DiagnosticsError(f"unknown key '{key}'; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
     shape = tuple(pool.base[key].shape)

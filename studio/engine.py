@@ -92,6 +92,10 @@ def merge_pool(
     **hparams: Any,
 ) -> dict[str, Tensor]:
     """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments."""
+    if not isinstance(pool, TaskPool):
+        raise StudioError(f"merge_pool needs a TaskPool (studio.get_pool), got {type(pool).__name__}")
+    if progress is not None and not callable(progress):
+        raise StudioError(f"progress must be a callable (fraction, message), got {type(progress).__name__}")
     spec = get_method(method)
     names = pool.names
     if len(names) < spec.min_experts:

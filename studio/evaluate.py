@@ -31,12 +31,13 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .pool import fingerprint, resolve_device
-from .schema import StudioError
+from .pool import fingerprint, normalize_preferences, resolve_device
+from .schema import StudioError, brief
 from .suite.core import EmptySplitError, Suite, UnknownTaskError
 from .suite.model import check_architecture, head_logits, preprocess
 
@@ -211,7 +212,7 @@ def _evaluator(suite: Suite) -> _SuiteEvaluator:
 
 def _check_split(split: str) -> None:
     if split not in ("validation", "test"):
-        raise EmptySplitError(f"unknown split {split!r}; expected 'validation' or 'test'")
+        raise EmptySplitError(f"unknown split {brief(split)}; expected 'validation' or 'test'")
 
 
 def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None = None, split: str = "test",
@@ -243,7 +244,7 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
     names = suite.check_tasks(tasks)
     dev = resolve_device(device)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise StudioError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        raise StudioError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
     check_architecture(suite.tower.reference, state_dict)  # fail fast, before any reference is computed
     ev = _evaluator(suite)
     with ev.lock:
@@ -278,7 +279,7 @@ def reference_accuracy(suite: Suite, kind: str, *, tasks: Sequence[str] | None =
                        device: "str | torch.device | None" = None) -> dict[str, float]:
     """Cached accuracy (%) of the ``"expert"`` (each on its own task) or ``"zeroshot"`` references per task."""
     if kind not in ("expert", "zeroshot"):
-        raise StudioError(f"reference kind must be 'expert' or 'zeroshot', got {kind!r}")
+        raise StudioError(f"reference kind must be 'expert' or 'zeroshot', got {brief(kind)}")
     _check_split(split)
     names = suite.check_tasks(tasks)
     dev = resolve_device(device)
@@ -315,7 +316,9 @@ def predict(suite: Suite, state_dict: StateDict, task: str, images: Tensor,
     with ev.lock, torch.inference_mode():
         model = ev.model(state_dict, dev)
         emb = model(preprocess(x, dev))
-        probs = F.softmax(head_logits(emb.float(), suite.heads[task].to(dev), suite.logit_scale), dim=-1)
+        logits = head_logits(emb.float(), suite.heads[task].to(dev), suite.logit_scale)
+        _check_outputs(logits, "given", task, state_dict)
+        probs = F.softmax(logits, dim=-1)
     return probs.argmax(-1).cpu(), probs.cpu()
 
 
@@ -394,23 +397,35 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
 
     param = post_scale_param(method)
     if param is None:
-        raise StudioError(f"method {method!r} has no global scale (post_scale) hyperparameter to sweep")
+        raise StudioError(f"method {brief(method)} has no global scale (post_scale) hyperparameter to sweep")
     if param in merge_kwargs:
         raise StudioError(f"pass the values of {param!r} through alphas, not as a keyword")
-    values = [float(a) for a in alphas]
+    try:
+        values = [float(a) for a in alphas]
+    except (TypeError, ValueError, OverflowError):
+        raise StudioError(f"alphas must be a sequence of numbers, got {brief(alphas)}") from None
     if not values:
         raise StudioError("alpha_sweep needs at least one alpha value")
+    if not all(math.isfinite(a) for a in values):
+        raise StudioError(f"alphas must be finite, got {brief(values)}")
     _check_split(split)
     if split == "test":
         warnings.warn("alpha_sweep on the test split chooses alpha on the numbers it then reports (an oracle "
                       "upper bound); the papers and the leaderboard choose it on 'validation'", stacklevel=2)
     names = suite.check_tasks(tasks)
-    weights = dict(objective_weights) if objective_weights is not None else (
-        dict(preferences) if preferences is not None else None)
-    if weights is not None:
-        unknown = sorted(set(weights) - set(suite.task_names))
-        if unknown:
-            raise UnknownTaskError(f"objective weights name unknown task(s) {unknown}; tasks: {suite.task_names}")
+    weights = None
+    if objective_weights is not None or preferences is not None:
+        # the same forms as the merge's preferences (a mapping, or one weight per expert in order), checked the same
+        # way; the objective uses them as given (a task the mapping leaves out counts 0)
+        given = objective_weights if objective_weights is not None else preferences
+        if isinstance(given, Mapping):
+            unknown = sorted(set(map(str, given)) - set(suite.task_names))
+            if unknown:
+                raise UnknownTaskError(f"objective weights name unknown task(s) {brief(unknown)}; tasks: "
+                                       f"{suite.task_names}")
+        normalize_preferences(given, list(suite.experts))   # raises on anything a merge would refuse
+        raw = given.tolist() if isinstance(given, (Tensor, np.ndarray)) else given
+        weights = {str(k): float(v) for k, v in (raw.items() if isinstance(raw, Mapping) else zip(suite.experts, raw))}
     results, objective = [], []
     for a in values:
         merged = merge(suite.base, suite.experts, method, preferences=preferences, **{param: a}, **merge_kwargs)

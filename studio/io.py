@@ -53,6 +53,8 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
         >>> list(load_state_dict(p.parent))                 # a folder holding one safetensors file
         ['text.w', 'visual.w']
     """
+    if prefix is not None and not isinstance(prefix, str):
+        raise CheckpointError(f"prefix must be text (the start of the tensor names to keep), got {brief(prefix)}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise CheckpointError(f"dtype must be a floating-point torch dtype (floating tensors are converted to it), "
                               f"got {brief(dtype)}")
@@ -75,7 +77,7 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
                         t = f.get_tensor(key)
                         out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if prefix is not None and not out:
-        raise CheckpointError(f"{path}: no tensor name starts with the prefix {prefix!r}")
+        raise CheckpointError(f"{path}: no tensor name starts with the prefix {brief(prefix)}")
     return out
 
 
@@ -97,11 +99,14 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
     if not isinstance(source, (str, os.PathLike)):
         raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
     path = Path(source).expanduser()
-    if path.is_dir():
-        return _folder_files(path)
-    _refuse_pickle(path)
-    if path.is_file():
-        return _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+    try:
+        if path.is_dir():
+            return _folder_files(path)
+        _refuse_pickle(path)
+        if path.is_file():
+            return _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+    except OSError as exc:   # e.g. a name longer than the file system allows, a folder that cannot be listed
+        raise CheckpointError(f"{brief(str(source))[1:-1]}: cannot be read ({exc.strerror or exc})") from exc
     local = is_local_path(source)
     spec = None if local else hub_spec(source, revision)
     if spec is None:
@@ -345,7 +350,7 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
     seen: set[int] = set()
     for k, v in state_dict.items():
         if not isinstance(k, str):
-            raise CheckpointError(f"cannot save key {k!r} to {path}: safetensors keys must be strings")
+            raise CheckpointError(f"cannot save key {brief(k)} to {path}: safetensors keys must be strings")
         if not isinstance(v, Tensor):
             raise CheckpointError(f"cannot save '{k}' to {path}: expected a tensor, got {type(v).__name__}")
         t = v.detach().contiguous().cpu()
@@ -393,6 +398,11 @@ class Recipe:
             preset = RULES.get(self.layer_rule.name)
             self.layer_rule = preset.name if preset == self.layer_rule else self.layer_rule.to_dict()
         self._check_types()
+        # NumPy scalars and one-element tensors, which a merge accepts, as the Python values YAML and JSON write
+        for name in ("hparams", "calibrate_hparams"):
+            setattr(self, name, {k: _plain(v, f"{name}.{k}") for k, v in getattr(self, name).items()})
+        if self.preferences is not None:
+            self.preferences = {k: _plain(v, f"preferences.{k}") for k, v in self.preferences.items()}
 
     def _check_types(self) -> None:
         """Each field of the type a merge needs, or a :class:`CheckpointError` naming the field and the value."""
@@ -450,10 +460,13 @@ class Recipe:
     @classmethod
     def from_text(cls, text: str) -> "Recipe":
         """Parse YAML or JSON (JSON is valid YAML)."""
+        if not isinstance(text, (str, bytes)):
+            raise CheckpointError(f"a recipe is YAML or JSON text, got {brief(text)}")
         try:
             return cls.from_dict(yaml.safe_load(text))
-        except yaml.YAMLError as exc:
-            raise CheckpointError(f"recipe is not valid YAML/JSON: {exc}") from exc
+        except (yaml.YAMLError, RecursionError) as exc:
+            reason = " ".join(str(exc).split())   # PyYAML's messages point at the line on several lines
+            raise CheckpointError(f"recipe is not valid YAML/JSON: {brief(reason)[1:-1]}") from exc
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Recipe":
@@ -481,14 +494,31 @@ class Recipe:
                     preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
 
 
+def _plain(value: Any, where: str) -> Any:
+    """A recipe value as YAML and JSON can write it: NumPy scalars and one-element tensors become Python scalars;
+    anything else that cannot be written is a :class:`CheckpointError` naming the field."""
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:   # numpy scalars, 0-d arrays and tensors
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise CheckpointError(f"recipe field '{where}' must be a number, a string, true/false or null, got {brief(value)}")
+
+
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,
                 recipe_path: str | os.PathLike | None = None) -> Path:
     """Export merged weights as safetensors with the recipe (JSON) in the header metadata, and with ``recipe_path``
     also as a YAML file: both files are staged and renamed at the end, so a failure leaves neither (a missing
     folder or a full disk for the recipe no longer leaves the weights behind without it)."""
+    if not isinstance(recipe, Recipe):
+        raise CheckpointError(f"save_merged needs a studio.io.Recipe, got {type(recipe).__name__}")
     meta = {RECIPE_METADATA_KEY: recipe.to_json(), "format": "pt"}
     if recipe_path is None:
         return save_state_dict(path, state_dict, meta)
+    # the two renames are not one atomic step: refuse up front what would make the second fail or undo the first
+    if Path(recipe_path).is_dir():
+        raise CheckpointError(f"cannot write the recipe to {recipe_path}: it is a folder; give a file name")
+    if Path(recipe_path).resolve() == Path(path).resolve():
+        raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
     with _atomic_write(Path(recipe_path)) as tmp:
         Path(tmp).write_text(recipe.to_yaml())
         return save_state_dict(path, state_dict, meta)
@@ -499,7 +529,20 @@ def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mappi
     """Reproduce a merge: select the recipe's experts (in its order), keep the tensors under its ``prefix``, and
     call :func:`studio.merge`."""
     from .engine import merge
+    from .registry import get_calibration, get_method
+    from .schema import validate_hparams
 
+    if not isinstance(recipe, Recipe):
+        raise CheckpointError(f"merge_from_recipe needs a studio.io.Recipe (Recipe.from_dict for a mapping), got "
+                              f"{type(recipe).__name__}")
+    if not isinstance(experts, Mapping):
+        raise CheckpointError(f"experts must be a mapping of expert names to state dicts, got "
+                              f"{type(experts).__name__}")
+    # names the schema does not know (merge's own keywords among them: 'seed', 'device', ...) are refused here,
+    # where they would otherwise collide with, or silently become, merge's arguments
+    validate_hparams(recipe.method, get_method(recipe.method).params, recipe.hparams)
+    if recipe.calibrate is not None:
+        validate_hparams(recipe.calibrate, get_calibration(recipe.calibrate).params, recipe.calibrate_hparams)
     missing = [name for name in recipe.experts if name not in experts]
     if missing:
         raise CheckpointError(f"recipe needs expert(s) {missing} that are not available; have {sorted(experts)}")

@@ -39,6 +39,8 @@ class LayerRule:
     def __post_init__(self) -> None:
         from .schema import StudioError, brief
 
+        if not isinstance(self.name, str):
+            raise StudioError(f"a layer rule's name must be text, got {brief(self.name)}")
         if isinstance(self.exclude, str):
             patterns: tuple = (self.exclude,)
         elif isinstance(self.exclude, (list, tuple)):
@@ -51,8 +53,9 @@ class LayerRule:
                 raise StudioError(f"layer rule {self.name!r}: exclude patterns must be strings, got {brief(pattern)}")
             try:
                 re.compile(pattern)
-            except re.error as exc:
-                raise StudioError(f"layer rule {self.name!r}: {pattern!r} is not a regular expression ({exc})") from exc
+            except (re.error, RecursionError) as exc:   # the parser recurses on deep nesting
+                raise StudioError(f"layer rule {brief(self.name)}: {brief(pattern)} is not a regular "
+                                  f"expression ({brief(str(exc))[1:-1]})") from exc
         object.__setattr__(self, "exclude", patterns)   # a list (e.g. from a recipe) becomes the hashable tuple
 
     def is_matrix(self, key: str, shape: Sequence[int]) -> bool:

@@ -38,6 +38,8 @@ def resolve_device(device: "str | torch.device | None") -> torch.device:
     except (RuntimeError, TypeError) as exc:
         raise StudioError(f"device {brief(device)} is not a valid torch device; expected 'cpu', 'cuda' or "
                           f"'auto'") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise StudioError(f"device {brief(device)} is not supported; expected 'cpu', 'cuda' (or 'cuda:N') or 'auto'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise StudioError(f"device {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -88,7 +90,7 @@ MERGEABLE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _check_tensor(owner: str, key: Any, tensor: Any) -> None:
     """One state-dict entry: a string key and a dense tensor with data, of a mergeable dtype if floating."""
     if not isinstance(key, str):
-        raise ExpertError(f"{owner}: key {key!r} is a {type(key).__name__}; state-dict keys must be strings")
+        raise ExpertError(f"{owner}: key {brief(key)} is a {type(key).__name__}; state-dict keys must be strings")
     if not isinstance(tensor, Tensor):
         raise ExpertError(f"{owner}, key '{key}': expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.is_meta:
@@ -121,7 +123,7 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
             raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
     for name, sd in experts.items():
         if not isinstance(name, str):
-            raise ExpertError(f"expert names must be strings, got {name!r}")
+            raise ExpertError(f"expert names must be strings, got {brief(name)}")
         if not isinstance(sd, Mapping):
             raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), "
                               f"got {type(sd).__name__}")
@@ -526,7 +528,7 @@ class TaskPool:
     def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
         """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``) rescale each task matrix."""
         if key not in self.base:
-            raise StudioError(f"unknown key {key!r}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
+            raise StudioError(f"unknown key {brief(key)}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
         return LayerTasks(self, key, weights)
 
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:
@@ -604,7 +606,7 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
     if preferences is None:
         return None
     if isinstance(preferences, Mapping):
-        unknown = sorted(map(repr, set(preferences) - set(names)))
+        unknown = sorted(map(brief, set(preferences) - set(names)))
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise StudioError(f"preferences name unknown task(s) {', '.join(unknown[:10])}{more}; the experts are "
@@ -624,7 +626,7 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
             v = v.item()
         try:   # any real scalar: int, float, NumPy's scalars, a one-element tensor
             w = float(v) if not isinstance(v, (bool, str)) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError, RuntimeError, NotImplementedError):   # e.g. 10**400, meta
             w = None
         if w is None or not math.isfinite(w) or w < 0:
             raise StudioError(f"preference for task '{name}' is {brief(v)}; expected a finite number >= 0")

@@ -129,7 +129,11 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):   # e.g. a complex NumPy scalar
             raise HyperparameterError(
                 f"{owner}: '{self.name}' must be a number ({self.describe()}), got {brief(value)}")
-        if not math.isfinite(value):
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:   # an int beyond float range, e.g. 10**400
+            finite = False
+        if not finite:
             raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {brief(value)}")
         if self.type is int:
             if float(value) != int(value):

@@ -497,3 +497,19 @@ def test_bad_requests_raise_clear_studio_errors(clip):
         D.layer_curves(pool, curves=["sti", "bogus"])
     with pytest.raises(StudioError, match=r"preferences must be 3"):
         D.svc_coefficients(pool.layer(key), preferences=[1.0, 2.0])
+
+
+def test_subspace_counts_and_svc_alpha_are_checked():
+    """k = 0 or -3 was quietly read as 1, '2' and 2.5 raised Python's TypeError; a negative SVC alpha gave
+    negative calibration factors."""
+    base = clip_like_state_dict(width=8)
+    layer = TaskPool(base, make_experts(base, 3)).layer("visual.proj")
+    for k in (0, -3, "2", 2.5, True):
+        for call in (lambda: D.sar_to_merged(layer, k=k), lambda: D.svc_coefficients(layer, rank=k),
+                     lambda: D.cross_influence(layer, rank=k), lambda: D.svc_cross_matrix(layer, k=k)):
+            with pytest.raises(D.DiagnosticsError, match="must be a positive integer or None"):
+                call()
+    assert D.sar_to_merged(layer, k=10**6).shape == (3,)   # more subspaces than there are: all of them
+    for alpha in (-1, 0, float("nan"), "a"):
+        with pytest.raises(D.DiagnosticsError, match="alpha must be a finite number > 0"):
+            D.svc_coefficients(layer, alpha=alpha)

@@ -257,3 +257,23 @@ def test_cli_evaluate_prints_strict_json(suite, tmp_path, capsys):
 
     out = json.loads(capsys.readouterr().out, parse_constant=reject)
     assert set(out["accuracy"]) == set(suite.task_names) and out["avg_nai"] is not None
+
+
+def test_alpha_sweep_and_predict_refuse_what_evaluate_refuses(suite):
+    """alpha_sweep took preferences only as a mapping (a sequence, which merge takes, raised Python's TypeError),
+    and accepted NaN or negative objective weights; predict returned labels for a NaN model."""
+    by_name = alpha_sweep(suite, "task_arithmetic", [0.3], preferences={"digits": 2.0, "signs": 1.0})
+    order = [2.0 if n == "digits" else 1.0 if n == "signs" else 0.0 for n in suite.task_names]
+    by_order = alpha_sweep(suite, "task_arithmetic", [0.3], preferences=order)
+    assert by_order.objective == by_name.objective
+    for kwargs, message in ((dict(alphas=None), "alphas must be a sequence of numbers"),
+                            (dict(alphas=[float("nan")]), "alphas must be finite"),
+                            (dict(alphas=[0.3], objective_weights={"digits": float("nan")}), "finite number >= 0"),
+                            (dict(alphas=[0.3], objective_weights={"digits": -1.0}), "finite number >= 0"),
+                            (dict(alphas=[0.3], objective_weights=[1.0]), "1 weights but there are 8 experts")):
+        with pytest.raises(StudioError, match=message):
+            alpha_sweep(suite, "task_arithmetic", **kwargs)
+    nan_model = {k: (torch.full_like(v, float("nan")) if k == "visual.proj" else v) for k, v in suite.base.items()}
+    images, _ = suite.split("signs", "test")
+    with pytest.raises(StudioError, match="outputs on task 'signs' are not finite"):
+        predict(suite, nan_model, "signs", images[:2])

@@ -474,3 +474,61 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
         assert main(["reconstruct", str(path), *extra, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and not out.exists(), extra
+
+
+def test_recipes_and_exports_refuse_what_would_half_write_or_mislead(files):
+    """A recipe path that is a folder left the weights written without it; the same path for both left only the
+    YAML; recipe hyperparameters named like merge's own arguments collided with them or were dropped; NumPy values
+    could not be written; a YAML error spanned several lines."""
+    import numpy as np
+
+    tmp, base, experts, args = files
+    merged = studio.merge(base, experts, "task_arithmetic")
+    recipe = Recipe(method="task_arithmetic", hparams={"alpha": np.float64(0.3)}, experts=list(experts),
+                    preferences={"task0": np.int64(2)})
+    assert type(recipe.hparams["alpha"]) is float and type(recipe.preferences["task0"]) is int
+    assert Recipe.from_text(recipe.to_yaml()) == recipe
+    out = tmp / "w.safetensors"
+    for recipe_path, message in ((tmp, "it is a folder"), (out, "would both be written to")):
+        with pytest.raises(CheckpointError, match=message):
+            save_merged(out, merged, recipe, recipe_path=recipe_path)
+        assert not out.exists()
+    with pytest.raises(CheckpointError, match="needs a studio.io.Recipe, got dict"):
+        save_merged(out, merged, {"method": "task_arithmetic"})
+    with pytest.raises(CheckpointError, match=r"recipe field 'hparams.alpha' must be a number.*got \[0.1, 0.2\]"):
+        Recipe(method="task_arithmetic", hparams={"alpha": [0.1, 0.2]})
+    for hparams in ({"seed": 5}, {"base": 1}, {"device": "cpu"}, {"progress": 5}):
+        with pytest.raises(StudioError, match="unknown hyperparameter"):
+            merge_from_recipe(Recipe(method="task_arithmetic", hparams=hparams), base, experts)
+    with pytest.raises(CheckpointError, match="experts must be a mapping of expert names to state dicts, got list"):
+        merge_from_recipe(recipe, base, list(experts.values()))
+    for text, message in (("method: [unclosed", "recipe is not valid YAML/JSON"), ("[" * 100000, "not valid YAML"),
+                          (None, "a recipe is YAML or JSON text, got None")):
+        with pytest.raises(CheckpointError, match=message) as err:
+            Recipe.from_text(text)
+        assert "\n" not in str(err.value) and len(str(err.value)) < 300
+    with pytest.raises(CheckpointError, match="prefix must be text"):
+        load_state_dict(tmp / "base.safetensors", prefix=5)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_state_dict(tmp / ("x" * 300))   # longer than a file name may be
+
+
+def test_compressed_files_refuse_repeated_tasks_and_non_finite_factors(files):
+    from studio.compress import Compressed
+
+    tmp, base, experts, args = files
+    packed = studio.compress(base, experts)
+    packed.tasks["task0"]["visual.proj"].S[0] = float("nan")
+    with pytest.raises(CheckpointError, match=r"entry '0/visual.proj/S' is not a finite floating-point tensor"):
+        Compressed.load(packed.save(tmp / "nan.safetensors"), base)
+    packed = studio.compress(base, experts)
+    path = packed.save(tmp / "p.safetensors")
+    header = json.loads(read_metadata(path)["merge_studio_tsv_c"])
+    header["tasks"] = ["task0", "task0", "task2"]
+    save_state_dict(tmp / "dup.safetensors", load_state_dict(path), {"merge_studio_tsv_c": json.dumps(header)})
+    with pytest.raises(CheckpointError, match="repeated task names"):
+        Compressed.load(tmp / "dup.safetensors", base)
+    with pytest.raises(CheckpointError, match="needs the base state dict"):
+        Compressed.load(path, None)
+    with pytest.raises(StudioError, match=r"unknown task \['task0'\]"):
+        packed.task_vector(["task0"])

@@ -509,6 +509,12 @@ def test_numpy_and_tensor_scalars_are_accepted_where_they_mean_the_same_value():
     ({"preferences": "y" * 10**6}, r"preferences must be a mapping .* got 'y{27}\.\.\.y{28}'$"),
     ({"k": torch.ones(3, 3)}, r"'k' must be a number .* got tensor\(\[\[1\., 1\., 1\.\], "),   # on one line
     ({"seed": np.float32(2.5)}, r"seed must be an integer .* got (np\.float32\()?2\.5\)?$"),
+    ({"device": "meta"}, r"device 'meta' is not supported; expected 'cpu', 'cuda'"),
+    ({"device": "mps"}, r"device 'mps' is not supported"),
+    ({"alpha": 10**400}, r"'alpha' must be finite"),
+    ({"preferences": [10**400, 1]}, r"preference for task 'task0' is 1000.*; expected a finite number >= 0"),
+    ({"progress": 5}, r"progress must be a callable \(fraction, message\), got int"),
+    ({"layer_rule": {"exclude": ["(" * 100000]}}, r"is not a regular expression"),
 ])
 def test_wrongly_typed_or_huge_arguments_are_short_studio_errors(kwargs, pattern):
     """A list where a name belongs raised Python's "unhashable type"; a mistaken megabyte of text was echoed whole."""
@@ -615,3 +621,12 @@ def test_order_statistics_equal_sorting():
     ordered = values.sort().values
     assert got.tolist() == [ordered[r - 1].item() for r in ranks]
     assert below == [int((values < ordered[r - 1]).sum()) for r in ranks]
+
+
+def test_layer_rules_and_pools_of_the_wrong_type_are_studio_errors():
+    from studio.layers import LayerRule
+
+    with pytest.raises(StudioError, match=r"a layer rule's name must be text, got \[1\]"):
+        LayerRule(name=[1])
+    with pytest.raises(StudioError, match="merge_pool needs a TaskPool"):
+        studio.merge_pool({"w": torch.zeros(2)}, "ties")

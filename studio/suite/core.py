@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io import hub_fetch, hub_spec, is_local_path, load_safetensors
-from ..schema import StudioError
+from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
 DEFAULT_SUITE_PATH = Path(__file__).resolve().parents[2] / "assets" / "minisuite"
@@ -141,7 +141,7 @@ class Suite:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise UnknownTaskError(f"unknown task {name!r}; suite {self.name!r} has tasks {self.task_names}")
+        raise UnknownTaskError(f"unknown task {brief(name)}; suite {self.name!r} has tasks {self.task_names}")
 
     def check_tasks(self, tasks: "list[str] | tuple[str, ...] | None") -> list[str]:
         """Validate a task selection (``None``: all tasks, in suite order)."""
@@ -254,7 +254,7 @@ class Suite:
         ``split`` is ``"validation"`` (alpha sweeps, preference optimisation) or ``"test"`` (reported numbers).
         """
         if split not in SPLIT_NAMES:
-            raise EmptySplitError(f"unknown split {split!r}; expected one of {list(SPLIT_NAMES)}")
+            raise EmptySplitError(f"unknown split {brief(split)}; expected one of {list(SPLIT_NAMES)}")
         data = self._task_data(task)
         prefix = _SPLIT_PREFIX[split]
         if f"{prefix}_images" not in data or f"{prefix}_labels" not in data:
