@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Callable, Hashable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -71,6 +71,15 @@ class DiagnosticsError(StudioError):
 # Spectra (tensor level)
 # --------------------------------------------------------------------------------------------------------------
 
+def _check_values(x: Any, what: str, expected: str) -> None:
+    """The pure spectral helpers take a finite floating-point tensor; anything else is a :class:`DiagnosticsError`."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        got = f"a {x.dtype} tensor" if isinstance(x, Tensor) else brief(x)
+        raise DiagnosticsError(f"{what} needs {expected} as a floating-point tensor, got {got}")
+    if x.device.type == "meta" or not bool(torch.isfinite(x).all()):
+        raise DiagnosticsError(f"{what} needs finite values ({expected}), got NaN, inf or no data")
+
+
 def spectrum(matrix: Tensor) -> Tensor:
     """Singular values (descending) of any matrix, or of a batch ``[..., m, n]``, in float32 or higher.
 
@@ -80,6 +89,7 @@ def spectrum(matrix: Tensor) -> Tensor:
         >>> spectrum(torch.diag(torch.tensor([1.0, 3.0, 2.0]))).tolist()
         [3.0, 2.0, 1.0]
     """
+    _check_values(matrix, "spectrum", "a matrix")
     if matrix.dim() < 2:
         raise DiagnosticsError(f"spectrum needs a matrix, got a tensor of shape {tuple(matrix.shape)}")
     if matrix.dtype in (torch.float16, torch.bfloat16):
@@ -101,6 +111,7 @@ def cumulative_energy(s: Tensor) -> Tensor:
         >>> [round(x, 4) for x in cumulative_energy(torch.tensor([3.0, 1.0])).tolist()]
         [0.9, 1.0]
     """
+    _check_values(s, "cumulative_energy", "singular values")
     e = s.float().pow(2)
     total = e.sum(-1, keepdim=True)
     return torch.where(total > 0, e.cumsum(-1) / total.clamp_min(torch.finfo(e.dtype).tiny), torch.zeros_like(e))
@@ -119,6 +130,9 @@ def spectral_entropy(s: Tensor, normalized: bool = False) -> Tensor:
         >>> float(spectral_entropy(torch.tensor([2.0, 0.0, 0.0]), normalized=True))
         0.0
     """
+    _check_values(s, "spectral_entropy", "singular values")
+    if s.dim() == 0:
+        raise DiagnosticsError("spectral_entropy needs singular values [..., r], got a 0-d tensor")
     e = s.float().pow(2)
     total = e.sum(-1, keepdim=True)
     p = e / total.clamp_min(torch.finfo(e.dtype).tiny)
@@ -157,8 +171,11 @@ def effective_rank(s: Tensor, eps: float = 0.05, rule: str = "official") -> int:
         >>> effective_rank(torch.tensor([10.0, 1.0, 0.1])), effective_rank(torch.ones(8))   # sqrt(7/8) <= 0.95
         (0, 7)
     """
+    _check_values(s, "effective_rank", "a 1-D spectrum")
     if s.dim() != 1:
         raise DiagnosticsError(f"effective_rank expects a 1-D spectrum, got shape {tuple(s.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 <= eps < 1:
+        raise DiagnosticsError(f"effective_rank: eps must be a number in [0, 1), got {brief(eps)}")
     if rule not in K_RULES:
         raise DiagnosticsError(f"effective_rank: rule must be one of {K_RULES}, got {brief(rule)}")
     e = s.double().pow(2)

@@ -513,3 +513,16 @@ def test_subspace_counts_and_svc_alpha_are_checked():
     for alpha in (-1, 0, float("nan"), "a"):
         with pytest.raises(D.DiagnosticsError, match="alpha must be a finite number > 0"):
             D.svc_coefficients(layer, alpha=alpha)
+
+
+def test_the_spectral_helpers_name_inputs_that_are_not_finite_float_tensors():
+    """A list, an integer tensor, NaN or a 0-d tensor raised AttributeError, LAPACK's error or IndexError."""
+    for call, message in ((lambda: D.spectrum([[1.0]]), r"spectrum needs a matrix as a floating-point tensor, got"),
+                          (lambda: D.spectrum(torch.ones(3, 3, dtype=torch.int64)), "got a torch.int64 tensor"),
+                          (lambda: D.spectrum(torch.full((3, 3), float("nan"))), "needs finite values"),
+                          (lambda: D.cumulative_energy([1.0]), "cumulative_energy needs singular values"),
+                          (lambda: D.spectral_entropy(torch.tensor(2.0), normalized=True), "got a 0-d tensor"),
+                          (lambda: D.effective_rank([1.0]), "effective_rank needs a 1-D spectrum"),
+                          (lambda: D.effective_rank(torch.ones(3), eps="x"), r"eps must be a number in \[0, 1\)")):
+        with pytest.raises(D.DiagnosticsError, match=message):
+            call()
