@@ -193,7 +193,14 @@ def effective_rank(s: Tensor, eps: float = 0.05, rule: str = "official") -> int:
 # Internal helpers
 # --------------------------------------------------------------------------------------------------------------
 
+def _require_pool(pool: Any) -> None:
+    if not isinstance(pool, TaskPool):
+        raise DiagnosticsError(f"expected a TaskPool (studio.get_pool(base, experts)), got {type(pool).__name__}")
+
+
 def _require_matrix(layer: LayerTasks) -> None:
+    if not isinstance(layer, LayerTasks):
+        raise DiagnosticsError(f"expected a layer, pool.layer(key), got {type(layer).__name__}")
     if len(layer.shape) != 2 or min(layer.shape) < 1:
         raise DiagnosticsError(
             f"key '{layer.key}' has shape {layer.shape}; spectral diagnostics need a 2-D matrix layer"
@@ -225,6 +232,7 @@ def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Has
         )
     if merged is layer.sum():
         return merged, "ta_sum"
+    _check_values(merged, f"key '{layer.key}': the merged delta", "the merged delta")
     return merged.to(layer.device, torch.float32), _tensor_tag(merged)
 
 
@@ -925,19 +933,29 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
     missing = [k for k in keys if k not in merged]
     if missing:
         raise DiagnosticsError(f"the merged state/deltas lack {len(missing)} key(s), e.g. {missing[:3]}")
+    for key in keys:   # before the state-or-delta test reads them
+        x = merged[key]
+        if not isinstance(x, Tensor) or tuple(x.shape) != tuple(pool.base[key].shape):
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise DiagnosticsError(f"merged key '{key}' has shape {got}, expected {tuple(pool.base[key].shape)}")
+        _check_values(x, f"merged key '{key}'", "merged weights")
     is_delta = _detect_is_delta(pool, merged, keys) if merged_is_delta is None else bool(merged_is_delta)
     return lambda key: _delta_for_key(pool, key, merged, is_delta)
 
 
 def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
     """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects."""
+    _require_pool(pool)
+    if isinstance(keys, str) or (keys is not None and not isinstance(keys, (Sequence, set, frozenset))):
+        raise DiagnosticsError(f"keys must be a list of layer keys or None, got {brief(keys)}")
     if keys is None:
         rule = resolve_rule(layer_rule)
         return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)]
     keys = list(keys)
     for key in keys:
-        if key not in pool.base:
-            raise DiagnosticsError(f"unknown key '{key}'; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
+        if not isinstance(key, str) or key not in pool.base:
+            raise DiagnosticsError(f"unknown key {brief(key)}; the pool has {len(pool.base)} keys, e.g. "
+                                   f"{pool.keys[:3]}")
         if pool.base[key].dim() != 2:
             raise DiagnosticsError(f"key '{key}' has shape {tuple(pool.base[key].shape)}; expected a 2-D matrix")
     return keys
@@ -1069,10 +1087,11 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
         >>> interference_matrix(TaskPool(base, experts), "w", "cosine").tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    if metric not in METRICS:
+    _require_pool(pool)
+    if not isinstance(metric, str) or metric not in METRICS:
         raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
-    if key not in pool.base:
-        raise DiagnosticsError(f"unknown key '{key}'; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
+    if not isinstance(key, str) or key not in pool.base:
+        raise DiagnosticsError(f"unknown key {brief(key)}; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
     shape = tuple(pool.base[key].shape)
     if len(shape) != 2 or min(shape) < 1:
         raise DiagnosticsError(f"key '{key}' has shape {shape}; the '{metric}' heatmap needs a 2-D matrix layer")

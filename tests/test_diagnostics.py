@@ -526,3 +526,24 @@ def test_the_spectral_helpers_name_inputs_that_are_not_finite_float_tensors():
                           (lambda: D.effective_rank(torch.ones(3), eps="x"), r"eps must be a number in \[0, 1\)")):
         with pytest.raises(D.DiagnosticsError, match=message):
             call()
+
+
+def test_the_layer_and_pool_diagnostics_name_arguments_of_the_wrong_kind():
+    """A mapping where a pool belongs, one string as the key list, a NaN or integer merged delta raised Python's
+    AttributeError / TypeError or LAPACK's error."""
+    base = clip_like_state_dict(width=8)
+    pool = TaskPool(base, make_experts(base, 3))
+    layer, key = pool.layer("visual.proj"), "visual.proj"
+    nan = torch.full(tuple(base[key].shape), float("nan"))
+    for call, message in (
+            (lambda: D.interference_matrix(dict(base), key, "cosine"), "expected a TaskPool"),
+            (lambda: D.interference_matrix(pool, ["k"], "cosine"), r"unknown key \['k'\]"),
+            (lambda: D.interference_matrix(pool, key, ["cosine"]), r"unknown metric \['cosine'\]"),
+            (lambda: D.sar_avg(pool, keys=key), "keys must be a list of layer keys or None"),
+            (lambda: D.sar_avg(pool, keys=[5]), "unknown key 5"),
+            (lambda: D.sar_avg(pool, merged={key: nan}, keys=[key]), f"merged key '{key}' needs finite values"),
+            (lambda: D.sar_to_merged(dict(base)), "expected a layer"),
+            (lambda: D.sar_to_merged(layer, nan), "needs finite values"),
+            (lambda: D.svc_coefficients(layer, nan.long()), "got a torch.int64 tensor")):
+        with pytest.raises(D.DiagnosticsError, match=message):
+            call()
