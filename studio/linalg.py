@@ -180,6 +180,10 @@ def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
     return out.to(basis.dtype)
 
 
+#: Largest singular values whose float32 Gram matrix (entries ~ S^2) stays far inside float32's normal range.
+_GRAM32_SINGULAR_RANGE = (1e-15, 1e15)
+
+
 def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-``rank`` SVD from the eigendecomposition of the smaller Gram matrix (``A^T A`` or ``A A^T``).
 
@@ -212,7 +216,13 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
         evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank, overwrite=True)  # descending
         S = evals[:rank].clamp_min(0).sqrt()
         V = evecs[:, :rank]
-        if a.dtype == torch.float64 or rank == 0 or bool(S[-1] >= 0.1 * S[0]):
+        if a.dtype == torch.float64 or rank == 0:
+            break
+        top = float(S[0])
+        # float32 Gram entries are S^2: below ~1e-30 they near float32's denormals and underflow (a task vector of
+        # 1e-25 entries came back as zero), above ~1e30 they overflow; a truly zero matrix needs no second pass
+        in_range = _GRAM32_SINGULAR_RANGE[0] <= top <= _GRAM32_SINGULAR_RANGE[1] or (top == 0 and not bool(a.any()))
+        if in_range and bool(S[-1] >= 0.1 * S[0]):
             break
         a = a.double()
     keep = S > null_tolerance(S[0], n) if rank else S > 0

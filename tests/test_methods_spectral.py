@@ -535,3 +535,17 @@ def test_compress_shares_decompositions_with_tsv_m_and_validates_inputs():
     assert not tiny.task_vector("task0")["visual.positional_embedding"].any()
     with pytest.raises(studio.StudioError, match="unknown task 'nope'"):
         studio.compress(base, experts).reconstruct("nope")
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e-20])
+def test_auto_svds_agree_with_lapack_on_tiny_task_vectors(scale):
+    """The float32 Gram of a task vector with 1e-25 entries underflowed (entries ~1e-50): svd_mode="auto" returned
+    the base for every spectral method while LAPACK ("exact") scales internally; such Grams are redone in float64."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(64, 32), "b": torch.zeros(32)}
+    experts = {t: {"w": scale * torch.randn(64, 32, generator=g), "b": scale * torch.randn(32, generator=g)}
+               for t in "abcd"}
+    for method in ("tsv_m", "iso_c", "iso_cts", "ortho_merge", "align_merge_o", "align_merge_b"):
+        auto = studio.merge(base, experts, method)["w"].double()
+        exact = studio.merge(base, experts, method, svd_mode="exact")["w"].double()
+        assert float(exact.norm()) > 0 and float((auto - exact).norm() / exact.norm()) < 1e-4, method
