@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .layers import LayerRule, resolve_rule
-from .pool import StateDict, TaskPool, validate_experts
+from .pool import StateDict, TaskPool, _all_finite, validate_experts
 from .schema import HyperparameterError, StudioError, brief
 
 __all__ = ["LowRank", "Compressed", "compress"]
@@ -176,7 +176,7 @@ class Compressed:
             key, _, part = rest.rpartition("/")
             if not index.isdigit() or int(index) >= len(names) or part not in ("U", "S", "Vh", "dense"):
                 raise CheckpointError(f"{path}: unexpected entry {name!r}")
-            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            if not t.is_floating_point() or not _all_finite(t):
                 raise CheckpointError(f"{path}: entry {name!r} is not a finite floating-point tensor")
             parts.setdefault((int(index), key), {})[part] = t
         unknown = sorted({key for _, key in parts} - set(base))

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from .methods import _align
 from .layers import LayerRule, resolve_rule
-from .pool import LayerTasks, TaskPool
+from .pool import LayerTasks, TaskPool, _all_finite
 from .schema import StudioError, brief
 
 __all__ = [
@@ -76,7 +76,7 @@ def _check_values(x: Any, what: str, expected: str) -> None:
     if not isinstance(x, Tensor) or not x.is_floating_point():
         got = f"a {x.dtype} tensor" if isinstance(x, Tensor) else brief(x)
         raise DiagnosticsError(f"{what} needs {expected} as a floating-point tensor, got {got}")
-    if x.device.type == "meta" or not bool(torch.isfinite(x).all()):
+    if x.device.type == "meta" or not _all_finite(x):
         raise DiagnosticsError(f"{what} needs finite values ({expected}), got NaN, inf or no data")
 
 
