@@ -4,7 +4,7 @@
     merge-studio merge --suite assets/minisuite --method tsv_m --set alpha=1.0 --out merged.safetensors
     merge-studio merge --base base.safetensors --expert cars=cars.safetensors --expert dtd=dtd.safetensors \\
                        --method ties --set k=0.2 --calibrate svc --out merged.safetensors --recipe merged.yaml
-    merge-studio recipe merged.yaml --suite assets/minisuite --out again.safetensors
+    merge-studio recipe merged.yaml --out again.safetensors   # the suite or the --base/--expert sources it recorded
     merge-studio evaluate --suite assets/minisuite --weights merged.safetensors [--split test]
     merge-studio bench [...]   merge-studio leaderboard [...]   merge-studio build-suite [...]
                                                        # their own options, e.g. bench --model ViT-L-14 --tasks 20
@@ -22,7 +22,8 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .io import Recipe, load_state_dict, merge_from_recipe, save_merged, save_state_dict
+from .io import (CheckpointError, Recipe, load_checkpoint, load_state_dict, merge_from_recipe, save_merged,
+                 save_state_dict)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -82,7 +83,9 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
     return prefs
 
 
-def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
+def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None, dict | None]:
+    """The base and experts the pool options name, the suite's name (or None), and, for --base/--expert, the
+    sources as a recipe records them (see :func:`_load_sources`)."""
     if args.prefix is not None and (args.suite or not args.prefix):
         raise StudioError("--prefix applies to --base and --expert checkpoints (a suite's are used whole) and must "
                           "not be empty")
@@ -97,7 +100,7 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
             if unknown:
                 raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
             experts = {e: experts[e] for e in wanted}
-        return suite.base, experts, str(args.suite)
+        return suite.base, experts, str(args.suite), None
     if not args.base or not args.expert:
         raise StudioError("give either --suite, or --base and at least one --expert NAME=SOURCE")
     sources = {}
@@ -108,8 +111,24 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None]:
         if name in sources:
             raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
         sources[name] = source
-    base = load_state_dict(args.base, prefix=args.prefix)
-    return base, {name: load_state_dict(source, prefix=args.prefix) for name, source in sources.items()}, None
+    base, experts, recorded = _load_sources(args.base, sources, args.prefix)
+    return base, experts, None, recorded
+
+
+def _load_sources(base: str, experts: dict[str, str], prefix: str | None) -> tuple[dict, dict, dict]:
+    """The base and the experts read from checkpoint sources, and the sources as a recipe records them
+    (:func:`studio.io.load_checkpoint`: absolute paths, Hub repositories pinned to a commit)."""
+    def load(what: str, source: str) -> tuple[dict, str]:
+        try:
+            return load_checkpoint(source, prefix=prefix)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{what}: {exc}") from exc
+
+    base_sd, pinned = load("the base", base)
+    loaded, recorded = {}, {}
+    for name, source in experts.items():
+        loaded[name], recorded[name] = load(f"expert {name!r}", source)
+    return base_sd, loaded, {"base": pinned, "experts": recorded}
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -155,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", help="also write the recipe (YAML) here")
 
-    p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors)")
+    p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors), from "
+                                      "the suite or checkpoints it recorded unless --suite or --base/--expert say")
     p.add_argument("recipe")
     pool_args(p)
     p.add_argument("--out", required=True)
@@ -207,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "methods":
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
-        base, experts, suite = _load_pool(args)
+        base, experts, suite, sources = _load_pool(args)
         prefs = _parse_preferences(args.preferences)
         hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
         # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of
@@ -218,30 +238,38 @@ def _run(args: argparse.Namespace) -> int:
         recipe = Recipe(method=args.method, hparams=hparams, experts=list(experts),
                         calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
                         layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode,
-                        prefix=args.prefix)
+                        prefix=args.prefix, sources=sources)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
         recipe = Recipe.from_file(args.recipe)
-        if not args.suite and not args.base and recipe.suite:
-            args.suite = recipe.suite
         if args.prefix is not None and args.prefix != recipe.prefix:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
                               f"recipe's is used, leave --prefix out")
         if not args.suite:
             args.prefix = recipe.prefix   # read only the tensors the merge used
-        base, experts, _ = _load_pool(args)
+        if not (args.suite or args.base or args.expert) and recipe.suite:
+            args.suite = recipe.suite
+        if args.suite or args.base or args.expert or not recipe.sources:
+            base, experts, _, _ = _load_pool(args)
+        else:   # the checkpoints the merge read, as it recorded them
+            try:
+                base, experts, _ = _load_sources(recipe.sources["base"], recipe.sources["experts"], recipe.prefix)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc} (a source the recipe recorded; give --base and --expert to read other "
+                                      f"checkpoints)") from exc
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe)
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "compress":
         from .compress import compress
 
-        base, experts, _ = _load_pool(args)
+        base, experts, _, sources = _load_pool(args)
         packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
-        packed.meta.update(prefix=args.prefix, suite=args.suite)   # what reconstruct needs to find the same base
+        # what reconstruct needs to find the same base
+        packed.meta.update(prefix=args.prefix, suite=args.suite, base=sources["base"] if sources else None)
         packed.save(args.out)
         size = packed.storage()
         print(f"wrote {args.out}: {len(experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
@@ -251,11 +279,20 @@ def _run(args: argparse.Namespace) -> int:
         from .suite import load_suite
 
         saved = Compressed.read_meta(args.packed)
-        if not args.base and not args.suite:
+        recorded = not args.base and not args.suite
+        if recorded:
             args.suite = saved.get("suite")
+            args.base = None if args.suite else saved.get("base")
         if bool(args.suite) == bool(args.base):
             raise StudioError("give the base the experts were compressed against: --suite or --base")
-        base = load_suite(args.suite).base if args.suite else load_state_dict(args.base, prefix=saved.get("prefix"))
+        try:
+            base = load_suite(args.suite).base if args.suite else load_state_dict(args.base,
+                                                                                  prefix=saved.get("prefix"))
+        except CheckpointError as exc:
+            if not recorded:
+                raise
+            raise CheckpointError(f"{exc} (the base compress recorded; give --suite or --base to read another)") \
+                from exc
         state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

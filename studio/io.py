@@ -53,14 +53,24 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
         >>> list(load_state_dict(p.parent))                 # a folder holding one safetensors file
         ['text.w', 'visual.w']
     """
+    return load_checkpoint(path, prefix=prefix, dtype=dtype, revision=revision, cache_dir=cache_dir)[0]
+
+
+def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
+                    revision: str | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, Tensor], str]:
+    """:func:`load_state_dict`, and the source as a recipe records it so that a replay reads the same files: a local
+    source as its absolute path, a Hub source pinned to the commit its files came from
+    (``owner/name[/file.safetensors]@<commit>``, also when a branch or tag was given)."""
     if prefix is not None and not isinstance(prefix, str):
         raise CheckpointError(f"prefix must be text (the start of the tensor names to keep), got {brief(prefix)}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise CheckpointError(f"dtype must be a floating-point torch dtype (floating tensors are converted to it), "
                               f"got {brief(dtype)}")
+    files, pinned = _resolve(source, revision, cache_dir)
     out: dict[str, Tensor] = {}
     origin: dict[str, Path] = {}
-    for file, listed in checkpoint_files(path, revision=revision, cache_dir=cache_dir):
+    for file, listed in files:
         with _readable(file):
             with safe_open(str(file), framework="pt") as f:
                 keys = list(f.keys())
@@ -77,8 +87,8 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
                         t = f.get_tensor(key)
                         out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     if prefix is not None and not out:
-        raise CheckpointError(f"{path}: no tensor name starts with the prefix {brief(prefix)}")
-    return out
+        raise CheckpointError(f"{source}: no tensor name starts with the prefix {brief(prefix)}")
+    return out, pinned
 
 
 #: The shard index ``transformers`` writes (``save_pretrained``) and reads first for sharded safetensors weights.
@@ -96,15 +106,22 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
     Hub repository is resolved by the first two rules, fetching only ``model.safetensors``, or the index and the
     shards it lists; ``owner/name/file.safetensors`` fetches that one file.
     """
+    return _resolve(source, revision, cache_dir)[0]
+
+
+def _resolve(source: str | os.PathLike, revision: str | None,
+             cache_dir: str | os.PathLike | None) -> tuple[list[tuple[Path, frozenset[str] | None]], str]:
+    """:func:`checkpoint_files`, and the source pinned as :func:`load_checkpoint` records it."""
     if not isinstance(source, (str, os.PathLike)):
         raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
     path = Path(source).expanduser()
     try:
         if path.is_dir():
-            return _folder_files(path)
+            return _folder_files(path), str(path.resolve())
         _refuse_pickle(path)
         if path.is_file():
-            return _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+            files = _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+            return files, str(path.resolve())
     except OSError as exc:   # e.g. a name longer than the file system allows, a folder that cannot be listed
         raise CheckpointError(f"{brief(str(source))[1:-1]}: cannot be read ({exc.strerror or exc})") from exc
     local = is_local_path(source)
@@ -114,14 +131,18 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
             "" if local else ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
     if filename is not None:
-        return [(hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir), None)]
+        file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
+        # huggingface_hub's cache keeps a commit's files under snapshots/<commit>/<path in the repository>
+        commit = file.parents[len(Path(filename).parts) - 1].name
+        return [(file, None)], f"{repo_id}/{filename}@{commit}"
     from huggingface_hub import constants
 
     where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
     snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
                                                                                            SHARD_INDEX))
+    pinned = f"{repo_id}@{snapshot.name}"   # the snapshot folder is named by its commit
     if (snapshot / "model.safetensors").is_file():
-        return [(snapshot / "model.safetensors", None)]
+        return [(snapshot / "model.safetensors", None)], pinned
     if (snapshot / SHARD_INDEX).is_file():
         shards = sorted({shard for _, shard in _weight_map(snapshot / SHARD_INDEX)})
         # the shards of the same commit (the snapshot folder's name), even if the branch moves meanwhile
@@ -131,7 +152,7 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
             raise CheckpointError(f"{where}: {len(missing)} of the {len(shards)} shards its index lists (e.g. "
                                   f"{missing[0]!r}) are not in the local cache, and offline mode (HF_HUB_OFFLINE) is "
                                   f"on")
-        return _shards(snapshot / SHARD_INDEX)
+        return _shards(snapshot / SHARD_INDEX), pinned
     if constants.HF_HUB_OFFLINE:
         raise CheckpointError(f"{where}: neither model.safetensors nor {SHARD_INDEX} is in the local cache, and "
                               f"offline mode (HF_HUB_OFFLINE) is on; name its weights file, "
@@ -390,6 +411,9 @@ class Recipe:
     svd_mode: str = "auto"
     # the merge saw only the tensors whose names start with this (the CLI's --prefix); None: every tensor
     prefix: str | None = None
+    # the checkpoints the CLI's --base/--expert merge read, as load_checkpoint records them: {"base": source,
+    # "experts": {name: source}}, which ``merge-studio recipe`` reads again; None: a suite's merge, or the library's
+    sources: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from .layers import LayerRule, RULES
@@ -431,11 +455,26 @@ class Recipe:
             raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
         if self.prefix is not None and not isinstance(self.prefix, str):
             raise bad("prefix", "a tensor-name prefix or null")
+        if self.sources is not None:
+            given = self.sources
+            experts = given.get("experts") if isinstance(given, Mapping) else None
+            if not isinstance(experts, Mapping) or set(given) != {"base", "experts"} \
+                    or not isinstance(given["base"], str) \
+                    or not all(isinstance(k, str) and isinstance(v, str) for k, v in experts.items()):
+                raise bad("sources", "a mapping {base: checkpoint source, experts: {expert name: checkpoint source}} "
+                                     "or null")
+            if not self.experts:   # no list: every expert, i.e. those the sources name
+                self.experts = list(experts)
+            if set(experts) != set(self.experts):
+                raise CheckpointError(f"recipe field 'sources' names the experts {sorted(experts)}, but the recipe "
+                                      f"merges {sorted(self.experts)}")
+            self.sources = {"base": given["base"], "experts": dict(experts)}
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if out["prefix"] is None:   # recipes without one stay readable by versions before the field
-            del out["prefix"]
+        for name in ("prefix", "sources"):   # recipes without them stay readable by versions before these fields
+            if out[name] is None:
+                del out[name]
         return out
 
     def to_json(self) -> str:

@@ -115,12 +115,13 @@ def launched_app(one_torch_thread):
 
 def hub_cache(src, cache, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
     """Copy the folder ``src`` into huggingface_hub's cache layout, ``models--owner--name/{refs/main,
-    snapshots/<commit>/...}``, as a download would leave it; returns the snapshot folder."""
+    snapshots/<commit>/...}``, as a download would leave it (called again: another commit, now ``main``); returns
+    the snapshot folder."""
     import shutil
     from pathlib import Path
 
     repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(src, repo / "snapshots" / commit)
     return repo / "snapshots" / commit

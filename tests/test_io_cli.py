@@ -413,6 +413,85 @@ def test_the_recipe_keeps_the_prefix_and_its_replay_uses_it(files, capsys):
     assert "--prefix 'visual.' differs from the recipe's prefix 'visual.transformer.'" in capsys.readouterr().err
 
 
+def test_a_recipe_of_checkpoints_records_their_sources_and_replays_from_them(tmp_path, offline_hub, monkeypatch,
+                                                                          capsys):
+    """``merge-studio recipe`` of a --base/--expert merge needs no options: local sources are recorded as absolute
+    paths (the merge ran from another folder), Hub sources pinned to the commit they came from (``@v1`` and
+    ``main`` moved on to other weights since); a recorded source that is gone is an error naming the expert."""
+    import huggingface_hub.constants as hub_constants
+
+    from .conftest import hub_cache
+
+    base = clip_like_state_dict(width=16)
+    experts = make_experts(base, 4)
+    work = tmp_path / "work"
+    work.mkdir()
+    save_state_dict(work / "base.safetensors", base)
+    (work / "t0").mkdir()
+    save_state_dict(work / "t0" / "model.safetensors", experts["task0"])
+    save_state_dict(work / "t1.safetensors", experts["task1"])
+    cache = tmp_path / "hf"
+    old, new = "1" * 40, "2" * 40
+    for name in ("task2", "task3"):
+        for commit, weights in ((old, experts[name]), (new, experts["task0"])):
+            (tmp_path / "src").mkdir()
+            save_state_dict(tmp_path / "src" / "model.safetensors", weights)
+            repo = hub_cache(tmp_path / "src", cache, f"studio-test/{name}", commit).parent.parent
+            (tmp_path / "src" / "model.safetensors").unlink()
+            (tmp_path / "src").rmdir()
+            (repo / "refs" / ("v1" if commit == old else "main")).write_text(commit)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    (repo / "refs" / "main").write_text(old)   # task3's main is still the old commit when the merge runs
+
+    monkeypatch.chdir(work)
+    args = ["--base", "base.safetensors", "--expert", "task0=t0", "--expert", "task1=./t1.safetensors",
+            "--expert", "task2=studio-test/task2@v1", "--expert", "task3=studio-test/task3/model.safetensors"]
+    assert main(["merge", *args, "--method", "tsv_m", "--out", "m.safetensors", "--recipe", "m.yaml"]) == 0, \
+        capsys.readouterr().err
+    want = studio.merge(base, experts, "tsv_m")
+    _equal(load_state_dict("m.safetensors"), want)
+    recipe = Recipe.from_file(work / "m.yaml")
+    assert recipe.sources == {"base": str(work / "base.safetensors"), "experts": {
+        "task0": str(work / "t0"), "task1": str(work / "t1.safetensors"), "task2": f"studio-test/task2@{old}",
+        "task3": f"studio-test/task3/model.safetensors@{old}"}}
+    assert Recipe.from_file(work / "m.safetensors") == recipe
+
+    (repo / "refs" / "main").write_text(new)   # task3's main moves on: the pinned commit is replayed
+    monkeypatch.chdir(tmp_path)
+    for source in ("work/m.yaml", "work/m.safetensors"):
+        assert main(["recipe", source, "--out", "again.safetensors"]) == 0, capsys.readouterr().err
+        _equal(load_state_dict(tmp_path / "again.safetensors"), want)
+    # options still choose other checkpoints
+    assert main(["recipe", "work/m.yaml", "--base", "work/base.safetensors", "--out", "other.safetensors",
+                 *[f"--expert=task{i}=work/t1.safetensors" for i in range(4)]]) == 0
+    _equal(load_state_dict(tmp_path / "other.safetensors"),
+           studio.merge(base, {f"task{i}": experts["task1"] for i in range(4)}, "tsv_m"))
+
+    (work / "t1.safetensors").unlink()
+    assert main(["recipe", "work/m.yaml", "--out", "gone.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert f"expert 'task1': {work / 't1.safetensors'}: no such file or folder" in err, err
+    assert "a source the recipe recorded; give --base and --expert" in err, err
+    assert not (tmp_path / "gone.safetensors").exists()
+    # a recipe of a suite merge records no sources, nor does one the library builds
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--experts", "digits,textures", "--method", "ties",
+                 "--out", "s.safetensors"]) == 0
+    assert Recipe.from_file(tmp_path / "s.safetensors").sources is None
+    assert "sources" not in Recipe(method="ties").to_dict()
+
+
+def test_recipes_check_their_sources():
+    good = {"base": "/b", "experts": {"a": "/a", "b": "owner/b@" + "1" * 40}}
+    assert Recipe(method="ties", experts=["b", "a"], sources=good).sources == good
+    assert Recipe(method="ties", sources=good).experts == ["a", "b"]   # no list: the experts the sources name
+    for bad in ("/b", {"base": "/b"}, {"base": 1, "experts": {}}, {"base": "/b", "experts": ["/a"]},
+                {"base": "/b", "experts": {"a": 2}}, {**good, "extra": 1}):
+        with pytest.raises(CheckpointError, match="recipe field 'sources' must be a mapping"):
+            Recipe(method="ties", experts=["a", "b"], sources=bad)
+    with pytest.raises(CheckpointError, match=r"names the experts \['a', 'b'\], but the recipe merges \['a'\]"):
+        Recipe(method="ties", experts=["a"], sources=good)
+
+
 # ------------------------------------------------------------------------------------------ TSV-C files
 def test_compressed_experts_round_trip_through_a_file_and_the_cli(files, capsys):
     """``Compressed.save`` / ``load`` keep every factor and dense tensor bit for bit; ``merge-studio compress`` and
@@ -445,8 +524,17 @@ def test_compressed_experts_round_trip_through_a_file_and_the_cli(files, capsys)
     assert Compressed.read_meta(out)["prefix"] == "visual."
     assert main(["reconstruct", str(out), "--base", args[1], "--task", "task1", "--out", str(rebuilt)]) == 0
     visual = {k: v for k, v in base.items() if k.startswith("visual.")}
-    _equal(load_state_dict(rebuilt), studio.compress(visual, {n: {k: sd[k] for k in visual}
-                                                              for n, sd in experts.items()}).reconstruct("task1"))
+    want = studio.compress(visual, {n: {k: sd[k] for k in visual} for n, sd in experts.items()}).reconstruct("task1")
+    _equal(load_state_dict(rebuilt), want)
+    # compress also records its --base: reconstruct finds it without options, and says so when it has gone
+    assert Compressed.read_meta(out)["base"] == str(tmp / "base.safetensors")
+    assert main(["reconstruct", str(out), "--task", "task1", "--out", str(rebuilt)]) == 0
+    _equal(load_state_dict(rebuilt), want)
+    (tmp / "base.safetensors").rename(tmp / "moved.safetensors")
+    assert main(["reconstruct", str(out), "--task", "task1", "--out", str(tmp / "r.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "base.safetensors: no such file or folder" in err and "the base compress recorded; give --suite or " \
+        "--base" in err and not (tmp / "r.safetensors").exists(), err
 
 
 def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys):
