@@ -242,9 +242,15 @@ def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]
     return torch.stack(Us), torch.stack(Ss), torch.stack(Vhs)
 
 
-def _check_k(name: str, k: int | None, key: str) -> None:
-    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
-        raise DiagnosticsError(f"{name} on '{key}': k must be a positive integer or None, got {brief(k)}")
+def _check_k(name: str, k: int | None, key: str | None = None) -> int | None:
+    """``k`` (a number of components or subspaces) as a Python int, any integral type accepted as the schemas
+    accept it (NumPy's too), or ``None``; a :class:`DiagnosticsError` naming the function (and layer) otherwise."""
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        where = f"{name} on '{key}'" if key is not None else name
+        raise DiagnosticsError(f"{where}: k must be a positive integer or None, got {brief(k)}")
+    return int(k)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +273,7 @@ def task_spectra(layer: LayerTasks, rank: int | None = None) -> Tensor:
     """
     _require_matrix(layer)
     if rank is not None:
-        _check_k("task_spectra", rank, layer.key)
+        rank = _check_k("task_spectra", rank, layer.key)
         return torch.stack([layer.svd(i, rank)[1] for i in range(layer.num_tasks)])
     return layer.memo(("diag", "svdvals"), lambda: spectrum(layer.deltas))
 
@@ -329,7 +335,7 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
         [[1.0, 0.0], [0.0, 1.0]]
     """
     _require_matrix(layer)
-    _check_k("subspace_similarity", k, layer.key)
+    k = _check_k("subspace_similarity", k, layer.key)
     if side not in ("left", "right"):
         raise DiagnosticsError(f"subspace_similarity: side must be 'left' or 'right', got {brief(side)}")
     if reduce not in ("mean", "frobenius"):
@@ -391,7 +397,7 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_r
         [[1.0, 0.0], [0.0, 1.0]]
     """
     _require_matrix(layer)
-    _check_k("pairwise_sar", k, layer.key)
+    k = _check_k("pairwise_sar", k, layer.key)
     if k is None:
         k = max(1, effective_rank(layer.sum_svd()[1], eps, k_rule))
     k = min(k, min(layer.shape))
@@ -485,7 +491,7 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
         4.0
     """
     _require_matrix(layer)
-    _check_k("sti", rank, layer.key)
+    rank = _check_k("sti", rank, layer.key)
     rank = _default_sti_rank(layer) if rank is None else min(rank, min(layer.shape))
     return layer.memo(("diag", "sti", rank), lambda: sti_from_factors(*_task_factors(layer, rank)))
 
@@ -506,7 +512,7 @@ def sti_pairwise(layer: LayerTasks, rank: int | None = None) -> Tensor:
         [[0.0, 4.0], [4.0, 0.0]]
     """
     _require_matrix(layer)
-    _check_k("sti_pairwise", rank, layer.key)
+    rank = _check_k("sti_pairwise", rank, layer.key)
     rank = _default_sti_rank(layer) if rank is None else min(rank, min(layer.shape))
 
     def compute() -> Tensor:
@@ -557,14 +563,10 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
     return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))
 
 
-def _top(R: int, k: int | None) -> int:
-    """The number of leading merged subspaces to use: ``k`` clipped to the ``R`` there are (``None``: all)."""
-    if k is None:
-        return R
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise DiagnosticsError(f"the number of subspaces (k / rank) must be a positive integer or None, got "
-                               f"{brief(k)}")
-    return max(1, min(int(k), R))
+def _top(R: int, k: int | None, name: str) -> int:
+    """The number of leading merged subspaces ``name`` uses: ``k`` clipped to the ``R`` there are (``None``: all)."""
+    k = _check_k(name, k)
+    return R if k is None else max(1, min(k, R))
 
 
 def _absent(c: Tensor) -> Tensor:
@@ -594,7 +596,7 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
         [1.0, 0.0]
     """
     st = _merged_stats(layer, merged)
-    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)))
+    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), "sar_to_merged")
     captured = st.a2[:, :k].double().sum(1)
     return (captured / st.task_norm2.double().clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0, 1).float()
 
@@ -637,7 +639,7 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
         raise DiagnosticsError(f"svc_coefficients: alpha must be a finite number > 0 (SVC's guard, eq. 17), got "
                                f"{brief(alpha)}")
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank)
+    R = _top(st.S.numel(), rank, "svc_coefficients")
     s = _align.svc_projection_coefficients(st.S[:R], st.c[:, :R], st.a2[:, :R])
     return s, _align.svc_gamma(s, alpha, _preferences(layer, preferences))
 
@@ -670,7 +672,7 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         >>> svc_cross_terms(pool.layer("w"), rank=1)[:, :, 0].tolist()
         [[1.0, 2.0], [0.5, 1.0]]
     """
-    R = _top(_merged_stats(layer, merged).S.numel(), rank)
+    R = _top(_merged_stats(layer, merged).S.numel(), rank, "svc_cross_terms")
     C = _cross_terms(layer, merged)[:, :, :R]
     if normalize:
         return C
@@ -695,7 +697,7 @@ def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         [[1.0, 3.0], [0.3333333432674408, 1.0]]
     """
     st = _merged_stats(layer, merged)
-    c = st.c[:, :_top(st.S.numel(), rank)]
+    c = st.c[:, :_top(st.S.numel(), rank, "cross_influence")]
     xi = _align.subspace_cross_influence(c)
     return torch.where(_absent(c).unsqueeze(1), torch.full_like(xi, float("nan")), xi)
 
@@ -713,7 +715,7 @@ def eta(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
         [0.5, 0.5]
     """
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank)
+    R = _top(st.S.numel(), rank, "eta")
     total = st.c[:, :R].sum(0, keepdim=True)
     return torch.where(_absent(total)[0], torch.full((R,), float("nan"), device=total.device),
                        _align.subspace_scaling_eta(st.S[:R], st.c[:, :R]))
@@ -738,7 +740,7 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
         [[1.0], [1.0]]
     """
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank)
+    R = _top(st.S.numel(), rank, "sai")
     c = st.c[:, :R]
     out = _align.subspace_alignment_index(st.S[:R], c, signed=signed)
     return torch.where(_absent(c), torch.full_like(out, float("nan")), out)
@@ -748,10 +750,10 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
 # Heatmap reductions of the per-subspace metrics
 # --------------------------------------------------------------------------------------------------------------
 
-def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, eps: float = 0.05,
+def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, name: str, eps: float = 0.05,
                       k_rule: str = "official") -> int:
     st = _merged_stats(layer, merged)
-    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)))
+    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), name)
 
 
 def _row_normalise(G: Tensor, empty: float) -> Tensor:
@@ -774,7 +776,7 @@ def svc_cross_matrix(layer: LayerTasks, merged: Tensor | None = None, k: int | N
         >>> svc_cross_matrix(pool.layer("w")).tolist()
         [[1.0, 1.0], [1.0, 1.0]]
     """
-    k = _default_k_merged(layer, merged, k)
+    k = _default_k_merged(layer, merged, k, "svc_cross_matrix")
     return _row_normalise(svc_cross_terms(layer, merged, rank=k, normalize=False).double().sum(-1), 0.0)
 
 
@@ -794,7 +796,7 @@ def cross_influence_matrix(layer: LayerTasks, merged: Tensor | None = None, k: i
         >>> cross_influence_matrix(pool.layer("w"), merged=torch.eye(2)).tolist()
         [[1.0, -1.0], [-1.0, 1.0]]
     """
-    k = _default_k_merged(layer, merged, k)
+    k = _default_k_merged(layer, merged, k, "cross_influence_matrix")
     c = _merged_stats(layer, merged).c[:, :k].double()
     return _row_normalise(c @ c.mT, float("nan"))
 
@@ -1062,7 +1064,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             elif name == "subspace_sim_mean":
                 v = float(subspace_similarity(layer, 5).cpu()[off].mean()) if T > 1 else float("nan")
             else:  # svc_gamma_mean
-                k = _default_k_merged(layer, mdelta, None, eps, k_rule)
+                k = _default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule)
                 v = float(svc_coefficients(layer, mdelta, rank=k)[1].mean())
             out[name].append(float(v))
     if progress is not None:
@@ -1098,5 +1100,5 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
     layer = pool.layer(key, weights)
     if isinstance(merged, Mapping):
         merged = _resolve_merged_mapping(pool, merged, [key], merged_is_delta)(key)
-    _check_k(metric, k, key)
+    k = _check_k(metric, k, key)
     return METRICS[metric].fn(layer, merged, k).detach().to("cpu", torch.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -510,6 +511,14 @@ def test_subspace_counts_and_svc_alpha_are_checked():
             with pytest.raises(D.DiagnosticsError, match="must be a positive integer or None"):
                 call()
     assert D.sar_to_merged(layer, k=10**6).shape == (3,)   # more subspaces than there are: all of them
+    with pytest.raises(D.DiagnosticsError, match=r"^svc_coefficients: k must be a positive integer or None, got 0$"):
+        D.svc_coefficients(layer, rank=0)
+    # one rule for every count: any integral type (NumPy's, as a slider or an array gives it) reads as that integer
+    for call in (lambda k: D.sar_to_merged(layer, k=k), lambda k: D.svc_coefficients(layer, rank=k)[0],
+                 lambda k: D.sti(layer, rank=k), lambda k: D.sti_pairwise(layer, rank=k),
+                 lambda k: D.pairwise_sar(layer, k=k), lambda k: D.subspace_similarity(layer, k=k),
+                 lambda k: D.task_spectra(layer, rank=k), lambda k: D.cross_influence(layer, rank=k)):
+        torch.testing.assert_close(torch.as_tensor(call(np.int64(2))), torch.as_tensor(call(2)), rtol=0, atol=0)
     for alpha in (-1, 0, float("nan"), "a"):
         with pytest.raises(D.DiagnosticsError, match="alpha must be a finite number > 0"):
             D.svc_coefficients(layer, alpha=alpha)
