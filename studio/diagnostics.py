@@ -718,7 +718,7 @@ def eta(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "eta")
     total = st.c[:, :R].sum(0, keepdim=True)
-    return torch.where(_absent(total)[0], torch.full((R,), float("nan"), device=total.device),
+    return torch.where(_absent(total)[0], torch.full((R,), float("nan"), device=total.device, dtype=st.S.dtype),
                        _align.subspace_scaling_eta(st.S[:R], st.c[:, :R]))
 
 

@@ -162,3 +162,32 @@ def test_out_of_range_hparams_name_the_value(name):
                 studio.merge(base, experts, name, **{p.name: p.high + 1})
     with pytest.raises(HyperparameterError, match="unknown hyperparameter"):
         studio.merge(base, experts, name, not_a_param=1)
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_a_float64_default_dtype_changes_no_merge(svd_mode):
+    """A caller's ``torch.set_default_dtype(torch.float64)`` (common in research scripts) made TIES + SVC and TIES +
+    AlignMerge-B raise a dtype mismatch, and it changes every allocation and random draw that leaves the dtype to
+    the default: every method, every calibration after TIES and DARE, and the preference-weighted merge give the same
+    bits under either default."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    runs = [(name, {}) for name in MERGE_NAMES]
+    runs += [(name, {"calibrate": cal}) for name in ("ties", "dare", "breadcrumbs") for cal in CAL_NAMES]
+    runs += [("tsv_m", {"preferences": {"task0": 3, "task1": 1}}), ("dare", {"seed": 3, "p": 0.5})]
+
+    def merge_all():
+        studio.engine.clear_pools()
+        return [studio.merge(base, experts, name, svd_mode=svd_mode, **kw) for name, kw in runs]
+
+    want = merge_all()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = merge_all()
+    finally:
+        torch.set_default_dtype(before)
+    for (name, kw), a, b in zip(runs, want, got):
+        _assert_like_base(b, base)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{name} {kw} {k}")

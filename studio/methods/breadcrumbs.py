@@ -76,9 +76,9 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
     numel = math.prod(layer.shape)
     n_top, n_bottom = band_counts(numel, beta, gamma)
     if n_top + n_bottom >= numel:   # nothing kept (a tiny tensor)
-        return torch.zeros(layer.shape, device=layer.device)
+        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
     base = pool.tensor(None, key).reshape(-1)
-    mag = torch.empty(base.shape, device=base.device)
+    mag = torch.empty(base.shape, device=base.device, dtype=torch.float32)
     bands, fixes = [], []
     for i, name in enumerate(layer.names):
         float32_delta(pool.tensor(name, key).reshape(-1), base, out=mag).abs_()   # raw_chunks' numbers
@@ -111,11 +111,11 @@ def _breadcrumbs_rows(layer: LayerTasks, beta: float, gamma: float) -> Tensor:
     n_top, n_bottom = band_counts(d, beta, gamma)
     numel = math.prod(shape)
     if n_top + n_bottom >= d or numel == 0:   # rows too short to keep anything
-        return torch.zeros(shape, device=layer.device)
+        return torch.zeros(shape, device=layer.device, dtype=torch.float32)
     rows = numel // d
     block_rows = rows if layer.device.type != "cpu" else max(1, min(rows, (1 << 18) // max(1, T * d)))
     weights = None if layer.weights is None else layer.weights.reshape(-1, 1).to(layer.device, torch.float32)
-    out = torch.empty(numel, device=layer.device)
+    out = torch.empty(numel, device=layer.device, dtype=torch.float32)
     for start, stop, x in layer.raw_chunks(chunk=block_rows * d):
         width = stop - start
         mask = row_band_mask(x.abs().reshape(-1, d), n_top, n_bottom)

@@ -63,7 +63,7 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     # on one core; with two workers the merge takes as long either way, bound by the generator, see
     # docs/PERFORMANCE.md). The CPU generator fills tensors serially, so task i's mask is exactly row i of
     # random_drop's one draw over the stack (tested): the same numbers as on the whole stack.
-    out = torch.empty(layer.shape, device=layer.device).reshape(-1)
+    out = torch.empty(layer.shape, device=layer.device, dtype=torch.float32).reshape(-1)
     keep = None
     for i, start, stop, x in layer.task_chunks():
         if keep is None:

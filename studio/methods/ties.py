@@ -71,7 +71,7 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
     def compute() -> Tensor:
         rank = topk_rank(total, k)
         if rank <= 0:
-            return torch.zeros(len(pool.names), device=pool.device)
+            return torch.zeros(len(pool.names), device=pool.device, dtype=torch.float32)
         local = threading.local()
 
         def threshold(name: str) -> Tensor:

@@ -108,11 +108,11 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     r = min(layer.shape)
     k = tsv_rank(r, layer.num_tasks, rank_fraction, key=layer.key)
     if k == 0:
-        return torch.zeros(layer.shape, device=layer.device)
+        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
     U, S, V = tsv_factors(layer, k)
     keep = S > 0
     if not bool(keep.all()):
         U, S, V = U[:, keep], S[keep], V[:, keep]
     if S.numel() == 0:
-        return torch.zeros(layer.shape, device=layer.device)
+        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
     return linalg.reconstruct(polar_gram(U), S, polar_gram(V).mT)
