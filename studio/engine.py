@@ -122,7 +122,8 @@ def merge_pool(
     if (prefs is not None and cal_spec is None and not method_prefs
             and not torch.allclose(prefs, torch.full_like(prefs, 1 / len(names)))):
         weights = (prefs * len(names)).to(pool.device)
-    cal_prefs = (prefs if prefs is not None else torch.full((len(names),), 1 / len(names), dtype=torch.float32)).to(pool.device)
+    uniform = torch.full((len(names),), 1 / len(names), dtype=torch.float32)
+    cal_prefs = (prefs if prefs is not None else uniform).to(pool.device)
 
     tag = (method, tuple(sorted(structural.items())), None if weights is None else tuple(weights.tolist()),
            rule, seed if spec.uses_seed else None, tuple(cal_prefs.tolist()) if method_prefs else None)
