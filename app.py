@@ -191,7 +191,7 @@ def api_merge(method: str, experts: list[str], hparams: "dict | str" = "{}", cal
             raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a readable client error
         raise _user_error(exc, "merge") from None
-    summary = {"recipe": req.recipe(STUDIO.suite_name).to_dict(), "accuracy": out["table"],
+    summary = {"recipe": req.recipe(STUDIO.suite_source).to_dict(), "accuracy": out["table"],
                "avg_accuracy": out["avg_accuracy"], "avg_normalized": out["avg_normalized"],
                "seconds": round(out["total_s"], 3), "recipe_yaml": Path(out["files"]["recipe"]).read_text()}
     return summary, FileData(path=out["files"]["weights"], orig_name=Path(out["files"]["weights"]).name)
@@ -219,7 +219,7 @@ def api_evaluate(method: str, experts: list[str], hparams: "dict | str" = "{}", 
         out = merge_and_score(req, split)
     except Exception as exc:  # noqa: BLE001
         raise _user_error(exc, "evaluate") from None
-    return {**out, "recipe": req.recipe(STUDIO.suite_name).to_dict()}
+    return {**out, "recipe": req.recipe(STUDIO.suite_source).to_dict()}
 
 
 def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "", hparams: "dict | str" = "{}",
@@ -525,7 +525,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
                                   accuracy={t: r["merged"] for t, r in table.items()},
                                   normalized={t: r["normalized"] for t, r in table.items() if r["normalized"] is not None},
-                                  seconds=out["total_s"], recipe=req.recipe(studio.suite_name).to_dict())
+                                  seconds=out["total_s"], recipe=req.recipe(studio.suite_source).to_dict())
             csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
             csv_path.write_text(sess.leaderboard_csv())
             sess.files.update(out["files"], csv=str(csv_path))

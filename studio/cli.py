@@ -17,13 +17,14 @@ import contextlib
 import importlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, load_checkpoint, load_state_dict, merge_from_recipe, save_merged,
-                 save_state_dict)
+from .io import (CheckpointError, Recipe, checkpoint_files, is_local_path, load_checkpoint, load_state_dict,
+                 merge_from_recipe, save_merged, save_state_dict)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -83,16 +84,28 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
     return prefs
 
 
-def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None, dict | None]:
-    """The base and experts the pool options name, the suite's name (or None), and, for --base/--expert, the
-    sources as a recipe records them (see :func:`_load_sources`)."""
+def _load_pool(args: argparse.Namespace,
+               recipe: Recipe | None = None) -> tuple[dict, dict, str | None, dict | None]:
+    """The base and the experts the pool options name, the suite's source as a recipe records it (or None), and for
+    --base/--expert the checkpoints' sources as a recipe records them (see :func:`_load_sources`).
+
+    With a ``recipe`` (``merge-studio recipe``): its suite when no option names checkpoints, else its recorded
+    source for the base and for each expert the options leave out, and its prefix."""
+    if args.suite and (args.base or args.expert):
+        raise StudioError("give either --suite, or --base and --expert checkpoints, not both")
+    if args.experts and not args.suite:
+        raise StudioError("--experts selects experts of a --suite; with --base/--expert, give only the experts to "
+                          "merge")
     if args.prefix is not None and (args.suite or not args.prefix):
         raise StudioError("--prefix applies to --base and --expert checkpoints (a suite's are used whole) and must "
                           "not be empty")
-    if args.suite:
+    suite_source = args.suite
+    if recipe is not None and recipe.suite and not (args.suite or args.base or args.expert):
+        suite_source = recipe.suite
+    if suite_source:
         from .suite import load_suite
 
-        suite = load_suite(args.suite)
+        suite = load_suite(suite_source)
         experts = suite.experts
         if args.experts:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
@@ -100,35 +113,71 @@ def _load_pool(args: argparse.Namespace) -> tuple[dict, dict, str | None, dict |
             if unknown:
                 raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
             experts = {e: experts[e] for e in wanted}
-        return suite.base, experts, str(args.suite), None
-    if not args.base or not args.expert:
-        raise StudioError("give either --suite, or --base and at least one --expert NAME=SOURCE")
-    sources = {}
-    for item in args.expert:
+        return suite.base, experts, suite.source, None
+    given = {}
+    for item in args.expert or []:
         name, source = item.split("=", 1) if "=" in item else ("", "")
-        if not name.strip() or not source:
+        name = name.strip()
+        if not name or not source:
             raise StudioError(f"--expert expects NAME=SOURCE with a non-empty name and source, got {item!r}")
-        if name in sources:
+        if name in given:
             raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
-        sources[name] = source
-    base, experts, recorded = _load_sources(args.base, sources, args.prefix)
-    return base, experts, None, recorded
+        given[name] = source
+    prefix = args.prefix if recipe is None else recipe.prefix
+    if recipe is not None and recipe.experts:
+        unknown = [name for name in given if name not in recipe.experts]
+        if unknown:
+            raise StudioError(f"--expert {unknown[0]!r}: the recipe merges {recipe.experts}; name one of those")
+    recorded = recipe.sources if recipe is not None else None
+    if recorded:   # the recipe's own source for whatever the options leave out
+        base = args.base or recorded["base"]
+        sources = {name: given.get(name, source) for name, source in recorded["experts"].items()}
+        from_recipe = {name for name in sources if name not in given} | (set() if args.base else {None})
+    elif not args.base or not given:
+        raise StudioError("give either --suite, or --base and at least one --expert NAME=SOURCE" + (
+            "" if recipe is None else " (the recipe records no suite and no checkpoint sources)"))
+    else:
+        base, sources, from_recipe = args.base, given, set()
+    base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
+    return base_sd, experts, None, pinned
 
 
-def _load_sources(base: str, experts: dict[str, str], prefix: str | None) -> tuple[dict, dict, dict]:
+def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
+                  from_recipe: set[str | None] = frozenset()) -> tuple[dict, dict, dict]:
     """The base and the experts read from checkpoint sources, and the sources as a recipe records them
-    (:func:`studio.io.load_checkpoint`: absolute paths, Hub repositories pinned to a commit)."""
-    def load(what: str, source: str) -> tuple[dict, str]:
+    (:func:`studio.io.load_checkpoint`: absolute paths, Hub repositories pinned to a commit). An error names the
+    base or the expert, and says so if a recipe recorded the source (``from_recipe``: expert names, None: the
+    base)."""
+    def load(name: str | None, source: str) -> tuple[dict, str]:
         try:
             return load_checkpoint(source, prefix=prefix)
         except CheckpointError as exc:
-            raise CheckpointError(f"{what}: {exc}") from exc
+            option = "--base" if name is None else f"--expert {name}=SOURCE"
+            hint = f" (a source the recipe recorded; give {option} to read another)" if name in from_recipe else ""
+            raise CheckpointError(f"{'the base' if name is None else f'expert {name!r}'}: {exc}{hint}") from exc
 
-    base_sd, pinned = load("the base", base)
+    base_sd, pinned = load(None, base)
     loaded, recorded = {}, {}
     for name, source in experts.items():
-        loaded[name], recorded[name] = load(f"expert {name!r}", source)
+        loaded[name], recorded[name] = load(name, source)
     return base_sd, loaded, {"base": pinned, "experts": recorded}
+
+
+def _refuse_overwriting(outputs: list[str | None], sources: dict | None) -> None:
+    """Refuse to write an output over a local checkpoint the command read (the recipe would then name the
+    output as its input): checked before any file is written."""
+    if not sources:
+        return
+    read: dict[Path, str] = {}
+    for name, source in [(None, sources["base"]), *sources["experts"].items()]:
+        if is_local_path(source) or Path(source).exists():
+            for file, _ in checkpoint_files(source):   # an index's shards too
+                read[file.resolve()] = "the base" if name is None else f"expert {name!r}"
+            read.setdefault(Path(source).resolve(), "the base" if name is None else f"expert {name!r}")
+    for out in outputs:
+        if out is not None and Path(out).resolve() in read:
+            raise StudioError(f"{out} is the checkpoint of {read[Path(out).resolve()]}, which this command reads; "
+                              f"write the output to another file")
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -239,37 +288,32 @@ def _run(args: argparse.Namespace) -> int:
                         calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
                         layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode,
                         prefix=args.prefix, sources=sources)
+        _refuse_overwriting([args.out, args.recipe], sources)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
         recipe = Recipe.from_file(args.recipe)
+        if args.experts:
+            raise StudioError(f"the recipe names the experts it merges, {recipe.experts}; --experts does not apply")
         if args.prefix is not None and args.prefix != recipe.prefix:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
                               f"recipe's is used, leave --prefix out")
-        if not args.suite:
-            args.prefix = recipe.prefix   # read only the tensors the merge used
-        if not (args.suite or args.base or args.expert) and recipe.suite:
-            args.suite = recipe.suite
-        if args.suite or args.base or args.expert or not recipe.sources:
-            base, experts, _, _ = _load_pool(args)
-        else:   # the checkpoints the merge read, as it recorded them
-            try:
-                base, experts, _ = _load_sources(recipe.sources["base"], recipe.sources["experts"], recipe.prefix)
-            except CheckpointError as exc:
-                raise CheckpointError(f"{exc} (a source the recipe recorded; give --base and --expert to read other "
-                                      f"checkpoints)") from exc
+        args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
+        base, experts, _, sources = _load_pool(args, recipe)
+        _refuse_overwriting([args.out], sources)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe)
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "compress":
         from .compress import compress
 
-        base, experts, _, sources = _load_pool(args)
+        base, experts, suite, sources = _load_pool(args)
+        _refuse_overwriting([args.out], sources)
         packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
         # what reconstruct needs to find the same base
-        packed.meta.update(prefix=args.prefix, suite=args.suite, base=sources["base"] if sources else None)
+        packed.meta.update(prefix=args.prefix, suite=suite, base=sources["base"] if sources else None)
         packed.save(args.out)
         size = packed.storage()
         print(f"wrote {args.out}: {len(experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
@@ -286,8 +330,11 @@ def _run(args: argparse.Namespace) -> int:
         if bool(args.suite) == bool(args.base):
             raise StudioError("give the base the experts were compressed against: --suite or --base")
         try:
-            base = load_suite(args.suite).base if args.suite else load_state_dict(args.base,
-                                                                                  prefix=saved.get("prefix"))
+            if args.suite:
+                base = load_suite(args.suite).base
+            else:
+                base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
+                _refuse_overwriting([args.out], {"base": source, "experts": {}})
         except CheckpointError as exc:
             if not recorded:
                 raise

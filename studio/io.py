@@ -91,6 +91,9 @@ def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dty
     return out, pinned
 
 
+#: The prefix that makes a source a Hugging Face Hub reference whatever local folders exist (huggingface_hub's URLs).
+HUB_SCHEME = "hf://"
+
 #: The shard index ``transformers`` writes (``save_pretrained``) and reads first for sharded safetensors weights.
 SHARD_INDEX = "model.safetensors.index.json"
 
@@ -111,36 +114,49 @@ def checkpoint_files(source: str | os.PathLike, *, revision: str | None = None,
 
 def _resolve(source: str | os.PathLike, revision: str | None,
              cache_dir: str | os.PathLike | None) -> tuple[list[tuple[Path, frozenset[str] | None]], str]:
-    """:func:`checkpoint_files`, and the source pinned as :func:`load_checkpoint` records it."""
-    if not isinstance(source, (str, os.PathLike)):
+    """:func:`checkpoint_files`, and the source pinned as :func:`load_checkpoint` records it: the file a local source
+    resolved to (a folder's weights file or shard index; its absolute path, symbolic links kept, so a shard index
+    still finds its shards), or ``hf://owner/name@<commit>[/file]``."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
-    path = Path(source).expanduser()
-    try:
-        if path.is_dir():
-            return _folder_files(path), str(path.resolve())
-        _refuse_pickle(path)
-        if path.is_file():
-            files = _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
-            return files, str(path.resolve())
-    except OSError as exc:   # e.g. a name longer than the file system allows, a folder that cannot be listed
-        raise CheckpointError(f"{brief(str(source))[1:-1]}: cannot be read ({exc.strerror or exc})") from exc
-    local = is_local_path(source)
-    spec = None if local else hub_spec(source, revision)
-    if spec is None:
-        raise CheckpointError(f"{source}: no such file or folder (from {Path.cwd()})" + (
-            "" if local else ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
+    explicit = isinstance(source, str) and source.startswith(HUB_SCHEME)
+    if not explicit:
+        try:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                entry, files = _folder_files(path)
+                return files, os.path.abspath(entry)
+            _refuse_pickle(path)
+            if path.is_file():
+                files = _shards(path) if path.name.endswith(".safetensors.index.json") else [(path, None)]
+                return files, os.path.abspath(path)
+        except (OSError, RuntimeError) as exc:   # a name too long for the file system, an unknown ~user, ...
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise CheckpointError(f"{shown_path(source)}: cannot be read ({reason})") from exc
+    local = not explicit and is_local_path(source)
+    spec = hub_spec(source, revision)
+    if spec is None or local:
+        shown = shown_path(source)
+        if explicit:
+            raise CheckpointError(f"{shown}: not a Hugging Face Hub reference "
+                                  f"{HUB_SCHEME}owner/name[@revision][/file.safetensors]")
+        raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
+            f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write "
+            f"{HUB_SCHEME}{source} for the Hub repository of that name" if local and spec is not None else ""
+            if local else
+            ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
     if filename is not None:
         file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
         # huggingface_hub's cache keeps a commit's files under snapshots/<commit>/<path in the repository>
         commit = file.parents[len(Path(filename).parts) - 1].name
-        return [(file, None)], f"{repo_id}/{filename}@{commit}"
+        return [(file, None)], f"{HUB_SCHEME}{repo_id}@{commit}/{filename}"
     from huggingface_hub import constants
 
     where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
     snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
                                                                                            SHARD_INDEX))
-    pinned = f"{repo_id}@{snapshot.name}"   # the snapshot folder is named by its commit
+    pinned = f"{HUB_SCHEME}{repo_id}@{snapshot.name}"   # the snapshot folder is named by its commit
     if (snapshot / "model.safetensors").is_file():
         return [(snapshot / "model.safetensors", None)], pinned
     if (snapshot / SHARD_INDEX).is_file():
@@ -161,6 +177,15 @@ def _resolve(source: str | os.PathLike, revision: str | None,
                           f"file, {repo_id}/<file>.safetensors (pickle weights are never fetched)")
 
 
+def shown_path(source: str | os.PathLike) -> str:
+    """A path or source for an error message: whole (a shortened path cannot be found again) unless absurdly long,
+    on one line (control characters escaped)."""
+    text = str(source)
+    if len(text) > 2000:
+        text = f"{text[:1000]}...{text[-1000:]}"
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def is_local_path(source: str | os.PathLike) -> bool:
     """Whether a source that does not exist is still meant as a local path, not a Hub repository: a
     :class:`~pathlib.Path`, or text whose first folder exists here (``models/cars`` with a ``models/`` folder: a
@@ -171,9 +196,19 @@ def is_local_path(source: str | os.PathLike) -> bool:
 
 def hub_spec(text: str, revision: str | None = None,
              error: type[StudioError] | None = None) -> tuple[str, str | None, str | None] | None:
-    """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``,
-    or ``None`` for text that is not such a reference. ``owner/name.safetensors`` is read as a mistyped local path,
-    not a repository. A ``revision`` given besides ``@rev`` must agree with it."""
+    """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``
+    or, in huggingface_hub's URL form, ``hf://owner/name[@rev][/path.safetensors]``; ``None`` for text that is not
+    such a reference. ``owner/name.safetensors`` is read as a mistyped local path, not a repository. A ``revision``
+    given besides ``@rev`` must agree with it."""
+    if not isinstance(text, str):
+        return None
+    if text.startswith(HUB_SCHEME):   # hf://owner/name@rev/path -> owner/name/path@rev
+        owner, _, rest = text[len(HUB_SCHEME):].partition("/")
+        name, _, path = rest.partition("/")
+        name, at, rev = name.partition("@")
+        if "@" in path:
+            return None
+        text = "/".join(p for p in (owner, name, path) if p) + (f"@{rev}" if at else "")
     spec, at, rev = text.partition("@")
     parts = spec.split("/")
     if (at and not rev) or "@" in rev or len(parts) < 2 or not all(p for p in parts) \
@@ -211,7 +246,7 @@ def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())   # huggingface_hub's messages span lines
         raise (error or CheckpointError)(
             f"{source!r} is not a local path (from {Path.cwd()}), and cannot be fetched as a {what} from the Hugging "
-            f"Face Hub{hint}: {reason[:400]}") from exc
+            f"Face Hub{hint}: {reason if len(reason) <= 400 else reason[:400] + '...'}") from exc
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -219,17 +254,18 @@ def _refuse_pickle(path: Path) -> None:
         raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
 
 
-def _folder_files(folder: Path) -> list[tuple[Path, frozenset[str] | None]]:
+def _folder_files(folder: Path) -> tuple[Path, list[tuple[Path, frozenset[str] | None]]]:
+    """The file a folder resolves to (its weights file or its shard index) and the files it reads."""
     if (folder / "model.safetensors").is_file():
-        return [(folder / "model.safetensors", None)]
+        return folder / "model.safetensors", [(folder / "model.safetensors", None)]
     if (folder / SHARD_INDEX).is_file():
-        return _shards(folder / SHARD_INDEX)
+        return folder / SHARD_INDEX, _shards(folder / SHARD_INDEX)
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     files = sorted(folder.glob("*.safetensors"))
     if len(indexes) == 1:
-        return _shards(indexes[0])
+        return indexes[0], _shards(indexes[0])
     if not indexes and len(files) == 1:
-        return [(files[0], None)]
+        return files[0], [(files[0], None)]
     found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".safetensors", ".json", *PICKLE_SUFFIXES))
     pickles = " (pickle files are not loaded: convert them to .safetensors)" \
         if any(Path(n).suffix.lower() in PICKLE_SUFFIXES for n in found) else ""
@@ -457,12 +493,22 @@ class Recipe:
             raise bad("prefix", "a tensor-name prefix or null")
         if self.sources is not None:
             given = self.sources
-            experts = given.get("experts") if isinstance(given, Mapping) else None
-            if not isinstance(experts, Mapping) or set(given) != {"base", "experts"} \
-                    or not isinstance(given["base"], str) \
-                    or not all(isinstance(k, str) and isinstance(v, str) for k, v in experts.items()):
-                raise bad("sources", "a mapping {base: checkpoint source, experts: {expert name: checkpoint source}} "
-                                     "or null")
+            shape = "a mapping {base: checkpoint source, experts: {expert name: checkpoint source}} or null"
+            if not isinstance(given, Mapping) or set(given) != {"base", "experts"}:
+                raise bad("sources", shape)
+            experts = given["experts"]
+            if not isinstance(experts, Mapping):
+                raise CheckpointError(f"recipe field 'sources.experts' must map expert names to checkpoint sources, "
+                                      f"got {brief(experts)}")
+            for where, value in [("sources.base", given["base"]),
+                                 *((f"sources.experts.{brief(k)}", v) for k, v in experts.items())]:
+                if not isinstance(value, str) or not value.strip():
+                    raise CheckpointError(f"recipe field '{where}' must be a checkpoint source (a path or a Hub "
+                                          f"repository), got {brief(value)}")
+            named = [k for k in experts if not isinstance(k, str)]
+            if named:
+                raise CheckpointError(f"recipe field 'sources.experts' must be keyed by expert names (text), got "
+                                      f"{brief(named[0])}")
             if not self.experts:   # no list: every expert, i.e. those the sources name
                 self.experts = list(experts)
             if set(experts) != set(self.experts):

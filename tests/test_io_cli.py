@@ -315,7 +315,15 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         (tmp_path / "typo" / "model.safetensors", r"typo/model.safetensors: no such file or folder \(from [^)]*\)$"),
         ("typo/model.safetensors", r"no such file or folder \(from .*\), and not a Hugging Face Hub repository"),
         # the first part is a local folder: a mistyped local path, never sent to the Hub
-        ("sharded/nope", r"sharded/nope: no such file or folder \(from [^)]*\)$"),
+        ("sharded/nope", r"sharded/nope: no such file or folder \(from [^)]*\); read as a local path because a "
+                         r"folder 'sharded' exists here: write hf://sharded/nope for the Hub repository of that name$"),
+        ("", "a checkpoint source is a path or a Hub repository name, got ''"),   # was the working folder
+        (" ", "a checkpoint source is a path or a Hub repository name, got ' '"),
+        ("~nosuchuser-0/m.safetensors", r"~nosuchuser-0/m.safetensors: cannot be read \(Could not determine home"),
+        ("hf://studio-test", r"hf://studio-test: not a Hugging Face Hub reference hf://owner/name\[@revision\]"),
+        ("hf://studio-test/x/m.safetensors@v1", "not a Hugging Face Hub reference"),   # the revision goes after name
+        # hf:// is the Hub whatever local folders exist ('sharded/' does)
+        ("hf://sharded/nope", r"'sharded/nope' is not a local path .* cannot be fetched as a checkpoint"),
         ("studio-test/not-cached", r"offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache"),
         ("studio-test/not-cached/model.safetensors", "offline mode, HF_HUB_OFFLINE, is on"),
         # offline, a snapshot that lacks them may only lack them in the cache
@@ -451,43 +459,103 @@ def test_a_recipe_of_checkpoints_records_their_sources_and_replays_from_them(tmp
     want = studio.merge(base, experts, "tsv_m")
     _equal(load_state_dict("m.safetensors"), want)
     recipe = Recipe.from_file(work / "m.yaml")
+    # the file a folder resolved to (a later model.safetensors beside the shards, or the output written into the
+    # folder, would change what the folder means)
     assert recipe.sources == {"base": str(work / "base.safetensors"), "experts": {
-        "task0": str(work / "t0"), "task1": str(work / "t1.safetensors"), "task2": f"studio-test/task2@{old}",
-        "task3": f"studio-test/task3/model.safetensors@{old}"}}
+        "task0": str(work / "t0" / "model.safetensors"), "task1": str(work / "t1.safetensors"),
+        "task2": f"hf://studio-test/task2@{old}", "task3": f"hf://studio-test/task3@{old}/model.safetensors"}}
     assert Recipe.from_file(work / "m.safetensors") == recipe
 
     (repo / "refs" / "main").write_text(new)   # task3's main moves on: the pinned commit is replayed
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "studio-test").mkdir()   # a local folder named like the Hub owner: hf:// still means the Hub
     for source in ("work/m.yaml", "work/m.safetensors"):
         assert main(["recipe", source, "--out", "again.safetensors"]) == 0, capsys.readouterr().err
         _equal(load_state_dict(tmp_path / "again.safetensors"), want)
-    # options still choose other checkpoints
-    assert main(["recipe", "work/m.yaml", "--base", "work/base.safetensors", "--out", "other.safetensors",
-                 *[f"--expert=task{i}=work/t1.safetensors" for i in range(4)]]) == 0
-    _equal(load_state_dict(tmp_path / "other.safetensors"),
-           studio.merge(base, {f"task{i}": experts["task1"] for i in range(4)}, "tsv_m"))
+    assert Recipe.from_file(tmp_path / "again.safetensors") == recipe
+    # options choose other checkpoints: all of them, or some, the recipe's sources giving the rest
+    swapped = {**experts, "task2": experts["task1"]}
+    for extra, expected in (([f"--expert=task{i}=work/t1.safetensors" for i in range(4)] + ["--base", "work/t0"],
+                             (experts["task0"], {f"task{i}": experts["task1"] for i in range(4)})),
+                            (["--expert", "task2=work/t1.safetensors"], (base, swapped)),
+                            (["--base", "work/base.safetensors"], (base, experts))):
+        assert main(["recipe", "work/m.yaml", *extra, "--out", "other.safetensors"]) == 0, capsys.readouterr().err
+        _equal(load_state_dict(tmp_path / "other.safetensors"), studio.merge(*expected, "tsv_m"))
+    for extra, message in ((["--expert", "zzz=work/t1.safetensors"], "--expert 'zzz': the recipe merges ['task0', "),
+                           (["--experts", "task0"], "the recipe names the experts it merges"),
+                           (["--suite", str(DEFAULT_SUITE_PATH), "--base", "work/t0"], "not both"),
+                           (["--expert", "task1=work/t1.safetensors"], "work/t1.safetensors is the checkpoint of "
+                                                                       "expert 'task1', which this command reads")):
+        out = "work/t1.safetensors" if "task1=" in extra[-1] else "x.safetensors"
+        before = (work / "t1.safetensors").read_bytes()
+        assert main(["recipe", "work/m.yaml", *extra, "--out", out]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x.safetensors").exists() and (work / "t1.safetensors").read_bytes() == before
 
     (work / "t1.safetensors").unlink()
     assert main(["recipe", "work/m.yaml", "--out", "gone.safetensors"]) == 2
     err = capsys.readouterr().err
     assert f"expert 'task1': {work / 't1.safetensors'}: no such file or folder" in err, err
-    assert "a source the recipe recorded; give --base and --expert" in err, err
+    assert "(a source the recipe recorded; give --expert task1=SOURCE to read another)" in err, err
     assert not (tmp_path / "gone.safetensors").exists()
-    # a recipe of a suite merge records no sources, nor does one the library builds
-    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--experts", "digits,textures", "--method", "ties",
-                 "--out", "s.safetensors"]) == 0
-    assert Recipe.from_file(tmp_path / "s.safetensors").sources is None
+    # a suite merge records the suite as its absolute path (the one the app's exports record too) and no sources
+    monkeypatch.chdir(DEFAULT_SUITE_PATH.parent)
+    assert main(["merge", "--suite", DEFAULT_SUITE_PATH.name, "--experts", "digits,textures", "--method", "ties",
+                 "--out", str(tmp_path / "s.safetensors")]) == 0
+    suite_recipe = Recipe.from_file(tmp_path / "s.safetensors")
+    assert suite_recipe.suite == str(DEFAULT_SUITE_PATH) and suite_recipe.sources is None
+    monkeypatch.chdir(tmp_path)
+    assert main(["recipe", "s.safetensors", "--out", "s2.safetensors"]) == 0
+    _equal(load_state_dict("s2.safetensors"), load_state_dict("s.safetensors"))
     assert "sources" not in Recipe(method="ties").to_dict()
+
+
+def test_a_symlinked_shard_index_replays_and_outputs_never_overwrite_inputs(tmp_path, capsys):
+    """A shard index reached through a symbolic link (a Hub cache snapshot: links into ../blobs) was recorded as its
+    target, which is neither named like an index nor beside its shards; merging onto a source is refused."""
+    from huggingface_hub import save_torch_state_dict
+
+    base = clip_like_state_dict(width=16)
+    experts = make_experts(base, 2)
+    save_state_dict(tmp_path / "base.safetensors", base)
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snap").mkdir()
+    save_torch_state_dict(experts["task0"], tmp_path / "blobs", max_shard_size=4000)
+    for file in (tmp_path / "blobs").iterdir():
+        (tmp_path / "snap" / file.name).symlink_to(file)
+    save_state_dict(tmp_path / "t1.safetensors", experts["task1"])
+    index = tmp_path / "snap" / "model.safetensors.index.json"
+    args = ["--base", str(tmp_path / "base.safetensors"), "--expert", f"task0={index}",
+            "--expert", f"task1={tmp_path / 't1.safetensors'}", "--method", "ties"]
+    assert main(["merge", *args, "--out", str(tmp_path / "m.safetensors")]) == 0
+    assert Recipe.from_file(tmp_path / "m.safetensors").sources["experts"]["task0"] == str(index)
+    assert main(["recipe", str(tmp_path / "m.safetensors"), "--out", str(tmp_path / "r.safetensors")]) == 0
+    _equal(load_state_dict(tmp_path / "r.safetensors"), studio.merge(base, experts, "ties"))
+    shard = sorted((tmp_path / "snap").glob("*.safetensors"))[0]
+    for cmd, out in (("merge", tmp_path / "base.safetensors"), ("merge", shard), ("compress", index)):
+        before = out.read_bytes()
+        extra = ["--method", "ties"] if cmd == "merge" else []
+        assert main([cmd, *args[:6], *extra, "--out", str(out)]) == 2
+        assert "which this command reads" in capsys.readouterr().err and out.read_bytes() == before, (cmd, out)
 
 
 def test_recipes_check_their_sources():
     good = {"base": "/b", "experts": {"a": "/a", "b": "owner/b@" + "1" * 40}}
     assert Recipe(method="ties", experts=["b", "a"], sources=good).sources == good
     assert Recipe(method="ties", sources=good).experts == ["a", "b"]   # no list: the experts the sources name
-    for bad in ("/b", {"base": "/b"}, {"base": 1, "experts": {}}, {"base": "/b", "experts": ["/a"]},
-                {"base": "/b", "experts": {"a": 2}}, {**good, "extra": 1}):
+    for bad in ("/b", {"base": "/b"}, {**good, "extra": 1}):
         with pytest.raises(CheckpointError, match="recipe field 'sources' must be a mapping"):
             Recipe(method="ties", experts=["a", "b"], sources=bad)
+    # each entry at fault is named; an empty source read the working folder
+    for bad, message in (({"base": 1, "experts": {}}, "'sources.base' must be a checkpoint source .* got 1"),
+                         ({"base": "", "experts": {"a": "/a"}}, "'sources.base' must be a checkpoint source"),
+                         ({"base": "/b", "experts": ["/a"]}, "'sources.experts' must map expert names"),
+                         ({"base": "/b", "experts": {"a": None}}, r"'sources.experts.'a'' must be .* got None"),
+                         ({"base": "/b", "experts": {"a": " "}}, r"'sources.experts.'a'' must be .* got ' '"),
+                         ({"base": "/b", "experts": {1: "/a"}}, "keyed by expert names .* got 1")):
+        with pytest.raises(CheckpointError, match=message):
+            Recipe(method="ties", sources=bad)
     with pytest.raises(CheckpointError, match=r"names the experts \['a', 'b'\], but the recipe merges \['a'\]"):
         Recipe(method="ties", experts=["a"], sources=good)
 

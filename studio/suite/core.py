@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..io import hub_fetch, hub_spec, is_local_path, load_safetensors
+from ..io import HUB_SCHEME, hub_fetch, hub_spec, is_local_path, load_safetensors, shown_path
 from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -78,11 +79,13 @@ class Suite:
 
     Weights and data are read lazily on first access and kept; ``base``/``experts``/``heads`` are float32 CPU
     tensors. Attributes: ``name``, ``root``, ``manifest``, ``tasks``, ``task_names``, ``model_name``,
-    ``logit_scale``, ``image_size``.
+    ``logit_scale``, ``image_size``, ``source`` (what a recipe records to load it again: the folder's absolute path,
+    or for a Hub suite ``hf://owner/name@<commit>``).
     """
 
     def __init__(self, root: "str | Path", manifest: Mapping[str, Any] | None = None):
         self.root = Path(root)
+        self.source = os.path.abspath(self.root)
         if manifest is None:
             path = self.root / "manifest.json"
             if not path.is_file():
@@ -306,16 +309,24 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
         >>> load_suite("assets/minisuite").task_names[:3]     # doctest: +SKIP
         ['digits', 'house_numbers', 'signs']
     """
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return Suite(path)
-    spec = None if is_local_path(source) else hub_spec(str(source), revision, SuiteError)
+    explicit = isinstance(source, str) and source.startswith(HUB_SCHEME)
+    if not explicit:
+        try:
+            path = Path(source).expanduser()
+        except (TypeError, RuntimeError) as exc:   # not a path, an unknown ~user
+            raise SuiteError(f"suite source {brief(source)} cannot be read as a path ({exc})") from exc
+        if path.is_dir():
+            return Suite(path)
+    spec = None if not explicit and is_local_path(source) else hub_spec(str(source), revision, SuiteError)
     if spec is None or spec[1] is not None:
-        raise SuiteError(f"suite source {str(source)!r} is neither an existing folder nor a Hub repo id "
-                         f"'owner/name[@revision]'")
+        raise SuiteError(f"suite source '{shown_path(source)}' is neither an existing folder nor a Hub repo id "
+                         f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' (from {Path.cwd()})")
     local = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
                       what="suite", error=SuiteError)
-    return Suite(local)
+    suite = Suite(local)
+    if repo_type == "model":   # the snapshot folder is named by its commit
+        suite.source = f"{HUB_SCHEME}{spec[0]}@{local.name}"
+    return suite
 
 
 @functools.lru_cache(maxsize=1)

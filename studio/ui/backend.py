@@ -116,6 +116,12 @@ class Studio:
     def suite_name(self) -> str:
         return str(getattr(self.suite, "name", "suite"))
 
+    @property
+    def suite_source(self) -> str:
+        """What recipes record to load this suite again (``merge-studio recipe`` reads it): its folder's absolute
+        path, or ``hf://owner/name@<commit>`` (:attr:`studio.suite.Suite.source`)."""
+        return str(getattr(self.suite, "source", self.suite_name))
+
     def task(self, name: str) -> Any:
         for t in self.suite.tasks:
             if t.name == name:
@@ -514,7 +520,7 @@ class Studio:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         stem = stem or f"merged_{req.method}_{time.strftime('%Y%m%d-%H%M%S')}"
-        recipe = req.recipe(self.suite_name)
+        recipe = req.recipe(self.suite_source)
         recipe_path = folder / f"{stem}.recipe.yaml"
         weights = save_merged(folder / f"{stem}.safetensors", state_dict, recipe, recipe_path=recipe_path)
         return {"weights": str(weights), "recipe": str(recipe_path)}
