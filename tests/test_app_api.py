@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 import torch
@@ -118,11 +119,15 @@ def test_methods_and_layers_answer_a_plain_post_while_the_queue_is_full(client: 
     merge = app_module.STUDIO.merge
     monkeypatch.setattr(app_module.STUDIO, "merge", lambda *a, **k: gate.wait(60) and merge(*a, **k))
     monkeypatch.setattr(app_module.demo._queue, "max_size", 3)   # fill a small queue, not the app's 32 places
+    queue = app_module.demo._queue
     jobs = [client.submit("task_arithmetic", [suite.task_names[0]], api_name="/merge") for _ in range(5)]
     try:
+        deadline = time.monotonic() + 60   # the client sends its submissions from threads of its own
+        while len(queue) < queue.max_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(queue) == queue.max_size, len(queue)
         with pytest.raises(Exception, match="[Qq]ueue is full"):   # queued endpoints are refused now
-            for _ in range(50):
-                client.predict("visual.proj", api_name="/spectrum")
+            client.predict("visual.proj", api_name="/spectrum")
         posted = {}
         for api in ("methods", "layers"):
             r = httpx.post(f"{app_module.demo.local_url}gradio_api/run/{api}", json={"data": []}, timeout=30)
