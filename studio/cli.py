@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib
 import json
 import sys
@@ -23,7 +24,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, checkpoint_files, is_local_path, load_checkpoint, load_state_dict,
+from .io import (CheckpointError, Recipe, checkpoint_files, is_hub_url, load_checkpoint, load_state_dict,
                  merge_from_recipe, save_merged, save_state_dict)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
@@ -134,8 +135,9 @@ def _load_pool(args: argparse.Namespace,
         sources = {name: given.get(name, source) for name, source in recorded["experts"].items()}
         from_recipe = {name for name in sources if name not in given} | (set() if args.base else {None})
     elif not args.base or not given:
-        raise StudioError("give either --suite, or --base and at least one --expert NAME=SOURCE" + (
-            "" if recipe is None else " (the recipe records no suite and no checkpoint sources)"))
+        why = "" if recipe is None else " (the recipe records no suite and no checkpoint sources)" \
+            if not recipe.suite else f" (the recipe merged the suite {recipe.suite}; checkpoints replace all of it)"
+        raise StudioError(f"give either --suite, or --base and at least one --expert NAME=SOURCE{why}")
     else:
         base, sources, from_recipe = args.base, given, set()
     base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
@@ -163,21 +165,32 @@ def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
     return base_sd, loaded, {"base": pinned, "experts": recorded}
 
 
-def _refuse_overwriting(outputs: list[str | None], sources: dict | None) -> None:
-    """Refuse to write an output over a local checkpoint the command read (the recipe would then name the
-    output as its input): checked before any file is written."""
-    if not sources:
-        return
-    read: dict[Path, str] = {}
-    for name, source in [(None, sources["base"]), *sources["experts"].items()]:
-        if is_local_path(source) or Path(source).exists():
+def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None, suite: str | None = None,
+                        inputs: dict[str, str] | None = None) -> None:
+    """Refuse, before any file is written, to write an output over a file the command reads: a checkpoint of
+    ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> path), or
+    anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise name the
+    output as its own input, or a packed file lose every other expert."""
+    from huggingface_hub import constants
+
+    read = {Path(path).resolve(): what for what, path in (inputs or {}).items()}
+    for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
+        what = "the checkpoint of " + ("the base" if name is None else f"expert {name!r}")
+        if not is_hub_url(source):
             for file, _ in checkpoint_files(source):   # an index's shards too
-                read[file.resolve()] = "the base" if name is None else f"expert {name!r}"
-            read.setdefault(Path(source).resolve(), "the base" if name is None else f"expert {name!r}")
-    for out in outputs:
-        if out is not None and Path(out).resolve() in read:
-            raise StudioError(f"{out} is the checkpoint of {read[Path(out).resolve()]}, which this command reads; "
-                              f"write the output to another file")
+                read[file.resolve()] = what
+            read.setdefault(Path(source).resolve(), what)
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    suite_folder = Path(suite).resolve() if suite is not None and not is_hub_url(suite) else None
+    for out in filter(None, outputs):
+        path = Path(out).resolve()
+        what = read.get(path)
+        if what is None and path.is_relative_to(cache):
+            what = "in the Hugging Face cache"
+        if what is None and suite_folder is not None and path.is_relative_to(suite_folder) and path.exists():
+            what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
+        if what is not None:
+            raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -196,10 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
 
     def pool_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--suite", help="suite folder or Hugging Face repo id (base + experts)")
+        p.add_argument("--suite", help="suite folder or Hugging Face repo id, owner/name[@rev] or "
+                                       "hf://owner/name[@rev] (base + experts)")
         p.add_argument("--experts", help="comma-separated subset of the suite's experts")
         p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
-                                      "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]'")
+                                      "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]' "
+                                      "('hf://owner/name[@rev][/file.safetensors]': the Hub whatever local folders "
+                                      "exist)")
         p.add_argument("--expert", action="append",
                        help="NAME=SOURCE of an expert checkpoint, any source --base takes (repeat)")
         p.add_argument("--prefix", default=None,
@@ -288,7 +304,7 @@ def _run(args: argparse.Namespace) -> int:
                         calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
                         layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode,
                         prefix=args.prefix, sources=sources)
-        _refuse_overwriting([args.out, args.recipe], sources)
+        _refuse_overwriting([args.out, args.recipe], sources=sources, suite=suite)
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
@@ -300,16 +316,17 @@ def _run(args: argparse.Namespace) -> int:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
                               f"recipe's is used, leave --prefix out")
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
-        base, experts, _, sources = _load_pool(args, recipe)
-        _refuse_overwriting([args.out], sources)
+        base, experts, suite, sources = _load_pool(args, recipe)
+        _refuse_overwriting([args.out], sources=sources, suite=suite, inputs={"the recipe": args.recipe})
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
-        save_merged(args.out, merged, recipe)
+        # the output records what it was merged from (options may have replaced the recipe's suite or sources)
+        save_merged(args.out, merged, dataclasses.replace(recipe, suite=suite, sources=sources))
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "compress":
         from .compress import compress
 
         base, experts, suite, sources = _load_pool(args)
-        _refuse_overwriting([args.out], sources)
+        _refuse_overwriting([args.out], sources=sources, suite=suite)
         packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
         # what reconstruct needs to find the same base
@@ -331,10 +348,12 @@ def _run(args: argparse.Namespace) -> int:
             raise StudioError("give the base the experts were compressed against: --suite or --base")
         try:
             if args.suite:
-                base = load_suite(args.suite).base
+                suite = load_suite(args.suite)
+                base, read = suite.base, {"suite": suite.source}
             else:
                 base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
-                _refuse_overwriting([args.out], {"base": source, "experts": {}})
+                read = {"sources": {"base": source, "experts": {}}}
+            _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
         except CheckpointError as exc:
             if not recorded:
                 raise

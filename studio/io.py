@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+from urllib.parse import quote, unquote
 
 import torch
 import yaml
@@ -119,7 +120,7 @@ def _resolve(source: str | os.PathLike, revision: str | None,
     still finds its shards), or ``hf://owner/name@<commit>[/file]``."""
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
-    explicit = isinstance(source, str) and source.startswith(HUB_SCHEME)
+    explicit = is_hub_url(source)
     if not explicit:
         try:
             path = Path(source).expanduser()
@@ -142,7 +143,7 @@ def _resolve(source: str | os.PathLike, revision: str | None,
                                   f"{HUB_SCHEME}owner/name[@revision][/file.safetensors]")
         raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
             f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write "
-            f"{HUB_SCHEME}{source} for the Hub repository of that name" if local and spec is not None else ""
+            f"{hub_url(*spec)} for the Hub repository of that name" if local and spec is not None else ""
             if local else
             ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
@@ -150,13 +151,13 @@ def _resolve(source: str | os.PathLike, revision: str | None,
         file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
         # huggingface_hub's cache keeps a commit's files under snapshots/<commit>/<path in the repository>
         commit = file.parents[len(Path(filename).parts) - 1].name
-        return [(file, None)], f"{HUB_SCHEME}{repo_id}@{commit}/{filename}"
+        return [(file, None)], hub_url(repo_id, filename, commit)
     from huggingface_hub import constants
 
     where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
     snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
                                                                                            SHARD_INDEX))
-    pinned = f"{HUB_SCHEME}{repo_id}@{snapshot.name}"   # the snapshot folder is named by its commit
+    pinned = hub_url(repo_id, None, snapshot.name)   # the snapshot folder is named by its commit
     if (snapshot / "model.safetensors").is_file():
         return [(snapshot / "model.safetensors", None)], pinned
     if (snapshot / SHARD_INDEX).is_file():
@@ -186,6 +187,18 @@ def shown_path(source: str | os.PathLike) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
+def is_hub_url(source: Any) -> bool:
+    """Whether ``source`` is written as a Hub reference, ``hf://...`` (the scheme in any case, as URL schemes)."""
+    return isinstance(source, str) and source[:len(HUB_SCHEME)].lower() == HUB_SCHEME
+
+
+def hub_url(repo_id: str, filename: str | None = None, revision: str | None = None) -> str:
+    """``hf://owner/name[@revision][/file]``, the form :func:`hub_spec` reads back (a revision with ``/`` encoded)."""
+    rev = "" if revision is None else "@" + (revision if re.fullmatch(r"refs/pr/\d+", revision)
+                                             else quote(revision, safe=""))
+    return f"{HUB_SCHEME}{repo_id}{rev}" + (f"/{filename}" if filename else "")
+
+
 def is_local_path(source: str | os.PathLike) -> bool:
     """Whether a source that does not exist is still meant as a local path, not a Hub repository: a
     :class:`~pathlib.Path`, or text whose first folder exists here (``models/cars`` with a ``models/`` folder: a
@@ -202,19 +215,23 @@ def hub_spec(text: str, revision: str | None = None,
     given besides ``@rev`` must agree with it."""
     if not isinstance(text, str):
         return None
-    if text.startswith(HUB_SCHEME):   # hf://owner/name@rev/path -> owner/name/path@rev
-        owner, _, rest = text[len(HUB_SCHEME):].partition("/")
-        name, _, path = rest.partition("/")
-        name, at, rev = name.partition("@")
-        if "@" in path:
+    if is_hub_url(text):   # hf://owner/name@rev/path -> owner/name/path@rev
+        # as huggingface_hub's HfFileSystem: a revision is one path segment (URL-encoded: refs%2Fpr%2F1), or a
+        # pull request's or conversion's refs/pr/N, refs/convert/NAME
+        url = re.fullmatch(r"([^/@]+)/([^/@]+)(?:@(refs/pr/\d+|refs/convert/[^/@]+|[^/@]+))?(?:/([^@]+))?",
+                           text[len(HUB_SCHEME):])
+        if url is None or (url[4] is not None and (url[4].endswith("/") or "//" in url[4])):
             return None
-        text = "/".join(p for p in (owner, name, path) if p) + (f"@{rev}" if at else "")
+        owner, name, rev, path = url.groups()
+        text = "/".join(p for p in (owner, name, path) if p) + (f"@{unquote(rev)}" if rev else "")
     spec, at, rev = text.partition("@")
     parts = spec.split("/")
     if (at and not rev) or "@" in rev or len(parts) < 2 or not all(p for p in parts) \
             or not all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts[:2]):
         return None
     if len(parts) == 2 and Path(parts[1]).suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+        return None
+    if any(p in (".", "..") for p in parts[2:]):
         return None
     filename = "/".join(parts[2:]) or None
     if filename is not None and not filename.endswith(".safetensors"):
@@ -501,7 +518,8 @@ class Recipe:
                 raise CheckpointError(f"recipe field 'sources.experts' must map expert names to checkpoint sources, "
                                       f"got {brief(experts)}")
             for where, value in [("sources.base", given["base"]),
-                                 *((f"sources.experts.{brief(k)}", v) for k, v in experts.items())]:
+                                 *((f"sources.experts.{k if isinstance(k, str) else brief(k)}", v)
+                                   for k, v in experts.items())]:
                 if not isinstance(value, str) or not value.strip():
                     raise CheckpointError(f"recipe field '{where}' must be a checkpoint source (a path or a Hub "
                                           f"repository), got {brief(value)}")

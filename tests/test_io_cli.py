@@ -4,6 +4,7 @@ argument parsing), including the per-method layer rules, the SVD mode and custom
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,6 +258,33 @@ def test_checkpoints_load_from_files_folders_shards_and_the_hub_cache(tmp_path, 
     _equal(load_state_dict(out), studio.merge(base_visual, {n: visual[n] for n in ("task0", "task1")}, "iso_c"))
 
 
+@pytest.mark.parametrize("text, spec", [
+    ("owner/name", ("owner/name", None, None)),
+    ("owner/name@v1", ("owner/name", None, "v1")),
+    ("owner/name/sub/w.safetensors@v1", ("owner/name", "sub/w.safetensors", "v1")),
+    ("owner/name@refs/pr/1", ("owner/name", None, "refs/pr/1")),
+    ("hf://owner/name", ("owner/name", None, None)),
+    ("HF://owner/name@v1", ("owner/name", None, "v1")),   # URL schemes are case-insensitive
+    ("hf://owner/name@v1/sub/w.safetensors", ("owner/name", "sub/w.safetensors", "v1")),
+    ("hf://owner/name/w.safetensors", ("owner/name", "w.safetensors", None)),
+    ("hf://owner/name@refs/pr/1/w.safetensors", ("owner/name", "w.safetensors", "refs/pr/1")),
+    ("hf://owner/name@refs%2Fconvert%2Fparquet", ("owner/name", None, "refs/convert/parquet")),
+    # not references: each was read as some other repository or file, or is a mistyped local path
+    ("hf://owner", None), ("hf://owner/name/", None), ("hf://owner/name@v1/", None), ("hf://owner//name", None),
+    ("hf://owner//sub/w.safetensors", None), ("hf:///x", None), ("hf://owner/name/x/../w.safetensors", None),
+    ("hf://owner/name/w.safetensors@v1", None), ("owner/name.safetensors", None), ("owner/name/notes.txt", None),
+    ("owner/name@", None), ("owner/name/../w.safetensors", None),
+])
+def test_hub_references_parse_in_both_forms_and_round_trip(text, spec):
+    """``owner/name[/file][@rev]`` and huggingface_hub's URL form ``hf://owner/name[@rev][/file]``; what a recipe
+    records (:func:`studio.io.hub_url`) reads back as the same reference."""
+    from studio.io import hub_spec, hub_url
+
+    assert hub_spec(text) == spec
+    if spec is not None:
+        assert hub_spec(hub_url(*spec)) == spec
+
+
 def test_a_hub_checkpoint_fetches_only_the_files_it_reads(tmp_path, offline_hub, monkeypatch):
     """The calls to huggingface_hub (recorded on the way through; offline, they serve the cache): the weights file or
     the index first, then the shards the index lists, at the snapshot's commit; never a ``*`` pattern (which matches
@@ -317,6 +345,7 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         # the first part is a local folder: a mistyped local path, never sent to the Hub
         ("sharded/nope", r"sharded/nope: no such file or folder \(from [^)]*\); read as a local path because a "
                          r"folder 'sharded' exists here: write hf://sharded/nope for the Hub repository of that name$"),
+        ("sharded/nope/w.safetensors@v1", "write hf://sharded/nope@v1/w.safetensors for the Hub repository"),
         ("", "a checkpoint source is a path or a Hub repository name, got ''"),   # was the working folder
         (" ", "a checkpoint source is a path or a Hub repository name, got ' '"),
         ("~nosuchuser-0/m.safetensors", r"~nosuchuser-0/m.safetensors: cannot be read \(Could not determine home"),
@@ -481,6 +510,9 @@ def test_a_recipe_of_checkpoints_records_their_sources_and_replays_from_them(tmp
                             (["--base", "work/base.safetensors"], (base, experts))):
         assert main(["recipe", "work/m.yaml", *extra, "--out", "other.safetensors"]) == 0, capsys.readouterr().err
         _equal(load_state_dict(tmp_path / "other.safetensors"), studio.merge(*expected, "tsv_m"))
+        # the output records what it was merged from, so it replays to itself (it kept the recipe's sources)
+        assert main(["recipe", "other.safetensors", "--out", "replayed.safetensors"]) == 0
+        _equal(load_state_dict(tmp_path / "replayed.safetensors"), studio.merge(*expected, "tsv_m"))
     for extra, message in ((["--expert", "zzz=work/t1.safetensors"], "--expert 'zzz': the recipe merges ['task0', "),
                            (["--experts", "task0"], "the recipe names the experts it merges"),
                            (["--suite", str(DEFAULT_SUITE_PATH), "--base", "work/t0"], "not both"),
@@ -508,6 +540,9 @@ def test_a_recipe_of_checkpoints_records_their_sources_and_replays_from_them(tmp
     monkeypatch.chdir(tmp_path)
     assert main(["recipe", "s.safetensors", "--out", "s2.safetensors"]) == 0
     _equal(load_state_dict("s2.safetensors"), load_state_dict("s.safetensors"))
+    assert main(["recipe", "s.safetensors", "--base", "work/base.safetensors", "--out", "s3.safetensors"]) == 2
+    assert f"(the recipe merged the suite {DEFAULT_SUITE_PATH}; checkpoints replace all of it)" in \
+        capsys.readouterr().err
     assert "sources" not in Recipe(method="ties").to_dict()
 
 
@@ -540,6 +575,44 @@ def test_a_symlinked_shard_index_replays_and_outputs_never_overwrite_inputs(tmp_
         assert "which this command reads" in capsys.readouterr().err and out.read_bytes() == before, (cmd, out)
 
 
+def test_no_command_writes_over_a_suite_file_the_recipe_the_packed_file_or_the_hub_cache(tmp_path, offline_hub,
+                                                                                         monkeypatch, capsys):
+    import shutil
+
+    import huggingface_hub.constants as hub_constants
+
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, suite)
+    cache = tmp_path / "hf"
+    cache.mkdir()
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    pool = ["--suite", str(suite), "--experts", "digits,textures"]
+    assert main(["merge", *pool, "--method", "ties", "--out", str(tmp_path / "m.safetensors"),
+                 "--recipe", str(tmp_path / "m.yaml")]) == 0
+    assert main(["compress", *pool, "--out", str(tmp_path / "p.safetensors")]) == 0
+    expert = next((suite / "experts").glob("*.safetensors"))
+    cases = [
+        (["merge", *pool, "--method", "ties", "--out", str(suite / "base.safetensors")], "is a file of the suite"),
+        (["compress", *pool, "--out", str(expert)], "is a file of the suite"),
+        (["merge", *pool, "--method", "ties", "--out", str(suite / "manifest.json")], "is a file of the suite"),
+        (["recipe", str(tmp_path / "m.yaml"), "--out", str(tmp_path / "m.yaml")], "is the recipe"),
+        (["reconstruct", str(tmp_path / "p.safetensors"), "--task", "digits", "--out", str(tmp_path / "p.safetensors")],
+         "is the packed file"),
+        (["reconstruct", str(tmp_path / "p.safetensors"), "--task", "digits", "--out", str(suite / "base.safetensors")],
+         "is a file of the suite"),
+        (["merge", *pool, "--method", "ties", "--out", str(cache / "models--a--b" / "snapshots" / "m.safetensors")],
+         "is in the Hugging Face cache"),
+    ]
+    for argv, message in cases:
+        out = Path(argv[argv.index("--out") + 1])
+        before = out.read_bytes() if out.exists() else None
+        assert main(argv) == 2, argv
+        assert f"{out} {message}" in capsys.readouterr().err, argv
+        assert (out.read_bytes() if out.exists() else None) == before, argv
+    # a new file beside the suite's own is fine
+    assert main(["merge", *pool, "--method", "ties", "--out", str(suite / "merged.safetensors")]) == 0
+
+
 def test_recipes_check_their_sources():
     good = {"base": "/b", "experts": {"a": "/a", "b": "owner/b@" + "1" * 40}}
     assert Recipe(method="ties", experts=["b", "a"], sources=good).sources == good
@@ -551,8 +624,8 @@ def test_recipes_check_their_sources():
     for bad, message in (({"base": 1, "experts": {}}, "'sources.base' must be a checkpoint source .* got 1"),
                          ({"base": "", "experts": {"a": "/a"}}, "'sources.base' must be a checkpoint source"),
                          ({"base": "/b", "experts": ["/a"]}, "'sources.experts' must map expert names"),
-                         ({"base": "/b", "experts": {"a": None}}, r"'sources.experts.'a'' must be .* got None"),
-                         ({"base": "/b", "experts": {"a": " "}}, r"'sources.experts.'a'' must be .* got ' '"),
+                         ({"base": "/b", "experts": {"a": None}}, r"'sources.experts.a' must be .* got None"),
+                         ({"base": "/b", "experts": {"a": " "}}, r"'sources.experts.a' must be .* got ' '"),
                          ({"base": "/b", "experts": {1: "/a"}}, "keyed by expert names .* got 1")):
         with pytest.raises(CheckpointError, match=message):
             Recipe(method="ties", sources=bad)

@@ -31,7 +31,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..io import HUB_SCHEME, hub_fetch, hub_spec, is_local_path, load_safetensors, shown_path
+from ..io import (HUB_SCHEME, hub_fetch, hub_spec, hub_url, is_hub_url, is_local_path, load_safetensors,
+                  shown_path)
 from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -300,7 +301,7 @@ class Suite:
 def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | None = None,
                repo_type: str = "model", cache_dir: "str | Path | None" = None) -> Suite:
     """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``, optionally
-    ``"owner/name@revision"``).
+    ``"owner/name@revision"``, or ``"hf://owner/name[@revision]"``, the Hub whatever local folders exist).
 
     Hub repositories are fetched with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` serves them
     from the local cache and never touches the network).
@@ -309,7 +310,7 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
         >>> load_suite("assets/minisuite").task_names[:3]     # doctest: +SKIP
         ['digits', 'house_numbers', 'signs']
     """
-    explicit = isinstance(source, str) and source.startswith(HUB_SCHEME)
+    explicit = is_hub_url(source)
     if not explicit:
         try:
             path = Path(source).expanduser()
@@ -317,15 +318,18 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
             raise SuiteError(f"suite source {brief(source)} cannot be read as a path ({exc})") from exc
         if path.is_dir():
             return Suite(path)
-    spec = None if not explicit and is_local_path(source) else hub_spec(str(source), revision, SuiteError)
-    if spec is None or spec[1] is not None:
+    local = not explicit and is_local_path(source)
+    spec = hub_spec(str(source), revision, SuiteError)
+    if spec is None or spec[1] is not None or local:
+        hint = f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write " \
+               f"{hub_url(*spec)} for the Hub repository of that name" if local and spec and not spec[1] else ""
         raise SuiteError(f"suite source '{shown_path(source)}' is neither an existing folder nor a Hub repo id "
-                         f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' (from {Path.cwd()})")
-    local = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
-                      what="suite", error=SuiteError)
-    suite = Suite(local)
+                         f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' (from {Path.cwd()}){hint}")
+    snapshot = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
+                         what="suite", error=SuiteError)
+    suite = Suite(snapshot)
     if repo_type == "model":   # the snapshot folder is named by its commit
-        suite.source = f"{HUB_SCHEME}{spec[0]}@{local.name}"
+        suite.source = hub_url(spec[0], None, snapshot.name)
     return suite
 
 
