@@ -60,9 +60,10 @@ def load_state_dict(path: str | os.PathLike, *, prefix: str | None = None, dtype
 def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dtype: torch.dtype | None = None,
                     revision: str | None = None,
                     cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, Tensor], str]:
-    """:func:`load_state_dict`, and the source as a recipe records it so that a replay reads the same files: a local
-    source as its absolute path, a Hub source pinned to the commit its files came from
-    (``owner/name[/file.safetensors]@<commit>``, also when a branch or tag was given)."""
+    """:func:`load_state_dict`, and the source as a recipe records it so that a replay reads the same files: for a
+    local source the absolute path of the file it resolved to (a folder's weights file or shard index), for a Hub
+    source ``hf://owner/name@<commit>[/file.safetensors]``, pinned to the commit its files came from (also when a
+    branch or tag was given)."""
     if prefix is not None and not isinstance(prefix, str):
         raise CheckpointError(f"prefix must be text (the start of the tensor names to keep), got {brief(prefix)}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
