@@ -94,19 +94,26 @@ def _load_pool(args: argparse.Namespace,
     source for the base and for each expert the options leave out, and its prefix."""
     if args.suite and (args.base or args.expert):
         raise StudioError("give either --suite, or --base and --expert checkpoints, not both")
-    if args.experts and not args.suite:
-        raise StudioError("--experts selects experts of a --suite; with --base/--expert, give only the experts to "
-                          "merge")
     if args.prefix is not None and (args.suite or not args.prefix):
         raise StudioError("--prefix applies to --base and --expert checkpoints (a suite's are used whole) and must "
                           "not be empty")
     suite_source = args.suite
-    if recipe is not None and recipe.suite and not (args.suite or args.base or args.expert):
+    recorded_suite = recipe is not None and recipe.suite and not (args.suite or args.base or args.expert)
+    if recorded_suite:
         suite_source = recipe.suite
+    if args.experts and not suite_source:
+        raise StudioError("--experts selects experts of a --suite; with --base/--expert, give only the experts to "
+                          "merge")
     if suite_source:
         from .suite import load_suite
 
-        suite = load_suite(suite_source)
+        try:
+            suite = load_suite(suite_source)
+        except StudioError as exc:
+            if not recorded_suite:
+                raise
+            raise type(exc)(f"{exc} (the suite the recipe recorded; give --suite, or --base and --expert, to read "
+                            f"others)") from exc
         experts = suite.experts
         if args.experts:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
@@ -310,7 +317,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
         recipe = Recipe.from_file(args.recipe)
-        if args.experts:
+        if args.experts and recipe.experts:
             raise StudioError(f"the recipe names the experts it merges, {recipe.experts}; --experts does not apply")
         if args.prefix is not None and args.prefix != recipe.prefix:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
@@ -320,7 +327,7 @@ def _run(args: argparse.Namespace) -> int:
         _refuse_overwriting([args.out], sources=sources, suite=suite, inputs={"the recipe": args.recipe})
         merged = merge_from_recipe(recipe, base, experts, device=args.device)
         # the output records what it was merged from (options may have replaced the recipe's suite or sources)
-        save_merged(args.out, merged, dataclasses.replace(recipe, suite=suite, sources=sources))
+        save_merged(args.out, merged, dataclasses.replace(recipe, suite=suite, sources=sources, experts=list(experts)))
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "compress":
         from .compress import compress
@@ -354,11 +361,11 @@ def _run(args: argparse.Namespace) -> int:
                 base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": source, "experts": {}}}
             _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        except CheckpointError as exc:
+        except StudioError as exc:   # a suite's or a checkpoint's
             if not recorded:
                 raise
-            raise CheckpointError(f"{exc} (the base compress recorded; give --suite or --base to read another)") \
-                from exc
+            raise type(exc)(f"{exc} (the {'suite' if args.suite else 'base'} compress recorded; give --suite or --base "
+                            f"to read another)") from exc
         state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

@@ -212,10 +212,8 @@ def _tensor_tag(t: Tensor) -> Hashable:
     """Content identity of a tensor for memo keys: its shape, dtype and the SHA-256 of its bytes.
 
     Content-based (not storage-based) so that the same merged delta rebuilt by a later call (e.g. ``merged - base``
-    of the same state dict) hits the memo. Exact: a summary of sampled entries and totals, as before, gave two
-    matrices with the same sampled column and the same totals (two other columns swapped) one entry, and so the
-    first one's SVC and AlignMerge statistics. It costs no more: 5.3 ms against 7.4 ms for a 3072 x 768 float32
-    matrix on this 2-core machine (SHA extensions).
+    of the same state dict) hits the memo, and exact: two deltas that differ anywhere get their own entries. A CUDA
+    tensor is copied to the host to be hashed (one layer at a time).
     """
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
     return tuple(t.shape), str(t.dtype), hashlib.sha256(data).digest()
@@ -243,14 +241,14 @@ def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]
     return torch.stack(Us), torch.stack(Ss), torch.stack(Vhs)
 
 
-def _check_k(name: str, k: int | None, key: str | None = None) -> int | None:
-    """``k`` (a number of components or subspaces) as a Python int, any integral type accepted as the schemas
-    accept it (NumPy's too), or ``None``; a :class:`DiagnosticsError` naming the function (and layer) otherwise."""
+def _check_k(name: str, k: int | None, key: str, param: str = "k") -> int | None:
+    """``k`` (a number of components or subspaces, the argument ``param``) as a Python int, any integral type
+    accepted as the schemas accept it (NumPy's too), or ``None``; a :class:`DiagnosticsError` naming the function,
+    the layer and the argument otherwise."""
     if k is None:
         return None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        where = f"{name} on '{key}'" if key is not None else name
-        raise DiagnosticsError(f"{where}: k must be a positive integer or None, got {brief(k)}")
+        raise DiagnosticsError(f"{name} on '{key}': {param} must be a positive integer or None, got {brief(k)}")
     return int(k)
 
 
@@ -274,7 +272,7 @@ def task_spectra(layer: LayerTasks, rank: int | None = None) -> Tensor:
     """
     _require_matrix(layer)
     if rank is not None:
-        rank = _check_k("task_spectra", rank, layer.key)
+        rank = _check_k("task_spectra", rank, layer.key, "rank")
         return torch.stack([layer.svd(i, rank)[1] for i in range(layer.num_tasks)])
     return layer.memo(("diag", "svdvals"), lambda: spectrum(layer.deltas))
 
@@ -492,7 +490,7 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
         4.0
     """
     _require_matrix(layer)
-    rank = _check_k("sti", rank, layer.key)
+    rank = _check_k("sti", rank, layer.key, "rank")
     rank = _default_sti_rank(layer) if rank is None else min(rank, min(layer.shape))
     return layer.memo(("diag", "sti", rank), lambda: sti_from_factors(*_task_factors(layer, rank)))
 
@@ -513,7 +511,7 @@ def sti_pairwise(layer: LayerTasks, rank: int | None = None) -> Tensor:
         [[0.0, 4.0], [4.0, 0.0]]
     """
     _require_matrix(layer)
-    rank = _check_k("sti_pairwise", rank, layer.key)
+    rank = _check_k("sti_pairwise", rank, layer.key, "rank")
     rank = _default_sti_rank(layer) if rank is None else min(rank, min(layer.shape))
 
     def compute() -> Tensor:
@@ -564,9 +562,9 @@ def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:
     return layer.memo(("diag", "merged_stats", tag), compute, transient=(tag != "ta_sum"))
 
 
-def _top(R: int, k: int | None, name: str) -> int:
+def _top(R: int, k: int | None, name: str, key: str, param: str) -> int:
     """The number of leading merged subspaces ``name`` uses: ``k`` clipped to the ``R`` there are (``None``: all)."""
-    k = _check_k(name, k)
+    k = _check_k(name, k, key, param)
     return R if k is None else max(1, min(k, R))
 
 
@@ -597,7 +595,8 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
         [1.0, 0.0]
     """
     st = _merged_stats(layer, merged)
-    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), "sar_to_merged")
+    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), "sar_to_merged",
+             layer.key, "k")
     captured = st.a2[:, :k].double().sum(1)
     return (captured / st.task_norm2.double().clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0, 1).float()
 
@@ -640,7 +639,7 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
         raise DiagnosticsError(f"svc_coefficients: alpha must be a finite number > 0 (SVC's guard, eq. 17), got "
                                f"{brief(alpha)}")
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank, "svc_coefficients")
+    R = _top(st.S.numel(), rank, "svc_coefficients", layer.key, "rank")
     s = _align.svc_projection_coefficients(st.S[:R], st.c[:, :R], st.a2[:, :R])
     return s, _align.svc_gamma(s, alpha, _preferences(layer, preferences))
 
@@ -673,7 +672,7 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         >>> svc_cross_terms(pool.layer("w"), rank=1)[:, :, 0].tolist()
         [[1.0, 2.0], [0.5, 1.0]]
     """
-    R = _top(_merged_stats(layer, merged).S.numel(), rank, "svc_cross_terms")
+    R = _top(_merged_stats(layer, merged).S.numel(), rank, "svc_cross_terms", layer.key, "rank")
     C = _cross_terms(layer, merged)[:, :, :R]
     if normalize:
         return C
@@ -698,7 +697,7 @@ def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         [[1.0, 3.0], [0.3333333432674408, 1.0]]
     """
     st = _merged_stats(layer, merged)
-    c = st.c[:, :_top(st.S.numel(), rank, "cross_influence")]
+    c = st.c[:, :_top(st.S.numel(), rank, "cross_influence", layer.key, "rank")]
     xi = _align.subspace_cross_influence(c)
     return torch.where(_absent(c).unsqueeze(1), torch.full_like(xi, float("nan")), xi)
 
@@ -716,7 +715,7 @@ def eta(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
         [0.5, 0.5]
     """
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank, "eta")
+    R = _top(st.S.numel(), rank, "eta", layer.key, "rank")
     total = st.c[:, :R].sum(0, keepdim=True)
     return torch.where(_absent(total)[0], torch.full((R,), float("nan"), device=total.device, dtype=st.S.dtype),
                        _align.subspace_scaling_eta(st.S[:R], st.c[:, :R]))
@@ -741,7 +740,7 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
         [[1.0], [1.0]]
     """
     st = _merged_stats(layer, merged)
-    R = _top(st.S.numel(), rank, "sai")
+    R = _top(st.S.numel(), rank, "sai", layer.key, "rank")
     c = st.c[:, :R]
     out = _align.subspace_alignment_index(st.S[:R], c, signed=signed)
     return torch.where(_absent(c), torch.full_like(out, float("nan")), out)
@@ -754,7 +753,8 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
 def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, name: str, eps: float = 0.05,
                       k_rule: str = "official") -> int:
     st = _merged_stats(layer, merged)
-    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), name)
+    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), name,
+                layer.key, "k")
 
 
 def _row_normalise(G: Tensor, empty: float) -> Tensor:

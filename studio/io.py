@@ -143,28 +143,26 @@ def _resolve(source: str | os.PathLike, revision: str | None,
             raise CheckpointError(f"{shown}: not a Hugging Face Hub reference "
                                   f"{HUB_SCHEME}owner/name[@revision][/file.safetensors]")
         raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
-            f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write "
-            f"{hub_url(*spec)} for the Hub repository of that name" if local and spec is not None else ""
-            if local else
+            local_folder_hint(source, spec) if local else
             ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
     if filename is not None:
-        file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir)
+        file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir, shown=source)
         # huggingface_hub's cache keeps a commit's files under snapshots/<commit>/<path in the repository>
         commit = file.parents[len(Path(filename).parts) - 1].name
         return [(file, None)], hub_url(repo_id, filename, commit)
     from huggingface_hub import constants
 
     where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
-    snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=("model.safetensors",
-                                                                                           SHARD_INDEX))
+    snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, shown=source,
+                         allow_patterns=("model.safetensors", SHARD_INDEX))
     pinned = hub_url(repo_id, None, snapshot.name)   # the snapshot folder is named by its commit
     if (snapshot / "model.safetensors").is_file():
         return [(snapshot / "model.safetensors", None)], pinned
     if (snapshot / SHARD_INDEX).is_file():
         shards = sorted({shard for _, shard in _weight_map(snapshot / SHARD_INDEX)})
         # the shards of the same commit (the snapshot folder's name), even if the branch moves meanwhile
-        hub_fetch(repo_id, revision=snapshot.name, cache_dir=cache_dir, allow_patterns=tuple(shards))
+        hub_fetch(repo_id, revision=snapshot.name, cache_dir=cache_dir, allow_patterns=tuple(shards), shown=source)
         missing = [shard for shard in shards if not (snapshot / shard).is_file()]
         if missing and constants.HF_HUB_OFFLINE:
             raise CheckpointError(f"{where}: {len(missing)} of the {len(shards)} shards its index lists (e.g. "
@@ -186,6 +184,15 @@ def shown_path(source: str | os.PathLike) -> str:
     if len(text) > 2000:
         text = f"{text[:1000]}...{text[-1000:]}"
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def local_folder_hint(source: Any, spec: tuple[str, str | None, str | None] | None) -> str:
+    """For text read as a local path only because its first folder exists here (:func:`is_local_path`) and that
+    also names a Hub repository (``spec``, from :func:`hub_spec`): how to name the repository instead; else ``""``."""
+    if spec is None or not isinstance(source, str) or not Path(Path(source).parts[0]).is_dir():
+        return ""
+    return (f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write "
+            f"{hub_url(*spec)} for the Hub repository of that name")
 
 
 def is_hub_url(source: Any) -> bool:
@@ -216,6 +223,7 @@ def hub_spec(text: str, revision: str | None = None,
     given besides ``@rev`` must agree with it."""
     if not isinstance(text, str):
         return None
+    given = text
     if is_hub_url(text):   # hf://owner/name@rev/path -> owner/name/path@rev
         # as huggingface_hub's HfFileSystem: a revision is one path segment (URL-encoded: refs%2Fpr%2F1), or a
         # pull request's or conversion's refs/pr/N, refs/convert/NAME
@@ -238,17 +246,17 @@ def hub_spec(text: str, revision: str | None = None,
     if filename is not None and not filename.endswith(".safetensors"):
         return None
     if rev and revision is not None and rev != revision:
-        raise (error or CheckpointError)(f"{text}: names revision {rev!r} but revision={revision!r} was also given")
+        raise (error or CheckpointError)(f"{given}: names revision {rev!r} but revision={revision!r} was also given")
     return "/".join(parts[:2]), filename, rev or revision
 
 
 def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None = None, repo_type: str = "model",
               cache_dir: str | os.PathLike | None = None, allow_patterns: tuple[str, ...] | None = None,
-              what: str = "checkpoint", error: type[StudioError] | None = None) -> Path:
+              what: str = "checkpoint", error: type[StudioError] | None = None, shown: str | None = None) -> Path:
     """Fetch a repository snapshot (the files matching ``allow_patterns``; ``None``: every file), or one of its
     files, with ``huggingface_hub``, and return its local path. Any failure (offline and not cached, unknown
-    repository or revision, network) becomes one :class:`CheckpointError` (or ``error``) naming the source, on one
-    line."""
+    repository or revision, network) becomes one :class:`CheckpointError` (or ``error``) naming the source (as the
+    caller was given it: ``shown``), on one line."""
     from huggingface_hub import constants, hf_hub_download, snapshot_download
 
     cache = str(cache_dir) if cache_dir is not None else None
@@ -260,11 +268,12 @@ def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None
     except Exception as exc:  # network, offline-and-not-cached, unknown repo: all user-facing
         hint = " (offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache)" \
             if constants.HF_HUB_OFFLINE else ""
-        source = repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
+        source = shown or repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())   # huggingface_hub's messages span lines
+        local = "" if is_hub_url(source) else f" is not a local path (from {Path.cwd()}), and"
         raise (error or CheckpointError)(
-            f"{source!r} is not a local path (from {Path.cwd()}), and cannot be fetched as a {what} from the Hugging "
-            f"Face Hub{hint}: {reason if len(reason) <= 400 else reason[:400] + '...'}") from exc
+            f"{source!r}{local} cannot be fetched as a {what} from the Hugging Face Hub{hint}: "
+            f"{reason if len(reason) <= 400 else reason[:400] + '...'}") from exc
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -528,6 +537,11 @@ class Recipe:
             if named:
                 raise CheckpointError(f"recipe field 'sources.experts' must be keyed by expert names (text), got "
                                       f"{brief(named[0])}")
+            if not experts:
+                raise CheckpointError("recipe field 'sources.experts' names no expert; a merge needs at least one")
+            if self.suite is not None:
+                raise CheckpointError(f"recipe names both a suite ({brief(self.suite)}) and checkpoint 'sources'; "
+                                      f"a merge reads one or the other")
             if not self.experts:   # no list: every expert, i.e. those the sources name
                 self.experts = list(experts)
             if set(experts) != set(self.experts):

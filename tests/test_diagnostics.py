@@ -511,8 +511,11 @@ def test_subspace_counts_and_svc_alpha_are_checked():
             with pytest.raises(D.DiagnosticsError, match="must be a positive integer or None"):
                 call()
     assert D.sar_to_merged(layer, k=10**6).shape == (3,)   # more subspaces than there are: all of them
-    with pytest.raises(D.DiagnosticsError, match=r"^svc_coefficients: k must be a positive integer or None, got 0$"):
-        D.svc_coefficients(layer, rank=0)
+    for call, message in ((lambda: D.svc_coefficients(layer, rank=0), "svc_coefficients on 'visual.proj': rank"),
+                          (lambda: D.sar_to_merged(layer, k=0), "sar_to_merged on 'visual.proj': k"),
+                          (lambda: D.sti(layer, rank=0), "sti on 'visual.proj': rank")):
+        with pytest.raises(D.DiagnosticsError, match=rf"^{message} must be a positive integer or None, got 0$"):
+            call()
     # one rule for every count: any integral type (NumPy's, as a slider or an array gives it) reads as that integer
     for call in (lambda k: D.sar_to_merged(layer, k=k), lambda k: D.svc_coefficients(layer, rank=k)[0],
                  lambda k: D.sti(layer, rank=k), lambda k: D.sti_pairwise(layer, rank=k),

@@ -352,7 +352,7 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         ("hf://studio-test", r"hf://studio-test: not a Hugging Face Hub reference hf://owner/name\[@revision\]"),
         ("hf://studio-test/x/m.safetensors@v1", "not a Hugging Face Hub reference"),   # the revision goes after name
         # hf:// is the Hub whatever local folders exist ('sharded/' does)
-        ("hf://sharded/nope", r"'sharded/nope' is not a local path .* cannot be fetched as a checkpoint"),
+        ("hf://sharded/nope", r"^'hf://sharded/nope' cannot be fetched as a checkpoint from the Hugging Face Hub"),
         ("studio-test/not-cached", r"offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache"),
         ("studio-test/not-cached/model.safetensors", "offline mode, HF_HUB_OFFLINE, is on"),
         # offline, a snapshot that lacks them may only lack them in the cache
@@ -531,18 +531,17 @@ def test_a_recipe_of_checkpoints_records_their_sources_and_replays_from_them(tmp
     assert f"expert 'task1': {work / 't1.safetensors'}: no such file or folder" in err, err
     assert "(a source the recipe recorded; give --expert task1=SOURCE to read another)" in err, err
     assert not (tmp_path / "gone.safetensors").exists()
-    # a suite merge records the suite as its absolute path (the one the app's exports record too) and no sources
+    # a suite merge records the suite and no sources: the embedded one by its name, any other by its folder
     monkeypatch.chdir(DEFAULT_SUITE_PATH.parent)
     assert main(["merge", "--suite", DEFAULT_SUITE_PATH.name, "--experts", "digits,textures", "--method", "ties",
                  "--out", str(tmp_path / "s.safetensors")]) == 0
     suite_recipe = Recipe.from_file(tmp_path / "s.safetensors")
-    assert suite_recipe.suite == str(DEFAULT_SUITE_PATH) and suite_recipe.sources is None
+    assert suite_recipe.suite == "MiniSuite" and suite_recipe.sources is None
     monkeypatch.chdir(tmp_path)
     assert main(["recipe", "s.safetensors", "--out", "s2.safetensors"]) == 0
     _equal(load_state_dict("s2.safetensors"), load_state_dict("s.safetensors"))
     assert main(["recipe", "s.safetensors", "--base", "work/base.safetensors", "--out", "s3.safetensors"]) == 2
-    assert f"(the recipe merged the suite {DEFAULT_SUITE_PATH}; checkpoints replace all of it)" in \
-        capsys.readouterr().err
+    assert "(the recipe merged the suite MiniSuite; checkpoints replace all of it)" in capsys.readouterr().err
     assert "sources" not in Recipe(method="ties").to_dict()
 
 
@@ -761,3 +760,55 @@ def test_compressed_files_refuse_repeated_tasks_and_non_finite_factors(files):
         Compressed.load(path, None)
     with pytest.raises(StudioError, match=r"unknown task \['task0'\]"):
         packed.task_vector(["task0"])
+
+
+def test_recorded_suites_replay_by_name_and_say_when_they_are_gone(tmp_path, monkeypatch, capsys):
+    """The embedded suite is recorded by its name, which any install resolves (the app's exports recorded that name
+    before, and now replay); a recorded suite that is gone says so; a recipe without an expert list takes
+    --experts and records them; a recipe cannot name both a suite and checkpoint sources."""
+    import shutil
+
+    from studio.suite import SuiteError, load_suite
+
+    monkeypatch.chdir(tmp_path)
+    assert load_suite("MiniSuite").root == DEFAULT_SUITE_PATH
+    old_export = Recipe(method="ties", experts=["digits", "textures"], suite="MiniSuite")
+    (tmp_path / "old.yaml").write_text(old_export.to_yaml())
+    assert main(["recipe", "old.yaml", "--out", "a.safetensors"]) == 0
+    suite = load_suite(DEFAULT_SUITE_PATH)
+    _equal(load_state_dict("a.safetensors"),
+           studio.merge(suite.base, {n: suite.experts[n] for n in ("digits", "textures")}, "ties"))
+
+    everything = Recipe(method="task_arithmetic", suite="MiniSuite")   # no list: every expert of the suite
+    (tmp_path / "all.yaml").write_text(everything.to_yaml())
+    assert main(["recipe", "all.yaml", "--experts", "digits,textures", "--out", "b.safetensors"]) == 0
+    assert Recipe.from_file(tmp_path / "b.safetensors").experts == ["digits", "textures"]
+
+    copy = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, copy)
+    assert main(["merge", "--suite", str(copy), "--experts", "digits", "--method", "ties", "--out", "c.safetensors",
+                 "--recipe", "c.yaml"]) == 0
+    assert main(["compress", "--suite", str(copy), "--experts", "digits", "--out", "p.safetensors"]) == 0
+    assert Recipe.from_file(tmp_path / "c.yaml").suite == str(copy)
+    shutil.rmtree(copy)
+    for argv, hint in ((["recipe", "c.yaml", "--out", "d.safetensors"], "(the suite the recipe recorded; give --suite"),
+                       (["reconstruct", "p.safetensors", "--task", "digits", "--out", "d.safetensors"],
+                        "(the suite compress recorded; give --suite or --base")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"suite source '{copy}' is neither an existing folder" in err and hint in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "d.safetensors").exists()
+
+    # a Path is never a Hub repository: no hint to write hf:// for it; text whose first folder exists gets one
+    with pytest.raises(SuiteError) as info:
+        load_suite(Path("nosuchowner/suite"))
+    assert "hf://" not in str(info.value).split("(from")[1]
+    (tmp_path / "owner").mkdir()
+    with pytest.raises(SuiteError, match="write hf://owner/suite for the Hub repository of that name"):
+        load_suite("owner/suite")
+
+    sources = {"base": "/b", "experts": {"a": "/a"}}
+    with pytest.raises(CheckpointError, match=r"names both a suite \('MiniSuite'\) and checkpoint 'sources'"):
+        Recipe(method="ties", suite="MiniSuite", sources=sources)
+    with pytest.raises(CheckpointError, match="'sources.experts' names no expert"):
+        Recipe(method="ties", sources={"base": "/b", "experts": {}})

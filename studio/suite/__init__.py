@@ -11,12 +11,12 @@ Example:
     ['digits', 'house_numbers', 'signs', 'landcover', 'aerial_scenes', 'textures', 'vehicles', 'scenes']
 """
 
-from .core import (DEFAULT_SUITE_PATH, SPLIT_NAMES, EmptySplitError, Suite, SuiteError, Task, UnknownTaskError,
-                   default_suite, load_suite)
+from .core import (DEFAULT_SUITE_PATH, EMBEDDED_SUITE, SPLIT_NAMES, EmptySplitError, Suite, SuiteError, Task,
+                   UnknownTaskError, default_suite, load_suite)
 from .model import ArchitectureError, CharTokenizer, register_model_configs
 
 __all__ = [
-    "DEFAULT_SUITE_PATH", "SPLIT_NAMES", "Suite", "Task", "load_suite", "default_suite",
+    "DEFAULT_SUITE_PATH", "EMBEDDED_SUITE", "SPLIT_NAMES", "Suite", "Task", "load_suite", "default_suite",
     "SuiteError", "UnknownTaskError", "EmptySplitError", "ArchitectureError", "CharTokenizer",
     "register_model_configs",
 ]

@@ -32,11 +32,14 @@ import torch
 from torch import Tensor, nn
 
 from ..io import (HUB_SCHEME, hub_fetch, hub_spec, hub_url, is_hub_url, is_local_path, load_safetensors,
-                  shown_path)
+                  local_folder_hint, shown_path)
 from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
 DEFAULT_SUITE_PATH = Path(__file__).resolve().parents[2] / "assets" / "minisuite"
+#: What recipes record for the embedded suite (:attr:`Suite.source`): a name any install resolves, not the folder
+#: of the machine that merged (an app on a server would otherwise hand its clients its own paths).
+EMBEDDED_SUITE = "MiniSuite"
 SPLIT_NAMES = ("validation", "test")
 _SPLIT_PREFIX = {"validation": "val", "test": "test"}
 
@@ -81,12 +84,12 @@ class Suite:
     Weights and data are read lazily on first access and kept; ``base``/``experts``/``heads`` are float32 CPU
     tensors. Attributes: ``name``, ``root``, ``manifest``, ``tasks``, ``task_names``, ``model_name``,
     ``logit_scale``, ``image_size``, ``source`` (what a recipe records to load it again: the folder's absolute path,
-    or for a Hub suite ``hf://owner/name@<commit>``).
+    for a Hub suite ``hf://owner/name@<commit>``, for the embedded suite ``"MiniSuite"``).
     """
 
     def __init__(self, root: "str | Path", manifest: Mapping[str, Any] | None = None):
         self.root = Path(root)
-        self.source = os.path.abspath(self.root)
+        self.source = EMBEDDED_SUITE if self.root.resolve() == DEFAULT_SUITE_PATH else os.path.abspath(self.root)
         if manifest is None:
             path = self.root / "manifest.json"
             if not path.is_file():
@@ -301,7 +304,8 @@ class Suite:
 def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | None = None,
                repo_type: str = "model", cache_dir: "str | Path | None" = None) -> Suite:
     """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``, optionally
-    ``"owner/name@revision"``, or ``"hf://owner/name[@revision]"``, the Hub whatever local folders exist).
+    ``"owner/name@revision"``, or ``"hf://owner/name[@revision]"``, the Hub whatever local folders exist), or the
+    embedded suite by name, ``"MiniSuite"`` (unless a folder of that name exists here).
 
     Hub repositories are fetched with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` serves them
     from the local cache and never touches the network).
@@ -318,15 +322,16 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
             raise SuiteError(f"suite source {brief(source)} cannot be read as a path ({exc})") from exc
         if path.is_dir():
             return Suite(path)
+        if source == EMBEDDED_SUITE:   # the name recipes record for the embedded suite, wherever it is installed
+            return Suite(DEFAULT_SUITE_PATH)
     local = not explicit and is_local_path(source)
-    spec = hub_spec(str(source), revision, SuiteError)
+    spec = hub_spec(source, revision, SuiteError)
     if spec is None or spec[1] is not None or local:
-        hint = f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write " \
-               f"{hub_url(*spec)} for the Hub repository of that name" if local and spec and not spec[1] else ""
+        hint = local_folder_hint(source, spec) if local and spec and not spec[1] else ""
         raise SuiteError(f"suite source '{shown_path(source)}' is neither an existing folder nor a Hub repo id "
                          f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' (from {Path.cwd()}){hint}")
     snapshot = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
-                         what="suite", error=SuiteError)
+                         what="suite", error=SuiteError, shown=str(source))
     suite = Suite(snapshot)
     if repo_type == "model":   # the snapshot folder is named by its commit
         suite.source = hub_url(spec[0], None, snapshot.name)
