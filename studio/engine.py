@@ -7,6 +7,7 @@ where it runs and what is reused between calls.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -23,13 +24,15 @@ from .schema import HyperparameterError, MethodSpec, StudioError, check_seed, va
 ProgressFn = Callable[[float, str], None]
 
 _POOLS: "OrderedDict[Hashable, TaskPool]" = OrderedDict()
+_POOLS_LOCK = threading.Lock()
 _POOL_KEEP = 2
 
 
 def clear_pools() -> None:
     """Forget every cached :class:`TaskPool` (and so every cached decomposition and merge): the next merge
     decomposes afresh. Needed only after changing experts in a way :func:`studio.pool.fingerprint` does not see."""
-    _POOLS.clear()
+    with _POOLS_LOCK:
+        _POOLS.clear()
 
 
 def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
@@ -40,14 +43,17 @@ def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any =
     validate_experts(base, experts, check_finite=False)
     check_svd_mode(svd_mode)
     key = (fingerprint(base, experts), str(dev), svd_mode)
-    if key in _POOLS:
-        _POOLS.move_to_end(key)
-        return _POOLS[key]
-    pool = TaskPool(base, experts, device=dev, svd_mode=svd_mode)
-    _POOLS[key] = pool
-    while len(_POOLS) > _POOL_KEEP:
-        _POOLS.popitem(last=False)
-    return pool
+    # one lock over the lookup and the construction: threads asking for one expert set at once share one pool (and
+    # its decompositions), and a concurrent eviction or clear_pools() cannot pull a key from under a lookup
+    with _POOLS_LOCK:
+        if key in _POOLS:
+            _POOLS.move_to_end(key)
+            return _POOLS[key]
+        pool = TaskPool(base, experts, device=dev, svd_mode=svd_mode)
+        _POOLS[key] = pool
+        while len(_POOLS) > _POOL_KEEP:
+            _POOLS.popitem(last=False)
+        return pool
 
 
 def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, Any], float]:

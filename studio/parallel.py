@@ -16,9 +16,10 @@ SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._l
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import torch
 
@@ -31,6 +32,12 @@ R = TypeVar("R")
 
 _state = threading.local()
 _workers: int | None = None
+# PyTorch's intra-op thread count is one setting for the whole process. Parallel regions of concurrent merges share
+# it: the first to start keeps the caller's value and sets 1, the last to end puts it back (saved and restored per
+# region, two overlapping merges could leave the process on one thread for good).
+_regions_lock = threading.Lock()
+_regions = 0
+_outside_threads = 1
 
 
 def set_workers(workers: int | None) -> None:
@@ -61,7 +68,27 @@ def cpu_workers(device: "torch.device | str") -> int:
     """
     if torch.device(device).type != "cpu" or getattr(_state, "worker", False):
         return 1
-    return max(1, _workers if _workers is not None else torch.get_num_threads())
+    with _regions_lock:   # during another merge's region, the caller's own budget, not the region's 1
+        budget = _outside_threads if _regions else torch.get_num_threads()
+    return max(1, _workers if _workers is not None else budget)
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    """PyTorch on one intra-op thread for the duration (see ``_regions``), nested and concurrent uses included."""
+    global _regions, _outside_threads
+    with _regions_lock:
+        if _regions == 0:
+            _outside_threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _regions += 1
+    try:
+        yield
+    finally:
+        with _regions_lock:
+            _regions -= 1
+            if _regions == 0:
+                torch.set_num_threads(_outside_threads)
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
@@ -84,10 +111,8 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
             if on_done is not None:
                 on_done(i + 1, len(items))
         return results
-    before = torch.get_num_threads()
     # one intra-op thread per worker, for PyTorch and for the BLAS that NumPy / SciPy bundle (studio._lapack)
-    with _lapack.one_blas_thread():
-        torch.set_num_threads(1)
+    with _lapack.one_blas_thread(), _one_intra_op_thread():
         ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
         try:
             futures = [ex.submit(fn, x) for x in items]
@@ -100,5 +125,4 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
             raise
         finally:
             ex.shutdown(wait=True)
-            torch.set_num_threads(before)
     return results

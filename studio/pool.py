@@ -360,7 +360,8 @@ class LayerTasks:
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached once per expert and layer.
+        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: only
+        the highest rank asked for so far is kept, and it serves every lower one.
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
         on the kept components, several times faster; null components are exact zeros with zero vectors). A lower
@@ -391,14 +392,18 @@ class LayerTasks:
 
         # Reuse any cached decomposition of at least this rank (per expert and layer: rank -> factors).
         ranks = self.pool._svd_slot((self.key, i))
-        with self.pool._lock:
+        with self.pool._lock:   # read under the lock: a higher rank arriving meanwhile drops the lower ones
             have = [h for h in ranks if h >= rank]
-        if have:
-            val = ranks[min(have)]
-        else:
+            val = ranks[min(have)] if have else None
+        if val is None:
             val = self.pool.memo(("svd", self.key, i, rank), compute)
             with self.pool._lock:
                 ranks.setdefault(rank, val)
+                # the highest rank serves every lower one: keep only it (a slider sweeping a rank kept every rank's
+                # factors, several times the memory of the highest alone)
+                for lower in [h for h in ranks if h < max(ranks)]:
+                    del ranks[lower]
+                    self.pool._memo.pop(("svd", self.key, i, lower), None)
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
@@ -535,29 +540,36 @@ class TaskPool:
         """Cached ``compute()`` for ``tag``: for the pool's life, or (``transient``) in an LRU of
         ``4 * len(keys)`` entries, about four merges' worth of per-layer values. Thread-safe: concurrent requests
         for one tag compute it once."""
-        store = self._transient if transient else self._memo
+        if transient:
+            return self._cached(self._transient, tag, compute, 4 * len(self.base))
+        return self._cached(self._memo, tag, compute, None)
+
+    def _cached(self, store: "dict | OrderedDict", tag: Hashable, compute: Callable[[], Any],
+                limit: int | None) -> Any:
+        """``store[tag]``, computed once however many threads ask at the same time (the others wait for it; if it
+        fails, the next one computes it). ``limit``: ``store`` is an LRU of that many entries."""
+        flight = (id(store), tag)
         while True:
             with self._lock:
                 if tag in store:
-                    if transient:
-                        self._transient.move_to_end(tag)
+                    if limit is not None:
+                        store.move_to_end(tag)
                     return store[tag]
-                pending = self._inflight.get(tag)
+                pending = self._inflight.get(flight)
                 if pending is None:
-                    pending = self._inflight[tag] = threading.Event()
+                    pending = self._inflight[flight] = threading.Event()
                     break
             pending.wait()  # another thread is computing it; if that failed, the loop computes it here
         try:
             value = compute()
             with self._lock:
                 store[tag] = value
-                if transient:
-                    while len(self._transient) > 4 * len(self.base):
-                        self._transient.popitem(last=False)
+                while limit is not None and len(store) > limit:
+                    store.popitem(last=False)
             return value
         finally:
             with self._lock:
-                del self._inflight[tag]
+                del self._inflight[flight]
             pending.set()
 
     def _svd_slot(self, layer_task: tuple[str, int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
@@ -565,17 +577,9 @@ class TaskPool:
             return self._svd_cache.setdefault(layer_task, {})
 
     def merged_cache(self, tag: Hashable, compute: Callable[[], dict[str, Tensor]], keep: int = 2) -> dict[str, Tensor]:
-        """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale."""
-        with self._lock:
-            if tag in self._merged:
-                self._merged.move_to_end(tag)
-                return self._merged[tag]
-        value = compute()
-        with self._lock:
-            self._merged[tag] = value
-            while len(self._merged) > keep:
-                self._merged.popitem(last=False)
-        return value
+        """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale. Merges that
+        differ only in such a param, asked for at once, compute the merge once."""
+        return self._cached(self._merged, tag, compute, keep)
 
     def clear(self) -> None:
         """Drop every cached decomposition, merged delta and device copy (frees memory)."""

@@ -415,6 +415,106 @@ def test_memo_computes_once_under_concurrent_requests_and_recovers_from_errors(c
     assert pool.memo("failed-before", lambda: 7) == 7 and not pool._inflight
 
 
+def test_overlapping_merges_restore_the_callers_thread_count():
+    """PyTorch's thread count is one process-wide setting, which a thread reads when it first runs an op: each
+    parallel region saved it and put it back, so a merge from a thread started during another merge saved the 1 of
+    the first region, ended last, and left every later thread on one intra-op thread."""
+    import threading
+
+    from studio.parallel import parallel_map, set_workers
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    set_workers(2)   # as the app: two workers whatever the calling thread's own count
+    first_in, first_done, second_in, second_go = (threading.Event() for _ in range(4))
+    counts = []
+
+    def hold(event_in, event_go):
+        def fn(i):
+            if i == 0:
+                event_in.set()
+                event_go.wait(30)
+            return i
+        return fn
+
+    try:
+        one = threading.Thread(target=lambda: (parallel_map(hold(first_in, first_done), range(2)), counts.append(1)))
+        one.start()
+        assert first_in.wait(30)
+        two = threading.Thread(target=lambda: parallel_map(hold(second_in, second_go), range(2)))
+        two.start()   # starts, and first runs an op, during the first merge
+        assert second_in.wait(30)
+        first_done.set()
+        one.join(30)
+        second_go.set()   # the second merge ends last
+        two.join(30)
+        later = threading.Thread(target=lambda: counts.append(torch.get_num_threads()))
+        later.start()
+        later.join(30)
+        assert counts == [1, 2], counts
+    finally:
+        first_done.set()
+        second_go.set()
+        set_workers(None)
+        torch.set_num_threads(before)
+
+
+def test_concurrent_callers_share_one_pool_and_one_merge(clip_pool, monkeypatch):
+    """``get_pool`` built one pool per thread asking at once (each with its own decompositions) and could raise
+    KeyError while another thread evicted; merges that differ only in alpha, asked at once, each computed the
+    unscaled merge."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio import engine
+
+    import time
+
+    base, experts = clip_pool
+    engine.clear_pools()
+    built = []
+
+    class Slow(TaskPool):   # a pool that takes a while to build, as a real model's does (it scans every value)
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            time.sleep(0.2)
+            super().__init__(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "TaskPool", Slow)
+        with ThreadPoolExecutor(6) as ex:
+            pools = list(ex.map(lambda _: engine.get_pool(base, experts, device="cpu"), range(6)))
+    assert len(built) == 1 and all(p is pools[0] for p in pools)
+
+    pool, computed = pools[0], []
+    unscaled = pool.merged_cache
+
+    def counting(tag, compute, keep=2):
+        return unscaled(tag, lambda: computed.append(tag) or compute(), keep)
+
+    monkeypatch.setattr(pool, "merged_cache", counting)
+    alphas = [0.5, 0.7, 0.9, 1.1]
+    with ThreadPoolExecutor(4) as ex:
+        merged = list(ex.map(lambda a: studio.merge_pool(pool, "iso_c", alpha=a), alphas))
+    assert len(computed) == 1
+    for a, m in zip(alphas, merged):
+        want = studio.merge_pool(TaskPool(base, experts, device="cpu"), "iso_c", alpha=a)
+        assert all(torch.equal(m[k], want[k]) for k in want)
+
+
+def test_the_svd_cache_keeps_only_the_highest_rank_asked_for(clip_pool):
+    """A rank slider swept upward kept every rank's factors (17 ranks: 5x the memory of the highest alone)."""
+    pool = TaskPool(*clip_pool, device="cpu")
+    layer = pool.layer("visual.transformer.resblocks.0.mlp.c_fc.weight")
+    for rank in (2, 4, 3, 6, 5):
+        U, S, Vh = layer.svd(0, rank)
+        assert U.shape[1] == S.shape[0] == Vh.shape[0] == rank
+    assert list(pool._svd_slot((layer.key, 0))) == [6]
+    assert [t for t in pool._memo if t[0] == "svd"] == [("svd", layer.key, 0, 6)]
+    U6, S6, _ = layer.svd(0, 6)
+    U3, S3, _ = layer.svd(0, 3)   # served from rank 6
+    assert torch.equal(S3, S6[:3]) and torch.equal(U3, U6[:, :3])
+
+
 def test_a_failing_layer_leaves_the_pool_usable(clip_pool):
     base, experts = clip_pool
     pool = TaskPool(base, experts, device="cpu")
