@@ -188,7 +188,11 @@ def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = Non
                 read[file.resolve()] = what
             read.setdefault(Path(source).resolve(), what)
     cache = Path(constants.HF_HUB_CACHE).resolve()
-    suite_folder = Path(suite).resolve() if suite is not None and not is_hub_url(suite) else None
+    suite_folder = None
+    if suite is not None and not is_hub_url(suite):   # a Hub suite's files are in the cache
+        from .suite import DEFAULT_SUITE_PATH, EMBEDDED_SUITE
+
+        suite_folder = DEFAULT_SUITE_PATH if suite == EMBEDDED_SUITE else Path(suite).resolve()
     for out in filter(None, outputs):
         path = Path(out).resolve()
         what = read.get(path)

@@ -610,6 +610,13 @@ def test_no_command_writes_over_a_suite_file_the_recipe_the_packed_file_or_the_h
         assert (out.read_bytes() if out.exists() else None) == before, argv
     # a new file beside the suite's own is fine
     assert main(["merge", *pool, "--method", "ties", "--out", str(suite / "merged.safetensors")]) == 0
+    # the embedded suite, recorded by its name, is protected as well (nothing is written if the check fails)
+    import studio.cli
+
+    monkeypatch.setattr(studio.cli, "save_merged", lambda *a, **k: pytest.fail("wrote over the embedded suite"))
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--experts", "digits,textures", "--method", "ties",
+                 "--out", str(DEFAULT_SUITE_PATH / "base.safetensors")]) == 2
+    assert "is a file of the suite MiniSuite" in capsys.readouterr().err
 
 
 def test_recipes_check_their_sources():
