@@ -360,8 +360,8 @@ class LayerTasks:
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: only
-        the highest rank asked for so far is kept, and it serves every lower one.
+        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: each
+        rank computed is kept, and serves every lower rank asked for later.
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
         on the kept components, several times faster; null components are exact zeros with zero vectors). A lower
@@ -392,18 +392,16 @@ class LayerTasks:
 
         # Reuse any cached decomposition of at least this rank (per expert and layer: rank -> factors).
         ranks = self.pool._svd_slot((self.key, i))
-        with self.pool._lock:   # read under the lock: a higher rank arriving meanwhile drops the lower ones
+        with self.pool._lock:
             have = [h for h in ranks if h >= rank]
             val = ranks[min(have)] if have else None
         if val is None:
             val = self.pool.memo(("svd", self.key, i, rank), compute)
             with self.pool._lock:
+                # kept even when a higher rank arrives later: a rank sliced from a higher one has the same values up
+                # to rounding but may have other signs, which sign-sensitive settings (AlignMerge-O without
+                # align_signs) turn into a different merge; dropping lower ranks made a repeated merge differ by 8 %
                 ranks.setdefault(rank, val)
-                # the highest rank serves every lower one: keep only it (a slider sweeping a rank kept every rank's
-                # factors, several times the memory of the highest alone)
-                for lower in [h for h in ranks if h < max(ranks)]:
-                    del ranks[lower]
-                    self.pool._memo.pop(("svd", self.key, i, lower), None)
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
