@@ -19,7 +19,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -107,13 +107,9 @@ def _load_pool(args: argparse.Namespace,
     if suite_source:
         from .suite import load_suite
 
-        try:
+        with _noting(recorded_suite and "the suite the recipe recorded; give --suite, or --base and --expert, to "
+                                        "read others"):
             suite = load_suite(suite_source)
-        except StudioError as exc:
-            if not recorded_suite:
-                raise
-            raise type(exc)(f"{exc} (the suite the recipe recorded; give --suite, or --base and --expert, to read "
-                            f"others)") from exc
         experts = suite.experts
         if args.experts:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
@@ -149,6 +145,18 @@ def _load_pool(args: argparse.Namespace,
         base, sources, from_recipe = args.base, given, set()
     base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
     return base_sd, experts, None, pinned
+
+
+@contextlib.contextmanager
+def _noting(note: str | bool | None) -> Iterator[None]:
+    """Append ``(note)`` to a :class:`StudioError` raised inside (no note: let it pass as it is), e.g. that the
+    source at fault is one a recipe recorded, and which option reads another."""
+    try:
+        yield
+    except StudioError as exc:
+        if not note:
+            raise
+        raise type(exc)(f"{exc} ({note})") from exc
 
 
 def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
@@ -357,19 +365,15 @@ def _run(args: argparse.Namespace) -> int:
             args.base = None if args.suite else saved.get("base")
         if bool(args.suite) == bool(args.base):
             raise StudioError("give the base the experts were compressed against: --suite or --base")
-        try:
+        with _noting(recorded and f"the {'suite' if args.suite else 'base'} compress recorded; give --suite or "
+                                  f"--base to read another"):
             if args.suite:
                 suite = load_suite(args.suite)
                 base, read = suite.base, {"suite": suite.source}
             else:
                 base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": source, "experts": {}}}
-            _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        except StudioError as exc:   # a suite's or a checkpoint's
-            if not recorded:
-                raise
-            raise type(exc)(f"{exc} (the {'suite' if args.suite else 'base'} compress recorded; give --suite or --base "
-                            f"to read another)") from exc
+        _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
         state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")
