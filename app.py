@@ -32,6 +32,7 @@ import gradio as gr
 import pandas as pd
 from gradio import FileData
 
+from studio.io import Recipe
 from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
@@ -132,7 +133,9 @@ def merge_and_evaluate(req: MergeRequest, folder: str, session_hash: "str | None
     report(0.93, "predicting sample images")
     gallery = STUDIO.gallery(merged, req.experts, per_task=gallery_per_task) if gallery_per_task else []
     report(1.0, "done")
-    return {"table": table, "files": files, "gallery": gallery, "merge_s": t_merge, "eval_s": t_eval,
+    # the recipe as exported (with the fingerprints of the weights it merged and made), for the summary and the runs
+    recipe = Recipe.from_file(files["recipe"]).to_dict()
+    return {"table": table, "files": files, "recipe": recipe, "gallery": gallery, "merge_s": t_merge, "eval_s": t_eval,
             "avg_accuracy": result.avg_accuracy, "avg_normalized": result.avg_normalized,
             "total_s": time.perf_counter() - t0}
 
@@ -191,7 +194,7 @@ def api_merge(method: str, experts: list[str], hparams: "dict | str" = "{}", cal
             raise
     except Exception as exc:  # noqa: BLE001 - every failure becomes a readable client error
         raise _user_error(exc, "merge") from None
-    summary = {"recipe": req.recipe(STUDIO.suite_source).to_dict(), "accuracy": out["table"],
+    summary = {"recipe": out["recipe"], "accuracy": out["table"],
                "avg_accuracy": out["avg_accuracy"], "avg_normalized": out["avg_normalized"],
                "seconds": round(out["total_s"], 3), "recipe_yaml": Path(out["files"]["recipe"]).read_text()}
     return summary, FileData(path=out["files"]["weights"], orig_name=Path(out["files"]["weights"]).name)
@@ -525,7 +528,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
                                   accuracy={t: r["merged"] for t, r in table.items()},
                                   normalized={t: r["normalized"] for t, r in table.items() if r["normalized"] is not None},
-                                  seconds=out["total_s"], recipe=req.recipe(studio.suite_source).to_dict())
+                                  seconds=out["total_s"], recipe=out["recipe"])
             csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
             csv_path.write_text(sess.leaderboard_csv())
             sess.files.update(out["files"], csv=str(csv_path))

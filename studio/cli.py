@@ -19,13 +19,14 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, checkpoint_files, is_hub_url, load_checkpoint, load_state_dict,
-                 merge_from_recipe, save_merged, save_state_dict)
+from .io import (CheckpointError, Recipe, check_fingerprints, checkpoint_files, fingerprint, input_fingerprints,
+                 is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs, save_merged,
+                 save_state_dict)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -85,10 +86,21 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
     return prefs
 
 
-def _load_pool(args: argparse.Namespace,
-               recipe: Recipe | None = None) -> tuple[dict, dict, str | None, dict | None]:
-    """The base and the experts the pool options name, the suite's source as a recipe records it (or None), and for
-    --base/--expert the checkpoints' sources as a recipe records them (see :func:`_load_sources`).
+class _Pool(NamedTuple):
+    """What the pool options (and a replayed recipe) name: the base and the experts, the suite's source as a recipe
+    records it (or None), for --base/--expert the checkpoints' sources as a recipe records them (see
+    :func:`_load_sources`), and which inputs the options chose over a replayed recipe's (expert names; None: the
+    base)."""
+
+    base: dict
+    experts: dict
+    suite: str | None
+    sources: dict | None
+    replaced: frozenset
+
+
+def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
+    """The checkpoints the pool options name (:class:`_Pool`).
 
     With a ``recipe`` (``merge-studio recipe``): its suite when no option names checkpoints, else its recorded
     source for the base and for each expert the options leave out, and its prefix."""
@@ -117,7 +129,8 @@ def _load_pool(args: argparse.Namespace,
             if unknown:
                 raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
             experts = {e: experts[e] for e in wanted}
-        return suite.base, experts, suite.source, None
+        replaced = frozenset() if recorded_suite else frozenset({None, *experts})
+        return _Pool(suite.base, experts, suite.source, None, replaced)
     given = {}
     for item in args.expert or []:
         name, source = item.split("=", 1) if "=" in item else ("", "")
@@ -144,7 +157,7 @@ def _load_pool(args: argparse.Namespace,
     else:
         base, sources, from_recipe = args.base, given, set()
     base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
-    return base_sd, experts, None, pinned
+    return _Pool(base_sd, experts, None, pinned, frozenset({None, *experts} - from_recipe))
 
 
 @contextlib.contextmanager
@@ -210,6 +223,19 @@ def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = Non
             what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
         if what is not None:
             raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
+
+
+def _replay_note(recorded: dict | None, made: dict, pool: _Pool) -> str:
+    """Whether a replay made the bits the recipe recorded (nothing to say when it recorded none)."""
+    if not recorded or "merged" not in recorded:
+        return ""
+    if recorded["merged"] == made["merged"]:
+        return "; the same bits as the merge the recipe recorded"
+    same_inputs = not pool.replaced and recorded.get("base") == made["base"] \
+        and recorded.get("experts") == made["experts"]
+    return "; not the same bits as the merge the recipe recorded (" + (
+        "from the same weights: another torch, BLAS or device can change a merge's last bits)" if same_inputs else
+        "the recipe did not record its inputs)" if not pool.replaced else "from other weights, as the options say)")
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -280,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "compress was given, if any)")
     p.add_argument("--base", help="or the base checkpoint (any source merge's --base takes; compress's --prefix is "
                                   "applied)")
+    p.add_argument("--any-base", action="store_true",
+                   help="apply the task vectors to a base other than the one they were compressed against (e.g. "
+                        "the same weights in another dtype); without it such a base is refused")
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
@@ -311,7 +340,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "methods":
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
-        base, experts, suite, sources = _load_pool(args)
+        pool = _load_pool(args)
         prefs = _parse_preferences(args.preferences)
         hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
         # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of
@@ -319,12 +348,14 @@ def _run(args: argparse.Namespace) -> int:
         hparams = validate_hparams(args.method, get_method(args.method).params, hparams)
         if args.calibrate is not None:
             cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
-        recipe = Recipe(method=args.method, hparams=hparams, experts=list(experts),
+        recipe = Recipe(method=args.method, hparams=hparams, experts=list(pool.experts),
                         calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
-                        layer_rule=args.layer_rule, suite=suite, studio_version=__version__, svd_mode=args.svd_mode,
-                        prefix=args.prefix, sources=sources)
-        _refuse_overwriting([args.out, args.recipe], sources=sources, suite=suite)
-        merged = merge_from_recipe(recipe, base, experts, device=args.device)
+                        layer_rule=args.layer_rule, suite=pool.suite, studio_version=__version__,
+                        svd_mode=args.svd_mode, prefix=args.prefix, sources=pool.sources)
+        _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
+        merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
+        recipe = dataclasses.replace(recipe, fingerprints={
+            **input_fingerprints(*recipe_inputs(recipe, pool.base, pool.experts)), "merged": fingerprint(merged)})
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
@@ -335,24 +366,33 @@ def _run(args: argparse.Namespace) -> int:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "
                               f"recipe's is used, leave --prefix out")
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
-        base, experts, suite, sources = _load_pool(args, recipe)
-        _refuse_overwriting([args.out], sources=sources, suite=suite, inputs={"the recipe": args.recipe})
-        merged = merge_from_recipe(recipe, base, experts, device=args.device)
+        pool = _load_pool(args, recipe)
+        _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
+                            inputs={"the recipe": args.recipe})
+        base, experts = recipe_inputs(recipe, pool.base, pool.experts)
+        # before the merge: the weights the recipe recorded must be those it merged (the options choose others)
+        with _noting(f"the {'suite' if pool.suite else 'checkpoints'} the recipe recorded; give --suite, --base or "
+                     f"--expert NAME=SOURCE to merge other weights on purpose"):
+            inputs = check_fingerprints(recipe.fingerprints, base, experts, skip=pool.replaced,
+                                        sources=pool.sources)
+        merged = merge_from_recipe(recipe, base, experts, check=False, device=args.device)
+        fingerprints = {**inputs, "merged": fingerprint(merged)}
         # the output records what it was merged from (options may have replaced the recipe's suite or sources)
-        save_merged(args.out, merged, dataclasses.replace(recipe, suite=suite, sources=sources, experts=list(experts)))
-        print(f"wrote {args.out} ({len(merged)} tensors)")
+        save_merged(args.out, merged, dataclasses.replace(recipe, suite=pool.suite, sources=pool.sources,
+                                                          experts=list(experts), fingerprints=fingerprints))
+        print(f"wrote {args.out} ({len(merged)} tensors{_replay_note(recipe.fingerprints, fingerprints, pool)})")
     elif args.cmd == "compress":
         from .compress import compress
 
-        base, experts, suite, sources = _load_pool(args)
-        _refuse_overwriting([args.out], sources=sources, suite=suite)
-        packed = compress(base, experts, rank_fraction=args.rank_fraction, device=args.device,
+        pool = _load_pool(args)
+        _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
+        packed = compress(pool.base, pool.experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
         # what reconstruct needs to find the same base
-        packed.meta.update(prefix=args.prefix, suite=suite, base=sources["base"] if sources else None)
+        packed.meta.update(prefix=args.prefix, suite=pool.suite, base=pool.sources["base"] if pool.sources else None)
         packed.save(args.out)
         size = packed.storage()
-        print(f"wrote {args.out}: {len(experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
+        print(f"wrote {args.out}: {len(pool.experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
               f"all of them = {size['model_multiple']:.2f} x the model")
     elif args.cmd == "reconstruct":
         from .compress import Compressed
@@ -374,7 +414,8 @@ def _run(args: argparse.Namespace) -> int:
                 base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": source, "experts": {}}}
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        state_dict = Compressed.load(args.packed, base).reconstruct(args.task, alpha=args.alpha)
+        packed = Compressed.load(args.packed, base, check=not args.any_base)
+        state_dict = packed.reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")
     elif args.cmd == "evaluate":

@@ -150,11 +150,14 @@ class Compressed:
         return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta, default=str)})
 
     @classmethod
-    def load(cls, path: "str | os.PathLike", base: StateDict) -> "Compressed":
+    def load(cls, path: "str | os.PathLike", base: StateDict, *, check: bool = True) -> "Compressed":
         """Read a file :meth:`save` wrote, against the ``base`` its task vectors apply to: a
         :class:`~studio.io.CheckpointError` names a file that is not one, or an entry whose key or shape does not
-        fit the base."""
-        from .io import CheckpointError, load_safetensors
+        fit the base. With ``check`` (the default) the base must also be the one the experts were compressed
+        against (its :func:`~studio.io.fingerprint`, recorded by :func:`compress`; files without it are not checked);
+        ``check=False`` applies the task vectors to another base on purpose (e.g. the same weights in another
+        dtype)."""
+        from .io import CheckpointError, fingerprint, load_safetensors
 
         if not isinstance(base, Mapping):
             raise CheckpointError(f"Compressed.load needs the base state dict the experts were compressed against, "
@@ -201,6 +204,15 @@ class Compressed:
                 tasks[names[index]][key] = f
             else:
                 raise CheckpointError(f"{where}: expected U, S and Vh or a dense tensor, got {sorted(p)}")
+        # after the checks of keys and shapes, which name the entry at fault
+        recorded = (meta.get("meta") or {}).get("base_fingerprint")
+        if check and recorded is not None:
+            given = fingerprint(base)
+            if given != recorded:
+                raise CheckpointError(f"{path}: the base given is not the one its experts were compressed against "
+                                      f"(recorded {str(recorded)[:19]}..., given {given[:19]}...); their task vectors "
+                                      f"would build other models (check=False, or reconstruct --any-base, applies them "
+                                      f"anyway)")
         return cls(base=dict(base), tasks=tasks, rank_fraction=fraction, layer_rule=rule,
                    meta=dict(meta.get("meta") or {}))
 
@@ -273,6 +285,7 @@ def compress(
         ([3.0, 2.0, 0.0, 0.0], 1.125)
     """
     from .engine import get_pool
+    from .io import fingerprint
     from .methods.tsv_m import tsv_rank   # lazy: importing studio.methods registers every method
 
     validate_experts(base, experts)
@@ -304,5 +317,6 @@ def compress(
             deltas = layer.deltas
             for i, name in enumerate(pool.names):
                 tasks[name][key] = deltas[i].cpu().clone()
+    # the base's identity, so that Compressed.load refuses another (its task vectors would build other experts)
     return Compressed(base=dict(base), tasks=tasks, rank_fraction=rank_fraction, layer_rule=rule,
-                      meta={"num_tasks": T, "svd_mode": svd_mode})
+                      meta={"num_tasks": T, "svd_mode": svd_mode, "base_fingerprint": fingerprint(base)})

@@ -10,7 +10,7 @@ import torch
 from gradio_client import Client
 
 import studio
-from studio.io import RECIPE_METADATA_KEY, Recipe, load_state_dict, merge_from_recipe, read_metadata
+from studio.io import RECIPE_METADATA_KEY, Recipe, fingerprint, load_state_dict, merge_from_recipe, read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,9 @@ def test_merge_returns_a_reproducible_safetensors_file(client: Client, suite):
     recipe = Recipe.from_text(read_metadata(path)[RECIPE_METADATA_KEY])
     assert recipe == Recipe.from_dict(summary["recipe"]) == Recipe.from_text(summary["recipe_yaml"])
     assert recipe.hparams == {"alpha": 0.4} and recipe.preferences == {experts[0]: 2.0, experts[1]: 1.0, experts[2]: 1.0}
+    # it records the weights it merged and made: a replay checks the suite's experts, and makes the same bits
+    assert recipe.fingerprints == {"base": fingerprint(suite.base), "merged": fingerprint(weights),
+                                   "experts": {n: fingerprint(suite.experts[n]) for n in experts}}
     again = merge_from_recipe(recipe, suite.base, suite.experts)
     assert all(torch.equal(again[k], weights[k]) for k in weights)
 

@@ -821,3 +821,167 @@ def test_recorded_suites_replay_by_name_and_say_when_they_are_gone(tmp_path, mon
         Recipe(method="ties", suite="MiniSuite", sources=sources)
     with pytest.raises(CheckpointError, match="'sources.experts' names no expert"):
         Recipe(method="ties", sources={"base": "/b", "experts": {}})
+
+
+def test_fingerprints_identify_weights_wherever_they_are_stored(tmp_path):
+    """The same weights have one fingerprint (in memory, in one file, in shards with their index, in any key
+    order); one changed bit, name, dtype or shape changes it."""
+    from studio.io import fingerprint, input_fingerprints, load_checkpoint
+
+    base = clip_like_state_dict(width=16)
+    want = fingerprint(base)
+    assert want.startswith("sha256:") and len(want) == 7 + 64
+    save_state_dict(tmp_path / "one.safetensors", base)
+    (tmp_path / "sharded").mkdir()
+    keys = sorted(base)
+    halves = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for file, part in halves.items():
+        save_state_dict(tmp_path / "sharded" / file, {k: base[k] for k in part})
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, part in halves.items() for k in part}}))
+    assert fingerprint(load_state_dict(tmp_path / "one.safetensors")) == want
+    assert fingerprint(load_checkpoint(tmp_path / "sharded")[0]) == want
+    assert fingerprint(dict(reversed(list(base.items())))) == want
+    key = "visual.proj"
+    flipped = base[key].clone()
+    flipped.view(torch.int32).view(-1)[7] ^= 1   # the last bit of one entry
+    others = [{**base, key: flipped}, {**{k: v for k, v in base.items() if k != key}, "visual.proj2": base[key]},
+              {**base, key: base[key].double()}, {**base, key: base[key].reshape(-1)},
+              {**base, key: base[key].t().contiguous().t()}]   # same values, another layout: same fingerprint
+    assert [fingerprint(sd) == want for sd in others] == [False, False, False, False, True]
+    experts = make_experts(base, 3)
+    assert input_fingerprints(base, experts) == {"base": want, "experts": {n: fingerprint(sd)
+                                                                           for n, sd in experts.items()}}
+    assert len({want, *input_fingerprints(base, experts)["experts"].values()}) == 4
+    with pytest.raises(CheckpointError, match="key 'w': a state dict's values must be tensors, got 1.0"):
+        fingerprint({"w": 1.0})
+
+
+def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(files, capsys):
+    """A recipe records the fingerprints of the weights it merged and made. Its replay refuses, before merging or
+    writing anything, a recorded checkpoint whose weights changed (naming the expert and the file), merges weights
+    the options choose, and says whether it made the recorded bits."""
+    from studio.io import fingerprint
+
+    tmp, base, experts, args = files
+    out = tmp / "m.safetensors"
+    assert main(["merge", *args, "--method", "ties", "--out", str(out), "--recipe", str(tmp / "m.yaml")]) == 0
+    recipe = Recipe.from_file(out)
+    assert recipe == Recipe.from_file(tmp / "m.yaml")
+    assert recipe.fingerprints == {"base": fingerprint(base), "experts": {n: fingerprint(sd)
+                                                                          for n, sd in experts.items()},
+                                   "merged": fingerprint(load_state_dict(out))}
+    capsys.readouterr()
+    assert main(["recipe", str(out), "--out", str(tmp / "again.safetensors")]) == 0
+    assert "; the same bits as the merge the recipe recorded)" in capsys.readouterr().out
+    assert Recipe.from_file(tmp / "again.safetensors") == recipe
+
+    changed = {**experts["task1"], "visual.proj": experts["task1"]["visual.proj"] * 1.001}
+    save_state_dict(tmp / "task1.safetensors", changed)
+    assert main(["recipe", str(out), "--out", str(tmp / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and not (tmp / "x.safetensors").exists(), err
+    assert (f"the weights differ from those the recipe merged, so the merge would not be the same: expert 'task1' "
+            f"({tmp / 'task1.safetensors'}): recorded {recipe.fingerprints['experts']['task1'][:19]}..., read "
+            f"{fingerprint(changed)[:19]}... (the checkpoints the recipe recorded; give --suite, --base or --expert "
+            f"NAME=SOURCE to merge other weights on purpose)") in err, err
+    with pytest.raises(CheckpointError, match=r"expert 'task1' .*\(merge_from_recipe\(\.\.\., check=False\) merges "
+                                              r"them anyway\)"):
+        merge_from_recipe(recipe, base, {**experts, "task1": changed})
+    lib = merge_from_recipe(recipe, base, {**experts, "task1": changed}, check=False)
+
+    # an option names the changed file: merged on purpose, recorded, and said not to be the recorded merge
+    assert main(["recipe", str(out), "--expert", f"task1={tmp / 'task1.safetensors'}",
+                 "--out", str(tmp / "y.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert "; not the same bits as the merge the recipe recorded (from other weights, as the options say))" in said
+    _equal(load_state_dict(tmp / "y.safetensors"), lib)
+    again = Recipe.from_file(tmp / "y.safetensors")
+    assert again.fingerprints["experts"]["task1"] == fingerprint(changed) and again.fingerprints["merged"] == \
+        fingerprint(lib) and again.fingerprints["base"] == recipe.fingerprints["base"]
+    assert main(["recipe", str(tmp / "y.safetensors"), "--out", str(tmp / "z.safetensors")]) == 0
+    assert "the same bits" in capsys.readouterr().out
+
+    # the same inputs and other bits: said to come from the environment, not from the weights
+    recorded = Recipe.from_file(out)
+    recorded.fingerprints["merged"] = "sha256:" + "0" * 64
+    (tmp / "other_bits.yaml").write_text(recorded.to_yaml())
+    assert main(["recipe", str(tmp / "other_bits.yaml"), "--expert", f"task1={tmp / 'task1.safetensors'}",
+                 "--out", str(tmp / "w.safetensors")]) == 0
+    assert "(from other weights, as the options say)" in capsys.readouterr().out
+    save_state_dict(tmp / "task1.safetensors", experts["task1"])
+    assert main(["recipe", str(tmp / "other_bits.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
+    assert ("; not the same bits as the merge the recipe recorded (from the same weights: another torch, BLAS or "
+            "device can change a merge's last bits))") in capsys.readouterr().out
+    # recipes without fingerprints (older versions, by hand) replay unchecked and say nothing of their bits
+    unrecorded = Recipe.from_dict({k: v for k, v in recipe.to_dict().items() if k != "fingerprints"})
+    (tmp / "old.yaml").write_text(unrecorded.to_yaml())
+    assert main(["recipe", str(tmp / "old.yaml"), "--out", str(tmp / "v.safetensors")]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {tmp / 'v.safetensors'} ({len(base)} tensors)"
+
+
+def test_a_suite_replay_checks_the_suite_and_keeps_the_recipes_experts(tmp_path, monkeypatch, capsys):
+    """A replay of a merge of some of a suite's experts merges and records those experts (it recorded every expert
+    of the suite before); a suite whose experts changed since is refused unless --suite names it."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    copy = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, copy)
+    assert main(["merge", "--suite", str(copy), "--experts", "digits,textures", "--method", "task_arithmetic",
+                 "--out", "a.safetensors"]) == 0
+    assert main(["recipe", "a.safetensors", "--out", "b.safetensors"]) == 0
+    assert Recipe.from_file(tmp_path / "b.safetensors").experts == ["digits", "textures"]
+    assert main(["recipe", "b.safetensors", "--out", "c.safetensors"]) == 0
+    _equal(load_state_dict("c.safetensors"), load_state_dict("a.safetensors"))
+    assert "the same bits" in capsys.readouterr().out
+
+    weights = next(p for p in copy.rglob("*.safetensors") if "textures" in str(p.relative_to(copy)))
+    changed = {k: v + 0.01 if v.is_floating_point() else v for k, v in load_state_dict(weights).items()}
+    save_state_dict(weights, changed)
+    assert main(["recipe", "a.safetensors", "--out", "d.safetensors"]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'textures': recorded sha256:" in err and "(the suite the recipe recorded; give --suite" in err, err
+    assert "digits" not in err and not (tmp_path / "d.safetensors").exists()
+    assert main(["recipe", "a.safetensors", "--suite", str(copy), "--out", "d.safetensors"]) == 0
+    assert "(from other weights, as the options say)" in capsys.readouterr().out
+
+
+def test_recipes_check_their_fingerprints():
+    digest = "sha256:" + "ab" * 32
+    ok = Recipe(method="ties", experts=["a", "b"], fingerprints={"base": digest, "experts": {"a": digest}})
+    assert Recipe.from_text(ok.to_yaml()) == ok and Recipe.from_text(ok.to_json()) == ok
+    assert "fingerprints" not in Recipe(method="ties").to_dict()
+    for given, message in (({}, "'fingerprints' must be a mapping with some of base, experts"),
+                           ({"base": digest, "output": digest}, "'fingerprints' must be a mapping"),
+                           ({"base": "sha256:" + "AB" * 32}, "'fingerprints.base' must be a digest, 'sha256:' and 64"),
+                           ({"merged": digest[:-1]}, "'fingerprints.merged' must be a digest"),
+                           ({"experts": ["a"]}, "'fingerprints.experts' must map expert names to digests"),
+                           ({"experts": {"a": 3}}, "'fingerprints.experts.a' must be a digest"),
+                           ({"experts": {"c": digest}}, "'fingerprints.experts' names 'c', which the recipe does not "
+                                                        "merge; it merges \\['a', 'b'\\]")):
+        with pytest.raises(CheckpointError, match=message):
+            Recipe(method="ties", experts=["a", "b"], fingerprints=given)
+
+
+def test_compressed_experts_refuse_another_base(files, capsys):
+    """TSV-C task vectors apply to the base they were compressed against: another base (other weights, or the same
+    in another dtype) is refused unless asked for (check=False, reconstruct --any-base)."""
+    from studio.compress import Compressed
+
+    tmp, base, experts, args = files
+    path = studio.compress(base, experts).save(tmp / "packed.safetensors")
+    half = {k: v.half() for k, v in base.items()}
+    with pytest.raises(CheckpointError, match=r"packed.safetensors: the base given is not the one its experts were "
+                                              r"compressed against \(recorded sha256:"):
+        Compressed.load(path, half)
+    assert Compressed.load(path, half, check=False).reconstruct("task0")["visual.proj"].dtype == torch.float16
+    save_state_dict(tmp / "half.safetensors", half)
+    out = tmp / "rebuilt.safetensors"
+    assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "half.safetensors"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "reconstruct --any-base" in err and not out.exists(), err
+    assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "half.safetensors"), "--any-base",
+                 "--out", str(out)]) == 0
+    _equal(load_state_dict(out), Compressed.load(path, half, check=False).reconstruct("task0"))
