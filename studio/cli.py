@@ -234,7 +234,8 @@ def _replay_note(recorded: dict | None, made: dict, pool: _Pool) -> str:
     same_inputs = not pool.replaced and recorded.get("base") == made["base"] \
         and recorded.get("experts") == made["experts"]
     return "; not the same bits as the merge the recipe recorded (" + (
-        "from the same weights: another torch, BLAS or device can change a merge's last bits)" if same_inputs else
+        "from the same weights: a merge's last bits change with the torch, BLAS and device, and with the ranks "
+        "earlier merges decomposed in the same app or pool)" if same_inputs else
         "the recipe did not record its inputs)" if not pool.replaced else "from other weights, as the options say)")
 
 

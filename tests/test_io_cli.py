@@ -911,8 +911,9 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     assert "(from other weights, as the options say)" in capsys.readouterr().out
     save_state_dict(tmp / "task1.safetensors", experts["task1"])
     assert main(["recipe", str(tmp / "other_bits.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
-    assert ("; not the same bits as the merge the recipe recorded (from the same weights: another torch, BLAS or "
-            "device can change a merge's last bits))") in capsys.readouterr().out
+    assert ("; not the same bits as the merge the recipe recorded (from the same weights: a merge's last bits "
+            "change with the torch, BLAS and device, and with the ranks earlier merges decomposed in the same app or "
+            "pool))") in capsys.readouterr().out
     # recipes without fingerprints (older versions, by hand) replay unchecked and say nothing of their bits
     unrecorded = Recipe.from_dict({k: v for k, v in recipe.to_dict().items() if k != "fingerprints"})
     (tmp / "old.yaml").write_text(unrecorded.to_yaml())
