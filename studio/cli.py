@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def pool_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--suite", help="suite folder or Hugging Face repo id, owner/name[@rev] or "
-                                       "hf://owner/name[@rev] (base + experts)")
+                                       "hf://owner/name[@rev], or hf://datasets/owner/name[@rev] for a dataset "
+                                       "repository (base + experts)")
         p.add_argument("--experts", help="comma-separated subset of the suite's experts")
         p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
                                       "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]' "

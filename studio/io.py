@@ -201,11 +201,26 @@ def is_hub_url(source: Any) -> bool:
     return isinstance(source, str) and source[:len(HUB_SCHEME)].lower() == HUB_SCHEME
 
 
-def hub_url(repo_id: str, filename: str | None = None, revision: str | None = None) -> str:
-    """``hf://owner/name[@revision][/file]``, the form :func:`hub_spec` reads back (a revision with ``/`` encoded)."""
+def hub_url(repo_id: str, filename: str | None = None, revision: str | None = None, repo_type: str = "model") -> str:
+    """``hf://owner/name[@revision][/file]``, the form :func:`hub_spec` reads back (a revision with ``/`` encoded);
+    a dataset repository as ``hf://datasets/owner/name...`` (huggingface_hub's form, :func:`hub_repo_type`)."""
     rev = "" if revision is None else "@" + (revision if re.fullmatch(r"refs/pr/\d+", revision)
                                              else quote(revision, safe=""))
-    return f"{HUB_SCHEME}{repo_id}{rev}" + (f"/{filename}" if filename else "")
+    kind = "" if repo_type == "model" else f"{repo_type}s/"
+    return f"{HUB_SCHEME}{kind}{repo_id}{rev}" + (f"/{filename}" if filename else "")
+
+
+def hub_repo_type(source: Any) -> tuple[Any, str | None]:
+    """``(source without its repository type, that type)`` for ``hf://datasets/owner/name...`` (``"dataset"``), the
+    URL form huggingface_hub writes for a dataset repository; ``(source, None)`` for anything else.
+
+    Example:
+        >>> hub_repo_type("hf://datasets/owner/suite@v1"), hub_repo_type("hf://owner/suite")
+        (('hf://owner/suite@v1', 'dataset'), ('hf://owner/suite', None))
+    """
+    if is_hub_url(source) and source[len(HUB_SCHEME):].startswith("datasets/"):
+        return HUB_SCHEME + source[len(HUB_SCHEME) + len("datasets/"):], "dataset"
+    return source, None
 
 
 def is_local_path(source: str | os.PathLike) -> bool:

@@ -113,14 +113,15 @@ def launched_app(one_torch_thread):
     app.demo.close()
 
 
-def hub_cache(src, cache, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+def hub_cache(src, cache, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567",
+              repo_type: str = "model"):
     """Copy the folder ``src`` into huggingface_hub's cache layout, ``models--owner--name/{refs/main,
-    snapshots/<commit>/...}``, as a download would leave it (called again: another commit, now ``main``); returns
-    the snapshot folder."""
+    snapshots/<commit>/...}`` (``datasets--...`` for a dataset repository), as a download would leave it (called
+    again: another commit, now ``main``); returns the snapshot folder."""
     import shutil
     from pathlib import Path
 
-    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    repo = Path(cache) / (f"{repo_type}s--" + repo_id.replace("/", "--"))
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     shutil.copytree(src, repo / "snapshots" / commit)

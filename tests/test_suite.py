@@ -169,6 +169,45 @@ def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub, mo
         load_suite("studio-test/not-cached", cache_dir=cache)
 
 
+def test_a_suite_in_a_dataset_repository_loads_and_is_recorded_as_one(mini_suite, tmp_path, offline_hub,
+                                                                        monkeypatch, capsys):
+    """Suites hold data, so they may live in a dataset repository: ``hf://datasets/owner/name`` (huggingface_hub's
+    form) or ``repo_type="dataset"`` reads it, and its source is recorded in that form, pinned to the commit read,
+    so that a recipe of a merge replays from it (it recorded the cache folder before)."""
+    import huggingface_hub.constants as hub_constants
+
+    from studio.cli import main
+    from studio.io import Recipe, load_state_dict
+
+    cache = tmp_path / "hf"
+    commit = "3" * 40
+    hub_cache(mini_suite, cache, "studio-test/mini-suite", commit, repo_type="dataset")
+    pinned = f"hf://datasets/studio-test/mini-suite@{commit}"
+    for source, kwargs in (("hf://datasets/studio-test/mini-suite", {}),
+                           ("studio-test/mini-suite@main", {"repo_type": "dataset"}),
+                           ("hf://datasets/studio-test/mini-suite@main", {"repo_type": "dataset"}),
+                           (pinned, {})):
+        suite = load_suite(source, cache_dir=cache, **kwargs)
+        assert suite.source == pinned and suite.task_names == ["digits", "signs"], source
+    with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):   # not a model repository of that name
+        load_suite("hf://studio-test/mini-suite", cache_dir=cache)
+    with pytest.raises(SuiteError, match=r"'hf://datasets/studio-test/mini-suite' is a dataset repository, but "
+                                         r"repo_type='model' was also given"):
+        load_suite("hf://datasets/studio-test/mini-suite", repo_type="model", cache_dir=cache)
+    with pytest.raises(SuiteError, match="repo_type must be 'model' or 'dataset'"):
+        load_suite("studio-test/mini-suite", repo_type="space", cache_dir=cache)
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--suite", "hf://datasets/studio-test/mini-suite", "--method", "ties",
+                 "--out", "m.safetensors"]) == 0, capsys.readouterr().err
+    assert Recipe.from_file(tmp_path / "m.safetensors").suite == pinned
+    assert main(["recipe", "m.safetensors", "--out", "again.safetensors"]) == 0, capsys.readouterr().err
+    assert "the same bits" in capsys.readouterr().out
+    again, first = load_state_dict("again.safetensors"), load_state_dict("m.safetensors")
+    assert all(torch.equal(again[k], first[k]) for k in first)
+
+
 # ------------------------------------------------------------------------------------------ errors
 def test_error_cases(mini_suite, tmp_path):
     suite = load_suite(mini_suite)

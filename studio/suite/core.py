@@ -31,8 +31,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..io import (HUB_SCHEME, hub_fetch, hub_spec, hub_url, is_hub_url, is_local_path, load_safetensors,
-                  local_folder_hint, shown_path)
+from ..io import (HUB_SCHEME, hub_fetch, hub_repo_type, hub_spec, hub_url, is_hub_url, is_local_path,
+                  load_safetensors, local_folder_hint, shown_path)
 from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -84,7 +84,8 @@ class Suite:
     Weights and data are read lazily on first access and kept; ``base``/``experts``/``heads`` are float32 CPU
     tensors. Attributes: ``name``, ``root``, ``manifest``, ``tasks``, ``task_names``, ``model_name``,
     ``logit_scale``, ``image_size``, ``source`` (what a recipe records to load it again: the folder's absolute path,
-    for a Hub suite ``hf://owner/name@<commit>``, for the embedded suite ``"MiniSuite"``).
+    for a Hub suite ``hf://owner/name@<commit>`` or ``hf://datasets/owner/name@<commit>``, for the embedded suite
+    ``"MiniSuite"``).
     """
 
     def __init__(self, root: "str | Path", manifest: Mapping[str, Any] | None = None):
@@ -302,10 +303,12 @@ class Suite:
 
 
 def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | None = None,
-               repo_type: str = "model", cache_dir: "str | Path | None" = None) -> Suite:
+               repo_type: str | None = None, cache_dir: "str | Path | None" = None) -> Suite:
     """Load a suite from a local folder or a Hugging Face Hub repository id (``"owner/name"``, optionally
     ``"owner/name@revision"``, or ``"hf://owner/name[@revision]"``, the Hub whatever local folders exist), or the
-    embedded suite by name, ``"MiniSuite"`` (unless a folder of that name exists here).
+    embedded suite by name, ``"MiniSuite"`` (unless a folder of that name exists here). A dataset repository is
+    ``"hf://datasets/owner/name[@revision]"``, or ``repo_type="dataset"`` (``None``: a model repository unless the
+    source says otherwise). :attr:`Suite.source` records a Hub suite pinned to the commit it read, in that form.
 
     Hub repositories are fetched with ``huggingface_hub.snapshot_download`` (so ``HF_HUB_OFFLINE=1`` serves them
     from the local cache and never touches the network).
@@ -314,7 +317,14 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
         >>> load_suite("assets/minisuite").task_names[:3]     # doctest: +SKIP
         ['digits', 'house_numbers', 'signs']
     """
-    explicit = is_hub_url(source)
+    explicit, given = is_hub_url(source), source
+    source, named_type = hub_repo_type(source)
+    if repo_type is not None and named_type is not None and repo_type != named_type:
+        raise SuiteError(f"suite source {brief(given)} is a {named_type} repository, but repo_type={repo_type!r} "
+                         f"was also given")
+    repo_type = named_type or repo_type or "model"
+    if repo_type not in ("model", "dataset"):
+        raise SuiteError(f"repo_type must be 'model' or 'dataset' (a suite's Hub repository), got {brief(repo_type)}")
     if not explicit:
         try:
             path = Path(source).expanduser()
@@ -328,13 +338,13 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     spec = hub_spec(source, revision, SuiteError)
     if spec is None or spec[1] is not None or local:
         hint = local_folder_hint(source, spec) if local and spec and not spec[1] else ""
-        raise SuiteError(f"suite source '{shown_path(source)}' is neither an existing folder nor a Hub repo id "
-                         f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' (from {Path.cwd()}){hint}")
+        raise SuiteError(f"suite source '{shown_path(given)}' is neither an existing folder nor a Hub repo id "
+                         f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' ('{HUB_SCHEME}datasets/...' "
+                         f"for a dataset repository) (from {Path.cwd()}){hint}")
     snapshot = hub_fetch(spec[0], revision=spec[2], repo_type=repo_type, cache_dir=cache_dir,
-                         what="suite", error=SuiteError, shown=str(source))
+                         what="suite", error=SuiteError, shown=str(given))
     suite = Suite(snapshot)
-    if repo_type == "model":   # the snapshot folder is named by its commit
-        suite.source = hub_url(spec[0], None, snapshot.name)
+    suite.source = hub_url(spec[0], None, snapshot.name, repo_type)   # the snapshot folder is named by its commit
     return suite
 
 
