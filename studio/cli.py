@@ -26,7 +26,7 @@ import yaml
 from . import __version__
 from .io import (CheckpointError, Recipe, check_fingerprints, checkpoint_files, fingerprint, input_fingerprints,
                  is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs, save_merged,
-                 save_state_dict)
+                 save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -89,14 +89,15 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
 class _Pool(NamedTuple):
     """What the pool options (and a replayed recipe) name: the base and the experts, the suite's source as a recipe
     records it (or None), for --base/--expert the checkpoints' sources as a recipe records them (see
-    :func:`_load_sources`), and which inputs the options chose over a replayed recipe's (expert names; None: the
-    base)."""
+    :func:`_load_sources`), which inputs the options chose over a replayed recipe's (expert names; None: the
+    base), and the files each was read from (in the shape of ``sources``, for messages)."""
 
     base: dict
     experts: dict
     suite: str | None
     sources: dict | None
     replaced: frozenset
+    files: dict
 
 
 def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
@@ -130,7 +131,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
                 raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
             experts = {e: experts[e] for e in wanted}
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
-        return _Pool(suite.base, experts, suite.source, None, replaced)
+        return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)
     given = {}
     for item in args.expert or []:
         name, source = item.split("=", 1) if "=" in item else ("", "")
@@ -157,7 +158,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
     else:
         base, sources, from_recipe = args.base, given, set()
     base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
-    return _Pool(base_sd, experts, None, pinned, frozenset({None, *experts} - from_recipe))
+    return _Pool(base_sd, experts, None, pinned, frozenset({None, *experts} - from_recipe), pinned)
 
 
 @contextlib.contextmanager
@@ -225,18 +226,20 @@ def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = Non
             raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
 
 
-def _replay_note(recorded: dict | None, made: dict, pool: _Pool) -> str:
-    """Whether a replay made the bits the recipe recorded (nothing to say when it recorded none)."""
+def _replay_note(recorded: dict | None, made: dict) -> str:
+    """Whether a replay made the bits the recipe recorded, and if not, whether it read the weights the recipe
+    recorded (nothing to say when it recorded no merge)."""
     if not recorded or "merged" not in recorded:
         return ""
     if recorded["merged"] == made["merged"]:
         return "; the same bits as the merge the recipe recorded"
-    same_inputs = not pool.replaced and recorded.get("base") == made["base"] \
-        and recorded.get("experts") == made["experts"]
-    return "; not the same bits as the merge the recipe recorded (" + (
-        "from the same weights: a merge's last bits change with the torch, BLAS and device, and with the ranks "
-        "earlier merges decomposed in the same app or pool)" if same_inputs else
-        "the recipe did not record its inputs)" if not pool.replaced else "from other weights, as the options say)")
+    why = "the recipe did not record all its inputs"
+    if "base" in recorded and set(recorded.get("experts", {})) == set(made["experts"]):
+        why = "from the same weights: a merge's last bits change with the torch, BLAS and device, and with the " \
+              "ranks earlier merges decomposed in the same app or pool" \
+            if recorded["base"] == made["base"] and recorded["experts"] == made["experts"] else \
+            "from other weights, as the options say"   # the recorded ones the options left were checked
+    return f"; not the same bits as the merge the recipe recorded ({why})"
 
 
 #: Subcommands that hand every argument to another module's ``main`` (its own options and --help).
@@ -373,16 +376,17 @@ def _run(args: argparse.Namespace) -> int:
                             inputs={"the recipe": args.recipe})
         base, experts = recipe_inputs(recipe, pool.base, pool.experts)
         # before the merge: the weights the recipe recorded must be those it merged (the options choose others)
-        with _noting(f"the {'suite' if pool.suite else 'checkpoints'} the recipe recorded; give --suite, --base or "
-                     f"--expert NAME=SOURCE to merge other weights on purpose"):
-            inputs = check_fingerprints(recipe.fingerprints, base, experts, skip=pool.replaced,
-                                        sources=pool.sources)
+        with _noting(f"the suite the recipe recorded, {pool.suite}; give --suite, or --base and an --expert for "
+                     f"each, to merge other weights on purpose" if pool.suite else
+                     "the checkpoints the recipe recorded; give --base or --expert NAME=SOURCE to merge other "
+                     "weights on purpose"):
+            inputs = check_fingerprints(recipe.fingerprints, base, experts, skip=pool.replaced, sources=pool.files)
         merged = merge_from_recipe(recipe, base, experts, check=False, device=args.device)
         fingerprints = {**inputs, "merged": fingerprint(merged)}
         # the output records what it was merged from (options may have replaced the recipe's suite or sources)
         save_merged(args.out, merged, dataclasses.replace(recipe, suite=pool.suite, sources=pool.sources,
                                                           experts=list(experts), fingerprints=fingerprints))
-        print(f"wrote {args.out} ({len(merged)} tensors{_replay_note(recipe.fingerprints, fingerprints, pool)})")
+        print(f"wrote {args.out} ({len(merged)} tensors{_replay_note(recipe.fingerprints, fingerprints)})")
     elif args.cmd == "compress":
         from .compress import compress
 
@@ -411,12 +415,20 @@ def _run(args: argparse.Namespace) -> int:
                                   f"--base to read another"):
             if args.suite:
                 suite = load_suite(args.suite)
-                base, read = suite.base, {"suite": suite.source}
+                base, read, file = suite.base, {"suite": suite.source}, suite.weight_files["base"]
             else:
-                base, source = load_checkpoint(args.base, prefix=saved.get("prefix"))
-                read = {"sources": {"base": source, "experts": {}}}
+                base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
+                read = {"sources": {"base": file, "experts": {}}}
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        packed = Compressed.load(args.packed, base, check=not args.any_base)
+        # the base compress read (Compressed.load's check, with the file read and the options that apply)
+        want = saved.get("base_fingerprint")
+        if want is not None and not args.any_base and fingerprint(base) != want:
+            since = f"the {'suite' if args.suite else 'base'} compress recorded has changed since; " if recorded else ""
+            raise CheckpointError(f"{args.packed}: the base read ({shown_path(file)}) is not the one its experts were "
+                                  f"compressed against (recorded {str(want)[:19]}..., read {fingerprint(base)[:19]}"
+                                  f"...), so their task vectors would build other models ({since}give --any-base to "
+                                  f"apply them to it anyway)")
+        packed = Compressed.load(args.packed, base, check=False)
         state_dict = packed.reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

@@ -211,8 +211,7 @@ class Compressed:
             if given != recorded:
                 raise CheckpointError(f"{path}: the base given is not the one its experts were compressed against "
                                       f"(recorded {str(recorded)[:19]}..., given {given[:19]}...); their task vectors "
-                                      f"would build other models (check=False, or reconstruct --any-base, applies them "
-                                      f"anyway)")
+                                      f"would build other models (check=False applies them anyway)")
         return cls(base=dict(base), tasks=tasks, rank_fraction=fraction, layer_rule=rule,
                    meta=dict(meta.get("meta") or {}))
 

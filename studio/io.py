@@ -488,7 +488,11 @@ def fingerprint(state_dict: Mapping[str, Tensor]) -> str:
         t = state_dict[key]
         if not isinstance(t, Tensor):
             raise CheckpointError(f"key {brief(key)}: a state dict's values must be tensors, got {brief(t)}")
-        data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        try:
+            data = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        except (RuntimeError, NotImplementedError, TypeError) as exc:   # sparse, meta, ... tensors have no bytes
+            raise CheckpointError(f"key {brief(key)}: a {t.layout} {t.dtype} tensor on {t.device} has no bytes to "
+                                  f"fingerprint ({type(exc).__name__}); expected a dense tensor with data") from None
         digest.update(f"{key}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0{data.nbytes}\0".encode())
         digest.update(data)   # hashlib releases the GIL here: input_fingerprints hashes state dicts in parallel
     return FINGERPRINT_PREFIX + digest.hexdigest()
@@ -511,7 +515,9 @@ def check_fingerprints(recorded: Mapping[str, Any] | None, base: Mapping[str, Te
     """Compare the inputs of a replay with the fingerprints a recipe recorded (``recorded``: its ``base`` and
     ``experts`` entries; None: nothing to compare) and return the inputs' fingerprints. A
     :class:`CheckpointError` names each base or expert whose weights differ (with its source, if ``sources`` says),
-    before any merge is computed. ``skip``: expert names, and None for the base, that the caller chose to replace.
+    before any merge is computed; so does a recorded expert missing from ``experts``. ``skip``: expert names, and
+    None for the base, that the caller chose to replace. ``sources``: what each was read from, as
+    :attr:`Recipe.sources` (or :attr:`studio.suite.Suite.weight_files`), for the message.
     """
     now = input_fingerprints(base, experts)
     if not recorded:
@@ -519,14 +525,17 @@ def check_fingerprints(recorded: Mapping[str, Any] | None, base: Mapping[str, Te
     wanted = [(None, recorded.get("base")), *recorded.get("experts", {}).items()]
     changed = []
     for name, want in wanted:
-        if want is None or name in skip or (name is not None and name not in now["experts"]):
+        if want is None or name in skip:
+            continue
+        source = (sources or {}).get("base") if name is None else (sources or {}).get("experts", {}).get(name)
+        what = f"{'the base' if name is None else f'expert {name!r}'}{f' ({shown_path(source)})' if source else ''}"
+        if name is not None and name not in now["experts"]:
+            changed.append(f"expert {name!r}: recorded {want[:19]}..., not among the experts read "
+                           f"{sorted(now['experts'])}")
             continue
         got = now["base"] if name is None else now["experts"][name]
         if got != want:
-            source = (sources or {}).get("base") if name is None else (sources or {}).get("experts", {}).get(name)
-            changed.append(f"{'the base' if name is None else f'expert {name!r}'}"
-                           f"{f' ({shown_path(source)})' if source else ''}: recorded {want[:19]}..., read "
-                           f"{got[:19]}...")
+            changed.append(f"{what}: recorded {want[:19]}..., read {got[:19]}...")
     if changed:
         raise CheckpointError("the weights differ from those the recipe merged, so the merge would not be the same: "
                               + "; ".join(changed))
@@ -562,8 +571,9 @@ class Recipe:
     # "experts": {name: source}}, which ``merge-studio recipe`` reads again; None: a suite's merge, or the library's
     sources: dict[str, Any] | None = None
     # the weights it merged and made, as fingerprint() digests: {"base": ..., "experts": {name: ...}, "merged": ...}
-    # (any part may be left out). merge_from_recipe refuses inputs that differ; a replay says if its output is the
-    # same bits. None: nothing recorded (recipes of versions before this field, or written by hand)
+    # (any part may be left out; without an expert list, the recipe merges the experts it records). merge_from_recipe
+    # refuses inputs that differ, or a recorded expert missing; a replay says if its output is the same bits. None:
+    # nothing recorded (recipes of versions before this field, or written by hand)
     fingerprints: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -642,8 +652,12 @@ class Recipe:
     def _checked_fingerprints(self, given: Any) -> dict[str, Any]:
         shape = "a mapping with some of base, experts ({expert name: digest}) and merged, each digest 'sha256:' " \
                 "and 64 hex digits as studio.io.fingerprint writes it, or null"
-        if not isinstance(given, Mapping) or not given or not set(given) <= {"base", "experts", "merged"}:
+        if not isinstance(given, Mapping) or not given:
             raise CheckpointError(f"recipe field 'fingerprints' must be {shape}, got {brief(given)}")
+        unknown = sorted(map(str, set(given) - {"base", "experts", "merged"}))
+        if unknown:
+            raise CheckpointError(f"recipe field 'fingerprints' has unknown part(s) {unknown}; expected some of base, "
+                                  f"experts and merged")
         experts = given.get("experts", {})
         if not isinstance(experts, Mapping):
             raise CheckpointError(f"recipe field 'fingerprints.experts' must map expert names to digests, got "
@@ -654,7 +668,9 @@ class Recipe:
             if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
                 raise CheckpointError(f"recipe field '{where}' must be a digest, 'sha256:' and 64 lowercase hex "
                                       f"digits, got {brief(value)}")
-        stray = [k for k in experts if k not in self.experts] if self.experts else []
+        if experts and not self.experts:   # no list: every expert, i.e. those whose weights it recorded
+            self.experts = list(experts)
+        stray = [k for k in experts if k not in self.experts]
         if stray:
             raise CheckpointError(f"recipe field 'fingerprints.experts' names {brief(stray[0])}, which the recipe "
                                   f"does not merge; it merges {self.experts}")

@@ -855,6 +855,11 @@ def test_fingerprints_identify_weights_wherever_they_are_stored(tmp_path):
     assert len({want, *input_fingerprints(base, experts)["experts"].values()}) == 4
     with pytest.raises(CheckpointError, match="key 'w': a state dict's values must be tensors, got 1.0"):
         fingerprint({"w": 1.0})
+    for odd in (torch.zeros(2, 2).to_sparse(), torch.zeros(2, 2, device="meta")):
+        with pytest.raises(CheckpointError, match="key 'w': a .* tensor on .* has no bytes to fingerprint"):
+            fingerprint({"w": odd})
+    z = torch.randn(3, dtype=torch.complex64)
+    assert fingerprint({"z": z.conj()}) == fingerprint({"z": z.conj().resolve_conj()})
 
 
 def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(files, capsys):
@@ -883,7 +888,7 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     assert len(err.strip().splitlines()) == 1 and not (tmp / "x.safetensors").exists(), err
     assert (f"the weights differ from those the recipe merged, so the merge would not be the same: expert 'task1' "
             f"({tmp / 'task1.safetensors'}): recorded {recipe.fingerprints['experts']['task1'][:19]}..., read "
-            f"{fingerprint(changed)[:19]}... (the checkpoints the recipe recorded; give --suite, --base or --expert "
+            f"{fingerprint(changed)[:19]}... (the checkpoints the recipe recorded; give --base or --expert "
             f"NAME=SOURCE to merge other weights on purpose)") in err, err
     with pytest.raises(CheckpointError, match=r"expert 'task1' .*\(merge_from_recipe\(\.\.\., check=False\) merges "
                                               r"them anyway\)"):
@@ -911,9 +916,19 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     assert "(from other weights, as the options say)" in capsys.readouterr().out
     save_state_dict(tmp / "task1.safetensors", experts["task1"])
     assert main(["recipe", str(tmp / "other_bits.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
-    assert ("; not the same bits as the merge the recipe recorded (from the same weights: a merge's last bits "
-            "change with the torch, BLAS and device, and with the ranks earlier merges decomposed in the same app or "
-            "pool))") in capsys.readouterr().out
+    same_weights = ("; not the same bits as the merge the recipe recorded (from the same weights: a merge's last "
+                    "bits change with the torch, BLAS and device, and with the ranks earlier merges decomposed in the "
+                    "same app or pool))")
+    assert same_weights in capsys.readouterr().out
+    # options that name the very weights the recipe recorded read the same weights, and say so
+    assert main(["recipe", str(tmp / "other_bits.yaml"), "--base", str(tmp / "base.safetensors"),
+                 "--expert", f"task1={tmp / 'task1.safetensors'}", "--out", str(tmp / "w.safetensors")]) == 0
+    assert same_weights in capsys.readouterr().out
+    # a recipe that records only its merge says it cannot tell why
+    (tmp / "merged_only.yaml").write_text(Recipe.from_dict(
+        {**recorded.to_dict(), "fingerprints": {"merged": "sha256:" + "0" * 64}}).to_yaml())
+    assert main(["recipe", str(tmp / "merged_only.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
+    assert "(the recipe did not record all its inputs)" in capsys.readouterr().out
     # recipes without fingerprints (older versions, by hand) replay unchecked and say nothing of their bits
     unrecorded = Recipe.from_dict({k: v for k, v in recipe.to_dict().items() if k != "fingerprints"})
     (tmp / "old.yaml").write_text(unrecorded.to_yaml())
@@ -942,10 +957,35 @@ def test_a_suite_replay_checks_the_suite_and_keeps_the_recipes_experts(tmp_path,
     save_state_dict(weights, changed)
     assert main(["recipe", "a.safetensors", "--out", "d.safetensors"]) == 2
     err = capsys.readouterr().err
-    assert "expert 'textures': recorded sha256:" in err and "(the suite the recipe recorded; give --suite" in err, err
+    assert f"expert 'textures' ({copy / 'experts' / 'textures.safetensors'}): recorded sha256:" in err, err
+    assert f"(the suite the recipe recorded, {copy}; give --suite, or --base and an --expert for each, to merge " \
+        f"other weights on purpose)" in err, err
     assert "digits" not in err and not (tmp_path / "d.safetensors").exists()
     assert main(["recipe", "a.safetensors", "--suite", str(copy), "--out", "d.safetensors"]) == 0
     assert "(from other weights, as the options say)" in capsys.readouterr().out
+
+    # a recipe without an expert list merges the experts whose weights it recorded: one the suite has lost is
+    # refused, not left out (and --experts cannot drop it)
+    everything = Recipe.from_file(tmp_path / "c.safetensors").to_dict()
+    (tmp_path / "no_list.yaml").write_text(Recipe.from_dict({**everything, "experts": []}).to_yaml())
+    assert Recipe.from_file(tmp_path / "no_list.yaml").experts == ["digits", "textures"]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "textures"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for extra, message in (([], "recipe needs expert(s) ['textures'] that are not available"),
+                           (["--experts", "digits"], "names the experts it merges, ['digits', 'textures']; --experts "
+                                                     "does not apply")):
+        assert main(["recipe", "no_list.yaml", *extra, "--out", "e.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and not (tmp_path / "e.safetensors").exists(), err
+    from studio.io import check_fingerprints, input_fingerprints
+    from studio.suite import load_suite
+
+    suite = load_suite(DEFAULT_SUITE_PATH)
+    recorded = input_fingerprints(suite.base, suite.experts)
+    with pytest.raises(CheckpointError, match=r"expert 'textures': recorded sha256:[0-9a-f]{12}\.\.\., not among "
+                                              r"the experts read \['digits'\]"):
+        check_fingerprints(recorded, suite.base, {"digits": suite.experts["digits"]})
 
 
 def test_recipes_check_their_fingerprints():
@@ -954,7 +994,8 @@ def test_recipes_check_their_fingerprints():
     assert Recipe.from_text(ok.to_yaml()) == ok and Recipe.from_text(ok.to_json()) == ok
     assert "fingerprints" not in Recipe(method="ties").to_dict()
     for given, message in (({}, "'fingerprints' must be a mapping with some of base, experts"),
-                           ({"base": digest, "output": digest}, "'fingerprints' must be a mapping"),
+                           ({"base": digest, "output": digest}, r"'fingerprints' has unknown part\(s\) \['output'\]; "
+                                                                r"expected some of base, experts and merged"),
                            ({"base": "sha256:" + "AB" * 32}, "'fingerprints.base' must be a digest, 'sha256:' and 64"),
                            ({"merged": digest[:-1]}, "'fingerprints.merged' must be a digest"),
                            ({"experts": ["a"]}, "'fingerprints.experts' must map expert names to digests"),
@@ -982,7 +1023,16 @@ def test_compressed_experts_refuse_another_base(files, capsys):
     assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "half.safetensors"),
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "reconstruct --any-base" in err and not out.exists(), err
+    assert f"the base read ({tmp / 'half.safetensors'}) is not the one its experts were compressed against " \
+        f"(recorded sha256:" in err and "(give --any-base to apply them to it anyway)" in err and not out.exists(), err
     assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "half.safetensors"), "--any-base",
                  "--out", str(out)]) == 0
     _equal(load_state_dict(out), Compressed.load(path, half, check=False).reconstruct("task0"))
+    # the base compress recorded, changed since: named, and said to have changed
+    packed = tmp / "cli_packed.safetensors"
+    assert main(["compress", *args, "--out", str(packed)]) == 0
+    save_state_dict(tmp / "base.safetensors", {**base, "visual.proj": base["visual.proj"] + 1e-3})
+    assert main(["reconstruct", str(packed), "--task", "task0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"the base read ({tmp / 'base.safetensors'}) is not the one" in err and "(the base compress recorded has " \
+        "changed since; give --any-base to apply them to it anyway)" in err and len(err.strip().splitlines()) == 1, err

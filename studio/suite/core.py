@@ -179,6 +179,13 @@ class Suite:
 
     # ------------------------------------------------------------------------------------------------- weights
     @property
+    def weight_files(self) -> dict[str, Any]:
+        """The files the base and each expert are read from, ``{"base": path, "experts": {task: path}}`` (the shape
+        of :attr:`studio.io.Recipe.sources`), e.g. for an error to name the file at fault."""
+        return {"base": str(self.root / "base.safetensors"),
+                "experts": {t: str(self.root / "experts" / f"{t}.safetensors") for t in self.task_names}}
+
+    @property
     def base(self) -> dict[str, Tensor]:
         """Pretrained image-encoder state dict (``visual.*`` keys, float32)."""
         with self._lock:
