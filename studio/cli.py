@@ -6,6 +6,7 @@
                        --method ties --set k=0.2 --calibrate svc --out merged.safetensors --recipe merged.yaml
     merge-studio recipe merged.yaml --out again.safetensors   # the suite or the --base/--expert sources it recorded
     merge-studio evaluate --suite assets/minisuite --weights merged.safetensors [--split test]
+    merge-studio diagnose --suite MiniSuite --method tsv_m --out diagnostics.json   # or --weights merged.safetensors
     merge-studio bench [...]   merge-studio leaderboard [...]   merge-studio build-suite [...]
                                                        # their own options, e.g. bench --model ViT-L-14 --tasks 20
 """
@@ -226,6 +227,79 @@ def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = Non
             raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
 
 
+def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
+    """The recipe of the merge the options describe (``merge``'s, also ``diagnose``'s)."""
+    prefs = _parse_preferences(args.preferences)
+    hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
+    # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of the
+    # version that replays it (the merge validates them again, with the same result)
+    hparams = validate_hparams(args.method, get_method(args.method).params, hparams)
+    if args.calibrate is not None:
+        cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
+    return Recipe(method=args.method, hparams=hparams, experts=list(pool.experts), calibrate=args.calibrate,
+                  calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed, layer_rule=args.layer_rule,
+                  suite=pool.suite, studio_version=__version__, svd_mode=args.svd_mode, prefix=args.prefix,
+                  sources=pool.sources)
+
+
+def _diagnose(args: argparse.Namespace) -> None:
+    """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves` and Iso's ``sar_avg`` (per task, and
+    pairwise between tasks) of a merge the options describe, of a merged checkpoint, or of the Task Arithmetic sum;
+    a summary on stdout, every number as JSON with ``--out``."""
+    from . import diagnostics as diag
+    from .engine import get_pool
+
+    if args.weights and args.method:
+        raise StudioError("give --method (a merge to compute) or --weights (a merged checkpoint), not both")
+    if not args.method and (args.set or args.calibrate or args.cal_set or args.preferences or args.seed):
+        raise StudioError("--set, --calibrate, --cal-set, --preferences and --seed describe a merge: give --method")
+    curves = None if args.curves is None else [c.strip() for c in args.curves.split(",") if c.strip()]
+    unknown = sorted(set(curves or []) - set(diag.CURVES))
+    if unknown or curves == []:
+        raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
+    pool = _load_pool(args)
+    _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
+                        inputs={"the merged checkpoint": args.weights} if args.weights and not is_hub_url(args.weights)
+                        else None)
+    if args.method:
+        recipe = _merge_recipe(args, pool)
+        merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
+        what: dict[str, Any] = {"recipe": recipe.to_dict()}
+    elif args.weights:
+        with _noting("--weights"):
+            merged, source = load_checkpoint(args.weights, prefix=args.prefix)
+        what = {"weights": source}
+    else:
+        merged, what = None, {"task_arithmetic_sum": True}
+    tasks = list(pool.experts)
+    task_pool = get_pool(pool.base, pool.experts, device=args.device, svd_mode=args.svd_mode)
+    rule = args.layer_rule   # the layers: the TSV/Iso default rule, or the one the merge was asked to use
+    layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves,
+                               merged_is_delta=None if merged is None else False)
+    sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=None if merged is None else False)
+    pairwise = diag.sar_avg(task_pool, pairwise=True, layer_rule=rule)
+    report = {"merge": what, "suite": pool.suite, "sources": pool.sources, "tasks": tasks,
+              "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
+              "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist()}
+    if args.out:
+        from .io import _atomic_write
+
+        with _atomic_write(Path(args.out)) as tmp:
+            Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
+    merge = what.get("recipe", {}).get("method") or (f"the weights {what['weights']}" if "weights" in what
+                                                    else "the Task Arithmetic sum")
+    print(f"diagnostics of {merge}: {len(tasks)} experts, {len(layers['key'])} matrix layers")
+    print("SAR_avg to the merge (Iso sec. 3.3), per task: "
+          + ", ".join(f"{t} {v:.3f}" for t, v in report["sar_avg"].items()))
+    means = {c: [v for v in layers[c] if v == v] for c in layers if c in diag.CURVES}
+    print("mean over layers: " + ", ".join(f"{c} {sum(v) / len(v):.4g}" for c, v in means.items() if v))
+    if "sar_min" in layers:
+        worst = sorted(zip(layers["sar_min"], layers["key"]))[:3]
+        print("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
+    if args.out:
+        print(f"wrote {args.out}")
+
+
 def _replay_note(recorded: dict | None, made: dict) -> str:
     """Whether a replay made the bits the recipe recorded, and if not, whether it read the weights the recipe
     recorded (nothing to say when it recorded no merge)."""
@@ -273,21 +347,35 @@ def main(argv: list[str] | None = None) -> int:
                             "(e.g. vision_model. for Hugging Face CLIP checkpoints)")
         p.add_argument("--device", default=None)
 
+    def merge_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+        p.add_argument("--method", required=required, help="merging method (merge-studio methods lists them)")
+        p.add_argument("--set", action="append", default=[], help="hyperparameter NAME=VALUE (repeat)")
+        p.add_argument("--calibrate", default=None)
+        p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
+        p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--layer-rule", default=None,
+                       help="which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
+                            "(omitted: the method's and the calibration's own default rule, as studio.merge)")
+        p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
+                       help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD everywhere, as the official "
+                            "code")
+
     p = sub.add_parser("merge", help="merge experts and write safetensors (+ recipe)")
     pool_args(p)
-    p.add_argument("--method", required=True)
-    p.add_argument("--set", action="append", default=[], help="hyperparameter NAME=VALUE (repeat)")
-    p.add_argument("--calibrate", default=None)
-    p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
-    p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layer-rule", default=None,
-                   help="which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
-                        "(omitted: the method's and the calibration's own default rule, as studio.merge)")
-    p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
-                   help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD everywhere, as the official code")
+    merge_args(p)
     p.add_argument("--out", required=True)
     p.add_argument("--recipe", help="also write the recipe (YAML) here")
+
+    p = sub.add_parser("diagnose", help="spectral diagnostics of a merge (per layer and per task) as JSON, and a "
+                                        "summary")
+    pool_args(p)
+    merge_args(p, required=False)
+    p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method; "
+                                     "neither: the Task Arithmetic sum")
+    p.add_argument("--curves", help="comma-separated per-layer curves (default: all of "
+                                    "studio.diagnostics.CURVES)")
+    p.add_argument("--out", help="write every number as JSON here")
 
     p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors), from "
                                       "the suite or checkpoints it recorded unless --suite or --base/--expert say")
@@ -346,17 +434,7 @@ def _run(args: argparse.Namespace) -> int:
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
         pool = _load_pool(args)
-        prefs = _parse_preferences(args.preferences)
-        hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
-        # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of
-        # the version that replays it (the merge below validates them again, with the same result)
-        hparams = validate_hparams(args.method, get_method(args.method).params, hparams)
-        if args.calibrate is not None:
-            cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
-        recipe = Recipe(method=args.method, hparams=hparams, experts=list(pool.experts),
-                        calibrate=args.calibrate, calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed,
-                        layer_rule=args.layer_rule, suite=pool.suite, studio_version=__version__,
-                        svd_mode=args.svd_mode, prefix=args.prefix, sources=pool.sources)
+        recipe = _merge_recipe(args, pool)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
         recipe = dataclasses.replace(recipe, fingerprints={
@@ -432,6 +510,8 @@ def _run(args: argparse.Namespace) -> int:
         state_dict = packed.reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")
+    elif args.cmd == "diagnose":
+        _diagnose(args)
     elif args.cmd == "evaluate":
         from .evaluate import evaluate
         from .suite import load_suite

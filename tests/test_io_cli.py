@@ -1036,3 +1036,45 @@ def test_compressed_experts_refuse_another_base(files, capsys):
     err = capsys.readouterr().err
     assert f"the base read ({tmp / 'base.safetensors'}) is not the one" in err and "(the base compress recorded has " \
         "changed since; give --any-base to apply them to it anyway)" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_sum(files, capsys):
+    """``merge-studio diagnose`` gives exactly what studio.diagnostics gives for the merge its options describe, a
+    merged checkpoint, or the Task Arithmetic sum: per-layer curves, SAR_avg per task and between tasks; bad
+    combinations are one-line errors that write nothing."""
+    from studio import diagnostics as diag
+    from studio.engine import get_pool
+
+    tmp, base, experts, args = files
+    pool = get_pool(base, experts, device="cpu")
+    merged = studio.merge(base, experts, "ties", k=0.3, device="cpu")
+    save_state_dict(tmp / "merged.safetensors", merged)
+    for extra, target in ((["--method", "ties", "--set", "k=0.3"], merged),
+                          (["--weights", str(tmp / "merged.safetensors")], merged), ([], None)):
+        out = tmp / "diag.json"
+        assert main(["diagnose", *args, *extra, "--device", "cpu", "--out", str(out)]) == 0
+        report = json.loads(out.read_text())
+        want = diag.layer_curves(pool, target, merged_is_delta=None if target is None else False)
+        assert report["layers"]["key"] == want["key"] and report["tasks"] == list(experts)
+        for curve in diag.CURVES:
+            assert report["layers"][curve] == pytest.approx(want[curve], rel=1e-6, abs=1e-9, nan_ok=True), curve
+        sar = diag.sar_avg(pool, target, merged_is_delta=None if target is None else False)
+        assert list(report["sar_avg"].values()) == pytest.approx(sar.tolist(), rel=1e-6)
+        torch.testing.assert_close(torch.tensor(report["sar_avg_pairwise"]), diag.sar_avg(pool, pairwise=True))
+        said = capsys.readouterr().out
+        assert f"{len(experts)} experts, {len(want['key'])} matrix layers" in said and "SAR_avg" in said, said
+    assert report["merge"] == {"task_arithmetic_sum": True}
+    assert main(["diagnose", *args, "--curves", "sti,energy"]) == 0
+    assert "mean over layers: sti " in capsys.readouterr().out
+
+    for extra, message in ((["--method", "ties", "--weights", str(tmp / "merged.safetensors")], "not both"),
+                           (["--set", "k=0.3"], "describe a merge: give --method"),
+                           (["--curves", "sti,nope"], "--curves: unknown curve(s) ['nope']"),
+                           (["--method", "ties", "--set", "k=7"], "'k' = 7.0 is outside the allowed range"),
+                           (["--weights", str(tmp / "nope.safetensors")], "--weights")):
+        (tmp / "bad.json").unlink(missing_ok=True)
+        assert main(["diagnose", *args, *extra, "--out", str(tmp / "bad.json")]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and not (tmp / "bad.json").exists(), err
+    assert main(["diagnose", *args, "--out", str(tmp / "task1.safetensors")]) == 2
+    assert "which this command reads" in capsys.readouterr().err
