@@ -80,6 +80,27 @@ def polar(matrix: Tensor) -> Tensor:
     return U @ Vh
 
 
+def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
+    """``U``, ``Vh`` with each singular pair's sign fixed: the entry of largest magnitude of every column of ``U`` is
+    positive (its row of ``Vh`` flips with it, so ``U diag(S) Vh`` is unchanged; a zero column stays as it is).
+
+    An SVD's sign per component is arbitrary and differs between LAPACK routines, ranks and devices; fixed this way,
+    the top-``k`` factors sliced from a higher-rank decomposition match a rank-``k`` one up to rounding (for distinct
+    singular values), so results that depend on signs do not depend on which was computed first.
+
+    Example:
+        >>> U, Vh = torch.tensor([[0.6, 0.8], [-0.8, 0.6]]), torch.eye(2)
+        >>> Uc, Vc = canonical_signs(U, Vh)
+        >>> Uc.sign().tolist(), torch.equal(Uc @ Vc, U @ Vh)
+        ([[-1.0, 1.0], [1.0, 1.0]], True)
+    """
+    if U.shape[-1] == 0:
+        return U, Vh
+    pick = U.gather(0, U.abs().argmax(0, keepdim=True))   # [1, k]
+    sign = torch.where(pick < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign, Vh * sign.mT
+
+
 def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
     """``U diag(S) Vh`` without materialising ``diag(S)``."""
     return matmul(U * S.unsqueeze(-2), Vh)

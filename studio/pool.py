@@ -360,14 +360,18 @@ class LayerTasks:
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: each
-        rank computed is kept, and serves every lower rank asked for later.
+        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: the
+        highest rank computed and the two ranks used last are kept (every rank asked for, before: a TSV-M rank slider
+        swept up six steps held 1.5 GB for 8 ViT-B/32 experts, against 0.8 GB now), and a kept rank serves every
+        lower one.
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
-        on the kept components, several times faster; null components are exact zeros with zero vectors). A lower
-        rank served from a cached higher one is the same decomposition up to float32 rounding, not bit for bit
-        (``gram_svd`` takes a partial eigensolver, or float64, depending on the rank): a merge can then differ by
-        ~1e-5 relative from the same merge in a fresh pool, e.g. TSV-M after ``compress(rank_fraction=1.0)``.
+        on the kept components, several times faster; null components are exact zeros with zero vectors). Either way
+        each pair's sign is fixed (:func:`studio.linalg.canonical_signs`), so a lower rank served from a cached
+        higher one has the same vectors up to float32 rounding (not bit for bit: ``gram_svd`` takes a partial
+        eigensolver, or float64, depending on the rank); a merge can then differ by ~1e-5 relative from the same
+        merge in a fresh pool, e.g. TSV-M after ``compress(rank_fraction=1.0)``, and sign-sensitive settings
+        (AlignMerge-O without ``align_signs``) by as little.
 
         Weights only rescale singular values, so every weighting shares one decomposition. Components whose singular
         value is exactly zero (a layer the expert left unchanged, a task with weight 0) have zero singular vectors in
@@ -385,23 +389,32 @@ class LayerTasks:
                 # LAPACK's vectors for exactly-zero singular values (a layer the expert left unchanged) are
                 # arbitrary (the identity's columns on a CPU); like gram_svd's null components they carry no direction.
                 nonzero = S != 0
-                return U * nonzero, S, Vh * nonzero.unsqueeze(-1)
-            # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
-            # tails of real task-matrix spectra (see linalg.gram_svd).
-            return linalg.gram_svd(raw, rank)
+                U, Vh = U * nonzero, Vh * nonzero.unsqueeze(-1)
+            else:
+                # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
+                # tails of real task-matrix spectra (see linalg.gram_svd).
+                U, S, Vh = linalg.gram_svd(raw, rank)
+            # signs fixed, so that a rank sliced from a higher one has this rank's signs: LAPACK's differ between
+            # the two, and AlignMerge-O without sign alignment then merged 8 % differently
+            U, Vh = linalg.canonical_signs(U, Vh)
+            return U, S, Vh
 
-        # Reuse any cached decomposition of at least this rank (per expert and layer: rank -> factors).
+        # Reuse a cached decomposition of at least this rank (per expert and layer: rank -> factors, the most
+        # recently used last).
         ranks = self.pool._svd_slot((self.key, i))
         with self.pool._lock:
             have = [h for h in ranks if h >= rank]
-            val = ranks[min(have)] if have else None
-        if val is None:
-            val = self.pool.memo(("svd", self.key, i, rank), compute)
-            with self.pool._lock:
-                # kept even when a higher rank arrives later: a rank sliced from a higher one has the same values up
-                # to rounding but may have other signs, which sign-sensitive settings (AlignMerge-O without
-                # align_signs) turn into a different merge; dropping lower ranks made a repeated merge differ by 8 %
-                ranks.setdefault(rank, val)
+            used = min(have) if have else None
+            val = ranks[used] if have else None
+        if val is None:   # computed once however many threads ask
+            used, val = rank, self.pool._cached(ranks, rank, compute, None)
+        with self.pool._lock:
+            ranks[used] = ranks.pop(used, val)   # last: used most recently (back in, if another thread dropped it)
+            # keep the highest rank and the two used last: a merge repeated after one at another rank gives the same
+            # bits, and a rank slider swept up holds the highest rank's factors, not those of every rank it passed
+            keep = {max(ranks), *list(ranks)[-2:]}
+            for h in [h for h in ranks if h not in keep]:
+                del ranks[h]
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:

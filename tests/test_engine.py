@@ -517,6 +517,50 @@ def test_a_merge_repeated_on_its_pool_is_unchanged_by_a_higher_rank_asked_for_be
     assert all(torch.equal(first[k], again[k]) for k in first)
 
 
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_a_rank_served_from_a_higher_one_has_the_same_vectors_and_signs(clip_pool, svd_mode):
+    """Each SVD pair's sign is fixed (linalg.canonical_signs), so the top-k factors a pool slices from a higher-rank
+    decomposition match a fresh rank-k one to rounding, signs included; AlignMerge-O without sign alignment, which
+    merged 8 % differently when its ranks came from the full-rank SVDs, now differs by rounding only."""
+    fresh, warmed = (TaskPool(*clip_pool, device="cpu", svd_mode=svd_mode) for _ in range(2))
+    flipped = 0
+    for key in [k for k in fresh.keys if fresh.base[k].ndim == 2 and min(fresh.base[k].shape) > 4]:
+        for i in range(len(fresh.names)):
+            full = warmed.layer(key).svd(i, None)
+            U, S, Vh = fresh.layer(key).svd(i, 3)
+            Us, Ss, Vhs = warmed.layer(key).svd(i, 3)
+            torch.testing.assert_close((Us, Ss, Vhs), (U, S, Vh), rtol=1e-3, atol=2e-4)   # a flip: ~0.1
+            U0, _, _ = torch.linalg.svd(warmed.raw_delta(key, i), full_matrices=False)
+            flipped += int((U0[:, :3] * full[0][:, :3]).sum(0).lt(0).sum())   # LAPACK's own signs vary
+    assert flipped > 0
+    hp = {"eta": "dominant", "align_signs": False}
+    torch.testing.assert_close(studio.merge_pool(warmed, "align_merge_o", **hp),
+                               studio.merge_pool(fresh, "align_merge_o", **hp), rtol=1e-4, atol=1e-5)
+
+
+def test_the_svd_cache_keeps_the_highest_rank_and_the_two_used_last(clip_pool):
+    """A rank slider swept up used to keep every rank it passed (1.5 GB for 8 ViT-B/32 experts after six TSV-M
+    steps); now each expert and layer keeps the highest rank and the two used last, which serve every lower one."""
+    pool = TaskPool(*clip_pool, device="cpu")
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    layer = pool.layer(key)
+    for rank in (1, 2, 3, 4, 5):
+        layer.svd(0, rank)
+    assert list(pool._svd_slot((key, 0))) == [4, 5]
+    layer.svd(0, 2)   # served by 4, the lowest kept rank that covers it
+    assert list(pool._svd_slot((key, 0))) == [5, 4]
+    layer.svd(0, 6)
+    layer.svd(0, 1)   # 4 again
+    assert list(pool._svd_slot((key, 0))) == [6, 4]
+    layer.svd(0, None)   # 6 goes: neither the highest nor among the two used last
+    layer.svd(0, 3)   # 4
+    layer.svd(0, 5)   # the full rank
+    assert list(pool._svd_slot((key, 0))) == [4, min(layer.shape)]
+    for rank in range(1, 8):   # a sweep after the full rank: all served by the kept ranks, nothing computed
+        layer.svd(0, rank)
+    assert max(pool._svd_slot((key, 0))) == min(layer.shape) and len(pool._svd_slot((key, 0))) <= 3
+
+
 def test_a_failing_layer_leaves_the_pool_usable(clip_pool):
     base, experts = clip_pool
     pool = TaskPool(base, experts, device="cpu")
