@@ -68,7 +68,8 @@ def load_studio(source: "str | None" = None) -> Studio:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Merge Studio: merge fine-tuned CLIP experts, inspect, evaluate.")
-    parser.add_argument("--suite", default=None, help=f"suite folder or hub repo id (default: ${SUITE_ENV} or MiniSuite)")
+    parser.add_argument("--suite", default=None, help=f"suite folder or Hub repository, owner/name or "
+                                                      f"hf://[datasets/]owner/name (default: ${SUITE_ENV} or MiniSuite)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true")

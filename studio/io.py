@@ -137,33 +137,40 @@ def _resolve(source: str | os.PathLike, revision: str | None,
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise CheckpointError(f"{shown_path(source)}: cannot be read ({reason})") from exc
     local = not explicit and is_local_path(source)
-    spec = hub_spec(source, revision)
+    given, (source, repo_type) = source, hub_repo_type(source)   # hf://datasets/...: a dataset repository
+    repo_type = repo_type or "model"
+    try:
+        spec = hub_spec(source, revision)
+    except CheckpointError as exc:   # the message starts with the source: as the caller wrote it
+        raise CheckpointError(f"{given}{str(exc)[len(source):]}") from None
     if spec is None or local:
-        shown = shown_path(source)
+        shown = shown_path(given)
         if explicit:
             raise CheckpointError(f"{shown}: not a Hugging Face Hub reference "
-                                  f"{HUB_SCHEME}owner/name[@revision][/file.safetensors]")
+                                  f"{HUB_SCHEME}[datasets/]owner/name[@revision][/file.safetensors]")
         raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
             local_folder_hint(source, spec) if local else
             ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
     repo_id, filename, revision = spec
     if filename is not None:
-        file = hub_fetch(repo_id, filename=filename, revision=revision, cache_dir=cache_dir, shown=source)
+        file = hub_fetch(repo_id, filename=filename, revision=revision, repo_type=repo_type, cache_dir=cache_dir,
+                         shown=given)
         # huggingface_hub's cache keeps a commit's files under snapshots/<commit>/<path in the repository>
         commit = file.parents[len(Path(filename).parts) - 1].name
-        return [(file, None)], hub_url(repo_id, filename, commit)
+        return [(file, None)], hub_url(repo_id, filename, commit, repo_type)
     from huggingface_hub import constants
 
-    where = f"the Hub repository {repo_id!r} at {revision or 'main'}"
-    snapshot = hub_fetch(repo_id, revision=revision, cache_dir=cache_dir, shown=source,
+    where = f"the Hub {'repository' if repo_type == 'model' else repo_type} {repo_id!r} at {revision or 'main'}"
+    snapshot = hub_fetch(repo_id, revision=revision, repo_type=repo_type, cache_dir=cache_dir, shown=given,
                          allow_patterns=("model.safetensors", SHARD_INDEX))
-    pinned = hub_url(repo_id, None, snapshot.name)   # the snapshot folder is named by its commit
+    pinned = hub_url(repo_id, None, snapshot.name, repo_type)   # the snapshot folder is named by its commit
     if (snapshot / "model.safetensors").is_file():
         return [(snapshot / "model.safetensors", None)], pinned
     if (snapshot / SHARD_INDEX).is_file():
         shards = sorted({shard for _, shard in _weight_map(snapshot / SHARD_INDEX)})
         # the shards of the same commit (the snapshot folder's name), even if the branch moves meanwhile
-        hub_fetch(repo_id, revision=snapshot.name, cache_dir=cache_dir, allow_patterns=tuple(shards), shown=source)
+        hub_fetch(repo_id, revision=snapshot.name, repo_type=repo_type, cache_dir=cache_dir,
+                  allow_patterns=tuple(shards), shown=given)
         missing = [shard for shard in shards if not (snapshot / shard).is_file()]
         if missing and constants.HF_HUB_OFFLINE:
             raise CheckpointError(f"{where}: {len(missing)} of the {len(shards)} shards its index lists (e.g. "
@@ -187,13 +194,13 @@ def shown_path(source: str | os.PathLike) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def local_folder_hint(source: Any, spec: tuple[str, str | None, str | None] | None) -> str:
+def local_folder_hint(source: Any, spec: tuple[str, str | None, str | None] | None, repo_type: str = "model") -> str:
     """For text read as a local path only because its first folder exists here (:func:`is_local_path`) and that
     also names a Hub repository (``spec``, from :func:`hub_spec`): how to name the repository instead; else ``""``."""
     if spec is None or not isinstance(source, str) or not Path(Path(source).parts[0]).is_dir():
         return ""
     return (f"; read as a local path because a folder {Path(source).parts[0]!r} exists here: write "
-            f"{hub_url(*spec)} for the Hub repository of that name")
+            f"{hub_url(*spec, repo_type)} for the Hub repository of that name")
 
 
 def is_hub_url(source: Any) -> bool:

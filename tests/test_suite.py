@@ -197,8 +197,24 @@ def test_a_suite_in_a_dataset_repository_loads_and_is_recorded_as_one(mini_suite
     with pytest.raises(SuiteError, match="repo_type must be 'model' or 'dataset'"):
         load_suite("studio-test/mini-suite", repo_type="space", cache_dir=cache)
 
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    # messages name the source as written, and suggest the dataset form
+    with pytest.raises(SuiteError, match=r"^hf://datasets/studio-test/mini-suite@main: names revision 'main' but "
+                                         r"revision='v1'"):
+        load_suite("hf://datasets/studio-test/mini-suite@main", revision="v1", cache_dir=cache)
+    (tmp_path / "studio-test").mkdir()
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(SuiteError, match="write hf://datasets/studio-test/mini-suite for the Hub repository"):
+        load_suite("studio-test/mini-suite", repo_type="dataset", cache_dir=cache)
+    # a checkpoint in a dataset repository reads the same way, pinned in that form
+    from studio.io import load_checkpoint
+
+    state, pinned_file = load_checkpoint("hf://datasets/studio-test/mini-suite/base.safetensors", cache_dir=cache)
+    assert pinned_file == f"hf://datasets/studio-test/mini-suite@{commit}/base.safetensors"
+    assert all(torch.equal(state[k], suite.base[k]) for k in suite.base)
+    again, _ = load_checkpoint(pinned_file, cache_dir=cache)
+    assert again.keys() == state.keys()
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
     assert main(["merge", "--suite", "hf://datasets/studio-test/mini-suite", "--method", "ties",
                  "--out", "m.safetensors"]) == 0, capsys.readouterr().err
     assert Recipe.from_file(tmp_path / "m.safetensors").suite == pinned
