@@ -196,14 +196,15 @@ def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
 
 
 def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None, suite: str | None = None,
-                        inputs: dict[str, str] | None = None) -> None:
+                        inputs: dict[str, str | list[str]] | None = None) -> None:
     """Refuse, before any file is written, to write an output over a file the command reads: a checkpoint of
-    ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> path), or
-    anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise name the
-    output as its own input, or a packed file lose every other expert."""
+    ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> its path
+    or paths), or anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise
+    name the output as its own input, or a packed file lose every other expert."""
     from huggingface_hub import constants
 
-    read = {Path(path).resolve(): what for what, path in (inputs or {}).items()}
+    read = {Path(path).resolve(): what for what, paths in (inputs or {}).items()
+            for path in ([paths] if isinstance(paths, str) else paths)}
     for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
         what = "the checkpoint of " + ("the base" if name is None else f"expert {name!r}")
         if not is_hub_url(source):
@@ -237,7 +238,7 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
     if args.calibrate is not None:
         cal_hparams = validate_hparams(args.calibrate, get_calibration(args.calibrate).params, cal_hparams)
     return Recipe(method=args.method, hparams=hparams, experts=list(pool.experts), calibrate=args.calibrate,
-                  calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed, layer_rule=args.layer_rule,
+                  calibrate_hparams=cal_hparams, preferences=prefs, seed=args.seed or 0, layer_rule=args.layer_rule,
                   suite=pool.suite, studio_version=__version__, svd_mode=args.svd_mode, prefix=args.prefix,
                   sources=pool.sources)
 
@@ -251,16 +252,23 @@ def _diagnose(args: argparse.Namespace) -> None:
 
     if args.weights and args.method:
         raise StudioError("give --method (a merge to compute) or --weights (a merged checkpoint), not both")
-    if not args.method and (args.set or args.calibrate or args.cal_set or args.preferences or args.seed):
-        raise StudioError("--set, --calibrate, --cal-set, --preferences and --seed describe a merge: give --method")
+    if not args.method and (args.set or args.calibrate or args.cal_set or args.preferences
+                             or args.seed is not None):
+        raise StudioError("--set, --calibrate, --cal-set, --preferences and --seed describe a merge to compute: give "
+                          "--method" + (" instead of --weights, which is diagnosed as it is" if args.weights else ""))
     curves = None if args.curves is None else [c.strip() for c in args.curves.split(",") if c.strip()]
+    if curves == []:
+        raise StudioError(f"--curves names no curve; choose from {list(diag.CURVES)}")
     unknown = sorted(set(curves or []) - set(diag.CURVES))
-    if unknown or curves == []:
+    if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
     pool = _load_pool(args)
+    read = []   # every file of a local --weights (a folder's weights file, an index's shards), which --out must spare
+    if args.weights and not is_hub_url(args.weights):
+        with _noting("--weights"):
+            read = [str(file) for file, _ in checkpoint_files(args.weights)] + [args.weights]
     _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
-                        inputs={"the merged checkpoint": args.weights} if args.weights and not is_hub_url(args.weights)
-                        else None)
+                        inputs={"the merged checkpoint (--weights)": read} if read else None)
     if args.method:
         recipe = _merge_recipe(args, pool)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
@@ -273,10 +281,14 @@ def _diagnose(args: argparse.Namespace) -> None:
         merged, what = None, {"task_arithmetic_sum": True}
     tasks = list(pool.experts)
     task_pool = get_pool(pool.base, pool.experts, device=args.device, svd_mode=args.svd_mode)
-    rule = args.layer_rule   # the layers: the TSV/Iso default rule, or the one the merge was asked to use
-    layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves,
-                               merged_is_delta=None if merged is None else False)
-    sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=None if merged is None else False)
+    # the layers: --layer-rule, else those the method treats as matrices, else the TSV/Iso default rule's
+    rule = args.layer_rule or (get_method(args.method).extra.get("layer_rule") if args.method else None)
+    # a merged checkpoint may also hold deltas (merged - base): the diagnostics tell which, as the library does
+    is_delta = False if args.method else None
+    with _noting(args.weights and f"--weights {args.weights}: a merged checkpoint with the experts' keys and shapes"
+                                  f"{'' if args.prefix else '; give --prefix if its tensors sit under one'}"):
+        layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
+    sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=is_delta)
     pairwise = diag.sar_avg(task_pool, pairwise=True, layer_rule=rule)
     report = {"merge": what, "suite": pool.suite, "sources": pool.sources, "tasks": tasks,
               "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
@@ -288,7 +300,8 @@ def _diagnose(args: argparse.Namespace) -> None:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     merge = what.get("recipe", {}).get("method") or (f"the weights {what['weights']}" if "weights" in what
                                                     else "the Task Arithmetic sum")
-    print(f"diagnostics of {merge}: {len(tasks)} experts, {len(layers['key'])} matrix layers")
+    print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}, {len(layers['key'])} matrix "
+          f"layer{'s' * (len(layers['key']) != 1)}")
     print("SAR_avg to the merge (Iso sec. 3.3), per task: "
           + ", ".join(f"{t} {v:.3f}" for t, v in report["sar_avg"].items()))
     means = {c: [v for v in layers[c] if v == v] for c in layers if c in diag.CURVES}
@@ -347,7 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                             "(e.g. vision_model. for Hugging Face CLIP checkpoints)")
         p.add_argument("--device", default=None)
 
-    def merge_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    def merge_args(p: argparse.ArgumentParser, required: bool = True,
+                   layer_help: str = "(omitted: the method's and the calibration's own default rule, as "
+                                     "studio.merge)") -> None:
         p.add_argument("--method", required=required, help="merging method (merge-studio methods lists them)")
         p.add_argument("--set", action="append", default=[], help="hyperparameter NAME=VALUE (repeat)")
         p.add_argument("--calibrate", default=None)
@@ -355,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--layer-rule", default=None,
-                       help="which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
-                            "(omitted: the method's and the calibration's own default rule, as studio.merge)")
+                       help=f"which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
+                            f"{layer_help}")
         p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
                        help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD everywhere, as the official "
                             "code")
@@ -370,7 +385,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("diagnose", help="spectral diagnostics of a merge (per layer and per task) as JSON, and a "
                                         "summary")
     pool_args(p)
-    merge_args(p, required=False)
+    merge_args(p, required=False, layer_help="(omitted: the method's own default rule, as studio.merge; it also "
+                                             "chooses the layers reported, by default those of the TSV/Iso rule)")
+    p.set_defaults(seed=None)   # so that a --seed without --method is noticed
     p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method; "
                                      "neither: the Task Arithmetic sum")
     p.add_argument("--curves", help="comma-separated per-layer curves (default: all of "

@@ -1024,8 +1024,8 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
         (['w'], [-1.0], [0.0])
     """
     keys = _matrix_keys(pool, keys, layer_rule)
-    names = list(CURVES) if curves is None else list(curves)
-    unknown = sorted(set(names) - set(CURVES))
+    names = list(CURVES) if curves is None else list(dict.fromkeys(curves))   # a curve named twice is one curve
+    unknown = sorted(map(str, set(names) - set(CURVES)))
     if unknown:
         raise DiagnosticsError(f"unknown curve(s) {unknown}; available: {list(CURVES)}")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)

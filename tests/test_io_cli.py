@@ -349,7 +349,7 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         ("", "a checkpoint source is a path or a Hub repository name, got ''"),   # was the working folder
         (" ", "a checkpoint source is a path or a Hub repository name, got ' '"),
         ("~nosuchuser-0/m.safetensors", r"~nosuchuser-0/m.safetensors: cannot be read \(Could not determine home"),
-        ("hf://studio-test", r"hf://studio-test: not a Hugging Face Hub reference hf://owner/name\[@revision\]"),
+        ("hf://studio-test", r"hf://studio-test: not a Hugging Face Hub reference hf://\[datasets/\]owner/name\[@revision\]"),
         ("hf://studio-test/x/m.safetensors@v1", "not a Hugging Face Hub reference"),   # the revision goes after name
         # hf:// is the Hub whatever local folders exist ('sharded/' does)
         ("hf://sharded/nope", r"^'hf://sharded/nope' cannot be fetched as a checkpoint from the Hugging Face Hub"),
@@ -1068,7 +1068,7 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
     assert "mean over layers: sti " in capsys.readouterr().out
 
     for extra, message in ((["--method", "ties", "--weights", str(tmp / "merged.safetensors")], "not both"),
-                           (["--set", "k=0.3"], "describe a merge: give --method"),
+                           (["--set", "k=0.3"], "describe a merge to compute: give --method"),
                            (["--curves", "sti,nope"], "--curves: unknown curve(s) ['nope']"),
                            (["--method", "ties", "--set", "k=7"], "'k' = 7.0 is outside the allowed range"),
                            (["--weights", str(tmp / "nope.safetensors")], "--weights")):
@@ -1078,3 +1078,44 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
         assert message in err and len(err.strip().splitlines()) == 1 and not (tmp / "bad.json").exists(), err
     assert main(["diagnose", *args, "--out", str(tmp / "task1.safetensors")]) == 2
     assert "which this command reads" in capsys.readouterr().err
+
+    # --out spares every file of a --weights folder or shard index (it wrote JSON over them)
+    (tmp / "folder").mkdir()
+    save_state_dict(tmp / "folder" / "model.safetensors", merged)
+    keys = sorted(merged)
+    for i, part in enumerate((keys[::2], keys[1::2])):
+        save_state_dict(tmp / "folder" / f"shard{i}.safetensors", {k: merged[k] for k in part})
+    (tmp / "folder" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: f"shard{i}.safetensors" for i, part in enumerate((keys[::2], keys[1::2])) for k in part}}))
+    before = {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()}
+    for weights, target in (("folder", "folder/model.safetensors"),
+                            ("folder/model.safetensors.index.json", "folder/shard1.safetensors")):
+        assert main(["diagnose", *args, "--weights", str(tmp / weights), "--out", str(tmp / target)]) == 2
+        assert "is the merged checkpoint (--weights), which this command reads" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()} == before
+    # a file of merged deltas is told from a merged state, as the library does
+    save_state_dict(tmp / "deltas.safetensors", {k: merged[k] - base[k] for k in merged})
+    for weights in ("merged.safetensors", "deltas.safetensors"):
+        assert main(["diagnose", *args, "--weights", str(tmp / weights), "--curves", "sar_mean,energy",
+                     "--out", str(tmp / f"{weights}.json")]) == 0
+    as_state, as_deltas = (json.loads((tmp / f"{w}.safetensors.json").read_text()) for w in ("merged", "deltas"))
+    assert as_deltas["layers"]["sar_mean"] == pytest.approx(as_state["layers"]["sar_mean"], rel=1e-5)
+    assert as_deltas["sar_avg"] == pytest.approx(as_state["sar_avg"], rel=1e-5)
+    # a curve named twice is one curve; the layers are those the method treats as matrices unless --layer-rule says
+    assert main(["diagnose", *args, "--curves", "sti, sti,energy", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {name: len(v) for name, v in report["layers"].items()} == {name: len(report["layers"]["key"])
+                                                                      for name in ("key", "block", "sti", "energy")}
+    for extra, embeddings in ((["--method", "ortho_merge"], False), (["--method", "tsv_m"], True),
+                              (["--method", "ortho_merge", "--layer-rule", "default"], True)):
+        assert main(["diagnose", *args, *extra, "--curves", "sti", "--out", str(out)]) == 0
+        assert ("visual.positional_embedding" in json.loads(out.read_text())["layers"]["key"]) == embeddings, extra
+    capsys.readouterr()
+    for extra, message in ((["--curves", " , "], "--curves names no curve; choose from ['sti', "),
+                           (["--seed", "0"], "describe a merge to compute: give --method"),
+                           (["--weights", str(tmp / "merged.safetensors"), "--calibrate", "svc"],
+                            "give --method instead of --weights, which is diagnosed as it is")):
+        assert main(["diagnose", *args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert diag.layer_curves(pool, curves=["sti", "sti"])["sti"] == diag.layer_curves(pool, curves=["sti"])["sti"]
