@@ -81,24 +81,30 @@ def polar(matrix: Tensor) -> Tensor:
 
 
 def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
-    """``U``, ``Vh`` with each singular pair's sign fixed: the entry of largest magnitude of every column of ``U`` is
-    positive (its row of ``Vh`` flips with it, so ``U diag(S) Vh`` is unchanged; a zero column stays as it is).
+    """``U``, ``Vh`` with each singular pair's sign fixed: every column of ``U`` has a positive projection on one fixed
+    direction ``w`` (its row of ``Vh`` flips with it, so ``U diag(S) Vh`` is unchanged; a zero column stays as it is).
+    Batched factors (``[..., m, k]``, ``[..., k, n]``) are fixed per matrix.
 
     An SVD's sign per component is arbitrary and differs between LAPACK routines, ranks and devices; fixed this way,
     the top-``k`` factors sliced from a higher-rank decomposition match a rank-``k`` one up to rounding (for distinct
-    singular values), so results that depend on signs do not depend on which was computed first.
+    singular values), so results that depend on signs do not depend on which was computed first. ``w_i = frac(i phi)
+    - 1/2`` (``phi`` the golden ratio's conjugate) is the same on every platform and, unlike the sign of a vector's
+    largest entry (which two entries of equal magnitude leave to rounding, as in structured or hand-made weights), is
+    orthogonal to no vector with a few nonzero entries of equal magnitude.
 
     Example:
         >>> U, Vh = torch.tensor([[0.6, 0.8], [-0.8, 0.6]]), torch.eye(2)
         >>> Uc, Vc = canonical_signs(U, Vh)
-        >>> Uc.sign().tolist(), torch.equal(Uc @ Vc, U @ Vh)
-        ([[-1.0, 1.0], [1.0, 1.0]], True)
+        >>> Uc.sign().tolist(), torch.equal(Uc @ Vc, U @ Vh)   # w = [0.118, -0.264]: the second column flips
+        ([[1.0, -1.0], [-1.0, -1.0]], True)
     """
-    if U.shape[-1] == 0:
+    m = U.shape[-2]
+    if U.shape[-1] == 0 or m == 0:
         return U, Vh
-    pick = U.gather(0, U.abs().argmax(0, keepdim=True))   # [1, k]
-    sign = torch.where(pick < 0, -1.0, 1.0).to(U.dtype)
-    return U * sign, Vh * sign.mT
+    w = torch.frac(torch.arange(1, m + 1, dtype=torch.float64) * 0.6180339887498949) - 0.5
+    score = (w.to(U.device, torch.float32).unsqueeze(-1) * U.float()).sum(-2)   # [..., k]
+    sign = torch.where(score < 0, -1.0, 1.0).to(U.dtype)
+    return U * sign.unsqueeze(-2), Vh * sign.unsqueeze(-1)
 
 
 def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:

@@ -402,12 +402,22 @@ class LayerTasks:
         # Reuse a cached decomposition of at least this rank (per expert and layer: rank -> factors, the most
         # recently used last).
         ranks = self.pool._svd_slot((self.key, i))
-        with self.pool._lock:
-            have = [h for h in ranks if h >= rank]
-            used = min(have) if have else None
-            val = ranks[used] if have else None
-        if val is None:   # computed once however many threads ask
-            used, val = rank, self.pool._cached(ranks, rank, compute, None)
+
+        def covering() -> tuple[int, tuple[Tensor, Tensor, Tensor]] | None:
+            with self.pool._lock:
+                have = [h for h in ranks if h >= rank]
+                return (min(have), ranks[min(have)]) if have else None
+
+        def compute_unless_covered() -> tuple[Tensor, Tensor, Tensor]:
+            # a rank that covers this one may have arrived since the lookup (while this rank, computed by another
+            # thread, was dropped again): no second decomposition then
+            found = covering()
+            return compute() if found is None else found[1]
+
+        found = covering()
+        if found is None:   # computed once however many threads ask (their requests share one computation)
+            found = rank, self.pool._cached(ranks, rank, compute_unless_covered, None)
+        used, val = found
         with self.pool._lock:
             ranks[used] = ranks.pop(used, val)   # last: used most recently (back in, if another thread dropped it)
             # keep the highest rank and the two used last: a merge repeated after one at another rank gives the same

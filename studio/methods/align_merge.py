@@ -322,8 +322,9 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
                     "(i* = argmax_i ||P_col Delta_i P_row||_F)"),
         Param("align_signs", bool, True,
               help="Fix the sign ambiguity of each task's top singular pair before summing them into u_top, v_top "
-                   "(the paper sums raw SVD vectors, so off, the result depends on the solver's sign convention "
-                   "and differs between svd_mode auto and exact).",
+                   "(the paper sums raw SVD vectors; off, the result follows the pool's sign convention, "
+                   "studio.linalg.canonical_signs, and changed with it on 2026-12-03: before, it followed the "
+                   "solver's, and differed between svd_mode auto and exact).",
               paper="interpretation of AlignMerge eq. 11 (SVD signs are arbitrary); joint flips keep M_i^1"),
         Param("lam", float, 1.0, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
               help="Global scale lambda on the merged delta (the paper adds it with lambda = 1).",
