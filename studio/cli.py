@@ -285,8 +285,9 @@ def _diagnose(args: argparse.Namespace) -> None:
     rule = args.layer_rule or (get_method(args.method).extra.get("layer_rule") if args.method else None)
     # a merged checkpoint may also hold deltas (merged - base): the diagnostics tell which, as the library does
     is_delta = False if args.method else None
-    with _noting(args.weights and f"--weights {args.weights}: a merged checkpoint with the experts' keys and shapes"
-                                  f"{'' if args.prefix else '; give --prefix if its tensors sit under one'}"):
+    hint = "" if args.prefix or args.suite else "; give --prefix if its tensors sit under one"
+    with _noting(args.weights and f"--weights {args.weights}: a merged checkpoint with the experts' keys and "
+                                  f"shapes{hint}"):
         layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
     sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=is_delta)
     pairwise = diag.sar_avg(task_pool, pairwise=True, layer_rule=rule)
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
                                       "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]' "
                                       "('hf://owner/name[@rev][/file.safetensors]': the Hub whatever local folders "
-                                      "exist)")
+                                      "exist; hf://datasets/... for a dataset repository)")
         p.add_argument("--expert", action="append",
                        help="NAME=SOURCE of an expert checkpoint, any source --base takes (repeat)")
         p.add_argument("--prefix", default=None,
@@ -385,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("diagnose", help="spectral diagnostics of a merge (per layer and per task) as JSON, and a "
                                         "summary")
     pool_args(p)
-    merge_args(p, required=False, layer_help="(omitted: the method's own default rule, as studio.merge; it also "
-                                             "chooses the layers reported, by default those of the TSV/Iso rule)")
+    merge_args(p, required=False, layer_help="(omitted: the method's and the calibration's own default rule, as "
+                                             "studio.merge); the layers reported are those it names, else those "
+                                             "the method's own rule treats as matrices (the TSV/Iso rule without "
+                                             "--method)")
     p.set_defaults(seed=None)   # so that a --seed without --method is noticed
     p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method; "
                                      "neither: the Task Arithmetic sum")
@@ -515,15 +518,17 @@ def _run(args: argparse.Namespace) -> int:
                 base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": file, "experts": {}}}
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        # the base compress read (Compressed.load's check, with the file read and the options that apply)
+        # keys and shapes first (their errors name the entry at fault), then the base compress read (Compressed.load's
+        # own check, here with the file read and the options that apply)
+        packed = Compressed.load(args.packed, base, check=False)
         want = saved.get("base_fingerprint")
-        if want is not None and not args.any_base and fingerprint(base) != want:
+        got = None if want is None or args.any_base else fingerprint(base)
+        if got is not None and got != want:
             since = f"the {'suite' if args.suite else 'base'} compress recorded has changed since; " if recorded else ""
             raise CheckpointError(f"{args.packed}: the base read ({shown_path(file)}) is not the one its experts were "
-                                  f"compressed against (recorded {str(want)[:19]}..., read {fingerprint(base)[:19]}"
-                                  f"...), so their task vectors would build other models ({since}give --any-base to "
-                                  f"apply them to it anyway)")
-        packed = Compressed.load(args.packed, base, check=False)
+                                  f"compressed against (recorded {str(want)[:19]}..., read {got[:19]}...), so their "
+                                  f"task vectors would build other models ({since}give --any-base to apply them to "
+                                  f"it anyway)")
         state_dict = packed.reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

@@ -64,7 +64,7 @@ def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dty
     """:func:`load_state_dict`, and the source as a recipe records it so that a replay reads the same files: for a
     local source the absolute path of the file it resolved to (a folder's weights file or shard index), for a Hub
     source ``hf://owner/name@<commit>[/file.safetensors]``, pinned to the commit its files came from (also when a
-    branch or tag was given)."""
+    branch or tag was given); a dataset repository's ``hf://datasets/owner/name...`` likewise."""
     if prefix is not None and not isinstance(prefix, str):
         raise CheckpointError(f"prefix must be text (the start of the tensor names to keep), got {brief(prefix)}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -522,8 +522,9 @@ def check_fingerprints(recorded: Mapping[str, Any] | None, base: Mapping[str, Te
     """Compare the inputs of a replay with the fingerprints a recipe recorded (``recorded``: its ``base`` and
     ``experts`` entries; None: nothing to compare) and return the inputs' fingerprints. A
     :class:`CheckpointError` names each base or expert whose weights differ (with its source, if ``sources`` says),
-    before any merge is computed; so does a recorded expert missing from ``experts``. ``skip``: expert names, and
-    None for the base, that the caller chose to replace. ``sources``: what each was read from, as
+    before any merge is computed; so does a recorded expert missing from ``experts`` (a guard for direct callers:
+    :func:`recipe_inputs` refuses that first for a recipe). ``skip``: expert names, and None for the base, that the
+    caller chose to replace. ``sources``: what each was read from, as
     :attr:`Recipe.sources` (or :attr:`studio.suite.Suite.weight_files`), for the message.
     """
     now = input_fingerprints(base, experts)
@@ -578,9 +579,9 @@ class Recipe:
     # "experts": {name: source}}, which ``merge-studio recipe`` reads again; None: a suite's merge, or the library's
     sources: dict[str, Any] | None = None
     # the weights it merged and made, as fingerprint() digests: {"base": ..., "experts": {name: ...}, "merged": ...}
-    # (any part may be left out; without an expert list, the recipe merges the experts it records). merge_from_recipe
-    # refuses inputs that differ, or a recorded expert missing; a replay says if its output is the same bits. None:
-    # nothing recorded (recipes of versions before this field, or written by hand)
+    # (any part may be left out; recorded experts must be among those listed). merge_from_recipe refuses inputs that
+    # differ; a replay says if its output is the same bits. None: nothing recorded (recipes of versions before this
+    # field, or written by hand)
     fingerprints: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -658,7 +659,7 @@ class Recipe:
 
     def _checked_fingerprints(self, given: Any) -> dict[str, Any]:
         shape = "a mapping with some of base, experts ({expert name: digest}) and merged, each digest 'sha256:' " \
-                "and 64 hex digits as studio.io.fingerprint writes it, or null"
+                "and 64 hex digits as studio.io.fingerprint writes it (null, or the field left out: none recorded)"
         if not isinstance(given, Mapping) or not given:
             raise CheckpointError(f"recipe field 'fingerprints' must be {shape}, got {brief(given)}")
         unknown = sorted(map(str, set(given) - {"base", "experts", "merged"}))
@@ -675,8 +676,12 @@ class Recipe:
             if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
                 raise CheckpointError(f"recipe field '{where}' must be a digest, 'sha256:' and 64 lowercase hex "
                                       f"digits, got {brief(value)}")
-        if experts and not self.experts:   # no list: every expert, i.e. those whose weights it recorded
-            self.experts = list(experts)
+        if "experts" in given and not experts:
+            raise CheckpointError("recipe field 'fingerprints.experts' names no expert; leave it out, or record the "
+                                  "experts the recipe merges")
+        if experts and not self.experts:   # "every expert" would silently become those recorded
+            raise CheckpointError(f"recipe field 'fingerprints.experts' records {sorted(map(str, experts))}, but the "
+                                  f"recipe lists no experts to merge; list them in 'experts'")
         stray = [k for k in experts if k not in self.experts]
         if stray:
             raise CheckpointError(f"recipe field 'fingerprints.experts' names {brief(stray[0])}, which the recipe "
@@ -817,7 +822,7 @@ def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mappi
     if recipe.calibrate is not None:
         validate_hparams(recipe.calibrate, get_calibration(recipe.calibrate).params, recipe.calibrate_hparams)
     base, chosen = recipe_inputs(recipe, base, experts)
-    if check and recipe.fingerprints:
+    if check and recipe.fingerprints and ("base" in recipe.fingerprints or recipe.fingerprints.get("experts")):
         try:
             check_fingerprints(recipe.fingerprints, base, chosen, sources=recipe.sources)
         except CheckpointError as exc:

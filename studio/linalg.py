@@ -7,6 +7,8 @@ products go through :func:`matmul` (OpenBLAS on the CPU, :mod:`studio._lapack`; 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -80,29 +82,50 @@ def polar(matrix: Tensor) -> Tensor:
     return U @ Vh
 
 
+def _sign_direction(m: int) -> Tensor:
+    """``w_i = frac(sqrt(p_i)) - 1/2`` over the first ``m`` primes (float64, CPU), :func:`canonical_signs`'s direction.
+    The square roots of distinct primes and 1 are linearly independent over the rationals, so no vector whose
+    nonzero entries are rational multiples of one value (``+-1/sqrt(k)`` patterns, Hadamard rows, one-hot and
+    two-hot vectors) is orthogonal to it; ``frac(i phi)``, the first choice, had ``w_1 - w_2 - w_3 + w_4 = 0``."""
+    found = _SIGN_DIRECTIONS.get(m)
+    if found is None:
+        limit = max(16, int(m * (math.log(m + 1) + math.log(math.log(m + 2)) + 2)))   # > the m-th prime
+        sieve = torch.ones(limit + 1, dtype=torch.bool)
+        sieve[:2] = False
+        for p in range(2, int(limit ** 0.5) + 1):
+            if sieve[p]:
+                sieve[p * p::p] = False
+        primes = sieve.nonzero().flatten()[:m].double()
+        assert primes.numel() == m, (m, limit)
+        found = _SIGN_DIRECTIONS.setdefault(m, torch.frac(primes.sqrt()) - 0.5)
+    return found
+
+
+_SIGN_DIRECTIONS: dict[int, Tensor] = {}
+
+
 def canonical_signs(U: Tensor, Vh: Tensor) -> tuple[Tensor, Tensor]:
     """``U``, ``Vh`` with each singular pair's sign fixed: every column of ``U`` has a positive projection on one fixed
-    direction ``w`` (its row of ``Vh`` flips with it, so ``U diag(S) Vh`` is unchanged; a zero column stays as it is).
-    Batched factors (``[..., m, k]``, ``[..., k, n]``) are fixed per matrix.
+    direction ``w`` (:func:`_sign_direction`; its row of ``Vh`` flips with it, so ``U diag(S) Vh`` is unchanged; a
+    zero column stays as it is). Batched factors (``[..., m, k]``, ``[..., k, n]``) are fixed per matrix.
 
     An SVD's sign per component is arbitrary and differs between LAPACK routines, ranks and devices; fixed this way,
     the top-``k`` factors sliced from a higher-rank decomposition match a rank-``k`` one up to rounding (for distinct
-    singular values), so results that depend on signs do not depend on which was computed first. ``w_i = frac(i phi)
-    - 1/2`` (``phi`` the golden ratio's conjugate) is the same on every platform and, unlike the sign of a vector's
-    largest entry (which two entries of equal magnitude leave to rounding, as in structured or hand-made weights), is
-    orthogonal to no vector with a few nonzero entries of equal magnitude.
+    singular values), so results that depend on signs do not depend on which was computed first. The sign of a
+    vector's largest entry, a common convention, is decided by rounding wherever two entries have equal magnitude
+    (structured or hand-made weights); a projection on ``w`` is zero only for vectors orthogonal to it, which no
+    vector of a few entries of equal magnitude is.
 
     Example:
         >>> U, Vh = torch.tensor([[0.6, 0.8], [-0.8, 0.6]]), torch.eye(2)
         >>> Uc, Vc = canonical_signs(U, Vh)
-        >>> Uc.sign().tolist(), torch.equal(Uc @ Vc, U @ Vh)   # w = [0.118, -0.264]: the second column flips
-        ([[1.0, -1.0], [-1.0, -1.0]], True)
+        >>> Uc.sign().tolist(), torch.equal(Uc @ Vc, U @ Vh)   # w = [-0.086, 0.232]: the first column flips
+        ([[-1.0, 1.0], [1.0, 1.0]], True)
     """
     m = U.shape[-2]
     if U.shape[-1] == 0 or m == 0:
         return U, Vh
-    w = torch.frac(torch.arange(1, m + 1, dtype=torch.float64) * 0.6180339887498949) - 0.5
-    score = (w.to(U.device, torch.float32).unsqueeze(-1) * U.float()).sum(-2)   # [..., k]
+    score = (_sign_direction(m).to(U.device).unsqueeze(-1) * U.double()).sum(-2)   # [..., k]
     sign = torch.where(score < 0, -1.0, 1.0).to(U.dtype)
     return U * sign.unsqueeze(-2), Vh * sign.unsqueeze(-1)
 

@@ -410,9 +410,13 @@ class LayerTasks:
 
         def compute_unless_covered() -> tuple[Tensor, Tensor, Tensor]:
             # a rank that covers this one may have arrived since the lookup (while this rank, computed by another
-            # thread, was dropped again): no second decomposition then
+            # thread, was dropped again): no second decomposition then, but a copy of its top factors (kept under
+            # this rank, it holds this rank's memory, not the wider one's)
             found = covering()
-            return compute() if found is None else found[1]
+            if found is None:
+                return compute()
+            U, S, Vh = found[1]
+            return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone()
 
         found = covering()
         if found is None:   # computed once however many threads ask (their requests share one computation)

@@ -964,18 +964,20 @@ def test_a_suite_replay_checks_the_suite_and_keeps_the_recipes_experts(tmp_path,
     assert main(["recipe", "a.safetensors", "--suite", str(copy), "--out", "d.safetensors"]) == 0
     assert "(from other weights, as the options say)" in capsys.readouterr().out
 
-    # a recipe without an expert list merges the experts whose weights it recorded: one the suite has lost is
-    # refused, not left out (and --experts cannot drop it)
+    # a recorded expert the suite has lost is refused, not left out (and --experts cannot drop it); a recipe that
+    # records experts' weights must list the experts it merges (an empty list, "every expert", would silently become
+    # those recorded, or all the suite's)
     everything = Recipe.from_file(tmp_path / "c.safetensors").to_dict()
-    (tmp_path / "no_list.yaml").write_text(Recipe.from_dict({**everything, "experts": []}).to_yaml())
-    assert Recipe.from_file(tmp_path / "no_list.yaml").experts == ["digits", "textures"]
+    with pytest.raises(CheckpointError, match=r"'fingerprints.experts' records \['digits', 'textures'\], but the "
+                                              r"recipe lists no experts to merge; list them in 'experts'"):
+        Recipe.from_dict({**everything, "experts": []})
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "textures"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     for extra, message in (([], "recipe needs expert(s) ['textures'] that are not available"),
                            (["--experts", "digits"], "names the experts it merges, ['digits', 'textures']; --experts "
                                                      "does not apply")):
-        assert main(["recipe", "no_list.yaml", *extra, "--out", "e.safetensors"]) == 2
+        assert main(["recipe", "c.safetensors", *extra, "--out", "e.safetensors"]) == 2
         err = capsys.readouterr().err
         assert message in err and not (tmp_path / "e.safetensors").exists(), err
     from studio.io import check_fingerprints, input_fingerprints
@@ -1001,7 +1003,8 @@ def test_recipes_check_their_fingerprints():
                            ({"experts": ["a"]}, "'fingerprints.experts' must map expert names to digests"),
                            ({"experts": {"a": 3}}, "'fingerprints.experts.a' must be a digest"),
                            ({"experts": {"c": digest}}, "'fingerprints.experts' names 'c', which the recipe does not "
-                                                        "merge; it merges \\['a', 'b'\\]")):
+                                                        "merge; it merges \\['a', 'b'\\]"),
+                           ({"experts": {}}, "'fingerprints.experts' names no expert")):
         with pytest.raises(CheckpointError, match=message):
             Recipe(method="ties", experts=["a", "b"], fingerprints=given)
 
@@ -1028,6 +1031,12 @@ def test_compressed_experts_refuse_another_base(files, capsys):
     assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "half.safetensors"), "--any-base",
                  "--out", str(out)]) == 0
     _equal(load_state_dict(out), Compressed.load(path, half, check=False).reconstruct("task0"))
+    # a base without one of the compressed keys: that key is named (--any-base would not help)
+    save_state_dict(tmp / "partial.safetensors", {k: v for k, v in base.items() if k != "visual.proj"})
+    assert main(["reconstruct", str(path), "--task", "task0", "--base", str(tmp / "partial.safetensors"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "'visual.proj' is not a key of the base" in err and "--any-base" not in err, err
     # the base compress recorded, changed since: named, and said to have changed
     packed = tmp / "cli_packed.safetensors"
     assert main(["compress", *args, "--out", str(packed)]) == 0
@@ -1119,3 +1128,13 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert diag.layer_curves(pool, curves=["sti", "sti"])["sti"] == diag.layer_curves(pool, curves=["sti"])["sti"]
+
+
+def test_diagnose_of_a_suite_does_not_suggest_a_prefix_it_refuses(tmp_path, capsys):
+    from studio.suite import default_suite
+
+    suite = default_suite()
+    save_state_dict(tmp_path / "prefixed.safetensors", {f"vision_model.{k}": v for k, v in suite.base.items()})
+    assert main(["diagnose", "--suite", "MiniSuite", "--weights", str(tmp_path / "prefixed.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "the merged state/deltas lack" in err and "--prefix" not in err and len(err.strip().splitlines()) == 1, err
