@@ -139,10 +139,7 @@ def _resolve(source: str | os.PathLike, revision: str | None,
     local = not explicit and is_local_path(source)
     given, (source, repo_type) = source, hub_repo_type(source)   # hf://datasets/...: a dataset repository
     repo_type = repo_type or "model"
-    try:
-        spec = hub_spec(source, revision)
-    except CheckpointError as exc:   # the message starts with the source: as the caller wrote it
-        raise CheckpointError(f"{given}{str(exc)[len(source):]}") from None
+    spec = hub_spec(source, revision, shown=given)
     if spec is None or local:
         shown = shown_path(given)
         if explicit:
@@ -238,15 +235,16 @@ def is_local_path(source: str | os.PathLike) -> bool:
     return not isinstance(source, str) or (len(parts) > 1 and Path(parts[0]).is_dir())
 
 
-def hub_spec(text: str, revision: str | None = None,
-             error: type[StudioError] | None = None) -> tuple[str, str | None, str | None] | None:
+def hub_spec(text: str, revision: str | None = None, error: type[StudioError] | None = None,
+             shown: str | None = None) -> tuple[str, str | None, str | None] | None:
     """``(repo_id, file in the repository or None, revision or None)`` for ``owner/name[/path.safetensors][@rev]``
     or, in huggingface_hub's URL form, ``hf://owner/name[@rev][/path.safetensors]``; ``None`` for text that is not
     such a reference. ``owner/name.safetensors`` is read as a mistyped local path, not a repository. A ``revision``
-    given besides ``@rev`` must agree with it."""
+    given besides ``@rev`` must agree with it (the error names the source as ``shown``, e.g. as the caller wrote
+    it before :func:`hub_repo_type`; default ``text``)."""
     if not isinstance(text, str):
         return None
-    given = text
+    given = shown or text
     if is_hub_url(text):   # hf://owner/name@rev/path -> owner/name/path@rev
         # as huggingface_hub's HfFileSystem: a revision is one path segment (URL-encoded: refs%2Fpr%2F1), or a
         # pull request's or conversion's refs/pr/N, refs/convert/NAME

@@ -342,10 +342,7 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
         if source == EMBEDDED_SUITE:   # the name recipes record for the embedded suite, wherever it is installed
             return Suite(DEFAULT_SUITE_PATH)
     local = not explicit and is_local_path(source)
-    try:
-        spec = hub_spec(source, revision, SuiteError)
-    except SuiteError as exc:   # the message starts with the source: as the caller wrote it
-        raise SuiteError(f"{given}{str(exc)[len(source):]}") from None
+    spec = hub_spec(source, revision, SuiteError, shown=given)
     if spec is None or spec[1] is not None or local:
         hint = local_folder_hint(source, spec, repo_type) if local and spec and not spec[1] else ""
         raise SuiteError(f"suite source '{shown_path(given)}' is neither an existing folder nor a Hub repo id "
