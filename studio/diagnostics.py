@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .methods import _align
+from .io import tensor_bytes
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
 from .pool import LayerTasks, TaskPool, _all_finite
@@ -216,8 +217,7 @@ def _tensor_tag(t: Tensor) -> Hashable:
     of the same state dict) hits the memo, and exact: two deltas that differ anywhere get their own entries. A CUDA
     tensor is copied to the host to be hashed (one layer at a time).
     """
-    data = t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
-    return tuple(t.shape), str(t.dtype), hashlib.sha256(data).digest()
+    return tuple(t.shape), str(t.dtype), hashlib.sha256(tensor_bytes(t)).digest()
 
 
 def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Hashable]:

@@ -474,6 +474,12 @@ FINGERPRINT_PREFIX = "sha256:"
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")
 
 
+def tensor_bytes(t: Tensor) -> Any:
+    """A tensor's values as a flat NumPy ``uint8`` array (host memory; conjugate and negative views resolved), what
+    :func:`fingerprint` and the diagnostics' memo keys hash. Sparse and meta tensors raise PyTorch's error."""
+    return t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+
+
 def fingerprint(state_dict: Mapping[str, Tensor]) -> str:
     """Content identity of a state dict: ``sha256:`` and the SHA-256 of every tensor's name, dtype, shape and bytes,
     in name order. Equal for the same weights wherever and however they were stored (one file, shards, another
@@ -494,7 +500,7 @@ def fingerprint(state_dict: Mapping[str, Tensor]) -> str:
         if not isinstance(t, Tensor):
             raise CheckpointError(f"key {brief(key)}: a state dict's values must be tensors, got {brief(t)}")
         try:
-            data = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+            data = tensor_bytes(t)
         except (RuntimeError, NotImplementedError, TypeError) as exc:   # sparse, meta, ... tensors have no bytes
             raise CheckpointError(f"key {brief(key)}: a {t.layout} {t.dtype} tensor on {t.device} has no bytes to "
                                   f"fingerprint ({type(exc).__name__}); expected a dense tensor with data") from None
@@ -505,13 +511,12 @@ def fingerprint(state_dict: Mapping[str, Tensor]) -> str:
 
 def input_fingerprints(base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Any]:
     """The fingerprints of a merge's inputs as :attr:`Recipe.fingerprints` records them: ``{"base": ...,
-    "experts": {name: ...}}`` (:func:`fingerprint`; one state dict per thread, ~1.6 GB/s each here)."""
-    from concurrent.futures import ThreadPoolExecutor
+    "experts": {name: ...}}`` (:func:`fingerprint`; one state dict per merge worker, :mod:`studio.parallel`,
+    ~1.7 GB/s each here)."""
+    from .parallel import parallel_map
 
-    items = [(None, base), *experts.items()]
-    with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1))) as pool:
-        digests = list(pool.map(lambda item: fingerprint(item[1]), items))
-    return {"base": digests[0], "experts": {name: d for (name, _), d in zip(items[1:], digests[1:])}}
+    base_digest, *digests = parallel_map(fingerprint, [base, *experts.values()])
+    return {"base": base_digest, "experts": dict(zip(experts, digests))}
 
 
 def check_fingerprints(recorded: Mapping[str, Any] | None, base: Mapping[str, Tensor],
