@@ -16,10 +16,9 @@ SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._l
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, TypeVar
 
 import torch
 
@@ -32,12 +31,22 @@ R = TypeVar("R")
 
 _state = threading.local()
 _workers: int | None = None
-# PyTorch's intra-op thread count is one setting for the whole process. Parallel regions of concurrent merges share
-# it: the first to start keeps the caller's value and sets 1, the last to end puts it back (saved and restored per
-# region, two overlapping merges could leave the process on one thread for good).
-_regions_lock = threading.Lock()
-_regions = 0
-_outside_threads = 1
+# PyTorch keeps two intra-op thread counts: each thread's own (its OpenMP and MKL settings) and a process-wide value
+# that a thread copies when it first runs an op. torch.set_num_threads writes the calling thread's and the process's.
+# A worker needs its own at 1 and must leave every other thread's, and the value threads started later copy, as they
+# were: it sets 1, makes its first op, then writes the process value back from a short-lived thread (whose own count
+# dies with it), under one lock. Only a thread whose first op falls within a worker's start (0.15 ms median here) copies
+# the 1. Earlier the merge's calling thread set 1 for the whole merge: a thread that first ran an op during a merge
+# stayed on one thread for good, and so did the first of two overlapping merges' callers.
+_threads_lock = threading.Lock()
+
+
+def _on_a_new_thread(fn: Callable[[], R]) -> R:
+    out: list[R] = []
+    t = threading.Thread(target=lambda: out.append(fn()), name="studio-threads")
+    t.start()
+    t.join()
+    return out[0]
 
 
 def set_workers(workers: int | None) -> None:
@@ -51,12 +60,25 @@ def set_workers(workers: int | None) -> None:
     _workers = None if workers is None else int(workers)
 
 
-def _mark_worker() -> None:
+def _process_threads() -> int:
+    """The intra-op thread count a thread copies at its first op (it reads it on a short-lived thread of its own)."""
+    with _threads_lock:
+        return _on_a_new_thread(torch.get_num_threads)
+
+
+def _mark_worker(process: int) -> None:
+    """Run this thread's PyTorch (OpenMP, MKL) on one intra-op thread; no other thread's count changes.
+
+    A new thread starts with OpenMP's and MKL's process defaults (one thread per core), not the caller's
+    ``torch.set_num_threads(1)``: without this each worker ran MKL on every core (4 threads on 2 cores), and MKL's
+    results then varied between identical merges.
+    """
     _state.worker = True
-    # A new thread starts with OpenMP's and MKL's process defaults (one thread per core), not the caller's
-    # torch.set_num_threads(1): without this each worker ran MKL on every core (4 threads on 2 cores), and MKL's
-    # results then varied between identical merges.
-    torch.set_num_threads(1)
+    with _threads_lock:
+        torch.set_num_threads(1)
+        torch.get_num_threads()      # this thread's first op: it copies the 1 now, not a later process value
+        torch.set_num_threads(1)     # (and keeps 1 if another thread wrote the process value meanwhile)
+        _on_a_new_thread(lambda: torch.set_num_threads(process))
 
 
 def cpu_workers(device: "torch.device | str") -> int:
@@ -68,27 +90,7 @@ def cpu_workers(device: "torch.device | str") -> int:
     """
     if torch.device(device).type != "cpu" or getattr(_state, "worker", False):
         return 1
-    with _regions_lock:   # during another merge's region, the caller's own budget, not the region's 1
-        budget = _outside_threads if _regions else torch.get_num_threads()
-    return max(1, _workers if _workers is not None else budget)
-
-
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """PyTorch on one intra-op thread for the duration (see ``_regions``), nested and concurrent uses included."""
-    global _regions, _outside_threads
-    with _regions_lock:
-        if _regions == 0:
-            _outside_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _regions += 1
-    try:
-        yield
-    finally:
-        with _regions_lock:
-            _regions -= 1
-            if _regions == 0:
-                torch.set_num_threads(_outside_threads)
+    return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
@@ -111,9 +113,10 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
             if on_done is not None:
                 on_done(i + 1, len(items))
         return results
-    # one intra-op thread per worker, for PyTorch and for the BLAS that NumPy / SciPy bundle (studio._lapack)
-    with _lapack.one_blas_thread(), _one_intra_op_thread():
-        ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
+    # one intra-op thread per worker, for PyTorch (_mark_worker) and for the BLAS that NumPy / SciPy bundle
+    with _lapack.one_blas_thread():
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker,
+                                initargs=(_process_threads(),))
         try:
             futures = [ex.submit(fn, x) for x in items]
             for i, fut in enumerate(futures):

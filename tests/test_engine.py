@@ -459,6 +459,67 @@ def test_overlapping_merges_restore_the_callers_thread_count():
         torch.set_num_threads(before)
 
 
+def test_a_merge_changes_no_other_threads_count():
+    """Only the workers run on one thread. Before, the calling thread set PyTorch's count to 1 for the merge, which
+    also set the process-wide value a thread copies at its first op: a thread that first ran an op during a merge
+    stayed on one thread for good, and so did the caller of the first of two overlapping merges (the last to end
+    restored only its own thread's count). A worker now holds the process value at 1 only while it starts (see
+    studio.parallel), so the other threads here make their first op once every worker has started."""
+    import threading
+
+    from studio.parallel import parallel_map, set_workers
+
+    before = torch.get_num_threads()
+    set_workers(2)
+    first_in, second_in = [threading.Event(), threading.Event()], [threading.Event(), threading.Event()]
+    first_go, second_go, late_go = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def hold(events_in, event_go):
+        def fn(i):
+            events_in[i].set()
+            event_go.wait(30)
+            return torch.get_num_threads()
+        return fn
+
+    def first():
+        torch.set_num_threads(3)
+        torch.get_num_threads()   # the thread's first op
+        workers = parallel_map(hold(first_in, first_go), range(2),
+                               on_done=lambda *_: seen.setdefault("first caller during", torch.get_num_threads()))
+        seen["first workers"] = workers
+        seen["first caller after"] = torch.get_num_threads()
+
+    def late():
+        torch.get_num_threads()   # its first parallel op would ask this: the thread copies its count now
+        late_go.wait(30)
+        seen["late"] = torch.get_num_threads()
+
+    try:
+        torch.set_num_threads(3)
+        one = threading.Thread(target=first)
+        one.start()
+        assert all(e.wait(30) for e in first_in)
+        two = threading.Thread(target=lambda: parallel_map(hold(second_in, second_go), range(2)))
+        two.start()
+        assert all(e.wait(30) for e in second_in)
+        three = threading.Thread(target=late)   # starts during both merges
+        three.start()
+        first_go.set()   # the first merge ends first
+        one.join(30)
+        second_go.set()
+        two.join(30)
+        late_go.set()
+        three.join(30)
+        assert seen == {"first workers": [1, 1], "first caller during": 3, "first caller after": 3, "late": 3}, seen
+    finally:
+        first_go.set()
+        second_go.set()
+        late_go.set()
+        set_workers(None)
+        torch.set_num_threads(before)
+
+
 def test_concurrent_callers_share_one_pool_and_one_merge(clip_pool, monkeypatch):
     """``get_pool`` built one pool per thread asking at once (each with its own decompositions) and could raise
     KeyError while another thread evicted; merges that differ only in alpha, asked at once, each computed the
