@@ -282,6 +282,30 @@ def _peer_memory_shortfall(row: str, base: dict[str, torch.Tensor], experts: dic
             f"{available / 2**30:.1f} GiB available")
 
 
+#: The most memory a merge of a ViT-L/14 pool held beyond its experts, in float32 copies of one model (5.0 GB for a
+#: 1.2 GB model: Iso-C / Iso-CTS, docs/PERFORMANCE.md, "20 experts and ViT-L/14"); the bench's own estimate.
+MERGE_MODEL_COPIES = 4.2
+
+
+def _pool_memory_shortfall(nparams: int, tasks: int, dtype: torch.dtype) -> str | None:
+    """Why a synthetic pool of ``tasks`` experts (and the merges on it) would not fit in the memory available, or
+    None: the experts and the base in ``dtype`` plus :data:`MERGE_MODEL_COPIES` float32 models. Building 20 ViT-L/14
+    experts in float32 (24 GB) on the 24 GiB development machine would end with the kernel killing the process."""
+    available = _memory_available()
+    if available is None:
+        return None
+    pool = (tasks + 1) * nparams * dtype.itemsize
+    need = pool + MERGE_MODEL_COPIES * nparams * 4
+    if need <= available:
+        return None
+    half = (tasks + 1) * nparams * 2 + MERGE_MODEL_COPIES * nparams * 4
+    hint = (f"--dtype bfloat16 needs about {half / 2**30:.1f} GiB" if dtype.itemsize > 2 and half <= available
+            else "give fewer --tasks")
+    return (f"{tasks} experts and the base take {pool / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} and "
+            f"their merges about {(need - pool) / 2**30:.1f} GiB more: {need / 2**30:.1f} GiB, with "
+            f"{available / 2**30:.1f} GiB available; {hint}")
+
+
 def fusion_bench_peers() -> dict[str, Callable[..., dict[str, torch.Tensor]]]:
     """FusionBench 0.2.33's implementations of the benchmark's rows, at the rows' hyperparameters (paper defaults),
     keyed like the rows (``method`` or ``method+calibration``); each takes ``(base, experts, device)``.
@@ -388,6 +412,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
+    if args.tasks < 1:
+        ap.error(f"--tasks must be at least 1, got {args.tasks}")
     if args.evaluate:
         return time_evaluation(args.suite, (args.methods or ["task_arithmetic"])[0],
                                None if args.device == "all" else args.device, args.repeat)
@@ -399,9 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     shapes = clip_visual_shapes(args.model)
+    nparams = sum(torch.Size(s).numel() for s in shapes.values())
+    short = _pool_memory_shortfall(nparams, args.tasks, getattr(torch, args.dtype))
+    if short:
+        raise SystemExit(f"{args.model} x {args.tasks} experts do not fit in this machine's memory: {short}")
     t0 = time.perf_counter()
     base, experts = synthetic_pool(shapes, args.tasks, dtype=getattr(torch, args.dtype))
-    nparams = sum(torch.Size(s).numel() for s in shapes.values())
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
           f"{cpu_workers('cpu')} CPU merge workers; {blas_kernels()}; "

@@ -31,3 +31,22 @@ def test_bench_times_the_evaluation_of_a_merged_minisuite_model(capsys):
     out = capsys.readouterr().out
     assert re.search(r"merge tsv_m: [0-9.]+ s", out) and "first evaluation" in out
     assert re.search(r"evaluate one merged model on 8 tasks \(2400 test images\): [0-9.]+ s; avg acc [0-9.]+", out)
+
+
+def test_bench_refuses_a_pool_that_does_not_fit_before_building_it():
+    """Building more experts than memory holds ended with the kernel killing the process (20 ViT-L/14 experts in
+    float32 take 24 GB); the bench says so first, with the dtype that fits where one does."""
+    import pytest
+    import torch
+
+    available = bench._memory_available()
+    if available is None:
+        pytest.skip("no MemAvailable in /proc/meminfo")
+    nparams = sum(torch.Size(s).numel() for s in bench.clip_visual_shapes("ViT-B-32").values())
+    merges = bench.MERGE_MODEL_COPIES * nparams * 4
+    tasks = int(0.75 * (available - merges) / (2 * nparams))   # about 1.5x memory in float32, 0.75x in bfloat16
+    with pytest.raises(SystemExit, match=rf"ViT-B-32 x {tasks} experts do not fit .* in float32 .* --dtype bfloat16 "
+                                         r"needs about [0-9.]+ GiB"):
+        bench.main(["--model", "ViT-B-32", "--tasks", str(tasks), "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"x 100000 experts do not fit .* in bfloat16 .*; give fewer --tasks"):
+        bench.main(["--model", "ViT-B-32", "--tasks", "100000", "--dtype", "bfloat16", "--device", "cpu"])
