@@ -499,7 +499,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: {len(pool.experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
               f"all of them = {size['model_multiple']:.2f} x the model")
     elif args.cmd == "reconstruct":
-        from .compress import Compressed
+        from .compress import BaseMismatchError, Compressed
         from .suite import load_suite
 
         saved = Compressed.read_meta(args.packed)
@@ -518,17 +518,14 @@ def _run(args: argparse.Namespace) -> int:
                 base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": file, "experts": {}}}
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
-        # keys and shapes first (their errors name the entry at fault), then the base compress read (Compressed.load's
-        # own check, here with the file read and the options that apply)
-        packed = Compressed.load(args.packed, base, check=False)
-        want = saved.get("base_fingerprint")
-        got = None if want is None or args.any_base else fingerprint(base)
-        if got is not None and got != want:
+        try:   # keys and shapes first (their errors name the entry at fault), then the base compress read
+            packed = Compressed.load(args.packed, base, check=not args.any_base)
+        except BaseMismatchError as exc:   # named here with the file read and the option that applies
             since = f"the {'suite' if args.suite else 'base'} compress recorded has changed since; " if recorded else ""
             raise CheckpointError(f"{args.packed}: the base read ({shown_path(file)}) is not the one its experts were "
-                                  f"compressed against (recorded {str(want)[:19]}..., read {got[:19]}...), so their "
-                                  f"task vectors would build other models ({since}give --any-base to apply them to "
-                                  f"it anyway)")
+                                  f"compressed against (recorded {exc.recorded[:19]}..., read {exc.given[:19]}...), "
+                                  f"so their task vectors would build other models ({since}give --any-base to apply "
+                                  f"them to it anyway)") from None
         state_dict = packed.reconstruct(args.task, alpha=args.alpha)
         save_state_dict(args.out, state_dict)
         print(f"wrote {args.out} ({len(state_dict)} tensors)")

@@ -25,11 +25,21 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from .io import CheckpointError
 from .layers import LayerRule, resolve_rule
 from .pool import StateDict, TaskPool, _all_finite, validate_experts
 from .schema import HyperparameterError, StudioError, brief
 
-__all__ = ["LowRank", "Compressed", "compress"]
+__all__ = ["LowRank", "Compressed", "compress", "BaseMismatchError"]
+
+
+class BaseMismatchError(CheckpointError):
+    """:meth:`Compressed.load` was given a base other than the one the experts were compressed against; ``recorded``
+    and ``given`` are the two :func:`~studio.io.fingerprint` values."""
+
+    def __init__(self, message: str, *, recorded: str, given: str) -> None:
+        super().__init__(message)
+        self.recorded, self.given = recorded, given
 
 
 @dataclass(frozen=True)
@@ -157,7 +167,7 @@ class Compressed:
         against (its :func:`~studio.io.fingerprint`, recorded by :func:`compress`; files without it are not checked);
         ``check=False`` applies the task vectors to another base on purpose (e.g. the same weights in another
         dtype)."""
-        from .io import CheckpointError, fingerprint, load_safetensors
+        from .io import fingerprint, load_safetensors
 
         if not isinstance(base, Mapping):
             raise CheckpointError(f"Compressed.load needs the base state dict the experts were compressed against, "
@@ -209,9 +219,10 @@ class Compressed:
         if check and recorded is not None:
             given = fingerprint(base)
             if given != recorded:
-                raise CheckpointError(f"{path}: the base given is not the one its experts were compressed against "
-                                      f"(recorded {str(recorded)[:19]}..., given {given[:19]}...); their task vectors "
-                                      f"would build other models (check=False applies them anyway)")
+                raise BaseMismatchError(
+                    f"{path}: the base given is not the one its experts were compressed against (recorded "
+                    f"{str(recorded)[:19]}..., given {given[:19]}...); their task vectors would build other models "
+                    f"(check=False applies them anyway)", recorded=str(recorded), given=given)
         return cls(base=dict(base), tasks=tasks, rank_fraction=fraction, layer_rule=rule,
                    meta=dict(meta.get("meta") or {}))
 
@@ -228,7 +239,7 @@ _PACKED_METADATA_KEY = "merge_studio_tsv_c"
 
 def _header(path: Path) -> dict[str, Any]:
     """The JSON header :meth:`Compressed.save` writes into the safetensors metadata, or a ``CheckpointError``."""
-    from .io import CheckpointError, read_metadata
+    from .io import read_metadata
 
     raw = read_metadata(path).get(_PACKED_METADATA_KEY)
     if raw is None:

@@ -1013,13 +1013,15 @@ def test_compressed_experts_refuse_another_base(files, capsys):
     """TSV-C task vectors apply to the base they were compressed against: another base (other weights, or the same
     in another dtype) is refused unless asked for (check=False, reconstruct --any-base)."""
     from studio.compress import Compressed
+    from studio.io import fingerprint
 
     tmp, base, experts, args = files
     path = studio.compress(base, experts).save(tmp / "packed.safetensors")
     half = {k: v.half() for k, v in base.items()}
     with pytest.raises(CheckpointError, match=r"packed.safetensors: the base given is not the one its experts were "
-                                              r"compressed against \(recorded sha256:"):
+                                              r"compressed against \(recorded sha256:") as refused:
         Compressed.load(path, half)
+    assert (refused.value.recorded, refused.value.given) == (fingerprint(base), fingerprint(half))
     assert Compressed.load(path, half, check=False).reconstruct("task0")["visual.proj"].dtype == torch.float16
     save_state_dict(tmp / "half.safetensors", half)
     out = tmp / "rebuilt.safetensors"
