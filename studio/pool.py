@@ -360,18 +360,21 @@ class LayerTasks:
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None). Cached per expert and layer: the
-        highest rank computed and the two ranks used last are kept (every rank asked for, before: a TSV-M rank slider
-        swept up six steps held 1.5 GB for 8 ViT-B/32 experts, against 0.8 GB now), and a kept rank serves every
-        lower one.
+        """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None), cut from the decomposition at
+        :func:`rank_bucket` (the smallest of ``r, ceil(r / 2), ceil(r / 4), ...`` that covers it; ``r`` the full
+        rank). A rank's factors are therefore the same bits whatever was asked before, so a merge on a warm pool
+        equals the same merge on a fresh one bit for bit. Before, a rank was cut from any higher one already cached,
+        which differs from its own decomposition in the last bits: TSV-M repeated after two merges at other ranks
+        changed by 1e-5, and AlignMerge-O + SVC after an Ortho-Merge at a higher k differed from the fresh merge by
+        1.6e-2 (SVC's directions turn at near-tied singular values). Ranks within a bucket share one decomposition.
 
-        ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` at every rank (same accuracy
-        on the kept components, several times faster; null components are exact zeros with zero vectors). Either way
-        each pair's sign is fixed (:func:`studio.linalg.canonical_signs`), so a lower rank served from a cached
-        higher one has the same vectors up to float32 rounding (not bit for bit: ``gram_svd`` takes a partial
-        eigensolver, or float64, depending on the rank); a merge can then differ by ~1e-5 relative from the same
-        merge in a fresh pool, e.g. TSV-M after ``compress(rank_fraction=1.0)``, and sign-sensitive settings
-        (AlignMerge-O without ``align_signs``) by as little.
+        Cached per expert and layer: the three buckets used last (every rank asked for, before: a TSV-M rank slider
+        swept up six steps on 8 ViT-B/32 experts held 1.5 GB; see docs/PERFORMANCE.md for the figures now).
+
+        ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` (same accuracy on the kept
+        components, several times faster; null components are exact zeros with zero vectors). Either way each pair's
+        sign is fixed (:func:`studio.linalg.canonical_signs`), so ranks cut from different buckets (or modes) agree to
+        float32 rounding, signs included.
 
         Weights only rescale singular values, so every weighting shares one decomposition. Components whose singular
         value is exactly zero (a layer the expert left unchanged, a task with weight 0) have zero singular vectors in
@@ -379,13 +382,14 @@ class LayerTasks:
         """
         r = min(self.shape)
         rank = r if rank is None else min(rank, r)
+        bucket = rank_bucket(rank, r)
         exact = self.pool.svd_mode == "exact"
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:
             # Only task i's delta (stacking all T per call made a layer's T decompositions cost T^2 subtractions).
             raw = self.pool.raw_delta(self.key, i)
             if exact:
-                U, S, Vh = linalg.truncated_svd(raw, rank, exact=True)
+                U, S, Vh = linalg.truncated_svd(raw, bucket, exact=True)
                 # LAPACK's vectors for exactly-zero singular values (a layer the expert left unchanged) are
                 # arbitrary (the identity's columns on a CPU); like gram_svd's null components they carry no direction.
                 nonzero = S != 0
@@ -393,42 +397,18 @@ class LayerTasks:
             else:
                 # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
                 # tails of real task-matrix spectra (see linalg.gram_svd).
-                U, S, Vh = linalg.gram_svd(raw, rank)
-            # signs fixed, so that a rank sliced from a higher one has this rank's signs: LAPACK's differ between
-            # the two, and AlignMerge-O without sign alignment then merged 8 % differently
+                U, S, Vh = linalg.gram_svd(raw, bucket)
+            # signs fixed, so that ranks cut from different buckets agree: LAPACK's signs differ between ranks, and
+            # AlignMerge-O without sign alignment then merged 8 % differently
             U, Vh = linalg.canonical_signs(U, Vh)
             return U, S, Vh
 
-        # Reuse a cached decomposition of at least this rank (per expert and layer: rank -> factors, the most
-        # recently used last).
-        ranks = self.pool._svd_slot((self.key, i))
-
-        def covering() -> tuple[int, tuple[Tensor, Tensor, Tensor]] | None:
-            with self.pool._lock:
-                have = [h for h in ranks if h >= rank]
-                return (min(have), ranks[min(have)]) if have else None
-
-        def compute_unless_covered() -> tuple[Tensor, Tensor, Tensor]:
-            # a rank that covers this one may have arrived since the lookup (while this rank, computed by another
-            # thread, was dropped again): no second decomposition then, but a copy of its top factors (kept under
-            # this rank, it holds this rank's memory, not the wider one's)
-            found = covering()
-            if found is None:
-                return compute()
-            U, S, Vh = found[1]
-            return U[:, :rank].clone(), S[:rank].clone(), Vh[:rank].clone()
-
-        found = covering()
-        if found is None:   # computed once however many threads ask (their requests share one computation)
-            found = rank, self.pool._cached(ranks, rank, compute_unless_covered, None)
-        used, val = found
+        buckets = self.pool._svd_slot((self.key, i))   # bucket -> factors, the most recently used last
+        val = self.pool._cached(buckets, bucket, compute, None)   # computed once however many threads ask
         with self.pool._lock:
-            ranks[used] = ranks.pop(used, val)   # last: used most recently (back in, if another thread dropped it)
-            # keep the highest rank and the two used last: a merge repeated after one at another rank gives the same
-            # bits, and a rank slider swept up holds the highest rank's factors, not those of every rank it passed
-            keep = {max(ranks), *list(ranks)[-2:]}
-            for h in [h for h in ranks if h not in keep]:
-                del ranks[h]
+            buckets[bucket] = buckets.pop(bucket, val)   # last: used most recently (back in, if dropped meanwhile)
+            while len(buckets) > 3:
+                del buckets[next(iter(buckets))]
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
@@ -614,6 +594,22 @@ class TaskPool:
             self._memo.clear()
             self._transient.clear()
             self._merged.clear()
+
+
+def rank_bucket(rank: int, full: int) -> int:
+    """The rank :meth:`LayerTasks.svd` decomposes to serve ``rank`` of a ``full``-rank matrix: the smallest of
+    ``full, ceil(full / 2), ceil(full / 4), ...`` that is at least ``rank`` (1 for rank 0).
+
+    Example:
+        >>> [rank_bucket(k, 768) for k in (0, 1, 76, 95, 96, 97, 600)], rank_bucket(6, 50)
+        ([1, 1, 96, 96, 96, 192, 768], 7)
+    """
+    if not 0 <= rank <= full:
+        raise ValueError(f"rank must be in [0, {full}], got {rank}")
+    bucket = full
+    while bucket > 1 and -(-bucket // 2) >= rank:
+        bucket = -(-bucket // 2)
+    return bucket
 
 
 def key_seed(seed: int, key: str) -> int:
