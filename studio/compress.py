@@ -30,7 +30,23 @@ from .layers import LayerRule, resolve_rule
 from .pool import StateDict, TaskPool, _all_finite, validate_experts
 from .schema import HyperparameterError, StudioError, brief
 
-__all__ = ["LowRank", "Compressed", "compress", "BaseMismatchError"]
+__all__ = ["LowRank", "Compressed", "compress", "BaseMismatchError", "base_fingerprint"]
+
+
+def base_fingerprint(base: StateDict) -> str:
+    """:func:`studio.io.fingerprint` of ``base`` with its float16 and bfloat16 tensors in float32, which holds them
+    exactly: the same weights give the same value in half precision and in float32 (a suite stores float16 and
+    loads float32). :func:`compress` records it and :meth:`Compressed.load` checks it.
+
+    Example:
+        >>> w = {"w": torch.tensor([0.1, 2.0])}
+        >>> base_fingerprint({"w": w["w"].half()}) == base_fingerprint({"w": w["w"].half().float()})
+        True
+    """
+    from .io import fingerprint
+
+    return fingerprint({k: v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
+                        for k, v in base.items()})
 
 
 class BaseMismatchError(CheckpointError):
@@ -164,9 +180,10 @@ class Compressed:
         """Read a file :meth:`save` wrote, against the ``base`` its task vectors apply to: a
         :class:`~studio.io.CheckpointError` names a file that is not one, or an entry whose key or shape does not
         fit the base. With ``check`` (the default) the base must also be the one the experts were compressed
-        against (its :func:`~studio.io.fingerprint`, recorded by :func:`compress`; files without it are not checked);
-        ``check=False`` applies the task vectors to another base on purpose (e.g. the same weights in another
-        dtype)."""
+        against (its :func:`base_fingerprint`, recorded by :func:`compress`; files without it are not checked): the
+        same values in float16 or bfloat16 as in float32 match, e.g. a suite's half-precision base file and the
+        float32 weights the suite loads from it. ``check=False`` applies the task vectors to another base on purpose
+        (e.g. the same weights rounded to another dtype)."""
         from .io import fingerprint, load_safetensors
 
         if not isinstance(base, Mapping):
@@ -217,8 +234,8 @@ class Compressed:
         # after the checks of keys and shapes, which name the entry at fault
         recorded = (meta.get("meta") or {}).get("base_fingerprint")
         if check and recorded is not None:
-            given = fingerprint(base)
-            if given != recorded:
+            given = base_fingerprint(base)
+            if recorded not in (given, fingerprint(base)):   # (files before base_fingerprint: the dtype as given)
                 raise BaseMismatchError(
                     f"{path}: the base given is not the one its experts were compressed against (recorded "
                     f"{str(recorded)[:19]}..., given {given[:19]}...); their task vectors would build other models "
@@ -295,7 +312,6 @@ def compress(
         ([3.0, 2.0, 0.0, 0.0], 1.125)
     """
     from .engine import get_pool
-    from .io import fingerprint
     from .methods.tsv_m import tsv_rank   # lazy: importing studio.methods registers every method
 
     validate_experts(base, experts)
@@ -329,4 +345,4 @@ def compress(
                 tasks[name][key] = deltas[i].cpu().clone()
     # the base's identity, so that Compressed.load refuses another (its task vectors would build other experts)
     return Compressed(base=dict(base), tasks=tasks, rank_fraction=rank_fraction, layer_rule=rule,
-                      meta={"num_tasks": T, "svd_mode": svd_mode, "base_fingerprint": fingerprint(base)})
+                      meta={"num_tasks": T, "svd_mode": svd_mode, "base_fingerprint": base_fingerprint(base)})

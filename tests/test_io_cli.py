@@ -1009,6 +1009,24 @@ def test_recipes_check_their_fingerprints():
             Recipe(method="ties", experts=["a", "b"], fingerprints=given)
 
 
+def test_reconstruct_takes_the_suites_half_precision_base_file(tmp_path, capsys):
+    """MiniSuite stores float16 and loads float32; compress --suite recorded the float32 base, and reconstruct
+    --base with the suite's own base file was refused as another base. Half-precision values are exact in float32,
+    so both forms of the same weights now match (Compressed.load, base_fingerprint), and the result is the same."""
+    from studio.suite import default_suite
+
+    suite_dir = default_suite().root
+    packed, out, again = (tmp_path / name for name in ("p.safetensors", "digits.safetensors", "again.safetensors"))
+    assert main(["compress", "--suite", str(suite_dir), "--out", str(packed)]) == 0
+    assert main(["reconstruct", str(packed), "--task", "digits", "--base", str(suite_dir / "base.safetensors"),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert main(["reconstruct", str(packed), "--task", "digits", "--out", str(again)]) == 0   # the recorded suite
+    by_file, by_suite = load_state_dict(out), load_state_dict(again)
+    assert by_file["visual.proj"].dtype == torch.float16 and by_suite["visual.proj"].dtype == torch.float32
+    for k in by_suite:
+        torch.testing.assert_close(by_file[k], by_suite[k].to(by_file[k].dtype), rtol=0, atol=0)
+
+
 def test_compressed_experts_refuse_another_base(files, capsys):
     """TSV-C task vectors apply to the base they were compressed against: another base (other weights, or the same
     in another dtype) is refused unless asked for (check=False, reconstruct --any-base)."""
@@ -1021,7 +1039,8 @@ def test_compressed_experts_refuse_another_base(files, capsys):
     with pytest.raises(CheckpointError, match=r"packed.safetensors: the base given is not the one its experts were "
                                               r"compressed against \(recorded sha256:") as refused:
         Compressed.load(path, half)
-    assert (refused.value.recorded, refused.value.given) == (fingerprint(base), fingerprint(half))
+    assert (refused.value.recorded, refused.value.given) == (fingerprint(base), fingerprint({k: v.float() for k, v
+                                                                                            in half.items()}))
     assert Compressed.load(path, half, check=False).reconstruct("task0")["visual.proj"].dtype == torch.float16
     save_state_dict(tmp / "half.safetensors", half)
     out = tmp / "rebuilt.safetensors"
