@@ -25,9 +25,9 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, check_fingerprints, checkpoint_files, fingerprint, input_fingerprints,
-                 is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs, save_merged,
-                 save_state_dict, shown_path)
+from .io import (CheckpointError, Recipe, check_fingerprints, check_weights_path, checkpoint_files, fingerprint,
+                 input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs,
+                 save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -455,6 +455,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "merge":
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
+        check_weights_path(args.out)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
         recipe = dataclasses.replace(recipe, fingerprints={
@@ -470,6 +471,7 @@ def _run(args: argparse.Namespace) -> int:
                               f"recipe's is used, leave --prefix out")
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
         pool = _load_pool(args, recipe)
+        check_weights_path(args.out)
         _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
                             inputs={"the recipe": args.recipe})
         base, experts = recipe_inputs(recipe, pool.base, pool.experts)
@@ -489,6 +491,7 @@ def _run(args: argparse.Namespace) -> int:
         from .compress import compress
 
         pool = _load_pool(args)
+        check_weights_path(args.out)
         _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
         packed = compress(pool.base, pool.experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
@@ -517,6 +520,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": file, "experts": {}}}
+        check_weights_path(args.out)
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
         try:   # keys and shapes first (their errors name the entry at fault), then the base compress read
             packed = Compressed.load(args.packed, base, check=not args.any_base)

@@ -444,13 +444,24 @@ def _atomic_write(path: Path) -> Iterator[str]:
         raise
 
 
+def check_weights_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`, if safetensors weights may be written there: not under a pickle checkpoint's
+    suffix (``.pt``, ``.bin``, ...), which loaders refuse or misread (:func:`load_state_dict` among them)."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(f"cannot write {path}: it would be a safetensors file under a pickle checkpoint's "
+                              f"suffix, which loaders refuse or misread (this one among them); name it "
+                              f"{path.with_suffix('.safetensors').name}")
+    return path
+
+
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``state_dict`` to ``path`` atomically (temp file + rename: never a half-written file).
 
     Keys must be strings and values tensors (a :class:`CheckpointError` names the first that is not); tensors that
     share memory (tied weights) are written as separate copies, which safetensors requires.
     """
-    path = Path(path)
+    path = check_weights_path(path)
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for k, v in state_dict.items():
@@ -718,15 +729,17 @@ class Recipe:
         return cls(**{k: (defaults[k] if v is None and k in defaults else v) for k, v in data.items()})
 
     @classmethod
-    def from_text(cls, text: str) -> "Recipe":
-        """Parse YAML or JSON (JSON is valid YAML)."""
+    def from_text(cls, text: str, source: str = "recipe") -> "Recipe":
+        """Parse YAML or JSON (JSON is valid YAML); ``source`` names the text in errors (e.g. its file)."""
         if not isinstance(text, (str, bytes)):
             raise CheckpointError(f"a recipe is YAML or JSON text, got {brief(text)}")
         try:
-            return cls.from_dict(yaml.safe_load(text))
-        except (yaml.YAMLError, RecursionError) as exc:
-            reason = " ".join(str(exc).split())   # PyYAML's messages point at the line on several lines
-            raise CheckpointError(f"recipe is not valid YAML/JSON: {brief(reason)[1:-1]}") from exc
+            data = yaml.safe_load(text)
+        except RecursionError as exc:
+            raise CheckpointError(f"{source}: not valid YAML/JSON (nested too deeply)") from exc
+        except yaml.YAMLError as exc:
+            raise CheckpointError(f"{source}: not valid YAML/JSON{_yaml_problem(exc)}") from exc
+        return cls.from_dict(data)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Recipe":
@@ -734,16 +747,16 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such recipe file")
-        if path.suffix.lower() == ".safetensors":
+        if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
             meta = read_metadata(path)
             if RECIPE_METADATA_KEY not in meta:
                 raise CheckpointError(f"{path}: safetensors file carries no '{RECIPE_METADATA_KEY}' metadata")
-            return cls.from_text(meta[RECIPE_METADATA_KEY])
+            return cls.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not a readable UTF-8 recipe (YAML or JSON): {exc}") from exc
-        return cls.from_text(text)
+        return cls.from_text(text, str(path))
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`studio.engine.merge_pool` (besides the pool and the method); add
@@ -752,6 +765,29 @@ class Recipe:
         return dict(self.hparams, calibrate=self.calibrate,
                     calibrate_hparams=dict(self.calibrate_hparams) or None,
                     preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """`` at line L, column C: <problem> (<context> at line L')`` from a PyYAML error (its own text spans lines and
+    quotes the document)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return ": " + " ".join(str(exc).split())
+    context, where = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    note = f" ({context} at line {where.line + 1})" if context and where is not None else ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{note}"
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does (an 8-byte header length, then a JSON object that fits),
+    whatever its name."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
 
 
 def _plain(value: Any, where: str) -> Any:

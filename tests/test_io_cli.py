@@ -739,8 +739,11 @@ def test_recipes_and_exports_refuse_what_would_half_write_or_mislead(files):
             merge_from_recipe(Recipe(method="task_arithmetic", hparams=hparams), base, experts)
     with pytest.raises(CheckpointError, match="experts must be a mapping of expert names to state dicts, got list"):
         merge_from_recipe(recipe, base, list(experts.values()))
-    for text, message in (("method: [unclosed", "recipe is not valid YAML/JSON"), ("[" * 100000, "not valid YAML"),
-                          (None, "a recipe is YAML or JSON text, got None")):
+    for text, message in (("method: [unclosed", r"recipe: not valid YAML/JSON at line 1, column 18: expected ',' "
+                                                  r"or '\]', but got '<stream end>'"),
+                          ("method: ties\nhparams: {k: 0.2\nexperts: [a]\n", r"at line 3, column 8: expected ',' or "
+                           r"'}', but got ':' \(while parsing a flow mapping at line 2\)"),
+                          ("[" * 100000, "not valid YAML"), (None, "a recipe is YAML or JSON text, got None")):
         with pytest.raises(CheckpointError, match=message) as err:
             Recipe.from_text(text)
         assert "\n" not in str(err.value) and len(str(err.value)) < 300
@@ -1159,3 +1162,23 @@ def test_diagnose_of_a_suite_does_not_suggest_a_prefix_it_refuses(tmp_path, caps
     assert main(["diagnose", "--suite", "MiniSuite", "--weights", str(tmp_path / "prefixed.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "the merged state/deltas lack" in err and "--prefix" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_weights_are_not_written_under_a_pickle_suffix_and_recipes_are_read_by_content(files, capsys):
+    """``--out out.pt`` wrote a safetensors file that every reader then took for a pickle (refused), and a recipe
+    embedded in a file without the .safetensors suffix was read as YAML ('not a readable UTF-8 recipe'); a broken
+    YAML recipe's message lost its file and line to truncation (found by the README audit)."""
+    tmp, base, experts, args = files
+    for out in ("out.pt", "out.BIN", "out.ckpt"):
+        assert main(["merge", *args, "--method", "ties", "--out", str(tmp / out)]) == 2
+        assert f"cannot write {tmp / out}: it would be a safetensors file under a pickle checkpoint's suffix" \
+               in capsys.readouterr().err and not (tmp / out).exists()
+    with pytest.raises(CheckpointError, match=r"name it m\.safetensors"):
+        save_state_dict(tmp / "m.pth", base)
+    assert main(["merge", *args, "--method", "ties", "--out", str(tmp / "merged")]) == 0
+    assert main(["recipe", str(tmp / "merged"), "--out", str(tmp / "again.safetensors")]) == 0
+    assert "the same bits" in capsys.readouterr().out
+    (tmp / "broken.yaml").write_text("method: ties\nhparams: {k: 0.2\nexperts: [a]\n")
+    assert main(["recipe", str(tmp / "broken.yaml"), "--out", str(tmp / "x.safetensors")]) == 2
+    assert f"{tmp / 'broken.yaml'}: not valid YAML/JSON at line 3, column 8: expected ',' or '}}', but got ':'" \
+           in capsys.readouterr().err
