@@ -314,17 +314,20 @@ def _diagnose(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def _replay_note(recorded: dict | None, made: dict) -> str:
-    """Whether a replay made the bits the recipe recorded, and if not, whether it read the weights the recipe
-    recorded (nothing to say when it recorded no merge)."""
+def _replay_note(recipe: Recipe, made: dict) -> str:
+    """Whether a replay made the bits ``recipe`` recorded, and if not, why: its settings edited since, other weights
+    read, or the platform (nothing to say when it recorded no merge)."""
+    recorded = recipe.fingerprints
     if not recorded or "merged" not in recorded:
         return ""
     if recorded["merged"] == made["merged"]:
         return "; the same bits as the merge the recipe recorded"
     why = "the recipe did not record all its inputs"
-    if "base" in recorded and set(recorded.get("experts", {})) == set(made["experts"]):
-        why = "from the same weights: a merge's last bits change with the torch, BLAS and device, and with the " \
-              "ranks earlier merges decomposed in the same app or pool" \
+    if "settings" in recorded and recorded["settings"] != recipe.settings_fingerprint():
+        why = "its settings were edited after it recorded that merge: the method, hyperparameters, calibration, " \
+              "preferences, seed, layer rule, SVD mode, prefix or experts differ"
+    elif "base" in recorded and set(recorded.get("experts", {})) == set(made["experts"]):
+        why = "from the same weights: a merge's last bits change with the torch, BLAS and device" \
             if recorded["base"] == made["base"] and recorded["experts"] == made["experts"] else \
             "from other weights, as the options say"   # the recorded ones the options left were checked
     return f"; not the same bits as the merge the recipe recorded ({why})"
@@ -458,8 +461,8 @@ def _run(args: argparse.Namespace) -> int:
         check_weights_path(args.out)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
-        recipe = dataclasses.replace(recipe, fingerprints={
-            **input_fingerprints(*recipe_inputs(recipe, pool.base, pool.experts)), "merged": fingerprint(merged)})
+        recipe = recipe.recording(input_fingerprints(*recipe_inputs(recipe, pool.base, pool.experts)),
+                                  fingerprint(merged))
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
@@ -482,11 +485,11 @@ def _run(args: argparse.Namespace) -> int:
                      "weights on purpose"):
             inputs = check_fingerprints(recipe.fingerprints, base, experts, skip=pool.replaced, sources=pool.files)
         merged = merge_from_recipe(recipe, base, experts, check=False, device=args.device)
-        fingerprints = {**inputs, "merged": fingerprint(merged)}
+        made = fingerprint(merged)
         # the output records what it was merged from (options may have replaced the recipe's suite or sources)
         save_merged(args.out, merged, dataclasses.replace(recipe, suite=pool.suite, sources=pool.sources,
-                                                          experts=list(experts), fingerprints=fingerprints))
-        print(f"wrote {args.out} ({len(merged)} tensors{_replay_note(recipe.fingerprints, fingerprints)})")
+                                                          experts=list(experts)).recording(inputs, made))
+        print(f"wrote {args.out} ({len(merged)} tensors{_replay_note(recipe, {**inputs, 'merged': made})})")
     elif args.cmd == "compress":
         from .compress import compress
 

@@ -564,6 +564,11 @@ def check_fingerprints(recorded: Mapping[str, Any] | None, base: Mapping[str, Te
     return now
 
 
+#: The :class:`Recipe` fields that decide the merged weights besides the inputs (:meth:`Recipe.settings_fingerprint`).
+_SETTINGS = ("method", "hparams", "experts", "calibrate", "calibrate_hparams", "preferences", "seed", "layer_rule",
+             "svd_mode", "prefix")
+
+
 @dataclass
 class Recipe:
     """Everything needed to reproduce one merge through :func:`studio.merge`.
@@ -592,9 +597,10 @@ class Recipe:
     # the checkpoints the CLI's --base/--expert merge read, as load_checkpoint records them: {"base": source,
     # "experts": {name: source}}, which ``merge-studio recipe`` reads again; None: a suite's merge, or the library's
     sources: dict[str, Any] | None = None
-    # the weights it merged and made, as fingerprint() digests: {"base": ..., "experts": {name: ...}, "merged": ...}
-    # (any part may be left out; recorded experts must be among those listed). merge_from_recipe refuses inputs that
-    # differ; a replay says if its output is the same bits. None: nothing recorded (recipes of versions before this
+    # the weights it merged and made, as fingerprint() digests: {"base": ..., "experts": {name: ...}, "merged": ...},
+    # and "settings": settings_fingerprint() when it made them (any part may be left out; recorded experts must be
+    # among those listed). merge_from_recipe refuses inputs that differ; a replay says if its output is the same bits,
+    # and if not, whether the settings were edited since. None: nothing recorded (recipes of versions before this
     # field, or written by hand)
     fingerprints: dict[str, Any] | None = None
 
@@ -671,20 +677,46 @@ class Recipe:
         if self.fingerprints is not None:
             self.fingerprints = self._checked_fingerprints(self.fingerprints)
 
+    def settings_fingerprint(self) -> str:
+        """``sha256:`` and the SHA-256 of what decides the merged weights besides the inputs: the method, its
+        hyperparameters, the calibration and its hyperparameters, the preferences, seed, layer rule, SVD mode,
+        prefix, and the experts in order. :meth:`recording` stores it, so that a replay can tell an edited recipe.
+
+        Example:
+            >>> r = Recipe(method="ties", hparams={"k": 0.2})
+            >>> r.settings_fingerprint() == Recipe(method="ties", hparams={"k": 0.2}, suite="x").settings_fingerprint()
+            True
+            >>> r.settings_fingerprint() == Recipe(method="ties", hparams={"k": 0.3}).settings_fingerprint()
+            False
+        """
+        settings = {name: getattr(self, name) for name in _SETTINGS}
+        text = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def recording(self, inputs: Mapping[str, Any], merged: str) -> "Recipe":
+        """This recipe with :attr:`fingerprints` recording the merge it describes: ``inputs`` (the base's and
+        experts' fingerprints, :func:`input_fingerprints`), the ``merged`` weights' fingerprint and its own
+        :meth:`settings_fingerprint`."""
+        import dataclasses
+
+        return dataclasses.replace(self, fingerprints={**inputs, "merged": merged,
+                                                       "settings": self.settings_fingerprint()})
+
     def _checked_fingerprints(self, given: Any) -> dict[str, Any]:
-        shape = "a mapping with some of base, experts ({expert name: digest}) and merged, each digest 'sha256:' " \
-                "and 64 hex digits as studio.io.fingerprint writes it (null, or the field left out: none recorded)"
+        shape = "a mapping with some of base, experts ({expert name: digest}), merged and settings, each digest " \
+                "'sha256:' and 64 hex digits as studio.io.fingerprint writes it (null, or the field left out: none " \
+                "recorded)"
         if not isinstance(given, Mapping) or not given:
             raise CheckpointError(f"recipe field 'fingerprints' must be {shape}, got {brief(given)}")
-        unknown = sorted(map(str, set(given) - {"base", "experts", "merged"}))
+        unknown = sorted(map(str, set(given) - {"base", "experts", "merged", "settings"}))
         if unknown:
             raise CheckpointError(f"recipe field 'fingerprints' has unknown part(s) {unknown}; expected some of base, "
-                                  f"experts and merged")
+                                  f"experts, merged and settings")
         experts = given.get("experts", {})
         if not isinstance(experts, Mapping):
             raise CheckpointError(f"recipe field 'fingerprints.experts' must map expert names to digests, got "
                                   f"{brief(experts)}")
-        for where, value in [*((f"fingerprints.{k}", given[k]) for k in ("base", "merged") if k in given),
+        for where, value in [*((f"fingerprints.{k}", given[k]) for k in ("base", "merged", "settings") if k in given),
                              *((f"fingerprints.experts.{k if isinstance(k, str) else brief(k)}", v)
                                for k, v in experts.items())]:
             if not isinstance(value, str) or not _FINGERPRINT.fullmatch(value):
@@ -699,7 +731,8 @@ class Recipe:
         stray = [k for k in experts if k not in self.experts]
         if stray:
             raise CheckpointError(f"recipe field 'fingerprints.experts' names {brief(stray[0])}, which the recipe "
-                                  f"does not merge; it merges {self.experts}")
+                                  f"does not merge; it merges {self.experts} (an expert removed from or renamed in "
+                                  f"'experts' must be removed from or renamed in 'fingerprints.experts' too)")
         return {**given, **({"experts": dict(experts)} if "experts" in given else {})}
 
     def to_dict(self) -> dict[str, Any]:

@@ -58,7 +58,8 @@ def test_merge_returns_a_reproducible_safetensors_file(client: Client, suite):
     assert recipe.hparams == {"alpha": 0.4} and recipe.preferences == {experts[0]: 2.0, experts[1]: 1.0, experts[2]: 1.0}
     # it records the weights it merged and made: a replay checks the suite's experts, and makes the same bits
     assert recipe.fingerprints == {"base": fingerprint(suite.base), "merged": fingerprint(weights),
-                                   "experts": {n: fingerprint(suite.experts[n]) for n in experts}}
+                                   "experts": {n: fingerprint(suite.experts[n]) for n in experts},
+                                   "settings": recipe.settings_fingerprint()}
     again = merge_from_recipe(recipe, suite.base, suite.experts)
     assert all(torch.equal(again[k], weights[k]) for k in weights)
 

@@ -878,7 +878,8 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     assert recipe == Recipe.from_file(tmp / "m.yaml")
     assert recipe.fingerprints == {"base": fingerprint(base), "experts": {n: fingerprint(sd)
                                                                           for n, sd in experts.items()},
-                                   "merged": fingerprint(load_state_dict(out))}
+                                   "merged": fingerprint(load_state_dict(out)),
+                                   "settings": recipe.settings_fingerprint()}
     capsys.readouterr()
     assert main(["recipe", str(out), "--out", str(tmp / "again.safetensors")]) == 0
     assert "; the same bits as the merge the recipe recorded)" in capsys.readouterr().out
@@ -920,13 +921,21 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     save_state_dict(tmp / "task1.safetensors", experts["task1"])
     assert main(["recipe", str(tmp / "other_bits.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
     same_weights = ("; not the same bits as the merge the recipe recorded (from the same weights: a merge's last "
-                    "bits change with the torch, BLAS and device, and with the ranks earlier merges decomposed in the "
-                    "same app or pool))")
+                    "bits change with the torch, BLAS and device))")
     assert same_weights in capsys.readouterr().out
     # options that name the very weights the recipe recorded read the same weights, and say so
     assert main(["recipe", str(tmp / "other_bits.yaml"), "--base", str(tmp / "base.safetensors"),
                  "--expert", f"task1={tmp / 'task1.safetensors'}", "--out", str(tmp / "w.safetensors")]) == 0
     assert same_weights in capsys.readouterr().out
+    # an edited recipe (here its alpha) says so, rather than blaming the platform (found by the README audit)
+    edited = Recipe.from_file(out)
+    edited.hparams["alpha"] = 0.5
+    (tmp / "edited.yaml").write_text(edited.to_yaml())
+    assert main(["recipe", str(tmp / "edited.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
+    assert "; not the same bits as the merge the recipe recorded (its settings were edited after it recorded that " \
+           "merge: the method, hyperparameters, calibration, preferences, seed, layer rule, SVD mode, prefix or " \
+           "experts differ)" in capsys.readouterr().out
+    assert Recipe.from_file(tmp / "w.safetensors").fingerprints["settings"] == edited.settings_fingerprint()
     # a recipe that records only its merge says it cannot tell why
     (tmp / "merged_only.yaml").write_text(Recipe.from_dict(
         {**recorded.to_dict(), "fingerprints": {"merged": "sha256:" + "0" * 64}}).to_yaml())
@@ -1000,13 +1009,17 @@ def test_recipes_check_their_fingerprints():
     assert "fingerprints" not in Recipe(method="ties").to_dict()
     for given, message in (({}, "'fingerprints' must be a mapping with some of base, experts"),
                            ({"base": digest, "output": digest}, r"'fingerprints' has unknown part\(s\) \['output'\]; "
-                                                                r"expected some of base, experts and merged"),
+                                                                r"expected some of base, experts, merged and "
+                                                                r"settings"),
+                           ({"settings": "sha256:" + "0" * 63}, "'fingerprints.settings' must be a digest"),
                            ({"base": "sha256:" + "AB" * 32}, "'fingerprints.base' must be a digest, 'sha256:' and 64"),
                            ({"merged": digest[:-1]}, "'fingerprints.merged' must be a digest"),
                            ({"experts": ["a"]}, "'fingerprints.experts' must map expert names to digests"),
                            ({"experts": {"a": 3}}, "'fingerprints.experts.a' must be a digest"),
                            ({"experts": {"c": digest}}, "'fingerprints.experts' names 'c', which the recipe does not "
-                                                        "merge; it merges \\['a', 'b'\\]"),
+                                                        "merge; it merges \\['a', 'b'\\] \\(an expert removed from or "
+                                                        "renamed in 'experts' must be removed from or renamed in "
+                                                        "'fingerprints.experts' too\\)"),
                            ({"experts": {}}, "'fingerprints.experts' names no expert")):
         with pytest.raises(CheckpointError, match=message):
             Recipe(method="ties", experts=["a", "b"], fingerprints=given)

@@ -533,7 +533,7 @@ class Studio:
         # made the same bits
         suite = self.suite_fingerprints
         inputs = {"base": suite["base"], "experts": {n: suite["experts"][n] for n in req.experts}}
-        recipe = dataclasses.replace(recipe, fingerprints={**inputs, "merged": fingerprint(state_dict)})
+        recipe = recipe.recording(inputs, fingerprint(state_dict))
         recipe_path = folder / f"{stem}.recipe.yaml"
         weights = save_merged(folder / f"{stem}.safetensors", state_dict, recipe, recipe_path=recipe_path)
         return {"weights": str(weights), "recipe": str(recipe_path)}
