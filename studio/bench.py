@@ -384,8 +384,8 @@ def time_evaluation(suite_source: str | None, method: str, device: str | None, r
               f"{res.seconds:.2f} s; avg acc {res.avg_accuracy:.2f}, avg normalized {res.avg_normalized:.2f}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") -> None:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")

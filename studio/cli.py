@@ -27,7 +27,7 @@ import yaml
 from . import __version__
 from .io import (CheckpointError, Recipe, check_fingerprints, check_weights_path, checkpoint_files, fingerprint,
                  input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs,
-                 save_merged, save_state_dict, shown_path)
+                 read_metadata, save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -69,6 +69,9 @@ def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
         if isinstance(parsed, str):
             with contextlib.suppress(ValueError):
                 parsed = float(parsed)
+        if name.strip() in out:
+            raise StudioError(f"{option} {item!r}: {name.strip()!r} was already set to {out[name.strip()]!r}; give "
+                              f"each hyperparameter once")
         out[name.strip()] = parsed
     return out
 
@@ -232,6 +235,10 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
     """The recipe of the merge the options describe (``merge``'s, also ``diagnose``'s)."""
     prefs = _parse_preferences(args.preferences)
     hparams, cal_hparams = _parse_sets(args.set), _parse_sets(args.cal_set, "--cal-set")
+    if cal_hparams and args.calibrate is None:
+        raise StudioError(f"--cal-set {' '.join(args.cal_set)} sets a calibration's hyperparameters, but no "
+                          f"calibration was chosen; give --calibrate "
+                          f"{' or '.join(m['name'] for m in list_methods() if m['kind'] == 'calibration')}")
     # the recipe stores the validated values, schema defaults filled in: it does not depend on the defaults of the
     # version that replays it (the merge validates them again, with the same result)
     hparams = validate_hparams(args.method, get_method(args.method).params, hparams)
@@ -346,12 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("methods", help="list methods and their hyperparameters")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the schemas as JSON instead of the table")
 
     def pool_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--suite", help="suite folder or Hugging Face repo id, owner/name[@rev] or "
-                                       "hf://owner/name[@rev], or hf://datasets/owner/name[@rev] for a dataset "
-                                       "repository (base + experts)")
+        p.add_argument("--suite", help="MiniSuite (the embedded suite), a suite folder or Hugging Face repo id, "
+                                       "owner/name[@rev] or hf://owner/name[@rev], or hf://datasets/owner/name[@rev] "
+                                       "for a dataset repository (base + experts)")
         p.add_argument("--experts", help="comma-separated subset of the suite's experts")
         p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
                                       "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]' "
@@ -362,17 +369,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--prefix", default=None,
                        help="keep only the tensors whose names start with this, in the base and every expert "
                             "(e.g. vision_model. for Hugging Face CLIP checkpoints)")
-        p.add_argument("--device", default=None)
+        p.add_argument("--device", default=None,
+                       help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
     def merge_args(p: argparse.ArgumentParser, required: bool = True,
                    layer_help: str = "(omitted: the method's and the calibration's own default rule, as "
                                      "studio.merge)") -> None:
         p.add_argument("--method", required=required, help="merging method (merge-studio methods lists them)")
         p.add_argument("--set", action="append", default=[], help="hyperparameter NAME=VALUE (repeat)")
-        p.add_argument("--calibrate", default=None)
+        p.add_argument("--calibrate", default=None,
+                       help="calibration applied after the method: svc or align_merge_b (default: none)")
         p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
         p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
         p.add_argument("--layer-rule", default=None,
                        help=f"which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
                             f"{layer_help}")
@@ -383,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("merge", help="merge experts and write safetensors (+ recipe)")
     pool_args(p)
     merge_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the merged weights (.safetensors, with the recipe in its metadata)")
     p.add_argument("--recipe", help="also write the recipe (YAML) here")
 
     p = sub.add_parser("diagnose", help="spectral diagnostics of a merge (per layer and per task) as JSON, and a "
@@ -402,9 +411,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors), from "
                                       "the suite or checkpoints it recorded unless --suite or --base/--expert say")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a recipe (YAML or JSON), or a file merge or the app exported")
     pool_args(p)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the merged weights (.safetensors)")
 
     p = sub.add_parser("compress", help="TSV-C: store each expert as low-rank task matrices (one safetensors file)")
     pool_args(p)
@@ -412,26 +421,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="fraction of each layer's components kept per task (default 1/T, as the TSV paper)")
     p.add_argument("--layer-rule", default=None, help="which 2-D tensors are compressed (default all_matrices)")
     p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"))
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the packed file (.safetensors) reconstruct reads")
 
     p = sub.add_parser("reconstruct", help="rebuild one expert from a compress file: base + alpha * its task vector")
     p.add_argument("packed", help="a file merge-studio compress wrote")
     p.add_argument("--task", required=True, help="the expert to rebuild")
-    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=1.0, help="scale of the task vector (default 1.0: the expert)")
     p.add_argument("--suite", help="the suite whose base the experts were compressed against (default: the suite "
                                    "compress was given, if any)")
     p.add_argument("--base", help="or the base checkpoint (any source merge's --base takes; compress's --prefix is "
                                   "applied)")
     p.add_argument("--any-base", action="store_true",
                    help="apply the task vectors to a base other than the one they were compressed against (e.g. "
-                        "the same weights in another dtype); without it such a base is refused")
-    p.add_argument("--out", required=True)
+                        "the same weights rounded to another dtype); without it such a base is refused")
+    p.add_argument("--out", required=True, help="the rebuilt expert (.safetensors)")
 
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
-    p.add_argument("--suite", required=True)
+    p.add_argument("--suite", required=True, help="MiniSuite, a suite folder or Hub repo (as merge's --suite)")
     p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
-    p.add_argument("--split", default="test")
-    p.add_argument("--device", default=None)
+    p.add_argument("--split", default="test", choices=("validation", "test"), help="default: test")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
 
     for name, (_, help_) in _PASSTHROUGH.items():   # listed in --help; their options go to their own parsers
         p = sub.add_parser(name, help=help_, add_help=False)
@@ -441,7 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in _PASSTHROUGH:
         # argparse's REMAINDER refuses a first argument that looks like an option ("bench --device cpu")
         keep_freed_memory()
-        importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:])
+        try:
+            importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:], prog=f"merge-studio {argv[0]}")
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
         return 0
     args = ap.parse_args(argv)
     keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
@@ -450,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StudioError, OSError) as exc:   # bad input, or a file that cannot be read or written: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: no traceback (outputs are written atomically, so none is half-written)
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -542,8 +558,20 @@ def _run(args: argparse.Namespace) -> int:
         from .evaluate import evaluate
         from .suite import load_suite
 
+        from .suite.model import ArchitectureError
+
         suite = load_suite(args.suite)
-        result = evaluate(suite, load_state_dict(args.weights), split=args.split, device=args.device)
+        weights = load_state_dict(args.weights)
+        try:
+            result = evaluate(suite, weights, split=args.split, device=args.device)
+        except ArchitectureError as exc:   # name the file, and what it is where it is not a model
+            from .compress import _PACKED_METADATA_KEY
+
+            packed = _PACKED_METADATA_KEY in read_metadata(args.weights) if not is_hub_url(args.weights) and \
+                Path(args.weights).is_file() else False
+            hint = "; it is a TSV-C file of low-rank task vectors: build a task's model from it with merge-studio " \
+                   "reconstruct" if packed else ""
+            raise ArchitectureError(f"--weights {args.weights}: {exc}{hint}") from None
         out = result.to_dict() if hasattr(result, "to_dict") else result.__dict__
         print(json.dumps(json_safe(out), indent=2, default=str, allow_nan=False))   # NaN (e.g. NAI) -> null
     return 0

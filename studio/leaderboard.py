@@ -110,21 +110,31 @@ def to_markdown(suite: Any, rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point."""
+def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leaderboard") -> None:
+    """Command-line entry point (``prog``: the command's name in its usage line)."""
+    from .registry import UnknownMethodError, get_calibration, get_method
     from .suite import DEFAULT_SUITE_PATH, load_suite
 
-    ap = argparse.ArgumentParser(prog="python -m studio.leaderboard", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0] + " Each row is merged and "
+                                 "evaluated at every alpha: all rows take minutes on a laptop CPU.")
     ap.add_argument("--suite", default=str(DEFAULT_SUITE_PATH), help="suite folder or Hub repo id")
     ap.add_argument("--out", default="leaderboard.md", help="markdown file to write")
     ap.add_argument("--json", default=None, help="also write the rows as JSON here")
     ap.add_argument("--methods", nargs="+", default=None, help="merging methods (default: all registered)")
     ap.add_argument("--calibrations", nargs="*", default=None, help="calibrations on Task Arithmetic (default: all)")
-    ap.add_argument("--alphas", nargs="+", type=float, default=DEFAULT_ALPHAS)
-    ap.add_argument("--device", default=None)
+    ap.add_argument("--alphas", nargs="+", type=float, default=DEFAULT_ALPHAS,
+                    help="the scales each row is validated at (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for torch (0 = torch's default; 1 is faster on a busy shared CPU)")
     args = ap.parse_args(argv)
+    try:   # every name before any row runs (a misspelt one became a failed row after minutes of the others)
+        for name in args.methods or []:
+            get_method(name)
+        for name in args.calibrations or []:
+            get_calibration(name)
+    except UnknownMethodError as exc:
+        ap.error(str(exc))
     if args.threads > 0:
         import torch
 

@@ -31,19 +31,24 @@ class ExpertError(StudioError):
 def resolve_device(device: "str | torch.device | None") -> torch.device:
     """``None`` or ``"auto"``: CUDA when present, else CPU (``MERGE_STUDIO_DEVICE`` in the environment overrides
     this default; the test suite sets it to ``cpu``). Resolved at call time, never at import."""
+    origin = "device"
     if device is None or device == "auto":
-        device = os.environ.get("MERGE_STUDIO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        if os.environ.get("MERGE_STUDIO_DEVICE"):
+            device, origin = os.environ["MERGE_STUDIO_DEVICE"], "device (MERGE_STUDIO_DEVICE in the environment)"
+        else:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise StudioError(f"device {brief(device)} is not a valid torch device; expected 'cpu', 'cuda' or "
+        raise StudioError(f"{origin} {brief(device)} is not a valid torch device; expected 'cpu', 'cuda' or "
                           f"'auto'") from exc
     if dev.type not in ("cpu", "cuda"):
-        raise StudioError(f"device {brief(device)} is not supported; expected 'cpu', 'cuda' (or 'cuda:N') or 'auto'")
+        raise StudioError(f"{origin} {brief(device)} is not supported; expected 'cpu', 'cuda' (or 'cuda:N') or "
+                          f"'auto'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise StudioError(f"device {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
+        raise StudioError(f"{origin} {device!r} was requested but CUDA is not available on this machine; use 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise StudioError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+        raise StudioError(f"{origin} {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
                           f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
 

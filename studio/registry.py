@@ -69,7 +69,9 @@ def get_method(name: str) -> MethodSpec:
     from . import methods  # noqa: F401  (importing the package registers every method)
 
     if not isinstance(name, str) or name not in METHODS:
-        raise UnknownMethodError(f"unknown merging method {brief(name)}; known methods: {sorted(METHODS)}")
+        hint = f" ({name!r} is a calibration: apply it after a merging method, calibrate={name!r}, the CLI's " \
+               f"--calibrate {name})" if isinstance(name, str) and name in CALIBRATIONS else ""
+        raise UnknownMethodError(f"unknown merging method {brief(name)}{hint}; known methods: {sorted(METHODS)}")
     return METHODS[name]
 
 
@@ -78,7 +80,10 @@ def get_calibration(name: str) -> MethodSpec:
     from . import methods  # noqa: F401
 
     if not isinstance(name, str) or name not in CALIBRATIONS:
-        raise UnknownMethodError(f"unknown calibration {brief(name)}; known calibrations: {sorted(CALIBRATIONS)}")
+        hint = f" ({name!r} is a merging method, not a calibration)" if isinstance(name, str) and name in METHODS \
+            else ""
+        raise UnknownMethodError(f"unknown calibration {brief(name)}{hint}; known calibrations: "
+                                 f"{sorted(CALIBRATIONS)}")
     return CALIBRATIONS[name]
 
 

@@ -131,7 +131,7 @@ def test_cli_bad_arguments_are_one_line_errors_and_write_nothing(files, capsys):
         (["--set", "alpha=[1"], "--set 'alpha=[1': the value is not valid YAML"),
         (["--expert", args[3]], "is given twice"),
         (["--expert", "=x.safetensors"], "non-empty name and source"),
-        (["--cal-set", "alpha=0.5"], "calibrate_hparams were given but no calibration was chosen"),
+        (["--cal-set", "alpha=0.5"], "--cal-set alpha=0.5 sets a calibration's hyperparameters, but no calibration"),
         (["--recipe", str(tmp / "no" / "such" / "dir" / "r.yaml"), "--out", str(tmp / "nodir.safetensors")], None),
         (["--out", str(tmp)], "cannot write"),
     ]
@@ -1195,3 +1195,66 @@ def test_weights_are_not_written_under_a_pickle_suffix_and_recipes_are_read_by_c
     assert main(["recipe", str(tmp / "broken.yaml"), "--out", str(tmp / "x.safetensors")]) == 2
     assert f"{tmp / 'broken.yaml'}: not valid YAML/JSON at line 3, column 8: expected ',' or '}}', but got ':'" \
            in capsys.readouterr().err
+
+
+def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, capsys):
+    """From the README audit: each message names the option (or environment variable) at fault in the CLI's terms,
+    and says what to do; a leaderboard's names are checked before any row runs."""
+    from studio import leaderboard
+
+    tmp, base, experts, args = files
+    out = str(tmp / "x.safetensors")
+    for extra, message in (
+            (["--method", "svc"], "unknown merging method 'svc' ('svc' is a calibration: apply it after a merging "
+                                  "method, calibrate='svc', the CLI's --calibrate svc)"),
+            (["--method", "ties", "--calibrate", "tsv_m"], "unknown calibration 'tsv_m' ('tsv_m' is a merging "
+                                                            "method, not a calibration)"),
+            (["--method", "ties", "--cal-set", "alpha=0.5"], "--cal-set alpha=0.5 sets a calibration's "
+                                                             "hyperparameters, but no calibration was chosen; give "
+                                                             "--calibrate align_merge_b or svc"),
+            (["--method", "ties", "--set", "k=0.2", "--set", "k=0.3"], "--set 'k=0.3': 'k' was already set to 0.2; "
+                                                                        "give each hyperparameter once")):
+        assert main(["merge", *args, *extra, "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    monkeypatch.setenv("MERGE_STUDIO_DEVICE", "gpu")
+    assert main(["merge", *args, "--method", "ties", "--out", out]) == 2
+    assert "device (MERGE_STUDIO_DEVICE in the environment) 'gpu' is not a valid torch device" in \
+        capsys.readouterr().err
+    monkeypatch.setenv("MERGE_STUDIO_DEVICE", "cpu")
+    # evaluate names --weights, and says what a TSV-C file is
+    assert main(["compress", "--suite", "MiniSuite", "--out", str(tmp_path / "packed.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "packed.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --weights {tmp_path / 'packed.safetensors'}: state dict does not match the "
+                          f"architecture") and "it is a TSV-C file of low-rank task vectors: build a task's model " \
+                                                 "from it with merge-studio reconstruct" in err, err
+    for argv, message in ((["--methods", "tsv"], "unknown merging method 'tsv'"),
+                          (["--calibrations", "svd"], "unknown calibration 'svd'")):
+        with pytest.raises(SystemExit):
+            leaderboard.main([*argv, "--out", str(tmp_path / "lb.md")], prog="merge-studio leaderboard")
+        err = capsys.readouterr().err
+        assert err.startswith("usage: merge-studio leaderboard") and message in err and \
+            not (tmp_path / "lb.md").exists()
+
+
+def test_ctrl_c_ends_a_command_without_a_traceback_or_a_half_written_file(tmp_path):
+    """Ctrl-C printed a KeyboardInterrupt traceback; now one line and exit status 130 (outputs are written atomically,
+    so nothing is half-written). A real process and signal, sent once the CLI runs (a leaderboard takes minutes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "lb.md"
+    code = ("import sys; from studio.cli import main; print('ready', flush=True); "
+            f"sys.exit(main(['leaderboard', '--out', {str(out)!r}, '--threads', '1']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "MERGE_STUDIO_DEVICE": "cpu"})
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []

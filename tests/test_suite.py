@@ -4,6 +4,7 @@ Hub-layout loading offline, and error cases."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -120,6 +121,10 @@ def mini_suite(tmp_path_factory) -> Path:
 
 def test_mini_build_writes_a_loadable_suite(mini_suite):
     files = {p.relative_to(mini_suite).as_posix() for p in mini_suite.rglob("*") if p.is_file()}
+    umask = os.umask(0)
+    os.umask(umask)
+    # as any other file written (safetensors' own writer made the weights owner-only)
+    assert {p.stat().st_mode & 0o777 for p in mini_suite.rglob("*.safetensors")} == {0o666 & ~umask}
     assert {"manifest.json", "base.safetensors", "heads.safetensors", "text.safetensors",
             "experts/digits.safetensors", "experts/signs.safetensors", "data/digits.safetensors",
             "model_configs/MiniCLIP-ViT.json"} <= files
@@ -165,6 +170,8 @@ def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub, mo
     monkeypatch.chdir(Path(DEFAULT_SUITE_PATH).parents[1])
     with pytest.raises(SuiteError, match="neither an existing folder nor a Hub repo id"):   # a typo, not a repo
         load_suite("assets/minisuit", cache_dir=cache)
+    with pytest.raises(SuiteError, match="; the embedded suite is named 'MiniSuite'"):
+        load_suite("minisuite", cache_dir=cache)
     with pytest.raises(SuiteError, match="HF_HUB_OFFLINE"):
         load_suite("studio-test/not-cached", cache_dir=cache)
 

@@ -32,9 +32,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from ..io import save_state_dict
 from .model import (CLIP_MEAN, CLIP_STD, MODEL_CONFIG_DIR, CharTokenizer, create_clip, head_logits, model_config, preprocess,
                     visual_state_dict)
 from .tasks import TASK_NAMES, TASKS, generate
@@ -324,8 +324,9 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
             train_data[t] = generate(t, cfg.n_train, cfg.seed, "train")
             vx, vy = generate(t, cfg.n_val, cfg.seed, "validation")
             sx, sy = generate(t, cfg.n_test, cfg.seed, "test")
-            save_file({"val_images": vx, "val_labels": vy, "test_images": sx, "test_labels": sy},
-                      str(out / "data" / f"{t}.safetensors"), metadata={"task": t, "layout": "NHWC uint8"})
+            save_state_dict(out / "data" / f"{t}.safetensors",
+                            {"val_images": vx, "val_labels": vy, "test_images": sx, "test_labels": sy},
+                            metadata={"task": t, "layout": "NHWC uint8"})
         timings["data_s"] = time.perf_counter() - t0
         log(f"data generated in {timings['data_s']:.1f} s")
 
@@ -358,13 +359,13 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
         (out / "model_configs").mkdir()
         shutil.copy(MODEL_CONFIG_DIR / f"{MODEL_NAME}.json", out / "model_configs" / f"{MODEL_NAME}.json")
         meta = {"model": MODEL_NAME, "suite": SUITE_NAME}
-        save_file({k: v.half().contiguous() for k, v in base.items()}, str(out / "base.safetensors"), metadata=meta)
+        # studio.io's writer: the usual file permissions (safetensors' save_file creates them owner-only)
+        save_state_dict(out / "base.safetensors", {k: v.half() for k, v in base.items()}, metadata=meta)
         for t, sd in experts.items():
-            save_file({k: v.half().contiguous() for k, v in sd.items()}, str(out / "experts" / f"{t}.safetensors"),
-                      metadata={**meta, "task": t})
-        save_file({t: h.contiguous() for t, h in heads.items()}, str(out / "heads.safetensors"),
-                  metadata={**meta, "logit_scale": repr(logit_scale)})
-        save_file({k: v.half().contiguous() for k, v in text.items()}, str(out / "text.safetensors"), metadata=meta)
+            save_state_dict(out / "experts" / f"{t}.safetensors", {k: v.half() for k, v in sd.items()},
+                            metadata={**meta, "task": t})
+        save_state_dict(out / "heads.safetensors", heads, metadata={**meta, "logit_scale": repr(logit_scale)})
+        save_state_dict(out / "text.safetensors", {k: v.half() for k, v in text.items()}, metadata=meta)
         manifest: dict[str, Any] = {
             "name": SUITE_NAME,
             "description": "Embedded offline expert pool: one pretrained MiniCLIP-ViT, one expert per procedural "
@@ -461,9 +462,9 @@ def _reference_merges(suite: Any, cfg: BuildConfig, device: torch.device, log: C
     return refs
 
 
-def parse_args(argv: Sequence[str] | None = None) -> BuildConfig:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.suite.build") -> BuildConfig:
     d = BuildConfig()
-    ap = argparse.ArgumentParser(prog="python -m studio.suite.build", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=d.out, help="output folder (its previous build files are replaced)")
     ap.add_argument("--tasks", nargs="+", default=d.tasks, choices=list(TASK_NAMES), metavar="TASK",
                     help=f"tasks to build (default: all of {list(TASK_NAMES)})")
@@ -490,9 +491,9 @@ def parse_args(argv: Sequence[str] | None = None) -> BuildConfig:
                        reference_merges=a.reference_merges)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point."""
-    build(parse_args(argv))
+def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.suite.build") -> None:
+    """Command-line entry point (``prog``: the command's name in its usage line)."""
+    build(parse_args(argv, prog))
 
 
 if __name__ == "__main__":

@@ -345,6 +345,8 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
     spec = hub_spec(source, revision, SuiteError, shown=given)
     if spec is None or spec[1] is not None or local:
         hint = local_folder_hint(source, spec, repo_type) if local and spec and not spec[1] else ""
+        if isinstance(source, str) and source.strip().lower() == EMBEDDED_SUITE.lower():
+            hint += f"; the embedded suite is named '{EMBEDDED_SUITE}'"
         raise SuiteError(f"suite source '{shown_path(given)}' is neither an existing folder nor a Hub repo id "
                          f"'owner/name[@revision]' or '{HUB_SCHEME}owner/name[@revision]' ('{HUB_SCHEME}datasets/...' "
                          f"for a dataset repository) (from {Path.cwd()}){hint}")

@@ -8,7 +8,6 @@ cache), the zero-shot baseline. Nothing here imports Gradio.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import threading
 import time
