@@ -334,9 +334,14 @@ def _replay_note(recipe: Recipe, made: dict) -> str:
         why = "its settings were edited after it recorded that merge: the method, hyperparameters, calibration, " \
               "preferences, seed, layer rule, SVD mode, prefix or experts differ"
     elif "base" in recorded and set(recorded.get("experts", {})) == set(made["experts"]):
-        why = "from the same weights: a merge's last bits change with the torch, BLAS and device" \
-            if recorded["base"] == made["base"] and recorded["experts"] == made["experts"] else \
-            "from other weights, as the options say"   # the recorded ones the options left were checked
+        if recorded["base"] != made["base"] or recorded["experts"] != made["experts"]:
+            why = "from other weights, as the options say"   # the recorded ones the options left were checked
+        elif recipe.studio_version != __version__:
+            why = f"from the same weights, recorded by merge-studio {recipe.studio_version or 'before 0.1.0'} and " \
+                  f"replayed by {__version__}, whose methods may round differently; the torch, BLAS and device " \
+                  f"also change a merge's last bits"
+        else:
+            why = "from the same weights: a merge's last bits change with the torch, BLAS and device"
     return f"; not the same bits as the merge the recipe recorded ({why})"
 
 
@@ -472,9 +477,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "methods":
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
+        check_weights_path(args.out)   # before anything is read (a Hub download) or merged
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
-        check_weights_path(args.out)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
         recipe = recipe.recording(input_fingerprints(*recipe_inputs(recipe, pool.base, pool.experts)),
@@ -482,6 +487,7 @@ def _run(args: argparse.Namespace) -> int:
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         print(f"wrote {args.out} ({len(merged)} tensors)")
     elif args.cmd == "recipe":
+        check_weights_path(args.out)
         recipe = Recipe.from_file(args.recipe)
         if args.experts and recipe.experts:
             raise StudioError(f"the recipe names the experts it merges, {recipe.experts}; --experts does not apply")
@@ -490,7 +496,6 @@ def _run(args: argparse.Namespace) -> int:
                               f"recipe's is used, leave --prefix out")
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
         pool = _load_pool(args, recipe)
-        check_weights_path(args.out)
         _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
                             inputs={"the recipe": args.recipe})
         base, experts = recipe_inputs(recipe, pool.base, pool.experts)
@@ -509,8 +514,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "compress":
         from .compress import compress
 
-        pool = _load_pool(args)
         check_weights_path(args.out)
+        pool = _load_pool(args)
         _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
         packed = compress(pool.base, pool.experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
@@ -524,6 +529,7 @@ def _run(args: argparse.Namespace) -> int:
         from .compress import BaseMismatchError, Compressed
         from .suite import load_suite
 
+        check_weights_path(args.out)
         saved = Compressed.read_meta(args.packed)
         recorded = not args.base and not args.suite
         if recorded:
@@ -539,7 +545,6 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": file, "experts": {}}}
-        check_weights_path(args.out)
         _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
         try:   # keys and shapes first (their errors name the entry at fault), then the base compress read
             packed = Compressed.load(args.packed, base, check=not args.any_base)
@@ -567,8 +572,10 @@ def _run(args: argparse.Namespace) -> int:
         except ArchitectureError as exc:   # name the file, and what it is where it is not a model
             from .compress import _PACKED_METADATA_KEY
 
-            packed = _PACKED_METADATA_KEY in read_metadata(args.weights) if not is_hub_url(args.weights) and \
-                Path(args.weights).is_file() else False
+            packed = False
+            with contextlib.suppress(CheckpointError):   # e.g. a shard index: not a safetensors file itself
+                packed = _PACKED_METADATA_KEY in read_metadata(args.weights) if not is_hub_url(args.weights) and \
+                    Path(args.weights).is_file() else False
             hint = "; it is a TSV-C file of low-rank task vectors: build a task's model from it with merge-studio " \
                    "reconstruct" if packed else ""
             raise ArchitectureError(f"--weights {args.weights}: {exc}{hint}") from None

@@ -45,15 +45,35 @@ def base_fingerprint(base: StateDict) -> str:
     """
     from .io import fingerprint
 
-    return fingerprint({k: v.float() if isinstance(v, Tensor) and v.dtype in (torch.float16, torch.bfloat16) else v
-                        for k, v in base.items()})
+    return fingerprint(_InFloat32(base))
+
+
+class _InFloat32(Mapping):
+    """``base`` with its half-precision tensors in float32, one tensor at a time (a whole upcast copy held 2x a
+    half-precision base's size while :func:`studio.io.fingerprint` read it key by key)."""
+
+    def __init__(self, base: StateDict) -> None:
+        self._base = base
+
+    def __getitem__(self, key: str) -> Any:
+        v = self._base[key]
+        return v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v
+
+    def __iter__(self):
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 class BaseMismatchError(CheckpointError):
     """:meth:`Compressed.load` was given a base other than the one the experts were compressed against; ``recorded``
     and ``given`` are the two :func:`~studio.io.fingerprint` values."""
 
-    def __init__(self, message: str, *, recorded: str, given: str) -> None:
+    def __init__(self, message: str, *, recorded: str = "", given: str = "") -> None:
         super().__init__(message)
         self.recorded, self.given = recorded, given
 
@@ -235,7 +255,9 @@ class Compressed:
         recorded = (meta.get("meta") or {}).get("base_fingerprint")
         if check and recorded is not None:
             given = base_fingerprint(base)
-            if recorded not in (given, fingerprint(base)):   # (files before base_fingerprint: the dtype as given)
+            # files before base_fingerprint recorded the base in its own dtype (the same value without half tensors)
+            if recorded != given and not (any(isinstance(v, Tensor) and v.dtype in _HALF for v in base.values())
+                                          and recorded == fingerprint(base)):
                 raise BaseMismatchError(
                     f"{path}: the base given is not the one its experts were compressed against (recorded "
                     f"{str(recorded)[:19]}..., given {given[:19]}...); their task vectors would build other models "

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 from urllib.parse import quote, unquote
@@ -697,10 +697,7 @@ class Recipe:
         """This recipe with :attr:`fingerprints` recording the merge it describes: ``inputs`` (the base's and
         experts' fingerprints, :func:`input_fingerprints`), the ``merged`` weights' fingerprint and its own
         :meth:`settings_fingerprint`."""
-        import dataclasses
-
-        return dataclasses.replace(self, fingerprints={**inputs, "merged": merged,
-                                                       "settings": self.settings_fingerprint()})
+        return replace(self, fingerprints={**inputs, "merged": merged, "settings": self.settings_fingerprint()})
 
     def _checked_fingerprints(self, given: Any) -> dict[str, Any]:
         shape = "a mapping with some of base, experts ({expert name: digest}), merged and settings, each digest " \

@@ -35,7 +35,7 @@ _workers: int | None = None
 # that a thread copies when it first runs an op. torch.set_num_threads writes the calling thread's and the process's.
 # A worker needs its own at 1 and must leave every other thread's, and the value threads started later copy, as they
 # were: it sets 1, makes its first op, then writes the process value back from a short-lived thread (whose own count
-# dies with it), under one lock. Only a thread whose first op falls within a worker's start (0.15 ms median here) copies
+# dies with it), under one lock. Only a thread whose first op falls within a worker's start (0.4 ms median here) copies
 # the 1. Earlier the merge's calling thread set 1 for the whole merge: a thread that first ran an op during a merge
 # stayed on one thread for good, and so did the first of two overlapping merges' callers.
 _threads_lock = threading.Lock()
@@ -60,13 +60,7 @@ def set_workers(workers: int | None) -> None:
     _workers = None if workers is None else int(workers)
 
 
-def _process_threads() -> int:
-    """The intra-op thread count a thread copies at its first op (it reads it on a short-lived thread of its own)."""
-    with _threads_lock:
-        return _on_a_new_thread(torch.get_num_threads)
-
-
-def _mark_worker(process: int) -> None:
+def _mark_worker() -> None:
     """Run this thread's PyTorch (OpenMP, MKL) on one intra-op thread; no other thread's count changes.
 
     A new thread starts with OpenMP's and MKL's process defaults (one thread per core), not the caller's
@@ -74,7 +68,8 @@ def _mark_worker(process: int) -> None:
     results then varied between identical merges.
     """
     _state.worker = True
-    with _threads_lock:
+    with _threads_lock:   # the process value now, not when the merge began (another thread may have set it since)
+        process = _on_a_new_thread(torch.get_num_threads)
         torch.set_num_threads(1)
         torch.get_num_threads()      # this thread's first op: it copies the 1 now, not a later process value
         torch.set_num_threads(1)     # (and keeps 1 if another thread wrote the process value meanwhile)
@@ -115,8 +110,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
         return results
     # one intra-op thread per worker, for PyTorch (_mark_worker) and for the BLAS that NumPy / SciPy bundle
     with _lapack.one_blas_thread():
-        ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker,
-                                initargs=(_process_threads(),))
+        ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
         try:
             futures = [ex.submit(fn, x) for x in items]
             for i, fut in enumerate(futures):

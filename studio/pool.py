@@ -366,15 +366,15 @@ class LayerTasks:
 
     def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None), cut from the decomposition at
-        :func:`rank_bucket` (the smallest of ``r, ceil(r / 2), ceil(r / 4), ...`` that covers it; ``r`` the full
+        :func:`rank_bucket` (the smallest of ``ceil(r / 2^(j/4))``, ``j = 0, 1, ...``, that covers it; ``r`` the full
         rank). A rank's factors are therefore the same bits whatever was asked before, so a merge on a warm pool
         equals the same merge on a fresh one bit for bit. Before, a rank was cut from any higher one already cached,
         which differs from its own decomposition in the last bits: TSV-M repeated after two merges at other ranks
         changed by 1e-5, and AlignMerge-O + SVC after an Ortho-Merge at a higher k differed from the fresh merge by
         1.6e-2 (SVC's directions turn at near-tied singular values). Ranks within a bucket share one decomposition.
 
-        Cached per expert and layer: the three buckets used last (every rank asked for, before: a TSV-M rank slider
-        swept up six steps on 8 ViT-B/32 experts held 1.5 GB; see docs/PERFORMANCE.md for the figures now).
+        Cached per expert and layer: the two buckets used last (figures in docs/PERFORMANCE.md, "The per-task SVD
+        cache's memory").
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` (same accuracy on the kept
         components, several times faster; null components are exact zeros with zero vectors). Either way each pair's
@@ -412,7 +412,7 @@ class LayerTasks:
         val = self.pool._cached(buckets, bucket, compute, None)   # computed once however many threads ask
         with self.pool._lock:
             buckets[bucket] = buckets.pop(bucket, val)   # last: used most recently (back in, if dropped meanwhile)
-            while len(buckets) > 3:
+            while len(buckets) > 2:   # a dropped bucket is decomposed again, to the same bits, when asked
                 del buckets[next(iter(buckets))]
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
@@ -603,17 +603,23 @@ class TaskPool:
 
 def rank_bucket(rank: int, full: int) -> int:
     """The rank :meth:`LayerTasks.svd` decomposes to serve ``rank`` of a ``full``-rank matrix: the smallest of
-    ``full, ceil(full / 2), ceil(full / 4), ...`` that is at least ``rank`` (1 for rank 0).
+    ``ceil(full / 2^(j/4))``, ``j = 0, 1, 2, ...``, that is at least ``rank`` (1 for rank 0). Quarter octaves keep
+    the decomposition within 19 % of the rank asked (halves held up to 1.78x the factors, e.g. rank 109 of 768, TSV-M's
+    default for 7 experts, in 192); every ``full / 2^i``, TSV-M's default for 2, 4, 8 or 16 experts, is a bucket.
 
     Example:
-        >>> [rank_bucket(k, 768) for k in (0, 1, 76, 95, 96, 97, 600)], rank_bucket(6, 50)
-        ([1, 1, 96, 96, 96, 192, 768], 7)
+        >>> [rank_bucket(k, 768) for k in (0, 1, 76, 95, 96, 97, 109, 600)], rank_bucket(6, 50)
+        ([1, 1, 81, 96, 96, 115, 115, 646], 6)
     """
     if not 0 <= rank <= full:
-        raise ValueError(f"rank must be in [0, {full}], got {rank}")
-    bucket = full
-    while bucket > 1 and -(-bucket // 2) >= rank:
-        bucket = -(-bucket // 2)
+        raise StudioError(f"rank must be in [0, {full}], got {rank}")
+    bucket, j = full, 1
+    while bucket > 1:
+        # exact for j a multiple of 4; elsewhere r / 2^(j/4) is irrational, never within rounding of an integer
+        lower = -(-full // 2 ** (j // 4)) if j % 4 == 0 else math.ceil(full * 2.0 ** (-j / 4))
+        if lower < rank:
+            break
+        bucket, j = min(bucket, lower), j + 1
     return bucket
 
 

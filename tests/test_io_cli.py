@@ -923,6 +923,13 @@ def test_a_replay_refuses_changed_weights_and_says_if_it_made_the_same_bits(file
     same_weights = ("; not the same bits as the merge the recipe recorded (from the same weights: a merge's last "
                     "bits change with the torch, BLAS and device))")
     assert same_weights in capsys.readouterr().out
+    # ... or from the version that recorded it, when another did (the review: a recipe of 0.1.0 blamed the platform)
+    older = Recipe.from_dict({**recorded.to_dict(), "studio_version": "0.1.0"})
+    (tmp / "older.yaml").write_text(older.to_yaml())
+    assert main(["recipe", str(tmp / "older.yaml"), "--out", str(tmp / "w.safetensors")]) == 0
+    assert f"(from the same weights, recorded by merge-studio 0.1.0 and replayed by {studio.__version__}, whose " \
+           f"methods may round differently; the torch, BLAS and device also change a merge's last bits))" in \
+           capsys.readouterr().out
     # options that name the very weights the recipe recorded read the same weights, and say so
     assert main(["recipe", str(tmp / "other_bits.yaml"), "--base", str(tmp / "base.safetensors"),
                  "--expert", f"task1={tmp / 'task1.safetensors'}", "--out", str(tmp / "w.safetensors")]) == 0
@@ -1229,6 +1236,15 @@ def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, cap
     assert err.startswith(f"error: --weights {tmp_path / 'packed.safetensors'}: state dict does not match the "
                           f"architecture") and "it is a TSV-C file of low-rank task vectors: build a task's model " \
                                                  "from it with merge-studio reconstruct" in err, err
+    # a shard index is not a safetensors file itself: its architecture error stays (not a header error)
+    from huggingface_hub import save_torch_state_dict
+
+    (tmp_path / "shards").mkdir()
+    save_torch_state_dict({"vision_model." + k: v for k, v in base.items()}, tmp_path / "shards",
+                          max_shard_size=4000)
+    index = tmp_path / "shards" / "model.safetensors.index.json"
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(index)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --weights {index}: state dict does not match the architecture")
     for argv, message in ((["--methods", "tsv"], "unknown merging method 'tsv'"),
                           (["--calibrations", "svd"], "unknown calibration 'svd'")):
         with pytest.raises(SystemExit):
@@ -1248,13 +1264,19 @@ def test_ctrl_c_ends_a_command_without_a_traceback_or_a_half_written_file(tmp_pa
     import time
 
     out = tmp_path / "lb.md"
-    code = ("import sys; from studio.cli import main; print('ready', flush=True); "
+    # Ctrl-C as in a terminal: a process started in the background by a non-interactive shell (as CI may run the
+    # suite) inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+    code = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from studio.cli import main; print('ready', flush=True); "
             f"sys.exit(main(['leaderboard', '--out', {str(out)!r}, '--threads', '1']))")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "MERGE_STUDIO_DEVICE": "cpu"})
-    assert proc.stdout.readline().strip() == "ready"
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
