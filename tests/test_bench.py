@@ -44,7 +44,8 @@ def test_bench_refuses_a_pool_that_does_not_fit_before_building_it():
         pytest.skip("no MemAvailable in /proc/meminfo")
     nparams = sum(torch.Size(s).numel() for s in bench.clip_visual_shapes("ViT-B-32").values())
     merges = bench.MERGE_MODEL_COPIES * nparams * 4
-    tasks = int(0.75 * (available - merges) / (2 * nparams))   # about 1.5x memory in float32, 0.75x in bfloat16
+    # about 1.5x memory in float32, 0.75x in bfloat16
+    tasks = int(0.75 * (available - merges) / (bench.POOL_FACTOR * 2 * nparams))
     with pytest.raises(SystemExit, match=rf"ViT-B-32 x {tasks} experts do not fit .* in float32 .* --dtype bfloat16 "
                                          r"needs about [0-9.]+ GiB"):
         bench.main(["--model", "ViT-B-32", "--tasks", str(tasks), "--device", "cpu"])
