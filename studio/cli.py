@@ -337,9 +337,10 @@ def _replay_note(recipe: Recipe, made: dict) -> str:
         if recorded["base"] != made["base"] or recorded["experts"] != made["experts"]:
             why = "from other weights, as the options say"   # the recorded ones the options left were checked
         elif recipe.studio_version != __version__:
-            why = f"from the same weights, recorded by merge-studio {recipe.studio_version or 'before 0.1.0'} and " \
-                  f"replayed by {__version__}, whose methods may round differently; the torch, BLAS and device " \
-                  f"also change a merge's last bits"
+            recorder = f"merge-studio {recipe.studio_version}" if recipe.studio_version else \
+                "a version it did not record"
+            why = f"from the same weights, recorded by {recorder} and replayed by {__version__}, whose methods may " \
+                  f"round differently; the torch, BLAS and device also change a merge's last bits"
         else:
             why = "from the same weights: a merge's last bits change with the torch, BLAS and device"
     return f"; not the same bits as the merge the recipe recorded ({why})"
