@@ -71,7 +71,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 class BaseMismatchError(CheckpointError):
     """:meth:`Compressed.load` was given a base other than the one the experts were compressed against; ``recorded``
-    and ``given`` are the two :func:`~studio.io.fingerprint` values."""
+    and ``given`` are the two :func:`base_fingerprint` values."""
 
     def __init__(self, message: str, *, recorded: str = "", given: str = "") -> None:
         super().__init__(message)
