@@ -27,7 +27,7 @@ import yaml
 from . import __version__
 from .io import (CheckpointError, Recipe, check_fingerprints, check_weights_path, checkpoint_files, fingerprint,
                  input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs,
-                 read_metadata, save_merged, save_state_dict, shown_path)
+                 save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -563,7 +563,6 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "evaluate":
         from .evaluate import evaluate
         from .suite import load_suite
-
         from .suite.model import ArchitectureError
 
         suite = load_suite(args.suite)
@@ -571,12 +570,13 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = evaluate(suite, weights, split=args.split, device=args.device)
         except ArchitectureError as exc:   # name the file, and what it is where it is not a model
-            from .compress import _PACKED_METADATA_KEY
+            from .compress import Compressed
 
             packed = False
-            with contextlib.suppress(CheckpointError):   # e.g. a shard index: not a safetensors file itself
-                packed = _PACKED_METADATA_KEY in read_metadata(args.weights) if not is_hub_url(args.weights) and \
-                    Path(args.weights).is_file() else False
+            if not is_hub_url(args.weights) and Path(args.weights).is_file():
+                with contextlib.suppress(CheckpointError):   # not one (e.g. a shard index: not even safetensors)
+                    Compressed.read_meta(args.weights)
+                    packed = True
             hint = "; it is a TSV-C file of low-rank task vectors: build a task's model from it with merge-studio " \
                    "reconstruct" if packed else ""
             raise ArchitectureError(f"--weights {args.weights}: {exc}{hint}") from None

@@ -57,7 +57,7 @@ class _InFloat32(Mapping):
 
     def __getitem__(self, key: str) -> Any:
         v = self._base[key]
-        return v.float() if isinstance(v, Tensor) and v.dtype in _HALF else v
+        return v.float() if _is_half(v) else v
 
     def __iter__(self):
         return iter(self._base)
@@ -66,7 +66,8 @@ class _InFloat32(Mapping):
         return len(self._base)
 
 
-_HALF = (torch.float16, torch.bfloat16)
+def _is_half(value: Any) -> bool:
+    return isinstance(value, Tensor) and value.dtype in (torch.float16, torch.bfloat16)
 
 
 class BaseMismatchError(CheckpointError):
@@ -256,8 +257,7 @@ class Compressed:
         if check and recorded is not None:
             given = base_fingerprint(base)
             # files before base_fingerprint recorded the base in its own dtype (the same value without half tensors)
-            if recorded != given and not (any(isinstance(v, Tensor) and v.dtype in _HALF for v in base.values())
-                                          and recorded == fingerprint(base)):
+            if recorded != given and not (any(map(_is_half, base.values())) and recorded == fingerprint(base)):
                 raise BaseMismatchError(
                     f"{path}: the base given is not the one its experts were compressed against (recorded "
                     f"{str(recorded)[:19]}..., given {given[:19]}...); their task vectors would build other models "
