@@ -15,7 +15,8 @@ components. Here:
   kernel for the processor (float64 ``768 x 768`` eigensolve 76 vs 53 ms, float32 ``3072 x 768 x 768`` product 40
   vs 17 ms on the development machine's AVX-512 cores).
 
-All fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing. Nothing here
+All fall back to PyTorch (same results to rounding) for non-CPU tensors or when SciPy is missing, except CUDA
+eigensolves of up to :data:`HOST_EIGH_MAX` rows, which LAPACK solves on the host (:func:`_on_host`). Nothing here
 knows about merging.
 
 All run NumPy's and SciPy's bundled OpenBLAS on one thread (:func:`one_blas_thread`). The two wheels bundle
@@ -186,6 +187,28 @@ def _run_with_workspace(call: Callable[[np.ndarray, np.ndarray], None], ints: di
         checked(np.empty(ints["lwork"].value, dtype=np_dtype), np.empty(ints["liwork"].value, dtype=np.intc))
 
 
+#: Largest CUDA matrix whose eigendecomposition :func:`eigh` and :func:`eigh_top` hand to the host's LAPACK (see
+#: :func:`_on_host`); 0 keeps every CUDA eigensolve on the GPU (``torch.linalg.eigh``, cuSOLVER).
+HOST_EIGH_MAX = 1024
+
+
+def _on_host(g: Tensor) -> bool:
+    """Whether a CUDA eigensolve of ``g`` runs on the host instead: a 2-D float32/float64 matrix of at most
+    :data:`HOST_EIGH_MAX` rows, where SciPy's LAPACK is there.
+
+    cuSOLVER's ``syevd`` is bound by its kernels' launch latency at the sizes of CLIP layers: on an H200 one
+    ``768 x 768`` eigensolve took 8 ms in either dtype, and a merge needs hundreds of them, independent. The
+    merge's worker threads solve them on as many host cores at once (:mod:`studio.parallel`) while the GPU forms
+    every Gram matrix and product: 16 host cores solved the top eighth of a ``768 x 768`` float32 Gram matrix in
+    5.9 ms per solve, of a ``1024 x 1024`` one in 10.0 against cuSOLVER's 10.5; at 2048 rows cuSOLVER was 2-4x
+    faster (docs/PERFORMANCE.md, "CUDA"). The copies of the matrix and its eigenvectors are included in those
+    figures.
+    """
+    return (g.device.type == "cuda" and g.ndim == 2 and g.shape[-1] <= HOST_EIGH_MAX
+            and g.dtype in (torch.float32, torch.float64) and not g.requires_grad
+            and _syevd(str(g.dtype).removeprefix("torch.")) is not None)
+
+
 def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
 
@@ -203,6 +226,9 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
     """
     n = g.shape[-1]
     k = max(0, min(int(k), n))
+    if _on_host(g):
+        evals, evecs = eigh_top(g.cpu(), k, overwrite=True)   # the copy is ours to overwrite
+        return evals.to(g.device), evecs.to(g.device)
     dtype = str(g.dtype).removeprefix("torch.")
     fn = _syevr(dtype) if g.dtype in (torch.float32, torch.float64) else None
     if g.device.type != "cpu" or 4 * k > n or k == 0 or fn is None or g.ndim != 2:
@@ -269,6 +295,9 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         >>> [round(x, 12) for x in w.tolist()], round(abs(float(v[0, 1] * v[1, 1])), 12)
         ([1.0, 3.0], 0.5)
     """
+    if _on_host(g) and g.shape[-1] > 0:
+        evals, evecs = eigh(g.cpu(), overwrite=True)
+        return evals.to(g.device), evecs.to(g.device)
     dtype = str(g.dtype).removeprefix("torch.")
     fn = _syevd(dtype) if g.dtype in (torch.float32, torch.float64) else None
     n = g.shape[-1]

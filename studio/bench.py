@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import engine, methods  # noqa: F401  (registers every method)
+from . import _lapack, engine, methods  # noqa: F401  (methods: registers every method)
 from .memory import keep_freed_memory, malloc_in_use
 from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
@@ -235,7 +235,9 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         gc.collect()
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
         with PeakMemory(device) as mem, CpuSteal() as steal:
-            cold, _ = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)
+            # the result is dropped at once, as the warm runs' are (kept, the warm merge's output needed fresh memory:
+            # page faults, which cost 0.2-0.3 s per ViT-B/32 model on the H200's host)
+            cold = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)[0]
         if cold <= row.get("cold", cold):
             row["steal"] = steal.percent  # of the run whose cold time is reported
         keep_min("cold", cold)
@@ -406,6 +408,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                     help="CPU budget: torch.set_num_threads(N), which is also the number of worker threads a CPU "
                          "merge spreads its layers over, one BLAS thread each (studio.parallel). 0: torch's "
                          "default (the number of cores); 1: everything sequential on one core")
+    ap.add_argument("--host-eigh-max", type=int, default=None, metavar="N",
+                    help="CUDA: solve the symmetric eigenproblems of at most N rows with the host's LAPACK "
+                         f"(studio._lapack.HOST_EIGH_MAX, default {_lapack.HOST_EIGH_MAX}); 0: all on the GPU")
     ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory for reuse, as the app and the CLI (studio.memory); "
                          "default: glibc's own policy, which returns large freed blocks to the kernel")
@@ -423,6 +428,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                                None if args.device == "all" else args.device, args.repeat)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.host_eigh_max is not None:
+        _lapack.HOST_EIGH_MAX = max(0, args.host_eigh_max)
     kept = args.malloc == "keep" and keep_freed_memory()
 
     torch.manual_seed(0)
@@ -437,8 +444,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     base, experts = synthetic_pool(shapes, args.tasks, dtype=getattr(torch, args.dtype))
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
-          f"{cpu_workers('cpu')} CPU merge workers; {blas_kernels()}; "
-          f"malloc {'keeps freed memory' if kept else 'default'}"
+          f"{cpu_workers('cpu')} merge workers; {blas_kernels()}; "
+          + ("" if devices == ["cpu"] else f"CUDA eigensolves of <= {_lapack.HOST_EIGH_MAX} rows on the host; ")
+          + f"malloc {'keeps freed memory' if kept else 'default'}"
           + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
     if args.methods:

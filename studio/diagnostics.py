@@ -1071,7 +1071,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
         progress(0.0, f"diagnostics: {keys[0]}")
     # layers on the merge's worker threads (studio.parallel; the pool's caches are thread-safe), as a merge's: one
     # worker, on the caller's intra-op threads, gives the same numbers to float32 rounding (2e-7 on MiniSuite)
-    rows = parallel_map(row, keys, device=pool.device, on_done=None if progress is None else done)
+    rows = parallel_map(row, keys, device=pool.device, on_done=None if progress is None else done, host_bound=True)
     blocks = [_BLOCK.search(key) for key in keys]
     out: dict[str, list] = {"key": list(keys), "block": [int(b.group(1)) if b else None for b in blocks]}
     for j, name in enumerate(names):

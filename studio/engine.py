@@ -163,7 +163,8 @@ def merge_pool(
             prepare(pool, **structural)
         model_state: dict | None = None if finalize is None else {}
         report = None if progress is None else (lambda done, total: progress(0.9 * done / total, f"{method}: layers"))
-        deltas = parallel_map(lambda key: merge_one(key, model_state), keys, device=pool.device, on_done=report)
+        deltas = parallel_map(lambda key: merge_one(key, model_state), keys, device=pool.device, on_done=report,
+                              host_bound=bool(spec.extra.get("decomposes")))
         out = {key: d for key, d in zip(keys, deltas) if d is not None}
         if finalize is not None:
             finalize(out, model_state, **structural)
@@ -206,7 +207,9 @@ def merge_pool(
 
     report = None if progress is None else (
         lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))
-    merged = dict(zip(pool.base, parallel_map(finish_one, list(pool.base), device=pool.device, on_done=report)))
+    host_bound = cal_spec is not None and bool(cal_spec.extra.get("decomposes"))
+    merged = dict(zip(pool.base, parallel_map(finish_one, list(pool.base), device=pool.device, on_done=report,
+                                              host_bound=host_bound)))
     if progress is not None:
         progress(1.0, f"{method}: done")
     return merged

@@ -9,9 +9,17 @@ plain Python threads suffice.
 
 The number of workers is :func:`set_workers`'s value, else ``torch.get_num_threads()`` at the call (the caller's CPU
 budget; ``torch.set_num_threads`` sets it); inside the parallel region every worker runs with one intra-op thread.
-On CUDA, and for nested calls from a worker, work runs sequentially on the calling thread. The BLAS that NumPy and
-SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._lapack`) gets one thread per worker too
-(:func:`studio._lapack.one_blas_thread`, which those fast paths also take outside a merge).
+Nested calls from a worker run sequentially on the calling thread.
+
+On CUDA, work runs on the calling thread unless the caller says it is bound by the host (``host_bound``: a spectral
+method's layers, whose symmetric eigensolves the host's LAPACK runs, :func:`studio._lapack.eigh`, because cuSOLVER
+solves matrices of CLIP layer sizes slowly). Such workers queue their kernels on the caller's current stream, so the
+GPU runs them in one order and a tensor one worker made (a cached decomposition) is ready for the kernels another
+queues after it, as on a single thread; what runs side by side is the host's part, the solves above all. Work that
+is all kernels gains nothing from threads and lost 20-50 % to them on the H200 (docs/PERFORMANCE.md, "CUDA").
+
+The BLAS that NumPy and SciPy bundle (the CPU Gram and partial-eigensolver fast paths of :mod:`studio._lapack`) gets
+one thread per worker too (:func:`studio._lapack.one_blas_thread`, which those fast paths also take outside a merge).
 """
 
 from __future__ import annotations
@@ -76,21 +84,52 @@ def _mark_worker() -> None:
         _on_a_new_thread(lambda: torch.set_num_threads(process))
 
 
-def cpu_workers(device: "torch.device | str") -> int:
-    """Worker threads :func:`parallel_map` would use for work on ``device`` from the calling thread.
+def cpu_workers(device: "torch.device | str", host_bound: bool = False) -> int:
+    """Worker threads :func:`parallel_map` would use for work on ``device`` from the calling thread (on CUDA, only
+    for ``host_bound`` work).
 
     Example:
-        >>> cpu_workers("cuda")
-        1
+        >>> set_workers(4); cpu_workers("cpu"), cpu_workers("cuda"), cpu_workers("cuda", host_bound=True)
+        (4, 1, 4)
+        >>> set_workers(None)
     """
-    if torch.device(device).type != "cpu" or getattr(_state, "worker", False):
+    kind = torch.device(device).type
+    if getattr(_state, "worker", False) or not (kind == "cpu" or (kind == "cuda" and host_bound)):
         return 1
     return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
+_linalg_loaded = False
+_linalg_lock = threading.Lock()
+
+
+def _on_stream(fn: Callable[[T], R], device: "torch.device | str") -> Callable[[T], R]:
+    """``fn`` run with the calling thread's current CUDA device and stream (a worker thread would otherwise use the
+    default stream of device 0); ``fn`` itself off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return fn
+    stream = torch.cuda.current_stream(device)
+    global _linalg_loaded
+    with _linalg_lock:
+        if not _linalg_loaded:
+            # PyTorch loads its CUDA solvers' library at the first linear-algebra call, and workers making that call
+            # at once failed ("lazy wrapper should be called at most once", torch 2.11 on the H200): load it first
+            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+                torch.linalg.eigh(torch.ones(1, 1, device=stream.device))
+            _linalg_loaded = True
+
+    def run(x: T) -> R:
+        with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+            return fn(x)
+
+    return run
+
+
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.device | str" = "cpu",
-                 on_done: Callable[[int, int], None] | None = None) -> list[R]:
+                 on_done: Callable[[int, int], None] | None = None, host_bound: bool = False) -> list[R]:
     """``[fn(x) for x in items]``, on :func:`cpu_workers` threads when there is more than one, in input order.
+    ``host_bound``: on CUDA, whether the work is mostly the host's (eigensolves), so that threads help.
 
     ``on_done(done, total)`` is called on the calling thread after each item, in order (progress reports). The
     first exception raised by ``fn`` is re-raised here after the items not yet started are cancelled.
@@ -100,7 +139,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
         [0, 1, 4, 9, 16]
     """
     items = list(items)
-    workers = min(cpu_workers(device), len(items))
+    workers = min(cpu_workers(device, host_bound), len(items))
     results: list[R] = []
     if workers <= 1:
         for i, x in enumerate(items):
@@ -111,8 +150,9 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], *, device: "torch.dev
     # one intra-op thread per worker, for PyTorch (_mark_worker) and for the BLAS that NumPy / SciPy bundle
     with _lapack.one_blas_thread():
         ex = ThreadPoolExecutor(workers, thread_name_prefix="studio-layer", initializer=_mark_worker)
+        run = _on_stream(fn, device)
         try:
-            futures = [ex.submit(fn, x) for x in items]
+            futures = [ex.submit(run, x) for x in items]
             for i, fut in enumerate(futures):
                 results.append(fut.result())
                 if on_done is not None:

@@ -249,19 +249,59 @@ def test_resident_device_copies_change_nothing(clip_pool, method, calibrate):
     assert not TaskPool(base, experts, device="cpu").resident   # the CPU default streams
 
 
+@pytest.fixture
+def host_eigh_max(request, monkeypatch):
+    from studio import _lapack
+
+    monkeypatch.setattr(_lapack, "HOST_EIGH_MAX", request.param)
+    return request.param
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("host_eigh_max", [1024, 0], ids=["host-eigh", "gpu-eigh"], indirect=True)
 @pytest.mark.parametrize("svd_mode", ["exact", "auto"])
 @pytest.mark.parametrize("method,calibrate", _every_merge())
-def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode):
+def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode, host_eigh_max):
+    # CUDA eigensolves run on the host's LAPACK by default (studio._lapack.HOST_EIGH_MAX) and on cuSOLVER with 0
     base, experts = clip_pool
     kw = {"p": 0.0} if method == "dare" else {}   # CPU and CUDA generators draw different DARE masks
     a = studio.merge(base, experts, method, calibrate=calibrate, device="cpu", svd_mode=svd_mode, **kw)
-    pool = studio.get_pool(base, experts, device="cuda", svd_mode=svd_mode)
+    pool = TaskPool(base, experts, device="cuda", svd_mode=svd_mode)
     assert pool.resident
     b = studio.merge_pool(pool, method, calibrate=calibrate, **kw)
     for k in a:
         assert b[k].device.type == "cpu" and b[k].dtype == a[k].dtype
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def _decomposing_merges():
+    from studio.registry import get_calibration, get_method
+
+    return [(m, c) for m, c in _every_merge()
+            if get_method(m).extra.get("decomposes") or (c and get_calibration(c).extra.get("decomposes"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method,calibrate", _decomposing_merges())
+def test_cuda_worker_threads_change_no_bit(clip_pool, method, calibrate):
+    # A decomposing method's CUDA layers run on worker threads sharing the caller's stream (studio.parallel); the
+    # merge must be the sequential one's, bit for bit, cached decompositions shared between threads included.
+    from studio.parallel import set_workers
+
+    base, experts = clip_pool
+    merged, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)   # as each worker's (what runs on the host, e.g. the CUDA stand-in's ops, then agrees)
+    try:
+        for workers in (1, 4):
+            set_workers(workers)
+            pool = TaskPool(base, experts, device="cuda")
+            merged.append(studio.merge_pool(pool, method, calibrate=calibrate, preferences=[1, 2, 3, 4]))
+            merged.append(studio.merge_pool(pool, method, calibrate=calibrate))   # warm: from the shared caches
+    finally:
+        set_workers(None)
+        torch.set_num_threads(threads)
+    for k in merged[0]:
+        assert torch.equal(merged[0][k], merged[2][k]) and torch.equal(merged[1][k], merged[3][k]), k
 
 
 def test_truncated_svd_matches_exact_on_decaying_spectrum():

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks of the merge engine in one prepared call, for a session that is lent a device machine (one H100 or
 # H200; see the `device` tool). It runs the CUDA tests (CPU/CUDA parity of every method and calibration), a smoke
-# test of the diagnostics, compression and evaluation on CUDA (tools/device_smoke.py), then the benchmark on CUDA:
-# 8 ViT-B/32 experts (every row) and 8 ViT-L/14 experts (TSV-M and Iso-CTS, the slowest rows). Each step has its own
-# time limit, 6.5 minutes in all, so that with the machine's start a second run still fits a 15-minute device budget;
-# each writes its log under $OUT. Not yet run on a GPU: no device machine was lent to the sessions that wrote it.
+# test of the diagnostics, compression and evaluation on CUDA (tools/device_smoke.py), the benchmark on CUDA:
+# 8 ViT-B/32 experts (every row) and 8 ViT-L/14 experts (TSV-M and Iso-CTS, the slowest rows), and last the probe of
+# eigensolver and transfer speeds (tools/device_probe.py). Each step has its own time limit, 6 minutes in all, and
+# writes its log under $OUT; the steps run in order of importance, so a call cut short keeps the first ones. First
+# run on an H200 on 2026-12-04 (the README's CUDA rows and docs/PERFORMANCE.md, "CUDA").
 #
 # The device image has PyTorch, NumPy, SciPy, pytest, safetensors, timm, huggingface_hub and PyYAML, but not
 # open_clip (the benchmark takes the real tower shapes from its configs) or ftfy / wcwidth, which it imports.
@@ -40,4 +41,5 @@ step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --f
 step tests 90 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_engine.py tests/test_lapack.py
 step smoke 45 python3 tools/device_smoke.py
 step bench_b32 150 python3 -m studio.bench --device cuda
-step bench_l14 90 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
+step bench_l14 120 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
+step probe 75 python3 tools/device_probe.py

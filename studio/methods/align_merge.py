@@ -107,6 +107,7 @@ def _present(c: Tensor, preferences: Tensor | None) -> Tensor | None:
 @register(
     "align_merge_b",
     kind="calibration",
+    decomposes=True,
     params=(_GATE,),
     paper="AlignMerge (Beyond Conflict: Subspace-Alignment as the Missing Piece of Model Merging), sec. 4.1 eq. 9; "
           "App. E.2 Table 15 (TIES / DARE w/ AlignMerge-B)",
@@ -151,6 +152,7 @@ def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float
     summary="Sum the task matrices, then divide each singular value by the tasks' average full coefficient xi~ "
             "(gated by alpha).",
     vector_rule="mean",
+    decomposes=True,
     uses_preferences=True,
 )
 def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | None = None) -> Tensor:
@@ -335,6 +337,7 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     summary="TSV-style orthogonalised task subspaces plus one extracted aligned subspace, with singular values "
             "set by eta and renormalised to the original energy.",
     vector_rule="mean",
+    decomposes=True,
 )
 def align_merge_o(layer: LayerTasks, eta: str, align_signs: bool) -> Tensor:
     """AlignMerge-O merge of one matrix layer (unscaled; see :func:`align_merge_o_delta`).

@@ -27,6 +27,7 @@ __all__ = ["iso_c"]
     summary="SVD of the summed task matrices with every singular value replaced by their mean (isotropic).",
     scope="matrix",
     vector_rule="mean",
+    decomposes=True,
 )
 def iso_c(layer: LayerTasks) -> Tensor:
     """``Delta_Iso-C = sigma_bar U V^T`` with ``U Sigma V^T = sum_t Delta_t`` and ``sigma_bar = mean(sigma)``.

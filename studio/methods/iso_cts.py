@@ -97,6 +97,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
             "with a flat (isotropic) spectrum.",
     scope="matrix",
     vector_rule="mean",
+    decomposes=True,
 )
 def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     """``Delta_Iso-CTS = sigma_bar U_* V_*^T`` (Iso Alg. 2, eq. 10-13; unscaled).

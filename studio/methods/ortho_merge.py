@@ -103,6 +103,7 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
             "tasks, sum, then flatten the spectrum to its mean (Iso-C).",
     vector_rule="mean",
     layer_rule="skip_embeddings",
+    decomposes=True,
 )
 def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     """Ortho-Merge of one matrix layer (unscaled).

@@ -66,6 +66,7 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
     summary="Rescale each singular value of the merged delta by how much the tasks over-count that subspace "
             "(directions unchanged).",
     layer_rule="skip_embeddings",
+    decomposes=True,
     paper_base_scales=PAPER_BASE_SCALES,
 )
 def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None, base_method: str,

@@ -84,6 +84,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     summary="Keep each task's top 1/T singular directions, decorrelate them across tasks (Procrustes), rebuild.",
     scope="matrix",
     vector_rule="mean",
+    decomposes=True,
 )
 def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).

@@ -289,7 +289,20 @@ def report():
 
 
 def patch_studio():
-    import studio.pool, studio.engine
+    import studio.pool, studio.engine, studio.parallel
+
+    # CUDA work on the merge's worker threads: there is no stream to follow, and the dispatch mode is per thread
+    def on_stream(fn, device):
+        if torch.device(device).type != "cuda":
+            return fn
+
+        def run(x):
+            with FakeCudaMode():
+                return fn(x)
+
+        return run
+
+    studio.parallel._on_stream = on_stream
     orig = studio.pool.resolve_device
 
     def resolve(device):
