@@ -41,9 +41,10 @@ def register(
     final delta of one layer given the base method's unscaled ``merged`` delta and its global ``scale``.
     ``scope``: ``"all"`` (element-wise, every tensor) or ``"matrix"`` (only layers the layer rule selects; other
     tensors get ``vector_rule``: ``"mean"`` of the task vectors, as the TSV/Iso official code does).
-    ``extra`` keys the engine reads: ``prepare`` and ``finalize`` (model-wide steps, see :func:`studio.engine.merge_pool`),
-    ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer function decomposes matrices: on CUDA its
-    layers run on worker threads, whose eigensolves the host solves side by side, :mod:`studio.parallel`).
+    ``extra`` keys the engine reads: ``prepare`` and ``finalize`` (model-wide steps, see
+    :func:`studio.engine.merge_pool`), ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer function
+    decomposes matrices: on CUDA its layers run on worker threads, whose eigensolves the host solves side by side,
+    :mod:`studio.parallel`).
     """
     if kind not in ("merge", "calibration"):
         raise ValueError(f"kind must be 'merge' or 'calibration', got {kind!r}")

@@ -87,7 +87,7 @@ def main() -> int:
             _lapack.HOST_EIGH_MAX = saved
             print(f"| {n} | {str(dtype)[6:]} | {1e3 * gpu:.1f} | {1e3 * gpu8:.1f} | {1e3 * host:.1f} | "
                   f"{1e3 * host16:.2f} | {1e3 * top:.1f} | {1e3 * top16:.2f} |", flush=True)
-            del a, mats, g
+            del a, mats
     # transfers: ~ViT-B/32's 88M float32 parameters as 8 tensors of 11M
     cpu = [torch.randn(11_000_000) for _ in range(8)]
     size = sum(t.numel() * 4 for t in cpu) / 1e9
