@@ -39,7 +39,7 @@ import threadpoolctl
 import torch
 from torch import Tensor
 
-__all__ = ["gram", "matmul", "eigh", "eigh_top", "have_syevr", "one_blas_thread"]
+__all__ = ["gram", "matmul", "eigh", "eigh_top", "have_syevr", "load_cuda_solvers", "one_blas_thread"]
 
 _CHAR, _INT = ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)
 
@@ -209,11 +209,41 @@ def _on_host(g: Tensor) -> bool:
             and _syevd(str(g.dtype).removeprefix("torch.")) is not None)
 
 
+def _host_copy(g: Tensor) -> Tensor:
+    """A host copy of the CUDA matrix ``g`` in column-major order (transposed on the GPU first), which LAPACK reads
+    in place: its lower triangle is ``g``'s, as for ``torch.linalg.eigh``. A row-major copy would make LAPACK read
+    ``g``'s upper triangle, which differs where ``g`` is symmetric only to rounding (a Gram matrix from a general
+    product, as on CUDA)."""
+    return g.mT.contiguous().mT.cpu()
+
+
+_solvers_loaded = False
+_solvers_lock = threading.Lock()
+
+
+def load_cuda_solvers(device: "torch.device | str") -> None:
+    """Load PyTorch's CUDA linear-algebra library now, once per process, under a lock.
+
+    PyTorch loads it at the first CUDA linear-algebra call; two threads making that call at once failed ("lazy
+    wrapper should be called at most once", torch 2.11 on the H200, when the merge's worker threads met it). CUDA
+    pools call this on creation and :func:`studio.parallel.parallel_map` before it starts CUDA workers.
+    """
+    global _solvers_loaded
+    device = torch.device(device)
+    if _solvers_loaded or device.type != "cuda":
+        return
+    with _solvers_lock:
+        if not _solvers_loaded:
+            torch.linalg.eigh(torch.ones(1, 1, device=device))
+            _solvers_loaded = True
+
+
 def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Top-``k`` eigenpairs of the symmetric matrix ``g``: eigenvalues descending ``[k]``, eigenvectors ``[n, k]``.
 
     CPU float32/float64 with ``k <= n / 4``: LAPACK ``syevr`` restricted to the index range ``n-k+1..n`` (only
-    those ``k`` eigenvectors are computed). Otherwise (other devices, larger ``k`` -- where ``syevr`` is slower than
+    those ``k`` eigenvectors are computed); a CUDA matrix of at most :data:`HOST_EIGH_MAX` rows is solved so on the
+    host (:func:`_on_host`). Otherwise (other devices, larger ``k`` -- where ``syevr`` is slower than
     the full ``syevd``: measured 43 vs 44 ms at k = 192 of 768, 68 vs 43 ms at k = 384 -- or SciPy missing) the full
     :func:`eigh`, sliced. Eigenvector signs are arbitrary, as for any eigensolver. ``overwrite=True``
     lets LAPACK work in ``g``'s own memory (a fresh Gram matrix the caller does not need again, exactly
@@ -227,7 +257,7 @@ def eigh_top(g: Tensor, k: int, *, overwrite: bool = False) -> tuple[Tensor, Ten
     n = g.shape[-1]
     k = max(0, min(int(k), n))
     if _on_host(g):
-        evals, evecs = eigh_top(g.cpu(), k, overwrite=True)   # the copy is ours to overwrite
+        evals, evecs = eigh_top(_host_copy(g), k, overwrite=True)   # the copy is ours to overwrite
         return evals.to(g.device), evecs.to(g.device)
     dtype = str(g.dtype).removeprefix("torch.")
     fn = _syevr(dtype) if g.dtype in (torch.float32, torch.float64) else None
@@ -286,7 +316,8 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """All eigenpairs of the symmetric matrix ``g`` (its lower triangle), ascending, like ``torch.linalg.eigh``.
 
     On the CPU (2-D float32/float64) LAPACK's divide-and-conquer ``syevd`` from SciPy's OpenBLAS through
-    :mod:`ctypes` (the GIL is released, so worker threads run in parallel); elsewhere ``torch.linalg.eigh``.
+    :mod:`ctypes` (the GIL is released, so worker threads run in parallel), also for a CUDA matrix of at most
+    :data:`HOST_EIGH_MAX` rows (:func:`_on_host`); elsewhere ``torch.linalg.eigh``.
     ``overwrite=True`` lets LAPACK work in ``g``'s memory (the eigenvectors then share it) instead of a copy; ``g``
     must then be exactly symmetric, as :func:`gram`'s results are.
 
@@ -296,7 +327,7 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         ([1.0, 3.0], 0.5)
     """
     if _on_host(g) and g.shape[-1] > 0:
-        evals, evecs = eigh(g.cpu(), overwrite=True)
+        evals, evecs = eigh(_host_copy(g), overwrite=True)
         return evals.to(g.device), evecs.to(g.device)
     dtype = str(g.dtype).removeprefix("torch.")
     fn = _syevd(dtype) if g.dtype in (torch.float32, torch.float64) else None

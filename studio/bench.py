@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                     help="run each row on N fresh pools and report the fastest of each timing (shared machines)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU budget: torch.set_num_threads(N), which is also the number of worker threads a CPU "
-                         "merge spreads its layers over, one BLAS thread each (studio.parallel). 0: torch's "
+                         "merge (or a spectral method's CUDA merge) spreads its layers over, one BLAS thread each "
+                         "(studio.parallel). 0: torch's "
                          "default (the number of cores); 1: everything sequential on one core")
     ap.add_argument("--host-eigh-max", type=int, default=None, metavar="N",
                     help="CUDA: solve the symmetric eigenproblems of at most N rows with the host's LAPACK "

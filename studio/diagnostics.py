@@ -1070,7 +1070,9 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
     if progress is not None and keys:
         progress(0.0, f"diagnostics: {keys[0]}")
     # layers on the merge's worker threads (studio.parallel; the pool's caches are thread-safe), as a merge's: one
-    # worker, on the caller's intra-op threads, gives the same numbers to float32 rounding (2e-7 on MiniSuite)
+    # worker, on the caller's intra-op threads, gives the same numbers to float32 rounding (2e-7 on MiniSuite). On
+    # CUDA too (host_bound: the per-task top-k eigensolves run on the host): the smoke test's curves of 4 MiniSuite
+    # experts took 1.48 s on one thread with cuSOLVER and 1.03 s so on the H200 (tools/device_smoke.py, 2026-12-04)
     rows = parallel_map(row, keys, device=pool.device, on_done=None if progress is None else done, host_bound=True)
     blocks = [_BLOCK.search(key) for key in keys]
     out: dict[str, list] = {"key": list(keys), "block": [int(b.group(1)) if b else None for b in blocks]}

@@ -1,4 +1,5 @@
-"""Layer-level parallelism on the CPU: independent per-layer (or per-task) work on worker threads.
+"""Layer-level parallelism: independent per-layer (or per-task) work on worker threads, on the CPU and, for work bound
+by the host, on CUDA.
 
 A merge is a loop over ~150 independent tensors, most of them decomposed with LAPACK or swept element-wise. On a
 small CPU, giving each worker thread whole layers with a single BLAS/OpenMP thread each is faster than letting
@@ -58,7 +59,8 @@ def _on_a_new_thread(fn: Callable[[], R]) -> R:
 
 
 def set_workers(workers: int | None) -> None:
-    """Use ``workers`` threads for CPU merges from now on (``None``: follow ``torch.get_num_threads()``).
+    """Use ``workers`` threads for CPU merges (and CUDA work bound by the host) from now on (``None``: follow
+    ``torch.get_num_threads()``).
 
     The app sets this to the core count while keeping one intra-op thread for everything else.
     """
@@ -99,10 +101,6 @@ def cpu_workers(device: "torch.device | str", host_bound: bool = False) -> int:
     return max(1, _workers if _workers is not None else torch.get_num_threads())
 
 
-_linalg_loaded = False
-_linalg_lock = threading.Lock()
-
-
 def _on_stream(fn: Callable[[T], R], device: "torch.device | str") -> Callable[[T], R]:
     """``fn`` run with the calling thread's current CUDA device and stream (a worker thread would otherwise use the
     default stream of device 0); ``fn`` itself off CUDA."""
@@ -110,14 +108,7 @@ def _on_stream(fn: Callable[[T], R], device: "torch.device | str") -> Callable[[
     if device.type != "cuda":
         return fn
     stream = torch.cuda.current_stream(device)
-    global _linalg_loaded
-    with _linalg_lock:
-        if not _linalg_loaded:
-            # PyTorch loads its CUDA solvers' library at the first linear-algebra call, and workers making that call
-            # at once failed ("lazy wrapper should be called at most once", torch 2.11 on the H200): load it first
-            with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-                torch.linalg.eigh(torch.ones(1, 1, device=stream.device))
-            _linalg_loaded = True
+    _lapack.load_cuda_solvers(stream.device)   # before any worker's first solve (they raced to load it)
 
     def run(x: T) -> R:
         with torch.cuda.device(stream.device), torch.cuda.stream(stream):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import _lapack, linalg
 from .schema import StudioError, brief
 
 StateDict = Mapping[str, Tensor]
@@ -485,6 +485,7 @@ class TaskPool:
         self.experts = {name: {k: _data(v) for k, v in sd.items()} for name, sd in experts.items()}
         self.names = tuple(experts)
         self.device = resolve_device(device)
+        _lapack.load_cuda_solvers(self.device)   # once per process, before threads can race to load it
         self.svd_mode = svd_mode
         self.resident = _fits_on_device(self.base, self.experts, self.device) if resident is None else bool(resident)
         self._on_device: dict[tuple[str | None, str], Tensor] = {}

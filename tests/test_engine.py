@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -279,6 +281,55 @@ def _decomposing_merges():
 
     return [(m, c) for m, c in _every_merge()
             if get_method(m).extra.get("decomposes") or (c and get_calibration(c).extra.get("decomposes"))]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_spectral_merge_solves_on_the_host_from_worker_threads_on_the_callers_stream(clip_pool, monkeypatch):
+    import sys
+    import threading
+
+    from studio import _lapack
+    from studio.parallel import set_workers
+
+    real = "fakecuda" not in sys.modules   # the CPU stand-in has no streams
+    seen = []
+
+    def spy(solve):
+        def spied(g, *args, **kwargs):
+            if g.device.type == "cuda":
+                stream = torch.cuda.current_stream().cuda_stream if real else None
+                seen.append((threading.current_thread().name, _lapack._on_host(g), stream))
+            return solve(g, *args, **kwargs)
+        return spied
+
+    monkeypatch.setattr(_lapack, "eigh", spy(_lapack.eigh))
+    monkeypatch.setattr(_lapack, "eigh_top", spy(_lapack.eigh_top))
+    base, experts = clip_pool
+    caller = torch.cuda.Stream() if real else contextlib.nullcontext()
+    set_workers(4)
+    try:
+        with torch.cuda.stream(caller) if real else caller:
+            studio.merge_pool(TaskPool(base, experts, device="cuda"), "tsv_m")
+    finally:
+        set_workers(None)
+    assert seen and all(on_host for _, on_host, _ in seen)
+    assert any(name.startswith("studio-layer") for name, _, _ in seen)
+    if real:
+        assert {stream for _, _, stream in seen} == {caller.cuda_stream}
+    # element-wise methods keep their CUDA layers on the calling thread
+    recorded = _record_workers(studio.engine.parallel_map)
+    monkeypatch.setattr(studio.engine, "parallel_map", recorded)
+    studio.merge_pool(TaskPool(base, experts, device="cuda"), "ties")
+    studio.merge_pool(TaskPool(base, experts, device="cuda"), "tsv_m", calibrate="svc")
+    assert recorded.host_bound == [False, False, True, True]   # layers, then finishing (SVC decomposes)
+
+
+def _record_workers(parallel_map):
+    def recorded(*args, host_bound=False, **kwargs):
+        recorded.host_bound.append(host_bound)
+        return parallel_map(*args, host_bound=host_bound, **kwargs)
+    recorded.host_bound = []
+    return recorded
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

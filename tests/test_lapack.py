@@ -265,3 +265,31 @@ def test_matmul_and_full_eigh_are_thread_safe_and_deterministic():
     results = parallel_map(lambda m: (_lapack.eigh(m), _lapack.matmul(m, m)), mats + mats)
     for ((w1, v1), p1), ((w2, v2), p2) in zip(sequential + sequential, results):
         assert torch.equal(w1, w2) and torch.equal(v1, v2) and torch.equal(p1, p2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_eigensolves_on_the_host_read_the_lower_triangle_and_stay_on_the_device(dtype, monkeypatch):
+    # studio._lapack.HOST_EIGH_MAX: CUDA matrices of up to that many rows are solved by LAPACK on the host. Like
+    # torch.linalg.eigh, the solve reads the lower triangle: a matrix symmetric only to rounding (a Gram matrix from a
+    # general product) must give the same eigenpairs on either route.
+    g = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 0.25], [0.0, 0.0, 1.0]], dtype=dtype)
+    lower = torch.tril(g) + torch.tril(g, -1).mT
+    want_w, want_v = torch.linalg.eigh(lower)
+    cuda = torch.device("cuda", 0)
+    on_cuda = g.to(cuda)
+    assert _lapack._on_host(on_cuda) and not _lapack._on_host(g)
+    assert not _lapack._on_host(torch.eye(3, device=cuda).expand(2, 3, 3))   # batched: cuSOLVER
+    for overwrite in (False, True):
+        w, v = _lapack.eigh(on_cuda.clone(), overwrite=overwrite)
+        assert w.device == on_cuda.device and v.device == on_cuda.device and w.dtype == v.dtype == dtype
+        torch.testing.assert_close(w.cpu(), want_w)
+        torch.testing.assert_close((v.cpu() * want_v).sum(0).abs(), torch.ones(3, dtype=dtype))   # same vectors
+        wt, vt = _lapack.eigh_top(on_cuda.clone(), 1, overwrite=overwrite)
+        torch.testing.assert_close(wt.cpu(), want_w[-1:])
+    assert torch.equal(on_cuda.cpu(), g)   # overwrite=False left the caller's matrix alone
+    monkeypatch.setattr(_lapack, "HOST_EIGH_MAX", 2)   # above the limit: cuSOLVER, the same eigenvalues
+    assert not _lapack._on_host(on_cuda)
+    torch.testing.assert_close(_lapack.eigh(on_cuda)[0].cpu(), want_w)
+    empty = torch.zeros(0, 0, device=cuda, dtype=dtype)
+    assert _lapack.eigh(empty)[0].shape == (0,) and _lapack.eigh_top(empty, 3)[1].shape == (0, 0)
