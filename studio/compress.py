@@ -323,7 +323,7 @@ def compress(
             (LAPACK, as the official code); see :func:`studio.merge`.
 
     The per-task decompositions come from the same cached pool as :func:`studio.merge` (``layer.svd(i, k)``), so
-    compressing after a TSV-M merge with the same rank reuses them.
+    compressing after a TSV-M merge at any rank up to ``r / T`` (a TSV-M merge's every rank) reuses them.
 
     Example:
         >>> import torch
@@ -359,7 +359,7 @@ def compress(
         if rule.is_matrix(key, b.shape):
             k = tsv_rank(min(b.shape), 1, fraction, owner="compress", key=key)
             for i, name in enumerate(pool.names):
-                U, S, Vh = layer.svd(i, k)
+                U, S, Vh = layer.svd(i, k, cover=min(b.shape) // T)   # TSV-M's buckets (see tsv_factors)
                 tasks[name][key] = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
         else:
             deltas = layer.deltas

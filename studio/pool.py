@@ -364,11 +364,18 @@ class LayerTasks:
             return self._local[tag]
         return self.pool.memo((self.key, tag), compute, transient=transient)
 
-    def svd(self, i: int, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def svd(self, i: int, rank: int | None = None, *, cover: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None), cut from the decomposition at
         :func:`rank_bucket` (the smallest of ``ceil(r / 2^(j/4))``, ``j = 0, 1, ...``, that covers it; ``r`` the full
         rank). A rank's factors are therefore the same bits whatever was asked before, so a merge on a warm pool
-        equals the same merge on a fresh one bit for bit. Before, a rank was cut from any higher one already cached,
+        equals the same merge on a fresh one bit for bit.
+
+        ``cover``: the largest rank this caller can ask for on this layer and expert set (TSV-M: ``r // T``, its
+        largest valid ``k``). The bucket then covers it, so every rank the caller can ask is cut from one
+        decomposition: TSV-M's rank slider below its default decomposes nothing again (on the development machine
+        a rank change took 17-18 s when ``k = 76`` had a bucket of its own, 81, against 96 for the default; figures
+        in docs/PERFORMANCE.md, "Rank changes"). It depends on the layer and the expert set, not on the rank asked,
+        so the bits stay those of a fresh pool. Before, a rank was cut from any higher one already cached,
         which differs from its own decomposition in the last bits: TSV-M repeated after two merges at other ranks
         changed by 1e-5, and AlignMerge-O + SVC after an Ortho-Merge at a higher k differed from the fresh merge by
         1.6e-2 (SVC's directions turn at near-tied singular values). Ranks within a bucket share one decomposition.
@@ -387,7 +394,7 @@ class LayerTasks:
         """
         r = min(self.shape)
         rank = r if rank is None else min(rank, r)
-        bucket = rank_bucket(rank, r)
+        bucket = rank_bucket(max(rank, min(cover, r)) if cover is not None else rank, r)
         exact = self.pool.svd_mode == "exact"
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:

@@ -904,3 +904,26 @@ def test_default_device_follows_the_environment_and_weights_live_on_the_pools_de
     layer = pool.layer("visual.proj", [1.0, 2.0, 0.0, 1.0])   # a list, converted to a tensor on the pool's device
     assert layer.weights.device == pool.device and layer.weights.dtype == torch.float32
     torch.testing.assert_close(layer.deltas[1], 2 * pool.raw_delta("visual.proj", 1))
+
+
+def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bits(clip_pool, monkeypatch):
+    # TSV-M's per-task decompositions cover every valid k (LayerTasks.svd's cover = r // T), so the rank slider
+    # below the default reuses them; each rank is still cut from the same bucket on a fresh pool
+    from studio import linalg
+
+    base, experts = clip_pool
+    studio.engine.clear_pools()
+    pool = studio.get_pool(base, experts)   # the pool studio.compress finds
+    studio.merge_pool(pool, "tsv_m")
+    solved = []
+    gram_svd = linalg.gram_svd
+    monkeypatch.setattr(linalg, "gram_svd", lambda *a, **k: solved.append(a[0].shape) or gram_svd(*a, **k))
+    warm = {f: studio.merge_pool(pool, "tsv_m", rank_fraction=f) for f in (0.1, 0.15, 0.2)}
+    assert not solved
+    # TSV-C at a TSV-M rank, on TSV-M's layers (it compresses every matrix by default): the same buckets
+    packed = studio.compress(base, experts, rank_fraction=0.15, layer_rule=studio.DEFAULT_LAYER_RULE)
+    assert not solved and packed.tasks
+    monkeypatch.setattr(linalg, "gram_svd", gram_svd)
+    for f, merged in warm.items():
+        fresh = studio.merge_pool(TaskPool(base, experts), "tsv_m", rank_fraction=f)
+        assert all(torch.equal(fresh[k], merged[k]) for k in merged), f

@@ -53,7 +53,8 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenated top-``k`` task singular vectors ``U [m, T*k]``, ``S [T*k]``, ``V [n, T*k]`` (TSV eq. 4-6).
 
     Task ``i`` occupies columns ``i*k:(i+1)*k`` as in the official code. Decompositions come from
-    ``layer.svd(i, k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else :func:`studio.linalg.gram_svd`).
+    ``layer.svd(i, k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else :func:`studio.linalg.gram_svd`),
+    one per task for every valid ``k`` (``cover = r // T``), so a change of ``rank_fraction`` reuses them.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -62,7 +63,8 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
         >>> U.shape, S.tolist(), V.shape
         (torch.Size([3, 2]), [3.0, 1.0], torch.Size([3, 2]))
     """
-    parts = [layer.svd(i, k) for i in range(layer.num_tasks)]
+    cover = min(layer.shape) // layer.num_tasks   # the largest k tsv_rank allows
+    parts = [layer.svd(i, k, cover=cover) for i in range(layer.num_tasks)]
     U = torch.cat([p[0] for p in parts], dim=1)
     S = torch.cat([p[1] for p in parts])
     V = torch.cat([p[2].mT for p in parts], dim=1)
