@@ -230,10 +230,17 @@ def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Has
         raise DiagnosticsError(
             f"key '{layer.key}': merged delta has shape {tuple(merged.shape)}, expected the layer's {layer.shape}"
         )
-    if merged is layer.sum():
+    total = layer.sum()
+    if merged is total:
         return merged, "ta_sum"
     _check_values(merged, f"key '{layer.key}': the merged delta", "the merged delta")
-    return merged.to(layer.device, torch.float32), _tensor_tag(merged)
+    delta = merged.to(layer.device, torch.float32)
+    # the sum by content (a copy, a Task Arithmetic merge at scale 1) is the sum, as _align.merged_spectrum decides:
+    # every statistic then comes from one basis (the cross terms took the sum-ordered SVD of the copy while the
+    # coefficients took the sum's, which differ where the spectrum has ties: C[i, j] != C[j, i])
+    if torch.equal(delta, total):
+        return total, "ta_sum"
+    return delta, _tensor_tag(merged)
 
 
 def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -343,6 +343,22 @@ def test_svc_lemma_3_2_cross_term_form_for_the_ta_sum():
     torch.testing.assert_close(D.svc_cross_matrix(layer, k=k).sum(1).double(), pooled, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("svd_mode", ["exact", "auto"])
+def test_a_copy_of_the_ta_sum_is_diagnosed_as_the_sum_in_one_basis(svd_mode):
+    # Task matrices diag(1, 2) and diag(2, 1) sum to 3 I: every basis is singular for the sum. The cross terms and the
+    # coefficients of a copy of the sum (a TA merge at scale 1, as the app passes it) must come from one basis, the
+    # sum's: before, the cross terms took the copy's own SVD while the coefficients took the sum's, and the raw
+    # inner products <a_i, a_j> came out asymmetric ([[1, 0.5], [8, 4]] in exact mode).
+    pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.diag(torch.tensor([1.0, 2.0]))},
+                                               "b": {"w": torch.diag(torch.tensor([2.0, 1.0]))}}, svd_mode=svd_mode)
+    layer = pool.layer("w")
+    copy = layer.sum().clone()
+    raw = D.svc_cross_terms(layer, copy, normalize=False)
+    torch.testing.assert_close(raw, raw.transpose(0, 1))
+    torch.testing.assert_close(raw, D.svc_cross_terms(layer, None, normalize=False))
+    torch.testing.assert_close(D.svc_cross_terms(layer, copy).sum(1), D.svc_coefficients(layer, copy)[0])
+
+
 # ---------------------------------------------------------------------------------- slow references: AlignMerge
 
 
