@@ -368,17 +368,17 @@ class LayerTasks:
         """Top-``rank`` SVD of task ``i`` (all components when ``rank`` is None), cut from the decomposition at
         :func:`rank_bucket` (the smallest of ``ceil(r / 2^(j/4))``, ``j = 0, 1, ...``, that covers it; ``r`` the full
         rank). A rank's factors are therefore the same bits whatever was asked before, so a merge on a warm pool
-        equals the same merge on a fresh one bit for bit.
-
-        ``cover``: the largest rank this caller can ask for on this layer and expert set (TSV-M: ``r // T``, its
-        largest valid ``k``). The bucket then covers it, so every rank the caller can ask is cut from one
-        decomposition: TSV-M's rank slider below its default decomposes nothing again (on the development machine
-        a rank change took 17-18 s when ``k = 76`` had a bucket of its own, 81, against 96 for the default; figures
-        in docs/PERFORMANCE.md, "Rank changes"). It depends on the layer and the expert set, not on the rank asked,
-        so the bits stay those of a fresh pool. Before, a rank was cut from any higher one already cached,
+        equals the same merge on a fresh one bit for bit. Before, a rank was cut from any higher one already cached,
         which differs from its own decomposition in the last bits: TSV-M repeated after two merges at other ranks
         changed by 1e-5, and AlignMerge-O + SVC after an Ortho-Merge at a higher k differed from the fresh merge by
         1.6e-2 (SVC's directions turn at near-tied singular values). Ranks within a bucket share one decomposition.
+
+        ``cover``: the largest rank this caller can ask for on this layer and expert set (TSV-M: ``r // T``, its
+        largest valid ``k``). The bucket then covers it, so every rank the caller can ask is cut from one
+        decomposition: TSV-M's rank changes decompose no task again (8 ViT-B/32 experts, ``k`` 96 to 76, whose own
+        bucket is 81: 6.0-6.2 s instead of 17.4-20.5 s on the 2026-12-04 development machine; docs/PERFORMANCE.md,
+        "Rank changes"). The bucket depends on the layer and the expert set, not on the rank asked, so the bits stay
+        a fresh pool's.
 
         Cached per expert and layer: the two buckets used last (figures in docs/PERFORMANCE.md, "The per-task SVD
         cache's memory").
