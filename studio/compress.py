@@ -323,7 +323,7 @@ def compress(
             (LAPACK, as the official code); see :func:`studio.merge`.
 
     The per-task decompositions come from the same cached pool as :func:`studio.merge` (``layer.svd(i, k)``), so
-    compressing after a TSV-M merge at any rank up to ``r / T`` (a TSV-M merge's every rank) reuses them.
+    compressing after a TSV-M merge at the same rank, or at another from ``r / (2 T)`` to ``r / T``, reuses them.
 
     Example:
         >>> import torch

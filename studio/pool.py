@@ -374,11 +374,13 @@ class LayerTasks:
         1.6e-2 (SVC's directions turn at near-tied singular values). Ranks within a bucket share one decomposition.
 
         ``cover``: the largest rank this caller can ask for on this layer and expert set (TSV-M: ``r // T``, its
-        largest valid ``k``). The bucket then covers it, so every rank the caller can ask is cut from one
-        decomposition: TSV-M's rank changes decompose no task again (8 ViT-B/32 experts, ``k`` 96 to 76, whose own
-        bucket is 81: 6.0-6.2 s instead of 17.4-20.5 s on the 2026-12-04 development machine; docs/PERFORMANCE.md,
-        "Rank changes"). The bucket depends on the layer and the expert set, not on the rank asked, so the bits stay
-        a fresh pool's.
+        largest valid ``k``). A rank of at least half of it is cut from ``cover``'s bucket, so the ranks a slider
+        moves through near the default share one decomposition: TSV-M's rank changes there decompose no task again
+        (8 ViT-B/32 experts, ``k`` 96 to 76, whose own bucket is 81: 6.0-6.2 s instead of 17.4-20.5 s on the
+        2026-12-04 development machine; docs/PERFORMANCE.md, "Rank changes"). A smaller rank keeps its own bucket:
+        covering it too made a TSV-M merge of 2 experts at ``rank_fraction = 0.05`` decompose 384 components for
+        38 (0.52-0.76 s against 0.12 s for one ``768 x 3072`` layer, 9x the cached factors). The bucket depends on
+        the rank and ``cover`` only, so the bits stay a fresh pool's.
 
         Cached per expert and layer: the two buckets used last (figures in docs/PERFORMANCE.md, "The per-task SVD
         cache's memory").
@@ -394,7 +396,8 @@ class LayerTasks:
         """
         r = min(self.shape)
         rank = r if rank is None else min(rank, r)
-        bucket = rank_bucket(max(rank, min(cover, r)) if cover is not None else rank, r)
+        covered = None if cover is None else min(cover, r)
+        bucket = rank_bucket(covered if covered is not None and rank <= covered <= 2 * rank else rank, r)
         exact = self.pool.svd_mode == "exact"
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:

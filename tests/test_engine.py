@@ -907,8 +907,8 @@ def test_default_device_follows_the_environment_and_weights_live_on_the_pools_de
 
 
 def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bits(clip_pool, monkeypatch):
-    # TSV-M's per-task decompositions cover every valid k (LayerTasks.svd's cover = r // T), so the rank slider
-    # below the default reuses them; each rank is still cut from the same bucket on a fresh pool
+    # TSV-M's per-task decompositions cover every k from half the largest valid one (LayerTasks.svd's cover = r // T),
+    # so the rank slider near the default reuses them; each rank is still cut from the same bucket on a fresh pool
     from studio import linalg
 
     base, experts = clip_pool
@@ -918,11 +918,14 @@ def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bi
     solved = []
     gram_svd = linalg.gram_svd
     monkeypatch.setattr(linalg, "gram_svd", lambda *a, **k: solved.append(a[0].shape) or gram_svd(*a, **k))
-    warm = {f: studio.merge_pool(pool, "tsv_m", rank_fraction=f) for f in (0.1, 0.15, 0.2)}
+    warm = {f: studio.merge_pool(pool, "tsv_m", rank_fraction=f) for f in (0.2, 0.22)}   # k >= half the default's
     assert not solved
     # TSV-C at a TSV-M rank, on TSV-M's layers (it compresses every matrix by default): the same buckets
-    packed = studio.compress(base, experts, rank_fraction=0.15, layer_rule=studio.DEFAULT_LAYER_RULE)
+    packed = studio.compress(base, experts, rank_fraction=0.2, layer_rule=studio.DEFAULT_LAYER_RULE)
     assert not solved and packed.tasks
+    # a rank below half of the largest keeps a smaller bucket of its own: decomposed, not cut from the large one
+    warm[0.1] = studio.merge_pool(pool, "tsv_m", rank_fraction=0.1)
+    assert solved and all(min(shape) == 12 for shape in solved)   # k = 1 of r = 12, cover 3: bucket 1
     monkeypatch.setattr(linalg, "gram_svd", gram_svd)
     for f, merged in warm.items():
         fresh = studio.merge_pool(TaskPool(base, experts), "tsv_m", rank_fraction=f)

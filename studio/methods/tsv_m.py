@@ -54,7 +54,8 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
     Task ``i`` occupies columns ``i*k:(i+1)*k`` as in the official code. Decompositions come from
     ``layer.svd(i, k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else :func:`studio.linalg.gram_svd`),
-    one per task for every valid ``k`` (``cover = r // T``), so a change of ``rank_fraction`` reuses them.
+    one per task for every ``k`` from half of the largest valid one up (``cover = r // T``), so a change of
+    ``rank_fraction`` near its default reuses them.
 
     Example:
         >>> from studio.pool import TaskPool
