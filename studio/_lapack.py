@@ -193,7 +193,7 @@ HOST_EIGH_MAX = 1024
 
 
 def _on_host(g: Tensor) -> bool:
-    """Whether a CUDA eigensolve of ``g`` runs on the host instead: a 2-D float32/float64 matrix of at most
+    """Whether a CUDA eigensolve of ``g`` runs on the host instead: a non-empty 2-D float32/float64 matrix of at most
     :data:`HOST_EIGH_MAX` rows, where SciPy's LAPACK is there.
 
     cuSOLVER's ``syevd`` is bound by its kernels' launch latency at the sizes of CLIP layers: on an H200 one
@@ -204,7 +204,7 @@ def _on_host(g: Tensor) -> bool:
     faster (docs/PERFORMANCE.md, "CUDA"). The copies of the matrix and its eigenvectors are included in those
     figures.
     """
-    return (g.device.type == "cuda" and g.ndim == 2 and g.shape[-1] <= HOST_EIGH_MAX
+    return (g.device.type == "cuda" and g.ndim == 2 and 0 < g.shape[-1] <= HOST_EIGH_MAX
             and g.dtype in (torch.float32, torch.float64) and not g.requires_grad
             and _syevd(str(g.dtype).removeprefix("torch.")) is not None)
 
@@ -326,7 +326,7 @@ def eigh(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
         >>> [round(x, 12) for x in w.tolist()], round(abs(float(v[0, 1] * v[1, 1])), 12)
         ([1.0, 3.0], 0.5)
     """
-    if _on_host(g) and g.shape[-1] > 0:
+    if _on_host(g):
         evals, evecs = eigh(_host_copy(g), overwrite=True)
         return evals.to(g.device), evecs.to(g.device)
     dtype = str(g.dtype).removeprefix("torch.")

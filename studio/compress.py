@@ -334,7 +334,7 @@ def compress(
         ([3.0, 2.0, 0.0, 0.0], 1.125)
     """
     from .engine import get_pool
-    from .methods.tsv_m import tsv_rank   # lazy: importing studio.methods registers every method
+    from .methods.tsv_m import tsv_cover, tsv_rank   # lazy: importing studio.methods registers every method
 
     validate_experts(base, experts)
     rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
@@ -359,7 +359,7 @@ def compress(
         if rule.is_matrix(key, b.shape):
             k = tsv_rank(min(b.shape), 1, fraction, owner="compress", key=key)
             for i, name in enumerate(pool.names):
-                U, S, Vh = layer.svd(i, k, cover=min(b.shape) // T)   # TSV-M's buckets (see tsv_factors)
+                U, S, Vh = layer.svd(i, k, cover=tsv_cover(layer))   # TSV-M's buckets: shared with its merges
                 tasks[name][key] = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
         else:
             deltas = layer.deltas

@@ -18,7 +18,7 @@ from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
-__all__ = ["tsv_m", "tsv_rank", "tsv_factors"]
+__all__ = ["tsv_m", "tsv_rank", "tsv_cover", "tsv_factors"]
 
 
 def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str = "tsv_m", key: str = "") -> int:
@@ -49,6 +49,19 @@ def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str 
     return k
 
 
+def tsv_cover(layer: LayerTasks) -> int:
+    """The largest ``k`` :func:`tsv_rank` allows on ``layer`` (``r // T``): the ``cover`` TSV-M and TSV-C ask their
+    per-task decompositions with (:meth:`~studio.pool.LayerTasks.svd`), so that they share them across ranks.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.ones(8, 6)}, "b": {"w": torch.ones(8, 6)}}
+        >>> tsv_cover(TaskPool({"w": torch.zeros(8, 6)}, experts).layer("w"))   # r = 6, T = 2
+        3
+    """
+    return min(layer.shape) // layer.num_tasks
+
+
 def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenated top-``k`` task singular vectors ``U [m, T*k]``, ``S [T*k]``, ``V [n, T*k]`` (TSV eq. 4-6).
 
@@ -64,8 +77,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
         >>> U.shape, S.tolist(), V.shape
         (torch.Size([3, 2]), [3.0, 1.0], torch.Size([3, 2]))
     """
-    cover = min(layer.shape) // layer.num_tasks   # the largest k tsv_rank allows
-    parts = [layer.svd(i, k, cover=cover) for i in range(layer.num_tasks)]
+    parts = [layer.svd(i, k, cover=tsv_cover(layer)) for i in range(layer.num_tasks)]
     U = torch.cat([p[0] for p in parts], dim=1)
     S = torch.cat([p[1] for p in parts])
     V = torch.cat([p[2].mT for p in parts], dim=1)
