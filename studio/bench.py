@@ -424,13 +424,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.tasks < 1:
         ap.error(f"--tasks must be at least 1, got {args.tasks}")
+    if args.host_eigh_max is not None and args.host_eigh_max < 0:
+        ap.error(f"--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got {args.host_eigh_max}")
     if args.evaluate:
         return time_evaluation(args.suite, (args.methods or ["task_arithmetic"])[0],
                                None if args.device == "all" else args.device, args.repeat)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_eigh_max is not None:
-        _lapack.HOST_EIGH_MAX = max(0, args.host_eigh_max)
+        _lapack.HOST_EIGH_MAX = args.host_eigh_max
     kept = args.malloc == "keep" and keep_freed_memory()
 
     torch.manual_seed(0)

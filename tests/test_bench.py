@@ -51,3 +51,10 @@ def test_bench_refuses_a_pool_that_does_not_fit_before_building_it():
         bench.main(["--model", "ViT-B-32", "--tasks", str(tasks), "--device", "cpu"])
     with pytest.raises(SystemExit, match=r"x 100000 experts do not fit .* in bfloat16 .*; give fewer --tasks"):
         bench.main(["--model", "ViT-B-32", "--tasks", "100000", "--dtype", "bfloat16", "--device", "cpu"])
+
+
+def test_a_negative_host_eigh_limit_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--host-eigh-max", "-1", "--device", "cpu"])
+    assert exit_.value.code == 2
+    assert "--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got -1" in capsys.readouterr().err
