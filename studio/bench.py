@@ -103,6 +103,15 @@ def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int 
     return base, experts
 
 
+def _cuda_eigh_route() -> str:
+    from . import _cusolver
+
+    batched = _lapack.BATCHED_EIGH_MAX if _cusolver.available() else 0
+    return (f"CUDA eigensolves of <= {batched} rows in cuSOLVER's batches"
+            + ("" if _cusolver.available() else " (cusolverDnXsyevBatched not available)")
+            + f", else of <= {_lapack.HOST_EIGH_MAX} rows on the host; ")
+
+
 class PeakMemory:
     """Peak extra memory during a block: the CUDA allocator's peak, or on the CPU the bytes held through ``malloc``
     (:func:`studio.memory.malloc_in_use`), else the resident set size, sampled every 10 ms.
@@ -411,7 +420,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                          "default (the number of cores); 1: everything sequential on one core")
     ap.add_argument("--host-eigh-max", type=int, default=None, metavar="N",
                     help="CUDA: solve the symmetric eigenproblems of at most N rows with the host's LAPACK "
-                         f"(studio._lapack.HOST_EIGH_MAX, default {_lapack.HOST_EIGH_MAX}); 0: all on the GPU")
+                         f"(studio._lapack.HOST_EIGH_MAX, default {_lapack.HOST_EIGH_MAX}) where cuSOLVER's batched "
+                         "solver does not take them; 0: none on the host")
+    ap.add_argument("--batched-eigh-max", type=int, default=None, metavar="N",
+                    help="CUDA: solve the symmetric eigenproblems of at most N rows in batches with cuSOLVER's "
+                         f"batched solver (studio._lapack.BATCHED_EIGH_MAX, default {_lapack.BATCHED_EIGH_MAX}); "
+                         "0: none")
     ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory for reuse, as the app and the CLI (studio.memory); "
                          "default: glibc's own policy, which returns large freed blocks to the kernel")
@@ -426,6 +440,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         ap.error(f"--tasks must be at least 1, got {args.tasks}")
     if args.host_eigh_max is not None and args.host_eigh_max < 0:
         ap.error(f"--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got {args.host_eigh_max}")
+    if args.batched_eigh_max is not None and args.batched_eigh_max < 0:
+        ap.error(f"--batched-eigh-max must be 0 (no batched eigensolves) or more, got {args.batched_eigh_max}")
     if args.evaluate:
         return time_evaluation(args.suite, (args.methods or ["task_arithmetic"])[0],
                                None if args.device == "all" else args.device, args.repeat)
@@ -433,6 +449,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         torch.set_num_threads(args.threads)
     if args.host_eigh_max is not None:
         _lapack.HOST_EIGH_MAX = args.host_eigh_max
+    if args.batched_eigh_max is not None:
+        _lapack.BATCHED_EIGH_MAX = args.batched_eigh_max
     kept = args.malloc == "keep" and keep_freed_memory()
 
     torch.manual_seed(0)
@@ -448,7 +466,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
           f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
           f"{cpu_workers('cpu')} merge workers; {blas_kernels()}; "
-          + ("" if devices == ["cpu"] else f"CUDA eigensolves of <= {_lapack.HOST_EIGH_MAX} rows on the host; ")
+          + ("" if devices == ["cpu"] else _cuda_eigh_route())
           + f"malloc {'keeps freed memory' if kept else 'default'}"
           + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
     runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]

@@ -358,8 +358,8 @@ def compress(
         layer = pool.layer(key)
         if rule.is_matrix(key, b.shape):
             k = tsv_rank(min(b.shape), 1, fraction, owner="compress", key=key)
-            for i, name in enumerate(pool.names):
-                U, S, Vh = layer.svd(i, k, cover=tsv_cover(layer))   # TSV-M's buckets: shared with its merges
+            parts = layer.svds(range(T), k, cover=tsv_cover(layer))   # TSV-M's buckets: shared with its merges
+            for name, (U, S, Vh) in zip(pool.names, parts):
                 tasks[name][key] = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
         else:
             deltas = layer.deltas

@@ -245,7 +245,7 @@ def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Has
 
 def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]:
     """Stacked top-``rank`` task SVD factors ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]`` from the pool cache."""
-    Us, Ss, Vhs = zip(*(layer.svd(i, rank) for i in range(layer.num_tasks)))
+    Us, Ss, Vhs = zip(*layer.svds(range(layer.num_tasks), rank))
     return torch.stack(Us), torch.stack(Ss), torch.stack(Vhs)
 
 
@@ -281,7 +281,7 @@ def task_spectra(layer: LayerTasks, rank: int | None = None) -> Tensor:
     _require_matrix(layer)
     if rank is not None:
         rank = _check_k("task_spectra", rank, layer.key, "rank")
-        return torch.stack([layer.svd(i, rank)[1] for i in range(layer.num_tasks)])
+        return torch.stack([S for _, S, _ in layer.svds(range(layer.num_tasks), rank)])
     return layer.memo(("diag", "svdvals"), lambda: spectrum(layer.deltas))
 
 
@@ -351,7 +351,7 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
 
     def compute() -> Tensor:
         T = layer.num_tasks
-        bases = [layer.svd(i, k)[0] if side == "left" else layer.svd(i, k)[2].mT for i in range(T)]
+        bases = [U if side == "left" else Vh.mT for U, _, Vh in layer.svds(range(T), k)]
         kk = bases[0].shape[1]
         cat = torch.cat(bases, dim=1)  # [m, T*k]
         overlap = (cat.mT @ cat).view(T, kk, T, kk).permute(0, 2, 1, 3)  # [T, T, k, k] blocks U_i^T U_j
@@ -412,7 +412,7 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_r
     def compute() -> Tensor:
         T = layer.num_tasks
         deltas = layer.deltas
-        bases = torch.cat([layer.svd(j, k)[0] for j in range(T)], dim=1)  # [m, T*k]
+        bases = torch.cat([U for U, _, _ in layer.svds(range(T), k)], dim=1)  # [m, T*k]
         kk = bases.shape[1] // T
         norms2 = deltas.double().pow(2).sum((1, 2))
         out = torch.zeros(T, T, dtype=torch.float64, device=deltas.device)

@@ -158,9 +158,13 @@ def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = No
     """``gram^{-1/2}`` (or ``gram^{-1/2} - I``) of a symmetric PSD matrix, in float64, zero on its null space:
     singular values ``sqrt(eigenvalue)`` at or below :func:`null_tolerance`, or ``rtol`` times the largest.
     A float64 ``gram`` is overwritten: callers pass a fresh, exactly symmetric one (:func:`studio._lapack.gram`)."""
-    evals, evecs = _lapack.eigh(gram.double(), overwrite=True)
+    return _inv_sqrt_from_eigh(*_lapack.eigh(gram.double(), overwrite=True), minus_one, rtol)
+
+
+def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, rtol: float | None = None) -> Tensor:
+    """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix."""
     sig = evals.clamp_min(0).sqrt()
-    tol = null_tolerance(sig.max(), gram.shape[-1]) if rtol is None else rtol * sig.max()
+    tol = null_tolerance(sig.max(), evals.shape[-1]) if rtol is None else rtol * sig.max()
     keep = sig > tol
     f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
     if minus_one:
@@ -189,12 +193,30 @@ def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
         >>> polar_gram(A).tolist()
         [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
     """
-    rows, cols = matrix.shape[-2:]
-    if rows < cols:
-        return polar_gram(matrix.mT, rtol).mT
-    a64 = matrix.double()
-    inv_sqrt = _inv_sqrt_psd(_lapack.gram(a64), rtol=rtol)
-    return matmul(a64, inv_sqrt).to(matrix.dtype)
+    return _polar_grams([matrix], rtol, lambda gs: [_lapack.eigh(g, overwrite=True) for g in gs])[0]
+
+
+def polar_gram_many(matrices: "list[Tensor]", rtol: float | None = None) -> list[Tensor]:
+    """:func:`polar_gram` of each matrix of ``matrices``, with their eigensolves asked for together
+    (:func:`studio._lapack.eigh_many`: on CUDA in cuSOLVER's batches; elsewhere :func:`polar_gram`'s bits).
+
+    Example:
+        >>> [P.tolist() for P in polar_gram_many([torch.tensor([[2.0], [0.0]]), torch.tensor([[0.0, -3.0]])])]
+        [[[1.0], [0.0]], [[0.0, -1.0]]]
+    """
+    return _polar_grams(matrices, rtol, lambda gs: _lapack.eigh_many(gs, overwrite=True))
+
+
+def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[Tensor]:
+    """:func:`polar_gram` of each matrix, ``solve(grams)`` giving the eigenpairs of fresh float64 Gram matrices."""
+    wide = [m.shape[-2] < m.shape[-1] for m in matrices]
+    a64 = [(m.mT if w else m).double() for m, w in zip(matrices, wide)]
+    solved = solve([_lapack.gram(a) for a in a64])
+    out = []
+    for m, w, a, (evals, evecs) in zip(matrices, wide, a64, solved):
+        p = matmul(a, _inv_sqrt_from_eigh(evals, evecs, rtol=rtol)).to(m.dtype)
+        out.append(p.mT if w else p)
+    return out
 
 
 def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
@@ -255,32 +277,69 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
         >>> S.tolist(), (U @ Vh * S).tolist()
         ([3.0], [[3.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     """
-    m, n = matrix.shape[-2:]
-    if m < n:
-        U, S, Vh = gram_svd(matrix.mT, rank)
-        return Vh.mT, S, U.mT
-    rank = n if rank is None else max(0, min(int(rank), n))
-    out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-    a = matrix.to(out_dtype)
-    while True:
-        evals, evecs = _lapack.eigh_top(_lapack.gram(a), rank, overwrite=True)  # descending
-        S = evals[:rank].clamp_min(0).sqrt()
-        V = evecs[:, :rank]
-        if a.dtype == torch.float64 or rank == 0:
-            break
-        top = float(S[0])
-        # float32 Gram entries are S^2: below ~1e-30 they near float32's denormals and underflow (a task vector of
-        # 1e-25 entries came back as zero), above ~1e30 they overflow; a truly zero matrix needs no second pass
-        in_range = _GRAM32_SINGULAR_RANGE[0] <= top <= _GRAM32_SINGULAR_RANGE[1] or (top == 0 and not bool(a.any()))
-        if in_range and bool(S[-1] >= 0.1 * S[0]):
-            break
-        a = a.double()
-    keep = S > null_tolerance(S[0], n) if rank else S > 0
-    safe = torch.where(keep, S, torch.ones_like(S))
-    U = matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
-    S = S * keep
-    V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
-    return U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
+    return _gram_svds([matrix], rank, lambda gs, k: [_lapack.eigh_top(g, k, overwrite=True) for g in gs])[0]
+
+
+def gram_svd_many(matrices: "list[Tensor]", rank: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`gram_svd` of each matrix of ``matrices`` (the same ``rank``), with the eigensolves of all of them asked
+    for together (:func:`studio._lapack.eigh_top_many`): on CUDA they go to cuSOLVER's batches, shared with every
+    other thread's (a matrix's bits there do not depend on its batch, but differ from :func:`gram_svd`'s host
+    solve); elsewhere the results are :func:`gram_svd`'s, bit for bit.
+
+    Example:
+        >>> [S.tolist() for _, S, _ in gram_svd_many([torch.eye(2), 2 * torch.eye(3)], 1)]
+        [[1.0], [2.0]]
+    """
+    return _gram_svds(matrices, rank, lambda gs, k: _lapack.eigh_top_many(gs, k, overwrite=True))
+
+
+def _gram_svds(matrices: "list[Tensor]", rank: int | None, solve) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`gram_svd` of each matrix, ``solve(grams, k)`` giving the top-``k`` eigenpairs of fresh Gram matrices."""
+    items = []
+    for matrix in matrices:
+        m, n = matrix.shape[-2:]
+        wide = m < n
+        a = matrix.mT if wide else matrix
+        n = min(m, n)
+        k = n if rank is None else max(0, min(int(rank), n))
+        out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+        items.append({"a": a.to(out_dtype), "k": k, "wide": wide, "dtype": out_dtype, "n": n})
+    todo = list(range(len(items)))
+    while todo:   # a float32 pass, then float64 for the matrices whose kept spectrum needs it
+        by_rank: dict[int, list[int]] = {}
+        for j in todo:
+            by_rank.setdefault(items[j]["k"], []).append(j)
+        again = []
+        for k, js in by_rank.items():
+            solved = solve([_lapack.gram(items[j]["a"]) for j in js], k)  # descending
+            for j, (evals, evecs) in zip(js, solved):
+                item = items[j]
+                S = evals[:k].clamp_min(0).sqrt()
+                item["S"], item["V"] = S, evecs[:, :k]
+                a = item["a"]
+                if a.dtype == torch.float64 or k == 0:
+                    continue
+                top = float(S[0])
+                # float32 Gram entries are S^2: below ~1e-30 they near float32's denormals and underflow (a task
+                # vector of 1e-25 entries came back as zero), above ~1e30 they overflow; a truly zero matrix needs
+                # no second pass
+                in_range = (_GRAM32_SINGULAR_RANGE[0] <= top <= _GRAM32_SINGULAR_RANGE[1]
+                            or (top == 0 and not bool(a.any())))
+                if not (in_range and bool(S[-1] >= 0.1 * S[0])):
+                    item["a"] = a.double()
+                    again.append(j)
+        todo = again
+    out = []
+    for item in items:
+        a, S, V, k, n, out_dtype = item["a"], item["S"], item["V"], item["k"], item["n"], item["dtype"]
+        keep = S > null_tolerance(S[0], n) if k else S > 0
+        safe = torch.where(keep, S, torch.ones_like(S))
+        U = matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
+        S = S * keep
+        V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
+        U, S, Vh = U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)
+        out.append((Vh.mT, S, U.mT) if item["wide"] else (U, S, Vh))
+    return out
 
 
 def svd_tall(matrix: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:

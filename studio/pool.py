@@ -12,7 +12,7 @@ import os
 import threading
 import zlib
 from collections import OrderedDict
-from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -396,8 +396,7 @@ class LayerTasks:
         """
         r = min(self.shape)
         rank = r if rank is None else min(rank, r)
-        covered = None if cover is None else min(cover, r)
-        bucket = rank_bucket(covered if covered is not None and rank <= covered <= 2 * rank else rank, r)
+        bucket = self._bucket(rank, cover)
         exact = self.pool.svd_mode == "exact"
 
         def compute() -> tuple[Tensor, Tensor, Tensor]:
@@ -412,7 +411,7 @@ class LayerTasks:
             else:
                 # Gram-matrix eigendecomposition: LAPACK-accurate top-k, unlike a randomized range finder on the flat
                 # tails of real task-matrix spectra (see linalg.gram_svd).
-                U, S, Vh = linalg.gram_svd(raw, bucket)
+                U, S, Vh = linalg.gram_svd_many([raw], bucket)[0]   # as svds() computes it (on CUDA: batched)
             # signs fixed, so that ranks cut from different buckets agree: LAPACK's signs differ between ranks, and
             # AlignMerge-O without sign alignment then merged 8 % differently
             U, Vh = linalg.canonical_signs(U, Vh)
@@ -434,6 +433,32 @@ class LayerTasks:
             if w < 0:
                 U = -U
         return U, S, Vh
+
+    def _bucket(self, rank: int, cover: int | None) -> int:
+        """The bucket :meth:`svd` decomposes to for ``rank`` (at most the full rank ``r``) and ``cover``."""
+        r = min(self.shape)
+        covered = None if cover is None else min(cover, r)
+        return rank_bucket(covered if covered is not None and rank <= covered <= 2 * rank else rank, r)
+
+    def svds(self, indices: Iterable[int], rank: int | None = None, *,
+             cover: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """``[self.svd(i, rank, cover=cover) for i in indices]``; on CUDA (``svd_mode="auto"``) the decompositions
+        not cached yet are computed together, so that their eigensolves share cuSOLVER's batches
+        (:func:`studio.linalg.gram_svd_many`; the same bits as one at a time). On the CPU one at a time, holding
+        one task matrix at a time."""
+        indices = list(indices)
+        if self.device.type == "cuda" and self.pool.svd_mode != "exact" and len(indices) > 1:
+            r = min(self.shape)
+            bucket = self._bucket(r if rank is None else min(rank, r), cover)
+            with self.pool._lock:
+                missing = [i for i in dict.fromkeys(indices) if bucket not in self.pool._svd_slot((self.key, i))]
+            if len(missing) > 1:
+                found = linalg.gram_svd_many([self.pool.raw_delta(self.key, i) for i in missing], bucket)
+                for i, (U, S, Vh) in zip(missing, found):
+                    U, Vh = linalg.canonical_signs(U, Vh)
+                    with self.pool._lock:   # svd() below makes it the most recently used and trims the slot
+                        self.pool._svd_slot((self.key, i)).setdefault(bucket, (U, S, Vh))
+        return [self.svd(i, rank, cover=cover) for i in indices]
 
     def sum(self, cache: bool = True) -> Tensor:
         """Sum of the (weighted) task matrices, the Task Arithmetic direction: memoised (Iso-C, SVC and AlignMerge-B

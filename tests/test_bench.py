@@ -55,8 +55,12 @@ def test_bench_refuses_a_pool_that_does_not_fit_before_building_it():
         bench.main(["--model", "ViT-B-32", "--tasks", "100000", "--dtype", "bfloat16", "--device", "cpu"])
 
 
-def test_a_negative_host_eigh_limit_is_refused_before_anything_runs(capsys):
+@pytest.mark.parametrize("flag,message", [
+    ("--host-eigh-max", "--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got -1"),
+    ("--batched-eigh-max", "--batched-eigh-max must be 0 (no batched eigensolves) or more, got -1"),
+])
+def test_a_negative_eigh_limit_is_refused_before_anything_runs(capsys, flag, message):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(["--host-eigh-max", "-1", "--device", "cpu"])
+        bench.main([flag, "-1", "--device", "cpu"])
     assert exit_.value.code == 2
-    assert "--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got -1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err

@@ -252,19 +252,23 @@ def test_resident_device_copies_change_nothing(clip_pool, method, calibrate):
 
 
 @pytest.fixture
-def host_eigh_max(request, monkeypatch):
+def eigh_route(request, monkeypatch):
+    # where CUDA eigensolves run: cuSOLVER's batched solver (the default), the host's LAPACK, torch's cuSOLVER
     from studio import _lapack
 
-    monkeypatch.setattr(_lapack, "HOST_EIGH_MAX", request.param)
+    batched, host = {"batched": (1024, 1024), "host": (0, 1024), "torch": (0, 0)}[request.param]
+    monkeypatch.setattr(_lapack, "BATCHED_EIGH_MAX", batched)
+    monkeypatch.setattr(_lapack, "HOST_EIGH_MAX", host)
     return request.param
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("host_eigh_max", [1024, 0], ids=["host-eigh", "gpu-eigh"], indirect=True)
+@pytest.mark.parametrize("eigh_route", ["batched", "host", "torch"], indirect=True)
 @pytest.mark.parametrize("svd_mode", ["exact", "auto"])
 @pytest.mark.parametrize("method,calibrate", _every_merge())
-def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode, host_eigh_max):
-    # CUDA eigensolves run on the host's LAPACK by default (studio._lapack.HOST_EIGH_MAX) and on cuSOLVER with 0
+def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode, eigh_route):
+    # CUDA eigensolves run on cuSOLVER's batched solver by default (studio._lapack.BATCHED_EIGH_MAX), on the host's
+    # LAPACK with that at 0 (studio._lapack.HOST_EIGH_MAX), on torch.linalg.eigh (cuSOLVER) with both at 0
     base, experts = clip_pool
     kw = {"p": 0.0} if method == "dare" else {}   # CPU and CUDA generators draw different DARE masks
     a = studio.merge(base, experts, method, calibrate=calibrate, device="cpu", svd_mode=svd_mode, **kw)
@@ -284,26 +288,29 @@ def _decomposing_merges():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_a_cuda_spectral_merge_solves_on_the_host_from_worker_threads_on_the_callers_stream(clip_pool, monkeypatch):
+@pytest.mark.parametrize("eigh_route", ["batched", "host"], indirect=True)
+def test_a_cuda_spectral_merge_solves_from_worker_threads_on_the_callers_stream(clip_pool, monkeypatch, eigh_route):
     import sys
     import threading
 
-    from studio import _lapack
+    from studio import _cusolver, _lapack
     from studio.parallel import set_workers
 
     real = "fakecuda" not in sys.modules   # the CPU stand-in has no streams
     seen = []
 
     def spy(solve):
-        def spied(g, *args, **kwargs):
-            if g.device.type == "cuda":
-                stream = torch.cuda.current_stream().cuda_stream if real else None
-                seen.append((threading.current_thread().name, _lapack._on_host(g), stream))
-            return solve(g, *args, **kwargs)
+        def spied(gs, *args, **kwargs):
+            for g in gs if isinstance(gs, list) else [gs]:
+                if g.device.type == "cuda":
+                    stream = torch.cuda.current_stream().cuda_stream if real else None
+                    route = "batched" if _lapack._batched(g) else "host" if _lapack._on_host(g) else "torch"
+                    seen.append((threading.current_thread().name, route, stream))
+            return solve(gs, *args, **kwargs)
         return spied
 
-    monkeypatch.setattr(_lapack, "eigh", spy(_lapack.eigh))
-    monkeypatch.setattr(_lapack, "eigh_top", spy(_lapack.eigh_top))
+    for name in ("eigh", "eigh_top", "eigh_many", "eigh_top_many"):
+        monkeypatch.setattr(_lapack, name, spy(getattr(_lapack, name)))
     base, experts = clip_pool
     caller = torch.cuda.Stream() if real else contextlib.nullcontext()
     set_workers(4)
@@ -312,7 +319,8 @@ def test_a_cuda_spectral_merge_solves_on_the_host_from_worker_threads_on_the_cal
             studio.merge_pool(TaskPool(base, experts, device="cuda"), "tsv_m")
     finally:
         set_workers(None)
-    assert seen and all(on_host for _, on_host, _ in seen)
+    expected = "batched" if eigh_route == "batched" and _cusolver.available() else "host"
+    assert seen and all(route == expected for _, route, _ in seen)
     assert any(name.startswith("studio-layer") for name, _, _ in seen)
     if real:
         assert {stream for _, _, stream in seen} == {caller.cuda_stream}
@@ -754,7 +762,7 @@ def test_ranks_of_one_bucket_asked_at_once_share_one_decomposition(clip_pool, mo
     pool = TaskPool(*clip_pool, device="cpu")
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     computed, asked, lock = [], [], threading.Lock()
-    gram_svd, cached = linalg.gram_svd, pool._cached
+    gram_svd_many, cached = linalg.gram_svd_many, pool._cached
 
     def counted(store, tag, compute, limit):
         with lock:
@@ -766,10 +774,10 @@ def test_ranks_of_one_bucket_asked_at_once_share_one_decomposition(clip_pool, mo
         while len(asked) < 3 and time.monotonic() < deadline:   # every thread inside the cache's lookup
             time.sleep(0.01)
         computed.append(rank)
-        return gram_svd(raw, rank)
+        return gram_svd_many(raw, rank)
 
     monkeypatch.setattr(pool, "_cached", counted)
-    monkeypatch.setattr(linalg, "gram_svd", held)
+    monkeypatch.setattr(linalg, "gram_svd_many", held)
     got = [None] * 3
 
     def ask(i, rank):
@@ -916,8 +924,9 @@ def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bi
     pool = studio.get_pool(base, experts)   # the pool studio.compress finds
     studio.merge_pool(pool, "tsv_m")
     solved = []
-    gram_svd = linalg.gram_svd
-    monkeypatch.setattr(linalg, "gram_svd", lambda *a, **k: solved.append(a[0].shape) or gram_svd(*a, **k))
+    gram_svd_many = linalg.gram_svd_many
+    monkeypatch.setattr(linalg, "gram_svd_many",
+                        lambda *a, **k: solved.extend(m.shape for m in a[0]) or gram_svd_many(*a, **k))
     warm = {f: studio.merge_pool(pool, "tsv_m", rank_fraction=f) for f in (0.2, 0.22)}   # k >= half the default's
     assert not solved
     # TSV-C at a TSV-M rank, on TSV-M's layers (it compresses every matrix by default): the same buckets
@@ -926,7 +935,7 @@ def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bi
     # a rank below half of the largest keeps a smaller bucket of its own: decomposed, not cut from the large one
     warm[0.1] = studio.merge_pool(pool, "tsv_m", rank_fraction=0.1)
     assert solved and all(min(shape) == 12 for shape in solved)   # k = 1 of r = 12, cover 3: bucket 1
-    monkeypatch.setattr(linalg, "gram_svd", gram_svd)
+    monkeypatch.setattr(linalg, "gram_svd_many", gram_svd_many)
     for f, merged in warm.items():
         fresh = studio.merge_pool(TaskPool(base, experts), "tsv_m", rank_fraction=f)
         assert all(torch.equal(fresh[k], merged[k]) for k in merged), f

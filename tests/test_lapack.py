@@ -4,6 +4,7 @@ use from the merge's worker threads, and the thread limits the parallel engine s
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import pytest
@@ -270,9 +271,11 @@ def test_matmul_and_full_eigh_are_thread_safe_and_deterministic():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cuda_eigensolves_on_the_host_read_the_lower_triangle_and_stay_on_the_device(dtype, monkeypatch):
-    # studio._lapack.HOST_EIGH_MAX: CUDA matrices of up to that many rows are solved by LAPACK on the host. Like
-    # torch.linalg.eigh, the solve reads the lower triangle: a matrix symmetric only to rounding (a Gram matrix from a
-    # general product) must give the same eigenpairs on either route.
+    # studio._lapack.HOST_EIGH_MAX: CUDA matrices of up to that many rows are solved by LAPACK on the host (where
+    # cuSOLVER's batched solver does not take them: BATCHED_EIGH_MAX = 0). Like torch.linalg.eigh, the solve reads
+    # the lower triangle: a matrix symmetric only to rounding (a Gram matrix from a general product) must give the
+    # same eigenpairs on either route.
+    monkeypatch.setattr(_lapack, "BATCHED_EIGH_MAX", 0)
     g = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 0.25], [0.0, 0.0, 1.0]], dtype=dtype)
     lower = torch.tril(g) + torch.tril(g, -1).mT
     want_w, want_v = torch.linalg.eigh(lower)
@@ -293,3 +296,127 @@ def test_cuda_eigensolves_on_the_host_read_the_lower_triangle_and_stay_on_the_de
     torch.testing.assert_close(_lapack.eigh(on_cuda)[0].cpu(), want_w)
     empty = torch.zeros(0, 0, device=cuda, dtype=dtype)
     assert _lapack.eigh(empty)[0].shape == (0,) and _lapack.eigh_top(empty, 3)[1].shape == (0, 0)
+
+
+def _lower_triangle_case(dtype):
+    g = torch.tensor([[2.0, 1.0, 0.5], [0.0, 3.0, 0.25], [0.0, 0.0, 1.0]], dtype=dtype)
+    return g, torch.linalg.eigh(torch.tril(g) + torch.tril(g, -1).mT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_batched_eigensolves_read_the_lower_triangle_and_give_a_matrix_the_same_bits_in_any_batch(dtype):
+    # studio._cusolver: CUDA eigensolves asked for through eigh_many / eigh_top_many go to cuSOLVER's batched solver,
+    # in batches of one size padded with identities, from every thread at once. The engine's bits rest on this: a
+    # matrix's eigenpairs must not depend on which other matrices share its batch, nor where in it it lands.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio import _cusolver
+
+    if not _cusolver.available():
+        pytest.skip("this cuSOLVER has no cusolverDnXsyevBatched")
+    cuda = torch.device("cuda", 0)
+    g, (want_w, want_v) = _lower_triangle_case(dtype)
+    on_cuda = g.to(cuda)
+    assert _lapack._batched(on_cuda) and not _lapack._batched(g)
+    assert not _lapack._batched(torch.eye(3, device=cuda).expand(2, 3, 3))   # batched input: torch.linalg.eigh
+    (w, v), = _lapack.eigh_many([on_cuda])
+    assert w.device == v.device == on_cuda.device and w.dtype == v.dtype == dtype
+    torch.testing.assert_close(w.cpu(), want_w)
+    torch.testing.assert_close((v.cpu() * want_v).sum(0).abs(), torch.ones(3, dtype=dtype))   # same vectors
+    (wt, vt), = _lapack.eigh_top_many([on_cuda], 2)
+    torch.testing.assert_close(wt.cpu(), want_w.flip(0)[:2])
+    assert vt.shape == (3, 2) and vt.is_contiguous()
+    mats = [_sym(96, torch.logspace(0, -4, 96), seed=s, dtype=dtype).to(cuda) for s in range(40)]
+    alone = [_lapack.eigh_many([m])[0] for m in mats]
+    together = _lapack.eigh_many(mats)
+    fake = sys.modules.get("fakecuda")   # the CPU stand-in's device is per thread
+
+    def many(part):
+        with fake.FakeCudaMode() if fake else contextlib.nullcontext():
+            return _lapack.eigh_many(part)
+
+    with ThreadPoolExecutor(6) as ex:   # 3 at a time from 6 threads: batches of whatever is waiting
+        threaded = [r for part in ex.map(many, [mats[i:i + 3] for i in range(0, 40, 3)]) for r in part]
+    for (w1, v1), (w2, v2), (w3, v3) in zip(alone, together, threaded):
+        assert torch.equal(w1, w2) and torch.equal(v1, v2) and torch.equal(w1, w3) and torch.equal(v1, v3)
+    top = _lapack.eigh_top_many(mats[:5], 7)
+    for (w1, v1), (w2, v2) in zip(alone, top):
+        assert torch.equal(w2, w1.flip(0)[:7]) and torch.equal(v2, v1.flip(1)[:, :7])
+    assert _lapack.eigh_many([torch.zeros(0, 0, device=cuda, dtype=dtype)])[0][0].shape == (0,)
+    # single solves stay off the batches (a call costs 40 ms whatever its size): the host's LAPACK, the same values
+    torch.testing.assert_close(_lapack.eigh(mats[0])[0], alone[0][0], rtol=1e-4, atol=1e-6)
+
+
+def test_batcher_runs_every_threads_requests_in_batches_of_one_size():
+    # studio._cusolver.Batcher with a CPU solver: requests from many threads are grouped into batches of `size`
+    # (identity padding), each matrix gets its own result, and a failed batch fails its askers only.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio._cusolver import Batcher
+
+    stacks = []
+
+    def solve(stack):
+        stacks.append(stack.clone())
+        if torch.isnan(stack).any():
+            raise RuntimeError("cannot solve a matrix with NaN")
+        return torch.linalg.eigh(stack)
+
+    batcher = Batcher(solve, size=4, slots=2)
+    mats = [_sym(12, torch.linspace(5, 0.1, 12), seed=s, dtype=torch.float64) for s in range(30)]
+    with ThreadPoolExecutor(6) as ex:
+        results = [r for part in ex.map(batcher.solve, [mats[i:i + 2] for i in range(0, 30, 2)]) for r in part]
+    eye = torch.eye(12, dtype=torch.float64)
+    assert all(s.shape == (4, 12, 12) for s in stacks) and batcher.batches == len(stacks) < 30
+    for m, (w, v) in zip(mats, results):
+        found = [s for s in stacks if any(torch.equal(x, m) for x in s)]
+        assert len(found) == 1   # solved once
+        want_w, want_v = torch.linalg.eigh(m)
+        assert torch.equal(w, want_w) and torch.equal(v, want_v)   # LAPACK: a matrix's bits, whatever its batch
+    for s in stacks:   # every other slot of a batch is identity padding
+        assert all(any(torch.equal(x, m) for m in mats) or torch.equal(x, eye) for x in s)
+    bad = mats[0].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="NaN"):
+        batcher.solve([bad, mats[1]])
+    assert torch.equal(batcher.solve([mats[2]])[0][0], torch.linalg.eigh(mats[2])[0])   # and it keeps working
+    assert batcher.solve([]) == []
+
+
+def test_batcher_fills_batches_while_the_device_is_busy_and_sends_a_part_batch_only_when_idle():
+    # Group commit: a call costs the same whatever its size, so matrices asked for while batches run wait for a full
+    # batch (or for a free slot); a part-full batch goes only when nothing runs.
+    import time
+
+    from studio._cusolver import Batcher
+
+    gate, solved = threading.Event(), []
+
+    def solve(stack):
+        gate.wait(30)
+        solved.append([int(x[0, 0]) for x in stack])   # matrix i is (i + 2) I; padding is I
+        return torch.linalg.eigh(stack)
+
+    batcher = Batcher(solve, size=4, slots=2)
+    mats = [(i + 2.0) * torch.eye(3, dtype=torch.float64) for i in range(6)]
+    threads = []
+
+    def ask(*idx, waiting):
+        t = threading.Thread(target=batcher.solve, args=([mats[i] for i in idx],))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and waiting() is False:
+            time.sleep(0.005)
+
+    queued = lambda n: sum(len(q) for q in batcher._pending.values()) == n   # noqa: E731
+    ask(0, waiting=lambda: batcher._running == 1)              # the device is idle: a batch of one goes at once
+    ask(1, waiting=lambda: queued(1))                          # busy: it waits for company
+    ask(2, waiting=lambda: queued(2))
+    ask(3, 4, waiting=lambda: batcher._running == 2)           # four waiting: a full batch takes the second slot
+    ask(5, waiting=lambda: queued(1))                          # both slots busy: it waits
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert sorted(map(sorted, solved)) == [[1, 1, 1, 2], [1, 1, 1, 7], [3, 4, 5, 6]]

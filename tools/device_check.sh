@@ -31,6 +31,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OF
 step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt, report its exit status
   local name=$1 limit=$2
   shift 2
+  if [ -n "${STEPS:-}" ] && [[ " $STEPS " != *" $name "* ]]; then return 0; fi   # STEPS="env bench_b32": only those
   echo "== $name: $*"
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
   echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/$name.txt"
@@ -38,8 +39,13 @@ step() {   # step NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.tx
 
 step env 20 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1;
   python3 -c "import torch, numpy, scipy; print(torch.__version__, torch.cuda.is_available(), numpy.__version__, scipy.__version__)"'
-step tests 90 python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/test_engine.py tests/test_lapack.py
+step tests 120 python3 -m pytest -q -p no:cacheprovider -k "cuda or batch" tests/test_engine.py tests/test_lapack.py
 step smoke 45 python3 tools/device_smoke.py
 step bench_b32 150 python3 -m studio.bench --device cuda
-step bench_l14 120 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
+step bench_b32_host 75 python3 -m studio.bench --device cuda --batched-eigh-max 0 \
+  --methods tsv_m iso_cts ortho_merge align_merge_o
+step bench_l14 100 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
+step bench_b32_threads32 45 python3 -m studio.bench --device cuda --threads 32 \
+  --methods tsv_m iso_cts ortho_merge align_merge_o
 step probe 75 python3 tools/device_probe.py
+step probe_batched 90 python3 tools/device_probe_batched.py

@@ -242,7 +242,7 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     m, n = layer.shape
     R = min(m, n)
     L = max(1, (R - 1) // K)
-    svds = [layer.svd(i, rank=L) for i in range(K)]
+    svds = layer.svds(range(K), L)
     U1 = torch.stack([U[:, 0] for U, _, _ in svds], 1)  # [m, K]
     V1 = torch.stack([Vh[0] for _, _, Vh in svds], 1)  # [n, K]
     S1 = torch.stack([S[0] for _, S, _ in svds])  # [K]

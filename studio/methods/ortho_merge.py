@@ -134,7 +134,7 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     """
     T = layer.num_tasks
     k = max(1, min(int(k), min(layer.shape)))
-    svds = [layer.svd(i, rank=k) for i in range(T)]
+    svds = layer.svds(range(T), k)
     U = torch.stack([u for u, _, _ in svds])  # [T, m, k]
     S = torch.stack([s for _, s, _ in svds])  # [T, k]
     remove = interference_mask(U, S, tau) if T > 1 else torch.zeros_like(S, dtype=torch.bool)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..linalg import polar_gram
+from ..linalg import polar_gram_many
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
@@ -77,7 +77,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
         >>> U.shape, S.tolist(), V.shape
         (torch.Size([3, 2]), [3.0, 1.0], torch.Size([3, 2]))
     """
-    parts = [layer.svd(i, k, cover=tsv_cover(layer)) for i in range(layer.num_tasks)]
+    parts = layer.svds(range(layer.num_tasks), k, cover=tsv_cover(layer))
     U = torch.cat([p[0] for p in parts], dim=1)
     S = torch.cat([p[1] for p in parts])
     V = torch.cat([p[2].mT for p in parts], dim=1)
@@ -131,4 +131,5 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
         U, S, V = U[:, keep], S[keep], V[:, keep]
     if S.numel() == 0:
         return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
-    return linalg.reconstruct(polar_gram(U), S, polar_gram(V).mT)
+    U_perp, V_perp = polar_gram_many([U, V])   # one request: on CUDA their eigensolves share a batch
+    return linalg.reconstruct(U_perp, S, V_perp.mT)

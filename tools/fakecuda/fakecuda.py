@@ -303,6 +303,13 @@ def patch_studio():
         return run
 
     studio.parallel._on_stream = on_stream
+
+    # cuSOLVER's batched eigensolver (studio._cusolver): its batching runs, without streams, each batch solved by
+    # torch's CPU solver (like cuSOLVER's, one matrix's result does not depend on the rest of its batch)
+    import studio._cusolver as cusolver
+
+    cusolver._lib = "fakecuda"
+    cusolver._batcher = cusolver.Batcher(torch.linalg.eigh, streams=False)
     orig = studio.pool.resolve_device
 
     def resolve(device):
