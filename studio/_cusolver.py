@@ -18,12 +18,12 @@ import glob
 import os
 import threading
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "eigh_batched", "Batcher", "eigh_many"]
+__all__ = ["available", "disable", "eigh_batched", "eigh_many", "Batcher", "CusolverError", "SolveError"]
 
 _EIG_MODE_VECTOR = 1                       # cusolverEigMode_t CUSOLVER_EIG_MODE_VECTOR
 _FILL_UPPER = 1                            # cublasFillMode_t CUBLAS_FILL_MODE_UPPER
@@ -35,16 +35,51 @@ _handles: dict[int, list] = {}             # device index -> idle (handle, param
 _c = ctypes
 
 
+class CusolverError(RuntimeError):
+    """cuSOLVER refused a call (a status other than success): the library, not the matrices. :mod:`studio._lapack`
+    then turns the batched solver off for the process (:func:`disable`) and solves elsewhere."""
+
+
+class SolveError(RuntimeError):
+    """Some matrices of a batch did not converge (cuSOLVER's ``info``): ``failed`` holds their indices, ``values``
+    and ``vectors`` every matrix's results (valid for the others)."""
+
+    def __init__(self, message: str, failed: list[int], values: Tensor, vectors: Tensor):
+        super().__init__(message)
+        self.failed, self.values, self.vectors = failed, values, vectors
+
+
+def _mapped(maps: "Iterable[str]") -> list[str]:
+    """Paths of the ``libcusolver`` files in ``/proc/self/maps`` lines (the path is the sixth field and may hold
+    spaces; a file replaced on disk since is marked ``(deleted)`` and left out).
+
+    Example:
+        >>> _mapped(["7f0-7f1 r-xp 0 08:01 12 /opt/my libs/libcusolver.so.12", "7f1-7f2 r--p 0 00:00 0 [heap]",
+        ...          "7f2-7f3 r-xp 0 08:01 13 /old/libcusolver.so.11 (deleted)"])
+        ['/opt/my libs/libcusolver.so.12']
+    """
+    found = []
+    for line in maps:
+        fields = line.rstrip("\n").split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith("/") and "libcusolver.so" in fields[5] \
+                and not fields[5].endswith(" (deleted)"):
+            found.append(fields[5])
+    return list(dict.fromkeys(found))
+
+
 def _find_library() -> "ctypes.CDLL | None":
     """The cuSOLVER library PyTorch loaded (its path read from ``/proc/self/maps``), else one beside PyTorch's own
     NVIDIA libraries; ``None`` if neither exports ``cusolverDnXsyevBatched``."""
     from ._lapack import load_cuda_solvers
 
-    load_cuda_solvers("cuda")   # PyTorch loads its CUDA linear algebra, and cuSOLVER with it, lazily
+    try:
+        load_cuda_solvers("cuda")   # PyTorch loads its CUDA linear algebra, and cuSOLVER with it, lazily
+    except RuntimeError:   # no usable CUDA device after all: nothing to batch on
+        return None
     paths: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
-            paths = sorted({line.split()[-1] for line in maps if "libcusolver.so" in line and "/" in line})
+            paths = _mapped(maps)
     except OSError:   # pragma: no cover - not Linux
         pass
     site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -65,10 +100,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.cusolverDnCreate.argtypes = [_c.POINTER(p)]
     lib.cusolverDnSetStream.argtypes = [p, p]
     lib.cusolverDnCreateParams.argtypes = [_c.POINTER(p)]
+    lib.cusolverDnDestroy.argtypes = [p]
     lib.cusolverDnXsyevBatched_bufferSize.argtypes = [p, p, i32, i32, i64, i32, p, i64, i32, p, i32,
                                                       _c.POINTER(sz), _c.POINTER(sz), i64]
     lib.cusolverDnXsyevBatched.argtypes = [p, p, i32, i32, i64, i32, p, i64, i32, p, i32, p, sz, p, sz, p, i64]
-    for name in ("cusolverDnCreate", "cusolverDnSetStream", "cusolverDnCreateParams",
+    for name in ("cusolverDnCreate", "cusolverDnDestroy", "cusolverDnSetStream", "cusolverDnCreateParams",
                  "cusolverDnXsyevBatched_bufferSize", "cusolverDnXsyevBatched"):
         getattr(lib, name).restype = i32
     return lib
@@ -88,9 +124,23 @@ def available() -> bool:
     return _library() is not None
 
 
+def disable(reason: str) -> None:
+    """Turn the batched solver off for this process (a :class:`CusolverError`: the library refused a call), with a
+    warning naming ``reason``; :func:`available` is ``False`` from then on."""
+    global _lib
+    import warnings
+
+    with _lock:
+        if _lib is None:
+            return
+        _lib = None
+    warnings.warn(f"cuSOLVER's batched eigensolver is off for this process: {reason}; eigensolves take the host's "
+                  "LAPACK or torch.linalg.eigh instead", RuntimeWarning, stacklevel=2)
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
-        raise RuntimeError(f"cuSOLVER {what} failed with status {status}")
+        raise CusolverError(f"cuSOLVER {what} failed with status {status}")
 
 
 def _take_handle(lib: ctypes.CDLL, index: int) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
@@ -104,7 +154,10 @@ def _take_handle(lib: ctypes.CDLL, index: int) -> tuple[ctypes.c_void_p, ctypes.
     with torch.cuda.device(index):
         handle, params = ctypes.c_void_p(), ctypes.c_void_p()
         _check(lib.cusolverDnCreate(ctypes.byref(handle)), "cusolverDnCreate")
-        _check(lib.cusolverDnCreateParams(ctypes.byref(params)), "cusolverDnCreateParams")
+        status = lib.cusolverDnCreateParams(ctypes.byref(params))
+        if status != 0:
+            lib.cusolverDnDestroy(handle)
+            _check(status, "cusolverDnCreateParams")
     return handle, params
 
 
@@ -116,9 +169,9 @@ def _give_handle(index: int, found: tuple[ctypes.c_void_p, ctypes.c_void_p]) -> 
 def eigh_batched(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
     """Eigenvalues (ascending) and eigenvectors of the symmetric CUDA matrices ``g`` ``[..., n, n]`` (float32 or
     float64), from each matrix's lower triangle, like ``torch.linalg.eigh``; all in one ``cusolverDnXsyevBatched``
-    call on the current stream. ``None`` where that routine is not available. Raises ``RuntimeError`` if cuSOLVER
-    reports an error, or that a matrix did not converge. ``overwrite=True`` lets cuSOLVER work in a contiguous
-    ``g``'s own memory (the eigenvectors then share it) instead of a copy."""
+    call on the current stream. ``None`` where that routine is not available. Raises :class:`CusolverError` if
+    cuSOLVER refuses the call, :class:`SolveError` if some matrices did not converge. ``overwrite=True`` lets
+    cuSOLVER work in a contiguous ``g``'s own memory (the eigenvectors then share it) instead of a copy."""
     lib = _library()
     if lib is None or g.device.type != "cuda" or g.dtype not in _DATA_TYPE or g.ndim < 2:
         return None
@@ -161,11 +214,13 @@ def _solve(lib: ctypes.CDLL, found: tuple, a: Tensor, w: Tensor, batch_shape: to
         ctypes.c_void_p(w.data_ptr()), dtype, ctypes.c_void_p(work.data_ptr()), device_bytes.value,
         ctypes.cast(host_work, ctypes.c_void_p), host_bytes.value, ctypes.c_void_p(info.data_ptr()), batch),
         "cusolverDnXsyevBatched")
+    values, vectors = w.reshape(*batch_shape, n), a.mT.reshape(*batch_shape, n, n)
     failed = info.ne(0)
-    if bool(failed.any()):   # one sync per call; a caller waits for the result anyway
-        first = int(failed.nonzero()[0, 0])
-        raise RuntimeError(f"cusolverDnXsyevBatched: matrix {first} of {batch} failed (info {int(info[first])})")
-    return w.reshape(*batch_shape, n), a.mT.reshape(*batch_shape, n, n)
+    if bool(failed.any()):   # one sync per call (the host workspace lives until then); a caller waits anyway
+        bad = failed.nonzero().flatten().tolist()
+        raise SolveError(f"cusolverDnXsyevBatched: {len(bad)} of {batch} {n} x {n} matrices did not converge "
+                         f"(info {int(info[bad[0]])} for matrix {bad[0]})", bad, values, vectors)
+    return values, vectors
 
 
 class _Request:
@@ -199,7 +254,13 @@ class Batcher:
     asking thread's stream waits for the batch before it uses the results: on the H200, batches of 16 from 16
     streams took 1.1 ms per ``768 x 768`` float32 solve, one batch of 16 on one stream 2.6 ms, and
     ``torch.linalg.eigh`` 8 ms per matrix (docs/PERFORMANCE.md, "CUDA"). ``streams=False`` runs every batch on the
-    asking thread's current stream (a device without streams, such as tools/fakecuda's stand-in).
+    current stream of whichever thread runs it (a device without streams, such as tools/fakecuda's stand-in; the
+    merge's workers share one stream).
+
+    A part-full batch runs only while no batch runs at all, whatever its kind: the TSV-M whitening's float64
+    matrices wait while the per-task float32 batches run, and gather into fuller batches meanwhile (the measured
+    behaviour). A matrix that does not converge fails its own asker only (:class:`SolveError`); any other error fails
+    every asker of that batch.
     """
 
     def __init__(self, solve: Callable[[Tensor], tuple[Tensor, Tensor]], *, size: int = 16, slots: int = 8,
@@ -230,20 +291,29 @@ class Batcher:
             for r in requests:
                 self._pending.setdefault(r.key, deque()).append(r)
             self._cond.notify_all()
-            while not all(r.done for r in requests):
-                batch = self._take(requests)
-                if batch is None:
-                    self._cond.wait()
-                    continue
-                self._running += 1
-                self._cond.release()
-                try:
-                    self._run(batch)
-                finally:
-                    self._cond.acquire()
-                    self._running -= 1
-                    self.batches += 1
-                    self._cond.notify_all()
+            try:
+                while not all(r.done for r in requests):
+                    batch = self._take(requests)
+                    if batch is None:
+                        self._cond.wait()
+                        continue
+                    self._running += 1
+                    self._cond.release()
+                    try:
+                        self._run(batch)
+                    finally:
+                        self._cond.acquire()
+                        self._running -= 1
+                        self.batches += 1
+                        self._cond.notify_all()
+            except BaseException:   # interrupted: take back what no batch has taken yet
+                for r in requests:
+                    queue = self._pending.get(r.key)
+                    if queue is not None and r in queue:
+                        queue.remove(r)
+                        if not queue:
+                            del self._pending[r.key]
+                raise
         for r in requests:
             if r.error is not None:
                 raise r.error
@@ -280,7 +350,9 @@ class Batcher:
                     with torch.cuda.device(device), torch.cuda.stream(stream):
                         for event in dict.fromkeys(r.made for r in batch):
                             stream.wait_event(event)
-                        w, v = self._solve(self._stack(batch, n))
+                        for r in batch:   # read on this stream: not reused before that read, whatever follows
+                            r.g.record_stream(stream)
+                        w, v, failed = self._solve_checked(self._stack(batch, n))
                         for consumer in dict.fromkeys(r.consumer for r in batch):
                             w.record_stream(consumer)   # freed later by the askers' streams, not this one
                             v.record_stream(consumer)
@@ -288,15 +360,32 @@ class Batcher:
                 finally:
                     self._stream(device, give_back=stream)
             else:
-                w, v = self._solve(self._stack(batch, n))
+                w, v, failed = self._solve_checked(self._stack(batch, n))
             for i, r in enumerate(batch):
-                r.result = (w[i], v[i])
-        except BaseException as exc:   # every asker of this batch sees the failure
+                if i in failed:
+                    r.error = SolveError(f"cusolverDnXsyevBatched did not converge for a {n} x {n} "
+                                         f"{str(r.g.dtype).removeprefix('torch.')} matrix", [0], w[i:i + 1],
+                                         v[i:i + 1])
+                else:
+                    r.result = (w[i], v[i])
+        except Exception as exc:   # every asker of this batch sees the failure
             for r in batch:
                 r.error = exc
+        except BaseException:   # an interrupt of the thread running it: its askers fail, the interrupt goes on
+            for r in batch:
+                r.error = RuntimeError("the eigensolve batch was interrupted")
+            raise
         finally:
             for r in batch:
                 r.done = True
+
+    def _solve_checked(self, stack: Tensor) -> tuple[Tensor, Tensor, set[int]]:
+        """``solve(stack)`` and the indices of the matrices that did not converge."""
+        try:
+            w, v = self._solve(stack)
+            return w, v, set()
+        except SolveError as exc:
+            return exc.values, exc.vectors, set(exc.failed)
 
     def _stack(self, batch: list[_Request], n: int) -> Tensor:
         first = batch[0].g

@@ -225,8 +225,9 @@ def _batched(g: Tensor) -> bool:
     a thread asks for several matrices at once (a layer's per-task decompositions): on the H200, batches of 16 from
     16 streams took 1.1 ms per ``768 x 768`` float32 solve, against 8 ms for ``torch.linalg.eigh`` and 5.9 ms for
     the top eighth on 16 host cores; a call takes 40 ms or more whatever its size, so the single solves of
-    :func:`eigh` and :func:`eigh_top`, asked for one after another, stay on the host: Iso-CTS, whose solves are all
-    such, took 5.2 s through the batches and 2.3 s on the host (docs/PERFORMANCE.md, "CUDA").
+    :func:`eigh` and :func:`eigh_top`, asked for one after another, stay on the host: Iso-CTS, when all its solves
+    were batched, took 5.2 s, and 2.3 s on the host (docs/PERFORMANCE.md, "CUDA"); only its per-task residuals,
+    asked for 8 at a time since, go to the batches now (not yet measured on a GPU).
     """
     if not (g.device.type == "cuda" and g.ndim == 2 and 0 < g.shape[-1] <= BATCHED_EIGH_MAX
             and g.dtype in (torch.float32, torch.float64) and not g.requires_grad):
@@ -236,24 +237,38 @@ def _batched(g: Tensor) -> bool:
     return _cusolver.available()
 
 
+def _batched_many(gs: "list[Tensor]") -> "list[tuple[Tensor, Tensor]] | None":
+    """cuSOLVER's batched eigenpairs of every matrix of ``gs`` if all are for it (:func:`_batched`; callers pass
+    matrices of one kind, so a matrix's route does not depend on its neighbours), else ``None``. If cuSOLVER refuses
+    a call (a status, not a matrix that failed to converge), the batched solver is turned off for the process and
+    ``None`` returned: the matrices are then solved as single ones."""
+    if not (gs and all(_batched(g) for g in gs)):
+        return None
+    from . import _cusolver
+
+    try:
+        return _cusolver.eigh_many(list(gs))
+    except _cusolver.CusolverError as exc:
+        _cusolver.disable(str(exc))
+        return None
+
+
 def eigh_many(gs: "list[Tensor]", *, overwrite: bool = False) -> list[tuple[Tensor, Tensor]]:
     """:func:`eigh` of each matrix of ``gs``, except that CUDA matrices go to cuSOLVER's batched solver together
     (:func:`_batched`), even one alone: a matrix decomposed through this function gets the same bits wherever it is
     asked for."""
-    if gs and all(_batched(g) for g in gs):
-        from . import _cusolver
-
-        return [(w.clone(), v.contiguous()) for w, v in _cusolver.eigh_many(list(gs))]
+    found = _batched_many(gs)
+    if found is not None:
+        return [(w.clone(), v.contiguous()) for w, v in found]
     return [eigh(g, overwrite=overwrite) for g in gs]
 
 
 def eigh_top_many(gs: "list[Tensor]", k: int, *, overwrite: bool = False) -> list[tuple[Tensor, Tensor]]:
     """:func:`eigh_top` of each matrix of ``gs`` (the same ``k``), asked for together as in :func:`eigh_many`."""
-    if gs and all(_batched(g) for g in gs):
-        from . import _cusolver
-
+    found = _batched_many(gs)
+    if found is not None:
         out = []
-        for g, (w, v) in zip(gs, _cusolver.eigh_many(list(gs))):
+        for g, (w, v) in zip(gs, found):
             kk = max(0, min(int(k), g.shape[-1]))
             out.append((w.flip(-1)[:kk].clone(), v.flip(-1)[:, :kk].contiguous()))
         return out

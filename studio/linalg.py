@@ -433,3 +433,25 @@ def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, compleme
     # U = R v / sigma inherits the rounding of R relative to its (small) norm; one more projection restores
     # the orthogonality to the basis that eq. 10 guarantees, at m k rank flops.
     return U - matmul(basis, matmul(basis.mT, U)), S, Vh
+
+
+def truncated_svd_deflated_many(matrices: "list[Tensor]", basis: Tensor, rank: int, *,
+                                complement: Tensor | None = None,
+                                exact: bool = False) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`truncated_svd_deflated` of each matrix of ``matrices`` (one basis, one rank), with the eigensolves of
+    all of them asked for together (:func:`gram_svd_many`: on CUDA in cuSOLVER's batches; elsewhere the results of
+    one at a time, bit for bit).
+
+    Example:
+        >>> M = torch.diag(torch.tensor([4.0, 3.0, 2.0, 1.0]))
+        >>> [S.tolist() for _, S, _ in truncated_svd_deflated_many([M, 2 * M], torch.eye(4)[:, :1], 1)]
+        [[3.0], [6.0]]
+    """
+    if exact:
+        return [truncated_svd_deflated(m, basis, rank, exact=True) for m in matrices]
+    if complement is not None:
+        found = gram_svd_many([matmul(complement.mT, m) for m in matrices], rank)
+        return [(matmul(complement, Uz), S, Vh) for Uz, S, Vh in found]
+    residuals = [matmul(basis, matmul(basis.mT, m)).neg_().add_(m) for m in matrices]
+    return [(U - matmul(basis, matmul(basis.mT, U)), S, Vh) for U, S, Vh in gram_svd_many(residuals, rank)]
+

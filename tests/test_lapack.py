@@ -420,3 +420,70 @@ def test_batcher_fills_batches_while_the_device_is_busy_and_sends_a_part_batch_o
     for t in threads:
         t.join(30)
     assert sorted(map(sorted, solved)) == [[1, 1, 1, 2], [1, 1, 1, 7], [3, 4, 5, 6]]
+
+
+def test_the_many_helpers_give_each_matrix_the_bits_of_a_call_of_its_own_on_the_cpu():
+    # gram_svd_many / polar_gram_many / truncated_svd_deflated_many ask for their eigensolves together (on CUDA in
+    # cuSOLVER's batches); elsewhere each result must be the single call's, bit for bit: tall and wide matrices, one
+    # whose kept spectrum needs the float64 pass, a zero matrix, rank 0.
+    g = torch.Generator().manual_seed(3)
+    steep = (torch.randn(40, 12, generator=g) * torch.logspace(0, -3, 12)) @ torch.randn(12, 12, generator=g)
+    mats = [torch.randn(40, 12, generator=g), torch.randn(12, 30, generator=g), steep, torch.zeros(20, 8)]
+    for rank in (0, 3, None):
+        for one, many in zip([linalg.gram_svd(m, rank) for m in mats], linalg.gram_svd_many(mats, rank)):
+            assert all(torch.equal(a, b) for a, b in zip(one, many))
+    shaped = [torch.randn(30, 9, generator=g), torch.randn(9, 30, generator=g), steep]
+    for one, many in zip([linalg.polar_gram(m) for m in shaped], linalg.polar_gram_many(shaped)):
+        assert torch.equal(one, many)
+    basis = torch.linalg.qr(torch.randn(40, 5, generator=g)).Q
+    square = torch.linalg.qr(torch.randn(12, 12, generator=g)).Q
+    for b, comp, ms in ((basis, None, [mats[0], steep]), (square[:, :4], square[:, 4:], [steep[:12], mats[0][:12]])):
+        for exact in (False, True):
+            single = [linalg.truncated_svd_deflated(m, b, 3, complement=comp, exact=exact) for m in ms]
+            for one, many in zip(single, linalg.truncated_svd_deflated_many(ms, b, 3, complement=comp, exact=exact)):
+                assert all(torch.equal(a, c) for a, c in zip(one, many))
+
+
+def test_a_matrix_that_does_not_converge_fails_its_own_asker_only():
+    # cuSOLVER reports non-convergence per matrix (info); the batch's other matrices are valid and go to their askers.
+    from studio._cusolver import Batcher, SolveError, _Request
+
+    def solve(stack):
+        w, v = torch.linalg.eigh(stack.nan_to_num(0.0))
+        bad = [i for i, x in enumerate(stack) if bool(torch.isnan(x).any())]
+        if bad:
+            raise SolveError("did not converge", bad, w, v)
+        return w, v
+
+    batcher = Batcher(solve, size=4)
+    good = [_sym(6, torch.linspace(3, 1, 6), seed=s, dtype=torch.float64) for s in range(2)]
+    bad = good[0].clone()
+    bad[1, 1] = float("nan")
+    requests = [_Request(good[0]), _Request(bad), _Request(good[1])]
+    batcher._run(requests)
+    assert all(r.done for r in requests)
+    assert isinstance(requests[1].error, SolveError) and requests[1].result is None
+    assert "6 x 6 float64" in str(requests[1].error)
+    for r, m in ((requests[0], good[0]), (requests[2], good[1])):
+        assert r.error is None and torch.equal(r.result[0], torch.linalg.eigh(m)[0])
+
+
+def test_a_cusolver_status_error_turns_the_batched_solver_off_and_solves_elsewhere(monkeypatch):
+    # A status other than success is the library's refusal, not the matrices': the process falls back to the single
+    # solves (the host's LAPACK or torch.linalg.eigh), with a warning, and stops asking cuSOLVER.
+    from studio import _cusolver
+
+    def refuse(mats):
+        raise _cusolver.CusolverError("cuSOLVER cusolverDnXsyevBatched failed with status 7")
+
+    monkeypatch.setattr(_cusolver, "_lib", object())
+    monkeypatch.setattr(_cusolver, "eigh_many", refuse)
+    monkeypatch.setattr(_lapack, "_batched", lambda g: _cusolver.available())
+    mats = [_sym(8, torch.linspace(4, 1, 8), seed=s, dtype=torch.float64) for s in range(3)]
+    with pytest.warns(RuntimeWarning, match="batched eigensolver is off for this process: .*status 7"):
+        got = _lapack.eigh_top_many(mats, 2)
+    assert not _cusolver.available()
+    for (w, v), m in zip(got, mats):
+        want_w, want_v = _lapack.eigh_top(m, 2)
+        assert torch.equal(w, want_w) and torch.equal(v, want_v)
+    assert [w.shape for w, _ in _lapack.eigh_many(mats)] == [(8,)] * 3   # no second warning, no cuSOLVER call

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated
+from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated, truncated_svd_deflated_many
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
@@ -63,15 +63,20 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k) x n matrix is decomposed.
     complement = U[:, k:] if U.shape[0] == U.shape[1] else None
     Us, Ss, Vs = [], [Sc], []
-    if s > 0:
-        for delta in layer.task_deltas(reuse=True):
-            u, sv, vh = truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
-            # A zero residual (e.g. a task with preference weight 0) has no singular vectors; LAPACK would return
-            # arbitrary ones, which the whitening would then keep at weight sigma_bar.
-            nonzero = sv > 0
-            Us.append(u * nonzero)
-            Ss.append(sv)
-            Vs.append(vh.mT * nonzero)
+    if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
+        parts = truncated_svd_deflated_many(list(layer.deltas), Uc, s, complement=complement, exact=exact)
+    elif s > 0:   # one task matrix in memory at a time
+        parts = (truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
+                 for delta in layer.task_deltas(reuse=True))
+    else:
+        parts = ()
+    for u, sv, vh in parts:
+        # A zero residual (e.g. a task with preference weight 0) has no singular vectors; LAPACK would return
+        # arbitrary ones, which the whitening would then keep at weight sigma_bar.
+        nonzero = sv > 0
+        Us.append(u * nonzero)
+        Ss.append(sv)
+        Vs.append(vh.mT * nonzero)
     m, n = layer.shape
     empty_u, empty_v = Uc.new_zeros(m, 0), Uc.new_zeros(n, 0)
     U_ts = torch.cat(Us, dim=1) if Us else empty_u
