@@ -9,7 +9,7 @@ Run as ``python3 tools/device_probe_batched.py`` (part of tools/device_check.sh)
 
 from __future__ import annotations
 
-import statistics
+import os
 import sys
 import threading
 import time
@@ -19,17 +19,8 @@ import torch
 
 from studio import _cusolver
 
-
-def timed(fn, calls: int = 3) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(calls):
-        t = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from device_probe import per_call as timed  # noqa: E402  (tools/ is not a package)
 
 
 def grams(batch: int, n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:

@@ -4,7 +4,8 @@ Every non-CPU branch of the library runs (whole-layer blocks, streamed order sta
 eigenproblems (:class:`studio._cusolver.Batcher`, each batch solved by torch's CPU solver), their host copies
 (``studio._lapack.BATCHED_EIGH_MAX = 0``) and torch's solvers (and ``HOST_EIGH_MAX = 0``), CUDA generators, resident
 device copies, a spectral merge's CUDA worker threads, without streams), and any op that meets a CPU tensor with a
-"CUDA" one raises as real CUDA would. It finds device bugs without a GPU; it says nothing about cuSOLVER's numerics or speed.
+"CUDA" one raises as real CUDA would. It finds device bugs without a GPU; it says nothing about cuSOLVER's numerics
+or speed.
 
     PYTHONPATH=tools/fakecuda .venv/bin/python -m pytest -p fakecuda_plugin -p no:cacheprovider \\
         --deselect tests/test_app_browser.py
