@@ -386,7 +386,9 @@ class LayerTasks:
         cache's memory").
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` (same accuracy on the kept
-        components, several times faster; null components are exact zeros with zero vectors). Either way each pair's
+        components, several times faster; null components are exact zeros with zero vectors), through
+        :func:`studio.linalg.gram_svd_many` as :meth:`svds` computes it (on CUDA its eigensolve goes to cuSOLVER's
+        batches, whichever of the two asks, so the cache holds the same bits either way). Either way each pair's
         sign is fixed (:func:`studio.linalg.canonical_signs`), so ranks cut from different buckets (or modes) agree to
         float32 rounding, signs included.
 

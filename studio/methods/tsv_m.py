@@ -66,7 +66,8 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """Concatenated top-``k`` task singular vectors ``U [m, T*k]``, ``S [T*k]``, ``V [n, T*k]`` (TSV eq. 4-6).
 
     Task ``i`` occupies columns ``i*k:(i+1)*k`` as in the official code. Decompositions come from
-    ``layer.svd(i, k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else :func:`studio.linalg.gram_svd`),
+    ``layer.svds(range(T), k)`` (cached per pool; LAPACK in ``svd_mode="exact"``, else
+    :func:`studio.linalg.gram_svd`; on CUDA every task's eigensolve at once, in cuSOLVER's batches),
     one per task for every ``k`` from half of the largest valid one up (``cover = r // T``), so a change of
     ``rank_fraction`` near its default reuses them.
 
