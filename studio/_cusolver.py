@@ -17,13 +17,14 @@ import ctypes
 import glob
 import os
 import threading
+import time
 from collections import deque
 from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["available", "disable", "eigh_batched", "eigh_many", "Batcher", "CusolverError", "SolveError"]
+__all__ = ["available", "disable", "eigh_batched", "eigh_many", "stats", "Batcher", "CusolverError", "SolveError"]
 
 _EIG_MODE_VECTOR = 1                       # cusolverEigMode_t CUSOLVER_EIG_MODE_VECTOR
 _FILL_UPPER = 1                            # cublasFillMode_t CUBLAS_FILL_MODE_UPPER
@@ -272,7 +273,9 @@ class Batcher:
         self._pending: dict[tuple, deque[_Request]] = {}
         self._running = 0
         self._streams: dict[torch.device, list] = {}
-        self.batches = 0   # batches run so far (tests and benchmarks read it)
+        # run so far (tests and the bench read them): batches, the matrices asked for in them (padding not counted),
+        # and seconds from each batch's start to its end, summed over batches (which run side by side)
+        self.batches, self.matrices, self.seconds = 0, 0, 0.0
 
     def solve(self, mats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
         """Eigenvalues (ascending) and eigenvectors of each symmetric matrix of ``mats`` (each ``[n, n]``, read
@@ -300,12 +303,15 @@ class Batcher:
                         continue
                     self._running += 1
                     self._cond.release()
+                    start = time.perf_counter()
                     try:
                         self._run(batch)
                     finally:
                         self._cond.acquire()
                         self._running -= 1
                         self.batches += 1
+                        self.matrices += len(batch)
+                        self.seconds += time.perf_counter() - start
                         self._cond.notify_all()
             except BaseException:   # interrupted: take back what no batch has taken yet
                 for r in requests:
@@ -408,6 +414,22 @@ def _solve_stack(stack: Tensor) -> tuple[Tensor, Tensor]:
     if found is None:   # pragma: no cover - eigh_many checks available() first
         raise RuntimeError("cusolverDnXsyevBatched is not available")
     return found
+
+
+def stats() -> dict[str, float]:
+    """The process's :class:`Batcher` counters: ``batches``, ``matrices`` (without padding), ``seconds`` (each batch's
+    wall time, summed over batches that ran side by side); zeros before the first batch.
+
+    Example:
+        >>> sorted(stats())
+        ['batches', 'matrices', 'seconds', 'size']
+    """
+    batcher = _batcher
+    if batcher is None:
+        return {"batches": 0, "matrices": 0, "seconds": 0.0, "size": 0}
+    with batcher._cond:
+        return {"batches": batcher.batches, "matrices": batcher.matrices, "seconds": batcher.seconds,
+                "size": batcher.size}
 
 
 def eigh_many(mats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

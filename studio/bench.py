@@ -19,7 +19,9 @@ times FusionBench 0.2.33's own functions on the rows it implements (task vectors
 runs on N fresh pools and each timing is the fastest of the N (background load on a shared machine only adds time);
 the reference and FusionBench run once.
 ``steal %`` = share of the machine's CPU time the hypervisor gave to other guests during the reported cold run
-(``/proc/stat``): timings taken at high steal are slow for that reason.
+(``/proc/stat``): timings taken at high steal are slow for that reason. Under a CUDA table, a line gives each row's
+use of cuSOLVER's batched eigensolver in its reported cold merge (:mod:`studio._cusolver`): batches, matrices per
+batch, seconds in batches.
 
 The benchmark process keeps freed memory for reuse (:func:`studio.memory.keep_freed_memory`), as the app and the
 CLI do; ``--malloc default`` measures glibc's default policy instead (every merge page-faults its memory in again).
@@ -243,12 +245,18 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         engine._POOLS.clear()
         gc.collect()
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
+        from . import _cusolver
+
+        before = _cusolver.stats()
         with PeakMemory(device) as mem, CpuSteal() as steal:
             # the result is dropped at once, as the warm runs' are (kept, the warm merge's output needed fresh memory:
             # page faults, which cost 0.2-0.3 s per ViT-B/32 model on the H200's host)
             cold = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)[0]
         if cold <= row.get("cold", cold):
             row["steal"] = steal.percent  # of the run whose cold time is reported
+            after = _cusolver.stats()
+            row["batched"] = {k: after[k] - before[k] for k in ("batches", "matrices", "seconds")}
+            row["batched"]["size"] = after["size"]
         keep_min("cold", cold)
         row["peak_MB"] = max(row["peak_MB"], mem.peak_mb)
         if scale is not None:
@@ -488,6 +496,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
     for dev_name in devices:
         device = torch.device(dev_name)
+        notes = []
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
         print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup "
@@ -517,6 +526,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                   f"{_fmt(row.get('ref'))} | {_fmt(row.get('speedup'))} | "
                   f"{_fmt(row.get('peer'))} | {_fmt(row.get('vs_peer'))} | "
                   f"{'-' if row.get('steal') is None else format(row['steal'], '.0f')} |", flush=True)
+            batched = row.get("batched") or {}
+            if batched.get("batches"):
+                fill = batched["matrices"] / batched["batches"]
+                notes.append(f"{row['method']} {batched['batches']} batches of {batched['size']} "
+                             f"({batched['matrices']} matrices, {fill:.1f} a batch; "
+                             f"{batched['seconds']:.2f} s in batches, summed over those side by side)")
+        if notes:
+            print("\n# cuSOLVER's batched eigensolves in the reported cold merges: " + "; ".join(notes), flush=True)
 
 
 if __name__ == "__main__":

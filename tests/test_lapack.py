@@ -369,6 +369,7 @@ def test_batcher_runs_every_threads_requests_in_batches_of_one_size():
         results = [r for part in ex.map(batcher.solve, [mats[i:i + 2] for i in range(0, 30, 2)]) for r in part]
     eye = torch.eye(12, dtype=torch.float64)
     assert all(s.shape == (4, 12, 12) for s in stacks) and batcher.batches == len(stacks) < 30
+    assert batcher.matrices == 30 and batcher.seconds > 0   # the counters the bench reports
     for m, (w, v) in zip(mats, results):
         found = [s for s in stacks if any(torch.equal(x, m) for x in s)]
         assert len(found) == 1   # solved once

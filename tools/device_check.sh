@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The GPU checks of the merge engine in one prepared call, for a session that is lent a device machine (one H100 or
-# H200; see the `device` tool). It runs the CUDA tests (CPU/CUDA parity of every method and calibration), a smoke
-# test of the diagnostics, compression and evaluation on CUDA (tools/device_smoke.py), the benchmark on CUDA:
-# 8 ViT-B/32 experts (every row) and 8 ViT-L/14 experts (TSV-M and Iso-CTS, the slowest rows), and last the probe of
-# eigensolver and transfer speeds (tools/device_probe.py). Each step has its own time limit (8.5 minutes in all)
-# and writes its log under $OUT; the steps run in order of importance, so a call cut short keeps the first ones. On
-# an H200 on 2026-12-04 the whole took 3.7 minutes (the README's CUDA rows and docs/PERFORMANCE.md, "CUDA").
+# H200; see the `device` tool). Its steps, in order of importance (so a call cut short keeps the first ones), each
+# with its own time limit and its log under $OUT:
+#   env, tests (CPU/CUDA parity of every method and calibration on every eigensolver route, worker threads bit for
+#   bit, the batched solver), smoke (diagnostics, compression and evaluation on CUDA: tools/device_smoke.py),
+#   bench_b32 (8 ViT-B/32 experts, every row), bench_b32_host (the spectral rows with --batched-eigh-max 0),
+#   bench_l14 (8 ViT-L/14 experts, TSV-M and Iso-CTS), profile (tools/device_profile.py: where a cold TSV-M merge's
+#   time goes), probe and probe_batched (eigensolver and transfer speeds, the batched solver's bits:
+#   tools/device_probe.py, tools/device_probe_batched.py).
+# STEPS="env tests bench_b32" runs only those. On the H200 on 2026-12-04 env, tests, smoke, bench_b32, bench_l14
+# and a 30 s bench with --threads 32 took 3.1 minutes (the README's CUDA table; docs/PERFORMANCE.md, "CUDA").
 #
 # The device image has PyTorch, NumPy, SciPy, pytest, safetensors, timm, huggingface_hub and PyYAML, but not
 # open_clip (the benchmark takes the real tower shapes from its configs) or ftfy / wcwidth, which it imports.
@@ -45,7 +49,6 @@ step bench_b32 150 python3 -m studio.bench --device cuda
 step bench_b32_host 75 python3 -m studio.bench --device cuda --batched-eigh-max 0 \
   --methods tsv_m iso_cts ortho_merge align_merge_o
 step bench_l14 100 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
-step bench_b32_threads32 45 python3 -m studio.bench --device cuda --threads 32 \
-  --methods tsv_m iso_cts ortho_merge align_merge_o
+step profile 60 python3 tools/device_profile.py
 step probe 75 python3 tools/device_probe.py
 step probe_batched 90 python3 tools/device_probe_batched.py
