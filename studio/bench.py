@@ -8,7 +8,9 @@ Experts are synthetic but shaped exactly like open_clip's visual towers (built o
 own model configs), with task matrices = shared low-rank part + task-specific low-rank part with a decaying spectrum
 + small dense noise, the structure fine-tuning deltas show in the TSV/Iso papers.
 
-Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes every decomposition);
+Before the table every row's merge runs once on one tensor of each shape (:func:`warm_up`; ``--no-warm-up`` leaves
+it out), so that one-time costs of the process (the CUDA context, libraries and kernels loaded on first use) fall in
+no row. Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes every decomposition);
 ``warm_alpha`` = the same method after changing its global scale; ``warm_struct`` = after changing a structural
 hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra memory allocated
 during the cold merge: on the CPU sampled through glibc's ``mallinfo2`` (the resident set size elsewhere), on CUDA
@@ -212,6 +214,30 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, out
+
+
+def warm_up(base, experts, runs, device: torch.device, svd_mode: str = "auto") -> tuple[int, float]:
+    """Every row's merge once, on one tensor of each shape of the tower (and every expert), before the table: the
+    process's one-time costs then fall in no row (the CUDA context, loading a library or its kernels on first use,
+    cuSOLVER handles, thread pools), as in the app, which pays them once for every merge after. Returns the number
+    of tensors and the seconds taken.
+
+    Example:
+        >>> base = {"a": torch.zeros(4, 3), "b": torch.zeros(4, 3), "c": torch.zeros(3)}
+        >>> experts = {n: {k: v + 0.01 * i for k, v in base.items()} for i, n in enumerate(["x", "y"])}
+        >>> warm_up(base, experts, [("task_arithmetic", None, {})], torch.device("cpu"))[0]
+        2
+    """
+    keys = list({tuple(t.shape): k for k, t in reversed(list(base.items()))}.values())[::-1]
+    sub_base = {k: base[k] for k in keys}
+    sub_experts = {name: {k: sd[k] for k in keys} for name, sd in experts.items()}
+    start = time.perf_counter()
+    for method, cal, _ in runs:
+        engine._POOLS.clear()
+        pool = engine.TaskPool(sub_base, sub_experts, device=device, svd_mode=svd_mode, check_finite=False)
+        _timed(lambda: engine.merge_pool(pool, method, calibrate=cal), device)
+    engine._POOLS.clear()
+    return len(keys), time.perf_counter() - start
 
 
 def _time_or_failed(what: str, fn: Callable[[], Any], device: torch.device) -> float | str:
@@ -434,6 +460,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                     help="CUDA: solve the symmetric eigenproblems of at most N rows in batches with cuSOLVER's "
                          f"batched solver (studio._lapack.BATCHED_EIGH_MAX, default {_lapack.BATCHED_EIGH_MAX}); "
                          "0: none")
+    ap.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                    help="leave out the warm-up before the table (bench.warm_up): the first row to use a library "
+                         "or kernel then pays its one-time loading, as in the tables before the second session of "
+                         "2026-12-04")
     ap.add_argument("--malloc", default="keep", choices=["keep", "default"],
                     help="keep: glibc keeps freed memory for reuse, as the app and the CLI (studio.memory); "
                          "default: glibc's own policy, which returns large freed blocks to the kernel")
@@ -499,6 +529,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         notes = []
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
+        if args.warm_up:
+            tensors, seconds = warm_up(base, experts, runs, device, args.svd_mode)
+            print(f"Warm-up before the table: every row's merge once on {tensors} tensors (one of each shape), "
+                  f"{seconds:.1f} s, so that the process's one-time costs (CUDA context, libraries and kernels "
+                  f"loaded on first use, solver handles, thread pools) fall in no row.\n")
         print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup "
               "| FusionBench s | vs FB | steal % |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -17,6 +17,8 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
     out = capsys.readouterr().out
     assert "MiniCLIP-ViT visual tower" in out and "20 experts" in out and "fastest of 2 runs" in out
     assert "malloc default" in out
+    warm = re.search(r"Warm-up before the table: every row's merge once on ([0-9]+) tensors", out)
+    assert warm and 0 < int(warm.group(1)) < len(bench.clip_visual_shapes("MiniCLIP-ViT"))
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if re.match(r"\| [a-z_+]+ \| [0-9.]+ ", line)}
     assert set(rows) == {"ties", "tsv_m", "iso_cts", "task_arithmetic+svc"}
     assert "rank_fraction=0.04" in rows["tsv_m"]
@@ -64,3 +66,18 @@ def test_a_negative_eigh_limit_is_refused_before_anything_runs(capsys, flag, mes
         bench.main([flag, "-1", "--device", "cpu"])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_warm_up_merges_one_tensor_of_each_shape_and_can_be_left_out(capsys, monkeypatch):
+    shapes = bench.clip_visual_shapes("MiniCLIP-ViT")
+    seen = []
+    merge_pool = bench.engine.merge_pool
+    monkeypatch.setattr(bench.engine, "merge_pool", lambda pool, *a, **k: seen.append(pool.keys) or merge_pool(
+        pool, *a, **k))
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m"])
+    warm = seen[0]   # the warm-up's pool comes first, then the row's own (every key)
+    assert sorted({tuple(shapes[k]) for k in warm}) == sorted(set(map(tuple, shapes.values())))
+    assert len(warm) == len({tuple(shapes[k]) for k in warm}) and seen[1] == list(shapes)
+    seen.clear()
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m", "--no-warm-up"])
+    assert "Warm-up" not in capsys.readouterr().out.split("## device")[-1] and seen[0] == list(shapes)
