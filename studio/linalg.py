@@ -8,6 +8,7 @@ products go through :func:`matmul` (OpenBLAS on the CPU, :mod:`studio._lapack`; 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -280,11 +281,14 @@ def gram_svd(matrix: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, T
     return _gram_svds([matrix], rank, lambda gs, k: [_lapack.eigh_top(g, k, overwrite=True) for g in gs])[0]
 
 
-def gram_svd_many(matrices: "list[Tensor]", rank: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
+def gram_svd_many(matrices: "list[Tensor | Callable[[], Tensor]]",
+                  rank: int | None = None) -> list[tuple[Tensor, Tensor, Tensor]]:
     """:func:`gram_svd` of each matrix of ``matrices`` (the same ``rank``), with the eigensolves of all of them asked
     for together (:func:`studio._lapack.eigh_top_many`): on CUDA they go to cuSOLVER's batches, shared with every
     other thread's (a matrix's bits there do not depend on its batch, but differ from :func:`gram_svd`'s host
-    solve); elsewhere the results are :func:`gram_svd`'s, bit for bit.
+    solve); elsewhere the results are :func:`gram_svd`'s, bit for bit. A matrix may be given as a function that
+    makes it (e.g. a task matrix from its expert and the base), called whenever it is needed, so that only the Gram
+    matrices of all of them are held at once.
 
     Example:
         >>> [S.tolist() for _, S, _ in gram_svd_many([torch.eye(2), 2 * torch.eye(3)], 1)]
@@ -293,17 +297,33 @@ def gram_svd_many(matrices: "list[Tensor]", rank: int | None = None) -> list[tup
     return _gram_svds(matrices, rank, lambda gs, k: _lapack.eigh_top_many(gs, k, overwrite=True))
 
 
-def _gram_svds(matrices: "list[Tensor]", rank: int | None, solve) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """:func:`gram_svd` of each matrix, ``solve(grams, k)`` giving the top-``k`` eigenpairs of fresh Gram matrices."""
+def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None,
+               solve) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`gram_svd` of each matrix, ``solve(grams, k)`` giving the top-``k`` eigenpairs of fresh Gram matrices.
+    A matrix given as a function returning it is made again each time it is needed (its Gram matrix, a float64
+    second pass, ``U = A V / S``) and not held in between: the caller then holds one matrix at a time, not all."""
     items = []
-    for matrix in matrices:
+    for source in matrices:
+        matrix = source() if callable(source) else source
         m, n = matrix.shape[-2:]
         wide = m < n
-        a = matrix.mT if wide else matrix
         n = min(m, n)
-        k = n if rank is None else max(0, min(int(rank), n))
-        out_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
-        items.append({"a": a.to(out_dtype), "k": k, "wide": wide, "dtype": out_dtype, "n": n})
+        dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+        item = {"source": source, "k": n if rank is None else max(0, min(int(rank), n)), "wide": wide,
+                "dtype": dtype, "now": dtype, "n": n}
+        a = (matrix.mT if wide else matrix).to(dtype)
+        if not callable(source):
+            item["a"] = a
+        item["gram"] = _lapack.gram(a)
+        items.append(item)
+        del matrix, a
+
+    def operand(item: dict) -> Tensor:
+        if "a" in item:
+            return item["a"]
+        matrix = item["source"]()
+        return (matrix.mT if item["wide"] else matrix).to(item["now"])
+
     todo = list(range(len(items)))
     while todo:   # a float32 pass, then float64 for the matrices whose kept spectrum needs it
         by_rank: dict[int, list[int]] = {}
@@ -311,30 +331,33 @@ def _gram_svds(matrices: "list[Tensor]", rank: int | None, solve) -> list[tuple[
             by_rank.setdefault(items[j]["k"], []).append(j)
         again = []
         for k, js in by_rank.items():
-            solved = solve([_lapack.gram(items[j]["a"]) for j in js], k)  # descending
+            grams = [items[j].pop("gram") if "gram" in items[j] else _lapack.gram(operand(items[j])) for j in js]
+            solved = solve(grams, k)  # descending
+            del grams
             for j, (evals, evecs) in zip(js, solved):
                 item = items[j]
                 S = evals[:k].clamp_min(0).sqrt()
                 item["S"], item["V"] = S, evecs[:, :k]
-                a = item["a"]
-                if a.dtype == torch.float64 or k == 0:
+                if item["now"] == torch.float64 or k == 0:
                     continue
                 top = float(S[0])
                 # float32 Gram entries are S^2: below ~1e-30 they near float32's denormals and underflow (a task
                 # vector of 1e-25 entries came back as zero), above ~1e30 they overflow; a truly zero matrix needs
                 # no second pass
                 in_range = (_GRAM32_SINGULAR_RANGE[0] <= top <= _GRAM32_SINGULAR_RANGE[1]
-                            or (top == 0 and not bool(a.any())))
+                            or (top == 0 and not bool(operand(item).any())))
                 if not (in_range and bool(S[-1] >= 0.1 * S[0])):
-                    item["a"] = a.double()
+                    item["now"] = torch.float64
+                    if "a" in item:
+                        item["a"] = item["a"].double()
                     again.append(j)
         todo = again
     out = []
     for item in items:
-        a, S, V, k, n, out_dtype = item["a"], item["S"], item["V"], item["k"], item["n"], item["dtype"]
+        S, V, k, n, out_dtype = item["S"], item["V"], item["k"], item["n"], item["dtype"]
         keep = S > null_tolerance(S[0], n) if k else S > 0
         safe = torch.where(keep, S, torch.ones_like(S))
-        U = matmul(a, V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary per step page-faults
+        U = matmul(operand(item), V).div_(safe).mul_(keep)   # in place: a fresh [m, rank] temporary page-faults
         S = S * keep
         V = V * keep   # both factors of a null component are zero (the eigenvectors there are arbitrary)
         U, S, Vh = U.to(out_dtype), S.to(out_dtype), V.mT.to(out_dtype)

@@ -488,3 +488,28 @@ def test_a_cusolver_status_error_turns_the_batched_solver_off_and_solves_elsewhe
         want_w, want_v = _lapack.eigh_top(m, 2)
         assert torch.equal(w, want_w) and torch.equal(v, want_v)
     assert [w.shape for w, _ in _lapack.eigh_many(mats)] == [(8,)] * 3   # no second warning, no cuSOLVER call
+
+
+def test_gram_svd_many_takes_functions_that_make_the_matrices_with_the_same_bits():
+    # LayerTasks.svds hands gram_svd_many functions that make each task matrix when needed (so that a thread holds
+    # one at a time): each is called for the Gram matrix, a float64 second pass where needed and U = A V / S, and the
+    # results are those of the matrices themselves, bit for bit.
+    g = torch.Generator().manual_seed(5)
+    steep = (torch.randn(40, 12, generator=g) * torch.logspace(0, -3, 12)) @ torch.randn(12, 12, generator=g)
+    mats = [torch.randn(40, 12, generator=g), torch.randn(12, 30, generator=g), steep, torch.zeros(20, 8)]
+    calls = [0] * len(mats)
+
+    def maker(j):
+        def make():
+            calls[j] += 1
+            return mats[j].clone()
+        return make
+
+    for rank in (0, 3, None):
+        calls[:] = [0] * len(mats)
+        given = linalg.gram_svd_many(mats, rank)
+        made = linalg.gram_svd_many([maker(j) for j in range(len(mats))], rank)
+        for one, two in zip(given, made):
+            assert all(torch.equal(a, b) for a, b in zip(one, two))
+        if rank is None:
+            assert calls[2] == 3 and calls[0] == 2   # steep: Gram, float64 pass, U; the others: Gram, U
