@@ -127,7 +127,9 @@ def available() -> bool:
 
 def disable(reason: str) -> None:
     """Turn the batched solver off for this process (a :class:`CusolverError`: the library refused a call), with a
-    warning naming ``reason``; :func:`available` is ``False`` from then on."""
+    warning naming ``reason``; :func:`available` is ``False`` from then on. Later decompositions then take the host's
+    LAPACK, whose bits differ from the batches' in the last places: a merge after this may differ so from the same
+    merge in a fresh process (the warning is the sign)."""
     global _lib
     import warnings
 
@@ -274,7 +276,8 @@ class Batcher:
         self._running = 0
         self._streams: dict[torch.device, list] = {}
         # run so far (tests and the bench read them): batches, the matrices asked for in them (padding not counted),
-        # and seconds from each batch's start to its end, summed over batches (which run side by side)
+        # and the wall seconds from each batch's start to its end (waiting for the askers' streams, the stacking and
+        # the solve), summed over batches (which run side by side); failed batches count too
         self.batches, self.matrices, self.seconds = 0, 0, 0.0
 
     def solve(self, mats: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -302,8 +305,8 @@ class Batcher:
                         self._cond.wait()
                         continue
                     self._running += 1
-                    self._cond.release()
                     start = time.perf_counter()
+                    self._cond.release()
                     try:
                         self._run(batch)
                     finally:
@@ -411,8 +414,8 @@ _batcher: Batcher | None = None
 
 def _solve_stack(stack: Tensor) -> tuple[Tensor, Tensor]:
     found = eigh_batched(stack, overwrite=True)
-    if found is None:   # pragma: no cover - eigh_many checks available() first
-        raise RuntimeError("cusolverDnXsyevBatched is not available")
+    if found is None:   # turned off (disable()) while this batch waited: its askers fall back like the first one
+        raise CusolverError("cusolverDnXsyevBatched was turned off for this process")
     return found
 
 

@@ -145,7 +145,9 @@ def one_blas_thread() -> Iterator[None]:
 
 
 def gram(a: Tensor) -> Tensor:
-    """``a^T a`` for a 2-D float32/float64 tensor; BLAS ``syrk`` via NumPy on the CPU, ``a.mT @ a`` elsewhere.
+    """``a^T a`` for a 2-D float32/float64 tensor; BLAS ``syrk`` via NumPy on the CPU, ``a.mT @ a`` elsewhere. An entry
+    beyond the dtype's range is ``inf`` without a warning, as on other devices (:func:`studio.linalg.gram_svd`
+    checks and redoes it in float64).
 
     Example:
         >>> gram(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).tolist()
@@ -154,7 +156,7 @@ def gram(a: Tensor) -> Tensor:
     if a.device.type != "cpu" or a.dtype not in (torch.float32, torch.float64) or a.requires_grad:
         return a.mT @ a
     x = a.detach().numpy()
-    with one_blas_thread():
+    with one_blas_thread(), np.errstate(over="ignore"):
         return torch.from_numpy(x.T @ x)
 
 

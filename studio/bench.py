@@ -566,7 +566,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                 fill = batched["matrices"] / batched["batches"]
                 notes.append(f"{row['method']} {batched['batches']} batches of {batched['size']} "
                              f"({batched['matrices']} matrices, {fill:.1f} a batch; "
-                             f"{batched['seconds']:.2f} s in batches, summed over those side by side)")
+                             f"{batched['seconds']:.2f} s of batches' wall time, summed over those side by side)")
         if notes:
             print("\n# cuSOLVER's batched eigensolves in the reported cold merges: " + "; ".join(notes), flush=True)
 

@@ -73,16 +73,18 @@ def _magnitude(pool: TaskPool, key: str) -> str:
 
 @contextlib.contextmanager
 def _linalg_errors(what: str | None, pool: TaskPool, key: str) -> Iterator[None]:
-    """A failed eigen- or singular-value solver (LAPACK reports no convergence, e.g. on Gram matrices whose entries
-    overflowed float32) becomes a :class:`StudioError` naming the method, the layer and the inputs' magnitude."""
+    """A failed eigen- or singular-value solver (LAPACK or cuSOLVER reports no convergence) becomes a
+    :class:`StudioError` naming the method, the layer and the inputs' magnitude. (Gram matrices whose float32 entries
+    overflowed, task vectors near 1e19 and above, failed so until the Gram-based SVD formed them in float64 instead.)"""
+    from ._cusolver import SolveError
+
     try:
         yield
     except (torch.linalg.LinAlgError, RuntimeError) as exc:
-        if not isinstance(exc, torch.linalg.LinAlgError) and "LAPACK" not in str(exc):
+        if not isinstance(exc, (torch.linalg.LinAlgError, SolveError)) and "LAPACK" not in str(exc):
             raise
         raise StudioError(f"{what}: the decomposition of '{key}' failed ({exc}); {_magnitude(pool, key)}: "
-                          f"spectral methods square the task vectors in float32, whose range ends near 1e19")\
-            from exc
+                          f"the solver did not converge on this layer's matrices") from exc
 
 
 def merge_pool(

@@ -312,11 +312,17 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
         item = {"source": source, "k": n if rank is None else max(0, min(int(rank), n)), "wide": wide,
                 "dtype": dtype, "now": dtype, "n": n}
         a = (matrix.mT if wide else matrix).to(dtype)
+        gram = _lapack.gram(a)
+        if dtype == torch.float32 and not bool(torch.isfinite(gram).all()):
+            # singular values above ~1.8e19: the float32 Gram overflows (LAPACK then failed); straight to float64
+            item["now"] = torch.float64
+            a = a.double()
+            gram = _lapack.gram(a)
         if not callable(source):
             item["a"] = a
-        item["gram"] = _lapack.gram(a)
+        item["gram"] = gram
         items.append(item)
-        del matrix, a
+        del matrix, a, gram
 
     def operand(item: dict) -> Tensor:
         if "a" in item:

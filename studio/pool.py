@@ -447,7 +447,8 @@ class LayerTasks:
         """``[self.svd(i, rank, cover=cover) for i in indices]``; on CUDA (``svd_mode="auto"``) the decompositions
         not cached yet are computed together, so that their eigensolves share cuSOLVER's batches
         (:func:`studio.linalg.gram_svd_many`; the same bits as one at a time), each task matrix made again where it
-        is needed rather than held. On the CPU one at a time, holding one task matrix at a time."""
+        is needed rather than held where the pool keeps the experts on the device. On the CPU one at a time, holding
+        one task matrix at a time."""
         indices = list(indices)
         if self.device.type == "cuda" and self.pool.svd_mode != "exact" and len(indices) > 1:
             r = min(self.shape)
@@ -455,9 +456,11 @@ class LayerTasks:
             with self.pool._lock:
                 missing = [i for i in dict.fromkeys(indices) if bucket not in self.pool._svd_slot((self.key, i))]
             if len(missing) > 1:
-                # each task matrix made when needed, not all held at once (the Gram matrices are; 8 ViT-L/14 experts
-                # held every thread's task matrices at once at a 16.5 GB peak on the H200, against 14.0 before)
-                found = linalg.gram_svd_many([lambda i=i: self.pool.raw_delta(self.key, i) for i in missing], bucket)
+                # On a resident pool each task matrix is made again where it is needed, not all held at once (the Gram
+                # matrices are): 8 ViT-L/14 experts held every thread's task matrices at a 16.5 GB peak on the H200,
+                # against 14.0 before. Elsewhere making one copies its expert and the base to the device: made once.
+                make = [lambda i=i: self.pool.raw_delta(self.key, i) for i in missing]
+                found = linalg.gram_svd_many(make if self.pool.resident else [f() for f in make], bucket)
                 for i, (U, S, Vh) in zip(missing, found):
                     U, Vh = linalg.canonical_signs(U, Vh)
                     with self.pool._lock:   # svd() below makes it the most recently used and trims the slot

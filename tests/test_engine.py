@@ -880,13 +880,28 @@ def test_a_hyperparameter_that_is_not_a_scalar_is_a_clear_error(clip_pool):
 
 def test_results_beyond_the_compute_or_output_range_are_errors_naming_the_layer():
     """Finite inputs whose merge cannot be represented came back as inf / NaN, or failed inside LAPACK with
-    'ssyevd failed (info = 4)' naming nothing: float32 Gram matrices overflow for task vectors near 1e19-1e20,
-    and a float16 base plus the summed deltas can leave float16's range."""
+    'ssyevd failed (info = 4)' naming nothing: float32 Gram matrices overflowed for task vectors near 1e19-1e20 (now
+    formed again in float64, so TSV-M merges them, as LAPACK's SVD does), and a float16 base plus the summed deltas
+    can leave float16's range."""
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.zeros(6, 5)}
     huge = {f"t{i}": {"w": torch.randn(6, 5, generator=g) * 1e20} for i in range(2)}
-    with pytest.raises(studio.StudioError, match=r"tsv_m: the decomposition of 'w' failed .*max \|expert - base\| = "):
-        studio.merge(base, huge, "tsv_m")
+    auto, exact = (studio.merge(base, huge, "tsv_m", svd_mode=mode)["w"] for mode in ("auto", "exact"))
+    assert bool(torch.isfinite(auto).all()) and float(auto.abs().max()) > 1e19
+    torch.testing.assert_close(auto, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+    from studio import _cusolver, _lapack
+
+    for failure in (RuntimeError("LAPACK ssyevr failed (info = 4)"),   # a solver that does not converge
+                    _cusolver.SolveError("cusolverDnXsyevBatched: 1 of 16 5 x 5 matrices did not converge", [0],
+                                         None, None)):
+        def fail(*args, failure=failure, **kwargs):
+            raise failure
+        studio.engine.clear_pools()   # nothing cached: the merge decomposes again
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(_lapack, "eigh_top", fail)
+            with pytest.raises(studio.StudioError, match=r"tsv_m: the decomposition of 'w' failed \(.*(LAPACK|cusolver)"
+                                                         r".*max \|expert - base\| = 2.*e\+20"):
+                studio.merge(base, huge, "tsv_m")
     with pytest.raises(studio.StudioError, match=r"svc: the merged 'w' is not finite in torch.float32"):
         studio.merge(base, huge, "task_arithmetic", calibrate="svc")
     out = studio.merge(base, huge, "align_merge_o", svd_mode="exact")["w"]    # its norms: float64, not 0 / inf

@@ -369,7 +369,7 @@ def test_batcher_runs_every_threads_requests_in_batches_of_one_size():
         results = [r for part in ex.map(batcher.solve, [mats[i:i + 2] for i in range(0, 30, 2)]) for r in part]
     eye = torch.eye(12, dtype=torch.float64)
     assert all(s.shape == (4, 12, 12) for s in stacks) and batcher.batches == len(stacks) < 30
-    assert batcher.matrices == 30 and batcher.seconds > 0   # the counters the bench reports
+    assert batcher.matrices == 30   # a counter the bench reports
     for m, (w, v) in zip(mats, results):
         found = [s for s in stacks if any(torch.equal(x, m) for x in s)]
         assert len(found) == 1   # solved once
@@ -496,7 +496,9 @@ def test_gram_svd_many_takes_functions_that_make_the_matrices_with_the_same_bits
     # results are those of the matrices themselves, bit for bit.
     g = torch.Generator().manual_seed(5)
     steep = (torch.randn(40, 12, generator=g) * torch.logspace(0, -3, 12)) @ torch.randn(12, 12, generator=g)
-    mats = [torch.randn(40, 12, generator=g), torch.randn(12, 30, generator=g), steep, torch.zeros(20, 8)]
+    tall = torch.randn(40, 12, generator=g)
+    mats = [tall, torch.randn(12, 30, generator=g), steep, torch.zeros(20, 8), steep.mT.contiguous(),
+            tall.double(), tall.bfloat16(), tall * 1e-25, tall * 1e25]   # wide + float64 pass, tiny, huge
     calls = [0] * len(mats)
 
     def maker(j):
@@ -511,5 +513,57 @@ def test_gram_svd_many_takes_functions_that_make_the_matrices_with_the_same_bits
         made = linalg.gram_svd_many([maker(j) for j in range(len(mats))], rank)
         for one, two in zip(given, made):
             assert all(torch.equal(a, b) for a, b in zip(one, two))
+        for m, (U, S, Vh) in zip(mats, given):   # and right: against LAPACK's float64 SVD
+            want = torch.linalg.svdvals(m.double())[:S.numel()]
+            atol = 1e-6 * float(want.max()) if want.numel() else 0.0
+            torch.testing.assert_close(S.double(), want, rtol=1e-5, atol=atol)
         if rank is None:
             assert calls[2] == 3 and calls[0] == 2   # steep: Gram, float64 pass, U; the others: Gram, U
+            assert calls[8] == 2   # huge: its float32 Gram overflows, so the float64 one is made at once
+
+
+def test_requests_queued_behind_a_refused_batch_fall_back_too(monkeypatch):
+    # cuSOLVER refuses a call: the thread that saw it turns the batched solver off, and every request still queued
+    # behind that batch, from other threads, falls back to the single solves too instead of failing.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio import _cusolver
+
+    gate, refused = threading.Event(), []
+
+    def eigh_batched(stack, overwrite=False):
+        if _cusolver._lib is None:
+            return None
+        gate.wait(30)   # the first batch waits until every thread has queued its matrix
+        refused.append(1)
+        raise _cusolver.CusolverError("cuSOLVER cusolverDnXsyevBatched failed with status 7")
+
+    monkeypatch.setattr(_cusolver, "_lib", object())
+    monkeypatch.setattr(_cusolver, "eigh_batched", eigh_batched)
+    monkeypatch.setattr(_cusolver, "_batcher", _cusolver.Batcher(_cusolver._solve_stack, size=2, slots=1))
+    monkeypatch.setattr(_lapack, "_batched", lambda g: _cusolver.available())
+    mats = [_sym(6, torch.linspace(3, 1, 6), seed=s, dtype=torch.float64) for s in range(5)]
+    with ThreadPoolExecutor(5) as ex, pytest.warns(RuntimeWarning, match="status 7"):
+        futures = [ex.submit(_lapack.eigh_many, [m]) for m in mats]
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(len(q) for q in _cusolver._batcher._pending.values()) < 4:
+            time.sleep(0.005)
+        gate.set()
+        results = [f.result(30) for f in futures]
+    assert len(refused) == 1 and not _cusolver.available()
+    for m, [(w, v)] in zip(mats, results):
+        assert torch.equal(w, _lapack.eigh(m)[0])
+
+
+def test_stats_reports_the_process_batchers_counters(monkeypatch):
+    from studio import _cusolver
+
+    monkeypatch.setattr(_cusolver, "_batcher", None)
+    assert _cusolver.stats() == {"batches": 0, "matrices": 0, "seconds": 0.0, "size": 0}
+    batcher = _cusolver.Batcher(torch.linalg.eigh, size=4)
+    monkeypatch.setattr(_cusolver, "_batcher", batcher)
+    batcher.solve([torch.eye(3, dtype=torch.float64)] * 5)
+    found = _cusolver.stats()
+    assert found["batches"] == 2 and found["matrices"] == 5 and found["size"] == 4 and found["seconds"] >= 0

@@ -8,8 +8,9 @@
 #   bench_l14 (8 ViT-L/14 experts, TSV-M and Iso-CTS), profile (tools/device_profile.py: where a cold TSV-M merge's
 #   time goes), probe and probe_batched (eigensolver and transfer speeds, the batched solver's bits:
 #   tools/device_probe.py, tools/device_probe_batched.py).
-# STEPS="env tests bench_b32" runs only those. On the H200 on 2026-12-04 env, tests, smoke, bench_b32, bench_l14
-# and a 30 s bench with --threads 32 took 3.1 minutes (the README's CUDA table; docs/PERFORMANCE.md, "CUDA").
+# STEPS="env tests bench_b32" runs only those. The limits add up to more than one call's 600 s, so a call of every
+# step may lose the last ones. On the H200 on 2026-12-04 env, tests, smoke, bench_b32, bench_l14 and a 30 s bench
+# with --threads 32 took 3.1 minutes in all (the README's CUDA table; docs/PERFORMANCE.md, "CUDA").
 #
 # The device image has PyTorch, NumPy, SciPy, pytest, safetensors, timm, huggingface_hub and PyYAML, but not
 # open_clip (the benchmark takes the real tower shapes from its configs) or ftfy / wcwidth, which it imports.

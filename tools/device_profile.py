@@ -47,14 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     sync()
 
     spent: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
-    lock = threading.Lock()
+    lock, inner = threading.Lock(), threading.local()
 
     def timed(name, fn):
         def run(g, *a, **k):
-            t = time.perf_counter()
+            if getattr(inner, "busy", False):   # eigh_top calling eigh: counted once, as the outer call
+                return fn(g, *a, **k)
+            inner.busy, t = True, time.perf_counter()
             try:
                 return fn(g, *a, **k)
             finally:
+                inner.busy = False
                 if g.device.type == "cuda":
                     route = "host LAPACK" if _lapack._on_host(g) else "torch.linalg.eigh"
                     with lock:
