@@ -302,6 +302,12 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
     """:func:`gram_svd` of each matrix, ``solve(grams, k)`` giving the top-``k`` eigenpairs of fresh Gram matrices.
     A matrix given as a function returning it is made again each time it is needed (its Gram matrix, a float64
     second pass, ``U = A V / S``) and not held in between: the caller then holds one matrix at a time, not all."""
+    def operand(item: dict) -> Tensor:
+        if "a" in item:
+            return item["a"]
+        matrix = item["source"]()
+        return (matrix.mT if item["wide"] else matrix).to(item["now"])
+
     items = []
     for source in matrices:
         matrix = source() if callable(source) else source
@@ -312,23 +318,21 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
         item = {"source": source, "k": n if rank is None else max(0, min(int(rank), n)), "wide": wide,
                 "dtype": dtype, "now": dtype, "n": n}
         a = (matrix.mT if wide else matrix).to(dtype)
-        gram = _lapack.gram(a)
-        if dtype == torch.float32 and not bool(torch.isfinite(gram).all()):
-            # singular values above ~1.8e19: the float32 Gram overflows (LAPACK then failed); straight to float64
-            item["now"] = torch.float64
-            a = a.double()
-            gram = _lapack.gram(a)
         if not callable(source):
             item["a"] = a
-        item["gram"] = gram
+        item["gram"] = _lapack.gram(a)
         items.append(item)
-        del matrix, a, gram
-
-    def operand(item: dict) -> Tensor:
-        if "a" in item:
-            return item["a"]
-        matrix = item["source"]()
-        return (matrix.mT if item["wide"] else matrix).to(item["now"])
+        del matrix, a
+    # singular values above ~1.8e19 overflow a float32 Gram matrix (LAPACK then failed): those go to float64 at once
+    # (one check for all of them: on CUDA one synchronisation, not one per matrix)
+    flags = [torch.isfinite(item["gram"]).all() for item in items]
+    finite = torch.stack(flags).tolist() if len({f.device for f in flags}) == 1 else [bool(f) for f in flags]
+    for item, ok in zip(items, finite):
+        if not ok and item["now"] == torch.float32:
+            item["now"] = torch.float64
+            if "a" in item:
+                item["a"] = item["a"].double()
+            item["gram"] = _lapack.gram(operand(item))
 
     todo = list(range(len(items)))
     while todo:   # a float32 pass, then float64 for the matrices whose kept spectrum needs it
