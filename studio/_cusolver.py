@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import math
 import os
 import threading
 import time
@@ -32,8 +33,34 @@ _DATA_TYPE = {torch.float32: 0, torch.float64: 1}   # cudaDataType CUDA_R_32F, C
 
 _lock = threading.Lock()
 _lib: "ctypes.CDLL | None | bool" = False  # False: not looked up yet; None: not available
-_handles: dict[int, list] = {}             # device index -> idle (handle, params): one per concurrent call
-_c = ctypes
+
+
+class _Idle:
+    """Objects that cost milliseconds to make (cuSOLVER handles, CUDA streams), kept per device for reuse: each
+    serves one call at a time, and one is made whenever none is idle. The merge's worker threads live for one merge
+    each, so the objects outlive them.
+
+    Example:
+        >>> idle = _Idle(lambda key, *args: [key, *args])
+        >>> a = idle.take("cuda:0", 1); idle.give("cuda:0", a)
+        >>> idle.take("cuda:0", 2) is a, idle.take("cuda:0", 3)
+        (True, ['cuda:0', 3])
+    """
+
+    def __init__(self, make: Callable):
+        self._make, self._idle, self._lock = make, {}, threading.Lock()
+
+    def take(self, key, *args):
+        """An idle object for ``key``, else ``make(key, *args)``."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if idle:
+                return idle.pop()
+        return self._make(key, *args)
+
+    def give(self, key, obj) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append(obj)
 
 
 class CusolverError(RuntimeError):
@@ -97,13 +124,13 @@ def _find_library() -> "ctypes.CDLL | None":
 
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32, sz = _c.c_void_p, _c.c_int64, _c.c_int, _c.c_size_t
-    lib.cusolverDnCreate.argtypes = [_c.POINTER(p)]
+    p, i64, i32, sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
+    lib.cusolverDnCreate.argtypes = [ctypes.POINTER(p)]
     lib.cusolverDnSetStream.argtypes = [p, p]
-    lib.cusolverDnCreateParams.argtypes = [_c.POINTER(p)]
+    lib.cusolverDnCreateParams.argtypes = [ctypes.POINTER(p)]
     lib.cusolverDnDestroy.argtypes = [p]
     lib.cusolverDnXsyevBatched_bufferSize.argtypes = [p, p, i32, i32, i64, i32, p, i64, i32, p, i32,
-                                                      _c.POINTER(sz), _c.POINTER(sz), i64]
+                                                      ctypes.POINTER(sz), ctypes.POINTER(sz), i64]
     lib.cusolverDnXsyevBatched.argtypes = [p, p, i32, i32, i64, i32, p, i64, i32, p, i32, p, sz, p, sz, p, i64]
     for name in ("cusolverDnCreate", "cusolverDnDestroy", "cusolverDnSetStream", "cusolverDnCreateParams",
                  "cusolverDnXsyevBatched_bufferSize", "cusolverDnXsyevBatched"):
@@ -146,14 +173,8 @@ def _check(status: int, what: str) -> None:
         raise CusolverError(f"cuSOLVER {what} failed with status {status}")
 
 
-def _take_handle(lib: ctypes.CDLL, index: int) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
-    """An idle cuSOLVER handle and parameter object for device ``index``, created if none is idle. A handle serves
-    one call at a time and costs milliseconds to create, so handles are kept for the process's life and reused
-    (the merge's worker threads live for one merge each)."""
-    with _lock:
-        idle = _handles.setdefault(index, [])
-        if idle:
-            return idle.pop()
+def _new_handle(index: int, lib: ctypes.CDLL) -> tuple[ctypes.c_void_p, ctypes.c_void_p]:
+    """A cuSOLVER handle and parameter object for device ``index``."""
     with torch.cuda.device(index):
         handle, params = ctypes.c_void_p(), ctypes.c_void_p()
         _check(lib.cusolverDnCreate(ctypes.byref(handle)), "cusolverDnCreate")
@@ -164,9 +185,7 @@ def _take_handle(lib: ctypes.CDLL, index: int) -> tuple[ctypes.c_void_p, ctypes.
     return handle, params
 
 
-def _give_handle(index: int, found: tuple[ctypes.c_void_p, ctypes.c_void_p]) -> None:
-    with _lock:
-        _handles[index].append(found)
+_handles = _Idle(_new_handle)   # device index -> idle (handle, params)
 
 
 def eigh_batched(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor] | None:
@@ -180,9 +199,7 @@ def eigh_batched(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]
         return None
     n = g.shape[-1]
     batch_shape = g.shape[:-2]
-    batch = 1
-    for b in batch_shape:
-        batch *= int(b)
+    batch = math.prod(batch_shape)
     if n == 0 or batch == 0:
         return torch.linalg.eigh(g)
     # A row-major copy, read as cuSOLVER's column-major matrix, is g^T: its upper triangle is g's lower triangle.
@@ -191,11 +208,11 @@ def eigh_batched(g: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]
     if not (overwrite and a.is_contiguous()):
         a = a.clone(memory_format=torch.contiguous_format)
     index = g.device.index if g.device.index is not None else torch.cuda.current_device()
-    found = _take_handle(lib, index)
+    found = _handles.take(index, lib)
     try:
         return _solve(lib, found, a, torch.empty(batch, n, device=g.device, dtype=g.dtype), batch_shape)
     finally:
-        _give_handle(index, found)
+        _handles.give(index, found)
 
 
 def _solve(lib: ctypes.CDLL, found: tuple, a: Tensor, w: Tensor, batch_shape: torch.Size) -> tuple[Tensor, Tensor]:
@@ -274,7 +291,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._pending: dict[tuple, deque[_Request]] = {}
         self._running = 0
-        self._streams: dict[torch.device, list] = {}
+        self._streams = _Idle(torch.cuda.Stream)   # device -> idle streams, one per batch in flight
         # run so far (tests and the bench read them): batches, the matrices asked for in them (padding not counted),
         # and the wall seconds from each batch's start to its end (waiting for the askers' streams, the stacking and
         # the solve), summed over batches (which run side by side); failed batches count too
@@ -342,20 +359,12 @@ class Batcher:
                 return batch
         return None
 
-    def _stream(self, device: torch.device, give_back=None):
-        with self._cond:
-            free = self._streams.setdefault(device, [])
-            if give_back is not None:
-                free.append(give_back)
-                return None
-            return free.pop() if free else torch.cuda.Stream(device)
-
     def _run(self, batch: list[_Request]) -> None:
         first = batch[0].g
         n, device = first.shape[-1], first.device
         try:
             if device.type == "cuda" and self.streams:
-                stream = self._stream(device)
+                stream = self._streams.take(device)
                 try:
                     with torch.cuda.device(device), torch.cuda.stream(stream):
                         for event in dict.fromkeys(r.made for r in batch):
@@ -368,7 +377,7 @@ class Batcher:
                             v.record_stream(consumer)
                             consumer.wait_stream(stream)
                 finally:
-                    self._stream(device, give_back=stream)
+                    self._streams.give(device, stream)
             else:
                 w, v, failed = self._solve_checked(self._stack(batch, n))
             for i, r in enumerate(batch):

@@ -308,6 +308,11 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
         matrix = item["source"]()
         return (matrix.mT if item["wide"] else matrix).to(item["now"])
 
+    def to_float64(item: dict) -> None:
+        item["now"] = torch.float64
+        if "a" in item:
+            item["a"] = item["a"].double()
+
     items = []
     for source in matrices:
         matrix = source() if callable(source) else source
@@ -329,9 +334,7 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
     finite = torch.stack(flags).tolist() if len({f.device for f in flags}) == 1 else [bool(f) for f in flags]
     for item, ok in zip(items, finite):
         if not ok and item["now"] == torch.float32:
-            item["now"] = torch.float64
-            if "a" in item:
-                item["a"] = item["a"].double()
+            to_float64(item)
             item["gram"] = _lapack.gram(operand(item))
 
     todo = list(range(len(items)))
@@ -357,9 +360,7 @@ def _gram_svds(matrices: "list[Tensor | Callable[[], Tensor]]", rank: int | None
                 in_range = (_GRAM32_SINGULAR_RANGE[0] <= top <= _GRAM32_SINGULAR_RANGE[1]
                             or (top == 0 and not bool(operand(item).any())))
                 if not (in_range and bool(S[-1] >= 0.1 * S[0])):
-                    item["now"] = torch.float64
-                    if "a" in item:
-                        item["a"] = item["a"].double()
+                    to_float64(item)
                     again.append(j)
         todo = again
     out = []
@@ -456,16 +457,7 @@ def truncated_svd_deflated(matrix: Tensor, basis: Tensor, rank: int, *, compleme
         >>> S.tolist()
         [3.0, 2.0]
     """
-    if complement is not None and not exact:
-        Uz, S, Vh = gram_svd(matmul(complement.mT, matrix), rank)
-        return matmul(complement, Uz), S, Vh
-    residual = matmul(basis, matmul(basis.mT, matrix)).neg_().add_(matrix)   # matrix - basis basis^T matrix
-    if exact:
-        return truncated_svd(residual, rank, exact=True)
-    U, S, Vh = gram_svd(residual, rank)
-    # U = R v / sigma inherits the rounding of R relative to its (small) norm; one more projection restores
-    # the orthogonality to the basis that eq. 10 guarantees, at m k rank flops.
-    return U - matmul(basis, matmul(basis.mT, U)), S, Vh
+    return _deflated_svds([matrix], basis, rank, complement, exact, lambda ms, r: [gram_svd(m, r) for m in ms])[0]
 
 
 def truncated_svd_deflated_many(matrices: "list[Tensor]", basis: Tensor, rank: int, *,
@@ -480,11 +472,19 @@ def truncated_svd_deflated_many(matrices: "list[Tensor]", basis: Tensor, rank: i
         >>> [S.tolist() for _, S, _ in truncated_svd_deflated_many([M, 2 * M], torch.eye(4)[:, :1], 1)]
         [[3.0], [6.0]]
     """
-    if exact:
-        return [truncated_svd_deflated(m, basis, rank, exact=True) for m in matrices]
-    if complement is not None:
-        found = gram_svd_many([matmul(complement.mT, m) for m in matrices], rank)
+    return _deflated_svds(matrices, basis, rank, complement, exact, gram_svd_many)
+
+
+def _deflated_svds(matrices: "list[Tensor]", basis: Tensor, rank: int, complement: Tensor | None, exact: bool,
+                   svds: Callable) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """:func:`truncated_svd_deflated` of each matrix, ``svds(matrices, rank)`` giving their :func:`gram_svd`."""
+    if complement is not None and not exact:
+        found = svds([matmul(complement.mT, m) for m in matrices], rank)
         return [(matmul(complement, Uz), S, Vh) for Uz, S, Vh in found]
-    residuals = [matmul(basis, matmul(basis.mT, m)).neg_().add_(m) for m in matrices]
-    return [(U - matmul(basis, matmul(basis.mT, U)), S, Vh) for U, S, Vh in gram_svd_many(residuals, rank)]
+    residuals = [matmul(basis, matmul(basis.mT, m)).neg_().add_(m) for m in matrices]   # m - basis basis^T m
+    if exact:
+        return [truncated_svd(residual, rank, exact=True) for residual in residuals]
+    # U = R v / sigma inherits the rounding of R relative to its (small) norm; one more projection restores
+    # the orthogonality to the basis that eq. 10 guarantees, at m k rank flops.
+    return [(U - matmul(basis, matmul(basis.mT, U)), S, Vh) for U, S, Vh in svds(residuals, rank)]
 
