@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _lapack, engine, methods  # noqa: F401  (methods: registers every method)
+from . import _cusolver, _lapack, engine, methods  # noqa: F401  (methods: registers every method)
 from .memory import keep_freed_memory, malloc_in_use
 from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
@@ -108,11 +108,9 @@ def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int 
 
 
 def _cuda_eigh_route() -> str:
-    from . import _cusolver
-
-    batched = _lapack.BATCHED_EIGH_MAX if _cusolver.available() else 0
-    return (f"CUDA eigensolves of <= {batched} rows in cuSOLVER's batches"
-            + ("" if _cusolver.available() else " (cusolverDnXsyevBatched not available)")
+    available = _cusolver.available()
+    return (f"CUDA eigensolves of <= {_lapack.BATCHED_EIGH_MAX if available else 0} rows in cuSOLVER's batches"
+            + ("" if available else " (cusolverDnXsyevBatched not available)")
             + f", else of <= {_lapack.HOST_EIGH_MAX} rows on the host; ")
 
 
@@ -271,8 +269,6 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         engine._POOLS.clear()
         gc.collect()
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
-        from . import _cusolver
-
         before = _cusolver.stats()
         with PeakMemory(device) as mem, CpuSteal() as steal:
             # the result is dropped at once, as the warm runs' are (kept, the warm merge's output needed fresh memory:
