@@ -2,6 +2,7 @@
 
     python -m studio.bench                         # ViT-B/32, 8 tasks, every method, CPU (and CUDA if present)
     python -m studio.bench --model ViT-L-14 --tasks 20 --device cuda --methods tsv_m iso_cts
+    python -m studio.bench --model ViT-L-14 --tasks 20 --device cpu --experts-dir /tmp/l14x20   # 24 GB on disk
     python -m studio.bench --evaluate              # per-task evaluation of one merged MiniSuite model instead
 
 Experts are synthetic but shaped exactly like open_clip's visual towers (built on the meta device from open_clip's
@@ -25,6 +26,12 @@ the reference and FusionBench run once.
 use of cuSOLVER's batched eigensolver in its reported cold merge (:mod:`studio._cusolver`): batches, matrices per
 batch, seconds in batches.
 
+With ``--experts-dir DIR`` the experts are written to ``DIR`` as safetensors checkpoints (Hugging Face's sharded
+layout; reused while ``DIR`` holds the same pool) and merged from there, mapped from their files by ``studio.io`` as a
+user's checkpoints are (:func:`synthetic_pool_on_disk`): a pool larger than the machine's memory (20 ViT-L/14
+experts in float32, 24 GB) is read from storage again as the merges need it, and a line under the table says how
+much each reported cold merge read.
+
 The benchmark process keeps freed memory for reuse (:func:`studio.memory.keep_freed_memory`), as the app and the
 CLI do; ``--malloc default`` measures glibc's default policy instead (every merge page-faults its memory in again).
 """
@@ -34,9 +41,10 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -83,28 +91,163 @@ def clip_visual_shapes(model: str) -> dict[str, tuple[int, ...]]:
     return {f"visual.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
 
 
+def expert_names(tasks: int) -> list[str]:
+    """The synthetic experts' names: ``task00``, ``task01``, ..."""
+    return [f"task{t:02d}" for t in range(tasks)]
+
+
+def _synthetic_draws(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int, dtype: torch.dtype
+                     ) -> tuple[dict[str, torch.Tensor], Iterator[tuple[str, list[torch.Tensor]]]]:
+    """The base, and each tensor's ``tasks`` expert values one key at a time, in :func:`synthetic_pool`'s draws."""
+    g = torch.Generator().manual_seed(seed)
+    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
+
+    def layers() -> Iterator[tuple[str, list[torch.Tensor]]]:
+        for key, shape in shapes.items():
+            if len(shape) == 2 and min(shape) > 1:
+                m, n = shape
+                r = min(m, n)
+                k = max(1, r // 8)
+                shared = (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)) / k
+            values = []
+            for _ in range(tasks):
+                if len(shape) == 2 and min(shape) > 1:
+                    decay = torch.logspace(0, -2, k)
+                    specific = (torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g)
+                    delta = 0.4 * shared + specific / k
+                    delta += 0.02 * torch.randn(m, n, generator=g)
+                    delta *= 1e-3
+                else:
+                    delta = 1e-3 * torch.randn(shape, generator=g)
+                values.append((base[key].float() + delta).to(dtype))
+            yield key, values
+
+    return base, layers()
+
+
 def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
     """A base and ``tasks`` experts whose task matrices have fine-tuning-like low-rank-plus-noise structure."""
-    g = torch.Generator().manual_seed(seed)
-    base = {k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}
-    experts: dict[str, dict[str, torch.Tensor]] = {f"task{t:02d}": {} for t in range(tasks)}
-    for key, shape in shapes.items():
-        if len(shape) == 2 and min(shape) > 1:
-            m, n = shape
-            r = min(m, n)
-            k = max(1, r // 8)
-            shared = (torch.randn(m, k, generator=g) @ torch.randn(k, n, generator=g)) / k
-        for t, name in enumerate(experts):
-            if len(shape) == 2 and min(shape) > 1:
-                decay = torch.logspace(0, -2, k)
-                delta = 0.4 * shared + ((torch.randn(m, k, generator=g) * decay) @ torch.randn(k, n, generator=g)) / k
-                delta += 0.02 * torch.randn(m, n, generator=g)
-                delta *= 1e-3
-            else:
-                delta = 1e-3 * torch.randn(shape, generator=g)
-            experts[name][key] = (base[key].float() + delta).to(dtype)
+    base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
+    experts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in expert_names(tasks)}
+    for key, values in layers:
+        for name, value in zip(experts, values):
+            experts[name][key] = value
     return base, experts
+
+
+#: The description of the pool an ``--experts-dir`` folder holds (:func:`synthetic_pool_on_disk`), written last: a
+#: folder without it holds an unfinished pool.
+POOL_MANIFEST = "synthetic-pool.json"
+
+#: Largest shard of an on-disk expert: the writer holds one pending shard per expert (20 x 100 MB), not the experts.
+SHARD_SIZE = "100MB"
+
+
+def _written_here(name: str) -> bool:
+    """Whether an entry of an ``--experts-dir`` folder is one :func:`synthetic_pool_on_disk` writes."""
+    return name == "base" or re.fullmatch(r"task\d{2,}", name) is not None \
+        or name == POOL_MANIFEST or re.fullmatch(rf"\.{re.escape(POOL_MANIFEST)}\..*\.tmp", name) is not None
+
+
+def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[int, ...]], tasks: int, *,
+                           seed: int = 0, dtype: torch.dtype = torch.float32, shard_size: str = SHARD_SIZE,
+                           ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], float | None]:
+    """:func:`synthetic_pool`'s base and experts (the same draws) as checkpoints in ``folder``, read back as a user's
+    are: ``base/model.safetensors`` and one folder per expert in Hugging Face's sharded layout
+    (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, planned by
+    ``huggingface_hub.split_torch_state_dict_into_shards``), loaded with :func:`studio.io.load_state_dict`.
+
+    Their tensors map the files (safetensors' ``mmap``): file pages, which the kernel reads in when a merge touches
+    them and may evict again under memory pressure, so a pool larger than the machine's memory (20 ViT-L/14 experts
+    in float32: 24 GB) can be merged, at the cost of reading it again from storage. Writing holds the base and one
+    pending shard per expert, never the experts. A folder that already holds this pool (same shapes, task count,
+    seed and dtype in :data:`POOL_MANIFEST`, written last) is reused; one that holds another pool this function
+    wrote is rewritten; any other non-empty folder is refused. Returns ``(base, experts, seconds spent writing or
+    None if reused)``.
+
+    Example:
+        >>> import tempfile
+        >>> folder = tempfile.mkdtemp()
+        >>> shapes = {"visual.w": (6, 4), "visual.b": (6,)}
+        >>> base, experts, _ = synthetic_pool_on_disk(folder, shapes, 2)
+        >>> same_base, same = synthetic_pool(shapes, 2)
+        >>> all(torch.equal(experts[n][k], same[n][k]) for n in same for k in shapes), sorted(os.listdir(folder))
+        (True, ['base', 'synthetic-pool.json', 'task00', 'task01'])
+        >>> synthetic_pool_on_disk(folder, shapes, 2)[2] is None   # reused
+        True
+    """
+    import json
+    import shutil
+    from pathlib import Path
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from .io import SHARD_INDEX, _atomic_write, load_state_dict, save_state_dict
+
+    folder = Path(folder)
+    manifest = {"format": 1, "tasks": tasks, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+                "shapes": {k: list(s) for k, s in shapes.items()}}
+    found = None
+    if (folder / POOL_MANIFEST).is_file():
+        try:
+            found = json.loads((folder / POOL_MANIFEST).read_text())
+        except (OSError, ValueError):
+            found = {}
+    seconds = None
+    if found != manifest:
+        entries = list(folder.iterdir()) if folder.is_dir() else []
+        others = sorted(e.name for e in entries if not _written_here(e.name))
+        if others:
+            raise SystemExit(f"--experts-dir {folder}: the folder holds files this bench did not write "
+                             f"({', '.join(others[:3])}{f' and {len(others) - 3} more' if len(others) > 3 else ''}); "
+                             f"give an empty or new folder, or one it wrote")
+        for entry in entries:   # another pool this bench wrote, or an unfinished one: written again
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        nbytes = (tasks + 1) * sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
+        folder.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if nbytes > free:
+            raise SystemExit(f"--experts-dir {folder}: {tasks} experts and the base take {nbytes / 2**30:.1f} GiB "
+                             f"in {manifest['dtype']}, and its file system has {free / 2**30:.1f} GiB free")
+        start = time.perf_counter()
+        with torch.device("meta"):
+            plan = split_torch_state_dict_into_shards({k: torch.empty(s, dtype=dtype) for k, s in shapes.items()},
+                                                      max_shard_size=shard_size)
+        base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
+        save_state_dict(folder / "base" / "model.safetensors", base)
+        names = expert_names(tasks)
+        pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+        waiting = {file: set(keys) for file, keys in plan.filename_to_tensors.items()}
+        for key, values in layers:
+            for name, value in zip(names, values):
+                pending[name][key] = value
+            for file, keys in list(waiting.items()):
+                keys.discard(key)
+                if keys:
+                    continue
+                del waiting[file]
+                for name in names:
+                    save_state_dict(folder / name / file, {k: pending[name].pop(k)
+                                                           for k in plan.filename_to_tensors[file]})
+        if plan.is_sharded:
+            index = json.dumps({"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}, indent=2)
+            for name in names:
+                with _atomic_write(folder / name / SHARD_INDEX) as tmp:
+                    Path(tmp).write_text(index)
+        with _atomic_write(folder / POOL_MANIFEST) as tmp:
+            Path(tmp).write_text(json.dumps(manifest))
+        seconds = time.perf_counter() - start
+        del base, pending
+
+    def read(name: str) -> dict[str, torch.Tensor]:   # in the tower's order, as synthetic_pool's (files sort keys)
+        found = load_state_dict(folder / name)
+        return {k: found[k] for k in shapes}
+
+    return read("base"), {name: read(name) for name in expert_names(tasks)}, seconds
 
 
 def _cuda_eigh_route() -> str:
@@ -189,6 +332,29 @@ class CpuSteal:
             self.percent = 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
 
 
+class StorageReads:
+    """Bytes this process read from storage during a block (``read_bytes`` of ``/proc/self/io``: page-cache misses,
+    e.g. the pages of memory-mapped experts the kernel had evicted), or None where it is not reported."""
+
+    @staticmethod
+    def _read() -> int | None:
+        try:
+            with open("/proc/self/io") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
+        except (OSError, ValueError, StopIteration, IndexError):
+            return None
+
+    def __enter__(self) -> "StorageReads":
+        self.bytes: int | None = None
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = self._read()
+        if self._start is not None and end is not None:
+            self.bytes = end - self._start
+
+
 def blas_kernels() -> str:
     """Which kernels the CPU fast paths run: OpenBLAS's (NumPy's and SciPy's, ``studio._lapack``) as picked for this
     processor or forced by ``OPENBLAS_CORETYPE``, and PyTorch's own BLAS for everything else."""
@@ -270,12 +436,13 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         gc.collect()
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
         before = _cusolver.stats()
-        with PeakMemory(device) as mem, CpuSteal() as steal:
+        with PeakMemory(device) as mem, CpuSteal() as steal, StorageReads() as reads:
             # the result is dropped at once, as the warm runs' are (kept, the warm merge's output needed fresh memory:
             # page faults, which cost 0.2-0.3 s per ViT-B/32 model on the H200's host)
             cold = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)[0]
         if cold <= row.get("cold", cold):
             row["steal"] = steal.percent  # of the run whose cold time is reported
+            row["read_bytes"] = reads.bytes
             after = _cusolver.stats()
             row["batched"] = {k: after[k] - before[k] for k in ("batches", "matrices", "seconds")}
             row["batched"]["size"] = after["size"]
@@ -331,22 +498,25 @@ POOL_FACTOR = 1.5
 MERGE_MODEL_COPIES = 5.0
 
 
-def _pool_memory_shortfall(nparams: int, tasks: int, dtype: torch.dtype) -> str | None:
+def _pool_memory_shortfall(nparams: int, tasks: int, dtype: torch.dtype, on_disk: bool = False) -> str | None:
     """Why a synthetic pool of ``tasks`` experts (and the merges on it) would not fit in the memory available, or
     None: :data:`POOL_FACTOR` times the experts and the base in ``dtype``, plus :data:`MERGE_MODEL_COPIES` float32
     models. Building 20 ViT-L/14 experts in float32 (24 GB) on the 24 GiB development machine would end with the
-    kernel killing the process."""
+    kernel killing the process. ``on_disk`` (``--experts-dir``): the experts are file pages the kernel may evict, so
+    only the base (held while writing them) counts with the merges' copies."""
     available = _memory_available()
     if available is None:
         return None
-    pool = (tasks + 1) * nparams * dtype.itemsize
+    pool = (1 if on_disk else tasks + 1) * nparams * dtype.itemsize
     need = POOL_FACTOR * pool + MERGE_MODEL_COPIES * nparams * 4
     if need <= available:
         return None
     half = POOL_FACTOR * (tasks + 1) * nparams * 2 + MERGE_MODEL_COPIES * nparams * 4
-    hint = (f"--dtype bfloat16 needs about {half / 2**30:.1f} GiB" if dtype.itemsize > 2 and half <= available
-            else "give fewer --tasks")
-    return (f"{tasks} experts and the base take {pool / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} and "
+    hint = ("use a smaller --model" if on_disk else
+            f"--dtype bfloat16 needs about {half / 2**30:.1f} GiB" if dtype.itemsize > 2 and half <= available
+            else "give fewer --tasks, or --experts-dir to merge them from files")
+    what = "the base (the experts are read from their files) takes" if on_disk else f"{tasks} experts and the base take"
+    return (f"{what} {pool / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} and "
             f"building and merging them about {(need - pool) / 2**30:.1f} GiB more: {need / 2**30:.1f} GiB, with "
             f"{available / 2**30:.1f} GiB available; {hint}")
 
@@ -437,6 +607,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     ap.add_argument("--methods", nargs="*",
                     help="subset of rows: method names, 'method+calibration' for a calibrated row (default: all)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--experts-dir", default=None, metavar="DIR",
+                    help="write the experts to DIR as sharded safetensors checkpoints (reused when DIR already holds "
+                         "them) and merge them from there, mapped from the files as a user's checkpoints are: a pool "
+                         "larger than this machine's memory is read from storage again as the merges need it")
     ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
     ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
     ap.add_argument("--peer", action="store_true",
@@ -492,13 +666,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     shapes = clip_visual_shapes(args.model)
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
-    short = _pool_memory_shortfall(nparams, args.tasks, getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    short = _pool_memory_shortfall(nparams, args.tasks, dtype, on_disk=args.experts_dir is not None)
     if short:
         raise SystemExit(f"{args.model} x {args.tasks} experts do not fit in this machine's memory: {short}")
     t0 = time.perf_counter()
-    base, experts = synthetic_pool(shapes, args.tasks, dtype=getattr(torch, args.dtype))
+    if args.experts_dir is None:
+        base, experts = synthetic_pool(shapes, args.tasks, dtype=dtype)
+        built = f"built in {time.perf_counter() - t0:.1f}s"
+    else:
+        base, experts, wrote = synthetic_pool_on_disk(args.experts_dir, shapes, args.tasks, dtype=dtype)
+        built = (f"{'written to' if wrote is not None else 'reused from'} {args.experts_dir} as safetensors "
+                 f"checkpoints" + (f" in {wrote:.1f}s" if wrote is not None else "")
+                 + ", merged from their memory-mapped files")
     print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
-          f"({args.dtype}); built in {time.perf_counter() - t0:.1f}s; torch {torch.__version__}, "
+          f"({args.dtype}); {built}; torch {torch.__version__}, "
           f"{cpu_workers('cpu')} merge workers; {blas_kernels()}; "
           + ("" if devices == ["cpu"] else _cuda_eigh_route())
           + f"malloc {'keeps freed memory' if kept else 'default'}"
@@ -522,7 +704,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
     for dev_name in devices:
         device = torch.device(dev_name)
-        notes = []
+        notes, read_notes = [], []
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
         print(f"\n## device: {dev_name} ({name})\n")
         if args.warm_up:
@@ -563,8 +745,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                 notes.append(f"{row['method']} {batched['batches']} batches of {batched['size']} "
                              f"({batched['matrices']} matrices, {fill:.1f} a batch; "
                              f"{batched['seconds']:.2f} s of batches' wall time, summed over those side by side)")
+            if args.experts_dir is not None and row.get("read_bytes") is not None:
+                read_notes.append(f"{row['method']} {row['read_bytes'] / 2**30:.1f} GiB")
         if notes:
             print("\n# cuSOLVER's batched eigensolves in the reported cold merges: " + "; ".join(notes), flush=True)
+        if read_notes:
+            print("\n# read from storage during the reported cold merges (the experts' file pages the kernel had "
+                  "evicted or not yet read): " + "; ".join(read_notes), flush=True)
 
 
 if __name__ == "__main__":

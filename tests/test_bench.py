@@ -53,7 +53,8 @@ def test_bench_refuses_a_pool_that_does_not_fit_before_building_it():
     with pytest.raises(SystemExit, match=rf"ViT-B-32 x {tasks} experts do not fit .* in float32 .* --dtype bfloat16 "
                                          r"needs about [0-9.]+ GiB"):
         bench.main(["--model", "ViT-B-32", "--tasks", str(tasks), "--device", "cpu"])
-    with pytest.raises(SystemExit, match=r"x 100000 experts do not fit .* in bfloat16 .*; give fewer --tasks"):
+    with pytest.raises(SystemExit, match=r"x 100000 experts do not fit .* in bfloat16 .*; give fewer --tasks, "
+                                         r"or --experts-dir to merge them from files"):
         bench.main(["--model", "ViT-B-32", "--tasks", "100000", "--dtype", "bfloat16", "--device", "cpu"])
 
 
@@ -81,3 +82,65 @@ def test_the_warm_up_merges_one_tensor_of_each_shape_and_can_be_left_out(capsys,
     seen.clear()
     bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m", "--no-warm-up"])
     assert "Warm-up" not in capsys.readouterr().out.split("## device")[-1] and seen[0] == list(shapes)
+
+
+def test_experts_on_disk_are_the_same_draws_in_shards_read_from_their_files(tmp_path):
+    """``--experts-dir``: the pool is written as Hugging Face sharded checkpoints, one pending shard per expert at a
+    time, and read back through ``studio.io`` (memory-mapped): the same tensors as the in-memory pool."""
+    import torch
+
+    from studio import io
+
+    shapes = bench.clip_visual_shapes("MiniCLIP-ViT")
+    base, experts, wrote = bench.synthetic_pool_on_disk(tmp_path, shapes, 3, shard_size="200KB")
+    assert wrote is not None
+    files = io.checkpoint_files(tmp_path / "task01")
+    assert len(files) > 2 and all(f.name.startswith("model-") for f, _ in files)
+    assert (tmp_path / "task01" / io.SHARD_INDEX).is_file() and len(io.checkpoint_files(tmp_path / "base")) == 1
+    same_base, same = bench.synthetic_pool(shapes, 3)
+    assert list(experts) == ["task00", "task01", "task02"] and all(list(e) == list(shapes) for e in experts.values())
+    assert all(torch.equal(base[k], same_base[k]) for k in shapes)
+    assert all(torch.equal(experts[n][k], same[n][k]) for n in same for k in shapes)
+    # the safetensors files themselves back the tensors (safetensors maps them): nothing was copied to the heap
+    key = max(shapes, key=lambda k: torch.Size(shapes[k]).numel())
+    maps = open("/proc/self/maps").read()
+    address = experts["task02"][key].data_ptr()
+    mapped = [line for line in maps.splitlines()
+              if int(line.split()[0].split("-")[0], 16) <= address < int(line.split()[0].split("-")[1], 16)]
+    assert mapped and str(tmp_path / "task02") in mapped[0]
+
+
+def test_an_experts_folder_is_reused_rewritten_or_refused(tmp_path, capsys):
+    shapes = {"visual.w": (6, 4), "visual.b": (6,)}
+    folder = tmp_path / "pool"
+    bench.synthetic_pool_on_disk(folder, shapes, 3)
+    stamp = (folder / "task02" / "model.safetensors").stat().st_mtime_ns
+    assert bench.synthetic_pool_on_disk(folder, shapes, 3)[2] is None                 # the same pool: reused
+    assert (folder / "task02" / "model.safetensors").stat().st_mtime_ns == stamp
+    _, experts, wrote = bench.synthetic_pool_on_disk(folder, shapes, 2)             # another pool: rewritten
+    assert wrote is not None and sorted(p.name for p in folder.iterdir()) == [
+        "base", bench.POOL_MANIFEST, "task00", "task01"]
+    (folder / bench.POOL_MANIFEST).unlink()                                          # unfinished: rewritten
+    assert bench.synthetic_pool_on_disk(folder, shapes, 2)[2] is not None
+    (folder / "notes.txt").write_text("mine")                                      # not ours: refused, untouched
+    with pytest.raises(SystemExit, match=r"holds files this bench did not write \(notes.txt\)"):
+        bench.synthetic_pool_on_disk(folder, shapes, 5)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "task01").is_dir()
+
+
+def test_the_bench_merges_experts_from_a_folder_and_says_what_it_read(tmp_path, capsys):
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m", "ties",
+                "--experts-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert f"3 experts (float32); written to {tmp_path} as safetensors checkpoints in " in out
+    assert re.search(r"# read from storage during the reported cold merges .*: ties [0-9.]+ GiB; tsv_m [0-9.]+ GiB",
+                     out)
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m",
+                "--experts-dir", str(tmp_path)])
+    assert f"reused from {tmp_path} as safetensors checkpoints, merged from their memory-mapped files" in \
+        capsys.readouterr().out
+    # a pool larger than the file system: refused before anything is written
+    with pytest.raises(SystemExit, match=r"take [0-9.]+ GiB in float32, and its file system has [0-9.]+ GiB free"):
+        bench.main(["--model", "ViT-L-14", "--tasks", "100000", "--device", "cpu", "--experts-dir",
+                    str(tmp_path / "huge")])
+    assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").iterdir())
