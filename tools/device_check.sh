@@ -5,7 +5,8 @@
 #   env, tests (CPU/CUDA parity of every method and calibration on every eigensolver route, worker threads bit for
 #   bit, the batched solver), smoke (diagnostics, compression and evaluation on CUDA: tools/device_smoke.py),
 #   bench_b32 (8 ViT-B/32 experts, every row), bench_b32_host (the spectral rows with --batched-eigh-max 0),
-#   bench_l14 (8 ViT-L/14 experts, TSV-M and Iso-CTS), profile (tools/device_profile.py: where a cold TSV-M merge's
+#   bench_l14 (8 ViT-L/14 experts, TSV-M and Iso-CTS), bench_b32_20 and bench_l14_20 (20 experts: never run on a
+#   GPU yet; 20 ViT-L/14 take 24 GB of host memory in float32), profile (tools/device_profile.py: where a cold TSV-M merge's
 #   time goes), probe and probe_batched (eigensolver and transfer speeds, the batched solver's bits:
 #   tools/device_probe.py, tools/device_probe_batched.py).
 # STEPS="env tests bench_b32" runs only those. The limits add up to more than one call's 600 s, so a call of every
@@ -50,6 +51,9 @@ step bench_b32 150 python3 -m studio.bench --device cuda
 step bench_b32_host 75 python3 -m studio.bench --device cuda --batched-eigh-max 0 \
   --methods tsv_m iso_cts ortho_merge align_merge_o
 step bench_l14 100 python3 -m studio.bench --device cuda --model ViT-L-14 --methods tsv_m iso_cts
+step bench_b32_20 150 python3 -m studio.bench --device cuda --tasks 20
+step bench_l14_20 300 python3 -m studio.bench --device cuda --model ViT-L-14 --tasks 20 \
+  --methods task_arithmetic ties tsv_m iso_c iso_cts
 step profile 60 python3 tools/device_profile.py
 step probe 75 python3 tools/device_probe.py
 step probe_batched 90 python3 tools/device_probe_batched.py
