@@ -52,6 +52,7 @@ from . import _cusolver, _lapack, engine, methods  # noqa: F401  (methods: regis
 from .memory import keep_freed_memory, malloc_in_use
 from .parallel import cpu_workers
 from .registry import CALIBRATIONS, METHODS, get_method
+from .schema import StudioError
 
 # (method, calibration, structural change used for warm_struct; a callable value is evaluated on the task count)
 DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
@@ -675,7 +676,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         base, experts = synthetic_pool(shapes, args.tasks, dtype=dtype)
         built = f"built in {time.perf_counter() - t0:.1f}s"
     else:
-        base, experts, wrote = synthetic_pool_on_disk(args.experts_dir, shapes, args.tasks, dtype=dtype)
+        try:
+            base, experts, wrote = synthetic_pool_on_disk(args.experts_dir, shapes, args.tasks, dtype=dtype)
+        except StudioError as exc:   # e.g. a reused pool's file damaged since
+            raise SystemExit(f"--experts-dir {args.experts_dir}: {exc}; empty the folder to write the pool "
+                             f"again") from None
         built = (f"{'written to' if wrote is not None else 'reused from'} {args.experts_dir} as safetensors "
                  f"checkpoints" + (f" in {wrote:.1f}s" if wrote is not None else "")
                  + ", merged from their memory-mapped files")

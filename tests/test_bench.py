@@ -139,6 +139,12 @@ def test_the_bench_merges_experts_from_a_folder_and_says_what_it_read(tmp_path, 
                 "--experts-dir", str(tmp_path)])
     assert f"reused from {tmp_path} as safetensors checkpoints, merged from their memory-mapped files" in \
         capsys.readouterr().out
+    # a reused pool whose file was damaged since: named, with what to do
+    shard = tmp_path / "task01" / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(SystemExit, match=rf"--experts-dir {re.escape(str(tmp_path))}: .*task01/model.safetensors: "
+                                         r"not a readable safetensors file .*; empty the folder to write the pool again"):
+        bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--experts-dir", str(tmp_path)])
     # a pool larger than the file system: refused before anything is written
     with pytest.raises(SystemExit, match=r"take [0-9.]+ GiB in float32, and its file system has [0-9.]+ GiB free"):
         bench.main(["--model", "ViT-L-14", "--tasks", "100000", "--device", "cpu", "--experts-dir",
