@@ -137,38 +137,76 @@ def synthetic_pool(shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int 
     return base, experts
 
 
-#: The description of the pool an ``--experts-dir`` folder holds (:func:`synthetic_pool_on_disk`), written last: a
-#: folder without it holds an unfinished pool.
+#: The description of the pool an ``--experts-dir`` folder holds (:func:`synthetic_pool_on_disk`). Written first
+#: with ``"complete": false``, so that the folder is known as this bench's whatever happens next, and again with
+#: ``"complete": true`` once every file is written.
 POOL_MANIFEST = "synthetic-pool.json"
 
-#: Largest shard of an on-disk expert: the writer holds one pending shard per expert (20 x 100 MB), not the experts.
-SHARD_SIZE = "100MB"
+#: Largest shard of an on-disk expert, in bytes: the writer holds one pending shard per expert (20 x 100 MB), not
+#: the experts.
+SHARD_BYTES = 100 * 10**6
+
+#: Version of :func:`_synthetic_draws`' algorithm, recorded in the manifest: a pool drawn otherwise is not reused.
+DRAWS = 1
 
 
-def _written_here(name: str) -> bool:
-    """Whether an entry of an ``--experts-dir`` folder is one :func:`synthetic_pool_on_disk` writes."""
+def plan_shards(shapes: dict[str, tuple[int, ...]], dtype: torch.dtype, max_bytes: int = SHARD_BYTES
+                ) -> dict[str, list[str]]:
+    """Shard file name -> its tensors, in Hugging Face's sharded layout (``model-00001-of-00003.safetensors``, or
+    ``model.safetensors`` alone): the keys in order, a new shard whenever the next tensor would take the current one
+    past ``max_bytes`` (a larger tensor gets a shard of its own). Computed from the shapes alone: every shard's keys
+    are consecutive, so the writer holds one pending shard per expert.
+
+    Example:
+        >>> plan_shards({"a": (10,), "b": (10,), "c": (30,)}, torch.float32, max_bytes=100)
+        {'model-00001-of-00002.safetensors': ['a', 'b'], 'model-00002-of-00002.safetensors': ['c']}
+    """
+    groups: list[list[str]] = []
+    size = 0
+    for key, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * dtype.itemsize
+        if not groups or size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    if len(groups) <= 1:
+        return {"model.safetensors": groups[0] if groups else []}
+    return {f"model-{i:05d}-of-{len(groups):05d}.safetensors": keys for i, keys in enumerate(groups, 1)}
+
+
+def _written_here(entry) -> bool:
+    """Whether an entry of an ``--experts-dir`` folder is one :func:`synthetic_pool_on_disk` writes: ``base``, an
+    expert's folder ``taskNN`` or the manifest (or its temporary file), and not a symbolic link."""
+    name = entry.name
+    if entry.is_symlink():
+        return False
     return name == "base" or re.fullmatch(r"task\d{2,}", name) is not None \
         or name == POOL_MANIFEST or re.fullmatch(rf"\.{re.escape(POOL_MANIFEST)}\..*\.tmp", name) is not None
 
 
 def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[int, ...]], tasks: int, *,
-                           seed: int = 0, dtype: torch.dtype = torch.float32, shard_size: str = SHARD_SIZE,
+                           seed: int = 0, dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES,
                            ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], float | None]:
     """:func:`synthetic_pool`'s base and experts (the same draws) as checkpoints in ``folder``, read back as a user's
     are: ``base/model.safetensors`` and one folder per expert in Hugging Face's sharded layout
-    (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, planned by
-    ``huggingface_hub.split_torch_state_dict_into_shards``), loaded with :func:`studio.io.load_state_dict`.
+    (``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, :func:`plan_shards`), loaded with
+    :func:`studio.io.load_state_dict`.
 
     Their tensors map the files (safetensors' ``mmap``): file pages, which the kernel reads in when a merge touches
     them and may evict again under memory pressure, so a pool larger than the machine's memory (20 ViT-L/14 experts
     in float32: 24 GB) can be merged, at the cost of reading it again from storage. Writing holds the base and one
-    pending shard per expert, never the experts. A folder that already holds this pool (same shapes, task count,
-    seed and dtype in :data:`POOL_MANIFEST`, written last) is reused; one that holds another pool this function
-    wrote is rewritten; any other non-empty folder is refused. Returns ``(base, experts, seconds spent writing or
-    None if reused)``.
+    pending shard per expert, never the experts.
+
+    The folder's :data:`POOL_MANIFEST` tells what it holds. A complete pool with the same shapes, task count, seed,
+    dtype, shard size and draws is reused. A folder with a manifest holds a pool this bench wrote (another one, or an
+    unfinished one): it is emptied and written again. A new or empty folder is written. Any other folder is refused
+    untouched, as is one whose file system lacks the space (counting what emptying it frees). Raises
+    :class:`~studio.schema.StudioError` naming the folder or file at fault and what to do. Returns ``(base, experts,
+    seconds spent writing, or None if reused)``.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, shutil
         >>> folder = tempfile.mkdtemp()
         >>> shapes = {"visual.w": (6, 4), "visual.b": (6,)}
         >>> base, experts, _ = synthetic_pool_on_disk(folder, shapes, 2)
@@ -177,18 +215,19 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
         (True, ['base', 'synthetic-pool.json', 'task00', 'task01'])
         >>> synthetic_pool_on_disk(folder, shapes, 2)[2] is None   # reused
         True
+        >>> shutil.rmtree(folder)
     """
     import json
     import shutil
     from pathlib import Path
 
-    from huggingface_hub import split_torch_state_dict_into_shards
-
     from .io import SHARD_INDEX, _atomic_write, load_state_dict, save_state_dict
 
     folder = Path(folder)
-    manifest = {"format": 1, "tasks": tasks, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
-                "shapes": {k: list(s) for k, s in shapes.items()}}
+    wanted = {"format": 1, "draws": DRAWS, "tasks": tasks, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
+              "shard_bytes": shard_bytes, "shapes": {k: list(s) for k, s in shapes.items()}, "complete": True}
+    if folder.exists() and not folder.is_dir():
+        raise StudioError(f"{folder} is a file; give a folder (new, empty, or one this bench wrote)")
     found = None
     if (folder / POOL_MANIFEST).is_file():
         try:
@@ -196,59 +235,83 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
         except (OSError, ValueError):
             found = {}
     seconds = None
-    if found != manifest:
-        entries = list(folder.iterdir()) if folder.is_dir() else []
-        others = sorted(e.name for e in entries if not _written_here(e.name))
-        if others:
-            raise SystemExit(f"--experts-dir {folder}: the folder holds files this bench did not write "
-                             f"({', '.join(others[:3])}{f' and {len(others) - 3} more' if len(others) > 3 else ''}); "
-                             f"give an empty or new folder, or one it wrote")
-        for entry in entries:   # another pool this bench wrote, or an unfinished one: written again
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        nbytes = (tasks + 1) * sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
-        folder.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-        if nbytes > free:
-            raise SystemExit(f"--experts-dir {folder}: {tasks} experts and the base take {nbytes / 2**30:.1f} GiB "
-                             f"in {manifest['dtype']}, and its file system has {free / 2**30:.1f} GiB free")
-        start = time.perf_counter()
-        with torch.device("meta"):
-            plan = split_torch_state_dict_into_shards({k: torch.empty(s, dtype=dtype) for k, s in shapes.items()},
-                                                      max_shard_size=shard_size)
-        base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
-        save_state_dict(folder / "base" / "model.safetensors", base)
-        names = expert_names(tasks)
-        pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-        waiting = {file: set(keys) for file, keys in plan.filename_to_tensors.items()}
-        for key, values in layers:
-            for name, value in zip(names, values):
-                pending[name][key] = value
-            for file, keys in list(waiting.items()):
-                keys.discard(key)
-                if keys:
-                    continue
-                del waiting[file]
-                for name in names:
-                    save_state_dict(folder / name / file, {k: pending[name].pop(k)
-                                                           for k in plan.filename_to_tensors[file]})
-        if plan.is_sharded:
-            index = json.dumps({"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}, indent=2)
-            for name in names:
-                with _atomic_write(folder / name / SHARD_INDEX) as tmp:
-                    Path(tmp).write_text(index)
+
+    def write_manifest(complete: bool) -> None:
         with _atomic_write(folder / POOL_MANIFEST) as tmp:
-            Path(tmp).write_text(json.dumps(manifest))
+            Path(tmp).write_text(json.dumps({**wanted, "complete": complete}))
+
+    if found != wanted:
+        try:
+            entries = list(folder.iterdir()) if folder.is_dir() else []
+        except OSError as exc:
+            raise StudioError(f"cannot read the folder {folder}: {exc.strerror or exc}") from None
+        others = sorted(e.name for e in entries if not _written_here(e))
+        if entries and (found is None or others):
+            named = others or sorted(e.name for e in entries)
+            raise StudioError(
+                f"{folder} holds files this bench did not write ({', '.join(named[:3])}"
+                f"{f' and {len(named) - 3} more' if len(named) > 3 else ''}); give an empty or new folder, or one "
+                f"it wrote (with its {POOL_MANIFEST})")
+        nbytes = (tasks + 1) * sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
+        held = sum(f.stat().st_size for e in entries if e.is_dir() for f in e.rglob("*") if f.is_file())
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        free = shutil.disk_usage(existing).free + held
+        if 1.01 * nbytes + 2**20 > free:
+            raise StudioError(
+                f"{tasks} experts and the base take {nbytes / 2**30:.1f} GiB in {wanted['dtype']}, and the file "
+                f"system of {folder} has {free / 2**30:.1f} GiB free{' with the old pool deleted' if held else ''}; "
+                f"give a folder on a larger file system, fewer --tasks or --dtype bfloat16")
+        start = time.perf_counter()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_manifest(complete=False)   # the folder is this bench's from here on, whatever happens next
+            for entry in entries:
+                if entry.name == POOL_MANIFEST:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            plan = plan_shards(shapes, dtype, shard_bytes)
+            base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
+            save_state_dict(folder / "base" / "model.safetensors", base)
+            names = expert_names(tasks)
+            pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+            waiting = {file: set(keys) for file, keys in plan.items()}
+            for key, values in layers:
+                for name, value in zip(names, values):
+                    pending[name][key] = value
+                for file, keys in list(waiting.items()):
+                    keys.discard(key)
+                    if not keys:
+                        del waiting[file]
+                        for name in names:
+                            save_state_dict(folder / name / file, {k: pending[name].pop(k) for k in plan[file]})
+            if len(plan) > 1:
+                index = json.dumps({"metadata": {"total_size": nbytes // (tasks + 1)},
+                                    "weight_map": {k: file for file, keys in plan.items() for k in keys}}, indent=2)
+                for name in names:
+                    with _atomic_write(folder / name / SHARD_INDEX) as tmp:
+                        Path(tmp).write_text(index)
+            write_manifest(complete=True)
+        except (OSError, StudioError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise StudioError(f"writing the pool to {folder} failed: {why}; free space or give another folder (the "
+                              f"folder is marked unfinished and will be written again)") from None
         seconds = time.perf_counter() - start
         del base, pending
 
     def read(name: str) -> dict[str, torch.Tensor]:   # in the tower's order, as synthetic_pool's (files sort keys)
         found = load_state_dict(folder / name)
+        missing = [k for k in shapes if k not in found]
+        if missing:
+            raise StudioError(f"{folder / name} lacks the tensor {missing[0]!r}")
         return {k: found[k] for k in shapes}
 
-    return read("base"), {name: read(name) for name in expert_names(tasks)}, seconds
+    try:
+        return read("base"), {name: read(name) for name in expert_names(tasks)}, seconds
+    except StudioError as exc:
+        raise StudioError(f"{folder} holds a damaged pool ({exc}); empty the folder to write it again") from None
 
 
 def _cuda_eigh_route() -> str:
@@ -513,9 +576,11 @@ def _pool_memory_shortfall(nparams: int, tasks: int, dtype: torch.dtype, on_disk
     if need <= available:
         return None
     half = POOL_FACTOR * (tasks + 1) * nparams * 2 + MERGE_MODEL_COPIES * nparams * 4
+    from_files = POOL_FACTOR * nparams * dtype.itemsize + MERGE_MODEL_COPIES * nparams * 4
     hint = ("use a smaller --model" if on_disk else
             f"--dtype bfloat16 needs about {half / 2**30:.1f} GiB" if dtype.itemsize > 2 and half <= available
-            else "give fewer --tasks, or --experts-dir to merge them from files")
+            else "give fewer --tasks" + (", or --experts-dir to merge them from files" if from_files <= available
+                                         else ""))
     what = "the base (the experts are read from their files) takes" if on_disk else f"{tasks} experts and the base take"
     return (f"{what} {pool / 2**30:.1f} GiB in {str(dtype).removeprefix('torch.')} and "
             f"building and merging them about {(need - pool) / 2**30:.1f} GiB more: {need / 2**30:.1f} GiB, with "
@@ -678,9 +743,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     else:
         try:
             base, experts, wrote = synthetic_pool_on_disk(args.experts_dir, shapes, args.tasks, dtype=dtype)
-        except StudioError as exc:   # e.g. a reused pool's file damaged since
-            raise SystemExit(f"--experts-dir {args.experts_dir}: {exc}; empty the folder to write the pool "
-                             f"again") from None
+        except StudioError as exc:
+            raise SystemExit(f"--experts-dir: {exc}") from None
         built = (f"{'written to' if wrote is not None else 'reused from'} {args.experts_dir} as safetensors "
                  f"checkpoints" + (f" in {wrote:.1f}s" if wrote is not None else "")
                  + ", merged from their memory-mapped files")

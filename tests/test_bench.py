@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from studio import bench
+from studio.schema import StudioError
 
 
 def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
@@ -92,7 +94,7 @@ def test_experts_on_disk_are_the_same_draws_in_shards_read_from_their_files(tmp_
     from studio import io
 
     shapes = bench.clip_visual_shapes("MiniCLIP-ViT")
-    base, experts, wrote = bench.synthetic_pool_on_disk(tmp_path, shapes, 3, shard_size="200KB")
+    base, experts, wrote = bench.synthetic_pool_on_disk(tmp_path, shapes, 3, shard_bytes=200_000)
     assert wrote is not None
     files = io.checkpoint_files(tmp_path / "task01")
     assert len(files) > 2 and all(f.name.startswith("model-") for f, _ in files)
@@ -110,7 +112,11 @@ def test_experts_on_disk_are_the_same_draws_in_shards_read_from_their_files(tmp_
     assert mapped and str(tmp_path / "task02") in mapped[0]
 
 
-def test_an_experts_folder_is_reused_rewritten_or_refused(tmp_path, capsys):
+def test_an_experts_folder_is_reused_rewritten_or_refused(tmp_path):
+    """Only a folder this bench marked as its own (its manifest, written before anything else) is ever emptied: a
+    folder of a user's own ``task01``, without the manifest, is refused untouched."""
+    import json
+
     shapes = {"visual.w": (6, 4), "visual.b": (6,)}
     folder = tmp_path / "pool"
     bench.synthetic_pool_on_disk(folder, shapes, 3)
@@ -120,12 +126,30 @@ def test_an_experts_folder_is_reused_rewritten_or_refused(tmp_path, capsys):
     _, experts, wrote = bench.synthetic_pool_on_disk(folder, shapes, 2)             # another pool: rewritten
     assert wrote is not None and sorted(p.name for p in folder.iterdir()) == [
         "base", bench.POOL_MANIFEST, "task00", "task01"]
-    (folder / bench.POOL_MANIFEST).unlink()                                          # unfinished: rewritten
-    assert bench.synthetic_pool_on_disk(folder, shapes, 2)[2] is not None
+    manifest = folder / bench.POOL_MANIFEST
+    assert bench.synthetic_pool_on_disk(folder, shapes, 2, shard_bytes=64)[2] is not None   # other shards: rewritten
+    unfinished = json.loads(manifest.read_text())
+    assert unfinished.pop("complete") is True
+    manifest.write_text(json.dumps({**unfinished, "complete": False}))               # interrupted: rewritten
+    assert bench.synthetic_pool_on_disk(folder, shapes, 2, shard_bytes=64)[2] is not None
     (folder / "notes.txt").write_text("mine")                                      # not ours: refused, untouched
-    with pytest.raises(SystemExit, match=r"holds files this bench did not write \(notes.txt\)"):
+    with pytest.raises(StudioError, match=r"holds files this bench did not write \(notes.txt\); give an empty"):
         bench.synthetic_pool_on_disk(folder, shapes, 5)
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "task01").is_dir()
+
+    mine = tmp_path / "mine"                                  # a user's folder named like ours, without the manifest
+    (mine / "task01").mkdir(parents=True)
+    (mine / "task01" / "finetuned.safetensors").write_bytes(b"weights")
+    (mine / "base").symlink_to(tmp_path / "pool" / "base")
+    with pytest.raises(StudioError, match=r"holds files this bench did not write \(base\)"):
+        bench.synthetic_pool_on_disk(mine, shapes, 2)
+    (mine / "base").unlink()
+    with pytest.raises(StudioError, match=r"holds files this bench did not write \(task01\).*with its "
+                                          r"synthetic-pool.json"):
+        bench.synthetic_pool_on_disk(mine, shapes, 2)
+    assert (mine / "task01" / "finetuned.safetensors").read_bytes() == b"weights"
+    with pytest.raises(StudioError, match=r"is a file; give a folder"):
+        bench.synthetic_pool_on_disk(mine / "task01" / "finetuned.safetensors", shapes, 2)
 
 
 def test_the_bench_merges_experts_from_a_folder_and_says_what_it_read(tmp_path, capsys):
@@ -142,11 +166,47 @@ def test_the_bench_merges_experts_from_a_folder_and_says_what_it_read(tmp_path, 
     # a reused pool whose file was damaged since: named, with what to do
     shard = tmp_path / "task01" / "model.safetensors"
     shard.write_bytes(shard.read_bytes()[:1000])
-    with pytest.raises(SystemExit, match=rf"--experts-dir {re.escape(str(tmp_path))}: .*task01/model.safetensors: "
-                                         r"not a readable safetensors file .*; empty the folder to write the pool again"):
+    with pytest.raises(SystemExit, match=rf"--experts-dir: {re.escape(str(tmp_path))} holds a damaged pool \(.*"
+                                         r"task01/model.safetensors: not a readable safetensors file .*\); empty the "
+                                         r"folder to write it again"):
         bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--experts-dir", str(tmp_path)])
     # a pool larger than the file system: refused before anything is written
-    with pytest.raises(SystemExit, match=r"take [0-9.]+ GiB in float32, and its file system has [0-9.]+ GiB free"):
+    with pytest.raises(SystemExit, match=r"take [0-9.]+ GiB in float32, and the file system of .*huge has [0-9.]+ "
+                                         r"GiB free; give a folder on a larger file system, fewer --tasks or "
+                                         r"--dtype bfloat16"):
         bench.main(["--model", "ViT-L-14", "--tasks", "100000", "--device", "cpu", "--experts-dir",
                     str(tmp_path / "huge")])
-    assert not (tmp_path / "huge").exists() or not any((tmp_path / "huge").iterdir())
+    assert not (tmp_path / "huge").exists()
+
+
+def test_a_pool_write_that_fails_midway_says_why_and_is_written_again(tmp_path, monkeypatch):
+    """A write that fails (here the third file: no space left) leaves the folder marked unfinished, never reused;
+    the next call writes it again."""
+    import errno
+    import json
+
+    import torch
+
+    from studio import io
+
+    shapes = {"visual.w": (6, 4), "visual.b": (6,)}
+    save = io.save_state_dict
+    calls = []
+
+    def failing(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 3:
+            raise io.CheckpointError(f"cannot write {path}: {os.strerror(errno.ENOSPC)}")
+        return save(path, *a, **k)
+
+    monkeypatch.setattr(io, "save_state_dict", failing)
+    with pytest.raises(StudioError, match=rf"writing the pool to {re.escape(str(tmp_path))} failed: cannot write "
+                                          r".*task01/model.safetensors: No space left on device; free space or give "
+                                          r"another folder"):
+        bench.synthetic_pool_on_disk(tmp_path, shapes, 3)
+    assert json.loads((tmp_path / bench.POOL_MANIFEST).read_text())["complete"] is False
+    monkeypatch.setattr(io, "save_state_dict", save)
+    base, experts, wrote = bench.synthetic_pool_on_disk(tmp_path, shapes, 3)
+    assert wrote is not None and json.loads((tmp_path / bench.POOL_MANIFEST).read_text())["complete"] is True
+    _, same = bench.synthetic_pool(shapes, 3)
+    assert all(torch.equal(experts[n][k], v) for n, e in same.items() for k, v in e.items())
