@@ -296,8 +296,8 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
             write_manifest(complete=True)
         except (OSError, StudioError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise StudioError(f"writing the pool to {folder} failed: {why}; free space or give another folder (the "
-                              f"folder is marked unfinished and will be written again)") from None
+            raise StudioError(f"writing the pool to {folder} failed: {why}; free space or give another folder (a "
+                              f"rerun writes the pool again; the bench never reuses an unfinished one)") from None
         seconds = time.perf_counter() - start
         del base, pending
 
