@@ -7,7 +7,7 @@
 #   bench_b32 (8 ViT-B/32 experts, every row), bench_b32_host (the spectral rows with --batched-eigh-max 0),
 #   bench_l14 (8 ViT-L/14 experts, TSV-M and Iso-CTS), bench_b32_20 and bench_l14_20 (20 experts: never run on a
 #   GPU yet; 20 ViT-L/14 take 24 GB of host memory in float32), profile (tools/device_profile.py: where a cold TSV-M
-#   merge's#   time goes), probe and probe_batched (eigensolver and transfer speeds, the batched solver's bits:
+#   merge's time goes), probe and probe_batched (eigensolver and transfer speeds, the batched solver's bits:
 #   tools/device_probe.py, tools/device_probe_batched.py).
 # STEPS="env tests bench_b32" runs only those. The limits add up to more than one call's 600 s, so a call of every
 # step may lose the last ones. On the H200 on 2026-12-04 env, tests, smoke, bench_b32, bench_l14 and a 30 s bench
