@@ -185,6 +185,38 @@ def _written_here(entry) -> bool:
         or name == POOL_MANIFEST or re.fullmatch(rf"\.{re.escape(POOL_MANIFEST)}\..*\.tmp", name) is not None
 
 
+def _write_pool(folder, plan: dict[str, list[str]], shapes: dict[str, tuple[int, ...]], tasks: int, *, seed: int,
+                dtype: torch.dtype) -> None:
+    """Write :func:`synthetic_pool`'s draws into ``folder`` as :func:`synthetic_pool_on_disk` describes, each shard of
+    ``plan`` (:func:`plan_shards`) for every expert as soon as its last tensor is drawn."""
+    import json
+    from pathlib import Path
+
+    from .io import SHARD_INDEX, _atomic_write, save_state_dict
+
+    base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
+    save_state_dict(folder / "base" / "model.safetensors", base)
+    names = expert_names(tasks)
+    pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
+    waiting = {file: set(keys) for file, keys in plan.items()}
+    for key, values in layers:
+        for name, value in zip(names, values):
+            pending[name][key] = value
+        for file, keys in list(waiting.items()):
+            keys.discard(key)
+            if not keys:
+                del waiting[file]
+                for name in names:
+                    save_state_dict(folder / name / file, {k: pending[name].pop(k) for k in plan[file]})
+    if len(plan) > 1:
+        total = sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
+        index = json.dumps({"metadata": {"total_size": total},
+                            "weight_map": {k: file for file, keys in plan.items() for k in keys}}, indent=2)
+        for name in names:
+            with _atomic_write(folder / name / SHARD_INDEX) as tmp:
+                Path(tmp).write_text(index)
+
+
 def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[int, ...]], tasks: int, *,
                            seed: int = 0, dtype: torch.dtype = torch.float32, shard_bytes: int = SHARD_BYTES,
                            ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]], float | None]:
@@ -221,7 +253,7 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
     import shutil
     from pathlib import Path
 
-    from .io import SHARD_INDEX, _atomic_write, load_state_dict, save_state_dict
+    from .io import _atomic_write, load_state_dict
 
     folder = Path(folder)
     wanted = {"format": 1, "draws": DRAWS, "tasks": tasks, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
@@ -272,34 +304,13 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
                     shutil.rmtree(entry)
                 else:
                     entry.unlink()
-            plan = plan_shards(shapes, dtype, shard_bytes)
-            base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
-            save_state_dict(folder / "base" / "model.safetensors", base)
-            names = expert_names(tasks)
-            pending: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-            waiting = {file: set(keys) for file, keys in plan.items()}
-            for key, values in layers:
-                for name, value in zip(names, values):
-                    pending[name][key] = value
-                for file, keys in list(waiting.items()):
-                    keys.discard(key)
-                    if not keys:
-                        del waiting[file]
-                        for name in names:
-                            save_state_dict(folder / name / file, {k: pending[name].pop(k) for k in plan[file]})
-            if len(plan) > 1:
-                index = json.dumps({"metadata": {"total_size": nbytes // (tasks + 1)},
-                                    "weight_map": {k: file for file, keys in plan.items() for k in keys}}, indent=2)
-                for name in names:
-                    with _atomic_write(folder / name / SHARD_INDEX) as tmp:
-                        Path(tmp).write_text(index)
+            _write_pool(folder, plan_shards(shapes, dtype, shard_bytes), shapes, tasks, seed=seed, dtype=dtype)
             write_manifest(complete=True)
         except (OSError, StudioError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise StudioError(f"writing the pool to {folder} failed: {why}; free space or give another folder (a "
                               f"rerun writes the pool again; the bench never reuses an unfinished one)") from None
         seconds = time.perf_counter() - start
-        del base, pending
 
     def read(name: str) -> dict[str, torch.Tensor]:   # in the tower's order, as synthetic_pool's (files sort keys)
         found = load_state_dict(folder / name)
@@ -571,12 +582,15 @@ def _pool_memory_shortfall(nparams: int, tasks: int, dtype: torch.dtype, on_disk
     available = _memory_available()
     if available is None:
         return None
+    def needed(models: int, itemsize: int) -> float:   # models held in memory, in a dtype of itemsize bytes
+        return POOL_FACTOR * models * nparams * itemsize + MERGE_MODEL_COPIES * nparams * 4
+
     pool = (1 if on_disk else tasks + 1) * nparams * dtype.itemsize
-    need = POOL_FACTOR * pool + MERGE_MODEL_COPIES * nparams * 4
+    need = needed(1 if on_disk else tasks + 1, dtype.itemsize)
     if need <= available:
         return None
-    half = POOL_FACTOR * (tasks + 1) * nparams * 2 + MERGE_MODEL_COPIES * nparams * 4
-    from_files = POOL_FACTOR * nparams * dtype.itemsize + MERGE_MODEL_COPIES * nparams * 4
+    half = needed(tasks + 1, 2)
+    from_files = needed(1, dtype.itemsize)
     hint = ("use a smaller --model" if on_disk else
             f"--dtype bfloat16 needs about {half / 2**30:.1f} GiB" if dtype.itemsize > 2 and half <= available
             else "give fewer --tasks" + (", or --experts-dir to merge them from files" if from_files <= available
