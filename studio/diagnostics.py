@@ -334,6 +334,13 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
     ``reduce="frobenius"`` it is ``||S||_F^2 / k``, the mean squared cosine (projection-metric similarity). Both
     are 1 for identical subspaces and 0 for orthogonal ones. Fig. 1 uses ``k = 5``.
 
+    A task matrix of numerical rank below ``k`` has fewer than ``k`` directions: singular values at or below
+    ``sigma_max * max(m, n) * eps(float32)`` (the rule of ``torch.linalg.matrix_rank``) are left out, and a pair
+    averages over the ``min(k_A, k_B)`` principal angles its subspaces have (the paper's ``1/k`` where both have
+    ``k``). Without this, the null-space vectors an exact SVD returns (arbitrary) or the Gram route's zero vectors
+    would enter the average, and the two ``svd_mode`` would disagree (a rank-3 task's similarity to itself at
+    ``k = 5`` was 0.6 with one, 1.0 with the other). A zero task has similarity 0 to every task, itself included.
+
     Example:
         >>> from studio.pool import TaskPool
         >>> e = torch.eye(4)
@@ -351,15 +358,19 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
 
     def compute() -> Tensor:
         T = layer.num_tasks
-        bases = [U if side == "left" else Vh.mT for U, _, Vh in layer.svds(range(T), k)]
+        bases, dims = [], []
+        for U, S, Vh in layer.svds(range(T), k):
+            live = S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps   # numerical rank
+            bases.append((U if side == "left" else Vh.mT) * live)
+            dims.append(live.sum())
         kk = bases[0].shape[1]
         cat = torch.cat(bases, dim=1)  # [m, T*k]
         overlap = (cat.mT @ cat).view(T, kk, T, kk).permute(0, 2, 1, 3)  # [T, T, k, k] blocks U_i^T U_j
-        if reduce == "mean":
-            sims = torch.linalg.svdvals(overlap).mean(-1)
-        else:
-            sims = overlap.pow(2).sum((-1, -2)) / kk
-        return sims.clamp(0.0, 1.0)
+        dims = torch.stack(dims)
+        angles = torch.minimum(dims[:, None], dims[None, :]).to(overlap.dtype)   # principal angles per pair
+        # left-out directions are zero columns: they add only zero singular values and zero entries
+        total = torch.linalg.svdvals(overlap).sum(-1) if reduce == "mean" else overlap.pow(2).sum((-1, -2))
+        return torch.where(angles > 0, total / angles.clamp(min=1), 0.0).clamp(0.0, 1.0)
 
     return layer.memo(("diag", "subspace_similarity", k, side, reduce), compute)
 
@@ -644,7 +655,7 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
         ([[2.0, 2.0], [2.0, 2.0]], [0.5, 0.5])
     """
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0 or not math.isfinite(alpha):
-        raise DiagnosticsError(f"svc_coefficients: alpha must be a finite number > 0 (SVC's guard, eq. 17), got "
+        raise DiagnosticsError(f"svc_coefficients: alpha must be a finite number > 0 (SVC's clip, eq. 20), got "
                                f"{brief(alpha)}")
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "svc_coefficients", layer.key, "rank")

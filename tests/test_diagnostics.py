@@ -161,6 +161,25 @@ def test_subspace_similarity_is_the_mean_cosine_of_principal_angles():
     assert torch.allclose(sim, sim.T)
 
 
+def test_subspace_similarity_counts_only_the_directions_a_rank_deficient_task_has():
+    """k above a task's rank: its null-space vectors (arbitrary from LAPACK, zero from the Gram route) are left out,
+    so both svd modes give the principal angles of the subspaces the tasks span."""
+    g = torch.Generator().manual_seed(3)
+    low = [torch.randn(40, 3, generator=g) @ torch.randn(3, 30, generator=g) for _ in range(3)]
+    zero = torch.zeros(40, 30)
+    sub = _top_u(low[0], 2) @ torch.randn(2, 30, generator=g, dtype=torch.float64)   # rank 2, inside task 0's span
+    mats = low + [sub.float(), zero]
+    exact, auto = (D.subspace_similarity(_pool(mats, mode).layer("w"), k=5) for mode in ("exact", "auto"))
+    torch.testing.assert_close(exact, auto, rtol=0, atol=1e-5)
+    assert exact.diagonal()[:4].tolist() == pytest.approx([1.0] * 4, abs=1e-5)
+    assert exact[4].abs().max() == 0 and exact[:, 4].abs().max() == 0   # the zero task
+    assert float(exact[0, 3]) == pytest.approx(1.0, abs=1e-5)           # a 2-D subspace of task 0's 3-D one
+    cos = torch.linalg.svdvals(_top_u(low[1], 3).T @ _top_u(low[2], 3))   # 3 principal angles, not k = 5
+    assert float(exact[1, 2]) == pytest.approx(float(cos.mean()), abs=1e-5)
+    fro = D.subspace_similarity(_pool(mats, "auto").layer("w"), k=5, reduce="frobenius")
+    assert float(fro[1, 2]) == pytest.approx(float(cos.pow(2).mean()), abs=1e-5)
+
+
 def test_energy_preservation_is_eq2_of_ortho_merge():
     mats = _lowrank(3, 10, 8, 2, seed=7)
     layer = _pool(mats).layer("w")

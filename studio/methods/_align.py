@@ -298,7 +298,10 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
 
     With ``a_merge^r = scale * sigma_r v_r^T`` (eq. 10 for the scaled merge) the numerator is
     ``scale * sigma_r * c_i^r``. The denominator is clamped at ``1e-12`` as in the official code, so a task with no
-    response in subspace ``r`` gets ``s = 0`` (then clipped to ``alpha`` by eq. 20).
+    response in subspace ``r`` gets ``s = 0`` (then clipped to ``alpha`` by eq. 20). The clamp is absolute, so ``s``
+    (scale-free in eq. 19) is pulled towards 0 where ``||a_i^r||^2`` nears ``1e-12``: task vectors scaled down
+    by 1e-6 (responses ~1e-14 to 1e-11) calibrated 126% away from eq. 19 exactly; CLIP fine-tuning deltas
+    respond far above it in the subspaces that carry their energy.
 
     Example:
         >>> S, c, a2 = torch.tensor([4.0]), torch.tensor([[2.0], [2.0]]), torch.tensor([[4.0], [4.0]])
@@ -321,7 +324,9 @@ def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target
     * one-hot ``p = e_t`` gives the target-task calibration of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)``.
       The official code's target mode (``args.target``) additionally leaves a subspace unchanged
       (``gamma^r = 1``) when ``s_t^r <= 0``; ``target_guard=True`` (default) follows the code, ``False`` the
-      paper's formula (which would amplify such a subspace by ``1/alpha``).
+      paper's formula (which would amplify such a subspace by ``1/alpha``). The guard applies only to an exactly
+      one-hot ``p``: a weight of ``1e-6`` on a second task gives the weighted rule, so such a subspace jumps from
+      ``gamma = 1`` to ``~1/alpha`` (``False`` makes the result continuous in ``p``).
 
     Args:
         s: projection coefficients ``[T, R]`` (:func:`svc_projection_coefficients`).
@@ -369,6 +374,13 @@ def subspace_cross_influence(c: Tensor) -> Tensor:
     (``c_j^r u_r v_r^T`` and ``c_i^r u_r v_r^T``), so the sum collapses exactly to ``c_j^r / c_i^r``
     (:func:`cross_influence_terms` computes the two steps literally; the tests check they agree). This is why the
     paper finds eq. 6 tight and the column/row order immaterial (App. E.2, Fig. 7). ``xi[i, i] = 1``.
+
+    This reads eq. 5's ``W_i^r`` as task ``i``'s component in subspace ``r``, ``P_col Delta_i`` (App. B.2's
+    ``alpha_1`` projects onto ``P_col Delta_i``), which sec. 4.1 needs: only then does dividing by ``xi~`` make
+    ``SAI`` exactly 0. Read as the whole ``Delta_i``, the projections no longer collapse, the column-first and
+    row-first orders differ slightly (the "very similar" of App. E.2), and on random low-rank experts the lower
+    subspaces' ``xi~`` and AlignMerge-B's result differ by tens of percent (an independent float64 reference of
+    both readings, 2026-12-04).
 
     Example:
         >>> subspace_cross_influence(torch.tensor([[1.0], [3.0]]))[:, :, 0].tolist()

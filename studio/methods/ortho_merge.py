@@ -84,7 +84,8 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
     params=(
         Param("tau", float, 0.3, low=0.0, high=2.0, ui_step=0.01,
               help="Interference threshold on |<u_i,m, u_j,n>| between leading left singular vectors of different "
-                   "tasks; at 1 or above nothing is removed and Ortho-Merge equals Iso-C (full-rank layers).",
+                   "tasks; at 1 or above nothing is removed and Ortho-Merge equals Iso-C at the same alpha "
+                   "(Iso-C's default is 1.3, this one's 1.0) on full-rank layers; embeddings are averaged.",
               paper="Ortho-Merge eq. 13-14 (no value given); 0.3 is our choice, between the top-5 subspace "
                     "similarities the paper calls 'significant' (0.22) and 'high' (0.37) in sec. 3.1 / Fig. 1. "
                     "Those are averaged principal cosines of two subspaces, a related but different quantity "

@@ -57,7 +57,8 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
                     "sec. 5.3 / Fig. 5 ablation, alpha in (0, 1]"),
         Param("target_guard", bool, True,
               help="With a one-hot preference (target-task calibration), leave subspaces where the target's "
-                   "s_t <= 0 unchanged (official code) instead of scaling them by 1/alpha (paper formula).",
+                   "s_t <= 0 unchanged (official code) instead of scaling them by 1/alpha (paper formula). Only an "
+                   "exactly one-hot preference is guarded; any other weight uses the weighted formula.",
               paper="official SVC code coef_cal_multi_ranks(target=t): eta = max(s_t, alpha) if s_t > 0 else 1; "
                     "SVC sec. 5.3 writes gamma = 1/max(alpha, s_t)"),
     ),
