@@ -325,6 +325,19 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
 # Pairwise [T, T] task-task metrics
 # --------------------------------------------------------------------------------------------------------------
 
+def _task_bases(layer: LayerTasks, k: int, side: str = "left") -> tuple[Tensor, Tensor]:
+    """Every task's top-``k`` singular vectors side by side, ``[m, T*k]`` (``side="right"``: ``[n, T*k]``), and the
+    number of directions each task has, ``[T]``: those beyond its numerical rank (singular values at or below
+    ``sigma_max * max(m, n) * eps(float32)``, ``torch.linalg.matrix_rank``'s rule) are zero columns, so LAPACK's
+    arbitrary null-space vectors (``svd_mode="exact"``) and the Gram route's zero ones give the same subspaces."""
+    bases, dims = [], []
+    for U, S, Vh in layer.svds(range(layer.num_tasks), k):
+        live = S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps
+        bases.append((U if side == "left" else Vh.mT) * live)
+        dims.append(live.sum())
+    return torch.cat(bases, dim=1), torch.stack(dims)
+
+
 def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduce: str = "mean") -> Tensor:
     """Top-``k`` subspace similarity between every pair of tasks, ``[T, T]`` in [0, 1] (Ortho-Merge sec. 3.1, Fig. 1).
 
@@ -358,15 +371,9 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
 
     def compute() -> Tensor:
         T = layer.num_tasks
-        bases, dims = [], []
-        for U, S, Vh in layer.svds(range(T), k):
-            live = S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps   # numerical rank
-            bases.append((U if side == "left" else Vh.mT) * live)
-            dims.append(live.sum())
-        kk = bases[0].shape[1]
-        cat = torch.cat(bases, dim=1)  # [m, T*k]
+        cat, dims = _task_bases(layer, k, side)  # [m, T*k], [T]
+        kk = cat.shape[1] // T
         overlap = (cat.mT @ cat).view(T, kk, T, kk).permute(0, 2, 1, 3)  # [T, T, k, k] blocks U_i^T U_j
-        dims = torch.stack(dims)
         angles = torch.minimum(dims[:, None], dims[None, :]).to(overlap.dtype)   # principal angles per pair
         # left-out directions are zero columns: they add only zero singular values and zero entries
         total = torch.linalg.svdvals(overlap).sum(-1) if reduce == "mean" else overlap.pow(2).sum((-1, -2))
@@ -403,7 +410,10 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_r
     ``i`` lies in the top-``k`` left singular subspace of task ``j`` (not symmetric). As in Iso Fig. 3b the number
     of directions is ``k_TA``, the effective rank (:func:`effective_rank` with ``eps`` and ``k_rule``: the official
     code's rule by default, eq. 6 with ``"paper"``) of the Task Arithmetic matrix, unless ``k`` is given; ``k = r``
-    on a full-rank task gives ``SAR(Delta_i, Delta_i) = 1``.
+    on a full-rank task gives ``SAR(Delta_i, Delta_i) = 1``. A task of numerical rank below ``k`` contributes only
+    the directions it has (see :func:`subspace_similarity`), so both ``svd_mode`` agree and ``SAR(Delta_i,
+    Delta_i) = 1`` whenever ``k`` reaches its rank; an exact SVD's arbitrary null-space vectors would otherwise
+    count other tasks' energy that falls on them by chance.
 
     Cost ``T^2 k m n`` multiply-adds (the projections are computed from the task matrices directly, no full SVDs).
 
@@ -423,7 +433,7 @@ def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_r
     def compute() -> Tensor:
         T = layer.num_tasks
         deltas = layer.deltas
-        bases = torch.cat([U for U, _, _ in layer.svds(range(T), k)], dim=1)  # [m, T*k]
+        bases = _task_bases(layer, k)[0]  # [m, T*k]
         kk = bases.shape[1] // T
         norms2 = deltas.double().pow(2).sum((1, 2))
         out = torch.zeros(T, T, dtype=torch.float64, device=deltas.device)
@@ -497,8 +507,9 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
     sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r / T`` measures the factors TSV-M actually
     merges; and the norm, the entry-wise L1 norm of :func:`sti_from_factors` (the induced matrix 1-norm would be
     a column maximum, far smaller). In ``svd_mode="auto"`` null components (a rank-deficient or zero task matrix)
-    have zero vectors and add nothing; ``"exact"`` keeps LAPACK's arbitrary vectors there, as an SVD-based script
-    would.
+    have zero vectors and add nothing; ``"exact"`` keeps LAPACK's arbitrary vectors for those of a rank-deficient
+    task matrix, as an SVD-based script would, but not for exactly zero singular values (a zero task matrix), which
+    both modes leave out (:meth:`studio.pool.LayerTasks.svd`).
 
     Example:
         >>> from studio.pool import TaskPool

@@ -259,7 +259,12 @@ def merge(
             with vectors as arbitrary as the official code's). Singular values that are exactly zero (a
             layer an expert left unchanged, a task with preference weight 0) are left out in both modes: the
             official TSV-M and Iso-CTS keep LAPACK's arbitrary vectors for them (the identity's columns on a CPU)
-            and whiten the other tasks' directions against those.
+            and whiten the other tasks' directions against those. So a preference weight of exactly 0 is not the
+            limit of small weights there: any weight above 0 keeps the task's directions in the whitening (only its
+            singular values shrink), and 0 takes them out (TSV-M at weights ``[1, 1, 1e-6, 1]`` and
+            ``[1, 1, 0, 1]`` differed by 59% on small random experts). Nor is weight 0 the same as leaving the
+            expert out: ``T`` still counts it (``T * p_i`` scales the others by ``T / (T - 1)``, TSV-M's ``k``
+            and Iso-CTS's ``s`` are sized for ``T`` tasks and the zero task's share stays empty).
         progress: optional callback ``(fraction, message)``.
         **hparams: the method's hyperparameters (validated against its schema).
 

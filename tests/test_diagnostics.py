@@ -180,6 +180,18 @@ def test_subspace_similarity_counts_only_the_directions_a_rank_deficient_task_ha
     assert float(fro[1, 2]) == pytest.approx(float(cos.pow(2).mean()), abs=1e-5)
 
 
+def test_pairwise_sar_projects_on_the_directions_a_rank_deficient_task_has():
+    """Iso eq. 5 with k above the tasks' rank 2: the projection is onto each task's 2-D column space in both modes
+    (an exact SVD's three arbitrary null-space vectors would catch other tasks' energy)."""
+    g = torch.Generator().manual_seed(1)
+    mats = [torch.randn(40, 2, generator=g) @ torch.randn(2, 30, generator=g) for _ in range(4)]
+    want = torch.tensor([[float((_top_u(mats[j], 2).T @ mats[i].double()).norm() / mats[i].double().norm())
+                          for j in range(4)] for i in range(4)])
+    for mode in ("exact", "auto"):
+        torch.testing.assert_close(D.pairwise_sar(_pool(mats, mode).layer("w"), k=5), want, rtol=0, atol=1e-5)
+    assert want.diagonal().tolist() == pytest.approx([1.0] * 4) and float(want.max()) < 1.0 + 1e-6
+
+
 def test_energy_preservation_is_eq2_of_ortho_merge():
     mats = _lowrank(3, 10, 8, 2, seed=7)
     layer = _pool(mats).layer("w")
