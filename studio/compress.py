@@ -131,8 +131,11 @@ class Compressed:
     def reconstruct(self, task: str, alpha: float = 1.0) -> dict[str, Tensor]:
         """State dict ``base + alpha * task_vector(task)`` (TSV eq. 8 with a known task index), in the base's dtypes.
 
-        Non-floating tensors (e.g. integer buffers) are copied from the base.
+        Non-floating tensors (e.g. integer buffers) are copied from the base. A :class:`HyperparameterError` names
+        a tensor that ``alpha`` takes beyond its dtype's range (or a non-finite base value, with ``check=False``).
         """
+        if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype.is_floating_point:
+            alpha = alpha.item()   # a 0-d tensor, as the hyperparameter schemas take it
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
         tv = self.task_vector(task)
@@ -141,6 +144,10 @@ class Compressed:
             if key in tv:
                 acc = torch.promote_types(torch.float32, b.dtype)   # float64 bases are not rounded through float32
                 out[key] = (b.to(acc) + alpha * tv[key].to(b.device, acc)).to(b.dtype)
+                if not _all_finite(out[key]):
+                    raise HyperparameterError(f"reconstruct: task {task!r}, '{key}' is not finite in {b.dtype} with "
+                                              f"alpha = {alpha:g} (its base value must be finite, and alpha small "
+                                              f"enough to stay in the dtype's range)")
             else:
                 out[key] = b.clone()
         return out
@@ -234,6 +241,14 @@ class Compressed:
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base{more}")
+        # compress stores every floating tensor of the base for every task: a missing one would silently rebuild
+        # the base's value there
+        for index, name in enumerate(names):
+            lacking = [k for k, t in base.items() if t.is_floating_point() and (index, k) not in parts]
+            if lacking:
+                more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+                raise CheckpointError(f"{path}: task {name!r} has no entry for the base's {lacking[0]!r}{more}; the "
+                                      f"file is incomplete, or was compressed against another base")
         tasks: dict[str, dict[str, LowRank | Tensor]] = {n: {} for n in names}
         for index, key in ((i, k) for i in range(len(names)) for k in base if (i, k) in parts):   # the base's order
             p, where = parts[index, key], f"{path}: task {names[index]!r}, {key!r}"

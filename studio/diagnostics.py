@@ -46,6 +46,7 @@ import numbers
 import re
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -53,7 +54,7 @@ from .methods import _align
 from .io import tensor_bytes
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
-from .pool import LayerTasks, TaskPool, _all_finite
+from .pool import LayerTasks, TaskPool, _all_finite, normalize_preferences
 from .schema import StudioError, brief
 
 __all__ = [
@@ -134,6 +135,7 @@ def spectral_entropy(s: Tensor, normalized: bool = False) -> Tensor:
         0.0
     """
     _check_values(s, "spectral_entropy", "singular values")
+    normalized = _check_flag("spectral_entropy", normalized, "normalized")
     if s.dim() == 0:
         raise DiagnosticsError("spectral_entropy needs singular values [..., r], got a 0-d tensor")
     e = s.float().pow(2)
@@ -260,6 +262,16 @@ def _check_k(name: str, k: int | None, key: str, param: str = "k") -> int | None
     return int(k)
 
 
+def _check_flag(name: str, value: Any, param: str, none: bool = False) -> "bool | None":
+    """``value`` as a bool (NumPy's too; ``None`` where ``none``), or a :class:`DiagnosticsError` naming the
+    function and the argument: a string such as ``"no"`` would otherwise count as true."""
+    if isinstance(value, np.bool_):
+        value = bool(value)
+    if isinstance(value, bool) or (none and value is None):
+        return value
+    raise DiagnosticsError(f"{name}: {param} must be true or false{' or None' if none else ''}, got {brief(value)}")
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Per-layer spectra and energy
 # --------------------------------------------------------------------------------------------------------------
@@ -362,7 +374,7 @@ def subspace_similarity(layer: LayerTasks, k: int = 5, side: str = "left", reduc
         [[1.0, 0.0], [0.0, 1.0]]
     """
     _require_matrix(layer)
-    k = _check_k("subspace_similarity", k, layer.key)
+    k = _check_k("subspace_similarity", k, layer.key) or 5   # None: Fig. 1's 5
     if side not in ("left", "right"):
         raise DiagnosticsError(f"subspace_similarity: side must be 'left' or 'right', got {brief(side)}")
     if reduce not in ("mean", "frobenius"):
@@ -631,17 +643,12 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
     return (captured / st.task_norm2.double().clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0, 1).float()
 
 
-def _preferences(layer: LayerTasks, preferences: Tensor | Sequence[float] | None) -> Tensor | None:
-    if preferences is None:
-        return None
-    T = layer.num_tasks
-    p = torch.as_tensor(preferences, dtype=torch.float32).flatten().to(layer.device)
-    if p.numel() != T or not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or float(p.sum()) <= 0:
-        raise DiagnosticsError(
-            f"preferences must be {T} finite non-negative weights (one per expert {list(layer.names)}) with a "
-            f"positive sum, got {p.tolist()}"
-        )
-    return p / p.sum()
+def _preferences(layer: LayerTasks, preferences: "Mapping[str, float] | Sequence[float] | Tensor | None"
+                 ) -> Tensor | None:
+    """``preferences`` as :func:`studio.merge` takes them (a mapping name -> weight, or one weight per expert),
+    normalised to sum to 1, on the layer's device (:func:`studio.pool.normalize_preferences` checks them)."""
+    p = normalize_preferences(preferences, layer.names)
+    return None if p is None else p.to(layer.device)
 
 
 def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: float = 1.0,
@@ -769,6 +776,7 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
         >>> sai(pool.layer("w"), rank=1).tolist()   # TA of two identical tasks doubles each: |2 - 1|
         [[1.0], [1.0]]
     """
+    signed = _check_flag("sai", signed, "signed")
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "sai", layer.key, "rank")
     c = st.c[:, :R]
@@ -959,6 +967,7 @@ def _delta_for_key(pool: TaskPool, key: str, merged: Mapping[str, Tensor], is_de
 
 def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None", keys: Sequence[str],
                             merged_is_delta: bool | None) -> "Callable[[str], Tensor | None]":
+    merged_is_delta = _check_flag("diagnostics", merged_is_delta, "merged_is_delta", none=True)
     if merged is None:
         return lambda key: None
     if not isinstance(merged, Mapping):
@@ -1014,6 +1023,7 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
         >>> sar_avg(pool).tolist()   # w: k_TA = 1 keeps b's direction only; v: both share it
         [0.5, 1.0]
     """
+    pairwise = _check_flag("sar_avg", pairwise, "pairwise")
     keys = _matrix_keys(pool, keys, layer_rule)
     if not keys:
         raise DiagnosticsError("sar_avg: no matrix layer to average over")
@@ -1054,6 +1064,12 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
         (['w'], [-1.0], [0.0])
     """
     keys = _matrix_keys(pool, keys, layer_rule)
+    normalized_entropy = _check_flag("layer_curves", normalized_entropy, "normalized_entropy")
+    if isinstance(curves, str):   # one curve's name, not its letters
+        curves = [curves]
+    if progress is not None and not callable(progress):
+        raise DiagnosticsError(f"layer_curves: progress must be a function (fraction, message) or None, got "
+                               f"{brief(progress)}")
     names = list(CURVES) if curves is None else list(dict.fromkeys(curves))   # a curve named twice is one curve
     unknown = sorted(map(str, set(names) - set(CURVES)))
     if unknown:

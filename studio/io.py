@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -420,10 +421,16 @@ os.umask(_IMPORT_UMASK)
 def _atomic_write(path: Path) -> Iterator[str]:
     """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
     folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
-    :class:`CheckpointError` naming ``path`` (not the temporary file). A symbolic link is written through (its
-    target is replaced, the link stays)."""
+    :class:`CheckpointError` naming ``path`` (not the temporary file), and so do safetensors' write errors (a full
+    disk). A symbolic link is written through (its target is replaced, the link stays). A device, FIFO or socket
+    is refused: the rename would replace it with a regular file (``/dev/null`` itself, for root)."""
     if path.is_symlink():
         path = path.resolve()
+    with contextlib.suppress(OSError):
+        mode = path.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
+                                  f"renaming it into place would replace; give the name of a regular file")
     made = [p for p in reversed(path.parents) if not p.exists()]
     tmp = None
     try:
@@ -441,6 +448,8 @@ def _atomic_write(path: Path) -> Iterator[str]:
                 folder.rmdir()
         if isinstance(exc, OSError):
             raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        if isinstance(exc, SafetensorError):   # e.g. "Error while serializing: I/O error: No space left on device"
+            raise CheckpointError(f"cannot write {path}: {exc}") from exc
         raise
 
 
@@ -455,13 +464,30 @@ def check_weights_path(path: str | os.PathLike) -> Path:
     return path
 
 
+#: The dtypes ``safetensors.torch`` writes.
+_SAFETENSORS_DTYPES = frozenset(
+    getattr(torch, name) for name in (
+        "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "uint16", "uint32", "uint64",
+        "complex64")
+    if hasattr(torch, name))
+
+
 def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``state_dict`` to ``path`` atomically (temp file + rename: never a half-written file).
 
-    Keys must be strings and values tensors (a :class:`CheckpointError` names the first that is not); tensors that
-    share memory (tied weights) are written as separate copies, which safetensors requires.
+    Keys must be strings and values dense tensors of a dtype safetensors stores, ``metadata`` a mapping of strings
+    to strings (a :class:`CheckpointError` names the first that is not); tensors that share memory (tied weights)
+    are written as separate copies, which safetensors requires.
     """
     path = check_weights_path(path)
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointError(f"cannot save {type(state_dict).__name__} to {path}: expected a state dict (a mapping "
+                              f"of names to tensors)")
+    if metadata is not None and not (isinstance(metadata, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise CheckpointError(f"cannot save {path} with metadata {brief(metadata)}: safetensors metadata is a "
+                              f"mapping of strings to strings")
     tensors: dict[str, Tensor] = {}
     seen: set[int] = set()
     for k, v in state_dict.items():
@@ -469,6 +495,11 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
             raise CheckpointError(f"cannot save key {brief(k)} to {path}: safetensors keys must be strings")
         if not isinstance(v, Tensor):
             raise CheckpointError(f"cannot save '{k}' to {path}: expected a tensor, got {type(v).__name__}")
+        if v.layout != torch.strided or v.is_meta or v.is_quantized or v.dtype not in _SAFETENSORS_DTYPES:
+            kind = ("a meta tensor (no values)" if v.is_meta else f"a {v.layout} tensor"
+                    if v.layout != torch.strided else f"dtype {v.dtype}")
+            raise CheckpointError(f"cannot save '{k}' to {path}: it is {kind}; safetensors stores dense tensors "
+                                  f"of the usual dtypes (convert it first, e.g. .to_dense() or .dequantize())")
         t = v.detach().contiguous().cpu()
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
         if ptr is not None and ptr in seen:
@@ -769,12 +800,18 @@ class Recipe:
             raise CheckpointError(f"{source}: not valid YAML/JSON (nested too deeply)") from exc
         except yaml.YAMLError as exc:
             raise CheckpointError(f"{source}: not valid YAML/JSON{_yaml_problem(exc)}") from exc
+        if source != "recipe" and not isinstance(data, Mapping):   # name the file, not only what a recipe is
+            raise CheckpointError(f"{source}: not a recipe: a recipe is a mapping with at least a 'method' field, "
+                                  f"this text is {type(data).__name__ if data is not None else 'empty'}")
         return cls.from_dict(data)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Recipe":
         """Load a ``.yaml``/``.json`` recipe, or the recipe embedded in an exported ``.safetensors`` file."""
         path = Path(path)
+        if path.is_dir():
+            raise CheckpointError(f"{path}: a folder, not a recipe; give a .yaml/.json recipe or an exported "
+                                  f".safetensors file")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such recipe file")
         if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):

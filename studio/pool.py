@@ -103,6 +103,9 @@ def _check_tensor(owner: str, key: Any, tensor: Any) -> None:
     if tensor.layout != torch.strided:
         raise ExpertError(f"{owner}, key '{key}' has layout {tensor.layout}; expected a dense tensor "
                           f"(call .to_dense() first)")
+    if tensor.is_quantized:
+        raise ExpertError(f"{owner}, key '{key}' is a quantized tensor ({tensor.dtype}); expected a dense "
+                          f"floating tensor (call .dequantize() first)")
     if tensor.is_complex() or (tensor.is_floating_point() and tensor.dtype not in MERGEABLE_FLOATS):
         raise ExpertError(f"{owner}, key '{key}' has dtype {tensor.dtype}; expected one of "
                           f"{[str(d).removeprefix('torch.') for d in MERGEABLE_FLOATS]} (or a non-floating buffer, "
@@ -584,9 +587,19 @@ class TaskPool:
         return torch.stack(tensors).sub_(base.float())
 
     def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
-        """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``) rescale each task matrix."""
+        """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``, finite and >= 0) rescale each task
+        matrix."""
         if key not in self.base:
             raise StudioError(f"unknown key {brief(key)}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
+        if weights is not None:
+            T = len(self.names)
+            try:
+                w = torch.as_tensor(weights, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                w = None
+            if w is None or w.shape != (T,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise StudioError(f"weights for '{key}' must be {T} finite numbers >= 0, one per expert "
+                                  f"{list(self.names)}; got {brief(weights)}")
         return LayerTasks(self, key, weights)
 
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:

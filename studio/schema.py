@@ -11,9 +11,12 @@ import math
 import numbers
 import reprlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StudioError(ValueError):
@@ -59,6 +62,25 @@ def check_seed(seed: Any, error: type[StudioError] = HyperparameterError) -> int
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -2**63 <= int(value) < 2**63:
         raise error(f"seed must be an integer in [-2^63, 2^63) (it fixes DARE's random masks), got {brief(seed)}")
     return int(value)
+
+
+def _narrow_float(value: Any) -> "torch.dtype | None":
+    """The floating dtype of a NumPy scalar or 0-d tensor narrower than Python's float (float32, float16,
+    bfloat16), else None."""
+    import torch
+
+    if isinstance(value, np.floating) and value.dtype.itemsize < 8:
+        return {2: torch.float16, 4: torch.float32}[value.dtype.itemsize]
+    if isinstance(value, torch.Tensor) and value.dtype.is_floating_point and value.dtype.itemsize < 8:
+        return value.dtype
+    return None
+
+
+def _rounded(x: float, dtype: "torch.dtype") -> float:
+    """``x`` rounded to ``dtype`` (nearest, as a float32 literal is)."""
+    import torch
+
+    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,7 @@ class Param:
                     f"{list(self.choices or [])}"
                 )
             return value
+        narrow = _narrow_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             try:  # numpy scalars and 0-d tensors
                 value = value.item()
@@ -141,6 +164,10 @@ class Param:
             value = int(value)
         else:
             value = float(value)
+            if narrow is not None:   # np.float32(0.99) is 0.9900000095...: a bound given in that precision is the bound
+                for bound in (self.low, self.high):
+                    if bound is not None and _rounded(value, narrow) == _rounded(bound, narrow):
+                        value = float(bound)
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         if below or (self.high is not None and value > self.high):
             raise HyperparameterError(

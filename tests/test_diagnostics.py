@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -543,8 +544,29 @@ def test_bad_requests_raise_clear_studio_errors(clip):
         D.interference_matrix(pool, key, "svc", {"visual.proj": base["visual.proj"]})
     with pytest.raises(StudioError, match=r"unknown curve"):
         D.layer_curves(pool, curves=["sti", "bogus"])
-    with pytest.raises(StudioError, match=r"preferences must be 3"):
+    with pytest.raises(StudioError, match=r"preferences has 2 weights but there are 3 experts"):
         D.svc_coefficients(pool.layer(key), preferences=[1.0, 2.0])
+    names = list(experts)
+    with pytest.raises(StudioError, match=r"preferences name unknown task\(s\) 'nope'"):
+        D.svc_coefficients(pool.layer(key), preferences={"nope": 1.0})
+    torch.testing.assert_close(D.svc_coefficients(pool.layer(key), preferences={names[1]: 2.0}),
+                               D.svc_coefficients(pool.layer(key), preferences=[0.0, 1.0, 0.0]))
+    # flags are booleans: a string such as "no" would count as true
+    for call in (lambda: D.sar_avg(pool, pairwise="no"), lambda: D.layer_curves(pool, merged_is_delta="no"),
+                 lambda: D.spectral_entropy(torch.ones(3), normalized="no"),
+                 lambda: D.sai(pool.layer(key), signed="x"), lambda: D.layer_curves(pool, normalized_entropy=1)):
+        with pytest.raises(StudioError, match=r"must be true or false"):
+            call()
+    # one curve's name is that curve, not its letters
+    one = D.layer_curves(pool, curves="sti", keys=[key])
+    assert one == D.layer_curves(pool, curves=["sti"], keys=[key]) and "s" not in one
+    with pytest.raises(StudioError, match=r"progress must be a function"):
+        D.layer_curves(pool, progress=3)
+    # weights: one finite, non-negative number per expert
+    for weights in (torch.ones(5), torch.ones(2), torch.tensor([1.0, float("nan"), 1.0]), [1, -1, 1], "abc"):
+        with pytest.raises(StudioError, match=rf"weights for '{re.escape(key)}' must be 3 finite numbers >= 0"):
+            D.interference_matrix(pool, key, "subspace_similarity", weights=weights)
+    assert D.subspace_similarity(pool.layer(key), k=None).shape == (3, 3)   # None: the default k
 
 
 def test_subspace_counts_and_svc_alpha_are_checked():

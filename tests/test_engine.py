@@ -125,6 +125,9 @@ def test_inputs_that_are_not_mergeable_state_dicts_name_what_is_wrong(clip_pool)
          "expert 'task1', key 'visual.proj' is a meta tensor"),
         (base, dict(one, task1=dict(experts["task1"], **{key: experts["task1"][key].to_sparse()})),
          "expert 'task1', key 'visual.proj' has layout torch.sparse_coo"),
+        (base, dict(one, task1=dict(experts["task1"], **{key: torch.quantize_per_tensor(
+            experts["task1"][key], 0.1, 0, torch.qint8)})),
+         r"expert 'task1', key 'visual.proj' is a quantized tensor \(torch.qint8\); .*\.dequantize\(\)"),
         ({k: v.to(torch.float8_e4m3fn) for k, v in base.items()},
          {n: {k: v.to(torch.float8_e4m3fn) for k, v in sd.items()} for n, sd in one.items()},
          r"base, key '.*' has dtype torch.float8_e4m3fn; expected one of"),

@@ -4,6 +4,10 @@ argument parsing), including the per-method layer rules, the SVD mode and custom
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import stat
 from pathlib import Path
 
 import pytest
@@ -182,10 +186,29 @@ def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
         save_state_dict(tmp_path / "x.safetensors", {"a": [1.0]})
     with pytest.raises(CheckpointError, match="keys must be strings"):
         save_state_dict(tmp_path / "x.safetensors", {1: w})
-    # a failed write leaves neither the file nor the folders made for it
-    with pytest.raises(TypeError):
-        save_state_dict(tmp_path / "new" / "sub" / "x.safetensors", {"a": w}, metadata={"k": 1})   # not a str
+    with pytest.raises(CheckpointError, match=r"metadata \{'k': 1\}: safetensors metadata is a mapping of strings"):
+        save_state_dict(tmp_path / "x.safetensors", {"a": w}, metadata={"k": 1})
+    for bad, what in [(w.to_sparse(), "a torch.sparse_coo tensor"), (torch.empty(2, device="meta"), "a meta tensor"),
+                      (torch.ones(2, dtype=torch.complex128), "dtype torch.complex128")]:
+        with pytest.raises(CheckpointError, match=f"cannot save 'a' to .*x.safetensors: it is {what}"):
+            save_state_dict(tmp_path / "x.safetensors", {"a": bad})
+    assert not (tmp_path / "x.safetensors").exists()
+    # a write that fails midway (the file-size limit stands in for a full disk) is named, and leaves neither the
+    # file nor the folders made for it
+    old_limit, old_signal = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64, old_limit[1]))
+        with pytest.raises(CheckpointError, match=r"cannot write .*new/sub/x\.safetensors: .*File too large"):
+            save_state_dict(tmp_path / "new" / "sub" / "x.safetensors", {"a": torch.ones(1000)})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_signal)
     assert not (tmp_path / "new").exists()
+    # a FIFO (or a device such as /dev/null) is refused, not replaced by a regular file
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(CheckpointError, match=r"cannot write .*pipe: it is a device, FIFO or socket"):
+        save_state_dict(tmp_path / "pipe", {"a": w})
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
     # a link is written through: the target gets the new weights, the link stays a link
     save_state_dict(tmp_path / "target.safetensors", {"a": w})
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
@@ -703,6 +726,19 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
             Compressed.load(path, wrong_base)
     with pytest.raises(CheckpointError, match="not a TSV-C file written by Compressed.save"):
         Compressed.load(tmp / "base.safetensors", base)
+    # a file that lost a task's entries (here the bias of task0) would rebuild the base's value there
+    entries = load_state_dict(path)
+    meta = studio.io.read_metadata(path)
+    save_state_dict(tmp / "cut.safetensors", {k: v for k, v in entries.items() if not k.startswith(
+        "0/visual.ln_pre.bias/")}, meta)
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: task 'task0' has no entry for the base's "
+                                              r"'visual.ln_pre.bias'; the file is incomplete"):
+        Compressed.load(tmp / "cut.safetensors", base)
+    packed = Compressed.load(path, base)
+    with pytest.raises(studio.HyperparameterError, match=r"reconstruct: task 'task0', '.*' is not finite in "
+                                                         r"torch.float32 with alpha = 1e\+39"):
+        packed.reconstruct("task0", alpha=1e39)
+    _equal(packed.reconstruct("task0", alpha=torch.tensor(2.0)), packed.reconstruct("task0", alpha=2.0))
     out = tmp / "rebuilt.safetensors"
     for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
                            (["--task", "task0", "--base", args[1], "--alpha", "nan"], "alpha must be a finite number"),

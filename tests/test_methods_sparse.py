@@ -496,6 +496,23 @@ def test_numpy_and_tensor_scalars_are_accepted_where_they_mean_the_same_value():
                and torch.equal(a[k], e[k]) for k in base)
 
 
+def test_a_bound_given_in_single_precision_is_the_bound():
+    """np.float32(0.99) is 0.99000000953...: it was refused as outside [0, 0.99]. A value that rounds to a bound in
+    its own precision is that bound; one that does not is still refused."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 2)
+    for method, hp, value in [("dare", "p", 0.99), ("ties", "k", 0.01)]:
+        want = studio.merge(base, experts, method, **{hp: value})
+        for given in (np.float32(value), torch.tensor(value), torch.tensor(value, dtype=torch.bfloat16)):
+            got = studio.merge(base, experts, method, **{hp: given})
+            assert all(torch.equal(want[k], got[k]) for k in base), (method, given)
+    want, got = (studio.merge(base, experts, "task_arithmetic", calibrate="svc", calibrate_hparams={"alpha": a})
+                 for a in (1e-4, np.float32(1e-4)))
+    assert all(torch.equal(want[k], got[k]) for k in base)
+    with pytest.raises(HyperparameterError, match=r"'p' = 0\.99500000476\d* is outside the allowed range"):
+        studio.merge(base, experts, "dare", p=np.float32(0.995))
+
+
 @pytest.mark.parametrize("kwargs,pattern", [
     ({"method": ["ties"]}, r"unknown merging method \['ties'\]; known methods"),
     ({"calibrate": ["svc"]}, r"unknown calibration \['svc'\]; known calibrations"),
