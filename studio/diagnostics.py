@@ -55,7 +55,7 @@ from .io import tensor_bytes
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
 from .pool import LayerTasks, TaskPool, _all_finite, normalize_preferences
-from .schema import StudioError, brief
+from .schema import StudioError, brief, check_progress
 
 __all__ = [
     "DiagnosticsError", "task_spectra", "spectrum", "cumulative_energy", "spectral_entropy", "effective_rank",
@@ -1067,9 +1067,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
     normalized_entropy = _check_flag("layer_curves", normalized_entropy, "normalized_entropy")
     if isinstance(curves, str):   # one curve's name, not its letters
         curves = [curves]
-    if progress is not None and not callable(progress):
-        raise DiagnosticsError(f"layer_curves: progress must be a function (fraction, message) or None, got "
-                               f"{brief(progress)}")
+    check_progress(progress, "layer_curves")
     names = list(CURVES) if curves is None else list(dict.fromkeys(curves))   # a curve named twice is one curve
     unknown = sorted(map(str, set(names) - set(CURVES)))
     if unknown:

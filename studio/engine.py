@@ -19,7 +19,7 @@ from .parallel import parallel_map
 from .pool import (StateDict, TaskPool, _all_finite, check_svd_mode, fingerprint, key_seed, normalize_preferences,
                    resolve_device, validate_experts)
 from .registry import get_calibration, get_method
-from .schema import HyperparameterError, MethodSpec, StudioError, check_seed, validate_hparams
+from .schema import HyperparameterError, MethodSpec, StudioError, check_progress, check_seed, validate_hparams
 
 ProgressFn = Callable[[float, str], None]
 
@@ -68,7 +68,11 @@ def _split_post_scale(spec: MethodSpec, hp: dict[str, Any]) -> tuple[dict[str, A
 def _magnitude(pool: TaskPool, key: str) -> str:
     """The largest |task vector| entry of ``key`` across the experts, for error messages."""
     largest = max(float(pool.raw_delta(key, i).abs().max()) for i in range(len(pool.names)))
-    return f"max |expert - base| = {largest:.3g}"
+    hint = ""
+    if largest > 1e15:   # sums of squares of such entries leave float32's range (3.4e38) on a layer's rows
+        hint = ("; far beyond fine-tuning deltas: products of such values overflow float32, the precision merges "
+                "compute in (check the checkpoints, or scale the task vectors down)")
+    return f"max |expert - base| = {largest:.3g}{hint}"
 
 
 @contextlib.contextmanager
@@ -102,8 +106,7 @@ def merge_pool(
     """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments."""
     if not isinstance(pool, TaskPool):
         raise StudioError(f"merge_pool needs a TaskPool (studio.get_pool), got {type(pool).__name__}")
-    if progress is not None and not callable(progress):
-        raise StudioError(f"progress must be a callable (fraction, message), got {type(progress).__name__}")
+    check_progress(progress, "merge")
     spec = get_method(method)
     names = pool.names
     if len(names) < spec.min_experts:

@@ -64,6 +64,26 @@ def check_seed(seed: Any, error: type[StudioError] = HyperparameterError) -> int
     return int(value)
 
 
+def check_progress(progress: Any, owner: str) -> None:
+    """``progress`` must be None or a function that takes ``(fraction, message)``; a :class:`StudioError` naming
+    ``owner`` otherwise (it would fail only at the first call, deep in the merge)."""
+    import inspect
+
+    if progress is None:
+        return
+    ok = callable(progress)
+    if ok:
+        try:
+            inspect.signature(progress).bind(0.0, "")
+        except TypeError:
+            ok = False
+        except ValueError:   # a builtin without a signature: trust it
+            pass
+    if not ok:
+        raise StudioError(f"{owner}: progress must be a function taking (fraction, message), or None; got "
+                          f"{brief(progress)}")
+
+
 def _narrow_float(value: Any) -> "torch.dtype | None":
     """The floating dtype of a NumPy scalar or 0-d tensor narrower than Python's float (float32, float16,
     bfloat16), else None."""

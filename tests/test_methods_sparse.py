@@ -530,7 +530,8 @@ def test_a_bound_given_in_single_precision_is_the_bound():
     ({"device": "mps"}, r"device 'mps' is not supported"),
     ({"alpha": 10**400}, r"'alpha' must be finite"),
     ({"preferences": [10**400, 1]}, r"preference for task 'task0' is 1000.*; expected a finite number >= 0"),
-    ({"progress": 5}, r"progress must be a callable \(fraction, message\), got int"),
+    ({"progress": 5}, r"merge: progress must be a function taking \(fraction, message\), or None; got 5"),
+    ({"progress": lambda: None}, r"merge: progress must be a function taking \(fraction, message\)"),
     ({"layer_rule": {"exclude": ["(" * 100000]}}, r"is not a regular expression"),
 ])
 def test_wrongly_typed_or_huge_arguments_are_short_studio_errors(kwargs, pattern):
