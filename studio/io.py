@@ -264,6 +264,11 @@ def hub_spec(text: str, revision: str | None = None, error: type[StudioError] | 
         return None
     if any(p in (".", "..") for p in parts[2:]):
         return None
+    if rev.lower().endswith(".safetensors") and "/" in rev:   # hf://'s order in the plain form
+        good = f"{'/'.join(parts)}/{rev.split('/', 1)[1]}@{rev.split('/', 1)[0]}"
+        raise (error or CheckpointError)(
+            f"{given}: reads as revision {rev!r}; in this form the file comes before the revision ({good}), in "
+            f"the URL form after it (hf://{'/'.join(parts)}@{rev})")
     filename = "/".join(parts[2:]) or None
     if filename is not None and not filename.endswith(".safetensors"):
         return None

@@ -409,6 +409,10 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         load_state_dict("studio-test/partial", cache_dir=tmp_path / "hf")
     from studio.io import hub_spec
     assert hub_spec("a/b@r1@r2") is None and hub_spec("a/b@refs/pr/1") == ("a/b", None, "refs/pr/1")
+    # the URL form's order in the plain form would read the file as part of the revision
+    with pytest.raises(CheckpointError, match=r"a/b@v1/m\.safetensors: reads as revision 'v1/m\.safetensors'; .*"
+                                              r"\(a/b/m\.safetensors@v1\), in the URL form after it"):
+        hub_spec("a/b@v1/m.safetensors")
 
     # each way a shard index can be wrong, named by the index or the shard (not wrapped as "not readable")
     wrong = [
