@@ -594,10 +594,12 @@ class TaskPool:
         if weights is not None:
             T = len(self.names)
             try:
-                w = torch.as_tensor(weights, dtype=torch.float64)
+                w = weights if isinstance(weights, Tensor) else torch.as_tensor(weights, dtype=torch.float64)
             except (TypeError, ValueError, RuntimeError):
                 w = None
-            if w is None or w.shape != (T,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            # values are read only from host memory: a device tensor's check would wait for its stream, per layer
+            if w is None or w.shape != (T,) or (w.device.type == "cpu" and (
+                    not bool(torch.isfinite(w).all()) or bool((w < 0).any()))):
                 raise StudioError(f"weights for '{key}' must be {T} finite numbers >= 0, one per expert "
                                   f"{list(self.names)}; got {brief(weights)}")
         return LayerTasks(self, key, weights)
