@@ -123,6 +123,9 @@ def _resolve(source: str | os.PathLike, revision: str | None,
     still finds its shards), or ``hf://owner/name@<commit>[/file]``."""
     if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
         raise CheckpointError(f"a checkpoint source is a path or a Hub repository name, got {brief(source)}")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise CheckpointError(f"{shown_path(source)}: revision must be a branch, tag or commit name (a string), got "
+                              f"{brief(revision)}")
     explicit = is_hub_url(source)
     if not explicit:
         try:
@@ -436,6 +439,9 @@ def _atomic_write(path: Path) -> Iterator[str]:
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
                                   f"renaming it into place would replace; give the name of a regular file")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise CheckpointError(f"cannot write {path}: {blocking} is a file, not a folder")
     made = [p for p in reversed(path.parents) if not p.exists()]
     tmp = None
     try:

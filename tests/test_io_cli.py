@@ -209,6 +209,12 @@ def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
     with pytest.raises(CheckpointError, match=r"cannot write .*pipe: it is a device, FIFO or socket"):
         save_state_dict(tmp_path / "pipe", {"a": w})
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    with pytest.raises(CheckpointError, match=r"cannot write .*tied.safetensors/sub/x.safetensors: .*tied.safetensors "
+                                              r"is a file, not a folder"):
+        save_state_dict(tmp_path / "tied.safetensors" / "sub" / "x.safetensors", {"a": w})
+    with pytest.raises(CheckpointError, match=r"nobody/x: revision must be a branch, tag or commit name \(a string\), "
+                                              r"got 3"):
+        load_state_dict("nobody/x", revision=3)
     # a link is written through: the target gets the new weights, the link stays a link
     save_state_dict(tmp_path / "target.safetensors", {"a": w})
     (tmp_path / "link.safetensors").symlink_to(tmp_path / "target.safetensors")
