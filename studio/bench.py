@@ -39,6 +39,7 @@ CLI do; ``--malloc default`` measures glibc's default policy instead (every merg
 from __future__ import annotations
 
 import argparse
+import errno
 import gc
 import os
 import re
@@ -86,7 +87,8 @@ def clip_visual_shapes(model: str) -> dict[str, tuple[int, ...]]:
 
     cfg = open_clip.get_model_config(model)
     if cfg is None:
-        raise SystemExit(f"unknown open_clip model {model!r}")
+        raise SystemExit(f"--model: unknown open_clip model {model!r}; e.g. ViT-B-32, ViT-L-14 or the embedded "
+                         f"suite's MiniCLIP-ViT (open_clip.list_models() lists them all)")
     with torch.device("meta"):
         tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
     return {f"visual.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
@@ -287,7 +289,14 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
         nbytes = (tasks + 1) * sum(torch.Size(s).numel() for s in shapes.values()) * dtype.itemsize
         held = sum(f.stat().st_size for e in entries if e.is_dir() for f in e.rglob("*") if f.is_file())
         existing = next(p for p in (folder, *folder.parents) if p.exists())
-        free = shutil.disk_usage(existing).free + held
+        if not existing.is_dir():
+            raise StudioError(f"cannot make the folder {folder}: {existing} is a file")
+        usage = shutil.disk_usage(existing)
+        if usage.total == 0:   # /proc, /sys: no storage behind them
+            raise StudioError(f"{folder} is on a file system without storage ({existing}); give a folder on a disk")
+        if not os.access(existing, os.W_OK):
+            raise StudioError(f"cannot write in {existing} (permission denied); give a folder you can write")
+        free = usage.free + held
         if 1.01 * nbytes + 2**20 > free:
             raise StudioError(
                 f"{tasks} experts and the base take {nbytes / 2**30:.1f} GiB in {wanted['dtype']}, and the file "
@@ -308,8 +317,12 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
             write_manifest(complete=True)
         except (OSError, StudioError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise StudioError(f"writing the pool to {folder} failed: {why}; free space or give another folder (a "
-                              f"rerun writes the pool again; the bench never reuses an unfinished one)") from None
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            full = (isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+                text in why for text in ("No space left", "Disk quota", "File too large"))   # safetensors' words
+            raise StudioError(f"writing the pool to {folder} failed: {why}; {'free space or ' if full else ''}give "
+                              f"another folder (a rerun writes the pool again; the bench never reuses an unfinished "
+                              f"one)") from None
         seconds = time.perf_counter() - start
 
     def read(name: str) -> dict[str, torch.Tensor]:   # in the tower's order, as synthetic_pool's (files sort keys)
@@ -660,7 +673,8 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def time_evaluation(suite_source: str | None, method: str, device: str | None, repeat: int) -> None:
+def time_evaluation(suite_source: str | None, method: str, device: str | None, repeat: int,
+                    calibration: str | None = None) -> None:
     """``--evaluate``: merge once, build the reference caches (the first evaluation), then time ``repeat``
     evaluations of the merged model on every task's test set."""
     from .evaluate import evaluate
@@ -668,8 +682,8 @@ def time_evaluation(suite_source: str | None, method: str, device: str | None, r
 
     suite = load_suite(suite_source or DEFAULT_SUITE_PATH)
     t = time.perf_counter()
-    merged = engine.merge(suite.base, suite.experts, method)
-    print(f"merge {method}: {time.perf_counter() - t:.2f} s")
+    merged = engine.merge(suite.base, suite.experts, method, calibrate=calibration)
+    print(f"merge {method}{'+' + calibration if calibration else ''}: {time.perf_counter() - t:.2f} s")
     t = time.perf_counter()
     evaluate(suite, suite.base, device=device)
     print(f"first evaluation (builds the expert and zero-shot caches): {time.perf_counter() - t:.2f} s")
@@ -679,13 +693,51 @@ def time_evaluation(suite_source: str | None, method: str, device: str | None, r
               f"{res.seconds:.2f} s; avg acc {res.avg_accuracy:.2f}, avg normalized {res.avg_normalized:.2f}")
 
 
+def bench_rows(requested: list[str] | None) -> list[tuple[str, str | None, dict[str, Any]]]:
+    """The table's rows for ``--methods``, in the order given (default: :data:`DEFAULT_RUNS`): a method, or
+    ``method+calibration``; a row of :data:`DEFAULT_RUNS` keeps its structural change, any other has none.
+
+    Example:
+        >>> [(m, c) for m, c, _ in bench_rows(["ties+svc", "tsv_m"])]
+        [('ties', 'svc'), ('tsv_m', None)]
+    """
+    if not requested:
+        return [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
+    preset = {(m, c): change for m, c, change in DEFAULT_RUNS}
+    rows, bad = [], []
+    for text in dict.fromkeys(requested):   # a row named twice is one row
+        method, plus, calibration = text.partition("+")
+        if method not in METHODS or (plus and calibration not in CALIBRATIONS):
+            bad.append(text)
+            continue
+        rows.append((method, calibration or None, preset.get((method, calibration or None), {})))
+    if bad:
+        raise StudioError(f"unknown row(s) {', '.join(map(repr, bad))}; a row is a method "
+                          f"({', '.join(sorted(METHODS))}), or method+calibration ({', '.join(sorted(CALIBRATIONS))})")
+    return rows
+
+
+def cpu_name() -> str:
+    """The processor's model name and whether it has AVX-512 (which OpenBLAS's fastest kernels use), from
+    ``/proc/cpuinfo``; "unknown CPU" elsewhere."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown CPU"
+    name = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+    avx512 = flags is not None and "avx512f" in flags[1].split()
+    return f"{name[1].strip() if name else 'unknown CPU'}, {'with' if avx512 else 'without'} AVX-512"
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")
     ap.add_argument("--methods", nargs="*",
-                    help="subset of rows: method names, 'method+calibration' for a calibrated row (default: all)")
+                    help="the rows, in this order: method names, or 'method+calibration' for a calibrated row "
+                         "(e.g. ties+svc); default: the README table's rows")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--experts-dir", default=None, metavar="DIR",
                     help="write the experts to DIR as sharded safetensors checkpoints (reused when DIR already holds "
@@ -722,6 +774,21 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                          "task_arithmetic) on every task's test set of --suite, --repeat times")
     ap.add_argument("--suite", default=None, help="with --evaluate: a suite folder or Hub repo (default MiniSuite)")
     args = ap.parse_args(argv)
+    try:
+        runs = bench_rows(args.methods)
+    except StudioError as exc:
+        ap.error(f"--methods: {exc}")
+    args.device = args.device.strip().lower()
+    if args.device not in ("all", "cpu") and not re.fullmatch(r"cuda(:\d+)?", args.device):
+        ap.error(f"--device must be cpu, cuda, cuda:N or all, got {args.device!r}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: CUDA is not available on this machine (use cpu, or all)")
+    if args.device.startswith("cuda:") and int(args.device[5:]) >= torch.cuda.device_count():
+        ap.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if args.threads < 0:
+        ap.error(f"--threads must be 0 (torch's default) or a number of threads, got {args.threads}")
+    if args.suite is not None and not args.evaluate:
+        ap.error("--suite is read only with --evaluate")
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.tasks < 1:
@@ -731,8 +798,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     if args.batched_eigh_max is not None and args.batched_eigh_max < 0:
         ap.error(f"--batched-eigh-max must be 0 (no batched eigensolves) or more, got {args.batched_eigh_max}")
     if args.evaluate:
-        return time_evaluation(args.suite, (args.methods or ["task_arithmetic"])[0],
-                               None if args.device == "all" else args.device, args.repeat)
+        method, calibration = runs[0][:2] if args.methods else ("task_arithmetic", None)
+        try:
+            return time_evaluation(args.suite, method, None if args.device == "all" else args.device, args.repeat,
+                                   calibration=calibration)
+        except StudioError as exc:
+            raise SystemExit(f"--evaluate: {exc}") from None
+    peers = {}
+    if args.peer:   # before the pool is built
+        try:
+            peers = fusion_bench_peers()
+        except ImportError as exc:
+            raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.host_eigh_max is not None:
@@ -762,15 +839,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         built = (f"{'written to' if wrote is not None else 'reused from'} {args.experts_dir} as safetensors "
                  f"checkpoints" + (f" in {wrote:.1f}s" if wrote is not None else "")
                  + ", merged from their memory-mapped files")
-    print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} experts "
-          f"({args.dtype}); {built}; torch {torch.__version__}, "
-          f"{cpu_workers('cpu')} merge workers; {blas_kernels()}; "
+    workers = cpu_workers("cpu")
+    print(f"# {args.model} visual tower: {len(shapes)} tensors, {nparams / 1e6:.1f}M params, {args.tasks} "
+          f"expert{'s' if args.tasks != 1 else ''} ({args.dtype}); {built}; torch {torch.__version__}, "
+          f"{workers} merge worker{'s' if workers != 1 else ''}; {blas_kernels()}; "
           + ("" if devices == ["cpu"] else _cuda_eigh_route())
           + f"malloc {'keeps freed memory' if kept else 'default'}"
+          + ("; svd_mode exact" if args.svd_mode == "exact" else "")
           + (f"; timings: fastest of {args.repeat} runs" if args.repeat > 1 else ""))
-    runs = [r for r in DEFAULT_RUNS if r[0] in METHODS and (r[1] is None or r[1] in CALIBRATIONS)]
-    if args.methods:
-        runs = [r for r in runs if (f"{r[0]}+{r[1]}" if r[1] else r[0]) in args.methods]
     refs = {}
     if args.reference:
         try:
@@ -779,16 +855,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             refs = dict(reference.REFERENCES)
         except ImportError:
             print("# no studio.reference module: reference timings skipped")
-    peers = {}
-    if args.peer:
-        try:
-            peers = fusion_bench_peers()
-        except ImportError as exc:
-            raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
     for dev_name in devices:
         device = torch.device(dev_name)
         notes, read_notes = [], []
-        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
         print(f"\n## device: {dev_name} ({name})\n")
         if args.warm_up:
             tensors, seconds = warm_up(base, experts, runs, device, args.svd_mode)

@@ -6,6 +6,7 @@ import os
 import re
 
 import pytest
+import torch
 
 from studio import bench
 from studio.schema import StudioError
@@ -69,6 +70,43 @@ def test_a_negative_eigh_limit_is_refused_before_anything_runs(capsys, flag, mes
         bench.main([flag, "-1", "--device", "cpu"])
     assert exit_.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "nosuch", "ties+nope"], r"--methods: unknown row\(s\) 'nosuch', 'ties\+nope'; a row is a method "
+                                           r"\(align_merge_b, .*\), or method\+calibration \(align_merge_b, svc\)"),
+    (["--device", "mps"], r"--device must be cpu, cuda, cuda:N or all, got 'mps'"),
+    (["--threads", "-1"], r"--threads must be 0 \(torch's default\) or a number of threads, got -1"),
+    (["--suite", "x"], r"--suite is read only with --evaluate"),
+])
+def test_bad_options_are_refused_before_anything_runs(capsys, args, message):
+    """They printed an empty table and exited 0 (--methods, --device), or ended in a traceback (--threads)."""
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([*args, "--model", "MiniCLIP-ViT", "--tasks", "2"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_cuda_without_a_gpu_and_an_unknown_model_are_named(capsys):
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(["--device", "cuda", "--model", "MiniCLIP-ViT"])
+        assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--model: unknown open_clip model 'Nope'; e\.g\. ViT-B-32"):
+        bench.main(["--model", "Nope", "--device", "cpu"])
+    with pytest.raises(SystemExit, match=r"--evaluate: suite source '.*nowhere' is neither an existing folder"):
+        bench.main(["--evaluate", "--device", "cpu", "--suite", "/nowhere"])
+
+
+def test_rows_come_in_the_order_given_and_any_calibration_composes(capsys):
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "2", "--device", "cpu", "--no-warm-up",
+                "--methods", "tsv_m", "ties+svc", "task_arithmetic", "tsv_m"])
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "method" not in line]
+    assert rows == ["tsv_m", "ties+svc", "task_arithmetic"], out
+    assert re.search(r"2 experts \(float32\).*2 merge workers|2 experts \(float32\).*1 merge worker;", out), out
+    assert re.search(r"## device: cpu \(.+, with(out)? AVX-512\)", out), out
 
 
 def test_the_warm_up_merges_one_tensor_of_each_shape_and_can_be_left_out(capsys, monkeypatch):
@@ -157,7 +195,7 @@ def test_the_bench_merges_experts_from_a_folder_and_says_what_it_read(tmp_path, 
                 "--experts-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert f"3 experts (float32); written to {tmp_path} as safetensors checkpoints in " in out
-    assert re.search(r"# read from storage during the reported cold merges .*: ties [0-9.]+ GiB; tsv_m [0-9.]+ GiB",
+    assert re.search(r"# read from storage during the reported cold merges .*: tsv_m [0-9.]+ GiB; ties [0-9.]+ GiB",
                      out)
     bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--methods", "tsv_m",
                 "--experts-dir", str(tmp_path)])
