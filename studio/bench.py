@@ -503,11 +503,12 @@ def _time_or_failed(what: str, fn: Callable[[], Any], device: torch.device) -> f
 
 
 def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[str, Any], device: torch.device,
-              svd_mode: str = "auto", repeat: int = 1) -> dict[str, Any]:
+              svd_mode: str = "auto", repeat: int = 1, keep: bool = False) -> dict[str, Any]:
     """Cold, warm-alpha and warm-structural timings (and peak memory) for one method.
 
     With ``repeat > 1`` the whole sequence runs on ``repeat`` fresh pools and each timing is the minimum (the usual
     estimate on a machine shared with other load, which only ever adds time); ``peak_MB`` is the largest seen.
+    ``keep``: ``row["merged"]`` is the last pool's merge at the defaults, after the timings (from its cache).
     """
     spec = get_method(method)
     kwargs: dict[str, Any] = {"calibrate": calibrate}
@@ -542,8 +543,31 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
                 lambda: engine.merge_pool(pool, method, **kwargs, **{scale.name: new_alpha}), device)[0])
         if struct:
             keep_min("warm_struct", _timed(lambda: engine.merge_pool(pool, method, **kwargs, **struct), device)[0])
+        if keep:
+            row["merged"] = engine.merge_pool(pool, method, **kwargs)
         pool = None  # free the caches before the next fresh pool
     return row
+
+
+def reference_difference(merged: dict[str, torch.Tensor], base: dict[str, torch.Tensor], method: str,
+                         reference: dict[str, torch.Tensor]) -> float:
+    """The largest ``|ours - reference|`` entry over the largest ``|reference|`` entry, across the tensors the
+    reference merges: ``ours = (merged - base) / alpha`` at the method's default ``alpha`` (the reference returns the
+    unscaled merged task vector), in float64; it includes the float32 rounding of ``base + alpha * delta``.
+
+    Example:
+        >>> merged = {"w": torch.tensor([0.3, 0.6], dtype=torch.float64)}   # task_arithmetic: alpha = 0.3
+        >>> reference_difference(merged, {"w": torch.zeros(2)}, "task_arithmetic", {"w": torch.tensor([1.0, 2.5])})
+        0.2
+    """
+    scale = next((float(p.default) for p in get_method(method).params if p.post_scale), 1.0)
+    worst = largest = 0.0
+    for key, want in reference.items():
+        want = want.detach().to("cpu", torch.float64)
+        ours = (merged[key].to(torch.float64) - base[key].to(torch.float64)) / scale
+        worst = max(worst, float((ours - want).abs().max()))
+        largest = max(largest, float(want.abs().max()))
+    return worst / largest if largest else worst
 
 
 #: FusionBench's TIES flattens every task vector into one ``[T, P]`` matrix and holds about 6.7 copies of it at its
@@ -857,7 +881,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             print("# no studio.reference module: reference timings skipped")
     for dev_name in devices:
         device = torch.device(dev_name)
-        notes, read_notes = [], []
+        notes, read_notes, parity = [], [], []
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
         print(f"\n## device: {dev_name} ({name})\n")
         if args.warm_up:
@@ -871,10 +895,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         for method, cal, struct in runs:
             struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()
                       if k in {p.name for p in get_method(method).params}}
-            row = bench_one(base, experts, method, cal, struct, device, args.svd_mode, args.repeat)
-            if cal is None and method in refs:
-                row["ref"] = _time_or_failed(f"reference {method}",
-                                             lambda: refs[method](base, experts, device=device), device)
+            checked = cal is None and method in refs
+            row = bench_one(base, experts, method, cal, struct, device, args.svd_mode, args.repeat, keep=checked)
+            if checked:
+                made: dict[str, Any] = {}
+                row["ref"] = _time_or_failed(f"reference {method}", lambda: made.setdefault(
+                    "delta", refs[method](base, experts, device=device)), device)
+                if "delta" in made:
+                    parity.append(f"{method} {reference_difference(row['merged'], base, method, made['delta']):.1e}")
+                row.pop("merged"), made.clear()
             if row["method"] in peers:
                 gc.collect()
                 short = _peer_memory_shortfall(row["method"], base, experts, device)
@@ -902,6 +931,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                 read_notes.append(f"{row['method']} {row['read_bytes'] / 2**30:.1f} GiB")
         if notes:
             print("\n# cuSOLVER's batched eigensolves in the reported cold merges: " + "; ".join(notes), flush=True)
+        if parity:
+            print("\n# largest difference to the reference's merge (|ours - ref|, over the largest |ref| entry; ours "
+                  "is (merged - base) / alpha, so it includes float32's rounding of base + alpha delta): "
+                  + "; ".join(parity), flush=True)
         if read_notes:
             print("\n# read from storage during the reported cold merges (the experts' file pages the kernel had "
                   "evicted or not yet read): " + "; ".join(read_notes), flush=True)

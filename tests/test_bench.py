@@ -248,3 +248,23 @@ def test_a_pool_write_that_fails_midway_says_why_and_is_written_again(tmp_path, 
     assert wrote is not None and json.loads((tmp_path / bench.POOL_MANIFEST).read_text())["complete"] is True
     _, same = bench.synthetic_pool(shapes, 3)
     assert all(torch.equal(experts[n][k], v) for n, e in same.items() for k, v in e.items())
+
+
+def test_reference_rows_report_their_difference_to_the_reference_merge(capsys):
+    """--reference times the official-code-style loops and, in the same run, compares their merges with ours."""
+    bench.main(["--model", "MiniCLIP-ViT", "--tasks", "3", "--device", "cpu", "--no-warm-up", "--reference",
+                "--methods", "tsv_m", "iso_c", "breadcrumbs", "ties"])
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("# largest difference to the reference's merge"))
+    found = dict(re.findall(r"(\w+) ([0-9.]+e[-+]\d+)", line.split("):", 1)[1]))
+    assert set(found) == {"tsv_m", "iso_c", "breadcrumbs"}, line   # ties has no reference
+    assert all(float(v) < 1e-3 for v in found.values()), line
+
+
+def test_reference_difference_is_measured_against_the_unscaled_merge():
+    base = {"w": torch.full((3,), 0.5)}
+    ref = {"w": torch.tensor([1.0, -2.0, 4.0])}
+    merged = {"w": base["w"] + 1.3 * ref["w"]}   # iso_c's default alpha is 1.3
+    assert bench.reference_difference(merged, base, "iso_c", ref) < 1e-7
+    merged["w"][2] += 1.3 * 0.4   # 0.4 off on the largest entry, 4: 10%
+    assert bench.reference_difference(merged, base, "iso_c", ref) == pytest.approx(0.1, rel=1e-5)
