@@ -324,9 +324,11 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
                 f"key '{layer.key}': merged delta has shape {tuple(merged.shape)}, expected the layer's {layer.shape}"
             )
     else:
+        _check_values(layer, "energy_preservation", "task deltas [T, ...]")
         deltas = layer
         if merged is None:
             raise DiagnosticsError("energy_preservation on a tensor of task deltas needs the merged delta")
+    _check_values(merged, "energy_preservation", "the merged delta")
     total = float(deltas.double().pow(2).sum())
     if total <= 0:
         return 0.0

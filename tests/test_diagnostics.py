@@ -567,6 +567,8 @@ def test_bad_requests_raise_clear_studio_errors(clip):
         with pytest.raises(StudioError, match=rf"weights for '{re.escape(key)}' must be 3 finite numbers >= 0"):
             D.interference_matrix(pool, key, "subspace_similarity", weights=weights)
     assert D.subspace_similarity(pool.layer(key), k=None).shape == (3, 3)   # None: the default k
+    with pytest.raises(StudioError, match=r"energy_preservation needs finite values \(the merged delta\)"):
+        D.energy_preservation(pool.layer(key), torch.full(tuple(base[key].shape), float("nan")))
 
 
 def test_subspace_counts_and_svc_alpha_are_checked():
