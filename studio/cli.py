@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -466,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
     try:
         return _run(args)
+    except BrokenPipeError:   # `merge-studio evaluate ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes
+        return 0
     except (StudioError, OSError) as exc:   # bad input, or a file that cannot be read or written: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -241,14 +241,15 @@ class Compressed:
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base{more}")
-        # compress stores every floating tensor of the base for every task: a missing one would silently rebuild
-        # the base's value there
+        # compress stores the same tensors for every task: one a task lacks would silently rebuild the base's value
+        # there (a base with more tensors than the file, e.g. a full model for a visual tower's file, is fine)
+        stored = {key for _, key in parts}
         for index, name in enumerate(names):
-            lacking = [k for k, t in base.items() if t.is_floating_point() and (index, k) not in parts]
+            lacking = [k for k in base if k in stored and (index, k) not in parts]
             if lacking:
                 more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
-                raise CheckpointError(f"{path}: task {name!r} has no entry for the base's {lacking[0]!r}{more}; the "
-                                      f"file is incomplete, or was compressed against another base")
+                raise CheckpointError(f"{path}: task {name!r} has no entry for {lacking[0]!r}{more}, which the other "
+                                      f"tasks have; the file is incomplete")
         tasks: dict[str, dict[str, LowRank | Tensor]] = {n: {} for n in names}
         for index, key in ((i, k) for i in range(len(names)) for k in base if (i, k) in parts):   # the base's order
             p, where = parts[index, key], f"{path}: task {names[index]!r}, {key!r}"

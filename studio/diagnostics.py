@@ -988,13 +988,16 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
 
 
 def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
-    """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects."""
+    """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects that an
+    expert changed: a layer no expert changed (a frozen block, or a text tower beside the experts' visual ones) has
+    no task matrices, and counted in model-level averages it read as SAR 0 (SAR_avg 0.58 instead of 0.90)."""
     _require_pool(pool)
     if isinstance(keys, str) or (keys is not None and not isinstance(keys, (Sequence, set, frozenset))):
         raise DiagnosticsError(f"keys must be a list of layer keys or None, got {brief(keys)}")
     if keys is None:
         rule = resolve_rule(layer_rule)
-        return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)]
+        return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)
+                and any(not torch.equal(pool.tensor(name, k), pool.tensor(None, k)) for name in pool.names)]
     keys = list(keys)
     for key in keys:
         if not isinstance(key, str) or key not in pool.base:
@@ -1013,7 +1016,8 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     ``pairwise=False``: ``SAR_avg(Delta_t, Delta_M; k_M)`` per task, ``[T]`` (Fig. 3a; ``merged=None`` is the Task
     Arithmetic sum, ``k_TA``), the mean over layers of :func:`sar_to_merged`. ``pairwise=True``:
     ``SAR_avg(Delta_i, Delta_j; k_TA)``, ``[T, T]`` (Fig. 3b), the mean over layers of :func:`pairwise_sar`. Layers:
-    ``keys`` or every matrix the ``layer_rule`` selects, each weighted equally; ``merged`` as in :func:`layer_curves`.
+    ``keys`` or every matrix the ``layer_rule`` selects that an expert changed, each weighted equally; ``merged`` as
+    in :func:`layer_curves`.
     Pass the merged deltas, or a float32 merged state: a float16 state's ``merged - base`` carries the weights'
     rounding (~1e-3 of each weight, often more than the delta's own entries), which moves SAR_avg (MiniSuite, Iso-C:
     0.88-0.92 per task with float16 experts and merged state, 0.90-0.94 in float32).
@@ -1028,7 +1032,7 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     pairwise = _check_flag("sar_avg", pairwise, "pairwise")
     keys = _matrix_keys(pool, keys, layer_rule)
     if not keys:
-        raise DiagnosticsError("sar_avg: no matrix layer to average over")
+        raise DiagnosticsError("sar_avg: no matrix layer to average over (none that an expert changed)")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     per_layer = [pairwise_sar(pool.layer(key), eps=eps, k_rule=k_rule) if pairwise else
                  sar_to_merged(pool.layer(key), delta_of(key), eps=eps, k_rule=k_rule) for key in keys]
@@ -1048,7 +1052,7 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             zero, unless ``merged_is_delta`` says so. Scale-dependent curves (``energy``, ``svc_gamma_mean``) see
             whatever scale is passed (a merged state includes alpha).
         keys: layers to include; default: every matrix the ``layer_rule`` selects (TSV/Iso default: all 2-D
-            tensors except ``text_projection``), in state-dict order.
+            tensors except ``text_projection``) that an expert changed, in state-dict order.
         curves: which of :data:`CURVES` to compute (default: all).
         normalized_entropy: divide spectral entropies by ``log r`` (see :func:`spectral_entropy`).
         eps, k_rule: the threshold and rule of ``k_M`` (:func:`effective_rank`; the official code's by default).

@@ -520,7 +520,28 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
         tensors[k] = t
     with _atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
+        _sort_metadata(tmp)
     return path
+
+
+def _sort_metadata(path: str | os.PathLike) -> None:
+    """Put the metadata entries of a safetensors file's header in sorted order, in place: safetensors writes them in
+    its hash map's order, which changes from process to process, so the same weights and recipe gave files whose
+    bytes (and checksums) differed. The header keeps its length (same entries, same JSON escapes, padded with spaces
+    as safetensors pads it); where it would not, the file is left as it is."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size or text.rstrip() == raw.rstrip():
+            return
+        f.seek(8)
+        f.write(text.ljust(size, b" "))
 
 
 FINGERPRINT_PREFIX = "sha256:"
@@ -881,8 +902,9 @@ def _plain(value: Any, where: str) -> Any:
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,
                 recipe_path: str | os.PathLike | None = None) -> Path:
     """Export merged weights as safetensors with the recipe (JSON) in the header metadata, and with ``recipe_path``
-    also as a YAML file: both files are staged and renamed at the end, so a failure leaves neither (a missing
-    folder or a full disk for the recipe no longer leaves the weights behind without it)."""
+    also as a file (JSON for a ``.json`` name, else YAML): both files are staged and renamed at the end, so a
+    failure leaves neither (a missing folder or a full disk for the recipe no longer leaves the weights behind
+    without it)."""
     if not isinstance(recipe, Recipe):
         raise CheckpointError(f"save_merged needs a studio.io.Recipe, got {type(recipe).__name__}")
     meta = {RECIPE_METADATA_KEY: recipe.to_json(), "format": "pt"}
@@ -893,8 +915,8 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
         raise CheckpointError(f"cannot write the recipe to {recipe_path}: it is a folder; give a file name")
     if Path(recipe_path).resolve() == Path(path).resolve():
         raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
-    with _atomic_write(Path(recipe_path)) as tmp:
-        Path(tmp).write_text(recipe.to_yaml())
+    with _atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML
+        Path(tmp).write_text(recipe.to_json() if Path(recipe_path).suffix.lower() == ".json" else recipe.to_yaml())
         return save_state_dict(path, state_dict, meta)
 
 

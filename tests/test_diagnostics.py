@@ -193,6 +193,18 @@ def test_pairwise_sar_projects_on_the_directions_a_rank_deficient_task_has():
     assert want.diagonal().tolist() == pytest.approx([1.0] * 4) and float(want.max()) < 1.0 + 1e-6
 
 
+def test_model_level_diagnostics_leave_out_layers_no_expert_changed(clip):
+    """A frozen layer (or a text tower beside visual experts) has no task matrices: counted, it read as SAR 0."""
+    base, experts, pool = clip
+    frozen = "visual.transformer.resblocks.0.attn.out_proj.weight"
+    touched = {n: {**sd, frozen: base[frozen].clone()} for n, sd in experts.items()}
+    p = TaskPool(base, touched)
+    keys = D.layer_curves(p, curves=["sar_mean"])["key"]
+    assert frozen not in keys and frozen in D.layer_curves(pool, curves=["sar_mean"])["key"]
+    torch.testing.assert_close(D.sar_avg(p), D.sar_avg(p, keys=keys))
+    assert D.layer_curves(p, curves=["sar_mean"], keys=[frozen])["sar_mean"] == [0.0]   # asked for, it is there
+
+
 def test_energy_preservation_is_eq2_of_ortho_merge():
     mats = _lowrank(3, 10, 8, 2, seed=7)
     layer = _pool(mats).layer("w")

@@ -204,6 +204,14 @@ def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
         signal.signal(signal.SIGXFSZ, old_signal)
     assert not (tmp_path / "new").exists()
+    # the same weights and metadata make the same bytes: safetensors writes metadata in a hash map's order, which
+    # changes from process to process; the header is sorted (6 entries: 1 in 720 orders is sorted by chance)
+    meta = {k: f"value é {k}\n" for k in "fbdaec"}
+    save_state_dict(tmp_path / "meta.safetensors", {"b": w, "a": w.half()}, meta)
+    raw = (tmp_path / "meta.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(meta) and read_metadata(tmp_path / "meta.safetensors") == meta
+    assert torch.equal(load_state_dict(tmp_path / "meta.safetensors")["a"], w.half())
     # a FIFO (or a device such as /dev/null) is refused, not replaced by a regular file
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(CheckpointError, match=r"cannot write .*pipe: it is a device, FIFO or socket"):
@@ -741,10 +749,13 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
     meta = studio.io.read_metadata(path)
     save_state_dict(tmp / "cut.safetensors", {k: v for k, v in entries.items() if not k.startswith(
         "0/visual.ln_pre.bias/")}, meta)
-    with pytest.raises(CheckpointError, match=r"cut.safetensors: task 'task0' has no entry for the base's "
-                                              r"'visual.ln_pre.bias'; the file is incomplete"):
+    with pytest.raises(CheckpointError, match=r"cut.safetensors: task 'task0' has no entry for 'visual.ln_pre.bias', "
+                                              r"which the other tasks have; the file is incomplete"):
         Compressed.load(tmp / "cut.safetensors", base)
     packed = Compressed.load(path, base)
+    # a base with more tensors than the file (a full model for a tower's file) takes the task vectors where they are
+    more = Compressed.load(path, {**base, "text.extra": torch.ones(2)}, check=False).reconstruct("task0")
+    assert torch.equal(more["text.extra"], torch.ones(2))
     with pytest.raises(studio.HyperparameterError, match=r"reconstruct: task 'task0', '.*' is not finite in "
                                                          r"torch.float32 with alpha = 1e\+39"):
         packed.reconstruct("task0", alpha=1e39)
@@ -778,6 +789,11 @@ def test_recipes_and_exports_refuse_what_would_half_write_or_mislead(files):
         assert not out.exists()
     with pytest.raises(CheckpointError, match="needs a studio.io.Recipe, got dict"):
         save_merged(out, merged, {"method": "task_arithmetic"})
+    # a .json recipe is JSON (it was YAML under that name), anything else YAML
+    save_merged(out, merged, recipe, recipe_path=tmp / "r.json")
+    save_merged(out, merged, recipe, recipe_path=tmp / "r.yaml")
+    assert Recipe.from_dict(json.loads((tmp / "r.json").read_text())) == recipe == Recipe.from_file(tmp / "r.yaml")
+    assert not (tmp / "r.yaml").read_text().lstrip().startswith("{")
     with pytest.raises(CheckpointError, match=r"recipe field 'hparams.alpha' must be a number.*got \[0.1, 0.2\]"):
         Recipe(method="task_arithmetic", hparams={"alpha": [0.1, 0.2]})
     for hparams in ({"seed": 5}, {"base": 1}, {"device": "cpu"}, {"progress": 5}):
