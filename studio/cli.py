@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
@@ -307,8 +308,10 @@ def _diagnose(args: argparse.Namespace) -> None:
 
         with _atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
-    merge = what.get("recipe", {}).get("method") or (f"the weights {what['weights']}" if "weights" in what
-                                                    else "the Task Arithmetic sum")
+    made = what.get("recipe", {})
+    calibrated = f" + {made['calibrate']}" if made.get("calibrate") else ""
+    merge = (made.get("method") and made["method"] + calibrated) \
+        or (f"the weights {what['weights']}" if "weights" in what else "the Task Arithmetic sum")
     print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}, {len(layers['key'])} matrix "
           f"layer{'s' * (len(layers['key']) != 1)}")
     print("SAR_avg to the merge (Iso sec. 3.3), per task: "
@@ -427,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank-fraction", type=float, default=None,
                    help="fraction of each layer's components kept per task (default 1/T, as the TSV paper)")
     p.add_argument("--layer-rule", default=None, help="which 2-D tensors are compressed (default all_matrices)")
-    p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"))
+    p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
+                   help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD, as the official code")
     p.add_argument("--out", required=True, help="the packed file (.safetensors) reconstruct reads")
 
     p = sub.add_parser("reconstruct", help="rebuild one expert from a compress file: base + alpha * its task vector")
@@ -447,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", required=True, help="MiniSuite, a suite folder or Hub repo (as merge's --suite)")
     p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
     p.add_argument("--split", default="test", choices=("validation", "test"), help="default: test")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: CUDA when present)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
     for name, (_, help_) in _PASSTHROUGH.items():   # listed in --help; their options go to their own parsers
         p = sub.add_parser(name, help=help_, add_help=False)
@@ -486,11 +491,16 @@ def _run(args: argparse.Namespace) -> int:
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
+        started = time.perf_counter()
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
+        seconds = time.perf_counter() - started
         recipe = recipe.recording(input_fingerprints(*recipe_inputs(recipe, pool.base, pool.experts)),
                                   fingerprint(merged))
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
-        print(f"wrote {args.out} ({len(merged)} tensors)")
+        what = recipe.method + (f" + {recipe.calibrate}" if recipe.calibrate else "")
+        count = len(recipe.experts or pool.experts)
+        print(f"wrote {args.out} ({len(merged)} tensors; {what} of {count} experts, merged in {seconds:.1f} s)"
+              + (f" and the recipe {args.recipe}" if args.recipe else ""))
     elif args.cmd == "recipe":
         check_weights_path(args.out)
         recipe = Recipe.from_file(args.recipe)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import signal
 import stat
@@ -48,11 +49,14 @@ def _equal(a, b):
     ("tsv_m", ["--svd-mode", "exact", "--set", "rank_fraction=0.2"], {"svd_mode": "exact", "rank_fraction": 0.2}),
     ("iso_c", ["--layer-rule", "all_matrices"], {"layer_rule": "all_matrices"}),
 ])
-def test_cli_merge_equals_the_library_and_its_recipe_reproduces_it(files, method, extra, kwargs):
+def test_cli_merge_equals_the_library_and_its_recipe_reproduces_it(files, method, extra, kwargs, capsys):
     tmp, base, experts, args = files
     out, recipe = tmp / "m.safetensors", tmp / "m.yaml"
     assert main(["merge", *args, "--method", method, *extra, "--device", "cpu", "--out", str(out),
                  "--recipe", str(recipe)]) == 0
+    said = capsys.readouterr().out   # what it wrote, what it merged, how long it took
+    assert re.search(rf"wrote .*m\.safetensors \(\d+ tensors; {method}( \+ \w+)? of {len(experts)} experts, merged in "
+                     rf"[0-9.]+ s\) and the recipe .*m\.yaml", said), said
     want = studio.merge(base, experts, method, device="cpu", **kwargs)
     _equal(load_state_dict(out), want)
     for source in (recipe, out):   # the YAML and the recipe embedded in the exported file
