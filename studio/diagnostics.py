@@ -987,6 +987,12 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
     return lambda key: _delta_for_key(pool, key, merged, is_delta)
 
 
+def _changed(expert: Tensor, base: Tensor) -> bool:
+    """Whether an expert's tensor differs from the base's, compared where both are held (no copy to the compute
+    device); another dtype counts as changed."""
+    return expert.dtype != base.dtype or expert.device != base.device or not torch.equal(expert, base)
+
+
 def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
     """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects that an
     expert changed: a layer no expert changed (a frozen block, or a text tower beside the experts' visual ones) has
@@ -997,7 +1003,7 @@ def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerR
     if keys is None:
         rule = resolve_rule(layer_rule)
         return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)
-                and any(not torch.equal(pool.tensor(name, k), pool.tensor(None, k)) for name in pool.names)]
+                and any(_changed(pool.experts[name][k], t) for name in pool.names)]
     keys = list(keys)
     for key in keys:
         if not isinstance(key, str) or key not in pool.base:
