@@ -105,7 +105,7 @@ def test_rows_come_in_the_order_given_and_any_calibration_composes(capsys):
     out = capsys.readouterr().out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "method" not in line]
     assert rows == ["tsv_m", "ties+svc", "task_arithmetic"], out
-    assert re.search(r"2 experts \(float32\).*2 merge workers|2 experts \(float32\).*1 merge worker;", out), out
+    assert "2 experts (float32)" in out and re.search(r"(\b1 merge worker|\b([02-9]|\d\d+) merge workers);", out), out
     assert re.search(r"## device: cpu \(.+, with(out)? AVX-512\)", out), out
 
 
