@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--suite", required=True, help="MiniSuite, a suite folder or Hub repo (as merge's --suite)")
     p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
     p.add_argument("--split", default="test", choices=("validation", "test"), help="default: test")
+    p.add_argument("--prefix", default=None,
+                   help="keep only the weights' tensors whose names start with this (e.g. visual. for a merge of "
+                        "full CLIP checkpoints, whose text tower the suite's model does not have)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
@@ -580,7 +583,7 @@ def _run(args: argparse.Namespace) -> int:
         from .suite.model import ArchitectureError
 
         suite = load_suite(args.suite)
-        weights = load_state_dict(args.weights)
+        weights = load_state_dict(args.weights, prefix=args.prefix)
         try:
             result = evaluate(suite, weights, split=args.split, device=args.device)
         except ArchitectureError as exc:   # name the file, and what it is where it is not a model
@@ -593,6 +596,8 @@ def _run(args: argparse.Namespace) -> int:
                     packed = True
             hint = "; it is a TSV-C file of low-rank task vectors: build a task's model from it with merge-studio " \
                    "reconstruct" if packed else ""
+            if not packed and args.prefix is None and "unexpected" in str(exc):
+                hint = "; --prefix keeps only the tensors under a name's start (e.g. --prefix visual.)"
             raise ArchitectureError(f"--weights {args.weights}: {exc}{hint}") from None
         out = result.to_dict() if hasattr(result, "to_dict") else result.__dict__
         print(json.dumps(json_safe(out), indent=2, default=str, allow_nan=False))   # NaN (e.g. NAI) -> null

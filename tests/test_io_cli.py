@@ -20,7 +20,7 @@ from studio.io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, load_state_
                        read_metadata, save_merged, save_state_dict)
 from studio.layers import LayerRule
 from studio.schema import StudioError
-from studio.suite import DEFAULT_SUITE_PATH
+from studio.suite import DEFAULT_SUITE_PATH, load_suite
 
 from .conftest import clip_like_state_dict, make_experts
 
@@ -1311,6 +1311,14 @@ def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, cap
     index = tmp_path / "shards" / "model.safetensors.index.json"
     assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(index)]) == 2
     assert capsys.readouterr().err.startswith(f"error: --weights {index}: state dict does not match the architecture")
+    # a merge of full checkpoints (a text tower beside the visual one): --prefix keeps the suite model's tensors
+    suite_base = load_suite(DEFAULT_SUITE_PATH).base
+    save_state_dict(tmp_path / "full.safetensors", {**suite_base, "text.w": torch.ones(2)})
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "full.safetensors")]) == 2
+    assert "1 unexpected key(s), e.g. ['text.w']; --prefix keeps only the tensors" in capsys.readouterr().err
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "full.safetensors"),
+                 "--prefix", "visual."]) == 0
+    assert json.loads(capsys.readouterr().out)["avg_accuracy"] == pytest.approx(44.71, abs=0.01)   # the base
     for argv, message in ((["--methods", "tsv"], "unknown merging method 'tsv'"),
                           (["--calibrations", "svd"], "unknown calibration 'svd'")):
         with pytest.raises(SystemExit):
