@@ -252,6 +252,17 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
                   sources=pool.sources)
 
 
+def _recipe_experts(weights: str) -> list[str] | None:
+    """The experts a merged file's embedded recipe says it merged (a local ``.safetensors`` file the CLI or the app
+    exported), else None."""
+    path = Path(weights)
+    if is_hub_url(weights) or not path.is_file() or path.suffix.lower() != ".safetensors":
+        return None
+    with contextlib.suppress(StudioError, OSError):
+        return list(Recipe.from_file(path).experts or []) or None
+    return None
+
+
 def _diagnose(args: argparse.Namespace) -> None:
     """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves` and Iso's ``sar_avg`` (per task, and
     pairwise between tasks) of a merge the options describe, of a merged checkpoint, or of the Task Arithmetic sum;
@@ -286,6 +297,10 @@ def _diagnose(args: argparse.Namespace) -> None:
         with _noting("--weights"):
             merged, source = load_checkpoint(args.weights, prefix=args.prefix)
         what = {"weights": source}
+        merged_experts = _recipe_experts(args.weights) if args.suite and not args.experts else None
+        if merged_experts and set(merged_experts) < set(pool.experts):   # a merge of some of the suite's experts
+            pool = pool._replace(experts={n: pool.experts[n] for n in merged_experts})
+            what["experts_from_its_recipe"] = merged_experts
     else:
         merged, what = None, {"task_arithmetic_sum": True}
     tasks = list(pool.experts)
@@ -312,8 +327,9 @@ def _diagnose(args: argparse.Namespace) -> None:
     calibrated = f" + {made['calibrate']}" if made.get("calibrate") else ""
     merge = (made.get("method") and made["method"] + calibrated) \
         or (f"the weights {what['weights']}" if "weights" in what else "the Task Arithmetic sum")
-    print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}, {len(layers['key'])} matrix "
-          f"layer{'s' * (len(layers['key']) != 1)}")
+    print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}"
+          + (" (those its recipe merged; --experts chooses others)" if "experts_from_its_recipe" in what else "")
+          + f", {len(layers['key'])} matrix layer{'s' * (len(layers['key']) != 1)}")
     print("SAR_avg to the merge (Iso sec. 3.3), per task: "
           + ", ".join(f"{t} {v:.3f}" for t, v in report["sar_avg"].items()))
     means = {c: [v for v in layers[c] if v == v] for c in layers if c in diag.CURVES}

@@ -1354,3 +1354,20 @@ def test_ctrl_c_ends_a_command_without_a_traceback_or_a_half_written_file(tmp_pa
         proc.kill()
     assert (proc.returncode, err.strip().splitlines()[-1:]) == (130, ["interrupted"]), err
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_diagnose_of_a_merged_file_takes_the_experts_its_recipe_merged(tmp_path, capsys):
+    """A merge of 2 of MiniSuite's 8 experts was diagnosed against all 8 (SAR of tasks it never merged)."""
+    merged = tmp_path / "two.safetensors"
+    assert main(["merge", "--suite", "MiniSuite", "--experts", "digits,signs", "--method", "tsv_m",
+                 "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--suite", "MiniSuite", "--weights", str(merged), "--curves", "sar_mean",
+                 "--out", str(tmp_path / "d.json")]) == 0
+    assert "2 experts (those its recipe merged; --experts chooses others)" in capsys.readouterr().out
+    report = json.loads((tmp_path / "d.json").read_text())
+    assert list(report["sar_avg"]) == ["digits", "signs"] and report["merge"]["experts_from_its_recipe"] == [
+        "digits", "signs"]
+    assert main(["diagnose", "--suite", "MiniSuite", "--weights", str(merged), "--curves", "sar_mean",
+                 "--experts", "digits,signs,textures"]) == 0
+    assert "3 experts, " in capsys.readouterr().out
