@@ -70,6 +70,34 @@ def _all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _finite_range(tensor: Tensor) -> tuple[float, float] | None:
+    """``(min, max)`` of a floating tensor whose entries are all finite, else None (a NaN propagates into both, an
+    infinity into one): one read, no temporary. (Non-floating and empty tensors: ``(0.0, 0.0)``.)"""
+    if not tensor.is_floating_point() or not tensor.numel():
+        return 0.0, 0.0
+    low, high = (float(v) for v in torch.aminmax(tensor))
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
+
+
+def _check_delta_range(name: str, key: str, expert: Tensor, base: Tensor,
+                       expert_range: tuple[float, float], base_range: tuple[float, float]) -> None:
+    """Refuse finite weights whose task vector ``expert - base`` leaves float32's range, the precision every merge
+    computes in (a method that masks the largest entries, Breadcrumbs or DARE, would otherwise drop the infinity
+    silently). The ranges bound ``|expert - base|``; only where that bound exceeds float32's is the delta formed."""
+    bound = max(expert_range[1] - base_range[0], base_range[1] - expert_range[0])
+    if bound <= _FLOAT32_MAX:
+        return
+    delta = float32_delta(expert, base)
+    if not _all_finite(delta):
+        worst = float((expert.double() - base.double()).abs().max())
+        raise ExpertError(f"expert '{name}', key '{key}': expert - base reaches {worst:.3g}, beyond float32's range "
+                          f"(+-{_FLOAT32_MAX:.3g}), the precision merges compute task vectors in; these weights are "
+                          f"not a fine-tuning of the base (check the checkpoint)")
+
+
 def _fits_on_device(base: StateDict, experts: Mapping[str, StateDict], device: torch.device) -> bool:
     """Whether :class:`TaskPool` keeps device copies of the tensors by default: on CUDA, when the base and the
     experts (in their own dtypes) take at most half the device's free memory, leaving the rest for the merge."""
@@ -125,10 +153,14 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
     if len(base) == 0:
         raise ExpertError("the base state dict is empty")
     base_keys = set(base)
+    base_ranges: dict[str, tuple[float, float]] = {}
     for key, tensor in base.items():
         _check_tensor("base", key, tensor)
-        if check_finite and not _all_finite(tensor):
-            raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
+        if check_finite:
+            found = _finite_range(tensor)
+            if found is None:
+                raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
+            base_ranges[key] = found
     for name, sd in experts.items():
         if not isinstance(name, str):
             raise ExpertError(f"expert names must be strings, got {brief(name)}")
@@ -154,8 +186,12 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
                     f"expected a {'floating-point' if base[key].is_floating_point() else 'non-floating'} tensor "
                     f"like the base's"
                 )
-            if check_finite and not _all_finite(tensor):
-                raise ExpertError(f"expert '{name}', key '{key}' contains NaN or infinite values")
+            if check_finite:
+                found = _finite_range(tensor)
+                if found is None:
+                    raise ExpertError(f"expert '{name}', key '{key}' contains NaN or infinite values")
+                if tensor.is_floating_point():
+                    _check_delta_range(name, key, tensor, base[key], found, base_ranges[key])
 
 
 def _version(t: Tensor) -> int:

@@ -81,6 +81,27 @@ def test_non_finite_values_are_rejected(clip_pool):
         studio.merge(base, bad, "weight_average")
 
 
+def test_finite_weights_whose_task_vector_leaves_float32_are_refused_by_every_method():
+    """expert 3e38 over a base of -3e38 is finite, but its task vector is not in float32 (and a float64 expert of
+    1e300 rounds to an infinite float32 delta): Breadcrumbs dropped the infinity as an outlier and returned a merge,
+    the other methods failed later in LAPACK or on the merged delta."""
+    base = {"w": torch.full((4, 4), -3e38), "b": torch.zeros(4)}
+    experts = {"a": {"w": torch.full((4, 4), 3e38), "b": torch.ones(4)},
+               "c": {"w": torch.zeros(4, 4), "b": torch.ones(4)}}
+    for method in [m for m in studio.list_methods() if m["kind"] == "merge"]:
+        with pytest.raises(studio.ExpertError, match=r"expert 'a', key 'w': expert - base reaches 6e\+38, beyond "
+                                                     r"float32's range"):
+            studio.merge(base, experts, method["name"])
+    wide = {"w": torch.full((2, 2), 1e300, dtype=torch.float64)}
+    with pytest.raises(studio.ExpertError, match=r"expert 'x', key 'w': expert - base reaches 1e\+300"):
+        studio.merge({"w": torch.zeros(2, 2, dtype=torch.float64)}, {"x": wide, "y": wide}, "breadcrumbs")
+    # the bound from the tensors' ranges is loose here (3e38 - -1e38), the task vectors themselves fit: merged
+    base = {"w": torch.tensor([[1e38, -1e38]])}
+    experts = {"a": {"w": torch.tensor([[3e38, -3e38]])}, "c": {"w": torch.tensor([[1e38, -1e38]])}}
+    assert studio.merge(base, experts, "task_arithmetic", alpha=0.5)["w"].tolist() == [[pytest.approx(2e38),
+                                                                                       pytest.approx(-2e38)]]
+
+
 def test_unknown_method_and_no_experts(clip_pool):
     base, experts = clip_pool
     with pytest.raises(studio.UnknownMethodError, match="known methods"):
