@@ -252,15 +252,20 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
                   sources=pool.sources)
 
 
-def _recipe_experts(weights: str) -> list[str] | None:
-    """The experts a merged file's embedded recipe says it merged (a local ``.safetensors`` file the CLI or the app
-    exported), else None."""
+def _embedded_recipe(weights: str) -> Recipe | None:
+    """The recipe embedded in a merged file (a local ``.safetensors`` file the CLI or the app exported), else None."""
     path = Path(weights)
     if is_hub_url(weights) or not path.is_file() or path.suffix.lower() != ".safetensors":
         return None
     with contextlib.suppress(StudioError, OSError):
-        return list(Recipe.from_file(path).experts or []) or None
+        return Recipe.from_file(path)
     return None
+
+
+def _recipe_experts(weights: str) -> list[str] | None:
+    """The experts a merged file's embedded recipe says it merged, else None."""
+    recipe = _embedded_recipe(weights)
+    return (list(recipe.experts or []) or None) if recipe is not None else None
 
 
 def _diagnose(args: argparse.Namespace) -> None:
@@ -381,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("methods", help="list methods and their hyperparameters")
     p.add_argument("--json", action="store_true", help="print the schemas as JSON instead of the table")
 
-    def pool_args(p: argparse.ArgumentParser) -> None:
+    def pool_args(p: argparse.ArgumentParser, replay: bool = False) -> None:
         p.add_argument("--suite", help="MiniSuite (the embedded suite), a suite folder or Hugging Face repo id, "
                                        "owner/name[@rev] or hf://owner/name[@rev], or hf://datasets/owner/name[@rev] "
                                        "for a dataset repository (base + experts)")
-        p.add_argument("--experts", help="comma-separated subset of the suite's experts")
+        p.add_argument("--experts", help="comma-separated subset of the suite's experts" + (
+            " (only for a recipe that names none: a recipe merges the experts it names)" if replay else ""))
         p.add_argument("--base", help="base checkpoint: a safetensors file, a folder (model.safetensors, or "
                                       "shards with their index) or a Hub repo 'owner/name[/file.safetensors][@rev]' "
                                       "('hf://owner/name[@rev][/file.safetensors]': the Hub whatever local folders "
@@ -394,7 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="NAME=SOURCE of an expert checkpoint, any source --base takes (repeat)")
         p.add_argument("--prefix", default=None,
                        help="keep only the tensors whose names start with this, in the base and every expert "
-                            "(e.g. vision_model. for Hugging Face CLIP checkpoints)")
+                            "(e.g. vision_model. for Hugging Face CLIP checkpoints)" + (
+                                "; the recipe's own prefix applies (a different one is refused)" if replay else ""))
         p.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
@@ -438,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("recipe", help="reproduce a merge from a recipe (YAML/JSON or an exported safetensors), from "
                                       "the suite or checkpoints it recorded unless --suite or --base/--expert say")
     p.add_argument("recipe", help="a recipe (YAML or JSON), or a file merge or the app exported")
-    pool_args(p)
+    pool_args(p, replay=True)
     p.add_argument("--out", required=True, help="the merged weights (.safetensors)")
 
     p = sub.add_parser("compress", help="TSV-C: store each expert as low-rank task matrices (one safetensors file)")
@@ -464,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="the rebuilt expert (.safetensors)")
 
     p = sub.add_parser("evaluate", help="evaluate weights on a suite's tasks")
-    p.add_argument("--suite", required=True, help="MiniSuite, a suite folder or Hub repo (as merge's --suite)")
+    p.add_argument("--suite", help="MiniSuite, a suite folder or Hub repo (as merge's --suite); default: the suite "
+                                   "the recipe in --weights recorded (a file merge or the app exported)")
     p.add_argument("--weights", required=True, help="merged checkpoint: any source merge's --base takes")
+    p.add_argument("--tasks", help="comma-separated tasks to evaluate (default: all of the suite's); 'merged': "
+                                   "those whose experts the recipe in --weights merged")
     p.add_argument("--split", default="test", choices=("validation", "test"), help="default: test")
     p.add_argument("--prefix", default=None,
                    help="keep only the weights' tensors whose names start with this (e.g. visual. for a merge of "
@@ -598,10 +608,32 @@ def _run(args: argparse.Namespace) -> int:
         from .suite import load_suite
         from .suite.model import ArchitectureError
 
-        suite = load_suite(args.suite)
+        recipe = _embedded_recipe(args.weights)
+        suite_source = args.suite
+        if suite_source is None:
+            if recipe is None or not recipe.suite:
+                raise StudioError(f"--suite is needed: --weights {args.weights} " + (
+                    "records no suite (its recipe merged checkpoints)" if recipe is not None else
+                    "has no recipe that records one (only files merge-studio merge, recipe or the app wrote do)"))
+            suite_source = recipe.suite
+        with _noting(args.suite is None and f"the suite the recipe in {args.weights} recorded; give --suite to "
+                                             f"evaluate on another"):
+            suite = load_suite(suite_source)
+        tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if tasks == ["merged"]:
+            if recipe is None or not recipe.experts:
+                raise StudioError(f"--tasks merged: --weights {args.weights} has no recipe that names the experts "
+                                  f"it merged; name the tasks")
+            tasks = list(recipe.experts)
+            missing = [t for t in tasks if t not in suite.task_names]
+            if missing:
+                raise StudioError(f"--tasks merged: the recipe merged experts {missing} that the suite "
+                                  f"{suite_source} has no task for (its tasks: {list(suite.task_names)})")
+        elif tasks == []:
+            raise StudioError(f"--tasks names no task; choose from {list(suite.task_names)} or 'merged'")
         weights = load_state_dict(args.weights, prefix=args.prefix)
         try:
-            result = evaluate(suite, weights, split=args.split, device=args.device)
+            result = evaluate(suite, weights, tasks=tasks, split=args.split, device=args.device)
         except ArchitectureError as exc:   # name the file, and what it is where it is not a model
             from .compress import Compressed
 

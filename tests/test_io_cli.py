@@ -1371,3 +1371,28 @@ def test_diagnose_of_a_merged_file_takes_the_experts_its_recipe_merged(tmp_path,
     assert main(["diagnose", "--suite", "MiniSuite", "--weights", str(merged), "--curves", "sar_mean",
                  "--experts", "digits,signs,textures"]) == 0
     assert "3 experts, " in capsys.readouterr().out
+
+
+def test_evaluate_of_a_merged_file_reads_the_suite_and_tasks_its_recipe_recorded(tmp_path, capsys):
+    """evaluate needed --suite even for a file whose recipe names the suite, and could not keep to the merged tasks."""
+    merged = tmp_path / "two.safetensors"
+    assert main(["merge", "--suite", "MiniSuite", "--experts", "digits,signs", "--method", "task_arithmetic",
+                 "--out", str(merged)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--weights", str(merged), "--tasks", "merged", "--device", "cpu"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert list(two["accuracy"]) == ["digits", "signs"]
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(merged), "--tasks", "signs,textures",
+                 "--device", "cpu"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert list(other["accuracy"]) == ["signs", "textures"] and other["accuracy"]["signs"] == two["accuracy"]["signs"]
+    plain = tmp_path / "plain.safetensors"   # weights without a recipe
+    save_state_dict(plain, load_suite(DEFAULT_SUITE_PATH).base)
+    for argv, message in (
+            (["--weights", str(plain)], f"--suite is needed: --weights {plain} has no recipe that records one"),
+            (["--suite", "MiniSuite", "--weights", str(plain), "--tasks", "merged"],
+             f"--tasks merged: --weights {plain} has no recipe that names the experts it merged; name the tasks"),
+            (["--weights", str(merged), "--tasks", " , "], "--tasks names no task; choose from ["),
+            (["--weights", str(merged), "--tasks", "digit"], "unknown task 'digit'")):
+        assert main(["evaluate", *argv, "--device", "cpu"]) == 2
+        assert message in capsys.readouterr().err
