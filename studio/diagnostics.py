@@ -54,7 +54,7 @@ from .methods import _align
 from .io import tensor_bytes
 from .layers import LayerRule, resolve_rule
 from .parallel import parallel_map
-from .pool import LayerTasks, TaskPool, _all_finite, normalize_preferences
+from .pool import LayerTasks, TaskPool, _all_finite, float32_delta, normalize_preferences
 from .schema import StudioError, brief, check_progress
 
 __all__ = [
@@ -328,6 +328,10 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
         deltas = layer
         if merged is None:
             raise DiagnosticsError("energy_preservation on a tensor of task deltas needs the merged delta")
+        if deltas.dim() < 1 or (isinstance(merged, Tensor) and tuple(merged.shape) != tuple(deltas.shape[1:])):
+            raise DiagnosticsError(f"energy_preservation: the merged delta has shape "
+                                   f"{tuple(getattr(merged, 'shape', ()))}, expected that of one task delta "
+                                   f"{tuple(deltas.shape[1:])} (task deltas: [T, ...] = {tuple(deltas.shape)})")
     _check_values(merged, "energy_preservation", "the merged delta")
     total = float(deltas.double().pow(2).sum())
     if total <= 0:
@@ -612,6 +616,30 @@ def _top(R: int, k: int | None, name: str, key: str, param: str) -> int:
     return R if k is None else max(1, min(k, R))
 
 
+def _merged_rank(layer: LayerTasks, S: Tensor) -> int:
+    """Numerical rank of the merged delta: its singular values above ``sigma_max * max(m, n) * eps(float32)``
+    (``torch.linalg.matrix_rank``'s rule, as :func:`_task_bases` for the tasks). The singular vectors beyond it span
+    the merged delta's null space: LAPACK returns arbitrary ones there (a zero merge: any direction), which no
+    diagnostic may read."""
+    if not S.numel():
+        return 0
+    return int((S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps).sum())
+
+
+def _k_merged(layer: LayerTasks, st: "_MergedStats", k: int | None, name: str, eps: float = 0.05,
+              k_rule: str = "official") -> int:
+    """The ``k_M`` leading merged directions SAR and the pooled heatmaps use: ``k``, else the effective rank
+    (:func:`effective_rank`, at least 1), never more than the merged delta's numerical rank (0 for a zero merge)."""
+    k = _check_k(name, k, layer.key)
+    default = max(1, effective_rank(st.S, eps, k_rule))   # checks eps and k_rule even where k is given
+    return min(default if k is None else k, _merged_rank(layer, st.S))
+
+
+def _beyond_rank(layer: LayerTasks, st: "_MergedStats", R: int) -> Tensor:
+    """``[R]``: which of the top ``R`` merged subspaces lie beyond the merged delta's numerical rank."""
+    return torch.arange(R, device=st.S.device) >= _merged_rank(layer, st.S)
+
+
 def _absent(c: Tensor) -> Tensor:
     """Where a task has (numerically) no component ``c_i^r`` in a merged subspace."""
     return c.abs() <= torch.finfo(torch.float32).eps * c.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
@@ -626,9 +654,11 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
     0.05``, the official code's rule unless ``k_rule="paper"``) unless ``k`` is given.
     ``||U_k^T Delta_t||_F^2 = sum_{r<=k} ||a_t^r||^2`` reuses SVC's subspace responses (eq. 18).
     ``merged=None`` uses the Task Arithmetic sum (``SAR(Delta_t, Delta_TA; k_TA)`` of Fig. 3a). SAR is invariant
-    to the scale of the merged delta. Where the merged spectrum is flat (Iso-C, Iso-CTS, Ortho-Merge) its top
-    ``k_M`` directions are taken in the order of the sum (:func:`~studio.methods._align.sum_ordered_svd`), as the
-    Iso authors' SAR code does for Iso-C; LAPACK's own order there is set by rounding.
+    to the scale of the merged delta. ``k_M`` never exceeds the merged delta's numerical rank (:func:`_merged_rank`):
+    a zero merge has SAR 0 for every task, not the tasks' share along an arbitrary null direction. Where the merged
+    spectrum is flat (Iso-C, Iso-CTS, Ortho-Merge) its top ``k_M`` directions are taken in the order of the sum
+    (:func:`~studio.methods._align.sum_ordered_svd`), as the Iso authors' SAR code does for Iso-C; LAPACK's own
+    order there is set by rounding.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -639,8 +669,7 @@ def sar_to_merged(layer: LayerTasks, merged: Tensor | None = None, k: int | None
         [1.0, 0.0]
     """
     st = _merged_stats(layer, merged)
-    k = _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), "sar_to_merged",
-             layer.key, "k")
+    k = _k_merged(layer, st, k, "sar_to_merged", eps, k_rule)
     captured = st.a2[:, :k].double().sum(1)
     return (captured / st.task_norm2.double().clamp_min(torch.finfo(torch.float64).tiny)).sqrt().clamp(0, 1).float()
 
@@ -711,11 +740,12 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         >>> svc_cross_terms(pool.layer("w"), rank=1)[:, :, 0].tolist()
         [[1.0, 2.0], [0.5, 1.0]]
     """
-    R = _top(_merged_stats(layer, merged).S.numel(), rank, "svc_cross_terms", layer.key, "rank")
+    st = _merged_stats(layer, merged)
+    R = _top(st.S.numel(), rank, "svc_cross_terms", layer.key, "rank")
     C = _cross_terms(layer, merged)[:, :, :R]
-    if normalize:
-        return C
-    return C * _merged_stats(layer, merged).a2[:, :R].unsqueeze(1)
+    if not normalize:
+        C = C * st.a2[:, :R].unsqueeze(1)
+    return torch.where(_beyond_rank(layer, st, R), torch.full_like(C, float("nan")), C)
 
 
 def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None) -> Tensor:
@@ -726,8 +756,9 @@ def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     to ``xi_{i,j}^r = c_j^r / c_i^r`` with ``c^r = (u^r)^T Delta v^r``
     (:func:`studio.methods._align.subspace_cross_influence`; the literal two steps are
     :func:`~studio.methods._align.cross_influence_terms`). ``xi_{i,i}^r = 1``; entries where ``c_i^r = 0`` (task
-    ``i`` absent from subspace ``r``) are NaN. ``merged=None``: the Task Arithmetic sum (the paper's shared basis).
-    ``rank``: the top ``rank`` subspaces.
+    ``i`` absent from subspace ``r``) are NaN, as are subspaces beyond the merged delta's numerical rank (its null
+    space, where LAPACK's directions are arbitrary). ``merged=None``: the Task Arithmetic sum (the paper's shared
+    basis). ``rank``: the top ``rank`` subspaces.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -736,15 +767,17 @@ def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int |
         [[1.0, 3.0], [0.3333333432674408, 1.0]]
     """
     st = _merged_stats(layer, merged)
-    c = st.c[:, :_top(st.S.numel(), rank, "cross_influence", layer.key, "rank")]
+    R = _top(st.S.numel(), rank, "cross_influence", layer.key, "rank")
+    c = st.c[:, :R]
     xi = _align.subspace_cross_influence(c)
-    return torch.where(_absent(c).unsqueeze(1), torch.full_like(xi, float("nan")), xi)
+    return torch.where(_absent(c).unsqueeze(1) | _beyond_rank(layer, st, R), torch.full_like(xi, float("nan")), xi)
 
 
 def eta(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None) -> Tensor:
     """AlignMerge eq. (4) scale ``eta^r = sigma_merge^r / ((u^r)^T (sum_i Delta_i) v^r)``, ``[R]`` (1 for TA).
 
-    From :func:`studio.methods._align.subspace_scaling_eta`; NaN where the summed coefficient vanishes.
+    From :func:`studio.methods._align.subspace_scaling_eta`; NaN where the summed coefficient vanishes, and beyond
+    the merged delta's numerical rank.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -756,7 +789,8 @@ def eta(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "eta", layer.key, "rank")
     total = st.c[:, :R].sum(0, keepdim=True)
-    return torch.where(_absent(total)[0], torch.full((R,), float("nan"), device=total.device, dtype=st.S.dtype),
+    return torch.where(_absent(total)[0] | _beyond_rank(layer, st, R),
+                       torch.full((R,), float("nan"), device=total.device, dtype=st.S.dtype),
                        _align.subspace_scaling_eta(st.S[:R], st.c[:, :R]))
 
 
@@ -766,7 +800,8 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
     The full coefficient simplifies to ``sigma^r / c_i^r``: how much the merged model scales task ``i``'s own
     component in subspace ``r`` (0 = no interference); computed by
     :func:`studio.methods._align.subspace_alignment_index`. ``signed=True`` drops the absolute value, as the
-    paper's Fig. 3 plots it. NaN where task ``i`` is absent from the subspace (``c_i^r = 0``). Unlike ``xi``, SAI
+    paper's Fig. 3 plots it. NaN where task ``i`` is absent from the subspace (``c_i^r = 0``), and beyond the merged
+    delta's numerical rank. Unlike ``xi``, SAI
     depends on the scale of the merged delta (``sigma^r`` does): pass the delta the model actually adds (the app
     passes its scaled merge); ``merged=None`` is the unscaled sum, ``lambda = 1``, where the AlignMerge and SVC
     reference setups scale Task Arithmetic by 0.3 (a subspace with ``sigma^r / c_i^r = 5.19`` in the sum has SAI 4.19
@@ -783,7 +818,7 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
     R = _top(st.S.numel(), rank, "sai", layer.key, "rank")
     c = st.c[:, :R]
     out = _align.subspace_alignment_index(st.S[:R], c, signed=signed)
-    return torch.where(_absent(c), torch.full_like(out, float("nan")), out)
+    return torch.where(_absent(c) | _beyond_rank(layer, st, R), torch.full_like(out, float("nan")), out)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -792,9 +827,7 @@ def sai(layer: LayerTasks, merged: Tensor | None = None, rank: int | None = None
 
 def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, name: str, eps: float = 0.05,
                       k_rule: str = "official") -> int:
-    st = _merged_stats(layer, merged)
-    return _top(st.S.numel(), k if k is not None else max(1, effective_rank(st.S, eps, k_rule)), name,
-                layer.key, "k")
+    return _k_merged(layer, _merged_stats(layer, merged), k, name, eps, k_rule)
 
 
 def _row_normalise(G: Tensor, empty: float) -> Tensor:
@@ -818,6 +851,8 @@ def svc_cross_matrix(layer: LayerTasks, merged: Tensor | None = None, k: int | N
         [[1.0, 1.0], [1.0, 1.0]]
     """
     k = _default_k_merged(layer, merged, k, "svc_cross_matrix")
+    if k == 0:   # a zero merge: no direction, no response
+        return torch.zeros(layer.num_tasks, layer.num_tasks, device=layer.device)
     return _row_normalise(svc_cross_terms(layer, merged, rank=k, normalize=False).double().sum(-1), 0.0)
 
 
@@ -963,8 +998,10 @@ def _delta_for_key(pool: TaskPool, key: str, merged: Mapping[str, Tensor], is_de
     if not isinstance(x, Tensor) or tuple(x.shape) != tuple(pool.base[key].shape):
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise DiagnosticsError(f"merged key '{key}' has shape {got}, expected {tuple(pool.base[key].shape)}")
-    x = x.to(pool.device, torch.float32)
-    return x if is_delta else x - pool.tensor(None, key).float()
+    if is_delta:
+        return x.to(pool.device, torch.float32)
+    # float64 weights are subtracted in float64 and only the difference is rounded, as the pool's task vectors
+    return float32_delta(x.to(pool.device), pool.tensor(None, key))
 
 
 def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None", keys: Sequence[str],
@@ -989,8 +1026,16 @@ def _resolve_merged_mapping(pool: TaskPool, merged: "Mapping[str, Tensor] | None
 
 def _changed(expert: Tensor, base: Tensor) -> bool:
     """Whether an expert's tensor differs from the base's, compared where both are held (no copy to the compute
-    device); another dtype counts as changed."""
-    return expert.dtype != base.dtype or expert.device != base.device or not torch.equal(expert, base)
+    device; another device counts as changed). Of two dtypes, the more precise tensor is rounded to the other's: a
+    frozen layer of a float32 base that its fine-tuned checkpoint stores in float16 is unchanged."""
+    if expert.device != base.device:
+        return True
+    if expert.dtype != base.dtype:
+        if torch.finfo(expert.dtype).eps >= torch.finfo(base.dtype).eps:
+            base = base.to(expert.dtype)
+        else:
+            expert = expert.to(base.dtype)
+    return not torch.equal(expert, base)
 
 
 def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
@@ -1005,6 +1050,9 @@ def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerR
         return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)
                 and any(_changed(pool.experts[name][k], t) for name in pool.names)]
     keys = list(keys)
+    twice = sorted({k for k in keys if isinstance(k, str) and keys.count(k) > 1})
+    if twice:   # a model-level average would count the layer twice
+        raise DiagnosticsError(f"keys lists {twice} more than once; give each layer once")
     for key in keys:
         if not isinstance(key, str) or key not in pool.base:
             raise DiagnosticsError(f"unknown key {brief(key)}; the pool has {len(pool.base)} keys, e.g. "
@@ -1080,6 +1128,10 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
     if isinstance(curves, str):   # one curve's name, not its letters
         curves = [curves]
     check_progress(progress, "layer_curves")
+    if curves is not None and (not isinstance(curves, (Sequence, set, frozenset))
+                               or not all(isinstance(c, str) for c in curves)):
+        raise DiagnosticsError(f"curves must be a curve's name or a list of them (of {list(CURVES)}), or None; got "
+                               f"{brief(curves)}")
     names = list(CURVES) if curves is None else list(dict.fromkeys(curves))   # a curve named twice is one curve
     unknown = sorted(map(str, set(names) - set(CURVES)))
     if unknown:
@@ -1102,10 +1154,9 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             elif name in ("sar_mean", "sar_min"):
                 sar = sar_to_merged(layer, mdelta, eps=eps, k_rule=k_rule)
                 v = float(sar.mean() if name == "sar_mean" else sar.min())
-            elif name == "k_merged_frac":
-                S = _merged_stats(layer, mdelta).S
-                k = effective_rank(S, eps, k_rule)
-                v = (max(1, k) if k or float(S.abs().max()) > 0 else 0) / S.numel()   # as SAR uses it
+            elif name == "k_merged_frac":   # as SAR uses it
+                v = (_default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule)
+                     / _merged_stats(layer, mdelta).S.numel())
             elif name == "energy":
                 total = float(_merged_stats(layer, mdelta).task_norm2.double().sum())
                 v = float(_merged_stats(layer, mdelta).S.double().pow(2).sum()) / total if total > 0 else 0.0
@@ -1114,7 +1165,8 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
             elif name == "subspace_sim_mean":
                 v = float(subspace_similarity(layer, 5).cpu()[off].mean()) if T > 1 else float("nan")
             else:  # svc_gamma_mean
-                k = _default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule)
+                # (a zero merge: gamma = 1 / alpha along any direction, s being 0)
+                k = max(1, _default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule))
                 v = float(svc_coefficients(layer, mdelta, rank=k)[1].mean())
             values.append(float(v))
         return values

@@ -690,3 +690,72 @@ def test_layer_curves_run_layers_on_the_merge_workers_and_agree_with_one_worker(
     assert out[1]["key"] == out[2]["key"] and out[1]["block"] == out[2]["block"]
     for curve in D.CURVES:
         assert out[2][curve] == pytest.approx(out[1][curve], rel=1e-5, abs=1e-7, nan_ok=True), curve
+
+
+def test_the_merged_delta_s_null_space_is_never_read():
+    """A zero merge (experts d and -d) had SAR 0.34 per task, the tasks' share along LAPACK's arbitrary first
+    direction of a zero matrix, and a different value with the rows permuted; a k above the merge's rank read
+    null directions likewise. SAR counts only the merged delta's numerical-rank directions (Iso eq. 5-6)."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.randn(6, 4, generator=g)
+    perm = torch.randperm(6, generator=g)
+    for mats in ([d, -d], [d[perm], -d[perm]]):
+        pool = _pool(mats)
+        layer = pool.layer("w")
+        assert D.sar_to_merged(layer).tolist() == [0.0, 0.0]
+        assert D.sar_avg(pool).tolist() == [0.0, 0.0]
+        assert D.layer_curves(pool, curves=["k_merged_frac", "sar_mean"]) == {
+            "key": ["w"], "block": [None], "k_merged_frac": [0.0], "sar_mean": [0.0]}
+        assert D.svc_cross_matrix(layer).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+        assert torch.isnan(D.cross_influence_matrix(layer)).all()
+        assert torch.isnan(D.cross_influence(layer, rank=2)).all() and torch.isnan(D.sai(layer, rank=2)).all()
+    # a merge of rank 2 in a 6 x 4 layer: k = 3 and 4 are the rank-2 values, in both SVD modes
+    mats = [torch.randn(6, 1, generator=g) @ torch.randn(1, 4, generator=g) for _ in range(2)]
+    for mode in ("exact", "auto"):
+        layer = _pool(mats, mode).layer("w")
+        merged = layer.sum()
+        assert torch.linalg.matrix_rank(merged) == 2
+        at_rank = D.sar_to_merged(layer, merged, k=2)
+        for k in (3, 4):
+            assert torch.equal(D.sar_to_merged(layer, merged, k=k), at_rank)
+        assert torch.equal(D.cross_influence_matrix(layer, merged, k=4), D.cross_influence_matrix(layer, merged, k=2))
+        xi = D.cross_influence(layer, merged, rank=4)
+        assert torch.isnan(xi[:, :, 2:]).all() and not torch.isnan(xi[:, :, :2]).any()
+        assert torch.isnan(D.eta(layer, merged, rank=4)[2:]).all()
+
+
+def test_layers_and_states_given_in_another_dtype_are_diagnosed_as_the_same_values():
+    """float16 experts over a float32 base: a frozen layer counted as changed (its zero task matrices halved SAR_avg,
+    0.40 for 0.79); a float64 merged state was rounded to float32 before merged - base."""
+    g = torch.Generator().manual_seed(0)
+    frozen = torch.randn(4, 4, generator=g).half().float()
+    base = {"w": torch.zeros(4, 4), "frozen": frozen}
+    experts = {n: {"w": torch.randn(4, 4, generator=g).half().float(), "frozen": frozen.clone()} for n in "ab"}
+    half = {n: {k: v.half() for k, v in sd.items()} for n, sd in experts.items()}
+    want = D.sar_avg(TaskPool(base, experts))
+    assert torch.equal(D.sar_avg(TaskPool(base, half)), want)
+    assert D.layer_curves(TaskPool(base, half), curves=["energy"])["key"] == ["w"]
+    # float64 weights near 1 with deltas near 1e-6: the state and its delta give the same numbers
+    base64 = {"w": 1 + torch.rand(5, 4, generator=g, dtype=torch.float64)}
+    experts64 = {n: {"w": base64["w"] + 1e-6 * torch.randn(5, 4, generator=g, dtype=torch.float64)} for n in "abc"}
+    pool = TaskPool(base64, experts64)
+    merged = {"w": base64["w"] + 0.4 * sum(e["w"] - base64["w"] for e in experts64.values())}
+    delta = {"w": merged["w"] - base64["w"]}
+    for fn in (D.sar_avg, lambda p, m, **kw: torch.tensor(D.layer_curves(p, m, curves=["energy", "merged_entropy"],
+                                                                           **kw)["energy"])):
+        assert torch.allclose(fn(pool, merged, merged_is_delta=False), fn(pool, delta, merged_is_delta=True),
+                              rtol=1e-6, atol=0)
+
+
+def test_curves_keys_and_energy_arguments_of_the_wrong_form_are_named():
+    pool = _pool(_lowrank(2, 5, 4, rank=2, seed=1))
+    for curves in (3, [["sti"]], [None]):
+        with pytest.raises(D.DiagnosticsError, match="curves must be a curve's name or a list of them"):
+            D.layer_curves(pool, curves=curves)
+    with pytest.raises(D.DiagnosticsError, match=r"keys lists \['w'\] more than once"):
+        D.sar_avg(pool, keys=["w", "w"])
+    with pytest.raises(D.DiagnosticsError, match=r"merged delta has shape \(5, 5\), expected that of one task delta "
+                                                 r"\(3, 3\)"):
+        D.energy_preservation(torch.ones(2, 3, 3), torch.ones(5, 5))
+    with pytest.raises(D.DiagnosticsError, match="eps must be a number in"):   # checked where k is given too
+        D.sar_to_merged(pool.layer("w"), k=2, eps=5)
