@@ -78,7 +78,7 @@ def _finite_range(tensor: Tensor) -> tuple[float, float] | None:
     infinity into one): one read, no temporary. (Non-floating and empty tensors: ``(0.0, 0.0)``.)"""
     if not tensor.is_floating_point() or not tensor.numel():
         return 0.0, 0.0
-    low, high = (float(v) for v in torch.aminmax(tensor))
+    low, high = (float(v) for v in torch.aminmax(tensor.detach()))   # (an nn.Parameter: no autograd warning)
     return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
@@ -90,8 +90,8 @@ def _check_delta_range(name: str, key: str, expert: Tensor, base: Tensor,
     bound = max(expert_range[1] - base_range[0], base_range[1] - expert_range[0])
     if bound <= _FLOAT32_MAX:
         return
-    delta = float32_delta(expert, base)
-    if not _all_finite(delta):
+    expert, base = expert.detach(), base.detach()
+    if not _all_finite(float32_delta(expert, base)):
         worst = float((expert.double() - base.double()).abs().max())
         raise ExpertError(f"expert '{name}', key '{key}': expert - base reaches {worst:.3g}, beyond float32's range "
                           f"(+-{_FLOAT32_MAX:.3g}), the precision merges compute task vectors in; these weights are "
@@ -744,6 +744,8 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         values = [preferences.get(n, 0.0) for n in names]
     else:
         ordered = isinstance(preferences, (Sequence, Tensor, np.ndarray)) and not isinstance(preferences, (str, bytes))
+        if isinstance(preferences, Tensor) and preferences.is_meta:
+            raise StudioError("preferences are a meta tensor (no data); give the weights' values")
         if not ordered or (isinstance(preferences, (Tensor, np.ndarray)) and preferences.ndim != 1):
             raise StudioError(f"preferences must be a mapping task -> weight or a sequence of one weight per task "
                               f"(in expert order), got {brief(preferences)}")

@@ -102,6 +102,19 @@ def test_finite_weights_whose_task_vector_leaves_float32_are_refused_by_every_me
                                                                                        pytest.approx(-2e38)]]
 
 
+def test_parameters_merge_without_autograd_warnings_and_meta_preferences_are_named():
+    import warnings
+
+    base = {"w": torch.nn.Parameter(torch.zeros(3, 3))}
+    experts = {"a": {"w": torch.nn.Parameter(torch.ones(3, 3))}, "b": {"w": torch.nn.Parameter(torch.eye(3))}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # "Converting a tensor with requires_grad=True to a scalar" was printed
+        out = studio.merge(base, experts, "task_arithmetic", device="cpu")
+    assert out["w"][0].tolist() == [pytest.approx(0.6), pytest.approx(0.3), pytest.approx(0.3)]
+    with pytest.raises(studio.StudioError, match="preferences are a meta tensor"):   # was NotImplementedError
+        studio.merge(base, experts, "task_arithmetic", preferences=torch.ones(2, device="meta"))
+
+
 def test_unknown_method_and_no_experts(clip_pool):
     base, experts = clip_pool
     with pytest.raises(studio.UnknownMethodError, match="known methods"):

@@ -697,3 +697,19 @@ def test_the_flat_shortcut_equals_the_rotated_svd(monkeypatch, method, shape):
             close(a @ a.mT, b @ b.mT, rel=1e-4)
     close(fast[1], slow[1], rel=1e-5)
     assert _align._flat_svd(deltas[0], total) is None   # a task matrix is not flat
+
+
+def test_align_merge_b_on_task_vectors_whose_products_overflow_float32_is_not_the_base():
+    """Task vectors near 3e18 (finite, under float32's range): the flat-spectrum test read the overflowed probes
+    and Gram (NaN, inf) as flat, every singular value came back infinite and read as null, and the calibration
+    silently returned the base where plain TIES is finite."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(12, 8)}
+    experts = {n: {"w": 3e18 * torch.randn(12, 8, generator=g)} for n in "abc"}
+    plain = studio.merge(base, experts, "ties", device="cpu")["w"]
+    calibrated = studio.merge(base, experts, "ties", device="cpu", calibrate="align_merge_b")["w"]
+    assert bool(torch.isfinite(calibrated).all()) and float(calibrated.abs().max()) > 1e17
+    assert float(plain.abs().max()) > 1e18
+    with pytest.raises(studio.StudioError, match="align_merge_b: the singular values of the merged delta of 'w' "
+                                                 "are not finite"):
+        align_merge_b_delta(TaskPool(base, experts).layer("w"), torch.full((12, 8), 3e38), alpha=0.75)

@@ -31,6 +31,7 @@ Diagnostics example (one layer)::
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Hashable, Iterable
 
@@ -164,13 +165,16 @@ def _flat_svd(merged: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor] | 
     probe = torch.randn(r, 4, generator=torch.Generator(device=A.device).manual_seed(0), device=A.device,
                         dtype=A.dtype)
     gains = torch.linalg.vector_norm(linalg.matmul(A, probe), dim=0) / torch.linalg.vector_norm(probe, dim=0)
-    if not float(gains.max()) > 0 or float(gains.max() - gains.min()) > FLAT_RTOL * float(gains.max()):
+    # each test is written so that a NaN or an infinity (float32 products of entries near 1e18 and above overflow)
+    # fails it: such a spectrum is not known to be flat, and goes to the SVD
+    top = float(gains.max())
+    if not 0 < top < math.inf or not float(gains.max() - gains.min()) <= FLAT_RTOL * top:
         return None
     G = _lapack.gram(A).double()
     s2 = float(G.diagonal().mean())
-    if not s2 > 0 or float(torch.linalg.matrix_norm(G - s2 * torch.eye(r, dtype=G.dtype, device=G.device))) \
-            > FLAT_RTOL * s2:   # Frobenius >= spectral: every squared singular value within FLAT_RTOL of s2
-        return None
+    if not 0 < s2 < math.inf or not float(torch.linalg.matrix_norm(
+            G - s2 * torch.eye(r, dtype=G.dtype, device=G.device))) <= FLAT_RTOL * s2:
+        return None   # (Frobenius >= spectral: every squared singular value within FLAT_RTOL of s2)
     W = _order_by_sum(linalg.matmul(A.mT, T.to(A.dtype))).to(A.dtype)
     AW = linalg.matmul(A, W)
     S = torch.linalg.vector_norm(AW, dim=0)

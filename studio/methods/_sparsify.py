@@ -214,6 +214,8 @@ def band_counts(d: int, beta: float, gamma: float) -> tuple[int, int]:
         raise HyperparameterError(
             f"breadcrumbs: beta={beta!r} (top fraction masked) and gamma={gamma!r} (bottom fraction masked) must be "
             f">= 0 and sum to less than 1, so that some entries are kept"
+            + (f" (with beta={beta!r}, gamma below {1 - beta:.6g}; with gamma={gamma!r}, beta below {1 - gamma:.6g})"
+               if 0 <= beta < 1 and 0 <= gamma < 1 else "")
         )
     n_top = int(d * beta)
     n_keep = min(d - n_top, int(d * round(1.0 - beta - gamma, 9)))

@@ -65,6 +65,9 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
         [1.0, 0.10000000149011612]
     """
     spec = merged_spectrum(layer, merged, merged_tag)
+    if not bool(torch.isfinite(spec.S).all()):   # every direction would read as null below: the base, silently
+        raise StudioError(f"align_merge_b: the singular values of the merged delta of '{layer.key}' are not finite "
+                          f"(max |merged delta| = {float(merged.abs().max()):.3g}; its products overflow float32)")
     xi_tilde = full_coefficient(scale * spec.S, spec.c)
     factors = align_b_factors(xi_tilde, alpha, _present(spec.c, preferences))
     # A calibration rescales the merge's directions; it must not create any. Numerically zero singular values (a
