@@ -134,8 +134,8 @@ class Compressed:
         Non-floating tensors (e.g. integer buffers) are copied from the base. A :class:`HyperparameterError` names
         a tensor that ``alpha`` takes beyond its dtype's range (or a non-finite base value, with ``check=False``).
         """
-        if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype.is_floating_point:
-            alpha = alpha.item()   # a 0-d tensor, as the hyperparameter schemas take it
+        if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool and not alpha.is_complex():
+            alpha = alpha.item()   # a 0-d tensor (float or integer), as the hyperparameter schemas take it
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
         tv = self.task_vector(task)
@@ -242,7 +242,8 @@ class Compressed:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
             raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base{more}")
         # compress stores the same tensors for every task: one a task lacks would silently rebuild the base's value
-        # there (a base with more tensors than the file, e.g. a full model for a visual tower's file, is fine)
+        # there (this check allows a base with more tensors than the file; the fingerprint check, unless
+        # check=False, still requires the base compress recorded)
         stored = {key for _, key in parts}
         for index, name in enumerate(names):
             lacking = [k for k in base if k in stored and (index, k) not in parts]

@@ -764,6 +764,9 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
                                                          r"torch.float32 with alpha = 1e\+39"):
         packed.reconstruct("task0", alpha=1e39)
     _equal(packed.reconstruct("task0", alpha=torch.tensor(2.0)), packed.reconstruct("task0", alpha=2.0))
+    _equal(packed.reconstruct("task0", alpha=torch.tensor(2)), packed.reconstruct("task0", alpha=2))   # was refused
+    with pytest.raises(studio.HyperparameterError, match="alpha must be a finite number"):
+        packed.reconstruct("task0", alpha=torch.tensor(True))
     out = tmp / "rebuilt.safetensors"
     for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
                            (["--task", "task0", "--base", args[1], "--alpha", "nan"], "alpha must be a finite number"),
