@@ -87,8 +87,8 @@ def clip_visual_shapes(model: str) -> dict[str, tuple[int, ...]]:
 
     cfg = open_clip.get_model_config(model)
     if cfg is None:
-        raise SystemExit(f"--model: unknown open_clip model {model!r}; e.g. ViT-B-32, ViT-L-14 or the embedded "
-                         f"suite's MiniCLIP-ViT (open_clip.list_models() lists them all)")
+        raise StudioError(f"unknown open_clip model {model!r}; e.g. ViT-B-32, ViT-L-14 or the embedded suite's "
+                          f"MiniCLIP-ViT (open_clip.list_models() lists them all)")
     with torch.device("meta"):
         tower = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"])
     return {f"visual.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
@@ -821,6 +821,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         ap.error(f"--host-eigh-max must be 0 (every eigensolve on the GPU) or more, got {args.host_eigh_max}")
     if args.batched_eigh_max is not None and args.batched_eigh_max < 0:
         ap.error(f"--batched-eigh-max must be 0 (no batched eigensolves) or more, got {args.batched_eigh_max}")
+    try:
+        shapes = clip_visual_shapes(args.model)
+    except StudioError as exc:
+        ap.error(f"--model: {exc}")
     if args.evaluate:
         method, calibration = runs[0][:2] if args.methods else ("task_arithmetic", None)
         try:
@@ -845,7 +849,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     torch.manual_seed(0)
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    shapes = clip_visual_shapes(args.model)
     nparams = sum(torch.Size(s).numel() for s in shapes.values())
     dtype = getattr(torch, args.dtype)
     short = _pool_memory_shortfall(nparams, args.tasks, dtype, on_disk=args.experts_dir is not None)

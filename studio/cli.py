@@ -27,9 +27,9 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, check_fingerprints, check_weights_path, checkpoint_files, fingerprint,
-                 input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe, recipe_inputs,
-                 save_merged, save_state_dict, shown_path)
+from .io import (CheckpointError, Recipe, check_fingerprints, check_recipe_path, check_weights_path, checkpoint_files,
+                 fingerprint, input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe,
+                 recipe_inputs, save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -80,15 +80,27 @@ def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
 
 def _parse_preferences(text: str | None) -> dict[str, float] | None:
     """``--preferences``: a JSON mapping expert name -> weight."""
-    if not text:
+    if text is None:
         return None
+    repeated: list[str] = []
+
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in pairs]
+        repeated.extend(sorted({n for n in names if names.count(n) > 1}))
+        return dict(pairs)
+
     try:
-        prefs = json.loads(text)
+        prefs = json.loads(text, object_pairs_hook=mapping)
     except json.JSONDecodeError as exc:
         raise StudioError(f"--preferences {text!r} is not valid JSON ({exc.msg}); expected e.g. '{{\"cars\": 2}}'") \
             from None
     if not isinstance(prefs, dict):
         raise StudioError(f"--preferences must be a JSON mapping of expert names to weights, got {text!r}")
+    if repeated:
+        raise StudioError(f"--preferences names {repeated} more than once; give each expert's weight once")
+    if not prefs:
+        raise StudioError("--preferences {} names no expert; leave it out for uniform weights, or give some "
+                          "experts' weights (the others get 0)")
     return prefs
 
 
@@ -120,7 +132,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
     recorded_suite = recipe is not None and recipe.suite and not (args.suite or args.base or args.expert)
     if recorded_suite:
         suite_source = recipe.suite
-    if args.experts and not suite_source:
+    if args.experts is not None and not suite_source:
         raise StudioError("--experts selects experts of a --suite; with --base/--expert, give only the experts to "
                           "merge")
     if suite_source:
@@ -130,8 +142,14 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
                                         "read others"):
             suite = load_suite(suite_source)
         experts = suite.experts
-        if args.experts:
+        if args.experts is not None:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
+            if not wanted:
+                raise StudioError(f"--experts {args.experts!r} names no expert; give some of the suite's "
+                                  f"{sorted(experts)}, comma-separated")
+            twice = sorted({e for e in wanted if wanted.count(e) > 1})
+            if twice:
+                raise StudioError(f"--experts names {twice} more than once; give each expert once")
             unknown = [e for e in wanted if e not in experts]
             if unknown:
                 raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
@@ -253,12 +271,21 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
 
 
 def _embedded_recipe(weights: str) -> Recipe | None:
-    """The recipe embedded in a merged file (a local ``.safetensors`` file the CLI or the app exported), else None."""
+    """The recipe embedded in a merged file the CLI or the app exported (a local safetensors file under any name,
+    or a folder whose weights are one such file), else None."""
+    from .io import _looks_like_safetensors
+
     path = Path(weights)
-    if is_hub_url(weights) or not path.is_file() or path.suffix.lower() != ".safetensors":
+    if is_hub_url(weights) or not (path.is_file() or path.is_dir()):
         return None
     with contextlib.suppress(StudioError, OSError):
-        return Recipe.from_file(path)
+        if path.is_dir():   # a folder in the Hugging Face layout: its one weights file (shards carry no recipe)
+            files = checkpoint_files(path)
+            if len(files) != 1 or files[0][1] is not None:
+                return None
+            path = files[0][0]
+        if _looks_like_safetensors(path):
+            return Recipe.from_file(path)
     return None
 
 
@@ -287,7 +314,14 @@ def _diagnose(args: argparse.Namespace) -> None:
     unknown = sorted(set(curves or []) - set(diag.CURVES))
     if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
-    pool = _load_pool(args)
+    recorded = None
+    if args.weights and not (args.suite or args.base or args.expert or args.prefix):   # its recipe's suite
+        recipe = _embedded_recipe(args.weights)
+        if recipe is not None and recipe.suite:
+            args.suite = recorded = recipe.suite
+    with _noting(recorded and f"the suite the recipe in {args.weights} recorded; give --suite to diagnose against "
+                              f"another"):
+        pool = _load_pool(args)
     read = []   # every file of a local --weights (a folder's weights file, an index's shards), which --out must spare
     if args.weights and not is_hub_url(args.weights):
         with _noting("--weights"):
@@ -436,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
                                              "the method's own rule treats as matrices (the TSV/Iso rule without "
                                              "--method)")
     p.set_defaults(seed=None)   # so that a --seed without --method is noticed
-    p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method; "
-                                     "neither: the Task Arithmetic sum")
+    p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method, "
+                                     "against the suite its recipe recorded unless --suite or --base say; neither: "
+                                     "the Task Arithmetic sum")
     p.add_argument("--curves", help="comma-separated per-layer curves (default: all of "
                                     "studio.diagnostics.CURVES)")
     p.add_argument("--out", help="write every number as JSON here")
@@ -493,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
         try:
             importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:], prog=f"merge-studio {argv[0]}")
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (StudioError, OSError) as exc:   # as the other subcommands: one line, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
@@ -517,6 +558,8 @@ def _run(args: argparse.Namespace) -> int:
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
         check_weights_path(args.out)   # before anything is read (a Hub download) or merged
+        if args.recipe is not None:
+            check_recipe_path(args.recipe)
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
         _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
@@ -528,12 +571,13 @@ def _run(args: argparse.Namespace) -> int:
         save_merged(args.out, merged, recipe, recipe_path=args.recipe)   # both files or neither
         what = recipe.method + (f" + {recipe.calibrate}" if recipe.calibrate else "")
         count = len(recipe.experts or pool.experts)
-        print(f"wrote {args.out} ({len(merged)} tensors; {what} of {count} experts, merged in {seconds:.1f} s)"
+        experts = f"{count} expert{'s' if count != 1 else ''}"
+        print(f"wrote {args.out} ({len(merged)} tensors; {what} of {experts}, merged in {seconds:.1f} s)"
               + (f" and the recipe {args.recipe}" if args.recipe else ""))
     elif args.cmd == "recipe":
         check_weights_path(args.out)
         recipe = Recipe.from_file(args.recipe)
-        if args.experts and recipe.experts:
+        if args.experts is not None and recipe.experts:
             raise StudioError(f"the recipe names the experts it merges, {recipe.experts}; --experts does not apply")
         if args.prefix is not None and args.prefix != recipe.prefix:
             raise StudioError(f"--prefix {args.prefix!r} differs from the recipe's prefix {recipe.prefix!r}; the "

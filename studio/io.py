@@ -899,6 +899,15 @@ def _plain(value: Any, where: str) -> Any:
     raise CheckpointError(f"recipe field '{where}' must be a number, a string, true/false or null, got {brief(value)}")
 
 
+def check_recipe_path(recipe_path: str | os.PathLike) -> None:
+    """Refuse a recipe file name that :meth:`Recipe.from_file` would not read back as the recipe written there: a
+    recipe is YAML (JSON under a ``.json`` name), and a ``.safetensors`` name is read as weights."""
+    if Path(recipe_path).suffix.lower() == ".safetensors":
+        raise CheckpointError(f"recipe file {recipe_path}: a recipe is written as YAML (JSON under a .json name), "
+                              f"and a .safetensors name is read back as weights; give a .yaml or .json name (the "
+                              f"merged .safetensors file carries the recipe in its metadata too)")
+
+
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,
                 recipe_path: str | os.PathLike | None = None) -> Path:
     """Export merged weights as safetensors with the recipe (JSON) in the header metadata, and with ``recipe_path``
@@ -915,6 +924,7 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
         raise CheckpointError(f"cannot write the recipe to {recipe_path}: it is a folder; give a file name")
     if Path(recipe_path).resolve() == Path(path).resolve():
         raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
+    check_recipe_path(recipe_path)
     with _atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML
         Path(tmp).write_text(recipe.to_json() if Path(recipe_path).suffix.lower() == ".json" else recipe.to_yaml())
         return save_state_dict(path, state_dict, meta)

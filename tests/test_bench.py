@@ -93,8 +93,10 @@ def test_cuda_without_a_gpu_and_an_unknown_model_are_named(capsys):
         with pytest.raises(SystemExit):
             bench.main(["--device", "cuda", "--model", "MiniCLIP-ViT"])
         assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--model: unknown open_clip model 'Nope'; e\.g\. ViT-B-32"):
+    with pytest.raises(SystemExit) as exit_:   # a usage error, exit code 2, as argparse's own
         bench.main(["--model", "Nope", "--device", "cpu"])
+    assert exit_.value.code == 2 and re.search(r"error: --model: unknown open_clip model 'Nope'; e\.g\. ViT-B-32",
+                                               capsys.readouterr().err)
     with pytest.raises(SystemExit, match=r"--evaluate: suite source '.*nowhere' is neither an existing folder"):
         bench.main(["--evaluate", "--device", "cpu", "--suite", "/nowhere"])
 

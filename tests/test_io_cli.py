@@ -1399,3 +1399,56 @@ def test_evaluate_of_a_merged_file_reads_the_suite_and_tasks_its_recipe_recorded
             (["--weights", str(merged), "--tasks", "digit"], "unknown task 'digit'")):
         assert main(["evaluate", *argv, "--device", "cpu"]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_merged_files_under_any_name_are_found_and_what_cannot_be_read_back_is_refused(tmp_path, capsys):
+    """A merged file named without .safetensors (or a folder holding it) was not recognised as one (evaluate asked
+    for --suite, diagnose used all 8 experts); --recipe x.safetensors wrote YAML that replay read as weights; an empty
+    or repeated --experts merged all experts or one."""
+    merged = tmp_path / "merged_noext"
+    assert main(["merge", "--suite", "MiniSuite", "--experts", "digits,textures", "--method", "task_arithmetic",
+                 "--out", str(merged)]) == 0
+    assert "task_arithmetic of 2 experts" in capsys.readouterr().out
+    assert main(["evaluate", "--weights", str(merged), "--tasks", "merged", "--device", "cpu"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["accuracy"]) == ["digits", "textures"]
+    (tmp_path / "hf").mkdir()
+    os.link(merged, tmp_path / "hf" / "model.safetensors")
+    assert main(["diagnose", "--weights", str(tmp_path / "hf"), "--curves", "sar_mean"]) == 0   # its recorded suite
+    assert "2 experts (those its recipe merged" in capsys.readouterr().out
+    for extra, message in (
+            (["--experts", "digits", "--recipe", str(tmp_path / "r.safetensors")],
+             "a recipe is written as YAML (JSON under a .json name), and a .safetensors name is read back as weights"),
+            (["--experts", ""], "--experts '' names no expert; give some of the suite's ['aerial_scenes'"),
+            (["--experts", "digits,signs,digits"], "--experts names ['digits'] more than once"),
+            (["--preferences", ""], "--preferences '' is not valid JSON"),   # was: uniform weights
+            (["--preferences", "{}"], "--preferences {} names no expert; leave it out for uniform weights"),
+            (["--preferences", '{"digits": 1, "digits": 2}'], "--preferences names ['digits'] more than once")):
+        assert main(["merge", "--suite", "MiniSuite", "--method", "task_arithmetic", *extra,
+                     "--out", str(tmp_path / "x.safetensors")]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "r.safetensors").exists()
+
+
+def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and_errors_are_one_line(tmp_path,
+                                                                                                     capsys):
+    import shutil
+
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, suite)
+    manifest = (suite / "manifest.json").read_bytes()
+    assert main(["leaderboard", "--suite", str(suite), "--methods", "weight_average", "--calibrations",
+                 "--out", str(suite / "manifest.json")]) == 2
+    assert "manifest.json is a file of the suite" in capsys.readouterr().err
+    assert (suite / "manifest.json").read_bytes() == manifest
+    assert main(["leaderboard", "--suite", str(tmp_path / "nosuch"), "--out", str(tmp_path / "lb.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: suite source") and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--alphas", "-1", "nan", "--out", str(tmp_path / "lb.md")])
+    assert "--alphas: [-1.0, nan] are not scales" in capsys.readouterr().err
+    # a weight-averaging row is quick: the board is written whole, its folder made
+    assert main(["leaderboard", "--methods", "weight_average", "--calibrations", "--threads", "1",
+                 "--out", str(tmp_path / "new" / "lb.md"), "--json", str(tmp_path / "lb.json")]) == 0
+    assert "weight_average" in (tmp_path / "new" / "lb.md").read_text()
+    assert [row["label"] for row in json.loads((tmp_path / "lb.json").read_text())] == [
+        "Zero-shot", "Individual (experts)", "weight_average"]
