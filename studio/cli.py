@@ -623,7 +623,9 @@ def _run(args: argparse.Namespace) -> int:
         if recorded:
             args.suite = saved.get("suite")
             args.base = None if args.suite else saved.get("base")
-        if bool(args.suite) == bool(args.base):
+        if args.suite and args.base:
+            raise StudioError("give either --suite or --base (the base the experts were compressed against), not both")
+        if not (args.suite or args.base):
             raise StudioError("give the base the experts were compressed against: --suite or --base")
         with _noting(recorded and f"the {'suite' if args.suite else 'base'} compress recorded; give --suite or "
                                   f"--base to read another"):

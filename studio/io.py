@@ -467,7 +467,12 @@ def _atomic_write(path: Path) -> Iterator[str]:
 def check_weights_path(path: str | os.PathLike) -> Path:
     """``path`` as a :class:`Path`, if safetensors weights may be written there: not under a pickle checkpoint's
     suffix (``.pt``, ``.bin``, ...), which loaders refuse or misread (:func:`load_state_dict` among them)."""
+    if not str(path).strip():
+        raise CheckpointError("the weights' file name is empty; give a .safetensors file name")
     path = Path(path)
+    if path.is_dir():   # refused before a merge runs, not when its output is renamed into place
+        raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
+                              f"{path / 'model.safetensors'})")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(f"cannot write {path}: it would be a safetensors file under a pickle checkpoint's "
                               f"suffix, which loaders refuse or misread (this one among them); name it "

@@ -771,7 +771,7 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
     for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
                            (["--task", "task0", "--base", args[1], "--alpha", "nan"], "alpha must be a finite number"),
                            (["--task", "task0"], "give the base the experts were compressed against"),
-                           (["--task", "task0", "--base", args[1], "--suite", "x"], "give the base")):
+                           (["--task", "task0", "--base", args[1], "--suite", "x"], "give either --suite or --base")):
         assert main(["reconstruct", str(path), *extra, "--out", str(out)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0] and not out.exists(), extra
@@ -1427,6 +1427,11 @@ def test_merged_files_under_any_name_are_found_and_what_cannot_be_read_back_is_r
                      "--out", str(tmp_path / "x.safetensors")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "r.safetensors").exists()
+    for out, message in (("", "the weights' file name is empty"),   # was "Device or resource busy", after the merge
+                         (str(tmp_path / "hf"), f"cannot write {tmp_path / 'hf'}: it is a folder; give a file name")):
+        assert main(["merge", "--suite", "MiniSuite", "--experts", "digits", "--method", "task_arithmetic",
+                     "--out", out]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and_errors_are_one_line(tmp_path,
