@@ -314,14 +314,13 @@ def _diagnose(args: argparse.Namespace) -> None:
     unknown = sorted(set(curves or []) - set(diag.CURVES))
     if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
-    recorded = None
-    if args.weights and not (args.suite or args.base or args.expert or args.prefix):   # its recipe's suite
+    recorded = None   # a merged file's own recipe: the suite or checkpoints it merged, unless the options name some
+    if args.weights and not (args.suite or args.base or args.expert or args.prefix):
         recipe = _embedded_recipe(args.weights)
-        if recipe is not None and recipe.suite:
-            args.suite = recorded = recipe.suite
-    with _noting(recorded and f"the suite the recipe in {args.weights} recorded; give --suite to diagnose against "
-                              f"another"):
-        pool = _load_pool(args)
+        if recipe is not None and (recipe.suite or recipe.sources):
+            recorded = recipe
+    pool = _load_pool(args, recorded)
+    prefix = recorded.prefix if recorded is not None else args.prefix   # the merge's tensors, and the weights'
     read = []   # every file of a local --weights (a folder's weights file, an index's shards), which --out must spare
     if args.weights and not is_hub_url(args.weights):
         with _noting("--weights"):
@@ -334,9 +333,9 @@ def _diagnose(args: argparse.Namespace) -> None:
         what: dict[str, Any] = {"recipe": recipe.to_dict()}
     elif args.weights:
         with _noting("--weights"):
-            merged, source = load_checkpoint(args.weights, prefix=args.prefix)
+            merged, source = load_checkpoint(args.weights, prefix=prefix)
         what = {"weights": source}
-        merged_experts = _recipe_experts(args.weights) if args.suite and not args.experts else None
+        merged_experts = _recipe_experts(args.weights) if pool.suite and args.experts is None else None
         if merged_experts and set(merged_experts) < set(pool.experts):   # a merge of some of the suite's experts
             pool = pool._replace(experts={n: pool.experts[n] for n in merged_experts})
             what["experts_from_its_recipe"] = merged_experts
@@ -348,7 +347,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     rule = args.layer_rule or (get_method(args.method).extra.get("layer_rule") if args.method else None)
     # a merged checkpoint may also hold deltas (merged - base): the diagnostics tell which, as the library does
     is_delta = False if args.method else None
-    hint = "" if args.prefix or args.suite else "; give --prefix if its tensors sit under one"
+    hint = "" if prefix or pool.suite else "; give --prefix if its tensors sit under one"
     with _noting(args.weights and f"--weights {args.weights}: a merged checkpoint with the experts' keys and "
                                   f"shapes{hint}"):
         layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
@@ -471,8 +470,8 @@ def main(argv: list[str] | None = None) -> int:
                                              "--method)")
     p.set_defaults(seed=None)   # so that a --seed without --method is noticed
     p.add_argument("--weights", help="diagnose this merged checkpoint (any source --base takes) instead of --method, "
-                                     "against the suite its recipe recorded unless --suite or --base say; neither: "
-                                     "the Task Arithmetic sum")
+                                     "against the suite or checkpoints its recipe recorded unless --suite or --base "
+                                     "say; neither: the Task Arithmetic sum")
     p.add_argument("--curves", help="comma-separated per-layer curves (default: all of "
                                     "studio.diagnostics.CURVES)")
     p.add_argument("--out", help="write every number as JSON here")

@@ -1427,6 +1427,17 @@ def test_merged_files_under_any_name_are_found_and_what_cannot_be_read_back_is_r
                      "--out", str(tmp_path / "x.safetensors")]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "r.safetensors").exists()
+    # a merge of checkpoints: diagnose --weights reads the base and experts its recipe recorded
+    suite = load_suite(DEFAULT_SUITE_PATH)
+    save_state_dict(tmp_path / "base.safetensors", suite.base)
+    for name in ("digits", "signs"):
+        save_state_dict(tmp_path / f"{name}.safetensors", suite.experts[name])
+    assert main(["merge", "--base", str(tmp_path / "base.safetensors"), "--method", "tsv_m",
+                 "--expert", f"digits={tmp_path / 'digits.safetensors'}",
+                 "--expert", f"signs={tmp_path / 'signs.safetensors'}", "--out", str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", "--weights", str(tmp_path / "ck"), "--curves", "sar_mean"]) == 0   # was: give --suite
+    assert "2 experts, " in capsys.readouterr().out
     for out, message in (("", "the weights' file name is empty"),   # was "Device or resource busy", after the merge
                          (str(tmp_path / "hf"), f"cannot write {tmp_path / 'hf'}: it is a folder; give a file name")):
         assert main(["merge", "--suite", "MiniSuite", "--experts", "digits", "--method", "task_arithmetic",
