@@ -239,7 +239,7 @@ def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "
         calibration_hparams: the calibration's hyperparameters as a JSON object.
     """
     try:
-        experts = list(experts or STUDIO.task_names)
+        experts = STUDIO.check_expert_names(experts) or STUDIO.task_names
         if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
             given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams))
                      if parse_json_object(value, name)]

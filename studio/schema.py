@@ -179,8 +179,9 @@ class Param:
         if not finite:
             raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {brief(value)}")
         if self.type is int:
-            if float(value) != int(value):
-                raise HyperparameterError(f"{owner}: '{self.name}' must be an integer, got {brief(value)}")
+            if isinstance(value, float) and not value.is_integer():   # (an int is whole however large)
+                raise HyperparameterError(f"{owner}: '{self.name}' must be an integer ({self.describe()}), got "
+                                          f"{brief(value)}")
             value = int(value)
         else:
             value = float(value)

@@ -51,13 +51,31 @@ def test_layer_keys_are_the_default_rule_matrices(st: Studio):
     (dict(method="task_arithmetic", experts=None, preferences={"@0": -1.0}), StudioError, "finite number >= 0"),
     (dict(method="dare", experts=None, seed=2**64), RequestError, r"seed must be an integer in \[-2\^63"),
     (dict(method="dare", experts=None, seed=1.7), RequestError, "seed must be an integer"),
+    # values of the wrong kind through the API were TypeErrors, letters of a name or the wrong message
+    (dict(method=5, experts=None), RequestError, "the method must be a method's name, got 5; choose one of"),
+    (dict(method="task_arithmetic", experts="digits"), RequestError,
+     r"experts must be a list of expert names, got 'digits' \(one expert: \['digits'\]\)"),
+    (dict(method="task_arithmetic", experts={"digits": 1}), RequestError, "experts must be a list of expert names"),
+    (dict(method="task_arithmetic", experts=[["digits"]]), RequestError, r"\(strings\), got \['digits'\] among"),
+    (dict(method="task_arithmetic", experts=None, preferences=5), RequestError,
+     "preferences must be a mapping task -> weight"),
+    (dict(method="task_arithmetic", experts=None, preferences=[1, 2]), RequestError,
+     "preferences must be a mapping task -> weight"),
+    (dict(method="task_arithmetic", experts=None, preferences={"@0": 10**400}), RequestError,
+     "beyond a float's range"),
+    (dict(method="task_arithmetic", experts=None, hparams='{"alpha": ' + "9" * 5000 + "}"), StudioError,
+     "hyperparameters: holds an integer of more than 4300 digits"),
+    (dict(method="ortho_merge", experts=None, hparams={"k": 10**30}), HyperparameterError,
+     r"'k' = 1000000000000000000000000000000 is outside the allowed range \[1, 512\]"),
+    (dict(method="ortho_merge", experts=None, hparams={"k": 2.5}), HyperparameterError,
+     r"'k' must be an integer \(.*\[1, 512\]"),
 ])
 def test_invalid_requests_raise_readable_errors(st: Studio, two, kwargs, error, match):
     kwargs = dict(kwargs)
     if kwargs["experts"] is None:
         kwargs["experts"] = two
-    if kwargs.get("preferences") and "@0" in kwargs["preferences"]:
-        kwargs["preferences"] = {two[0]: -1.0}
+    if isinstance(kwargs.get("preferences"), dict) and "@0" in kwargs["preferences"]:
+        kwargs["preferences"] = {two[0]: kwargs["preferences"]["@0"]}
     with pytest.raises(error, match=match):
         st.request(**kwargs)
 
@@ -201,3 +219,15 @@ def test_accuracy_table_uses_one_split_for_every_reference(st: Studio, two):
         row = table[t]
         assert row["merged"] == result.accuracy[t] and row["individual"] == result.expert_accuracy[t]
         assert row["normalized"] == pytest.approx(100 * row["merged"] / row["individual"])
+
+
+def test_spectrum_requests_of_the_wrong_kind_are_named(st: Studio, two):
+    """A list as the layer, or an expert list of the wrong kind, was a TypeError or was read letter by letter."""
+    layer = st.default_layer()
+    with pytest.raises(StudioError, match=r"unknown layer \['visual.proj'\]"):
+        st.spectrum(["visual.proj"])
+    with pytest.raises(RequestError, match="expert list has duplicates"):
+        st.spectrum(layer, experts=[two[0], two[0]])
+    with pytest.raises(RequestError, match="experts must be a list of expert names, got 'digits'"):
+        st.spectrum(layer, experts="digits")
+    assert list(st.spectrum(layer, experts=two)["tasks"]) == two

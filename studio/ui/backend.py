@@ -193,18 +193,21 @@ class Studio:
         Raises :class:`StudioError` subclasses with readable messages: unknown method/calibration, no expert or an
         unknown expert, fewer experts than the method needs, out-of-range hyperparameters, bad preferences.
         """
-        if not isinstance(method, str) or not method:
+        if method is None or method == "":
             raise RequestError("no merging method given; choose one of " + ", ".join(sorted(METHODS)))
+        if not isinstance(method, str):
+            raise RequestError(f"the method must be a method's name, got {brief(method)}; choose one of "
+                               + ", ".join(sorted(METHODS)))
         spec = get_method(method)
         hp = parse_json_object(hparams, "hyperparameters")
-        experts = list(experts or [])
+        experts = self.check_expert_names(experts)
         if not experts:
             raise RequestError("no expert selected: pick at least one task expert to merge")
         unknown = [e for e in experts if e not in self.suite.experts]
         if unknown:
-            raise RequestError(f"unknown expert(s) {unknown}; the suite has {self.task_names}")
+            raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
         if len(set(experts)) != len(experts):
-            raise RequestError(f"expert list has duplicates: {experts}")
+            raise RequestError(f"expert list has duplicates: {brief(experts)}")
         if len(experts) < spec.min_experts:
             raise RequestError(f"{method} needs at least {spec.min_experts} experts, {len(experts)} selected")
         # Keep the suite's order so the same selection is the same pool (and the same recipe) whatever the click order.
@@ -298,19 +301,41 @@ class Studio:
             logging.getLogger(__name__).exception("cache warm-up failed")
 
     @staticmethod
+    def check_expert_names(experts: Any, what: str = "experts") -> list[str]:
+        """``experts`` as a list of names: a list (or tuple) of strings, or ``None`` (none)."""
+        if experts is None:
+            return []
+        if isinstance(experts, (str, bytes, Mapping)) or not isinstance(experts, Sequence):
+            raise RequestError(f"{what} must be a list of expert names, got {brief(experts)}"
+                               + (f" (one expert: [{experts!r}])" if isinstance(experts, str) else ""))
+        bad = [e for e in experts if not isinstance(e, str)]
+        if bad:
+            raise RequestError(f"{what} must be a list of expert names (strings), got {brief(bad[0])} among them")
+        return list(experts)
+
+    @staticmethod
     def _preferences(prefs: Mapping[str, float] | None, experts: Sequence[str]) -> dict[str, float] | None:
-        """Keep the selected experts' weights; ``None`` when absent or uniform (identical merge, simpler recipe)."""
+        """Keep the selected experts' weights; ``None`` when absent or uniform (identical merge, simpler recipe). A
+        selected task the mapping leaves out keeps weight 1, the sliders' default."""
         if not prefs:
             return None
-        unknown = sorted(set(prefs) - set(experts))
+        if not isinstance(prefs, Mapping):
+            raise RequestError(f"preferences must be a mapping task -> weight (JSON object), e.g. "
+                               f"{{{experts[0]!r}: 2}}, got {brief(prefs)}")
+        unknown = sorted(map(brief, set(prefs) - set(experts)))
         if unknown:
-            raise RequestError(f"preferences name task(s) {unknown} that are not selected; selected: {list(experts)}")
+            raise RequestError(f"preferences name task(s) {brief(unknown)} that are not selected; selected: "
+                               f"{list(experts)}")
         values = {}
         for n in experts:
             v = prefs.get(n, 1.0)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise RequestError(f"preference for task '{n}' must be a number >= 0, got {brief(v)}")
-            values[n] = float(v)
+            try:
+                values[n] = float(v)
+            except OverflowError:
+                raise RequestError(f"preference for task '{n}' is {brief(v)}, beyond a float's range; give a finite "
+                                   f"number >= 0 (only the ratios matter)") from None
         normalize_preferences(values, list(experts))  # raises on negative / non-finite / all-zero weights
         if len(set(values.values())) == 1:
             return None
@@ -424,7 +449,7 @@ class Studio:
                 "sar_reference": "merge" if deltas is not None else "task arithmetic sum"}
 
     def _check_layer(self, layer: str) -> None:
-        if layer not in self.suite.base:
+        if not isinstance(layer, str) or layer not in self.suite.base:
             raise StudioError(f"unknown layer {brief(layer)}; matrix layers are e.g. {self.layer_keys()[:3]} "
                               f"(see /layers)")
         if layer not in self.layer_keys():
@@ -434,11 +459,13 @@ class Studio:
     def spectrum(self, layer: str, experts: Sequence[str] | None = None,
                  req: MergeRequest | None = None) -> dict[str, Any]:
         """Singular values of each task matrix (and of the merged delta if ``req``) at ``layer`` (API payload)."""
-        experts = tuple(req.experts if req is not None else (experts or self.task_names))
+        experts = tuple(req.experts if req is not None else (self.check_expert_names(experts) or self.task_names))
         self._check_layer(layer)
         unknown = [e for e in experts if e not in self.suite.experts]
         if unknown:
-            raise RequestError(f"unknown expert(s) {unknown}; the suite has {self.task_names}")
+            raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
+        if len(set(experts)) != len(experts):
+            raise RequestError(f"expert list has duplicates: {brief(experts)}")
         pool = self.pool(experts)
         merged = self.merge(req) if req is not None else None
         with self._lock:

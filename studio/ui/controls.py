@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -198,6 +199,9 @@ def parse_json_object(text: "str | Mapping[str, Any] | None", what: str) -> dict
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StudioError(f"{what}: not valid JSON ({exc.msg} at position {exc.pos}); expected e.g. {{\"alpha\": 0.3}}") from None
+    except ValueError:   # Python's limit on the digits of an integer it converts (4300)
+        raise StudioError(f"{what}: holds an integer of more than {sys.get_int_max_str_digits()} digits; give "
+                          f"numbers in a hyperparameter's range") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
