@@ -732,7 +732,8 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     ``normalize=True``: ``C[i, j, r] = <a_j^r, a_i^r> / ||a_i^r||^2`` (the diagonal is 1), so that for the Task
     Arithmetic sum ``s_i^r = sum_j C[i, j, r]`` (Lemma 3.2). This is also AlignMerge's column step ``alpha_1``
     (App. B.2, eq. 22; :func:`studio.methods._align.cross_influence_terms`). ``False``: the raw inner products
-    ``<a_i^r, a_j^r>`` that SVC Fig. 3 visualises. Entries of a task without response are 0.
+    ``<a_i^r, a_j^r>`` that SVC Fig. 3 visualises. Entries of a task without response are 0; subspaces beyond the
+    merged delta's numerical rank (its null space, where LAPACK's directions are arbitrary) are NaN.
 
     Example:
         >>> from studio.pool import TaskPool
