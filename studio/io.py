@@ -710,8 +710,8 @@ class Recipe:
             raise bad("seed", "an integer")
         if self.layer_rule is not None and not isinstance(self.layer_rule, (str, Mapping)):
             raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
-        if self.prefix is not None and not isinstance(self.prefix, str):
-            raise bad("prefix", "a tensor-name prefix or null")
+        if self.prefix is not None and (not isinstance(self.prefix, str) or not self.prefix):
+            raise bad("prefix", "a non-empty tensor-name prefix or null (every tensor)")
         if self.sources is not None:
             given = self.sources
             shape = "a mapping {base: checkpoint source, experts: {expert name: checkpoint source}} or null"

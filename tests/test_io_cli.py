@@ -176,6 +176,8 @@ def test_recipes_check_their_fields():
         Recipe.from_dict({"method": "dare", "seed": "1"})
     with pytest.raises(CheckpointError, match="recipe field 'preferences' must be a mapping"):
         Recipe.from_dict({"method": "ties", "preferences": [1, 2]})
+    with pytest.raises(CheckpointError, match="recipe field 'prefix' must be a non-empty tensor-name prefix"):
+        Recipe.from_dict({"method": "ties", "prefix": ""})   # the CLI refuses --prefix '' too
     assert Recipe.from_dict({"method": "ties", "hparams": None, "experts": None}) == Recipe(method="ties")
     with pytest.raises(CheckpointError, match=r"unknown field\(s\) \['1', 'zz'\]"):
         Recipe.from_dict({"method": "ties", 1: 2, "zz": 3})
