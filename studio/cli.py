@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                             "(e.g. vision_model. for Hugging Face CLIP checkpoints)" + (
                                 "; the recipe's own prefix applies (a different one is refused)" if replay else ""))
         p.add_argument("--device", default=None,
-                       help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
+                       help="cpu, cuda, cuda:N or auto (the default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
     def merge_args(p: argparse.ArgumentParser, required: bool = True,
                    layer_help: str = "(omitted: the method's and the calibration's own default rule, as "
@@ -515,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep only the weights' tensors whose names start with this (e.g. visual. for a merge of "
                         "full CLIP checkpoints, whose text tower the suite's model does not have)")
     p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
+                   help="cpu, cuda, cuda:N or auto (the default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
 
     for name, (_, help_) in _PASSTHROUGH.items():   # listed in --help; their options go to their own parsers
         p = sub.add_parser(name, help=help_, add_help=False)
