@@ -119,6 +119,7 @@ class _Reference:
     probs: Tensor         # [N, C] softmax of the reference model
     log_probs: Tensor     # [N, C]
     accuracy: float
+    correct: int          # images it classifies right (normalized accuracy is a ratio of counts)
 
 
 class _SuiteEvaluator:
@@ -169,22 +170,31 @@ class _SuiteEvaluator:
 
     def reference(self, kind: str, task: str, split: str, device: torch.device, batch_size: int) -> _Reference:
         sd = self.suite.base if kind == "zeroshot" else self.suite.experts[task]
-        # keyed by the weights' identity (storage, version counter, samples: studio.pool.fingerprint), so a suite
-        # whose base or experts are replaced or edited in place gets fresh references, not stale ones
+        # keyed by the identity of the weights and of the task's head (storage, version counter, samples:
+        # studio.pool.fingerprint) and the logit scale, so a suite whose base, experts or heads are replaced or
+        # edited in place gets fresh references, not stale ones
         key = (kind, task, split, str(device))
-        tag = fingerprint(sd, {})
+        scale = self.suite.logit_scale
+        tag = (fingerprint(sd, {}), fingerprint({"head": self.suite.heads[task]}, {}),
+               float(scale) if not isinstance(scale, Tensor) else fingerprint({"scale": scale}, {}))
         found = self.refs.get(key)
         if found is None or found[0] != tag:
             lp = self.log_probs(sd, [task], split, device, batch_size)[task]
             _, labels = self.data(task, split, device)
             _check_outputs(lp, kind if kind == "zeroshot" else f"expert '{task}'", task, sd)
-            self.refs[key] = (tag, _Reference(lp.exp(), lp, _accuracy(lp.argmax(-1), labels)))
+            correct = _correct(lp.argmax(-1), labels)
+            self.refs[key] = (tag, _Reference(lp.exp(), lp, _percent(correct, labels), correct))
         return self.refs[key][1]
 
 
-def _accuracy(pred: Tensor, labels: Tensor) -> float:
-    """Percent of correct predictions, counted exactly (not a float32 mean)."""
-    return 100.0 * int((pred == labels).sum()) / max(1, labels.numel())
+def _correct(pred: Tensor, labels: Tensor) -> int:
+    """The number of correct predictions."""
+    return int((pred == labels).sum())
+
+
+def _percent(correct: int, labels: Tensor) -> float:
+    """Percent of correct predictions, from the exact count (not a float32 mean)."""
+    return 100.0 * correct / max(1, labels.numel())
 
 
 def _check_outputs(log_probs: Tensor, what: str, task: str, state_dict: StateDict) -> None:
@@ -257,10 +267,12 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
             _check_outputs(lp, "evaluated", t, state_dict)
             _, labels = ev.data(t, split, dev)
             pred = lp.argmax(-1)
-            a = _accuracy(pred, labels)
+            correct = _correct(pred, labels)
+            a = _percent(correct, labels)
             expert, zs = refs[t]
             acc[t] = a
-            norm[t] = 100.0 * a / expert.accuracy if expert.accuracy > 0 else float("nan")
+            # TSV eq. 10 as a ratio of counts on the same images (an expert on its own task: exactly 100)
+            norm[t] = 100.0 * correct / expert.correct if expert.correct > 0 else float("nan")
             gain = expert.accuracy - zs.accuracy
             nai[t] = 100.0 * (a - zs.accuracy) / gain if gain > 0 else float("nan")
             # KL(P_expert || P_merged) averaged over the probe images (Ortho-Merge eq. 10-11)
@@ -301,7 +313,10 @@ def predict(suite: Suite, state_dict: StateDict, task: str, images: Tensor,
     """
     suite.task(task)
     dev = resolve_device(device)
-    x = torch.as_tensor(images)
+    try:
+        x = torch.as_tensor(images)
+    except (TypeError, ValueError, RuntimeError):
+        raise StudioError(f"images must be a uint8 tensor or array [N, H, W, 3], got {brief(images)}") from None
     if x.dim() == 3:
         x = x.unsqueeze(0)
     size = suite.image_size
@@ -319,7 +334,8 @@ def predict(suite: Suite, state_dict: StateDict, task: str, images: Tensor,
         logits = head_logits(emb.float(), suite.heads[task].to(dev), suite.logit_scale)
         _check_outputs(logits, "given", task, state_dict)
         probs = F.softmax(logits, dim=-1)
-    return probs.argmax(-1).cpu(), probs.cpu()
+    # clones made outside inference mode: callers may edit them in place (an inference tensor refuses that)
+    return probs.argmax(-1).cpu().clone(), probs.cpu().clone()
 
 
 @dataclass
@@ -409,6 +425,8 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
     if not all(math.isfinite(a) for a in values):
         raise StudioError(f"alphas must be finite, got {brief(values)}")
     _check_split(split)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:   # before any merge
+        raise StudioError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
     if split == "test":
         warnings.warn("alpha_sweep on the test split chooses alpha on the numbers it then reports (an oracle "
                       "upper bound); the papers and the leaderboard choose it on 'validation'", stacklevel=2)
@@ -418,14 +436,21 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
         # the same forms as the merge's preferences (a mapping, or one weight per expert in order), checked the same
         # way; the objective uses them as given (a task the mapping leaves out counts 0)
         given = objective_weights if objective_weights is not None else preferences
+        what = "objective_weights" if objective_weights is not None else "preferences"
         if isinstance(given, Mapping):
             unknown = sorted(set(map(str, given)) - set(suite.task_names))
             if unknown:
-                raise UnknownTaskError(f"objective weights name unknown task(s) {brief(unknown)}; tasks: "
-                                       f"{suite.task_names}")
-        normalize_preferences(given, list(suite.experts))   # raises on anything a merge would refuse
+                raise UnknownTaskError(f"{what} name unknown task(s) {brief(unknown)}; tasks: {suite.task_names}")
+        try:
+            normalize_preferences(given, list(suite.experts))   # raises on anything a merge would refuse
+        except StudioError as exc:   # named as the argument the caller gave
+            message = str(exc)
+            raise type(exc)(what + message[len("preferences"):] if message.startswith("preferences") else
+                            f"{what}: {message}") from None
         raw = given.tolist() if isinstance(given, (Tensor, np.ndarray)) else given
         weights = {str(k): float(v) for k, v in (raw.items() if isinstance(raw, Mapping) else zip(suite.experts, raw))}
+        if not any(weights.get(t, 0.0) > 0 for t in names):   # the objective would be NaN at every alpha
+            raise StudioError(f"{what} give every evaluated task ({names}) weight 0; the objective needs one")
     results, objective = [], []
     for a in values:
         merged = merge(suite.base, suite.experts, method, preferences=preferences, **{param: a}, **merge_kwargs)

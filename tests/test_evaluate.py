@@ -277,3 +277,47 @@ def test_alpha_sweep_and_predict_refuse_what_evaluate_refuses(suite):
     images, _ = suite.split("signs", "test")
     with pytest.raises(StudioError, match="outputs on task 'signs' are not finite"):
         predict(suite, nan_model, "signs", images[:2])
+
+
+def test_references_follow_the_heads_and_scale_and_experts_score_exactly_100():
+    """Replacing a task's head or the logit scale of an evaluated suite left the cached expert and zero-shot
+    references stale; an expert on its own task scored 99.99999999999999 or 100.00000000000001 normalized."""
+    from studio.suite import load_suite
+
+    own = load_suite(DEFAULT_SUITE_PATH)   # a private suite object: the module's is shared
+    first = evaluate(own, own.experts["digits"], tasks=["digits"], device="cpu")
+    assert first.normalized == {"digits": 100.0}
+    assert all(evaluate(own, own.experts[t], tasks=[t], device="cpu").normalized[t] == 100.0
+               for t in own.task_names)
+    flipped = -own.heads["digits"]
+    own.heads["digits"] = flipped
+    own.logit_scale = 50.0
+    fresh = load_suite(DEFAULT_SUITE_PATH)
+    fresh.heads["digits"] = flipped
+    fresh.logit_scale = 50.0
+    merged = studio.merge(own.base, own.experts, "task_arithmetic")
+    got, want = (evaluate(s, merged, tasks=["digits"], device="cpu") for s in (own, fresh))
+    assert got.expert_accuracy == want.expert_accuracy != first.expert_accuracy
+    assert got.zeroshot_accuracy == want.zeroshot_accuracy and got.kl == want.kl
+
+
+def test_bad_tasks_meta_weights_images_and_sweep_arguments_are_named(suite):
+    with pytest.raises(UnknownTaskError, match="tasks must be a task's name or a list of them"):
+        evaluate(suite, suite.base, tasks=5)
+    with pytest.raises(UnknownTaskError, match="got \\{'digits'\\}"):   # a set: no order for the results
+        evaluate(suite, suite.base, tasks={"digits"})
+    meta = {k: torch.empty_like(v, device="meta") for k, v in suite.base.items()}
+    with pytest.raises(ArchitectureError, match="is a meta tensor \\(no data\\)"):
+        evaluate(suite, meta, tasks=["digits"])
+    for images in (None, "abc"):
+        with pytest.raises(StudioError, match="images must be a uint8 tensor or array"):
+            predict(suite, suite.base, "digits", images)
+    pred, prob = predict(suite, suite.base, "digits", suite.split("digits", "test")[0][:2], device="cpu")
+    prob.mul_(2)   # an inference tensor refused this
+    pred[0] = 0
+    with pytest.raises(StudioError, match="batch_size must be an integer >= 1, got 0"):
+        alpha_sweep(suite, "task_arithmetic", [0.3], batch_size=0)
+    with pytest.raises(StudioError, match="^objective_weights are all zero"):
+        alpha_sweep(suite, "task_arithmetic", [0.3], objective_weights={"digits": 0})
+    with pytest.raises(StudioError, match=r"objective_weights give every evaluated task \(\['digits'\]\) weight 0"):
+        alpha_sweep(suite, "task_arithmetic", [0.3], tasks=["digits"], objective_weights={"signs": 1})

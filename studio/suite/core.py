@@ -157,6 +157,9 @@ class Suite:
             return list(self.task_names)
         if isinstance(tasks, str):
             tasks = [tasks]
+        if not isinstance(tasks, (list, tuple)):   # a set has no order: the results would follow its iteration
+            raise UnknownTaskError(f"tasks must be a task's name or a list of them (of {self.task_names}), got "
+                                   f"{brief(tasks)}")
         out = [self.task(t).name for t in tasks]
         if not out:
             raise UnknownTaskError(f"empty task selection; choose among {self.task_names}")

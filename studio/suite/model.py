@@ -122,6 +122,8 @@ def check_architecture(reference: Mapping[str, Tensor], state_dict: Mapping[str,
         t = state_dict[k]
         if not isinstance(t, Tensor):
             raise ArchitectureError(f"{what} key {k!r} is a {type(t).__name__}, expected a torch.Tensor")
+        if t.is_meta:
+            raise ArchitectureError(f"{what} key {k!r} is a meta tensor (no data); load the weights first")
         if tuple(t.shape) != tuple(ref.shape):
             raise ArchitectureError(
                 f"{what} key {k!r} has shape {tuple(t.shape)}; the architecture expects {tuple(ref.shape)}")
