@@ -680,6 +680,8 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = evaluate(suite, weights, tasks=tasks, split=args.split, device=args.device)
         except ArchitectureError as exc:   # name the file, and what it is where it is not a model
+            if not str(exc).startswith("state dict"):   # the suite's own base or an expert: named already
+                raise
             from .compress import Compressed
 
             packed = False

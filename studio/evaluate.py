@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from .pool import fingerprint, normalize_preferences, resolve_device
 from .schema import StudioError, brief
-from .suite.core import EmptySplitError, Suite, UnknownTaskError
+from .suite.core import EmptySplitError, Suite, SuiteError, UnknownTaskError
 from .suite.model import check_architecture, head_logits, preprocess
 
 StateDict = Mapping[str, Tensor]
@@ -164,7 +164,7 @@ class _SuiteEvaluator:
         for task in tasks:
             x, _ = self.data(task, split, device)
             emb = torch.cat([model(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
-            head = self.suite.heads[task].to(device)
+            head = _task_head(self.suite, task, emb.shape[-1]).to(device)
             out[task] = F.log_softmax(head_logits(emb.float(), head, self.suite.logit_scale), dim=-1)
         return out
 
@@ -179,12 +179,25 @@ class _SuiteEvaluator:
                float(scale) if not isinstance(scale, Tensor) else fingerprint({"scale": scale}, {}))
         found = self.refs.get(key)
         if found is None or found[0] != tag:
+            files = self.suite.weight_files
+            what = (f"the suite's base ({files['base']})" if kind == "zeroshot" else
+                    f"expert {task!r} ({files['experts'][task]})")
+            check_architecture(self.suite.tower.reference, sd, what=what)   # named, not as the evaluated weights
             lp = self.log_probs(sd, [task], split, device, batch_size)[task]
             _, labels = self.data(task, split, device)
             _check_outputs(lp, kind if kind == "zeroshot" else f"expert '{task}'", task, sd)
             correct = _correct(lp.argmax(-1), labels)
             self.refs[key] = (tag, _Reference(lp.exp(), lp, _percent(correct, labels), correct))
         return self.refs[key][1]
+
+
+def _task_head(suite: Suite, task: str, dim: int) -> Tensor:
+    """The head ``[C, D]`` of ``task``, whose ``D`` must be the model's embedding size ``dim``."""
+    head = suite.heads[task]
+    if head.shape[-1] != dim:
+        raise SuiteError(f"{suite.root}/heads.safetensors: the head of task {task!r} is {tuple(head.shape)}; the "
+                         f"model {suite.model_name!r} embeds images in {dim} dimensions ([{head.shape[0]}, {dim}])")
+    return head
 
 
 def _correct(pred: Tensor, labels: Tensor) -> int:
@@ -331,7 +344,7 @@ def predict(suite: Suite, state_dict: StateDict, task: str, images: Tensor,
     with ev.lock, torch.inference_mode():
         model = ev.model(state_dict, dev)
         emb = model(preprocess(x, dev))
-        logits = head_logits(emb.float(), suite.heads[task].to(dev), suite.logit_scale)
+        logits = head_logits(emb.float(), _task_head(suite, task, emb.shape[-1]).to(dev), suite.logit_scale)
         _check_outputs(logits, "given", task, state_dict)
         probs = F.softmax(logits, dim=-1)
     # clones made outside inference mode: callers may edit them in place (an inference tensor refuses that)

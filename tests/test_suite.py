@@ -297,3 +297,70 @@ def test_error_cases(mini_suite, tmp_path):
     (copy / "experts" / "digits.safetensors").write_bytes(b"")
     with pytest.raises(SuiteError, match=r"digits\.safetensors: not a readable safetensors file"):
         load_suite(copy).experts
+
+
+def test_labels_heads_scales_accuracies_and_configs_that_would_mislead_are_named(mini_suite, tmp_path):
+    """2-D labels scored 3000 %, float or bool labels were cast, a negative logit_scale turned argmax into argmin, a
+    head of the wrong width or with NaN failed inside torch or was blamed on an expert, a malformed accuracy block
+    stopped the app with a TypeError, and a suite's model config that differs from a registered one of the same name
+    was silently replaced by it (or replaced it, for the suites loaded after)."""
+    from studio.evaluate import evaluate
+
+    copy = tmp_path / "copy"
+    shutil.copytree(mini_suite, copy)
+    good = load_suite(copy).split("signs", "test")
+    for labels, message in ((good[1][:, None], r"'test_labels' is torch.int64 \(\d+, 1\); expected integer class "
+                                               r"indices \[N\]"),
+                            (good[1].float(), "'test_labels' is torch.float32"),
+                            (good[1] > 0, "'test_labels' is torch.bool")):
+        save_file({"test_images": good[0], "test_labels": labels.contiguous(), "val_images": good[0].clone(),
+                   "val_labels": good[1].clone()}, str(copy / "data" / "signs.safetensors"))
+        with pytest.raises(SuiteError, match=message):
+            load_suite(copy).split("signs", "test")
+    shutil.rmtree(copy)
+    shutil.copytree(mini_suite, copy)
+    heads = load_suite(copy).heads
+    for head, message in ((heads["signs"][:, :32], r"the head of task 'signs' is \(\d+, 32\); the model 'MiniCLIP-ViT' "
+                                                   r"embeds images in 64 dimensions"),
+                          (heads["signs"] * float("nan"), "the head of task 'signs' contains NaN"),
+                          (heads["signs"][0], "expected a floating-point \\[classes, embedding\\] matrix")):
+        save_file({**heads, "signs": head.clone().contiguous()}, str(copy / "heads.safetensors"))
+        with pytest.raises(SuiteError, match=message):
+            suite = load_suite(copy)
+            evaluate(suite, suite.base, tasks=["signs"], device="cpu")
+    good_manifest = json.loads((mini_suite / "manifest.json").read_text())
+    for change, message in (
+            (lambda m: m.update(logit_scale=-15), "'logit_scale' must be a finite number > 0"),
+            (lambda m: m.update(logit_scale=True), "'logit_scale' must be a finite number > 0"),
+            (lambda m: m["tasks"][0].update(classes="0123456789"), "'classes' must be a list of class names")):
+        manifest = json.loads(json.dumps(good_manifest))
+        change(manifest)
+        with pytest.raises(SuiteError, match=message):
+            Suite(copy, manifest)
+    manifest = json.loads(json.dumps(good_manifest))
+    manifest["accuracy"]["expert_own_task"]["digits"] = 97
+    with pytest.raises(SuiteError, match=r"'accuracy.expert_own_task.digits' must be an object such as"):
+        Suite(copy, manifest).expert_accuracy
+    manifest["accuracy"] = []
+    with pytest.raises(SuiteError, match="'accuracy' must map 'zeroshot' to per-task values"):
+        Suite(copy, manifest).zeroshot_accuracy
+    for name, text, message in ((
+            "wide", None, "model 'MiniCLIP-ViT' is already known to open_clip with another config"),
+            ("broken", "{oops", "MiniCLIP-ViT.json: not a readable JSON model config")):
+        other = tmp_path / name   # a folder of its own: each folder's configs are registered once per process
+        shutil.copytree(mini_suite, other)
+        config = json.loads((other / "model_configs" / "MiniCLIP-ViT.json").read_text())
+        config["vision_cfg"]["width"] = 256
+        (other / "model_configs" / "MiniCLIP-ViT.json").write_text(text or json.dumps(config))
+        with pytest.raises(ArchitectureError, match=message):
+            load_suite(other).tower
+    assert load_suite(mini_suite).build_model(load_suite(mini_suite).base) is not None   # unaffected
+    # an expert of another architecture is named with its file, not blamed on the weights evaluated
+    arch = tmp_path / "arch"
+    shutil.copytree(mini_suite, arch)
+    expert = load_file(str(arch / "experts" / "signs.safetensors"))
+    expert["visual.proj"] = expert["visual.proj"].T.contiguous()
+    save_file(expert, str(arch / "experts" / "signs.safetensors"))
+    suite = load_suite(arch)
+    with pytest.raises(ArchitectureError, match=r"expert 'signs' \(.*experts/signs.safetensors\) key 'visual.proj'"):
+        evaluate(suite, suite.base, tasks=["signs"], device="cpu")

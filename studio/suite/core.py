@@ -117,8 +117,16 @@ class Suite:
                 Task(t["name"], tuple(t["classes"]), t.get("group", ""), t.get("description", ""))
                 for t in tasks_field
             ]
-            self.logit_scale: float = float(self.manifest.get("logit_scale", 100.0))
-        except (KeyError, TypeError, ValueError) as exc:
+            scale = self.manifest.get("logit_scale", 100.0)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+                raise ValueError(f"'logit_scale' must be a finite number > 0 (CLIP's exp(t), e.g. 100), got "
+                                 f"{brief(scale)}")
+            self.logit_scale: float = float(scale)
+            for t in tasks_field:
+                if not isinstance(t.get("classes"), list) or not all(isinstance(c, str) for c in t["classes"]):
+                    raise ValueError(f"task {t.get('name')!r}: 'classes' must be a list of class names, got "
+                                     f"{brief(t.get('classes'))}")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             missing = f"lacks the field {exc}" if isinstance(exc, KeyError) else f"is malformed: {exc}"
             raise SuiteError(f"{where} {missing} (see studio.suite's folder layout)") from None
         if not isinstance(self.model_name, str):
@@ -171,14 +179,33 @@ class Suite:
     @property
     def expert_accuracy(self) -> dict[str, float]:
         """Each expert's test accuracy (%) on its own task, as measured by the build (from the manifest)."""
-        acc = self.manifest.get("accuracy", {}).get("expert_own_task", {})
-        return {t: float(acc[t]["test"]) for t in self.task_names if t in acc}
+        return self._recorded_accuracy("expert_own_task")
 
     @property
     def zeroshot_accuracy(self) -> dict[str, float]:
         """The pretrained backbone's test accuracy (%) per task with the fixed heads (from the manifest)."""
-        acc = self.manifest.get("accuracy", {}).get("zeroshot", {})
-        return {t: float(acc[t]["test"]) for t in self.task_names if t in acc}
+        return self._recorded_accuracy("zeroshot")
+
+    def _recorded_accuracy(self, kind: str) -> dict[str, float]:
+        """The manifest's ``accuracy.<kind>.<task>.test`` values (tasks it leaves out are measured by callers); a
+        malformed entry is a :class:`SuiteError` naming it."""
+        block = self.manifest.get("accuracy", {})
+        acc = block.get(kind, {}) if isinstance(block, Mapping) else None
+        if not isinstance(acc, Mapping):
+            raise SuiteError(f"{self.root}/manifest.json: 'accuracy' must map {kind!r} to per-task values, got "
+                             f"{brief(block)}")
+        out = {}
+        for t in self.task_names:
+            if t in acc:
+                if not isinstance(acc[t], Mapping):
+                    raise SuiteError(f"{self.root}/manifest.json: 'accuracy.{kind}.{t}' must be an object such as "
+                                     f"{{\"test\": 97.3}}, got {brief(acc[t])}")
+                value = acc[t].get("test")
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+                    raise SuiteError(f"{self.root}/manifest.json: 'accuracy.{kind}.{t}.test' must be a percentage "
+                                     f"in [0, 100], got {brief(value)}")
+                out[t] = float(value)
+        return out
 
     # ------------------------------------------------------------------------------------------------- weights
     @property
@@ -214,9 +241,17 @@ class Suite:
                 for t in self.tasks:
                     if t.name not in heads:
                         raise SuiteError(f"heads.safetensors has no head for task {t.name!r}")
-                    if heads[t.name].shape[0] != t.num_classes:
-                        raise SuiteError(f"head of task {t.name!r} has {heads[t.name].shape[0]} rows but the task "
+                    head = heads[t.name]
+                    if head.dim() != 2 or not head.is_floating_point():
+                        raise SuiteError(f"{self.root}/heads.safetensors: the head of task {t.name!r} is "
+                                         f"{head.dtype} {tuple(head.shape)}; expected a floating-point [classes, "
+                                         f"embedding] matrix ([{t.num_classes}, D])")
+                    if head.shape[0] != t.num_classes:
+                        raise SuiteError(f"head of task {t.name!r} has {head.shape[0]} rows but the task "
                                          f"has {t.num_classes} classes")
+                    if not bool(torch.isfinite(head).all()):
+                        raise SuiteError(f"{self.root}/heads.safetensors: the head of task {t.name!r} contains NaN "
+                                         f"or infinite values")
                 self._heads = {t: heads[t] for t in self.task_names}
             return self._heads
 
@@ -227,10 +262,9 @@ class Suite:
         with self._lock:
             if self._tower is None:
                 configs = self.root / "model_configs"
+                register_model_configs()   # the studio's own first, so that a suite's differing one is named
                 if configs.is_dir():
                     register_model_configs(configs)
-                else:
-                    register_model_configs()
                 try:
                     self._tower = VisualTower(self.model_name)
                 except ArchitectureError:
@@ -277,14 +311,23 @@ class Suite:
         prefix = _SPLIT_PREFIX[split]
         if f"{prefix}_images" not in data or f"{prefix}_labels" not in data:
             raise EmptySplitError(f"task {task!r} has no {split!r} split (keys {sorted(data)})")
-        images, labels = data[f"{prefix}_images"], data[f"{prefix}_labels"].to(torch.int64)
+        images, labels = data[f"{prefix}_images"], data[f"{prefix}_labels"]
+        file = self.root / "data" / f"{task}.safetensors"
+        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise SuiteError(f"{file}: '{prefix}_labels' is {labels.dtype} {tuple(labels.shape)}; expected integer "
+                             f"class indices [N]")
+        labels = labels.to(torch.int64)
         if images.shape[0] == 0:
             raise EmptySplitError(f"the {split!r} split of task {task!r} is empty")
         if images.shape[0] != labels.shape[0]:
             raise SuiteError(f"task {task!r} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
-        # the manifest's image size (building the model to ask it would import open_clip just to read data)
+        # the manifest's image size (building the model to ask it would import open_clip just to read data), else
+        # the model's own (a manifest that names the model only)
         model = self.manifest.get("model")
-        size = model.get("image_size") if isinstance(model, Mapping) else None
+        size = model.get("image_size") if isinstance(model, Mapping) else self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise SuiteError(f"{self.root}/manifest.json: 'model.image_size' must be a whole number of pixels, got "
+                             f"{brief(size)}")
         expected = (size, size, 3) if size else None
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3 or (
                 expected is not None and tuple(images.shape[1:]) != expected):

@@ -44,12 +44,30 @@ def register_model_configs(path: "str | Path" = MODEL_CONFIG_DIR) -> None:
         >>> "MiniCLIP-ViT" in open_clip.list_models()
         True
     """
+    import json
+
     import open_clip
 
     key = str(Path(path).resolve())
     with _REGISTER_LOCK:
         if key in _REGISTERED:
             return
+        # open_clip keeps one registry per process, in which a later folder's config silently replaces an earlier
+        # one of the same name: a suite would then build another suite's architecture, depending on what the
+        # process loaded first. A name registered with other content is refused instead.
+        for file in sorted(Path(path).glob("*.json")):
+            try:
+                config = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ArchitectureError(f"{file}: not a readable JSON model config ({exc})") from None
+            if not isinstance(config, dict):
+                raise ArchitectureError(f"{file}: a model config must be a JSON object, got {type(config).__name__}")
+            known = open_clip.get_model_config(file.stem)
+            if known is not None and known != config:
+                raise ArchitectureError(
+                    f"{file}: model {file.stem!r} is already known to open_clip with another config (this process "
+                    f"registered it from another suite or from open_clip's own); open_clip has one registry per "
+                    f"process, so give this architecture its own name (the file's and the manifest's 'model')")
         open_clip.add_model_config(Path(path))
         _REGISTERED.add(key)
 
