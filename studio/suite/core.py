@@ -11,6 +11,11 @@ A suite is a folder (local, or a Hugging Face Hub repository) with this layout::
     text.safetensors               optional: what produced the heads (MiniCLIP's tiny text tower), not merged
 
 Real CLIP pools plug in with the same layout: ``"model": "ViT-B-32"`` in the manifest, no ``model_configs/``.
+Checked when read, each naming the file and field at fault: ``logit_scale`` a finite number > 0, each task's
+``classes`` a list of names, heads finite floating ``[C, D]`` with ``D`` the model's embedding size, labels integer
+``[N]`` within the classes, images of the model's size, recorded accuracies percentages. open_clip keeps one config
+registry per process: a ``model_configs/`` file whose name is already registered with other content (by the
+studio, open_clip or a suite loaded before) is refused, so give a new architecture its own name.
 
 Example:
     >>> suite = default_suite()                                   # doctest: +SKIP
