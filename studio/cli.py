@@ -289,12 +289,6 @@ def _embedded_recipe(weights: str) -> Recipe | None:
     return None
 
 
-def _recipe_experts(weights: str) -> list[str] | None:
-    """The experts a merged file's embedded recipe says it merged, else None."""
-    recipe = _embedded_recipe(weights)
-    return (list(recipe.experts or []) or None) if recipe is not None else None
-
-
 def _diagnose(args: argparse.Namespace) -> None:
     """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves` and Iso's ``sar_avg`` (per task, and
     pairwise between tasks) of a merge the options describe, of a merged checkpoint, or of the Task Arithmetic sum;
@@ -314,11 +308,11 @@ def _diagnose(args: argparse.Namespace) -> None:
     unknown = sorted(set(curves or []) - set(diag.CURVES))
     if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
+    embedded = _embedded_recipe(args.weights) if args.weights else None   # read once
     recorded = None   # a merged file's own recipe: the suite or checkpoints it merged, unless the options name some
-    if args.weights and not (args.suite or args.base or args.expert or args.prefix):
-        recipe = _embedded_recipe(args.weights)
-        if recipe is not None and (recipe.suite or recipe.sources):
-            recorded = recipe
+    if (embedded is not None and (embedded.suite or embedded.sources)
+            and not (args.suite or args.base or args.expert or args.prefix)):
+        recorded = embedded
     pool = _load_pool(args, recorded)
     prefix = recorded.prefix if recorded is not None else args.prefix   # the merge's tensors, and the weights'
     read = []   # every file of a local --weights (a folder's weights file, an index's shards), which --out must spare
@@ -335,7 +329,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         with _noting("--weights"):
             merged, source = load_checkpoint(args.weights, prefix=prefix)
         what = {"weights": source}
-        merged_experts = _recipe_experts(args.weights) if pool.suite and args.experts is None else None
+        merged_experts = list(embedded.experts) if embedded is not None and pool.suite and args.experts is None else []
         if merged_experts and set(merged_experts) < set(pool.experts):   # a merge of some of the suite's experts
             pool = pool._replace(experts={n: pool.experts[n] for n in merged_experts})
             what["experts_from_its_recipe"] = merged_experts

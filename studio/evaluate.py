@@ -233,6 +233,11 @@ def _evaluator(suite: Suite) -> _SuiteEvaluator:
         return ev
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise StudioError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
+
+
 def _check_split(split: str) -> None:
     if split not in ("validation", "test"):
         raise EmptySplitError(f"unknown split {brief(split)}; expected 'validation' or 'test'")
@@ -266,8 +271,7 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
     _check_split(split)
     names = suite.check_tasks(tasks)
     dev = resolve_device(device)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise StudioError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
+    _check_batch_size(batch_size)
     check_architecture(suite.tower.reference, state_dict)  # fail fast, before any reference is computed
     ev = _evaluator(suite)
     with ev.lock:
@@ -438,8 +442,7 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
     if not all(math.isfinite(a) for a in values):
         raise StudioError(f"alphas must be finite, got {brief(values)}")
     _check_split(split)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:   # before any merge
-        raise StudioError(f"batch_size must be an integer >= 1, got {brief(batch_size)}")
+    _check_batch_size(batch_size)   # before any merge
     if split == "test":
         warnings.warn("alpha_sweep on the test split chooses alpha on the numbers it then reports (an oracle "
                       "upper bound); the papers and the leaderboard choose it on 'validation'", stacklevel=2)
@@ -454,12 +457,7 @@ def alpha_sweep(suite: Suite, method: str, alphas: Sequence[float], *, split: st
             unknown = sorted(set(map(str, given)) - set(suite.task_names))
             if unknown:
                 raise UnknownTaskError(f"{what} name unknown task(s) {brief(unknown)}; tasks: {suite.task_names}")
-        try:
-            normalize_preferences(given, list(suite.experts))   # raises on anything a merge would refuse
-        except StudioError as exc:   # named as the argument the caller gave
-            message = str(exc)
-            raise type(exc)(what + message[len("preferences"):] if message.startswith("preferences") else
-                            f"{what}: {message}") from None
+        normalize_preferences(given, list(suite.experts), what=what)   # raises on anything a merge would refuse
         raw = given.tolist() if isinstance(given, (Tensor, np.ndarray)) else given
         weights = {str(k): float(v) for k, v in (raw.items() if isinstance(raw, Mapping) else zip(suite.experts, raw))}
         if not any(weights.get(t, 0.0) > 0 for t in names):   # the objective would be NaN at every alpha

@@ -723,11 +723,12 @@ def key_seed(seed: int, key: str) -> int:
 
 
 def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | Tensor | None",
-                          names: Sequence[str]) -> Tensor | None:
+                          names: Sequence[str], *, what: str = "preferences") -> Tensor | None:
     """Validate per-task preference weights and return them normalised to sum to 1 (``None``: uniform).
 
     A mapping may name a subset of the tasks; the others get weight 0 (``{"a": 1}`` is the one-hot target-task
-    setting). A sequence must give one weight per task, in expert order.
+    setting). A sequence must give one weight per task, in expert order. ``what``: the argument's name in errors
+    (e.g. ``alpha_sweep``'s ``objective_weights``, checked the same way).
 
     Example:
         >>> normalize_preferences({"a": 1, "b": 3}, ["a", "b"]).tolist()
@@ -739,19 +740,19 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         unknown = sorted(map(brief, set(preferences) - set(names)))
         if unknown:
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
-            raise StudioError(f"preferences name unknown task(s) {', '.join(unknown[:10])}{more}; the experts are "
+            raise StudioError(f"{what} name unknown task(s) {', '.join(unknown[:10])}{more}; the experts are "
                               f"{list(names)}")
         values = [preferences.get(n, 0.0) for n in names]
     else:
         ordered = isinstance(preferences, (Sequence, Tensor, np.ndarray)) and not isinstance(preferences, (str, bytes))
         if isinstance(preferences, Tensor) and preferences.is_meta:
-            raise StudioError("preferences are a meta tensor (no data); give the weights' values")
+            raise StudioError(f"{what} are a meta tensor (no data); give the weights' values")
         if not ordered or (isinstance(preferences, (Tensor, np.ndarray)) and preferences.ndim != 1):
-            raise StudioError(f"preferences must be a mapping task -> weight or a sequence of one weight per task "
+            raise StudioError(f"{what} must be a mapping task -> weight or a sequence of one weight per task "
                               f"(in expert order), got {brief(preferences)}")
         values = list(preferences.tolist() if isinstance(preferences, (Tensor, np.ndarray)) else preferences)
         if len(values) != len(names):
-            raise StudioError(f"preferences has {len(values)} weights but there are {len(names)} experts {list(names)}")
+            raise StudioError(f"{what} has {len(values)} weights but there are {len(names)} experts {list(names)}")
     weights = []
     for name, v in zip(names, values):
         if isinstance(v, Tensor) and v.numel() == 1:
@@ -761,12 +762,13 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         except (TypeError, ValueError, OverflowError, RuntimeError, NotImplementedError):   # e.g. 10**400, meta
             w = None
         if w is None or not math.isfinite(w) or w < 0:
-            raise StudioError(f"preference for task '{name}' is {brief(v)}; expected a finite number >= 0")
+            entry = "preference" if what == "preferences" else f"{what} entry"
+            raise StudioError(f"{entry} for task '{name}' is {brief(v)}; expected a finite number >= 0")
         weights.append(w)
     total = sum(weights)
     if total <= 0:
-        raise StudioError("preferences are all zero; give at least one task a positive weight")
+        raise StudioError(f"{what} are all zero; give at least one task a positive weight")
     if not math.isfinite(total):
-        raise StudioError(f"preferences {weights} sum to {total}; give weights whose sum is finite (only their "
+        raise StudioError(f"{what} {weights} sum to {total}; give weights whose sum is finite (only their "
                           f"ratios matter)")
     return torch.tensor([w / total for w in weights], dtype=torch.float32)

@@ -333,11 +333,9 @@ class Suite:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise SuiteError(f"{self.root}/manifest.json: 'model.image_size' must be a whole number of pixels, got "
                              f"{brief(size)}")
-        expected = (size, size, 3) if size else None
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[3] != 3 or (
-                expected is not None and tuple(images.shape[1:]) != expected):
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size, 3):
             raise SuiteError(f"task {task!r} {split}: images are {images.dtype} {tuple(images.shape)}; the model "
-                             f"{self.model_name!r} expects uint8 [N, {size or 'H'}, {size or 'W'}, 3]")
+                             f"{self.model_name!r} expects uint8 [N, {size}, {size}, 3]")
         n = self.task(task).num_classes
         if bool(((labels < 0) | (labels >= n)).any()):
             raise SuiteError(f"task {task!r} {split}: labels {sorted(set(labels.tolist()) - set(range(n)))[:5]} are "

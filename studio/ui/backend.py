@@ -322,7 +322,7 @@ class Studio:
         if not isinstance(prefs, Mapping):
             raise RequestError(f"preferences must be a mapping task -> weight (JSON object), e.g. "
                                f"{{{experts[0]!r}: 2}}, got {brief(prefs)}")
-        unknown = sorted(map(brief, set(prefs) - set(experts)))
+        unknown = sorted(set(prefs) - set(experts), key=str)
         if unknown:
             raise RequestError(f"preferences name task(s) {brief(unknown)} that are not selected; selected: "
                                f"{list(experts)}")
