@@ -137,18 +137,42 @@ def iso_cts_reference(task_vectors: TaskVectors, common_space_fraction: float = 
     return out
 
 
-def breadcrumbs_reference(task_vectors: TaskVectors, top_k_keep: float = 0.14, top_k_remove: float = 0.01
-                          ) -> dict[str, Tensor]:
+def breadcrumbs_reference(task_vectors: TaskVectors, top_k_keep: float = 0.14, top_k_remove: float = 0.01,
+                          *, ties_by_position: bool = False) -> dict[str, Tensor]:
     """Official Model Breadcrumbs loop (``TaskVectorMiddleKeep``, ``remove_first=True``, rezazzr/breadcrumbs
     src/task_vectors.py) followed by the sum of the masked task vectors (unscaled; ``apply_to`` adds
     ``alpha * sum``). Per tensor, along its last dimension: zero the ``int(d * top_k_remove)`` largest magnitudes
     with ``topk``, then keep the ``int(d * top_k_keep)`` largest of what is left; 0-d tensors are left as they are.
-    Studio's ``beta = top_k_remove``, ``gamma = 1 - top_k_keep - top_k_remove``. ``topk`` orders exact ties
-    arbitrarily, so parity needs tie-free magnitudes."""
+    Studio's ``beta = top_k_remove``, ``gamma = 1 - top_k_keep - top_k_remove``.
+
+    ``topk`` orders exact ties arbitrarily, so parity with it needs tie-free magnitudes. Float32 task vectors of
+    float32 checkpoints have ties (``expert - base`` is a multiple of the base's spacing: 2 of 768 entries of a row
+    share a magnitude in the bench's experts, and a tie falls on a cut in some rows). ``ties_by_position=True``
+    takes the ``n`` largest by a stable ascending sort instead (magnitude, then position: of equal magnitudes the
+    later ones rank higher), the order :func:`studio.methods._sparsify.row_band_mask` ranks by, so that parity
+    holds on any input. Only the rows where a run of equal magnitudes straddles a cut are sorted (elsewhere
+    ``topk``'s set is the same), so the loop keeps the official code's speed.
+
+    Example:
+        >>> tv = [{"w": torch.tensor([[3.0, 1.0, 3.0, 2.0]])}]
+        >>> breadcrumbs_reference(tv, top_k_keep=0.5, top_k_remove=0.25, ties_by_position=True)["w"].tolist()
+        [[3.0, 0.0, 0.0, 2.0]]
+    """
     def mask_top(x: Tensor, fraction: float, keep: bool) -> Tensor:
         if x.dim() == 0:
             return x
-        _, idx = torch.topk(x.abs(), int(x.shape[-1] * fraction))
+        a, d = x.abs(), x.shape[-1]
+        n = int(d * fraction)
+        if not (ties_by_position and 0 < n < d):
+            _, idx = torch.topk(a, n)
+        else:   # topk's set is the stable order's unless a run of equal magnitudes straddles the cut
+            rows = a.reshape(-1, d)
+            top, idx = torch.topk(rows, n + 1)
+            idx = idx[:, :n].contiguous()
+            tied = (top[:, n - 1] == top[:, n]).nonzero().flatten()
+            if tied.numel():
+                idx[tied] = torch.sort(rows[tied], dim=-1, stable=True).indices[:, d - n:]
+            idx = idx.reshape(*x.shape[:-1], n)
         mask = (torch.zeros_like if keep else torch.ones_like)(x)
         mask.scatter_(x.dim() - 1, idx, 1.0 if keep else 0.0)
         return mask * x
@@ -175,7 +199,8 @@ def _on(device: "torch.device | str | None", experts: dict[str, dict[str, Tensor
 
 
 # Slow, obviously-correct references timed by ``python -m studio.bench --reference`` (same experts, same run):
-# name -> fn(base, experts, device) returning the unscaled merged task vector, as the official loops compute it.
+# name -> fn(base, experts, device) returning the unscaled merged task vector, as the official loops compute it
+# (Breadcrumbs' exact ties ranked by position, as studio.merge ranks them: the loop's topk leaves them unordered).
 REFERENCES = {
     "tsv_m": lambda base, experts, device=None: tsv_m_reference(
         task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
@@ -184,5 +209,5 @@ REFERENCES = {
     "iso_cts": lambda base, experts, device=None: iso_cts_reference(
         task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
     "breadcrumbs": lambda base, experts, device=None: breadcrumbs_reference(
-        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32)),
+        task_vectors_of(_on(device, {"_": base})["_"], _on(device, experts), torch.float32), ties_by_position=True),
 }

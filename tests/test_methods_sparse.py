@@ -429,6 +429,26 @@ def test_breadcrumbs_matches_the_official_middle_keep_loop(keep, remove):
     torch.testing.assert_close(layer_scope["b"], merged["b"])      # a 1-D tensor is one row
 
 
+def test_breadcrumbs_matches_the_official_loop_on_ties_when_it_ranks_them_by_position():
+    """Deltas on a coarse grid (every row has many exact ties, some on the cuts): the official loop's topk orders
+    them arbitrarily, and with ties_by_position it ranks them as studio.merge does, so the two agree on every entry;
+    the bench's parity line uses it (float32 checkpoints' deltas have ties)."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.zeros(30, 64), "b": torch.zeros(64)}
+    experts = {f"t{t}": {k: torch.randint(-6, 7, v.shape, generator=g).float() / 8 for k, v in base.items()}
+               for t in range(3)}
+    tvs = task_vectors_of(base, experts)
+    on_a_cut = 0
+    for tv in tvs:   # the grid puts ties on the cuts (int(64 * 0.1) = 6 removed, int(64 * 0.3) = 19 kept)
+        top = tv["w"].abs().sort(dim=-1, descending=True).values
+        on_a_cut += int(((top[:, 5] == top[:, 6]) | (top[:, 24] == top[:, 25])).sum())
+    assert on_a_cut > 10
+    merged = studio.merge(base, experts, "breadcrumbs", device="cpu", beta=0.1, gamma=0.6, alpha=1.0)
+    ref = breadcrumbs_reference(tvs, top_k_keep=0.3, top_k_remove=0.1, ties_by_position=True)
+    for key in base:
+        torch.testing.assert_close(merged[key].double(), ref[key], rtol=0, atol=0)
+
+
 def test_breadcrumbs_rejects_a_band_that_masks_everything():
     base = clip_like_state_dict()
     with pytest.raises(HyperparameterError, match=r"beta=0\.3.*gamma=0\.7"):
