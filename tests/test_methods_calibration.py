@@ -211,6 +211,35 @@ def test_svc_alpha_one_never_increases_a_singular_value(scale):
     assert bool((torch.diagonal(U.mT @ out @ Vh.mT) > S * 1.01).any())
 
 
+def _orthogonal_tasks(T=4, m=12, n=10, seed=7):
+    """T task matrices on mutually orthogonal 2-D subspaces (distinct singular values), float64."""
+    g = torch.Generator().manual_seed(seed)
+    Q1 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=D)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D)).Q
+    return [Q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 - 0.3 * i, 1.0 + 0.1 * i], dtype=D))
+            @ Q2[:, 2 * i:2 * i + 2].T for i in range(T)]
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 100.0])
+def test_svc_on_orthogonal_tasks_is_eq_20_at_any_scale(scale, svd_mode):
+    """Each task responds only in its own subspaces (s_i = 1 there, 0 elsewhere), so eq. 20 gives every subspace
+    gamma = K / (1 + (K - 1) alpha): 4 / 1.75 at the default alpha = 1/T, whatever the task vectors' size. In
+    float32 the absent tasks' responses are rounding (~1e-6 of their largest), which the official clamp let through
+    above scale ~1e-2 (0.0047x the sum at scale 1, 1.7e-4x at 10): SVC_NOISE_RTOL counts them as none."""
+    ds = [scale * d for d in _orthogonal_tasks()]
+    base = {"w": torch.zeros(12, 10)}
+    experts = {f"t{i}": {"w": d.float()} for i, d in enumerate(ds)}
+    out = studio.merge(base, experts, "task_arithmetic", alpha=1.0, calibrate="svc", svd_mode=svd_mode)["w"]
+    total = sum(ds)
+    torch.testing.assert_close(out.double(), total * (4 / 1.75), rtol=1e-5, atol=1e-6 * scale)
+    if scale <= 1:   # the official loop in float64 agrees; at 100 its clamp fails there too (s = sigma c / 1e-12
+        # with rounding c ~ 1e-14 gives s ~ 9 > alpha)
+        want, gamma, _ = svc_reference(torch.stack(ds), total, alpha=0.25)
+        torch.testing.assert_close(gamma[:8], torch.full((8,), 4 / 1.75, dtype=D))
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6 * scale)
+
+
 def test_svc_keeps_singular_directions():
     """SVC only rescales singular values (eq. 21-22): U^T out V is diagonal."""
     deltas = make_deltas(seed=2)
