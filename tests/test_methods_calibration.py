@@ -240,6 +240,17 @@ def test_svc_on_orthogonal_tasks_is_eq_20_at_any_scale(scale, svd_mode):
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_align_merge_o_on_orthogonal_tasks_is_symmetric_and_the_same_in_both_svd_modes():
+    """Orthogonal top pairs score ~1e-8 against the reference pair (rounding): their signs are the pool's canonical
+    ones, not the noise's, so the order of the experts and the SVD route change nothing (10 % and 8 % before)."""
+    experts = {f"t{i}": {"w": d.float()} for i, d in enumerate(_orthogonal_tasks())}
+    base = {"w": torch.zeros(12, 10)}
+    outs = [studio.merge(base, dict(order), "align_merge_o", svd_mode=mode)["w"]
+            for order in (list(experts.items()), list(reversed(experts.items()))) for mode in ("auto", "exact")]
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
+
+
 def test_svc_keeps_singular_directions():
     """SVC only rescales singular values (eq. 21-22): U^T out V is diagonal."""
     deltas = make_deltas(seed=2)
