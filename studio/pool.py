@@ -2,7 +2,9 @@
 
 A :class:`TaskPool` is the engine's unit of reuse. Every decomposition a method asks for through
 :class:`LayerTasks` (an expert's truncated SVD, the SVD of the task-matrix sum, or any named intermediate) is
-computed at most once per pool and reused by every method and every hyperparameter change.
+computed at most once per pool and reused by every method and every hyperparameter change, while the experts'
+factors fit the pool's budget (:func:`svd_cache_budget`, half the experts' size; beyond it the least recently used
+ranks are decomposed again, to the same bits, when asked for).
 """
 
 from __future__ import annotations
@@ -113,6 +115,28 @@ def _fits_on_device(base: StateDict, experts: Mapping[str, StateDict], device: t
     except RuntimeError:   # no usable CUDA context: stream from the host as before
         return False
     return 2 * size <= free
+
+
+def svd_cache_budget(experts: Mapping[str, StateDict], device: torch.device) -> int:
+    """The bytes of per-task factors a :class:`TaskPool` keeps by default beyond the two buckets used last of each
+    expert and layer: half the experts' own floating tensors, at most a quarter of the device's memory (the host's,
+    or the GPU's). For 8 ViT-B/32 experts 1.4 GB: the factors of the buckets of TSV-M, AlignMerge-O and TSV-C (96 of
+    768: 470 MB), Ortho-Merge's and the diagnostics', and of two more ranks, so that switching between methods and
+    ranks decomposes no expert twice.
+
+    Example:
+        >>> svd_cache_budget({"a": {"w": torch.zeros(1000)}}, torch.device("cpu"))   # 4000 bytes of weights
+        2000
+    """
+    size = sum(t.numel() * t.element_size() for sd in experts.values() for t in sd.values() if t.is_floating_point())
+    try:
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (RuntimeError, AssertionError, ValueError, OSError, AttributeError):   # unknown: half the experts
+        total = 4 * size
+    return min(size // 2, total // 4)
 
 
 #: Floating dtypes the engine computes in (float32, converted exactly) and returns in; float8 formats have no
@@ -421,8 +445,10 @@ class LayerTasks:
         38 (0.52-0.76 s against 0.12 s for one ``768 x 3072`` layer, 9x the cached factors). The bucket depends on
         the rank and ``cover`` only, so the bits stay a fresh pool's.
 
-        Cached per expert and layer: the two buckets used last (figures in docs/PERFORMANCE.md, "The per-task SVD
-        cache's memory").
+        Cached per expert and layer: every bucket asked for while the pool's factors take at most
+        :attr:`TaskPool.svd_cache_bytes`; beyond it the least recently used go, down to the two buckets used last
+        of each expert and layer, which are always kept (figures in docs/PERFORMANCE.md, "The per-task SVD cache's
+        memory").
 
         ``svd_mode="exact"``: LAPACK's SVD; ``"auto"``: :func:`studio.linalg.gram_svd` (same accuracy on the kept
         components, several times faster; null components are exact zeros with zero vectors), through
@@ -462,8 +488,7 @@ class LayerTasks:
         val = self.pool._cached(buckets, bucket, compute, None)   # computed once however many threads ask
         with self.pool._lock:
             buckets[bucket] = buckets.pop(bucket, val)   # last: used most recently (back in, if dropped meanwhile)
-            while len(buckets) > 2:   # a dropped bucket is decomposed again, to the same bits, when asked
-                del buckets[next(iter(buckets))]
+            self.pool._keep_svd((self.key, i), bucket, val)   # a dropped bucket comes back with the same bits
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
@@ -555,10 +580,13 @@ class TaskPool:
         check_finite: scan every tensor for NaN/inf once at construction.
         resident: keep a device copy of each tensor after its first use (:meth:`tensor`); ``None``: on CUDA when
             the base and experts take at most half the free device memory.
+        svd_cache_bytes: the bytes of per-task factors (:meth:`LayerTasks.svd`) kept beyond the two buckets used
+            last of each expert and layer, which are always kept; ``None``: :func:`svd_cache_budget`.
     """
 
     def __init__(self, base: StateDict, experts: Mapping[str, StateDict], *, device: "str | torch.device | None" = None,
-                 svd_mode: str = "auto", check_finite: bool = True, resident: bool | None = None):
+                 svd_mode: str = "auto", check_finite: bool = True, resident: bool | None = None,
+                 svd_cache_bytes: int | None = None):
         validate_experts(base, experts, check_finite=check_finite)
         check_svd_mode(svd_mode)
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
@@ -571,6 +599,11 @@ class TaskPool:
         self.resident = _fits_on_device(self.base, self.experts, self.device) if resident is None else bool(resident)
         self._on_device: dict[tuple[str | None, str], Tensor] = {}
         self._svd_cache: dict[tuple, dict[int, tuple[Tensor, Tensor, Tensor]]] = {}
+        self.svd_cache_bytes = (svd_cache_budget(self.experts, self.device) if svd_cache_bytes is None
+                                else int(svd_cache_bytes))
+        self._svd_used: "OrderedDict[tuple, int]" = OrderedDict()   # (slot, bucket) -> bytes, least recent first
+        self._svd_bytes = 0
+        self._svd_beyond_two = 0   # buckets held beyond the two used last of their slot: those that may go
         self._memo: dict[Hashable, Any] = {}
         # Layers are merged on worker threads (studio.parallel): cache structures are guarded by one lock, and a
         # value requested by two threads at once is computed by the first while the second waits for it.
@@ -680,6 +713,28 @@ class TaskPool:
         with self._lock:
             return self._svd_cache.setdefault(layer_task, {})
 
+    def _keep_svd(self, slot: tuple[str, int], bucket: int, factors: tuple[Tensor, Tensor, Tensor]) -> None:
+        """Count the factors of ``bucket`` just used for ``slot`` (an expert's layer) as the most recent, then drop
+        the least recently used buckets while the factors exceed :attr:`svd_cache_bytes`, never one of the two used
+        last of its slot. The caller holds the lock."""
+        entry = (slot, bucket)
+        if entry in self._svd_used:
+            self._svd_used.move_to_end(entry)
+        else:
+            self._svd_used[entry] = sum(t.numel() * t.element_size() for t in factors)
+            self._svd_bytes += self._svd_used[entry]
+            self._svd_beyond_two += len(self._svd_cache.get(slot, ())) > 2
+        if self._svd_bytes <= self.svd_cache_bytes or not self._svd_beyond_two:
+            return
+        for old in list(self._svd_used):
+            held = self._svd_cache.get(old[0], {})
+            if len(held) > 2:
+                del held[old[1]]
+                self._svd_bytes -= self._svd_used.pop(old)
+                self._svd_beyond_two -= 1
+                if self._svd_bytes <= self.svd_cache_bytes or not self._svd_beyond_two:
+                    return
+
     def merged_cache(self, tag: Hashable, compute: Callable[[], dict[str, Tensor]], keep: int = 2) -> dict[str, Tensor]:
         """LRU of whole unscaled merged deltas, so a change of a post-scale param (alpha) is a rescale. Merges that
         differ only in such a param, asked for at once, compute the merge once."""
@@ -690,6 +745,8 @@ class TaskPool:
         with self._lock:
             self._on_device.clear()
             self._svd_cache.clear()
+            self._svd_used.clear()
+            self._svd_bytes = self._svd_beyond_two = 0
             self._memo.clear()
             self._transient.clear()
             self._merged.clear()

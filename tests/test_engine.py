@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import studio
+from studio import linalg
 from studio.pool import TaskPool
 
 from .conftest import clip_like_state_dict, make_experts
@@ -832,11 +833,11 @@ def test_ranks_of_one_bucket_asked_at_once_share_one_decomposition(clip_pool, mo
 
 def test_the_svd_cache_keeps_the_two_buckets_used_last(clip_pool):
     """A rank slider swept up used to keep every rank it passed (1.5 GB for 8 ViT-B/32 experts after six TSV-M
-    steps); each expert and layer now keeps the decompositions of the two buckets used last, and one dropped comes
-    back with the same bits."""
+    steps); beyond the pool's budget (none here) each expert and layer keeps the decompositions of the two buckets
+    used last, and one dropped comes back with the same bits."""
     from studio.pool import rank_bucket
 
-    pool = TaskPool(*clip_pool, device="cpu")
+    pool = TaskPool(*clip_pool, device="cpu", svd_cache_bytes=0)
     key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     layer = pool.layer(key)
     assert [rank_bucket(k, 12) for k in range(0, 13)] == [1, 1, 2, 3, 4, 5, 6, 8, 8, 9, 11, 11, 12]
@@ -849,6 +850,41 @@ def test_the_svd_cache_keeps_the_two_buckets_used_last(clip_pool):
     layer.svd(0, None)   # 8 goes: the least recently used
     assert list(pool._svd_slot((key, 0))) == [2, 12]
     assert [f.shape[1] for f in (pool._svd_slot((key, 0))[b][0] for b in (2, 12))] == [2, 12]
+
+
+def test_within_its_budget_the_svd_cache_decomposes_no_expert_twice(clip_pool, monkeypatch):
+    """Switching between methods and ranks (four buckets per expert and layer here) decomposes each expert's layer
+    once per bucket while the factors fit the pool's budget (by default half the experts' size: these tiny layers'
+    factors outgrow it, so it is raised here); over it, the least recently used buckets go first, down to the two
+    used last of each expert and layer, and the bytes counted are the bytes held."""
+    base, experts = clip_pool
+    assert TaskPool(base, experts, device="cpu").svd_cache_bytes == sum(
+        t.numel() * t.element_size() for sd in experts.values() for t in sd.values() if t.is_floating_point()) // 2
+    pool = TaskPool(base, experts, device="cpu", svd_cache_bytes=1 << 40)
+    made = []
+    real = linalg.gram_svd_many
+    monkeypatch.setattr(linalg, "gram_svd_many", lambda ms, rank=None: made.append(rank) or real(ms, rank))
+    steps = [("tsv_m", {}), ("ortho_merge", {}), ("tsv_m", {"rank_fraction": 0.1}), ("ortho_merge", {"k": 2}),
+             ("align_merge_o", {}), ("tsv_m", {}), ("ortho_merge", {}), ("tsv_m", {"rank_fraction": 0.1})]
+    counts = []
+    for method, hp in steps:
+        made.clear()
+        studio.merge_pool(pool, method, **hp)
+        counts.append(len(made))
+    assert all(counts[:4]) and counts[4:] == [0, 0, 0, 0]   # a bucket decomposes at its first use only (AlignMerge-O
+    # shares TSV-M's)
+
+    def held_bytes():
+        return sum(t.numel() * t.element_size() for slot in pool._svd_cache.values() for f in slot.values()
+                   for t in f)
+
+    assert held_bytes() == pool._svd_bytes and max(len(s) for s in pool._svd_cache.values()) > 2
+    pool.svd_cache_bytes = held_bytes() // 2   # a smaller budget: the least recently used go at the next use
+    studio.merge_pool(pool, "ortho_merge", k=3)
+    assert held_bytes() == pool._svd_bytes
+    assert held_bytes() <= pool.svd_cache_bytes or all(len(s) <= 2 for s in pool._svd_cache.values())
+    key = next(k for k in pool._svd_cache if k[0].endswith("c_fc.weight"))
+    assert list(pool._svd_cache[key])[-1] == 3 and len(pool._svd_cache[key]) >= 2   # the bucket just used stays
 
 
 def test_a_failing_layer_leaves_the_pool_usable(clip_pool):

@@ -331,8 +331,9 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
         [[1.0, 0.0], [0.0, 1.0]]
     """
     s = (scale * S).unsqueeze(0) * c / a2.clamp_min(SVC_EPS)
-    noise = a2 <= SVC_NOISE_RTOL ** 2 * a2.amax(-1, keepdim=True)
-    return s.masked_fill(noise, 0.0)
+    floor = SVC_NOISE_RTOL ** 2 * a2.amax(-1, keepdim=True)
+    # an overflowed response (inf) is no scale for a floor: the merge's own finiteness check then names it
+    return s.masked_fill((a2 <= floor) & torch.isfinite(floor), 0.0)
 
 
 def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target_guard: bool = True) -> Tensor:
