@@ -7,6 +7,7 @@ where it runs and what is reused between calls.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
@@ -24,6 +25,9 @@ from .schema import HyperparameterError, MethodSpec, StudioError, check_progress
 ProgressFn = Callable[[float, str], None]
 
 _POOLS: "OrderedDict[Hashable, TaskPool]" = OrderedDict()
+#: The pool :func:`merge` just got from :func:`get_pool` (found by the experts' fingerprint), whose
+#: :meth:`~studio.pool.TaskPool.check_unchanged` :func:`merge_pool` need not repeat.
+_JUST_CHECKED: "contextvars.ContextVar[TaskPool | None]" = contextvars.ContextVar("studio_just_checked", default=None)
 _POOLS_LOCK = threading.Lock()
 _POOL_KEEP = 2
 
@@ -103,9 +107,13 @@ def merge_pool(
     progress: ProgressFn | None = None,
     **hparams: Any,
 ) -> dict[str, Tensor]:
-    """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments."""
+    """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments. Raises
+    :class:`~studio.pool.ExpertError` if the pool's tensors changed since it was built
+    (:meth:`~studio.pool.TaskPool.check_unchanged`)."""
     if not isinstance(pool, TaskPool):
         raise StudioError(f"merge_pool needs a TaskPool (studio.get_pool), got {type(pool).__name__}")
+    if _JUST_CHECKED.get() is not pool:   # studio.merge's pool was looked up by its fingerprint a moment ago
+        pool.check_unchanged()
     check_progress(progress, "merge")
     spec = get_method(method)
     names = pool.names
@@ -283,5 +291,9 @@ def merge(
     """
     get_method(method)  # fail fast on an unknown name, before any validation work
     pool = get_pool(base, experts, device=device, svd_mode=svd_mode)
-    return merge_pool(pool, method, calibrate=calibrate, calibrate_hparams=calibrate_hparams, preferences=preferences,
-                      seed=seed, layer_rule=layer_rule, progress=progress, **hparams)
+    token = _JUST_CHECKED.set(pool)
+    try:
+        return merge_pool(pool, method, calibrate=calibrate, calibrate_hparams=calibrate_hparams,
+                          preferences=preferences, seed=seed, layer_rule=layer_rule, progress=progress, **hparams)
+    finally:
+        _JUST_CHECKED.reset(token)

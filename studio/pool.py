@@ -589,6 +589,8 @@ class TaskPool:
                  svd_cache_bytes: int | None = None):
         validate_experts(base, experts, check_finite=check_finite)
         check_svd_mode(svd_mode)
+        # what the pool was built from, to notice an in-place edit that would leave its caches stale (check_unchanged)
+        self._sources, self._fingerprint = (base, experts), fingerprint(base, experts)
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
         self.base = {k: _data(v) for k, v in base.items()}
         self.experts = {name: {k: _data(v) for k, v in sd.items()} for name, sd in experts.items()}
@@ -708,6 +710,39 @@ class TaskPool:
             with self._lock:
                 del self._inflight[flight]
             pending.set()
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`ExpertError` naming the expert (or the base) and the key if a tensor this pool was built
+        from changed since (in place, or replaced in its dict), as :func:`fingerprint` sees it: the pool's cached
+        decompositions and merges would be of the old weights. :func:`studio.merge_pool` checks this first;
+        :func:`studio.get_pool` (and :func:`studio.merge`) build a new pool for changed weights.
+
+        Example:
+            >>> base, experts = {"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}}
+            >>> pool = TaskPool(base, experts)
+            >>> _ = experts["a"]["w"].mul_(2)
+            >>> pool.check_unchanged()  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            studio.pool.ExpertError: expert 'a': tensor 'w' changed since this pool was built, so its cached ...
+        """
+        now = fingerprint(*self._sources)
+        if now == self._fingerprint:
+            return
+        old_base, old_experts = self._fingerprint
+        new_base, new_experts = now
+        pairs = [("the base", old_base, new_base)] + [
+            (f"expert {a[0]!r}", a[1], b[1]) for a, b in zip(old_experts, new_experts)]
+        for who, was, is_ in pairs:
+            if was != is_:
+                was_d, is_d = {e[0]: e for e in was}, {e[0]: e for e in is_}
+                key = next((k for k in {**was_d, **is_d} if was_d.get(k) != is_d.get(k)), None)
+                what = f"tensor {key!r}" if key in was_d and key in is_d else "its keys"
+                break
+        else:
+            who, what = "the experts", "the names"
+        raise ExpertError(f"{who}: {what} changed since this pool was built, so its cached decompositions are of "
+                          f"the old weights; build a new pool with studio.get_pool(base, experts) (studio.merge does)")
 
     def _svd_slot(self, layer_task: tuple[str, int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
         with self._lock:

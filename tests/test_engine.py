@@ -887,6 +887,28 @@ def test_within_its_budget_the_svd_cache_decomposes_no_expert_twice(clip_pool, m
     assert list(pool._svd_cache[key])[-1] == 3 and len(pool._svd_cache[key]) >= 2   # the bucket just used stays
 
 
+def test_a_held_pool_refuses_to_merge_experts_changed_since_it_was_built(clip_pool):
+    """A pool from get_pool keeps references to the caller's tensors: after an in-place edit its cached
+    decompositions and merges were of the old weights (TSV-M at another rank came out 0.07 off a fresh pool, an alpha
+    change gave the old merge rescaled). merge_pool now names the changed tensor; studio.merge builds a new pool."""
+    base, experts = clip_pool
+    pool = studio.get_pool(base, experts, device="cpu")
+    studio.merge_pool(pool, "tsv_m")
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    experts["task1"][key].mul_(1.5)
+    for hp in ({"rank_fraction": 0.2}, {"alpha": 0.5}):
+        with pytest.raises(studio.StudioError, match=r"expert 'task1': tensor '" + key.replace(".", r"\.") +
+                           r"' changed since this pool was built.*studio\.get_pool"):
+            studio.merge_pool(pool, "tsv_m", **hp)
+    fresh = TaskPool(base, experts, device="cpu")
+    merged = studio.merge(base, experts, "tsv_m", alpha=0.5)
+    torch.testing.assert_close(merged[key], studio.merge_pool(fresh, "tsv_m", alpha=0.5)[key], rtol=0, atol=0)
+    experts["task0"] = dict(experts["task0"])   # a new dict holding the same tensors changes nothing
+    base.pop("visual.proj")
+    with pytest.raises(studio.StudioError, match=r"the base: its keys changed since this pool was built"):
+        studio.merge_pool(fresh, "task_arithmetic")
+
+
 def test_a_failing_layer_leaves_the_pool_usable(clip_pool):
     base, experts = clip_pool
     pool = TaskPool(base, experts, device="cpu")
