@@ -251,6 +251,19 @@ def test_align_merge_o_on_orthogonal_tasks_is_symmetric_and_the_same_in_both_svd
         torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6)
 
 
+def test_align_merge_o_keeps_the_residual_of_a_small_expert():
+    """An expert 1e-6 the size of the others has an eq. 12 residual of its own size; it was taken for rounding against
+    the largest expert's sigma and dropped (30 % off Alg. 1). Each residual is now judged against its own task."""
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.stack([torch.randn(12, 10, generator=g, dtype=D) for _ in range(3)])
+    deltas[0] *= 1e-6
+    base = {"w": torch.zeros(12, 10)}
+    experts = {f"t{i}": {"w": d.float()} for i, d in enumerate(deltas)}
+    out = studio.merge(base, experts, "align_merge_o", lam=1.0)["w"].double()
+    want = align_o_reference(deltas.float().double())[0]
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
 def test_svc_keeps_singular_directions():
     """SVC only rescales singular values (eq. 21-22): U^T out V is diagonal."""
     deltas = make_deltas(seed=2)

@@ -179,9 +179,10 @@ def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | 
 
 # ------------------------------------------------------------------------------------------------- AlignMerge-O
 
-#: Eq. 12 residuals at or below this fraction of the largest top singular value are rounding: the residual is a
-#: difference of float32 unit vectors (~1e-7 each), measured at 4.5e-8 absolute for a lone task where a real one is
-#: ``sigma_i sin(angle to u_top)``.
+#: Eq. 12 residuals at or below this fraction of their own task's top singular value ``sigma_i`` are rounding: the
+#: residual of ``M_i = sigma_i u_i v_i^T`` is ``sigma_i`` times a difference of float32 unit vectors (~1e-7 each),
+#: measured at 4.5e-8 of ``sigma_i`` for a lone task, where a real one is ``sigma_i sin(angle to u_top)``. (Relative
+#: to the largest task's ``sigma`` instead, it dropped a 1e-6-scaled expert's real residual: 30 % off Alg. 1.)
 _RESIDUAL_RTOL = 1e-5
 
 
@@ -289,7 +290,7 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     # preferences) has no direction -- its top vector is noise -- and neither has a column of a task weighted 0;
     # like TSV-M's zero columns they are left out rather than whitened in as unit vectors.
     keep = S_hat > 0
-    keep[1:K + 1] &= S_hat[1:K + 1] > _RESIDUAL_RTOL * S1.max()
+    keep[1:K + 1] &= S_hat[1:K + 1] > _RESIDUAL_RTOL * S1
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)
