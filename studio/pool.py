@@ -589,6 +589,10 @@ class TaskPool:
                  svd_cache_bytes: int | None = None):
         validate_experts(base, experts, check_finite=check_finite)
         check_svd_mode(svd_mode)
+        if svd_cache_bytes is not None and (isinstance(svd_cache_bytes, bool) or not isinstance(svd_cache_bytes, int)
+                                            or svd_cache_bytes < 0):
+            raise StudioError(f"svd_cache_bytes must be a whole number of bytes >= 0 (or None: half the experts' "
+                              f"size), got {brief(svd_cache_bytes)}")
         # what the pool was built from, to notice an in-place edit that would leave its caches stale (check_unchanged)
         self._sources, self._fingerprint = (base, experts), fingerprint(base, experts)
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
@@ -602,7 +606,7 @@ class TaskPool:
         self._on_device: dict[tuple[str | None, str], Tensor] = {}
         self._svd_cache: dict[tuple, dict[int, tuple[Tensor, Tensor, Tensor]]] = {}
         self.svd_cache_bytes = (svd_cache_budget(self.experts, self.device) if svd_cache_bytes is None
-                                else int(svd_cache_bytes))
+                                else svd_cache_bytes)
         self._svd_used: "OrderedDict[tuple, int]" = OrderedDict()   # (slot, bucket) -> bytes, least recent first
         self._svd_bytes = 0
         self._svd_beyond_two = 0   # buckets held beyond the two used last of their slot: those that may go

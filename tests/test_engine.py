@@ -860,6 +860,9 @@ def test_within_its_budget_the_svd_cache_decomposes_no_expert_twice(clip_pool, m
     base, experts = clip_pool
     assert TaskPool(base, experts, device="cpu").svd_cache_bytes == sum(
         t.numel() * t.element_size() for sd in experts.values() for t in sd.values() if t.is_floating_point()) // 2
+    for bad in (-1, 1.5, "1 GB", True):
+        with pytest.raises(studio.StudioError, match=r"svd_cache_bytes must be a whole number of bytes >= 0"):
+            TaskPool(base, experts, device="cpu", svd_cache_bytes=bad)
     pool = TaskPool(base, experts, device="cpu", svd_cache_bytes=1 << 40)
     made = []
     real = linalg.gram_svd_many
