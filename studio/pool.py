@@ -131,7 +131,7 @@ def svd_cache_budget(experts: Mapping[str, StateDict], device: torch.device) -> 
     size = sum(t.numel() * t.element_size() for sd in experts.values() for t in sd.values() if t.is_floating_point())
     try:
         if device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
+            total = torch.cuda.mem_get_info(device)[1]
         else:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (RuntimeError, AssertionError, ValueError, OSError, AttributeError):   # unknown: half the experts
