@@ -118,11 +118,11 @@ def _fits_on_device(base: StateDict, experts: Mapping[str, StateDict], device: t
 
 
 def svd_cache_budget(experts: Mapping[str, StateDict], device: torch.device) -> int:
-    """The bytes of per-task factors a :class:`TaskPool` keeps by default beyond the two buckets used last of each
-    expert and layer: half the experts' own floating tensors, at most a quarter of the device's memory (the host's,
-    or the GPU's). For 8 ViT-B/32 experts 1.4 GB: the factors of the buckets of TSV-M, AlignMerge-O and TSV-C (96 of
-    768: 470 MB), Ortho-Merge's and the diagnostics', and of two more ranks, so that switching between methods and
-    ranks decomposes no expert twice.
+    """The bytes of per-task factors a :class:`TaskPool` keeps by default (beyond them it keeps only the two buckets
+    used last of each expert and layer): half the experts' own floating tensors, at most a quarter of the device's
+    memory (the host's, or the GPU's). For 8 ViT-B/32 experts 1.4 GB: the factors of the buckets of TSV-M,
+    AlignMerge-O and TSV-C (96 of 768: 470 MB), Ortho-Merge's and the diagnostics', and of two more ranks, so that
+    switching between methods and ranks decomposes no expert twice.
 
     Example:
         >>> svd_cache_budget({"a": {"w": torch.zeros(1000)}}, torch.device("cpu"))   # 4000 bytes of weights
@@ -488,7 +488,7 @@ class LayerTasks:
         val = self.pool._cached(buckets, bucket, compute, None)   # computed once however many threads ask
         with self.pool._lock:
             buckets[bucket] = buckets.pop(bucket, val)   # last: used most recently (back in, if dropped meanwhile)
-            self.pool._keep_svd((self.key, i), bucket, val)   # a dropped bucket comes back with the same bits
+            self.pool._keep_svd((self.key, i), bucket, val, buckets)   # a dropped bucket comes back, same bits
         U, S, Vh = val
         U, S, Vh = U[:, :rank], S[:rank], Vh[:rank, :]
         if self.weights is not None:
@@ -580,8 +580,9 @@ class TaskPool:
         check_finite: scan every tensor for NaN/inf once at construction.
         resident: keep a device copy of each tensor after its first use (:meth:`tensor`); ``None``: on CUDA when
             the base and experts take at most half the free device memory.
-        svd_cache_bytes: the bytes of per-task factors (:meth:`LayerTasks.svd`) kept beyond the two buckets used
-            last of each expert and layer, which are always kept; ``None``: :func:`svd_cache_budget`.
+        svd_cache_bytes: the bytes of per-task factors (:meth:`LayerTasks.svd`) the pool keeps: beyond them the
+            least recently used buckets go, except the two used last of each expert and layer, which are always
+            kept (so those alone may exceed it); ``None``: :func:`svd_cache_budget`.
     """
 
     def __init__(self, base: StateDict, experts: Mapping[str, StateDict], *, device: "str | torch.device | None" = None,
@@ -593,8 +594,10 @@ class TaskPool:
                                             or svd_cache_bytes < 0):
             raise StudioError(f"svd_cache_bytes must be a whole number of bytes >= 0 (or None: half the experts' "
                               f"size), got {brief(svd_cache_bytes)}")
-        # what the pool was built from, to notice an in-place edit that would leave its caches stale (check_unchanged)
-        self._sources, self._fingerprint = (base, experts), fingerprint(base, experts)
+        # the tensors the pool was built from (the caller's objects, in copies of the dicts: replacing a tensor in
+        # the caller's dict leaves the pool's own), to notice an in-place edit that would leave its caches stale
+        self._sources = (dict(base.items()), {name: dict(sd.items()) for name, sd in experts.items()})
+        self._fingerprint = fingerprint(*self._sources)
         # nn.Parameters (e.g. dict(model.named_parameters())) merge as their data: no autograd graph is built
         self.base = {k: _data(v) for k, v in base.items()}
         self.experts = {name: {k: _data(v) for k, v in sd.items()} for name, sd in experts.items()}
@@ -608,8 +611,9 @@ class TaskPool:
         self.svd_cache_bytes = (svd_cache_budget(self.experts, self.device) if svd_cache_bytes is None
                                 else svd_cache_bytes)
         self._svd_used: "OrderedDict[tuple, int]" = OrderedDict()   # (slot, bucket) -> bytes, least recent first
+        self._svd_counted: dict[tuple, int] = {}   # slot -> its buckets in _svd_used
         self._svd_bytes = 0
-        self._svd_beyond_two = 0   # buckets held beyond the two used last of their slot: those that may go
+        self._svd_beyond_two = 0   # counted buckets beyond the two used last of their slot: those that may go
         self._memo: dict[Hashable, Any] = {}
         # Layers are merged on worker threads (studio.parallel): cache structures are guarded by one lock, and a
         # value requested by two threads at once is computed by the first while the second waits for it.
@@ -716,10 +720,12 @@ class TaskPool:
             pending.set()
 
     def check_unchanged(self) -> None:
-        """Raise :class:`ExpertError` naming the expert (or the base) and the key if a tensor this pool was built
-        from changed since (in place, or replaced in its dict), as :func:`fingerprint` sees it: the pool's cached
-        decompositions and merges would be of the old weights. :func:`studio.merge_pool` checks this first;
-        :func:`studio.get_pool` (and :func:`studio.merge`) build a new pool for changed weights.
+        """Raise :class:`ExpertError` naming the expert (or the base) and the key if a tensor this pool merges changed
+        in place since the pool was built, as :func:`fingerprint` sees it (a torch in-place operation, or an edit
+        that changes one of its sampled values): the pool's cached decompositions and merges would be of the old
+        weights. Replacing a tensor in the caller's dict changes nothing here (the pool keeps its own). :func:`studio.
+        merge_pool` checks this first; :func:`studio.get_pool` (and :func:`studio.merge`) build a new pool for
+        changed weights.
 
         Example:
             >>> base, experts = {"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}}
@@ -733,43 +739,41 @@ class TaskPool:
         now = fingerprint(*self._sources)
         if now == self._fingerprint:
             return
-        old_base, old_experts = self._fingerprint
-        new_base, new_experts = now
-        pairs = [("the base", old_base, new_base)] + [
-            (f"expert {a[0]!r}", a[1], b[1]) for a, b in zip(old_experts, new_experts)]
-        for who, was, is_ in pairs:
-            if was != is_:
-                was_d, is_d = {e[0]: e for e in was}, {e[0]: e for e in is_}
-                key = next((k for k in {**was_d, **is_d} if was_d.get(k) != is_d.get(k)), None)
-                what = f"tensor {key!r}" if key in was_d and key in is_d else "its keys"
-                break
-        else:
-            who, what = "the experts", "the names"
-        raise ExpertError(f"{who}: {what} changed since this pool was built, so its cached decompositions are of "
-                          f"the old weights; build a new pool with studio.get_pool(base, experts) (studio.merge does)")
+        (was_base, was_experts), (is_base, is_experts) = self._fingerprint, now
+        pairs = [("the base", was_base, is_base)] + [
+            (f"expert {a[0]!r}", a[1], b[1]) for a, b in zip(was_experts, is_experts)]
+        for who, was, is_ in pairs:   # same keys in the same order (the pool's own dicts): compare entry by entry
+            for a, b in zip(was, is_):
+                if repr(a) != repr(b):   # repr: a NaN among the sampled values equals itself
+                    raise ExpertError(f"{who}: tensor {a[0]!r} changed since this pool was built, so its cached "
+                                      f"decompositions are of the old weights; build a new pool with "
+                                      f"studio.get_pool(base, experts) (studio.merge does)")
 
     def _svd_slot(self, layer_task: tuple[str, int]) -> dict[int, tuple[Tensor, Tensor, Tensor]]:
         with self._lock:
             return self._svd_cache.setdefault(layer_task, {})
 
-    def _keep_svd(self, slot: tuple[str, int], bucket: int, factors: tuple[Tensor, Tensor, Tensor]) -> None:
-        """Count the factors of ``bucket`` just used for ``slot`` (an expert's layer) as the most recent, then drop
-        the least recently used buckets while the factors exceed :attr:`svd_cache_bytes`, never one of the two used
-        last of its slot. The caller holds the lock."""
+    def _keep_svd(self, slot: tuple[str, int], bucket: int, factors: tuple[Tensor, Tensor, Tensor],
+                  held: dict) -> None:
+        """Count the factors of ``bucket`` just used for ``slot`` (an expert's layer), held in the slot's dict
+        ``held``, as the most recent, then drop the least recently used buckets while the counted factors exceed
+        :attr:`svd_cache_bytes`, never one of the two used last of its slot. The caller holds the lock. Factors put
+        in a slot's dict by a :meth:`clear` meanwhile replaced are not counted (nor kept)."""
         entry = (slot, bucket)
         if entry in self._svd_used:
             self._svd_used.move_to_end(entry)
-        else:
+        elif self._svd_cache.get(slot) is held:
             self._svd_used[entry] = sum(t.numel() * t.element_size() for t in factors)
             self._svd_bytes += self._svd_used[entry]
-            self._svd_beyond_two += len(self._svd_cache.get(slot, ())) > 2
+            self._svd_counted[slot] = self._svd_counted.get(slot, 0) + 1
+            self._svd_beyond_two += self._svd_counted[slot] > 2
         if self._svd_bytes <= self.svd_cache_bytes or not self._svd_beyond_two:
             return
         for old in list(self._svd_used):
-            held = self._svd_cache.get(old[0], {})
-            if len(held) > 2:
-                del held[old[1]]
+            if self._svd_counted[old[0]] > 2:
+                self._svd_cache.get(old[0], {}).pop(old[1], None)
                 self._svd_bytes -= self._svd_used.pop(old)
+                self._svd_counted[old[0]] -= 1
                 self._svd_beyond_two -= 1
                 if self._svd_bytes <= self.svd_cache_bytes or not self._svd_beyond_two:
                     return
@@ -785,6 +789,7 @@ class TaskPool:
             self._on_device.clear()
             self._svd_cache.clear()
             self._svd_used.clear()
+            self._svd_counted.clear()
             self._svd_bytes = self._svd_beyond_two = 0
             self._memo.clear()
             self._transient.clear()
