@@ -723,9 +723,9 @@ class TaskPool:
         """Raise :class:`ExpertError` naming the expert (or the base) and the key if a tensor this pool merges changed
         in place since the pool was built, as :func:`fingerprint` sees it (a torch in-place operation, or an edit
         that changes one of its sampled values): the pool's cached decompositions and merges would be of the old
-        weights. Replacing a tensor in the caller's dict changes nothing here (the pool keeps its own). :func:`studio.
-        merge_pool` checks this first; :func:`studio.get_pool` (and :func:`studio.merge`) build a new pool for
-        changed weights.
+        weights. Replacing a tensor in the caller's dict changes nothing here (the pool keeps its own).
+        :func:`studio.merge_pool` checks this first; :func:`studio.get_pool` (and :func:`studio.merge`) build a new
+        pool for changed weights.
 
         Example:
             >>> base, experts = {"w": torch.zeros(2)}, {"a": {"w": torch.ones(2)}}
