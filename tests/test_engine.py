@@ -913,7 +913,7 @@ def test_the_svd_cache_accounting_holds_on_the_batched_path_across_threads_and_a
         mp.setattr(LayerTasks, "device", property(lambda self: torch.device("cuda")))   # the batch path's branch
         layer = pool.layer("visual.transformer.resblocks.0.mlp.c_fc.weight")
         for rank in (1, 5, 8, 3, 4, 6):
-            layer.svds(range(pool.layer(layer.key).num_tasks), rank)
+            layer.svds(range(layer.num_tasks), rank)
             check()
     real = linalg.gram_svd_many
 
