@@ -757,8 +757,9 @@ class TaskPool:
                   held: dict) -> None:
         """Count the factors of ``bucket`` just used for ``slot`` (an expert's layer), held in the slot's dict
         ``held``, as the most recent, then drop the least recently used buckets while the counted factors exceed
-        :attr:`svd_cache_bytes`, never one of the two used last of its slot. The caller holds the lock. Factors put
-        in a slot's dict by a :meth:`clear` meanwhile replaced are not counted (nor kept)."""
+        :attr:`svd_cache_bytes`, never one of the two used last of its slot nor another slot's copy of ``bucket``.
+        The caller holds the lock. Factors put in a slot's dict by a :meth:`clear` meanwhile replaced are not
+        counted (nor kept)."""
         entry = (slot, bucket)
         if entry in self._svd_used:
             self._svd_used.move_to_end(entry)
@@ -769,8 +770,10 @@ class TaskPool:
             self._svd_beyond_two += self._svd_counted[slot] > 2
         if self._svd_bytes <= self.svd_cache_bytes or not self._svd_beyond_two:
             return
+        # the bucket just used is the one the running merge asks every expert and layer for: dropping another's
+        # copy of it would only have it decomposed again a moment later (each recompute dropping the next one's)
         for old in list(self._svd_used):
-            if self._svd_counted[old[0]] > 2:
+            if self._svd_counted[old[0]] > 2 and old[1] != bucket:
                 self._svd_cache.get(old[0], {}).pop(old[1], None)
                 self._svd_bytes -= self._svd_used.pop(old)
                 self._svd_counted[old[0]] -= 1

@@ -890,6 +890,27 @@ def test_within_its_budget_the_svd_cache_decomposes_no_expert_twice(clip_pool, m
     assert list(pool._svd_cache[key])[-1] == 3 and len(pool._svd_cache[key]) >= 2   # the bucket just used stays
 
 
+def test_the_svd_cache_does_not_drop_the_bucket_a_merge_is_using(monkeypatch):
+    """Just over the budget, going back to a rank whose bucket only expert 0 lost used to decompose all four experts
+    again: each recompute dropped the next expert's copy, the least recently used. Another slot's copy of the bucket
+    in use is now never the one dropped."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(24, 20)}
+    experts = {f"t{i}": {"w": torch.randn(24, 20, generator=g)} for i in range(4)}
+    probe = TaskPool(base, experts, device="cpu", svd_cache_bytes=1 << 30)
+    for rank in (10, 3, 4):
+        probe.layer("w").svds(range(4), rank)
+    pool = TaskPool(base, experts, device="cpu", svd_cache_bytes=probe._svd_bytes - 1)
+    for rank in (10, 3, 4):
+        pool.layer("w").svds(range(4), rank)
+    assert sum(10 in slot for slot in pool._svd_cache.values()) == 3   # one expert's bucket 10 went
+    made = []
+    real = linalg.gram_svd_many
+    monkeypatch.setattr(linalg, "gram_svd_many", lambda ms, rank=None: made.append(rank) or real(ms, rank))
+    pool.layer("w").svds(range(4), 10)
+    assert len(made) == 1 and pool._svd_bytes <= pool.svd_cache_bytes
+
+
 def test_the_svd_cache_accounting_holds_on_the_batched_path_across_threads_and_a_clear(clip_pool, monkeypatch):
     """What the budget counts is what the slots hold: with the CUDA batch path (which puts buckets in the slots
     itself; taken here on CPU tensors), with merges on worker threads and with a clear() while a decomposition runs,
