@@ -343,6 +343,12 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
 # Pairwise [T, T] task-task metrics
 # --------------------------------------------------------------------------------------------------------------
 
+def _live(S: Tensor, layer: LayerTasks) -> Tensor:
+    """Which singular values ``S`` of a matrix of ``layer``'s shape are within its numerical rank: above
+    ``sigma_max * max(m, n) * eps(float32)``, ``torch.linalg.matrix_rank``'s rule."""
+    return S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps
+
+
 def _task_bases(layer: LayerTasks, k: int, side: str = "left") -> tuple[Tensor, Tensor]:
     """Every task's top-``k`` singular vectors side by side, ``[m, T*k]`` (``side="right"``: ``[n, T*k]``), and the
     number of directions each task has, ``[T]``: those beyond its numerical rank (singular values at or below
@@ -350,7 +356,7 @@ def _task_bases(layer: LayerTasks, k: int, side: str = "left") -> tuple[Tensor, 
     arbitrary null-space vectors (``svd_mode="exact"``) and the Gram route's zero ones give the same subspaces."""
     bases, dims = [], []
     for U, S, Vh in layer.svds(range(layer.num_tasks), k):
-        live = S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps
+        live = _live(S, layer)
         bases.append((U if side == "left" else Vh.mT) * live)
         dims.append(live.sum())
     return torch.cat(bases, dim=1), torch.stack(dims)
@@ -621,9 +627,7 @@ def _merged_rank(layer: LayerTasks, S: Tensor) -> int:
     (``torch.linalg.matrix_rank``'s rule, as :func:`_task_bases` for the tasks). The singular vectors beyond it span
     the merged delta's null space: LAPACK returns arbitrary ones there (a zero merge: any direction), which no
     diagnostic may read."""
-    if not S.numel():
-        return 0
-    return int((S > S.max() * max(layer.shape) * torch.finfo(torch.float32).eps).sum())
+    return int(_live(S, layer).sum()) if S.numel() else 0
 
 
 def _k_merged(layer: LayerTasks, st: "_MergedStats", k: int | None, name: str, eps: float = 0.05,
