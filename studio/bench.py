@@ -194,7 +194,7 @@ def _write_pool(folder, plan: dict[str, list[str]], shapes: dict[str, tuple[int,
     import json
     from pathlib import Path
 
-    from .io import SHARD_INDEX, _atomic_write, save_state_dict
+    from .io import SHARD_INDEX, atomic_write, save_state_dict
 
     base, layers = _synthetic_draws(shapes, tasks, seed=seed, dtype=dtype)
     save_state_dict(folder / "base" / "model.safetensors", base)
@@ -215,7 +215,7 @@ def _write_pool(folder, plan: dict[str, list[str]], shapes: dict[str, tuple[int,
         index = json.dumps({"metadata": {"total_size": total},
                             "weight_map": {k: file for file, keys in plan.items() for k in keys}}, indent=2)
         for name in names:
-            with _atomic_write(folder / name / SHARD_INDEX) as tmp:
+            with atomic_write(folder / name / SHARD_INDEX) as tmp:
                 Path(tmp).write_text(index)
 
 
@@ -255,7 +255,7 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
     import shutil
     from pathlib import Path
 
-    from .io import _atomic_write, load_state_dict
+    from .io import atomic_write, load_state_dict
 
     folder = Path(folder)
     wanted = {"format": 1, "draws": DRAWS, "tasks": tasks, "seed": seed, "dtype": str(dtype).removeprefix("torch."),
@@ -271,7 +271,7 @@ def synthetic_pool_on_disk(folder: str | os.PathLike, shapes: dict[str, tuple[in
     seconds = None
 
     def write_manifest(complete: bool) -> None:
-        with _atomic_write(folder / POOL_MANIFEST) as tmp:
+        with atomic_write(folder / POOL_MANIFEST) as tmp:
             Path(tmp).write_text(json.dumps({**wanted, "complete": complete}))
 
     if found != wanted:

@@ -27,9 +27,10 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, check_fingerprints, check_recipe_path, check_weights_path, checkpoint_files,
-                 fingerprint, input_fingerprints, is_hub_url, load_checkpoint, load_state_dict, merge_from_recipe,
-                 recipe_inputs, save_merged, save_state_dict, shown_path)
+from .io import (CheckpointError, Recipe, atomic_write, check_fingerprints, check_recipe_path, check_weights_path,
+                 checkpoint_files, fingerprint, input_fingerprints, is_hub_url, load_checkpoint, load_state_dict,
+                 looks_like_safetensors, merge_from_recipe, recipe_inputs, refuse_overwriting, save_merged,
+                 save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -218,39 +219,6 @@ def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
     return base_sd, loaded, {"base": pinned, "experts": recorded}
 
 
-def _refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None, suite: str | None = None,
-                        inputs: dict[str, str | list[str]] | None = None) -> None:
-    """Refuse, before any file is written, to write an output over a file the command reads: a checkpoint of
-    ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> its path
-    or paths), or anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise
-    name the output as its own input, or a packed file lose every other expert."""
-    from huggingface_hub import constants
-
-    read = {Path(path).resolve(): what for what, paths in (inputs or {}).items()
-            for path in ([paths] if isinstance(paths, str) else paths)}
-    for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
-        what = "the checkpoint of " + ("the base" if name is None else f"expert {name!r}")
-        if not is_hub_url(source):
-            for file, _ in checkpoint_files(source):   # an index's shards too
-                read[file.resolve()] = what
-            read.setdefault(Path(source).resolve(), what)
-    cache = Path(constants.HF_HUB_CACHE).resolve()
-    suite_folder = None
-    if suite is not None and not is_hub_url(suite):   # a Hub suite's files are in the cache
-        from .suite import DEFAULT_SUITE_PATH, EMBEDDED_SUITE
-
-        suite_folder = DEFAULT_SUITE_PATH if suite == EMBEDDED_SUITE else Path(suite).resolve()
-    for out in filter(None, outputs):
-        path = Path(out).resolve()
-        what = read.get(path)
-        if what is None and path.is_relative_to(cache):
-            what = "in the Hugging Face cache"
-        if what is None and suite_folder is not None and path.is_relative_to(suite_folder) and path.exists():
-            what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
-        if what is not None:
-            raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
-
-
 def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
     """The recipe of the merge the options describe (``merge``'s, also ``diagnose``'s)."""
     prefs = _parse_preferences(args.preferences)
@@ -273,8 +241,6 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
 def _embedded_recipe(weights: str) -> Recipe | None:
     """The recipe embedded in a merged file the CLI or the app exported (a local safetensors file under any name,
     or a folder whose weights are one such file), else None."""
-    from .io import _looks_like_safetensors
-
     path = Path(weights)
     if is_hub_url(weights) or not (path.is_file() or path.is_dir()):
         return None
@@ -284,7 +250,7 @@ def _embedded_recipe(weights: str) -> Recipe | None:
             if len(files) != 1 or files[0][1] is not None:
                 return None
             path = files[0][0]
-        if _looks_like_safetensors(path):
+        if looks_like_safetensors(path):
             return Recipe.from_file(path)
     return None
 
@@ -319,7 +285,7 @@ def _diagnose(args: argparse.Namespace) -> None:
     if args.weights and not is_hub_url(args.weights):
         with _noting("--weights"):
             read = [str(file) for file, _ in checkpoint_files(args.weights)] + [args.weights]
-    _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
+    refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
                         inputs={"the merged checkpoint (--weights)": read} if read else None)
     if args.method:
         recipe = _merge_recipe(args, pool)
@@ -351,9 +317,8 @@ def _diagnose(args: argparse.Namespace) -> None:
               "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
               "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist()}
     if args.out:
-        from .io import _atomic_write
 
-        with _atomic_write(Path(args.out)) as tmp:
+        with atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     made = what.get("recipe", {})
     calibrated = f" + {made['calibrate']}" if made.get("calibrate") else ""
@@ -555,7 +520,7 @@ def _run(args: argparse.Namespace) -> int:
             check_recipe_path(args.recipe)
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
-        _refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
+        refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
         started = time.perf_counter()
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
         seconds = time.perf_counter() - started
@@ -577,7 +542,7 @@ def _run(args: argparse.Namespace) -> int:
                               f"recipe's is used, leave --prefix out")
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
         pool = _load_pool(args, recipe)
-        _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
+        refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
                             inputs={"the recipe": args.recipe})
         base, experts = recipe_inputs(recipe, pool.base, pool.experts)
         # before the merge: the weights the recipe recorded must be those it merged (the options choose others)
@@ -597,7 +562,7 @@ def _run(args: argparse.Namespace) -> int:
 
         check_weights_path(args.out)
         pool = _load_pool(args)
-        _refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
+        refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
         packed = compress(pool.base, pool.experts, rank_fraction=args.rank_fraction, device=args.device,
                           layer_rule=args.layer_rule, svd_mode=args.svd_mode)
         # what reconstruct needs to find the same base
@@ -628,7 +593,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 base, file = load_checkpoint(args.base, prefix=saved.get("prefix"))
                 read = {"sources": {"base": file, "experts": {}}}
-        _refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
+        refuse_overwriting([args.out], inputs={"the packed file": args.packed}, **read)
         try:   # keys and shapes first (their errors name the entry at fault), then the base compress read
             packed = Compressed.load(args.packed, base, check=not args.any_base)
         except BaseMismatchError as exc:   # named here with the file read and the option that applies

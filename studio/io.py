@@ -426,7 +426,7 @@ os.umask(_IMPORT_UMASK)
 
 
 @contextlib.contextmanager
-def _atomic_write(path: Path) -> Iterator[str]:
+def atomic_write(path: Path) -> Iterator[str]:
     """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
     folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
     :class:`CheckpointError` naming ``path`` (not the temporary file), and so do safetensors' write errors (a full
@@ -523,7 +523,7 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
         elif ptr is not None:
             seen.add(ptr)
         tensors[k] = t
-    with _atomic_write(path) as tmp:
+    with atomic_write(path) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
         _sort_metadata(tmp)
     return path
@@ -851,7 +851,7 @@ class Recipe:
                                   f".safetensors file")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such recipe file")
-        if path.suffix.lower() == ".safetensors" or _looks_like_safetensors(path):
+        if path.suffix.lower() == ".safetensors" or looks_like_safetensors(path):
             meta = read_metadata(path)
             if RECIPE_METADATA_KEY not in meta:
                 raise CheckpointError(f"{path}: safetensors file carries no '{RECIPE_METADATA_KEY}' metadata")
@@ -882,7 +882,7 @@ def _yaml_problem(exc: Exception) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{note}"
 
 
-def _looks_like_safetensors(path: Path) -> bool:
+def looks_like_safetensors(path: Path) -> bool:
     """Whether ``path`` starts as a safetensors file does (an 8-byte header length, then a JSON object that fits),
     whatever its name."""
     try:
@@ -892,6 +892,39 @@ def _looks_like_safetensors(path: Path) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= size - 8
+
+
+def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None, suite: str | None = None,
+                       inputs: dict[str, str | list[str]] | None = None) -> None:
+    """Refuse, before any file is written, to write an output over a file the command reads: a checkpoint of
+    ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> its path
+    or paths), or anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise
+    name the output as its own input, or a packed file lose every other expert."""
+    from huggingface_hub import constants
+
+    read = {Path(path).resolve(): what for what, paths in (inputs or {}).items()
+            for path in ([paths] if isinstance(paths, str) else paths)}
+    for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
+        what = "the checkpoint of " + ("the base" if name is None else f"expert {name!r}")
+        if not is_hub_url(source):
+            for file, _ in checkpoint_files(source):   # an index's shards too
+                read[file.resolve()] = what
+            read.setdefault(Path(source).resolve(), what)
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    suite_folder = None
+    if suite is not None and not is_hub_url(suite):   # a Hub suite's files are in the cache
+        from .suite import DEFAULT_SUITE_PATH, EMBEDDED_SUITE
+
+        suite_folder = DEFAULT_SUITE_PATH if suite == EMBEDDED_SUITE else Path(suite).resolve()
+    for out in filter(None, outputs):
+        path = Path(out).resolve()
+        what = read.get(path)
+        if what is None and path.is_relative_to(cache):
+            what = "in the Hugging Face cache"
+        if what is None and suite_folder is not None and path.is_relative_to(suite_folder) and path.exists():
+            what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
+        if what is not None:
+            raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -930,7 +963,7 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
     if Path(recipe_path).resolve() == Path(path).resolve():
         raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
     check_recipe_path(recipe_path)
-    with _atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML
+    with atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML
         Path(tmp).write_text(recipe.to_json() if Path(recipe_path).suffix.lower() == ".json" else recipe.to_yaml())
         return save_state_dict(path, state_dict, meta)
 

@@ -139,12 +139,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     bad = [a for a in args.alphas if not math.isfinite(a) or a < 0]
     if bad:   # each method's grid keeps the scales in its range: these would silently fall back to its default
         ap.error(f"--alphas: {bad} are not scales; give finite numbers >= 0")
-    from .cli import _refuse_overwriting
-    from .io import _atomic_write
+    from .io import atomic_write, refuse_overwriting
 
     if args.json is not None and Path(args.json).resolve() == Path(args.out).resolve():
         raise StudioError(f"--out and --json are both {args.out}; give two file names")
-    _refuse_overwriting([args.out, args.json], suite=args.suite)   # before minutes of merges, not after
+    refuse_overwriting([args.out, args.json], suite=args.suite)   # before minutes of merges, not after
     if args.threads > 0:
         import torch
 
@@ -152,10 +151,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     suite = load_suite(args.suite)
     rows = run(suite, methods=args.methods, calibrations=args.calibrations, alphas=args.alphas, device=args.device)
     text = to_markdown(suite, rows)
-    with _atomic_write(Path(args.out)) as tmp:   # never half-written
+    with atomic_write(Path(args.out)) as tmp:   # never half-written
         Path(tmp).write_text(text)
     if args.json:
-        with _atomic_write(Path(args.json)) as tmp:
+        with atomic_write(Path(args.json)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe([r.__dict__ for r in rows]), indent=2, allow_nan=False))
     print(text)
 
