@@ -203,9 +203,13 @@ def _require_pool(pool: Any) -> None:
         raise DiagnosticsError(f"expected a TaskPool (studio.get_pool(base, experts)), got {type(pool).__name__}")
 
 
-def _require_matrix(layer: LayerTasks) -> None:
+def _require_layer(layer: LayerTasks) -> None:
     if not isinstance(layer, LayerTasks):
         raise DiagnosticsError(f"expected a layer, pool.layer(key), got {type(layer).__name__}")
+
+
+def _require_matrix(layer: LayerTasks) -> None:
+    _require_layer(layer)
     if len(layer.shape) != 2 or min(layer.shape) < 1:
         raise DiagnosticsError(
             f"key '{layer.key}' has shape {layer.shape}; spectral diagnostics need a 2-D matrix layer"
@@ -246,9 +250,13 @@ def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Has
 
 
 def _task_factors(layer: LayerTasks, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Stacked top-``rank`` task SVD factors ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]`` from the pool cache."""
+    """Stacked top-``rank`` task SVD factors ``U [T, m, k]``, ``S [T, k]``, ``Vh [T, k, n]`` from the pool cache,
+    with the components beyond each task's numerical rank (:func:`_live`) zeroed: LAPACK's arbitrary null-space
+    vectors (``svd_mode="exact"``) and the Gram route's zero ones then give the same factors."""
     Us, Ss, Vhs = zip(*layer.svds(range(layer.num_tasks), rank))
-    return torch.stack(Us), torch.stack(Ss), torch.stack(Vhs)
+    U, S, Vh = torch.stack(Us), torch.stack(Ss), torch.stack(Vhs)
+    live = torch.stack([_live(s, layer) for s in Ss]).to(S.dtype)   # [T, k]
+    return U * live.unsqueeze(1), S * live, Vh * live.unsqueeze(2)
 
 
 def _check_k(name: str, k: int | None, key: str, param: str = "k") -> int | None:
@@ -424,6 +432,7 @@ def task_cosine(layer: LayerTasks) -> Tensor:
         unit = flat / norms.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
         return (unit @ unit.mT).clamp(-1.0, 1.0).float()
 
+    _require_layer(layer)
     return layer.memo(("diag", "cosine"), compute)
 
 
@@ -530,10 +539,15 @@ def sti(layer: LayerTasks, rank: int | None = None) -> float:
     ``multi_dot`` shape error, so there is no independent STI to compare with): the rank, where
     sec. 3.1 concatenates full SVDs (``rank=r`` gives that) and ``r / T`` measures the factors TSV-M actually
     merges; and the norm, the entry-wise L1 norm of :func:`sti_from_factors` (the induced matrix 1-norm would be
-    a column maximum, far smaller). In ``svd_mode="auto"`` null components (a rank-deficient or zero task matrix)
-    have zero vectors and add nothing; ``"exact"`` keeps LAPACK's arbitrary vectors for those of a rank-deficient
-    task matrix, as an SVD-based script would, but not for exactly zero singular values (a zero task matrix), which
-    both modes leave out (:meth:`studio.pool.LayerTasks.svd`).
+    a column maximum, far smaller).
+
+    Components beyond a task's numerical rank (singular values at or below ``sigma_max * max(m, n) * eps(float32)``,
+    ``torch.linalg.matrix_rank``'s rule, as :func:`subspace_similarity` leaves them out) add nothing, in both
+    ``svd_mode``. An entry of eq. (7) does not shrink with the singular values of the directions it pairs, so an
+    exact SVD's arbitrary null-space vectors counted at full weight: three rank-3 tasks gave 24.4 at the default
+    rank with ``"exact"`` and 6.1 with ``"auto"``, and tasks on orthogonal subspaces 476 instead of 0. For the same
+    reason eq. (7) itself jumps when a rank-deficient task gains tiny components (noise of 1e-7 took those three
+    tasks from 6.1 to 25): compare STI at ranks within the tasks' numerical rank.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -694,7 +708,10 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
     With the SVD ``Delta_merge = sum_r sigma^r u^r (v^r)^T`` (eq. 17), ``a_i^r = (u^r)^T Delta_i`` and
     ``a_merge^r = sigma^r (v^r)^T`` (eq. 18): ``s_i^r = <a_merge^r, a_i^r> / ||a_i^r||^2`` and
     ``gamma^r = K / sum_i max(alpha, s_i^r)``; with ``preferences`` the weighted form of the SVC calibration
-    (one-hot = the target-task calibration of sec. 5). Both come from
+    (one-hot = the target-task calibration of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)``, except that, as in the
+    official code, a subspace where the target task's ``s_t^r <= 0`` keeps ``gamma^r = 1``: sec. 5.3's formula
+    would give ``1 / alpha`` there; see :func:`~studio.methods._align.svc_gamma`). A task's response at or below
+    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest counts as none (``s = 0``). Both come from
     :func:`studio.methods._align.svc_projection_coefficients` / :func:`~studio.methods._align.svc_gamma`, the code
     the ``svc`` calibration runs. ``merged=None``: the Task Arithmetic sum, where Lemma 3.2 gives
     ``s_i^r = 1 + sum_{j != i} <a_j^r, a_i^r> / ||a_i^r||^2`` (see :func:`svc_cross_terms`). ``rank``: only the top
@@ -712,7 +729,9 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
                                f"{brief(alpha)}")
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "svc_coefficients", layer.key, "rank")
-    s = _align.svc_projection_coefficients(st.S[:R], st.c[:, :R], st.a2[:, :R])
+    # over every subspace, then cut: the noise floor is relative to each task's largest response, as in the svc
+    # calibration
+    s = _align.svc_projection_coefficients(st.S, st.c, st.a2)[:, :R]
     return s, _align.svc_gamma(s, alpha, _preferences(layer, preferences))
 
 
@@ -736,7 +755,8 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     ``normalize=True``: ``C[i, j, r] = <a_j^r, a_i^r> / ||a_i^r||^2`` (the diagonal is 1), so that for the Task
     Arithmetic sum ``s_i^r = sum_j C[i, j, r]`` (Lemma 3.2). This is also AlignMerge's column step ``alpha_1``
     (App. B.2, eq. 22; :func:`studio.methods._align.cross_influence_terms`). ``False``: the raw inner products
-    ``<a_i^r, a_j^r>`` that SVC Fig. 3 visualises. Entries of a task without response are 0; subspaces beyond the
+    ``<a_i^r, a_j^r>`` that SVC Fig. 3 visualises. Entries of a task without response (at or below
+    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest, as for ``s``) are 0; subspaces beyond the
     merged delta's numerical rank (its null space, where LAPACK's directions are arbitrary) are NaN.
 
     Example:
@@ -748,6 +768,9 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     st = _merged_stats(layer, merged)
     R = _top(st.S.numel(), rank, "svc_cross_terms", layer.key, "rank")
     C = _cross_terms(layer, merged)[:, :, :R]
+    # a task with no response by SVC's noise floor (s = 0 in svc_coefficients) has a zero row, so that Lemma 3.2's
+    # s_i^r = sum_j C[i, j, r] holds for it too
+    C = C.masked_fill(_align.svc_no_response(st.a2)[:, :R].unsqueeze(1), 0.0)
     if not normalize:
         C = C * st.a2[:, :R].unsqueeze(1)
     return torch.where(_beyond_rank(layer, st, R), torch.full_like(C, float("nan")), C)
@@ -836,13 +859,17 @@ def _default_k_merged(layer: LayerTasks, merged: Tensor | None, k: int | None, n
 
 
 def _row_normalise(G: Tensor, empty: float) -> Tensor:
+    """``G[i, j] / G[i, i]``, with ``empty`` in the rows of tasks absent from every pooled subspace. ``G``'s diagonal
+    holds squared responses, so the cut is ``eps(float32)^2`` of the largest: a response of ``eps(float32)`` of the
+    largest, as :func:`_absent` cuts each subspace's (the pooled matrices equal the per-subspace ones at ``k = 1``)."""
     d = torch.diagonal(G)
-    ok = (d > torch.finfo(torch.float32).eps * d.max().clamp_min(1e-300)).unsqueeze(1)
+    ok = (d > torch.finfo(torch.float32).eps ** 2 * d.max().clamp_min(1e-300)).unsqueeze(1)
     return torch.where(ok, G / d.clamp_min(1e-300).unsqueeze(1), torch.full_like(G, empty)).float()
 
 
 def svc_cross_matrix(layer: LayerTasks, merged: Tensor | None = None, k: int | None = None) -> Tensor:
-    """Pooled SVC Lemma 3.2 cross terms over the top-``k`` merged subspaces, ``[T, T]`` (diagonal 1).
+    """Pooled SVC Lemma 3.2 cross terms over the top-``k`` merged subspaces, ``[T, T]`` (diagonal 1; a zero row
+    for a task with no response in any of them).
 
     ``C[i, j] = sum_{r<=k} <a_j^r, a_i^r> / sum_{r<=k} ||a_i^r||^2``: the share of task ``j`` in the merged response
     along task ``i``'s directions. For the Task Arithmetic sum each row sums to the pooled projection coefficient

@@ -439,6 +439,70 @@ def test_cross_influence_and_sai_match_the_two_step_projections_of_app_b2():
     torch.testing.assert_close(D.cross_influence_matrix(layer, merged, k=1), xi[:, :, 0], rtol=1e-4, atol=1e-5)
 
 
+def test_sti_leaves_out_directions_beyond_a_tasks_numerical_rank_in_both_svd_modes():
+    """An exact SVD's null-space vectors of a rank-deficient task are arbitrary, and an entry of eq. (7) does not
+    shrink with the singular values of the directions it pairs: they counted at full weight (three rank-3 tasks:
+    24.4 at the default rank with "exact", 6.1 with "auto"; tasks on orthogonal subspaces 476 instead of 0)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rank3(m: int, n: int) -> torch.Tensor:
+        U = torch.linalg.qr(torch.randn(m, 3, generator=g)).Q
+        V = torch.linalg.qr(torch.randn(n, 3, generator=g)).Q
+        return (U * (torch.rand(3, generator=g) + 0.5)) @ V.T
+
+    low = [rank3(30, 20) for _ in range(3)]
+    expected = _sti_slow(low, 3)   # eq. (7) on the directions the tasks have
+    for rank in (None, 3, 6, 20):
+        for mode in ("exact", "auto"):
+            assert D.sti(_pool(low, mode).layer("w"), rank=rank) == pytest.approx(expected, rel=1e-4), (rank, mode)
+    pair = D.sti_pairwise(_pool(low, "exact").layer("w"), rank=20)
+    torch.testing.assert_close(pair, D.sti_pairwise(_pool(low, "auto").layer("w"), rank=20), rtol=1e-4, atol=1e-4)
+    assert float(pair[0, 1]) == pytest.approx(_sti_slow(low[:2], 3), rel=1e-4)
+    # rank-8 tasks on disjoint rows: U_i^T U_j = 0, so eq. (7) is 0 at every rank
+    rows = []
+    for i in range(3):
+        M = torch.zeros(24, 18)
+        M[8 * i:8 * i + 8] = torch.randn(8, 18, generator=g)
+        rows.append(M)
+    for mode in ("exact", "auto"):
+        layer = _pool(rows, mode).layer("w")
+        assert D.sti(layer, rank=18) < 1e-3 and float(D.sti_pairwise(layer, rank=18).max()) < 1e-3
+
+
+def test_svc_cross_terms_of_a_task_without_response_are_zero_in_both_svd_modes():
+    """Lemma 3.2, s_i^r = sum_j C[i, j, r], for a task with no response too: LAPACK's float32 rounding left such a
+    task a response of ~1e-14 in "exact" mode, and C[i, i, r] = 1 where svc_coefficients gives s = 0."""
+    mats = []
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):   # block-diagonal tasks, task 2 the largest: the top subspaces are task 2's alone
+        M = torch.zeros(24, 18)
+        M[8 * i:8 * i + 8, 6 * i:6 * i + 6] = torch.randn(8, 6, generator=g) * (i + 1)
+        mats.append(M)
+    for mode in ("exact", "auto"):
+        layer = _pool(mats, mode).layer("w")
+        C = D.svc_cross_terms(layer, rank=3)
+        s, _ = D.svc_coefficients(layer, rank=3)
+        assert float(C[0].abs().max()) == 0.0 and float(s[0].abs().max()) == 0.0, mode
+        torch.testing.assert_close(C.sum(1), s, rtol=1e-5, atol=1e-6)
+        # svc_coefficients with a rank is the cut of the full coefficients (one noise floor, the calibration's)
+        torch.testing.assert_close(s, D.svc_coefficients(layer)[0][:, :3])
+
+
+def test_pooled_cross_matrices_keep_a_small_response_as_the_per_subspace_terms_do():
+    """The pooled matrices cut a task as absent where its summed squared response was below eps(float32) of the
+    largest, i.e. a response below ~3.5e-4: a response of 1e-4 got a NaN row in cross_influence_matrix(k=1), which
+    its docstring equates with xi at k = 1, and a zero row (diagonal included) in svc_cross_matrix."""
+    u, v = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0])
+    a = torch.outer(u, v)
+    b = 1e-4 * torch.outer(u, v) + 0.5 * torch.outer(torch.tensor([0.0, 1.0, 0.0]), torch.tensor([0.0, 1.0]))
+    layer = _pool([a, b], "auto").layer("w")
+    xi = D.cross_influence(layer, rank=1)[:, :, 0]
+    assert torch.isfinite(xi).all() and float(xi[1, 0]) == pytest.approx(1e4, rel=1e-4)
+    torch.testing.assert_close(D.cross_influence_matrix(layer, k=1), xi)
+    torch.testing.assert_close(D.svc_cross_matrix(layer, k=1), D.svc_cross_terms(layer, rank=1)[:, :, 0])
+    assert D.svc_cross_matrix(layer, k=1).diagonal().tolist() == [1.0, 1.0]
+
+
 # --------------------------------------------------------------------------------- svd_mode exact vs auto
 
 
@@ -638,6 +702,7 @@ def test_the_layer_and_pool_diagnostics_name_arguments_of_the_wrong_kind():
             (lambda: D.sar_avg(pool, keys=[5]), "unknown key 5"),
             (lambda: D.sar_avg(pool, merged={key: nan}, keys=[key]), f"merged key '{key}' needs finite values"),
             (lambda: D.sar_to_merged(dict(base)), "expected a layer"),
+            (lambda: D.task_cosine(None), "expected a layer"),
             (lambda: D.sar_to_merged(layer, nan), "needs finite values"),
             (lambda: D.svc_coefficients(layer, nan.long()), "got a torch.int64 tensor")):
         with pytest.raises(D.DiagnosticsError, match=message):

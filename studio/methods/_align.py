@@ -331,9 +331,21 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
         [[1.0, 0.0], [0.0, 1.0]]
     """
     s = (scale * S).unsqueeze(0) * c / a2.clamp_min(SVC_EPS)
+    return s.masked_fill(svc_no_response(a2), 0.0)
+
+
+def svc_no_response(a2: Tensor) -> Tensor:
+    """``[T, R]``: where task ``i`` has no response in subspace ``r`` by SVC's noise floor,
+    ``||a_i^r|| <= SVC_NOISE_RTOL * max_r ||a_i^r||`` (see :func:`svc_projection_coefficients`), from
+    ``a2 = ||a_i^r||^2`` over all the merged subspaces.
+
+    Example:
+        >>> svc_no_response(torch.tensor([[4.0, 1e-12, 0.0], [0.0, 0.0, 0.0]])).tolist()
+        [[False, True, True], [True, True, True]]
+    """
     floor = SVC_NOISE_RTOL ** 2 * a2.amax(-1, keepdim=True)
     # an overflowed response (inf) is no scale for a floor: the merge's own finiteness check then names it
-    return s.masked_fill((a2 <= floor) & torch.isfinite(floor), 0.0)
+    return (a2 <= floor) & torch.isfinite(floor)
 
 
 def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target_guard: bool = True) -> Tensor:
