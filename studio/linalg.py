@@ -140,6 +140,21 @@ def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
 # Spectral-merging building blocks (TSV-M, Iso-CTS, TSV-C). Appended; the functions above are unchanged.
 # ---------------------------------------------------------------------------------------------------------------
 
+def numerical_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size") -> int:
+    """How many of the descending singular values ``S`` of a float32 matrix of ``shape`` are above
+    ``torch.linalg.matrix_rank``'s default tolerance, ``sigma_max * max(m, n) * eps(float32)``: the directions the
+    matrix has. Those below are at the level of its float32 rounding (a sum of low-rank experts stored on a base has
+    singular values ~1e-7 of its largest there, with directions set by the rounding).
+
+    Example:
+        >>> numerical_rank(torch.tensor([3.0, 1.0, 1e-7]), (3, 3)), numerical_rank(torch.zeros(2), (2, 2))
+        (2, 0)
+    """
+    if S.numel() == 0 or not float(S[0]) > 0:
+        return 0
+    return int((S > S[0] * max(shape[-2:]) * torch.finfo(torch.float32).eps).sum())
+
+
 def null_tolerance(largest: Tensor, size: int) -> Tensor:
     """Singular values at or below this are numerically zero for a float64 Gram-based computation over ``size``
     columns: ``sigma_max * max(eps(float32), sqrt(size * eps(float64)))``.

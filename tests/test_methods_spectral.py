@@ -468,6 +468,38 @@ def test_iso_cts_zero_weight_tasks_add_no_arbitrary_directions():
         torch.testing.assert_close(exact[k], auto[k], atol=1e-5, rtol=1e-4)
 
 
+def _lora_experts(on_base: bool, T: int = 4, m: int = 96, n: int = 64, rank: int = 3):
+    """T rank-3 task matrices (LoRA-like: T * rank < r), stored on a random base of CLIP-like scale (their deltas
+    then carry the weights' float32 rounding) or on a zero base (exact deltas)."""
+    g = torch.Generator().manual_seed(7)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    W = 0.02 * torch.randn(m, n, generator=g) * on_base   # drawn either way: the same deltas
+    deltas = [1e-3 * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) for _ in range(T)]
+    return key, {key: W}, {f"t{i}": {key: W + d} for i, d in enumerate(deltas)}, deltas
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_iso_merges_of_low_rank_experts_keep_only_the_sums_directions(method):
+    """A rank-deficient sum (LoRA experts) has a null space whose singular vectors the float32 rounding of the
+    stored weights sets. The official code puts sigma_bar on them: the same 4 rank-3 experts merged 126 % (Iso-C)
+    and 133 % (Iso-CTS) apart stored on a random base and on a zero one. Here the merge lies in the span of the
+    task matrices and does not depend on where they are stored, in either svd_mode; Iso-C is sigma_bar (the mean
+    over all r singular values, as officially) on the sum's 12 directions."""
+    key, base0, clean, deltas = _lora_experts(on_base=False)
+    ref = studio.merge(base0, clean, method, alpha=1.0, svd_mode="auto")[key].double()
+    cols = torch.linalg.svd(torch.cat([d.double() for d in deltas], 1), full_matrices=False)[0][:, :12]
+    rows = torch.linalg.svd(torch.cat([d.double() for d in deltas], 0), full_matrices=False)[2][:12]
+    assert float((ref - cols @ (cols.T @ ref) @ rows.T @ rows).norm()) < 1e-5 * float(ref.norm())
+    if method == "iso_c":
+        U, S, Vh = torch.linalg.svd(sum(d.double() for d in deltas), full_matrices=False)
+        expected = S.sum() / S.numel() * U[:, :12] @ Vh[:12]
+        assert _rel(ref, expected) < 1e-5
+    key, base, stored, _ = _lora_experts(on_base=True)
+    for mode in ("auto", "exact"):
+        out = studio.merge(base, stored, method, alpha=1.0, svd_mode=mode)[key].double() - base[key].double()
+        assert _rel(out, ref) < 1e-4, mode
+
+
 def test_iso_cts_end_to_end_with_the_paper_default_alpha():
     base, experts = _pool_args()
     assert {p.name: p.default for p in get_method("iso_cts").params} == {"common_space_fraction": 0.8, "alpha": 1.5}

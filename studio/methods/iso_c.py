@@ -37,10 +37,15 @@ def iso_c(layer: LayerTasks) -> Tensor:
     mean of the task vectors (engine ``vector_rule="mean"``, Iso appx. C.2). The exact SVD of the sum comes from
     ``layer.sum_svd()``, cached per pool and shared with Iso-CTS, SVC and the diagnostics.
 
-    Where the sum is rank deficient (rank below ``r``, e.g. a few low-rank experts) the method is ill-posed as
-    written: ``sigma_bar`` goes to every one of the ``r`` directions, including the sum's null space, which any SVD
-    chooses arbitrarily; both SVD modes then take LAPACK's, as the official code does (whose own result there
-    depends on rounding).
+    **Deviation from the official code, for a rank-deficient sum** (rank below ``r``, e.g. a few LoRA experts:
+    Iso sec. 5 merges rank-16 LoRAs, 8 x 16 = 128 directions of 768): the official code puts ``sigma_bar`` on every
+    one of the ``r`` directions, including the sum's null space, whose singular vectors any SVD picks arbitrarily
+    and, for experts stored on a base, the float32 rounding of the weights sets (singular values ~1e-7 of the
+    largest). The merge then depends on that rounding: 4 rank-4 experts of a ``384 x 96`` layer merged 126 % apart
+    stored on a random base and on a zero one. Here only the sum's directions up to its numerical rank
+    (:func:`studio.linalg.numerical_rank`, ``torch.linalg.matrix_rank``'s tolerance) get ``sigma_bar``, which stays
+    the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning) is unaffected. Ortho-Merge's
+    harmonisation (eq. 16) takes the same rank, with the mean over those directions.
 
     Example:
         >>> import torch
@@ -52,4 +57,5 @@ def iso_c(layer: LayerTasks) -> Tensor:
         [[2.0, 0.0], [0.0, 2.0]]
     """
     U, S, Vh = layer.sum_svd()
-    return linalg.reconstruct(U, S.mean().expand_as(S), Vh)
+    rank = linalg.numerical_rank(S, layer.shape)
+    return linalg.reconstruct(U[:, :rank], S.mean().expand(rank), Vh[:rank])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import linalg
 from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated, truncated_svd_deflated_many
 from ..pool import LayerTasks
 from ..registry import register
@@ -42,10 +43,17 @@ def iso_cts_dims(r: int, num_tasks: int, common_space_fraction: float) -> tuple[
 def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Common and task-specific directions of Iso Alg. 2 lines 1-9.
 
-    Returns ``Uc [m, k]``, ``Vc [n, k]``, ``U_ts [m, T*s]``, ``V_ts [n, T*s]`` and all ``r`` selected singular values
-    (``k`` of the sum, then ``s`` per task). The task-specific SVDs are of ``Delta_t - Uc Uc^T Delta_t`` (eq. 10):
-    LAPACK on the formed residual in ``svd_mode="exact"`` (the official code), else
+    Returns ``Uc [m, k']``, ``Vc [n, k']``, ``U_ts [m, T*s]``, ``V_ts [n, T*s]`` and all ``r`` selected singular
+    values (``k`` of the sum, then ``s`` per task). The task-specific SVDs are of ``Delta_t - U^{1:k} U^{1:k}^T
+    Delta_t`` (eq. 10): LAPACK on the formed residual in ``svd_mode="exact"`` (the official code), else
     :func:`studio.linalg.truncated_svd_deflated`'s Gram-based path.
+
+    Directions at the level of float32 rounding carry no direction (as in :func:`~studio.methods.iso_c.iso_c`, a
+    deviation from the official code where the sum or a residual is rank deficient, e.g. LoRA experts): the common
+    block keeps ``k' = min(k, rank)`` directions of the sum (:func:`studio.linalg.numerical_rank`), and a task's
+    direction whose singular value is at or below that rank's tolerance (``max(m, n) * eps(float32)`` times the
+    sum's largest singular value) is a zero column.
+    Their singular values (rounding, ~0) still count in ``sigma_bar``'s sum, as in the official code.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -57,7 +65,8 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
         (torch.Size([4, 2]), torch.Size([4, 2]), [4.0, 2.0, 1.0, 1.0])
     """
     U, S, Vh = layer.sum_svd()
-    Uc, Sc, Vc = U[:, :k], S[:k], Vh[:k].mT
+    Uc, Sc = U[:, :k], S[:k]   # eq. 10 projects out all k common directions, as the official code does
+    live = min(k, linalg.numerical_rank(S, layer.shape))   # the sum's directions among them
     exact = layer.pool.svd_mode == "exact"
     # When m <= r the sum's U is square, so its remaining columns span exactly the complement of the common
     # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k) x n matrix is decomposed.
@@ -70,10 +79,12 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
                  for delta in layer.task_deltas(reuse=True))
     else:
         parts = ()
+    # the sum's own rank tolerance (numerical_rank): the rounding of the experts is of one scale, the largest
+    rounding = S[0] * max(layer.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
     for u, sv, vh in parts:
-        # A zero residual (e.g. a task with preference weight 0) has no singular vectors; LAPACK would return
-        # arbitrary ones, which the whitening would then keep at weight sigma_bar.
-        nonzero = sv > 0
+        # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, or a task wholly in the
+        # common subspace) has no singular vector; LAPACK's or the rounding's would be whitened in at sigma_bar.
+        nonzero = sv > rounding
         Us.append(u * nonzero)
         Ss.append(sv)
         Vs.append(vh.mT * nonzero)
@@ -81,7 +92,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     empty_u, empty_v = Uc.new_zeros(m, 0), Uc.new_zeros(n, 0)
     U_ts = torch.cat(Us, dim=1) if Us else empty_u
     V_ts = torch.cat(Vs, dim=1) if Vs else empty_v
-    return Uc, Vc, U_ts, V_ts, torch.cat(Ss)
+    return Uc[:, :live], Vh[:live].mT, U_ts, V_ts, torch.cat(Ss)
 
 
 @register(
@@ -145,6 +156,8 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     k, s = iso_cts_dims(r, layer.num_tasks, common_space_fraction)
     Uc, Vc, U_ts, V_ts, sigmas = iso_cts_factors(layer, k, s)
     sigma_bar = sigmas.sum() / r
+    if Uc.shape[1] + U_ts.shape[1] == 0:   # no direction at all (every task matrix zero)
+        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
     if not layer.sum_svd_from_gram():   # LAPACK's float32 common block is orthonormal to ~1e-6 only (see above)
         return matmul(polar_gram(torch.cat([Uc, U_ts], 1)) * sigma_bar, polar_gram(torch.cat([Vc, V_ts], 1)).mT)
     # eq. 10: U_ts is orthogonal to Uc (to rounding), so the left polar factor is [Uc | polar(U_ts)]
