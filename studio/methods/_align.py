@@ -413,8 +413,10 @@ def subspace_cross_influence(c: Tensor) -> Tensor:
     paper finds eq. 6 tight and the column/row order immaterial (App. E.2, Fig. 7). ``xi[i, i] = 1``.
 
     This reads eq. 5's ``W_i^r`` as task ``i``'s component in subspace ``r``, ``P_col Delta_i`` (App. B.2's
-    ``alpha_1`` projects onto ``P_col Delta_i``), which sec. 4.1 needs: only then does dividing by ``xi~`` make
-    ``SAI`` exactly 0. Read as the whole ``Delta_i``, the projections no longer collapse, the column-first and
+    ``alpha_1`` projects onto ``P_col Delta_i``), the reading under which eq. 7 holds with equality, so that
+    Prop. 2's optimum ``xi^r = 1`` is the calibration that reproduces task ``i``'s own component (``c_i^r``).
+    (Dividing ``sigma`` by ``xi~`` sets ``SAI`` to 0 under either reading: ``xi~`` is proportional to ``sigma``
+    in a fixed basis.) Read as the whole ``Delta_i``, the projections no longer collapse, the column-first and
     row-first orders differ slightly (the "very similar" of App. E.2), and on random low-rank experts the lower
     subspaces' ``xi~`` and AlignMerge-B's result differ by tens of percent (an independent float64 reference of
     both readings, 2026-12-04).
