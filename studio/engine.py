@@ -139,7 +139,7 @@ def merge_pool(
     method_prefs = bool(spec.extra.get("uses_preferences"))
     weights = None
     if (prefs is not None and cal_spec is None and not method_prefs
-            and not torch.allclose(prefs, torch.full_like(prefs, 1 / len(names)))):
+            and not torch.equal(prefs, torch.full_like(prefs, 1 / len(names)))):
         weights = (prefs * len(names)).to(pool.device)
     uniform = torch.full((len(names),), 1 / len(names), dtype=torch.float32)
     cal_prefs = (prefs if prefs is not None else uniform).to(pool.device)

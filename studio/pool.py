@@ -846,6 +846,9 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
             more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
             raise StudioError(f"{what} name unknown task(s) {', '.join(unknown[:10])}{more}; the experts are "
                               f"{list(names)}")
+        if not preferences:
+            raise StudioError(f"{what} name no task; give a weight to at least one of the experts {list(names)} "
+                              f"(or None: uniform)")
         values = [preferences.get(n, 0.0) for n in names]
     else:
         ordered = isinstance(preferences, (Sequence, Tensor, np.ndarray)) and not isinstance(preferences, (str, bytes))

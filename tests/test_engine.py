@@ -132,6 +132,9 @@ def test_bad_preferences(clip_pool):
         studio.merge(base, experts, "task_arithmetic", preferences={"task0": -1.0})
     with pytest.raises(studio.StudioError, match="all zero"):
         studio.merge(base, experts, "task_arithmetic", preferences=[0, 0, 0, 0])
+    with pytest.raises(studio.StudioError, match=r"preferences name no task; give a weight to at least one of the "
+                                                  r"experts \['task0'"):   # was "all zero"
+        studio.merge(base, experts, "task_arithmetic", preferences={})
     with pytest.raises(studio.StudioError, match="sum to inf"):   # normalised to zeros before: the base came back
         studio.merge(base, experts, "task_arithmetic", preferences=[1e308, 1e308, 1, 1])
     with pytest.raises(studio.StudioError, match="task1.*'2'"):
@@ -193,9 +196,15 @@ def test_preferences_weight_task_matrices_without_calibration(clip_pool):
     k = "visual.proj"
     expected = base[k] + len(experts) * (experts["task0"][k] - base[k])
     torch.testing.assert_close(one_hot[k], expected)
-    uniform = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences=[1, 1, 1, 1])
     plain = studio.merge(base, experts, "task_arithmetic", alpha=1.0)
-    torch.testing.assert_close(uniform[k], plain[k])
+    for prefs in ([1, 1, 1, 1], torch.full((4,), 0.1), {n: 3.0 for n in experts}):   # uniform: the same bits
+        uniform = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences=prefs)
+        assert all(torch.equal(uniform[key], plain[key]) for key in plain)
+    # close to uniform is not uniform: each task matrix counts T * p_i (within 1e-5 of uniform was snapped to it)
+    zero, ones = {"w": torch.zeros(3)}, {f"t{i}": {"w": torch.full((3,), float(i + 1))} for i in range(4)}
+    near = studio.merge(zero, ones, "task_arithmetic", alpha=1.0, preferences=[1, 1, 1, 1.000004])["w"]
+    w = [4 * x / 4.000004 for x in (1, 1, 1, 1.000004)]
+    assert float(near[0]) == pytest.approx(sum((i + 1) * wi for i, wi in enumerate(w)), rel=1e-7, abs=0)
 
 
 def test_post_scale_change_reuses_the_cached_merge(clip_pool):
