@@ -286,7 +286,7 @@ def _diagnose(args: argparse.Namespace) -> None:
         with _noting("--weights"):
             read = [str(file) for file, _ in checkpoint_files(args.weights)] + [args.weights]
     refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
-                        inputs={"the merged checkpoint (--weights)": read} if read else None)
+                       inputs={"the merged checkpoint (--weights)": read} if read else None)
     if args.method:
         recipe = _merge_recipe(args, pool)
         merged = merge_from_recipe(recipe, pool.base, pool.experts, device=args.device)
@@ -317,7 +317,6 @@ def _diagnose(args: argparse.Namespace) -> None:
               "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
               "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist()}
     if args.out:
-
         with atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
     made = what.get("recipe", {})
@@ -543,7 +542,7 @@ def _run(args: argparse.Namespace) -> int:
         args.prefix = None   # the recipe's applies: to the checkpoints as they are read, and to a suite's tensors
         pool = _load_pool(args, recipe)
         refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite,
-                            inputs={"the recipe": args.recipe})
+                           inputs={"the recipe": args.recipe})
         base, experts = recipe_inputs(recipe, pool.base, pool.experts)
         # before the merge: the weights the recipe recorded must be those it merged (the options choose others)
         with _noting(f"the suite the recipe recorded, {pool.suite}; give --suite, or --base and an --expert for "
