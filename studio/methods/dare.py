@@ -40,10 +40,10 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     The masks are drawn from a ``torch.Generator`` on the layer's device seeded with ``seed`` (the engine derives
     it from the merge seed and the key), so a seed fixes the merge; CPU and CUDA generators give different (equally
     valid) draws. The tasks draw from that one stream in expert order, so reordering the experts (or adding one
-    before another) gives them other masks: a recipe records the order, and replays it. With ``ties_consensus`` the drop-and-rescaled task vectors go through the TIES sign election
-    and a disjoint sum (mergekit's ``dare_ties``; the official DARE code's TIES variant, MergeLM
-    ``mask_apply_method="ties_merging"``, also trims by magnitude and takes the disjoint mean), otherwise they are
-    summed. With ``p = 0`` this is Task Arithmetic.
+    before another) gives them other masks: a recipe records the order, and replays it. With ``ties_consensus``
+    the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum (mergekit's
+    ``dare_ties``; the official DARE code's TIES variant, MergeLM ``mask_apply_method="ties_merging"``, also trims
+    by magnitude and takes the disjoint mean), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
 
     Example:
         >>> from studio.pool import TaskPool

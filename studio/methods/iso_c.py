@@ -41,7 +41,7 @@ def iso_c(layer: LayerTasks) -> Tensor:
     Iso sec. 5 merges rank-16 LoRAs, 8 x 16 = 128 directions of 768): the official code puts ``sigma_bar`` on every
     one of the ``r`` directions, including the sum's null space, whose singular vectors any SVD picks arbitrarily
     and, for experts stored on a base, the float32 rounding of the weights sets (singular values ~1e-7 of the
-    largest). The merge then depends on that rounding: 4 rank-4 experts of a ``384 x 96`` layer merged 126 % apart
+    largest). The merge then depends on that rounding: 4 rank-3 experts of a ``96 x 64`` layer merged 127 % apart
     stored on a random base and on a zero one. Here only the sum's directions up to its numerical rank
     (:func:`studio.linalg.numerical_rank`, ``torch.linalg.matrix_rank``'s tolerance) get ``sigma_bar``, which stays
     the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning) is unaffected. Ortho-Merge's
