@@ -312,6 +312,64 @@ def test_svc_one_hot_preferences_are_the_target_task_calibration():
     close(via_engine["w"], svc_reference(deltas, merged, 0.25, target=2)[0])
 
 
+def _orthogonal_tasks(T: int = 4, m: int = 12, n: int = 10, seed: int = 7) -> list[torch.Tensor]:
+    """T float64 rank-2 task matrices on mutually orthogonal left and right subspaces."""
+    g = torch.Generator().manual_seed(seed)
+    Q1 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=D)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D)).Q
+    return [Q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 - 0.3 * i, 1.0 + 0.1 * i], dtype=D))
+            @ Q2[:, 2 * i:2 * i + 2].T for i in range(T)]
+
+
+def test_svc_one_hot_target_leaves_the_subspaces_it_has_no_response_in():
+    """The official target guard, eta = max(s_t, alpha) if s_t > 0 else 1, at s_t = 0 exactly: what a target task
+    gets where it has no response (a layer it left unchanged, another task's subspace). On orthogonal tasks the target
+    has s_t = 1 in its own subspaces and 0 elsewhere, so gamma = 1 everywhere and the sum comes back; a guard of
+    s_t >= 0 scaled the other tasks' subspaces by 1 / alpha (and no test noticed)."""
+    ds = _orthogonal_tasks()
+    experts = {f"t{i}": {"w": d.float()} for i, d in enumerate(ds)}
+    out = studio.merge({"w": torch.zeros(12, 10)}, experts, "task_arithmetic", alpha=1.0, calibrate="svc",
+                       preferences={"t0": 1.0})["w"]
+    torch.testing.assert_close(out.double(), sum(ds), rtol=1e-5, atol=1e-6)
+
+
+def test_svc_after_tsv_m_defaults_to_alpha_one():
+    """SVC sec. 5.1 and the official run.sh: alpha = 1 on top of TSV-M, 1/T after the other methods."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(16, 12)}
+    experts = {f"t{i}": {"w": torch.randn(16, 12, generator=g)} for i in range(4)}
+    auto = studio.merge(base, experts, "tsv_m", calibrate="svc")["w"]
+    one = studio.merge(base, experts, "tsv_m", calibrate="svc", calibrate_hparams={"alpha": 1.0})["w"]
+    quarter = studio.merge(base, experts, "tsv_m", calibrate="svc", calibrate_hparams={"alpha": 0.25})["w"]
+    assert torch.equal(auto, one) and not torch.allclose(auto, quarter, rtol=1e-3)
+    ta = studio.merge(base, experts, "task_arithmetic", calibrate="svc")["w"]
+    assert torch.equal(ta, studio.merge(base, experts, "task_arithmetic", calibrate="svc",
+                                        calibrate_hparams={"alpha": 0.25})["w"])
+
+
+def test_svc_counts_a_small_genuine_response():
+    """A response 1.1e-4 of the task's largest is real (1000 times float32 rounding) and above SVC_NOISE_RTOL: eq. 19
+    counts it (an over-count s >> 1 there). Alg. 1 in float64 with the documented floor; a floor 100 times higher
+    dropped it and passed every other SVC test."""
+    ds = _orthogonal_tasks(T=2)
+    U0, _, Vh0 = torch.linalg.svd(ds[0])
+    ds[1] = ds[1] + 1.1e-4 * torch.outer(U0[:, 0], Vh0[0])
+    ds = [d.float().double() for d in ds]
+    experts = {f"t{i}": {"w": d.float()} for i, d in enumerate(ds)}
+    out = studio.merge({"w": torch.zeros(12, 10)}, experts, "task_arithmetic", alpha=1.0, calibrate="svc",
+                       svd_mode="exact")["w"].double()
+    M = sum(ds)
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    A = torch.einsum("mr,tmn->trn", U, torch.stack(ds))           # a_i^r = u_r^T Delta_i (eq. 18)
+    norms = A.norm(dim=-1)
+    s = torch.einsum("rn,trn->tr", U.T @ M, A) / (norms ** 2).clamp_min(1e-12)   # eq. 19
+    s[norms <= _align.SVC_NOISE_RTOL * norms.amax(-1, keepdim=True)] = 0.0
+    gamma = 2 / s.clamp_min(0.5).sum(0)                            # eq. 20, alpha = 1/K
+    assert float(s[1, 0]) > 10                                     # the over-count under test
+    want = (U * (gamma * S)) @ Vh
+    assert float((out - want).norm() / want.norm()) < 1e-4
+
+
 def test_svc_uniform_preferences_equal_eq_20():
     deltas = make_deltas(seed=5)
     layer = pool_of(deltas).layer("w")

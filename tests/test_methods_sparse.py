@@ -160,6 +160,17 @@ def test_ties_exact_cancellations_take_the_model_wide_majority_sign(flip, merge_
     assert own["a"][45] == flip * 1.0 and torch.equal(own["b"], merged["b"])
 
 
+def test_ties_a_zero_majority_of_the_elected_signs_keeps_the_negative_values():
+    """The official resolve_zero_signs(sign, "majority") with the elected signs summing to exactly 0 leaves a
+    cancelled entry's sign 0, and where(sign > 0, x > 0, x < 0) then keeps its negative values. Entry 0 cancels
+    (+1 - 1); the elected signs (0, +1, -1) sum to 0. Taking 0 as positive passed every other test, in both scopes."""
+    base = {"a": torch.zeros(3)}
+    experts = {"t1": {"a": torch.tensor([1.0, 1.0, -1.0])}, "t2": {"a": torch.tensor([-1.0, 1.0, -1.0])}}
+    for scope in ("model", "layer"):
+        out = studio.merge(base, experts, "ties", k=1.0, topk_scope=scope, merge_func="sum", alpha=1.0)["a"]
+        assert out.tolist() == [-1.0, 2.0, -2.0], scope
+
+
 def test_ties_model_and_layer_scope_differ_where_layer_scales_differ():
     base = {"big": torch.zeros(50), "small": torch.zeros(50)}
     g = torch.Generator().manual_seed(3)

@@ -325,6 +325,17 @@ def test_tsv_m_end_to_end_equals_the_official_code():
     assert get_method("tsv_m").params[-1].default == 1.0
 
 
+def test_tsv_m_merged_spectrum_is_the_kept_task_singular_values():
+    """TSV Prop. 4.1: U_perp and V_perp are orthonormal, so the merged delta's nonzero singular values are exactly the
+    T * k singular values each task keeps (eq. 4-6 with eq. 9)."""
+    g = torch.Generator().manual_seed(1)
+    tasks = [torch.randn(24, 16, generator=g) for _ in range(4)]
+    out = studio.merge({"w": torch.zeros(24, 16)}, {f"t{i}": {"w": t} for i, t in enumerate(tasks)}, "tsv_m",
+                       alpha=1.0)["w"].double()
+    kept = torch.cat([torch.linalg.svdvals(t.double())[:4] for t in tasks]).sort(descending=True).values
+    torch.testing.assert_close(torch.linalg.svdvals(out)[:16], kept, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------- Iso-C
 @pytest.mark.parametrize("T,m,n", [(4, 12, 8), (3, 8, 12), (5, 10, 10)])
 def test_iso_c_matches_the_official_loop(T, m, n):
