@@ -60,19 +60,38 @@ def test_shapes_dtypes_determinism(name, dtype):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("svd_mode", ["exact", "auto"])
 @pytest.mark.parametrize("name", MERGE_NAMES)
-def test_permuting_experts(name):
-    """Merges are symmetric in the experts; stochastic methods (DARE) are symmetric in distribution only."""
+def test_permuting_experts(name, svd_mode):
+    """Merges are symmetric in the experts; stochastic methods (DARE) are symmetric in distribution only. Two
+    orders: the reversal, and a cycle (which is not its own inverse)."""
     base = clip_like_state_dict()
     experts = make_experts(base, 4)
     spec = get_method(name)
     if spec.uses_seed or spec.extra.get("order_dependent"):
         pytest.skip(f"{name} declares order dependence (seeded per task position)")
-    a = studio.merge(base, experts, name, svd_mode="exact")
-    rev = dict(reversed(list(experts.items())))
-    b = studio.merge(base, rev, name, svd_mode="exact")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    a = studio.merge(base, experts, name, svd_mode=svd_mode)
+    names = list(experts)
+    for order in (names[::-1], names[1:] + names[:1]):
+        b = studio.merge(base, {n: experts[n] for n in order}, name, svd_mode=svd_mode)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k} in the order {order}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", MERGE_NAMES)
+def test_half_precision_merges_are_the_float32_merge_of_the_same_weights(name, dtype):
+    """Half-precision weights are merged in float32 (the differences of their float32 values), and only the result
+    is rounded to the inputs' dtype: the same bits as the float32 merge of the same (rounded) weights, cast."""
+    base = clip_like_state_dict(dtype=dtype)
+    experts = make_experts(base, 3)
+    half = studio.merge(base, experts, name, seed=0)
+    full = studio.merge({k: v.float() if v.is_floating_point() else v for k, v in base.items()},
+                        {n: {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+                         for n, sd in experts.items()}, name, seed=0)
+    for k, v in half.items():
+        assert v.dtype == base[k].dtype, k
+        assert torch.equal(v, full[k].to(v.dtype)), f"{name}: {k}"
 
 
 @pytest.mark.parametrize("name", MERGE_NAMES)
