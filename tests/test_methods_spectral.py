@@ -511,6 +511,56 @@ def test_iso_merges_of_low_rank_experts_keep_only_the_sums_directions(method):
         assert _rel(out, ref) < 1e-4, mode
 
 
+def test_iso_merges_of_an_ill_conditioned_full_rank_sum_keep_every_direction():
+    """A full-rank sum whose spectrum spans five decades: every direction is real and gets sigma_bar, as in the
+    official loop, so the merge is flat at the mean over all r. torch.linalg.matrix_rank's tolerance (max(m, n) *
+    eps: 3.1e-5 of the largest here, 3.7e-4 on a 3072 x 768 layer) cut its weakest directions (Iso-C 38 % off on a
+    3072 x 768 sum spanning four decades); the rank rule is float32's resolution."""
+    g = torch.Generator().manual_seed(3)
+    m, n = 256, 128
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    total = (U * torch.logspace(0, -5, n, dtype=torch.float64)) @ V.T   # singular values 1 .. 1e-5
+    half = torch.randn(m, n, generator=g, dtype=torch.float64) * 1e-3
+    tasks = torch.stack([(total / 2 + half).float(), (total / 2 - half).float()])
+    S = torch.linalg.svdvals(tasks.double().sum(0))
+    assert float(S[-1] / S[0]) < m * torch.finfo(torch.float32).eps   # below matrix_rank's cut, above float32's
+    for mode in ("exact", "auto"):
+        for merged in (iso_c(_layer(tasks, svd_mode=mode)),
+                       iso_cts(_layer(tasks, svd_mode=mode), common_space_fraction=1.0)):
+            flat = torch.linalg.svdvals(merged.double())
+            torch.testing.assert_close(flat, torch.full_like(flat, float(S.mean())), rtol=1e-4, atol=0)
+
+
+def test_iso_cts_of_tasks_that_cancel_in_a_rank_deficient_sum_does_not_depend_on_rounding():
+    """Experts a, -a and c (rank 3 each): the sum is c's, and the common directions past its rank are set by
+    rounding. Projecting those out of a's and -a's residuals too (eq. 10 with all k) left them an arbitrary part:
+    10 % (auto) and 65 % (exact) between the experts stored on a base and on a zero one."""
+    g = torch.Generator().manual_seed(7)
+    key, m, n = "visual.transformer.resblocks.0.mlp.c_fc.weight", 96, 64
+    W = 0.02 * torch.randn(m, n, generator=g)
+    a = 1e-3 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
+    c = 1e-3 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
+    deltas = {"a": a, "neg_a": -a, "c": c}
+    for f in (0.8, 0.5):
+        ref = studio.merge({key: torch.zeros(m, n)}, {t: {key: d} for t, d in deltas.items()}, "iso_cts", alpha=1.0,
+                           common_space_fraction=f)[key].double()
+        for mode in ("auto", "exact"):
+            out = studio.merge({key: W}, {t: {key: W + d} for t, d in deltas.items()}, "iso_cts", alpha=1.0,
+                               svd_mode=mode, common_space_fraction=f)[key].double() - W.double()
+            assert _rel(out, ref) < 1e-4, (f, mode)
+
+
+@pytest.mark.parametrize("method", ["iso_c", "iso_cts"])
+def test_iso_merges_of_a_sum_whose_norm_overflows_name_it(method):
+    """Entries of 1e38 sum to a finite matrix whose largest singular value is inf: the rank rule keeps every
+    direction, so the merge's finiteness check names the layer (a rank of 0 returned the base silently)."""
+    g = torch.Generator().manual_seed(0)
+    experts = {f"t{i}": {"w": torch.randn(8, 6, generator=g).sign() * 1e38} for i in range(2)}
+    with pytest.raises(studio.StudioError, match=f"{method}: the merged delta of 'w' is not finite"):
+        studio.merge({"w": torch.zeros(8, 6)}, experts, method)
+
+
 def test_iso_cts_end_to_end_with_the_paper_default_alpha():
     base, experts = _pool_args()
     assert {p.name: p.default for p in get_method("iso_cts").params} == {"common_space_fraction": 0.8, "alpha": 1.5}

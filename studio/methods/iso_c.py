@@ -42,10 +42,11 @@ def iso_c(layer: LayerTasks) -> Tensor:
     one of the ``r`` directions, including the sum's null space, whose singular vectors any SVD picks arbitrarily
     and, for experts stored on a base, the float32 rounding of the weights sets (singular values ~1e-7 of the
     largest). The merge then depends on that rounding: 4 rank-3 experts of a ``96 x 64`` layer merged 127 % apart
-    stored on a random base and on a zero one. Here only the sum's directions up to its numerical rank
-    (:func:`studio.linalg.numerical_rank`, ``torch.linalg.matrix_rank``'s tolerance) get ``sigma_bar``, which stays
-    the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning) is unaffected. Ortho-Merge's
-    harmonisation (eq. 16) takes the same rank, with the mean over those directions.
+    stored on a random base and on a zero one. Here only the sum's directions above float32's resolution
+    (:func:`studio.linalg.numerical_rank`: ``~1e-6`` of its largest singular value) get ``sigma_bar``, which stays
+    the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning), ill-conditioned or not, is
+    unaffected. Experts whose deltas are far smaller than their weights' rounding allows (rounding above ``~1e-6``
+    of the sum) keep some rounding directions, as the official code keeps all.
 
     Example:
         >>> import torch

@@ -50,10 +50,10 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
 
     Directions at the level of float32 rounding carry no direction (as in :func:`~studio.methods.iso_c.iso_c`, a
     deviation from the official code where the sum or a residual is rank deficient, e.g. LoRA experts): the common
-    block keeps ``k' = min(k, rank)`` directions of the sum (:func:`studio.linalg.numerical_rank`), and a task's
-    direction whose singular value is at or below that rank's tolerance (``max(m, n) * eps(float32)`` times the
-    sum's largest singular value) is a zero column.
-    Their singular values (rounding, ~0) still count in ``sigma_bar``'s sum, as in the official code.
+    block keeps ``k' = min(k, rank)`` directions of the sum (:func:`studio.linalg.numerical_rank`), only those are
+    projected out of the task matrices, and a task's direction whose singular value is at or below that rank's
+    tolerance (``~1e-6`` of the sum's largest singular value) is a zero column. Their singular values (rounding,
+    ~0) still count in ``sigma_bar``'s sum, as in the official code.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -65,12 +65,14 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
         (torch.Size([4, 2]), torch.Size([4, 2]), [4.0, 2.0, 1.0, 1.0])
     """
     U, S, Vh = layer.sum_svd()
-    Uc, Sc = U[:, :k], S[:k]   # eq. 10 projects out all k common directions, as the official code does
-    live = min(k, linalg.numerical_rank(S, layer.shape))   # the sum's directions among them
+    live = min(k, linalg.numerical_rank(S, layer.shape))   # the sum's directions among the k common ones
+    # eq. 10 projects the common directions out of each task matrix; those past the sum's rank are set by rounding
+    # (and would take an arbitrary part of tasks that cancel in the sum), so only the live ones are projected out
+    Uc, Sc = U[:, :live], S[:k]
     exact = layer.pool.svd_mode == "exact"
     # When m <= r the sum's U is square, so its remaining columns span exactly the complement of the common
     # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k) x n matrix is decomposed.
-    complement = U[:, k:] if U.shape[0] == U.shape[1] else None
+    complement = U[:, live:] if U.shape[0] == U.shape[1] else None
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
         parts = truncated_svd_deflated_many(list(layer.deltas), Uc, s, complement=complement, exact=exact)
@@ -80,7 +82,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     else:
         parts = ()
     # the sum's own rank tolerance (numerical_rank): the rounding of the experts is of one scale, the largest
-    rounding = S[0] * max(layer.shape) * torch.finfo(torch.float32).eps if S.numel() else 0.0
+    rounding = 10 * linalg.null_tolerance(S[0], min(layer.shape)) if S.numel() else 0.0
     for u, sv, vh in parts:
         # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, or a task wholly in the
         # common subspace) has no singular vector; LAPACK's or the rounding's would be whitened in at sigma_bar.
@@ -92,7 +94,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     empty_u, empty_v = Uc.new_zeros(m, 0), Uc.new_zeros(n, 0)
     U_ts = torch.cat(Us, dim=1) if Us else empty_u
     V_ts = torch.cat(Vs, dim=1) if Vs else empty_v
-    return Uc[:, :live], Vh[:live].mT, U_ts, V_ts, torch.cat(Ss)
+    return Uc, Vh[:live].mT, U_ts, V_ts, torch.cat(Ss)
 
 
 @register(

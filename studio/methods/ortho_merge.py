@@ -74,7 +74,8 @@ def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, 
     U, S, Vh = linalg.svd_tall(matrix, exact) if svd is None else svd
     if S.numel() == 0 or float(S[0]) <= 0:
         return torch.zeros_like(matrix)
-    r = linalg.numerical_rank(S, matrix.shape)
+    tol = max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]
+    r = int((S > tol).sum())
     return linalg.reconstruct(U[:, :r], S[:r].mean().expand(r), Vh[:r])
 
 
