@@ -532,6 +532,23 @@ def test_iso_merges_of_an_ill_conditioned_full_rank_sum_keep_every_direction():
             torch.testing.assert_close(flat, torch.full_like(flat, float(S.mean())), rtol=1e-4, atol=0)
 
 
+def test_iso_cts_keeps_the_directions_of_a_lightly_fine_tuned_task():
+    """A task 1e-4 the size of the others (or weighted 1e-4) has real task-specific directions, which the official
+    code whitens in at sigma_bar. A rank cut at matrix_rank's max(m, n) * eps of the sum dropped them (the merge
+    moved by 24.8 %); here the merge has every one of its r directions, flat at sigma_bar, in both modes."""
+    g = torch.Generator().manual_seed(0)
+    T, m, n = 8, 256, 256
+    experts = {f"t{i}": {"w": torch.randn(m, n, generator=g) * (1e-4 if i == 0 else 1.0)} for i in range(T)}
+    base = {"w": torch.zeros(m, n)}
+    runs = [studio.merge(base, experts, "iso_cts", alpha=1.0, svd_mode=mode)["w"] for mode in ("auto", "exact")]
+    light = {k: {"w": v["w"] * (1e4 if k == "t0" else 1.0)} for k, v in experts.items()}
+    runs.append(studio.merge(base, light, "iso_cts", alpha=1.0, preferences=[1e-4] + [1.0] * (T - 1))["w"])
+    for merged in runs:
+        S = torch.linalg.svdvals(merged.double())
+        assert float(S[-1] / S[0]) > 1 - 1e-3   # r directions, all at sigma_bar
+    assert _rel(runs[0], runs[1]) < 1e-4
+
+
 def test_iso_cts_of_tasks_that_cancel_in_a_rank_deficient_sum_does_not_depend_on_rounding():
     """Experts a, -a and c (rank 3 each): the sum is c's, and the common directions past its rank are set by
     rounding. Projecting those out of a's and -a's residuals too (eq. 10 with all k) left them an arbitrary part:
