@@ -770,9 +770,10 @@ def svc_cross_terms(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     C = _cross_terms(layer, merged)[:, :, :R]
     # a task with no response by SVC's noise floor (s = 0 in svc_coefficients) has a zero row, so that Lemma 3.2's
     # s_i^r = sum_j C[i, j, r] holds for it too
-    C = C.masked_fill(_align.svc_no_response(st.a2)[:, :R].unsqueeze(1), 0.0)
-    if not normalize:
-        C = C * st.a2[:, :R].unsqueeze(1)
+    silent = _align.svc_no_response(st.a2)[:, :R]
+    C = C.masked_fill(silent.unsqueeze(1), 0.0)
+    if not normalize:   # the raw inner products are symmetric: a silent task's column is zero too
+        C = (C * st.a2[:, :R].unsqueeze(1)).masked_fill(silent.unsqueeze(0), 0.0)
     return torch.where(_beyond_rank(layer, st, R), torch.full_like(C, float("nan")), C)
 
 

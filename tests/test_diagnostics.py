@@ -486,6 +486,15 @@ def test_svc_cross_terms_of_a_task_without_response_are_zero_in_both_svd_modes()
         torch.testing.assert_close(C.sum(1), s, rtol=1e-5, atol=1e-6)
         # svc_coefficients with a rank is the cut of the full coefficients (one noise floor, the calibration's)
         torch.testing.assert_close(s, D.svc_coefficients(layer)[0][:, :3])
+    # the raw inner products <a_i, a_j> stay symmetric: a task below the floor (task 1's 1e-7 response in task 0's
+    # subspace) is zero in its row and its column (zeroing its row alone left 2.3e-7 of asymmetry)
+    g = torch.Generator().manual_seed(1)
+    Q1 = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64)).Q
+    ds = [(Q1[:, 2 * i:2 * i + 2] * (3.0 - i)) @ Q2[:, 2 * i:2 * i + 2].T for i in range(2)]
+    ds[1] = ds[1] + 1e-7 * torch.outer(Q1[:, 0], Q2[:, 0])
+    raw = D.svc_cross_terms(_pool([d.float() for d in ds], "auto").layer("w"), rank=4, normalize=False)
+    assert float((raw - raw.transpose(0, 1)).abs().max()) <= 1e-9 * float(raw.abs().max())   # was 2.5e-8 of it
 
 
 def test_pooled_cross_matrices_keep_a_small_response_as_the_per_subspace_terms_do():
