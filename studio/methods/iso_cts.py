@@ -44,8 +44,9 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     """Common and task-specific directions of Iso Alg. 2 lines 1-9.
 
     Returns ``Uc [m, k']``, ``Vc [n, k']``, ``U_ts [m, T*s]``, ``V_ts [n, T*s]`` and all ``r`` selected singular
-    values (``k`` of the sum, then ``s`` per task). The task-specific SVDs are of ``Delta_t - U^{1:k} U^{1:k}^T
-    Delta_t`` (eq. 10): LAPACK on the formed residual in ``svd_mode="exact"`` (the official code), else
+    values (``k`` of the sum, then ``s`` per task). The task-specific SVDs are of ``Delta_t - U^{1:k'} U^{1:k'}^T
+    Delta_t`` (eq. 10; ``k' = k`` for a full-rank sum, see below): LAPACK on the formed residual in
+    ``svd_mode="exact"`` (the official code), else
     :func:`studio.linalg.truncated_svd_deflated`'s Gram-based path.
 
     Directions at the level of float32 rounding carry no direction (as in :func:`~studio.methods.iso_c.iso_c`, a
@@ -71,7 +72,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     Uc, Sc = U[:, :live], S[:k]
     exact = layer.pool.svd_mode == "exact"
     # When m <= r the sum's U is square, so its remaining columns span exactly the complement of the common
-    # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k) x n matrix is decomposed.
+    # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k') x n matrix is decomposed.
     complement = U[:, live:] if U.shape[0] == U.shape[1] else None
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
