@@ -160,7 +160,18 @@ def numerical_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size") -> int:
         return S.numel()
     if not top > 0:
         return 0
-    return int((S > 10 * null_tolerance(S[0], min(shape[-2:]))).sum())
+    return int((S > rank_tolerance(S[0], shape)).sum())
+
+
+def rank_tolerance(largest: Tensor, shape: "tuple[int, ...] | torch.Size") -> Tensor:
+    """The singular value at or below which :func:`numerical_rank` counts a direction of a float32 matrix of
+    ``shape`` with largest singular value ``largest`` as rounding: ten times :func:`null_tolerance`.
+
+    Example:
+        >>> float(rank_tolerance(torch.tensor(1.0), (4, 4))) == 10 * torch.finfo(torch.float32).eps
+        True
+    """
+    return 10 * null_tolerance(largest, min(shape[-2:]))
 
 
 def null_tolerance(largest: Tensor, size: int) -> Tensor:

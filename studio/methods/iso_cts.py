@@ -83,7 +83,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     else:
         parts = ()
     # the sum's own rank tolerance (numerical_rank): the rounding of the experts is of one scale, the largest
-    rounding = 10 * linalg.null_tolerance(S[0], min(layer.shape)) if S.numel() else 0.0
+    rounding = linalg.rank_tolerance(S[0], layer.shape) if S.numel() else 0.0
     for u, sv, vh in parts:
         # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, or a task wholly in the
         # common subspace) has no singular vector; LAPACK's or the rounding's would be whitened in at sigma_bar.
