@@ -203,9 +203,13 @@ def merge_pool(
         acc = torch.promote_types(torch.float32, base_t.dtype)
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
+            # the base method's own SVD of its delta (TSV-M's factors), where this key got its per-layer function
+            svd_of = spec.extra.get("merged_svd")
+            merged_svd = None if svd_of is None or not (spec.scope == "all" or rule.is_matrix(key, base_t.shape)) \
+                else (lambda merged: svd_of(layer, merged, **kwargs))
             with _linalg_errors(calibrate, pool, key):
                 delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
-                                    merged_tag=(tag, key), **cal_hp)
+                                    merged_tag=(tag, key), merged_svd=merged_svd, **cal_hp)
             out = (pool.tensor(None, key).to(acc) + delta.to(acc)).to("cpu", base_t.dtype)
         else:
             # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)

@@ -196,16 +196,20 @@ def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = No
     return _inv_sqrt_from_eigh(*_lapack.eigh(gram.double(), overwrite=True), minus_one, rtol)
 
 
-def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, rtol: float | None = None) -> Tensor:
-    """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix."""
+def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, rtol: float | None = None,
+                        with_rank: bool = False) -> "Tensor | tuple[Tensor, int]":
+    """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix (``with_rank``: and the number of
+    eigenvalues kept)."""
     sig = evals.clamp_min(0).sqrt()
     tol = null_tolerance(sig.max(), evals.shape[-1]) if rtol is None else rtol * sig.max()
     keep = sig > tol
     f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
     if minus_one:
-        return matmul(evecs * (f - 1.0), evecs.mT)
-    half = evecs * f.sqrt()
-    return _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
+        out = matmul(evecs * (f - 1.0), evecs.mT)
+    else:
+        half = evecs * f.sqrt()
+        out = _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
+    return (out, int(keep.sum())) if with_rank else out
 
 
 def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
@@ -228,7 +232,7 @@ def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:
         >>> polar_gram(A).tolist()
         [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
     """
-    return _polar_grams([matrix], rtol, lambda gs: [_lapack.eigh(g, overwrite=True) for g in gs])[0]
+    return _polar_grams([matrix], rtol, lambda gs: [_lapack.eigh(g, overwrite=True) for g in gs])[0][0]
 
 
 def polar_gram_many(matrices: "list[Tensor]", rtol: float | None = None) -> list[Tensor]:
@@ -239,18 +243,33 @@ def polar_gram_many(matrices: "list[Tensor]", rtol: float | None = None) -> list
         >>> [P.tolist() for P in polar_gram_many([torch.tensor([[2.0], [0.0]]), torch.tensor([[0.0, -3.0]])])]
         [[[1.0], [0.0]], [[0.0, -1.0]]]
     """
+    return [p for p, _ in polar_gram_ranks(matrices, rtol)]
+
+
+def polar_gram_ranks(matrices: "list[Tensor]", rtol: float | None = None) -> list[tuple[Tensor, int]]:
+    """:func:`polar_gram_many`, each polar factor with the number of directions it keeps (the rank of the matrix
+    above :func:`null_tolerance`): equal to the number of columns (rows, for a wide matrix) exactly when the factor
+    has orthonormal columns (rows), i.e. no direction was mapped to zero; the factor's squared norm is the rank.
+
+    Example:
+        >>> repeated = torch.tensor([[1.0, 1.0], [0.0, 0.0]])   # one direction twice: a partial isometry of rank 1
+        >>> [(rank, round(float(P.square().sum()), 6)) for P, rank in polar_gram_ranks([repeated, torch.eye(2)])]
+        [(1, 1.0), (2, 2.0)]
+    """
     return _polar_grams(matrices, rtol, lambda gs: _lapack.eigh_many(gs, overwrite=True))
 
 
-def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[Tensor]:
-    """:func:`polar_gram` of each matrix, ``solve(grams)`` giving the eigenpairs of fresh float64 Gram matrices."""
+def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[tuple[Tensor, int]]:
+    """:func:`polar_gram` of each matrix and its rank, ``solve(grams)`` giving the eigenpairs of fresh float64 Gram
+    matrices."""
     wide = [m.shape[-2] < m.shape[-1] for m in matrices]
     a64 = [(m.mT if w else m).double() for m, w in zip(matrices, wide)]
     solved = solve([_lapack.gram(a) for a in a64])
     out = []
     for m, w, a, (evals, evecs) in zip(matrices, wide, a64, solved):
-        p = matmul(a, _inv_sqrt_from_eigh(evals, evecs, rtol=rtol)).to(m.dtype)
-        out.append(p.mT if w else p)
+        inv_sqrt, rank = _inv_sqrt_from_eigh(evals, evecs, rtol=rtol, with_rank=True)
+        p = matmul(a, inv_sqrt).to(m.dtype)
+        out.append((p.mT if w else p, rank))
     return out
 
 

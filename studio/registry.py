@@ -37,14 +37,20 @@ def register(
 
     ``kind="merge"``: ``fn(layer: LayerTasks, **hparams) -> Tensor`` (the unscaled merged delta; a ``post_scale``
     param such as ``alpha`` is applied by the engine, not by ``fn``).
-    ``kind="calibration"``: ``fn(layer, merged, *, scale, preferences, base_method, **hparams) -> Tensor`` returns the
-    final delta of one layer given the base method's unscaled ``merged`` delta and its global ``scale``.
+    ``kind="calibration"``: ``fn(layer, merged, *, scale, preferences, base_method, merged_tag, merged_svd,
+    **hparams) -> Tensor`` returns the final delta of one layer given the base method's unscaled ``merged`` delta and
+    its global ``scale``.
     ``scope``: ``"all"`` (element-wise, every tensor) or ``"matrix"`` (only layers the layer rule selects; other
     tensors get ``vector_rule``: ``"mean"`` of the task vectors, as the TSV/Iso official code does).
     ``extra`` keys the engine reads: ``prepare`` and ``finalize`` (model-wide steps, see
     :func:`studio.engine.merge_pool`), ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer function
     decomposes matrices: on CUDA its layers run on worker threads, whose eigensolves the host solves side by side,
-    :mod:`studio.parallel`).
+    :mod:`studio.parallel`), ``merged_svd`` (a merge method's
+    ``fn(layer, merged, **structural) -> (U, S, Vh) | None``: the thin SVD of its unscaled merged delta ``merged``
+    from its own factors, descending, or ``None``; a calibration after it then takes its subspaces from there instead
+    of decomposing the merged delta, :func:`studio.methods._align.merged_spectrum`). A calibration's ``fn`` also
+    gets ``merged_tag`` (memoisation key of the merged delta) and ``merged_svd`` (that method's ``merged_svd`` bound
+    to the layer and hyperparameters, or ``None``).
     """
     if kind not in ("merge", "calibration"):
         raise ValueError(f"kind must be 'merge' or 'calibration', got {kind!r}")

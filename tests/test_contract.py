@@ -37,7 +37,8 @@ def test_all_reference_methods_are_registered():
 def test_schema_matches_function_signature(name):
     spec = CALIBRATIONS[name[4:]] if name.startswith("cal:") else METHODS[name]
     sig = inspect.signature(spec.fn)
-    injected = {"layer", "seed", "merged", "scale", "preferences", "base_method", "merged_tag", "model_state"}
+    injected = {"layer", "seed", "merged", "scale", "preferences", "base_method", "merged_tag", "merged_svd",
+                "model_state"}
     fn_params = {p for p in sig.parameters if p not in injected}
     schema = {p.name for p in spec.params if not p.post_scale}
     assert fn_params == schema, f"{spec.name}: function takes {sorted(fn_params)}, schema declares {sorted(schema)}"

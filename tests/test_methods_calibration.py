@@ -11,7 +11,9 @@ from studio.methods import _align
 from studio.methods.align_merge import align_merge_b, align_merge_b_delta, align_merge_o_delta
 from studio.methods.ortho_merge import interference_mask, ortho_merge
 from studio.methods.svc import svc
+from studio.methods.tsv_m import tsv_m, tsv_m_svd
 from studio.pool import TaskPool
+from studio.reference import tsv_m_reference
 from studio.registry import METHODS
 from studio.schema import HyperparameterError, validate_hparams
 
@@ -543,6 +545,94 @@ def test_align_merge_b_calibration_creates_no_directions_in_a_rank_deficient_mer
         sv = torch.linalg.svdvals(w.double())
         assert int((sv > 1e-6 * sv[0]).sum()) <= 6, mode
     assert float((out["auto"] - out["exact"]).abs().max()) < 0.01
+
+
+def _random_experts(seed: int, T: int, shapes: "dict[str, tuple[int, ...]]") -> tuple[dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(shape, generator=g) for k, shape in shapes.items()}
+    experts = {f"t{i}": {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(T)}
+    return base, experts
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+@pytest.mark.parametrize("seed", [16, 18])
+def test_calibrations_after_tsv_m_match_the_float64_pipeline(seed, svd_mode):
+    """SVC and AlignMerge-B after TSV-M against the float64 pipeline: the official TSV-M loop on float64 task vectors
+    (:func:`studio.reference.tsv_m_reference`), then the slow SVC / AlignMerge-B references on its float64 SVD.
+    TSV-M's spectrum has pairs of different tasks' singular values close together (here 8e-5 and 4e-4 of the
+    largest); decomposing the float32 merged delta turned them by its rounding, 0.7-1.4e-3 off for AlignMerge-B and
+    4-5e-5 for SVC (seed 18). Taking TSV-M's own factors (``tsv_m_svd``) gives at most 2.2e-5 and 2.9e-6."""
+    base, experts = _random_experts(seed, 3, {"w": (24, 16)})
+    deltas = torch.stack([e["w"].double() - base["w"].double() for e in experts.values()])
+    M = tsv_m_reference([{"w": d} for d in deltas])["w"]
+    for cal, hp, reference, tol in (("svc", {}, lambda: svc_reference(deltas, M, 1.0)[0], 1e-5),
+                                    ("align_merge_b", {"alpha": 0.75}, lambda: align_b_reference(deltas, M, 0.75),
+                                     1e-4)):
+        ours = studio.merge(base, experts, "tsv_m", calibrate=cal, calibrate_hparams=hp, svd_mode=svd_mode)["w"]
+        ref = reference()
+        err = float((ours.double() - base["w"].double() - ref).norm() / ref.norm())
+        assert err <= tol, f"{cal}: {err:.1e}"
+
+
+def test_calibrations_after_tsv_m_do_not_depend_on_the_experts_order_or_the_svd_mode():
+    """The docs/ACCURACY.md case: 2 experts, preferences 1 : 2, a pair of TSV-M's singular values 4.3e-5 apart.
+    AlignMerge-B moved by 9.3e-3 of the largest entry with the experts' order and 4.5e-3 with the SVD mode while it
+    decomposed the float32 merged delta (SVC 4.8e-5 and 2.3e-5); from TSV-M's factors 3e-6 and 7e-6."""
+    base, experts = _random_experts(12, 2, {"w1": (24, 16), "w2": (16, 24), "b": (16,)})
+    reverse = dict(reversed(list(experts.items())))
+
+    def rel(a, b):
+        return max(float((a[k] - b[k]).abs().max() / (b[k] - base[k]).abs().max()) for k in base)
+
+    for cal in ("svc", "align_merge_b"):
+        def run(ex, mode):
+            return studio.merge(base, ex, "tsv_m", calibrate=cal, preferences={"t0": 1.0, "t1": 2.0}, svd_mode=mode)
+        a = run(experts, "exact")
+        assert rel(run(reverse, "exact"), a) <= 1e-5, cal
+        assert rel(run(experts, "auto"), a) <= 3e-5, cal
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_tsv_m_svd_is_an_svd_of_the_tsv_m_delta(svd_mode):
+    base, experts = _random_experts(4, 3, {"w": (20, 12)})
+    for shape in ((20, 12), (12, 20)):   # tall and wide: with the merged delta, the smaller side is whitened
+        experts_ = {n: {"w": e["w"].reshape(shape)} for n, e in experts.items()}
+        layer = TaskPool({"w": base["w"].reshape(shape)}, experts_, svd_mode=svd_mode).layer("w")
+        merged = tsv_m(layer)
+        whole = tsv_m_svd(layer)
+        for U, S, Vh in (whole, tsv_m_svd(layer, merged=merged)):
+            assert S.shape == (12,) and bool((S[:-1] >= S[1:]).all())           # T k = 3 x 4 = r: every column
+            torch.testing.assert_close(S, whole[1], rtol=0, atol=0)
+            eye = torch.eye(12, dtype=torch.float64)
+            torch.testing.assert_close(U.double().mT @ U.double(), eye, rtol=0, atol=1e-5)
+            torch.testing.assert_close(Vh.double() @ Vh.double().mT, eye, rtol=0, atol=1e-5)
+            torch.testing.assert_close(U * S @ Vh, merged, rtol=0, atol=1e-6)
+        # the singular values are the tasks' own top-4 (TSV Prop. 4.1), as the merged delta's own SVD finds
+        own = torch.cat([torch.linalg.svdvals(e["w"].double() - layer.pool.base["w"].double())[:4]
+                         for e in experts_.values()])
+        torch.testing.assert_close(S.double(), own.sort(descending=True).values, rtol=1e-5, atol=0)
+        torch.testing.assert_close(S.double(), torch.linalg.svdvals(merged.double()), rtol=1e-5, atol=1e-6)
+
+
+def test_tsv_m_svd_leaves_a_rank_deficient_whitening_to_the_merged_deltas_svd():
+    """Two identical experts: their concatenated singular vectors repeat, the whitening maps a direction to zero
+    and ``U_perp diag(S) V_perp^T`` is no SVD; the calibration then decomposes the merged delta, as before."""
+    base, experts = _random_experts(5, 2, {"w": (12, 10)})
+    experts["t1"] = {"w": experts["t0"]["w"].clone()}
+    layer = TaskPool(base, experts).layer("w")
+    assert tsv_m_svd(layer) is None and tsv_m_svd(layer, merged=tsv_m(layer)) is None
+    merged = studio.merge(base, experts, "tsv_m", calibrate="svc")["w"]
+    M = tsv_m(layer).double()
+    d = experts["t0"]["w"].double() - base["w"].double()
+    ref = svc_reference(torch.stack([d, d]), M, 1.0)[0]
+    close(merged - base["w"], ref, rel=1e-4)
+    # only the larger side repeats (the same left singular vectors, other right ones): the smaller side's whitening
+    # keeps every direction, and the other side's vectors, M V_perp / S, then fall short of orthonormal
+    U, S, Vh = torch.linalg.svd(experts["t0"]["w"] - base["w"], full_matrices=False)
+    W = torch.linalg.qr(torch.randn(10, 10, generator=torch.Generator().manual_seed(6))).Q
+    experts["t1"] = {"w": base["w"] + U * S @ W}
+    layer = TaskPool(base, experts).layer("w")
+    assert tsv_m_svd(layer) is None and tsv_m_svd(layer, merged=tsv_m(layer)) is None
 
 
 @pytest.mark.parametrize("eta", ["sum", "dominant"])

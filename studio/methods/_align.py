@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Hashable, Iterable
+from typing import Callable, Hashable, Iterable
 
 import torch
 from torch import Tensor
@@ -49,16 +49,24 @@ SVC_EPS = 1e-12
 SVC_NOISE_RTOL = 1e-5
 
 
+#: A provider of the thin SVD ``(U, S, Vh)`` of the merged delta it is given, from the base method's own factors
+#: (descending ``S``), or ``None`` where it has none (the registry's ``merged_svd``, bound by the engine to a layer
+#: and hyperparameters).
+MergedSvd = Callable[[Tensor], "tuple[Tensor, Tensor, Tensor] | None"]
+
+
 @dataclass(frozen=True)
 class MergedSpectrum:
     """The SVD of a merged delta ``M = U diag(S) V^T`` together with each task's responses in that basis.
 
     Attributes:
-        S: singular values ``sigma_r`` of ``M`` ``[R]`` (``R = min(m, n)``).
+        S: singular values ``sigma_r`` of ``M`` ``[R]`` (``R = min(m, n)``; fewer, the nonzero ones, when the
+            SVD came from the base method's own factors, :func:`merged_spectrum`).
         c: ``c_i^r = u_r^T Delta_i v_r`` ``[T, R]``.
         a2: ``||u_r^T Delta_i||^2`` ``[T, R]``.
-        basis: the *square* orthogonal SVD factor: ``U [m, m]`` when ``m <= n`` (``side="left"``), else
-            ``V [n, n]`` (``side="right"``).
+        basis: the SVD factor of the smaller side: ``U [m, R]`` when ``m <= n`` (``side="left"``), else
+            ``V [n, R]`` (``side="right"``); square, or spanning ``M``'s column (row) space, so that
+            ``M = U U^T M`` (``M V V^T``).
         side: ``"left"`` or ``"right"``.
         other: the other factor (``Vh [R, n]`` for ``side="left"``, ``U [m, R]`` for ``"right"``) when it is held
             anyway -- the pool's cached SVD of the task-matrix sum -- else ``None``: a memoised spectrum of any other
@@ -76,8 +84,8 @@ class MergedSpectrum:
         """``U diag(scale * factors * sigma) V^T``: ``scale * merged`` with each singular value multiplied by its
         factor (SVC eq. 21-22, AlignMerge eq. 9), for ``merged = U diag(sigma) V^T`` (the matrix this spectrum is of).
 
-        With :attr:`other` this is one product ``U diag(.) V^T``; without it ``M = U U^T M`` (``U`` square) or
-        ``M = M V V^T`` (``V`` square) give the same matrix from ``merged`` and :attr:`basis` in two (a warm
+        With :attr:`other` this is one product ``U diag(.) V^T``; without it ``M = U U^T M`` or ``M = M V V^T``
+        (:attr:`basis` spans ``M``'s column or row space) give the same matrix from ``merged`` and it in two (a warm
         change of the scale or the calibration's hyperparameters costs one or two ``m x n x R`` products per layer).
 
         Example:
@@ -233,10 +241,11 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
 
 def merged_spectrum_of(deltas: "Tensor | Iterable[Tensor]", merged: Tensor,
                        svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True,
-                       total: Tensor | None = None) -> MergedSpectrum:
+                       total: Tensor | None = None, held: bool = True) -> MergedSpectrum:
     """Un-memoised :class:`MergedSpectrum` of ``merged`` against ``deltas`` (``svd`` = a precomputed thin SVD of it,
-    which the spectrum then references whole: :attr:`MergedSpectrum.other`; else :func:`studio.linalg.svd_tall`
-    with ``exact``, or with ``total`` given, :func:`sum_ordered_svd`).
+    which the spectrum then references whole if the caller holds it anyway, ``held``:
+    :attr:`MergedSpectrum.other`, else keeps its smaller side's factor only; without ``svd``,
+    :func:`studio.linalg.svd_tall` with ``exact``, or with ``total`` given, :func:`sum_ordered_svd`).
 
     Example:
         >>> M = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
@@ -251,19 +260,23 @@ def merged_spectrum_of(deltas: "Tensor | Iterable[Tensor]", merged: Tensor,
     m, n = merged.shape
     side = "left" if m <= n else "right"
     basis = U if side == "left" else Vh.mT
-    other = None if svd is None else (Vh if side == "left" else U)  # a given SVD is held by the caller anyway
+    other = None if svd is None or not held else (Vh if side == "left" else U)
     return MergedSpectrum(S=S, c=c, a2=a2, basis=basis, side=side, other=other)
 
 
-def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | None = None) -> MergedSpectrum:
+def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | None = None,
+                    merged_svd: MergedSvd | None = None) -> MergedSpectrum:
     """:class:`MergedSpectrum` of ``merged`` against the layer's task matrices, computed once per merged delta.
 
     When ``merged`` is exactly the task-matrix sum (Task Arithmetic, AlignMerge-B's base merge) the pool's cached
-    :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics); otherwise the SVD is
-    memoised under ``merged_tag`` (``None``: not memoised). Ties in its spectrum (the flat spectra of Iso-C, Iso-CTS,
-    Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration after them does not depend on
-    the rotation LAPACK happens to return. The spectrum is of the *unscaled* ``merged``: a global scale ``lambda``
-    multiplies ``S`` only, which the calibrations apply themselves.
+    :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics). Where the base method
+    knows the SVD of its delta from its own factors (``merged_svd``, TSV-M's :func:`~studio.methods.tsv_m.tsv_m_svd`)
+    that SVD is used: exact where an SVD of the float32 delta turns near-tied pairs by its rounding (our choice; the
+    official code decomposes the merged delta, the same SVD up to that rounding). Otherwise the delta is decomposed.
+    Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in its spectrum (the flat spectra of
+    Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration after them does
+    not depend on the rotation LAPACK happens to return. The spectrum is of the *unscaled* ``merged``: a global
+    scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -279,6 +292,9 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     exact = layer.pool.svd_mode == "exact"
 
     def compute() -> MergedSpectrum:
+        svd = None if merged_svd is None else merged_svd(merged)
+        if svd is not None:
+            return merged_spectrum_of(layer.task_deltas(reuse=True), merged, svd, held=False)
         return merged_spectrum_of(layer.task_deltas(reuse=True), merged, exact=exact, total=total)
 
     return compute() if merged_tag is None else layer.memo(("align.spectrum", merged_tag), compute, transient=True)

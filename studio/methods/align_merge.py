@@ -19,7 +19,7 @@ from .. import linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ._align import (align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
+from ._align import (MergedSvd, align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
                      preference_weights)
 
 
@@ -46,7 +46,8 @@ _GATE = Param(
 
 
 def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scale: float = 1.0,
-                        preferences: Tensor | None = None, merged_tag: Hashable | None = None) -> Tensor:
+                        preferences: Tensor | None = None, merged_tag: Hashable | None = None,
+                        merged_svd: MergedSvd | None = None) -> Tensor:
     """AlignMerge-B (eq. 9) of the merged delta ``M = scale * merged``.
 
     ``M = U diag(sigma) V^T``; per subspace the task-wise full coefficient ``xi~_i^r = eta^r (sum_{j != i}
@@ -64,7 +65,7 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
         >>> align_merge_b_delta(layer, layer.sum(), alpha=1.5).diagonal().tolist()  # xi~ = 2 >= 1.5: divide
         [1.0, 0.10000000149011612]
     """
-    spec = merged_spectrum(layer, merged, merged_tag)
+    spec = merged_spectrum(layer, merged, merged_tag, merged_svd)
     if not bool(torch.isfinite(spec.S).all()):   # every direction would read as null below: the base, silently
         raise StudioError(f"align_merge_b: the singular values of the merged delta of '{layer.key}' are not finite "
                           f"(max |merged delta| = {float(merged.abs().max()):.3g}; its products overflow float32)")
@@ -119,7 +120,7 @@ def _present(c: Tensor, preferences: Tensor | None) -> Tensor | None:
 )
 def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None,
                               base_method: str, merged_tag: Hashable | None = None,
-                              alpha: float | None) -> Tensor:
+                              merged_svd: MergedSvd | None = None, alpha: float | None) -> Tensor:
     """AlignMerge-B applied after any base method (App. E.2, Table 15); returns the final delta.
 
     Like SVC (same group; its official code descends from this step) the calibration sees the base method's final
@@ -138,7 +139,7 @@ def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float
         [1.5, 0.15]
     """
     return align_merge_b_delta(layer, merged, resolve_gate(alpha, layer.num_tasks), scale=scale,
-                               preferences=preferences, merged_tag=merged_tag)
+                               preferences=preferences, merged_tag=merged_tag, merged_svd=merged_svd)
 
 
 @register(

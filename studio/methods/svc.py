@@ -17,7 +17,7 @@ from torch import Tensor
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param
-from ._align import merged_spectrum, svc_gamma, svc_projection_coefficients
+from ._align import MergedSvd, merged_spectrum, svc_gamma, svc_projection_coefficients
 
 #: The global scale lambda each base method had in the official SVC runs (main.py / merge_func.py), i.e. the scale
 #: the merged delta carried when SVC saw it; after SVC the code adds the result with lambda = 1 (App. A). The values
@@ -71,7 +71,8 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
     paper_base_scales=PAPER_BASE_SCALES,
 )
 def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None, base_method: str,
-        merged_tag: Hashable | None = None, alpha: float | None, target_guard: bool) -> Tensor:
+        merged_tag: Hashable | None = None, merged_svd: MergedSvd | None = None, alpha: float | None,
+        target_guard: bool) -> Tensor:
     """SVC (Alg. 1) on one matrix layer; returns the final delta ``Delta W~_merge`` (added with lambda = 1).
 
     Steps, for the merged delta ``M = scale * merged`` the base method produced:
@@ -100,8 +101,9 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     repository's does not), so ``layer_rule="skip_embeddings"`` on ``tsv_m`` + ``svc`` reproduces that pipeline.
 
     Memoisation: the SVD of ``merged`` and the per-task ``(c, |a|^2)`` are computed once per ``merged_tag``
-    (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``), so
-    changing ``alpha``, ``scale`` or the preferences costs O(T R) plus one reconstruction.
+    (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``, TSV-M's
+    delta its own factors, ``merged_svd``), so changing ``alpha``, ``scale`` or the preferences costs O(T R) plus
+    one reconstruction.
 
     Example:
         >>> import torch
@@ -114,7 +116,7 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
         >>> out.diagonal().tolist()   # two identical tasks: s = 2 everywhere, gamma = 1/2 -> back to one task
         [1.0, 0.20000000298023224]
     """
-    spec = merged_spectrum(layer, merged, merged_tag)
+    spec = merged_spectrum(layer, merged, merged_tag, merged_svd)
     a = resolve_alpha(alpha, layer.num_tasks, base_method)
     s = svc_projection_coefficients(spec.S, spec.c, spec.a2, scale)
     gamma = svc_gamma(s, a, preferences, target_guard)

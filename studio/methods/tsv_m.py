@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from .. import linalg
-from ..linalg import polar_gram_many
+from ..linalg import polar_gram_many, polar_gram_ranks
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
-__all__ = ["tsv_m", "tsv_rank", "tsv_cover", "tsv_factors"]
+__all__ = ["tsv_m", "tsv_m_svd", "tsv_rank", "tsv_cover", "tsv_factors"]
 
 
 def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str = "tsv_m", key: str = "") -> int:
@@ -101,6 +101,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     scope="matrix",
     vector_rule="mean",
     decomposes=True,
+    merged_svd=lambda layer, merged, rank_fraction=None: tsv_m_svd(layer, rank_fraction, merged=merged),
 )
 def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).
@@ -122,15 +123,73 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
         >>> [round(x, 4) for x in delta.diagonal().tolist()]
         [3.0, 2.0, 0.5, 0.0]
     """
+    factors = _kept_factors(layer, rank_fraction)
+    if factors is None:
+        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
+    U, S, V = factors
+    U_perp, V_perp = polar_gram_many([U, V])   # one request: on CUDA their eigensolves share a batch
+    return linalg.reconstruct(U_perp, S, V_perp.mT)
+
+
+def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None, *,
+              merged: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The thin SVD of :func:`tsv_m`'s merged delta from its own factors, ``(U_perp, S, V_perp^T)`` with ``S``
+    descending (stable: ties keep the tasks' order), or ``None`` where they are not one.
+
+    ``U_perp`` and ``V_perp`` have orthonormal columns whenever the concatenated bases have full column rank, and
+    then ``U_perp diag(S) V_perp^T`` *is* an SVD: the merged delta's singular values are the kept task singular
+    values (TSV Prop. 4.1). A calibration after TSV-M (SVC, AlignMerge-B) takes its subspaces from here instead of
+    from an SVD of the float32 merged delta: TSV-M's spectrum has pairs of different tasks' singular values ~1e-5
+    apart, whose singular vectors the float32 rounding of the merged delta turns by ~rounding / gap, mixing the
+    two tasks' directions; AlignMerge-B's factors ``sigma / c_i`` then moved by up to 9.3e-3 with the experts'
+    order (docs/ACCURACY.md). These are the exact SVD of the exact merge, which an SVD in float64 of a float64
+    TSV-M merge (FusionBench's float64 runs) approaches. ``None`` (the caller decomposes the merged delta itself)
+    when a concatenated basis is rank deficient (e.g. two identical experts: the whitening maps a direction to
+    zero) or nothing is kept.
+
+    ``merged``: this layer's :func:`tsv_m` delta (as the engine holds it). Then only the smaller side is whitened
+    and the other side's vectors are ``merged`` applied to it over ``S`` (for ``m > n``, ``U = M V_perp / S``,
+    exact up to ``merged``'s rounding over ``S``): one float64 eigendecomposition instead of two, cheaper than
+    decomposing ``merged``. They have orthonormal columns exactly when that side's whitening kept every direction
+    (else their squared norms sum to the number kept, at least one less), which is checked.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 0, 0.5]))},
+        ...            "b": {"w": torch.diag(torch.tensor([0.0, 4, 0]))}}
+        >>> U, S, Vh = tsv_m_svd(TaskPool({"w": torch.zeros(3, 3)}, experts, svd_mode="exact").layer("w"))
+        >>> S.tolist(), torch.allclose(U * S @ Vh, torch.diag(torch.tensor([3.0, 4, 0])))
+        ([4.0, 3.0], True)
+    """
+    factors = _kept_factors(layer, rank_fraction)
+    if factors is None:
+        return None
+    U, S, V = factors
+    c = S.numel()
+    if merged is None:
+        (U_perp, rank_u), (V_perp, rank_v) = polar_gram_ranks([U, V])
+        if not rank_u == rank_v == c:
+            return None
+    else:
+        tall = layer.shape[0] > layer.shape[1]   # the side MergedSpectrum keeps as its basis is the whitened one
+        ((Q, rank),) = polar_gram_ranks([V if tall else U])
+        other = linalg.matmul(merged if tall else merged.mT, Q) / S
+        if rank != c or not abs(float(other.double().square().sum()) - c) < 0.5:
+            return None
+        U_perp, V_perp = (other, Q) if tall else (Q, other)
+    order = torch.sort(S, descending=True, stable=True).indices
+    return U_perp[:, order], S[order], V_perp[:, order].mT
+
+
+def _kept_factors(layer: LayerTasks, rank_fraction: float | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """:func:`tsv_factors` at TSV-M's ``k`` without the columns of zero singular value (they carry no direction),
+    or ``None`` when nothing is kept (TSV Alg. 1 lines 1-8)."""
     r = min(layer.shape)
     k = tsv_rank(r, layer.num_tasks, rank_fraction, key=layer.key)
     if k == 0:
-        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
+        return None
     U, S, V = tsv_factors(layer, k)
     keep = S > 0
     if not bool(keep.all()):
         U, S, V = U[:, keep], S[keep], V[:, keep]
-    if S.numel() == 0:
-        return torch.zeros(layer.shape, device=layer.device, dtype=torch.float32)
-    U_perp, V_perp = polar_gram_many([U, V])   # one request: on CUDA their eigensolves share a batch
-    return linalg.reconstruct(U_perp, S, V_perp.mT)
+    return None if S.numel() == 0 else (U, S, V)
