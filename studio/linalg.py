@@ -200,16 +200,43 @@ def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, r
                         with_rank: bool = False) -> "Tensor | tuple[Tensor, int]":
     """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix (``with_rank``: and the number of
     eigenvalues kept)."""
-    sig = evals.clamp_min(0).sqrt()
-    tol = null_tolerance(sig.max(), evals.shape[-1]) if rtol is None else rtol * sig.max()
-    keep = sig > tol
-    f = torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig))
+    f, keep = _inv_sqrt_weights(evals, rtol)
     if minus_one:
         out = matmul(evecs * (f - 1.0), evecs.mT)
     else:
         half = evecs * f.sqrt()
         out = _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
     return (out, int(keep.sum())) if with_rank else out
+
+
+def _inv_sqrt_weights(evals: Tensor, rtol: float | None) -> tuple[Tensor, Tensor]:
+    """``(f, keep)``: ``f = evals^{-1/2}`` where the singular value ``sqrt(evals)`` is above :func:`null_tolerance`
+    (or ``rtol`` times the largest), 0 elsewhere; ``keep`` marks those."""
+    sig = evals.clamp_min(0).sqrt()
+    tol = null_tolerance(sig.max(), evals.shape[-1]) if rtol is None else rtol * sig.max()
+    keep = sig > tol
+    return torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig)), keep
+
+
+def polar_gram_range(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`polar_gram` of a tall (or square) ``matrix`` (the same bits) with the float64 factorisation of that
+    polar factor, ``P_+ Q_+^T``: ``P_+ [m, r]`` has orthonormal columns spanning ``matrix``'s range, ``Q_+ [c, r]``
+    its right singular vectors, ``r`` the directions kept. For an exact SVD of a product of polar factors
+    (AlignMerge-O's ``U^_perp diag(.) V^_perp^T``, :func:`studio.methods.align_merge.align_merge_o_svd`).
+
+    Example:
+        >>> P, Pr, Qr = polar_gram_range(torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))  # e1 twice: rank 1
+        >>> Pr.shape, Qr.shape, torch.allclose(Pr @ Qr.mT, P.double())
+        (torch.Size([3, 1]), torch.Size([2, 1]), True)
+    """
+    if matrix.shape[-2] < matrix.shape[-1]:
+        raise ValueError(f"polar_gram_range needs a tall or square matrix, got {tuple(matrix.shape)}")
+    a64 = matrix.double()
+    evals, evecs = _lapack.eigh(_lapack.gram(a64), overwrite=True)
+    polar = matmul(a64, _inv_sqrt_from_eigh(evals, evecs, rtol=rtol)).to(matrix.dtype)   # _polar_grams' steps
+    f, keep = _inv_sqrt_weights(evals, rtol)
+    Q = evecs[:, keep]
+    return polar, matmul(a64, Q * f[keep]), Q
 
 
 def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:

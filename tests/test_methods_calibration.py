@@ -8,7 +8,7 @@ import torch
 
 import studio
 from studio.methods import _align
-from studio.methods.align_merge import align_merge_b, align_merge_b_delta, align_merge_o_delta
+from studio.methods.align_merge import align_merge_b, align_merge_b_delta, align_merge_o_delta, align_merge_o_svd
 from studio.methods.ortho_merge import interference_mask, ortho_merge
 from studio.methods.svc import svc
 from studio.methods.tsv_m import tsv_m, tsv_m_svd
@@ -633,6 +633,25 @@ def test_tsv_m_svd_leaves_a_rank_deficient_whitening_to_the_merged_deltas_svd():
     experts["t1"] = {"w": base["w"] + U * S @ W}
     layer = TaskPool(base, experts).layer("w")
     assert tsv_m_svd(layer) is None and tsv_m_svd(layer, merged=tsv_m(layer)) is None
+
+
+@pytest.mark.parametrize("eta", ["sum", "dominant"])
+@pytest.mark.parametrize("shape", [(17, 9), (9, 17), (12, 12)])
+def test_align_merge_o_svd_is_an_svd_of_the_merge(shape, eta):
+    """AlignMerge-O's delta from its own factors: ``c P_u core P_v^T``, the core's SVD in float64. Its rank is one
+    short of the ``1 + K L`` columns (the structural null direction of ``U^``)."""
+    deltas = make_deltas(T=3, m=shape[0], n=shape[1], seed=21)
+    layer = pool_of(deltas).layer("w")
+    merged = align_merge_o_delta(layer, eta=eta)
+    U, S, Vh = align_merge_o_svd(layer, merged, eta=eta)
+    R = min(shape)
+    assert S.numel() == 1 + 3 * max(1, (R - 1) // 3) - 1 and bool((S[:-1] >= S[1:]).all())
+    eye = torch.eye(S.numel(), dtype=D)
+    torch.testing.assert_close(U.double().mT @ U.double(), eye, rtol=0, atol=1e-5)
+    torch.testing.assert_close(Vh.double() @ Vh.double().mT, eye, rtol=0, atol=1e-5)
+    close(U * S @ Vh, merged, rel=1e-5)
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(merged.double())[:S.numel()], rtol=1e-4, atol=1e-6)
+    assert align_merge_o_svd(pool_of(torch.zeros(3, *shape)).layer("w"), torch.zeros(shape)) is None
 
 
 @pytest.mark.parametrize("eta", ["sum", "dominant"])

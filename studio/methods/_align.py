@@ -545,6 +545,10 @@ def factored_svd(left: Tensor, core: Tensor, right: Tensor) -> tuple[Tensor, Ten
     return Ql @ Uc, S, Vhc @ Qr.mT
 
 
+#: :func:`partial_polar`'s default ``rtol`` for float32 (and half-precision) inputs.
+_PARTIAL_POLAR_RTOL32 = 1e-6
+
+
 def partial_polar(matrix: Tensor, rtol: float | None = None) -> Tensor:
     """Polar factor restricted to the numerical range: ``P_+ Q_+^T`` over singular values ``> rtol * sigma_max``.
 
@@ -568,7 +572,7 @@ def partial_polar(matrix: Tensor, rtol: float | None = None) -> Tensor:
         [[0.707107, 0.707107], [0.0, 0.0], [0.0, 0.0]]
     """
     if matrix.dtype != torch.float64:
-        return linalg.polar_gram(matrix.float(), rtol=1e-6 if rtol is None else rtol).to(matrix.dtype)
+        return linalg.polar_gram(matrix.float(), rtol=_PARTIAL_POLAR_RTOL32 if rtol is None else rtol).to(matrix.dtype)
     U, S, Vh = linalg.svd(matrix)
     if rtol is None:
         rtol = 1e-12

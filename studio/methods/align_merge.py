@@ -15,12 +15,12 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
-from .. import linalg
+from .. import _lapack, linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ._align import (MergedSvd, align_b_factors, factored_svd, full_coefficient, merged_spectrum, partial_polar,
-                     preference_weights)
+from ._align import (_PARTIAL_POLAR_RTOL32, MergedSvd, align_b_factors, factored_svd, full_coefficient,
+                     merged_spectrum, partial_polar, preference_weights)
 
 
 def resolve_gate(alpha: float | None, num_tasks: int) -> float:
@@ -251,8 +251,41 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
         >>> out.shape, bool(torch.isfinite(out).all())
         (torch.Size([6, 5]), True)
     """
+    return _align_o(layer, eta, align_signs)
+
+
+def align_merge_o_svd(layer: LayerTasks, merged: Tensor, eta: str = "sum",
+                      align_signs: bool = True) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The thin SVD of :func:`align_merge_o_delta`'s result ``merged`` from AlignMerge-O's own factors (descending,
+    its nonzero singular values only), or ``None`` for a layer that merges to zero.
+
+    The merged delta is ``c U^_perp diag(proj) V^_perp^T`` with partial polar factors ``U^_perp = P_u Q_u^T``
+    (``P_u`` orthonormal, :func:`studio.linalg.polar_gram_range`), so ``M = c P_u (Q_u^T diag(proj) Q_v) P_v^T``
+    and the SVD of the small float64 core gives ``M``'s: exact up to float64, where an SVD of the float32 merged
+    delta turns its near-tied pairs (the tasks' singular values side by side, as in TSV-M) by its rounding. A
+    calibration after AlignMerge-O moved by 2.5e-3 (SVC) and 7.6e-4 (AlignMerge-B) with the experts' order so
+    (4 experts of the tests' CLIP-like state dict). ``c`` is taken as ``||merged||_F / ||core||_F``, the merged
+    delta's own norm.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> g = torch.Generator().manual_seed(0)
+        >>> experts = {f"t{i}": {"w": torch.randn(9, 7, generator=g)} for i in range(3)}
+        >>> layer = TaskPool({"w": torch.zeros(9, 7)}, experts, svd_mode="exact").layer("w")
+        >>> merged = align_merge_o_delta(layer)
+        >>> U, S, Vh = align_merge_o_svd(layer, merged)
+        >>> S.shape, torch.allclose(U * S @ Vh, merged, atol=1e-5)
+        (torch.Size([6]), True)
+    """
+    return _align_o(layer, eta, align_signs, merged=merged)
+
+
+def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | None = None):
+    """:func:`align_merge_o_delta` (``merged`` None) or :func:`align_merge_o_svd` of ``merged``: one pipeline, so
+    the factors are those of the merge, bit for bit."""
     if eta not in ("sum", "dominant"):
         raise StudioError(f"align_merge_o: eta must be 'sum' or 'dominant', got {eta!r}")
+    zeros = None if merged is not None else torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
     K = layer.num_tasks
     m, n = layer.shape
     R = min(m, n)
@@ -297,14 +330,20 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)
-        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+        return zeros
     if U_hat.shape[1] > R:  # only when R <= K (tiny layers): keep the R strongest columns
         keep = torch.argsort(S_hat, descending=True)[:R]
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
 
     # whitening (Alg. 1 lines 17-22); U^ and V^ are rank-deficient by construction (u_top and the K residuals
     # span at most K dimensions), so the unique partial polar factor replaces LAPACK's arbitrary completion.
-    U_perp, V_perp = partial_polar(U_hat), partial_polar(V_hat)
+    if merged is None:
+        U_perp, V_perp = partial_polar(U_hat), partial_polar(V_hat)
+    elif U_hat.dtype != torch.float32:   # partial_polar takes an SVD there; the merges compute in float32
+        return None
+    else:   # the same polar factors (partial_polar's float32 route), with their range factorisations
+        (U_perp, Pu, Qu), (V_perp, Pv, Qv) = (linalg.polar_gram_range(X.float(), rtol=_PARTIAL_POLAR_RTOL32)
+                                              for X in (U_hat, V_hat))
 
     # Alg. 1 line 24 / eq. 14: sigma^ / eta^r is the projection of sum_i Delta_i (or of Delta_{i*}) on u^ v^T
     if eta == "sum":
@@ -317,6 +356,8 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     # eq. 14 rescales by sqrt(sum sigma^^2 / sum (sigma^/eta)^2) so that ||Delta W~||_F = sqrt(sum sigma^^2) (App.
     # B.4). That ratio is the norm only for orthonormal U^_perp, V^_perp; the partial polar factors are not (their
     # columns overlap once the null direction is dropped), so the norm is measured on the reconstruction instead.
+    if merged is not None:
+        return _core_svd(merged, Pu, linalg.matmul(Qu.mT, proj.double().unsqueeze(-1) * Qv), Pv)
     out = linalg.reconstruct(U_perp, proj, V_perp.mT)
     # (norms in float64: squares of float32 entries beyond ~1e19 would overflow)
     actual = torch.linalg.vector_norm(out, dtype=torch.float64)
@@ -325,8 +366,27 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     # float32 noise at full size (auto and exact mode 1.96 / 3.37 apart for two experts +-D), so, as for an exact
     # zero, the layer keeps the base.
     if not float(actual) > _RESIDUAL_RTOL * float(target):
-        return torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+        return zeros
     return out.mul_(float(target / actual))
+
+
+def _core_svd(merged: Tensor, left: Tensor, core: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Thin SVD of ``merged = c left core right^T`` (``left``, ``right`` float64 with orthonormal columns, ``core``
+    float64), ``c = ||merged||_F / ||core||_F``: the core's SVD from its float64 Gram matrix, its singular values
+    above :func:`studio.linalg.null_tolerance` only, in ``merged``'s dtype; ``None`` if ``merged`` is zero."""
+    norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
+    core_norm = float(torch.linalg.vector_norm(core))
+    if not (norm > 0 and core_norm > 0):
+        return None
+    evals, Y = _lapack.eigh(_lapack.gram(core), overwrite=True)       # ascending
+    sig = evals.flip(0).clamp_min(0).sqrt()
+    Y = Y.flip(-1)
+    live = int((sig > linalg.null_tolerance(sig[0], sig.numel())).sum())
+    sig, Y = sig[:live], Y[:, :live]
+    X = linalg.matmul(core, Y) / sig
+    dtype = merged.dtype
+    return (linalg.matmul(left, X).to(dtype), (sig * (norm / core_norm)).to(dtype),
+            linalg.matmul(right, Y).mT.to(dtype))
 
 
 @register(
@@ -353,6 +413,7 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
             "set by eta and renormalised to the original energy.",
     vector_rule="mean",
     decomposes=True,
+    merged_svd=lambda layer, merged, eta="sum", align_signs=True: align_merge_o_svd(layer, merged, eta, align_signs),
 )
 def align_merge_o(layer: LayerTasks, eta: str, align_signs: bool) -> Tensor:
     """AlignMerge-O merge of one matrix layer (unscaled; see :func:`align_merge_o_delta`).
