@@ -42,6 +42,10 @@ def test_schema_matches_function_signature(name):
     fn_params = {p for p in sig.parameters if p not in injected}
     schema = {p.name for p in spec.params if not p.post_scale}
     assert fn_params == schema, f"{spec.name}: function takes {sorted(fn_params)}, schema declares {sorted(schema)}"
+    svd_of = spec.extra.get("merged_svd")   # the SVD provider a calibration calls with the method's hyperparameters
+    if svd_of is not None:
+        own = set(inspect.signature(svd_of).parameters) - {"layer", "merged"}
+        assert own == schema, f"{spec.name}: merged_svd takes {sorted(own)}, schema declares {sorted(schema)}"
     for p in spec.params:
         assert p.help and p.paper, f"{spec.name}.{p.name} needs help text and a paper reference"
         p.validate(p.default, spec.name)  # every default is valid

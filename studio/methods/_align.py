@@ -273,10 +273,11 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     knows the SVD of its delta from its own factors (``merged_svd``, TSV-M's :func:`~studio.methods.tsv_m.tsv_m_svd`)
     that SVD is used: exact where an SVD of the float32 delta turns near-tied pairs by its rounding (our choice; the
     official code decomposes the merged delta, the same SVD up to that rounding). Otherwise the delta is decomposed.
-    Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in its spectrum (the flat spectra of
-    Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration after them does
-    not depend on the rotation LAPACK happens to return. The spectrum is of the *unscaled* ``merged``: a global
-    scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
+    Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat
+    spectra of Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration
+    after them does not depend on the rotation LAPACK happens to return; a base method's own SVD keeps its own
+    vectors there (TSV-M: each task's), which do not depend on it either. The spectrum is of the *unscaled*
+    ``merged``: a global scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
 
     Example:
         >>> from studio.pool import TaskPool

@@ -101,7 +101,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     scope="matrix",
     vector_rule="mean",
     decomposes=True,
-    merged_svd=lambda layer, merged, rank_fraction=None: tsv_m_svd(layer, rank_fraction, merged=merged),
+    merged_svd=lambda layer, merged, rank_fraction=None: tsv_m_svd(layer, rank_fraction),
 )
 def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).
@@ -131,8 +131,7 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     return linalg.reconstruct(U_perp, S, V_perp.mT)
 
 
-def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None, *,
-              merged: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """The thin SVD of :func:`tsv_m`'s merged delta from its own factors, ``(U_perp, S, V_perp^T)`` with ``S``
     descending (stable: ties keep the tasks' order), or ``None`` where they are not one.
 
@@ -142,16 +141,15 @@ def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None, *,
     from an SVD of the float32 merged delta: TSV-M's spectrum has pairs of different tasks' singular values ~1e-5
     apart, whose singular vectors the float32 rounding of the merged delta turns by ~rounding / gap, mixing the
     two tasks' directions; AlignMerge-B's factors ``sigma / c_i`` then moved by up to 9.3e-3 with the experts'
-    order (docs/ACCURACY.md). These are the exact SVD of the exact merge, which an SVD in float64 of a float64
-    TSV-M merge (FusionBench's float64 runs) approaches. ``None`` (the caller decomposes the merged delta itself)
-    when a concatenated basis is rank deficient (e.g. two identical experts: the whitening maps a direction to
-    zero) or nothing is kept.
-
-    ``merged``: this layer's :func:`tsv_m` delta (as the engine holds it). Then only the smaller side is whitened
-    and the other side's vectors are ``merged`` applied to it over ``S`` (for ``m > n``, ``U = M V_perp / S``,
-    exact up to ``merged``'s rounding over ``S``): one float64 eigendecomposition instead of two, cheaper than
-    decomposing ``merged``. They have orthonormal columns exactly when that side's whitening kept every direction
-    (else their squared norms sum to the number kept, at least one less), which is checked.
+    order (docs/ACCURACY.md). These are the factors :func:`tsv_m` builds its delta from (the same bits), the SVD of
+    the merge before its float32 rounding, which an SVD in float64 of a float64 TSV-M merge (FusionBench's float64
+    runs) approaches. Both sides are whitened: taking one side from the merged delta (``M V_perp / S``) instead
+    failed for a singular value near zero (an expert of rank below ``k``, whose LAPACK singular values there are
+    ~5e-8 of the largest, or an expert 1e-6 the size of another), where ``M``'s rounding over ``S`` is of order one.
+    Where the tasks share a singular value exactly, each keeps its own vectors (not the sum's rotation of
+    :func:`~studio.methods._align.sum_ordered_svd`: both are independent of the experts' order). ``None`` (the
+    caller decomposes the merged delta itself) when a concatenated basis is rank deficient (e.g. two identical
+    experts: the whitening maps a direction to zero) or nothing is kept.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -165,18 +163,9 @@ def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None, *,
     if factors is None:
         return None
     U, S, V = factors
-    c = S.numel()
-    if merged is None:
-        (U_perp, rank_u), (V_perp, rank_v) = polar_gram_ranks([U, V])
-        if not rank_u == rank_v == c:
-            return None
-    else:
-        tall = layer.shape[0] > layer.shape[1]   # the side MergedSpectrum keeps as its basis is the whitened one
-        ((Q, rank),) = polar_gram_ranks([V if tall else U])
-        other = linalg.matmul(merged if tall else merged.mT, Q) / S
-        if rank != c or not abs(float(other.double().square().sum()) - c) < 0.5:
-            return None
-        U_perp, V_perp = (other, Q) if tall else (Q, other)
+    (U_perp, rank_u), (V_perp, rank_v) = polar_gram_ranks([U, V])
+    if not rank_u == rank_v == S.numel():
+        return None
     order = torch.sort(S, descending=True, stable=True).indices
     return U_perp[:, order], S[order], V_perp[:, order].mT
 
