@@ -218,15 +218,25 @@ def _inv_sqrt_weights(evals: Tensor, rtol: float | None) -> tuple[Tensor, Tensor
     return torch.where(keep, 1.0 / torch.where(keep, sig, torch.ones_like(sig)), torch.zeros_like(sig)), keep
 
 
+#: :func:`polar_gram_range` re-orthonormalises ``A Q_+ D_+^{-1}`` beyond this condition number of the kept part of
+#: ``A``: its columns are orthonormal to ~``eps64 * cond^2`` (1e-10 here).
+_RANGE_QR_COND = 700.0
+
+
 def polar_gram_range(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`polar_gram` of a tall (or square) ``matrix`` (the same bits) with the float64 factorisation of that
-    polar factor, ``P_+ Q_+^T``: ``P_+ [m, r]`` has orthonormal columns spanning ``matrix``'s range, ``Q_+ [c, r]``
-    its right singular vectors, ``r`` the directions kept. For an exact SVD of a product of polar factors
-    (AlignMerge-O's ``U^_perp diag(.) V^_perp^T``, :func:`studio.methods.align_merge.align_merge_o_svd`).
+    """:func:`polar_gram` of a tall (or square) ``matrix`` (the same bits) with a float64 factorisation of that
+    polar factor, ``P W^T``: ``P [m, r]`` has orthonormal columns spanning ``matrix``'s range (``r`` the directions
+    kept), ``W [c, r]``. For an exact SVD of a product of polar factors (AlignMerge-O's ``U^_perp diag(.)
+    V^_perp^T``, :func:`studio.methods.align_merge.align_merge_o_svd`).
+
+    From the Gram eigenpairs ``(Q, D^2)``: ``P = A Q_+ D_+^{-1}``, ``W = Q_+`` (the right singular vectors). Those
+    columns are orthonormal only to ~``eps64 cond^2`` (``cond`` of the kept singular values; 2e-4 for nearly
+    dependent columns kept at 1e-6 of the largest); beyond a condition number of :data:`_RANGE_QR_COND` they are
+    re-orthonormalised by a QR, ``P = Q_qr R``, and ``W = Q_+ R^T``.
 
     Example:
-        >>> P, Pr, Qr = polar_gram_range(torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))  # e1 twice: rank 1
-        >>> Pr.shape, Qr.shape, torch.allclose(Pr @ Qr.mT, P.double())
+        >>> P, Pr, W = polar_gram_range(torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))  # e1 twice: rank 1
+        >>> Pr.shape, W.shape, torch.allclose(Pr @ W.mT, P.double())
         (torch.Size([3, 1]), torch.Size([2, 1]), True)
     """
     if matrix.shape[-2] < matrix.shape[-1]:
@@ -235,8 +245,12 @@ def polar_gram_range(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor,
     evals, evecs = _lapack.eigh(_lapack.gram(a64), overwrite=True)
     polar = matmul(a64, _inv_sqrt_from_eigh(evals, evecs, rtol=rtol)).to(matrix.dtype)   # _polar_grams' steps
     f, keep = _inv_sqrt_weights(evals, rtol)
-    Q = evecs[:, keep]
-    return polar, matmul(a64, Q * f[keep]), Q
+    W = evecs[:, keep]
+    P = matmul(a64, W * f[keep])
+    if keep.any() and float(f[keep].max() / f[keep].min()) > _RANGE_QR_COND:
+        P, R = torch.linalg.qr(P)
+        W = matmul(W, R.mT)
+    return polar, P, W
 
 
 def polar_gram(matrix: Tensor, rtol: float | None = None) -> Tensor:

@@ -672,6 +672,49 @@ def test_align_merge_o_svd_is_an_svd_of_the_merge(shape, eta):
     assert align_merge_o_svd(pool_of(torch.zeros(3, *shape)).layer("w"), torch.zeros(shape)) is None
 
 
+@pytest.mark.parametrize("mode", ["exact", "auto"])
+@pytest.mark.parametrize("d", [1e-4, 1e-5])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)])
+def test_align_merge_o_svd_stays_orthonormal_for_near_twin_experts(shape, d, mode):
+    """Near-twin experts (one saved twice with a 1e-4 / 1e-5 difference) make ``U^``'s columns nearly dependent;
+    ``A Q_+ D_+^{-1}`` from the Gram eigenpairs was then orthonormal only to 2e-5 - 2e-4 (``eps64 cond^2``), and SVC
+    after it 6.7e-4 from the float64 calibration of the same merge (a helper's review); ``polar_gram_range`` now
+    re-orthonormalises it."""
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    base = {"w": torch.randn(m, n, generator=g)}
+    A = 0.05 * torch.randn(m, n, generator=g)
+    experts = {"a": {"w": base["w"] + A}, "b": {"w": base["w"] + A + d * 0.05 * torch.randn(m, n, generator=g)},
+               "c": {"w": base["w"] + 0.05 * torch.randn(m, n, generator=g)}}
+    layer = TaskPool(base, experts, svd_mode=mode).layer("w")
+    merged = align_merge_o_delta(layer)
+    U, S, Vh = (t.double() for t in align_merge_o_svd(layer, merged))
+    eye = torch.eye(S.numel(), dtype=D)
+    torch.testing.assert_close(U.mT @ U, eye, rtol=0, atol=1e-6)
+    torch.testing.assert_close(Vh @ Vh.mT, eye, rtol=0, atol=1e-6)
+    close(U * S @ Vh, merged, rel=1e-6)
+    deltas = torch.stack([e["w"].double() - base["w"].double() for e in experts.values()])
+    ours = studio.merge(base, experts, "align_merge_o", calibrate="svc", svd_mode=mode)["w"].double() - base["w"]
+    ref = svc_reference(deltas, merged.double(), 1 / 3)[0]
+    assert float((ours - ref).abs().max() / ref.abs().max()) <= 5e-5
+
+
+@pytest.mark.parametrize("cal", ["svc", "align_merge_b"])
+def test_align_merge_o_hyperparameters_reach_its_svd_for_the_calibration(cal):
+    """The calibration's SVD of AlignMerge-O's delta is computed with the merge's own ``eta`` and ``align_signs``
+    (the registry's ``merged_svd``): against the float64 calibration of the very merged delta. Ignoring either
+    gave an SVD of another merge, 53-69 % off."""
+    deltas = make_deltas(T=4, m=14, n=11, seed=0)
+    base = {"w": torch.zeros(14, 11)}
+    experts = {f"t{i}": {"w": d.clone()} for i, d in enumerate(deltas)}
+    hp = dict(eta="dominant", align_signs=False)
+    merged = studio.merge(base, experts, "align_merge_o", **hp)["w"].double()
+    assert float((merged - studio.merge(base, experts, "align_merge_o")["w"].double()).norm()) > 0.1 * merged.norm()
+    ours = studio.merge(base, experts, "align_merge_o", calibrate=cal, **hp)["w"].double()
+    ref = (svc_reference(deltas, merged, 1 / 4)[0] if cal == "svc" else align_b_reference(deltas, merged, 1.0))
+    assert float((ours - ref).norm() / ref.norm()) <= 1e-4
+
+
 @pytest.mark.parametrize("eta", ["sum", "dominant"])
 @pytest.mark.parametrize("T,shape", [(3, (10, 16)), (4, (17, 9))])
 def test_align_merge_o_matches_algorithm_1(eta, T, shape):

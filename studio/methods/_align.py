@@ -276,8 +276,12 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     delta, the same SVD up to that rounding). Otherwise the delta is decomposed.
     Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat
     spectra of Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration
-    after them does not depend on the rotation LAPACK happens to return; a base method's own SVD keeps its own
-    vectors there (TSV-M: each task's), which do not depend on it either. The spectrum is of the *unscaled*
+    after them does not depend on the rotation LAPACK happens to return. A base method's own SVD keeps its own
+    vectors in a tie: TSV-M's each task's, which do not depend on the experts' order; AlignMerge-O's the
+    eigensolver's, which can (exactly equal singular values of different tasks: tasks on orthogonal subspaces with
+    equal spectra, where no basis is preferred). Rotating TSV-M's near-tied clusters by the sum instead was
+    discontinuous: on 8 experts with equal task spectra, where float32 rounding decides which gaps count as ties,
+    AlignMerge-B after TSV-M then differed by 0.40 between the SVD modes. The spectrum is of the *unscaled*
     ``merged``: a global scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
 
     Example:

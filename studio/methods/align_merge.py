@@ -259,9 +259,9 @@ def align_merge_o_svd(layer: LayerTasks, merged: Tensor, eta: str = "sum",
     """The thin SVD of :func:`align_merge_o_delta`'s result ``merged`` from AlignMerge-O's own factors (descending,
     its nonzero singular values only), or ``None`` for a layer that merges to zero.
 
-    The merged delta is ``c U^_perp diag(proj) V^_perp^T`` with partial polar factors ``U^_perp = P_u Q_u^T``
-    (``P_u`` orthonormal, :func:`studio.linalg.polar_gram_range`), so ``M = c P_u (Q_u^T diag(proj) Q_v) P_v^T``
-    and the SVD of the small float64 core gives ``M``'s: exact up to float64, where an SVD of the float32 merged
+    The merged delta is ``c U^_perp diag(proj) V^_perp^T`` with partial polar factors ``U^_perp = P_u W_u^T``
+    (``P_u`` orthonormal, :func:`studio.linalg.polar_gram_range`), so ``M = c P_u (W_u^T diag(proj) W_v) P_v^T``
+    and the SVD of the small float64 core gives ``M``'s: float64-accurate, where an SVD of the float32 merged
     delta turns its near-tied pairs (the tasks' singular values side by side, as in TSV-M) by its rounding. A
     calibration after AlignMerge-O moved by 2.5e-3 (SVC) and 7.6e-4 (AlignMerge-B) with the experts' order so
     (4 experts of the tests' CLIP-like state dict). ``c`` is taken as ``||merged||_F / ||core||_F``, the merged
@@ -342,7 +342,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     elif U_hat.dtype != torch.float32:   # partial_polar takes an SVD there; the merges compute in float32
         return None
     else:   # the same polar factors (partial_polar's float32 route), with their range factorisations
-        (U_perp, Pu, Qu), (V_perp, Pv, Qv) = (linalg.polar_gram_range(X.float(), rtol=_PARTIAL_POLAR_RTOL32)
+        (U_perp, Pu, Wu), (V_perp, Pv, Wv) = (linalg.polar_gram_range(X.float(), rtol=_PARTIAL_POLAR_RTOL32)
                                               for X in (U_hat, V_hat))
 
     # Alg. 1 line 24 / eq. 14: sigma^ / eta^r is the projection of sum_i Delta_i (or of Delta_{i*}) on u^ v^T
@@ -357,7 +357,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     # B.4). That ratio is the norm only for orthonormal U^_perp, V^_perp; the partial polar factors are not (their
     # columns overlap once the null direction is dropped), so the norm is measured on the reconstruction instead.
     if merged is not None:
-        return _core_svd(merged, Pu, linalg.matmul(Qu.mT, proj.double().unsqueeze(-1) * Qv), Pv)
+        return _core_svd(merged, Pu, linalg.matmul(Wu.mT, proj.double().unsqueeze(-1) * Wv), Pv)
     out = linalg.reconstruct(U_perp, proj, V_perp.mT)
     # (norms in float64: squares of float32 entries beyond ~1e19 would overflow)
     actual = torch.linalg.vector_norm(out, dtype=torch.float64)
@@ -370,10 +370,16 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     return out.mul_(float(target / actual))
 
 
+#: :func:`_core_svd` takes LAPACK's SVD of the core where its smallest live singular value is below this fraction
+#: of the largest (the Gram route's singular vectors are accurate to ~``eps64 / ratio^2``: 2e-8 here).
+_CORE_GRAM_RTOL = 1e-4
+
+
 def _core_svd(merged: Tensor, left: Tensor, core: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     """Thin SVD of ``merged = c left core right^T`` (``left``, ``right`` float64 with orthonormal columns, ``core``
-    float64), ``c = ||merged||_F / ||core||_F``: the core's SVD from its float64 Gram matrix, its singular values
-    above :func:`studio.linalg.null_tolerance` only, in ``merged``'s dtype; ``None`` if ``merged`` is zero."""
+    float64), ``c = ||merged||_F / ||core||_F``: the core's SVD from its float64 Gram matrix (LAPACK's below
+    :data:`_CORE_GRAM_RTOL`), its singular values above :func:`studio.linalg.null_tolerance` only, in ``merged``'s
+    dtype; ``None`` if ``merged`` is zero."""
     norm = float(torch.linalg.vector_norm(merged, dtype=torch.float64))
     core_norm = float(torch.linalg.vector_norm(core))
     if not (norm > 0 and core_norm > 0):
@@ -382,8 +388,14 @@ def _core_svd(merged: Tensor, left: Tensor, core: Tensor, right: Tensor) -> tupl
     sig = evals.flip(0).clamp_min(0).sqrt()
     Y = Y.flip(-1)
     live = int((sig > linalg.null_tolerance(sig[0], sig.numel())).sum())
-    sig, Y = sig[:live], Y[:, :live]
-    X = linalg.matmul(core, Y) / sig
+    if live and float(sig[live - 1]) < _CORE_GRAM_RTOL * float(sig[0]):
+        # the Gram route's vectors are accurate to ~eps64 (sigma_1 / sigma)^2: LAPACK's SVD below this
+        Xf, sig, Yh = torch.linalg.svd(core, full_matrices=False)
+        live = int((sig > linalg.null_tolerance(sig[0], sig.numel())).sum())
+        sig, Y, X = sig[:live], Yh[:live].mT, Xf[:, :live]
+    else:
+        sig, Y = sig[:live], Y[:, :live]
+        X = linalg.matmul(core, Y) / sig
     dtype = merged.dtype
     return (linalg.matmul(left, X).to(dtype), (sig * (norm / core_norm)).to(dtype),
             linalg.matmul(right, Y).mT.to(dtype))
