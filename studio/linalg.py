@@ -196,17 +196,18 @@ def _inv_sqrt_psd(gram: Tensor, minus_one: bool = False, rtol: float | None = No
     return _inv_sqrt_from_eigh(*_lapack.eigh(gram.double(), overwrite=True), minus_one, rtol)
 
 
-def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, rtol: float | None = None,
-                        with_rank: bool = False) -> "Tensor | tuple[Tensor, int]":
-    """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix (``with_rank``: and the number of
-    eigenvalues kept)."""
-    f, keep = _inv_sqrt_weights(evals, rtol)
+def _inv_sqrt_from_eigh(evals: Tensor, evecs: Tensor, minus_one: bool = False, rtol: float | None = None) -> Tensor:
+    """:func:`_inv_sqrt_psd` from the eigenpairs of the (float64) Gram matrix."""
+    f, _ = _inv_sqrt_weights(evals, rtol)
     if minus_one:
-        out = matmul(evecs * (f - 1.0), evecs.mT)
-    else:
-        half = evecs * f.sqrt()
-        out = _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
-    return (out, int(keep.sum())) if with_rank else out
+        return matmul(evecs * (f - 1.0), evecs.mT)
+    return _inv_sqrt_from_weights(evecs, f)
+
+
+def _inv_sqrt_from_weights(evecs: Tensor, f: Tensor) -> Tensor:
+    """``Q diag(f) Q^T`` for the weights ``f`` of :func:`_inv_sqrt_weights`."""
+    half = evecs * f.sqrt()
+    return _lapack.gram(half.mT)   # (Q f^1/2)(Q f^1/2)^T through syrk: half the flops of (Q f) Q^T
 
 
 def _inv_sqrt_weights(evals: Tensor, rtol: float | None) -> tuple[Tensor, Tensor]:
@@ -243,8 +244,8 @@ def polar_gram_range(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor,
         raise ValueError(f"polar_gram_range needs a tall or square matrix, got {tuple(matrix.shape)}")
     a64 = matrix.double()
     evals, evecs = _lapack.eigh(_lapack.gram(a64), overwrite=True)
-    polar = matmul(a64, _inv_sqrt_from_eigh(evals, evecs, rtol=rtol)).to(matrix.dtype)   # _polar_grams' steps
     f, keep = _inv_sqrt_weights(evals, rtol)
+    polar = matmul(a64, _inv_sqrt_from_weights(evecs, f)).to(matrix.dtype)   # _polar_grams' steps
     W = evecs[:, keep]
     P = matmul(a64, W * f[keep])
     if keep.any() and float(f[keep].max() / f[keep].min()) > _RANGE_QR_COND:
@@ -284,7 +285,7 @@ def polar_gram_many(matrices: "list[Tensor]", rtol: float | None = None) -> list
         >>> [P.tolist() for P in polar_gram_many([torch.tensor([[2.0], [0.0]]), torch.tensor([[0.0, -3.0]])])]
         [[[1.0], [0.0]], [[0.0, -1.0]]]
     """
-    return [p for p, _ in polar_gram_ranks(matrices, rtol)]
+    return [p for p, _ in _polar_grams(matrices, rtol, lambda gs: _lapack.eigh_many(gs, overwrite=True))]
 
 
 def polar_gram_ranks(matrices: "list[Tensor]", rtol: float | None = None) -> list[tuple[Tensor, int]]:
@@ -297,20 +298,21 @@ def polar_gram_ranks(matrices: "list[Tensor]", rtol: float | None = None) -> lis
         >>> [(rank, round(float(P.square().sum()), 6)) for P, rank in polar_gram_ranks([repeated, torch.eye(2)])]
         [(1, 1.0), (2, 2.0)]
     """
-    return _polar_grams(matrices, rtol, lambda gs: _lapack.eigh_many(gs, overwrite=True))
+    solved = _polar_grams(matrices, rtol, lambda gs: _lapack.eigh_many(gs, overwrite=True))
+    return [(p, int(rank)) for p, rank in solved]
 
 
-def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[tuple[Tensor, int]]:
-    """:func:`polar_gram` of each matrix and its rank, ``solve(grams)`` giving the eigenpairs of fresh float64 Gram
-    matrices."""
+def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[tuple[Tensor, Tensor]]:
+    """:func:`polar_gram` of each matrix and its rank (a 0-d tensor on its device: no device sync for the callers
+    that do not read it), ``solve(grams)`` giving the eigenpairs of fresh float64 Gram matrices."""
     wide = [m.shape[-2] < m.shape[-1] for m in matrices]
     a64 = [(m.mT if w else m).double() for m, w in zip(matrices, wide)]
     solved = solve([_lapack.gram(a) for a in a64])
     out = []
     for m, w, a, (evals, evecs) in zip(matrices, wide, a64, solved):
-        inv_sqrt, rank = _inv_sqrt_from_eigh(evals, evecs, rtol=rtol, with_rank=True)
-        p = matmul(a, inv_sqrt).to(m.dtype)
-        out.append((p.mT if w else p, rank))
+        f, keep = _inv_sqrt_weights(evals, rtol)
+        p = matmul(a, _inv_sqrt_from_weights(evecs, f)).to(m.dtype)
+        out.append((p.mT if w else p, keep.sum()))
     return out
 
 

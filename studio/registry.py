@@ -46,9 +46,11 @@ def register(
     :func:`studio.engine.merge_pool`), ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer function
     decomposes matrices: on CUDA its layers run on worker threads, whose eigensolves the host solves side by side,
     :mod:`studio.parallel`), ``merged_svd`` (a merge method's
-    ``fn(layer, merged, **structural) -> (U, S, Vh) | None``: the thin SVD of its unscaled merged delta ``merged``
-    from its own factors, descending, or ``None``; a calibration after it then takes its subspaces from there instead
-    of decomposing the merged delta, :func:`studio.methods._align.merged_spectrum`). A calibration's ``fn`` also
+    ``fn(layer, merged, **kwargs) -> (U, S, Vh) | None``, ``kwargs`` the keyword arguments the method's ``fn`` gets
+    (its structural hyperparameters; ``preferences`` too for a method that takes them): the thin SVD of its unscaled
+    merged delta ``merged`` from its own factors, descending, or ``None``; a calibration after it then takes its
+    subspaces from there instead of decomposing the merged delta, :func:`studio.methods._align.merged_spectrum`).
+    A calibration's ``fn`` also
     gets ``merged_tag`` (memoisation key of the merged delta) and ``merged_svd`` (that method's ``merged_svd`` bound
     to the layer and hyperparameters, or ``None``).
     """

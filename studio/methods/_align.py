@@ -219,7 +219,19 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
     flat = _flat_svd(merged, total)
     if flat is not None:
         return flat
-    U, S, Vh = linalg.svd_tall(merged, exact)
+    return order_ties_by_sum(*linalg.svd_tall(merged, exact), total)
+
+
+def order_ties_by_sum(U: Tensor, S: Tensor, Vh: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A thin SVD ``(U, S, Vh)`` (``S`` descending) with each tied cluster rotated by the task-matrix sum ``total``
+    as :func:`sum_ordered_svd` describes (unchanged where nothing is tied; new tensors where something is).
+
+    Example:
+        >>> total = torch.diag(torch.tensor([1.0, 3.0]))
+        >>> U, S, Vh = order_ties_by_sum(torch.eye(2), torch.tensor([2.0, 2.0]), torch.eye(2), total)
+        >>> U[:, 0].abs().tolist()   # a tie: led by the sum's strongest direction, e2
+        [0.0, 1.0]
+    """
     if S.numel() < 2 or not float(S[0]) > 0:
         return U, S, Vh
     live = S > linalg.null_tolerance(S[0], S.numel())
@@ -276,12 +288,11 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     delta, the same SVD up to that rounding). Otherwise the delta is decomposed.
     Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat
     spectra of Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration
-    after them does not depend on the rotation LAPACK happens to return. A base method's own SVD keeps its own
-    vectors in a tie: TSV-M's each task's, which do not depend on the experts' order; AlignMerge-O's the
-    eigensolver's, which can (exactly equal singular values of different tasks: tasks on orthogonal subspaces with
-    equal spectra, where no basis is preferred). Rotating TSV-M's near-tied clusters by the sum instead was
-    discontinuous: on 8 experts with equal task spectra, where float32 rounding decides which gaps count as ties,
-    AlignMerge-B after TSV-M then differed by 0.40 between the SVD modes. The spectrum is of the *unscaled*
+    after them does not depend on the rotation LAPACK happens to return; AlignMerge-O's own SVD is ordered the same
+    way (:func:`~studio.methods.align_merge.align_merge_o_svd`). TSV-M's keeps each task's own vectors in a tie,
+    which do not depend on the experts' order either: rotating its near-tied clusters by the sum was discontinuous
+    (on 8 experts with equal task spectra, where float32 rounding decides which gaps count as ties, AlignMerge-B
+    after TSV-M then differed by 0.40 between the SVD modes). The spectrum is of the *unscaled*
     ``merged``: a global scale ``lambda`` multiplies ``S`` only, which the calibrations apply themselves.
 
     Example:

@@ -20,7 +20,7 @@ from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
 from ._align import (_PARTIAL_POLAR_RTOL32, MergedSvd, align_b_factors, factored_svd, full_coefficient,
-                     merged_spectrum, partial_polar, preference_weights)
+                     merged_spectrum, order_ties_by_sum, partial_polar, preference_weights)
 
 
 def resolve_gate(alpha: float | None, num_tasks: int) -> float:
@@ -50,8 +50,10 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
                         merged_svd: MergedSvd | None = None) -> Tensor:
     """AlignMerge-B (eq. 9) of the merged delta ``M = scale * merged``.
 
-    ``M = U diag(sigma) V^T``; per subspace the task-wise full coefficient ``xi~_i^r = eta^r (sum_{j != i}
-    xi_{i,j}^r + 1) = sigma^r / c_i^r`` (eq. 7, :func:`~studio.methods._align.full_coefficient`), aggregated as
+    ``M = U diag(sigma) V^T`` (:func:`~studio.methods._align.merged_spectrum`: memoised under ``merged_tag``, from
+    the base method's own factors where ``merged_svd`` gives them); per subspace the task-wise full coefficient
+    ``xi~_i^r = eta^r (sum_{j != i} xi_{i,j}^r + 1) = sigma^r / c_i^r`` (eq. 7,
+    :func:`~studio.methods._align.full_coefficient`), aggregated as
     ``xi~^r = sum_i p_i xi~_i^r`` (uniform ``p``: the paper's average over tasks; one-hot ``p = e_t``: the
     single-target eq. 9 used for preference optimisation, sec. 5.3), and ``sigma^r <- sigma^r / d(xi~^r)``.
     When a subspace is rescaled its new singular value is the ``p``-weighted *harmonic* mean of the tasks'
@@ -265,7 +267,8 @@ def align_merge_o_svd(layer: LayerTasks, merged: Tensor, eta: str = "sum",
     delta turns its near-tied pairs (the tasks' singular values side by side, as in TSV-M) by its rounding. A
     calibration after AlignMerge-O moved by 2.5e-3 (SVC) and 7.6e-4 (AlignMerge-B) with the experts' order so
     (4 experts of the tests' CLIP-like state dict). ``c`` is taken as ``||merged||_F / ||core||_F``, the merged
-    delta's own norm.
+    delta's own norm. Exactly tied clusters (different tasks' equal singular values) are ordered by the task-matrix
+    sum (:func:`~studio.methods._align.order_ties_by_sum`), as a decomposed merged delta's are.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -277,15 +280,22 @@ def align_merge_o_svd(layer: LayerTasks, merged: Tensor, eta: str = "sum",
         >>> S.shape, torch.allclose(U * S @ Vh, merged, atol=1e-5)
         (torch.Size([6]), True)
     """
-    return _align_o(layer, eta, align_signs, merged=merged)
+    svd = _align_o(layer, eta, align_signs, merged=merged)
+    # ties (tasks on orthogonal subspaces with equal spectra) ordered by the sum, as for a decomposed merged delta:
+    # the eigensolver's basis there moved SVC after this merge by 0.52 with the experts' order (a helper's review)
+    return None if svd is None else order_ties_by_sum(*svd, layer.sum())
 
 
-def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | None = None):
-    """:func:`align_merge_o_delta` (``merged`` None) or :func:`align_merge_o_svd` of ``merged``: one pipeline, so
-    the factors are those of the merge, bit for bit."""
+def _align_o(layer: LayerTasks, eta: str, align_signs: bool,
+             merged: Tensor | None = None) -> "Tensor | tuple[Tensor, Tensor, Tensor] | None":
+    """:func:`align_merge_o_delta` (``merged`` None) or the SVD of ``merged`` from the factors, before
+    :func:`align_merge_o_svd` orders its ties: one pipeline, so the factors are those of the merge, bit for bit."""
     if eta not in ("sum", "dominant"):
         raise StudioError(f"align_merge_o: eta must be 'sum' or 'dominant', got {eta!r}")
-    zeros = None if merged is not None else torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+
+    def nothing() -> Tensor | None:   # a layer that merges to zero: zeros, and no SVD
+        return None if merged is not None else torch.zeros(layer.shape, dtype=torch.float32, device=layer.device)
+
     K = layer.num_tasks
     m, n = layer.shape
     R = min(m, n)
@@ -330,7 +340,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)
-        return zeros
+        return nothing()
     if U_hat.shape[1] > R:  # only when R <= K (tiny layers): keep the R strongest columns
         keep = torch.argsort(S_hat, descending=True)[:R]
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
@@ -339,7 +349,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     # span at most K dimensions), so the unique partial polar factor replaces LAPACK's arbitrary completion.
     if merged is None:
         U_perp, V_perp = partial_polar(U_hat), partial_polar(V_hat)
-    elif U_hat.dtype != torch.float32:   # partial_polar takes an SVD there; the merges compute in float32
+    elif U_hat.dtype != torch.float32:   # defensive: the pools compute in float32; partial_polar takes an SVD else
         return None
     else:   # the same polar factors (partial_polar's float32 route), with their range factorisations
         (U_perp, Pu, Wu), (V_perp, Pv, Wv) = (linalg.polar_gram_range(X.float(), rtol=_PARTIAL_POLAR_RTOL32)
@@ -366,7 +376,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool, merged: Tensor | No
     # float32 noise at full size (auto and exact mode 1.96 / 3.37 apart for two experts +-D), so, as for an exact
     # zero, the layer keeps the base.
     if not float(actual) > _RESIDUAL_RTOL * float(target):
-        return zeros
+        return nothing()
     return out.mul_(float(target / actual))
 
 

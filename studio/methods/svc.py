@@ -102,8 +102,8 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
 
     Memoisation: the SVD of ``merged`` and the per-task ``(c, |a|^2)`` are computed once per ``merged_tag``
     (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``, TSV-M's
-    delta its own factors, ``merged_svd``), so changing ``alpha``, ``scale`` or the preferences costs O(T R) plus
-    one reconstruction.
+    and AlignMerge-O's deltas their own factors, ``merged_svd``), so changing ``alpha``, ``scale`` or the
+    preferences costs O(T R) plus one reconstruction.
 
     Example:
         >>> import torch

@@ -137,19 +137,22 @@ def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None) -> tuple[Te
 
     ``U_perp`` and ``V_perp`` have orthonormal columns whenever the concatenated bases have full column rank, and
     then ``U_perp diag(S) V_perp^T`` *is* an SVD: the merged delta's singular values are the kept task singular
-    values (TSV Prop. 4.1). A calibration after TSV-M (SVC, AlignMerge-B) takes its subspaces from here instead of
-    from an SVD of the float32 merged delta: TSV-M's spectrum has pairs of different tasks' singular values ~1e-5
-    apart, whose singular vectors the float32 rounding of the merged delta turns by ~rounding / gap, mixing the
-    two tasks' directions; AlignMerge-B's factors ``sigma / c_i`` then moved by up to 9.3e-3 with the experts'
-    order (docs/ACCURACY.md). These are the factors :func:`tsv_m` builds its delta from (the same bits), the SVD of
-    the merge before its float32 rounding, which an SVD in float64 of a float64 TSV-M merge (FusionBench's float64
-    runs) approaches. Both sides are whitened: taking one side from the merged delta (``M V_perp / S``) instead
-    failed for a singular value near zero (an expert of rank below ``k``, whose LAPACK singular values there are
-    ~5e-8 of the largest, or an expert 1e-6 the size of another), where ``M``'s rounding over ``S`` is of order one.
-    Where the tasks share a singular value exactly, each keeps its own vectors (not the sum's rotation of
-    :func:`~studio.methods._align.sum_ordered_svd`: both are independent of the experts' order). ``None`` (the
-    caller decomposes the merged delta itself) when a concatenated basis is rank deficient (e.g. two identical
-    experts: the whitening maps a direction to zero) or nothing is kept.
+    values (TSV Prop. 4.1). (Orthonormal to the whitening's accuracy, ~``eps64 cond^2`` of the concatenated basis:
+    2.5e-4 for near-twin experts, where TSV-M's own merge is as far from the float64 one; re-orthonormalising would
+    no longer give the merge's own bits.) A calibration after TSV-M (SVC, AlignMerge-B) takes its subspaces from
+    here instead of from an SVD of the float32 merged delta: TSV-M's spectrum has pairs of different tasks' singular
+    values ~1e-5 apart, whose singular vectors the float32 rounding of the merged delta turns by ~rounding / gap,
+    mixing the two tasks' directions; AlignMerge-B's factors ``sigma / c_i`` then moved by up to 9.3e-3 with the
+    experts' order (docs/ACCURACY.md). These are the factors :func:`tsv_m` builds its delta from (the same bits),
+    the SVD of the merge before its float32 rounding, which an SVD in float64 of a float64 TSV-M merge
+    (FusionBench's float64 runs) approaches. Both sides are whitened: taking one side from the merged delta (``M
+    V_perp / S``) instead failed for a singular value near zero (an expert of rank below ``k``, whose LAPACK
+    singular values there are ~5e-8 of the largest, or an expert 1e-6 the size of another), where ``M``'s rounding
+    over ``S`` is of order one. Where the tasks share a singular value exactly, each keeps its own vectors, which do
+    not depend on the experts' order (the sum's rotation of :func:`~studio.methods._align.sum_ordered_svd` was
+    discontinuous here: :func:`~studio.methods._align.merged_spectrum`).
+    ``None`` (the caller decomposes the merged delta itself) when a concatenated basis is rank deficient (e.g. two
+    identical experts: the whitening maps a direction to zero) or nothing is kept.
 
     Example:
         >>> from studio.pool import TaskPool
