@@ -244,8 +244,7 @@ def polar_gram_range(matrix: Tensor, rtol: float | None = None) -> tuple[Tensor,
         raise ValueError(f"polar_gram_range needs a tall or square matrix, got {tuple(matrix.shape)}")
     a64 = matrix.double()
     evals, evecs = _lapack.eigh(_lapack.gram(a64), overwrite=True)
-    f, keep = _inv_sqrt_weights(evals, rtol)
-    polar = matmul(a64, _inv_sqrt_from_weights(evecs, f)).to(matrix.dtype)   # _polar_grams' steps
+    polar, f, keep = _polar_from_eigh(a64, evals, evecs, rtol, matrix.dtype)
     W = evecs[:, keep]
     P = matmul(a64, W * f[keep])
     if keep.any() and float(f[keep].max() / f[keep].min()) > _RANGE_QR_COND:
@@ -310,10 +309,18 @@ def _polar_grams(matrices: "list[Tensor]", rtol: float | None, solve) -> list[tu
     solved = solve([_lapack.gram(a) for a in a64])
     out = []
     for m, w, a, (evals, evecs) in zip(matrices, wide, a64, solved):
-        f, keep = _inv_sqrt_weights(evals, rtol)
-        p = matmul(a, _inv_sqrt_from_weights(evecs, f)).to(m.dtype)
+        p, _, keep = _polar_from_eigh(a, evals, evecs, rtol, m.dtype)
         out.append((p.mT if w else p, keep.sum()))
     return out
+
+
+def _polar_from_eigh(a64: Tensor, evals: Tensor, evecs: Tensor, rtol: float | None,
+                     dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """``(polar, f, keep)``: the polar factor ``a64 (a64^T a64)^{+1/2}`` in ``dtype`` from the eigenpairs of the
+    float64 Gram matrix, with :func:`_inv_sqrt_weights`' ``f`` and ``keep`` (the one route of :func:`polar_gram`,
+    :func:`polar_gram_many` and :func:`polar_gram_range`, so they give the same bits)."""
+    f, keep = _inv_sqrt_weights(evals, rtol)
+    return matmul(a64, _inv_sqrt_from_weights(evecs, f)).to(dtype), f, keep
 
 
 def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:

@@ -50,9 +50,8 @@ def register(
     (its structural hyperparameters; ``preferences`` too for a method that takes them): the thin SVD of its unscaled
     merged delta ``merged`` from its own factors, descending, or ``None``; a calibration after it then takes its
     subspaces from there instead of decomposing the merged delta, :func:`studio.methods._align.merged_spectrum`).
-    A calibration's ``fn`` also
-    gets ``merged_tag`` (memoisation key of the merged delta) and ``merged_svd`` (that method's ``merged_svd`` bound
-    to the layer and hyperparameters, or ``None``).
+    A calibration's ``fn`` also gets ``merged_tag`` (memoisation key of the merged delta) and ``merged_svd`` (that
+    method's ``merged_svd`` bound to the layer and hyperparameters, or ``None``).
     """
     if kind not in ("merge", "calibration"):
         raise ValueError(f"kind must be 'merge' or 'calibration', got {kind!r}")

@@ -285,8 +285,8 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     knows the SVD of its delta from its own factors (``merged_svd``: TSV-M's :func:`~studio.methods.tsv_m.tsv_m_svd`,
     AlignMerge-O's :func:`~studio.methods.align_merge.align_merge_o_svd`) that SVD is used: exact where an SVD of
     the float32 delta turns near-tied pairs by its rounding (our choice; the official code decomposes the merged
-    delta, the same SVD up to that rounding). Otherwise the delta is decomposed.
-    Either is memoised under ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat
+    delta, the same SVD up to that rounding). Otherwise the delta is decomposed. Either is memoised under
+    ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat
     spectra of Iso-C, Iso-CTS, Ortho-Merge) are resolved by the sum (:func:`sum_ordered_svd`), so a calibration
     after them does not depend on the rotation LAPACK happens to return; AlignMerge-O's own SVD is ordered the same
     way (:func:`~studio.methods.align_merge.align_merge_o_svd`). TSV-M's keeps each task's own vectors in a tie,
@@ -564,6 +564,19 @@ def factored_svd(left: Tensor, core: Tensor, right: Tensor) -> tuple[Tensor, Ten
 
 #: :func:`partial_polar`'s default ``rtol`` for float32 (and half-precision) inputs.
 _PARTIAL_POLAR_RTOL32 = 1e-6
+
+
+def partial_polar_range(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`partial_polar` of a tall float32 (or half-precision) ``matrix`` at the default ``rtol`` (the same
+    bits), with its factorisation ``P W^T`` (:func:`studio.linalg.polar_gram_range`).
+
+    Example:
+        >>> P, Pr, W = partial_polar_range(torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))
+        >>> torch.equal(P, partial_polar(torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]]))), Pr.shape
+        (True, torch.Size([3, 1]))
+    """
+    polar, P, W = linalg.polar_gram_range(matrix.float(), rtol=_PARTIAL_POLAR_RTOL32)
+    return polar.to(matrix.dtype), P, W
 
 
 def partial_polar(matrix: Tensor, rtol: float | None = None) -> Tensor:

@@ -19,8 +19,8 @@ from .. import _lapack, linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ._align import (_PARTIAL_POLAR_RTOL32, MergedSvd, align_b_factors, factored_svd, full_coefficient,
-                     merged_spectrum, order_ties_by_sum, partial_polar, preference_weights)
+from ._align import (MergedSvd, align_b_factors, factored_svd, full_coefficient, merged_spectrum,
+                     order_ties_by_sum, partial_polar, partial_polar_range, preference_weights)
 
 
 def resolve_gate(alpha: float | None, num_tasks: int) -> float:
@@ -352,8 +352,7 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool,
     elif U_hat.dtype != torch.float32:   # defensive: the pools compute in float32; partial_polar takes an SVD else
         return None
     else:   # the same polar factors (partial_polar's float32 route), with their range factorisations
-        (U_perp, Pu, Wu), (V_perp, Pv, Wv) = (linalg.polar_gram_range(X.float(), rtol=_PARTIAL_POLAR_RTOL32)
-                                              for X in (U_hat, V_hat))
+        (U_perp, Pu, Wu), (V_perp, Pv, Wv) = partial_polar_range(U_hat), partial_polar_range(V_hat)
 
     # Alg. 1 line 24 / eq. 14: sigma^ / eta^r is the projection of sum_i Delta_i (or of Delta_{i*}) on u^ v^T
     if eta == "sum":
