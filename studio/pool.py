@@ -694,10 +694,7 @@ class TaskPool:
     def _cached(self, store: "dict | OrderedDict", tag: Hashable, compute: Callable[[], Any],
                 limit: int | None) -> Any:
         """``store[tag]``, computed once however many threads ask at the same time (the others wait for it; if it
-        fails, the next one computes it). ``limit``: ``store`` is an LRU of that many entries; a full one drops its
-        least recently used entry before the computation, not after, so that the new value can take the dropped one's
-        memory (a third structural change of TSV-M on 8 ViT-B/32 experts peaked at 4741 MB in use, now 4641 MB: two
-        cached merged deltas and the merged model it returns, which the engine allocates after this)."""
+        fails, the next one computes it). ``limit``: ``store`` is an LRU of that many entries."""
         flight = (id(store), tag)
         while True:
             with self._lock:
@@ -708,8 +705,6 @@ class TaskPool:
                 pending = self._inflight.get(flight)
                 if pending is None:
                     pending = self._inflight[flight] = threading.Event()
-                    while limit is not None and store and len(store) >= limit:
-                        store.popitem(last=False)
                     break
             pending.wait()  # another thread is computing it; if that failed, the loop computes it here
         try:

@@ -1128,21 +1128,3 @@ def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bi
     for f, merged in warm.items():
         fresh = studio.merge_pool(TaskPool(base, experts), "tsv_m", rank_fraction=f)
         assert all(torch.equal(fresh[k], merged[k]) for k in merged), f
-
-
-def test_a_full_merge_cache_drops_its_oldest_merge_before_computing_a_new_one(clip_pool):
-    base, experts = clip_pool
-    pool = studio.get_pool(base, experts)
-    seen = []
-
-    def compute(tag):
-        def run():
-            seen.append(list(pool._merged))   # what the cache holds while the new merge is computed
-            return {"tag": tag}
-        return run
-
-    for tag in ("a", "b", "c", "b", "d"):
-        pool.merged_cache(tag, compute(tag))
-    # a, b: room; c: a is dropped first; b: a hit; d: c (the least recently used) is dropped first
-    assert seen == [[], ["a"], ["b"], ["b"]]
-    assert list(pool._merged) == ["b", "d"]
