@@ -24,7 +24,8 @@ the reference and FusionBench run once.
 ``steal %`` = share of the machine's CPU time the hypervisor gave to other guests during the reported cold run
 (``/proc/stat``): timings taken at high steal are slow for that reason. Under a CUDA table, a line gives each row's
 use of cuSOLVER's batched eigensolver in its reported cold merge (:mod:`studio._cusolver`): batches, matrices per
-batch, seconds in batches.
+batch, seconds in batches. Under every table, a line gives the pages each reported structural change faulted in
+(memory the process grew into, a first touch that is slow on some VMs) and the kernel's time for the process meanwhile.
 
 With ``--experts-dir DIR`` the experts are written to ``DIR`` as safetensors checkpoints (Hugging Face's sharded
 layout; reused while ``DIR`` holds the same pool) and merged from there, mapped from their files by ``studio.io`` as a
@@ -443,6 +444,33 @@ class StorageReads:
             self.bytes = end - self._start
 
 
+class PageFaults:
+    """Pages this process faulted in during a block (minor and major faults, ``getrusage``) and the kernel's time
+    for the process meanwhile, or None where ``getrusage`` is missing. A merge faults when it needs memory the process
+    has not held before (freed memory is reused, :func:`studio.memory.keep_freed_memory`); on a VM whose host backs
+    guest memory on first touch each fault costs microseconds (docs/PERFORMANCE.md)."""
+
+    @staticmethod
+    def _read() -> tuple[int, float] | None:
+        try:
+            import resource
+        except ImportError:   # not on Windows
+            return None
+        use = resource.getrusage(resource.RUSAGE_SELF)
+        return use.ru_minflt + use.ru_majflt, use.ru_stime
+
+    def __enter__(self) -> "PageFaults":
+        self.pages: int | None = None
+        self.system_s: float | None = None
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = self._read()
+        if self._start is not None and end is not None:
+            self.pages, self.system_s = end[0] - self._start[0], end[1] - self._start[1]
+
+
 def blas_kernels() -> str:
     """Which kernels the CPU fast paths run: OpenBLAS's (NumPy's and SciPy's, ``studio._lapack``) as picked for this
     processor or forced by ``OPENBLAS_CORETYPE``, and PyTorch's own BLAS for everything else."""
@@ -542,7 +570,11 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
             keep_min("warm_alpha", _timed(
                 lambda: engine.merge_pool(pool, method, **kwargs, **{scale.name: new_alpha}), device)[0])
         if struct:
-            keep_min("warm_struct", _timed(lambda: engine.merge_pool(pool, method, **kwargs, **struct), device)[0])
+            with PageFaults() as faults:
+                seconds = _timed(lambda: engine.merge_pool(pool, method, **kwargs, **struct), device)[0]
+            if seconds <= row.get("warm_struct", seconds):
+                row["struct_faults"] = (faults.pages, faults.system_s)   # of the run whose time is reported
+            keep_min("warm_struct", seconds)
         if keep:
             row["merged"] = engine.merge_pool(pool, method, **kwargs)
         pool = None  # free the caches before the next fresh pool
@@ -884,7 +916,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             print("# no studio.reference module: reference timings skipped")
     for dev_name in devices:
         device = torch.device(dev_name)
-        notes, read_notes, parity = [], [], []
+        notes, read_notes, parity, fault_notes = [], [], [], []
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
         print(f"\n## device: {dev_name} ({name})\n")
         if args.warm_up:
@@ -930,6 +962,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
                 notes.append(f"{row['method']} {batched['batches']} batches of {batched['size']} "
                              f"({batched['matrices']} matrices, {fill:.1f} a batch; "
                              f"{batched['seconds']:.2f} s of batches' wall time, summed over those side by side)")
+            pages, system_s = row.get("struct_faults") or (None, None)
+            if pages is not None:
+                fault_notes.append(f"{row['method']} {pages / 1000:.1f} thousand ({system_s:.2f} s)")
             if args.experts_dir is not None and row.get("read_bytes") is not None:
                 read_notes.append(f"{row['method']} {row['read_bytes'] / 2**30:.1f} GiB")
         if notes:
@@ -938,6 +973,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             print("\n# largest difference to the reference's merge (|ours - ref|, over the largest |ref| entry; ours "
                   "is (merged - base) / alpha, so it includes float32's rounding of base + alpha delta): "
                   + "; ".join(parity), flush=True)
+        if fault_notes:
+            print("\n# pages faulted in during the reported structural changes (memory the process had not held "
+                  "before; the kernel's time for the process meanwhile): " + "; ".join(fault_notes), flush=True)
         if read_notes:
             print("\n# read from storage during the reported cold merges (the experts' file pages the kernel had "
                   "evicted or not yet read): " + "; ".join(read_notes), flush=True)

@@ -31,6 +31,11 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
         assert 0 < float(cells[1]) < 60
         assert cells[8] == cells[9] == "-"                           # no --peer
         assert cells[10] == "-" or 0 <= float(cells[10]) <= 100       # CPU steal %, where /proc/stat reports it
+    # the page faults of each reported structural change, for the rows that have one
+    faults = next(x for x in out.splitlines() if x.startswith("# pages faulted in during the reported structural"))
+    found = {name: (float(pages), float(system_s)) for name, pages, system_s in
+             re.findall(r"([a-z_+]+) ([0-9.]+) thousand \(([0-9.]+) s\)", faults.split("): ", 1)[1])}
+    assert set(found) == {"ties", "tsv_m", "iso_cts"}, faults
 
 
 def test_bench_times_the_evaluation_of_a_merged_minisuite_model(capsys):
