@@ -454,7 +454,7 @@ class PageFaults:
     def _read() -> tuple[int, float] | None:
         try:
             import resource
-        except ImportError:   # not on Windows
+        except ImportError:   # Windows has no resource module
             return None
         use = resource.getrusage(resource.RUSAGE_SELF)
         return use.ru_minflt + use.ru_majflt, use.ru_stime
