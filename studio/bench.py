@@ -394,13 +394,41 @@ class PeakMemory:
             self.peak_mb = max(self._peak, self._held_mb()) - self._start
 
 
-class CpuSteal:
-    """Share of the machine's CPU time the hypervisor gave to other guests ("steal", ``/proc/stat``) during a
-    block, in percent, or None where it is not reported. On a shared VM this explains slow runs: at 50% steal a
-    2-core guest computes at about one core's speed."""
+class _Change:
+    """A block's change in a process or machine counter: ``_read()`` on entry and on exit, ``_changed(start, end)``
+    gives the values of ``_fields``; they stay None where the counter cannot be read."""
 
-    @staticmethod
-    def _ticks() -> tuple[int, int] | None:
+    _fields: tuple[str, ...] = ()
+
+    def _read(self) -> Any:
+        raise NotImplementedError
+
+    def _changed(self, start: Any, end: Any) -> tuple | None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for name in self._fields:
+            setattr(self, name, None)
+        self._start = self._read()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        end = self._read()
+        values = None if self._start is None or end is None else self._changed(self._start, end)
+        if values is not None:
+            for name, value in zip(self._fields, values):
+                setattr(self, name, value)
+
+
+class CpuSteal(_Change):
+    """Share of the machine's CPU time the hypervisor gave to other guests ("steal", ``/proc/stat``) during a
+    block, in percent (``percent``), or None where it is not reported. On a shared VM this explains slow runs: at 50%
+    steal a 2-core guest computes at about one core's speed."""
+
+    _fields = ("percent",)
+    percent: float | None
+
+    def _read(self) -> tuple[int, int] | None:
         try:
             with open("/proc/stat") as f:
                 fields = [int(x) for x in f.readline().split()[1:]]
@@ -410,48 +438,43 @@ class CpuSteal:
             return None
         return fields[7], sum(fields[:8])  # steal, user + nice + system + idle + iowait + irq + softirq + steal
 
-    def __enter__(self) -> "CpuSteal":
-        self.percent: float | None = None
-        self._start = self._ticks()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        end = self._ticks()
-        if self._start is not None and end is not None and end[1] > self._start[1]:
-            self.percent = 100.0 * (end[0] - self._start[0]) / (end[1] - self._start[1])
+    def _changed(self, start: tuple[int, int], end: tuple[int, int]) -> tuple[float] | None:
+        if end[1] <= start[1]:
+            return None
+        return (100.0 * (end[0] - start[0]) / (end[1] - start[1]),)
 
 
-class StorageReads:
-    """Bytes this process read from storage during a block (``read_bytes`` of ``/proc/self/io``: page-cache misses,
-    e.g. the pages of memory-mapped experts the kernel had evicted), or None where it is not reported."""
+class StorageReads(_Change):
+    """Bytes this process read from storage during a block (``bytes``: ``read_bytes`` of ``/proc/self/io``,
+    page-cache misses, e.g. the pages of memory-mapped experts the kernel had evicted), or None where it is not
+    reported."""
 
-    @staticmethod
-    def _read() -> int | None:
+    _fields = ("bytes",)
+    bytes: int | None
+
+    def _read(self) -> int | None:
         try:
             with open("/proc/self/io") as f:
                 return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
         except (OSError, ValueError, StopIteration, IndexError):
             return None
 
-    def __enter__(self) -> "StorageReads":
-        self.bytes: int | None = None
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        end = self._read()
-        if self._start is not None and end is not None:
-            self.bytes = end - self._start
+    def _changed(self, start: int, end: int) -> tuple[int]:
+        return (end - start,)
 
 
-class PageFaults:
-    """Pages this process faulted in during a block (minor and major faults, ``getrusage``) and the kernel's time
-    for the process meanwhile, or None where ``getrusage`` is missing. A merge faults when it needs memory the process
-    has not held before (freed memory is reused, :func:`studio.memory.keep_freed_memory`); on a VM whose host backs
-    guest memory on first touch each fault costs microseconds (docs/PERFORMANCE.md)."""
+class PageFaults(_Change):
+    """Pages this process faulted in during a block (``pages``: minor and major faults, ``getrusage``) and the
+    kernel's time for the process meanwhile (``system_s``), or None where ``getrusage`` is missing. A merge faults
+    when it needs memory the process has not held before (freed memory is reused,
+    :func:`studio.memory.keep_freed_memory`); on a VM whose host backs guest memory on first touch each fault costs
+    microseconds (docs/PERFORMANCE.md)."""
 
-    @staticmethod
-    def _read() -> tuple[int, float] | None:
+    _fields = ("pages", "system_s")
+    pages: int | None
+    system_s: float | None
+
+    def _read(self) -> tuple[int, float] | None:
         try:
             import resource
         except ImportError:   # Windows has no resource module
@@ -459,16 +482,8 @@ class PageFaults:
         use = resource.getrusage(resource.RUSAGE_SELF)
         return use.ru_minflt + use.ru_majflt, use.ru_stime
 
-    def __enter__(self) -> "PageFaults":
-        self.pages: int | None = None
-        self.system_s: float | None = None
-        self._start = self._read()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        end = self._read()
-        if self._start is not None and end is not None:
-            self.pages, self.system_s = end[0] - self._start[0], end[1] - self._start[1]
+    def _changed(self, start: tuple[int, float], end: tuple[int, float]) -> tuple[int, float]:
+        return end[0] - start[0], end[1] - start[1]
 
 
 def blas_kernels() -> str:
