@@ -155,12 +155,16 @@ def merge_pool(
     # model_state, **structural) completes the merged deltas in place once every layer is done.
     finalize = spec.extra.get("finalize")
 
+    def gets_method(key: str) -> bool:
+        """Whether ``key`` goes through the method's per-layer function (else its ``vector_rule``)."""
+        return spec.scope == "all" or rule.is_matrix(key, pool.base[key].shape)
+
     def merge_one(key: str, model_state: dict | None) -> Tensor | None:
         base_t = pool.base[key]
         if not base_t.is_floating_point():
             return None
         layer = pool.layer(key, weights)
-        if spec.scope == "all" or rule.is_matrix(key, base_t.shape):
+        if gets_method(key):
             extra: dict[str, Any] = {} if model_state is None else {"model_state": model_state}
             if spec.uses_seed:
                 extra["seed"] = key_seed(seed, key)
@@ -206,7 +210,7 @@ def merge_pool(
             # the base method's own SVD of its delta (TSV-M's, AlignMerge-O's factors), where this key got its
             # per-layer function; called with the method's own keyword arguments
             svd_of = spec.extra.get("merged_svd")
-            merged_svd = None if svd_of is None or not (spec.scope == "all" or rule.is_matrix(key, base_t.shape)) \
+            merged_svd = None if svd_of is None or not gets_method(key) \
                 else (lambda merged: svd_of(layer, merged, **kwargs))
             with _linalg_errors(calibrate, pool, key):
                 delta = cal_spec.fn(layer, delta, scale=scale, preferences=cal_prefs, base_method=method,
