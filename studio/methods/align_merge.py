@@ -239,8 +239,10 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
 
     Interpretations (paper silent): the partial polar factor above; the top pairs' SVD signs are aligned before
     summing (``align_signs``, see :func:`_align_top_signs`); a residual of eq. 12 at rounding level (a task whose
-    top pair is ``u_top, v_top``: a lone task, twins, one-hot preferences) and any column with ``sigma^ = 0`` (a task
-    weighted 0) carry no direction and are left out of ``U^``, ``V^``, as TSV-M leaves out its zero columns; when
+    top pair is ``u_top, v_top``: a lone task, twins, one-hot preferences), any column with ``sigma^ = 0`` (a task
+    weighted 0) and a task's components 2..L at float32's resolution of its ``sigma_i^1`` (a task of rank below
+    ``L``, e.g. a LoRA expert; :func:`studio.linalg.rank_tolerance`) carry no direction and are left out of ``U^``,
+    ``V^``, as TSV-M leaves out its zero columns, so both ``svd_mode`` values agree on such tasks; when
     ``1 + K L`` exceeds ``R`` (tiny layers, ``R <= K``) only the ``R`` columns with the largest ``sigma^`` are kept;
     an all-zero layer returns zeros.
 
@@ -337,6 +339,13 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool,
     # like TSV-M's zero columns they are left out rather than whitened in as unit vectors.
     keep = S_hat > 0
     keep[1:K + 1] &= S_hat[1:K + 1] > _RESIDUAL_RTOL * S1
+    # A task of rank below L has components 2..L at its float32 rounding, whose vectors are arbitrary: zero in
+    # svd_mode "auto" (the Gram route), LAPACK's ~1e-7 of sigma_i with noise vectors in "exact", where whitening
+    # them in moved every direction (rank-6 experts: exact 0.25-0.41 from auto, and 0.29-0.49 between a zero and a
+    # random base under the same task vectors; a helper's blind re-implementation). Both modes keep a task's
+    # components above float32's resolution of its own sigma_i (linalg.rank_tolerance, Iso-C's rank rule).
+    keep[K + 1:] &= S_hat[K + 1:] > torch.cat([linalg.rank_tolerance(S[0], layer.shape).expand(S[1:L].numel())
+                                               for _, S, _ in svds])
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)
