@@ -176,8 +176,9 @@ def merge_pool(
     def compute_unscaled() -> dict[str, Tensor]:
         keys = pool.keys
         prepare = spec.extra.get("prepare")
-        if prepare is not None:  # pool-wide state the per-layer function reads (e.g. TIES's model thresholds)
-            prepare(pool, **structural)
+        if prepare is not None:  # pool-wide checks and state the per-layer function reads (TIES's model thresholds)
+            prepare(pool, [key for key in keys if pool.base[key].is_floating_point() and gets_method(key)],
+                    **structural)
         model_state: dict | None = None if finalize is None else {}
         report = None if progress is None else (lambda done, total: progress(0.9 * done / total, f"{method}: layers"))
         deltas = parallel_map(lambda key: merge_one(key, model_state), keys, device=pool.device, on_done=report,

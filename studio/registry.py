@@ -43,9 +43,10 @@ def register(
     ``scope``: ``"all"`` (element-wise, every tensor) or ``"matrix"`` (only layers the layer rule selects; other
     tensors get ``vector_rule``: ``"mean"`` of the task vectors, as the TSV/Iso official code does).
     ``extra`` keys the engine reads: ``prepare`` and ``finalize`` (model-wide steps, see
-    :func:`studio.engine.merge_pool`), ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer function
-    decomposes matrices: on CUDA its layers run on worker threads, whose eigensolves the host solves side by side,
-    :mod:`studio.parallel`), ``merged_svd`` (a merge method's
+    :func:`studio.engine.merge_pool`; ``prepare(pool, keys, **structural)`` runs before the layer loop, ``keys`` the
+    layers the per-layer function will get), ``layer_rule`` (the default rule), ``decomposes=True`` (the per-layer
+    function decomposes matrices: on CUDA its layers run on worker threads, whose eigensolves the host solves side by
+    side, :mod:`studio.parallel`), ``merged_svd`` (a merge method's
     ``fn(layer, merged, **kwargs) -> (U, S, Vh) | None``, ``kwargs`` the keyword arguments the method's ``fn`` gets
     (its structural hyperparameters; ``preferences`` too for a method that takes them): the thin SVD of its unscaled
     merged delta ``merged`` from its own factors, descending, or ``None``; a calibration after it then takes its

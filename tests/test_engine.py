@@ -744,7 +744,7 @@ def test_ranks_cut_from_different_buckets_have_the_same_vectors_and_signs(clip_p
 
 def _warm_up(pool):
     """What an app session does before a merge: merges at other ranks, the diagnostics' spectra and subspaces."""
-    studio.merge_pool(pool, "tsv_m", rank_fraction=0.05)
+    studio.merge_pool(pool, "tsv_m", rank_fraction=0.1)   # k = 1 on the rank-12 layers
     studio.merge_pool(pool, "ortho_merge", k=11)
     studio.merge_pool(pool, "tsv_m", rank_fraction=0.2, calibrate="svc")
     for key in pool.keys:

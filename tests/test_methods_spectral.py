@@ -294,6 +294,29 @@ def test_tsv_m_rank_fraction_errors_name_the_value():
         studio.merge(base, experts, "tsv_m", rank_fraction=1.5)
 
 
+def test_tsv_m_refuses_a_rank_fraction_that_keeps_nothing_on_every_matrix_layer():
+    """k = int(r * rank_fraction) = 0 on a small layer merges it to zero, as officially (the positional embedding
+    below, r = 8, at 0.05); on every matrix layer the merge was silently the base: the app's rank slider at its
+    low end (0.005) on MiniSuite's rank-128 layers, or more experts than the largest rank (a first user's audit)."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    ranks = [min(t.shape) for k, t in base.items() if studio.DEFAULT_LAYER_RULE.is_matrix(k, t.shape)]
+    largest = max(ranks)
+    low = 0.99 / largest   # k = 0 on every layer
+    with pytest.raises(HyperparameterError, match=rf"rank_fraction = {low:g} keeps k = int\(r \* {low:g}\) = 0 "
+                                                  rf".*every one of the {len(ranks)} matrix layers.*rank {largest} "
+                                                  rf"at the most.*rank_fraction >= 1/{largest}"):
+        studio.merge(base, experts, "tsv_m", rank_fraction=low)
+    assert min(ranks) * 1.0 / largest < 1   # the smallest valid fraction still keeps nothing on the small layers
+    merged = studio.merge(base, experts, "tsv_m", rank_fraction=1.0 / largest)
+    assert any(not torch.equal(merged[k], base[k]) for k in base if base[k].ndim == 2)
+    tiny = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
+    five = {f"t{i}": {"w": torch.full((3, 3), float(i)), "b": torch.ones(3)} for i in range(5)}
+    with pytest.raises(HyperparameterError, match=r"5 experts need a matrix layer of rank at least 5.*rank 3.*"
+                                                  r"use at most 3 experts"):
+        studio.merge(tiny, five, "tsv_m")
+
+
 def test_tsv_m_rank_change_reuses_the_cached_decompositions():
     pool = TaskPool(*_pool_args(), device="cpu")
     studio.merge_pool(pool, "tsv_m", rank_fraction=0.25)

@@ -90,7 +90,7 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
     return pool.memo(("ties.model_thresholds", float(k)), compute)
 
 
-def _prepare(pool: TaskPool, *, k: float, topk_scope: str, merge_func: str) -> None:
+def _prepare(pool: TaskPool, keys: list[str], *, k: float, topk_scope: str, merge_func: str) -> None:
     """Compute the model-scope thresholds before the layer loop, where they can use every worker thread."""
     if topk_scope == "model":
         model_thresholds(pool, k)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..linalg import polar_gram_many, polar_gram_ranks
-from ..pool import LayerTasks
+from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
@@ -85,12 +85,38 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, V
 
 
+def _keeps_a_component(pool: TaskPool, keys: list[str], *, rank_fraction: float | None) -> None:
+    """Refuse a ``rank_fraction`` that keeps no component on any matrix layer (before the layer loop).
+
+    ``k = int(r * rank_fraction)`` is 0 on a layer of rank ``r < 1 / rank_fraction``; as in the official code such a
+    layer merges to zero, which is right for a small layer beside large ones (e.g. a positional embedding of rank
+    50 at a fraction of 0.01). Where it happens on every matrix layer the merge is the base on all of them, which
+    no one asks for on purpose: a slider at its low end on a small model (rank_fraction 0.005 on MiniSuite's
+    rank-128 layers), or more experts than the largest layer's rank.
+    """
+    ranks = [min(pool.layer(key).shape) for key in keys]
+    T = len(pool.names)
+    fraction = 1.0 / T if rank_fraction is None else float(rank_fraction)
+    if not ranks or any(int(r * fraction) > 0 for r in ranks):   # tsv_rank's k; its other checks run per layer
+        return
+    largest = max(ranks)
+    if largest < T:
+        raise HyperparameterError(
+            f"tsv_m: {T} experts need a matrix layer of rank at least {T} (one component per task), and the largest "
+            f"of the {len(ranks)} matrix layers has rank {largest}: every task would keep k = 0 components and the "
+            f"merge would be the base; use at most {largest} experts")
+    raise HyperparameterError(
+        f"tsv_m: rank_fraction = {fraction:g} keeps k = int(r * {fraction:g}) = 0 components on every one of the "
+        f"{len(ranks)} matrix layers (rank {largest} at the most), so the merge would be the base; expected "
+        f"rank_fraction >= 1/{largest} = {1.0 / largest:.6g}")
+
+
 @register(
     "tsv_m",
     params=(
         Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, ui_step=0.005, auto="1/T",
-              help="Fraction of each task matrix's singular components kept (k = int(r * fraction)); "
-                   "T * k must not exceed r.",
+              help="Fraction of each task matrix's singular components kept (k = int(r * fraction), 0 on a layer "
+                   "of rank below 1/fraction); T * k must not exceed r, and some matrix layer must keep k >= 1.",
               paper="TSV Alg. 1 line 3 (first 1/T components); official code int(s.shape[0] * (1/num_tasks))"),
         Param("alpha", float, 1.0, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
               help="Global scaling of the merged task matrices.",
@@ -102,6 +128,7 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     vector_rule="mean",
     decomposes=True,
     merged_svd=lambda layer, merged, rank_fraction=None: tsv_m_svd(layer, rank_fraction),
+    prepare=_keeps_a_component,
 )
 def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).
