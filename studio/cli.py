@@ -28,9 +28,9 @@ import yaml
 
 from . import __version__
 from .io import (CheckpointError, Recipe, atomic_write, check_fingerprints, check_recipe_path, check_weights_path,
-                 checkpoint_files, fingerprint, input_fingerprints, is_hub_url, load_checkpoint, load_state_dict,
-                 looks_like_safetensors, merge_from_recipe, recipe_inputs, refuse_overwriting, save_merged,
-                 save_state_dict, shown_path)
+                 checkpoint_files, fingerprint, hub_spec, input_fingerprints, is_hub_url, is_local_path,
+                 load_checkpoint, load_state_dict, looks_like_safetensors, merge_from_recipe, recipe_inputs,
+                 refuse_overwriting, save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, json_safe, validate_hparams
@@ -238,6 +238,16 @@ def _merge_recipe(args: argparse.Namespace, pool: _Pool) -> Recipe:
                   sources=pool.sources)
 
 
+def _check_weights_exist(weights: str) -> None:
+    """Raise the source's own error for a ``--weights`` that names neither a local file or folder nor a Hub
+    repository (a mistyped path), before a missing ``--suite`` or recipe is blamed for it; nothing is fetched."""
+    if is_hub_url(weights) or Path(weights).expanduser().exists():
+        return
+    if hub_spec(weights) is None or is_local_path(weights):
+        with _noting("--weights"):
+            checkpoint_files(weights)   # raises: no such file or folder
+
+
 def _embedded_recipe(weights: str) -> Recipe | None:
     """The recipe embedded in a merged file the CLI or the app exported (a local safetensors file under any name,
     or a folder whose weights are one such file), else None."""
@@ -274,6 +284,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     unknown = sorted(set(curves or []) - set(diag.CURVES))
     if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
+    if args.weights:
+        _check_weights_exist(args.weights)
     embedded = _embedded_recipe(args.weights) if args.weights else None   # read once
     recorded = None   # a merged file's own recipe: the suite or checkpoints it merged, unless the options name some
     if (embedded is not None and (embedded.suite or embedded.sources)
@@ -611,6 +623,7 @@ def _run(args: argparse.Namespace) -> int:
         from .suite import load_suite
         from .suite.model import ArchitectureError
 
+        _check_weights_exist(args.weights)
         recipe = _embedded_recipe(args.weights)
         suite_source = args.suite
         if suite_source is None:

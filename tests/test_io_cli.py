@@ -1403,6 +1403,19 @@ def test_evaluate_of_a_merged_file_reads_the_suite_and_tasks_its_recipe_recorded
         assert message in capsys.readouterr().err
 
 
+def test_a_missing_weights_file_is_named_whatever_the_other_options(tmp_path, capsys, monkeypatch):
+    """A mistyped --weights without --suite was blamed on the missing --suite or recipe (evaluate) or on --base
+    (diagnose); only with --suite did the error say that the file does not exist (a first user's audit)."""
+    monkeypatch.chdir(tmp_path)
+    missing = "nofile.safetensors"
+    for argv in (["evaluate", "--weights", missing], ["diagnose", "--weights", missing],
+                 ["evaluate", "--weights", missing, "--suite", "MiniSuite"],
+                 ["evaluate", "--weights", str(tmp_path / "models" / "cars.safetensors")]):
+        assert main([*argv, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert "no such file or folder" in err and "(--weights)" in err and "--suite is needed" not in err, err
+
+
 def test_merged_files_under_any_name_are_found_and_what_cannot_be_read_back_is_refused(tmp_path, capsys):
     """A merged file named without .safetensors (or a folder holding it) was not recognised as one (evaluate asked
     for --suite, diagnose used all 8 experts); --recipe x.safetensors wrote YAML that replay read as weights; an empty
