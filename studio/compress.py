@@ -332,7 +332,8 @@ def compress(
             :meth:`Compressed.storage`). Must be in ``(0, 1]``. As in the official code ``k`` rounds down, so on a layer
             with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices are dropped (e.g. ``r = 16`` at
             ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``.
-        device: where the decompositions run (``None``: CUDA when present). Factors are returned on the CPU.
+        device: where the decompositions run (``None``: ``$MERGE_STUDIO_DEVICE`` when set, else CUDA when
+            present). Factors are returned on the CPU.
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
             included, as the official ``compress_tv``, whose ``text_projection`` exclusion is commented out; unlike
             TSV-M's merge rule); every other floating tensor is kept as its dense task vector.

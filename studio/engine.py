@@ -107,11 +107,18 @@ def merge_pool(
     progress: ProgressFn | None = None,
     **hparams: Any,
 ) -> dict[str, Tensor]:
-    """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments. Raises
-    :class:`~studio.pool.ExpertError` if the pool's tensors changed since it was built
-    (:meth:`~studio.pool.TaskPool.check_unchanged`)."""
+    """Merge the experts of ``pool`` with ``method``; see :func:`studio.merge` for the arguments, except ``device``
+    and ``svd_mode``, which are the pool's (:func:`get_pool`). Raises :class:`~studio.pool.ExpertError` if the
+    pool's tensors changed since it was built (:meth:`~studio.pool.TaskPool.check_unchanged`)."""
     if not isinstance(pool, TaskPool):
         raise StudioError(f"merge_pool needs a TaskPool (studio.get_pool), got {type(pool).__name__}")
+    of_the_pool = [name for name in ("device", "svd_mode") if name in hparams]
+    if of_the_pool:
+        raise StudioError(f"merge_pool: {' and '.join(of_the_pool)} {'is' if len(of_the_pool) == 1 else 'are'} the "
+                          f"pool's (this one: device "
+                          f"{str(pool.device)!r}, svd_mode {pool.svd_mode!r}); pass "
+                          f"{'it' if len(of_the_pool) == 1 else 'them'} to studio.get_pool(base, "
+                          f"experts, ...) and merge that pool, or call studio.merge, which takes them")
     if _JUST_CHECKED.get() is not pool:   # studio.merge's pool was looked up by its fingerprint a moment ago
         pool.check_unchanged()
     check_progress(progress, "merge")
@@ -259,7 +266,8 @@ def merge(
         base: the pretrained state dict.
         experts: mapping task name -> fine-tuned state dict (the base's keys and shapes).
         method: a registered method name (see :func:`studio.list_methods`).
-        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when present). Compute is float32 for any input dtype.
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (``$MERGE_STUDIO_DEVICE`` when set, else CUDA when present).
+            Compute is float32 for any input dtype.
         calibrate: a calibration applied after the base method on every matrix layer (``"svc"``,
             ``"align_merge_b"``), or ``None``.
         calibrate_hparams: the calibration's hyperparameters (validated against its schema).
@@ -268,7 +276,9 @@ def merge(
             name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task
             aggregation (one-hot = the papers' target-task calibration); without one they scale each task matrix by
             ``T * p_i``. Uniform (the default) changes nothing.
-        seed: random seed for stochastic methods (DARE).
+        seed: random seed for stochastic methods (DARE). DARE's tasks draw their masks from one stream per layer
+            in the experts' order, so the same seed with the experts in another order gives other masks (a recipe
+            records the order).
         layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`); ``None``: the method's and
             the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``).
         svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are

@@ -185,6 +185,20 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
             if found is None:
                 raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
             base_ranges[key] = found
+    if len(experts) > 1 and all(isinstance(sd, Mapping) for sd in experts.values()):
+        # a key every expert lacks (or has) is the base's difference, not the first expert's: e.g. a whole model's
+        # checkpoint as the base beside experts of its vision tower
+        expert_keys = [set(sd) for sd in experts.values()]
+        base_only, experts_only = sorted(base_keys - set.union(*expert_keys)), sorted(set.intersection(*expert_keys)
+                                                                                       - base_keys)
+        hint = ("; the base and every expert need the same keys (a prefix keeps one tower of each: "
+                "studio.io.load_state_dict(..., prefix='visual.'), the CLI's --prefix)")
+        if base_only:
+            raise ExpertError(f"the base has {len(base_only)} key(s) that none of the {len(experts)} experts has, "
+                              f"e.g. {base_only[:3]}{hint}")
+        if experts_only:
+            raise ExpertError(f"all {len(experts)} experts have {len(experts_only)} key(s) that the base lacks, e.g. "
+                              f"{experts_only[:3]}{hint}")
     for name, sd in experts.items():
         if not isinstance(name, str):
             raise ExpertError(f"expert names must be strings, got {brief(name)}")

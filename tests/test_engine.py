@@ -55,6 +55,25 @@ def test_mismatched_keys_and_shapes_name_the_expert_and_key(clip_pool):
     bad["task1"] = dict(experts["task1"], extra_key=torch.zeros(1))
     with pytest.raises(studio.ExpertError, match=r"task1.*extra_key"):
         studio.merge(base, bad, "task_arithmetic")
+    # a key that every expert lacks, or has, is the base's difference (a first user's audit: it was blamed on the
+    # first expert), e.g. a whole model's checkpoint as the base beside vision-tower experts
+    with pytest.raises(studio.ExpertError, match=rf"the base has 1 key\(s\) that none of the {len(experts)} experts "
+                                                 r"has, e.g. \['logit_scale'\].*prefix"):
+        studio.merge(dict(base, logit_scale=torch.ones(())), experts, "task_arithmetic")
+    with pytest.raises(studio.ExpertError, match=rf"all {len(experts)} experts have 1 key\(s\) that the base lacks, "
+                                                 r"e.g. \['visual.proj'\]"):
+        studio.merge({k: v for k, v in base.items() if k != "visual.proj"}, experts, "task_arithmetic")
+
+
+def test_merge_pool_names_the_options_that_belong_to_the_pool(clip_pool):
+    """merge_pool(pool, method, svd_mode=...) blamed the method for an unknown hyperparameter (a first user's
+    audit): device and svd_mode are fixed when the pool is built."""
+    pool = TaskPool(*clip_pool, device="cpu")
+    for kw, named in (({"svd_mode": "exact"}, "svd_mode is"), ({"device": "cpu", "svd_mode": "auto"},
+                                                               "device and svd_mode are")):
+        with pytest.raises(studio.StudioError, match=rf"merge_pool: {named} the pool's \(this one: device 'cpu', "
+                                                     r"svd_mode 'auto'\).*studio.get_pool"):
+            studio.merge_pool(pool, "tsv_m", **kw)
 
 
 def test_non_tensor_and_non_float_values_name_the_expert_and_key(clip_pool):
