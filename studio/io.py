@@ -389,7 +389,21 @@ def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[No
     except StudioError:   # already names what is wrong
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if _is_pickle(path):   # e.g. torch.save's output renamed to .safetensors
+            raise (error or CheckpointError)(f"{path}: a pickle (torch.save) checkpoint under a safetensors name; "
+                                             f"pickle checkpoints are not loaded (unsafe): convert it to "
+                                             f".safetensors first") from exc
         raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _is_pickle(path: Path) -> bool:
+    """Whether ``path`` starts as torch.save's files do: a zip archive (since torch 1.6), or the legacy format's
+    pickled magic number (protocol 2, a 10-byte long). Asked only of a file safetensors could not read."""
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        return head in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
+    return False
 
 
 def load_safetensors(path: str | os.PathLike, error: type[StudioError] | None = None) -> dict[str, Tensor]:
@@ -815,12 +829,15 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
-        if not isinstance(data, Mapping) or "method" not in data:
+        if not isinstance(data, Mapping):
             raise CheckpointError("a recipe must be a mapping with at least a 'method' field")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(map(str, set(data) - known))
-        if unknown:
-            raise CheckpointError(f"recipe has unknown field(s) {unknown}; expected a subset of {sorted(known)}")
+        if unknown:   # before a missing 'method', which a misspelt one ('methd') would otherwise be reported as
+            raise CheckpointError(f"recipe has unknown field(s) {unknown}; expected a subset of {sorted(known)}"
+                                  + ("" if "method" in data else " (and it has no 'method' field)"))
+        if "method" not in data:
+            raise CheckpointError("a recipe must be a mapping with at least a 'method' field")
         # an explicit null takes the field's default (an empty mapping or list, seed 0, "auto")
         defaults = {"hparams": {}, "experts": [], "calibrate_hparams": {}, "seed": 0, "studio_version": "",
                     "svd_mode": "auto"}

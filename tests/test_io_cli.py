@@ -181,6 +181,24 @@ def test_recipes_check_their_fields():
     assert Recipe.from_dict({"method": "ties", "hparams": None, "experts": None}) == Recipe(method="ties")
     with pytest.raises(CheckpointError, match=r"unknown field\(s\) \['1', 'zz'\]"):
         Recipe.from_dict({"method": "ties", 1: 2, "zz": 3})
+    # a misspelt 'method' is named, not reported as a missing one (a first user's audit)
+    with pytest.raises(CheckpointError, match=r"unknown field\(s\) \['methd'\].*'method'.*\(and it has no 'method' "
+                                              r"field\)$"):
+        Recipe.from_dict({"methd": "ties"})
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+def test_a_torch_save_file_under_a_safetensors_name_is_named_a_pickle(tmp_path, zipped):
+    """torch.save's output renamed to .safetensors was 'not a readable safetensors file (... header too large)'
+    (a first user's audit); it is never unpickled."""
+    path = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=zipped)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: a pickle \(torch.save\) checkpoint under a "
+                                              r"safetensors name; pickle checkpoints are not loaded"):
+        load_state_dict(path)
+    path.write_bytes(b"\x00" * 64)   # not safetensors, not a pickle either
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_state_dict(path)
 
 
 def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
