@@ -269,7 +269,8 @@ def merge(
         device: ``"cpu"``, ``"cuda"`` or ``None`` (``$MERGE_STUDIO_DEVICE`` when set, else CUDA when present).
             Compute is float32 for any input dtype.
         calibrate: a calibration applied after the base method on every matrix layer (``"svc"``,
-            ``"align_merge_b"``), or ``None``.
+            ``"align_merge_b"``), or ``None``. It calibrates the base method's final delta, the method's scale
+            (``alpha``) included, and adds the result as it is (as the official SVC code does after ``0.3 * TA``).
         calibrate_hparams: the calibration's hyperparameters (validated against its schema).
         preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order). A
             task a mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting;
