@@ -114,11 +114,10 @@ def merge_pool(
         raise StudioError(f"merge_pool needs a TaskPool (studio.get_pool), got {type(pool).__name__}")
     of_the_pool = [name for name in ("device", "svd_mode") if name in hparams]
     if of_the_pool:
-        raise StudioError(f"merge_pool: {' and '.join(of_the_pool)} {'is' if len(of_the_pool) == 1 else 'are'} the "
-                          f"pool's (this one: device "
-                          f"{str(pool.device)!r}, svd_mode {pool.svd_mode!r}); pass "
-                          f"{'it' if len(of_the_pool) == 1 else 'them'} to studio.get_pool(base, "
-                          f"experts, ...) and merge that pool, or call studio.merge, which takes them")
+        one = len(of_the_pool) == 1
+        raise StudioError(f"merge_pool: {' and '.join(of_the_pool)} {'is' if one else 'are'} the pool's (this one: "
+                          f"device {str(pool.device)!r}, svd_mode {pool.svd_mode!r}); pass {'it' if one else 'them'} "
+                          f"to studio.get_pool(base, experts, ...) and merge that pool, or call studio.merge")
     if _JUST_CHECKED.get() is not pool:   # studio.merge's pool was looked up by its fingerprint a moment ago
         pool.check_unchanged()
     check_progress(progress, "merge")

@@ -189,8 +189,8 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         # a key every expert lacks (or has) is the base's difference, not the first expert's: e.g. a whole model's
         # checkpoint as the base beside experts of its vision tower
         expert_keys = [set(sd) for sd in experts.values()]
-        base_only, experts_only = sorted(base_keys - set.union(*expert_keys)), sorted(set.intersection(*expert_keys)
-                                                                                       - base_keys)
+        base_only = sorted(base_keys - set.union(*expert_keys), key=str)
+        experts_only = sorted(set.intersection(*expert_keys) - base_keys, key=str)
         hint = ("; the base and every expert need the same keys (a prefix keeps one tower of each: "
                 "studio.io.load_state_dict(..., prefix='visual.'), the CLI's --prefix)")
         if base_only:
