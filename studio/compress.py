@@ -352,7 +352,8 @@ def compress(
         ([3.0, 2.0, 0.0, 0.0], 1.125)
     """
     from .engine import get_pool
-    from .methods.tsv_m import tsv_cover, tsv_rank   # lazy: importing studio.methods registers every method
+    from .methods.tsv_m import refuse_keeping_nothing, tsv_cover, tsv_rank   # lazy: importing studio.methods
+    # registers every method
 
     validate_experts(base, experts)
     rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
@@ -369,6 +370,9 @@ def compress(
     pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)
     T = len(pool.names)
     fraction = 1.0 / T if rank_fraction is None else rank_fraction
+    refuse_keeping_nothing("compress", [min(b.shape) for key, b in pool.base.items()
+                                        if b.is_floating_point() and rule.is_matrix(key, b.shape)], fraction,
+                           "every task would keep only its non-matrix tensors")
     tasks: dict[str, dict[str, LowRank | Tensor]] = {name: {} for name in pool.names}
     for key, b in pool.base.items():
         if not b.is_floating_point():

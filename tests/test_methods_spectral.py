@@ -294,7 +294,7 @@ def test_tsv_m_rank_fraction_errors_name_the_value():
         studio.merge(base, experts, "tsv_m", rank_fraction=1.5)
 
 
-def test_tsv_m_refuses_a_rank_fraction_that_keeps_nothing_on_every_matrix_layer():
+def test_tsv_m_and_tsv_c_refuse_a_rank_fraction_that_keeps_nothing_on_every_matrix_layer():
     """k = int(r * rank_fraction) = 0 on a small layer merges it to zero, as officially (the positional embedding
     below, r = 8, at 0.05); on every matrix layer the merge was silently the base: the app's rank slider at its
     low end (0.005) on MiniSuite's rank-128 layers, or more experts than the largest rank (a first user's audit)."""
@@ -315,6 +315,13 @@ def test_tsv_m_refuses_a_rank_fraction_that_keeps_nothing_on_every_matrix_layer(
     with pytest.raises(HyperparameterError, match=r"5 experts need a matrix layer of rank at least 5.*rank 3.*"
                                                   r"use at most 3 experts"):
         studio.merge(tiny, five, "tsv_m")
+    # TSV-C: the same rank rule (its layer rule compresses every 2-D tensor)
+    compressed = [min(t.shape) for k, t in base.items() if studio.ALL_MATRICES.is_matrix(k, t.shape)]
+    low = 0.99 / max(compressed)
+    with pytest.raises(HyperparameterError, match=rf"compress: rank_fraction = {low:g} keeps k = int.* = 0 "
+                                                  r"components on every one.*only its non-matrix tensors"):
+        studio.compress(base, experts, rank_fraction=low)
+    studio.compress(base, experts, rank_fraction=1.0 / max(compressed))
 
 
 def test_tsv_m_rank_change_reuses_the_cached_decompositions():

@@ -18,7 +18,7 @@ from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
-__all__ = ["tsv_m", "tsv_m_svd", "tsv_rank", "tsv_cover", "tsv_factors"]
+__all__ = ["tsv_m", "tsv_m_svd", "tsv_rank", "tsv_cover", "tsv_factors", "refuse_keeping_nothing"]
 
 
 def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str = "tsv_m", key: str = "") -> int:
@@ -85,30 +85,41 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, V
 
 
-def _keeps_a_component(pool: TaskPool, keys: list[str], *, rank_fraction: float | None) -> None:
-    """Refuse a ``rank_fraction`` that keeps no component on any matrix layer (before the layer loop).
+def refuse_keeping_nothing(owner: str, ranks: "list[int]", fraction: float, outcome: str) -> None:
+    """Raise :class:`HyperparameterError` where ``k = int(r * fraction)`` is 0 on every one of the matrix layers of
+    ranks ``ranks``, naming the smallest fraction that keeps a component: as in the official code a layer of rank
+    ``r < 1 / fraction`` keeps nothing, which is right for a small layer beside large ones (a positional embedding of
+    rank 50 at 0.01), but on every layer ``outcome`` follows, which no one asks for on purpose (a rank slider at its
+    low end on a small model: 0.005 on MiniSuite's rank-128 layers).
 
-    ``k = int(r * rank_fraction)`` is 0 on a layer of rank ``r < 1 / rank_fraction``; as in the official code such a
-    layer merges to zero, which is right for a small layer beside large ones (e.g. a positional embedding of rank
-    50 at a fraction of 0.01). Where it happens on every matrix layer the merge is the base on all of them, which
-    no one asks for on purpose: a slider at its low end on a small model (rank_fraction 0.005 on MiniSuite's
-    rank-128 layers), or more experts than the largest layer's rank.
+    Example:
+        >>> refuse_keeping_nothing("tsv_m", [50, 768], 0.01, "the merge would be the base")   # k = 7 at 768
+        >>> refuse_keeping_nothing("tsv_m", [50, 128], 0.005, "the merge would be the base")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        studio.schema.HyperparameterError: tsv_m: rank_fraction = 0.005 ... expected rank_fraction >= 1/128 = 0.0078125
     """
-    ranks = [min(pool.layer(key).shape) for key in keys]
-    T = len(pool.names)
-    fraction = 1.0 / T if rank_fraction is None else float(rank_fraction)
-    if not ranks or any(int(r * fraction) > 0 for r in ranks):   # tsv_rank's k; its other checks run per layer
+    if not ranks or any(int(r * fraction) > 0 for r in ranks):
         return
     largest = max(ranks)
-    if largest < T:
+    raise HyperparameterError(
+        f"{owner}: rank_fraction = {fraction:g} keeps k = int(r * {fraction:g}) = 0 components on every one of the "
+        f"{len(ranks)} matrix layers (rank {largest} at the most), so {outcome}; expected rank_fraction >= "
+        f"1/{largest} = {1.0 / largest:.6g}")
+
+
+def _keeps_a_component(pool: TaskPool, keys: list[str], *, rank_fraction: float | None) -> None:
+    """TSV-M's check before the layer loop (:func:`refuse_keeping_nothing`); with more experts than the largest
+    layer's rank no fraction keeps a component there (``T * k <= r`` needs ``k = 0``)."""
+    ranks = [min(pool.layer(key).shape) for key in keys]
+    T = len(pool.names)
+    if ranks and max(ranks) < T:
         raise HyperparameterError(
             f"tsv_m: {T} experts need a matrix layer of rank at least {T} (one component per task), and the largest "
-            f"of the {len(ranks)} matrix layers has rank {largest}: every task would keep k = 0 components and the "
-            f"merge would be the base; use at most {largest} experts")
-    raise HyperparameterError(
-        f"tsv_m: rank_fraction = {fraction:g} keeps k = int(r * {fraction:g}) = 0 components on every one of the "
-        f"{len(ranks)} matrix layers (rank {largest} at the most), so the merge would be the base; expected "
-        f"rank_fraction >= 1/{largest} = {1.0 / largest:.6g}")
+            f"of the {len(ranks)} matrix layers has rank {max(ranks)}: every task would keep k = 0 components and the "
+            f"merge would be the base; use at most {max(ranks)} experts")
+    refuse_keeping_nothing("tsv_m", ranks, 1.0 / T if rank_fraction is None else float(rank_fraction),
+                           "the merge would be the base")
 
 
 @register(
