@@ -715,7 +715,11 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
     :func:`studio.methods._align.svc_projection_coefficients` / :func:`~studio.methods._align.svc_gamma`, the code
     the ``svc`` calibration runs. ``merged=None``: the Task Arithmetic sum, where Lemma 3.2 gives
     ``s_i^r = 1 + sum_{j != i} <a_j^r, a_i^r> / ||a_i^r||^2`` (see :func:`svc_cross_terms`). ``rank``: only the top
-    ``rank`` subspaces. ``s`` is not scale-invariant: it is computed for the merged delta as passed.
+    ``rank`` subspaces. ``s`` is not scale-invariant: it is computed for the merged delta as passed. The official
+    code's absolute clamp of ``||a_i^r||^2`` at ``1e-12`` is kept (the calibration's own), so where responses
+    ``||a_i^r||`` near ``1e-6`` ``s`` and ``gamma`` drift from eq. 19-20: MiniSuite's ``c_fc`` tasks all scaled by
+    ``1e-5`` read 18 % off, by ``1e-6`` no over-counting at all (a helper's blind re-implementation); at their own
+    size (``||Delta||_F ~ 1.4``) they are within 7e-7.
 
     Example:
         >>> from studio.pool import TaskPool
