@@ -455,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compress", help="TSV-C: store each expert as low-rank task matrices (one safetensors file)")
     pool_args(p)
     p.add_argument("--rank-fraction", type=float, default=None,
-                   help="fraction of each layer's components kept per task (default 1/T, as the TSV paper)")
+                   help="fraction of each layer's components kept per task (default 1/T, as the TSV paper); one "
+                        "that keeps none on every compressed layer is refused")
     p.add_argument("--layer-rule", default=None, help="which 2-D tensors are compressed (default all_matrices)")
     p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
                    help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD, as the official code")

@@ -331,7 +331,8 @@ def compress(
             grows with ``T`` (base + tasks, ViT-B/32 visual tower: 2.52x the model at ``T = 8``, 2.85x at 20, see
             :meth:`Compressed.storage`). Must be in ``(0, 1]``. As in the official code ``k`` rounds down, so on a layer
             with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices are dropped (e.g. ``r = 16`` at
-            ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``.
+            ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``. A fraction that keeps
+            nothing on every compressed layer is refused (:func:`studio.methods.tsv_m.refuse_keeping_nothing`).
         device: where the decompositions run (``None``: ``$MERGE_STUDIO_DEVICE`` when set, else CUDA when
             present). Factors are returned on the CPU.
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
@@ -352,8 +353,7 @@ def compress(
         ([3.0, 2.0, 0.0, 0.0], 1.125)
     """
     from .engine import get_pool
-    from .methods.tsv_m import refuse_keeping_nothing, tsv_cover, tsv_rank   # lazy: importing studio.methods
-    # registers every method
+    from .methods.tsv_m import refuse_keeping_nothing, tsv_cover, tsv_rank   # lazy: it registers every method
 
     validate_experts(base, experts)
     rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
@@ -367,12 +367,12 @@ def compress(
                                       f"{brief(rank_fraction)}") from None
         if not 0.0 < rank_fraction <= 1.0:
             raise HyperparameterError(f"compress: rank_fraction = {rank_fraction!r} is outside (0, 1]")
-    pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)
-    T = len(pool.names)
+    T = len(experts)
     fraction = 1.0 / T if rank_fraction is None else rank_fraction
-    refuse_keeping_nothing("compress", [min(b.shape) for key, b in pool.base.items()
+    refuse_keeping_nothing("compress", [min(b.shape) for key, b in base.items()
                                         if b.is_floating_point() and rule.is_matrix(key, b.shape)], fraction,
-                           "every task would keep only its non-matrix tensors")
+                           rank_fraction is not None, "every task would keep only its other tensors")
+    pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)
     tasks: dict[str, dict[str, LowRank | Tensor]] = {name: {} for name in pool.names}
     for key, b in pool.base.items():
         if not b.is_floating_point():

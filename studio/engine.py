@@ -285,7 +285,8 @@ def merge(
             kept, :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to
             float32 accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style
             experts) ``"exact"`` reproduces the official code, which then keeps the arbitrary null-space vectors
-            LAPACK returns, and ``"auto"`` keeps only directions above float32 resolution
+            LAPACK returns (AlignMerge-O, which has no official code, leaves them out in both modes), and ``"auto"``
+            keeps only directions above float32 resolution
             (:func:`studio.linalg.null_tolerance`; where the *sum* of the task matrices is
             rank deficient, Iso-C / Iso-CTS keep only its directions in both modes; the official code gives
             ``sigma_bar`` to its arbitrary null space too). Singular values that are exactly zero (a

@@ -390,9 +390,9 @@ def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[No
         raise
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         if _is_pickle(path):   # e.g. torch.save's output renamed to .safetensors
-            raise (error or CheckpointError)(f"{path}: a pickle (torch.save) checkpoint under a safetensors name; "
-                                             f"pickle checkpoints are not loaded (unsafe): convert it to "
-                                             f".safetensors first") from exc
+            raise (error or CheckpointError)(f"{path}: not safetensors but, by its first bytes, a torch.save "
+                                             f"checkpoint (a zip archive or a pickle); pickle checkpoints are not "
+                                             f"loaded (unsafe): convert it to .safetensors first") from exc
         raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
 
 

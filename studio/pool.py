@@ -185,14 +185,14 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
             if found is None:
                 raise ExpertError(f"base, key '{key}' contains NaN or infinite values")
             base_ranges[key] = found
+    hint = ("; the base and every expert need the same keys (a prefix keeps one tower of each: "
+            "studio.io.load_state_dict(..., prefix='visual.'), the CLI's --prefix)")
     if len(experts) > 1 and all(isinstance(sd, Mapping) for sd in experts.values()):
         # a key every expert lacks (or has) is the base's difference, not the first expert's: e.g. a whole model's
         # checkpoint as the base beside experts of its vision tower
         expert_keys = [set(sd) for sd in experts.values()]
         base_only = sorted(base_keys - set.union(*expert_keys), key=str)
         experts_only = sorted(set.intersection(*expert_keys) - base_keys, key=str)
-        hint = ("; the base and every expert need the same keys (a prefix keeps one tower of each: "
-                "studio.io.load_state_dict(..., prefix='visual.'), the CLI's --prefix)")
         if base_only:
             raise ExpertError(f"the base has {len(base_only)} key(s) that none of the {len(experts)} experts has, "
                               f"e.g. {base_only[:3]}{hint}")
@@ -208,9 +208,10 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         keys = set(sd)
         missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
         if missing:
-            raise ExpertError(f"expert '{name}' is missing {len(missing)} key(s) of the base, e.g. {missing[:3]}")
+            raise ExpertError(f"expert '{name}' is missing {len(missing)} key(s) of the base, e.g. {missing[:3]}"
+                              f"{hint}")
         if extra:
-            raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}")
+            raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}{hint}")
         for key, tensor in sd.items():
             _check_tensor(f"expert '{name}'", key, tensor)
             if tuple(tensor.shape) != tuple(base[key].shape):

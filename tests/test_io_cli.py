@@ -193,8 +193,9 @@ def test_a_torch_save_file_under_a_safetensors_name_is_named_a_pickle(tmp_path, 
     (a first user's audit); it is never unpickled."""
     path = tmp_path / "model.safetensors"
     torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=zipped)
-    with pytest.raises(CheckpointError, match=r"model.safetensors: a pickle \(torch.save\) checkpoint under a "
-                                              r"safetensors name; pickle checkpoints are not loaded"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not safetensors but, by its first bytes, a "
+                                              r"torch.save checkpoint \(a zip archive or a pickle\); pickle "
+                                              r"checkpoints are not loaded"):
         load_state_dict(path)
     path.write_bytes(b"\x00" * 64)   # not safetensors, not a pickle either
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):

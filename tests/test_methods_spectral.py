@@ -295,33 +295,41 @@ def test_tsv_m_rank_fraction_errors_name_the_value():
 
 
 def test_tsv_m_and_tsv_c_refuse_a_rank_fraction_that_keeps_nothing_on_every_matrix_layer():
-    """k = int(r * rank_fraction) = 0 on a small layer merges it to zero, as officially (the positional embedding
-    below, r = 8, at 0.05); on every matrix layer the merge was silently the base: the app's rank slider at its
-    low end (0.005) on MiniSuite's rank-128 layers, or more experts than the largest rank (a first user's audit)."""
+    """k = int(r * rank_fraction) = 0 on a small layer merges it to zero, as officially; on every matrix layer the
+    matrices all merged to zero, silently: the app's rank slider at its low end (0.005) on MiniSuite's rank-128
+    layers, or more experts than the largest rank (a first user's audit). The fraction the error suggests keeps a
+    component (1/r itself can round below one)."""
     base = clip_like_state_dict()
     experts = make_experts(base, 4)
-    ranks = [min(t.shape) for k, t in base.items() if studio.DEFAULT_LAYER_RULE.is_matrix(k, t.shape)]
-    largest = max(ranks)
+    matrices = [k for k, t in base.items() if studio.DEFAULT_LAYER_RULE.is_matrix(k, t.shape)]
+    ranks = {k: min(base[k].shape) for k in matrices}
+    largest = max(ranks.values())
     low = 0.99 / largest   # k = 0 on every layer
-    with pytest.raises(HyperparameterError, match=rf"rank_fraction = {low:g} keeps k = int\(r \* {low:g}\) = 0 "
-                                                  rf".*every one of the {len(ranks)} matrix layers.*rank {largest} "
-                                                  rf"at the most.*rank_fraction >= 1/{largest}"):
+    with pytest.raises(HyperparameterError, match=rf"tsv_m: rank_fraction = {low:g} keeps k = int\(r \* {low:g}\) "
+                                                  rf"= 0 components on each of the {len(ranks)} matrix layers the "
+                                                  rf"layer rule selects \(rank {largest} at the most\), so they would "
+                                                  rf"merge to zero; expected rank_fraction >= 0\.08334$"):
         studio.merge(base, experts, "tsv_m", rank_fraction=low)
-    assert min(ranks) * 1.0 / largest < 1   # the smallest valid fraction still keeps nothing on the small layers
-    merged = studio.merge(base, experts, "tsv_m", rank_fraction=1.0 / largest)
-    assert any(not torch.equal(merged[k], base[k]) for k in base if base[k].ndim == 2)
+    assert largest == 12 and int(12 * float(f"{1 / 12:.6g}")) == 0   # 1/r as printed before kept nothing
+    merged = studio.merge(base, experts, "tsv_m", rank_fraction=0.08334)
+    small = [k for k in matrices if ranks[k] < largest]
+    assert small and all(torch.equal(merged[k], base[k]) for k in small)   # k = 0 there: zero, as officially
+    assert all(not torch.equal(merged[k], base[k]) for k in matrices if ranks[k] == largest)
     tiny = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
     five = {f"t{i}": {"w": torch.full((3, 3), float(i)), "b": torch.ones(3)} for i in range(5)}
-    with pytest.raises(HyperparameterError, match=r"5 experts need a matrix layer of rank at least 5.*rank 3.*"
-                                                  r"use at most 3 experts"):
-        studio.merge(tiny, five, "tsv_m")
-    # TSV-C: the same rank rule (its layer rule compresses every 2-D tensor)
+    for kw in ({}, {"rank_fraction": 0.4}):   # the default 1/T keeps k = 0; 0.4 keeps 1, but T * 1 > 3
+        with pytest.raises(HyperparameterError, match=r"5 experts need a matrix layer of rank at least 5 .*the "
+                                                      r"largest of the 1 matrix layers .* has rank 3; use at most 3"):
+            studio.merge(tiny, five, "tsv_m", **kw)
+    # TSV-C: the same rule on the layers it compresses (every 2-D tensor), before any decomposition
     compressed = [min(t.shape) for k, t in base.items() if studio.ALL_MATRICES.is_matrix(k, t.shape)]
     low = 0.99 / max(compressed)
     with pytest.raises(HyperparameterError, match=rf"compress: rank_fraction = {low:g} keeps k = int.* = 0 "
-                                                  r"components on every one.*only its non-matrix tensors"):
+                                                  r"components on each .*only its other tensors"):
         studio.compress(base, experts, rank_fraction=low)
-    studio.compress(base, experts, rank_fraction=1.0 / max(compressed))
+    with pytest.raises(HyperparameterError, match=r"compress: rank_fraction = 0\.0769231 \(the default, 1/T\) keeps"):
+        studio.compress({"w": torch.zeros(12, 12)}, {f"t{i}": {"w": torch.eye(12) * i} for i in range(13)})
+    studio.compress(base, experts, rank_fraction=0.08334)
 
 
 def test_tsv_m_rank_change_reuses_the_cached_decompositions():

@@ -9,6 +9,8 @@ scales everything (Alg. 1 line 18; sec. 6.3: alpha = 1.0 needs no tuning).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -18,7 +20,7 @@ from ..pool import LayerTasks, TaskPool
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
-__all__ = ["tsv_m", "tsv_m_svd", "tsv_rank", "tsv_cover", "tsv_factors", "refuse_keeping_nothing"]
+__all__ = ["tsv_m", "tsv_m_svd", "tsv_rank", "tsv_cover", "tsv_factors", "refuse_keeping_nothing", "smallest_fraction"]
 
 
 def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str = "tsv_m", key: str = "") -> int:
@@ -85,41 +87,57 @@ def tsv_factors(layer: LayerTasks, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return U, S, V
 
 
-def refuse_keeping_nothing(owner: str, ranks: "list[int]", fraction: float, outcome: str) -> None:
-    """Raise :class:`HyperparameterError` where ``k = int(r * fraction)`` is 0 on every one of the matrix layers of
-    ranks ``ranks``, naming the smallest fraction that keeps a component: as in the official code a layer of rank
-    ``r < 1 / fraction`` keeps nothing, which is right for a small layer beside large ones (a positional embedding of
-    rank 50 at 0.01), but on every layer ``outcome`` follows, which no one asks for on purpose (a rank slider at its
-    low end on a small model: 0.005 on MiniSuite's rank-128 layers).
+def smallest_fraction(r: int) -> float:
+    """The smallest ``rank_fraction`` of four significant digits with ``int(r * rank_fraction) >= 1``: the value
+    :func:`refuse_keeping_nothing` suggests (``1 / r`` itself can round below one component, e.g. at ``r = 49``).
 
     Example:
-        >>> refuse_keeping_nothing("tsv_m", [50, 768], 0.01, "the merge would be the base")   # k = 7 at 768
-        >>> refuse_keeping_nothing("tsv_m", [50, 128], 0.005, "the merge would be the base")  # doctest: +ELLIPSIS
+        >>> smallest_fraction(768), smallest_fraction(128), smallest_fraction(49)
+        (0.001303, 0.007813, 0.02041)
+    """
+    step = 10.0 ** (math.floor(math.log10(1.0 / r)) - 3)
+    fraction = math.ceil(round(1.0 / r / step, 6)) * step
+    while int(r * fraction) < 1:
+        fraction += step
+    return float(f"{fraction:.4g}")
+
+
+def refuse_keeping_nothing(owner: str, ranks: "list[int]", fraction: float, given: bool, outcome: str) -> None:
+    """Raise :class:`HyperparameterError` where ``k = int(r * fraction)`` is 0 on every one of the matrix layers of
+    ranks ``ranks`` (those the layer rule selects), naming the smallest fraction that keeps a component there: as in
+    the official code a layer of rank ``r < 1 / fraction`` keeps nothing, which is right for a small layer beside
+    large ones (a positional embedding of rank 50 at 0.01), but on every layer ``outcome`` follows, which no one asks
+    for on purpose (a rank slider at its low end on a small model: 0.005 on MiniSuite's rank-128 layers).
+    ``given``: whether the caller chose ``fraction`` (else it is the default ``1/T``).
+
+    Example:
+        >>> refuse_keeping_nothing("tsv_m", [50, 768], 0.01, True, "they would merge to zero")   # k = 7 at 768
+        >>> refuse_keeping_nothing("tsv_m", [50, 128], 0.005, True, "they would merge to zero")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        studio.schema.HyperparameterError: tsv_m: rank_fraction = 0.005 ... expected rank_fraction >= 1/128 = 0.0078125
+        studio.schema.HyperparameterError: tsv_m: rank_fraction = 0.005 keeps ... expected rank_fraction >= 0.007813
     """
     if not ranks or any(int(r * fraction) > 0 for r in ranks):
         return
     largest = max(ranks)
     raise HyperparameterError(
-        f"{owner}: rank_fraction = {fraction:g} keeps k = int(r * {fraction:g}) = 0 components on every one of the "
-        f"{len(ranks)} matrix layers (rank {largest} at the most), so {outcome}; expected rank_fraction >= "
-        f"1/{largest} = {1.0 / largest:.6g}")
+        f"{owner}: rank_fraction = {fraction:g}{'' if given else ' (the default, 1/T)'} keeps k = int(r * "
+        f"{fraction:g}) = 0 components on each of the {len(ranks)} matrix layers the layer rule selects (rank "
+        f"{largest} at the most), so {outcome}; expected rank_fraction >= {smallest_fraction(largest):g}")
 
 
-def _keeps_a_component(pool: TaskPool, keys: list[str], *, rank_fraction: float | None) -> None:
-    """TSV-M's check before the layer loop (:func:`refuse_keeping_nothing`); with more experts than the largest
-    layer's rank no fraction keeps a component there (``T * k <= r`` needs ``k = 0``)."""
-    ranks = [min(pool.layer(key).shape) for key in keys]
+def _check_rank_fraction(pool: TaskPool, keys: list[str], *, rank_fraction: float | None) -> None:
+    """TSV-M's model-wide check before the layer loop: :func:`refuse_keeping_nothing`, and more experts than the
+    largest matrix layer's rank (``T * k <= r`` then leaves only ``k = 0``)."""
+    ranks = [min(pool.base[key].shape) for key in keys]
     T = len(pool.names)
     if ranks and max(ranks) < T:
         raise HyperparameterError(
-            f"tsv_m: {T} experts need a matrix layer of rank at least {T} (one component per task), and the largest "
-            f"of the {len(ranks)} matrix layers has rank {max(ranks)}: every task would keep k = 0 components and the "
-            f"merge would be the base; use at most {max(ranks)} experts")
+            f"tsv_m: {T} experts need a matrix layer of rank at least {T} (T x k <= r with k >= 1 component per "
+            f"task), and the largest of the {len(ranks)} matrix layers the layer rule selects has rank {max(ranks)}; "
+            f"use at most {max(ranks)} experts")
     refuse_keeping_nothing("tsv_m", ranks, 1.0 / T if rank_fraction is None else float(rank_fraction),
-                           "the merge would be the base")
+                           rank_fraction is not None, "they would merge to zero")
 
 
 @register(
@@ -139,7 +157,7 @@ def _keeps_a_component(pool: TaskPool, keys: list[str], *, rank_fraction: float 
     vector_rule="mean",
     decomposes=True,
     merged_svd=lambda layer, merged, rank_fraction=None: tsv_m_svd(layer, rank_fraction),
-    prepare=_keeps_a_component,
+    prepare=_check_rank_fraction,
 )
 def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     """TSV-M merged delta of one matrix layer, ``U_perp Sigma V_perp^T`` (TSV Alg. 1, eq. 9; unscaled).
