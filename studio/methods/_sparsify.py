@@ -312,23 +312,28 @@ def _fix_ties(mask: Tensor, mag: Tensor, value: Tensor, count: Tensor, sign: flo
     mask[rows] += sign * first.float()
 
 
-def elect_sign(x: Tensor) -> Tensor:
+def elect_sign(x: Tensor, zero: str = "majority") -> Tensor:
     """TIES Alg. 1 step 2 ("elect"): the sign of the summed (trimmed) task values, ``sgn(sum_i x_i)``.
 
-    Parameters whose sum is exactly 0 get the majority of the elected signs, as the official code's
-    ``resolve_zero_signs(sign, "majority")`` does (mergekit instead picks +1). The official code takes that
-    majority over the whole flattened model; here it is taken over the tensor at hand (the ``ties`` method takes
-    the model-wide one through the engine, see :func:`ties_blocks`). The two differ only where the surviving values
-    cancel exactly; where every task was trimmed the merged value is 0 either way.
+    Parameters whose sum is exactly 0 get, with ``zero="majority"``, the majority of the elected signs, as the
+    official code's ``resolve_zero_signs(sign, "majority")`` does; with ``zero="positive"`` +1, as mergekit
+    (DARE-TIES here follows mergekit's ``dare_ties``). The official code takes that majority over the whole
+    flattened model; here it is taken over the tensor at hand (the ``ties`` method takes the model-wide one through
+    the engine, see :func:`ties_blocks`). The rules differ only where the surviving values cancel exactly; where
+    every task was trimmed the merged value is 0 either way.
 
     Example:
         >>> x = torch.tensor([[1.0, 2.0, 2.0, -3.0], [1.0, -3.0, -2.0, -1.0]])
         >>> elect_sign(x).tolist()   # column 2 sums to 0 -> majority of (+1, -1, -1) = -1
         [1.0, -1.0, -1.0, -1.0]
+        >>> elect_sign(x, zero="positive").tolist()
+        [1.0, -1.0, 1.0, -1.0]
     """
+    if zero not in ("majority", "positive"):
+        raise ValueError(f"zero must be 'majority' or 'positive', got {zero!r}")
     sign = torch.sign(x.sum(0))
-    majority = torch.sign(sign.sum())
-    return torch.where(sign == 0, majority, sign)
+    resolved = torch.sign(sign.sum()) if zero == "majority" else torch.ones((), dtype=sign.dtype, device=sign.device)
+    return torch.where(sign == 0, resolved, sign)
 
 
 def disjoint_merge(x: Tensor, sign: Tensor, aggregate: str = "mean") -> Tensor:
@@ -354,12 +359,12 @@ def disjoint_merge(x: Tensor, sign: Tensor, aggregate: str = "mean") -> Tensor:
 
 
 def generalized_task_arithmetic(deltas: Tensor, sparsify: Callable[[Tensor], Tensor] | None = None, *,
-                                consensus: bool = False, aggregate: str = "sum") -> Tensor:
+                                consensus: bool = False, aggregate: str = "sum", zero_sign: str = "majority") -> Tensor:
     """The shared pipeline: ``sparsify`` each task vector, optionally keep the sign-consensus entries, aggregate.
 
     ``deltas`` is ``[T, *shape]``; ``sparsify`` maps it to a sparsified tensor of the same shape (or ``None``).
-    With ``consensus`` the aggregation is :func:`disjoint_merge` after :func:`elect_sign`; without it a plain
-    ``sum`` (Task Arithmetic) or ``mean`` over tasks.
+    With ``consensus`` the aggregation is :func:`disjoint_merge` after :func:`elect_sign` (``zero_sign``: its rule
+    for an exactly zero sum); without it a plain ``sum`` (Task Arithmetic) or ``mean`` over tasks.
 
     Example:
         >>> d = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
@@ -370,7 +375,7 @@ def generalized_task_arithmetic(deltas: Tensor, sparsify: Callable[[Tensor], Ten
     """
     x = deltas if sparsify is None else sparsify(deltas)
     if consensus:
-        return disjoint_merge(x, elect_sign(x), aggregate)
+        return disjoint_merge(x, elect_sign(x, zero_sign), aggregate)
     if aggregate == "sum":
         return x.sum(0)
     if aggregate == "mean":

@@ -19,7 +19,7 @@ from ._sparsify import generalized_task_arithmetic, random_drop
               paper="DARE Sec. 3 (Yu et al. 2024); p=0.8 keeps 20% as TIES does (project issue)"),
         Param("ties_consensus", bool, False,
               help="DARE-TIES as mergekit's dare_ties: after drop-and-rescale, keep only entries agreeing with the "
-                   "elected sign (dis-sum, no magnitude trim).",
+                   "elected sign (dis-sum, no magnitude trim; an entry whose values cancel exactly elects +1).",
               paper="mergekit 'dare_ties' (sign consensus, no normalisation). DARE Sec. 4 combines DARE with TIES; "
                     "its official code (MergeLM) and FusionBench also run TIES's magnitude trim after the drop, "
                     "which this option does not"),
@@ -42,8 +42,10 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     valid) draws. The tasks draw from that one stream in expert order, so reordering the experts (or adding one
     before another) gives them other masks: a recipe records the order, and replays it. With ``ties_consensus``
     the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum (mergekit's
-    ``dare_ties``; the official DARE code's TIES variant, MergeLM ``mask_apply_method="ties_merging"``, also trims
-    by magnitude and takes the disjoint mean), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
+    ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority taken
+    before put 0.85 % of a bf16-stored tensor's entries at the other sign, a helper's audit; the official DARE
+    code's TIES variant, MergeLM ``mask_apply_method="ties_merging"``, also trims by magnitude and takes the
+    disjoint mean), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
 
     Example:
         >>> from studio.pool import TaskPool
@@ -58,7 +60,7 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     generator = torch.Generator(device=layer.device).manual_seed(seed)
     if ties_consensus or layer.device.type != "cpu":
         return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
-                                           consensus=ties_consensus, aggregate="sum")
+                                           consensus=ties_consensus, aggregate="sum", zero_sign="positive")
     # Task by task and a cache-sized piece at a time (no [T, *shape] stack and temporaries: the draws, the
     # mask and the sum stay in the core's cache; 58-66 ms against 84-86 ms for eight 3072 x 768 task matrices
     # on one core; with two workers the merge takes as long either way, bound by the generator, see
