@@ -464,6 +464,19 @@ def test_breadcrumbs_rejects_a_band_that_masks_everything():
     base = clip_like_state_dict()
     with pytest.raises(HyperparameterError, match=r"beta=0\.3.*gamma=0\.7"):
         studio.merge(base, make_experts(base, 2), "breadcrumbs", beta=0.3, gamma=0.7)
+    # beta + gamma < 1, but the kept fraction truncates to no entry of any row (tensor): every masked tensor
+    # merged to the base (a helper's edge audit); the suggested gamma keeps one entry of the longest
+    longest_row = max(t.shape[-1] for t in base.values() if t.ndim)
+    gamma = 0.7 - 0.5 / longest_row
+    message = rf"keep int\(d \* \(1 - beta - gamma\)\) = 0 entries of every row \(d = {longest_row} at the most"
+    with pytest.raises(HyperparameterError, match=message + r", scope='row'\).*gamma <= ") as caught:
+        studio.merge(base, make_experts(base, 2), "breadcrumbs", beta=0.3, gamma=gamma)
+    suggested = float(str(caught.value).split("gamma <= ")[1].split(" ")[0])
+    merged = studio.merge(base, make_experts(base, 2), "breadcrumbs", beta=0.3, gamma=suggested)
+    assert any(not torch.equal(merged[k], base[k]) for k in base if base[k].ndim)
+    numel = max(t.numel() for t in base.values())
+    with pytest.raises(HyperparameterError, match=r"entries of every tensor .*scope='layer'"):
+        studio.merge(base, make_experts(base, 2), "breadcrumbs", beta=0.3, gamma=0.7 - 0.5 / numel, scope="layer")
 
 
 # ------------------------------------------------------------------------------------------------------ end to end

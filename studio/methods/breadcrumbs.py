@@ -7,11 +7,35 @@ import math
 import torch
 from torch import Tensor
 
-from ..pool import LayerTasks, float32_delta
+from ..pool import LayerTasks, TaskPool, float32_delta
 from ..registry import register
 from ..schema import HyperparameterError, Param
 from ._sparsify import (band_blocks, band_counts, band_mask, band_thresholds, generalized_task_arithmetic,
                         row_band_mask)
+
+
+def _check_keeps_entries(pool: TaskPool, keys: list[str], *, beta: float, gamma: float, scope: str) -> None:
+    """Refuse ``beta, gamma`` that keep no entry of any masked tensor (before the layer loop): the counts truncate
+    as the official code's (:func:`~studio.methods._sparsify.band_counts`), so a kept fraction below ``1 / d`` keeps
+    nothing of a ``d``-entry row or tensor, which is right for short rows beside long ones but on every tensor
+    leaves the merge at the base (``beta=0.3, gamma=0.6999999996`` was accepted and merged to zero; a helper's edge
+    audit). 0-d tensors, which the official code leaves unmasked, do not count."""
+    band_counts(1, beta, gamma)   # validates beta + gamma < 1 first
+    sizes = [(shape[-1] if scope == "row" else math.prod(shape)) for shape in (pool.base[key].shape for key in keys)
+             if len(shape) > 0]
+    sizes = [d for d in sizes if d > 0]
+    if not sizes or any(sum(band_counts(d, beta, gamma)) < d for d in sizes):
+        return
+    longest = max(sizes)
+    largest_gamma = math.floor((1 - beta - 1 / longest) * 1e6) / 1e6   # one that keeps an entry, as printed
+    while largest_gamma > 0 and sum(band_counts(longest, beta, largest_gamma)) >= longest:
+        largest_gamma = round(largest_gamma - 1e-6, 6)
+    raise HyperparameterError(
+        f"breadcrumbs: beta={beta!r} and gamma={gamma!r} keep int(d * (1 - beta - gamma)) = 0 entries of every "
+        f"{'row' if scope == 'row' else 'tensor'} (d = {longest} at the most, scope={scope!r}), so the merge would "
+        f"leave every masked tensor at the base; expected 1 - beta - gamma >= 1/{longest}"
+        + (f", e.g. gamma <= {largest_gamma:g}" if largest_gamma > 0 else "")
+        + (" (or scope='layer', which ranks whole tensors)" if scope == "row" else ""))
 
 
 @register(
@@ -41,6 +65,7 @@ from ._sparsify import (band_blocks, band_counts, band_mask, band_thresholds, ge
             "official code), then sum.",
     scope="all",
     vector_rule="sum",
+    prepare=_check_keeps_entries,
 )
 def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row") -> Tensor:
     """``sum_i M_i(beta, gamma) * Delta_i`` with the band mask of each task (the engine applies ``alpha``).
@@ -52,7 +77,9 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
     ``torch.topk``, i.e. within each output row of a weight matrix (each innermost row of a conv kernel; a 1-D
     tensor as a whole; 0-d tensors unmasked). We follow the official code by default (``scope="row"``);
     ``scope="layer"`` ranks the whole tensor, as the paper's text and mergekit. The official hyperparameters map as
-    ``top_k_remove = beta`` and ``top_k_keep = 1 - beta - gamma``. Exact ties are ranked by position (``topk``
+    ``top_k_remove = beta`` and ``top_k_keep = 1 - beta - gamma``; as there a row (or tensor) shorter than
+    ``1 / top_k_keep`` keeps nothing (a ``3 x 3`` kernel's rows at the default 14 %), and settings that keep nothing
+    of any are refused. Exact ties are ranked by position (``topk``
     leaves their order unspecified). A preference weight rescales a task uniformly, so it leaves the mask unchanged.
 
     Example:
