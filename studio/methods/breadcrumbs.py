@@ -78,8 +78,8 @@ def breadcrumbs(layer: LayerTasks, beta: float, gamma: float, scope: str = "row"
     tensor as a whole; 0-d tensors unmasked). We follow the official code by default (``scope="row"``);
     ``scope="layer"`` ranks the whole tensor, as the paper's text and mergekit. The official hyperparameters map as
     ``top_k_remove = beta`` and ``top_k_keep = 1 - beta - gamma``; as there a row (or tensor) shorter than
-    ``1 / top_k_keep`` keeps nothing (a ``3 x 3`` kernel's rows at the default 14 %), and settings that keep nothing
-    of any are refused. Exact ties are ranked by position (``topk``
+    ``1 / top_k_keep`` keeps nothing (a ``3 x 3`` kernel's rows at the default 14 %), and settings under which no
+    row (tensor) keeps an entry are refused. Exact ties are ranked by position (``topk``
     leaves their order unspecified). A preference weight rescales a task uniformly, so it leaves the mask unchanged.
 
     Example:
