@@ -224,3 +224,18 @@ def test_a_float64_default_dtype_changes_no_merge(svd_mode):
         _assert_like_base(b, base)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{name} {kw} {k}")
+
+
+@pytest.mark.parametrize("name", ["align_merge_b", "align_merge_o", "iso_c", "iso_cts", "ortho_merge", "tsv_m"])
+def test_an_expert_equal_to_the_base_merges_alike_in_both_svd_modes(name):
+    """Without preferences, an expert that left a layer unchanged is a zero task matrix: LAPACK's singular vectors
+    for its zero singular values are arbitrary (the identity's columns on a CPU) and must not steer the merge in
+    svd_mode="exact" (the auto mode's Gram route has zero vectors there). AlignMerge-O moved by 57 % without it."""
+    from .conftest import worst_error
+
+    base = clip_like_state_dict()
+    experts = make_experts(base, 4)
+    experts["task2"] = {k: v.clone() for k, v in base.items()}
+    exact = studio.merge(base, experts, name, svd_mode="exact")
+    auto = studio.merge(base, experts, name)
+    assert worst_error(base, exact, auto)[0] < 2e-4

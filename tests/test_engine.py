@@ -1147,3 +1147,35 @@ def test_a_tsv_m_rank_change_decomposes_no_task_again_and_gives_a_fresh_pools_bi
     for f, merged in warm.items():
         fresh = studio.merge_pool(TaskPool(base, experts), "tsv_m", rank_fraction=f)
         assert all(torch.equal(fresh[k], merged[k]) for k in merged), f
+
+
+def test_a_float64_expert_over_a_float32_base_keeps_its_small_delta():
+    """Mixed precision: the difference is taken in float64 and only then rounded (float32_delta), whichever side is
+    float64; rounding the float64 side first loses a delta of 1e-9 on weights of 1 entirely."""
+    from studio.pool import float32_delta
+
+    base32 = torch.ones(4, 3)
+    delta = 1e-9 * torch.arange(1, 13, dtype=torch.float64).view(4, 3)
+    for base, expert in ((base32, base32.double() + delta), (base32.double() - delta, base32)):
+        torch.testing.assert_close(float32_delta(expert, base).double(), delta, rtol=1e-6, atol=0)
+        layer = TaskPool({"w": base}, {"a": {"w": expert}, "b": {"w": expert}}, device="cpu").layer("w")
+        torch.testing.assert_close(layer.task_delta(0).double(), delta, rtol=1e-6, atol=0)
+        torch.testing.assert_close(layer.deltas[1].double(), delta, rtol=1e-6, atol=0)
+
+
+def test_exact_mode_takes_lapacks_svd_of_the_sum():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.zeros(30, 20)}
+    experts = {f"t{i}": {"w": torch.randn(30, 20, generator=g)} for i in range(3)}
+    assert TaskPool(base, experts, svd_mode="auto").layer("w").sum_svd_from_gram() is True
+    assert TaskPool(base, experts, svd_mode="exact").layer("w").sum_svd_from_gram() is False
+
+
+def test_rank_buckets_of_a_size_that_is_not_a_power_of_two():
+    """ceil(full / 2^(j/4)): at whole octaves too (50 / 4 -> 13, 50 / 8 -> 7), so a rank's bucket is the same on
+    every release."""
+    from studio.pool import rank_bucket
+
+    assert [rank_bucket(k, 50) for k in range(0, 51)] == [
+        1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 11, 13, 13, 15, 15, 18, 18, 18, 22, 22, 22, 22, 25, 25, 25, 30, 30, 30, 30,
+        30, 36, 36, 36, 36, 36, 36, 43, 43, 43, 43, 43, 43, 43, 50, 50, 50, 50, 50, 50, 50]

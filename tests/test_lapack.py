@@ -567,3 +567,25 @@ def test_stats_reports_the_process_batchers_counters(monkeypatch):
     batcher.solve([torch.eye(3, dtype=torch.float64)] * 5)
     found = _cusolver.stats()
     assert found["batches"] == 2 and found["matrices"] == 5 and found["size"] == 4 and found["seconds"] >= 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigh_without_overwrite_keeps_a_column_major_input(dtype):
+    """overwrite=False must copy whatever the layout: a column-major (transposed) argument is the buffer LAPACK would
+    work in, and was the caller's memory if _lapack_buffer handed it over without being asked to."""
+    G = _sym(60, torch.linspace(5, 1, 60), seed=9, dtype=dtype)
+    G = (G + G.mT) / 2
+    F = G.clone().mT.contiguous().mT                                  # the same matrix, column-major
+    kept = F.clone()
+    w, v = _lapack.eigh(F)
+    w_top, _ = _lapack.eigh_top(F, 5)                                 # syevr path (k <= n / 4)
+    assert torch.equal(F, kept)
+    assert torch.equal(w, _lapack.eigh(G)[0]) and torch.equal(w_top, _lapack.eigh_top(G, 5)[0])
+
+
+def test_eigh_of_an_empty_matrix_and_gram_svd_of_an_empty_layer():
+    for dtype in (torch.float32, torch.float64):
+        w, v = _lapack.eigh(torch.zeros(0, 0, dtype=dtype))           # LAPACK refuses lda = 0: torch's solver
+        assert w.shape == (0,) and v.shape == (0, 0)
+    U, S, Vh = linalg.gram_svd(torch.zeros(5, 0))
+    assert U.shape == (5, 0) and S.shape == (0,) and Vh.shape == (0, 0)

@@ -715,3 +715,117 @@ def test_auto_svds_agree_with_lapack_on_tiny_task_vectors(scale):
         auto = studio.merge(base, experts, method)["w"].double()
         exact = studio.merge(base, experts, method, svd_mode="exact")["w"].double()
         assert float(exact.norm()) > 0 and float((auto - exact).norm() / exact.norm()) < 1e-4, method
+
+
+def test_svd_upcasts_half_precision_inputs():
+    a = torch.tensor([[3.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    for dtype in (torch.float16, torch.bfloat16):
+        x = a.to(dtype)
+        for U, S, Vh in (linalg.svd(x), linalg.svd_tall(x), linalg.truncated_svd(x, 1, exact=True)):
+            assert U.dtype == S.dtype == Vh.dtype == torch.float32, dtype
+            assert S[0] == 3.0
+
+
+def test_polar_gram_drops_directions_below_the_size_dependent_null_tolerance():
+    """null_tolerance is sigma_max * max(eps32, sqrt(size * eps64)): beyond 64 columns the float64 Gram's resolution
+    decides (3e-7 of the largest at 400 columns). A direction at 2e-7 is below it and maps to zero; whitened from an
+    eigenvalue without correct digits it would make P^T P stray ~1e-2 from a projector."""
+    eps64 = torch.finfo(torch.float64).eps
+    assert float(linalg.null_tolerance(torch.tensor(1.0), 400)) == pytest.approx((400 * eps64) ** 0.5, rel=1e-6)
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    U = torch.linalg.qr(torch.randn(600, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    s = torch.ones(n, dtype=torch.float64)
+    s[-1] = 2e-7
+    a = ((U * s) @ V.mT).float()
+    (p, rank), = linalg.polar_gram_ranks([a])
+    assert rank == n - 1
+    ev = torch.linalg.eigvalsh(p.double().mT @ p.double())
+    assert float(torch.minimum(ev.abs(), (ev - 1).abs()).max()) < 1e-6     # a partial isometry
+
+
+def test_polar_gram_rtol_is_relative_to_the_largest_singular_value():
+    """rtol cuts at rtol * sigma_max, so the partial polar factor does not depend on the matrix's scale."""
+    a = torch.randn(40, 12, generator=torch.Generator().manual_seed(7))
+    a[:, -1] = a[:, 0]                                                # one exactly dependent direction
+    ref = linalg.polar_gram(a, rtol=1e-6)
+    for c in (1.0, 1e-9, 1e4):
+        assert linalg.polar_gram_ranks([c * a], rtol=1e-6)[0][1] == 11, c
+        torch.testing.assert_close(linalg.polar_gram(c * a, rtol=1e-6), ref, atol=1e-6, rtol=0, msg=str(c))
+
+
+def test_gram_svd_null_cut_does_not_depend_on_the_rank_asked():
+    """A component is null by the matrix's size (null_tolerance over min(m, n)), not by how many were asked for:
+    the 2e-7 direction of a 500 x 400 matrix (tolerance 3e-7) is an exact zero in gram_svd(a, k) for every k."""
+    g = torch.Generator().manual_seed(2)
+    U = torch.linalg.qr(torch.randn(500, 8, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(400, 8, generator=g, dtype=torch.float64)).Q
+    s = torch.tensor([1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 2e-7], dtype=torch.float64)
+    a = ((U * s) @ V.mT).float()
+    u_all, s_all, vh_all = linalg.gram_svd(a)
+    assert s_all[6] > 0 and s_all[7] == 0
+    for k in (8, 9, 100):
+        u, sv, vh = linalg.gram_svd(a, k)
+        assert torch.equal(sv == 0, s_all[:k] == 0), k
+        assert not u[:, 7:].any() and not vh[7:].any(), k
+
+
+def test_gram_svd_is_scale_equivariant_down_to_tiny_matrices():
+    """The float32 Gram holds entries ~S^2 only well inside float32's normal range; a matrix whose largest singular
+    value is near 1e-20 (Gram entries near the denormals) must go to float64 like one of 1e-25."""
+    a = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    ref = torch.linalg.svdvals(a.double())[:8]
+    for c in (1.0, 1e-13, 1e-17, 1e-19, 1e-21, 1e-25):
+        u, s, vh = linalg.gram_svd(a * c, 8)
+        assert float(((s.double() / c - ref).abs() / ref).max()) < 2e-6, c
+        assert float((u.double().mT @ u.double() - torch.eye(8, dtype=torch.float64)).abs().max()) < 2e-6, c
+
+
+def test_svd_tall_keeps_float64_inputs_in_float64():
+    g = torch.Generator().manual_seed(8)
+    U0 = torch.linalg.qr(torch.randn(300, 80, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(80, 80, generator=g, dtype=torch.float64)).Q
+    a = (U0 * torch.logspace(0, -2, 80, dtype=torch.float64)) @ V0.mT
+    for exact in (True, False):
+        for x in (a, a.mT):
+            U, S, Vh = linalg.svd_tall(x, exact=exact)
+            assert U.dtype == S.dtype == Vh.dtype == torch.float64, exact
+            assert _rel((U * S) @ Vh, x) < 1e-12, exact
+            assert float((U.mT @ U - torch.eye(80, dtype=torch.float64)).abs().max()) < 1e-12, exact
+
+
+def test_truncated_svd_deflated_stays_orthogonal_to_the_basis_when_the_task_lies_mostly_in_it():
+    """Eq. 10: the residual's vectors are orthogonal to the common subspace. Where the task is mostly inside it (the
+    residual ~1e-4 of the task), U = R v / sigma carries R's rounding relative to its small norm (~1e-3 off)."""
+    g = torch.Generator().manual_seed(6)
+    basis = torch.linalg.qr(torch.randn(60, 20, generator=g)).Q
+    task = 10 * basis @ torch.randn(20, 40, generator=g) + 1e-3 * torch.randn(60, 40, generator=g)
+    both = [linalg.truncated_svd_deflated(task, basis, 3), *linalg.truncated_svd_deflated_many([task], basis, 3)]
+    for u, _, _ in both:
+        assert float((basis.double().mT @ u.double()).abs().max()) < 1e-5
+
+
+def test_truncated_svd_deflated_exact_takes_lapack_even_with_a_complement(monkeypatch):
+    """exact=True is the official code's route (the formed residual, LAPACK), whether or not a complement is given."""
+    tasks = _random_tasks(1, 20, 30, seed=6)
+    u_all = torch.linalg.svd(tasks[0], full_matrices=False).U
+    calls = []
+
+    def gram_svd(*args, **kwargs):
+        calls.append(args)
+        raise AssertionError("exact=True took the Gram route")
+
+    monkeypatch.setattr(linalg, "gram_svd", gram_svd)
+    U, S, Vh = linalg.truncated_svd_deflated(tasks[0], u_all[:, :14], 3, complement=u_all[:, 14:], exact=True)
+    assert not calls and S.shape == (3,)
+
+
+def test_polar_factors_of_a_matrix_without_columns_are_empty():
+    """Every polar route gives an empty factor of the same shape for a matrix with no columns (or rows), as
+    linalg.polar does (the Gram routes took the largest of no singular values and raised)."""
+    for a in (torch.zeros(5, 0), torch.zeros(0, 5)):
+        assert linalg.polar(a).shape == linalg.polar_gram(a).shape == a.shape
+        assert [(p.shape, rank) for p, rank in linalg.polar_gram_ranks([a, a])] == [(a.shape, 0)] * 2
+    P, Pr, W = linalg.polar_gram_range(torch.zeros(5, 0))
+    assert P.shape == Pr.shape == (5, 0) and W.shape == (0, 0)
