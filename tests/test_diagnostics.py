@@ -833,3 +833,22 @@ def test_curves_keys_and_energy_arguments_of_the_wrong_form_are_named():
         D.energy_preservation(torch.ones(2, 3, 3), torch.ones(5, 5))
     with pytest.raises(D.DiagnosticsError, match="eps must be a number in"):   # checked where k is given too
         D.sar_to_merged(pool.layer("w"), k=2, eps=5)
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_svc_coefficients_of_the_top_subspaces_are_a_prefix_of_all(svd_mode):
+    """``rank`` only cuts the result: SVC's noise floor is relative to each task's largest response over every
+    merged subspace, as in the calibration. Four tasks on orthogonal 2-d subspaces of decreasing size: the top 2
+    subspaces are task 0's, where tasks 1-3 respond with float32 rounding only (s = 0, gamma = K / K = 1)."""
+    g = torch.Generator().manual_seed(0)
+    m, n = 12, 10
+    Q = torch.linalg.qr(torch.randn(m, m, generator=g)).Q
+    P = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+    experts = {f"t{i}": {"w": (Q[:, 2 * i:2 * i + 2] * torch.tensor([4.0 - i, 3.5 - i])) @ P[:, 2 * i:2 * i + 2].mT}
+               for i in range(4)}
+    layer = TaskPool({"w": torch.zeros(m, n)}, experts, svd_mode=svd_mode).layer("w")
+    s_all, _ = D.svc_coefficients(layer)
+    s, gamma = D.svc_coefficients(layer, rank=2)
+    torch.testing.assert_close(s, s_all[:, :2])
+    assert torch.equal(s[1:], torch.zeros(3, 2))
+    torch.testing.assert_close(gamma, torch.ones(2), atol=1e-5, rtol=0)

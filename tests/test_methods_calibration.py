@@ -1037,3 +1037,122 @@ def test_align_merge_b_on_task_vectors_whose_products_overflow_float32_is_not_th
     with pytest.raises(studio.StudioError, match="align_merge_b: the singular values of the merged delta of 'w' "
                                                  "are not finite"):
         align_merge_b_delta(TaskPool(base, experts).layer("w"), torch.full((12, 8), 3e38), alpha=0.75)
+
+
+def test_svc_after_tsv_m_where_only_the_right_task_bases_are_dependent():
+    """Two tasks with the same right singular vectors and different left ones: the concatenated V of TSV-M is rank
+    deficient while U is not, so TSV-M's own factors are no SVD of its delta (tsv_m_svd must return None and the
+    calibration decompose the delta). SVC's result is then SVC Alg. 1 on the merged delta itself."""
+    e = torch.eye(4)
+    a = 3.0 * torch.outer(e[0], e[0]) + 2.0 * torch.outer(e[1], e[1])
+    b = 1.5 * torch.outer(e[2], e[0]) + 0.5 * torch.outer(e[3], e[1])
+    base = {"w": torch.zeros(4, 4)}
+    experts = {"a": {"w": a}, "b": {"w": b}}
+    for mode in ("auto", "exact"):
+        merged = studio.merge(base, experts, "tsv_m", svd_mode=mode)["w"].double()
+        ours = studio.merge(base, experts, "tsv_m", calibrate="svc", svd_mode=mode)["w"].double()
+        ref = svc_reference(torch.stack([a, b]), merged, 1.0)[0]
+        assert float((ours - ref).norm() / ref.norm()) <= 1e-5, mode
+
+
+def test_ortho_merge_tie_removes_the_later_tasks_component():
+    """Eq. 14 with sigma_{i,m} = sigma_{j,n}: the pair scan (i < j) removes c_{j,n}, the later task's component, as
+    interference_mask documents and the slow reference does. Two tasks share their top left vector at the same
+    singular value 2 and differ in the right one, so which of the two is removed changes the merge."""
+    e, f = torch.eye(5), torch.eye(6)
+    a = 2.0 * torch.outer(e[0], f[0]) + 1.0 * torch.outer(e[1], f[2])
+    b = 2.0 * torch.outer(e[0], f[1]) + 0.5 * torch.outer(e[2], f[3])
+    deltas = torch.stack([a, b])
+    U = torch.stack([e[:, :1], e[:, :1]])
+    assert interference_mask(U, torch.tensor([[2.0], [2.0]]), 0.5).tolist() == [[False], [True]]
+    layer = pool_of(deltas).layer("w")
+    ref, removed = ortho_reference(deltas, 0.5, 1)
+    assert removed == {(1, 0)}
+    close(ortho_merge(layer, tau=0.5, k=1), ref, rel=1e-5)
+
+
+@pytest.mark.parametrize("tau", [1.5, 0.3])
+def test_ortho_merge_of_low_rank_experts_keeps_only_the_sums_directions(tau):
+    """Eq. 16's r = rank(Delta_sum): 4 rank-3 experts sum to rank 12 of 64, so the merge is the mean of the 12 live
+    singular values on those 12 directions; float32 rounding directions of the sum (or of the deconflicted sum,
+    tau = 0.3) must not enter the mean nor carry sigma_bar, in either svd_mode, stored on a zero or a random base."""
+    from .test_methods_spectral import _lora_experts, _rel
+
+    key, base0, clean, deltas = _lora_experts(on_base=False)
+    ref = studio.merge(base0, clean, "ortho_merge", tau=tau, k=3, alpha=1.0)[key].double()
+    sv = torch.linalg.svdvals(ref)
+    assert int((sv > 1e-4 * sv[0]).sum()) <= 12 and float(sv[12]) < 1e-5 * float(sv[0])
+    if tau >= 1:   # nothing removed: sigma_bar of the 12 live values on the sum's 12 directions
+        U, S, Vh = torch.linalg.svd(sum(d.double() for d in deltas), full_matrices=False)
+        assert _rel(ref, S[:12].mean() * U[:, :12] @ Vh[:12]) < 1e-5
+    key, base, stored, _ = _lora_experts(on_base=True)
+    for mode in ("auto", "exact"):
+        out = studio.merge(base, stored, "ortho_merge", tau=tau, k=3, alpha=1.0, svd_mode=mode)[key].double()
+        assert _rel(out - base[key].double(), ref) < 1e-3, mode
+
+
+def test_align_merge_o_dominant_eta_picks_the_largest_magnitude_even_when_it_opposes_the_others():
+    """Eq. 10 / App. E.2: i* = argmax_i ||P_col Delta_i P_row||_F = argmax_i |u^T Delta_i v|. A task twice the size
+    of the others and opposed to them has the largest projection in magnitude but the smallest signed one; the
+    parity test of Alg. 1 uses tasks with a shared positive part, where both readings agree."""
+    deltas = make_deltas(T=3, m=10, n=16, seed=0)
+    deltas[0] = -2.0 * deltas[0]
+    out = align_merge_o_delta(pool_of(deltas).layer("w"), eta="dominant")
+    close(out, align_o_reference(deltas, "dominant")[0], rel=2e-4)
+
+
+def test_align_merge_b_gate_divides_at_equality():
+    """Eq. 9: d(xi~) = xi~ where xi~ >= alpha (the gate is inclusive), 1 only where 0 < xi~ < alpha."""
+    xt = torch.tensor([[2.0, 1.0, 3.0], [2.0, 1.0, 3.0]])
+    assert _align.align_b_factors(xt, alpha=2.0).tolist() == pytest.approx([0.5, 1.0, 1 / 3])
+    d = torch.diag(torch.tensor([1.0, 0.5]))
+    for mode in ("auto", "exact"):   # two identical tasks: xi~ = 2 in every subspace
+        layer = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": d}, "b": {"w": d}}, svd_mode=mode).layer("w")
+        assert align_merge_b_delta(layer, layer.sum(), alpha=2.0).diagonal().tolist() == pytest.approx([1.0, 0.5])
+
+
+def test_svc_keeps_the_official_absolute_clamp_for_tiny_task_vectors():
+    """SVC's official ``denom = ||a_i^r||^2.clamp_min(1e-12)`` (kept on purpose, see
+    svc_projection_coefficients): task vectors of size ~1e-7 respond below it, and the calibration is then the
+    clamped Alg. 1 (the slow reference's max(., 1e-12)), not eq. 19 without the clamp (46 % apart here)."""
+    deltas = make_deltas(T=4, m=8, n=12, seed=0) * 1e-7
+    layer = pool_of(deltas).layer("w")
+    ref = svc_reference(deltas, deltas.sum(0), 0.25)[0]
+    out = call_svc(layer, layer.sum(), alpha=0.25)
+    assert float((out.double() - ref).norm() / ref.norm()) <= 1e-5
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_align_merge_b_at_gate_zero_adds_no_direction_where_the_tasks_cancel(svd_mode):
+    """Experts X + Y and -X + Z sum to rank 4 of 10: along the sum's null directions the tasks respond with c = +-
+    (their X parts), and sigma / xi~ there is the harmonic mean of those c, unbounded where they cancel. The
+    calibration only rescales the merge's own directions, so its result stays in the sum's column space at any
+    gate (alpha = 0 divides every subspace with xi~ >= 0)."""
+    g = torch.Generator().manual_seed(0)
+    m, n = 12, 10
+    for _ in range(3):
+        X, Y, Z = (torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g) for _ in range(3))
+        experts = {"a": {"w": X + Y}, "b": {"w": -X + Z}}
+        layer = TaskPool({"w": torch.zeros(m, n)}, experts, svd_mode=svd_mode).layer("w")
+        total = layer.sum().double()
+        out = align_merge_b_delta(layer, layer.sum(), alpha=0.0).double()
+        U = torch.linalg.svd(total)[0][:, :4]
+        assert float((out - U @ (U.T @ out)).norm()) <= 1e-5 * float(total.norm())
+        assert float(out.norm()) <= float(total.norm())
+
+
+def test_calibrations_of_a_nearly_flat_merge_use_its_own_singular_basis():
+    """A merged delta whose spectrum is flat to 3 % (not within FLAT_RTOL) is no tied cluster: its singular
+    directions are its own, not the task-matrix sum's, so SVC and AlignMerge-B on it are Alg. 1 / eq. 9 in its
+    SVD basis (the slow float64 references)."""
+    g = torch.Generator().manual_seed(0)
+    T, m, n = 4, 12, 8
+    deltas = make_deltas(T=T, m=m, n=n, seed=0)
+    U = torch.linalg.qr(torch.randn(m, n, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+    M = (U * torch.linspace(3.05, 2.95, n)) @ V.T
+    layer = pool_of(deltas).layer("w")
+    svc_out = call_svc(layer, M, alpha=0.25).double()
+    assert float((svc_out - svc_reference(deltas, M, 0.25)[0]).norm() / M.norm()) <= 2e-4
+    amb_out = align_merge_b_delta(layer, M, 0.0).double()
+    assert float((amb_out - align_b_reference(deltas, M, 0.0)).norm() / M.norm()) <= 1e-2

@@ -694,3 +694,22 @@ def test_layer_rules_and_pools_of_the_wrong_type_are_studio_errors():
         LayerRule(name=[1])
     with pytest.raises(StudioError, match="merge_pool needs a TaskPool"):
         studio.merge_pool({"w": torch.zeros(2)}, "ties")
+
+
+def test_dare_cpu_path_keeps_an_entry_drawn_exactly_at_p():
+    """m ~ Bernoulli(1 - p) means keep where u >= p (random_drop's rule), so P(keep) = 1 - p exactly on the float32
+    grid of the draws. With p set to a value the generator draws, one entry sits exactly on the cut: the CPU
+    path must keep it as the stacked draw does (u > p differs on ~1 entry in 2^24 otherwise, which no random test
+    reaches)."""
+    from studio.methods._sparsify import random_drop
+
+    g = torch.Generator().manual_seed(7)
+    base = {"w": torch.zeros(40, 30)}
+    experts = {f"t{i}": {"w": torch.randn(40, 30, generator=g)} for i in range(3)}
+    draws = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(11))
+    p = float(draws.flatten()[(draws.flatten() < 0.9).nonzero()[5]])   # an exactly drawn value
+    layer = TaskPool(base, experts, device="cpu").layer("w")
+    stacked = random_drop(layer.deltas.clone(), p, torch.Generator().manual_seed(11))
+    expected = stacked[0] + stacked[1] + stacked[2]
+    layer = TaskPool(base, experts, device="cpu").layer("w")
+    assert torch.equal(dare(layer, p, False, seed=11), expected)

@@ -829,3 +829,30 @@ def test_polar_factors_of_a_matrix_without_columns_are_empty():
         assert [(p.shape, rank) for p, rank in linalg.polar_gram_ranks([a, a])] == [(a.shape, 0)] * 2
     P, Pr, W = linalg.polar_gram_range(torch.zeros(5, 0))
     assert P.shape == Pr.shape == (5, 0) and W.shape == (0, 0)
+
+
+def test_iso_cts_of_experts_that_cancel_in_the_sum_does_not_depend_on_the_base():
+    """A wide layer (m < n: the sum's U is square, the complement route of eq. 10) whose experts cancel in part:
+    X1 + Y1, X2 + Y2, -(X1 + X2) + Y3 sum to rank 9 of 32 while k = 16 > 9. Eq. 10 projects only the 9 live common
+    directions out of each task, so the X parts (outside the sum's span) are the task-specific directions, whatever
+    the sum's null-space vectors are: the merge is the same stored on a zero base and on a random one. (In
+    svd_mode="exact" LAPACK's float32 residuals leave the X parts' exact dependence above the null tolerance, and
+    the merge depends on the base, as the official loop's does: iso_cts' docstring, docs/ACCURACY.md.)"""
+    g = torch.Generator().manual_seed(7)
+    m, n = 32, 48
+    key = "visual.transformer.resblocks.0.mlp.c_proj.weight"
+
+    def lr(r):
+        return 1e-3 * torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)
+
+    X1, X2, Y1, Y2, Y3 = lr(2), lr(2), lr(3), lr(3), lr(3)
+    deltas = [X1 + Y1, X2 + Y2, -(X1 + X2) + Y3]
+    W = 0.02 * torch.randn(m, n, generator=g)
+    outs = []
+    for b in (torch.zeros(m, n), W):
+        experts = {f"t{i}": {key: b + d} for i, d in enumerate(deltas)}
+        merged = studio.merge({key: b}, experts, "iso_cts", common_space_fraction=0.5, alpha=1.0, svd_mode="auto")
+        outs.append(merged[key].double() - b.double())
+    sv = torch.linalg.svdvals(outs[0])
+    assert int((sv > 1e-4 * sv[0]).sum()) == 13          # 9 common + the X parts' 4 task-specific directions
+    assert _rel(outs[1], outs[0]) < 1e-4
