@@ -125,3 +125,18 @@ def test_the_readme_command_line_examples_run_as_written(tmp_path, monkeypatch, 
         out = argv[argv.index("--out") + 1] if "--out" in argv else None
         assert out is None or (tmp_path / out).is_file(), argv
     capsys.readouterr()
+
+
+def test_every_mutant_of_the_mutation_tool_applies_to_the_code():
+    """tools/mutation.py replaces one text per mutant; each must occur exactly once in its file, so the audit does not
+    go stale silently as the code changes (the tool itself reports a stale mutant and exits 1)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from mutants import MUTANTS
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    ids = [m[0] for m in MUTANTS]
+    assert len(ids) == len(set(ids))
+    for mid, path, text, replacement, what, *equivalent in MUTANTS:
+        assert (ROOT / path).read_text().count(text) == 1, (mid, path)
+        assert replacement != text and what and len(equivalent) <= 1, mid

@@ -1,0 +1,102 @@
+"""Mutation testing of the engine: apply each mutant of ``tools/mutants.py`` to a scratch copy of the working tree,
+run the tests, and report which test killed it (or that none did).
+
+    python tools/mutation.py                      # every mutant (1-2 hours on 2 cores)
+    python tools/mutation.py L06 tsv5 c_dare      # some, by id
+    python tools/mutation.py --list               # the mutants, without running them
+
+Each mutant runs the doctests of the file it changes, then the core test files below with ``-x`` (stopping at the
+first failure), in a copy of ``studio/`` and ``tests/`` (``assets/`` linked), so the working tree is never changed.
+A mutant with a reason in ``tools/mutants.py`` is equivalent (no test can tell it from the code) and is expected to
+survive; the script exits 1 if any other mutant survives. The parity tests against FusionBench and mergekit run
+where those are installed (the ``crosscheck`` extra), as in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+from mutants import MUTANTS  # noqa: E402
+
+#: the test files every mutant runs against, the fast and the broad ones first
+CORE = ["tests/test_lapack.py", "tests/test_methods_spectral.py", "tests/test_methods_sparse.py",
+        "tests/test_methods_calibration.py", "tests/test_diagnostics.py", "tests/test_engine.py",
+        "tests/test_contract.py", "tests/test_crosscheck_mergekit.py", "tests/test_crosscheck_fusionbench.py"]
+
+
+def _copy_tree(dest: Path) -> None:
+    for name in ("studio", "tests", "tools"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "app.py"):
+        shutil.copy2(ROOT / name, dest / name)
+    (dest / "assets").symlink_to(ROOT / "assets")
+
+
+def _pytest(tree: Path, paths: list[str]) -> tuple[int, list[str], str]:
+    env = dict(os.environ, PYTHONPATH=str(tree), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          *paths], cwd=tree, env=env, capture_output=True, text=True)
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", run.stdout, re.M)
+    last = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr.strip()[-200:]
+    return run.returncode, failed, last
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ids", nargs="*", help="mutant ids (default: all)")
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = parser.parse_args(argv)
+    known = {m[0] for m in MUTANTS}
+    unknown = [i for i in args.ids if i not in known]
+    if unknown:
+        parser.error(f"unknown mutant ids {unknown}; --list shows them")
+    chosen = [m for m in MUTANTS if not args.ids or m[0] in args.ids]
+    if args.list:
+        for mid, path, _, _, what, *equivalent in chosen:
+            print(f"{mid:8} {path:32} {what}" + (f"  [equivalent: {equivalent[0]}]" if equivalent else ""))
+        return 0
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        tree = Path(tmp)
+        _copy_tree(tree)
+        print(f"{len(chosen)} mutants, tests in {tree}", flush=True)
+        surprises = 0
+        for mid, path, text, replacement, what, *equivalent in chosen:
+            target = tree / path
+            original = target.read_text()
+            if original.count(text) != 1:
+                print(f"{mid:8} STALE    its text occurs {original.count(text)} times in {path}: update "
+                      f"tools/mutants.py", flush=True)
+                surprises += 1
+                continue
+            target.write_text(original.replace(text, replacement))
+            start = time.perf_counter()
+            try:
+                code, failed, last = _pytest(tree, [path, *[t for t in CORE if (tree / t).exists()]])
+            finally:
+                target.write_text(original)
+            killed = code != 0 and bool(failed)
+            if code != 0 and not failed:   # a collection error or a crash: report it, do not count it as a kill
+                verdict = f"ERROR    {last}"
+                surprises += 1
+            elif killed:
+                verdict = f"killed   by {failed[0]}" + ("  (listed as equivalent)" if equivalent else "")
+            else:
+                verdict = "survived" + (f" (equivalent: {equivalent[0]})" if equivalent else "  <- no test tells it")
+                surprises += not equivalent
+            print(f"{mid:8} {verdict}  [{time.perf_counter() - start:.0f} s] {what}", flush=True)
+    print("every non-equivalent mutant was killed" if not surprises else f"{surprises} mutants need a look")
+    return 1 if surprises else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
