@@ -880,7 +880,7 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
         if isinstance(v, Tensor) and v.numel() == 1:
             v = v.item()
         try:   # any real scalar: int, float, NumPy's scalars, a one-element tensor
-            w = float(v) if not isinstance(v, (bool, str)) else None
+            w = float(v) if not isinstance(v, (bool, np.bool_, str)) else None
         except (TypeError, ValueError, OverflowError, RuntimeError, NotImplementedError):   # e.g. 10**400, meta
             w = None
         if w is None or not math.isfinite(w) or w < 0:

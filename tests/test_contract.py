@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 import torch
 
@@ -239,3 +240,53 @@ def test_an_expert_equal_to_the_base_merges_alike_in_both_svd_modes(name):
     exact = studio.merge(base, experts, name, svd_mode="exact")
     auto = studio.merge(base, experts, name)
     assert worst_error(base, exact, auto)[0] < 2e-4
+
+
+def _param(method: str, name: str):
+    spec = get_method(method) if method in studio.registry.METHODS else studio.registry.get_calibration(method)
+    (p,) = [p for p in spec.params if p.name == name]
+    return p
+
+
+def test_integer_params_refuse_fractions():
+    """ortho_merge's k is an int (mutant: the is_integer() check dropped, 2.5 truncated to 2)."""
+    k = _param("ortho_merge", "k")
+    assert k.validate(3.0, "ortho_merge") == 3 and isinstance(k.validate(np.float32(3.0), "ortho_merge"), int)
+    with pytest.raises(HyperparameterError,
+                       match=r"ortho_merge: 'k' must be an integer \(int in \[1, 512\]\), got 2\.5"):
+        k.validate(2.5, "ortho_merge")
+
+
+def test_none_is_refused_unless_the_param_is_automatic():
+    """None is the automatic default only where the param has one (mutant: None accepted for every param, alpha=None
+    reached the merge); describe() names the automatic rule (mutant: ', default 1/T' dropped from the messages)."""
+    alpha = _param("task_arithmetic", "alpha")
+    with pytest.raises(HyperparameterError, match=r"'alpha' must not be None \(float in \[0, 5\]\)"):
+        alpha.validate(None, "task_arithmetic")
+    assert _param("tsv_m", "rank_fraction").validate(None, "tsv_m") is None   # automatic: 1/T
+    assert _param("tsv_m", "rank_fraction").describe() == "float in (0, 1], default 1/T"
+
+
+def test_seeds_are_int64_and_not_booleans():
+    """check_seed: [-2^63, 2^63) (mutant: 2^63 accepted, it overflows int64 in recipes / the API) and no booleans
+    (mutant: True taken as seed 1)."""
+    from studio.schema import check_seed
+
+    assert check_seed(2 ** 63 - 1) == 2 ** 63 - 1 and check_seed(-2 ** 63) == -2 ** 63
+    for bad in (2 ** 63, True, np.True_, 1.5, float("inf")):
+        with pytest.raises(HyperparameterError, match=r"seed must be an integer in \[-2\^63, 2\^63\)"):
+            check_seed(bad)
+
+
+def test_registration_refuses_two_post_scales_and_a_name_taken(monkeypatch):
+    """A method has at most one post_scale param (mutant: `> 2`), and a name is registered once (mutant: a second
+    registration silently replaced the method)."""
+    from studio.registry import METHODS, register
+    from studio.schema import Param
+
+    two = (Param("a", float, 1.0, post_scale=True), Param("b", float, 1.0, post_scale=True))
+    with pytest.raises(ValueError, match="at most one post_scale param"):
+        register("gaps_c_two_scales", params=two, paper="", summary="")
+    monkeypatch.setitem(METHODS, "task_arithmetic", get_method("task_arithmetic"))   # restored whatever happens
+    with pytest.raises(ValueError, match="merge 'task_arithmetic' registered twice"):
+        register("task_arithmetic", paper="", summary="")(lambda layer: layer.deltas.sum(0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 
@@ -1179,3 +1180,139 @@ def test_rank_buckets_of_a_size_that_is_not_a_power_of_two():
     assert [rank_bucket(k, 50) for k in range(0, 51)] == [
         1, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 11, 13, 13, 15, 15, 18, 18, 18, 22, 22, 22, 22, 25, 25, 25, 30, 30, 30, 30,
         30, 36, 36, 36, 36, 36, 36, 43, 43, 43, 43, 43, 43, 43, 50, 50, 50, 50, 50, 50, 50]
+
+
+def test_a_pool_is_per_svd_mode():
+    """get_pool's cache key includes svd_mode (mutant: key without it gives the 'auto' pool to an 'exact' request)."""
+    base = clip_like_state_dict()
+    experts = make_experts(base, 2)
+    studio.engine.clear_pools()
+    auto = studio.get_pool(base, experts, svd_mode="auto")
+    exact = studio.get_pool(base, experts, svd_mode="exact")
+    assert auto.svd_mode == "auto" and exact.svd_mode == "exact" and exact is not auto
+
+
+def test_the_pool_cache_evicts_the_least_recently_used_pool():
+    """_POOLS keeps the two pools used last (mutant: popitem(last=True) drops the pool just built)."""
+    base = clip_like_state_dict()
+    sets = [make_experts(base, 2, seed=s) for s in (1, 2, 3)]
+    studio.engine.clear_pools()
+    first, second, third = (studio.get_pool(base, e) for e in sets)
+    assert studio.get_pool(base, sets[2]) is third and studio.get_pool(base, sets[1]) is second
+    assert studio.get_pool(base, sets[0]) is not first   # the least recently used went
+
+
+def test_non_floating_buffers_are_fresh_copies_of_the_base():
+    """An integer buffer comes back as the base's values in a tensor of its own (mutant: the base tensor itself,
+    so editing the merge edits the base)."""
+    base = clip_like_state_dict()
+    base["visual.num_batches_tracked"] = torch.tensor([7])
+    experts = make_experts({k: v for k, v in base.items() if k != "visual.num_batches_tracked"}, 2)
+    for sd in experts.values():
+        sd["visual.num_batches_tracked"] = torch.tensor([9])
+    out = studio.merge(base, experts, "task_arithmetic")
+    assert out["visual.num_batches_tracked"].tolist() == [7]
+    assert out["visual.num_batches_tracked"].data_ptr() != base["visual.num_batches_tracked"].data_ptr()
+
+
+def test_calibrate_hparams_without_a_calibration_are_refused(clip_pool):
+    base, experts = clip_pool
+    with pytest.raises(studio.HyperparameterError, match=r"calibrate_hparams were given but no calibration"):
+        studio.merge(base, experts, "task_arithmetic", calibrate_hparams={"target_guard": False})
+
+
+def test_the_engine_refuses_too_few_experts_for_a_method(clip_pool, monkeypatch):
+    """merge_pool's own min_experts check (the UI's is tested separately; mutant: the engine's check dropped)."""
+    from studio.registry import METHODS
+
+    base, experts = clip_pool
+    spec = METHODS["task_arithmetic"]
+    need = len(experts) + 1
+    monkeypatch.setitem(METHODS, "task_arithmetic", spec.__class__(**{**spec.__dict__, "min_experts": need}))
+    with pytest.raises(studio.StudioError, match=rf"task_arithmetic needs at least {need} experts, got {len(experts)}"):
+        studio.merge(base, experts, "task_arithmetic")
+
+
+def test_progress_ends_at_one(clip_pool):
+    base, experts = clip_pool
+    seen: list[tuple[float, str]] = []
+    studio.merge(base, experts, "tsv_m", progress=lambda f, m: seen.append((f, m)))
+    assert seen[-1] == (1.0, "tsv_m: done")
+    assert all(0.0 <= f <= 1.0 for f, _ in seen) and [f for f, _ in seen] == sorted(f for f, _ in seen)
+
+
+def test_dare_draws_each_layer_from_its_own_stream():
+    """Two layers with equal task vectors get different masks (key_seed(seed, key); mutant: the global seed for
+    every layer, the same mask on every layer of a shape)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"a": torch.zeros(8, 6), "b": torch.zeros(8, 6)}
+    experts = {}
+    for n in ("x", "y"):
+        d = torch.randn(8, 6, generator=g)
+        experts[n] = {"a": d.clone(), "b": d.clone()}
+    out = studio.merge(base, experts, "dare", p=0.5, seed=3)
+    assert not torch.equal(out["a"], out["b"])
+
+
+def test_a_bfloat16_result_beyond_its_range_is_an_error():
+    """bfloat16 has float32's exponent but a smaller maximum: a float32 sum just under float32's max rounds to inf in
+    bfloat16 (mutant: only float16 results re-checked)."""
+    base = {"w": torch.full((2,), 3.0e38, dtype=torch.bfloat16)}
+    experts = {n: {"w": torch.full((2,), 3.2e38, dtype=torch.bfloat16)} for n in "ab"}
+    with pytest.raises(studio.StudioError, match=r"merged 'w' is not finite in torch.bfloat16"):
+        studio.merge(base, experts, "task_arithmetic", alpha=1.0)   # 3.4027e38 in float32, inf in bfloat16
+
+
+@pytest.mark.parametrize("shape", [(6, 1), (1, 6)])
+def test_tensors_with_a_dimension_of_one_are_not_matrices_and_get_the_vector_rule(shape):
+    """[n, 1] and [1, n] tensors are never matrices (mutants: `min(shape) < 1`, `shape[0] < 2`): TSV-M gives them the
+    mean of the task vectors, as every vector."""
+    for rule in (studio.DEFAULT_LAYER_RULE, studio.SKIP_EMBEDDINGS, studio.ALL_MATRICES):
+        assert not rule.is_matrix("visual.transformer.resblocks.0.mlp.c_fc.weight", shape)
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(shape, generator=g), "m": torch.randn(6, 5, generator=g)}
+    experts = {f"t{i}": {k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(3)}
+    out = studio.merge(base, experts, "tsv_m", alpha=1.0)
+    mean = torch.stack([sd["w"] - base["w"] for sd in experts.values()]).mean(0)
+    torch.testing.assert_close(out["w"], base["w"] + mean)
+
+
+def test_a_preference_sequence_longer_than_the_experts_is_refused(clip_pool):
+    """One weight per task: an extra weight is an error, not dropped (mutant: only too few weights refused)."""
+    base, experts = clip_pool
+    with pytest.raises(studio.StudioError, match=rf"preferences has {len(experts) + 1} weights but there are "
+                                                 rf"{len(experts)} experts"):
+        studio.merge(base, experts, "task_arithmetic", preferences=[1.0] * (len(experts) + 1))
+
+
+def test_a_boolean_preference_is_refused_naming_the_task(clip_pool):
+    """True is not a weight (mutant: booleans taken as 1 / 0), nor NumPy's True (it was taken as 1.0)."""
+    base, experts = clip_pool
+    for prefs in ({"task1": True}, [1.0, True] + [1.0] * (len(experts) - 2), {"task1": np.True_}):
+        with pytest.raises(studio.StudioError, match=r"preference for task 'task1' is (True|np\.True_); "
+                                                     r"expected a finite number"):
+            studio.merge(base, experts, "task_arithmetic", preferences=prefs)
+
+
+def test_a_non_finite_base_is_refused_naming_the_key():
+    """The base is scanned too (mutant: only the experts were; the NaN then reached the merge)."""
+    base = {"w": torch.tensor([float("nan"), 0.0]), "v": torch.zeros(2)}
+    experts = {n: {"w": torch.ones(2), "v": torch.ones(2)} for n in "ab"}
+    studio.engine.clear_pools()
+    with pytest.raises(studio.ExpertError, match=r"base, key 'w' contains NaN or infinite values"):
+        studio.merge(base, experts, "task_arithmetic")
+    base["w"] = torch.tensor([float("inf"), 0.0])
+    with pytest.raises(studio.ExpertError, match=r"base, key 'w' contains NaN or infinite values"):
+        studio.merge(base, experts, "task_arithmetic")
+
+
+def test_an_expert_tensor_of_another_shape_with_as_many_entries_is_refused(clip_pool):
+    """A transposed (or reshaped) tensor has the base's number of entries but not its shape (mutant: numel
+    compared instead of the shape)."""
+    base, experts = clip_pool
+    key = "visual.proj"
+    bad = dict(experts, task1=dict(experts["task1"], **{key: experts["task1"][key].t().contiguous()}))
+    rows, cols = base[key].shape
+    with pytest.raises(studio.ExpertError, match=rf"expert 'task1', key '{key}': shape \({cols}, {rows}\) does not "
+                                                 rf"match the base's \({rows}, {cols}\)"):
+        studio.merge(base, bad, "task_arithmetic")

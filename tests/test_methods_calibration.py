@@ -704,8 +704,10 @@ def test_svc_after_align_merge_o_of_tasks_with_equal_spectra_does_not_depend_on_
     """4 tasks on orthogonal subspaces with equal spectra: AlignMerge-O's merged spectrum is made of exact ties of
     different tasks, where any rotation is an SVD. Its own SVD took the eigensolver's basis there, and SVC after it
     moved by 0.52 with the experts' order (a helper's review); the ties are now ordered by the task-matrix sum, as
-    for a decomposed merged delta (3.0e-6). (AlignMerge-B there moves by ~0.8 either way, as before: it divides by
-    responses that vanish in such a basis.)"""
+    for a decomposed merged delta. The sum is tied too (equal spectra), so rounding picks its rotation, and what is
+    left depends on the BLAS kernel: 3.0e-6 with OpenBLAS's Haswell kernel, 6.6e-4 with SkylakeX, up to 2.6e-4 in
+    exact mode (docs/ACCURACY.md; a bound of 1e-4 failed without OPENBLAS_CORETYPE=Haswell). (AlignMerge-B there
+    moves by ~0.8 either way, as before: it divides by responses that vanish in such a basis.)"""
     g = torch.Generator().manual_seed(0)
     m, n, T = 24, 16, 4
     Q = torch.linalg.qr(torch.randn(m, m, generator=g)).Q
@@ -716,7 +718,7 @@ def test_svc_after_align_merge_o_of_tasks_with_equal_spectra_does_not_depend_on_
     reverse = dict(reversed(list(experts.items())))
     a = studio.merge(base, experts, "align_merge_o", calibrate="svc", preferences=[1, 2, 3, 4])["w"]
     b = studio.merge(base, reverse, "align_merge_o", calibrate="svc", preferences=[4, 3, 2, 1])["w"]
-    assert float((a - b).abs().max() / a.abs().max()) <= 1e-4
+    assert float((a - b).abs().max() / a.abs().max()) <= 5e-3
 
 
 @pytest.mark.parametrize("cal", ["svc", "align_merge_b"])
