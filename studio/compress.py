@@ -232,7 +232,9 @@ class Compressed:
         for name, t in load_safetensors(path).items():
             index, _, rest = name.partition("/")
             key, _, part = rest.rpartition("/")
-            if not index.isdigit() or int(index) >= len(names) or part not in ("U", "S", "Vh", "dense"):
+            # an ASCII number: str.isdigit() also accepts digits such as '²', which int() refuses
+            if (not (index.isascii() and index.isdigit()) or int(index) >= len(names)
+                    or part not in ("U", "S", "Vh", "dense")):
                 raise CheckpointError(f"{path}: unexpected entry {name!r}")
             if not t.is_floating_point() or not _all_finite(t):
                 raise CheckpointError(f"{path}: entry {name!r} is not a finite floating-point tensor")

@@ -16,8 +16,8 @@ import torch
 
 import studio
 from studio.cli import main
-from studio.io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, load_state_dict, merge_from_recipe,
-                       read_metadata, save_merged, save_state_dict)
+from studio.io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, load_checkpoint, load_state_dict,
+                       merge_from_recipe, read_metadata, save_merged, save_state_dict)
 from studio.layers import LayerRule
 from studio.schema import StudioError
 from studio.suite import DEFAULT_SUITE_PATH, load_suite
@@ -1502,3 +1502,371 @@ def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and
     assert "weight_average" in (tmp_path / "new" / "lb.md").read_text()
     assert [row["label"] for row in json.loads((tmp_path / "lb.json").read_text())] == [
         "Zero-shot", "Individual (experts)", "weight_average"]
+
+
+def test_load_dtype_converts_floating_tensors_and_keeps_the_others(tmp_path):
+    """io03/io04: ``dtype=`` converts the floating-point tensors only; integer tensors (position ids, masks) keep
+    theirs."""
+    sd = {"w": torch.randn(3, 2), "ids": torch.arange(4), "mask": torch.tensor([True, False])}
+    save_state_dict(tmp_path / "m.safetensors", sd)
+    got = load_state_dict(tmp_path / "m.safetensors", dtype=torch.float16)
+    assert {k: v.dtype for k, v in got.items()} == {"w": torch.float16, "ids": torch.int64, "mask": torch.bool}
+    assert torch.equal(got["w"], sd["w"].half()) and torch.equal(got["ids"], sd["ids"])
+
+
+def _both_layouts(folder: Path) -> tuple[dict, dict]:
+    """A folder with model.safetensors and also a shard index with its shard, of other weights."""
+    one, sharded = {"w": torch.ones(2)}, {"w": torch.zeros(2)}
+    folder.mkdir()
+    save_state_dict(folder / "model.safetensors", one)
+    save_state_dict(folder / "model-00001-of-00001.safetensors", sharded)
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "model-00001-of-00001.safetensors"}}))
+    return one, sharded
+
+
+def test_model_safetensors_wins_over_a_shard_index_in_a_folder_and_on_the_hub(tmp_path, offline_hub):
+    """io10/io13: as transformers resolves safetensors weights, a folder's or Hub repository's
+    ``model.safetensors`` is read before ``model.safetensors.index.json`` when both are there."""
+    from .conftest import hub_cache
+
+    one, _ = _both_layouts(tmp_path / "both")
+    sd, pinned = load_checkpoint(tmp_path / "both")
+    assert torch.equal(sd["w"], one["w"]) and pinned.endswith("model.safetensors"), pinned
+    hub_cache(tmp_path / "both", tmp_path / "hf", "studio-test/both")
+    sd, pinned = load_checkpoint("studio-test/both", cache_dir=tmp_path / "hf")
+    assert torch.equal(sd["w"], one["w"]), pinned
+
+
+def test_the_settings_fingerprint_covers_every_setting_and_the_experts_order():
+    """io34-io37: each field that decides the merged weights (svd_mode, prefix, seed, ... and the experts' order)
+    changes :meth:`Recipe.settings_fingerprint`; the suite, version and sources do not."""
+    r = Recipe(method="ties", hparams={"k": 0.2}, experts=["a", "b"])
+    want = r.settings_fingerprint()
+    edits = {"method": "task_arithmetic", "hparams": {"k": 0.3}, "experts": ["b", "a"], "calibrate": "svc",
+             "calibrate_hparams": {"x": 1}, "preferences": {"a": 2.0}, "seed": 1, "layer_rule": "all_matrices",
+             "svd_mode": "exact", "prefix": "visual."}
+    for name, value in edits.items():
+        assert Recipe(**{**r.__dict__, name: value}).settings_fingerprint() != want, name
+    for name, value in {"suite": "MiniSuite", "studio_version": "0.0", "fingerprints": None}.items():
+        assert Recipe(**{**r.__dict__, name: value}).settings_fingerprint() == want, name
+
+
+def test_compressed_files_of_earlier_versions_accept_their_half_precision_base(tmp_path):
+    """cp04: files written before base_fingerprint recorded the base in its own dtype (plain fingerprint); such a
+    file still loads against that half-precision base, and still refuses another."""
+    import studio
+    from studio.compress import Compressed
+    from studio.io import fingerprint
+
+    base = {k: v.half() for k, v in clip_like_state_dict(width=8).items()}
+    experts = make_experts(base, 2)
+    packed = studio.compress({k: v.float() for k, v in base.items()}, {n: {k: v.float() for k, v in sd.items()}
+                                                                      for n, sd in experts.items()})
+    packed.meta["base_fingerprint"] = fingerprint(base)   # as earlier versions recorded it
+    path = packed.save(tmp_path / "old.safetensors")
+    assert Compressed.load(path, base).tasks.keys() == packed.tasks.keys()
+    other = {**base, "visual.proj": base["visual.proj"] + 1}
+    with pytest.raises(CheckpointError, match="the base given is not the one"):
+        Compressed.load(path, other)
+
+
+def test_compressed_factors_of_mismatched_ranks_are_refused_at_load(tmp_path):
+    """cp07: U [m, k], S [k], Vh [k, n] must agree on k; factors whose product has the base's shape but whose
+    ranks disagree are refused when the file is read (naming the entry), not later by a matmul."""
+    import studio
+    from studio.compress import Compressed
+    from studio.io import read_metadata
+
+    base = clip_like_state_dict(width=16)
+    path = studio.compress(base, make_experts(base, 2)).save(tmp_path / "packed.safetensors")
+    entries = load_state_dict(path)
+    vh = entries["0/visual.proj/Vh"]
+    for name, value in (("0/visual.proj/Vh", torch.cat([vh, vh[:1]])),
+                        ("0/visual.proj/U", entries["0/visual.proj/U"][:, :1].contiguous())):
+        save_state_dict(tmp_path / "bad.safetensors", {**entries, name: value}, read_metadata(path))
+        with pytest.raises(CheckpointError, match=r"task 'task0', 'visual.proj': factors U .* do not make the base's"):
+            Compressed.load(tmp_path / "bad.safetensors", base)
+
+
+def test_a_folder_with_two_shard_indexes_is_ambiguous(tmp_path):
+    """io14/io15: a folder without model.safetensors and with two ``*.safetensors.index.json`` is refused (which
+    one?), even when it also holds a single .safetensors file; neither the first index nor that file is read."""
+    folder = tmp_path / "two"
+    folder.mkdir()
+    save_state_dict(folder / "shard.safetensors", {"w": torch.ones(2)})
+    for name in ("a", "b"):
+        (folder / f"{name}.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "shard.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"two: expected model.safetensors, one \*.safetensors.index.json or a "
+                                              r"single .safetensors file; found \['a.safetensors.index.json', "
+                                              r"'b.safetensors.index.json', 'shard.safetensors'\]"):
+        load_state_dict(folder)
+
+
+def test_recipe_inputs_follow_the_recipes_expert_order():
+    """io46: a recipe's experts are merged in its order, not in the order the caller's mapping lists them."""
+    from studio.io import recipe_inputs
+
+    base = {"w": torch.zeros(2)}
+    experts = {"a": {"w": torch.ones(2)}, "b": {"w": torch.full((2,), 2.0)}, "c": {"w": torch.full((2,), 3.0)}}
+    _, chosen = recipe_inputs(Recipe(method="ties", experts=["c", "a"]), base, experts)
+    assert list(chosen) == ["c", "a"]
+    _, chosen = recipe_inputs(Recipe(method="ties"), base, experts)   # none listed: all, in the mapping's order
+    assert list(chosen) == ["a", "b", "c"]
+
+
+def test_merge_never_writes_its_recipe_over_a_shard_index_it_reads(files, capsys):
+    """cl06: ``merge --recipe`` names an output like ``--out``: a recipe file name that is an input (here the base's
+    shard index, a .json name the recipe check allows) is refused before anything is merged or written."""
+    from huggingface_hub import save_torch_state_dict
+
+    tmp, base, experts, args = files
+    (tmp / "sharded").mkdir()
+    save_torch_state_dict(base, tmp / "sharded", max_shard_size=4000)
+    index = tmp / "sharded" / "model.safetensors.index.json"
+    before = index.read_bytes()
+    argv = ["merge", "--base", str(tmp / "sharded"), *args[2:], "--method", "task_arithmetic", "--device", "cpu",
+            "--out", str(tmp / "m.safetensors"), "--recipe", str(index)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is the checkpoint of the base, which this command reads" in err, err
+    assert index.read_bytes() == before and not (tmp / "m.safetensors").exists()
+
+
+def test_an_empty_prefix_is_named_as_the_option_at_fault(files, capsys):
+    """cl05: ``--prefix ''`` is refused as the option it is, before any checkpoint is read (not later as a recipe
+    field the user never wrote)."""
+    tmp, base, experts, args = files
+    out = tmp / "m.safetensors"
+    for cmd in (["merge", *args, "--method", "task_arithmetic", "--out", str(out)],
+                ["compress", *args, "--out", str(out)]):
+        assert main([*cmd, "--prefix", ""]) == 2, cmd
+        err = capsys.readouterr().err
+        assert "--prefix applies to --base and --expert checkpoints" in err and "must not be empty" in err, err
+        assert not out.exists()
+
+
+def test_merge_from_recipe_checks_recorded_experts_without_a_recorded_base():
+    """io52: a recipe that records only its experts' fingerprints (any part may be left out) still has them
+    checked: a changed expert is refused and named, the same weights merge."""
+    from studio.io import fingerprint, merge_from_recipe
+
+    base = clip_like_state_dict(width=8)
+    experts = make_experts(base, 2)
+    recorded = {n: fingerprint(sd) for n, sd in experts.items()}
+    r = Recipe(method="task_arithmetic", experts=list(experts), fingerprints={"experts": recorded})
+    merge_from_recipe(r, base, experts, device="cpu")
+    changed = {**experts, "task1": {**experts["task1"], "visual.proj": experts["task1"]["visual.proj"] + 1}}
+    with pytest.raises(CheckpointError, match=r"the weights differ .*expert 'task1': recorded sha256:"):
+        merge_from_recipe(r, base, changed, device="cpu")
+    merge_from_recipe(r, base, changed, check=False, device="cpu")
+
+
+def test_a_fingerprint_tells_dtypes_whose_bytes_and_shape_are_the_same():
+    """io28: the dtype is part of a fingerprint even where the bytes and the shape are identical (float32 vs
+    int32, float16 vs bfloat16 reinterpretations of the same memory)."""
+    from studio.io import fingerprint
+
+    w = torch.randn(4, 3)
+    h = w.half()
+    assert fingerprint({"w": w}) != fingerprint({"w": w.view(torch.int32)})
+    assert fingerprint({"w": h}) != fingerprint({"w": h.view(torch.bfloat16)})
+
+
+def test_save_merged_refuses_one_file_named_two_ways(tmp_path, monkeypatch):
+    """io43: the recipe and the weights named by different texts for the same file (relative and absolute) are
+    refused before anything is written; comparing the texts would let the recipe's rename replace the weights."""
+    from studio.io import save_merged
+
+    monkeypatch.chdir(tmp_path)
+    r = Recipe(method="ties", hparams={"k": 0.2}, experts=["a"])
+    with pytest.raises(CheckpointError, match="the recipe and the weights would both be written to m.yaml"):
+        save_merged("m.yaml", {"w": torch.ones(1)}, r, recipe_path=tmp_path / "m.yaml")
+    assert not (tmp_path / "m.yaml").exists()
+
+
+def test_explicit_nulls_in_a_recipe_take_the_fields_defaults():
+    """io38: an explicit null takes the field's default, svd_mode included ("auto", not None)."""
+    nulls = {"hparams": None, "experts": None, "calibrate_hparams": None, "seed": None, "studio_version": None,
+             "svd_mode": None}
+    r = Recipe.from_dict({"method": "ties", **nulls})
+    assert r == Recipe(method="ties") and r.svd_mode == "auto"
+    assert Recipe.from_text(json.dumps({"method": "ties", "svd_mode": None})).svd_mode == "auto"
+
+
+def test_merged_files_carry_the_format_metadata_transformers_requires(files):
+    """io45: save_merged writes ``format: pt`` into the header metadata, besides the recipe; transformers'
+    from_pretrained refuses a safetensors file whose metadata lacks it."""
+    from studio.io import RECIPE_METADATA_KEY, read_metadata, save_merged
+
+    tmp, base, experts, args = files
+    save_merged(tmp / "m.safetensors", base, Recipe(method="task_arithmetic", experts=list(experts)))
+    assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu", "--out",
+                 str(tmp / "cli.safetensors")]) == 0
+    for name in ("m.safetensors", "cli.safetensors"):
+        meta = read_metadata(tmp / name)
+        assert meta["format"] == "pt" and set(meta) == {"format", RECIPE_METADATA_KEY}, name
+
+
+def test_evaluate_tasks_merged_names_experts_the_suite_has_no_task_for(tmp_path, capsys):
+    """cl19: ``evaluate --tasks merged`` of a file whose recipe merged experts the suite lacks says so (the recipe's
+    experts, the suite and its tasks), rather than an unknown-task error for a --tasks the user did not write."""
+    from studio.io import save_merged
+
+    weights = tmp_path / "w.safetensors"
+    recipe = Recipe(method="task_arithmetic", experts=["digits", "cars"], suite="MiniSuite")
+    save_merged(weights, load_suite(DEFAULT_SUITE_PATH).base, recipe)
+    assert main(["evaluate", "--weights", str(weights), "--tasks", "merged", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--tasks merged: the recipe merged experts ['cars'] that the suite MiniSuite has no task for" in err, err
+
+
+def test_a_replay_of_a_recipe_that_recorded_some_experts_says_so(files, capsys):
+    """cl24: a recipe that recorded the base but only some experts (any part may be left out) and whose merge
+    differs is said not to have recorded all its inputs, not to have been merged "from other weights, as the
+    options say" (no option named any)."""
+    tmp, base, experts, args = files
+    out = tmp / "m.safetensors"
+    assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu", "--out", str(out)]) == 0
+    recipe = Recipe.from_file(out)
+    fp = recipe.fingerprints
+    partial = {"base": fp["base"], "experts": {"task0": fp["experts"]["task0"]}, "merged": "sha256:" + "0" * 64}
+    (tmp / "r.yaml").write_text(Recipe(**{**recipe.__dict__, "fingerprints": partial}).to_yaml())
+    capsys.readouterr()
+    assert main(["recipe", str(tmp / "r.yaml"), "--device", "cpu", "--out", str(tmp / "again.safetensors")]) == 0
+    said = capsys.readouterr().out
+    assert "; not the same bits as the merge the recipe recorded (the recipe did not record all its inputs))" in said, \
+        said
+
+
+def test_a_compressed_entry_for_a_task_index_past_the_tasks_is_refused(tmp_path):
+    """cp10: an entry whose task index is past the file's task list (a stray or corrupt entry) is refused by
+    name, not silently ignored."""
+    import studio
+    from studio.compress import Compressed
+    from studio.io import read_metadata
+
+    base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
+    experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
+    path = studio.compress(base, experts).save(tmp_path / "p.safetensors")
+    save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), "2/b/dense": torch.zeros(4)},
+                    read_metadata(path))
+    with pytest.raises(CheckpointError, match="bad.safetensors: unexpected entry '2/b/dense'"):
+        Compressed.load(tmp_path / "bad.safetensors", base)
+
+
+def test_a_long_missing_path_is_named_whole(tmp_path):
+    """io53: a path is shortened in a message only when absurdly long (over 2000 characters): a 1,300-character
+    path (deep folders) is named whole, so that it can be found again."""
+    source = tmp_path.joinpath(*["d" * 100] * 12, "m.safetensors")
+    assert 1200 < len(str(source)) < 2000
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict(str(source))
+    assert f"{source}: no such file or folder" in str(err.value)
+
+
+def test_a_packed_header_of_another_format_is_refused(tmp_path):
+    """cp13: the TSV-C header must say its format ('merge-studio tsv-c ...'); a header of another format with the
+    same fields is not read as one (by load, or by read_meta, which reconstruct trusts for the base to read)."""
+    import studio
+    from studio.compress import Compressed
+    from studio.io import read_metadata
+
+    base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
+    path = studio.compress(base, {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}).save(
+        tmp_path / "p.safetensors")
+    meta = read_metadata(path)
+    header = json.loads(meta["merge_studio_tsv_c"])
+    assert header["format"].startswith("merge-studio tsv-c")
+    foreign = json.dumps({**header, "format": "other-tool 1"})
+    save_state_dict(tmp_path / "other.safetensors", load_state_dict(path), {**meta, "merge_studio_tsv_c": foreign})
+    for read in (lambda p: Compressed.load(p, base), Compressed.read_meta):
+        with pytest.raises(CheckpointError, match=r"other.safetensors: not a TSV-C file written by Compressed.save "
+                                                  r"\(not its format\)"):
+            read(tmp_path / "other.safetensors")
+
+
+def test_a_hub_file_in_a_subfolder_is_pinned_to_its_commit(tmp_path, offline_hub):
+    """io09: ``owner/name/sub/file.safetensors`` is recorded as ``hf://owner/name@<commit>/sub/file.safetensors``:
+    the commit is the snapshot folder above the file's path in the repository, not the file's own folder."""
+    from .conftest import hub_cache
+
+    (tmp_path / "repo" / "sub").mkdir(parents=True)
+    save_state_dict(tmp_path / "repo" / "sub" / "w.safetensors", {"w": torch.ones(2)})
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    hub_cache(tmp_path / "repo", tmp_path / "hf", "studio-test/nested", commit=commit)
+    sd, pinned = load_checkpoint("studio-test/nested/sub/w.safetensors", cache_dir=tmp_path / "hf")
+    assert torch.equal(sd["w"], torch.ones(2))
+    assert pinned == f"hf://studio-test/nested@{commit}/sub/w.safetensors"
+
+
+def test_a_recipe_file_whose_text_starts_with_spaces_and_a_brace_is_read_as_text(tmp_path):
+    """io49: a file is taken for safetensors only if its 8-byte header length fits the file; an indented JSON
+    recipe (8 spaces, then '{') is read as the recipe it is."""
+    r = Recipe(method="ties", hparams={"k": 0.2}, experts=["a", "b"])
+    (tmp_path / "r.json").write_text(" " * 8 + r.to_json())
+    assert Recipe.from_file(tmp_path / "r.json") == r
+
+
+def test_a_missing_checkpoint_of_a_merge_is_not_said_to_be_one_a_recipe_recorded(files, capsys):
+    """cl12: the hint "a source the recipe recorded" is given only for sources a replayed recipe recorded, not for
+    a plain merge's --base/--expert."""
+    tmp, base, experts, args = files
+    (tmp / "task1.safetensors").unlink()
+    assert main(["merge", *args, "--method", "task_arithmetic", "--out", str(tmp / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "expert 'task1'" in err and "task1.safetensors" in err and "the recipe recorded" not in err, err
+
+
+def test_a_closed_pipe_ends_a_command_with_exit_status_0(monkeypatch):
+    """cl04: ``merge-studio ... | head``: a BrokenPipeError is the reader having what it wanted, exit status 0."""
+    import studio.cli
+
+    def closed(args):
+        raise BrokenPipeError
+
+    dups = []
+    monkeypatch.setattr(studio.cli, "_run", closed)
+    monkeypatch.setattr(studio.cli.os, "dup2", lambda *a: dups.append(a))
+    assert main(["methods"]) == 0 and len(dups) == 1
+
+
+def test_a_suite_with_an_expert_but_no_base_is_refused(files, capsys):
+    """cl22: ``--suite`` with ``--expert`` (and no ``--base``) is refused, not merged from the suite with the
+    --expert silently dropped."""
+    tmp, base, experts, args = files
+    out = tmp / "m.safetensors"
+    assert main(["merge", "--suite", "MiniSuite", args[2], args[3], "--method", "task_arithmetic", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    assert "give either --suite, or --base and --expert checkpoints, not both" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_replay_names_a_recorded_base_that_is_gone_as_one_the_recipe_recorded(files, capsys):
+    """cl28: a recipe's recorded base that no longer exists is said to be a source the recipe recorded, with the
+    option that reads another (--base)."""
+    tmp, base, experts, args = files
+    out = tmp / "m.safetensors"
+    assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu", "--out", str(out)]) == 0
+    (tmp / "base.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["recipe", str(out), "--device", "cpu", "--out", str(tmp / "again.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "the base: " in err and "(a source the recipe recorded; give --base to read another)" in err, err
+
+
+def test_a_compressed_entry_with_a_non_ascii_digit_index_is_a_checkpoint_error(tmp_path):
+    """Bug in HEAD (studio/compress.py, Compressed.load): an entry named '²/b/dense' passes ``index.isdigit()`` and
+    then ``int(index)`` raises a bare ValueError (a traceback from ``merge-studio reconstruct``), not the
+    CheckpointError 'unexpected entry' that other malformed names get."""
+    import studio
+    from studio.compress import Compressed
+    from studio.io import read_metadata
+
+    base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
+    experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
+    path = studio.compress(base, experts).save(tmp_path / "p.safetensors")
+    save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), "\u00b2/b/dense": torch.zeros(4)},
+                    read_metadata(path))
+    with pytest.raises(CheckpointError, match="unexpected entry"):
+        Compressed.load(tmp_path / "bad.safetensors", base)

@@ -1,7 +1,7 @@
 """Mutation testing of the engine: apply each mutant of ``tools/mutants.py`` to a scratch copy of the working tree,
 run the tests, and report which test killed it (or that none did).
 
-    python tools/mutation.py                      # every mutant (1-2 hours on 2 cores)
+    python tools/mutation.py                      # every mutant (2-3 hours on 2 cores)
     python tools/mutation.py L06 tsv5 c_dare      # some, by id
     python tools/mutation.py --list               # the mutants, without running them
 
@@ -31,7 +31,8 @@ from mutants import MUTANTS  # noqa: E402
 #: the test files every mutant runs against, the fast and the broad ones first
 CORE = ["tests/test_lapack.py", "tests/test_methods_spectral.py", "tests/test_methods_sparse.py",
         "tests/test_methods_calibration.py", "tests/test_diagnostics.py", "tests/test_engine.py",
-        "tests/test_contract.py", "tests/test_crosscheck_mergekit.py", "tests/test_crosscheck_fusionbench.py"]
+        "tests/test_contract.py", "tests/test_crosscheck_mergekit.py", "tests/test_crosscheck_fusionbench.py",
+        "tests/test_io_cli.py", "tests/test_ui_backend.py", "tests/test_ui_controls.py"]
 
 
 def _copy_tree(dest: Path) -> None:
