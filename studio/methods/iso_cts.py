@@ -152,8 +152,9 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     the official float64 loop keeps; no threshold parts the two, and this one keeps both, as the official code does.
     In ``svd_mode="exact"`` LAPACK's float32 residual SVDs leave more such dependences above the tolerance: experts
     ``X1 + Y1, X2 + Y2, -(X1 + X2) + Y3`` of a ``32 x 48`` layer (the ``X`` parts cancel in the sum) merge 47 % from
-    ``"auto"`` there, and 66 % apart between a zero and a random base (``"auto"``: 6.4e-7; the official loop in
-    float64, which also completes the sum's null space, 121 %; docs/ACCURACY.md).
+    ``"auto"`` there, and 66 % apart between a zero and a random base (``"auto"``: 6.4e-7 with OpenBLAS's Haswell
+    kernel, 33 % with its SkylakeX kernel, where the rounding falls the other way; the official loop in float64,
+    which also completes the sum's null space, 121 %; docs/ACCURACY.md).
     With ``common_space_fraction = 1`` this is Iso-C.
 
     Example:
