@@ -1739,19 +1739,20 @@ def test_a_replay_of_a_recipe_that_recorded_some_experts_says_so(files, capsys):
         said
 
 
-def test_a_compressed_entry_for_a_task_index_past_the_tasks_is_refused(tmp_path):
-    """cp10: an entry whose task index is past the file's task list (a stray or corrupt entry) is refused by
-    name, not silently ignored."""
-    import studio
+@pytest.mark.parametrize("entry", ["2/b/dense", "\u00b2/b/dense"])
+def test_a_compressed_entry_of_no_task_is_refused_by_name(tmp_path, entry):
+    """An entry whose task index is past the file's task list (a stray or corrupt entry; cp10 of the mutation
+    audit), or is a digit that is no ASCII number ('\u00b2' passed str.isdigit() and int() then raised a bare
+    ValueError, a traceback from `merge-studio reconstruct`), is refused by name, not ignored."""
     from studio.compress import Compressed
     from studio.io import read_metadata
 
     base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
     experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
     path = studio.compress(base, experts).save(tmp_path / "p.safetensors")
-    save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), "2/b/dense": torch.zeros(4)},
+    save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), entry: torch.zeros(4)},
                     read_metadata(path))
-    with pytest.raises(CheckpointError, match="bad.safetensors: unexpected entry '2/b/dense'"):
+    with pytest.raises(CheckpointError, match=f"bad.safetensors: unexpected entry '{entry}'"):
         Compressed.load(tmp_path / "bad.safetensors", base)
 
 
@@ -1853,20 +1854,3 @@ def test_a_replay_names_a_recorded_base_that_is_gone_as_one_the_recipe_recorded(
     assert main(["recipe", str(out), "--device", "cpu", "--out", str(tmp / "again.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "the base: " in err and "(a source the recipe recorded; give --base to read another)" in err, err
-
-
-def test_a_compressed_entry_with_a_non_ascii_digit_index_is_a_checkpoint_error(tmp_path):
-    """Bug in HEAD (studio/compress.py, Compressed.load): an entry named '²/b/dense' passes ``index.isdigit()`` and
-    then ``int(index)`` raises a bare ValueError (a traceback from ``merge-studio reconstruct``), not the
-    CheckpointError 'unexpected entry' that other malformed names get."""
-    import studio
-    from studio.compress import Compressed
-    from studio.io import read_metadata
-
-    base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
-    experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
-    path = studio.compress(base, experts).save(tmp_path / "p.safetensors")
-    save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), "\u00b2/b/dense": torch.zeros(4)},
-                    read_metadata(path))
-    with pytest.raises(CheckpointError, match="unexpected entry"):
-        Compressed.load(tmp_path / "bad.safetensors", base)
