@@ -1,4 +1,4 @@
-"""Mutation testing of the engine: apply each mutant of ``tools/mutants.py`` to a scratch copy of the working tree,
+"""Mutation testing: apply each mutant of ``tools/mutants.py`` to a scratch copy of the working tree,
 run the tests, and report which test killed it (or that none did).
 
     python tools/mutation.py                      # every mutant (3-5 hours on 2 cores)
