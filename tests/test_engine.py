@@ -198,8 +198,6 @@ def test_inputs_that_are_not_mergeable_state_dicts_name_what_is_wrong(clip_pool)
 
 
 def test_preferences_take_any_real_scalar(clip_pool):
-    import numpy as np
-
     base, experts = clip_pool
     want = studio.merge(base, experts, "task_arithmetic", preferences=[1.0, 2.0, 0.0, 1.0])
     for prefs in ({"task0": np.float32(1), "task1": torch.tensor(2.0), "task3": np.int64(1)},

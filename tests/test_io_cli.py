@@ -1555,7 +1555,6 @@ def test_the_settings_fingerprint_covers_every_setting_and_the_experts_order():
 def test_compressed_files_of_earlier_versions_accept_their_half_precision_base(tmp_path):
     """cp04: files written before base_fingerprint recorded the base in its own dtype (plain fingerprint); such a
     file still loads against that half-precision base, and still refuses another."""
-    import studio
     from studio.compress import Compressed
     from studio.io import fingerprint
 
@@ -1574,9 +1573,7 @@ def test_compressed_files_of_earlier_versions_accept_their_half_precision_base(t
 def test_compressed_factors_of_mismatched_ranks_are_refused_at_load(tmp_path):
     """cp07: U [m, k], S [k], Vh [k, n] must agree on k; factors whose product has the base's shape but whose
     ranks disagree are refused when the file is read (naming the entry), not later by a matmul."""
-    import studio
     from studio.compress import Compressed
-    from studio.io import read_metadata
 
     base = clip_like_state_dict(width=16)
     path = studio.compress(base, make_experts(base, 2)).save(tmp_path / "packed.safetensors")
@@ -1676,8 +1673,6 @@ def test_a_fingerprint_tells_dtypes_whose_bytes_and_shape_are_the_same():
 def test_save_merged_refuses_one_file_named_two_ways(tmp_path, monkeypatch):
     """io43: the recipe and the weights named by different texts for the same file (relative and absolute) are
     refused before anything is written; comparing the texts would let the recipe's rename replace the weights."""
-    from studio.io import save_merged
-
     monkeypatch.chdir(tmp_path)
     r = Recipe(method="ties", hparams={"k": 0.2}, experts=["a"])
     with pytest.raises(CheckpointError, match="the recipe and the weights would both be written to m.yaml"):
@@ -1697,8 +1692,6 @@ def test_explicit_nulls_in_a_recipe_take_the_fields_defaults():
 def test_merged_files_carry_the_format_metadata_transformers_requires(files):
     """io45: save_merged writes ``format: pt`` into the header metadata, besides the recipe; transformers'
     from_pretrained refuses a safetensors file whose metadata lacks it."""
-    from studio.io import RECIPE_METADATA_KEY, read_metadata, save_merged
-
     tmp, base, experts, args = files
     save_merged(tmp / "m.safetensors", base, Recipe(method="task_arithmetic", experts=list(experts)))
     assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu", "--out",
@@ -1711,8 +1704,6 @@ def test_merged_files_carry_the_format_metadata_transformers_requires(files):
 def test_evaluate_tasks_merged_names_experts_the_suite_has_no_task_for(tmp_path, capsys):
     """cl19: ``evaluate --tasks merged`` of a file whose recipe merged experts the suite lacks says so (the recipe's
     experts, the suite and its tasks), rather than an unknown-task error for a --tasks the user did not write."""
-    from studio.io import save_merged
-
     weights = tmp_path / "w.safetensors"
     recipe = Recipe(method="task_arithmetic", experts=["digits", "cars"], suite="MiniSuite")
     save_merged(weights, load_suite(DEFAULT_SUITE_PATH).base, recipe)
@@ -1745,7 +1736,6 @@ def test_a_compressed_entry_of_no_task_is_refused_by_name(tmp_path, entry):
     audit), or is a digit that is no ASCII number ('\u00b2' passed str.isdigit() and int() then raised a bare
     ValueError, a traceback from `merge-studio reconstruct`), is refused by name, not ignored."""
     from studio.compress import Compressed
-    from studio.io import read_metadata
 
     base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
     experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
@@ -1769,9 +1759,7 @@ def test_a_long_missing_path_is_named_whole(tmp_path):
 def test_a_packed_header_of_another_format_is_refused(tmp_path):
     """cp13: the TSV-C header must say its format ('merge-studio tsv-c ...'); a header of another format with the
     same fields is not read as one (by load, or by read_meta, which reconstruct trusts for the base to read)."""
-    import studio
     from studio.compress import Compressed
-    from studio.io import read_metadata
 
     base = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
     path = studio.compress(base, {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}).save(

@@ -701,8 +701,6 @@ def test_dare_cpu_path_keeps_an_entry_drawn_exactly_at_p():
     grid of the draws. With p set to a value the generator draws, one entry sits exactly on the cut: the CPU
     path must keep it as the stacked draw does (u > p differs on ~1 entry in 2^24 otherwise, which no random test
     reaches)."""
-    from studio.methods._sparsify import random_drop
-
     g = torch.Generator().manual_seed(7)
     base = {"w": torch.zeros(40, 30)}
     experts = {f"t{i}": {"w": torch.randn(40, 30, generator=g)} for i in range(3)}

@@ -145,11 +145,11 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     the polar factors here leave them out (a partial isometry, see :func:`~studio.linalg.polar_gram`): those whose
     singular value in the concatenation is at or below :func:`~studio.linalg.null_tolerance` (1.2e-7 of its
     largest up to 64 columns, 4.1e-7 at 768). Just above it float32 data cannot tell a dependence from a genuine
-    direction: a
-    helper's edge audit found rank-2 experts (5 on a ``20 x 12`` layer, the sum of rank 10) whose exact dependence
-    rounds to 1.3e-7 and is whitened in (39 % from the partial isometry), where an ill-conditioned full-rank case
-    (``test_iso_cts_auto_mode_whitens_fully_where_the_sums_svd_fell_back_to_lapack``) has a direction at 1.4e-7 that
-    the official float64 loop keeps; no threshold parts the two, and this one keeps both, as the official code does.
+    direction: a helper's edge audit found rank-2 experts (5 on a ``20 x 12`` layer, the sum of rank 10) whose exact
+    dependence rounds to 1.3e-7 and is whitened in (39 % from the partial isometry), where an ill-conditioned
+    full-rank case (``test_iso_cts_auto_mode_whitens_fully_where_the_sums_svd_fell_back_to_lapack``) has a direction
+    at 1.4e-7 that the official float64 loop keeps; no threshold parts the two, and this one keeps both, as the
+    official code does (in ``"exact"`` OpenBLAS's SkylakeX kernel rounds that direction below the tolerance).
     In ``svd_mode="exact"`` LAPACK's float32 residual SVDs leave more such dependences above the tolerance: experts
     ``X1 + Y1, X2 + Y2, -(X1 + X2) + Y3`` of a ``32 x 48`` layer (the ``X`` parts cancel in the sum) merge 47 % from
     ``"auto"`` there, and 66 % apart between a zero and a random base (``"auto"``: 6.4e-7 with OpenBLAS's Haswell
