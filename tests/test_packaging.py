@@ -127,6 +127,39 @@ def test_the_readme_command_line_examples_run_as_written(tmp_path, monkeypatch, 
     capsys.readouterr()
 
 
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives a file's headings: lower case, punctuation but ``-`` and ``_`` dropped, spaces to
+    ``-``, a repeated heading's anchor suffixed ``-1``, ``-2``, ... (code blocks hold no headings)."""
+    seen: dict[str, int] = {}
+    out = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M):
+        anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        n = seen.get(anchor, 0)
+        seen[anchor] = n + 1
+        out.add(anchor if n == 0 else f"{anchor}-{n}")
+    return out
+
+
+def test_the_docs_links_lead_somewhere():
+    """Every relative link in the README, the changelog and docs/ names a file that exists and, with ``#anchor``, a
+    heading of that file (the README's details live in docs/ENGINE.md and docs/PERFORMANCE.md, linked by section)."""
+    pages = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
+                broken.append(f"{page.name}: {target} (no such heading)")
+    assert not broken, broken
+    assert len(pages) >= 5
+
+
 def test_every_mutant_of_the_mutation_tool_applies_to_the_code():
     """tools/mutation.py replaces one text per mutant; each must occur exactly once in its file, so the audit does not
     go stale silently as the code changes (the tool itself reports a stale mutant and exits 1)."""
