@@ -845,11 +845,12 @@ class Recipe:
 
     @classmethod
     def from_text(cls, text: str, source: str = "recipe") -> "Recipe":
-        """Parse YAML or JSON (JSON is valid YAML); ``source`` names the text in errors (e.g. its file)."""
+        """Parse YAML or JSON (JSON is valid YAML; a number with an exponent and no dot, such as ``5e-05``, is a number,
+        as in JSON and YAML 1.2); ``source`` names the text in errors (e.g. its file)."""
         if not isinstance(text, (str, bytes)):
             raise CheckpointError(f"a recipe is YAML or JSON text, got {brief(text)}")
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=_RecipeLoader)
         except RecursionError as exc:
             raise CheckpointError(f"{source}: not valid YAML/JSON (nested too deeply)") from exc
         except yaml.YAMLError as exc:
@@ -886,6 +887,16 @@ class Recipe:
         return dict(self.hparams, calibrate=self.calibrate,
                     calibrate_hparams=dict(self.calibrate_hparams) or None,
                     preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading a number with an exponent and no dot (``5e-05``, ``1E3``) as a float, as YAML 1.2
+    and JSON do, instead of as text (YAML 1.1, which PyYAML follows, needs a dot). ``Recipe.to_json`` writes such
+    numbers (``json.dumps(5e-05)``), and every exported file embeds that JSON."""
+
+
+_RecipeLoader.add_implicit_resolver(   # copies the inherited resolvers, then adds this one after them
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _yaml_problem(exc: Exception) -> str:

@@ -1689,6 +1689,24 @@ def test_explicit_nulls_in_a_recipe_take_the_fields_defaults():
     assert Recipe.from_text(json.dumps({"method": "ties", "svd_mode": None})).svd_mode == "auto"
 
 
+def test_numbers_written_with_an_exponent_and_no_dot_are_numbers_in_recipes(files):
+    """From a fuzz audit: ``Recipe.to_json`` writes 5e-05 as ``5e-05``, which YAML 1.1 (PyYAML's safe loader) reads as
+    text, so a recipe embedded in an exported file with such a value failed its replay ('alpha' must be a number).
+    JSON and YAML 1.2 read it as a number, and so do recipes now, exported or written by hand."""
+    tmp, base, experts, _ = files
+    recipe = Recipe(method="task_arithmetic", hparams={"alpha": 5e-05}, experts=list(experts),
+                    preferences={name: w for name, w in zip(experts, (1e-06, 1.0, 3e2))})
+    assert "5e-05" in recipe.to_json() and "1e-06" in recipe.to_json()
+    assert Recipe.from_text(recipe.to_json()) == recipe == Recipe.from_text(recipe.to_yaml())
+    save_merged(tmp / "m.safetensors", merge_from_recipe(recipe, base, experts), recipe)
+    back = Recipe.from_file(tmp / "m.safetensors")
+    assert back == recipe and isinstance(back.hparams["alpha"], float)
+    _equal(merge_from_recipe(back, base, experts), merge_from_recipe(recipe, base, experts))
+    by_hand = Recipe.from_text("method: ties\nhparams: {k: 2E-1, alpha: -1e+0}\nexperts: [a]\nseed: 1_0\n")
+    assert by_hand.hparams == {"k": 0.2, "alpha": -1.0} and by_hand.seed == 10
+    assert Recipe.from_text("method: ties\nhparams: {merge_func: e5}\n").hparams == {"merge_func": "e5"}
+
+
 def test_merged_files_carry_the_format_metadata_transformers_requires(files):
     """io45: save_merged writes ``format: pt`` into the header metadata, besides the recipe; transformers'
     from_pretrained refuses a safetensors file whose metadata lacks it."""
