@@ -203,6 +203,15 @@ def _require_pool(pool: Any) -> None:
         raise DiagnosticsError(f"expected a TaskPool (studio.get_pool(base, experts)), got {type(pool).__name__}")
 
 
+def _require_weights(pool: TaskPool, key: str) -> None:
+    """A key the spectral diagnostics read must hold weights (a floating-point tensor), not an integer or bool buffer,
+    which has no task vectors (a merge keeps the base's)."""
+    dtype = pool.base[key].dtype
+    if not dtype.is_floating_point:
+        raise DiagnosticsError(f"key '{key}' is a buffer of {str(dtype).removeprefix('torch.')}; spectral "
+                               f"diagnostics need a floating-point matrix layer")
+
+
 def _require_layer(layer: LayerTasks) -> None:
     if not isinstance(layer, LayerTasks):
         raise DiagnosticsError(f"expected a layer, pool.layer(key), got {type(layer).__name__}")
@@ -1096,6 +1105,7 @@ def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerR
                                    f"{pool.keys[:3]}")
         if pool.base[key].dim() != 2:
             raise DiagnosticsError(f"key '{key}' has shape {tuple(pool.base[key].shape)}; expected a 2-D matrix")
+        _require_weights(pool, key)
     return keys
 
 
@@ -1252,6 +1262,7 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
     shape = tuple(pool.base[key].shape)
     if len(shape) != 2 or min(shape) < 1:
         raise DiagnosticsError(f"key '{key}' has shape {shape}; the '{metric}' heatmap needs a 2-D matrix layer")
+    _require_weights(pool, key)
     layer = pool.layer(key, weights)
     if isinstance(merged, Mapping):
         merged = _resolve_merged_mapping(pool, merged, [key], merged_is_delta)(key)

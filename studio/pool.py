@@ -685,6 +685,10 @@ class TaskPool:
         matrix."""
         if key not in self.base:
             raise StudioError(f"unknown key {brief(key)}; the pool has {len(self.base)} keys, e.g. {self.keys[:3]}")
+        if not self.base[key].is_floating_point():   # a merge keeps such a buffer as the base has it
+            dtype = str(self.base[key].dtype).removeprefix("torch.")
+            raise StudioError(f"'{key}' is a buffer of {dtype}, not a weight: it has no task vectors (only "
+                              f"floating-point tensors do)")
         if weights is not None:
             T = len(self.names)
             try:

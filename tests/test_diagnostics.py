@@ -696,6 +696,26 @@ def test_the_spectral_helpers_name_inputs_that_are_not_finite_float_tensors():
             call()
 
 
+def test_diagnostics_of_an_integer_or_bool_buffer_name_the_key_and_its_dtype():
+    """From a fuzz audit: on a bool buffer the heatmaps that read the task matrices raised torch's NotImplementedError
+    (a bool subtraction), and on an integer one every heatmap returned zeros (xi and SAI: NaN). Such a buffer has no
+    task vectors, and a merge keeps the base's."""
+    base = {"w": torch.zeros(4, 4), "mask": torch.ones(4, 4, dtype=torch.bool), "idx": torch.arange(16).reshape(4, 4)}
+    experts = {n: {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(i)), "mask": base["mask"].clone(),
+                   "idx": base["idx"].clone()} for i, n in enumerate("ab")}
+    pool = studio.get_pool(base, experts)
+    for key, dtype in (("mask", "bool"), ("idx", "int64")):
+        for metric in D.METRICS:
+            with pytest.raises(D.DiagnosticsError, match=f"key '{key}' is a buffer of {dtype}; spectral diagnostics"):
+                D.interference_matrix(pool, key, metric)
+        with pytest.raises(D.DiagnosticsError, match=f"key '{key}' is a buffer of {dtype}"):
+            D.layer_curves(pool, keys=[key])
+        with pytest.raises(studio.StudioError, match=f"'{key}' is a buffer of {dtype}, not a weight"):
+            pool.layer(key)
+    assert D.interference_matrix(pool, "w", "cosine").shape == (2, 2)
+    assert studio.merge(base, experts, "ties")["idx"].equal(base["idx"])
+
+
 def test_the_layer_and_pool_diagnostics_name_arguments_of_the_wrong_kind():
     """A mapping where a pool belongs, one string as the key list, a NaN or integer merged delta raised Python's
     AttributeError / TypeError or LAPACK's error."""
