@@ -112,7 +112,8 @@ def _case(case: int) -> dict:
     if calibrate:
         kwargs["calibrate_hparams"] = _hparams(rng, CALIBRATIONS[calibrate]["params"])
     if rng.random() < 0.3:
-        kwargs["preferences"] = {n: rng.choice([0.0, 1.0, rng.uniform(0, 5), 10.0 ** -rng.randint(5, 7)]) for n in names}
+        weights = lambda: rng.choice([0.0, 1.0, rng.uniform(0, 5), 10.0 ** -rng.randint(5, 7)])   # noqa: E731
+        kwargs["preferences"] = {n: weights() for n in names}
     return {"base": base, "experts": experts, "method": method, "kwargs": kwargs}
 
 
@@ -157,11 +158,11 @@ def test_random_merges_either_refuse_clearly_or_keep_every_invariant(chunk):
             assert _same_bits(base[key], before[0][key]), f"{where}: the base's {key} changed"
             for n in experts:
                 assert _same_bits(experts[n][key], before[1][n][key]), f"{where}: expert {n}'s {key} changed"
-        recipe = Recipe(method=method, hparams={k: v for k, v in kwargs.items() if k not in (
-            "calibrate", "svd_mode", "seed", "layer_rule", "calibrate_hparams", "preferences")},
-            experts=list(experts), calibrate=kwargs["calibrate"], calibrate_hparams=kwargs.get("calibrate_hparams") or {},
-            preferences=kwargs.get("preferences"), seed=kwargs["seed"], layer_rule=kwargs["layer_rule"],
-            svd_mode=kwargs["svd_mode"])
+        options = ("calibrate", "svd_mode", "seed", "layer_rule", "calibrate_hparams", "preferences")
+        recipe = Recipe(method=method, hparams={k: v for k, v in kwargs.items() if k not in options},
+                        experts=list(experts), calibrate=kwargs["calibrate"],
+                        calibrate_hparams=kwargs.get("calibrate_hparams") or {}, preferences=kwargs.get("preferences"),
+                        seed=kwargs["seed"], layer_rule=kwargs["layer_rule"], svd_mode=kwargs["svd_mode"])
         for text in (recipe.to_json(), recipe.to_yaml()):
             assert Recipe.from_text(text) == recipe, f"{where}: {text}"
         rng = random.Random(-case)   # one heatmap of the app on a random key, against the merge
