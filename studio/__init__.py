@@ -26,4 +26,4 @@ __all__ = [
     "StudioError", "ExpertError", "HyperparameterError", "UnknownMethodError",
     "Suite", "load_suite", "default_suite", "evaluate", "alpha_sweep", "predict", "EvalResult",
 ]
-__version__ = "0.2.1"
+__version__ = "0.2.2"
