@@ -27,13 +27,14 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, atomic_write, check_fingerprints, check_recipe_path, check_weights_path,
-                 checkpoint_files, fingerprint, hub_spec, input_fingerprints, is_hub_url, is_local_path,
-                 load_checkpoint, load_state_dict, looks_like_safetensors, merge_from_recipe, recipe_inputs,
-                 refuse_overwriting, save_merged, save_state_dict, shown_path)
+from .io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints,
+                 check_recipe_path, check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints,
+                 is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
+                 merge_from_recipe, read_metadata, recipe_inputs, refuse_overwriting, save_merged, save_state_dict,
+                 shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
-from .schema import StudioError, json_safe, validate_hparams
+from .schema import StudioError, brief, json_safe, validate_hparams
 
 
 def methods_table(markdown: bool = True) -> str:
@@ -53,8 +54,9 @@ def methods_table(markdown: bool = True) -> str:
 
 
 def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
-    """``NAME=VALUE`` pairs; a value is read as YAML (``true``, ``0.3``, ``[1, 2]``), and a YAML string that is a
-    number in Python's syntax (``1e-1``, which YAML 1.1 reads as text) as that number.
+    """``NAME=VALUE`` pairs; a value is read as YAML (``true``, ``0.3``, ``[1, 2]``) with YAML 1.2's numbers
+    (:class:`studio.io.YamlLoader`: ``1e-1`` is a number, ``1:30`` text), and a YAML string that is a number in
+    Python's syntax (``inf``) as that number.
 
     Example:
         >>> _parse_sets(["alpha=1e-1", "k=0.2", "merge_func=mean", "ties_consensus=true"])
@@ -66,7 +68,7 @@ def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
             raise StudioError(f"{option} expects NAME=VALUE, got {item!r}")
         name, value = item.split("=", 1)
         try:
-            parsed = yaml.safe_load(value)
+            parsed = yaml.load(value, Loader=YamlLoader)
         except yaml.YAMLError as exc:
             raise StudioError(f"{option} {item!r}: the value is not valid YAML ({exc.problem or exc})") from None
         if isinstance(parsed, str):
@@ -94,6 +96,9 @@ def _parse_preferences(text: str | None) -> dict[str, float] | None:
         prefs = json.loads(text, object_pairs_hook=mapping)
     except json.JSONDecodeError as exc:
         raise StudioError(f"--preferences {text!r} is not valid JSON ({exc.msg}); expected e.g. '{{\"cars\": 2}}'") \
+            from None
+    except RecursionError:
+        raise StudioError(f"--preferences {brief(text)} is nested too deeply; expected e.g. '{{\"cars\": 2}}'") \
             from None
     if not isinstance(prefs, dict):
         raise StudioError(f"--preferences must be a JSON mapping of expert names to weights, got {text!r}")
@@ -254,15 +259,19 @@ def _embedded_recipe(weights: str) -> Recipe | None:
     path = Path(weights)
     if is_hub_url(weights) or not (path.is_file() or path.is_dir()):
         return None
-    with contextlib.suppress(StudioError, OSError):
+    try:
         if path.is_dir():   # a folder in the Hugging Face layout: its one weights file (shards carry no recipe)
             files = checkpoint_files(path)
             if len(files) != 1 or files[0][1] is not None:
                 return None
             path = files[0][0]
-        if looks_like_safetensors(path):
-            return Recipe.from_file(path)
-    return None
+        meta = read_metadata(path) if looks_like_safetensors(path) else {}
+    except (StudioError, OSError):   # not a file with metadata: the caller reads it as weights, or says why not
+        return None
+    if RECIPE_METADATA_KEY not in meta:
+        return None
+    # a recipe that is there but malformed is named, not taken for no recipe
+    return Recipe.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
 
 
 def _diagnose(args: argparse.Namespace) -> None:

@@ -220,12 +220,17 @@ class Compressed:
         path = Path(path)
         meta = _header(path)
         try:
-            names = [str(n) for n in meta["tasks"]]
+            tasks = meta["tasks"]
+            if not isinstance(tasks, list) or not all(isinstance(n, str) and n for n in tasks):
+                raise ValueError(f"'tasks' must be a list of task names, got {brief(tasks)}")
+            names = list(tasks)
             rule = LayerRule.from_dict(meta["layer_rule"])
             fraction = meta.get("rank_fraction")
             if len(set(names)) != len(names) or not isinstance(meta.get("meta") or {}, Mapping) \
-                    or not (fraction is None or isinstance(fraction, (int, float)) and not isinstance(fraction, bool)):
-                raise ValueError("repeated task names, or a malformed 'meta' or 'rank_fraction'")
+                    or not (fraction is None or isinstance(fraction, (int, float)) and not isinstance(fraction, bool)
+                            and 0 < fraction <= 1):
+                raise ValueError("repeated task names, or a malformed 'meta' or 'rank_fraction' (in (0, 1] or "
+                                 "null)")
         except (TypeError, KeyError, ValueError, StudioError) as exc:
             raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
         parts: dict[tuple[int, str], dict[str, Tensor]] = {}
@@ -309,6 +314,9 @@ def _header(path: Path) -> dict[str, Any]:
             raise ValueError("not its format")
     except ValueError as exc:
         raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save (its header is nested too "
+                              f"deeply)") from None
     return header
 
 

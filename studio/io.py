@@ -356,8 +356,8 @@ def _weight_map(index: Path) -> list[tuple[str, str]]:
 def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
     """The shard files of a shard index (Hugging Face's sharded layout), each with the tensors it should hold."""
     by_shard: dict[str, list[str]] = {}
-    for key, shard in _weight_map(index):
-        by_shard.setdefault(shard, []).append(key)
+    for key, shard in _weight_map(index):   # one shard named two ways ("s1", "./s1") is one file
+        by_shard.setdefault(os.path.normpath(shard), []).append(key)
     out = []
     for shard, keys in by_shard.items():
         what = f"{index}: shard {shard!r} (holding {len(keys)} tensor(s), e.g. {keys[0]!r})"
@@ -371,11 +371,33 @@ def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
     return out
 
 
+@contextlib.contextmanager
+def path_errors(path: "str | os.PathLike") -> Iterator[None]:
+    """A path the file system cannot look up (too long a name, a NUL byte, a loop of symbolic links), where
+    pathlib's checks raise ``OSError``, ``ValueError`` or ``RuntimeError``, as a :class:`CheckpointError` naming it.
+
+    Example:
+        >>> with path_errors("a" * 300):
+        ...     Path("a" * 300).is_file()
+        Traceback (most recent call last):
+        studio.io.CheckpointError: aaaa...aaaa: not a usable path (File name too long)
+    """
+    try:
+        yield
+    except StudioError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        why = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None) or exc
+        name = str(path) if len(str(path)) <= 80 else f"{str(path)[:4]}...{str(path)[-4:]}"
+        raise CheckpointError(f"{name}: not a usable path ({why})") from None
+
+
 def _checked_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     _refuse_pickle(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    with path_errors(path):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
     return path
 
 
@@ -446,17 +468,22 @@ def atomic_write(path: Path) -> Iterator[str]:
     :class:`CheckpointError` naming ``path`` (not the temporary file), and so do safetensors' write errors (a full
     disk). A symbolic link is written through (its target is replaced, the link stays). A device, FIFO or socket
     is refused: the rename would replace it with a regular file (``/dev/null`` itself, for root)."""
-    if path.is_symlink():
-        path = path.resolve()
-    with contextlib.suppress(OSError):
-        mode = path.stat().st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-            raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
-                                  f"renaming it into place would replace; give the name of a regular file")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if "\x00" in str(path):   # pathlib's checks answer False for it, and mkstemp raises ValueError
+        raise CheckpointError(f"cannot write {str(path)!r}: a file name cannot hold a NUL byte")
+    try:
+        if path.is_symlink():
+            path = path.resolve()
+        mode = path.stat().st_mode if path.exists() else None
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        made = [p for p in reversed(path.parents) if not p.exists()]
+    except (OSError, RuntimeError, ValueError) as exc:   # too long a name, a NUL byte, a loop of symbolic links
+        why = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None) or exc
+        raise CheckpointError(f"cannot write {path}: {why}") from None
+    if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
+                              f"renaming it into place would replace; give the name of a regular file")
     if blocking is not None:
         raise CheckpointError(f"cannot write {path}: {blocking} is a file, not a folder")
-    made = [p for p in reversed(path.parents) if not p.exists()]
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -484,7 +511,9 @@ def check_weights_path(path: str | os.PathLike) -> Path:
     if not str(path).strip():
         raise CheckpointError("the weights' file name is empty; give a .safetensors file name")
     path = Path(path)
-    if path.is_dir():   # refused before a merge runs, not when its output is renamed into place
+    with path_errors(path):
+        folder = path.is_dir()
+    if folder:   # refused before a merge runs, not when its output is renamed into place
         raise CheckpointError(f"cannot write {path}: it is a folder; give a file name (e.g. "
                               f"{path / 'model.safetensors'})")
     if path.suffix.lower() in PICKLE_SUFFIXES:
@@ -718,12 +747,30 @@ class Recipe:
         self.experts = list(self.experts)
         if self.calibrate is not None and not isinstance(self.calibrate, str):
             raise bad("calibrate", "a calibration name or null")
+        if not isinstance(self.studio_version, str):
+            raise bad("studio_version", "the version text of the merge-studio that wrote the recipe")
+        if self.suite is not None and not isinstance(self.suite, str):
+            raise bad("suite", "a suite's folder, Hub repository or name, or null")
+        if not isinstance(self.svd_mode, str):
+            raise bad("svd_mode", "'auto' or 'exact'")
         if self.preferences is not None and not isinstance(self.preferences, Mapping):
             raise bad("preferences", "a mapping of expert names to weights, or null")
+        for name in ("hparams", "calibrate_hparams", "preferences"):   # JSON would turn other keys into text
+            keys = [k for k in (getattr(self, name) or {}) if not isinstance(k, str)]
+            if keys:
+                raise CheckpointError(f"recipe field '{name}' must be keyed by names (text), got the key "
+                                      f"{brief(keys[0])}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise bad("seed", "an integer")
         if self.layer_rule is not None and not isinstance(self.layer_rule, (str, Mapping)):
             raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
+        if isinstance(self.layer_rule, Mapping):   # its patterns and name, checked as a merge would read them
+            from .layers import LayerRule
+
+            try:
+                LayerRule.from_dict(self.layer_rule)
+            except StudioError as exc:
+                raise CheckpointError(f"recipe field 'layer_rule': {exc}") from None
         if self.prefix is not None and (not isinstance(self.prefix, str) or not self.prefix):
             raise bad("prefix", "a non-empty tensor-name prefix or null (every tensor)")
         if self.sources is not None:
@@ -850,24 +897,31 @@ class Recipe:
         if not isinstance(text, (str, bytes)):
             raise CheckpointError(f"a recipe is YAML or JSON text, got {brief(text)}")
         try:
-            data = yaml.load(text, Loader=_RecipeLoader)
+            data = yaml.load(text, Loader=YamlLoader)
         except RecursionError as exc:
             raise CheckpointError(f"{source}: not valid YAML/JSON (nested too deeply)") from exc
         except yaml.YAMLError as exc:
             raise CheckpointError(f"{source}: not valid YAML/JSON{_yaml_problem(exc)}") from exc
-        if source != "recipe" and not isinstance(data, Mapping):   # name the file, not only what a recipe is
+        if source == "recipe":
+            return cls.from_dict(data)
+        if not isinstance(data, Mapping):   # name the file, not only what a recipe is
             raise CheckpointError(f"{source}: not a recipe: a recipe is a mapping with at least a 'method' field, "
                                   f"this text is {type(data).__name__ if data is not None else 'empty'}")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except CheckpointError as exc:   # a field at fault, named with the file it is in
+            raise CheckpointError(f"{source}: {exc}") from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Recipe":
         """Load a ``.yaml``/``.json`` recipe, or the recipe embedded in an exported ``.safetensors`` file."""
         path = Path(path)
-        if path.is_dir():
+        with path_errors(path):
+            folder, exists = path.is_dir(), path.is_file()
+        if folder:
             raise CheckpointError(f"{path}: a folder, not a recipe; give a .yaml/.json recipe or an exported "
                                   f".safetensors file")
-        if not path.is_file():
+        if not exists:
             raise CheckpointError(f"{path}: no such recipe file")
         if path.suffix.lower() == ".safetensors" or looks_like_safetensors(path):
             meta = read_metadata(path)
@@ -889,14 +943,29 @@ class Recipe:
                     preferences=self.preferences, seed=self.seed, layer_rule=self.layer_rule)
 
 
-class _RecipeLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading a number with an exponent and no dot (``5e-05``, ``1E3``) as a float, as YAML 1.2
-    and JSON do, instead of as text (YAML 1.1, which PyYAML follows, needs a dot). ``Recipe.to_json`` writes such
-    numbers (``json.dumps(5e-05)``), and every exported file embeds that JSON."""
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers (those JSON writes too): a number with an exponent and no dot
+    (``5e-05``, ``1E3``) is a float, not text, and ``1:30`` is text, not YAML 1.1's base-60 number 90.
+    ``Recipe.to_json`` writes such exponents (``json.dumps(5e-05)``), and every exported file embeds that JSON; the
+    CLI's ``--set`` values are read with it too.
+
+    Example:
+        >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf]", Loader=YamlLoader)
+        [5e-05, '1:30', 31, 1000, inf]
+    """
 
 
-_RecipeLoader.add_implicit_resolver(   # copies the inherited resolvers, then adds this one after them
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+YamlLoader.yaml_implicit_resolvers = {   # PyYAML's own, less its int and float rules (they read 1:30 as 90) ...
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(   # ... and those rules without base 60
+    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"))
+YamlLoader.add_implicit_resolver(
+    _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
+                       r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -945,7 +1014,8 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
 
         suite_folder = DEFAULT_SUITE_PATH if suite == EMBEDDED_SUITE else Path(suite).resolve()
     for out in filter(None, outputs):
-        path = Path(out).resolve()
+        with path_errors(out):   # e.g. a loop of symbolic links
+            path = Path(out).resolve()
         what = read.get(path)
         if what is None and path.is_relative_to(cache):
             what = "in the Hugging Face cache"
@@ -986,9 +1056,12 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
     if recipe_path is None:
         return save_state_dict(path, state_dict, meta)
     # the two renames are not one atomic step: refuse up front what would make the second fail or undo the first
-    if Path(recipe_path).is_dir():
+    with path_errors(recipe_path):
+        folder = Path(recipe_path).is_dir()
+        same = Path(recipe_path).resolve() == Path(path).resolve()
+    if folder:
         raise CheckpointError(f"cannot write the recipe to {recipe_path}: it is a folder; give a file name")
-    if Path(recipe_path).resolve() == Path(path).resolve():
+    if same:
         raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
     check_recipe_path(recipe_path)
     with atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML

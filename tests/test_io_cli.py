@@ -864,6 +864,76 @@ def test_compressed_files_refuse_repeated_tasks_and_non_finite_factors(files):
         packed.task_vector(["task0"])
 
 
+def test_what_a_fuzz_audit_of_the_io_found_is_refused_by_name(files, capsys):
+    """From a fuzz audit of the I/O, recipes and CLI: YAML values a recipe cannot write back (a date, bytes, a set, a
+    self-referencing list, a non-text key) made ``merge-studio recipe`` crash after its merge; a path the file
+    system cannot look up (a symbolic link loop, too long a name, a NUL byte) raised Python's errors from the
+    library, after the merge; deeply nested JSON raised RecursionError; a recipe's field error did not name its file;
+    a malformed recipe embedded in a merged file was taken for none; a TSV-C header with a malformed task list
+    loaded under invented names; one shard named two ways in an index was refused; ``--set k=1:30`` merged at 90."""
+    from studio.compress import Compressed
+
+    tmp, base, experts, args = files
+    for text, field in (("studio_version: 2001-12-14", "studio_version"), ("suite: !!binary aGVsbG8=", "suite"),
+                        ("hparams: {1: 2}", "hparams"), ("svd_mode: [1]", "svd_mode"),
+                        ("layer_rule: {exclude: [!!set {a}]}", "layer_rule"),
+                        ("layer_rule: {exclude: &a [*a]}", "layer_rule")):
+        with pytest.raises(CheckpointError, match=f"recipe field '{field}'"):
+            Recipe.from_text(f"method: task_arithmetic\n{text}\n")
+    (tmp / "date.yaml").write_text("method: task_arithmetic\nstudio_version: 2001-12-14\n")
+    assert main(["recipe", str(tmp / "date.yaml"), *args, "--out", str(tmp / "o.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp / 'date.yaml'}: recipe field 'studio_version'" in err and "Traceback" not in err, err
+    assert not (tmp / "o.safetensors").exists()
+
+    (tmp / "loop.safetensors").symlink_to("loop.safetensors")
+    long_name = tmp / ("a" * 300 + ".safetensors")
+    for call, message in ((lambda: save_state_dict(tmp / "loop.safetensors", base), "a loop of symbolic links"),
+                          (lambda: save_state_dict(str(tmp / "a\x00b.safetensors"), base), "cannot hold a NUL byte"),
+                          (lambda: save_state_dict(long_name, base), "not a usable path"),
+                          (lambda: read_metadata(long_name), "not a usable path"),
+                          (lambda: Recipe.from_file(long_name), "not a usable path"),
+                          (lambda: Compressed.load(long_name, base), "not a usable path")):
+        with pytest.raises(CheckpointError, match=message):
+            call()
+    assert main(["merge", *args, "--method", "task_arithmetic", "--out", str(tmp / "loop.safetensors")]) == 2
+    assert "a loop of symbolic links" in capsys.readouterr().err
+    assert main(["merge", *args, "--method", "task_arithmetic", "--preferences", "[" * 5000 + "]" * 5000,
+                 "--out", str(tmp / "p.safetensors")]) == 2
+    assert "--preferences '[[[[[" in capsys.readouterr().err
+
+    packed = studio.compress(base, experts)
+    path = packed.save(tmp / "packed.safetensors")
+    weights, header = load_state_dict(path), json.loads(read_metadata(path)["merge_studio_tsv_c"])
+    for edit, message in (({"tasks": "ab"}, "'tasks' must be a list of task names"),
+                          ({"tasks": [0, 1, 2]}, "'tasks' must be a list of task names"),
+                          ({"rank_fraction": -3}, r"'rank_fraction' \(in \(0, 1\] or null\)")):
+        save_state_dict(tmp / "edited.safetensors", weights, {"merge_studio_tsv_c": json.dumps({**header, **edit})})
+        with pytest.raises(CheckpointError, match=message):
+            Compressed.load(tmp / "edited.safetensors", base)
+    save_state_dict(tmp / "deep.safetensors", weights, {"merge_studio_tsv_c": "[" * 5000 + "]" * 5000})
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        Compressed.load(tmp / "deep.safetensors", base)
+
+    recipe = Recipe(method="task_arithmetic", experts=list(experts)).to_json().replace('"seed": 0', '"seed": 1.5')
+    save_state_dict(tmp / "emb.safetensors", base, {RECIPE_METADATA_KEY: recipe})
+    assert main(["evaluate", "--weights", str(tmp / "emb.safetensors"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"emb.safetensors: its '{RECIPE_METADATA_KEY}' metadata: recipe field 'seed'" in err, err
+
+    folder = tmp / "sharded"
+    folder.mkdir()
+    save_state_dict(folder / "s1.safetensors", {k: base[k] for k in list(base)[:2]})
+    save_state_dict(folder / "s2.safetensors", {k: base[k] for k in list(base)[2:]})
+    weight_map = {k: ("./s1.safetensors" if i == 0 else "s1.safetensors") if i < 2 else "s2.safetensors"
+                  for i, k in enumerate(base)}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _equal(load_state_dict(folder), base)
+
+    assert main(["merge", *args, "--method", "ties", "--set", "k=1:30", "--out", str(tmp / "t.safetensors")]) == 2
+    assert "'1:30'" in capsys.readouterr().err
+
+
 def test_recorded_suites_replay_by_name_and_say_when_they_are_gone(tmp_path, monkeypatch, capsys):
     """The embedded suite is recorded by its name, which any install resolves (the app's exports recorded that name
     before, and now replay); a recorded suite that is gone says so; a recipe without an expert list takes
