@@ -276,9 +276,9 @@ def merge(
             name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task
             aggregation (one-hot = the papers' target-task calibration); without one they scale each task matrix by
             ``T * p_i``. Uniform (the default) changes nothing.
-        seed: random seed for stochastic methods (DARE). DARE's tasks draw their masks from one stream per layer
-            in the experts' order, so the same seed with the experts in another order gives other masks (a recipe
-            records the order).
+        seed: random seed for stochastic methods (DARE). Each of DARE's tasks draws its mask from a stream of its
+            own per layer (the seed, the key and the expert's name), so the experts' order, and which other experts
+            are merged, leave it as it is.
         layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`); ``None``: the method's and
             the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``).
         svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are

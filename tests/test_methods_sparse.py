@@ -15,7 +15,7 @@ from studio.methods._sparsify import (band_counts, band_mask, band_thresholds, d
 from studio.methods.breadcrumbs import breadcrumbs
 from studio.methods.dare import dare
 from studio.methods.ties import model_thresholds, ties
-from studio.pool import TaskPool
+from studio.pool import TaskPool, key_seed
 from studio.reference import breadcrumbs_reference, task_vectors_of
 from studio.schema import HyperparameterError, StudioError
 
@@ -307,21 +307,44 @@ def test_dare_is_unbiased_over_200_fixed_seeds():
 @pytest.mark.parametrize("shape", [(), (5,), (3, 7), (300, 700), (40, 3, 32, 32)])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_dare_cpu_pieces_draw_the_masks_of_one_draw_over_the_stack(shape, weighted, dtype):
+def test_dare_cpu_pieces_draw_the_masks_of_one_draw_per_task(shape, weighted, dtype):
     """The CPU path works task by task on 64K-value pieces (300 x 700 and the conv kernel span several); its
-    masks must be, to the bit, rows of one ``random_drop`` over the ``[T, *shape]`` stack from the same seed, and its
-    half-precision task values those of the stack (float32 of each, then the difference)."""
+    masks must be, to the bit, one ``random_drop`` over each task vector from the task's own generator
+    (``key_seed(seed, name)``), as the path for CUDA and DARE-TIES draws them, and its half-precision task values
+    those of the stack (float32 of each, then the difference)."""
     g = torch.Generator().manual_seed(7)
     base = {"w": torch.randn(shape, generator=g).to(dtype)}
     experts = {f"t{i}": {"w": (base["w"].float() + torch.randn(shape, generator=g)).to(dtype)} for i in range(3)}
     weights = torch.tensor([0.5, 2.0, 1.25]) if weighted else None
     layer = TaskPool(base, experts, device="cpu").layer("w", weights)
-    stacked = random_drop(layer.deltas.clone(), 0.7, torch.Generator().manual_seed(11))
-    expected = stacked[0]
-    for row in stacked[1:]:
+    rows = [random_drop(d, 0.7, torch.Generator().manual_seed(key_seed(11, name)))
+            for d, name in zip(layer.deltas.clone(), experts)]
+    expected = rows[0]
+    for row in rows[1:]:
         expected = expected + row   # in task order, as the path sums
     layer = TaskPool(base, experts, device="cpu").layer("w", weights)   # no stack built: the piecewise path
     assert torch.equal(dare(layer, 0.7, False, seed=11), expected)
+
+
+def test_dare_masks_do_not_depend_on_the_order_or_on_the_other_experts():
+    """Each task draws its mask from its own stream (the merge seed, the layer and the expert's name): the experts
+    in another order merge the same, and merging two experts adds exactly what each merged alone adds (mutant: one
+    stream in the experts' order, as before 0.2.2). The CPU path and DARE-TIES's path draw the same masks."""
+    g = torch.Generator().manual_seed(3)
+    base = {"w": torch.randn(30, 20, generator=g)}
+    experts = {n: {"w": base["w"] + torch.randn(30, 20, generator=g)} for n in ("cars", "dtd", "svhn")}
+    kw = dict(p=0.6, alpha=1.0, seed=4, device="cpu")
+    merged = {order: studio.merge(base, {n: experts[n] for n in order}, "dare", **kw)["w"] - base["w"]
+              for order in (("cars", "dtd", "svhn"), ("svhn", "cars", "dtd"), ("cars",), ("dtd",), ("svhn",))}
+    torch.testing.assert_close(merged["svhn", "cars", "dtd"], merged["cars", "dtd", "svhn"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(merged["cars", "dtd", "svhn"], merged["cars",] + merged["dtd",] + merged["svhn",],
+                               rtol=0, atol=1e-5)
+    layer = TaskPool(base, experts, device="cpu").layer("w")
+    one_sign = torch.ones(3, 30, 20)   # equal signs: DARE-TIES's disjoint sum is the plain sum of the dropped tasks
+    signed = TaskPool(base, {n: {"w": base["w"] + s * experts[n]["w"].sub(base["w"]).abs()} for n, s in
+                             zip(experts, one_sign)}, device="cpu").layer("w")
+    torch.testing.assert_close(dare(signed, 0.6, True, seed=4), dare(signed, 0.6, False, seed=4), rtol=0, atol=1e-6)
+    assert not torch.equal(dare(layer, 0.6, False, seed=4), dare(layer, 0.6, False, seed=5))
 
 
 def test_random_drop_rate_and_values():
@@ -704,10 +727,11 @@ def test_dare_cpu_path_keeps_an_entry_drawn_exactly_at_p():
     g = torch.Generator().manual_seed(7)
     base = {"w": torch.zeros(40, 30)}
     experts = {f"t{i}": {"w": torch.randn(40, 30, generator=g)} for i in range(3)}
-    draws = torch.rand(3, 40, 30, generator=torch.Generator().manual_seed(11))
+    draws = torch.rand(40, 30, generator=torch.Generator().manual_seed(key_seed(11, "t0")))   # task t0's mask
     p = float(draws.flatten()[(draws.flatten() < 0.9).nonzero()[5]])   # an exactly drawn value
     layer = TaskPool(base, experts, device="cpu").layer("w")
-    stacked = random_drop(layer.deltas.clone(), p, torch.Generator().manual_seed(11))
-    expected = stacked[0] + stacked[1] + stacked[2]
+    rows = [random_drop(d, p, torch.Generator().manual_seed(key_seed(11, name)))
+            for d, name in zip(layer.deltas.clone(), experts)]
+    expected = rows[0] + rows[1] + rows[2]
     layer = TaskPool(base, experts, device="cpu").layer("w")
     assert torch.equal(dare(layer, p, False, seed=11), expected)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..pool import LayerTasks
+from ..pool import LayerTasks, key_seed
 from ..registry import register
 from ..schema import Param
 from ._sparsify import generalized_task_arithmetic, random_drop
@@ -37,10 +37,12 @@ from ._sparsify import generalized_task_arithmetic, random_drop
 def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor:
     """``sum_i m_i * Delta_i / (1 - p)``, ``m_i ~ Bernoulli(1 - p)`` i.i.d. per entry (the engine applies ``alpha``).
 
-    The masks are drawn from a ``torch.Generator`` on the layer's device seeded with ``seed`` (the engine derives
-    it from the merge seed and the key), so a seed fixes the merge; CPU and CUDA generators give different (equally
-    valid) draws. The tasks draw from that one stream in expert order, so reordering the experts (or adding one
-    before another) gives them other masks: a recipe records the order, and replays it. With ``ties_consensus``
+    Each task's mask is drawn from a ``torch.Generator`` of its own on the layer's device, seeded with
+    ``key_seed(seed, name)`` (the engine derives ``seed`` from the merge seed and the key; ``name`` is the expert's),
+    so a seed fixes the merge, and a task's mask depends on neither the experts' order nor which other experts are
+    merged: reordering them gives the same merge, up to the sum's rounding (tested with every method). CPU and CUDA
+    generators give different (equally valid) draws. (Before 0.2.2 the tasks drew from one stream in expert order.)
+    With ``ties_consensus``
     the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum (mergekit's
     ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority taken
     before put 0.85 % of a bf16-stored tensor's entries at the other sign, a helper's audit; the official DARE
@@ -57,21 +59,27 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
         >>> set(out.tolist()) <= {0.0, 2.0, 4.0, 6.0}
         True
     """
-    generator = torch.Generator(device=layer.device).manual_seed(seed)
+    generators = [torch.Generator(device=layer.device).manual_seed(key_seed(seed, name)) for name in layer.names]
     if ties_consensus or layer.device.type != "cpu":
-        return generalized_task_arithmetic(layer.deltas, lambda d: random_drop(d, p, generator),
-                                           consensus=ties_consensus, aggregate="sum", zero_sign="positive")
+        def drop_each(d: Tensor) -> Tensor:
+            out = torch.empty_like(d)
+            for i, generator in enumerate(generators):
+                out[i] = random_drop(d[i], p, generator)
+            return out
+
+        return generalized_task_arithmetic(layer.deltas, drop_each, consensus=ties_consensus, aggregate="sum",
+                                           zero_sign="positive")
     # Task by task and a cache-sized piece at a time (no [T, *shape] stack and temporaries: the draws, the
     # mask and the sum stay in the core's cache; 58-66 ms against 84-86 ms for eight 3072 x 768 task matrices
     # on one core; with two workers the merge takes as long either way, bound by the generator, see
-    # docs/PERFORMANCE.md). The CPU generator fills tensors serially, so task i's mask is exactly row i of
-    # random_drop's one draw over the stack (tested): the same numbers as on the whole stack.
+    # docs/PERFORMANCE.md). The CPU generator fills tensors serially, so task i's pieces drawn one after another
+    # from its generator are exactly random_drop's one draw over its whole task vector (tested).
     out = torch.empty(layer.shape, device=layer.device, dtype=torch.float32).reshape(-1)
     keep = None
     for i, start, stop, x in layer.task_chunks():
         if keep is None:
             keep = torch.empty_like(x)
-        term = keep[:stop - start].uniform_(generator=generator)   # = random_drop(x, p, generator), in a buffer
+        term = keep[:stop - start].uniform_(generator=generators[i])   # = random_drop(x, p, generator), in a buffer
         torch.ge(term, p, out=term)
         term.mul_(x).div_(1.0 - p)
         if i == 0:
