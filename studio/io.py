@@ -372,9 +372,10 @@ def _shards(index: Path) -> list[tuple[Path, frozenset[str] | None]]:
 
 
 @contextlib.contextmanager
-def path_errors(path: "str | os.PathLike") -> Iterator[None]:
+def path_errors(path: "str | os.PathLike", action: str | None = None) -> Iterator[None]:
     """A path the file system cannot look up (too long a name, a NUL byte, a loop of symbolic links), where
-    pathlib's checks raise ``OSError``, ``ValueError`` or ``RuntimeError``, as a :class:`CheckpointError` naming it.
+    pathlib's checks raise ``OSError``, ``ValueError`` or ``RuntimeError``, as a :class:`CheckpointError` naming it
+    (``cannot <action> <path>: <why>`` with an ``action``).
 
     Example:
         >>> with path_errors("a" * 300):
@@ -389,7 +390,8 @@ def path_errors(path: "str | os.PathLike") -> Iterator[None]:
     except (OSError, ValueError, RuntimeError) as exc:
         why = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None) or exc
         name = str(path) if len(str(path)) <= 80 else f"{str(path)[:4]}...{str(path)[-4:]}"
-        raise CheckpointError(f"{name}: not a usable path ({why})") from None
+        raise CheckpointError(f"cannot {action} {name}: {why}" if action else f"{name}: not a usable path ({why})") \
+            from None
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
@@ -470,15 +472,12 @@ def atomic_write(path: Path) -> Iterator[str]:
     is refused: the rename would replace it with a regular file (``/dev/null`` itself, for root)."""
     if "\x00" in str(path):   # pathlib's checks answer False for it, and mkstemp raises ValueError
         raise CheckpointError(f"cannot write {str(path)!r}: a file name cannot hold a NUL byte")
-    try:
+    with path_errors(path, "write"):
         if path.is_symlink():
             path = path.resolve()
         mode = path.stat().st_mode if path.exists() else None
         blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         made = [p for p in reversed(path.parents) if not p.exists()]
-    except (OSError, RuntimeError, ValueError) as exc:   # too long a name, a NUL byte, a loop of symbolic links
-        why = "a loop of symbolic links" if isinstance(exc, RuntimeError) else getattr(exc, "strerror", None) or exc
-        raise CheckpointError(f"cannot write {path}: {why}") from None
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
                               f"renaming it into place would replace; give the name of a regular file")
