@@ -178,3 +178,35 @@ def test_random_merges_either_refuse_clearly_or_keep_every_invariant(chunk):
         finite = torch.isfinite(heat) | (heat.isnan() if metric in ("xi", "sai") else False)
         assert heat.shape[0] == len(experts) and bool(finite.all()), f"{where}: {metric} on {key}: {heat}"
     assert merged_count >= PER_CHUNK // 4   # most cases merge: the invariants are exercised, not only refusals
+
+
+@pytest.mark.parametrize("chunk", range(2))
+def test_random_compressions_either_refuse_clearly_or_load_back_to_the_same_bits(chunk, tmp_path):
+    """TSV-C on the same random pools: ``studio.compress`` either packs them or raises a StudioError; a packed file
+    loads back against its base and reconstructs every task to the bits of the in-memory result, in the base's keys,
+    shapes and dtypes, and refuses another base."""
+    packed_count = 0
+    for case in range(chunk * PER_CHUNK, (chunk + 1) * PER_CHUNK):
+        c = _case(case)
+        base, experts = c["base"], c["experts"]
+        rng = random.Random(case)
+        fraction = rng.choice([None, rng.uniform(0.01, 1.0), 1.0])
+        where = f"case {case}: compress(rank_fraction={fraction}, {c['kwargs']['svd_mode']})"
+        try:
+            packed = studio.compress(base, experts, rank_fraction=fraction, svd_mode=c["kwargs"]["svd_mode"])
+        except studio.StudioError:
+            continue
+        except Exception as exc:   # noqa: BLE001 -- the invariant under test
+            pytest.fail(f"{where}: {type(exc).__name__} instead of a StudioError: {exc}")
+        packed_count += 1
+        again = studio.Compressed.load(packed.save(tmp_path / f"{case}.safetensors"), base)
+        for task in experts:
+            direct, loaded = packed.reconstruct(task), again.reconstruct(task)
+            assert list(loaded) == list(base), where
+            for key in base:
+                assert (loaded[key].shape, loaded[key].dtype) == (base[key].shape, base[key].dtype), f"{where}: {key}"
+                assert _same_bits(loaded[key], direct[key]), f"{where}: {task} {key}"
+        other = {k: (v + 1 if v.is_floating_point() else v) for k, v in base.items()}
+        with pytest.raises(studio.StudioError):
+            studio.Compressed.load(tmp_path / f"{case}.safetensors", other)
+    assert packed_count >= PER_CHUNK // 4
