@@ -128,6 +128,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_random_merges_either_refuse_clearly_or_keep_every_invariant(chunk):
+    """40 cases per chunk (see the module's docstring for the invariants)."""
     merged_count = 0
     for case in range(chunk * PER_CHUNK, (chunk + 1) * PER_CHUNK):
         c = _case(case)
