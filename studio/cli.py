@@ -27,11 +27,10 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (RECIPE_METADATA_KEY, CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints,
-                 check_recipe_path, check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints,
-                 is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
-                 merge_from_recipe, read_metadata, recipe_inputs, refuse_overwriting, save_merged, save_state_dict,
-                 shown_path)
+from .io import (CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints, check_recipe_path,
+                 check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints, is_hub_url,
+                 is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors, merge_from_recipe,
+                 read_metadata, recipe_inputs, refuse_overwriting, save_merged, save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, brief, json_safe, validate_hparams
@@ -268,10 +267,7 @@ def _embedded_recipe(weights: str) -> Recipe | None:
         meta = read_metadata(path) if looks_like_safetensors(path) else {}
     except (StudioError, OSError):   # not a file with metadata: the caller reads it as weights, or says why not
         return None
-    if RECIPE_METADATA_KEY not in meta:
-        return None
-    # a recipe that is there but malformed is named, not taken for no recipe
-    return Recipe.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
+    return Recipe.from_metadata(meta, path)   # a recipe that is there but malformed is named, not taken for none
 
 
 def _diagnose(args: argparse.Namespace) -> None:

@@ -923,15 +923,23 @@ class Recipe:
         if not exists:
             raise CheckpointError(f"{path}: no such recipe file")
         if path.suffix.lower() == ".safetensors" or looks_like_safetensors(path):
-            meta = read_metadata(path)
-            if RECIPE_METADATA_KEY not in meta:
+            recipe = cls.from_metadata(read_metadata(path), path)
+            if recipe is None:
                 raise CheckpointError(f"{path}: safetensors file carries no '{RECIPE_METADATA_KEY}' metadata")
-            return cls.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
+            return recipe
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{path}: not a readable UTF-8 recipe (YAML or JSON): {exc}") from exc
         return cls.from_text(text, str(path))
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], path: str | os.PathLike) -> "Recipe | None":
+        """The recipe embedded in the safetensors metadata ``meta`` of the file ``path`` (which errors name), or
+        ``None`` where it carries none; a malformed one is a :class:`CheckpointError`, not ``None``."""
+        if RECIPE_METADATA_KEY not in meta:
+            return None
+        return cls.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
 
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`studio.engine.merge_pool` (besides the pool and the method); add
