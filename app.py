@@ -37,8 +37,8 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import (ControlSpec, collect, control_specs, parse_json_object, post_scale_param,
-                                sweep_defaults)
+from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_tasks, fit_to_controls,
+                                parse_json_object, post_scale_param, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -353,7 +353,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         hp_state = gr.State({})    # {method: {param: value | None (auto)}}: plain JSON, never tensors
         cal_state = gr.State({})   # {calibration: {param: value}}
         pref_state = gr.State({})  # {task: weight}
-        hp_reload = gr.State(0)    # bumped to re-render the method controls from hp_state
+        hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
+        cal_reload = gr.State(0)   # likewise for the calibration's controls
         best_alpha = gr.State(None)
 
         with gr.Row(equal_height=False):
@@ -373,11 +374,42 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
 
-                @gr.render(inputs=[calibration_dd, experts_cb, cal_state], triggers=[calibration_dd.change, demo.load])
+                @gr.render(inputs=[calibration_dd, experts_cb, cal_state],
+                           triggers=[calibration_dd.change, cal_reload.change, demo.load])
                 def calibration_controls(calibration: str, experts: list, cal: dict):
                     if calibration and calibration != "none":
                         _render_params(studio.schema(calibration), (cal or {}).get(calibration, {}), f"cal-{calibration}",
                                        cal_state, calibration, len(experts or []))
+
+                fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
+
+                def follow_experts(experts: list, method: str, calibration: str, hp: dict, cal: dict, done: Any):
+                    """A new selection changes T, and with it a slider's range or "auto" starting point (TSV-M's
+                    rank_fraction ends at 1/T): move each stored value the new range leaves out to its nearest end
+                    (else the next merge would meet the engine's refusal) and render the shown controls again where
+                    they depend on T. Runs one at a time, the last of quick clicks last (so a fit for an earlier
+                    selection never lands after it), and reads the page when it starts: an earlier run may already
+                    have seen the last selection, which is then not rendered twice (a slider moved between two
+                    renders would be lost with the first). The reload marks are fresh values, not counters."""
+                    selection = list(experts or [])
+                    if selection == done:
+                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                    T = len(selection) or None
+                    out = []
+                    for shown, stored in ((method, hp), (calibration, cal)):
+                        fitted = {name: fit_to_controls(studio.schema(name), values, T)
+                                  for name, values in (stored or {}).items()}
+                        changed = fitted != (stored or {})
+                        depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown))
+                        out += [fitted if changed else gr.skip(),
+                                time.monotonic_ns() if changed or depends else gr.skip()]
+                    return out[0], out[2], out[1], out[3], selection
+
+                experts_cb.change(follow_experts,
+                                  [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
+                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for], show_progress="hidden",
+                                  api_visibility="private", trigger_mode="always_last", concurrency_id="fit-controls",
+                                  concurrency_limit=1)
 
                 with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
                     gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "

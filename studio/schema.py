@@ -115,6 +115,11 @@ class Param:
         low, high: inclusive numeric range (``None``: unbounded on that side).
         low_open: ``low`` itself is not allowed (the range is ``(low, high]``), e.g. a fraction of components
             that must keep at least some.
+        high_rule: the largest value every layer accepts for ``T`` tasks, as a formula in ``T`` (``"1/T"``), where
+            it is below ``high``: TSV-M keeps ``k = int(r * rank_fraction)`` components of each of ``T`` tasks in
+            ``r`` dimensions, so ``T * k <= r`` (checked per layer by the method: a value a little above ``1/T`` may
+            still fit every layer's rounding). The app's slider ends there and the docs table shows it; ``high``
+            stays the bound :meth:`validate` checks without ``T``.
         choices: allowed values for ``str`` params.
         help: one sentence for tooltips and docs.
         paper: where the value or its default comes from (paper, equation, table, official code).
@@ -141,6 +146,7 @@ class Param:
     post_scale: bool = False
     ui_step: float | None = None
     low_open: bool = False
+    high_rule: str | None = None
 
     def validate(self, value: Any, owner: str) -> Any:
         """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
@@ -198,7 +204,7 @@ class Param:
 
     def range_text(self) -> str:
         lo = "-inf" if self.low is None else f"{self.low:g}"
-        hi = "inf" if self.high is None else f"{self.high:g}"
+        hi = self.high_rule or ("inf" if self.high is None else f"{self.high:g}")
         return f"{'(' if self.low_open else '['}{lo}, {hi}]"
 
     def describe(self) -> str:
@@ -219,6 +225,7 @@ class Param:
             "low": self.low,
             "low_open": self.low_open,
             "high": self.high,
+            "high_rule": self.high_rule,
             "choices": list(self.choices) if self.choices is not None else None,
             "help": self.help,
             "paper": self.paper,

@@ -166,3 +166,49 @@ def test_no_expert_selected_shows_a_readable_error(page):
     page.screenshot(path=str(SHOTS / "06_no_expert_error.png"), full_page=True)
     first.check()
     page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('σ')")
+
+
+def test_the_rank_slider_follows_the_number_of_experts(page):
+    """TSV-M keeps ``int(r * rank_fraction)`` components of each of ``T`` tasks in ``r`` dimensions, so its slider
+    ends at ``1/T``: unchecking experts widens it; checking them again narrows it and moves a value it now leaves out
+    to its end, which the next merge then uses (else the engine would refuse it)."""
+    import app
+
+    assert len(app.STUDIO.task_names) == 8
+    # the method's first slider, as the page holds it now (each change of the selection renders it again)
+    rank = "([max, value]) => { const s = document.querySelector('input[type=range]'); " \
+           "return !!s && !s.disabled && s.max == max && (value === null || s.value == value); }"
+    _select_method(page, "tsv_m")
+    page.get_by_text("auto (1/T)").first.click()   # the slider takes over from the automatic 1/T
+    page.wait_for_function(rank, arg=["0.125", None])
+
+    def to_the_right_end() -> None:
+        slider = page.locator("input[type=range]").first
+        slider.scroll_into_view_if_needed()
+        box = slider.bounding_box()
+        page.mouse.click(box["x"] + box["width"] - 1, box["y"] + box["height"] / 2)
+
+    experts = page.locator("input[type=checkbox]")   # "select all", then one box per expert
+    for i in range(1, 5):
+        experts.nth(i).uncheck()
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('4 tasks')")
+    page.wait_for_function(rank, arg=["0.25", None])
+    to_the_right_end()
+    page.wait_for_function(rank, arg=["0.25", "0.25"])
+    page.screenshot(path=str(SHOTS / "07_rank_slider_four_experts.png"), full_page=True)
+
+    def merged_settings(run: int) -> tuple[str, int, str]:
+        page.get_by_role("button", name="Merge & evaluate").click()
+        page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{run}')")
+        last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+        return last.method, len(last.experts), last.settings
+
+    method, count, settings = merged_settings(3)
+    assert method == "tsv_m" and count == 4 and "rank_fraction=0.25" in settings
+    for i in range(1, 5):
+        experts.nth(i).check()
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('8 tasks')")
+    page.wait_for_function(rank, arg=["0.125", "0.125"])
+    assert "σ" in _status(page) and "rank_fraction" not in _status(page)
+    method, count, settings = merged_settings(4)   # the stored 0.25 was moved to the new end with the slider
+    assert method == "tsv_m" and count == 8 and "rank_fraction=0.125" in settings

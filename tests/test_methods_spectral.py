@@ -282,14 +282,14 @@ def test_tsv_m_rank_fraction_errors_name_the_value():
     with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.9"):
         studio.merge(base, experts, "tsv_m", rank_fraction=0.9)
     # The schema's range is open at 0, and says so wherever it is shown: errors, docs table, app slider.
-    with pytest.raises(HyperparameterError, match=r"'rank_fraction' = 0\.0 is outside the allowed range \(0, 1\]"):
+    with pytest.raises(HyperparameterError, match=r"'rank_fraction' = 0\.0 is outside the allowed range \(0, 1/T\]"):
         studio.merge(base, experts, "tsv_m", rank_fraction=0.0)
     from studio.cli import methods_table
     from studio.ui.controls import control_specs
-    assert "`rank_fraction` = 1/T in (0.0, 1.0]" in methods_table()
+    assert "`rank_fraction` = 1/T in (0.0, 1/T]" in methods_table()
     spec = next(m for m in studio.list_methods() if m["name"] == "tsv_m")
     slider = next(c for c in control_specs(spec, num_tasks=8) if c.name == "rank_fraction")
-    assert slider.minimum == pytest.approx(0.005) and slider.value == pytest.approx(0.125)
+    assert slider.minimum == pytest.approx(0.005) and slider.value == slider.maximum == 0.125   # ends at 1/T
     with pytest.raises(HyperparameterError, match="rank_fraction"):
         studio.merge(base, experts, "tsv_m", rank_fraction=1.5)
 

@@ -9,8 +9,8 @@ import pytest
 import studio
 from studio.schema import HyperparameterError, StudioError, validate_hparams
 from studio.registry import get_calibration, get_method
-from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, parse_json_object,
-                                post_scale_param, sweep_defaults)
+from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, depends_on_tasks,
+                                fit_to_controls, parse_json_object, post_scale_param, sweep_defaults)
 
 ALL = studio.list_methods()
 
@@ -72,6 +72,39 @@ def test_slider_extremes_validate(entry):
         hp = collect(specs, values)
         hp = {k: (int(v) if _spec(entry).params[i].type is int else v) for i, (k, v) in enumerate(hp.items())}
         validate_hparams(entry["name"], _spec(entry).params, hp)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 7, 8, 14, 20])
+def test_every_position_of_the_tsv_m_rank_slider_fits_every_layer(T):
+    """TSV-M keeps ``k = int(r * rank_fraction)`` components of each of ``T`` tasks in ``r`` dimensions (``T k <= r``,
+    checked per layer by :func:`~studio.methods.tsv_m.tsv_rank`): no slider position may ask for more, on a layer of
+    any size up to ViT-L/14's (before the schema's ``high_rule`` the slider ran to 1.0, where 7/8 of it was refused
+    for 8 experts). The end is ``1/T`` itself, the automatic default."""
+    from studio.methods.tsv_m import tsv_rank
+
+    spec = next(m for m in ALL if m["name"] == "tsv_m")
+    slider = next(c for c in control_specs(spec, num_tasks=T) if c.name == "rank_fraction")
+    assert slider.maximum == (1.0 if T == 1 else 1.0 / T)
+    positions = [slider.minimum + i * slider.step for i in range(int((slider.maximum - slider.minimum) / slider.step)
+                                                                  + 1)] + [slider.maximum]
+    for r in range(1, 1025):
+        for fraction in positions:
+            tsv_rank(r, T, fraction)   # raises where T * k > r
+
+
+def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():
+    tsv_m = next(m for m in ALL if m["name"] == "tsv_m")
+    ties = next(m for m in ALL if m["name"] == "ties")
+    svc = next(m for m in ALL if m["name"] == "svc")
+    assert depends_on_tasks(tsv_m) and depends_on_tasks(svc) and not depends_on_tasks(ties)
+    # a value set for 4 experts, then 8: moved to the new end; automatic and in-range values are left as they are
+    assert fit_to_controls(tsv_m, {"rank_fraction": 0.25, "alpha": 2.5}, 8) == {"rank_fraction": 0.125, "alpha": 2.5}
+    assert fit_to_controls(tsv_m, {"rank_fraction": 0.1}, 8) == {"rank_fraction": 0.1}
+    assert fit_to_controls(tsv_m, {"rank_fraction": None}, 8) == {"rank_fraction": None}
+    assert fit_to_controls(tsv_m, {"rank_fraction": 0.25}, 4) == {"rank_fraction": 0.25}
+    assert fit_to_controls(ties, {"k": 0.2, "merge_func": "mean"}, 8) == {"k": 0.2, "merge_func": "mean"}
+    # and what it leaves the merge is accepted by the engine's own check
+    validate_hparams("tsv_m", _spec(tsv_m).params, fit_to_controls(tsv_m, {"rank_fraction": 0.9}, 8))
 
 
 def test_auto_checkbox_unchecked_sends_the_slider_value():

@@ -143,9 +143,11 @@ def _check_rank_fraction(pool: TaskPool, keys: list[str], *, rank_fraction: floa
 @register(
     "tsv_m",
     params=(
-        Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, ui_step=0.005, auto="1/T",
+        Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, high_rule="1/T", ui_step=0.005,
+              auto="1/T",
               help="Fraction of each task matrix's singular components kept (k = int(r * fraction), 0 on a layer "
-                   "of rank below 1/fraction); T * k must not exceed r, and some matrix layer must keep k >= 1.",
+                   "of rank below 1/fraction); T * k must not exceed r (so at most 1/T), and some matrix layer "
+                   "must keep k >= 1.",
               paper="TSV Alg. 1 line 3 (first 1/T components); official code int(s.shape[0] * (1/num_tasks))"),
         Param("alpha", float, 1.0, low=0.0, high=3.0, post_scale=True, ui_step=0.05,
               help="Global scaling of the merged task matrices.",

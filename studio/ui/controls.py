@@ -87,6 +87,9 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) ->
             continue
         lo, hi = _slider_range(p)
         step = _slider_step(p, lo, hi)
+        ruled = auto_rule_value(p["high_rule"], num_tasks) if p.get("high_rule") and num_tasks else None
+        if ruled is not None and lo < ruled < hi:   # the largest value every layer accepts for T tasks (TSV-M's 1/T)
+            hi = ruled
         if p.get("low_open") and p.get("low") is not None:
             lo = min(lo + step, hi)   # the slider's first position must be an allowed value
         default = p.get("default")
@@ -177,6 +180,39 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
         if spec.auto_label is not None and next(it):
             value = None
         out[spec.name] = value
+    return out
+
+
+def depends_on_tasks(schema: Mapping[str, Any]) -> bool:
+    """Whether the controls :func:`control_specs` gives ``schema`` change with the number of tasks: a range that ends
+    at a ``high_rule`` (TSV-M's ``1/T``) or an "auto" starting point given by a formula in ``T``.
+
+    Example:
+        >>> depends_on_tasks({"params": [{"name": "a", "type": "float", "default": None, "auto": "1/T"}]})
+        True
+        >>> depends_on_tasks({"params": [{"name": "a", "type": "float", "default": 0.3, "auto": None}]})
+        False
+    """
+    return any(p.get("high_rule") or (p.get("default") is None and auto_rule_value(p.get("auto") or "", 2) is not None)
+               for p in schema.get("params", []))
+
+
+def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_tasks: int | None) -> dict[str, Any]:
+    """``stored`` (a method's values as the app keeps them: name -> value, ``None`` for "auto") with each slider value
+    outside its control's range for ``num_tasks`` tasks moved to the nearest end: the app calls it when the expert
+    selection changes, since a range may depend on ``T`` (TSV-M's ``rank_fraction`` ends at ``1/T``).
+
+    Example:
+        >>> schema = {"params": [{"name": "rank_fraction", "type": "float", "default": None, "auto": "1/T",
+        ...                       "low": 0.0, "low_open": True, "high": 1.0, "high_rule": "1/T", "ui_step": 0.005}]}
+        >>> fit_to_controls(schema, {"rank_fraction": 0.25}, 8), fit_to_controls(schema, {"rank_fraction": None}, 8)
+        ({'rank_fraction': 0.125}, {'rank_fraction': None})
+    """
+    out = dict(stored)
+    for spec in control_specs(schema, num_tasks=num_tasks):
+        value = out.get(spec.name)
+        if spec.kind == "slider" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[spec.name] = min(max(value, spec.minimum), spec.maximum)
     return out
 
 
