@@ -261,7 +261,7 @@ def test_none_is_refused_unless_the_param_is_automatic():
     with pytest.raises(HyperparameterError, match=r"'alpha' must not be None \(float in \[0, 5\]\)"):
         alpha.validate(None, "task_arithmetic")
     assert _param("tsv_m", "rank_fraction").validate(None, "tsv_m") is None   # automatic: 1/T
-    assert _param("tsv_m", "rank_fraction").describe() == "float in (0, 1], default 1/T"
+    assert _param("tsv_m", "rank_fraction").describe() == "float in (0, 1/T], default 1/T"
 
 
 def test_seeds_are_int64_and_not_booleans():

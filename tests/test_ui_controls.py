@@ -97,6 +97,8 @@ def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():
     ties = next(m for m in ALL if m["name"] == "ties")
     svc = next(m for m in ALL if m["name"] == "svc")
     assert depends_on_tasks(tsv_m) and depends_on_tasks(svc) and not depends_on_tasks(ties)
+    ruled = {"params": [{"name": "x", "type": "float", "default": 0.1, "low": 0.0, "high": 1.0, "high_rule": "1/T"}]}
+    assert depends_on_tasks(ruled) and control_specs(ruled, num_tasks=4)[0].maximum == 0.25
     # a value set for 4 experts, then 8: moved to the new end; automatic and in-range values are left as they are
     assert fit_to_controls(tsv_m, {"rank_fraction": 0.25, "alpha": 2.5}, 8) == {"rank_fraction": 0.125, "alpha": 2.5}
     assert fit_to_controls(tsv_m, {"rank_fraction": 0.1}, 8) == {"rank_fraction": 0.1}
