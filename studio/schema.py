@@ -120,6 +120,10 @@ class Param:
             ``r`` dimensions, so ``T * k <= r`` (checked per layer by the method: a value a little above ``1/T`` may
             still fit every layer's rounding). The app's slider ends there and the docs table shows it; ``high``
             stays the bound :meth:`validate` checks without ``T``.
+        ui_high: where the app's slider ends, below ``high``, where the method limits this param jointly with
+            another: Breadcrumbs keeps ``1 - beta - gamma`` of each row, so ``beta + gamma < 1``, and sliders of
+            ``beta`` up to 0.5 and ``gamma`` up to 0.99 offered pairs it refuses (70 % of ``beta``'s slider at the
+            default ``gamma``); their ``ui_high`` add up to less than 1. The library still accepts up to ``high``.
         choices: allowed values for ``str`` params.
         help: one sentence for tooltips and docs.
         paper: where the value or its default comes from (paper, equation, table, official code).
@@ -147,6 +151,7 @@ class Param:
     ui_step: float | None = None
     low_open: bool = False
     high_rule: str | None = None
+    ui_high: float | None = None
 
     def validate(self, value: Any, owner: str) -> Any:
         """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
@@ -226,6 +231,7 @@ class Param:
             "low_open": self.low_open,
             "high": self.high,
             "high_rule": self.high_rule,
+            "ui_high": self.ui_high,
             "choices": list(self.choices) if self.choices is not None else None,
             "help": self.help,
             "paper": self.paper,

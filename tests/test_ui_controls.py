@@ -92,6 +92,28 @@ def test_every_position_of_the_tsv_m_rank_slider_fits_every_layer(T):
             tsv_rank(r, T, fraction)   # raises where T * k > r
 
 
+def test_every_pair_of_breadcrumbs_slider_positions_keeps_entries():
+    """Breadcrumbs masks the top ``beta`` and the bottom ``gamma`` of each row and keeps the rest, so ``beta + gamma
+    < 1``: the two sliders (``ui_high``) offer no pair it refuses, on rows of 128 entries (MiniSuite's shortest
+    masked rows; CLIP's are longer). Before, with ``beta`` up to 0.5 and ``gamma`` up to 0.99, 71 of ``beta``'s 101
+    positions were refused at the default ``gamma``. The library still accepts up to ``high`` (``beta = 0.1``)."""
+    from studio.methods._sparsify import band_counts
+
+    spec = next(m for m in ALL if m["name"] == "breadcrumbs")
+    sliders = {c.name: c for c in control_specs(spec, num_tasks=8) if c.kind == "slider"}
+
+    def positions(c: ControlSpec) -> list[float]:
+        return [round(c.minimum + i * c.step, 9) for i in range(round((c.maximum - c.minimum) / c.step) + 1)]
+
+    assert positions(sliders["beta"])[-1] == sliders["beta"].maximum
+    assert positions(sliders["gamma"])[-1] == sliders["gamma"].maximum
+    for beta in positions(sliders["beta"]):
+        for gamma in positions(sliders["gamma"]):
+            kept = 128 - sum(band_counts(128, beta, gamma))   # (top, bottom) masked; raises where beta + gamma >= 1
+            assert kept >= 1, (beta, gamma)
+    validate_hparams("breadcrumbs", _spec(spec).params, {"beta": 0.1, "gamma": 0.5})
+
+
 def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():
     tsv_m = next(m for m in ALL if m["name"] == "tsv_m")
     ties = next(m for m in ALL if m["name"] == "ties")

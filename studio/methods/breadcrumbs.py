@@ -41,11 +41,12 @@ def _check_keeps_entries(pool: TaskPool, keys: list[str], *, beta: float, gamma:
 @register(
     "breadcrumbs",
     params=(
-        Param("beta", float, 0.01, low=0.0, high=0.5, ui_step=0.005,
-              help="Fraction of each task's largest-magnitude entries masked as outliers (per row or layer).",
+        Param("beta", float, 0.01, low=0.0, high=0.5, ui_high=0.05, ui_step=0.005,
+              help="Fraction of each task's largest-magnitude entries masked as outliers (per row or layer); "
+                   "beta + gamma must be below 1.",
               paper="Breadcrumbs Sec. 3 (top-beta mask; official code: top_k_remove, searched in [0.001, 0.01]); "
                     "1% = mergekit's default gamma (its name for this)"),
-        Param("gamma", float, 0.85, low=0.0, high=0.99, ui_step=0.01,
+        Param("gamma", float, 0.85, low=0.0, high=0.99, ui_high=0.94, ui_step=0.01,
               help="Fraction of each task's smallest-magnitude entries masked as negligible; 1 - beta - gamma "
                    "is the fraction kept.",
               paper="Breadcrumbs Sec. 3 (bottom mask); official code: top_k_keep = 1 - beta - gamma, searched in "

@@ -90,6 +90,8 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) ->
         ruled = auto_rule_value(p["high_rule"], num_tasks) if p.get("high_rule") and num_tasks else None
         if ruled is not None and lo < ruled < hi:   # the largest value every layer accepts for T tasks (TSV-M's 1/T)
             hi = ruled
+        if p.get("ui_high") is not None and lo < p["ui_high"] < hi:   # a joint limit (Breadcrumbs' beta + gamma < 1)
+            hi = float(p["ui_high"])
         if p.get("low_open") and p.get("low") is not None:
             lo = min(lo + step, hi)   # the slider's first position must be an allowed value
         default = p.get("default")
