@@ -297,8 +297,9 @@ def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: 
     return new
 
 
-def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int) -> None:
-    specs = control_specs(schema, num_tasks=num_tasks or None)
+def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int,
+                   largest_rank: "int | None") -> None:
+    specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
         return
@@ -369,7 +370,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
-                                           hp_state, method, len(experts or []))
+                                           hp_state, method, len(experts or []), studio.largest_rank(method))
 
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
@@ -379,7 +380,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 def calibration_controls(calibration: str, experts: list, cal: dict):
                     if calibration and calibration != "none":
                         _render_params(studio.schema(calibration), (cal or {}).get(calibration, {}), f"cal-{calibration}",
-                                       cal_state, calibration, len(experts or []))
+                                       cal_state, calibration, len(experts or []), studio.largest_rank(calibration))
 
                 fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
 
@@ -397,7 +398,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     T = len(selection) or None
                     out = []
                     for shown, stored in ((method, hp), (calibration, cal)):
-                        fitted = {name: fit_to_controls(studio.schema(name), values, T)
+                        fitted = {name: fit_to_controls(studio.schema(name), values, T, studio.largest_rank(name))
                                   for name, values in (stored or {}).items()}
                         changed = fitted != (stored or {})
                         depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown))

@@ -120,6 +120,10 @@ class Param:
             ``r`` dimensions, so ``T * k <= r`` (checked per layer by the method: a value a little above ``1/T`` may
             still fit every layer's rounding). The app's slider ends there and the docs table shows it; ``high``
             stays the bound :meth:`validate` checks without ``T``.
+        low_rule: the smallest value that keeps something on the model, as a formula in ``R``, the largest rank of
+            the matrix layers the method's layer rule selects (TSV-M's ``rank_fraction``: ``"1/R"``; below it
+            ``int(r * fraction) = 0`` on every layer, which the method refuses). The app's slider starts at the first
+            step at or above it (0.01 on MiniSuite's rank-128 layers, 0.005 on ViT-B/32's 768).
         ui_high: where the app's slider ends, below ``high``, where the method limits this param jointly with
             another: Breadcrumbs keeps ``1 - beta - gamma`` of each row, so ``beta + gamma < 1``, and sliders of
             ``beta`` up to 0.5 and ``gamma`` up to 0.99 offered pairs it refuses (70 % of ``beta``'s slider at the
@@ -152,6 +156,7 @@ class Param:
     low_open: bool = False
     high_rule: str | None = None
     ui_high: float | None = None
+    low_rule: str | None = None
 
     def validate(self, value: Any, owner: str) -> Any:
         """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
@@ -232,6 +237,7 @@ class Param:
             "high": self.high,
             "high_rule": self.high_rule,
             "ui_high": self.ui_high,
+            "low_rule": self.low_rule,
             "choices": list(self.choices) if self.choices is not None else None,
             "help": self.help,
             "paper": self.paper,

@@ -170,6 +170,31 @@ def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two)
         st.diagnostics(None, st.default_layer(), "nope", pool_experts=two)
 
 
+@pytest.mark.parametrize("T", [2, 8])
+def test_every_slider_end_the_app_offers_merges_on_the_suite(st: Studio, T):
+    """The app's controls (:func:`~studio.ui.controls.control_specs` at the selection's ``T`` and the suite's
+    :meth:`~studio.ui.backend.Studio.largest_rank`) offer no value the engine refuses: every slider of every method
+    and calibration at its first and last position (the others at their defaults), and all of a method's sliders at
+    their first, then their last positions at once, merge on MiniSuite. A helper's audit of every position found two
+    refused: Breadcrumbs' ``beta`` above 0.15 at the default ``gamma`` (``beta + gamma < 1``) and TSV-M's 0.005,
+    which keeps ``int(128 * 0.005) = 0`` components on every layer of rank 128."""
+    from studio.ui.controls import control_specs
+
+    experts = {name: st.suite.experts[name] for name in st.task_names[:T]}
+    for entry in studio.list_methods():
+        sliders = [c for c in control_specs(entry, num_tasks=T, largest_rank=st.largest_rank(entry["name"]))
+                   if c.kind == "slider"]
+        settings = [{c.name: getattr(c, end)} for c in sliders for end in ("minimum", "maximum")]
+        settings += [{c.name: getattr(c, end) for c in sliders} for end in ("minimum", "maximum")]
+        for hp in settings:
+            if entry["kind"] == "merge":
+                merged = studio.merge(st.suite.base, experts, entry["name"], device="cpu", **hp)
+            else:
+                merged = studio.merge(st.suite.base, experts, "task_arithmetic", device="cpu",
+                                      calibrate=entry["name"], calibrate_hparams=hp)
+            assert merged.keys() == st.suite.base.keys(), (entry["name"], hp)
+
+
 def test_alpha_grid_checks_the_schema_range(st: Studio):
     assert st.alpha_grid("task_arithmetic", 0.2, 1.0, 5) == [0.2, 0.4, 0.6, 0.8, 1.0]
     with pytest.raises(HyperparameterError, match="leaves the allowed range"):

@@ -92,6 +92,22 @@ def test_every_position_of_the_tsv_m_rank_slider_fits_every_layer(T):
             tsv_rank(r, T, fraction)   # raises where T * k > r
 
 
+def test_the_tsv_m_rank_slider_starts_where_some_layer_keeps_a_component():
+    """Below ``1/R`` (``R``: the largest rank of the layers TSV-M's rule selects) ``k = int(r * rank_fraction)`` is 0
+    on every layer, which the engine refuses; the slider starts at the first step that keeps one there, and at no
+    later step (0.01 for MiniSuite's rank 128, where its first step 0.005 was refused)."""
+    from studio.methods.tsv_m import tsv_rank
+
+    spec = next(m for m in ALL if m["name"] == "tsv_m")
+    for R in range(2, 1025):   # (rank 1: only 1.0 keeps a component, a slider of one position)
+        slider = next(c for c in control_specs(spec, num_tasks=1, largest_rank=R) if c.name == "rank_fraction")
+        assert tsv_rank(R, 1, slider.minimum) >= 1, R
+        below = slider.minimum - slider.step
+        assert below <= 0 or tsv_rank(R, 1, below) == 0, R
+    assert control_specs(spec, num_tasks=8, largest_rank=128)[0].minimum == 0.01
+    assert control_specs(spec, num_tasks=8, largest_rank=768)[0].minimum == 0.005
+
+
 def test_every_pair_of_breadcrumbs_slider_positions_keeps_entries():
     """Breadcrumbs masks the top ``beta`` and the bottom ``gamma`` of each row and keeps the rest, so ``beta + gamma
     < 1``: the two sliders (``ui_high``) offer no pair it refuses, on rows of 128 entries (MiniSuite's shortest

@@ -143,8 +143,8 @@ def _check_rank_fraction(pool: TaskPool, keys: list[str], *, rank_fraction: floa
 @register(
     "tsv_m",
     params=(
-        Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, high_rule="1/T", ui_step=0.005,
-              auto="1/T",
+        Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0, high_rule="1/T", low_rule="1/R",
+              ui_step=0.005, auto="1/T",
               help="Fraction of each task matrix's singular components kept (k = int(r * fraction), 0 on a layer "
                    "of rank below 1/fraction); T * k must not exceed r (so at most 1/T), and some matrix layer "
                    "must keep k >= 1.",

@@ -161,6 +161,22 @@ class Studio:
                                 if v.is_floating_point() and DEFAULT_RULE.is_matrix(k, tuple(v.shape))]
         return list(self._layer_keys)
 
+    def largest_rank(self, name: str) -> int | None:
+        """The largest rank ``min(m, n)`` of the suite's matrix layers that method or calibration ``name``'s own
+        layer rule selects (the ``R`` of a schema's ``low_rule``), or None if it selects none.
+
+        Example:
+            >>> from studio.suite import default_suite
+            >>> Studio(default_suite()).largest_rank("tsv_m")   # MiniSuite's widest layers are 128 wide
+            128
+        """
+        from ..layers import resolve_rule
+
+        rule = resolve_rule(self.schema(name).get("layer_rule", "default"))
+        ranks = [min(v.shape) for k, v in self.suite.base.items()
+                 if v.is_floating_point() and v.ndim >= 2 and rule.is_matrix(k, tuple(v.shape))]
+        return max(ranks) if ranks else None
+
     def default_layer(self) -> str:
         """A representative layer to open the diagnostics on: the middle block's first attention/MLP matrix."""
         keys = self.layer_keys()

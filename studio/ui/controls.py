@@ -62,8 +62,11 @@ def _slider_step(p: Mapping[str, Any], lo: float, hi: float) -> float:
     return float(10 ** (exp + 1))
 
 
-def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) -> list[ControlSpec]:
-    """Control descriptions for every param of a method or calibration (a :func:`studio.list_methods` entry).
+def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None,
+                  largest_rank: int | None = None) -> list[ControlSpec]:
+    """Control descriptions for every param of a method or calibration (a :func:`studio.list_methods` entry), for
+    ``num_tasks`` experts (a ``high_rule``'s and an "auto" formula's ``T``) of a model whose largest matrix layer the
+    method selects has rank ``largest_rank`` (a ``low_rule``'s ``R``; :meth:`studio.ui.backend.Studio.largest_rank`).
 
     Example:
         >>> spec = {"params": [{"name": "alpha", "type": "float", "default": 0.3, "auto": None, "low": 0.0,
@@ -94,6 +97,10 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None) ->
             hi = float(p["ui_high"])
         if p.get("low_open") and p.get("low") is not None:
             lo = min(lo + step, hi)   # the slider's first position must be an allowed value
+        floor = auto_rule_value(p["low_rule"], num_tasks or 1, largest_rank) if p.get("low_rule") and largest_rank \
+            else None
+        if floor is not None and lo < floor < hi:   # the first step at or above it (TSV-M: a component kept somewhere)
+            lo = min(round(math.ceil(round(floor / step, 9)) * step, 12), hi)
         default = p.get("default")
         auto_label = None
         if default is None:
@@ -116,21 +123,24 @@ def _auto_preview(p: Mapping[str, Any], num_tasks: int | None, lo: float, hi: fl
     return value
 
 
-def auto_rule_value(rule: str, num_tasks: int) -> float | None:
-    """Evaluate the leading arithmetic formula of an ``auto`` description at ``T = num_tasks`` (None if none).
+def auto_rule_value(rule: str, num_tasks: int, largest_rank: int | None = None) -> float | None:
+    """Evaluate the leading arithmetic formula of an ``auto`` description (or a ``high_rule`` / ``low_rule``) at
+    ``T = num_tasks`` and ``R = largest_rank`` (None if there is no formula, or it names ``R`` and none is given).
 
-    Only numbers, ``T`` (or ``|T|``) and ``+ - * /`` are accepted: the text is parsed with :mod:`ast`, never
+    Only numbers, ``T`` (or ``|T|``), ``R`` and ``+ - * /`` are accepted: the text is parsed with :mod:`ast`, never
     ``eval``-ed.
 
     Example:
         >>> auto_rule_value("1/T (1.0 after tsv_m)", 8), auto_rule_value("|T|/4", 8), auto_rule_value("see paper", 8)
         (0.125, 2.0, None)
+        >>> auto_rule_value("1/R", 8, 128), auto_rule_value("1/R", 8)
+        (0.0078125, None)
     """
     import ast
     import operator
     import re
 
-    head = re.match(r"\s*([0-9T|.+\-*/ ]+)", rule)
+    head = re.match(r"\s*([0-9TR|.+\-*/ ]+)", rule)
     if not head:
         return None
     text = head.group(1).replace("|T|", "T").strip()
@@ -145,6 +155,8 @@ def auto_rule_value(rule: str, num_tasks: int) -> float | None:
             return float(node.value)
         if isinstance(node, ast.Name) and node.id == "T":
             return float(num_tasks)
+        if isinstance(node, ast.Name) and node.id == "R" and largest_rank is not None:
+            return float(largest_rank)
         raise ValueError("unsupported")
 
     try:
@@ -199,7 +211,8 @@ def depends_on_tasks(schema: Mapping[str, Any]) -> bool:
                for p in schema.get("params", []))
 
 
-def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_tasks: int | None) -> dict[str, Any]:
+def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_tasks: int | None,
+                    largest_rank: int | None = None) -> dict[str, Any]:
     """``stored`` (a method's values as the app keeps them: name -> value, ``None`` for "auto") with each slider value
     outside its control's range for ``num_tasks`` tasks moved to the nearest end: the app calls it when the expert
     selection changes, since a range may depend on ``T`` (TSV-M's ``rank_fraction`` ends at ``1/T``).
@@ -211,7 +224,7 @@ def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_ta
         ({'rank_fraction': 0.125}, {'rank_fraction': None})
     """
     out = dict(stored)
-    for spec in control_specs(schema, num_tasks=num_tasks):
+    for spec in control_specs(schema, num_tasks=num_tasks, largest_rank=largest_rank):
         value = out.get(spec.name)
         if spec.kind == "slider" and isinstance(value, (int, float)) and not isinstance(value, bool):
             out[spec.name] = min(max(value, spec.minimum), spec.maximum)
