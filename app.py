@@ -264,18 +264,32 @@ def api_layers() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- UI helpers
+def _literal(text: str) -> str:
+    """``text`` for a control's ``info``, which Gradio 6 shows through a small Markdown of its own (HTML escaped, then
+    `` `code` ``, links, ``**bold**`` and ``*emphasis*``, without backslash escapes): a help text's ``*`` is a
+    product (``int(r * fraction)``, ``T * k``; two of them made an emphasis of the text between them and vanished),
+    shown as the asterisk operator ``∗`` (U+2217), which that Markdown leaves alone.
+
+    Example:
+        >>> _literal("k = int(r * fraction); T * k <= r")
+        'k = int(r ∗ fraction); T ∗ k <= r'
+    """
+    return text.replace("*", "\u2217")
+
+
 def _make_control(spec: ControlSpec, current: Any, prefix: str) -> list[gr.components.Component]:
     """One schema-driven control (+ its "auto" checkbox). ``current``: stored value, None = auto, ... = unset."""
     key = f"{prefix}-{spec.name}"
+    info = _literal(spec.info)
     if spec.kind == "checkbox":
-        return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=spec.label, info=spec.info,
+        return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=spec.label, info=info,
                             key=key, preserved_by_key=None, interactive=True)]
     if spec.kind == "dropdown":
         return [gr.Dropdown(choices=list(spec.choices or ()), value=spec.value if current is ... else current,
-                            label=spec.label, info=spec.info, key=key, preserved_by_key=None, interactive=True)]
+                            label=spec.label, info=info, key=key, preserved_by_key=None, interactive=True)]
     auto = spec.auto_label is not None and (current is ... or current is None)
     value = spec.value if current is ... or current is None else current
-    slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=spec.label, info=spec.info,
+    slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=spec.label, info=info,
                        key=key, preserved_by_key=None, interactive=not auto)
     if spec.auto_label is None:
         return [slider]

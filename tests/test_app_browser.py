@@ -183,6 +183,10 @@ def test_the_rank_slider_follows_the_number_of_experts(page):
     page.wait_for_function(rank, arg=["0.125", None])
     # and starts where some layer keeps a component: MiniSuite's widest layers have rank 128, int(128 * 0.005) = 0
     assert page.evaluate("() => document.querySelector('input[type=range]').min") == "0.01"
+    # its help text reads as the schema writes it, its products as products: Gradio shows a control's info through a
+    # small Markdown of its own, where the two '*' of "int(r * fraction) ... T * k" made an emphasis and vanished
+    shown = page.inner_text("body")
+    assert "(k = int(r \u2217 fraction), 0 on a layer of rank below 1/fraction); T \u2217 k must not exceed r" in shown
 
     def to_the_right_end() -> None:
         slider = page.locator("input[type=range]").first
