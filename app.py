@@ -38,7 +38,7 @@ from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_tasks, fit_to_controls,
-                                parse_json_object, post_scale_param, sweep_defaults)
+                                parse_json_object, post_scale_param, shown_info, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -264,23 +264,10 @@ def api_layers() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- UI helpers
-def _literal(text: str) -> str:
-    """``text`` for a control's ``info``, which Gradio 6 shows through a small Markdown of its own (HTML escaped, then
-    `` `code` ``, links, ``**bold**`` and ``*emphasis*``, without backslash escapes): a help text's ``*`` is a
-    product (``int(r * fraction)``, ``T * k``; two of them made an emphasis of the text between them and vanished),
-    shown as the asterisk operator ``∗`` (U+2217), which that Markdown leaves alone.
-
-    Example:
-        >>> _literal("k = int(r * fraction); T * k <= r")
-        'k = int(r ∗ fraction); T ∗ k <= r'
-    """
-    return text.replace("*", "\u2217")
-
-
 def _make_control(spec: ControlSpec, current: Any, prefix: str) -> list[gr.components.Component]:
     """One schema-driven control (+ its "auto" checkbox). ``current``: stored value, None = auto, ... = unset."""
     key = f"{prefix}-{spec.name}"
-    info = _literal(spec.info)
+    info = shown_info(spec.info)
     if spec.kind == "checkbox":
         return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=spec.label, info=info,
                             key=key, preserved_by_key=None, interactive=True)]
@@ -311,8 +298,21 @@ def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: 
     return new
 
 
+def _store_on_change(comps: list, commits: list, store: Any, inputs: list, state: gr.State, settled: gr.State) -> None:
+    """Store the controls' values in ``state`` on every change of a slider among ``comps`` (``input``: a drag's steps,
+    the arrow keys, Home and End; Gradio ends only a pointer's drag and the number box's blur with a ``release``, and
+    the merge, the export and the optimiser read ``state``, so a change made with the keys was shown and not used),
+    and on the ``commits`` events (a slider's release, a checkbox's or dropdown's input) store them and mark them
+    settled: ``settled`` triggers the diagnostics, which so follow a release, not each step of a drag."""
+    sliders = [c for c in comps if isinstance(c, gr.Slider)]
+    gr.on([s.input for s in sliders], store, inputs=inputs, outputs=state, trigger_mode="always_last",
+          show_progress="hidden", api_visibility="private")
+    gr.on(commits, lambda *values: (store(*values), time.monotonic_ns()), inputs=inputs, outputs=[state, settled],
+          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+
+
 def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int,
-                   largest_rank: "int | None") -> None:
+                   largest_rank: "int | None", settled: gr.State) -> None:
     specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
@@ -320,8 +320,7 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
     comps: list = []
     for spec in specs:
         comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix))
-    gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
-          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+    _store_on_change(comps, _triggers(comps), partial(_store, owner, specs), [state, *comps], state, settled)
 
 
 def _method_markdown(studio: Studio, method: str) -> str:
@@ -370,6 +369,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         pref_state = gr.State({})  # {task: weight}
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
+        settled = gr.State(0)      # changed when a control's new value is settled (a slider released): diagnostics
         best_alpha = gr.State(None)
 
         with gr.Row(equal_height=False):
@@ -384,7 +384,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
-                                           hp_state, method, len(experts or []), studio.largest_rank(method))
+                                           hp_state, method, len(experts or []), studio.largest_rank(method),
+                                           settled)
 
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
@@ -393,8 +394,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
                            triggers=[calibration_dd.change, cal_reload.change, demo.load])
                 def calibration_controls(calibration: str, experts: list, cal: dict):
                     if calibration and calibration != "none":
-                        _render_params(studio.schema(calibration), (cal or {}).get(calibration, {}), f"cal-{calibration}",
-                                       cal_state, calibration, len(experts or []), studio.largest_rank(calibration))
+                        _render_params(studio.schema(calibration, "calibration"), (cal or {}).get(calibration, {}),
+                                       f"cal-{calibration}", cal_state, calibration, len(experts or []),
+                                       studio.largest_rank(calibration, "calibration"), settled)
 
                 fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
 
@@ -408,21 +410,24 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     renders would be lost with the first). The reload marks are fresh values, not counters."""
                     selection = list(experts or [])
                     if selection == done:
-                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     T = len(selection) or None
-                    out = []
-                    for shown, stored in ((method, hp), (calibration, cal)):
-                        fitted = {name: fit_to_controls(studio.schema(name), values, T, studio.largest_rank(name))
+                    out, moved = [], False
+                    for kind, shown, stored in (("merge", method, hp), ("calibration", calibration, cal)):
+                        fitted = {name: fit_to_controls(studio.schema(name, kind), values, T,
+                                                        studio.largest_rank(name, kind))
                                   for name, values in (stored or {}).items()}
                         changed = fitted != (stored or {})
-                        depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown))
+                        moved = moved or changed
+                        depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown, kind))
                         out += [fitted if changed else gr.skip(),
                                 time.monotonic_ns() if changed or depends else gr.skip()]
-                    return out[0], out[2], out[1], out[3], selection
+                    return out[0], out[2], out[1], out[3], selection, time.monotonic_ns() if moved else gr.skip()
 
                 experts_cb.change(follow_experts,
                                   [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
-                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for], show_progress="hidden",
+                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for, settled],
+                                  show_progress="hidden",
                                   api_visibility="private", trigger_mode="always_last", concurrency_id="fit-controls",
                                   concurrency_limit=1)
 
@@ -443,8 +448,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         def store(*values: float) -> dict:
                             return dict(zip(names, values))
 
-                        gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
-                              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+                        _store_on_change(sliders, [s.release for s in sliders], store, sliders, pref_state, settled)
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():
@@ -551,7 +555,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return spec, energy, heat, curves, status, metric_text
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]
-        gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, experts_cb.change, method_dd.change,
+        gr.on([demo.load, settled.change, experts_cb.change, method_dd.change,
                calibration_dd.change, layer_dd.change, metric_dd.change],
               update_diagnostics, inputs=diag_inputs,
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
@@ -625,9 +629,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
             new = dict(hp or {})
             new[method] = {**new.get(method, {}), best["param"]: best["value"]}
             gr.Info(f"{best['param']} set to {best['value']:g}")
-            return new, nonce + 1
+            return new, nonce + 1, time.monotonic_ns()
 
-        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload],
+        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload, settled],
                         api_visibility="private", show_progress="hidden")
 
         def request_stop(request: gr.Request):

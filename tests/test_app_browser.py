@@ -83,6 +83,10 @@ def test_changing_the_method_changes_the_controls(page):
     _select_method(page, "ties")
     page.get_by_text("topk_scope").first.wait_for()
     assert page.get_by_text("merge_func").first.is_visible()
+    # AlignMerge-B is a method (with its scale lam) and a calibration of the same name (without): the method's own
+    _select_method(page, "align_merge_b")
+    page.get_by_text("lam", exact=True).first.wait_for()
+    assert "Sum the task matrices" in page.inner_text("body")
     _select_method(page, "task_arithmetic")
     page.wait_for_function("() => !document.body.innerText.includes('topk_scope')")
     assert page.locator("input[type=range]").count() >= 1
@@ -218,3 +222,25 @@ def test_the_rank_slider_follows_the_number_of_experts(page):
     assert "σ" in _status(page) and "rank_fraction" not in _status(page)
     method, count, settings = merged_settings(4)   # the stored 0.25 was moved to the new end with the slider
     assert method == "tsv_m" and count == 8 and "rank_fraction=0.125" in settings
+
+
+def test_a_slider_moved_with_the_keys_merges_at_the_value_shown(page):
+    """Gradio ends only a pointer's drag (and the number box's blur) with a ``release``; the arrow keys change the
+    slider with ``input`` events alone. The controls store on those too, so the merge uses the value shown (before,
+    four presses showed 0.5 and the merge and its recipe used 0.3)."""
+    import app
+
+    _select_method(page, "task_arithmetic")
+    # task_arithmetic's only control, alpha in [0, 5]
+    page.wait_for_function("() => document.querySelector('input[type=range]')?.max == '5'")
+    alpha = page.locator("input[type=range]").first
+    alpha.focus()
+    start = float(alpha.input_value())
+    for _ in range(4):
+        page.keyboard.press("ArrowRight")
+    page.wait_for_function("v => Math.abs(Number(document.querySelector('input[type=range]').value) - v) < 1e-9",
+                           arg=start + 0.2)
+    page.get_by_role("button", name="Merge & evaluate").click()
+    page.wait_for_function("() => document.querySelector('#run-status')?.innerText.includes('Run #5')")
+    last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+    assert last.method == "task_arithmetic" and f"alpha={start + 0.2:g}" in last.settings, last.settings

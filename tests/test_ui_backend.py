@@ -170,6 +170,21 @@ def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two)
         st.diagnostics(None, st.default_layer(), "nope", pool_experts=two)
 
 
+def test_schemas_are_looked_up_by_kind(st: Studio, two):
+    """``align_merge_b`` is a merging method (with its scale ``lam``) and a calibration (without): looked up by name,
+    the app showed the calibration's controls for the method, without ``lam``, and could not sweep its scale."""
+    from studio.ui.controls import post_scale_param
+
+    for entry in studio.list_methods():
+        assert st.schema(entry["name"], entry["kind"]) == entry
+    assert post_scale_param(st.schema("align_merge_b"))["name"] == "lam"
+    assert post_scale_param(st.schema("align_merge_b", "calibration")) is None
+    assert st.alpha_grid("align_merge_b", 0.5, 1.0, 2) == [0.5, 1.0]   # refused before: "no global scale"
+    st.request("align_merge_b", {"lam": 0.5}, experts=two)
+    with pytest.raises(StudioError, match="kind must be 'merge' or 'calibration'"):
+        st.schema("align_merge_b", "method")
+
+
 @pytest.mark.parametrize("T", [2, 8])
 def test_every_slider_end_the_app_offers_merges_on_the_suite(st: Studio, T):
     """The app's controls (:func:`~studio.ui.controls.control_specs` at the selection's ``T`` and the suite's
@@ -182,8 +197,8 @@ def test_every_slider_end_the_app_offers_merges_on_the_suite(st: Studio, T):
 
     experts = {name: st.suite.experts[name] for name in st.task_names[:T]}
     for entry in studio.list_methods():
-        sliders = [c for c in control_specs(entry, num_tasks=T, largest_rank=st.largest_rank(entry["name"]))
-                   if c.kind == "slider"]
+        R = st.largest_rank(entry["name"], entry["kind"])
+        sliders = [c for c in control_specs(entry, num_tasks=T, largest_rank=R) if c.kind == "slider"]
         settings = [{c.name: getattr(c, end)} for c in sliders for end in ("minimum", "maximum")]
         settings += [{c.name: getattr(c, end) for c in sliders} for end in ("minimum", "maximum")]
         for hp in settings:

@@ -10,7 +10,7 @@ import studio
 from studio.schema import HyperparameterError, StudioError, validate_hparams
 from studio.registry import get_calibration, get_method
 from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, depends_on_tasks,
-                                fit_to_controls, parse_json_object, post_scale_param, sweep_defaults)
+                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sweep_defaults)
 
 ALL = studio.list_methods()
 
@@ -84,7 +84,9 @@ def test_every_position_of_the_tsv_m_rank_slider_fits_every_layer(T):
 
     spec = next(m for m in ALL if m["name"] == "tsv_m")
     slider = next(c for c in control_specs(spec, num_tasks=T) if c.name == "rank_fraction")
-    assert slider.maximum == (1.0 if T == 1 else 1.0 / T)
+    # 1/T, or the last step below it where 1/T is off the step's grid (0.33 for 3 experts)
+    assert slider.maximum <= 1.0 / T and 1.0 / T - slider.maximum < slider.step
+    assert slider.maximum == 1.0 / T or T in (3, 7, 14)
     positions = [slider.minimum + i * slider.step for i in range(int((slider.maximum - slider.minimum) / slider.step)
                                                                   + 1)] + [slider.maximum]
     for r in range(1, 1025):
@@ -128,6 +130,37 @@ def test_every_pair_of_breadcrumbs_slider_positions_keeps_entries():
             kept = 128 - sum(band_counts(128, beta, gamma))   # (top, bottom) masked; raises where beta + gamma >= 1
             assert kept >= 1, (beta, gamma)
     validate_hparams("breadcrumbs", _spec(spec).params, {"beta": 0.1, "gamma": 0.5})
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 7, 8, 20])
+def test_every_float_slider_ends_on_its_step_grid(T):
+    """The browser's positions are ``minimum + n step``: an end off the grid (SVC's alpha from 1e-4 in steps of 0.005:
+    0.0051, ..., 0.9951, never its paper's 1.0; TSV-M's 1/3) could not be reached, and put every position off the
+    round values. Both ends lie on the grid, inside the schema's range."""
+    for entry in ALL:
+        for c in control_specs(entry, num_tasks=T, largest_rank=768):
+            if c.kind != "slider" or isinstance(c.value, int):
+                continue
+            for end in (c.minimum, c.maximum):
+                assert abs(end / c.step - round(end / c.step)) < 1e-6, (entry["name"], c.name, end, c.step)
+    svc = next(c for c in control_specs(next(m for m in ALL if m["name"] == "svc"), num_tasks=T))
+    assert (svc.minimum, svc.maximum) == (0.005, 1.0)
+
+
+def test_no_help_text_is_read_as_markup_by_gradio():
+    """Gradio 6 shows a control's ``info`` through its own small Markdown (its frontend's six rules, copied below):
+    a help text that matches one loses characters (two ``*`` became an emphasis, TSV-M's ``int(r * fraction) ... T *
+    k``). Every control's text, as :func:`~studio.ui.controls.shown_info` gives it, must match none."""
+    import re
+
+    rules = [r"`([^`]+)`", r"\[([^\]]+)\]\(([^)]+)\)", r"\*\*(.+?)\*\*", r"__(.+?)__", r"\*(.+?)\*",
+             r"(?<!\w)_(.+?)_(?!\w)"]
+    for entry in ALL:
+        for c in control_specs(entry, num_tasks=8):
+            shown = shown_info(c.info)
+            for rule in rules:
+                assert not re.search(rule, shown), (entry["name"], c.name, rule, shown)
+    assert re.search(rules[4], next(c.info for c in control_specs(next(m for m in ALL if m["name"] == "tsv_m"))))
 
 
 def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():

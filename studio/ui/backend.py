@@ -26,7 +26,7 @@ from ..evaluate import best_index
 from ..io import Recipe, fingerprint, input_fingerprints, save_merged
 from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
-from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
+from ..registry import METHODS, get_calibration, get_method, list_methods
 from ..schema import HyperparameterError, StudioError, brief, check_seed, validate_hparams
 from .controls import parse_json_object, post_scale_param
 
@@ -161,9 +161,10 @@ class Studio:
                                 if v.is_floating_point() and DEFAULT_RULE.is_matrix(k, tuple(v.shape))]
         return list(self._layer_keys)
 
-    def largest_rank(self, name: str) -> int | None:
-        """The largest rank ``min(m, n)`` of the suite's matrix layers that method or calibration ``name``'s own
-        layer rule selects (the ``R`` of a schema's ``low_rule``), or None if it selects none.
+    def largest_rank(self, name: str, kind: str = "merge") -> int | None:
+        """The largest rank ``min(m, n)`` of the suite's matrix layers that the method (or, ``kind="calibration"``,
+        the calibration) ``name``'s own layer rule selects (the ``R`` of a schema's ``low_rule``), or None if it
+        selects none.
 
         Example:
             >>> from studio.suite import default_suite
@@ -172,7 +173,7 @@ class Studio:
         """
         from ..layers import resolve_rule
 
-        rule = resolve_rule(self.schema(name).get("layer_rule", "default"))
+        rule = resolve_rule(self.schema(name, kind).get("layer_rule", "default"))
         ranks = [min(v.shape) for k, v in self.suite.base.items()
                  if v.is_floating_point() and v.ndim >= 2 and rule.is_matrix(k, tuple(v.shape))]
         return max(ranks) if ranks else None
@@ -195,9 +196,20 @@ class Studio:
         return [m for m in list_methods() if m["kind"] == "calibration"]
 
     @staticmethod
-    def schema(name: str) -> dict[str, Any]:
-        spec = get_calibration(name) if name in CALIBRATIONS else get_method(name)
-        return spec.to_dict()
+    def schema(name: str, kind: str = "merge") -> dict[str, Any]:
+        """The schema of the merging method ``name`` (``kind="merge"``) or of the calibration ``name``
+        (``"calibration"``). Asked by kind, not by name: ``align_merge_b`` is both, with other parameters (the method
+        has the scale ``lam``; the app showed the calibration's controls for the method, without it).
+
+        Example:
+            >>> [p["name"] for p in Studio.schema("align_merge_b")["params"]]
+            ['alpha', 'lam']
+            >>> [p["name"] for p in Studio.schema("align_merge_b", "calibration")["params"]]
+            ['alpha']
+        """
+        if kind not in ("merge", "calibration"):
+            raise StudioError(f"kind must be 'merge' or 'calibration', got {brief(kind)}")
+        return (get_calibration(name) if kind == "calibration" else get_method(name)).to_dict()
 
     # ------------------------------------------------------------------ requests
     def request(self, method: str, hparams: "Mapping[str, Any] | str | None" = None,

@@ -101,6 +101,11 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None,
             else None
         if floor is not None and lo < floor < hi:   # the first step at or above it (TSV-M: a component kept somewhere)
             lo = min(round(math.ceil(round(floor / step, 9)) * step, 12), hi)
+        if p["type"] != "int":   # both ends on the step's grid, which the browser's positions follow (lo + n step)
+            on_lo = round(math.ceil(round(lo / step, 9)) * step, 12)
+            on_hi = round(math.floor(round(hi / step, 9)) * step, 12)
+            if on_lo < on_hi:   # SVC's alpha in [1e-4, 1]: 0.0051, ... 0.9951 before, and never 1
+                lo, hi = on_lo, on_hi
         default = p.get("default")
         auto_label = None
         if default is None:
@@ -195,6 +200,20 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
             value = None
         out[spec.name] = value
     return out
+
+
+def shown_info(text: str) -> str:
+    """``text`` (a control's ``info``: help and source) as Gradio 6 should show it. Gradio shows a component's
+    ``info`` through a small Markdown of its own (HTML escaped, then `` `code` ``, links, ``**bold**``,
+    ``__bold__``, ``*emphasis*`` and ``_emphasis_`` outside words; no backslash escapes): a help text's ``*`` is a
+    product (``int(r * fraction)``, ``T * k``; two of them made an emphasis of the text between them and vanished),
+    shown as the asterisk operator ``∗`` (U+2217), which that Markdown leaves alone.
+
+    Example:
+        >>> shown_info("k = int(r * fraction); T * k <= r")
+        'k = int(r ∗ fraction); T ∗ k <= r'
+    """
+    return text.replace("*", "\u2217")
 
 
 def depends_on_tasks(schema: Mapping[str, Any]) -> bool:
