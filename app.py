@@ -298,29 +298,17 @@ def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: 
     return new
 
 
-def _store_on_change(comps: list, commits: list, store: Any, inputs: list, state: gr.State, settled: gr.State) -> None:
-    """Store the controls' values in ``state`` on every change of a slider among ``comps`` (``input``: a drag's steps,
-    the arrow keys, Home and End; Gradio ends only a pointer's drag and the number box's blur with a ``release``, and
-    the merge, the export and the optimiser read ``state``, so a change made with the keys was shown and not used),
-    and on the ``commits`` events (a slider's release, a checkbox's or dropdown's input) store them and mark them
-    settled: ``settled`` triggers the diagnostics, which so follow a release, not each step of a drag."""
-    sliders = [c for c in comps if isinstance(c, gr.Slider)]
-    gr.on([s.input for s in sliders], store, inputs=inputs, outputs=state, trigger_mode="always_last",
-          show_progress="hidden", api_visibility="private")
-    gr.on(commits, lambda *values: (store(*values), time.monotonic_ns()), inputs=inputs, outputs=[state, settled],
-          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
-
-
 def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int,
-                   largest_rank: "int | None", settled: gr.State) -> None:
-    specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank)
+                   largest_rank: "int | None", base_method: "str | None" = None) -> None:
+    specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank, base_method=base_method)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
         return
     comps: list = []
     for spec in specs:
         comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix))
-    _store_on_change(comps, _triggers(comps), partial(_store, owner, specs), [state, *comps], state, settled)
+    gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
+          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
 
 
 def _method_markdown(studio: Studio, method: str) -> str:
@@ -369,7 +357,6 @@ def build_demo(studio: Studio) -> gr.Blocks:
         pref_state = gr.State({})  # {task: weight}
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
-        settled = gr.State(0)      # changed when a control's new value is settled (a slider released): diagnostics
         best_alpha = gr.State(None)
 
         with gr.Row(equal_height=False):
@@ -384,19 +371,29 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
-                                           hp_state, method, len(experts or []), studio.largest_rank(method),
-                                           settled)
+                                           hp_state, method, len(experts or []), studio.largest_rank(method))
 
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
 
-                @gr.render(inputs=[calibration_dd, experts_cb, cal_state],
+                # the method too: a calibration's automatic start may depend on it (SVC's alpha: 1.0 after TSV-M;
+                # follow_method renders it again then, and only then: a render on every method change raced the
+                # method's own controls, whose next event then met a function the render had replaced)
+                @gr.render(inputs=[calibration_dd, experts_cb, cal_state, method_dd],
                            triggers=[calibration_dd.change, cal_reload.change, demo.load])
-                def calibration_controls(calibration: str, experts: list, cal: dict):
+                def calibration_controls(calibration: str, experts: list, cal: dict, method: str):
                     if calibration and calibration != "none":
                         _render_params(studio.schema(calibration, "calibration"), (cal or {}).get(calibration, {}),
                                        f"cal-{calibration}", cal_state, calibration, len(experts or []),
-                                       studio.largest_rank(calibration, "calibration"), settled)
+                                       studio.largest_rank(calibration, "calibration"), method)
+
+                def follow_method(calibration: str):
+                    shown = calibration not in (None, "", "none") and any(
+                        p.get("auto_after") for p in studio.schema(calibration, "calibration")["params"])
+                    return time.monotonic_ns() if shown else gr.skip()
+
+                method_dd.change(follow_method, calibration_dd, cal_reload, show_progress="hidden",
+                                 api_visibility="private", trigger_mode="always_last")
 
                 fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
 
@@ -410,24 +407,22 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     renders would be lost with the first). The reload marks are fresh values, not counters."""
                     selection = list(experts or [])
                     if selection == done:
-                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                     T = len(selection) or None
-                    out, moved = [], False
+                    out = []
                     for kind, shown, stored in (("merge", method, hp), ("calibration", calibration, cal)):
                         fitted = {name: fit_to_controls(studio.schema(name, kind), values, T,
                                                         studio.largest_rank(name, kind))
                                   for name, values in (stored or {}).items()}
                         changed = fitted != (stored or {})
-                        moved = moved or changed
                         depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown, kind))
                         out += [fitted if changed else gr.skip(),
                                 time.monotonic_ns() if changed or depends else gr.skip()]
-                    return out[0], out[2], out[1], out[3], selection, time.monotonic_ns() if moved else gr.skip()
+                    return out[0], out[2], out[1], out[3], selection
 
                 experts_cb.change(follow_experts,
                                   [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
-                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for, settled],
-                                  show_progress="hidden",
+                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for], show_progress="hidden",
                                   api_visibility="private", trigger_mode="always_last", concurrency_id="fit-controls",
                                   concurrency_limit=1)
 
@@ -448,7 +443,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         def store(*values: float) -> dict:
                             return dict(zip(names, values))
 
-                        _store_on_change(sliders, [s.release for s in sliders], store, sliders, pref_state, settled)
+                        gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
+                              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():
@@ -555,7 +551,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return spec, energy, heat, curves, status, metric_text
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]
-        gr.on([demo.load, settled.change, experts_cb.change, method_dd.change,
+        gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, experts_cb.change, method_dd.change,
                calibration_dd.change, layer_dd.change, metric_dd.change],
               update_diagnostics, inputs=diag_inputs,
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
@@ -629,9 +625,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
             new = dict(hp or {})
             new[method] = {**new.get(method, {}), best["param"]: best["value"]}
             gr.Info(f"{best['param']} set to {best['value']:g}")
-            return new, nonce + 1, time.monotonic_ns()
+            return new, nonce + 1
 
-        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload, settled],
+        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload],
                         api_visibility="private", show_progress="hidden")
 
         def request_stop(request: gr.Request):

@@ -120,6 +120,9 @@ class Param:
             ``r`` dimensions, so ``T * k <= r`` (checked per layer by the method: a value a little above ``1/T`` may
             still fit every layer's rounding). The app's slider ends there and the docs table shows it; ``high``
             stays the bound :meth:`validate` checks without ``T``.
+        auto_after: ``(base method, value)`` pairs where a calibration's automatic default depends on the method it
+            calibrates (SVC's ``alpha``: ``1/T``, but 1.0 after ``tsv_m``); ``auto`` says so in words, the app starts
+            the slider there.
         low_rule: the smallest value that keeps something on the model, as a formula in ``R``, the largest rank of
             the matrix layers the method's layer rule selects (TSV-M's ``rank_fraction``: ``"1/R"``; below it
             ``int(r * fraction) = 0`` on every layer, which the method refuses). The app's slider starts at the first
@@ -157,6 +160,7 @@ class Param:
     high_rule: str | None = None
     ui_high: float | None = None
     low_rule: str | None = None
+    auto_after: tuple[tuple[str, float], ...] = ()
 
     def validate(self, value: Any, owner: str) -> Any:
         """Return ``value`` coerced to the declared type, or raise :class:`HyperparameterError`."""
@@ -238,6 +242,7 @@ class Param:
             "high_rule": self.high_rule,
             "ui_high": self.ui_high,
             "low_rule": self.low_rule,
+            "auto_after": dict(self.auto_after),
             "choices": list(self.choices) if self.choices is not None else None,
             "help": self.help,
             "paper": self.paper,

@@ -86,7 +86,7 @@ def test_changing_the_method_changes_the_controls(page):
     # AlignMerge-B is a method (with its scale lam) and a calibration of the same name (without): the method's own
     _select_method(page, "align_merge_b")
     page.get_by_text("lam", exact=True).first.wait_for()
-    assert "Sum the task matrices" in page.inner_text("body")
+    page.wait_for_function("() => document.body.innerText.includes('Sum the task matrices')")   # its summary
     _select_method(page, "task_arithmetic")
     page.wait_for_function("() => !document.body.innerText.includes('topk_scope')")
     assert page.locator("input[type=range]").count() >= 1
@@ -224,23 +224,16 @@ def test_the_rank_slider_follows_the_number_of_experts(page):
     assert method == "tsv_m" and count == 8 and "rank_fraction=0.125" in settings
 
 
-def test_a_slider_moved_with_the_keys_merges_at_the_value_shown(page):
-    """Gradio ends only a pointer's drag (and the number box's blur) with a ``release``; the arrow keys change the
-    slider with ``input`` events alone. The controls store on those too, so the merge uses the value shown (before,
-    four presses showed 0.5 and the merge and its recipe used 0.3)."""
-    import app
 
-    _select_method(page, "task_arithmetic")
-    # task_arithmetic's only control, alpha in [0, 5]
-    page.wait_for_function("() => document.querySelector('input[type=range]')?.max == '5'")
-    alpha = page.locator("input[type=range]").first
-    alpha.focus()
-    start = float(alpha.input_value())
-    for _ in range(4):
-        page.keyboard.press("ArrowRight")
-    page.wait_for_function("v => Math.abs(Number(document.querySelector('input[type=range]').value) - v) < 1e-9",
-                           arg=start + 0.2)
-    page.get_by_role("button", name="Merge & evaluate").click()
-    page.wait_for_function("() => document.querySelector('#run-status')?.innerText.includes('Run #5')")
-    last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
-    assert last.method == "task_arithmetic" and f"alpha={start + 0.2:g}" in last.settings, last.settings
+def test_the_svc_slider_starts_at_its_default_after_the_method(page):
+    """SVC's automatic clip is 1/T, but 1.0 after TSV-M; its greyed slider showed 1/T there, and unticking "auto"
+    then moved the merge from 1.0 to 1/T unseen. It now starts at the engine's own default for the method shown."""
+    _select_method(page, "tsv_m")
+    page.get_by_label("Calibration").click()
+    page.get_by_role("option", name="svc", exact=True).click()
+    svc_alpha = ("v => [...document.querySelectorAll('input[type=range]')]"
+                 ".some(s => s.max == '1' && s.step == '0.005' && s.value == v)")   # (the preference sliders: 0.05)
+    page.wait_for_function(svc_alpha, arg="1")
+    _select_method(page, "ties")
+    page.wait_for_function(svc_alpha, arg="0.125")
+    page.screenshot(path=str(SHOTS / "08_svc_after_ties.png"), full_page=True)

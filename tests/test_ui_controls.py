@@ -163,6 +163,20 @@ def test_no_help_text_is_read_as_markup_by_gradio():
     assert re.search(rules[4], next(c.info for c in control_specs(next(m for m in ALL if m["name"] == "tsv_m"))))
 
 
+@pytest.mark.parametrize("T", [2, 8])
+def test_a_calibrations_automatic_start_follows_the_method_it_calibrates(T):
+    """SVC's automatic clip is ``1/T``, but 1.0 after TSV-M: its slider, greyed while "auto" is ticked, showed
+    ``1/T`` after TSV-M too, and unticking it then moved the merge from 1.0 to ``1/T`` unseen. It starts where the
+    engine's own default is, after every merging method."""
+    from studio.methods.svc import resolve_alpha
+
+    svc = next(m for m in ALL if m["name"] == "svc")
+    for method in (m["name"] for m in ALL if m["kind"] == "merge"):
+        alpha = control_specs(svc, num_tasks=T, base_method=method)[0]
+        assert alpha.value == resolve_alpha(None, T, method), method
+    assert control_specs(svc, num_tasks=T, base_method="tsv_m")[0].value == 1.0
+
+
 def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():
     tsv_m = next(m for m in ALL if m["name"] == "tsv_m")
     ties = next(m for m in ALL if m["name"] == "ties")

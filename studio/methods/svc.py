@@ -34,8 +34,12 @@ PAPER_BASE_SCALES = {
 }
 
 
+#: SVC's automatic clip after these base methods, instead of ``1/K`` (the ``alpha`` schema's ``auto_after``).
+ALPHA_AFTER = (("tsv_m", 1.0),)
+
+
 def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> float:
-    """SVC's automatic clip: ``1/K``, or ``1`` on top of TSV-M (SVC sec. 5.1; official ``run.sh``).
+    """SVC's automatic clip: ``1/K``, or ``1`` on top of TSV-M (SVC sec. 5.1; official ``run.sh``; :data:`ALPHA_AFTER`).
 
     Example:
         >>> resolve_alpha(None, 8, "task_arithmetic"), resolve_alpha(None, 8, "tsv_m"), resolve_alpha(0.5, 8, "tsv_m")
@@ -43,7 +47,7 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
     """
     if alpha is not None:
         return float(alpha)
-    return 1.0 if base_method == "tsv_m" else 1.0 / num_tasks
+    return dict(ALPHA_AFTER).get(base_method, 1.0 / num_tasks)
 
 
 @register(
@@ -51,6 +55,7 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
     kind="calibration",
     params=(
         Param("alpha", float, None, low=1e-4, high=1.0, ui_step=0.005, auto="1/T (1.0 after tsv_m)",
+              auto_after=ALPHA_AFTER,
               help="Clip in gamma = K / sum_i max(alpha, s_i): 1 only suppresses inflated singular values, "
                    "smaller values also amplify under-counted subspaces (up to 1/alpha).",
               paper="SVC eq. 20; sec. 5.1 default alpha = 1/K, alpha = 1 for TSV-M w/ SVC (official run.sh); "

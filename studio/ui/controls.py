@@ -62,11 +62,12 @@ def _slider_step(p: Mapping[str, Any], lo: float, hi: float) -> float:
     return float(10 ** (exp + 1))
 
 
-def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None,
-                  largest_rank: int | None = None) -> list[ControlSpec]:
+def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, largest_rank: int | None = None,
+                  base_method: str | None = None) -> list[ControlSpec]:
     """Control descriptions for every param of a method or calibration (a :func:`studio.list_methods` entry), for
     ``num_tasks`` experts (a ``high_rule``'s and an "auto" formula's ``T``) of a model whose largest matrix layer the
-    method selects has rank ``largest_rank`` (a ``low_rule``'s ``R``; :meth:`studio.ui.backend.Studio.largest_rank`).
+    method selects has rank ``largest_rank`` (a ``low_rule``'s ``R``; :meth:`studio.ui.backend.Studio.largest_rank`);
+    a calibration's after the merging method ``base_method`` (its ``auto_after``).
 
     Example:
         >>> spec = {"params": [{"name": "alpha", "type": "float", "default": 0.3, "auto": None, "low": 0.0,
@@ -110,7 +111,8 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None,
         auto_label = None
         if default is None:
             auto_label = f"auto ({p.get('auto') or 'automatic'})"
-            default = _auto_preview(p, num_tasks, lo, hi)
+            after = dict(p.get("auto_after") or {})
+            default = after[base_method] if base_method in after else _auto_preview(p, num_tasks, lo, hi)
         value = min(max(float(default), lo), hi)
         if p["type"] == "int":
             value = int(round(value))
