@@ -264,19 +264,22 @@ def api_layers() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------- UI helpers
-def _make_control(spec: ControlSpec, current: Any, prefix: str) -> list[gr.components.Component]:
-    """One schema-driven control (+ its "auto" checkbox). ``current``: stored value, None = auto, ... = unset."""
+def _make_control(spec: ControlSpec, current: Any, prefix: str, owner: str = "") -> list[gr.components.Component]:
+    """One schema-driven control (+ its "auto" checkbox). ``current``: stored value, None = auto, ... = unset.
+    ``owner``: a calibration's name, put before its controls' labels (SVC's and the method's would both read
+    "alpha")."""
     key = f"{prefix}-{spec.name}"
     info = shown_info(spec.info)
+    label = f"{owner} · {spec.label}" if owner else spec.label
     if spec.kind == "checkbox":
-        return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=spec.label, info=info,
+        return [gr.Checkbox(value=spec.value if current is ... else bool(current), label=label, info=info,
                             key=key, preserved_by_key=None, interactive=True)]
     if spec.kind == "dropdown":
         return [gr.Dropdown(choices=list(spec.choices or ()), value=spec.value if current is ... else current,
-                            label=spec.label, info=info, key=key, preserved_by_key=None, interactive=True)]
+                            label=label, info=info, key=key, preserved_by_key=None, interactive=True)]
     auto = spec.auto_label is not None and (current is ... or current is None)
     value = spec.value if current is ... or current is None else current
-    slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=spec.label, info=info,
+    slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=label, info=info,
                        key=key, preserved_by_key=None, interactive=not auto)
     if spec.auto_label is None:
         return [slider]
@@ -299,14 +302,15 @@ def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: 
 
 
 def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int,
-                   largest_rank: "int | None", base_method: "str | None" = None) -> None:
+                   largest_rank: "int | None", base_method: "str | None" = None, calibration: bool = False) -> None:
+    """The controls of ``owner``'s schema; a calibration's (after ``base_method``) are labelled with its name."""
     specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank, base_method=base_method)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
         return
     comps: list = []
     for spec in specs:
-        comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix))
+        comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else ""))
     gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
           trigger_mode="always_last", show_progress="hidden", api_visibility="private")
 
@@ -385,7 +389,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     if calibration and calibration != "none":
                         _render_params(studio.schema(calibration, "calibration"), (cal or {}).get(calibration, {}),
                                        f"cal-{calibration}", cal_state, calibration, len(experts or []),
-                                       studio.largest_rank(calibration, "calibration"), method)
+                                       studio.largest_rank(calibration, "calibration"), method, calibration=True)
 
                 def follow_method(calibration: str):
                     shown = calibration not in (None, "", "none") and any(

@@ -234,6 +234,7 @@ def test_the_svc_slider_starts_at_its_default_after_the_method(page):
     svc_alpha = ("v => [...document.querySelectorAll('input[type=range]')]"
                  ".some(s => s.max == '1' && s.step == '0.005' && s.value == v)")   # (the preference sliders: 0.05)
     page.wait_for_function(svc_alpha, arg="1")
+    assert page.get_by_text("svc · alpha").first.is_visible()   # not a second "alpha" beside TSV-M's
     _select_method(page, "ties")
     page.wait_for_function(svc_alpha, arg="0.125")
     page.screenshot(path=str(SHOTS / "08_svc_after_ties.png"), full_page=True)
