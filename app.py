@@ -37,8 +37,8 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_tasks, fit_to_controls,
-                                parse_json_object, post_scale_param, shown_info, sweep_defaults)
+from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_method, depends_on_tasks,
+                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -392,8 +392,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                        studio.largest_rank(calibration, "calibration"), method, calibration=True)
 
                 def follow_method(calibration: str):
-                    shown = calibration not in (None, "", "none") and any(
-                        p.get("auto_after") for p in studio.schema(calibration, "calibration")["params"])
+                    shown = calibration not in (None, "", "none") and depends_on_method(
+                        studio.schema(calibration, "calibration"))
                     return time.monotonic_ns() if shown else gr.skip()
 
                 method_dd.change(follow_method, calibration_dd, cal_reload, show_progress="hidden",

@@ -9,8 +9,9 @@ import pytest
 import studio
 from studio.schema import HyperparameterError, StudioError, validate_hparams
 from studio.registry import get_calibration, get_method
-from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, depends_on_tasks,
-                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sweep_defaults)
+from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, depends_on_method,
+                                depends_on_tasks, fit_to_controls, parse_json_object, post_scale_param, shown_info,
+                                sweep_defaults)
 
 ALL = studio.list_methods()
 
@@ -182,6 +183,7 @@ def test_controls_follow_the_number_of_tasks_and_stored_values_fit_them():
     ties = next(m for m in ALL if m["name"] == "ties")
     svc = next(m for m in ALL if m["name"] == "svc")
     assert depends_on_tasks(tsv_m) and depends_on_tasks(svc) and not depends_on_tasks(ties)
+    assert depends_on_method(svc) and not depends_on_method(tsv_m) and not depends_on_method(ties)
     ruled = {"params": [{"name": "x", "type": "float", "default": 0.1, "low": 0.0, "high": 1.0, "high_rule": "1/T"}]}
     assert depends_on_tasks(ruled) and control_specs(ruled, num_tasks=4)[0].maximum == 0.25
     # a value set for 4 experts, then 8: moved to the new end; automatic and in-range values are left as they are

@@ -107,6 +107,7 @@ class Studio:
         self._pools: "OrderedDict[tuple[str, ...], TaskPool]" = OrderedDict()
         self._lock = threading.RLock()
         self._layer_keys: list[str] | None = None
+        self._largest_ranks: dict[tuple[str, str], int | None] = {}   # (name, kind) -> largest_rank: one pass each
 
     # ------------------------------------------------------------------ suite facts
     @functools.cached_property
@@ -173,10 +174,12 @@ class Studio:
         """
         from ..layers import resolve_rule
 
-        rule = resolve_rule(self.schema(name, kind).get("layer_rule", "default"))
-        ranks = [min(v.shape) for k, v in self.suite.base.items()
-                 if v.is_floating_point() and v.ndim >= 2 and rule.is_matrix(k, tuple(v.shape))]
-        return max(ranks) if ranks else None
+        if (name, kind) not in self._largest_ranks:   # asked at every render of the controls and change of experts
+            rule = resolve_rule(self.schema(name, kind).get("layer_rule", "default"))
+            ranks = [min(v.shape) for k, v in self.suite.base.items()
+                     if v.is_floating_point() and v.ndim >= 2 and rule.is_matrix(k, tuple(v.shape))]
+            self._largest_ranks[(name, kind)] = max(ranks) if ranks else None
+        return self._largest_ranks[(name, kind)]
 
     def default_layer(self) -> str:
         """A representative layer to open the diagnostics on: the middle block's first attention/MLP matrix."""

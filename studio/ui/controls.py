@@ -101,10 +101,9 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         floor = auto_rule_value(p["low_rule"], num_tasks or 1, largest_rank) if p.get("low_rule") and largest_rank \
             else None
         if floor is not None and lo < floor < hi:   # the first step at or above it (TSV-M: a component kept somewhere)
-            lo = min(round(math.ceil(round(floor / step, 9)) * step, 12), hi)
+            lo = min(_on_grid(floor, step, up=True), hi)
         if p["type"] != "int":   # both ends on the step's grid, which the browser's positions follow (lo + n step)
-            on_lo = round(math.ceil(round(lo / step, 9)) * step, 12)
-            on_hi = round(math.floor(round(hi / step, 9)) * step, 12)
+            on_lo, on_hi = _on_grid(lo, step, up=True), _on_grid(hi, step, up=False)
             if on_lo < on_hi:   # SVC's alpha in [1e-4, 1]: 0.0051, ... 0.9951 before, and never 1
                 lo, hi = on_lo, on_hi
         default = p.get("default")
@@ -119,6 +118,18 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         out.append(ControlSpec(p["name"], "slider", p["name"], value, info, lo, hi, step, auto_label=auto_label,
                                post_scale=bool(p.get("post_scale"))))
     return out
+
+
+def _on_grid(x: float, step: float, *, up: bool) -> float:
+    """The multiple of ``step`` at or above (``up``) or at or below ``x``, rounded off float noise (``x`` already on
+    the grid stays).
+
+    Example:
+        >>> _on_grid(0.0001, 0.005, up=True), _on_grid(1 / 3, 0.005, up=False), _on_grid(0.3, 0.05, up=True)
+        (0.005, 0.33, 0.3)
+    """
+    n = round(x / step, 9)
+    return round((math.ceil(n) if up else math.floor(n)) * step, 12)
 
 
 def _auto_preview(p: Mapping[str, Any], num_tasks: int | None, lo: float, hi: float) -> float:
@@ -230,6 +241,17 @@ def depends_on_tasks(schema: Mapping[str, Any]) -> bool:
     """
     return any(p.get("high_rule") or (p.get("default") is None and auto_rule_value(p.get("auto") or "", 2) is not None)
                for p in schema.get("params", []))
+
+
+def depends_on_method(schema: Mapping[str, Any]) -> bool:
+    """Whether the controls :func:`control_specs` gives a calibration's ``schema`` change with the merging method it
+    calibrates: an "auto" start that depends on it (``auto_after``: SVC's ``alpha``, 1.0 after TSV-M).
+
+    Example:
+        >>> depends_on_method({"params": [{"name": "alpha", "auto_after": {"tsv_m": 1.0}}]})
+        True
+    """
+    return any(p.get("auto_after") for p in schema.get("params", []))
 
 
 def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_tasks: int | None,
