@@ -55,6 +55,23 @@ CSS = """
 .ms-status {min-height: 1.6em}
 footer {display: none !important}
 """
+# Gradio's slider stores its value on "release": a pointer let go on the range, or its number box losing focus. A key
+# on the range (arrows, Page Up / Down, Home, End) sends only "input", so the value shown would not be the one the
+# diagnostics and the next merge use. The page releases the range when such a key comes up, as a pointer would: the
+# same one event per change, so the app's state keeps one writer (storing on every "input" as well raced the merge).
+HEAD = """<script>
+(() => {
+  const keys = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
+  document.addEventListener("keyup", (event) => {
+    const el = event.target;
+    if (el instanceof HTMLInputElement && el.type === "range" && !el.disabled && keys.has(event.key)) {
+      el.dispatchEvent(new PointerEvent("pointerup", {bubbles: true, composed: true}));
+    }
+  }, true);
+})();
+</script>"""
+# What every launch of the page takes (the app's main and the tests' served app).
+LAUNCH_OPTIONS = {"theme": THEME, "css": CSS, "head": HEAD}
 
 
 def load_studio(source: "str | None" = None) -> Studio:
@@ -678,8 +695,8 @@ def main(args: argparse.Namespace) -> None:
     from studio.parallel import set_workers
 
     set_workers(args.workers)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=THEME, css=CSS,
-                prevent_thread_lock=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **LAUNCH_OPTIONS)
     # Warm the caches (default merge, spectra, evaluation references) once the server is up: the page is usable
     # meanwhile, and the first diagnostics / merge then hit the caches.
     threading.Thread(target=STUDIO.warm, daemon=True, name="merge-studio-warmup").start()

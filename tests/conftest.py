@@ -108,7 +108,8 @@ def launched_app(one_torch_thread):
     """The real ``app`` module with its ``demo`` served on a free localhost port for the module's tests."""
     import app
 
-    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    app.demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True,
+                    **app.LAUNCH_OPTIONS)
     yield app
     app.demo.close()
 

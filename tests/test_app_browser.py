@@ -238,3 +238,35 @@ def test_the_svc_slider_starts_at_its_default_after_the_method(page):
     _select_method(page, "ties")
     page.wait_for_function(svc_alpha, arg="0.125")
     page.screenshot(path=str(SHOTS / "08_svc_after_ties.png"), full_page=True)
+
+
+def test_keys_on_a_slider_reach_the_diagnostics_and_the_merge(page):
+    """Gradio stores a slider's value on a pointer's release; a key on its range sends only "input", so the value
+    shown was not the one merged until the slider was clicked. The page releases the range when the key comes up."""
+    import app
+
+    page.get_by_label("Calibration").click()
+    page.get_by_role("option", name="none", exact=True).click()
+    _select_method(page, "task_arithmetic")
+    alpha = page.locator("input[type=range]").first
+    page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
+                           "return !!s && s.max == '5' && s.step == '0.05'; }")   # the method's alpha, rendered
+    page.wait_for_function("() => !document.body.innerText.includes('svc · alpha')")
+    page.wait_for_timeout(1000)   # the method switch's own diagnostics land first
+    shown = float(alpha.input_value())
+    top = _merged_trace_top(page)
+    assert shown > 0 and top is not None
+
+    alpha.focus()
+    alpha.press("End")              # 5.0
+    for _ in range(3):
+        alpha.press("ArrowLeft")    # 4.85: one release per key, the last one wins
+    assert alpha.input_value() == "4.85"
+    # Task Arithmetic's merged delta is alpha times the sum: its top singular value follows the key presses
+    page.wait_for_function(f"want => Math.abs(({MERGED_TOP_JS})() - want) < 1e-3 * want", arg=top * 4.85 / shown)
+
+    page.get_by_role("button", name="Merge & evaluate").click()
+    before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
+    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
+    last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+    assert last.method == "task_arithmetic" and "alpha=4.85" in last.settings, last.settings
