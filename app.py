@@ -38,7 +38,8 @@ from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_method, depends_on_tasks,
-                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sweep_defaults)
+                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sources_markdown,
+                                sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -328,6 +329,10 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
     comps: list = []
     for spec in specs:
         comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else ""))
+    sources = sources_markdown(specs)
+    if sources:   # folded: with them, each help text ran to ten lines
+        with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
+            gr.Markdown(sources, key=f"{prefix}-sources-text")
     gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
           trigger_mode="always_last", show_progress="hidden", api_visibility="private")
 

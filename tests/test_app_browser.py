@@ -83,6 +83,13 @@ def test_changing_the_method_changes_the_controls(page):
     _select_method(page, "ties")
     page.get_by_text("topk_scope").first.wait_for()
     assert page.get_by_text("merge_func").first.is_visible()
+    # each control shows its help; where its default comes from is folded below them (the help ran to ten lines)
+    source = "reset_thresh=20"   # the official code's setting behind TIES' k = 20 %
+    assert "Fraction of each task vector kept" in page.inner_text("body")
+    assert not page.get_by_text(source, exact=False).first.is_visible()
+    page.get_by_text("ties: where the defaults come from").click()
+    page.get_by_text(source, exact=False).first.wait_for()
+    page.screenshot(path=str(SHOTS / "02_method_ties_sources.png"), full_page=True)
     # AlignMerge-B is a method (with its scale lam) and a calibration of the same name (without): the method's own
     _select_method(page, "align_merge_b")
     page.get_by_text("lam", exact=True).first.wait_for()

@@ -53,7 +53,8 @@ def test_every_schema_renders_valid_controls(entry):
             assert (c.auto_label is not None) == (p["default"] is None)
             if p["default"] is None:
                 assert p["auto"] in c.auto_label
-        assert p["help"] in c.info
+        assert p["help"] in c.info and (p["paper"] or "") in c.info + c.source
+        assert p["paper"] not in c.info or not p["help"]   # the source goes below the controls, folded
     # The untouched UI submits exactly the schema defaults (auto -> None), and they validate.
     submitted = collect(specs, _ui_defaults(specs))
     assert submitted == defaults(entry)
@@ -242,3 +243,34 @@ def test_post_scale_and_sweep_defaults_stay_inside_the_range():
             validate_hparams(entry["name"], _spec(entry).params, {p["name"]: hi})
     with pytest.raises(HyperparameterError):
         validate_hparams("task_arithmetic", get_method("task_arithmetic").params, {"alpha": 99})
+
+
+def test_the_sources_read_as_the_schema_writes_them():
+    """The app folds where each default comes from into one Markdown list below the controls; rendered as CommonMark
+    (Gradio's Markdown follows it), each item reads exactly as the schema's ``paper`` (``reset_thresh=20``,
+    ``state_dict_to_vector``, ``T * k`` are not markup there)."""
+    import html
+    import re
+
+    markdown_it = pytest.importorskip("markdown_it")
+    from studio.ui.controls import sources_markdown
+
+    seen = 0
+    for entry in ALL:
+        specs = control_specs(entry, num_tasks=8)
+        rendered = markdown_it.MarkdownIt("commonmark").render(sources_markdown(specs))
+        items = re.findall(r"<li>(.*?)</li>", rendered, flags=re.S)
+        want = [(p["name"], p["paper"]) for p in entry["params"] if p["paper"] and p["help"]]
+        assert len(items) == len(want), (entry["name"], rendered)
+        for item, (name, paper) in zip(items, want):
+            assert item.startswith(f"<strong>{name}</strong>: ")
+            text = item.split("</strong>: ", 1)[1]
+            assert "<" not in text, (entry["name"], name, text)   # no emphasis, code or link
+            assert html.unescape(text) == paper
+            seen += 1
+    assert seen >= 20
+    # and what would be markup if a source held it
+    made = "Alg. 1 * eq. 2 * 3; `code`, [link](x), _emphasis_, <b>tag</b>, a | b, ~~strike~~, back\\slash"
+    rendered = markdown_it.MarkdownIt("commonmark").render(sources_markdown([ControlSpec("k", "slider", "k", 0.1,
+                                                                                       source=made)]))
+    assert html.unescape(re.findall(r"</strong>: (.*?)</li>", rendered, flags=re.S)[0]) == made, rendered

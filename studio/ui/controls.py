@@ -22,7 +22,8 @@ class ControlSpec:
 
     ``kind`` is ``"slider"``, ``"dropdown"`` or ``"checkbox"``. ``auto_label`` is set for params whose default is
     automatic (``default=None``): the UI shows an "auto (rule)" checkbox next to the slider, and ``value`` is then
-    only the slider's starting point.
+    only the slider's starting point. ``info`` is the schema's help (shown under the control), ``source`` where its
+    default comes from (the schema's ``paper``; the app lists them together, folded, below the controls).
     """
 
     name: str
@@ -36,6 +37,7 @@ class ControlSpec:
     choices: tuple[Any, ...] | None = None
     auto_label: str | None = None
     post_scale: bool = False
+    source: str = ""
 
 
 def _slider_range(p: Mapping[str, Any]) -> tuple[float, float]:
@@ -78,16 +80,14 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
     """
     out = []
     for p in schema.get("params", []):
-        info = p.get("help") or ""
-        if p.get("paper"):
-            info = f"{info} [{p['paper']}]" if info else p["paper"]
+        info, source = (p.get("help") or "", p.get("paper") or "") if p.get("help") else (p.get("paper") or "", "")
         if p["type"] == "bool":
-            out.append(ControlSpec(p["name"], "checkbox", p["name"], bool(p.get("default")), info))
+            out.append(ControlSpec(p["name"], "checkbox", p["name"], bool(p.get("default")), info, source=source))
             continue
         if p["type"] == "str" or p.get("choices"):
             choices = tuple(p.get("choices") or ())
             value = p.get("default") if p.get("default") is not None else (choices[0] if choices else None)
-            out.append(ControlSpec(p["name"], "dropdown", p["name"], value, info, choices=choices))
+            out.append(ControlSpec(p["name"], "dropdown", p["name"], value, info, choices=choices, source=source))
             continue
         lo, hi = _slider_range(p)
         step = _slider_step(p, lo, hi)
@@ -116,7 +116,7 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         if p["type"] == "int":
             value = int(round(value))
         out.append(ControlSpec(p["name"], "slider", p["name"], value, info, lo, hi, step, auto_label=auto_label,
-                               post_scale=bool(p.get("post_scale"))))
+                               post_scale=bool(p.get("post_scale")), source=source))
     return out
 
 
@@ -227,6 +227,23 @@ def shown_info(text: str) -> str:
         'k = int(r ∗ fraction); T ∗ k <= r'
     """
     return text.replace("*", "\u2217")
+
+
+def sources_markdown(specs: list[ControlSpec]) -> str:
+    """Where each control's default comes from, as one Markdown list (empty if none says): the app folds it below
+    the controls, whose help texts ran to ten lines each with their sources. The characters Markdown reads as markup
+    within a line are escaped, so that a source reads as the schema writes it (``T * k``, ``[paper]``).
+
+    Example:
+        >>> print(sources_markdown([ControlSpec("k", "slider", "k", 0.2, source="Alg. 1; T * k <= r")]))
+        - **k**: Alg. 1; T \\* k \\<= r
+    """
+    return "\n".join(f"- **{s.label}**: {_markdown_escaped(s.source)}" for s in specs if s.source)
+
+
+def _markdown_escaped(text: str) -> str:
+    """``text`` with the characters CommonMark could read as markup within a line backslash-escaped."""
+    return "".join("\\" + c if c in "\\`*_[]<>|~" else c for c in text)
 
 
 def depends_on_tasks(schema: Mapping[str, Any]) -> bool:
