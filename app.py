@@ -405,13 +405,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 # the method too: a calibration's automatic start may depend on it (SVC's alpha: 1.0 after TSV-M;
                 # follow_method renders it again then, and only then: a render on every method change raced the
                 # method's own controls, whose next event then met a function the render had replaced)
-                @gr.render(inputs=[calibration_dd, experts_cb, cal_state, method_dd],
-                           triggers=[calibration_dd.change, cal_reload.change, demo.load])
-                def calibration_controls(calibration: str, experts: list, cal: dict, method: str):
-                    if calibration and calibration != "none":
-                        _render_params(studio.schema(calibration, "calibration"), (cal or {}).get(calibration, {}),
-                                       f"cal-{calibration}", cal_state, calibration, len(experts or []),
-                                       studio.largest_rank(calibration, "calibration"), method, calibration=True)
+                with gr.Group():   # one block, as the method's: a slider's "auto" box sat apart from it
+                    @gr.render(inputs=[calibration_dd, experts_cb, cal_state, method_dd],
+                               triggers=[calibration_dd.change, cal_reload.change, demo.load])
+                    def calibration_controls(calibration: str, experts: list, cal: dict, method: str):
+                        if calibration and calibration != "none":
+                            _render_params(studio.schema(calibration, "calibration"),
+                                           (cal or {}).get(calibration, {}), f"cal-{calibration}", cal_state,
+                                           calibration, len(experts or []),
+                                           studio.largest_rank(calibration, "calibration"), method, calibration=True)
 
                 def follow_method(calibration: str):
                     shown = calibration not in (None, "", "none") and depends_on_method(
