@@ -1116,4 +1116,12 @@ MUTANTS = [
      '    return any(p.get("high_rule") or (p.get("default") is None',
      '    return any((p.get("default") is None',
      'depends_on_tasks: a high_rule alone does not count'),
+    ('src1', 'studio/ui/controls.py',
+     '        info, source = (p.get("help") or "", p.get("paper") or "") if p.get("help") else (p.get("paper") or "", "")',
+     '        info, source = (f"{p.get(\'help\')} [{p.get(\'paper\')}]", p.get("paper") or "") if p.get("help") else (p.get("paper") or "", "")',
+     "control_specs: the source shown under the control as well (ten-line help texts)"),
+    ('src2', 'studio/ui/controls.py',
+     '    return "".join("\\\\" + c if c in "\\\\`*_[]<>|~" else c for c in text)',
+     '    return text',
+     "sources_markdown: a source's markup unescaped (T * k ... * made an emphasis)"),
 ]
