@@ -277,3 +277,21 @@ def test_keys_on_a_slider_reach_the_diagnostics_and_the_merge(page):
     page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
     last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
     assert last.method == "task_arithmetic" and "alpha=4.85" in last.settings, last.settings
+
+
+def test_a_value_typed_into_a_slider_box_reaches_the_merge_clicked_at_once(page):
+    """Typing a value into a slider's number box and clicking Merge at once: the box's blur stores the value (the
+    slider's release) before the merge reads the stored controls."""
+    import app
+
+    _select_method(page, "task_arithmetic")
+    page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
+                           "return !!s && s.max == '5' && s.step == '0.05'; }")
+    box = page.locator("input[type=number]").first
+    for value in ("1.35", "0.7"):
+        box.fill(value)
+        before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
+        page.get_by_role("button", name="Merge & evaluate").click()
+        page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
+        last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+        assert last.method == "task_arithmetic" and f"alpha={value}" in last.settings, (value, last.settings)
