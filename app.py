@@ -26,7 +26,7 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -38,8 +38,8 @@ from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_method, depends_on_tasks,
-                                fit_to_controls, parse_json_object, post_scale_param, shown_info, sources_markdown,
-                                sweep_defaults)
+                                fit_to_controls, initial_values, parse_json_object, post_scale_param, shown_info,
+                                sources_markdown, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -127,6 +127,18 @@ def _user_error(exc: BaseException, what: str) -> gr.Error:
 
 
 # --------------------------------------------------------------------------------------------- GPU work (queued)
+def _reporter(session_hash: "str | None", progress: Any) -> "Callable[[float, str], None]":
+    """A job's progress callback: it raises :class:`_Cancelled` at the job's next step once the session's Stop was
+    clicked (Gradio's cancel leaves a running worker thread to finish, holding the queue's "gpu" slot)."""
+    def report(frac: float, msg: str) -> None:
+        if session_hash is not None and session_hash in SESSIONS and SESSIONS.get(session_hash).stop_requested:
+            raise _Cancelled("stopped by the user")
+        if progress is not None:
+            progress(frac, desc=msg)
+
+    return report
+
+
 @gpu
 def merge_and_evaluate(req: MergeRequest, folder: str, session_hash: "str | None" = None,
                        progress: Any = None, gallery_per_task: int = 3) -> dict[str, Any]:
@@ -134,12 +146,7 @@ def merge_and_evaluate(req: MergeRequest, folder: str, session_hash: "str | None
 
     Returns only plain data (paths, numbers, small images), so it also works where ZeroGPU runs it in a worker.
     """
-    def report(frac: float, msg: str) -> None:
-        if session_hash is not None and session_hash in SESSIONS and SESSIONS.get(session_hash).stop_requested:
-            raise _Cancelled("stopped by the user")
-        if progress is not None:
-            progress(frac, desc=msg)
-
+    report = _reporter(session_hash, progress)
     t0 = time.perf_counter()
     merged = STUDIO.merge(req, progress=lambda f, m: report(0.5 * f, m))
     t_merge = time.perf_counter() - t0
@@ -169,10 +176,11 @@ def merge_and_score(req: MergeRequest, split: str = "test") -> dict[str, Any]:
 
 
 @gpu
-def sweep_alpha(req: MergeRequest, alphas: list[float], progress: Any = None) -> dict[str, Any]:
-    """Validation sweep of the method's global scale (see :meth:`Studio.optimise_alpha`)."""
-    return STUDIO.optimise_alpha(req, alphas, split="validation",
-                                 progress=None if progress is None else (lambda f, m: progress(f, desc=m)))
+def sweep_alpha(req: MergeRequest, alphas: list[float], progress: Any = None,
+                session_hash: "str | None" = None) -> dict[str, Any]:
+    """Validation sweep of the method's global scale (see :meth:`Studio.optimise_alpha`); a Stop of the session
+    ends it before its next alpha."""
+    return STUDIO.optimise_alpha(req, alphas, split="validation", progress=_reporter(session_hash, progress))
 
 
 # --------------------------------------------------------------------------------------------- public API
@@ -297,15 +305,32 @@ def _make_control(spec: ControlSpec, current: Any, prefix: str, owner: str = "")
                             label=label, info=info, key=key, preserved_by_key=None, interactive=True)]
     auto = spec.auto_label is not None and (current is ... or current is None)
     value = spec.value if current is ... or current is None else current
+    # buttons=[]: no ↺ of Gradio's own. It resets to the value its browser component was first created with, and
+    # the browser reuses a component across renders: after a method switch, TSV-M's 0.125 for Task Arithmetic's alpha
+    # (or 1.5 for Ortho-Merge's integer k). _render_params gives the controls one "Reset to defaults" instead.
     slider = gr.Slider(spec.minimum, spec.maximum, value=value, step=spec.step, label=label, info=info,
-                       key=key, preserved_by_key=None, interactive=not auto)
+                       key=key, preserved_by_key=None, interactive=not auto, buttons=[])
     if spec.auto_label is None:
         return [slider]
     box = gr.Checkbox(value=auto, label=spec.auto_label, key=f"{key}-auto", preserved_by_key=None, container=False,
                       interactive=True)
-    box.input(lambda a: gr.Slider(interactive=not a), box, slider, show_progress="hidden", api_visibility="private",
-              queue=False)
+    # ticked: the greyed slider shows the automatic value again, which the merge now uses (it kept the last manual one)
+    box.input(lambda a: gr.Slider(interactive=False, value=spec.value) if a else gr.Slider(interactive=True), box,
+              slider, show_progress="hidden", api_visibility="private", queue=False)
     return [slider, box]
+
+
+def _reset_updates(specs: list[ControlSpec]) -> list:
+    """What "Reset to defaults" sends the controls: each one's starting value, every "auto" box ticked again."""
+    out: list = []
+    for spec in specs:
+        if spec.kind != "slider":
+            out.append(spec.value)
+            continue
+        out.append(gr.Slider(value=spec.value, interactive=spec.auto_label is None))
+        if spec.auto_label is not None:
+            out.append(gr.Checkbox(value=True))
+    return out
 
 
 def _triggers(comps: list[gr.components.Component]) -> list:
@@ -329,12 +354,39 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
     comps: list = []
     for spec in specs:
         comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else ""))
+    reset = gr.Button(f"Reset {owner} to defaults", size="sm", variant="secondary", key=f"{prefix}-reset")
+    # the controls and the stored values in one event: the state keeps one writer per event
+    reset.click(lambda state: [*_reset_updates(specs), _store(owner, specs, state, *initial_values(specs))],
+                state, [*comps, state], show_progress="hidden", api_visibility="private", queue=False)
     sources = sources_markdown(specs)
     if sources:   # folded: with them, each help text ran to ten lines
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
             gr.Markdown(sources, key=f"{prefix}-sources-text")
     gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
           trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+
+
+@contextlib.contextmanager
+def _job(sess: Any, kind: str):
+    """Mark ``sess`` as running a ``kind`` job while the block runs (a job a Stop left running, which ends later,
+    does not clear the mark of the one after it)."""
+    token = f"{kind}:{uuid.uuid4().hex}"
+    sess.job = token
+    try:
+        yield
+    finally:
+        if sess.job == token:
+            sess.job = None
+
+
+def _edge_note(res: dict[str, Any]) -> str:
+    """A sweep's best value at an end of its range may not be the best: say so, and which way to widen it."""
+    alphas, best = res["alphas"], res["best_alpha"]
+    if len(alphas) < 2 or best not in (alphas[0], alphas[-1]):
+        return ""
+    side, where = ("lower", "below") if best == alphas[0] else ("upper", "above")
+    return (f" It is the sweep's {side} end: the best {res['param']} may lie {where} it; widen the range and run "
+            "it again.")
 
 
 def _method_markdown(studio: Studio, method: str) -> str:
@@ -465,14 +517,21 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             gr.Markdown("*Select experts first.*", key="pref-none")
                             return
                         # interactive=True: components created in a render are not inferred to be inputs.
+                        # buttons=[]: Gradio's own ↺ resets to the value its browser component was first created
+                        # with, which the browser reuses across renders (see _make_control); "Equal weights" below
                         sliders = [gr.Slider(0.0, 1.0, value=(prefs or {}).get(t, 1.0), step=0.05, label=t,
-                                             key=f"pref-{t}", preserved_by_key=None, interactive=True) for t in names]
+                                             key=f"pref-{t}", preserved_by_key=None, interactive=True, buttons=[])
+                                   for t in names]
 
                         def store(*values: float) -> dict:
                             return dict(zip(names, values))
 
                         gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
                               trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+                        equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
+                        equal.click(lambda: [*(1.0 for _ in names), store(*(1.0 for _ in names))], None,
+                                    [*sliders, pref_state], show_progress="hidden", api_visibility="private",
+                                    queue=False)
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():
@@ -536,11 +595,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def on_method(method: str):
             label, active, lo, hi = _optimise_setup(studio, method)
+            # the last sweep was of another method: its curve, best value and "Use best α" go with it
             return (_method_markdown(studio, method), gr.Button(interactive=active, value=label),
-                    gr.skip() if lo is None else lo, gr.skip() if hi is None else hi)
+                    gr.skip() if lo is None else lo, gr.skip() if hi is None else hi,
+                    None, "", None, gr.Button(interactive=False))
 
-        method_dd.change(on_method, method_dd, [method_md, optimise_btn, alpha_lo, alpha_hi], api_visibility="private",
-                         show_progress="hidden", queue=False)
+        method_dd.change(on_method, method_dd,
+                         [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn],
+                         api_visibility="private", show_progress="hidden", queue=False)
 
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric):
             t0 = time.perf_counter()
@@ -591,10 +653,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             sess.stop_requested = False
             try:
-                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
-                folder = session_dir(_upload_root(), request.session_hash)
-                progress(0.0, desc="merging")
-                out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
+                with _job(sess, "merge"):
+                    req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
+                    folder = session_dir(_upload_root(), request.session_hash)
+                    progress(0.0, desc="merging")
+                    out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
             except _Cancelled:
                 gr.Warning("Merge stopped.")
                 return (gr.skip(),) * 12
@@ -630,15 +693,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             sess.stop_requested = False
             try:
-                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
-                alphas = studio.alpha_grid(req.method, lo, hi, int(n))
-                res = sweep_alpha(req, alphas, progress)
+                with _job(sess, "optimise"):
+                    req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
+                    alphas = studio.alpha_grid(req.method, lo, hi, int(n))
+                    res = sweep_alpha(req, alphas, progress, request.session_hash)
+            except _Cancelled:
+                gr.Warning("Optimisation stopped.")
+                return gr.skip(), "*Optimisation stopped.*", gr.skip(), gr.skip()
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "optimise") from None
             fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors, best=res["best_alpha"])
-            md = (f"Best **{res['param']} = {res['best_alpha']:g}**: preference-weighted validation normalized accuracy "
-                  f"**{res['best_objective']:.1f}%** (weights " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ").")
+            md = (f"Best for {req.method}: **{res['param']} = {res['best_alpha']:g}**, preference-weighted validation "
+                  f"normalized accuracy **{res['best_objective']:.1f}%** (weights " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ")." + _edge_note(res))
             return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
 
         opt_evt = optimise_btn.click(
@@ -659,9 +726,16 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         api_visibility="private", show_progress="hidden")
 
         def request_stop(request: gr.Request):
-            SESSIONS.get(request.session_hash).stop_requested = True
+            """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its
+            "stopped" message among them), so this reports it where the job would have."""
+            sess = SESSIONS.get(request.session_hash)
+            sess.stop_requested = True
+            kind = (sess.job or "").split(":")[0]
+            return ("Merge stopped." if kind == "merge" else gr.skip(),
+                    "*Optimisation stopped.*" if kind == "optimise" else gr.skip())
 
-        stop_btn.click(request_stop, None, None, cancels=[merge_evt, opt_evt], api_visibility="private", queue=False)
+        stop_btn.click(request_stop, None, [run_md, opt_md], cancels=[merge_evt, opt_evt], api_visibility="private",
+                       queue=False)
 
         def on_unload(request: gr.Request):
             SESSIONS.drop(request.session_hash)

@@ -10,8 +10,8 @@ import studio
 from studio.schema import HyperparameterError, StudioError, validate_hparams
 from studio.registry import get_calibration, get_method
 from studio.ui.controls import (ControlSpec, auto_rule_value, collect, control_specs, defaults, depends_on_method,
-                                depends_on_tasks, fit_to_controls, parse_json_object, post_scale_param, shown_info,
-                                sweep_defaults)
+                                depends_on_tasks, fit_to_controls, initial_values, parse_json_object, post_scale_param,
+                                shown_info, sweep_defaults)
 
 ALL = studio.list_methods()
 
@@ -58,6 +58,13 @@ def test_every_schema_renders_valid_controls(entry):
     # The untouched UI submits exactly the schema defaults (auto -> None), and they validate.
     submitted = collect(specs, _ui_defaults(specs))
     assert submitted == defaults(entry)
+    assert initial_values(specs) == _ui_defaults(specs)   # what the app's "Reset to defaults" puts back
+    # an integer slider's number box may hold a typed 2.4: it is sent as the slider's position would be
+    for i, c in enumerate(specs):
+        if c.kind == "slider" and isinstance(c.value, int):
+            typed = _ui_defaults(specs)
+            typed[sum(1 + (d.auto_label is not None) for d in specs[:i])] = c.value + 0.4
+            assert collect(specs, typed)[c.name] == c.value and isinstance(collect(specs, typed)[c.name], int)
     validate_hparams(entry["name"], _spec(entry).params, submitted)
 
 

@@ -1124,4 +1124,8 @@ MUTANTS = [
      '    return "".join("\\\\" + c if c in "\\\\`*_[]<>|~" else c for c in text)',
      '    return text',
      "sources_markdown: a source's markup unescaped (T * k ... * made an emphasis)"),
+    ('rst1', 'studio/ui/controls.py',
+     '            value = int(round(value))\n        out[spec.name] = value',
+     '            value = value\n        out[spec.name] = value',
+     "collect: an integer slider's typed 2.4 sent as is (the engine refuses it)"),
 ]

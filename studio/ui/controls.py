@@ -198,12 +198,14 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
     """Turn the flat list of UI values back into hyperparameters.
 
     ``values`` holds one value per control, plus, right after each control with an ``auto_label``, the state of
-    its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic).
+    its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic). An integer slider's value is rounded
+    to an integer, as its positions are (a value typed into its number box may not be).
 
     Example:
-        >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"), ControlSpec("a", "slider", "a", 1.0)]
-        >>> collect(specs, [0.5, True, 2.0])
-        {'k': None, 'a': 2.0}
+        >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"), ControlSpec("a", "slider", "a", 1.0),
+        ...          ControlSpec("n", "slider", "n", 5, step=1)]
+        >>> collect(specs, [0.5, True, 2.0, 2.4])
+        {'k': None, 'a': 2.0, 'n': 2}
     """
     out: dict[str, Any] = {}
     it = iter(values)
@@ -211,8 +213,33 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
         value = next(it)
         if spec.auto_label is not None and next(it):
             value = None
+        elif spec.kind == "slider" and _is_int(spec.value) and isinstance(value, (int, float)) \
+                and math.isfinite(value):
+            value = int(round(value))
         out[spec.name] = value
     return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def initial_values(specs: Sequence[ControlSpec]) -> list[Any]:
+    """The flat list of values the controls show before the user sets any (each control's ``value``, and ``True``
+    for every "auto" checkbox), in :func:`collect`'s order: what the app's "Reset to defaults" puts back.
+
+    Example:
+        >>> specs = [ControlSpec("k", "slider", "k", 0.125, auto_label="auto (1/T)"),
+        ...          ControlSpec("a", "slider", "a", 1.0)]
+        >>> initial_values(specs), collect(specs, initial_values(specs))
+        ([0.125, True, 1.0], {'k': None, 'a': 1.0})
+    """
+    values: list[Any] = []
+    for spec in specs:
+        values.append(spec.value)
+        if spec.auto_label is not None:
+            values.append(True)
+    return values
 
 
 def shown_info(text: str) -> str:
