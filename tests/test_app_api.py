@@ -187,3 +187,20 @@ def test_stop_interrupts_a_running_merge(app_module, suite, tmp_path):
         app_module.merge_and_evaluate(req, str(tmp_path), "stop-test")
     assert not list(tmp_path.iterdir())  # nothing exported
     app_module.SESSIONS.drop("stop-test")
+
+
+def test_stop_interrupts_a_running_sweep(app_module, suite):
+    """The same flag ends an alpha sweep before its next alpha (Gradio's cancel alone left it running)."""
+    req = app_module.STUDIO.request("task_arithmetic", {}, suite.task_names[:2])
+    app_module.SESSIONS.get("stop-sweep").stop_requested = True
+    with pytest.raises(app_module._Cancelled):
+        app_module.sweep_alpha(req, [0.1, 0.2, 0.3], None, "stop-sweep")
+    app_module.SESSIONS.drop("stop-sweep")
+    assert len(app_module.sweep_alpha(req, [0.1, 0.2], None, "another-session")["objective"]) == 2
+    app_module.SESSIONS.drop("another-session")
+
+
+@pytest.mark.parametrize("best, says", [(0.1, "lower end"), (0.5, None), (0.9, "upper end")])
+def test_a_sweeps_best_value_at_an_end_says_so(app_module, best, says):
+    note = app_module._edge_note({"alphas": [0.1, 0.5, 0.9], "best_alpha": best, "param": "alpha"})
+    assert (says in note) if says else note == ""

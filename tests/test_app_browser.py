@@ -393,3 +393,26 @@ def test_optimise_stops_and_forgets_another_methods_sweep(page):
     page.wait_for_function("() => !document.body.innerText.includes('Best for task_arithmetic')")
     assert use_best.is_disabled()
     page.get_by_role("tab", name="Diagnostics").click()
+
+
+def test_equal_weights_puts_every_preference_back(page):
+    """The preference sliders' "Equal weights" (in place of Gradio's own per-slider reset): every slider back at 1 and
+    the next merge uniform."""
+    import re
+
+    panel = page.locator("#pref-sliders")
+    if not panel.locator("input[type=range]").first.is_visible():
+        page.get_by_text("Task preferences").click()
+    first = panel.locator("input[type=range]").first
+    first.focus()
+    first.press("Home")   # 0 for the first task
+    _select_method(page, "task_arithmetic")
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('σ')")
+    method, settings = _merge_settings(page)
+    assert re.search(r"prefs \w+:0\b", settings), settings
+    panel.get_by_role("button", name="Equal weights").click()
+    page.wait_for_function("() => [...document.querySelectorAll('#pref-sliders input[type=range]')]"
+                           ".every(s => s.value == '1')")
+    assert panel.locator("button.reset-button").count() == 0
+    method, settings = _merge_settings(page)
+    assert "prefs" not in settings or set(re.findall(r":([\d.]+)", settings.split("prefs", 1)[1])) == {"1"}, settings
