@@ -1000,7 +1000,8 @@ METRICS: dict[str, Metric] = {
     "sai": Metric(
         lambda layer, merged, k: sai(layer, merged, rank=_txk(k), signed=True),
         "Signed Subspace-Alignment Index sigma^r / c_i^r - 1 per task (row) and merged subspace (column); "
-        "0 = no interference, > 0 amplified, < 0 suppressed.",
+        "0 = no interference, > 0 amplified, < 0 suppressed; large where a task's c_i^r is small, undefined "
+        "(blank) where it is 0 or the subspace lies beyond the merge's rank.",
         (None, None), True, "TxK", False, 0.0, f"k = top merged subspaces shown (default {_TXK_DEFAULT})", True,
         "AlignMerge eq. 8, Fig. 3"),
 }

@@ -416,3 +416,20 @@ def test_equal_weights_puts_every_preference_back(page):
     assert panel.locator("button.reset-button").count() == 0
     method, settings = _merge_settings(page)
     assert "prefs" not in settings or set(re.findall(r":([\d.]+)", settings.split("prefs", 1)[1])) == {"1"}, settings
+
+
+def test_the_sai_heatmap_is_drawn_on_a_signed_log_scale(page):
+    """After TSV-M, SAI (sigma / c - 1) runs from about -6e3 to 6e3 with a median near 80: on a linear colour range
+    set by the largest cell, all but one or two cells looked neutral ("no interference")."""
+    _select_method(page, "tsv_m")
+    page.get_by_role("tab", name="Diagnostics").click()   # a merge before shows its results
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="sai", exact=True).click()
+    title = "() => document.querySelector('#heatmap-plot .js-plotly-plot')?.layout?.title?.text || ''"
+    page.wait_for_function(f"() => ({title})().includes('sai') && ({title})().includes('signed log scale')")
+    ticks = page.evaluate("() => document.querySelector('#heatmap-plot .js-plotly-plot')._fullData[0]"
+                          ".colorbar.ticktext")
+    assert "1000" in ticks and "-1000" in ticks
+    page.screenshot(path=str(SHOTS / "10_sai_signed_log_scale.png"), full_page=True)
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="subspace_similarity", exact=True).click()

@@ -115,3 +115,41 @@ def test_alpha_curve_marks_the_best_alpha():
 def test_empty_figure_carries_the_message():
     fig = plots.empty_figure("Select at least one expert")
     assert fig.layout.annotations[0].text == "Select at least one expert"
+
+
+def test_a_heavy_tailed_signed_heatmap_goes_to_a_signed_log_scale():
+    """SAI (sigma / c - 1) runs to thousands where a task's component c nears 0 (after TSV-M on MiniSuite: median
+    |SAI| 81, largest 6e3), and the colour range followed the largest cell: the rest read as neutral, "no
+    interference". The colours now follow a signed log scale over whole decades, nothing is clipped, the colour bar
+    is labelled in SAI's own values, hover gives each value, and the title says so and counts the undefined cells."""
+    rng = np.random.default_rng(0)
+    z = rng.lognormal(np.log(80.0), 1.2, size=(8, 32)) * rng.choice([-1.0, 1.0], size=(8, 32))
+    z[2, 5], z[6, 30], z[4, 31] = -6.1e3, 6.0e3, np.nan
+    fig = plots.heatmap_figure(z, [f"t{i}" for i in range(8)], [f"σ{j + 1}" for j in range(32)],
+                               value_range=(None, None), signed=True, center=0.0)
+    hm = fig.data[0]
+    shown = np.asarray(hm.z, dtype=np.float64)
+    finite = np.isfinite(z)
+    assert np.all(np.abs(shown[finite]) <= hm.zmax) and hm.zmax == -hm.zmin          # nothing clipped
+    assert np.array_equal(np.sign(shown[finite]), np.sign(z[finite]))               # the sign is the colour's side
+    order = np.argsort(z[finite])
+    assert np.all(np.diff(shown[finite][order]) >= 0)                                # and the order is kept
+    # the bulk spreads over the scale: half the cells reach beyond a fifth of it (on a linear one: 1 cell in 256)
+    assert np.mean(np.abs(shown[finite]) > 0.2 * hm.zmax) > 0.5
+    assert np.mean(np.abs(z[finite]) > 0.2 * plots.nice_ceil(np.nanmax(np.abs(z)))) < 0.05
+    u = plots.nice_ceil(float(np.nanmedian(np.abs(z))) / 10)   # a tenth of the typical deviation, rounded
+    labels = dict(zip(hm.colorbar.tickvals, hm.colorbar.ticktext))
+    assert len(labels) >= 5
+    for at, label in labels.items():   # each tick sits where its own value is drawn
+        v = float(label)
+        assert at == pytest.approx(np.sign(v) * np.log10(1 + abs(v) / u), abs=1e-9)
+    assert np.array_equal(np.asarray(hm.customdata, dtype=np.float32)[finite], z.astype(np.float32)[finite])
+    assert "customdata" in hm.hovertemplate
+    assert "signed log scale" in fig.layout.title.text and "1 blank" in fig.layout.title.text
+    # without a heavy tail the scale is linear over the largest deviation, as before, and the title has no note
+    bulk = np.clip(rng.normal(0.0, 0.3, size=(8, 5)), -0.9, 0.9)
+    fig = plots.heatmap_figure(bulk, [f"t{i}" for i in range(8)], list("vwxyz"), value_range=(None, None),
+                               signed=True)
+    assert fig.data[0].zmax == plots.nice_ceil(float(np.abs(bulk).max()))
+    assert np.array_equal(np.asarray(fig.data[0].z), bulk.astype(np.float32))
+    assert "<br>" not in fig.layout.title.text

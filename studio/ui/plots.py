@@ -164,6 +164,11 @@ def nice_ceil(x: float) -> float:
     return float(10.0 ** (exp + 1))
 
 
+#: A signed heatmap without declared bounds goes to a signed log scale where its largest deviation is more than this
+#: many times the 95th percentile (a few cells far out would leave the rest one neutral colour on a linear scale).
+OUTLIER_FACTOR = 4.0
+
+
 def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Sequence[str], cols: Sequence[str] | None = None,
                    *, metric: str = "", value_range: "tuple[float | None, float | None] | None" = None,
                    signed: bool = False, center: float | None = None, description: str = "",
@@ -174,7 +179,13 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
     ``center`` (default 0): ``[c - m, c + m]`` with ``m`` the largest distance of the declared range from ``c``, so
     the neutral colour always means "no interference". When the metric declares no finite bound, ``m`` is the
     data's largest deviation rounded up to 1, 2, 2.5 or 5 x 10^k (:func:`nice_ceil`), so small changes do not
-    rescale the colours. Unsigned metrics get a sequential scale over their range.
+    rescale the colours. Where that largest deviation is more than :data:`OUTLIER_FACTOR` times the 95th percentile
+    (SAI's ``sigma / c - 1`` runs to thousands as a task's ``c`` nears 0), the colours follow a signed log scale
+    instead, ``c + sign(d) log10(1 + |d| / u)`` of the deviation ``d`` with ``u`` a tenth of the median deviation
+    rounded as above, over whole decades, with the colour bar labelled in the metric's own values; hover and the cell labels
+    always give the values themselves, and the title says the scale is logarithmic. Unsigned metrics get a
+    sequential scale over their range. Cells without a value (NaN: not defined there) are blank, and the title
+    counts them.
 
     Example:
         >>> fig = heatmap_figure([[1.0, -0.5], [-0.5, 1.0]], ["a", "b"], metric="cosine", value_range=(-1, 1), signed=True)
@@ -183,6 +194,12 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
         >>> fig = heatmap_figure([[1.3, 0.8]], ["a"], ["s1", "s2"], value_range=(None, None), signed=True, center=1.0)
         >>> fig.data[0].zmin, fig.data[0].zmax
         (0.5, 1.5)
+        >>> z = [[0.3, -0.2, 0.1, 0.4] * 5, [0.2, -0.1, 0.3, float("nan")] * 4 + [0.1, 0.2, 0.1, -6000.0]]
+        >>> fig = heatmap_figure(z, ["a", "b"], [f"s{i}" for i in range(20)], value_range=(None, None), signed=True)
+        >>> fig.data[0].zmin, fig.data[0].zmax, fig.data[0].colorbar.ticktext[:3]
+        (-6.0, 6.0, ('-2500', '-250', '-25'))
+        >>> fig.layout.title.text.split("<br>")[1]
+        '<sup>colours on a signed log scale (hover for values) · 4 blank: not defined there</sup>'
     """
     z = np.asarray(matrix, dtype=np.float32)
     if z.ndim != 2:
@@ -192,12 +209,26 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
     lo, hi = value_range if value_range is not None else (None, None)
     lo = float(lo) if lo is not None and math.isfinite(lo) else None
     hi = float(hi) if hi is not None and math.isfinite(hi) else None
+    colours, colorbar, notes = z, dict(thickness=12), []
     if signed:
         c = 0.0 if center is None else float(center)
         if lo is not None and hi is not None:
             m = max(abs(lo - c), abs(hi - c))
         else:
-            m = nice_ceil(float(np.max(np.abs(finite - c)))) if finite.size else 1.0
+            dev = np.abs(finite - c)
+            m = nice_ceil(float(dev.max())) if finite.size else 1.0
+            if finite.size and float(dev.max()) > OUTLIER_FACTOR * float(np.quantile(dev, 0.95)) > 0:
+                u = nice_ceil(float(np.median(dev)) / 10)   # the typical cell a decade into the log part
+                m = float(math.ceil(math.log10(1.0 + float(dev.max()) / u)))
+                d = (z - c).astype(np.float64)
+                colours = (c + np.sign(d) * np.log10(1.0 + np.abs(d) / u)).astype(np.float32)
+                # ticks a decade apart, from u (its ±u crowd the centre's label from 3 decades up)
+                steps = [u * 10**k for k in range(1 if m >= 3 else 0, int(m)) if math.log10(1.0 + 10**k) <= m]
+                at = [math.log10(1.0 + v / u) for v in steps]
+                colorbar.update(tickvals=[c - a for a in reversed(at)] + [c] + [c + a for a in at],
+                                ticktext=[f"{c - v:.4g}" for v in reversed(steps)] + [f"{c:.4g}"]
+                                + [f"{c + v:.4g}" for v in steps])
+                notes.append("colours on a signed log scale (hover for values)")
         zmin, zmax, scale = c - m, c + m, "RdBu_r"
     else:
         zmin = lo if lo is not None else (float(finite.min()) if finite.size else 0.0)
@@ -207,12 +238,18 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
         scale = "Viridis"
     many = z.shape[1] > 12
     text = None if many else [[("" if not np.isfinite(v) else f"{v:.2f}") for v in row] for row in z]
-    fig = go.Figure(go.Heatmap(z=z, x=list(cols), y=list(rows), zmin=float(zmin), zmax=float(zmax), colorscale=scale,
-                               text=text, texttemplate=None if many else "%{text}", textfont=dict(size=11),
-                               hovertemplate="%{y} × %{x}: %{z:.4f}<extra></extra>", colorbar=dict(thickness=12)))
+    fig = go.Figure(go.Heatmap(z=colours, customdata=z, x=list(cols), y=list(rows), zmin=float(zmin), zmax=float(zmax),
+                               colorscale=scale, text=text, texttemplate=None if many else "%{text}",
+                               textfont=dict(size=11), hovertemplate="%{y} × %{x}: %{customdata:.4g}<extra></extra>",
+                               colorbar=colorbar))
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(type="category")
     title = f"Interference · {metric}" if metric else "Interference"
+    blank = int(z.size - finite.size)
+    if blank:
+        notes.append(f"{blank} blank: not defined there")
+    if notes:
+        title += "<br><sup>" + " · ".join(notes) + "</sup>"
     fig = _layout(fig, title, "heatmap", height)
     if description:
         fig.add_annotation(text=_wrap(description, 75), showarrow=False, x=0, y=-0.2, xref="paper", yref="paper",
