@@ -182,8 +182,8 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
     rescale the colours. Where that largest deviation is more than :data:`OUTLIER_FACTOR` times the 95th percentile
     (SAI's ``sigma / c - 1`` runs to thousands as a task's ``c`` nears 0), the colours follow a signed log scale
     instead, ``c + sign(d) log10(1 + |d| / u)`` of the deviation ``d`` with ``u`` a tenth of the median deviation
-    rounded as above, over whole decades, with the colour bar labelled in the metric's own values; hover and the cell labels
-    always give the values themselves, and the title says the scale is logarithmic. Unsigned metrics get a
+    rounded as above, over whole decades, with the colour bar labelled in the metric's own values; hover and the
+    cell labels always give the values themselves, and the title says the scale is logarithmic. Unsigned metrics get a
     sequential scale over their range. Cells without a value (NaN: not defined there) are blank, and the title
     counts them.
 
