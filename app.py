@@ -571,7 +571,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             csv_dl = gr.DownloadButton("Leaderboard (.csv)", interactive=False, size="md", elem_id="dl-csv")
                         recipe_code = gr.Code(label="Recipe (reproduces these weights with studio.io.merge_from_recipe)",
                                               language="yaml", interactive=False, show_line_numbers=False)
-                        leaderboard = gr.Dataframe(label="Session leaderboard (best average normalized accuracy first)",
+                        leaderboard = gr.Dataframe(label="Session leaderboard (runs over the same experts together, "
+                                                         "best average normalized accuracy first)",
                                                    interactive=False, wrap=True, elem_id="leaderboard")
                     with gr.Tab("Optimise", id="optimise"):
                         gr.Markdown("Sweep the method's global scale α on the **validation** split and pick the value "

@@ -85,3 +85,20 @@ def test_accuracy_rows_average_skips_missing_values():
     assert header[0] == "task" and len(header) == 7
     assert rows[0] == ["a", 80.0, 40.0, 100.0, 80.0, None, 0.2]
     assert rows[-1] == ["average", 70.0, 30.0, 90.0, 77.5, 66.7, 0.15]
+
+
+def test_leaderboard_ranks_runs_only_against_runs_over_the_same_experts():
+    """An average over one task does not compare with an average over eight: a run of Iso-C + SVC on digits alone
+    (70.9) was ranked above TSV-M on all eight (65.1). Runs over one expert set stay together, best first within it,
+    the larger sets first, and the experts column names the set."""
+    sess = SessionData()
+    eight = [f"t{i}" for i in range(8)]
+    _run(sess, "tsv_m", dict.fromkeys(eight, 60.0), dict.fromkeys(eight, 65.1))
+    _run(sess, "iso_c", dict.fromkeys(["t0", "t3", "t5"], 60.0), dict.fromkeys(["t0", "t3", "t5"], 65.0))
+    _run(sess, "iso_c", {"t0": 70.0}, {"t0": 70.9})
+    _run(sess, "ties", dict.fromkeys(eight, 55.0), dict.fromkeys(eight, 58.0))
+    _run(sess, "task_arithmetic", dict.fromkeys(["t5", "t3", "t0"], 62.0), dict.fromkeys(["t5", "t3", "t0"], 67.0))
+    _run(sess, "weight_average", dict.fromkeys(eight, 58.0), dict.fromkeys(eight, 66.0))
+    header, rows = sess.leaderboard()
+    assert [r[0] for r in rows] == [6, 1, 4, 5, 2, 3]   # the order of the experts does not make another set
+    assert [r[3] for r in rows] == ["all 8"] * 3 + ["t5, t3, t0", "t0, t3, t5", "t0"]

@@ -80,17 +80,22 @@ class SessionData:
         return record
 
     def leaderboard(self, tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
-        """Header and rows of the leaderboard, best average normalized accuracy first.
+        """Header and rows of the leaderboard: runs over the same experts together, best average normalized accuracy
+        first within each set (an average over other tasks does not compare), the larger sets first, then the
+        earlier.
 
         Per-task columns cover ``tasks`` (default: every task seen in any run); a run that did not include a task
-        shows an empty cell. Accuracies are percentages rounded to 0.1.
+        shows an empty cell. The ``experts`` column names the set: ``all N`` where it holds every task of the
+        columns, else the tasks. Accuracies are percentages rounded to 0.1.
 
         Example:
             >>> s = SessionData()
-            >>> _ = s.add_run(method="ta", settings="alpha=0.3", experts=("a",), accuracy={"a": 50.0},
-            ...               normalized={"a": 62.5}, seconds=1.0)
-            >>> s.leaderboard()
-            (['run', 'method', 'settings', 'experts', 'avg acc %', 'avg norm %', 'a', 'time s'], [[1, 'ta', 'alpha=0.3', 1, 50.0, 62.5, 50.0, 1.0]])
+            >>> _ = s.add_run(method="ta", settings="alpha=0.3", experts=("a", "b"), accuracy={"a": 50.0, "b": 40.0},
+            ...               normalized={"a": 62.5, "b": 50.0}, seconds=1.0)
+            >>> _ = s.add_run(method="ta", settings="alpha=0.3", experts=("a",), accuracy={"a": 70.0},
+            ...               normalized={"a": 80.0}, seconds=1.0)
+            >>> [row[:6] for row in s.leaderboard()[1]]
+            [[1, 'ta', 'alpha=0.3', 'all 2', 45.0, 56.2], [2, 'ta', 'alpha=0.3', 'a', 70.0, 80.0]]
         """
         if tasks is None:
             seen: dict[str, None] = {}
@@ -98,10 +103,19 @@ class SessionData:
                 seen.update(dict.fromkeys(r.accuracy))
             tasks = list(seen)
         header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "time s"]
+        first: dict[frozenset, int] = {}
+        for r in self.runs:
+            first.setdefault(frozenset(r.experts), r.run)
+
+        def order(r: RunRecord) -> tuple:
+            group = frozenset(r.experts)
+            return -len(group), first[group], -r.avg_normalized, r.run
+
         rows = []
-        for r in sorted(self.runs, key=lambda r: (-r.avg_normalized, r.run)):
+        for r in sorted(self.runs, key=order):
             per_task = [round(r.accuracy[t], 1) if t in r.accuracy else None for t in tasks]
-            rows.append([r.run, r.method, r.settings, len(r.experts), round(r.avg_accuracy, 1),
+            named = f"all {len(r.experts)}" if set(tasks) <= set(r.experts) else ", ".join(r.experts)
+            rows.append([r.run, r.method, r.settings, named, round(r.avg_accuracy, 1),
                          round(r.avg_normalized, 1), *per_task, round(r.seconds, 2)])
         return header, rows
 
