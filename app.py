@@ -379,6 +379,11 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 task``, ``8 tasks``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _edge_note(res: dict[str, Any]) -> str:
     """A sweep's best value at an end of its range may not be the best: say so, and which way to widen it."""
     alphas, best = res["alphas"], res["best_alpha"]
@@ -637,8 +642,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                 sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
                       if c else plots.empty_figure("no per-layer curves", height=600))
             top = f"{float(d.merged_spectrum[0]):.4g}" if d.merged_spectrum is not None and len(d.merged_spectrum) else "n/a"
-            status = (f"`{layer}` {tuple(studio.suite.base[layer].shape)} · {len(experts)} tasks · merged σ₁ = {top}"
-                      f" · updated in {time.perf_counter() - t0:.2f} s{note}")
+            status = (f"`{layer}` {tuple(studio.suite.base[layer].shape)} · {_count(len(experts), 'task')} · "
+                      f"merged σ₁ = {top} · updated in {time.perf_counter() - t0:.2f} s{note}")
             return spec, energy, heat, curves, status, metric_text
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]
@@ -673,8 +678,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             csv_path.write_text(sess.leaderboard_csv())
             sess.files.update(out["files"], csv=str(csv_path))
             frame, acc_fig, norm_fig = _accuracy_outputs(table)
-            status = (f"Run **#{record.run}** · {req.method} on {len(req.experts)} experts · average accuracy "
-                      f"**{record.avg_accuracy:.1f}%** (normalized {record.avg_normalized:.1f}%) · "
+            status = (f"Run **#{record.run}** · {req.method} on {_count(len(req.experts), 'expert')} · average "
+                      f"accuracy **{record.avg_accuracy:.1f}%** (normalized {record.avg_normalized:.1f}%) · "
                       f"merge {out['merge_s']:.2f} s + evaluation {out['eval_s']:.2f} s")
             return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess),
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),

@@ -204,3 +204,7 @@ def test_stop_interrupts_a_running_sweep(app_module, suite):
 def test_a_sweeps_best_value_at_an_end_says_so(app_module, best, says):
     note = app_module._edge_note({"alphas": [0.1, 0.5, 0.9], "best_alpha": best, "param": "alpha"})
     assert (says in note) if says else note == ""
+
+
+def test_counts_in_the_status_lines_agree_with_their_number(app_module):
+    assert [app_module._count(n, "task") for n in (0, 1, 2)] == ["0 tasks", "1 task", "2 tasks"]
