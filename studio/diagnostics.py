@@ -976,7 +976,8 @@ METRICS: dict[str, Metric] = {
         "Iso eq. 5-6, Fig. 3b"),
     "sti_pairwise": Metric(
         lambda layer, merged, k: sti_pairwise(layer, k),
-        "Singular Task Interference of each pair of tasks (TSV eq. 7 on {Delta_i, Delta_j}).",
+        "Singular Task Interference of each pair of tasks (TSV eq. 7 on {Delta_i, Delta_j}); the per-layer STI "
+        "curve takes all T tasks at once, so its values are larger.",
         (0.0, None), False, "TxT", True, None, "k = components kept per task (default r / T, as TSV-M)", False,
         "TSV eq. 6-7"),
     "svc": Metric(

@@ -287,7 +287,7 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
         3
     """
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.07,
-                        subplot_titles=("STI: singular task interference (TSV eq. 7)",
+                        subplot_titles=("STI: singular task interference of all tasks (TSV eq. 7)",
                                         "spectral entropy / log r (tasks; merged dashed)",
                                         f"SAR of each task to the {sar_reference} (Iso eq. 5)"
                                         + _sar_avg_title(sar_avg)))
