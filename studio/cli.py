@@ -151,13 +151,13 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
             if not wanted:
                 raise StudioError(f"--experts {args.experts!r} names no expert; give some of the suite's "
-                                  f"{sorted(experts)}, comma-separated")
+                                  f"{list(experts)}, comma-separated")
             twice = sorted({e for e in wanted if wanted.count(e) > 1})
             if twice:
                 raise StudioError(f"--experts names {twice} more than once; give each expert once")
             unknown = [e for e in wanted if e not in experts]
             if unknown:
-                raise StudioError(f"unknown expert(s) {unknown}; the suite has {sorted(experts)}")
+                raise StudioError(f"unknown expert(s) {unknown}; the suite has {list(experts)}")
             experts = {e: experts[e] for e in wanted}
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
         return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)

@@ -1930,3 +1930,14 @@ def test_a_replay_names_a_recorded_base_that_is_gone_as_one_the_recipe_recorded(
     assert main(["recipe", str(out), "--device", "cpu", "--out", str(tmp / "again.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "the base: " in err and "(a source the recipe recorded; give --base to read another)" in err, err
+
+
+def test_an_unknown_expert_is_named_with_the_suites_experts_in_the_suites_order(tmp_path, capsys):
+    """As every other message and the app list them (they were sorted alphabetically here)."""
+    order = list(load_suite(str(DEFAULT_SUITE_PATH)).experts)
+    assert order != sorted(order)
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--experts", "digits,mnist", "--method", "ties",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown expert(s) ['mnist']; the suite has {order}" in err, err
+    assert not (tmp_path / "m.safetensors").exists()
