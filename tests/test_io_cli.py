@@ -1522,7 +1522,7 @@ def test_merged_files_under_any_name_are_found_and_what_cannot_be_read_back_is_r
     for extra, message in (
             (["--experts", "digits", "--recipe", str(tmp_path / "r.safetensors")],
              "a recipe is written as YAML (JSON under a .json name), and a .safetensors name is read back as weights"),
-            (["--experts", ""], "--experts '' names no expert; give some of the suite's ['aerial_scenes'"),
+            (["--experts", ""], "--experts '' names no expert; give some of the suite's ['digits', 'house_numbers'"),
             (["--experts", "digits,signs,digits"], "--experts names ['digits'] more than once"),
             (["--preferences", ""], "--preferences '' is not valid JSON"),   # was: uniform weights
             (["--preferences", "{}"], "--preferences {} names no expert; leave it out for uniform weights"),
