@@ -632,6 +632,13 @@ def _run(args: argparse.Namespace) -> int:
         _check_weights_exist(args.weights)
         recipe = _embedded_recipe(args.weights)
         suite_source = args.suite
+        weights_path = Path(args.weights).expanduser()
+        if (recipe is None and weights_path.is_file() and not looks_like_safetensors(weights_path)
+                and not weights_path.name.endswith(".index.json")):   # (a shard index: weights too)
+            # said first: a missing --suite would be blamed for it, and given one the header's size would be
+            hint = (f" (a recipe: `merge-studio recipe {args.weights} --out merged.safetensors` merges it)"
+                    if weights_path.suffix.lower() in (".yaml", ".yml", ".json") else "")
+            raise StudioError(f"--weights {args.weights} is not a safetensors file{hint}")
         if suite_source is None:
             if recipe is None or not recipe.suite:
                 raise StudioError(f"--suite is needed: --weights {args.weights} " + (

@@ -1941,3 +1941,15 @@ def test_an_unknown_expert_is_named_with_the_suites_experts_in_the_suites_order(
     err = capsys.readouterr().err
     assert f"unknown expert(s) ['mnist']; the suite has {order}" in err, err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("with_suite", [False, True])
+def test_evaluate_says_when_the_weights_are_not_a_safetensors_file(tmp_path, capsys, with_suite):
+    """A recipe passed as --weights was blamed on a missing --suite, and given one on a safetensors header "too
+    large"; it is named for what it is, with the command that merges a recipe."""
+    recipe = tmp_path / "merged.yaml"
+    recipe.write_text("method: task_arithmetic\n")
+    args = ["evaluate", "--weights", str(recipe)] + (["--suite", str(DEFAULT_SUITE_PATH)] if with_suite else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--weights {recipe} is not a safetensors file (a recipe: `merge-studio recipe {recipe} --out" in err, err
