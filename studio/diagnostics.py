@@ -109,7 +109,8 @@ def cumulative_energy(s: Tensor) -> Tensor:
     """Fraction of energy captured by the top components: ``cumsum(s^2) / sum(s^2)`` along the last dim.
 
     Ortho-Merge Fig. 3 ("cumulative energy captured by singular values versus rank"); ``1 - cumulative_energy`` is
-    the relative squared approximation error of Iso eq. (6). A zero spectrum has no energy and gives zeros.
+    the relative squared approximation error of Iso eq. (6). A zero spectrum has no energy and gives zeros. The
+    fraction is at most 1 (a float32 running sum can end at 1.0000001 of its total, which is clamped).
 
     Example:
         >>> [round(x, 4) for x in cumulative_energy(torch.tensor([3.0, 1.0])).tolist()]
@@ -118,7 +119,8 @@ def cumulative_energy(s: Tensor) -> Tensor:
     _check_values(s, "cumulative_energy", "singular values")
     e = s.float().pow(2)
     total = e.sum(-1, keepdim=True)
-    return torch.where(total > 0, e.cumsum(-1) / total.clamp_min(torch.finfo(e.dtype).tiny), torch.zeros_like(e))
+    frac = (e.cumsum(-1) / total.clamp_min(torch.finfo(e.dtype).tiny)).clamp_(max=1.0)
+    return torch.where(total > 0, frac, torch.zeros_like(e))
 
 
 def spectral_entropy(s: Tensor, normalized: bool = False) -> Tensor:
