@@ -28,7 +28,7 @@ from torch import Tensor
 from .io import CheckpointError
 from .layers import LayerRule, resolve_rule
 from .pool import StateDict, TaskPool, _all_finite, validate_experts
-from .schema import HyperparameterError, StudioError, brief
+from .schema import HyperparameterError, Param, StudioError, brief
 
 __all__ = ["LowRank", "Compressed", "compress", "BaseMismatchError", "base_fingerprint"]
 
@@ -134,7 +134,8 @@ class Compressed:
         Non-floating tensors (e.g. integer buffers) are copied from the base. A :class:`HyperparameterError` names
         a tensor that ``alpha`` takes beyond its dtype's range (or a non-finite base value, with ``check=False``).
         """
-        if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool and not alpha.is_complex():
+        if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool and not alpha.is_complex() \
+                and not alpha.is_meta:   # (a meta tensor has no value to read)
             alpha = alpha.item()   # a 0-d tensor (float or integer), as the hyperparameter schemas take it
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
@@ -367,16 +368,9 @@ def compress(
 
     validate_experts(base, experts)
     rule = resolve_rule("all_matrices" if layer_rule is None else layer_rule)
-    if rank_fraction is not None:
-        try:
-            if isinstance(rank_fraction, (bool, str, bytes)):
-                raise TypeError
-            rank_fraction = float(rank_fraction)
-        except (TypeError, ValueError, OverflowError, RuntimeError):
-            raise HyperparameterError(f"compress: rank_fraction must be a number in (0, 1], got "
-                                      f"{brief(rank_fraction)}") from None
-        if not 0.0 < rank_fraction <= 1.0:
-            raise HyperparameterError(f"compress: rank_fraction = {rank_fraction!r} is outside (0, 1]")
+    # checked as merge checks TSV-M's (a bool tensor is not 1.0, a meta tensor has no value)
+    rank_fraction = Param("rank_fraction", float, None, low=0.0, low_open=True, high=1.0).validate(rank_fraction,
+                                                                                                    "compress")
     T = len(experts)
     fraction = 1.0 / T if rank_fraction is None else rank_fraction
     refuse_keeping_nothing("compress", [min(b.shape) for key, b in base.items()

@@ -697,10 +697,18 @@ def test_compress_shares_decompositions_with_tsv_m_and_validates_inputs():
     bad = dict(experts, task1={k: v for k, v in experts["task1"].items() if k != "visual.proj"})
     with pytest.raises(studio.ExpertError, match=r"task1.*visual\.proj"):
         studio.compress(base, bad)
-    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.0"):
+    with pytest.raises(HyperparameterError, match=r"'rank_fraction' = 0\.0 is outside the allowed range \(0, 1\]"):
         studio.compress(base, experts, rank_fraction=0.0)
-    with pytest.raises(HyperparameterError, match=r"rank_fraction must be a number in \(0, 1\], got 'x'"):
+    with pytest.raises(HyperparameterError, match=r"compress: 'rank_fraction' must be a number \(float in \(0, 1\]\), "
+                                                  r"got 'x'"):
         studio.compress(base, experts, rank_fraction="x")
+    # as merge checks TSV-M's: a bool tensor is not 1.0 (it was taken as 1.0), a meta tensor has no value
+    for value in (torch.tensor(True), torch.tensor(0.5, device="meta")):
+        with pytest.raises(HyperparameterError, match=r"compress: 'rank_fraction' must be a number"):
+            studio.compress(base, experts, rank_fraction=value)
+    with pytest.raises(HyperparameterError, match=r"reconstruct: alpha must be a finite number, got tensor\(\.\.\., "
+                                                  r"device='meta'"):
+        studio.compress(base, experts).reconstruct("task0", torch.tensor(1.0, device="meta"))
     tiny = studio.compress(base, experts, rank_fraction=0.1)       # int(5 * 0.1) = 0 on the positional embedding
     assert tiny.tasks["task0"]["visual.positional_embedding"].rank == 0
     assert not tiny.task_vector("task0")["visual.positional_embedding"].any()
