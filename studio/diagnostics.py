@@ -237,20 +237,27 @@ def _tensor_tag(t: Tensor) -> Hashable:
     return tuple(t.shape), str(t.dtype), hashlib.sha256(tensor_bytes(t)).digest()
 
 
-def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Hashable]:
-    """The merged delta of ``layer`` (``None``: the Task Arithmetic sum, SVC/AlignMerge's default basis) + a tag."""
+def _check_merged(layer: LayerTasks, merged: Any) -> None:
+    """``merged`` must be a finite tensor of ``layer``'s shape (``None`` passes: the Task Arithmetic sum)."""
     if merged is None:
-        return layer.sum(), "ta_sum"
+        return
     if not isinstance(merged, Tensor):
         raise DiagnosticsError(f"key '{layer.key}': merged must be a tensor or None, got {type(merged).__name__}")
     if tuple(merged.shape) != tuple(layer.shape):
         raise DiagnosticsError(
             f"key '{layer.key}': merged delta has shape {tuple(merged.shape)}, expected the layer's {layer.shape}"
         )
+    _check_values(merged, f"key '{layer.key}': the merged delta", "the merged delta")
+
+
+def _merged_delta(layer: LayerTasks, merged: Tensor | None) -> tuple[Tensor, Hashable]:
+    """The merged delta of ``layer`` (``None``: the Task Arithmetic sum, SVC/AlignMerge's default basis) + a tag."""
+    if merged is None:
+        return layer.sum(), "ta_sum"
     total = layer.sum()
     if merged is total:
         return merged, "ta_sum"
-    _check_values(merged, f"key '{layer.key}': the merged delta", "the merged delta")
+    _check_merged(layer, merged)
     delta = merged.to(layer.device, torch.float32)
     # the sum by content (a copy, a Task Arithmetic merge at scale 1) is the sum, as _align.merged_spectrum decides:
     # every statistic then comes from one basis (the cross terms took the sum-ordered SVD of the copy while the
@@ -1270,5 +1277,7 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
     layer = pool.layer(key, weights)
     if isinstance(merged, Mapping):
         merged = _resolve_merged_mapping(pool, merged, [key], merged_is_delta)(key)
+    if not METRICS[metric].uses_merged:
+        _check_merged(layer, merged)   # all the same: a metric of the tasks alone never hides a bad argument
     k = _check_k(metric, k, key)
     return METRICS[metric].fn(layer, merged, k).detach().to("cpu", torch.float32)

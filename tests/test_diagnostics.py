@@ -875,3 +875,19 @@ def test_svc_coefficients_of_the_top_subspaces_are_a_prefix_of_all(svd_mode):
     torch.testing.assert_close(s, s_all[:, :2])
     assert torch.equal(s[1:], torch.zeros(3, 2))
     torch.testing.assert_close(gamma, torch.ones(2), atol=1e-5, rtol=0)
+
+
+def test_every_heatmap_metric_refuses_a_bad_merged_delta(clip):
+    """The metrics of the tasks alone (cosine, SAR, subspace similarity, pairwise STI) dropped a merged argument
+    unread, so a string, a wrong shape or NaN came back with a result; the others refused them. All refuse now."""
+    base, experts, pool = clip
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    shape = tuple(base[key].shape)
+    nan = torch.zeros(shape)
+    nan[0, 0] = float("nan")
+    for name in D.METRICS:
+        for merged, says in (("not a tensor", "merged must be a tensor or None, got str"),
+                             (torch.zeros(3, 3), f"merged delta has shape (3, 3), expected the layer's {shape}"),
+                             (nan, "merged delta")):
+            with pytest.raises(D.DiagnosticsError, match=re.escape(says)):
+                D.interference_matrix(pool, key, name, merged)
