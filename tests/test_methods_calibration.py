@@ -1158,3 +1158,24 @@ def test_calibrations_of_a_nearly_flat_merge_use_its_own_singular_basis():
     assert float((svc_out - svc_reference(deltas, M, 0.25)[0]).norm() / M.norm()) <= 2e-4
     amb_out = align_merge_b_delta(layer, M, 0.0).double()
     assert float((amb_out - align_b_reference(deltas, M, 0.0)).norm() / M.norm()) <= 1e-2
+
+
+def test_svc_where_its_projection_coefficients_overflow_names_the_overflow():
+    """Task vectors near 4e18 (finite under float32's range): s = scale * sigma * c / ||a||^2 overflowed to inf,
+    gamma became 0, the subspace was erased, and SVC on Iso-C came back finite and 67% away from the same merge at
+    scale 1 times 4e18 (SVC is scale-free). Such a merge is refused, as task vectors above ~1e19 were; below it the
+    calibration scales with its input."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g)
+    experts = {f"t{i}": {"w": w + 0.1 * torch.randn(64, 32, generator=g)} for i in range(3)}
+    base = {"w": torch.zeros(64, 32)}
+    ref = studio.merge(base, experts, "iso_c", calibrate="svc")["w"]
+    for scale, fails in ((1e12, False), (1e18, True)):
+        big = {n: {"w": sd["w"] * scale} for n, sd in experts.items()}
+        if fails:
+            with pytest.raises(studio.StudioError, match=r"svc: the merged 'w' is not finite in torch.float32: the "
+                                                         r"calibration overflowed"):
+                studio.merge(base, big, "iso_c", calibrate="svc")
+        else:
+            out = studio.merge(base, big, "iso_c", calibrate="svc")["w"]
+            assert float((out / scale - ref).abs().max()) <= 1e-4 * float(ref.abs().max())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Hashable
 
+import torch
 from torch import Tensor
 
 from ..pool import LayerTasks
@@ -125,4 +126,8 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     a = resolve_alpha(alpha, layer.num_tasks, base_method)
     s = svc_projection_coefficients(spec.S, spec.c, spec.a2, scale)
     gamma = svc_gamma(s, a, preferences, target_guard)
+    # s = scale * sigma * c / ||a||^2 overflows float32 (inf) for task vectors near 4e18, where gamma would be 0 (or
+    # 1 for a target task) and erase (or keep) the subspace unseen: NaN there, which the engine's finiteness check
+    # names as the calibration's overflow
+    gamma = torch.where(torch.isfinite(s).all(0), gamma, torch.full_like(gamma, float("nan")))
     return spec.rescale(merged, gamma, scale)
