@@ -872,3 +872,12 @@ def test_iso_cts_of_experts_that_cancel_in_the_sum_projects_out_only_the_sums_li
     sigma_bar = (S[:k].sum() + sum(r.sum() for r in residual)) / m
     assert float(abs(sv[0] - sigma_bar) / sigma_bar) < 1e-4
     assert int((sv > 1e-4 * sv[0]).sum()) == 13          # 9 common + the X parts' 4 task-specific directions
+
+def test_tsv_ranks_refusal_shows_the_fraction_that_gives_its_k():
+    """0.999999999 showed as 1 beside "keeps k = 31" on a rank-32 layer, where 1 would keep 32."""
+    from studio.methods.tsv_m import tsv_rank
+
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.999999999 keeps k = 31 components"):
+        tsv_rank(32, 3, 0.999999999)
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.5 keeps k = 16 components"):
+        tsv_rank(32, 3, 0.5)

@@ -44,8 +44,11 @@ def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str 
     k = int(r * fraction)
     if num_tasks * k > r:
         where = f"layer '{key}' of rank {r}" if key else f"rank {r}"
+        shown = f"{fraction:g}"
+        if int(r * float(shown)) != k:   # 0.999999999 shows as 1, which would keep r: the value as given
+            shown = repr(fraction)
         raise HyperparameterError(
-            f"{owner}: rank_fraction = {fraction:g} keeps k = {k} components per task, and {num_tasks} tasks x {k} = "
+            f"{owner}: rank_fraction = {shown} keeps k = {k} components per task, and {num_tasks} tasks x {k} = "
             f"{num_tasks * k} exceeds the {where}; expected rank_fraction <= 1/{num_tasks} (1/T, the TSV default)"
         )
     return k
