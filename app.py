@@ -416,8 +416,8 @@ def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | No
     return f"Optimise {scale['name']}", True, span[0], span[1]
 
 
-def _leaderboard_frame(sess) -> pd.DataFrame:
-    header, rows = sess.leaderboard()
+def _leaderboard_frame(sess, studio: Studio) -> pd.DataFrame:
+    header, rows = sess.leaderboard(pool=studio.task_names)   # "all 8" only for the whole suite
     return pd.DataFrame(rows, columns=header)
 
 
@@ -675,13 +675,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                   normalized={t: r["normalized"] for t, r in table.items() if r["normalized"] is not None},
                                   seconds=out["total_s"], recipe=out["recipe"])
             csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
-            csv_path.write_text(sess.leaderboard_csv())
+            csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
             sess.files.update(out["files"], csv=str(csv_path))
             frame, acc_fig, norm_fig = _accuracy_outputs(table)
             status = (f"Run **#{record.run}** · {req.method} on {_count(len(req.experts), 'expert')} · average "
                       f"accuracy **{record.avg_accuracy:.1f}%** (normalized {record.avg_normalized:.1f}%) · "
                       f"merge {out['merge_s']:.2f} s + evaluation {out['eval_s']:.2f} s")
-            return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess),
+            return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess, studio),
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),
                     gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
                     gr.DownloadButton(value=str(csv_path), interactive=True),

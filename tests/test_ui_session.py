@@ -102,3 +102,13 @@ def test_leaderboard_ranks_runs_only_against_runs_over_the_same_experts():
     header, rows = sess.leaderboard()
     assert [r[0] for r in rows] == [6, 1, 4, 5, 2, 3]   # the order of the experts does not make another set
     assert [r[3] for r in rows] == ["all 8"] * 3 + ["t5, t3, t0", "t0, t3, t5", "t0"]
+
+
+def test_all_in_the_experts_column_means_the_whole_pool():
+    """Runs on three of eight experts read "all 3" when no run had merged the others: the app names its suite."""
+    sess = SessionData()
+    three = ["t0", "t1", "t2"]
+    _run(sess, "tsv_m", dict.fromkeys(three, 60.0), dict.fromkeys(three, 65.0))
+    assert sess.leaderboard()[1][0][3] == "all 3"                                    # the tasks seen, by default
+    assert sess.leaderboard(pool=[f"t{i}" for i in range(8)])[1][0][3] == "t0, t1, t2"
+    assert "t0, t1, t2" in sess.leaderboard_csv(pool=[f"t{i}" for i in range(8)])

@@ -79,14 +79,16 @@ class SessionData:
         self.runs.append(record)
         return record
 
-    def leaderboard(self, tasks: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
+    def leaderboard(self, tasks: Sequence[str] | None = None,
+                    pool: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
         """Header and rows of the leaderboard: runs over the same experts together, best average normalized accuracy
         first within each set (an average over other tasks does not compare), the larger sets first, then the
         earlier.
 
         Per-task columns cover ``tasks`` (default: every task seen in any run); a run that did not include a task
-        shows an empty cell. The ``experts`` column names the set: ``all N`` where it holds every task of the
-        columns, else the tasks. Accuracies are percentages rounded to 0.1.
+        shows an empty cell. The ``experts`` column names the set: ``all N`` where it holds every expert of
+        ``pool`` (the app's suite; default: the tasks of the columns), else the tasks. Accuracies are percentages
+        rounded to 0.1.
 
         Example:
             >>> s = SessionData()
@@ -103,6 +105,7 @@ class SessionData:
                 seen.update(dict.fromkeys(r.accuracy))
             tasks = list(seen)
         header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "time s"]
+        everything = tasks if pool is None else pool
         first: dict[frozenset, int] = {}
         for r in self.runs:
             first.setdefault(frozenset(r.experts), r.run)
@@ -114,14 +117,14 @@ class SessionData:
         rows = []
         for r in sorted(self.runs, key=order):
             per_task = [round(r.accuracy[t], 1) if t in r.accuracy else None for t in tasks]
-            named = f"all {len(r.experts)}" if set(tasks) <= set(r.experts) else ", ".join(r.experts)
+            named = f"all {len(r.experts)}" if set(everything) <= set(r.experts) else ", ".join(r.experts)
             rows.append([r.run, r.method, r.settings, named, round(r.avg_accuracy, 1),
                          round(r.avg_normalized, 1), *per_task, round(r.seconds, 2)])
         return header, rows
 
-    def leaderboard_csv(self) -> str:
+    def leaderboard_csv(self, pool: Sequence[str] | None = None) -> str:
         """The leaderboard as CSV text (one row per run, same columns as :meth:`leaderboard`)."""
-        header, rows = self.leaderboard()
+        header, rows = self.leaderboard(pool=pool)
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(header)
