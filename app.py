@@ -58,17 +58,21 @@ footer {display: none !important}
 """
 # Gradio's slider stores its value on "release": a pointer let go on the range, or its number box losing focus. A key
 # on the range (arrows, Page Up / Down, Home, End) sends only "input", so the value shown would not be the one the
-# diagnostics and the next merge use. The page releases the range when such a key comes up, as a pointer would: the
-# same one event per change, so the app's state keeps one writer (storing on every "input" as well raced the merge).
+# diagnostics and the next merge use. The page releases a range moved since its last release when such a key comes
+# up, or when focus leaves it first (Tab, or a click elsewhere, while the key is held), as a pointer would: the same
+# one event per change, so the app's state keeps one writer (storing on every "input" as well raced the merge).
 HEAD = """<script>
 (() => {
   const keys = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
-  document.addEventListener("keyup", (event) => {
-    const el = event.target;
-    if (el instanceof HTMLInputElement && el.type === "range" && !el.disabled && keys.has(event.key)) {
-      el.dispatchEvent(new PointerEvent("pointerup", {bubbles: true, composed: true}));
-    }
-  }, true);
+  const moved = new WeakSet();   // ranges whose value changed since their last release
+  const isRange = (el) => el instanceof HTMLInputElement && el.type === "range";
+  const release = (el) => {
+    if (moved.has(el) && !el.disabled) el.dispatchEvent(new PointerEvent("pointerup", {bubbles: true, composed: true}));
+  };
+  document.addEventListener("input", (e) => { if (isRange(e.target)) moved.add(e.target); }, true);
+  document.addEventListener("pointerup", (e) => { if (isRange(e.target)) moved.delete(e.target); }, true);
+  document.addEventListener("keyup", (e) => { if (isRange(e.target) && keys.has(e.key)) release(e.target); }, true);
+  document.addEventListener("focusout", (e) => { if (isRange(e.target)) release(e.target); }, true);
 })();
 </script>"""
 # What every launch of the page takes (the app's main and the tests' served app).

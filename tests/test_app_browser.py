@@ -278,6 +278,24 @@ def test_keys_on_a_slider_reach_the_diagnostics_and_the_merge(page):
     last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
     assert last.method == "task_arithmetic" and "alpha=4.85" in last.settings, last.settings
 
+    # focus leaving while the key is held (Tab, or a click elsewhere): the key comes up elsewhere, and the range is
+    # released as it loses focus
+    page.get_by_role("tab", name="Diagnostics").click()
+    alpha.focus()
+    page.keyboard.down("ArrowLeft")
+    page.keyboard.down("ArrowLeft")   # a repeat: 4.75
+    page.keyboard.press("Tab")
+    page.keyboard.up("ArrowLeft")
+    assert alpha.input_value() == "4.75"
+    alpha.focus()
+    page.keyboard.down("ArrowLeft")   # 4.7
+    page.mouse.click(5, 5)
+    page.keyboard.up("ArrowLeft")
+    assert alpha.input_value() == "4.7"
+    page.wait_for_function(f"want => Math.abs(({MERGED_TOP_JS})() - want) < 1e-3 * want", arg=top * 4.7 / shown)
+    method, settings = _merge_settings(page)
+    assert method == "task_arithmetic" and "alpha=4.7" in settings, settings
+
 
 def test_a_value_typed_into_a_slider_box_reaches_the_merge_clicked_at_once(page):
     """Typing a value into a slider's number box and clicking Merge at once: the box's blur stores the value (the

@@ -112,3 +112,12 @@ def test_all_in_the_experts_column_means_the_whole_pool():
     assert sess.leaderboard()[1][0][3] == "all 3"                                    # the tasks seen, by default
     assert sess.leaderboard(pool=[f"t{i}" for i in range(8)])[1][0][3] == "t0, t1, t2"
     assert "t0, t1, t2" in sess.leaderboard_csv(pool=[f"t{i}" for i in range(8)])
+
+
+def test_the_task_columns_follow_the_pools_order():
+    """They followed the order the session first merged each task in (aerial_scenes ... before digits)."""
+    sess = SessionData()
+    _run(sess, "tsv_m", dict.fromkeys(["t5", "t6"], 60.0), dict.fromkeys(["t5", "t6"], 65.0))
+    _run(sess, "tsv_m", dict.fromkeys(["t0", "t5"], 60.0), dict.fromkeys(["t0", "t5"], 65.0))
+    assert sess.leaderboard()[0][6:9] == ["t5", "t6", "t0"]
+    assert sess.leaderboard(pool=[f"t{i}" for i in range(8)])[0][6:9] == ["t0", "t5", "t6"]

@@ -85,10 +85,10 @@ class SessionData:
         first within each set (an average over other tasks does not compare), the larger sets first, then the
         earlier.
 
-        Per-task columns cover ``tasks`` (default: every task seen in any run); a run that did not include a task
-        shows an empty cell. The ``experts`` column names the set: ``all N`` where it holds every expert of
-        ``pool`` (the app's suite; default: the tasks of the columns), else the tasks. Accuracies are percentages
-        rounded to 0.1.
+        Per-task columns cover ``tasks`` (default: every task seen in any run, in ``pool``'s order); a run that did
+        not include a task shows an empty cell. The ``experts`` column names the set: ``all N`` where it holds every
+        expert of ``pool`` (the app's suite; default: the tasks of the columns), else the tasks. Accuracies are
+        percentages rounded to 0.1.
 
         Example:
             >>> s = SessionData()
@@ -99,11 +99,11 @@ class SessionData:
             >>> [row[:6] for row in s.leaderboard()[1]]
             [[1, 'ta', 'alpha=0.3', 'all 2', 45.0, 56.2], [2, 'ta', 'alpha=0.3', 'a', 70.0, 80.0]]
         """
-        if tasks is None:
+        if tasks is None:   # every task seen, in the pool's order where one is given
             seen: dict[str, None] = {}
             for r in self.runs:
                 seen.update(dict.fromkeys(r.accuracy))
-            tasks = list(seen)
+            tasks = [t for t in (pool or ()) if t in seen] + [t for t in seen if t not in (pool or ())]
         header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "time s"]
         everything = tasks if pool is None else pool
         first: dict[frozenset, int] = {}
