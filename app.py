@@ -370,16 +370,20 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
           trigger_mode="always_last", show_progress="hidden", api_visibility="private")
 
 
+#: What a stopped job says, where its results would have gone.
+STOPPED = {"merge": "Merge stopped.", "optimise": "Optimisation stopped."}
+
+
 @contextlib.contextmanager
 def _job(sess: Any, kind: str):
-    """Mark ``sess`` as running a ``kind`` job while the block runs (a job a Stop left running, which ends later,
-    does not clear the mark of the one after it)."""
-    token = f"{kind}:{uuid.uuid4().hex}"
-    sess.job = token
+    """Mark ``sess`` as running a ``kind`` job (a :data:`STOPPED` key) while the block runs (a job a Stop left
+    running, which ends later, does not clear the mark of the one after it)."""
+    mark = (kind, object())
+    sess.job = mark
     try:
         yield
     finally:
-        if sess.job == token:
+        if sess.job is mark:
             sess.job = None
 
 
@@ -669,7 +673,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     progress(0.0, desc="merging")
                     out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
             except _Cancelled:
-                gr.Warning("Merge stopped.")
+                gr.Warning(STOPPED["merge"])
                 return (gr.skip(),) * 12
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "merge") from None
@@ -708,8 +712,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     alphas = studio.alpha_grid(req.method, lo, hi, int(n))
                     res = sweep_alpha(req, alphas, progress, request.session_hash)
             except _Cancelled:
-                gr.Warning("Optimisation stopped.")
-                return gr.skip(), "*Optimisation stopped.*", gr.skip(), gr.skip()
+                gr.Warning(STOPPED["optimise"])
+                return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "optimise") from None
             fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors, best=res["best_alpha"])
@@ -740,9 +744,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
             "stopped" message among them), so this reports it where the job would have."""
             sess = SESSIONS.get(request.session_hash)
             sess.stop_requested = True
-            kind = (sess.job or "").split(":")[0]
-            return ("Merge stopped." if kind == "merge" else gr.skip(),
-                    "*Optimisation stopped.*" if kind == "optimise" else gr.skip())
+            kind = sess.job[0] if sess.job else None
+            return (STOPPED["merge"] if kind == "merge" else gr.skip(),
+                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
 
         stop_btn.click(request_stop, None, [run_md, opt_md], cancels=[merge_evt, opt_evt], api_visibility="private",
                        queue=False)

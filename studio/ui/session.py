@@ -71,7 +71,7 @@ class SessionData:
     files: dict[str, str] = field(default_factory=dict)
     last_recipe: dict[str, Any] | None = None
     stop_requested: bool = False
-    job: str | None = None   # the job running for this session, "merge:<id>" or "optimise:<id>", for Stop to report
+    job: tuple[str, object] | None = None   # the job running for this session, (kind, its own mark), for Stop
     touched: float = field(default_factory=time.time)
 
     def add_run(self, **kwargs: Any) -> RunRecord:
