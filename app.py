@@ -316,8 +316,9 @@ def _make_control(spec: ControlSpec, current: Any, prefix: str, owner: str = "")
                        key=key, preserved_by_key=None, interactive=not auto, buttons=[])
     if spec.auto_label is None:
         return [slider]
-    box = gr.Checkbox(value=auto, label=spec.auto_label, key=f"{key}-auto", preserved_by_key=None, container=False,
-                      interactive=True)
+    # a calibration's box is named as its slider: TSV-M's and SVC's would both read "auto (...)" to a screen reader
+    box = gr.Checkbox(value=auto, label=f"{owner} · {spec.auto_label}" if owner else spec.auto_label,
+                      key=f"{key}-auto", preserved_by_key=None, container=False, interactive=True)
     # ticked: the greyed slider shows the automatic value again, which the merge now uses (it kept the last manual one)
     box.input(lambda a: gr.Slider(interactive=False, value=spec.value) if a else gr.Slider(interactive=True), box,
               slider, show_progress="hidden", api_visibility="private", queue=False)

@@ -803,10 +803,15 @@ def cross_influence(layer: LayerTasks, merged: Tensor | None = None, rank: int |
     """AlignMerge Subspace Cross-Influence ``xi[i, j, r]`` of task ``j`` on task ``i`` in merged subspace ``r``.
 
     Prop. 1 / eq. (5), App. B.2: ``xi = alpha_1 + alpha_2`` (column projection, then row projection of the
-    residual). Both projected matrices are multiples of the rank-one ``u^r (v^r)^T``, so the two steps telescope
-    to ``xi_{i,j}^r = c_j^r / c_i^r`` with ``c^r = (u^r)^T Delta v^r``
-    (:func:`studio.methods._align.subspace_cross_influence`; the literal two steps are
-    :func:`~studio.methods._align.cross_influence_terms`). ``xi_{i,i}^r = 1``; entries where ``c_i^r = 0`` (task
+    residual). This reads the paper's task component in subspace ``r`` (its ``W_i^r``) as ``Delta_i`` projected on
+    both sides, ``u^r (u^r)^T Delta_i v^r (v^r)^T = c_i^r u^r (v^r)^T``: both projected matrices are then multiples
+    of the rank-one ``u^r (v^r)^T``, so the two steps telescope to ``xi_{i,j}^r = c_j^r / c_i^r`` with ``c^r =
+    (u^r)^T Delta v^r`` (:func:`studio.methods._align.subspace_cross_influence`; the literal two steps are
+    :func:`~studio.methods._align.cross_influence_terms`). It is a reading, not the only one: with ``W_i^r`` the
+    task matrix projected on the row side alone (``Delta_i v^r (v^r)^T``), the two steps do not telescope, leave the
+    noise term of eq. (23), and give other values (a blind re-implementation that way differed by up to 88 % in
+    AlignMerge-B's merge). This one is taken because under it the calibrated singular value of Prop. 2 is the
+    optimum ``c_i^r`` the paper derives. ``xi_{i,i}^r = 1``; entries where ``c_i^r = 0`` (task
     ``i`` absent from subspace ``r``) are NaN, as are subspaces beyond the merged delta's numerical rank (its null
     space, where LAPACK's directions are arbitrary). ``merged=None``: the Task Arithmetic sum (the paper's shared
     basis). ``rank``: the top ``rank`` subspaces.

@@ -1,6 +1,8 @@
 """The app in a real browser (Debian's Chromium through Playwright) on the embedded MiniSuite.
 
-Screenshots land in ``artifacts/screenshots/`` (gitignored) for a human look.
+Screenshots land in ``artifacts/screenshots/`` (gitignored) for a human look. The tests are one user's session on
+one page (the ``page`` fixture is the module's), each step starting where the one before left the page: run the file
+as a whole; a selection of its tests (``-k``) may start from a page no step of it expects.
 """
 
 from __future__ import annotations
@@ -242,8 +244,11 @@ def test_the_svc_slider_starts_at_its_default_after_the_method(page):
                  ".some(s => s.max == '1' && s.step == '0.005' && s.value == v)")   # (the preference sliders: 0.05)
     page.wait_for_function(svc_alpha, arg="1")
     assert page.get_by_text("svc · alpha").first.is_visible()   # not a second "alpha" beside TSV-M's
+    # its "auto" box names the rule that holds, and the calibration (TSV-M's own box reads "auto (1/T)")
+    page.get_by_role("checkbox", name="svc · auto (1.0 after tsv_m)", exact=True).wait_for()
     _select_method(page, "ties")
     page.wait_for_function(svc_alpha, arg="0.125")
+    page.get_by_role("checkbox", name="svc · auto (1/T)", exact=True).wait_for()
     page.screenshot(path=str(SHOTS / "08_svc_after_ties.png"), full_page=True)
 
 

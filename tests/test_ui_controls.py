@@ -156,6 +156,22 @@ def test_every_float_slider_ends_on_its_step_grid(T):
     assert (svc.minimum, svc.maximum) == (0.005, 1.0)
 
 
+def test_an_auto_box_names_the_rule_that_holds_after_its_base_method():
+    """SVC's automatic alpha is ``1/T``, but 1.0 after TSV-M: its box names the one that holds (it read "auto (1/T
+    (1.0 after tsv_m))" after either), and the value it previews is that one."""
+    svc = next(m for m in ALL if m["name"] == "svc")
+    after_tsv = control_specs(svc, num_tasks=8, base_method="tsv_m")[0]
+    assert (after_tsv.auto_label, after_tsv.value) == ("auto (1.0 after tsv_m)", 1.0)
+    for base in ("task_arithmetic", "iso_c", None):
+        c = control_specs(svc, num_tasks=8, base_method=base)[0]
+        assert c.value == 0.125, base
+        assert c.auto_label == ("auto (1/T)" if base else "auto (1/T (1.0 after tsv_m))"), (base, c.auto_label)
+    # a rule without exceptions shows as it is after any base method
+    align_b = next(m for m in ALL if m["name"] == "align_merge_b" and m.get("kind") == "calibration")
+    assert [c.auto_label for c in control_specs(align_b, num_tasks=8, base_method="ties") if c.auto_label] == \
+        [f"auto ({p['auto']})" for p in align_b["params"] if p["default"] is None]
+
+
 def test_no_help_text_is_read_as_markup_by_gradio():
     """Gradio 6 shows a control's ``info`` through its own small Markdown (its frontend's six rules, copied below):
     a help text that matches one loses characters (two ``*`` became an emphasis, TSV-M's ``int(r * fraction) ... T *

@@ -105,6 +105,10 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     ``embedding``; hence ``layer_rule="skip_embeddings"`` (the paper only says "each linear layer", App. A). The
     base method keeps its own rule; the SVC repository's own TSV-M also skips ``embedding`` keys (the TSV
     repository's does not), so ``layer_rule="skip_embeddings"`` on ``tsv_m`` + ``svc`` reproduces that pipeline.
+    1-D tensors (biases, LayerNorm) and the skipped matrices are left as the base method merged them. The paper's
+    vector form (eq. 24, in the appendix's PEFT experiments on T0: ``gamma = K / sum_i s_i`` with ``s_i =
+    <tau_merge, tau_i> / <tau_i, tau_i>``) is for IA3 experts, whose updates are all vectors and leave no matrix
+    layer to calibrate; the official code applies it to none of a fully fine-tuned model's tensors, nor does this.
 
     Memoisation: the SVD of ``merged`` and the per-task ``(c, |a|^2)`` are computed once per ``merged_tag``
     (:func:`~studio.methods._align.merged_spectrum`; the Task Arithmetic sum reuses ``layer.sum_svd()``, TSV-M's

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -109,8 +110,8 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         default = p.get("default")
         auto_label = None
         if default is None:
-            auto_label = f"auto ({p.get('auto') or 'automatic'})"
             after = dict(p.get("auto_after") or {})
+            auto_label = f"auto ({auto_rule_shown(p.get('auto') or 'automatic', after, base_method)})"
             default = after[base_method] if base_method in after else _auto_preview(p, num_tasks, lo, hi)
         value = min(max(float(default), lo), hi)
         if p["type"] == "int":
@@ -118,6 +119,26 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         out.append(ControlSpec(p["name"], "slider", p["name"], value, info, lo, hi, step, auto_label=auto_label,
                                post_scale=bool(p.get("post_scale")), source=source))
     return out
+
+
+def auto_rule_shown(rule: str, after: Mapping[str, float], base_method: str | None) -> str:
+    """The part of an "auto" rule that holds after ``base_method``: a rule with exceptions for some base methods
+    (``after``, a param's ``auto_after``; written in the rule as ``"1/T (1.0 after tsv_m)"``) shows the exception
+    that applies, or the rule without its exceptions.
+
+    Example:
+        >>> after = {"tsv_m": 1.0}
+        >>> rule = "1/T (1.0 after tsv_m)"
+        >>> auto_rule_shown(rule, after, "tsv_m"), auto_rule_shown(rule, after, "ties")
+        ('1.0 after tsv_m', '1/T')
+        >>> auto_rule_shown("1/T (1.0 after tsv_m)", after, None), auto_rule_shown("|T|/4", {}, "ties")
+        ('1/T (1.0 after tsv_m)', '|T|/4')
+    """
+    if base_method is None or not after:
+        return rule
+    if base_method in after:
+        return f"{float(after[base_method])!r} after {base_method}"
+    return re.sub(r"\s*\([^()]*\bafter\b[^()]*\)\s*$", "", rule) or rule
 
 
 def _on_grid(x: float, step: float, *, up: bool) -> float:
