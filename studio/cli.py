@@ -19,7 +19,9 @@ import dataclasses
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -27,10 +29,11 @@ from typing import Any, Iterator, NamedTuple
 import yaml
 
 from . import __version__
-from .io import (CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints, check_recipe_path,
-                 check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints, is_hub_url,
-                 is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors, merge_from_recipe,
-                 read_metadata, recipe_inputs, refuse_overwriting, save_merged, save_state_dict, shown_path)
+from .io import (PICKLE_SUFFIXES, CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints,
+                 check_recipe_path, check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints,
+                 is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
+                 merge_from_recipe, path_errors, read_metadata, recipe_inputs, refuse_overwriting, save_merged,
+                 save_state_dict, shown_path)
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, brief, json_safe, validate_hparams
@@ -264,10 +267,30 @@ def _embedded_recipe(weights: str) -> Recipe | None:
             if len(files) != 1 or files[0][1] is not None:
                 return None
             path = files[0][0]
-        meta = read_metadata(path) if looks_like_safetensors(path) else {}
+        if not looks_like_safetensors(path):
+            return None
     except (StudioError, OSError):   # not a file with metadata: the caller reads it as weights, or says why not
         return None
+    # a safetensors file that cannot be read (truncated: "file not fully covered") is said first: a missing --suite
+    # or --base would be blamed for it otherwise
+    with _noting("--weights"):
+        meta = read_metadata(path)
     return Recipe.from_metadata(meta, path)   # a recipe that is there but malformed is named, not taken for none
+
+
+def _check_report_path(out: str) -> None:
+    """``diagnose --out`` writes JSON: refuse a weights file's name (``.safetensors``, a pickle checkpoint's suffix),
+    and a file there that holds weights, which the report would replace (the overwrite guard spares only the files
+    the command reads)."""
+    path = Path(out)
+    with path_errors(path):
+        holds_weights = path.is_file() and looks_like_safetensors(path)
+    if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
+        raise StudioError(f"--out {out}: the diagnostics are written as JSON, and {path.suffix} names weights; give a "
+                          f".json name (e.g. {path.with_suffix('.json').name})")
+    if holds_weights:
+        raise StudioError(f"--out {out} holds safetensors weights, which the diagnostics' JSON would replace; give "
+                          f"another file name")
 
 
 def _diagnose(args: argparse.Namespace) -> None:
@@ -289,6 +312,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     unknown = sorted(set(curves or []) - set(diag.CURVES))
     if unknown:
         raise StudioError(f"--curves: unknown curve(s) {unknown}; choose from {list(diag.CURVES)}")
+    if args.out:
+        _check_report_path(args.out)
     if args.weights:
         _check_weights_exist(args.weights)
     embedded = _embedded_recipe(args.weights) if args.weights else None   # read once
@@ -383,6 +408,30 @@ def _replay_note(recipe: Recipe, made: dict) -> str:
 _PASSTHROUGH = {"bench": ("studio.bench", "benchmark the engine"),
                 "leaderboard": ("studio.leaderboard", "merge the suite with every method"),
                 "build-suite": ("studio.suite.build", "rebuild the embedded MiniSuite")}
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the main thread runs (a BaseException: no ``except Exception`` on the way swallows it),
+    so that :func:`studio.io.atomic_write` removes its staged file as it does on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Turn SIGTERM into :class:`_Terminated` while the block runs, where Python's default would end the process
+    at once and leave a model-sized staged file (``.NAME.*.tmp``, and safetensors' own ``.tmpXXXXXX``) in the output
+    folder. Only in the main thread, and only over the default handler (a caller's own handler is left alone)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -502,7 +551,11 @@ def main(argv: list[str] | None = None) -> int:
         # argparse's REMAINDER refuses a first argument that looks like an option ("bench --device cpu")
         keep_freed_memory()
         try:
-            importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:], prog=f"merge-studio {argv[0]}")
+            with _terminate_as_exception():
+                importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:], prog=f"merge-studio {argv[0]}")
+        except _Terminated:
+            print("terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except BrokenPipeError:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
@@ -516,7 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
     try:
-        return _run(args)
+        with _terminate_as_exception():
+            return _run(args)
+    except _Terminated:   # kill, timeout, docker stop: the staged files are removed on the way out, as for Ctrl-C
+        print("terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:   # `merge-studio evaluate ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error when Python flushes
         return 0
@@ -552,6 +609,8 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "recipe":
         check_weights_path(args.out)
         recipe = Recipe.from_file(args.recipe)
+        with _noting(f"recipe {args.recipe}"):   # before the weights are read: which file holds the fault
+            recipe.check_schema()
         if args.experts is not None and recipe.experts:
             raise StudioError(f"the recipe names the experts it merges, {recipe.experts}; --experts does not apply")
         if args.prefix is not None and args.prefix != recipe.prefix:
@@ -568,7 +627,8 @@ def _run(args: argparse.Namespace) -> int:
                      "the checkpoints the recipe recorded; give --base or --expert NAME=SOURCE to merge other "
                      "weights on purpose"):
             inputs = check_fingerprints(recipe.fingerprints, base, experts, skip=pool.replaced, sources=pool.files)
-        merged = merge_from_recipe(recipe, base, experts, check=False, device=args.device)
+        with _noting(f"merging recipe {args.recipe}"):   # its layer rule, preferences, SVD mode
+            merged = merge_from_recipe(recipe, base, experts, check=False, device=args.device)
         made = fingerprint(merged)
         # the output records what it was merged from (options may have replaced the recipe's suite or sources)
         save_merged(args.out, merged, dataclasses.replace(recipe, suite=pool.suite, sources=pool.sources,

@@ -17,7 +17,7 @@ import stat
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import quote, unquote
 
 import torch
@@ -415,18 +415,19 @@ def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[No
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         if _is_pickle(path):   # e.g. torch.save's output renamed to .safetensors
             raise (error or CheckpointError)(f"{path}: not safetensors but, by its first bytes, a torch.save "
-                                             f"checkpoint (a zip archive or a pickle); pickle checkpoints are not "
-                                             f"loaded (unsafe): convert it to .safetensors first") from exc
+                                             f"checkpoint or a Python pickle; pickles are not loaded (unsafe): "
+                                             f"convert it to .safetensors first") from exc
         raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
 def _is_pickle(path: Path) -> bool:
-    """Whether ``path`` starts as torch.save's files do: a zip archive (since torch 1.6), or the legacy format's
-    pickled magic number (protocol 2, a 10-byte long). Asked only of a file safetensors could not read."""
+    """Whether ``path`` starts as torch.save's files do, a zip archive (since torch 1.6), or as a pickle of protocol
+    2 to 5 does (its PROTO opcode: torch's legacy format, ``pickle.dump``). Asked only of a file safetensors could
+    not read."""
     with contextlib.suppress(OSError):
         with open(path, "rb") as f:
             head = f.read(4)
-        return head in (b"PK\x03\x04", b"\x80\x02\x8a\x0a")
+        return head == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
     return False
 
 
@@ -464,12 +465,18 @@ os.umask(_IMPORT_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[str]:
+def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -> Iterator[str]:
     """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
     folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
     :class:`CheckpointError` naming ``path`` (not the temporary file), and so do safetensors' write errors (a full
     disk). A symbolic link is written through (its target is replaced, the link stays). A device, FIFO or socket
-    is refused: the rename would replace it with a regular file (``/dev/null`` itself, for root)."""
+    is refused: the rename would replace it with a regular file (``/dev/null`` itself, for root).
+
+    The file is flushed to the disk (``fsync``) before the rename, so that after a crash of the system, not only of
+    the process, ``path`` holds the old file or the whole new one. A file it replaces keeps its permissions (a
+    private ``0600`` export stays private); a new one gets the usual ``0666`` less the umask.
+    ``before_replace``: called after the flush, right before the rename (:func:`save_merged` renames the recipe
+    there); if it raises, the temporary file is removed as for any error."""
     if "\x00" in str(path):   # pathlib's checks answer False for it, and mkstemp raises ValueError
         raise CheckpointError(f"cannot write {str(path)!r}: a file name cannot hold a NUL byte")
     with path_errors(path, "write"):
@@ -489,8 +496,15 @@ def atomic_write(path: Path) -> Iterator[str]:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         yield tmp
-        os.chmod(tmp, 0o666 & ~_process_umask())  # mkstemp creates 0600; exported files get the usual permissions
+        # mkstemp creates 0600: a new file gets the usual permissions, a replaced one keeps its own
+        os.chmod(tmp, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_process_umask())
+        _fsync(tmp)
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
+        tmp = None
+        with contextlib.suppress(OSError):   # the rename itself, in the folder (where the file system allows it)
+            _fsync(path.parent)
     except BaseException as exc:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -502,6 +516,15 @@ def atomic_write(path: Path) -> Iterator[str]:
         if isinstance(exc, SafetensorError):   # e.g. "Error while serializing: I/O error: No space left on device"
             raise CheckpointError(f"cannot write {path}: {exc}") from exc
         raise
+
+
+def _fsync(path: "str | Path") -> None:
+    """Flush a file's (or a folder's) data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def check_weights_path(path: str | os.PathLike) -> Path:
@@ -531,12 +554,14 @@ _SAFETENSORS_DTYPES = frozenset(
     if hasattr(torch, name))
 
 
-def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
+                    metadata: Mapping[str, str] | None = None, *,
+                    before_replace: Callable[[], None] | None = None) -> Path:
     """Write ``state_dict`` to ``path`` atomically (temp file + rename: never a half-written file).
 
     Keys must be strings and values dense tensors of a dtype safetensors stores, ``metadata`` a mapping of strings
     to strings (a :class:`CheckpointError` names the first that is not); tensors that share memory (tied weights)
-    are written as separate copies, which safetensors requires.
+    are written as separate copies, which safetensors requires. ``before_replace``: see :func:`atomic_write`.
     """
     path = check_weights_path(path)
     if not isinstance(state_dict, Mapping):
@@ -565,7 +590,7 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor], m
         elif ptr is not None:
             seen.add(ptr)
         tensors[k] = t
-    with atomic_write(path) as tmp:
+    with atomic_write(path, before_replace) as tmp:
         save_file(tensors, tmp, metadata=dict(metadata or {}))
         _sort_metadata(tmp)
     return path
@@ -941,6 +966,17 @@ class Recipe:
             return None
         return cls.from_text(meta[RECIPE_METADATA_KEY], f"{path}: its '{RECIPE_METADATA_KEY}' metadata")
 
+    def check_schema(self) -> None:
+        """Refuse a method or calibration the registry does not know, and hyperparameters their schemas refuse
+        (names the schema does not know, merge's own keywords among them: ``seed``, ``device``, ...; where they
+        would otherwise collide with, or silently become, merge's arguments), before any weights are read."""
+        from .registry import get_calibration, get_method
+        from .schema import validate_hparams
+
+        validate_hparams(self.method, get_method(self.method).params, self.hparams)
+        if self.calibrate is not None:
+            validate_hparams(self.calibrate, get_calibration(self.calibrate).params, self.calibrate_hparams)
+
     def merge_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`studio.engine.merge_pool` (besides the pool and the method); add
         ``svd_mode`` for :func:`studio.merge` (a pool has its own), as :func:`merge_from_recipe` does."""
@@ -1054,9 +1090,14 @@ def check_recipe_path(recipe_path: str | os.PathLike) -> None:
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,
                 recipe_path: str | os.PathLike | None = None) -> Path:
     """Export merged weights as safetensors with the recipe (JSON) in the header metadata, and with ``recipe_path``
-    also as a file (JSON for a ``.json`` name, else YAML): both files are staged and renamed at the end, so a
-    failure leaves neither (a missing folder or a full disk for the recipe no longer leaves the weights behind
-    without it)."""
+    also as a file (JSON for a ``.json`` name, else YAML).
+
+    Both are written in full first (the weights to a staged file, flushed to the disk), then renamed into place,
+    the recipe first and the weights right after it. A failure before the weights' rename, an interruption
+    included (Ctrl-C, or SIGTERM in the CLI), leaves neither new file: a recipe already renamed is put back as it
+    was (or removed where there was none), so that no recipe is left beside weights of another merge. Only the end
+    of the process between the two renames (SIGKILL, a power loss) can leave the new recipe beside the old
+    weights; the weights always carry their own recipe in their metadata."""
     if not isinstance(recipe, Recipe):
         raise CheckpointError(f"save_merged needs a studio.io.Recipe, got {type(recipe).__name__}")
     meta = {RECIPE_METADATA_KEY: recipe.to_json(), "format": "pt"}
@@ -1071,9 +1112,29 @@ def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recip
     if same:
         raise CheckpointError(f"the recipe and the weights would both be written to {path}; give two file names")
     check_recipe_path(recipe_path)
-    with atomic_write(Path(recipe_path)) as tmp:   # JSON under a .json name, else YAML
-        Path(tmp).write_text(recipe.to_json() if Path(recipe_path).suffix.lower() == ".json" else recipe.to_yaml())
-        return save_state_dict(path, state_dict, meta)
+    recipe_path = Path(recipe_path)
+    text = recipe.to_json() if recipe_path.suffix.lower() == ".json" else recipe.to_yaml()   # JSON under .json
+    with path_errors(recipe_path, "read"):
+        old = recipe_path.read_bytes() if recipe_path.is_file() else None
+    renamed = False
+
+    def write_recipe() -> None:   # the weights are staged and flushed: the recipe goes into place, then they do
+        nonlocal renamed
+        with atomic_write(recipe_path) as tmp:
+            Path(tmp).write_text(text)
+        renamed = True
+
+    try:
+        return save_state_dict(path, state_dict, meta, before_replace=write_recipe)
+    except BaseException:
+        if renamed:   # the weights were not renamed: the recipe must not describe a merge that is not there
+            with contextlib.suppress(OSError, StudioError):
+                if old is None:
+                    recipe_path.unlink()
+                else:
+                    with atomic_write(recipe_path) as tmp:
+                        Path(tmp).write_bytes(old)
+        raise
 
 
 def recipe_inputs(recipe: Recipe, base: Mapping[str, Tensor], experts: Mapping[str, Mapping[str, Tensor]]
@@ -1105,17 +1166,11 @@ def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mappi
     call :func:`studio.merge`. With ``check`` (the default), first refuse a base or expert whose weights differ from
     the :attr:`Recipe.fingerprints` it recorded (``check=False``: merge other weights on purpose)."""
     from .engine import merge
-    from .registry import get_calibration, get_method
-    from .schema import validate_hparams
 
     if not isinstance(recipe, Recipe):
         raise CheckpointError(f"merge_from_recipe needs a studio.io.Recipe (Recipe.from_dict for a mapping), got "
                               f"{type(recipe).__name__}")
-    # names the schema does not know (merge's own keywords among them: 'seed', 'device', ...) are refused here,
-    # where they would otherwise collide with, or silently become, merge's arguments
-    validate_hparams(recipe.method, get_method(recipe.method).params, recipe.hparams)
-    if recipe.calibrate is not None:
-        validate_hparams(recipe.calibrate, get_calibration(recipe.calibrate).params, recipe.calibrate_hparams)
+    recipe.check_schema()
     base, chosen = recipe_inputs(recipe, base, experts)
     if check and recipe.fingerprints and ("base" in recipe.fingerprints or recipe.fingerprints.get("experts")):
         try:

@@ -187,16 +187,23 @@ def test_recipes_check_their_fields():
         Recipe.from_dict({"methd": "ties"})
 
 
-@pytest.mark.parametrize("zipped", [True, False])
-def test_a_torch_save_file_under_a_safetensors_name_is_named_a_pickle(tmp_path, zipped):
+@pytest.mark.parametrize("kind", ["zip", "legacy", *(f"pickle{p}" for p in range(2, 6))])
+def test_a_torch_save_file_under_a_safetensors_name_is_named_a_pickle(tmp_path, kind):
     """torch.save's output renamed to .safetensors was 'not a readable safetensors file (... header too large)'
-    (a first user's audit); it is never unpickled."""
+    (a first user's audit), and so was a plain pickle of any protocol (an I/O audit); neither is unpickled."""
+    import pickle
+
     path = tmp_path / "model.safetensors"
-    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=zipped)
+    marker = tmp_path / "unpickled"
+    if kind.startswith("pickle"):   # a payload that would leave a file if it were ever unpickled
+        payload = type("Payload", (), {"__reduce__": lambda self: (Path.touch, (marker,))})
+        path.write_bytes(pickle.dumps(payload(), protocol=int(kind[-1])))
+    else:
+        torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=kind == "zip")
     with pytest.raises(CheckpointError, match=r"model.safetensors: not safetensors but, by its first bytes, a "
-                                              r"torch.save checkpoint \(a zip archive or a pickle\); pickle "
-                                              r"checkpoints are not loaded"):
+                                              r"torch.save checkpoint or a Python pickle; pickles are not loaded"):
         load_state_dict(path)
+    assert not marker.exists()
     path.write_bytes(b"\x00" * 64)   # not safetensors, not a pickle either
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_state_dict(path)
@@ -1289,8 +1296,8 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
         assert main(["diagnose", *args, *extra, "--out", str(tmp / "bad.json")]) == 2, extra
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and not (tmp / "bad.json").exists(), err
-    assert main(["diagnose", *args, "--out", str(tmp / "task1.safetensors")]) == 2
-    assert "which this command reads" in capsys.readouterr().err
+    assert main(["diagnose", *args, "--out", str(tmp / "task1.safetensors")]) == 2   # an input: and weights
+    assert "the diagnostics are written as JSON" in capsys.readouterr().err
 
     # --out spares every file of a --weights folder or shard index (it wrote JSON over them)
     (tmp / "folder").mkdir()
@@ -1301,10 +1308,15 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
     (tmp / "folder" / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: f"shard{i}.safetensors" for i, part in enumerate((keys[::2], keys[1::2])) for k in part}}))
     before = {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()}
-    for weights, target in (("folder", "folder/model.safetensors"),
-                            ("folder/model.safetensors.index.json", "folder/shard1.safetensors")):
+    read = "is the merged checkpoint (--weights), which this command reads"
+    weights_name = "the diagnostics are written as JSON, and .safetensors names weights"
+    for weights, target, message in (("folder", "folder/model.safetensors", weights_name),
+                                     ("folder/model.safetensors.index.json", "folder/shard1.safetensors",
+                                      weights_name),
+                                     ("folder/model.safetensors.index.json", "folder/model.safetensors.index.json",
+                                      read)):
         assert main(["diagnose", *args, "--weights", str(tmp / weights), "--out", str(tmp / target)]) == 2
-        assert "is the merged checkpoint (--weights), which this command reads" in capsys.readouterr().err
+        assert message in capsys.readouterr().err, (weights, target)
     assert {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()} == before
     # a file of merged deltas is told from a merged state, as the library does
     save_state_dict(tmp / "deltas.safetensors", {k: merged[k] - base[k] for k in merged})
@@ -1953,3 +1965,132 @@ def test_evaluate_says_when_the_weights_are_not_a_safetensors_file(tmp_path, cap
     assert main(args) == 2
     err = capsys.readouterr().err
     assert f"--weights {recipe} is not a safetensors file (a recipe: `merge-studio recipe {recipe} --out" in err, err
+
+
+def test_sigterm_ends_a_command_and_removes_its_staged_files(tmp_path):
+    """SIGTERM (kill, timeout, docker stop) ended the CLI at once and left a model-sized staged file beside the output
+    (an I/O audit); it now ends it as Ctrl-C does: one line, exit status 143, nothing left in the output folder. A
+    real process and signal; the process sends it to itself right after the weights' staged file is written, the
+    moment the audit's kills found, so that the test does not depend on timing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = ("import os, signal, sys; import studio.io as io; write = io.save_file\n"
+            "def write_then_terminate(*args, **kwargs):\n"
+            "    write(*args, **kwargs); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "io.save_file = write_then_terminate\n"
+            "from studio.cli import main\n"
+            f"sys.exit(main(['merge', '--suite', {str(DEFAULT_SUITE_PATH)!r}, '--method', 'task_arithmetic', "
+            f"'--device', 'cpu', '--out', {str(out / 'm.safetensors')!r}, '--recipe', {str(out / 'm.yaml')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1:]) == (143, ["terminated"]), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()   # the folder made for the output is gone too
+
+
+@pytest.mark.parametrize("interrupted", ["recipe", "weights"])
+@pytest.mark.parametrize("old", [True, False])
+def test_an_export_interrupted_at_either_rename_leaves_no_recipe_beside_other_weights(tmp_path, monkeypatch,
+                                                                                       interrupted, old):
+    """save_merged renamed the weights, then the recipe: an interruption between the two left new weights beside the
+    recipe of an earlier export (an I/O audit). The recipe now goes first and is put back as it was if the weights'
+    rename does not follow; the pair on disk is the old one, or none where there was none."""
+    import studio.io as io
+
+    weights, recipe_file = tmp_path / "m.safetensors", tmp_path / "m.yaml"
+    first = Recipe(method="ties", hparams={"k": 0.2}, experts=["a"])
+    if old:
+        save_merged(weights, {"w": torch.zeros(2)}, first, recipe_path=recipe_file)
+        before = (weights.read_bytes(), recipe_file.read_bytes())
+    replace = os.replace
+
+    def interrupt(src, dst):
+        if Path(dst).name == Path(weights if interrupted == "weights" else recipe_file).name:
+            raise KeyboardInterrupt
+        replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_merged(weights, {"w": torch.ones(2)}, Recipe(method="task_arithmetic", experts=["a"]),
+                    recipe_path=recipe_file)
+    monkeypatch.setattr(io.os, "replace", replace)
+    if old:
+        assert (weights.read_bytes(), recipe_file.read_bytes()) == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.yaml"]
+    else:
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_a_replaced_file_keeps_its_permissions_and_is_flushed_before_its_rename(tmp_path, monkeypatch):
+    """Writing over a private (0600) export made it 0644, world-readable (an I/O audit); it keeps its mode now, and a
+    new file gets 0666 less the umask. The staged file is flushed to the disk before it is renamed into place, so
+    that after a crash of the system the name holds the old file or the whole new one."""
+    import studio.io as io
+
+    path = tmp_path / "m.safetensors"
+    save_state_dict(path, {"w": torch.zeros(2)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~io._process_umask()
+    path.chmod(0o600)
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(io.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                     fsync(fd))[1])
+    monkeypatch.setattr(io.os, "replace", lambda src, dst: (events.append(("replace", str(src))), replace(src, dst))[1])
+    save_state_dict(path, {"w": torch.ones(2)})
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_state_dict(path)["w"].tolist() == [1.0, 1.0]
+    staged = events[1][1]
+    assert events[:2] == [("fsync", staged), ("replace", staged)] and Path(staged).parent == tmp_path, events
+
+
+def test_diagnose_out_refuses_a_weights_name_and_a_file_holding_weights(files, capsys):
+    """``diagnose --out`` writes JSON: it replaced an expert's checkpoint the command did not read with it (an I/O
+    audit). A weights file's name, or a file holding safetensors weights, is refused before anything runs."""
+    tmp, base, experts, args = files
+    other = tmp / "other.safetensors"
+    save_state_dict(other, base)
+    kept = other.read_bytes()
+    for out, message in ((tmp / "d.safetensors", "the diagnostics are written as JSON, and .safetensors names "
+                                                  "weights; give a .json name (e.g. d.json)"),
+                         (tmp / "d.bin", "give a .json name (e.g. d.json)"),
+                         (tmp / "d.json", None)):
+        if message is None:   # a JSON name holding weights (renamed, or written there by mistake)
+            out.write_bytes(kept)
+            message = f"--out {out} holds safetensors weights, which the diagnostics' JSON would replace"
+        assert main(["diagnose", *args, "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    assert other.read_bytes() == kept and not (tmp / "d.safetensors").exists() and not (tmp / "d.bin").exists()
+    assert main(["diagnose", *args, "--out", str(tmp / "fine.json")]) == 0 and (tmp / "fine.json").exists()
+
+
+def test_a_truncated_weights_file_is_named_before_a_missing_suite(tmp_path, capsys):
+    """``evaluate`` and ``diagnose --weights`` of a truncated safetensors file said --suite (or --base) was needed
+    (an I/O audit): the file's own fault is said first, as with --suite."""
+    cut = tmp_path / "m.safetensors"
+    cut.write_bytes((DEFAULT_SUITE_PATH / "experts" / "digits.safetensors").read_bytes()[:800_000])
+    for argv in (["evaluate", "--weights", str(cut)], ["diagnose", "--weights", str(cut)],
+                 ["evaluate", "--weights", str(cut), "--suite", str(DEFAULT_SUITE_PATH)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {cut}: not a readable safetensors file") and "file not fully covered" in err, \
+            (argv, err)
+
+
+def test_a_recipes_schema_errors_name_the_recipe_before_any_weights_are_read(tmp_path, capsys, monkeypatch):
+    """A recipe edited by hand with an unknown method or an out-of-range value was refused without naming the file,
+    and only after its weights were read (an I/O audit)."""
+    import studio.cli as cli
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the weights were read")
+
+    monkeypatch.setattr(cli, "_load_pool", unread)
+    for text, message in (("method: super_merge", "unknown merging method 'super_merge'"),
+                          ("method: ties\nhparams: {k: 7.0}", "ties: 'k' = 7.0 is outside the allowed range"),
+                          ("method: ties\ncalibrate: svc\ncalibrate_hparams: {alpha: 0}", "svc: 'alpha' = 0")):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text + "\nsuite: MiniSuite\n")
+        assert main(["recipe", str(recipe), "--out", str(tmp_path / "o.safetensors")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and err.endswith(f"(recipe {recipe})"), err
