@@ -89,10 +89,23 @@ def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dty
                     origin[key] = file
                     if prefix is None or key.startswith(prefix):
                         t = f.get_tensor(key)
-                        out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                        out[key] = _converted(t, dtype, file, key) if dtype is not None and t.is_floating_point() \
+                            else t
     if prefix is not None and not out:
         raise CheckpointError(f"{source}: no tensor name starts with the prefix {brief(prefix)}")
     return out, pinned
+
+
+def _converted(t: Tensor, dtype: torch.dtype, file: Path, key: str) -> Tensor:
+    """``t`` in ``dtype``, or a :class:`CheckpointError` where finite values leave its range (1e6 in float16 became
+    inf, and a merge then blamed the file for infinite values it does not hold)."""
+    out = t.to(dtype)
+    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+        top = float(t.abs().max())
+        raise CheckpointError(f"{file}: tensor {key!r} holds values up to {top:.3g} in magnitude, beyond {dtype}'s "
+                              f"range (largest {torch.finfo(dtype).max:.3g}): converting it (dtype={dtype}) would "
+                              f"make them infinite; load it in its own dtype or in float32")
+    return out
 
 
 #: The prefix that makes a source a Hugging Face Hub reference whatever local folders exist (huggingface_hub's URLs).
@@ -1062,6 +1075,10 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
         what = read.get(path)
         if what is None and path.is_relative_to(cache):
             what = "in the Hugging Face cache"
+        if what is None and any(p.name == "blobs" and p.parent.name.startswith(("models--", "datasets--", "spaces--"))
+                                for p in path.parents):   # another cache's file, through a snapshot's link
+            raise StudioError(f"{out} is a file of a Hugging Face cache ({path}), shared by every revision of its "
+                              f"repository that holds it; write the output to another file")
         if what is None and suite_folder is not None and path.is_relative_to(suite_folder) and path.exists():
             what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
         if what is not None:

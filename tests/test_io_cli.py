@@ -2094,3 +2094,32 @@ def test_a_recipes_schema_errors_name_the_recipe_before_any_weights_are_read(tmp
         assert main(["recipe", str(recipe), "--out", str(tmp_path / "o.safetensors")]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and err.endswith(f"(recipe {recipe})"), err
+
+
+def test_an_output_through_a_link_into_another_hugging_face_cache_is_refused(files, capsys):
+    """From an I/O audit: ``--out`` through a snapshot's link into a Hugging Face cache other than the configured one
+    replaced the blob that every revision holding it shares. It is refused before the merge."""
+    tmp, base, experts, args = files
+    cache = tmp / "other_cache" / "hub" / "models--org--a"
+    (cache / "blobs").mkdir(parents=True)
+    (cache / "snapshots" / "abc123").mkdir(parents=True)
+    blob = cache / "blobs" / "0f1e2d"
+    blob.write_bytes((tmp / "task0.safetensors").read_bytes())
+    (cache / "snapshots" / "abc123" / "model.safetensors").symlink_to(blob)
+    kept = blob.read_bytes()
+    assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu",
+                 "--out", str(cache / "snapshots" / "abc123" / "model.safetensors")]) == 2
+    assert "is a file of a Hugging Face cache" in capsys.readouterr().err and blob.read_bytes() == kept
+
+
+def test_a_conversion_that_would_make_values_infinite_names_the_tensor(tmp_path):
+    """``load_state_dict(dtype=torch.float16)`` turned 1e6 into inf without a word, and a merge then said the file
+    held infinite values (an I/O audit). The conversion is refused, naming the tensor and the range."""
+    path = tmp_path / "m.safetensors"
+    save_state_dict(path, {"w": torch.tensor([1e6, 1.0]), "v": torch.ones(2)})
+    assert load_state_dict(path, dtype=torch.bfloat16)["w"].isfinite().all()   # bfloat16 has float32's range
+    with pytest.raises(CheckpointError, match=r"m.safetensors: tensor 'w' holds values up to 1e\+06 in magnitude, "
+                                              r"beyond torch.float16's range \(largest 6.55e\+04\)"):
+        load_state_dict(path, dtype=torch.float16)
+    save_state_dict(path, {"w": torch.tensor([float("inf"), 1.0])})   # infinite already: left to the merge's check
+    assert load_state_dict(path, dtype=torch.float16)["w"].isinf().any()
