@@ -162,6 +162,12 @@ def _resolve(source: str | os.PathLike, revision: str | None,
         if explicit:
             raise CheckpointError(f"{shown}: not a Hugging Face Hub reference "
                                   f"{HUB_SCHEME}[datasets/]owner/name[@revision][/file.safetensors]")
+        target = None
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            target = os.readlink(given) if Path(given).is_symlink() else None
+        if target is not None:   # a link whose target is missing, or a loop of links
+            raise CheckpointError(f"{shown}: a symbolic link to {target!r}, which leads to no file (a missing target, "
+                                  f"or a loop of links)")
         raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
             local_folder_hint(source, spec) if local else
             ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
@@ -430,7 +436,35 @@ def _readable(path: Path, error: type[StudioError] | None = None) -> Iterator[No
             raise (error or CheckpointError)(f"{path}: not safetensors but, by its first bytes, a torch.save "
                                              f"checkpoint or a Python pickle; pickles are not loaded (unsafe): "
                                              f"convert it to .safetensors first") from exc
-        raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({exc})") from exc
+        raise (error or CheckpointError)(f"{path}: not a readable safetensors file ({_why_unreadable(path, exc)})") \
+            from exc
+
+
+def _why_unreadable(path: Path, exc: BaseException) -> str:
+    """What is wrong with a file safetensors could not read, where its first 8 bytes (the header's length) tell more
+    than its message (a length past the file's end read as "invalid UTF-8 in header"; a file of zeros as "invalid
+    JSON ... EOF"); else its message."""
+    try:
+        if path.is_symlink() and not path.exists():
+            target = os.readlink(path)
+            with contextlib.suppress(OSError, RuntimeError):
+                path.resolve(strict=True)
+                return f"{exc}"
+            return f"a symbolic link to {target!r}, which leads to no file (a missing target, or a loop of links)"
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return f"{exc}"
+    if len(head) < 8:
+        return f"{exc}"
+    length = int.from_bytes(head, "little")
+    if length == 0:
+        return "its header's length is 0 (a file of zeros?): not a safetensors file"
+    if length > size - 8:
+        return (f"its first 8 bytes give a header of {length:,} bytes, and the file holds {size - 8:,} after them: "
+                f"truncated, or not a safetensors file")
+    return f"{exc}"
 
 
 def _is_pickle(path: Path) -> bool:
@@ -965,6 +999,9 @@ class Recipe:
             if recipe is None:
                 raise CheckpointError(f"{path}: safetensors file carries no '{RECIPE_METADATA_KEY}' metadata")
             return recipe
+        if _is_pickle(path):   # torch.save's output, or a pickle: never unpickled, and no recipe
+            raise CheckpointError(f"{path}: a torch.save checkpoint or a Python pickle, not a recipe; give a .yaml or "
+                                  f".json recipe or an exported .safetensors file")
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

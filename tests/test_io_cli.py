@@ -2123,3 +2123,37 @@ def test_a_conversion_that_would_make_values_infinite_names_the_tensor(tmp_path)
         load_state_dict(path, dtype=torch.float16)
     save_state_dict(path, {"w": torch.tensor([float("inf"), 1.0])})   # infinite already: left to the merge's check
     assert load_state_dict(path, dtype=torch.float16)["w"].isinf().any()
+
+
+def test_unreadable_files_say_what_is_wrong_with_them(tmp_path):
+    """From an I/O audit: a header length past the file's end read as "invalid UTF-8 in header", a file of zeros as
+    "invalid JSON ... EOF", a link to nothing as "no such file or folder", a pickle given as a recipe as "not UTF-8",
+    and a suite's truncated expert did not say which expert it was."""
+    import shutil
+    import struct
+
+    from studio.suite import SuiteError
+
+    cases = {"big.safetensors": struct.pack("<Q", 10**6) + b"{" + b" " * 5000, "zeros.safetensors": bytes(64)}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CheckpointError, match="its first 8 bytes give a header of 1,000,000 bytes, and the file "
+                                              "holds 5,001 after them: truncated, or not a safetensors file"):
+        load_state_dict(tmp_path / "big.safetensors")
+    with pytest.raises(CheckpointError, match=r"its header's length is 0 \(a file of zeros\?\)"):
+        load_state_dict(tmp_path / "zeros.safetensors")
+    (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+    (tmp_path / "gone.safetensors").symlink_to(tmp_path / "nothing.safetensors")
+    for name in ("loop.safetensors", "gone.safetensors"):
+        with pytest.raises(CheckpointError, match=r"a symbolic link to .*, which leads to no file \(a missing "
+                                                  r"target, or a loop of links\)"):
+            load_state_dict(str(tmp_path / name))
+    torch.save({"w": torch.ones(1)}, tmp_path / "r.pt")
+    with pytest.raises(CheckpointError, match=r"r.pt: a torch.save checkpoint or a Python pickle, not a recipe"):
+        Recipe.from_file(tmp_path / "r.pt")
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, suite)
+    digits = suite / "experts" / "digits.safetensors"
+    digits.write_bytes(digits.read_bytes()[:800_000])
+    with pytest.raises(SuiteError, match=r"^expert 'digits': .*digits.safetensors: not a readable safetensors file"):
+        load_suite(suite).experts

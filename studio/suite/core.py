@@ -79,8 +79,11 @@ def _load_weights(path: Path, what: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise SuiteError(f"{what}: file {path} is missing from the suite")
     # float weights in float32; integer buffers (if any) stay integers, which the engine copies from the base
-    return {k: v.to(torch.float32) if v.is_floating_point() else v
-            for k, v in load_safetensors(path, SuiteError).items()}
+    try:
+        weights = load_safetensors(path, SuiteError)
+    except SuiteError as exc:   # the file names itself; which of the suite's weights it is, as above
+        raise SuiteError(f"{what}: {exc}") from exc
+    return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
 
 
 class Suite:
