@@ -318,11 +318,31 @@ def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None
         hint = " (offline mode, HF_HUB_OFFLINE, is on and it is not in the local cache)" \
             if constants.HF_HUB_OFFLINE else ""
         source = shown or repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
+        cached = _cached_revisions(repo_id, repo_type, cache) if constants.HF_HUB_OFFLINE and revision else None
+        if cached:   # the repository is cached, only not at this revision: say which ones it is at
+            raise (error or CheckpointError)(
+                f"{source!r}: {repo_id} is in the local cache, but not at revision {revision!r} (cached: "
+                f"{', '.join(cached)}), and offline mode (HF_HUB_OFFLINE) is on") from exc
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())   # huggingface_hub's messages span lines
         local = "" if is_hub_url(source) else f" is not a local path (from {Path.cwd()}), and"
         raise (error or CheckpointError)(
             f"{source!r}{local} cannot be fetched as a {what} from the Hugging Face Hub{hint}: "
             f"{reason if len(reason) <= 400 else reason[:400] + '...'}") from exc
+
+
+def _cached_revisions(repo_id: str, repo_type: str, cache_dir: str | None) -> list[str]:
+    """The branches or tags (``main -> 1a2b3c4``) and commits a repository has in the local Hugging Face cache."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    with contextlib.suppress(OSError, ValueError):
+        refs = sorted(f"{p.relative_to(folder / 'refs')} -> {p.read_text().strip()[:7]}"
+                      for p in (folder / "refs").rglob("*") if p.is_file())
+        named = {line.rsplit(" ", 1)[1] for line in refs}
+        commits = sorted(p.name[:7] for p in (folder / "snapshots").iterdir() if p.name[:7] not in named)
+        return refs + commits
+    return []
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -364,7 +384,9 @@ def _weight_map(index: Path) -> list[tuple[str, str]]:
         weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=pairs)["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({exc!r})") from exc
-    if not isinstance(weight_map, Mapping) or not weight_map \
+    if isinstance(weight_map, Mapping) and not weight_map:
+        raise CheckpointError(f"{index}: 'weight_map' is empty: the index lists no tensor")
+    if not isinstance(weight_map, Mapping) \
             or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointError(f"{index}: 'weight_map' must map each tensor name to its shard file name")
     if weight_map.repeated:

@@ -2157,3 +2157,23 @@ def test_unreadable_files_say_what_is_wrong_with_them(tmp_path):
     digits.write_bytes(digits.read_bytes()[:800_000])
     with pytest.raises(SuiteError, match=r"^expert 'digits': .*digits.safetensors: not a readable safetensors file"):
         load_suite(suite).experts
+
+
+def test_a_cached_repository_at_another_revision_offline_names_the_revisions_it_has(tmp_path, offline_hub):
+    """From an I/O audit: a revision the local cache lacks, offline, gave huggingface_hub's own text ("Cannot find an
+    appropriate cached snapshot folder ..."); it now says the repository is cached and at which revisions. And a
+    shard index with an empty 'weight_map' says so."""
+    from .conftest import hub_cache
+
+    (tmp_path / "m").mkdir()
+    save_state_dict(tmp_path / "m" / "model.safetensors", {"w": torch.ones(2)})
+    cache = tmp_path / "hf"
+    hub_cache(tmp_path / "m", cache, "org/a")
+    assert load_state_dict("org/a", cache_dir=cache)["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(CheckpointError, match=r"^'org/a@nosuchrev': org/a is in the local cache, but not at revision "
+                                              r"'nosuchrev' \(cached: main -> 0123456\), and offline mode"):
+        load_state_dict("org/a@nosuchrev", cache_dir=cache)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match=r"'weight_map' is empty: the index lists no tensor"):
+        load_state_dict(tmp_path / "s")
