@@ -468,11 +468,8 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
     JSON ... EOF"); else its message."""
     try:
         if path.is_symlink() and not path.exists():
-            target = os.readlink(path)
-            with contextlib.suppress(OSError, RuntimeError):
-                path.resolve(strict=True)
-                return f"{exc}"
-            return f"a symbolic link to {target!r}, which leads to no file (a missing target, or a loop of links)"
+            return (f"a symbolic link to {os.readlink(path)!r}, which leads to no file (a missing target, or a loop "
+                    f"of links)")
         with open(path, "rb") as f:
             head = f.read(8)
             size = os.fstat(f.fileno()).st_size
