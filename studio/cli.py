@@ -149,19 +149,19 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
         with _noting(recorded_suite and "the suite the recipe recorded; give --suite, or --base and --expert, to "
                                         "read others"):
             suite = load_suite(suite_source)
-        experts = suite.experts
+        wanted = suite.task_names
         if args.experts is not None:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
             if not wanted:
                 raise StudioError(f"--experts {args.experts!r} names no expert; give some of the suite's "
-                                  f"{list(experts)}, comma-separated")
+                                  f"{suite.task_names}, comma-separated")
             twice = sorted({e for e in wanted if wanted.count(e) > 1})
             if twice:
                 raise StudioError(f"--experts names {twice} more than once; give each expert once")
-            unknown = [e for e in wanted if e not in experts]
+            unknown = [e for e in wanted if e not in suite.task_names]
             if unknown:
-                raise StudioError(f"unknown expert(s) {unknown}; the suite has {list(experts)}")
-            experts = {e: experts[e] for e in wanted}
+                raise StudioError(f"unknown expert(s) {unknown}; the suite has {suite.task_names}")
+        experts = suite.experts_named(wanted)   # only those: an expert left out is not read
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
         return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)
     given = {}

@@ -2177,3 +2177,27 @@ def test_a_cached_repository_at_another_revision_offline_names_the_revisions_it_
     (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(CheckpointError, match=r"'weight_map' is empty: the index lists no tensor"):
         load_state_dict(tmp_path / "s")
+
+
+def test_a_selection_of_a_suites_experts_reads_only_those(tmp_path, capsys):
+    """``--experts`` read every expert of the suite first, so one unreadable expert it left out stopped the merge
+    (an I/O audit), and a large suite held every expert in memory. Only the selected ones are read now."""
+    import shutil
+
+    from studio.suite import SuiteError
+
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, suite)
+    digits = suite / "experts" / "digits.safetensors"
+    digits.write_bytes(digits.read_bytes()[:800_000])
+    out = tmp_path / "m.safetensors"
+    argv = ["merge", "--suite", str(suite), "--method", "task_arithmetic", "--device", "cpu", "--out", str(out)]
+    assert main([*argv, "--experts", "signs,textures"]) == 0, capsys.readouterr().err
+    assert Recipe.from_file(out).experts == ["signs", "textures"]
+    loaded = load_suite(suite)
+    assert list(loaded.experts_named(["textures", "signs"])) == ["textures", "signs"]
+    assert sorted(loaded._experts) == ["signs", "textures"]   # the others were not read
+    with pytest.raises(SuiteError, match=r"^expert 'digits': "):
+        loaded.experts
+    assert main([*argv, "--experts", "signs,digits"]) == 2
+    assert "expert 'digits': " in capsys.readouterr().err

@@ -31,7 +31,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +151,7 @@ class Suite:
             raise SuiteError(f"{where}: task name(s) {dup} appear more than once; each task needs its own name")
         self._lock = threading.RLock()
         self._base: dict[str, Tensor] | None = None
-        self._experts: dict[str, dict[str, Tensor]] | None = None
+        self._experts: dict[str, dict[str, Tensor]] = {}   # task name -> its state dict, each read when first asked
         self._heads: dict[str, Tensor] | None = None
         self._data: dict[str, dict[str, Tensor]] = {}
         self._tower: VisualTower | None = None
@@ -233,12 +233,26 @@ class Suite:
 
     @property
     def experts(self) -> dict[str, dict[str, Tensor]]:
-        """Task name -> fine-tuned image-encoder state dict (float32), in suite task order."""
+        """Task name -> fine-tuned image-encoder state dict (float32), in suite task order. The suite's own mapping:
+        an expert replaced in it is the one every later read (and :meth:`experts_named`) gets."""
         with self._lock:
-            if self._experts is None:
-                self._experts = {t: _load_weights(self.root / "experts" / f"{t}.safetensors", f"expert {t!r}")
-                                 for t in self.task_names}
+            self.experts_named(self.task_names)
+            if list(self._experts) != self.task_names:   # read in another order by a selection first
+                self._experts = {t: self._experts[t] for t in self.task_names}
             return self._experts
+
+    def experts_named(self, names: Sequence[str]) -> dict[str, dict[str, Tensor]]:
+        """The state dicts of the experts ``names`` (in that order), reading only those: a selection neither waits
+        for nor holds the others, and an unreadable expert it leaves out does not stop it. A
+        :class:`SuiteError` names an expert the suite lacks."""
+        unknown = [n for n in names if n not in self.task_names]
+        if unknown:
+            raise SuiteError(f"unknown expert(s) {unknown}; the suite has {self.task_names}")
+        with self._lock:
+            for t in names:
+                if t not in self._experts:
+                    self._experts[t] = _load_weights(self.root / "experts" / f"{t}.safetensors", f"expert {t!r}")
+            return {t: self._experts[t] for t in names}
 
     @property
     def heads(self) -> dict[str, Tensor]:
