@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 
@@ -410,6 +410,22 @@ _PASSTHROUGH = {"bench": ("studio.bench", "benchmark the engine"),
                 "build-suite": ("studio.suite.build", "rebuild the embedded MiniSuite")}
 
 
+def _note_kept_buffers(base: Mapping[str, Any], experts: Mapping[str, Mapping[str, Any]]) -> None:
+    """Say on stderr which integer or boolean buffers an expert changed: they have no task vector, and the merge
+    keeps the base's (:meth:`studio.pool.TaskPool.layer`), which a user would otherwise not learn."""
+    import torch
+
+    changed = [(key, name) for key, t in base.items() if not t.is_floating_point()
+               for name, sd in experts.items() if not torch.equal(sd[key], t)]
+    if changed:
+        keys = sorted({key for key, _ in changed})
+        key, name = changed[0]
+        one = len(keys) == 1
+        print(f"note: {len(keys)} integer or boolean buffer{'' if one else 's'} differ{'s' if one else ''} from the "
+              f"base in some expert (e.g. {key!r} in {name!r}); {'it has' if one else 'they have'} no task vector, "
+              f"and the merge keeps the base's", file=sys.stderr)
+
+
 class _Terminated(BaseException):
     """SIGTERM, raised where the main thread runs (a BaseException: no ``except Exception`` on the way swallows it),
     so that :func:`studio.io.atomic_write` removes its staged file as it does on Ctrl-C."""
@@ -606,6 +622,7 @@ def _run(args: argparse.Namespace) -> int:
         experts = f"{count} expert{'s' if count != 1 else ''}"
         print(f"wrote {args.out} ({len(merged)} tensors; {what} of {experts}, merged in {seconds:.1f} s)"
               + (f" and the recipe {args.recipe}" if args.recipe else ""))
+        _note_kept_buffers(*recipe_inputs(recipe, pool.base, pool.experts))
     elif args.cmd == "recipe":
         check_weights_path(args.out)
         recipe = Recipe.from_file(args.recipe)

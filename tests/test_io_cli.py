@@ -2201,3 +2201,23 @@ def test_a_selection_of_a_suites_experts_reads_only_those(tmp_path, capsys):
         loaded.experts
     assert main([*argv, "--experts", "signs,digits"]) == 2
     assert "expert 'digits': " in capsys.readouterr().err
+
+
+def test_merge_notes_integer_buffers_an_expert_changed(files, capsys):
+    """A merge keeps the base's integer and boolean buffers (they have no task vector); an expert that changed one
+    got no word of it (an I/O audit). The CLI now notes it on stderr, and says nothing where none changed."""
+    tmp, base, experts, args = files
+    base = {**base, "visual.step": torch.tensor([3]), "visual.mask": torch.tensor([True, False])}
+    save_state_dict(tmp / "base.safetensors", base)
+    for i, (name, sd) in enumerate(experts.items()):
+        save_state_dict(tmp / f"{name}.safetensors", {**sd, "visual.step": torch.tensor([3 + (i == 2)]),
+                                                      "visual.mask": base["visual.mask"]})
+    assert main(["merge", *args, "--method", "ties", "--device", "cpu", "--out", str(tmp / "m.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 1 integer or boolean buffer differs from the base in some expert (e.g. 'visual.step' in 'task2'); " \
+           "it has no task vector, and the merge keeps the base's" in err, err
+    assert load_state_dict(tmp / "m.safetensors")["visual.step"].tolist() == [3]
+    save_state_dict(tmp / "task2.safetensors", {**experts["task2"], "visual.step": torch.tensor([3]),
+                                                "visual.mask": base["visual.mask"]})
+    assert main(["merge", *args, "--method", "ties", "--device", "cpu", "--out", str(tmp / "m.safetensors")]) == 0
+    assert "note:" not in capsys.readouterr().err
