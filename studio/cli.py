@@ -410,6 +410,25 @@ _PASSTHROUGH = {"bench": ("studio.bench", "benchmark the engine"),
                 "build-suite": ("studio.suite.build", "rebuild the embedded MiniSuite")}
 
 
+def _refuse_into_checkpoint_folders(args: argparse.Namespace, out: str) -> None:
+    """Refuse weights written into a checkpoint folder that ``--base`` or an ``--expert`` names: the folder would
+    then load as other weights (a ``model.safetensors`` there wins over its shards; a second ``.safetensors`` file
+    makes it ambiguous), so the same command run again would merge the merge (an I/O audit). The recorded sources
+    are the files a folder resolved to, which :func:`studio.io.refuse_overwriting` guards."""
+    named = [("the base", getattr(args, "base", None))] + [
+        (f"expert {item.split('=', 1)[0].strip()!r}", item.split("=", 1)[1])
+        for item in getattr(args, "expert", None) or [] if "=" in item]
+    if not (out.endswith(".safetensors") or out.endswith(".safetensors.index.json")):
+        return
+    with path_errors(out):   # e.g. a loop of symbolic links
+        path = Path(out).expanduser().resolve()
+    for what, source in named:
+        if source and not is_hub_url(source) and Path(source).expanduser().is_dir() \
+                and Path(source).expanduser().resolve() == path.parent:
+            raise StudioError(f"{out} would be a weights file in {source}, the checkpoint folder of {what}, which "
+                              f"would then load as other weights; write the output to another folder")
+
+
 def _note_kept_buffers(base: Mapping[str, Any], experts: Mapping[str, Mapping[str, Any]]) -> None:
     """Say on stderr which integer or boolean buffers an expert changed: they have no task vector, and the merge
     keeps the base's (:meth:`studio.pool.TaskPool.layer`), which a user would otherwise not learn."""
@@ -606,6 +625,7 @@ def _run(args: argparse.Namespace) -> int:
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
         check_weights_path(args.out)   # before anything is read (a Hub download) or merged
+        _refuse_into_checkpoint_folders(args, args.out)
         if args.recipe is not None:
             check_recipe_path(args.recipe)
         pool = _load_pool(args)
@@ -625,6 +645,7 @@ def _run(args: argparse.Namespace) -> int:
         _note_kept_buffers(*recipe_inputs(recipe, pool.base, pool.experts))
     elif args.cmd == "recipe":
         check_weights_path(args.out)
+        _refuse_into_checkpoint_folders(args, args.out)
         recipe = Recipe.from_file(args.recipe)
         with _noting(f"recipe {args.recipe}"):   # before the weights are read: which file holds the fault
             recipe.check_schema()
@@ -655,6 +676,7 @@ def _run(args: argparse.Namespace) -> int:
         from .compress import compress
 
         check_weights_path(args.out)
+        _refuse_into_checkpoint_folders(args, args.out)
         pool = _load_pool(args)
         refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
         packed = compress(pool.base, pool.experts, rank_fraction=args.rank_fraction, device=args.device,

@@ -2221,3 +2221,29 @@ def test_merge_notes_integer_buffers_an_expert_changed(files, capsys):
                                                 "visual.mask": base["visual.mask"]})
     assert main(["merge", *args, "--method", "ties", "--device", "cpu", "--out", str(tmp / "m.safetensors")]) == 0
     assert "note:" not in capsys.readouterr().err
+
+
+def test_weights_written_into_a_checkpoint_folder_an_option_names_are_refused(files, capsys):
+    """A merge written into an expert's checkpoint folder changed what that folder loads as: a model.safetensors
+    there wins over its shards, a second file makes it ambiguous, and the same command run again merged the merge
+    (an I/O audit). Refused before anything is read; a recipe there, or weights beside the folder, are fine."""
+    tmp, base, experts, args = files
+    folder = tmp / "t0"
+    folder.mkdir()
+    (tmp / "task0.safetensors").rename(folder / "open_clip_model.safetensors")
+    args = [a.replace(str(tmp / "task0.safetensors"), str(folder)) for a in args]
+    merge = ["merge", *args, "--method", "task_arithmetic", "--device", "cpu"]
+    for name in ("model.safetensors", "other.safetensors", "model.safetensors.index.json"):
+        assert main([*merge, "--out", str(folder / name)]) == 2, name
+        err = capsys.readouterr().err
+        assert f"would be a weights file in {folder}, the checkpoint folder of expert 'task0', which would then " \
+               f"load as other weights" in err, err
+    assert main(["compress", *args, "--out", str(folder / "packed.safetensors")]) == 2
+    assert "the checkpoint folder of expert 'task0'" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["open_clip_model.safetensors"]
+    assert main([*merge, "--out", str(tmp / "m.safetensors"), "--recipe", str(folder / "m.yaml")]) == 0
+    capsys.readouterr()
+    assert main(["recipe", str(folder / "m.yaml"), "--expert", f"task0={folder}",
+                 "--out", str(folder / "again.safetensors")]) == 2
+    assert "the checkpoint folder of expert 'task0'" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["m.yaml", "open_clip_model.safetensors"]
