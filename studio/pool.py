@@ -164,6 +164,25 @@ def _check_tensor(owner: str, key: Any, tensor: Any) -> None:
                           f"kept from the base)")
 
 
+def _renaming(keys: "set[str]", base_keys: "set[str]", name: str) -> str:
+    """A hint where an expert's keys are the base's with one prefix added or removed (``model.visual.proj`` beside
+    ``visual.proj``: another checkpoint's naming), else ``""``."""
+    sample = next((k for k in sorted(keys, key=str) if isinstance(k, str)), None)
+    base_sample = next((k for k in sorted(base_keys, key=str) if isinstance(k, str)), None)
+    if sample is None or base_sample is None or len(keys) != len(base_keys):
+        return ""
+    for longer, shorter, added in ((sample, base_keys, True), (base_sample, keys, False)):
+        for i in range(1, len(longer)):
+            prefix = longer[:i]
+            if longer[i:] in shorter and {prefix + k for k in shorter if isinstance(k, str)} == \
+                    (keys if added else base_keys):
+                where = f"every key of expert '{name}' is a key of the base with {prefix!r} before it" if added \
+                    else f"every key of the base is one of expert '{name}' with {prefix!r} before it"
+                return f"; {where} (another checkpoint's naming): give both the same names, e.g. {{k.removeprefix(" \
+                       f"{prefix!r}): v for k, v in state_dict.items()}}"
+    return ""
+
+
 def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check_finite: bool = True) -> None:
     """Raise :class:`ExpertError` naming the expert and key at fault if the pool is not mergeable."""
     if not isinstance(base, Mapping):
@@ -194,8 +213,9 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         base_only = sorted(base_keys - set.union(*expert_keys), key=str)
         experts_only = sorted(set.intersection(*expert_keys) - base_keys, key=str)
         if base_only:
+            first = next(iter(experts))
             raise ExpertError(f"the base has {len(base_only)} key(s) that none of the {len(experts)} experts has, "
-                              f"e.g. {base_only[:3]}{hint}")
+                              f"e.g. {base_only[:3]}{_renaming(expert_keys[0], base_keys, first) or hint}")
         if experts_only:
             raise ExpertError(f"all {len(experts)} experts have {len(experts_only)} key(s) that the base lacks, e.g. "
                               f"{experts_only[:3]}{hint}")
@@ -209,7 +229,7 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
         if missing:
             raise ExpertError(f"expert '{name}' is missing {len(missing)} key(s) of the base, e.g. {missing[:3]}"
-                              f"{hint}")
+                              f"{_renaming(keys, base_keys, name) or hint}")
         if extra:
             raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}{hint}")
         for key, tensor in sd.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 
 import numpy as np
 import pytest
@@ -1314,3 +1315,22 @@ def test_an_expert_tensor_of_another_shape_with_as_many_entries_is_refused(clip_
     with pytest.raises(studio.ExpertError, match=rf"expert 'task1', key '{key}': shape \({cols}, {rows}\) does not "
                                                  rf"match the base's \({rows}, {cols}\)"):
         studio.merge(base, bad, "task_arithmetic")
+
+
+def test_experts_named_with_another_prefix_are_told_so():
+    """Experts saved under another checkpoint's naming (``model.visual.proj`` beside ``visual.proj``) were refused as
+    missing every key, with a hint about keeping one tower; the message now names the prefix that differs (from an
+    I/O audit), for one expert, for all of them, and for a prefixed base. Another difference keeps the old hint."""
+    base = {"visual.a": torch.zeros(2, 2), "visual.b": torch.zeros(2)}
+    one = {k: v + 1 for k, v in base.items()}
+    prefixed = {"model." + k: v for k, v in one.items()}
+    said = "every key of expert 'x' is a key of the base with 'model.' before it (another checkpoint's naming)"
+    for experts in ({"x": prefixed}, {"x": prefixed, "y": prefixed}, {"y": one, "x": prefixed}):
+        with pytest.raises(studio.ExpertError, match=re.escape(said)):
+            studio.merge(base, experts, "task_arithmetic")
+    with pytest.raises(studio.ExpertError, match=re.escape("every key of the base is one of expert 'x' with 'model.' "
+                                                           "before it")):
+        studio.merge({"model." + k: v for k, v in base.items()}, {"x": one}, "task_arithmetic")
+    with pytest.raises(studio.ExpertError, match=r"is missing 1 key\(s\) of the base, e.g. \['visual.b'\]; the base "
+                                                 r"and every expert need the same keys"):
+        studio.merge(base, {"x": {"visual.a": one["visual.a"], "visual.c": one["visual.b"]}}, "task_arithmetic")
