@@ -158,10 +158,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
             twice = sorted({e for e in wanted if wanted.count(e) > 1})
             if twice:
                 raise StudioError(f"--experts names {twice} more than once; give each expert once")
-            unknown = [e for e in wanted if e not in suite.task_names]
-            if unknown:
-                raise StudioError(f"unknown expert(s) {unknown}; the suite has {suite.task_names}")
-        experts = suite.experts_named(wanted)   # only those: an expert left out is not read
+        experts = suite.experts_named(wanted)   # only those (an expert left out is not read); names an unknown one
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
         return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)
     given = {}
@@ -283,11 +280,11 @@ def _check_report_path(out: str) -> None:
     and a file there that holds weights, which the report would replace (the overwrite guard spares only the files
     the command reads)."""
     path = Path(out)
-    with path_errors(path):
-        holds_weights = path.is_file() and looks_like_safetensors(path)
     if path.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES):
         raise StudioError(f"--out {out}: the diagnostics are written as JSON, and {path.suffix} names weights; give a "
                           f".json name (e.g. {path.with_suffix('.json').name})")
+    with path_errors(path):
+        holds_weights = path.is_file() and looks_like_safetensors(path)
     if holds_weights:
         raise StudioError(f"--out {out} holds safetensors weights, which the diagnostics' JSON would replace; give "
                           f"another file name")

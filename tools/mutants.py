@@ -1121,7 +1121,7 @@ MUTANTS = [
      '    if False:\n        return f"{float(after[base_method])!r} after {base_method}"',
      "an auto box names the rule's general form after a base method with its own value"),
     ('cl34', 'studio/cli.py',
-     '        experts = suite.experts_named(wanted)   # only those: an expert left out is not read',
+     '        experts = suite.experts_named(wanted)   # only those (an expert left out is not read); names an unknown one',
      '        experts = {e: suite.experts[e] for e in wanted}',
      '--experts reads every expert of the suite first'),
     ('cl35', 'studio/cli.py',
