@@ -162,12 +162,9 @@ def _resolve(source: str | os.PathLike, revision: str | None,
         if explicit:
             raise CheckpointError(f"{shown}: not a Hugging Face Hub reference "
                                   f"{HUB_SCHEME}[datasets/]owner/name[@revision][/file.safetensors]")
-        target = None
-        with contextlib.suppress(OSError, ValueError, TypeError):
-            target = os.readlink(given) if Path(given).is_symlink() else None
-        if target is not None:   # a link whose target is missing, or a loop of links
-            raise CheckpointError(f"{shown}: a symbolic link to {target!r}, which leads to no file (a missing target, "
-                                  f"or a loop of links)")
+        link = _broken_link(given)
+        if link is not None:
+            raise CheckpointError(f"{shown}: {link}")
         raise CheckpointError(f"{shown}: no such file or folder (from {Path.cwd()})" + (
             local_folder_hint(source, spec) if local else
             ", and not a Hugging Face Hub repository 'owner/name[/file.safetensors][@revision]'"))
@@ -466,10 +463,10 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
     """What is wrong with a file safetensors could not read, where its first 8 bytes (the header's length) tell more
     than its message (a length past the file's end read as "invalid UTF-8 in header"; a file of zeros as "invalid
     JSON ... EOF"); else its message."""
+    link = _broken_link(path)
+    if link is not None:
+        return link
     try:
-        if path.is_symlink() and not path.exists():
-            return (f"a symbolic link to {os.readlink(path)!r}, which leads to no file (a missing target, or a loop "
-                    f"of links)")
         with open(path, "rb") as f:
             head = f.read(8)
             size = os.fstat(f.fileno()).st_size
@@ -484,6 +481,15 @@ def _why_unreadable(path: Path, exc: BaseException) -> str:
         return (f"its first 8 bytes give a header of {length:,} bytes, and the file holds {size - 8:,} after them: "
                 f"truncated, or not a safetensors file")
     return f"{exc}"
+
+
+def _broken_link(path: "str | os.PathLike") -> str | None:
+    """What a symbolic link that leads to no file is (a missing target, or a loop of links), else None."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        if Path(path).is_symlink() and not Path(path).exists():
+            return (f"a symbolic link to {os.readlink(path)!r}, which leads to no file (a missing target, or a loop "
+                    f"of links)")
+    return None
 
 
 def _is_pickle(path: Path) -> bool:
