@@ -161,15 +161,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
         experts = suite.experts_named(wanted)   # only those (an expert left out is not read); names an unknown one
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
         return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)
-    given = {}
-    for item in args.expert or []:
-        name, source = item.split("=", 1) if "=" in item else ("", "")
-        name = name.strip()
-        if not name or not source:
-            raise StudioError(f"--expert expects NAME=SOURCE with a non-empty name and source, got {item!r}")
-        if name in given:
-            raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
-        given[name] = source
+    given = _given_experts(args)
     prefix = args.prefix if recipe is None else recipe.prefix
     if recipe is not None and recipe.experts:
         unknown = [name for name in given if name not in recipe.experts]
@@ -188,6 +180,21 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
         base, sources, from_recipe = args.base, given, set()
     base_sd, experts, pinned = _load_sources(base, sources, prefix, from_recipe)
     return _Pool(base_sd, experts, None, pinned, frozenset({None, *experts} - from_recipe), pinned)
+
+
+def _given_experts(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--expert NAME=SOURCE`` options as ``{name: source}``, in their order; a malformed or repeated one is
+    refused, naming it."""
+    given = {}
+    for item in getattr(args, "expert", None) or []:
+        name, source = item.split("=", 1) if "=" in item else ("", "")
+        name = name.strip()
+        if not name or not source:
+            raise StudioError(f"--expert expects NAME=SOURCE with a non-empty name and source, got {item!r}")
+        if name in given:
+            raise StudioError(f"--expert {name!r} is given twice; each expert needs its own name")
+        given[name] = source
+    return given
 
 
 @contextlib.contextmanager
@@ -413,8 +420,7 @@ def _refuse_into_checkpoint_folders(args: argparse.Namespace, out: str) -> None:
     makes it ambiguous), so the same command run again would merge the merge (an I/O audit). The recorded sources
     are the files a folder resolved to, which :func:`studio.io.refuse_overwriting` guards."""
     named = [("the base", getattr(args, "base", None))] + [
-        (f"expert {item.split('=', 1)[0].strip()!r}", item.split("=", 1)[1])
-        for item in getattr(args, "expert", None) or [] if "=" in item]
+        (f"expert {name!r}", source) for name, source in _given_experts(args).items()]
     if not (out.endswith(".safetensors") or out.endswith(".safetensors.index.json")):
         return
     with path_errors(out):   # e.g. a loop of symbolic links
@@ -450,8 +456,9 @@ class _Terminated(BaseException):
 @contextlib.contextmanager
 def _terminate_as_exception() -> Iterator[None]:
     """Turn SIGTERM into :class:`_Terminated` while the block runs, where Python's default would end the process
-    at once and leave a model-sized staged file (``.NAME.*.tmp``, and safetensors' own ``.tmpXXXXXX``) in the output
-    folder. Only in the main thread, and only over the default handler (a caller's own handler is left alone)."""
+    at once and leave a model-sized staged file in the output folder (in the hidden staging folder
+    ``.NAME.HOST-PID-*.tmp/``, until the next write of that name). Only in the main thread, and only over the default
+    handler (a caller's own handler is left alone)."""
     if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         yield
         return

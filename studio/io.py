@@ -13,8 +13,11 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import stat
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -536,6 +539,57 @@ _IMPORT_UMASK = os.umask(0)
 os.umask(_IMPORT_UMASK)
 
 
+#: This machine in the names of :func:`atomic_write`'s staged files (a hash of its host name: a folder on a network
+#: file system may be shared with processes of other machines, whose process ids say nothing here).
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _staged_name(path: Path) -> re.Pattern:
+    """The names of the folders :func:`atomic_write` stages ``path`` in on this machine; group 1 is the process id."""
+    return re.compile(re.escape(f".{path.name}.{_HOST}-") + r"([0-9]+)-[^/]*\.tmp\Z")
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process ``pid`` runs on this machine (a process of another user runs; so does a zombie)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:   # PermissionError: another user's process
+        return False
+    return False
+
+
+def remove_stale_staged_files(path: str | os.PathLike) -> list[str]:
+    """Remove the staging folders :func:`atomic_write` made for ``path`` in processes of this machine that are gone,
+    and return their paths. A write killed where nothing can clean up after it (SIGKILL, the kernel's out-of-memory
+    killer, a lost container) leaves its hidden staged file, as large as the output, beside ``path``; the next write
+    of ``path`` removes it (with a warning naming it). Only a folder of this user, named for ``path``, this machine
+    (a hash of its host name) and a process id that no longer runs is removed: a write under way in another process,
+    or from another machine sharing the folder, keeps its own. POSIX only (elsewhere nothing is removed)."""
+    path = Path(path)
+    if os.name != "posix":
+        return []
+    pattern, removed = _staged_name(path), []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or int(match.group(1)) == os.getpid() or not _process_gone(int(match.group(1))):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            shutil.rmtree(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -> Iterator[str]:
     """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
@@ -548,8 +602,12 @@ def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -
     the process, ``path`` holds the old file or the whole new one. A file it replaces keeps its permissions (a
     private ``0600`` export stays private); a new one gets the usual ``0666`` less the umask.
     ``before_replace``: called after the flush, right before the rename (:func:`save_merged` renames the recipe
-    there); if it raises, the temporary file is removed as for any error."""
-    if "\x00" in str(path):   # pathlib's checks answer False for it, and mkstemp raises ValueError
+    there); if it raises, the temporary file is removed as for any error.
+
+    The temporary file is written in a hidden staging folder beside ``path``, named for it, this machine and this
+    process (``.NAME.HOST-PID-XXXXXXXX.tmp/``), which also holds safetensors' own temporary file while it writes:
+    one that a killed process left is removed by the next write of ``path`` (:func:`remove_stale_staged_files`)."""
+    if "\x00" in str(path):   # pathlib's checks answer False for it, and mkdtemp raises ValueError
         raise CheckpointError(f"cannot write {str(path)!r}: a file name cannot hold a NUL byte")
     with path_errors(path, "write"):
         if path.is_symlink():
@@ -562,24 +620,29 @@ def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -
                               f"renaming it into place would replace; give the name of a regular file")
     if blocking is not None:
         raise CheckpointError(f"cannot write {path}: {blocking} is a file, not a folder")
-    tmp = None
+    staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        for stale in remove_stale_staged_files(path):
+            warnings.warn(f"removed {stale}, the staged file of an interrupted write of {path} (its process is "
+                          f"gone)", stacklevel=3)
+        staging = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp")
+        tmp = os.path.join(staging, path.name)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
-        # mkstemp creates 0600: a new file gets the usual permissions, a replaced one keeps its own
+        # staged as 0600: a new file gets the usual permissions, a replaced one keeps its own
         os.chmod(tmp, stat.S_IMODE(mode) if mode is not None else 0o666 & ~_process_umask())
         _fsync(tmp)
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-        tmp = None
+        os.rmdir(staging)
+        staging = None
         with contextlib.suppress(OSError):   # the rename itself, in the folder (where the file system allows it)
             _fsync(path.parent)
     except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in reversed(made):
             with contextlib.suppress(OSError):
                 folder.rmdir()
