@@ -592,7 +592,7 @@ def remove_stale_staged_files(path: str | os.PathLike) -> list[str]:
 
 @contextlib.contextmanager
 def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -> Iterator[str]:
-    """A temporary file next to ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
+    """A temporary file beside ``path`` to write into; renamed onto ``path`` when the block ends, removed (with any
     folders made for it) if it raises, so ``path`` is never half-written. OS errors become a
     :class:`CheckpointError` naming ``path`` (not the temporary file), and so do safetensors' write errors (a full
     disk). A symbolic link is written through (its target is replaced, the link stays). A device, FIFO or socket
@@ -636,8 +636,8 @@ def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
-        os.rmdir(staging)
-        staging = None
+        staged, staging = staging, None   # written: nothing after this may fail the write
+        shutil.rmtree(staged, ignore_errors=True)   # empty now
         with contextlib.suppress(OSError):   # the rename itself, in the folder (where the file system allows it)
             _fsync(path.parent)
     except BaseException as exc:
