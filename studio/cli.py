@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
@@ -473,6 +474,18 @@ def _terminate_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show the library's warnings as the CLI's other messages, one ``warning: ...`` line on stderr (e.g. a staged
+    file that an interrupted write left and this one removed), where Python's format names a source line."""
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="merge-studio", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -590,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         # argparse's REMAINDER refuses a first argument that looks like an option ("bench --device cpu")
         keep_freed_memory()
         try:
-            with _terminate_as_exception():
+            with _terminate_as_exception(), _warnings_as_lines():
                 importlib.import_module(_PASSTHROUGH[argv[0]][0]).main(argv[1:], prog=f"merge-studio {argv[0]}")
         except _Terminated:
             print("terminated", file=sys.stderr)
@@ -608,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     keep_freed_memory()   # a merge frees and reallocates model-sized blocks: reuse them (studio.memory)
     try:
-        with _terminate_as_exception():
+        with _terminate_as_exception(), _warnings_as_lines():
             return _run(args)
     except _Terminated:   # kill, timeout, docker stop: the staged files are removed on the way out, as for Ctrl-C
         print("terminated", file=sys.stderr)

@@ -2035,6 +2035,29 @@ def test_a_staged_file_a_killed_write_left_is_removed_by_the_next_write(tmp_path
     assert load_state_dict(out)["w"].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_the_cli_says_in_one_line_that_it_removed_a_staged_file_left_before(tmp_path, capsys):
+    """The CLI shows the library's warnings as its other messages, one ``warning: ...`` line on stderr, where Python's
+    format named a line of studio/io.py and printed it: here the staging folder of an earlier, killed write of the
+    same output, which this one removes."""
+    import subprocess
+    import sys
+
+    import studio.io as io
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".m.safetensors.{io._HOST}-{gone.pid}-abcd1234.tmp"
+    stale.mkdir()
+    (stale / "m.safetensors").write_bytes(b"staged")
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--method", "task_arithmetic", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"warning: removed {stale}, the staged file of an interrupted write of {out} (its "
+                                f"process is gone)"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 @pytest.mark.parametrize("interrupted", ["recipe", "weights"])
 @pytest.mark.parametrize("old", [True, False])
 def test_an_export_interrupted_at_either_rename_leaves_no_recipe_beside_other_weights(tmp_path, monkeypatch,
