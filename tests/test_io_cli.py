@@ -1462,6 +1462,28 @@ def test_ctrl_c_ends_a_command_without_a_traceback_or_a_half_written_file(tmp_pa
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_in_a_merge_ends_it_with_status_130_and_removes_its_staged_files(tmp_path):
+    """Ctrl-C in a command the CLI runs itself (the test above interrupts a leaderboard, which it hands to another
+    module's main): one line, exit status 130, nothing left in the output folder. A real process and SIGINT, which
+    it sends itself right after the weights' staged file is written, so that the test does not depend on timing."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    code = ("import os, signal, sys; import studio.io as io; write = io.save_file\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "def write_then_interrupt(*args, **kwargs):\n"
+            "    write(*args, **kwargs); os.kill(os.getpid(), signal.SIGINT)\n"
+            "io.save_file = write_then_interrupt\n"
+            "from studio.cli import main\n"
+            f"sys.exit(main(['merge', '--suite', {str(DEFAULT_SUITE_PATH)!r}, '--method', 'task_arithmetic', "
+            f"'--device', 'cpu', '--out', {str(out / 'm.safetensors')!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert (proc.returncode, proc.stderr.strip().splitlines()[-1:]) == (130, ["interrupted"]), proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
 def test_diagnose_of_a_merged_file_takes_the_experts_its_recipe_merged(tmp_path, capsys):
     """A merge of 2 of MiniSuite's 8 experts was diagnosed against all 8 (SAR of tasks it never merged)."""
     merged = tmp_path / "two.safetensors"
