@@ -350,18 +350,36 @@ def _refuse_pickle(path: Path) -> None:
         raise CheckpointError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to .safetensors first")
 
 
-def _folder_files(folder: Path) -> tuple[Path, list[tuple[Path, frozenset[str] | None]]]:
-    """The file a folder resolves to (its weights file or its shard index) and the files it reads."""
-    if (folder / "model.safetensors").is_file():
-        return folder / "model.safetensors", [(folder / "model.safetensors", None)]
-    if (folder / SHARD_INDEX).is_file():
-        return folder / SHARD_INDEX, _shards(folder / SHARD_INDEX)
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    files = sorted(folder.glob("*.safetensors"))
+def _folder_choice(names: "set[str] | frozenset[str]") -> str | None:
+    """The name of the file a folder holding the files ``names`` resolves to: ``model.safetensors``, else
+    ``model.safetensors.index.json``, else its one ``*.safetensors.index.json``, else its one ``*.safetensors``
+    file; None where there is none of these, or more than one candidate."""
+    if "model.safetensors" in names:
+        return "model.safetensors"
+    if SHARD_INDEX in names:
+        return SHARD_INDEX
+    indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+    files = [n for n in names if n.endswith(".safetensors")]
     if len(indexes) == 1:
-        return indexes[0], _shards(indexes[0])
+        return indexes[0]
     if not indexes and len(files) == 1:
-        return files[0], [(files[0], None)]
+        return files[0]
+    return None
+
+
+def _file_names(folder: Path) -> set[str]:
+    """The names of the files (not folders) in ``folder``."""
+    return {p.name for p in folder.iterdir() if p.is_file()}
+
+
+def _folder_files(folder: Path) -> tuple[Path, list[tuple[Path, frozenset[str] | None]]]:
+    """The file a folder resolves to (its weights file or its shard index, :func:`_folder_choice`) and the files
+    it reads."""
+    chosen = _folder_choice(_file_names(folder))
+    if chosen is not None and chosen.endswith(".index.json"):
+        return folder / chosen, _shards(folder / chosen)
+    if chosen is not None:
+        return folder / chosen, [(folder / chosen, None)]
     found = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in (".safetensors", ".json", *PICKLE_SUFFIXES))
     pickles = " (pickle files are not loaded: convert them to .safetensors)" \
         if any(Path(n).suffix.lower() in PICKLE_SUFFIXES for n in found) else ""
@@ -1177,17 +1195,25 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
     """Refuse, before any file is written, to write an output over a file the command reads: a checkpoint of
     ``sources`` (an index's shards too), a file of a local ``suite``'s folder, one of ``inputs`` (what -> its path
     or paths), or anything in the Hugging Face cache (a pinned commit must keep its files). A recipe would otherwise
-    name the output as its own input, or a packed file lose every other expert."""
+    name the output as its own input, or a packed file lose every other expert. Also weights that would change what
+    the folder of a sharded source loads as (a ``model.safetensors`` beside its shard index, :func:`_folder_choice`):
+    the same merge from that folder would then merge the merge. A recipe records a folder as the file it resolved
+    to, so the CLI's guard of the folders its options name does not see it; a single file's folder is not guarded
+    here, since its checkpoint may well have been given as the file (``base.safetensors`` beside the merge)."""
     from huggingface_hub import constants
 
     read = {Path(path).resolve(): what for what, paths in (inputs or {}).items()
             for path in ([paths] if isinstance(paths, str) else paths)}
+    folders = {}   # a source's folder -> (the file it resolves to, whose checkpoint that is)
     for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
-        what = "the checkpoint of " + ("the base" if name is None else f"expert {name!r}")
+        whose = "the base" if name is None else f"expert {name!r}"
+        what = "the checkpoint of " + whose
         if not is_hub_url(source):
             for file, _ in checkpoint_files(source):   # an index's shards too
                 read[file.resolve()] = what
             read.setdefault(Path(source).resolve(), what)
+            if Path(source).resolve().name.endswith(".safetensors.index.json"):   # a sharded checkpoint's folder
+                folders.setdefault(Path(source).resolve().parent, (Path(source).resolve().name, whose))
     cache = Path(constants.HF_HUB_CACHE).resolve()
     suite_folder = None
     if suite is not None and not is_hub_url(suite):   # a Hub suite's files are in the cache
@@ -1208,6 +1234,13 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
             what = f"a file of the suite {suite}"   # a new file beside the suite's is fine
         if what is not None:
             raise StudioError(f"{out} is {what}, which this command reads; write the output to another file")
+        if path.parent in folders:   # e.g. a replayed recipe's source, recorded as the file its folder resolved to
+            chosen, whose = folders[path.parent]
+            names = _file_names(path.parent)
+            if _folder_choice(names) == chosen and _folder_choice(names | {path.name}) != chosen:
+                raise StudioError(f"{out} would be a weights file in {path.parent}, the checkpoint folder of {whose} "
+                                  f"({chosen}), which would then load as other weights; write the output to another "
+                                  f"folder")
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -2315,6 +2315,37 @@ def test_merge_notes_integer_buffers_an_expert_changed(files, capsys):
     assert "note:" not in capsys.readouterr().err
 
 
+def test_a_replay_refuses_a_model_safetensors_in_the_folder_of_a_sharded_checkpoint_it_recorded(files, capsys):
+    """A recipe records a checkpoint folder as the file it resolved to, so the guard of the folders the options name
+    did not see a replay's: ``recipe R --out FOLDER/model.safetensors`` wrote the merge where it then won over the
+    shards the recipe recorded, and the folder loaded as the merge (an I/O audit). Refused now, before the merge;
+    other weights beside the shards, which do not change what the folder loads as, are written, and so is a merge
+    beside a checkpoint given as a single file (``base.safetensors`` and ``m.safetensors`` in one folder)."""
+    tmp, base, experts, args = files
+    folder = tmp / "t0"
+    folder.mkdir()
+    keys = sorted(experts["task0"])
+    halves = {"a.safetensors": keys[::2], "b.safetensors": keys[1::2]}
+    for file, part in halves.items():
+        save_state_dict(folder / file, {k: experts["task0"][k] for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: file for file, part in halves.items() for k in part}}))
+    args = [a.replace(str(tmp / "task0.safetensors"), str(folder)) for a in args]
+    recipe = tmp / "m.yaml"
+    assert main(["merge", *args, "--method", "task_arithmetic", "--device", "cpu", "--out", str(tmp / "m.safetensors"),
+                 "--recipe", str(recipe)]) == 0
+    capsys.readouterr()
+    held = sorted(p.name for p in folder.iterdir())
+    assert main(["recipe", str(recipe), "--device", "cpu", "--out", str(folder / "model.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert f"would be a weights file in {folder}, the checkpoint folder of expert 'task0' " \
+           f"(model.safetensors.index.json), which would then load as other weights" in err, err
+    assert sorted(p.name for p in folder.iterdir()) == held
+    assert main(["recipe", str(recipe), "--device", "cpu", "--out", str(folder / "other.safetensors")]) == 0, \
+        capsys.readouterr().err
+    _equal(load_state_dict(folder), experts["task0"])   # the folder still loads as the expert
+
+
 def test_weights_written_into_a_checkpoint_folder_an_option_names_are_refused(files, capsys):
     """A merge written into an expert's checkpoint folder changed what that folder loads as: a model.safetensors
     there wins over its shards, a second file makes it ambiguous, and the same command run again merged the merge
