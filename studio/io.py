@@ -368,8 +368,9 @@ def _folder_choice(names: "set[str] | frozenset[str]") -> str | None:
 
 
 def _file_names(folder: Path) -> set[str]:
-    """The names of the files (not folders) in ``folder``."""
-    return {p.name for p in folder.iterdir() if p.is_file()}
+    """The names of the entries of ``folder`` that are not folders: its files, and links to nothing (chosen, their
+    reading says what they are)."""
+    return {p.name for p in folder.iterdir() if not p.is_dir()}
 
 
 def _folder_files(folder: Path) -> tuple[Path, list[tuple[Path, frozenset[str] | None]]]:

@@ -2240,6 +2240,11 @@ def test_unreadable_files_say_what_is_wrong_with_them(tmp_path):
         with pytest.raises(CheckpointError, match=r"a symbolic link to .*, which leads to no file \(a missing "
                                                   r"target, or a loop of links\)"):
             load_state_dict(str(tmp_path / name))
+    (tmp_path / "folder").mkdir()   # a checkpoint folder whose only weights file is a link to nothing
+    (tmp_path / "folder" / "open_clip_model.safetensors").symlink_to(tmp_path / "nothing.safetensors")
+    with pytest.raises(CheckpointError, match=r"folder/open_clip_model.safetensors: not a readable safetensors file "
+                                              r"\(a symbolic link to .*, which leads to no file"):
+        load_checkpoint(tmp_path / "folder")
     torch.save({"w": torch.ones(1)}, tmp_path / "r.pt")
     with pytest.raises(CheckpointError, match=r"r.pt: a torch.save checkpoint or a Python pickle, not a recipe"):
         Recipe.from_file(tmp_path / "r.pt")
