@@ -1993,6 +1993,75 @@ def test_sigterm_and_ctrl_c_end_a_command_and_remove_its_staged_files(tmp_path, 
     assert "Traceback" not in proc.stderr and not out.exists()   # the folder made for the output is gone too
 
 
+def test_a_staged_file_a_killed_write_left_is_removed_by_the_next_write(tmp_path):
+    """SIGKILL (the out-of-memory killer, a lost container) ends a write where nothing can clean up: its hidden staged
+    file, and safetensors' own temporary file (``.tmpXXXXXX``), as large as the output, stayed beside it for good (an
+    I/O audit). Both are now in a staging folder named for the output, this machine and the process, which the next
+    write of that path removes, with a warning naming it. A real process killed by a real SIGKILL while safetensors
+    writes; a staging folder of a process that still runs, and one from another machine, are kept."""
+    import subprocess
+    import sys
+
+    import studio.io as io
+
+    out = tmp_path / "m.safetensors"
+    code = ("import os, signal, sys, threading, time, torch; import studio.io as io\n"
+            "def kill_while_safetensors_writes():\n"
+            "    while True:\n"
+            f"        if any(n.startswith('.tmp') for d in os.listdir({str(tmp_path)!r}) if d.startswith('.m.') "
+            f"for n in os.listdir(os.path.join({str(tmp_path)!r}, d))):\n"
+            "            os.kill(os.getpid(), signal.SIGKILL)\n"
+            "        time.sleep(0.0002)\n"
+            "threading.Thread(target=kill_while_safetensors_writes, daemon=True).start()\n"
+            f"io.save_state_dict({str(out)!r}, {{'w': torch.ones(25_000_000)}})\n"
+            "sys.exit(3)   # written before the watcher saw safetensors' file: the test cannot tell what it meant to")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
+    left = list(tmp_path.iterdir())   # the staging folder, safetensors' temporary file in it
+    assert len(left) == 1 and left[0].name.startswith(f".m.safetensors.{io._HOST}-"), left
+    assert any(p.name.startswith(".tmp") for p in left[0].iterdir()), list(left[0].iterdir())
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_pid = left[0].name.split("-")[1]   # gone here; another machine's process of that id may still run
+        other_host = "0" * 8 if io._HOST != "0" * 8 else "1" * 8
+        running = tmp_path / f".m.safetensors.{io._HOST}-{sleeper.pid}-abcd1234.tmp"
+        elsewhere = tmp_path / f".m.safetensors.{other_host}-{dead_pid}-abcd1234.tmp"
+        for kept in (running, elsewhere):
+            kept.mkdir()
+            (kept / "m.safetensors").write_bytes(b"staged")
+        with pytest.warns(UserWarning, match=re.escape(f"removed {left[0]}, the staged file of an interrupted write "
+                                                       f"of {out} (its process is gone)")):
+            save_state_dict(out, {"w": torch.zeros(3)})
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, running.name, elsewhere.name])
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert load_state_dict(out)["w"].tolist() == [0.0, 0.0, 0.0]
+
+
+def test_the_cli_says_in_one_line_that_it_removed_a_staged_file_left_before(tmp_path, capsys):
+    """The CLI shows the library's warnings as its other messages, one ``warning: ...`` line on stderr, where Python's
+    format named a line of studio/io.py and printed it: here the staging folder of an earlier, killed write of the
+    same output, which this one removes."""
+    import subprocess
+    import sys
+
+    import studio.io as io
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f".m.safetensors.{io._HOST}-{gone.pid}-abcd1234.tmp"
+    stale.mkdir()
+    (stale / "m.safetensors").write_bytes(b"staged")
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "--suite", str(DEFAULT_SUITE_PATH), "--method", "task_arithmetic", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"warning: removed {stale}, the staged file of an interrupted write of {out} (its "
+                                f"process is gone)"], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
 @pytest.mark.parametrize("interrupted", ["recipe", "weights"])
 @pytest.mark.parametrize("old", [True, False])
 def test_an_export_interrupted_at_either_rename_leaves_no_recipe_beside_other_weights(tmp_path, monkeypatch,
