@@ -563,9 +563,15 @@ os.umask(_IMPORT_UMASK)
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def _staging_prefix(path: Path) -> str:
+    """How the names of the folders :func:`atomic_write` stages ``path`` in on this machine begin; the process id
+    and ``-`` follow, then mkdtemp's random part and ``.tmp``."""
+    return f".{path.name}.{_HOST}-"
+
+
 def _staged_name(path: Path) -> re.Pattern:
     """The names of the folders :func:`atomic_write` stages ``path`` in on this machine; group 1 is the process id."""
-    return re.compile(re.escape(f".{path.name}.{_HOST}-") + r"([0-9]+)-[^/]*\.tmp\Z")
+    return re.compile(re.escape(_staging_prefix(path)) + r"([0-9]+)-[^/]*\.tmp\Z")
 
 
 def _process_gone(pid: int) -> bool:
@@ -645,7 +651,7 @@ def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -
         for stale in remove_stale_staged_files(path):
             warnings.warn(f"removed {stale}, the staged file of an interrupted write of {path} (its process is "
                           f"gone)", stacklevel=3)
-        staging = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=".tmp")
+        staging = tempfile.mkdtemp(dir=path.parent, prefix=f"{_staging_prefix(path)}{os.getpid()}-", suffix=".tmp")
         tmp = os.path.join(staging, path.name)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         yield tmp
@@ -1212,9 +1218,10 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
         if not is_hub_url(source):
             for file, _ in checkpoint_files(source):   # an index's shards too
                 read[file.resolve()] = what
-            read.setdefault(Path(source).resolve(), what)
-            if Path(source).resolve().name.endswith(".safetensors.index.json"):   # a sharded checkpoint's folder
-                folders.setdefault(Path(source).resolve().parent, (Path(source).resolve().name, whose))
+            resolved = Path(source).resolve()
+            read.setdefault(resolved, what)
+            if resolved.name.endswith(".safetensors.index.json"):   # a sharded checkpoint's folder
+                folders.setdefault(resolved.parent, (resolved.name, whose))
     cache = Path(constants.HF_HUB_CACHE).resolve()
     suite_folder = None
     if suite is not None and not is_hub_url(suite):   # a Hub suite's files are in the cache
