@@ -66,8 +66,8 @@ def test_shapes_dtypes_determinism(name, dtype):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-#: (svd_mode, calibrate) of the permutation test: each mode alone, and each calibration after the method.
-PERMUTATION_CASES = [("exact", None), ("auto", None)] + [("auto", c) for c in CAL_NAMES]
+#: (svd_mode, calibrate) of the permutation test: each mode alone, and each calibration after the method in each.
+PERMUTATION_CASES = [(mode, c) for mode in ("exact", "auto") for c in (None, *CAL_NAMES)]
 
 
 @pytest.mark.parametrize("svd_mode,calibrate", PERMUTATION_CASES)
