@@ -651,8 +651,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                 sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
                       if c else plots.empty_figure("no per-layer curves", height=600))
             top = f"{float(d.merged_spectrum[0]):.4g}" if d.merged_spectrum is not None and len(d.merged_spectrum) else "n/a"
-            status = (f"`{layer}` {tuple(studio.suite.base[layer].shape)} · {_count(len(experts), 'task')} · "
-                      f"merged σ₁ = {top} · updated in {time.perf_counter() - t0:.2f} s{note}")
+            # which merge the plots show: under load they lag the controls, and the line says how far
+            shown = f"{req.method} ({studio.describe(req)})" if req is not None else method
+            status = (f"{shown} · `{layer}` {tuple(studio.suite.base[layer].shape)} · "
+                      f"{_count(len(experts), 'task')} · merged σ₁ = {top} · updated in "
+                      f"{time.perf_counter() - t0:.2f} s{note}")
             return spec, energy, heat, curves, status, metric_text
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]

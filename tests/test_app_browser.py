@@ -27,6 +27,13 @@ MERGED_TOP_JS = """() => {
     return full && full.y && full.y.length ? Number(full.y[0]) : null;
 }"""
 
+# Whether the diagnostics' status line names the merge `want` (its method and settings up to the last one's value,
+# which ends there, before the calibration's or the preferences' ' | ...'): the plots beside it are of that merge.
+SHOWS_JS = """want => {
+    const t = (document.querySelector('#diag-status') || {}).innerText?.trim() || '';
+    return t.startsWith(want + ')') || t.startsWith(want + ' |');
+}"""
+
 # Playwright's sync API (not the pytest plugin) so the browser comes from the system, never from a download.
 sync_api = pytest.importorskip("playwright.sync_api")
 require_or_skip_module(None if Path(CHROMIUM).exists() else f"{CHROMIUM} is missing", "apt-get install chromium")
@@ -103,8 +110,9 @@ def test_changing_the_method_changes_the_controls(page):
 
 
 def test_releasing_a_slider_updates_the_spectrum(page):
-    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('σ')")
-    page.wait_for_timeout(1000)  # let the method switch's own diagnostics update land first
+    # the method switch's own diagnostics first: the status names the merge the plots show (a wait of a second for
+    # them was too short on a loaded machine, and the spectrum read was the previous method's)
+    page.wait_for_function(SHOWS_JS, arg="task_arithmetic (alpha=0.3")
     before_top = _merged_trace_top(page)
     assert before_top is not None
     slider = page.locator("input[type=range]").first  # task_arithmetic's alpha (its only control)
@@ -228,7 +236,8 @@ def test_the_rank_slider_follows_the_number_of_experts(page):
         experts.nth(i).check()
     page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('8 tasks')")
     page.wait_for_function(rank, arg=["0.125", "0.125"])
-    assert "σ" in _status(page) and "rank_fraction" not in _status(page)
+    # the diagnostics are of the merge at the new end, with no note that it is unavailable
+    assert page.evaluate(SHOWS_JS, "tsv_m (rank_fraction=0.125, alpha=1") and "unavailable" not in _status(page)
     method, count, settings = merged_settings(4)   # the stored 0.25 was moved to the new end with the slider
     assert method == "tsv_m" and count == 8 and "rank_fraction=0.125" in settings
 
@@ -264,8 +273,9 @@ def test_keys_on_a_slider_reach_the_diagnostics_and_the_merge(page):
     page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
                            "return !!s && s.max == '5' && s.step == '0.05'; }")   # the method's alpha, rendered
     page.wait_for_function("() => !document.body.innerText.includes('svc · alpha')")
-    page.wait_for_timeout(1000)   # the method switch's own diagnostics land first
     shown = float(alpha.input_value())
+    # the method switch's own diagnostics first (the status names the merge the plots show)
+    page.wait_for_function(SHOWS_JS, arg=f"task_arithmetic (alpha={shown:g}")
     top = _merged_trace_top(page)
     assert shown > 0 and top is not None
 
