@@ -402,11 +402,15 @@ def test_optimise_stops_and_forgets_another_methods_sweep(page):
     optimise = page.get_by_role("button", name="Optimise alpha")
     optimise.wait_for()
     optimise.click()
-    page.wait_for_timeout(1500)
+    import app
+
+    started = time.perf_counter()
+    while not any(s.job for s in app.SESSIONS._data.values()):   # the sweep runs (a fixed wait raced a loaded CPU)
+        assert time.perf_counter() - started < 60, "the sweep did not start"
+        time.sleep(0.05)
     page.get_by_role("button", name="Stop").click()
     stopped = time.perf_counter()
     page.get_by_text("Optimisation stopped.").first.wait_for()
-    import app
 
     # and the sweep itself ends at its next alpha (about a second each here; 9 of them were asked for): Gradio's
     # cancel alone leaves the worker running, holding the queue's slot for the next merge
