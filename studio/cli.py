@@ -64,6 +64,8 @@ def _parse_sets(items: list[str], option: str = "--set") -> dict[str, Any]:
     Example:
         >>> _parse_sets(["alpha=1e-1", "k=0.2", "merge_func=mean", "ties_consensus=true"])
         {'alpha': 0.1, 'k': 0.2, 'merge_func': 'mean', 'ties_consensus': True}
+        >>> _parse_sets(["tau=inf", "alpha=-Infinity"])   # YAML's text, Python's numbers: the schema names the range
+        {'tau': inf, 'alpha': -inf}
     """
     out: dict[str, Any] = {}
     for item in items or []:
