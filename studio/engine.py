@@ -214,8 +214,8 @@ def merge_pool(
         acc = torch.promote_types(torch.float32, base_t.dtype)
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
-            # the base method's own SVD of its delta (TSV-M's, AlignMerge-O's factors), where this key got its
-            # per-layer function; called with the method's own keyword arguments
+            # the base method's own SVD of its delta (TSV-M's, AlignMerge-O's, AlignMerge-B's factors), where this key
+            # got its per-layer function; called with the method's own keyword arguments
             svd_of = spec.extra.get("merged_svd")
             merged_svd = None if svd_of is None or not gets_method(key) \
                 else (lambda merged: svd_of(layer, merged, **kwargs))

@@ -45,7 +45,8 @@ def test_schema_matches_function_signature(name):
     assert fn_params == schema, f"{spec.name}: function takes {sorted(fn_params)}, schema declares {sorted(schema)}"
     svd_of = spec.extra.get("merged_svd")   # the SVD provider a calibration calls with the method's hyperparameters
     if svd_of is not None:
-        own = set(inspect.signature(svd_of).parameters) - {"layer", "merged"}
+        own = set(inspect.signature(svd_of).parameters) - {"layer", "merged"} \
+            - ({"preferences"} if spec.extra.get("uses_preferences") else set())   # given as to the method
         assert own == schema, f"{spec.name}: merged_svd takes {sorted(own)}, schema declares {sorted(schema)}"
     for p in spec.params:
         assert p.help and p.paper, f"{spec.name}.{p.name} needs help text and a paper reference"

@@ -283,7 +283,8 @@ def merged_spectrum(layer: LayerTasks, merged: Tensor, merged_tag: Hashable | No
     When ``merged`` is exactly the task-matrix sum (Task Arithmetic, AlignMerge-B's base merge) the pool's cached
     :meth:`~studio.pool.LayerTasks.sum_svd` is reused (shared with Iso-C and the diagnostics). Where the base method
     knows the SVD of its delta from its own factors (``merged_svd``: TSV-M's :func:`~studio.methods.tsv_m.tsv_m_svd`,
-    AlignMerge-O's :func:`~studio.methods.align_merge.align_merge_o_svd`) that SVD is used: exact where an SVD of
+    AlignMerge-O's :func:`~studio.methods.align_merge.align_merge_o_svd`, AlignMerge-B's
+    :func:`~studio.methods.align_merge.align_merge_b_svd`) that SVD is used: exact where an SVD of
     the float32 delta turns near-tied pairs by its rounding (our choice; the official code decomposes the merged
     delta, the same SVD up to that rounding). Otherwise the delta is decomposed. Either is memoised under
     ``merged_tag`` (``None``: not memoised). Ties in a decomposed spectrum (the flat

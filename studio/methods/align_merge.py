@@ -19,7 +19,7 @@ from .. import _lapack, linalg
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param, StudioError
-from ._align import (MergedSvd, align_b_factors, factored_svd, full_coefficient, merged_spectrum,
+from ._align import (MergedSpectrum, MergedSvd, align_b_factors, factored_svd, full_coefficient, merged_spectrum,
                      order_ties_by_sum, partial_polar, partial_polar_range, preference_weights)
 
 
@@ -67,6 +67,14 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
         >>> align_merge_b_delta(layer, layer.sum(), alpha=1.5).diagonal().tolist()  # xi~ = 2 >= 1.5: divide
         [1.0, 0.10000000149011612]
     """
+    spec, factors = _align_b_factors(layer, merged, alpha, scale, preferences, merged_tag, merged_svd)
+    return spec.rescale(merged, factors, scale)
+
+
+def _align_b_factors(layer: LayerTasks, merged: Tensor, alpha: float, scale: float, preferences: Tensor | None,
+                     merged_tag: Hashable | None, merged_svd: MergedSvd | None) -> "tuple[MergedSpectrum, Tensor]":
+    """The spectrum of ``merged`` and eq. 9's factor of each of its singular values: the one route of
+    :func:`align_merge_b_delta` and :func:`align_merge_b_svd`, so that the SVD gives the merge's own bits."""
     spec = merged_spectrum(layer, merged, merged_tag, merged_svd)
     if not bool(torch.isfinite(spec.S).all()):   # every direction would read as null below: the base, silently
         raise StudioError(f"align_merge_b: the singular values of the merged delta of '{layer.key}' are not finite "
@@ -77,7 +85,40 @@ def align_merge_b_delta(layer: LayerTasks, merged: Tensor, alpha: float, *, scal
     # rank-deficient merge, e.g. TSV-M's) have arbitrary vectors, and sigma / xi~ there is the tasks' c in that
     # arbitrary direction: at a low gate it came back at the size of a real update, different per SVD mode.
     null = spec.S <= linalg.null_tolerance(spec.S.abs().max(), spec.S.numel())
-    return spec.rescale(merged, torch.where(null, torch.zeros_like(factors), factors), scale)
+    return spec, torch.where(null, torch.zeros_like(factors), factors)
+
+
+def align_merge_b_svd(layer: LayerTasks, merged: Tensor, alpha: float | None = None,
+                      preferences: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The thin SVD of the :func:`align_merge_b` merge ``merged`` from its own factors: the task-matrix sum's
+    singular vectors with the rescaled singular values ``f_r sigma_r`` (descending, stable, so ties keep the sum's
+    order; its nonzero ones only), or ``None`` where every subspace was dropped.
+
+    A calibration after AlignMerge-B takes its subspaces from here, as after TSV-M and AlignMerge-O: eq. 9 can bring
+    two rescaled singular values within rounding of each other, and an SVD of the float32 merged delta then turns
+    their pair by its rounding. SVC after AlignMerge-B in ``svd_mode="exact"`` moved by 1.4e-4 (9e-4 of the largest
+    delta entry) with the experts' order so, on the tests' 4-expert CLIP-like state dict with OpenBLAS's Haswell
+    kernel (found when the permutation test first ran the calibrations in both SVD modes, 2026-12-06).
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> g = torch.Generator().manual_seed(0)
+        >>> experts = {f"t{i}": {"w": torch.randn(9, 7, generator=g)} for i in range(3)}
+        >>> layer = TaskPool({"w": torch.zeros(9, 7)}, experts).layer("w")
+        >>> merged = align_merge_b(layer, alpha=None)
+        >>> U, S, Vh = align_merge_b_svd(layer, merged)
+        >>> bool((S[:-1] >= S[1:]).all()), torch.allclose(U * S @ Vh, merged, atol=1e-5)
+        (True, True)
+    """
+    spec, factors = _align_b_factors(layer, layer.sum(), resolve_gate(alpha, layer.num_tasks), 1.0, preferences,
+                                     None, None)
+    U, Vh = (spec.basis, spec.other) if spec.side == "left" else (spec.other, spec.basis.mT)
+    S = factors.to(spec.S.dtype) * spec.S
+    keep = S > 0
+    if not bool(keep.any()):
+        return None
+    order = torch.sort(S[keep], descending=True, stable=True).indices
+    return U[:, keep][:, order], S[keep][order], Vh[keep][order]
 
 
 #: A task's response ``|c_i^r|`` at or below this fraction of the largest task's in subspace ``r`` is absent there.
@@ -160,6 +201,7 @@ def align_merge_b_calibration(layer: LayerTasks, merged: Tensor, *, scale: float
     vector_rule="mean",
     decomposes=True,
     uses_preferences=True,
+    merged_svd=lambda layer, merged, alpha=None, preferences=None: align_merge_b_svd(layer, merged, alpha, preferences),
 )
 def align_merge_b(layer: LayerTasks, alpha: float | None, preferences: Tensor | None = None) -> Tensor:
     """AlignMerge-B as a merge: eq. 9 on ``sum_i Delta_i``; unscaled (lambda: ``lam``).
