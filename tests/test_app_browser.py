@@ -27,8 +27,8 @@ MERGED_TOP_JS = """() => {
     return full && full.y && full.y.length ? Number(full.y[0]) : null;
 }"""
 
-# Whether the diagnostics' status line names the merge `want` (its method and settings up to the last one's value,
-# which ends there, before the calibration's or the preferences' ' | ...'): the plots beside it are of that merge.
+# Whether the diagnostics' status line starts with the merge `want`, "method (settings", complete: followed by the
+# closing ')' or by the ' | ' before a calibration's or the preferences' settings. The plots beside it are that merge's.
 SHOWS_JS = """want => {
     const t = (document.querySelector('#diag-status') || {}).innerText?.trim() || '';
     return t.startsWith(want + ')') || t.startsWith(want + ' |');
@@ -236,8 +236,9 @@ def test_the_rank_slider_follows_the_number_of_experts(page):
         experts.nth(i).check()
     page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('8 tasks')")
     page.wait_for_function(rank, arg=["0.125", "0.125"])
-    # the diagnostics are of the merge at the new end, with no note that it is unavailable
-    assert page.evaluate(SHOWS_JS, "tsv_m (rank_fraction=0.125, alpha=1") and "unavailable" not in _status(page)
+    # the diagnostics come to the merge at the new end, with no note that it is unavailable
+    page.wait_for_function(SHOWS_JS, arg="tsv_m (rank_fraction=0.125, alpha=1")
+    assert "unavailable" not in _status(page)
     method, count, settings = merged_settings(4)   # the stored 0.25 was moved to the new end with the slider
     assert method == "tsv_m" and count == 8 and "rank_fraction=0.125" in settings
 
