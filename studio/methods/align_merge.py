@@ -92,7 +92,9 @@ def align_merge_b_svd(layer: LayerTasks, merged: Tensor, alpha: float | None = N
                       preferences: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor] | None:
     """The thin SVD of the :func:`align_merge_b` merge ``merged`` from its own factors: the task-matrix sum's
     singular vectors with the rescaled singular values ``f_r sigma_r`` (descending, stable, so ties keep the sum's
-    order; its nonzero ones only), or ``None`` where every subspace was dropped.
+    order; its nonzero ones only), or ``None`` where every subspace was dropped. ``merged`` (the ``merged_svd``
+    protocol's argument) is not read: :func:`_align_b_factors` rebuilds the factors the merge was made from, from the
+    pool's memoised spectrum of the sum (a few length-``R`` vectors per layer).
 
     A calibration after AlignMerge-B takes its subspaces from here, as after TSV-M and AlignMerge-O: eq. 9 can bring
     two rescaled singular values within rounding of each other, and an SVD of the float32 merged delta then turns
