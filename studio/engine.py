@@ -275,7 +275,9 @@ def merge(
             task a mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting;
             name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task
             aggregation (one-hot = the papers' target-task calibration); without one they scale each task matrix by
-            ``T * p_i``. Uniform (the default) changes nothing.
+            ``T * p_i``, except in AlignMerge-B's merge form (``align_merge_b``), which takes the p-weighted average
+            of its per-task coefficients as its calibration form does. ``align_merge_b`` with a calibration gives
+            the weights to both. Uniform (the default) changes nothing.
         seed: random seed for stochastic methods (DARE). Each of DARE's tasks draws its mask from a stream of its
             own per layer (the seed, the key and the expert's name), so the experts' order, and which other experts
             are merged, leave it as it is.

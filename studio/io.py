@@ -458,6 +458,8 @@ def _checked_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     _refuse_pickle(path)
     with path_errors(path):
+        if path.is_dir():
+            raise CheckpointError(f"{path} is a folder; give a safetensors file")
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
     return path

@@ -124,6 +124,8 @@ def test_unreadable_safetensors_files_are_checkpoint_errors_naming_the_file(tmp_
             Recipe.from_file(path)
     with pytest.raises(CheckpointError, match="no such file"):
         read_metadata(tmp / "nope.safetensors")
+    with pytest.raises(CheckpointError, match=f"{re.escape(str(tmp))} is a folder; give a safetensors file"):
+        read_metadata(tmp)   # was "no such file"
     bad = [a if not a.startswith("task0=") else f"task0={truncated}" for a in args]
     assert main(["merge", *bad, "--method", "task_arithmetic", "--out", str(tmp / "m.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
