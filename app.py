@@ -560,6 +560,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             layer_dd = gr.Dropdown(layer_keys, value=studio.default_layer(), label="Layer", scale=3)
                             metric_dd = gr.Dropdown(metrics, value=studio.default_metric(), label="Interference metric",
                                                     scale=1)
+                            scope_radio = gr.Radio([("this layer", "layer"), ("whole model", "model")], value="layer",
+                                                   label="Heatmap over", scale=1, elem_id="heatmap-scope")
                         diag_md = gr.Markdown("", elem_classes="ms-status", elem_id="diag-status")
                         with gr.Row():
                             spectrum_plot = gr.Plot(label="Spectrum", elem_id="spectrum-plot")
@@ -619,7 +621,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                          [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn],
                          api_visibility="private", show_progress="hidden", queue=False)
 
-        def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric):
+        def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer"):
             t0 = time.perf_counter()
             experts = list(experts or [])
             if not experts:
@@ -632,7 +634,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             except StudioError as exc:  # e.g. too few experts for the method: still show the task side
                 req, note = None, f" · ⚠️ merged delta unavailable: {exc}"
             try:
-                d = studio.diagnostics(req, layer, metric, pool_experts=experts)
+                d = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer")
             except Exception as exc:  # noqa: BLE001 - a live preview reports, it never pops errors
                 log.exception("diagnostics failed")
                 msg = f"diagnostics failed: {exc}"
@@ -643,7 +645,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             info = d.metric_info
             cols = [f"σ{j + 1}" for j in range(d.interference.shape[1])] if info["shape"] == "TxK" else d.tasks
             heat = plots.heatmap_figure(d.interference, d.tasks, cols, metric=metric, value_range=info["range"],
-                                        signed=info["signed"], center=info["center"])
+                                        signed=info["signed"], center=info["center"], scope=d.heatmap_scope)
             metric_text = f"<small>**{metric}**: {info['description']} [{info['paper']}]</small>"
             c = d.curves
             curves = (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
@@ -658,9 +660,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                       f"{time.perf_counter() - t0:.2f} s{note}")
             return spec, energy, heat, curves, status, metric_text
 
-        diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd]
+        diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd,
+                       scope_radio]
         gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, experts_cb.change, method_dd.change,
-               calibration_dd.change, layer_dd.change, metric_dd.change],
+               calibration_dd.change, layer_dd.change, metric_dd.change, scope_radio.change],
               update_diagnostics, inputs=diag_inputs,
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
               trigger_mode="always_last", show_progress="hidden", concurrency_id="diagnostics", concurrency_limit=2,

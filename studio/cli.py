@@ -301,9 +301,10 @@ def _check_report_path(out: str) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
-    """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves` and Iso's ``sar_avg`` (per task, and
-    pairwise between tasks) of a merge the options describe, of a merged checkpoint, or of the Task Arithmetic sum;
-    a summary on stdout, every number as JSON with ``--out``."""
+    """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves`, Iso's ``sar_avg`` (per task, and
+    pairwise between tasks) and every task-by-task heatmap over the whole model (:func:`studio.diagnostics.
+    model_matrix`) of a merge the options describe, of a merged checkpoint, or of the Task Arithmetic sum; a summary
+    on stdout, every number as JSON with ``--out``."""
     from . import diagnostics as diag
     from .engine import get_pool
 
@@ -362,9 +363,15 @@ def _diagnose(args: argparse.Namespace) -> None:
         layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
     sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=is_delta)
     pairwise = diag.sar_avg(task_pool, pairwise=True, layer_rule=rule)
+    # every task-by-task heatmap over the whole model (rows and columns in the order of "tasks")
+    matrices = {m: diag.model_matrix(task_pool, m, merged if diag.METRICS[m].uses_merged else None,
+                                     layer_rule=rule, merged_is_delta=is_delta).tolist()
+                for m, spec in diag.METRICS.items() if spec.shape == "TxT"}
     report = {"merge": what, "suite": pool.suite, "sources": pool.sources, "tasks": tasks,
               "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
-              "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist()}
+              "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist(),
+              "model_matrices": matrices,
+              "model_matrix_help": {m: diag.METRICS[m].description for m in matrices}}
     if args.out:
         with atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
@@ -382,6 +389,13 @@ def _diagnose(args: argparse.Namespace) -> None:
     if "sar_min" in layers:
         worst = sorted(zip(layers["sar_min"], layers["key"]))[:3]
         print("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
+    if len(tasks) > 1:
+        cosine = matrices["cosine"]
+        pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)),
+                       reverse=True)
+        print("task-vector cosine over the model's matrix layers: most aligned "
+              + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in pairs[:3])
+              + f"; mean of the {len(pairs)} pair{'s' * (len(pairs) != 1)} {sum(v for v, _, _ in pairs) / len(pairs):.3f}")
     if args.out:
         print(f"wrote {args.out}")
 

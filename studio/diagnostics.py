@@ -62,7 +62,7 @@ __all__ = [
     "energy_preservation", "subspace_similarity", "task_cosine", "pairwise_sar", "sar_to_merged", "sti",
     "sti_pairwise", "sti_from_factors", "svc_coefficients", "svc_cross_terms", "svc_cross_matrix",
     "cross_influence", "cross_influence_matrix", "eta", "sai", "layer_curves", "interference_matrix", "Metric",
-    "sar_avg",
+    "sar_avg", "model_matrix",
     "METRICS", "CURVES",
 ]
 
@@ -1154,6 +1154,53 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     per_layer = [pairwise_sar(pool.layer(key), eps=eps, k_rule=k_rule) if pairwise else
                  sar_to_merged(pool.layer(key), delta_of(key), eps=eps, k_rule=k_rule) for key in keys]
     return torch.stack([x.detach().to("cpu", torch.float64) for x in per_layer]).mean(0).float()
+
+
+def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | None" = None, k: int | None = None, *,
+                 keys: Sequence[str] | None = None, merged_is_delta: bool | None = None,
+                 layer_rule: "LayerRule | str | None" = None) -> Tensor:
+    """A task-by-task :data:`METRICS` entry over the whole model, ``[T, T]`` (float32, CPU): the heatmap of
+    :func:`interference_matrix` aggregated over the layers.
+
+    ``"cosine"`` is the cosine of the whole task vectors, every layer's task matrix flattened into one vector per
+    task (Ilharco et al. 2023): ``sum_l <Delta_i^l, Delta_j^l> / sqrt(sum_l |Delta_i^l|^2 sum_l |Delta_j^l|^2)``,
+    so a layer counts by its size and norm. Every other ``"TxT"`` metric is the mean of its per-layer matrices, each
+    layer weighted equally, as Iso's ``SAR_avg`` (sec. 3.3): ``model_matrix(pool, "sar")`` is
+    :func:`sar_avg` with ``pairwise=True``. ``"TxK"`` metrics (``"svc"``, ``"sai"``) index the merged subspaces of
+    one layer, which have no counterpart across layers, and are refused. Layers, ``merged`` and ``k``: as in
+    :func:`sar_avg` and :func:`interference_matrix` (``k`` is each layer's, e.g. the subspace dimension).
+
+    Example:
+        >>> base = {"w": torch.zeros(2, 2), "v": torch.zeros(4, 4)}
+        >>> a = {"w": torch.eye(2), "v": torch.zeros(4, 4)}
+        >>> b = {"w": torch.eye(2), "v": torch.eye(4)}
+        >>> pool = TaskPool(base, {"a": a, "b": b})
+        >>> model_matrix(pool, "cosine").tolist()   # <a, b> = 2, |a|^2 = 2, |b|^2 = 6: 2 / sqrt(12)
+        [[1.0, 0.5773502588272095], [0.5773502588272095, 1.0]]
+    """
+    _require_pool(pool)
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
+    if METRICS[metric].shape != "TxT":
+        raise DiagnosticsError(f"'{metric}' is per merged subspace of one layer, which have no counterpart across "
+                               f"layers; the model-level metrics are "
+                               f"{[m for m, v in METRICS.items() if v.shape == 'TxT']}")
+    keys = _matrix_keys(pool, keys, layer_rule)
+    if not keys:
+        raise DiagnosticsError(f"model_matrix: no matrix layer to aggregate '{metric}' over (none that an expert "
+                               f"changed)")
+    delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
+    k = _check_k(metric, k, keys[0])
+    if metric == "cosine":
+        gram = torch.zeros(len(pool.names), len(pool.names), dtype=torch.float64)
+        for key in keys:
+            layer = pool.layer(key)
+            flat = layer.deltas.reshape(layer.num_tasks, -1).double()
+            gram += (flat @ flat.mT).cpu()
+        norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
+    per_layer = [interference_matrix(pool, key, metric, delta_of(key), k).double() for key in keys]
+    return torch.stack(per_layer).mean(0).float()
 
 
 def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None,

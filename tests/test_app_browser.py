@@ -471,3 +471,29 @@ def test_the_sai_heatmap_is_drawn_on_a_signed_log_scale(page):
     page.screenshot(path=str(SHOTS / "10_sai_signed_log_scale.png"), full_page=True)
     page.get_by_label("Interference metric").click()
     page.get_by_role("option", name="subspace_similarity", exact=True).click()
+
+
+def test_the_heatmap_over_the_whole_model(page):
+    """"Heatmap over: whole model" draws the metric over every matrix layer (its title says so); a per-subspace metric
+    stays on the layer and says why; "this layer" brings the layer's matrix back."""
+    title = "() => document.querySelector('#heatmap-plot .js-plotly-plot')?.layout?.title?.text || ''"
+    cells = "() => JSON.stringify(document.querySelector('#heatmap-plot .js-plotly-plot')?._fullData?.[0]?.customdata)"
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="cosine", exact=True).click()
+    page.wait_for_function(f"() => ({title})() === 'Interference · cosine'")
+    layer_cells = page.evaluate(cells)
+    page.locator("#heatmap-scope").get_by_text("whole model").click()
+    page.wait_for_function(f"() => ({title})().startsWith('Interference · cosine<br><sup>whole model, ') "
+                           f"&& ({title})().includes('matrix layers (whole task vectors)')")
+    assert page.evaluate(cells) != layer_cells
+    page.screenshot(path=str(SHOTS / "11_whole_model_heatmap.png"), full_page=True)
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="svc", exact=True).click()
+    page.wait_for_function(f"() => ({title})().startsWith('Interference · svc<br><sup>this layer: per merged "
+                           f"subspace')")
+    page.locator("#heatmap-scope").get_by_text("this layer").click()
+    page.wait_for_function(f"() => ({title})() === 'Interference · svc'")
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="subspace_similarity", exact=True).click()
+    page.wait_for_function(f"() => ({title})() === 'Interference · subspace_similarity'")

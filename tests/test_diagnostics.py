@@ -609,6 +609,47 @@ def test_interference_matrix_follows_the_metric_table(clip):
     torch.testing.assert_close(wa, ta / T, rtol=1e-3, atol=1e-4)
 
 
+def test_model_matrix_aggregates_every_task_by_task_metric_over_the_layers(clip):
+    """The model-level heatmap: cosine of the whole task vectors (every matrix layer flattened into one vector per
+    task, computed here in float64 from the experts), every other TxT metric the mean of the per-layer matrices
+    (SAR: Iso's pairwise SAR_avg), on the layers the rule selects; the per-subspace maps are refused."""
+    base, experts, pool = clip
+    names = list(experts)
+    keys = D._matrix_keys(pool, None, None)
+    assert 2 < len(keys) < len(base)
+    flat = torch.stack([torch.cat([(experts[n][k].double() - base[k].double()).flatten() for k in keys])
+                        for n in names])
+    unit = flat / flat.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(D.model_matrix(pool, "cosine").double(), unit @ unit.T, atol=1e-6, rtol=0)
+    # not the mean of the per-layer cosines: a layer counts by its norm
+    mean_cos = torch.stack([D.interference_matrix(pool, k, "cosine").double() for k in keys]).mean(0)
+    assert (mean_cos - unit @ unit.T).abs().max() > 1e-3
+    merged = studio.merge(base, experts, "ties")
+    for name, metric in D.METRICS.items():
+        if metric.shape == "TxK":
+            with pytest.raises(StudioError, match=rf"'{name}' is per merged subspace of one layer.*'cosine'"):
+                D.model_matrix(pool, name, merged)
+            continue
+        if name == "cosine":
+            continue
+        got = D.model_matrix(pool, name, merged if metric.uses_merged else None)
+        want = torch.stack([D.interference_matrix(pool, k, name, merged if metric.uses_merged else None).double()
+                            for k in keys]).mean(0)
+        assert got.shape == (len(names), len(names)) and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(D.model_matrix(pool, "sar"), D.sar_avg(pool, pairwise=True), atol=1e-6, rtol=0)
+    # k and keys are each layer's; the merged deltas of a subset of layers
+    two = keys[:2]
+    torch.testing.assert_close(
+        D.model_matrix(pool, "subspace_similarity", k=3, keys=two),
+        (D.interference_matrix(pool, two[0], "subspace_similarity", k=3)
+         + D.interference_matrix(pool, two[1], "subspace_similarity", k=3)) / 2, atol=1e-6, rtol=0)
+    with pytest.raises(StudioError, match="unknown metric 'nope'"):
+        D.model_matrix(pool, "nope")
+    with pytest.raises(StudioError, match="merged state/deltas lack"):
+        D.model_matrix(pool, "xi", {keys[0]: merged[keys[0]]})
+
+
 def test_docstring_examples_run():
     import doctest
 

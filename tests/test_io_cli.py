@@ -1283,8 +1283,19 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
         sar = diag.sar_avg(pool, target, merged_is_delta=None if target is None else False)
         assert list(report["sar_avg"].values()) == pytest.approx(sar.tolist(), rel=1e-6)
         torch.testing.assert_close(torch.tensor(report["sar_avg_pairwise"]), diag.sar_avg(pool, pairwise=True))
+        # every task-by-task heatmap over the model, of this merge where it depends on one
+        txt = [m for m, spec in diag.METRICS.items() if spec.shape == "TxT"]
+        assert list(report["model_matrices"]) == txt and set(report["model_matrix_help"]) == set(txt)
+        for m in txt:
+            uses = diag.METRICS[m].uses_merged and target is not None
+            want_m = diag.model_matrix(pool, m, target if uses else None, merged_is_delta=False if uses else None)
+            torch.testing.assert_close(torch.tensor(report["model_matrices"][m]), want_m, msg=m)
+        cos = report["model_matrices"]["cosine"]
+        top = max((cos[i][j], report["tasks"][i], report["tasks"][j]) for i in range(len(cos)) for j in range(i))
         said = capsys.readouterr().out
         assert f"{len(experts)} experts, {len(want['key'])} matrix layers" in said and "SAR_avg" in said, said
+        assert f"task-vector cosine over the model's matrix layers: most aligned {top[1]}/{top[2]} {top[0]:.3f}" \
+            in said, said
     assert report["merge"] == {"task_arithmetic_sum": True}
     assert main(["diagnose", *args, "--curves", "sti,energy"]) == 0
     assert "mean over layers: sti " in capsys.readouterr().out

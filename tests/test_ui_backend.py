@@ -155,6 +155,31 @@ def test_diagnostics_match_an_independent_svd(st: Studio, two):
     assert set(curves["sar"]) == set(two) and all(0.0 <= v <= 1.0 + 1e-6 for v in curves["sar"]["%s" % two[0]])
 
 
+def test_the_whole_model_heatmap_is_the_model_matrix_of_the_apps_layers(st: Studio, two):
+    """"whole model": the whole task vectors' cosine over the app's matrix layers (computed here from the experts),
+    a merge-dependent metric of the merge shown, and a per-subspace metric staying on the layer, saying so."""
+    layer, keys = st.default_layer(), st.layer_keys()
+    req = st.request("ties", {}, two)
+    d = st.diagnostics(req, layer, "cosine", heatmap="model")
+    flat = [torch.cat([(st.suite.experts[n][k].double() - st.suite.base[k].double()).flatten() for k in keys])
+            for n in two]
+    cos = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
+    np.testing.assert_allclose(d.interference, [[1.0, cos], [cos, 1.0]], atol=1e-5)
+    assert d.heatmap_scope == f"whole model, {len(keys)} matrix layers (whole task vectors)"
+    assert abs(cos - float(st.diagnostics(req, layer, "cosine").interference[0, 1])) > 1e-3   # not the layer's
+    merged = st.merge(req)
+    deltas = {k: merged[k].float() - st.suite.base[k].float() for k in keys}
+    d = st.diagnostics(req, layer, "xi", heatmap="model")
+    want = studio.diagnostics.model_matrix(st.pool(two), "xi", deltas, keys=keys, merged_is_delta=True)
+    np.testing.assert_allclose(d.interference, want.numpy(), atol=1e-6)
+    assert d.heatmap_scope.endswith("matrix layers (mean)")
+    d = st.diagnostics(req, layer, "svc", heatmap="model")
+    np.testing.assert_array_equal(d.interference, st.diagnostics(req, layer, "svc").interference)
+    assert d.heatmap_scope == "this layer: per merged subspace, no whole-model form"
+    with pytest.raises(StudioError, match="heatmap must be 'layer' or 'model', got 'all'"):
+        st.diagnostics(req, layer, "cosine", heatmap="all")
+
+
 def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two):
     d = st.diagnostics(None, st.default_layer(), "subspace_similarity", pool_experts=two)
     assert d.merged_spectrum is None and set(d.spectra) == set(two)

@@ -53,6 +53,10 @@ def test_signed_heatmap_range_is_fixed_and_symmetric(values):
     hm = fig.data[0]
     assert (hm.zmin, hm.zmax) == (-1.0, 1.0)  # independent of the data: 0 is always the neutral colour
     assert hm.z.dtype == np.float32
+    assert fig.layout.title.text == "Interference · cosine"
+    scoped = plots.heatmap_figure(values, ["a", "b"], metric="cosine", value_range=(-1.0, 1.0), signed=True,
+                                  scope="whole model, 3 matrix layers")   # on a line of its own: a long one was cut
+    assert scoped.layout.title.text == "Interference · cosine<br><sup>whole model, 3 matrix layers</sup>"
 
 
 def test_signed_heatmap_without_bounds_is_centred_and_rounded():

@@ -89,6 +89,8 @@ class Diagnostics:
     metric_info: dict[str, Any]
     curves: dict[str, Any]
     seconds: float = 0.0
+    #: what the heatmap covers: "" (the layer), or the whole model's matrix layers, or why it stayed on the layer
+    heatmap_scope: str = ""
 
 
 class Studio:
@@ -417,8 +419,12 @@ class Studio:
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self, req: MergeRequest | None, layer: str, metric: str, *, curves: bool = True,
-                    pool_experts: Sequence[str] | None = None) -> Diagnostics:
+                    pool_experts: Sequence[str] | None = None, heatmap: str = "layer") -> Diagnostics:
         """Spectra, energy, interference and per-layer curves of ``layer`` for the current settings.
+
+        ``heatmap="model"`` draws a task-by-task metric over every matrix layer of the app
+        (:func:`studio.diagnostics.model_matrix`: the whole task vectors' cosine, the other metrics' mean over the
+        layers); a metric per merged subspace (``"svc"``, ``"sai"``) has no such form and stays on ``layer``.
 
         ``req`` may be ``None`` (e.g. a method that cannot run on this selection): then the merge-dependent parts
         use the Task Arithmetic sum, as the diagnostics module does. Every task decomposition comes from the
@@ -430,6 +436,8 @@ class Studio:
         self._check_layer(layer)
         if metric not in diag.METRICS:
             raise StudioError(f"unknown interference metric {brief(metric)}; expected one of {list(diag.METRICS)}")
+        if heatmap not in ("layer", "model"):
+            raise StudioError(f"heatmap must be 'layer' or 'model', got {brief(heatmap)}")
         pool = self.pool(experts)
         merged = self.merge(req) if req is not None else None
         with self._lock:
@@ -443,11 +451,21 @@ class Studio:
                 ms = diag.spectrum(deltas[layer])
                 merged_s, merged_e = _to_numpy(ms), _to_numpy(diag.cumulative_energy(ms))
             info = metric_info(metric)
-            mat = diag.interference_matrix(pool, layer, metric,
-                                           merged=deltas[layer] if (deltas is not None and info["uses_merged"]) else None)
+            merged_arg = deltas if (deltas is not None and info["uses_merged"]) else None
+            scope = ""
+            if heatmap == "model" and info["shape"] == "TxT":
+                keys = self.layer_keys()
+                mat = diag.model_matrix(pool, metric, merged_arg, keys=keys, merged_is_delta=True)
+                scope = f"whole model, {len(keys)} matrix layers" + (" (whole task vectors)" if metric == "cosine"
+                                                                      else " (mean)")
+            else:
+                mat = diag.interference_matrix(pool, layer, metric,
+                                               merged=merged_arg[layer] if merged_arg is not None else None)
+                if heatmap == "model":
+                    scope = "this layer: per merged subspace, no whole-model form"
             profile = self.layer_profile(pool, deltas) if curves else {}
         return Diagnostics(layer, list(experts), spectra, merged_s, energy, merged_e, metric, _to_numpy(mat), info,
-                           profile, time.perf_counter() - t0)
+                           profile, time.perf_counter() - t0, scope)
 
     def _merged_deltas(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``merged - base`` (float32) of every matrix layer: what the diagnostics call the merged delta."""

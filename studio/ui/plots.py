@@ -171,9 +171,10 @@ OUTLIER_FACTOR = 4.0
 
 def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Sequence[str], cols: Sequence[str] | None = None,
                    *, metric: str = "", value_range: "tuple[float | None, float | None] | None" = None,
-                   signed: bool = False, center: float | None = None, description: str = "",
+                   signed: bool = False, center: float | None = None, description: str = "", scope: str = "",
                    height: int = FIG_HEIGHT + 40) -> go.Figure:
-    """Task-by-task (or task-by-subspace) interference heatmap with a fixed colour range.
+    """Task-by-task (or task-by-subspace) interference heatmap with a fixed colour range; ``scope`` (e.g. "whole
+    model, 18 matrix layers") opens the title's second line.
 
     ``signed`` metrics (cosine, SVC coefficients, cross-influence) get a diverging scale symmetric around
     ``center`` (default 0): ``[c - m, c + m]`` with ``m`` the largest distance of the declared range from ``c``, so
@@ -245,6 +246,8 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
     fig.update_yaxes(autorange="reversed")
     fig.update_xaxes(type="category")
     title = f"Interference · {metric}" if metric else "Interference"
+    if scope:
+        notes.insert(0, scope)
     blank = int(z.size - finite.size)
     if blank:
         notes.append(f"{blank} blank: not defined there")
