@@ -102,6 +102,12 @@ def get_calibration(name: str) -> MethodSpec:
 def list_methods() -> list[dict[str, Any]]:
     """Every registered merging method and calibration with its paper reference and hyperparameter schema.
 
+    Each entry has ``name`` and ``kind`` (``"merge"`` or ``"calibration"``: ``align_merge_b`` is both, so a table of
+    them is keyed by the two), ``paper``, ``summary`` and ``params``: per hyperparameter its ``type``, ``default``
+    (``None``: automatic, the rule in ``auto``), ``range`` (the allowed values as errors write them, e.g.
+    ``"(0, 1/T]"``; its parts in ``low``, ``low_open``, ``high`` and ``high_rule``), ``choices``, ``help`` and
+    ``paper``, and what the app's control needs (``ui_step``, ``ui_high``, ``low_rule``, ``post_scale``).
+
     Example:
         >>> names = [m["name"] for m in list_methods()]
         >>> "tsv_m" in names and "svc" in names

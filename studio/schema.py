@@ -239,6 +239,8 @@ class Param:
             "low": self.low,
             "low_open": self.low_open,
             "high": self.high,
+            # the allowed values as the docs table and the errors write them, e.g. "(0, 1/T]" (None: a bool, choices)
+            "range": self.range_text() if self.type in (int, float) and self.choices is None else None,
             "high_rule": self.high_rule,
             "ui_high": self.ui_high,
             "low_rule": self.low_rule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -48,9 +49,16 @@ def test_schema_matches_function_signature(name):
         own = set(inspect.signature(svd_of).parameters) - {"layer", "merged"} \
             - ({"preferences"} if spec.extra.get("uses_preferences") else set())   # given as to the method
         assert own == schema, f"{spec.name}: merged_svd takes {sorted(own)}, schema declares {sorted(schema)}"
+    listed = {p["name"]: p for p in spec.to_dict()["params"]}
     for p in spec.params:
         assert p.help and p.paper, f"{spec.name}.{p.name} needs help text and a paper reference"
         p.validate(p.default, spec.name)  # every default is valid
+        if p.type in (int, float) and p.choices is None:   # the range list_methods gives is the one errors name
+            assert listed[p.name]["range"] == p.range_text()
+            with pytest.raises(studio.StudioError, match=re.escape(f"allowed range {listed[p.name]['range']}")):
+                p.validate((p.high if p.high is not None else 0.0) + 1e6, spec.name)
+        else:
+            assert listed[p.name]["range"] is None
     assert spec.paper and spec.summary
 
 
