@@ -181,7 +181,8 @@ class Compressed:
 
     def save(self, path: "str | os.PathLike") -> Path:
         """Write every task's factors and dense tensors to one safetensors file (atomically), the task names, rank
-        fraction and layer rule in its metadata. The base is not stored: :meth:`load` takes it again.
+        fraction and layer rule in its metadata, with the tensors' :func:`studio.io.fingerprint`, which :meth:`load`
+        checks. The base is not stored: :meth:`load` takes it again.
 
         Example:
             >>> import tempfile, torch, studio
@@ -193,7 +194,7 @@ class Compressed:
             >>> torch.equal(again.task_vector("a")["w"], packed.task_vector("a")["w"]), again.rank_fraction
             (True, None)
         """
-        from .io import save_state_dict
+        from .io import fingerprint, save_state_dict
 
         tensors: dict[str, Tensor] = {}
         for i, name in enumerate(self.tasks):
@@ -201,7 +202,7 @@ class Compressed:
                 parts = {"U": v.U, "S": v.S, "Vh": v.Vh} if isinstance(v, LowRank) else {"dense": v}
                 tensors.update({f"{i}/{key}/{part}": t for part, t in parts.items()})
         meta = {"format": "merge-studio tsv-c 1", "tasks": list(self.tasks), "rank_fraction": self.rank_fraction,
-                "layer_rule": self.layer_rule.to_dict(), "meta": self.meta}
+                "layer_rule": self.layer_rule.to_dict(), "meta": self.meta, "fingerprint": fingerprint(tensors)}
         return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta, default=str)})
 
     @classmethod
@@ -212,7 +213,9 @@ class Compressed:
         against (its :func:`base_fingerprint`, recorded by :func:`compress`; files without it are not checked): the
         same values in float16 or bfloat16 as in float32 match, e.g. a suite's half-precision base file and the
         float32 weights the suite loads from it. ``check=False`` applies the task vectors to another base on purpose
-        (e.g. the same weights rounded to another dtype)."""
+        (e.g. the same weights rounded to another dtype). The tensors read must have the fingerprint :meth:`save`
+        recorded (files written by 0.2.2 and earlier have none): a changed or damaged byte is a
+        ``CheckpointError``."""
         from .io import fingerprint, load_safetensors
 
         if not isinstance(base, Mapping):
@@ -234,8 +237,17 @@ class Compressed:
                                  "null)")
         except (TypeError, KeyError, ValueError, StudioError) as exc:
             raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
+        loaded = load_safetensors(path)
+        written = meta.get("fingerprint")
+        if written is not None:
+            read = fingerprint(loaded)
+            if not isinstance(written, str) or read != written:
+                shown = f"{written[:23]}..." if isinstance(written, str) else brief(written)
+                raise CheckpointError(f"{path}: its tensors are not the ones Compressed.save wrote (fingerprint "
+                                      f"{shown} recorded, {read[:23]}... read): the file was changed or damaged "
+                                      f"after it was written")
         parts: dict[tuple[int, str], dict[str, Tensor]] = {}
-        for name, t in load_safetensors(path).items():
+        for name, t in loaded.items():
             index, _, rest = name.partition("/")
             key, _, part = rest.rpartition("/")
             # an ASCII number: str.isdigit() also accepts digits such as '²', which int() refuses

@@ -25,6 +25,16 @@ from studio.suite import DEFAULT_SUITE_PATH, load_suite
 from .conftest import clip_like_state_dict, make_experts
 
 
+def _unsealed(path) -> dict[str, str]:
+    """A TSV-C file's metadata without the fingerprint of its tensors, as 0.2.2 and earlier wrote it: a file whose
+    tensors a test edits then reaches the structural checks, which a sealed one never passes (the fingerprint check
+    comes first: test_a_compressed_file_whose_tensors_changed_is_refused)."""
+    meta = read_metadata(path)
+    header = json.loads(meta["merge_studio_tsv_c"])
+    header.pop("fingerprint")
+    return {**meta, "merge_studio_tsv_c": json.dumps(header)}
+
+
 @pytest.fixture()
 def files(tmp_path):
     base = clip_like_state_dict(width=16)
@@ -780,9 +790,8 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
         Compressed.load(tmp / "base.safetensors", base)
     # a file that lost a task's entries (here the bias of task0) would rebuild the base's value there
     entries = load_state_dict(path)
-    meta = studio.io.read_metadata(path)
     save_state_dict(tmp / "cut.safetensors", {k: v for k, v in entries.items() if not k.startswith(
-        "0/visual.ln_pre.bias/")}, meta)
+        "0/visual.ln_pre.bias/")}, _unsealed(path))
     with pytest.raises(CheckpointError, match=r"cut.safetensors: task 'task0' has no entry for 'visual.ln_pre.bias', "
                                               r"which the other tasks have; the file is incomplete"):
         Compressed.load(tmp / "cut.safetensors", base)
@@ -1676,7 +1685,7 @@ def test_compressed_factors_of_mismatched_ranks_are_refused_at_load(tmp_path):
     vh = entries["0/visual.proj/Vh"]
     for name, value in (("0/visual.proj/Vh", torch.cat([vh, vh[:1]])),
                         ("0/visual.proj/U", entries["0/visual.proj/U"][:, :1].contiguous())):
-        save_state_dict(tmp_path / "bad.safetensors", {**entries, name: value}, read_metadata(path))
+        save_state_dict(tmp_path / "bad.safetensors", {**entries, name: value}, _unsealed(path))
         with pytest.raises(CheckpointError, match=r"task 'task0', 'visual.proj': factors U .* do not make the base's"):
             Compressed.load(tmp_path / "bad.safetensors", base)
 
@@ -1854,7 +1863,7 @@ def test_a_compressed_entry_of_no_task_is_refused_by_name(tmp_path, entry):
     experts = {t: {"w": torch.randn(4, 4), "b": torch.randn(4)} for t in "xy"}
     path = studio.compress(base, experts).save(tmp_path / "p.safetensors")
     save_state_dict(tmp_path / "bad.safetensors", {**load_state_dict(path), entry: torch.zeros(4)},
-                    read_metadata(path))
+                    _unsealed(path))
     with pytest.raises(CheckpointError, match=f"bad.safetensors: unexpected entry '{entry}'"):
         Compressed.load(tmp_path / "bad.safetensors", base)
 
@@ -2370,3 +2379,33 @@ def test_weights_written_into_a_checkpoint_folder_an_option_names_are_refused(fi
                  "--out", str(folder / "again.safetensors")]) == 2
     assert "the checkpoint folder of expert 'task0'" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["m.yaml", "open_clip_model.safetensors"]
+
+
+def test_a_compressed_file_whose_tensors_changed_is_refused(tmp_path):
+    """A TSV-C file records its tensors' fingerprint: a byte changed on the disk, within a factor and still a finite
+    number (which no structural check sees; a helper's audit moved a reconstruction by 141 so), an entry dropped or
+    added, is refused by Compressed.load naming the file; a file written before the fingerprint loads as before."""
+    from studio.compress import Compressed
+
+    base = clip_like_state_dict(width=8)
+    path = studio.compress(base, make_experts(base, 2)).save(tmp_path / "packed.safetensors")
+    assert Compressed.load(path, base).tasks.keys() == {"task0", "task1"}
+    raw = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(raw[:8], "little")
+    u = json.loads(raw[8:header])["0/visual.proj/U"]["data_offsets"]
+    raw[header + u[0] + 2] ^= 0x01   # a low bit of one float32's mantissa: still a finite number
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    entries = load_state_dict(path)
+    save_state_dict(tmp_path / "fewer.safetensors", {k: v for k, v in entries.items() if not k.startswith("1/")},
+                    read_metadata(path))
+    for name in ("flipped", "fewer"):
+        bad = tmp_path / f"{name}.safetensors"
+        with pytest.raises(CheckpointError, match=rf"{name}.safetensors: its tensors are not the ones Compressed.save "
+                                                  rf"wrote \(fingerprint sha256:\w{{16}}\.\.\. recorded, "
+                                                  rf"sha256:\w{{16}}\.\.\. read\): the file was changed or damaged "
+                                                  rf"after it was written"):
+            Compressed.load(bad, base)
+    save_state_dict(tmp_path / "old.safetensors", entries, _unsealed(path))   # as 0.2.2 wrote it
+    old = Compressed.load(tmp_path / "old.safetensors", base)
+    assert torch.equal(old.reconstruct("task1")["visual.proj"], Compressed.load(path, base).reconstruct("task1")
+                       ["visual.proj"])
