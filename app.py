@@ -368,7 +368,7 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
             gr.Markdown(sources, key=f"{prefix}-sources-text")
     gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
-          trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+          trigger_mode="always_last", show_progress="hidden", api_visibility="private", **CONTROLS)
 
 
 #: What a stopped job says, where its results would have gone.
@@ -378,14 +378,37 @@ STOPPED = {"merge": "Merge stopped.", "optimise": "Optimisation stopped."}
 @contextlib.contextmanager
 def _job(sess: Any, kind: str):
     """Mark ``sess`` as running a ``kind`` job (a :data:`STOPPED` key) while the block runs (a job a Stop left
-    running, which ends later, does not clear the mark of the one after it)."""
+    running, which ends later, does not clear the mark of the one after it); at its end the session may queue another
+    (:func:`_settle`)."""
     mark = (kind, object())
     sess.job = mark
     try:
         yield
     finally:
+        sess.queued.discard(kind)
         if sess.job is mark:
             sess.job = None
+
+
+#: The concurrency group of the events that store the controls' values and of the first step of a merge or a sweep
+#: (:func:`_settle`): one at a time, in the order the page sent them.
+CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
+
+
+def _settle(kind: str) -> Callable[[gr.Request], None]:
+    """The first step of a click that starts a ``kind`` job, queued in :data:`CONTROLS` after every control update
+    the page sent before the click, so that the job that follows (``.success``) reads the values stored: with the job
+    clicked right after a value was typed into a slider's box, a busy server (the diagnostics of the last change
+    running) read the old value. A click while the session's ``kind`` job is queued or running is dropped, as the
+    button's ``trigger_mode="once"`` dropped a double click when the job was the click's own event."""
+
+    def settle(request: gr.Request) -> None:
+        sess = SESSIONS.get(request.session_hash)
+        if kind in sess.queued:
+            raise gr.Error(f"a {kind} is already queued", visible=False, print_exception=False)
+        sess.queued.add(kind)
+
+    return settle
 
 
 def _count(n: int, noun: str) -> str:
@@ -541,7 +564,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             return dict(zip(names, values))
 
                         gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
-                              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+                              trigger_mode="always_last", show_progress="hidden", api_visibility="private",
+                              **CONTROLS)
                         equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
                         equal.click(lambda: [*(1.0 for _ in names), store(*(1.0 for _ in names))], None,
                                     [*sliders, pref_state], show_progress="hidden", api_visibility="private",
@@ -703,11 +727,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"), None)
 
         merge_evt = merge_btn.click(
+            _settle("merge"), None, None, trigger_mode="once", show_progress="hidden", api_visibility="private",
+            **CONTROLS).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, best_alpha],
-            concurrency_id="gpu", concurrency_limit=1, trigger_mode="once", api_visibility="private",
-            show_progress_on=[run_md])
+            concurrency_id="gpu", concurrency_limit=1, api_visibility="private", show_progress_on=[run_md])
 
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
                          progress=gr.Progress()):
@@ -730,10 +755,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
 
         opt_evt = optimise_btn.click(
+            _settle("optimise"), None, None, trigger_mode="once", show_progress="hidden", api_visibility="private",
+            **CONTROLS).success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
-            trigger_mode="once", api_visibility="private", show_progress_on=[opt_md])
+            api_visibility="private", show_progress_on=[opt_md])
 
         def apply_best(best: "dict | None", hp: "dict | None", method: str, nonce: int):
             if not best or best.get("method") != method:
@@ -751,6 +778,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             "stopped" message among them), so this reports it where the job would have."""
             sess = SESSIONS.get(request.session_hash)
             sess.stop_requested = True
+            sess.queued.clear()   # a cancelled job that had not started never reaches _job's end
             kind = sess.job[0] if sess.job else None
             return (STOPPED["merge"] if kind == "merge" else gr.skip(),
                     f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())

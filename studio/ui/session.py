@@ -72,6 +72,7 @@ class SessionData:
     last_recipe: dict[str, Any] | None = None
     stop_requested: bool = False
     job: tuple[str, object] | None = None   # the job running for this session, (kind, its own mark), for Stop
+    queued: set[str] = field(default_factory=set)   # the kinds of job a click queued that have not ended yet
     touched: float = field(default_factory=time.time)
 
     def add_run(self, **kwargs: Any) -> RunRecord:
