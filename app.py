@@ -390,8 +390,9 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-#: The concurrency group of the events that store the controls' values and of the first step of a merge or a sweep
-#: (:func:`_settle`): one at a time, in the order the page sent them.
+#: The concurrency group of the events that store the controls' values (a slider's, the expert selection's fit of the
+#: ranges, "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the order the
+#: page sent them.
 CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
 
 
@@ -540,8 +541,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 experts_cb.change(follow_experts,
                                   [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
                                   [hp_state, cal_state, hp_reload, cal_reload, fitted_for], show_progress="hidden",
-                                  api_visibility="private", trigger_mode="always_last", concurrency_id="fit-controls",
-                                  concurrency_limit=1)
+                                  api_visibility="private", trigger_mode="always_last", **CONTROLS)
 
                 with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
                     gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "
@@ -771,7 +771,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return new, nonce + 1
 
         apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload],
-                        api_visibility="private", show_progress="hidden")
+                        api_visibility="private", show_progress="hidden", **CONTROLS)
 
         def request_stop(request: gr.Request):
             """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its

@@ -513,10 +513,7 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
         return real(*args)
 
     monkeypatch.setattr(app, "_store", held_up)
-    _select_method(page, "ties")   # the controls rendered again take the held-up store
-    _select_method(page, "task_arithmetic")
-    page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
-                           "return !!s && s.max == '5' && s.step == '0.05'; }")
+    _rerender_task_arithmetic(page)   # the controls rendered again take the held-up store
     before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
     page.locator("input[type=number]").first.fill("2.35")
     page.get_by_role("button", name="Merge & evaluate").click()
@@ -529,7 +526,13 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     last = max(runs, key=lambda r: r.run)
     assert last.method == "task_arithmetic" and "alpha=2.35" in last.settings, last.settings
     monkeypatch.undo()
-    _select_method(page, "ties")
-    _select_method(page, "task_arithmetic")
-    page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
-                           "return !!s && s.max == '5' && s.step == '0.05'; }")
+    _rerender_task_arithmetic(page)
+
+
+def _rerender_task_arithmetic(pg) -> None:
+    """Render Task Arithmetic's controls again (through TIES, whose alpha slider is alike), and wait for them."""
+    _select_method(pg, "ties")
+    pg.get_by_text("topk_scope").first.wait_for()
+    _select_method(pg, "task_arithmetic")
+    pg.wait_for_function("() => !document.body.innerText.includes('topk_scope')")
+    pg.get_by_role("button", name="Reset task_arithmetic to defaults").wait_for()
