@@ -393,9 +393,10 @@ def _diagnose(args: argparse.Namespace) -> None:
         cosine = matrices["cosine"]
         pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)),
                        reverse=True)
+        mean = sum(v for v, _, _ in pairs) / len(pairs)
         print("task-vector cosine over the model's matrix layers: most aligned "
               + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in pairs[:3])
-              + f"; mean of the {len(pairs)} pair{'s' * (len(pairs) != 1)} {sum(v for v, _, _ in pairs) / len(pairs):.3f}")
+              + f"; mean of the {len(pairs)} pair{'s' * (len(pairs) != 1)} {mean:.3f}")
     if args.out:
         print(f"wrote {args.out}")
 
