@@ -362,13 +362,13 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
     reset = gr.Button(f"Reset {owner} to defaults", size="sm", variant="secondary", key=f"{prefix}-reset")
     # the controls and the stored values in one event: the state keeps one writer per event
     reset.click(lambda state: [*_reset_updates(specs), _store(owner, specs, state, *initial_values(specs))],
-                state, [*comps, state], show_progress="hidden", api_visibility="private", queue=False)
+                state, [*comps, state], show_progress="hidden", api_visibility="private", **CONTROLS)
     sources = sources_markdown(specs)
     if sources:   # folded: with them, each help text ran to ten lines
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
             gr.Markdown(sources, key=f"{prefix}-sources-text")
     gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
-          trigger_mode="always_last", show_progress="hidden", api_visibility="private", **CONTROLS)
+          trigger_mode="multiple", show_progress="hidden", api_visibility="private", **CONTROLS)
 
 
 #: What a stopped job says, where its results would have gone.
@@ -378,38 +378,47 @@ STOPPED = {"merge": "Merge stopped.", "optimise": "Optimisation stopped."}
 @contextlib.contextmanager
 def _job(sess: Any, kind: str):
     """Mark ``sess`` as running a ``kind`` job (a :data:`STOPPED` key) while the block runs (a job a Stop left
-    running, which ends later, does not clear the mark of the one after it); at its end the session may queue another
-    (:func:`_settle`)."""
+    running, which ends later, does not clear the mark of the one after it)."""
     mark = (kind, object())
     sess.job = mark
     try:
         yield
     finally:
-        sess.queued.discard(kind)
         if sess.job is mark:
             sess.job = None
 
 
 #: The concurrency group of the events that store the controls' values (a slider's, the expert selection's fit of the
-#: ranges, "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the order the
-#: page sent them.
+#: ranges, a reset, "Equal weights", "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one
+#: at a time, in the order the page sent them. Every session shares it (Gradio orders a group, not a session's
+#: events); each of its events takes milliseconds. The stores send every change (``trigger_mode="multiple"``): with
+#: "always_last" a change made while the last one was being stored waited in the page and reached the server after a
+#: merge clicked in the meantime.
 CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
 
 
-def _settle(kind: str) -> Callable[[gr.Request], None]:
-    """The first step of a click that starts a ``kind`` job, queued in :data:`CONTROLS` after every control update
-    the page sent before the click, so that the job that follows (``.success``) reads the values stored: with the job
-    clicked right after a value was typed into a slider's box, a busy server (the diagnostics of the last change
-    running) read the old value. A click while the session's ``kind`` job is queued or running is dropped, as the
-    button's ``trigger_mode="once"`` dropped a double click when the job was the click's own event."""
+def _arm(request: gr.Request) -> None:
+    """The click that starts a merge or a sweep, at once (unqueued): a Stop pressed from now on keeps the job it
+    starts from starting (:func:`_stopped_since_click`)."""
+    sess = SESSIONS.get(request.session_hash)
+    sess.armed = sess.stops
 
-    def settle(request: gr.Request) -> None:
-        sess = SESSIONS.get(request.session_hash)
-        if kind in sess.queued:
-            raise gr.Error(f"a {kind} is already queued", visible=False, print_exception=False)
-        sess.queued.add(kind)
 
-    return settle
+def _stopped_since_click(sess: Any) -> bool:
+    """Whether Stop was pressed since the click that queued the job about to start; if not, the job starts with the
+    session's stop flag cleared (a Stop before the click stopped an earlier job)."""
+    if sess.stops != sess.armed:
+        return True
+    sess.stop_requested = False
+    return False
+
+
+def _settle() -> None:
+    """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`
+    after every control update the page sent before the click, so that the job that follows (``.success``) reads the
+    values stored: with the job clicked right after a value was typed into a slider's box, a busy server (the
+    diagnostics of the last change running) read the old value. A second click while the job is pending is dropped by
+    the page (``once``); the job does not start once Stop was pressed since the click."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -564,12 +573,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             return dict(zip(names, values))
 
                         gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
-                              trigger_mode="always_last", show_progress="hidden", api_visibility="private",
+                              trigger_mode="multiple", show_progress="hidden", api_visibility="private",
                               **CONTROLS)
                         equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
                         equal.click(lambda: [*(1.0 for _ in names), store(*(1.0 for _ in names))], None,
                                     [*sliders, pref_state], show_progress="hidden", api_visibility="private",
-                                    queue=False)
+                                    **CONTROLS)
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():
@@ -696,7 +705,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
                       progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            sess.stop_requested = False
+            if _stopped_since_click(sess):   # while the click's first step waited for the controls
+                gr.Warning(STOPPED["merge"])
+                return (gr.skip(),) * 12
             try:
                 with _job(sess, "merge"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -726,9 +737,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.DownloadButton(value=str(csv_path), interactive=True),
                     Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"), None)
 
-        merge_evt = merge_btn.click(
-            _settle("merge"), None, None, trigger_mode="once", show_progress="hidden", api_visibility="private",
-            **CONTROLS).success(
+        merge_settle = merge_btn.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
+                                       api_visibility="private", queue=False).then(
+            _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
+        merge_evt = merge_settle.success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, best_alpha],
@@ -737,7 +749,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
                          progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            sess.stop_requested = False
+            if _stopped_since_click(sess):   # while the click's first step waited for the controls
+                gr.Warning(STOPPED["optimise"])
+                return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
             try:
                 with _job(sess, "optimise"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -754,9 +768,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                   ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ")." + _edge_note(res))
             return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
 
-        opt_evt = optimise_btn.click(
-            _settle("optimise"), None, None, trigger_mode="once", show_progress="hidden", api_visibility="private",
-            **CONTROLS).success(
+        opt_settle = optimise_btn.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
+                                        api_visibility="private", queue=False).then(
+            _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
+        opt_evt = opt_settle.success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
@@ -778,13 +793,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
             "stopped" message among them), so this reports it where the job would have."""
             sess = SESSIONS.get(request.session_hash)
             sess.stop_requested = True
-            sess.queued.clear()   # a cancelled job that had not started never reaches _job's end
+            sess.stops += 1
             kind = sess.job[0] if sess.job else None
             return (STOPPED["merge"] if kind == "merge" else gr.skip(),
                     f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
 
-        stop_btn.click(request_stop, None, [run_md, opt_md], cancels=[merge_evt, opt_evt], api_visibility="private",
-                       queue=False)
+        stop_btn.click(request_stop, None, [run_md, opt_md], cancels=[merge_evt, opt_evt],
+                       api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):
             SESSIONS.drop(request.session_hash)

@@ -44,6 +44,7 @@ import hashlib
 import math
 import numbers
 import re
+from functools import partial
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -1162,11 +1163,13 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
     """A task-by-task :data:`METRICS` entry over the whole model, ``[T, T]`` (float32, CPU): the heatmap of
     :func:`interference_matrix` aggregated over the layers.
 
-    ``"cosine"`` is the cosine of the whole task vectors, every layer's task matrix flattened into one vector per
-    task (Ilharco et al. 2023): ``sum_l <Delta_i^l, Delta_j^l> / sqrt(sum_l |Delta_i^l|^2 sum_l |Delta_j^l|^2)``,
-    so a layer counts by its size and norm. Every other ``"TxT"`` metric is the mean of its per-layer matrices, each
-    layer weighted equally, as Iso's ``SAR_avg`` (sec. 3.3): ``model_matrix(pool, "sar")`` is
-    :func:`sar_avg` with ``pairwise=True``. ``"TxK"`` metrics (``"svc"``, ``"sai"``) index the merged subspaces of
+    ``"cosine"`` is the cosine of the task vectors over the matrix layers, each task's matrices flattened into one
+    vector (Ilharco et al. 2023 take every parameter; the vectors and norms outside the matrices are left out here):
+    ``sum_l <Delta_i^l, Delta_j^l> / sqrt(sum_l |Delta_i^l|^2 sum_l |Delta_j^l|^2)``, so a layer counts by its size
+    and norm. Every other ``"TxT"`` metric is the mean of its per-layer matrices, each layer weighted equally, as
+    Iso's ``SAR_avg`` (sec. 3.3): ``model_matrix(pool, "sar")`` is :func:`sar_avg` with ``pairwise=True``; a layer
+    where a task is unchanged counts there as its per-layer value does (0 for the similarities, and a NaN of
+    ``"xi"`` makes the cell NaN). ``"TxK"`` metrics (``"svc"``, ``"sai"``) index the merged subspaces of
     one layer, which have no counterpart across layers, and are refused. Layers, ``merged`` and ``k``: as in
     :func:`sar_avg` and :func:`interference_matrix` (``k`` is each layer's, e.g. the subspace dimension).
 
@@ -1192,11 +1195,14 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     k = _check_k(metric, k, keys[0])
     if metric == "cosine":
+        def task_gram(layer: LayerTasks) -> Tensor:   # <Delta_i, Delta_j> of one layer, float64
+            flat = layer.deltas.reshape(layer.num_tasks, -1).double()
+            return (flat @ flat.mT).cpu()
+
         gram = torch.zeros(len(pool.names), len(pool.names), dtype=torch.float64)
         for key in keys:
             layer = pool.layer(key)
-            flat = layer.deltas.reshape(layer.num_tasks, -1).double()
-            gram += (flat @ flat.mT).cpu()
+            gram += layer.memo(("diag", "gram"), partial(task_gram, layer))
         norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
         return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
     per_layer = [interference_matrix(pool, key, metric, delta_of(key), k).double() for key in keys]

@@ -914,19 +914,21 @@ def normalize_preferences(preferences: "Mapping[str, float] | Sequence[float] | 
     total = sum(weights)
     if total <= 0:
         raise StudioError(f"{what} are all zero (tasks {list(names)}); give at least one task a positive weight")
+    given = weights
     if not math.isfinite(total):   # each weight is finite, so their ratios are: e.g. [1e308, 1e308]
         largest = max(weights)
         weights = [w / largest for w in weights]
         total = sum(weights)
     normalized = torch.tensor([w / total for w in weights], dtype=torch.float32)
     tiny = torch.finfo(torch.float32).tiny
-    for name, w, n in zip(names, weights, normalized.tolist()):
-        # a positive weight must stay positive (and a normal float32 number): weight 0 means another thing than a
-        # small weight (studio.merge's docstring), so rounding one to the other would merge something else
+    for name, w, n in zip(names, given, normalized.tolist()):
+        # a positive weight must stay a positive normal float32 number once normalised: weight 0 means another
+        # thing than a small weight (studio.merge's docstring), so rounding one to the other would merge something
+        # else (a weight the rescale above took to 0 included)
         if w > 0 and n < tiny:
             entry = "preference" if what == "preferences" else f"{what} entry"
-            raise StudioError(f"{entry} for task '{name}' is {w / max(weights):.3g} of the largest weight, which "
-                              f"float32 computes as 0 (its smallest normal number is {tiny:.3g}); a weight of "
-                              f"exactly 0 drops the task's directions rather than shrinking them: give it 0, or "
-                              f"a weight at least {tiny:.3g} times the weights' sum")
+            raise StudioError(f"{entry} for task '{name}' is {brief(w)}, {n:.3g} of the weights' sum: below "
+                              f"float32's smallest normal number ({tiny:.3g}), where it would compute as 0 or lose "
+                              f"its precision, and a weight of exactly 0 drops the task's directions rather than "
+                              f"shrinking them; give it 0, or a weight at least {tiny:.3g} times the sum")
     return normalized

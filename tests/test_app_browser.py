@@ -485,7 +485,7 @@ def test_the_heatmap_over_the_whole_model(page):
     layer_cells = page.evaluate(cells)
     page.locator("#heatmap-scope").get_by_text("whole model").click()
     page.wait_for_function(f"() => ({title})().startsWith('Interference · cosine<br><sup>whole model, ') "
-                           f"&& ({title})().includes('matrix layers (whole task vectors)')")
+                           f"&& ({title})().includes('matrix layers (task vectors over them)')")
     assert page.evaluate(cells) != layer_cells
     page.screenshot(path=str(SHOTS / "11_whole_model_heatmap.png"), full_page=True)
     page.get_by_label("Interference metric").click()
@@ -502,8 +502,9 @@ def test_the_heatmap_over_the_whole_model(page):
 def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value(page, monkeypatch):
     """The store of a value typed into a slider's box is held up on the server (as by the diagnostics of a busy
     one, where the test above failed 2 runs in 7 before): the merge clicked at once still merges that value, since
-    its first step waits for the stores sent before it; a second click while the merge is queued merges nothing
-    more. The controls are rendered again at the end, with the real store."""
+    its first step waits for the stores sent before it; a second click while the merge is pending merges nothing
+    more; Stop while the first step waits merges nothing. The controls are rendered again at the end, with the real
+    store."""
     import app
 
     real = app._store
@@ -525,6 +526,14 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     assert max(r.run for r in runs) == before + 1
     last = max(runs, key=lambda r: r.run)
     assert last.method == "task_arithmetic" and "alpha=2.35" in last.settings, last.settings
+    # Stop pressed while the merge's first step still waits for the store: nothing is merged (Stop cancelled only
+    # the merge itself, which the first step then started)
+    page.locator("input[type=number]").first.fill("1.55")
+    page.get_by_role("button", name="Merge & evaluate").click()
+    page.wait_for_timeout(300)
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_timeout(6000)   # the store's 2 s, then a merge of about 2 s, had one been started
+    assert max(r.run for s in app.SESSIONS._data.values() for r in s.runs) == last.run
     monkeypatch.undo()
     _rerender_task_arithmetic(page)
 

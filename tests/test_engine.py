@@ -163,9 +163,11 @@ def test_bad_preferences(clip_pool):
     assert all(torch.equal(huge[k], plain[k]) for k in plain)
     # a positive weight float32 would compute as 0 is refused, not taken as weight 0 (which drops the task's
     # directions from TSV-M's whitening: another merge); 1e-308 of the largest is that, after the rescale above
-    for prefs in ([1e308, 1e308, 1, 1], {"task0": 1, "task1": 1e-50, "task2": 1, "task3": 1}):
-        with pytest.raises(studio.StudioError, match=r"for task 'task\d' is 1e-\d+ of the largest weight, which "
-                                                      r"float32 computes as 0.*give it 0, or a weight at least"):
+    for prefs in ([1e308, 1e308, 1, 1], [1e308, 1e308, 1e-20, 1e308], {"task0": 1, "task1": 1e-50, "task2": 1,
+                                                                       "task3": 1}):
+        with pytest.raises(studio.StudioError, match=r"for task 'task\d' is [\d.e+-]+, 0 of the weights' sum: below "
+                                                      r"float32's smallest normal number .*give it 0, or a weight at "
+                                                      r"least 1.18e-38 times the sum"):
             studio.merge(base, experts, "tsv_m", preferences=prefs)
     small = studio.merge(base, experts, "tsv_m", preferences=[1, 1e-37, 1, 1])   # a normal float32 number
     assert all(torch.isfinite(v).all() for v in small.values() if v.is_floating_point())

@@ -165,7 +165,7 @@ def test_the_whole_model_heatmap_is_the_model_matrix_of_the_apps_layers(st: Stud
             for n in two]
     cos = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
     np.testing.assert_allclose(d.interference, [[1.0, cos], [cos, 1.0]], atol=1e-5)
-    assert d.heatmap_scope == f"whole model, {len(keys)} matrix layers (whole task vectors)"
+    assert d.heatmap_scope == f"whole model, {len(keys)} matrix layers (task vectors over them)"
     assert abs(cos - float(st.diagnostics(req, layer, "cosine").interference[0, 1])) > 1e-3   # not the layer's
     merged = st.merge(req)
     deltas = {k: merged[k].float() - st.suite.base[k].float() for k in keys}

@@ -454,10 +454,12 @@ class Studio:
             merged_arg = deltas if (deltas is not None and info["uses_merged"]) else None
             scope = ""
             if heatmap == "model" and info["shape"] == "TxT":
-                keys = self.layer_keys()
+                # the app's layers that an expert changed, as the library's model-level averages take them
+                changed = set(diag._matrix_keys(pool, None, None))
+                keys = [k for k in self.layer_keys() if k in changed]
                 mat = diag.model_matrix(pool, metric, merged_arg, keys=keys, merged_is_delta=True)
-                scope = f"whole model, {len(keys)} matrix layers" + (" (whole task vectors)" if metric == "cosine"
-                                                                      else " (mean)")
+                scope = f"whole model, {len(keys)} matrix layers" + (" (task vectors over them)"
+                                                                      if metric == "cosine" else " (mean)")
             else:
                 mat = diag.interference_matrix(pool, layer, metric,
                                                merged=merged_arg[layer] if merged_arg is not None else None)

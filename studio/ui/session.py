@@ -72,7 +72,8 @@ class SessionData:
     last_recipe: dict[str, Any] | None = None
     stop_requested: bool = False
     job: tuple[str, object] | None = None   # the job running for this session, (kind, its own mark), for Stop
-    queued: set[str] = field(default_factory=set)   # the kinds of job a click queued that have not ended yet
+    stops: int = 0   # how many times Stop was pressed
+    armed: int = 0   # ``stops`` when Merge or Optimise was last clicked: a job starts only if it has not changed
     touched: float = field(default_factory=time.time)
 
     def add_run(self, **kwargs: Any) -> RunRecord:
