@@ -523,17 +523,18 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
     page.wait_for_timeout(4000)   # a second merge, had the click queued one, would have ended by now
     runs = [r for s in app.SESSIONS._data.values() for r in s.runs]
-    assert max(r.run for r in runs) == before + 1
+    assert max(r.run for r in runs) == before + 1, [(r.run, r.settings) for r in runs][-3:]
     last = max(runs, key=lambda r: r.run)
     assert last.method == "task_arithmetic" and "alpha=2.35" in last.settings, last.settings
     # Stop pressed while the merge's first step still waits for the store: nothing is merged (Stop cancelled only
     # the merge itself, which the first step then started)
     page.locator("input[type=number]").first.fill("1.55")
     page.get_by_role("button", name="Merge & evaluate").click()
-    page.wait_for_timeout(300)
+    page.wait_for_timeout(800)   # the click reached the server (unqueued), its first step waits behind the store
     page.get_by_role("button", name="Stop").click()
     page.wait_for_timeout(6000)   # the store's 2 s, then a merge of about 2 s, had one been started
-    assert max(r.run for s in app.SESSIONS._data.values() for r in s.runs) == last.run
+    runs = [r for s in app.SESSIONS._data.values() for r in s.runs]
+    assert max(r.run for r in runs) == last.run, [(r.run, r.settings) for r in runs][-3:]
     monkeypatch.undo()
     _rerender_task_arithmetic(page)
 
