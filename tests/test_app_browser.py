@@ -516,7 +516,7 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     monkeypatch.setattr(app, "_store", held_up)
     _rerender_task_arithmetic(page)   # the controls rendered again take the held-up store
     before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
-    page.locator("input[type=number]").first.fill("2.35")
+    _type_and_send(page, "2.35")
     page.get_by_role("button", name="Merge & evaluate").click()
     page.wait_for_timeout(300)
     page.get_by_role("button", name="Merge & evaluate").click()   # while the first is queued: dropped
@@ -528,7 +528,7 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     assert last.method == "task_arithmetic" and "alpha=2.35" in last.settings, last.settings
     # Stop pressed while the merge's first step still waits for the store: nothing is merged (Stop cancelled only
     # the merge itself, which the first step then started)
-    page.locator("input[type=number]").first.fill("1.55")
+    _type_and_send(page, "1.55")
     page.get_by_role("button", name="Merge & evaluate").click()
     page.wait_for_timeout(800)   # the click reached the server (unqueued), its first step waits behind the store
     page.get_by_role("button", name="Stop").click()
@@ -537,6 +537,15 @@ def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value
     assert max(r.run for r in runs) == last.run, [(r.run, r.settings) for r in runs][-3:]
     monkeypatch.undo()
     _rerender_task_arithmetic(page)
+
+
+def _type_and_send(pg, value: str) -> None:
+    """Type ``value`` into the first slider's box and leave it, giving the page 200 ms to send its store (held up on
+    the server for 2 s): what is tested is the server's order, not when a loaded browser sends the store."""
+    box = pg.locator("input[type=number]").first
+    box.fill(value)
+    box.press("Tab")   # the box loses focus the way a user leaves it
+    pg.wait_for_timeout(200)
 
 
 def _rerender_task_arithmetic(pg) -> None:
