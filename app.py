@@ -737,10 +737,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.DownloadButton(value=str(csv_path), interactive=True),
                     Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"), None)
 
-        merge_settle = merge_btn.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
-                                       api_visibility="private", queue=False).then(
-            _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
-        merge_evt = merge_settle.success(
+        def settled(button: gr.Button):
+            """The first two steps of a click on ``button`` (:func:`_arm`, then :func:`_settle`); the job follows
+            on their success."""
+            return button.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
+                                api_visibility="private", queue=False).then(
+                _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
+
+        merge_evt = settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, best_alpha],
@@ -768,10 +772,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                   ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ")." + _edge_note(res))
             return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
 
-        opt_settle = optimise_btn.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
-                                        api_visibility="private", queue=False).then(
-            _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
-        opt_evt = opt_settle.success(
+        opt_evt = settled(optimise_btn).success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,

@@ -1101,6 +1101,12 @@ def _changed(expert: Tensor, base: Tensor) -> bool:
     return not torch.equal(expert, base)
 
 
+def _check_metric(metric: Any) -> None:
+    """``metric`` must name a :data:`METRICS` entry (the heatmaps' and :func:`model_matrix`'s argument)."""
+    if not isinstance(metric, str) or metric not in METRICS:
+        raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
+
+
 def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerRule | str | None") -> list[str]:
     """``keys`` checked to be 2-D layers of ``pool``, or by default every matrix ``layer_rule`` selects that an
     expert changed: a layer no expert changed (a frozen block, or a text tower beside the experts' visual ones) has
@@ -1108,10 +1114,11 @@ def _matrix_keys(pool: TaskPool, keys: Sequence[str] | None, layer_rule: "LayerR
     _require_pool(pool)
     if isinstance(keys, str) or (keys is not None and not isinstance(keys, (Sequence, set, frozenset))):
         raise DiagnosticsError(f"keys must be a list of layer keys or None, got {brief(keys)}")
-    if keys is None:
+    if keys is None:   # reading every expert's tensors: once per pool and rule (the app asks on every update)
         rule = resolve_rule(layer_rule)
-        return [k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)
-                and any(_changed(pool.experts[name][k], t) for name in pool.names)]
+        return list(pool.memo(("diag", "changed_matrix_keys", rule), lambda: tuple(
+            k for k, t in pool.base.items() if t.is_floating_point() and rule.is_matrix(k, t.shape)
+            and any(_changed(pool.experts[name][k], t) for name in pool.names))))
     keys = list(keys)
     twice = sorted({k for k in keys if isinstance(k, str) and keys.count(k) > 1})
     if twice:   # a model-level average would count the layer twice
@@ -1182,8 +1189,7 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
         [[1.0, 0.5773502588272095], [0.5773502588272095, 1.0]]
     """
     _require_pool(pool)
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
+    _check_metric(metric)
     if METRICS[metric].shape != "TxT":
         raise DiagnosticsError(f"'{metric}' is per merged subspace of one layer, which have no counterpart across "
                                f"layers; the model-level metrics are "
@@ -1324,8 +1330,7 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
         [[1.0, 1.0], [1.0, 1.0]]
     """
     _require_pool(pool)
-    if not isinstance(metric, str) or metric not in METRICS:
-        raise DiagnosticsError(f"unknown metric {brief(metric)}; available metrics: {list(METRICS)}")
+    _check_metric(metric)
     if not isinstance(key, str) or key not in pool.base:
         raise DiagnosticsError(f"unknown key {brief(key)}; the pool has {len(pool.base)} keys, e.g. {pool.keys[:3]}")
     shape = tuple(pool.base[key].shape)
