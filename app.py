@@ -18,13 +18,13 @@ except ImportError:  # not on a Hugging Face Space
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,7 +37,7 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import (ControlSpec, collect, control_specs, depends_on_method, depends_on_tasks,
+from studio.ui.controls import (ControlSpec, collect_js, control_specs, depends_on_method, depends_on_tasks,
                                 fit_to_controls, initial_values, parse_json_object, post_scale_param, shown_info,
                                 sources_markdown, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
@@ -319,22 +319,36 @@ def _make_control(spec: ControlSpec, current: Any, prefix: str, owner: str = "")
     # a calibration's box is named as its slider: TSV-M's and SVC's would both read "auto (...)" to a screen reader
     box = gr.Checkbox(value=auto, label=f"{owner} · {spec.auto_label}" if owner else spec.auto_label,
                       key=f"{key}-auto", preserved_by_key=None, container=False, interactive=True)
-    # ticked: the greyed slider shows the automatic value again, which the merge now uses (it kept the last manual one)
-    box.input(lambda a: gr.Slider(interactive=False, value=spec.value) if a else gr.Slider(interactive=True), box,
-              slider, show_progress="hidden", api_visibility="private", queue=False)
+    # ticked: the greyed slider shows the automatic value again, which the merge now uses (it kept the last manual one);
+    # in the page, as every event of the controls (see _render_params)
+    box.input(None, box, slider, js=f"(auto) => auto ? {_update_js(_slider_update(spec.value, False))} : "
+                                    f"{_update_js(_slider_update(None, True))}")
     return [slider, box]
 
 
+def _slider_update(value: Any, interactive: bool) -> dict:
+    """A slider's update as a browser function returns it (Gradio's ``{"__type__": "update", ...}``); ``value``
+    None: kept."""
+    update = {"__type__": "update", "interactive": interactive}
+    return update if value is None else {**update, "value": value}
+
+
+def _update_js(value: Any) -> str:
+    """``value`` as a JavaScript literal."""
+    return json.dumps(value, allow_nan=False)
+
+
 def _reset_updates(specs: list[ControlSpec]) -> list:
-    """What "Reset to defaults" sends the controls: each one's starting value, every "auto" box ticked again."""
+    """What "Reset to defaults" sends the controls (as a browser function returns them): each one's starting value,
+    every "auto" box ticked again."""
     out: list = []
     for spec in specs:
         if spec.kind != "slider":
             out.append(spec.value)
             continue
-        out.append(gr.Slider(value=spec.value, interactive=spec.auto_label is None))
+        out.append(_slider_update(spec.value, spec.auto_label is None))
         if spec.auto_label is not None:
-            out.append(gr.Checkbox(value=True))
+            out.append({"__type__": "update", "value": True})
     return out
 
 
@@ -343,13 +357,7 @@ def _triggers(comps: list[gr.components.Component]) -> list:
     return [c.release if isinstance(c, gr.Slider) else c.input for c in comps]
 
 
-def _store(owner: str, specs: list[ControlSpec], state: "dict | None", *values: Any) -> dict:
-    new = dict(state or {})
-    new[owner] = collect(specs, values)
-    return new
-
-
-def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, owner: str, num_tasks: int,
+def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owner: str, num_tasks: int,
                    largest_rank: "int | None", base_method: "str | None" = None, calibration: bool = False) -> None:
     """The controls of ``owner``'s schema; a calibration's (after ``base_method``) are labelled with its name."""
     specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank, base_method=base_method)
@@ -360,15 +368,20 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.State, own
     for spec in specs:
         comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else ""))
     reset = gr.Button(f"Reset {owner} to defaults", size="sm", variant="secondary", key=f"{prefix}-reset")
-    # the controls and the stored values in one event: the state keeps one writer per event
-    reset.click(lambda state: [*_reset_updates(specs), _store(owner, specs, state, *initial_values(specs))],
-                state, [*comps, state], show_progress="hidden", api_visibility="private", **CONTROLS)
+    # The controls' events run in the page (no round trip): the stored values change in the order the user set them,
+    # before a click that follows reads them. Stored on the server, two quick changes reached it out of order now
+    # and then (their requests travel apart: four key presses stored 4.85, then 4.9, over the shown 4.85), a click
+    # could overtake a store, and a render of the controls could replace the function a store was sent to.
+    # The controls and the stored values in one event: the state keeps one writer per event.
+    reset.click(None, state, [*comps, state],
+                js=f"(state) => [...{_update_js(_reset_updates(specs))}, "
+                   f"({collect_js(specs, owner)})(state, ...{_update_js(initial_values(specs))})]")
     sources = sources_markdown(specs)
     if sources:   # folded: with them, each help text ran to ten lines
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
             gr.Markdown(sources, key=f"{prefix}-sources-text")
-    gr.on(_triggers(comps), partial(_store, owner, specs), inputs=[state, *comps], outputs=state,
-          trigger_mode="multiple", show_progress="hidden", api_visibility="private", **CONTROLS)
+    gr.on(_triggers(comps), None, inputs=[state, *comps], outputs=state, js=collect_js(specs, owner),
+          trigger_mode="multiple")
 
 
 #: What a stopped job says, where its results would have gone.
@@ -388,12 +401,10 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-#: The concurrency group of the events that store the controls' values (a slider's, the expert selection's fit of the
-#: ranges, a reset, "Equal weights", "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one
-#: at a time, in the order the page sent them. Every session shares it (Gradio orders a group, not a session's
-#: events); each of its events takes milliseconds. The stores send every change (``trigger_mode="multiple"``): with
-#: "always_last" a change made while the last one was being stored waited in the page and reached the server after a
-#: merge clicked in the meantime.
+#: The concurrency group of the server's events that write the controls' stored values (the expert selection's fit
+#: of the ranges, "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the
+#: order they reached the server. Every session shares it (Gradio orders a group, not a session's events); each of its
+#: events takes milliseconds. The controls' own stores run in the page (:func:`_render_params`).
 CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
 
 
@@ -415,10 +426,10 @@ def _stopped_since_click(sess: Any) -> bool:
 
 def _settle() -> None:
     """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`
-    after every control update the page sent before the click, so that the job that follows (``.success``) reads the
-    values stored: with the job clicked right after a value was typed into a slider's box, a busy server (the
-    diagnostics of the last change running) read the old value. A second click while the job is pending is dropped by
-    the page (``once``); the job does not start once Stop was pressed since the click."""
+    after the server's writes of the stored values that reached it before the click (a fit to a new expert selection,
+    "Use best α"), so that the job that follows (``.success``), whose inputs the page reads when this step ends, merges
+    them. A second click while the job is pending is dropped by the page (``once``); the job does not start once Stop
+    was pressed since the click."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -477,9 +488,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="Merge Studio", delete_cache=(1800, 3600)) as demo:
         gr.Markdown(f"## Merge Studio\nSuite **{studio.suite_name}**: {len(studio.task_names)} task experts. "
                     "Pick experts and a method, watch the spectra while you tune, then merge, evaluate and export.")
-        hp_state = gr.State({})    # {method: {param: value | None (auto)}}: plain JSON, never tensors
-        cal_state = gr.State({})   # {calibration: {param: value}}
-        pref_state = gr.State({})  # {task: weight}
+        # The controls' values, held in the page (hidden), which stores them itself (see _render_params): each
+        # event that reads them gets them as the page holds them when it is sent
+        hp_state = gr.JSON({}, visible="hidden")     # {method: {param: value | None (auto)}}
+        cal_state = gr.JSON({}, visible="hidden")    # {calibration: {param: value}}
+        pref_state = gr.JSON({}, visible="hidden")   # {task: weight}
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
         best_alpha = gr.State(None)
@@ -569,16 +582,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                              key=f"pref-{t}", preserved_by_key=None, interactive=True, buttons=[])
                                    for t in names]
 
-                        def store(*values: float) -> dict:
-                            return dict(zip(names, values))
-
-                        gr.on([s.release for s in sliders], store, inputs=sliders, outputs=pref_state,
-                              trigger_mode="multiple", show_progress="hidden", api_visibility="private",
-                              **CONTROLS)
+                        # in the page, as the method's controls (see _render_params)
+                        store = f"(...values) => Object.fromEntries({_update_js(names)}.map((t, i) => [t, values[i]]))"
+                        gr.on([s.release for s in sliders], None, inputs=sliders, outputs=pref_state, js=store,
+                              trigger_mode="multiple")
                         equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
-                        equal.click(lambda: [*(1.0 for _ in names), store(*(1.0 for _ in names))], None,
-                                    [*sliders, pref_state], show_progress="hidden", api_visibility="private",
-                                    **CONTROLS)
+                        ones = _update_js([1.0] * len(names))
+                        equal.click(None, None, [*sliders, pref_state], js=f"() => [...{ones}, ({store})(...{ones})]")
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():

@@ -7,6 +7,7 @@ as a whole; a selection of its tests (``-k``) may start from a page no step of i
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -499,53 +500,91 @@ def test_the_heatmap_over_the_whole_model(page):
     page.wait_for_function(f"() => ({title})() === 'Interference · subspace_similarity'")
 
 
-def test_a_merge_clicked_while_the_server_stores_a_typed_value_merges_that_value(page, monkeypatch):
-    """The store of a value typed into a slider's box is held up on the server (as by the diagnostics of a busy
-    one, where the test above failed 2 runs in 7 before): the merge clicked at once still merges that value, since
-    its first step waits for the stores sent before it; a second click while the merge is pending merges nothing
-    more; Stop while the first step waits merges nothing. The controls are rendered again at the end, with the real
-    store."""
+class _HeldRequests:
+    """The page's queued requests (``queue/join``), held while :meth:`hold` is on and sent in reverse order by
+    :meth:`release`: a network that delivers them late and out of order, as two requests of a loaded page may be."""
+
+    def __init__(self, pg):
+        self.held: list = []
+        self.holding = False
+        pg.route("**/queue/join*", self._on)
+
+    def _on(self, route) -> None:
+        if self.holding:
+            self.held.append(route)
+        else:
+            route.continue_()
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> int:
+        self.holding = False
+        held, self.held = self.held, []
+        for route in reversed(held):
+            route.continue_()
+        return len(held)
+
+
+def test_the_values_set_are_merged_whatever_order_the_requests_arrive_in(page):
+    """Quick key presses on a slider, a value typed and Merge clicked at once (and again while that merge is pending),
+    and Stop right after a click: with the page's requests held and then delivered in reverse order, the merge uses
+    the values shown, the second click merges nothing more, and Stop merges nothing. The controls' values were stored
+    on the server before: four key presses were stored as 4.85 then 4.9 (two requests overtaking each other; the
+    merge used 4.9 under the shown 4.85), a click could overtake a store, and a store could reach a function a
+    render of the controls had replaced. The page stores them now."""
     import app
 
-    real = app._store
+    net = _HeldRequests(page)
+    try:
+        _rerender_task_arithmetic(page)
+        alpha = page.locator("input[type=range]").first
+        page.wait_for_function("() => { const s = document.querySelector('input[type=range]'); "
+                               "return !!s && s.max == '5' && s.step == '0.05'; }")
 
-    def held_up(*args):
-        time.sleep(2.0)
-        return real(*args)
+        def merged_while_held(act, clicks: int = 1) -> str:
+            before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
+            net.hold()
+            act()
+            for _ in range(clicks):   # a click while the merge of the one before is pending is dropped
+                page.get_by_role("button", name="Merge & evaluate").click()
+                page.wait_for_timeout(300)
+            page.wait_for_timeout(200)    # every request of the changes and the clicks sent, and held
+            assert net.release() >= 1     # the merge's own first step at least
+            page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText"
+                                   f".includes('Run #{before + 1}')")
+            if clicks > 1:
+                page.wait_for_timeout(4000)   # a second merge, had a click queued one, would have ended by now
+            runs = [r for s in app.SESSIONS._data.values() for r in s.runs]
+            last = max(runs, key=lambda r: r.run)
+            assert last.run == before + 1 and last.method == "task_arithmetic", [(r.run, r.settings) for r in runs]
+            return last.settings
 
-    monkeypatch.setattr(app, "_store", held_up)
-    _rerender_task_arithmetic(page)   # the controls rendered again take the held-up store
-    before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
-    _type_and_send(page, "2.35")
-    page.get_by_role("button", name="Merge & evaluate").click()
-    page.wait_for_timeout(300)
-    page.get_by_role("button", name="Merge & evaluate").click()   # while the first is queued: dropped
-    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
-    page.wait_for_timeout(4000)   # a second merge, had the click queued one, would have ended by now
-    runs = [r for s in app.SESSIONS._data.values() for r in s.runs]
-    assert max(r.run for r in runs) == before + 1, [(r.run, r.settings) for r in runs][-3:]
-    last = max(runs, key=lambda r: r.run)
-    assert last.method == "task_arithmetic" and "alpha=2.35" in last.settings, last.settings
-    # Stop pressed while the merge's first step still waits for the store: nothing is merged (Stop cancelled only
-    # the merge itself, which the first step then started)
-    _type_and_send(page, "1.55")
-    page.get_by_role("button", name="Merge & evaluate").click()
-    page.wait_for_timeout(800)   # the click reached the server (unqueued), its first step waits behind the store
-    page.get_by_role("button", name="Stop").click()
-    page.wait_for_timeout(6000)   # the store's 2 s, then a merge of about 2 s, had one been started
-    runs = [r for s in app.SESSIONS._data.values() for r in s.runs]
-    assert max(r.run for r in runs) == last.run, [(r.run, r.settings) for r in runs][-3:]
-    monkeypatch.undo()
-    _rerender_task_arithmetic(page)
+        def keys():
+            alpha.focus()
+            alpha.press("End")              # 5.0
+            for _ in range(3):
+                alpha.press("ArrowLeft")    # 4.85
+            assert alpha.input_value() == "4.85"
 
-
-def _type_and_send(pg, value: str) -> None:
-    """Type ``value`` into the first slider's box and leave it, giving the page 200 ms to send its store (held up on
-    the server for 2 s): what is tested is the server's order, not when a loaded browser sends the store."""
-    box = pg.locator("input[type=number]").first
-    box.fill(value)
-    box.press("Tab")   # the box loses focus the way a user leaves it
-    pg.wait_for_timeout(200)
+        assert "alpha=4.85" in merged_while_held(keys)
+        box = page.locator("input[type=number]").first
+        assert "alpha=2.35" in merged_while_held(lambda: box.fill("2.35"), clicks=2)   # the click leaves the box
+        page.wait_for_function(SHOWS_JS, arg="task_arithmetic (alpha=2.35")   # the diagnostics follow too
+        # Stop right after the click, while its requests are held: nothing is merged
+        runs = max(r.run for s in app.SESSIONS._data.values() for r in s.runs)
+        net.hold()
+        box.fill("1.55")
+        page.get_by_role("button", name="Merge & evaluate").click()
+        page.wait_for_timeout(300)
+        page.get_by_role("button", name="Stop").click()
+        page.wait_for_timeout(300)
+        net.release()
+        page.wait_for_timeout(5000)   # a merge of about 2 s, had one been started
+        assert max(r.run for s in app.SESSIONS._data.values() for r in s.runs) == runs
+    finally:
+        net.release()
+        page.unroute("**/queue/join*")
 
 
 def _rerender_task_arithmetic(pg) -> None:
@@ -555,3 +594,42 @@ def _rerender_task_arithmetic(pg) -> None:
     _select_method(pg, "task_arithmetic")
     pg.wait_for_function("() => !document.body.innerText.includes('topk_scope')")
     pg.get_by_role("button", name="Reset task_arithmetic to defaults").wait_for()
+
+
+def test_the_page_stores_the_controls_as_collect_does(page):
+    """The controls' store runs in the page (``collect_js``): on 400 random settings of every kind of control
+    (automatic ones ticked or not, integer sliders at halves of either sign, values typed out of range, infinities),
+    it stores what the server's ``collect`` gives, next to the other methods' values, which it keeps."""
+    import random
+
+    from studio.ui.controls import ControlSpec, collect, collect_js
+
+    specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"),
+             ControlSpec("r", "slider", "r", 4, step=1, auto_label="auto (rank)"),
+             ControlSpec("n", "slider", "n", 5, step=1), ControlSpec("a", "slider", "a", 1.0),
+             ControlSpec("flag", "checkbox", "flag", False),
+             ControlSpec("mode", "dropdown", "mode", "x", choices=("x", "y"))]
+    rng = random.Random(0)
+
+    def number() -> float:
+        return rng.choice([rng.randint(-40, 40) / 2, rng.uniform(-1e3, 1e3), rng.randint(-9, 9), 1e15 + 0.5,
+                           -(1e15 + 0.5), 2.4999999, float("inf"), -0.5])
+
+    cases = []
+    for _ in range(400):
+        values: list = []
+        for spec in specs:
+            values.append(number() if spec.kind == "slider" else
+                          rng.random() < 0.5 if spec.kind == "checkbox" else rng.choice(["x", "y"]))
+            if spec.auto_label is not None:
+                values.append(rng.random() < 0.5)
+        cases.append(values)
+    state = {"ties": {"alpha": 0.7}, "owner": {"k": 0.1}}
+    stored = page.evaluate("([src, state, cases]) => cases.map(v => eval('(' + src + ')')(state, ...v))",
+                           [collect_js(specs, "owner"), state, cases])
+    expected = [{**state, "owner": collect(specs, values)} for values in cases]
+    assert stored == expected
+    # n (after k, its box, r, its box) at halves, where halving to even and rounding up differ
+    halves = [v[4] for v in cases if v[4] % 1 == 0.5]
+    assert any(round(v) != math.floor(v + 0.5) for v in halves) and any(v < 0 for v in halves)
+

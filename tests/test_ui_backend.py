@@ -3,6 +3,8 @@ optimisation and the prediction gallery, each checked against an independent com
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,24 @@ def test_request_from_state_ignores_deselected_preferences(st: Studio, two):
     req = st.request_from_state("task_arithmetic", {"task_arithmetic": {"alpha": 0.5}}, two, "none", {},
                                 {two[0]: 1.0, two[1]: 0.5, st.task_names[-1]: 9.0})
     assert req.hparams == {"alpha": 0.5} and req.preferences == {two[0]: 1.0, two[1]: 0.5}
+
+
+@pytest.mark.parametrize("states, message", [
+    (([0.5], {}, {}), "the stored method settings must be a JSON object, got [0.5]"),
+    (({"task_arithmetic": 0.5}, {}, {}), "method settings stored for 'task_arithmetic' must be a JSON object"),
+    (({}, {"svc": "alpha=1"}, {}), "calibration settings stored for 'svc' must be a JSON object"),
+    (({}, {}, "heavy"), "the stored preference settings must be a JSON object, got 'heavy'"),
+    (({}, {}, {0: "heavy"}), "must be a number >= 0, got 'heavy'"),   # 0: the first selected task
+    (({"task_arithmetic": {"alpha": "big"}}, {}, {}), "'alpha'"),
+])
+def test_request_from_state_refuses_states_that_are_not_settings(st: Studio, two, states, message):
+    """The app's page holds the stored settings and sends them with each event: a state of another shape, or a
+    value of another type, is refused, naming it."""
+    hp, cal, prefs = states
+    if isinstance(prefs, dict) and 0 in prefs:
+        prefs = {two[0]: prefs[0]}
+    with pytest.raises(StudioError, match=re.escape(message)):
+        st.request_from_state("task_arithmetic", hp, two, "svc" if cal else "none", cal, prefs)
 
 
 @pytest.mark.parametrize("method, calibrate", [("task_arithmetic", None), ("task_arithmetic", "svc")])

@@ -37,6 +37,33 @@ class RequestError(StudioError):
     """A merge request is incomplete or inconsistent (no expert selected, unknown expert, too few experts...)."""
 
 
+def _stored(state: Any, name: str | None, what: str) -> dict[str, Any]:
+    """The settings the app's page stored for ``name`` (``state[name]``; the whole ``state`` for ``name`` None), as
+    a dict; a state that is not a JSON object of them is refused, naming what is wrong.
+
+    Example:
+        >>> _stored({"ties": {"k": 0.2}}, "ties", "method"), _stored(None, "ties", "method")
+        ({'k': 0.2}, {})
+        >>> _stored({"ties": [0.2]}, "ties", "method")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        studio.ui.backend.RequestError: the method settings stored for 'ties' must be a JSON object ..., got [0.2]
+    """
+    if state is None:
+        return {}
+    if not isinstance(state, Mapping):
+        raise RequestError(f"the stored {what} settings must be a JSON object, got {brief(state)}")
+    if name is None:
+        return dict(state)
+    part = state.get(name)
+    if part is None:
+        return {}
+    if not isinstance(part, Mapping):
+        raise RequestError(f"the {what} settings stored for {name!r} must be a JSON object of param -> value, "
+                           f"got {brief(part)}")
+    return dict(part)
+
+
 @dataclass(frozen=True)
 class MergeRequest:
     """A validated description of one merge; :meth:`recipe` turns it into a reproducible :class:`Recipe`.
@@ -274,9 +301,10 @@ class Studio:
         """
         experts = list(experts or [])
         cal = None if calibration in (None, "", "none") else calibration
-        hp = dict((hp_state or {}).get(method, {}) if method else {})
-        cal_hp = dict((cal_state or {}).get(cal, {})) if cal else {}
-        prefs = {t: float(w) for t, w in (pref_state or {}).items() if t in experts} or None
+        hp = _stored(hp_state, method, "method")
+        cal_hp = _stored(cal_state, cal, "calibration")
+        prefs = _stored(pref_state, None, "preference")   # the page holds the states: each is checked, as a request
+        prefs = {t: w for t, w in prefs.items() if t in experts} or None
         return self.request(method, hp, experts, cal, cal_hp, prefs, seed)
 
     @staticmethod

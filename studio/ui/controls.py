@@ -241,6 +241,35 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
     return out
 
 
+def collect_js(specs: Sequence[ControlSpec], owner: str) -> str:
+    """:func:`collect` as a browser function ``(state, ...values) => state'``: the page stores ``owner``'s values
+    itself, in the order the user set them, with no round trip (the app's "store" events run it). Python's ``round``
+    halves to even, as this does; the app's tests check it against :func:`collect` in a browser.
+
+    Example:
+        >>> print(collect_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
+        (state, ...values) => {
+          ...
+          return {...(state || {}), "ties": out};
+        }
+    """
+    layout = [[s.name, s.auto_label is not None, s.kind == "slider" and _is_int(s.value)] for s in specs]
+    return f"""(state, ...values) => {{
+  const out = {{}};
+  let i = 0;
+  for (const [name, auto, integer] of {json.dumps(layout)}) {{
+    let v = values[i++];
+    if (auto && values[i++]) v = null;
+    else if (integer && typeof v === "number" && Number.isFinite(v)) {{
+      const f = Math.floor(v), d = v - f;
+      v = d > 0.5 ? f + 1 : d < 0.5 ? f : (f % 2 === 0 ? f : f + 1);
+    }}
+    out[name] = v;
+  }}
+  return {{...(state || {{}}), {json.dumps(owner)}: out}};
+}}"""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
