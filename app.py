@@ -495,6 +495,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         pref_state = gr.JSON({}, visible="hidden")   # {task: weight}
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
+        pref_reload = gr.State(0)  # and for the preference sliders (a new expert selection)
         best_alpha = gr.State(None)
 
         with gr.Row(equal_height=False):
@@ -505,7 +506,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 method_dd = gr.Dropdown(methods, value=default_method, label="Merging method")
                 method_md = gr.Markdown(_method_markdown(studio, default_method))
                 with gr.Group():
-                    @gr.render(inputs=[method_dd, experts_cb, hp_state], triggers=[method_dd.change, hp_reload.change, demo.load])
+                    # Each user event here has one listener, which the others follow through a reload mark (a
+                    # state's change is sent to its listeners one by one): the page sends an event again to all its
+                    # listeners when one that was busy ends (Gradio's "always_last"), and with the render, the
+                    # diagnostics and two updates on the method's change, two busy ones took turns without end
+                    # (the controls rendered again every 0.3 s, a value typed into them lost)
+                    @gr.render(inputs=[method_dd, experts_cb, hp_state], triggers=[hp_reload.change, demo.load])
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
@@ -515,11 +521,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                              info="applied after the base method on every matrix layer")
 
                 # the method too: a calibration's automatic start may depend on it (SVC's alpha: 1.0 after TSV-M;
-                # follow_method renders it again then, and only then: a render on every method change raced the
-                # method's own controls, whose next event then met a function the render had replaced)
+                # on_method renders it again then, and only then)
                 with gr.Group():   # one block, as the method's: a slider's "auto" box sat apart from it
                     @gr.render(inputs=[calibration_dd, experts_cb, cal_state, method_dd],
-                               triggers=[calibration_dd.change, cal_reload.change, demo.load])
+                               triggers=[cal_reload.change, demo.load])
                     def calibration_controls(calibration: str, experts: list, cal: dict, method: str):
                         if calibration and calibration != "none":
                             _render_params(studio.schema(calibration, "calibration"),
@@ -527,13 +532,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                            calibration, len(experts or []),
                                            studio.largest_rank(calibration, "calibration"), method, calibration=True)
 
-                def follow_method(calibration: str):
-                    shown = calibration not in (None, "", "none") and depends_on_method(
-                        studio.schema(calibration, "calibration"))
-                    return time.monotonic_ns() if shown else gr.skip()
-
-                method_dd.change(follow_method, calibration_dd, cal_reload, show_progress="hidden",
-                                 api_visibility="private", trigger_mode="always_last")
+                calibration_dd.change(time.monotonic_ns, None, cal_reload, show_progress="hidden",
+                                      api_visibility="private")
 
                 fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
 
@@ -544,10 +544,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     they depend on T. Runs one at a time, the last of quick clicks last (so a fit for an earlier
                     selection never lands after it), and reads the page when it starts: an earlier run may already
                     have seen the last selection, which is then not rendered twice (a slider moved between two
-                    renders would be lost with the first). The reload marks are fresh values, not counters."""
+                    renders would be lost with the first). The preference sliders and the diagnostics follow the
+                    selection through ``pref_reload``. The reload marks are fresh values, not counters."""
                     selection = list(experts or [])
                     if selection == done:
-                        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                        return (gr.skip(),) * 6
                     T = len(selection) or None
                     out = []
                     for kind, shown, stored in (("merge", method, hp), ("calibration", calibration, cal)):
@@ -558,18 +559,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown, kind))
                         out += [fitted if changed else gr.skip(),
                                 time.monotonic_ns() if changed or depends else gr.skip()]
-                    return out[0], out[2], out[1], out[3], selection
+                    return out[0], out[2], out[1], out[3], time.monotonic_ns(), selection
 
                 experts_cb.change(follow_experts,
                                   [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
-                                  [hp_state, cal_state, hp_reload, cal_reload, fitted_for], show_progress="hidden",
-                                  api_visibility="private", trigger_mode="always_last", **CONTROLS)
+                                  [hp_state, cal_state, hp_reload, cal_reload, pref_reload, fitted_for],
+                                  show_progress="hidden", api_visibility="private", trigger_mode="always_last",
+                                  **CONTROLS)
 
                 with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
                     gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "
                                 "(without calibration each task matrix is scaled by T·p). Equal = uniform.</small>")
 
-                    @gr.render(inputs=[experts_cb, pref_state], triggers=[experts_cb.change, demo.load])
+                    @gr.render(inputs=[experts_cb, pref_state], triggers=[pref_reload.change, demo.load])
                     def preference_sliders(experts: list, prefs: dict):
                         names = [t for t in studio.task_names if t in (experts or [])]
                         if not names:
@@ -653,16 +655,21 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def _ui_request(method, hp, experts, calibration, cal, prefs, seed=0) -> MergeRequest:
             return studio.request_from_state(method, hp, experts, calibration, cal, prefs, int(seed or 0))
 
-        def on_method(method: str):
+        def on_method(method: str, calibration: str):
+            """The method's description and sweep; its controls rendered again (``hp_reload``), and the calibration's
+            where their automatic start depends on the method (``cal_reload``)."""
             label, active, lo, hi = _optimise_setup(studio, method)
+            follows = calibration not in (None, "", "none") and depends_on_method(
+                studio.schema(calibration, "calibration"))
             # the last sweep was of another method: its curve, best value and "Use best α" go with it
             return (_method_markdown(studio, method), gr.Button(interactive=active, value=label),
                     gr.skip() if lo is None else lo, gr.skip() if hi is None else hi,
-                    None, "", None, gr.Button(interactive=False))
+                    None, "", None, gr.Button(interactive=False), time.monotonic_ns(),
+                    time.monotonic_ns() if follows else gr.skip())
 
-        method_dd.change(on_method, method_dd,
-                         [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn],
-                         api_visibility="private", show_progress="hidden", queue=False)
+        method_dd.change(on_method, [method_dd, calibration_dd],
+                         [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn,
+                          hp_reload, cal_reload], api_visibility="private", show_progress="hidden")
 
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer"):
             t0 = time.perf_counter()
@@ -705,8 +712,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd,
                        scope_radio]
-        gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, experts_cb.change, method_dd.change,
-               calibration_dd.change, layer_dd.change, metric_dd.change, scope_radio.change],
+        # the method, the calibration and the experts through their reload marks (see method_controls)
+        gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, hp_reload.change, cal_reload.change,
+               pref_reload.change, layer_dd.change, metric_dd.change, scope_radio.change],
               update_diagnostics, inputs=diag_inputs,
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
               trigger_mode="always_last", show_progress="hidden", concurrency_id="diagnostics", concurrency_limit=2,

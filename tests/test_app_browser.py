@@ -633,3 +633,36 @@ def test_the_page_stores_the_controls_as_collect_does(page):
     halves = [v[4] for v in cases if v[4] % 1 == 0.5]
     assert any(round(v) != math.floor(v + 0.5) for v in halves) and any(v < 0 for v in halves)
 
+
+def test_method_switches_while_requests_are_pending_render_the_controls_a_few_times(page, monkeypatch):
+    """Two method switches sent while the page's requests are held, then delivered in reverse order: the controls of
+    the last method are rendered, a bounded number of times. The page sends an event again to all its listeners
+    when one that was busy ends; with four listeners on the method's change, two busy ones took turns without end
+    (the controls rendered again every 0.3 s for a minute, and a value typed into them was lost)."""
+    import app
+
+    renders: list[str] = []
+    real = app._render_params
+
+    def counted(schema, stored, prefix, *args, **kwargs):
+        renders.append(prefix)
+        return real(schema, stored, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(app, "_render_params", counted)   # looked up by the render when it runs
+    net = _HeldRequests(page)
+    try:
+        for _ in range(3):
+            net.hold()
+            _select_method(page, "ties")
+            page.wait_for_timeout(300)
+            _select_method(page, "task_arithmetic")
+            page.wait_for_timeout(300)
+            net.release()
+            page.get_by_role("button", name="Reset task_arithmetic to defaults").wait_for()
+            page.wait_for_timeout(3000)   # a render every 0.3 s, had two listeners taken turns
+            method_renders = [r for r in renders if r.startswith("hp-")]   # a calibration's are "cal-..."
+            assert 1 <= len(method_renders) <= 3 and method_renders[-1] == "hp-task_arithmetic", renders
+            renders.clear()
+    finally:
+        net.release()
+        page.unroute("**/queue/join*")
