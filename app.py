@@ -60,7 +60,8 @@ footer {display: none !important}
 # on the range (arrows, Page Up / Down, Home, End) sends only "input", so the value shown would not be the one the
 # diagnostics and the next merge use. The page releases a range moved since its last release when such a key comes
 # up, or when focus leaves it first (Tab, or a click elsewhere, while the key is held), as a pointer would: the same
-# one event per change, so the app's state keeps one writer (storing on every "input" as well raced the merge).
+# one event per change (the page stores it, see _render_params; on every "input" as well, the diagnostics would run
+# on each step of a held key).
 HEAD = """<script>
 (() => {
   const keys = new Set(["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"]);
@@ -542,18 +543,23 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     rank_fraction ends at 1/T): move each stored value the new range leaves out to its nearest end
                     (else the next merge would meet the engine's refusal) and render the shown controls again where
                     they depend on T. Runs one at a time, the last of quick clicks last (so a fit for an earlier
-                    selection never lands after it), and reads the page when it starts: an earlier run may already
-                    have seen the last selection, which is then not rendered twice (a slider moved between two
-                    renders would be lost with the first). The preference sliders and the diagnostics follow the
-                    selection through ``pref_reload``. The reload marks are fresh values, not counters."""
+                    selection never lands after it), and gets the page's values as they were when it was sent: an
+                    earlier run may already have seen the last selection, which is then not rendered twice (a slider
+                    moved between two renders would be lost with the first). A value fitted here replaces the page's
+                    stored values by those it was sent with: a slider released in the meantime (a round trip) goes
+                    back. The preference sliders and the diagnostics follow the selection through ``pref_reload``.
+                    Settings the page holds for a name this studio does not know (a hand-made request) are kept as
+                    they are. The reload marks are fresh values, not counters."""
                     selection = list(experts or [])
                     if selection == done:
                         return (gr.skip(),) * 6
                     T = len(selection) or None
                     out = []
-                    for kind, shown, stored in (("merge", method, hp), ("calibration", calibration, cal)):
+                    for kind, shown, stored, known in (("merge", method, hp, methods),
+                                                       ("calibration", calibration, cal, calibrations[1:])):
                         fitted = {name: fit_to_controls(studio.schema(name, kind), values, T,
                                                         studio.largest_rank(name, kind))
+                                  if name in known and isinstance(values, dict) else values
                                   for name, values in (stored or {}).items()}
                         changed = fitted != (stored or {})
                         depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown, kind))
