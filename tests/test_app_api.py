@@ -126,9 +126,14 @@ def test_methods_and_layers_answer_a_plain_post_while_the_queue_is_full(client: 
     queue = app_module.demo._queue
     jobs = [client.submit("task_arithmetic", [suite.task_names[0]], api_name="/merge") for _ in range(5)]
     try:
-        deadline = time.monotonic() + 60   # the client sends its submissions from threads of its own
+        # the client sends its submissions from threads of its own; those that reach the queue before the first merge
+        # leaves it for the worker can all be refused, and the queue then keeps a place free: more are sent until it
+        # is full (the test timed out once in a full run with five)
+        deadline = time.monotonic() + 60
         while len(queue) < queue.max_size and time.monotonic() < deadline:
-            time.sleep(0.05)
+            time.sleep(0.5)
+            if len(queue) < queue.max_size and len(jobs) < 12:
+                jobs.append(client.submit("task_arithmetic", [suite.task_names[0]], api_name="/merge"))
         assert len(queue) == queue.max_size, len(queue)
         with pytest.raises(Exception, match="[Qq]ueue is full"):   # queued endpoints are refused now
             client.predict("visual.proj", api_name="/spectrum")
