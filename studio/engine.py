@@ -39,7 +39,8 @@ def clear_pools() -> None:
         _POOLS.clear()
 
 
-def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None, svd_mode: str = "auto") -> TaskPool:
+def get_pool(base: StateDict, experts: Mapping[str, StateDict], *, device: Any = None,
+             svd_mode: str = "auto") -> TaskPool:
     """Return the cached :class:`TaskPool` for this exact expert set (and device), creating it if needed."""
     dev = resolve_device(device)
     # Keys, types and shapes first (no pass over the values), so that the fingerprint never meets a non-tensor;

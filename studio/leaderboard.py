@@ -3,7 +3,8 @@
     python -m studio.leaderboard [--suite assets/minisuite] [--out leaderboard.md] [--methods ...] [--json out.json]
 
 Protocol (TSV / Iso-C papers): for a method with a global scale (a ``post_scale`` parameter, e.g. ``alpha``) the
-scale is chosen on the **validation** split by average normalized accuracy over a grid (:func:`studio.evaluate.alpha_sweep`);
+scale is chosen on the **validation** split by average normalized accuracy over a grid
+(:func:`studio.evaluate.alpha_sweep`);
 methods without one use their default hyperparameters. Every calibration (``svc``, ``align_merge_b``, ...) is
 listed applied on Task Arithmetic, as the SVC paper reports it. The chosen merge is evaluated on the **test**
 split. Zero-shot and individual (each expert on its own task) rows are references.

@@ -55,7 +55,8 @@ def test_merge_returns_a_reproducible_safetensors_file(client: Client, suite):
     assert weights.keys() == suite.base.keys()
     recipe = Recipe.from_text(read_metadata(path)[RECIPE_METADATA_KEY])
     assert recipe == Recipe.from_dict(summary["recipe"]) == Recipe.from_text(summary["recipe_yaml"])
-    assert recipe.hparams == {"alpha": 0.4} and recipe.preferences == {experts[0]: 2.0, experts[1]: 1.0, experts[2]: 1.0}
+    assert recipe.hparams == {"alpha": 0.4}
+    assert recipe.preferences == {experts[0]: 2.0, experts[1]: 1.0, experts[2]: 1.0}
     # it records the weights it merged and made: a replay checks the suite's experts, and makes the same bits
     assert recipe.fingerprints == {"base": fingerprint(suite.base), "merged": fingerprint(weights),
                                    "experts": {n: fingerprint(suite.experts[n]) for n in experts},

@@ -228,7 +228,8 @@ def test_sar_matches_iso_eq5_with_explicit_projections():
     k_ta = D.effective_rank(D.spectrum(TA), 0.05)
     # pairwise, Fig. 3b: k_TA directions of task j
     expected = torch.tensor([[float((_top_u(mats[j], k_ta) @ _top_u(mats[j], k_ta).T @ mats[i].double()).norm()
-                                    / mats[i].double().norm()) for j in range(3)] for i in range(3)], dtype=torch.float64)
+                                    / mats[i].double().norm()) for j in range(3)] for i in range(3)],
+                            dtype=torch.float64)
     torch.testing.assert_close(D.pairwise_sar(layer).double(), expected, atol=1e-5, rtol=0)
     # to the merged delta, eq. (5) with k_M of eq. (6)
     merged = (0.4 * TA + 0.05 * torch.randn(14, 10, generator=torch.Generator().manual_seed(9))).float()

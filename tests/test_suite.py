@@ -257,7 +257,8 @@ def test_error_cases(mini_suite, tmp_path):
     # an empty stored split
     copy = tmp_path / "copy"
     shutil.copytree(mini_suite, copy)
-    save_file({"val_images": torch.zeros(0, 32, 32, 3, dtype=torch.uint8), "val_labels": torch.zeros(0, dtype=torch.int64),
+    save_file({"val_images": torch.zeros(0, 32, 32, 3, dtype=torch.uint8),
+               "val_labels": torch.zeros(0, dtype=torch.int64),
                "test_images": torch.zeros(0, 32, 32, 3, dtype=torch.uint8),
                "test_labels": torch.zeros(0, dtype=torch.int64)}, str(copy / "data" / "signs.safetensors"))
     with pytest.raises(EmptySplitError, match="empty"):

@@ -1,4 +1,5 @@
-"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): mask each task's outliers and tiny updates, then Task Arithmetic."""
+"""Model Breadcrumbs (Davari & Belilovsky, ECCV 2024): mask each task's outliers and tiny updates, then Task
+Arithmetic."""
 
 from __future__ import annotations
 
@@ -60,8 +61,8 @@ def _check_keeps_entries(pool: TaskPool, keys: list[str], *, beta: float, gamma:
               help="Scaling coefficient lambda applied to the summed breadcrumbs.",
               paper="Task Arithmetic scaling, 0.3 as for TA/TIES/DARE on ViT-B/32 (project issue)"),
     ),
-    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024), Sec. 3; "
-          "official code rezazzr/breadcrumbs (TaskVectorMiddleKeep)",
+    paper="Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks (Davari & Belilovsky, ECCV 2024), "
+          "Sec. 3; official code rezazzr/breadcrumbs (TaskVectorMiddleKeep)",
     summary="Per task, keep the magnitude band between the top-beta outliers and the bottom-gamma (per row, as the "
             "official code), then sum.",
     scope="all",

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..io import save_state_dict
-from .model import (CLIP_MEAN, CLIP_STD, MODEL_CONFIG_DIR, CharTokenizer, create_clip, head_logits, model_config, preprocess,
-                    visual_state_dict)
+from .model import (CLIP_MEAN, CLIP_STD, MODEL_CONFIG_DIR, CharTokenizer, create_clip, head_logits, model_config,
+                    preprocess, visual_state_dict)
 from .tasks import TASK_NAMES, TASKS, generate
 
 SUITE_NAME = "MiniSuite"
@@ -351,7 +351,8 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
             sd, info = finetune(cfg, base, heads[t], logit_scale, train_data[t], device,
                                 seed=cfg.seed * 1000 + 100 + i, log=log, name=t)
             experts[t], ft_info[t] = _round16(sd), info
-            log(f"expert {t}: train-split accuracy {_accuracy(experts[t], heads[t], logit_scale, train_data[t], device, 500):.1f}")
+            train_acc = _accuracy(experts[t], heads[t], logit_scale, train_data[t], device, 500)
+            log(f"expert {t}: train-split accuracy {train_acc:.1f}")
         timings["finetune_s"] = time.perf_counter() - t0
 
         # ---------------------------------------------------------------- write

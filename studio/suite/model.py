@@ -2,9 +2,10 @@
 
 A suite's architecture is an open_clip model config (``studio/model_configs/<name>.json`` for the embedded
 MiniSuite, or any built-in open_clip name such as ``ViT-B-32`` for real CLIP pools). Models are always built with
-``open_clip.create_model`` so state-dict keys are real CLIP keys (``visual.transformer.resblocks.0.attn.in_proj_weight``,
-``visual.proj``, ...). Only the image encoder is merged, as in the papers; classification heads are fixed
-``[C, D]`` matrices applied to the L2-normalised image embedding with a fixed logit scale, like CLIP zero-shot heads.
+``open_clip.create_model`` so state-dict keys are real CLIP keys
+(``visual.transformer.resblocks.0.attn.in_proj_weight``, ``visual.proj``, ...). Only the image encoder is merged, as
+in the papers; classification heads are fixed ``[C, D]`` matrices applied to the L2-normalised image embedding with a
+fixed logit scale, like CLIP zero-shot heads.
 """
 
 from __future__ import annotations
@@ -115,15 +116,16 @@ def visual_state_dict(model: nn.Module) -> dict[str, Tensor]:
             if k.startswith("visual.")}
 
 
-def check_architecture(reference: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], what: str = "state dict") -> None:
+def check_architecture(reference: Mapping[str, Tensor], state_dict: Mapping[str, Tensor],
+                       what: str = "state dict") -> None:
     """Raise :class:`ArchitectureError` naming missing/unexpected keys or the first mismatched shape.
 
     Example:
         >>> ref = {"visual.proj": torch.zeros(2, 2)}
-        >>> check_architecture(ref, {"visual.proj": torch.zeros(2, 3)})
+        >>> check_architecture(ref, {"visual.proj": torch.zeros(2, 3)}, "expert")
         Traceback (most recent call last):
         ...
-        studio.suite.model.ArchitectureError: state dict key 'visual.proj' has shape (2, 3); the architecture expects (2, 2)
+        studio.suite.model.ArchitectureError: expert key 'visual.proj' has shape (2, 3); the architecture expects (2, 2)
     """
     if not isinstance(state_dict, Mapping):
         raise ArchitectureError(f"{what} must be a mapping key -> Tensor, got {type(state_dict).__name__}")

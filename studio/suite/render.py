@@ -114,7 +114,8 @@ def soft(dist: Tensor, size: int, width: float = 1.0) -> Tensor:
     return (0.5 - dist / (2.0 / size * width)).clamp(0.0, 1.0)
 
 
-def rotate(x: Tensor, y: Tensor, theta: Tensor, cx: Tensor | float = 0.0, cy: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
+def rotate(x: Tensor, y: Tensor, theta: Tensor, cx: Tensor | float = 0.0,
+           cy: Tensor | float = 0.0) -> tuple[Tensor, Tensor]:
     """Coordinates in a frame rotated by ``theta`` (radians) about ``(cx, cy)``; all per-sample ``[N]`` or scalars."""
     t = col(theta)
     cx = col(cx) if isinstance(cx, Tensor) else cx

@@ -159,7 +159,8 @@ def render_signs(labels: Tensor, g: torch.Generator, domain: str) -> Tensor:
     layers: list[tuple[Tensor, Tensor]] = []  # (mask, colour) painted in order
     for k, (shape, rim, fill) in enumerate([
         (octagon, red, red), (tri_dn, red, white), (tri_up, red, white), (circle, red, blue), (circle, red, white),
-        (circle, red, white), (circle, blue, blue), (circle, blue, blue), (circle, blue, blue), (diamond, white, yellow),
+        (circle, red, white), (circle, blue, blue), (circle, blue, blue), (circle, blue, blue),
+        (diamond, white, yellow),
     ]):
         s = sel(k)
         layers.append((m(shape) * s, rim.expand(n, 3)))
@@ -317,7 +318,8 @@ def render_aerial_scenes(labels: Tensor, g: torch.Generator, domain: str) -> Ten
             for px in (-0.6, -0.2, 0.2, 0.6):
                 img = paint(img, soft(box_dist(gx, gy, px, 0.35, 0.05, 0.4), S), c("white", m))
             for _ in range(3):
-                img = paint(img, soft(box_dist(gx, gy, uniform(g, m, -0.8, 0.8), uniform(g, m, 0.3, 0.8), 0.05, 0.1), S),
+                img = paint(img,
+                            soft(box_dist(gx, gy, uniform(g, m, -0.8, 0.8), uniform(g, m, 0.3, 0.8), 0.05, 0.1), S),
                             jitter_color(g, torch.full((m, 3), 0.6), 0.35))
         elif k == 4:  # parking lot: rows of small coloured cars on asphalt
             img = rgb(c("grey", m)) * (0.9 + 0.2 * t)
@@ -508,7 +510,8 @@ def render_scenes(labels: Tensor, g: torch.Generator, domain: str) -> Tensor:
             img = rgb(c((0.15, 0.4, 0.15), m)) * (0.7 + 0.6 * t)
             for _ in range(4):
                 img = paint(img, soft((xx - col(uniform(g, m, -0.9, 0.9))).abs() - 0.07, S), c((0.3, 0.2, 0.1), m))
-            img = paint(img, soft((xx.abs() - (yy - h) * 0.5).clamp(min=-1) * (yy > h).float() - 0.0 + (yy <= h).float(), S),
+            img = paint(img,
+                        soft((xx.abs() - (yy - h) * 0.5).clamp(min=-1) * (yy > h).float() - 0.0 + (yy <= h).float(), S),
                         c((0.55, 0.45, 0.3), m))
         elif k in (2, 7):  # skyline by day / city at night
             night = k == 7
@@ -521,8 +524,10 @@ def render_scenes(labels: Tensor, g: torch.Generator, domain: str) -> Tensor:
             if night:
                 lit = (torch.rand(m, 1, 8, 8, generator=g) < 0.35).float()
                 lit = torch.nn.functional.interpolate(lit, size=(S, S), mode="nearest")[:, 0]
-                ok = (torch.remainder((xx + 1) * 16, 4.0) < 2).float() * (torch.remainder((yy + 1) * 16, 4.0) < 2).float()
-                inside = (img.mean(1) < 0.2).float() * (yy > 0.2 - torch.stack(heights, 1).max(1).values.view(-1, 1, 1)).float()
+                ok = ((torch.remainder((xx + 1) * 16, 4.0) < 2).float()
+                      * (torch.remainder((yy + 1) * 16, 4.0) < 2).float())
+                tallest = torch.stack(heights, 1).max(1).values.view(-1, 1, 1)
+                inside = (img.mean(1) < 0.2).float() * (yy > 0.2 - tallest).float()
                 img = paint(img, lit * ok * inside, c((0.95, 0.85, 0.3), m))
         elif k == 3:  # mountains: grey peaks with snow caps
             img = sky

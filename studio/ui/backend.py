@@ -423,7 +423,8 @@ class Studio:
             # Through the recipe's own kwargs, so an exported recipe reproduces exactly this call.
             return merge_pool(pool, req.method, progress=progress, **req.recipe().merge_kwargs())
 
-    def evaluate(self, state_dict: Mapping[str, Tensor], tasks: Sequence[str] | None = None, split: str = "test") -> Any:
+    def evaluate(self, state_dict: Mapping[str, Tensor], tasks: Sequence[str] | None = None,
+                 split: str = "test") -> Any:
         """Per-task evaluation of ``state_dict`` (:func:`studio.evaluate.evaluate`; accuracies in %)."""
         from ..evaluate import evaluate
 

@@ -45,7 +45,10 @@ def _slider_range(p: Mapping[str, Any]) -> tuple[float, float]:
     """A finite slider range for a numeric param (the schema may leave a side unbounded)."""
     low, high, default = p.get("low"), p.get("high"), p.get("default")
     ref = abs(float(default)) if isinstance(default, (int, float)) and not isinstance(default, bool) else 1.0
-    lo = float(low) if low is not None and math.isfinite(low) else (-max(10 * ref, 1.0) if high is not None and high <= 0 else 0.0)
+    if low is not None and math.isfinite(low):
+        lo = float(low)
+    else:
+        lo = -max(10 * ref, 1.0) if high is not None and high <= 0 else 0.0
     hi = float(high) if high is not None and math.isfinite(high) else max(lo + 1.0, 10.0 * max(ref, 1.0), lo + 10 * ref)
     return lo, hi
 
@@ -223,8 +226,8 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
     to an integer, as its positions are (a value typed into its number box may not be).
 
     Example:
-        >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"), ControlSpec("a", "slider", "a", 1.0),
-        ...          ControlSpec("n", "slider", "n", 5, step=1)]
+        >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"),
+        ...          ControlSpec("a", "slider", "a", 1.0), ControlSpec("n", "slider", "n", 5, step=1)]
         >>> collect(specs, [0.5, True, 2.0, 2.4])
         {'k': None, 'a': 2.0, 'n': 2}
     """
@@ -386,7 +389,8 @@ def parse_json_object(text: "str | Mapping[str, Any] | None", what: str) -> dict
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise StudioError(f"{what}: not valid JSON ({exc.msg} at position {exc.pos}); expected e.g. {{\"alpha\": 0.3}}") from None
+        raise StudioError(f"{what}: not valid JSON ({exc.msg} at position {exc.pos}); "
+                          f"expected e.g. {{\"alpha\": 0.3}}") from None
     except ValueError:   # Python's limit on the digits of an integer it converts (4300)
         raise StudioError(f"{what}: holds an integer of more than {sys.get_int_max_str_digits()} digits; give "
                           f"numbers in a hyperparameter's range") from None

@@ -95,8 +95,9 @@ def empty_figure(message: str, height: int = FIG_HEIGHT, revision: str = "empty"
     return _layout(fig, "", revision, height)
 
 
-def spectrum_figure(spectra: Mapping[str, "Sequence[float] | np.ndarray"], merged: "Sequence[float] | np.ndarray | None",
-                    colors: TaskColors, *, layer: str = "", height: int = FIG_HEIGHT) -> go.Figure:
+def spectrum_figure(spectra: Mapping[str, "Sequence[float] | np.ndarray"],
+                    merged: "Sequence[float] | np.ndarray | None", colors: TaskColors, *, layer: str = "",
+                    height: int = FIG_HEIGHT) -> go.Figure:
     """Singular-value spectra of each task matrix and of the merged delta, log y axis.
 
     Args:
@@ -169,9 +170,10 @@ def nice_ceil(x: float) -> float:
 OUTLIER_FACTOR = 4.0
 
 
-def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Sequence[str], cols: Sequence[str] | None = None,
-                   *, metric: str = "", value_range: "tuple[float | None, float | None] | None" = None,
-                   signed: bool = False, center: float | None = None, description: str = "", scope: str = "",
+def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Sequence[str],
+                   cols: Sequence[str] | None = None, *, metric: str = "",
+                   value_range: "tuple[float | None, float | None] | None" = None, signed: bool = False,
+                   center: float | None = None, description: str = "", scope: str = "",
                    height: int = FIG_HEIGHT + 40) -> go.Figure:
     """Task-by-task (or task-by-subspace) interference heatmap with a fixed colour range; ``scope`` (e.g. "whole
     model, 18 matrix layers") opens the title's second line.
@@ -189,7 +191,8 @@ def heatmap_figure(matrix: "np.ndarray | Sequence[Sequence[float]]", rows: Seque
     counts them.
 
     Example:
-        >>> fig = heatmap_figure([[1.0, -0.5], [-0.5, 1.0]], ["a", "b"], metric="cosine", value_range=(-1, 1), signed=True)
+        >>> fig = heatmap_figure([[1.0, -0.5], [-0.5, 1.0]], ["a", "b"], metric="cosine", value_range=(-1, 1),
+        ...                      signed=True)
         >>> fig.data[0].zmin, fig.data[0].zmax
         (-1.0, 1.0)
         >>> fig = heatmap_figure([[1.3, 0.8]], ["a"], ["s1", "s2"], value_range=(None, None), signed=True, center=1.0)
@@ -268,8 +271,9 @@ def _wrap(text: str, width: int) -> str:
 
 
 def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", entropy: Mapping[str, Sequence[float]],
-                        sar: Mapping[str, Sequence[float]], colors: TaskColors, *, merged_entropy: "Sequence[float] | None" = None,
-                        selected: str | None = None, sar_reference: str = "merge",
+                        sar: Mapping[str, Sequence[float]], colors: TaskColors, *,
+                        merged_entropy: "Sequence[float] | None" = None, selected: str | None = None,
+                        sar_reference: str = "merge",
                         sar_avg: "Mapping[str, float] | None" = None, height: int = 600) -> go.Figure:
     """Per-layer curves in three stacked panels: STI, spectral entropy (per task and merged), SAR to the merge.
 
@@ -307,7 +311,8 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
                       row=2, col=1)
     if merged_entropy is not None:
         fig.add_trace(go.Scatter(x=x, y=_f32(merged_entropy), customdata=short, name="merged", legendgroup="merged",
-                                 mode="lines", line=dict(color=MERGED_COLOR, width=2.4, dash="dash"), hovertemplate=hover),
+                                 mode="lines", line=dict(color=MERGED_COLOR, width=2.4, dash="dash"),
+                                 hovertemplate=hover),
                       row=2, col=1)
     for name, values in sar.items():
         avg = (sar_avg or {}).get(name)

@@ -53,7 +53,10 @@ def describe_settings(hparams: Mapping[str, Any], calibrate: str | None = None,
     """
 
     def fmt(d: Mapping[str, Any]) -> str:
-        return ", ".join(f"{k}={'auto' if v is None else (f'{v:g}' if isinstance(v, float) else v)}" for k, v in d.items())
+        def shown(v: Any) -> str:
+            return 'auto' if v is None else (f'{v:g}' if isinstance(v, float) else str(v))
+
+        return ", ".join(f"{k}={shown(v)}" for k, v in d.items())
 
     text = fmt(hparams) or "defaults"
     if calibrate:
