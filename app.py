@@ -37,9 +37,9 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import (ControlSpec, collect_js, control_specs, depends_on_method, depends_on_tasks,
-                                fit_to_controls, initial_values, parse_json_object, post_scale_param, shown_info,
-                                sources_markdown, sweep_defaults)
+from studio.ui.controls import (ControlSpec, collect_js, control_specs, depends_on_method, fit_to_controls,
+                                follow_tasks_js, initial_values, parse_json_object, post_scale_param, shown_info,
+                                sources_markdown, store_js, sweep_defaults)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -74,6 +74,14 @@ HEAD = """<script>
   document.addEventListener("pointerup", (e) => { if (isRange(e.target)) moved.delete(e.target); }, true);
   document.addEventListener("keyup", (e) => { if (isRange(e.target) && keys.has(e.key)) release(e.target); }, true);
   document.addEventListener("focusout", (e) => { if (isRange(e.target)) release(e.target); }, true);
+  // Enter in a slider's number box applies the value typed, as leaving the box does (Gradio reads it on blur only)
+  document.addEventListener("keydown", (e) => {
+    const el = e.target;
+    if (e.key === "Enter" && el instanceof HTMLInputElement && el.type === "number"
+        && (el.getAttribute("aria-label") || "").startsWith("number input for ")) {
+      el.dispatchEvent(new FocusEvent("blur"));
+    }
+  }, true);
 })();
 </script>"""
 # What every launch of the page takes (the app's main and the tests' served app).
@@ -91,8 +99,9 @@ def load_studio(source: "str | None" = None) -> Studio:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Merge Studio: merge fine-tuned CLIP experts, inspect, evaluate.")
-    parser.add_argument("--suite", default=None, help=f"suite folder or Hub repository, owner/name or "
-                                                      f"hf://[datasets/]owner/name (default: ${SUITE_ENV} or MiniSuite)")
+    parser.add_argument("--suite", default=None,
+                        help=f"suite folder or Hub repository, owner/name or hf://[datasets/]owner/name (default: "
+                             f"${SUITE_ENV} or MiniSuite)")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--share", action="store_true")
@@ -359,9 +368,15 @@ def _triggers(comps: list[gr.components.Component]) -> list:
 
 
 def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owner: str, num_tasks: int,
-                   largest_rank: "int | None", base_method: "str | None" = None, calibration: bool = False) -> None:
-    """The controls of ``owner``'s schema; a calibration's (after ``base_method``) are labelled with its name."""
+                   largest_rank: "int | None", tasks: gr.JSON, max_tasks: int,
+                   base_method: "str | None" = None, calibration: bool = False) -> None:
+    """The controls of ``owner``'s schema; a calibration's (after ``base_method``) are labelled with its name. A
+    stored value the range for ``num_tasks`` leaves out is shown at its nearest end, as it is merged
+    (:meth:`Studio.fitted`). Where a range depends on the number of tasks, the page follows a new number of experts
+    selected itself (``follow_tasks_js``): ``tasks`` holds it as ``{"T": n}`` (at most ``max_tasks``), a copy this
+    render alone listens to."""
     specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank, base_method=base_method)
+    stored = fit_to_controls(schema, stored, num_tasks or None, largest_rank)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
         return
@@ -374,15 +389,37 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owne
     # and then (their requests travel apart: four key presses stored 4.85, then 4.9, over the shown 4.85), a click
     # could overtake a store, and a render of the controls could replace the function a store was sent to.
     # The controls and the stored values in one event: the state keeps one writer per event.
-    reset.click(None, state, [*comps, state],
-                js=f"(state) => [...{_update_js(_reset_updates(specs))}, "
-                   f"({collect_js(specs, owner)})(state, ...{_update_js(initial_values(specs))})]")
+    follow = follow_tasks_js(schema, owner, max_tasks, largest_rank=largest_rank, base_method=base_method)
+    resets, initial = _update_js(_reset_updates(specs)), _update_js(initial_values(specs))
+    if follow is None:
+        reset.click(None, state, [*comps, state],
+                    js=f"(state) => [...{resets}, ({collect_js(specs, owner)})(state, ...{initial})]")
+    else:   # with the ranges and "auto" starts of the selection at hand, which may be another than at the render
+        reset.click(None, [tasks, state], [*comps, state], js=f"""(tasks, state) => {{
+  const values = {initial};
+  const [stored, ...ranges] = ({follow})(tasks.T, ({collect_js(specs, owner)})(state, ...values), ...values);
+  const resets = {resets}.map((u, j) => "minimum" in ranges[j] ?
+    {{...(u !== null && typeof u === "object" ? u : {{"__type__": "update", "value": u}}), ...ranges[j]}} : u);
+  return [...resets, stored];
+}}""")
     sources = sources_markdown(specs)
     if sources:   # folded: with them, each help text ran to ten lines
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
             gr.Markdown(sources, key=f"{prefix}-sources-text")
-    gr.on(_triggers(comps), None, inputs=[state, *comps], outputs=state, js=collect_js(specs, owner),
+    # An integer slider's box may hold what its range does not show (6.5, shown at 7): the store sets it to the value
+    # stored, so that the box, the range and the merge agree (store_js). A number typed beyond a slider's end is
+    # stored as typed, before Gradio shows the end in the box; the request takes the end (Studio.fitted)
+    gr.on(_triggers(comps), None, inputs=[state, *comps], outputs=[state, *comps], js=store_js(specs, owner),
           trigger_mode="multiple")
+    # A new expert selection sets the ranges that depend on T, and fits the stored values to them, in the page: a
+    # render from the server would put back the values the page held when it was asked for (a value typed into
+    # another slider's box in the meantime was lost), and a server write of the stored values could do the same.
+    # On a copy of the number for this render alone: in Gradio 6.31 a listener a render adds to an event of a
+    # component outside it takes the place of every other listener of that event (on the expert selection's
+    # change, follow_experts stopped; with the method's and the calibration's on one event, one of them)
+    if follow is not None:
+        tasks.change(None, [tasks, state, *comps], [state, *comps], trigger_mode="multiple",
+                     js=f"(tasks, ...rest) => ({follow})(tasks.T, ...rest)")
 
 
 #: What a stopped job says, where its results would have gone.
@@ -402,10 +439,11 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-#: The concurrency group of the server's events that write the controls' stored values (the expert selection's fit
-#: of the ranges, "Use best α") and of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the
-#: order they reached the server. Every session shares it (Gradio orders a group, not a session's events); each of its
-#: events takes milliseconds. The controls' own stores run in the page (:func:`_render_params`).
+#: The concurrency group of the server's one event that writes the controls' stored values ("Use best α") and of the
+#: first step of a merge or a sweep (:func:`_settle`): one at a time, in the order they reached the server. Every
+#: session shares it (Gradio orders a group, not a session's events); each of its events takes milliseconds. The
+#: controls' own stores run in the page (:func:`_render_params`); a new expert selection writes none of them (the
+#: renders and the request fit the stored values to it, :meth:`Studio.fitted`).
 CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
 
 
@@ -427,10 +465,9 @@ def _stopped_since_click(sess: Any) -> bool:
 
 def _settle() -> None:
     """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`
-    after the server's writes of the stored values that reached it before the click (a fit to a new expert selection,
-    "Use best α"), so that the job that follows (``.success``), whose inputs the page reads when this step ends, merges
-    them. A second click while the job is pending is dropped by the page (``once``); the job does not start once Stop
-    was pressed since the click."""
+    after a "Use best α" that reached the server before the click, so that the job that follows (``.success``), whose
+    inputs the page reads when this step ends, merges its value. A second click while the job is pending is dropped
+    by the page (``once``); the job does not start once Stop was pressed since the click."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -461,13 +498,14 @@ def _accuracy_outputs(table: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, A
     return (pd.DataFrame(rows, columns=header), *plots.accuracy_figures(table))
 
 
-def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | None", "float | None"]:
-    """Label/state of the Optimise button and the default sweep interval for ``method``."""
+def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | None", "float | None", str]:
+    """Label/state of the Optimise button, the default sweep interval and the label of "Use best" for ``method``
+    (its scale by name: AlignMerge's is ``lam``)."""
     schema = studio.schema(method) if method else {"params": []}
     scale, span = post_scale_param(schema), sweep_defaults(schema)
     if scale is None or span is None:
-        return "Optimise α (this method has no global scale)", False, None, None
-    return f"Optimise {scale['name']}", True, span[0], span[1]
+        return "Optimise α (this method has no global scale)", False, None, None, "Use best α"
+    return f"Optimise {scale['name']}", True, span[0], span[1], f"Use best {scale['name']}"
 
 
 def _leaderboard_frame(sess, studio: Studio) -> pd.DataFrame:
@@ -494,6 +532,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
         hp_state = gr.JSON({}, visible="hidden")     # {method: {param: value | None (auto)}}
         cal_state = gr.JSON({}, visible="hidden")    # {calibration: {param: value}}
         pref_state = gr.JSON({}, visible="hidden")   # {task: weight}
+        # the number of experts selected, copied by the page for the method's and the calibration's controls, which
+        # follow it in the page (see _render_params)
+        hp_tasks = gr.JSON({"T": len(studio.task_names)}, visible="hidden")
+        cal_tasks = gr.JSON({"T": len(studio.task_names)}, visible="hidden")
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
         pref_reload = gr.State(0)  # and for the preference sliders (a new expert selection)
@@ -516,7 +558,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
-                                           hp_state, method, len(experts or []), studio.largest_rank(method))
+                                           hp_state, method, len(experts or []), studio.largest_rank(method),
+                                           hp_tasks, len(studio.task_names))
 
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
@@ -531,47 +574,30 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             _render_params(studio.schema(calibration, "calibration"),
                                            (cal or {}).get(calibration, {}), f"cal-{calibration}", cal_state,
                                            calibration, len(experts or []),
-                                           studio.largest_rank(calibration, "calibration"), method, calibration=True)
+                                           studio.largest_rank(calibration, "calibration"), cal_tasks,
+                                           len(studio.task_names), method, calibration=True)
 
                 calibration_dd.change(time.monotonic_ns, None, cal_reload, show_progress="hidden",
                                       api_visibility="private")
 
-                fitted_for = gr.State(None)   # the expert selection follow_experts last fitted the controls to
+                followed = gr.State(None)   # the expert selection follow_experts last followed
 
-                def follow_experts(experts: list, method: str, calibration: str, hp: dict, cal: dict, done: Any):
-                    """A new selection changes T, and with it a slider's range or "auto" starting point (TSV-M's
-                    rank_fraction ends at 1/T): move each stored value the new range leaves out to its nearest end
-                    (else the next merge would meet the engine's refusal) and render the shown controls again where
-                    they depend on T. Runs one at a time, the last of quick clicks last (so a fit for an earlier
-                    selection never lands after it), and gets the page's values as they were when it was sent: an
-                    earlier run may already have seen the last selection, which is then not rendered twice (a slider
-                    moved between two renders would be lost with the first). A value fitted here replaces the page's
-                    stored values by those it was sent with: a slider released in the meantime (a round trip) goes
-                    back. The preference sliders and the diagnostics follow the selection through ``pref_reload``.
-                    Settings the page holds for a name this studio does not know (a hand-made request) are kept as
-                    they are. The reload marks are fresh values, not counters."""
+                def follow_experts(experts: list, done: Any):
+                    """The preference sliders and the diagnostics follow a new selection through ``pref_reload``
+                    (a fresh value, not a counter); the controls whose range depends on the number of tasks follow
+                    it in the page (see _render_params). An earlier run may already have seen the last selection,
+                    whose weights are then not rendered twice (a weight moved between two renders would be lost with
+                    the first)."""
                     selection = list(experts or [])
                     if selection == done:
-                        return (gr.skip(),) * 6
-                    T = len(selection) or None
-                    out = []
-                    for kind, shown, stored, known in (("merge", method, hp, methods),
-                                                       ("calibration", calibration, cal, calibrations[1:])):
-                        fitted = {name: fit_to_controls(studio.schema(name, kind), values, T,
-                                                        studio.largest_rank(name, kind))
-                                  if name in known and isinstance(values, dict) else values
-                                  for name, values in (stored or {}).items()}
-                        changed = fitted != (stored or {})
-                        depends = shown not in (None, "", "none") and depends_on_tasks(studio.schema(shown, kind))
-                        out += [fitted if changed else gr.skip(),
-                                time.monotonic_ns() if changed or depends else gr.skip()]
-                    return out[0], out[2], out[1], out[3], time.monotonic_ns(), selection
+                        return gr.skip(), gr.skip()
+                    return time.monotonic_ns(), selection
 
-                experts_cb.change(follow_experts,
-                                  [experts_cb, method_dd, calibration_dd, hp_state, cal_state, fitted_for],
-                                  [hp_state, cal_state, hp_reload, cal_reload, pref_reload, fitted_for],
-                                  show_progress="hidden", api_visibility="private", trigger_mode="always_last",
-                                  **CONTROLS)
+                experts_cb.change(follow_experts, [experts_cb, followed], [pref_reload, followed],
+                                  show_progress="hidden", api_visibility="private", trigger_mode="always_last")
+                experts_cb.input(None, experts_cb, [hp_tasks, cal_tasks],
+                                 js="(names) => [{T: (names || []).length}, {T: (names || []).length}]",
+                                 trigger_mode="multiple")
 
                 with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
                     gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "
@@ -586,17 +612,21 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         # interactive=True: components created in a render are not inferred to be inputs.
                         # buttons=[]: Gradio's own ↺ resets to the value its browser component was first created
                         # with, which the browser reuses across renders (see _make_control); "Equal weights" below
-                        sliders = [gr.Slider(0.0, 1.0, value=(prefs or {}).get(t, 1.0), step=0.05, label=t,
-                                             key=f"pref-{t}", preserved_by_key=None, interactive=True, buttons=[])
-                                   for t in names]
+                        specs = [ControlSpec(t, "slider", t, 1.0, minimum=0.0, maximum=1.0, step=0.05) for t in names]
+                        sliders = [gr.Slider(s.minimum, s.maximum, value=(prefs or {}).get(s.name, s.value),
+                                             step=s.step, label=s.label, key=f"pref-{s.name}", preserved_by_key=None,
+                                             interactive=True, buttons=[])
+                                   for s in specs]
 
-                        # in the page, as the method's controls (see _render_params)
-                        store = f"(...values) => Object.fromEntries({_update_js(names)}.map((t, i) => [t, values[i]]))"
-                        gr.on([s.release for s in sliders], None, inputs=sliders, outputs=pref_state, js=store,
-                              trigger_mode="multiple")
+                        # in the page, as the method's controls (see _render_params); the weights of the tasks not
+                        # shown are kept, for when they are selected again
+                        gr.on([s.release for s in sliders], None, inputs=[pref_state, *sliders],
+                              outputs=[pref_state, *sliders], js=store_js(specs, None), trigger_mode="multiple")
                         equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
-                        ones = _update_js([1.0] * len(names))
-                        equal.click(None, None, [*sliders, pref_state], js=f"() => [...{ones}, ({store})(...{ones})]")
+                        ones = _update_js(initial_values(specs))
+                        # every task's weight equal, those not shown too (dropped: 1 when shown again)
+                        equal.click(None, None, [*sliders, pref_state],
+                                    js=f"() => [...{ones}, ({collect_js(specs, None)})({{}}, ...{ones})]")
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():
@@ -629,15 +659,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             acc_plot = gr.Plot(label="Accuracy")
                             norm_plot = gr.Plot(label="Normalized accuracy")
-                        gallery = gr.Gallery(label="Sample test images · merged model's predictions (✓ correct, ✗ wrong)",
-                                             columns=6, height=420, object_fit="contain", elem_id="pred-gallery")
+                        gallery = gr.Gallery(label="Sample test images · merged model's predictions "
+                                                   "(✓ correct, ✗ wrong)", columns=6, height=420, object_fit="contain",
+                                             elem_id="pred-gallery")
                         with gr.Row():
-                            weights_dl = gr.DownloadButton("Merged weights (.safetensors)", interactive=False, size="md",
-                                                           elem_id="dl-weights")
-                            recipe_dl = gr.DownloadButton("Recipe (.yaml)", interactive=False, size="md", elem_id="dl-recipe")
-                            csv_dl = gr.DownloadButton("Leaderboard (.csv)", interactive=False, size="md", elem_id="dl-csv")
-                        recipe_code = gr.Code(label="Recipe (reproduces these weights with studio.io.merge_from_recipe)",
-                                              language="yaml", interactive=False, show_line_numbers=False)
+                            weights_dl = gr.DownloadButton("Merged weights (.safetensors)", interactive=False,
+                                                           size="md", elem_id="dl-weights")
+                            recipe_dl = gr.DownloadButton("Recipe (.yaml)", interactive=False, size="md",
+                                                          elem_id="dl-recipe")
+                            csv_dl = gr.DownloadButton("Leaderboard (.csv)", interactive=False, size="md",
+                                                       elem_id="dl-csv")
+                        recipe_code = gr.Code(label="Recipe (reproduces these weights with "
+                                                    "studio.io.merge_from_recipe)", language="yaml",
+                                              interactive=False, show_line_numbers=False)
                         leaderboard = gr.Dataframe(label="Session leaderboard (runs over the same experts together, "
                                                          "best average normalized accuracy first)",
                                                    interactive=False, wrap=True, elem_id="leaderboard")
@@ -646,14 +680,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                     "that maximises the preference-weighted normalized accuracy Σ p_i·acc_i/ind_i "
                                     "(task preferences from the setup panel; uniform = the average normalized "
                                     "accuracy of the TSV/Iso validation protocol).")
-                        opt_label, opt_active, opt_lo, opt_hi = _optimise_setup(studio, default_method)
+                        opt_label, opt_active, opt_lo, opt_hi, apply_label = _optimise_setup(studio, default_method)
                         with gr.Row():
                             alpha_lo = gr.Number(opt_lo if opt_lo is not None else 0.1, label="α from")
                             alpha_hi = gr.Number(opt_hi if opt_hi is not None else 1.5, label="α to")
                             alpha_n = gr.Slider(3, 25, value=9, step=1, label="points")
                         with gr.Row():
                             optimise_btn = gr.Button(opt_label, variant="primary", interactive=opt_active)
-                            apply_btn = gr.Button("Use best α", interactive=False)
+                            apply_btn = gr.Button(apply_label, interactive=False)
                         opt_md = gr.Markdown("")
                         alpha_plot = gr.Plot(label="Accuracy vs α")
 
@@ -664,20 +698,20 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def on_method(method: str, calibration: str):
             """The method's description and sweep; its controls rendered again (``hp_reload``), and the calibration's
             where their automatic start depends on the method (``cal_reload``)."""
-            label, active, lo, hi = _optimise_setup(studio, method)
+            label, active, lo, hi, apply_label = _optimise_setup(studio, method)
             follows = calibration not in (None, "", "none") and depends_on_method(
                 studio.schema(calibration, "calibration"))
             # the last sweep was of another method: its curve, best value and "Use best α" go with it
             return (_method_markdown(studio, method), gr.Button(interactive=active, value=label),
                     gr.skip() if lo is None else lo, gr.skip() if hi is None else hi,
-                    None, "", None, gr.Button(interactive=False), time.monotonic_ns(),
+                    None, "", None, gr.Button(interactive=False, value=apply_label), time.monotonic_ns(),
                     time.monotonic_ns() if follows else gr.skip())
 
         method_dd.change(on_method, [method_dd, calibration_dd],
                          [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn,
                           hp_reload, cal_reload], api_visibility="private", show_progress="hidden")
 
-        def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer"):
+        def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer", seed=0):
             t0 = time.perf_counter()
             experts = list(experts or [])
             if not experts:
@@ -686,7 +720,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
             note = ""
             try:
-                req = _ui_request(method, hp, experts, calibration, cal, prefs)
+                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)   # the seed draws DARE's masks
             except StudioError as exc:  # e.g. too few experts for the method: still show the task side
                 req, note = None, f" · ⚠️ merged delta unavailable: {exc}"
             try:
@@ -708,7 +742,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                 merged_entropy=c["merged_entropy"], selected=layer,
                                                 sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
                       if c else plots.empty_figure("no per-layer curves", height=600))
-            top = f"{float(d.merged_spectrum[0]):.4g}" if d.merged_spectrum is not None and len(d.merged_spectrum) else "n/a"
+            merged_top = d.merged_spectrum is not None and len(d.merged_spectrum)
+            top = f"{float(d.merged_spectrum[0]):.4g}" if merged_top else "n/a"
             # which merge the plots show: under load they lag the controls, and the line says how far
             shown = f"{req.method} ({studio.describe(req)})" if req is not None else method
             status = (f"{shown} · `{layer}` {tuple(studio.suite.base[layer].shape)} · "
@@ -717,10 +752,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return spec, energy, heat, curves, status, metric_text
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd,
-                       scope_radio]
+                       scope_radio, seed_nb]
         # the method, the calibration and the experts through their reload marks (see method_controls)
         gr.on([demo.load, hp_state.change, cal_state.change, pref_state.change, hp_reload.change, cal_reload.change,
-               pref_reload.change, layer_dd.change, metric_dd.change, scope_radio.change],
+               pref_reload.change, layer_dd.change, metric_dd.change, scope_radio.change, seed_nb.change],
               update_diagnostics, inputs=diag_inputs,
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
               trigger_mode="always_last", show_progress="hidden", concurrency_id="diagnostics", concurrency_limit=2,
@@ -731,7 +766,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             if _stopped_since_click(sess):   # while the click's first step waited for the controls
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 12
+                return (gr.skip(),) * 11
             try:
                 with _job(sess, "merge"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -740,13 +775,14 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
             except _Cancelled:
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 12
+                return (gr.skip(),) * 11
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "merge") from None
             table = out["table"]
             record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
                                   accuracy={t: r["merged"] for t, r in table.items()},
-                                  normalized={t: r["normalized"] for t, r in table.items() if r["normalized"] is not None},
+                                  normalized={t: r["normalized"] for t, r in table.items()
+                                              if r["normalized"] is not None},
                                   seconds=out["total_s"], recipe=out["recipe"])
             csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
             csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
@@ -759,7 +795,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),
                     gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
                     gr.DownloadButton(value=str(csv_path), interactive=True),
-                    Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"), None)
+                    Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"))
 
         def settled(button: gr.Button):
             """The first two steps of a click on ``button`` (:func:`_arm`, then :func:`_settle`); the job follows
@@ -771,7 +807,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         merge_evt = settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
-                     recipe_code, tabs, best_alpha],
+                     recipe_code, tabs],
             concurrency_id="gpu", concurrency_limit=1, api_visibility="private", show_progress_on=[run_md])
 
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
@@ -790,11 +826,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "optimise") from None
-            fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors, best=res["best_alpha"])
+            fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors,
+                                           best=res["best_alpha"])
             md = (f"Best for {req.method}: **{res['param']} = {res['best_alpha']:g}**, preference-weighted validation "
                   f"normalized accuracy **{res['best_objective']:.1f}%** (weights " +
-                  ", ".join(f"{k} {v:.2f}" for k, v in res["weights"].items()) + ")." + _edge_note(res))
-            return fig, md, {"method": req.method, "param": res["param"], "value": res["best_alpha"]}, gr.Button(interactive=True)
+                  ", ".join(f"{k} {v:.3g}" for k, v in res["weights"].items()) + ")." + _edge_note(res))
+            best = {"method": req.method, "param": res["param"], "value": res["best_alpha"]}
+            return fig, md, best, gr.Button(interactive=True)
 
         opt_evt = settled(optimise_btn).success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
@@ -803,6 +841,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             api_visibility="private", show_progress_on=[opt_md])
 
         def apply_best(best: "dict | None", hp: "dict | None", method: str, nonce: int):
+            """The sweep's best value for the method shown, written into the page's stored values as the click sent
+            them: the server's one write of them, so a slider released within its round trip goes back."""
             if not best or best.get("method") != method:
                 raise gr.Error("Run the optimisation for the current method first.")
             new = dict(hp or {})

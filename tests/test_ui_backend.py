@@ -109,6 +109,29 @@ def test_request_from_state_ignores_deselected_preferences(st: Studio, two):
     assert req.hparams == {"alpha": 0.5} and req.preferences == {two[0]: 1.0, two[1]: 0.5}
 
 
+def test_request_from_state_takes_the_values_as_the_controls_show_them(st: Studio):
+    """The page holds what was set: a rank fraction set for 4 experts (0.25) is shown at the end of the range for
+    5 (0.2) and merged so; a number typed beyond a slider's end (Breadcrumbs' gamma 0.97, shown at 0.94) is merged
+    at the end; a calibration's values too. A request of the API (``Studio.request``) is not fitted: it is checked
+    against the schema alone, which allows that gamma."""
+    five = st.task_names[:5]
+    req = st.request_from_state("tsv_m", {"tsv_m": {"rank_fraction": 0.25, "alpha": 1.25}}, five, "none", {}, {})
+    assert req.hparams == {"rank_fraction": 0.2, "alpha": 1.25}
+    req = st.request_from_state("tsv_m", {"tsv_m": {"rank_fraction": 0.25}}, st.task_names[:4], "none", {}, {})
+    assert req.hparams["rank_fraction"] == 0.25
+    req = st.request_from_state("breadcrumbs", {"breadcrumbs": {"gamma": 0.97}}, five, "none", {}, {})
+    assert req.hparams["gamma"] == 0.94
+    req = st.request_from_state("task_arithmetic", {}, five, "svc", {"svc": {"alpha": 3.0}}, {})
+    assert req.calibrate_hparams["alpha"] == 1.0
+    assert st.request("breadcrumbs", {"gamma": 0.97}, five).hparams["gamma"] == 0.97
+
+
+def test_describe_names_the_seed_of_a_method_that_draws_from_it(st: Studio, two):
+    """Two DARE runs that differ by the seed alone read apart in the leaderboard; a method without draws names none."""
+    assert st.describe(st.request("dare", {}, two, seed=7)).endswith(" | seed 7")
+    assert "seed" not in st.describe(st.request("task_arithmetic", {}, two, seed=7))
+
+
 @pytest.mark.parametrize("states, message", [
     (([0.5], {}, {}), "the stored method settings must be a JSON object, got [0.5]"),
     (({"task_arithmetic": 0.5}, {}, {}), "method settings stored for 'task_arithmetic' must be a JSON object"),

@@ -26,9 +26,9 @@ from ..evaluate import best_index
 from ..io import Recipe, fingerprint, input_fingerprints, save_merged
 from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
-from ..registry import METHODS, get_calibration, get_method, list_methods
+from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
 from ..schema import HyperparameterError, StudioError, brief, check_seed, validate_hparams
-from .controls import parse_json_object, post_scale_param
+from .controls import fit_to_controls, parse_json_object, post_scale_param
 
 ProgressFn = Callable[[float, str], None]
 
@@ -210,6 +210,20 @@ class Studio:
             self._largest_ranks[(name, kind)] = max(ranks) if ranks else None
         return self._largest_ranks[(name, kind)]
 
+    def fitted(self, name: str, kind: str, stored: Mapping[str, Any], num_tasks: int | None) -> dict[str, Any]:
+        """``stored`` (the values the page holds for the method or calibration ``name``) as its controls show them
+        for ``num_tasks`` selected experts: each slider value a range that depends on ``T`` leaves out at its nearest
+        end (:func:`~studio.ui.controls.fit_to_controls`; TSV-M's ``rank_fraction`` ends at ``1/T``). The app's
+        renders show these and :meth:`request_from_state` merges them, so that a new expert selection needs no
+        write of the stored values (one would replace a value set while it travels).
+
+        Example:
+            >>> from studio.suite import default_suite
+            >>> Studio(default_suite()).fitted("tsv_m", "merge", {"rank_fraction": 0.5, "alpha": 1.2}, 4)
+            {'rank_fraction': 0.25, 'alpha': 1.2}
+        """
+        return fit_to_controls(self.schema(name, kind), stored, num_tasks or None, self.largest_rank(name, kind))
+
     def default_layer(self) -> str:
         """A representative layer to open the diagnostics on: the middle block's first attention/MLP matrix."""
         keys = self.layer_keys()
@@ -292,7 +306,8 @@ class Studio:
         """Build a request from the app's plain-JSON states (settings remembered per method / calibration).
 
         ``hp_state`` maps method -> {param: value} (``None`` = automatic), ``cal_state`` calibration -> {param:
-        value}, ``pref_state`` task -> weight; weights of deselected tasks are ignored.
+        value}, ``pref_state`` task -> weight; weights of deselected tasks are ignored. The method's and the
+        calibration's values are taken as their controls show them for the selected experts (:meth:`fitted`).
 
         Example:
             >>> studio.request_from_state("task_arithmetic", {"task_arithmetic": {"alpha": 0.5}}, ["a"], "none",
@@ -303,16 +318,23 @@ class Studio:
         cal = None if calibration in (None, "", "none") else calibration
         hp = _stored(hp_state, method, "method")
         cal_hp = _stored(cal_state, cal, "calibration")
+        # as the controls show them for this selection (a value stored for a wider range, at its end)
+        if isinstance(method, str) and method in METHODS:
+            hp = self.fitted(method, "merge", hp, len(experts))
+        if isinstance(cal, str) and cal in CALIBRATIONS:
+            cal_hp = self.fitted(cal, "calibration", cal_hp, len(experts))
         prefs = _stored(pref_state, None, "preference")   # the page holds the states: each is checked, as a request
         prefs = {t: w for t, w in prefs.items() if t in experts} or None
         return self.request(method, hp, experts, cal, cal_hp, prefs, seed)
 
     @staticmethod
     def describe(req: MergeRequest) -> str:
-        """One-line settings summary for the leaderboard."""
+        """One-line settings summary for the leaderboard; the seed where the method draws from it (DARE's masks):
+        two runs that differ by it alone read apart."""
         from .session import describe_settings
 
-        return describe_settings(req.hparams, req.calibrate, req.calibrate_hparams, req.preferences)
+        seed = req.seed if req.method in METHODS and get_method(req.method).uses_seed else None
+        return describe_settings(req.hparams, req.calibrate, req.calibrate_hparams, req.preferences, seed)
 
     def alpha_grid(self, method: str, lo: float | None, hi: float | None, n: int) -> list[float]:
         """``n`` evenly spaced values of the method's global scale between ``lo`` and ``hi`` (checked vs its range)."""

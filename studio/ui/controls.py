@@ -222,14 +222,16 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
     """Turn the flat list of UI values back into hyperparameters.
 
     ``values`` holds one value per control, plus, right after each control with an ``auto_label``, the state of
-    its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic). An integer slider's value is rounded
-    to an integer, as its positions are (a value typed into its number box may not be).
+    its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic). An integer slider's value is the one
+    its range shows (:func:`shown_value`), not a number typed into its box. A number beyond a slider's range is kept:
+    the range for the selection at hand is the server's to apply (:meth:`studio.ui.backend.Studio.fitted`), as the
+    box shows it once it loses focus.
 
     Example:
         >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"),
         ...          ControlSpec("a", "slider", "a", 1.0), ControlSpec("n", "slider", "n", 5, step=1)]
-        >>> collect(specs, [0.5, True, 2.0, 2.4])
-        {'k': None, 'a': 2.0, 'n': 2}
+        >>> collect(specs, [0.5, True, 2.0, 2.5])
+        {'k': None, 'a': 2.0, 'n': 3}
     """
     out: dict[str, Any] = {}
     it = iter(values)
@@ -237,17 +239,42 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
         value = next(it)
         if spec.auto_label is not None and next(it):
             value = None
-        elif spec.kind == "slider" and _is_int(spec.value) and isinstance(value, (int, float)) \
-                and math.isfinite(value):
-            value = int(round(value))
+        else:
+            value = shown_value(spec, value)
         out[spec.name] = value
     return out
 
 
-def collect_js(specs: Sequence[ControlSpec], owner: str) -> str:
+def shown_value(spec: ControlSpec, value: Any) -> Any:
+    """The value an integer slider's range shows for ``value`` (a number typed into its box): the nearest integer, a
+    half up, as the browser rounds a range input's value to its step (6.5 shows 7, -3.5 shows -3); anything else as
+    it is.
+
+    Example:
+        >>> n = ControlSpec("n", "slider", "n", 5, minimum=1, maximum=512, step=1)
+        >>> shown_value(n, 6.5), shown_value(n, -3.5), shown_value(n, 600), shown_value(n, "x")
+        (7, -3, 600, 'x')
+    """
+    if (spec.kind == "slider" and _is_int(spec.value) and isinstance(value, (int, float))
+            and not isinstance(value, bool) and math.isfinite(value)):
+        return math.floor(value + 0.5)
+    return value
+
+
+#: :func:`shown_value` as a browser function ``(v, integer) => shown``.
+_SHOWN_JS = """(v, integer) => integer && typeof v === "number" && Number.isFinite(v) ? Math.floor(v + 0.5) : v"""
+
+
+def _js_layout(specs: Sequence[ControlSpec]) -> str:
+    """Each control's ``[name, has an auto box, is an integer slider]`` as a JSON literal."""
+    return json.dumps([[s.name, s.auto_label is not None, s.kind == "slider" and _is_int(s.value)] for s in specs])
+
+
+def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
     """:func:`collect` as a browser function ``(state, ...values) => state'``: the page stores ``owner``'s values
-    itself, in the order the user set them, with no round trip (the app's "store" events run it). Python's ``round``
-    halves to even, as this does; the app's tests check it against :func:`collect` in a browser.
+    itself, in the order the user set them, with no round trip ("Reset to defaults" runs it), as ``state[owner]``
+    (``owner`` None: into ``state`` itself, the preference weights' form), keeping the rest of ``state``. The app's
+    tests check it against :func:`collect` in a browser.
 
     Example:
         >>> print(collect_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
@@ -256,20 +283,98 @@ def collect_js(specs: Sequence[ControlSpec], owner: str) -> str:
           return {...(state || {}), "ties": out};
         }
     """
-    layout = [[s.name, s.auto_label is not None, s.kind == "slider" and _is_int(s.value)] for s in specs]
     return f"""(state, ...values) => {{
+  const shown = {_SHOWN_JS};
   const out = {{}};
   let i = 0;
-  for (const [name, auto, integer] of {json.dumps(layout)}) {{
+  for (const [name, auto, integer] of {_js_layout(specs)}) {{
     let v = values[i++];
     if (auto && values[i++]) v = null;
-    else if (integer && typeof v === "number" && Number.isFinite(v)) {{
-      const f = Math.floor(v), d = v - f;
-      v = d > 0.5 ? f + 1 : d < 0.5 ? f : (f % 2 === 0 ? f : f + 1);
-    }}
+    else v = shown(v, integer);
     out[name] = v;
   }}
-  return {{...(state || {{}}), {json.dumps(owner)}: out}};
+  return {{...(state || {{}}), {"...out" if owner is None else json.dumps(owner) + ": out"}}};
+}}"""
+
+
+def store_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
+    """The controls' store as a browser function ``(state, ...values) => [state', ...updates]``: the state as
+    :func:`collect_js` stores it, and each control's update: an integer slider whose box holds a value its range does
+    not show (6.5) is set to the value stored, so that the box, the range and the merge agree; every other control is
+    left as it is (an empty update).
+
+    Example:
+        >>> print(store_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
+        (state, ...values) => {
+          ...
+          return [(...)(state, ...values), ...updates];
+        }
+    """
+    return f"""(state, ...values) => {{
+  const shown = {_SHOWN_JS};
+  const updates = values.map(() => ({{"__type__": "update"}}));
+  let i = 0;
+  for (const [name, auto, integer] of {_js_layout(specs)}) {{
+    const j = i++;
+    const automatic = auto && values[i++];
+    const v = automatic ? values[j] : shown(values[j], integer);
+    if (v !== values[j]) updates[j] = {{"__type__": "update", "value": v}};
+  }}
+  return [({collect_js(specs, owner)})(state, ...values), ...updates];
+}}"""
+
+
+def follow_tasks_js(schema: Mapping[str, Any], owner: str, max_tasks: int, *, largest_rank: int | None = None,
+                    base_method: str | None = None) -> "str | None":
+    """The controls of ``schema`` following a new expert selection, as a browser function ``(T, state, ...values) =>
+    [state', ...updates]`` (``values``: the controls' values in :func:`collect`'s order): each slider whose range or
+    "auto" starting point depends on the number of tasks ``T`` (0 to ``max_tasks``; TSV-M's ``rank_fraction`` ends
+    at ``1/T``) gets the range for ``T``, and the value shown moved to its nearest end (an "auto" one, the automatic
+    start); ``state[owner]``'s stored values are fitted as :func:`fit_to_controls` fits them. Every other control is
+    left as it is (an empty update), a value typed into it too: the page does this itself, with no render of the
+    controls. None where nothing depends on ``T``.
+
+    Example:
+        >>> schema = {"params": [{"name": "rank_fraction", "type": "float", "default": None, "auto": "1/T",
+        ...                       "low": 0.0, "low_open": True, "high": 1.0, "high_rule": "1/T", "ui_step": 0.005}]}
+        >>> print(follow_tasks_js(schema, "tsv_m", 8))  # doctest: +ELLIPSIS
+        (T, state, ...values) => {
+        ...
+        >>> follow_tasks_js({"params": [{"name": "a", "type": "float", "default": 0.3, "low": 0.0, "high": 1.0}]},
+        ...                 "x", 8) is None
+        True
+    """
+    by_tasks = [control_specs(schema, num_tasks=T or None, largest_rank=largest_rank, base_method=base_method)
+                for T in range(max_tasks + 1)]
+    specs = by_tasks[0]
+    shape = [[(s.minimum, s.maximum, s.value) for s in row] for row in by_tasks]
+    dependent = [i for i, spec in enumerate(specs)
+                 if spec.kind == "slider" and any(row[i] != shape[0][i] for row in shape)]
+    if not dependent:
+        return None
+    layout = [[s.name, s.auto_label is not None, dependent.index(i) if i in dependent else -1]
+              for i, s in enumerate(specs)]
+    table = [[list(row[i]) for i in dependent] for row in shape]
+    return f"""(T, state, ...values) => {{
+  const row = {json.dumps(table)}[T];
+  const updates = values.map(() => ({{"__type__": "update"}}));
+  if (!row) return [state, ...updates];
+  const clamp = (v, lo, hi) => typeof v === "number" ? Math.min(Math.max(v, lo), hi) : v;
+  const owner = {json.dumps(owner)};
+  const stored = {{...((state || {{}})[owner] || {{}})}};
+  let fitted = false, i = 0;
+  for (const [name, auto, dep] of {json.dumps(layout)}) {{
+    const j = i++;
+    const automatic = auto && values[i++];
+    if (dep < 0) continue;
+    const [lo, hi, start] = row[dep];
+    const v = automatic ? start : clamp(values[j], lo, hi);
+    updates[j] = {{"__type__": "update", "minimum": lo, "maximum": hi, "interactive": !automatic,
+                  ...(v !== values[j] ? {{"value": v}} : {{}})}};
+    const kept = clamp(stored[name], lo, hi);
+    if (name in stored && kept !== stored[name]) [stored[name], fitted] = [kept, true];
+  }}
+  return [fitted ? {{...state, [owner]: stored}} : state, ...updates];
 }}"""
 
 

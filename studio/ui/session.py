@@ -44,12 +44,15 @@ class RunRecord:
 
 def describe_settings(hparams: Mapping[str, Any], calibrate: str | None = None,
                       calibrate_hparams: Mapping[str, Any] | None = None,
-                      preferences: Mapping[str, float] | None = None) -> str:
-    """A compact one-line description of a run's settings for the leaderboard.
+                      preferences: Mapping[str, float] | None = None, seed: int | None = None) -> str:
+    """A compact one-line description of a run's settings for the leaderboard (``seed``: given for a method that
+    draws from it).
 
     Example:
         >>> describe_settings({"alpha": 0.3, "k": None}, "svc", {"beta": 1.0})
         'alpha=0.3, k=auto | svc(beta=1)'
+        >>> describe_settings({"p": 0.8}, seed=3)
+        'p=0.8 | seed 3'
     """
 
     def fmt(d: Mapping[str, Any]) -> str:
@@ -63,6 +66,8 @@ def describe_settings(hparams: Mapping[str, Any], calibrate: str | None = None,
         text += f" | {calibrate}({fmt(calibrate_hparams or {})})"
     if preferences:
         text += " | prefs " + ", ".join(f"{k}:{v:g}" for k, v in preferences.items())
+    if seed is not None:
+        text += f" | seed {seed}"
     return text
 
 
