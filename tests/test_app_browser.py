@@ -849,3 +849,52 @@ def test_the_method_and_the_calibration_both_follow_the_selection(page):
     page.get_by_label("Calibration").click()
     page.get_by_role("option", name="none", exact=True).click()
     page.wait_for_function("() => !document.body.innerText.includes('align_merge_b · alpha')")
+
+
+def test_the_page_fits_the_stored_values_to_a_selection_as_fit_to_controls_does(page):
+    """A new selection's ranges are set in the page (``follow_tasks_js``): for TSV-M (its rank fraction ends at
+    1/T) and AlignMerge-B's calibration (an automatic start of |T|/4), on 300 random stored values and numbers of
+    tasks, the stored values of the params that depend on T are those :func:`fit_to_controls` gives, the others and
+    the other methods' untouched (the request fits those); each slider that depends on T gets that T's range, shown
+    at its automatic start when "auto" is ticked and else at the value moved into the range."""
+    import random
+
+    import app
+    from studio.ui.controls import control_specs, fit_to_controls, follow_tasks_js
+
+    studio_ = app.STUDIO
+    rng = random.Random(1)
+    for name, kind in (("tsv_m", "merge"), ("align_merge_b", "calibration")):
+        schema, rank = studio_.schema(name, kind), studio_.largest_rank(name, kind)
+        src = follow_tasks_js(schema, name, 8, largest_rank=rank, base_method="ties")
+        specs = control_specs(schema, num_tasks=8, largest_rank=rank, base_method="ties")
+        cases = []
+        for _ in range(150):
+            stored = {s.name: rng.choice([None, rng.uniform(-1, 3), rng.uniform(0, 0.3), 2, "x"])
+                      for s in specs if rng.random() < 0.8}
+            values = []
+            for s in specs:
+                values.append(rng.uniform(-1, 3) if s.kind == "slider" else s.value)
+                if s.auto_label is not None:
+                    values.append(rng.random() < 0.5)
+            cases.append([rng.randint(0, 8), {"other": {"k": 9}, name: stored}, values])
+        out = page.evaluate("([src, cases]) => cases.map(([T, state, values]) => "
+                            "eval('(' + src + ')')(T, state, ...values))", [src, cases])
+        depends = {s.name for T in range(9)
+                   for s, s_T in zip(specs, control_specs(schema, num_tasks=T or None, largest_rank=rank,
+                                                          base_method="ties"))
+                   if s.kind == "slider" and (s.minimum, s.maximum, s.value) != (s_T.minimum, s_T.maximum, s_T.value)}
+        assert depends
+        for (T, state, values), (new_state, *updates) in zip(cases, out):
+            fitted = fit_to_controls(schema, state[name], T or None, rank)
+            expected = {k: fitted[k] if k in depends else v for k, v in state[name].items()}
+            assert new_state == {"other": {"k": 9}, name: expected}, (T, state, new_state)
+            at_T = control_specs(schema, num_tasks=T or None, largest_rank=rank, base_method="ties")
+            i = 0
+            for s, s_T in zip(specs, at_T):
+                value, automatic = values[i], s.auto_label is not None and values[i + 1]
+                if (s.minimum, s.maximum) != (s_T.minimum, s_T.maximum) or s.value != s_T.value:
+                    shown = s_T.value if automatic else min(max(value, s_T.minimum), s_T.maximum)
+                    assert updates[i]["minimum"] == s_T.minimum and updates[i]["maximum"] == s_T.maximum
+                    assert updates[i].get("value", value) == shown and updates[i]["interactive"] is not automatic
+                i += 1 + (s.auto_label is not None)

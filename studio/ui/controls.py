@@ -330,8 +330,8 @@ def follow_tasks_js(schema: Mapping[str, Any], owner: str, max_tasks: int, *, la
     [state', ...updates]`` (``values``: the controls' values in :func:`collect`'s order): each slider whose range or
     "auto" starting point depends on the number of tasks ``T`` (0 to ``max_tasks``; TSV-M's ``rank_fraction`` ends
     at ``1/T``) gets the range for ``T``, and the value shown moved to its nearest end (an "auto" one, the automatic
-    start); ``state[owner]``'s stored values are fitted as :func:`fit_to_controls` fits them. Every other control is
-    left as it is (an empty update), a value typed into it too: the page does this itself, with no render of the
+    start), and its value stored in ``state[owner]`` fitted as :func:`fit_to_controls` fits it. Every other control
+    is left as it is (an empty update), a value typed into it too: the page does this itself, with no render of the
     controls. None where nothing depends on ``T``.
 
     Example:
