@@ -369,20 +369,36 @@ def _triggers(comps: list[gr.components.Component]) -> list:
 
 def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owner: str, num_tasks: int,
                    largest_rank: "int | None", tasks: gr.JSON, max_tasks: int,
-                   base_method: "str | None" = None, calibration: bool = False) -> None:
+                   base_method: "str | None" = None, calibration: bool = False,
+                   use_best: "tuple[gr.Button, gr.JSON] | None" = None) -> None:
     """The controls of ``owner``'s schema; a calibration's (after ``base_method``) are labelled with its name. A
     stored value the range for ``num_tasks`` leaves out is shown at its nearest end, as it is merged
     (:meth:`Studio.fitted`). Where a range depends on the number of tasks, the page follows a new number of experts
     selected itself (``follow_tasks_js``): ``tasks`` holds it as ``{"T": n}`` (at most ``max_tasks``), a copy this
-    render alone listens to."""
+    render alone listens to. ``use_best``: the "Use best" button and the sweep's result it sets (a method's)."""
     specs = control_specs(schema, num_tasks=num_tasks or None, largest_rank=largest_rank, base_method=base_method)
     stored = fit_to_controls(schema, stored, num_tasks or None, largest_rank)
     if not specs:
         gr.Markdown("*No hyperparameters.*", key=f"{prefix}-none")
         return
     comps: list = []
+    shown: dict[str, gr.components.Component] = {}
     for spec in specs:
-        comps.extend(_make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else ""))
+        made = _make_control(spec, stored.get(spec.name, ...), prefix, owner if calibration else "")
+        shown[spec.name] = made[0]
+        comps.extend(made)
+    scale = post_scale_param(schema)
+    if use_best is not None and scale is not None and scale["name"] in shown:
+        # in the page, as the controls' stores: the slider and the stored values as they are when it is clicked (a
+        # server write of the values sent with the click put back a slider released within its round trip). The
+        # button's only listener, as a render's listener on a component outside it takes the place of the others
+        button, best = use_best
+        name = _update_js(scale["name"])
+        button.click(None, [best, state], [shown[scale["name"]], state], js=f"""(best, state) => {{
+  if (!best || best.method !== {_update_js(owner)} || best.param !== {name}) return [{{"__type__": "update"}}, state];
+  const mine = {{...((state || {{}})[{_update_js(owner)}] || {{}}), [best.param]: best.value}};
+  return [best.value, {{...(state || {{}}), [{_update_js(owner)}]: mine}}];
+}}""")
     reset = gr.Button(f"Reset {owner} to defaults", size="sm", variant="secondary", key=f"{prefix}-reset")
     # The controls' events run in the page (no round trip): the stored values change in the order the user set them,
     # before a click that follows reads them. Stored on the server, two quick changes reached it out of order now
@@ -439,11 +455,11 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-#: The concurrency group of the server's one event that writes the controls' stored values ("Use best α") and of the
-#: first step of a merge or a sweep (:func:`_settle`): one at a time, in the order they reached the server. Every
-#: session shares it (Gradio orders a group, not a session's events); each of its events takes milliseconds. The
-#: controls' own stores run in the page (:func:`_render_params`); a new expert selection writes none of them (the
-#: renders and the request fit the stored values to it, :meth:`Studio.fitted`).
+#: The concurrency group of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the order they
+#: reached the server. Every session shares it (Gradio orders a group, not a session's events); each takes
+#: milliseconds. The server writes none of the controls' stored values: their stores, "Use best" and the fit to a new
+#: expert selection run in the page (:func:`_render_params`), and the renders and the request fit the stored values
+#: to the selection (:meth:`Studio.fitted`).
 CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
 
 
@@ -464,10 +480,10 @@ def _stopped_since_click(sess: Any) -> bool:
 
 
 def _settle() -> None:
-    """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`
-    after a "Use best α" that reached the server before the click, so that the job that follows (``.success``), whose
-    inputs the page reads when this step ends, merges its value. A second click while the job is pending is dropped
-    by the page (``once``); the job does not start once Stop was pressed since the click."""
+    """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`; the
+    job that follows (``.success``) reads its inputs, the values the page holds, when this step ends. A second click
+    while the job is pending is dropped by the page (``once``); the job does not start once Stop was pressed since
+    the click."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -539,7 +555,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
         pref_reload = gr.State(0)  # and for the preference sliders (a new expert selection)
-        best_alpha = gr.State(None)
+        best_alpha = gr.JSON(None, visible="hidden")   # the last sweep's {method, param, value}, for "Use best"
 
         with gr.Row(equal_height=False):
             # ----------------------------------------------------------------- setup panel
@@ -559,7 +575,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         if method:
                             _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
                                            hp_state, method, len(experts or []), studio.largest_rank(method),
-                                           hp_tasks, len(studio.task_names))
+                                           hp_tasks, len(studio.task_names), use_best=(apply_btn, best_alpha))
 
                 calibration_dd = gr.Dropdown(calibrations, value="none", label="Calibration",
                                              info="applied after the base method on every matrix layer")
@@ -840,18 +856,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
             api_visibility="private", show_progress_on=[opt_md])
 
-        def apply_best(best: "dict | None", hp: "dict | None", method: str, nonce: int):
-            """The sweep's best value for the method shown, written into the page's stored values as the click sent
-            them: the server's one write of them, so a slider released within its round trip goes back."""
-            if not best or best.get("method") != method:
-                raise gr.Error("Run the optimisation for the current method first.")
-            new = dict(hp or {})
-            new[method] = {**new.get(method, {}), best["param"]: best["value"]}
-            gr.Info(f"{best['param']} set to {best['value']:g}")
-            return new, nonce + 1
-
-        apply_btn.click(apply_best, [best_alpha, hp_state, method_dd, hp_reload], [hp_state, hp_reload],
-                        api_visibility="private", show_progress="hidden", **CONTROLS)
+        # "Use best": in the page, with the method's controls (see _render_params)
 
         def request_stop(request: gr.Request):
             """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its
