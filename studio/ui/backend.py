@@ -212,10 +212,11 @@ class Studio:
 
     def fitted(self, name: str, kind: str, stored: Mapping[str, Any], num_tasks: int | None) -> dict[str, Any]:
         """``stored`` (the values the page holds for the method or calibration ``name``) as its controls show them
-        for ``num_tasks`` selected experts: each slider value a range that depends on ``T`` leaves out at its nearest
-        end (:func:`~studio.ui.controls.fit_to_controls`; TSV-M's ``rank_fraction`` ends at ``1/T``). The app's
-        renders show these and :meth:`request_from_state` merges them, so that a new expert selection needs no
-        write of the stored values (one would replace a value set while it travels).
+        for ``num_tasks`` selected experts: each slider value its range leaves out at its nearest end
+        (:func:`~studio.ui.controls.fit_to_controls`): a number typed beyond a slider's end, or a value set for
+        another selection (TSV-M's ``rank_fraction`` ends at ``1/T``). The app's renders show these and
+        :meth:`request_from_state` merges them, so that a new expert selection needs no write of the stored values
+        (one would replace a value set while it travels).
 
         Example:
             >>> from studio.suite import default_suite
