@@ -455,14 +455,6 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-#: The concurrency group of the first step of a merge or a sweep (:func:`_settle`): one at a time, in the order they
-#: reached the server. Every session shares it (Gradio orders a group, not a session's events); each takes
-#: milliseconds. The server writes none of the controls' stored values: their stores, "Use best" and the fit to a new
-#: expert selection run in the page (:func:`_render_params`), and the renders and the request fit the stored values
-#: to the selection (:meth:`Studio.fitted`).
-CONTROLS = dict(concurrency_id="controls", concurrency_limit=1)
-
-
 def _arm(request: gr.Request) -> None:
     """The click that starts a merge or a sweep, at once (unqueued): a Stop pressed from now on keeps the job it
     starts from starting (:func:`_stopped_since_click`)."""
@@ -477,13 +469,6 @@ def _stopped_since_click(sess: Any) -> bool:
         return True
     sess.stop_requested = False
     return False
-
-
-def _settle() -> None:
-    """The second step of a click that starts a merge or a sweep (after :func:`_arm`), queued in :data:`CONTROLS`; the
-    job that follows (``.success``) reads its inputs, the values the page holds, when this step ends. A second click
-    while the job is pending is dropped by the page (``once``); the job does not start once Stop was pressed since
-    the click."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -780,7 +765,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
                       progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            if _stopped_since_click(sess):   # while the click's first step waited for the controls
+            if _stopped_since_click(sess):   # while the job waited in the queue
                 gr.Warning(STOPPED["merge"])
                 return (gr.skip(),) * 11
             try:
@@ -814,11 +799,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"))
 
         def settled(button: gr.Button):
-            """The first two steps of a click on ``button`` (:func:`_arm`, then :func:`_settle`); the job follows
-            on their success."""
+            """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
+            inputs, the values the page holds, then (the page stores every control's change itself, and the server
+            writes none of them: no step need wait for one). A second click while the job is pending is dropped by
+            the page (``once``); the job does not start once Stop was pressed since the click."""
             return button.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
-                                api_visibility="private", queue=False).then(
-                _settle, None, None, show_progress="hidden", api_visibility="private", **CONTROLS)
+                                api_visibility="private", queue=False)
 
         merge_evt = settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
@@ -829,7 +815,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
                          progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            if _stopped_since_click(sess):   # while the click's first step waited for the controls
+            if _stopped_since_click(sess):   # while the job waited in the queue
                 gr.Warning(STOPPED["optimise"])
                 return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
             try:
