@@ -18,7 +18,6 @@ except ImportError:  # not on a Hugging Face Space
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import shutil
@@ -37,9 +36,9 @@ from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
 from studio.ui.backend import MergeRequest, Studio
-from studio.ui.controls import (ControlSpec, collect_js, control_specs, depends_on_method, fit_to_controls,
-                                follow_tasks_js, initial_values, parse_json_object, post_scale_param, shown_info,
-                                sources_markdown, store_js, sweep_defaults)
+from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
+                                follow_tasks_js, parse_json_object, post_scale_param, reset_js, shown_info,
+                                sources_markdown, store_js, sweep_defaults, use_best_js)
 from studio.ui.session import SessionStore, accuracy_rows, session_dir
 
 log = logging.getLogger("merge_studio")
@@ -331,35 +330,8 @@ def _make_control(spec: ControlSpec, current: Any, prefix: str, owner: str = "")
                       key=f"{key}-auto", preserved_by_key=None, container=False, interactive=True)
     # ticked: the greyed slider shows the automatic value again, which the merge now uses (it kept the last manual one);
     # in the page, as every event of the controls (see _render_params)
-    box.input(None, box, slider, js=f"(auto) => auto ? {_update_js(_slider_update(spec.value, False))} : "
-                                    f"{_update_js(_slider_update(None, True))}")
+    box.input(None, box, slider, js=auto_box_js(spec))
     return [slider, box]
-
-
-def _slider_update(value: Any, interactive: bool) -> dict:
-    """A slider's update as a browser function returns it (Gradio's ``{"__type__": "update", ...}``); ``value``
-    None: kept."""
-    update = {"__type__": "update", "interactive": interactive}
-    return update if value is None else {**update, "value": value}
-
-
-def _update_js(value: Any) -> str:
-    """``value`` as a JavaScript literal."""
-    return json.dumps(value, allow_nan=False)
-
-
-def _reset_updates(specs: list[ControlSpec]) -> list:
-    """What "Reset to defaults" sends the controls (as a browser function returns them): each one's starting value,
-    every "auto" box ticked again."""
-    out: list = []
-    for spec in specs:
-        if spec.kind != "slider":
-            out.append(spec.value)
-            continue
-        out.append(_slider_update(spec.value, spec.auto_label is None))
-        if spec.auto_label is not None:
-            out.append({"__type__": "update", "value": True})
-    return out
 
 
 def _triggers(comps: list[gr.components.Component]) -> list:
@@ -389,16 +361,10 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owne
         comps.extend(made)
     scale = post_scale_param(schema)
     if use_best is not None and scale is not None and scale["name"] in shown:
-        # in the page, as the controls' stores: the slider and the stored values as they are when it is clicked (a
-        # server write of the values sent with the click put back a slider released within its round trip). The
-        # button's only listener, as a render's listener on a component outside it takes the place of the others
+        # in the page, as the controls' stores (use_best_js); the button's only listener, as a render's listener on
+        # a component outside it takes the place of the others
         button, best = use_best
-        name = _update_js(scale["name"])
-        button.click(None, [best, state], [shown[scale["name"]], state], js=f"""(best, state) => {{
-  if (!best || best.method !== {_update_js(owner)} || best.param !== {name}) return [{{"__type__": "update"}}, state];
-  const mine = {{...((state || {{}})[{_update_js(owner)}] || {{}}), [best.param]: best.value}};
-  return [best.value, {{...(state || {{}}), [{_update_js(owner)}]: mine}}];
-}}""")
+        button.click(None, [best, state], [shown[scale["name"]], state], js=use_best_js(owner, scale["name"]))
     reset = gr.Button(f"Reset {owner} to defaults", size="sm", variant="secondary", key=f"{prefix}-reset")
     # The controls' events run in the page (no round trip): the stored values change in the order the user set them,
     # before a click that follows reads them. Stored on the server, two quick changes reached it out of order now
@@ -406,18 +372,9 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owne
     # could overtake a store, and a render of the controls could replace the function a store was sent to.
     # The controls and the stored values in one event: the state keeps one writer per event.
     follow = follow_tasks_js(schema, owner, max_tasks, largest_rank=largest_rank, base_method=base_method)
-    resets, initial = _update_js(_reset_updates(specs)), _update_js(initial_values(specs))
-    if follow is None:
-        reset.click(None, state, [*comps, state],
-                    js=f"(state) => [...{resets}, ({collect_js(specs, owner)})(state, ...{initial})]")
-    else:   # with the ranges and "auto" starts of the selection at hand, which may be another than at the render
-        reset.click(None, [tasks, state], [*comps, state], js=f"""(tasks, state) => {{
-  const values = {initial};
-  const [stored, ...ranges] = ({follow})(tasks.T, ({collect_js(specs, owner)})(state, ...values), ...values);
-  const resets = {resets}.map((u, j) => "minimum" in ranges[j] ?
-    {{...(u !== null && typeof u === "object" ? u : {{"__type__": "update", "value": u}}), ...ranges[j]}} : u);
-  return [...resets, stored];
-}}""")
+    # with the ranges and "auto" starts of the selection at hand, which may be another than at the render
+    reset.click(None, state if follow is None else [tasks, state], [*comps, state],
+                js=reset_js(specs, owner, follow))
     sources = sources_markdown(specs)
     if sources:   # folded: with them, each help text ran to ten lines
         with gr.Accordion(f"{owner}: where the defaults come from", open=False, key=f"{prefix}-sources"):
@@ -624,10 +581,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         gr.on([s.release for s in sliders], None, inputs=[pref_state, *sliders],
                               outputs=[pref_state, *sliders], js=store_js(specs, None), trigger_mode="multiple")
                         equal = gr.Button("Equal weights", size="sm", variant="secondary", key="pref-equal")
-                        ones = _update_js(initial_values(specs))
                         # every task's weight equal, those not shown too (dropped: 1 when shown again)
-                        equal.click(None, None, [*sliders, pref_state],
-                                    js=f"() => [...{ones}, ({collect_js(specs, None)})({{}}, ...{ones})]")
+                        equal.click(None, None, [*sliders, pref_state], js=reset_js(specs, None))
 
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
                 with gr.Row():

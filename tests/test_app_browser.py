@@ -868,7 +868,7 @@ def test_the_page_fits_the_stored_values_to_a_selection_as_fit_to_controls_does(
     import random
 
     import app
-    from studio.ui.controls import control_specs, fit_to_controls, follow_tasks_js
+    from studio.ui.controls import collect, control_specs, fit_to_controls, follow_tasks_js, initial_values, reset_js
 
     studio_ = app.STUDIO
     rng = random.Random(1)
@@ -906,3 +906,27 @@ def test_the_page_fits_the_stored_values_to_a_selection_as_fit_to_controls_does(
                     assert updates[i]["minimum"] == s_T.minimum and updates[i]["maximum"] == s_T.maximum
                     assert updates[i].get("value", value) == shown and updates[i]["interactive"] is not automatic
                 i += 1 + (s.auto_label is not None)
+        # "Reset to defaults" (reset_js) of controls rendered for T0 experts, pressed with T selected: every control
+        # shows T's starting value (an "auto" box ticked, its slider greyed), a slider that depends on T gets T's
+        # range, and the stored values are the starting ones for T (the other methods' untouched)
+        specs_at = [control_specs(schema, num_tasks=T or None, largest_rank=rank, base_method="ties")
+                    for T in range(9)]
+        pairs = [(T0, T) for T0 in range(9) for T in range(9)]
+        resets = page.evaluate("(cases) => cases.map(([src, T, state]) => eval('(' + src + ')')({T}, state))",
+                               [[reset_js(specs_at[T0], name, src), T, {"other": {"k": 9}, name: {"x": 1}}]
+                                for T0, T in pairs])
+        for (T0, T), (*updates, new_state) in zip(pairs, resets):
+            at_T = specs_at[T]
+            assert new_state == {"other": {"k": 9}, name: collect(at_T, initial_values(at_T))}, (T0, T)
+            i = 0
+            for s0, s_T in zip(specs_at[T0], at_T):
+                u = updates[i]
+                if s_T.kind == "slider":
+                    assert u["value"] == s_T.value and u["interactive"] is (s_T.auto_label is None), (T0, T, u)
+                    if s_T.name in depends:
+                        assert (u["minimum"], u["maximum"]) == (s_T.minimum, s_T.maximum), (T0, T, u)
+                else:
+                    assert u == s_T.value
+                if s_T.auto_label is not None:
+                    assert updates[i + 1] == {"__type__": "update", "value": True}
+                i += 1 + (s_T.auto_label is not None)

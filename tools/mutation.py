@@ -6,11 +6,13 @@ run the tests, and report which test killed it (or that none did).
     python tools/mutation.py --list               # the mutants, without running them
 
 Each mutant runs the doctests of the file it changes, then the core test files below with ``-x`` (stopping at the
-first failure), in a copy of ``studio/``, ``tests/`` and ``assets/``, so the working tree is never changed. The
-unchanged copy runs them first (``--no-baseline`` skips that), so that a test failing there is not read as a kill.
-A mutant with a reason in ``tools/mutants.py`` is equivalent (no test can tell it from the code) and is expected to
-survive; the script exits 1 if any other mutant survives. The parity tests against FusionBench and mergekit run
-where those are installed (the ``crosscheck`` extra), as in the suite.
+first failure; the module's own files first, :data:`OWN`), in a copy of ``studio/``, ``tests/`` and ``assets/``, so
+the working tree is never changed. A mutant of the page's code (:data:`PAGE`: the app and the browser functions of
+its controls) runs the real app's browser tests after them (Chromium; 3 more minutes where the core files miss it).
+The unchanged copy runs the core files first (``--no-baseline`` skips that), so that a test failing there is not
+read as a kill. A mutant with a reason in ``tools/mutants.py`` is equivalent (no test can tell it from the code) and
+is expected to survive; the script exits 1 if any other mutant survives. The parity tests against FusionBench and
+mergekit run where those are installed (the ``crosscheck`` extra), as in the suite.
 """
 
 from __future__ import annotations
@@ -35,6 +37,32 @@ CORE = ["tests/test_lapack.py", "tests/test_methods_spectral.py", "tests/test_me
         "tests/test_contract.py", "tests/test_crosscheck_mergekit.py", "tests/test_crosscheck_fusionbench.py",
         "tests/test_io_cli.py", "tests/test_suite.py", "tests/test_ui_backend.py", "tests/test_ui_controls.py",
         "tests/test_app_api.py"]
+
+#: the core test files of a module, run first (right after its doctests): the same tests, in an order that reaches a
+#: kill sooner (an I/O mutant ran the methods' files for minutes before test_io_cli.py)
+OWN = {"studio/io.py": ["tests/test_io_cli.py"], "studio/cli.py": ["tests/test_io_cli.py"],
+       "studio/compress.py": ["tests/test_io_cli.py", "tests/test_methods_spectral.py"],
+       "studio/ui/controls.py": ["tests/test_ui_controls.py", "tests/test_ui_backend.py"],
+       "studio/ui/backend.py": ["tests/test_ui_backend.py", "tests/test_app_api.py"]}
+
+#: files whose code runs in the page: their mutants run the browser tests too (the whole file: its tests share one
+#: page, in order)
+PAGE = {"app.py": "tests/test_app_browser.py", "studio/ui/controls.py": "tests/test_app_browser.py"}
+
+
+def _order(tree: Path, path: str) -> list[str]:
+    """What a mutant of ``path`` runs: its doctests, the core files (its own first), then the browser tests for the
+    page's code.
+
+    Example:
+        >>> _order(ROOT, "studio/cli.py")[:3]
+        ['studio/cli.py', 'tests/test_io_cli.py', 'tests/test_lapack.py']
+        >>> _order(ROOT, "app.py")[-1]
+        'tests/test_app_browser.py'
+    """
+    own = OWN.get(path, [])
+    core = [*own, *[t for t in CORE if t not in own]]
+    return [path, *[t for t in core if (tree / t).exists()], *([PAGE[path]] if path in PAGE else [])]
 
 
 def _copy_tree(dest: Path) -> None:
@@ -91,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             target.write_text(original.replace(text, replacement))
             start = time.perf_counter()
             try:
-                code, failed, last = _pytest(tree, [path, *[t for t in CORE if (tree / t).exists()]])
+                code, failed, last = _pytest(tree, _order(tree, path))
             finally:
                 target.write_text(original)
             killed = code != 0 and bool(failed)

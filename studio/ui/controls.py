@@ -378,6 +378,97 @@ def follow_tasks_js(schema: Mapping[str, Any], owner: str, max_tasks: int, *, la
 }}"""
 
 
+def slider_update(value: Any, interactive: bool) -> dict:
+    """A slider's update as a browser function returns it (Gradio's ``{"__type__": "update", ...}``); ``value``
+    None: kept."""
+    update = {"__type__": "update", "interactive": interactive}
+    return update if value is None else {**update, "value": value}
+
+
+def js_literal(value: Any) -> str:
+    """``value`` as a JavaScript literal (JSON; a NaN or infinity is refused)."""
+    return json.dumps(value, allow_nan=False)
+
+
+def auto_box_js(spec: ControlSpec) -> str:
+    """An "auto" box's input as a browser function ``(auto) => update``, for its slider: ticked, the greyed slider
+    shows the automatic start again (the merge uses the automatic value: the slider kept the last manual one);
+    unticked, the slider is free again at the value it shows.
+
+    Example:
+        >>> print(auto_box_js(ControlSpec("k", "slider", "k", 0.125, auto_label="auto (1/T)")))  # doctest: +ELLIPSIS
+        (auto) => auto ? {"__type__": "update", "interactive": false, "value": 0.125} : {...}
+    """
+    return (f"(auto) => auto ? {js_literal(slider_update(spec.value, False))} : "
+            f"{js_literal(slider_update(None, True))}")
+
+
+def reset_updates(specs: Sequence[ControlSpec]) -> list:
+    """What "Reset to defaults" sends the controls (as a browser function returns them): each one's starting value,
+    every "auto" box ticked again (its slider greyed).
+
+    Example:
+        >>> reset_updates([ControlSpec("k", "slider", "k", 0.125, auto_label="auto (1/T)"),
+        ...                ControlSpec("f", "dropdown", "f", "sum", choices=("sum", "mean"))])
+        [{'__type__': 'update', 'interactive': False, 'value': 0.125}, {'__type__': 'update', 'value': True}, 'sum']
+    """
+    out: list = []
+    for spec in specs:
+        if spec.kind != "slider":
+            out.append(spec.value)
+            continue
+        out.append(slider_update(spec.value, spec.auto_label is None))
+        if spec.auto_label is not None:
+            out.append({"__type__": "update", "value": True})
+    return out
+
+
+def reset_js(specs: Sequence[ControlSpec], owner: "str | None", follow: "str | None" = None) -> str:
+    """"Reset to defaults" as a browser function: every control back at :func:`reset_updates`, and the stored values
+    as :func:`collect_js` stores the starting values. Without ``follow``, ``(state) => [...updates, state']`` (the
+    preference sliders' "Equal weights" calls it with no state: the weights of tasks not shown are dropped too).
+    With ``follow`` (:func:`follow_tasks_js` of the same controls), ``(tasks, state) => [...updates, state']``: the
+    ranges and "auto" starts are those of the selection at hand, ``tasks.T`` experts, which may be another than at
+    the render.
+
+    Example:
+        >>> print(reset_js([ControlSpec("a", "slider", "a", 0.3)], "ties"))  # doctest: +ELLIPSIS
+        (state) => [...[{"__type__": "update", "interactive": true, "value": 0.3}], (...)(state, ...[0.3])]
+    """
+    resets, initial = js_literal(reset_updates(specs)), js_literal(initial_values(specs))
+    collect = collect_js(specs, owner)
+    if follow is None:
+        return f"(state) => [...{resets}, ({collect})(state, ...{initial})]"
+    return f"""(tasks, state) => {{
+  const values = {initial};
+  const [stored, ...ranges] = ({follow})(tasks.T, ({collect})(state, ...values), ...values);
+  const resets = {resets}.map((u, j) => "minimum" in ranges[j] ?
+    {{...(u !== null && typeof u === "object" ? u : {{"__type__": "update", "value": u}}), ...ranges[j]}} : u);
+  return [...resets, stored];
+}}"""
+
+
+def use_best_js(owner: str, param: str) -> str:
+    """"Use best" as a browser function ``(best, state) => [slider update, state']``: ``best`` (the sweep's result,
+    ``{"method", "param", "value"}``) set on ``owner``'s ``param`` slider and stored in ``state[owner]``, in the page,
+    as the controls' stores: the slider and the stored values as they are at the click (a server write of the
+    values sent with the click put back a slider released within its round trip). A result of another method or
+    param changes nothing.
+
+    Example:
+        >>> print(use_best_js("ties", "alpha"))  # doctest: +ELLIPSIS
+        (best, state) => {
+          if (!best || best.method !== "ties" || best.param !== "alpha") return [{"__type__": "update"}, state];
+        ...
+    """
+    who, name = js_literal(owner), js_literal(param)
+    return f"""(best, state) => {{
+  if (!best || best.method !== {who} || best.param !== {name}) return [{{"__type__": "update"}}, state];
+  const mine = {{...((state || {{}})[{who}] || {{}}), [best.param]: best.value}};
+  return [best.value, {{...(state || {{}}), [{who}]: mine}}];
+}}"""
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
