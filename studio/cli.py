@@ -35,6 +35,7 @@ from .io import (PICKLE_SUFFIXES, CheckpointError, Recipe, YamlLoader, atomic_wr
                  is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
                  merge_from_recipe, path_errors, read_metadata, recipe_inputs, refuse_overwriting, save_merged,
                  save_state_dict, shown_path)
+from .layers import RULES
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
 from .schema import StudioError, brief, json_safe, validate_hparams
@@ -541,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
         p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
         p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
-        p.add_argument("--layer-rule", default=None,
+        p.add_argument("--layer-rule", default=None, choices=sorted(RULES),
                        help=f"which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "
                             f"{layer_help}")
         p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
@@ -580,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank-fraction", type=float, default=None,
                    help="fraction of each layer's components kept per task (default 1/T, as the TSV paper); one "
                         "that keeps none on every compressed layer is refused")
-    p.add_argument("--layer-rule", default=None, help="which 2-D tensors are compressed (default all_matrices)")
+    p.add_argument("--layer-rule", default=None, choices=sorted(RULES),
+                   help="which 2-D tensors are compressed (default all_matrices)")
     p.add_argument("--svd-mode", default="auto", choices=("auto", "exact"),
                    help="auto: top-k SVDs from the Gram matrix; exact: LAPACK's SVD, as the official code")
     p.add_argument("--out", required=True, help="the packed file (.safetensors) reconstruct reads")

@@ -260,7 +260,7 @@ class Compressed:
         unknown = sorted({key for _, key in parts} - set(base))
         if unknown:
             more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-            raise CheckpointError(f"{path}: {unknown[0]!r} is not a key of the base{more}")
+            raise CheckpointError(f"{path}: the tensor {unknown[0]!r} is not a key of the base{more}")
         # compress stores the same tensors for every task: one a task lacks would silently rebuild the base's value
         # there (this check allows a base with more tensors than the file; the fingerprint check, unless
         # check=False, still requires the base compress recorded)

@@ -163,6 +163,14 @@ def test_cli_bad_arguments_are_one_line_errors_and_write_nothing(files, capsys):
             continue
         assert rc == 2 and len(err) == 1 and message in err[0], (extra, err)
         assert not out.exists(), extra
+    # --layer-rule takes a preset's name: argparse's usage and choices (the library's error offered a LayerRule or a
+    # mapping, which a command line cannot give); compress too
+    for cmd in (["merge", *args, "--method", "iso_c"], ["compress", *args]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*cmd, "--layer-rule", "nope", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--layer-rule: invalid choice: 'nope' (choose from 'all_matrices', " \
+            "'default', 'skip_embeddings')" in err and not out.exists(), err
     # a recipe that cannot be written leaves no weights either (both files or neither)
     blocker = tmp / "blocker"
     blocker.write_text("a file where a folder is needed")
