@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -118,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 _ARGS = build_parser().parse_args() if __name__ == "__main__" else None
 if _ARGS is not None:
     keep_freed_memory()   # the app merges again on every slider move: reuse freed memory (studio.memory)
-STUDIO: Studio = load_studio(_ARGS.suite if _ARGS is not None else None)
+try:
+    STUDIO: Studio = load_studio(_ARGS.suite if _ARGS is not None else None)
+except StudioError as _exc:
+    if _ARGS is None:   # imported: the caller sees the error itself
+        raise
+    print(f"error: {_exc}", file=sys.stderr)   # a bad --suite is one line, as the CLI's errors (not a traceback)
+    raise SystemExit(2) from None
 
 
 def _upload_root() -> Path:
@@ -298,7 +305,7 @@ def api_methods() -> list[dict]:
 
 
 def api_layers() -> list[str]:
-    """The matrix layer keys that /spectrum accepts, in model order."""
+    """The matrix layer keys that /spectrum accepts, in state-dict order."""
     return STUDIO.layer_keys()
 
 
@@ -729,29 +736,38 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     folder = session_dir(_upload_root(), request.session_hash)
                     progress(0.0, desc="merging")
                     out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
+                    table = out["table"]
+                    frame, acc_fig, norm_fig = _accuracy_outputs(table)
+                    recipe_text = Path(out["files"]["recipe"]).read_text()
+                    csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
+                    # The run is recorded unless Stop came first (request_stop takes the lock too). Stop's cancel
+                    # drops this handler's outputs: a run recorded after it was one the page never showed (its
+                    # number skipped, a row in the leaderboard and its CSV). From here the job is done, and a Stop
+                    # finds none to stop; what it can still drop is the few milliseconds to the return
+                    with sess.lock:
+                        if sess.stop_requested:
+                            raise _Cancelled("stopped by the user")
+                        record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
+                                              accuracy={t: r["merged"] for t, r in table.items()},
+                                              normalized={t: r["normalized"] for t, r in table.items()
+                                                          if r["normalized"] is not None},
+                                              seconds=out["total_s"], recipe=out["recipe"])
+                        sess.job = None
+                    csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
+                    sess.files.update(out["files"], csv=str(csv_path))
             except _Cancelled:
                 gr.Warning(STOPPED["merge"])
                 return (gr.skip(),) * 11
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "merge") from None
-            table = out["table"]
-            record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
-                                  accuracy={t: r["merged"] for t, r in table.items()},
-                                  normalized={t: r["normalized"] for t, r in table.items()
-                                              if r["normalized"] is not None},
-                                  seconds=out["total_s"], recipe=out["recipe"])
-            csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
-            csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
-            sess.files.update(out["files"], csv=str(csv_path))
-            frame, acc_fig, norm_fig = _accuracy_outputs(table)
-            status = (f"Run **#{record.run}** · {req.method} on {_count(len(req.experts), 'expert')} · average "
-                      f"accuracy **{record.avg_accuracy:.1f}%** (normalized {record.avg_normalized:.1f}%) · "
-                      f"merge {out['merge_s']:.2f} s + evaluation {out['eval_s']:.2f} s")
+            status = (f"Run **#{record.run}** · {req.method} ({record.settings}) on "
+                      f"{_count(len(req.experts), 'expert')} · average accuracy **{record.avg_accuracy:.1f}%** "
+                      f"(normalized {record.avg_normalized:.1f}%) · merge {out['merge_s']:.2f} s + evaluation "
+                      f"{out['eval_s']:.2f} s")
             return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess, studio),
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),
                     gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
-                    gr.DownloadButton(value=str(csv_path), interactive=True),
-                    Path(out["files"]["recipe"]).read_text(), gr.Tabs(selected="results"))
+                    gr.DownloadButton(value=str(csv_path), interactive=True), recipe_text, gr.Tabs(selected="results"))
 
         def settled(button: gr.Button):
             """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
@@ -803,9 +819,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
             """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its
             "stopped" message among them), so this reports it where the job would have."""
             sess = SESSIONS.get(request.session_hash)
-            sess.stop_requested = True
-            sess.stops += 1
-            kind = sess.job[0] if sess.job else None
+            with sess.lock:   # a merge records its run under it, unless Stop came first
+                sess.stop_requested = True
+                sess.stops += 1
+                kind = sess.job[0] if sess.job else None
             return (STOPPED["merge"] if kind == "merge" else gr.skip(),
                     f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
 

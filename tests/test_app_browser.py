@@ -919,7 +919,7 @@ def test_the_page_fits_the_stored_values_to_a_selection_as_fit_to_controls_does(
             at_T = specs_at[T]
             assert new_state == {"other": {"k": 9}, name: collect(at_T, initial_values(at_T))}, (T0, T)
             i = 0
-            for s0, s_T in zip(specs_at[T0], at_T):
+            for s_T in at_T:   # the layout of T0's controls (the same params)
                 u = updates[i]
                 if s_T.kind == "slider":
                     assert u["value"] == s_T.value and u["interactive"] is (s_T.auto_label is None), (T0, T, u)
@@ -930,3 +930,47 @@ def test_the_page_fits_the_stored_values_to_a_selection_as_fit_to_controls_does(
                 if s_T.auto_label is not None:
                     assert updates[i + 1] == {"__type__": "update", "value": True}
                 i += 1 + (s_T.auto_label is not None)
+
+
+def test_a_stop_as_a_merge_ends_records_no_run_the_page_did_not_show(page, monkeypatch):
+    """Stop pressed after the merge's last step, before its run was recorded: the run was recorded all the same
+    (the job checked Stop only at its steps), while Stop's cancel dropped the results it would have shown. The page
+    said nothing, the next run's number skipped one, and the leaderboard and its CSV held a row the user never saw
+    (a browser audit hit it 2 times in 8 with Stop about 1.3 s after Merge). The job now records its run only if
+    Stop did not come first, and says it stopped."""
+    import threading
+
+    import app
+
+    finished = threading.Event()
+    original = app.merge_and_evaluate
+
+    def ends_then_waits_for_stop(req, folder, session_hash=None, progress=None, **kwargs):
+        out = original(req, folder, session_hash, progress, **kwargs)   # every step done, the files exported
+        finished.set()
+        sess, deadline = app.SESSIONS.get(session_hash), time.monotonic() + 30
+        stops = sess.stops
+        while sess.stops == stops and time.monotonic() < deadline:   # Stop lands here
+            time.sleep(0.05)
+        return out
+
+    def runs() -> list:
+        return [r.run for s in app.SESSIONS._data.values() for r in s.runs]
+
+    before = max(runs(), default=0)
+    monkeypatch.setattr(app, "merge_and_evaluate", ends_then_waits_for_stop)
+    page.get_by_role("tab", name="Results").click()   # where the run's status is
+    page.locator("#run-status").wait_for()
+    page.get_by_role("button", name="Merge & evaluate").click()
+    assert finished.wait(120), "the merge did not end"
+    page.get_by_role("button", name="Stop").click()
+    page.wait_for_function("() => document.querySelector('#run-status')?.innerText.includes('Merge stopped.')")
+    started = time.monotonic()
+    while any(s.job for s in app.SESSIONS._data.values()):   # the job's end, at most a few seconds on
+        assert time.monotonic() - started < 30, "the job did not end"
+        time.sleep(0.05)
+    assert max(runs(), default=0) == before, runs()
+    monkeypatch.setattr(app, "merge_and_evaluate", original)
+    page.get_by_role("button", name="Merge & evaluate").click()   # the next run is numbered next, and shown
+    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1} ')")
+    assert max(runs()) == before + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -77,6 +78,18 @@ def test_cli_lists_methods():
     out = subprocess.run([sys.executable, "-m", "studio", "methods"], capture_output=True, text=True, check=True)
     assert "tsv_m" in out.stdout and "svc" in out.stdout
     assert studio.__version__
+
+
+def test_the_app_refuses_a_bad_suite_in_one_line(tmp_path):
+    """``python app.py --suite`` with a folder that is no suite: one line naming it and exit status 2, as the CLI's
+    errors (it printed a traceback, the message at its end), before anything is served."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("MERGE_STUDIO_SUITE", None)
+    run = subprocess.run([sys.executable, str(ROOT / "app.py"), "--suite", str(tmp_path), "--port", "1"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(tmp_path) in lines[0], \
+        run.stderr
 
 
 def test_docs_table_rows_have_four_cells():

@@ -132,6 +132,14 @@ def test_describe_names_the_seed_of_a_method_that_draws_from_it(st: Studio, two)
     assert "seed" not in st.describe(st.request("task_arithmetic", {}, two, seed=7))
 
 
+def test_a_recipe_records_the_seed_of_a_method_that_draws_from_it(st: Studio, two):
+    """The app's one seed box set for DARE and left so: a TSV-M merge's recipe recorded it (and its settings'
+    fingerprint with it), though nothing merged depends on it; two recipes of the same merge now read the same."""
+    assert st.request("dare", {}, two, seed=7).recipe().seed == 7
+    plain, seeded = (st.request("tsv_m", {}, two, seed=seed).recipe() for seed in (0, 7))
+    assert seeded.seed == 0 and seeded.to_dict() == plain.to_dict()
+
+
 @pytest.mark.parametrize("states, message", [
     (([0.5], {}, {}), "the stored method settings must be a JSON object, got [0.5]"),
     (({"task_arithmetic": 0.5}, {}, {}), "method settings stored for 'task_arithmetic' must be a JSON object"),

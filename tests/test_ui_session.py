@@ -21,7 +21,7 @@ def test_leaderboard_is_sorted_by_average_normalized_accuracy():
     _run(sess, "ties", {"a": 70.0, "b": 50.0}, {"a": 80.0, "b": 60.0})
     _run(sess, "weight_average", {"a": 50.0}, {"a": 55.0})
     header, rows = sess.leaderboard()
-    assert header == ["run", "method", "settings", "experts", "avg acc %", "avg norm %", "a", "b", "time s"]
+    assert header == ["run", "method", "settings", "experts", "avg acc %", "avg norm %", "a", "b", "total s"]
     assert [r[0] for r in rows] == [2, 1, 3]
     assert rows[0][4:7] == [60.0, 70.0, 70.0]
     assert rows[2][7] is None  # run 3 did not include task b

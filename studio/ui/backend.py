@@ -87,9 +87,12 @@ class MergeRequest:
     def recipe(self, suite: str | None = None) -> Recipe:
         from .. import __version__
 
+        # the seed where the method draws from it (DARE's masks): the app's one seed box set for another method
+        # changes nothing merged, and two recipes of the same merge read the same
+        seed = int(self.seed) if self.method in METHODS and get_method(self.method).uses_seed else 0
         return Recipe(method=self.method, hparams=dict(self.hparams), experts=list(self.experts),
                       calibrate=self.calibrate, calibrate_hparams=dict(self.calibrate_hparams),
-                      preferences=None if self.preferences is None else dict(self.preferences), seed=int(self.seed),
+                      preferences=None if self.preferences is None else dict(self.preferences), seed=seed,
                       # None (not "default"): the engine then lets a calibration apply its own default layer rule
                       # (SVC skips embeddings), exactly as the app's merge did.
                       layer_rule=None, suite=suite, studio_version=__version__)
@@ -185,7 +188,8 @@ class Studio:
         return [(f"{t}  ·  {acc[t]:.1f}%" if t in acc else t, t) for t in self.task_names]
 
     def layer_keys(self) -> list[str]:
-        """Keys of the matrix layers (2-D tensors the default layer rule selects), in model order."""
+        """Keys of the matrix layers (2-D tensors the default layer rule selects), in state-dict order (open_clip's
+        lists ``visual.proj``, applied last, before the blocks)."""
         if self._layer_keys is None:
             self._layer_keys = [k for k, v in self.suite.base.items()
                                 if v.is_floating_point() and DEFAULT_RULE.is_matrix(k, tuple(v.shape))]

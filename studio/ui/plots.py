@@ -278,7 +278,7 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
     """Per-layer curves in three stacked panels: STI, spectral entropy (per task and merged), SAR to the merge.
 
     Args:
-        layers: the matrix layer keys (x axis, in model order; shown by index, full key on hover).
+        layers: the matrix layer keys (x axis, in state-dict order; shown by index, full key on hover).
         sti: singular task interference per layer (one value per layer), or ``None``.
         entropy: task name -> (normalised) spectral entropy of its task matrix per layer.
         sar: task name -> subspace alignment ratio of that task to the merged delta, per layer.
@@ -326,7 +326,7 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
             fig.add_vline(x=idx, line=dict(color="#999", dash="dot", width=1), row=row, col=1)
     fig.update_yaxes(range=[0, 1.05], row=3, col=1)
     fig.update_xaxes(range=[-0.5, max(len(layers) - 0.5, 0.5)], tick0=0, dtick=1 if len(layers) <= 12 else None)
-    fig.update_xaxes(title_text="matrix layer (model order; hover for the key)", row=3, col=1)
+    fig.update_xaxes(title_text="matrix layer (state-dict order; hover for the key)", row=3, col=1)
     fig.update_annotations(font=dict(size=12))
     return _layout(fig, "", "layer-curves", height)
 

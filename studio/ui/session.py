@@ -83,6 +83,8 @@ class SessionData:
     stops: int = 0   # how many times Stop was pressed
     armed: int = 0   # ``stops`` when Merge or Optimise was last clicked: a job starts only if it has not changed
     touched: float = field(default_factory=time.time)
+    #: held by Stop and by a merge recording its run: the run is recorded only if Stop did not come first
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_run(self, **kwargs: Any) -> RunRecord:
         record = RunRecord(run=len(self.runs) + 1, **kwargs)
@@ -114,7 +116,7 @@ class SessionData:
             for r in self.runs:
                 seen.update(dict.fromkeys(r.accuracy))
             tasks = [t for t in (pool or ()) if t in seen] + [t for t in seen if t not in (pool or ())]
-        header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "time s"]
+        header = ["run", "method", "settings", "experts", "avg acc %", "avg norm %", *tasks, "total s"]
         everything = tasks if pool is None else pool
         first: dict[frozenset, int] = {}
         for r in self.runs:
