@@ -1211,8 +1211,19 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
     here, since its checkpoint may well have been given as the file (``base.safetensors`` beside the merge)."""
     from huggingface_hub import constants
 
-    read = {Path(path).resolve(): what for what, paths in (inputs or {}).items()
-            for path in ([paths] if isinstance(paths, str) else paths)}
+    def chosen(path: Path) -> Path:
+        """The file a checkpoint folder resolves to (its shard index, which checkpoint_files does not list), else
+        ``path``: an output written over the index would leave the folder unreadable."""
+        if path.is_dir():
+            with contextlib.suppress(CheckpointError):   # no checkpoint folder: nothing in it is read
+                return _folder_files(path)[0].resolve()
+        return path
+
+    read = {}
+    for what, paths in (inputs or {}).items():
+        for path in ([paths] if isinstance(paths, str) else paths):
+            read[Path(path).resolve()] = what
+            read.setdefault(chosen(Path(path).resolve()), what)
     folders = {}   # a source's folder -> (the file it resolves to, whose checkpoint that is)
     for name, source in [(None, sources["base"]), *sources["experts"].items()] if sources else []:
         whose = "the base" if name is None else f"expert {name!r}"
@@ -1220,7 +1231,7 @@ def refuse_overwriting(outputs: list[str | None], *, sources: dict | None = None
         if not is_hub_url(source):
             for file, _ in checkpoint_files(source):   # an index's shards too
                 read[file.resolve()] = what
-            resolved = Path(source).resolve()
+            resolved = chosen(Path(source).resolve())
             read.setdefault(resolved, what)
             if resolved.name.endswith(".safetensors.index.json"):   # a sharded checkpoint's folder
                 folders.setdefault(resolved.parent, (resolved.name, whose))

@@ -1348,6 +1348,14 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
         assert main(["diagnose", *args, "--weights", str(tmp / weights), "--out", str(tmp / target)]) == 2
         assert message in capsys.readouterr().err, (weights, target)
     assert {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()} == before
+    # a folder of shards alone given: its index is the file it resolves to (the report replaced it, and the folder
+    # no longer loaded)
+    (tmp / "folder" / "model.safetensors").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()}
+    assert main(["diagnose", *args, "--weights", str(tmp / "folder"),
+                 "--out", str(tmp / "folder" / "model.safetensors.index.json")]) == 2
+    assert read in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp / "folder").iterdir()} == before
     # a file of merged deltas is told from a merged state, as the library does
     save_state_dict(tmp / "deltas.safetensors", {k: merged[k] - base[k] for k in merged})
     for weights in ("merged.safetensors", "deltas.safetensors"):
