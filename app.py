@@ -699,7 +699,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
             cols = [f"σ{j + 1}" for j in range(d.interference.shape[1])] if info["shape"] == "TxK" else d.tasks
             heat = plots.heatmap_figure(d.interference, d.tasks, cols, metric=metric, value_range=info["range"],
                                         signed=info["signed"], center=info["center"], scope=d.heatmap_scope)
-            metric_text = f"<small>**{metric}**: {info['description']} [{info['paper']}]</small>"
+            # the heatmap takes each metric's default k: say which (Fig. 1's 5 for the subspace similarity, ...)
+            k_note = "" if info["k_help"] == "k is not used" else f" Shown at the default: {info['k_help']}."
+            metric_text = f"<small>**{metric}**: {info['description']}{k_note} [{info['paper']}]</small>"
             c = d.curves
             curves = (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
                                                 merged_entropy=c["merged_entropy"], selected=layer,

@@ -498,6 +498,8 @@ def test_the_heatmap_over_the_whole_model(page):
     page.get_by_label("Interference metric").click()
     page.get_by_role("option", name="subspace_similarity", exact=True).click()
     page.wait_for_function(f"() => ({title})() === 'Interference · subspace_similarity'")
+    # the k the heatmap takes (the metric's default) is named under it: Fig. 1's 5 here
+    page.get_by_text("Shown at the default: k = subspace dimension per task (default 5, as in Fig. 1)").wait_for()
 
 
 class _HeldRequests:
