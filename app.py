@@ -54,6 +54,8 @@ _API_KEEP = 16
 THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 CSS = """
 .ms-status {min-height: 1.6em}
+#pred-gallery .caption-label {white-space: normal; max-width: 100%; overflow-wrap: anywhere; font-size: 11px;
+                              line-height: 1.25; padding: 1px 4px}
 footer {display: none !important}
 """
 # Gradio's slider stores its value on "release": a pointer let go on the range, or its number box losing focus. A key

@@ -153,6 +153,10 @@ def test_merge_shows_results_and_downloads_the_weights(page, tmp_path):
     assert all(t in table for t in app.STUDIO.task_names) and "normalized %" in table
     assert page.locator("#pred-gallery img").count() > 0
     assert "✓" in page.inner_text("#pred-gallery") or "✗" in page.inner_text("#pred-gallery")
+    # each caption is shown whole (six to a row, Gradio cut them at one line: "house_nu...", "aerial_scen...")
+    captions = page.evaluate("() => [...document.querySelectorAll('#pred-gallery .caption-label')]"
+                             ".map(e => [e.innerText, e.scrollWidth <= e.clientWidth + 1])")
+    assert captions and all(whole for _, whole in captions), captions
     page.screenshot(path=str(SHOTS / "05_results.png"), full_page=True)
 
     with page.expect_download() as info:
