@@ -12,6 +12,7 @@ import torch
 import studio
 from studio.evaluate import evaluate, predict
 from studio.io import Recipe, load_state_dict, merge_from_recipe, read_metadata, RECIPE_METADATA_KEY
+from studio.registry import get_calibration, get_method
 from studio.schema import HyperparameterError, StudioError
 from studio.ui.backend import RequestError, Studio
 
@@ -349,3 +350,25 @@ def test_spectrum_requests_of_the_wrong_kind_are_named(st: Studio, two):
     with pytest.raises(RequestError, match="experts must be a list of expert names, got 'digits'"):
         st.spectrum(layer, experts="digits")
     assert list(st.spectrum(layer, experts=two)["tasks"]) == two
+
+
+@pytest.mark.parametrize("method, calibration", [("tsv_m", None), ("task_arithmetic", "svc"), ("tsv_m", "svc"),
+                                                 ("ties", "align_merge_b"), ("align_merge_b", None)])
+def test_describe_shows_the_value_an_automatic_param_took(st: Studio, method, calibration):
+    """An automatic value reads as the value it took for the experts selected (TSV-M's 1/T on 8 and on 4 experts
+    read the same, "auto", in the leaderboard): merged with those values given, the merge has the same bits."""
+    from studio.ui.backend import _automatic
+
+    for experts in (st.task_names, st.task_names[:3]):
+        req = st.request(method, {}, experts, calibration, {})
+        auto = _automatic(get_method(method).params, req.hparams, len(experts))
+        cal_auto = _automatic(get_calibration(calibration).params, req.calibrate_hparams, len(experts), method) \
+            if calibration else {}
+        assert auto or cal_auto
+        text = st.describe(req)
+        for name, value in [*auto.items(), *cal_auto.items()]:
+            assert f"{name}={value:g} (auto)" in text, text
+        given = st.request(method, {**req.hparams, **auto}, experts, calibration,
+                           {**req.calibrate_hparams, **cal_auto})
+        merged, explicit = st.merge(req), st.merge(given)
+        assert all(torch.equal(merged[k], explicit[k]) for k in merged), (method, calibration, len(experts))

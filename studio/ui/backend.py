@@ -28,13 +28,36 @@ from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
 from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
 from ..schema import HyperparameterError, StudioError, brief, check_seed, validate_hparams
-from .controls import fit_to_controls, parse_json_object, post_scale_param
+from .controls import auto_rule_value, fit_to_controls, parse_json_object, post_scale_param
 
 ProgressFn = Callable[[float, str], None]
 
 
 class RequestError(StudioError):
     """A merge request is incomplete or inconsistent (no expert selected, unknown expert, too few experts...)."""
+
+
+def _automatic(params: Sequence[Any], hp: Mapping[str, Any], num_tasks: int,
+               base_method: str | None = None) -> dict[str, float]:
+    """The value each automatic param left automatic in ``hp`` takes for ``num_tasks`` experts (after
+    ``base_method``, for a calibration's ``auto_after``), where its rule is a formula the schema writes
+    (:func:`studio.ui.controls.auto_rule_value`): what the method resolves ``None`` to.
+
+    Example:
+        >>> _automatic(get_method("tsv_m").params, {"rank_fraction": None, "alpha": 1.0}, 8)
+        {'rank_fraction': 0.125}
+        >>> _automatic(get_calibration("svc").params, {"alpha": None}, 4, "tsv_m")
+        {'alpha': 1.0}
+    """
+    out = {}
+    for p in params:
+        if p.default is not None or hp.get(p.name, None) is not None:
+            continue
+        after = dict(p.auto_after)
+        value = float(after[base_method]) if base_method in after else auto_rule_value(p.auto or "", num_tasks)
+        if value is not None:
+            out[p.name] = value
+    return out
 
 
 def _stored(state: Any, name: str | None, what: str) -> dict[str, Any]:
@@ -339,7 +362,12 @@ class Studio:
         from .session import describe_settings
 
         seed = req.seed if req.method in METHODS and get_method(req.method).uses_seed else None
-        return describe_settings(req.hparams, req.calibrate, req.calibrate_hparams, req.preferences, seed)
+        T = len(req.experts)
+        automatic = _automatic(get_method(req.method).params, req.hparams, T) if req.method in METHODS else None
+        cal_automatic = (_automatic(get_calibration(req.calibrate).params, req.calibrate_hparams, T, req.method)
+                         if req.calibrate in CALIBRATIONS else None)
+        return describe_settings(req.hparams, req.calibrate, req.calibrate_hparams, req.preferences, seed,
+                                 automatic=automatic, calibrate_automatic=cal_automatic)
 
     def alpha_grid(self, method: str, lo: float | None, hi: float | None, n: int) -> list[float]:
         """``n`` evenly spaced values of the method's global scale between ``lo`` and ``hi`` (checked vs its range)."""

@@ -44,26 +44,33 @@ class RunRecord:
 
 def describe_settings(hparams: Mapping[str, Any], calibrate: str | None = None,
                       calibrate_hparams: Mapping[str, Any] | None = None,
-                      preferences: Mapping[str, float] | None = None, seed: int | None = None) -> str:
+                      preferences: Mapping[str, float] | None = None, seed: int | None = None, *,
+                      automatic: Mapping[str, float] | None = None,
+                      calibrate_automatic: Mapping[str, float] | None = None) -> str:
     """A compact one-line description of a run's settings for the leaderboard (``seed``: given for a method that
-    draws from it).
+    draws from it). An automatic value (``None``) shows the value it took where ``automatic`` (the method's) or
+    ``calibrate_automatic`` gives it: TSV-M's 1/T on 8 and on 4 experts read apart.
 
     Example:
         >>> describe_settings({"alpha": 0.3, "k": None}, "svc", {"beta": 1.0})
         'alpha=0.3, k=auto | svc(beta=1)'
         >>> describe_settings({"p": 0.8}, seed=3)
         'p=0.8 | seed 3'
+        >>> describe_settings({"rank_fraction": None, "alpha": 1.0}, automatic={"rank_fraction": 0.125})
+        'rank_fraction=0.125 (auto), alpha=1'
     """
 
-    def fmt(d: Mapping[str, Any]) -> str:
-        def shown(v: Any) -> str:
-            return 'auto' if v is None else (f'{v:g}' if isinstance(v, float) else str(v))
+    def fmt(d: Mapping[str, Any], auto: Mapping[str, float] | None) -> str:
+        def shown(k: str, v: Any) -> str:
+            if v is None:
+                return f"{auto[k]:g} (auto)" if auto and k in auto else "auto"
+            return f"{v:g}" if isinstance(v, float) else str(v)
 
-        return ", ".join(f"{k}={shown(v)}" for k, v in d.items())
+        return ", ".join(f"{k}={shown(k, v)}" for k, v in d.items())
 
-    text = fmt(hparams) or "defaults"
+    text = fmt(hparams, automatic) or "defaults"
     if calibrate:
-        text += f" | {calibrate}({fmt(calibrate_hparams or {})})"
+        text += f" | {calibrate}({fmt(calibrate_hparams or {}, calibrate_automatic)})"
     if preferences:
         text += " | prefs " + ", ".join(f"{k}:{v:g}" for k, v in preferences.items())
     if seed is not None:
