@@ -222,6 +222,8 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
     for name, sd in experts.items():
         if not isinstance(name, str):
             raise ExpertError(f"expert names must be strings, got {brief(name)}")
+        if not name.strip():   # a recipe, a preference and every message name it (the CLI refuses one too)
+            raise ExpertError(f"expert names must be non-empty, got {name!r}; name each expert by its task")
         if not isinstance(sd, Mapping):
             raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), "
                               f"got {type(sd).__name__}")

@@ -192,6 +192,8 @@ def test_inputs_that_are_not_mergeable_state_dicts_name_what_is_wrong(clip_pool)
         (base, [experts["task0"]], r"experts must be a mapping name -> state dict, got list \(give each expert"),
         (base, {"task0": None}, "expert 'task0' must be a state dict"),
         (base, {1: experts["task0"]}, "expert names must be strings"),
+        (base, {"": experts["task0"], "task1": experts["task1"]}, "expert names must be non-empty, got ''"),
+        (base, {" ": experts["task0"]}, "expert names must be non-empty, got ' '"),
         ({**base, 3: base[key]}, one, r"base: key 3 is a int; state-dict keys must be strings"),
         (base, dict(one, task1=dict(experts["task1"], **{key: torch.empty(base[key].shape, device="meta")})),
          "expert 'task1', key 'visual.proj' is a meta tensor"),
