@@ -275,7 +275,8 @@ def api_evaluate(method: str, experts: list[str], hparams: "dict | str" = "{}", 
 
 
 def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "", hparams: "dict | str" = "{}",
-                 calibration: str = "none", calibration_hparams: "dict | str" = "{}") -> dict:
+                 calibration: str = "none", calibration_hparams: "dict | str" = "{}",
+                 preferences: "dict | str" = "{}", seed: int = 0) -> dict:
     """Singular values of every task matrix at ``layer`` and, when ``method`` is given, of the merged delta.
 
     Args:
@@ -285,17 +286,21 @@ def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "
         hparams: the method's hyperparameters as a JSON object.
         calibration: "none" or a calibration name.
         calibration_hparams: the calibration's hyperparameters as a JSON object.
+        preferences: per-task weights of the merge as a JSON object, as in /merge (a task not named keeps weight 1).
+        seed: the merge's random seed (DARE's masks), as in /merge.
     """
     try:
         experts = STUDIO.check_expert_names(experts) or STUDIO.task_names
         if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
-            given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams))
-                     if parse_json_object(value, name)]
+            given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams),
+                                              ("preferences", preferences)) if parse_json_object(value, name)]
             given += ["calibration"] if calibration not in (None, "", "none") else []
+            given += ["seed"] if seed not in (None, 0) else []
             if given:
                 raise StudioError(f"{' and '.join(given)} given without a method: name the method whose merged "
                                   f"spectrum they describe, or leave them out for the task spectra alone")
-        req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams) if method else None)
+        req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
+               if method else None)
         return STUDIO.spectrum(layer, experts=experts, req=req)
     except Exception as exc:  # noqa: BLE001
         raise _user_error(exc, "spectrum") from None

@@ -95,6 +95,15 @@ def test_spectrum_matches_a_local_svd(client: Client, suite):
     assert torch.allclose(torch.tensor(out["merged"], dtype=torch.float64), merged_ref, rtol=1e-4, atol=1e-6)
     tasks_only = client.predict(layer, api_name="/spectrum")
     assert set(tasks_only["tasks"]) == set(suite.task_names) and "merged" not in tasks_only
+    # the merge's preferences and seed, as /merge takes them (the merged spectrum was always seed 0 and uniform)
+    weighted = client.predict(layer, experts, "task_arithmetic", {"alpha": 1.0}, "none", "{}",
+                              {experts[0]: 3, experts[1]: 1}, api_name="/spectrum")
+    ref = torch.linalg.svdvals(sum(w * 2 * (suite.experts[t][layer].double() - base) / 4
+                                   for w, t in zip((3, 1), experts)))   # T p_i: 2 * 3/4 and 2 * 1/4
+    assert torch.allclose(torch.tensor(weighted["merged"], dtype=torch.float64), ref, rtol=1e-4, atol=1e-6)
+    dare = [client.predict(layer, experts, "dare", "{}", "none", "{}", "{}", seed, api_name="/spectrum")["merged"]
+            for seed in (0, 7, 7)]
+    assert dare[0] != dare[1] and dare[1] == dare[2]
 
 
 @pytest.mark.parametrize("args, api, message", [
@@ -159,7 +168,8 @@ def test_spectrum_refuses_merge_settings_without_a_method(client: Client):
     """Without a method /spectrum returns the task spectra alone; settings for a merge were silently ignored."""
     layer = client.predict(api_name="/layers")[0]
     for args, message in (((None, "", {"alpha": 1.0}), "hparams given without a method"),
-                          ((None, "", "{}", "svc", '{"alpha": 0.5}'), "calibration_hparams and calibration given")):
+                          ((None, "", "{}", "svc", '{"alpha": 0.5}'), "calibration_hparams and calibration given"),
+                          ((None, "", "{}", "none", "{}", '{"digits": 2}', 3), "preferences and seed given")):
         with pytest.raises(Exception) as info:
             client.predict(layer, *args, api_name="/spectrum")
         assert message in str(info.value)

@@ -66,6 +66,12 @@ def test_layer_keys_are_the_default_rule_matrices(st: Studio):
      "preferences must be a mapping task -> weight"),
     (dict(method="task_arithmetic", experts=None, preferences=[1, 2]), RequestError,
      "preferences must be a mapping task -> weight"),
+    # 0, False and [] were taken as "no preferences" (equal weights, none in the recipe): an API audit
+    *[(dict(method="task_arithmetic", experts=None, preferences=bad), RequestError,
+       r'preferences must be a mapping task -> weight \(JSON object\), e\.g\. \{"@0": 2\}, got ')
+      for bad in (0, False, [], 0.0)],
+    (dict(method="task_arithmetic", experts=None, preferences="[1"), StudioError,
+     r'preferences: not valid JSON .*; expected e\.g\. \{"@0": 2\}$'),
     (dict(method="task_arithmetic", experts=None, preferences={"@0": 10**400}), RequestError,
      "beyond a float's range"),
     (dict(method="task_arithmetic", experts=None, hparams='{"alpha": ' + "9" * 5000 + "}"), StudioError,
@@ -81,7 +87,7 @@ def test_invalid_requests_raise_readable_errors(st: Studio, two, kwargs, error, 
         kwargs["experts"] = two
     if isinstance(kwargs.get("preferences"), dict) and "@0" in kwargs["preferences"]:
         kwargs["preferences"] = {two[0]: kwargs["preferences"]["@0"]}
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match.replace("@0", two[0])):
         st.request(**kwargs)
 
 

@@ -9,6 +9,7 @@ cache), the zero-shot baseline. Nothing here imports Gradio.
 from __future__ import annotations
 
 import functools
+import json
 import threading
 import time
 from collections import OrderedDict
@@ -58,6 +59,11 @@ def _automatic(params: Sequence[Any], hp: Mapping[str, Any], num_tasks: int,
         if value is not None:
             out[p.name] = value
     return out
+
+
+def _weights_example(experts: Sequence[str]) -> str:
+    """Task weights as a message shows them, in JSON: ``{"digits": 2}``."""
+    return json.dumps({experts[0] if experts else "task": 2})
 
 
 def _stored(state: Any, name: str | None, what: str) -> dict[str, Any]:
@@ -324,7 +330,8 @@ class Studio:
         else:
             cspec = get_calibration(cal)
             cal_hp = validate_hparams(cal, cspec.params, cal_hp)
-        prefs = parse_json_object(preferences, "preferences") if isinstance(preferences, str) else preferences
+        prefs = (parse_json_object(preferences, "preferences", _weights_example(experts))
+                 if isinstance(preferences, str) else preferences)
         prefs = self._preferences(prefs, experts)
         return MergeRequest(method, hp, tuple(experts), cal, cal_hp, prefs, check_seed(seed, RequestError))
 
@@ -433,11 +440,13 @@ class Studio:
     def _preferences(prefs: Mapping[str, float] | None, experts: Sequence[str]) -> dict[str, float] | None:
         """Keep the selected experts' weights; ``None`` when absent or uniform (identical merge, simpler recipe). A
         selected task the mapping leaves out keeps weight 1, the sliders' default."""
+        if prefs is None:
+            return None
+        if not isinstance(prefs, Mapping):   # 0, False and [] too: they are not "no preferences"
+            raise RequestError(f"preferences must be a mapping task -> weight (JSON object), e.g. "
+                               f"{_weights_example(experts)}, got {brief(prefs)}")
         if not prefs:
             return None
-        if not isinstance(prefs, Mapping):
-            raise RequestError(f"preferences must be a mapping task -> weight (JSON object), e.g. "
-                               f"{{{experts[0]!r}: 2}}, got {brief(prefs)}")
         unknown = sorted(set(prefs) - set(experts), key=str)
         if unknown:
             raise RequestError(f"preferences name task(s) {brief(unknown)} that are not selected; selected: "

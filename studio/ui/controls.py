@@ -567,8 +567,10 @@ def fit_to_controls(schema: Mapping[str, Any], stored: Mapping[str, Any], num_ta
     return out
 
 
-def parse_json_object(text: "str | Mapping[str, Any] | None", what: str) -> dict[str, Any]:
-    """Parse a JSON object given as text (API calls) or already as a mapping; empty means ``{}``.
+def parse_json_object(text: "str | Mapping[str, Any] | None", what: str,
+                      example: str = '{"alpha": 0.3}') -> dict[str, Any]:
+    """Parse a JSON object given as text (API calls) or already as a mapping; empty means ``{}``. ``example``: the
+    object a message shows (a hyperparameter's, unless the text holds something else, e.g. task weights).
 
     Example:
         >>> parse_json_object('{"alpha": 0.5}', "hyperparameters")
@@ -586,14 +588,14 @@ def parse_json_object(text: "str | Mapping[str, Any] | None", what: str) -> dict
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise StudioError(f"{what}: not valid JSON ({exc.msg} at position {exc.pos}); "
-                          f"expected e.g. {{\"alpha\": 0.3}}") from None
+                          f"expected e.g. {example}") from None
     except ValueError:   # Python's limit on the digits of an integer it converts (4300)
         raise StudioError(f"{what}: holds an integer of more than {sys.get_int_max_str_digits()} digits; give "
                           f"numbers in a hyperparameter's range") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise StudioError(f"{what}: expected a JSON object such as {{\"alpha\": 0.3}}, got {type(value).__name__}")
+        raise StudioError(f"{what}: expected a JSON object such as {example}, got {type(value).__name__}")
     return value
 
 
