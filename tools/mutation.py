@@ -43,7 +43,8 @@ CORE = ["tests/test_lapack.py", "tests/test_methods_spectral.py", "tests/test_me
 OWN = {"studio/io.py": ["tests/test_io_cli.py"], "studio/cli.py": ["tests/test_io_cli.py"],
        "studio/compress.py": ["tests/test_io_cli.py", "tests/test_methods_spectral.py"],
        "studio/ui/controls.py": ["tests/test_ui_controls.py", "tests/test_ui_backend.py"],
-       "studio/ui/backend.py": ["tests/test_ui_backend.py", "tests/test_app_api.py"]}
+       "studio/ui/backend.py": ["tests/test_ui_backend.py", "tests/test_app_api.py"],
+       "app.py": ["tests/test_app_api.py"]}
 
 #: files whose code runs in the page: their mutants run the browser tests too (the whole file: its tests share one
 #: page, in order)
