@@ -153,6 +153,51 @@ def test_build_rejects_unknown_task(tmp_path):
         build(BuildConfig(out=str(tmp_path / "x"), tasks=["mnist"]), log=lambda m: None)
 
 
+def test_build_suite_keeps_what_it_did_not_write_and_leaves_nothing_half_built(tmp_path, capsys):
+    """An audit of build-suite: ``--out`` naming a project folder deleted its ``data/`` and replaced its README
+    (exit 0); ``--out`` naming a file failed after the whole build and left a built suite in a hidden staging folder;
+    ``--steps 0`` built experts equal to the base and ``--batch-size 0`` ended in a traceback. Now each is refused
+    before any work, a failure leaves no staging folder, and a folder an earlier build wrote is rebuilt in place
+    (files of other names kept). The manifest records a command that runs."""
+    from studio.cli import main
+
+    tiny = ["--tasks", "digits", "signs", "--device", "cpu", "--n-pretrain", "32", "--n-train", "32", "--n-val", "8",
+            "--n-test", "8", "--pretrain-steps", "2", "--steps", "2", "--batch-size", "16", "--no-reference-merges"]
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "important.txt").write_text("keep")
+    (project / "README.md").write_text("mine")
+    (tmp_path / "afile").write_text("a file")
+    for out, message in ((project, "holds ['README.md', 'data'], which the build would replace"),
+                         (tmp_path / "afile", "afile is a file; give a folder"),
+                         (tmp_path / "afile" / "sub", "afile is a file; give a folder")):
+        assert main(["build-suite", "--out", str(out), *tiny]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert (project / "data" / "important.txt").read_text() == "keep" and (project / "README.md").read_text() == "mine"
+    for option in ("--steps", "--batch-size", "--n-val"):
+        with pytest.raises(SystemExit):
+            main(["build-suite", "--out", str(tmp_path / "new"), *tiny, option, "0"])
+        assert f"argument {option}: 0 is below 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "project"]   # no staging folder, nothing built
+    # a failure inside the build removes its staging folder
+    with pytest.raises(RuntimeError, match="a failure inside the build"):
+        def failing_log(msg: str) -> None:
+            raise RuntimeError("a failure inside the build")
+        build(BuildConfig(out=str(tmp_path / "new"), tasks=["digits"], device="cpu", n_pretrain=8, n_train=8,
+                          n_val=4, n_test=4, batch_size=8, pretrain_steps=1, steps=1), log=failing_log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "project"]
+    # an earlier build's folder is rebuilt; a file of another name beside it is kept
+    suite = tmp_path / "suite"
+    assert main(["build-suite", "--out", str(suite), *tiny]) == 0
+    (suite / "notes.txt").write_text("mine")
+    assert main(["build-suite", "--out", str(suite), *tiny]) == 0
+    assert (suite / "notes.txt").read_text() == "mine" and load_suite(suite).task_names == ["digits", "signs"]
+    command = json.loads((suite / "manifest.json").read_text())["build"]["command"]
+    assert command == "python -m studio.suite.build --out " + str(suite) + " " + " ".join(tiny)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 # ------------------------------------------------------------------------------------------ hub layout, offline
 def test_load_suite_from_hub_cache_offline(mini_suite, tmp_path, offline_hub, monkeypatch):
     cache = tmp_path / "hf"

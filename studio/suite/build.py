@@ -257,6 +257,29 @@ _OUTPUTS = ("manifest.json", "README.md", "base.safetensors", "heads.safetensors
             "data", "model_configs")
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` the build would fail to publish into or would destroy: a file, or a
+    folder holding files of the names the build writes (``data/``, ``README.md``, ...) that no earlier build wrote
+    (no suite manifest with a ``build`` record): publishing replaces them. Other files in the folder are kept."""
+    from .core import SuiteError
+
+    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise SuiteError(f"--out {out}: {blocking} is a file; give a folder (new, empty or an earlier build's)")
+    if not out.is_dir():
+        return
+    present = [name for name in _OUTPUTS if (out / name).exists()]
+    if not present:
+        return
+    try:
+        earlier = "build" in json.loads((out / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        earlier = False
+    if not earlier:
+        raise SuiteError(f"--out {out} holds {present}, which the build would replace, and is not a suite an earlier "
+                         f"build wrote (no manifest.json with its build record); give a new or empty folder")
+
+
 def _clear(out: Path) -> None:
     """Remove a previous build's files (only those this command writes)."""
     for name in _OUTPUTS:
@@ -286,8 +309,10 @@ def _sizes(out: Path) -> dict[str, int]:
             "data_bytes": size(out / "data")}
 
 
-def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]:
-    """Run the whole build into ``cfg.out`` and return the manifest (also written to ``manifest.json``)."""
+def build(cfg: BuildConfig, log: Callable[[str], None] = _log, command: str | None = None) -> dict[str, Any]:
+    """Run the whole build into ``cfg.out`` and return the manifest (also written to ``manifest.json``, with
+    ``command``, the command line that reproduces it, default ``python -m studio.suite.build`` and this process's
+    arguments). ``cfg.out`` is checked first (:func:`_check_out`); a failed build leaves no staging folder."""
     import open_clip
 
     from ..pool import resolve_device
@@ -303,12 +328,18 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
         # Tiny matrices: on a shared CPU, thread synchronisation costs more than it saves (measured 4x slower with 2).
         torch.set_num_threads(cfg.threads)
     final = Path(cfg.out)
+    _check_out(final)
     # build next to the destination, publish at the end (the app may be reading the current suite meanwhile)
     out = final.parent / f".{final.name}.building"
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        from .core import SuiteError
+        raise SuiteError(f"--out {final}: cannot write in {final.parent} ({exc.strerror or exc})") from None
     timings: dict[str, float] = {}
+    published = False
     try:
         # ---------------------------------------------------------------- data (deterministic, seeded per split)
         t0 = time.perf_counter()
@@ -387,7 +418,7 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
                                     "target_fraction": cfg.pretrain_target_fraction}},
             "build": {"config": asdict(cfg), "device": str(device), "threads": torch.get_num_threads(),
                       "pretrain": pre_info, "finetune": ft_info,
-                      "command": "python -m studio.suite.build " + " ".join(sys.argv[1:])},
+                      "command": command or "python -m studio.suite.build " + " ".join(sys.argv[1:])},
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__,
                          "python": platform.python_version()},
             "notes": NOTES,
@@ -404,10 +435,13 @@ def build(cfg: BuildConfig, log: Callable[[str], None] = _log) -> dict[str, Any]
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
         (out / "README.md").write_text(readme(manifest))
         _publish(out, final)
+        published = True
         log(f"build finished in {timings['total_s']:.1f} s -> {final}")
         return manifest
     finally:
         torch.set_num_threads(threads_before)
+        if not published:   # a failure or Ctrl-C: no half-built suite left beside the destination
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def measure(out: Path, cfg: BuildConfig, device: torch.device, log: Callable[[str], None] = _log) -> dict[str, Any]:
@@ -466,22 +500,39 @@ def _reference_merges(suite: Any, cfg: BuildConfig, device: torch.device, log: C
 def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.suite.build") -> BuildConfig:
     d = BuildConfig()
     ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+
+    def at_least(low: int) -> Callable[[str], int]:
+        def parse(text: str) -> int:
+            value = int(text)
+            if value < low:
+                raise argparse.ArgumentTypeError(f"{value} is below {low}")
+            return value
+        parse.__name__ = "integer"
+        return parse
+
+    def positive(text: str) -> float:
+        value = float(text)
+        if not (value > 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
+        return value
+
     ap.add_argument("--out", default=d.out, help="output folder (its previous build files are replaced)")
     ap.add_argument("--tasks", nargs="+", default=d.tasks, choices=list(TASK_NAMES), metavar="TASK",
                     help=f"tasks to build (default: all of {list(TASK_NAMES)})")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--device", default=d.device, help="cpu, cuda or auto (default)")
     ap.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0 = torch default)")
-    ap.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per expert")
-    ap.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
-    ap.add_argument("--batch-size", type=int, default=d.batch_size)
-    ap.add_argument("--lr", type=float, default=d.lr, help="fine-tuning learning rate")
-    ap.add_argument("--pretrain-lr", type=float, default=d.pretrain_lr)
-    ap.add_argument("--n-pretrain", type=int, default=d.n_pretrain)
+    # every count at least 1 (0 fine-tuning steps made experts equal to the base; 0 images failed after the build)
+    ap.add_argument("--steps", type=at_least(1), default=d.steps, help="fine-tuning steps per expert")
+    ap.add_argument("--pretrain-steps", type=at_least(0), default=d.pretrain_steps)
+    ap.add_argument("--batch-size", type=at_least(1), default=d.batch_size)
+    ap.add_argument("--lr", type=positive, default=d.lr, help="fine-tuning learning rate")
+    ap.add_argument("--pretrain-lr", type=positive, default=d.pretrain_lr)
+    ap.add_argument("--n-pretrain", type=at_least(1), default=d.n_pretrain)
     ap.add_argument("--pretrain-target-fraction", type=float, default=d.pretrain_target_fraction)
-    ap.add_argument("--n-train", type=int, default=d.n_train)
-    ap.add_argument("--n-val", type=int, default=d.n_val)
-    ap.add_argument("--n-test", type=int, default=d.n_test)
+    ap.add_argument("--n-train", type=at_least(1), default=d.n_train)
+    ap.add_argument("--n-val", type=at_least(1), default=d.n_val)
+    ap.add_argument("--n-test", type=at_least(1), default=d.n_test)
     ap.add_argument("--no-reference-merges", dest="reference_merges", action="store_false",
                     help="skip the Task Arithmetic alpha sweep recorded in the manifest")
     a = ap.parse_args(argv)
@@ -493,8 +544,12 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.suite.build") -> None:
-    """Command-line entry point (``prog``: the command's name in its usage line)."""
-    build(parse_args(argv, prog))
+    """Command-line entry point (``prog``: the command's name in its usage line). The manifest records the command
+    as ``python -m studio.suite.build`` with these arguments, which runs however the build was started."""
+    import shlex
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    build(parse_args(args, prog), command=shlex.join(["python", "-m", "studio.suite.build", *args]))
 
 
 if __name__ == "__main__":
