@@ -872,6 +872,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         shapes = clip_visual_shapes(args.model)
     except StudioError as exc:
         ap.error(f"--model: {exc}")
+    if args.threads:   # --evaluate's too
+        torch.set_num_threads(args.threads)
     if args.evaluate:
         method, calibration = runs[0][:2] if args.methods else ("task_arithmetic", None)
         try:
@@ -885,8 +887,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             peers = fusion_bench_peers()
         except ImportError as exc:
             raise SystemExit(f"--peer needs FusionBench ({exc}): pip install -e '.[crosscheck]'") from exc
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.host_eigh_max is not None:
         _lapack.HOST_EIGH_MAX = args.host_eigh_max
     if args.batched_eigh_max is not None:

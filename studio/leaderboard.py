@@ -40,15 +40,20 @@ class Row:
 
 
 def _grid_for(method: str, alphas: Sequence[float]) -> list[float]:
-    """The sweep grid clipped to the method's declared range for its scale parameter."""
+    """The sweep grid clipped to the method's declared range for its scale parameter; none of ``alphas`` in it is
+    an error (the row fell back to the method's default, under a header saying it was chosen on validation)."""
     from .registry import get_method
+    from .schema import HyperparameterError
 
     spec = get_method(method)
     p = next(p for p in spec.params if p.post_scale)
     lo = -math.inf if p.low is None else p.low
     hi = math.inf if p.high is None else p.high
     grid = [a for a in alphas if (lo < a if p.low_open else lo <= a) and a <= hi]
-    return grid or [p.default]
+    if not grid:
+        raise HyperparameterError(f"{method}: none of the scales {list(alphas)} is in its '{p.name}' range "
+                                  f"{p.range_text()}; give --alphas in it")
+    return grid
 
 
 def _row(label: str, res: EvalResult, alpha: float | None, seconds: float) -> Row:
@@ -140,11 +145,22 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     bad = [a for a in args.alphas if not math.isfinite(a) or a < 0]
     if bad:   # each method's grid keeps the scales in its range: these would silently fall back to its default
         ap.error(f"--alphas: {bad} are not scales; give finite numbers >= 0")
+    from .registry import METHODS
+
+    scaled = [m for m in (args.methods or list(METHODS)) if post_scale_param(m) is not None]
+    scaled += ["task_arithmetic"] if args.calibrations is None or args.calibrations else []
+    for name in dict.fromkeys(scaled):   # each row's grid, before any row runs
+        try:
+            _grid_for(name, args.alphas)
+        except StudioError as exc:
+            ap.error(f"--alphas: {exc}")
     from .io import atomic_write, refuse_overwriting
 
     if args.json is not None and Path(args.json).resolve() == Path(args.out).resolve():
         raise StudioError(f"--out and --json are both {args.out}; give two file names")
     refuse_overwriting([args.out, args.json], suite=args.suite)   # before minutes of merges, not after
+    for out in filter(None, (args.out, args.json)):   # and where they can be written (a failed write came last)
+        _check_writable(Path(out))
     if args.threads > 0:
         import torch
 
@@ -152,12 +168,30 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     suite = load_suite(args.suite)
     rows = run(suite, methods=args.methods, calibrations=args.calibrations, alphas=args.alphas, device=args.device)
     text = to_markdown(suite, rows)
-    with atomic_write(Path(args.out)) as tmp:   # never half-written
+    with atomic_write(Path(args.out)) as tmp:   # never half-written; the JSON first, inside: both files or neither
         Path(tmp).write_text(text)
-    if args.json:
-        with atomic_write(Path(args.json)) as tmp:
-            Path(tmp).write_text(json.dumps(json_safe([r.__dict__ for r in rows]), indent=2, allow_nan=False))
+        if args.json:
+            with atomic_write(Path(args.json)) as tmp_json:
+                Path(tmp_json).write_text(json.dumps(json_safe([r.__dict__ for r in rows]), indent=2,
+                                                     allow_nan=False))
     print(text)
+
+
+def _check_writable(path: Path) -> None:
+    """Refuse, before the merges, an output that is a folder or whose folder cannot be written (probed with a
+    temporary file in the nearest folder that exists: the missing ones are made)."""
+    import tempfile
+
+    from .io import path_errors
+
+    with path_errors(path, "write"):
+        if path.is_dir():
+            raise StudioError(f"cannot write {path}: it is a folder; give a file name")
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise StudioError(f"cannot write {path}: {folder} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
 
 
 if __name__ == "__main__":

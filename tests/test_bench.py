@@ -39,7 +39,15 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
 
 
 def test_bench_times_the_evaluation_of_a_merged_minisuite_model(capsys):
-    bench.main(["--evaluate", "--device", "cpu", "--repeat", "1", "--methods", "tsv_m"])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:   # --threads holds for --evaluate too (it returned before setting them: an audit)
+        torch.set_num_threads(2)
+        bench.main(["--evaluate", "--device", "cpu", "--repeat", "1", "--methods", "tsv_m", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert re.search(r"merge tsv_m: [0-9.]+ s", out) and "first evaluation" in out
     assert re.search(r"evaluate one merged model on 8 tasks \(2400 test images\): [0-9.]+ s; avg acc [0-9.]+", out)

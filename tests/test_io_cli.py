@@ -1622,6 +1622,22 @@ def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and
     assert "weight_average" in (tmp_path / "new" / "lb.md").read_text()
     assert [row["label"] for row in json.loads((tmp_path / "lb.json").read_text())] == [
         "Zero-shot", "Individual (experts)", "weight_average"]
+    # an audit of the leaderboard: scales none of which a method accepts made its row the method's default, under a
+    # header saying it was chosen on validation; an output that could not be written failed after every row, and a
+    # --json that could not be written left --out replaced. Each is refused before any row now
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--methods", "iso_c", "--calibrations", "--alphas", "4", "--out", str(tmp_path / "x.md")])
+    assert "--alphas: iso_c: none of the scales [4.0] is in its 'alpha' range [0, 3]" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("a file")
+    board = (tmp_path / "new" / "lb.md").read_text()
+    for out, json_out, message in ((tmp_path / "new", None, "it is a folder"),
+                                   (tmp_path / "new" / "lb.md", tmp_path / "afile" / "lb.json", "is a file, not a "
+                                                                                                  "folder")):
+        assert main(["leaderboard", "--methods", "weight_average", "--calibrations", "--threads", "1", "--out",
+                     str(out), *(["--json", str(json_out)] if json_out else [])]) == 2
+        said = capsys.readouterr()
+        assert message in said.err and "weight_average" not in said.out, said   # no row ran (each prints a line)
+    assert (tmp_path / "new" / "lb.md").read_text() == board
 
 
 def test_load_dtype_converts_floating_tensors_and_keeps_the_others(tmp_path):
