@@ -516,7 +516,8 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.
             raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
         return value
 
-    ap.add_argument("--out", default=d.out, help="output folder (its previous build files are replaced)")
+    ap.add_argument("--out", default=d.out, help="output folder: new, empty or an earlier build's (whose files are "
+                                                 "replaced; files of other names are kept)")
     ap.add_argument("--tasks", nargs="+", default=d.tasks, choices=list(TASK_NAMES), metavar="TASK",
                     help=f"tasks to build (default: all of {list(TASK_NAMES)})")
     ap.add_argument("--seed", type=int, default=d.seed)
