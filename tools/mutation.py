@@ -38,8 +38,9 @@ CORE = ["tests/test_lapack.py", "tests/test_methods_spectral.py", "tests/test_me
         "tests/test_io_cli.py", "tests/test_suite.py", "tests/test_ui_backend.py", "tests/test_ui_controls.py",
         "tests/test_app_api.py"]
 
-#: the core test files of a module, run first (right after its doctests): the same tests, in an order that reaches a
-#: kill sooner (an I/O mutant ran the methods' files for minutes before test_io_cli.py)
+#: the test files of a module, run first (right after its doctests): the core files in an order that reaches a kill
+#: sooner (an I/O mutant ran the methods' files for minutes before test_io_cli.py), and a module's own file outside
+#: them (the leaderboard's rows are in test_evaluate.py)
 OWN = {"studio/io.py": ["tests/test_io_cli.py"], "studio/cli.py": ["tests/test_io_cli.py"],
        "studio/compress.py": ["tests/test_io_cli.py", "tests/test_methods_spectral.py"],
        "studio/ui/controls.py": ["tests/test_ui_controls.py", "tests/test_ui_backend.py"],
