@@ -99,14 +99,16 @@ def run(suite: Any, *, methods: Sequence[str] | None = None, calibrations: Seque
     return rows
 
 
-def to_markdown(suite: Any, rows: Sequence[Row]) -> str:
-    """The leaderboard as a markdown table (accuracies in %, test split)."""
+def to_markdown(suite: Any, rows: Sequence[Row], alphas: Sequence[float] | None = None) -> str:
+    """The leaderboard as a markdown table (accuracies in %, test split); ``alphas``: the scales searched, named under
+    the title (each method's grid keeps those in its range)."""
     tasks = list(suite.task_names)
     head = "| Method | scale | " + " | ".join(tasks) + " | Avg abs | Avg norm |"
     sep = "|" + "---|" * (len(tasks) + 4)
+    searched = "" if alphas is None else f" (searched: {', '.join(f'{a:g}' for a in alphas)}, each in its range)"
     lines = [f"## {suite.name} leaderboard (test split, accuracy %)", "",
-             "scale: the method's global scale (alpha; lam for AlignMerge) chosen on the validation split by average "
-             "normalized accuracy; methods without one use their defaults.", "", head, sep]
+             f"scale: the method's global scale (alpha; lam for AlignMerge) chosen on the validation split by average "
+             f"normalized accuracy{searched}; methods without one use their defaults.", "", head, sep]
     for r in rows:
         if r.error:
             lines.append(f"| {r.label} | - | " + " | ".join("-" for _ in tasks) + f" | failed: {r.error} | - |")
@@ -135,6 +137,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for torch (0 = torch's default; 1 is faster on a busy shared CPU)")
     args = ap.parse_args(argv)
+    if args.threads < 0:   # as the bench (it was taken as 0)
+        ap.error(f"--threads must be 0 (torch's default) or a number of threads, got {args.threads}")
     try:   # every name before any row runs (a misspelt one became a failed row after minutes of the others)
         for name in args.methods or []:
             get_method(name)
@@ -167,7 +171,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
         torch.set_num_threads(args.threads)
     suite = load_suite(args.suite)
     rows = run(suite, methods=args.methods, calibrations=args.calibrations, alphas=args.alphas, device=args.device)
-    text = to_markdown(suite, rows)
+    text = to_markdown(suite, rows, args.alphas)
     with atomic_write(Path(args.out)) as tmp:   # never half-written; the JSON first, inside: both files or neither
         Path(tmp).write_text(text)
         if args.json:

@@ -156,6 +156,7 @@ def test_leaderboard_rows(suite):
     assert rows[1].avg_normalized == 100.0 and not math.isnan(rows[0].avg_accuracy)
     md = to_markdown(small, rows)
     assert md.count("\n| ") == 1 + len(rows) and "| task_arithmetic | 0.3 |" in md
+    assert "(searched: 0.05, 0.3, 2, each in its range)" in to_markdown(small, rows, [0.05, 0.3, 2.0])
 
 
 def _readme_leaderboard() -> list[list[str]]:

@@ -1628,6 +1628,9 @@ def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and
     with pytest.raises(SystemExit):
         main(["leaderboard", "--methods", "iso_c", "--calibrations", "--alphas", "4", "--out", str(tmp_path / "x.md")])
     assert "--alphas: iso_c: none of the scales [4.0] is in its 'alpha' range [0, 3]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["leaderboard", "--threads", "-3", "--out", str(tmp_path / "x.md")])
+    assert "--threads must be 0 (torch's default) or a number of threads, got -3" in capsys.readouterr().err
     (tmp_path / "afile").write_text("a file")
     board = (tmp_path / "new" / "lb.md").read_text()
     for out, json_out, message in ((tmp_path / "new", None, "it is a folder"),
