@@ -151,6 +151,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
         ap.error(f"--alphas: {bad} are not scales; give finite numbers >= 0")
     from .registry import METHODS
 
+    get_method("task_arithmetic")   # imports every method module (METHODS is empty before)
     scaled = [m for m in (args.methods or list(METHODS)) if post_scale_param(m) is not None]
     scaled += ["task_arithmetic"] if args.calibrations is None or args.calibrations else []
     for name in dict.fromkeys(scaled):   # each row's grid, before any row runs

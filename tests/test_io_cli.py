@@ -1628,6 +1628,13 @@ def test_leaderboard_refuses_its_suite_s_files_and_bad_scales_before_any_row_and
     with pytest.raises(SystemExit):
         main(["leaderboard", "--methods", "iso_c", "--calibrations", "--alphas", "4", "--out", str(tmp_path / "x.md")])
     assert "--alphas: iso_c: none of the scales [4.0] is in its 'alpha' range [0, 3]" in capsys.readouterr().err
+    # every method, by default, in a process of its own (where no method module was imported yet: the check saw none)
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "studio.leaderboard", "--alphas", "4", "--out", str(tmp_path / "x.md")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "--alphas: iso_c: none of the scales [4.0]" in run.stderr, run.stderr[-500:]
     with pytest.raises(SystemExit):
         main(["leaderboard", "--threads", "-3", "--out", str(tmp_path / "x.md")])
     assert "--threads must be 0 (torch's default) or a number of threads, got -3" in capsys.readouterr().err
