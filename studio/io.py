@@ -707,6 +707,22 @@ def check_weights_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_writable(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`Path`, if a file can be written there: not a folder, under a folder that exists or can
+    be made (:func:`atomic_write` makes the missing ones), which is probed with a temporary file. For a command to
+    refuse an output before minutes of work, not when the output is written."""
+    path = Path(path)
+    with path_errors(path, "write"):
+        if path.is_dir():
+            raise CheckpointError(f"cannot write {path}: it is a folder; give a file name")
+        folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir():
+            raise CheckpointError(f"cannot write {path}: {folder} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    return path
+
+
 #: The dtypes ``safetensors.torch`` writes.
 _SAFETENSORS_DTYPES = frozenset(
     getattr(torch, name) for name in (

@@ -159,13 +159,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
             _grid_for(name, args.alphas)
         except StudioError as exc:
             ap.error(f"--alphas: {exc}")
-    from .io import atomic_write, refuse_overwriting
+    from .io import atomic_write, check_writable, refuse_overwriting
 
     if args.json is not None and Path(args.json).resolve() == Path(args.out).resolve():
         raise StudioError(f"--out and --json are both {args.out}; give two file names")
     refuse_overwriting([args.out, args.json], suite=args.suite)   # before minutes of merges, not after
     for out in filter(None, (args.out, args.json)):   # and where they can be written (a failed write came last)
-        _check_writable(Path(out))
+        check_writable(out)
     if args.threads > 0:
         import torch
 
@@ -180,23 +180,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
                 Path(tmp_json).write_text(json.dumps(json_safe([r.__dict__ for r in rows]), indent=2,
                                                      allow_nan=False))
     print(text)
-
-
-def _check_writable(path: Path) -> None:
-    """Refuse, before the merges, an output that is a folder or whose folder cannot be written (probed with a
-    temporary file in the nearest folder that exists: the missing ones are made)."""
-    import tempfile
-
-    from .io import path_errors
-
-    with path_errors(path, "write"):
-        if path.is_dir():
-            raise StudioError(f"cannot write {path}: it is a folder; give a file name")
-        folder = next(p for p in path.absolute().parents if p.exists())
-        if not folder.is_dir():
-            raise StudioError(f"cannot write {path}: {folder} is a file, not a folder")
-        with tempfile.TemporaryFile(dir=folder):
-            pass
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from ..layers import DEFAULT as DEFAULT_RULE
 from ..pool import TaskPool, normalize_preferences
 from ..registry import CALIBRATIONS, METHODS, get_calibration, get_method, list_methods
 from ..schema import HyperparameterError, StudioError, brief, check_seed, validate_hparams
-from .controls import auto_rule_value, fit_to_controls, parse_json_object, post_scale_param
+from .controls import auto_value, fit_to_controls, parse_json_object, post_scale_param
 
 ProgressFn = Callable[[float, str], None]
 
@@ -41,8 +41,8 @@ class RequestError(StudioError):
 def _automatic(params: Sequence[Any], hp: Mapping[str, Any], num_tasks: int,
                base_method: str | None = None) -> dict[str, float]:
     """The value each automatic param left automatic in ``hp`` takes for ``num_tasks`` experts (after
-    ``base_method``, for a calibration's ``auto_after``), where its rule is a formula the schema writes
-    (:func:`studio.ui.controls.auto_rule_value`): what the method resolves ``None`` to.
+    ``base_method``, for a calibration), where its rule is a formula (:func:`studio.ui.controls.auto_value`, which
+    the sliders start at too): what the method resolves ``None`` to.
 
     Example:
         >>> _automatic(get_method("tsv_m").params, {"rank_fraction": None, "alpha": 1.0}, 8)
@@ -52,10 +52,8 @@ def _automatic(params: Sequence[Any], hp: Mapping[str, Any], num_tasks: int,
     """
     out = {}
     for p in params:
-        if p.default is not None or hp.get(p.name, None) is not None:
-            continue
-        after = dict(p.auto_after)
-        value = float(after[base_method]) if base_method in after else auto_rule_value(p.auto or "", num_tasks)
+        value = auto_value(p.to_dict(), num_tasks, base_method) if p.default is None and hp.get(p.name) is None \
+            else None
         if value is not None:
             out[p.name] = value
     return out
@@ -113,12 +111,16 @@ class MergeRequest:
         return MergeRequest(self.method, {**self.hparams, **updates}, self.experts, self.calibrate,
                             self.calibrate_hparams, self.preferences, self.seed)
 
+    @property
+    def drawn_seed(self) -> int | None:
+        """The seed where the method draws from it (DARE's masks), else None: the app's one seed box, set for
+        another method, changes nothing merged, so recipes and descriptions of the same merge read the same."""
+        return int(self.seed) if self.method in METHODS and get_method(self.method).uses_seed else None
+
     def recipe(self, suite: str | None = None) -> Recipe:
         from .. import __version__
 
-        # the seed where the method draws from it (DARE's masks): the app's one seed box set for another method
-        # changes nothing merged, and two recipes of the same merge read the same
-        seed = int(self.seed) if self.method in METHODS and get_method(self.method).uses_seed else 0
+        seed = self.drawn_seed or 0   # recorded where the method draws from it (drawn_seed)
         return Recipe(method=self.method, hparams=dict(self.hparams), experts=list(self.experts),
                       calibrate=self.calibrate, calibrate_hparams=dict(self.calibrate_hparams),
                       preferences=None if self.preferences is None else dict(self.preferences), seed=seed,
@@ -368,7 +370,7 @@ class Studio:
         two runs that differ by it alone read apart."""
         from .session import describe_settings
 
-        seed = req.seed if req.method in METHODS and get_method(req.method).uses_seed else None
+        seed = req.drawn_seed
         T = len(req.experts)
         automatic = _automatic(get_method(req.method).params, req.hparams, T) if req.method in METHODS else None
         cal_automatic = (_automatic(get_calibration(req.calibrate).params, req.calibrate_hparams, T, req.method)

@@ -115,7 +115,9 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         if default is None:
             after = dict(p.get("auto_after") or {})
             auto_label = f"auto ({auto_rule_shown(p.get('auto') or 'automatic', after, base_method)})"
-            default = after[base_method] if base_method in after else _auto_preview(p, num_tasks, lo, hi)
+            default = auto_value(p, num_tasks, base_method)
+            if default is None:   # no formula: the slider starts mid-range (an integer's at its low end)
+                default = lo if p["type"] == "int" else (lo + hi) / 2
         value = min(max(float(default), lo), hi)
         if p["type"] == "int":
             value = int(round(value))
@@ -156,13 +158,22 @@ def _on_grid(x: float, step: float, *, up: bool) -> float:
     return round((math.ceil(n) if up else math.floor(n)) * step, 12)
 
 
-def _auto_preview(p: Mapping[str, Any], num_tasks: int | None, lo: float, hi: float) -> float:
-    """Where the slider of an automatic param starts: the documented rule evaluated at ``T`` when it is a simple
-    formula (``"1/T"``, ``"|T|/4"``, ``"1/T (1.0 after tsv_m)"``), else the middle of the range."""
-    value = auto_rule_value(p.get("auto") or "", num_tasks) if num_tasks else None
-    if value is None:
-        value = lo if p["type"] == "int" else (lo + hi) / 2
-    return value
+def auto_value(p: Mapping[str, Any], num_tasks: int | None, base_method: str | None = None) -> float | None:
+    """The value an automatic param (a schema entry whose ``default`` is None) takes for ``num_tasks`` experts: its
+    ``auto_after`` value after the merging method ``base_method`` (SVC's 1.0 after TSV-M), else its documented rule
+    evaluated at ``T`` where that is a formula (``"1/T"``, ``"|T|/4"``; :func:`auto_rule_value`). What the method
+    resolves ``None`` to: where the slider starts, and what the leaderboard shows. None where the rule is no formula
+    or ``num_tasks`` is unknown.
+
+    Example:
+        >>> svc = {"name": "alpha", "auto": "1/T (1.0 after tsv_m)", "auto_after": {"tsv_m": 1.0}}
+        >>> auto_value(svc, 4), auto_value(svc, 4, "tsv_m"), auto_value({"auto": "see the paper"}, 4)
+        (0.25, 1.0, None)
+    """
+    after = dict(p.get("auto_after") or {})
+    if base_method in after:
+        return float(after[base_method])
+    return auto_rule_value(p.get("auto") or "", num_tasks) if num_tasks else None
 
 
 def auto_rule_value(rule: str, num_tasks: int, largest_rank: int | None = None) -> float | None:
