@@ -133,6 +133,16 @@ def test_request_from_state_takes_the_values_as_the_controls_show_them(st: Studi
     assert st.request("breadcrumbs", {"gamma": 0.97}, five).hparams["gamma"] == 0.97
 
 
+def test_no_calibration_merges_none_of_the_values_stored_for_one(st: Studio, two):
+    """The page keeps the values set for each calibration (SVC's alpha moved, then the calibration set back to
+    "none"): the merge refused them all ("calibration hyperparameters were given but no calibration is selected"),
+    and the diagnostics showed no merged delta."""
+    req = st.request_from_state("tsv_m", {}, two, "none", {"svc": {"alpha": 0.5}}, {})
+    assert req.calibrate is None and req.calibrate_hparams == {}
+    with pytest.raises(StudioError, match=re.escape("the stored calibration settings must be a JSON object")):
+        st.request_from_state("tsv_m", {}, two, "none", [0.5], {})
+
+
 def test_describe_names_the_seed_of_a_method_that_draws_from_it(st: Studio, two):
     """Two DARE runs that differ by the seed alone read apart in the leaderboard; a method without draws names none."""
     assert st.describe(st.request("dare", {}, two, seed=7)).endswith(" | seed 7")

@@ -354,7 +354,9 @@ class Studio:
         experts = list(experts or [])
         cal = None if calibration in (None, "", "none") else calibration
         hp = _stored(hp_state, method, "method")
-        cal_hp = _stored(cal_state, cal, "calibration")
+        cal_hp = _stored(cal_state, cal, "calibration")   # with no calibration: the whole state, checked
+        if cal is None:   # the page keeps the values set for each calibration; "none" merges none of them
+            cal_hp = {}
         # as the controls show them for this selection (a value stored for a wider range, at its end)
         if isinstance(method, str) and method in METHODS:
             hp = self.fitted(method, "merge", hp, len(experts))
