@@ -645,6 +645,17 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         leaderboard = gr.Dataframe(label="Session leaderboard (runs over the same experts together, "
                                                          "best average normalized accuracy first)",
                                                    interactive=False, wrap=True, elem_id="leaderboard")
+                        # the settings of a run, or of a recipe (a file this page exported, or the library's), back
+                        # into the setup panel, to merge again or tune from
+                        with gr.Row(equal_height=True):
+                            run_dd = gr.Dropdown([], value=None, label="Run of this session", scale=3,
+                                                 elem_id="run-pick", interactive=True)
+                            load_run_btn = gr.Button("Load its settings", interactive=False, scale=1,
+                                                     elem_id="load-run")
+                            recipe_up = gr.UploadButton("Load a recipe (.yaml, .json, .safetensors)", scale=1,
+                                                        file_types=[".yaml", ".yml", ".json", ".safetensors"],
+                                                        elem_id="load-recipe")
+                        load_md = gr.Markdown("", elem_id="load-status")
                     with gr.Tab("Optimise", id="optimise"):
                         gr.Markdown("Sweep the method's global scale α on the **validation** split and pick the value "
                                     "that maximises the preference-weighted normalized accuracy Σ p_i·acc_i/ind_i "
@@ -738,7 +749,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             if _stopped_since_click(sess):   # while the job waited in the queue
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 11
+                return (gr.skip(),) * 13
             try:
                 with _job(sess, "merge"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -766,7 +777,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     sess.files.update(out["files"], csv=str(csv_path))
             except _Cancelled:
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 11
+                return (gr.skip(),) * 13
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "merge") from None
             status = (f"Run **#{record.run}** · {req.method} ({record.settings}) on "
@@ -776,7 +787,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return (status, frame, acc_fig, norm_fig, out["gallery"], _leaderboard_frame(sess, studio),
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),
                     gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
-                    gr.DownloadButton(value=str(csv_path), interactive=True), recipe_text, gr.Tabs(selected="results"))
+                    gr.DownloadButton(value=str(csv_path), interactive=True), recipe_text, gr.Tabs(selected="results"),
+                    gr.Dropdown(choices=sess.run_choices(), value=record.run), gr.Button(interactive=True))
 
         def settled(button: gr.Button):
             """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
@@ -789,7 +801,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         merge_evt = settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
-                     recipe_code, tabs],
+                     recipe_code, tabs, run_dd, load_run_btn],
             concurrency_id="gpu", concurrency_limit=1, api_visibility="private", show_progress_on=[run_md])
 
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
@@ -823,6 +835,46 @@ def build_demo(studio: Studio) -> gr.Blocks:
             api_visibility="private", show_progress_on=[opt_md])
 
         # "Use best": in the page, with the method's controls (see _render_params)
+
+        def load_settings(recipe: Any, what: str, hp: Any, cal: Any, prefs: Any):
+            """The setup panel set to ``recipe``'s merge (:meth:`Studio.settings_from_recipe`): the method, the
+            experts, the calibration and the seed where the method draws from it, and the stored values, which the
+            controls are rendered again from. The server writes the stored values here, as one user action; the
+            selection's change finds the preference sliders already following it (``followed``)."""
+            try:
+                got = studio.settings_from_recipe(recipe, hp, cal, prefs)
+            except Exception as exc:  # noqa: BLE001
+                raise _user_error(exc, "load settings") from None
+            req = got.request
+            experts, tasks, now = list(req.experts), {"T": len(req.experts)}, time.monotonic_ns()
+            text = (f"Loaded {what}: **{req.method}** ({studio.describe(req)}) on "
+                    f"{_count(len(experts), 'expert')}, into the setup panel; **Merge & evaluate** merges it."
+                    + "".join(f"  \n⚠️ {note}" for note in got.notes))
+            seed = gr.skip() if req.drawn_seed is None else req.drawn_seed   # the box is left as it is for the others
+            return (req.method, experts, req.calibrate or "none", seed, got.hp_state, got.cal_state, got.pref_state,
+                    tasks, tasks, now, now, now, experts, text)
+
+        loaded = [method_dd, experts_cb, calibration_dd, seed_nb, hp_state, cal_state, pref_state, hp_tasks, cal_tasks,
+                  hp_reload, cal_reload, pref_reload, followed, load_md]
+
+        def load_run(run: Any, hp: Any, cal: Any, prefs: Any, request: gr.Request):
+            record = SESSIONS.get(request.session_hash).run_record(run)
+            if record is None:
+                raise gr.Error(f"no run {run!r} in this session: pick one of the list", title="load settings")
+            return load_settings(record.recipe, f"run #{record.run}'s settings", hp, cal, prefs)
+
+        load_run_btn.click(load_run, [run_dd, hp_state, cal_state, pref_state], loaded, api_visibility="private",
+                           show_progress="hidden")
+
+        def load_recipe(path: Any, hp: Any, cal: Any, prefs: Any):
+            try:
+                recipe = Recipe.from_file(path)
+            except Exception as exc:  # noqa: BLE001
+                raise _user_error(exc, "load settings") from None
+            return load_settings(recipe, f"the recipe {Path(path).name}", hp, cal, prefs)
+
+        recipe_up.upload(load_recipe, [recipe_up, hp_state, cal_state, pref_state], loaded, api_visibility="private",
+                         show_progress="hidden")
 
         def request_stop(request: gr.Request):
             """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its

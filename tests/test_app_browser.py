@@ -980,3 +980,92 @@ def test_a_stop_as_a_merge_ends_records_no_run_the_page_did_not_show(page, monke
     page.get_by_role("button", name="Merge & evaluate").click()   # the next run is numbered next, and shown
     page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1} ')")
     assert max(runs()) == before + 1
+
+
+def _upload_recipe(pg, path: Path) -> None:
+    with pg.expect_file_chooser() as chooser:
+        pg.get_by_role("button", name="Load a recipe (.yaml, .json, .safetensors)").click()
+    chooser.value.set_files(str(path))
+
+
+def test_a_run_and_a_recipe_load_their_settings_back(page, tmp_path):
+    """A run of the leaderboard, and a recipe file, load their settings back into the setup panel: the method, the
+    experts, the calibration, the hyperparameters and the task weights, which the next merge then merges (the same
+    bits as the run's, by the fingerprint its recipe records). A recipe naming an expert the suite lacks is refused,
+    naming it, and the page goes on."""
+    import app
+    from studio.io import Recipe
+
+    def last_run():
+        return max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+
+    def same_merge(a, b) -> None:
+        assert (b.method, b.settings, b.experts) == (a.method, a.settings, a.experts)
+        assert b.recipe["fingerprints"]["merged"] == a.recipe["fingerprints"]["merged"]
+
+    # run A: TIES on five experts, k typed, the first task weighted 0 and SVC after it
+    _select_method(page, "ties")
+    experts = page.locator("input[type=checkbox]")   # "select all", then one box per expert
+    for i in range(6, 9):
+        experts.nth(i).uncheck()
+    page.wait_for_function("() => document.querySelector('#diag-status').innerText.includes('5 tasks')")
+    page.get_by_label("number input for k").fill("0.35")
+    page.get_by_label("number input for k").press("Enter")
+    page.get_by_label("Calibration").click()
+    page.get_by_role("option", name="svc", exact=True).click()
+    page.get_by_text("svc · auto (1/T)").click()   # the slider takes over
+    page.get_by_label("number input for svc · alpha").fill("0.5")
+    page.get_by_label("number input for svc · alpha").press("Enter")
+    panel = page.locator("#pref-sliders")
+    if not panel.locator("input[type=range]").first.is_visible():
+        page.get_by_text("Task preferences").click()
+    first = panel.locator("input[type=range]").first
+    first.focus()
+    first.press("Home")
+    page.wait_for_function(SHOWS_JS, arg="ties (k=0.35, topk_scope=model, merge_func=sum, alpha=0.3 | svc(alpha=0.5, "
+                                         "target_guard=True)")
+    _merge_settings(page)
+    run_a = last_run()
+    assert "svc(" in run_a.settings and ":0," in run_a.settings and len(run_a.experts) == 5, run_a.settings
+
+    # run B: TSV-M on every expert, equal weights, no calibration (the values set for SVC were merged with it too:
+    # "calibration hyperparameters were given but no calibration is selected")
+    _select_method(page, "tsv_m")
+    experts.first.check()
+    page.get_by_label("Calibration").click()
+    page.get_by_role("option", name="none", exact=True).click()
+    panel.get_by_role("button", name="Equal weights").click()
+    page.wait_for_function(SHOWS_JS, arg="tsv_m (rank_fraction=0.125 (auto), alpha=1")
+    _merge_settings(page)
+    run_b = last_run()
+
+    # run A's settings back, from the list of runs
+    page.get_by_role("tab", name="Results").click()
+    page.get_by_label("Run of this session").click()
+    page.get_by_role("option", name=f"#{run_a.run} · ties").click()
+    page.get_by_role("button", name="Load its settings").click()
+    page.wait_for_function(f"() => document.querySelector('#load-status')?.innerText"
+                           f".startsWith('Loaded run #{run_a.run}')")
+    page.wait_for_function(SHOWS_JS, arg=f"ties ({run_a.settings}")   # the diagnostics show it
+    assert page.get_by_label("number input for k").input_value() == "0.35"
+    assert page.get_by_label("Merging method").input_value() == "ties"
+    page.screenshot(path=str(SHOTS / "11_run_settings_loaded.png"), full_page=True)
+    _merge_settings(page)
+    same_merge(run_a, last_run())
+
+    # run B's recipe, as a file a user keeps
+    path = tmp_path / "tsv_m.yaml"
+    path.write_text(Recipe.from_dict(run_b.recipe).to_yaml())
+    _upload_recipe(page, path)
+    page.wait_for_function("() => document.querySelector('#load-status')?.innerText"
+                           ".startsWith('Loaded the recipe tsv_m.yaml')")
+    page.wait_for_function(SHOWS_JS, arg=f"tsv_m ({run_b.settings}")
+    _merge_settings(page)
+    same_merge(run_b, last_run())
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "ties", "experts": ["digits", "stripes"]}')
+    _upload_recipe(page, bad)
+    page.get_by_text("unknown expert(s) ['stripes']").first.wait_for()
+    page.get_by_role("tab", name="Diagnostics").click()
+    assert _status(page).startswith(f"tsv_m ({run_b.settings}")   # nothing changed

@@ -143,6 +143,67 @@ def test_no_calibration_merges_none_of_the_values_stored_for_one(st: Studio, two
         st.request_from_state("tsv_m", {}, two, "none", [0.5], {})
 
 
+@pytest.mark.parametrize("method, hp, calibrate, cal_hp, prefs, seed", [
+    ("tsv_m", {}, None, {}, None, 0),
+    ("ties", {"k": 0.35}, "svc", {"target_guard": False}, {0: 0.0, 1: 0.5}, 0),
+    ("dare", {"p": 0.6}, "align_merge_b", {}, None, 7),
+])
+def test_a_recipe_loads_back_as_the_states_of_its_request(st: Studio, method, hp, calibrate, cal_hp, prefs, seed):
+    """A run's recipe loaded back (the app's "Load its settings"): the page's states it gives make the same request
+    again; the other methods' and calibrations' stored values are kept, and a method without draws leaves the seed
+    box alone."""
+    five = st.task_names[:5]
+    prefs = None if prefs is None else {five[i]: w for i, w in prefs.items()}
+    req = st.request(method, hp, five, calibrate, cal_hp, prefs, seed)
+    got = st.settings_from_recipe(req.recipe(st.suite_source).to_dict(), {"iso_c": {"alpha": 1.1}},
+                                  {"svc": {"alpha": 0.5}}, {st.task_names[-1]: 0.25})
+    assert got.request == req and got.notes == []
+    assert got.hp_state["iso_c"] == {"alpha": 1.1} and got.pref_state[st.task_names[-1]] == 0.25
+    again = st.request_from_state(req.method, got.hp_state, five, req.calibrate or "none", got.cal_state,
+                                  got.pref_state, got.request.seed)
+    assert again == req
+    if calibrate != "svc":
+        assert got.cal_state["svc"] == {"alpha": 0.5}
+
+
+def test_a_recipe_loads_back_with_notes_where_the_app_merges_otherwise(st: Studio, two):
+    """Where the app's merge of a recipe will differ, the load says so: a value beyond its control's range (shown and
+    merged at the end), weights other than the suite's (the recorded fingerprints). Weights above the sliders' end
+    are scaled to it (only their ratios are merged); a library recipe's preferences give a task left out 0."""
+    recipe = st.request("breadcrumbs", {"gamma": 0.97}, two).recipe(st.suite_source).to_dict()
+    recipe["fingerprints"] = {"base": "sha256:" + "0" * 64, "experts": {two[1]: "sha256:" + "f" * 64}}
+    got = st.settings_from_recipe(recipe)
+    assert got.hp_state["breadcrumbs"]["gamma"] == 0.97   # stored as given; the controls show and merge the end
+    assert st.request_from_state("breadcrumbs", got.hp_state, two, "none", {}, {}).hparams["gamma"] == 0.94
+    assert got.notes[0].startswith("breadcrumbs's gamma=0.97 lies beyond the app's control, which shows and merges "
+                                   "0.94")
+    assert got.notes[1].startswith(f"the recipe was made from other weights than this suite's (the base, expert "
+                                   f"{two[1]!r})")
+    recipe.pop("fingerprints")
+    recipe["hparams"]["gamma"] = 0.5
+    recipe["preferences"] = {two[0]: 4.0}
+    got = st.settings_from_recipe(recipe)
+    assert got.notes == [] and got.pref_state == {two[0]: 1.0, two[1]: 0.0}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layer_rule": "all"}, "the recipe's layer_rule is 'all'"),
+    ({"svd_mode": "exact"}, "the recipe's svd_mode is 'exact'"),
+    ({"prefix": "visual."}, "the recipe's prefix is 'visual.'"),
+    ({"sources": {"base": "b.safetensors", "experts": {"digits": "d.safetensors", "textures": "t.safetensors"}}},
+     "the recipe's sources is"),
+    ({"experts": ["digits", "stripes"]}, "unknown expert(s) ['stripes']"),
+    ({"method": "tsv"}, "tsv"),
+    ({"hparams": {"alpha": -1}}, "alpha"),
+    ({"preferences": {"digits": -1}}, "digits"),
+    ({"favourite": 1}, "unknown field(s) ['favourite']"),
+])
+def test_a_recipe_the_app_cannot_merge_as_written_is_refused(st: Studio, change, message):
+    recipe = {"method": "task_arithmetic", "experts": ["digits", "textures"], **change}
+    with pytest.raises(StudioError, match=re.escape(message)):
+        st.settings_from_recipe(recipe)
+
+
 def test_describe_names_the_seed_of_a_method_that_draws_from_it(st: Studio, two):
     """Two DARE runs that differ by the seed alone read apart in the leaderboard; a method without draws names none."""
     assert st.describe(st.request("dare", {}, two, seed=7)).endswith(" | seed 7")

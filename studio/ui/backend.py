@@ -129,6 +129,17 @@ class MergeRequest:
                       layer_rule=None, suite=suite, studio_version=__version__)
 
 
+@dataclass(frozen=True)
+class LoadedSettings:
+    """A recipe's settings as the app's page holds them (:meth:`Studio.settings_from_recipe`)."""
+
+    request: MergeRequest
+    hp_state: dict[str, Any]     # method -> {param: value | None (automatic)}
+    cal_state: dict[str, Any]    # calibration -> {param: value}
+    pref_state: dict[str, float]   # task -> weight in [0, 1]
+    notes: list[str]             # where the app's merge will differ from the recipe's
+
+
 def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, Tensor):
         return x.detach().to("cpu", torch.float32).numpy()
@@ -365,6 +376,81 @@ class Studio:
         prefs = _stored(pref_state, None, "preference")   # the page holds the states: each is checked, as a request
         prefs = {t: w for t, w in prefs.items() if t in experts} or None
         return self.request(method, hp, experts, cal, cal_hp, prefs, seed)
+
+    def settings_from_recipe(self, recipe: "Recipe | Mapping[str, Any]", hp_state: Mapping[str, Any] | None = None,
+                             cal_state: Mapping[str, Any] | None = None,
+                             pref_state: Mapping[str, float] | None = None) -> "LoadedSettings":
+        """The app's controls set to the merge ``recipe`` describes: a run of the session's leaderboard, or a recipe a
+        user loads (a ``.yaml``/``.json`` file, or the one an exported ``.safetensors`` file embeds).
+
+        Returns the validated request and the page's states with the recipe's settings put in: the method's stored
+        values are the recipe's (``None`` = automatic), the calibration's likewise, and each merged task's weight the
+        recipe's, rescaled so the largest is at most 1 (the sliders' end; only the ratios are merged). The other
+        methods' and tasks' stored values are kept. ``notes`` says where the app's merge will differ from the
+        recipe's: a value beyond its control's range (shown, and merged, at the nearest end), or a recipe made from
+        other weights than this suite's (its recorded fingerprints).
+
+        A recipe the app cannot merge as written is refused, naming the field: a layer rule, SVD mode, key prefix or
+        checkpoint sources other than the app's (``merge-studio recipe FILE`` replays those), an expert this suite
+        lacks, a method, calibration or value its schema refuses. A library recipe's preferences give the tasks
+        they leave out weight 0, as :func:`studio.merge` does (the page's sliders show 0 there).
+
+        Example:
+            >>> from studio.suite import default_suite
+            >>> s = Studio(default_suite())
+            >>> recipe = {"method": "ties", "hparams": {"k": 0.4}, "experts": ["digits", "textures"],
+            ...           "preferences": {"digits": 3}}
+            >>> got = s.settings_from_recipe(recipe, {"ties": {"k": 0.1}, "dare": {"p": 0.5}})
+            >>> got.hp_state
+            {'ties': {'k': 0.4, 'topk_scope': 'model', 'merge_func': 'sum', 'alpha': 0.3}, 'dare': {'p': 0.5}}
+            >>> got.pref_state, got.notes
+            ({'digits': 1.0, 'textures': 0.0}, [])
+        """
+        from ..io import CheckpointError
+
+        if not isinstance(recipe, Recipe):
+            recipe = Recipe.from_dict(recipe)
+        app_default = {"layer_rule": (None, "default"), "svd_mode": ("auto",), "prefix": (None,), "sources": (None,)}
+        for name, allowed in app_default.items():
+            value = getattr(recipe, name)
+            if value not in allowed:
+                raise CheckpointError(
+                    f"the recipe's {name} is {brief(value)}; the app merges the suite's experts with each method's "
+                    f"default layer rule and SVD mode ({name}: {brief(allowed[0])}): replay it with "
+                    f"`merge-studio recipe FILE` instead")
+        experts = self.check_expert_names(recipe.experts, "the recipe's experts")
+        prefs = recipe.preferences
+        if prefs is not None:   # studio.merge's preferences: a task they leave out has weight 0 (the page's: 1)
+            if not isinstance(prefs, Mapping):
+                raise RequestError(f"the recipe's preferences must be a mapping task -> weight, got {brief(prefs)}")
+            prefs = {e: prefs.get(e, 0.0) for e in experts} | dict(prefs)
+        req = self.request(recipe.method, recipe.hparams, experts, recipe.calibrate, recipe.calibrate_hparams,
+                           prefs, recipe.seed)
+        notes = []
+        hp, cal_hp = dict(req.hparams), dict(req.calibrate_hparams)
+        for name, kind, given in ((req.method, "merge", hp), (req.calibrate, "calibration", cal_hp)):
+            if name is None:
+                continue
+            shown = self.fitted(name, kind, given, len(req.experts))
+            notes += [f"{name}'s {k}={given[k]:g} lies beyond the app's control, which shows and merges {v:g}"
+                      for k, v in shown.items() if v != given[k]]
+        recorded = recipe.fingerprints or {}
+        mine = self.suite_fingerprints
+        other = ([] if recorded.get("base") in (None, mine["base"]) else ["the base"]) + [
+            f"expert {e!r}" for e in req.experts
+            if recorded.get("experts", {}).get(e) not in (None, mine["experts"].get(e))]
+        if other:
+            notes.append(f"the recipe was made from other weights than this suite's ({', '.join(other)}): the merge "
+                         f"here differs from the one it records")
+        weights = dict(req.preferences or dict.fromkeys(req.experts, 1.0))
+        top = max(weights.values())
+        if top > 1:   # the sliders end at 1; the merge takes p_i = w_i / sum(w)
+            weights = {t: w / top for t, w in weights.items()}
+        hp_state = {**_stored(hp_state, None, "method"), req.method: hp}
+        cal_state = _stored(cal_state, None, "calibration")
+        if req.calibrate is not None:
+            cal_state[req.calibrate] = cal_hp
+        return LoadedSettings(req, hp_state, cal_state, {**_stored(pref_state, None, "preference"), **weights}, notes)
 
     @staticmethod
     def describe(req: MergeRequest) -> str:

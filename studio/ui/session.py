@@ -98,6 +98,23 @@ class SessionData:
         self.runs.append(record)
         return record
 
+    def run_choices(self) -> list[tuple[str, int]]:
+        """``(label, run)`` for every run, the latest first: the runs whose settings the app can load again.
+
+        Example:
+            >>> s = SessionData()
+            >>> _ = s.add_run(method="ta", settings="alpha=0.3", experts=("a", "b"), accuracy={"a": 50.0, "b": 40.0},
+            ...               normalized={"a": 62.5, "b": 50.0}, seconds=1.0)
+            >>> s.run_choices()
+            [('#1 · ta (alpha=0.3) · 2 experts · 56.2% normalized', 1)]
+        """
+        return [(f"#{r.run} · {r.method} ({r.settings}) · {len(r.experts)} expert{'' if len(r.experts) == 1 else 's'}"
+                 f" · {r.avg_normalized:.1f}% normalized", r.run) for r in reversed(self.runs)]
+
+    def run_record(self, run: Any) -> RunRecord | None:
+        """The run numbered ``run`` (None if there is none)."""
+        return next((r for r in self.runs if r.run == run), None)
+
     def leaderboard(self, tasks: Sequence[str] | None = None,
                     pool: Sequence[str] | None = None) -> tuple[list[str], list[list[Any]]]:
         """Header and rows of the leaderboard: runs over the same experts together, best average normalized accuracy
