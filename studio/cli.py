@@ -301,6 +301,16 @@ def _check_report_path(out: str) -> None:
                           f"another file name")
 
 
+#: What ``diagnose --out`` writes under ``sar_avg_help``.
+SAR_AVG_HELP = {
+    "sar_avg": "Iso's SAR_avg (sec. 3.3, Fig. 3a) per task: its SAR to the merged delta at k_M (eq. 5, the "
+               "official code's effective-rank rule, eps 0.05) averaged over the matrix layers its expert changed; "
+               "null for an expert equal to the base on every one ('unchanged_experts')",
+    "sar_avg_pairwise": "SAR_avg(Delta_i, Delta_j; k_TA) (Fig. 3b), row i's task in the subspace of column j's, "
+                        "averaged over the layers both experts changed; the same as model_matrices['sar']",
+}
+
+
 def _diagnose(args: argparse.Namespace) -> None:
     """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves`, Iso's ``sar_avg`` (per task, and
     pairwise between tasks) and every task-by-task heatmap over the whole model (:func:`studio.diagnostics.
@@ -368,11 +378,16 @@ def _diagnose(args: argparse.Namespace) -> None:
     matrices = {m: diag.model_matrix(task_pool, m, merged if diag.METRICS[m].uses_merged else None,
                                      layer_rule=rule, merged_is_delta=is_delta).tolist()
                 for m, spec in diag.METRICS.items() if spec.shape == "TxT"}
+    # an expert equal to the base on every matrix layer has no direction to measure: its SAR_avg is NaN (null)
+    unchanged = [t for t, v in zip(tasks, sar.tolist()) if v != v]
     report = {"merge": what, "suite": pool.suite, "sources": pool.sources, "tasks": tasks,
               "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
               "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist(),
-              "model_matrices": matrices,
-              "model_matrix_help": {m: diag.METRICS[m].description for m in matrices}}
+              "sar_avg_help": SAR_AVG_HELP, "model_matrices": matrices,
+              "model_matrix_help": {m: f"{diag.METRICS[m].description} Over the layers: "
+                                       f"{'the whole task vectors' if m == 'cosine' else 'the mean'}; its k per layer: "
+                                       f"{diag.METRICS[m].k_help}." for m in matrices},
+              "unchanged_experts": unchanged}
     if args.out:
         with atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
@@ -383,17 +398,21 @@ def _diagnose(args: argparse.Namespace) -> None:
     print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}"
           + (" (those its recipe merged; --experts chooses others)" if "experts_from_its_recipe" in what else "")
           + f", {len(layers['key'])} matrix layer{'s' * (len(layers['key']) != 1)}")
+    for t in unchanged:
+        print(f"note: expert {t!r} equals the base on every matrix layer diagnosed: its SAR, similarities and cosines "
+              f"are undefined (null in --out), and the means over tasks leave it out", file=sys.stderr)
     print("SAR_avg to the merge (Iso sec. 3.3), per task: "
-          + ", ".join(f"{t} {v:.3f}" for t, v in report["sar_avg"].items()))
+          + ", ".join(f"{t} {'n/a' if v != v else f'{v:.3f}'}" for t, v in report["sar_avg"].items()))
     means = {c: [v for v in layers[c] if v == v] for c in layers if c in diag.CURVES}
     print("mean over layers: " + ", ".join(f"{c} {sum(v) / len(v):.4g}" for c, v in means.items() if v))
     if "sar_min" in layers:
-        worst = sorted(zip(layers["sar_min"], layers["key"]))[:3]
-        print("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
-    if len(tasks) > 1:
-        cosine = matrices["cosine"]
-        pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)),
-                       reverse=True)
+        worst = sorted((v, key) for v, key in zip(layers["sar_min"], layers["key"]) if v == v)[:3]
+        if worst:
+            print("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
+    cosine = matrices["cosine"]
+    pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)
+                    if cosine[i][j] == cosine[i][j]), reverse=True)
+    if pairs:
         mean = sum(v for v, _, _ in pairs) / len(pairs)
         print("task-vector cosine over the model's matrix layers: most aligned "
               + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in pairs[:3])
@@ -540,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--calibrate", default=None,
                        help="calibration applied after the method: svc or align_merge_b (default: none)")
         p.add_argument("--cal-set", action="append", default=[], help="calibration hyperparameter NAME=VALUE")
-        p.add_argument("--preferences", default=None, help='JSON mapping task -> weight, e.g. \'{"cars": 2}\'')
+        p.add_argument("--preferences", default=None,
+                       help='JSON mapping task -> weight, e.g. \'{"cars": 2, "dtd": 1}\'; a task it leaves out gets '
+                            'weight 0 (as in studio.merge)')
         p.add_argument("--seed", type=int, default=0, help="seed of DARE's random masks (default 0)")
         p.add_argument("--layer-rule", default=None, choices=sorted(RULES),
                        help=f"which 2-D tensors get the spectral treatment: default, skip_embeddings or all_matrices "

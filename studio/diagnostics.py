@@ -63,7 +63,7 @@ __all__ = [
     "energy_preservation", "subspace_similarity", "task_cosine", "pairwise_sar", "sar_to_merged", "sti",
     "sti_pairwise", "sti_from_factors", "svc_coefficients", "svc_cross_terms", "svc_cross_matrix",
     "cross_influence", "cross_influence_matrix", "eta", "sai", "layer_curves", "interference_matrix", "Metric",
-    "sar_avg", "model_matrix",
+    "sar_avg", "model_matrix", "unchanged_tasks",
     "METRICS", "CURVES",
 ]
 
@@ -1035,8 +1035,8 @@ CURVES: dict[str, str] = {
     "sar_min": "Worst-task SAR to the merged delta at k_M (Iso eq. 5)",
     "k_merged_frac": "Effective rank k_M of the merged delta over r (Iso eq. 6, the official code's rule)",
     "energy": "||Delta_M||^2 / sum_i ||Delta_i||^2 (Ortho-Merge eq. 2)",
-    "cosine_mean": "Mean pairwise cosine of the task matrices",
-    "subspace_sim_mean": "Mean pairwise top-5 subspace similarity (Ortho-Merge Fig. 1)",
+    "cosine_mean": "Mean pairwise cosine of the task matrices (NaN, null in JSON, for fewer than two tasks)",
+    "subspace_sim_mean": "Mean pairwise top-5 subspace similarity (Ortho-Merge Fig. 1; NaN for fewer than two tasks)",
     "svc_gamma_mean": "Mean SVC calibration factor gamma^r over the top k_M merged subspaces (SVC eq. 20, alpha=1)",
 }
 
@@ -1101,6 +1101,41 @@ def _changed(expert: Tensor, base: Tensor) -> bool:
     return not torch.equal(expert, base)
 
 
+def unchanged_tasks(layer: LayerTasks) -> Tensor:
+    """``[T]`` bool (CPU): the tasks whose matrix is exactly zero on this layer, an expert that left it as the base has
+    it (a block frozen in its fine-tuning). Their SAR, similarities and cosines there are 0/0: the per-layer metrics
+    give 0 (their docstrings say so), and the averages over layers and tasks leave them out.
+
+    Example:
+        >>> from studio.pool import TaskPool
+        >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.eye(2)}, "b": {"w": torch.zeros(2, 2)}})
+        >>> unchanged_tasks(pool.layer("w")).tolist()
+        [False, True]
+    """
+    return layer.memo(("diag", "silent"), lambda: (layer.deltas.reshape(layer.num_tasks, -1) == 0).all(1).cpu())
+
+
+def _mean_over_layers(values: Sequence[Tensor], silent: Sequence[Tensor]) -> Tensor:
+    """The mean over layers of per-layer ``[T]`` or ``[T, T]`` values, each entry over the layers where its task (a
+    pair's two tasks) changed, as float32 on the CPU; NaN where there is none (an expert equal to the base on every
+    layer). A NaN a layer's value holds (``"xi"`` of a task it does not align with) stays NaN.
+
+    Example:
+        >>> _mean_over_layers([torch.tensor([0.5, 0.0]), torch.tensor([1.0, 0.5])],   # b: silent on the first
+        ...                   [torch.tensor([False, True]), torch.tensor([False, False])]).tolist()
+        [0.75, 0.5]
+    """
+    x = torch.stack([v.detach().to("cpu", torch.float64) for v in values])
+    quiet = torch.stack(list(silent))
+    defined = ~quiet if x.dim() == 2 else ~(quiet[:, :, None] | quiet[:, None, :])
+    return (torch.where(defined, x, 0.0).sum(0) / defined.sum(0)).float()   # 0 / 0: NaN
+
+
+def _nothing_changed(pool: TaskPool, what: str) -> DiagnosticsError:
+    return DiagnosticsError(f"{what}: no matrix layer to average over: every expert ({', '.join(pool.names)}) equals "
+                            f"the base on each matrix layer the layer rule selects, so no task has a direction there")
+
+
 def _check_metric(metric: Any) -> None:
     """``metric`` must name a :data:`METRICS` entry (the heatmaps' and :func:`model_matrix`'s argument)."""
     if not isinstance(metric, str) or metric not in METRICS:
@@ -1141,8 +1176,11 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     ``pairwise=False``: ``SAR_avg(Delta_t, Delta_M; k_M)`` per task, ``[T]`` (Fig. 3a; ``merged=None`` is the Task
     Arithmetic sum, ``k_TA``), the mean over layers of :func:`sar_to_merged`. ``pairwise=True``:
     ``SAR_avg(Delta_i, Delta_j; k_TA)``, ``[T, T]`` (Fig. 3b), the mean over layers of :func:`pairwise_sar`. Layers:
-    ``keys`` or every matrix the ``layer_rule`` selects that an expert changed, each weighted equally; ``merged`` as
-    in :func:`layer_curves`.
+    ``keys`` or every matrix the ``layer_rule`` selects that an expert changed, each weighted equally; a task's
+    mean (a pair's) takes the layers its expert changed (both experts): on a layer an expert left as the base (a
+    frozen block) its SAR is 0/0, and counted as 0 it read as misalignment (an expert with half its blocks frozen
+    scored half its SAR_avg). NaN for an expert equal to the base on every layer. ``merged`` as in
+    :func:`layer_curves`.
     Pass the merged deltas, or a float32 merged state: a float16 state's ``merged - base`` carries the weights'
     rounding (~1e-3 of each weight, often more than the delta's own entries), which moves SAR_avg (MiniSuite, Iso-C:
     0.88-0.92 per task with float16 experts and merged state, 0.90-0.94 in float32).
@@ -1157,11 +1195,11 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     pairwise = _check_flag("sar_avg", pairwise, "pairwise")
     keys = _matrix_keys(pool, keys, layer_rule)
     if not keys:
-        raise DiagnosticsError("sar_avg: no matrix layer to average over (none that an expert changed)")
+        raise _nothing_changed(pool, "sar_avg")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     per_layer = [pairwise_sar(pool.layer(key), eps=eps, k_rule=k_rule) if pairwise else
                  sar_to_merged(pool.layer(key), delta_of(key), eps=eps, k_rule=k_rule) for key in keys]
-    return torch.stack([x.detach().to("cpu", torch.float64) for x in per_layer]).mean(0).float()
+    return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
 
 
 def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | None" = None, k: int | None = None, *,
@@ -1174,11 +1212,13 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
     vector (Ilharco et al. 2023 take every parameter; the vectors and norms outside the matrices are left out here):
     ``sum_l <Delta_i^l, Delta_j^l> / sqrt(sum_l |Delta_i^l|^2 sum_l |Delta_j^l|^2)``, so a layer counts by its size
     and norm. Every other ``"TxT"`` metric is the mean of its per-layer matrices, each layer weighted equally, as
-    Iso's ``SAR_avg`` (sec. 3.3): ``model_matrix(pool, "sar")`` is :func:`sar_avg` with ``pairwise=True``; a layer
-    where a task is unchanged counts there as its per-layer value does (0 for the similarities, and a NaN of
-    ``"xi"`` makes the cell NaN). ``"TxK"`` metrics (``"svc"``, ``"sai"``) index the merged subspaces of
-    one layer, which have no counterpart across layers, and are refused. Layers, ``merged`` and ``k``: as in
-    :func:`sar_avg` and :func:`interference_matrix` (``k`` is each layer's, e.g. the subspace dimension).
+    Iso's ``SAR_avg`` (sec. 3.3): ``model_matrix(pool, "sar")`` is :func:`sar_avg` with ``pairwise=True``. A cell
+    takes the layers both its experts changed (on a layer one left as the base, its similarities are 0/0; counted as
+    0 they read as misalignment), and is NaN where there is none (an expert equal to the base on every layer, whose
+    cosine is NaN too); a NaN of ``"xi"`` on a layer both changed makes the cell NaN. ``"TxK"`` metrics (``"svc"``,
+    ``"sai"``) index the merged subspaces of one layer, which have no counterpart across layers, and are refused.
+    Layers, ``merged`` and ``k``: as in :func:`sar_avg` and :func:`interference_matrix` (``k`` is each layer's, e.g.
+    the subspace dimension).
 
     Example:
         >>> base = {"w": torch.zeros(2, 2), "v": torch.zeros(4, 4)}
@@ -1196,8 +1236,7 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
                                f"{[m for m, v in METRICS.items() if v.shape == 'TxT']}")
     keys = _matrix_keys(pool, keys, layer_rule)
     if not keys:
-        raise DiagnosticsError(f"model_matrix: no matrix layer to aggregate '{metric}' over (none that an expert "
-                               f"changed)")
+        raise _nothing_changed(pool, f"model_matrix '{metric}'")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     k = _check_k(metric, k, keys[0])
     if metric == "cosine":
@@ -1209,10 +1248,10 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
         for key in keys:
             layer = pool.layer(key)
             gram += layer.memo(("diag", "gram"), partial(task_gram, layer))
-        norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        norms = gram.diagonal().clamp_min(0).sqrt()   # 0 for an expert equal to the base: its row is NaN
         return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
-    per_layer = [interference_matrix(pool, key, metric, delta_of(key), k).double() for key in keys]
-    return torch.stack(per_layer).mean(0).float()
+    per_layer = [interference_matrix(pool, key, metric, delta_of(key), k) for key in keys]
+    return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
 
 
 def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None,
@@ -1236,7 +1275,9 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
 
     Returns:
         ``{"key": [...], "block": [int | None, ...], <curve>: [float, ...], ...}``, one entry per layer; ``block`` is
-        the transformer block index (for grouping layers as in TSV Fig. 6).
+        the transformer block index (for grouping layers as in TSV Fig. 6). A curve's mean or minimum over the tasks
+        (or their pairs) takes the tasks whose experts changed the layer: another's SAR, similarity and cosine there
+        are 0/0 (a frozen block), and NaN where none is left.
 
     Example:
         >>> base = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
@@ -1264,18 +1305,21 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
         layer = pool.layer(key)
         mdelta = delta_of(key)
         T = layer.num_tasks
-        off = ~torch.eye(T, dtype=torch.bool)
+        # the means and pairs take the tasks whose experts changed this layer (unchanged_tasks); NaN if none is left
+        live = ~unchanged_tasks(layer)
+        off = ~torch.eye(T, dtype=torch.bool) & live[:, None] & live[None, :]
+        nan = float("nan")
         values = []
         for name in names:
             if name == "sti":
                 v = sti(layer)
             elif name == "task_entropy":
-                v = float(spectral_entropy(task_spectra(layer), normalized_entropy).mean())
+                v = float(spectral_entropy(task_spectra(layer), normalized_entropy).cpu()[live].mean())
             elif name == "merged_entropy":
                 v = float(spectral_entropy(_merged_stats(layer, mdelta).S, normalized_entropy))
             elif name in ("sar_mean", "sar_min"):
-                sar = sar_to_merged(layer, mdelta, eps=eps, k_rule=k_rule)
-                v = float(sar.mean() if name == "sar_mean" else sar.min())
+                sar = sar_to_merged(layer, mdelta, eps=eps, k_rule=k_rule).cpu()[live]
+                v = nan if not len(sar) else float(sar.mean() if name == "sar_mean" else sar.min())
             elif name == "k_merged_frac":   # as SAR uses it
                 v = (_default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule)
                      / _merged_stats(layer, mdelta).S.numel())
@@ -1283,9 +1327,9 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
                 total = float(_merged_stats(layer, mdelta).task_norm2.double().sum())
                 v = float(_merged_stats(layer, mdelta).S.double().pow(2).sum()) / total if total > 0 else 0.0
             elif name == "cosine_mean":
-                v = float(task_cosine(layer).cpu()[off].mean()) if T > 1 else float("nan")
+                v = float(task_cosine(layer).cpu()[off].mean()) if off.any() else nan
             elif name == "subspace_sim_mean":
-                v = float(subspace_similarity(layer, 5).cpu()[off].mean()) if T > 1 else float("nan")
+                v = float(subspace_similarity(layer, 5).cpu()[off].mean()) if off.any() else nan
             else:  # svc_gamma_mean
                 # (a zero merge: gamma = 1 / alpha along any direction, s being 0)
                 k = max(1, _default_k_merged(layer, mdelta, None, "layer_curves", eps, k_rule))

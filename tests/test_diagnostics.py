@@ -205,7 +205,54 @@ def test_model_level_diagnostics_leave_out_layers_no_expert_changed(clip):
     keys = D.layer_curves(p, curves=["sar_mean"])["key"]
     assert frozen not in keys and frozen in D.layer_curves(pool, curves=["sar_mean"])["key"]
     torch.testing.assert_close(D.sar_avg(p), D.sar_avg(p, keys=keys))
-    assert D.layer_curves(p, curves=["sar_mean"], keys=[frozen])["sar_mean"] == [0.0]   # asked for, it is there
+    # asked for, it is there: with no task changed, its SAR is 0/0
+    assert math.isnan(D.layer_curves(p, curves=["sar_mean"], keys=[frozen])["sar_mean"][0])
+
+
+def test_model_level_averages_take_the_layers_each_expert_changed(clip):
+    """An expert that left some layers as the base (blocks frozen in its fine-tuning) has no direction there: its
+    SAR, similarities and cosine on them are 0/0, and averaged in as 0 they read as misalignment (half its blocks
+    frozen, half its SAR_avg). Each task's mean (a pair's) now takes the layers its expert (both experts) changed,
+    as the plain loops below over the per-layer metrics do; an expert equal to the base everywhere is NaN, and the
+    per-layer curves' task means and minima leave it out."""
+    base, experts, _ = clip
+    names = list(experts)
+    keys = [k for k, t in base.items() if t.dim() == 2 and "resblocks" in k]
+    frozen = set(keys[: len(keys) // 2])
+    touched = {n: dict(sd) for n, sd in experts.items()}
+    touched[names[0]].update({k: base[k].clone() for k in frozen})   # half its blocks frozen
+    same = {**{k: v.clone() for k, v in base.items()}}               # a fourth expert that changed nothing
+    p = TaskPool(base, {**touched, "same": same})
+    keys = D.layer_curves(p, curves=["sar_mean"])["key"]
+    assert set(frozen) < set(keys)   # the other experts changed them
+
+    def changed(name: str, key: str) -> bool:
+        return name != "same" and not (name == names[0] and key in frozen)
+
+    tasks = [*names, "same"]
+    sar = D.sar_avg(p)
+    for t, task in enumerate(tasks):
+        per = [float(D.sar_to_merged(p.layer(k))[t]) for k in keys if changed(task, k)]
+        assert (math.isnan(sar[t]) if not per else sar[t].item() == pytest.approx(sum(per) / len(per), rel=1e-6))
+    assert math.isnan(sar[-1]) and not math.isnan(sar[0])
+    for metric, pairwise in (("sar", D.pairwise_sar), ("subspace_similarity", D.subspace_similarity)):
+        got = D.model_matrix(p, metric)
+        for i, a in enumerate(tasks):
+            for j, b in enumerate(tasks):
+                per = [float(pairwise(p.layer(k))[i, j]) for k in keys if changed(a, k) and changed(b, k)]
+                want = sum(per) / len(per) if per else float("nan")
+                assert got[i, j].item() == pytest.approx(want, rel=1e-5, nan_ok=True), (metric, a, b)
+    cosine = D.model_matrix(p, "cosine")
+    assert cosine[-1].isnan().all() and cosine[:, -1].isnan().all() and not cosine[:-1, :-1].isnan().any()
+    curves = D.layer_curves(p, curves=["sar_min", "sar_mean", "cosine_mean"], keys=sorted(frozen)[:2])
+    for n, k in enumerate(sorted(frozen)[:2]):
+        live = [float(v) for t, v in enumerate(D.sar_to_merged(p.layer(k))) if changed(tasks[t], k)]
+        assert curves["sar_min"][n] == pytest.approx(min(live)) and curves["sar_mean"][n] == pytest.approx(
+            sum(live) / len(live))
+        cos = D.task_cosine(p.layer(k))
+        pairs = [float(cos[i, j]) for i in range(4) for j in range(4)
+                 if i != j and changed(tasks[i], k) and changed(tasks[j], k)]
+        assert curves["cosine_mean"][n] == pytest.approx(sum(pairs) / len(pairs), rel=1e-6)
 
 
 def test_energy_preservation_is_eq2_of_ortho_merge():

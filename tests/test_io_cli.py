@@ -1384,6 +1384,35 @@ def test_diagnose_reports_the_library_diagnostics_of_a_merge_checkpoint_or_the_s
     assert diag.layer_curves(pool, curves=["sti", "sti"])["sti"] == diag.layer_curves(pool, curves=["sti"])["sti"]
 
 
+def test_diagnose_names_an_expert_equal_to_the_base_and_leaves_it_out(files, capsys):
+    """An expert equal to the base (a checkpoint saved before fine-tuning) has no direction on any layer: its SAR_avg
+    printed 0.000 and every mean over the tasks took its zeros, with no word of why. It is named now, its values are
+    null in the JSON, and the means leave it out; with every expert so, the error names them, not an internal
+    function. The JSON says what its SAR_avg keys are and each model matrix's k."""
+    tmp, base, experts, args = files
+    save_state_dict(tmp / "same.safetensors", base)
+    out = tmp / "d.json"
+    assert main(["diagnose", *args, "--expert", f"same={tmp / 'same.safetensors'}", "--method", "tsv_m",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "note: expert 'same' equals the base on every matrix layer diagnosed" in said.err, said.err
+    assert "same n/a" in said.out and "nan" not in said.out, said.out
+    report = json.loads(out.read_text())
+    assert report["unchanged_experts"] == ["same"] and report["sar_avg"]["same"] is None
+    assert all(v is not None for t, v in report["sar_avg"].items() if t != "same")
+    cosine = report["model_matrices"]["cosine"]
+    assert all(v is None for v in cosine[-1]) and all(v is not None for row in cosine[:-1] for v in row[:-1])
+    assert set(report["sar_avg_help"]) == {"sar_avg", "sar_avg_pairwise"}
+    assert "k per layer: k = " in report["model_matrix_help"]["subspace_similarity"]
+    assert all(v is not None for v in report["layers"]["sar_min"])   # the others' minimum
+
+    only = ["--base", str(tmp / "base.safetensors"), "--expert", f"a={tmp / 'same.safetensors'}",
+            "--expert", f"b={tmp / 'same.safetensors'}"]
+    assert main(["diagnose", *only, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "every expert (a, b) equals the base on each matrix layer" in err, err
+
+
 def test_diagnose_of_a_suite_does_not_suggest_a_prefix_it_refuses(tmp_path, capsys):
     from studio.suite import default_suite
 

@@ -449,3 +449,24 @@ def test_describe_shows_the_value_an_automatic_param_took(st: Studio, method, ca
                            {**req.calibrate_hparams, **cal_auto})
         merged, explicit = st.merge(req), st.merge(given)
         assert all(torch.equal(merged[k], explicit[k]) for k in merged), (method, calibration, len(experts))
+
+
+def test_the_apps_sar_avg_is_the_librarys_with_an_expert_that_froze_layers(st: Studio):
+    """The app's per-layer curves hold each task's SAR and entropy per layer and its SAR_avg: an expert that left
+    layers as the base (frozen blocks) has none there (NaN, a gap in the plot), and its SAR_avg is
+    :func:`studio.diagnostics.sar_avg` over the layers it changed (a plain mean counted those layers as SAR 0)."""
+    from studio import diagnostics as diag
+    from studio.pool import TaskPool
+
+    keys = st.layer_keys()
+    frozen = set(keys[::2])
+    names = st.task_names[:3]
+    experts = {n: dict(st.suite.experts[n]) for n in names}
+    experts[names[0]].update({k: st.suite.base[k] for k in frozen})
+    pool = TaskPool(st.suite.base, experts)
+    got = st.layer_profile(pool, None)
+    want = diag.sar_avg(pool, keys=keys)
+    assert [got["sar_avg"][n] for n in names] == pytest.approx(want.tolist(), rel=1e-6)
+    for i, key in enumerate(keys):
+        assert np.isnan(got["sar"][names[0]][i]) == (key in frozen) and not np.isnan(got["sar"][names[1]][i])
+        assert np.isnan(got["entropy"][names[0]][i]) == (key in frozen)
