@@ -47,8 +47,7 @@ def methods_table(markdown: bool = True) -> str:
     for m in list_methods():
         params = "; ".join(
             f"`{p['name']}` = {p['auto'] if p['default'] is None and p['auto'] else p['default']}"
-            + (f" in {'(' if p.get('low_open') else '['}{p['low']}, {p.get('high_rule') or p['high']}]"
-               if p["low"] is not None or p["high"] is not None else "")
+            + (f" in {p['range']}" if p.get("range") else "")   # as the errors write it
             + (f" of {p['choices']}" if p["choices"] else "")
             for p in m["params"]
         ) or "none"

@@ -298,7 +298,8 @@ def merge(
             and whiten the other tasks' directions against those. So a preference weight of exactly 0 is not the
             limit of small weights there: any weight above 0 keeps the task's directions in the whitening (only its
             singular values shrink), and 0 takes them out (TSV-M at weights ``[1, 1, 1e-6, 1]`` and
-            ``[1, 1, 0, 1]`` differed by 59% on small random experts). Nor is weight 0 the same as leaving the
+            ``[1, 1, 0, 1]`` differed by 48-49% on small random experts: docs/ACCURACY.md, "A preference weight of
+            0 against a small one"). Nor is weight 0 the same as leaving the
             expert out: ``T`` still counts it (``T * p_i`` scales the others by ``T / (T - 1)``, TSV-M's ``k``
             and Iso-CTS's ``s`` are sized for ``T`` tasks and the zero task's share stays empty).
         progress: optional callback ``(fraction, message)``.

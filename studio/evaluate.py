@@ -256,7 +256,7 @@ def evaluate(suite: Suite, state_dict: StateDict, *, tasks: Sequence[str] | None
         state_dict: ``visual.*`` state dict of the suite's architecture (e.g. the output of :func:`studio.merge`).
         tasks: subset of task names (default: all, in suite order).
         split: ``"test"`` (reported numbers) or ``"validation"`` (model selection).
-        device: ``"cpu"``, ``"cuda"`` or ``None`` (CUDA when present).
+        device: ``"cpu"``, ``"cuda"`` or ``None`` (``$MERGE_STUDIO_DEVICE`` if set, else CUDA when present).
         batch_size: images per forward pass.
 
     Raises:

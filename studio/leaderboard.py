@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     ap.add_argument("--calibrations", nargs="*", default=None, help="calibrations on Task Arithmetic (default: all)")
     ap.add_argument("--alphas", nargs="+", type=float, default=DEFAULT_ALPHAS,
                     help="the scales each row is validated at (default: %(default)s)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: CUDA when present)")
+    ap.add_argument("--device", default=None,
+                    help="cpu or cuda (default: $MERGE_STUDIO_DEVICE, else CUDA when present)")
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads for torch (0 = torch's default; 1 is faster on a busy shared CPU)")
     args = ap.parse_args(argv)

@@ -103,10 +103,13 @@ def list_methods() -> list[dict[str, Any]]:
     """Every registered merging method and calibration with its paper reference and hyperparameter schema.
 
     Each entry has ``name`` and ``kind`` (``"merge"`` or ``"calibration"``: ``align_merge_b`` is both, so a table of
-    them is keyed by the two), ``paper``, ``summary`` and ``params``: per hyperparameter its ``type``, ``default``
-    (``None``: automatic, the rule in ``auto``), ``range`` (the allowed values as errors write them, e.g.
-    ``"(0, 1/T]"``; its parts in ``low``, ``low_open``, ``high`` and ``high_rule``), ``choices``, ``help`` and
-    ``paper``, and what the app's control needs (``ui_step``, ``ui_high``, ``low_rule``, ``post_scale``).
+    them is keyed by the two), ``paper``, ``summary``, ``scope`` (``"all"`` tensors or the ``"matrix"`` layers),
+    ``vector_rule`` (what the other tensors get), ``layer_rule`` (its default layer rule's preset name),
+    ``min_experts`` and ``params``: per hyperparameter its ``name``, ``type``, ``default`` (``None``: automatic, the
+    rule in ``auto``; ``auto_after``: the automatic value after a given base method), ``range`` (the allowed values as
+    errors write them, e.g. ``"(0, 1/T]"``; its parts in ``low``, ``low_open``, ``high`` and ``high_rule``),
+    ``choices``, ``help`` and ``paper``, and what the app's control needs (``ui_step``, ``ui_high``, ``low_rule``,
+    ``post_scale``).
 
     Example:
         >>> names = [m["name"] for m in list_methods()]

@@ -229,7 +229,9 @@ def test_svc_diagnostics_match_fusion_bench(suite, method):
     coefficients ``s_i^r`` against FusionBench's ``project_onto_singular_vectors`` / ``compute_projection_coefficient``
     (SVC eq. 4 and 8), and the calibration factors ``gamma^r`` against those FusionBench's calibration applied (its
     calibrated delta in the merged singular basis over the singular values), FusionBench in float64. Measured worst
-    errors: s 3.9e-7 / 3.4e-7 (relative to max(|s|, 1)), gamma 1.7e-7 / 1.4e-7 (TA / TIES).
+    errors (``python -m tests.test_crosscheck_fusionbench`` prints them): s 4.6e-7 / 4.2e-7 (relative to max(|s|, 1)),
+    gamma 2.1e-7 / 1.2e-7 (TA / TIES), under OpenBLAS's SkylakeX kernel (3.9e-7 / 3.4e-7 and 1.7e-7 / 1.4e-7 under
+    Haswell).
 
     These merges' spectra have no near-degenerate singular values. Where they do (the flat spectrum of Iso-C, the
     near-flat one of TSV-M) a single direction's coefficient depends on the basis each SVD picks within the
@@ -309,7 +311,8 @@ def test_tolerance_tells_one_step_apart(suite, task_vectors):
 
 def main() -> None:
     """Print every case's error against FusionBench in float64, beside FusionBench's own float32 error, on MiniSuite
-    and on the transformers layout."""
+    and on the transformers layout; TSV-C's and the SVC diagnostics' errors on MiniSuite; Iso-CTS where FusionBench's
+    float32 run fails."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -325,6 +328,42 @@ def main() -> None:
             exact = reference(suite, tvs64, torch.float64)
             print(f"| {case} | {worst_error(suite.base, ours, exact)[0]:.1e} | "
                   f"{worst_error(suite.base, reference(suite, tvs32, torch.float32), exact)[0]:.1e} | {tol:.0e} |")
+    suite = pools[0][1]
+    names, tvs64 = list(suite.experts), task_vectors_of(suite, torch.float64)
+    packed = compress_tv({n: types.SimpleNamespace(vector=tv) for n, tv in zip(names, tvs64)}, 1 / len(names))
+    ours = studio.compress(suite.base, suite.experts)
+    tsv_c = max(float((ours.task_vector(n)[k].double() - ref).norm() / ref.norm().clamp_min(1e-30))
+                for n in names for k, part in packed[n].items()
+                for ref in [part["dim1"] if "dim1" in part else part["u"] @ torch.diag(part["s"]) @ part["v"]])
+    print(f"\nTSV-C (studio.compress against compress_tv), MiniSuite: worst per task and tensor {tsv_c:.1e} "
+          f"(test_tsv_c_compress asserts <= {SPECTRAL_TOL:.0e})")
+    print("SVC diagnostics (diagnostics.svc_coefficients against FusionBench in float64, top 32 merged subspaces of "
+          "every 2-D layer), MiniSuite: worst error of s (over max(|s|, 1)) and of gamma (relative)")
+    print("| merged delta | s | gamma | test_svc_diagnostics_match_fusion_bench asserts |\n|---|---|---|---|")
+    from studio import diagnostics
+    from studio.pool import TaskPool
+
+    pool = TaskPool(suite.base, suite.experts)
+    for method in (None, "ties"):
+        merged = None if method is None else studio.merge(suite.base, suite.experts, method)
+        s_worst = gamma_worst = 0.0
+        for key, b in ((k, v) for k, v in suite.base.items() if v.dim() == 2):
+            tasks = [e[key].double() - b.double() for e in suite.experts.values()]
+            delta = sum(tasks) if merged is None else merged[key].double() - b.double()
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            R = min(32, S.numel())
+            a_merged = project_onto_singular_vectors(delta, U, R)
+            s_fb = torch.tensor([[float(compute_projection_coefficient(a_merged[r], a[r])) for r in range(R)]
+                                 for a in (project_onto_singular_vectors(t, U, R) for t in tasks)], dtype=torch.float64)
+            calibrated = subspace_consistency_spectral_calibration(
+                b.double(), [b.double() + t for t in tasks], b.double() + delta, alpha=1.0, accelerator="cpu")
+            gamma_fb = torch.diagonal(U.T @ (calibrated - b.double()) @ Vh.T)[:R] / S[:R]
+            s, gamma = diagnostics.svc_coefficients(pool.layer(key), None if merged is None else
+                                                    merged[key].float() - b.float(), rank=R)
+            s_worst = max(s_worst, float(((s.double() - s_fb).abs() / s_fb.abs().clamp_min(1.0)).max()))
+            gamma_worst = max(gamma_worst, float(((gamma.double() - gamma_fb).abs() / gamma_fb.abs()).max()))
+        print(f"| {'Task Arithmetic sum' if method is None else 'TIES merge'} | {s_worst:.1e} | {gamma_worst:.1e} | "
+              "s <= 1e-03, gamma <= 5e-05 |")
     base, experts, exact = ill_conditioned_layers()
     try:
         ill_conditioned_layers(torch.float32)
