@@ -51,12 +51,26 @@ _API_DIRS: list[Path] = []
 _API_KEEP = 16
 
 # System fonts only: the Space (and offline installs) never wait on a web-font download.
-THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+# Soft's text colours fall below WCAG AA's 4.5:1 on its own fills: gray-400 help text on white (2.5:1), indigo-500
+# labels on indigo-100 (3.6:1), the selected tab and white on the primary fills (4.3 and 4.5:1). One shade or two
+# darker: gray-600 help text (7.6:1), indigo-700 labels, accents and fills (6.4:1 on indigo-100, 7.9:1 under white).
+THEME = gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                       font_mono=["ui-monospace", "monospace"]).set(
+    body_text_color_subdued="*neutral_600", block_info_text_color="*neutral_600",
+    block_label_text_color="*primary_700", block_title_text_color="*primary_700", color_accent="*primary_700",
+    button_primary_background_fill="*primary_700", button_primary_background_fill_hover="*primary_600",
+    checkbox_label_background_fill_selected="*primary_700", checkbox_background_color_selected="*primary_700",
+    checkbox_border_color_selected="*primary_700")
+# Focus: the Soft theme draws none on a checkbox, a radio or a range (0 pixels changed when one took the keyboard's
+# focus). The plotly logo in each plot's toolbar is an unnamed link, a Tab stop in every plot: hidden.
 CSS = """
 .ms-status {min-height: 1.6em}
 #pred-gallery .caption-label {white-space: normal; max-width: 100%; overflow-wrap: anywhere; font-size: 11px;
                               line-height: 1.25; padding: 1px 4px}
 footer {display: none !important}
+.gradio-container input[type=checkbox]:focus-visible, .gradio-container input[type=radio]:focus-visible,
+.gradio-container input[type=range]:focus-visible {outline: 2px solid #1d4ed8; outline-offset: 2px}
+.modebar-btn--logo, .plotlyjsicon {display: none !important}
 """
 # Gradio's slider stores its value on "release": a pointer let go on the range, or its number box losing focus. A key
 # on the range (arrows, Page Up / Down, Home, End) sends only "input", so the value shown would not be the one the
@@ -84,8 +98,54 @@ HEAD = """<script>
       el.dispatchEvent(new FocusEvent("blur"));
     }
   }, true);
+  // What Gradio's components take no attribute for, set on the elements as they appear: a tab's content is built
+  // when the tab is first shown, a render builds its controls anew, plotly draws a plot again on each update.
+  // The results of a merge, a sweep and a load are announced (polite live regions); the diagnostics' status is not:
+  // it changes on every step of a slider.
+  const LIVE = ["run-status", "opt-status", "load-status"];
+  // a plot's text: its title and annotations (subplot titles, "best α = ..."), without plotly's markup
+  const plain = (t) => String(t || "").replace(/<br\\s*\\/?>/gi, " · ").replace(/<[^>]*>/g, "").trim();
+  const describe = (gd) => {
+    const label = gd.closest(".block")?.querySelector("[data-testid=block-label]")?.textContent.trim() || "Plot";
+    const layout = gd.layout || {};
+    const texts = [plain(layout.title?.text ?? layout.title), ...(layout.annotations || []).map((a) => plain(a.text))];
+    const series = [...new Set((gd.data || []).filter((t) => t.name && t.showlegend !== false).map((t) => t.name))];
+    return `${label} plot` + (texts.some(Boolean) ? `: ${texts.filter(Boolean).join("; ")}` : "")
+      + (series.length ? `. Series: ${series.join(", ")}.` : "");
+  };
+  // the drawing (plotly's first svg) is the image, named; its text layer (title, legend, ticks) is hidden, being
+  // in the name. Not the plot's container: it holds the toolbar's buttons, which an image's children cannot be
+  const name = (gd) => {
+    const [drawing, ...layers] = gd.querySelectorAll(":scope svg.main-svg");
+    if (!drawing) return;
+    const text = describe(gd);
+    if (drawing.getAttribute("aria-label") !== text) {
+      drawing.setAttribute("role", "img");
+      drawing.setAttribute("aria-label", text);
+    }
+    for (const layer of layers) if (!layer.hasAttribute("aria-hidden")) layer.setAttribute("aria-hidden", "true");
+  };
+  let queued = false;
+  const mark = () => {
+    queued = false;
+    for (const id of LIVE) {
+      const el = document.getElementById(id);
+      if (el && el.getAttribute("aria-live") !== "polite") {
+        el.setAttribute("role", "status");
+        el.setAttribute("aria-live", "polite");
+      }
+    }
+    const all = document.querySelector("#expert-pool input.select-all-checkbox");   // only a title otherwise
+    if (all && !all.hasAttribute("aria-label")) all.setAttribute("aria-label", "Select all experts");
+    for (const gd of document.querySelectorAll(".js-plotly-plot")) name(gd);
+  };
+  new MutationObserver(() => {
+    if (!queued) { queued = true; requestAnimationFrame(mark); }
+  }).observe(document.documentElement, {childList: true, subtree: true, characterData: true});
 })();
 </script>"""
+#: The diagnostics plots' narrowest width: two to a row on a wide page, one on a narrow one.
+PLOT_MIN_WIDTH = 420
 # What every launch of the page takes (the app's main and the tests' served app).
 LAUNCH_OPTIONS = {"theme": THEME, "css": CSS, "head": HEAD}
 
@@ -517,7 +577,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             # ----------------------------------------------------------------- setup panel
             with gr.Column(scale=1, min_width=330):
                 experts_cb = gr.CheckboxGroup(expert_choices, value=list(studio.task_names), label="Expert pool",
-                                              info="each expert's own test accuracy on its task", show_select_all=True)
+                                              info="each expert's own test accuracy on its task", show_select_all=True,
+                                              elem_id="expert-pool")
                 method_dd = gr.Dropdown(methods, value=default_method, label="Merging method")
                 method_md = gr.Markdown(_method_markdown(studio, default_method))
                 with gr.Group():
@@ -609,26 +670,32 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     with gr.Tab("Diagnostics", id="diag"):
                         with gr.Row():
                             layer_dd = gr.Dropdown(layer_keys, value=studio.default_layer(), label="Layer", scale=3)
+                            # wide enough for its longest name ("subspace_similarity" was cut at 1500 px)
                             metric_dd = gr.Dropdown(metrics, value=studio.default_metric(), label="Interference metric",
-                                                    scale=1)
+                                                    scale=2, min_width=240)
                             scope_radio = gr.Radio([("this layer", "layer"), ("whole model", "model")], value="layer",
                                                    label="Heatmap over", scale=1, elem_id="heatmap-scope")
                         diag_md = gr.Markdown("", elem_classes="ms-status", elem_id="diag-status")
+                        # min_width: on a narrow page (640 px, a 1280 px screen at 200 % zoom) the plots wrap one to
+                        # a row; two to a row, each 290 px wide, their labels overlapped and their titles were cut
                         with gr.Row():
-                            spectrum_plot = gr.Plot(label="Spectrum", elem_id="spectrum-plot")
-                            energy_plot = gr.Plot(label="Cumulative energy", elem_id="energy-plot")
+                            spectrum_plot = gr.Plot(label="Spectrum", elem_id="spectrum-plot", min_width=PLOT_MIN_WIDTH)
+                            energy_plot = gr.Plot(label="Cumulative energy", elem_id="energy-plot",
+                                                  min_width=PLOT_MIN_WIDTH)
                         with gr.Row():
-                            with gr.Column():
-                                heatmap_plot = gr.Plot(label="Interference", elem_id="heatmap-plot")
+                            with gr.Column(min_width=PLOT_MIN_WIDTH):
+                                heatmap_plot = gr.Plot(label="Interference", elem_id="heatmap-plot",
+                                                       min_width=PLOT_MIN_WIDTH)
                                 metric_md = gr.Markdown("")
-                            curves_plot = gr.Plot(label="Per-layer curves", elem_id="curves-plot")
+                            curves_plot = gr.Plot(label="Per-layer curves", elem_id="curves-plot",
+                                                  min_width=PLOT_MIN_WIDTH)
                     with gr.Tab("Results", id="results"):
                         run_md = gr.Markdown("Press **Merge & evaluate** to merge the selected experts.",
                                              elem_id="run-status")
                         acc_df = gr.Dataframe(label="Per-task test accuracy", interactive=False, elem_id="acc-table")
                         with gr.Row():
-                            acc_plot = gr.Plot(label="Accuracy")
-                            norm_plot = gr.Plot(label="Normalized accuracy")
+                            acc_plot = gr.Plot(label="Accuracy", elem_id="acc-plot")
+                            norm_plot = gr.Plot(label="Normalized accuracy", elem_id="norm-plot")
                         gallery = gr.Gallery(label="Sample test images · merged model's predictions "
                                                    "(✓ correct, ✗ wrong)", columns=6, height=420, object_fit="contain",
                                              elem_id="pred-gallery")
@@ -665,12 +732,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         with gr.Row():
                             alpha_lo = gr.Number(opt_lo if opt_lo is not None else 0.1, label="α from")
                             alpha_hi = gr.Number(opt_hi if opt_hi is not None else 1.5, label="α to")
-                            alpha_n = gr.Slider(3, 25, value=9, step=1, label="points")
+                            # buttons=[]: Gradio's ↺ would be named "Reset to default value" alone, as the others
+                            alpha_n = gr.Slider(3, 25, value=9, step=1, label="number of α values", buttons=[])
                         with gr.Row():
                             optimise_btn = gr.Button(opt_label, variant="primary", interactive=opt_active)
                             apply_btn = gr.Button(apply_label, interactive=False)
-                        opt_md = gr.Markdown("")
-                        alpha_plot = gr.Plot(label="Accuracy vs α")
+                        opt_md = gr.Markdown("", elem_id="opt-status")
+                        alpha_plot = gr.Plot(label="Accuracy vs α", elem_id="alpha-plot")
 
         # ------------------------------------------------------------------------------- handlers
         def _ui_request(method, hp, experts, calibration, cal, prefs, seed=0) -> MergeRequest:

@@ -354,12 +354,11 @@ def test_reset_to_defaults_after_a_method_switch(page):
     page.get_by_text("common_space_fraction").first.wait_for()
     _select_method(page, "ortho_merge")
     page.get_by_role("button", name="Reset ortho_merge to defaults").wait_for()
-    # no ↺ on a slider a render made (the Optimise tab's static "points" slider keeps Gradio's own)
+    # no ↺ on a slider a render made (nor on the Optimise tab's static one, the number of α values)
     ranges = page.locator("input[type=range]")
     for i in range(ranges.count()):
         block = ranges.nth(i).locator("xpath=ancestor::div[contains(@class,'block')][1]")
-        if "points" not in block.inner_text():
-            assert block.locator("button.reset-button").count() == 0, block.inner_text()
+        assert block.locator("button.reset-button").count() == 0, block.inner_text()
     k = page.locator("input[type=range][max='512']").first   # Ortho-Merge's k in [1, 512] on MiniSuite
     k.focus()
     k.press("End")
@@ -425,7 +424,7 @@ def test_optimise_stops_and_forgets_another_methods_sweep(page):
     use_best = page.get_by_role("button", name="Use best alpha")
     assert use_best.is_disabled()
 
-    points = page.get_by_role("slider", name="range slider for points")
+    points = page.get_by_role("slider", name="range slider for number of α values")
     points.focus()
     points.press("Home")   # 3 points
     optimise.click()
@@ -1069,3 +1068,173 @@ def test_a_run_and_a_recipe_load_their_settings_back(page, tmp_path):
     page.get_by_text("unknown expert(s) ['stripes']").first.wait_for()
     page.get_by_role("tab", name="Diagnostics").click()
     assert _status(page).startswith(f"tsv_m ({run_b.settings}")   # nothing changed
+
+
+# ------------------------------------------------------------------------------------------- accessibility
+def test_the_results_of_a_merge_a_sweep_and_a_load_are_announced(page):
+    """A screen reader heard nothing of a merge's result ("Run #1 · ... average accuracy ..."), a sweep's best value
+    or a load: their lines are polite live regions now (set by the page's HEAD script, as Gradio's Markdown takes no
+    ARIA attributes). The diagnostics' status is not one: it changes on every step of a slider."""
+    for tab in ("Results", "Optimise", "Diagnostics"):   # a tab's content is built when it is first shown
+        page.get_by_role("tab", name=tab).click()
+    live = "id => { const e = document.getElementById(id); return !!e && e.getAttribute('role') === 'status' " \
+           "&& e.getAttribute('aria-live') === 'polite'; }"
+    for region in ("run-status", "opt-status", "load-status"):
+        page.wait_for_function(live, arg=region, timeout=10_000)
+    assert page.evaluate("() => document.querySelector('#diag-status').closest('[aria-live]')") is None
+    import app
+
+    _merge_settings(page)
+    run = max(r.run for s in app.SESSIONS._data.values() for r in s.runs)
+    assert page.get_by_role("status").filter(has_text=f"Run #{run} ·").count() == 1
+
+
+# WCAG 2's contrast ratio of an element's text colour on the first opaque background behind it (colours read
+# through a canvas, whatever form the computed style gives them in).
+CONTRAST_JS = """el => {
+    const ctx = Object.assign(document.createElement('canvas'), {width: 1, height: 1}).getContext('2d');
+    const rgba = (c) => { ctx.clearRect(0, 0, 1, 1); ctx.fillStyle = c; ctx.fillRect(0, 0, 1, 1);
+                          return [...ctx.getImageData(0, 0, 1, 1).data]; };
+    const lum = ([r, g, b]) => [r, g, b].map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92
+                                                                  : ((v + 0.055) / 1.055) ** 2.4)
+                                        .reduce((s, v, i) => s + v * [0.2126, 0.7152, 0.0722][i], 0);
+    let bg = [255, 255, 255, 255];
+    for (let a = el; a; a = a.parentElement) {
+        const c = rgba(getComputedStyle(a).backgroundColor);
+        if (c[3] > 200) { bg = c; break; }
+    }
+    const [l1, l2] = [lum(rgba(getComputedStyle(el).color)), lum(bg)].sort((x, y) => y - x);
+    return (l1 + 0.05) / (l2 + 0.05);
+}"""
+
+
+def test_text_contrast_meets_wcag_aa(page):
+    """The Soft theme's help text (2.5:1), block labels (3.6:1), selected tab (4.3:1) and white on its primary
+    fills (4.5:1 at 4.47) were below WCAG AA's 4.5:1: the app's theme sets darker shades."""
+    page.get_by_role("tab", name="Diagnostics").click()
+    texts = {"help text": page.get_by_text("each expert's own test accuracy on its task").first,
+             "block title": page.get_by_text("Merging method", exact=True).first,
+             "plot label": page.locator("#spectrum-plot [data-testid=block-label]"),
+             "selected tab": page.locator("[role=tab][aria-selected=true]").first,
+             "primary button": page.get_by_role("button", name="Merge & evaluate"),
+             "selected expert": page.locator("#expert-pool label.selected").first,
+             "selected radio": page.locator("#heatmap-scope label.selected").first}
+    ratios = {what: round(loc.evaluate(CONTRAST_JS), 2) for what, loc in texts.items()}
+    assert all(r >= 4.5 for r in ratios.values()), ratios
+
+
+def test_keyboard_focus_is_visible_on_checkboxes_radios_and_ranges(page):
+    """Focus by keyboard changed no pixel on an expert's checkbox, a radio or a range (Soft: outline none): each
+    draws an outline now."""
+    outline = "el => { const s = getComputedStyle(el); return [el.matches(':focus-visible'), s.outlineStyle, " \
+              "parseFloat(s.outlineWidth)]; }"
+    controls = [page.locator("#expert-pool input[type=checkbox]").nth(1),
+                page.locator("#heatmap-scope input[type=radio]:checked"),
+                page.locator("input[type=range]:not([disabled])").first]
+    for control in controls:
+        control.scroll_into_view_if_needed()
+        page.mouse.click(5, 5)
+        assert control.evaluate(outline)[1] == "none"
+        control.focus()
+        page.keyboard.press("Shift+Tab")
+        page.keyboard.press("Tab")   # back to it by keyboard
+        focused, style, width = control.evaluate(outline)
+        assert focused and style != "none" and width >= 2, (control, focused, style, width)
+    page.mouse.click(5, 5)
+
+
+def test_an_emptied_slider_box_keeps_the_value_stored(page):
+    """A slider's box emptied (or text typed into it, which the browser drops) stored null: the diagnostics said
+    "hyperparameter 'alpha' must not be None" while the box showed 0. The value stored before is kept, and shown."""
+    _select_method(page, "task_arithmetic")
+    page.get_by_role("button", name="Reset task_arithmetic to defaults").wait_for()   # its controls, rendered
+    box = page.get_by_role("spinbutton", name="number input for alpha")
+    box.fill("0.65")
+    box.press("Enter")
+    page.wait_for_function(SHOWS_JS, arg="task_arithmetic (alpha=0.65")
+    box.fill("")
+    box.press("Enter")
+    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for alpha\"]').value === '0.65'",
+                           timeout=15_000)
+    box.press("Control+a")
+    page.keyboard.type("abc")
+    box.press("Tab")
+    page.wait_for_function("() => document.querySelector('[aria-label=\"number input for alpha\"]').value === '0.65'",
+                           timeout=15_000)
+    page.wait_for_timeout(1500)   # a diagnostics run of a null alpha, had one been stored
+    assert "must not be None" not in _status(page) and _status(page).startswith("task_arithmetic (alpha=0.65)")
+    method, settings = _merge_settings(page)
+    assert method == "task_arithmetic" and "alpha=0.65" in settings, settings
+    page.get_by_role("tab", name="Diagnostics").click()
+
+
+def test_the_sweep_points_select_all_and_the_metric_have_clear_names(page):
+    """The Optimise tab's slider read "points" and kept Gradio's ↺ ("Reset to default value", of what?); the expert
+    pool's "Select all" box had no accessible name (a title only); "subspace_similarity" was cut in its dropdown."""
+    page.get_by_role("checkbox", name="Select all experts").wait_for()
+    metric = page.get_by_label("Interference metric")
+    assert metric.input_value() == "subspace_similarity"
+    assert metric.evaluate("el => el.scrollWidth <= el.clientWidth"), metric.evaluate(
+        "el => [el.scrollWidth, el.clientWidth]")
+    page.get_by_role("tab", name="Optimise").click()
+    points = page.get_by_role("slider", name="range slider for number of α values")
+    points.wait_for()
+    block = points.locator("xpath=ancestor::div[contains(@class,'block')][1]")
+    assert block.locator("button.reset-button").count() == 0
+    page.get_by_role("tab", name="Diagnostics").click()
+
+
+def test_a_narrow_page_shows_one_plot_per_row(page):
+    """At 640 px (a 1280 px screen at 200 % zoom) the diagnostics plots were two to a row, 290 px each: labels
+    overlapped, titles were cut. They wrap one to a row there, and stay two to a row on a wide page."""
+    boxes = "() => ['spectrum', 'energy', 'heatmap', 'curves'].map(p => { " \
+            "const r = document.getElementById(p + '-plot').getBoundingClientRect(); " \
+            "return [r.left, r.top, r.bottom, r.width]; })"
+    page.get_by_role("tab", name="Diagnostics").click()
+    (s_left, s_top, _, _), (e_left, e_top, _, _), *_ = page.evaluate(boxes)
+    assert e_left > s_left and abs(e_top - s_top) < 2   # wide: side by side
+    try:
+        page.set_viewport_size({"width": 640, "height": 1100})
+        page.wait_for_timeout(1000)
+        spectrum, energy, heatmap, curves = page.evaluate(boxes)
+        assert energy[1] >= spectrum[2] - 1 and curves[1] >= heatmap[2] - 1, (spectrum, energy, heatmap, curves)
+        assert all(b[3] >= 420 for b in (spectrum, energy, heatmap, curves))
+        page.screenshot(path=str(SHOTS / "12_narrow_640.png"), full_page=True)
+    finally:
+        page.set_viewport_size({"width": 1500, "height": 1100})
+        page.wait_for_timeout(500)
+
+
+# Each plot's drawing as the page names it: [its aria-label, role, the figure's title as plotly has it, visible logo
+# links].
+PLOT_NAME_JS = """id => {
+    const gd = document.querySelector('#' + id + ' .js-plotly-plot');
+    const svg = gd && gd.querySelector('svg.main-svg');
+    const title = String(gd?.layout?.title?.text || '').replace(/<br\\s*\\/?>/gi, ' · ').replace(/<[^>]*>/g, '');
+    const logos = [...document.querySelectorAll('#' + id + ' a')].filter(a => getComputedStyle(a).display !== 'none');
+    return svg ? [svg.getAttribute('aria-label'), svg.getAttribute('role'), title, logos.length] : null;
+}"""
+
+
+def test_plots_are_named_images_and_their_toolbars_have_no_logo_link(page):
+    """The plots had no text alternative (unnamed images and stray SVG text), and each toolbar ended with plotly's
+    unnamed logo link, a Tab stop in every plot. Each plot's drawing is an image named by the plot's label, its
+    title and its series, kept up to date as the plot changes; the logo is hidden."""
+    page.get_by_role("tab", name="Diagnostics").click()
+    for plot, label in (("spectrum-plot", "Spectrum"), ("energy-plot", "Cumulative energy"),
+                        ("heatmap-plot", "Interference"), ("curves-plot", "Per-layer curves")):
+        name, role, title, logos = page.evaluate(PLOT_NAME_JS, plot)
+        assert role == "img" and name.startswith(f"{label} plot") and title in name, (plot, name, title)
+        assert logos == 0, plot
+    assert "Series: " in page.evaluate(PLOT_NAME_JS, "spectrum-plot")[0]
+    assert "SAR of each task" in page.evaluate(PLOT_NAME_JS, "curves-plot")[0]   # its panels' titles
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="cosine", exact=True).click()
+    page.wait_for_function(f"() => (({PLOT_NAME_JS})('heatmap-plot')?.[0] || '').includes('cosine')")
+    page.get_by_role("tab", name="Results").click()
+    page.locator("#acc-plot .js-plotly-plot").wait_for()
+    name, role, title, logos = page.evaluate(PLOT_NAME_JS, "acc-plot")
+    assert role == "img" and name.startswith("Accuracy plot: Test accuracy per task") and logos == 0, name
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.get_by_label("Interference metric").click()
+    page.get_by_role("option", name="subspace_similarity", exact=True).click()

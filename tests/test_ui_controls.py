@@ -297,3 +297,20 @@ def test_the_sources_read_as_the_schema_writes_them():
     rendered = markdown_it.MarkdownIt("commonmark").render(sources_markdown([ControlSpec("k", "slider", "k", 0.1,
                                                                                        source=made)]))
     assert html.unescape(re.findall(r"</strong>: (.*?)</li>", rendered, flags=re.S)[0]) == made, rendered
+
+
+def test_a_slider_box_holding_no_number_keeps_the_value_stored_before():
+    """An emptied slider box (or text typed into it) sends null: it was stored, the diagnostics said "hyperparameter
+    'alpha' must not be None" and a merge took 0, the box's display. The value stored before is kept (else the
+    slider's starting value); a ticked "auto" box and a dropdown are as before."""
+    specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"),
+             ControlSpec("alpha", "slider", "alpha", 0.3), ControlSpec("n", "slider", "n", 5, step=1),
+             ControlSpec("mode", "dropdown", "mode", "x", choices=("x",))]
+    before = {"k": 0.2, "alpha": 0.7, "n": 9, "mode": "x"}
+    for blank in (None, float("nan"), ""):
+        assert collect(specs, [blank, False, blank, blank, "x"]) == {"k": 0.5, "alpha": 0.3, "n": 5, "mode": "x"}
+        assert collect(specs, [blank, False, blank, blank, None], before) == {"k": 0.2, "alpha": 0.7, "n": 9,
+                                                                              "mode": None}
+        assert collect(specs, [blank, True, blank, 2.5, "x"], {"k": None}) == {"k": None, "alpha": 0.3, "n": 3,
+                                                                             "mode": "x"}
+    assert collect(specs, [0.4, False, 1.5, 6.5, "x"], before) == {"k": 0.4, "alpha": 1.5, "n": 7, "mode": "x"}

@@ -157,3 +157,34 @@ def test_a_heavy_tailed_signed_heatmap_goes_to_a_signed_log_scale():
     assert fig.data[0].zmax == plots.nice_ceil(float(np.abs(bulk).max()))
     assert np.array_equal(np.asarray(fig.data[0].z), bulk.astype(np.float32))
     assert "<br>" not in fig.layout.title.text
+
+
+def _contrast_on_white(colour: str) -> float:
+    """WCAG's contrast ratio of ``#rrggbb`` against white."""
+    channels = [int(colour.lstrip("#")[i:i + 2], 16) / 255 for i in (0, 2, 4)]
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in channels]
+    return 1.05 / (0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2] + 0.05)
+
+
+def test_every_task_line_has_3_to_1_contrast_and_a_dash_pattern_of_its_own():
+    """The task lines differed by colour alone (same width, no dash), and D3's orange and pink (2.5 and 2.7:1 on
+    the white plot) fell below the 3:1 that graphics need. Each task now has a dash pattern too, kept by name as
+    its colour is, in every line plot; the merged model keeps its black dashes."""
+    assert all(_contrast_on_white(c) >= 3.0 for c in plots.PALETTE), [
+        (c, round(_contrast_on_white(c), 2)) for c in plots.PALETTE if _contrast_on_white(c) < 3.0]
+    order = ["digits", "signs", "scenes", "textures", "cars", "flowers", "pets", "planes"]
+    colors = plots.TaskColors(order)
+    assert len({(colors[t], colors.dash(t)) for t in order}) == len(order)
+    assert len({colors.dash(t) for t in order[:len(plots.DASHES)]}) == len(plots.DASHES)
+    assert "dash" not in plots.DASHES   # the merged model's
+    # a subset, in another order, keeps each task's line
+    subset = {"pets": [3.0, 1.0], "digits": [2.0, 1.0]}
+    figs = [plots.spectrum_figure(subset, [1.0], colors), plots.energy_figure(subset, [1.0], colors),
+            plots.alpha_curve_figure([0.1, 0.2], [50.0, 60.0], subset, colors),
+            plots.layer_curves_figure(["l0", "l1"], None, subset, subset, colors)]
+    for fig in figs:
+        tasks = [t for t in fig.data if t.name in subset]
+        assert len(tasks) >= 2
+        assert all((t.line.color, t.line.dash) == (colors[t.name], colors.dash(t.name)) for t in tasks)
+        assert all(t.opacity in (None, 1) for t in tasks)
+    assert [t.line.dash for t in figs[0].data if t.name == "merged"] == ["dash"]

@@ -229,20 +229,25 @@ def defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
     return {p["name"]: p.get("default") for p in schema.get("params", [])}
 
 
-def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, Any]:
+def collect(specs: Sequence[ControlSpec], values: Sequence[Any],
+            previous: "Mapping[str, Any] | None" = None) -> dict[str, Any]:
     """Turn the flat list of UI values back into hyperparameters.
 
     ``values`` holds one value per control, plus, right after each control with an ``auto_label``, the state of
     its "auto" checkbox (``True`` -> the param is sent as ``None``: automatic). An integer slider's value is the one
     its range shows (:func:`shown_value`), not a number typed into its box. A number beyond a slider's range is kept:
     the range for the selection at hand is the server's to apply (:meth:`studio.ui.backend.Studio.fitted`), as the
-    box shows it once it loses focus.
+    box shows it once it loses focus. A slider whose box holds no number (emptied, or text typed into it: the page
+    sends null) keeps its value in ``previous`` (the values stored before), else its starting value: stored as null,
+    the merge refused it ("must not be None") while the box showed 0.
 
     Example:
         >>> specs = [ControlSpec("k", "slider", "k", 0.5, auto_label="auto (1/T)"),
         ...          ControlSpec("a", "slider", "a", 1.0), ControlSpec("n", "slider", "n", 5, step=1)]
         >>> collect(specs, [0.5, True, 2.0, 2.5])
         {'k': None, 'a': 2.0, 'n': 3}
+        >>> collect(specs, [None, False, None, float("nan")], {"a": 0.7})
+        {'k': 0.5, 'a': 0.7, 'n': 5}
     """
     out: dict[str, Any] = {}
     it = iter(values)
@@ -250,10 +255,18 @@ def collect(specs: Sequence[ControlSpec], values: Sequence[Any]) -> dict[str, An
         value = next(it)
         if spec.auto_label is not None and next(it):
             value = None
+        elif spec.kind == "slider" and spec.value is not None and _no_number(value):
+            kept = (previous or {}).get(spec.name)
+            value = spec.value if kept is None else kept
         else:
             value = shown_value(spec, value)
         out[spec.name] = value
     return out
+
+
+def _no_number(value: Any) -> bool:
+    """Whether a slider's value is no number at all: null, empty or NaN (what an emptied box sends)."""
+    return value is None or (isinstance(value, str) and not value) or (isinstance(value, float) and math.isnan(value))
 
 
 def shown_value(spec: ControlSpec, value: Any) -> Any:
@@ -272,20 +285,26 @@ def shown_value(spec: ControlSpec, value: Any) -> Any:
     return value
 
 
+#: :func:`_no_number` as a browser expression of ``v``.
+_NO_NUMBER_JS = """(v === null || v === undefined || v === "" || (typeof v === "number" && Number.isNaN(v)))"""
+
 #: :func:`shown_value` as a browser function ``(v, integer) => shown``.
 _SHOWN_JS = """(v, integer) => integer && typeof v === "number" && Number.isFinite(v) ? Math.floor(v + 0.5) : v"""
 
 
 def _js_layout(specs: Sequence[ControlSpec]) -> str:
-    """Each control's ``[name, has an auto box, is an integer slider]`` as a JSON literal."""
-    return json.dumps([[s.name, s.auto_label is not None, s.kind == "slider" and _is_int(s.value)] for s in specs])
+    """Each control's ``[name, has an auto box, is an integer slider, starting value of a slider (else null)]`` as a
+    JSON literal."""
+    return json.dumps([[s.name, s.auto_label is not None, s.kind == "slider" and _is_int(s.value),
+                        s.value if s.kind == "slider" else None] for s in specs])
 
 
 def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
     """:func:`collect` as a browser function ``(state, ...values) => state'``: the page stores ``owner``'s values
     itself, in the order the user set them, with no round trip ("Reset to defaults" runs it), as ``state[owner]``
-    (``owner`` None: into ``state`` itself, the preference weights' form), keeping the rest of ``state``. The app's
-    tests check it against :func:`collect` in a browser.
+    (``owner`` None: into ``state`` itself, the preference weights' form), keeping the rest of ``state``; a slider
+    whose box holds no number keeps the value stored before (``collect``'s ``previous``). The app's tests check it
+    against :func:`collect` in a browser.
 
     Example:
         >>> print(collect_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
@@ -296,11 +315,13 @@ def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
     """
     return f"""(state, ...values) => {{
   const shown = {_SHOWN_JS};
+  const before = {"(state || {})" if owner is None else f"((state || {{}})[{json.dumps(owner)}] || {{}})"};
   const out = {{}};
   let i = 0;
-  for (const [name, auto, integer] of {_js_layout(specs)}) {{
+  for (const [name, auto, integer, start] of {_js_layout(specs)}) {{
     let v = values[i++];
     if (auto && values[i++]) v = null;
+    else if (start !== null && {_NO_NUMBER_JS}) v = before[name] ?? start;
     else v = shown(v, integer);
     out[name] = v;
   }}
@@ -311,27 +332,28 @@ def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
 def store_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
     """The controls' store as a browser function ``(state, ...values) => [state', ...updates]``: the state as
     :func:`collect_js` stores it, and each control's update: an integer slider whose box holds a value its range does
-    not show (6.5) is set to the value stored, so that the box, the range and the merge agree; every other control is
-    left as it is (an empty update).
+    not show (6.5), and a slider whose box holds no number, is set to the value stored, so that the box, the range
+    and the merge agree; every other control is left as it is (an empty update).
 
     Example:
         >>> print(store_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
         (state, ...values) => {
           ...
-          return [(...)(state, ...values), ...updates];
+          return [stored, ...updates];
         }
     """
     return f"""(state, ...values) => {{
-  const shown = {_SHOWN_JS};
+  const stored = ({collect_js(specs, owner)})(state, ...values);
+  const mine = {"stored" if owner is None else f"stored[{json.dumps(owner)}]"};
   const updates = values.map(() => ({{"__type__": "update"}}));
   let i = 0;
-  for (const [name, auto, integer] of {_js_layout(specs)}) {{
+  for (const [name, auto] of {_js_layout(specs)}) {{
     const j = i++;
     const automatic = auto && values[i++];
-    const v = automatic ? values[j] : shown(values[j], integer);
+    const v = automatic ? values[j] : mine[name];
     if (v !== values[j]) updates[j] = {{"__type__": "update", "value": v}};
   }}
-  return [({collect_js(specs, owner)})(state, ...values), ...updates];
+  return [stored, ...updates];
 }}"""
 
 

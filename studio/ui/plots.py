@@ -2,8 +2,9 @@
 
 Conventions shared by every figure (they keep live updates readable):
 
-* one colour per task, derived from the task's *name* (:class:`TaskColors`), so a task keeps its colour when the
-  expert selection changes; the merged model is always black;
+* one colour and one dash pattern per task, derived from the task's *name* (:class:`TaskColors`), so a task keeps
+  its line when the expert selection changes, and the lines differ by more than their colour (which not every reader
+  tells apart); every colour has at least 3:1 contrast on the white plot; the merged model is always black, dashed;
 * a constant ``uirevision`` per figure, so the user's zoom and hidden traces survive updates;
 * an explicit ``height`` (Gradio's plot container otherwise collapses or jumps while updating);
 * ``float32`` numpy data (plotly serialises it as compact typed arrays);
@@ -23,7 +24,12 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 MERGED_COLOR = "#111111"
-PALETTE: tuple[str, ...] = tuple(plotly.colors.qualitative.D3) + tuple(plotly.colors.qualitative.Dark24[10:])
+# D3's orange, pink, olive and cyan are 2.0-2.7:1 on white, below the 3:1 that graphics need: the same hues darker
+_DARKER = {"#FF7F0E": "#C25E00", "#E377C2": "#B5479A", "#BCBD22": "#7C7D00", "#17BECF": "#0E7F8A"}
+PALETTE: tuple[str, ...] = tuple(_DARKER.get(c, c) for c in plotly.colors.qualitative.D3
+                                 + plotly.colors.qualitative.Dark24[10:])
+#: The tasks' dash patterns, in turn with the colours (the merged model's thick black "dash" is none of them).
+DASHES: tuple[str, ...] = ("solid", "dot", "longdash", "dashdot", "longdashdot", "8px,3px,2px,3px,2px,3px")
 FIG_HEIGHT = 340
 _MARGIN = dict(l=55, r=15, t=45, b=45)
 # Singular values below this fraction of a matrix's largest one are numerical zeros: a log axis cannot show them.
@@ -31,27 +37,37 @@ REL_ZERO = 1e-7
 
 
 class TaskColors:
-    """A stable task-name -> colour map.
+    """A stable task-name -> colour (and dash pattern) map.
 
-    Tasks listed in ``order`` (the suite's task order) get consecutive palette colours; any other name gets a
-    colour from a hash of the name, so the same task always has the same colour across updates and selections.
+    Tasks listed in ``order`` (the suite's task order) get consecutive palette colours and dash patterns; any other
+    name gets them from a hash of the name, so the same task always has the same line across updates and selections.
 
     Example:
         >>> colors = TaskColors(["mnist", "svhn"])
         >>> colors["mnist"] == PALETTE[0], colors["svhn"] == PALETTE[1]
         (True, True)
-        >>> colors["other"] == TaskColors([])["other"]
-        True
+        >>> colors.dash("mnist"), colors.dash("svhn")
+        ('solid', 'dot')
+        >>> colors["other"] == TaskColors([])["other"], colors.line("other", 1.5) == TaskColors([]).line("other", 1.5)
+        (True, True)
     """
 
     def __init__(self, order: Sequence[str] = ()):
         self._index = {name: i for i, name in enumerate(order)}
 
-    def __getitem__(self, name: str) -> str:
+    def _idx(self, name: str) -> int:
         idx = self._index.get(name)
-        if idx is None:
-            idx = zlib.crc32(name.encode())
-        return PALETTE[idx % len(PALETTE)]
+        return zlib.crc32(name.encode()) if idx is None else idx
+
+    def __getitem__(self, name: str) -> str:
+        return PALETTE[self._idx(name) % len(PALETTE)]
+
+    def dash(self, name: str) -> str:
+        return DASHES[self._idx(name) % len(DASHES)]
+
+    def line(self, name: str, width: float) -> dict:
+        """The task's line: its colour and dash pattern at ``width``."""
+        return dict(color=self[name], dash=self.dash(name), width=width)
 
     def map(self, names: Sequence[str]) -> dict[str, str]:
         return {name: self[name] for name in names}
@@ -115,7 +131,7 @@ def spectrum_figure(spectra: Mapping[str, "Sequence[float] | np.ndarray"],
     for name, s in spectra.items():
         y = np.sort(positive_part(s))[::-1]
         fig.add_trace(go.Scatter(x=np.arange(1, y.size + 1, dtype=np.float32), y=y, name=name, mode="lines",
-                                 line=dict(color=colors[name], width=1.6)))
+                                 line=colors.line(name, 1.6)))
     if merged is not None:
         y = np.sort(positive_part(merged))[::-1]
         fig.add_trace(go.Scatter(x=np.arange(1, y.size + 1, dtype=np.float32), y=y, name="merged", mode="lines",
@@ -138,7 +154,7 @@ def energy_figure(energies: Mapping[str, "Sequence[float] | np.ndarray"], merged
     for name, e in energies.items():
         y = _f32(e)
         fig.add_trace(go.Scatter(x=np.arange(1, y.size + 1, dtype=np.float32), y=y, name=name, mode="lines",
-                                 line=dict(color=colors[name], width=1.6)))
+                                 line=colors.line(name, 1.6)))
     if merged is not None:
         y = _f32(merged)
         fig.add_trace(go.Scatter(x=np.arange(1, y.size + 1, dtype=np.float32), y=y, name="merged", mode="lines",
@@ -307,7 +323,7 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
                                  showlegend=False), row=1, col=1)
     for name, values in entropy.items():
         fig.add_trace(go.Scatter(x=x, y=_f32(values), customdata=short, name=name, legendgroup=name,
-                                 mode="lines", line=dict(color=colors[name], width=1.3), hovertemplate=hover),
+                                 mode="lines", line=colors.line(name, 1.3), hovertemplate=hover),
                       row=2, col=1)
     if merged_entropy is not None:
         fig.add_trace(go.Scatter(x=x, y=_f32(merged_entropy), customdata=short, name="merged", legendgroup="merged",
@@ -319,7 +335,7 @@ def layer_curves_figure(layers: Sequence[str], sti: "Sequence[float] | None", en
         sar_hover = hover if avg is None else hover.replace("<extra>", f"<br>SAR_avg {avg:.3f}<extra>")
         fig.add_trace(go.Scatter(x=x, y=_f32(values), customdata=short, name=name, legendgroup=name,
                                  showlegend=name not in entropy, mode="lines",
-                                 line=dict(color=colors[name], width=1.3), hovertemplate=sar_hover), row=3, col=1)
+                                 line=colors.line(name, 1.3), hovertemplate=sar_hover), row=3, col=1)
     if selected is not None and selected in layers:
         idx = list(layers).index(selected)
         for row in (1, 2, 3):
@@ -414,7 +430,7 @@ def alpha_curve_figure(alphas: Sequence[float], objective: Sequence[float], per_
     x = _f32(alphas)
     for name, values in per_task.items():
         fig.add_trace(go.Scatter(x=x, y=_f32(values), name=name, mode="lines",
-                                 line=dict(color=colors[name], width=1.2), opacity=0.7))
+                                 line=colors.line(name, 1.2)))   # opaque: at 0.7, no colour kept 3:1
     fig.add_trace(go.Scatter(x=x, y=_f32(objective), name="preference-weighted", mode="lines+markers",
                              line=dict(color=MERGED_COLOR, width=3)))
     if best is not None:
