@@ -286,7 +286,7 @@ def test_tsv_m_rank_fraction_errors_name_the_value():
         studio.merge(base, experts, "tsv_m", rank_fraction=0.0)
     from studio.cli import methods_table
     from studio.ui.controls import control_specs
-    assert "`rank_fraction` = 1/T in (0.0, 1/T]" in methods_table()
+    assert "`rank_fraction` = 1/T in (0, 1/T]" in methods_table()
     spec = next(m for m in studio.list_methods() if m["name"] == "tsv_m")
     slider = next(c for c in control_specs(spec, num_tasks=8) if c.name == "rank_fraction")
     assert slider.minimum == pytest.approx(0.005) and slider.value == slider.maximum == 0.125   # ends at 1/T
