@@ -187,7 +187,10 @@ def test_a_recipe_loads_back_with_notes_where_the_app_merges_otherwise(st: Studi
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"layer_rule": "all"}, "the recipe's layer_rule is 'all'"),
+    ({"layer_rule": "all_matrices"}, "the recipe's layer_rule 'all_matrices' is not the one the app merges "
+                                     "task_arithmetic with"),
+    ({"method": "ortho_merge", "layer_rule": "default"}, "not the one the app merges ortho_merge with"),
+    ({"calibrate": "svc", "layer_rule": "default"}, "not the one the app merges svc with"),
     ({"svd_mode": "exact"}, "the recipe's svd_mode is 'exact'"),
     ({"prefix": "visual."}, "the recipe's prefix is 'visual.'"),
     ({"sources": {"base": "b.safetensors", "experts": {"digits": "d.safetensors", "textures": "t.safetensors"}}},
@@ -202,6 +205,13 @@ def test_a_recipe_the_app_cannot_merge_as_written_is_refused(st: Studio, change,
     recipe = {"method": "task_arithmetic", "experts": ["digits", "textures"], **change}
     with pytest.raises(StudioError, match=re.escape(message)):
         st.settings_from_recipe(recipe)
+
+
+def test_a_recipe_naming_the_layer_rule_the_app_merges_with_loads(st: Studio):
+    """``layer_rule: default`` is what the app merges TSV-M with (None: each method's own), so such a recipe loads;
+    Ortho-Merge's and SVC's own rule skips the embeddings, so there it is refused (above)."""
+    got = st.settings_from_recipe({"method": "tsv_m", "experts": ["digits", "textures"], "layer_rule": "default"})
+    assert got.request.method == "tsv_m" and got.notes == []
 
 
 def test_describe_names_the_seed_of_a_method_that_draws_from_it(st: Studio, two):

@@ -408,16 +408,23 @@ class Studio:
         """
         from ..io import CheckpointError
 
+        from ..layers import resolve_rule
+
         if not isinstance(recipe, Recipe):
             recipe = Recipe.from_dict(recipe)
-        app_default = {"layer_rule": (None, "default"), "svd_mode": ("auto",), "prefix": (None,), "sources": (None,)}
-        for name, allowed in app_default.items():
-            value = getattr(recipe, name)
-            if value not in allowed:
-                raise CheckpointError(
-                    f"the recipe's {name} is {brief(value)}; the app merges the suite's experts with each method's "
-                    f"default layer rule and SVD mode ({name}: {brief(allowed[0])}): replay it with "
-                    f"`merge-studio recipe FILE` instead")
+        for name, value in (("svd_mode", "auto"), ("prefix", None), ("sources", None)):
+            if getattr(recipe, name) != value:
+                raise CheckpointError(f"the recipe's {name} is {brief(getattr(recipe, name))}; the app merges the "
+                                      f"suite's own experts in SVD mode 'auto' ({name}: {brief(value)}): replay it "
+                                      f"with `merge-studio recipe FILE` instead")
+        if recipe.layer_rule is not None:   # the app's merge takes each method's and calibration's own rule
+            given = resolve_rule(recipe.layer_rule)
+            own = [get_method(recipe.method)] + ([get_calibration(recipe.calibrate)] if recipe.calibrate else [])
+            differ = [s.name for s in own if resolve_rule(s.extra.get("layer_rule")) != given]
+            if differ:
+                raise CheckpointError(f"the recipe's layer_rule {brief(recipe.layer_rule)} is not the one the app "
+                                      f"merges {' and '.join(differ)} with (its own default): replay it with "
+                                      f"`merge-studio recipe FILE` instead")
         experts = self.check_expert_names(recipe.experts, "the recipe's experts")
         prefs = recipe.preferences
         if prefs is not None:   # studio.merge's preferences: a task they leave out has weight 0 (the page's: 1)
