@@ -36,7 +36,7 @@ from studio.io import Recipe
 from studio.memory import keep_freed_memory
 from studio.schema import StudioError
 from studio.ui import plots
-from studio.ui.backend import MergeRequest, Studio
+from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
                                 follow_tasks_js, parse_json_object, post_scale_param, reset_js, shown_info,
                                 sources_markdown, store_js, sweep_defaults, use_best_js)
@@ -659,7 +659,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         # every task's weight equal, those not shown too (dropped: 1 when shown again)
                         equal.click(None, None, [*sliders, pref_state], js=reset_js(specs, None))
 
-                seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0)
+                seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0,
+                                    maximum=SEED_BOX_MAX)   # held as a JavaScript number: exact up to 2^53 - 1
                 with gr.Row():
                     merge_btn = gr.Button("Merge & evaluate", variant="primary", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", scale=1)
@@ -937,6 +938,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def load_recipe(path: Any, hp: Any, cal: Any, prefs: Any):
             try:
                 recipe = Recipe.from_file(path)
+            except StudioError as exc:   # named by the file's name, not the server's upload folder
+                raise gr.Error(str(exc).replace(str(path), Path(path).name), title="load settings: invalid request") \
+                    from None
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "load settings") from None
             return load_settings(recipe, f"the recipe {Path(path).name}", hp, cal, prefs)

@@ -1066,6 +1066,12 @@ def test_a_run_and_a_recipe_load_their_settings_back(page, tmp_path):
     bad.write_text('{"method": "ties", "experts": ["digits", "stripes"]}')
     _upload_recipe(page, bad)
     page.get_by_text("unknown expert(s) ['stripes']").first.wait_for()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("method: [")
+    _upload_recipe(page, broken)   # named by its name, not the server's upload folder
+    message = page.get_by_text("broken.yaml: not valid YAML/JSON").first
+    message.wait_for()
+    assert "/gradio/" not in message.inner_text()
     page.get_by_role("tab", name="Diagnostics").click()
     assert _status(page).startswith(f"tsv_m ({run_b.settings}")   # nothing changed
 

@@ -200,6 +200,8 @@ def test_a_recipe_loads_back_with_notes_where_the_app_merges_otherwise(st: Studi
     ({"hparams": {"alpha": -1}}, "alpha"),
     ({"preferences": {"digits": -1}}, "digits"),
     ({"favourite": 1}, "unknown field(s) ['favourite']"),
+    ({"method": "dare", "seed": -5}, "the recipe's seed -5 is outside what the app's seed box holds"),
+    ({"method": "dare", "seed": 2**53}, "the recipe's seed 9007199254740992 is outside"),
 ])
 def test_a_recipe_the_app_cannot_merge_as_written_is_refused(st: Studio, change, message):
     recipe = {"method": "task_arithmetic", "experts": ["digits", "textures"], **change}

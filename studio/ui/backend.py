@@ -129,6 +129,10 @@ class MergeRequest:
                       layer_rule=None, suite=suite, studio_version=__version__)
 
 
+#: The largest seed the app's seed box holds exactly (the page keeps it as a JavaScript number; the box starts at 0).
+SEED_BOX_MAX = 2**53 - 1
+
+
 @dataclass(frozen=True)
 class LoadedSettings:
     """A recipe's settings as the app's page holds them (:meth:`Studio.settings_from_recipe`)."""
@@ -392,7 +396,8 @@ class Studio:
 
         A recipe the app cannot merge as written is refused, naming the field: a layer rule, SVD mode, key prefix or
         checkpoint sources other than the app's (``merge-studio recipe FILE`` replays those), an expert this suite
-        lacks, a method, calibration or value its schema refuses. A library recipe's preferences give the tasks
+        lacks, a method, calibration or value its schema refuses, DARE's seed beyond the app's seed box (0 to
+        :data:`SEED_BOX_MAX`). A library recipe's preferences give the tasks
         they leave out weight 0, as :func:`studio.merge` does (the page's sliders show 0 there).
 
         Example:
@@ -433,6 +438,10 @@ class Studio:
             prefs = {e: prefs.get(e, 0.0) for e in experts} | dict(prefs)
         req = self.request(recipe.method, recipe.hparams, experts, recipe.calibrate, recipe.calibrate_hparams,
                            prefs, recipe.seed)
+        seed = req.drawn_seed
+        if seed is not None and not 0 <= seed <= SEED_BOX_MAX:   # the page holds it as a JavaScript number
+            raise RequestError(f"the recipe's seed {seed} is outside what the app's seed box holds (0 to "
+                               f"{SEED_BOX_MAX} = 2^53 - 1): replay it with `merge-studio recipe FILE` instead")
         notes = []
         hp, cal_hp = dict(req.hparams), dict(req.calibrate_hparams)
         for name, kind, given in ((req.method, "merge", hp), (req.calibrate, "calibration", cal_hp)):
