@@ -438,9 +438,9 @@ class Studio:
             prefs = {e: prefs.get(e, 0.0) for e in experts} | dict(prefs)
         req = self.request(recipe.method, recipe.hparams, experts, recipe.calibrate, recipe.calibrate_hparams,
                            prefs, recipe.seed)
-        seed = req.drawn_seed
-        if seed is not None and not 0 <= seed <= SEED_BOX_MAX:   # the page holds it as a JavaScript number
-            raise RequestError(f"the recipe's seed {seed} is outside what the app's seed box holds (0 to "
+        drawn = req.drawn_seed
+        if drawn is not None and not 0 <= drawn <= SEED_BOX_MAX:   # the page holds it as a JavaScript number
+            raise RequestError(f"the recipe's seed {drawn} is outside what the app's seed box holds (0 to "
                                f"{SEED_BOX_MAX} = 2^53 - 1): replay it with `merge-studio recipe FILE` instead")
         notes = []
         hp, cal_hp = dict(req.hparams), dict(req.calibrate_hparams)
