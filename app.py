@@ -720,6 +720,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                  elem_id="run-pick", interactive=True)
                             load_run_btn = gr.Button("Load its settings", interactive=False, scale=1,
                                                      elem_id="load-run")
+                            remove_run_btn = gr.Button("Remove it", interactive=False, scale=1, variant="secondary",
+                                                       elem_id="remove-run")
                             recipe_up = gr.UploadButton("Load a recipe (.yaml, .json, .safetensors)", scale=1,
                                                         file_types=[".yaml", ".yml", ".json", ".safetensors"],
                                                         elem_id="load-recipe")
@@ -818,7 +820,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             if _stopped_since_click(sess):   # while the job waited in the queue
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 13
+                return (gr.skip(),) * 14
             try:
                 with _job(sess, "merge"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -846,7 +848,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     sess.files.update(out["files"], csv=str(csv_path))
             except _Cancelled:
                 gr.Warning(STOPPED["merge"])
-                return (gr.skip(),) * 13
+                return (gr.skip(),) * 14
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "merge") from None
             status = (f"Run **#{record.run}** · {req.method} ({record.settings}) on "
@@ -857,7 +859,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.DownloadButton(value=out["files"]["weights"], interactive=True),
                     gr.DownloadButton(value=out["files"]["recipe"], interactive=True),
                     gr.DownloadButton(value=str(csv_path), interactive=True), recipe_text, gr.Tabs(selected="results"),
-                    gr.Dropdown(choices=sess.run_choices(), value=record.run), gr.Button(interactive=True))
+                    gr.Dropdown(choices=sess.run_choices(), value=record.run), gr.Button(interactive=True),
+                    gr.Button(interactive=True))
 
         def settled(button: gr.Button):
             """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
@@ -870,7 +873,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         merge_evt = settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
-                     recipe_code, tabs, run_dd, load_run_btn],
+                     recipe_code, tabs, run_dd, load_run_btn, remove_run_btn],
             concurrency_id="gpu", concurrency_limit=1, api_visibility="private", show_progress_on=[run_md])
 
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
@@ -932,6 +935,25 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 raise gr.Error(f"no run {run!r} in this session: pick one of the list", title="load settings")
             return load_settings(record.recipe, f"run #{record.run}'s settings", hp, cal, prefs)
 
+        def remove_run(run: Any, request: gr.Request):
+            """Take a run off the session's leaderboard and its CSV (the runs after it keep their numbers)."""
+            sess = SESSIONS.get(request.session_hash)
+            with sess.lock:   # as a merge records its run
+                record = sess.remove_run(run)
+                if record is None:
+                    raise gr.Error(f"no run {run!r} in this session: pick one of the list", title="remove run")
+                frame, choices = _leaderboard_frame(sess, studio), sess.run_choices()
+                csv = sess.files.get("csv")
+                if csv and Path(csv).parent.is_dir():
+                    Path(csv).write_text(sess.leaderboard_csv(pool=studio.task_names))
+            left = bool(choices)
+            return (frame, gr.Dropdown(choices=choices, value=choices[0][1] if left else None),
+                    gr.Button(interactive=left), gr.Button(interactive=left),
+                    gr.DownloadButton(value=csv, interactive=left) if csv else gr.skip(),
+                    f"Removed run #{record.run} ({record.method}, {record.settings}) from the leaderboard and its CSV.")
+
+        remove_run_btn.click(remove_run, run_dd, [leaderboard, run_dd, load_run_btn, remove_run_btn, csv_dl, load_md],
+                             api_visibility="private", show_progress="hidden")
         load_run_btn.click(load_run, [run_dd, hp_state, cal_state, pref_state], loaded, api_visibility="private",
                            show_progress="hidden")
 

@@ -1244,3 +1244,37 @@ def test_plots_are_named_images_and_their_toolbars_have_no_logo_link(page):
     page.get_by_role("tab", name="Diagnostics").click()
     page.get_by_label("Interference metric").click()
     page.get_by_role("option", name="subspace_similarity", exact=True).click()
+
+
+def test_a_run_removed_leaves_the_leaderboard_and_its_csv(page, tmp_path):
+    """A run could not be taken off the session's leaderboard: a mistaken one stayed in it and in its CSV. "Remove it"
+    takes the run picked off both, and the next run is numbered on (a number names one run for the session)."""
+    import csv
+
+    import app
+
+    def session():
+        return max((s for s in app.SESSIONS._data.values() if s.runs), key=lambda s: s.made)
+
+    page.get_by_role("tab", name="Results").click()
+    sess = session()
+    gone, made = sess.runs[0].run, sess.made
+    page.get_by_label("Run of this session").click()
+    page.get_by_role("option", name=f"#{gone} · ").click()
+    page.get_by_role("button", name="Remove it").click()
+    page.wait_for_function(f"() => document.querySelector('#load-status')?.innerText"
+                           f".startsWith('Removed run #{gone} ')")
+    assert gone not in [r.run for r in sess.runs]
+    page.get_by_label("Run of this session").click()
+    assert page.get_by_role("option", name=f"#{gone} · ").count() == 0
+    page.keyboard.press("Escape")
+    with page.expect_download() as info:
+        page.locator("#dl-csv").click()
+    target = tmp_path / "leaderboard.csv"
+    info.value.save_as(target)
+    with target.open() as f:
+        numbers = [int(row["run"]) for row in csv.DictReader(f)]
+    assert gone not in numbers and sorted(numbers) == sorted(r.run for r in sess.runs)
+    page.get_by_role("tab", name="Diagnostics").click()
+    _merge_settings(page)
+    assert sess.runs[-1].run == made + 1

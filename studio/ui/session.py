@@ -90,12 +90,33 @@ class SessionData:
     stops: int = 0   # how many times Stop was pressed
     armed: int = 0   # ``stops`` when Merge or Optimise was last clicked: a job starts only if it has not changed
     touched: float = field(default_factory=time.time)
+    made: int = 0   # runs numbered so far: a removed run's number is not given again
     #: held by Stop and by a merge recording its run: the run is recorded only if Stop did not come first
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_run(self, **kwargs: Any) -> RunRecord:
-        record = RunRecord(run=len(self.runs) + 1, **kwargs)
+        self.made += 1
+        record = RunRecord(run=self.made, **kwargs)
         self.runs.append(record)
+        return record
+
+    def remove_run(self, run: Any) -> RunRecord | None:
+        """Take the run numbered ``run`` off the leaderboard (None if there is none); the next run is numbered on
+        from the last one made, so a number names one run for the whole session.
+
+        Example:
+            >>> s = SessionData()
+            >>> for m in ("ta", "ties"):
+            ...     _ = s.add_run(method=m, settings="", experts=("a",), accuracy={"a": 50.0}, normalized={"a": 60.0},
+            ...                   seconds=1.0)
+            >>> s.remove_run(1).method, s.remove_run(1), [r.run for r in s.runs]
+            ('ta', None, [2])
+            >>> s.add_run(method="dare", settings="", experts=("a",), accuracy={}, normalized={}, seconds=1.0).run
+            3
+        """
+        record = self.run_record(run)
+        if record is not None:
+            self.runs.remove(record)
         return record
 
     def run_choices(self) -> list[tuple[str, int]]:
