@@ -640,7 +640,7 @@ def atomic_write(path: Path, before_replace: Callable[[], None] | None = None) -
         if path.is_symlink():
             path = path.resolve()
         mode = path.stat().st_mode if path.exists() else None
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        blocking = file_in_the_way(path)
         made = [p for p in reversed(path.parents) if not p.exists()]
     if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
         raise CheckpointError(f"cannot write {path}: it is a device, FIFO or socket, which writing the file and "
@@ -705,6 +705,22 @@ def check_weights_path(path: str | os.PathLike) -> Path:
                               f"suffix, which loaders refuse or misread (this one among them); name it "
                               f"{path.with_suffix('.safetensors').name}")
     return path
+
+
+def file_in_the_way(path: Path, *, itself: bool = False) -> Path | None:
+    """The nearest of ``path``'s parents (``path`` first, with ``itself``) that exists and is not a folder: a file
+    that writing ``path`` (a folder, with ``itself``) would need to be a folder. None if there is none.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     f = Path(d) / "f"
+        ...     f.touch()
+        ...     file_in_the_way(f / "out.json") == f, file_in_the_way(f), file_in_the_way(f, itself=True) == f
+        (True, None, True)
+    """
+    return next((p for p in ((path,) if itself else ()) + tuple(path.parents) if p.exists() and not p.is_dir()),
+                None)
 
 
 def check_writable(path: str | os.PathLike) -> Path:

@@ -261,9 +261,10 @@ def _check_out(out: Path) -> None:
     """Refuse, before any work, an ``--out`` the build would fail to publish into or would destroy: a file, or a
     folder holding files of the names the build writes (``data/``, ``README.md``, ...) that no earlier build wrote
     (no suite manifest with a ``build`` record): publishing replaces them. Other files in the folder are kept."""
+    from ..io import file_in_the_way
     from .core import SuiteError
 
-    blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+    blocking = file_in_the_way(out, itself=True)
     if blocking is not None:
         raise SuiteError(f"--out {out}: {blocking} is a file; give a folder (new, empty or an earlier build's)")
     if not out.is_dir():
