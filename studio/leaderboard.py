@@ -60,24 +60,29 @@ def _row(label: str, res: EvalResult, alpha: float | None, seconds: float) -> Ro
     return Row(label, alpha, dict(res.accuracy), res.avg_accuracy, res.avg_normalized, seconds)
 
 
-def run(suite: Any, *, methods: Sequence[str] | None = None, calibrations: Sequence[str] | None = None,
-        alphas: Sequence[float] = DEFAULT_ALPHAS, device: Any = None, log: Any = print) -> list[Row]:
-    """Evaluate zero-shot, the individual experts and every method (see the module docstring)."""
-    from .engine import merge
+def _runs(methods: Sequence[str] | None, calibrations: Sequence[str] | None) -> list[tuple[str, str, str | None]]:
+    """The merge rows, ``(label, method, calibration)``: each method (default: every one registered), then Task
+    Arithmetic with each calibration (default: every one registered)."""
     from .registry import CALIBRATIONS, METHODS, get_method
 
     get_method("task_arithmetic")  # imports every method module
     methods = list(METHODS) if methods is None else list(methods)
     calibrations = list(CALIBRATIONS) if calibrations is None else list(calibrations)
+    return [(m, m, None) for m in methods] + [(f"task_arithmetic + {c}", "task_arithmetic", c) for c in calibrations]
+
+
+def run(suite: Any, *, methods: Sequence[str] | None = None, calibrations: Sequence[str] | None = None,
+        alphas: Sequence[float] = DEFAULT_ALPHAS, device: Any = None, log: Any = print) -> list[Row]:
+    """Evaluate zero-shot, the individual experts and every method (see the module docstring)."""
+    from .engine import merge
+
     rows: list[Row] = []
     zs = evaluate(suite, suite.base, split="test", device=device)
     rows.append(Row("Zero-shot", None, dict(zs.zeroshot_accuracy),
                     EvalResult._mean(zs.zeroshot_accuracy), zs.avg_normalized))
     indiv = dict(zs.expert_accuracy)
     rows.append(Row("Individual (experts)", None, indiv, EvalResult._mean(indiv), 100.0))
-    runs: list[tuple[str, str, str | None]] = [(m, m, None) for m in methods]
-    runs += [(f"task_arithmetic + {c}", "task_arithmetic", c) for c in calibrations]
-    for label, method, calibrate in runs:
+    for label, method, calibrate in _runs(methods, calibrations):
         t0 = time.perf_counter()
         try:
             extra = {"calibrate": calibrate} if calibrate else {}
@@ -150,11 +155,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m studio.leader
     bad = [a for a in args.alphas if not math.isfinite(a) or a < 0]
     if bad:   # each method's grid keeps the scales in its range: these would silently fall back to its default
         ap.error(f"--alphas: {bad} are not scales; give finite numbers >= 0")
-    from .registry import METHODS
-
-    get_method("task_arithmetic")   # imports every method module (METHODS is empty before)
-    scaled = [m for m in (args.methods or list(METHODS)) if post_scale_param(m) is not None]
-    scaled += ["task_arithmetic"] if args.calibrations is None or args.calibrations else []
+    scaled = [m for _, m, _ in _runs(args.methods, args.calibrations) if post_scale_param(m) is not None]
     for name in dict.fromkeys(scaled):   # each row's grid, before any row runs
         try:
             _grid_for(name, args.alphas)
