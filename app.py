@@ -929,19 +929,22 @@ def build_demo(studio: Studio) -> gr.Blocks:
         loaded = [method_dd, experts_cb, calibration_dd, seed_nb, hp_state, cal_state, pref_state, hp_tasks, cal_tasks,
                   hp_reload, cal_reload, pref_reload, followed, load_md]
 
-        def load_run(run: Any, hp: Any, cal: Any, prefs: Any, request: gr.Request):
-            record = SESSIONS.get(request.session_hash).run_record(run)
+        def picked(sess: Any, run: Any, what: str) -> Any:
+            """The session's run ``run`` picked in the list, for ``what`` (an error's title)."""
+            record = sess.run_record(run)
             if record is None:
-                raise gr.Error(f"no run {run!r} in this session: pick one of the list", title="load settings")
+                raise gr.Error(f"no run {run!r} in this session: pick one of the list", title=what)
+            return record
+
+        def load_run(run: Any, hp: Any, cal: Any, prefs: Any, request: gr.Request):
+            record = picked(SESSIONS.get(request.session_hash), run, "load settings")
             return load_settings(record.recipe, f"run #{record.run}'s settings", hp, cal, prefs)
 
         def remove_run(run: Any, request: gr.Request):
             """Take a run off the session's leaderboard and its CSV (the runs after it keep their numbers)."""
             sess = SESSIONS.get(request.session_hash)
             with sess.lock:   # as a merge records its run
-                record = sess.remove_run(run)
-                if record is None:
-                    raise gr.Error(f"no run {run!r} in this session: pick one of the list", title="remove run")
+                record = sess.remove_run(picked(sess, run, "remove run").run)
                 frame, choices = _leaderboard_frame(sess, studio), sess.run_choices()
                 csv = sess.files.get("csv")
                 if csv and Path(csv).parent.is_dir():
