@@ -18,6 +18,7 @@ except ImportError:  # not on a Hugging Face Space
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -32,9 +33,10 @@ import gradio as gr
 import pandas as pd
 from gradio import FileData
 
-from studio.io import Recipe
+from studio import diagnostics as diag
+from studio.io import Recipe, atomic_write
 from studio.memory import keep_freed_memory
-from studio.schema import StudioError
+from studio.schema import StudioError, json_safe
 from studio.ui import plots
 from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
@@ -100,9 +102,9 @@ HEAD = """<script>
   }, true);
   // What Gradio's components take no attribute for, set on the elements as they appear: a tab's content is built
   // when the tab is first shown, a render builds its controls anew, plotly draws a plot again on each update.
-  // The results of a merge, a sweep and a load are announced (polite live regions); the diagnostics' status is not:
-  // it changes on every step of a slider.
-  const LIVE = ["run-status", "opt-status", "load-status"];
+  // The results of a merge, a sweep, a load and a report are announced (polite live regions); the diagnostics'
+  // status is not: it changes on every step of a slider.
+  const LIVE = ["run-status", "opt-status", "load-status", "report-status"];
   // a plot's text: its title and annotations (subplot titles, "best α = ..."), without plotly's markup
   const plain = (t) => String(t || "").replace(/<br\\s*\\/?>/gi, " · ").replace(/<[^>]*>/g, "").trim();
   const describe = (gd) => {
@@ -334,6 +336,24 @@ def api_evaluate(method: str, experts: list[str], hparams: "dict | str" = "{}", 
     return {**out, "recipe": req.recipe(STUDIO.suite_source).to_dict()}
 
 
+def _api_request(experts: Any, method: str, hparams: Any, calibration: str, calibration_hparams: Any,
+                 preferences: Any, seed: Any, what: str, alone: str) -> "tuple[list[str], MergeRequest | None]":
+    """The experts (default: every expert of the suite) and the merge (None without ``method``) an endpoint was
+    asked for, which gives the merge's ``what`` if a method is named, else ``alone``."""
+    experts = STUDIO.check_expert_names(experts) or STUDIO.task_names
+    if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
+        given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams),
+                                          ("preferences", preferences)) if parse_json_object(value, name)]
+        given += ["calibration"] if calibration not in (None, "", "none") else []
+        given += ["seed"] if seed not in (None, 0) else []
+        if given:
+            raise StudioError(f"{' and '.join(given)} given without a method: name the method whose {what} they "
+                              f"describe, or leave them out for {alone}")
+    req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
+           if method else None)
+    return experts, req
+
+
 def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "", hparams: "dict | str" = "{}",
                  calibration: str = "none", calibration_hparams: "dict | str" = "{}",
                  preferences: "dict | str" = "{}", seed: int = 0) -> dict:
@@ -350,20 +370,35 @@ def api_spectrum(layer: str, experts: "list[str] | None" = None, method: str = "
         seed: the merge's random seed (DARE's masks), as in /merge.
     """
     try:
-        experts = STUDIO.check_expert_names(experts) or STUDIO.task_names
-        if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
-            given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams),
-                                              ("preferences", preferences)) if parse_json_object(value, name)]
-            given += ["calibration"] if calibration not in (None, "", "none") else []
-            given += ["seed"] if seed not in (None, 0) else []
-            if given:
-                raise StudioError(f"{' and '.join(given)} given without a method: name the method whose merged "
-                                  f"spectrum they describe, or leave them out for the task spectra alone")
-        req = (STUDIO.request(method, hparams, experts, calibration, calibration_hparams, preferences, seed)
-               if method else None)
+        experts, req = _api_request(experts, method, hparams, calibration, calibration_hparams, preferences, seed,
+                                    "merged spectrum", "the task spectra alone")
         return STUDIO.spectrum(layer, experts=experts, req=req)
     except Exception as exc:  # noqa: BLE001
         raise _user_error(exc, "spectrum") from None
+
+
+def api_diagnose(experts: "list[str] | None" = None, method: str = "", hparams: "dict | str" = "{}",
+                 calibration: str = "none", calibration_hparams: "dict | str" = "{}",
+                 preferences: "dict | str" = "{}", seed: int = 0) -> dict:
+    """Every whole-model diagnostic of a merge, as ``merge-studio diagnose --out`` writes it (null where a value is
+    undefined): per-layer curves, SAR_avg per task and between tasks, every task-by-task heatmap over the model.
+
+    Args:
+        experts: task names (default: every expert of the suite).
+        method: the merging method; without one, the Task Arithmetic sum's diagnostics (as ``diagnose`` without
+            ``--method``).
+        hparams: the method's hyperparameters as a JSON object.
+        calibration: "none" or a calibration name.
+        calibration_hparams: the calibration's hyperparameters as a JSON object.
+        preferences: per-task weights of the merge as a JSON object, as in /merge (a task not named keeps weight 1).
+        seed: the merge's random seed (DARE's masks), as in /merge.
+    """
+    try:
+        experts, req = _api_request(experts, method, hparams, calibration, calibration_hparams, preferences, seed,
+                                    "diagnostics", "the Task Arithmetic sum's diagnostics")
+        return json_safe(STUDIO.report(req, pool_experts=experts))
+    except Exception as exc:  # noqa: BLE001
+        raise _user_error(exc, "diagnose") from None
 
 
 def api_methods() -> list[dict]:
@@ -690,6 +725,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                 metric_md = gr.Markdown("")
                             curves_plot = gr.Plot(label="Per-layer curves", elem_id="curves-plot",
                                                   min_width=PLOT_MIN_WIDTH)
+                        # the numbers: the plots' data and every whole-model diagnostic, as `diagnose --out` writes
+                        # them, with their summary in words
+                        with gr.Row(equal_height=True):
+                            report_btn = gr.Button("Whole-model report", scale=1, elem_id="make-report")
+                            report_dl = gr.DownloadButton("Report and plotted data (.json)", interactive=False,
+                                                          scale=1, size="md", elem_id="dl-report")
+                        report_md = gr.Markdown("", elem_id="report-status")
                     with gr.Tab("Results", id="results"):
                         run_md = gr.Markdown("Press **Merge & evaluate** to merge the selected experts.",
                                              elem_id="run-status")
@@ -814,6 +856,42 @@ def build_demo(studio: Studio) -> gr.Blocks:
               outputs=[spectrum_plot, energy_plot, heatmap_plot, curves_plot, diag_md, metric_md],
               trigger_mode="always_last", show_progress="hidden", concurrency_id="diagnostics", concurrency_limit=2,
               api_visibility="private")
+
+        def make_report(method, hp, experts, calibration, cal, prefs, layer, metric, scope, seed,
+                        request: gr.Request, progress=gr.Progress()):
+            """The whole-model report of the current settings and the plots' data (:meth:`Studio.report`), as a
+            JSON file to download and its summary in words."""
+            t0 = time.perf_counter()
+            experts = list(experts or [])
+            try:
+                if not experts:
+                    raise StudioError("no expert selected: pick at least one task expert to report on")
+                why = None
+                try:
+                    req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
+                except StudioError as exc:   # as the plots: the task side, against the Task Arithmetic sum
+                    req, why = None, str(exc)
+                shown = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer")
+                rep = studio.report(req, shown, pool_experts=experts, why=why,
+                                    progress=lambda frac, msg: progress(frac, desc=msg))
+                stem = f"diagnostics_{req.method if req is not None else 'task_arithmetic_sum'}"
+                path = session_dir(_upload_root(), request.session_hash) / \
+                    f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}.json"
+                with atomic_write(path) as tmp:
+                    Path(tmp).write_text(json.dumps(json_safe(rep), indent=1, allow_nan=False))
+            except Exception as exc:  # noqa: BLE001
+                raise _user_error(exc, "report") from None
+            merge = (f"{req.method} ({studio.describe(req)})" if req is not None
+                     else f"the Task Arithmetic sum (the method cannot merge them: {why})")
+            lines = "\n".join(f"- {line}" for line in diag.report_summary(rep))
+            md = (f"Report of {merge} on {_count(len(rep['tasks']), 'expert')}, "
+                  f"{_count(len(rep['layers']['key']), 'matrix layer')}, with the plots' data (`shown`), made in "
+                  f"{time.perf_counter() - t0:.2f} s:\n\n{lines}")
+            return md, gr.DownloadButton(value=str(path), interactive=True)
+
+        report_btn.click(make_report, inputs=diag_inputs, outputs=[report_md, report_dl], trigger_mode="once",
+                         concurrency_id="diagnostics", concurrency_limit=2, api_visibility="private",
+                         show_progress_on=[report_md])
 
         def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
                       progress=gr.Progress()):
@@ -1005,6 +1083,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         gr.api(api_merge, api_name="merge", concurrency_id="gpu", concurrency_limit=1)
         gr.api(api_evaluate, api_name="evaluate", concurrency_id="gpu", concurrency_limit=1)
         gr.api(api_spectrum, api_name="spectrum", concurrency_id="diagnostics", concurrency_limit=2)
+        gr.api(api_diagnose, api_name="diagnose", concurrency_id="diagnostics", concurrency_limit=2)
         gr.api(api_methods, api_name="methods", queue=False)   # instant reads: answered even when the queue is full
         gr.api(api_layers, api_name="layers", queue=False)
 

@@ -300,16 +300,6 @@ def _check_report_path(out: str) -> None:
                           f"another file name")
 
 
-#: What ``diagnose --out`` writes under ``sar_avg_help``.
-SAR_AVG_HELP = {
-    "sar_avg": "Iso's SAR_avg (sec. 3.3, Fig. 3a) per task: its SAR to the merged delta at k_M (eq. 5, the "
-               "official code's effective-rank rule, eps 0.05) averaged over the matrix layers its expert changed; "
-               "null for an expert equal to the base on every one ('unchanged_experts')",
-    "sar_avg_pairwise": "SAR_avg(Delta_i, Delta_j; k_TA) (Fig. 3b), row i's task in the subspace of column j's, "
-                        "averaged over the layers both experts changed; the same as model_matrices['sar']",
-}
-
-
 def _diagnose(args: argparse.Namespace) -> None:
     """``merge-studio diagnose``: :func:`studio.diagnostics.layer_curves`, Iso's ``sar_avg`` (per task, and
     pairwise between tasks) and every task-by-task heatmap over the whole model (:func:`studio.diagnostics.
@@ -361,7 +351,6 @@ def _diagnose(args: argparse.Namespace) -> None:
             what["experts_from_its_recipe"] = merged_experts
     else:
         merged, what = None, {"task_arithmetic_sum": True}
-    tasks = list(pool.experts)
     task_pool = get_pool(pool.base, pool.experts, device=args.device, svd_mode=args.svd_mode)
     # the layers: --layer-rule, else those the method treats as matrices, else the TSV/Iso default rule's
     rule = args.layer_rule or (get_method(args.method).extra.get("layer_rule") if args.method else None)
@@ -370,23 +359,8 @@ def _diagnose(args: argparse.Namespace) -> None:
     hint = "" if prefix or pool.suite else "; give --prefix if its tensors sit under one"
     with _noting(args.weights and f"--weights {args.weights}: a merged checkpoint with the experts' keys and "
                                   f"shapes{hint}"):
-        layers = diag.layer_curves(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
-    sar = diag.sar_avg(task_pool, merged, layer_rule=rule, merged_is_delta=is_delta)
-    pairwise = diag.sar_avg(task_pool, pairwise=True, layer_rule=rule)
-    # every task-by-task heatmap over the whole model (rows and columns in the order of "tasks")
-    matrices = {m: diag.model_matrix(task_pool, m, merged if diag.METRICS[m].uses_merged else None,
-                                     layer_rule=rule, merged_is_delta=is_delta).tolist()
-                for m, spec in diag.METRICS.items() if spec.shape == "TxT"}
-    # an expert equal to the base on every matrix layer has no direction to measure: its SAR_avg is NaN (null)
-    unchanged = [t for t, v in zip(tasks, sar.tolist()) if v != v]
-    report = {"merge": what, "suite": pool.suite, "sources": pool.sources, "tasks": tasks,
-              "curve_help": {c: diag.CURVES[c] for c in layers if c in diag.CURVES}, "layers": layers,
-              "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist(),
-              "sar_avg_help": SAR_AVG_HELP, "model_matrices": matrices,
-              "model_matrix_help": {m: f"{diag.METRICS[m].description} Over the layers: "
-                                       f"{'the whole task vectors' if m == 'cosine' else 'the mean'}; its k per layer: "
-                                       f"{diag.METRICS[m].k_help}." for m in matrices},
-              "unchanged_experts": unchanged}
+        found = diag.report(task_pool, merged, layer_rule=rule, curves=curves, merged_is_delta=is_delta)
+    report = {"merge": what, "suite": pool.suite, "sources": pool.sources, **found}
     if args.out:
         with atomic_write(Path(args.out)) as tmp:
             Path(tmp).write_text(json.dumps(json_safe(report), indent=1, allow_nan=False))
@@ -394,28 +368,15 @@ def _diagnose(args: argparse.Namespace) -> None:
     calibrated = f" + {made['calibrate']}" if made.get("calibrate") else ""
     merge = (made.get("method") and made["method"] + calibrated) \
         or (f"the weights {what['weights']}" if "weights" in what else "the Task Arithmetic sum")
+    tasks, keys = report["tasks"], report["layers"]["key"]
     print(f"diagnostics of {merge}: {len(tasks)} expert{'s' * (len(tasks) != 1)}"
           + (" (those its recipe merged; --experts chooses others)" if "experts_from_its_recipe" in what else "")
-          + f", {len(layers['key'])} matrix layer{'s' * (len(layers['key']) != 1)}")
-    for t in unchanged:
+          + f", {len(keys)} matrix layer{'s' * (len(keys) != 1)}")
+    for t in report["unchanged_experts"]:
         print(f"note: expert {t!r} equals the base on every matrix layer diagnosed: its SAR, similarities and cosines "
               f"are undefined (null in --out), and the means over tasks leave it out", file=sys.stderr)
-    print("SAR_avg to the merge (Iso sec. 3.3), per task: "
-          + ", ".join(f"{t} {'n/a' if v != v else f'{v:.3f}'}" for t, v in report["sar_avg"].items()))
-    means = {c: [v for v in layers[c] if v == v] for c in layers if c in diag.CURVES}
-    print("mean over layers: " + ", ".join(f"{c} {sum(v) / len(v):.4g}" for c, v in means.items() if v))
-    if "sar_min" in layers:
-        worst = sorted((v, key) for v, key in zip(layers["sar_min"], layers["key"]) if v == v)[:3]
-        if worst:
-            print("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
-    cosine = matrices["cosine"]
-    pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)
-                    if cosine[i][j] == cosine[i][j]), reverse=True)
-    if pairs:
-        mean = sum(v for v, _, _ in pairs) / len(pairs)
-        print("task-vector cosine over the model's matrix layers: most aligned "
-              + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in pairs[:3])
-              + f"; mean of the {len(pairs)} pair{'s' * (len(pairs) != 1)} {mean:.3f}")
+    for line in diag.report_summary(report):
+        print(line)
     if args.out:
         print(f"wrote {args.out}")
 

@@ -63,8 +63,8 @@ __all__ = [
     "energy_preservation", "subspace_similarity", "task_cosine", "pairwise_sar", "sar_to_merged", "sti",
     "sti_pairwise", "sti_from_factors", "svc_coefficients", "svc_cross_terms", "svc_cross_matrix",
     "cross_influence", "cross_influence_matrix", "eta", "sai", "layer_curves", "interference_matrix", "Metric",
-    "sar_avg", "model_matrix", "unchanged_tasks",
-    "METRICS", "CURVES",
+    "sar_avg", "model_matrix", "unchanged_tasks", "report", "report_summary",
+    "METRICS", "CURVES", "SAR_AVG_HELP",
 ]
 
 
@@ -1388,3 +1388,100 @@ def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor |
         _check_merged(layer, merged)   # all the same: a metric of the tasks alone never hides a bad argument
     k = _check_k(metric, k, key)
     return METRICS[metric].fn(layer, merged, k).detach().to("cpu", torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The whole-model report (the CLI's ``diagnose`` and the app's report)
+# --------------------------------------------------------------------------------------------------------------
+
+#: What :func:`report` writes under ``sar_avg_help``.
+SAR_AVG_HELP = {
+    "sar_avg": "Iso's SAR_avg (sec. 3.3, Fig. 3a) per task: its SAR to the merged delta at k_M (eq. 5, the "
+               "official code's effective-rank rule, eps 0.05) averaged over the matrix layers its expert changed; "
+               "null for an expert equal to the base on every one ('unchanged_experts')",
+    "sar_avg_pairwise": "SAR_avg(Delta_i, Delta_j; k_TA) (Fig. 3b), row i's task in the subspace of column j's, "
+                        "averaged over the layers both experts changed; the same as model_matrices['sar']",
+}
+
+
+def report(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, merged_is_delta: bool | None = None,
+           layer_rule: "LayerRule | str | None" = None, curves: Sequence[str] | None = None,
+           progress: Callable[[float, str], None] | None = None) -> dict[str, Any]:
+    """Every whole-model diagnostic of a merge, as one JSON-ready dict (NaN where a value is undefined; write it
+    through :func:`studio.schema.json_safe`): what ``merge-studio diagnose --out`` writes (with the merge it describes)
+    and the app's "Whole-model report".
+
+    ``tasks`` (the pool's order, which every list and matrix follows); ``layers``: :func:`layer_curves` (``curves``
+    picks some, default all) with ``curve_help``; ``sar_avg``: Iso's SAR_avg of each task to the merge
+    (:func:`sar_avg`) and ``sar_avg_pairwise`` between tasks (Fig. 3b), with ``sar_avg_help``; ``model_matrices``:
+    every task-by-task heatmap over the model (:func:`model_matrix`; those of the merge take ``merged``) with
+    ``model_matrix_help``; ``unchanged_experts``: those equal to the base on every matrix layer diagnosed (their
+    SAR_avg is NaN). ``merged``, ``merged_is_delta``, ``layer_rule`` and ``progress`` (an optional ``(fraction,
+    message)`` callback) as in :func:`layer_curves` (``merged=None``: the Task Arithmetic sum).
+
+    Example:
+        >>> base = {"w": torch.zeros(3, 3)}
+        >>> experts = {"a": {"w": torch.eye(3)}, "b": {"w": -torch.eye(3)}}
+        >>> r = report(TaskPool(base, experts), curves=["cosine_mean"])
+        >>> r["tasks"], r["layers"]["cosine_mean"], r["model_matrices"]["cosine"]
+        (['a', 'b'], [-1.0], [[1.0, -1.0], [-1.0, 1.0]])
+    """
+    _require_pool(pool)
+    check_progress(progress, "report")
+    tasks = list(pool.names)
+    square = [m for m, spec in METRICS.items() if spec.shape == "TxT"]
+    # the per-layer curves take most of the time: 70 % of the progress, then a step per model matrix
+    layers = layer_curves(pool, merged, layer_rule=layer_rule, curves=curves, merged_is_delta=merged_is_delta,
+                          progress=None if progress is None else lambda f, msg: progress(0.7 * f, msg))
+    sar = sar_avg(pool, merged, layer_rule=layer_rule, merged_is_delta=merged_is_delta)
+    pairwise = sar_avg(pool, pairwise=True, layer_rule=layer_rule)
+    # every task-by-task heatmap over the whole model (rows and columns in the order of "tasks")
+    matrices = {}
+    for i, m in enumerate(square):
+        if progress is not None:
+            progress(0.7 + 0.3 * i / len(square), f"diagnostics: {m} over the model")
+        matrices[m] = model_matrix(pool, m, merged if METRICS[m].uses_merged else None, layer_rule=layer_rule,
+                                   merged_is_delta=merged_is_delta).tolist()
+    if progress is not None:
+        progress(1.0, "diagnostics: done")
+    return {"tasks": tasks, "curve_help": {c: CURVES[c] for c in layers if c in CURVES}, "layers": layers,
+            "sar_avg": dict(zip(tasks, sar.tolist())), "sar_avg_pairwise": pairwise.tolist(),
+            "sar_avg_help": SAR_AVG_HELP, "model_matrices": matrices,
+            "model_matrix_help": {m: f"{METRICS[m].description} Over the layers: "
+                                     f"{'the whole task vectors' if m == 'cosine' else 'the mean'}; its k per layer: "
+                                     f"{METRICS[m].k_help}." for m in matrices},
+            # an expert equal to the base on every matrix layer has no direction to measure: its SAR_avg is NaN
+            "unchanged_experts": [t for t, v in zip(tasks, sar.tolist()) if v != v]}
+
+
+def report_summary(rep: Mapping[str, Any]) -> list[str]:
+    """A :func:`report` in a few lines of text: each task's SAR_avg to the merge, each curve's mean over the layers,
+    the layers whose worst task keeps least of itself (``sar_min``, when computed) and the most aligned task
+    vectors (the whole model's cosine). What ``diagnose`` prints and the app shows under its report.
+
+    Example:
+        >>> base = {"w": torch.zeros(3, 3)}
+        >>> experts = {"a": {"w": torch.eye(3)}, "b": {"w": torch.eye(3) + 1}}   # cosine 6 / sqrt(3 * 18)
+        >>> print("\\n".join(report_summary(report(TaskPool(base, experts), curves=["cosine_mean"]))))
+        SAR_avg to the merge (Iso sec. 3.3), per task: a 0.816, b 0.972
+        mean over layers: cosine_mean 0.8165
+        task-vector cosine over the model's matrix layers: most aligned b/a 0.816; mean of the 1 pair 0.816
+    """
+    layers, tasks = rep["layers"], list(rep["tasks"])
+    lines = ["SAR_avg to the merge (Iso sec. 3.3), per task: "
+             + ", ".join(f"{t} {'n/a' if v != v else f'{v:.3f}'}" for t, v in rep["sar_avg"].items())]
+    means = {c: [v for v in layers[c] if v == v] for c in layers if c in CURVES}
+    lines.append("mean over layers: " + ", ".join(f"{c} {sum(v) / len(v):.4g}" for c, v in means.items() if v))
+    if "sar_min" in layers:
+        worst = sorted((v, key) for v, key in zip(layers["sar_min"], layers["key"]) if v == v)[:3]
+        if worst:
+            lines.append("lowest worst-task SAR: " + ", ".join(f"{key} {v:.3f}" for v, key in worst))
+    cosine = rep["model_matrices"]["cosine"]
+    pairs = sorted(((cosine[i][j], tasks[i], tasks[j]) for i in range(len(tasks)) for j in range(i)
+                    if cosine[i][j] == cosine[i][j]), reverse=True)
+    if pairs:
+        mean = sum(v for v, _, _ in pairs) / len(pairs)
+        lines.append("task-vector cosine over the model's matrix layers: most aligned "
+                     + ", ".join(f"{a}/{b} {v:.3f}" for v, a, b in pairs[:3])
+                     + f"; mean of the {len(pairs)} pair{'s' * (len(pairs) != 1)} {mean:.3f}")
+    return lines

@@ -30,7 +30,7 @@ def suite(app_module):
 
 def test_only_the_documented_endpoints_are_public(client: Client):
     named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert named == {"/merge", "/evaluate", "/spectrum", "/methods", "/layers"}
+    assert named == {"/merge", "/evaluate", "/spectrum", "/diagnose", "/methods", "/layers"}
     assert not client.view_api(print_info=False, return_format="dict")["unnamed_endpoints"]
 
 
@@ -174,6 +174,36 @@ def test_spectrum_refuses_merge_settings_without_a_method(client: Client):
             client.predict(layer, *args, api_name="/spectrum")
         assert message in str(info.value)
     assert "merged" not in client.predict(layer, None, "", "{}", "none", "{}", api_name="/spectrum")
+
+
+def test_diagnose_is_the_clis_report_of_the_merge_named(client: Client, suite, tmp_path, capsys):
+    """/diagnose answers what ``merge-studio diagnose --out`` writes for the same merge (the Task Arithmetic sum
+    without a method), and refuses merge settings without a method and an unknown expert by name."""
+    import json
+
+    from studio.cli import main
+
+    from .test_ui_backend import _close
+
+    two = list(suite.task_names[:2])
+    # Ortho-Merge: its own layer rule (the embeddings averaged) decides the layers reported, as in diagnose
+    got = client.predict(two, "ortho_merge", {"tau": 0.5}, "svc", "{}", api_name="/diagnose")
+    out = tmp_path / "d.json"
+    assert main(["diagnose", "--suite", "MiniSuite", "--experts", ",".join(two), "--method", "ortho_merge", "--set",
+                 "tau=0.5", "--calibrate", "svc", "--device", "cpu", "--out", str(out)]) == 0
+    capsys.readouterr()
+    _close(got, json.loads(out.read_text()))
+    assert got["merge"]["recipe"]["calibrate"] == "svc" and "shown" not in got
+    assert "visual.positional_embedding" not in got["layers"]["key"]
+    got = client.predict(two, api_name="/diagnose")
+    assert got["merge"] == {"task_arithmetic_sum": True} and got["tasks"] == two
+    for args, message in (((two, "", {"alpha": 1.0}), "hparams given without a method: name the method whose "
+                                                      "diagnostics they describe, or leave them out for the Task "
+                                                      "Arithmetic sum's diagnostics"),
+                          ((["digits", "nope"], "ties"), "unknown expert(s) ['nope']")):
+        with pytest.raises(Exception) as info:
+            client.predict(*args, api_name="/diagnose")
+        assert message in str(info.value)
 
 
 def test_a_merge_that_fails_after_validation_leaves_no_folder(client: Client, app_module, suite):

@@ -1278,3 +1278,52 @@ def test_a_run_removed_leaves_the_leaderboard_and_its_csv(page, tmp_path):
     page.get_by_role("tab", name="Diagnostics").click()
     _merge_settings(page)
     assert sess.runs[-1].run == made + 1
+
+
+def test_the_whole_model_report_is_the_merge_shown_in_numbers(page, tmp_path):
+    """The plots' numbers could not be had from the page, nor the whole-model diagnostics ``diagnose`` writes.
+    "Whole-model report" gives both for the settings shown: a JSON file whose merge is the last run's (its recipe,
+    as the run recorded it), whose numbers are the library's on that merge computed here from the suite's files, and
+    whose ``shown`` holds what the plots drew (the merged spectrum plotly holds); its summary is said in words, in a
+    live region."""
+    import json
+
+    import app
+    from studio import diagnostics as diag
+    from studio.engine import get_pool
+    from studio.io import Recipe, merge_from_recipe
+    from studio.registry import get_method
+    from studio.schema import json_safe
+
+    from .test_ui_backend import _close
+
+    page.get_by_role("tab", name="Diagnostics").click()
+    _merge_settings(page)   # the settings shown are a run's: its recorded recipe is the merge to report on
+    run = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.wait_for_function(SHOWS_JS, arg=f"{run.method} ({run.settings}")
+    page.get_by_role("button", name="Whole-model report").click()
+    page.wait_for_function("() => document.querySelector('#report-status')?.innerText.includes(' made in ')")
+    said = page.inner_text("#report-status")
+    assert said.startswith(f"Report of {run.method} ({run.settings}) on {len(run.experts)} experts, "), said
+    assert page.get_by_role("status").filter(has_text="Report of ").count() == 1
+    with page.expect_download() as info:
+        page.locator("#dl-report").click()
+    target = tmp_path / "report.json"
+    info.value.save_as(target)
+    rep = json.loads(target.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in strict JSON"))
+    assert rep["merge"]["recipe"] == {k: v for k, v in run.recipe.items() if k != "fingerprints"}
+    assert rep["tasks"] == list(run.experts)
+    # the numbers, from the suite's files: the recipe merged, the library's report on it
+    suite = app.STUDIO.suite
+    experts = {n: suite.experts[n] for n in run.experts}
+    merged = merge_from_recipe(Recipe.from_dict(rep["merge"]["recipe"]), suite.base, experts, device="cpu")
+    want = diag.report(get_pool(suite.base, experts, device="cpu"), merged, merged_is_delta=False,
+                       layer_rule=get_method(run.method).extra.get("layer_rule"))
+    _close({k: rep[k] for k in want}, json_safe(want))
+    shown = rep["shown"]
+    assert shown["layer"] == page.locator("#diag-status code").first.inner_text()
+    assert shown["merged_spectrum"][0] == pytest.approx(_merged_trace_top(page), rel=1e-6)
+    for line in diag.report_summary(want):
+        assert line in said, (line, said)
+    page.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)

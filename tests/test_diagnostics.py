@@ -603,6 +603,38 @@ def clip():
     return base, experts, TaskPool(base, experts, svd_mode="exact")
 
 
+def test_report_gathers_the_model_level_diagnostics_and_says_them_in_lines(clip):
+    """``report`` is layer_curves, sar_avg (per task and pairwise) and every task-by-task model matrix, of the merge
+    where they take one, on the layer rule given; its progress runs from 0 to 1 without going back; its summary
+    says each task's SAR_avg and the most aligned pair, computed here from the task vectors."""
+    base, experts, pool = clip
+    merged = studio.merge(base, experts, "tsv_m", device="cpu")
+    seen = []
+    rep = D.report(pool, merged, merged_is_delta=False, layer_rule="skip_embeddings",
+                   progress=lambda f, msg: seen.append(f))
+    keys = D.layer_curves(pool, merged, merged_is_delta=False, layer_rule="skip_embeddings")["key"]
+    assert rep["layers"]["key"] == keys and "visual.positional_embedding" not in keys
+    assert rep["tasks"] == list(pool.names)
+    assert list(rep["sar_avg"].values()) == pytest.approx(
+        D.sar_avg(pool, merged, keys=keys, merged_is_delta=False).tolist(), rel=1e-6)
+    assert rep["sar_avg_pairwise"] == pytest.approx(D.sar_avg(pool, pairwise=True, keys=keys).numpy(), rel=1e-6)
+    for m, spec in D.METRICS.items():
+        if spec.shape == "TxT":
+            want = D.model_matrix(pool, m, merged if spec.uses_merged else None, keys=keys, merged_is_delta=False)
+            np.testing.assert_allclose(rep["model_matrices"][m], want.numpy(), rtol=1e-6, err_msg=m)
+    assert rep["unchanged_experts"] == [] and seen[0] == 0.0 and seen[-1] == 1.0 and seen == sorted(seen)
+    lines = D.report_summary(rep)
+    assert lines[0] == "SAR_avg to the merge (Iso sec. 3.3), per task: " + ", ".join(
+        f"{t} {v:.3f}" for t, v in rep["sar_avg"].items())
+    flat = {n: torch.cat([(experts[n][k] - base[k]).double().flatten() for k in keys]) for n in pool.names}
+    cos = {(a, b): float(flat[a] @ flat[b] / (flat[a].norm() * flat[b].norm()))
+           for i, a in enumerate(pool.names) for b in pool.names[:i]}
+    (a, b), top = max(cos.items(), key=lambda kv: kv[1])
+    assert lines[-1].startswith(f"task-vector cosine over the model's matrix layers: most aligned {a}/{b} {top:.3f}")
+    with pytest.raises(StudioError, match="report"):
+        D.report(pool, progress="loud")
+
+
 def test_layer_curves_cover_the_matrix_layers_and_accept_states_or_deltas(clip):
     base, experts, pool = clip
     out = D.layer_curves(pool)

@@ -338,6 +338,90 @@ def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two)
         st.diagnostics(None, st.default_layer(), "nope", pool_experts=two)
 
 
+def _close(got, want, path="report"):
+    """``got`` equals ``want`` (nested JSON values), numbers to float32 rounding, NaN (null) where the other is."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and list(got) == list(want), (path, list(got), list(want))
+        for k in want:
+            _close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            _close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float) or isinstance(got, float):
+        assert (got is None and want is None) or got == pytest.approx(want, rel=1e-5, abs=1e-7), (path, got, want)
+    else:
+        assert got == want, (path, got, want)
+
+
+def test_the_report_is_what_diagnose_writes_for_the_merge_with_the_plots_data(st: Studio, two, tmp_path, capsys):
+    """The app's whole-model report of a merge (here DARE with its seed, calibrated by SVC, with task weights) is the
+    JSON ``merge-studio diagnose --out`` writes for the same merge, recipe included, plus under ``shown`` the numbers
+    the diagnostics tab plots, each equal to what the plots were drawn from."""
+    import json
+
+    from studio.cli import main
+    from studio.schema import json_safe
+
+    task3 = st.task_names[:3]
+    prefs = {task3[0]: 1.0, task3[1]: 0.5, task3[2]: 0.25}
+    req = st.request("dare", {"p": 0.7}, task3, calibrate="svc", preferences=prefs, seed=5)
+    layer = st.layer_keys()[3]
+    shown = st.diagnostics(req, layer, "svc")
+    got = json.loads(json.dumps(json_safe(st.report(req, shown)), allow_nan=False))
+    out = tmp_path / "diag.json"
+    assert main(["diagnose", "--suite", "MiniSuite", "--experts", ",".join(task3), "--method", "dare", "--set",
+                 "p=0.7", "--calibrate", "svc", "--preferences", json.dumps(prefs), "--seed", "5", "--device", "cpu",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    want = json.loads(out.read_text())
+    assert got["merge"]["recipe"]["seed"] == 5 and got["merge"]["recipe"]["preferences"] == prefs
+    _close({k: v for k, v in got.items() if k != "shown"}, want)
+    plotted = got["shown"]
+    assert plotted["layer"] == layer and plotted["tasks"] == task3
+    assert plotted["shape"] == list(st.suite.base[layer].shape)
+    for name in task3:
+        np.testing.assert_array_equal(plotted["spectra"][name], shown.spectra[name])
+        np.testing.assert_array_equal(plotted["energy"][name], shown.energy[name])
+    np.testing.assert_array_equal(plotted["merged_spectrum"], shown.merged_spectrum)
+    np.testing.assert_array_equal(plotted["merged_energy"], shown.merged_energy)
+    heat = plotted["heatmap"]   # SVC's coefficients: a task by the merged subspaces
+    assert heat["metric"] == "svc" and heat["rows"] == task3 and heat["over"] == "this layer"
+    assert heat["columns"] == [f"sigma{j + 1}" for j in range(shown.interference.shape[1])]
+    np.testing.assert_array_equal(heat["values"], shown.interference)
+    assert plotted["per_layer"]["keys"] == st.layer_keys()
+    _close(plotted["per_layer"]["sar"], {n: [float(v) for v in shown.curves["sar"][n]] for n in task3})
+    # the whole model's heatmap is said to be so
+    d = st.diagnostics(req, layer, "cosine", heatmap="model")
+    assert st.report(req, d)["shown"]["heatmap"]["over"] == d.heatmap_scope != ""
+
+
+def test_the_report_without_a_merge_is_of_the_task_arithmetic_sum(st: Studio, two, tmp_path, capsys):
+    """Settings the method refuses (a value out of its range, as a box may hold): the report, as the plots, is then
+    of the Task Arithmetic sum, and says why; it is what ``diagnose`` without ``--method`` writes."""
+    import json
+
+    from studio.cli import main
+    from studio.schema import json_safe
+
+    with pytest.raises(StudioError) as refused:
+        st.request("ties", {"k": 5.0}, two)
+    got = json_safe(st.report(None, st.diagnostics(None, st.default_layer(), "cosine", pool_experts=two),
+                              pool_experts=two, why=str(refused.value)))
+    assert got["merge"] == {"task_arithmetic_sum": True, "why": str(refused.value)}
+    assert got["shown"]["merged_spectrum"] is None and got["tasks"] == two
+    out = tmp_path / "d.json"
+    assert main(["diagnose", "--suite", "MiniSuite", "--experts", ",".join(two), "--device", "cpu",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    want = json.loads(out.read_text())
+    assert want["merge"] == {"task_arithmetic_sum": True}
+    _close({k: v for k, v in got.items() if k not in ("shown", "merge")},
+           {k: v for k, v in want.items() if k != "merge"})
+    with pytest.raises(StudioError, match="unknown expert"):
+        st.report(None, pool_experts=["nope"])
+
+
 def test_schemas_are_looked_up_by_kind(st: Studio, two):
     """``align_merge_b`` is a merging method (with its scale ``lam``) and a calibration (without): looked up by name,
     the app showed the calibration's controls for the method, without ``lam``, and could not sweep its scale."""

@@ -328,11 +328,7 @@ class Studio:
         experts = self.check_expert_names(experts)
         if not experts:
             raise RequestError("no expert selected: pick at least one task expert to merge")
-        unknown = [e for e in experts if e not in self.suite.experts]
-        if unknown:
-            raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
-        if len(set(experts)) != len(experts):
-            raise RequestError(f"expert list has duplicates: {brief(experts)}")
+        self._check_known(experts)
         if len(experts) < spec.min_experts:
             raise RequestError(f"{method} needs at least {spec.min_experts} experts, {len(experts)} selected")
         # Keep the suite's order so the same selection is the same pool (and the same recipe) whatever the click order.
@@ -572,10 +568,19 @@ class Studio:
             return None
         return values
 
+    def _check_known(self, experts: Sequence[str]) -> None:
+        """Each of ``experts`` is one of the suite's, named once."""
+        unknown = [e for e in experts if e not in self.suite.experts]
+        if unknown:
+            raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
+        if len(set(experts)) != len(experts):
+            raise RequestError(f"expert list has duplicates: {brief(experts)}")
+
     # ------------------------------------------------------------------ engine
     def pool(self, experts: Sequence[str]) -> TaskPool:
         """The cached pool of this expert selection (its spectral cache is reused by every later call)."""
         key = tuple(experts)
+        self._check_known(key)
         with self._lock:
             if key in self._pools:
                 self._pools.move_to_end(key)
@@ -668,6 +673,49 @@ class Studio:
         return Diagnostics(layer, list(experts), spectra, merged_s, energy, merged_e, metric, _to_numpy(mat), info,
                            profile, time.perf_counter() - t0, scope)
 
+    def report(self, req: MergeRequest | None, shown: Diagnostics | None = None, *,
+               pool_experts: Sequence[str] | None = None, why: str | None = None,
+               progress: ProgressFn | None = None) -> dict[str, Any]:
+        """The whole-model report of the current settings, as ``merge-studio diagnose --out`` writes it for the same
+        merge (:func:`studio.diagnostics.report` over the layers the method's rule treats as matrices, the merge
+        under ``merge.recipe``), plus, under ``shown``, the numbers behind the diagnostics tab's four plots
+        (``shown``, a :meth:`diagnostics` result): the layer's spectra and cumulative energy, the heatmap with its
+        rows and columns, the per-layer curves. NaN where a value is undefined (:func:`studio.schema.json_safe` writes
+        null).
+
+        ``req=None`` (the method cannot merge this selection; ``why`` says why): the Task Arithmetic sum of
+        ``pool_experts``, as the plots show it and as ``diagnose`` without ``--method`` reports it. ``progress``: an
+        optional ``(fraction, message)`` callback.
+        """
+        experts = tuple(req.experts if req is not None
+                        else (self.check_expert_names(pool_experts, "pool_experts") or self.task_names))
+        pool = self.pool(experts)
+        merged = self.merge(req) if req is not None else None
+        rule = get_method(req.method).extra.get("layer_rule") if req is not None else None
+        with self._lock:
+            found = diag.report(pool, merged, layer_rule=rule, merged_is_delta=False if merged is not None else None,
+                                progress=progress)
+        what: dict[str, Any] = ({"recipe": req.recipe(self.suite_source).to_dict()} if req is not None
+                                else {"task_arithmetic_sum": True, **({"why": why} if why else {})})
+        out = {"merge": what, "suite": self.suite_source, "sources": None, **found}
+        if shown is not None:
+            info = shown.metric_info
+            out["shown"] = {
+                "layer": shown.layer, "shape": list(self.suite.base[shown.layer].shape), "tasks": list(shown.tasks),
+                "spectra": {n: s.tolist() for n, s in shown.spectra.items()},
+                "merged_spectrum": None if shown.merged_spectrum is None else shown.merged_spectrum.tolist(),
+                "energy": {n: e.tolist() for n, e in shown.energy.items()},
+                "merged_energy": None if shown.merged_energy is None else shown.merged_energy.tolist(),
+                "heatmap": {"metric": shown.metric, "description": info["description"], "paper": info["paper"],
+                            "k": info["k_help"], "over": shown.heatmap_scope or "this layer",
+                            "rows": list(shown.tasks),
+                            "columns": ([f"sigma{j + 1}" for j in range(shown.interference.shape[1])]
+                                        if info["shape"] == "TxK" else list(shown.tasks)),
+                            "values": shown.interference.tolist()},
+                "per_layer": {k: v for k, v in shown.curves.items()},
+            }
+        return out
+
     def _merged_deltas(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """``merged - base`` (float32) of every matrix layer: what the diagnostics call the merged delta."""
         base = self.suite.base
@@ -717,11 +765,7 @@ class Studio:
         """Singular values of each task matrix (and of the merged delta if ``req``) at ``layer`` (API payload)."""
         experts = tuple(req.experts if req is not None else (self.check_expert_names(experts) or self.task_names))
         self._check_layer(layer)
-        unknown = [e for e in experts if e not in self.suite.experts]
-        if unknown:
-            raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
-        if len(set(experts)) != len(experts):
-            raise RequestError(f"expert list has duplicates: {brief(experts)}")
+        self._check_known(experts)
         pool = self.pool(experts)
         merged = self.merge(req) if req is not None else None
         with self._lock:
