@@ -323,6 +323,41 @@ def test_the_whole_model_heatmap_is_the_model_matrix_of_the_apps_layers(st: Stud
         st.diagnostics(req, layer, "cosine", heatmap="all")
 
 
+def test_a_move_of_the_global_scale_decomposes_no_layer_again(st: Studio, two):
+    """The per-layer curves (SAR to the merge, the merged delta's entropy) do not change with the merge's scale,
+    but every layer's merged delta was decomposed again for each alpha (15-16 s on 8 ViT-B/32 experts): they are now
+    measured on the merge at the method's default scale, so an alpha move adds no merged decomposition, and they
+    still equal the library's on the merge's own deltas to float32 rounding. A calibrated merge is no rescale of
+    one merge: its curves are its own."""
+    layer, keys = st.default_layer(), st.layer_keys()
+    pool = st.pool(two)
+    pool._transient.clear()   # an LRU of 4 entries per key: what earlier tests left could push this test's out
+
+    def decomposed() -> int:   # the merged deltas' statistics memoised so far (one per layer and merged delta)
+        return sum(1 for tag in pool._transient if tag[1][:2] == ("diag", "merged_stats"))
+
+    st.diagnostics(st.request("tsv_m", {"alpha": 0.7}, two), layer, "cosine")
+    # alpha 0.45: no layer decomposed again; with SVC after it, or at alpha 0 (no merged delta): each its own
+    moves = ((st.request("tsv_m", {"alpha": 0.45}, two), 0),
+             (st.request("tsv_m", {"alpha": 0.45}, two, calibrate="svc"), len(keys)),
+             (st.request("tsv_m", {"alpha": 0.0}, two), len(keys)))
+    shown = []
+    for req, new in moves:
+        before = decomposed()
+        shown.append(st.diagnostics(req, layer, "cosine"))
+        assert decomposed() == before + new, req
+    assert all(v == 0 for v in shown[-1].curves["sar"][two[0]])
+    for (req, _), d in zip(moves, shown):   # the library's, on the merge's own deltas
+        deltas = {k: v.float() - st.suite.base[k].float() for k, v in st.merge(req).items() if k in keys}
+        want = studio.diagnostics.layer_curves(pool, deltas, keys, merged_is_delta=True, curves=["merged_entropy"],
+                                               normalized_entropy=True)
+        np.testing.assert_allclose(d.curves["merged_entropy"], want["merged_entropy"], rtol=1e-5)
+        sar = np.array([studio.diagnostics.sar_to_merged(pool.layer(k), deltas[k]).numpy() for k in keys]).T
+        np.testing.assert_allclose([d.curves["sar"][n] for n in two], sar, atol=1e-5)
+        np.testing.assert_allclose(d.merged_spectrum, torch.linalg.svdvals(deltas[layer].double()).numpy(),
+                                   rtol=1e-4, atol=1e-7)
+
+
 def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two):
     d = st.diagnostics(None, st.default_layer(), "subspace_similarity", pool_experts=two)
     assert d.merged_spectrum is None and set(d.spectra) == set(two)
