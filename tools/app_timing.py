@@ -1,11 +1,12 @@
-"""Time the app as a user meets it: launch, first diagnostics, merges and diagnostics refreshes.
+"""Time the app as a user meets it: launch, first diagnostics, merges, diagnostics refreshes and reports.
 
-``python tools/app_timing.py [--merges 3] [--refreshes 5] [--suite SOURCE]`` launches ``app.py`` in a subprocess on
-a free port (``HF_HUB_OFFLINE=1``), times its first HTTP 200, then drives the page in Debian's Chromium through
-Playwright: the first diagnostics, ``--merges`` clicks of "Merge & evaluate" (the merge and evaluation seconds as
-the page reports them, and the wall time from the click to the run's status), and ``--refreshes`` diagnostics
+``python tools/app_timing.py [--merges 3] [--refreshes 5] [--reports 2] [--suite SOURCE]`` launches ``app.py`` in a
+subprocess on a free port (``HF_HUB_OFFLINE=1``), times its first HTTP 200, then drives the page in Debian's Chromium
+through Playwright: the first diagnostics, ``--merges`` clicks of "Merge & evaluate" (the merge and evaluation seconds
+as the page reports them, and the wall time from the click to the run's status), and ``--refreshes`` diagnostics
 refreshes after a slider moved by one keyboard step (the "updated in" the page reports, and the wall time from the
-key to the new status). It prints a table and the machine's load average, and stops the app.
+key to the new status), and ``--reports`` clicks of "Whole-model report" (the "made in" the page reports, and the
+wall time from the click to the report's line). It prints a table and the machine's load average, and stops the app.
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run"]
 UPDATED = re.compile(r"updated in ([\d.]+) s")
 RUN = re.compile(r"merge ([\d.]+) s \+ evaluation ([\d.]+) s")
+MADE = re.compile(r"made in ([\d.]+) s")
 # the status line's own text (the element also holds Gradio's progress text while a refresh runs)
 STATUS_JS = """() => { const el = document.querySelector('#diag-status');
     return ((el && (el.querySelector('.prose') || el)) || {}).innerText?.trim() || ''; }"""
+# the report's line, without Gradio's progress text beside it while a report runs
+REPORT_JS = STATUS_JS.replace("#diag-status", "#report-status")
+REPORTED_JS = f"prev => {{ const t = ({REPORT_JS})(); return t !== prev && t.includes(' made in '); }}"
 CHANGED_JS = f"prev => {{ const t = ({STATUS_JS})(); return t !== prev && t.includes('updated in'); }}"
 # the first slider of the method's controls that one step right can move (TSV-M's rank fraction starts at its end)
 SLIDER_JS = """() => [...document.querySelectorAll('input[type=range]')]
@@ -58,10 +63,10 @@ def wait_http_200(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit(f"no HTTP 200 from {url} within {timeout:.0f} s")
 
 
-def drive(url: str, merges: int, refreshes: int, timeout_ms: int) -> dict:
+def drive(url: str, merges: int, refreshes: int, reports: int, timeout_ms: int) -> dict:
     from playwright.sync_api import sync_playwright
 
-    out: dict = {"merges": [], "refreshes": []}
+    out: dict = {"merges": [], "refreshes": [], "reports": []}
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
@@ -93,6 +98,21 @@ def drive(url: str, merges: int, refreshes: int, timeout_ms: int) -> dict:
             wall = time.perf_counter() - t
             status = page.evaluate(STATUS_JS)
             out["refreshes"].append((float(UPDATED.search(status).group(1)), wall, status.split(" · ")[0]))
+        if reports:
+            page.get_by_role("tab", name="Diagnostics").click()   # a merge shows its results' tab
+        for i in range(reports):
+            if i:   # another merge to report on (the slider one step), so that the report's line changes
+                before = page.evaluate(STATUS_JS)
+                slider.focus()
+                page.keyboard.press("ArrowRight" if i % 2 else "ArrowLeft")
+                page.wait_for_function(CHANGED_JS, arg=before)
+            before = page.evaluate(REPORT_JS)
+            t = time.perf_counter()
+            page.get_by_role("button", name="Whole-model report").click()
+            page.wait_for_function(REPORTED_JS, arg=before)
+            wall = time.perf_counter() - t
+            said = page.evaluate(REPORT_JS)
+            out["reports"].append((float(MADE.search(said).group(1)), wall, said.split(" on ")[0]))
         browser.close()
     return out
 
@@ -101,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--merges", type=int, default=3)
     parser.add_argument("--refreshes", type=int, default=5)
+    parser.add_argument("--reports", type=int, default=2)
     parser.add_argument("--suite", default=None, help="passed to app.py (default: MiniSuite)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds for each wait (default 300)")
     args = parser.parse_args(argv)
@@ -115,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             url = f"http://127.0.0.1:{port}/"
             wait_http_200(url, proc, args.timeout)
             http_s = time.perf_counter() - t0
-            res = drive(url, args.merges, args.refreshes, int(args.timeout * 1000))
+            res = drive(url, args.merges, args.refreshes, args.reports, int(args.timeout * 1000))
         except BaseException:
             print(f"app log: {log.name}", file=sys.stderr)   # kept for a look
             raise
@@ -130,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
 
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                          check=False).stdout
-    print(f"python tools/app_timing.py --merges {args.merges} --refreshes {args.refreshes} at {rev.strip() or '?'}"
+    print(f"python tools/app_timing.py --merges {args.merges} --refreshes {args.refreshes} --reports {args.reports} "
+          f"at {rev.strip() or '?'}"
           f" (load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end, {os.cpu_count()} cores)")
     print(f"first diagnostics: {res['first_status']}")
     print("| step | page reports s | wall s |")
@@ -141,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| merge #{i}: merge + evaluation | {m:.2f} + {e:.2f} | {wall:.2f} |")
     for i, (upd, wall, shown) in enumerate(res["refreshes"], 1):
         print(f"| refresh #{i} ({shown}) | {upd:.2f} | {wall:.2f} |")
+    for i, (made, wall, what) in enumerate(res["reports"], 1):
+        print(f"| whole-model report #{i} ({what}) | {made:.2f} | {wall:.2f} |")
     os.unlink(log.name)
 
 
