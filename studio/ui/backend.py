@@ -716,7 +716,7 @@ class Studio:
                             "columns": ([f"sigma{j + 1}" for j in range(shown.interference.shape[1])]
                                         if info["shape"] == "TxK" else list(shown.tasks)),
                             "values": shown.interference.tolist()},
-                "per_layer": {k: v for k, v in shown.curves.items()},
+                "per_layer": dict(shown.curves),
             }
         return out
 
@@ -791,8 +791,7 @@ class Studio:
         """Singular values of each task matrix (and of the merged delta if ``req``) at ``layer`` (API payload)."""
         experts = tuple(req.experts if req is not None else (self.check_expert_names(experts) or self.task_names))
         self._check_layer(layer)
-        self._check_known(experts)
-        pool = self.pool(experts)
+        pool = self.pool(experts)   # names an unknown expert
         merged = self.merge(req) if req is not None else None
         with self._lock:
             lt = pool.layer(layer)
