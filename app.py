@@ -889,9 +889,11 @@ def build_demo(studio: Studio) -> gr.Blocks:
                   f"{time.perf_counter() - t0:.2f} s:\n\n{lines}")
             return md, gr.DownloadButton(value=str(path), interactive=True)
 
-        report_btn.click(make_report, inputs=diag_inputs, outputs=[report_md, report_dl], trigger_mode="once",
-                         concurrency_id="diagnostics", concurrency_limit=2, api_visibility="private",
-                         show_progress_on=[report_md])
+        # the last report goes first (at once, unqueued): one that fails then leaves no other settings' report up
+        report_btn.click(lambda: ("", gr.DownloadButton(value=None, interactive=False)), None, [report_md, report_dl],
+                         trigger_mode="once", queue=False, show_progress="hidden", api_visibility="private").then(
+            make_report, inputs=diag_inputs, outputs=[report_md, report_dl], concurrency_id="diagnostics",
+            concurrency_limit=2, api_visibility="private", show_progress_on=[report_md])
 
         def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
                       progress=gr.Progress()):

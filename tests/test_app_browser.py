@@ -1327,3 +1327,11 @@ def test_the_whole_model_report_is_the_merge_shown_in_numbers(page, tmp_path):
     for line in diag.report_summary(want):
         assert line in said, (line, said)
     page.screenshot(path=str(SHOTS / "13_report.png"), full_page=True)
+    # a report that fails (no expert) says why and leaves no other settings' report up (the last one stayed)
+    select_all = page.get_by_role("checkbox", name="Select all experts")
+    select_all.uncheck()
+    page.get_by_role("button", name="Whole-model report").click()
+    page.get_by_text("no expert selected: pick at least one task expert to report on").first.wait_for()
+    assert "Report of" not in page.inner_text("#report-status") and page.locator("#dl-report").is_disabled()
+    select_all.check()
+    page.wait_for_function(SHOWS_JS, arg=f"{run.method} ({run.settings}")

@@ -1406,4 +1406,8 @@ MUTANTS = [
      '        if req is None or req.calibrate is not None:\n            return None\n        scale = next(',
      '        if req is None:\n            return None\n        scale = next(',
      "_merge_at_default_scale: a calibrated merge, no rescale of one merge, measured at another scale"),
+    ('rp7', 'app.py',
+     '        report_btn.click(lambda: ("", gr.DownloadButton(value=None, interactive=False)), None, [report_md, report_dl],',
+     '        report_btn.click(lambda: (gr.skip(), gr.skip()), None, [report_md, report_dl],',
+     "Whole-model report: a report that fails leaves the last one's summary and file up, as if of these settings"),
 ]

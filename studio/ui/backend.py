@@ -574,7 +574,7 @@ class Studio:
         if unknown:
             raise RequestError(f"unknown expert(s) {brief(unknown)}; the suite has {self.task_names}")
         if len(set(experts)) != len(experts):
-            raise RequestError(f"expert list has duplicates: {brief(experts)}")
+            raise RequestError(f"expert list has duplicates: {brief(list(experts))}")
 
     # ------------------------------------------------------------------ engine
     def pool(self, experts: Sequence[str]) -> TaskPool:
