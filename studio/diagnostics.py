@@ -1,7 +1,8 @@
 """Spectral diagnostics: the numbers behind the app's spectra, heatmaps and per-layer curves.
 
-Every function here is pure math over one layer (:class:`~studio.pool.LayerTasks`) or over plain tensors, plus two
-model-level aggregations (:func:`layer_curves`, :func:`interference_matrix`). Decompositions come from the pool's
+Every function here is pure math over one layer (:class:`~studio.pool.LayerTasks`) or over plain tensors, plus the
+model-level aggregations (:func:`layer_curves`, :func:`interference_matrix`, :func:`sar_avg`, :func:`model_matrix`)
+and :func:`report`, which gathers them as ``merge-studio diagnose`` writes them. Decompositions come from the pool's
 caches (``layer.svd``, ``layer.sum_svd``) and small results are memoised with ``layer.memo`` so that the app can
 redraw a heatmap or switch metric without recomputing. Singular vectors of arbitrary merged deltas are *not* kept
 (a ViT-B/32 model would need ~0.6 GB per merge); only the small per-subspace statistics derived from them are.
