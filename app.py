@@ -200,14 +200,16 @@ class _Cancelled(StudioError):
     """The user pressed Stop."""
 
 
-def _user_error(exc: BaseException, what: str) -> gr.Error:
-    """A readable ``gr.Error`` for anything that went wrong in a handler (the app keeps running)."""
+def _user_error(exc: BaseException, what: str, upload: Any = None) -> gr.Error:
+    """A readable ``gr.Error`` for anything that went wrong in a handler (the app keeps running). ``upload``: a file
+    the user uploaded, named in the message by its name, not by the server's upload folder."""
     if isinstance(exc, gr.Error):
         return exc
+    text = str(exc) if upload is None else str(exc).replace(str(upload), Path(upload).name)
     if isinstance(exc, StudioError):
-        return gr.Error(str(exc), title=f"{what}: invalid request")
+        return gr.Error(text, title=f"{what}: invalid request")
     log.exception("%s failed", what)
-    return gr.Error(f"{type(exc).__name__}: {exc}", title=f"{what} failed")
+    return gr.Error(f"{type(exc).__name__}: {text}", title=f"{what} failed")
 
 
 # --------------------------------------------------------------------------------------------- GPU work (queued)
@@ -805,6 +807,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                          [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn,
                           hp_reload, cal_reload], api_visibility="private", show_progress="hidden")
 
+        def _shown_request(method, hp, experts, calibration, cal, prefs,
+                           seed) -> "tuple[MergeRequest | None, str | None]":
+            """The merge the diagnostics show, or, for settings the method refuses (e.g. a value out of its range),
+            None and why: the plots and the report then show the task side against the Task Arithmetic sum."""
+            try:
+                return _ui_request(method, hp, experts, calibration, cal, prefs, seed), None   # the seed: DARE's masks
+            except StudioError as exc:
+                return None, str(exc)
+
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer", seed=0):
             t0 = time.perf_counter()
             experts = list(experts or [])
@@ -812,11 +823,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 msg = "Select at least one expert to see diagnostics."
                 empty = plots.empty_figure(msg)
                 return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
-            note = ""
-            try:
-                req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)   # the seed draws DARE's masks
-            except StudioError as exc:  # e.g. too few experts for the method: still show the task side
-                req, note = None, f" · ⚠️ merged delta unavailable: {exc}"
+            req, why = _shown_request(method, hp, experts, calibration, cal, prefs, seed)
+            note = "" if why is None else f" · ⚠️ merged delta unavailable: {why}"
             try:
                 d = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer")
             except Exception as exc:  # noqa: BLE001 - a live preview reports, it never pops errors
@@ -866,11 +874,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             try:
                 if not experts:
                     raise StudioError("no expert selected: pick at least one task expert to report on")
-                why = None
-                try:
-                    req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
-                except StudioError as exc:   # as the plots: the task side, against the Task Arithmetic sum
-                    req, why = None, str(exc)
+                req, why = _shown_request(method, hp, experts, calibration, cal, prefs, seed)   # as the plots
                 shown = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer")
                 rep = studio.report(req, shown, pool_experts=experts, why=why,
                                     progress=lambda frac, msg: progress(frac, desc=msg))
@@ -1043,11 +1047,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def load_recipe(path: Any, hp: Any, cal: Any, prefs: Any):
             try:
                 recipe = Recipe.from_file(path)
-            except StudioError as exc:   # named by the file's name, not the server's upload folder
-                raise gr.Error(str(exc).replace(str(path), Path(path).name), title="load settings: invalid request") \
-                    from None
             except Exception as exc:  # noqa: BLE001
-                raise _user_error(exc, "load settings") from None
+                raise _user_error(exc, "load settings", upload=path) from None
             return load_settings(recipe, f"the recipe {Path(path).name}", hp, cal, prefs)
 
         recipe_up.upload(load_recipe, [recipe_up, hp_state, cal_state, pref_state], loaded, api_visibility="private",
