@@ -302,7 +302,7 @@ def test_the_whole_model_heatmap_is_the_model_matrix_of_the_apps_layers(st: Stud
     """"whole model": the whole task vectors' cosine over the app's matrix layers (computed here from the experts),
     a merge-dependent metric of the merge shown, and a per-subspace metric staying on the layer, saying so."""
     layer, keys = st.default_layer(), st.layer_keys()
-    req = st.request("ties", {}, two)
+    req = st.request("ties", {"alpha": 0.5}, two)   # not the default: the curves take the default's merge
     d = st.diagnostics(req, layer, "cosine", heatmap="model")
     flat = [torch.cat([(st.suite.experts[n][k].double() - st.suite.base[k].double()).flatten() for k in keys])
             for n in two]

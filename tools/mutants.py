@@ -1410,4 +1410,8 @@ MUTANTS = [
      '        report_btn.click(lambda: ("", gr.DownloadButton(value=None, interactive=False)), None, [report_md, report_dl],',
      '        report_btn.click(lambda: (gr.skip(), gr.skip()), None, [report_md, report_dl],',
      "Whole-model report: a report that fails leaves the last one's summary and file up, as if of these settings"),
+    ('sc4', 'studio/ui/backend.py',
+     '        every = (curves and at_default is None) or (whole and info["uses_merged"])',
+     '        every = (curves and at_default is None)',
+     "Studio.diagnostics: a whole-model heatmap of the merge at a non-default alpha reads only the layer's merged delta"),
 ]

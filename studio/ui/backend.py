@@ -646,8 +646,12 @@ class Studio:
         pool = self.pool(experts)
         merged = self.merge(req) if req is not None else None
         at_default = self._merge_at_default_scale(req) if curves else None
+        info = metric_info(metric)
+        whole = heatmap == "model" and info["shape"] == "TxT"
+        # every layer's merged delta where the curves or a whole-model heatmap of the merge read it, else the layer's
+        every = (curves and at_default is None) or (whole and info["uses_merged"])
         with self._lock:
-            deltas = self._merged_deltas(merged) if merged is not None else None
+            deltas = self._merged_deltas(merged, None if every else [layer]) if merged is not None else None
             lt = pool.layer(layer)
             S = diag.task_spectra(lt)
             spectra = {n: _to_numpy(s) for n, s in zip(lt.names, S)}
@@ -656,10 +660,9 @@ class Studio:
             if deltas is not None:
                 ms = diag.spectrum(deltas[layer])
                 merged_s, merged_e = _to_numpy(ms), _to_numpy(diag.cumulative_energy(ms))
-            info = metric_info(metric)
             merged_arg = deltas if (deltas is not None and info["uses_merged"]) else None
             scope = ""
-            if heatmap == "model" and info["shape"] == "TxT":
+            if whole:
                 # the app's layers that an expert changed, as the library's model-level averages take them
                 changed = set(diag._matrix_keys(pool, None, None))
                 keys = [k for k in self.layer_keys() if k in changed]
@@ -742,10 +745,12 @@ class Studio:
             return None
         return self.merge(req.with_hparams(**{scale.name: scale.default}))
 
-    def _merged_deltas(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """``merged - base`` (float32) of every matrix layer: what the diagnostics call the merged delta."""
+    def _merged_deltas(self, merged: Mapping[str, Tensor], keys: Sequence[str] | None = None) -> dict[str, Tensor]:
+        """``merged - base`` (float32) of every matrix layer (or of ``keys``): what the diagnostics call the merged
+        delta."""
         base = self.suite.base
-        return {k: merged[k].to(torch.float32) - base[k].to(torch.float32) for k in self.layer_keys()}
+        return {k: merged[k].to(torch.float32) - base[k].to(torch.float32)
+                for k in (self.layer_keys() if keys is None else keys)}
 
     def layer_profile(self, pool: TaskPool, deltas: Mapping[str, Tensor] | None) -> dict[str, Any]:
         """Per-layer curves for the app: STI (TSV eq. 7), normalised spectral entropy of each task matrix and of the
