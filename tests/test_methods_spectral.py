@@ -165,6 +165,39 @@ def test_svd_tall_float64_gram_route_is_more_accurate_than_lapack_float32(shape)
     assert S.tolist() == [1.0, 0.5, 0.0] and torch.allclose(U.mT @ U, torch.eye(3))
 
 
+@pytest.mark.parametrize("shape", [(300, 80), (80, 300), (64, 64), (3, 2, 40, 25)])
+def test_svdvals_from_the_float64_gram_is_closer_to_float64_than_lapack_float32(shape):
+    """linalg.svdvals (the diagnostics' spectra): float32 in, float32 out, within ~sqrt(eps64) of the largest value
+    of float64's singular values of the same float32 matrix, where LAPACK's float32 svdvals is ~eps32 off; in
+    descending order, over any batch, wide or tall; rank-deficient, zero and tiny values stay >= 0."""
+    g = torch.Generator().manual_seed(11)
+    *batch, m, n = shape
+    r = min(m, n)
+    U0 = torch.linalg.qr(torch.randn(*batch, m, r, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(*batch, n, r, generator=g, dtype=torch.float64)).Q
+    S0 = torch.logspace(0, -6, r, dtype=torch.float64)                   # 6 decades: a tail at float32's rounding
+    A = ((U0 * S0) @ V0.mT).float()
+    want = torch.linalg.svdvals(A.double())
+    got = linalg.svdvals(A)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert bool((got[..., :-1] >= got[..., 1:]).all()) and bool((got >= 0).all())
+    err = float(((got.double() - want).abs() / want[..., :1]).max())
+    lapack = float(((torch.linalg.svdvals(A).double() - want).abs() / want[..., :1]).max())
+    assert err < 1e-7 and err < lapack / 3, (err, lapack)
+    # the values above 1e-3 of the largest to float32's own precision
+    big = want > 1e-3 * want[..., :1]
+    assert float(((got.double() - want).abs() / want)[big].max()) < 3e-7
+    # rank-deficient, zero, half precision, float64 (LAPACK's float64: this route would not match it)
+    low = torch.diag(torch.tensor([2.0, 0.0, 1.0]))
+    assert linalg.svdvals(low).tolist() == [2.0, 1.0, 0.0]
+    assert linalg.svdvals(torch.zeros(4, 3)).tolist() == [0.0, 0.0, 0.0]
+    half = linalg.svdvals(A[..., :20, :10].half())
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half.double(), torch.linalg.svdvals(A[..., :20, :10].half().double()),
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(linalg.svdvals(A.double()), want, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30)])
 def test_truncated_svd_deflated_matches_the_formed_residual(shape):
     tasks = _random_tasks(2, *shape, seed=6)
