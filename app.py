@@ -17,6 +17,7 @@ except ImportError:  # not on a Hugging Face Space
         return fn
 
 import argparse
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -48,6 +49,9 @@ log = logging.getLogger("merge_studio")
 
 SUITE_ENV = "MERGE_STUDIO_SUITE"
 MAX_QUEUE = 32
+#: How long a diagnostics update waits for its per-layer curves before it draws the layer's plots without them
+#: (they follow when ready): MiniSuite's come within it, all four plots at once.
+CURVES_WAIT_S = 1.0
 SESSIONS = SessionStore(max_sessions=256)
 _API_DIRS: list[Path] = []
 _API_KEEP = 16
@@ -586,6 +590,8 @@ def _leaderboard_frame(sess, studio: Studio) -> pd.DataFrame:
 def build_demo(studio: Studio) -> gr.Blocks:
     """Build the Blocks app around one loaded :class:`Studio` (the suite is never reloaded per event)."""
     colors = plots.TaskColors(studio.task_names)
+    # the per-layer curves of the diagnostics updates (two at once: their concurrency_limit)
+    curves_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="curves")
     methods = [m["name"] for m in studio.methods()]
     default_method = studio.default_method()
     calibrations = ["none", *(c["name"] for c in studio.calibrations())]
@@ -816,22 +822,36 @@ def build_demo(studio: Studio) -> gr.Blocks:
             except StudioError as exc:
                 return None, str(exc)
 
+        def _curves_figure(c: dict, layer: str):
+            return (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
+                                              merged_entropy=c["merged_entropy"], selected=layer,
+                                              sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
+                    if c else plots.empty_figure("no per-layer curves", height=600))
+
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer", seed=0):
+            """The four plots of the settings, the layer's three first: the per-layer curves (every layer's merged
+            delta decomposed again after a structural change: 15-18 s on 8 ViT-B/32 experts, the layer's plots
+            2.5-3.8 s) follow when ready, the status line saying so in between; where they are ready within
+            CURVES_WAIT_S (MiniSuite) all four come at once."""
             t0 = time.perf_counter()
             experts = list(experts or [])
             if not experts:
                 msg = "Select at least one expert to see diagnostics."
                 empty = plots.empty_figure(msg)
-                return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+                yield empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+                return
             req, why = _shown_request(method, hp, experts, calibration, cal, prefs, seed)
             note = "" if why is None else f" · ⚠️ merged delta unavailable: {why}"
             try:
-                d = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer")
+                d = studio.diagnostics(req, layer, metric, pool_experts=experts, heatmap=scope or "layer",
+                                       curves=False)
             except Exception as exc:  # noqa: BLE001 - a live preview reports, it never pops errors
                 log.exception("diagnostics failed")
                 msg = f"diagnostics failed: {exc}"
                 empty = plots.empty_figure(msg)
-                return empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+                yield empty, empty, empty, plots.empty_figure(msg, height=600), f"⚠️ {msg}", ""
+                return
+            curves_job = curves_pool.submit(studio.curves, req, pool_experts=experts)
             spec = plots.spectrum_figure(d.spectra, d.merged_spectrum, colors, layer=layer)
             energy = plots.energy_figure(d.energy, d.merged_energy, colors, layer=layer)
             info = d.metric_info
@@ -841,19 +861,29 @@ def build_demo(studio: Studio) -> gr.Blocks:
             # the heatmap takes each metric's default k: say which (Fig. 1's 5 for the subspace similarity, ...)
             k_note = "" if info["k_help"] == "k is not used" else f" Shown at the default: {info['k_help']}."
             metric_text = f"<small>**{metric}**: {info['description']}{k_note} [{info['paper']}]</small>"
-            c = d.curves
-            curves = (plots.layer_curves_figure(c["keys"], c["sti"], c["entropy"], c["sar"], colors,
-                                                merged_entropy=c["merged_entropy"], selected=layer,
-                                                sar_reference=c["sar_reference"], sar_avg=c.get("sar_avg"))
-                      if c else plots.empty_figure("no per-layer curves", height=600))
-            merged_top = d.merged_spectrum is not None and len(d.merged_spectrum)
-            top = f"{float(d.merged_spectrum[0]):.4g}" if merged_top else "n/a"
             # which merge the plots show: under load they lag the controls, and the line says how far
             shown = f"{req.method} ({studio.describe(req)})" if req is not None else method
-            status = (f"{shown} · `{layer}` {tuple(studio.suite.base[layer].shape)} · "
-                      f"{_count(len(experts), 'task')} · merged σ₁ = {top} · updated in "
+            layers = f"`{layer}` {tuple(studio.suite.base[layer].shape)}"
+            first = (spec, energy, heat)
+            try:
+                try:
+                    c = curves_job.result(timeout=CURVES_WAIT_S)
+                except concurrent.futures.TimeoutError:
+                    # the layer's plots now; the line starts otherwise than the final one (which the tests wait for)
+                    yield (*first, gr.skip(), f"Per-layer curves of {shown} in progress… · {layers} drawn in "
+                           f"{time.perf_counter() - t0:.2f} s{note}", metric_text)
+                    first = (gr.skip(),) * 3
+                    c = curves_job.result()
+            except Exception as exc:  # noqa: BLE001 - the layer's plots stay
+                log.error("per-layer curves failed", exc_info=exc)
+                msg = f"per-layer curves failed: {exc}"
+                yield *first, plots.empty_figure(msg, height=600), f"⚠️ {msg}", metric_text
+                return
+            merged_top = d.merged_spectrum is not None and len(d.merged_spectrum)
+            top = f"{float(d.merged_spectrum[0]):.4g}" if merged_top else "n/a"
+            status = (f"{shown} · {layers} · {_count(len(experts), 'task')} · merged σ₁ = {top} · updated in "
                       f"{time.perf_counter() - t0:.2f} s{note}")
-            return spec, energy, heat, curves, status, metric_text
+            yield (*first, _curves_figure(c, layer), status, metric_text)
 
         diag_inputs = [method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, layer_dd, metric_dd,
                        scope_radio, seed_nb]

@@ -358,6 +358,29 @@ def test_a_move_of_the_global_scale_decomposes_no_layer_again(st: Studio, two):
                                    rtol=1e-4, atol=1e-7)
 
 
+def test_the_curves_alone_are_the_diagnostics_curves(st: Studio, two):
+    """The app draws the layer's plots (``diagnostics(..., curves=False)``: no curves, no layer but the shown one's
+    merged delta decomposed) before the per-layer curves (:meth:`Studio.curves`), which equal those of one
+    ``diagnostics`` call: of the merge itself, at an alpha moved (the default scale's merge), calibrated, and of the
+    Task Arithmetic sum where there is no merge."""
+    layer = st.default_layer()
+    pool = st.pool(two)
+    pool._transient.clear()
+
+    def decomposed() -> int:
+        return sum(1 for tag in pool._transient if tag[1][:2] == ("diag", "merged_stats"))
+
+    req = st.request("ties", {"k": 0.31}, two)
+    d = st.diagnostics(req, layer, "cosine", curves=False)
+    assert d.curves == {} and decomposed() == 0 and d.merged_spectrum is not None
+    for r in (req, st.request("ties", {"k": 0.31, "alpha": 0.55}, two),
+              st.request("tsv_m", {"alpha": 0.6}, two, calibrate="svc"), None):
+        got = st.curves(r, pool_experts=two)
+        want = st.diagnostics(r, layer, "cosine", pool_experts=two).curves
+        assert got == want and got["keys"] == st.layer_keys(), r
+    assert got["sar_reference"] == "task arithmetic sum"
+
+
 def test_diagnostics_without_a_valid_merge_still_show_the_tasks(st: Studio, two):
     d = st.diagnostics(None, st.default_layer(), "subspace_similarity", pool_experts=two)
     assert d.merged_spectrum is None and set(d.spectra) == set(two)

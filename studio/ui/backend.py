@@ -674,11 +674,35 @@ class Studio:
                                                merged=merged_arg[layer] if merged_arg is not None else None)
                 if heatmap == "model":
                     scope = "this layer: per merged subspace, no whole-model form"
-            # the curves are of the merge at its method's own scale where that is the same merge scaled (below)
-            profile = self.layer_profile(pool, deltas if at_default is None else self._merged_deltas(at_default)) \
-                if curves else {}
+            profile = self._profile(pool, merged, at_default, deltas) if curves else {}
         return Diagnostics(layer, list(experts), spectra, merged_s, energy, merged_e, metric, _to_numpy(mat), info,
                            profile, time.perf_counter() - t0, scope)
+
+    def curves(self, req: MergeRequest | None, *, pool_experts: Sequence[str] | None = None) -> dict[str, Any]:
+        """The per-layer curves of :meth:`diagnostics` alone (its ``curves``, the same values): after a structural
+        change on large experts they take most of an update (every layer's merged delta decomposed again: 15-18 s
+        after a TSV-M rank change on 8 ViT-B/32 experts, where the layer's plots took 2.5-3.8 s with the merge;
+        docs/PERFORMANCE.md), so the app draws the layer's plots first (``diagnostics(..., curves=False)``) and
+        these when they are ready. ``req=None``: against the Task Arithmetic sum of ``pool_experts``, as
+        :meth:`diagnostics`."""
+        experts = tuple(req.experts if req is not None else (pool_experts or self.task_names))
+        pool = self.pool(experts)
+        merged = self.merge(req) if req is not None else None
+        at_default = self._merge_at_default_scale(req)
+        with self._lock:
+            return self._profile(pool, merged, at_default)
+
+    def _profile(self, pool: TaskPool, merged: Mapping[str, Tensor] | None,
+                 at_default: Mapping[str, Tensor] | None, deltas: Mapping[str, Tensor] | None = None
+                 ) -> dict[str, Any]:
+        """:meth:`layer_profile` of the merge (``deltas``: its every layer's merged delta, if already made), or of
+        the merge at its method's own scale where it is that merge scaled (:meth:`_merge_at_default_scale`), or of
+        the Task Arithmetic sum (``merged=None``)."""
+        if at_default is not None:
+            return self.layer_profile(pool, self._merged_deltas(at_default))
+        if merged is None:
+            return self.layer_profile(pool, None)
+        return self.layer_profile(pool, deltas if deltas is not None else self._merged_deltas(merged))
 
     def report(self, req: MergeRequest | None, shown: Diagnostics | None = None, *,
                pool_experts: Sequence[str] | None = None, why: str | None = None,
