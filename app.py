@@ -830,8 +830,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer", seed=0):
             """The four plots of the settings, the layer's three first: the per-layer curves (every layer's merged
-            delta decomposed again after a structural change: 15-18 s on 8 ViT-B/32 experts, the layer's plots
-            2.5-3.8 s) follow when ready, the status line saying so in between; where they are ready within
+            delta decomposed again after a structural change: 6.6-7.2 s on 8 ViT-B/32 experts, the layer's plots
+            2.8-4.0 s) follow when ready, the status line saying so in between; where they are ready within
             CURVES_WAIT_S (MiniSuite) all four come at once."""
             t0 = time.perf_counter()
             experts = list(experts or [])

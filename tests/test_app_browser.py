@@ -1351,7 +1351,7 @@ CURVES_JS = """() => {
 
 def test_slow_per_layer_curves_follow_the_layers_plots(page, monkeypatch):
     """On large experts the per-layer curves take most of a diagnostics update after a structural change (every
-    layer's merged delta decomposed again: 15-18 s on 8 ViT-B/32 experts), and the layer's three plots waited
+    layer's merged delta decomposed again: 7 s on 8 ViT-B/32 experts, 16 s before), and the layer's three plots waited
     for them. Curves not ready within ``CURVES_WAIT_S`` now follow: the layer's plots are drawn first, the status
     line says the curves are in progress (and does not start with the merge, which the other steps wait for), the
     curves plot keeps the last ones until the new ones come, and then shows the library's for the settings."""

@@ -942,6 +942,43 @@ def test_the_merged_delta_s_null_space_is_never_read():
         assert torch.isnan(D.eta(layer, merged, rank=4)[2:]).all()
 
 
+@pytest.mark.parametrize("shape", [(256, 96), (96, 256)])
+def test_a_rank_deficient_merge_is_diagnosed_through_the_gram_to_its_rank(shape):
+    """A TSV-M merge below rank 1/T is rank deficient: its SVD was LAPACK's float32 one (the Gram route refuses a
+    rank-deficient matrix; its statistics 0.57-0.59 s for a 3072-long layer on one core, now 0.33-0.38 s). The
+    diagnostics now take the float64 Gram's to the merge's numerical rank (svd_gram_to_rank): SAR, the merged
+    entropy, SVC's and AlignMerge's per-subspace numbers over the rank are float64's SVD's to float32 rounding,
+    nothing is read beyond it, and svd_mode="exact" keeps LAPACK's."""
+    T, (m, n) = 4, shape
+    mats = _lowrank(T, m, n, 6, seed=21, noise=0.02)
+    pool = _pool(mats, "auto")
+    layer = pool.layer("w")
+    merged = studio.merge({"w": torch.zeros(m, n)}, {f"t{i}": {"w": x} for i, x in enumerate(mats)}, "tsv_m",
+                          rank_fraction=0.15, device="cpu")["w"]
+    R = D._merged_rank(layer, D.spectrum(merged))
+    assert R == T * int(0.15 * min(m, n)) < min(m, n)
+    assert D._merged_svd(layer, merged) is not None and D._merged_svd(_pool(mats).layer("w"), merged) is None
+    # float64 references from the merge's own SVD
+    U, S, Vh = torch.linalg.svd(merged.double(), full_matrices=False)
+    deltas = torch.stack(mats).double()
+    A = U.mT[:R] @ deltas                                     # [T, R, n]: a_i^r over the rank
+    c, a2 = (A * Vh[:R]).sum(-1), A.pow(2).sum(-1)
+    k = D.effective_rank(S.float())
+    sar = (a2[:, :k].sum(1) / deltas.pow(2).sum((1, 2))).sqrt()
+    torch.testing.assert_close(D.sar_to_merged(layer, merged).double(), sar, rtol=0, atol=1e-6)
+    torch.testing.assert_close(D.spectral_entropy(D._merged_stats(layer, merged).S).double(),
+                               D.spectral_entropy(S).double(), rtol=1e-6, atol=0)
+    st = D._merged_stats(layer, merged)
+    # per subspace, up to the signs a decomposition may choose
+    torch.testing.assert_close(st.c[:, :R].double().abs(), c.abs(), rtol=0, atol=2e-5 * float(c.abs().max()))
+    torch.testing.assert_close(st.a2[:, :R].double(), a2, rtol=0, atol=2e-5 * float(a2.max()))
+    assert not st.a2[:, R:].any() and not st.c[:, R:].any()   # no direction beyond the rank
+    s_ref = torch.linalg.svdvals(merged.double())
+    assert float((st.S[:R].double() - s_ref[:R]).abs().max()) < 1e-7 * float(s_ref[0])
+    ex = _pool(mats).layer("w")   # "exact": LAPACK's, as the official code
+    torch.testing.assert_close(D.sar_to_merged(ex, merged), D.sar_to_merged(layer, merged), rtol=0, atol=1e-5)
+
+
 def test_layers_and_states_given_in_another_dtype_are_diagnosed_as_the_same_values():
     """float16 experts over a float32 base: a frozen layer counted as changed (its zero task matrices halved SAR_avg,
     0.40 for 0.79); a float64 merged state was rounded to float32 before merged - base."""

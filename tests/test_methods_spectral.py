@@ -165,6 +165,50 @@ def test_svd_tall_float64_gram_route_is_more_accurate_than_lapack_float32(shape)
     assert S.tolist() == [1.0, 0.5, 0.0] and torch.allclose(U.mT @ U, torch.eye(3))
 
 
+@pytest.mark.parametrize("shape", [(300, 120), (120, 300), (100, 100)])
+def test_svd_gram_to_rank_resolves_a_rank_deficient_matrix_up_to_its_numerical_rank(shape):
+    """svd_gram_to_rank: the float64 Gram route for a matrix svd_gram leaves to LAPACK (rank deficient), for callers
+    that read no direction beyond the numerical rank: the values to float64's within ~sqrt(eps64) of the largest,
+    the vectors over the rank orthonormal and spanning the matrix's, none beyond it; the same bits as svd_tall's
+    Gram route on a full-rank matrix; None where it cannot tell (float64, zero, under 84 rows and columns)."""
+    g = torch.Generator().manual_seed(12)
+    m, n = shape
+    rank = 70
+    U0 = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64)).Q
+    V0 = torch.linalg.qr(torch.randn(n, rank, generator=g, dtype=torch.float64)).Q
+    A = ((U0 * torch.logspace(0, -3, rank, dtype=torch.float64)) @ V0.mT).float()   # rounding: rank 70 numerically
+    assert linalg.svd_gram(A if m >= n else A.mT) is None                            # svd_tall takes LAPACK here
+    U, S, Vh = linalg.svd_gram_to_rank(A)
+    r = min(shape)
+    assert U.shape == (m, r) and S.shape == (r,) and Vh.shape == (r, n)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    want = torch.linalg.svdvals(A.double())
+    assert float((S.double() - want).abs().max()) < 1e-7 * float(want[0])
+    live = int((want > want[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
+    assert live == rank
+    eye = torch.eye(rank, dtype=torch.float64)
+    assert float((U[:, :rank].double().mT @ U[:, :rank].double() - eye).abs().max()) < 1e-6
+    assert float((Vh[:rank].double() @ Vh[:rank].double().mT - eye).abs().max()) < 1e-6
+    assert not U[:, rank:].any() and not Vh[rank:].any()
+    assert _rel((U * S) @ Vh, A.double()) < 1e-6
+    # its range: the float32 matrix's own (float64's SVD of it)
+    U64 = torch.linalg.svd(A.double(), full_matrices=False).U[:, :rank]
+    assert float(torch.linalg.matrix_norm(U64 - U[:, :rank].double() @ (U[:, :rank].double().mT @ U64))) < 1e-5
+    # ten more directions at 1e-6 of the largest: below the numerical rank's cut (max(m, n) eps32 = 3.6e-5), above
+    # what the Gram counts as zero (1.5e-7), and unresolved there (a float64 Gram's error is ~eps64 / 1e-12 of them)
+    U1 = torch.linalg.qr(torch.randn(m, rank + 10, generator=g, dtype=torch.float64)).Q
+    V1 = torch.linalg.qr(torch.randn(n, rank + 10, generator=g, dtype=torch.float64)).Q
+    S1 = torch.cat([torch.logspace(0, -3, rank, dtype=torch.float64), torch.full((10,), 1e-6, dtype=torch.float64)])
+    U, S, Vh = linalg.svd_gram_to_rank(((U1 * S1) @ V1.mT).float())
+    assert not U[:, rank:].any() and not Vh[rank:].any() and float(S[rank + 9]) > 5e-7
+    # full rank: svd_tall's Gram route, bit for bit
+    full = A + 0.01 * torch.randn(m, n, generator=g)
+    for got, same in zip(linalg.svd_gram_to_rank(full), linalg.svd_tall(full, exact=False)):
+        assert torch.equal(got, same)
+    assert linalg.svd_gram_to_rank(A.double()) is None and linalg.svd_gram_to_rank(torch.zeros(m, n)) is None
+    assert linalg.svd_gram_to_rank(A[:83, :83]) is None and linalg.svd_gram_to_rank(A[:84, :84]) is not None
+
+
 @pytest.mark.parametrize("shape", [(300, 80), (80, 300), (64, 64), (3, 2, 40, 25)])
 def test_svdvals_from_the_float64_gram_is_closer_to_float64_than_lapack_float32(shape):
     """linalg.svdvals (the diagnostics' spectra): float32 in, float32 out, within ~sqrt(eps64) of the largest value
