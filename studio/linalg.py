@@ -551,8 +551,10 @@ def svd_gram_to_rank(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, T
     (``torch.linalg.matrix_rank``'s numerical rank, which the diagnostics keep to), so also of a rank-deficient
     matrix, which :func:`svd_gram` leaves to LAPACK: the singular vectors of the values at or below ``min_ratio *
     sigma_max`` (below that rank's cut) are zero, their values the Gram's (within ~``sqrt(eps64) sigma_max``). The
-    same bits as :func:`svd_tall`'s Gram route where that takes the matrix (full rank); a TSV-M merge below rank
-    ``1/T`` on a ``3072 x 768`` layer, one core: about 100 instead of 280 ms (the float64 Gram, then LAPACK's SVD).
+    same bits as :func:`svd_tall`'s Gram route where that takes the matrix (full rank). The diagnostics' statistics of
+    an 8-task TSV-M merge below rank ``1/T`` (this SVD and every task's responses) took 328 instead of 590 ms on a
+    ``3072 x 768`` layer, one core (LAPACK's SVD after the float64 Gram that found the rank deficient;
+    docs/PERFORMANCE.md).
     ``None`` (the caller takes LAPACK's) for a float64 or zero matrix, and where ``min_ratio`` is below that cut (a
     matrix under 84 rows and columns: a value between would be read unresolved).
 
