@@ -831,7 +831,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def update_diagnostics(method, hp, experts, calibration, cal, prefs, layer, metric, scope="layer", seed=0):
             """The four plots of the settings, the layer's three first: the per-layer curves (every layer's merged
             delta decomposed again after a structural change: 6.6-7.2 s on 8 ViT-B/32 experts, the layer's plots
-            2.8-4.0 s) follow when ready, the status line saying so in between; where they are ready within
+            2.7-4.0 s) follow when ready, the status line saying so in between; where they are ready within
             CURVES_WAIT_S (MiniSuite) all four come at once."""
             t0 = time.perf_counter()
             experts = list(experts or [])
@@ -877,7 +877,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             except Exception as exc:  # noqa: BLE001 - the layer's plots stay
                 log.error("per-layer curves failed", exc_info=exc)
                 msg = f"per-layer curves failed: {exc}"
-                yield *first, plots.empty_figure(msg, height=600), f"⚠️ {msg}", metric_text
+                yield *first, plots.empty_figure(msg, height=600), f"⚠️ {msg}{note}", metric_text
                 return
             merged_top = d.merged_spectrum is not None and len(d.merged_spectrum)
             top = f"{float(d.merged_spectrum[0]):.4g}" if merged_top else "n/a"

@@ -92,8 +92,8 @@ def spectrum(matrix: Tensor) -> Tensor:
 
     Used for the task matrices and the merged delta of a layer (Ortho-Merge Fig. 4, Iso Fig. 1 plot these spectra).
     A float32 or half matrix goes through :func:`studio.linalg.svdvals` (the float64 Gram's eigenvalues: about half
-    LAPACK's float32 time on tall layers, and within ~1.5e-8 of the largest value where LAPACK's float32 is 6e-7
-    off); a float64 one through LAPACK.
+    LAPACK's float32 time on tall layers, and within 3-5e-8 of the largest value where LAPACK's float32 is 6e-7 to
+    1.2e-6 off); a float64 one through LAPACK.
 
     Example:
         >>> spectrum(torch.diag(torch.tensor([1.0, 3.0, 2.0]))).tolist()
@@ -794,8 +794,12 @@ def _cross_terms(layer: LayerTasks, merged: Tensor | None) -> Tensor:
     delta, tag = _merged_delta(layer, merged)
 
     def compute() -> Tensor:
-        U, _, Vh = layer.sum_svd() if tag == "ta_sum" else \
-            _align.sum_ordered_svd(delta, layer.sum(), layer.pool.svd_mode == "exact")   # as _merged_stats
+        # the basis of _merged_stats: its a2 multiplies these in svc_cross_terms (two bases there made the raw inner
+        # products asymmetric, 3.5e-5 on rank-deficient merges)
+        svd = layer.sum_svd() if tag == "ta_sum" else _merged_svd(layer, delta)
+        if svd is None:
+            svd = _align.sum_ordered_svd(delta, layer.sum(), layer.pool.svd_mode == "exact")
+        U, _, Vh = svd
         alpha1, _ = _align.cross_influence_terms(layer.deltas, U, Vh)
         return torch.nan_to_num(alpha1, nan=0.0, posinf=0.0, neginf=0.0)
 

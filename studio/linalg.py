@@ -555,8 +555,8 @@ def svd_gram_to_rank(matrix: Tensor, min_ratio: float = 1e-5) -> tuple[Tensor, T
     an 8-task TSV-M merge below rank ``1/T`` (this SVD and every task's responses) took 328 instead of 590 ms on a
     ``3072 x 768`` layer, one core (LAPACK's SVD after the float64 Gram that found the rank deficient;
     docs/PERFORMANCE.md).
-    ``None`` (the caller takes LAPACK's) for a float64 or zero matrix, and where ``min_ratio`` is below that cut (a
-    matrix under 84 rows and columns: a value between would be read unresolved).
+    ``None`` (the caller takes LAPACK's) for a float64, zero or empty matrix, and where that cut is below
+    ``min_ratio`` (``max(m, n)`` under 84: a value between the two would be read unresolved).
 
     Example:
         >>> U, S, Vh = svd_gram_to_rank(torch.diag(torch.tensor([2.0, 0.0, 1.0] + [0.0] * 97)))
@@ -584,7 +584,7 @@ def svdvals(matrix: Tensor) -> Tensor:
     float32: about half the time of LAPACK's float32 ``gesdd`` on the tall layers of CLIP-like models, and more
     accurate. A backward-stable float64 eigensolve moves the eigenvalue ``sigma_i^2`` by ``~eps64 sigma_max^2``, so
     ``sigma_i`` by ``~eps64 sigma_max^2 / sigma_i`` and never by more than ``~sqrt(eps64) sigma_max`` (1.5e-8
-    relative to the largest) where LAPACK's float32 SVD is off by ``~eps32 sigma_max`` (6e-8, 6e-7 measured). A
+    relative to the largest) where LAPACK's float32 SVD is off by ``~eps32 sigma_max`` (1.2e-7; 6e-7 measured). A
     float64 input takes LAPACK's float64 ``svdvals``, which this would not match (its error is ``~eps64
     sigma_max``).
 
@@ -599,6 +599,8 @@ def svdvals(matrix: Tensor) -> Tensor:
     if matrix.dtype == torch.float64 or not matrix.is_floating_point() or matrix.is_complex():
         return torch.linalg.svdvals(matrix)
     m, n = matrix.shape[-2:]
+    if matrix.numel() == 0:   # no entries: no values (or zeros of none), as torch.linalg.svdvals
+        return torch.zeros(*matrix.shape[:-2], min(m, n), dtype=torch.float32, device=matrix.device)
     flat = matrix.reshape(-1, m, n)
     if m < n:
         flat = flat.mT

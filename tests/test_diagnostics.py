@@ -975,6 +975,10 @@ def test_a_rank_deficient_merge_is_diagnosed_through_the_gram_to_its_rank(shape)
     assert not st.a2[:, R:].any() and not st.c[:, R:].any()   # no direction beyond the rank
     s_ref = torch.linalg.svdvals(merged.double())
     assert float((st.S[:R].double() - s_ref[:R]).abs().max()) < 1e-7 * float(s_ref[0])
+    # SVC's raw cross terms <a_i^r, a_j^r> are symmetric: their two factors in one basis (the cross terms took
+    # LAPACK's basis and the responses the Gram's: 2.5e-6 and 4.6e-6 asymmetric here)
+    raw = D.svc_cross_terms(layer, merged, rank=R, normalize=False)
+    assert float((raw - raw.transpose(0, 1)).abs().max() / raw.abs().max()) < 2e-7
     ex = _pool(mats).layer("w")   # "exact": LAPACK's, as the official code
     torch.testing.assert_close(D.sar_to_merged(ex, merged), D.sar_to_merged(layer, merged), rtol=0, atol=1e-5)
 

@@ -240,6 +240,9 @@ def test_svdvals_from_the_float64_gram_is_closer_to_float64_than_lapack_float32(
     torch.testing.assert_close(half.double(), torch.linalg.svdvals(A[..., :20, :10].half().double()),
                                rtol=0, atol=1e-6)
     torch.testing.assert_close(linalg.svdvals(A.double()), want, rtol=0, atol=0)
+    # no entries: torch.linalg.svdvals's shapes (a reshape of them failed)
+    for empty, shape_out in (((0, 5), (0,)), ((5, 0), (0,)), ((2, 0, 5), (2, 0)), ((0, 3, 4), (0, 3))):
+        assert linalg.svdvals(torch.zeros(empty)).shape == torch.linalg.svdvals(torch.zeros(empty)).shape == shape_out
 
 
 @pytest.mark.parametrize("shape", [(30, 20), (20, 30)])

@@ -1442,4 +1442,12 @@ MUTANTS = [
      ' or max(m, n) * torch.finfo(torch.float32).eps < min_ratio or n == 0:',
      ' or n == 0:',
      "svd_gram_to_rank: a small matrix's values between its rank's cut and min_ratio taken unresolved"),
+    ('tr4', 'studio/diagnostics.py',
+     '        svd = layer.sum_svd() if tag == "ta_sum" else _merged_svd(layer, delta)\n',
+     '        svd = layer.sum_svd() if tag == "ta_sum" else None\n',
+     "SVC's cross terms in LAPACK's basis, the responses they multiply in the Gram's (asymmetric raw terms)"),
+    ('sv3', 'studio/linalg.py',
+     '    if matrix.numel() == 0:   # no entries',
+     '    if False:   # no entries',
+     "svdvals: a matrix without rows or columns fails its reshape"),
 ]

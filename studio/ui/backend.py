@@ -681,7 +681,7 @@ class Studio:
     def curves(self, req: MergeRequest | None, *, pool_experts: Sequence[str] | None = None) -> dict[str, Any]:
         """The per-layer curves of :meth:`diagnostics` alone (its ``curves``, the same values): after a structural
         change on large experts they take most of an update (every layer's merged delta decomposed again: 6.6-7.2 s
-        after a TSV-M rank change on 8 ViT-B/32 experts, where the layer's plots took 2.8-4.0 s with the merge;
+        after a TSV-M rank change on 8 ViT-B/32 experts, where the layer's plots took 2.7-4.0 s with the merge;
         docs/PERFORMANCE.md), so the app draws the layer's plots first (``diagnostics(..., curves=False)``) and
         these when they are ready. ``req=None``: against the Task Arithmetic sum of ``pool_experts``, as
         :meth:`diagnostics`."""
