@@ -373,7 +373,9 @@ def test_the_curves_alone_are_the_diagnostics_curves(st: Studio, two):
     req = st.request("ties", {"k": 0.31}, two)
     d = st.diagnostics(req, layer, "cosine", curves=False)
     assert d.curves == {} and decomposed() == 0 and d.merged_spectrum is not None
-    fresh = Studio(st.suite, device="cpu")   # its own caches: the curves computed there, not read back
+    studio.engine.clear_pools()   # pools are shared by expert set: the fresh Studio's is a new one, nothing read back
+    fresh = Studio(st.suite, device="cpu")
+    assert fresh.pool(two) is not pool
     for r in (req, st.request("ties", {"k": 0.31, "alpha": 0.55}, two),
               st.request("tsv_m", {"alpha": 0.6}, two, calibrate="svc"), None):
         got = st.curves(r, pool_experts=two)
