@@ -644,20 +644,16 @@ def _task_norm2(layer: LayerTasks) -> Tensor:
 
 
 def _merged_svd(layer: LayerTasks, delta: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The merged delta's sum-ordered SVD (:func:`~studio.methods._align.sum_ordered_svd`) where that would take
-    LAPACK's for a rank-deficient merge (TSV-M below rank ``1/T``; ``svd_mode="auto"``): through the float64 Gram
-    to the numerical rank the diagnostics read (:func:`studio.linalg.svd_gram_to_rank`; the same bits where the
-    merge has full rank). ``None`` for the Task Arithmetic sum (its memo), a flat spectrum (Iso-C, Iso-CTS,
-    Ortho-Merge: :func:`~studio.methods._align.merged_spectrum` has its own route), ``svd_mode="exact"`` (LAPACK's,
-    as the official code) and where that route does not apply."""
+    """The merged delta's sum-ordered SVD (:func:`~studio.methods._align.sum_ordered_svd`) with ``to_rank``: a
+    rank-deficient merge (TSV-M below rank ``1/T``; ``svd_mode="auto"``) through the float64 Gram to the numerical
+    rank the diagnostics read (:func:`studio.linalg.svd_gram_to_rank`), not LAPACK's float32 SVD; the same bits
+    where the merge has full rank or a flat spectrum. ``None`` (the caller takes
+    :func:`~studio.methods._align.merged_spectrum`'s) for the Task Arithmetic sum (its memo) and in
+    ``svd_mode="exact"`` (LAPACK's, as the official code)."""
     total = layer.sum()
     if layer.pool.svd_mode == "exact" or delta is total or (delta.shape == total.shape and torch.equal(delta, total)):
         return None
-    flat = _align._flat_svd(delta, total)
-    if flat is not None:
-        return flat
-    found = linalg.svd_gram_to_rank(delta)
-    return None if found is None else _align.order_ties_by_sum(*found, total)
+    return _align.sum_ordered_svd(delta, total, exact=False, to_rank=True)
 
 
 def _merged_stats(layer: LayerTasks, merged: Tensor | None) -> _MergedStats:

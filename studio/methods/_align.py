@@ -194,7 +194,8 @@ def _flat_svd(merged: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor] | 
     return (Ub, S, W.mT) if tall else (W, S, Ub.mT)
 
 
-def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True,
+                    to_rank: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD of a merged delta (:func:`studio.linalg.svd_tall`) with the basis of each (numerically) degenerate
     cluster of singular values fixed by the task-matrix sum ``total``.
 
@@ -210,6 +211,11 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
     sum, nothing moves. Singular values inside a cluster become the diagonal of ``R^T diag(S_c) R`` (equal to
     ``S_c`` up to the cluster's spread).
 
+    ``to_rank=True`` (not ``exact``), for a caller that reads no direction beyond the merge's numerical rank (the
+    diagnostics): a rank-deficient merge is decomposed through its float64 Gram to that rank
+    (:func:`studio.linalg.svd_gram_to_rank`) where :func:`studio.linalg.svd_tall` would take LAPACK's float32 SVD;
+    a full-rank one gets the same bits either way.
+
     Example:
         >>> total = torch.diag(torch.tensor([1.0, 3.0]))
         >>> U, S, Vh = sum_ordered_svd(2 * torch.eye(2), total)   # any rotation is an SVD; LAPACK returns e1 first
@@ -219,7 +225,8 @@ def sum_ordered_svd(merged: Tensor, total: Tensor, exact: bool = True) -> tuple[
     flat = _flat_svd(merged, total)
     if flat is not None:
         return flat
-    return order_ties_by_sum(*linalg.svd_tall(merged, exact), total)
+    found = linalg.svd_gram_to_rank(merged) if to_rank and not exact else None
+    return order_ties_by_sum(*(found if found is not None else linalg.svd_tall(merged, exact)), total)
 
 
 def order_ties_by_sum(U: Tensor, S: Tensor, Vh: Tensor, total: Tensor) -> tuple[Tensor, Tensor, Tensor]:
