@@ -45,7 +45,6 @@ import hashlib
 import math
 import numbers
 import re
-from functools import partial
 from typing import Any, Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -65,7 +64,7 @@ __all__ = [
     "energy_preservation", "subspace_similarity", "task_cosine", "pairwise_sar", "sar_to_merged", "sti",
     "sti_pairwise", "sti_from_factors", "svc_coefficients", "svc_cross_terms", "svc_cross_matrix",
     "cross_influence", "cross_influence_matrix", "eta", "sai", "layer_curves", "interference_matrix", "Metric",
-    "sar_avg", "model_matrix", "unchanged_tasks", "report", "report_summary",
+    "sar_avg", "model_matrix", "unchanged_tasks", "task_curves", "report", "report_summary",
     "METRICS", "CURVES", "SAR_AVG_HELP",
 ]
 
@@ -348,7 +347,7 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
         0.0
     """
     if isinstance(layer, LayerTasks):
-        deltas = layer.deltas
+        total = float(_task_norm2(layer).sum())
         if merged is None:
             merged = layer.sum()
         elif tuple(merged.shape) != tuple(layer.shape):
@@ -364,8 +363,8 @@ def energy_preservation(layer: "LayerTasks | Tensor", merged: Tensor | None = No
             raise DiagnosticsError(f"energy_preservation: the merged delta has shape "
                                    f"{tuple(getattr(merged, 'shape', ()))}, expected that of one task delta "
                                    f"{tuple(deltas.shape[1:])} (task deltas: [T, ...] = {tuple(deltas.shape)})")
+        total = float(deltas.double().pow(2).sum())
     _check_values(merged, "energy_preservation", "the merged delta")
-    total = float(deltas.double().pow(2).sum())
     if total <= 0:
         return 0.0
     return float(merged.double().pow(2).sum()) / total
@@ -451,13 +450,34 @@ def task_cosine(layer: LayerTasks) -> Tensor:
     """
 
     def compute() -> Tensor:
-        flat = layer.deltas.reshape(layer.num_tasks, -1).double()
-        norms = flat.norm(dim=1)
-        unit = flat / norms.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
-        return (unit @ unit.mT).clamp(-1.0, 1.0).float()
+        gram = _task_gram(layer)
+        norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
 
     _require_layer(layer)
     return layer.memo(("diag", "cosine"), compute)
+
+
+def _task_gram(layer: LayerTasks) -> Tensor:
+    """``[T, T]`` float64 (compute device): the inner products ``<Delta_i, Delta_j>`` of the (weighted) task
+    matrices, memoised on the layer; its diagonal is each task's squared Frobenius norm (:func:`_task_norm2`).
+
+    Accumulated in float64 over cache-sized blocks of the flattened layer (:meth:`~studio.pool.LayerTasks.raw_chunks`,
+    weighted as :attr:`~studio.pool.LayerTasks.deltas` is: the same float32 values), not over a float64 copy of the
+    ``[T, *shape]`` stack: on one core, 41-46 ms for a ``3072 x 768`` layer of 8 tasks against 190-270 ms for the
+    stack's float64 Gram, or its norms alone, through fresh memory (75 and 151 MB) that this VM backs slowly
+    (docs/PERFORMANCE.md).
+    """
+    def compute() -> Tensor:
+        T = layer.num_tasks
+        gram = torch.zeros(T, T, dtype=torch.float64, device=layer.device)
+        w = None if layer.weights is None else layer.weights.view(-1, 1)
+        for _, _, x in layer.raw_chunks():
+            x = (x if w is None else x.mul_(w)).double()
+            gram.addmm_(x, x.mT)
+        return gram
+
+    return layer.memo(("diag", "gram"), compute)
 
 
 def pairwise_sar(layer: LayerTasks, k: int | None = None, eps: float = 0.05, k_rule: str = "official") -> Tensor:
@@ -637,10 +657,8 @@ class _MergedStats(NamedTuple):
 
 
 def _task_norm2(layer: LayerTasks) -> Tensor:
-    """``[T]`` float64: each task matrix's squared Frobenius norm, memoised on the layer. Made for each merged delta
-    before (the task matrices made again, in float64): 143 ms for a ``3072 x 768`` layer of 8 tasks on one core,
-    about 5 s of one core's time over a ViT-B/32's layers after each merge."""
-    return layer.memo(("diag", "task_norm2"), lambda: layer.deltas.double().pow(2).sum((1, 2)))
+    """``[T]`` float64: each task matrix's squared Frobenius norm, the diagonal of the memoised :func:`_task_gram`."""
+    return _task_gram(layer).diagonal()
 
 
 def _merged_svd(layer: LayerTasks, delta: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -1143,7 +1161,14 @@ def unchanged_tasks(layer: LayerTasks) -> Tensor:
         >>> unchanged_tasks(pool.layer("w")).tolist()
         [False, True]
     """
-    return layer.memo(("diag", "silent"), lambda: (layer.deltas.reshape(layer.num_tasks, -1) == 0).all(1).cpu())
+    # a float32 value's square is a normal float64 (the smallest subnormal's is 2e-90): a norm is 0 only if all are
+    return layer.memo(("diag", "silent"), lambda: (_task_norm2(layer) == 0).cpu())
+
+
+def _per_layer(pool: TaskPool, fn: Callable[[LayerTasks], Any], keys: Sequence[str]) -> list[Any]:
+    """``[fn(pool.layer(key)) for key in keys]`` on the merge's worker threads (:func:`studio.parallel.parallel_map`;
+    the pool's caches are thread-safe, and each worker makes its own layer view), as :func:`layer_curves`' layers."""
+    return parallel_map(lambda key: fn(pool.layer(key)), keys, device=pool.device, host_bound=True)
 
 
 def _mean_over_layers(values: Sequence[Tensor], silent: Sequence[Tensor]) -> Tensor:
@@ -1228,8 +1253,8 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     if not keys:
         raise _nothing_changed(pool, "sar_avg")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
-    per_layer = [pairwise_sar(pool.layer(key), eps=eps, k_rule=k_rule) if pairwise else
-                 sar_to_merged(pool.layer(key), delta_of(key), eps=eps, k_rule=k_rule) for key in keys]
+    per_layer = _per_layer(pool, lambda layer: pairwise_sar(layer, eps=eps, k_rule=k_rule) if pairwise else
+                           sar_to_merged(layer, delta_of(layer.key), eps=eps, k_rule=k_rule), keys)
     return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
 
 
@@ -1271,17 +1296,13 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     k = _check_k(metric, k, keys[0])
     if metric == "cosine":
-        def task_gram(layer: LayerTasks) -> Tensor:   # <Delta_i, Delta_j> of one layer, float64
-            flat = layer.deltas.reshape(layer.num_tasks, -1).double()
-            return (flat @ flat.mT).cpu()
-
         gram = torch.zeros(len(pool.names), len(pool.names), dtype=torch.float64)
         for key in keys:
-            layer = pool.layer(key)
-            gram += layer.memo(("diag", "gram"), partial(task_gram, layer))
+            gram += _task_gram(pool.layer(key)).cpu()   # <Delta_i, Delta_j> of one layer, float64
         norms = gram.diagonal().clamp_min(0).sqrt()   # 0 for an expert equal to the base: its row is NaN
         return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
-    per_layer = [interference_matrix(pool, key, metric, delta_of(key), k) for key in keys]
+    per_layer = _per_layer(pool, lambda layer: interference_matrix(pool, layer.key, metric, delta_of(layer.key), k),
+                           keys)
     return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
 
 
@@ -1385,6 +1406,46 @@ def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, k
     if progress is not None:
         progress(1.0, "diagnostics: done")
     return out
+
+
+def task_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None, *,
+                merged_is_delta: bool | None = None, layer_rule: "LayerRule | str | None" = None,
+                normalized_entropy: bool = False, eps: float = 0.05, k_rule: str = "official") -> dict[str, Any]:
+    """Each task's own per-layer values, for a line per task (the app's entropy and SAR plots): the spectral entropy
+    of its task matrix (Ortho-Merge eq. 9) and its SAR to the merged delta at ``k_M`` (Iso eq. 5), NaN on a layer
+    its expert left as the base (:func:`unchanged_tasks`: 0/0 there). :func:`layer_curves` gives their means and
+    minima over the tasks; the arguments are its own (``merged=None``: the Task Arithmetic sum).
+
+    The layers run on the merge's worker threads, as :func:`layer_curves`' do: every task's full spectrum of every
+    layer is computed here the first time (:func:`task_spectra`, memoised), 17-22 s of one core's time for 8
+    ViT-B/32-sized experts (docs/PERFORMANCE.md).
+
+    Returns:
+        ``{"key": [...], "entropy": {task: [float, ...]}, "sar": {task: [float, ...]}}``, one value per layer of
+        ``keys`` (default: as :func:`layer_curves`), the tasks in the pool's order.
+
+    Example:
+        >>> base = {"w": torch.zeros(2, 2), "v": torch.zeros(2, 2)}
+        >>> e = torch.diag(torch.tensor([1.0, 0.0]))   # rank 1: entropy 0, and all of it in the sum's direction
+        >>> experts = {"a": {"w": e, "v": torch.zeros(2, 2)}, "b": {"w": e, "v": torch.eye(2)}}
+        >>> out = task_curves(TaskPool(base, experts), keys=["w", "v"], normalized_entropy=True)
+        >>> out["entropy"], out["sar"]   # a left v as the base: nothing to measure there
+        ({'a': [0.0, nan], 'b': [0.0, 1.0]}, {'a': [1.0, nan], 'b': [1.0, 0.7071067690849304]})
+    """
+    keys = _matrix_keys(pool, keys, layer_rule)
+    normalized_entropy = _check_flag("task_curves", normalized_entropy, "normalized_entropy")
+    delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
+
+    def row(layer: LayerTasks) -> tuple[list[float], list[float]]:
+        quiet = unchanged_tasks(layer)
+        entropy = spectral_entropy(task_spectra(layer), normalized_entropy).cpu().double().masked_fill(quiet, math.nan)
+        sar = sar_to_merged(layer, delta_of(layer.key), eps=eps, k_rule=k_rule).cpu().double()
+        return entropy.tolist(), sar.masked_fill(quiet, math.nan).tolist()
+
+    rows = _per_layer(pool, row, keys)
+    return {"key": list(keys),
+            "entropy": {n: [r[0][t] for r in rows] for t, n in enumerate(pool.names)},
+            "sar": {n: [r[1][t] for r in rows] for t, n in enumerate(pool.names)}}
 
 
 def interference_matrix(pool: TaskPool, key: str, metric: str, merged: "Tensor | Mapping[str, Tensor] | None" = None,

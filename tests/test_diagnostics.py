@@ -583,6 +583,80 @@ def test_diagnostics_agree_between_exact_and_auto_svd():
     torch.testing.assert_close(D.task_spectra(au), D.task_spectra(ex))
 
 
+def _gram64(deltas: torch.Tensor) -> torch.Tensor:
+    flat = deltas.reshape(deltas.shape[0], -1).double()
+    return flat @ flat.mT
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_task_gram_is_the_float64_gram_of_the_task_matrices_over_blocks(dtype):
+    # 350,000 entries: five blocks of the CPU's chunk (the last one partial); the third expert is the base, the fourth
+    # differs from it by one subnormal
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(700, 500, generator=g).to(dtype)}
+    base["w"][3, 4] = 0.0
+    experts = {f"t{i}": {"w": (base["w"].double() + 0.01 * torch.randn(700, 500, generator=g, dtype=torch.float64))
+                         .to(dtype)} for i in range(2)}
+    experts["same"] = {"w": base["w"].clone()}
+    if dtype == torch.float32:
+        tiny = base["w"].clone()
+        tiny[3, 4] = 1e-45   # float32's smallest subnormal: its square is a normal float64
+        experts["tiny"] = {"w": tiny}
+    pool = TaskPool(base, experts)
+    T = len(experts)
+    chunks = list(pool.layer("w").raw_chunks())
+    assert len(chunks) > 2 and chunks[-1][1] - chunks[-1][0] < chunks[0][1] - chunks[0][0]
+    for w in (None, torch.tensor([2.0, 0.3, 1.0, 5.0][:T])):
+        layer = pool.layer("w", w)
+        want = _gram64(layer.deltas)   # the float32 values the methods see, weighted in float32 as deltas are
+        got = D._task_gram(layer)
+        assert got.dtype == torch.float64 and got.shape == (T, T)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+        quiet = [False, False, True] + ([False] if dtype == torch.float32 else [])
+        assert D.unchanged_tasks(layer).tolist() == quiet
+        cos = D.task_cosine(layer)
+        unit = layer.deltas.reshape(T, -1).double()
+        unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        torch.testing.assert_close(cos, (unit @ unit.mT).float(), rtol=0, atol=1e-7)
+        assert cos[2].eq(0).all() and cos[:, 2].eq(0).all()   # the unchanged expert: cosine 0 with all, itself too
+        assert D.energy_preservation(layer) == pytest.approx(
+            float(layer.sum().double().pow(2).sum() / layer.deltas.double().pow(2).sum()), rel=1e-6)
+    # the whole model's cosine sums the layers' Grams
+    torch.testing.assert_close(D.model_matrix(pool, "cosine")[:2, :2], D.task_cosine(pool.layer("w"))[:2, :2],
+                               rtol=0, atol=1e-7)
+
+
+def test_task_curves_are_each_tasks_entropy_and_sar_per_layer():
+    mats = _lowrank(3, 12, 9, 2, seed=23)
+    base = {"a": torch.zeros(12, 9), "b": torch.zeros(9, 12), "v": torch.zeros(9)}
+    experts = {f"t{i}": {"a": m, "b": m.mT * (i + 1), "v": torch.ones(9)} for i, m in enumerate(mats)}
+    experts["t2"]["b"] = torch.zeros(9, 12)   # t2 left b as the base
+    pool = TaskPool(base, experts)
+    merged = {k: sum(e[k] for e in experts.values()) / 2 for k in ("a", "b")}   # some merged deltas
+    for m in (None, merged):
+        out = D.task_curves(pool, m, merged_is_delta=None if m is None else True, normalized_entropy=True)
+        assert out["key"] == ["a", "b"] and list(out["entropy"]) == list(out["sar"]) == ["t0", "t1", "t2"]
+        for j, key in enumerate(out["key"]):
+            layer = pool.layer(key)
+            h = D.spectral_entropy(D.task_spectra(layer), normalized=True)
+            sar = D.sar_to_merged(layer, None if m is None else m[key])
+            for t, n in enumerate(pool.names):
+                if key == "b" and n == "t2":
+                    assert math.isnan(out["entropy"][n][j]) and math.isnan(out["sar"][n][j])
+                else:
+                    assert out["entropy"][n][j] == pytest.approx(float(h[t]), abs=1e-7)
+                    assert out["sar"][n][j] == pytest.approx(float(sar[t]), abs=1e-7)
+    # the curves' own mean over the changed tasks is layer_curves'
+    lc = D.layer_curves(pool, merged, merged_is_delta=True, curves=["sar_mean", "task_entropy"],
+                        normalized_entropy=True)
+    tc = D.task_curves(pool, merged, merged_is_delta=True, normalized_entropy=True)
+    for j in range(2):
+        assert lc["sar_mean"][j] == pytest.approx(np.nanmean([v[j] for v in tc["sar"].values()]), abs=1e-6)
+        assert lc["task_entropy"][j] == pytest.approx(np.nanmean([v[j] for v in tc["entropy"].values()]), abs=1e-6)
+    with pytest.raises(StudioError, match="task_curves: normalized_entropy must be true or false"):
+        D.task_curves(pool, normalized_entropy="yes")
+
+
 def test_weights_rescale_spectra_and_leave_angles_alone():
     mats = _lowrank(3, 10, 8, 2, seed=19)
     pool = _pool(mats)

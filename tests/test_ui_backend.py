@@ -627,3 +627,8 @@ def test_the_apps_sar_avg_is_the_librarys_with_an_expert_that_froze_layers(st: S
     for i, key in enumerate(keys):
         assert np.isnan(got["sar"][names[0]][i]) == (key in frozen) and not np.isnan(got["sar"][names[1]][i])
         assert np.isnan(got["entropy"][names[0]][i]) == (key in frozen)
+        # each task's normalised spectral entropy (Ortho-Merge eq. 9) where its expert changed the layer
+        entropy = diag.spectral_entropy(diag.task_spectra(pool.layer(key)), normalized=True).tolist()
+        for t, n in enumerate(names):
+            if not (t == 0 and key in frozen):
+                assert got["entropy"][n][i] == pytest.approx(entropy[t], abs=1e-7)

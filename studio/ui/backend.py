@@ -785,26 +785,18 @@ class Studio:
         :mod:`studio.diagnostics` (memoised on the pool); this only gathers per-task values across layers.
         """
         keys = self.layer_keys()
-        base = diag.layer_curves(pool, deltas, keys, merged_is_delta=True if deltas is not None else None,
-                                 curves=["sti", "merged_entropy"], normalized_entropy=True)
-        entropy: dict[str, list[float]] = {n: [] for n in pool.names}
-        sar: dict[str, list[float]] = {n: [] for n in pool.names}
-        nan = float("nan")
-        for key in keys:
-            lt = pool.layer(key)
-            quiet = diag.unchanged_tasks(lt).tolist()   # an expert that left the layer as the base: no value there
-            for n, h, q in zip(pool.names, diag.spectral_entropy(diag.task_spectra(lt), normalized=True).tolist(),
-                               quiet):
-                entropy[n].append(nan if q else float(h))
-            for n, v, q in zip(pool.names, diag.sar_to_merged(lt, None if deltas is None else deltas[key]).tolist(),
-                               quiet):
-                sar[n].append(nan if q else float(v))
+        is_delta = True if deltas is not None else None
+        base = diag.layer_curves(pool, deltas, keys, merged_is_delta=is_delta, curves=["sti", "merged_entropy"],
+                                 normalized_entropy=True)
+        # NaN where an expert left the layer as the base
+        per_task = diag.task_curves(pool, deltas, keys, merged_is_delta=is_delta, normalized_entropy=True)
+        sar = per_task["sar"]
         # Iso's SAR_avg (sec. 3.3, Fig. 3a): each task's SAR averaged over the layers its expert changed, =
         # diag.sar_avg on these keys
-        sar_avg = {n: float(np.nanmean(v, dtype=np.float64)) if not np.isnan(v).all() else nan
+        sar_avg = {n: float(np.nanmean(v, dtype=np.float64)) if not np.isnan(v).all() else float("nan")
                    for n, v in sar.items()}
-        return {"keys": keys, "sti": base["sti"], "merged_entropy": base["merged_entropy"], "entropy": entropy,
-                "sar": sar, "sar_avg": sar_avg,
+        return {"keys": keys, "sti": base["sti"], "merged_entropy": base["merged_entropy"],
+                "entropy": per_task["entropy"], "sar": sar, "sar_avg": sar_avg,
                 "sar_reference": "merge" if deltas is not None else "task arithmetic sum"}
 
     def _check_layer(self, layer: str) -> None:
