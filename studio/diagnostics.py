@@ -464,9 +464,9 @@ def _task_gram(layer: LayerTasks) -> Tensor:
 
     Accumulated in float64 over cache-sized blocks of the flattened layer (:meth:`~studio.pool.LayerTasks.raw_chunks`,
     weighted as :attr:`~studio.pool.LayerTasks.deltas` is: the same float32 values), not over a float64 copy of the
-    ``[T, *shape]`` stack: on one core, 41-46 ms for a ``3072 x 768`` layer of 8 tasks against 190-270 ms for the
-    stack's float64 Gram, or its norms alone, through fresh memory (75 and 151 MB) that this VM backs slowly
-    (docs/PERFORMANCE.md).
+    ``[T, *shape]`` stack on the CPU: on one core, 41-46 ms for a ``3072 x 768`` layer of 8 tasks against 190-270 ms
+    for the stack's float64 Gram, or its norms alone, through fresh memory (75 and 151 MB) that this VM backs slowly
+    (docs/PERFORMANCE.md). On CUDA the layer is one block (:meth:`~studio.pool.LayerTasks.raw_chunks`).
     """
     def compute() -> Tensor:
         T = layer.num_tasks
@@ -1253,9 +1253,10 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
     if not keys:
         raise _nothing_changed(pool, "sar_avg")
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
-    per_layer = _per_layer(pool, lambda layer: pairwise_sar(layer, eps=eps, k_rule=k_rule) if pairwise else
-                           sar_to_merged(layer, delta_of(layer.key), eps=eps, k_rule=k_rule), keys)
-    return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
+    per_layer = _per_layer(pool, lambda layer: (
+        pairwise_sar(layer, eps=eps, k_rule=k_rule) if pairwise else
+        sar_to_merged(layer, delta_of(layer.key), eps=eps, k_rule=k_rule), unchanged_tasks(layer)), keys)
+    return _mean_over_layers(*zip(*per_layer))
 
 
 def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | None" = None, k: int | None = None, *,
@@ -1297,13 +1298,13 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
     k = _check_k(metric, k, keys[0])
     if metric == "cosine":
         gram = torch.zeros(len(pool.names), len(pool.names), dtype=torch.float64)
-        for key in keys:
-            gram += _task_gram(pool.layer(key)).cpu()   # <Delta_i, Delta_j> of one layer, float64
+        for layer_gram in _per_layer(pool, lambda layer: _task_gram(layer).cpu(), keys):
+            gram += layer_gram   # <Delta_i, Delta_j> of one layer, float64
         norms = gram.diagonal().clamp_min(0).sqrt()   # 0 for an expert equal to the base: its row is NaN
         return (gram / norms[:, None] / norms[None, :]).clamp(-1.0, 1.0).float()
-    per_layer = _per_layer(pool, lambda layer: interference_matrix(pool, layer.key, metric, delta_of(layer.key), k),
-                           keys)
-    return _mean_over_layers(per_layer, [unchanged_tasks(pool.layer(key)) for key in keys])
+    per_layer = _per_layer(pool, lambda layer: (
+        interference_matrix(pool, layer.key, metric, delta_of(layer.key), k), unchanged_tasks(layer)), keys)
+    return _mean_over_layers(*zip(*per_layer))
 
 
 def layer_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, keys: Sequence[str] | None = None,
@@ -1413,8 +1414,8 @@ def task_curves(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, ke
                 normalized_entropy: bool = False, eps: float = 0.05, k_rule: str = "official") -> dict[str, Any]:
     """Each task's own per-layer values, for a line per task (the app's entropy and SAR plots): the spectral entropy
     of its task matrix (Ortho-Merge eq. 9) and its SAR to the merged delta at ``k_M`` (Iso eq. 5), NaN on a layer
-    its expert left as the base (:func:`unchanged_tasks`: 0/0 there). :func:`layer_curves` gives their means and
-    minima over the tasks; the arguments are its own (``merged=None``: the Task Arithmetic sum).
+    its expert left as the base (:func:`unchanged_tasks`: 0/0 there). :func:`layer_curves` gives their means over
+    the tasks (and SAR's minimum); the arguments are its own (``merged=None``: the Task Arithmetic sum).
 
     The layers run on the merge's worker threads, as :func:`layer_curves`' do: every task's full spectrum of every
     layer is computed here the first time (:func:`task_spectra`, memoised), 17-22 s of one core's time for 8

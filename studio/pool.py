@@ -719,9 +719,10 @@ class TaskPool:
                 w = None
             # values are read only from host memory: a device tensor's check would wait for its stream, per layer
             if w is None or w.shape != (T,) or (w.device.type == "cpu" and (
-                    not bool(torch.isfinite(w).all()) or bool((w < 0).any()))):
-                raise StudioError(f"weights for '{key}' must be {T} finite numbers >= 0, one per expert "
-                                  f"{list(self.names)}; got {brief(weights)}")
+                    not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or bool((w > _FLOAT32_MAX).any()))):
+                raise StudioError(f"weights for '{key}' must be {T} finite numbers >= 0 (at most float32's "
+                                  f"{_FLOAT32_MAX:.3g}, the precision the task matrices are weighted in), one per "
+                                  f"expert {list(self.names)}; got {brief(weights)}")
         return LayerTasks(self, key, weights)
 
     def memo(self, tag: Hashable, compute: Callable[[], Any], *, transient: bool = False) -> Any:

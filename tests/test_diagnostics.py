@@ -590,8 +590,8 @@ def _gram64(deltas: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_task_gram_is_the_float64_gram_of_the_task_matrices_over_blocks(dtype):
-    # 350,000 entries: five blocks of the CPU's chunk (the last one partial); the third expert is the base, the fourth
-    # differs from it by one subnormal
+    # 350,000 entries: five or six blocks of the CPU's chunk (the last one partial); the third expert is the base, the
+    # fourth differs from it by one subnormal
     g = torch.Generator().manual_seed(5)
     base = {"w": torch.randn(700, 500, generator=g).to(dtype)}
     base["w"][3, 4] = 0.0
@@ -846,7 +846,8 @@ def test_bad_requests_raise_clear_studio_errors(clip):
     with pytest.raises(StudioError, match=r"progress must be a function"):
         D.layer_curves(pool, progress=3)
     # weights: one finite, non-negative number per expert
-    for weights in (torch.ones(5), torch.ones(2), torch.tensor([1.0, float("nan"), 1.0]), [1, -1, 1], "abc"):
+    for weights in (torch.ones(5), torch.ones(2), torch.tensor([1.0, float("nan"), 1.0]), [1, -1, 1], "abc",
+                    [1.0, 1e40, 1.0]):   # 1e40 is finite, but inf in the float32 the task matrices are weighted in
         with pytest.raises(StudioError, match=rf"weights for '{re.escape(key)}' must be 3 finite numbers >= 0"):
             D.interference_matrix(pool, key, "subspace_similarity", weights=weights)
     assert D.subspace_similarity(pool.layer(key), k=None).shape == (3, 3)   # None: the default k
