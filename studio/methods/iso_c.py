@@ -47,10 +47,12 @@ def iso_c(layer: LayerTasks) -> Tensor:
     the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning) is unaffected unless its
     weakest directions sit below that cut. Singular values alone cannot tell such a direction from rounding: a
     helper's edge audit put one at 1e-7 of the largest in a full-rank ``64 x 64`` sum, which the official float32
-    code resolves (its vector is set by the others) and this cut drops, 13 % of the merge; MiniSuite's weakest
-    direction sits at 2.4e-4 of its layer's largest. Experts whose deltas are far smaller than their weights'
-    rounding allows (rounding above ``~1e-6`` of the sum) keep some rounding directions, as the official code keeps
-    all.
+    code resolves (its vector is set by the others) and this cut drops, 13 % of the merge; the bench's synthetic
+    ViT-B/32 experts have three ``768 x 768`` sums with one such direction (1.6-4.1e-6 of the largest, stable under
+    the weights' rounding), which this cut drops, 10 % of one such layer's largest entry (docs/ENGINE.md);
+    MiniSuite's weakest direction sits at 2.4e-4 of its layer's largest. Experts whose deltas are far smaller than
+    their weights' rounding allows (rounding above ``~1e-6`` of the sum) keep some rounding directions, as the
+    official code keeps all.
 
     Example:
         >>> import torch
