@@ -8,7 +8,7 @@ products go through :func:`matmul` (OpenBLAS on the CPU, :mod:`studio._lapack`; 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -140,32 +140,73 @@ def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
 # Spectral-merging building blocks (TSV-M, Iso-CTS, TSV-C). Appended; the functions above are unchanged.
 # ---------------------------------------------------------------------------------------------------------------
 
-def numerical_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size") -> int:
-    """How many of the descending singular values ``S`` of a float32 matrix of ``shape`` are above ten times
-    :func:`null_tolerance` (``~1e-6`` of the largest): the directions float32 data can place. Below it a direction is
-    set by rounding, e.g. the null space of a sum of low-rank experts stored on a base (its singular values
-    ~1e-7 of the largest). Deliberately far below ``torch.linalg.matrix_rank``'s ``max(m, n) * eps`` (3.7e-4 of the
-    largest for a ``3072 x 768`` layer), which would cut real directions of an ill-conditioned full-rank sum: a
-    sum whose spectrum spans four decades lost 38 % of its Iso-C merge to it. A non-finite largest value (an
-    overflowed sum) keeps every direction, for the merge's own finiteness check to name.
+#: Iso-C's and Iso-CTS's rounding edge: how many times a noise block's expected largest singular value a direction may
+#: reach and still be taken for the stored weights' rounding (:func:`rounding_rank`).
+ROUNDING_EDGE = 2.0
+
+
+def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int) -> float:
+    """The standard deviation of one entry's rounding in a float32 sum of task matrices (an upper bound): each expert
+    ``x_t`` as a merge reads it carries float32's rounding, at most ``eps32 |x_t| / 2`` per entry, uniform (a
+    half-precision expert is read as its float32 values, which its coarser rounding is not told apart from: it
+    merges as the float32 copy of its weights does; a float64 one as float64, its delta rounded to float32 after
+    the subtraction), and the float32 sum its own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2
+    mean(A^2)) / 12``.
+
+    ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per expert (``w_t`` its task weight); ``total_norm2``: ``||A||_F^2``
+    of the sum; ``numel``: entries per matrix.
 
     Example:
-        >>> numerical_rank(torch.tensor([3.0, 1e-4, 1e-7]), (3, 3)), numerical_rank(torch.zeros(2), (2, 2))
-        (2, 0)
+        >>> round(rounding_level([(12.0, torch.bfloat16)], 0.0, 1) / torch.finfo(torch.float32).eps, 6)
+        1.0
     """
-    if S.numel() == 0:
+    eps32 = torch.finfo(torch.float32).eps
+    var = sum(norm2 * (torch.finfo(torch.float64).eps if dtype == torch.float64 else eps32) ** 2
+              for norm2, dtype in stored)
+    return math.sqrt((var + len(stored) * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
+
+
+def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float,
+                  edge: float = ROUNDING_EDGE) -> int:
+    """How many of the descending singular values ``S`` (float64-accurate) of a sum of task matrices of ``shape``
+    stand above the stored weights' rounding ``sigma`` (:func:`rounding_level`, per entry): Iso-C's and Iso-CTS's
+    live directions of the sum.
+
+    The ``d`` smallest values are rounding when they fit a ``d``-dimensional block of such noise: the ``d``-th
+    smallest at most ``edge`` times ``sigma (sqrt(m - r + d) + sqrt(n - r + d))``, the largest singular value of a
+    ``(m - r + d) x (n - r + d)`` noise matrix (Marchenko-Pastur's edge); the largest such ``d`` is dropped, with
+    every value at or below :func:`null_tolerance` (which the float64 values cannot place). The null space of a sum
+    of low-rank experts stored on a base (``r - T rank`` values, filled by the weights' rounding) is such a block; an
+    isolated small direction of a full-rank sum, far above one noise value, is not, however small against the
+    largest (docs/ACCURACY.md: the bench's experts have ones at 1.6e-6 of it, which the data place). A non-finite
+    largest value keeps every direction, for the merge's own finiteness check to name; a zero sum keeps none.
+
+    Example:
+        >>> S = torch.tensor([1.0, 1e-3, 1e-5, 1e-9], dtype=torch.float64)   # 1e-9: below null_tolerance
+        >>> rounding_rank(S, (4, 4), 1e-5 / 4), rounding_rank(S, (4, 4), 1e-8), rounding_rank(torch.zeros(2), (2, 2), 0)
+        (2, 3, 0)
+    """
+    r = S.numel()
+    if r == 0:
         return 0
     top = float(S[0])
     if not math.isfinite(top):
-        return S.numel()
+        return r
     if not top > 0:
         return 0
-    return int((S > rank_tolerance(S[0], shape)).sum())
+    m, n = shape[-2:]
+    ascending = S.detach().to("cpu", torch.float64).flip(0)
+    d = torch.arange(1, r + 1, dtype=torch.float64)
+    fits = (ascending <= edge * sigma * ((m - r + d).sqrt() + (n - r + d).sqrt())).nonzero()
+    noise = int(fits[-1]) + 1 if fits.numel() else 0
+    null = int((ascending <= float(null_tolerance(S[0].double(), r))).sum())
+    return r - max(noise, null)
 
 
 def rank_tolerance(largest: Tensor, shape: "tuple[int, ...] | torch.Size") -> Tensor:
-    """The singular value at or below which :func:`numerical_rank` counts a direction of a float32 matrix of
-    ``shape`` with largest singular value ``largest`` as rounding: ten times :func:`null_tolerance`.
+    """The singular value at or below which a direction of a float32 matrix of ``shape`` with largest singular value
+    ``largest`` is taken for rounding by its size alone (Iso-CTS's task directions, AlignMerge-O's components):
+    ten times :func:`null_tolerance`, ``~1e-6`` of the largest (4.1e-6 at ``r = 768``).
 
     Example:
         >>> float(rank_tolerance(torch.tensor(1.0), (4, 4))) == 10 * torch.finfo(torch.float32).eps

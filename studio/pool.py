@@ -598,6 +598,42 @@ class LayerTasks:
     def _sum_svd(self) -> tuple[Tensor, Tensor, Tensor, bool]:
         return self.memo("sum_svd", lambda: linalg.svd_tall_route(self.sum(), exact=self.pool.svd_mode == "exact"))
 
+    def sum_rank(self) -> int:
+        """How many of :meth:`sum_svd`'s directions the data place: those above the stored weights' rounding
+        (:func:`studio.linalg.rounding_rank` with :func:`studio.linalg.rounding_level`), which Iso-C and Iso-CTS
+        keep. Decided on float64-accurate singular values: the Gram route's, else ``svdvals`` of the float64 sum
+        (LAPACK's float32 values of a rank-deficient sum put its null space at up to ~1e-6 of the largest, where the
+        float64 ones are below :func:`~studio.linalg.null_tolerance`). Memoised.
+
+        Example:
+            >>> e = torch.eye(3)
+            >>> experts = {"a": {"w": e[:, :1] @ e[:1]}, "b": {"w": e[:, 1:2] @ e[1:2]}}   # rank 1 each
+            >>> TaskPool({"w": torch.zeros(3, 3)}, experts).layer("w").sum_rank()
+            2
+        """
+        def compute() -> int:
+            _, S, _, from_gram = self._sum_svd()
+            total = self.sum()
+            if not from_gram:
+                S = torch.linalg.svdvals(total.double())
+            weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
+            stored = [(w * w * _norm2(self.pool.tensor(name, self.key)), self.pool.tensor(name, self.key).dtype)
+                      for w, name in zip(weights, self.names)]
+            sigma = linalg.rounding_level(stored, _norm2(total), total.numel())
+            return linalg.rounding_rank(S, self.shape, sigma)
+
+        return self.memo("sum_rank", compute)
+
+
+def _norm2(x: Tensor) -> float:
+    """``||x||_F^2`` as a float64 number: through float32 (no float64 copy of a large tensor), in float64 where that
+    overflows (entries beyond ~1e19) or ``x`` is float64."""
+    if x.dtype != torch.float64:
+        norm = float(torch.linalg.vector_norm(x, dtype=torch.float32))
+        if math.isfinite(norm):
+            return norm * norm
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+
 
 def check_svd_mode(svd_mode: Any) -> None:
     """``svd_mode`` must be ``"auto"`` or ``"exact"`` (see :class:`TaskPool`)."""

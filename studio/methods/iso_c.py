@@ -42,17 +42,16 @@ def iso_c(layer: LayerTasks) -> Tensor:
     one of the ``r`` directions, including the sum's null space, whose singular vectors any SVD picks arbitrarily
     and, for experts stored on a base, the float32 rounding of the weights sets (singular values ~1e-7 of the
     largest). The merge then depends on that rounding: 4 rank-3 experts of a ``96 x 64`` layer merged 127 % apart
-    stored on a random base and on a zero one. Here only the sum's directions above float32's resolution
-    (:func:`studio.linalg.numerical_rank`: ``~1e-6`` of its largest singular value) get ``sigma_bar``, which stays
-    the official mean over all ``r`` singular values; a full-rank sum (full fine-tuning) is unaffected unless its
-    weakest directions sit below that cut. Singular values alone cannot tell such a direction from rounding: a
-    helper's edge audit put one at 1e-7 of the largest in a full-rank ``64 x 64`` sum, which the official float32
-    code resolves (its vector is set by the others) and this cut drops, 13 % of the merge; the bench's synthetic
-    ViT-B/32 experts have three ``768 x 768`` sums with one such direction (1.6-4.1e-6 of the largest, stable under
-    the weights' rounding), which this cut drops, 10 % of one such layer's largest entry (docs/ENGINE.md);
-    MiniSuite's weakest direction sits at 2.4e-4 of its layer's largest. Experts whose deltas are far smaller than
-    their weights' rounding allows (rounding above ``~1e-6`` of the sum) keep some rounding directions, as the
-    official code keeps all.
+    stored on a random base and on a zero one. Here only the sum's directions that stand above the stored weights'
+    rounding get ``sigma_bar`` (:meth:`~studio.pool.LayerTasks.sum_rank`: the smallest singular values that fit a
+    block of that rounding of their number are dropped, :func:`studio.linalg.rounding_rank`), which stays the
+    official mean over all ``r`` singular values. So the LoRA null space is dropped wherever the experts are stored
+    (1e-5 to 3e-3 apart on a random and a zero base, deltas down to 2.3e-4 of the weights; a cut on the size alone,
+    ten times float32's resolution of the largest, merged those up to 8 times their size apart), and a full-rank sum
+    keeps every direction above its rounding, however small against the largest: the bench's synthetic ViT-B/32
+    experts have three ``768 x 768`` sums with one direction at 1.6-4.1e-6 of the largest, which that size cut
+    dropped (10 % of one such layer's largest entry from the official merge; docs/ENGINE.md). MiniSuite's weakest
+    direction sits at 2.4e-4 of its layer's largest.
 
     Example:
         >>> import torch
@@ -64,5 +63,5 @@ def iso_c(layer: LayerTasks) -> Tensor:
         [[2.0, 0.0], [0.0, 2.0]]
     """
     U, S, Vh = layer.sum_svd()
-    rank = linalg.numerical_rank(S, layer.shape)
+    rank = layer.sum_rank()
     return linalg.reconstruct(U[:, :rank], S.mean().expand(rank), Vh[:rank])

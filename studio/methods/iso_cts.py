@@ -51,9 +51,11 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
 
     Directions at the level of float32 rounding carry no direction (as in :func:`~studio.methods.iso_c.iso_c`, a
     deviation from the official code where the sum or a residual is rank deficient, e.g. LoRA experts): the common
-    block keeps ``k' = min(k, rank)`` directions of the sum (:func:`studio.linalg.numerical_rank`), only those are
-    projected out of the task matrices, and a task's direction whose singular value is at or below that rank's
-    tolerance (``~1e-6`` of the sum's largest singular value) is a zero column. Their singular values (rounding,
+    block keeps ``k' = min(k, rank)`` directions of the sum, those above the stored weights' rounding
+    (:meth:`~studio.pool.LayerTasks.sum_rank`), only those are projected out of the task matrices, and a task's
+    direction whose singular value is at or below :func:`studio.linalg.rank_tolerance` (``~1e-6`` of the sum's
+    largest singular value; a cut on the size alone, which keeps rounding directions of deltas below about 2e-3 of
+    their weights: docs/ENGINE.md) is a zero column. Their singular values (rounding,
     ~0) still count in ``sigma_bar``'s sum, as in the official code.
 
     Example:
@@ -66,7 +68,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
         (torch.Size([4, 2]), torch.Size([4, 2]), [4.0, 2.0, 1.0, 1.0])
     """
     U, S, Vh = layer.sum_svd()
-    live = min(k, linalg.numerical_rank(S, layer.shape))   # the sum's directions among the k common ones
+    live = min(k, layer.sum_rank())   # the sum's directions among the k common ones
     # eq. 10 projects the common directions out of each task matrix; those past the sum's rank are set by rounding
     # (and would take an arbitrary part of tasks that cancel in the sum), so only the live ones are projected out
     Uc, Sc = U[:, :live], S[:k]
@@ -82,7 +84,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
                  for delta in layer.task_deltas(reuse=True))
     else:
         parts = ()
-    # the sum's own rank tolerance (numerical_rank): the rounding of the experts is of one scale, the largest
+    # ten times float32's resolution of the sum's largest singular value: the rounding of the experts is of one scale
     rounding = linalg.rank_tolerance(S[0], layer.shape) if S.numel() else 0.0
     for u, sv, vh in parts:
         # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, or a task wholly in the
