@@ -145,7 +145,8 @@ def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
 ROUNDING_EDGE = 2.0
 
 
-def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int) -> float:
+def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int,
+                   tasks: int | None = None) -> float:
     """The standard deviation of one entry's rounding in a float32 sum of task matrices (an upper bound): each expert
     ``x_t`` as a merge reads it carries float32's rounding, at most ``eps32 |x_t| / 2`` per entry, uniform (a
     half-precision expert is read as its float32 values, which its coarser rounding is not told apart from: it
@@ -153,8 +154,9 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     the subtraction), and the float32 sum its own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2
     mean(A^2)) / 12``.
 
-    ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per expert (``w_t`` its task weight); ``total_norm2``: ``||A||_F^2``
-    of the sum; ``numel``: entries per matrix.
+    ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight; a float64 expert adds
+    its delta's norm as a float32 term); ``total_norm2``: ``||A||_F^2`` of the sum; ``numel``: entries per matrix;
+    ``tasks``: ``T`` (default: one per term).
 
     Example:
         >>> round(rounding_level([(12.0, torch.bfloat16)], 0.0, 1) / torch.finfo(torch.float32).eps, 6)
@@ -163,11 +165,12 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     eps32 = torch.finfo(torch.float32).eps
     var = sum(norm2 * (torch.finfo(torch.float64).eps if dtype == torch.float64 else eps32) ** 2
               for norm2, dtype in stored)
-    return math.sqrt((var + len(stored) * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
+    T = len(stored) if tasks is None else tasks
+    return math.sqrt((var + T * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
 
 
 def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float,
-                  edge: float = ROUNDING_EDGE) -> int:
+                  edge: float = ROUNDING_EDGE, resolution: float | None = None) -> int:
     """How many of the descending singular values ``S`` (float64-accurate) of a sum of task matrices of ``shape``
     stand above the stored weights' rounding ``sigma`` (:func:`rounding_level`, per entry): Iso-C's and Iso-CTS's
     live directions of the sum.
@@ -175,7 +178,8 @@ def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float
     The ``d`` smallest values are rounding when they fit a ``d``-dimensional block of such noise: the ``d``-th
     smallest at most ``edge`` times ``sigma (sqrt(m - r + d) + sqrt(n - r + d))``, the largest singular value of a
     ``(m - r + d) x (n - r + d)`` noise matrix (Marchenko-Pastur's edge); the largest such ``d`` is dropped, with
-    every value at or below :func:`null_tolerance` (which the float64 values cannot place). The null space of a sum
+    every value at or below ``resolution``, the values' own error (default :func:`null_tolerance`, a float64 Gram's;
+    a float64 SVD's is ``~max(m, n) eps64`` of the largest). The null space of a sum
     of low-rank experts stored on a base (``r - T rank`` values, filled by the weights' rounding) is such a block; an
     isolated small direction of a full-rank sum, far above one noise value, is not, however small against the
     largest (docs/ACCURACY.md: the bench's experts have ones at 1.6e-6 of it, which the data place). A non-finite
@@ -199,7 +203,9 @@ def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float
     d = torch.arange(1, r + 1, dtype=torch.float64)
     fits = (ascending <= edge * sigma * ((m - r + d).sqrt() + (n - r + d).sqrt())).nonzero()
     noise = int(fits[-1]) + 1 if fits.numel() else 0
-    null = int((ascending <= float(null_tolerance(S[0].double(), r))).sum())
+    if resolution is None:
+        resolution = float(null_tolerance(S[0].double(), r))
+    null = int((ascending <= resolution).sum())
     return r - max(noise, null)
 
 

@@ -614,13 +614,20 @@ class LayerTasks:
         def compute() -> int:
             _, S, _, from_gram = self._sum_svd()
             total = self.sum()
+            resolution = None   # the float64 Gram's (null_tolerance)
             if not from_gram:
                 S = torch.linalg.svdvals(total.double())
+                resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])
             weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
-            stored = [(w * w * _norm2(self.pool.tensor(name, self.key)), self.pool.tensor(name, self.key).dtype)
-                      for w, name in zip(weights, self.names)]
-            sigma = linalg.rounding_level(stored, _norm2(total), total.numel())
-            return linalg.rounding_rank(S, self.shape, sigma)
+            stored = []
+            for i, (w, name) in enumerate(zip(weights, self.names)):
+                x = self.pool.tensor(name, self.key)
+                stored.append((w * w * _norm2(x), x.dtype))
+                if x.dtype == torch.float64 or self.pool.tensor(None, self.key).dtype == torch.float64:
+                    # its delta is rounded to float32 after the subtraction (float32_delta)
+                    stored.append((w * w * _norm2(self.pool.raw_delta(self.key, i)), torch.float32))
+            sigma = linalg.rounding_level(stored, _norm2(total), total.numel(), self.num_tasks)
+            return linalg.rounding_rank(S, self.shape, sigma, resolution=resolution)
 
         return self.memo("sum_rank", compute)
 

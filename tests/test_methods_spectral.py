@@ -688,6 +688,38 @@ def test_iso_c_keeps_an_isolated_small_direction_that_the_data_place():
     assert _rel(merges[0], merges[1]) < 1e-3
 
 
+def test_iso_c_keeps_a_direction_at_1e_7_of_the_largest_that_a_float64_svd_places():
+    """One full-rank expert with a singular value at 1e-7 of its largest, on a zero base: below a float64 Gram's
+    resolution (null_tolerance, 1.2e-7 here), but the sum then goes to LAPACK and its float64 singular values place
+    it; the official loop keeps it, and dropping it put the merge 12.5 % off (a helper's audit)."""
+    g = torch.Generator().manual_seed(0)
+    n = 64
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    s = torch.linspace(1, 0.5, n, dtype=torch.float64)
+    s[-1] = 1e-7
+    delta = ((U * s) @ V.T).float()
+    base, experts = {"w": torch.zeros(n, n)}, {"a": {"w": delta}}
+    assert TaskPool(base, experts).layer("w").sum_rank() == n
+    ours = studio.merge(base, experts, "iso_c", alpha=1.0)["w"]
+    assert _rel(ours, iso_c_reference([{"w": delta}])["w"]) < 1e-5
+
+
+def test_iso_rank_of_float64_experts_counts_their_deltas_rounding():
+    """Float64 experts' deltas are rounded to float32 after the subtraction: two large deltas that cancel (X + a and
+    -X + b, a and b of rank 3) leave that rounding in the sum, which the sum's rank must not count as directions (it
+    read 64 of 64 and merged 3.2 times the merge's size off; float32 experts gave the true 6)."""
+    g = torch.Generator().manual_seed(5)
+    m, n = 96, 64
+    X = torch.randn(m, n, generator=g, dtype=torch.float64)
+    small = [1e-6 * (torch.randn(m, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g,
+                                                                                       dtype=torch.float64))
+             for _ in range(2)]
+    for dtype in (torch.float64, torch.float32):
+        experts = {"a": {"w": (X + small[0]).to(dtype)}, "b": {"w": (-X + small[1]).to(dtype)}}
+        assert TaskPool({"w": torch.zeros(m, n, dtype=dtype)}, experts).layer("w").sum_rank() == 6, dtype
+
+
 def test_iso_merges_of_an_ill_conditioned_full_rank_sum_keep_every_direction():
     """A full-rank sum whose spectrum spans five decades: every direction is real and gets sigma_bar, as in the
     official loop, so the merge is flat at the mean over all r. torch.linalg.matrix_rank's tolerance (max(m, n) *
