@@ -146,7 +146,7 @@ ROUNDING_EDGE = 2.0
 
 
 def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int,
-                   tasks: int | None = None) -> float:
+                   tasks: int) -> float:
     """The standard deviation of one entry's rounding in a float32 sum of task matrices (an upper bound): each expert
     ``x_t`` as a merge reads it carries float32's rounding, at most ``eps32 |x_t| / 2`` per entry, uniform (a
     half-precision expert is read as its float32 values, which its coarser rounding is not told apart from: it
@@ -156,17 +156,16 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
 
     ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight; a float64 expert adds
     its delta's norm as a float32 term); ``total_norm2``: ``||A||_F^2`` of the sum; ``numel``: entries per matrix;
-    ``tasks``: ``T`` (default: one per term).
+    ``tasks``: ``T``, the number of task matrices summed.
 
     Example:
-        >>> round(rounding_level([(12.0, torch.bfloat16)], 0.0, 1) / torch.finfo(torch.float32).eps, 6)
+        >>> round(rounding_level([(12.0, torch.bfloat16)], 0.0, 1, 1) / torch.finfo(torch.float32).eps, 6)
         1.0
     """
     eps32 = torch.finfo(torch.float32).eps
     var = sum(norm2 * (torch.finfo(torch.float64).eps if dtype == torch.float64 else eps32) ** 2
               for norm2, dtype in stored)
-    T = len(stored) if tasks is None else tasks
-    return math.sqrt((var + T * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
+    return math.sqrt((var + tasks * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
 
 
 def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float,

@@ -619,11 +619,12 @@ class LayerTasks:
                 S = torch.linalg.svdvals(total.double())
                 resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])
             weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
+            base_f64 = self.pool.tensor(None, self.key).dtype == torch.float64
             stored = []
             for i, (w, name) in enumerate(zip(weights, self.names)):
                 x = self.pool.tensor(name, self.key)
                 stored.append((w * w * _norm2(x), x.dtype))
-                if x.dtype == torch.float64 or self.pool.tensor(None, self.key).dtype == torch.float64:
+                if x.dtype == torch.float64 or base_f64:
                     # its delta is rounded to float32 after the subtraction (float32_delta)
                     stored.append((w * w * _norm2(self.pool.raw_delta(self.key, i)), torch.float32))
             sigma = linalg.rounding_level(stored, _norm2(total), total.numel(), self.num_tasks)
