@@ -168,6 +168,19 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     return math.sqrt((var + tasks * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
 
 
+def noise_edge(sigma: float, rows: "int | Tensor", cols: "int | Tensor",
+               edge: float = ROUNDING_EDGE) -> "float | Tensor":
+    """``edge`` times ``sigma (sqrt(rows) + sqrt(cols))``, the largest singular value of a ``rows x cols`` matrix of
+    independent noise of standard deviation ``sigma`` per entry (Marchenko-Pastur's edge): a singular value at or
+    below it may be the stored weights' rounding (:func:`rounding_level`). ``rows`` and ``cols`` may be tensors.
+
+    Example:
+        >>> noise_edge(0.5, 4, 9, edge=1.0)
+        2.5
+    """
+    return edge * sigma * (rows ** 0.5 + cols ** 0.5)
+
+
 def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float,
                   edge: float = ROUNDING_EDGE, resolution: float | None = None) -> int:
     """How many of the descending singular values ``S`` (float64-accurate) of a sum of task matrices of ``shape``
@@ -200,7 +213,7 @@ def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float
     m, n = shape[-2:]
     ascending = S.detach().to("cpu", torch.float64).flip(0)
     d = torch.arange(1, r + 1, dtype=torch.float64)
-    fits = (ascending <= edge * sigma * ((m - r + d).sqrt() + (n - r + d).sqrt())).nonzero()
+    fits = (ascending <= noise_edge(sigma, m - r + d, n - r + d, edge)).nonzero()
     noise = int(fits[-1]) + 1 if fits.numel() else 0
     if resolution is None:
         resolution = float(null_tolerance(S[0].double(), r))
@@ -210,7 +223,8 @@ def rounding_rank(S: Tensor, shape: "tuple[int, ...] | torch.Size", sigma: float
 
 def rank_tolerance(largest: Tensor, shape: "tuple[int, ...] | torch.Size") -> Tensor:
     """The singular value at or below which a direction of a float32 matrix of ``shape`` with largest singular value
-    ``largest`` is taken for rounding by its size alone (Iso-CTS's task directions, AlignMerge-O's components):
+    ``largest`` is taken for rounding by its size alone (Iso-CTS's task directions, with their experts' rounding,
+    :func:`noise_edge`; AlignMerge-O's components):
     ten times :func:`null_tolerance`, ``~1e-6`` of the largest (4.1e-6 at ``r = 768``).
 
     Example:

@@ -618,19 +618,43 @@ class LayerTasks:
             if not from_gram:
                 S = torch.linalg.svdvals(total.double())
                 resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])
-            weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
-            base_f64 = self.pool.tensor(None, self.key).dtype == torch.float64
-            stored = []
-            for i, (w, name) in enumerate(zip(weights, self.names)):
-                x = self.pool.tensor(name, self.key)
-                stored.append((w * w * _norm2(x), x.dtype))
-                if x.dtype == torch.float64 or base_f64:
-                    # its delta is rounded to float32 after the subtraction (float32_delta)
-                    stored.append((w * w * _norm2(self.pool.raw_delta(self.key, i)), torch.float32))
+            stored = [term for terms in self._rounding_terms() for term in terms]
             sigma = linalg.rounding_level(stored, _norm2(total), total.numel(), self.num_tasks)
             return linalg.rounding_rank(S, self.shape, sigma, resolution=resolution)
 
         return self.memo("sum_rank", compute)
+
+    def task_rounding(self, i: int, delta: Tensor) -> float:
+        """The standard deviation of one entry's rounding in task ``i``'s weighted matrix ``delta`` (its
+        :meth:`task_delta`): :func:`studio.linalg.rounding_level` of that expert's stored weights alone, and of the
+        weighting (Iso-CTS's task-specific residuals, eq. 10).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}, "b": {"w": torch.zeros(2, 2)}})
+            >>> layer = pool.layer("w")
+            >>> eps = torch.finfo(torch.float32).eps
+            >>> round(layer.task_rounding(0, layer.task_delta(0)) / eps, 4), layer.task_rounding(1, layer.task_delta(1))
+            (0.4082, 0.0)
+        """
+        return linalg.rounding_level(self._rounding_terms()[i], _norm2(delta), delta.numel(), 1)
+
+    def _rounding_terms(self) -> list[list[tuple[float, torch.dtype]]]:
+        """Per task, its rounded terms for :func:`studio.linalg.rounding_level`: ``(w^2 ||x||_F^2, dtype)`` of the
+        stored expert ``x`` (weight ``w``), and for a float64 expert or base its delta's float32 rounding. Memoised."""
+        def compute() -> list[list[tuple[float, torch.dtype]]]:
+            weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
+            base_f64 = self.pool.tensor(None, self.key).dtype == torch.float64
+            out = []
+            for i, (w, name) in enumerate(zip(weights, self.names)):
+                x = self.pool.tensor(name, self.key)
+                terms = [(w * w * _norm2(x), x.dtype)]
+                if x.dtype == torch.float64 or base_f64:
+                    # its delta is rounded to float32 after the subtraction (float32_delta)
+                    terms.append((w * w * _norm2(self.pool.raw_delta(self.key, i)), torch.float32))
+                out.append(terms)
+            return out
+
+        return self.memo("rounding_terms", compute)
 
 
 def _norm2(x: Tensor) -> float:

@@ -634,13 +634,16 @@ def test_iso_merges_of_low_rank_experts_keep_only_the_sums_directions(method):
         assert _rel(out, ref) < 1e-4, mode
 
 
-@pytest.mark.parametrize("method, scale", [("iso_c", 1e-2), ("iso_c", 1e-3), ("iso_c", 1e-4), ("iso_cts", 1e-2)])
+@pytest.mark.parametrize("method, scale", [("iso_c", 1e-2), ("iso_c", 1e-3), ("iso_c", 1e-4), ("iso_cts", 1e-2),
+                                           ("iso_cts", 1e-3), ("iso_cts", 1e-4)])
 def test_iso_merges_of_low_rank_experts_small_against_their_weights_do_not_depend_on_the_base(method, scale):
     """LoRA-like deltas 1e-2 and 1e-4 of the weights' size: their rounding reaches ~1e-5 of the sum, above a cut on
     the singular values' size alone (~1e-6 of the largest), which then kept tens of rounding directions and merged
     these experts 1.3-2.1 times the merge's size apart on a random and a zero base. The rule looks at the weights'
     rounding (linalg.rounding_level): the sum's T rank directions are found on both, and the merges agree to what
-    the rounding moves the kept directions themselves (docs/ACCURACY.md: 4e-6 to 4e-4)."""
+    the rounding moves the kept directions themselves (docs/ACCURACY.md: 4e-6 to 4e-4). So do Iso-CTS's
+    task-specific directions (each task's residual past its rank is its expert's rounding, LayerTasks.task_rounding):
+    a size cut on them kept rounding directions and merged 1.1 times apart at 1e-3 and 1e-4."""
     g = torch.Generator().manual_seed(7)
     key, m, n, T, rank = "w", 96, 64, 4, 3
     W = 0.02 * torch.randn(m, n, generator=g)
@@ -655,6 +658,25 @@ def test_iso_merges_of_low_rank_experts_small_against_their_weights_do_not_depen
         assert pool.layer(key).sum_rank() == T * rank
         merges.append(studio.merge({key: B}, experts, method, alpha=1.0)[key].double() - B.double())
     assert _rel(merges[0], merges[1]) < 20 * scale   # 4e-5 at 1e-3 (docs/ACCURACY.md); 2.1 with the size cut
+
+
+def test_task_rounding_bounds_the_stored_experts_rounding():
+    """LayerTasks.task_rounding, the per-entry rounding Iso-CTS cuts each task's residual at, against the rounding
+    actually in 4 experts made in float64 and stored in float32 on an exactly stored base: an upper bound (float32
+    rounds to within half an ulp, eps |x| / 2 at most), and within twice the measured one; the same for each
+    task's weighted matrix under preference weights."""
+    g = torch.Generator().manual_seed(3)
+    m, n, T = 192, 128, 4
+    B = (0.02 * torch.randn(m, n, generator=g, dtype=torch.float64)).float().double()
+    exact = [B + 1e-4 * torch.randn(m, n, generator=g, dtype=torch.float64) for _ in range(T)]
+    experts = {f"t{i}": {"w": x.float()} for i, x in enumerate(exact)}
+    for weights in (None, torch.tensor([1.0, 0.5, 2.0, 1e-3])):
+        layer = TaskPool({"w": B.float()}, experts).layer("w", weights)
+        for i, x in enumerate(exact):
+            w = 1.0 if weights is None else float(weights[i])
+            measured = float((experts[f"t{i}"]["w"].double() - x).std()) * w
+            bound = layer.task_rounding(i, layer.task_delta(i))
+            assert measured < bound < 2 * measured, (i, w, measured, bound)
 
 
 def test_iso_c_keeps_an_isolated_small_direction_that_the_data_place():

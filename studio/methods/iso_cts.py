@@ -53,9 +53,13 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     deviation from the official code where the sum or a residual is rank deficient, e.g. LoRA experts): the common
     block keeps ``k' = min(k, rank)`` directions of the sum, those above the stored weights' rounding
     (:meth:`~studio.pool.LayerTasks.sum_rank`), only those are projected out of the task matrices, and a task's
-    direction whose singular value is at or below :func:`studio.linalg.rank_tolerance` (``~1e-6`` of the sum's
-    largest singular value; a cut on the size alone, which keeps rounding directions of deltas below about 2e-3 of
-    their weights: docs/ENGINE.md) is a zero column. Their singular values (rounding,
+    residual direction at the level of its expert's rounding is a zero column: a singular value at or below
+    :func:`studio.linalg.noise_edge` of :meth:`~studio.pool.LayerTasks.task_rounding` on the ``(m - k') x n``
+    complement (the largest singular value of that rounding there, twice over), or below
+    :func:`studio.linalg.rank_tolerance` (``~1e-6`` of the sum's largest singular value, the float32 projection's
+    own rounding). A cut on the size alone kept a low-rank task's rounding directions once its deltas fell below
+    about 2e-3 of its weights, and merged 4 rank-3 experts 1.1-3.6 times apart on a random and a zero base; they
+    are now 1e-5 to 3e-3 apart, as Iso-C's (docs/ENGINE.md). Their singular values (rounding,
     ~0) still count in ``sigma_bar``'s sum, as in the official code.
 
     Example:
@@ -76,24 +80,32 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     # When m <= r the sum's U is square, so its remaining columns span exactly the complement of the common
     # subspace: the residual of eq. 10 is U_rest (U_rest^T Delta_t) and only an (r - k') x n matrix is decomposed.
     complement = U[:, live:] if U.shape[0] == U.shape[1] else None
+    m, n = layer.shape
+    # ten times float32's resolution of the sum's largest singular value: the float32 projection's own rounding
+    resolution = float(linalg.rank_tolerance(S[0], layer.shape)) if S.numel() else 0.0
+
+    def cut(i: int, delta: Tensor) -> float:
+        # a residual's rounding: the stored expert's, projected on the complement of the live common directions
+        return max(resolution, linalg.noise_edge(layer.task_rounding(i, delta), m - live, n))
+
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
-        parts = truncated_svd_deflated_many(list(layer.deltas), Uc, s, complement=complement, exact=exact)
+        deltas = list(layer.deltas)
+        cuts = [cut(i, delta) for i, delta in enumerate(deltas)]
+        parts = zip(cuts, truncated_svd_deflated_many(deltas, Uc, s, complement=complement, exact=exact))
     elif s > 0:   # one task matrix in memory at a time
-        parts = (truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
-                 for delta in layer.task_deltas(reuse=True))
+        parts = ((cut(i, delta), truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact))
+                 for i, delta in enumerate(layer.task_deltas(reuse=True)))
     else:
         parts = ()
-    # ten times float32's resolution of the sum's largest singular value: the rounding of the experts is of one scale
-    rounding = linalg.rank_tolerance(S[0], layer.shape) if S.numel() else 0.0
-    for u, sv, vh in parts:
-        # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, or a task wholly in the
-        # common subspace) has no singular vector; LAPACK's or the rounding's would be whitened in at sigma_bar.
+    for rounding, (u, sv, vh) in parts:
+        # A residual direction at rounding level (a zero residual, e.g. a task weighted 0, a task wholly in the
+        # common subspace, or a low-rank task's residual past its rank) has no singular vector; LAPACK's or the
+        # rounding's would be whitened in at sigma_bar.
         nonzero = sv > rounding
         Us.append(u * nonzero)
         Ss.append(sv)
         Vs.append(vh.mT * nonzero)
-    m, n = layer.shape
     empty_u, empty_v = Uc.new_zeros(m, 0), Uc.new_zeros(n, 0)
     U_ts = torch.cat(Us, dim=1) if Us else empty_u
     V_ts = torch.cat(Vs, dim=1) if Vs else empty_v
