@@ -613,48 +613,97 @@ class LayerTasks:
         """
         def compute() -> int:
             _, S, _, from_gram = self._sum_svd()
-            total = self.sum()
-            resolution = None   # the float64 Gram's (null_tolerance)
-            if not from_gram:
-                S = torch.linalg.svdvals(total.double())
-                resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])
-            stored = [term for terms in self._rounding_terms() for term in terms]
-            sigma = linalg.rounding_level(stored, _norm2(total), total.numel(), self.num_tasks)
-            return linalg.rounding_rank(S, self.shape, sigma, resolution=resolution)
+            return self.rank_above_rounding(self.sum(), S, from_gram)
 
         return self.memo("sum_rank", compute)
 
-    def task_rounding(self, i: int, delta: Tensor) -> float:
-        """The standard deviation of one entry's rounding in task ``i``'s weighted matrix ``delta`` (its
-        :meth:`task_delta`): :func:`studio.linalg.rounding_level` of that expert's stored weights alone, and of the
-        weighting (Iso-CTS's task-specific residuals, eq. 10).
+    def rank_above_rounding(self, matrix: Tensor, S: Tensor, from_gram: bool, floor: float = 0.0) -> int:
+        """How many of the singular values ``S`` of ``matrix`` -- the sum of this layer's task matrices, or that sum
+        less some of their components (Ortho-Merge eq. 16) -- stand above the stored weights' rounding in the sum
+        (:meth:`sum_rank`'s rule) and above ``floor`` (the error of what was subtracted). ``from_gram``: whether
+        ``S`` came from the float64 Gram route (:func:`studio.linalg.svd_tall_route`); else the float64 singular
+        values of ``matrix`` decide, cut at their own error (``max(m, n) eps64`` of the largest) rather than the
+        Gram's (:func:`~studio.linalg.null_tolerance`).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.diag(torch.tensor([1.0, 1e-3]))}})
+            >>> layer = pool.layer("w")
+            >>> layer.rank_above_rounding(layer.sum(), *linalg.svd_tall_route(layer.sum(), exact=True)[1::2])
+            2
+        """
+        resolution = float(linalg.null_tolerance(S[0].double(), S.numel())) if S.numel() else 0.0   # the Gram's
+        if not from_gram and S.numel():
+            S = torch.linalg.svdvals(matrix.double())
+            resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])
+        resolution = max(resolution, floor)
+        stored = [term for terms, _ in self._rounding_terms() for term in terms]
+        sigma = linalg.rounding_level(stored, _norm2(self.sum()), math.prod(self.shape), self.num_tasks)
+        return linalg.rounding_rank(S, self.shape, sigma, resolution=resolution)
+
+    def task_rounding(self, i: int, delta_norm2: float | None = None) -> float:
+        """The standard deviation of one entry's rounding in task ``i``'s weighted matrix: :func:`studio.linalg.
+        rounding_level` of that expert's stored weights alone and of its float32 delta (Iso-CTS's task-specific
+        residuals, eq. 10; the per-task components TSV-M and AlignMerge-O whiten, :meth:`rounding_cut`).
+
+        ``delta_norm2``: ``||w_i Delta_i||_F^2`` where the caller has it (``0`` for a lower bound); else it is bounded
+        by ``w_i^2 (||x_i|| + ||base||)^2`` without forming the task matrix (at most ``sqrt(5)`` times the level for
+        deltas small against their weights, where the stored weights' term dominates anyway).
 
         Example:
             >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}, "b": {"w": torch.zeros(2, 2)}})
-            >>> layer = pool.layer("w")
-            >>> eps = torch.finfo(torch.float32).eps
-            >>> round(layer.task_rounding(0, layer.task_delta(0)) / eps, 4), layer.task_rounding(1, layer.task_delta(1))
-            (0.4082, 0.0)
+            >>> layer, eps = pool.layer("w"), torch.finfo(torch.float32).eps
+            >>> [round(x / eps, 4) for x in (layer.task_rounding(0, 4.0), layer.task_rounding(0),
+            ...                              layer.task_rounding(1))]
+            [0.4082, 0.4082, 0.0]
         """
-        return linalg.rounding_level(self._rounding_terms()[i], _norm2(delta), delta.numel(), 1)
+        terms, bound = self._rounding_terms()[i]
+        return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, math.prod(self.shape), 1)
 
-    def _rounding_terms(self) -> list[list[tuple[float, torch.dtype]]]:
-        """Per task, its rounded terms for :func:`studio.linalg.rounding_level`: ``(w^2 ||x||_F^2, dtype)`` of the
-        stored expert ``x`` (weight ``w``), and for a float64 expert or base its delta's float32 rounding. Memoised."""
-        def compute() -> list[list[tuple[float, torch.dtype]]]:
-            weights = [1.0] * self.num_tasks if self.weights is None else self.weights.tolist()
-            base_f64 = self.pool.tensor(None, self.key).dtype == torch.float64
+    def rounding_cut(self, i: int, S: Tensor) -> float:
+        """The singular value at or below which a component of task ``i`` (``S``: its singular values, any order) is
+        that expert's stored rounding: :func:`studio.linalg.noise_edge` of :meth:`task_rounding` over the layer
+        (twice the largest singular value of that rounding). The task matrix's norm is formed only where a value of
+        ``S`` falls between the cuts of its bounds (so the realistic case, every value far above, reads no delta).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(3, 3)}, {"a": {"w": torch.diag(torch.tensor([1.0, 1e-9, 0.0]))}})
+            >>> cut = pool.layer("w").rounding_cut(0, torch.tensor([1.0, 1e-9, 0.0]))
+            >>> 1e-9 < cut < 1e-6
+            True
+        """
+        m, n = self.shape[-2:]
+        high = linalg.noise_edge(self.task_rounding(i), m, n)
+        low = linalg.noise_edge(self.task_rounding(i, 0.0), m, n)
+        if bool(((S > low) & (S <= high)).any()):   # the bounds disagree on a value: the exact cut decides
+            return linalg.noise_edge(self.task_rounding(i, _norm2(self.task_delta(i))), m, n)
+        return high
+
+    def _rounding_terms(self) -> list[tuple[list[tuple[float, torch.dtype]], float]]:
+        """Per task, its rounded terms for :func:`studio.linalg.rounding_level` -- ``(w^2 ||x||_F^2, dtype)`` of the
+        stored expert ``x`` (weight ``w``), and for a float64 expert or base its delta's float32 rounding -- and a
+        bound on ``||w Delta||_F^2``. The norms are of the unweighted weights, once per pool (the weights scale
+        them)."""
+        def compute() -> list[tuple[list[tuple[float, torch.dtype]], float]]:
+            base = self.pool.tensor(None, self.key)
+            base_norm2 = _norm2(base)
             out = []
-            for i, (w, name) in enumerate(zip(weights, self.names)):
+            for i, name in enumerate(self.names):
                 x = self.pool.tensor(name, self.key)
-                terms = [(w * w * _norm2(x), x.dtype)]
-                if x.dtype == torch.float64 or base_f64:
+                terms = [(_norm2(x), x.dtype)]
+                bound = (math.sqrt(terms[0][0]) + math.sqrt(base_norm2)) ** 2
+                if x.dtype == torch.float64 or base.dtype == torch.float64:
                     # its delta is rounded to float32 after the subtraction (float32_delta)
-                    terms.append((w * w * _norm2(self.pool.raw_delta(self.key, i)), torch.float32))
-                out.append(terms)
+                    bound = _norm2(self.pool.raw_delta(self.key, i))
+                    terms.append((bound, torch.float32))
+                out.append((terms, bound))
             return out
 
-        return self.memo("rounding_terms", compute)
+        raw = self.pool.memo((self.key, "rounding_terms"), compute)
+        if self.weights is None:
+            return raw
+        weights = self.weights.tolist()
+        return [([(w * w * norm2, dtype) for norm2, dtype in terms], w * w * bound)
+                for w, (terms, bound) in zip(weights, raw)]
 
 
 def _norm2(x: Tensor) -> float:

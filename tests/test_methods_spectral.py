@@ -675,8 +675,79 @@ def test_task_rounding_bounds_the_stored_experts_rounding():
         for i, x in enumerate(exact):
             w = 1.0 if weights is None else float(weights[i])
             measured = float((experts[f"t{i}"]["w"].double() - x).std()) * w
-            bound = layer.task_rounding(i, layer.task_delta(i))
+            bound = layer.task_rounding(i, float(layer.task_delta(i).double().square().sum()))
+            assert bound <= layer.task_rounding(i) <= 3 * bound   # without the delta: its norm bounded
             assert measured < bound < 2 * measured, (i, w, measured, bound)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "align_merge_o", "ortho_merge"])
+@pytest.mark.parametrize("scale", [1e-2, 1e-3, 1e-4])
+def test_whitening_merges_of_low_rank_experts_do_not_depend_on_the_base(method, scale):
+    """LoRA-like experts (rank 3, TSV-M's and AlignMerge-O's k and L above it) stored on a random base of CLIP's
+    scale carry their weights' rounding in the components past their rank, above a cut on the size of the task's own
+    singular values: TSV-M and AlignMerge-O whitened those vectors in beside the other tasks' directions, and
+    Ortho-Merge's rank (matrix_rank's tolerance) kept the deconflicted sum's rounding, which put the merges on a
+    random and a zero base 0.5-0.9 times their size apart (docs/ENGINE.md). Cut at each expert's stored rounding
+    (LayerTasks.rounding_cut, rank_above_rounding) they agree to what the rounding moves the kept directions."""
+    g = torch.Generator().manual_seed(7)
+    key, m, n, T = "w", 96, 64, 4
+    W = 0.02 * torch.randn(m, n, generator=g)
+    u, v = torch.randn(m, 1, generator=g), torch.randn(1, n, generator=g)   # a direction the tasks nearly share
+    deltas = []
+    for t in range(T):
+        near = (u + 0.5 * torch.randn(m, 1, generator=g)) @ (v + 0.5 * torch.randn(1, n, generator=g))
+        d = 2 * near + torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)   # rank 3
+        deltas.append(d * (scale * 0.02 / float(d.std())))
+    hp = {"lam": 1.0} if method == "align_merge_o" else {"alpha": 1.0}
+    if method == "ortho_merge":   # the deconflicted sum's path: the shared direction's weaker copies are removed
+        from studio.methods.ortho_merge import interference_mask
+
+        svds = TaskPool({key: torch.zeros(m, n)}, {f"t{i}": {key: d} for i, d in enumerate(deltas)}).layer(key).svds(
+            range(T), 5)
+        assert bool(interference_mask(torch.stack([u for u, _, _ in svds]), torch.stack([v for _, v, _ in svds]),
+                                      0.3).any())
+    for mode in ("auto",) if method == "tsv_m" else ("auto", "exact"):   # TSV-M's exact mode: the official one's
+        merges = []
+        for B in (W, torch.zeros(m, n)):
+            experts = {f"t{i}": {key: B + d} for i, d in enumerate(deltas)}
+            merges.append(studio.merge({key: B}, experts, method, svd_mode=mode, **hp)[key].double() - B.double())
+        assert _rel(merges[0], merges[1]) < 20 * scale, mode
+
+
+@pytest.mark.parametrize("method", ["align_merge_o", "ortho_merge"])
+def test_whitening_merges_of_low_rank_experts_on_a_square_layer_in_exact_mode(method):
+    """LAPACK's float32 SVD puts a rank-3 expert's remaining singular values at ~5e-7 of its largest on a zero base,
+    far above that base's rounding: Ortho-Merge took those components' arbitrary vectors for interfering ones and
+    removed them, which merged these experts 0.41 apart on a zero and a random base; a component at float32's
+    resolution of its task's largest is no direction either (as AlignMerge-O's components 2..L)."""
+    g = torch.Generator().manual_seed(7)
+    key, m, n = "w", 768, 768
+    W = 0.02 * torch.randn(m, n, generator=g)
+    deltas = [1e-4 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(4)]
+    hp = {"lam": 1.0} if method == "align_merge_o" else {"alpha": 1.0}
+    merges = [studio.merge({key: B}, {f"t{i}": {key: B + d} for i, d in enumerate(deltas)}, method,
+                           svd_mode="exact", **hp)[key].double() - B.double() for B in (W, torch.zeros(m, n))]
+    assert _rel(merges[0], merges[1]) < 1e-4
+
+
+def test_ortho_merge_above_tau_1_is_iso_c_with_a_small_direction():
+    """Ortho-Merge with nothing removed (tau >= 1) is Iso-C (Ortho-Merge sec. 4): on a full-rank sum with a real
+    direction at 1e-6 of its largest, which Iso-C keeps, matrix_rank's tolerance (max(m, n) eps of the largest)
+    dropped it and put the merge 8.9 % from Iso-C's; both now take the sum's rank above the stored rounding."""
+    g = torch.Generator().manual_seed(11)
+    key, m, n, T = "w", 128, 128, 4
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    s = torch.logspace(0, -3, n, dtype=torch.float64)
+    s[-1] = 1e-6
+    total = (U * (0.05 * s)) @ V.T
+    spread = torch.randn(T, m, n, generator=g, dtype=torch.float64) * float(total.std())
+    B = 0.02 * torch.randn(m, n, generator=torch.Generator().manual_seed(1))
+    experts = {f"t{i}": {key: (B.double() + t).float()} for i, t in enumerate(total / T + spread - spread.mean(0))}
+    for mode in ("auto", "exact"):
+        iso = studio.merge({key: B}, experts, "iso_c", alpha=1.0, svd_mode=mode)[key]
+        ortho = studio.merge({key: B}, experts, "ortho_merge", alpha=1.0, tau=1.5, svd_mode=mode)[key]
+        assert torch.equal(ortho, iso), mode
 
 
 def test_iso_c_keeps_an_isolated_small_direction_that_the_data_place():

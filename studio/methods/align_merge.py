@@ -285,7 +285,8 @@ def align_merge_o_delta(layer: LayerTasks, eta: str = "sum", align_signs: bool =
     summing (``align_signs``, see :func:`_align_top_signs`); a residual of eq. 12 at rounding level (a task whose
     top pair is ``u_top, v_top``: a lone task, twins, one-hot preferences), any column with ``sigma^ = 0`` (a task
     weighted 0) and a task's components 2..L at float32's resolution of its ``sigma_i^1`` (a task of rank below
-    ``L``, e.g. a LoRA expert; :func:`studio.linalg.rank_tolerance`) carry no direction and are left out of ``U^``,
+    ``L``, e.g. a LoRA expert; :func:`studio.linalg.rank_tolerance`), or at its expert's stored rounding
+    (:meth:`~studio.pool.LayerTasks.rounding_cut`) carry no direction and are left out of ``U^``,
     ``V^``, as TSV-M leaves out its zero columns, so both ``svd_mode`` values agree on such tasks; when
     ``1 + K L`` exceeds ``R`` (tiny layers, ``R <= K``) only the ``R`` columns with the largest ``sigma^`` are kept;
     an all-zero layer returns zeros.
@@ -387,9 +388,13 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool,
     # svd_mode "auto" (the Gram route), LAPACK's ~1e-7 of sigma_i with noise vectors in "exact", where whitening
     # them in moved every direction (rank-6 experts: exact 0.25-0.41 from auto, and 0.29-0.49 between a zero and a
     # random base under the same task vectors; a helper's blind re-implementation). Both modes keep a task's
-    # components above float32's resolution of its own sigma_i (linalg.rank_tolerance, Iso-C's rank rule).
-    keep[K + 1:] &= S_hat[K + 1:] > torch.cat([linalg.rank_tolerance(S[0], layer.shape).expand(S[1:L].numel())
-                                               for _, S, _ in svds])
+    # components above float32's resolution of its own sigma_i (linalg.rank_tolerance) and above its expert's
+    # stored rounding (LayerTasks.rounding_cut, as Iso-C's and Iso-CTS's rank rules): a LoRA expert stored on a
+    # base of CLIP's scale has them above the first (4 rank-3 experts, deltas 2e-4 of the weights: 0.54-0.68
+    # between a random and a zero base with it alone, 5e-5 to 6e-5 with both).
+    keep[K + 1:] &= S_hat[K + 1:] > torch.cat([
+        torch.full_like(S[1:L], max(float(linalg.rank_tolerance(S[0], layer.shape)), layer.rounding_cut(i, S[1:L])))
+        for i, (_, S, _) in enumerate(svds)])
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)

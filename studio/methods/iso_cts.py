@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated, truncated_svd_deflated_many
-from ..pool import LayerTasks
+from ..pool import LayerTasks, _norm2
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
@@ -86,7 +86,7 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
 
     def cut(i: int, delta: Tensor) -> float:
         # a residual's rounding: the stored expert's, projected on the complement of the live common directions
-        return max(resolution, linalg.noise_edge(layer.task_rounding(i, delta), m - live, n))
+        return max(resolution, linalg.noise_edge(layer.task_rounding(i, _norm2(delta)), m - live, n))
 
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches

@@ -52,30 +52,36 @@ def interference_mask(U: Tensor, S: Tensor, tau: float) -> Tensor:
     return remove_i | remove_j
 
 
-def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True) -> Tensor:
+def isotropic(matrix: Tensor, svd: tuple[Tensor, Tensor, Tensor] | None = None, exact: bool = True,
+              rank: int | None = None) -> Tensor:
     """Iso-C-style spectral harmonisation (Ortho-Merge eq. 15-16): ``sigma_bar U_r V_r^T`` over the compact SVD.
 
-    ``r = rank(Delta_sum)`` as eq. 16 states (numerical rank with ``torch.linalg.matrix_rank``'s default tolerance
-    ``max(m, n) * eps * sigma_max``) and ``sigma_bar`` is the mean of those ``r`` singular values. For a full-rank
-    sum this is exactly Iso-C (Iso eq. 7-8 and its official code,
-    ``S.mean()`` over all ``min(m, n)`` values), so ``tau >= 1`` reproduces Iso-C. For a rank-deficient sum Iso-C's
-    code would also put ``sigma_bar`` on singular vectors of zero singular values, which LAPACK picks arbitrarily;
-    the compact form keeps the result well defined (and symmetric in the experts). Full rank is the common case but
-    not guaranteed: on MiniSuite at the defaults every deconflicted sum has full rank, the closest (block 0's
-    attention output, ``128 x 128``) with its smallest singular value 1.5 times the tolerance (2.3e-5 of the
-    largest). ``svd``: a precomputed thin SVD of ``matrix``; else :func:`studio.linalg.svd_tall` with ``exact``.
+    ``r = rank(Delta_sum)`` as eq. 16 states and ``sigma_bar`` is the mean of those ``r`` singular values. In a
+    merge ``rank`` is the number of directions above the stored weights' rounding, Iso-C's own rule
+    (:meth:`~studio.pool.LayerTasks.rank_above_rounding`, :func:`ortho_merge`); without it (a bare matrix) the
+    numerical rank at ``torch.linalg.matrix_rank``'s default tolerance ``max(m, n) * eps * sigma_max``. For a
+    full-rank sum this is exactly Iso-C (Iso eq. 7-8 and its official code, ``S.mean()`` over all ``min(m, n)``
+    values), so ``tau >= 1`` reproduces Iso-C, whose rank rule keeps a sum's real directions however small against
+    the largest: matrix_rank's tolerance (9.2e-5 of the largest at ``768 x 768``) dropped such a direction at 1e-6
+    and put ``tau = 1.5`` 8.9 % from Iso-C (``test_ortho_merge_above_tau_1_is_iso_c_with_a_small_direction``). For
+    a rank-deficient sum Iso-C's code would also put ``sigma_bar`` on singular vectors of zero singular values,
+    which LAPACK picks arbitrarily; the compact form keeps the result well defined (and symmetric in the experts),
+    and its mean is over the ``r`` values (Iso-C's over all ``min(m, n)``). Full rank is the common case: on
+    MiniSuite at the defaults every deconflicted sum has full rank. ``svd``: a precomputed thin SVD of ``matrix``;
+    else :func:`studio.linalg.svd_tall` with ``exact``.
 
     Example:
         >>> isotropic(torch.diag(torch.tensor([3.0, 1.0]))).tolist()
         [[2.0, 0.0], [0.0, 2.0]]
-        >>> isotropic(torch.diag(torch.tensor([3.0, 0.0]))).tolist()   # rank 1: no mass on the null direction
+        >>> isotropic(torch.diag(torch.tensor([3.0, 1e-9]))).tolist()   # rank 1 at 2 eps of 3: none on the null one
         [[3.0, 0.0], [0.0, 0.0]]
     """
     U, S, Vh = linalg.svd_tall(matrix, exact) if svd is None else svd
     if S.numel() == 0 or float(S[0]) <= 0:
         return torch.zeros_like(matrix)
-    tol = max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]
-    r = int((S > tol).sum())
+    r = int((S > max(matrix.shape) * torch.finfo(S.dtype).eps * S[0]).sum()) if rank is None else rank
+    if r == 0:
+        return torch.zeros_like(matrix)
     return linalg.reconstruct(U[:, :r], S[:r].mean().expand(r), Vh[:r])
 
 
@@ -138,10 +144,23 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     svds = layer.svds(range(T), k)
     U = torch.stack([u for u, _, _ in svds])  # [T, m, k]
     S = torch.stack([s for _, s, _ in svds])  # [T, k]
-    remove = interference_mask(U, S, tau) if T > 1 else torch.zeros_like(S, dtype=torch.bool)
+    # A component at its expert's stored rounding or at float32's resolution of its top one (a task of rank below
+    # k, e.g. a LoRA expert; as AlignMerge-O's) has no direction: LAPACK's vectors there (svd_mode "exact") are
+    # arbitrary and may "interfere" with another task's, and removing one subtracted a direction the sum does not
+    # hold (0.41 apart between LoRA experts stored on a zero and on a random base)
+    live = torch.stack([S[t] > max(float(linalg.rank_tolerance(S[t, 0], layer.shape)), layer.rounding_cut(t, S[t]))
+                        for t in range(T)])
+    remove = interference_mask(U * live[:, None, :], S, tau) if T > 1 else torch.zeros_like(S, dtype=torch.bool)
     if not bool(remove.any()):
-        return isotropic(layer.sum(), layer.sum_svd())
+        return isotropic(layer.sum(), layer.sum_svd(), rank=layer.sum_rank())
     Vh = torch.stack([vh for _, _, vh in svds])  # [T, k, n]
     w = S * remove.to(S.dtype)  # sigma of removed components, 0 elsewhere
     removed = torch.einsum("tmk,tk,tkn->mn", U, w, Vh)
-    return isotropic(layer.sum() - removed, exact=layer.pool.svd_mode == "exact")
+    deconflicted = layer.sum() - removed
+    Ud, Sd, Vhd, from_gram = linalg.svd_tall_route(deconflicted, exact=layer.pool.svd_mode == "exact")
+    # The removed components carry their float32 factors' error (LAPACK's, in svd_mode "exact", ~1e-6 of sigma):
+    # a direction of the deconflicted sum below it cannot be told from it (LoRA experts of a 768 x 768 layer on a
+    # zero base kept it as a direction, and merged 0.41 apart from the same experts on a random base).
+    floor = float(linalg.rank_tolerance(w.max(), layer.shape))
+    rank = layer.rank_above_rounding(deconflicted, Sd, from_gram, floor=floor)
+    return isotropic(deconflicted, (Ud, Sd, Vhd), rank=rank)

@@ -172,7 +172,8 @@ def tsv_m(layer: LayerTasks, rank_fraction: float | None = None) -> Tensor:
     ``r``-column zero-padded matrix and takes its SVD; the zero columns meet zero singular values, so the polar
     factor of the ``T*k`` non-zero columns gives the same matrix (tested), which is what is computed here, via the
     ``(T k) x (T k)`` Gram matrix (:func:`studio.linalg.polar_gram`). Columns whose singular value is exactly zero
-    (a zero task matrix, or a task with preference weight 0) carry no direction and are left out of the
+    (a zero task matrix, or a task with preference weight 0), and in ``svd_mode="auto"`` those at their expert's
+    stored rounding (a task of rank below ``k``: :func:`_kept_factors`), carry no direction and are left out of the
     orthogonalisation (an SVD would give them arbitrary vectors).
 
     Example:
@@ -235,14 +236,25 @@ def tsv_m_svd(layer: LayerTasks, rank_fraction: float | None = None) -> tuple[Te
 
 
 def _kept_factors(layer: LayerTasks, rank_fraction: float | None) -> tuple[Tensor, Tensor, Tensor] | None:
-    """:func:`tsv_factors` at TSV-M's ``k`` without the columns of zero singular value (they carry no direction),
-    or ``None`` when nothing is kept (TSV Alg. 1 lines 1-8)."""
+    """:func:`tsv_factors` at TSV-M's ``k`` without the columns that carry no direction, or ``None`` when nothing is
+    kept (TSV Alg. 1 lines 1-8).
+
+    Those are the columns of zero singular value and, in ``svd_mode="auto"``, those at or below their expert's
+    stored rounding (:meth:`~studio.pool.LayerTasks.rounding_cut`): a task of rank below ``k`` (a LoRA expert) has
+    its remaining components there, vectors the rounding sets, which the official code whitens in beside the other
+    tasks' directions, turning those. 4 rank-3 experts of a ``96 x 64`` layer stored on a random base of CLIP's
+    scale and on a zero one merged 0.6 times the merge's size apart with them (deltas 7e-3 of the weights; the zero
+    base's own are below the Gram route's null tolerance already), and 1.8e-6 apart without (docs/ENGINE.md).
+    ``svd_mode="exact"`` keeps them, as the official code does."""
     r = min(layer.shape)
     k = tsv_rank(r, layer.num_tasks, rank_fraction, key=layer.key)
     if k == 0:
         return None
     U, S, V = tsv_factors(layer, k)
     keep = S > 0
+    if layer.pool.svd_mode != "exact":
+        keep &= torch.cat([S[i * k:(i + 1) * k] > layer.rounding_cut(i, S[i * k:(i + 1) * k])
+                           for i in range(layer.num_tasks)])
     if not bool(keep.all()):
         U, S, V = U[:, keep], S[keep], V[:, keep]
     return None if S.numel() == 0 else (U, S, V)
