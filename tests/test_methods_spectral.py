@@ -781,6 +781,43 @@ def test_iso_c_keeps_an_isolated_small_direction_that_the_data_place():
     assert _rel(merges[0], merges[1]) < 1e-3
 
 
+def test_rank_above_rounding_skips_the_float64_svd_only_where_it_could_not_decide_otherwise(monkeypatch):
+    """Where the sum's SVD is LAPACK's (svd_mode "exact"), the rank rule decides on float64 singular values; a
+    full-rank sum whose smallest float32 value clears every cut by more than its error takes r without them (they
+    cost 2.3x an exact-mode Ortho-Merge of a 3072 x 768 layer). The rank is the float64 values' rank in every case:
+    well conditioned, a LoRA-like sum on a random base, a direction at 1e-6 of the largest, and one at the cut."""
+    from studio.linalg import svd_tall_route
+
+    g = torch.Generator().manual_seed(2)
+    m, n, T = 96, 64, 4
+    W = 0.02 * torch.randn(m, n, generator=g)
+    cases = {"full": [0.01 * torch.randn(m, n, generator=g) for _ in range(T)],
+             "lora": [1e-4 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(T)]}
+    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    for name, tail in (("small", 1e-6), ("edge", 2e-9)):
+        s = torch.linspace(1, 0.5, n, dtype=torch.float64)
+        s[-1] = tail
+        cases[name] = [((U * (0.05 * s)) @ V.T / T).float() for _ in range(T)]
+    calls = []
+    svdvals = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda a, *args, **kw: calls.append(a.dtype) or svdvals(a, *args,
+                                                                                                            **kw))
+    for name, deltas in cases.items():
+        layer = TaskPool({"w": W}, {f"t{i}": {"w": W + d} for i, d in enumerate(deltas)}, svd_mode="exact").layer("w")
+        S = svd_tall_route(layer.sum(), exact=True)[1]
+        calls.clear()
+        got = layer.rank_above_rounding(layer.sum(), S, False)
+        S64 = svdvals(layer.sum().double())
+        sigma = linalg.rounding_level([t for terms, _ in layer._rounding_terms() for t in terms],
+                                      float(layer.sum().double().square().sum()), m * n, T)
+        want = linalg.rounding_rank(S64, (m, n), sigma, resolution=max(m, n) * 2.0 ** -52 * float(S64[0]))
+        assert got == want, name
+        assert bool(calls) == (name != "full"), name   # only the well-conditioned full-rank sum skips the SVD
+    lora = {f"t{i}": {"w": W + d} for i, d in enumerate(cases["lora"])}
+    assert TaskPool({"w": W}, lora, svd_mode="exact").layer("w").sum_rank() == 12
+
+
 def test_iso_c_keeps_a_direction_at_1e_7_of_the_largest_that_a_float64_svd_places():
     """One full-rank expert with a singular value at 1e-7 of its largest, on a zero base: below a float64 Gram's
     resolution (null_tolerance, 1.2e-7 here), but the sum then goes to LAPACK and its float64 singular values place
