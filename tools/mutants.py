@@ -1535,7 +1535,7 @@ MUTANTS = [
      '        return norm * norm\n',
      "the rounding level of an expert whose float32 norm overflows: infinite, every direction dropped"),
     ('rr6', 'studio/pool.py',
-     '            resolution = max(self.shape) * torch.finfo(torch.float64).eps * float(S[0])\n',
+     '            resolution = max(m, n) * eps64 * float(S[0])\n',
      '',
      "sum_rank: a float64 SVD's values cut at a float64 Gram's resolution (a direction at 1e-7 dropped)"),
     ('rr7', 'studio/pool.py',
