@@ -145,26 +145,50 @@ def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
 ROUNDING_EDGE = 2.0
 
 
+#: The floating grids :func:`stored_precision` tries, coarsest first.
+_GRIDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def stored_precision(x: Tensor, sample: int = 4096) -> torch.dtype:
+    """The coarsest of bfloat16, float16, float32 and float64 whose grid holds every value of ``x`` (at most
+    ``x.dtype``'s own): the precision the weights were rounded to, whatever tensor holds them now -- a float32 copy
+    of a half-precision checkpoint, float32 weights upcast to float64. A grid is tried on ``sample`` values spread
+    over ``x`` first, and on the whole tensor only where they all fit (so float32 fine-tunes, whose values fit no
+    coarser grid, cost one small read).
+
+    Example:
+        >>> w = torch.randn(64, 64)
+        >>> stored_precision(w), stored_precision(w.half().float()), stored_precision(w.double())
+        (torch.float32, torch.float16, torch.float32)
+    """
+    if x.dtype not in (torch.float32, torch.float64):   # half precision is its own grid
+        return x.dtype
+    flat = x.detach().reshape(-1)
+    probe = flat[::max(1, flat.numel() // sample)]
+    for grid in _GRIDS[:_GRIDS.index(x.dtype)]:
+        if torch.equal(probe.to(grid).to(x.dtype), probe) and torch.equal(flat.to(grid).to(x.dtype), flat):
+            return grid
+    return x.dtype
+
+
 def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int,
                    tasks: int) -> float:
     """The standard deviation of one entry's rounding in a float32 sum of task matrices (an upper bound): each expert
-    ``x_t`` as a merge reads it carries float32's rounding, at most ``eps32 |x_t| / 2`` per entry, uniform (a
-    half-precision expert is read as its float32 values, which its coarser rounding is not told apart from: it
-    merges as the float32 copy of its weights does; a float64 one as float64, its delta rounded to float32 after
-    the subtraction), and the float32 sum its own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2
-    mean(A^2)) / 12``.
+    ``x_t`` as a merge reads it carries the rounding of the grid it was stored on (:func:`stored_precision`), at most
+    ``eps_t |x_t| / 2`` per entry, uniform (a half-precision expert and a float32 copy of it alike, so the two merge
+    the same; a float64 one as float64, its delta rounded to float32 after the subtraction), and the float32 sum its
+    own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2 mean(A^2)) / 12``.
 
-    ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight; a float64 expert adds
-    its delta's norm as a float32 term); ``total_norm2``: ``||A||_F^2`` of the sum; ``numel``: entries per matrix;
-    ``tasks``: ``T``, the number of task matrices summed.
+    ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight, ``dtype_t`` its stored
+    precision; a float64 expert adds its delta's norm as a float32 term); ``total_norm2``: ``||A||_F^2`` of the sum;
+    ``numel``: entries per matrix; ``tasks``: ``T``, the number of task matrices summed.
 
     Example:
-        >>> round(rounding_level([(12.0, torch.bfloat16)], 0.0, 1, 1) / torch.finfo(torch.float32).eps, 6)
+        >>> round(rounding_level([(12.0, torch.float16)], 0.0, 1, 1) / torch.finfo(torch.float16).eps, 6)
         1.0
     """
     eps32 = torch.finfo(torch.float32).eps
-    var = sum(norm2 * (torch.finfo(torch.float64).eps if dtype == torch.float64 else eps32) ** 2
-              for norm2, dtype in stored)
+    var = sum(norm2 * torch.finfo(dtype).eps ** 2 for norm2, dtype in stored)
     return math.sqrt((var + tasks * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
 
 

@@ -658,11 +658,12 @@ class LayerTasks:
         deltas small against their weights, where the stored weights' term dominates anyway).
 
         Example:
-            >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}, "b": {"w": torch.zeros(2, 2)}})
+            >>> third = torch.full((2, 2), 1 / 3)   # float32 values (not on a half-precision grid), |x|^2 = 4/9
+            >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": third}, "b": {"w": torch.zeros(2, 2)}})
             >>> layer, eps = pool.layer("w"), torch.finfo(torch.float32).eps
-            >>> [round(x / eps, 4) for x in (layer.task_rounding(0, 4.0), layer.task_rounding(0),
+            >>> [round(x / eps, 4) for x in (layer.task_rounding(0, 4 / 9), layer.task_rounding(0),
             ...                              layer.task_rounding(1))]
-            [0.4082, 0.4082, 0.0]
+            [0.1361, 0.1361, 0.0]
         """
         terms, bound = self._rounding_terms()[i]
         return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, math.prod(self.shape), 1)
@@ -687,8 +688,9 @@ class LayerTasks:
         return high
 
     def _rounding_terms(self) -> list[tuple[list[tuple[float, torch.dtype]], float]]:
-        """Per task, its rounded terms for :func:`studio.linalg.rounding_level` -- ``(w^2 ||x||_F^2, dtype)`` of the
-        stored expert ``x`` (weight ``w``), and for a float64 expert or base its delta's float32 rounding -- and a
+        """Per task, its rounded terms for :func:`studio.linalg.rounding_level` -- ``(w^2 ||x||_F^2, precision)`` of
+        the stored expert ``x`` (weight ``w``; :func:`studio.linalg.stored_precision`: a float32 copy of a float16
+        checkpoint is rounded as float16), and for a float64 expert or base its delta's float32 rounding -- and a
         bound on ``||w Delta||_F^2``. The norms are of the unweighted weights, once per pool (the weights scale
         them)."""
         def compute() -> list[tuple[list[tuple[float, torch.dtype]], float]]:
@@ -697,7 +699,7 @@ class LayerTasks:
             out = []
             for i, name in enumerate(self.names):
                 x = self.pool.tensor(name, self.key)
-                terms = [(_norm2(x), x.dtype)]
+                terms = [(_norm2(x), linalg.stored_precision(x))]
                 bound = (math.sqrt(terms[0][0]) + math.sqrt(base_norm2)) ** 2
                 if x.dtype == torch.float64 or base.dtype == torch.float64:
                     # its delta is rounded to float32 after the subtraction (float32_delta)
