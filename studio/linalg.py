@@ -145,38 +145,38 @@ def reconstruct(U: Tensor, S: Tensor, Vh: Tensor) -> Tensor:
 ROUNDING_EDGE = 2.0
 
 
-#: The floating grids :func:`stored_precision` tries, coarsest first.
-_GRIDS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
-
 def stored_precision(x: Tensor, sample: int = 4096) -> torch.dtype:
-    """The coarsest of bfloat16, float16, float32 and float64 whose grid holds every value of ``x`` (at most
-    ``x.dtype``'s own): the precision the weights were rounded to, whatever tensor holds them now -- a float32 copy
-    of a half-precision checkpoint, float32 weights upcast to float64. A grid is tried on ``sample`` values spread
-    over ``x`` first, and on the whole tensor only where they all fit (so float32 fine-tunes, whose values fit no
-    coarser grid, cost one small read).
+    """The precision :func:`rounding_level` rounds ``x`` at: float64 for float64 values off float32's grid, float32
+    for everything else -- float32 weights upcast to float64 (whose float64 rounding would be far finer than what
+    they carry), float32 tensors, and half-precision ones. Float32's grid is tried on ``sample`` values spread over
+    ``x`` first, and on the whole tensor only where they all fit (genuine float64 weights cost one small read).
+
+    Half-precision grids are not modelled: a float16 or bfloat16 checkpoint (or a float32 copy of one) is rounded as
+    float32, so it merges as its float32 copy does (the contract). Their own rounding is of the size of realistic
+    deltas' spectral tails (float16's eps is 1e-3 of the weights; fine-tunes move them by 1e-3 to 1e-2), and the rank
+    rule would take those real, rounding-blurred directions for rounding: a helper's audit measured full-rank float16
+    experts' Iso-C 0.08-1.0 from the float64 official merge with a float16 model, against 3e-7 to 8e-5 with this one,
+    while LoRA-like float16 experts stay storage dependent (docs/ENGINE.md).
 
     Example:
         >>> w = torch.randn(64, 64)
-        >>> stored_precision(w), stored_precision(w.half().float()), stored_precision(w.double())
-        (torch.float32, torch.float16, torch.float32)
+        >>> [stored_precision(x) for x in (w, w.double(), w.double() / 3, w.half())]
+        [torch.float32, torch.float32, torch.float64, torch.float32]
     """
-    if x.dtype not in (torch.float32, torch.float64):   # half precision is its own grid
-        return x.dtype
+    if x.dtype != torch.float64:
+        return torch.float32
     flat = x.detach().reshape(-1)
     probe = flat[::max(1, flat.numel() // sample)]
-    for grid in _GRIDS[:_GRIDS.index(x.dtype)]:
-        if torch.equal(probe.to(grid).to(x.dtype), probe) and torch.equal(flat.to(grid).to(x.dtype), flat):
-            return grid
-    return x.dtype
+    on_grid = torch.equal(probe.float().double(), probe) and torch.equal(flat.float().double(), flat)
+    return torch.float32 if on_grid else torch.float64
 
 
 def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: float, numel: int,
                    tasks: int) -> float:
     """The standard deviation of one entry's rounding in a float32 sum of task matrices (an upper bound): each expert
-    ``x_t`` as a merge reads it carries the rounding of the grid it was stored on (:func:`stored_precision`), at most
-    ``eps_t |x_t| / 2`` per entry, uniform (a half-precision expert and a float32 copy of it alike, so the two merge
-    the same; a float64 one as float64, its delta rounded to float32 after the subtraction), and the float32 sum its
+    ``x_t`` as a merge reads it carries the rounding of its :func:`stored_precision`, at most ``eps_t |x_t| / 2`` per
+    entry, uniform (float32's for float32 and half-precision experts alike, so the two merge the same; float64's for
+    float64 values off float32's grid, the delta rounded to float32 after the subtraction), and the float32 sum its
     own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2 mean(A^2)) / 12``.
 
     ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight, ``dtype_t`` its stored
@@ -184,7 +184,7 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     ``numel``: entries per matrix; ``tasks``: ``T``, the number of task matrices summed.
 
     Example:
-        >>> round(rounding_level([(12.0, torch.float16)], 0.0, 1, 1) / torch.finfo(torch.float16).eps, 6)
+        >>> round(rounding_level([(12.0, torch.float32)], 0.0, 1, 1) / torch.finfo(torch.float32).eps, 6)
         1.0
     """
     eps32 = torch.finfo(torch.float32).eps

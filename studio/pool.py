@@ -636,11 +636,13 @@ class LayerTasks:
         resolution = float(linalg.null_tolerance(S[0].double(), S.numel())) if S.numel() else 0.0   # the Gram's
         if not from_gram and S.numel():
             eps64, (m, n) = torch.finfo(torch.float64).eps, self.shape[-2:]
-            # LAPACK's float32 values lie within rank_tolerance of the float64 ones: where the smallest, less that,
-            # clears every cut (the widest noise block's edge, the float64 values' own error, the floor), those
-            # could not decide otherwise, and a full-rank sum skips their float64 SVD (2.3x an exact-mode Ortho-Merge
-            # of a 3072 x 768 layer)
-            slack = float(linalg.rank_tolerance(S[0], self.shape))
+            # LAPACK's float32 values lie within rank_tolerance, or max(m, n) eps32, of the largest from the float64
+            # ones (the long side's share: a 1 x N layer's error reached 35 times rank_tolerance at N = 2.4M, a
+            # helper's audit): where the smallest, less that, clears every cut (the widest noise block's edge, the
+            # float64 values' own error, the floor), those could not decide otherwise, and a full-rank sum skips
+            # their float64 SVD (2.3x an exact-mode Ortho-Merge of a 3072 x 768 layer)
+            slack = max(float(linalg.rank_tolerance(S[0], self.shape)),
+                        max(m, n) * torch.finfo(torch.float32).eps * float(S[0]))
             cut = max(linalg.noise_edge(sigma, m, n), max(m, n) * eps64 * (float(S[0]) + slack), floor)
             if float(S[-1]) - slack > cut:
                 return S.numel()
@@ -689,8 +691,8 @@ class LayerTasks:
 
     def _rounding_terms(self) -> list[tuple[list[tuple[float, torch.dtype]], float]]:
         """Per task, its rounded terms for :func:`studio.linalg.rounding_level` -- ``(w^2 ||x||_F^2, precision)`` of
-        the stored expert ``x`` (weight ``w``; :func:`studio.linalg.stored_precision`: a float32 copy of a float16
-        checkpoint is rounded as float16), and for a float64 expert or base its delta's float32 rounding -- and a
+        the stored expert ``x`` (weight ``w``; :func:`studio.linalg.stored_precision`: float32 weights upcast to
+        float64 are rounded as float32), and for a float64 expert or base its delta's float32 rounding -- and a
         bound on ``||w Delta||_F^2``. The norms are of the unweighted weights, once per pool (the weights scale
         them)."""
         def compute() -> list[tuple[list[tuple[float, torch.dtype]], float]]:

@@ -730,49 +730,38 @@ def test_whitening_merges_of_low_rank_experts_on_a_square_layer_in_exact_mode(me
     assert _rel(merges[0], merges[1]) < 1e-4
 
 
-def test_stored_precision_finds_the_grid_the_values_were_rounded_to():
+def test_stored_precision_is_float64_only_for_values_off_float32s_grid():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(300, 200, generator=g)
     assert linalg.stored_precision(w) == torch.float32
-    assert linalg.stored_precision(w.half().float()) == torch.float16
-    assert linalg.stored_precision(w.bfloat16().float()) == torch.bfloat16
-    assert linalg.stored_precision(w.bfloat16().double()) == torch.bfloat16
     assert linalg.stored_precision(w.double()) == torch.float32
     assert linalg.stored_precision(w.double() / 3) == torch.float64
-    assert linalg.stored_precision(w.half()) == torch.float16
-    odd = w.bfloat16().float()
-    odd[1, 1] += 1e-3   # off the sampled entries (every 15th): the whole tensor decides
-    assert linalg.stored_precision(odd) == torch.float32
+    assert linalg.stored_precision(w.half()) == linalg.stored_precision(w.half().float()) == torch.float32
+    odd = w.double()
+    odd[1, 1] += 1e-12   # off the sampled entries (every 15th): the whole tensor decides
+    assert linalg.stored_precision(odd) == torch.float64
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_rank_half_precision_experts_do_not_depend_on_the_base(dtype):
-    """LoRA-like experts stored in half precision (or as float32 copies of such a checkpoint) carry that grid's
-    rounding, ~1e-3 (float16) or 8e-3 (bfloat16) of the weights, which a float32 rounding model took for directions:
-    on a random and a zero base the merges were 0.74-1.43 apart, against Task Arithmetic's 0.009-0.068 (the stored
-    deltas themselves differ by their rounding). Rounded on the grid the values lie on (linalg.stored_precision),
-    the whitening, Iso and Ortho merges are within 4 times Task Arithmetic's gap (layer level: the merged delta
-    before it is added to a half-precision base)."""
+def test_low_rank_float32_experts_upcast_to_float64_do_not_depend_on_the_base():
+    """Float32 weights upcast to float64 carry float32's rounding; rounded as float64 (the tensor's dtype), LoRA-like
+    experts stored that way on a random base kept it as directions: 0.60 (TSV-M), 0.90 (Ortho-Merge), 1.83
+    (Iso-CTS) and 2.08 (Iso-C) apart from the same experts on a zero base, against Task Arithmetic's 3.1e-6 (a
+    helper's audit). linalg.stored_precision rounds them as float32 (layer level: the merged delta before the base)."""
     from studio.methods.align_merge import align_merge_o
     from studio.methods.ortho_merge import ortho_merge
 
     g = torch.Generator().manual_seed(7)
     m, n = 96, 64
-    W = (0.02 * torch.randn(m, n, generator=g)).to(dtype)
-    deltas = [3e-4 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(4)]
-    on_base = [(W.float() + d).to(dtype) for d in deltas]
-    on_zero = [d.to(dtype) for d in deltas]
+    W = 0.02 * torch.randn(m, n, generator=g)
+    deltas = [1e-4 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(4)]
     fns = {"tsv_m": lambda L: tsv_m(L), "iso_c": iso_c, "iso_cts": lambda L: iso_cts(L, 0.8),
-           "ortho_merge": lambda L: ortho_merge(L, 0.3, 5), "align_merge_o": lambda L: align_merge_o(L, "sum", True),
-           "task_arithmetic": lambda L: L.sum(cache=False)}
-    for cast in (lambda t: t, lambda t: t.float()):   # the half-precision tensors, and float32 copies of them
-        out = {}
-        for name, (B, experts) in {"base": (W, on_base), "zero": (torch.zeros(m, n, dtype=dtype), on_zero)}.items():
-            pool = TaskPool({"w": cast(B)}, {f"t{i}": {"w": cast(e)} for i, e in enumerate(experts)})
-            out[name] = {method: fn(pool.layer("w")).double() for method, fn in fns.items()}
-        ta = _rel(out["base"]["task_arithmetic"], out["zero"]["task_arithmetic"])
-        for method in fns:
-            assert _rel(out["base"][method], out["zero"][method]) < 4 * ta, (method, ta)
+           "ortho_merge": lambda L: ortho_merge(L, 0.3, 5), "align_merge_o": lambda L: align_merge_o(L, "sum", True)}
+    out = {}
+    for name, (B, experts) in {"base": (W, [W + d for d in deltas]), "zero": (torch.zeros(m, n), deltas)}.items():
+        pool = TaskPool({"w": B.double()}, {f"t{i}": {"w": e.double()} for i, e in enumerate(experts)})
+        out[name] = {method: fn(pool.layer("w")).double() for method, fn in fns.items()}
+    for method in fns:
+        assert _rel(out["base"][method], out["zero"][method]) < 1e-4, method
 
 
 def test_ortho_merge_above_tau_1_is_iso_c_with_a_small_direction():
