@@ -764,20 +764,25 @@ def test_low_rank_float32_experts_upcast_to_float64_do_not_depend_on_the_base():
         assert _rel(out["base"][method], out["zero"][method]) < 1e-4, method
 
 
-def test_ortho_merge_above_tau_1_is_iso_c_with_a_small_direction():
-    """Ortho-Merge with nothing removed (tau >= 1) is Iso-C (Ortho-Merge sec. 4): on a full-rank sum with a real
-    direction at 1e-6 of its largest, which Iso-C keeps, matrix_rank's tolerance (max(m, n) eps of the largest)
-    dropped it and put the merge 8.9 % from Iso-C's; both now take the sum's rank above the stored rounding."""
+def _tasks_with_a_small_direction(m: int = 128, n: int = 128, T: int = 4) -> torch.Tensor:
+    """T float64 task matrices whose full-rank sum spans three decades plus one direction at 1e-6 of its largest."""
     g = torch.Generator().manual_seed(11)
-    key, m, n, T = "w", 128, 128, 4
     U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
     s = torch.logspace(0, -3, n, dtype=torch.float64)
     s[-1] = 1e-6
     total = (U * (0.05 * s)) @ V.T
     spread = torch.randn(T, m, n, generator=g, dtype=torch.float64) * float(total.std())
+    return total / T + spread - spread.mean(0)
+
+
+def test_ortho_merge_above_tau_1_is_iso_c_with_a_small_direction():
+    """Ortho-Merge with nothing removed (tau >= 1) is Iso-C (Ortho-Merge sec. 4): on a full-rank sum with a real
+    direction at 1e-6 of its largest, which Iso-C keeps, matrix_rank's tolerance (max(m, n) eps of the largest)
+    dropped it and put the merge 8.9 % from Iso-C's; both now take the sum's rank above the stored rounding."""
+    key, m, n, tasks = "w", 128, 128, _tasks_with_a_small_direction()
     B = 0.02 * torch.randn(m, n, generator=torch.Generator().manual_seed(1))
-    experts = {f"t{i}": {key: (B.double() + t).float()} for i, t in enumerate(total / T + spread - spread.mean(0))}
+    experts = {f"t{i}": {key: (B.double() + t).float()} for i, t in enumerate(tasks)}
     for mode in ("auto", "exact"):
         iso = studio.merge({key: B}, experts, "iso_c", alpha=1.0, svd_mode=mode)[key]
         ortho = studio.merge({key: B}, experts, "ortho_merge", alpha=1.0, tau=1.5, svd_mode=mode)[key]
@@ -790,15 +795,7 @@ def test_iso_c_keeps_an_isolated_small_direction_that_the_data_place():
     base the merge moves 3e-5), and the official loop keeps it. A cut at ten times float32's resolution of the
     largest (1.7e-6 at r = 128) dropped it: the merge was 8 % of its size from the official one, as on three
     attention layers of the bench's ViT-B/32 experts (docs/ACCURACY.md)."""
-    g = torch.Generator().manual_seed(11)
-    key, m, n, T = "w", 128, 128, 4
-    U = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
-    s = torch.logspace(0, -3, n, dtype=torch.float64)
-    s[-1] = 1e-6
-    total = (U * (0.05 * s)) @ V.T
-    spread = torch.randn(T, m, n, generator=g, dtype=torch.float64) * float(total.std())
-    tasks = total / T + spread - spread.mean(0)
+    key, m, n, tasks = "w", 128, 128, _tasks_with_a_small_direction()
     merges = []
     for seed in (1, 2):
         B = 0.02 * torch.randn(m, n, generator=torch.Generator().manual_seed(seed))
