@@ -738,7 +738,7 @@ def test_stored_precision_is_float64_only_for_values_off_float32s_grid():
     assert linalg.stored_precision(w.double() / 3) == torch.float64
     assert linalg.stored_precision(w.half()) == linalg.stored_precision(w.half().float()) == torch.float32
     odd = w.double()
-    odd[1, 1] += 1e-12   # off the sampled entries (every 15th): the whole tensor decides
+    odd[1, 1] += 1e-12   # off the sampled entries (every 14th): the whole tensor decides
     assert linalg.stored_precision(odd) == torch.float64
 
 
