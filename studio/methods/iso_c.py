@@ -47,9 +47,9 @@ def iso_c(layer: LayerTasks) -> Tensor:
     block of that rounding of their number are dropped, :func:`studio.linalg.rounding_rank`), which stays the
     official mean over all ``r`` singular values. So the LoRA null space of float32 (or float64) experts is dropped
     wherever they are stored (1e-5 to 3e-3 apart on a random and a zero base, deltas down to 2.3e-4 of the weights;
-    half-precision experts, and float32 copies of them, are rounded on their own grid,
-    :func:`studio.linalg.stored_precision`; a cut on the size alone, ten times float32's resolution of the largest,
-    merged those up to 8 times their size apart), and a
+    half-precision experts are rounded as float32, their own grid not modelled, :func:`studio.linalg.stored_precision`;
+    a cut on the size alone, ten times float32's resolution of the largest, merged those up to 8 times their size
+    apart), and a
     full-rank sum keeps every direction above its rounding, however small against the largest: the bench's ViT-B/32
     experts have three ``768 x 768`` sums with one direction at 1.6-4.1e-6 of the largest, which that size cut
     dropped (10 % of one such layer's largest entry from the official merge; docs/ENGINE.md). MiniSuite's weakest
