@@ -689,6 +689,20 @@ class LayerTasks:
             return linalg.noise_edge(self.task_rounding(i, _norm2(self.task_delta(i))), m, n)
         return high
 
+    def component_cut(self, i: int, S: Tensor) -> float:
+        """The singular value at or below which a component of task ``i`` (``S``: its top singular values,
+        descending) carries no direction in either ``svd_mode``: float32's resolution of its largest
+        (:func:`studio.linalg.rank_tolerance`, where LAPACK's float32 SVD leaves a rank-deficient task's remaining
+        values) or its expert's stored rounding (:meth:`rounding_cut`). AlignMerge-O's components 2..L and the
+        components Ortho-Merge tests for interference.
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(3, 3)}, {"a": {"w": torch.diag(torch.tensor([1.0, 1e-9, 0.0]))}})
+            >>> 1e-9 < pool.layer("w").component_cut(0, torch.tensor([1.0, 1e-9, 0.0])) < 1e-5
+            True
+        """
+        return max(float(linalg.rank_tolerance(S[0], self.shape)), self.rounding_cut(i, S))
+
     def _rounding_terms(self) -> list[tuple[list[tuple[float, torch.dtype]], float]]:
         """Per task, its rounded terms for :func:`studio.linalg.rounding_level` -- ``(w^2 ||x||_F^2, precision)`` of
         the stored expert ``x`` (weight ``w``; :func:`studio.linalg.stored_precision`: float32 weights upcast to

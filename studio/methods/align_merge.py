@@ -389,12 +389,11 @@ def _align_o(layer: LayerTasks, eta: str, align_signs: bool,
     # them in moved every direction (rank-6 experts: exact 0.25-0.41 from auto, and 0.29-0.49 between a zero and a
     # random base under the same task vectors; a helper's blind re-implementation). Both modes keep a task's
     # components above float32's resolution of its own sigma_i (linalg.rank_tolerance) and above its expert's
-    # stored rounding (LayerTasks.rounding_cut, as Iso-C's and Iso-CTS's rank rules): a LoRA expert stored on a
+    # stored rounding (LayerTasks.component_cut, as Iso-C's and Iso-CTS's rank rules): a LoRA expert stored on a
     # base of CLIP's scale has them above the first (4 rank-3 experts, deltas 2e-4 of the weights: 0.54-0.68
     # between a random and a zero base with it alone, 5e-5 to 6e-5 with both).
-    keep[K + 1:] &= S_hat[K + 1:] > torch.cat([
-        torch.full_like(S[1:L], max(float(linalg.rank_tolerance(S[0], layer.shape)), layer.rounding_cut(i, S[1:L])))
-        for i, (_, S, _) in enumerate(svds)])
+    keep[K + 1:] &= S_hat[K + 1:] > torch.cat([torch.full_like(S[1:L], layer.component_cut(i, S[:L]))
+                                               for i, (_, S, _) in enumerate(svds)])
     if not bool(keep.all()):
         U_hat, V_hat, S_hat = U_hat[:, keep], V_hat[:, keep], S_hat[keep]
     if S_hat.numel() == 0:   # every task left this layer unchanged (or is weighted 0)

@@ -149,8 +149,7 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     # k, e.g. a LoRA expert; as AlignMerge-O's) has no direction: LAPACK's vectors there (svd_mode "exact") are
     # arbitrary and may "interfere" with another task's, and removing one subtracted a direction the sum does not
     # hold (0.41 apart between LoRA experts stored on a zero and on a random base)
-    live = torch.stack([S[t] > max(float(linalg.rank_tolerance(S[t, 0], layer.shape)), layer.rounding_cut(t, S[t]))
-                        for t in range(T)])
+    live = torch.stack([S[t] > layer.component_cut(t, S[t]) for t in range(T)])
     remove = interference_mask(U * live[:, None, :], S, tau) if T > 1 else torch.zeros_like(S, dtype=torch.bool)
     if not bool(remove.any()):
         return isotropic(layer.sum(), layer.sum_svd(), rank=layer.sum_rank())
