@@ -670,11 +670,13 @@ class LayerTasks:
         terms, bound = self._rounding_terms()[i]
         return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, math.prod(self.shape), 1)
 
-    def rounding_cut(self, i: int, S: Tensor) -> float:
+    def rounding_cut(self, i: int, S: Tensor, rows: int | None = None, delta: Tensor | None = None) -> float:
         """The singular value at or below which a component of task ``i`` (``S``: its singular values, any order) is
-        that expert's stored rounding: :func:`studio.linalg.noise_edge` of :meth:`task_rounding` over the layer
-        (twice the largest singular value of that rounding). The task matrix's norm is formed only where a value of
-        ``S`` falls between the cuts of its bounds (so the realistic case, every value far above, reads no delta).
+        that expert's stored rounding: :func:`studio.linalg.noise_edge` of :meth:`task_rounding` over the layer, or
+        over ``rows`` of its rows (Iso-CTS's residuals, on the complement of the common block): twice the largest
+        singular value of that rounding. The task matrix's norm is taken only where a value of ``S`` falls between
+        the cuts of its bounds (so the realistic case, every value far above, reads no delta), from ``delta`` (task
+        ``i``'s :meth:`task_delta`) if the caller holds it.
 
         Example:
             >>> pool = TaskPool({"w": torch.zeros(3, 3)}, {"a": {"w": torch.diag(torch.tensor([1.0, 1e-9, 0.0]))}})
@@ -683,10 +685,12 @@ class LayerTasks:
             True
         """
         m, n = self.shape[-2:]
+        m = m if rows is None else rows
         high = linalg.noise_edge(self.task_rounding(i), m, n)
         low = linalg.noise_edge(self.task_rounding(i, 0.0), m, n)
         if bool(((S > low) & (S <= high)).any()):   # the bounds disagree on a value: the exact cut decides
-            return linalg.noise_edge(self.task_rounding(i, _norm2(self.task_delta(i))), m, n)
+            delta = self.task_delta(i) if delta is None else delta
+            return linalg.noise_edge(self.task_rounding(i, _norm2(delta)), m, n)
         return high
 
     def component_cut(self, i: int, S: Tensor) -> float:

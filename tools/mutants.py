@@ -1547,7 +1547,7 @@ MUTANTS = [
      '                    pass\n',
      "sum_rank: a float64 expert's delta rounding to float32 not counted (cancelling deltas' rounding kept)"),
     ('rc1', 'studio/methods/iso_cts.py',
-     '        return max(resolution, linalg.noise_edge(layer.task_rounding(i, _norm2(delta)), m - live, n))',
+     '        return max(resolution, layer.rounding_cut(i, sv, rows=m - live, delta=delta))',
      '        return resolution',
      "Iso-CTS: task-specific residuals cut on the size alone (a low-rank task's rounding directions whitened in)"),
     ('rc2', 'studio/pool.py',

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import linalg
 from ..linalg import matmul, polar_extend, polar_gram, truncated_svd_deflated, truncated_svd_deflated_many
-from ..pool import LayerTasks, _norm2
+from ..pool import LayerTasks
 from ..registry import register
 from ..schema import HyperparameterError, Param
 
@@ -84,18 +84,21 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     # ten times float32's resolution of the sum's largest singular value: the float32 projection's own rounding
     resolution = float(linalg.rank_tolerance(S[0], layer.shape)) if S.numel() else 0.0
 
-    def cut(i: int, delta: Tensor) -> float:
+    def cut(i: int, delta: Tensor, sv: Tensor) -> float:
         # a residual's rounding: the stored expert's, projected on the complement of the live common directions
-        return max(resolution, linalg.noise_edge(layer.task_rounding(i, _norm2(delta)), m - live, n))
+        return max(resolution, layer.rounding_cut(i, sv, rows=m - live, delta=delta))
+
+    def residual(i: int, delta: Tensor) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
+        u, sv, vh = truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
+        return cut(i, delta, sv), (u, sv, vh)   # before the next task overwrites delta
 
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
         deltas = list(layer.deltas)
-        cuts = [cut(i, delta) for i, delta in enumerate(deltas)]
-        parts = zip(cuts, truncated_svd_deflated_many(deltas, Uc, s, complement=complement, exact=exact))
+        svds = truncated_svd_deflated_many(deltas, Uc, s, complement=complement, exact=exact)
+        parts = [(cut(i, delta, svd[1]), svd) for i, (delta, svd) in enumerate(zip(deltas, svds))]
     elif s > 0:   # one task matrix in memory at a time
-        parts = ((cut(i, delta), truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact))
-                 for i, delta in enumerate(layer.task_deltas(reuse=True)))
+        parts = (residual(i, delta) for i, delta in enumerate(layer.task_deltas(reuse=True)))
     else:
         parts = ()
     for rounding, (u, sv, vh) in parts:
