@@ -1208,3 +1208,39 @@ def test_tsv_ranks_refusal_shows_the_fraction_that_gives_its_k():
         tsv_rank(32, 3, 0.999999999)
     with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.5 keeps k = 16 components"):
         tsv_rank(32, 3, 0.5)
+
+
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank, monkeypatch):
+    """The branches a merge takes only on CUDA -- Iso-CTS's residuals of every task at once
+    (``truncated_svd_deflated_many``) and ``LayerTasks.svds``' batch of the per-task decompositions (TSV-M,
+    AlignMerge-O, Ortho-Merge) -- run in CI here on CPU tensors (``LayerTasks.device`` reads "cuda"; off CUDA
+    ``gram_svd_many`` solves one matrix at a time, bit for bit). Their rounding cuts (``rounding_cut``, with and
+    without the task matrix it is handed) must give the CPU path's merge: low-rank experts on a random base, whose
+    components past their rank sit at the cut, and full-rank ones, preference-weighted."""
+    from studio.methods.align_merge import align_merge_o
+    from studio.methods.ortho_merge import ortho_merge
+    from studio.pool import LayerTasks
+
+    g = torch.Generator().manual_seed(3)
+    key, m, n, T = "w", 96, 64, 4
+    W = 0.02 * torch.randn(m, n, generator=g)
+    if low_rank:
+        deltas = [1e-5 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(T)]
+    else:
+        deltas = [1e-3 * torch.randn(m, n, generator=g) for _ in range(T)]
+    experts = {f"t{i}": {key: W + d} for i, d in enumerate(deltas)}
+    fns = {"tsv_m": lambda L: tsv_m(L), "iso_cts": lambda L: iso_cts(L, 0.5),
+           "ortho_merge": lambda L: ortho_merge(L, 0.3, 5), "align_merge_o": lambda L: align_merge_o(L, "sum", True)}
+    weights = torch.tensor([0.1, 0.4, 0.2, 0.3])
+
+    def merges() -> dict[str, torch.Tensor]:
+        pool = TaskPool({key: W}, experts, device="cpu")
+        return {f"{name} {label}": fn(pool.layer(key, w)) for name, fn in fns.items()
+                for label, w in (("uniform", None), ("weighted", weights))}
+
+    on_cpu = merges()
+    monkeypatch.setattr(LayerTasks, "device", property(lambda self: torch.device("cuda")))
+    on_the_batch_path = merges()
+    for name, merged in on_cpu.items():
+        assert torch.equal(on_the_batch_path[name], merged), name

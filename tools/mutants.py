@@ -1554,4 +1554,8 @@ MUTANTS = [
      '        return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, math.prod(self.shape), 1)',
      '        return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, 4 * math.prod(self.shape), 1)',
      "task_rounding: the expert's rounding spread over every task's entries (too small a cut)"),
+    ('cb1', 'studio/methods/iso_cts.py',
+     '        parts = [(cut(i, delta, svd[1]), svd) for i, (delta, svd) in enumerate(zip(deltas, svds))]',
+     '        parts = [(resolution, svd) for svd in svds]',
+     "Iso-CTS's CUDA branch: every task's residuals cut on the size alone (the CPU branch cuts at the rounding)"),
 ]
