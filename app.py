@@ -43,7 +43,7 @@ from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio
 from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
                                 follow_tasks_js, parse_json_object, post_scale_param, reset_js, shown_info,
                                 sources_markdown, store_js, sweep_defaults, use_best_js)
-from studio.ui.session import SessionStore, accuracy_rows, session_dir
+from studio.ui.session import SessionStore, accuracy_rows, leaderboard_widths, session_dir
 
 log = logging.getLogger("merge_studio")
 
@@ -581,9 +581,11 @@ def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | No
     return f"Optimise {scale['name']}", True, span[0], span[1], f"Use best {scale['name']}"
 
 
-def _leaderboard_frame(sess, studio: Studio) -> pd.DataFrame:
+def _leaderboard_frame(sess, studio: Studio) -> gr.Dataframe:
+    """The session's leaderboard, each column at least as wide as its name: Gradio sizes a column by its cells, and
+    a task's ("house_numbers") above two-digit accuracies was cut into four lines of three letters."""
     header, rows = sess.leaderboard(pool=studio.task_names)   # "all 8" only for the whole suite
-    return pd.DataFrame(rows, columns=header)
+    return gr.Dataframe(pd.DataFrame(rows, columns=header), column_widths=leaderboard_widths(header))
 
 
 # --------------------------------------------------------------------------------------------- the app

@@ -1259,6 +1259,17 @@ def test_a_run_removed_leaves_the_leaderboard_and_its_csv(page, tmp_path):
     page.get_by_role("tab", name="Results").click()
     sess = session()
     gone, made = sess.runs[0].run, sess.made
+    # each column's name on one line: Gradio sized a column by its cells, and cut "house_numbers" into four lines
+    lines = page.evaluate("""() => [...document.querySelectorAll('#leaderboard thead th')].map((th) => {
+        const walk = document.createTreeWalker(th, NodeFilter.SHOW_TEXT), tops = new Set();
+        for (let node = walk.nextNode(); node; node = walk.nextNode()) {
+            if (!node.textContent.trim()) continue;
+            const range = document.createRange(); range.selectNodeContents(node);
+            for (const r of range.getClientRects()) if (r.width > 0) tops.add(Math.round(r.top));
+        }
+        return [th.innerText.trim(), tops.size];
+    })""")
+    assert "house_numbers" in dict(lines) and all(n == 1 for _, n in lines), lines
     page.get_by_label("Run of this session").click()
     page.get_by_role("option", name=f"#{gone} · ").click()
     page.get_by_role("button", name="Remove it").click()

@@ -189,6 +189,19 @@ class SessionData:
         return buf.getvalue()
 
 
+def leaderboard_widths(header: Sequence[str]) -> list[str]:
+    """The page's widths for the leaderboard's columns (:meth:`SessionData.leaderboard`'s ``header``): the settings
+    wide, every other column as wide as its name (about 8 px a character, plus the cell's padding), so that a task's
+    column does not cut its name into pieces above short numbers.
+
+    Example:
+        >>> leaderboard_widths(["run", "settings", "house_numbers"])
+        ['56px', '300px', '128px']
+    """
+    fixed = {"settings": 300, "method": 144, "experts": 110}
+    return [f"{fixed.get(name, max(56, 8 * len(name) + 24))}px" for name in header]
+
+
 class SessionStore:
     """Thread-safe ``session_hash -> SessionData`` map with an upper bound on the number of sessions.
 
