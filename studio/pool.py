@@ -617,6 +617,19 @@ class LayerTasks:
 
         return self.memo("sum_rank", compute)
 
+    def sum_rounding(self) -> float:
+        """The standard deviation of one entry's rounding in the float32 sum of this layer's (weighted) task
+        matrices: :func:`studio.linalg.rounding_level` of every stored expert and of the sum itself (:meth:`sum_rank`'s
+        level; the error in the sum whose singular vectors Iso-CTS projects the task matrices on).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.zeros(2, 2)}, {"a": {"w": torch.ones(2, 2)}, "b": {"w": torch.ones(2, 2)}})
+            >>> round(pool.layer("w").sum_rounding() / torch.finfo(torch.float32).eps, 4)   # sqrt((2 + 2 * 4) / 12)
+            0.9129
+        """
+        stored = [term for terms, _ in self._rounding_terms() for term in terms]
+        return linalg.rounding_level(stored, _norm2(self.sum()), math.prod(self.shape), self.num_tasks)
+
     def rank_above_rounding(self, matrix: Tensor, S: Tensor, from_gram: bool, floor: float = 0.0) -> int:
         """How many of the singular values ``S`` of ``matrix`` -- the sum of this layer's task matrices, or that sum
         less some of their components (Ortho-Merge eq. 16) -- stand above the stored weights' rounding in the sum
@@ -631,8 +644,7 @@ class LayerTasks:
             >>> layer.rank_above_rounding(layer.sum(), *linalg.svd_tall_route(layer.sum(), exact=True)[1::2])
             2
         """
-        stored = [term for terms, _ in self._rounding_terms() for term in terms]
-        sigma = linalg.rounding_level(stored, _norm2(self.sum()), math.prod(self.shape), self.num_tasks)
+        sigma = self.sum_rounding()
         resolution = float(linalg.null_tolerance(S[0].double(), S.numel())) if S.numel() else 0.0   # the Gram's
         if not from_gram and S.numel():
             eps64, (m, n) = torch.finfo(torch.float64).eps, self.shape[-2:]

@@ -62,6 +62,16 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     are now 1e-5 to 3e-3 apart, as Iso-C's (docs/ENGINE.md). Their singular values (rounding,
     ~0) still count in ``sigma_bar``'s sum, as in the official code.
 
+    A residual also holds the sum's rounding: the computed ``U^{1:k'}`` are the singular vectors of the sum plus its
+    rounding ``E``, which tilts them into the sum's left null space (``m - rank`` dimensions, which only rounding
+    fills) and so moves part of each task into the complement: ``-P_0 E V Sigma^{-1} U^T Delta_t`` to first order
+    (``P_0`` the projector on that null space, ``U Sigma V^T`` the common block). That part is cut too: at most
+    :func:`studio.linalg.noise_edge` of :meth:`~studio.pool.LayerTasks.sum_rounding` on an ``(m - rank) x k'``
+    block, times ``||Sigma^{-1} U^T Delta_t||_2`` (formed only where a value falls between the cuts of its bound
+    ``||Delta_t||_F / sigma_k'``). Four rank-3 experts sharing a direction, deltas 1e-3 of their weights, kept one
+    such direction on a random base and merged 0.35 apart from the same experts on a zero one
+    (``test_iso_cts_cuts_what_the_sums_rounding_moves_into_a_residual``; now 8e-5, Iso-C's distance).
+
     Example:
         >>> from studio.pool import TaskPool
         >>> experts = {"a": {"w": torch.diag(torch.tensor([4.0, 0, 0, 1]))},
@@ -84,9 +94,22 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     # ten times float32's resolution of the sum's largest singular value: the float32 projection's own rounding
     resolution = float(linalg.rank_tolerance(S[0], layer.shape)) if S.numel() else 0.0
 
+    null = m - layer.sum_rank()   # the sum's left null space, which its rounding fills
+    # the first-order image of the sum's rounding in a residual, per unit of ||Sigma^{-1} U^T Delta_t||_2 (docstring)
+    moved = linalg.noise_edge(layer.sum_rounding(), null, live) if null > 0 and live else 0.0
+
     def cut(i: int, delta: Tensor, sv: Tensor) -> float:
         # a residual's rounding: the stored expert's, projected on the complement of the live common directions
-        return max(resolution, layer.rounding_cut(i, sv, rows=m - live, delta=delta))
+        own = max(resolution, layer.rounding_cut(i, sv, rows=m - live, delta=delta))
+        if not moved:
+            return own
+        # and the sum's rounding the projection moved into it: ||Sigma^{-1} U^T Delta_t||_2 <= ||Delta_t||_F / sigma_k',
+        # formed only where a value falls between the cuts of that bound
+        high = own + moved * float(torch.linalg.vector_norm(delta)) / float(S[live - 1])
+        if not bool(((sv > own) & (sv <= high)).any()):
+            return high
+        amplified = matmul(Uc.mT, delta).div_(S[:live, None].to(delta.dtype))
+        return own + moved * float(torch.linalg.matrix_norm(amplified, ord=2))
 
     def residual(i: int, delta: Tensor) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
         u, sv, vh = truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
