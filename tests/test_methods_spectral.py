@@ -942,6 +942,21 @@ def test_iso_cts_cuts_what_the_sums_rounding_moves_into_a_residual(seed):
         assert _rel(merges[0], merges[1]) < 1e-3, (fraction, mode)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_iso_cts_cuts_a_residual_at_its_own_experts_rounding_where_that_is_the_larger(seed):
+    """Two roundings reach a residual: the expert's own (on the complement, ``(m - k') x n``) and the sum's, moved by
+    the projection (``(m - rank) x k'``). On a wide layer the first is the larger: one rank-3 expert of a ``32 x 256``
+    layer, deltas 1e-3 of its weights, cut at the moved rounding alone (mutant rc1) whitened its rounding in on a
+    random base, 0.58 from the same expert's merge on a zero base (seeds 0 and 2)."""
+    g = torch.Generator().manual_seed(seed)
+    key, m, n = "w", 32, 256
+    W = 0.02 * torch.randn(m, n, generator=g)
+    delta = 1e-3 * 0.02 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) / 3
+    merges = [studio.merge({key: B}, {"t": {key: B + delta}}, "iso_cts")[key].double() - B.double()
+              for B in (W, torch.zeros(m, n))]
+    assert _rel(merges[0], merges[1]) < 2e-2
+
+
 def test_iso_cts_of_tasks_that_cancel_in_a_rank_deficient_sum_does_not_depend_on_rounding():
     """Experts a, -a and c (rank 3 each): the sum is c's, and the common directions past its rank are set by
     rounding. Projecting those out of a's and -a's residuals too (eq. 10 with all k) left them an arbitrary part:
