@@ -682,6 +682,17 @@ class LayerTasks:
         terms, bound = self._rounding_terms()[i]
         return linalg.rounding_level(terms, bound if delta_norm2 is None else delta_norm2, math.prod(self.shape), 1)
 
+    def task_norm_bound(self, i: int) -> float:
+        """An upper bound on ``||w_i Delta_i||_F`` read without forming the task matrix: ``w_i (||x_i|| + ||base||)``
+        (the norms :meth:`task_rounding` reads, once per pool and layer; exact for float64 experts or bases).
+
+        Example:
+            >>> pool = TaskPool({"w": torch.ones(2, 2)}, {"a": {"w": 3 * torch.ones(2, 2)}})
+            >>> pool.layer("w").task_norm_bound(0), float(pool.layer("w").task_delta(0).norm())
+            (8.0, 4.0)
+        """
+        return math.sqrt(self._rounding_terms()[i][1])
+
     def rounding_cut(self, i: int, S: Tensor, rows: int | None = None, delta: Tensor | None = None) -> float:
         """The singular value at or below which a component of task ``i`` (``S``: its singular values, any order) is
         that expert's stored rounding: :func:`studio.linalg.noise_edge` of :meth:`task_rounding` over the layer, or

@@ -104,10 +104,16 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
         if not moved:
             return own
         # and the sum's rounding the projection moved into it: ||Sigma^{-1} U^T Delta_t||_2 <= ||Delta_t||_F / sigma_k',
-        # formed only where a value falls between the cuts of that bound
-        high = own + moved * float(torch.linalg.vector_norm(delta)) / float(S[live - 1])
-        if not bool(((sv > own) & (sv <= high)).any()):
-            return high
+        # formed only where a value falls between the cuts of that bound (first with a bound on ||Delta_t||_F read
+        # without the task matrix: full fine-tunes' residual values all stand above it)
+        def between(norm: float) -> bool:
+            return bool(((sv > own) & (sv <= own + moved * norm / float(S[live - 1]))).any())
+
+        if not between(layer.task_norm_bound(i)):
+            return own
+        norm = float(torch.linalg.vector_norm(delta))
+        if not between(norm):
+            return own + moved * norm / float(S[live - 1])
         amplified = matmul(Uc.mT, delta).div_(S[:live, None].to(delta.dtype))
         return own + moved * float(torch.linalg.matrix_norm(amplified, ord=2))
 
