@@ -413,7 +413,7 @@ def _polar_from_eigh(a64: Tensor, evals: Tensor, evecs: Tensor, rtol: float | No
     return matmul(a64, _inv_sqrt_from_weights(evecs, f)).to(dtype), f, keep
 
 
-def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
+def polar_extend(basis: Tensor, extra: Tensor, rtol: float | None = None) -> Tensor:
     """Polar factor of ``[basis | extra]`` where ``basis`` already has orthonormal columns (Iso-CTS eq. 11).
 
     Iso-CTS concatenates ``k`` orthonormal common directions with ``t = T*s`` task-specific ones (``t`` small) and
@@ -424,7 +424,8 @@ def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
         ``polar(A) = A + (A B) ((B^T G B)^{-1/2} - I) B^T``
 
     needs a ``2t x 2t`` eigendecomposition instead of an SVD of the whole ``n x (k + t)`` matrix. The result equals
-    :func:`polar_gram` ``([Q | C])`` (same null-space convention); when ``t >= k`` it simply calls it.
+    :func:`polar_gram` ``([Q | C])`` (same null-space convention; ``rtol`` as there, relative to the largest singular
+    value on that span); when ``t >= k`` it simply calls it.
 
     Example:
         >>> Q = torch.eye(4)[:, :2]
@@ -437,11 +438,11 @@ def polar_extend(basis: Tensor, extra: Tensor) -> Tensor:
     if t == 0:
         return basis.clone()
     if k == 0 or t >= k:
-        return polar_gram(torch.cat([basis, extra], dim=-1))
+        return polar_gram(torch.cat([basis, extra], dim=-1), rtol)
     q64, c64 = basis.double(), extra.double()
     qx = torch.linalg.qr(matmul(q64.mT, c64)).Q                # [k, t], spans the coupling Q^T C
     ab = torch.cat([matmul(q64, qx), c64], dim=-1)             # A B, [n, 2t]
-    m = matmul(ab, _inv_sqrt_psd(_lapack.gram(ab), minus_one=True))   # [n, 2t]
+    m = matmul(ab, _inv_sqrt_psd(_lapack.gram(ab), minus_one=True, rtol=rtol))   # [n, 2t]
     out = torch.cat([q64 + matmul(m[:, :t], qx.mT), c64 + m[:, t:]], dim=-1)
     return out.to(basis.dtype)
 

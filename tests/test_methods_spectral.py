@@ -957,6 +957,39 @@ def test_iso_cts_cuts_a_residual_at_its_own_experts_rounding_where_that_is_the_l
     assert _rel(merges[0], merges[1]) < 2e-2
 
 
+def _low_rank_tasks(seed: int, m: int, n: int, T: int, scale: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A random base of CLIP's scale and T rank-3 task matrices of deltas ``scale`` of its weights."""
+    g = torch.Generator().manual_seed(seed)
+    W = 0.02 * torch.randn(m, n, generator=g)
+    torch.randn(m + n, generator=g)   # the draws of a shared direction, which these tasks do not use
+    deltas = []
+    for _ in range(T):
+        d = torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
+        deltas.append(d * (scale * 0.02 / float(d.std())))
+    return W, deltas
+
+
+@pytest.mark.parametrize("shape, T, fraction, scale, seed", [
+    ((64, 96), 8, 0.3, 1e-2, 0), ((96, 64), 8, 0.3, 1e-4, 1),   # k = 16 of the sum's 24 live directions
+    ((96, 64), 4, 0.5, 1e-2, 0),                                # a projection error just above rank_tolerance
+])
+def test_iso_cts_leaves_out_the_dependences_and_the_noise_of_a_rank_deficient_concatenation(shape, T, fraction, scale,
+                                                                                            seed):
+    """Where the tasks keep more directions than the sum's live ones outside the common block, ``[Uc | U_ts]`` has
+    exact dependences, which the float32 directions place at 1e-6 to 6e-6, above null_tolerance: whitened in, 8
+    rank-3 experts at fraction 0.3 merged 1.2-1.3 apart on a random and a zero base (auto mode; 1.2 in exact mode at
+    1e-2). A residual direction at 1.3e-6 of the sum's largest (4 experts on a zero base, the float32 projection's
+    error just above rank_tolerance) was whitened in too, 0.35 apart. Now both are left out (iso_cts' _dependences):
+    the merges are as far apart as Iso-C's."""
+    (m, n), key = shape, "w"
+    W, deltas = _low_rank_tasks(seed, m, n, T, scale)
+    for mode in ("auto", "exact"):
+        merges = [studio.merge({key: B}, {f"t{i}": {key: B + d} for i, d in enumerate(deltas)}, "iso_cts",
+                               common_space_fraction=fraction, svd_mode=mode)[key].double() - B.double()
+                  for B in (W, torch.zeros(m, n))]
+        assert _rel(merges[0], merges[1]) < 20 * scale, mode
+
+
 def test_iso_cts_of_tasks_that_cancel_in_a_rank_deficient_sum_does_not_depend_on_rounding():
     """Experts a, -a and c (rank 3 each): the sum is c's, and the common directions past its rank are set by
     rounding. Projecting those out of a's and -a's residuals too (eq. 10 with all k) left them an arbitrary part:
