@@ -230,11 +230,11 @@ def iso_cts(layer: LayerTasks, common_space_fraction: float = 0.8) -> Tensor:
     ``k' + kept > rank``), the dependences are certain and the tolerance is the computed directions' own error
     instead, and a kept direction within twice its noise is left out (:func:`_dependences`): 8 rank-3 experts at
     fraction 0.3 merged 1.2-1.3 apart on a random and a zero base, now as far apart as Iso-C's merges.
-    In ``svd_mode="exact"`` LAPACK's float32 residual SVDs leave more such dependences above the tolerance: experts
-    ``X1 + Y1, X2 + Y2, -(X1 + X2) + Y3`` of a ``32 x 48`` layer (the ``X`` parts cancel in the sum) merge 47 % from
-    ``"auto"`` there, and 66 % apart between a zero and a random base (``"auto"``: 6.4e-7 with OpenBLAS's Haswell
-    kernel, 33 % with its SkylakeX kernel, where the rounding falls the other way; the official loop in float64,
-    which also completes the sum's null space, 121 %; docs/ACCURACY.md).
+    Experts ``X1 + Y1, X2 + Y2, -(X1 + X2) + Y3`` of a ``32 x 48`` layer (the ``X`` parts cancel in the sum) are such
+    a case: they merged 47 % from ``"auto"`` in ``"exact"``, whose float32 LAPACK residuals left the dependence above
+    ``null_tolerance``, 69 % apart between a zero and a random base there and 33 % in ``"auto"`` under OpenBLAS's
+    SkylakeX kernel; now within 6.7e-7 of one another in both modes, on both bases and under both kernels (the
+    official loop in float64, which also completes the sum's null space, 121 %; docs/ACCURACY.md).
     With ``common_space_fraction = 1`` this is Iso-C.
 
     Example:
