@@ -583,7 +583,7 @@ def _optimise_setup(studio: Studio, method: str) -> tuple[str, bool, "float | No
 
 def _leaderboard_frame(sess, studio: Studio) -> gr.Dataframe:
     """The session's leaderboard, each column at least as wide as its name: Gradio sizes a column by its cells, and
-    a task's ("house_numbers") above two-digit accuracies was cut into four lines of three letters."""
+    a task's ("house_numbers") above two-digit accuracies was cut into five lines."""
     header, rows = sess.leaderboard(pool=studio.task_names)   # "all 8" only for the whole suite
     return gr.Dataframe(pd.DataFrame(rows, columns=header), column_widths=leaderboard_widths(header))
 

@@ -314,3 +314,42 @@ def test_a_slider_box_holding_no_number_keeps_the_value_stored_before():
         assert collect(specs, [blank, True, blank, 2.5, "x"], {"k": None}) == {"k": None, "alpha": 0.3, "n": 3,
                                                                              "mode": "x"}
     assert collect(specs, [0.4, False, 1.5, 6.5, "x"], before) == {"k": 0.4, "alpha": 1.5, "n": 7, "mode": "x"}
+
+
+def test_rule_formulas_are_parsed_once_per_text_whatever_the_threads(monkeypatch):
+    """CPython 3.11's ast.parse is not thread safe (gh-106905: "AST constructor recursion depth mismatch"), and the
+    page renders the method's and the calibration's controls on two worker threads at once: a CI run of the browser
+    tests lost the method's controls to that SystemError. Each rule text is parsed once, under a lock, and its tree
+    reused: from 8 threads of 200 calls each, ast.parse runs once per distinct text, never two at once."""
+    import ast
+    import threading
+
+    from studio.ui import controls
+
+    controls._rule_tree.cache_clear()
+    real, calls, inside, overlap = ast.parse, [], [0], []
+
+    def parse(text, *args, **kwargs):
+        inside[0] += 1
+        overlap.append(inside[0] > 1)
+        calls.append(text)
+        try:
+            return real(text, *args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    monkeypatch.setattr(controls.ast, "parse", parse)
+    rules = ("1/T (1.0 after tsv_m)", "|T|/4", "1/R", "2 * T + 1", "1/ (")
+    results = []
+
+    def work():
+        results.append([controls.auto_rule_value(rule, 8, 128) for _ in range(200) for rule in rules])
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(calls) == sorted({"1/T", "T/4", "1/R", "2 * T + 1", "1/"}) and not any(overlap)
+    assert all(r == results[0] for r in results) and results[0][:5] == [0.125, 2.0, 1 / 128, 17.0, None]
+    controls._rule_tree.cache_clear()

@@ -7,10 +7,14 @@ an "auto" checkbox for automatic defaults) and converts what the user set back i
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import math
+import operator
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -189,14 +193,12 @@ def auto_rule_value(rule: str, num_tasks: int, largest_rank: int | None = None) 
         >>> auto_rule_value("1/R", 8, 128), auto_rule_value("1/R", 8)
         (0.0078125, None)
     """
-    import ast
-    import operator
-    import re
-
     head = re.match(r"\s*([0-9TR|.+\-*/ ]+)", rule)
     if not head:
         return None
-    text = head.group(1).replace("|T|", "T").strip()
+    tree = _rule_tree(head.group(1).replace("|T|", "T").strip())
+    if tree is None:
+        return None
     ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
 
     def ev(node: ast.AST) -> float:
@@ -213,10 +215,27 @@ def auto_rule_value(rule: str, num_tasks: int, largest_rank: int | None = None) 
         raise ValueError("unsupported")
 
     try:
-        value = ev(ast.parse(text, mode="eval"))
-    except (SyntaxError, ValueError, ZeroDivisionError):
+        value = ev(tree)
+    except (ValueError, ZeroDivisionError):
         return None
     return value if math.isfinite(value) else None
+
+
+_RULE_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=256)
+def _rule_tree(text: str) -> "ast.Expression | None":
+    """The parsed formula of a rule text (None if it is not Python syntax): parsed once per text, under a lock.
+    CPython 3.11's ``ast.parse`` keeps its recursion depth in state shared by the interpreter's threads and can raise
+    ``SystemError: AST constructor recursion depth mismatch`` when two threads parse at once (CPython gh-106905); the
+    page renders the method's and the calibration's controls on two worker threads, and a CI run of the browser tests
+    lost a render to it."""
+    with _RULE_LOCK:
+        try:
+            return ast.parse(text, mode="eval")
+        except SyntaxError:
+            return None
 
 
 def defaults(schema: Mapping[str, Any]) -> dict[str, Any]:
