@@ -531,12 +531,16 @@ def _arm(request: gr.Request) -> None:
     """The click that starts a merge or a sweep, at once (unqueued): a Stop pressed from now on keeps the job it
     starts from starting (:func:`_stopped_since_click`)."""
     sess = SESSIONS.get(request.session_hash)
-    sess.armed = sess.stops
+    with sess.lock:
+        sess.armed = sess.stops
+        sess.waiting += 1
 
 
 def _stopped_since_click(sess: Any) -> bool:
     """Whether Stop was pressed since the click that queued the job about to start; if not, the job starts with the
-    session's stop flag cleared (a Stop before the click stopped an earlier job)."""
+    session's stop flag cleared (a Stop before the click stopped an earlier job). Called as the job starts."""
+    with sess.lock:
+        sess.waiting = max(0, sess.waiting - 1)
     if sess.stops != sess.armed:
         return True
     sess.stop_requested = False
@@ -616,6 +620,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
         pref_reload = gr.State(0)  # and for the preference sliders (a new expert selection)
+        unqueue = gr.State(0)      # changed by Stop to take a merge or a sweep that has not started off the queue
         best_alpha = gr.JSON(None, visible="hidden")   # the last sweep's {method, param, value}, for "Use best"
 
         with gr.Row(equal_height=False):
@@ -947,10 +952,10 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     frame, acc_fig, norm_fig = _accuracy_outputs(table)
                     recipe_text = Path(out["files"]["recipe"]).read_text()
                     csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
-                    # The run is recorded unless Stop came first (request_stop takes the lock too). Stop's cancel
-                    # drops this handler's outputs: a run recorded after it was one the page never showed (its
-                    # number skipped, a row in the leaderboard and its CSV). From here the job is done, and a Stop
-                    # finds none to stop; what it can still drop is the few milliseconds to the return
+                    # The run is recorded unless Stop came first (request_stop takes the lock too): Stop has said
+                    # "Merge stopped." on the page by then, and a run recorded after it would be one the page never
+                    # showed (its number skipped, a row in the leaderboard and its CSV). From here the job is done,
+                    # and a Stop finds none to stop
                     with sess.lock:
                         if sess.stop_requested:
                             raise _Cancelled("stopped by the user")
@@ -1086,19 +1091,27 @@ def build_demo(studio: Studio) -> gr.Blocks:
         recipe_up.upload(load_recipe, [recipe_up, hp_state, cal_state, pref_state], loaded, api_visibility="private",
                          show_progress="hidden")
 
-        def request_stop(request: gr.Request):
-            """Stop the session's running job at its next step. Gradio's cancel drops the job's own outputs (its
-            "stopped" message among them), so this reports it where the job would have."""
+        def request_stop(unqueued: int, request: gr.Request):
+            """Stop the session's job: a running one at its next step, where it says so itself (the message is
+            shown here at once too); jobs clicked that wait in the queue, when none runs, are also taken off it
+            (Gradio's cancel, through ``unqueue``; one left there would start only to stop). A running job is not
+            cancelled by Gradio: after such a cancel Gradio's page often marked the job's status "Error" (a badge
+            on the status line in 6 of 12 Stops in Chromium, in one of them left there), a job that ran on to its
+            next step all the same; nor is one that has recorded its run, whose results are on their way."""
             sess = SESSIONS.get(request.session_hash)
             with sess.lock:   # a merge records its run under it, unless Stop came first
                 sess.stop_requested = True
                 sess.stops += 1
                 kind = sess.job[0] if sess.job else None
+                unqueue_them = kind is None and sess.waiting > 0
+                if unqueue_them:
+                    sess.waiting = 0
             return (STOPPED["merge"] if kind == "merge" else gr.skip(),
-                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
+                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip(),
+                    unqueued + 1 if unqueue_them else gr.skip())
 
-        stop_btn.click(request_stop, None, [run_md, opt_md], cancels=[merge_evt, opt_evt],
-                       api_visibility="private", queue=False)
+        stop_btn.click(request_stop, unqueue, [run_md, opt_md, unqueue], api_visibility="private", queue=False)
+        unqueue.change(None, None, None, cancels=[merge_evt, opt_evt], api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):
             SESSIONS.drop(request.session_hash)

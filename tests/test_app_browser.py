@@ -436,6 +436,65 @@ def test_optimise_stops_and_forgets_another_methods_sweep(page):
     page.get_by_role("tab", name="Diagnostics").click()
 
 
+# Counts the times a job's status line showed Gradio's "Error" badge, from now on.
+ERROR_BADGES_JS = """() => { window.__error_badges = 0;
+    new MutationObserver(() => { if (document.querySelector('#opt-status .error, #run-status .error'))
+        window.__error_badges++; })
+      .observe(document.body, {subtree: true, childList: true, attributes: true, characterData: true}); }"""
+
+
+def test_stop_shows_no_error_and_takes_a_waiting_merge_off_the_queue(page, app_url):
+    """Stop of a running sweep: Gradio's cancel of it made the page mark its status line "Error", for a moment or
+    for good (a badge in 5 of 6 sweeps stopped 0.3-2.5 s in); the job is now stopped by the session's flag alone.
+    A merge that waits in the queue behind another session's job is still taken off it at once, and never runs."""
+    import app
+
+    def jobs() -> bool:
+        return any(s.job for s in app.SESSIONS._data.values())
+
+    page.evaluate(ERROR_BADGES_JS)
+    page.get_by_role("tab", name="Optimise").click()
+    for wait in (0.4, 1.2, 2.0):   # into the sweep, at different points of an alpha's evaluation
+        page.get_by_role("button", name="Optimise alpha").click()
+        started = time.perf_counter()
+        while not jobs():
+            assert time.perf_counter() - started < 60, "the sweep did not start"
+            time.sleep(0.05)
+        time.sleep(wait)
+        page.get_by_role("button", name="Stop").click()
+        page.get_by_text("Optimisation stopped.").first.wait_for()
+        while jobs():
+            time.sleep(0.05)
+        page.wait_for_timeout(1000)   # the badge came up to a few hundred milliseconds after the Stop
+        assert page.evaluate("() => window.__error_badges") == 0, f"an Error badge after a Stop {wait} s in"
+
+    other = page.context.browser.new_context(viewport={"width": 1500, "height": 1100}).new_page()
+    try:
+        other.set_default_timeout(60_000)
+        other.goto(app_url)
+        other.wait_for_function("() => (document.querySelector('#diag-status') || {}).innerText?.includes('σ')")
+        other.get_by_role("tab", name="Results").click()
+        other.evaluate(ERROR_BADGES_JS)
+        runs = sum(len(s.runs) for s in app.SESSIONS._data.values())
+        page.get_by_role("button", name="Optimise alpha").click()   # this session's sweep holds the queue's slot
+        while not jobs():
+            time.sleep(0.05)
+        other.get_by_role("button", name="Merge & evaluate").click()
+        other.wait_for_function("() => /queue/.test(document.querySelector('#run-status').innerText)")
+        other.get_by_role("button", name="Stop").click()
+        stopped = time.perf_counter()
+        other.wait_for_function("() => !/queue|processing/.test(document.querySelector('#run-status').innerText)")
+        assert time.perf_counter() - stopped < 2, "the waiting merge stayed in the queue"
+        page.get_by_text("Best for").first.wait_for()   # the sweep ends as it would have
+        other.wait_for_timeout(3000)   # the merge, had it stayed queued, would have started and ended by now
+        assert sum(len(s.runs) for s in app.SESSIONS._data.values()) == runs
+        assert not jobs() and other.evaluate("() => window.__error_badges") == 0
+        assert "Run #" not in other.inner_text("#run-status")
+    finally:
+        other.context.close()
+    page.get_by_role("tab", name="Diagnostics").click()
+
+
 def test_equal_weights_puts_every_preference_back(page):
     """The preference sliders' "Equal weights" (in place of Gradio's own per-slider reset): every slider back at 1 and
     the next merge uniform."""
