@@ -531,16 +531,12 @@ def _arm(request: gr.Request) -> None:
     """The click that starts a merge or a sweep, at once (unqueued): a Stop pressed from now on keeps the job it
     starts from starting (:func:`_stopped_since_click`)."""
     sess = SESSIONS.get(request.session_hash)
-    with sess.lock:
-        sess.armed = sess.stops
-        sess.waiting += 1
+    sess.armed = sess.stops
 
 
 def _stopped_since_click(sess: Any) -> bool:
     """Whether Stop was pressed since the click that queued the job about to start; if not, the job starts with the
-    session's stop flag cleared (a Stop before the click stopped an earlier job). Called as the job starts."""
-    with sess.lock:
-        sess.waiting = max(0, sess.waiting - 1)
+    session's stop flag cleared (a Stop before the click stopped an earlier job)."""
     if sess.stops != sess.armed:
         return True
     sess.stop_requested = False
@@ -620,7 +616,6 @@ def build_demo(studio: Studio) -> gr.Blocks:
         hp_reload = gr.State(0)    # changed to re-render the method controls from hp_state
         cal_reload = gr.State(0)   # likewise for the calibration's controls
         pref_reload = gr.State(0)  # and for the preference sliders (a new expert selection)
-        unqueue = gr.State(0)      # changed by Stop to take a merge or a sweep that has not started off the queue
         best_alpha = gr.JSON(None, visible="hidden")   # the last sweep's {method, param, value}, for "Use best"
 
         with gr.Row(equal_height=False):
@@ -1091,27 +1086,21 @@ def build_demo(studio: Studio) -> gr.Blocks:
         recipe_up.upload(load_recipe, [recipe_up, hp_state, cal_state, pref_state], loaded, api_visibility="private",
                          show_progress="hidden")
 
-        def request_stop(unqueued: int, request: gr.Request):
-            """Stop the session's job: a running one at its next step, where it says so itself (the message is
-            shown here at once too); jobs clicked that wait in the queue, when none runs, are also taken off it
-            (Gradio's cancel, through ``unqueue``; one left there would start only to stop). A running job is not
-            cancelled by Gradio: after such a cancel Gradio's page often marked the job's status "Error" (a badge
-            on the status line in 6 of 12 Stops in Chromium, in one of them left there), a job that ran on to its
-            next step all the same; nor is one that has recorded its run, whose results are on their way."""
+        def request_stop(request: gr.Request):
+            """Stop the session's job at its next step, where it says so itself (shown here at once too); a job
+            that waits in the queue starts only to stop. Gradio's cancel is not used: after it Gradio's page often
+            marked the job's status line "Error", for a moment or for good (5 of 6 sweeps and 1 of 6 merges stopped
+            while they ran, in Chromium; also a merge stopped while it waited), and the job ran on to its next step
+            all the same."""
             sess = SESSIONS.get(request.session_hash)
             with sess.lock:   # a merge records its run under it, unless Stop came first
                 sess.stop_requested = True
                 sess.stops += 1
                 kind = sess.job[0] if sess.job else None
-                unqueue_them = kind is None and sess.waiting > 0
-                if unqueue_them:
-                    sess.waiting = 0
             return (STOPPED["merge"] if kind == "merge" else gr.skip(),
-                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip(),
-                    unqueued + 1 if unqueue_them else gr.skip())
+                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
 
-        stop_btn.click(request_stop, unqueue, [run_md, opt_md, unqueue], api_visibility="private", queue=False)
-        unqueue.change(None, None, None, cancels=[merge_evt, opt_evt], api_visibility="private", queue=False)
+        stop_btn.click(request_stop, None, [run_md, opt_md], api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):
             SESSIONS.drop(request.session_hash)
