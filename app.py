@@ -986,7 +986,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return button.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
                                 api_visibility="private", queue=False)
 
-        merge_evt = settled(merge_btn).success(
+        settled(merge_btn).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, run_dd, load_run_btn, remove_run_btn],
@@ -1016,7 +1016,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             best = {"method": req.method, "param": res["param"], "value": res["best_alpha"]}
             return fig, md, best, gr.Button(interactive=True)
 
-        opt_evt = settled(optimise_btn).success(
+        settled(optimise_btn).success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
