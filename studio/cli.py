@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import yaml
 
-from . import __version__
+from . import __version__, adapters
 from .io import (PICKLE_SUFFIXES, CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints,
                  check_recipe_path, check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints,
                  is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
@@ -215,11 +215,13 @@ def _noting(note: str | bool | None) -> Iterator[None]:
 def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
                   from_recipe: set[str | None] = frozenset()) -> tuple[dict, dict, dict]:
     """The base and the experts read from checkpoint sources, and the sources as a recipe records them
-    (:func:`studio.io.load_checkpoint`: absolute paths, Hub repositories pinned to a commit). An error names the
-    base or the expert, and says so if a recipe recorded the source (``from_recipe``: expert names, None: the
-    base)."""
+    (:func:`studio.io.load_checkpoint`: absolute paths, Hub repositories pinned to a commit). An expert may be a
+    PEFT LoRA adapter of the base (:func:`studio.adapters.load_adapter`). An error names the base or the expert, and
+    says so if a recipe recorded the source (``from_recipe``: expert names, None: the base)."""
     def load(name: str | None, source: str) -> tuple[dict, str]:
         try:
+            if name is not None and adapters.adapter_files(source) is not None:   # a PEFT LoRA adapter of the base
+                return adapters.load_adapter(source, base_sd, prefix=prefix)
             return load_checkpoint(source, prefix=prefix)
         except CheckpointError as exc:
             option = "--base" if name is None else f"--expert {name}=SOURCE"
@@ -503,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
                                       "('hf://owner/name[@rev][/file.safetensors]': the Hub whatever local folders "
                                       "exist; hf://datasets/... for a dataset repository)")
         p.add_argument("--expert", action="append",
-                       help="NAME=SOURCE of an expert checkpoint, any source --base takes (repeat)")
+                       help="NAME=SOURCE of an expert checkpoint, any source --base takes, or a PEFT LoRA "
+                            "adapter of the base (a folder or Hub repo with adapter_config.json) (repeat)")
         p.add_argument("--prefix", default=None,
                        help="keep only the tensors whose names start with this, in the base and every expert "
                             "(e.g. vision_model. for Hugging Face CLIP checkpoints)" + (

@@ -46,7 +46,8 @@ OWN = {"studio/io.py": ["tests/test_io_cli.py"], "studio/cli.py": ["tests/test_i
        "studio/ui/controls.py": ["tests/test_ui_controls.py", "tests/test_ui_backend.py"],
        "studio/ui/backend.py": ["tests/test_ui_backend.py", "tests/test_app_api.py"],
        "app.py": ["tests/test_app_api.py"], "studio/suite/build.py": ["tests/test_suite.py"],
-       "studio/leaderboard.py": ["tests/test_io_cli.py", "tests/test_evaluate.py"]}
+       "studio/leaderboard.py": ["tests/test_io_cli.py", "tests/test_evaluate.py"],
+       "studio/adapters.py": ["tests/test_adapters.py"]}
 
 #: files whose code runs in the page: their mutants run the browser tests too (the whole file: its tests share one
 #: page, in order)

@@ -1,0 +1,246 @@
+"""LoRA experts as PEFT saves them: an ``adapter_config.json`` and an ``adapter_model.safetensors`` (``peft``'s
+``save_pretrained``), applied to the base to give the expert's full state dict, as ``peft``'s ``merge_and_unload``
+would.
+
+The expert is the base with each adapted ``Linear`` weight ``W0 + scaling * B A`` (``lora_B.weight @
+lora_A.weight``, transposed for ``fan_in_fan_out``; ``scaling = lora_alpha / r``, ``lora_alpha / sqrt(r)`` with
+``use_rslora``; ``rank_pattern`` and ``alpha_pattern`` matched to the module's name as ``peft`` matches them,
+``peft.utils.other.get_pattern_key``), ``lora_B.bias`` added the same way (``lora_bias``), and every other tensor the
+adapter holds (``modules_to_save``, the biases ``bias="all"`` or ``"lora_only"`` trains) in place of the base's. The
+sum is formed in float64 and rounded once to the base's dtype. Other PEFT methods, DoRA (``use_dora``) and LoRA on
+embeddings or convolutions are refused by name: merge those into full weights with ``peft``'s ``merge_and_unload``
+and pass the weights.
+
+An adapter's module names are those of the model it was trained on, under ``base_model.model.``. Each is matched to
+the base's tensor of the same name or, if there is none, to the one base tensor whose name ends with it (an adapter
+of a ``CLIPVisionModel`` applied to a base read with its ``vision_model.`` prefix, or of open_clip's visual tower to
+a checkpoint of the whole model).
+
+Example:
+    >>> import json, tempfile, torch
+    >>> from safetensors.torch import save_file
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> _ = (folder / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 2}))
+    >>> save_file({"base_model.model.fc.lora_A.weight": torch.ones(1, 3),
+    ...            "base_model.model.fc.lora_B.weight": torch.ones(2, 1)}, folder / ADAPTER_WEIGHTS)
+    >>> expert, _ = load_adapter(folder, {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)})
+    >>> expert["fc.weight"].tolist(), expert["fc.bias"].tolist()
+    ([[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]], [0.0, 0.0])
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from . import io
+from .io import CheckpointError
+from .schema import brief
+
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_files", "load_adapter"]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: The prefix ``peft`` saves a ``PeftModel``'s tensors under (``base_model.model.<module>...``).
+PEFT_PREFIX = "base_model.model."
+_LORA = re.compile(r"(.+)\.(lora_A|lora_B)\.(weight|bias)")
+
+
+def adapter_files(source: str | os.PathLike, *, revision: str | None = None,
+                  cache_dir: str | os.PathLike | None = None) -> tuple[Path, Path, str] | None:
+    """``(config, weights, pinned)`` when ``source`` is a PEFT adapter: a folder holding :data:`ADAPTER_CONFIG`
+    (its weights :data:`ADAPTER_WEIGHTS` beside it), that weights file itself, or a Hub repository
+    (``owner/name[@revision]``, ``hf://owner/name...``) holding both at its root; ``None`` for any other source.
+    ``pinned`` is the source as a recipe records it: the folder's absolute path, or the repository at the commit
+    its files came from."""
+    if not isinstance(source, (str, os.PathLike)) or not str(source).strip():
+        return None
+    if not io.is_hub_url(source):
+        try:
+            path = Path(source).expanduser()
+            folder = path if path.is_dir() else path.parent if path.name == ADAPTER_WEIGHTS else None
+            if folder is not None and (folder / ADAPTER_CONFIG).is_file():
+                weights = folder / ADAPTER_WEIGHTS
+                if not weights.is_file():
+                    raise CheckpointError(f"{io.shown_path(folder)}: holds {ADAPTER_CONFIG} but not "
+                                          f"{ADAPTER_WEIGHTS}, the adapter's weights (peft's save_pretrained writes "
+                                          f"both; pickle weights, adapter_model.bin, are never read)")
+                return folder / ADAPTER_CONFIG, weights, os.path.abspath(folder)
+            if path.exists() or io.is_local_path(source):
+                return None
+        except OSError:
+            return None   # load_checkpoint names what is wrong with the path
+    given, (text, repo_type) = source, io.hub_repo_type(source)
+    try:
+        spec = io.hub_spec(text, revision, shown=str(given))
+    except CheckpointError:
+        return None
+    if spec is None or spec[1] is not None:   # a file in a repository is a checkpoint, not an adapter
+        return None
+    repo_id, _, rev = spec
+    try:
+        snapshot = io.hub_fetch(repo_id, revision=rev, repo_type=repo_type or "model", cache_dir=cache_dir,
+                                allow_patterns=(ADAPTER_CONFIG, ADAPTER_WEIGHTS), shown=str(given))
+    except CheckpointError:
+        return None   # not fetchable: load_checkpoint says why
+    if not (snapshot / ADAPTER_CONFIG).is_file():
+        return None
+    if not (snapshot / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{given}: the Hub repository holds {ADAPTER_CONFIG} but not {ADAPTER_WEIGHTS}")
+    return snapshot / ADAPTER_CONFIG, snapshot / ADAPTER_WEIGHTS, io.hub_url(repo_id, None, snapshot.name,
+                                                                             repo_type or "model")
+
+
+def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefix: str | None = None,
+                 revision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[dict[str, Tensor], str]:
+    """The expert a PEFT LoRA adapter makes of ``base`` (the module's docstring), with the base's keys, shapes and
+    dtypes, and the source as a recipe records it (:func:`adapter_files`). ``prefix``: the base was read with only
+    the tensors under it (:func:`studio.io.load_checkpoint`), so the adapter's tensors for no base tensor are left
+    out (the text tower's of an adapter of a whole CLIP model, for a base of its visual tower); without it they are
+    refused. A :class:`~studio.io.CheckpointError` names the adapter's file and the tensor or setting at fault: a
+    source that is no adapter, a PEFT method other than LoRA, DoRA, a tensor that matches no base tensor (or
+    several), a shape that does not fit, an adapter that changes nothing of the base."""
+    found = adapter_files(source, revision=revision, cache_dir=cache_dir)
+    if found is None:
+        raise CheckpointError(f"{io.shown_path(source)}: not a PEFT adapter (a folder or Hub repository holding "
+                              f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    config_file, weights_file, pinned = found
+    config = _config(config_file)
+    tensors = io.load_safetensors(weights_file, CheckpointError)
+    where = io.shown_path(weights_file)
+    names = list(base)
+    lora: dict[str, dict[str, Tensor]] = {}
+    replaced: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _LORA.fullmatch(inner)
+        if m is not None:
+            lora.setdefault(m[1], {})[f"{m[2]}.{m[3]}"] = value
+            continue
+        if "lora_" in inner:
+            raise CheckpointError(f"{where}: tensor {key!r} is not a LoRA Linear layer's lora_A / lora_B (DoRA's "
+                                  f"magnitude, LoRA on an embedding or a convolution): merge the adapter into full "
+                                  f"weights with peft's merge_and_unload and pass those")
+        target = _base_key(inner.replace(".base_layer.", "."), names, where, key, prefix)
+        if target is None:
+            continue
+        _check_shape(base[target], value.shape, where, key, target)
+        replaced[target] = value
+    out = dict(base)
+    applied = len(replaced)
+    for module, parts in lora.items():
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            raise CheckpointError(f"{where}: module {module!r} has {sorted(parts)} but LoRA needs both lora_A.weight "
+                                  f"and lora_B.weight")
+        A, B = parts["lora_A.weight"], parts["lora_B.weight"]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise CheckpointError(f"{where}: module {module!r}: lora_A.weight {tuple(A.shape)} and lora_B.weight "
+                                  f"{tuple(B.shape)} are not a rank-r pair [r, in] and [out, r] (a LoRA of a "
+                                  f"convolution or an embedding is not read)")
+        scale = _scaling(config, module, A.shape[0], where)
+        delta = (B.double() @ A.double()) * scale
+        if config.get("fan_in_fan_out"):
+            delta = delta.T
+        target = _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix)
+        if target is None:
+            continue
+        applied += 1
+        _check_shape(base[target], delta.shape, where, f"{PEFT_PREFIX}{module}.lora_B.weight @ lora_A.weight", target)
+        out[target] = _rounded(replaced.pop(target, base[target]).double() + delta, base[target], where, target)
+        if "lora_B.bias" in parts:
+            bias = _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias")
+            assert bias is not None
+            _check_shape(base[bias], parts["lora_B.bias"].shape, where, f"{PEFT_PREFIX}{module}.lora_B.bias", bias)
+            out[bias] = _rounded(replaced.pop(bias, base[bias]).double() + parts["lora_B.bias"].double() * scale,
+                                 base[bias], where, bias)
+    for target, value in replaced.items():
+        out[target] = value.to(base[target].dtype)
+    if not applied:
+        raise CheckpointError(f"{where}: none of the adapter's {len(tensors)} tensors is for a tensor of the base"
+                              + (f" (read under the prefix {prefix!r})" if prefix is not None else ""))
+    return out, pinned
+
+
+def _config(path: Path) -> dict[str, Any]:
+    """The adapter's settings, checked: LoRA, not DoRA, numbers where numbers belong."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{io.shown_path(path)}: cannot be read as JSON ({exc})") from exc
+    shown = io.shown_path(path)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{shown}: holds {brief(config)}, not a PEFT adapter's settings (a JSON object)")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{shown}: peft_type is {config.get('peft_type')!r}; only LoRA adapters ('LORA') are "
+                              f"read: merge others into full weights with peft's merge_and_unload")
+    if config.get("use_dora"):
+        raise CheckpointError(f"{shown}: use_dora is set; a DoRA adapter's weight is rescaled per output, which is "
+                              f"not read: merge it into full weights with peft's merge_and_unload")
+    for name in ("r", "lora_alpha"):
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise CheckpointError(f"{shown}: {name} must be a positive number, got {brief(value)}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(name) or {}, dict):
+            raise CheckpointError(f"{shown}: {name} must map module names to numbers, got {brief(config[name])}")
+    return config
+
+
+def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
+    """``peft.utils.other.get_pattern_key``: the first pattern (in the file's order) that matches the module's name
+    or its end after a dot, as a regular expression."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _scaling(config: Mapping[str, Any], module: str, rank: int, where: str) -> float:
+    """``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``) for ``module``, its own ``r`` and ``lora_alpha`` from
+    ``rank_pattern`` and ``alpha_pattern`` (peft's ``LoraLayer.update_layer``); the rank must be the tensors'."""
+    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+    if r != rank:
+        raise CheckpointError(f"{where}: module {module!r} has rank {rank} tensors, but its settings give r = {r}")
+    return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _base_key(name: str, names: list[str], where: str, key: str, prefix: str | None = None) -> str | None:
+    """The base tensor ``name`` is: the same name, else the one base name that ends with ``.name``; ``None`` for
+    none where the base was read under a ``prefix``."""
+    if name in names:
+        return name
+    ends = [n for n in names if n.endswith("." + name)]
+    if len(ends) == 1:
+        return ends[0]
+    if not ends and prefix is not None:
+        return None
+    if not ends:
+        raise CheckpointError(f"{where}: tensor {key!r} is for {name!r}, which the base does not hold (nor a tensor "
+                              f"whose name ends with it); the adapter is for another model")
+    raise CheckpointError(f"{where}: tensor {key!r} is for {name!r}, and several base tensors end with it "
+                          f"({', '.join(ends[:3])}); give the base with a prefix that leaves one")
+
+
+def _check_shape(base: Tensor, shape: torch.Size, where: str, key: str, target: str) -> None:
+    if tuple(shape) != tuple(base.shape):
+        raise CheckpointError(f"{where}: {key} has shape {tuple(shape)}, but the base's {target!r} is "
+                              f"{tuple(base.shape)}; the adapter is for another model")
+
+
+def _rounded(value: Tensor, like: Tensor, where: str, target: str) -> Tensor:
+    """``value`` (float64) in ``like``'s dtype, refused where it leaves that dtype's range."""
+    if not like.is_floating_point():
+        raise CheckpointError(f"{where}: the adapter changes {target!r}, which the base holds as {like.dtype}")
+    out = value.to(like.dtype)
+    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{where}: the adapted {target!r} leaves {like.dtype}'s range")
+    return out

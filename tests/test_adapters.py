@@ -1,0 +1,226 @@
+"""PEFT LoRA adapters as experts (``studio.adapters``): against ``peft``'s own ``merge_and_unload`` (the
+``crosscheck`` extra installs ``peft`` with FusionBench), through the CLI and its recipes, from the Hub's cache, and
+the errors that name what is wrong."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from studio import adapters
+from studio.cli import main as cli
+from studio.io import CheckpointError, load_state_dict
+
+from .conftest import hub_cache, require_or_skip_module
+
+
+@pytest.fixture(scope="module")
+def hf_lora(tmp_path_factory) -> Path:
+    """A small ``transformers.CLIPVisionModel`` saved as the base, three LoRA adapters of it trained to random
+    values by ``peft`` (each with other settings: rank and alpha patterns, rsLoRA, ``lora_bias``, trained biases,
+    ``modules_to_save``), and ``peft``'s own ``merge_and_unload`` of each, saved as full weights."""
+    require_or_skip_module(None if importlib.util.find_spec("peft") else "peft is not importable",
+                           "pip install -e '.[crosscheck]'")
+    from peft import LoraConfig, get_peft_model
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("hf_lora")
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(root / "base")
+    settings = {
+        "cars": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"], rank_pattern={"fc1": 2},
+                     alpha_pattern={"layers.1.mlp.fc1": 3}, bias="lora_only", modules_to_save=["post_layernorm"]),
+        "dtd": dict(r=6, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "out_proj", "fc2"]),
+        "eurosat": dict(r=3, lora_alpha=6, target_modules=["q_proj", "fc1", "fc2"], lora_bias=True),
+    }
+    for i, (name, kwargs) in enumerate(settings.items()):
+        torch.manual_seed(10 + i)
+        model = get_peft_model(CLIPVisionModel.from_pretrained(root / "base"), LoraConfig(**kwargs))
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(root / f"lora_{name}")
+        merged = model.merge_and_unload().state_dict()
+        save_file({k: v.contiguous() for k, v in merged.items()}, root / f"full_{name}.safetensors")
+    return root
+
+
+def _relative(ours: torch.Tensor, theirs: torch.Tensor, base: torch.Tensor) -> float:
+    moved = float((theirs.double() - base.double()).norm())
+    return float((ours.double() - theirs.double()).norm()) / moved if moved else float((ours != theirs).any())
+
+
+def test_an_adapter_is_the_expert_peft_merges(hf_lora):
+    """Every tensor as ``peft``'s ``merge_and_unload`` makes it, to float32's rounding of the sum: the adapted
+    weights, the trained and the ``lora_bias`` biases, ``modules_to_save``; the rest the base's own bits."""
+    base = load_state_dict(hf_lora / "base")
+    for name in ("cars", "dtd", "eurosat"):
+        ours, pinned = adapters.load_adapter(hf_lora / f"lora_{name}", base)
+        theirs = load_state_dict(hf_lora / f"full_{name}.safetensors")
+        assert pinned == str((hf_lora / f"lora_{name}").resolve()) and list(ours) == list(base)
+        changed = [k for k in base if not torch.equal(theirs[k], base[k])]
+        assert changed and [k for k in base if not torch.equal(ours[k], base[k])] == changed, name
+        for k in base:
+            assert ours[k].dtype == base[k].dtype and ours[k].shape == base[k].shape
+            assert _relative(ours[k], theirs[k], base[k]) < 1e-6, (name, k)
+    cars = adapters.load_adapter(hf_lora / "lora_cars", base)[0]
+    assert not torch.equal(cars["post_layernorm.weight"], base["post_layernorm.weight"])   # modules_to_save
+    assert not torch.equal(cars["encoder.layers.0.mlp.fc1.bias"], base["encoder.layers.0.mlp.fc1.bias"])
+
+
+def test_an_adapter_finds_its_modules_under_the_bases_prefix_and_leaves_out_other_towers(hf_lora):
+    """The same expert from a base whose names carry a prefix (``vision_model.``, a whole model's checkpoint); a
+    base read under a prefix leaves out the adapter's tensors for tensors it does not hold, which without a prefix
+    are refused by name."""
+    base = load_state_dict(hf_lora / "base")
+    plain = adapters.load_adapter(hf_lora / "lora_cars", base)[0]
+    prefixed = adapters.load_adapter(hf_lora / "lora_cars", {f"vision_model.{k}": v for k, v in base.items()})[0]
+    assert all(torch.equal(prefixed[f"vision_model.{k}"], v) for k, v in plain.items())
+    fewer = {k: v for k, v in base.items() if not k.startswith("encoder.layers.1.")}   # one layer less
+    with pytest.raises(CheckpointError, match=r"'base_model\.model\.encoder\.layers\.1\..*the base does not hold"):
+        adapters.load_adapter(hf_lora / "lora_cars", fewer)
+    part = adapters.load_adapter(hf_lora / "lora_cars", fewer, prefix="encoder.layers.0.")[0]
+    assert all(torch.equal(part[k], plain[k]) for k in fewer)
+
+
+def test_the_cli_merges_adapters_as_their_full_weights_and_replays_them(hf_lora, tmp_path):
+    """``merge --expert NAME=ADAPTER_FOLDER``: the merge of ``peft``'s full weights (to float32 rounding), a recipe
+    that records the adapters' folders and replays the same bytes."""
+    names = ("cars", "dtd", "eurosat")
+    lora = [arg for n in names for arg in ("--expert", f"{n}={hf_lora / f'lora_{n}'}")]
+    full = [arg for n in names for arg in ("--expert", f"{n}={hf_lora / f'full_{n}.safetensors'}")]
+    for method in ("iso_c", "ties"):
+        common = ["merge", "--base", str(hf_lora / "base"), "--method", method]
+        assert cli([*common, *lora, "--out", str(tmp_path / f"{method}_lora.safetensors"),
+                    "--recipe", str(tmp_path / f"{method}.yaml")]) == 0
+        assert cli([*common, *full, "--out", str(tmp_path / f"{method}_full.safetensors")]) == 0
+        base = load_state_dict(hf_lora / "base")
+        ours = load_state_dict(tmp_path / f"{method}_lora.safetensors")
+        theirs = load_state_dict(tmp_path / f"{method}_full.safetensors")
+        assert max(_relative(ours[k], theirs[k], base[k]) for k in base) < 1e-5, method
+    recipe = (tmp_path / "iso_c.yaml").read_text()
+    assert str((hf_lora / "lora_dtd").resolve()) in recipe
+    assert cli(["recipe", str(tmp_path / "iso_c.yaml"), "--out", str(tmp_path / "again.safetensors")]) == 0
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "iso_c_lora.safetensors").read_bytes()
+
+
+def _adapter(folder: Path, config: dict, tensors: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / adapters.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file({f"base_model.model.{k}": v.clone() for k, v in tensors.items()}, folder / adapters.ADAPTER_WEIGHTS)
+    return folder
+
+
+def test_the_scaling_the_patterns_and_fan_in_fan_out_by_hand(tmp_path):
+    """``W0 + alpha / r * B A`` (rsLoRA: ``/ sqrt(r)``); a pattern matches a module's name or its end after a dot,
+    the first in the file's order; ``fan_in_fan_out`` (GPT-2's ``Conv1D``, weights ``[in, out]``) transposes."""
+    torch.manual_seed(0)
+    base = {"h.0.attn.w.weight": torch.randn(5, 3), "h.1.attn.w.weight": torch.randn(5, 3),
+            "h.0.mlp.weight": torch.randn(3, 5)}
+    A, B = torch.randn(2, 3), torch.randn(5, 2)
+    lora = {"h.0.attn.w.lora_A.weight": A, "h.0.attn.w.lora_B.weight": B,
+            "h.1.attn.w.lora_A.weight": A, "h.1.attn.w.lora_B.weight": B}
+    expert = adapters.load_adapter(_adapter(tmp_path / "a", {"r": 2, "lora_alpha": 3, "alpha_pattern": {
+        "1.attn.w": 8, "attn.w": 5}}, lora), base)[0]
+    for layer, alpha in ((0, 5), (1, 8)):   # "1.attn.w" does not end h.0's name after a dot; "attn.w" does
+        want = base[f"h.{layer}.attn.w.weight"].double() + alpha / 2 * (B.double() @ A.double())
+        assert torch.equal(expert[f"h.{layer}.attn.w.weight"], want.float())
+    rs = adapters.load_adapter(_adapter(tmp_path / "b", {"r": 2, "lora_alpha": 3, "use_rslora": True}, lora), base)[0]
+    want = base["h.0.attn.w.weight"].double() + 3 / math.sqrt(2) * (B.double() @ A.double())
+    assert torch.equal(rs["h.0.attn.w.weight"], want.float())
+    conv = adapters.load_adapter(_adapter(tmp_path / "c", {"r": 2, "lora_alpha": 2, "fan_in_fan_out": True}, {
+        "h.0.mlp.lora_A.weight": A, "h.0.mlp.lora_B.weight": B}), base)[0]
+    assert torch.equal(conv["h.0.mlp.weight"], (base["h.0.mlp.weight"].double() + (B.double() @ A.double()).T).float())
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    ({"peft_type": "IA3", "r": 2, "lora_alpha": 2}, {}, r"peft_type is 'IA3'; only LoRA"),
+    ({"r": 2, "lora_alpha": 2, "use_dora": True}, {}, r"use_dora is set"),
+    ({"r": 0, "lora_alpha": 2}, {}, r"r must be a positive number, got 0"),
+    ({"r": 2, "lora_alpha": 2}, {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(4, 2)},
+     r"lora_B\.weight @ lora_A\.weight has shape \(4, 3\), but the base's 'fc\.weight' is \(2, 3\)"),
+    ({"r": 3, "lora_alpha": 2}, {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(2, 2)},
+     r"module 'fc' has rank 2 tensors, but its settings give r = 3"),
+    ({"r": 2, "lora_alpha": 2}, {"fc.lora_A.weight": torch.ones(2, 3)}, r"module 'fc' has \['lora_A\.weight'\]"),
+    ({"r": 2, "lora_alpha": 2}, {"fc.lora_magnitude_vector": torch.ones(2)},
+     r"'base_model\.model\.fc\.lora_magn.*DoRA"),
+    ({"r": 2, "lora_alpha": 2}, {"head.lora_A.weight": torch.ones(2, 3), "head.lora_B.weight": torch.ones(2, 2)},
+     r"'base_model\.model\.head\.lora_A\.weight' is for 'head\.weight', which the base does not hold"),
+])
+def test_bad_adapters_are_refused_by_name(tmp_path, config, tensors, message):
+    base = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / adapters.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", **config}))
+    save_file({f"base_model.model.{k}": v for k, v in tensors.items()} or {"x": torch.zeros(1)},
+              folder / adapters.ADAPTER_WEIGHTS)
+    with pytest.raises(CheckpointError, match=message):
+        adapters.load_adapter(folder, base)
+
+
+def test_an_adapter_folder_without_weights_and_a_non_adapter_are_named(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / adapters.ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(CheckpointError, match=r"holds adapter_config\.json but not adapter_model\.safetensors"):
+        adapters.load_adapter(tmp_path / "a", {})
+    save_file({"w": torch.zeros(1)}, tmp_path / "w.safetensors")
+    assert adapters.adapter_files(tmp_path / "w.safetensors") is None
+    with pytest.raises(CheckpointError, match=r"not a PEFT adapter"):
+        adapters.load_adapter(tmp_path / "w.safetensors", {"w": torch.zeros(1)})
+
+
+def test_an_adapter_from_the_hub_cache_is_pinned_to_its_commit(tmp_path, offline_hub, monkeypatch):
+    """A Hub repository holding an adapter, read from huggingface_hub's cache offline (``HF_HUB_OFFLINE``, the
+    layout a download leaves), recorded as ``hf://owner/name@<commit>``; the CLI's merge reads it as an expert."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    torch.manual_seed(0)
+    base = {"fc.weight": torch.randn(4, 3), "fc.bias": torch.randn(4)}
+    A, B = torch.randn(1, 3), torch.randn(4, 1)
+    src = _adapter(tmp_path / "src", {"r": 1, "lora_alpha": 1}, {"fc.lora_A.weight": A, "fc.lora_B.weight": B})
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    hub_cache(src, cache, "someone/fc-lora", commit)
+    expert, pinned = adapters.load_adapter("someone/fc-lora", base)
+    assert pinned == f"hf://someone/fc-lora@{commit}"
+    assert torch.equal(expert["fc.weight"], (base["fc.weight"].double() + B.double() @ A.double()).float())
+    assert adapters.adapter_files("someone/other") is None   # not cached: load_checkpoint says why
+    save_file(base, tmp_path / "base.safetensors")
+    save_file({"fc.weight": base["fc.weight"] * 2, "fc.bias": base["fc.bias"]}, tmp_path / "twice.safetensors")
+    assert cli(["merge", "--base", str(tmp_path / "base.safetensors"), "--expert", "lora=someone/fc-lora",
+                "--expert", f"twice={tmp_path / 'twice.safetensors'}", "--method", "task_arithmetic",
+                "--set", "alpha=1", "--out", str(tmp_path / "m.safetensors")]) == 0
+    merged = load_state_dict(tmp_path / "m.safetensors")
+    assert torch.allclose(merged["fc.weight"], expert["fc.weight"] + base["fc.weight"], atol=1e-6)
+
+
+def test_adapters_merge_the_same_on_their_base_and_on_a_zero_one(hf_lora):
+    """An adapter's expert is ``round(W0 + B A)``: a low-rank task matrix plus the weights' float32 rounding, which
+    the spectral methods' rank rules leave out (docs/ENGINE.md, "Null spaces"). The merge's delta on the real base
+    is then the merge of the same adapters on a zero base (measured: 3.6e-7 to 2.9e-6 of its size); TSV-M's
+    ``svd_mode="exact"``, the official loop, whitens the rounding directions in (three other adapters of this model
+    merged 0.83 apart)."""
+    import studio
+
+    base = load_state_dict(hf_lora / "base")
+    zero = {k: torch.zeros_like(v) for k, v in base.items()}
+    names = ("cars", "dtd", "eurosat")
+
+    def delta(on: dict, method: str) -> dict:
+        merged = studio.merge(on, {n: adapters.load_adapter(hf_lora / f"lora_{n}", on)[0] for n in names}, method)
+        return {k: merged[k].double() - on[k].double() for k in on}
+
+    for method in ("iso_c", "iso_cts", "tsv_m", "align_merge_o"):
+        a, b = delta(base, method), delta(zero, method)
+        # the matrices (cars' trained biases and post_layernorm replace the base's: absolute values, not deltas)
+        worst = max(float((a[k] - b[k]).norm() / b[k].norm()) for k in base if b[k].dim() == 2 and b[k].any())
+        assert worst < 1e-5, (method, worst)
