@@ -116,7 +116,8 @@ def test_the_cli_merges_adapters_as_their_full_weights_and_replays_them(hf_lora,
 def _adapter(folder: Path, config: dict, tensors: dict) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / adapters.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", **config}))
-    save_file({f"base_model.model.{k}": v.clone() for k, v in tensors.items()}, folder / adapters.ADAPTER_WEIGHTS)
+    save_file({f"base_model.model.{k}": v.clone().contiguous() for k, v in tensors.items()},
+              folder / adapters.ADAPTER_WEIGHTS)
     return folder
 
 
@@ -224,3 +225,45 @@ def test_adapters_merge_the_same_on_their_base_and_on_a_zero_one(hf_lora):
         # the matrices (cars' trained biases and post_layernorm replace the base's: absolute values, not deltas)
         worst = max(float((a[k] - b[k]).norm() / b[k].norm()) for k in base if b[k].dim() == 2 and b[k].any())
         assert worst < 1e-5, (method, worst)
+
+
+def test_a_suite_expert_may_be_an_adapter_folder(tmp_path):
+    """``experts/<task>/`` holding an adapter in place of ``experts/<task>.safetensors``: the suite reads it as the
+    expert it makes of the suite's base, names it as that expert's source, and merges and evaluates it; the CLI's
+    merge of the suite takes it too. MiniSuite's digits expert is replaced by a rank-4 adapter (its own top-4
+    singular directions of each attention output and MLP layer)."""
+    import shutil
+
+    import studio
+    from studio.evaluate import evaluate
+    from studio.suite import SuiteError, default_suite, load_suite
+
+    mini = default_suite()
+    root = tmp_path / "lora_suite"
+    shutil.copytree(mini.root, root)
+    (root / "experts" / "digits.safetensors").unlink()
+    base, digits = mini.base, mini.experts["digits"]
+    tensors, want = {}, dict(base)
+    for key in base:
+        if key.endswith(("attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")):
+            U, S, Vh = torch.linalg.svd((digits[key] - base[key]).double(), full_matrices=False)
+            module = key[len("visual."):-len(".weight")]
+            tensors[f"{module}.lora_B.weight"] = (U[:, :4] * S[:4]).float()
+            tensors[f"{module}.lora_A.weight"] = Vh[:4].float()
+            delta = tensors[f"{module}.lora_B.weight"].double() @ tensors[f"{module}.lora_A.weight"].double()
+            want[key] = (base[key].double() + delta * 2 / 4).float()
+    _adapter(root / "experts" / "digits", {"r": 4, "lora_alpha": 2}, tensors)
+    suite = load_suite(root)
+    assert suite.weight_files["experts"]["digits"] == str(root / "experts" / "digits")
+    got = suite.experts["digits"]
+    assert list(got) == list(base) and all(torch.equal(got[k], want[k]) for k in base)
+    assert torch.equal(suite.experts["signs"]["visual.proj"], mini.experts["signs"]["visual.proj"])
+    merged = studio.merge(suite.base, suite.experts, "iso_c")
+    result = evaluate(suite, merged, tasks=["digits", "signs"], split="test")
+    assert set(result.accuracy) == {"digits", "signs"} and all(0 <= a <= 100 for a in result.accuracy.values())
+    assert cli(["merge", "--suite", str(root), "--method", "task_arithmetic", "--out",
+                str(tmp_path / "m.safetensors")]) == 0
+    (root / "experts" / "digits" / adapters.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                                    "lora_alpha": 2, "use_dora": True}))
+    with pytest.raises(SuiteError, match=r"expert 'digits': .*use_dora is set"):
+        load_suite(root).experts_named(["digits"])

@@ -5,7 +5,9 @@ A suite is a folder (local, or a Hugging Face Hub repository) with this layout::
     manifest.json                  name, model (open_clip name), tasks, logit scale, measured accuracies, provenance
     model_configs/<Model>.json     optional: open_clip configs of non built-in architectures (MiniCLIP-ViT)
     base.safetensors               the pretrained image encoder (``visual.*`` keys only; the part that is merged)
-    experts/<task>.safetensors     one fine-tuned image encoder per task (same keys)
+    experts/<task>.safetensors     one fine-tuned image encoder per task (same keys), or
+    experts/<task>/                a PEFT LoRA adapter of the base (adapter_config.json, adapter_model.safetensors:
+                                   :mod:`studio.adapters`), read as the expert it makes of the base
     heads.safetensors              one fixed ``[C, D]`` head per task (L2-normalised rows, CLIP zero-shot style)
     data/<task>.safetensors        uint8 evaluation images ``{val,test}_images`` [N,H,W,3], ``{val,test}_labels``
     text.safetensors               optional: what produced the heads (MiniCLIP's tiny text tower), not merged
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 
 from ..io import (HUB_SCHEME, hub_fetch, hub_repo_type, hub_spec, hub_url, is_hub_url, is_local_path,
                   load_safetensors, local_folder_hint, shown_path)
+from ..adapters import ADAPTER_CONFIG, load_adapter
 from ..schema import StudioError, brief
 from .model import ArchitectureError, VisualTower, register_model_configs
 
@@ -221,7 +224,12 @@ class Suite:
         """The files the base and each expert are read from, ``{"base": path, "experts": {task: path}}`` (the shape
         of :attr:`studio.io.Recipe.sources`), e.g. for an error to name the file at fault."""
         return {"base": str(self.root / "base.safetensors"),
-                "experts": {t: str(self.root / "experts" / f"{t}.safetensors") for t in self.task_names}}
+                "experts": {t: str(self._expert_path(t)) for t in self.task_names}}
+
+    def _expert_path(self, task: str) -> Path:
+        """``experts/<task>.safetensors``, or the adapter folder ``experts/<task>/`` where that file is not."""
+        file, folder = self.root / "experts" / f"{task}.safetensors", self.root / "experts" / task
+        return folder if not file.is_file() and (folder / ADAPTER_CONFIG).is_file() else file
 
     @property
     def base(self) -> dict[str, Tensor]:
@@ -251,8 +259,18 @@ class Suite:
         with self._lock:
             for t in names:
                 if t not in self._experts:
-                    self._experts[t] = _load_weights(self.root / "experts" / f"{t}.safetensors", f"expert {t!r}")
+                    path = self._expert_path(t)
+                    self._experts[t] = (_load_weights(path, f"expert {t!r}") if path.suffix == ".safetensors"
+                                        else self._adapter_expert(path, t))
             return {t: self._experts[t] for t in names}
+
+    def _adapter_expert(self, folder: Path, task: str) -> dict[str, Tensor]:
+        """The expert a suite's adapter folder makes of the base (float32, as every suite expert)."""
+        try:
+            weights, _ = load_adapter(folder, self.base)
+        except StudioError as exc:
+            raise SuiteError(f"expert {task!r}: {exc}") from exc
+        return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in weights.items()}
 
     @property
     def heads(self) -> dict[str, Tensor]:
