@@ -455,6 +455,12 @@ def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_u
 
     page.evaluate(ERROR_BADGES_JS)
     page.get_by_role("tab", name="Optimise").click()
+    points = page.get_by_role("slider", name="range slider for number of α values")
+    points.focus()
+    points.press("Home")
+    for _ in range(6):
+        points.press("ArrowRight")   # 9 values, about 0.6 s each here: the sweep outlasts the longest wait below
+    assert points.input_value() == "9"
     for wait in (0.4, 1.2, 2.0):   # into the sweep, at different points of an alpha's evaluation
         page.get_by_role("button", name="Optimise alpha").click()
         started = time.perf_counter()
@@ -462,6 +468,7 @@ def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_u
             assert time.perf_counter() - started < 60, "the sweep did not start"
             time.sleep(0.05)
         time.sleep(wait)
+        assert jobs(), "the sweep ended before its Stop"
         page.get_by_role("button", name="Stop").click()
         page.get_by_text("Optimisation stopped.").first.wait_for()
         while jobs():
@@ -499,6 +506,8 @@ def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_u
         assert "Run #" not in other.inner_text("#run-status")
     finally:
         other.context.close()
+    points.focus()
+    points.press("Home")   # 3 values again, as the tests before left it
     page.get_by_role("tab", name="Diagnostics").click()
 
 

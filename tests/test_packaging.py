@@ -127,10 +127,10 @@ def test_the_readme_command_line_examples_run_as_written(tmp_path, monkeypatch, 
     block = re.findall(r"```bash\n(.*?)```", readme.split("## Command line", 1)[1], re.S)[0]
     commands = [shlex.split(c, comments=True) for c in block.replace("\\\n", " ").splitlines()]
     commands = [c for c in commands if c and c[0] == "merge-studio"]
-    elsewhere = ("base.safetensors", "owner/base-repo")
+    elsewhere = ("base.safetensors", "owner/base-repo", "base_folder")
     minutes = ("leaderboard", "bench", "build-suite")
     runnable = [c[1:] for c in commands if not any(w in c for w in elsewhere) and c[1] not in minutes]
-    assert len(runnable) == len(commands) - 5, [c[1] for c in commands]
+    assert len(runnable) == len(commands) - 6, [c[1] for c in commands]
     (tmp_path / "assets").symlink_to(ROOT / "assets")
     monkeypatch.chdir(tmp_path)
     for argv in runnable:
