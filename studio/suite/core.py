@@ -260,8 +260,8 @@ class Suite:
             for t in names:
                 if t not in self._experts:
                     path = self._expert_path(t)
-                    self._experts[t] = (_load_weights(path, f"expert {t!r}") if path.suffix == ".safetensors"
-                                        else self._adapter_expert(path, t))
+                    self._experts[t] = (self._adapter_expert(path, t) if path.is_dir()
+                                        else _load_weights(path, f"expert {t!r}"))
             return {t: self._experts[t] for t in names}
 
     def _adapter_expert(self, folder: Path, task: str) -> dict[str, Tensor]:
