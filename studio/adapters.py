@@ -6,10 +6,10 @@ The expert is the base with each adapted ``Linear`` weight ``W0 + scaling * B A`
 lora_A.weight``, transposed for ``fan_in_fan_out``; ``scaling = lora_alpha / r``, ``lora_alpha / sqrt(r)`` with
 ``use_rslora``; ``rank_pattern`` and ``alpha_pattern`` matched to the module's name as ``peft`` matches them,
 ``peft.utils.other.get_pattern_key``), ``lora_B.bias`` added the same way (``lora_bias``), and every other tensor the
-adapter holds (``modules_to_save``, the biases ``bias="all"`` or ``"lora_only"`` trains) in place of the base's. The
-sum is formed in float64 and rounded once to the base's dtype. Other PEFT methods, DoRA (``use_dora``) and LoRA on
-embeddings or convolutions are refused by name: merge those into full weights with ``peft``'s ``merge_and_unload``
-and pass the weights.
+adapter holds (``modules_to_save``, the biases ``bias="all"`` or ``"lora_only"`` trains) in place of the base's (one
+the base does not hold, such as a classification head, is left out with a warning). The sum is formed in float64 and
+rounded once to the base's dtype. Other PEFT methods, DoRA (``use_dora``) and LoRA on embeddings or convolutions are
+refused by name: merge those into full weights with ``peft``'s ``merge_and_unload`` and pass the weights.
 
 An adapter's module names are those of the model it was trained on, under ``base_model.model.``. Each is matched to
 the base's tensor of the same name or, if there is none, to the one base tensor whose name ends with it (an adapter
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -119,6 +120,7 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
     names = list(base)
     lora: dict[str, dict[str, Tensor]] = {}
     replaced: dict[str, Tensor] = {}
+    left_out: list[str] = []
     for key, value in tensors.items():
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _LORA.fullmatch(inner)
@@ -129,8 +131,11 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
             raise CheckpointError(f"{where}: tensor {key!r} is not a LoRA Linear layer's lora_A / lora_B (DoRA's "
                                   f"magnitude, LoRA on an embedding or a convolution): merge the adapter into full "
                                   f"weights with peft's merge_and_unload and pass those")
-        target = _base_key(inner.replace(".base_layer.", "."), names, where, key, prefix)
-        if target is None:
+        name = inner.replace(".base_layer.", ".")
+        target = _base_key(name, names, where, key, prefix if prefix is not None else "")
+        if target is None:   # a head the adapter trained in full (modules_to_save), outside the merged model
+            if prefix is None:
+                left_out.append(name)
             continue
         _check_shape(base[target], value.shape, where, key, target)
         replaced[target] = value
@@ -166,6 +171,10 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
     if not applied:
         raise CheckpointError(f"{where}: none of the adapter's {len(tensors)} tensors is for a tensor of the base"
                               + (f" (read under the prefix {prefix!r})" if prefix is not None else ""))
+    if left_out:
+        warnings.warn(f"{where}: left out {len(left_out)} tensor(s) the adapter holds in full that the base does not "
+                      f"hold (e.g. {left_out[0]!r}: modules_to_save, such as a classification head, outside the "
+                      f"merged model)", stacklevel=2)
     return out, pinned
 
 

@@ -267,3 +267,15 @@ def test_a_suite_expert_may_be_an_adapter_folder(tmp_path):
                                                                                     "lora_alpha": 2, "use_dora": True}))
     with pytest.raises(SuiteError, match=r"expert 'digits': .*use_dora is set"):
         load_suite(root).experts_named(["digits"])
+
+
+def test_a_head_trained_in_full_outside_the_base_is_left_out_with_a_warning(tmp_path):
+    """``modules_to_save=["classifier"]`` (an image-classification LoRA): the head is not part of the encoder that is
+    merged, so it is left out, named in a warning; the LoRA layers still apply."""
+    base = {"fc.weight": torch.zeros(2, 3)}
+    folder = _adapter(tmp_path / "a", {"r": 1, "lora_alpha": 1}, {
+        "fc.lora_A.weight": torch.ones(1, 3), "fc.lora_B.weight": torch.ones(2, 1),
+        "classifier.weight": torch.ones(10, 2)})
+    with pytest.warns(UserWarning, match=r"left out 1 tensor.*'classifier\.weight'"):
+        expert, _ = adapters.load_adapter(folder, base)
+    assert list(expert) == ["fc.weight"] and expert["fc.weight"].eq(1).all()
