@@ -9,7 +9,10 @@ lora_A.weight``, transposed for ``fan_in_fan_out``; ``scaling = lora_alpha / r``
 adapter holds (``modules_to_save``, the biases ``bias="all"`` or ``"lora_only"`` trains) in place of the base's (one
 the base does not hold, such as a classification head, is left out with a warning). The sum is formed in float64 and
 rounded once to the base's dtype. Other PEFT methods, DoRA (``use_dora``) and LoRA on embeddings or convolutions are
-refused by name: merge those into full weights with ``peft``'s ``merge_and_unload`` and pass the weights.
+refused by name: merge those into full weights with ``peft``'s ``merge_and_unload`` and pass the weights. So is a
+LoRA of ``nn.MultiheadAttention`` (open_clip's attention when ``"attn"`` is targeted): ``peft`` 0.21.2 adds its
+``out_proj`` delta twice, in merges and in the forward pass (huggingface/peft#3774, open), so its meaning depends on
+the ``peft`` version; ``out_proj`` targeted as the ``Linear`` layer it is is read as any other.
 
 An adapter's module names are those of the model it was trained on, under ``base_model.model.``. Each is matched to
 the base's tensor of the same name or, if there is none, to the one base tensor whose name ends with it (an adapter
@@ -150,6 +153,15 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
             raise CheckpointError(f"{where}: module {module!r}: lora_A.weight {tuple(A.shape)} and lora_B.weight "
                                   f"{tuple(B.shape)} are not a rank-r pair [r, in] and [out, r] (a LoRA of a "
                                   f"convolution or an embedding is not read)")
+        if ".base_layer." in module or (f"{module}.weight" not in names and any(
+                n == f"{module}.in_proj_weight" or n.endswith(f".{module}.in_proj_weight") for n in names)):
+            raise CheckpointError(
+                f"{where}: module {module!r} is part of a LoRA of nn.MultiheadAttention (peft's MultiheadAttention, "
+                f"open_clip's attention: its packed in_proj_weight and its out_proj), which is not read: peft 0.21.2 "
+                f"adds the out_proj's delta twice, in merges and in the forward pass alike (huggingface/peft#3774, "
+                f"open), so what the adapter means depends on the peft it was trained with (this one records "
+                f"{config.get('peft_version') or 'none'}). Merge it with that peft (merge_and_unload) and pass the "
+                f"weights, or target out_proj as the Linear layer it is")
         scale = _scaling(config, module, A.shape[0], where)
         delta = (B.double() @ A.double()) * scale
         if config.get("fan_in_fan_out"):

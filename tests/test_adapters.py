@@ -279,3 +279,43 @@ def test_a_head_trained_in_full_outside_the_base_is_left_out_with_a_warning(tmp_
     with pytest.warns(UserWarning, match=r"left out 1 tensor.*'classifier\.weight'"):
         expert, _ = adapters.load_adapter(folder, base)
     assert list(expert) == ["fc.weight"] and expert["fc.weight"].eq(1).all()
+
+
+def test_an_open_clip_adapter_is_read_and_one_of_multihead_attention_refused(tmp_path):
+    """MiniSuite's open_clip tower with ``peft``: LoRA on ``out_proj``, ``c_fc`` and ``c_proj`` (``Linear`` layers)
+    gives the expert ``peft`` merges, matched to the suite's ``visual.`` names; LoRA on ``attn`` (peft's
+    ``MultiheadAttention``) is refused by name: ``peft`` 0.21.2 adds its ``out_proj`` delta twice, in its merge and in
+    its forward pass (huggingface/peft#3774), which is measured here too."""
+    require_or_skip_module(None if importlib.util.find_spec("peft") else "peft is not importable",
+                           "pip install -e '.[crosscheck]'")
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from studio.suite import default_suite
+
+    suite = default_suite()
+    for name, targets in (("linear", ["out_proj", "c_fc", "c_proj"]), ("mha", ["attn"])):
+        torch.manual_seed(0)
+        model = get_peft_model(suite.build_model(suite.base), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+        with torch.no_grad():
+            for _, p in model.named_parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(tmp_path / name)
+        theirs = {f"visual.{k}": v for k, v in copy.deepcopy(model).merge_and_unload().state_dict().items()}
+        if name == "linear":
+            ours = adapters.load_adapter(tmp_path / name, suite.base)[0]
+            assert [k for k in ours if not torch.equal(ours[k], suite.base[k])] == \
+                [k for k in theirs if not torch.equal(theirs[k], suite.base[k])]
+            assert max(_relative(ours[k], theirs[k], suite.base[k]) for k in ours) < 1e-6
+            continue
+        with pytest.raises(CheckpointError, match=r"attn\.base_layer\.out_proj' is part of a LoRA of "
+                                                  r"nn\.MultiheadAttention.*twice.*records 0\.\d+"):
+            adapters.load_adapter(tmp_path / name, suite.base)
+        attn = model.base_model.model.transformer.resblocks[0].attn
+        out = attn.base_layer.out_proj
+        once = out.get_delta_weight("default")
+        key = "visual.transformer.resblocks.0.attn.out_proj.weight"
+        assert torch.allclose(theirs[key] - suite.base[key], 2 * once, atol=1e-6), \
+            "peft's merge now adds out_proj's delta once (huggingface/peft#3774 fixed?): its adapters could be read"
