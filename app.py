@@ -527,20 +527,26 @@ def _job(sess: Any, kind: str):
             sess.job = None
 
 
-def _arm(request: gr.Request) -> None:
-    """The click that starts a merge or a sweep, at once (unqueued): a Stop pressed from now on keeps the job it
-    starts from starting (:func:`_stopped_since_click`)."""
+def _arm(request: gr.Request, kind: str) -> None:
+    """The click that starts a ``kind`` job (a :data:`STOPPED` key), at once (unqueued): a Stop pressed from now on
+    keeps the job it starts from starting (:func:`_stopped_since_click`), and says so at once (the job waits in the
+    queue meanwhile: ``waiting``)."""
     sess = SESSIONS.get(request.session_hash)
-    sess.armed = sess.stops
+    with sess.lock:
+        sess.armed = sess.stops
+        sess.waiting.append(kind)
 
 
-def _stopped_since_click(sess: Any) -> bool:
-    """Whether Stop was pressed since the click that queued the job about to start; if not, the job starts with the
-    session's stop flag cleared (a Stop before the click stopped an earlier job)."""
-    if sess.stops != sess.armed:
-        return True
-    sess.stop_requested = False
-    return False
+def _stopped_since_click(sess: Any, kind: str) -> bool:
+    """Whether Stop was pressed since the click that queued the ``kind`` job about to start; if not, the job starts
+    with the session's stop flag cleared (a Stop before the click stopped an earlier job) and leaves ``waiting``."""
+    with sess.lock:
+        if sess.stops != sess.armed:
+            return True
+        sess.stop_requested = False
+        if kind in sess.waiting:
+            sess.waiting.remove(kind)
+        return False
 
 
 def _count(n: int, noun: str) -> str:
@@ -934,7 +940,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_merge(method, hp, experts, calibration, cal, prefs, seed, request: gr.Request,
                       progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            if _stopped_since_click(sess):   # while the job waited in the queue
+            if _stopped_since_click(sess, "merge"):   # while the job waited in the queue
                 gr.Warning(STOPPED["merge"])
                 return (gr.skip(),) * 14
             try:
@@ -978,15 +984,18 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.Dropdown(choices=sess.run_choices(), value=record.run), gr.Button(interactive=True),
                     gr.Button(interactive=True))
 
-        def settled(button: gr.Button):
+        def settled(button: gr.Button, kind: str):
             """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
             inputs, the values the page holds, then (the page stores every control's change itself, and the server
             writes none of them: no step need wait for one). A second click while the job is pending is dropped by
             the page (``once``); the job does not start once Stop was pressed since the click."""
-            return button.click(_arm, None, None, trigger_mode="once", show_progress="hidden",
+            def arm(request: gr.Request) -> None:
+                _arm(request, kind)
+
+            return button.click(arm, None, None, trigger_mode="once", show_progress="hidden",
                                 api_visibility="private", queue=False)
 
-        settled(merge_btn).success(
+        settled(merge_btn, "merge").success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, run_dd, load_run_btn, remove_run_btn],
@@ -995,7 +1004,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         def run_optimise(method, hp, experts, calibration, cal, prefs, seed, lo, hi, n, request: gr.Request,
                          progress=gr.Progress()):
             sess = SESSIONS.get(request.session_hash)
-            if _stopped_since_click(sess):   # while the job waited in the queue
+            if _stopped_since_click(sess, "optimise"):   # while the job waited in the queue
                 gr.Warning(STOPPED["optimise"])
                 return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
             try:
@@ -1016,7 +1025,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             best = {"method": req.method, "param": res["param"], "value": res["best_alpha"]}
             return fig, md, best, gr.Button(interactive=True)
 
-        settled(optimise_btn).success(
+        settled(optimise_btn, "optimise").success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
@@ -1088,17 +1097,19 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def request_stop(request: gr.Request):
             """Stop the session's job at its next step, where it says so itself (shown here at once too); a job
-            that waits in the queue starts only to stop. Gradio's cancel is not used: after it Gradio's page often
-            marked the job's status line "Error", for a moment or for good (5 of 6 sweeps and 1 of 6 merges stopped
-            while they ran, in Chromium; also a merge stopped while it waited), and the job ran on to its next step
-            all the same."""
+            that waits in the queue starts only to stop (said here at once too). Gradio's cancel is not used: after
+            it Gradio's page often marked the job's status line "Error", for a moment or for good (5 of 6 sweeps and
+            1 of 6 merges stopped while they ran, in Chromium; also a merge stopped while it waited), and the job ran
+            on to its next step all the same."""
             sess = SESSIONS.get(request.session_hash)
             with sess.lock:   # a merge records its run under it, unless Stop came first
                 sess.stop_requested = True
                 sess.stops += 1
-                kind = sess.job[0] if sess.job else None
-            return (STOPPED["merge"] if kind == "merge" else gr.skip(),
-                    f"*{STOPPED['optimise']}*" if kind == "optimise" else gr.skip())
+                kinds = {sess.job[0]} if sess.job else set()
+                kinds.update(sess.waiting)
+                sess.waiting.clear()   # each of them starts only to stop
+            return (STOPPED["merge"] if "merge" in kinds else gr.skip(),
+                    f"*{STOPPED['optimise']}*" if "optimise" in kinds else gr.skip())
 
         stop_btn.click(request_stop, None, [run_md, opt_md], api_visibility="private", queue=False)
 

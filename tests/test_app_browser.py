@@ -486,13 +486,18 @@ def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_u
         runs = sum(len(s.runs) for s in app.SESSIONS._data.values())
         started = []   # every merge or sweep asks as it starts
         check = app._stopped_since_click
-        monkeypatch.setattr(app, "_stopped_since_click", lambda sess: started.append(check(sess)) or started[-1])
+        monkeypatch.setattr(app, "_stopped_since_click",
+                            lambda sess, kind: started.append(check(sess, kind)) or started[-1])
         page.get_by_role("button", name="Optimise alpha").click()   # this session's sweep holds the queue's slot
         while not jobs():
             time.sleep(0.05)
         other.get_by_role("button", name="Merge & evaluate").click()
         other.wait_for_function("() => /queue/.test(document.querySelector('#run-status').innerText)")
         other.get_by_role("button", name="Stop").click()
+        # said at once, while the merge waits (it said nothing until its turn, a sweep's length later)
+        other.wait_for_function("() => document.querySelector('#run-status').innerText.includes('Merge stopped.')",
+                                timeout=2000)
+        assert jobs(), "the sweep ended before the waiting merge's Stop was seen"
         page.get_by_text("Best for").first.wait_for()   # the sweep ends as it would have
         deadline = time.perf_counter() + 30
         while len(started) < 2 or jobs():   # then the merge starts, and stops at once
