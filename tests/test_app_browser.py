@@ -446,8 +446,8 @@ ERROR_BADGES_JS = """() => { window.__error_badges = 0;
 def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_url, monkeypatch):
     """Stop of a running sweep: Gradio's cancel of it made the page mark its status line "Error", for a moment or
     for good (a badge in 5 of 6 sweeps stopped 0.3-2.5 s in); the job is now stopped by the session's flag alone. A
-    merge that waits in the queue behind another session's job starts only to stop, with no run and no badge (a
-    Gradio cancel there took it off the queue, and marked it "Error" too)."""
+    merge that waits in the queue behind another session's job says at once that it stopped, and starts only to
+    stop, with no run and no badge (a Gradio cancel there took it off the queue, and marked it "Error" too)."""
     import app
 
     def jobs() -> bool:
