@@ -1,5 +1,5 @@
 """PEFT LoRA adapters as experts (``studio.adapters``): against ``peft``'s own ``merge_and_unload`` (the
-``crosscheck`` extra installs ``peft`` with FusionBench), through the CLI and its recipes, from the Hub's cache, and
+``crosscheck`` extra pins ``peft`` 0.21.2), through the CLI and its recipes, from the Hub's cache, and
 the errors that name what is wrong."""
 
 from __future__ import annotations

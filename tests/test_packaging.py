@@ -63,9 +63,11 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_ci_installs_the_crosscheck_extra():
-    """CI runs the FusionBench and mergekit parity tests (they skip without them locally, and fail under CI=true)."""
+    """CI runs the FusionBench, mergekit and peft parity tests (they skip without them locally, and fail under
+    CI=true), against the pinned versions."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert [str(Requirement(r)) for r in extras["crosscheck"]] == ["fusion-bench==0.2.33", "mergekit==0.1.5"]
+    assert [str(Requirement(r)) for r in extras["crosscheck"]] == ["fusion-bench==0.2.33", "mergekit==0.1.5",
+                                                                   "peft==0.21.2"]
     assert 'pip install -q -e ".[test,crosscheck]"' in (ROOT / ".ci" / "run").read_text()
 
 
