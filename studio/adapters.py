@@ -48,7 +48,7 @@ from . import io
 from .io import CheckpointError
 from .schema import brief
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_files", "load_adapter"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_files", "apply_adapter", "load_adapter"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -116,7 +116,14 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
     if found is None:
         raise CheckpointError(f"{io.shown_path(source)}: not a PEFT adapter (a folder or Hub repository holding "
                               f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    config_file, weights_file, pinned = found
+    return apply_adapter(found, base, prefix=prefix)
+
+
+def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
+                  prefix: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """:func:`load_adapter` of the files :func:`adapter_files` found (a caller that asked it whether a source is an
+    adapter reads the adapter without resolving the source again: no second Hub request)."""
+    config_file, weights_file, pinned = files
     config = _config(config_file)
     tensors = io.load_safetensors(weights_file, CheckpointError)
     where = io.shown_path(weights_file)

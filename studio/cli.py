@@ -220,8 +220,9 @@ def _load_sources(base: str, experts: dict[str, str], prefix: str | None,
     says so if a recipe recorded the source (``from_recipe``: expert names, None: the base)."""
     def load(name: str | None, source: str) -> tuple[dict, str]:
         try:
-            if name is not None and adapters.adapter_files(source) is not None:   # a PEFT LoRA adapter of the base
-                return adapters.load_adapter(source, base_sd, prefix=prefix)
+            found = adapters.adapter_files(source) if name is not None else None
+            if found is not None:   # a PEFT LoRA adapter of the base
+                return adapters.apply_adapter(found, base_sd, prefix=prefix)
             return load_checkpoint(source, prefix=prefix)
         except CheckpointError as exc:
             option = "--base" if name is None else f"--expert {name}=SOURCE"

@@ -20,13 +20,18 @@ from studio.io import CheckpointError, load_state_dict
 from .conftest import hub_cache, require_or_skip_module
 
 
+def _need_peft() -> None:
+    """``peft`` comes with the ``crosscheck`` extra (pinned): its tests skip without it locally, fail under CI."""
+    require_or_skip_module(None if importlib.util.find_spec("peft") else "peft is not importable",
+                           "pip install -e '.[crosscheck]'")
+
+
 @pytest.fixture(scope="module")
 def hf_lora(tmp_path_factory) -> Path:
     """A small ``transformers.CLIPVisionModel`` saved as the base, three LoRA adapters of it trained to random
     values by ``peft`` (each with other settings: rank and alpha patterns, rsLoRA, ``lora_bias``, trained biases,
     ``modules_to_save``), and ``peft``'s own ``merge_and_unload`` of each, saved as full weights."""
-    require_or_skip_module(None if importlib.util.find_spec("peft") else "peft is not importable",
-                           "pip install -e '.[crosscheck]'")
+    _need_peft()
     from peft import LoraConfig, get_peft_model
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -159,11 +164,7 @@ def test_the_scaling_the_patterns_and_fan_in_fan_out_by_hand(tmp_path):
 ])
 def test_bad_adapters_are_refused_by_name(tmp_path, config, tensors, message):
     base = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}
-    folder = tmp_path / "adapter"
-    folder.mkdir()
-    (folder / adapters.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", **config}))
-    save_file({f"base_model.model.{k}": v for k, v in tensors.items()} or {"x": torch.zeros(1)},
-              folder / adapters.ADAPTER_WEIGHTS)
+    folder = _adapter(tmp_path / "adapter", config, tensors or {"x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=message):
         adapters.load_adapter(folder, base)
 
@@ -286,8 +287,7 @@ def test_an_open_clip_adapter_is_read_and_one_of_multihead_attention_refused(tmp
     gives the expert ``peft`` merges, matched to the suite's ``visual.`` names; LoRA on ``attn`` (peft's
     ``MultiheadAttention``) is refused by name: ``peft`` 0.21.2 adds its ``out_proj`` delta twice, in its merge and in
     its forward pass (huggingface/peft#3774), which is measured here too."""
-    require_or_skip_module(None if importlib.util.find_spec("peft") else "peft is not importable",
-                           "pip install -e '.[crosscheck]'")
+    _need_peft()
     import copy
 
     from peft import LoraConfig, get_peft_model

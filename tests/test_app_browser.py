@@ -28,6 +28,9 @@ MERGED_TOP_JS = """() => {
     return full && full.y && full.y.length ? Number(full.y[0]) : null;
 }"""
 
+# The page is up: the diagnostics' status line shows the first spectrum's summary.
+LOADED_JS = "() => (document.querySelector('#diag-status') || {}).innerText?.includes('σ')"
+
 # Whether the diagnostics' status line starts with the merge `want`, "method (settings", complete: followed by the
 # closing ')' or by the ' | ' before a calibration's or the preferences' settings. The plots beside it are that merge's.
 SHOWS_JS = """want => {
@@ -55,7 +58,7 @@ def page(app_url):
         pg.set_default_timeout(60_000)
         t0 = time.perf_counter()
         pg.goto(app_url)
-        pg.wait_for_function("() => (document.querySelector('#diag-status') || {}).innerText?.includes('σ')")
+        pg.wait_for_function(LOADED_JS)
         for plot in ("spectrum", "energy", "heatmap", "curves"):
             pg.wait_for_selector(f"#{plot}-plot .js-plotly-plot")
         pg.load_seconds = time.perf_counter() - t0
@@ -480,7 +483,7 @@ def test_stop_shows_no_error_and_a_waiting_merge_starts_only_to_stop(page, app_u
     try:
         other.set_default_timeout(60_000)
         other.goto(app_url)
-        other.wait_for_function("() => (document.querySelector('#diag-status') || {}).innerText?.includes('σ')")
+        other.wait_for_function(LOADED_JS)
         other.get_by_role("tab", name="Results").click()
         other.evaluate(ERROR_BADGES_JS)
         runs = sum(len(s.runs) for s in app.SESSIONS._data.values())
