@@ -534,7 +534,7 @@ def _arm(request: gr.Request, kind: str) -> None:
     sess = SESSIONS.get(request.session_hash)
     with sess.lock:
         sess.armed = sess.stops
-        sess.waiting.append(kind)
+        sess.waiting.add(kind)
 
 
 def _stopped_since_click(sess: Any, kind: str) -> bool:
@@ -544,8 +544,7 @@ def _stopped_since_click(sess: Any, kind: str) -> bool:
         if sess.stops != sess.armed:
             return True
         sess.stop_requested = False
-        if kind in sess.waiting:
-            sess.waiting.remove(kind)
+        sess.waiting.discard(kind)
         return False
 
 

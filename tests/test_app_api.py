@@ -246,6 +246,20 @@ def test_stop_interrupts_a_running_sweep(app_module, suite):
     app_module.SESSIONS.drop("another-session")
 
 
+def test_a_job_that_never_started_leaves_no_waiting_kind_after_the_next_one_starts(app_module):
+    """A click whose job never ran (the queue refused it, the page closed) must not leave its kind waiting once the
+    next job of that kind starts: a later Stop would say "Merge stopped." over a finished run's status."""
+    request = type("Request", (), {"session_hash": "stale-wait"})()
+    sess = app_module.SESSIONS.get("stale-wait")
+    app_module._arm(request, "merge")   # its job never started
+    app_module._arm(request, "merge")   # the next click's job starts
+    assert not app_module._stopped_since_click(sess, "merge")
+    assert "merge" not in sess.waiting
+    app_module._arm(request, "optimise")
+    assert sess.waiting == {"optimise"}
+    app_module.SESSIONS.drop("stale-wait")
+
+
 @pytest.mark.parametrize("best, says", [(0.1, "lower end"), (0.5, None), (0.9, "upper end")])
 def test_a_sweeps_best_value_at_an_end_says_so(app_module, best, says):
     note = app_module._edge_note({"alphas": [0.1, 0.5, 0.9], "best_alpha": best, "param": "alpha"})

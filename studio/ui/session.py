@@ -89,7 +89,9 @@ class SessionData:
     job: tuple[str, object] | None = None   # the job running for this session, (kind, its own mark), for Stop
     stops: int = 0   # how many times Stop was pressed
     armed: int = 0   # ``stops`` when Merge or Optimise was last clicked: a job starts only if it has not changed
-    waiting: list[str] = field(default_factory=list)   # the kinds of the jobs clicked that have not started (queued)
+    #: the kinds of the jobs clicked that have not started (queued); a set, so that a click whose job never started
+    #: (the page closed first) leaves one stale kind at most, which the next job of that kind clears
+    waiting: set[str] = field(default_factory=set)
     touched: float = field(default_factory=time.time)
     made: int = 0   # runs numbered so far: a removed run's number is not given again
     #: held by Stop and by a merge recording its run: the run is recorded only if Stop did not come first
