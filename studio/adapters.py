@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 
 from . import io
-from .io import CheckpointError
+from .io import CheckpointError, in_range
 from .schema import brief
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_files", "apply_adapter", "load_adapter"]
@@ -124,9 +125,18 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
     """:func:`load_adapter` of the files :func:`adapter_files` found (a caller that asked it whether a source is an
     adapter reads the adapter without resolving the source again: no second Hub request)."""
     config_file, weights_file, pinned = files
+    if not isinstance(base, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in base.items()):
+        raise CheckpointError(f"the base an adapter applies to must be a state dict (a mapping of names to tensors), "
+                              f"got {brief(base)}")
+    if prefix is not None and not isinstance(prefix, str):
+        raise CheckpointError(f"prefix must be text (the start of the base's tensor names it was read under), got "
+                              f"{brief(prefix)}")
     config = _config(config_file)
     tensors = io.load_safetensors(weights_file, CheckpointError)
     where = io.shown_path(weights_file)
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or infinite values")
     names = list(base)
     lora: dict[str, dict[str, Tensor]] = {}
     replaced: dict[str, Tensor] = {}
@@ -209,17 +219,36 @@ def _config(path: Path) -> dict[str, Any]:
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{shown}: peft_type is {config.get('peft_type')!r}; only LoRA adapters ('LORA') are "
                               f"read: merge others into full weights with peft's merge_and_unload")
+    for name in ("use_dora", "use_rslora", "fan_in_fan_out"):   # read as flags: "false" is not False
+        if config.get(name) is not None and not isinstance(config[name], bool):
+            raise CheckpointError(f"{shown}: {name} must be true or false, got {brief(config[name])}")
     if config.get("use_dora"):
         raise CheckpointError(f"{shown}: use_dora is set; a DoRA adapter's weight is rescaled per output, which is "
                               f"not read: merge it into full weights with peft's merge_and_unload")
-    for name in ("r", "lora_alpha"):
-        value = config.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise CheckpointError(f"{shown}: {name} must be a positive number, got {brief(value)}")
-    for name in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(name) or {}, dict):
+    _check_setting(shown, "r", config.get("r"))
+    _check_setting(shown, "lora_alpha", config.get("lora_alpha"))
+    for name, setting in (("rank_pattern", "r"), ("alpha_pattern", "lora_alpha")):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
             raise CheckpointError(f"{shown}: {name} must map module names to numbers, got {brief(config[name])}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:   # peft matches each as a regular expression (get_pattern_key)
+                raise CheckpointError(f"{shown}: {name} key {pattern!r} is not a regular expression ({exc}); peft "
+                                      f"matches each key against the modules' names as one") from None
+            _check_setting(shown, f"{name}[{pattern!r}]", value, setting)
     return config
+
+
+def _check_setting(shown: str, name: str, value: Any, kind: str | None = None) -> None:
+    """``r`` (``kind``: what ``name`` sets) must be a positive integer, ``lora_alpha`` a positive finite number."""
+    kind = kind or name
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= sys.float_info.max
+    if kind == "r" and not (number and float(value).is_integer()):
+        raise CheckpointError(f"{shown}: {name} must be a positive integer (a rank), got {brief(value)}")
+    if not number:
+        raise CheckpointError(f"{shown}: {name} must be a positive finite number, got {brief(value)}")
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -268,7 +297,7 @@ def _rounded(value: Tensor, like: Tensor, where: str, target: str) -> Tensor:
     """``value`` (float64) in ``like``'s dtype, refused where it leaves that dtype's range."""
     if not like.is_floating_point():
         raise CheckpointError(f"{where}: the adapter changes {target!r}, which the base holds as {like.dtype}")
-    out = value.to(like.dtype)
-    if not bool(torch.isfinite(out).all()) and bool(torch.isfinite(value).all()):
-        raise CheckpointError(f"{where}: the adapted {target!r} leaves {like.dtype}'s range")
+    out, beyond = in_range(value, like.dtype)
+    if beyond:
+        raise CheckpointError(f"{where}: the adapted {target!r} {beyond}, the base's dtype")
     return out

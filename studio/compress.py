@@ -137,7 +137,7 @@ class Compressed:
         if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool and not alpha.is_complex() \
                 and not alpha.is_meta:   # (a meta tensor has no value to read)
             alpha = alpha.item()   # a 0-d tensor (float or integer), as the hyperparameter schemas take it
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not _finite(alpha):
             raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
         tv = self.task_vector(task)
         out: dict[str, Tensor] = {}
@@ -406,3 +406,11 @@ def compress(
     # the base's identity, so that Compressed.load refuses another (its task vectors would build other experts)
     return Compressed(base=dict(base), tasks=tasks, rank_fraction=rank_fraction, layer_rule=rule,
                       meta={"num_tasks": T, "svd_mode": svd_mode, "base_fingerprint": base_fingerprint(base)})
+
+
+def _finite(x: numbers.Real) -> bool:
+    """Whether ``x`` is a finite float: an int beyond float's range (``10**400``) is not."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False

@@ -1187,7 +1187,18 @@ def _mean_over_layers(values: Sequence[Tensor], silent: Sequence[Tensor]) -> Ten
     return (torch.where(defined, x, 0.0).sum(0) / defined.sum(0)).float()   # 0 / 0: NaN
 
 
-def _nothing_changed(pool: TaskPool, what: str) -> DiagnosticsError:
+def _nothing_changed(pool: TaskPool, what: str, keys: Sequence[str] | None,
+                     layer_rule: "LayerRule | str | None") -> DiagnosticsError:
+    """Why there is no layer to average over: none given, none the rule selects, or none an expert changed."""
+    if keys is not None:
+        return DiagnosticsError(f"{what}: keys is empty; give at least one matrix layer, or None for every one")
+    rule = resolve_rule(layer_rule)
+    if not any(t.is_floating_point() and rule.is_matrix(k, t.shape) for k, t in pool.base.items()):
+        shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in list(pool.base.items())[:3])
+        more = ", ..." if len(pool.base) > 3 else ""
+        return DiagnosticsError(f"{what}: no matrix layer to average over: the layer rule {rule.name!r} selects none "
+                                f"of the pool's {len(pool.base)} tensors ({shapes}{more}); the diagnostics measure 2-D "
+                                f"weight matrices")
     return DiagnosticsError(f"{what}: no matrix layer to average over: every expert ({', '.join(pool.names)}) equals "
                             f"the base on each matrix layer the layer rule selects, so no task has a direction there")
 
@@ -1249,9 +1260,9 @@ def sar_avg(pool: TaskPool, merged: "Mapping[str, Tensor] | None" = None, *, pai
         [0.5, 1.0]
     """
     pairwise = _check_flag("sar_avg", pairwise, "pairwise")
-    keys = _matrix_keys(pool, keys, layer_rule)
+    given, keys = keys, _matrix_keys(pool, keys, layer_rule)
     if not keys:
-        raise _nothing_changed(pool, "sar_avg")
+        raise _nothing_changed(pool, "sar_avg", given, layer_rule)
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     per_layer = _per_layer(pool, lambda layer: (
         pairwise_sar(layer, eps=eps, k_rule=k_rule) if pairwise else
@@ -1291,9 +1302,9 @@ def model_matrix(pool: TaskPool, metric: str, merged: "Mapping[str, Tensor] | No
         raise DiagnosticsError(f"'{metric}' is per merged subspace of one layer, which have no counterpart across "
                                f"layers; the model-level metrics are "
                                f"{[m for m, v in METRICS.items() if v.shape == 'TxT']}")
-    keys = _matrix_keys(pool, keys, layer_rule)
+    given, keys = keys, _matrix_keys(pool, keys, layer_rule)
     if not keys:
-        raise _nothing_changed(pool, f"model_matrix '{metric}'")
+        raise _nothing_changed(pool, f"model_matrix '{metric}'", given, layer_rule)
     delta_of = _resolve_merged_mapping(pool, merged, keys, merged_is_delta)
     k = _check_k(metric, k, keys[0])
     if metric == "cosine":
@@ -1560,6 +1571,9 @@ def report_summary(rep: Mapping[str, Any]) -> list[str]:
         mean over layers: cosine_mean 0.8165
         task-vector cosine over the model's matrix layers: most aligned b/a 0.816; mean of the 1 pair 0.816
     """
+    if not isinstance(rep, Mapping) or not {"layers", "tasks", "sar_avg", "model_matrices"} <= set(rep):
+        raise DiagnosticsError(f"report_summary takes the dict diagnostics.report returns (its 'layers', 'tasks', "
+                               f"'sar_avg' and 'model_matrices'), got {brief(rep)}")
     layers, tasks = rep["layers"], list(rep["tasks"])
     lines = ["SAR_avg to the merge (Iso sec. 3.3), per task: "
              + ", ".join(f"{t} {'n/a' if v != v else f'{v:.3f}'}" for t, v in rep["sar_avg"].items())]

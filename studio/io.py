@@ -71,9 +71,9 @@ def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dty
     branch or tag was given); a dataset repository's ``hf://datasets/owner/name...`` likewise."""
     if prefix is not None and not isinstance(prefix, str):
         raise CheckpointError(f"prefix must be text (the start of the tensor names to keep), got {brief(prefix)}")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise CheckpointError(f"dtype must be a floating-point torch dtype (floating tensors are converted to it), "
-                              f"got {brief(dtype)}")
+    if dtype is not None and dtype not in _LOAD_DTYPES:
+        raise CheckpointError(f"dtype must be one of torch.float16, torch.bfloat16, torch.float32 or torch.float64 "
+                              f"(floating tensors are converted to it), got {brief(dtype)}")
     files, pinned = _resolve(source, revision, cache_dir)
     out: dict[str, Tensor] = {}
     origin: dict[str, Path] = {}
@@ -102,13 +102,20 @@ def load_checkpoint(source: str | os.PathLike, *, prefix: str | None = None, dty
 def _converted(t: Tensor, dtype: torch.dtype, file: Path, key: str) -> Tensor:
     """``t`` in ``dtype``, or a :class:`CheckpointError` where finite values leave its range (1e6 in float16 became
     inf, and a merge then blamed the file for infinite values it does not hold)."""
-    out = t.to(dtype)
-    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
-        top = float(t.abs().max())
-        raise CheckpointError(f"{file}: tensor {key!r} holds values up to {top:.3g} in magnitude, beyond {dtype}'s "
-                              f"range (largest {torch.finfo(dtype).max:.3g}): converting it (dtype={dtype}) would "
-                              f"make them infinite; load it in its own dtype or in float32")
+    out, beyond = in_range(t, dtype)
+    if beyond:
+        raise CheckpointError(f"{file}: tensor {key!r} {beyond}: converting it (dtype={dtype}) would make them "
+                              f"infinite; load it in its own dtype or in float32")
     return out
+
+
+def in_range(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, str]:
+    """``t`` in ``dtype``, and what is wrong with it where finite values of ``t`` became infinite there (else "")."""
+    out = t.to(dtype)
+    if out.dtype == t.dtype or bool(torch.isfinite(out).all()) or not bool(torch.isfinite(t).all()):
+        return out, ""
+    return out, (f"holds values up to {float(t.abs().max()):.3g} in magnitude, beyond {dtype}'s range "
+                 f"(largest {torch.finfo(dtype).max:.3g})")
 
 
 #: The prefix that makes a source a Hugging Face Hub reference whatever local folders exist (huggingface_hub's URLs).
@@ -692,6 +699,8 @@ def _fsync(path: "str | Path") -> None:
 def check_weights_path(path: str | os.PathLike) -> Path:
     """``path`` as a :class:`Path`, if safetensors weights may be written there: not under a pickle checkpoint's
     suffix (``.pt``, ``.bin``, ...), which loaders refuse or misread (:func:`load_state_dict` among them)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(f"the weights' file name must be text or a path, got {brief(path)}")
     if not str(path).strip():
         raise CheckpointError("the weights' file name is empty; give a .safetensors file name")
     path = Path(path)
@@ -785,7 +794,8 @@ def save_state_dict(path: str | os.PathLike, state_dict: Mapping[str, Tensor],
             seen.add(ptr)
         tensors[k] = t
     with atomic_write(path, before_replace) as tmp:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        # safetensors (0.8) writes an unreadable header for no tensors and empty metadata ('{},"__metadata__":{}}')
+        save_file(tensors, tmp, metadata=dict(metadata or {}) if tensors or metadata else None)
         _sort_metadata(tmp)
     return path
 
@@ -809,6 +819,9 @@ def _sort_metadata(path: str | os.PathLike) -> None:
         f.seek(8)
         f.write(text.ljust(size, b" "))
 
+
+#: The dtypes ``load_state_dict(dtype=...)`` converts floating tensors to (those a merge computes from).
+_LOAD_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 FINGERPRINT_PREFIX = "sha256:"
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]{64}")

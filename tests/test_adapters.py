@@ -151,7 +151,7 @@ def test_the_scaling_the_patterns_and_fan_in_fan_out_by_hand(tmp_path):
 @pytest.mark.parametrize("config, tensors, message", [
     ({"peft_type": "IA3", "r": 2, "lora_alpha": 2}, {}, r"peft_type is 'IA3'; only LoRA"),
     ({"r": 2, "lora_alpha": 2, "use_dora": True}, {}, r"use_dora is set"),
-    ({"r": 0, "lora_alpha": 2}, {}, r"r must be a positive number, got 0"),
+    ({"r": 0, "lora_alpha": 2}, {}, r"r must be a positive integer \(a rank\), got 0"),
     ({"r": 2, "lora_alpha": 2}, {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(4, 2)},
      r"lora_B\.weight @ lora_A\.weight has shape \(4, 3\), but the base's 'fc\.weight' is \(2, 3\)"),
     ({"r": 3, "lora_alpha": 2}, {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(2, 2)},
@@ -167,6 +167,54 @@ def test_bad_adapters_are_refused_by_name(tmp_path, config, tensors, message):
     folder = _adapter(tmp_path / "adapter", config, tensors or {"x": torch.zeros(1)})
     with pytest.raises(CheckpointError, match=message):
         adapters.load_adapter(folder, base)
+
+
+FC = {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(2, 2)}
+
+
+@pytest.mark.parametrize("config, tensors, message", [
+    # a pattern's value was read with float(): "x" raised a bare ValueError, -4 and "4" merged, NaN made NaN weights
+    *[({"alpha_pattern": {"fc": value}}, FC, rf"alpha_pattern\['fc'\] must be a positive finite number, got {shown}")
+      for value, shown in (("x", "'x'"), (None, "None"), (-4, "-4"), ("4", "'4'"), (float("nan"), "nan"))],
+    ({"rank_pattern": {"fc": 1.5}}, FC, r"rank_pattern\['fc'\] must be a positive integer \(a rank\), got 1.5"),
+    # a key is a regular expression to peft: a bad one raised a bare re.error
+    ({"alpha_pattern": {"[": 1}}, FC, r"alpha_pattern key '\[' is not a regular expression \(unterminated"),
+    ({"lora_alpha": float("inf")}, FC, r"lora_alpha must be a positive finite number, got inf"),
+    ({"lora_alpha": 10**400}, FC, r"lora_alpha must be a positive finite number, got 1000"),
+    # flags were read by truth: "no" turned rsLoRA on, "false" turned the weights into the wrong model's
+    ({"use_rslora": "no"}, FC, r"use_rslora must be true or false, got 'no'"),
+    ({"fan_in_fan_out": "false"}, FC, r"fan_in_fan_out must be true or false, got 'false'"),
+    ({"use_dora": 0}, FC, r"use_dora must be true or false, got 0"),
+    ({}, {**FC, "fc.lora_A.weight": torch.full((2, 3), float("nan"))},
+     r"adapter_model.safetensors: tensor 'base_model\.model\.fc\.lora_A\.weight' holds NaN or infinite values"),
+])
+def test_bad_adapter_settings_and_values_are_refused_by_name(tmp_path, config, tensors, message):
+    base = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}
+    folder = _adapter(tmp_path / "adapter", {"r": 2, "lora_alpha": 2, **config}, tensors)
+    with pytest.raises(CheckpointError, match=message):
+        adapters.load_adapter(folder, base)
+    assert adapters.load_adapter(_adapter(tmp_path / "good", {"r": 2, "lora_alpha": 2, "use_rslora": False,
+                                                              "fan_in_fan_out": None}, FC), base)[0]
+
+
+def test_load_adapter_checks_its_arguments(tmp_path):
+    folder = _adapter(tmp_path / "a", {"r": 2, "lora_alpha": 2}, FC)
+    with pytest.raises(CheckpointError, match=r"the base an adapter applies to must be a state dict .* got None"):
+        adapters.load_adapter(folder, None)
+    with pytest.raises(CheckpointError, match=r"prefix must be text .* got 3"):
+        adapters.load_adapter(folder, {"fc.weight": torch.zeros(2, 3)}, prefix=3)
+
+
+def test_an_adapted_weight_beyond_a_half_precision_bases_range_is_refused_with_its_size(tmp_path):
+    """The sum is formed in float64 and rounded once to the base's dtype: where that would make it infinite, the
+    error names the tensor, how large it is and the dtype's largest value (as a checkpoint's conversion does)."""
+    base = {"fc.weight": torch.zeros(2, 3, dtype=torch.float16), "fc.bias": torch.zeros(2, dtype=torch.float16)}
+    folder = _adapter(tmp_path / "a", {"r": 2, "lora_alpha": 2},
+                      {"fc.lora_A.weight": torch.full((2, 3), 300.0), "fc.lora_B.weight": torch.full((2, 2), 300.0)})
+    with pytest.raises(CheckpointError, match=r"the adapted 'fc\.weight' holds values up to 1\.8e\+05 in magnitude, "
+                                              r"beyond torch\.float16's range \(largest 6\.55e\+04\), the base's"):
+        adapters.load_adapter(folder, base)
+    assert adapters.load_adapter(folder, {k: v.bfloat16() for k, v in base.items()})[0]["fc.weight"].isfinite().all()
 
 
 def test_an_adapter_folder_without_weights_and_a_non_adapter_are_named(tmp_path):

@@ -1128,3 +1128,26 @@ def test_every_heatmap_metric_refuses_a_bad_merged_delta(clip):
                              (nan, "merged delta")):
             with pytest.raises(D.DiagnosticsError, match=re.escape(says)):
                 D.interference_matrix(pool, key, name, merged)
+
+
+def test_no_layer_to_average_over_says_why():
+    """A pool with no matrix the rule selects was said to have experts equal to the base; an empty ``keys`` list was
+    too. ``report_summary`` of anything but a report raised a bare ``KeyError``."""
+    base = {"w": torch.zeros(3, 3), "b": torch.zeros(3)}
+    moved = TaskPool(base, {"x": {"w": torch.zeros(3, 3), "b": torch.ones(3)},
+                            "y": {"w": torch.eye(3), "b": torch.zeros(3)}})
+    only_biases = TaskPool({"b": base["b"]}, {"x": {"b": torch.ones(3)}, "y": {"b": -torch.ones(3)}})
+    for run in (lambda: D.sar_avg(only_biases), lambda: D.model_matrix(only_biases, "cosine"),
+                lambda: D.report(only_biases)):
+        with pytest.raises(D.DiagnosticsError, match=r"the layer rule 'default' selects none of the pool's 1 tensors "
+                                                     r"\(b \(3,\)\); the diagnostics measure 2-D weight matrices"):
+            run()
+    with pytest.raises(D.DiagnosticsError, match=r"sar_avg: keys is empty; give at least one matrix layer"):
+        D.sar_avg(moved, keys=[])
+    with pytest.raises(D.DiagnosticsError, match=r"every expert \(x, y\) equals the base on each matrix layer"):
+        D.sar_avg(TaskPool(base, {"x": dict(base), "y": dict(base)}))
+    assert D.sar_avg(moved).shape == (2,)
+    for rep in ({}, None, {"layers": {}}):
+        with pytest.raises(D.DiagnosticsError, match=r"report_summary takes the dict diagnostics.report returns"):
+            D.report_summary(rep)
+

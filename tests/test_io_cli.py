@@ -245,6 +245,9 @@ def test_save_state_dict_checks_entries_and_copies_tied_tensors(tmp_path):
         with pytest.raises(CheckpointError, match=f"cannot save 'a' to .*x.safetensors: it is {what}"):
             save_state_dict(tmp_path / "x.safetensors", {"a": bad})
     assert not (tmp_path / "x.safetensors").exists()
+    # no tensors: safetensors (0.8) wrote an unreadable header for them with empty metadata, and the save failed on it
+    assert load_state_dict(save_state_dict(tmp_path / "empty.safetensors", {})) == {}
+    assert read_metadata(save_state_dict(tmp_path / "empty.safetensors", {}, {"k": "v"})) == {"k": "v"}
     # a write that fails midway (the file-size limit stands in for a full disk) is named, and leaves neither the
     # file nor the folders made for it
     old_limit, old_signal = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -457,10 +460,10 @@ def test_bad_checkpoint_sources_are_errors_naming_the_source(tmp_path, offline_h
         load_state_dict("studio-test/x@v1", revision="v2")
     with pytest.raises(CheckpointError, match="no tensor name starts with the prefix 'vision_model.'"):
         load_state_dict(two / "a.safetensors", prefix="vision_model.")
-    with pytest.raises(CheckpointError, match="dtype must be a floating-point torch dtype .* got 'float16'"):
-        load_state_dict(two / "a.safetensors", dtype="float16")
-    with pytest.raises(CheckpointError, match="dtype must be a floating-point torch dtype .* got torch.int8"):
-        load_state_dict(two / "a.safetensors", dtype=torch.int8)
+    for dtype in ("float16", torch.int8, torch.float8_e4m3fn):   # float8: the dtype at fault, not the file
+        with pytest.raises(CheckpointError, match=r"dtype must be one of torch.float16, torch.bfloat16, torch.float32 "
+                                                  rf"or torch.float64 .* got {re.escape(repr(dtype))}$"):
+            load_state_dict(two / "a.safetensors", dtype=dtype)
     _equal(load_state_dict(index), sd)   # the index itself names the checkpoint
     _equal(load_state_dict(path=tmp_path / "sharded"), sd)   # the keyword of earlier versions
     repeated_meta = text.replace('"metadata": {', '"metadata": {"note": 1, "note": 2, ', 1)
@@ -812,8 +815,11 @@ def test_bad_compressed_files_and_reconstructions_are_clear_errors(files, capsys
         packed.reconstruct("task0", alpha=1e39)
     _equal(packed.reconstruct("task0", alpha=torch.tensor(2.0)), packed.reconstruct("task0", alpha=2.0))
     _equal(packed.reconstruct("task0", alpha=torch.tensor(2)), packed.reconstruct("task0", alpha=2))   # was refused
-    with pytest.raises(studio.HyperparameterError, match="alpha must be a finite number"):
-        packed.reconstruct("task0", alpha=torch.tensor(True))
+    for alpha in (torch.tensor(True), 10**400):   # an int beyond float's range raised a bare OverflowError
+        with pytest.raises(studio.HyperparameterError, match="alpha must be a finite number"):
+            packed.reconstruct("task0", alpha=alpha)
+    with pytest.raises(CheckpointError, match=r"the weights' file name must be text or a path, got 3$"):
+        packed.save(3)
     out = tmp / "rebuilt.safetensors"
     for extra, message in ((["--task", "nope", "--base", args[1]], "unknown task 'nope'"),
                            (["--task", "task0", "--base", args[1], "--alpha", "nan"], "alpha must be a finite number"),
@@ -1411,6 +1417,13 @@ def test_diagnose_names_an_expert_equal_to_the_base_and_leaves_it_out(files, cap
     assert main(["diagnose", *only, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "every expert (a, b) equals the base on each matrix layer" in err, err
+    # experts that changed only tensors no diagnostic measures (a prefix that keeps no matrix) were said to equal it
+    save_state_dict(tmp / "bias.safetensors", {**base, "visual.ln_pre.bias": base["visual.ln_pre.bias"] + 1})
+    biases = ["--base", str(tmp / "base.safetensors"), "--expert", f"a={tmp / 'bias.safetensors'}",
+              "--expert", f"b={tmp / 'bias.safetensors'}", "--prefix", "visual.ln_pre."]
+    assert main(["diagnose", *biases, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "the layer rule 'default' selects none of the pool's 2 tensors (visual.ln_pre.bias (16,), " in err, err
 
 
 def test_diagnose_of_a_suite_does_not_suggest_a_prefix_it_refuses(tmp_path, capsys):
