@@ -17,6 +17,7 @@ except ImportError:  # not on a Hugging Face Space
         return fn
 
 import argparse
+import atexit
 import concurrent.futures
 import contextlib
 import json
@@ -37,13 +38,14 @@ from gradio import FileData
 from studio import diagnostics as diag
 from studio.io import Recipe, atomic_write
 from studio.memory import keep_freed_memory
-from studio.schema import StudioError, json_safe
+from studio.schema import StudioError, brief, json_safe
 from studio.ui import plots
-from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio
+from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio, stored_settings
 from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
                                 follow_tasks_js, parse_json_object, post_scale_param, reset_js, shown_info,
                                 sources_markdown, store_js, sweep_defaults, use_best_js)
-from studio.ui.session import SessionStore, accuracy_rows, leaderboard_widths, session_dir
+from studio.ui.session import (SessionStore, accuracy_rows, leaderboard_widths, remove_dead_runs, run_folder,
+                                session_dir)
 
 log = logging.getLogger("merge_studio")
 
@@ -52,7 +54,8 @@ MAX_QUEUE = 32
 #: How long a diagnostics update waits for its per-layer curves before it draws the layer's plots without them
 #: (they follow when ready): MiniSuite's come within it, all four plots at once.
 CURVES_WAIT_S = 1.0
-SESSIONS = SessionStore(max_sessions=256)
+#: a session dropped for room (its tab closed without an unload) leaves no exports behind: up to a model's size each
+SESSIONS = SessionStore(max_sessions=256, on_evict=lambda session_hash: _drop_session_files(session_hash))
 _API_DIRS: list[Path] = []
 _API_KEEP = 16
 
@@ -200,6 +203,20 @@ def _upload_root() -> Path:
     return Path(gr.utils.get_upload_folder())
 
 
+#: This process's folder for the files it exports (the sessions' and the API's), under Gradio's upload folder:
+#: removed at exit, and at a later app's start where this process ended without that (SIGTERM, a crash). The folders
+#: of the sessions and API calls it serves are removed as they end, as before.
+_RUN = run_folder(_upload_root() / "merge_studio")
+
+
+def _drop_session_files(session_hash: "str | None") -> None:
+    shutil.rmtree(session_dir(_RUN, session_hash, create=False), ignore_errors=True)
+
+
+remove_dead_runs(_RUN.parent)
+atexit.register(shutil.rmtree, _RUN, True)
+
+
 class _Cancelled(StudioError):
     """The user pressed Stop."""
 
@@ -214,6 +231,16 @@ def _user_error(exc: BaseException, what: str, upload: Any = None) -> gr.Error:
         return gr.Error(text, title=f"{what}: invalid request")
     log.exception("%s failed", what)
     return gr.Error(f"{type(exc).__name__}: {text}", title=f"{what} failed")
+
+
+def _page_settings(state: Any, name: "str | None", what: str) -> dict[str, Any]:
+    """What the page stored for ``name`` (:func:`~studio.ui.backend.stored_settings`), for a render of the controls:
+    a state that is not one (only a direct call of the render's endpoint sends it) is refused by name, as a merge
+    refuses it, not with Gradio's generic error."""
+    try:
+        return stored_settings(state, name, what)
+    except StudioError as exc:
+        raise gr.Error(str(exc), title="invalid request") from None
 
 
 # --------------------------------------------------------------------------------------------- GPU work (queued)
@@ -275,7 +302,7 @@ def sweep_alpha(req: MergeRequest, alphas: list[float], progress: Any = None,
 
 # --------------------------------------------------------------------------------------------- public API
 def _api_folder() -> Path:
-    folder = _upload_root() / "merge_studio" / "api" / uuid.uuid4().hex[:12]
+    folder = _RUN / "api" / uuid.uuid4().hex[:12]
     folder.mkdir(parents=True, exist_ok=True)
     _API_DIRS.append(folder)
     while len(_API_DIRS) > _API_KEEP:
@@ -347,6 +374,8 @@ def _api_request(experts: Any, method: str, hparams: Any, calibration: str, cali
     """The experts (default: every expert of the suite) and the merge (None without ``method``) an endpoint was
     asked for, which gives the merge's ``what`` if a method is named, else ``alone``."""
     experts = STUDIO.check_expert_names(experts) or STUDIO.task_names
+    if method is not None and not isinstance(method, str):   # 0, False or [] read as "no method" before
+        raise StudioError(f"method must be a method's name (see /methods), or empty for {alone}, got {brief(method)}")
     if not method:   # the settings of a merge that is not asked for would be ignored: say so instead
         given = [name for name, value in (("hparams", hparams), ("calibration_hparams", calibration_hparams),
                                           ("preferences", preferences)) if parse_json_object(value, name)]
@@ -640,7 +669,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     @gr.render(inputs=[method_dd, experts_cb, hp_state], triggers=[hp_reload.change, demo.load])
                     def method_controls(method: str, experts: list, hp: dict):
                         if method:
-                            _render_params(studio.schema(method), (hp or {}).get(method, {}), f"hp-{method}",
+                            _render_params(studio.schema(method), _page_settings(hp, method, "method"), f"hp-{method}",
                                            hp_state, method, len(experts or []), studio.largest_rank(method),
                                            hp_tasks, len(studio.task_names), use_best=(apply_btn, best_alpha))
 
@@ -655,7 +684,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     def calibration_controls(calibration: str, experts: list, cal: dict, method: str):
                         if calibration and calibration != "none":
                             _render_params(studio.schema(calibration, "calibration"),
-                                           (cal or {}).get(calibration, {}), f"cal-{calibration}", cal_state,
+                                           _page_settings(cal, calibration, "calibration"),
+                                           f"cal-{calibration}", cal_state,
                                            calibration, len(experts or []),
                                            studio.largest_rank(calibration, "calibration"), cal_tasks,
                                            len(studio.task_names), method, calibration=True)
@@ -689,6 +719,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     @gr.render(inputs=[experts_cb, pref_state], triggers=[pref_reload.change, demo.load])
                     def preference_sliders(experts: list, prefs: dict):
                         names = [t for t in studio.task_names if t in (experts or [])]
+                        prefs = _page_settings(prefs, None, "preference")
                         if not names:
                             gr.Markdown("*Select experts first.*", key="pref-none")
                             return
@@ -696,7 +727,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         # buttons=[]: Gradio's own ↺ resets to the value its browser component was first created
                         # with, which the browser reuses across renders (see _make_control); "Equal weights" below
                         specs = [ControlSpec(t, "slider", t, 1.0, minimum=0.0, maximum=1.0, step=0.05) for t in names]
-                        sliders = [gr.Slider(s.minimum, s.maximum, value=(prefs or {}).get(s.name, s.value),
+                        sliders = [gr.Slider(s.minimum, s.maximum, value=prefs.get(s.name, s.value),
                                              step=s.step, label=s.label, key=f"pref-{s.name}", preserved_by_key=None,
                                              interactive=True, buttons=[])
                                    for s in specs]
@@ -916,7 +947,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 rep = studio.report(req, shown, pool_experts=experts, why=why,
                                     progress=lambda frac, msg: progress(frac, desc=msg))
                 stem = f"diagnostics_{req.method if req is not None else 'task_arithmetic_sum'}"
-                path = session_dir(_upload_root(), request.session_hash) / \
+                path = session_dir(_RUN, request.session_hash) / \
                     f"{stem}_{time.strftime('%Y%m%d-%H%M%S')}_{uuid.uuid4().hex[:6]}.json"
                 with atomic_write(path) as tmp:
                     Path(tmp).write_text(json.dumps(json_safe(rep), indent=1, allow_nan=False))
@@ -945,7 +976,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             try:
                 with _job(sess, "merge"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
-                    folder = session_dir(_upload_root(), request.session_hash)
+                    folder = session_dir(_RUN, request.session_hash)
                     progress(0.0, desc="merging")
                     out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
                     table = out["table"]
@@ -1114,7 +1145,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
         def on_unload(request: gr.Request):
             SESSIONS.drop(request.session_hash)
-            shutil.rmtree(session_dir(_upload_root(), request.session_hash), ignore_errors=True)
+            _drop_session_files(request.session_hash)
 
         demo.unload(on_unload)
 

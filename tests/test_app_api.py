@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,7 +205,9 @@ def test_diagnose_is_the_clis_report_of_the_merge_named(client: Client, suite, t
     for args, message in (((two, "", {"alpha": 1.0}), "hparams given without a method: name the method whose "
                                                       "diagnostics they describe, or leave them out for the Task "
                                                       "Arithmetic sum's diagnostics"),
-                          ((["digits", "nope"], "ties"), "unknown expert(s) ['nope']")):
+                          ((["digits", "nope"], "ties"), "unknown expert(s) ['nope']"),
+                          ((two, 0), "method must be a method's name (see /methods), or empty for the Task "
+                                     "Arithmetic sum's diagnostics, got 0")):   # 0 read as "no method" before
         with pytest.raises(Exception) as info:
             client.predict(*args, api_name="/diagnose")
         assert message in str(info.value)
@@ -209,7 +216,7 @@ def test_diagnose_is_the_clis_report_of_the_merge_named(client: Client, suite, t
 def test_a_merge_that_fails_after_validation_leaves_no_folder(client: Client, app_module, suite):
     """tsv_m's rank check runs inside the merge (it depends on each layer's size): the API's export folder was
     made before and stayed, empty, among the 16 kept."""
-    root = app_module._upload_root() / "merge_studio" / "api"
+    root = app_module._RUN / "api"
     before = set(root.iterdir()) if root.exists() else set()
     kept = list(app_module._API_DIRS)
     with pytest.raises(Exception) as info:
@@ -258,6 +265,46 @@ def test_a_job_that_never_started_leaves_no_waiting_kind_after_the_next_one_star
     app_module._arm(request, "optimise")
     assert sess.waiting == {"optimise"}
     app_module.SESSIONS.drop("stale-wait")
+
+
+def test_the_render_endpoints_refuse_a_malformed_state_by_name(client: Client, suite):
+    """Gradio makes an endpoint of each ``gr.render`` (``/apply``: the method's controls, ``/apply_1``: the
+    calibration's, ``/apply_2``: the preference sliders). Called directly with a state the page never sends, they
+    raised Python's errors, which reached the caller as Gradio's "has raised an exception" and nothing more."""
+    two = list(suite.task_names[:2])
+    for args, api, message in (
+            (("tsv_m", two, {"tsv_m": "garbage"}), "/apply",
+             "the method settings stored for 'tsv_m' must be a JSON object of param -> value, got 'garbage'"),
+            (("svc", two, {"svc": [1, 2]}, "tsv_m"), "/apply_1",
+             "the calibration settings stored for 'svc' must be a JSON object of param -> value, got [1, 2]"),
+            ((two, [3]), "/apply_2", "the stored preference settings must be a JSON object, got [3]")):
+        with pytest.raises(Exception) as info:
+            client.predict(*args, api_name=api)
+        assert message in str(info.value), (api, str(info.value))
+
+
+def test_the_apps_exports_are_removed_at_exit_and_a_killed_apps_by_the_next_start(tmp_path):
+    """Each app process exports under a folder of its own (``run-<pid>-...`` in Gradio's upload folder): removed at
+    its exit, and by the next app's start where the process was killed first. The API's merges were left there by
+    every stopped app (their weights behind a SIGTERM, up to a model's size each; 257 folders on this machine)."""
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    export = ("import sys, app; f = app._RUN / 'api' / 'x'; f.mkdir(parents=True); "
+              "(f / 'model.safetensors').write_bytes(b'0'); print(app._RUN, flush=True); sys.stdin.read()")
+    killed = subprocess.Popen([sys.executable, "-c", export], cwd=root, env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        first = Path(killed.stdout.readline().strip())
+        assert (first / "api" / "x" / "model.safetensors").is_file()
+    finally:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(30)
+    assert first.is_dir()   # nothing ran at its end
+    ended = "import app; f = app._RUN / 'sessions' / 's'; f.mkdir(parents=True); print(app._RUN)"
+    done = subprocess.run([sys.executable, "-c", ended], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not first.exists() and not Path(done.stdout.strip()).exists() and first.parent.is_dir()
 
 
 @pytest.mark.parametrize("best, says", [(0.1, "lower end"), (0.5, None), (0.9, "upper end")])

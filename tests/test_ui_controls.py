@@ -252,6 +252,9 @@ def test_parse_json_object_errors_are_readable():
         parse_json_object("{alpha: 1", "hyperparameters")
     with pytest.raises(StudioError, match="expected a JSON object"):
         parse_json_object("[1, 2]", "hyperparameters")
+    for deep in ("[" * 100000 + "]" * 100000, '{"a":' * 5000 + "1" + "}" * 5000):   # a bare RecursionError before
+        with pytest.raises(StudioError, match=r"preferences: nested too deeply to read; expected a flat JSON object"):
+            parse_json_object(deep, "preferences")
 
 
 def test_post_scale_and_sweep_defaults_stay_inside_the_range():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import csv
 import io
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
-from studio.ui.session import SessionData, SessionStore, accuracy_rows, describe_settings, session_dir
+from studio.ui.session import (SessionData, SessionStore, accuracy_rows, describe_settings, remove_dead_runs,
+                                run_folder, session_dir)
 
 
 def _run(sess: SessionData, method: str, acc: dict, norm: dict, seconds: float = 1.0):
@@ -76,6 +79,32 @@ def test_session_dir_stays_under_the_root(tmp_path: Path):
     for name in ["abc123", "../../etc", "a/b\\c", "", None]:
         path = session_dir(tmp_path, name)
         assert path.is_dir() and tmp_path.resolve() in path.resolve().parents
+    assert not session_dir(tmp_path, "new", create=False).exists()
+
+
+def test_only_the_run_folders_of_processes_that_are_gone_are_removed(tmp_path: Path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        folders = {name: run_folder(tmp_path, pid) for name, pid in
+                   (("gone", int(gone.stdout)), ("alive", alive.pid), ("this", None))}
+        for folder in folders.values():
+            (folder / "api").mkdir(parents=True)
+        (tmp_path / "run-notapid-x").mkdir()
+        assert remove_dead_runs(tmp_path) == [folders["gone"]]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [folders["alive"].name, folders["this"].name, "run-notapid-x"])
+    finally:
+        alive.communicate(b"")
+    assert remove_dead_runs(tmp_path) == [folders["alive"]]
+
+
+def test_a_session_dropped_for_room_is_handed_to_on_evict():
+    dropped: list[str] = []
+    store = SessionStore(max_sessions=2, on_evict=dropped.append)
+    for name in ("a", "b", "a", "c", "d"):
+        store.get(name)
+    assert dropped == ["b", "a"] and "c" in store and "d" in store
 
 
 def test_accuracy_rows_average_skips_missing_values():

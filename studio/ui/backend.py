@@ -64,14 +64,14 @@ def _weights_example(experts: Sequence[str]) -> str:
     return json.dumps({experts[0] if experts else "task": 2})
 
 
-def _stored(state: Any, name: str | None, what: str) -> dict[str, Any]:
+def stored_settings(state: Any, name: str | None, what: str) -> dict[str, Any]:
     """The settings the app's page stored for ``name`` (``state[name]``; the whole ``state`` for ``name`` None), as
     a dict; a state that is not a JSON object of them is refused, naming what is wrong.
 
     Example:
-        >>> _stored({"ties": {"k": 0.2}}, "ties", "method"), _stored(None, "ties", "method")
+        >>> stored_settings({"ties": {"k": 0.2}}, "ties", "method"), stored_settings(None, "ties", "method")
         ({'k': 0.2}, {})
-        >>> _stored({"ties": [0.2]}, "ties", "method")  # doctest: +ELLIPSIS
+        >>> stored_settings({"ties": [0.2]}, "ties", "method")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
         studio.ui.backend.RequestError: the method settings stored for 'ties' must be a JSON object ..., got [0.2]
@@ -364,8 +364,8 @@ class Studio:
         """
         experts = list(experts or [])
         cal = None if calibration in (None, "", "none") else calibration
-        hp = _stored(hp_state, method, "method")
-        cal_hp = _stored(cal_state, cal, "calibration")   # with no calibration: the whole state, checked
+        hp = stored_settings(hp_state, method, "method")
+        cal_hp = stored_settings(cal_state, cal, "calibration")   # with no calibration: the whole state, checked
         if cal is None:   # the page keeps the values set for each calibration; "none" merges none of them
             cal_hp = {}
         # as the controls show them for this selection (a value stored for a wider range, at its end)
@@ -373,7 +373,8 @@ class Studio:
             hp = self.fitted(method, "merge", hp, len(experts))
         if isinstance(cal, str) and cal in CALIBRATIONS:
             cal_hp = self.fitted(cal, "calibration", cal_hp, len(experts))
-        prefs = _stored(pref_state, None, "preference")   # the page holds the states: each is checked, as a request
+        # the page holds the states: each is checked, as a request
+        prefs = stored_settings(pref_state, None, "preference")
         prefs = {t: w for t, w in prefs.items() if t in experts} or None
         return self.request(method, hp, experts, cal, cal_hp, prefs, seed)
 
@@ -458,11 +459,12 @@ class Studio:
         top = max(weights.values())
         if top > 1:   # the sliders end at 1; the merge takes p_i = w_i / sum(w)
             weights = {t: w / top for t, w in weights.items()}
-        hp_state = {**_stored(hp_state, None, "method"), req.method: hp}
-        cal_state = _stored(cal_state, None, "calibration")
+        hp_state = {**stored_settings(hp_state, None, "method"), req.method: hp}
+        cal_state = stored_settings(cal_state, None, "calibration")
         if req.calibrate is not None:
             cal_state[req.calibrate] = cal_hp
-        return LoadedSettings(req, hp_state, cal_state, {**_stored(pref_state, None, "preference"), **weights}, notes)
+        prefs = {**stored_settings(pref_state, None, "preference"), **weights}
+        return LoadedSettings(req, hp_state, cal_state, prefs, notes)
 
     @staticmethod
     def describe(req: MergeRequest) -> str:

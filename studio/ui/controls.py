@@ -644,6 +644,8 @@ def parse_json_object(text: "str | Mapping[str, Any] | None", what: str,
     except ValueError:   # Python's limit on the digits of an integer it converts (4300)
         raise StudioError(f"{what}: holds an integer of more than {sys.get_int_max_str_digits()} digits; give "
                           f"numbers in a hyperparameter's range") from None
+    except RecursionError:   # arrays or objects nested deeper than Python's recursion limit
+        raise StudioError(f"{what}: nested too deeply to read; expected a flat JSON object, e.g. {example}") from None
     if value is None:
         return {}
     if not isinstance(value, dict):

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 @dataclass
@@ -219,13 +222,15 @@ class SessionStore:
         (False, 1)
     """
 
-    def __init__(self, max_sessions: int = 256):
+    def __init__(self, max_sessions: int = 256, on_evict: "Callable[[str], None] | None" = None):
         self.max_sessions = max_sessions
+        self.on_evict = on_evict   # called with the hash of each session dropped for room (its files to remove)
         self._data: "OrderedDict[str, SessionData]" = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, session_hash: str | None) -> SessionData:
         key = session_hash or "anonymous"
+        evicted = []
         with self._lock:
             data = self._data.get(key)
             if data is None:
@@ -233,8 +238,10 @@ class SessionStore:
             self._data.move_to_end(key)
             data.touched = time.time()
             while len(self._data) > self.max_sessions:
-                self._data.popitem(last=False)
-            return data
+                evicted.append(self._data.popitem(last=False)[0])
+        for old in evicted if self.on_evict is not None else ():
+            self.on_evict(old)
+        return data
 
     def drop(self, session_hash: str | None) -> SessionData | None:
         """Forget a session (called from ``demo.unload``); returns what was stored, if anything."""
@@ -273,9 +280,44 @@ def accuracy_rows(table: Mapping[str, Mapping[str, float | None]]) -> tuple[list
     return header, rows
 
 
-def session_dir(root: str | Path, session_hash: str | None) -> Path:
-    """The per-session folder for exported files under ``root`` (the Gradio temp dir)."""
+def session_dir(root: str | Path, session_hash: str | None, *, create: bool = True) -> Path:
+    """The per-session folder for exported files under ``root`` (the app process's folder, :func:`run_folder`),
+    made unless ``create`` is false."""
     safe = "".join(c for c in (session_hash or "anonymous") if c.isalnum() or c in "-_")[:64] or "anonymous"
-    path = Path(root) / "merge_studio" / safe
-    path.mkdir(parents=True, exist_ok=True)
+    path = Path(root) / "sessions" / safe
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def run_folder(parent: str | Path, pid: int | None = None) -> Path:
+    """A folder under ``parent`` for the files one app process exports (its sessions' and its API's), named after the
+    process (``run-<pid>-<random>``), so that a later app can tell it from a live one's (:func:`remove_dead_runs`)."""
+    return Path(parent) / f"run-{os.getpid() if pid is None else pid}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_dead_runs(parent: str | Path) -> list[Path]:
+    """Remove the :func:`run_folder` folders under ``parent`` whose process is gone (an app stopped by SIGTERM, a
+    crash, a kill: its exports were left behind, up to a model's size each); returns them. A process that exists
+    keeps its folder, whoever runs it (a reused process id only delays the removal)."""
+    removed = []
+    for folder in sorted(Path(parent).glob("run-*-*")):
+        try:
+            pid = int(folder.name.split("-")[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _process_exists(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):   # another user's process, or no valid id: left alone
+        return True
+    return True
