@@ -736,6 +736,25 @@ def test_calibrations_after_the_align_merge_b_method_do_not_depend_on_the_order_
     assert float(proc.stdout.split()[-1]) < 1e-5   # the largest absolute difference; 1.4e-4 before
 
 
+@pytest.mark.parametrize("seed", [0, 1, 3, 5])
+def test_calibrations_after_a_rank_deficient_flat_merge_do_not_depend_on_the_order(seed):
+    """Iso-CTS at fraction 0 with an expert equal to the base: its flat spectrum has three rounding directions at a
+    few eps32 of the largest, over null_tolerance. Counted live, they made the spectrum look graded, and the flat
+    cluster's rotation followed the experts' order: SVC and AlignMerge-B in two orders 0.46-1.02 apart (an engine
+    audit); now at float32 rounding, as without the zero expert."""
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randn(20, 2, generator=g) @ torch.randn(2, 40, generator=g) / 2
+    deltas = []
+    for i in range(6):
+        own = (torch.randn(20, 2, generator=g) * torch.tensor([1.0, 0.1])) @ torch.randn(2, 40, generator=g) / 2
+        deltas.append(torch.zeros(20, 40) if i == 2 else 0.4 * shared + own + 0.02 * torch.randn(20, 40, generator=g))
+    for cal in ("svc", "align_merge_b"):
+        a, b = (studio.merge({"w": torch.zeros(20, 40)}, {f"t{i}": {"w": deltas[i]} for i in order}, "iso_cts",
+                             common_space_fraction=0.0, alpha=1.0, calibrate=cal, svd_mode="auto")["w"]
+                for order in (range(6), reversed(range(6))))
+        assert float((a - b).norm() / b.norm()) < 1e-4, cal
+
+
 def test_svc_after_align_merge_o_of_tasks_with_equal_spectra_does_not_depend_on_the_order():
     """4 tasks on orthogonal subspaces with equal spectra: AlignMerge-O's merged spectrum is made of exact ties of
     different tasks, where any rotation is an SVD. Its own SVD took the eigensolver's basis there, and SVC after it
@@ -875,6 +894,22 @@ def test_ortho_merge_matches_slow_reference(tau, k):
     close(out, ref)
     sv = torch.linalg.svdvals(out)
     torch.testing.assert_close(sv, torch.full_like(sv, float(sv.mean())), rtol=1e-4, atol=1e-6)  # eq. 16: flat
+
+
+@pytest.mark.parametrize("svd_mode", ["exact", "auto"])
+def test_ortho_merge_removing_almost_every_component_keeps_no_rounding_direction(svd_mode):
+    """At tau = 0 (every pair interferes) 89 of 96 components are removed: their float32 subtraction left a residue
+    at 1.17e-5 of the deconflicted sum over the one-component floor (1.15e-5), which took sigma_bar as an eighth
+    direction in exact mode: 0.35 from eq. 12-16 in float64, and 0.09 between the experts' two orders (an engine
+    audit). The floor is of the removed sigmas' root sum of squares."""
+    g = torch.Generator().manual_seed(0)
+    deltas = torch.randn(6, 24, 16, generator=g)
+    deltas[0] *= 2   # one stronger expert: only its top components survive
+    ref, removed = ortho_reference(deltas, 0.0, 16)
+    assert len(removed) == 89 and int(torch.linalg.matrix_rank(ref)) == 7
+    for order in (range(6), reversed(range(6))):
+        pool = TaskPool({"w": torch.zeros(24, 16)}, {f"t{i}": {"w": deltas[i]} for i in order}, svd_mode=svd_mode)
+        close(ortho_merge(pool.layer("w"), tau=0.0, k=512), ref, rel=1e-5)
 
 
 def test_interference_mask_hand_example():

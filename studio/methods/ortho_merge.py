@@ -161,7 +161,10 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     # The removed components carry their float32 factors' error (a helper's audit: up to 1.6e-5 of sigma on the
     # Gram route, 3.7e-4 with LAPACK's clustered values, mostly inside the task's own span, where it adds no rank):
     # a direction of the deconflicted sum below the floor cannot be told from it (LoRA experts of a 768 x 768 layer
-    # on a zero base kept it as a direction, and merged 0.41 apart from the same experts on a random base).
-    floor = float(linalg.rank_tolerance(w.max(), layer.shape))
+    # on a zero base kept it as a direction, and merged 0.41 apart from the same experts on a random base). The
+    # components' errors add up: the floor is of their sigmas' root sum of squares, which one removed component's
+    # sigma is (with 89 of 96 removed, at tau = 0, the largest alone left a float32 residue of the subtraction above
+    # it, which then took sigma_bar as a direction: 0.35 from the float64 eq. 12-16 merge; an engine audit).
+    floor = float(linalg.rank_tolerance(w.norm(), layer.shape))
     rank = layer.rank_above_rounding(deconflicted, Sd, from_gram, floor=floor)
     return isotropic(deconflicted, (Ud, Sd, Vhd), rank=rank)
