@@ -145,6 +145,9 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _LORA.fullmatch(inner)
         if m is not None:
+            if not value.is_floating_point():
+                raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype}; a LoRA factor is floating-point "
+                                      f"(peft writes the trained factors' float dtype)")
             lora.setdefault(m[1], {})[f"{m[2]}.{m[3]}"] = value
             continue
         if "lora_" in inner:
@@ -158,6 +161,9 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
                 left_out.append(name)
             continue
         _check_shape(base[target], value.shape, where, key, target)
+        if value.is_floating_point() != base[target].is_floating_point():
+            raise CheckpointError(f"{where}: tensor {key!r} is {value.dtype}, but the base's {target!r} it replaces is "
+                                  f"{base[target].dtype}; the adapter is for another model")
         replaced[target] = value
     out = dict(base)
     applied = len(replaced)

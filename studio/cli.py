@@ -127,6 +127,7 @@ class _Pool(NamedTuple):
     sources: dict | None
     replaced: frozenset
     files: dict
+    everyone: tuple = ()   # a suite's task names, of which ``experts`` may be the recipe's (read alone)
 
 
 def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
@@ -152,7 +153,10 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
         with _noting(recorded_suite and "the suite the recipe recorded; give --suite, or --base and --expert, to "
                                         "read others"):
             suite = load_suite(suite_source)
-        wanted = suite.task_names
+        # a recipe's experts alone: an expert it did not merge is not read (nor its file's fault an error); one the
+        # suite lacks is named by the replay (recipe_inputs)
+        wanted = ([t for t in suite.task_names if t in recipe.experts] if recipe is not None and recipe.experts
+                  else suite.task_names)
         if args.experts is not None:
             wanted = [e.strip() for e in args.experts.split(",") if e.strip()]
             if not wanted:
@@ -163,7 +167,7 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
                 raise StudioError(f"--experts names {twice} more than once; give each expert once")
         experts = suite.experts_named(wanted)   # only those (an expert left out is not read); names an unknown one
         replaced = frozenset() if recorded_suite else frozenset({None, *experts})
-        return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files)
+        return _Pool(suite.base, experts, suite.source, None, replaced, suite.weight_files, tuple(suite.task_names))
     given = _given_experts(args)
     prefix = args.prefix if recipe is None else recipe.prefix
     if recipe is not None and recipe.experts:
@@ -349,7 +353,7 @@ def _diagnose(args: argparse.Namespace) -> None:
             merged, source = load_checkpoint(args.weights, prefix=prefix)
         what = {"weights": source}
         merged_experts = list(embedded.experts) if embedded is not None and pool.suite and args.experts is None else []
-        if merged_experts and set(merged_experts) < set(pool.experts):   # a merge of some of the suite's experts
+        if merged_experts and set(merged_experts) < set(pool.everyone or pool.experts):   # some of the suite's
             pool = pool._replace(experts={n: pool.experts[n] for n in merged_experts})
             what["experts_from_its_recipe"] = merged_experts
     else:

@@ -169,7 +169,8 @@ class _SuiteEvaluator:
         return out
 
     def reference(self, kind: str, task: str, split: str, device: torch.device, batch_size: int) -> _Reference:
-        sd = self.suite.base if kind == "zeroshot" else self.suite.experts[task]
+        # the task's expert alone: a suite expert that is not evaluated is not read (nor its file's fault an error)
+        sd = self.suite.base if kind == "zeroshot" else self.suite.experts_named([task])[task]
         # keyed by the identity of the weights and of the task's head (storage, version counter, samples:
         # studio.pool.fingerprint) and the logit scale, so a suite whose base, experts or heads are replaced or
         # edited in place gets fresh references, not stale ones

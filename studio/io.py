@@ -1202,10 +1202,32 @@ class YamlLoader(yaml.SafeLoader):
     ``Recipe.to_json`` writes such exponents (``json.dumps(5e-05)``), and every exported file embeds that JSON; the
     CLI's ``--set`` values are read with it too.
 
+    A key given twice in one mapping is refused (PyYAML keeps the last: a recipe's second ``method:`` line replayed
+    another method without a word), as JSON objects are read with it too.
+
     Example:
         >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf]", Loader=YamlLoader)
         [5e-05, '1:30', 31, 1000, inf]
     """
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Mark] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # "<<: *defaults": its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:   # an unhashable key: PyYAML's own error names it
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first at line {first.line + 1}, column {first.column + 1}); "
+                        f"give each key once", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"

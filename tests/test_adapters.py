@@ -187,6 +187,11 @@ FC = {"fc.lora_A.weight": torch.ones(2, 3), "fc.lora_B.weight": torch.ones(2, 2)
     ({"use_dora": 0}, FC, r"use_dora must be true or false, got 0"),
     ({}, {**FC, "fc.lora_A.weight": torch.full((2, 3), float("nan"))},
      r"adapter_model.safetensors: tensor 'base_model\.model\.fc\.lora_A\.weight' holds NaN or infinite values"),
+    # integer factors were cast and applied (peft never writes them), an integer bias replaced a float one
+    ({}, {**FC, "fc.lora_B.weight": torch.ones(2, 2, dtype=torch.int32)},
+     r"tensor 'base_model\.model\.fc\.lora_B\.weight' is torch.int32; a LoRA factor is floating-point"),
+    ({}, {**FC, "fc.bias": torch.ones(2, dtype=torch.int64)},
+     r"tensor 'base_model\.model\.fc\.bias' is torch.int64, but the base's 'fc\.bias' it replaces is torch.float32"),
 ])
 def test_bad_adapter_settings_and_values_are_refused_by_name(tmp_path, config, tensors, message):
     base = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}

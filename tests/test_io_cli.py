@@ -2493,3 +2493,41 @@ def test_a_compressed_file_whose_tensors_changed_is_refused(tmp_path):
     old = Compressed.load(tmp_path / "old.safetensors", base)
     assert torch.equal(old.reconstruct("task1")["visual.proj"], Compressed.load(path, base).reconstruct("task1")
                        ["visual.proj"])
+
+
+def test_a_replay_an_evaluation_and_a_diagnosis_of_a_subset_read_only_its_experts(tmp_path, capsys):
+    """An expert a recipe did not merge stopped its replay, ``evaluate --tasks merged`` and ``diagnose --weights``
+    when its file was missing (a suite audit); ``merge --experts`` on the same suite did not read it."""
+    import shutil
+
+    suite = tmp_path / "suite"
+    shutil.copytree(DEFAULT_SUITE_PATH, suite)
+    merged, recipe = tmp_path / "m.safetensors", tmp_path / "m.yaml"
+    assert main(["merge", "--suite", str(suite), "--experts", "digits,signs", "--method", "task_arithmetic",
+                 "--device", "cpu", "--out", str(merged), "--recipe", str(recipe)]) == 0
+    (suite / "experts" / "textures.safetensors").unlink()
+    capsys.readouterr()
+    assert main(["recipe", str(recipe), "--out", str(tmp_path / "again.safetensors"), "--device", "cpu"]) == 0
+    assert "the same bits as the merge the recipe recorded" in capsys.readouterr().out
+    assert main(["evaluate", "--weights", str(merged), "--tasks", "merged", "--device", "cpu"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["accuracy"]) == {"digits", "signs"}
+    out = tmp_path / "d.json"
+    assert main(["diagnose", "--weights", str(merged), "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["tasks"] == ["digits", "signs"] and report["merge"]["experts_from_its_recipe"] == ["digits", "signs"]
+    assert main(["evaluate", "--weights", str(merged), "--tasks", "textures", "--device", "cpu"]) == 2
+    assert "textures.safetensors is missing" in capsys.readouterr().err
+
+
+def test_a_recipe_key_given_twice_is_refused_with_its_lines(tmp_path, capsys):
+    """PyYAML keeps a mapping's last value for a key given twice: a second ``method:`` line replayed another method,
+    without a word where the recipe had no fingerprints (a suite audit). YAML and JSON alike."""
+    for name, text, where in (
+            ("twice.yaml", "method: task_arithmetic\nsuite: MiniSuite\nmethod: ties\n",
+             "at line 3, column 1: found the key 'method' twice (first at line 1, column 1)"),
+            ("twice.json", '{"method": "ties", "suite": "MiniSuite", "hparams": {"k": 0.2, "k": 0.3}}',
+             "found the key 'k' twice (first at line 1, column 54)")):
+        (tmp_path / name).write_text(text)
+        assert main(["recipe", str(tmp_path / name), "--out", str(tmp_path / "m.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert f"{name}: not valid YAML/JSON" in err and where in err and not (tmp_path / "m.safetensors").exists()

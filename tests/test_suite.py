@@ -366,18 +366,25 @@ def test_labels_heads_scales_accuracies_and_configs_that_would_mislead_are_named
     shutil.rmtree(copy)
     shutil.copytree(mini_suite, copy)
     heads = load_suite(copy).heads
-    for head, message in ((heads["signs"][:, :32], r"the head of task 'signs' is \(\d+, 32\); the model 'MiniCLIP-ViT' "
-                                                   r"embeds images in 64 dimensions"),
+    narrow = torch.nn.functional.normalize(heads["signs"][:, :32], dim=1)
+    unscaled = heads["signs"].clone()
+    unscaled[3] = 0   # a zero row: its class never predicted; the whole head x 1e38 made the logits infinite
+    for head, message in ((narrow, r"the head of task 'signs' is \(\d+, 32\); the model 'MiniCLIP-ViT' "
+                                   r"embeds images in 64 dimensions"),
                           (heads["signs"] * float("nan"), "the head of task 'signs' contains NaN"),
-                          (heads["signs"][0], "expected a floating-point \\[classes, embedding\\] matrix")):
+                          (heads["signs"][0], "expected a floating-point \\[classes, embedding\\] matrix"),
+                          (unscaled, r"heads.safetensors: row 3 of task 'signs''s head has norm 0; a head's rows are "
+                                     r"L2-normalised"),
+                          (heads["signs"] * 1e38, r"row 0 of task 'signs''s head has norm 1e\+38")):
         save_file({**heads, "signs": head.clone().contiguous()}, str(copy / "heads.safetensors"))
         with pytest.raises(SuiteError, match=message):
             suite = load_suite(copy)
             evaluate(suite, suite.base, tasks=["signs"], device="cpu")
     good_manifest = json.loads((mini_suite / "manifest.json").read_text())
     for change, message in (
-            (lambda m: m.update(logit_scale=-15), "'logit_scale' must be a finite number > 0"),
-            (lambda m: m.update(logit_scale=True), "'logit_scale' must be a finite number > 0"),
+            (lambda m: m.update(logit_scale=-15), "'logit_scale' must be a number > 0 within float32's range"),
+            (lambda m: m.update(logit_scale=True), "'logit_scale' must be a number > 0 within float32's range"),
+            (lambda m: m.update(logit_scale=1e39), r"within float32's range \(CLIP's exp\(t\), e.g. 100\), got 1e\+39"),
             (lambda m: m["tasks"][0].update(classes="0123456789"), "'classes' must be a list of class names")):
         manifest = json.loads(json.dumps(good_manifest))
         change(manifest)
@@ -410,3 +417,60 @@ def test_labels_heads_scales_accuracies_and_configs_that_would_mislead_are_named
     suite = load_suite(arch)
     with pytest.raises(ArchitectureError, match=r"expert 'signs' \(.*experts/signs.safetensors\) key 'visual.proj'"):
         evaluate(suite, suite.base, tasks=["signs"], device="cpu")
+
+
+def test_what_a_suite_audit_found_misleading_is_named(mini_suite, tmp_path):
+    """An audit of suites: an expert that is not evaluated stopped an evaluation of another task; a manifest's
+    ``model.image_size`` other than the model's failed inside open_clip (or blamed the data), and a ``model`` object
+    without it refused every split; 0-d images raised a bare IndexError, one image [H, W, 3] was counted as H
+    images; a task entry that is no object, a name that is no text and an empty source were read as something else;
+    an adapter folder without its config was reported as a missing file."""
+    copy = tmp_path / "copy"
+    shutil.copytree(mini_suite, copy)
+    (copy / "experts" / "signs.safetensors").unlink()
+    suite = load_suite(copy)
+    assert evaluate(suite, suite.base, tasks=["digits"], device="cpu").accuracy["digits"] >= 0
+    with pytest.raises(SuiteError, match=r"expert 'signs': file .*signs.safetensors is missing"):
+        evaluate(suite, suite.base, tasks=["signs"], device="cpu")
+    (copy / "experts" / "signs").mkdir()
+    with pytest.raises(SuiteError, match=r"expert 'signs': .*experts/signs is a folder without adapter_config.json"):
+        load_suite(copy).experts_named(["signs"])
+
+    good = json.loads((mini_suite / "manifest.json").read_text())
+    images, labels = load_suite(mini_suite).split("digits", "test")
+    for change, data, message in (
+            # the data at the manifest's size, not the model's: open_clip's "size of tensor a (65)" before
+            (lambda m: m["model"].update(image_size=64), images.repeat_interleave(2, 1).repeat_interleave(2, 2),
+             r"manifest.json: 'model.image_size' is 64, but the model 'MiniCLIP-ViT' takes 32 x 32 images"),
+            # only the manifest wrong: "the model expects [N, 64, 64, 3]" blamed the data
+            (lambda m: m["model"].update(image_size=64), images,
+             r"manifest.json: 'model.image_size' is 64, but the model 'MiniCLIP-ViT' takes 32 x 32 images"),
+            (lambda m: None, torch.tensor(3, dtype=torch.uint8),
+             r"digits.safetensors: 'test_images' is torch.uint8 \(\); expected uint8 images \[N, H, W, 3\]"),
+            (lambda m: None, images[0], r"'test_images' is torch.uint8 \(32, 32, 3\); expected uint8 images")):
+        manifest = json.loads(json.dumps(good))
+        change(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        save_file({"test_images": data.contiguous(), "test_labels": labels, "val_images": images.clone(),
+                   "val_labels": labels.clone()}, str(copy / "data" / "digits.safetensors"))
+        with pytest.raises(SuiteError, match=message):
+            suite = load_suite(copy)
+            evaluate(suite, suite.base, tasks=["digits"], device="cpu")
+    save_file({"test_images": images, "test_labels": labels, "val_images": images.clone(),
+               "val_labels": labels.clone()}, str(copy / "data" / "digits.safetensors"))
+    manifest = json.loads(json.dumps(good))
+    manifest["model"].pop("image_size")   # the model's own size
+    assert Suite(copy, manifest).split("digits")[0].shape == images.shape
+
+    for change, message in (
+            (lambda m: m["tasks"].__setitem__(1, "signs"), r"'tasks\[1\]' must be an object with 'name' and "
+                                                           r"'classes', got 'signs'"),
+            (lambda m: m.update(name=None), r"'name' must be the suite's name \(text\), got None"),
+            (lambda m: m.update(name=["a"]), r"'name' must be the suite's name \(text\), got \['a'\]")):
+        manifest = json.loads(json.dumps(good))
+        change(manifest)
+        with pytest.raises(SuiteError, match=message):
+            Suite(copy, manifest)
+    for empty in ("", "  "):   # Path("") is the current folder
+        with pytest.raises(SuiteError, match="the suite source is empty"):
+            load_suite(empty)

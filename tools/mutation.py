@@ -47,7 +47,7 @@ OWN = {"studio/io.py": ["tests/test_io_cli.py"], "studio/cli.py": ["tests/test_i
        "studio/ui/backend.py": ["tests/test_ui_backend.py", "tests/test_app_api.py"],
        "app.py": ["tests/test_app_api.py"], "studio/suite/build.py": ["tests/test_suite.py"],
        "studio/leaderboard.py": ["tests/test_io_cli.py", "tests/test_evaluate.py"],
-       "studio/adapters.py": ["tests/test_adapters.py"]}
+       "studio/adapters.py": ["tests/test_adapters.py"], "studio/ui/session.py": ["tests/test_ui_session.py"]}
 
 #: files whose code runs in the page: their mutants run the browser tests too (the whole file: its tests share one
 #: page, in order)

@@ -13,9 +13,11 @@ A suite is a folder (local, or a Hugging Face Hub repository) with this layout::
     text.safetensors               optional: what produced the heads (MiniCLIP's tiny text tower), not merged
 
 Real CLIP pools plug in with the same layout: ``"model": "ViT-B-32"`` in the manifest, no ``model_configs/``.
-Checked when read, each naming the file and field at fault: ``logit_scale`` a finite number > 0, each task's
-``classes`` a list of names, heads finite floating ``[C, D]`` with ``D`` the model's embedding size, labels integer
-``[N]`` within the classes, images of the model's size, recorded accuracies percentages. open_clip keeps one config
+Checked when read, each naming the file and field at fault: ``name`` text, ``logit_scale`` a number > 0 within
+float32's range, each task an object whose ``classes`` are a list of names, ``model.image_size`` (optional: the
+model's own by default) the model's, heads finite floating ``[C, D]`` with L2-normalised rows (to 1e-2) and ``D`` the
+model's embedding size, images uint8 ``[N, H, W, 3]`` of the model's size, labels integer ``[N]`` within the classes,
+recorded accuracies percentages. open_clip keeps one config
 registry per process: a ``model_configs/`` file whose name is already registered with other content (by the
 studio, open_clip or a suite loaded before) is refused, so give a new architecture its own name.
 
@@ -118,20 +120,26 @@ class Suite:
                 raise SuiteError(f"{self.root}/manifest.json lacks the required field {key!r}")
         where = f"{self.root}/manifest.json"
         try:
-            self.name: str = str(self.manifest["name"])
+            if not isinstance(self.manifest["name"], str) or not self.manifest["name"].strip():
+                raise ValueError(f"'name' must be the suite's name (text), got {brief(self.manifest['name'])}")
+            self.name: str = self.manifest["name"]
             model = self.manifest["model"]
             self.model_name: str = model["name"] if isinstance(model, dict) else model
             tasks_field = self.manifest["tasks"]
             if not isinstance(tasks_field, list):
                 raise TypeError(f"'tasks' must be a list of task objects, got {type(tasks_field).__name__}")
+            for i, t in enumerate(tasks_field):
+                if not isinstance(t, dict):
+                    raise ValueError(f"'tasks[{i}]' must be an object with 'name' and 'classes', got {brief(t)}")
             self.tasks: list[Task] = [
                 Task(t["name"], tuple(t["classes"]), t.get("group", ""), t.get("description", ""))
                 for t in tasks_field
             ]
             scale = self.manifest.get("logit_scale", 100.0)
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
-                raise ValueError(f"'logit_scale' must be a finite number > 0 (CLIP's exp(t), e.g. 100), got "
-                                 f"{brief(scale)}")
+            top = torch.finfo(torch.float32).max   # the logits are float32: a larger scale made them infinite
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= top:
+                raise ValueError(f"'logit_scale' must be a number > 0 within float32's range (CLIP's exp(t), e.g. "
+                                 f"100), got {brief(scale)}")
             self.logit_scale: float = float(scale)
             for t in tasks_field:
                 if not isinstance(t.get("classes"), list) or not all(isinstance(c, str) for c in t["classes"]):
@@ -229,7 +237,7 @@ class Suite:
     def _expert_path(self, task: str) -> Path:
         """``experts/<task>.safetensors``, or the adapter folder ``experts/<task>/`` where that file is not."""
         file, folder = self.root / "experts" / f"{task}.safetensors", self.root / "experts" / task
-        return folder if not file.is_file() and (folder / ADAPTER_CONFIG).is_file() else file
+        return folder if not file.is_file() and folder.is_dir() else file
 
     @property
     def base(self) -> dict[str, Tensor]:
@@ -266,6 +274,10 @@ class Suite:
 
     def _adapter_expert(self, folder: Path, task: str) -> dict[str, Tensor]:
         """The expert a suite's adapter folder makes of the base (float32, as every suite expert)."""
+        if not (folder / ADAPTER_CONFIG).is_file():   # (reported as experts/<task>.safetensors missing before)
+            raise SuiteError(f"expert {task!r}: {folder} is a folder without {ADAPTER_CONFIG}; an expert is the file "
+                             f"experts/{task}.safetensors or a PEFT adapter folder experts/{task}/ holding "
+                             f"{ADAPTER_CONFIG} and adapter_model.safetensors")
         try:
             weights, _ = load_adapter(folder, self.base)
         except StudioError as exc:
@@ -292,6 +304,13 @@ class Suite:
                     if not bool(torch.isfinite(head).all()):
                         raise SuiteError(f"{self.root}/heads.safetensors: the head of task {t.name!r} contains NaN "
                                          f"or infinite values")
+                    norms = head.double().norm(dim=1)
+                    off = (norms - 1).abs() > 1e-2   # (bfloat16 rows: 4e-3) a zero row never predicted its class
+                    if bool(off.any()):
+                        row = int(off.nonzero()[0])
+                        raise SuiteError(f"{self.root}/heads.safetensors: row {row} of task {t.name!r}'s head has "
+                                         f"norm {float(norms[row]):.4g}; a head's rows are L2-normalised class "
+                                         f"embeddings (CLIP's zero-shot heads), norm 1")
                 self._heads = {t: heads[t] for t in self.task_names}
             return self._heads
 
@@ -306,12 +325,26 @@ class Suite:
                 if configs.is_dir():
                     register_model_configs(configs)
                 try:
-                    self._tower = VisualTower(self.model_name)
+                    tower = VisualTower(self.model_name)
                 except ArchitectureError:
                     raise
                 except Exception as exc:  # open_clip raises RuntimeError/KeyError for unknown names
                     raise ArchitectureError(f"cannot build open_clip model {self.model_name!r}: {exc}") from exc
+                stated = self._stated_image_size()
+                if stated is not None and stated != tower.image_size:
+                    raise SuiteError(f"{self.root}/manifest.json: 'model.image_size' is {stated}, but the model "
+                                     f"{self.model_name!r} takes {tower.image_size} x {tower.image_size} images")
+                self._tower = tower
             return self._tower
+
+    def _stated_image_size(self) -> int | None:
+        """The manifest's ``model.image_size`` (None where it gives none), checked to be a size."""
+        model = self.manifest.get("model")
+        size = model.get("image_size") if isinstance(model, Mapping) else None
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise SuiteError(f"{self.root}/manifest.json: 'model.image_size' must be a whole number of pixels, got "
+                             f"{brief(size)}")
+        return size
 
     @property
     def image_size(self) -> int:
@@ -357,17 +390,20 @@ class Suite:
             raise SuiteError(f"{file}: '{prefix}_labels' is {labels.dtype} {tuple(labels.shape)}; expected integer "
                              f"class indices [N]")
         labels = labels.to(torch.int64)
+        if images.dim() != 4:
+            raise SuiteError(f"{file}: '{prefix}_images' is {images.dtype} {tuple(images.shape)}; expected uint8 "
+                             f"images [N, H, W, 3]")
         if images.shape[0] == 0:
             raise EmptySplitError(f"the {split!r} split of task {task!r} is empty")
         if images.shape[0] != labels.shape[0]:
             raise SuiteError(f"task {task!r} {split}: {images.shape[0]} images but {labels.shape[0]} labels")
         # the manifest's image size (building the model to ask it would import open_clip just to read data), else
-        # the model's own (a manifest that names the model only)
-        model = self.manifest.get("model")
-        size = model.get("image_size") if isinstance(model, Mapping) else self.image_size
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise SuiteError(f"{self.root}/manifest.json: 'model.image_size' must be a whole number of pixels, got "
-                             f"{brief(size)}")
+        # the model's own (a manifest that does not give it); where the images do not fit the manifest's, the
+        # model decides which of the two is wrong
+        size = self._stated_image_size()
+        fits = images.dtype == torch.uint8 and tuple(images.shape[1:]) == (size, size, 3)
+        if size is None or not fits:
+            size = self.image_size   # (the tower refuses a manifest's size that is not the model's)
         if images.dtype != torch.uint8 or tuple(images.shape[1:]) != (size, size, 3):
             raise SuiteError(f"task {task!r} {split}: images are {images.dtype} {tuple(images.shape)}; the model "
                              f"{self.model_name!r} expects uint8 [N, {size}, {size}, 3]")
@@ -408,6 +444,8 @@ def load_suite(source: "str | Path" = DEFAULT_SUITE_PATH, *, revision: str | Non
         >>> load_suite("assets/minisuite").task_names[:3]     # doctest: +SKIP
         ['digits', 'house_numbers', 'signs']
     """
+    if isinstance(source, str) and not source.strip():   # Path("") is the current folder
+        raise SuiteError("the suite source is empty; give a suite folder, a Hub repo id or 'MiniSuite'")
     explicit, given = is_hub_url(source), source
     source, named_type = hub_repo_type(source)
     if repo_type is not None and named_type is not None and repo_type != named_type:

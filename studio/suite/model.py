@@ -200,8 +200,16 @@ def head_logits(embeddings: Tensor, head: Tensor, logit_scale: float) -> Tensor:
     Example:
         >>> head_logits(torch.tensor([[3.0, 4.0]]), torch.eye(2), 10.0).tolist()
         [[6.0, 8.0]]
+        >>> head_logits(torch.tensor([[3e38, 4e38 / 3]]), torch.eye(2), 10.0).round().tolist()   # norm beyond float32
+        [[9.0, 4.0]]
     """
-    z = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norm = embeddings.norm(dim=-1, keepdim=True)
+    big = torch.isinf(norm) & torch.isfinite(embeddings).all(dim=-1, keepdim=True)
+    if bool(big.any()):   # finite embeddings whose norm leaves float32 (1e30 each) scored as zeros: class 0 for all
+        top = embeddings.abs().amax(dim=-1, keepdim=True)
+        embeddings = torch.where(big, embeddings / top, embeddings)
+        norm = torch.where(big, embeddings.norm(dim=-1, keepdim=True), norm)
+    z = embeddings / norm.clamp_min(1e-12)
     return logit_scale * z @ head.to(z.dtype).T
 
 
