@@ -1151,3 +1151,14 @@ def test_no_layer_to_average_over_says_why():
         with pytest.raises(D.DiagnosticsError, match=r"report_summary takes the dict diagnostics.report returns"):
             D.report_summary(rep)
 
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-22, 1e-25, 1e19, 1e25])
+def test_energy_fractions_do_not_depend_on_the_spectrums_scale(scale):
+    """Ortho-Merge eq. 9's p_i = sigma_i^2 / sum sigma_j^2 is scale free: squared in float32, a float64 spectrum of
+    1e-22 gave an entropy of 1.5e-4 (and 1e-25 zero energy), one of 1e19 NaN (a diagnostics audit)."""
+    s = torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64) * scale
+    p = torch.tensor([9.0, 4.0, 1.0], dtype=torch.float64) / 14
+    assert float(D.spectral_entropy(s)) == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    torch.testing.assert_close(D.cumulative_energy(s), p.cumsum(0).float())
+    assert D.spectral_entropy(s).dtype == D.cumulative_energy(s).dtype == torch.float32
