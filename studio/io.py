@@ -327,9 +327,12 @@ def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None
         source = shown or repo_id + (f"/{filename}" if filename else "") + (f"@{revision}" if revision else "")
         cached = _cached_revisions(repo_id, repo_type, cache) if constants.HF_HUB_OFFLINE and revision else None
         if cached:   # the repository is cached, only not at this revision: say which ones it is at
+            full = [c for c in _cached_commits(repo_id, repo_type, cache) if c.startswith(str(revision).lower())]
+            short = (f"; offline, a commit is found by its full hash only: {full[0]}"
+                     if len(full) == 1 and len(str(revision)) < 40 else "")
             raise (error or CheckpointError)(
                 f"{source!r}: {repo_id} is in the local cache, but not at revision {revision!r} (cached: "
-                f"{', '.join(cached)}), and offline mode (HF_HUB_OFFLINE) is on") from exc
+                f"{', '.join(cached)}), and offline mode (HF_HUB_OFFLINE) is on{short}") from exc
         reason = " ".join(f"{type(exc).__name__}: {exc}".split())   # huggingface_hub's messages span lines
         local = "" if is_hub_url(source) else f" is not a local path (from {Path.cwd()}), and"
         raise (error or CheckpointError)(
@@ -349,6 +352,17 @@ def _cached_revisions(repo_id: str, repo_type: str, cache_dir: str | None) -> li
         named = {line.rsplit(" ", 1)[1] for line in refs}
         commits = sorted(p.name[:7] for p in (folder / "snapshots").iterdir() if p.name[:7] not in named)
         return refs + commits
+    return []
+
+
+def _cached_commits(repo_id: str, repo_type: str, cache_dir: str | None) -> list[str]:
+    """The full commit hashes a repository has snapshots of in the local Hugging Face cache."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    with contextlib.suppress(OSError):
+        return sorted(p.name for p in (folder / "snapshots").iterdir())
     return []
 
 

@@ -2358,6 +2358,11 @@ def test_a_cached_repository_at_another_revision_offline_names_the_revisions_it_
     with pytest.raises(CheckpointError, match=r"^'org/a@nosuchrev': org/a is in the local cache, but not at revision "
                                               r"'nosuchrev' \(cached: main -> 0123456\), and offline mode"):
         load_state_dict("org/a@nosuchrev", cache_dir=cache)
+    # a short hash is not resolved offline: it read as the abbreviation the message printed beside it (a suite audit)
+    with pytest.raises(CheckpointError, match=r"\(cached: main -> 0123456\), and offline mode \(HF_HUB_OFFLINE\) is "
+                                              r"on; offline, a commit is found by its full hash only: "
+                                              r"0123456789abcdef0123456789abcdef01234567$"):
+        load_state_dict("org/a@0123456", cache_dir=cache)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {}}))
     with pytest.raises(CheckpointError, match=r"'weight_map' is empty: the index lists no tensor"):
