@@ -228,9 +228,10 @@ def _user_error(exc: BaseException, what: str, upload: Any = None) -> gr.Error:
         return exc
     text = str(exc) if upload is None else str(exc).replace(str(upload), Path(upload).name)
     if isinstance(exc, StudioError):
-        return gr.Error(text, title=f"{what}: invalid request")
+        # shown until closed (duration None): after Gradio's 10 s the status line kept a bare "Error" badge only
+        return gr.Error(text, title=f"{what}: invalid request", duration=None)
     log.exception("%s failed", what)
-    return gr.Error(f"{type(exc).__name__}: {text}", title=f"{what} failed")
+    return gr.Error(f"{type(exc).__name__}: {text}", title=f"{what} failed", duration=None)
 
 
 def _page_settings(state: Any, name: "str | None", what: str) -> dict[str, Any]:
@@ -240,7 +241,7 @@ def _page_settings(state: Any, name: "str | None", what: str) -> dict[str, Any]:
     try:
         return stored_settings(state, name, what)
     except StudioError as exc:
-        raise gr.Error(str(exc), title="invalid request") from None
+        raise gr.Error(str(exc), title="invalid request", duration=None) from None
 
 
 # --------------------------------------------------------------------------------------------- GPU work (queued)
@@ -749,7 +750,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             # ----------------------------------------------------------------- main area
             with gr.Column(scale=3):
                 with gr.Tabs() as tabs:
-                    with gr.Tab("Diagnostics", id="diag"):
+                    with gr.Tab("Diagnostics", id="diag") as diag_tab:
                         with gr.Row():
                             layer_dd = gr.Dropdown(layer_keys, value=studio.default_layer(), label="Layer", scale=3)
                             # wide enough for its longest name ("subspace_similarity" was cut at 1500 px)
@@ -778,10 +779,12 @@ def build_demo(studio: Studio) -> gr.Blocks:
                             report_dl = gr.DownloadButton("Report and plotted data (.json)", interactive=False,
                                                           scale=1, size="md", elem_id="dl-report")
                         report_md = gr.Markdown("", elem_id="report-status")
-                    with gr.Tab("Results", id="results"):
+                    with gr.Tab("Results", id="results") as results_tab:
                         run_md = gr.Markdown("Press **Merge & evaluate** to merge the selected experts.",
                                              elem_id="run-status")
-                        acc_df = gr.Dataframe(label="Per-task test accuracy", interactive=False, elem_id="acc-table")
+                        # its columns before a merge too (an empty table showed the headers "1 | 2 | 3")
+                        acc_df = gr.Dataframe(pd.DataFrame(columns=accuracy_rows({})[0]),
+                                              label="Per-task test accuracy", interactive=False, elem_id="acc-table")
                         with gr.Row():
                             acc_plot = gr.Plot(label="Accuracy", elem_id="acc-plot")
                             norm_plot = gr.Plot(label="Normalized accuracy", elem_id="norm-plot")
@@ -814,7 +817,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                                         file_types=[".yaml", ".yml", ".json", ".safetensors"],
                                                         elem_id="load-recipe")
                         load_md = gr.Markdown("", elem_id="load-status")
-                    with gr.Tab("Optimise", id="optimise"):
+                    with gr.Tab("Optimise", id="optimise") as optimise_tab:
                         gr.Markdown("Sweep the method's global scale α on the **validation** split and pick the value "
                                     "that maximises the preference-weighted normalized accuracy Σ p_i·acc_i/ind_i "
                                     "(task preferences from the setup panel; uniform = the average normalized "
@@ -846,6 +849,15 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.skip() if lo is None else lo, gr.skip() if hi is None else hi,
                     None, "", None, gr.Button(interactive=False, value=apply_label), time.monotonic_ns(),
                     time.monotonic_ns() if follows else gr.skip())
+
+        # a plot drawn while its tab was hidden took Plotly's default 700 px in a narrower box (legends, the colour bar
+        # and the curves' right end cut off until the window was resized): a tab shown lays its plots out again
+        for tab in (diag_tab, results_tab, optimise_tab):
+            tab.select(None, js="() => { setTimeout(() => window.dispatchEvent(new Event('resize')), 50); }")
+        # a sweep over other experts: its best value does not apply to these (it did, at one click of "Use best")
+        experts_cb.change(lambda: (None, "", None, gr.Button(interactive=False)), None,
+                          [alpha_plot, opt_md, best_alpha, apply_btn], api_visibility="private",
+                          show_progress="hidden")
 
         method_dd.change(on_method, [method_dd, calibration_dd],
                          [method_md, optimise_btn, alpha_lo, alpha_hi, alpha_plot, opt_md, best_alpha, apply_btn,
@@ -1088,7 +1100,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             """The session's run ``run`` picked in the list, for ``what`` (an error's title)."""
             record = sess.run_record(run)
             if record is None:
-                raise gr.Error(f"no run {run!r} in this session: pick one of the list", title=what)
+                raise gr.Error(f"no run {run!r} in this session: pick one of the list", title=what, duration=None)
             return record
 
         def load_run(run: Any, hp: Any, cal: Any, prefs: Any, request: gr.Request):

@@ -439,6 +439,42 @@ def test_optimise_stops_and_forgets_another_methods_sweep(page):
     page.get_by_role("tab", name="Diagnostics").click()
 
 
+# Each diagnostics plot drawn no wider than its box (Plotly's own 700 px where it laid it out in a hidden tab).
+PLOTS_FIT_JS = """() => ['spectrum', 'energy', 'heatmap', 'curves'].every(name => {
+    const gd = document.querySelector(`#${name}-plot .js-plotly-plot`);
+    const svg = gd && gd.querySelector('.main-svg');
+    return !!svg && svg.getBoundingClientRect().width > 0
+        && svg.getBoundingClientRect().width <= gd.parentElement.getBoundingClientRect().width + 1;
+})"""
+
+
+def test_plots_redrawn_behind_another_tab_fit_and_a_new_selection_drops_the_sweep(page):
+    """Diagnostics redrawn while the Results tab showed came back 700 px wide in narrower boxes, their legends, colour
+    bar and right ends cut off until the window was resized; a sweep over 8 experts kept "Use best alpha" for a
+    selection of 7 (a browser audit)."""
+    _select_method(page, "task_arithmetic")
+    page.get_by_role("tab", name="Optimise").click()
+    points = page.get_by_role("slider", name="range slider for number of α values")
+    points.focus()
+    points.press("Home")   # 3 points
+    page.get_by_role("button", name="Optimise alpha").click()
+    page.get_by_text("Best for task_arithmetic").first.wait_for()
+    use_best = page.get_by_role("button", name="Use best alpha")
+    assert use_best.is_enabled()
+    page.get_by_role("tab", name="Results").click()
+    status = "() => document.querySelector('#diag-status').textContent"
+    page.locator("input[type=checkbox]").nth(1).uncheck()   # the first expert
+    page.wait_for_function(f"() => ({status})().includes('7 tasks')")
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.wait_for_function(PLOTS_FIT_JS, timeout=20_000)
+    page.get_by_role("tab", name="Optimise").click()
+    page.wait_for_function("() => !document.body.innerText.includes('Best for task_arithmetic')")
+    assert use_best.is_disabled()
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.locator("input[type=checkbox]").nth(1).check()
+    page.wait_for_function(f"() => ({status})().includes('8 tasks')")
+
+
 # Counts the times a job's status line showed Gradio's "Error" badge, from now on.
 ERROR_BADGES_JS = """() => { window.__error_badges = 0;
     new MutationObserver(() => { if (document.querySelector('#opt-status .error, #run-status .error'))
