@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,7 +46,7 @@ from torch import Tensor
 
 from . import io
 from .io import CheckpointError, in_range
-from .schema import brief
+from .schema import brief, is_finite
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_files", "apply_adapter", "load_adapter"]
 
@@ -134,14 +133,13 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
     config = _config(config_file)
     tensors = io.load_safetensors(weights_file, CheckpointError)
     where = io.shown_path(weights_file)
-    for key, value in tensors.items():
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or infinite values")
     names = list(base)
     lora: dict[str, dict[str, Tensor]] = {}
     replaced: dict[str, Tensor] = {}
     left_out: list[str] = []
     for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{where}: tensor {key!r} holds NaN or infinite values")
         inner = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _LORA.fullmatch(inner)
         if m is not None:
@@ -250,7 +248,7 @@ def _config(path: Path) -> dict[str, Any]:
 def _check_setting(shown: str, name: str, value: Any, kind: str | None = None) -> None:
     """``r`` (``kind``: what ``name`` sets) must be a positive integer, ``lora_alpha`` a positive finite number."""
     kind = kind or name
-    number = not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value <= sys.float_info.max
+    number = not isinstance(value, bool) and isinstance(value, (int, float)) and is_finite(value) and value > 0
     if kind == "r" and not (number and float(value).is_integer()):
         raise CheckpointError(f"{shown}: {name} must be a positive integer (a rank), got {brief(value)}")
     if not number:

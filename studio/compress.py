@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from torch import Tensor
 from .io import CheckpointError
 from .layers import LayerRule, resolve_rule
 from .pool import StateDict, TaskPool, _all_finite, validate_experts
-from .schema import HyperparameterError, Param, StudioError, brief
+from .schema import HyperparameterError, Param, StudioError, brief, is_finite
 
 __all__ = ["LowRank", "Compressed", "compress", "BaseMismatchError", "base_fingerprint"]
 
@@ -137,7 +136,7 @@ class Compressed:
         if isinstance(alpha, Tensor) and alpha.numel() == 1 and alpha.dtype != torch.bool and not alpha.is_complex() \
                 and not alpha.is_meta:   # (a meta tensor has no value to read)
             alpha = alpha.item()   # a 0-d tensor (float or integer), as the hyperparameter schemas take it
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not _finite(alpha):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not is_finite(alpha):
             raise HyperparameterError(f"reconstruct: alpha must be a finite number, got {brief(alpha)}")
         tv = self.task_vector(task)
         out: dict[str, Tensor] = {}
@@ -406,11 +405,3 @@ def compress(
     # the base's identity, so that Compressed.load refuses another (its task vectors would build other experts)
     return Compressed(base=dict(base), tasks=tasks, rank_fraction=rank_fraction, layer_rule=rule,
                       meta={"num_tasks": T, "svd_mode": svd_mode, "base_fingerprint": base_fingerprint(base)})
-
-
-def _finite(x: numbers.Real) -> bool:
-    """Whether ``x`` is a finite float: an int beyond float's range (``10**400``) is not."""
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False

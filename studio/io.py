@@ -340,12 +340,17 @@ def hub_fetch(repo_id: str, *, filename: str | None = None, revision: str | None
             f"{reason if len(reason) <= 400 else reason[:400] + '...'}") from exc
 
 
-def _cached_revisions(repo_id: str, repo_type: str, cache_dir: str | None) -> list[str]:
-    """The branches or tags (``main -> 1a2b3c4``) and commits a repository has in the local Hugging Face cache."""
+def _repo_cache(repo_id: str, repo_type: str, cache_dir: str | None) -> Path:
+    """A repository's folder in the local Hugging Face cache (``models--owner--name``)."""
     from huggingface_hub import constants
     from huggingface_hub.file_download import repo_folder_name
 
-    folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+    return Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
+
+
+def _cached_revisions(repo_id: str, repo_type: str, cache_dir: str | None) -> list[str]:
+    """The branches or tags (``main -> 1a2b3c4``) and commits a repository has in the local Hugging Face cache."""
+    folder = _repo_cache(repo_id, repo_type, cache_dir)
     with contextlib.suppress(OSError, ValueError):
         refs = sorted(f"{p.relative_to(folder / 'refs')} -> {p.read_text().strip()[:7]}"
                       for p in (folder / "refs").rglob("*") if p.is_file())
@@ -357,12 +362,8 @@ def _cached_revisions(repo_id: str, repo_type: str, cache_dir: str | None) -> li
 
 def _cached_commits(repo_id: str, repo_type: str, cache_dir: str | None) -> list[str]:
     """The full commit hashes a repository has snapshots of in the local Hugging Face cache."""
-    from huggingface_hub import constants
-    from huggingface_hub.file_download import repo_folder_name
-
-    folder = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type=repo_type)
     with contextlib.suppress(OSError):
-        return sorted(p.name for p in (folder / "snapshots").iterdir())
+        return sorted(p.name for p in (_repo_cache(repo_id, repo_type, cache_dir) / "snapshots").iterdir())
     return []
 
 

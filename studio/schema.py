@@ -32,6 +32,20 @@ _BRIEF.maxlevel, _BRIEF.maxstring, _BRIEF.maxother = 2, 60, 60
 _BRIEF.maxlist = _BRIEF.maxtuple = _BRIEF.maxdict = _BRIEF.maxset = 6
 
 
+def is_finite(value: "int | float") -> bool:
+    """Whether a real number is finite as a float: an int beyond float's range (``10**400``) is not, where
+    ``math.isfinite`` raises ``OverflowError``.
+
+    Example:
+        >>> is_finite(1e308), is_finite(10**400), is_finite(float("nan"))
+        (True, False, False)
+    """
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def brief(value: Any) -> str:
     """``repr(value)`` on one line, shortened for an error message (a mistaken 10 MB string is echoed as its first
     and last characters, a tensor's multi-line repr as one line).
@@ -192,11 +206,7 @@ class Param:
         if isinstance(value, bool) or not isinstance(value, (int, float)):   # e.g. a complex NumPy scalar
             raise HyperparameterError(
                 f"{owner}: '{self.name}' must be a number ({self.describe()}), got {brief(value)}")
-        try:
-            finite = math.isfinite(value)
-        except OverflowError:   # an int beyond float range, e.g. 10**400
-            finite = False
-        if not finite:
+        if not is_finite(value):
             raise HyperparameterError(f"{owner}: '{self.name}' must be finite ({self.describe()}), got {brief(value)}")
         if self.type is int:
             if isinstance(value, float) and not value.is_integer():   # (an int is whole however large)

@@ -633,7 +633,7 @@ MUTANTS = [
      'if not isinstance(value, numbers.Integral) or not',
      'bool seed accepted'),
     ('S14', 'studio/schema.py',
-     '        if not finite:\n            raise HyperparameterError(f"{owner}: \'{self.name}\' must be finite',
+     '        if not is_finite(value):\n            raise HyperparameterError(f"{owner}: \'{self.name}\' must be finite',
      '        if False:\n            raise HyperparameterError(f"{owner}: \'{self.name}\' must be finite',
      'finiteness check removed'),
     ('S15', 'studio/schema.py',
