@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import gradio as gr
 import pandas as pd
@@ -43,7 +43,7 @@ from studio.ui import plots
 from studio.ui.backend import SEED_BOX_MAX, MergeRequest, Studio, stored_settings
 from studio.ui.controls import (ControlSpec, auto_box_js, control_specs, depends_on_method, fit_to_controls,
                                 follow_tasks_js, parse_json_object, post_scale_param, reset_js, shown_info,
-                                sources_markdown, store_js, sweep_defaults, use_best_js)
+                                sources_markdown, specs_by_tasks, store_js, sweep_defaults, use_best_js)
 from studio.ui.session import (SessionStore, accuracy_rows, leaderboard_widths, remove_dead_runs, run_folder,
                                 session_dir)
 
@@ -153,6 +153,12 @@ HEAD = """<script>
   }).observe(document.documentElement, {childList: true, subtree: true, characterData: true});
 })();
 </script>"""
+#: Python's ``round(v)`` (half to even) as a browser function; anything but a finite number as it is.
+ROUND_HALF_EVEN_JS = """(v) => {
+  if (typeof v !== "number" || !Number.isFinite(v)) return v;
+  const r = Math.round(v);   // half up
+  return Math.abs(v % 1) === 0.5 && r % 2 !== 0 ? r - 1 : r;
+}"""
 #: The diagnostics plots' narrowest width: two to a row on a wide page, one on a narrow one.
 PLOT_MIN_WIDTH = 420
 # What every launch of the page takes (the app's main and the tests' served app).
@@ -211,6 +217,16 @@ _RUN = run_folder(_upload_root() / "merge_studio")
 
 def _drop_session_files(session_hash: "str | None") -> None:
     shutil.rmtree(session_dir(_RUN, session_hash, create=False), ignore_errors=True)
+
+
+def _remove_exports(sess: Any, keep: Iterable[str] = ()) -> None:
+    """Remove the merged weights and recipe ``sess`` last exported (those of the run the page shows), but for the
+    paths in ``keep``."""
+    kept = set(keep)
+    for kind in ("weights", "recipe"):
+        path = sess.files.pop(kind, None)
+        if path and path not in kept:
+            Path(path).unlink(missing_ok=True)
 
 
 remove_dead_runs(_RUN.parent)
@@ -526,9 +542,13 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owne
             gr.Markdown(sources, key=f"{prefix}-sources-text")
     # An integer slider's box may hold what its range does not show (6.5, shown at 7): the store sets it to the value
     # stored, so that the box, the range and the merge agree (store_js). A number typed beyond a slider's end is
-    # stored as typed, before Gradio shows the end in the box; the request takes the end (Studio.fitted)
-    gr.on(_triggers(comps), None, inputs=[state, *comps], outputs=[state, *comps], js=store_js(specs, owner),
-          trigger_mode="multiple")
+    # stored as typed, before Gradio shows the end in the box; the request takes the end (Studio.fitted). An emptied
+    # box shows the value stored as the range shows it: with the ranges of the selection at hand, which a new one sets
+    # in the page (below)
+    by_tasks = None if follow is None else specs_by_tasks(schema, max_tasks, largest_rank=largest_rank,
+                                                          base_method=base_method)
+    gr.on(_triggers(comps), None, inputs=[state, *comps] if follow is None else [tasks, state, *comps],
+          outputs=[state, *comps], js=store_js(specs, owner, by_tasks), trigger_mode="multiple")
     # A new expert selection sets the ranges that depend on T, and fits the stored values to them, in the page: a
     # render from the server would put back the values the page held when it was asked for (a value typed into
     # another slider's box in the meantime was lost), and a server write of the stored values could do the same.
@@ -542,6 +562,8 @@ def _render_params(schema: dict, stored: dict, prefix: str, state: gr.JSON, owne
 
 #: What a stopped job says, where its results would have gone.
 STOPPED = {"merge": "Merge stopped.", "optimise": "Optimisation stopped."}
+#: The status line a stopped job leaves: the merge's line, the sweep's (in italics).
+STOPPED_LINE = {"merge": STOPPED["merge"], "optimise": f"*{STOPPED['optimise']}*"}
 
 
 @contextlib.contextmanager
@@ -741,8 +763,13 @@ def build_demo(studio: Studio) -> gr.Blocks:
                         # every task's weight equal, those not shown too (dropped: 1 when shown again)
                         equal.click(None, None, [*sliders, pref_state], js=reset_js(specs, None))
 
+                # held as a JavaScript number: exact up to 2^53 - 1
                 seed_nb = gr.Number(0, precision=0, label="Seed (stochastic methods)", minimum=0,
-                                    maximum=SEED_BOX_MAX)   # held as a JavaScript number: exact up to 2^53 - 1
+                                    maximum=SEED_BOX_MAX, elem_id="seed-box")
+                # the box shows the seed merged: Gradio rounds its number for the server alone (half to even, as
+                # Python's round), and the box kept 2.7 while the merge took 3
+                for done in (seed_nb.blur, seed_nb.submit):
+                    done(None, seed_nb, seed_nb, js=ROUND_HALF_EVEN_JS, show_progress="hidden")
                 with gr.Row():
                     merge_btn = gr.Button("Merge & evaluate", variant="primary", scale=3)
                     stop_btn = gr.Button("Stop", variant="stop", scale=1)
@@ -1009,6 +1036,9 @@ def build_demo(studio: Studio) -> gr.Blocks:
                                               seconds=out["total_s"], recipe=out["recipe"])
                         sess.job = None
                     csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
+                    # the last run's weights and recipe go: the page offers this run's only (two merges in one
+                    # second may export under one name)
+                    _remove_exports(sess, keep=out["files"].values())
                     sess.files.update(out["files"], csv=str(csv_path))
             except _Cancelled:
                 gr.Warning(STOPPED["merge"])
@@ -1026,18 +1056,20 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     gr.Dropdown(choices=sess.run_choices(), value=record.run), gr.Button(interactive=True),
                     gr.Button(interactive=True))
 
-        def settled(button: gr.Button, kind: str):
+        def settled(button: gr.Button, kind: str, status: gr.Markdown):
             """The first step of a click on ``button`` (:func:`_arm`); the job follows on its success and reads its
             inputs, the values the page holds, then (the page stores every control's change itself, and the server
             writes none of them: no step need wait for one). A second click while the job is pending is dropped by
-            the page (``once``); the job does not start once Stop was pressed since the click."""
-            def arm(request: gr.Request) -> None:
+            the page (``once``); the job does not start once Stop was pressed since the click. The last job's
+            "stopped" line in the job's ``status`` goes (it stayed under the new job's progress until its end)."""
+            def arm(shown: Any, request: gr.Request):
                 _arm(request, kind)
+                return "" if shown == STOPPED_LINE[kind] else gr.skip()
 
-            return button.click(arm, None, None, trigger_mode="once", show_progress="hidden",
+            return button.click(arm, status, status, trigger_mode="once", show_progress="hidden",
                                 api_visibility="private", queue=False)
 
-        settled(merge_btn, "merge").success(
+        settled(merge_btn, "merge", run_md).success(
             run_merge, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb],
             outputs=[run_md, acc_df, acc_plot, norm_plot, gallery, leaderboard, weights_dl, recipe_dl, csv_dl,
                      recipe_code, tabs, run_dd, load_run_btn, remove_run_btn],
@@ -1048,7 +1080,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             sess = SESSIONS.get(request.session_hash)
             if _stopped_since_click(sess, "optimise"):   # while the job waited in the queue
                 gr.Warning(STOPPED["optimise"])
-                return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
+                return gr.skip(), STOPPED_LINE["optimise"], gr.skip(), gr.skip()
             try:
                 with _job(sess, "optimise"):
                     req = _ui_request(method, hp, experts, calibration, cal, prefs, seed)
@@ -1056,7 +1088,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     res = sweep_alpha(req, alphas, progress, request.session_hash)
             except _Cancelled:
                 gr.Warning(STOPPED["optimise"])
-                return gr.skip(), f"*{STOPPED['optimise']}*", gr.skip(), gr.skip()
+                return gr.skip(), STOPPED_LINE["optimise"], gr.skip(), gr.skip()
             except Exception as exc:  # noqa: BLE001
                 raise _user_error(exc, "optimise") from None
             fig = plots.alpha_curve_figure(res["alphas"], res["objective"], res["per_task"], colors,
@@ -1067,7 +1099,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
             best = {"method": req.method, "param": res["param"], "value": res["best_alpha"]}
             return fig, md, best, gr.Button(interactive=True)
 
-        settled(optimise_btn, "optimise").success(
+        settled(optimise_btn, "optimise", opt_md).success(
             run_optimise, inputs=[method_dd, hp_state, experts_cb, calibration_dd, cal_state, pref_state, seed_nb,
                                   alpha_lo, alpha_hi, alpha_n],
             outputs=[alpha_plot, opt_md, best_alpha, apply_btn], concurrency_id="gpu", concurrency_limit=1,
@@ -1108,7 +1140,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
             return load_settings(record.recipe, f"run #{record.run}'s settings", hp, cal, prefs)
 
         def remove_run(run: Any, request: gr.Request):
-            """Take a run off the session's leaderboard and its CSV (the runs after it keep their numbers)."""
+            """Take a run off the session's leaderboard and its CSV (the runs after it keep their numbers). The run
+            the results show (the last one made) takes its results, downloads and exported files along."""
             sess = SESSIONS.get(request.session_hash)
             with sess.lock:   # as a merge records its run
                 record = sess.remove_run(picked(sess, run, "remove run").run)
@@ -1116,13 +1149,22 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 csv = sess.files.get("csv")
                 if csv and Path(csv).parent.is_dir():
                     Path(csv).write_text(sess.leaderboard_csv(pool=studio.task_names))
+                shown = record.run == sess.made
+                if shown:
+                    _remove_exports(sess)
             left = bool(choices)
+            said = f"Removed run #{record.run} ({record.method}, {record.settings}) from the leaderboard and its CSV."
+            gone = [gr.DownloadButton(value=None, interactive=False) for _ in range(2)]   # its weights and recipe
+            results = ((f"Run #{record.run} was removed. Press **Merge & evaluate** to merge the selected experts.",
+                        pd.DataFrame(columns=accuracy_rows({})[0]), None, None, None, *gone, "")
+                       if shown else (gr.skip(),) * 8)
             return (frame, gr.Dropdown(choices=choices, value=choices[0][1] if left else None),
                     gr.Button(interactive=left), gr.Button(interactive=left),
-                    gr.DownloadButton(value=csv, interactive=left) if csv else gr.skip(),
-                    f"Removed run #{record.run} ({record.method}, {record.settings}) from the leaderboard and its CSV.")
+                    gr.DownloadButton(value=csv, interactive=left) if csv else gr.skip(), said, *results)
 
-        remove_run_btn.click(remove_run, run_dd, [leaderboard, run_dd, load_run_btn, remove_run_btn, csv_dl, load_md],
+        remove_run_btn.click(remove_run, run_dd, [leaderboard, run_dd, load_run_btn, remove_run_btn, csv_dl, load_md,
+                                                  run_md, acc_df, acc_plot, norm_plot, gallery, weights_dl, recipe_dl,
+                                                  recipe_code],
                              api_visibility="private", show_progress="hidden")
         load_run_btn.click(load_run, [run_dd, hp_state, cal_state, pref_state], loaded, api_visibility="private",
                            show_progress="hidden")
@@ -1150,8 +1192,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
                 kinds = {sess.job[0]} if sess.job else set()
                 kinds.update(sess.waiting)
                 sess.waiting.clear()   # each of them starts only to stop
-            return (STOPPED["merge"] if "merge" in kinds else gr.skip(),
-                    f"*{STOPPED['optimise']}*" if "optimise" in kinds else gr.skip())
+            return (STOPPED_LINE["merge"] if "merge" in kinds else gr.skip(),
+                    STOPPED_LINE["optimise"] if "optimise" in kinds else gr.skip())
 
         stop_btn.click(request_stop, None, [run_md, opt_md], api_visibility="private", queue=False)
 

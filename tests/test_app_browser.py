@@ -724,7 +724,8 @@ def test_the_page_stores_the_controls_as_collect_does(page):
     control (automatic ones ticked or not, integer sliders at halves of either sign, values typed beyond a slider's
     range, infinities), it stores what the server's ``collect`` gives, next to the other methods' values, which it
     keeps; the preference weights' form (``owner`` None) keeps the other tasks' weights; and the store sets an
-    integer slider to the value it stored exactly where the slider held another (``shown_value``)."""
+    integer slider to the value it stored exactly where the slider held another (``shown_value``), and an emptied box
+    to the value stored, within the range for the number of tasks at hand."""
     import random
 
     from studio.ui.controls import ControlSpec, collect, collect_js, shown_value, store_js
@@ -771,6 +772,16 @@ def test_the_page_stores_the_controls_as_collect_does(page):
             if spec.auto_label is not None:
                 assert updates[i] == {"__type__": "update"}
                 i += 1
+    # a box that holds no number shows the value stored as the range for the selection at hand shows it (the store
+    # keeps the value: a number typed beyond the end is merged at the end)
+    by_tasks = [[ControlSpec("n", "slider", "n", 5, step=1, minimum=1, maximum=T + 1)] for T in range(3)]
+    held = [({"T": 0}, {"owner": {"n": 9}}, None, 1), ({"T": 2}, {"owner": {"n": 9}}, "", 3),
+            ({"T": 2}, {"owner": {"n": 2}}, None, 2), ({"T": 1}, {}, None, 2), ({"T": 2}, {"owner": {"n": 9}}, 7, 7)]
+    run = "([src, cases]) => cases.map(([tasks, state, v]) => eval('(' + src + ')')(tasks, state, v))"
+    stores = page.evaluate(run, [store_js(by_tasks[2], "owner", by_tasks), [c[:3] for c in held]])
+    for (_, state, value, shown), (new_state, update) in zip(held, stores):
+        assert new_state == {"owner": collect(by_tasks[2], [value], state.get("owner"))}
+        assert update == ({"__type__": "update"} if shown == value else {"__type__": "update", "value": shown})
 
 
 def test_method_switches_while_requests_are_pending_render_the_controls_a_few_times(page, monkeypatch):
@@ -919,6 +930,16 @@ def test_the_seed_reaches_the_diagnostics_and_the_leaderboard(page):
     page.wait_for_function(SHOWS_JS, arg="dare (p=0.8, ties_consensus=False, alpha=0.3 | seed 7")
     method, settings = _merge_settings(page)
     assert method == "dare" and settings.endswith("| seed 7"), settings
+    # the box shows the seed merged: Gradio rounds it (half to even) for the server alone, and the box kept 2.7
+    page.get_by_role("tab", name="Diagnostics").click()
+    for typed, merged, how in (("2.7", "3", "Tab"), ("2.5", "2", "Enter"), ("3.5", "4", "Tab")):
+        seed.fill(typed)
+        seed.press(how)
+        page.wait_for_function(SHOWS_JS, arg=f"dare (p=0.8, ties_consensus=False, alpha=0.3 | seed {merged}")
+        page.wait_for_function("v => document.querySelector('#seed-box input').value === v", arg=merged)
+    method, settings = _merge_settings(page)
+    assert settings.endswith("| seed 4"), settings
+    page.get_by_role("tab", name="Diagnostics").click()
     seed.fill("0")
     seed.press("Tab")
     _select_method(page, "task_arithmetic")
@@ -1094,8 +1115,18 @@ def test_a_stop_as_a_merge_ends_records_no_run_the_page_did_not_show(page, monke
         assert time.monotonic() - started < 30, "the job did not end"
         time.sleep(0.05)
     assert max(runs(), default=0) == before, runs()
-    monkeypatch.setattr(app, "merge_and_evaluate", original)
+    go = threading.Event()
+
+    def held(*args, **kwargs):
+        assert go.wait(60), "the merge was not let go"
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(app, "merge_and_evaluate", held)
     page.get_by_role("button", name="Merge & evaluate").click()   # the next run is numbered next, and shown
+    # while it runs, "Merge stopped." is gone: it stayed under the progress until the run's end
+    page.wait_for_function("() => !document.querySelector('#run-status')?.innerText.includes('Merge stopped.')",
+                           timeout=10_000)
+    go.set()
     page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1} ')")
     assert max(runs()) == before + 1
 
@@ -1301,7 +1332,9 @@ def test_keyboard_focus_is_visible_on_checkboxes_radios_and_ranges(page):
 
 def test_an_emptied_slider_box_keeps_the_value_stored(page):
     """A slider's box emptied (or text typed into it, which the browser drops) stored null: the diagnostics said
-    "hyperparameter 'alpha' must not be None" while the box showed 0. The value stored before is kept, and shown."""
+    "hyperparameter 'alpha' must not be None" while the box showed 0. The value stored before is kept, and shown as
+    the range shows it: after a number typed beyond the end, the box showed that number again while the merge took
+    the end."""
     _select_method(page, "task_arithmetic")
     page.get_by_role("button", name="Reset task_arithmetic to defaults").wait_for()   # its controls, rendered
     box = page.get_by_role("spinbutton", name="number input for alpha")
@@ -1322,6 +1355,18 @@ def test_an_emptied_slider_box_keeps_the_value_stored(page):
     method, settings = _merge_settings(page)
     assert method == "task_arithmetic" and "alpha=0.65" in settings, settings
     page.get_by_role("tab", name="Diagnostics").click()
+    box.fill("9")   # alpha's range ends at 5
+    box.press("Enter")
+    page.wait_for_function(SHOWS_JS, arg="task_arithmetic (alpha=5")
+    box.fill("")
+    box.press("Enter")
+    page.wait_for_timeout(1500)   # the store's answer
+    assert box.input_value() == "5"
+    method, settings = _merge_settings(page)
+    assert "alpha=5" in settings, settings
+    page.get_by_role("tab", name="Diagnostics").click()
+    page.get_by_role("button", name="Reset task_arithmetic to defaults").click()
+    page.wait_for_function(SHOWS_JS, arg="task_arithmetic (alpha=0.3")
 
 
 def test_the_sweep_points_select_all_and_the_metric_have_clear_names(page):
@@ -1437,8 +1482,22 @@ def test_a_run_removed_leaves_the_leaderboard_and_its_csv(page, tmp_path):
         numbers = [int(row["run"]) for row in csv.DictReader(f)]
     assert gone not in numbers and sorted(numbers) == sorted(r.run for r in sess.runs)
     page.get_by_role("tab", name="Diagnostics").click()
+    shown = sess.files["weights"], sess.files["recipe"]
     _merge_settings(page)
     assert sess.runs[-1].run == made + 1
+    # the page offers the last run's weights and recipe only: the run before's are gone
+    assert not any(Path(f).exists() for f in shown) and all(Path(sess.files[k]).exists() for k in ("weights", "recipe"))
+    # the run shown removed: its results, downloads and files go with it
+    shown = sess.files["weights"], sess.files["recipe"]
+    page.get_by_label("Run of this session").click()
+    page.get_by_role("option", name=f"#{made + 1} · ").click()
+    page.get_by_role("button", name="Remove it").click()
+    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText"
+                           f".startsWith('Run #{made + 1} was removed.')")
+    assert page.locator("#acc-table tbody tr").count() == 0
+    assert page.locator("#dl-weights").is_disabled() and page.locator("#dl-recipe").is_disabled()
+    assert not any(Path(f).exists() for f in shown) and "weights" not in sess.files
+    assert page.locator("#dl-csv").is_enabled() == bool(sess.runs)
 
 
 def test_the_whole_model_report_is_the_merge_shown_in_numbers(page, tmp_path):

@@ -304,8 +304,9 @@ def shown_value(spec: ControlSpec, value: Any) -> Any:
     return value
 
 
-#: :func:`_no_number` as a browser expression of ``v``.
-_NO_NUMBER_JS = """(v === null || v === undefined || v === "" || (typeof v === "number" && Number.isNaN(v)))"""
+def _no_number_js(v: str) -> str:
+    """:func:`_no_number` as a browser expression of the variable ``v``."""
+    return f"""({v} === null || {v} === undefined || {v} === "" || (typeof {v} === "number" && Number.isNaN({v})))"""
 
 #: :func:`shown_value` as a browser function ``(v, integer) => shown``.
 _SHOWN_JS = """(v, integer) => integer && typeof v === "number" && Number.isFinite(v) ? Math.floor(v + 0.5) : v"""
@@ -340,7 +341,7 @@ def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
   for (const [name, auto, integer, start] of {_js_layout(specs)}) {{
     let v = values[i++];
     if (auto && values[i++]) v = null;
-    else if (start !== null && {_NO_NUMBER_JS}) v = before[name] ?? start;
+    else if (start !== null && {_no_number_js("v")}) v = before[name] ?? start;
     else v = shown(v, integer);
     out[name] = v;
   }}
@@ -348,11 +349,15 @@ def collect_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
 }}"""
 
 
-def store_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
+def store_js(specs: Sequence[ControlSpec], owner: "str | None",
+             by_tasks: "Sequence[Sequence[ControlSpec]] | None" = None) -> str:
     """The controls' store as a browser function ``(state, ...values) => [state', ...updates]``: the state as
     :func:`collect_js` stores it, and each control's update: an integer slider whose box holds a value its range does
-    not show (6.5), and a slider whose box holds no number, is set to the value stored, so that the box, the range
-    and the merge agree; every other control is left as it is (an empty update).
+    not show (6.5) is set to the value stored, and a slider whose box holds no number to the value stored as its range
+    shows it (a number typed beyond its end is stored as typed, and merged at the end: the box shows the end, not the
+    number), so that the box, the range and the merge agree; every other control is left as it is (an empty update).
+    ``by_tasks``: the controls for each number of tasks ``T`` (0 to the most), where a slider's range depends on it;
+    the function then takes the number first, as ``{"T": n}``: ``(tasks, state, ...values)``.
 
     Example:
         >>> print(store_js([ControlSpec("n", "slider", "n", 5, step=1)], "ties"))  # doctest: +ELLIPSIS
@@ -361,19 +366,36 @@ def store_js(specs: Sequence[ControlSpec], owner: "str | None") -> str:
           return [stored, ...updates];
         }
     """
-    return f"""(state, ...values) => {{
+    def ranges(row: Sequence[ControlSpec]) -> list:
+        return [[s.minimum, s.maximum] if s.kind == "slider" and s.minimum is not None else None for s in row]
+
+    table = [ranges(specs)] if by_tasks is None else [ranges(row) for row in by_tasks]
+    head, at = ("state", "0") if by_tasks is None else ("tasks, state", "(tasks || {}).T")
+    return f"""({head}, ...values) => {{
   const stored = ({collect_js(specs, owner)})(state, ...values);
   const mine = {"stored" if owner is None else f"stored[{json.dumps(owner)}]"};
+  const row = {json.dumps(table)}[{at}] || {json.dumps(table[-1])};
+  const shown = {_SHOWN_JS};
   const updates = values.map(() => ({{"__type__": "update"}}));
-  let i = 0;
-  for (const [name, auto] of {_js_layout(specs)}) {{
-    const j = i++;
+  let i = 0, k = 0;
+  for (const [name, auto, integer] of {_js_layout(specs)}) {{
+    const j = i++, range = row[k++];
     const automatic = auto && values[i++];
-    const v = automatic ? values[j] : mine[name];
+    let v = automatic ? values[j] : mine[name];
+    const w = values[j];
+    if (!automatic && range && typeof v === "number" && {_no_number_js("w")})
+      v = shown(Math.min(Math.max(v, range[0]), range[1]), integer);
     if (v !== values[j]) updates[j] = {{"__type__": "update", "value": v}};
   }}
   return [stored, ...updates];
 }}"""
+
+
+def specs_by_tasks(schema: Mapping[str, Any], max_tasks: int, *, largest_rank: int | None = None,
+                   base_method: str | None = None) -> list[list[ControlSpec]]:
+    """:func:`control_specs` of ``schema`` for each number of tasks ``T``, 0 (none selected) to ``max_tasks``."""
+    return [control_specs(schema, num_tasks=T or None, largest_rank=largest_rank, base_method=base_method)
+            for T in range(max_tasks + 1)]
 
 
 def follow_tasks_js(schema: Mapping[str, Any], owner: str, max_tasks: int, *, largest_rank: int | None = None,
@@ -396,8 +418,7 @@ def follow_tasks_js(schema: Mapping[str, Any], owner: str, max_tasks: int, *, la
         ...                 "x", 8) is None
         True
     """
-    by_tasks = [control_specs(schema, num_tasks=T or None, largest_rank=largest_rank, base_method=base_method)
-                for T in range(max_tasks + 1)]
+    by_tasks = specs_by_tasks(schema, max_tasks, largest_rank=largest_rank, base_method=base_method)
     specs = by_tasks[0]
     shape = [[(s.minimum, s.maximum, s.value) for s in row] for row in by_tasks]
     dependent = [i for i, spec in enumerate(specs)
