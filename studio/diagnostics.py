@@ -783,7 +783,8 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
     (one-hot = the target-task calibration of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)``, except that, as in the
     official code, a subspace where the target task's ``s_t^r <= 0`` keeps ``gamma^r = 1``: sec. 5.3's formula
     would give ``1 / alpha`` there; see :func:`~studio.methods._align.svc_gamma`). A task's response at or below
-    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest counts as none (``s = 0``). Both come from
+    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest counts as none (``s = 0``), as does a projection
+    ``|c_i^r|`` at or below :data:`~studio.methods._align.SVC_PROJECTION_RTOL` of it. Both come from
     :func:`studio.methods._align.svc_projection_coefficients` / :func:`~studio.methods._align.svc_gamma`, the code
     the ``svc`` calibration runs. ``merged=None``: the Task Arithmetic sum, where Lemma 3.2 gives
     ``s_i^r = 1 + sum_{j != i} <a_j^r, a_i^r> / ||a_i^r||^2`` (see :func:`svc_cross_terms`). ``rank``: only the top

@@ -355,6 +355,28 @@ def test_svc_after_tsv_m_defaults_to_alpha_one():
                                         calibrate_hparams={"alpha": 0.25})["w"])
 
 
+def test_svc_of_a_low_rank_target_does_not_follow_the_rounding_of_the_experts_as_stored():
+    """A rank-1 target and its near copy: the merge's other directions lie outside the target's span, where its
+    projection ``c_t`` is the rounding of the experts as stored. With the one-hot guard (``gamma`` 1 at ``s_t <= 0``,
+    up to ``1/alpha`` above) that rounding's sign decided each of them: the same task matrices stored on a zero and
+    on a random base of CLIP's scale merged up to 2.4 apart at ``alpha = 1e-4`` (an audit). SVC_PROJECTION_RTOL
+    counts such a projection as none; the two storages now agree as Task Arithmetic's own rounding lets them."""
+    worst = 0.0
+    for seed in range(4):
+        for m, n in ((4, 3), (16, 12)):
+            g = torch.Generator().manual_seed(seed)
+            a = 0.05 * torch.randn(m, 1, generator=g, dtype=D) @ torch.randn(1, n, generator=g, dtype=D)
+            b = a + 1e-3 * float(a.abs().max()) * torch.randn(m, n, generator=g, dtype=D)
+            outs = []
+            for base in (torch.zeros(m, n, dtype=D), 0.02 * torch.randn(m, n, generator=g, dtype=D)):
+                experts = {"a": {"w": (base + a).float()}, "b": {"w": (base + b).float()}}
+                out = studio.merge({"w": base.float()}, experts, "task_arithmetic", svd_mode="exact", calibrate="svc",
+                                   calibrate_hparams={"alpha": 1e-4}, preferences=[1.0, 0.0])["w"]
+                outs.append(out.double() - base.float().double())
+            worst = max(worst, float((outs[1] - outs[0]).norm() / outs[0].norm()))
+    assert worst < 1e-4, worst
+
+
 def test_svc_counts_a_small_genuine_response():
     """A response 1.1e-4 of the task's largest is real (1000 times float32 rounding) and above SVC_NOISE_RTOL: eq. 19
     counts it (an over-count s >> 1 there). Alg. 1 in float64 with the documented floor; a floor 100 times higher

@@ -48,6 +48,11 @@ SVC_EPS = 1e-12
 #: the merged basis, not a response: ``s_i^r = 0`` there (:func:`svc_projection_coefficients`; our rule).
 SVC_NOISE_RTOL = 1e-5
 
+#: A task's projection ``|c_i^r| = |u_r^T Delta_i v_r|`` at or below this fraction of its largest response
+#: ``max_r |a_i^r|`` is rounding (of the experts as stored, of float32 arithmetic), whose sign is no response's either:
+#: ``s_i^r = 0`` there too (:func:`svc_projection_coefficients`; our rule).
+SVC_PROJECTION_RTOL = 1e-6
+
 
 #: A provider of the thin SVD ``(U, S, Vh)`` of the merged delta it is given, from the base method's own factors
 #: (descending ``S``), or ``None`` where it has none (the registry's ``merged_svd``, bound by the engine to a layer
@@ -366,6 +371,15 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
     exact arithmetic) at scale 1e-3 and 0.0047x at scale 1. A genuine response that small would make ``s`` of
     1e5 times ``sigma_r`` over the task's norm; CLIP fine-tuning deltas respond 1e-2 and more of their largest.
 
+    **Deviation (ours), the projection**: a projection ``|c_i^r|`` of at most :data:`SVC_PROJECTION_RTOL` (1e-6) of
+    the task's largest response also gets ``s = 0``. A low-rank task (a LoRA-like expert; one that differs from
+    another by noise) leaves the merge directions outside its span, where ``c_i^r`` is the rounding of the experts as
+    stored, with either sign. With a one-hot target, the official guard's ``gamma`` is 1 at ``s_t <= 0`` and up to
+    ``1/alpha`` at ``s_t > 0``: that rounding decided each such subspace. A rank-1 target and its near copy, SVC at
+    ``alpha = 1e-4``, merged up to 2.4 apart (relative) stored on a zero and on a random base (an audit, 2026-12);
+    now both keep those subspaces as merged. A real projection that small against a response 1e6 times larger is
+    below float32's resolution of the responses themselves (~1e-7); CLIP fine-tuning deltas project far above it.
+
     Example:
         >>> S, c, a2 = torch.tensor([4.0]), torch.tensor([[2.0], [2.0]]), torch.tensor([[4.0], [4.0]])
         >>> svc_projection_coefficients(S, c, a2).tolist()   # two identical tasks: s = 2 (double counting)
@@ -376,7 +390,9 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
         [[1.0, 0.0], [0.0, 1.0]]
     """
     s = (scale * S).unsqueeze(0) * c / a2.clamp_min(SVC_EPS)
-    return s.masked_fill(svc_no_response(a2), 0.0)
+    floor = SVC_PROJECTION_RTOL * a2.amax(-1, keepdim=True).sqrt()
+    unresolved = (c.abs() <= floor) & torch.isfinite(floor)   # an overflow is named by the merge's own check
+    return s.masked_fill(svc_no_response(a2) | unresolved, 0.0)
 
 
 def svc_no_response(a2: Tensor) -> Tensor:
