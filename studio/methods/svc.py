@@ -74,7 +74,6 @@ def resolve_alpha(alpha: float | None, num_tasks: int, base_method: str) -> floa
             "(directions unchanged).",
     layer_rule="skip_embeddings",
     decomposes=True,
-    paper_base_scales=PAPER_BASE_SCALES,
 )
 def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor | None, base_method: str,
         merged_tag: Hashable | None = None, merged_svd: MergedSvd | None = None, alpha: float | None,

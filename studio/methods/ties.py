@@ -124,11 +124,12 @@ def _finalize(deltas: dict[str, Tensor], model_state: dict, *, k: float, topk_sc
                     "layer_wise_TIES (mergekit also trims per tensor, with its own rounding and zero-sign rule)"),
         Param("merge_func", str, "sum", choices=("sum", "mean"),
               help="Aggregate the sign-agreeing entries by their sum (dis-sum) or their mean (dis-mean).",
-              paper="TIES Alg. 1 uses the disjoint mean (lambda=1); the CLIP ViT benchmarks (AdaMerging, "
-                    "TALL masks, TSV/Iso) use dis-sum with lambda=0.3"),
+              paper="TIES Alg. 1 uses the disjoint mean (lambda=1); AdaMerging's CLIP ViT runs "
+                    "(main_ties_merging.py) and FusionBench use dis-sum with lambda=0.3; the TALL-masks / TSV / Iso "
+                    "code bases' ties baseline uses dis-mean, lambda chosen on validation (src/eval/aggregation.py)"),
         Param("alpha", float, 0.3, low=0.0, high=5.0, post_scale=True, ui_step=0.05,
               help="Scaling coefficient lambda applied to the merged task vector.",
-              paper="0.3 with dis-sum as in AdaMerging (main_ties_merging.py) and TSV for ViT-B/32 8 tasks "
+              paper="0.3 with dis-sum as in AdaMerging (main_ties_merging.py) for ViT-B/32 8 tasks "
                     "(also FusionBench 0.2.33's ties_merging config)"),
     ),
     paper="TIES-Merging: Resolving Interference When Merging Models (Yadav et al., NeurIPS 2023), Alg. 1",
