@@ -169,7 +169,8 @@ def test_a_recipe_loads_back_as_the_states_of_its_request(st: Studio, method, hp
 def test_a_recipe_loads_back_with_notes_where_the_app_merges_otherwise(st: Studio, two):
     """Where the app's merge of a recipe will differ, the load says so: a value beyond its control's range (shown and
     merged at the end), weights other than the suite's (the recorded fingerprints). Weights above the sliders' end
-    are scaled to it (only their ratios are merged); a library recipe's preferences give a task left out 0."""
+    are scaled to it (only their ratios are merged), with a note; a library recipe's preferences give a task left out
+    0."""
     recipe = st.request("breadcrumbs", {"gamma": 0.97}, two).recipe(st.suite_source).to_dict()
     recipe["fingerprints"] = {"base": "sha256:" + "0" * 64, "experts": {two[1]: "sha256:" + "f" * 64}}
     got = st.settings_from_recipe(recipe)
@@ -183,7 +184,12 @@ def test_a_recipe_loads_back_with_notes_where_the_app_merges_otherwise(st: Studi
     recipe["hparams"]["gamma"] = 0.5
     recipe["preferences"] = {two[0]: 4.0}
     got = st.settings_from_recipe(recipe)
-    assert got.notes == [] and got.pref_state == {two[0]: 1.0, two[1]: 0.0}
+    assert got.pref_state == {two[0]: 1.0, two[1]: 0.0}
+    # said: the sliders showed a quarter of the recipe's weights with no word (an audit in the browser)
+    assert got.notes == ["the recipe's task weights are shown divided by 4, as the sliders end at 1: the same merge, "
+                         "which takes only their ratios"]
+    recipe["preferences"] = {two[0]: 1.0, two[1]: 0.5}
+    assert st.settings_from_recipe(recipe).notes == []
 
 
 @pytest.mark.parametrize("change, message", [

@@ -389,7 +389,7 @@ class Studio:
         recipe's, rescaled so the largest is at most 1 (the sliders' end; only the ratios are merged). The other
         methods' and tasks' stored values are kept. ``notes`` says where the app's merge will differ from the
         recipe's: a value beyond its control's range (shown, and merged, at the nearest end), or a recipe made from
-        other weights than this suite's (its recorded fingerprints).
+        other weights than this suite's (its recorded fingerprints); and where the weights are shown rescaled.
 
         A recipe the app cannot merge as written is refused, naming the field: a layer rule, SVD mode, key prefix or
         checkpoint sources other than the app's (``merge-studio recipe FILE`` replays those), an expert this suite
@@ -405,8 +405,8 @@ class Studio:
             >>> got = s.settings_from_recipe(recipe, {"ties": {"k": 0.1}, "dare": {"p": 0.5}})
             >>> got.hp_state
             {'ties': {'k': 0.4, 'topk_scope': 'model', 'merge_func': 'sum', 'alpha': 0.3}, 'dare': {'p': 0.5}}
-            >>> got.pref_state, got.notes
-            ({'digits': 1.0, 'textures': 0.0}, [])
+            >>> got.pref_state, got.notes  # doctest: +ELLIPSIS
+            ({'digits': 1.0, 'textures': 0.0}, ["the recipe's task weights are shown divided by 3, as the sliders ..."])
         """
         from ..io import CheckpointError
 
@@ -459,6 +459,8 @@ class Studio:
         top = max(weights.values())
         if top > 1:   # the sliders end at 1; the merge takes p_i = w_i / sum(w)
             weights = {t: w / top for t, w in weights.items()}
+            notes.append(f"the recipe's task weights are shown divided by {top:g}, as the sliders end at 1: the same "
+                         f"merge, which takes only their ratios")
         hp_state = {**stored_settings(hp_state, None, "method"), req.method: hp}
         cal_state = stored_settings(cal_state, None, "calibration")
         if req.calibrate is not None:
