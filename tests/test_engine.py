@@ -1089,7 +1089,7 @@ def test_results_beyond_the_compute_or_output_range_are_errors_naming_the_layer(
     """Finite inputs whose merge cannot be represented came back as inf / NaN, or failed inside LAPACK with
     'ssyevd failed (info = 4)' naming nothing: float32 Gram matrices overflowed for task vectors near 1e19-1e20 (now
     formed again in float64, so TSV-M merges them, as LAPACK's SVD does), and a float16 base plus the summed deltas
-    can leave float16's range."""
+    can leave float16's range. Ortho-Merge gave the base back at 1e19 (its rank floor overflowed; an audit)."""
     g = torch.Generator().manual_seed(1)
     base = {"w": torch.zeros(6, 5)}
     huge = {f"t{i}": {"w": torch.randn(6, 5, generator=g) * 1e20} for i in range(2)}
@@ -1114,6 +1114,12 @@ def test_results_beyond_the_compute_or_output_range_are_errors_naming_the_layer(
         studio.merge(base, huge, "task_arithmetic", calibrate="svc")
     out = studio.merge(base, huge, "align_merge_o", svd_mode="exact")["w"]    # its norms: float64, not 0 / inf
     assert bool(torch.isfinite(out).all()) and float(out.abs().max()) > 1e19
+    # Ortho-Merge's rank floor overflowed in float32 (the removed sigmas' norm): rank 0, the base, with no word
+    three = {f"t{i}": {"w": torch.randn(24, 16, generator=g)} for i in range(3)}
+    small = studio.merge({"w": torch.zeros(24, 16)}, three, "ortho_merge")["w"]
+    big = studio.merge({"w": torch.zeros(24, 16)}, {n: {"w": e["w"] * 1e19} for n, e in three.items()},
+                       "ortho_merge")["w"]
+    torch.testing.assert_close(big / 1e19, small, rtol=1e-4, atol=1e-4 * float(small.abs().max()))
     half = {"w": torch.full((2,), 30000.0, dtype=torch.float16)}
     experts = {n: {"w": torch.full((2,), 60000.0, dtype=torch.float16)} for n in "ab"}
     with pytest.raises(studio.StudioError, match=r"merged 'w' is not finite in torch.float16: .*lower the scale"):

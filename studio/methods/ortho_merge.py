@@ -165,6 +165,7 @@ def ortho_merge(layer: LayerTasks, tau: float, k: int) -> Tensor:
     # components' errors add up: the floor is of their sigmas' root sum of squares, which one removed component's
     # sigma is (with 89 of 96 removed, at tau = 0, the largest alone left a float32 residue of the subtraction above
     # it, which then took sigma_bar as a direction: 0.35 from the float64 eq. 12-16 merge; an engine audit).
-    floor = float(linalg.rank_tolerance(w.norm(), layer.shape))
+    # (in float64: the float32 norm of sigmas beyond ~1e19 overflowed, the floor was infinite and the merge the base)
+    floor = float(linalg.rank_tolerance(w.double().norm(), layer.shape))
     rank = layer.rank_above_rounding(deconflicted, Sd, from_gram, floor=floor)
     return isotropic(deconflicted, (Ud, Sd, Vhd), rank=rank)
