@@ -208,7 +208,7 @@ def merge_pool(
     def finish_one(key: str) -> Tensor:
         base_t = pool.base[key]
         if key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
-            return base_t.to("cpu", copy=True)
+            return base_t.to("cpu", copy=True, memory_format=torch.contiguous_format)
         delta = unscaled[key]
         # The delta is float32; it is added to the base in float32, or in float64 for a float64 base (so alpha = 0
         # gives a float64 base back unrounded).
@@ -233,7 +233,9 @@ def merge_pool(
             why = ("the base plus the scaled delta leaves the dtype's range: lower the scale or merge in float32"
                    if cal_spec is None else f"the calibration overflowed ({_magnitude(pool, key)})")
             raise StudioError(f"{calibrate or method}: the merged '{key}' is not finite in {base_t.dtype}: {why}")
-        return out
+        # contiguous, whatever the strides of the base's and the experts' tensors (a view's): safetensors'
+        # save_file refuses a non-contiguous tensor
+        return out.contiguous()
 
     report = None if progress is None else (
         lambda done, total: progress(0.9 + 0.1 * done / total, f"{calibrate or method}: finishing"))

@@ -1355,3 +1355,20 @@ def test_experts_named_with_another_prefix_are_told_so():
     with pytest.raises(studio.ExpertError, match=r"is missing 1 key\(s\) of the base, e.g. \['visual.b'\]; the base "
                                                  r"and every expert need the same keys"):
         studio.merge(base, {"x": {"visual.a": one["visual.a"], "visual.c": one["visual.b"]}}, "task_arithmetic")
+
+
+@pytest.mark.parametrize("method, calibrate", [("task_arithmetic", None), ("weight_average", None),
+                                               ("tsv_m", "align_merge_b"), ("ties", "svc")])
+def test_a_merge_of_views_is_contiguous_and_saves_with_safetensors(tmp_path, method, calibrate):
+    """Transposed views as the base and the experts (and a non-floating buffer): the merge followed their strides, and
+    safetensors' save_file refused it (an audit of real checkpoints' quirks)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 24, generator=g)
+    base = {"w": w.t(), "ids": torch.arange(6).reshape(2, 3).t()}
+    experts = {t: {"w": (w + 0.01 * torch.randn(16, 24, generator=g)).t(), "ids": base["ids"]} for t in "ab"}
+    out = studio.merge(base, experts, method, calibrate=calibrate)
+    assert all(t.is_contiguous() for t in out.values())
+    assert torch.equal(out["ids"], base["ids"])
+    save_file(out, str(tmp_path / "m.safetensors"))
