@@ -164,6 +164,15 @@ def _check_tensor(owner: str, key: Any, tensor: Any) -> None:
                           f"kept from the base)")
 
 
+def _check_not_nested(owner: str, sd: Mapping) -> None:
+    """Refuse a checkpoint's wrapper (``{"state_dict": {...}, "epoch": 3}``, as ``torch.load`` gives some) in place
+    of its state dict, naming the entry that holds the mapping (its keys were reported missing)."""
+    key = next((k for k, v in sd.items() if isinstance(v, Mapping)), None)
+    if key is not None:
+        raise ExpertError(f"{owner} holds a mapping under {brief(key)}, not a tensor: a checkpoint's wrapper? Pass "
+                          f"its state dict itself (checkpoint[{brief(key)}]), the mapping key -> tensor")
+
+
 def _renaming(keys: "set[str]", base_keys: "set[str]", name: str) -> str:
     """A hint where an expert's keys are the base's with one prefix added or removed (``model.visual.proj`` beside
     ``visual.proj``: another checkpoint's naming), else ``""``."""
@@ -195,6 +204,10 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         raise ExpertError("no experts given: pass a mapping name -> state dict with at least one expert")
     if len(base) == 0:
         raise ExpertError("the base state dict is empty")
+    _check_not_nested("the base", base)
+    for name, sd in experts.items():
+        if isinstance(sd, Mapping):
+            _check_not_nested(f"expert {brief(name)}", sd)
     base_keys = set(base)
     base_ranges: dict[str, tuple[float, float]] = {}
     for key, tensor in base.items():

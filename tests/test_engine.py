@@ -1341,7 +1341,8 @@ def test_an_expert_tensor_of_another_shape_with_as_many_entries_is_refused(clip_
 def test_experts_named_with_another_prefix_are_told_so():
     """Experts saved under another checkpoint's naming (``model.visual.proj`` beside ``visual.proj``) were refused as
     missing every key, with a hint about keeping one tower; the message now names the prefix that differs (from an
-    I/O audit), for one expert, for all of them, and for a prefixed base. Another difference keeps the old hint."""
+    I/O audit), for one expert, for all of them, and for a prefixed base. Another difference keeps the old hint. A
+    checkpoint's wrapper (``{"state_dict": ..., "epoch": 3}``) is named as such."""
     base = {"visual.a": torch.zeros(2, 2), "visual.b": torch.zeros(2)}
     one = {k: v + 1 for k, v in base.items()}
     prefixed = {"model." + k: v for k, v in one.items()}
@@ -1355,6 +1356,14 @@ def test_experts_named_with_another_prefix_are_told_so():
     with pytest.raises(studio.ExpertError, match=r"is missing 1 key\(s\) of the base, e.g. \['visual.b'\]; the base "
                                                  r"and every expert need the same keys"):
         studio.merge(base, {"x": {"visual.a": one["visual.a"], "visual.c": one["visual.b"]}}, "task_arithmetic")
+    # a checkpoint's wrapper in place of its state dict: its keys were reported missing, with the prefix hint
+    wrapped = {"state_dict": one, "epoch": 3}
+    with pytest.raises(studio.ExpertError, match=re.escape("expert 'x' holds a mapping under 'state_dict', not a "
+                                                           "tensor: a checkpoint's wrapper? Pass its state dict itself "
+                                                           "(checkpoint['state_dict'])")):
+        studio.merge(base, {"y": one, "x": wrapped}, "task_arithmetic")
+    with pytest.raises(studio.ExpertError, match=re.escape("the base holds a mapping under 'state_dict'")):
+        studio.merge(wrapped, {"x": one}, "task_arithmetic")
 
 
 @pytest.mark.parametrize("method, calibrate", [("task_arithmetic", None), ("weight_average", None),
