@@ -111,7 +111,9 @@ def load_adapter(source: str | os.PathLike, base: Mapping[str, Tensor], *, prefi
     out (the text tower's of an adapter of a whole CLIP model, for a base of its visual tower); without it they are
     refused. A :class:`~studio.io.CheckpointError` names the adapter's file and the tensor or setting at fault: a
     source that is no adapter, a PEFT method other than LoRA, DoRA, a tensor that matches no base tensor (or
-    several), a shape that does not fit, an adapter that changes nothing of the base."""
+    several), a shape that does not fit, an adapter that changes nothing of the base. The tensors the adapter leaves
+    as they are are the base's own, not copies (an expert of a whole model holds no second copy of it): an in-place
+    change of one changes the base too (:func:`studio.merge` modifies neither)."""
     found = adapter_files(source, revision=revision, cache_dir=cache_dir)
     if found is None:
         raise CheckpointError(f"{io.shown_path(source)}: not a PEFT adapter (a folder or Hub repository holding "
