@@ -173,6 +173,12 @@ def _check_not_nested(owner: str, sd: Mapping) -> None:
                           f"its state dict itself (checkpoint[{brief(key)}]), the mapping key -> tensor")
 
 
+def _merged_keys(sd: Mapping) -> set:
+    """The keys of ``sd`` a merge reads: all but its non-floating tensors (buffers such as a Hugging Face CLIP's
+    ``position_ids``, which the merge keeps from the base: an expert may lack them or hold others)."""
+    return {k for k, v in sd.items() if not (isinstance(v, Tensor) and not v.is_floating_point())}
+
+
 def _renaming(keys: "set[str]", base_keys: "set[str]", name: str) -> str:
     """A hint where an expert's keys are the base's with one prefix added or removed (``model.visual.proj`` beside
     ``visual.proj``: another checkpoint's naming), else ``""``."""
@@ -223,8 +229,8 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
         # a key every expert lacks (or has) is the base's difference, not the first expert's: e.g. a whole model's
         # checkpoint as the base beside experts of its vision tower
         expert_keys = [set(sd) for sd in experts.values()]
-        base_only = sorted(base_keys - set.union(*expert_keys), key=str)
-        experts_only = sorted(set.intersection(*expert_keys) - base_keys, key=str)
+        base_only = sorted(_merged_keys(base) - set.union(*expert_keys), key=str)
+        experts_only = sorted(set.intersection(*map(_merged_keys, experts.values())) - base_keys, key=str)
         if base_only:
             first = next(iter(experts))
             raise ExpertError(f"the base has {len(base_only)} key(s) that none of the {len(experts)} experts has, "
@@ -241,7 +247,7 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
             raise ExpertError(f"expert '{name}' must be a state dict (a mapping key -> tensor), "
                               f"got {type(sd).__name__}")
         keys = set(sd)
-        missing, extra = sorted(base_keys - keys), sorted(keys - base_keys)
+        missing, extra = sorted(_merged_keys(base) - keys, key=str), sorted(_merged_keys(sd) - base_keys, key=str)
         if missing:
             raise ExpertError(f"expert '{name}' is missing {len(missing)} key(s) of the base, e.g. {missing[:3]}"
                               f"{_renaming(keys, base_keys, name) or hint}")
@@ -249,6 +255,8 @@ def validate_experts(base: StateDict, experts: Mapping[str, StateDict], *, check
             raise ExpertError(f"expert '{name}' has {len(extra)} key(s) the base lacks, e.g. {extra[:3]}{hint}")
         for key, tensor in sd.items():
             _check_tensor(f"expert '{name}'", key, tensor)
+            if key not in base_keys:   # a non-floating buffer the base lacks: not merged
+                continue
             if tuple(tensor.shape) != tuple(base[key].shape):
                 raise ExpertError(
                     f"expert '{name}', key '{key}': shape {tuple(tensor.shape)} does not match the base's "

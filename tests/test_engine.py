@@ -1235,6 +1235,29 @@ def test_non_floating_buffers_are_fresh_copies_of_the_base():
     assert out["visual.num_batches_tracked"].data_ptr() != base["visual.num_batches_tracked"].data_ptr()
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "tsv_m", "ties"])
+def test_an_expert_may_lack_a_non_floating_buffer_or_hold_another(method):
+    """Hugging Face CLIP checkpoints saved before transformers 4.31 hold ``position_ids`` (int64), those saved after
+    do not: a base of the first kind and experts of the second were refused as missing keys, with a hint about
+    prefixes, though such a buffer is the base's in every merge (an audit of real checkpoints' quirks). A missing
+    floating tensor is still refused, and a floating tensor where the base has a buffer still names the dtype."""
+    base = clip_like_state_dict()
+    base["text.position_ids"] = torch.arange(8).unsqueeze(0)
+    experts = make_experts({k: v for k, v in base.items() if k != "text.position_ids"}, 3)
+    experts["task1"]["text.position_ids"] = torch.arange(8).unsqueeze(0) + 1   # kept: not merged
+    experts["task2"]["text.other_ids"] = torch.arange(3)                        # ignored: the base has none
+    out = studio.merge(base, experts, method)
+    assert list(out) == list(base) and torch.equal(out["text.position_ids"], base["text.position_ids"])
+    without = {k: v for k, v in experts["task0"].items() if k != "visual.proj"}
+    with pytest.raises(studio.ExpertError, match=r"expert 'task0' is missing 1 key\(s\) of the base, e\.g\. "
+                                                 r"\['visual\.proj'\]"):
+        studio.merge(base, {**experts, "task0": without}, method)
+    floating = {**experts["task0"], "text.position_ids": torch.zeros(1, 8)}
+    with pytest.raises(studio.ExpertError, match=r"expert 'task0', key 'text.position_ids': dtype torch.float32 "
+                                                 r"where the base has torch.int64"):
+        studio.merge(base, {**experts, "task0": floating}, method)
+
+
 def test_calibrate_hparams_without_a_calibration_are_refused(clip_pool):
     base, experts = clip_pool
     with pytest.raises(studio.HyperparameterError, match=r"calibrate_hparams were given but no calibration"):
