@@ -219,6 +219,8 @@ def _config(path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{io.shown_path(path)}: cannot be read as JSON ({exc})") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{io.shown_path(path)}: its JSON is nested too deeply to read") from exc
     shown = io.shown_path(path)
     if not isinstance(config, dict):
         raise CheckpointError(f"{shown}: holds {brief(config)}, not a PEFT adapter's settings (a JSON object)")

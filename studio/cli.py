@@ -31,10 +31,10 @@ import yaml
 
 from . import __version__, adapters
 from .io import (PICKLE_SUFFIXES, CheckpointError, Recipe, YamlLoader, atomic_write, check_fingerprints,
-                 check_recipe_path, check_weights_path, checkpoint_files, fingerprint, hub_spec, input_fingerprints,
-                 is_hub_url, is_local_path, load_checkpoint, load_state_dict, looks_like_safetensors,
-                 merge_from_recipe, path_errors, read_metadata, recipe_inputs, refuse_overwriting, save_merged,
-                 save_state_dict, shown_path)
+                 check_recipe_path, check_weights_path, check_writable, checkpoint_files, fingerprint, hub_spec,
+                 input_fingerprints, is_hub_url, is_local_path, load_checkpoint, load_state_dict,
+                 looks_like_safetensors, merge_from_recipe, path_errors, read_metadata, recipe_inputs,
+                 refuse_overwriting, save_merged, save_state_dict, shown_path)
 from .layers import RULES
 from .memory import keep_freed_memory
 from .registry import get_calibration, get_method, list_methods
@@ -154,7 +154,11 @@ def _load_pool(args: argparse.Namespace, recipe: Recipe | None = None) -> _Pool:
                                         "read others"):
             suite = load_suite(suite_source)
         # a recipe's experts alone: an expert it did not merge is not read (nor its file's fault an error); one the
-        # suite lacks is named by the replay (recipe_inputs)
+        # suite lacks is named with the suite's (the replay's message listed the ones read: "have ['digits']")
+        lacking = [] if recipe is None else [e for e in recipe.experts if e not in suite.task_names]
+        if lacking:
+            raise StudioError(f"the recipe merges expert(s) {lacking} that the suite {suite.source} lacks; it has "
+                              f"{suite.task_names}")
         wanted = ([t for t in suite.task_names if t in recipe.experts] if recipe is not None and recipe.experts
                   else suite.task_names)
         if args.experts is not None:
@@ -305,6 +309,7 @@ def _check_report_path(out: str) -> None:
     if holds_weights:
         raise StudioError(f"--out {out} holds safetensors weights, which the diagnostics' JSON would replace; give "
                           f"another file name")
+    check_writable(path)
 
 
 def _diagnose(args: argparse.Namespace) -> None:
@@ -649,10 +654,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "methods":
         print(methods_table(markdown=not args.json))
     elif args.cmd == "merge":
-        check_weights_path(args.out)   # before anything is read (a Hub download) or merged
+        check_writable(check_weights_path(args.out))   # before anything is read (a Hub download) or merged
         _refuse_into_checkpoint_folders(args, args.out)
         if args.recipe is not None:
-            check_recipe_path(args.recipe)
+            check_writable(check_recipe_path(args.recipe))
         pool = _load_pool(args)
         recipe = _merge_recipe(args, pool)
         refuse_overwriting([args.out, args.recipe], sources=pool.sources, suite=pool.suite)
@@ -669,7 +674,7 @@ def _run(args: argparse.Namespace) -> int:
               + (f" and the recipe {args.recipe}" if args.recipe else ""))
         _note_kept_buffers(*recipe_inputs(recipe, pool.base, pool.experts))
     elif args.cmd == "recipe":
-        check_weights_path(args.out)
+        check_writable(check_weights_path(args.out))   # refused before minutes of work, not at the write
         _refuse_into_checkpoint_folders(args, args.out)
         recipe = Recipe.from_file(args.recipe)
         with _noting(f"recipe {args.recipe}"):   # before the weights are read: which file holds the fault
@@ -700,7 +705,7 @@ def _run(args: argparse.Namespace) -> int:
     elif args.cmd == "compress":
         from .compress import compress
 
-        check_weights_path(args.out)
+        check_writable(check_weights_path(args.out))   # refused before minutes of work, not at the write
         _refuse_into_checkpoint_folders(args, args.out)
         pool = _load_pool(args)
         refuse_overwriting([args.out], sources=pool.sources, suite=pool.suite)
@@ -716,7 +721,7 @@ def _run(args: argparse.Namespace) -> int:
         from .compress import BaseMismatchError, Compressed
         from .suite import load_suite
 
-        check_weights_path(args.out)
+        check_writable(check_weights_path(args.out))   # refused before minutes of work, not at the write
         saved = Compressed.read_meta(args.packed)
         recorded = not args.base and not args.suite
         if recorded:

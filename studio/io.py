@@ -424,7 +424,9 @@ def _weight_map(index: Path) -> list[tuple[str, str]]:
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"), object_pairs_hook=pairs)["weight_map"]
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({exc!r})") from exc
+        why = str(exc)[:200]   # a decode error's repr holds the whole file
+        raise CheckpointError(f"{index}: not a readable shard index with a 'weight_map' ({type(exc).__name__}: "
+                              f"{why})") from exc
     if isinstance(weight_map, Mapping) and not weight_map:
         raise CheckpointError(f"{index}: 'weight_map' is empty: the index lists no tensor")
     if not isinstance(weight_map, Mapping) \
@@ -1118,7 +1120,7 @@ class Recipe:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.dump(self.to_dict(), Dumper=YamlDumper, sort_keys=False)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Recipe":
@@ -1221,8 +1223,8 @@ class YamlLoader(yaml.SafeLoader):
     another method without a word), as JSON objects are read with it too.
 
     Example:
-        >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf]", Loader=YamlLoader)
-        [5e-05, '1:30', 31, 1000, inf]
+        >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf, 010, 0o10]", Loader=YamlLoader)
+        [5e-05, '1:30', 31, 1000, inf, 10, 8]
     """
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
@@ -1249,13 +1251,42 @@ _INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 YamlLoader.yaml_implicit_resolvers = {   # PyYAML's own, less its int and float rules (they read 1:30 as 90) ...
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-YamlLoader.add_implicit_resolver(   # ... and those rules without base 60
-    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+YamlLoader.add_implicit_resolver(   # ... and those rules without base 60, nor YAML 1.1's octal 010 (1.2's 0o10)
+    _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o[0-7_]+|[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    """An integer as YAML 1.2 reads it: a leading 0 is decimal (``010`` is 10; YAML 1.1, and PyYAML, read 8: a
+    ``--set k=010`` merged with 8), ``0o``, ``0x`` and PyYAML's ``0b`` and underscores as their bases."""
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign, digits = (-1, text[1:]) if text.startswith("-") else (1, text.removeprefix("+"))
+    for prefix, base in (("0b", 2), ("0o", 8), ("0x", 16)):
+        if digits.startswith(prefix):
+            return sign * int(digits[2:], base)
+    return sign * int(digits, 10)
+
+
+YamlLoader.add_constructor(_INT, _construct_int)
 YamlLoader.add_implicit_resolver(
     _FLOAT, re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"
                        r"|\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
+
+
+class YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper with :class:`YamlLoader`'s rules for what a plain scalar reads as, so that text it would
+    read as a number is quoted: an expert named ``1e3`` was written bare, and the recipe read back named 1000.0
+    (PyYAML's own rules read ``1e3`` as text).
+
+    Example:
+        >>> yaml.load(yaml.dump(["1e3", "010", 1e-05, "1:30"], Dumper=YamlDumper), Loader=YamlLoader)
+        ['1e3', '010', 1e-05, '1:30']
+    """
+
+
+YamlDumper.yaml_implicit_resolvers = {first: list(resolvers)
+                                      for first, resolvers in YamlLoader.yaml_implicit_resolvers.items()}
 
 
 def _yaml_problem(exc: Exception) -> str:
@@ -1356,13 +1387,16 @@ def _plain(value: Any, where: str) -> Any:
     raise CheckpointError(f"recipe field '{where}' must be a number, a string, true/false or null, got {brief(value)}")
 
 
-def check_recipe_path(recipe_path: str | os.PathLike) -> None:
-    """Refuse a recipe file name that :meth:`Recipe.from_file` would not read back as the recipe written there: a
-    recipe is YAML (JSON under a ``.json`` name), and a ``.safetensors`` name is read as weights."""
+def check_recipe_path(recipe_path: str | os.PathLike) -> Path:
+    """``recipe_path`` as a :class:`Path`, unless :meth:`Recipe.from_file` would not read back the recipe written
+    there: a recipe is YAML (JSON under a ``.json`` name), and a ``.safetensors`` name is read as weights."""
+    if not str(recipe_path).strip():
+        raise CheckpointError("the recipe's file name is empty; give a .yaml or .json file name")
     if Path(recipe_path).suffix.lower() == ".safetensors":
         raise CheckpointError(f"recipe file {recipe_path}: a recipe is written as YAML (JSON under a .json name), "
                               f"and a .safetensors name is read back as weights; give a .yaml or .json name (the "
                               f"merged .safetensors file carries the recipe in its metadata too)")
+    return Path(recipe_path)
 
 
 def save_merged(path: str | os.PathLike, state_dict: Mapping[str, Tensor], recipe: Recipe,

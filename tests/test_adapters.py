@@ -231,6 +231,11 @@ def test_an_adapter_folder_without_weights_and_a_non_adapter_are_named(tmp_path)
     assert adapters.adapter_files(tmp_path / "w.safetensors") is None
     with pytest.raises(CheckpointError, match=r"not a PEFT adapter"):
         adapters.load_adapter(tmp_path / "w.safetensors", {"w": torch.zeros(1)})
+    # settings nested too deeply to read: a traceback before (an audit of the CLI)
+    save_file({"w": torch.zeros(1)}, tmp_path / "a" / adapters.ADAPTER_WEIGHTS)
+    (tmp_path / "a" / adapters.ADAPTER_CONFIG).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: its JSON is nested too deeply to read"):
+        adapters.load_adapter(tmp_path / "a", {"w": torch.zeros(1)})
 
 
 def test_an_adapter_from_the_hub_cache_is_pinned_to_its_commit(tmp_path, offline_hub, monkeypatch):

@@ -966,6 +966,31 @@ def test_what_a_fuzz_audit_of_the_io_found_is_refused_by_name(files, capsys):
     assert "'1:30'" in capsys.readouterr().err
 
 
+def test_a_recipe_written_as_yaml_reads_back_whatever_its_names_and_numbers(files, capsys):
+    """Experts named like numbers (``1e3``, ``010``) were written bare by PyYAML's dumper, whose rules read them as
+    text, and read back by the recipe's YAML 1.2 rules as 1000.0 and 8: the recipe could not be replayed (an audit of
+    the CLI). ``010`` is YAML 1.2's 10, not YAML 1.1's octal 8 (``--set k=010`` merged with 8)."""
+    tmp, base, experts, args = files
+    names = ["1e3", "010", "0x1f", "1_0", "+1e3", "2E5", "true", "null", "1:30", "a"]
+    recipe = Recipe(method="ties", hparams={"k": 1e-05, "alpha": 0.3}, experts=names,
+                    preferences={n: 1.0 for n in names}, seed=3)
+    (tmp / "n.yaml").write_text(recipe.to_yaml())
+    again = Recipe.from_file(tmp / "n.yaml")
+    assert again.experts == names and list(again.preferences) == names and again.hparams == recipe.hparams
+    (tmp / "o.yaml").write_text("method: dare\nseed: 010\nhparams: {p: 0.5}\n")
+    assert Recipe.from_file(tmp / "o.yaml").seed == 10
+    assert main(["merge", *args, "--method", "ties", "--set", "k=010", "--out", str(tmp / "t.safetensors")]) == 2
+    assert "'k' = 10.0 is outside the allowed range" in capsys.readouterr().err   # read as 10, not 8
+    assert main(["merge", *args, "--method", "dare", "--set", "p=0.5", "--out", str(tmp / "u.safetensors"),
+                 "--recipe", str(tmp / "u.yaml")]) == 0
+    assert Recipe.from_file(tmp / "u.yaml") == Recipe.from_file(tmp / "u.safetensors")
+    # an expert the suite lacks is named with the suite's own (the message listed the ones read: ['digits'])
+    (tmp / "lacking.yaml").write_text("method: task_arithmetic\nexperts: [digits, nope]\n")
+    assert main(["recipe", str(tmp / "lacking.yaml"), "--suite", "MiniSuite", "--out", str(tmp / "v.safetensors")]) == 2
+    assert "the recipe merges expert(s) ['nope'] that the suite MiniSuite lacks; it has ['digits', 'house_numbers'," \
+           in capsys.readouterr().err
+
+
 def test_recorded_suites_replay_by_name_and_say_when_they_are_gone(tmp_path, monkeypatch, capsys):
     """The embedded suite is recorded by its name, which any install resolves (the app's exports recorded that name
     before, and now replay); a recorded suite that is gone says so; a recipe without an expert list takes
@@ -1185,7 +1210,7 @@ def test_a_suite_replay_checks_the_suite_and_keeps_the_recipes_experts(tmp_path,
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["tasks"] = [t for t in manifest["tasks"] if t["name"] != "textures"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    for extra, message in (([], "recipe needs expert(s) ['textures'] that are not available"),
+    for extra, message in (([], "the recipe merges expert(s) ['textures'] that the suite "),
                            (["--experts", "digits"], "names the experts it merges, ['digits', 'textures']; --experts "
                                                      "does not apply")):
         assert main(["recipe", "c.safetensors", *extra, "--out", "e.safetensors"]) == 2
@@ -1454,6 +1479,39 @@ def test_weights_are_not_written_under_a_pickle_suffix_and_recipes_are_read_by_c
     assert main(["recipe", str(tmp / "broken.yaml"), "--out", str(tmp / "x.safetensors")]) == 2
     assert f"{tmp / 'broken.yaml'}: not valid YAML/JSON at line 3, column 8: expected ',' or '}}', but got ':'" \
            in capsys.readouterr().err
+
+
+def test_outputs_are_refused_before_the_work_where_they_cannot_be_written(files, capsys, monkeypatch):
+    """An output in a folder that cannot be written (``/proc``) failed only at the write, after the merge (40 s on
+    two ViT-B/32 experts; an audit of the CLI), for merge, recipe, compress and diagnose, as did an empty --recipe.
+    Weights written under a shard index's name (``m.safetensors.index.json``) were read back as an index, whose error
+    printed the whole file (9 MB on one line)."""
+    from studio import cli
+
+    tmp, base, experts, args = files
+    assert main(["merge", *args, "--method", "ties", "--out", str(tmp / "m.safetensors"),
+                 "--recipe", str(tmp / "m.yaml")]) == 0
+    capsys.readouterr()
+
+    def no_work(*a, **k):
+        raise AssertionError("the work started")
+
+    monkeypatch.setattr(cli, "_load_pool", no_work)
+    for cmd in (["merge", *args, "--method", "ties", "--out", "/proc/m.safetensors"],
+                ["merge", *args, "--method", "ties", "--out", str(tmp / "n.safetensors"), "--recipe", "/proc/r.yaml"],
+                ["merge", *args, "--method", "ties", "--out", str(tmp / "n.safetensors"), "--recipe", ""],
+                ["recipe", str(tmp / "m.yaml"), "--out", "/proc/m.safetensors"],
+                ["compress", *args, "--out", "/proc/p.safetensors"]):
+        assert main(cmd) == 2, cmd
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("/proc" in err or "recipe's file name is empty" in err), err
+    monkeypatch.undo()
+    assert main(["diagnose", *args, "--method", "ties", "--out", "/proc/d.json"]) == 2
+    assert "cannot write /proc/d.json" in capsys.readouterr().err
+    (tmp / "w.safetensors.index.json").write_bytes((tmp / "m.safetensors").read_bytes())   # weights, not an index
+    with pytest.raises(CheckpointError, match="not a readable shard index") as info:
+        load_state_dict(tmp / "w.safetensors.index.json")
+    assert len(str(info.value)) < 1000, len(str(info.value))
 
 
 def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, capsys):

@@ -338,6 +338,12 @@ def test_error_cases(mini_suite, tmp_path):
     (copy / "manifest.json").write_text("[1, 2]")
     with pytest.raises(SuiteError, match="must hold a JSON object"):
         Suite(copy)
+    # not UTF-8, or nested too deeply: a traceback before (an audit of the CLI)
+    for text, message in ((b"\xff\xfe{}", r"manifest\.json is not UTF-8 text \(invalid start byte at byte 0\)"),
+                          (b"[" * 100_000 + b"]" * 100_000, r"manifest\.json: its JSON is nested too deeply")):
+        (copy / "manifest.json").write_bytes(text)
+        with pytest.raises(SuiteError, match=message):
+            Suite(copy)
     shutil.rmtree(copy)
     shutil.copytree(mini_suite, copy)
     (copy / "experts" / "digits.safetensors").write_bytes(b"")

@@ -109,9 +109,13 @@ class Suite:
             if not path.is_file():
                 raise SuiteError(f"{self.root} is not a suite folder: manifest.json is missing")
             try:
-                manifest = json.loads(path.read_text())
+                manifest = json.loads(path.read_text(encoding="utf-8"))
             except json.JSONDecodeError as exc:
                 raise SuiteError(f"{path} is not valid JSON: {exc}") from exc
+            except UnicodeDecodeError as exc:
+                raise SuiteError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}), as JSON is") from exc
+            except RecursionError as exc:
+                raise SuiteError(f"{path}: its JSON is nested too deeply to read") from exc
         if not isinstance(manifest, Mapping):
             raise SuiteError(f"{self.root}/manifest.json must hold a JSON object, got {type(manifest).__name__}")
         self.manifest: dict[str, Any] = dict(manifest)
