@@ -15,7 +15,7 @@ from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .layers import LayerRule, resolve_rule
+from .layers import LayerRule, is_running_statistic, resolve_rule
 from .parallel import parallel_map
 from .pool import (StateDict, TaskPool, _all_finite, check_svd_mode, fingerprint, key_seed, normalize_preferences,
                    resolve_device, validate_experts)
@@ -168,7 +168,7 @@ def merge_pool(
 
     def merge_one(key: str, model_state: dict | None) -> Tensor | None:
         base_t = pool.base[key]
-        if not base_t.is_floating_point():
+        if not base_t.is_floating_point() or is_running_statistic(key):   # finish_one's
             return None
         layer = pool.layer(key, weights)
         if gets_method(key):
@@ -184,8 +184,8 @@ def merge_pool(
         keys = pool.keys
         prepare = spec.extra.get("prepare")
         if prepare is not None:  # pool-wide checks and state the per-layer function reads (TIES's model thresholds)
-            prepare(pool, [key for key in keys if pool.base[key].is_floating_point() and gets_method(key)],
-                    **structural)
+            prepare(pool, [key for key in keys if pool.base[key].is_floating_point() and gets_method(key)
+                           and not is_running_statistic(key)], **structural)
         model_state: dict | None = None if finalize is None else {}
         report = None if progress is None else (lambda done, total: progress(0.9 * done / total, f"{method}: layers"))
         deltas = parallel_map(lambda key: merge_one(key, model_state), keys, device=pool.device, on_done=report,
@@ -207,12 +207,19 @@ def merge_pool(
 
     def finish_one(key: str) -> Tensor:
         base_t = pool.base[key]
-        if key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
-            return base_t.to("cpu", copy=True, memory_format=torch.contiguous_format)
-        delta = unscaled[key]
         # The delta is float32; it is added to the base in float32, or in float64 for a float64 base (so alpha = 0
         # gives a float64 base back unrounded).
         acc = torch.promote_types(torch.float32, base_t.dtype)
+        if base_t.is_floating_point() and is_running_statistic(key):
+            # A statistic of the activations, not a task vector: the experts' mean, weighted by the preferences,
+            # whatever the method and its scale (merged as a task vector, a running variance went negative, and
+            # BatchNorm then gave NaN: Task Arithmetic's default did on 5 of 64 channels of experts whose variances
+            # were 0.3-1.2 times the base's; an audit)
+            stat = torch.einsum("t,t...->...", cal_prefs, pool.layer(key, None).deltas)
+            return (pool.tensor(None, key).to(acc) + stat.to(acc)).to("cpu", base_t.dtype).contiguous()
+        if key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
+            return base_t.to("cpu", copy=True, memory_format=torch.contiguous_format)
+        delta = unscaled[key]
         if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
             # the base method's own SVD of its delta (TSV-M's, AlignMerge-O's, AlignMerge-B's factors), where this key

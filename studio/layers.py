@@ -108,3 +108,18 @@ def resolve_rule(rule: "LayerRule | str | Mapping | None") -> LayerRule:
 
     raise StudioError(f"unknown layer rule {brief(rule)}; expected one of {sorted(RULES)}, a LayerRule or a mapping "
                       f"{{'name': ..., 'exclude': [regular expressions]}}")
+
+
+#: The names of BatchNorm's running statistics in a state dict (``visual.bn1.running_var``: open_clip's ResNet CLIP
+#: models hold 55 of each): :func:`studio.engine.merge_pool` gives each the experts' (preference-weighted) mean.
+RUNNING_STATISTICS = ("running_mean", "running_var")
+
+
+def is_running_statistic(key: str) -> bool:
+    """Whether ``key`` names a BatchNorm running statistic (:data:`RUNNING_STATISTICS`).
+
+    Example:
+        >>> is_running_statistic("visual.layer1.0.bn1.running_var"), is_running_statistic("visual.bn1.weight")
+        (True, False)
+    """
+    return key.rsplit(".", 1)[-1] in RUNNING_STATISTICS

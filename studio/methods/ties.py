@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
+from ..layers import is_running_statistic
 from ..parallel import parallel_map
 from ..pool import LayerTasks, TaskPool, float32_delta
 from ..registry import register
@@ -45,7 +46,8 @@ def model_thresholds(pool: TaskPool, k: float, *, streamed: bool | None = None, 
         >>> model_thresholds(pool, 0.5).tolist()   # 4 entries, rank 4 - int(2) = 2 -> 2nd smallest |x|
         [1.0]
     """
-    keys = [key for key in pool.keys if pool.base[key].is_floating_point()]
+    # BatchNorm's running statistics are no task vector (the engine gives them the experts' mean)
+    keys = [key for key in pool.keys if pool.base[key].is_floating_point() and not is_running_statistic(key)]
     total = sum(pool.base[key].numel() for key in keys)
     if pool.device.type != "cpu":   # the in-place selection below works on CPU tensors only
         streamed = True
