@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .schema import StudioError, brief
+from .schema import StudioError, brief, check_seed
 
 RECIPE_METADATA_KEY = "merge_studio_recipe"
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".pkl")
@@ -1008,8 +1008,10 @@ class Recipe:
             if keys:
                 raise CheckpointError(f"recipe field '{name}' must be keyed by names (text), got the key "
                                       f"{brief(keys[0])}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise bad("seed", "an integer")
+        try:   # as a merge reads it: a NumPy integer, an integral float (3.0), as the int YAML and JSON write
+            self.seed = check_seed(self.seed, CheckpointError)
+        except CheckpointError:
+            raise bad("seed", "an integer") from None
         if self.layer_rule is not None and not isinstance(self.layer_rule, (str, Mapping)):
             raise bad("layer_rule", "a rule name, a mapping with 'exclude' patterns, or null")
         if isinstance(self.layer_rule, Mapping):   # its patterns and name, checked as a merge would read them

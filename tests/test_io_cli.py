@@ -192,8 +192,14 @@ def test_recipes_check_their_fields():
         Recipe.from_dict({"method": "ties", "experts": "task0"})
     with pytest.raises(CheckpointError, match=r"lists expert\(s\) \['task0'\] more than once"):
         Recipe.from_dict({"method": "ties", "experts": ["task0", "task0"]})
-    with pytest.raises(CheckpointError, match="recipe field 'seed' must be an integer"):
-        Recipe.from_dict({"method": "dare", "seed": "1"})
+    for seed in ("1", 1.5, 2**64):
+        with pytest.raises(CheckpointError, match="recipe field 'seed' must be an integer"):
+            Recipe.from_dict({"method": "dare", "seed": seed})
+    # the seeds a merge takes (a NumPy integer, an integral float), as the int a file records (an audit of the CLI)
+    import numpy as np
+
+    seeds = [Recipe(method="dare", seed=s).to_dict()["seed"] for s in (np.int64(3), 3.0)]
+    assert seeds == [3, 3] and all(type(s) is int for s in seeds)
     with pytest.raises(CheckpointError, match="recipe field 'preferences' must be a mapping"):
         Recipe.from_dict({"method": "ties", "preferences": [1, 2]})
     with pytest.raises(CheckpointError, match="recipe field 'prefix' must be a non-empty tensor-name prefix"):
