@@ -804,8 +804,11 @@ def _run(args: argparse.Namespace) -> int:
                     packed = True
             hint = "; it is a TSV-C file of low-rank task vectors: build a task's model from it with merge-studio " \
                    "reconstruct" if packed else ""
-            if not packed and args.prefix is None and "unexpected" in str(exc):
-                hint = "; --prefix keeps only the tensors under a name's start (e.g. --prefix visual.)"
+            # a prefix helps only where the file holds tensors outside the model's (a whole CLIP's text tower)
+            tops = sorted({k.split(".", 1)[0] + "." for k in suite.base})
+            if not packed and args.prefix is None and any(not k.startswith(tuple(tops)) for k in weights):
+                hint = (f"; --prefix keeps only the tensors under a name's start (the suite's model's are under "
+                        f"{' and '.join(tops)})")
             raise ArchitectureError(f"--weights {args.weights}: {exc}{hint}") from None
         out = result.to_dict() if hasattr(result, "to_dict") else result.__dict__
         print(json.dumps(json_safe(out), indent=2, default=str, allow_nan=False))   # NaN (e.g. NAI) -> null

@@ -1565,7 +1565,12 @@ def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, cap
     suite_base = load_suite(DEFAULT_SUITE_PATH).base
     save_state_dict(tmp_path / "full.safetensors", {**suite_base, "text.w": torch.ones(2)})
     assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "full.safetensors")]) == 2
-    assert "1 unexpected key(s), e.g. ['text.w']; --prefix keeps only the tensors" in capsys.readouterr().err
+    assert "1 unexpected key(s), e.g. ['text.w']; --prefix keeps only the tensors under a name's start (the suite's " \
+           "model's are under visual.)" in capsys.readouterr().err
+    # every tensor under the model's prefix (another model's, e.g. a ViT-B/32 on MiniSuite): no --prefix to suggest
+    save_state_dict(tmp_path / "other.safetensors", {**suite_base, "visual.extra": torch.ones(2)})
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "other.safetensors")]) == 2
+    assert "--prefix" not in capsys.readouterr().err
     assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp_path / "full.safetensors"),
                  "--prefix", "visual."]) == 0
     assert json.loads(capsys.readouterr().out)["avg_accuracy"] == pytest.approx(44.71, abs=0.01)   # the base
