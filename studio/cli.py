@@ -361,6 +361,12 @@ def _diagnose(args: argparse.Namespace) -> None:
         if merged_experts and set(merged_experts) < set(pool.everyone or pool.experts):   # some of the suite's
             pool = pool._replace(experts={n: pool.experts[n] for n in merged_experts})
             what["experts_from_its_recipe"] = merged_experts
+        if embedded is not None and embedded.fingerprints:   # the weights it merged, where the same names are read
+            absent = frozenset(embedded.fingerprints.get("experts", {})) - set(pool.experts)
+            try:
+                check_fingerprints(embedded.fingerprints, pool.base, pool.experts, skip=absent, sources=pool.files)
+            except CheckpointError as exc:   # still diagnosable: said, as the diagnostics then compare other weights
+                print(f"note: {exc}; the diagnostics compare the merged weights with these", file=sys.stderr)
     else:
         merged, what = None, {"task_arithmetic_sum": True}
     task_pool = get_pool(pool.base, pool.experts, device=args.device, svd_mode=args.svd_mode)

@@ -1520,6 +1520,20 @@ def test_outputs_are_refused_before_the_work_where_they_cannot_be_written(files,
     assert len(str(info.value)) < 1000, len(str(info.value))
 
 
+def test_diagnose_of_a_merged_file_says_when_its_experts_changed_since(files, capsys):
+    """A replay refuses experts that differ from those the merged file recorded; ``diagnose --weights`` compared the
+    merge with them silently (an audit of the CLI). It says so, naming the expert, and still diagnoses."""
+    tmp, base, experts, args = files
+    assert main(["merge", *args, "--method", "ties", "--out", str(tmp / "m.safetensors")]) == 0
+    assert main(["diagnose", "--weights", str(tmp / "m.safetensors")]) == 0
+    assert "note: the weights differ" not in capsys.readouterr().err
+    save_state_dict(tmp / "task1.safetensors", {k: v + 0.01 for k, v in experts["task1"].items()})
+    assert main(["diagnose", "--weights", str(tmp / "m.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "note: the weights differ from those the recipe merged" in err and "expert 'task1'" in err and \
+        "expert 'task0'" not in err and "the diagnostics compare the merged weights with these" in err, err
+
+
 def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, capsys):
     """From the README audit: each message names the option (or environment variable) at fault in the CLI's terms,
     and says what to do; a leaderboard's names are checked before any row runs."""
