@@ -273,9 +273,11 @@ def _check_weights_exist(weights: str) -> None:
             checkpoint_files(weights)   # raises: no such file or folder
 
 
-def _embedded_recipe(weights: str) -> Recipe | None:
+def _embedded_recipe(weights: str, needed: bool = True) -> Recipe | None:
     """The recipe embedded in a merged file the CLI or the app exported (a local safetensors file under any name,
-    or a folder whose weights are one such file), else None."""
+    or a folder whose weights are one such file), else None. One that cannot be read (a field of a newer version) is
+    refused by name where it is ``needed``; elsewhere (the options name the suite or checkpoints, and the tasks) it
+    is None, with a note: the file is weights all the same."""
     path = Path(weights)
     if is_hub_url(weights) or not (path.is_file() or path.is_dir()):
         return None
@@ -293,7 +295,13 @@ def _embedded_recipe(weights: str) -> Recipe | None:
     # or --base would be blamed for it otherwise
     with _noting("--weights"):
         meta = read_metadata(path)
-    return Recipe.from_metadata(meta, path)   # a recipe that is there but malformed is named, not taken for none
+    try:
+        return Recipe.from_metadata(meta, path)   # a recipe that is there but malformed is named, not taken for none
+    except CheckpointError as exc:
+        if needed:
+            raise
+        print(f"note: {exc}; the options name what it needs, so --weights is read as weights alone", file=sys.stderr)
+        return None
 
 
 def _check_report_path(out: str) -> None:
@@ -336,7 +344,8 @@ def _diagnose(args: argparse.Namespace) -> None:
         _check_report_path(args.out)
     if args.weights:
         _check_weights_exist(args.weights)
-    embedded = _embedded_recipe(args.weights) if args.weights else None   # read once
+    embedded = (_embedded_recipe(args.weights, needed=not (args.suite or args.base or args.expert))
+                if args.weights else None)   # read once
     recorded = None   # a merged file's own recipe: the suite or checkpoints it merged, unless the options name some
     if (embedded is not None and (embedded.suite or embedded.sources)
             and not (args.suite or args.base or args.expert or args.prefix)):
@@ -765,7 +774,8 @@ def _run(args: argparse.Namespace) -> int:
         from .suite.model import ArchitectureError
 
         _check_weights_exist(args.weights)
-        recipe = _embedded_recipe(args.weights)
+        merged_tasks = args.tasks is not None and [t.strip() for t in args.tasks.split(",") if t.strip()] == ["merged"]
+        recipe = _embedded_recipe(args.weights, needed=args.suite is None or merged_tasks)
         suite_source = args.suite
         weights_path = Path(args.weights).expanduser()
         if (recipe is None and weights_path.is_file() and not looks_like_safetensors(weights_path)

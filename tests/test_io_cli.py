@@ -1534,6 +1534,29 @@ def test_diagnose_of_a_merged_file_says_when_its_experts_changed_since(files, ca
         "expert 'task0'" not in err and "the diagnostics compare the merged weights with these" in err, err
 
 
+def test_a_merged_file_whose_recipe_is_unreadable_is_weights_where_the_options_say_the_rest(files, capsys):
+    """A merged file whose embedded recipe has a field of a newer version was refused by evaluate --suite and
+    diagnose --base/--expert, which need nothing of it (an audit of the CLI): a note, and the weights are read. Where
+    the recipe is needed (no --suite, --tasks merged), it is still refused by name."""
+    from safetensors.torch import save_file
+
+    from studio.suite import load_suite
+
+    tmp, base, experts, args = files
+    suite_base = load_suite(DEFAULT_SUITE_PATH).base
+    newer = json.dumps({"method": "task_arithmetic", "experts": ["digits"], "suite": "MiniSuite", "future": 1})
+    save_file(suite_base, str(tmp / "new.safetensors"), metadata={RECIPE_METADATA_KEY: newer, "format": "pt"})
+    assert main(["evaluate", "--suite", "MiniSuite", "--weights", str(tmp / "new.safetensors"),
+                 "--tasks", "digits"]) == 0
+    assert "note:" in capsys.readouterr().err
+    for extra in ([], ["--suite", "MiniSuite", "--tasks", "merged"]):
+        assert main(["evaluate", "--weights", str(tmp / "new.safetensors"), *extra]) == 2
+        assert "unknown field(s) ['future']" in capsys.readouterr().err
+    save_file(base, str(tmp / "new2.safetensors"), metadata={RECIPE_METADATA_KEY: newer, "format": "pt"})
+    assert main(["diagnose", *args, "--weights", str(tmp / "new2.safetensors")]) == 0
+    assert "unknown field(s) ['future']" in capsys.readouterr().err
+
+
 def test_cli_messages_name_the_option_at_fault(files, tmp_path, monkeypatch, capsys):
     """From the README audit: each message names the option (or environment variable) at fault in the CLI's terms,
     and says what to do; a leaderboard's names are checked before any row runs."""
