@@ -303,31 +303,10 @@ def float32_delta(expert: Tensor, base: Tensor, out: Tensor | None = None) -> Te
     """
     if expert.dtype == torch.float64 or base.dtype == torch.float64:
         diff = torch.sub(expert.double(), base.double())
-        delta = diff.float() if out is None else out.copy_(diff)
-    elif out is not None:   # in place: no float32 temporaries for half-precision weights
-        delta = out.copy_(expert).sub_(base)
-    else:
-        delta = torch.sub(expert.float(), base.float())
-    return zero_unchanged(delta, expert, base)
-
-
-def zero_unchanged(delta: Tensor, expert: Tensor, base: Tensor) -> Tensor:
-    """``delta`` (``expert - base``, in place) with 0 where a half-precision expert of a finer base (a bfloat16 or
-    float16 expert of a float32 base) holds the base's value rounded to its dtype: no change, as far as its storage
-    tells; the difference there is the base's own rounding, of the size of fine-tuning deltas (bfloat16: 4e-3 of the
-    weights). A frozen layer of a bfloat16 expert merged as that rounding, which Iso-C's flat spectrum raised 9.7
-    times (an audit). A float32 expert of a float64 base keeps its delta (float32's rounding, 6e-8, is far below a
-    fine-tuning delta: a float64 base's small deltas are kept instead, see :func:`float32_delta`).
-
-    Example:
-        >>> base = torch.tensor([1.001, 2.0, 3.0])
-        >>> expert = torch.tensor([1.001, 2.5, 3.0]).bfloat16()   # the first and last as the base's, rounded
-        >>> zero_unchanged(expert.float() - base, expert, base).tolist()
-        [0.0, 0.5, 0.0]
-    """
-    if expert.dtype in (torch.float16, torch.bfloat16) and torch.finfo(expert.dtype).eps > torch.finfo(base.dtype).eps:
-        delta.masked_fill_(expert == base.to(expert.dtype), 0.0)
-    return delta
+        return diff.float() if out is None else out.copy_(diff)
+    if out is not None:   # in place: no float32 temporaries for half-precision weights
+        return out.copy_(expert).sub_(base)
+    return torch.sub(expert.float(), base.float())
 
 
 def fingerprint(base: StateDict, experts: Mapping[str, StateDict]) -> Hashable:
@@ -893,13 +872,26 @@ class TaskPool:
             >>> pool.tensor("a", "w") is pool.tensor("a", "w"), pool.tensor(None, "w").tolist()
             (True, [0.0, 0.0])
         """
-        t = self.base[key] if name is None else self.experts[name][key]
+        t = self.base[key] if name is None else self._stored(name, key)
         if not self.resident:
             return t.to(self.device)
         found = self._on_device.get((name, key))
         if found is None:   # two threads may both copy; either copy is the same tensor
             found = self._on_device.setdefault((name, key), t.to(self.device))
         return found
+
+    def _stored(self, name: str, key: str) -> Tensor:
+        """Expert ``name``'s tensor ``key`` as the pool reads it: a half-precision expert's tensor that is the finer
+        base's rounded to its dtype, every entry (a layer the expert left frozen, saved in bfloat16 from a float32
+        base), is the base's own, so that its delta is 0, not the base's rounding (which a merge carried: Task
+        Arithmetic at 2.4 times bfloat16's rounding, Iso-C's flat spectrum at 9.7 times; an audit). Decided for the
+        whole tensor, once per pool: where an expert changed a tensor, an entry it left as the base's rounding
+        may have moved by up to half a step of its dtype, and the base's rounding is that entry's expected delta."""
+        t, base = self.experts[name][key], self.base[key]
+        if t.dtype not in (torch.float16, torch.bfloat16) or torch.finfo(t.dtype).eps <= torch.finfo(base.dtype).eps:
+            return t
+        frozen = self.memo(("frozen", name, key), lambda: torch.equal(_data(t), _data(base).to(t.dtype)))
+        return base if frozen else t
 
     def raw_delta(self, key: str, i: int, out: Tensor | None = None) -> Tensor:
         """Unweighted task matrix ``expert_i - base`` of ``key`` (float32, compute device): a fresh tensor, or
@@ -914,13 +906,9 @@ class TaskPool:
         base = self.tensor(None, key)
         if base.dtype == torch.float64 or any(t.dtype == torch.float64 for t in tensors):
             return torch.stack([float32_delta(t, base) for t in tensors])
-        stored = tensors
         if any(t.dtype != torch.float32 for t in tensors):
             tensors = [t.float() for t in tensors]
-        deltas = torch.stack(tensors).sub_(base.float())
-        for delta, t in zip(deltas, stored):   # as float32_delta
-            zero_unchanged(delta, t, base)
-        return deltas
+        return torch.stack(tensors).sub_(base.float())
 
     def layer(self, key: str, weights: Tensor | None = None) -> LayerTasks:
         """The :class:`LayerTasks` view of ``key``; ``weights`` (``[T]``, finite and >= 0) rescale each task
