@@ -342,9 +342,10 @@ def _merge_settings(page) -> tuple[str, str]:
     """Click Merge & evaluate, wait for its run, and return the run's method and settings as recorded."""
     import app
 
-    before = max((r.run for s in app.SESSIONS._data.values() for r in s.runs), default=0)
+    # numbered on from the last run made, which may have been removed (its status line then names it too)
+    before = max((s.made for s in app.SESSIONS._data.values()), default=0)
     page.get_by_role("button", name="Merge & evaluate").click()
-    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1}')")
+    page.wait_for_function(f"() => document.querySelector('#run-status')?.innerText.includes('Run #{before + 1} · ')")
     last = max((s.runs[-1] for s in app.SESSIONS._data.values() if s.runs), key=lambda r: r.run)
     return last.method, last.settings
 
