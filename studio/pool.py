@@ -872,7 +872,9 @@ class TaskPool:
             >>> pool.tensor("a", "w") is pool.tensor("a", "w"), pool.tensor(None, "w").tolist()
             (True, [0.0, 0.0])
         """
-        t = self.base[key] if name is None else self._stored(name, key)
+        if name is not None and self._frozen(name, key):   # the base's own tensor (and device copy)
+            name = None
+        t = self.base[key] if name is None else self.experts[name][key]
         if not self.resident:
             return t.to(self.device)
         found = self._on_device.get((name, key))
@@ -880,18 +882,17 @@ class TaskPool:
             found = self._on_device.setdefault((name, key), t.to(self.device))
         return found
 
-    def _stored(self, name: str, key: str) -> Tensor:
-        """Expert ``name``'s tensor ``key`` as the pool reads it: a half-precision expert's tensor that is the finer
-        base's rounded to its dtype, every entry (a layer the expert left frozen, saved in bfloat16 from a float32
-        base), is the base's own, so that its delta is 0, not the base's rounding (which a merge carried: Task
+    def _frozen(self, name: str, key: str) -> bool:
+        """Whether expert ``name`` holds ``key`` as the finer base's rounded to its half-precision dtype, every entry
+        (a layer the expert left frozen, saved in bfloat16 from a float32 base): the pool then reads the base's own
+        tensor for it (:meth:`tensor`), so that its delta is 0, not the base's rounding (which a merge carried: Task
         Arithmetic at 2.4 times bfloat16's rounding, Iso-C's flat spectrum at 9.7 times; an audit). Decided for the
         whole tensor, once per pool: where an expert changed a tensor, an entry it left as the base's rounding
         may have moved by up to half a step of its dtype, and the base's rounding is that entry's expected delta."""
         t, base = self.experts[name][key], self.base[key]
         if t.dtype not in (torch.float16, torch.bfloat16) or torch.finfo(t.dtype).eps <= torch.finfo(base.dtype).eps:
-            return t
-        frozen = self.memo(("frozen", name, key), lambda: torch.equal(_data(t), _data(base).to(t.dtype)))
-        return base if frozen else t
+            return False
+        return self.memo(("frozen", name, key), lambda: torch.equal(_data(t), _data(base).to(t.dtype)))
 
     def raw_delta(self, key: str, i: int, out: Tensor | None = None) -> Tensor:
         """Unweighted task matrix ``expert_i - base`` of ``key`` (float32, compute device): a fresh tensor, or
