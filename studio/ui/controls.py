@@ -308,6 +308,7 @@ def _no_number_js(v: str) -> str:
     """:func:`_no_number` as a browser expression of the variable ``v``."""
     return f"""({v} === null || {v} === undefined || {v} === "" || (typeof {v} === "number" && Number.isNaN({v})))"""
 
+
 #: :func:`shown_value` as a browser function ``(v, integer) => shown``.
 _SHOWN_JS = """(v, integer) => integer && typeof v === "number" && Number.isFinite(v) ? Math.floor(v + 0.5) : v"""
 
