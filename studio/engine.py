@@ -210,17 +210,18 @@ def merge_pool(
         # The delta is float32; it is added to the base in float32, or in float64 for a float64 base (so alpha = 0
         # gives a float64 base back unrounded).
         acc = torch.promote_types(torch.float32, base_t.dtype)
-        if base_t.is_floating_point() and is_running_statistic(key):
+        statistic = base_t.is_floating_point() and is_running_statistic(key)
+        if statistic:
             # A statistic of the activations, not a task vector: the experts' mean, weighted by the preferences,
             # whatever the method and its scale (merged as a task vector, a running variance went negative, and
             # BatchNorm then gave NaN: Task Arithmetic's default did on 5 of 64 channels of experts whose variances
             # were 0.3-1.2 times the base's; an audit)
-            stat = torch.einsum("t,t...->...", cal_prefs, pool.layer(key, None).deltas)
-            return (pool.tensor(None, key).to(acc) + stat.to(acc)).to("cpu", base_t.dtype).contiguous()
-        if key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
+            delta, factor = torch.einsum("t,t...->...", cal_prefs, pool.layer(key, None).deltas), 1.0
+        elif key not in unscaled:   # non-floating buffers: the base's, on the CPU like every result
             return base_t.to("cpu", copy=True, memory_format=torch.contiguous_format)
-        delta = unscaled[key]
-        if cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
+        else:
+            delta, factor = unscaled[key], scale
+        if not statistic and cal_spec is not None and cal_rule.is_matrix(key, base_t.shape):
             layer = pool.layer(key, None)
             # the base method's own SVD of its delta (TSV-M's, AlignMerge-O's, AlignMerge-B's factors), where this key
             # got its per-layer function; called with the method's own keyword arguments
@@ -232,8 +233,8 @@ def merge_pool(
                                     merged_tag=(tag, key), merged_svd=merged_svd, **cal_hp)
             out = (pool.tensor(None, key).to(acc) + delta.to(acc)).to("cpu", base_t.dtype)
         else:
-            # delta * scale is a fresh tensor: add the base in place (cached deltas are never modified)
-            out = (delta.to(acc) * scale).add_(pool.tensor(None, key).to(acc)).to("cpu", base_t.dtype)
+            # delta * factor is a fresh tensor: add the base in place (cached deltas are never modified)
+            out = (delta.to(acc) * factor).add_(pool.tensor(None, key).to(acc)).to("cpu", base_t.dtype)
         # a calibration's output, and a half-precision result (which can overflow on the cast), are checked here;
         # a plain float32 / float64 result is finite when its delta is (checked once, above)
         if (cal_spec is not None or base_t.dtype in (torch.float16, torch.bfloat16)) and not _all_finite(out):

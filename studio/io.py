@@ -977,7 +977,8 @@ class Recipe:
             self.preferences = {k: _plain(v, f"preferences.{k}") for k, v in self.preferences.items()}
 
     def _check_types(self) -> None:
-        """Each field of the type a merge needs, or a :class:`CheckpointError` naming the field and the value."""
+        """Each field of the type a merge needs, or a :class:`CheckpointError` naming the field and the value; the seed
+        set to the int a merge reads of it (:func:`~studio.schema.check_seed`)."""
         def bad(name: str, expected: str) -> CheckpointError:
             return CheckpointError(f"recipe field '{name}' must be {expected}, got {brief(getattr(self, name))}")
 
