@@ -174,7 +174,7 @@ def merge_pool(
         if gets_method(key):
             extra: dict[str, Any] = {} if model_state is None else {"model_state": model_state}
             if spec.uses_seed:
-                extra["seed"] = key_seed(seed, key)
+                extra["seed"] = key_seed(seed, pool.tied_key(key))   # tied weights draw the same masks
             with _linalg_errors(method, pool, key):
                 return spec.fn(layer, **kwargs, **extra)
         d = layer.deltas

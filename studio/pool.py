@@ -894,6 +894,34 @@ class TaskPool:
             return False
         return self.memo(("frozen", name, key), lambda: torch.equal(_data(t), _data(base).to(t.dtype)))
 
+    def tied_key(self, key: str) -> str:
+        """The first key, in the base's order, that holds the very tensor ``key`` holds in the base and in every expert
+        (``key`` itself unless weights are tied, e.g. a language model's embedding and output head): DARE seeds the
+        masks of a tensor with it, so that tied keys merge to the same values (each key drew its own masks, and a
+        model reloaded with its weights tied kept only one of them; an audit). Keys tied in the base but not in some
+        expert are not tied here: that expert changed them apart.
+
+        Example:
+            >>> w, v = torch.zeros(2), torch.ones(2)
+            >>> pool = TaskPool({"emb": w, "head": w}, {"a": {"emb": v, "head": v}}, device="cpu")
+            >>> pool.tied_key("head"), TaskPool({"emb": w, "head": w}, {"a": {"emb": v, "head": v + 0}}).tied_key("head")
+            ('emb', 'head')
+        """
+        def compute() -> dict[str, str]:
+            def where(t: Tensor) -> tuple:   # the same tensor: same memory, layout and type
+                return t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()
+
+            first: dict[tuple, str] = {}
+            ties = {}
+            for k in self.base:
+                if self.base[k].numel() == 0:   # no memory to share (data_ptr may be 0 for all of them)
+                    continue
+                sig = (where(self.base[k]),) + tuple(where(sd[k]) for sd in self.experts.values())
+                ties[k] = first.setdefault(sig, k)
+            return {k: t for k, t in ties.items() if t != k}
+
+        return self.memo("tied keys", compute).get(key, key)
+
     def raw_delta(self, key: str, i: int, out: Tensor | None = None) -> Tensor:
         """Unweighted task matrix ``expert_i - base`` of ``key`` (float32, compute device): a fresh tensor, or
         written into ``out``. Float64 weights are subtracted before rounding (:func:`float32_delta`)."""

@@ -1325,6 +1325,26 @@ def test_dare_draws_each_layer_from_its_own_stream():
     assert not torch.equal(out["a"], out["b"])
 
 
+@pytest.mark.parametrize("ties_consensus", [False, True])
+def test_dare_merges_tied_weights_to_the_same_values(ties_consensus):
+    """Keys that hold one tensor in the base and in every expert (a tied embedding and head) draw the same masks, so
+    they merge equal, as with every other method; keys that an expert holds apart, or equal copies, draw their own
+    (mutant: the key's own seed for tied keys; a tie read from the base alone)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(30, 16, generator=g)
+    base = {"emb": w, "mid": torch.randn(5, generator=g), "head": w, "copy": w.clone()}
+    experts = {}
+    for n in ("x", "y", "z"):
+        e = w + 0.01 * torch.randn(30, 16, generator=g)
+        experts[n] = {"emb": e, "mid": base["mid"] + 1, "head": e, "copy": e.clone()}
+    out = studio.merge(base, experts, "dare", p=0.5, seed=3, ties_consensus=ties_consensus, device="cpu")
+    assert torch.equal(out["emb"], out["head"]) and not torch.equal(out["emb"], out["copy"])
+    experts["z"] = dict(experts["z"], head=experts["z"]["head"].clone())   # z holds them apart: no longer tied
+    out = studio.merge(base, experts, "dare", p=0.5, seed=3, ties_consensus=ties_consensus, device="cpu")
+    assert not torch.equal(out["emb"], out["head"])
+    assert TaskPool(base, experts).tied_key("head") == "head"
+
+
 def test_a_bfloat16_result_beyond_its_range_is_an_error():
     """bfloat16 has float32's exponent but a smaller maximum: a float32 sum just under float32's max rounds to inf in
     bfloat16 (mutant: only float16 results re-checked)."""

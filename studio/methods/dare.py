@@ -38,7 +38,7 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     """``sum_i m_i * Delta_i / (1 - p)``, ``m_i ~ Bernoulli(1 - p)`` i.i.d. per entry (the engine applies ``alpha``).
 
     Each task's mask is drawn from a ``torch.Generator`` of its own on the layer's device, seeded with
-    ``key_seed(seed, name)`` (the engine derives ``seed`` from the merge seed and the key; ``name`` is the expert's),
+    ``key_seed(seed, name)`` (the engine derives ``seed`` from the merge seed and the key, the first of tied keys for tied weights, which so merge equal: :meth:`~studio.pool.TaskPool.tied_key`; ``name`` is the expert's),
     so a seed fixes the merge, and a task's mask depends on neither the experts' order nor which other experts are
     merged: reordering them gives the same merge, up to the sum's rounding (tested with every method). CPU and CUDA
     generators give different (equally valid) draws. (Before 0.2.2 the tasks drew from one stream in expert order.)
