@@ -904,7 +904,8 @@ class TaskPool:
         Example:
             >>> w, v = torch.zeros(2), torch.ones(2)
             >>> pool = TaskPool({"emb": w, "head": w}, {"a": {"emb": v, "head": v}}, device="cpu")
-            >>> pool.tied_key("head"), TaskPool({"emb": w, "head": w}, {"a": {"emb": v, "head": v + 0}}).tied_key("head")
+            >>> untied = TaskPool({"emb": w, "head": w}, {"a": {"emb": v, "head": v + 0}}, device="cpu")
+            >>> pool.tied_key("head"), untied.tied_key("head")
             ('emb', 'head')
         """
         def compute() -> dict[str, str]:

@@ -38,13 +38,13 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     """``sum_i m_i * Delta_i / (1 - p)``, ``m_i ~ Bernoulli(1 - p)`` i.i.d. per entry (the engine applies ``alpha``).
 
     Each task's mask is drawn from a ``torch.Generator`` of its own on the layer's device, seeded with
-    ``key_seed(seed, name)`` (the engine derives ``seed`` from the merge seed and the key, the first of tied keys for tied weights, which so merge equal: :meth:`~studio.pool.TaskPool.tied_key`; ``name`` is the expert's),
+    ``key_seed(seed, name)`` (the engine derives ``seed`` from the merge seed and the key, for tied weights the first
+    of the tied keys, so that they merge equal: :meth:`~studio.pool.TaskPool.tied_key`; ``name`` is the expert's),
     so a seed fixes the merge, and a task's mask depends on neither the experts' order nor which other experts are
     merged: reordering them gives the same merge, up to the sum's rounding (tested with every method). CPU and CUDA
     generators give different (equally valid) draws. (Before 0.2.2 the tasks drew from one stream in expert order.)
-    With ``ties_consensus``
-    the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum (mergekit's
-    ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority taken
+    With ``ties_consensus`` the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum
+    (mergekit's ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority taken
     before put 0.85 % of a bf16-stored tensor's entries at the other sign, a helper's audit; the official DARE
     code's TIES variant, MergeLM ``mask_apply_method="ties_merging"``, also trims by magnitude and takes the
     disjoint mean), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
