@@ -549,7 +549,7 @@ MUTANTS = [
      '    elif False:\n        raise',
      'calibrate_hparams without calibrate accepted'),
     ('E21', 'studio/engine.py',
-     'extra["seed"] = key_seed(seed, key)',
+     'extra["seed"] = key_seed(seed, pool.tied_key(key))',
      'extra["seed"] = seed',
      'DARE gets the global seed on every layer, not key_seed(seed, key)'),
     ('E22', 'studio/engine.py',

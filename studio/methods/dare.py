@@ -44,8 +44,8 @@ def dare(layer: LayerTasks, p: float, ties_consensus: bool, seed: int) -> Tensor
     merged: reordering them gives the same merge, up to the sum's rounding (tested with every method). CPU and CUDA
     generators give different (equally valid) draws. (Before 0.2.2 the tasks drew from one stream in expert order.)
     With ``ties_consensus`` the drop-and-rescaled task vectors go through the TIES sign election and a disjoint sum
-    (mergekit's ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority taken
-    before put 0.85 % of a bf16-stored tensor's entries at the other sign, a helper's audit; the official DARE
+    (mergekit's ``dare_ties``, whose +1 this takes for an entry whose values cancel exactly; the per-tensor majority
+    taken before put 0.85 % of a bf16-stored tensor's entries at the other sign, a helper's audit; the official DARE
     code's TIES variant, MergeLM ``mask_apply_method="ties_merging"``, also trims by magnitude and takes the
     disjoint mean), otherwise they are summed. With ``p = 0`` this is Task Arithmetic.
 
