@@ -112,7 +112,8 @@ class LowRank:
 
 @dataclass
 class Compressed:
-    """TSV-C compressed experts: ``tasks[name][key]`` is a :class:`LowRank` for matrix layers, else the dense task
+    """TSV-C compressed experts: ``tasks[name][key]`` is a :class:`LowRank` for matrix layers (or, where its ``k``
+    triplets would take as many numbers as the matrix or more, that rank-``k`` matrix dense), else the dense task
     vector. ``base`` is the pretrained state dict the task vectors apply to (kept by reference)."""
 
     base: dict[str, Tensor]
@@ -355,6 +356,10 @@ def compress(
             with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices are dropped (e.g. ``r = 16`` at
             ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``. A fraction that keeps
             nothing on every compressed layer is refused (:func:`studio.methods.tsv_m.refuse_keeping_nothing`).
+            Where the ``k`` triplets would take at least the ``m n`` numbers of the matrix (``k >= r / 2`` or so on a
+            square layer: one expert at the default, or a fraction of 0.5 and above), the same rank-``k`` task matrix
+            is kept dense instead, which takes fewer (one expert at ``1/T = 1`` was stored at 1.32 times its dense
+            task vector on MiniSuite).
         device: where the decompositions run (``None``: ``$MERGE_STUDIO_DEVICE`` when set, else CUDA when
             present). Factors are returned on the CPU.
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``
@@ -371,8 +376,10 @@ def compress(
         >>> base = {"w": torch.zeros(4, 4)}
         >>> experts = {"a": {"w": torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5]))}}
         >>> c = compress(base, experts, rank_fraction=0.5)
-        >>> c.task_vector("a")["w"].diagonal().tolist(), c.storage_ratio()
-        ([3.0, 2.0, 0.0, 0.0], 1.125)
+        >>> c.task_vector("a")["w"].diagonal().tolist(), c.storage_ratio()   # rank 2 of 4 x 4: 18 numbers, or 16
+        ([3.0, 2.0, 0.0, 0.0], 1.0)
+        >>> c.tasks["a"]["w"].shape, compress(base, experts, rank_fraction=0.25).tasks["a"]["w"].rank
+        (torch.Size([4, 4]), 1)
     """
     from .engine import get_pool
     from .methods.tsv_m import refuse_keeping_nothing, tsv_cover, tsv_rank   # lazy: it registers every method
@@ -397,7 +404,10 @@ def compress(
             k = tsv_rank(min(b.shape), 1, fraction, owner="compress", key=key)
             parts = layer.svds(range(T), k, cover=tsv_cover(layer))   # TSV-M's buckets: shared with its merges
             for name, (U, S, Vh) in zip(pool.names, parts):
-                tasks[name][key] = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
+                factors = LowRank(U.contiguous().cpu().clone(), S.cpu().clone(), Vh.contiguous().cpu().clone())
+                # k (m + n + 1) numbers at or above the m n of the matrix (k >= r / 2 on a square layer, e.g. one
+                # expert at the default 1/T): the same rank-k task matrix takes fewer numbers dense
+                tasks[name][key] = factors.to_dense() if factors.numel >= b.numel() else factors
         else:
             deltas = layer.deltas
             for i, name in enumerate(pool.names):

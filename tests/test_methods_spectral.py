@@ -8,6 +8,7 @@ import torch
 
 import studio
 from studio import linalg
+from studio.compress import Compressed
 from studio.methods.iso_c import iso_c
 from studio.methods.iso_cts import iso_cts, iso_cts_dims
 from studio.methods.tsv_m import tsv_m, tsv_rank
@@ -1074,6 +1075,32 @@ def test_compress_with_every_component_is_lossless_and_storage_is_counted_as_in_
     assert info["per_task"]["task2"] == {"stored": stored, "dense": dense, "ratio": stored / dense}
     assert packed.storage_ratio() == pytest.approx(stored / dense)
     assert info["model_multiple"] == pytest.approx(1 + 4 * stored / dense)
+
+
+def test_compress_keeps_a_layer_dense_where_its_factors_would_take_as_many_numbers(tmp_path):
+    """k (m + n + 1) >= m n: the same rank-k task matrix is kept dense, in fewer numbers; a 2 x 3 layer at k = 1 takes
+    6 numbers either way and is kept dense (mutants: factors always; dense only above m n)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(2, 3, generator=g), "square": torch.randn(12, 12, generator=g),
+            "tall": torch.randn(12, 6, generator=g), "bias": torch.randn(12, generator=g)}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in "ab"}
+    packed = studio.compress(base, experts, rank_fraction=0.5)          # k = 1, 6 and 3
+    refs = tsv_c_reference([{k: e[k].double() - base[k].double() for k in base} for e in experts.values()], 0.5)
+    for name, ref in zip(experts, refs):
+        kept = packed.tasks[name]
+        assert isinstance(kept["w"], torch.Tensor) and isinstance(kept["square"], torch.Tensor)
+        assert kept["tall"].rank == 3
+        vector = packed.task_vector(name)
+        for key in base:
+            assert _rel(vector[key].double(), ref[key]) < RTOL, (name, key)
+    assert packed.storage()["per_task"]["a"]["stored"] == 6 + 144 + 3 * (12 + 6 + 1) + 12
+    again = Compressed.load(packed.save(tmp_path / "packed.safetensors"), base)
+    assert again.storage() == packed.storage()
+    assert all(torch.equal(again.reconstruct(n)[k], packed.reconstruct(n)[k]) for n in experts for k in base)
+    single = studio.compress(base, {"a": experts["a"]})                # one expert: 1/T = 1, every matrix dense
+    assert single.storage_ratio() == 1.0
+    assert all(_rel(single.task_vector("a")[k].double(), experts["a"][k].double() - base[k].double()) < RTOL
+               for k in base)
 
 
 def test_compress_reconstructs_a_float64_base_without_rounding_it():
