@@ -783,8 +783,9 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
     (one-hot = the target-task calibration of sec. 5.3, ``gamma^r = 1 / max(alpha, s_t^r)``, except that, as in the
     official code, a subspace where the target task's ``s_t^r <= 0`` keeps ``gamma^r = 1``: sec. 5.3's formula
     would give ``1 / alpha`` there; see :func:`~studio.methods._align.svc_gamma`). A task's response at or below
-    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest counts as none (``s = 0``), as does a projection
-    ``|c_i^r|`` at or below :data:`~studio.methods._align.SVC_PROJECTION_RTOL` of it. Both come from
+    :data:`~studio.methods._align.SVC_NOISE_RTOL` of its own largest counts as none (``s = 0``), and the target guard
+    keeps a subspace whose projection ``|c_t^r|`` is at or below :data:`~studio.methods._align.SVC_PROJECTION_RTOL`
+    of it (:func:`~studio.methods._align.svc_unresolved`). Both come from
     :func:`studio.methods._align.svc_projection_coefficients` / :func:`~studio.methods._align.svc_gamma`, the code
     the ``svc`` calibration runs. ``merged=None``: the Task Arithmetic sum, where Lemma 3.2 gives
     ``s_i^r = 1 + sum_{j != i} <a_j^r, a_i^r> / ||a_i^r||^2`` (see :func:`svc_cross_terms`). ``rank``: only the top
@@ -809,7 +810,8 @@ def svc_coefficients(layer: LayerTasks, merged: Tensor | None = None, *, alpha: 
     # over every subspace, then cut: the noise floor is relative to each task's largest response, as in the svc
     # calibration
     s = _align.svc_projection_coefficients(st.S, st.c, st.a2)[:, :R]
-    return s, _align.svc_gamma(s, alpha, _preferences(layer, preferences))
+    unresolved = _align.svc_unresolved(st.c, st.a2)[:, :R]
+    return s, _align.svc_gamma(s, alpha, _preferences(layer, preferences), unresolved=unresolved)
 
 
 def _cross_terms(layer: LayerTasks, merged: Tensor | None) -> Tensor:

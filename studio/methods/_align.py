@@ -17,9 +17,9 @@ scale or of the preferences costs O(T R) plus one reconstruction.
 
 Public helpers (used by ``svc.py``, ``align_merge.py`` and the diagnostics):
 :func:`subspace_responses`, :func:`merged_spectrum_of`, :func:`merged_spectrum`, :func:`svc_projection_coefficients`,
-:func:`svc_gamma`, :func:`subspace_scaling_eta`, :func:`subspace_cross_influence`, :func:`cross_influence_terms`,
-:func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`, :func:`preference_weights`,
-:func:`factored_svd`, :func:`partial_polar`.
+:func:`svc_unresolved`, :func:`svc_gamma`, :func:`subspace_scaling_eta`, :func:`subspace_cross_influence`,
+:func:`cross_influence_terms`, :func:`full_coefficient`, :func:`subspace_alignment_index`, :func:`align_b_factors`,
+:func:`preference_weights`, :func:`factored_svd`, :func:`partial_polar`.
 
 Diagnostics example (one layer)::
 
@@ -49,8 +49,8 @@ SVC_EPS = 1e-12
 SVC_NOISE_RTOL = 1e-5
 
 #: A task's projection ``|c_i^r| = |u_r^T Delta_i v_r|`` at or below this fraction of its largest response
-#: ``max_r |a_i^r|`` is rounding (of the experts as stored, of float32 arithmetic), whose sign is no response's either:
-#: ``s_i^r = 0`` there too (:func:`svc_projection_coefficients`; our rule).
+#: ``max_r |a_i^r|`` is not resolved in float32 (its computed error reached 4.5 eps32 of that response): its sign does
+#: not decide the one-hot target guard (:func:`svc_unresolved`, :func:`svc_gamma`; our rule).
 SVC_PROJECTION_RTOL = 1e-6
 
 
@@ -371,15 +371,6 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
     exact arithmetic) at scale 1e-3 and 0.0047x at scale 1. A genuine response that small would make ``s`` of
     1e5 times ``sigma_r`` over the task's norm; CLIP fine-tuning deltas respond 1e-2 and more of their largest.
 
-    **Deviation (ours), the projection**: a projection ``|c_i^r|`` of at most :data:`SVC_PROJECTION_RTOL` (1e-6) of
-    the task's largest response also gets ``s = 0``. A low-rank task (a LoRA-like expert; one that differs from
-    another by noise) leaves the merge directions outside its span, where ``c_i^r`` is the rounding of the experts as
-    stored, with either sign. With a one-hot target, the official guard's ``gamma`` is 1 at ``s_t <= 0`` and up to
-    ``1/alpha`` at ``s_t > 0``: that rounding decided each such subspace. A rank-1 target and its near copy, SVC at
-    ``alpha = 1e-4``, merged up to 2.4 apart (relative) stored on a zero and on a random base (an audit, 2026-12);
-    now both keep those subspaces as merged. A real projection that small against a response 1e6 times larger is
-    below float32's resolution of the responses themselves (~1e-7); CLIP fine-tuning deltas project far above it.
-
     Example:
         >>> S, c, a2 = torch.tensor([4.0]), torch.tensor([[2.0], [2.0]]), torch.tensor([[4.0], [4.0]])
         >>> svc_projection_coefficients(S, c, a2).tolist()   # two identical tasks: s = 2 (double counting)
@@ -390,9 +381,33 @@ def svc_projection_coefficients(S: Tensor, c: Tensor, a2: Tensor, scale: float =
         [[1.0, 0.0], [0.0, 1.0]]
     """
     s = (scale * S).unsqueeze(0) * c / a2.clamp_min(SVC_EPS)
+    return s.masked_fill(svc_no_response(a2), 0.0)
+
+
+def svc_unresolved(c: Tensor, a2: Tensor) -> Tensor:
+    """``[T, R]``: where task ``i``'s projection ``|c_i^r|`` is at or below :data:`SVC_PROJECTION_RTOL` (1e-6) of its
+    largest response ``max_r |a_i^r|``, below what float32 resolves of it, so that its sign is rounding's.
+
+    **Deviation (ours), the target guard** (:func:`svc_gamma`): with a one-hot target the official guard's ``gamma``
+    is 1 at ``s_t <= 0`` and ``1 / max(alpha, s_t)``, up to ``1/alpha``, at ``s_t > 0``, a step at ``s_t = 0``. A
+    low-rank target (a LoRA-like expert; one that differs from another by noise) leaves the merge directions outside
+    its span, where ``c_t^r`` is second order in the basis' tilt (~1e-8 of the largest response) and its computed
+    value is float32's error, of either sign: that rounding decided each such subspace. A rank-1 target and its near
+    copy, SVC at ``alpha = 1e-4``, merged up to 2.4 apart (relative) stored on a zero and on a random base (an audit,
+    2026-12); the guard now keeps such a subspace (``gamma = 1``) on both. The computed projection's error against
+    float64 reached 4.5 float32 eps of the largest response (5.4e-7 in ``svd_mode="exact"``, over 270 merges of a
+    rank-1 target and a copy with noise, ``4 x 3`` to ``128 x 96``). Only the guard reads this: eq. 20's
+    ``max(alpha, s)`` is continuous in ``s``, and ``s`` keeps every projection. Zeroing these ``s`` as well turned
+    SVC after AlignMerge-O of tasks with tied spectra (where a task's share of a direction is arbitrary and its
+    projection second order in it) 0.12 apart between two orders of the experts under OpenBLAS's SkylakeX kernel,
+    against 6.6e-4 with them kept.
+
+    Example:
+        >>> svc_unresolved(torch.tensor([[2.0, 1e-7, -3e-6]]), torch.tensor([[4.0, 1e-6, 1e-6]])).tolist()
+        [[False, True, False]]
+    """
     floor = SVC_PROJECTION_RTOL * a2.amax(-1, keepdim=True).sqrt()
-    unresolved = (c.abs() <= floor) & torch.isfinite(floor)   # an overflow is named by the merge's own check
-    return s.masked_fill(svc_no_response(a2) | unresolved, 0.0)
+    return (c.abs() <= floor) & torch.isfinite(floor)   # an overflow is named by the merge's own check
 
 
 def svc_no_response(a2: Tensor) -> Tensor:
@@ -409,7 +424,8 @@ def svc_no_response(a2: Tensor) -> Tensor:
     return (a2 <= floor) & torch.isfinite(floor)
 
 
-def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target_guard: bool = True) -> Tensor:
+def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target_guard: bool = True,
+              unresolved: Tensor | None = None) -> Tensor:
     """SVC calibration factor per subspace, ``gamma [R]`` (SVC eq. 20, sec. 5.3 preference optimisation).
 
     Weighted harmonic aggregation of the clipped task-wise scalings ``1 / max(alpha, s_i^r)`` with normalised
@@ -431,6 +447,8 @@ def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target
         alpha: the clip ``alpha in (0, 1]``; ``alpha = 1`` is suppression-only (``gamma <= 1``).
         preferences: ``[T]`` non-negative weights summing to 1, or ``None`` (uniform).
         target_guard: see above; only used when ``preferences`` is one-hot.
+        unresolved: ``[T, R]`` projections whose sign is rounding's (:func:`svc_unresolved`): the guard keeps those
+            subspaces (``gamma = 1``) whatever that sign.
 
     Example:
         >>> s = torch.tensor([[2.0, 0.5], [4.0, -1.0]])
@@ -438,6 +456,8 @@ def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target
         [0.3333333432674408, 1.0]
         >>> svc_gamma(s, 0.5, torch.tensor([0.0, 1.0])).tolist()   # target task 2; s = -1 <= 0 keeps gamma = 1
         [0.25, 1.0]
+        >>> svc_gamma(s, 0.5, torch.tensor([0.0, 1.0]), unresolved=torch.tensor([[False] * 2, [True, False]])).tolist()
+        [1.0, 1.0]
     """
     p = preference_weights(preferences, s)
     clipped = s.clamp_min(alpha)
@@ -445,7 +465,8 @@ def svc_gamma(s: Tensor, alpha: float, preferences: Tensor | None = None, target
     if target_guard and int(active.sum()) == 1:
         t = int(torch.nonzero(active)[0])
         st = s[t]
-        return torch.where(st > 0, 1.0 / clipped[t], torch.ones_like(st))
+        raised = st > 0 if unresolved is None else (st > 0) & ~unresolved[t]
+        return torch.where(raised, 1.0 / clipped[t], torch.ones_like(st))
     weighted = torch.where(active.unsqueeze(-1), p.unsqueeze(-1) * clipped, torch.zeros_like(clipped))
     return p.sum() / weighted.sum(0)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from ..pool import LayerTasks
 from ..registry import register
 from ..schema import Param
-from ._align import MergedSvd, merged_spectrum, svc_gamma, svc_projection_coefficients
+from ._align import MergedSvd, merged_spectrum, svc_gamma, svc_projection_coefficients, svc_unresolved
 
 #: The global scale lambda each base method had in the official SVC runs (main.py / merge_func.py), i.e. the scale
 #: the merged delta carried when SVC saw it; after SVC the code adds the result with lambda = 1 (App. A). The values
@@ -128,7 +128,7 @@ def svc(layer: LayerTasks, merged: Tensor, *, scale: float, preferences: Tensor 
     spec = merged_spectrum(layer, merged, merged_tag, merged_svd)
     a = resolve_alpha(alpha, layer.num_tasks, base_method)
     s = svc_projection_coefficients(spec.S, spec.c, spec.a2, scale)
-    gamma = svc_gamma(s, a, preferences, target_guard)
+    gamma = svc_gamma(s, a, preferences, target_guard, svc_unresolved(spec.c, spec.a2))
     # s = scale * sigma * c / ||a||^2 overflows float32 (inf) for task vectors near 4e18, where gamma would be 0 (or
     # 1 for a target task) and erase (or keep) the subspace unseen: NaN there, which the engine's finiteness check
     # names as the calibration's overflow
