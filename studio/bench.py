@@ -804,17 +804,18 @@ def cpu_name() -> str:
 def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") -> None:
     ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
-    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--tasks", type=int, default=8, help="number of synthetic experts (default 8)")
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")
     ap.add_argument("--methods", nargs="*",
                     help="the rows, in this order: method names, or 'method+calibration' for a calibrated row "
                          "(e.g. ties+svc); default: the README table's rows")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                    help="dtype the synthetic base and experts are stored in (compute is float32)")
     ap.add_argument("--experts-dir", default=None, metavar="DIR",
                     help="write the experts to DIR as sharded safetensors checkpoints (reused when DIR already holds "
                          "them) and merge them from there, mapped from the files as a user's checkpoints are: a pool "
                          "larger than this machine's memory is read from storage again as the merges need it")
-    ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"])
+    ap.add_argument("--svd-mode", default="auto", choices=["auto", "exact"], help="studio.merge's svd_mode")
     ap.add_argument("--reference", action="store_true", help="also time the slow official-code-style references")
     ap.add_argument("--peer", action="store_true",
                     help="also time FusionBench 0.2.33's implementations (pip install -e '.[crosscheck]')")

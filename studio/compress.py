@@ -347,19 +347,20 @@ def compress(
     Args:
         base: pretrained state dict.
         experts: mapping task name -> fine-tuned state dict (validated with :func:`studio.pool.validate_experts`).
-        rank_fraction: fraction of each layer's ``r = min(m, n)`` components kept; ``None`` = ``1/T`` (the paper's
-            and the official ``compress_tv(..., 1 / len(DATASETS))`` default). The matrices of all ``T`` tasks then
-            take about ``r (m + n) / (m n)`` of the model's matrices whatever ``T`` is (TSV sec. 5.2: the base plus
-            them is "approximately twice" the model), but each task keeps its non-matrix tensors dense, so the total
-            grows with ``T`` (base + tasks, ViT-B/32 visual tower: 2.52x the model at ``T = 8``, 2.85x at 20, see
-            :meth:`Compressed.storage`). Must be in ``(0, 1]``. As in the official code ``k`` rounds down, so on a layer
-            with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices are dropped (e.g. ``r = 16`` at
-            ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at ``0.05``. A fraction that keeps
-            nothing on every compressed layer is refused (:func:`studio.methods.tsv_m.refuse_keeping_nothing`).
-            Where the ``k`` triplets would take at least the ``m n`` numbers of the matrix (``k >= r / 2`` or so on a
-            square layer: one expert at the default, or a fraction of 0.5 and above), the same rank-``k`` task matrix
-            is kept dense instead, which takes fewer (one expert at ``1/T = 1`` was stored at 1.32 times its dense
-            task vector on MiniSuite).
+        rank_fraction: fraction of each layer's ``r = min(m, n)`` components kept; ``None`` = ``1/T`` (the paper's and
+            the official ``compress_tv(..., 1 / len(DATASETS))`` default). The matrices of all ``T`` tasks then take
+            about ``r (m + n) / (m n)`` of the model's matrices whatever ``T`` is (TSV sec. 5.2: the base plus them is
+            "approximately twice" the model), but each task keeps its non-matrix tensors dense, so the total grows with
+            ``T`` (base + tasks, ViT-B/32 visual tower: 2.52x the model at ``T = 8``, 2.85x at 20, see
+            :meth:`Compressed.storage`; counted on ``open_clip.create_model("ViT-B-32")``'s visual shapes,
+            ``k (m + n + 1)`` numbers per matrix and task, the rest dense). Must be in ``(0, 1]``. As in the official
+            code ``k`` rounds down, so on a layer with ``r < 1 / rank_fraction`` it is 0 and that layer's task matrices
+            are dropped (e.g. ``r = 16`` at ``0.05``); CLIP's layers (``r >= 768``) keep at least 38 components at
+            ``0.05``. A fraction that keeps nothing on every compressed layer is refused
+            (:func:`studio.methods.tsv_m.refuse_keeping_nothing`). Where the ``k`` triplets would take at least the
+            ``m n`` numbers of the matrix (``k >= r / 2`` or so on a square layer: one expert at the default, or a
+            fraction of 0.5 and above), the same rank-``k`` task matrix is kept dense instead, which takes fewer (one
+            expert at ``1/T = 1`` was stored at 1.32 times its dense task vector on MiniSuite).
         device: where the decompositions run (``None``: ``$MERGE_STUDIO_DEVICE`` when set, else CUDA when
             present). Factors are returned on the CPU.
         layer_rule: which 2-D tensors are compressed (default ``"all_matrices"``: every 2-D tensor, ``text_projection``

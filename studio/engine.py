@@ -276,7 +276,8 @@ def merge(
         base: the pretrained state dict.
         experts: mapping task name -> fine-tuned state dict (the base's keys and shapes).
         method: a registered method name (see :func:`studio.list_methods`).
-        device: ``"cpu"``, ``"cuda"`` or ``None`` (``$MERGE_STUDIO_DEVICE`` when set, else CUDA when present).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or ``None`` / ``"auto"`` (``$MERGE_STUDIO_DEVICE`` when set,
+            else CUDA when present).
             Compute is float32 for any input dtype.
         calibrate: a calibration applied after the base method on every matrix layer (``"svc"``,
             ``"align_merge_b"``), or ``None``. It calibrates the base method's final delta, the method's scale
@@ -294,24 +295,24 @@ def merge(
             are merged, leave it as it is.
         layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`); ``None``: the method's and
             the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``).
-        svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are
-            kept, :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to
-            float32 accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style
-            experts) ``"exact"`` reproduces the official code, which then keeps the arbitrary null-space vectors
-            LAPACK returns (AlignMerge-O, which has no official code, leaves them out in both modes), and ``"auto"``
-            keeps only directions above float32 resolution
-            (:func:`studio.linalg.null_tolerance`; where the *sum* of the task matrices is
-            rank deficient, Iso-C / Iso-CTS keep only its directions in both modes; the official code gives
-            ``sigma_bar`` to its arbitrary null space too). Singular values that are exactly zero (a
-            layer an expert left unchanged, a task with preference weight 0) are left out in both modes: the
-            official TSV-M and Iso-CTS keep LAPACK's arbitrary vectors for them (the identity's columns on a CPU)
-            and whiten the other tasks' directions against those. So a preference weight of exactly 0 is not the
-            limit of small weights there: any weight above 0 keeps the task's directions in the whitening (only its
-            singular values shrink), and 0 takes them out (TSV-M at weights ``[1, 1, 1e-6, 1]`` and
-            ``[1, 1, 0, 1]`` differed by 48-49% on small random experts: docs/ACCURACY.md, "A preference weight of
-            0 against a small one"). Nor is weight 0 the same as leaving the
-            expert out: ``T`` still counts it (``T * p_i`` scales the others by ``T / (T - 1)``, TSV-M's ``k``
-            and Iso-CTS's ``s`` are sized for ``T`` tasks and the zero task's share stays empty).
+        svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are kept,
+            :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to float32
+            accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style experts)
+            ``"exact"`` reproduces the official code, which then keeps the arbitrary null-space vectors LAPACK returns,
+            and ``"auto"`` keeps only directions above float32 resolution (:func:`studio.linalg.null_tolerance`) and
+            above each expert's stored rounding (:meth:`~studio.pool.LayerTasks.rounding_cut`). In both modes the engine
+            leaves out the null space of a rank-deficient sum (Iso-C, Iso-CTS; the official code gives ``sigma_bar`` to
+            it too), a low-rank task's components past its rank (Iso-CTS, AlignMerge-O and Ortho-Merge, which have no
+            official code) and dependent columns in TSV-M's and Iso-CTS's whitening (docs/ENGINE.md, "Precision and SVD
+            modes"). Singular values that are exactly zero (a layer an expert left unchanged, a task with preference
+            weight 0) are left out in both modes: the official TSV-M and Iso-CTS keep LAPACK's arbitrary vectors for
+            them (the identity's columns on a CPU) and whiten the other tasks' directions against those. So a preference
+            weight of exactly 0 is not the limit of small weights there: any weight above 0 keeps the task's directions
+            in the whitening (only its singular values shrink), and 0 takes them out (TSV-M at weights
+            ``[1, 1, 1e-6, 1]`` and ``[1, 1, 0, 1]`` differed by 48-49% on small random experts: docs/ACCURACY.md, "A
+            preference weight of 0 against a small one"). Nor is weight 0 the same as leaving the expert out: ``T``
+            still counts it (``T * p_i`` scales the others by ``T / (T - 1)``, TSV-M's ``k`` and Iso-CTS's ``s`` are
+            sized for ``T`` tasks and the zero task's share stays empty).
         progress: optional callback ``(fraction, message)``.
         **hparams: the method's hyperparameters (validated against its schema).
 

@@ -1479,7 +1479,9 @@ def merge_from_recipe(recipe: Recipe, base: Mapping[str, Tensor], experts: Mappi
                       *, check: bool = True, **overrides: Any) -> dict[str, Tensor]:
     """Reproduce a merge: select the recipe's experts (in its order), keep the tensors under its ``prefix``, and
     call :func:`studio.merge`. With ``check`` (the default), first refuse a base or expert whose weights differ from
-    the :attr:`Recipe.fingerprints` it recorded (``check=False``: merge other weights on purpose)."""
+    the :attr:`Recipe.fingerprints` it recorded (``check=False``: merge other weights on purpose). ``overrides``
+    are :func:`studio.merge` keywords that replace the recipe's (``device="cuda"``; a hyperparameter such as
+    ``alpha=0.5``, which makes another merge than the recipe's)."""
     from .engine import merge
 
     if not isinstance(recipe, Recipe):

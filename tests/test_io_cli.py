@@ -298,6 +298,10 @@ def test_bench_leaderboard_and_build_suite_take_their_own_options(capsys):
         with pytest.raises(SystemExit) as exit_:
             main([cmd, "--help"])
         assert exit_.value.code == 0 and option in capsys.readouterr().out, cmd
+    # a negative share of target-domain images was taken (and gave a negative count of them)
+    with pytest.raises(SystemExit):
+        main(["build-suite", "--pretrain-target-fraction", "-0.5"])
+    assert "--pretrain-target-fraction: -0.5 is not a finite number >= 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ checkpoint sources

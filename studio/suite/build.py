@@ -517,24 +517,34 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.
             raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
         return value
 
+    def non_negative(text: str) -> float:
+        value = float(text)
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
+        return value
+
     ap.add_argument("--out", default=d.out, help="output folder: new, empty or an earlier build's (whose files are "
                                                  "replaced; files of other names are kept)")
     ap.add_argument("--tasks", nargs="+", default=d.tasks, choices=list(TASK_NAMES), metavar="TASK",
                     help=f"tasks to build (default: all of {list(TASK_NAMES)})")
-    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the base and the fine-tuning")
     ap.add_argument("--device", default=d.device, help="cpu, cuda or auto (default)")
     ap.add_argument("--threads", type=int, default=d.threads, help="CPU threads (0 = torch default)")
     # every count at least 1 (0 fine-tuning steps made experts equal to the base; 0 images failed after the build)
     ap.add_argument("--steps", type=at_least(1), default=d.steps, help="fine-tuning steps per expert")
-    ap.add_argument("--pretrain-steps", type=at_least(0), default=d.pretrain_steps)
-    ap.add_argument("--batch-size", type=at_least(1), default=d.batch_size)
+    ap.add_argument("--pretrain-steps", type=at_least(0), default=d.pretrain_steps,
+                    help="steps that train the base model (the pretrained backbone) on every task's source domain")
+    ap.add_argument("--batch-size", type=at_least(1), default=d.batch_size, help="images per step, in both stages")
     ap.add_argument("--lr", type=positive, default=d.lr, help="fine-tuning learning rate")
-    ap.add_argument("--pretrain-lr", type=positive, default=d.pretrain_lr)
-    ap.add_argument("--n-pretrain", type=at_least(1), default=d.n_pretrain)
-    ap.add_argument("--pretrain-target-fraction", type=float, default=d.pretrain_target_fraction)
-    ap.add_argument("--n-train", type=at_least(1), default=d.n_train)
-    ap.add_argument("--n-val", type=at_least(1), default=d.n_val)
-    ap.add_argument("--n-test", type=at_least(1), default=d.n_test)
+    ap.add_argument("--pretrain-lr", type=positive, default=d.pretrain_lr, help="the base model's learning rate")
+    ap.add_argument("--n-pretrain", type=at_least(1), default=d.n_pretrain,
+                    help="source-domain images per task that train the base model (not stored)")
+    ap.add_argument("--pretrain-target-fraction", type=non_negative, default=d.pretrain_target_fraction,
+                    help="target-domain images added to the base model's training, as a fraction of --n-pretrain")
+    ap.add_argument("--n-train", type=at_least(1), default=d.n_train, help="target-domain images per task that "
+                                                                           "fine-tune its expert")
+    ap.add_argument("--n-val", type=at_least(1), default=d.n_val, help="validation images per task (stored)")
+    ap.add_argument("--n-test", type=at_least(1), default=d.n_test, help="test images per task (stored)")
     ap.add_argument("--no-reference-merges", dest="reference_merges", action="store_false",
                     help="skip the Task Arithmetic alpha sweep recorded in the manifest")
     a = ap.parse_args(argv)
