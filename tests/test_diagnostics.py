@@ -163,6 +163,13 @@ def test_subspace_similarity_is_the_mean_cosine_of_principal_angles():
     fro = D.subspace_similarity(layer, k=2, reduce="frobenius")
     assert float(fro[0, 1]) == pytest.approx((math.cos(t1) ** 2 + math.cos(t2) ** 2) / 2, rel=1e-5)
     assert torch.allclose(sim, sim.T)
+    # side="right": the same angles between the right singular subspaces, the left ones shared (mutant: U on both
+    # sides, which read 1 here)
+    transposed = _pool([(UA @ torch.diag(torch.tensor([3.0, 2.0])) @ V).T,
+                        (UB @ torch.diag(torch.tensor([5.0, 1.0])) @ V).T]).layer("w")
+    right = D.subspace_similarity(transposed, k=2, side="right")
+    assert float(right[0, 1]) == pytest.approx((math.cos(t1) + math.cos(t2)) / 2, rel=1e-5)
+    assert float(D.subspace_similarity(transposed, k=2, side="left")[0, 1]) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_subspace_similarity_counts_only_the_directions_a_rank_deficient_task_has():
@@ -272,18 +279,33 @@ def test_sar_matches_iso_eq5_with_explicit_projections():
     mats = _lowrank(3, 14, 10, 2, seed=8)
     layer = _pool(mats).layer("w")
     TA = sum(m.double() for m in mats)
-    k_ta = D.effective_rank(D.spectrum(TA), 0.05)
+    k_ta = D.effective_rank(torch.linalg.svdvals(TA), 0.05)   # float64 singular values, not the Gram route
     # pairwise, Fig. 3b: k_TA directions of task j
     expected = torch.tensor([[float((_top_u(mats[j], k_ta) @ _top_u(mats[j], k_ta).T @ mats[i].double()).norm()
                                     / mats[i].double().norm()) for j in range(3)] for i in range(3)],
                             dtype=torch.float64)
     torch.testing.assert_close(D.pairwise_sar(layer).double(), expected, atol=1e-5, rtol=0)
+    # k_rule="paper": eq. 6's k_TA, by brute force over k (min k with ||TA - Pi_k TA|| <= 0.05 ||TA||), here above
+    # the official code's
+    U_ta = _top_u(TA, 10)
+    k_paper = next(k for k in range(1, 11) if (TA - U_ta[:, :k] @ U_ta[:, :k].T @ TA).norm() <= 0.05 * TA.norm())
+    assert k_paper != k_ta
+    paper = torch.tensor([[float((_top_u(mats[j], k_paper) @ _top_u(mats[j], k_paper).T @ mats[i].double()).norm()
+                                 / mats[i].double().norm()) for j in range(3)] for i in range(3)], dtype=torch.float64)
+    torch.testing.assert_close(D.pairwise_sar(layer, k_rule="paper").double(), paper, atol=1e-5, rtol=0)
     # to the merged delta, eq. (5) with k_M of eq. (6)
     merged = (0.4 * TA + 0.05 * torch.randn(14, 10, generator=torch.Generator().manual_seed(9))).float()
-    kM = D.effective_rank(D.spectrum(merged), 0.05)
+    kM = D.effective_rank(torch.linalg.svdvals(merged.double()), 0.05)
     P = _top_u(merged, kM) @ _top_u(merged, kM).T
     want = torch.tensor([float((P @ m.double()).norm() / m.double().norm()) for m in mats], dtype=torch.float64)
     torch.testing.assert_close(D.sar_to_merged(layer, merged).double(), want, atol=1e-5, rtol=0)
+    Um = _top_u(merged, 10)
+    M64 = merged.double()
+    kM_paper = next(k for k in range(1, 11) if (M64 - Um[:, :k] @ Um[:, :k].T @ M64).norm() <= 0.05 * M64.norm())
+    assert kM_paper != kM
+    P = Um[:, :kM_paper] @ Um[:, :kM_paper].T
+    want = torch.tensor([float((P @ m.double()).norm() / m.double().norm()) for m in mats], dtype=torch.float64)
+    torch.testing.assert_close(D.sar_to_merged(layer, merged, k_rule="paper").double(), want, atol=1e-5, rtol=0)
     # SAR is invariant to the merged scale (alpha)
     torch.testing.assert_close(D.sar_to_merged(layer, 3 * merged), D.sar_to_merged(layer, merged), atol=1e-5, rtol=0)
 
@@ -407,8 +429,8 @@ def test_svc_coefficients_match_algorithm_1(alpha):
     layer = _pool(mats).layer("w")
     s, gamma = D.svc_coefficients(layer, merged, alpha=alpha)
     s_ref, g_ref = _svc_slow(mats, merged, alpha)
-    torch.testing.assert_close(s.double(), s_ref, rtol=1e-3, atol=1e-4)
-    torch.testing.assert_close(gamma.double(), g_ref, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gamma.double(), g_ref, rtol=1e-4, atol=1e-5)
     # uniform preferences are eq. (20); a one-hot preference is the target-task calibration 1 / max(alpha, s_t)
     torch.testing.assert_close(D.svc_coefficients(layer, merged, alpha=alpha, preferences=[1, 1, 1])[1], gamma)
     g1 = D.svc_coefficients(layer, merged, alpha=alpha, preferences=[0, 1, 0])[1]
@@ -488,6 +510,17 @@ def test_cross_influence_and_sai_match_the_two_step_projections_of_app_b2():
             assert float(sai[i, r]) == pytest.approx(abs(eta_r * full - 1), rel=1e-3, abs=1e-5)  # eq. (8)
     # least-squares pooled heatmap reduces to xi for one subspace
     torch.testing.assert_close(D.cross_influence_matrix(layer, merged, k=1), xi[:, :, 0], rtol=1e-4, atol=1e-5)
+    # block tasks: each merged subspace is one task's; xi_{i,j} = c_j / c_i is NaN in the rows of the tasks absent
+    # from it and 0 in its owner's row (mutant: the NaN put on column j instead of row i)
+    blocks = _block_tasks(3, 2, seed=18)
+    xi = D.cross_influence(_pool(blocks).layer("w"))
+    U = torch.linalg.svd(sum(blocks))[0]
+    for r in range(6):
+        owner = int(U[:, r].abs().argmax()) // 2   # task i holds rows 2i and 2i + 1
+        others = [i for i in range(3) if i != owner]
+        assert bool(xi[others, :, r].isnan().all()), r
+        assert float(xi[owner, owner, r]) == 1.0 and not bool(xi[owner, others, r].isnan().any()), r
+        assert float(xi[owner, others, r].abs().max()) < 1e-6, r
 
 
 def test_sti_leaves_out_directions_beyond_a_tasks_numerical_rank_in_both_svd_modes():
@@ -761,6 +794,25 @@ def test_interference_matrix_follows_the_metric_table(clip):
     wa = D.interference_matrix(pool, key, "svc", merged_state, k=3)
     ta = D.interference_matrix(pool, key, "svc", None, k=3)
     torch.testing.assert_close(wa, ta / T, rtol=1e-3, atol=1e-4)
+
+
+def test_a_heatmap_at_another_k_on_a_warm_pool_is_the_fresh_pools():
+    """The app keeps its pool and changes the heatmap's k: each metric's value at a second k is the one a fresh pool
+    gives (SAR's and pairwise STI's memo keys once lacked k and rank, so the second k showed the first's matrix; a
+    test audit)."""
+    base = clip_like_state_dict(width=8, layers=1)
+    experts = make_experts(base, 3)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    merged = studio.merge(base, experts, "tsv_m")
+    warm = TaskPool(base, experts, svd_mode="exact")
+    changed = 0
+    for name in D.METRICS:
+        first = D.interference_matrix(warm, key, name, merged, k=1)
+        second = D.interference_matrix(warm, key, name, merged, k=3)
+        fresh = D.interference_matrix(TaskPool(base, experts, svd_mode="exact"), key, name, merged, k=3)
+        assert torch.equal(second.nan_to_num(-9.0), fresh.nan_to_num(-9.0)), name
+        changed += first.shape == second.shape and not torch.equal(first.nan_to_num(-9.0), second.nan_to_num(-9.0))
+    assert changed >= 3   # subspace similarity, SAR, pairwise STI
 
 
 def test_model_matrix_aggregates_every_task_by_task_metric_over_the_layers(clip):

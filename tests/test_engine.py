@@ -361,6 +361,25 @@ def test_cpu_and_cuda_agree(clip_pool, method, calibrate, svd_mode, eigh_route):
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ties_consensus", [False, True])
+def test_dare_on_cuda_drops_and_rescales(ties_consensus):
+    """CUDA's generator draws other masks than the CPU's, so test_cpu_and_cuda_agree merges DARE at p = 0, where
+    dropping and rescaling do nothing: here, at p = 0.5, two tasks on disjoint entries each keep about half of
+    theirs (within 5 sigma), and a kept entry is its delta / (1 - p) (mutant: the CUDA branch without the rescale)."""
+    g = torch.Generator().manual_seed(0)
+    delta = torch.rand(64, 64, generator=g) + 0.5
+    half = torch.zeros(64, 64, dtype=torch.bool)
+    half[:32] = True
+    experts = {"a": {"w": torch.where(half, delta, 0.0)}, "b": {"w": torch.where(half, 0.0, delta)}}
+    out = studio.merge({"w": torch.zeros(64, 64)}, experts, "dare", p=0.5, alpha=1.0, seed=3, device="cuda",
+                       ties_consensus=ties_consensus)["w"]
+    kept = out != 0
+    torch.testing.assert_close(out[kept], 2 * delta[kept], rtol=1e-6, atol=0)
+    for task in (half, ~half):
+        assert abs(float(kept[task].float().mean()) - 0.5) < 5 * (0.25 / 2048) ** 0.5
+
+
 def _decomposing_merges():
     from studio.registry import get_calibration, get_method
 
@@ -1019,6 +1038,19 @@ def test_a_held_pool_refuses_to_merge_experts_changed_since_it_was_built(clip_po
     assert studio.merge_pool(fresh, "task_arithmetic").keys() == pool.base.keys()
     nan = TaskPool({"w": torch.tensor([float("nan"), 1.0])}, {"a": {"w": torch.ones(2)}}, check_finite=False)
     nan.check_unchanged()   # a NaN among the sampled values equals itself
+
+
+def test_an_in_place_edit_of_an_entry_the_fingerprint_does_not_sample_is_seen():
+    """The fingerprint samples 4 values per tensor; an in-place torch op elsewhere is seen by the version counter
+    (without it, the old pool and its merge were reused: 3.0 where 13.0 was right; a test audit)."""
+    experts = {"a": {"w": torch.ones(8, 8)}, "b": {"w": torch.ones(8, 8)}}
+    base = {"w": torch.zeros(8, 8)}
+    assert float(studio.merge(base, experts, "task_arithmetic", alpha=1.0)["w"][1, 3]) == 2.0
+    pool = studio.get_pool(base, experts)
+    experts["a"]["w"][1, 3] += 10   # flat index 11: the samples are at 0, 16, 32 and 48
+    assert float(studio.merge(base, experts, "task_arithmetic", alpha=1.0)["w"][1, 3]) == 12.0
+    with pytest.raises(studio.StudioError, match=r"expert 'a': tensor 'w' changed since this pool was built"):
+        studio.merge_pool(pool, "task_arithmetic")
 
 
 def test_a_failing_layer_leaves_the_pool_usable(clip_pool):

@@ -74,8 +74,10 @@ def svc_reference(deltas, merged, alpha, target=None, guard=True):
     return U @ torch.diag(gam * S) @ Vh, gam, torch.tensor(s_all, dtype=D).T
 
 
-def align_b_reference(deltas, merged, alpha, target=None):
-    """AlignMerge-B eq. 4-9 literally: eta, pairwise xi_{i,j} by the two projections of App. B.2, xi~, d(.)."""
+def align_b_reference(deltas, merged, alpha, target=None, weights=None):
+    """AlignMerge-B eq. 4-9 literally: eta, pairwise xi_{i,j} by the two projections of App. B.2, xi~, d(.).
+    ``weights``: the preference-weighted average of the tasks' xi~ (our documented rule between uniform and
+    one-hot: sum_i w_i xi~_i / sum_i w_i)."""
     deltas, merged = deltas.to(D), merged.to(D)
     U, S, Vh = torch.linalg.svd(merged, full_matrices=False)
     K, new = len(deltas), []
@@ -99,7 +101,10 @@ def align_b_reference(deltas, merged, alpha, target=None):
                 a2 = fro_proj(w_res @ Pr, proj[i])
                 xi_sum += a1 + a2
             xt.append(float(eta) * (xi_sum + 1.0))
-        x = xt[target] if target is not None else sum(xt) / K
+        if weights is not None:
+            x = sum(float(w) * t for w, t in zip(weights, xt)) / float(sum(weights))
+        else:
+            x = xt[target] if target is not None else sum(xt) / K
         d = float("inf") if x <= 0 else (x if x >= alpha else 1.0)
         new.append(float(S[r]) / d)
     return U @ torch.diag(torch.tensor(new, dtype=D)) @ Vh
@@ -320,15 +325,6 @@ def test_svc_one_hot_preferences_are_the_target_task_calibration():
     close(via_engine["w"], svc_reference(deltas, merged, 0.25, target=2)[0])
 
 
-def _orthogonal_tasks(T: int = 4, m: int = 12, n: int = 10, seed: int = 7) -> list[torch.Tensor]:
-    """T float64 rank-2 task matrices on mutually orthogonal left and right subspaces."""
-    g = torch.Generator().manual_seed(seed)
-    Q1 = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=D)).Q
-    Q2 = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=D)).Q
-    return [Q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 - 0.3 * i, 1.0 + 0.1 * i], dtype=D))
-            @ Q2[:, 2 * i:2 * i + 2].T for i in range(T)]
-
-
 def test_svc_one_hot_target_leaves_the_subspaces_it_has_no_response_in():
     """The official target guard, eta = max(s_t, alpha) if s_t > 0 else 1, at s_t = 0 exactly: what a target task
     gets where it has no response (a layer it left unchanged, another task's subspace). On orthogonal tasks the target
@@ -485,6 +481,17 @@ def test_align_merge_b_matches_slow_reference(alpha):
             p[t] = 1.0
             close(align_merge_b_delta(layer, merged, alpha, scale=scale, preferences=p),
                   align_b_reference(deltas, scale * merged, alpha, target=t))
+        # between uniform and one-hot: the preference-weighted xi~ (an unweighted mean over the tasks with a weight
+        # passed uniform and one-hot alike, 24 % off here; a test audit)
+        for w in ([0.1, 0.2, 0.3, 0.4], [0.0, 1.0, 2.0, 1.0]):
+            p = torch.tensor(w) / sum(w)
+            close(align_merge_b_delta(layer, merged, alpha, scale=scale, preferences=p),
+                  align_b_reference(deltas, scale * merged, alpha, weights=w))
+    # through the engine: with a calibration the preferences weight it, not Task Arithmetic's sum
+    experts = {f"t{i}": {"w": d.clone()} for i, d in enumerate(deltas)}
+    out = studio.merge({"w": torch.zeros(8, 12)}, experts, "task_arithmetic", alpha=1.0, calibrate="align_merge_b",
+                       calibrate_hparams={"alpha": alpha}, preferences=[0.1, 0.2, 0.3, 0.4], svd_mode="exact")["w"]
+    close(out, align_b_reference(deltas, deltas.sum(0), alpha, weights=[0.1, 0.2, 0.3, 0.4]))
 
 
 def test_align_merge_b_target_calibration_zeroes_the_target_sai():

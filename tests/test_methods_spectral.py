@@ -681,6 +681,25 @@ def test_task_rounding_bounds_the_stored_experts_rounding():
             assert measured < bound < 2 * measured, (i, w, measured, bound)
 
 
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts", "align_merge_o", "ortho_merge"])
+def test_low_rank_experts_stored_in_different_precisions_do_not_depend_on_the_base(method):
+    """Each task's components are cut at its own expert's stored rounding (``rounding_cut(i, ...)``): one expert in
+    float64 (off float32's grid, finer rounding) and three in float32, rank 3, on a zero and a random base. TSV-M cut
+    every task at task 0's rounding put the two 0.50 apart (a test audit); the tests above store every expert alike,
+    where the task index does not matter."""
+    g = torch.Generator().manual_seed(2)
+    m, n, T = 64, 48, 4
+    deltas = [1e-3 * torch.randn(m, 3, generator=g, dtype=torch.float64) @ torch.randn(3, n, generator=g,
+                                                                                      dtype=torch.float64)
+              for _ in range(T)]
+    merges = []
+    for W in (torch.zeros(m, n), 0.05 * torch.randn(m, n, generator=g)):
+        W64 = W.double()
+        experts = {f"t{i}": {"w": (W64 + d) if i == 0 else (W64 + d).float()} for i, d in enumerate(deltas)}
+        merges.append(studio.merge({"w": W}, experts, method, svd_mode="auto")["w"].double() - W64)
+    assert _rel(merges[0], merges[1]) < 1e-4
+
+
 @pytest.mark.parametrize("method", ["tsv_m", "align_merge_o", "ortho_merge"])
 @pytest.mark.parametrize("scale", [1e-2, 1e-3, 1e-4])
 def test_whitening_merges_of_low_rank_experts_do_not_depend_on_the_base(method, scale):
@@ -1314,14 +1333,16 @@ def test_tsv_ranks_refusal_shows_the_fraction_that_gives_its_k():
         tsv_rank(32, 3, 0.5)
 
 
-@pytest.mark.parametrize("low_rank", [True, False])
+@pytest.mark.parametrize("low_rank", [True, False, "orthogonal"])
 def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank, monkeypatch):
     """The branches a merge takes only on CUDA -- Iso-CTS's residuals of every task at once
     (``truncated_svd_deflated_many``) and ``LayerTasks.svds``' batch of the per-task decompositions (TSV-M,
     AlignMerge-O, Ortho-Merge) -- run in CI here on CPU tensors (``LayerTasks.device`` reads "cuda"; off CUDA
     ``gram_svd_many`` solves one matrix at a time, bit for bit). Their rounding cuts (``rounding_cut``, with and
     without the task matrix it is handed) must give the CPU path's merge: low-rank experts on a random base, whose
-    components past their rank sit at the cut, and full-rank ones, preference-weighted."""
+    components past their rank sit at the cut, and full-rank ones, preference-weighted. And rank-2 tasks on
+    orthogonal subspaces on a zero base, where AlignMerge-O's sign gauge falls back to the factors' canonical signs
+    (the batch without them merged 0.097 away; a test audit)."""
     from studio.methods.align_merge import align_merge_o
     from studio.methods.ortho_merge import ortho_merge
     from studio.pool import LayerTasks
@@ -1329,7 +1350,12 @@ def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank
     g = torch.Generator().manual_seed(3)
     key, m, n, T = "w", 96, 64, 4
     W = 0.02 * torch.randn(m, n, generator=g)
-    if low_rank:
+    if low_rank == "orthogonal":
+        Q1, Q2 = (torch.linalg.qr(torch.randn(d, d, generator=g)).Q for d in (m, n))
+        deltas = [Q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 - 0.3 * i, 1.0 + 0.1 * i]))
+                  @ Q2[:, 2 * i:2 * i + 2].T for i in range(T)]
+        W = torch.zeros(m, n)
+    elif low_rank:
         deltas = [1e-5 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(T)]
     else:
         deltas = [1e-3 * torch.randn(m, n, generator=g) for _ in range(T)]
