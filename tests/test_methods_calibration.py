@@ -358,8 +358,9 @@ def test_svc_after_tsv_m_defaults_to_alpha_one():
 
 def test_svc_of_a_low_rank_target_does_not_follow_the_rounding_of_the_experts_as_stored():
     """A rank-1 target and its near copy: the merge's other directions lie outside the target's span, where its
-    projection ``c_t`` is the rounding of the experts as stored. With the one-hot guard (``gamma`` 1 at ``s_t <= 0``,
-    up to ``1/alpha`` above) that rounding's sign decided each of them: the same task matrices stored on a zero and
+    projection ``c_t`` is second order in their tilt (~1e-8 of its largest response) and its computed value float32's
+    rounding, which the experts' storage moves. With the one-hot guard (``gamma`` 1 at ``s_t <= 0``, up to
+    ``1/alpha`` above) that rounding's sign decided each of them: the same task matrices stored on a zero and
     on a random base of CLIP's scale merged up to 2.4 apart at ``alpha = 1e-4`` (an audit). The guard now keeps a
     subspace whose projection is below SVC_PROJECTION_RTOL (svc_unresolved); the two storages agree as Task
     Arithmetic's own rounding lets them."""
