@@ -774,8 +774,8 @@ def _run(args: argparse.Namespace) -> int:
         from .suite.model import ArchitectureError
 
         _check_weights_exist(args.weights)
-        merged_tasks = args.tasks is not None and [t.strip() for t in args.tasks.split(",") if t.strip()] == ["merged"]
-        recipe = _embedded_recipe(args.weights, needed=args.suite is None or merged_tasks)
+        tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
+        recipe = _embedded_recipe(args.weights, needed=args.suite is None or tasks == ["merged"])
         suite_source = args.suite
         weights_path = Path(args.weights).expanduser()
         if (recipe is None and weights_path.is_file() and not looks_like_safetensors(weights_path)
@@ -793,7 +793,6 @@ def _run(args: argparse.Namespace) -> int:
         with _noting(args.suite is None and f"the suite the recipe in {args.weights} recorded; give --suite to "
                                              f"evaluate on another"):
             suite = load_suite(suite_source)
-        tasks = None if args.tasks is None else [t.strip() for t in args.tasks.split(",") if t.strip()]
         if tasks == ["merged"]:
             if recipe is None or not recipe.experts:
                 raise StudioError(f"--tasks merged: --weights {args.weights} has no recipe that names the experts "

@@ -398,10 +398,9 @@ def svc_unresolved(c: Tensor, a2: Tensor) -> Tensor:
     float64 reached 4.5 float32 eps of the largest response (5.4e-7 in ``svd_mode="exact"``, over 270 merges of a
     rank-1 target and a copy with noise, ``4 x 3`` to ``128 x 96``; docs/ACCURACY.md, "SVC's projection rule").
     Only the guard reads this: eq. 20's ``max(alpha, s)`` is continuous in ``s``, and ``s`` keeps every projection.
-    Zeroing these ``s`` as well turned
-    SVC after AlignMerge-O of tasks with tied spectra (where a task's share of a direction is arbitrary and its
-    projection second order in it) 0.12 apart between two orders of the experts under OpenBLAS's SkylakeX kernel,
-    against 6.6e-4 with them kept.
+    Zeroing these ``s`` as well turned SVC after AlignMerge-O of tasks with tied spectra (where a task's share of a
+    direction is arbitrary and its projection second order in it) 0.12 apart between two orders of the experts under
+    OpenBLAS's SkylakeX kernel, against 6.6e-4 with them kept.
 
     Example:
         >>> svc_unresolved(torch.tensor([[2.0, 1e-7, -3e-6]]), torch.tensor([[4.0, 1e-6, 1e-6]])).tolist()

@@ -511,17 +511,16 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m studio.
         parse.__name__ = "integer"
         return parse
 
-    def positive(text: str) -> float:
-        value = float(text)
-        if not (value > 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number > 0")
-        return value
+    def finite(above_zero: bool) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            value = float(text)
+            if not ((value > 0 if above_zero else value >= 0) and math.isfinite(value)):
+                raise argparse.ArgumentTypeError(f"{text} is not a finite number {'>' if above_zero else '>='} 0")
+            return value
+        parse.__name__ = "number"
+        return parse
 
-    def non_negative(text: str) -> float:
-        value = float(text)
-        if not (value >= 0 and math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text} is not a finite number >= 0")
-        return value
+    positive, non_negative = finite(True), finite(False)
 
     ap.add_argument("--out", default=d.out, help="output folder: new, empty or an earlier build's (whose files are "
                                                  "replaced; files of other names are kept)")
