@@ -177,7 +177,11 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     ``x_t`` as a merge reads it carries the rounding of its :func:`stored_precision`, at most ``eps_t |x_t| / 2`` per
     entry, uniform (float32's for float32 and half-precision experts alike, so the two merge the same; float64's for
     float64 values off float32's grid, the delta rounded to float32 after the subtraction), and the float32 sum its
-    own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2 mean(A^2)) / 12``.
+    own: ``sigma_e^2 = (sum_t eps_t^2 mean(x_t^2) + T eps32^2 mean(A^2)) / 12``. Each rounding also has an absolute
+    floor, its format's subnormal spacing (``2^-149`` for float32): negligible for any realistic layer (the float64
+    sum does not change), it is the whole rounding of weights in float32's subnormal range (below ``1.2e-38``),
+    which a relative model put at up to 1e4 times below it (a helper's quirks audit: rank-2 experts of 1e-39 kept
+    their rounding in Iso-CTS).
 
     ``stored``: ``(w_t^2 ||x_t||_F^2, dtype_t)`` per rounded term (``w_t`` the task's weight, ``dtype_t`` its stored
     precision; a float64 expert adds its delta's norm as a float32 term); ``total_norm2``: ``||A||_F^2`` of the sum;
@@ -189,7 +193,14 @@ def rounding_level(stored: "Sequence[tuple[float, torch.dtype]]", total_norm2: f
     """
     eps32 = torch.finfo(torch.float32).eps
     var = sum(norm2 * torch.finfo(dtype).eps ** 2 for norm2, dtype in stored)
-    return math.sqrt((var + tasks * eps32 ** 2 * total_norm2) / (12 * max(1, numel)))
+    floor = sum(_spacing(dtype) ** 2 for _, dtype in stored) + tasks * _spacing(torch.float32) ** 2   # per entry
+    return math.sqrt((var + tasks * eps32 ** 2 * total_norm2 + numel * floor) / (12 * max(1, numel)))
+
+
+def _spacing(dtype: torch.dtype) -> float:
+    """The spacing of ``dtype``'s subnormal numbers (its smallest positive value): ``2^-149`` for float32."""
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps
 
 
 def noise_edge(sigma: float, rows: "int | Tensor", cols: "int | Tensor",

@@ -786,10 +786,16 @@ class LayerTasks:
 
 def _norm2(x: Tensor) -> float:
     """``||x||_F^2`` as a float64 number: through float32 (no float64 copy of a large tensor), in float64 where that
-    overflows (entries beyond ~1e19) or ``x`` is float64."""
+    overflows (entries beyond ~1e19), where it may underflow (a norm below ``2^-60``: the squares of entries below
+    ~1e-19 round at float32's subnormal grid, and those below ~1e-23 to 0) or where ``x`` is float64.
+
+    Example:
+        >>> [f"{_norm2(torch.full((2, 2), x)):.4g}" for x in (1e-30, 1e20, 0.0)]   # float32's squares: 0, inf
+        ['4e-60', '4e+40', '0']
+    """
     if x.dtype != torch.float64:
         norm = float(torch.linalg.vector_norm(x, dtype=torch.float32))
-        if math.isfinite(norm):
+        if math.isfinite(norm) and norm >= 2.0 ** -60:
             return norm * norm
     return float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
 

@@ -661,6 +661,43 @@ def test_iso_merges_of_low_rank_experts_small_against_their_weights_do_not_depen
     assert _rel(merges[0], merges[1]) < 20 * scale   # 4e-5 at 1e-3 (docs/ACCURACY.md); 2.1 with the size cut
 
 
+SUBNORMAL_METHODS = ["weight_average", "task_arithmetic", "ties", "dare", "breadcrumbs", "tsv_m", "iso_c", "iso_cts",
+                     "ortho_merge", "align_merge_b", "align_merge_o"]
+
+
+@pytest.mark.parametrize("method", SUBNORMAL_METHODS)
+@pytest.mark.parametrize("rank", [2, None])
+def test_merges_of_experts_in_float32s_subnormal_range_are_the_scaled_merges(method, rank):
+    """Every method is homogeneous in the task matrices, so experts (on a zero base) scaled by 2^-130, into float32's
+    subnormal range (below 1.2e-38, where rounding is absolute: 2^-149), merge to the merge of the unscaled ones,
+    scaled, up to that rounding (2^-19 of entries of size 1). With a relative rounding model only
+    (linalg.rounding_level) rank-2 experts there kept rounding directions: TSV-M, Iso-C and Iso-CTS merged 0.53,
+    0.94 and 0.71 apart. (TSV-M's ``svd_mode="exact"`` keeps such directions, as the official code does.)"""
+    g = torch.Generator().manual_seed(5)
+    m, n, T = 24, 16, 4
+    tasks = [torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) if rank
+             else torch.randn(m, n, generator=g) for _ in range(T)]
+    merges = []
+    for c in (1.0, 2.0 ** -130):
+        experts = {f"t{i}": {"w": x * c} for i, x in enumerate(tasks)}
+        merges.append(studio.merge({"w": torch.zeros(m, n)}, experts, method, svd_mode="auto", seed=0)["w"].double()
+                      / c)
+    assert _rel(merges[1], merges[0]) < 1e-4
+
+
+@pytest.mark.parametrize("svd_mode", ["auto", "exact"])
+def test_iso_cts_of_constant_experts_in_float32s_subnormal_range(svd_mode):
+    """A helper's quirks audit: constant (rank-1) deltas ``c (i + 1)`` of 3 experts merge to ``1.5 c`` (alpha 1.5,
+    the common direction only) down to ``c = 1e-38``, and merged to 3.3e7 c at 1e-40 and -9.4e6 c at 1e-42: the
+    residuals of a subnormal task matrix hold rounding at 1e-5 to 1e-4 of its norm, whitened in as directions. They
+    are decomposed scaled by a power of two now (iso_cts._residual_shift), which needs the task's norm bound: the
+    pool's float32 norms underflowed to 0 there (pool._norm2)."""
+    for c in (1.0, 1e-38, 1e-40, 1e-42):
+        experts = {f"t{i}": {"w": torch.full((6, 6), c * (i + 1))} for i in range(3)}
+        merged = studio.merge({"w": torch.zeros(6, 6)}, experts, "iso_cts", svd_mode=svd_mode)["w"].double() / c
+        torch.testing.assert_close(merged, torch.full((6, 6), 1.5, dtype=torch.float64), rtol=2e-3, atol=0)
+
+
 def test_task_rounding_bounds_the_stored_experts_rounding():
     """LayerTasks.task_rounding, the per-entry rounding Iso-CTS cuts each task's residual at, against the rounding
     actually in 4 experts made in float64 and stored in float32 on an exactly stored base: an upper bound (float32
@@ -1333,7 +1370,7 @@ def test_tsv_ranks_refusal_shows_the_fraction_that_gives_its_k():
         tsv_rank(32, 3, 0.5)
 
 
-@pytest.mark.parametrize("low_rank", [True, False, "orthogonal"])
+@pytest.mark.parametrize("low_rank", [True, False, "orthogonal", "subnormal"])
 def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank, monkeypatch):
     """The branches a merge takes only on CUDA -- Iso-CTS's residuals of every task at once
     (``truncated_svd_deflated_many``) and ``LayerTasks.svds``' batch of the per-task decompositions (TSV-M,
@@ -1342,7 +1379,8 @@ def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank
     without the task matrix it is handed) must give the CPU path's merge: low-rank experts on a random base, whose
     components past their rank sit at the cut, and full-rank ones, preference-weighted. And rank-2 tasks on
     orthogonal subspaces on a zero base, where AlignMerge-O's sign gauge falls back to the factors' canonical signs
-    (the batch without them merged 0.097 away; a test audit)."""
+    (the batch without them merged 0.097 away; a test audit). And rank-2 tasks in float32's subnormal range, whose
+    residuals Iso-CTS decomposes scaled by a power of two (``_residual_shift``), on either branch."""
     from studio.methods.align_merge import align_merge_o
     from studio.methods.ortho_merge import ortho_merge
     from studio.pool import LayerTasks
@@ -1354,6 +1392,9 @@ def test_the_cuda_branches_taken_on_cpu_tensors_give_the_cpu_paths_bits(low_rank
         Q1, Q2 = (torch.linalg.qr(torch.randn(d, d, generator=g)).Q for d in (m, n))
         deltas = [Q1[:, 2 * i:2 * i + 2] @ torch.diag(torch.tensor([3.0 - 0.3 * i, 1.0 + 0.1 * i]))
                   @ Q2[:, 2 * i:2 * i + 2].T for i in range(T)]
+        W = torch.zeros(m, n)
+    elif low_rank == "subnormal":
+        deltas = [(torch.randn(m, 2, generator=g) @ torch.randn(2, n, generator=g)) * 2.0 ** -130 for _ in range(T)]
         W = torch.zeros(m, n)
     elif low_rank:
         deltas = [1e-5 * torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g) for _ in range(T)]

@@ -4,6 +4,8 @@ the summed task matrices enlarged with task-specific subspaces.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -117,14 +119,27 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
         amplified = matmul(Uc.mT, delta).div_(S[:live, None].to(delta.dtype))
         return own + moved * float(torch.linalg.matrix_norm(amplified, ord=2))
 
+    # A task matrix of float32's subnormal range (entries below 1.2e-38, only where the weights are that small too)
+    # has absolute, not relative, rounding, so its computed residual held rounding at 1e-5 to 1e-4 of its norm, which
+    # passed for directions and was whitened in (constant rank-1 deltas of 1e-40 merged 2e7 times too large, a
+    # helper's quirks audit): it is decomposed scaled by a power of two (exact), its values scaled back
+    shifts = [_residual_shift(layer.task_norm_bound(i)) for i in range(layer.num_tasks)]
+
+    def unshifted(svd: tuple[Tensor, Tensor, Tensor], shift: int) -> tuple[Tensor, Tensor, Tensor]:
+        u, sv, vh = svd
+        return (u, _times_pow2(sv, -shift), vh) if shift else svd
+
     def residual(i: int, delta: Tensor) -> tuple[float, tuple[Tensor, Tensor, Tensor]]:
-        u, sv, vh = truncated_svd_deflated(delta, Uc, s, complement=complement, exact=exact)
-        return cut(i, delta, sv), (u, sv, vh)   # before the next task overwrites delta
+        svd = truncated_svd_deflated(_times_pow2(delta, shifts[i]), Uc, s, complement=complement, exact=exact)
+        svd = unshifted(svd, shifts[i])
+        return cut(i, delta, svd[1]), svd   # before the next task overwrites delta
 
     Us, Ss, Vs = [], [Sc], []
     if s > 0 and layer.device.type == "cuda":   # every task's residual at once: their eigensolves share batches
         deltas = list(layer.deltas)
-        svds = truncated_svd_deflated_many(deltas, Uc, s, complement=complement, exact=exact)
+        svds = truncated_svd_deflated_many([_times_pow2(d, e) for d, e in zip(deltas, shifts)], Uc, s,
+                                           complement=complement, exact=exact)
+        svds = [unshifted(svd, e) for svd, e in zip(svds, shifts)]
         parts = [(cut(i, delta, svd[1]), svd) for i, (delta, svd) in enumerate(zip(deltas, svds))]
     elif s > 0:   # one task matrix in memory at a time
         parts = (residual(i, delta) for i, delta in enumerate(layer.task_deltas(reuse=True)))
@@ -142,6 +157,32 @@ def iso_cts_factors(layer: LayerTasks, k: int, s: int) -> tuple[Tensor, Tensor, 
     U_ts = torch.cat(Us, dim=1) if Us else empty_u
     V_ts = torch.cat(Vs, dim=1) if Vs else empty_v
     return Uc, Vh[:live].mT, U_ts, V_ts, torch.cat(Ss)
+
+
+def _residual_shift(norm_bound: float) -> int:
+    """The power of two, ``2^shift``, that brings a task matrix whose Frobenius norm is at most ``norm_bound`` (and so
+    each entry) to about 1 before :func:`iso_cts_factors` decomposes its residual, where that bound is below
+    ``2^-100`` (the residual's entries would then near float32's subnormal range, ``2^-126``); else 0 (every
+    realistic layer, whose bits this leaves as they were).
+
+    Example:
+        >>> _residual_shift(1e-40), _residual_shift(1e-3), _residual_shift(0.0)
+        (132, 0, 0)
+    """
+    return -math.frexp(norm_bound)[1] if 0.0 < norm_bound < 2.0 ** -100 else 0
+
+
+def _times_pow2(x: Tensor, shift: int) -> Tensor:
+    """``x * 2^shift``, exact (a power of two beyond float32's range is applied in two halves); ``x`` itself at 0.
+
+    Example:
+        >>> _times_pow2(torch.tensor([1e-40]), 132).item() > 0.5, _times_pow2(torch.tensor([3.0]), 0).item()
+        (True, 3.0)
+    """
+    if not shift:
+        return x
+    half = shift // 2
+    return x * 2.0 ** half * 2.0 ** (shift - half)
 
 
 def _dependences(layer: LayerTasks, Uc: Tensor, U_ts: Tensor, sigmas: Tensor, k: int,
