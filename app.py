@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import gradio as gr
 import pandas as pd
@@ -219,6 +219,28 @@ def _drop_session_files(session_hash: "str | None") -> None:
     shutil.rmtree(session_dir(_RUN, session_hash, create=False), ignore_errors=True)
 
 
+def _discard_exports(files: Mapping[str, str], session_hash: "str | None") -> None:
+    """Remove the files a merge job exported (weights, recipe) where it ends without a run that offers them: a Stop,
+    a closed page or a failure after the export (a Stop there left 350 MB of ViT-B/32 weights until the page closed;
+    a concurrency audit). A path the session offers stays (two merges of one method in one second export under one
+    name)."""
+    sess = SESSIONS.find(session_hash)
+    offered = set() if sess is None else set(sess.files.values())
+    for path in files.values():
+        if path not in offered:
+            Path(path).unlink(missing_ok=True)
+
+
+def _close_session(session_hash: "str | None") -> None:
+    """A page closed (``demo.unload``): its session is forgotten, its files removed, and a job of it still running
+    stops at its next step (:func:`_reporter`)."""
+    sess = SESSIONS.drop(session_hash)
+    if sess is not None:
+        with sess.lock:
+            sess.stop_requested = True
+    _drop_session_files(session_hash)
+
+
 def _remove_exports(sess: Any, keep: Iterable[str] = ()) -> None:
     """Remove the merged weights and recipe ``sess`` last exported (those of the run the page shows), but for the
     paths in ``keep``."""
@@ -263,9 +285,12 @@ def _page_settings(state: Any, name: "str | None", what: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- GPU work (queued)
 def _reporter(session_hash: "str | None", progress: Any) -> "Callable[[float, str], None]":
     """A job's progress callback: it raises :class:`_Cancelled` at the job's next step once the session's Stop was
-    clicked (Gradio's cancel leaves a running worker thread to finish, holding the queue's "gpu" slot)."""
+    clicked (Gradio's cancel leaves a running worker thread to finish, holding the queue's "gpu" slot), or its page
+    closed (:func:`_close_session`: a job nobody would see held the app's merge slot to its end)."""
+    sess = None if session_hash is None else SESSIONS.find(session_hash)   # the job's session, closed or not
+
     def report(frac: float, msg: str) -> None:
-        if session_hash is not None and session_hash in SESSIONS and SESSIONS.get(session_hash).stop_requested:
+        if sess is not None and sess.stop_requested:
             raise _Cancelled("stopped by the user")
         if progress is not None:
             progress(frac, desc=msg)
@@ -290,11 +315,15 @@ def merge_and_evaluate(req: MergeRequest, folder: str, session_hash: "str | None
     t_eval = time.perf_counter() - t0 - t_merge
     report(0.85, "exporting safetensors + recipe")
     files = STUDIO.export(merged, req, folder)
-    report(0.93, "predicting sample images")
-    gallery = STUDIO.gallery(merged, req.experts, per_task=gallery_per_task) if gallery_per_task else []
-    report(1.0, "done")
-    # the recipe as exported (with the fingerprints of the weights it merged and made), for the summary and the runs
-    recipe = Recipe.from_file(files["recipe"]).to_dict()
+    try:
+        report(0.93, "predicting sample images")
+        gallery = STUDIO.gallery(merged, req.experts, per_task=gallery_per_task) if gallery_per_task else []
+        report(1.0, "done")
+        # the recipe as exported (with the fingerprints of the weights it merged and made), for the summary and runs
+        recipe = Recipe.from_file(files["recipe"]).to_dict()
+    except BaseException:
+        _discard_exports(files, session_hash)
+        raise
     return {"table": table, "files": files, "recipe": recipe, "gallery": gallery, "merge_s": t_merge, "eval_s": t_eval,
             "avg_accuracy": result.avg_accuracy, "avg_normalized": result.avg_normalized,
             "total_s": time.perf_counter() - t0}
@@ -1018,29 +1047,36 @@ def build_demo(studio: Studio) -> gr.Blocks:
                     folder = session_dir(_RUN, request.session_hash)
                     progress(0.0, desc="merging")
                     out = merge_and_evaluate(req, str(folder), request.session_hash, progress)
-                    table = out["table"]
-                    frame, acc_fig, norm_fig = _accuracy_outputs(table)
-                    recipe_text = Path(out["files"]["recipe"]).read_text()
-                    csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
-                    # The run is recorded unless Stop came first (request_stop takes the lock too): Stop has said
-                    # "Merge stopped." on the page by then, and a run recorded after it would be one the page never
-                    # showed (its number skipped, a row in the leaderboard and its CSV). From here the job is done,
-                    # and a Stop finds none to stop
-                    with sess.lock:
-                        if sess.stop_requested:
-                            raise _Cancelled("stopped by the user")
-                        record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
-                                              accuracy={t: r["merged"] for t, r in table.items()},
-                                              normalized={t: r["normalized"] for t, r in table.items()
-                                                          if r["normalized"] is not None},
-                                              seconds=out["total_s"], recipe=out["recipe"])
-                        sess.job = None
-                    csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
-                    # the last run's weights and recipe go: the page offers this run's only (two merges in one
-                    # second may export under one name)
-                    _remove_exports(sess, keep=out["files"].values())
-                    sess.files.update(out["files"], csv=str(csv_path))
+                    try:
+                        table = out["table"]
+                        frame, acc_fig, norm_fig = _accuracy_outputs(table)
+                        recipe_text = Path(out["files"]["recipe"]).read_text()
+                        csv_path = Path(out["files"]["weights"]).parent / "leaderboard.csv"
+                        # The run is recorded unless Stop came first (request_stop takes the lock too): Stop has said
+                        # "Merge stopped." on the page by then, and a run recorded after it would be one the page never
+                        # showed (its number skipped, a row in the leaderboard and its CSV). From here the job is done,
+                        # and a Stop finds none to stop
+                        with sess.lock:
+                            if sess.stop_requested:
+                                raise _Cancelled("stopped by the user")
+                            record = sess.add_run(method=req.method, settings=studio.describe(req), experts=req.experts,
+                                                  accuracy={t: r["merged"] for t, r in table.items()},
+                                                  normalized={t: r["normalized"] for t, r in table.items()
+                                                              if r["normalized"] is not None},
+                                                  seconds=out["total_s"], recipe=out["recipe"])
+                            sess.job = None
+                        csv_path.write_text(sess.leaderboard_csv(pool=studio.task_names))
+                        # the last run's weights and recipe go: the page offers this run's only (two merges in one
+                        # second may export under one name)
+                        _remove_exports(sess, keep=out["files"].values())
+                        sess.files.update(out["files"], csv=str(csv_path))
+                    except BaseException:
+                        # a Stop or a closed page after the export, or a failure: no run offers its files
+                        _discard_exports(out["files"], request.session_hash)
+                        raise
             except _Cancelled:
+                if SESSIONS.find(request.session_hash) is not sess:   # the page closed: the export made its folder
+                    _drop_session_files(request.session_hash)
                 gr.Warning(STOPPED["merge"])
                 return (gr.skip(),) * 14
             except Exception as exc:  # noqa: BLE001
@@ -1198,8 +1234,7 @@ def build_demo(studio: Studio) -> gr.Blocks:
         stop_btn.click(request_stop, None, [run_md, opt_md], api_visibility="private", queue=False)
 
         def on_unload(request: gr.Request):
-            SESSIONS.drop(request.session_hash)
-            _drop_session_files(request.session_hash)
+            _close_session(request.session_hash)
 
         demo.unload(on_unload)
 

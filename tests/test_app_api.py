@@ -242,6 +242,77 @@ def test_stop_interrupts_a_running_merge(app_module, suite, tmp_path):
     app_module.SESSIONS.drop("stop-test")
 
 
+def _stopping_at(step: str, stop, seen: "list | None" = None):
+    """A progress callback that calls ``stop()`` as the job reports ``step`` (the user's Stop, or the page closing,
+    landing while that step runs); the steps reported go to ``seen``."""
+    def progress(frac, desc=""):
+        if seen is not None:
+            seen.append(desc)
+        if desc.startswith(step):
+            stop()
+    return progress
+
+
+def test_a_stop_after_the_export_leaves_no_exported_file(app_module, suite, tmp_path):
+    """A Stop after the weights and recipe are written (here while the gallery is predicted) ended the job with its
+    files left in the session's folder, offered by no run until the page closed (350 MB of ViT-B/32 weights per
+    Stop; a concurrency audit)."""
+    req = app_module.STUDIO.request("task_arithmetic", {}, suite.task_names[:2])
+    sess = app_module.SESSIONS.get("stop-late")
+
+    def stop():
+        sess.stop_requested = True
+
+    try:
+        with pytest.raises(app_module._Cancelled):
+            app_module.merge_and_evaluate(req, str(tmp_path), "stop-late", _stopping_at("predicting", stop))
+        assert not list(tmp_path.iterdir())
+    finally:
+        app_module.SESSIONS.drop("stop-late")
+
+
+def _handlers(app_module) -> dict:
+    fns = app_module.demo.fns.values() if isinstance(app_module.demo.fns, dict) else app_module.demo.fns
+    return {f.fn.__name__: f.fn for f in fns if f.fn is not None}
+
+
+@pytest.mark.parametrize("how, step", [("stop", "done"), ("close", "evaluating"), ("close", "exporting")])
+def test_a_merge_stopped_or_closed_as_it_ends_leaves_no_file(app_module, suite, how, step):
+    """The page's merge (``run_merge``): a Stop after the job's last step, as the run would be recorded, ended it
+    with the exported files left (a concurrency audit); closing the page while it ran let it run to the end,
+    holding the app's merge slot for a result nobody would see, and its export made the session's folder again
+    after the close had removed it. Now both stop the job, and neither leaves a file or the folder: a close while
+    the job evaluates stops it before its export, one as the export starts removes what the export made."""
+    import gradio as gr
+
+    handlers = _handlers(app_module)
+    hash_ = f"late-{how}"
+    request = gr.Request(session_hash=hash_)
+    folder = app_module.session_dir(app_module._RUN, hash_, create=False)
+    closed, seen = [], []
+
+    def stop():
+        if how == "stop":
+            handlers["request_stop"](request)
+        elif not closed:
+            closed.append(True)
+            handlers["on_unload"](request)   # demo.unload's
+
+    try:
+        app_module._arm(request, "merge")
+        out = handlers["run_merge"]("task_arithmetic", {"task_arithmetic": {"alpha": 0.3}}, suite.task_names[:2],
+                                    "none", {}, {}, 0, request, _stopping_at(step, stop, seen))
+        assert all(value is gr.skip() or isinstance(value, type(gr.skip())) for value in out)   # no results
+        if how == "stop":
+            sess = app_module.SESSIONS.get(hash_)
+            assert not sess.runs and not sess.files and not list(folder.iterdir())
+        else:
+            assert closed and not folder.exists() and hash_ not in app_module.SESSIONS
+            assert not any(desc.startswith("predicting") for desc in seen), seen   # stopped at its next step
+    finally:
+        handlers["on_unload"](request)
+
+
 def test_stop_interrupts_a_running_sweep(app_module, suite):
     """The same flag ends an alpha sweep before its next alpha (Gradio's cancel alone left it running)."""
     req = app_module.STUDIO.request("task_arithmetic", {}, suite.task_names[:2])

@@ -243,6 +243,19 @@ class SessionStore:
             self.on_evict(old)
         return data
 
+    def find(self, session_hash: str | None) -> SessionData | None:
+        """The session stored for ``session_hash``, or ``None``: unlike :meth:`get`, neither made nor touched.
+
+        Example:
+            >>> store = SessionStore()
+            >>> store.find("a") is None, store.find("a") is None and "a" in store
+            (True, False)
+            >>> store.get("a") is store.find("a")
+            True
+        """
+        with self._lock:
+            return self._data.get(session_hash or "anonymous")
+
     def drop(self, session_hash: str | None) -> SessionData | None:
         """Forget a session (called from ``demo.unload``); returns what was stored, if anything."""
         with self._lock:
