@@ -1368,6 +1368,15 @@ def test_tsv_ranks_refusal_shows_the_fraction_that_gives_its_k():
         tsv_rank(32, 3, 0.999999999)
     with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.5 keeps k = 16 components"):
         tsv_rank(32, 3, 0.5)
+    # and where it keeps no component anywhere: 0.49999999999999994 showed as 0.5, which keeps one of rank 2, beside
+    # "expected rank_fraction >= 0.5" (an edge audit)
+    from studio.methods.tsv_m import refuse_keeping_nothing
+
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.49999999999999994 keeps k = int\(r \* "
+                                                  r"0\.49999999999999994\) = 0 .* expected rank_fraction >= 0\.5$"):
+        refuse_keeping_nothing("tsv_m", [2], 0.49999999999999994, True, "they would merge to zero")
+    with pytest.raises(HyperparameterError, match=r"rank_fraction = 0\.001 keeps k = int\(r \* 0\.001\) = 0"):
+        refuse_keeping_nothing("tsv_m", [128], 0.001, True, "they would merge to zero")
 
 
 @pytest.mark.parametrize("low_rank", [True, False, "orthogonal", "subnormal"])

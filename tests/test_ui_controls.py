@@ -119,6 +119,23 @@ def test_the_tsv_m_rank_slider_starts_where_some_layer_keeps_a_component():
     assert control_specs(spec, num_tasks=8, largest_rank=768)[0].minimum == 0.005
 
 
+@pytest.mark.parametrize("T", [2, 3, 7, 8, 20])
+def test_every_position_of_the_tsv_m_rank_slider_keeps_a_component_where_the_largest_rank_is_near_T(T):
+    """With the largest rank ``R`` at ``T`` (a model of tiny layers), ``1/T = 1/R`` alone keeps a component and fits
+    (``T k <= R``): the slider skipped its floor there and offered 0.005 to 0.33 for ``T = R = 3``, every position
+    refused (an edge audit). It holds that one value now; for ``R`` above ``T`` every position is accepted."""
+    from studio.methods.tsv_m import tsv_rank
+
+    spec = next(m for m in ALL if m["name"] == "tsv_m")
+    for R in range(T, 4 * T + 1):
+        slider = next(c for c in control_specs(spec, num_tasks=T, largest_rank=R) if c.name == "rank_fraction")
+        steps = int((slider.maximum - slider.minimum) / slider.step + 1e-9)
+        for fraction in [slider.minimum + i * slider.step for i in range(steps + 1)] + [slider.maximum]:
+            assert tsv_rank(R, T, fraction) >= 1, (T, R, fraction)   # tsv_rank raises where T k > R
+        if R == T:
+            assert slider.minimum == slider.maximum == slider.value == 1 / T
+
+
 def test_every_pair_of_breadcrumbs_slider_positions_keeps_entries():
     """Breadcrumbs masks the top ``beta`` and the bottom ``gamma`` of each row and keeps the rest, so ``beta + gamma
     < 1``: the two sliders (``ui_high``) offer no pair it refuses, on rows of 128 entries (MiniSuite's shortest

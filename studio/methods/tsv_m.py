@@ -44,14 +44,25 @@ def tsv_rank(r: int, num_tasks: int, rank_fraction: float | None, *, owner: str 
     k = int(r * fraction)
     if num_tasks * k > r:
         where = f"layer '{key}' of rank {r}" if key else f"rank {r}"
-        shown = f"{fraction:g}"
-        if int(r * float(shown)) != k:   # 0.999999999 shows as 1, which would keep r: the value as given
-            shown = repr(fraction)
+        shown = _shown(fraction, r)
         raise HyperparameterError(
             f"{owner}: rank_fraction = {shown} keeps k = {k} components per task, and {num_tasks} tasks x {k} = "
             f"{num_tasks * k} exceeds the {where}; expected rank_fraction <= 1/{num_tasks} (1/T, the TSV default)"
         )
     return k
+
+
+def _shown(fraction: float, r: int) -> str:
+    """``fraction`` as a message shows it: ``:g``, or the value as given where that would keep another ``k`` of a
+    rank-``r`` layer (0.999999999 shows as 1, which would keep ``r``; 0.49999999999999994 as 0.5, which keeps 1 of
+    2 where it keeps 0).
+
+    Example:
+        >>> _shown(0.125, 768), _shown(0.999999999, 768), _shown(0.49999999999999994, 2)
+        ('0.125', '0.999999999', '0.49999999999999994')
+    """
+    shown = f"{fraction:g}"
+    return shown if int(r * float(shown)) == int(r * fraction) else repr(fraction)
 
 
 def tsv_cover(layer: LayerTasks) -> int:
@@ -123,9 +134,10 @@ def refuse_keeping_nothing(owner: str, ranks: "list[int]", fraction: float, give
     if not ranks or any(int(r * fraction) > 0 for r in ranks):
         return
     largest = max(ranks)
+    shown = _shown(fraction, largest)
     raise HyperparameterError(
-        f"{owner}: rank_fraction = {fraction:g}{'' if given else ' (the default, 1/T)'} keeps k = int(r * "
-        f"{fraction:g}) = 0 components on each of the {len(ranks)} matrix layers the layer rule selects (rank "
+        f"{owner}: rank_fraction = {shown}{'' if given else ' (the default, 1/T)'} keeps k = int(r * "
+        f"{shown}) = 0 components on each of the {len(ranks)} matrix layers the layer rule selects (rank "
         f"{largest} at the most), so {outcome}; expected rank_fraction >= {smallest_fraction(largest):g}")
 
 

@@ -108,7 +108,10 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
             lo = min(lo + step, hi)   # the slider's first position must be an allowed value
         floor = auto_rule_value(p["low_rule"], num_tasks or 1, largest_rank) if p.get("low_rule") and largest_rank \
             else None
-        if floor is not None and lo < floor < hi:   # the first step at or above it (TSV-M: a component kept somewhere)
+        # the first step at or above it (TSV-M: a component kept somewhere); where it is the top (TSV-M with as many
+        # experts as the largest rank, R = T: 1/T alone is accepted) the slider holds that one value (it offered
+        # 0.005 to 0.33 for T = R = 3, each refused; an edge audit)
+        if floor is not None and lo < floor <= hi:
             lo = min(_on_grid(floor, step, up=True), hi)
         if p["type"] != "int":   # both ends on the step's grid, which the browser's positions follow (lo + n step)
             on_lo, on_hi = _on_grid(lo, step, up=True), _on_grid(hi, step, up=False)
