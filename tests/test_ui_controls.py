@@ -121,19 +121,27 @@ def test_the_tsv_m_rank_slider_starts_where_some_layer_keeps_a_component():
 
 @pytest.mark.parametrize("T", [2, 3, 7, 8, 20])
 def test_every_position_of_the_tsv_m_rank_slider_keeps_a_component_where_the_largest_rank_is_near_T(T):
-    """With the largest rank ``R`` at ``T`` (a model of tiny layers), ``1/T = 1/R`` alone keeps a component and fits
-    (``T k <= R``): the slider skipped its floor there and offered 0.005 to 0.33 for ``T = R = 3``, every position
-    refused (an edge audit). It holds that one value now; for ``R`` above ``T`` every position is accepted."""
+    """With the largest rank ``R`` at ``T`` (a model of tiny layers), ``1/T = 1/R`` alone, of the slider's range,
+    keeps a component and fits (``T k <= R``): the slider skipped its floor there and offered 0.005 to 0.33 for
+    ``T = R = 3``, every position refused (an edge audit). It ends at ``1/T`` now and starts one step below, as
+    Gradio's slider needs two ends (the one refused position); for ``R`` above ``T`` every position is accepted. (At
+    ``T = 20, R = 21`` no step of the grid lies between ``1/R`` and ``1/T``: the slider had one end there, which
+    Gradio refuses to render; it runs from ``1/R`` at 4 digits now.)"""
+    import gradio as gr
+
     from studio.methods.tsv_m import tsv_rank
 
     spec = next(m for m in ALL if m["name"] == "tsv_m")
     for R in range(T, 4 * T + 1):
         slider = next(c for c in control_specs(spec, num_tasks=T, largest_rank=R) if c.name == "rank_fraction")
+        gr.Slider(slider.minimum, slider.maximum, value=slider.value, step=slider.step)   # renders
+        if R == T:
+            assert slider.maximum == slider.value == 1 / T and slider.minimum == slider.maximum - slider.step
+            assert tsv_rank(R, T, slider.maximum) == 1
+            continue
         steps = int((slider.maximum - slider.minimum) / slider.step + 1e-9)
         for fraction in [slider.minimum + i * slider.step for i in range(steps + 1)] + [slider.maximum]:
             assert tsv_rank(R, T, fraction) >= 1, (T, R, fraction)   # tsv_rank raises where T k > R
-        if R == T:
-            assert slider.minimum == slider.maximum == slider.value == 1 / T
 
 
 def test_every_pair_of_breadcrumbs_slider_positions_keeps_entries():

@@ -109,14 +109,18 @@ def control_specs(schema: Mapping[str, Any], *, num_tasks: int | None = None, la
         floor = auto_rule_value(p["low_rule"], num_tasks or 1, largest_rank) if p.get("low_rule") and largest_rank \
             else None
         # the first step at or above it (TSV-M: a component kept somewhere); where it is the top (TSV-M with as many
-        # experts as the largest rank, R = T: 1/T alone is accepted) the slider holds that one value (it offered
-        # 0.005 to 0.33 for T = R = 3, each refused; an edge audit)
+        # experts as the largest rank, R = T: 1/T alone is accepted), the slider ends there (it offered 0.005 to
+        # 0.33 for T = R = 3, each position refused; an edge audit)
         if floor is not None and lo < floor <= hi:
             lo = min(_on_grid(floor, step, up=True), hi)
+            if floor < lo == hi:   # no step between (TSV-M at T = 20, R = 21): the floor, at 4 significant digits
+                lo = min(_up_to_digits(floor, 4), hi)
         if p["type"] != "int":   # both ends on the step's grid, which the browser's positions follow (lo + n step)
             on_lo, on_hi = _on_grid(lo, step, up=True), _on_grid(hi, step, up=False)
             if on_lo < on_hi:   # SVC's alpha in [1e-4, 1]: 0.0051, ... 0.9951 before, and never 1
                 lo, hi = on_lo, on_hi
+        if not lo < hi:   # one value (TSV-M at R = T): Gradio's slider needs two ends, so it starts a step below
+            lo = hi - step
         default = p.get("default")
         auto_label = None
         if default is None:
@@ -151,6 +155,17 @@ def auto_rule_shown(rule: str, after: Mapping[str, float], base_method: str | No
     if base_method in after:
         return f"{float(after[base_method])!r} after {base_method}"
     return re.sub(r"\s*\([^()]*\bafter\b[^()]*\)\s*$", "", rule) or rule
+
+
+def _up_to_digits(x: float, digits: int) -> float:
+    """``x > 0`` rounded up at ``digits`` significant digits.
+
+    Example:
+        >>> _up_to_digits(1 / 21, 4), _up_to_digits(0.05, 4)
+        (0.04762, 0.05)
+    """
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(x)))
+    return math.ceil(round(x * scale, 9)) / scale
 
 
 def _on_grid(x: float, step: float, *, up: bool) -> float:
