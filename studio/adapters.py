@@ -14,10 +14,16 @@ LoRA of ``nn.MultiheadAttention`` (open_clip's attention when ``"attn"`` is targ
 ``out_proj`` delta twice, in merges and in the forward pass (huggingface/peft#3774, open), so its meaning depends on
 the ``peft`` version; ``out_proj`` targeted as the ``Linear`` layer it is is read as any other.
 
-An adapter's module names are those of the model it was trained on, under ``base_model.model.``. Each is matched to
-the base's tensor of the same name or, if there is none, to the one base tensor whose name ends with it (an adapter
-of a ``CLIPVisionModel`` applied to a base read with its ``vision_model.`` prefix, or of open_clip's visual tower to
-a checkpoint of the whole model).
+An adapter's module names are those of the model it was trained on, under ``base_model.model.``: relative to the
+module PEFT wrapped, which may be a part of the base (a ``CLIPVisionModel``'s under a CLIP checkpoint's
+``vision_model.``, open_clip's visual tower's under ``visual.``). They are placed in the base as one: under the one
+prefix (``""``, ``"visual."``, ...) at which the base holds every adapted weight with the adapter's shape. Where
+several fit (an open_clip model whose towers have one width, where the visual tower's names are the text tower's
+under ``visual.``), the adapter is refused, naming them: read the base under the prefix of the part it was trained
+on (``prefix=``, the CLI's ``--prefix``). Where none fits every module, each is matched alone: to the base's tensor
+of its name, else to the one base tensor whose name ends with it. An adapter initialised by changing the base (PiSSA,
+OLoRA, CorDA, LoftQ: ``init_lora_weights``) is relative to that changed base, not to this one, and is refused unless
+PEFT converted it to a plain LoRA when it saved it.
 
 Example:
     >>> import json, tempfile, torch
@@ -55,6 +61,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: The prefix ``peft`` saves a ``PeftModel``'s tensors under (``base_model.model.<module>...``).
 PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"(.+)\.(lora_A|lora_B)\.(weight|bias)")
+#: ``init_lora_weights`` values whose initialisation subtracts the initial factors' product from the base weights
+#: (peft's PiSSA, OLoRA, CorDA) or quantises them (LoftQ): what such an adapter saves is relative to that changed base.
+#: peft's conversion on saving (``path_initial_model_for_weight_conversion``) writes ``init_lora_weights: true``.
+_CHANGES_THE_BASE = ("pissa", "olora", "corda", "loftq")
 
 
 def adapter_files(source: str | os.PathLike, *, revision: str | None = None,
@@ -139,6 +149,7 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
     lora: dict[str, dict[str, Tensor]] = {}
     replaced: dict[str, Tensor] = {}
     left_out: list[str] = []
+    full: list[tuple[str, str, Tensor]] = []   # the tensors the adapter holds in full: (key, base name, value)
     for key, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{where}: tensor {key!r} holds NaN or infinite values")
@@ -154,8 +165,11 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
             raise CheckpointError(f"{where}: tensor {key!r} is not a LoRA Linear layer's lora_A / lora_B (DoRA's "
                                   f"magnitude, LoRA on an embedding or a convolution): merge the adapter into full "
                                   f"weights with peft's merge_and_unload and pass those")
-        name = inner.replace(".base_layer.", ".")
-        target = _base_key(name, names, where, key, prefix if prefix is not None else "")
+        full.append((key, inner.replace(".base_layer.", "."), value))
+    place = _placement(lora, base, where, bool(config.get("fan_in_fan_out")))
+    for key, name, value in full:
+        target = place + name if place is not None and place + name in base else \
+            _base_key(name, names, where, key, prefix if prefix is not None else "")
         if target is None:   # a head the adapter trained in full (modules_to_save), outside the merged model
             if prefix is None:
                 left_out.append(name)
@@ -189,14 +203,16 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
         delta = (B.double() @ A.double()) * scale
         if config.get("fan_in_fan_out"):
             delta = delta.T
-        target = _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix)
+        target = place + f"{module}.weight" if place is not None else \
+            _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix)
         if target is None:
             continue
         applied += 1
         _check_shape(base[target], delta.shape, where, f"{PEFT_PREFIX}{module}.lora_B.weight @ lora_A.weight", target)
         out[target] = _rounded(replaced.pop(target, base[target]).double() + delta, base[target], where, target)
         if "lora_B.bias" in parts:
-            bias = _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias")
+            bias = place + f"{module}.bias" if place is not None and place + f"{module}.bias" in base else \
+                _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias")
             assert bias is not None
             _check_shape(base[bias], parts["lora_B.bias"].shape, where, f"{PEFT_PREFIX}{module}.lora_B.bias", bias)
             out[bias] = _rounded(replaced.pop(bias, base[bias]).double() + parts["lora_B.bias"].double() * scale,
@@ -230,6 +246,13 @@ def _config(path: Path) -> dict[str, Any]:
     for name in ("use_dora", "use_rslora", "fan_in_fan_out"):   # read as flags: "false" is not False
         if config.get(name) is not None and not isinstance(config[name], bool):
             raise CheckpointError(f"{shown}: {name} must be true or false, got {brief(config[name])}")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_CHANGES_THE_BASE):
+        raise CheckpointError(f"{shown}: init_lora_weights is {init!r}, which changes the base's weights at the "
+                              f"adapter's initialisation: its factors are relative to that changed base, not to this "
+                              f"one. Save it from peft converted to a plain LoRA (save_pretrained's "
+                              f"path_initial_model_for_weight_conversion) or merge it into full weights with peft's "
+                              f"merge_and_unload on the base it was trained from, and pass those")
     if config.get("use_dora"):
         raise CheckpointError(f"{shown}: use_dora is set; a DoRA adapter's weight is rescaled per output, which is "
                               f"not read: merge it into full weights with peft's merge_and_unload")
@@ -276,6 +299,43 @@ def _scaling(config: Mapping[str, Any], module: str, rank: int, where: str) -> f
     if r != rank:
         raise CheckpointError(f"{where}: module {module!r} has rank {rank} tensors, but its settings give r = {r}")
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
+
+
+def _placement(lora: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tensor], where: str,
+               fan_in_fan_out: bool) -> str | None:
+    """The one prefix under which ``base`` holds every LoRA module's weight with the adapter's shape (``[out, in]``
+    of ``lora_B @ lora_A``, transposed for ``fan_in_fan_out``), the module names being relative to the part of the
+    model PEFT wrapped; ``None`` where no prefix fits every module (:func:`_base_key` then places each alone).
+    Several are refused, naming them: an adapter of open_clip's visual tower fitted the text tower's names exactly
+    where the towers have one width (ViT-S-32), and was applied there, changing the text tower alone (an I/O audit).
+
+    Example:
+        >>> lora = {"fc": {"lora_A.weight": torch.ones(1, 3), "lora_B.weight": torch.ones(2, 1)}}
+        >>> _placement(lora, {"visual.fc.weight": torch.zeros(2, 3), "fc.weight": torch.zeros(3, 3)}, "a", False)
+        'visual.'
+    """
+    fits: set[str] | None = None
+    for module, parts in lora.items():
+        A, B = parts.get("lora_A.weight"), parts.get("lora_B.weight")
+        if A is None or B is None or A.dim() != 2 or B.dim() != 2:
+            return None   # refused by name where the module is read
+        name, shape = f"{module}.weight", (B.shape[0], A.shape[1])
+        shape = shape[::-1] if fan_in_fan_out else shape
+        here = {n[:len(n) - len(name)] for n in base
+                if (n == name or n.endswith("." + name)) and tuple(base[n].shape) == shape}
+        fits = here if fits is None else fits & here
+        if not fits:
+            return None
+    if fits is None:
+        return None
+    if len(fits) > 1:
+        shown = " and ".join(repr(p) for p in sorted(fits))
+        raise CheckpointError(
+            f"{where}: the adapter's {len(lora)} LoRA modules fit the base under each of {shown} (their names, e.g. "
+            f"{next(iter(lora))!r}, are relative to the part of the model PEFT wrapped, and the base holds them with "
+            f"the adapter's shapes under each): read the base under the prefix of the part it was trained on "
+            f"(prefix=, the CLI's --prefix; 'visual.' for open_clip's visual tower)")
+    return next(iter(fits))
 
 
 def _base_key(name: str, names: list[str], where: str, key: str, prefix: str | None = None) -> str | None:

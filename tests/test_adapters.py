@@ -377,3 +377,49 @@ def test_an_open_clip_adapter_is_read_and_one_of_multihead_attention_refused(tmp
         key = "visual.transformer.resblocks.0.attn.out_proj.weight"
         assert torch.allclose(theirs[key] - suite.base[key], 2 * once, atol=1e-6), \
             "peft's merge now adds out_proj's delta once (huggingface/peft#3774 fixed?): its adapters could be read"
+
+
+def test_an_adapter_of_one_tower_is_placed_under_one_prefix_and_refused_where_two_fit(tmp_path):
+    """An adapter's module names are relative to the part of the model PEFT wrapped: one of open_clip's visual
+    tower reads ``transformer.resblocks...``, the text tower's own names in a whole-model checkpoint. Where the
+    towers have one width (ViT-S-32) it was applied to the text tower, changing nothing of the visual one (an I/O
+    audit); where they differ it was refused as "for another model". The adapter is placed as one now: under the one
+    prefix where the base holds every module with the adapter's shapes, refused (naming them) where several do."""
+    torch.manual_seed(0)
+    A0, B0, A1, B1 = torch.randn(2, 3), torch.randn(4, 2), torch.randn(2, 3), torch.randn(5, 2)
+    lora = {"transformer.l0.lora_A.weight": A0, "transformer.l0.lora_B.weight": B0,
+            "transformer.l1.lora_A.weight": A1, "transformer.l1.lora_B.weight": B1}
+    folder = _adapter(tmp_path / "visual", {"r": 2, "lora_alpha": 2}, lora)
+    one_width = {f"{p}transformer.l{i}.weight": torch.zeros(rows, 3) for p in ("", "visual.")
+                 for i, rows in ((0, 4), (1, 5))}
+    with pytest.raises(CheckpointError, match=r"the adapter's 2 LoRA modules fit the base under each of '' and "
+                                              r"'visual\.'.*read the base under the prefix of the part it was trained"):
+        adapters.load_adapter(folder, one_width)
+    visual = adapters.load_adapter(folder, {k: v for k, v in one_width.items() if k.startswith("visual.")},
+                                   prefix="visual.")[0]   # read under its prefix, as the CLI's --prefix visual.
+    assert torch.equal(visual["visual.transformer.l0.weight"], (B0.double() @ A0.double()).float())
+    two_widths = {**one_width, "transformer.l0.weight": torch.zeros(6, 3), "transformer.l1.weight": torch.zeros(6, 3)}
+    expert = adapters.load_adapter(folder, two_widths)[0]   # only the visual tower holds the adapter's shapes
+    assert torch.equal(expert["visual.transformer.l1.weight"], (B1.double() @ A1.double()).float())
+    assert all(torch.equal(expert[k], two_widths[k]) for k in ("transformer.l0.weight", "transformer.l1.weight"))
+    # an adapter of the whole model names both towers: the names as they are are its only placement
+    whole = _adapter(tmp_path / "whole", {"r": 2, "lora_alpha": 2}, {
+        **lora, "visual.transformer.l0.lora_A.weight": A0, "visual.transformer.l0.lora_B.weight": B0})
+    expert = adapters.load_adapter(whole, one_width)[0]
+    assert all(not torch.equal(expert[k], one_width[k]) for k in ("transformer.l0.weight", "transformer.l1.weight",
+                                                                  "visual.transformer.l0.weight"))
+    assert torch.equal(expert["visual.transformer.l1.weight"], one_width["visual.transformer.l1.weight"])
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_an_adapter_initialised_by_changing_the_base_is_refused(tmp_path, init):
+    """PiSSA, OLoRA and CorDA subtract the initial factors' product from the base weights, LoftQ quantises them:
+    such an adapter is relative to that changed base, and applied to the original one it gave an expert 0.32 from
+    the fine-tuned model, which had moved 0.13 (an I/O audit). peft converts them to a plain LoRA on saving
+    (``init_lora_weights: true``), which is read; the initialisations that leave the base alone are read too."""
+    base = {"fc.weight": torch.zeros(2, 3), "fc.bias": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=rf"init_lora_weights is '{init}', which changes the base's weights"):
+        adapters.load_adapter(_adapter(tmp_path / init, {"r": 2, "lora_alpha": 2, "init_lora_weights": init}, FC), base)
+    for kept in (True, False, "gaussian", "eva"):
+        folder = _adapter(tmp_path / f"kept_{kept}", {"r": 2, "lora_alpha": 2, "init_lora_weights": kept}, FC)
+        assert torch.equal(adapters.load_adapter(folder, base)[0]["fc.weight"], torch.full((2, 3), 2.0))
