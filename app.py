@@ -766,7 +766,8 @@ def build_demo(studio: Studio) -> gr.Blocks:
 
                 with gr.Accordion("Task preferences", open=False, elem_id="pref-sliders"):
                     gr.Markdown("<small>Relative weight of each task: drives the calibration's preference weighting "
-                                "(without calibration each task matrix is scaled by T·p). Equal = uniform.</small>")
+                                "(without calibration each task matrix is scaled by its weight over the largest). "
+                                "Equal = uniform.</small>")
 
                     @gr.render(inputs=[experts_cb, pref_state], triggers=[pref_reload.change, demo.load])
                     def preference_sliders(experts: list, prefs: dict):

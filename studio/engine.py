@@ -141,13 +141,17 @@ def merge_pool(
         raise HyperparameterError("calibrate_hparams were given but no calibration was chosen (calibrate=None)")
 
     # Preferences weight the calibration when there is one (SVC / AlignMerge sec. 5.3); otherwise they weight each
-    # task matrix in the base merge: w_i = T * p_i, so uniform preferences leave every method unchanged.
+    # task matrix in the base merge: w_i = p_i / max_j p_j, the most preferred task at full strength, so uniform
+    # preferences leave every method unchanged and one-hot merges the target alone. (w_i = T p_i, which keeps the
+    # weights' sum, gave a one-hot target T times its task matrix: TSV-M merged 8 times the target's truncation, and
+    # the target task of the embedded pool fell from 74.5 % to 13.0 %, where p / max gives 99.5 %; a preferences
+    # audit, docs/ENGINE.md)
     # A method that declares uses_preferences (AlignMerge-B's merge form) takes them itself, like a calibration.
     method_prefs = bool(spec.extra.get("uses_preferences"))
     weights = None
     if (prefs is not None and cal_spec is None and not method_prefs
             and not torch.equal(prefs, torch.full_like(prefs, 1 / len(names)))):
-        weights = (prefs * len(names)).to(pool.device)
+        weights = (prefs / prefs.max()).to(pool.device)
     uniform = torch.full((len(names),), 1 / len(names), dtype=torch.float32)
     cal_prefs = (prefs if prefs is not None else uniform).to(pool.device)
 
@@ -283,13 +287,13 @@ def merge(
             ``"align_merge_b"``), or ``None``. It calibrates the base method's final delta, the method's scale
             (``alpha``) included, and adds the result as it is (as the official SVC code does after ``0.3 * TA``).
         calibrate_hparams: the calibration's hyperparameters (validated against its schema).
-        preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order). A
-            task a mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting;
-            name every task (or pass a sequence) to keep them all. With a calibration they weight its per-task
-            aggregation (one-hot = the papers' target-task calibration); without one they scale each task matrix by
-            ``T * p_i``, except in AlignMerge-B's merge form (``align_merge_b``), which takes the p-weighted average
-            of its per-task coefficients as its calibration form does. ``align_merge_b`` with a calibration gives
-            the weights to both. Uniform (the default) changes nothing.
+        preferences: non-negative per-task weights (mapping name -> weight, or a sequence in expert order). A task a
+            mapping does not name gets weight 0, so ``{"digits": 1}`` is the one-hot target-task setting; name every
+            task (or pass a sequence) to keep them all. With a calibration they weight its per-task aggregation (one-hot
+            = the papers' target-task calibration); without one they scale each task matrix by ``p_i / max_j p_j`` (the
+            most preferred task at full strength; one-hot merges that task alone), except in AlignMerge-B's merge form
+            (``align_merge_b``), which takes the p-weighted average of its per-task coefficients as its calibration form
+            does. ``align_merge_b`` with a calibration gives the weights to both. Uniform (the default) changes nothing.
         seed: random seed for stochastic methods (DARE). Each of DARE's tasks draws its mask from a stream of its
             own per layer (the seed, the key and the expert's name), so the experts' order, and which other experts
             are merged, leave it as it is.
@@ -311,8 +315,8 @@ def merge(
             in the whitening (only its singular values shrink), and 0 takes them out (TSV-M at weights
             ``[1, 1, 1e-6, 1]`` and ``[1, 1, 0, 1]`` differed by 48-49% on small random experts: docs/ACCURACY.md, "A
             preference weight of 0 against a small one"). Nor is weight 0 the same as leaving the expert out: ``T``
-            still counts it (``T * p_i`` scales the others by ``T / (T - 1)``, TSV-M's ``k`` and Iso-CTS's ``s`` are
-            sized for ``T`` tasks and the zero task's share stays empty).
+            still counts it (TSV-M's ``k`` and Iso-CTS's ``s`` are sized for ``T`` tasks and the zero task's share
+            stays empty; Task Arithmetic's sum is the same, weight averaging's mean divides by ``T``).
         progress: optional callback ``(fraction, message)``.
         **hparams: the method's hyperparameters (validated against its schema).
 

@@ -103,8 +103,8 @@ def test_spectrum_matches_a_local_svd(client: Client, suite):
     # the merge's preferences and seed, as /merge takes them (the merged spectrum was always seed 0 and uniform)
     weighted = client.predict(layer, experts, "task_arithmetic", {"alpha": 1.0}, "none", "{}",
                               {experts[0]: 3, experts[1]: 1}, api_name="/spectrum")
-    ref = torch.linalg.svdvals(sum(w * 2 * (suite.experts[t][layer].double() - base) / 4
-                                   for w, t in zip((3, 1), experts)))   # T p_i: 2 * 3/4 and 2 * 1/4
+    ref = torch.linalg.svdvals(sum(w * (suite.experts[t][layer].double() - base)
+                                   for w, t in zip((1, 1 / 3), experts)))   # p_i / max p: 1 and 1/3
     assert torch.allclose(torch.tensor(weighted["merged"], dtype=torch.float64), ref, rtol=1e-4, atol=1e-6)
     dare = [client.predict(layer, experts, "dare", "{}", "none", "{}", "{}", seed, api_name="/spectrum")["merged"]
             for seed in (0, 7, 7)]

@@ -177,7 +177,7 @@ _AGGREGATION_PREFERENCES = {"align_merge_b"}
 @pytest.mark.parametrize("svd_mode", ["auto", "exact"])
 @pytest.mark.parametrize("name", sorted(set(MERGE_NAMES) - _AGGREGATION_PREFERENCES))
 def test_a_task_weighted_zero_is_an_expert_that_changed_nothing(name, svd_mode):
-    """Preferences scale each task matrix by ``T p_i``, so ``p_i = 0`` must give the merge in which expert ``i``
+    """Preferences scale each task matrix by ``p_i / max p``, so ``p_i = 0`` must give the merge in which expert ``i``
     equals the base: its singular vectors (which a zero matrix does not have) must not steer the others' merge.
     AlignMerge-O summed a weighted-out task's top vector into ``u_top`` before the pool zeroed them."""
     base = clip_like_state_dict()

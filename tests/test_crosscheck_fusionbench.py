@@ -98,11 +98,11 @@ def fb_tsv_m(suite, tvs: TaskVectors, weights: list[float] | None = None) -> dic
     return with_base(suite, quiet(compute_and_sum_svd_mem_reduction, tvs, accelerator="cpu"))
 
 
-#: Per-task weights for the TSVM alpha-list comparison: they sum to T = 8, so ``preferences = a`` scales task ``i``
-#: by ``T p_i = a_i``. No zero: that is where the two part on purpose (FusionBench whitens the other tasks against
-#: the arbitrary singular vectors LAPACK returns for a zero matrix; ``studio.merge`` leaves zero singular values out,
-#: see its ``svd_mode`` docs).
-TSV_WEIGHTS = [2.0, 0.5, 1.5, 1.0, 0.25, 0.75, 1.25, 0.75]
+#: Per-task weights for the TSVM alpha-list comparison: the largest is 1, so ``preferences = a`` scales task ``i`` by
+#: ``p_i / max p = a_i`` (exactly: binary fractions summing to 4). No zero: that is where the two part on purpose
+#: (FusionBench whitens the other tasks against the arbitrary singular vectors LAPACK returns for a zero matrix;
+#: ``studio.merge`` leaves zero singular values out, see its ``svd_mode`` docs).
+TSV_WEIGHTS = [1.0, 0.25, 0.75, 0.5, 0.125, 0.375, 0.625, 0.375]
 
 #: name -> (studio.merge arguments, FusionBench's merged state dict from (suite, task vectors, dtype), tolerance)
 CASES: dict[str, tuple[dict[str, Any], Callable[..., dict[str, torch.Tensor]], float]] = {

@@ -43,9 +43,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 TOL = 1e-6
 T = 8
-#: Per-task weights for the weighted cases, summing to T, so ``preferences = WEIGHTS`` scales task ``i`` by
-#: ``T p_i = WEIGHTS[i]``, mergekit's per-model ``weight``.
-WEIGHTS = [2.0, 0.5, 1.5, 1.0, 0.25, 0.75, 1.25, 0.75]
+#: Per-task weights for the weighted cases, the largest 1, so ``preferences = WEIGHTS`` scales task ``i`` by
+#: ``p_i / max p = WEIGHTS[i]`` (exactly: binary fractions summing to 4), mergekit's per-model ``weight``.
+WEIGHTS = [1.0, 0.25, 0.75, 0.5, 0.125, 0.375, 0.625, 0.375]
 
 StateDict = dict[str, torch.Tensor]
 

@@ -226,18 +226,22 @@ def test_preferences_take_any_real_scalar(clip_pool):
 def test_preferences_weight_task_matrices_without_calibration(clip_pool):
     base, experts = clip_pool
     one_hot = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences={"task0": 1.0})
-    # w = T * p: task0 counts T times, the others not at all
+    # w = p / max p: task0 counts once (the expert itself at alpha = 1), the others not at all; w = T p gave T times
+    # task0's vector (a preferences audit: the one-hot target's accuracy fell from 74.5 % to 13.0 % under TSV-M)
     k = "visual.proj"
-    expected = base[k] + len(experts) * (experts["task0"][k] - base[k])
+    expected = base[k] + (experts["task0"][k] - base[k])
     torch.testing.assert_close(one_hot[k], expected)
+    favoured = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences=[3.0, 1.5, 1.5, 0.75])
+    expected = base[k] + sum(w * (experts[n][k] - base[k]) for w, n in zip((1.0, 0.5, 0.5, 0.25), experts))
+    torch.testing.assert_close(favoured[k], expected)
     plain = studio.merge(base, experts, "task_arithmetic", alpha=1.0)
     for prefs in ([1, 1, 1, 1], torch.full((4,), 0.1), {n: 3.0 for n in experts}):   # uniform: the same bits
         uniform = studio.merge(base, experts, "task_arithmetic", alpha=1.0, preferences=prefs)
         assert all(torch.equal(uniform[key], plain[key]) for key in plain)
-    # close to uniform is not uniform: each task matrix counts T * p_i (within 1e-5 of uniform was snapped to it)
+    # close to uniform is not uniform: each task matrix counts p_i / max p (within 1e-5 of uniform was snapped to it)
     zero, ones = {"w": torch.zeros(3)}, {f"t{i}": {"w": torch.full((3,), float(i + 1))} for i in range(4)}
     near = studio.merge(zero, ones, "task_arithmetic", alpha=1.0, preferences=[1, 1, 1, 1.000004])["w"]
-    w = [4 * x / 4.000004 for x in (1, 1, 1, 1.000004)]
+    w = [x / 1.000004 for x in (1, 1, 1, 1.000004)]
     assert float(near[0]) == pytest.approx(sum((i + 1) * wi for i, wi in enumerate(w)), rel=1e-7, abs=0)
 
 
@@ -504,7 +508,7 @@ def test_transient_memo_is_bounded_while_structural_memo_persists(clip_pool):
 
 @pytest.mark.parametrize("method", ["iso_c", "iso_cts", "tsv_m", "ortho_merge"])
 def test_preference_weighted_merges_are_right_and_do_not_grow_the_pool(clip_pool, method):
-    """A preference position weights the task matrices (w_i = T p_i), so its sum and decompositions are its own:
+    """A preference position weights the task matrices (w_i = p_i / max p), so its sum and decompositions are its own:
     they are computed for the merge and freed after it (they used to stay in the pool for its life, +0.9-1.2 GiB
     per slider move for Iso-C on 8 ViT-B/32 experts). The result equals the method on experts pre-scaled by w_i."""
     base, experts = clip_pool
@@ -516,7 +520,7 @@ def test_preference_weighted_merges_are_right_and_do_not_grow_the_pool(clip_pool
         prefs = {n: 1.0 + (step + 1) * (i == 0) + 0.5 * (i == 2) for i, n in enumerate(names)}
         weighted = studio.merge_pool(pool, method, preferences=prefs)
         assert (len(pool._memo), len(pool._transient)) == sizes
-    w = torch.tensor([prefs[n] for n in names]) / sum(prefs.values()) * len(names)
+    w = torch.tensor([prefs[n] for n in names]) / max(prefs.values())
     scaled = {n: {k: base[k] + wi * (experts[n][k] - base[k]) for k in base} for wi, n in zip(w, names)}
     expected = studio.merge_pool(TaskPool(base, scaled), method)
     for k in base:

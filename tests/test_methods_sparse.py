@@ -247,11 +247,12 @@ def test_kth_smallest_equals_kthvalue_for_every_rank(chunk):
 
 
 def test_ties_masks_ignore_preference_weights():
-    """Preferences scale task i by T*p_i; TIES must equal TIES on experts pre-scaled the same way."""
+    """Preferences scale task i by p_i / max p; TIES must equal TIES on experts pre-scaled the same way."""
     base = clip_like_state_dict()
     experts = make_experts(base, 3)
     prefs = [0.5, 0.3, 0.2]
-    scaled = {n: {k: base[k] + 3 * p * (sd[k] - base[k]) for k in base} for (n, sd), p in zip(experts.items(), prefs)}
+    scaled = {n: {k: base[k] + p / 0.5 * (sd[k] - base[k]) for k in base}
+              for (n, sd), p in zip(experts.items(), prefs)}
     for scope in ("model", "layer"):
         a = studio.merge(base, experts, "ties", device="cpu", preferences=prefs, topk_scope=scope)
         b = studio.merge(base, scaled, "ties", device="cpu", topk_scope=scope)

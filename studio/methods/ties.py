@@ -155,10 +155,10 @@ def ties(layer: LayerTasks, k: float, topk_scope: str, merge_func: str, model_st
     tensor's own, as in the official code run on that tensor alone.
 
     Masks come from the unweighted task matrices (a per-task preference weight does not change a task's ranking);
-    the election and the merge use the weighted ones (``T * p_i``, as every method without a calibration). With
-    ``merge_func="mean"`` the disjoint mean is then of the weighted values, so a one-hot preference gives ``T``
-    times that task's trimmed vector where it wins the election (mergekit's weighted TIES divides by the agreeing
-    weights instead).
+    the election and the merge use the weighted ones (``p_i / max_j p_j``, as every method without a calibration).
+    With ``merge_func="mean"`` the disjoint mean is then of the weighted values, so a one-hot preference gives that
+    task's trimmed vector where it wins the election (mergekit's weighted TIES divides by the agreeing weights
+    instead).
 
     Example:
         >>> import torch
