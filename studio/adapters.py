@@ -166,10 +166,14 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
                                   f"magnitude, LoRA on an embedding or a convolution): merge the adapter into full "
                                   f"weights with peft's merge_and_unload and pass those")
         full.append((key, inner.replace(".base_layer.", "."), value))
-    place = _placement(lora, base, where, bool(config.get("fan_in_fan_out")))
+    # An adapter that names modules under the prefix the base was read with (one of the whole model, its text
+    # tower's modules too) is read by its names alone: its other parts' modules are left out, not matched by the end
+    # of their names to the part read (a text module onto the visual tower's weight of that name: ViT-S-32)
+    whole = bool(prefix) and any(module.startswith(prefix) for module in lora)
+    place = None if whole else _placement(lora, base, where, bool(config.get("fan_in_fan_out")))
     for key, name, value in full:
         target = place + name if place is not None and place + name in base else \
-            _base_key(name, names, where, key, prefix if prefix is not None else "")
+            _base_key(name, names, where, key, prefix if prefix is not None else "", exact=whole)
         if target is None:   # a head the adapter trained in full (modules_to_save), outside the merged model
             if prefix is None:
                 left_out.append(name)
@@ -204,7 +208,7 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
         if config.get("fan_in_fan_out"):
             delta = delta.T
         target = place + f"{module}.weight" if place is not None else \
-            _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix)
+            _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix, exact=whole)
         if target is None:
             continue
         applied += 1
@@ -212,7 +216,7 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
         out[target] = _rounded(replaced.pop(target, base[target]).double() + delta, base[target], where, target)
         if "lora_B.bias" in parts:
             bias = place + f"{module}.bias" if place is not None and place + f"{module}.bias" in base else \
-                _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias")
+                _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias", exact=whole)
             assert bias is not None
             _check_shape(base[bias], parts["lora_B.bias"].shape, where, f"{PEFT_PREFIX}{module}.lora_B.bias", bias)
             out[bias] = _rounded(replaced.pop(bias, base[bias]).double() + parts["lora_B.bias"].double() * scale,
@@ -338,11 +342,14 @@ def _placement(lora: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tens
     return next(iter(fits))
 
 
-def _base_key(name: str, names: list[str], where: str, key: str, prefix: str | None = None) -> str | None:
-    """The base tensor ``name`` is: the same name, else the one base name that ends with ``.name``; ``None`` for
-    none where the base was read under a ``prefix``."""
+def _base_key(name: str, names: list[str], where: str, key: str, prefix: str | None = None,
+              exact: bool = False) -> str | None:
+    """The base tensor ``name`` is: the same name, else (but where ``exact``) the one base name that ends with
+    ``.name``; ``None`` for none where the base was read under a ``prefix``."""
     if name in names:
         return name
+    if exact and prefix is not None:
+        return None
     ends = [n for n in names if n.endswith("." + name)]
     if len(ends) == 1:
         return ends[0]

@@ -423,3 +423,19 @@ def test_an_adapter_initialised_by_changing_the_base_is_refused(tmp_path, init):
     for kept in (True, False, "gaussian", "eva"):
         folder = _adapter(tmp_path / f"kept_{kept}", {"r": 2, "lora_alpha": 2, "init_lora_weights": kept}, FC)
         assert torch.equal(adapters.load_adapter(folder, base)[0]["fc.weight"], torch.full((2, 3), 2.0))
+
+
+def test_an_adapter_of_the_whole_model_on_a_base_read_under_a_prefix_leaves_the_other_parts_out(tmp_path):
+    """An adapter of a whole open_clip model names both towers' modules (``visual.transformer.l1``,
+    ``transformer.l0``); with the base read under ``visual.`` the text module matched the visual weight of its name
+    by the end of it where the towers have one width, and changed it. Now an adapter that names modules under the
+    base's prefix is read by its names alone, the other parts' left out."""
+    torch.manual_seed(1)
+    A0, B0, A1, B1 = torch.randn(2, 3), torch.randn(4, 2), torch.randn(2, 3), torch.randn(4, 2)
+    folder = _adapter(tmp_path / "whole", {"r": 2, "lora_alpha": 2}, {
+        "visual.transformer.l1.lora_A.weight": A1, "visual.transformer.l1.lora_B.weight": B1,
+        "transformer.l0.lora_A.weight": A0, "transformer.l0.lora_B.weight": B0})
+    base = {f"visual.transformer.l{i}.weight": torch.zeros(4, 3) for i in range(2)}
+    expert = adapters.load_adapter(folder, base, prefix="visual.")[0]
+    assert torch.equal(expert["visual.transformer.l1.weight"], (B1.double() @ A1.double()).float())
+    assert torch.equal(expert["visual.transformer.l0.weight"], base["visual.transformer.l0.weight"])

@@ -1837,4 +1837,8 @@ MUTANTS = [
      '    if isinstance(init, str) and init.lower().startswith(_CHANGES_THE_BASE):\n',
      '    if False:\n',
      "load_adapter: a PiSSA / OLoRA / CorDA / LoftQ adapter applied to a base it is not relative to"),
+    ('ad11', 'studio/adapters.py',
+     '    whole = bool(prefix) and any(module.startswith(prefix) for module in lora)\n',
+     '    whole = False\n',
+     "load_adapter: a whole-model adapter on a base read under a prefix: a text module onto the visual weight"),
 ]
