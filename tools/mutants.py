@@ -1830,7 +1830,7 @@ MUTANTS = [
      '    if False:\n',
      "load_adapter: an adapter that fits the base under two prefixes placed under one of them (ViT-S-32's text tower)"),
     ('ad9', 'studio/adapters.py',
-     '    place = _placement(lora, base, where, bool(config.get("fan_in_fan_out")))\n',
+     '    place = None if whole else _placement(lora, base, where, bool(config.get("fan_in_fan_out")))\n',
      '    place = None\n',
      "load_adapter: each module placed alone (a visual-tower adapter on the text tower's same-named weights)"),
     ('ad10', 'studio/adapters.py',
