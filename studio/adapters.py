@@ -172,8 +172,7 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
     whole = bool(prefix) and any(module.startswith(prefix) for module in lora)
     place = None if whole else _placement(lora, base, where, bool(config.get("fan_in_fan_out")))
     for key, name, value in full:
-        target = place + name if place is not None and place + name in base else \
-            _base_key(name, names, where, key, prefix if prefix is not None else "", exact=whole)
+        target = _base_key(name, names, where, key, prefix if prefix is not None else "", exact=whole, place=place)
         if target is None:   # a head the adapter trained in full (modules_to_save), outside the merged model
             if prefix is None:
                 left_out.append(name)
@@ -207,16 +206,16 @@ def apply_adapter(files: tuple[Path, Path, str], base: Mapping[str, Tensor], *,
         delta = (B.double() @ A.double()) * scale
         if config.get("fan_in_fan_out"):
             delta = delta.T
-        target = place + f"{module}.weight" if place is not None else \
-            _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix, exact=whole)
+        target = _base_key(f"{module}.weight", names, where, f"{PEFT_PREFIX}{module}.lora_A.weight", prefix,
+                           exact=whole, place=place)
         if target is None:
             continue
         applied += 1
         _check_shape(base[target], delta.shape, where, f"{PEFT_PREFIX}{module}.lora_B.weight @ lora_A.weight", target)
         out[target] = _rounded(replaced.pop(target, base[target]).double() + delta, base[target], where, target)
         if "lora_B.bias" in parts:
-            bias = place + f"{module}.bias" if place is not None and place + f"{module}.bias" in base else \
-                _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias", exact=whole)
+            bias = _base_key(f"{module}.bias", names, where, f"{PEFT_PREFIX}{module}.lora_B.bias", exact=whole,
+                             place=place)
             assert bias is not None
             _check_shape(base[bias], parts["lora_B.bias"].shape, where, f"{PEFT_PREFIX}{module}.lora_B.bias", bias)
             out[bias] = _rounded(replaced.pop(bias, base[bias]).double() + parts["lora_B.bias"].double() * scale,
@@ -343,9 +342,12 @@ def _placement(lora: Mapping[str, Mapping[str, Tensor]], base: Mapping[str, Tens
 
 
 def _base_key(name: str, names: list[str], where: str, key: str, prefix: str | None = None,
-              exact: bool = False) -> str | None:
-    """The base tensor ``name`` is: the same name, else (but where ``exact``) the one base name that ends with
-    ``.name``; ``None`` for none where the base was read under a ``prefix``."""
+              exact: bool = False, place: str | None = None) -> str | None:
+    """The base tensor ``name`` is: ``place + name`` where the adapter has a placement (:func:`_placement`) and the
+    base holds it, else the same name, else (but where ``exact``) the one base name that ends with ``.name``;
+    ``None`` for none where the base was read under a ``prefix``."""
+    if place is not None and place + name in names:
+        return place + name
     if name in names:
         return name
     if exact and prefix is not None:
