@@ -1218,7 +1218,9 @@ class Recipe:
 
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2's numbers (those JSON writes too): a number with an exponent and no dot
-    (``5e-05``, ``1E3``) is a float, not text, and ``1:30`` is text, not YAML 1.1's base-60 number 90.
+    (``5e-05``, ``1E3``) is a float, not text, and ``1:30`` is text, not YAML 1.1's base-60 number 90; and YAML
+    1.2's booleans: ``yes``, ``no``, ``on`` and ``off`` are text, not YAML 1.1's true and false (an expert named
+    ``no`` in a recipe's preferences became the key False).
     ``Recipe.to_json`` writes such exponents (``json.dumps(5e-05)``), and every exported file embeds that JSON; the
     CLI's ``--set`` values are read with it too.
 
@@ -1226,8 +1228,8 @@ class YamlLoader(yaml.SafeLoader):
     another method without a word), as JSON objects are read with it too.
 
     Example:
-        >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf, 010, 0o10]", Loader=YamlLoader)
-        [5e-05, '1:30', 31, 1000, inf, 10, 8]
+        >>> yaml.load("[5e-05, 1:30, 0x1f, 1_000, .inf, 010, 0o10, yes, off, True]", Loader=YamlLoader)
+        [5e-05, '1:30', 31, 1000, inf, 10, 8, 'yes', 'off', True]
     """
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
@@ -1250,10 +1252,12 @@ class YamlLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-YamlLoader.yaml_implicit_resolvers = {   # PyYAML's own, less its int and float rules (they read 1:30 as 90) ...
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT)]
+_INT, _FLOAT, _BOOL = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+YamlLoader.yaml_implicit_resolvers = {   # PyYAML's own, less its int, float (they read 1:30 as 90) and bool rules ...
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT, _FLOAT, _BOOL)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(   # ... with YAML 1.2's booleans: YAML 1.1's yes / no / on / off are text (an
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))   # expert named no stayed a name)
 YamlLoader.add_implicit_resolver(   # ... and those rules without base 60, nor YAML 1.1's octal 010 (1.2's 0o10)
     _INT, re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o[0-7_]+|[-+]?[0-9][0-9_]*|[-+]?0x[0-9a-fA-F_]+)$"),
     list("-+0123456789"))
@@ -1283,13 +1287,18 @@ class YamlDumper(yaml.SafeDumper):
     (PyYAML's own rules read ``1e3`` as text).
 
     Example:
-        >>> yaml.load(yaml.dump(["1e3", "010", 1e-05, "1:30"], Dumper=YamlDumper), Loader=YamlLoader)
-        ['1e3', '010', 1e-05, '1:30']
+        >>> yaml.dump(["1e3", "010", "1:30", "no", "true"], Dumper=YamlDumper, default_flow_style=True).strip()
+        "['1e3', '010', '1:30', 'no', 'true']"
+        >>> yaml.load(yaml.dump(["1e3", "010", 1e-05, "1:30", "no"], Dumper=YamlDumper), Loader=YamlLoader)
+        ['1e3', '010', 1e-05, '1:30', 'no']
     """
 
 
 YamlDumper.yaml_implicit_resolvers = {first: list(resolvers)
                                       for first, resolvers in YamlLoader.yaml_implicit_resolvers.items()}
+for _first, _resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items():   # and YAML 1.1's booleans quoted, as
+    YamlDumper.yaml_implicit_resolvers.setdefault(_first, []).extend(   # other readers take a bare no for false
+        (tag, regexp) for tag, regexp in _resolvers if tag == _BOOL)
 
 
 def _yaml_problem(exc: Exception) -> str:

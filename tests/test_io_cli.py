@@ -989,6 +989,10 @@ def test_a_recipe_written_as_yaml_reads_back_whatever_its_names_and_numbers(file
     assert again.experts == names and list(again.preferences) == names and again.hparams == recipe.hparams
     (tmp / "o.yaml").write_text("method: dare\nseed: 010\nhparams: {p: 0.5}\n")
     assert Recipe.from_file(tmp / "o.yaml").seed == 10
+    # YAML 1.2's booleans: experts named no / on written by hand stay names (YAML 1.1 read them as False / True)
+    (tmp / "b.yaml").write_text("method: ties\nexperts: [no, yes, On, OFF]\npreferences: {no: 1, OFF: 0.5}\n")
+    assert Recipe.from_file(tmp / "b.yaml").experts == ["no", "yes", "On", "OFF"]
+    assert Recipe.from_file(tmp / "b.yaml").preferences == {"no": 1.0, "OFF": 0.5}
     assert main(["merge", *args, "--method", "ties", "--set", "k=010", "--out", str(tmp / "t.safetensors")]) == 2
     assert "'k' = 10.0 is outside the allowed range" in capsys.readouterr().err   # read as 10, not 8
     assert main(["merge", *args, "--method", "dare", "--set", "p=0.5", "--out", str(tmp / "u.safetensors"),
