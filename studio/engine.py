@@ -314,7 +314,9 @@ def merge(
             weight of exactly 0 is not the limit of small weights there: any weight above 0 keeps the task's directions
             in the whitening (only its singular values shrink), and 0 takes them out (TSV-M at weights
             ``[1, 1, 1e-6, 1]`` and ``[1, 1, 0, 1]`` differed by 48-49% on small random experts: docs/ACCURACY.md, "A
-            preference weight of 0 against a small one"). Nor is weight 0 the same as leaving the expert out: ``T``
+            preference weight of 0 against a small one"); so in AlignMerge-O's aligned basis (36-40%), and TIES's
+            ``merge_func="mean"`` counts a task of weight 1e-6 among those that agree on a sign, not one of weight 0
+            (15-17%; the other methods within 1e-4 there). Nor is weight 0 the same as leaving the expert out: ``T``
             still counts it (TSV-M's ``k`` and Iso-CTS's ``s`` are sized for ``T`` tasks and the zero task's share
             stays empty; Task Arithmetic's sum is the same, weight averaging's mean divides by ``T``).
         progress: optional callback ``(fraction, message)``.
