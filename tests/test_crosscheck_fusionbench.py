@@ -209,6 +209,69 @@ def test_merge_matches_fusion_bench_on_the_transformers_layout(hf_clip, case):
     _check_case(hf_clip, task_vectors_of(hf_clip, torch.float64), case)
 
 
+def two_tower_pool() -> types.SimpleNamespace:
+    """Four experts of a small open_clip CLIP with both towers (``text_projection``, ``token_embedding``, the text
+    tower's ``positional_embedding``, the 0-d ``logit_scale``), which MiniSuite and the ``transformers`` pool lack:
+    the default layer rules' exclusions then have keys to act on."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=16, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=16, vocab_size=100, width=48, heads=4, layers=2))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return types.SimpleNamespace(base=base, experts=make_experts(base, 4, seed=3))
+
+
+@pytest.fixture(scope="module")
+def two_tower() -> types.SimpleNamespace:
+    return two_tower_pool()
+
+
+def _official_excludes(pool, *parts: str) -> list[str]:
+    """The keys the official code leaves out by substring: ``text_projection`` (TSV, Iso), and ``embedding`` too
+    (SVC's ``"text_projection" in key or "embedding" in key``)."""
+    return [k for k in pool.base if any(part in k for part in parts)]
+
+
+def _fb_svc_skipping(pool, merged: dict[str, torch.Tensor], alpha: float, skip: list[str]) -> dict[str, torch.Tensor]:
+    out = dict(merged)
+    for k, b in pool.base.items():
+        if b.dim() == 2 and k not in skip:
+            out[k] = subspace_consistency_spectral_calibration(
+                b.double(), [e[k].double() for e in pool.experts.values()], merged[k].double(), alpha=alpha,
+                accelerator="cpu").double()
+    return out
+
+
+#: name -> (studio.merge arguments at the default layer rules, FusionBench with the official code's key filters)
+DEFAULT_RULE_CASES: dict[str, tuple[dict[str, Any], Callable[..., dict[str, torch.Tensor]]]] = {
+    "tsv_m": (dict(method="tsv_m", alpha=1.0), lambda p, tvs: with_base(p, quiet(
+        compute_and_sum_svd_mem_reduction, tvs, exclude_keys=_official_excludes(p, "text_projection"),
+        accelerator="cpu"))),
+    "iso_c": (dict(method="iso_c", alpha=1.3), lambda p, tvs: with_base(p, quiet(
+        fb_iso_c, tvs, accelerator="cpu", exclude_keys=_official_excludes(p, "text_projection")), 1.3)),
+    "iso_cts": (dict(method="iso_cts", alpha=1.5), lambda p, tvs: with_base(p, quiet(
+        fb_iso_cts, tvs, common_space_fraction=0.8, accelerator="cpu",
+        exclude_keys=_official_excludes(p, "text_projection")), 1.5)),
+    "task_arithmetic+svc": (dict(method="task_arithmetic", alpha=0.3, calibrate="svc"), lambda p, tvs: _fb_svc_skipping(
+        p, with_base(p, task_sum(p, tvs), 0.3), 1 / len(tvs), _official_excludes(p, "text_projection", "embedding"))),
+}
+
+
+@pytest.mark.parametrize("case", list(DEFAULT_RULE_CASES))
+def test_the_default_layer_rules_match_the_official_key_filters_on_both_towers(two_tower, case):
+    """With both of CLIP's towers, each method's default rule treats the keys as the official code does: TSV-M and Iso
+    average ``text_projection`` (FusionBench's own default excludes nothing: given the official filter here), SVC
+    leaves every embedding and ``text_projection`` as Task Arithmetic made them; ``logit_scale`` and the text tower's
+    keys merge as the rest (an audit of the layer rules)."""
+    assert {"text_projection", "token_embedding.weight", "positional_embedding", "logit_scale"} <= set(two_tower.base)
+    kwargs, reference = DEFAULT_RULE_CASES[case]
+    kwargs = dict(kwargs)
+    ours = studio.merge(two_tower.base, two_tower.experts, kwargs.pop("method"), **kwargs)
+    err, key = worst_error(two_tower.base, ours, reference(two_tower, task_vectors_of(two_tower, torch.float64)))
+    assert err <= SPECTRAL_TOL, f"{case}, {key}: relative error {err:.2e} against FusionBench, over {SPECTRAL_TOL:.0e}"
+
+
 def test_tsv_c_compress(suite, task_vectors):
     """TSV-C: FusionBench's ``compress_tv`` keeps ``int(r / T)`` components of every 2-D tensor, dense otherwise."""
     names = list(suite.experts)
@@ -374,6 +437,16 @@ def main() -> None:
           "studio.merge against its float64 result: " + ", ".join(
               f"{worst_error(base, studio.merge(base, experts, 'iso_cts', alpha=1.5, svd_mode=m), exact)[0]:.1e} "
               f"({m})" for m in ("auto", "exact")))
+    two = two_tower_pool()
+    two_tvs = task_vectors_of(two, torch.float64)
+    errors = []
+    for case, (kwargs, reference) in DEFAULT_RULE_CASES.items():
+        kwargs = dict(kwargs)
+        ours = studio.merge(two.base, two.experts, kwargs.pop("method"), **kwargs)
+        errors.append(f"{case} {worst_error(two.base, ours, reference(two, two_tvs))[0]:.1e}")
+    print("\nThe default layer rules on a small two-tower open_clip CLIP, against FusionBench with the official code's "
+          f"key filters: {', '.join(errors)} (test_the_default_layer_rules_match_the_official_key_filters_on_both_"
+          f"towers asserts <= {SPECTRAL_TOL:.0e})")
 
 
 def test_the_benchmark_peers_compute_the_rows_they_are_timed_against(suite):
