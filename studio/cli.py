@@ -730,8 +730,10 @@ def _run(args: argparse.Namespace) -> int:
         packed.meta.update(prefix=args.prefix, suite=pool.suite, base=pool.sources["base"] if pool.sources else None)
         packed.save(args.out)
         size = packed.storage()
-        print(f"wrote {args.out}: {len(pool.experts)} experts, {size['ratio']:.3f} of their dense task vectors; base + "
-              f"all of them = {size['model_multiple']:.2f} x the model")
+        print(f"wrote {args.out}: {len(pool.experts)} experts, {size['ratio']:.3f} of their dense task vectors' "
+              f"numbers, {size['stored_bytes'] / 1e6:.2f} MB in float32 against {size['dense_bytes'] / 1e6:.2f} MB "
+              f"in the base's dtypes ({size['bytes_ratio']:.3f}); base + all of them = "
+              f"{size['model_multiple']:.2f} x the model's numbers")
     elif args.cmd == "reconstruct":
         from .compress import BaseMismatchError, Compressed
         from .suite import load_suite

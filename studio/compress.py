@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import numbers
 import os
@@ -105,6 +106,11 @@ class LowRank:
         """Stored numbers, ``k (m + n + 1)`` as counted in TSV appx. B.3."""
         return self.U.numel() + self.S.numel() + self.Vh.numel()
 
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes (the factors are float32, whatever the experts' dtype)."""
+        return sum(t.numel() * t.element_size() for t in (self.U, self.S, self.Vh))
+
     def to_dense(self) -> Tensor:
         """The rank-``k`` task matrix ``U diag(S) Vh``."""
         return (self.U * self.S) @ self.Vh
@@ -156,12 +162,19 @@ class Compressed:
     to_state_dict = reconstruct
 
     def storage(self) -> dict[str, Any]:
-        """Stored numbers per task and in total, against the dense task vectors and the base model."""
+        """Stored numbers per task and in total, against the dense task vectors and the base model; and the bytes:
+        ``stored_bytes`` as stored (float32: a file :meth:`save` writes is that plus its header), against
+        ``dense_bytes``, the dense task vectors in the base's dtypes (``bytes_ratio``: twice ``ratio`` for float16 or
+        bfloat16 experts, whose factors take float32's 4 bytes a number against their 2)."""
         per_task = {}
+        stored_bytes = dense_bytes = 0
         for name, sd in self.tasks.items():
             stored = sum(v.numel if isinstance(v, LowRank) else v.numel() for v in sd.values())
             dense = sum(self.base[k].numel() for k in sd)
             per_task[name] = {"stored": stored, "dense": dense, "ratio": stored / dense if dense else 1.0}
+            stored_bytes += sum(v.nbytes if isinstance(v, LowRank) else v.numel() * v.element_size()
+                                for v in sd.values())
+            dense_bytes += sum(self.base[k].numel() * self.base[k].element_size() for k in sd)
         stored = sum(p["stored"] for p in per_task.values())
         dense = sum(p["dense"] for p in per_task.values())
         base_numel = sum(t.numel() for t in self.base.values())
@@ -170,6 +183,9 @@ class Compressed:
             "stored": stored,
             "dense": dense,
             "ratio": stored / dense if dense else 1.0,
+            "stored_bytes": stored_bytes,
+            "dense_bytes": dense_bytes,
+            "bytes_ratio": stored_bytes / dense_bytes if dense_bytes else 1.0,
             # base + every compressed task (TSV sec. 5.2 says "approximately twice"; measured on ViT-B/32's visual
             # tower at 1/T: 2.52x for T = 8, 2.85x for T = 20, since non-matrix tensors stay dense per task)
             "model_multiple": (base_numel + stored) / base_numel if base_numel else 1.0,
@@ -203,7 +219,9 @@ class Compressed:
                 tensors.update({f"{i}/{key}/{part}": t for part, t in parts.items()})
         meta = {"format": "merge-studio tsv-c 1", "tasks": list(self.tasks), "rank_fraction": self.rank_fraction,
                 "layer_rule": self.layer_rule.to_dict(), "meta": self.meta, "fingerprint": fingerprint(tensors)}
-        return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta, default=str)})
+        meta = json.loads(json.dumps(meta, default=str))   # as load reads it back
+        meta["header_fingerprint"] = _header_fingerprint(meta)
+        return save_state_dict(path, tensors, {_PACKED_METADATA_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: "str | os.PathLike", base: StateDict, *, check: bool = True) -> "Compressed":
@@ -214,8 +232,10 @@ class Compressed:
         same values in float16 or bfloat16 as in float32 match, e.g. a suite's half-precision base file and the
         float32 weights the suite loads from it. ``check=False`` applies the task vectors to another base on purpose
         (e.g. the same weights rounded to another dtype). The tensors read must have the fingerprint :meth:`save`
-        recorded (files written by 0.2.2 and earlier have none): a changed or damaged byte is a
-        ``CheckpointError``."""
+        recorded (files written by 0.2.2 and earlier have none), and the header its own (the task names, rank
+        fraction, layer rule and ``meta``: files before 2026-12-08 have none): a changed or damaged byte is a
+        ``CheckpointError`` (two task names swapped in the header rebuilt one task's expert under the other's name).
+        """
         from .io import fingerprint, load_safetensors
 
         if not isinstance(base, Mapping):
@@ -237,6 +257,11 @@ class Compressed:
                                  "null)")
         except (TypeError, KeyError, ValueError, StudioError) as exc:
             raise CheckpointError(f"{path}: not a TSV-C file written by Compressed.save ({exc})") from None
+        written_header = meta.get("header_fingerprint")
+        if written_header is not None and written_header != _header_fingerprint(meta):
+            raise CheckpointError(f"{path}: its header (task names {names}, rank fraction, layer rule, meta) is not "
+                                  f"the one Compressed.save wrote: the file was changed or damaged after it was "
+                                  f"written")
         loaded = load_safetensors(path)
         written = meta.get("fingerprint")
         if written is not None:
@@ -313,6 +338,14 @@ class Compressed:
 _PACKED_METADATA_KEY = "merge_studio_tsv_c"
 
 
+def _header_fingerprint(header: Mapping[str, Any]) -> str:
+    """``sha256:`` of a TSV-C header's JSON without its own fingerprint (keys sorted), as :meth:`Compressed.save`
+    records it and :meth:`Compressed.load` checks it."""
+    fields = {k: v for k, v in header.items() if k != "header_fingerprint"}
+    text = json.dumps(fields, sort_keys=True, ensure_ascii=True, allow_nan=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
 def _header(path: Path) -> dict[str, Any]:
     """The JSON header :meth:`Compressed.save` writes into the safetensors metadata, or a ``CheckpointError``."""
     from .io import read_metadata
@@ -382,7 +415,7 @@ def compress(
         >>> c.tasks["a"]["w"].shape, compress(base, experts, rank_fraction=0.25).tasks["a"]["w"].rank
         (torch.Size([4, 4]), 1)
     """
-    from .engine import get_pool
+    from .engine import _check_rule_selects, get_pool
     from .methods.tsv_m import refuse_keeping_nothing, tsv_cover, tsv_rank   # lazy: it registers every method
 
     validate_experts(base, experts)
@@ -396,6 +429,7 @@ def compress(
                                         if b.is_floating_point() and rule.is_matrix(key, b.shape)], fraction,
                            rank_fraction is not None, "every task would keep only its other tensors")
     pool: TaskPool = get_pool(base, experts, device=device, svd_mode=svd_mode)
+    _check_rule_selects(pool, rule, "compress")   # a rule that keeps no matrix would compress nothing
     tasks: dict[str, dict[str, LowRank | Tensor]] = {name: {} for name in pool.names}
     for key, b in pool.base.items():
         if not b.is_floating_point():

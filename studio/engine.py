@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
 
@@ -96,6 +97,20 @@ def _linalg_errors(what: str | None, pool: TaskPool, key: str) -> Iterator[None]
                           f"the solver did not converge on this layer's matrices") from exc
 
 
+def _check_rule_selects(pool: TaskPool, rule: LayerRule, who: str) -> None:
+    """Refuse a layer rule that leaves none of the pool's matrices (its floating 2-D tensors of both sizes above 1) a
+    matrix: a spectral method would then average every tensor as a vector, and a calibration change nothing, without
+    a word (a typed pattern such as ``"weight"`` excludes them all; an audit of the layer rules)."""
+    shapes = {key: tuple(pool.base[key].shape) for key in pool.keys}
+    candidates = [key for key, shape in shapes.items() if len(shape) == 2 and min(shape) >= 2
+                  and pool.base[key].is_floating_point() and not is_running_statistic(key)]
+    if candidates and not any(rule.is_matrix(key, shapes[key]) for key in candidates):
+        raise HyperparameterError(
+            f"{who}: layer rule {rule.name!r} (exclude {list(rule.exclude)}) leaves none of the experts' "
+            f"{len(candidates)} 2-D tensors (e.g. {candidates[0]!r}) a matrix, so {who} would treat none spectrally; "
+            f"expected a rule that keeps at least one (the presets: 'default', 'skip_embeddings', 'all_matrices')")
+
+
 def merge_pool(
     pool: TaskPool,
     method: str,
@@ -139,6 +154,16 @@ def merge_pool(
         cal_hp = validate_hparams(calibrate, cal_spec.params, calibrate_hparams or {})
     elif calibrate_hparams:
         raise HyperparameterError("calibrate_hparams were given but no calibration was chosen (calibrate=None)")
+    # A calibration may declare its own default rule (the official SVC code also skips embeddings); an explicit
+    # layer_rule from the caller wins.
+    cal_rule = rule if (layer_rule is not None or cal_spec is None) else resolve_rule(cal_spec.extra.get("layer_rule"))
+    if spec.scope == "matrix":
+        _check_rule_selects(pool, rule, method)
+    elif layer_rule is not None and cal_spec is None:
+        warnings.warn(f"{method} treats every tensor alike: layer_rule {rule.name!r} has no effect on its merge (a "
+                      f"rule chooses the matrices of the spectral methods and of a calibration)", stacklevel=3)
+    if cal_spec is not None:
+        _check_rule_selects(pool, cal_rule, calibrate)
 
     # Preferences weight the calibration when there is one (SVC / AlignMerge sec. 5.3); otherwise they weight each
     # task matrix in the base merge: w_i = p_i / max_j p_j, the most preferred task at full strength, so uniform
@@ -205,9 +230,6 @@ def merge_pool(
         return out
 
     unscaled = pool.merged_cache(tag, compute_unscaled)
-    # A calibration may declare its own default rule (the official SVC code also skips embeddings); an explicit
-    # layer_rule from the caller wins.
-    cal_rule = rule if (layer_rule is not None or cal_spec is None) else resolve_rule(cal_spec.extra.get("layer_rule"))
 
     def finish_one(key: str) -> Tensor:
         base_t = pool.base[key]
@@ -298,7 +320,9 @@ def merge(
             own per layer (the seed, the key and the expert's name), so the experts' order, and which other experts
             are merged, leave it as it is.
         layer_rule: which 2-D tensors get the spectral treatment (:mod:`studio.layers`); ``None``: the method's and
-            the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``).
+            the calibration's own default (the TSV/Iso rule, except Ortho-Merge and SVC: ``"skip_embeddings"``). The
+            elementwise methods treat every tensor alike: given to one of them without a calibration, a rule does
+            nothing (a warning says so). A rule that leaves none of the experts' 2-D tensors a matrix is refused.
         svd_mode: ``"auto"`` (top-k SVDs from the Gram matrix's eigendecomposition where only top components are kept,
             :func:`studio.linalg.gram_svd`) or ``"exact"`` (LAPACK's SVD, as the official code). They agree to float32
             accuracy on full fine-tunes; where an expert's task matrix is rank-deficient (LoRA-style experts)

@@ -18,13 +18,23 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 
+_DEFAULT_EXCLUDE: tuple[str, ...] = (r"text_projection",)
+#: The presets' patterns, by name (:data:`RULES` holds the rules).
+_PRESET_EXCLUDES: dict[str, tuple[str, ...]] = {"default": _DEFAULT_EXCLUDE,
+                                                "skip_embeddings": (r"text_projection", r"embedding"),
+                                                "all_matrices": ()}
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Decides which 2-D tensors are treated as matrices.
 
     Args:
         exclude: regular expressions; a 2-D tensor whose key matches any of them (``re.search``) is not a matrix.
-        name: a label shown in recipes and the UI.
+        name: a label shown in recipes and the UI; by default ``"default"`` for the default patterns and ``"custom"``
+            for others. A preset's name (``"default"``, ``"skip_embeddings"``, ``"all_matrices"``) is the preset's
+            alone: given with other patterns it is refused (``LayerRule(exclude=())`` was labelled "default" in
+            errors while it selected what ``"all_matrices"`` selects).
 
     Example:
         >>> DEFAULT.is_matrix("visual.transformer.resblocks.0.attn.in_proj_weight", (384, 128))
@@ -33,12 +43,15 @@ class LayerRule:
         (False, False)
     """
 
-    exclude: tuple[str, ...] = (r"text_projection",)
-    name: str = "default"
+    exclude: tuple[str, ...] = _DEFAULT_EXCLUDE
+    name: str | None = None   # None: "default" or "custom", from the patterns (__post_init__)
 
     def __post_init__(self) -> None:
         from .schema import StudioError, brief
 
+        if self.name is None:
+            given = tuple(self.exclude) if isinstance(self.exclude, (list, tuple)) else (self.exclude,)
+            object.__setattr__(self, "name", "default" if given == _DEFAULT_EXCLUDE else "custom")
         if not isinstance(self.name, str):
             raise StudioError(f"a layer rule's name must be text, got {brief(self.name)}")
         if isinstance(self.exclude, str):
@@ -57,6 +70,10 @@ class LayerRule:
                 raise StudioError(f"layer rule {brief(self.name)}: {brief(pattern)} is not a regular "
                                   f"expression ({brief(str(exc))[1:-1]})") from exc
         object.__setattr__(self, "exclude", patterns)   # a list (e.g. from a recipe) becomes the hashable tuple
+        preset = _PRESET_EXCLUDES.get(self.name)
+        if preset is not None and patterns != preset:
+            raise StudioError(f"layer rule {self.name!r} is a preset, which excludes {list(preset)}; a rule that "
+                              f"excludes {list(patterns)} needs a name of its own")
 
     def is_matrix(self, key: str, shape: Sequence[int]) -> bool:
         """True if ``key`` (of ``shape``) gets the spectral treatment."""
@@ -84,12 +101,12 @@ class LayerRule:
         return cls(exclude=data["exclude"], name=str(data.get("name", "custom")))   # a str is one pattern
 
 
-DEFAULT = LayerRule()
+DEFAULT = LayerRule(exclude=_DEFAULT_EXCLUDE, name="default")
 SKIP_EMBEDDINGS = LayerRule(   # the official SVC code: `"text_projection" in key or "embedding" in key`
-    exclude=(r"text_projection", r"embedding"),
+    exclude=_PRESET_EXCLUDES["skip_embeddings"],
     name="skip_embeddings",
 )
-ALL_MATRICES = LayerRule(exclude=(), name="all_matrices")
+ALL_MATRICES = LayerRule(exclude=_PRESET_EXCLUDES["all_matrices"], name="all_matrices")
 RULES = {rule.name: rule for rule in (DEFAULT, SKIP_EMBEDDINGS, ALL_MATRICES)}
 
 

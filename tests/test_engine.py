@@ -1516,3 +1516,34 @@ def test_batchnorm_running_statistics_are_the_experts_mean(method):
         alone = studio.merge(weights, {n: {k: e[k] for k in weights} for n, e in experts.items()}, method, **kwargs)
         for key in weights:
             assert torch.equal(out[key], alone[key]), (method, kwargs, key)
+
+
+def test_a_layer_rule_that_leaves_no_matrix_is_refused_and_one_without_effect_is_said():
+    """A rule excluding every 2-D tensor (a pattern such as ``.``) turned a spectral method into the scaled mean and a
+    calibration into nothing, without a word; a rule given to an elementwise method is said to do nothing; a rule
+    built with other patterns is not labelled with a preset's name (an audit of the layer rules)."""
+    from studio.layers import LayerRule
+    from studio.schema import HyperparameterError, StudioError
+
+    base = clip_like_state_dict()
+    experts = make_experts(base, 3)
+    dot = {"exclude": ["."]}
+    for method, kwargs, who in (("tsv_m", {}, "tsv_m"), ("iso_cts", {}, "iso_cts"),
+                                ("task_arithmetic", {"calibrate": "svc"}, "svc"),
+                                ("ties", {"calibrate": "align_merge_b"}, "align_merge_b")):
+        with pytest.raises(HyperparameterError, match=rf"^{who}: layer rule 'custom' \(exclude \['\.'\]\) leaves "
+                                                      rf"none of the experts' \d+ 2-D tensors \(e\.g\. '"):
+            studio.merge(base, experts, method, layer_rule=dot, **kwargs)
+    with pytest.raises(HyperparameterError, match=r"^compress: layer rule 'custom' \(exclude \['\.'\]\) leaves"):
+        studio.compress(base, experts, layer_rule=dot)
+    keep_one = [k for k in base if base[k].dim() == 2][0]   # a rule that keeps one matrix merges
+    studio.merge(base, experts, "tsv_m", layer_rule={"exclude": [f"^(?!{re.escape(keep_one)}$)"]})
+    with pytest.warns(UserWarning, match="task_arithmetic treats every tensor alike: layer_rule 'skip_embeddings' "
+                                         "has no effect"):
+        studio.merge(base, experts, "task_arithmetic", layer_rule="skip_embeddings")
+    assert LayerRule().name == "default" and LayerRule() == studio.DEFAULT_LAYER_RULE
+    assert LayerRule(exclude=()).name == "custom" and LayerRule(exclude=["text_projection"]).name == "default"
+    with pytest.raises(StudioError, match=r"layer rule 'default' is a preset, which excludes \['text_projection'\]; "
+                                          r"a rule that excludes \[\] needs a name of its own"):
+        LayerRule(exclude=(), name="default")
+

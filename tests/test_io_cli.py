@@ -32,6 +32,7 @@ def _unsealed(path) -> dict[str, str]:
     meta = read_metadata(path)
     header = json.loads(meta["merge_studio_tsv_c"])
     header.pop("fingerprint")
+    header.pop("header_fingerprint")
     return {**meta, "merge_studio_tsv_c": json.dumps(header)}
 
 
@@ -2608,6 +2609,18 @@ def test_a_compressed_file_whose_tensors_changed_is_refused(tmp_path):
                                                   rf"sha256:\w{{16}}\.\.\. read\): the file was changed or damaged "
                                                   rf"after it was written"):
             Compressed.load(bad, base)
+    # the header is sealed too: task names swapped (task1's expert rebuilt as task0), the base's fingerprint taken
+    # out (another base then accepted), a rank fraction edited (an audit of TSV-C)
+    header = json.loads(read_metadata(path)["merge_studio_tsv_c"])
+    for edit in ({"tasks": ["task1", "task0"]}, {"meta": {**header["meta"], "base_fingerprint": None}},
+                 {"rank_fraction": 0.25}):
+        edited = {"merge_studio_tsv_c": json.dumps({**header, **edit})}
+        save_state_dict(tmp_path / "edited.safetensors", entries, edited)
+        with pytest.raises(CheckpointError, match=r"edited.safetensors: its header \(task names \['task\d', "
+                                                  r"'task\d'\], rank fraction, layer rule, meta\) is not the one "
+                                                  r"Compressed.save wrote: the file was changed or damaged after it "
+                                                  r"was written"):
+            Compressed.load(tmp_path / "edited.safetensors", base)
     save_state_dict(tmp_path / "old.safetensors", entries, _unsealed(path))   # as 0.2.2 wrote it
     old = Compressed.load(tmp_path / "old.safetensors", base)
     assert torch.equal(old.reconstruct("task1")["visual.proj"], Compressed.load(path, base).reconstruct("task1")

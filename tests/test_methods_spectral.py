@@ -1134,6 +1134,11 @@ def test_compress_with_every_component_is_lossless_and_storage_is_counted_as_in_
     assert info["per_task"]["task2"] == {"stored": stored, "dense": dense, "ratio": stored / dense}
     assert packed.storage_ratio() == pytest.approx(stored / dense)
     assert info["model_multiple"] == pytest.approx(1 + 4 * stored / dense)
+    assert (info["stored_bytes"], info["dense_bytes"]) == (4 * 4 * stored, 4 * 4 * dense)   # float32, 4 tasks
+    half = studio.compress({k: v.half() for k, v in base.items()},
+                           {n: {k: v.half() for k, v in sd.items()} for n, sd in experts.items()}).storage()
+    assert half["stored"] == info["stored"] and half["bytes_ratio"] == pytest.approx(2 * info["ratio"])
+    assert half["dense_bytes"] == 2 * 4 * dense   # factors stored in float32 against the experts' 2 bytes
 
 
 def test_compress_keeps_a_layer_dense_where_its_factors_would_take_as_many_numbers(tmp_path):
