@@ -14,8 +14,9 @@ it out), so that one-time costs of the process (the CUDA context, libraries and 
 no row. Columns: ``cold`` = first merge on a fresh pool (empty spectral cache, includes every decomposition);
 ``warm_alpha`` = the same method after changing its global scale; ``warm_struct`` = after changing a structural
 hyperparameter (the one listed), reusing the per-expert decompositions; ``peak_MB`` = peak extra memory allocated
-during the cold merge: on the CPU sampled through glibc's ``mallinfo2`` (the resident set size elsewhere), on CUDA
-the allocator's peak. Where a slow reference (the official code's loop, ``studio.reference``) exists, ``ref`` times
+during the cold merge, in MiB: on the CPU sampled through glibc's ``mallinfo2`` every 10 ms and once at the merge's
+end with its output still held (the resident set size elsewhere; a lower bound), on CUDA the allocator's peak. Where
+a slow reference (the official code's loop, ``studio.reference``) exists, ``ref`` times
 it on the same experts and ``speedup`` = ref / cold. With ``--peer`` (the ``crosscheck`` extra), ``FusionBench s``
 times FusionBench 0.2.33's own functions on the rows it implements (task vectors, merge, base added: its algorithms'
 ``run`` after loading the models; stdout silenced) and ``vs FB`` = FusionBench / cold. With ``--repeat N`` every row
@@ -348,7 +349,9 @@ def _cuda_eigh_route() -> str:
 
 class PeakMemory:
     """Peak extra memory during a block: the CUDA allocator's peak, or on the CPU the bytes held through ``malloc``
-    (:func:`studio.memory.malloc_in_use`), else the resident set size, sampled every 10 ms.
+    (:func:`studio.memory.malloc_in_use`), else the resident set size, sampled every 10 ms and wherever
+    :meth:`sample` is called: on the CPU a lower bound (a peak shorter than the period can fall between readings), in
+    MiB.
 
     The resident set size cannot measure a block in a process that keeps freed memory
     (:func:`studio.memory.keep_freed_memory`): a second merge reuses the first one's pages and adds none.
@@ -383,6 +386,11 @@ class PeakMemory:
             self._thread = threading.Thread(target=sample, daemon=True)
             self._thread.start()
         return self
+
+    def sample(self) -> None:
+        """One reading now, beside the sampler's (the CUDA allocator's peak is exact and needs none)."""
+        if self.device.type != "cuda":
+            self._peak = max(self._peak, self._held_mb())
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
@@ -569,9 +577,13 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
         pool = engine.TaskPool(base, experts, device=device, svd_mode=svd_mode, check_finite=False)
         before = _cusolver.stats()
         with PeakMemory(device) as mem, CpuSteal() as steal, StorageReads() as reads:
-            # the result is dropped at once, as the warm runs' are (kept, the warm merge's output needed fresh memory:
-            # page faults, which cost 0.2-0.3 s per ViT-B/32 model on the H200's host)
-            cold = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)[0]
+            # the result is dropped after one reading of the memory held with it, as the warm runs' are (kept, the
+            # warm merge's output needed fresh memory: page faults, which cost 0.2-0.3 s per ViT-B/32 model on the
+            # H200's host); that reading counts the merge's end (its output and the pool's cached delta), which the
+            # sampler missed where the end was shorter than its period (DARE read 616 MB, under those two's 670)
+            timed = _timed(lambda: engine.merge_pool(pool, method, **kwargs), device)
+            mem.sample()
+            cold, timed = timed[0], None
         if cold <= row.get("cold", cold):
             row["steal"] = steal.percent  # of the run whose cold time is reported
             row["read_bytes"] = reads.bytes
@@ -690,8 +702,9 @@ def fusion_bench_peers() -> dict[str, Callable[..., dict[str, torch.Tensor]]]:
     keyed like the rows (``method`` or ``method+calibration``); each takes ``(base, experts, device)``.
 
     Each computes the task vectors, runs FusionBench's merge function and adds the scaled result to the base: its
-    algorithms' ``run`` without the model loading. ``tests/test_crosscheck_fusionbench.py`` checks the same functions
-    against :func:`studio.merge`. Raises ImportError without FusionBench (``pip install -e ".[crosscheck]"``).
+    algorithms' ``run`` without the model loading; Task Arithmetic's merge is a sum written here (FusionBench's loop
+    over the state dicts was slower). ``tests/test_crosscheck_fusionbench.py`` checks the same functions against
+    :func:`studio.merge`. Raises ImportError without FusionBench (``pip install -e ".[crosscheck]"``).
     """
     import contextlib
     import io
@@ -940,6 +953,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
             print(f"Warm-up before the table: every row's merge once on {tensors} tensors (one of each shape), "
                   f"{seconds:.1f} s, so that the process's one-time costs (CUDA context, libraries and kernels "
                   f"loaded on first use, solver handles, thread pools) fall in no row.\n")
+        engine._POOLS.clear()
+        gc.collect()
+        built = _timed(lambda: engine.get_pool(base, experts, device=device, svd_mode=args.svd_mode), device)[0]
+        engine._POOLS.clear()
+        gc.collect()
+        print(f"Building the pool, which every row's cold merge starts from and a first studio.merge of these experts "
+              f"does before its merge (their keys and shapes checked, every value scanned for NaN / inf, the tensors "
+              f"fingerprinted to find the pool again; the app does it once when the experts are loaded): "
+              f"{built:.2f} s.\n")
         print("| method | cold s | warm alpha s | warm struct s | struct change | peak MB | ref s | speedup "
               "| FusionBench s | vs FB | steal % |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
