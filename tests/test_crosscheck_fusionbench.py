@@ -2,7 +2,8 @@
 measures against (``pip install -e ".[crosscheck]"``; ``.ci/run`` installs it).
 
 FusionBench's own functions (TSV-M, TSV-C, Iso-C, Iso-CTS, TIES, SVC) run on the real MiniSuite experts (open_clip
-layout) and on eight experts in the layout of FusionBench's own CLIP experts (``transformers``, separate q/k/v), in
+layout), on eight experts in the layout of FusionBench's own CLIP experts (``transformers``, separate q/k/v) and, for
+the default layer rules, on four of a small open_clip CLIP with both towers (given the official code's key filters), in
 float64, which makes them the exact result of the official algorithms; ``studio.merge`` runs in float32 as always.
 The error is ``||ours - theirs|| / ||theirs - base||`` per tensor, the worst tensor reported. Tolerances: 3e-5 for
 element-wise methods, whose only error is the float32 rounding of the returned ``base + delta`` (up to 8e-6 of a

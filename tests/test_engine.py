@@ -1546,4 +1546,3 @@ def test_a_layer_rule_that_leaves_no_matrix_is_refused_and_one_without_effect_is
     with pytest.raises(StudioError, match=r"layer rule 'default' is a preset, which excludes \['text_projection'\]; "
                                           r"a rule that excludes \[\] needs a name of its own"):
         LayerRule(exclude=(), name="default")
-
