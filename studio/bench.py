@@ -54,10 +54,11 @@ import torch
 from . import _cusolver, _lapack, engine, methods  # noqa: F401  (methods: registers every method)
 from .memory import keep_freed_memory, malloc_in_use
 from .parallel import cpu_workers
-from .registry import CALIBRATIONS, METHODS, get_method
+from .registry import CALIBRATIONS, METHODS, get_calibration, get_method
 from .schema import StudioError
 
-# (method, calibration, structural change used for warm_struct; a callable value is evaluated on the task count)
+# (method, calibration, structural change used for warm_struct; a callable value is evaluated on the task count; a
+# key "CALIBRATION.NAME" is the calibration's hyperparameter)
 DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     ("weight_average", None, {}),
     ("task_arithmetic", None, {}),
@@ -67,11 +68,11 @@ DEFAULT_RUNS: list[tuple[str, str | None, dict[str, Any]]] = [
     ("tsv_m", None, {"rank_fraction": lambda tasks: 0.8 / tasks}),  # 0.1 for 8 tasks; must stay <= 1/T
     ("iso_c", None, {}),
     ("iso_cts", None, {"common_space_fraction": 0.7}),
-    ("ortho_merge", None, {}),
-    ("align_merge_o", None, {}),
-    ("align_merge_b", None, {}),
-    ("task_arithmetic", "svc", {}),
-    ("ties", "align_merge_b", {}),
+    ("ortho_merge", None, {"tau": 0.4}),
+    ("align_merge_o", None, {"eta": "dominant"}),
+    ("align_merge_b", None, {"alpha": lambda tasks: tasks / 4 + 1}),   # the gate, one above its automatic |T|/4
+    ("task_arithmetic", "svc", {"svc.alpha": lambda tasks: 2 / tasks}),   # twice its automatic 1/T
+    ("ties", "align_merge_b", {"align_merge_b.alpha": lambda tasks: tasks / 4 + 1}),
 ]
 
 
@@ -597,8 +598,11 @@ def bench_one(base, experts, method: str, calibrate: str | None, struct: dict[st
             keep_min("warm_alpha", _timed(
                 lambda: engine.merge_pool(pool, method, **kwargs, **{scale.name: new_alpha}), device)[0])
         if struct:
+            own = {k: v for k, v in struct.items() if "." not in k}
+            cal = {k.split(".", 1)[1]: v for k, v in struct.items() if "." in k}
             with PageFaults() as faults:
-                seconds = _timed(lambda: engine.merge_pool(pool, method, **kwargs, **struct), device)[0]
+                seconds = _timed(lambda: engine.merge_pool(pool, method, **kwargs, **own,
+                                                           **({"calibrate_hparams": cal} if cal else {})), device)[0]
             if seconds <= row.get("warm_struct", seconds):
                 row["struct_faults"] = (faults.pages, faults.system_s)   # of the run whose time is reported
             keep_min("warm_struct", seconds)
@@ -966,8 +970,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
               "| FusionBench s | vs FB | steal % |")
         print("|---|---|---|---|---|---|---|---|---|---|---|")
         for method, cal, struct in runs:
-            struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items()
-                      if k in {p.name for p in get_method(method).params}}
+            names = {p.name for p in get_method(method).params}
+            if cal:
+                names |= {f"{cal}.{p.name}" for p in get_calibration(cal).params}
+            struct = {k: (round(v(len(experts)), 4) if callable(v) else v) for k, v in struct.items() if k in names}
             checked = cal is None and method in refs
             row = bench_one(base, experts, method, cal, struct, device, args.svd_mode, args.repeat, keep=checked)
             if checked:

@@ -25,6 +25,7 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if re.match(r"\| [a-z_+]+ \| [0-9.]+ ", line)}
     assert set(rows) == {"ties", "tsv_m", "iso_cts", "task_arithmetic+svc"}
     assert "rank_fraction=0.04" in rows["tsv_m"]
+    assert "svc.alpha=0.1" in rows["task_arithmetic+svc"]   # a calibration's change: twice its automatic 1/T
     for line in rows.values():
         cells = [c.strip() for c in line.split("|")[1:-1]]
         assert len(cells) == 11
@@ -35,7 +36,7 @@ def test_bench_runs_every_default_row_on_a_small_model_with_many_tasks(capsys):
     faults = next(x for x in out.splitlines() if x.startswith("# pages faulted in during the reported structural"))
     found = {name: (float(pages), float(system_s)) for name, pages, system_s in
              re.findall(r"([a-z_+]+) ([0-9.]+) thousand \(([0-9.]+) s\)", faults.split("): ", 1)[1])}
-    assert set(found) == {"ties", "tsv_m", "iso_cts"}, faults
+    assert set(found) == {"ties", "tsv_m", "iso_cts", "task_arithmetic+svc"}, faults
 
 
 def test_bench_times_the_evaluation_of_a_merged_minisuite_model(capsys):
