@@ -823,7 +823,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
     ap.add_argument("--model", default="ViT-B-32", help="open_clip model name whose visual-tower shapes are used")
     ap.add_argument("--tasks", type=int, default=8, help="number of synthetic experts (default 8)")
     ap.add_argument("--device", default="all", help="cpu, cuda, or all (cpu and cuda when present)")
-    ap.add_argument("--methods", nargs="*",
+    ap.add_argument("--methods", nargs="+",
                     help="the rows, in this order: method names, or 'method+calibration' for a calibrated row "
                          "(e.g. ties+svc); default: the README table's rows")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -878,6 +878,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m studio.bench") ->
         ap.error(f"--threads must be 0 (torch's default) or a number of threads, got {args.threads}")
     if args.suite is not None and not args.evaluate:
         ap.error("--suite is read only with --evaluate")
+    if args.evaluate:   # options of the merge table, which --evaluate does not build (they were ignored: an audit)
+        table_only = [flag for flag, dest in (
+            ("--model", "model"), ("--tasks", "tasks"), ("--dtype", "dtype"), ("--experts-dir", "experts_dir"),
+            ("--svd-mode", "svd_mode"), ("--reference", "reference"), ("--peer", "peer"), ("--no-warm-up", "warm_up"),
+            ("--malloc", "malloc"), ("--host-eigh-max", "host_eigh_max"), ("--batched-eigh-max", "batched_eigh_max"))
+            if getattr(args, dest) != ap.get_default(dest)]
+        if table_only:
+            ap.error(f"--evaluate times the evaluation of one merged model on a suite (--suite, --methods, --device, "
+                     f"--repeat, --threads); {', '.join(table_only)} {'is' if len(table_only) == 1 else 'are'} read "
+                     f"only by the merge table")
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.tasks < 1:

@@ -92,6 +92,10 @@ def test_a_negative_eigh_limit_is_refused_before_anything_runs(capsys, flag, mes
     (["--device", "mps"], r"--device must be cpu, cuda, cuda:N or all, got 'mps'"),
     (["--threads", "-1"], r"--threads must be 0 \(torch's default\) or a number of threads, got -1"),
     (["--suite", "x"], r"--suite is read only with --evaluate"),
+    # an audit of the bench: the merge table's options were ignored by --evaluate, and a bare --methods ran every row
+    (["--evaluate", "--peer"], r"--evaluate times the evaluation of one merged model on a suite \(.*\); --model, "
+                               r"--tasks, --peer are read only by the merge table"),
+    (["--methods"], r"argument --methods: expected at least one argument"),
 ])
 def test_bad_options_are_refused_before_anything_runs(capsys, args, message):
     """They printed an empty table and exited 0 (--methods, --device), or ended in a traceback (--threads)."""
