@@ -372,9 +372,9 @@ class PeakMemory:
 
     def __enter__(self) -> "PeakMemory":
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
+            torch.cuda.synchronize(self.device)   # the device timed, not the current one (--device cuda:N)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
         else:
             self._start = self._held_mb()
             self._peak = self._start
@@ -395,8 +395,8 @@ class PeakMemory:
 
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mb = (torch.cuda.max_memory_allocated() - self._start) / 2**20
+            torch.cuda.synchronize(self.device)
+            self.peak_mb = (torch.cuda.max_memory_allocated(self.device) - self._start) / 2**20
         else:
             self._stop.set()
             self._thread.join()
@@ -512,11 +512,11 @@ def blas_kernels() -> str:
 
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     t0 = time.perf_counter()
     out = fn()
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0, out
 
 
